@@ -1,0 +1,236 @@
+//! The rules that keep `sessions` and `users` equal to a recomputation from `events`.
+//!
+//! Aggregates are folded from the *newly stored* events of a batch into the current
+//! document. Every rule is order-independent (min / max over a total order, integer sums),
+//! so shuffled, late or replayed deliveries give the same documents as one ordered pass.
+
+use bson::DateTime;
+
+use crate::model::{Event, EventKey, EventType, Session, SessionStatus, User};
+
+/// Revenue is summed in millionths so the total does not depend on arrival order.
+pub const REVENUE_SCALE: f64 = 1_000_000.0;
+
+/// Converts an amount to integer millionths (rounded half away from zero).
+pub fn revenue_micros(amount: f64) -> i64 {
+    (amount * REVENUE_SCALE).round() as i64
+}
+
+fn key(e: &Event) -> EventKey {
+    EventKey {
+        timestamp: e.timestamp,
+        event_id: e.event_id.clone(),
+    }
+}
+
+/// Whether an event counts as a page view of its session.
+pub fn is_page_view(e: &Event) -> bool {
+    matches!(e.event_type, EventType::PageView | EventType::ScreenView)
+}
+
+/// Folds newly stored `events` (all of one session) into the session document.
+///
+/// `existing` is the stored document, or `None` for a session seen for the first time.
+/// `events` must not be empty and must not contain events already folded in.
+pub fn fold_session(existing: Option<Session>, events: &[&Event], now: DateTime) -> Session {
+    let first = events
+        .iter()
+        .min_by_key(|e| key(e))
+        .expect("fold_session needs at least one event"); // caller groups non-empty slices
+    let mut s = existing.unwrap_or_else(|| Session {
+        id: None,
+        session_id: first.session_id.clone(),
+        user_id: first.user_id.clone(),
+        status: SessionStatus::Active,
+        start_time: first.timestamp,
+        end_time: first.timestamp,
+        duration: 0,
+        page_views: 0,
+        events: 0,
+        entry_page: None,
+        exit_page: None,
+        device: None,
+        browser: None,
+        os: None,
+        country: None,
+        region: None,
+        city: None,
+        ip_address: None,
+        user_agent: None,
+        first_event: None,
+        entry_event: None,
+        exit_event: None,
+        created_at: now,
+        updated_at: now,
+    });
+    for e in events {
+        let k = key(e);
+        s.events += 1;
+        if is_page_view(e) {
+            s.page_views += 1;
+        }
+        if e.timestamp < s.start_time {
+            s.start_time = e.timestamp;
+        }
+        if e.timestamp > s.end_time {
+            s.end_time = e.timestamp;
+        }
+        if s.first_event.as_ref().is_none_or(|f| k < *f) {
+            let m = &e.metadata;
+            s.device = m.device.clone();
+            s.browser = m.browser.clone();
+            s.os = m.os.clone();
+            s.country = m.country.clone();
+            s.region = m.region.clone();
+            s.city = m.city.clone();
+            s.ip_address = m.ip_address.clone();
+            s.user_agent = m.user_agent.clone();
+            s.first_event = Some(k.clone());
+        }
+        if let Some(page) = &e.page_url {
+            if s.entry_event.as_ref().is_none_or(|f| k < *f) {
+                s.entry_page = Some(page.clone());
+                s.entry_event = Some(k.clone());
+            }
+            if s.exit_event.as_ref().is_none_or(|l| k > *l) {
+                s.exit_page = Some(page.clone());
+                s.exit_event = Some(k);
+            }
+        }
+    }
+    s.duration = s.end_time.timestamp_millis() - s.start_time.timestamp_millis();
+    s.updated_at = now;
+    s
+}
+
+/// Folds newly stored `events` (all of one visitor) into the user document.
+///
+/// `new_sessions` is how many sessions this batch created for the visitor.
+pub fn fold_user(
+    existing: Option<User>,
+    visitor_id: &str,
+    events: &[&Event],
+    new_sessions: i64,
+    now: DateTime,
+) -> User {
+    let mut u = existing.unwrap_or_else(|| User {
+        id: None,
+        visitor_id: visitor_id.to_string(),
+        email: None,
+        first_name: None,
+        last_name: None,
+        attributes: bson::Document::new(),
+        first_seen: events.iter().map(|e| e.timestamp).min().unwrap_or(now),
+        last_seen: events.iter().map(|e| e.timestamp).max().unwrap_or(now),
+        total_sessions: 0,
+        total_events: 0,
+        total_purchases: 0,
+        total_revenue: 0.0,
+        total_revenue_micros: 0,
+        tags: Vec::new(),
+        segments: Vec::new(),
+        created_at: now,
+        updated_at: now,
+    });
+    for e in events {
+        u.first_seen = u.first_seen.min(e.timestamp);
+        u.last_seen = u.last_seen.max(e.timestamp);
+        u.total_events += 1;
+        if e.event_type == EventType::Purchase {
+            u.total_purchases += 1;
+            if let Some(amount) = e.purchase_amount() {
+                u.total_revenue_micros += revenue_micros(amount);
+            }
+        }
+    }
+    u.total_sessions += new_sessions;
+    u.total_revenue = u.total_revenue_micros as f64 / REVENUE_SCALE;
+    u.updated_at = now;
+    u
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::EventMetadata;
+
+    fn ev(id: &str, ts: i64, t: EventType, page: Option<&str>, device: &str) -> Event {
+        Event {
+            id: None,
+            event_id: id.into(),
+            user_id: "v1".into(),
+            session_id: "s1".into(),
+            event_type: t,
+            timestamp: DateTime::from_millis(ts),
+            properties: if t == EventType::Purchase {
+                bson::doc! { "amount": 0.1 }
+            } else {
+                bson::Document::new()
+            },
+            metadata: EventMetadata {
+                device: Some(device.into()),
+                ..Default::default()
+            },
+            page_url: page.map(str::to_string),
+            referrer: None,
+            duration: None,
+            created_at: DateTime::from_millis(0),
+            updated_at: DateTime::from_millis(0),
+        }
+    }
+
+    fn strip_times(mut s: Session) -> Session {
+        s.created_at = DateTime::from_millis(0);
+        s.updated_at = DateTime::from_millis(0);
+        s
+    }
+
+    #[test]
+    fn session_fold_is_independent_of_arrival_order() {
+        let events = [
+            ev("a", 1000, EventType::PageView, Some("/home"), "desktop"),
+            ev("b", 5000, EventType::Click, None, "mobile"),
+            ev("c", 3000, EventType::PageView, Some("/p/1"), "tablet"),
+            ev("d", 9000, EventType::Purchase, Some("/checkout"), "mobile"),
+        ];
+        let now = DateTime::from_millis(10_000);
+        let in_order: Vec<&Event> = events.iter().collect();
+        let one_pass = strip_times(fold_session(None, &in_order, now));
+
+        // Late delivery: the last two arrive first, in a separate batch.
+        let late = fold_session(None, &[&events[3], &events[1]], now);
+        let merged = strip_times(fold_session(Some(late), &[&events[2], &events[0]], now));
+        assert_eq!(one_pass, merged);
+        assert_eq!(merged.entry_page.as_deref(), Some("/home"));
+        assert_eq!(merged.exit_page.as_deref(), Some("/checkout"));
+        assert_eq!(merged.device.as_deref(), Some("desktop"));
+        assert_eq!(merged.duration, 8000);
+        assert_eq!((merged.events, merged.page_views), (4, 2));
+    }
+
+    #[test]
+    fn equal_timestamps_are_ordered_by_event_id() {
+        let a = ev("a", 1000, EventType::PageView, Some("/a"), "x");
+        let b = ev("b", 1000, EventType::PageView, Some("/b"), "y");
+        let s1 = fold_session(None, &[&a, &b], DateTime::from_millis(0));
+        let s2 = fold_session(None, &[&b, &a], DateTime::from_millis(0));
+        assert_eq!(s1.entry_page.as_deref(), Some("/a"));
+        assert_eq!(s1.exit_page.as_deref(), Some("/b"));
+        assert_eq!(s1, s2);
+    }
+
+    #[test]
+    fn revenue_sums_exactly_whatever_the_order() {
+        let p: Vec<Event> = (0..10)
+            .map(|i| ev(&format!("p{i}"), i, EventType::Purchase, None, "x"))
+            .collect();
+        let refs: Vec<&Event> = p.iter().collect();
+        let mut u = fold_user(None, "v1", &refs[..3], 1, DateTime::from_millis(0));
+        u = fold_user(Some(u), "v1", &refs[3..], 0, DateTime::from_millis(0));
+        assert_eq!(u.total_purchases, 10);
+        assert_eq!(u.total_revenue, 1.0, "0.1 ten times must be exactly 1.0");
+        assert_eq!(u.total_sessions, 1);
+        assert_eq!(u.first_seen, DateTime::from_millis(0));
+        assert_eq!(u.last_seen, DateTime::from_millis(9));
+    }
+}

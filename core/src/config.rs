@@ -1,0 +1,731 @@
+//! `sluice.toml`: the raw file shape, environment overrides and the one validation step
+//! that turns them into a [`Config`]. Validation is pure: the environment is passed in as a
+//! lookup function, and nothing connects anywhere.
+//!
+//! Every error names its origin (the file or the environment variable), the field and what
+//! was expected. Secrets are written as `${env:NAME}` references and never printed.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ConfigError;
+
+/// Where a value came from, for error messages.
+const DEFAULTS_ORIGIN: &str = "embedded defaults";
+
+/// A secret value (password, key, token). Written in config files as `${env:NAME}`;
+/// a literal is accepted for local use but is never printed back.
+#[derive(Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(raw: impl Into<String>) -> Self {
+        Self(raw.into())
+    }
+
+    /// The environment variable this secret refers to, when it is a reference.
+    pub fn env_reference(&self) -> Option<&str> {
+        self.0.strip_prefix("${env:")?.strip_suffix('}')
+    }
+
+    /// Resolves a reference through `env`; a literal resolves to itself.
+    fn resolve(&self, env: &dyn Fn(&str) -> Option<String>) -> Result<Secret, String> {
+        match self.env_reference() {
+            Some(name) if name.is_empty() => Err("`${env:NAME}` with a variable name".into()),
+            Some(name) => env(name)
+                .map(Secret)
+                .ok_or_else(|| format!("environment variable `{name}` to be set (it is not)")),
+            None => Ok(self.clone()),
+        }
+    }
+
+    /// The clear value. Call only where the secret is used, never to log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// What may be shown: the reference, or a placeholder for a literal.
+    pub fn redacted(&self) -> String {
+        match self.env_reference() {
+            Some(_) => self.0.clone(),
+            None if self.0.is_empty() => String::new(),
+            None => "<redacted>".into(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Secret({})", self.redacted())
+    }
+}
+
+/// The file as written. Every section and field has a default, so an empty file (or no
+/// file) is a working local configuration.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConfig {
+    pub mongodb: MongoSection,
+    pub server: ServerSection,
+    pub tracking: TrackingSection,
+    pub export: ExportSection,
+    pub s3: S3Section,
+    pub log: LogSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MongoSection {
+    /// Connection string (`mongodb://` or `mongodb+srv://`). Transactions need a replica
+    /// set or sharded cluster (Atlas always is one).
+    pub uri: String,
+    /// Database holding every Sluice collection.
+    pub database: String,
+    /// Write concern for event writes: `majority` or a node count such as `1`.
+    pub write_concern: String,
+}
+
+impl Default for MongoSection {
+    fn default() -> Self {
+        Self {
+            uri: "mongodb://127.0.0.1:27017/?directConnection=true".into(),
+            database: "sluice".into(),
+            write_concern: "majority".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSection {
+    /// Address `sluice serve` listens on.
+    pub listen: String,
+    /// Write keys accepted by the tracking endpoint. Empty means no key is required
+    /// (local use only; `config check` warns).
+    pub write_keys: Vec<Secret>,
+    /// Origins allowed by CORS; `*` allows any.
+    pub cors_origins: Vec<String>,
+    /// Proxies whose `X-Forwarded-For` is trusted for the client IP (IPs or CIDRs).
+    pub trusted_proxies: Vec<String>,
+    /// Requests per second allowed per write key (0 = unlimited).
+    pub rate_limit_per_key: u32,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            write_keys: Vec::new(),
+            cors_origins: vec!["*".into()],
+            trusted_proxies: Vec::new(),
+            rate_limit_per_key: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrackingSection {
+    /// A session with no event for this long is marked EXPIRED.
+    pub session_timeout_minutes: u64,
+    pub max_batch_events: usize,
+    pub max_batch_bytes: usize,
+    pub max_event_bytes: usize,
+    /// Events whose corrected time is further than this in the future are rejected.
+    pub max_future_seconds: i64,
+    /// Events waiting to be written; when full the endpoint answers 503.
+    pub queue_capacity: usize,
+    /// Events per write to MongoDB.
+    pub write_batch_size: usize,
+    /// Concurrent writers draining the queue.
+    pub writers: usize,
+    /// `keep` stores bot traffic flagged (`metadata.bot`); `drop` discards it.
+    pub bots: String,
+}
+
+impl Default for TrackingSection {
+    fn default() -> Self {
+        Self {
+            session_timeout_minutes: 30,
+            max_batch_events: 500,
+            max_batch_bytes: 500 * 1024,
+            max_event_bytes: 32 * 1024,
+            max_future_seconds: 300,
+            queue_capacity: 20_000,
+            write_batch_size: 1_000,
+            writers: 4,
+            bots: "keep".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExportSection {
+    /// Where export jobs write: a local folder (`./out`, `file:///data/out`) or
+    /// `s3://bucket/prefix`.
+    pub destination: String,
+    /// Events older than this many days are archived by ARCHIVE jobs.
+    pub archive_after_days: u32,
+}
+
+impl Default for ExportSection {
+    fn default() -> Self {
+        Self {
+            destination: "./sluice-output".into(),
+            archive_after_days: 90,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct S3Section {
+    /// Custom endpoint for S3-compatible stores; empty means AWS.
+    pub endpoint: String,
+    pub region: String,
+    /// Empty means the standard AWS credential chain.
+    pub access_key: Secret,
+    pub secret_key: Secret,
+    /// Path-style addressing (`endpoint/bucket/key`), needed by most S3-compatible stores.
+    pub path_style: bool,
+}
+
+impl Default for S3Section {
+    fn default() -> Self {
+        Self {
+            endpoint: String::new(),
+            region: "us-east-1".into(),
+            access_key: Secret::default(),
+            secret_key: Secret::default(),
+            path_style: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSection {
+    /// `text` or `json`.
+    pub format: String,
+    /// A `tracing` filter such as `info` or `sluice=debug,info`.
+    pub level: String,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        Self {
+            format: "text".into(),
+            level: "info".into(),
+        }
+    }
+}
+
+/// Write concern for event and aggregate writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteConcernLevel {
+    Majority,
+    Nodes(u32),
+}
+
+/// Where export files go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Destination {
+    Local(PathBuf),
+    S3 { bucket: String, prefix: String },
+}
+
+impl std::fmt::Display for Destination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Destination::Local(p) => write!(f, "{}", p.display()),
+            Destination::S3 { bucket, prefix } if prefix.is_empty() => write!(f, "s3://{bucket}"),
+            Destination::S3 { bucket, prefix } => write!(f, "s3://{bucket}/{prefix}"),
+        }
+    }
+}
+
+impl Destination {
+    /// Parses `s3://bucket/prefix`, `file:///path` or a plain path.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let expected = "a folder path, `file:///path` or `s3://bucket/prefix`";
+        if let Some(rest) = text.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.len() < 3
+                || bucket.len() > 63
+                || !bucket
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+            {
+                return Err(format!(
+                    "{expected} with a valid bucket name (3-63 of a-z 0-9 . -), got `{text}`"
+                ));
+            }
+            return Ok(Destination::S3 {
+                bucket: bucket.into(),
+                prefix: prefix.trim_matches('/').into(),
+            });
+        }
+        let path = text.strip_prefix("file://").unwrap_or(text);
+        if path.is_empty() || text.contains("://") && !text.starts_with("file://") {
+            return Err(format!("{expected}, got `{text}`"));
+        }
+        Ok(Destination::Local(PathBuf::from(path)))
+    }
+}
+
+/// Bot traffic policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BotPolicy {
+    Keep,
+    Drop,
+}
+
+/// A validated configuration: every value parsed, every secret resolved.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub mongodb_uri: Secret,
+    pub database: String,
+    pub write_concern: WriteConcernLevel,
+    pub listen: SocketAddr,
+    pub write_keys: Vec<Secret>,
+    pub cors_origins: Vec<String>,
+    pub trusted_proxies: Vec<String>,
+    pub rate_limit_per_key: u32,
+    pub tracking: TrackingSection,
+    pub bots: BotPolicy,
+    pub destination: Destination,
+    pub archive_after_days: u32,
+    pub s3: S3Section,
+    pub log: LogSection,
+    /// Non-fatal remarks (for example: no write key configured).
+    pub warnings: Vec<String>,
+    /// The raw form, for printing with secrets redacted.
+    pub raw: RawConfig,
+}
+
+/// One environment override: variable name, dotted field, setter.
+type Setter = fn(&mut RawConfig, String) -> Result<(), String>;
+
+/// Environment variables that override the file, in the order they are applied.
+pub const ENV_OVERRIDES: &[(&str, &str)] = &[
+    ("SLUICE_MONGODB_URI", "mongodb.uri"),
+    ("SLUICE_MONGODB_DATABASE", "mongodb.database"),
+    ("SLUICE_MONGODB_WRITE_CONCERN", "mongodb.write_concern"),
+    ("SLUICE_SERVER_LISTEN", "server.listen"),
+    ("SLUICE_SERVER_WRITE_KEYS", "server.write_keys"),
+    ("SLUICE_EXPORT_DESTINATION", "export.destination"),
+    ("SLUICE_S3_ENDPOINT", "s3.endpoint"),
+    ("SLUICE_S3_REGION", "s3.region"),
+    ("SLUICE_S3_ACCESS_KEY", "s3.access_key"),
+    ("SLUICE_S3_SECRET_KEY", "s3.secret_key"),
+    ("SLUICE_S3_PATH_STYLE", "s3.path_style"),
+    ("SLUICE_LOG_FORMAT", "log.format"),
+    ("SLUICE_LOG_LEVEL", "log.level"),
+];
+
+fn setter(field: &str) -> Setter {
+    match field {
+        "mongodb.uri" => |c, v| Ok(c.mongodb.uri = v),
+        "mongodb.database" => |c, v| Ok(c.mongodb.database = v),
+        "mongodb.write_concern" => |c, v| Ok(c.mongodb.write_concern = v),
+        "server.listen" => |c, v| Ok(c.server.listen = v),
+        "server.write_keys" => |c, v| {
+            c.server.write_keys = v
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(Secret::new)
+                .collect();
+            Ok(())
+        },
+        "export.destination" => |c, v| Ok(c.export.destination = v),
+        "s3.endpoint" => |c, v| Ok(c.s3.endpoint = v),
+        "s3.region" => |c, v| Ok(c.s3.region = v),
+        "s3.access_key" => |c, v| Ok(c.s3.access_key = Secret::new(v)),
+        "s3.secret_key" => |c, v| Ok(c.s3.secret_key = Secret::new(v)),
+        "s3.path_style" => |c, v| {
+            c.s3.path_style = match v.as_str() {
+                "true" | "1" => true,
+                "false" | "0" => false,
+                _ => return Err("`true` or `false`".into()),
+            };
+            Ok(())
+        },
+        "log.format" => |c, v| Ok(c.log.format = v),
+        "log.level" => |c, v| Ok(c.log.level = v),
+        // ENV_OVERRIDES and this match are edited together; the unit test below walks
+        // every entry, so an unknown field here is a bug caught by `cargo test`.
+        _ => |_, _| Err("a known field".into()),
+    }
+}
+
+/// Parses a config file's text. `origin` names the file in errors.
+pub fn parse(origin: &str, text: &str) -> Result<RawConfig, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Parse {
+        origin: origin.to_string(),
+        message: e.to_string().trim_end().to_string(),
+    })
+}
+
+/// Reads `path` (or uses the embedded defaults when `None`), applies environment
+/// overrides and validates. `env` looks variables up (pass `|k| std::env::var(k).ok()`).
+pub fn load(
+    path: Option<&Path>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigError> {
+    let (origin, mut raw) = match path {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                path: p.to_path_buf(),
+                source,
+            })?;
+            let origin = p.display().to_string();
+            let raw = parse(&origin, &text)?;
+            (origin, raw)
+        }
+        None => (DEFAULTS_ORIGIN.to_string(), RawConfig::default()),
+    };
+    // Remember which fields the environment set, so errors point at the variable.
+    let mut origins: BTreeMap<&str, String> = BTreeMap::new();
+    for (var, field) in ENV_OVERRIDES {
+        if let Some(value) = env(var) {
+            setter(field)(&mut raw, value).map_err(|expected| ConfigError::Invalid {
+                origin: format!("environment variable `{var}`"),
+                field: (*field).to_string(),
+                expected,
+            })?;
+            origins.insert(field, format!("environment variable `{var}`"));
+        }
+    }
+    validate(&origin, &origins, raw, env)
+}
+
+/// The one validation step: raw values to runtime types, secrets resolved.
+pub fn validate(
+    file_origin: &str,
+    env_origins: &BTreeMap<&str, String>,
+    raw: RawConfig,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigError> {
+    let invalid = |field: &str, expected: String| ConfigError::Invalid {
+        origin: env_origins
+            .get(field)
+            .cloned()
+            .unwrap_or_else(|| file_origin.to_string()),
+        field: field.to_string(),
+        expected,
+    };
+    let mut warnings = Vec::new();
+
+    let uri = &raw.mongodb.uri;
+    if !(uri.starts_with("mongodb://") || uri.starts_with("mongodb+srv://")) {
+        return Err(invalid(
+            "mongodb.uri",
+            "a `mongodb://` or `mongodb+srv://` connection string".into(),
+        ));
+    }
+    let db = &raw.mongodb.database;
+    if db.is_empty()
+        || db.len() > 63
+        || db.chars().any(|c| "/\\. \"$*<>:|?".contains(c) || c == '\0')
+    {
+        return Err(invalid(
+            "mongodb.database",
+            format!("a database name (1-63 characters, none of /\\. \"$*<>:|?), got `{db}`"),
+        ));
+    }
+    let write_concern = match raw.mongodb.write_concern.as_str() {
+        "majority" => WriteConcernLevel::Majority,
+        n => match n.parse::<u32>() {
+            Ok(w) if w >= 1 => WriteConcernLevel::Nodes(w),
+            _ => {
+                return Err(invalid(
+                    "mongodb.write_concern",
+                    format!("`majority` or a node count of at least 1, got `{n}`"),
+                ))
+            }
+        },
+    };
+    let listen: SocketAddr = raw.server.listen.parse().map_err(|_| {
+        invalid(
+            "server.listen",
+            format!("an address like `127.0.0.1:8080`, got `{}`", raw.server.listen),
+        )
+    })?;
+    let mut write_keys = Vec::new();
+    for (i, key) in raw.server.write_keys.iter().enumerate() {
+        let field = format!("server.write_keys[{i}]");
+        let resolved = key.resolve(env).map_err(|e| invalid(&field, e))?;
+        if resolved.expose().len() < 8 {
+            return Err(invalid(&field, "a write key of at least 8 characters".into()));
+        }
+        write_keys.push(resolved);
+    }
+    if write_keys.is_empty() {
+        warnings.push(
+            "`server.write_keys` is empty: the tracking endpoint accepts events without a key"
+                .into(),
+        );
+    }
+    for (i, origin) in raw.server.cors_origins.iter().enumerate() {
+        if origin != "*" && !(origin.starts_with("http://") || origin.starts_with("https://")) {
+            return Err(invalid(
+                &format!("server.cors_origins[{i}]"),
+                format!("`*` or an origin like `https://shop.example`, got `{origin}`"),
+            ));
+        }
+    }
+    for (i, proxy) in raw.server.trusted_proxies.iter().enumerate() {
+        let addr = proxy.split_once('/').map_or(proxy.as_str(), |(a, _)| a);
+        if addr.parse::<std::net::IpAddr>().is_err() {
+            return Err(invalid(
+                &format!("server.trusted_proxies[{i}]"),
+                format!("an IP address or CIDR such as `10.0.0.0/8`, got `{proxy}`"),
+            ));
+        }
+    }
+    let t = &raw.tracking;
+    let positive = [
+        ("tracking.session_timeout_minutes", t.session_timeout_minutes as usize),
+        ("tracking.max_batch_events", t.max_batch_events),
+        ("tracking.max_batch_bytes", t.max_batch_bytes),
+        ("tracking.max_event_bytes", t.max_event_bytes),
+        ("tracking.queue_capacity", t.queue_capacity),
+        ("tracking.write_batch_size", t.write_batch_size),
+        ("tracking.writers", t.writers),
+    ];
+    for (field, value) in positive {
+        if value == 0 {
+            return Err(invalid(field, "a number greater than 0".into()));
+        }
+    }
+    if t.max_event_bytes > t.max_batch_bytes {
+        return Err(invalid(
+            "tracking.max_event_bytes",
+            format!(
+                "at most `tracking.max_batch_bytes` ({}), got {}",
+                t.max_batch_bytes, t.max_event_bytes
+            ),
+        ));
+    }
+    let bots = match t.bots.as_str() {
+        "keep" => BotPolicy::Keep,
+        "drop" => BotPolicy::Drop,
+        other => {
+            return Err(invalid(
+                "tracking.bots",
+                format!("`keep` or `drop`, got `{other}`"),
+            ))
+        }
+    };
+    let destination =
+        Destination::parse(&raw.export.destination).map_err(|e| invalid("export.destination", e))?;
+    if raw.export.archive_after_days == 0 {
+        return Err(invalid(
+            "export.archive_after_days",
+            "a number of days greater than 0".into(),
+        ));
+    }
+    let mut s3 = raw.s3.clone();
+    if !s3.endpoint.is_empty()
+        && !(s3.endpoint.starts_with("http://") || s3.endpoint.starts_with("https://"))
+    {
+        return Err(invalid(
+            "s3.endpoint",
+            format!("an `http://` or `https://` URL, got `{}`", s3.endpoint),
+        ));
+    }
+    s3.access_key = s3
+        .access_key
+        .resolve(env)
+        .map_err(|e| invalid("s3.access_key", e))?;
+    s3.secret_key = s3
+        .secret_key
+        .resolve(env)
+        .map_err(|e| invalid("s3.secret_key", e))?;
+    if s3.access_key.expose().is_empty() != s3.secret_key.expose().is_empty() {
+        return Err(invalid(
+            "s3.secret_key",
+            "`s3.access_key` and `s3.secret_key` to be set together".into(),
+        ));
+    }
+    if !matches!(raw.log.format.as_str(), "text" | "json") {
+        return Err(invalid(
+            "log.format",
+            format!("`text` or `json`, got `{}`", raw.log.format),
+        ));
+    }
+    let mongodb_uri = Secret::new(raw.mongodb.uri.clone());
+    Ok(Config {
+        mongodb_uri,
+        database: raw.mongodb.database.clone(),
+        write_concern,
+        listen,
+        write_keys,
+        cors_origins: raw.server.cors_origins.clone(),
+        trusted_proxies: raw.server.trusted_proxies.clone(),
+        rate_limit_per_key: raw.server.rate_limit_per_key,
+        tracking: raw.tracking.clone(),
+        bots,
+        destination,
+        archive_after_days: raw.export.archive_after_days,
+        s3,
+        log: raw.log.clone(),
+        warnings,
+        raw,
+    })
+}
+
+impl Config {
+    /// The effective configuration as TOML, with secrets shown only as references and the
+    /// MongoDB URI's password masked.
+    pub fn redacted_toml(&self) -> String {
+        let mut raw = self.raw.clone();
+        raw.mongodb.uri = mask_uri_password(&raw.mongodb.uri);
+        // Serializing a struct of strings, numbers and vectors cannot fail.
+        toml::to_string(&RedactedView(&raw)).unwrap_or_default()
+    }
+}
+
+/// Serializes a [`RawConfig`] with every [`Secret`] replaced by [`Secret::redacted`].
+struct RedactedView<'a>(&'a RawConfig);
+
+impl Serialize for RedactedView<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut raw = self.0.clone();
+        raw.server.write_keys = raw
+            .server
+            .write_keys
+            .iter()
+            .map(|k| Secret::new(k.redacted()))
+            .collect();
+        raw.s3.access_key = Secret::new(raw.s3.access_key.redacted());
+        raw.s3.secret_key = Secret::new(raw.s3.secret_key.redacted());
+        raw.serialize(serializer)
+    }
+}
+
+/// `mongodb://user:pass@host` -> `mongodb://user:<redacted>@host`.
+pub fn mask_uri_password(uri: &str) -> String {
+    let Some((scheme, rest)) = uri.split_once("://") else {
+        return uri.to_string();
+    };
+    let Some((userinfo, host)) = rest.split_once('@') else {
+        return uri.to_string();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:<redacted>@{host}"),
+        None => uri.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn check(text: &str) -> Result<Config, ConfigError> {
+        let raw = parse("test.toml", text)?;
+        validate("test.toml", &BTreeMap::new(), raw, &no_env)
+    }
+
+    #[test]
+    fn empty_file_is_a_working_local_config() {
+        let c = check("").unwrap();
+        assert_eq!(c.database, "sluice");
+        assert_eq!(c.listen.port(), 8080);
+        assert_eq!(c.destination, Destination::Local("./sluice-output".into()));
+        assert_eq!(c.warnings.len(), 1, "no write key must be warned about");
+    }
+
+    #[test]
+    fn unknown_field_is_named_with_the_file() {
+        let err = check("[mongodb]\nurii = \"x\"\n").unwrap_err().to_string();
+        assert!(err.starts_with("test.toml"), "{err}");
+        assert!(err.contains("urii"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_names_the_field_and_line() {
+        let err = check("[server]\nlisten = 42\n").unwrap_err().to_string();
+        assert!(err.contains("listen") && err.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn invalid_value_names_field_and_expectation() {
+        let err = check("[mongodb]\nuri = \"http://db\"\n").unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "test.toml: field `mongodb.uri`: expected a `mongodb://` or `mongodb+srv://` connection string"
+        );
+        let err = check("[tracking]\nbots = \"maybe\"\n").unwrap_err().to_string();
+        assert!(err.contains("`tracking.bots`") && err.contains("`maybe`"), "{err}");
+        let err = check("[export]\ndestination = \"s3://A\"\n").unwrap_err().to_string();
+        assert!(err.contains("`export.destination`"), "{err}");
+    }
+
+    #[test]
+    fn secrets_resolve_from_env_and_are_never_printed() {
+        let raw = parse(
+            "f.toml",
+            "[server]\nwrite_keys = [\"${env:WK}\", \"literal-key-123\"]\n",
+        )
+        .unwrap();
+        let env = |k: &str| (k == "WK").then(|| "from-env-key-456".to_string());
+        let c = validate("f.toml", &BTreeMap::new(), raw, &env).unwrap();
+        assert_eq!(c.write_keys[0].expose(), "from-env-key-456");
+        let shown = c.redacted_toml();
+        assert!(shown.contains("${env:WK}"), "{shown}");
+        assert!(!shown.contains("from-env-key-456") && !shown.contains("literal-key-123"));
+        assert!(!format!("{c:?}").contains("literal-key-123"));
+    }
+
+    #[test]
+    fn missing_secret_variable_names_field_and_variable() {
+        let raw = parse("f.toml", "[s3]\naccess_key = \"${env:AK}\"\nsecret_key = \"x\"\n")
+            .unwrap();
+        let err = validate("f.toml", &BTreeMap::new(), raw, &no_env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`s3.access_key`") && err.contains("`AK`"), "{err}");
+    }
+
+    #[test]
+    fn environment_overrides_the_file_and_is_named_in_errors() {
+        let env = |k: &str| match k {
+            "SLUICE_MONGODB_DATABASE" => Some("other".to_string()),
+            "SLUICE_SERVER_LISTEN" => Some("nonsense".to_string()),
+            _ => None,
+        };
+        let err = load(None, &env).unwrap_err().to_string();
+        assert!(err.contains("SLUICE_SERVER_LISTEN") && err.contains("server.listen"), "{err}");
+        let env = |k: &str| (k == "SLUICE_MONGODB_DATABASE").then(|| "other".to_string());
+        assert_eq!(load(None, &env).unwrap().database, "other");
+    }
+
+    #[test]
+    fn every_env_override_has_a_setter() {
+        for (var, field) in ENV_OVERRIDES {
+            let mut raw = RawConfig::default();
+            let value = if field.ends_with("path_style") { "true" } else { "x" };
+            assert!(setter(field)(&mut raw, value.into()).is_ok(), "{var} -> {field}");
+            assert_ne!(raw, RawConfig::default(), "{var} changed nothing");
+        }
+    }
+
+    #[test]
+    fn uri_password_is_masked() {
+        assert_eq!(
+            mask_uri_password("mongodb+srv://app:s3cret@cluster0.example/db"),
+            "mongodb+srv://app:<redacted>@cluster0.example/db"
+        );
+    }
+}

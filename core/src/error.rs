@@ -1,0 +1,40 @@
+//! Error types shared by every crate.
+
+use std::path::PathBuf;
+
+/// A configuration that could not be loaded or failed validation.
+///
+/// The message always names where the problem is (file, field) and what was expected.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file `{path}`: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{origin}: {message}")]
+    Parse { origin: String, message: String },
+    #[error("{origin}: field `{field}`: expected {expected}")]
+    Invalid {
+        origin: String,
+        field: String,
+        expected: String,
+    },
+}
+
+/// One input record (an event, an import record) that failed validation.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("field `{field}`: {reason}")]
+pub struct ValidationError {
+    pub field: String,
+    pub reason: String,
+}
+
+impl ValidationError {
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}

@@ -1,0 +1,10 @@
+//! Sluice's shared vocabulary: the domain model of the platform's collections, the
+//! configuration and its one-step validation, the pure session / user aggregate rules and
+//! the error types. Nothing here does network or database I/O.
+
+pub mod aggregate;
+pub mod config;
+pub mod error;
+pub mod model;
+
+pub use error::{ConfigError, ValidationError};

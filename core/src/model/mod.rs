@@ -1,0 +1,127 @@
+//! The platform's collections as typed documents, with the design document's field names
+//! (camelCase) and enums. Every name that crosses into MongoDB is a constant here, so a
+//! rename is one edit.
+
+mod enums;
+mod records;
+
+pub use enums::*;
+pub use records::*;
+
+/// Collection names.
+pub mod collections {
+    pub const USERS: &str = "users";
+    pub const EVENTS: &str = "events";
+    pub const SESSIONS: &str = "sessions";
+    pub const ADMIN_USERS: &str = "admin_users";
+    pub const INTEGRATION_CONFIGS: &str = "integration_configs";
+    pub const EXPORT_JOBS: &str = "export_jobs";
+    pub const PRODUCTS: &str = "products";
+    /// Dedupe ledger: one document per stored `eventId` (`_id` = eventId). Time-series
+    /// collections cannot carry a unique index, so uniqueness of `eventId` lives here.
+    pub const EVENT_IDS: &str = "event_ids";
+}
+
+/// Field names shared by several collections.
+pub mod common {
+    pub const ID: &str = "_id";
+    pub const CREATED_AT: &str = "createdAt";
+    pub const UPDATED_AT: &str = "updatedAt";
+}
+
+pub mod user_fields {
+    pub const VISITOR_ID: &str = "visitorId";
+    pub const EMAIL: &str = "email";
+    pub const FIRST_NAME: &str = "firstName";
+    pub const LAST_NAME: &str = "lastName";
+    pub const ATTRIBUTES: &str = "attributes";
+    pub const FIRST_SEEN: &str = "firstSeen";
+    pub const LAST_SEEN: &str = "lastSeen";
+    pub const TOTAL_SESSIONS: &str = "totalSessions";
+    pub const TOTAL_EVENTS: &str = "totalEvents";
+    pub const TOTAL_PURCHASES: &str = "totalPurchases";
+    pub const TOTAL_REVENUE: &str = "totalRevenue";
+    /// Exact revenue in millionths, summed as an integer so the total does not depend on
+    /// the order events arrive in; `totalRevenue` is derived from it.
+    pub const TOTAL_REVENUE_MICROS: &str = "totalRevenueMicros";
+    pub const TAGS: &str = "tags";
+    pub const SEGMENTS: &str = "segments";
+}
+
+pub mod event_fields {
+    pub const EVENT_ID: &str = "eventId";
+    pub const USER_ID: &str = "userId";
+    pub const SESSION_ID: &str = "sessionId";
+    pub const EVENT_TYPE: &str = "eventType";
+    pub const TIMESTAMP: &str = "timestamp";
+    pub const PROPERTIES: &str = "properties";
+    pub const METADATA: &str = "metadata";
+    pub const PAGE_URL: &str = "pageUrl";
+    pub const REFERRER: &str = "referrer";
+    pub const DURATION: &str = "duration";
+    /// `properties.amount` of a PURCHASE.
+    pub const AMOUNT: &str = "amount";
+    pub const CURRENCY: &str = "currency";
+}
+
+pub mod metadata_fields {
+    pub const USER_AGENT: &str = "userAgent";
+    pub const IP_ADDRESS: &str = "ipAddress";
+    pub const DEVICE: &str = "device";
+    pub const BROWSER: &str = "browser";
+    pub const OS: &str = "os";
+    pub const COUNTRY: &str = "country";
+    pub const REGION: &str = "region";
+    pub const CITY: &str = "city";
+    pub const BOT: &str = "bot";
+}
+
+pub mod session_fields {
+    pub const SESSION_ID: &str = "sessionId";
+    pub const USER_ID: &str = "userId";
+    pub const STATUS: &str = "status";
+    pub const START_TIME: &str = "startTime";
+    pub const END_TIME: &str = "endTime";
+    pub const DURATION: &str = "duration";
+    pub const PAGE_VIEWS: &str = "pageViews";
+    pub const EVENTS: &str = "events";
+    pub const ENTRY_PAGE: &str = "entryPage";
+    pub const EXIT_PAGE: &str = "exitPage";
+    pub const DEVICE: &str = "device";
+    pub const BROWSER: &str = "browser";
+    pub const OS: &str = "os";
+    pub const COUNTRY: &str = "country";
+}
+
+pub mod event_id_fields {
+    /// The event's own timestamp (lets the ledger be pruned together with archived events).
+    pub const TIMESTAMP: &str = "ts";
+    /// When the claim was taken; a claim whose event is missing from `events` and whose
+    /// claim time is older than the lease may be completed by another writer.
+    pub const CLAIMED_AT: &str = "at";
+}
+
+pub mod admin_user_fields {
+    pub const EMAIL: &str = "email";
+    pub const ROLE: &str = "role";
+    pub const IS_ACTIVE: &str = "isActive";
+}
+
+pub mod integration_fields {
+    pub const NAME: &str = "name";
+    pub const TYPE: &str = "type";
+    pub const IS_ACTIVE: &str = "isActive";
+    pub const LAST_SYNC: &str = "lastSync";
+}
+
+pub mod export_job_fields {
+    pub const JOB_ID: &str = "jobId";
+    pub const TYPE: &str = "type";
+    pub const STATUS: &str = "status";
+    pub const START_TIME: &str = "startTime";
+}
+
+pub mod product_fields {
+    pub const PRODUCT_ID: &str = "productId";
+    pub const CATEGORY: &str = "category";
+}

@@ -1,0 +1,306 @@
+//! Typed documents of each collection. Optional fields are omitted when absent, so stored
+//! documents carry only what is known (the `email` index is sparse for that reason).
+
+use bson::oid::ObjectId;
+use bson::{DateTime, Document};
+use serde::{Deserialize, Serialize};
+
+use super::{
+    AuthType, EventType, ExportJobStatus, ExportJobType, HttpMethod, IntegrationType, Role,
+    SessionStatus,
+};
+
+/// `users`: a visitor profile with aggregates over its stored events.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct User {
+    #[serde(rename = "_id", skip_serializing_if = "Option::is_none")]
+    pub id: Option<ObjectId>,
+    pub visitor_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_name: Option<String>,
+    #[serde(default)]
+    pub attributes: Document,
+    pub first_seen: DateTime,
+    pub last_seen: DateTime,
+    pub total_sessions: i64,
+    pub total_events: i64,
+    pub total_purchases: i64,
+    pub total_revenue: f64,
+    #[serde(default)]
+    pub total_revenue_micros: i64,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    #[serde(default)]
+    pub segments: Vec<String>,
+    pub created_at: DateTime,
+    pub updated_at: DateTime,
+}
+
+/// `events.metadata`: what the tracking endpoint learns from the request.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EventMetadata {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_agent: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_address: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub browser: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub os: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub country: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub city: Option<String>,
+    /// Set when the user agent looks like a crawler and bots are kept-and-flagged.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub bot: bool,
+}
+
+/// `events`: one tracked event. Stored in a time-series collection (`timestamp` is the
+/// time field); `eventId` is unique through the `event_ids` ledger.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Event {
+    #[serde(rename = "_id", skip_serializing_if = "Option::is_none")]
+    pub id: Option<ObjectId>,
+    pub event_id: String,
+    pub user_id: String,
+    pub session_id: String,
+    pub event_type: EventType,
+    pub timestamp: DateTime,
+    #[serde(default)]
+    pub properties: Document,
+    #[serde(default)]
+    pub metadata: EventMetadata,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page_url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub referrer: Option<String>,
+    /// Time spent, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration: Option<i64>,
+    pub created_at: DateTime,
+    pub updated_at: DateTime,
+}
+
+impl Event {
+    /// The purchase amount of a PURCHASE event (`properties.amount`), if it is a number.
+    pub fn purchase_amount(&self) -> Option<f64> {
+        if self.event_type != EventType::Purchase {
+            return None;
+        }
+        match self.properties.get(super::event_fields::AMOUNT)? {
+            bson::Bson::Double(v) => Some(*v),
+            bson::Bson::Int32(v) => Some(f64::from(*v)),
+            bson::Bson::Int64(v) => Some(*v as f64),
+            _ => None,
+        }
+    }
+}
+
+/// `sessions`: aggregates over the stored events of one session.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Session {
+    #[serde(rename = "_id", skip_serializing_if = "Option::is_none")]
+    pub id: Option<ObjectId>,
+    pub session_id: String,
+    pub user_id: String,
+    pub status: SessionStatus,
+    pub start_time: DateTime,
+    pub end_time: DateTime,
+    /// `endTime - startTime`, in milliseconds.
+    pub duration: i64,
+    pub page_views: i64,
+    pub events: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entry_page: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_page: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub browser: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub os: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub country: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub city: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_address: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_agent: Option<String>,
+    /// Ordering keys that make the aggregates independent of arrival order: the earliest
+    /// event (device, browser, ... come from it), the earliest and latest page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_event: Option<EventKey>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entry_event: Option<EventKey>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_event: Option<EventKey>,
+    pub created_at: DateTime,
+    pub updated_at: DateTime,
+}
+
+/// A total order on events: by timestamp, then by `eventId` for ties.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EventKey {
+    pub timestamp: DateTime,
+    pub event_id: String,
+}
+
+/// `admin_users`: people who use the admin and analytics API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AdminUser {
+    #[serde(rename = "_id", skip_serializing_if = "Option::is_none")]
+    pub id: Option<ObjectId>,
+    pub email: String,
+    /// bcrypt hash, never the password.
+    pub password: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_name: Option<String>,
+    pub role: Role,
+    pub is_active: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_login: Option<DateTime>,
+    pub created_at: DateTime,
+    pub updated_at: DateTime,
+}
+
+/// `integration_configs`: the design document's fields; connector-specific settings
+/// (pagination, selectors, ...) live in `options`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IntegrationConfig {
+    #[serde(rename = "_id", skip_serializing_if = "Option::is_none")]
+    pub id: Option<ObjectId>,
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: IntegrationType,
+    pub endpoint: String,
+    pub method: HttpMethod,
+    #[serde(default)]
+    pub headers: Document,
+    pub auth_type: AuthType,
+    /// Secret values are stored as `${env:NAME}` references, never in clear.
+    #[serde(default)]
+    pub auth_config: Document,
+    #[serde(default)]
+    pub mapping: Document,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<String>,
+    pub is_active: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_sync: Option<DateTime>,
+    #[serde(default)]
+    pub options: Document,
+    pub created_at: DateTime,
+    pub updated_at: DateTime,
+}
+
+/// `export_jobs`: the history of export runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExportJob {
+    #[serde(rename = "_id", skip_serializing_if = "Option::is_none")]
+    pub id: Option<ObjectId>,
+    pub job_id: String,
+    #[serde(rename = "type")]
+    pub kind: ExportJobType,
+    pub status: ExportJobStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<DateTime>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_time: Option<DateTime>,
+    pub records_processed: i64,
+    pub destination: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub created_at: DateTime,
+    pub updated_at: DateTime,
+}
+
+/// `products`: the catalogue that imports fill (the design document's data flow names the
+/// collection without a schema). `productId` is the source system's id and is unique.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Product {
+    #[serde(rename = "_id", skip_serializing_if = "Option::is_none")]
+    pub id: Option<ObjectId>,
+    pub product_id: String,
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub category: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub currency: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sku: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_stock: Option<bool>,
+    #[serde(default)]
+    pub attributes: Document,
+    /// The integration config that last wrote this product.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    pub created_at: DateTime,
+    pub updated_at: DateTime,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_serializes_with_the_design_documents_field_names() {
+        let now = DateTime::from_millis(1_700_000_000_000);
+        let e = Event {
+            id: None,
+            event_id: "e1".into(),
+            user_id: "v1".into(),
+            session_id: "s1".into(),
+            event_type: EventType::Purchase,
+            timestamp: now,
+            properties: bson::doc! { "amount": 12.5, "currency": "EUR" },
+            metadata: EventMetadata::default(),
+            page_url: Some("/checkout".into()),
+            referrer: None,
+            duration: None,
+            created_at: now,
+            updated_at: now,
+        };
+        let doc = bson::to_document(&e).unwrap();
+        for key in ["eventId", "userId", "sessionId", "eventType", "timestamp", "pageUrl"] {
+            assert!(doc.contains_key(key), "missing {key} in {doc}");
+        }
+        assert!(!doc.contains_key("_id") && !doc.contains_key("referrer"));
+        assert_eq!(doc.get_str("eventType").unwrap(), "PURCHASE");
+        assert_eq!(e.purchase_amount(), Some(12.5));
+        let back: Event = bson::from_document(doc).unwrap();
+        assert_eq!(back, e);
+    }
+}

@@ -1,0 +1,1 @@
+//! Job runs (imports, exports, archival) and the scheduler.

