@@ -1,1 +1,6 @@
-//! placeholder
+//! Sluice's connections to the outside: the MongoDB store (collections, indexes, the
+//! event writer, session upkeep). HTTP sources and sinks and object storage join here.
+
+pub mod mongo;
+
+pub use mongo::{Store, StoreError};

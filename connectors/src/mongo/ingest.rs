@@ -1,0 +1,493 @@
+//! The event writer: stores each `eventId` once in the time-series `events` collection and
+//! folds newly stored events into `sessions` and `users`.
+//!
+//! A batch is written in two steps:
+//! 1. one transaction claims the batch's new `eventId`s in the `event_ids` ledger (its
+//!    `_id` is the eventId, so uniqueness is the server's) and updates the session and user
+//!    aggregates of exactly those events. A claim therefore exists if and only if its
+//!    event's aggregates were applied.
+//! 2. the claimed events are inserted into `events` (MongoDB does not allow writes to
+//!    time-series collections inside transactions).
+//!
+//! A crash between the two leaves claims whose events are missing. The client was never
+//! acknowledged, so it sends the events again; the writer then finds the claim, sees the
+//! event missing and, once the claim's lease has expired, takes the claim over (an atomic
+//! compare-and-set on the claim time) and inserts the event without touching aggregates.
+//! A claim younger than the lease belongs to a writer still at work: its events are
+//! answered [`WriteStatus::Retry`].
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
+
+use bson::{doc, Bson, DateTime, Document};
+use futures_util::TryStreamExt;
+use mongodb::error::{TRANSIENT_TRANSACTION_ERROR, UNKNOWN_TRANSACTION_COMMIT_RESULT};
+use mongodb::options::{ReplaceOneModel, UpdateOneModel, WriteModel};
+use mongodb::ClientSession;
+use sluice_core::aggregate::{fold_session, fold_user};
+use sluice_core::model::{
+    collections as c, common, event_fields as e, event_id_fields as l, session_fields as s,
+    user_fields as u, Event, Session, User,
+};
+
+use super::{Store, StoreError};
+
+/// The fate of one event of a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteStatus {
+    /// Stored now (aggregates updated).
+    Stored,
+    /// Already stored earlier (or earlier in the same batch): nothing changed.
+    Duplicate,
+    /// Another writer is storing this eventId right now; send it again shortly.
+    Retry,
+}
+
+#[derive(Debug, Clone)]
+pub struct WriterOptions {
+    /// How long a claim belongs to the writer that took it. Must exceed the time a batch
+    /// insert can take, so a slow writer is never overtaken.
+    pub claim_lease: Duration,
+    /// Attempts for a transaction that hits a transient error (write conflict, failover).
+    pub max_transaction_attempts: u32,
+}
+
+impl Default for WriterOptions {
+    fn default() -> Self {
+        Self {
+            claim_lease: Duration::from_secs(30),
+            max_transaction_attempts: 20,
+        }
+    }
+}
+
+/// Writes batches of events. Cheap to clone; safe to use from many tasks at once.
+#[derive(Clone, Debug)]
+pub struct EventWriter {
+    store: Store,
+    options: WriterOptions,
+}
+
+/// What the claiming transaction decided.
+struct Claimed {
+    /// Indices of events claimed (and aggregated) now.
+    new: Vec<usize>,
+    /// Indices of events whose id was claimed before, with the claim time.
+    earlier: Vec<(usize, DateTime)>,
+}
+
+impl EventWriter {
+    pub fn new(store: Store, options: WriterOptions) -> Self {
+        Self { store, options }
+    }
+
+    /// Writes `events`; the result has one status per input, in order.
+    ///
+    /// Errors mean nothing of the batch may be acknowledged; sending the same batch again
+    /// is always safe (idempotent by `eventId`).
+    pub async fn write(&self, events: &[Event]) -> Result<Vec<WriteStatus>, StoreError> {
+        let mut status = vec![WriteStatus::Duplicate; events.len()];
+        let mut seen = HashSet::new();
+        let unique: Vec<usize> = (0..events.len())
+            .filter(|&i| seen.insert(events[i].event_id.as_str()))
+            .collect();
+        if unique.is_empty() {
+            return Ok(status);
+        }
+        let now = DateTime::now();
+        let claimed = self.claim_and_aggregate(events, &unique, now).await?;
+
+        if !claimed.new.is_empty() {
+            let docs = encode_events(claimed.new.iter().map(|&i| &events[i]))?;
+            let inserted = self
+                .store
+                .collection(c::EVENTS)
+                .insert_many(docs)
+                .ordered(false)
+                .write_concern(self.store.write_concern().clone())
+                .await;
+            if let Err(err) = inserted {
+                // Hand the claims back so a resend can complete them at once.
+                let ids: Vec<&str> = claimed
+                    .new
+                    .iter()
+                    .map(|&i| events[i].event_id.as_str())
+                    .collect();
+                let _ = self
+                    .store
+                    .collection(c::EVENT_IDS)
+                    .update_many(
+                        doc! { common::ID: { "$in": ids } },
+                        doc! { "$set": { l::CLAIMED_AT: DateTime::from_millis(0) } },
+                    )
+                    .await;
+                return Err(StoreError::mongo(c::EVENTS, "insert events")(err));
+            }
+            for &i in &claimed.new {
+                status[i] = WriteStatus::Stored;
+            }
+        }
+        if !claimed.earlier.is_empty() {
+            self.resolve_earlier(events, &claimed.earlier, now, &mut status)
+                .await?;
+        }
+        Ok(status)
+    }
+
+    /// Step 1, retried as a whole on transient transaction errors.
+    async fn claim_and_aggregate(
+        &self,
+        events: &[Event],
+        unique: &[usize],
+        now: DateTime,
+    ) -> Result<Claimed, StoreError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut session = self
+                .store
+                .client()
+                .start_session()
+                .await
+                .map_err(StoreError::mongo(c::EVENT_IDS, "start session"))?;
+            session
+                .start_transaction()
+                .write_concern(self.store.write_concern().clone())
+                .await
+                .map_err(StoreError::mongo(c::EVENT_IDS, "start transaction"))?;
+            let outcome = match self.transaction_body(&mut session, events, unique, now).await {
+                Ok(claimed) => commit(&mut session).await.map(|()| claimed),
+                Err(err) => Err(err),
+            };
+            match outcome {
+                Ok(claimed) => return Ok(claimed),
+                Err(err)
+                    if err.contains_label(TRANSIENT_TRANSACTION_ERROR)
+                        && attempt < self.options.max_transaction_attempts =>
+                {
+                    let _ = session.abort_transaction().await;
+                    // Write conflicts between writers touching the same session or user:
+                    // back off a little, with jitter, and redo the whole transaction.
+                    let jitter = rand_jitter_ms(attempt);
+                    tokio::time::sleep(Duration::from_millis(jitter)).await;
+                }
+                Err(err) => {
+                    let _ = session.abort_transaction().await;
+                    return Err(StoreError::mongo(c::EVENT_IDS, "claim transaction")(err));
+                }
+            }
+        }
+    }
+
+    async fn transaction_body(
+        &self,
+        session: &mut ClientSession,
+        events: &[Event],
+        unique: &[usize],
+        now: DateTime,
+    ) -> Result<Claimed, mongodb::error::Error> {
+        let ledger = self.store.collection(c::EVENT_IDS);
+        let ids: Vec<&str> = unique.iter().map(|&i| events[i].event_id.as_str()).collect();
+        let mut cursor = ledger
+            .find(doc! { common::ID: { "$in": &ids } })
+            .session(&mut *session)
+            .await?;
+        let mut claimed_at: HashMap<String, DateTime> = HashMap::new();
+        while let Some(d) = cursor.next(&mut *session).await.transpose()? {
+            if let (Ok(id), Ok(at)) = (d.get_str(common::ID), d.get_datetime(l::CLAIMED_AT)) {
+                claimed_at.insert(id.to_string(), *at);
+            }
+        }
+        let mut claimed = Claimed {
+            new: Vec::new(),
+            earlier: Vec::new(),
+        };
+        for &i in unique {
+            match claimed_at.get(&events[i].event_id) {
+                Some(at) => claimed.earlier.push((i, *at)),
+                None => claimed.new.push(i),
+            }
+        }
+        if claimed.new.is_empty() {
+            return Ok(claimed);
+        }
+        let claims: Vec<Document> = claimed
+            .new
+            .iter()
+            .map(|&i| {
+                doc! {
+                    common::ID: &events[i].event_id,
+                    l::TIMESTAMP: events[i].timestamp,
+                    l::CLAIMED_AT: now,
+                }
+            })
+            .collect();
+        ledger.insert_many(claims).session(&mut *session).await?;
+
+        let new_events: Vec<&Event> = claimed.new.iter().map(|&i| &events[i]).collect();
+        let mut models = self.session_models(session, &new_events, now).await?;
+        let (user_models, _) = self.user_models(session, &new_events, &models, now).await?;
+        models.extend(user_models);
+        let models: Vec<WriteModel> = models.into_iter().map(|(_, m)| m).collect();
+        self.store
+            .client()
+            .bulk_write(models)
+            .session(&mut *session)
+            .await?;
+        Ok(claimed)
+    }
+
+    /// Upserts for the sessions of `new_events`; the `Option<String>` is the visitor of
+    /// a session created by this batch.
+    async fn session_models(
+        &self,
+        session: &mut ClientSession,
+        new_events: &[&Event],
+        now: DateTime,
+    ) -> Result<Vec<(Option<String>, WriteModel)>, mongodb::error::Error> {
+        let sessions = self.store.db().collection::<Session>(c::SESSIONS);
+        let mut by_session: BTreeMap<&str, Vec<&Event>> = BTreeMap::new();
+        for e in new_events {
+            by_session.entry(e.session_id.as_str()).or_default().push(e);
+        }
+        let keys: Vec<&str> = by_session.keys().copied().collect();
+        let mut cursor = sessions
+            .find(doc! { s::SESSION_ID: { "$in": &keys } })
+            .session(&mut *session)
+            .await?;
+        let mut existing: HashMap<String, Session> = HashMap::new();
+        while let Some(found) = cursor.next(&mut *session).await.transpose()? {
+            existing.insert(found.session_id.clone(), found);
+        }
+        let mut models = Vec::with_capacity(by_session.len());
+        for (id, evs) in by_session {
+            let before = existing.remove(id);
+            let created = before.is_none();
+            let mut folded = fold_session(before, &evs, now);
+            folded.id = None;
+            let replacement = bson::to_document(&folded)?;
+            let owner = created.then(|| folded.user_id.clone());
+            models.push((
+                owner,
+                WriteModel::ReplaceOne(
+                    ReplaceOneModel::builder()
+                        .namespace(sessions.namespace())
+                        .filter(doc! { s::SESSION_ID: id })
+                        .replacement(replacement)
+                        .upsert(true)
+                        .build(),
+                ),
+            ));
+        }
+        Ok(models)
+    }
+
+    /// Upserts for the visitors of `new_events`. Only aggregate fields are set, so
+    /// profile fields written by imports or identify calls are left alone.
+    async fn user_models(
+        &self,
+        session: &mut ClientSession,
+        new_events: &[&Event],
+        session_models: &[(Option<String>, WriteModel)],
+        now: DateTime,
+    ) -> Result<(Vec<(Option<String>, WriteModel)>, usize), mongodb::error::Error> {
+        let users = self.store.collection(c::USERS);
+        let mut by_user: BTreeMap<&str, Vec<&Event>> = BTreeMap::new();
+        for e in new_events {
+            by_user.entry(e.user_id.as_str()).or_default().push(e);
+        }
+        let mut new_sessions: HashMap<&str, i64> = HashMap::new();
+        for (owner, _) in session_models {
+            if let Some(owner) = owner {
+                *new_sessions.entry(owner.as_str()).or_default() += 1;
+            }
+        }
+        let keys: Vec<&str> = by_user.keys().copied().collect();
+        let mut cursor = users
+            .find(doc! { u::VISITOR_ID: { "$in": &keys } })
+            .session(&mut *session)
+            .await?;
+        let mut existing: HashMap<String, User> = HashMap::new();
+        while let Some(d) = cursor.next(&mut *session).await.transpose()? {
+            if let Ok(v) = d.get_str(u::VISITOR_ID) {
+                existing.insert(v.to_string(), user_aggregates(v, &d));
+            }
+        }
+        let count = by_user.len();
+        let mut models = Vec::with_capacity(count);
+        for (visitor, evs) in by_user {
+            let added = new_sessions.get(visitor).copied().unwrap_or(0);
+            let folded = fold_user(existing.remove(visitor), visitor, &evs, added, now);
+            let update = doc! {
+                "$set": {
+                    u::FIRST_SEEN: folded.first_seen,
+                    u::LAST_SEEN: folded.last_seen,
+                    u::TOTAL_SESSIONS: folded.total_sessions,
+                    u::TOTAL_EVENTS: folded.total_events,
+                    u::TOTAL_PURCHASES: folded.total_purchases,
+                    u::TOTAL_REVENUE: folded.total_revenue,
+                    u::TOTAL_REVENUE_MICROS: folded.total_revenue_micros,
+                    common::UPDATED_AT: now,
+                },
+                "$setOnInsert": {
+                    u::ATTRIBUTES: {},
+                    u::TAGS: [],
+                    u::SEGMENTS: [],
+                    common::CREATED_AT: now,
+                },
+            };
+            models.push((
+                None,
+                WriteModel::UpdateOne(
+                    UpdateOneModel::builder()
+                        .namespace(users.namespace())
+                        .filter(doc! { u::VISITOR_ID: visitor })
+                        .update(update)
+                        .upsert(true)
+                        .build(),
+                ),
+            ));
+        }
+        Ok((models, count))
+    }
+
+    /// Step 3: events whose id was claimed before this batch.
+    async fn resolve_earlier(
+        &self,
+        events: &[Event],
+        earlier: &[(usize, DateTime)],
+        now: DateTime,
+        status: &mut [WriteStatus],
+    ) -> Result<(), StoreError> {
+        let ids: Vec<&str> = earlier
+            .iter()
+            .map(|&(i, _)| events[i].event_id.as_str())
+            .collect();
+        let present: HashSet<String> = self
+            .store
+            .collection(c::EVENTS)
+            .find(doc! { e::EVENT_ID: { "$in": &ids } })
+            .projection(doc! { e::EVENT_ID: 1, common::ID: 0 })
+            .await
+            .map_err(StoreError::mongo(c::EVENTS, "find earlier events"))?
+            .try_collect::<Vec<_>>()
+            .await
+            .map_err(StoreError::mongo(c::EVENTS, "find earlier events"))?
+            .into_iter()
+            .filter_map(|d| d.get_str(e::EVENT_ID).ok().map(str::to_string))
+            .collect();
+        let lease_ms = self.options.claim_lease.as_millis() as i64;
+        for &(i, at) in earlier {
+            let event = &events[i];
+            if present.contains(&event.event_id) {
+                status[i] = WriteStatus::Duplicate;
+                continue;
+            }
+            if now.timestamp_millis() - at.timestamp_millis() < lease_ms {
+                status[i] = WriteStatus::Retry;
+                continue;
+            }
+            // An abandoned claim: its aggregates were applied, its event never stored.
+            let taken = self
+                .store
+                .collection(c::EVENT_IDS)
+                .update_one(
+                    doc! { common::ID: &event.event_id, l::CLAIMED_AT: at },
+                    doc! { "$set": { l::CLAIMED_AT: now } },
+                )
+                .await
+                .map_err(StoreError::mongo(c::EVENT_IDS, "take over claim"))?;
+            if taken.modified_count == 0 {
+                status[i] = WriteStatus::Retry;
+                continue;
+            }
+            let docs = encode_events(std::iter::once(event))?;
+            self.store
+                .collection(c::EVENTS)
+                .insert_many(docs)
+                .write_concern(self.store.write_concern().clone())
+                .await
+                .map_err(StoreError::mongo(c::EVENTS, "complete abandoned claim"))?;
+            status[i] = WriteStatus::Stored;
+        }
+        Ok(())
+    }
+}
+
+async fn commit(session: &mut ClientSession) -> Result<(), mongodb::error::Error> {
+    let mut tries = 0;
+    loop {
+        match session.commit_transaction().await {
+            Err(err) if err.contains_label(UNKNOWN_TRANSACTION_COMMIT_RESULT) && tries < 5 => {
+                tries += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+fn rand_jitter_ms(attempt: u32) -> u64 {
+    // Cheap jitter without a RNG dependency: the sub-millisecond clock.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let base = 5u64 << attempt.min(6);
+    base + u64::from(nanos) % base
+}
+
+fn encode_events<'a>(events: impl Iterator<Item = &'a Event>) -> Result<Vec<Document>, StoreError> {
+    events
+        .map(|ev| {
+            let mut d = bson::to_document(ev).map_err(|err| StoreError::Encode {
+                collection: c::EVENTS.into(),
+                message: err.to_string(),
+            })?;
+            d.remove(common::ID);
+            Ok(d)
+        })
+        .collect()
+}
+
+/// Reads the aggregate fields of a stored user, tolerating profiles created by imports
+/// (which may lack them).
+fn user_aggregates(visitor: &str, d: &Document) -> User {
+    let int = |k: &str| match d.get(k) {
+        Some(Bson::Int64(v)) => *v,
+        Some(Bson::Int32(v)) => i64::from(*v),
+        Some(Bson::Double(v)) => *v as i64,
+        _ => 0,
+    };
+    let micros = match d.get(u::TOTAL_REVENUE_MICROS) {
+        Some(_) => int(u::TOTAL_REVENUE_MICROS),
+        None => match d.get(u::TOTAL_REVENUE) {
+            Some(Bson::Double(v)) => sluice_core::aggregate::revenue_micros(*v),
+            _ => int(u::TOTAL_REVENUE) * 1_000_000,
+        },
+    };
+    User {
+        id: None,
+        visitor_id: visitor.to_string(),
+        email: None,
+        first_name: None,
+        last_name: None,
+        attributes: Document::new(),
+        first_seen: d
+            .get_datetime(u::FIRST_SEEN)
+            .copied()
+            .unwrap_or(DateTime::MAX),
+        last_seen: d
+            .get_datetime(u::LAST_SEEN)
+            .copied()
+            .unwrap_or(DateTime::MIN),
+        total_sessions: int(u::TOTAL_SESSIONS),
+        total_events: int(u::TOTAL_EVENTS),
+        total_purchases: int(u::TOTAL_PURCHASES),
+        total_revenue: 0.0,
+        total_revenue_micros: micros,
+        tags: Vec::new(),
+        segments: Vec::new(),
+        created_at: DateTime::MIN,
+        updated_at: DateTime::MIN,
+    }
+}

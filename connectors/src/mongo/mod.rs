@@ -1,0 +1,129 @@
+//! The MongoDB store: one [`Store`] per process, sharing the driver's connection pool.
+
+mod ingest;
+mod schema;
+mod sessions;
+
+pub use ingest::{EventWriter, WriteStatus, WriterOptions};
+pub use schema::{index_specs, IndexOutcome, IndexSpec, InitReport};
+pub use sessions::expire_idle_sessions;
+
+use mongodb::options::{Acknowledgment, ClientOptions, WriteConcern};
+use mongodb::{Client, Database};
+use sluice_core::config::{Config, WriteConcernLevel};
+
+/// Errors from the MongoDB store, with the collection or step they happened in.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot connect to MongoDB: {0}")]
+    Connect(#[source] mongodb::error::Error),
+    #[error("MongoDB `{collection}`: {step}: {source}")]
+    Mongo {
+        collection: String,
+        step: &'static str,
+        #[source]
+        source: mongodb::error::Error,
+    },
+    #[error("index `{name}` on `{collection}` exists with other keys or options ({existing}); drop it or rename ours")]
+    IndexConflict {
+        collection: String,
+        name: String,
+        existing: String,
+    },
+    #[error("`{collection}` exists but is not a time-series collection; events need one (see README, \"events storage\")")]
+    NotTimeSeries { collection: String },
+    #[error("cannot encode a document for `{collection}`: {message}")]
+    Encode { collection: String, message: String },
+}
+
+impl StoreError {
+    pub(crate) fn mongo<'a>(
+        collection: &'a str,
+        step: &'static str,
+    ) -> impl FnOnce(mongodb::error::Error) -> StoreError + 'a {
+        move |source| StoreError::Mongo {
+            collection: collection.to_string(),
+            step,
+            source,
+        }
+    }
+}
+
+/// A handle on Sluice's database. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Store {
+    client: Client,
+    db: Database,
+    write_concern: WriteConcern,
+}
+
+impl Store {
+    /// Connects and checks the server answers (so a wrong URI fails here, clearly).
+    pub async fn connect(config: &Config) -> Result<Self, StoreError> {
+        Self::connect_uri(
+            config.mongodb_uri.expose(),
+            &config.database,
+            &config.write_concern,
+        )
+        .await
+    }
+
+    pub async fn connect_uri(
+        uri: &str,
+        database: &str,
+        write_concern: &WriteConcernLevel,
+    ) -> Result<Self, StoreError> {
+        let mut options = ClientOptions::parse(uri)
+            .await
+            .map_err(StoreError::Connect)?;
+        options.app_name.get_or_insert_with(|| "sluice".to_string());
+        options
+            .server_selection_timeout
+            .get_or_insert(std::time::Duration::from_secs(10));
+        let client = Client::with_options(options).map_err(StoreError::Connect)?;
+        let db = client.database(database);
+        db.run_command(bson::doc! { "ping": 1 })
+            .await
+            .map_err(StoreError::Connect)?;
+        let w = match write_concern {
+            WriteConcernLevel::Majority => Acknowledgment::Majority,
+            WriteConcernLevel::Nodes(n) => Acknowledgment::Nodes(*n),
+        };
+        let write_concern = WriteConcern::builder().w(w).journal(true).build();
+        Ok(Self {
+            client,
+            db,
+            write_concern,
+        })
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    pub fn db(&self) -> &Database {
+        &self.db
+    }
+
+    pub fn write_concern(&self) -> &WriteConcern {
+        &self.write_concern
+    }
+
+    pub fn collection(&self, name: &str) -> mongodb::Collection<bson::Document> {
+        self.db.collection(name)
+    }
+
+    /// Creates every collection and index (idempotent). See [`schema`].
+    pub async fn init(&self) -> Result<InitReport, StoreError> {
+        schema::init(self).await
+    }
+
+    /// Pings the server (readiness).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.db
+            .run_command(bson::doc! { "ping": 1 })
+            .await
+            .map(|_| ())
+            .map_err(StoreError::Connect)
+    }
+}

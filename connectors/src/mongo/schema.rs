@@ -1,0 +1,333 @@
+//! Collections and indexes: the design document's list plus the ones it leaves out.
+//! `init` is idempotent: it compares what exists (listCollections, listIndexes) with what
+//! is wanted and creates only what is missing.
+
+use bson::{doc, Bson, Document};
+use futures_util::TryStreamExt;
+use mongodb::options::{IndexOptions, TimeseriesGranularity, TimeseriesOptions};
+use mongodb::IndexModel;
+use sluice_core::model::collections as c;
+use sluice_core::model::{
+    admin_user_fields as a, event_fields as e, export_job_fields as x, integration_fields as i,
+    product_fields as p, session_fields as s, user_fields as u,
+};
+
+use super::{Store, StoreError};
+
+/// One wanted index.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IndexSpec {
+    pub collection: &'static str,
+    pub name: &'static str,
+    pub keys: Document,
+    pub unique: bool,
+    pub sparse: bool,
+    /// A text index; servers that refuse text indexes get a warning, not a failure.
+    pub text: bool,
+}
+
+impl IndexSpec {
+    fn new(collection: &'static str, name: &'static str, keys: Document) -> Self {
+        Self {
+            collection,
+            name,
+            keys,
+            unique: false,
+            sparse: false,
+            text: false,
+        }
+    }
+    fn unique(mut self) -> Self {
+        self.unique = true;
+        self
+    }
+    fn sparse(mut self) -> Self {
+        self.sparse = true;
+        self
+    }
+    fn text(mut self) -> Self {
+        self.text = true;
+        self
+    }
+}
+
+/// Every index Sluice wants, in creation order.
+pub fn index_specs() -> Vec<IndexSpec> {
+    vec![
+        // users (design document)
+        IndexSpec::new(c::USERS, "visitorId_unique", doc! { u::VISITOR_ID: 1 }).unique(),
+        IndexSpec::new(c::USERS, "email_sparse", doc! { u::EMAIL: 1 }).sparse(),
+        IndexSpec::new(
+            c::USERS,
+            "lastSeen_totalEvents",
+            doc! { u::LAST_SEEN: 1, u::TOTAL_EVENTS: 1 },
+        ),
+        IndexSpec::new(c::USERS, "tags", doc! { u::TAGS: 1 }),
+        IndexSpec::new(c::USERS, "segments", doc! { u::SEGMENTS: 1 }),
+        IndexSpec::new(
+            c::USERS,
+            "users_text",
+            doc! { u::EMAIL: "text", u::FIRST_NAME: "text", u::LAST_NAME: "text" },
+        )
+        .text(),
+        // events (design document; `eventId` uniqueness is enforced by the ledger)
+        IndexSpec::new(c::EVENTS, "eventId", doc! { e::EVENT_ID: 1 }),
+        IndexSpec::new(
+            c::EVENTS,
+            "userId_timestamp",
+            doc! { e::USER_ID: 1, e::TIMESTAMP: 1 },
+        ),
+        IndexSpec::new(
+            c::EVENTS,
+            "sessionId_timestamp",
+            doc! { e::SESSION_ID: 1, e::TIMESTAMP: 1 },
+        ),
+        IndexSpec::new(
+            c::EVENTS,
+            "eventType_timestamp",
+            doc! { e::EVENT_TYPE: 1, e::TIMESTAMP: 1 },
+        ),
+        IndexSpec::new(c::EVENTS, "timestamp", doc! { e::TIMESTAMP: 1 }),
+        IndexSpec::new(
+            c::EVENTS,
+            "pageUrl_timestamp",
+            doc! { e::PAGE_URL: 1, e::TIMESTAMP: 1 },
+        ),
+        // sessions (design document, plus status/endTime for the idle sweeper)
+        IndexSpec::new(c::SESSIONS, "sessionId_unique", doc! { s::SESSION_ID: 1 }).unique(),
+        IndexSpec::new(
+            c::SESSIONS,
+            "userId_startTime",
+            doc! { s::USER_ID: 1, s::START_TIME: 1 },
+        ),
+        IndexSpec::new(
+            c::SESSIONS,
+            "status_startTime",
+            doc! { s::STATUS: 1, s::START_TIME: 1 },
+        ),
+        IndexSpec::new(
+            c::SESSIONS,
+            "country_startTime",
+            doc! { s::COUNTRY: 1, s::START_TIME: 1 },
+        ),
+        IndexSpec::new(
+            c::SESSIONS,
+            "device_startTime",
+            doc! { s::DEVICE: 1, s::START_TIME: 1 },
+        ),
+        IndexSpec::new(
+            c::SESSIONS,
+            "status_endTime",
+            doc! { s::STATUS: 1, s::END_TIME: 1 },
+        ),
+        // the obvious ones the design document leaves out
+        IndexSpec::new(c::ADMIN_USERS, "email_unique", doc! { a::EMAIL: 1 }).unique(),
+        IndexSpec::new(c::INTEGRATION_CONFIGS, "name_unique", doc! { i::NAME: 1 }).unique(),
+        IndexSpec::new(
+            c::INTEGRATION_CONFIGS,
+            "isActive_type",
+            doc! { i::IS_ACTIVE: 1, i::TYPE: 1 },
+        ),
+        IndexSpec::new(c::EXPORT_JOBS, "jobId_unique", doc! { x::JOB_ID: 1 }).unique(),
+        IndexSpec::new(
+            c::EXPORT_JOBS,
+            "type_startTime",
+            doc! { x::TYPE: 1, x::START_TIME: -1 },
+        ),
+        IndexSpec::new(c::PRODUCTS, "productId_unique", doc! { p::PRODUCT_ID: 1 }).unique(),
+        IndexSpec::new(c::PRODUCTS, "category", doc! { p::CATEGORY: 1 }),
+    ]
+}
+
+/// Collections created as plain collections (events is created as time-series).
+const PLAIN_COLLECTIONS: &[&str] = &[
+    c::USERS,
+    c::SESSIONS,
+    c::ADMIN_USERS,
+    c::INTEGRATION_CONFIGS,
+    c::EXPORT_JOBS,
+    c::PRODUCTS,
+    c::EVENT_IDS,
+];
+
+/// What happened to one index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IndexOutcome {
+    Created,
+    /// Present already (under this name).
+    Exists(String),
+    /// The server refused it (text indexes on some MongoDB-compatible servers).
+    Skipped(String),
+}
+
+/// What `init` did, for the CLI and logs.
+#[derive(Debug, Default)]
+pub struct InitReport {
+    pub created_collections: Vec<String>,
+    pub indexes: Vec<(String, String, IndexOutcome)>,
+    pub warnings: Vec<String>,
+}
+
+impl InitReport {
+    pub fn created_indexes(&self) -> usize {
+        self.indexes
+            .iter()
+            .filter(|(_, _, o)| *o == IndexOutcome::Created)
+            .count()
+    }
+}
+
+/// The time-series options for `events`. `eventType` is the metaField (see README).
+fn events_timeseries() -> TimeseriesOptions {
+    TimeseriesOptions::builder()
+        .time_field(e::TIMESTAMP.to_string())
+        .meta_field(Some(e::EVENT_TYPE.to_string()))
+        .granularity(Some(TimeseriesGranularity::Seconds))
+        .build()
+}
+
+pub(super) async fn init(store: &Store) -> Result<InitReport, StoreError> {
+    let db = store.db();
+    let mut report = InitReport::default();
+    let existing: Vec<Document> = db
+        .list_collections()
+        .await
+        .map_err(StoreError::mongo("*", "listCollections"))?
+        .try_collect::<Vec<_>>()
+        .await
+        .map_err(StoreError::mongo("*", "listCollections"))?
+        .into_iter()
+        .map(|spec| bson::to_document(&spec).unwrap_or_default())
+        .collect();
+    let kind_of = |name: &str| {
+        existing
+            .iter()
+            .find(|d| d.get_str("name").ok() == Some(name))
+            .and_then(|d| d.get_str("type").ok().map(str::to_string))
+    };
+
+    match kind_of(c::EVENTS).as_deref() {
+        None => {
+            db.create_collection(c::EVENTS)
+                .timeseries(events_timeseries())
+                .await
+                .map_err(StoreError::mongo(c::EVENTS, "create time-series collection"))?;
+            report.created_collections.push(c::EVENTS.into());
+        }
+        Some("timeseries") => {}
+        Some(_) => {
+            return Err(StoreError::NotTimeSeries {
+                collection: c::EVENTS.into(),
+            })
+        }
+    }
+    for name in PLAIN_COLLECTIONS {
+        if kind_of(name).is_none() {
+            match db.create_collection(*name).await {
+                Ok(()) => report.created_collections.push((*name).into()),
+                // NamespaceExists: another replica's init won the race; that is fine.
+                Err(err) if error_code(&err) == Some(48) => {}
+                Err(err) => return Err(StoreError::mongo(name, "create collection")(err)),
+            }
+        }
+    }
+
+    for spec in index_specs() {
+        let outcome = ensure_index(store, &spec).await?;
+        if let IndexOutcome::Skipped(reason) = &outcome {
+            report.warnings.push(format!(
+                "index `{}` on `{}` not created: {reason}",
+                spec.name, spec.collection
+            ));
+        }
+        report
+            .indexes
+            .push((spec.collection.into(), spec.name.into(), outcome));
+    }
+    Ok(report)
+}
+
+pub(crate) fn error_code(err: &mongodb::error::Error) -> Option<i32> {
+    use mongodb::error::ErrorKind;
+    match err.kind.as_ref() {
+        ErrorKind::Command(c) => Some(c.code),
+        ErrorKind::Write(mongodb::error::WriteFailure::WriteError(w)) => Some(w.code),
+        _ => None,
+    }
+}
+
+/// The options of an index as listIndexes shows them, reduced to what we compare.
+fn option_flags(doc: &Document) -> (bool, bool) {
+    let flag = |k: &str| matches!(doc.get(k), Some(Bson::Boolean(true)));
+    (flag("unique"), flag("sparse"))
+}
+
+fn is_text_index(doc: &Document) -> bool {
+    doc.get_document("key")
+        .map(|k| k.contains_key("_fts"))
+        .unwrap_or(false)
+}
+
+async fn ensure_index(store: &Store, spec: &IndexSpec) -> Result<IndexOutcome, StoreError> {
+    let coll = store.collection(spec.collection);
+    let existing: Vec<Document> = coll
+        .list_indexes()
+        .await
+        .map_err(StoreError::mongo(spec.collection, "listIndexes"))?
+        .try_collect::<Vec<_>>()
+        .await
+        .map_err(StoreError::mongo(spec.collection, "listIndexes"))?
+        .into_iter()
+        .map(|m| {
+            let mut d = bson::to_document(&m.options).unwrap_or_default();
+            d.insert("key", m.keys);
+            d
+        })
+        .collect();
+    let same_keys = |d: &Document| {
+        if spec.text {
+            is_text_index(d)
+        } else {
+            d.get_document("key").ok() == Some(&spec.keys)
+        }
+    };
+    if let Some(found) = existing
+        .iter()
+        .find(|d| d.get_str("name").ok() == Some(spec.name))
+    {
+        if same_keys(found) && option_flags(found) == (spec.unique, spec.sparse) {
+            return Ok(IndexOutcome::Exists(spec.name.into()));
+        }
+        return Err(StoreError::IndexConflict {
+            collection: spec.collection.into(),
+            name: spec.name.into(),
+            existing: found.to_string(),
+        });
+    }
+    // The same keys under another name (for example the {meta, time} index MongoDB creates
+    // for a time-series collection) serve the same queries: keep it.
+    if let Some(found) = existing
+        .iter()
+        .find(|d| same_keys(d) && option_flags(d) == (spec.unique, spec.sparse))
+    {
+        return Ok(IndexOutcome::Exists(
+            found.get_str("name").unwrap_or("?").to_string(),
+        ));
+    }
+    let options = IndexOptions::builder()
+        .name(spec.name.to_string())
+        .unique(spec.unique.then_some(true))
+        .sparse(spec.sparse.then_some(true))
+        .build();
+    let model = IndexModel::builder()
+        .keys(spec.keys.clone())
+        .options(options)
+        .build();
+    match coll.create_index(model).await {
+        Ok(_) => Ok(IndexOutcome::Created),
+        Err(err) if spec.text => Ok(IndexOutcome::Skipped(format!(
+            "the server refused a text index ({err}); user search by text is unavailable"
+        ))),
+        Err(err) => Err(StoreError::mongo(spec.collection, "createIndexes")(err)),
+    }
+}

@@ -1,0 +1,260 @@
+//! The MongoDB store against the real server: collections, indexes read back with
+//! listIndexes, idempotent init, and the event writer's once-per-eventId guarantee.
+
+mod support;
+
+use bson::{doc, DateTime, Document};
+use futures_util::TryStreamExt;
+use sluice_connectors::mongo::{EventWriter, IndexOutcome, WriteStatus, WriterOptions};
+use sluice_core::model::{Event, EventMetadata, EventType};
+use support::TestDb;
+
+async fn indexes(db: &TestDb, coll: &str) -> Vec<Document> {
+    db.store
+        .collection(coll)
+        .list_indexes()
+        .await
+        .unwrap()
+        .try_collect::<Vec<_>>()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| {
+            let mut d = bson::to_document(&m.options).unwrap_or_default();
+            d.insert("key", m.keys);
+            d
+        })
+        .collect()
+}
+
+fn find_by_key<'a>(list: &'a [Document], key: &Document) -> Option<&'a Document> {
+    list.iter().find(|d| d.get_document("key").ok() == Some(key))
+}
+
+fn flag(d: &Document, k: &str) -> bool {
+    d.get_bool(k).unwrap_or(false)
+}
+
+/// The design document's indexes plus the ones it leaves out, written out independently
+/// of the implementation's table: (collection, keys, unique, sparse).
+fn expected_indexes() -> Vec<(&'static str, Document, bool, bool)> {
+    vec![
+        ("users", doc! { "visitorId": 1 }, true, false),
+        ("users", doc! { "email": 1 }, false, true),
+        ("users", doc! { "lastSeen": 1, "totalEvents": 1 }, false, false),
+        ("users", doc! { "tags": 1 }, false, false),
+        ("users", doc! { "segments": 1 }, false, false),
+        ("events", doc! { "eventId": 1 }, false, false),
+        ("events", doc! { "userId": 1, "timestamp": 1 }, false, false),
+        ("events", doc! { "sessionId": 1, "timestamp": 1 }, false, false),
+        ("events", doc! { "eventType": 1, "timestamp": 1 }, false, false),
+        ("events", doc! { "timestamp": 1 }, false, false),
+        ("events", doc! { "pageUrl": 1, "timestamp": 1 }, false, false),
+        ("sessions", doc! { "sessionId": 1 }, true, false),
+        ("sessions", doc! { "userId": 1, "startTime": 1 }, false, false),
+        ("sessions", doc! { "status": 1, "startTime": 1 }, false, false),
+        ("sessions", doc! { "country": 1, "startTime": 1 }, false, false),
+        ("sessions", doc! { "device": 1, "startTime": 1 }, false, false),
+        ("admin_users", doc! { "email": 1 }, true, false),
+        ("integration_configs", doc! { "name": 1 }, true, false),
+        ("export_jobs", doc! { "jobId": 1 }, true, false),
+        ("products", doc! { "productId": 1 }, true, false),
+    ]
+}
+
+#[tokio::test]
+async fn init_creates_every_index_with_its_keys_and_options() {
+    let db = TestDb::initialized().await;
+    for (coll, keys, unique, sparse) in expected_indexes() {
+        let list = indexes(&db, coll).await;
+        let found = find_by_key(&list, &keys)
+            .unwrap_or_else(|| panic!("no index {keys} on {coll}; have {list:?}"));
+        assert_eq!(flag(found, "unique"), unique, "unique of {keys} on {coll}");
+        assert_eq!(flag(found, "sparse"), sparse, "sparse of {keys} on {coll}");
+        // Key order matters for compound indexes: compare the ordered key list.
+        let order: Vec<&String> = found.get_document("key").unwrap().keys().collect();
+        let want: Vec<&String> = keys.keys().collect();
+        assert_eq!(order, want, "key order on {coll}");
+    }
+}
+
+#[tokio::test]
+async fn events_is_a_time_series_collection_on_timestamp() {
+    let db = TestDb::initialized().await;
+    let spec = db
+        .store
+        .db()
+        .run_command(doc! { "listCollections": 1, "filter": { "name": "events" } })
+        .await
+        .unwrap();
+    let first = spec
+        .get_document("cursor")
+        .unwrap()
+        .get_array("firstBatch")
+        .unwrap()[0]
+        .as_document()
+        .unwrap()
+        .clone();
+    assert_eq!(first.get_str("type").unwrap(), "timeseries", "{first}");
+    let ts = first
+        .get_document("options")
+        .unwrap()
+        .get_document("timeseries")
+        .unwrap();
+    assert_eq!(ts.get_str("timeField").unwrap(), "timestamp");
+    assert_eq!(ts.get_str("metaField").unwrap(), "eventType");
+}
+
+#[tokio::test]
+async fn text_index_is_created_or_reported_as_skipped() {
+    let db = TestDb::new().await;
+    let report = db.store.init().await.unwrap();
+    let (_, _, outcome) = report
+        .indexes
+        .iter()
+        .find(|(c, n, _)| c == "users" && n == "users_text")
+        .expect("text index is attempted");
+    let list = indexes(&db, "users").await;
+    let has_text = list
+        .iter()
+        .any(|d| d.get_document("key").map(|k| k.contains_key("_fts")).unwrap_or(false));
+    match outcome {
+        IndexOutcome::Created | IndexOutcome::Exists(_) => assert!(has_text),
+        IndexOutcome::Skipped(reason) => {
+            assert!(!has_text);
+            assert!(reason.contains("text"), "{reason}");
+            assert!(
+                report.warnings.iter().any(|w| w.contains("users_text")),
+                "a refused text index must be warned about: {:?}",
+                report.warnings
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn init_is_idempotent() {
+    let db = TestDb::new().await;
+    let first = db.store.init().await.unwrap();
+    assert!(first.created_indexes() >= expected_indexes().len() - 1);
+    let mut before = Vec::new();
+    for c in ["users", "events", "sessions", "admin_users", "integration_configs", "export_jobs", "products", "event_ids"] {
+        before.push(indexes(&db, c).await);
+    }
+    let second = db.store.init().await.unwrap();
+    assert_eq!(second.created_indexes(), 0, "{:?}", second.indexes);
+    assert!(second.created_collections.is_empty());
+    let mut after = Vec::new();
+    for c in ["users", "events", "sessions", "admin_users", "integration_configs", "export_jobs", "products", "event_ids"] {
+        after.push(indexes(&db, c).await);
+    }
+    assert_eq!(before, after);
+}
+
+fn event(id: &str, user: &str, session: &str, t: EventType, ms: i64) -> Event {
+    let now = DateTime::now();
+    Event {
+        id: None,
+        event_id: id.into(),
+        user_id: user.into(),
+        session_id: session.into(),
+        event_type: t,
+        timestamp: DateTime::from_millis(ms),
+        properties: if t == EventType::Purchase {
+            doc! { "amount": 10.25, "currency": "EUR" }
+        } else {
+            doc! {}
+        },
+        metadata: EventMetadata::default(),
+        page_url: Some(format!("/page/{id}")),
+        referrer: None,
+        duration: None,
+        created_at: now,
+        updated_at: now,
+    }
+}
+
+async fn count(db: &TestDb, coll: &str, filter: Document) -> u64 {
+    db.store.collection(coll).count_documents(filter).await.unwrap()
+}
+
+#[tokio::test]
+async fn duplicate_event_id_is_stored_once() {
+    let db = TestDb::initialized().await;
+    let writer = EventWriter::new(db.store.clone(), WriterOptions::default());
+    let t0 = 1_700_000_000_000;
+    let batch = vec![
+        event("e1", "v1", "s1", EventType::PageView, t0),
+        event("e2", "v1", "s1", EventType::Purchase, t0 + 1000),
+        event("e1", "v1", "s1", EventType::PageView, t0), // same batch
+    ];
+    let status = writer.write(&batch).await.unwrap();
+    assert_eq!(
+        status,
+        vec![WriteStatus::Stored, WriteStatus::Stored, WriteStatus::Duplicate]
+    );
+    let again = writer.write(&batch).await.unwrap();
+    assert_eq!(again, vec![WriteStatus::Duplicate; 3]);
+    assert_eq!(count(&db, "events", doc! { "eventId": "e1" }).await, 1);
+    assert_eq!(count(&db, "events", doc! {}).await, 2);
+
+    let user = db.store.collection("users").find_one(doc! { "visitorId": "v1" }).await.unwrap().unwrap();
+    assert_eq!(user.get_i64("totalEvents").unwrap(), 2, "{user}");
+    assert_eq!(user.get_i64("totalPurchases").unwrap(), 1);
+    assert_eq!(user.get_f64("totalRevenue").unwrap(), 10.25);
+    assert_eq!(user.get_i64("totalSessions").unwrap(), 1);
+    let session = db.store.collection("sessions").find_one(doc! { "sessionId": "s1" }).await.unwrap().unwrap();
+    assert_eq!(session.get_i64("events").unwrap(), 2);
+    assert_eq!(session.get_i64("duration").unwrap(), 1000);
+    assert_eq!(session.get_str("status").unwrap(), "ACTIVE");
+}
+
+#[tokio::test]
+async fn abandoned_claim_is_completed_without_counting_twice() {
+    let db = TestDb::initialized().await;
+    let writer = EventWriter::new(
+        db.store.clone(),
+        WriterOptions { claim_lease: std::time::Duration::from_millis(200), ..Default::default() },
+    );
+    let batch = vec![
+        event("a1", "v9", "s9", EventType::PageView, 1_700_000_000_000),
+        event("a2", "v9", "s9", EventType::Click, 1_700_000_001_000),
+    ];
+    writer.write(&batch).await.unwrap();
+    // Simulate a crash after the claim transaction and before the events insert.
+    db.store.collection("events").delete_many(doc! { "eventId": "a2" }).await.unwrap();
+
+    // A resend inside the lease is told to retry: the claim may still be in flight.
+    let fresh_claim = doc! { "_id": "a2" };
+    db.store.collection("event_ids").update_one(fresh_claim, doc! { "$set": { "at": DateTime::now() } }).await.unwrap();
+    let status = writer.write(&batch).await.unwrap();
+    assert_eq!(status, vec![WriteStatus::Duplicate, WriteStatus::Retry]);
+
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let status = writer.write(&batch).await.unwrap();
+    assert_eq!(status, vec![WriteStatus::Duplicate, WriteStatus::Stored]);
+    assert_eq!(count(&db, "events", doc! { "eventId": "a2" }).await, 1);
+    let user = db.store.collection("users").find_one(doc! { "visitorId": "v9" }).await.unwrap().unwrap();
+    assert_eq!(user.get_i64("totalEvents").unwrap(), 2, "aggregates must not be applied twice");
+}
+
+#[tokio::test]
+async fn idle_sessions_expire() {
+    let db = TestDb::initialized().await;
+    let writer = EventWriter::new(db.store.clone(), WriterOptions::default());
+    let old = DateTime::now().timestamp_millis() - 3_600_000;
+    let recent = DateTime::now().timestamp_millis() - 1000;
+    writer
+        .write(&[
+            event("x1", "u1", "old", EventType::PageView, old),
+            event("x2", "u2", "new", EventType::PageView, recent),
+        ])
+        .await
+        .unwrap();
+    let n = sluice_connectors::mongo::expire_idle_sessions(&db.store, std::time::Duration::from_secs(1800))
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    assert_eq!(count(&db, "sessions", doc! { "status": "EXPIRED", "sessionId": "old" }).await, 1);
+    assert_eq!(count(&db, "sessions", doc! { "status": "ACTIVE", "sessionId": "new" }).await, 1);
+}
