@@ -28,7 +28,8 @@ async fn indexes(db: &TestDb, coll: &str) -> Vec<Document> {
 }
 
 fn find_by_key<'a>(list: &'a [Document], key: &Document) -> Option<&'a Document> {
-    list.iter().find(|d| d.get_document("key").ok() == Some(key))
+    list.iter()
+        .find(|d| d.get_document("key").ok() == Some(key))
 }
 
 fn flag(d: &Document, k: &str) -> bool {
@@ -41,20 +42,60 @@ fn expected_indexes() -> Vec<(&'static str, Document, bool, bool)> {
     vec![
         ("users", doc! { "visitorId": 1 }, true, false),
         ("users", doc! { "email": 1 }, false, true),
-        ("users", doc! { "lastSeen": 1, "totalEvents": 1 }, false, false),
+        (
+            "users",
+            doc! { "lastSeen": 1, "totalEvents": 1 },
+            false,
+            false,
+        ),
         ("users", doc! { "tags": 1 }, false, false),
         ("users", doc! { "segments": 1 }, false, false),
         ("events", doc! { "eventId": 1 }, false, false),
         ("events", doc! { "userId": 1, "timestamp": 1 }, false, false),
-        ("events", doc! { "sessionId": 1, "timestamp": 1 }, false, false),
-        ("events", doc! { "eventType": 1, "timestamp": 1 }, false, false),
+        (
+            "events",
+            doc! { "sessionId": 1, "timestamp": 1 },
+            false,
+            false,
+        ),
+        (
+            "events",
+            doc! { "eventType": 1, "timestamp": 1 },
+            false,
+            false,
+        ),
         ("events", doc! { "timestamp": 1 }, false, false),
-        ("events", doc! { "pageUrl": 1, "timestamp": 1 }, false, false),
+        (
+            "events",
+            doc! { "pageUrl": 1, "timestamp": 1 },
+            false,
+            false,
+        ),
         ("sessions", doc! { "sessionId": 1 }, true, false),
-        ("sessions", doc! { "userId": 1, "startTime": 1 }, false, false),
-        ("sessions", doc! { "status": 1, "startTime": 1 }, false, false),
-        ("sessions", doc! { "country": 1, "startTime": 1 }, false, false),
-        ("sessions", doc! { "device": 1, "startTime": 1 }, false, false),
+        (
+            "sessions",
+            doc! { "userId": 1, "startTime": 1 },
+            false,
+            false,
+        ),
+        (
+            "sessions",
+            doc! { "status": 1, "startTime": 1 },
+            false,
+            false,
+        ),
+        (
+            "sessions",
+            doc! { "country": 1, "startTime": 1 },
+            false,
+            false,
+        ),
+        (
+            "sessions",
+            doc! { "device": 1, "startTime": 1 },
+            false,
+            false,
+        ),
         ("admin_users", doc! { "email": 1 }, true, false),
         ("integration_configs", doc! { "name": 1 }, true, false),
         ("export_jobs", doc! { "jobId": 1 }, true, false),
@@ -115,9 +156,11 @@ async fn text_index_is_created_or_reported_as_skipped() {
         .find(|(c, n, _)| c == "users" && n == "users_text")
         .expect("text index is attempted");
     let list = indexes(&db, "users").await;
-    let has_text = list
-        .iter()
-        .any(|d| d.get_document("key").map(|k| k.contains_key("_fts")).unwrap_or(false));
+    let has_text = list.iter().any(|d| {
+        d.get_document("key")
+            .map(|k| k.contains_key("_fts"))
+            .unwrap_or(false)
+    });
     match outcome {
         IndexOutcome::Created | IndexOutcome::Exists(_) => assert!(has_text),
         IndexOutcome::Skipped(reason) => {
@@ -138,14 +181,32 @@ async fn init_is_idempotent() {
     let first = db.store.init().await.unwrap();
     assert!(first.created_indexes() >= expected_indexes().len() - 1);
     let mut before = Vec::new();
-    for c in ["users", "events", "sessions", "admin_users", "integration_configs", "export_jobs", "products", "event_ids"] {
+    for c in [
+        "users",
+        "events",
+        "sessions",
+        "admin_users",
+        "integration_configs",
+        "export_jobs",
+        "products",
+        "event_ids",
+    ] {
         before.push(indexes(&db, c).await);
     }
     let second = db.store.init().await.unwrap();
     assert_eq!(second.created_indexes(), 0, "{:?}", second.indexes);
     assert!(second.created_collections.is_empty());
     let mut after = Vec::new();
-    for c in ["users", "events", "sessions", "admin_users", "integration_configs", "export_jobs", "products", "event_ids"] {
+    for c in [
+        "users",
+        "events",
+        "sessions",
+        "admin_users",
+        "integration_configs",
+        "export_jobs",
+        "products",
+        "event_ids",
+    ] {
         after.push(indexes(&db, c).await);
     }
     assert_eq!(before, after);
@@ -175,7 +236,11 @@ fn event(id: &str, user: &str, session: &str, t: EventType, ms: i64) -> Event {
 }
 
 async fn count(db: &TestDb, coll: &str, filter: Document) -> u64 {
-    db.store.collection(coll).count_documents(filter).await.unwrap()
+    db.store
+        .collection(coll)
+        .count_documents(filter)
+        .await
+        .unwrap()
 }
 
 #[tokio::test]
@@ -191,19 +256,35 @@ async fn duplicate_event_id_is_stored_once() {
     let status = writer.write(&batch).await.unwrap();
     assert_eq!(
         status,
-        vec![WriteStatus::Stored, WriteStatus::Stored, WriteStatus::Duplicate]
+        vec![
+            WriteStatus::Stored,
+            WriteStatus::Stored,
+            WriteStatus::Duplicate
+        ]
     );
     let again = writer.write(&batch).await.unwrap();
     assert_eq!(again, vec![WriteStatus::Duplicate; 3]);
     assert_eq!(count(&db, "events", doc! { "eventId": "e1" }).await, 1);
     assert_eq!(count(&db, "events", doc! {}).await, 2);
 
-    let user = db.store.collection("users").find_one(doc! { "visitorId": "v1" }).await.unwrap().unwrap();
+    let user = db
+        .store
+        .collection("users")
+        .find_one(doc! { "visitorId": "v1" })
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(user.get_i64("totalEvents").unwrap(), 2, "{user}");
     assert_eq!(user.get_i64("totalPurchases").unwrap(), 1);
     assert_eq!(user.get_f64("totalRevenue").unwrap(), 10.25);
     assert_eq!(user.get_i64("totalSessions").unwrap(), 1);
-    let session = db.store.collection("sessions").find_one(doc! { "sessionId": "s1" }).await.unwrap().unwrap();
+    let session = db
+        .store
+        .collection("sessions")
+        .find_one(doc! { "sessionId": "s1" })
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(session.get_i64("events").unwrap(), 2);
     assert_eq!(session.get_i64("duration").unwrap(), 1000);
     assert_eq!(session.get_str("status").unwrap(), "ACTIVE");
@@ -214,7 +295,10 @@ async fn abandoned_claim_is_completed_without_counting_twice() {
     let db = TestDb::initialized().await;
     let writer = EventWriter::new(
         db.store.clone(),
-        WriterOptions { claim_lease: std::time::Duration::from_millis(200), ..Default::default() },
+        WriterOptions {
+            claim_lease: std::time::Duration::from_millis(200),
+            ..Default::default()
+        },
     );
     let batch = vec![
         event("a1", "v9", "s9", EventType::PageView, 1_700_000_000_000),
@@ -222,11 +306,19 @@ async fn abandoned_claim_is_completed_without_counting_twice() {
     ];
     writer.write(&batch).await.unwrap();
     // Simulate a crash after the claim transaction and before the events insert.
-    db.store.collection("events").delete_many(doc! { "eventId": "a2" }).await.unwrap();
+    db.store
+        .collection("events")
+        .delete_many(doc! { "eventId": "a2" })
+        .await
+        .unwrap();
 
     // A resend inside the lease is told to retry: the claim may still be in flight.
     let fresh_claim = doc! { "_id": "a2" };
-    db.store.collection("event_ids").update_one(fresh_claim, doc! { "$set": { "at": DateTime::now() } }).await.unwrap();
+    db.store
+        .collection("event_ids")
+        .update_one(fresh_claim, doc! { "$set": { "at": DateTime::now() } })
+        .await
+        .unwrap();
     let status = writer.write(&batch).await.unwrap();
     assert_eq!(status, vec![WriteStatus::Duplicate, WriteStatus::Retry]);
 
@@ -234,8 +326,18 @@ async fn abandoned_claim_is_completed_without_counting_twice() {
     let status = writer.write(&batch).await.unwrap();
     assert_eq!(status, vec![WriteStatus::Duplicate, WriteStatus::Stored]);
     assert_eq!(count(&db, "events", doc! { "eventId": "a2" }).await, 1);
-    let user = db.store.collection("users").find_one(doc! { "visitorId": "v9" }).await.unwrap().unwrap();
-    assert_eq!(user.get_i64("totalEvents").unwrap(), 2, "aggregates must not be applied twice");
+    let user = db
+        .store
+        .collection("users")
+        .find_one(doc! { "visitorId": "v9" })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        user.get_i64("totalEvents").unwrap(),
+        2,
+        "aggregates must not be applied twice"
+    );
 }
 
 #[tokio::test]
@@ -251,10 +353,29 @@ async fn idle_sessions_expire() {
         ])
         .await
         .unwrap();
-    let n = sluice_connectors::mongo::expire_idle_sessions(&db.store, std::time::Duration::from_secs(1800))
-        .await
-        .unwrap();
+    let n = sluice_connectors::mongo::expire_idle_sessions(
+        &db.store,
+        std::time::Duration::from_secs(1800),
+    )
+    .await
+    .unwrap();
     assert_eq!(n, 1);
-    assert_eq!(count(&db, "sessions", doc! { "status": "EXPIRED", "sessionId": "old" }).await, 1);
-    assert_eq!(count(&db, "sessions", doc! { "status": "ACTIVE", "sessionId": "new" }).await, 1);
+    assert_eq!(
+        count(
+            &db,
+            "sessions",
+            doc! { "status": "EXPIRED", "sessionId": "old" }
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        count(
+            &db,
+            "sessions",
+            doc! { "status": "ACTIVE", "sessionId": "new" }
+        )
+        .await,
+        1
+    );
 }

@@ -35,7 +35,7 @@ impl Secret {
     /// Resolves a reference through `env`; a literal resolves to itself.
     fn resolve(&self, env: &dyn Fn(&str) -> Option<String>) -> Result<Secret, String> {
         match self.env_reference() {
-            Some(name) if name.is_empty() => Err("`${env:NAME}` with a variable name".into()),
+            Some("") => Err("`${env:NAME}` with a variable name".into()),
             Some(name) => env(name)
                 .map(Secret)
                 .ok_or_else(|| format!("environment variable `{name}` to be set (it is not)")),
@@ -308,9 +308,6 @@ pub struct Config {
     pub raw: RawConfig,
 }
 
-/// One environment override: variable name, dotted field, setter.
-type Setter = fn(&mut RawConfig, String) -> Result<(), String>;
-
 /// Environment variables that override the file, in the order they are applied.
 pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("SLUICE_MONGODB_URI", "mongodb.uri"),
@@ -328,40 +325,40 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("SLUICE_LOG_LEVEL", "log.level"),
 ];
 
-fn setter(field: &str) -> Setter {
+/// Sets one field from an environment variable's text.
+fn apply_override(c: &mut RawConfig, field: &str, v: String) -> Result<(), String> {
     match field {
-        "mongodb.uri" => |c, v| Ok(c.mongodb.uri = v),
-        "mongodb.database" => |c, v| Ok(c.mongodb.database = v),
-        "mongodb.write_concern" => |c, v| Ok(c.mongodb.write_concern = v),
-        "server.listen" => |c, v| Ok(c.server.listen = v),
-        "server.write_keys" => |c, v| {
+        "mongodb.uri" => c.mongodb.uri = v,
+        "mongodb.database" => c.mongodb.database = v,
+        "mongodb.write_concern" => c.mongodb.write_concern = v,
+        "server.listen" => c.server.listen = v,
+        "server.write_keys" => {
             c.server.write_keys = v
                 .split(',')
                 .map(str::trim)
                 .filter(|s| !s.is_empty())
                 .map(Secret::new)
                 .collect();
-            Ok(())
-        },
-        "export.destination" => |c, v| Ok(c.export.destination = v),
-        "s3.endpoint" => |c, v| Ok(c.s3.endpoint = v),
-        "s3.region" => |c, v| Ok(c.s3.region = v),
-        "s3.access_key" => |c, v| Ok(c.s3.access_key = Secret::new(v)),
-        "s3.secret_key" => |c, v| Ok(c.s3.secret_key = Secret::new(v)),
-        "s3.path_style" => |c, v| {
+        }
+        "export.destination" => c.export.destination = v,
+        "s3.endpoint" => c.s3.endpoint = v,
+        "s3.region" => c.s3.region = v,
+        "s3.access_key" => c.s3.access_key = Secret::new(v),
+        "s3.secret_key" => c.s3.secret_key = Secret::new(v),
+        "s3.path_style" => {
             c.s3.path_style = match v.as_str() {
                 "true" | "1" => true,
                 "false" | "0" => false,
                 _ => return Err("`true` or `false`".into()),
             };
-            Ok(())
-        },
-        "log.format" => |c, v| Ok(c.log.format = v),
-        "log.level" => |c, v| Ok(c.log.level = v),
-        // ENV_OVERRIDES and this match are edited together; the unit test below walks
-        // every entry, so an unknown field here is a bug caught by `cargo test`.
-        _ => |_, _| Err("a known field".into()),
+        }
+        "log.format" => c.log.format = v,
+        "log.level" => c.log.level = v,
+        // ENV_OVERRIDES and this match are edited together; a unit test walks every
+        // entry, so an unknown field here is caught by `cargo test`.
+        _ => return Err("a known field".into()),
     }
+    Ok(())
 }
 
 /// Parses a config file's text. `origin` names the file in errors.
@@ -394,7 +391,7 @@ pub fn load(
     let mut origins: BTreeMap<&str, String> = BTreeMap::new();
     for (var, field) in ENV_OVERRIDES {
         if let Some(value) = env(var) {
-            setter(field)(&mut raw, value).map_err(|expected| ConfigError::Invalid {
+            apply_override(&mut raw, field, value).map_err(|expected| ConfigError::Invalid {
                 origin: format!("environment variable `{var}`"),
                 field: (*field).to_string(),
                 expected,
@@ -432,7 +429,9 @@ pub fn validate(
     let db = &raw.mongodb.database;
     if db.is_empty()
         || db.len() > 63
-        || db.chars().any(|c| "/\\. \"$*<>:|?".contains(c) || c == '\0')
+        || db
+            .chars()
+            .any(|c| "/\\. \"$*<>:|?".contains(c) || c == '\0')
     {
         return Err(invalid(
             "mongodb.database",
@@ -454,7 +453,10 @@ pub fn validate(
     let listen: SocketAddr = raw.server.listen.parse().map_err(|_| {
         invalid(
             "server.listen",
-            format!("an address like `127.0.0.1:8080`, got `{}`", raw.server.listen),
+            format!(
+                "an address like `127.0.0.1:8080`, got `{}`",
+                raw.server.listen
+            ),
         )
     })?;
     let mut write_keys = Vec::new();
@@ -462,7 +464,10 @@ pub fn validate(
         let field = format!("server.write_keys[{i}]");
         let resolved = key.resolve(env).map_err(|e| invalid(&field, e))?;
         if resolved.expose().len() < 8 {
-            return Err(invalid(&field, "a write key of at least 8 characters".into()));
+            return Err(invalid(
+                &field,
+                "a write key of at least 8 characters".into(),
+            ));
         }
         write_keys.push(resolved);
     }
@@ -491,7 +496,10 @@ pub fn validate(
     }
     let t = &raw.tracking;
     let positive = [
-        ("tracking.session_timeout_minutes", t.session_timeout_minutes as usize),
+        (
+            "tracking.session_timeout_minutes",
+            t.session_timeout_minutes as usize,
+        ),
         ("tracking.max_batch_events", t.max_batch_events),
         ("tracking.max_batch_bytes", t.max_batch_bytes),
         ("tracking.max_event_bytes", t.max_event_bytes),
@@ -523,8 +531,8 @@ pub fn validate(
             ))
         }
     };
-    let destination =
-        Destination::parse(&raw.export.destination).map_err(|e| invalid("export.destination", e))?;
+    let destination = Destination::parse(&raw.export.destination)
+        .map_err(|e| invalid("export.destination", e))?;
     if raw.export.archive_after_days == 0 {
         return Err(invalid(
             "export.archive_after_days",
@@ -532,9 +540,10 @@ pub fn validate(
         ));
     }
     let mut s3 = raw.s3.clone();
-    if !s3.endpoint.is_empty()
-        && !(s3.endpoint.starts_with("http://") || s3.endpoint.starts_with("https://"))
-    {
+    let endpoint_ok = s3.endpoint.is_empty()
+        || s3.endpoint.starts_with("http://")
+        || s3.endpoint.starts_with("https://");
+    if !endpoint_ok {
         return Err(invalid(
             "s3.endpoint",
             format!("an `http://` or `https://` URL, got `{}`", s3.endpoint),
@@ -661,14 +670,23 @@ mod tests {
 
     #[test]
     fn invalid_value_names_field_and_expectation() {
-        let err = check("[mongodb]\nuri = \"http://db\"\n").unwrap_err().to_string();
+        let err = check("[mongodb]\nuri = \"http://db\"\n")
+            .unwrap_err()
+            .to_string();
         assert_eq!(
             err,
             "test.toml: field `mongodb.uri`: expected a `mongodb://` or `mongodb+srv://` connection string"
         );
-        let err = check("[tracking]\nbots = \"maybe\"\n").unwrap_err().to_string();
-        assert!(err.contains("`tracking.bots`") && err.contains("`maybe`"), "{err}");
-        let err = check("[export]\ndestination = \"s3://A\"\n").unwrap_err().to_string();
+        let err = check("[tracking]\nbots = \"maybe\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`tracking.bots`") && err.contains("`maybe`"),
+            "{err}"
+        );
+        let err = check("[export]\ndestination = \"s3://A\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("`export.destination`"), "{err}");
     }
 
@@ -690,12 +708,18 @@ mod tests {
 
     #[test]
     fn missing_secret_variable_names_field_and_variable() {
-        let raw = parse("f.toml", "[s3]\naccess_key = \"${env:AK}\"\nsecret_key = \"x\"\n")
-            .unwrap();
+        let raw = parse(
+            "f.toml",
+            "[s3]\naccess_key = \"${env:AK}\"\nsecret_key = \"x\"\n",
+        )
+        .unwrap();
         let err = validate("f.toml", &BTreeMap::new(), raw, &no_env)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("`s3.access_key`") && err.contains("`AK`"), "{err}");
+        assert!(
+            err.contains("`s3.access_key`") && err.contains("`AK`"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -706,7 +730,10 @@ mod tests {
             _ => None,
         };
         let err = load(None, &env).unwrap_err().to_string();
-        assert!(err.contains("SLUICE_SERVER_LISTEN") && err.contains("server.listen"), "{err}");
+        assert!(
+            err.contains("SLUICE_SERVER_LISTEN") && err.contains("server.listen"),
+            "{err}"
+        );
         let env = |k: &str| (k == "SLUICE_MONGODB_DATABASE").then(|| "other".to_string());
         assert_eq!(load(None, &env).unwrap().database, "other");
     }
@@ -715,8 +742,15 @@ mod tests {
     fn every_env_override_has_a_setter() {
         for (var, field) in ENV_OVERRIDES {
             let mut raw = RawConfig::default();
-            let value = if field.ends_with("path_style") { "true" } else { "x" };
-            assert!(setter(field)(&mut raw, value.into()).is_ok(), "{var} -> {field}");
+            let value = if field.ends_with("path_style") {
+                "true"
+            } else {
+                "x"
+            };
+            assert!(
+                setter(field)(&mut raw, value.into()).is_ok(),
+                "{var} -> {field}"
+            );
             assert_ne!(raw, RawConfig::default(), "{var} changed nothing");
         }
     }

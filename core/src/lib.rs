@@ -6,5 +6,6 @@ pub mod aggregate;
 pub mod config;
 pub mod error;
 pub mod model;
+pub mod tracking;
 
 pub use error::{ConfigError, ValidationError};

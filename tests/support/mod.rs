@@ -20,7 +20,10 @@ pub struct TestDb {
 
 impl TestDb {
     pub async fn new() -> Self {
-        let name = format!("sluice_test_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let name = format!(
+            "sluice_test_{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
         let store = Store::connect_uri(&mongo_uri(), &name, &WriteConcernLevel::Majority)
             .await
             .unwrap_or_else(|e| {
@@ -55,4 +58,31 @@ impl Drop for TestDb {
         })
         .join();
     }
+}
+
+/// A config for tests: the test database, an ephemeral port, and `adjust` applied to the
+/// raw file form before the one validation step.
+pub fn test_config(
+    database: &str,
+    adjust: impl FnOnce(&mut sluice_core::config::RawConfig),
+) -> sluice_core::config::Config {
+    let mut raw = sluice_core::config::RawConfig::default();
+    raw.mongodb.uri = mongo_uri();
+    raw.mongodb.database = database.to_string();
+    raw.server.listen = "127.0.0.1:0".into();
+    adjust(&mut raw);
+    sluice_core::config::validate("test", &Default::default(), raw, &|k| std::env::var(k).ok())
+        .expect("valid test config")
+}
+
+/// A running `sluice serve` on an ephemeral port against the test database.
+pub async fn start_server(
+    db: &TestDb,
+    adjust: impl FnOnce(&mut sluice_core::config::RawConfig),
+) -> sluice::server::ServerHandle {
+    let config = test_config(&db.name, adjust);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    sluice::server::start(config, db.store.clone(), listener, false)
+        .await
+        .expect("server starts")
 }

@@ -155,15 +155,17 @@ impl EventWriter {
                 .write_concern(self.store.write_concern().clone())
                 .await
                 .map_err(StoreError::mongo(c::EVENT_IDS, "start transaction"))?;
-            let outcome = match self.transaction_body(&mut session, events, unique, now).await {
+            let outcome = match self
+                .transaction_body(&mut session, events, unique, now)
+                .await
+            {
                 Ok(claimed) => commit(&mut session).await.map(|()| claimed),
                 Err(err) => Err(err),
             };
             match outcome {
                 Ok(claimed) => return Ok(claimed),
                 Err(err)
-                    if err.contains_label(TRANSIENT_TRANSACTION_ERROR)
-                        && attempt < self.options.max_transaction_attempts =>
+                    if is_transient(&err) && attempt < self.options.max_transaction_attempts =>
                 {
                     let _ = session.abort_transaction().await;
                     // Write conflicts between writers touching the same session or user:
@@ -187,7 +189,10 @@ impl EventWriter {
         now: DateTime,
     ) -> Result<Claimed, mongodb::error::Error> {
         let ledger = self.store.collection(c::EVENT_IDS);
-        let ids: Vec<&str> = unique.iter().map(|&i| events[i].event_id.as_str()).collect();
+        let ids: Vec<&str> = unique
+            .iter()
+            .map(|&i| events[i].event_id.as_str())
+            .collect();
         let mut cursor = ledger
             .find(doc! { common::ID: { "$in": &ids } })
             .session(&mut *session)
@@ -226,7 +231,7 @@ impl EventWriter {
 
         let new_events: Vec<&Event> = claimed.new.iter().map(|&i| &events[i]).collect();
         let mut models = self.session_models(session, &new_events, now).await?;
-        let (user_models, _) = self.user_models(session, &new_events, &models, now).await?;
+        let user_models = self.user_models(session, &new_events, &models, now).await?;
         models.extend(user_models);
         let models: Vec<WriteModel> = models.into_iter().map(|(_, m)| m).collect();
         self.store
@@ -290,7 +295,7 @@ impl EventWriter {
         new_events: &[&Event],
         session_models: &[(Option<String>, WriteModel)],
         now: DateTime,
-    ) -> Result<(Vec<(Option<String>, WriteModel)>, usize), mongodb::error::Error> {
+    ) -> Result<Vec<(Option<String>, WriteModel)>, mongodb::error::Error> {
         let users = self.store.collection(c::USERS);
         let mut by_user: BTreeMap<&str, Vec<&Event>> = BTreeMap::new();
         for e in new_events {
@@ -313,8 +318,7 @@ impl EventWriter {
                 existing.insert(v.to_string(), user_aggregates(v, &d));
             }
         }
-        let count = by_user.len();
-        let mut models = Vec::with_capacity(count);
+        let mut models = Vec::with_capacity(by_user.len());
         for (visitor, evs) in by_user {
             let added = new_sessions.get(visitor).copied().unwrap_or(0);
             let folded = fold_user(existing.remove(visitor), visitor, &evs, added, now);
@@ -348,7 +352,7 @@ impl EventWriter {
                 ),
             ));
         }
-        Ok((models, count))
+        Ok(models)
     }
 
     /// Step 3: events whose id was claimed before this batch.
@@ -411,6 +415,27 @@ impl EventWriter {
             status[i] = WriteStatus::Stored;
         }
         Ok(())
+    }
+}
+
+/// Whether the whole transaction may simply be run again: the driver's label, or a write
+/// conflict (code 112) that some servers report per write inside a bulk write instead.
+fn is_transient(err: &mongodb::error::Error) -> bool {
+    use mongodb::error::{ErrorKind, WriteFailure};
+    const WRITE_CONFLICT: i32 = 112;
+    if err.contains_label(TRANSIENT_TRANSACTION_ERROR) {
+        return true;
+    }
+    match err.kind.as_ref() {
+        ErrorKind::Command(c) => c.code == WRITE_CONFLICT,
+        ErrorKind::Write(WriteFailure::WriteError(w)) => w.code == WRITE_CONFLICT,
+        ErrorKind::BulkWrite(b) => b.write_errors.values().any(|w| w.code == WRITE_CONFLICT),
+        ErrorKind::InsertMany(i) => i
+            .write_errors
+            .iter()
+            .flatten()
+            .any(|w| w.code == WRITE_CONFLICT),
+        _ => false,
     }
 }
 

@@ -211,7 +211,10 @@ pub(super) async fn init(store: &Store) -> Result<InitReport, StoreError> {
             db.create_collection(c::EVENTS)
                 .timeseries(events_timeseries())
                 .await
-                .map_err(StoreError::mongo(c::EVENTS, "create time-series collection"))?;
+                .map_err(StoreError::mongo(
+                    c::EVENTS,
+                    "create time-series collection",
+                ))?;
             report.created_collections.push(c::EVENTS.into());
         }
         Some("timeseries") => {}
@@ -253,6 +256,15 @@ pub(crate) fn error_code(err: &mongodb::error::Error) -> Option<i32> {
         ErrorKind::Command(c) => Some(c.code),
         ErrorKind::Write(mongodb::error::WriteFailure::WriteError(w)) => Some(w.code),
         _ => None,
+    }
+}
+
+/// The server's own message (code and text), without the driver's debug dump.
+pub(crate) fn short_error(err: &mongodb::error::Error) -> String {
+    use mongodb::error::ErrorKind;
+    match err.kind.as_ref() {
+        ErrorKind::Command(c) => format!("code {} {}: {}", c.code, c.code_name, c.message),
+        _ => err.to_string(),
     }
 }
 
@@ -326,7 +338,8 @@ async fn ensure_index(store: &Store, spec: &IndexSpec) -> Result<IndexOutcome, S
     match coll.create_index(model).await {
         Ok(_) => Ok(IndexOutcome::Created),
         Err(err) if spec.text => Ok(IndexOutcome::Skipped(format!(
-            "the server refused a text index ({err}); user search by text is unavailable"
+            "the server refused a text index ({}); user search by text is unavailable",
+            short_error(&err)
         ))),
         Err(err) => Err(StoreError::mongo(spec.collection, "createIndexes")(err)),
     }

@@ -7,7 +7,10 @@ use super::{Store, StoreError};
 
 /// Marks ACTIVE sessions whose last event is older than `idle` as EXPIRED; returns how
 /// many changed.
-pub async fn expire_idle_sessions(store: &Store, idle: std::time::Duration) -> Result<u64, StoreError> {
+pub async fn expire_idle_sessions(
+    store: &Store,
+    idle: std::time::Duration,
+) -> Result<u64, StoreError> {
     let now = DateTime::now();
     let cutoff = DateTime::from_millis(now.timestamp_millis() - idle.as_millis() as i64);
     let result = store

@@ -144,7 +144,10 @@ mod tests {
             let json = serde_json::to_string(t).unwrap();
             assert_eq!(json, format!("\"{}\"", t.as_str()));
         }
-        assert_eq!(ExportJobStatus::parse("COMPLETED"), Ok(ExportJobStatus::Completed));
+        assert_eq!(
+            ExportJobStatus::parse("COMPLETED"),
+            Ok(ExportJobStatus::Completed)
+        );
     }
 
     #[test]

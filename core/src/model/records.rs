@@ -294,7 +294,14 @@ mod tests {
             updated_at: now,
         };
         let doc = bson::to_document(&e).unwrap();
-        for key in ["eventId", "userId", "sessionId", "eventType", "timestamp", "pageUrl"] {
+        for key in [
+            "eventId",
+            "userId",
+            "sessionId",
+            "eventType",
+            "timestamp",
+            "pageUrl",
+        ] {
             assert!(doc.contains_key(key), "missing {key} in {doc}");
         }
         assert!(!doc.contains_key("_id") && !doc.contains_key("referrer"));

@@ -1,0 +1,376 @@
+//! The tracking payload: turning one JSON event from a client into a validated [`Event`].
+//!
+//! Clock skew: a client's clock may be wrong, so when it sends both `timestamp` (when the
+//! event happened, by its clock) and `sentAt` (when it sent it, by the same clock), the
+//! stored time is `receivedAt - (sentAt - timestamp)`, as Segment and Snowplow do.
+
+use bson::{DateTime, Document};
+use serde_json::Value;
+
+use crate::error::ValidationError;
+use crate::model::{event_fields as f, Event, EventMetadata, EventType};
+
+/// Limits on a single event's fields.
+pub const MAX_ID_LEN: usize = 256;
+pub const MAX_URL_LEN: usize = 4096;
+const MAX_PROPERTY_DEPTH: usize = 16;
+/// Events before this instant are rejected as nonsense (2000-01-01T00:00:00Z).
+const EARLIEST_MS: i64 = 946_684_800_000;
+
+/// What the server knows about the request an event came in.
+#[derive(Debug, Clone, Default)]
+pub struct RequestContext {
+    pub received_at_ms: i64,
+    /// `sentAt` of the enclosing batch, if any.
+    pub batch_sent_at_ms: Option<i64>,
+    pub user_agent: Option<String>,
+    pub ip: Option<String>,
+    /// Events further than this in the future (after correction) are rejected.
+    pub max_future_ms: i64,
+}
+
+/// Parses a time given as an RFC 3339 string or epoch milliseconds.
+pub fn parse_time(field: &str, v: &Value) -> Result<i64, ValidationError> {
+    match v {
+        Value::String(s) => chrono::DateTime::parse_from_rfc3339(s)
+            .map(|t| t.timestamp_millis())
+            .map_err(|_| {
+                ValidationError::new(field, format!("expected an RFC 3339 time, got `{s}`"))
+            }),
+        Value::Number(n) => n
+            .as_i64()
+            .or_else(|| n.as_f64().map(|f| f as i64))
+            .ok_or_else(|| ValidationError::new(field, "expected epoch milliseconds")),
+        _ => Err(ValidationError::new(
+            field,
+            format!(
+                "expected an RFC 3339 string or epoch milliseconds, got {}",
+                kind(v)
+            ),
+        )),
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn opt_string(
+    obj: &serde_json::Map<String, Value>,
+    field: &str,
+    max: usize,
+) -> Result<Option<String>, ValidationError> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.is_empty() => Ok(None),
+        Some(Value::String(s)) if s.len() > max => Err(ValidationError::new(
+            field,
+            format!("longer than {max} bytes"),
+        )),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(other) => Err(ValidationError::new(
+            field,
+            format!("expected a string, got {}", kind(other)),
+        )),
+    }
+}
+
+fn required_string(
+    obj: &serde_json::Map<String, Value>,
+    field: &str,
+) -> Result<String, ValidationError> {
+    opt_string(obj, field, MAX_ID_LEN)?
+        .ok_or_else(|| ValidationError::new(field, "is required (a non-empty string)"))
+}
+
+/// Checks property keys MongoDB would misread (`$`-prefixed operators, dotted paths) and
+/// nesting depth.
+fn check_properties(path: &str, v: &Value, depth: usize) -> Result<(), ValidationError> {
+    if depth > MAX_PROPERTY_DEPTH {
+        return Err(ValidationError::new(
+            path,
+            format!("nested deeper than {MAX_PROPERTY_DEPTH} levels"),
+        ));
+    }
+    match v {
+        Value::Object(map) => {
+            for (k, child) in map {
+                if k.starts_with('$') || k.contains('.') || k.is_empty() {
+                    return Err(ValidationError::new(
+                        format!("{path}.{k}"),
+                        "property names must be non-empty and contain no `$` prefix or `.`",
+                    ));
+                }
+                check_properties(&format!("{path}.{k}"), child, depth + 1)?;
+            }
+            Ok(())
+        }
+        Value::Array(items) => items
+            .iter()
+            .try_for_each(|c| check_properties(path, c, depth + 1)),
+        _ => Ok(()),
+    }
+}
+
+/// Converts JSON into a BSON document (numbers stay integers where they are).
+pub fn json_to_document(v: &Value) -> Result<Document, ValidationError> {
+    match bson::Bson::try_from(v.clone()) {
+        Ok(bson::Bson::Document(d)) => Ok(d),
+        _ => Err(ValidationError::new(f::PROPERTIES, "expected an object")),
+    }
+}
+
+/// Validates one event and builds the document to store. `metadata` carries what the
+/// server learnt from the request (user agent, IP, parsed device...), to which the event's
+/// own `context.userAgent` / `context.ip` take precedence (server-side SDKs send them).
+pub fn parse_event(
+    v: &Value,
+    ctx: &RequestContext,
+    metadata: EventMetadata,
+) -> Result<Event, ValidationError> {
+    let Value::Object(obj) = v else {
+        return Err(ValidationError::new(
+            "event",
+            format!("expected an object, got {}", kind(v)),
+        ));
+    };
+    let event_id = match opt_string(obj, f::EVENT_ID, MAX_ID_LEN)? {
+        Some(id) => id,
+        None => uuid::Uuid::new_v4().to_string(),
+    };
+    let user_id = required_string(obj, f::USER_ID)?;
+    let session_id = required_string(obj, f::SESSION_ID)?;
+    let type_text = match obj.get(f::EVENT_TYPE) {
+        Some(Value::String(s)) => s.as_str(),
+        None | Some(Value::Null) => {
+            return Err(ValidationError::new(f::EVENT_TYPE, "is required"));
+        }
+        Some(other) => {
+            return Err(ValidationError::new(
+                f::EVENT_TYPE,
+                format!("expected a string, got {}", kind(other)),
+            ))
+        }
+    };
+    let event_type = EventType::parse(type_text)
+        .map_err(|e| ValidationError::new(f::EVENT_TYPE, e.replace("value", "event type")))?;
+
+    let client_time = match obj.get(f::TIMESTAMP) {
+        None | Some(Value::Null) => None,
+        Some(t) => Some(parse_time(f::TIMESTAMP, t)?),
+    };
+    let sent_at = match obj.get("sentAt") {
+        None | Some(Value::Null) => ctx.batch_sent_at_ms,
+        Some(t) => Some(parse_time("sentAt", t)?),
+    };
+    let timestamp_ms = match (client_time, sent_at) {
+        (Some(t), Some(sent)) => ctx.received_at_ms - (sent - t),
+        (Some(t), None) => t,
+        (None, _) => ctx.received_at_ms,
+    };
+    if timestamp_ms > ctx.received_at_ms + ctx.max_future_ms {
+        return Err(ValidationError::new(
+            f::TIMESTAMP,
+            format!(
+                "is {} s in the future (at most {} s allowed)",
+                (timestamp_ms - ctx.received_at_ms) / 1000,
+                ctx.max_future_ms / 1000
+            ),
+        ));
+    }
+    if timestamp_ms < EARLIEST_MS {
+        return Err(ValidationError::new(
+            f::TIMESTAMP,
+            "is before the year 2000",
+        ));
+    }
+
+    let properties = match obj.get(f::PROPERTIES) {
+        None | Some(Value::Null) => Document::new(),
+        Some(p @ Value::Object(_)) => {
+            check_properties(f::PROPERTIES, p, 0)?;
+            json_to_document(p)?
+        }
+        Some(other) => {
+            return Err(ValidationError::new(
+                f::PROPERTIES,
+                format!("expected an object, got {}", kind(other)),
+            ))
+        }
+    };
+    if event_type == EventType::Purchase {
+        if let Some(amount) = properties.get(f::AMOUNT) {
+            let ok = matches!(
+                amount,
+                bson::Bson::Double(x) if x.is_finite()
+            ) || matches!(amount, bson::Bson::Int32(_) | bson::Bson::Int64(_));
+            if !ok {
+                return Err(ValidationError::new(
+                    "properties.amount",
+                    "expected a finite number",
+                ));
+            }
+        }
+    }
+    let page_url = opt_string(obj, f::PAGE_URL, MAX_URL_LEN)?;
+    let referrer = opt_string(obj, f::REFERRER, MAX_URL_LEN)?;
+    let duration = match obj.get(f::DURATION) {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) => match n.as_f64() {
+            Some(d) if d >= 0.0 && d.is_finite() => Some(d.round() as i64),
+            _ => {
+                return Err(ValidationError::new(
+                    f::DURATION,
+                    "expected a non-negative number of milliseconds",
+                ))
+            }
+        },
+        Some(other) => {
+            return Err(ValidationError::new(
+                f::DURATION,
+                format!("expected a number of milliseconds, got {}", kind(other)),
+            ))
+        }
+    };
+    let mut metadata = metadata;
+    if let Some(Value::Object(context)) = obj.get("context") {
+        if let Some(ua) = opt_string(context, "userAgent", MAX_URL_LEN)? {
+            metadata.user_agent = Some(ua);
+        }
+        if let Some(ip) = opt_string(context, "ip", 64)? {
+            metadata.ip_address = Some(ip);
+        }
+    }
+    if metadata.user_agent.is_none() {
+        metadata.user_agent = ctx.user_agent.clone();
+    }
+    if metadata.ip_address.is_none() {
+        metadata.ip_address = ctx.ip.clone();
+    }
+    let now = DateTime::from_millis(ctx.received_at_ms);
+    Ok(Event {
+        id: None,
+        event_id,
+        user_id,
+        session_id,
+        event_type,
+        timestamp: DateTime::from_millis(timestamp_ms),
+        properties,
+        metadata,
+        page_url,
+        referrer,
+        duration,
+        created_at: now,
+        updated_at: now,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const NOW: i64 = 1_750_000_000_000;
+
+    fn ctx() -> RequestContext {
+        RequestContext {
+            received_at_ms: NOW,
+            max_future_ms: 300_000,
+            ..Default::default()
+        }
+    }
+
+    fn parse(v: Value) -> Result<Event, ValidationError> {
+        parse_event(&v, &ctx(), EventMetadata::default())
+    }
+
+    #[test]
+    fn minimal_event_gets_an_id_and_the_receive_time() {
+        let e = parse(json!({"userId": "v", "sessionId": "s", "eventType": "PAGE_VIEW"})).unwrap();
+        assert_eq!(e.timestamp.timestamp_millis(), NOW);
+        assert_eq!(e.event_id.len(), 36);
+    }
+
+    #[test]
+    fn sent_at_corrects_client_clock_skew() {
+        // Client clock is 1 h ahead; the event happened 10 s before sending.
+        let skew = 3_600_000;
+        let e = parse(json!({
+            "userId": "v", "sessionId": "s", "eventType": "CLICK",
+            "timestamp": NOW + skew - 10_000, "sentAt": NOW + skew,
+        }))
+        .unwrap();
+        assert_eq!(e.timestamp.timestamp_millis(), NOW - 10_000);
+    }
+
+    #[test]
+    fn rfc3339_timestamps_are_accepted() {
+        let e = parse(json!({
+            "userId": "v", "sessionId": "s", "eventType": "CLICK",
+            "timestamp": "2025-06-15T10:00:00.250Z",
+        }))
+        .unwrap();
+        assert_eq!(e.timestamp.timestamp_millis(), 1_749_981_600_250);
+    }
+
+    #[test]
+    fn rejects_each_bad_field_with_its_name() {
+        let cases = [
+            (json!({"sessionId": "s", "eventType": "CLICK"}), "userId"),
+            (
+                json!({"userId": 5, "sessionId": "s", "eventType": "CLICK"}),
+                "userId",
+            ),
+            (
+                json!({"userId": "v", "sessionId": "s", "eventType": "TELEPORT"}),
+                "eventType",
+            ),
+            (
+                json!({"userId": "v", "sessionId": "s", "eventType": "CLICK", "timestamp": NOW + 3_600_000}),
+                "timestamp",
+            ),
+            (
+                json!({"userId": "v", "sessionId": "s", "eventType": "CLICK", "timestamp": "yesterday"}),
+                "timestamp",
+            ),
+            (
+                json!({"userId": "v", "sessionId": "s", "eventType": "CLICK", "properties": [1]}),
+                "properties",
+            ),
+            (
+                json!({"userId": "v", "sessionId": "s", "eventType": "CLICK", "properties": {"$set": 1}}),
+                "properties.$set",
+            ),
+            (
+                json!({"userId": "v", "sessionId": "s", "eventType": "PURCHASE", "properties": {"amount": "12"}}),
+                "properties.amount",
+            ),
+            (
+                json!({"userId": "v", "sessionId": "s", "eventType": "CLICK", "duration": -4}),
+                "duration",
+            ),
+            (json!("just a string"), "event"),
+        ];
+        for (input, field) in cases {
+            let err = parse(input.clone()).unwrap_err();
+            assert_eq!(err.field, field, "{input} -> {err}");
+        }
+    }
+
+    #[test]
+    fn unknown_event_type_lists_the_known_ones() {
+        let err =
+            parse(json!({"userId": "v", "sessionId": "s", "eventType": "TELEPORT"})).unwrap_err();
+        assert!(
+            err.reason.contains("PAGE_VIEW") && err.reason.contains("`TELEPORT`"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,253 @@
+//! The main job on embedded defaults (`sluice demo`): starts the tracking server
+//! in-process, sends a realistic stream of events over HTTP (several visitors and
+//! sessions, page views, purchases, a crawler, a resent batch), and reports what MongoDB
+//! now holds. [`Traffic`] is also the load generator of the benchmarks and tests.
+
+use std::time::Instant;
+
+use anyhow::Context;
+use bson::{doc, Document};
+use futures_util::TryStreamExt;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+use sluice_core::config::Config;
+use sluice_core::model::collections as c;
+
+pub const USER_AGENTS: &[&str] = &[
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0.0.0 Safari/537.36",
+    "Mozilla/5.0 (Macintosh; Intel Mac OS X 14_5) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.5 Safari/605.1.15",
+    "Mozilla/5.0 (iPhone; CPU iPhone OS 17_5 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.5 Mobile/15E148 Safari/604.1",
+    "Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0.0.0 Mobile Safari/537.36",
+    "Mozilla/5.0 (X11; Linux x86_64; rv:127.0) Gecko/20100101 Firefox/127.0",
+];
+pub const BOT_AGENT: &str =
+    "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)";
+const PAGES: &[&str] = &[
+    "/",
+    "/products",
+    "/products/espresso-machine",
+    "/products/grinder",
+    "/products/beans",
+    "/blog/brewing-guide",
+    "/cart",
+    "/checkout",
+];
+
+/// A generator of realistic tracking traffic: visitors with sessions of page views,
+/// clicks, cart events and purchases, spread over the last `span_ms` milliseconds.
+pub struct Traffic {
+    rng: StdRng,
+    pub run_id: String,
+}
+
+impl Traffic {
+    pub fn new(seed: u64) -> Self {
+        Self {
+            rng: StdRng::seed_from_u64(seed),
+            run_id: format!("{seed:x}"),
+        }
+    }
+
+    /// Events of `visitors` visitors, 1-3 sessions each, 2-12 events a session, as
+    /// tracking-API JSON (with `context.userAgent`), in time order per session.
+    pub fn visitors(&mut self, visitors: usize, now_ms: i64, span_ms: i64) -> Vec<Value> {
+        let mut out = Vec::new();
+        for v in 0..visitors {
+            let visitor = format!("visitor-{}-{v}", self.run_id);
+            let ua = USER_AGENTS[self.rng.random_range(0..USER_AGENTS.len())];
+            let sessions = self.rng.random_range(1..=3);
+            for s in 0..sessions {
+                let session = format!("{visitor}-s{s}");
+                let mut t = now_ms - self.rng.random_range(0..span_ms.max(1));
+                let n = self.rng.random_range(2..=12);
+                for i in 0..n {
+                    t += self.rng.random_range(1_000..90_000);
+                    out.push(self.event(&visitor, &session, ua, t.min(now_ms), i, n));
+                }
+            }
+        }
+        out
+    }
+
+    fn event(
+        &mut self,
+        visitor: &str,
+        session: &str,
+        ua: &str,
+        t: i64,
+        i: usize,
+        n: usize,
+    ) -> Value {
+        let page = PAGES[self.rng.random_range(0..PAGES.len())];
+        let roll = self.rng.random_range(0..100);
+        let (event_type, properties) = if i == n - 1 && roll < 30 {
+            let amount = f64::from(self.rng.random_range(500..25_000)) / 100.0;
+            (
+                "PURCHASE",
+                json!({ "amount": amount, "currency": "EUR", "productId": format!("p-{}", roll % 7) }),
+            )
+        } else if roll < 60 || i == 0 {
+            (
+                "PAGE_VIEW",
+                json!({ "title": page.trim_start_matches('/') }),
+            )
+        } else if roll < 80 {
+            ("CLICK", json!({ "element": "button.buy" }))
+        } else {
+            (
+                "ADD_TO_CART",
+                json!({ "productId": format!("p-{}", roll % 7) }),
+            )
+        };
+        json!({
+            "eventId": uuid::Uuid::from_u128(self.rng.random()).to_string(),
+            "userId": visitor,
+            "sessionId": session,
+            "eventType": event_type,
+            "timestamp": t,
+            "pageUrl": if event_type == "PURCHASE" { "/checkout" } else { page },
+            "referrer": if i == 0 { "https://search.example/" } else { "" },
+            "duration": self.rng.random_range(200..60_000),
+            "properties": properties,
+            "context": { "userAgent": ua },
+        })
+    }
+
+    /// Shuffles in place (deliveries arrive out of order).
+    pub fn shuffle(&mut self, events: &mut [Value]) {
+        events.shuffle(&mut self.rng);
+    }
+}
+
+/// Runs the main job and prints the report.
+pub async fn run(mut config: Config, visitors: usize) -> anyhow::Result<()> {
+    let started = Instant::now();
+    println!("sluice demo: database `{}`", config.database);
+    let store = crate::cli::db_init(&config).await?;
+    config.listen = "127.0.0.1:0".parse()?;
+    let key = config.write_keys.first().map(|k| k.expose().to_string());
+    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    let server = crate::server::start(config, store.clone(), listener, false).await?;
+    let base = format!("http://{}", server.addr);
+    println!("tracking endpoint on {base}");
+
+    let now = chrono::Utc::now().timestamp_millis();
+    let seed = now as u64;
+    let mut traffic = Traffic::new(seed);
+    let mut events = traffic.visitors(visitors, now, 6 * 3_600_000);
+    // A crawler visiting a few pages: stored with `metadata.bot = true` (policy `keep`).
+    for (i, page) in ["/", "/products", "/blog/brewing-guide"].iter().enumerate() {
+        events.push(json!({
+            "eventId": format!("crawler-{seed:x}-{i}"),
+            "userId": format!("crawler-{seed:x}"), "sessionId": format!("crawler-{seed:x}-s0"),
+            "eventType": "PAGE_VIEW", "pageUrl": page, "timestamp": now - 60_000 + i as i64 * 1000,
+            "context": { "userAgent": BOT_AGENT },
+        }));
+    }
+    traffic.shuffle(&mut events);
+    let client = reqwest::Client::new();
+    let mut totals = [0u64; 4]; // stored, duplicates, dropped, rejected
+    let batches: Vec<&[Value]> = events.chunks(100).collect();
+    // The first batch is sent twice: a client retry after a lost answer.
+    let resend = batches.first().copied();
+    for batch in batches.iter().copied().chain(resend) {
+        let mut req = client
+            .post(format!("{base}/v1/batch"))
+            .json(&json!({ "batch": batch, "sentAt": chrono::Utc::now().timestamp_millis() }));
+        if let Some(k) = &key {
+            req = req.header("x-write-key", k);
+        }
+        let resp = req.send().await.context("posting a batch")?;
+        let status = resp.status();
+        let body: Value = resp.json().await.context("reading the answer")?;
+        anyhow::ensure!(
+            status.is_success(),
+            "tracking endpoint answered {status}: {body}"
+        );
+        for (slot, field) in ["stored", "duplicates", "dropped", "rejected"]
+            .iter()
+            .enumerate()
+        {
+            totals[slot] += body[field].as_u64().unwrap_or(0);
+        }
+    }
+    server.shutdown().await;
+    println!(
+        "sent {} events in {} requests: {} stored, {} duplicates ignored, {} dropped, {} rejected",
+        events.len(),
+        batches.len() + 1,
+        totals[0],
+        totals[1],
+        totals[2],
+        totals[3]
+    );
+    report(&store, now - 7 * 3_600_000).await?;
+    println!("done in {:.1} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+async fn report(store: &sluice_connectors::Store, since_ms: i64) -> anyhow::Result<()> {
+    let count = |name: &'static str, filter: Document| {
+        let coll = store.collection(name);
+        async move { coll.count_documents(filter).await }
+    };
+    println!("\nMongoDB now holds:");
+    println!("  events    {:>7}", count(c::EVENTS, doc! {}).await?);
+    println!("  sessions  {:>7}", count(c::SESSIONS, doc! {}).await?);
+    println!("  users     {:>7}", count(c::USERS, doc! {}).await?);
+    println!(
+        "  bot events flagged {}",
+        count(c::EVENTS, doc! { "metadata.bot": true }).await?
+    );
+    let since = bson::DateTime::from_millis(since_ms);
+    let top: Vec<Document> = store
+        .collection(c::EVENTS)
+        .aggregate(vec![
+            doc! { "$match": { "eventType": "PAGE_VIEW", "timestamp": { "$gte": since } } },
+            doc! { "$group": { "_id": "$pageUrl", "views": { "$sum": 1 }, "uniqueUsers": { "$addToSet": "$userId" } } },
+            doc! { "$project": { "pageUrl": "$_id", "views": 1, "uniqueUsers": { "$size": "$uniqueUsers" } } },
+            doc! { "$sort": { "views": -1, "pageUrl": 1 } },
+            doc! { "$limit": 5 },
+        ])
+        .await?
+        .try_collect()
+        .await?;
+    println!("\nTop pages (last 7 h):");
+    for d in top {
+        println!(
+            "  {:<28} {:>5} views {:>5} visitors",
+            d.get_str("pageUrl").unwrap_or("?"),
+            d.get_i32("views")
+                .map(i64::from)
+                .or_else(|_| d.get_i64("views"))
+                .unwrap_or(0),
+            d.get_i32("uniqueUsers")
+                .map(i64::from)
+                .or_else(|_| d.get_i64("uniqueUsers"))
+                .unwrap_or(0),
+        );
+    }
+    let buyers: Vec<Document> = store
+        .collection(c::USERS)
+        .find(doc! { "totalPurchases": { "$gt": 0 } })
+        .sort(doc! { "totalRevenue": -1 })
+        .limit(3)
+        .await?
+        .try_collect()
+        .await?;
+    println!("\nTop buyers:");
+    for u in buyers {
+        println!(
+            "  {:<28} {} purchases, revenue {:.2}",
+            u.get_str("visitorId").unwrap_or("?"),
+            u.get_i64("totalPurchases").unwrap_or(0),
+            u.get_f64("totalRevenue").unwrap_or(0.0)
+        );
+    }
+    println!(
+        "\nLook at the data with any MongoDB client, for example:\n  mongosh 'mongodb://127.0.0.1:27017/?directConnection=true' --eval 'db.getSiblingDB(\"sluice\").sessions.find().limit(3)'"
+    );
+    Ok(())
+}

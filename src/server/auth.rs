@@ -1,0 +1,110 @@
+//! Write keys (HTTP basic user or `X-Write-Key`) and the per-key rate limit.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use axum::http::HeaderMap;
+use base64::Engine;
+use sluice_core::config::Secret;
+
+/// The write key a request presents, if any.
+pub fn presented_key(headers: &HeaderMap) -> Option<String> {
+    if let Some(v) = headers.get("x-write-key").and_then(|v| v.to_str().ok()) {
+        return Some(v.trim().to_string());
+    }
+    let auth = headers.get("authorization")?.to_str().ok()?;
+    let encoded = auth
+        .strip_prefix("Basic ")
+        .or_else(|| auth.strip_prefix("basic "))?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    let user = text.split_once(':').map_or(text.as_str(), |(u, _)| u);
+    Some(user.to_string())
+}
+
+/// Compares without an early exit, so timing does not reveal how much of a key matched.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Which configured key matched, or `None`. With no keys configured every request passes
+/// (as the key `""`).
+pub fn authorize(keys: &[Secret], presented: Option<&str>) -> Option<String> {
+    if keys.is_empty() {
+        return Some(String::new());
+    }
+    let presented = presented?;
+    keys.iter()
+        .find(|k| constant_time_eq(k.expose().as_bytes(), presented.as_bytes()))
+        .map(|k| k.expose().to_string())
+}
+
+/// A token bucket per write key: `rate` requests per second, bursts up to `rate`.
+pub struct RateLimiter {
+    rate: f64,
+    buckets: Mutex<HashMap<String, (f64, Instant)>>,
+}
+
+impl RateLimiter {
+    pub fn new(rate_per_second: u32) -> Self {
+        Self {
+            rate: f64::from(rate_per_second),
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Takes one token for `key`; `false` means over the limit.
+    pub fn allow(&self, key: &str) -> bool {
+        if self.rate <= 0.0 {
+            return true;
+        }
+        let now = Instant::now();
+        let mut buckets = match self.buckets.lock() {
+            Ok(b) => b,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let (tokens, last) = buckets.entry(key.to_string()).or_insert((self.rate, now));
+        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * self.rate).min(self.rate);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn basic_auth_user_and_header_are_both_accepted() {
+        let keys = vec![Secret::new("wk_abcdef12")];
+        let mut h = HeaderMap::new();
+        h.insert("authorization", "Basic d2tfYWJjZGVmMTI6".parse().unwrap()); // "wk_abcdef12:"
+        assert_eq!(
+            authorize(&keys, presented_key(&h).as_deref()).as_deref(),
+            Some("wk_abcdef12")
+        );
+        let mut h = HeaderMap::new();
+        h.insert("x-write-key", "wrong-key".parse().unwrap());
+        assert_eq!(authorize(&keys, presented_key(&h).as_deref()), None);
+        assert_eq!(authorize(&keys, None), None);
+    }
+
+    #[test]
+    fn rate_limiter_refuses_past_the_burst() {
+        let l = RateLimiter::new(3);
+        assert!((0..3).all(|_| l.allow("k")));
+        assert!(!l.allow("k"));
+        assert!(l.allow("other"), "keys are limited separately");
+    }
+}

@@ -1,0 +1,146 @@
+//! Request enrichment: the client's IP (forwarded headers only from trusted proxies), and
+//! device / browser / OS / bot flag parsed from the user agent with `woothee`.
+
+use std::net::IpAddr;
+
+use axum::http::HeaderMap;
+use sluice_core::model::EventMetadata;
+
+/// An IP network (`10.0.0.0/8`, `::1/128`, or a single address).
+#[derive(Debug, Clone, Copy)]
+pub struct IpNet {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl IpNet {
+    /// Parses the config's `trusted_proxies` entries (validated already).
+    pub fn parse(text: &str) -> Option<Self> {
+        let (addr, prefix) = match text.split_once('/') {
+            Some((a, p)) => (a.parse().ok()?, p.parse().ok()?),
+            None => {
+                let addr: IpAddr = text.parse().ok()?;
+                (addr, if addr.is_ipv4() { 32 } else { 128 })
+            }
+        };
+        Some(Self { addr, prefix })
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        fn masked(bits: u128, width: u32, prefix: u8) -> u128 {
+            let prefix = u32::from(prefix).min(width);
+            if prefix == 0 {
+                0
+            } else {
+                bits >> (width - prefix)
+            }
+        }
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                masked(u32::from(net).into(), 32, self.prefix)
+                    == masked(u32::from(ip).into(), 32, self.prefix)
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                masked(u128::from(net), 128, self.prefix)
+                    == masked(u128::from(ip), 128, self.prefix)
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The client's address: the peer, unless the peer is a trusted proxy, in which case the
+/// right-most `X-Forwarded-For` entry that is not itself a trusted proxy.
+pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+    let is_trusted = |ip: IpAddr| trusted.iter().any(|n| n.contains(ip));
+    if !is_trusted(peer) {
+        return peer;
+    }
+    let forwarded = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|s| s.trim().parse::<IpAddr>().ok())
+        .collect::<Vec<_>>();
+    forwarded
+        .into_iter()
+        .rev()
+        .find(|ip| !is_trusted(*ip))
+        .unwrap_or(peer)
+}
+
+const BOT_MARKERS: &[&str] = &[
+    "bot",
+    "spider",
+    "crawl",
+    "slurp",
+    "headlesschrome",
+    "phantomjs",
+    "lighthouse",
+];
+
+/// Device, browser, OS and bot flag from a user agent string.
+pub fn parse_user_agent(ua: &str) -> EventMetadata {
+    let mut m = EventMetadata {
+        user_agent: Some(ua.to_string()),
+        ..Default::default()
+    };
+    let lower = ua.to_ascii_lowercase();
+    let parsed = woothee::parser::Parser::new().parse(ua);
+    let known = |s: &str| (!s.is_empty() && s != "UNKNOWN").then(|| s.to_string());
+    if let Some(r) = &parsed {
+        m.browser = known(r.name);
+        m.os = known(r.os);
+        m.device = match r.category {
+            "pc" => Some("desktop".into()),
+            "smartphone" if r.os == "iPad" || lower.contains("tablet") => Some("tablet".into()),
+            "smartphone" | "mobilephone" => Some("mobile".into()),
+            "appliance" => Some("appliance".into()),
+            "crawler" => Some("bot".into()),
+            _ => None,
+        };
+        m.bot = r.category == "crawler";
+    }
+    if !m.bot && BOT_MARKERS.iter().any(|b| lower.contains(b)) {
+        m.bot = true;
+        m.device = Some("bot".into());
+    }
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_for_is_used_only_behind_trusted_proxies() {
+        let trusted = vec![IpNet::parse("10.0.0.0/8").unwrap()];
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", "203.0.113.7, 10.1.2.3".parse().unwrap());
+        assert_eq!(
+            client_ip("10.9.9.9".parse().unwrap(), &h, &trusted),
+            "203.0.113.7".parse::<IpAddr>().unwrap()
+        );
+        // A client talking directly cannot spoof its address with the header.
+        assert_eq!(
+            client_ip("198.51.100.1".parse().unwrap(), &h, &trusted),
+            "198.51.100.1".parse::<IpAddr>().unwrap()
+        );
+    }
+
+    #[test]
+    fn user_agents_are_classified() {
+        let chrome = parse_user_agent("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 Safari/537.36");
+        assert_eq!(chrome.device.as_deref(), Some("desktop"));
+        assert_eq!(chrome.browser.as_deref(), Some("Chrome"));
+        assert!(!chrome.bot);
+        let iphone = parse_user_agent("Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.0 Mobile/15E148 Safari/604.1");
+        assert_eq!(iphone.device.as_deref(), Some("mobile"));
+        let google = parse_user_agent(
+            "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)",
+        );
+        assert!(google.bot);
+        assert_eq!(google.device.as_deref(), Some("bot"));
+    }
+}

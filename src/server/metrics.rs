@@ -1,0 +1,127 @@
+//! Prometheus metrics of the tracking endpoint, kept as atomics and rendered in the text
+//! exposition format (no registry crate needed for a handful of series).
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// Upper bounds (seconds) of the write-latency histogram buckets.
+const LATENCY_BUCKETS: [f64; 11] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+#[derive(Default)]
+pub struct Metrics {
+    pub accepted: AtomicU64,
+    pub deduplicated: AtomicU64,
+    pub rejected_invalid: AtomicU64,
+    pub rejected_bot: AtomicU64,
+    pub retry: AtomicU64,
+    pub queue_full: AtomicU64,
+    pub write_errors: AtomicU64,
+    pub unauthorized: AtomicU64,
+    pub rate_limited: AtomicU64,
+    pub sessions_expired: AtomicU64,
+    latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+    latency_count: AtomicU64,
+    latency_sum_micros: AtomicU64,
+}
+
+impl Metrics {
+    pub fn observe_write(&self, elapsed: std::time::Duration) {
+        let secs = elapsed.as_secs_f64();
+        for (bound, bucket) in LATENCY_BUCKETS.iter().zip(&self.latency_buckets) {
+            if secs <= *bound {
+                bucket.fetch_add(1, Relaxed);
+            }
+        }
+        self.latency_count.fetch_add(1, Relaxed);
+        self.latency_sum_micros
+            .fetch_add(elapsed.as_micros() as u64, Relaxed);
+    }
+
+    /// The text exposition; `queue_depth` is sampled by the caller.
+    pub fn render(&self, queue_depth: usize) -> String {
+        let mut out = String::new();
+        let counter = |out: &mut String, name: &str, help: &str, labels: &str, v: &AtomicU64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            let _ = writeln!(out, "{name}{labels} {}", v.load(Relaxed));
+        };
+        counter(
+            &mut out,
+            "sluice_events_accepted_total",
+            "Events stored.",
+            "",
+            &self.accepted,
+        );
+        counter(
+            &mut out,
+            "sluice_events_deduplicated_total",
+            "Events already stored (same eventId).",
+            "",
+            &self.deduplicated,
+        );
+        let _ = writeln!(
+            out,
+            "# HELP sluice_events_rejected_total Events not stored, by reason.\n# TYPE sluice_events_rejected_total counter"
+        );
+        for (reason, v) in [
+            ("invalid", &self.rejected_invalid),
+            ("bot", &self.rejected_bot),
+            ("retry", &self.retry),
+            ("queue_full", &self.queue_full),
+            ("write_error", &self.write_errors),
+        ] {
+            let _ = writeln!(
+                out,
+                "sluice_events_rejected_total{{reason=\"{reason}\"}} {}",
+                v.load(Relaxed)
+            );
+        }
+        counter(
+            &mut out,
+            "sluice_requests_unauthorized_total",
+            "Requests without a valid write key.",
+            "",
+            &self.unauthorized,
+        );
+        counter(
+            &mut out,
+            "sluice_requests_rate_limited_total",
+            "Requests refused by the per-key rate limit.",
+            "",
+            &self.rate_limited,
+        );
+        counter(
+            &mut out,
+            "sluice_sessions_expired_total",
+            "Sessions marked EXPIRED by the idle sweeper.",
+            "",
+            &self.sessions_expired,
+        );
+        let _ = writeln!(
+            out,
+            "# HELP sluice_ingest_queue_events Events waiting to be written.\n# TYPE sluice_ingest_queue_events gauge\nsluice_ingest_queue_events {queue_depth}"
+        );
+        let name = "sluice_event_write_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Time to write one batch to MongoDB (claims, aggregates, events).\n# TYPE {name} histogram"
+        );
+        for (bound, bucket) in LATENCY_BUCKETS.iter().zip(&self.latency_buckets) {
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{le=\"{bound}\"}} {}",
+                bucket.load(Relaxed)
+            );
+        }
+        let count = self.latency_count.load(Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(
+            out,
+            "{name}_sum {}",
+            self.latency_sum_micros.load(Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(out, "{name}_count {count}");
+        out
+    }
+}

@@ -1,0 +1,274 @@
+//! The `sluice serve` HTTP server: the tracking endpoint (`/v1/track`, `/v1/batch`),
+//! health (`/healthz`, `/readyz`) and Prometheus metrics (`/metrics`).
+
+mod auth;
+mod batcher;
+pub mod enrich;
+mod metrics;
+mod tracking;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+use sluice_connectors::mongo::{expire_idle_sessions, EventWriter, WriterOptions};
+use sluice_connectors::Store;
+use sluice_core::config::Config;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+
+pub use batcher::{Batcher, SubmitError};
+pub use metrics::Metrics;
+
+/// Shared by every handler.
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub store: Store,
+    pub batcher: Batcher,
+    pub metrics: Arc<Metrics>,
+    limiter: Arc<auth::RateLimiter>,
+    trusted: Arc<Vec<enrich::IpNet>>,
+}
+
+/// An error answered as JSON `{"error": code, "message": text}`; never internals.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    pub retry_after: Option<u64>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    pub fn retry(mut self, seconds: u64) -> Self {
+        self.retry_after = Some(seconds);
+        self
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = Json(json!({ "error": self.code, "message": self.message }));
+        let mut resp = (self.status, body).into_response();
+        if let Some(s) = self.retry_after {
+            resp.headers_mut()
+                .insert("retry-after", HeaderValue::from(s));
+        }
+        resp
+    }
+}
+
+/// A running server; dropping the handle does not stop it, `shutdown` does.
+pub struct ServerHandle {
+    pub addr: SocketAddr,
+    pub metrics: Arc<Metrics>,
+    stop: Option<oneshot::Sender<()>>,
+    join: JoinHandle<()>,
+}
+
+impl ServerHandle {
+    /// Stops taking requests, answers those in flight, drains the write queue.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = self.join.await;
+    }
+
+    /// Waits until the server ends (after a shutdown signal).
+    pub async fn wait(self) {
+        let _ = self.join.await;
+    }
+}
+
+fn cors(config: &Config) -> CorsLayer {
+    let origins = if config.cors_origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(
+            config
+                .cors_origins
+                .iter()
+                .filter_map(|o| HeaderValue::from_str(o).ok()),
+        )
+    };
+    CorsLayer::new()
+        .allow_origin(origins)
+        .allow_methods([Method::POST, Method::GET, Method::OPTIONS])
+        .allow_headers([
+            axum::http::header::CONTENT_TYPE,
+            axum::http::header::AUTHORIZATION,
+            axum::http::HeaderName::from_static("x-write-key"),
+        ])
+        .max_age(Duration::from_secs(3600))
+}
+
+pub fn router(state: AppState) -> Router {
+    let t = &state.config.tracking;
+    Router::new()
+        .route(
+            "/v1/track",
+            post(tracking::track).layer(DefaultBodyLimit::max(t.max_event_bytes)),
+        )
+        .route(
+            "/v1/batch",
+            post(tracking::batch).layer(DefaultBodyLimit::max(t.max_batch_bytes)),
+        )
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+        })
+        .layer(cors(&state.config))
+        .with_state(state)
+}
+
+async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError> {
+    state.store.ping().await.map_err(|e| {
+        tracing::warn!(error = %e, "readiness check failed");
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "the database does not answer",
+        )
+    })?;
+    Ok("ready")
+}
+
+async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        state.metrics.render(state.batcher.depth()),
+    )
+}
+
+/// Binds `listener`, starts the writers and the idle-session sweeper, and serves until
+/// `shutdown` is called (or, with `until_signal`, until SIGTERM / Ctrl-C).
+pub async fn start(
+    config: Config,
+    store: Store,
+    listener: TcpListener,
+    until_signal: bool,
+) -> anyhow::Result<ServerHandle> {
+    let addr = listener.local_addr()?;
+    let metrics = Arc::new(Metrics::default());
+    let writer = EventWriter::new(store.clone(), WriterOptions::default());
+    let t = config.tracking.clone();
+    let (batcher, writers) = Batcher::start(
+        writer,
+        t.queue_capacity,
+        t.write_batch_size,
+        t.writers,
+        metrics.clone(),
+    );
+    let trusted = config
+        .trusted_proxies
+        .iter()
+        .filter_map(|p| enrich::IpNet::parse(p))
+        .collect();
+    let state = AppState {
+        limiter: Arc::new(auth::RateLimiter::new(config.rate_limit_per_key)),
+        trusted: Arc::new(trusted),
+        config: Arc::new(config),
+        store: store.clone(),
+        batcher,
+        metrics: metrics.clone(),
+    };
+    let handle_metrics = state.metrics.clone();
+    let app = router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let sweeper = spawn_sweeper(
+        store,
+        Duration::from_secs(t.session_timeout_minutes * 60),
+        metrics,
+    );
+    let join = tokio::spawn(async move {
+        let stop = async move {
+            if until_signal {
+                tokio::select! {
+                    _ = stop_rx => {},
+                    _ = shutdown_signal() => {},
+                }
+            } else {
+                let _ = stop_rx.await;
+            }
+            tracing::info!("shutting down: no new requests, draining the write queue");
+        };
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(stop)
+            .await
+        {
+            tracing::error!(error = %e, "server error");
+        }
+        sweeper.abort();
+        // The router (and its Batcher clones) is gone: writers drain the queue and end.
+        for w in writers {
+            let _ = w.await;
+        }
+    });
+    drop(state);
+    Ok(ServerHandle {
+        addr,
+        metrics: handle_metrics,
+        stop: Some(stop_tx),
+        join,
+    })
+}
+
+fn spawn_sweeper(store: Store, idle: Duration, metrics: Arc<Metrics>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(60).min(idle));
+        loop {
+            tick.tick().await;
+            match expire_idle_sessions(&store, idle).await {
+                Ok(n) => {
+                    metrics
+                        .sessions_expired
+                        .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                }
+                Err(e) => tracing::warn!(error = %e, "session sweeper failed"),
+            }
+        }
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {},
+                    _ = term.recv() => {},
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

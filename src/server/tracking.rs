@@ -1,0 +1,359 @@
+//! `POST /v1/track` (one event) and `POST /v1/batch` (`{"batch": [...], "sentAt": ...}`).
+//!
+//! Whole-request problems (key, rate, size, malformed JSON) are 4xx JSON errors. In a
+//! batch, each event is judged alone: good events are stored, bad ones are listed with
+//! their index and reason. A request is answered only once MongoDB acknowledged its
+//! events; if the store cannot take them the answer is 503 with `Retry-After`, and
+//! resending is safe because events are deduplicated by `eventId`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{ConnectInfo, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{json, Value};
+use sluice_connectors::mongo::WriteStatus;
+use sluice_core::config::BotPolicy;
+use sluice_core::model::{Event, EventMetadata};
+use sluice_core::tracking::{parse_event, parse_time, RequestContext};
+use sluice_core::ValidationError;
+
+use super::{auth, enrich, ApiError, AppState, SubmitError};
+
+/// How one event of a request ended.
+enum Outcome {
+    Rejected(ValidationError),
+    Dropped(&'static str),
+    Queued(usize),
+}
+
+pub async fn track(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let key = admit(&state, &headers)?;
+    let body = read_body(body, state.config.tracking.max_event_bytes)?;
+    let value: Value = serde_json::from_slice(&body).map_err(malformed)?;
+    let ctx = request_context(&state, peer, &headers, None);
+    let answer = ingest(&state, &key, &ctx, vec![Ok(value)]).await?;
+    if let Some(rejected) = answer.first_rejection() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_event",
+            rejected.to_string(),
+        ));
+    }
+    Ok(answer.into_response())
+}
+
+#[derive(Deserialize)]
+struct BatchBody<'a> {
+    #[serde(borrow)]
+    batch: Vec<&'a RawValue>,
+    #[serde(default, rename = "sentAt")]
+    sent_at: Option<Value>,
+}
+
+pub async fn batch(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let key = admit(&state, &headers)?;
+    let limits = &state.config.tracking;
+    let body = read_body(body, limits.max_batch_bytes)?;
+    let parsed: BatchBody = serde_json::from_slice(&body).map_err(|e| {
+        if e.is_data() {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_batch",
+                format!("expected {{\"batch\": [events...]}}: {e}"),
+            )
+        } else {
+            malformed(e)
+        }
+    })?;
+    if parsed.batch.len() > limits.max_batch_events {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_many_events",
+            format!(
+                "a batch holds at most {} events, this one has {}",
+                limits.max_batch_events,
+                parsed.batch.len()
+            ),
+        ));
+    }
+    let sent_at =
+        match &parsed.sent_at {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(parse_time("sentAt", v).map_err(|e| {
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid_batch", e.to_string())
+            })?),
+        };
+    let ctx = request_context(&state, peer, &headers, sent_at);
+    let values = parsed
+        .batch
+        .iter()
+        .map(|raw| {
+            if raw.get().len() > limits.max_event_bytes {
+                return Err(ValidationError::new(
+                    "event",
+                    format!("larger than {} bytes", limits.max_event_bytes),
+                ));
+            }
+            serde_json::from_str::<Value>(raw.get())
+                .map_err(|e| ValidationError::new("event", e.to_string()))
+        })
+        .collect();
+    let answer = ingest(&state, &key, &ctx, values).await?;
+    if answer.stored + answer.duplicates + answer.dropped == 0 && answer.rejected > 0 {
+        let mut resp = answer.into_response();
+        *resp.status_mut() = StatusCode::BAD_REQUEST;
+        return Ok(resp);
+    }
+    Ok(answer.into_response())
+}
+
+/// Write key and rate limit; returns the key the request is accounted to.
+fn admit(state: &AppState, headers: &HeaderMap) -> Result<String, ApiError> {
+    let presented = auth::presented_key(headers);
+    let Some(key) = auth::authorize(&state.config.write_keys, presented.as_deref()) else {
+        state.metrics.unauthorized.fetch_add(1, Relaxed);
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a valid write key is required (HTTP basic user or `X-Write-Key`)",
+        ));
+    };
+    if !state.limiter.allow(&key) {
+        state.metrics.rate_limited.fetch_add(1, Relaxed);
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "too many requests for this write key",
+        )
+        .retry(1));
+    }
+    Ok(key)
+}
+
+fn read_body(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes, ApiError> {
+    body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("the body is larger than {limit} bytes"),
+            )
+        } else {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "unreadable_body",
+                rejection.body_text(),
+            )
+        }
+    })
+}
+
+fn malformed(e: serde_json::Error) -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "malformed_json",
+        format!("the body is not valid JSON: {e}"),
+    )
+}
+
+fn request_context(
+    state: &AppState,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    batch_sent_at_ms: Option<i64>,
+) -> RequestContext {
+    let ip = enrich::client_ip(peer.ip(), headers, &state.trusted);
+    RequestContext {
+        received_at_ms: chrono::Utc::now().timestamp_millis(),
+        batch_sent_at_ms,
+        user_agent: headers
+            .get("user-agent")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string),
+        ip: Some(ip.to_string()),
+        max_future_ms: state.config.tracking.max_future_seconds * 1000,
+    }
+}
+
+/// The per-event answer of a request.
+pub struct Answer {
+    results: Vec<Value>,
+    stored: usize,
+    duplicates: usize,
+    dropped: usize,
+    rejected: usize,
+    retry: bool,
+    first_rejection: Option<ValidationError>,
+}
+
+impl Answer {
+    fn first_rejection(&self) -> Option<&ValidationError> {
+        self.first_rejection.as_ref()
+    }
+}
+
+impl IntoResponse for Answer {
+    fn into_response(self) -> Response {
+        let status = if self.retry {
+            StatusCode::SERVICE_UNAVAILABLE
+        } else {
+            StatusCode::OK
+        };
+        let body = Json(json!({
+            "stored": self.stored,
+            "duplicates": self.duplicates,
+            "dropped": self.dropped,
+            "rejected": self.rejected,
+            "results": self.results,
+        }));
+        let mut resp = (status, body).into_response();
+        if self.retry {
+            resp.headers_mut()
+                .insert("retry-after", axum::http::HeaderValue::from(1));
+        }
+        resp
+    }
+}
+
+/// Validates, enriches, filters bots, writes, and builds the per-event answer.
+async fn ingest(
+    state: &AppState,
+    _key: &str,
+    ctx: &RequestContext,
+    values: Vec<Result<Value, ValidationError>>,
+) -> Result<Answer, ApiError> {
+    let mut ua_cache: HashMap<String, EventMetadata> = HashMap::new();
+    let mut outcomes = Vec::with_capacity(values.len());
+    let mut to_write: Vec<Event> = Vec::new();
+    for value in values {
+        let parsed = value.and_then(|v| parse_event(&v, ctx, EventMetadata::default()));
+        let mut event = match parsed {
+            Ok(e) => e,
+            Err(err) => {
+                outcomes.push(Outcome::Rejected(err));
+                continue;
+            }
+        };
+        if let Some(ua) = event.metadata.user_agent.clone() {
+            let parsed = ua_cache
+                .entry(ua.clone())
+                .or_insert_with(|| enrich::parse_user_agent(&ua));
+            let m = &mut event.metadata;
+            m.device = parsed.device.clone();
+            m.browser = parsed.browser.clone();
+            m.os = parsed.os.clone();
+            m.bot = parsed.bot;
+        }
+        if event.metadata.bot && state.config.bots == BotPolicy::Drop {
+            outcomes.push(Outcome::Dropped("bot"));
+            continue;
+        }
+        outcomes.push(Outcome::Queued(to_write.len()));
+        to_write.push(event);
+    }
+    let ids: Vec<String> = to_write.iter().map(|e| e.event_id.clone()).collect();
+    let statuses = match state.batcher.submit(to_write).await {
+        Ok(s) => s,
+        Err(SubmitError::Full) => {
+            state
+                .metrics
+                .queue_full
+                .fetch_add(ids.len() as u64, Relaxed);
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                "the ingest queue is full; retry shortly",
+            )
+            .retry(1));
+        }
+        Err(SubmitError::Store(_)) => {
+            state
+                .metrics
+                .write_errors
+                .fetch_add(ids.len() as u64, Relaxed);
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                "events could not be stored; nothing was acknowledged, retry shortly",
+            )
+            .retry(2));
+        }
+        Err(SubmitError::Closed) => {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shutting_down",
+                "the server is shutting down; retry on another instance",
+            )
+            .retry(1));
+        }
+    };
+    let mut answer = Answer {
+        results: Vec::with_capacity(outcomes.len()),
+        stored: 0,
+        duplicates: 0,
+        dropped: 0,
+        rejected: 0,
+        retry: false,
+        first_rejection: None,
+    };
+    let m = &state.metrics;
+    for (index, outcome) in outcomes.into_iter().enumerate() {
+        let entry = match outcome {
+            Outcome::Rejected(err) => {
+                answer.rejected += 1;
+                m.rejected_invalid.fetch_add(1, Relaxed);
+                let entry = json!({
+                    "index": index, "status": "rejected",
+                    "field": err.field, "reason": err.reason,
+                });
+                answer.first_rejection.get_or_insert(err);
+                entry
+            }
+            Outcome::Dropped(reason) => {
+                answer.dropped += 1;
+                m.rejected_bot.fetch_add(1, Relaxed);
+                json!({ "index": index, "status": "dropped", "reason": reason })
+            }
+            Outcome::Queued(i) => {
+                let status = match statuses[i] {
+                    WriteStatus::Stored => {
+                        answer.stored += 1;
+                        m.accepted.fetch_add(1, Relaxed);
+                        "stored"
+                    }
+                    WriteStatus::Duplicate => {
+                        answer.duplicates += 1;
+                        m.deduplicated.fetch_add(1, Relaxed);
+                        "duplicate"
+                    }
+                    WriteStatus::Retry => {
+                        answer.retry = true;
+                        m.retry.fetch_add(1, Relaxed);
+                        "retry"
+                    }
+                };
+                json!({ "index": index, "eventId": ids[i], "status": status })
+            }
+        };
+        answer.results.push(entry);
+    }
+    Ok(answer)
+}

@@ -1,0 +1,98 @@
+//! The `sluice` binary's configuration commands, run as a user would run them.
+
+use std::process::Command;
+
+fn sluice() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
+    // Keep the caller's SLUICE_* settings out of these checks.
+    for (k, _) in std::env::vars() {
+        if k.starts_with("SLUICE_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
+}
+
+fn write_temp(name: &str, text: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("sluice-cli-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn config_check_names_the_file_and_field_of_a_bad_value() {
+    let path = write_temp(
+        "bad.toml",
+        "[tracking]\nsession_timeout_minutes = 30\nbots = \"sometimes\"\n",
+    );
+    let out = sluice()
+        .args(["config", "check"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.toml"), "{err}");
+    assert!(
+        err.contains("`tracking.bots`") && err.contains("`keep` or `drop`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn config_check_names_an_unknown_field() {
+    let path = write_temp("typo.toml", "[mongodb]\ndatabse = \"x\"\n");
+    let out = sluice()
+        .args(["config", "check"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("typo.toml") && err.contains("databse"),
+        "{err}"
+    );
+}
+
+#[test]
+fn config_check_prints_references_never_secret_values() {
+    let path = write_temp(
+        "ok.toml",
+        "[server]\nwrite_keys = [\"${env:TEST_WRITE_KEY}\"]\n[s3]\naccess_key = \"AKIAEXAMPLE\"\nsecret_key = \"${env:TEST_S3_SECRET}\"\n",
+    );
+    let out = sluice()
+        .args(["config", "check"])
+        .arg(&path)
+        .env("TEST_WRITE_KEY", "wk-very-secret-1")
+        .env("TEST_S3_SECRET", "s3-very-secret-2")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("${env:TEST_WRITE_KEY}"), "{text}");
+    for secret in ["wk-very-secret-1", "s3-very-secret-2", "AKIAEXAMPLE"] {
+        assert!(!text.contains(secret), "{secret} leaked: {text}");
+    }
+}
+
+#[test]
+fn environment_overrides_are_validated_and_named() {
+    let out = sluice()
+        .args(["config", "check"])
+        .env("SLUICE_MONGODB_URI", "postgres://nope")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("SLUICE_MONGODB_URI") && err.contains("mongodb.uri"),
+        "{err}"
+    );
+}

@@ -1,0 +1,615 @@
+//! The tracking endpoint end to end: a real server on a real socket, writing to the real
+//! MongoDB-compatible server.
+
+mod support;
+
+use std::collections::{BTreeMap, HashSet};
+
+use bson::{doc, Bson, Document};
+use futures_util::TryStreamExt;
+use serde_json::{json, Value};
+use sluice::demo::Traffic;
+use support::{start_server, TestDb};
+
+async fn all(db: &TestDb, coll: &str, sort: Document) -> Vec<Document> {
+    db.store
+        .collection(coll)
+        .find(doc! {})
+        .projection(doc! { "_id": 0 })
+        .sort(sort)
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap()
+}
+
+async fn post(base: &str, path: &str, body: &Value) -> (u16, Value) {
+    let resp = reqwest::Client::new()
+        .post(format!("{base}{path}"))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+#[tokio::test]
+async fn replaying_a_batch_leaves_events_sessions_and_users_identical() {
+    let db = TestDb::initialized().await;
+    let server = start_server(&db, |_| {}).await;
+    let base = format!("http://{}", server.addr);
+    let mut traffic = Traffic::new(7);
+    let events = traffic.visitors(30, now_ms(), 3_600_000);
+    let batch = json!({ "batch": &events[..events.len().min(500)] });
+
+    let (status, first) = post(&base, "/v1/batch", &batch).await;
+    assert_eq!(status, 200, "{first}");
+    assert!(first["stored"].as_u64().unwrap() > 50);
+    let snapshot = (
+        all(&db, "events", doc! { "eventId": 1 }).await,
+        all(&db, "sessions", doc! { "sessionId": 1 }).await,
+        all(&db, "users", doc! { "visitorId": 1 }).await,
+    );
+    let (status, second) = post(&base, "/v1/batch", &batch).await;
+    assert_eq!(status, 200);
+    assert_eq!(second["stored"], 0, "{second}");
+    assert_eq!(second["duplicates"], first["stored"]);
+    let after = (
+        all(&db, "events", doc! { "eventId": 1 }).await,
+        all(&db, "sessions", doc! { "sessionId": 1 }).await,
+        all(&db, "users", doc! { "visitorId": 1 }).await,
+    );
+    assert_eq!(
+        snapshot, after,
+        "a replay must change nothing, not even updatedAt"
+    );
+    server.shutdown().await;
+}
+
+fn millis(d: &Document, k: &str) -> i64 {
+    d.get_datetime(k).unwrap().timestamp_millis()
+}
+
+fn int(d: &Document, k: &str) -> i64 {
+    match d.get(k) {
+        Some(Bson::Int32(v)) => i64::from(*v),
+        Some(Bson::Int64(v)) => *v,
+        other => panic!("{k} is {other:?} in {d}"),
+    }
+}
+
+fn text(d: &Document, k: &str) -> Option<String> {
+    d.get_str(k).ok().map(str::to_string)
+}
+
+#[tokio::test]
+async fn aggregates_equal_a_recomputation_after_ten_thousand_shuffled_events() {
+    let db = TestDb::initialized().await;
+    let server = start_server(&db, |_| {}).await;
+    let base = format!("http://{}", server.addr);
+    let mut traffic = Traffic::new(42);
+    let mut events = Vec::new();
+    while events.len() < 10_000 {
+        events.extend(traffic.visitors(100, now_ms(), 24 * 3_600_000));
+    }
+    events.truncate(10_000);
+    // Duplicates: 10% of the events are delivered twice, in other batches.
+    let dups: Vec<Value> = events.iter().step_by(10).cloned().collect();
+    events.extend(dups);
+    traffic.shuffle(&mut events);
+
+    let chunks: Vec<Vec<Value>> = events.chunks(500).map(|c| c.to_vec()).collect();
+    let mut tasks = Vec::new();
+    for group in chunks.chunks(chunks.len().div_ceil(4)) {
+        let group = group.to_vec();
+        let base = base.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut stored = 0;
+            for chunk in group {
+                let (status, body) = post(&base, "/v1/batch", &json!({ "batch": chunk })).await;
+                assert_eq!(status, 200, "{body}");
+                stored += body["stored"].as_u64().unwrap();
+            }
+            stored
+        }));
+    }
+    let mut stored = 0;
+    for t in tasks {
+        stored += t.await.unwrap();
+    }
+    assert_eq!(stored, 10_000, "each distinct event stored exactly once");
+    server.shutdown().await;
+
+    let stored_events = all(&db, "events", doc! { "eventId": 1 }).await;
+    assert_eq!(stored_events.len(), 10_000);
+    let distinct: HashSet<String> = stored_events
+        .iter()
+        .map(|e| text(e, "eventId").unwrap())
+        .collect();
+    assert_eq!(distinct.len(), 10_000);
+
+    // Recompute every session from the stored events, independently of the writer.
+    let mut by_session: BTreeMap<String, Vec<&Document>> = BTreeMap::new();
+    for e in &stored_events {
+        by_session
+            .entry(text(e, "sessionId").unwrap())
+            .or_default()
+            .push(e);
+    }
+    let sessions = all(&db, "sessions", doc! { "sessionId": 1 }).await;
+    assert_eq!(sessions.len(), by_session.len());
+    for s in &sessions {
+        let mut evs = by_session[&text(s, "sessionId").unwrap()].clone();
+        evs.sort_by_key(|e| (millis(e, "timestamp"), text(e, "eventId")));
+        let first = evs[0];
+        let last = evs[evs.len() - 1];
+        let sid = text(s, "sessionId").unwrap();
+        assert_eq!(int(s, "events"), evs.len() as i64, "{sid}");
+        let pv = evs
+            .iter()
+            .filter(|e| e.get_str("eventType") == Ok("PAGE_VIEW"))
+            .count();
+        assert_eq!(int(s, "pageViews"), pv as i64, "{sid}");
+        assert_eq!(millis(s, "startTime"), millis(first, "timestamp"), "{sid}");
+        assert_eq!(millis(s, "endTime"), millis(last, "timestamp"), "{sid}");
+        assert_eq!(
+            int(s, "duration"),
+            millis(last, "timestamp") - millis(first, "timestamp")
+        );
+        let pages: Vec<&&Document> = evs
+            .iter()
+            .filter(|e| e.get_str("pageUrl").is_ok())
+            .collect();
+        assert_eq!(text(s, "entryPage"), text(pages[0], "pageUrl"), "{sid}");
+        assert_eq!(
+            text(s, "exitPage"),
+            text(pages[pages.len() - 1], "pageUrl"),
+            "{sid}"
+        );
+        let meta = first.get_document("metadata").unwrap();
+        assert_eq!(text(s, "device"), text(meta, "device"), "{sid}");
+        assert_eq!(text(s, "browser"), text(meta, "browser"), "{sid}");
+        assert_eq!(text(s, "userId"), text(first, "userId"));
+    }
+
+    // And every user.
+    let mut by_user: BTreeMap<String, Vec<&Document>> = BTreeMap::new();
+    for e in &stored_events {
+        by_user
+            .entry(text(e, "userId").unwrap())
+            .or_default()
+            .push(e);
+    }
+    let users = all(&db, "users", doc! { "visitorId": 1 }).await;
+    assert_eq!(users.len(), by_user.len());
+    for u in &users {
+        let vid = text(u, "visitorId").unwrap();
+        let evs = &by_user[&vid];
+        assert_eq!(int(u, "totalEvents"), evs.len() as i64, "{vid}");
+        let purchases: Vec<f64> = evs
+            .iter()
+            .filter(|e| e.get_str("eventType") == Ok("PURCHASE"))
+            .map(|e| {
+                e.get_document("properties")
+                    .unwrap()
+                    .get_f64("amount")
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(int(u, "totalPurchases"), purchases.len() as i64, "{vid}");
+        let cents: i64 = purchases.iter().map(|a| (a * 100.0).round() as i64).sum();
+        assert_eq!(
+            (u.get_f64("totalRevenue").unwrap() * 100.0).round() as i64,
+            cents,
+            "{vid}"
+        );
+        let sessions: HashSet<String> = evs.iter().map(|e| text(e, "sessionId").unwrap()).collect();
+        assert_eq!(int(u, "totalSessions"), sessions.len() as i64, "{vid}");
+        let min = evs.iter().map(|e| millis(e, "timestamp")).min().unwrap();
+        let max = evs.iter().map(|e| millis(e, "timestamp")).max().unwrap();
+        assert_eq!(
+            (millis(u, "firstSeen"), millis(u, "lastSeen")),
+            (min, max),
+            "{vid}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn each_bad_input_class_gets_its_own_4xx() {
+    let db = TestDb::initialized().await;
+    let server = start_server(&db, |raw| {
+        raw.tracking.max_batch_events = 5;
+        raw.tracking.max_batch_bytes = 8 * 1024;
+        raw.tracking.max_event_bytes = 2 * 1024;
+    })
+    .await;
+    let base = format!("http://{}", server.addr);
+    let client = reqwest::Client::new();
+    let good =
+        json!({ "userId": "v1", "sessionId": "s1", "eventType": "PAGE_VIEW", "pageUrl": "/" });
+
+    let raw_post = |path: &str, body: String| {
+        client
+            .post(format!("{base}{path}"))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let expect = |resp: reqwest::Response, status: u16, code: &'static str| async move {
+        assert_eq!(resp.status().as_u16(), status);
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["error"], code, "{body}");
+        body
+    };
+
+    // Malformed JSON.
+    let r = raw_post("/v1/track", "{\"userId\": ".into()).await.unwrap();
+    expect(r, 400, "malformed_json").await;
+    let r = raw_post("/v1/batch", "{\"batch\": [1,".into())
+        .await
+        .unwrap();
+    expect(r, 400, "malformed_json").await;
+    // Wrong shape / wrong types.
+    let r = raw_post("/v1/batch", "{\"events\": []}".into())
+        .await
+        .unwrap();
+    expect(r, 400, "invalid_batch").await;
+    let (s, body) = post(
+        &base,
+        "/v1/track",
+        &json!({ "userId": 12, "sessionId": "s", "eventType": "CLICK" }),
+    )
+    .await;
+    assert_eq!((s, body["error"].as_str()), (400, Some("invalid_event")));
+    assert!(
+        body["message"].as_str().unwrap().contains("`userId`"),
+        "{body}"
+    );
+    // Unknown event type.
+    let (s, body) = post(
+        &base,
+        "/v1/track",
+        &json!({ "userId": "v", "sessionId": "s", "eventType": "TELEPORT" }),
+    )
+    .await;
+    assert_eq!(s, 400);
+    assert!(
+        body["message"].as_str().unwrap().contains("TELEPORT"),
+        "{body}"
+    );
+    // A timestamp far in the future.
+    let (s, body) = post(&base, "/v1/track", &json!({ "userId": "v", "sessionId": "s", "eventType": "CLICK", "timestamp": now_ms() + 86_400_000 })).await;
+    assert_eq!(s, 400);
+    assert!(
+        body["message"].as_str().unwrap().contains("future"),
+        "{body}"
+    );
+    // Oversize bodies: one event, a batch, and too many events.
+    let big = json!({ "userId": "v", "sessionId": "s", "eventType": "CLICK", "properties": { "blob": "x".repeat(3000) } });
+    let r = raw_post("/v1/track", big.to_string()).await.unwrap();
+    expect(r, 413, "payload_too_large").await;
+    let r = raw_post("/v1/batch", json!({ "batch": [big, big, big] }).to_string())
+        .await
+        .unwrap();
+    expect(r, 413, "payload_too_large").await;
+    let (s, body) = post(
+        &base,
+        "/v1/batch",
+        &json!({ "batch": vec![good.clone(); 6] }),
+    )
+    .await;
+    assert_eq!((s, body["error"].as_str()), (413, Some("too_many_events")));
+
+    // A batch with some bad events stores the good ones and names the bad ones.
+    let mixed = json!({ "batch": [
+        good,
+        { "userId": "v1", "sessionId": "s1", "eventType": "NOPE" },
+        { "userId": "v1", "sessionId": "s1", "eventType": "PURCHASE", "properties": { "amount": "ten" } },
+        big,
+        { "userId": "v1", "sessionId": "s1", "eventType": "CLICK" },
+    ] });
+    let (s, body) = post(&base, "/v1/batch", &mixed).await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(
+        (body["stored"].as_u64(), body["rejected"].as_u64()),
+        (Some(2), Some(3))
+    );
+    let results = body["results"].as_array().unwrap();
+    assert_eq!(results[1]["status"], "rejected");
+    assert_eq!(results[1]["field"], "eventType");
+    assert_eq!(results[2]["field"], "properties.amount");
+    assert!(results[3]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("larger than"));
+    assert_eq!(results[4]["status"], "stored");
+    // All bad: 400 with the per-event reasons.
+    let (s, body) = post(
+        &base,
+        "/v1/batch",
+        &json!({ "batch": [{ "eventType": "CLICK" }] }),
+    )
+    .await;
+    assert_eq!(s, 400);
+    assert_eq!(body["results"][0]["field"], "userId");
+    assert_eq!(
+        db.store
+            .collection("events")
+            .count_documents(doc! {})
+            .await
+            .unwrap(),
+        2
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn write_keys_and_the_rate_limit_are_enforced() {
+    let db = TestDb::initialized().await;
+    let server = start_server(&db, |raw| {
+        raw.server.write_keys = vec![sluice_core::config::Secret::new("wk_test_12345")];
+        raw.server.rate_limit_per_key = 3;
+    })
+    .await;
+    let base = format!("http://{}", server.addr);
+    let client = reqwest::Client::new();
+    let ev = json!({ "userId": "v", "sessionId": "s", "eventType": "CLICK" });
+    let r = client
+        .post(format!("{base}/v1/track"))
+        .json(&ev)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    let r = client
+        .post(format!("{base}/v1/track"))
+        .header("x-write-key", "wrong")
+        .json(&ev)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    let mut codes = Vec::new();
+    for _ in 0..5 {
+        let r = client
+            .post(format!("{base}/v1/track"))
+            .basic_auth("wk_test_12345", Some(""))
+            .json(&ev)
+            .send()
+            .await
+            .unwrap();
+        if r.status().as_u16() == 429 {
+            assert_eq!(r.headers()["retry-after"], "1");
+        }
+        codes.push(r.status().as_u16());
+    }
+    assert_eq!(&codes[..3], &[200, 200, 200]);
+    assert!(codes[3..].contains(&429), "{codes:?}");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_full_queue_answers_503_with_retry_after() {
+    let db = TestDb::initialized().await;
+    let server = start_server(&db, |raw| raw.tracking.queue_capacity = 10).await;
+    let base = format!("http://{}", server.addr);
+    let events: Vec<Value> = (0..20)
+        .map(|i| json!({ "userId": "v", "sessionId": "s", "eventType": "CLICK", "eventId": format!("q{i}") }))
+        .collect();
+    let resp = reqwest::Client::new()
+        .post(format!("{base}/v1/batch"))
+        .json(&json!({ "batch": events }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 503);
+    assert_eq!(resp.headers()["retry-after"], "1");
+    assert_eq!(
+        db.store
+            .collection("events")
+            .count_documents(doc! {})
+            .await
+            .unwrap(),
+        0
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn enrichment_fills_metadata_and_bots_can_be_dropped() {
+    let db = TestDb::initialized().await;
+    let server = start_server(&db, |raw| {
+        raw.server.trusted_proxies = vec!["127.0.0.1".into()];
+        raw.tracking.bots = "drop".into();
+    })
+    .await;
+    let base = format!("http://{}", server.addr);
+    let client = reqwest::Client::new();
+    let r = client
+        .post(format!("{base}/v1/track"))
+        .header("user-agent", sluice::demo::USER_AGENTS[2])
+        .header("x-forwarded-for", "203.0.113.9")
+        .json(&json!({ "eventId": "m1", "userId": "v", "sessionId": "s", "eventType": "PAGE_VIEW", "pageUrl": "/" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let e = db
+        .store
+        .collection("events")
+        .find_one(doc! { "eventId": "m1" })
+        .await
+        .unwrap()
+        .unwrap();
+    let m = e.get_document("metadata").unwrap();
+    assert_eq!(m.get_str("ipAddress").unwrap(), "203.0.113.9");
+    assert_eq!(m.get_str("device").unwrap(), "mobile");
+    assert_eq!(m.get_str("os").unwrap(), "iPhone");
+    let s = db
+        .store
+        .collection("sessions")
+        .find_one(doc! { "sessionId": "s" })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(s.get_str("device").unwrap(), "mobile");
+
+    let (status, body) = post(
+        &base,
+        "/v1/track",
+        &json!({ "userId": "crawler", "sessionId": "c", "eventType": "PAGE_VIEW", "context": { "userAgent": sluice::demo::BOT_AGENT } }),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(body["dropped"], 1, "{body}");
+    assert_eq!(
+        db.store
+            .collection("events")
+            .count_documents(doc! { "userId": "crawler" })
+            .await
+            .unwrap(),
+        0
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn health_readiness_metrics_and_cors() {
+    let db = TestDb::initialized().await;
+    let server = start_server(&db, |raw| {
+        raw.server.cors_origins = vec!["https://shop.example".into()]
+    })
+    .await;
+    let base = format!("http://{}", server.addr);
+    let client = reqwest::Client::new();
+    assert_eq!(
+        client
+            .get(format!("{base}/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        client
+            .get(format!("{base}/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    post(
+        &base,
+        "/v1/track",
+        &json!({ "eventId": "h1", "userId": "v", "sessionId": "s", "eventType": "CLICK" }),
+    )
+    .await;
+    post(
+        &base,
+        "/v1/track",
+        &json!({ "eventId": "h1", "userId": "v", "sessionId": "s", "eventType": "CLICK" }),
+    )
+    .await;
+    post(
+        &base,
+        "/v1/track",
+        &json!({ "userId": "v", "sessionId": "s", "eventType": "BAD" }),
+    )
+    .await;
+    let metrics = client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "sluice_events_accepted_total 1",
+        "sluice_events_deduplicated_total 1",
+        "sluice_events_rejected_total{reason=\"invalid\"} 1",
+        "sluice_event_write_seconds_count 2",
+    ] {
+        assert!(metrics.contains(line), "missing `{line}` in\n{metrics}");
+    }
+    let preflight = |origin: &'static str| {
+        client
+            .request(reqwest::Method::OPTIONS, format!("{base}/v1/track"))
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .send()
+    };
+    let ok = preflight("https://shop.example").await.unwrap();
+    assert_eq!(
+        ok.headers()["access-control-allow-origin"],
+        "https://shop.example"
+    );
+    let other = preflight("https://evil.example").await.unwrap();
+    assert!(other.headers().get("access-control-allow-origin").is_none());
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn shutdown_stores_everything_it_acknowledged() {
+    let db = TestDb::initialized().await;
+    let server = start_server(&db, |_| {}).await;
+    let base = format!("http://{}", server.addr);
+    let mut traffic = Traffic::new(3);
+    let events = traffic.visitors(200, now_ms(), 3_600_000);
+    let mut requests = Vec::new();
+    for chunk in events.chunks(100) {
+        let body = json!({ "batch": chunk });
+        let url = format!("{base}/v1/batch");
+        requests.push(tokio::spawn(async move {
+            let resp = reqwest::Client::new()
+                .post(url)
+                .json(&body)
+                .send()
+                .await
+                .ok()?;
+            (resp.status() == 200).then_some(())?;
+            resp.json::<Value>().await.ok()
+        }));
+    }
+    // Stop as soon as the first batch is written: the others are in flight.
+    while server
+        .metrics
+        .accepted
+        .load(std::sync::atomic::Ordering::Relaxed)
+        == 0
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    server.shutdown().await;
+    let mut acknowledged = 0;
+    for r in requests {
+        if let Some(body) = r.await.unwrap() {
+            acknowledged += body["stored"].as_u64().unwrap();
+        }
+    }
+    // Requests cut before they reached a handler fail at the client (and are resent by
+    // it); every acknowledged event must be in MongoDB once the server has stopped.
+    let stored = db
+        .store
+        .collection("events")
+        .count_documents(doc! {})
+        .await
+        .unwrap();
+    assert!(
+        acknowledged > 0,
+        "some requests must have been answered before the stop"
+    );
+    assert!(
+        stored >= acknowledged,
+        "acknowledged {acknowledged}, stored {stored}"
+    );
+}
