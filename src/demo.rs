@@ -40,6 +40,7 @@ const PAGES: &[&str] = &[
 pub struct Traffic {
     rng: StdRng,
     pub run_id: String,
+    next_visitor: usize,
 }
 
 impl Traffic {
@@ -47,15 +48,17 @@ impl Traffic {
         Self {
             rng: StdRng::seed_from_u64(seed),
             run_id: format!("{seed:x}"),
+            next_visitor: 0,
         }
     }
 
-    /// Events of `visitors` visitors, 1-3 sessions each, 2-12 events a session, as
+    /// Events of `visitors` new visitors (never seen in earlier calls), 1-3 sessions each, 2-12 events a session, as
     /// tracking-API JSON (with `context.userAgent`), in time order per session.
     pub fn visitors(&mut self, visitors: usize, now_ms: i64, span_ms: i64) -> Vec<Value> {
         let mut out = Vec::new();
-        for v in 0..visitors {
-            let visitor = format!("visitor-{}-{v}", self.run_id);
+        for _ in 0..visitors {
+            let visitor = format!("visitor-{}-{}", self.run_id, self.next_visitor);
+            self.next_visitor += 1;
             let ua = USER_AGENTS[self.rng.random_range(0..USER_AGENTS.len())];
             let sessions = self.rng.random_range(1..=3);
             for s in 0..sessions {

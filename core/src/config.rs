@@ -748,7 +748,7 @@ mod tests {
                 "x"
             };
             assert!(
-                setter(field)(&mut raw, value.into()).is_ok(),
+                apply_override(&mut raw, field, value.into()).is_ok(),
                 "{var} -> {field}"
             );
             assert_ne!(raw, RawConfig::default(), "{var} changed nothing");

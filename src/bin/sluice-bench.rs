@@ -1,1 +1,243 @@
-fn main() {}
+//! `sluice-bench`: throughput of Sluice's hot paths against a baseline measured in the
+//! same run, on the same server. Each scenario prints one JSON line:
+//! `{"scenario":..., "baseline_per_s":..., "sluice_per_s":..., "ratio":...}`.
+//!
+//! Scenarios:
+//! - `mongo-insert`: raw driver `insert_many` of event documents vs the store's event
+//!   writer (dedupe ledger + session/user aggregates + events) on the same documents.
+//! - `track-ingest`: a loopback load generator posting batches to `sluice serve`, events
+//!   durably stored per second, vs raw `insert_many` of the same documents.
+//!
+//! Run in release mode: `cargo run --release --bin sluice-bench -- [SCENARIO...]`.
+
+use std::time::Instant;
+
+use anyhow::Context;
+use bson::Document;
+use clap::Parser;
+use serde_json::{json, Value};
+use sluice::demo::Traffic;
+use sluice_connectors::mongo::{EventWriter, WriterOptions};
+use sluice_connectors::Store;
+use sluice_core::config::{RawConfig, WriteConcernLevel};
+use sluice_core::model::{collections as c, Event, EventMetadata};
+use sluice_core::tracking::{parse_event, RequestContext};
+
+#[derive(Parser)]
+struct Args {
+    /// Scenarios to run (default: all).
+    scenarios: Vec<String>,
+    /// Events per scenario.
+    #[arg(long, default_value_t = 50_000)]
+    events: usize,
+    /// Measurement rounds; the best round of each side is reported.
+    #[arg(long, default_value_t = 2)]
+    rounds: usize,
+}
+
+const SCENARIOS: &[&str] = &["mongo-insert", "track-ingest"];
+const INSERT_BATCH: usize = 1_000;
+
+fn mongo_uri() -> String {
+    std::env::var("SLUICE_MONGODB_URI")
+        .unwrap_or_else(|_| "mongodb://127.0.0.1:27017/?directConnection=true".into())
+}
+
+async fn fresh_store(tag: &str) -> anyhow::Result<Store> {
+    let name = format!(
+        "sluice_bench_{tag}_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let store = Store::connect_uri(&mongo_uri(), &name, &WriteConcernLevel::Majority).await?;
+    store.init().await?;
+    Ok(store)
+}
+
+/// The generated traffic as tracking JSON and as the documents Sluice would store.
+fn workload(n: usize) -> anyhow::Result<(Vec<Value>, Vec<Event>)> {
+    let now = chrono::Utc::now().timestamp_millis();
+    let mut traffic = Traffic::new(11);
+    let mut json_events = Vec::with_capacity(n);
+    while json_events.len() < n {
+        json_events.extend(traffic.visitors(200, now, 24 * 3_600_000));
+    }
+    json_events.truncate(n);
+    traffic.shuffle(&mut json_events);
+    let ctx = RequestContext {
+        received_at_ms: now,
+        max_future_ms: 300_000,
+        ..Default::default()
+    };
+    let events = json_events
+        .iter()
+        .map(|v| parse_event(v, &ctx, EventMetadata::default()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("generated event invalid: {e}"))?;
+    Ok((json_events, events))
+}
+
+/// Baseline: the same documents, raw `insert_many` in batches into `events`, from
+/// `streams` concurrent tasks (as many as the Sluice side uses).
+async fn raw_insert(events: &[Event], streams: usize) -> anyhow::Result<f64> {
+    let store = fresh_store("raw").await?;
+    let docs: Vec<Document> = events
+        .iter()
+        .map(bson::to_document)
+        .collect::<Result<_, _>>()?;
+    let chunks: Vec<Vec<Document>> = docs.chunks(INSERT_BATCH).map(<[_]>::to_vec).collect();
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for lane in 0..streams {
+        let mine: Vec<Vec<Document>> = chunks.iter().skip(lane).step_by(streams).cloned().collect();
+        let coll = store.collection(c::EVENTS);
+        let wc = store.write_concern().clone();
+        tasks.push(tokio::spawn(async move {
+            for chunk in mine {
+                coll.insert_many(chunk)
+                    .ordered(false)
+                    .write_concern(wc.clone())
+                    .await?;
+            }
+            Ok::<(), mongodb::error::Error>(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let rate = docs.len() as f64 / started.elapsed().as_secs_f64();
+    store.db().drop().await?;
+    Ok(rate)
+}
+
+async fn writer_insert(events: &[Event]) -> anyhow::Result<f64> {
+    let store = fresh_store("writer").await?;
+    let writer = EventWriter::new(store.clone(), WriterOptions::default());
+    let started = Instant::now();
+    for chunk in events.chunks(INSERT_BATCH) {
+        writer.write(chunk).await?;
+    }
+    let rate = events.len() as f64 / started.elapsed().as_secs_f64();
+    let stored = store
+        .collection(c::EVENTS)
+        .count_documents(bson::doc! {})
+        .await?;
+    anyhow::ensure!(
+        stored as usize == events.len(),
+        "writer stored {stored} of {}",
+        events.len()
+    );
+    store.db().drop().await?;
+    Ok(rate)
+}
+
+async fn http_ingest(json_events: &[Value]) -> anyhow::Result<f64> {
+    let store = fresh_store("track").await?;
+    let mut raw = RawConfig::default();
+    raw.mongodb.uri = mongo_uri();
+    raw.mongodb.database = store.db().name().to_string();
+    let config = sluice_core::config::validate("bench", &Default::default(), raw, &|_| None)?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let server = sluice::server::start(config, store.clone(), listener, false).await?;
+    let url = format!("http://{}/v1/batch", server.addr);
+    let client = reqwest::Client::new();
+    let batches: Vec<Value> = json_events
+        .chunks(500)
+        .map(|b| json!({ "batch": b }))
+        .collect();
+    let concurrency = 8;
+    let started = Instant::now();
+    let mut lanes = Vec::new();
+    for lane in 0..concurrency {
+        let mine: Vec<Value> = batches
+            .iter()
+            .skip(lane)
+            .step_by(concurrency)
+            .cloned()
+            .collect();
+        let client = client.clone();
+        let url = url.clone();
+        lanes.push(tokio::spawn(async move {
+            let mut stored = 0u64;
+            for body in mine {
+                loop {
+                    let resp = client.post(&url).json(&body).send().await?;
+                    if resp.status() == 503 {
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                    anyhow::ensure!(resp.status().is_success(), "status {}", resp.status());
+                    let v: Value = resp.json().await?;
+                    stored += v["stored"].as_u64().unwrap_or(0);
+                    break;
+                }
+            }
+            Ok::<u64, anyhow::Error>(stored)
+        }));
+    }
+    let mut stored = 0;
+    for lane in lanes {
+        stored += lane.await??;
+    }
+    let rate = stored as f64 / started.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        stored as usize == json_events.len(),
+        "stored {stored} of {}",
+        json_events.len()
+    );
+    server.shutdown().await;
+    store.db().drop().await?;
+    Ok(rate)
+}
+
+fn report(scenario: &str, baseline: f64, sluice: f64, extra: Value) {
+    let mut line = json!({
+        "scenario": scenario,
+        "baseline_per_s": baseline.round(),
+        "sluice_per_s": sluice.round(),
+        "ratio": ((sluice / baseline) * 1000.0).round() / 1000.0,
+    });
+    if let (Some(obj), Value::Object(more)) = (line.as_object_mut(), extra) {
+        obj.extend(more);
+    }
+    println!("{line}");
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let chosen: Vec<String> = if args.scenarios.is_empty() {
+        SCENARIOS.iter().map(|s| s.to_string()).collect()
+    } else {
+        args.scenarios.clone()
+    };
+    for s in &chosen {
+        anyhow::ensure!(
+            SCENARIOS.contains(&s.as_str()),
+            "unknown scenario `{s}` (available: {})",
+            SCENARIOS.join(", ")
+        );
+    }
+    let (json_events, events) = workload(args.events)?;
+    for scenario in chosen {
+        let (mut best_base, mut best_sluice) = (0f64, 0f64);
+        for _ in 0..args.rounds.max(1) {
+            // The writer benchmark is one sequential stream; the endpoint runs
+            // `tracking.writers` (4) concurrent writers: the baseline matches each.
+            let streams = if scenario == "mongo-insert" { 1 } else { 4 };
+            best_base = best_base.max(raw_insert(&events, streams).await.context("baseline")?);
+            let s = match scenario.as_str() {
+                "mongo-insert" => writer_insert(&events).await,
+                _ => http_ingest(&json_events).await,
+            }
+            .with_context(|| scenario.clone())?;
+            best_sluice = best_sluice.max(s);
+        }
+        report(
+            &scenario,
+            best_base,
+            best_sluice,
+            json!({ "events": events.len(), "rounds": args.rounds }),
+        );
+    }
+    Ok(())
+}

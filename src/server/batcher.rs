@@ -1,7 +1,10 @@
 //! The bounded in-process batcher between the HTTP handlers and MongoDB.
 //!
 //! Handlers submit the events of one request and wait for their statuses; writer tasks
-//! coalesce queued requests into writes of up to `write_batch_size` events. The queue is
+//! coalesce queued requests into writes of up to `write_batch_size` events. Events are
+//! routed to writers by a hash of their visitor, so one visitor's sessions and profile are
+//! only ever written by one writer: concurrent writers do not conflict on the same
+//! documents (a conflict is still correct, it only costs a transaction retry). The queue is
 //! bounded in events by a semaphore: when it is full, `submit` fails at once (the endpoint
 //! answers 503 with `Retry-After`) instead of buffering without bound. A request is only
 //! answered after MongoDB acknowledged its events.
@@ -11,7 +14,7 @@ use std::time::Instant;
 
 use sluice_connectors::mongo::{EventWriter, WriteStatus};
 use sluice_core::model::Event;
-use tokio::sync::{mpsc, oneshot, Mutex, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 use super::metrics::Metrics;
@@ -35,7 +38,7 @@ struct Job {
 /// Cheap to clone; the queue closes when every clone is dropped.
 #[derive(Clone)]
 pub struct Batcher {
-    tx: mpsc::Sender<Job>,
+    lanes: Arc<Vec<mpsc::Sender<Job>>>,
     permits: Arc<Semaphore>,
     capacity: usize,
 }
@@ -50,18 +53,19 @@ impl Batcher {
         writers: usize,
         metrics: Arc<Metrics>,
     ) -> (Self, Vec<JoinHandle<()>>) {
-        let (tx, rx) = mpsc::channel::<Job>(capacity);
-        let rx = Arc::new(Mutex::new(rx));
-        let handles = (0..writers)
-            .map(|_| {
-                let rx = rx.clone();
-                let writer = writer.clone();
-                let metrics = metrics.clone();
-                tokio::spawn(async move { write_loop(rx, writer, batch_size, metrics).await })
-            })
-            .collect();
+        let mut lanes = Vec::with_capacity(writers);
+        let mut handles = Vec::with_capacity(writers);
+        for _ in 0..writers.max(1) {
+            let (tx, rx) = mpsc::channel::<Job>(capacity);
+            let writer = writer.clone();
+            let metrics = metrics.clone();
+            handles.push(tokio::spawn(async move {
+                write_loop(rx, writer, batch_size, metrics).await
+            }));
+            lanes.push(tx);
+        }
         let batcher = Self {
-            tx,
+            lanes: Arc::new(lanes),
             permits: Arc::new(Semaphore::new(capacity)),
             capacity,
         };
@@ -78,54 +82,85 @@ impl Batcher {
         if events.is_empty() {
             return Ok(Vec::new());
         }
-        let n = u32::try_from(events.len()).map_err(|_| SubmitError::Full)?;
-        let permit = self
+        let total = events.len();
+        let n = u32::try_from(total).map_err(|_| SubmitError::Full)?;
+        let mut permit = self
             .permits
             .clone()
             .try_acquire_many_owned(n)
             .map_err(|_| SubmitError::Full)?;
-        let (reply, answer) = oneshot::channel();
-        self.tx
-            .try_send(Job {
-                events,
-                reply,
-                _permit: permit,
-            })
-            .map_err(|e| match e {
-                mpsc::error::TrySendError::Full(_) => SubmitError::Full,
-                mpsc::error::TrySendError::Closed(_) => SubmitError::Closed,
-            })?;
-        match answer.await {
-            Ok(Ok(statuses)) => Ok(statuses),
-            Ok(Err(e)) => Err(SubmitError::Store(e)),
-            Err(_) => Err(SubmitError::Closed),
+        // Split by lane, remembering each event's position in the request.
+        let mut parts: Vec<(Vec<usize>, Vec<Event>)> = vec![Default::default(); self.lanes.len()];
+        for (i, e) in events.into_iter().enumerate() {
+            let lane = lane_of(&e.user_id, self.lanes.len());
+            parts[lane].0.push(i);
+            parts[lane].1.push(e);
         }
+        let mut answers = Vec::new();
+        for (lane, (positions, events)) in parts.into_iter().enumerate() {
+            if events.is_empty() {
+                continue;
+            }
+            // The permits travel with the job and return when it is answered.
+            let share = permit.split(events.len()).ok_or(SubmitError::Full)?;
+            let (reply, answer) = oneshot::channel();
+            self.lanes[lane]
+                .try_send(Job {
+                    events,
+                    reply,
+                    _permit: share,
+                })
+                .map_err(|e| match e {
+                    mpsc::error::TrySendError::Full(_) => SubmitError::Full,
+                    mpsc::error::TrySendError::Closed(_) => SubmitError::Closed,
+                })?;
+            answers.push((positions, answer));
+        }
+        let mut statuses = vec![WriteStatus::Retry; total];
+        for (positions, answer) in answers {
+            match answer.await {
+                Ok(Ok(part)) => {
+                    for (pos, status) in positions.into_iter().zip(part) {
+                        statuses[pos] = status;
+                    }
+                }
+                Ok(Err(e)) => return Err(SubmitError::Store(e)),
+                Err(_) => return Err(SubmitError::Closed),
+            }
+        }
+        Ok(statuses)
     }
 }
 
+/// The writer lane of a visitor (FNV-1a: stable and cheap).
+fn lane_of(user_id: &str, lanes: usize) -> usize {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in user_id.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    (h % lanes as u64) as usize
+}
+
 async fn write_loop(
-    rx: Arc<Mutex<mpsc::Receiver<Job>>>,
+    mut rx: mpsc::Receiver<Job>,
     writer: EventWriter,
     batch_size: usize,
     metrics: Arc<Metrics>,
 ) {
     loop {
         let mut jobs = Vec::new();
-        {
-            let mut rx = rx.lock().await;
-            match rx.recv().await {
-                Some(job) => jobs.push(job),
-                None => return,
-            }
-            let mut total = jobs[0].events.len();
-            while total < batch_size {
-                match rx.try_recv() {
-                    Ok(job) => {
-                        total += job.events.len();
-                        jobs.push(job);
-                    }
-                    Err(_) => break,
+        match rx.recv().await {
+            Some(job) => jobs.push(job),
+            None => return,
+        }
+        let mut total = jobs[0].events.len();
+        while total < batch_size {
+            match rx.try_recv() {
+                Ok(job) => {
+                    total += job.events.len();
+                    jobs.push(job);
                 }
+                Err(_) => break,
             }
         }
         let events: Vec<Event> = jobs.iter().flat_map(|j| j.events.iter().cloned()).collect();

@@ -22,7 +22,6 @@ use std::time::Duration;
 use bson::{doc, Bson, DateTime, Document};
 use futures_util::TryStreamExt;
 use mongodb::error::{TRANSIENT_TRANSACTION_ERROR, UNKNOWN_TRANSACTION_COMMIT_RESULT};
-use mongodb::options::{ReplaceOneModel, UpdateOneModel, WriteModel};
 use mongodb::ClientSession;
 use sluice_core::aggregate::{fold_session, fold_user};
 use sluice_core::model::{
@@ -159,7 +158,10 @@ impl EventWriter {
                 .transaction_body(&mut session, events, unique, now)
                 .await
             {
-                Ok(claimed) => commit(&mut session).await.map(|()| claimed),
+                Ok(claimed) => commit(&mut session)
+                    .await
+                    .map(|()| claimed)
+                    .map_err(TxnError::from),
                 Err(err) => Err(err),
             };
             match outcome {
@@ -175,7 +177,10 @@ impl EventWriter {
                 }
                 Err(err) => {
                     let _ = session.abort_transaction().await;
-                    return Err(StoreError::mongo(c::EVENT_IDS, "claim transaction")(err));
+                    return Err(StoreError::Transaction {
+                        attempts: attempt,
+                        message: err.to_string(),
+                    });
                 }
             }
         }
@@ -187,7 +192,7 @@ impl EventWriter {
         events: &[Event],
         unique: &[usize],
         now: DateTime,
-    ) -> Result<Claimed, mongodb::error::Error> {
+    ) -> Result<Claimed, TxnError> {
         let ledger = self.store.collection(c::EVENT_IDS);
         let ids: Vec<&str> = unique
             .iter()
@@ -230,26 +235,25 @@ impl EventWriter {
         ledger.insert_many(claims).session(&mut *session).await?;
 
         let new_events: Vec<&Event> = claimed.new.iter().map(|&i| &events[i]).collect();
-        let mut models = self.session_models(session, &new_events, now).await?;
-        let user_models = self.user_models(session, &new_events, &models, now).await?;
-        models.extend(user_models);
-        let models: Vec<WriteModel> = models.into_iter().map(|(_, m)| m).collect();
-        self.store
-            .client()
-            .bulk_write(models)
-            .session(&mut *session)
+        let (session_writes, new_sessions) = self.session_writes(session, &new_events, now).await?;
+        let user_writes = self
+            .user_writes(session, &new_events, &new_sessions, now)
             .await?;
+        session_writes
+            .apply(&self.store, c::SESSIONS, session)
+            .await?;
+        user_writes.apply(&self.store, c::USERS, session).await?;
         Ok(claimed)
     }
 
-    /// Upserts for the sessions of `new_events`; the `Option<String>` is the visitor of
-    /// a session created by this batch.
-    async fn session_models(
+    /// Folds `new_events` into their sessions; also returns how many sessions each
+    /// visitor gained.
+    async fn session_writes(
         &self,
         session: &mut ClientSession,
         new_events: &[&Event],
         now: DateTime,
-    ) -> Result<Vec<(Option<String>, WriteModel)>, mongodb::error::Error> {
+    ) -> Result<(Writes, HashMap<String, i64>), TxnError> {
         let sessions = self.store.db().collection::<Session>(c::SESSIONS);
         let mut by_session: BTreeMap<&str, Vec<&Event>> = BTreeMap::new();
         for e in new_events {
@@ -264,95 +268,83 @@ impl EventWriter {
         while let Some(found) = cursor.next(&mut *session).await.transpose()? {
             existing.insert(found.session_id.clone(), found);
         }
-        let mut models = Vec::with_capacity(by_session.len());
+        let mut writes = Writes::default();
+        let mut new_sessions: HashMap<String, i64> = HashMap::new();
         for (id, evs) in by_session {
             let before = existing.remove(id);
-            let created = before.is_none();
+            let key = before.as_ref().and_then(|b| b.id);
             let mut folded = fold_session(before, &evs, now);
             folded.id = None;
-            let replacement = bson::to_document(&folded)?;
-            let owner = created.then(|| folded.user_id.clone());
-            models.push((
-                owner,
-                WriteModel::ReplaceOne(
-                    ReplaceOneModel::builder()
-                        .namespace(sessions.namespace())
-                        .filter(doc! { s::SESSION_ID: id })
-                        .replacement(replacement)
-                        .upsert(true)
-                        .build(),
-                ),
-            ));
+            let document = bson::to_document(&folded)?;
+            match key {
+                Some(oid) => writes
+                    .updates
+                    .push(doc! { "q": { common::ID: oid }, "u": document }),
+                None => {
+                    *new_sessions.entry(folded.user_id.clone()).or_default() += 1;
+                    writes.inserts.push(document);
+                }
+            }
         }
-        Ok(models)
+        Ok((writes, new_sessions))
     }
 
-    /// Upserts for the visitors of `new_events`. Only aggregate fields are set, so
-    /// profile fields written by imports or identify calls are left alone.
-    async fn user_models(
+    /// Folds `new_events` into their visitors. Existing profiles get only their aggregate
+    /// fields set, so profile fields written by imports or identify calls are left alone.
+    async fn user_writes(
         &self,
         session: &mut ClientSession,
         new_events: &[&Event],
-        session_models: &[(Option<String>, WriteModel)],
+        new_sessions: &HashMap<String, i64>,
         now: DateTime,
-    ) -> Result<Vec<(Option<String>, WriteModel)>, mongodb::error::Error> {
+    ) -> Result<Writes, TxnError> {
         let users = self.store.collection(c::USERS);
         let mut by_user: BTreeMap<&str, Vec<&Event>> = BTreeMap::new();
         for e in new_events {
             by_user.entry(e.user_id.as_str()).or_default().push(e);
         }
-        let mut new_sessions: HashMap<&str, i64> = HashMap::new();
-        for (owner, _) in session_models {
-            if let Some(owner) = owner {
-                *new_sessions.entry(owner.as_str()).or_default() += 1;
-            }
-        }
         let keys: Vec<&str> = by_user.keys().copied().collect();
         let mut cursor = users
             .find(doc! { u::VISITOR_ID: { "$in": &keys } })
+            .projection(doc! {
+                common::ID: 1, u::VISITOR_ID: 1, u::FIRST_SEEN: 1, u::LAST_SEEN: 1,
+                u::TOTAL_SESSIONS: 1, u::TOTAL_EVENTS: 1, u::TOTAL_PURCHASES: 1,
+                u::TOTAL_REVENUE: 1, u::TOTAL_REVENUE_MICROS: 1,
+            })
             .session(&mut *session)
             .await?;
-        let mut existing: HashMap<String, User> = HashMap::new();
+        let mut existing: HashMap<String, (Bson, User)> = HashMap::new();
         while let Some(d) = cursor.next(&mut *session).await.transpose()? {
-            if let Ok(v) = d.get_str(u::VISITOR_ID) {
-                existing.insert(v.to_string(), user_aggregates(v, &d));
+            if let (Ok(v), Some(id)) = (d.get_str(u::VISITOR_ID), d.get(common::ID)) {
+                existing.insert(v.to_string(), (id.clone(), user_aggregates(v, &d)));
             }
         }
-        let mut models = Vec::with_capacity(by_user.len());
+        let mut writes = Writes::default();
         for (visitor, evs) in by_user {
             let added = new_sessions.get(visitor).copied().unwrap_or(0);
-            let folded = fold_user(existing.remove(visitor), visitor, &evs, added, now);
-            let update = doc! {
-                "$set": {
-                    u::FIRST_SEEN: folded.first_seen,
-                    u::LAST_SEEN: folded.last_seen,
-                    u::TOTAL_SESSIONS: folded.total_sessions,
-                    u::TOTAL_EVENTS: folded.total_events,
-                    u::TOTAL_PURCHASES: folded.total_purchases,
-                    u::TOTAL_REVENUE: folded.total_revenue,
-                    u::TOTAL_REVENUE_MICROS: folded.total_revenue_micros,
-                    common::UPDATED_AT: now,
-                },
-                "$setOnInsert": {
-                    u::ATTRIBUTES: {},
-                    u::TAGS: [],
-                    u::SEGMENTS: [],
-                    common::CREATED_AT: now,
-                },
+            let (key, before) = match existing.remove(visitor) {
+                Some((id, user)) => (Some(id), Some(user)),
+                None => (None, None),
             };
-            models.push((
-                None,
-                WriteModel::UpdateOne(
-                    UpdateOneModel::builder()
-                        .namespace(users.namespace())
-                        .filter(doc! { u::VISITOR_ID: visitor })
-                        .update(update)
-                        .upsert(true)
-                        .build(),
-                ),
-            ));
+            let folded = fold_user(before, visitor, &evs, added, now);
+            match key {
+                Some(id) => writes.updates.push(doc! {
+                    "q": { common::ID: id },
+                    "u": { "$set": {
+                        u::FIRST_SEEN: folded.first_seen,
+                        u::LAST_SEEN: folded.last_seen,
+                        u::TOTAL_SESSIONS: folded.total_sessions,
+                        u::TOTAL_EVENTS: folded.total_events,
+                        u::TOTAL_PURCHASES: folded.total_purchases,
+                        u::TOTAL_REVENUE: folded.total_revenue,
+                        u::TOTAL_REVENUE_MICROS: folded.total_revenue_micros,
+                        common::UPDATED_AT: now,
+                    } },
+                }),
+                None => writes.inserts.push(bson::to_document(&folded)?),
+            }
         }
-        Ok(models)
+        Ok(writes)
     }
 
     /// Step 3: events whose id was claimed before this batch.
@@ -418,24 +410,114 @@ impl EventWriter {
     }
 }
 
-/// Whether the whole transaction may simply be run again: the driver's label, or a write
-/// conflict (code 112) that some servers report per write inside a bulk write instead.
-fn is_transient(err: &mongodb::error::Error) -> bool {
-    use mongodb::error::{ErrorKind, WriteFailure};
-    const WRITE_CONFLICT: i32 = 112;
-    if err.contains_label(TRANSIENT_TRANSACTION_ERROR) {
-        return true;
+/// Write conflict: another transaction changed the same document.
+const WRITE_CONFLICT: i32 = 112;
+/// Duplicate key: a concurrent writer inserted the same session, user or claim first.
+const DUPLICATE_KEY: i32 = 11000;
+
+/// An error inside the claim transaction.
+#[derive(Debug)]
+enum TxnError {
+    Mongo(mongodb::error::Error),
+    /// A per-statement error reported in an `update` command's `writeErrors`.
+    Statement {
+        code: i32,
+        message: String,
+    },
+    Encode(String),
+}
+
+impl From<mongodb::error::Error> for TxnError {
+    fn from(e: mongodb::error::Error) -> Self {
+        TxnError::Mongo(e)
     }
-    match err.kind.as_ref() {
-        ErrorKind::Command(c) => c.code == WRITE_CONFLICT,
-        ErrorKind::Write(WriteFailure::WriteError(w)) => w.code == WRITE_CONFLICT,
-        ErrorKind::BulkWrite(b) => b.write_errors.values().any(|w| w.code == WRITE_CONFLICT),
-        ErrorKind::InsertMany(i) => i
-            .write_errors
-            .iter()
-            .flatten()
-            .any(|w| w.code == WRITE_CONFLICT),
-        _ => false,
+}
+
+impl From<bson::ser::Error> for TxnError {
+    fn from(e: bson::ser::Error) -> Self {
+        TxnError::Encode(e.to_string())
+    }
+}
+
+impl std::fmt::Display for TxnError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TxnError::Mongo(e) => write!(f, "{e}"),
+            TxnError::Statement { code, message } => write!(f, "write error {code}: {message}"),
+            TxnError::Encode(m) => write!(f, "cannot encode: {m}"),
+        }
+    }
+}
+
+/// Whether the whole transaction may simply be run again: the driver's label, a write
+/// conflict that some servers report per write instead of as a labelled error, or a
+/// duplicate key from a concurrent writer that inserted the same document first (the
+/// next attempt reads it and updates it instead).
+fn is_transient(err: &TxnError) -> bool {
+    use mongodb::error::{ErrorKind, WriteFailure};
+    let retryable = |code: i32| code == WRITE_CONFLICT || code == DUPLICATE_KEY;
+    match err {
+        TxnError::Mongo(err) => {
+            if err.contains_label(TRANSIENT_TRANSACTION_ERROR) {
+                return true;
+            }
+            match err.kind.as_ref() {
+                ErrorKind::Command(c) => retryable(c.code),
+                ErrorKind::Write(WriteFailure::WriteError(w)) => retryable(w.code),
+                ErrorKind::BulkWrite(b) => b.write_errors.values().any(|w| retryable(w.code)),
+                ErrorKind::InsertMany(i) => {
+                    i.write_errors.iter().flatten().any(|w| retryable(w.code))
+                }
+                _ => false,
+            }
+        }
+        TxnError::Statement { code, .. } => retryable(*code),
+        TxnError::Encode(_) => false,
+    }
+}
+
+/// The inserts and updates of one collection inside the claim transaction.
+#[derive(Default)]
+struct Writes {
+    inserts: Vec<Document>,
+    /// `update` command statements (`{q, u}`), all by `_id`.
+    updates: Vec<Document>,
+}
+
+impl Writes {
+    async fn apply(
+        self,
+        store: &Store,
+        collection: &str,
+        session: &mut ClientSession,
+    ) -> Result<(), TxnError> {
+        if !self.inserts.is_empty() {
+            store
+                .collection(collection)
+                .insert_many(self.inserts)
+                .session(&mut *session)
+                .await?;
+        }
+        if !self.updates.is_empty() {
+            // One `update` command carries every statement: one round trip, and unlike
+            // the newer `bulkWrite` command it exists on every MongoDB version.
+            let reply = store
+                .db()
+                .run_command(
+                    doc! { "update": collection, "updates": self.updates, "ordered": true },
+                )
+                .session(&mut *session)
+                .await?;
+            if let Ok(errors) = reply.get_array("writeErrors") {
+                if let Some(Bson::Document(first)) = errors.first() {
+                    return Err(TxnError::Statement {
+                        code: first.get_i32("code").unwrap_or(0),
+                        message: first.get_str("errmsg").unwrap_or("").to_string(),
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 }
 

@@ -32,6 +32,8 @@ pub enum StoreError {
     },
     #[error("`{collection}` exists but is not a time-series collection; events need one (see README, \"events storage\")")]
     NotTimeSeries { collection: String },
+    #[error("the claim transaction (ledger, sessions, users) failed after {attempts} attempt(s): {message}")]
+    Transaction { attempts: u32, message: String },
     #[error("cannot encode a document for `{collection}`: {message}")]
     Encode { collection: String, message: String },
 }

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Quick start, command 2: starts the local servers if they are not running, then runs
+# every test of the workspace against them. Extra arguments go to `cargo test`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/services.sh up >/dev/null
+eval "$(scripts/services.sh env)"
+cargo test --workspace "$@"

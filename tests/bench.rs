@@ -1,0 +1,40 @@
+//! The benchmark binary runs end to end and prints one well-formed JSON line per
+//! scenario (tiny sizes: this checks the harness, not the speed).
+
+use std::process::Command;
+
+#[test]
+fn every_scenario_prints_a_ratio_line() {
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice-bench"))
+        .args(["--events", "300", "--rounds", "1"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    let names: Vec<&str> = lines.iter().map(|l| l["scenario"].as_str().unwrap()).collect();
+    assert_eq!(names, ["mongo-insert", "track-ingest"]);
+    for l in &lines {
+        let (base, sluice, ratio) = (
+            l["baseline_per_s"].as_f64().unwrap(),
+            l["sluice_per_s"].as_f64().unwrap(),
+            l["ratio"].as_f64().unwrap(),
+        );
+        assert!(base > 0.0 && sluice > 0.0, "{l}");
+        assert!((ratio - sluice / base).abs() < 0.01, "{l}");
+    }
+}
+
+#[test]
+fn unknown_scenario_is_named_with_the_available_ones() {
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice-bench"))
+        .arg("nope")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("`nope`") && err.contains("mongo-insert"), "{err}");
+}
