@@ -10,12 +10,19 @@ fn every_scenario_prints_a_ratio_line() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let lines: Vec<serde_json::Value> = stdout
         .lines()
         .map(|l| serde_json::from_str(l).expect("a JSON line"))
         .collect();
-    let names: Vec<&str> = lines.iter().map(|l| l["scenario"].as_str().unwrap()).collect();
+    let names: Vec<&str> = lines
+        .iter()
+        .map(|l| l["scenario"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["mongo-insert", "track-ingest"]);
     for l in &lines {
         let (base, sluice, ratio) = (
@@ -36,5 +43,8 @@ fn unknown_scenario_is_named_with_the_available_ones() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("`nope`") && err.contains("mongo-insert"), "{err}");
+    assert!(
+        err.contains("`nope`") && err.contains("mongo-insert"),
+        "{err}"
+    );
 }
