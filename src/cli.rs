@@ -98,3 +98,131 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     handle.wait().await;
     Ok(())
 }
+
+/// Opens the export destination: `override_url` (from `--dest`) or the config's.
+pub async fn open_destination(
+    config: &Config,
+    override_url: Option<&str>,
+) -> anyhow::Result<sluice_connectors::objstore::ObjectStore> {
+    use sluice_connectors::objstore::{LocalDir, ObjectStore, S3Settings, S3Store};
+    use sluice_core::config::Destination;
+    let destination = match override_url {
+        Some(url) => {
+            Destination::parse(url).map_err(|e| anyhow::anyhow!("--dest: expected {e}"))?
+        }
+        None => config.destination.clone(),
+    };
+    Ok(match destination {
+        Destination::Local(path) => ObjectStore::Local(LocalDir::new(path)),
+        Destination::S3 { bucket, prefix } => {
+            let s3 = &config.s3;
+            ObjectStore::S3(
+                S3Store::connect(&S3Settings {
+                    bucket,
+                    prefix,
+                    endpoint: s3.endpoint.clone(),
+                    region: s3.region.clone(),
+                    access_key: s3.access_key.expose().to_string(),
+                    secret_key: s3.secret_key.expose().to_string(),
+                    path_style: s3.path_style,
+                })
+                .await?,
+            )
+        }
+    })
+}
+
+/// Prints export progress on stderr every half second until `done` resolves.
+pub fn spawn_progress(
+    progress: std::sync::Arc<sluice_jobs::export::Progress>,
+) -> tokio::task::JoinHandle<()> {
+    use std::io::{IsTerminal, Write};
+    use std::sync::atomic::Ordering::Relaxed;
+    let tty = std::io::stderr().is_terminal();
+    let started = std::time::Instant::now();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(if tty {
+            500
+        } else {
+            10_000
+        }));
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let rows = progress.rows_read.load(Relaxed);
+            let bytes = progress.bytes_uploaded.load(Relaxed);
+            let secs = started.elapsed().as_secs_f64().max(0.001);
+            let line = format!(
+                "  {rows} rows read, {:.1} MB uploaded, {:.0} rows/s",
+                bytes as f64 / 1e6,
+                rows as f64 / secs
+            );
+            let mut err = std::io::stderr();
+            if tty {
+                let _ = write!(err, "\r{line}   ");
+            } else {
+                let _ = writeln!(err, "{line}");
+            }
+            let _ = err.flush();
+        }
+    })
+}
+
+/// `sluice export run`: one export with a progress display and a summary.
+pub async fn export_run(
+    config: &Config,
+    kind: sluice_core::model::ExportJobType,
+    from: Option<chrono::NaiveDate>,
+    to: Option<chrono::NaiveDate>,
+    dest: Option<&str>,
+) -> anyhow::Result<sluice_jobs::export::ExportSummary> {
+    use sluice_jobs::export::{run_export, ExportContext, ExportRequest};
+    let store = Store::connect(config).await?;
+    store.init().await?;
+    let destination = open_destination(config, dest).await?;
+    let yesterday = chrono::Utc::now().date_naive() - chrono::Days::new(1);
+    let from = from.or(to).unwrap_or(yesterday);
+    let to = to.unwrap_or(from);
+    let ctx = ExportContext::new(store, destination);
+    let request = ExportRequest {
+        kind,
+        from,
+        to,
+        archive_after_days: config.archive_after_days,
+        archive_settle: sluice_jobs::export::DEFAULT_ARCHIVE_SETTLE,
+    };
+    let ticker = spawn_progress(ctx.progress.clone());
+    let result = run_export(&ctx, &request).await;
+    ticker.abort();
+    eprintln!();
+    let summary = result?;
+    println!(
+        "export {} {}: {} rows in {} files, {:.1} MB, {:.1} s -> {}",
+        summary.job_id,
+        summary.kind,
+        summary.rows,
+        summary
+            .partitions
+            .iter()
+            .map(|p| p.files.len())
+            .sum::<usize>(),
+        summary.bytes as f64 / 1e6,
+        summary.elapsed.as_secs_f64(),
+        summary.destination
+    );
+    for p in &summary.partitions {
+        println!(
+            "  {:<32} {:>8} rows {:>3} files",
+            p.prefix,
+            p.rows,
+            p.files.len()
+        );
+    }
+    if summary.deleted > 0 {
+        println!(
+            "  archived and deleted {} events from MongoDB",
+            summary.deleted
+        );
+    }
+    Ok(summary)
+}

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use sluice::cli;
+use sluice_core::model::ExportJobType;
 
 #[derive(Parser)]
 #[command(
@@ -34,6 +35,11 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Export jobs (Parquet to a local folder or S3).
+    Export {
+        #[command(subcommand)]
+        command: ExportCommand,
+    },
     /// The main job on embedded defaults: track a realistic stream of events through the
     /// HTTP endpoint and report what was stored.
     Demo {
@@ -41,6 +47,29 @@ enum Command {
         #[arg(long, default_value_t = 40)]
         visitors: usize,
     },
+}
+
+#[derive(Subcommand)]
+enum ExportCommand {
+    /// Run one export now: EVENT_DATA, USER_DATA, DAILY_ANALYTICS or ARCHIVE.
+    Run {
+        /// The export type.
+        #[arg(value_parser = parse_kind)]
+        kind: ExportJobType,
+        /// First day (YYYY-MM-DD, UTC); default: yesterday.
+        #[arg(long)]
+        from: Option<chrono::NaiveDate>,
+        /// Last day, inclusive; default: the first day.
+        #[arg(long)]
+        to: Option<chrono::NaiveDate>,
+        /// Destination overriding `export.destination` (folder or s3://bucket/prefix).
+        #[arg(long)]
+        dest: Option<String>,
+    },
+}
+
+fn parse_kind(text: &str) -> Result<ExportJobType, String> {
+    ExportJobType::parse(&text.to_ascii_uppercase().replace('-', "_"))
 }
 
 #[derive(Subcommand)]
@@ -95,6 +124,17 @@ fn main() -> ExitCode {
             Command::Db {
                 command: DbCommand::Init,
             } => cli::db_init(&config).await.map(|_| ()),
+            Command::Export {
+                command:
+                    ExportCommand::Run {
+                        kind,
+                        from,
+                        to,
+                        dest,
+                    },
+            } => cli::export_run(&config, kind, from, to, dest.as_deref())
+                .await
+                .map(|_| ()),
             Command::Demo { visitors } => sluice::demo::run(config, visitors).await,
             Command::Config { .. } => unreachable!("handled before the runtime starts"),
         }

@@ -2,5 +2,7 @@
 //! event writer, session upkeep). HTTP sources and sinks and object storage join here.
 
 pub mod mongo;
+pub mod objstore;
+pub mod parquet;
 
 pub use mongo::{Store, StoreError};

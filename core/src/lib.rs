@@ -7,5 +7,6 @@ pub mod config;
 pub mod error;
 pub mod model;
 pub mod tracking;
+pub mod transform;
 
 pub use error::{ConfigError, ValidationError};

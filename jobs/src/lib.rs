@@ -1,1 +1,5 @@
-//! Job runs (imports, exports, archival) and the scheduler.
+//! Job runs (exports and archival; imports and the scheduler join here) with their history
+//! in MongoDB.
+
+pub mod export;
+pub mod history;

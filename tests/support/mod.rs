@@ -86,3 +86,85 @@ pub async fn start_server(
         .await
         .expect("server starts")
 }
+
+/// A fresh S3 bucket on the test S3-compatible server, emptied and removed on drop.
+pub struct TestBucket {
+    pub name: String,
+    pub store: sluice_connectors::objstore::S3Store,
+}
+
+pub fn s3_settings(bucket: &str) -> sluice_connectors::objstore::S3Settings {
+    let var = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_string());
+    sluice_connectors::objstore::S3Settings {
+        bucket: bucket.to_string(),
+        prefix: "exports".into(),
+        endpoint: var("SLUICE_S3_ENDPOINT", "http://127.0.0.1:8333"),
+        region: "us-east-1".into(),
+        access_key: var("SLUICE_S3_ACCESS_KEY", "sluice"),
+        secret_key: var("SLUICE_S3_SECRET_KEY", "sluice-secret"),
+        path_style: true,
+    }
+}
+
+impl TestBucket {
+    pub async fn new() -> Self {
+        let name = format!(
+            "sluice-test-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
+        let store = sluice_connectors::objstore::S3Store::connect(&s3_settings(&name))
+            .await
+            .expect("S3 client");
+        store
+            .client()
+            .create_bucket()
+            .bucket(&name)
+            .send()
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot create bucket: {}\n(is the S3 server running? `scripts/services.sh up`)",
+                    aws_sdk_s3::error::DisplayErrorContext(e)
+                )
+            });
+        Self { name, store }
+    }
+
+    pub fn object_store(&self) -> sluice_connectors::objstore::ObjectStore {
+        sluice_connectors::objstore::ObjectStore::S3(self.store.clone())
+    }
+}
+
+impl Drop for TestBucket {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let mut settings = s3_settings(&name);
+                settings.prefix = String::new();
+                let Ok(store) = sluice_connectors::objstore::S3Store::connect(&settings).await
+                else {
+                    return;
+                };
+                if let Ok(all) = store.list("").await {
+                    let keys: Vec<String> = all.into_iter().map(|o| o.key).collect();
+                    let _ = store.delete(&keys).await;
+                }
+                let _ = store.client().delete_bucket().bucket(&name).send().await;
+            });
+        })
+        .join();
+    }
+}
+
+/// The Python with pyarrow that `scripts/services.sh` installs (an independent Parquet
+/// reader for the export tests).
+pub fn python() -> String {
+    std::env::var("SLUICE_PYTHON").unwrap_or_else(|_| {
+        panic!("SLUICE_PYTHON is not set: run the tests through `scripts/test.sh`")
+    })
+}

@@ -73,6 +73,8 @@ struct Claimed {
     new: Vec<usize>,
     /// Indices of events whose id was claimed before, with the claim time.
     earlier: Vec<(usize, DateTime)>,
+    /// Indices of events whose id was claimed and later archived (a duplicate).
+    archived: Vec<usize>,
 }
 
 impl EventWriter {
@@ -125,6 +127,9 @@ impl EventWriter {
             for &i in &claimed.new {
                 status[i] = WriteStatus::Stored;
             }
+        }
+        for &i in &claimed.archived {
+            status[i] = WriteStatus::Duplicate;
         }
         if !claimed.earlier.is_empty() {
             self.resolve_earlier(events, &claimed.earlier, now, &mut status)
@@ -202,19 +207,22 @@ impl EventWriter {
             .find(doc! { common::ID: { "$in": &ids } })
             .session(&mut *session)
             .await?;
-        let mut claimed_at: HashMap<String, DateTime> = HashMap::new();
+        let mut claimed_at: HashMap<String, Option<DateTime>> = HashMap::new();
         while let Some(d) = cursor.next(&mut *session).await.transpose()? {
             if let (Ok(id), Ok(at)) = (d.get_str(common::ID), d.get_datetime(l::CLAIMED_AT)) {
-                claimed_at.insert(id.to_string(), *at);
+                let archived = d.get_bool(l::ARCHIVED).unwrap_or(false);
+                claimed_at.insert(id.to_string(), (!archived).then_some(*at));
             }
         }
         let mut claimed = Claimed {
             new: Vec::new(),
             earlier: Vec::new(),
+            archived: Vec::new(),
         };
         for &i in unique {
             match claimed_at.get(&events[i].event_id) {
-                Some(at) => claimed.earlier.push((i, *at)),
+                Some(Some(at)) => claimed.earlier.push((i, *at)),
+                Some(None) => claimed.archived.push(i),
                 None => claimed.new.push(i),
             }
         }

@@ -39,7 +39,7 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    pub(crate) fn mongo<'a>(
+    pub fn mongo<'a>(
         collection: &'a str,
         step: &'static str,
     ) -> impl FnOnce(mongodb::error::Error) -> StoreError + 'a {

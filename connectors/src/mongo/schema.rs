@@ -8,8 +8,8 @@ use mongodb::options::{IndexOptions, TimeseriesGranularity, TimeseriesOptions};
 use mongodb::IndexModel;
 use sluice_core::model::collections as c;
 use sluice_core::model::{
-    admin_user_fields as a, event_fields as e, export_job_fields as x, integration_fields as i,
-    product_fields as p, session_fields as s, user_fields as u,
+    admin_user_fields as a, event_fields as e, event_id_fields as l, export_job_fields as x,
+    integration_fields as i, product_fields as p, session_fields as s, user_fields as u,
 };
 
 use super::{Store, StoreError};
@@ -136,6 +136,8 @@ pub fn index_specs() -> Vec<IndexSpec> {
         ),
         IndexSpec::new(c::PRODUCTS, "productId_unique", doc! { p::PRODUCT_ID: 1 }).unique(),
         IndexSpec::new(c::PRODUCTS, "category", doc! { p::CATEGORY: 1 }),
+        // the dedupe ledger, by event time (ARCHIVE marks archived claims)
+        IndexSpec::new(c::EVENT_IDS, "ts", doc! { l::TIMESTAMP: 1 }),
     ]
 }
 

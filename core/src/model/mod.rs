@@ -99,6 +99,9 @@ pub mod event_id_fields {
     /// When the claim was taken; a claim whose event is missing from `events` and whose
     /// claim time is older than the lease may be completed by another writer.
     pub const CLAIMED_AT: &str = "at";
+    /// Set by ARCHIVE runs on claims whose events were archived and deleted: a resend of
+    /// such an event is a duplicate, not an abandoned claim.
+    pub const ARCHIVED: &str = "archived";
 }
 
 pub mod admin_user_fields {
@@ -119,6 +122,11 @@ pub mod export_job_fields {
     pub const TYPE: &str = "type";
     pub const STATUS: &str = "status";
     pub const START_TIME: &str = "startTime";
+    pub const END_TIME: &str = "endTime";
+    pub const RECORDS_PROCESSED: &str = "recordsProcessed";
+    pub const DESTINATION: &str = "destination";
+    pub const ERROR: &str = "error";
+    pub const FILES: &str = "files";
 }
 
 pub mod product_fields {

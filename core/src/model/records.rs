@@ -233,6 +233,15 @@ pub struct ExportJob {
     pub destination: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The data window exported (first and last day, `YYYY-MM-DD`), when the type has one;
+    /// the scheduler catches up missed windows from the last completed one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_start: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_end: Option<String>,
+    /// Files published by the run.
+    #[serde(default)]
+    pub files: i64,
     pub created_at: DateTime,
     pub updated_at: DateTime,
 }

@@ -1,0 +1,141 @@
+//! A local folder as an object store: keys are relative paths; writes go to a temporary
+//! name and are renamed into place, so a reader never sees half a file.
+
+use std::path::{Path, PathBuf};
+
+use super::{ObjectInfo, StorageError};
+
+const BACKEND: &str = "local";
+
+#[derive(Debug, Clone)]
+pub struct LocalDir {
+    root: PathBuf,
+}
+
+impl LocalDir {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    fn path(&self, key: &str) -> PathBuf {
+        self.root.join(key)
+    }
+
+    pub fn url(&self, key: &str) -> String {
+        self.path(key).display().to_string()
+    }
+
+    async fn place(
+        &self,
+        key: &str,
+        write: impl AsyncFnOnce(&Path) -> std::io::Result<()>,
+    ) -> Result<(), StorageError> {
+        let target = self.path(key);
+        let err = |op, e: std::io::Error| StorageError::op(BACKEND, key, op, e);
+        if let Some(parent) = target.parent() {
+            tokio::fs::create_dir_all(parent)
+                .await
+                .map_err(|e| err("create folder", e))?;
+        }
+        let tmp = target.with_extension(format!("tmp-{}", std::process::id()));
+        write(&tmp).await.map_err(|e| err("write", e))?;
+        tokio::fs::rename(&tmp, &target)
+            .await
+            .map_err(|e| err("rename into place", e))
+    }
+
+    pub async fn put_file(&self, key: &str, path: &Path) -> Result<(), StorageError> {
+        self.place(key, async |tmp: &Path| {
+            tokio::fs::copy(path, tmp).await.map(|_| ())
+        })
+        .await
+    }
+
+    pub async fn put_bytes(&self, key: &str, bytes: Vec<u8>) -> Result<(), StorageError> {
+        self.place(key, async move |tmp: &Path| {
+            tokio::fs::write(tmp, bytes).await
+        })
+        .await
+    }
+
+    pub async fn get_bytes(&self, key: &str) -> Result<Vec<u8>, StorageError> {
+        tokio::fs::read(self.path(key))
+            .await
+            .map_err(|e| StorageError::op(BACKEND, key, "read", e))
+    }
+
+    pub async fn copy(&self, from: &str, to: &str) -> Result<(), StorageError> {
+        let source = self.path(from);
+        self.place(to, async |tmp: &Path| {
+            tokio::fs::copy(&source, tmp).await.map(|_| ())
+        })
+        .await
+    }
+
+    pub async fn head(&self, key: &str) -> Result<Option<u64>, StorageError> {
+        match tokio::fs::metadata(self.path(key)).await {
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StorageError::op(BACKEND, key, "stat", e)),
+        }
+    }
+
+    pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StorageError> {
+        let mut out = Vec::new();
+        let mut stack = vec![self.root.clone()];
+        while let Some(dir) = stack.pop() {
+            let mut entries = match tokio::fs::read_dir(&dir).await {
+                Ok(e) => e,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(StorageError::op(BACKEND, prefix, "list", e)),
+            };
+            while let Some(entry) = entries
+                .next_entry()
+                .await
+                .map_err(|e| StorageError::op(BACKEND, prefix, "list", e))?
+            {
+                let path = entry.path();
+                let meta = entry
+                    .metadata()
+                    .await
+                    .map_err(|e| StorageError::op(BACKEND, prefix, "list", e))?;
+                if meta.is_dir() {
+                    stack.push(path);
+                    continue;
+                }
+                let Ok(rel) = path.strip_prefix(&self.root) else {
+                    continue;
+                };
+                let key = rel.to_string_lossy().replace('\\', "/");
+                if key.starts_with(prefix) && !key.contains(".tmp-") {
+                    out.push(ObjectInfo {
+                        key,
+                        size: meta.len(),
+                    });
+                }
+            }
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    pub async fn delete(&self, keys: &[String]) -> Result<(), StorageError> {
+        for key in keys {
+            let path = self.path(key);
+            match tokio::fs::remove_file(&path).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(StorageError::op(BACKEND, key, "delete", e)),
+            }
+            // Folders are implicit in an object store: remove the ones left empty.
+            let mut dir = path.parent();
+            while let Some(d) = dir {
+                if d == self.root || tokio::fs::remove_dir(d).await.is_err() {
+                    break;
+                }
+                dir = d.parent();
+            }
+        }
+        Ok(())
+    }
+}

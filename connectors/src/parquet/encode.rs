@@ -1,0 +1,297 @@
+//! Documents to a `RecordBatch`, column by column, following a [`TableSpec`].
+
+use std::sync::Arc;
+
+use arrow::array::{
+    ArrayRef, BooleanBuilder, Date32Builder, Float64Builder, Int64Array, Int64Builder, ListArray,
+    ListBuilder, StringArray, StringBuilder, StructArray, TimestampMicrosecondBuilder,
+};
+use arrow::buffer::OffsetBuffer;
+use arrow::datatypes::Field;
+use arrow::record_batch::RecordBatch;
+use bson::{Bson, Document};
+
+use super::schema::{columns, schema_of, top_page_fields, ColKind, ColumnSpec, TableSpec};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    #[error("column `{column}`: {message}")]
+    Value { column: String, message: String },
+    #[error("cannot build the record batch: {0}")]
+    Arrow(#[from] arrow::error::ArrowError),
+}
+
+/// Follows a dotted path through sub-documents.
+fn lookup<'a>(doc: &'a Document, path: &str) -> Option<&'a Bson> {
+    let mut parts = path.split('.');
+    let mut current = doc.get(parts.next()?)?;
+    for p in parts {
+        current = current.as_document()?.get(p)?;
+    }
+    match current {
+        Bson::Null | Bson::Undefined => None,
+        v => Some(v),
+    }
+}
+
+fn as_i64(v: &Bson) -> Option<i64> {
+    match v {
+        Bson::Int32(x) => Some(i64::from(*x)),
+        Bson::Int64(x) => Some(*x),
+        Bson::Double(x) if x.is_finite() => Some(*x as i64),
+        _ => None,
+    }
+}
+
+fn as_f64(v: &Bson) -> Option<f64> {
+    match v {
+        Bson::Int32(x) => Some(f64::from(*x)),
+        Bson::Int64(x) => Some(*x as f64),
+        Bson::Double(x) => Some(*x),
+        _ => None,
+    }
+}
+
+fn as_text(v: &Bson) -> String {
+    match v {
+        Bson::String(s) => s.clone(),
+        other => other.clone().into_relaxed_extjson().to_string(),
+    }
+}
+
+/// Days since 1970-01-01 of a `YYYY-MM-DD` string.
+fn date32(text: &str) -> Option<i32> {
+    let d = chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d").ok()?;
+    let epoch = chrono::NaiveDate::from_ymd_opt(1970, 1, 1)?;
+    i32::try_from((d - epoch).num_days()).ok()
+}
+
+fn missing(spec: &ColumnSpec) -> EncodeError {
+    EncodeError::Value {
+        column: spec.name.to_string(),
+        message: format!("`{}` is missing or of the wrong type", spec.path),
+    }
+}
+
+fn column(spec: &ColumnSpec, docs: &[Document]) -> Result<ArrayRef, EncodeError> {
+    let n = docs.len();
+    let values = docs.iter().map(|d| lookup(d, spec.path));
+    let check = |present: bool| {
+        if !present && !spec.nullable {
+            Err(missing(spec))
+        } else {
+            Ok(())
+        }
+    };
+    Ok(match spec.kind {
+        ColKind::Str | ColKind::Json => {
+            let mut b = StringBuilder::with_capacity(n, n * 16);
+            for v in values {
+                check(v.is_some())?;
+                match v {
+                    Some(v) if spec.kind == ColKind::Json => {
+                        b.append_value(v.clone().into_relaxed_extjson().to_string())
+                    }
+                    Some(v) => b.append_value(as_text(v)),
+                    None => b.append_null(),
+                }
+            }
+            Arc::new(b.finish())
+        }
+        ColKind::TimestampMicros => {
+            let mut b = TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
+            for v in values {
+                let t = v
+                    .and_then(|v| v.as_datetime())
+                    .map(|t| t.timestamp_millis() * 1000);
+                check(t.is_some())?;
+                b.append_option(t);
+            }
+            Arc::new(b.finish())
+        }
+        ColKind::Int64 => {
+            let mut b = Int64Builder::with_capacity(n);
+            for v in values {
+                let x = v.and_then(as_i64);
+                check(x.is_some())?;
+                b.append_option(x);
+            }
+            Arc::new(b.finish())
+        }
+        ColKind::Float64 => {
+            let mut b = Float64Builder::with_capacity(n);
+            for v in values {
+                let x = v.and_then(as_f64);
+                check(x.is_some())?;
+                b.append_option(x);
+            }
+            Arc::new(b.finish())
+        }
+        ColKind::Bool => {
+            let mut b = BooleanBuilder::with_capacity(n);
+            for v in values {
+                let x = v.and_then(Bson::as_bool);
+                match (x, spec.nullable) {
+                    (Some(x), _) => b.append_value(x),
+                    // A flag absent from the document is false (e.g. `metadata.bot`).
+                    (None, false) => b.append_value(false),
+                    (None, true) => b.append_null(),
+                }
+            }
+            Arc::new(b.finish())
+        }
+        ColKind::StrList => {
+            let mut b = ListBuilder::new(StringBuilder::new());
+            for v in values {
+                match v.and_then(Bson::as_array) {
+                    Some(items) => {
+                        for item in items {
+                            b.values().append_value(as_text(item));
+                        }
+                        b.append(true);
+                    }
+                    None => {
+                        check(false)?;
+                        b.append(false);
+                    }
+                }
+            }
+            Arc::new(b.finish())
+        }
+        ColKind::Date => {
+            let mut b = Date32Builder::with_capacity(n);
+            for v in values {
+                let x = v.and_then(Bson::as_str).and_then(date32);
+                check(x.is_some())?;
+                b.append_option(x);
+            }
+            Arc::new(b.finish())
+        }
+        ColKind::TopPages => top_pages(spec, docs)?,
+    })
+}
+
+fn top_pages(spec: &ColumnSpec, docs: &[Document]) -> Result<ArrayRef, EncodeError> {
+    let mut urls = Vec::new();
+    let mut views = Vec::new();
+    let mut users = Vec::new();
+    let mut offsets = vec![0i32];
+    for d in docs {
+        let items = lookup(d, spec.path)
+            .and_then(Bson::as_array)
+            .ok_or_else(|| missing(spec))?;
+        for item in items {
+            let page = item.as_document().ok_or_else(|| missing(spec))?;
+            urls.push(
+                page.get(columns::PAGE_URL)
+                    .and_then(Bson::as_str)
+                    .map(str::to_string),
+            );
+            views.push(page.get(columns::VIEWS).and_then(as_i64).unwrap_or(0));
+            users.push(
+                page.get(columns::UNIQUE_USERS)
+                    .and_then(as_i64)
+                    .unwrap_or(0),
+            );
+        }
+        let len = i32::try_from(urls.len()).map_err(|_| missing(spec))?;
+        offsets.push(len);
+    }
+    let values = StructArray::try_new(
+        top_page_fields(),
+        vec![
+            Arc::new(StringArray::from(urls)) as ArrayRef,
+            Arc::new(Int64Array::from(views)),
+            Arc::new(Int64Array::from(users)),
+        ],
+        None,
+    )?;
+    let field = Arc::new(Field::new(
+        "item",
+        arrow::datatypes::DataType::Struct(top_page_fields()),
+        false,
+    ));
+    Ok(Arc::new(ListArray::try_new(
+        field,
+        OffsetBuffer::new(offsets.into()),
+        Arc::new(values),
+        None,
+    )?))
+}
+
+/// Encodes `docs` as one record batch of `table`.
+pub fn encode(table: &TableSpec, docs: &[Document]) -> Result<RecordBatch, EncodeError> {
+    let arrays = table
+        .columns
+        .iter()
+        .map(|c| column(c, docs))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(RecordBatch::try_new(schema_of(table), arrays)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parquet::schema::{DAILY_TABLE, EVENT_TABLE};
+    use arrow::array::{Array, AsArray};
+    use arrow::datatypes::TimestampMicrosecondType;
+    use bson::doc;
+
+    #[test]
+    fn events_encode_with_flattened_metadata_and_json_properties() {
+        let t = bson::DateTime::from_millis(1_700_000_000_123);
+        let docs = vec![
+            doc! {
+                "eventId": "e1", "userId": "u", "sessionId": "s", "eventType": "PURCHASE",
+                "timestamp": t, "properties": { "amount": 9.5, "tags": ["a"] },
+                "metadata": { "device": "mobile", "bot": true }, "duration": 12,
+            },
+            doc! { "eventId": "e2", "userId": "u", "sessionId": "s", "eventType": "CLICK", "timestamp": t },
+        ];
+        let batch = encode(&EVENT_TABLE, &docs).unwrap();
+        assert_eq!(batch.num_rows(), 2);
+        let ts = batch
+            .column_by_name("timestamp")
+            .unwrap()
+            .as_primitive::<TimestampMicrosecondType>();
+        assert_eq!(ts.value(0), 1_700_000_000_123_000);
+        let props = batch
+            .column_by_name("properties")
+            .unwrap()
+            .as_string::<i32>();
+        assert_eq!(props.value(0), r#"{"amount":9.5,"tags":["a"]}"#);
+        assert!(props.is_null(1));
+        let bot = batch.column_by_name("bot").unwrap().as_boolean();
+        assert!(bot.value(0) && !bot.value(1));
+        assert_eq!(
+            batch
+                .column_by_name("device")
+                .unwrap()
+                .as_string::<i32>()
+                .value(0),
+            "mobile"
+        );
+    }
+
+    #[test]
+    fn a_missing_required_field_names_the_column() {
+        let err = encode(&EVENT_TABLE, &[doc! { "eventId": "e1" }]).unwrap_err();
+        assert!(err.to_string().contains("`userId`"), "{err}");
+    }
+
+    #[test]
+    fn daily_rows_carry_a_list_of_top_pages() {
+        let docs = vec![doc! {
+            "date": "2026-11-25", "events": 10, "uniqueUsers": 3, "uniqueSessions": 4, "pageViews": 6,
+            "topPages": [ { "pageUrl": "/", "views": 4, "uniqueUsers": 2 }, { "pageUrl": "/a", "views": 2, "uniqueUsers": 1 } ],
+        }];
+        let batch = encode(&DAILY_TABLE, &docs).unwrap();
+        let dates = batch
+            .column_by_name("date")
+            .unwrap()
+            .as_primitive::<arrow::datatypes::Date32Type>();
+        assert_eq!(dates.value(0), 20782); // days from 1970-01-01 to 2026-11-25
+        let pages = batch.column_by_name("topPages").unwrap().as_list::<i32>();
+        assert_eq!(pages.value(0).len(), 2);
+    }
+}

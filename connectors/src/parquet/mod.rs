@@ -1,0 +1,14 @@
+//! MongoDB documents to Parquet: explicit Arrow schemas (column names are constants), a
+//! generic document-to-`RecordBatch` encoder, and a part writer that flushes row groups by
+//! size and splits files at a target size, so memory stays bounded whatever the export.
+
+mod encode;
+mod schema;
+mod writer;
+
+pub use encode::{encode, EncodeError};
+pub use schema::{
+    columns, daily_schema, event_schema, schema_description, schema_of, user_schema, ColKind,
+    ColumnSpec, TableSpec, DAILY_TABLE, EVENT_TABLE, USER_TABLE,
+};
+pub use writer::{LocalPart, PartWriter, PartWriterOptions};

@@ -1,0 +1,199 @@
+//! The exported tables. Timestamps are microseconds since the epoch, UTC; flexible
+//! sub-documents (`properties`, `attributes`) are JSON strings (MongoDB relaxed extended
+//! JSON), which every warehouse can query with its JSON functions.
+
+use std::sync::Arc;
+
+use arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef, TimeUnit};
+use sluice_core::model::{event_fields as e, metadata_fields as m, user_fields as u};
+
+/// Parquet column names that are not MongoDB field names.
+pub mod columns {
+    pub const DATE: &str = "date";
+    pub const EVENTS: &str = "events";
+    pub const UNIQUE_USERS: &str = "uniqueUsers";
+    pub const UNIQUE_SESSIONS: &str = "uniqueSessions";
+    pub const PAGE_VIEWS: &str = "pageViews";
+    pub const TOP_PAGES: &str = "topPages";
+    pub const PAGE_URL: &str = "pageUrl";
+    pub const VIEWS: &str = "views";
+    pub const BOT: &str = "bot";
+}
+
+/// How a column's values are taken from a document.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ColKind {
+    Str,
+    /// Any value, as a JSON string.
+    Json,
+    /// A BSON date, as microseconds UTC.
+    TimestampMicros,
+    Int64,
+    Float64,
+    Bool,
+    StrList,
+    /// A `YYYY-MM-DD` string, as a Parquet DATE.
+    Date,
+    /// An array of `{pageUrl, views, uniqueUsers}`, as a list of structs.
+    TopPages,
+}
+
+/// One column: its name in the file, the dotted path it is read from, its kind.
+#[derive(Debug, Clone, Copy)]
+pub struct ColumnSpec {
+    pub name: &'static str,
+    pub path: &'static str,
+    pub kind: ColKind,
+    pub nullable: bool,
+}
+
+const fn col(name: &'static str, path: &'static str, kind: ColKind, nullable: bool) -> ColumnSpec {
+    ColumnSpec {
+        name,
+        path,
+        kind,
+        nullable,
+    }
+}
+
+/// A named, versioned table.
+#[derive(Debug, Clone, Copy)]
+pub struct TableSpec {
+    pub name: &'static str,
+    pub version: u32,
+    pub columns: &'static [ColumnSpec],
+}
+
+use ColKind::*;
+
+pub const EVENT_TABLE: TableSpec = TableSpec {
+    name: "events",
+    version: 1,
+    columns: &[
+        col(e::EVENT_ID, e::EVENT_ID, Str, false),
+        col(e::USER_ID, e::USER_ID, Str, false),
+        col(e::SESSION_ID, e::SESSION_ID, Str, false),
+        col(e::EVENT_TYPE, e::EVENT_TYPE, Str, false),
+        col(e::TIMESTAMP, e::TIMESTAMP, TimestampMicros, false),
+        col(e::PROPERTIES, e::PROPERTIES, Json, true),
+        col(e::PAGE_URL, e::PAGE_URL, Str, true),
+        col(e::REFERRER, e::REFERRER, Str, true),
+        col(e::DURATION, e::DURATION, Int64, true),
+        col(m::USER_AGENT, "metadata.userAgent", Str, true),
+        col(m::IP_ADDRESS, "metadata.ipAddress", Str, true),
+        col(m::DEVICE, "metadata.device", Str, true),
+        col(m::BROWSER, "metadata.browser", Str, true),
+        col(m::OS, "metadata.os", Str, true),
+        col(m::COUNTRY, "metadata.country", Str, true),
+        col(m::REGION, "metadata.region", Str, true),
+        col(m::CITY, "metadata.city", Str, true),
+        col(columns::BOT, "metadata.bot", Bool, false),
+        col("createdAt", "createdAt", TimestampMicros, true),
+    ],
+};
+
+pub const USER_TABLE: TableSpec = TableSpec {
+    name: "users",
+    version: 1,
+    columns: &[
+        col(u::VISITOR_ID, u::VISITOR_ID, Str, false),
+        col(u::EMAIL, u::EMAIL, Str, true),
+        col(u::FIRST_NAME, u::FIRST_NAME, Str, true),
+        col(u::LAST_NAME, u::LAST_NAME, Str, true),
+        col(u::ATTRIBUTES, u::ATTRIBUTES, Json, true),
+        col(u::FIRST_SEEN, u::FIRST_SEEN, TimestampMicros, true),
+        col(u::LAST_SEEN, u::LAST_SEEN, TimestampMicros, true),
+        col(u::TOTAL_SESSIONS, u::TOTAL_SESSIONS, Int64, true),
+        col(u::TOTAL_EVENTS, u::TOTAL_EVENTS, Int64, true),
+        col(u::TOTAL_PURCHASES, u::TOTAL_PURCHASES, Int64, true),
+        col(u::TOTAL_REVENUE, u::TOTAL_REVENUE, Float64, true),
+        col(u::TAGS, u::TAGS, StrList, true),
+        col(u::SEGMENTS, u::SEGMENTS, StrList, true),
+        col("createdAt", "createdAt", TimestampMicros, true),
+        col("updatedAt", "updatedAt", TimestampMicros, true),
+    ],
+};
+
+pub const DAILY_TABLE: TableSpec = TableSpec {
+    name: "daily_analytics",
+    version: 1,
+    columns: &[
+        col(columns::DATE, columns::DATE, Date, false),
+        col(columns::EVENTS, columns::EVENTS, Int64, false),
+        col(columns::UNIQUE_USERS, columns::UNIQUE_USERS, Int64, false),
+        col(
+            columns::UNIQUE_SESSIONS,
+            columns::UNIQUE_SESSIONS,
+            Int64,
+            false,
+        ),
+        col(columns::PAGE_VIEWS, columns::PAGE_VIEWS, Int64, false),
+        col(columns::TOP_PAGES, columns::TOP_PAGES, TopPages, false),
+    ],
+};
+
+pub(crate) fn top_page_fields() -> Fields {
+    Fields::from(vec![
+        Field::new(columns::PAGE_URL, DataType::Utf8, true),
+        Field::new(columns::VIEWS, DataType::Int64, false),
+        Field::new(columns::UNIQUE_USERS, DataType::Int64, false),
+    ])
+}
+
+pub(crate) fn arrow_type(kind: ColKind) -> DataType {
+    match kind {
+        Str | Json => DataType::Utf8,
+        TimestampMicros => DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+        Int64 => DataType::Int64,
+        Float64 => DataType::Float64,
+        Bool => DataType::Boolean,
+        StrList => DataType::List(Arc::new(Field::new("item", DataType::Utf8, true))),
+        Date => DataType::Date32,
+        TopPages => DataType::List(Arc::new(Field::new(
+            "item",
+            DataType::Struct(top_page_fields()),
+            false,
+        ))),
+    }
+}
+
+/// The Arrow schema of a table, with its name and version in the metadata.
+pub fn schema_of(table: &TableSpec) -> SchemaRef {
+    let fields: Vec<Field> = table
+        .columns
+        .iter()
+        .map(|c| Field::new(c.name, arrow_type(c.kind), c.nullable))
+        .collect();
+    let meta: std::collections::HashMap<String, String> = [(
+        "sluice.table".to_string(),
+        format!("{}/v{}", table.name, table.version),
+    )]
+    .into_iter()
+    .collect();
+    Arc::new(Schema::new_with_metadata(fields, meta))
+}
+
+pub fn event_schema() -> SchemaRef {
+    schema_of(&EVENT_TABLE)
+}
+
+pub fn user_schema() -> SchemaRef {
+    schema_of(&USER_TABLE)
+}
+
+pub fn daily_schema() -> SchemaRef {
+    schema_of(&DAILY_TABLE)
+}
+
+/// The schema as it goes into `_manifest.json`.
+pub fn schema_description(table: &TableSpec) -> serde_json::Value {
+    serde_json::json!({
+        "name": table.name,
+        "version": table.version,
+        "columns": table.columns.iter().map(|c| serde_json::json!({
+            "name": c.name,
+            "type": arrow_type(c.kind).to_string(),
+            "nullable": c.nullable,
+        })).collect::<Vec<_>>(),
+    })
+}

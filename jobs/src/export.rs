@@ -1,0 +1,729 @@
+//! Export runs: MongoDB -> (transforms) -> Arrow -> Parquet -> object storage.
+//!
+//! Each run reads its partitions (one per day, `dt=YYYY-MM-DD`) through a pipeline of three
+//! stages joined by bounded channels: a cursor reader, an encoder on a blocking thread
+//! (transforms, Arrow, Parquet parts) and an uploader that stages each finished part under
+//! `_staging/{jobId}/`. Only when every partition is staged does the run publish: per
+//! partition it removes `_SUCCESS`, copies the parts into place, removes parts of an
+//! earlier run that this one does not have, then writes `_manifest.json` and `_SUCCESS`.
+//! A failed run publishes nothing and leaves no staged files; a rerun of the same window
+//! replaces the partition instead of adding duplicates.
+//!
+//! ARCHIVE adds to its partitions (the events it archives are deleted, so a rerun never
+//! sees them again), verifies every published file, and only then deletes from MongoDB
+//! exactly the documents it read.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bson::{doc, Bson, DateTime, Document};
+use chrono::{Days, NaiveDate, Utc};
+use futures_util::TryStreamExt;
+use serde_json::json;
+use sluice_connectors::objstore::{ObjectStore, StorageError};
+use sluice_connectors::parquet::{
+    columns as pc, encode, schema_description, LocalPart, PartWriter, PartWriterOptions, TableSpec,
+    DAILY_TABLE, EVENT_TABLE, USER_TABLE,
+};
+use sluice_connectors::{Store, StoreError};
+use sluice_core::model::{
+    collections as c, common, event_fields as e, event_id_fields as l, user_fields as u, EventType,
+    ExportJobType,
+};
+use sluice_core::transform::{apply_chain, Transform, TransformError};
+use tokio::sync::mpsc;
+
+use crate::history;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("MongoDB read for `{partition}`: {source}")]
+    Read {
+        partition: String,
+        source: mongodb::error::Error,
+    },
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error(transparent)]
+    Transform(#[from] TransformError),
+    #[error("encoding `{partition}`: {message}")]
+    Encode { partition: String, message: String },
+    #[error("verification of `{key}` failed: {message}")]
+    Verify { key: String, message: String },
+    #[error("invalid export request: {0}")]
+    Request(String),
+}
+
+/// What to export.
+#[derive(Debug, Clone)]
+pub struct ExportRequest {
+    pub kind: ExportJobType,
+    /// First and last day (inclusive) for EVENT_DATA and DAILY_ANALYTICS.
+    pub from: NaiveDate,
+    pub to: NaiveDate,
+    /// ARCHIVE: events older than this many days.
+    pub archive_after_days: u32,
+    /// ARCHIVE: events stored less than this long ago are left for the next run (a
+    /// writer may still be inserting events it received just before the run began).
+    pub archive_settle: Duration,
+}
+
+impl ExportRequest {
+    /// A request for one day (or the snapshot day of USER_DATA).
+    pub fn day(kind: ExportJobType, day: NaiveDate, archive_after_days: u32) -> Self {
+        Self {
+            kind,
+            from: day,
+            to: day,
+            archive_after_days,
+            archive_settle: DEFAULT_ARCHIVE_SETTLE,
+        }
+    }
+}
+
+/// See [`ExportRequest::archive_settle`]; well above the event writer's claim lease.
+pub const DEFAULT_ARCHIVE_SETTLE: Duration = Duration::from_secs(5 * 60);
+
+/// Live counters for a progress display.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub rows_read: AtomicU64,
+    pub rows_written: AtomicU64,
+    pub bytes_uploaded: AtomicU64,
+}
+
+/// Everything a run needs besides the request.
+#[derive(Clone)]
+pub struct ExportContext {
+    pub store: Store,
+    pub dest: ObjectStore,
+    pub transforms: Vec<Arc<dyn Transform>>,
+    pub part_options: PartWriterOptions,
+    /// Documents per encoded batch.
+    pub batch_rows: usize,
+    pub progress: Arc<Progress>,
+    /// Local folder for part files before upload.
+    pub work_dir: PathBuf,
+}
+
+impl ExportContext {
+    pub fn new(store: Store, dest: ObjectStore) -> Self {
+        Self {
+            store,
+            dest,
+            transforms: Vec::new(),
+            part_options: PartWriterOptions::default(),
+            batch_rows: 8192,
+            progress: Arc::new(Progress::default()),
+            work_dir: std::env::temp_dir(),
+        }
+    }
+}
+
+/// One published partition.
+#[derive(Debug, Clone)]
+pub struct PartitionSummary {
+    /// `TYPE/dt=YYYY-MM-DD`
+    pub prefix: String,
+    pub files: Vec<String>,
+    pub rows: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct ExportSummary {
+    pub job_id: String,
+    pub kind: ExportJobType,
+    pub partitions: Vec<PartitionSummary>,
+    pub rows: u64,
+    pub bytes: u64,
+    /// ARCHIVE: documents deleted from MongoDB after verification.
+    pub deleted: u64,
+    pub destination: String,
+    pub elapsed: Duration,
+}
+
+/// A partition read and staged, not yet published.
+struct Staged {
+    prefix: String,
+    table: &'static TableSpec,
+    parts: Vec<(String, LocalPartInfo)>,
+    rows_read: u64,
+    /// ARCHIVE: the filter that selected exactly the rows read.
+    delete_filter: Option<Document>,
+}
+
+#[derive(Debug, Clone)]
+struct LocalPartInfo {
+    index: usize,
+    rows: u64,
+    bytes: u64,
+    sha256: String,
+}
+
+fn day_start(d: NaiveDate) -> DateTime {
+    DateTime::from_millis(
+        d.and_hms_opt(0, 0, 0)
+            .map_or(0, |t| t.and_utc().timestamp_millis()),
+    )
+}
+
+fn days(from: NaiveDate, to: NaiveDate) -> Vec<NaiveDate> {
+    let mut out = Vec::new();
+    let mut d = from;
+    while d <= to {
+        out.push(d);
+        match d.checked_add_days(Days::new(1)) {
+            Some(next) => d = next,
+            None => break,
+        }
+    }
+    out
+}
+
+fn next_day(d: NaiveDate) -> NaiveDate {
+    d.checked_add_days(Days::new(1)).unwrap_or(d)
+}
+
+/// Runs one export and records it in `export_jobs`.
+pub async fn run_export(
+    ctx: &ExportContext,
+    request: &ExportRequest,
+) -> Result<ExportSummary, ExportError> {
+    if request.from > request.to {
+        return Err(ExportError::Request(format!(
+            "`from` ({}) is after `to` ({})",
+            request.from, request.to
+        )));
+    }
+    let started = Instant::now();
+    let window = match request.kind {
+        ExportJobType::EventData | ExportJobType::DailyAnalytics => {
+            Some((request.from.to_string(), request.to.to_string()))
+        }
+        _ => None,
+    };
+    let destination = ctx.dest.url(request.kind.as_str());
+    remove_failed_staging(ctx).await;
+    let job_id = history::create(&ctx.store, request.kind, &destination, window).await?;
+    history::running(&ctx.store, &job_id).await?;
+    tracing::info!(job_id, kind = %request.kind, "export started");
+    match execute(ctx, request, &job_id).await {
+        Ok((partitions, deleted)) => {
+            let rows = partitions.iter().map(|p| p.rows).sum();
+            let files: u64 = partitions.iter().map(|p| p.files.len() as u64).sum();
+            history::completed(&ctx.store, &job_id, rows, files, &destination).await?;
+            tracing::info!(job_id, rows, files, "export completed");
+            Ok(ExportSummary {
+                job_id,
+                kind: request.kind,
+                partitions,
+                rows,
+                bytes: ctx.progress.bytes_uploaded.load(Relaxed),
+                deleted,
+                destination,
+                elapsed: started.elapsed(),
+            })
+        }
+        Err(err) => {
+            let staging = staging_prefix(&job_id);
+            if let Ok(left) = ctx.dest.list(&staging).await {
+                let keys: Vec<String> = left.into_iter().map(|o| o.key).collect();
+                let _ = ctx.dest.delete(&keys).await;
+            }
+            let rows = ctx.progress.rows_read.load(Relaxed);
+            let _ = history::failed(&ctx.store, &job_id, rows, &err.to_string()).await;
+            tracing::error!(job_id, error = %err, "export failed");
+            Err(err)
+        }
+    }
+}
+
+/// Removes what failed runs left under `_staging/` (a run that lost its connection to the
+/// store cannot clean up after itself). Best effort: a failure here only leaves garbage.
+async fn remove_failed_staging(ctx: &ExportContext) {
+    let Ok(left) = ctx.dest.list("_staging/").await else {
+        return;
+    };
+    let mut by_job: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for o in left {
+        if let Some(job) = o.key.split('/').nth(1) {
+            by_job.entry(job.to_string()).or_default().push(o.key);
+        }
+    }
+    for (job, keys) in by_job {
+        if let Ok(Some(run)) = history::get(&ctx.store, &job).await {
+            if run.status == sluice_core::model::ExportJobStatus::Failed {
+                let _ = ctx.dest.delete(&keys).await;
+            }
+        }
+    }
+}
+
+fn staging_prefix(job_id: &str) -> String {
+    format!("_staging/{job_id}/")
+}
+
+async fn execute(
+    ctx: &ExportContext,
+    request: &ExportRequest,
+    job_id: &str,
+) -> Result<(Vec<PartitionSummary>, u64), ExportError> {
+    let kind = request.kind;
+    let mut staged = Vec::new();
+    match kind {
+        ExportJobType::EventData => {
+            for d in days(request.from, request.to) {
+                let filter =
+                    doc! { e::TIMESTAMP: { "$gte": day_start(d), "$lt": day_start(next_day(d)) } };
+                let docs = event_cursor(ctx, filter.clone()).await?;
+                staged.push(stage(ctx, job_id, kind, d, &EVENT_TABLE, docs, None).await?);
+            }
+        }
+        ExportJobType::Archive => {
+            let today = Utc::now().date_naive();
+            let cutoff = today
+                .checked_sub_days(Days::new(u64::from(request.archive_after_days)))
+                .unwrap_or(today);
+            let created_before = DateTime::from_millis(
+                Utc::now().timestamp_millis() - request.archive_settle.as_millis() as i64,
+            );
+            for d in archive_days(ctx, cutoff).await? {
+                let filter = doc! {
+                    e::TIMESTAMP: { "$gte": day_start(d), "$lt": day_start(next_day(d)) },
+                    common::CREATED_AT: { "$lt": created_before },
+                };
+                let docs = event_cursor(ctx, filter.clone()).await?;
+                staged.push(stage(ctx, job_id, kind, d, &EVENT_TABLE, docs, Some(filter)).await?);
+            }
+        }
+        ExportJobType::UserData => {
+            let today = Utc::now().date_naive();
+            let cursor = ctx
+                .store
+                .collection(c::USERS)
+                .find(doc! {})
+                .sort(doc! { u::VISITOR_ID: 1 })
+                .batch_size(2000)
+                .await
+                .map_err(|source| ExportError::Read {
+                    partition: "users".into(),
+                    source,
+                })?;
+            let docs = Box::pin(cursor.map_err(|source| ExportError::Read {
+                partition: "users".into(),
+                source,
+            }));
+            staged.push(stage(ctx, job_id, kind, today, &USER_TABLE, docs, None).await?);
+        }
+        ExportJobType::DailyAnalytics => {
+            let rows = daily_rows(ctx, request.from, request.to).await?;
+            for d in days(request.from, request.to) {
+                let key = d.to_string();
+                let row = rows
+                    .iter()
+                    .find(|r| r.get_str(pc::DATE) == Ok(key.as_str()))
+                    .cloned()
+                    .unwrap_or_else(|| {
+                        doc! { pc::DATE: &key, pc::EVENTS: 0i64, pc::UNIQUE_USERS: 0i64,
+                        pc::UNIQUE_SESSIONS: 0i64, pc::PAGE_VIEWS: 0i64, pc::TOP_PAGES: [] }
+                    });
+                let docs = Box::pin(futures_util::stream::iter(vec![Ok(row)]));
+                staged.push(stage(ctx, job_id, kind, d, &DAILY_TABLE, docs, None).await?);
+            }
+        }
+    }
+    let mut published = Vec::new();
+    for s in &staged {
+        published.push(publish(ctx, job_id, kind, s).await?);
+    }
+    let staging: Vec<String> = ctx
+        .dest
+        .list(&staging_prefix(job_id))
+        .await?
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+    ctx.dest.delete(&staging).await?;
+
+    let mut deleted = 0;
+    if kind == ExportJobType::Archive {
+        for (s, p) in staged.iter().zip(&published) {
+            deleted += archive_delete(ctx, s, p).await?;
+        }
+    }
+    Ok((published, deleted))
+}
+
+type DocStream =
+    std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<Document, ExportError>> + Send>>;
+
+async fn event_cursor(ctx: &ExportContext, filter: Document) -> Result<DocStream, ExportError> {
+    let cursor = ctx
+        .store
+        .collection(c::EVENTS)
+        .find(filter)
+        .sort(doc! { e::TIMESTAMP: 1 })
+        .batch_size(2000)
+        .await
+        .map_err(|source| ExportError::Read {
+            partition: "events".into(),
+            source,
+        })?;
+    Ok(Box::pin(cursor.map_err(|source| ExportError::Read {
+        partition: "events".into(),
+        source,
+    })))
+}
+
+/// Days holding events older than `cutoff` (exclusive), oldest first.
+async fn archive_days(
+    ctx: &ExportContext,
+    cutoff: NaiveDate,
+) -> Result<Vec<NaiveDate>, ExportError> {
+    let read_err = |source| ExportError::Read {
+        partition: "events".into(),
+        source,
+    };
+    let found: Vec<Document> = ctx
+        .store
+        .collection(c::EVENTS)
+        .aggregate(vec![
+            doc! { "$match": { e::TIMESTAMP: { "$lt": day_start(cutoff) } } },
+            doc! { "$group": { "_id": { "$dateToString": { "format": "%Y-%m-%d", "date": "$timestamp" } } } },
+            doc! { "$sort": { "_id": 1 } },
+        ])
+        .await
+        .map_err(read_err)?
+        .try_collect()
+        .await
+        .map_err(read_err)?;
+    Ok(found
+        .iter()
+        .filter_map(|d| d.get_str("_id").ok())
+        .filter_map(|s| NaiveDate::parse_from_str(s, "%Y-%m-%d").ok())
+        .collect())
+}
+
+/// The design document's daily-analytics query over the window, plus page views and the
+/// top 10 pages of each day.
+async fn daily_rows(
+    ctx: &ExportContext,
+    from: NaiveDate,
+    to: NaiveDate,
+) -> Result<Vec<Document>, ExportError> {
+    let read_err = |source| ExportError::Read {
+        partition: "daily analytics".into(),
+        source,
+    };
+    let window = doc! { "$gte": day_start(from), "$lt": day_start(next_day(to)) };
+    let day = doc! { "$dateToString": { "format": "%Y-%m-%d", "date": "$timestamp" } };
+    let events = ctx.store.collection(c::EVENTS);
+    let totals: Vec<Document> = events
+        .aggregate(vec![
+            doc! { "$match": { e::TIMESTAMP: window.clone() } },
+            doc! { "$group": {
+                "_id": day.clone(),
+                "events": { "$sum": 1 },
+                "users": { "$addToSet": "$userId" },
+                "sessions": { "$addToSet": "$sessionId" },
+                "pageViews": { "$sum": { "$cond": [ { "$eq": ["$eventType", EventType::PageView.as_str()] }, 1, 0 ] } },
+            } },
+            doc! { "$project": {
+                "date": "$_id", "events": 1, "pageViews": 1,
+                "uniqueUsers": { "$size": "$users" }, "uniqueSessions": { "$size": "$sessions" },
+            } },
+            doc! { "$sort": { "date": 1 } },
+        ])
+        .await
+        .map_err(read_err)?
+        .try_collect()
+        .await
+        .map_err(read_err)?;
+    let pages: Vec<Document> = events
+        .aggregate(vec![
+            doc! { "$match": { e::EVENT_TYPE: EventType::PageView.as_str(), e::TIMESTAMP: window } },
+            doc! { "$group": {
+                "_id": { "day": day, "pageUrl": "$pageUrl" },
+                "views": { "$sum": 1 },
+                "users": { "$addToSet": "$userId" },
+            } },
+            doc! { "$project": { "views": 1, "uniqueUsers": { "$size": "$users" } } },
+            doc! { "$sort": { "_id.day": 1, "views": -1, "_id.pageUrl": 1 } },
+        ])
+        .await
+        .map_err(read_err)?
+        .try_collect()
+        .await
+        .map_err(read_err)?;
+    let int = |d: &Document, k: &str| match d.get(k) {
+        Some(Bson::Int32(v)) => i64::from(*v),
+        Some(Bson::Int64(v)) => *v,
+        _ => 0,
+    };
+    Ok(totals
+        .iter()
+        .map(|t| {
+            let date = t.get_str("date").unwrap_or_default().to_string();
+            let top: Vec<Bson> = pages
+                .iter()
+                .filter(|p| p.get_document("_id").ok().and_then(|i| i.get_str("day").ok()) == Some(date.as_str()))
+                .take(10)
+                .map(|p| {
+                    let url = p.get_document("_id").ok().and_then(|i| i.get("pageUrl").cloned()).unwrap_or(Bson::Null);
+                    Bson::Document(doc! { pc::PAGE_URL: url, pc::VIEWS: int(p, "views"), pc::UNIQUE_USERS: int(p, "uniqueUsers") })
+                })
+                .collect();
+            doc! {
+                pc::DATE: date,
+                pc::EVENTS: int(t, "events"),
+                pc::UNIQUE_USERS: int(t, "uniqueUsers"),
+                pc::UNIQUE_SESSIONS: int(t, "uniqueSessions"),
+                pc::PAGE_VIEWS: int(t, "pageViews"),
+                pc::TOP_PAGES: top,
+            }
+        })
+        .collect())
+}
+
+/// Reads one partition through the pipeline and stages its parts.
+async fn stage(
+    ctx: &ExportContext,
+    job_id: &str,
+    kind: ExportJobType,
+    day: NaiveDate,
+    table: &'static TableSpec,
+    mut docs: DocStream,
+    delete_filter: Option<Document>,
+) -> Result<Staged, ExportError> {
+    let prefix = format!("{}/dt={day}", kind.as_str());
+    let work = ctx.work_dir.join(format!("sluice-{job_id}-{day}"));
+    tokio::fs::create_dir_all(&work)
+        .await
+        .map_err(|e| ExportError::Encode {
+            partition: prefix.clone(),
+            message: e.to_string(),
+        })?;
+    let (batch_tx, mut batch_rx) = mpsc::channel::<Vec<Document>>(4);
+    let (part_tx, mut part_rx) = mpsc::channel::<LocalPart>(2);
+
+    let encoder = {
+        let transforms = ctx.transforms.clone();
+        let options = ctx.part_options.clone();
+        let progress = ctx.progress.clone();
+        let work = work.clone();
+        let partition = prefix.clone();
+        tokio::task::spawn_blocking(move || -> Result<(), ExportError> {
+            let enc = |message: String| ExportError::Encode {
+                partition: partition.clone(),
+                message,
+            };
+            let mut writer =
+                PartWriter::new(sluice_connectors::parquet::schema_of(table), &work, options);
+            while let Some(batch) = batch_rx.blocking_recv() {
+                let records = apply_chain(&transforms, batch)?;
+                let encoded = encode(table, &records).map_err(|e| enc(e.to_string()))?;
+                progress
+                    .rows_written
+                    .fetch_add(records.len() as u64, Relaxed);
+                if let Some(part) = writer.write(&encoded).map_err(|e| enc(e.to_string()))? {
+                    if part_tx.blocking_send(part).is_err() {
+                        return Ok(()); // the uploader failed; its error is reported
+                    }
+                }
+            }
+            if let Some(part) = writer.finish().map_err(|e| enc(e.to_string()))? {
+                let _ = part_tx.blocking_send(part);
+            }
+            Ok(())
+        })
+    };
+
+    let uploader = {
+        let dest = ctx.dest.clone();
+        let progress = ctx.progress.clone();
+        let staging = format!("{}{prefix}", staging_prefix(job_id));
+        async move {
+            let mut parts = Vec::new();
+            while let Some(part) = part_rx.recv().await {
+                let key = format!("{staging}/part-{:05}.parquet", part.index);
+                let result = dest.put_file(&key, &part.path).await;
+                let _ = tokio::fs::remove_file(&part.path).await;
+                result?;
+                progress.bytes_uploaded.fetch_add(part.bytes, Relaxed);
+                parts.push((
+                    key,
+                    LocalPartInfo {
+                        index: part.index,
+                        rows: part.rows,
+                        bytes: part.bytes,
+                        sha256: part.sha256,
+                    },
+                ));
+            }
+            Ok::<_, ExportError>(parts)
+        }
+    };
+
+    let reader = async {
+        let mut rows = 0u64;
+        let mut buf = Vec::with_capacity(ctx.batch_rows);
+        while let Some(doc) = docs.try_next().await? {
+            buf.push(doc);
+            if buf.len() >= ctx.batch_rows {
+                rows += buf.len() as u64;
+                ctx.progress.rows_read.fetch_add(buf.len() as u64, Relaxed);
+                if batch_tx.send(std::mem::take(&mut buf)).await.is_err() {
+                    return Ok(rows); // the encoder stopped; its error is reported
+                }
+                buf.reserve(ctx.batch_rows);
+            }
+        }
+        if !buf.is_empty() {
+            rows += buf.len() as u64;
+            ctx.progress.rows_read.fetch_add(buf.len() as u64, Relaxed);
+            let _ = batch_tx.send(buf).await;
+        }
+        drop(batch_tx);
+        Ok::<u64, ExportError>(rows)
+    };
+
+    let (read, uploaded) = tokio::join!(reader, uploader);
+    let encoded = encoder.await.map_err(|e| ExportError::Encode {
+        partition: prefix.clone(),
+        message: e.to_string(),
+    })?;
+    let _ = tokio::fs::remove_dir_all(&work).await;
+    // Report the first failure in pipeline order: reading, encoding, uploading.
+    let rows_read = read?;
+    encoded?;
+    let parts = uploaded?;
+    Ok(Staged {
+        prefix,
+        table,
+        parts,
+        rows_read,
+        delete_filter,
+    })
+}
+
+/// Moves one staged partition into place (see the module docs for the order).
+async fn publish(
+    ctx: &ExportContext,
+    job_id: &str,
+    kind: ExportJobType,
+    s: &Staged,
+) -> Result<PartitionSummary, ExportError> {
+    let dir = format!("{}/", s.prefix);
+    let success = format!("{dir}_SUCCESS");
+    let manifest_key = format!("{dir}_manifest.json");
+    let existing = ctx.dest.list(&dir).await?;
+    let additive = kind == ExportJobType::Archive;
+    let mut files: Vec<serde_json::Value> = Vec::new();
+    if additive && existing.iter().any(|o| o.key == manifest_key) {
+        let old: serde_json::Value =
+            serde_json::from_slice(&ctx.dest.get_bytes(&manifest_key).await?).map_err(|e| {
+                ExportError::Verify {
+                    key: manifest_key.clone(),
+                    message: e.to_string(),
+                }
+            })?;
+        files.extend(old["files"].as_array().cloned().unwrap_or_default());
+    }
+    ctx.dest.delete(std::slice::from_ref(&success)).await?;
+    let mut names = Vec::new();
+    for (staged_key, info) in &s.parts {
+        let name = if additive {
+            format!("part-{job_id}-{:05}.parquet", info.index)
+        } else {
+            format!("part-{:05}.parquet", info.index)
+        };
+        ctx.dest.copy(staged_key, &format!("{dir}{name}")).await?;
+        files.push(
+            json!({ "path": name, "rows": info.rows, "bytes": info.bytes, "sha256": info.sha256 }),
+        );
+        names.push(name);
+    }
+    if !additive {
+        let stale: Vec<String> = existing
+            .iter()
+            .map(|o| o.key.clone())
+            .filter(|k| k.ends_with(".parquet") && !names.iter().any(|n| *k == format!("{dir}{n}")))
+            .collect();
+        ctx.dest.delete(&stale).await?;
+    }
+    let rows: u64 = files.iter().filter_map(|f| f["rows"].as_u64()).sum();
+    let manifest = json!({
+        "type": kind.as_str(),
+        "partition": s.prefix,
+        "jobId": job_id,
+        "createdAt": Utc::now().to_rfc3339(),
+        "rows": rows,
+        "schema": schema_description(s.table),
+        "files": files,
+    });
+    let body = serde_json::to_vec_pretty(&manifest).unwrap_or_default();
+    ctx.dest.put_bytes(&manifest_key, body).await?;
+    ctx.dest.put_bytes(&success, Vec::new()).await?;
+    Ok(PartitionSummary {
+        prefix: s.prefix.clone(),
+        files: names.iter().map(|n| format!("{dir}{n}")).collect(),
+        rows: s.parts.iter().map(|(_, i)| i.rows).sum(),
+    })
+}
+
+/// ARCHIVE: verify the published files, then delete exactly the documents read.
+async fn archive_delete(
+    ctx: &ExportContext,
+    s: &Staged,
+    p: &PartitionSummary,
+) -> Result<u64, ExportError> {
+    let Some(filter) = &s.delete_filter else {
+        return Ok(0);
+    };
+    for ((_, info), key) in s.parts.iter().zip(&p.files) {
+        match ctx.dest.head(key).await? {
+            Some(size) if size == info.bytes => {}
+            other => {
+                return Err(ExportError::Verify {
+                    key: key.clone(),
+                    message: format!(
+                        "expected {} bytes, found {other:?}; nothing deleted",
+                        info.bytes
+                    ),
+                })
+            }
+        }
+    }
+    let deleted = ctx
+        .store
+        .collection(c::EVENTS)
+        .delete_many(filter.clone())
+        .write_concern(ctx.store.write_concern().clone())
+        .await
+        .map_err(|source| ExportError::Read {
+            partition: s.prefix.clone(),
+            source,
+        })?
+        .deleted_count;
+    if deleted != s.rows_read {
+        tracing::warn!(partition = %s.prefix, read = s.rows_read, deleted, "archive deleted a different count than it read");
+    }
+    // Resends of archived events must stay duplicates, not be stored again.
+    let ts = filter.get(e::TIMESTAMP).cloned().unwrap_or(Bson::Null);
+    ctx.store
+        .collection(c::EVENT_IDS)
+        .update_many(
+            doc! { l::TIMESTAMP: ts },
+            doc! { "$set": { l::ARCHIVED: true } },
+        )
+        .await
+        .map_err(|source| ExportError::Read {
+            partition: s.prefix.clone(),
+            source,
+        })?;
+    Ok(deleted)
+}

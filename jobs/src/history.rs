@@ -1,0 +1,120 @@
+//! `export_jobs`: one document per run, PENDING -> RUNNING -> COMPLETED | FAILED.
+
+use bson::{doc, DateTime};
+use sluice_connectors::{Store, StoreError};
+use sluice_core::model::{
+    collections as c, common, export_job_fields as f, ExportJob, ExportJobStatus, ExportJobType,
+};
+
+/// Records a new run as PENDING and returns its jobId.
+pub async fn create(
+    store: &Store,
+    kind: ExportJobType,
+    destination: &str,
+    window: Option<(String, String)>,
+) -> Result<String, StoreError> {
+    let now = DateTime::now();
+    let job_id = format!(
+        "{}-{}-{}",
+        kind.as_str().to_ascii_lowercase().replace('_', "-"),
+        chrono::Utc::now().format("%Y%m%dT%H%M%S"),
+        &uuid::Uuid::new_v4().simple().to_string()[..6]
+    );
+    let (window_start, window_end) = window.unzip();
+    let job = ExportJob {
+        id: None,
+        job_id: job_id.clone(),
+        kind,
+        status: ExportJobStatus::Pending,
+        start_time: None,
+        end_time: None,
+        records_processed: 0,
+        destination: destination.to_string(),
+        error: None,
+        window_start,
+        window_end,
+        files: 0,
+        created_at: now,
+        updated_at: now,
+    };
+    let document = bson::to_document(&job).map_err(|e| StoreError::Encode {
+        collection: c::EXPORT_JOBS.into(),
+        message: e.to_string(),
+    })?;
+    store
+        .collection(c::EXPORT_JOBS)
+        .insert_one(document)
+        .await
+        .map_err(StoreError::mongo(c::EXPORT_JOBS, "record job"))?;
+    Ok(job_id)
+}
+
+async fn set(store: &Store, job_id: &str, fields: bson::Document) -> Result<(), StoreError> {
+    let mut fields = fields;
+    fields.insert(common::UPDATED_AT, DateTime::now());
+    store
+        .collection(c::EXPORT_JOBS)
+        .update_one(doc! { f::JOB_ID: job_id }, doc! { "$set": fields })
+        .await
+        .map_err(StoreError::mongo(c::EXPORT_JOBS, "update job"))?;
+    Ok(())
+}
+
+pub async fn running(store: &Store, job_id: &str) -> Result<(), StoreError> {
+    set(
+        store,
+        job_id,
+        doc! { f::STATUS: ExportJobStatus::Running.as_str(), f::START_TIME: DateTime::now() },
+    )
+    .await
+}
+
+pub async fn completed(
+    store: &Store,
+    job_id: &str,
+    records: u64,
+    files: u64,
+    destination: &str,
+) -> Result<(), StoreError> {
+    set(
+        store,
+        job_id,
+        doc! {
+            f::STATUS: ExportJobStatus::Completed.as_str(),
+            f::END_TIME: DateTime::now(),
+            f::RECORDS_PROCESSED: records as i64,
+            f::FILES: files as i64,
+            f::DESTINATION: destination,
+        },
+    )
+    .await
+}
+
+pub async fn failed(
+    store: &Store,
+    job_id: &str,
+    records: u64,
+    error: &str,
+) -> Result<(), StoreError> {
+    set(
+        store,
+        job_id,
+        doc! {
+            f::STATUS: ExportJobStatus::Failed.as_str(),
+            f::END_TIME: DateTime::now(),
+            f::RECORDS_PROCESSED: records as i64,
+            f::ERROR: error,
+        },
+    )
+    .await
+}
+
+/// One run's history document.
+pub async fn get(store: &Store, job_id: &str) -> Result<Option<ExportJob>, StoreError> {
+    store
+        .db()
+        .collection::<ExportJob>(c::EXPORT_JOBS)
+        .find_one(doc! { f::JOB_ID: job_id })
+        .await
+        .map_err(StoreError::mongo(c::EXPORT_JOBS, "read job"))
+}

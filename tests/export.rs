@@ -1,0 +1,575 @@
+//! Export jobs against the real servers: MongoDB -> Parquet -> S3 (and a local folder),
+//! read back with the Rust reader and with pyarrow, with faults and archival.
+
+mod support;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow::array::{Array, AsArray};
+use arrow::datatypes::{DataType, TimeUnit, TimestampMicrosecondType};
+use bson::{doc, DateTime, Document};
+use chrono::{Days, NaiveDate, Utc};
+use futures_util::TryStreamExt;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use sluice_connectors::mongo::{EventWriter, WriteStatus, WriterOptions};
+use sluice_connectors::objstore::{LocalDir, ObjectStore};
+use sluice_connectors::parquet::PartWriterOptions;
+use sluice_core::model::{Event, EventMetadata, EventType, ExportJobStatus, ExportJobType};
+use sluice_core::transform::{Record, Transform, TransformError};
+use sluice_jobs::export::{run_export, ExportContext, ExportRequest};
+use support::{TestBucket, TestDb};
+
+fn ms(day: NaiveDate, offset_ms: i64) -> i64 {
+    day.and_hms_opt(0, 0, 0)
+        .unwrap()
+        .and_utc()
+        .timestamp_millis()
+        + offset_ms
+}
+
+fn event(i: usize, day: NaiveDate) -> Event {
+    let t = EventType::ALL[i % 5];
+    let now = DateTime::now();
+    Event {
+        id: None,
+        event_id: format!("ev-{day}-{i:06}"),
+        user_id: format!("u{}", i % 37),
+        session_id: format!("s{}-{}", day, i % 101),
+        event_type: t,
+        timestamp: DateTime::from_millis(ms(day, (i as i64 * 7_919) % 86_400_000)),
+        properties: if t == EventType::Purchase {
+            doc! { "amount": (i % 50) as f64 + 0.25, "currency": "EUR" }
+        } else {
+            doc! { "title": format!("page {i}"), "n": i as i64 }
+        },
+        metadata: EventMetadata {
+            device: Some(["desktop", "mobile"][i % 2].into()),
+            bot: i % 13 == 0,
+            ..Default::default()
+        },
+        page_url: Some(format!("/p/{}", i % 9)),
+        referrer: None,
+        duration: Some(i as i64),
+        created_at: now,
+        updated_at: now,
+    }
+}
+
+async fn seed(db: &TestDb, day: NaiveDate, n: usize) -> Vec<Event> {
+    let writer = EventWriter::new(db.store.clone(), WriterOptions::default());
+    let events: Vec<Event> = (0..n).map(|i| event(i, day)).collect();
+    for chunk in events.chunks(1000) {
+        let st = writer.write(chunk).await.unwrap();
+        assert!(st.iter().all(|s| *s == WriteStatus::Stored));
+    }
+    events
+}
+
+fn request(kind: ExportJobType, from: NaiveDate, to: NaiveDate) -> ExportRequest {
+    ExportRequest {
+        kind,
+        from,
+        to,
+        archive_after_days: 90,
+        archive_settle: Duration::ZERO,
+    }
+}
+
+fn day(offset: i64) -> NaiveDate {
+    let today = Utc::now().date_naive();
+    if offset >= 0 {
+        today + Days::new(offset as u64)
+    } else {
+        today - Days::new((-offset) as u64)
+    }
+}
+
+async fn download(dest: &ObjectStore, key: &str, dir: &std::path::Path) -> PathBuf {
+    let bytes = dest.get_bytes(key).await.unwrap();
+    let path = dir.join(key.replace('/', "_"));
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+fn temp_dir() -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "sluice-export-test-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+async fn job_doc(db: &TestDb, job_id: &str) -> Document {
+    db.store
+        .collection("export_jobs")
+        .find_one(doc! { "jobId": job_id })
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn event_data_round_trips_through_s3_and_pyarrow() {
+    let db = TestDb::initialized().await;
+    let bucket = TestBucket::new().await;
+    let (d1, d2) = (day(-2), day(-1));
+    let mut seeded = seed(&db, d1, 1200).await;
+    seeded.extend(seed(&db, d2, 800).await);
+    let mut ctx = ExportContext::new(db.store.clone(), bucket.object_store());
+    ctx.batch_rows = 500;
+    let summary = run_export(&ctx, &request(ExportJobType::EventData, d1, d2))
+        .await
+        .unwrap();
+    assert_eq!(summary.rows, 2000);
+    assert_eq!(summary.partitions.len(), 2);
+    assert_eq!(summary.partitions[0].prefix, format!("EVENT_DATA/dt={d1}"));
+
+    let job = job_doc(&db, &summary.job_id).await;
+    assert_eq!(job.get_str("status").unwrap(), "COMPLETED");
+    assert_eq!(job.get_i64("recordsProcessed").unwrap(), 2000);
+    assert!(job
+        .get_str("destination")
+        .unwrap()
+        .starts_with(&format!("s3://{}/exports/EVENT_DATA", bucket.name)));
+    assert!(job.get_datetime("startTime").is_ok() && job.get_datetime("endTime").is_ok());
+
+    let by_id: HashMap<String, &Event> = seeded.iter().map(|e| (e.event_id.clone(), e)).collect();
+    let dest = bucket.object_store();
+    let dir = temp_dir();
+    let mut seen = 0;
+    let mut files = Vec::new();
+    for p in &summary.partitions {
+        let keys: Vec<String> = dest
+            .list(&format!("{}/", p.prefix))
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|o| o.key)
+            .collect();
+        assert!(keys.contains(&format!("{}/_SUCCESS", p.prefix)), "{keys:?}");
+        let manifest: serde_json::Value = serde_json::from_slice(
+            &dest
+                .get_bytes(&format!("{}/_manifest.json", p.prefix))
+                .await
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(manifest["rows"].as_u64(), Some(p.rows));
+        assert_eq!(manifest["schema"]["name"], "events");
+        for key in &p.files {
+            let path = download(&dest, key, &dir).await;
+            let reader =
+                ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&path).unwrap())
+                    .unwrap();
+            let schema = reader.schema().clone();
+            assert_eq!(
+                schema.field_with_name("timestamp").unwrap().data_type(),
+                &DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
+            );
+            for batch in reader.build().unwrap() {
+                let b = batch.unwrap();
+                let ids = b.column_by_name("eventId").unwrap().as_string::<i32>();
+                let ts = b
+                    .column_by_name("timestamp")
+                    .unwrap()
+                    .as_primitive::<TimestampMicrosecondType>();
+                let types = b.column_by_name("eventType").unwrap().as_string::<i32>();
+                let props = b.column_by_name("properties").unwrap().as_string::<i32>();
+                let device = b.column_by_name("device").unwrap().as_string::<i32>();
+                let bot = b.column_by_name("bot").unwrap().as_boolean();
+                let dur = b
+                    .column_by_name("duration")
+                    .unwrap()
+                    .as_primitive::<arrow::datatypes::Int64Type>();
+                for r in 0..b.num_rows() {
+                    let e = by_id[ids.value(r)];
+                    assert_eq!(ts.value(r), e.timestamp.timestamp_millis() * 1000);
+                    assert_eq!(types.value(r), e.event_type.as_str());
+                    let json: serde_json::Value = serde_json::from_str(props.value(r)).unwrap();
+                    assert_eq!(
+                        json,
+                        bson::Bson::Document(e.properties.clone()).into_relaxed_extjson()
+                    );
+                    assert_eq!(Some(device.value(r)), e.metadata.device.as_deref());
+                    assert_eq!(bot.value(r), e.metadata.bot);
+                    assert_eq!(Some(dur.value(r)), e.duration);
+                    seen += 1;
+                }
+            }
+            files.push(path);
+        }
+    }
+    assert_eq!(seen, 2000, "every event exported exactly once");
+
+    // An independent reader: pyarrow.
+    let script = r#"
+import json, sys
+import pyarrow.parquet as pq
+rows, types = 0, {}
+for path in sys.argv[1:]:
+    t = pq.read_table(path)
+    rows += t.num_rows
+    types = {f.name: str(f.type) for f in t.schema}
+print(json.dumps({"rows": rows, "types": types}))
+"#;
+    let out = std::process::Command::new(support::python())
+        .arg("-c")
+        .arg(script)
+        .args(&files)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["rows"], 2000);
+    assert_eq!(report["types"]["timestamp"], "timestamp[us, tz=UTC]");
+    assert_eq!(report["types"]["eventId"], "string");
+    assert_eq!(report["types"]["duration"], "int64");
+    assert_eq!(report["types"]["bot"], "bool");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test]
+async fn a_rerun_replaces_the_partition_instead_of_duplicating() {
+    let db = TestDb::initialized().await;
+    let bucket = TestBucket::new().await;
+    let d = day(-1);
+    seed(&db, d, 3000).await;
+    let mut ctx = ExportContext::new(db.store.clone(), bucket.object_store());
+    ctx.part_options = PartWriterOptions {
+        target_file_bytes: 20 * 1024,
+        row_group_bytes: 8 * 1024,
+        zstd_level: 1,
+    };
+    ctx.batch_rows = 300;
+    let first = run_export(&ctx, &request(ExportJobType::EventData, d, d))
+        .await
+        .unwrap();
+    assert!(
+        first.partitions[0].files.len() > 1,
+        "small target size must split files"
+    );
+    // Fewer events the second time: the extra parts of the first run must disappear.
+    db.store
+        .collection("events")
+        .delete_many(doc! { "eventId": { "$regex": "[13579]$" } })
+        .await
+        .unwrap();
+    let second = run_export(&ctx, &request(ExportJobType::EventData, d, d))
+        .await
+        .unwrap();
+    assert_eq!(second.rows, 1500);
+    let dest = bucket.object_store();
+    let listed = dest.list("EVENT_DATA/").await.unwrap();
+    let parquet: Vec<&String> = listed
+        .iter()
+        .map(|o| &o.key)
+        .filter(|k| k.ends_with(".parquet"))
+        .collect();
+    assert_eq!(
+        parquet.len(),
+        second.partitions[0].files.len(),
+        "{parquet:?}"
+    );
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &dest
+            .get_bytes(&format!("EVENT_DATA/dt={d}/_manifest.json"))
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(manifest["rows"], 1500);
+    assert_eq!(manifest["jobId"].as_str(), Some(second.job_id.as_str()));
+    assert!(dest.list("_staging/").await.unwrap().is_empty());
+}
+
+/// A TCP proxy to the S3 server that dies after `limit` bytes from the client: the S3
+/// server "stops" mid-upload, and every later connection is cut at once.
+async fn dying_proxy(limit: u64) -> String {
+    let upstream =
+        std::env::var("SLUICE_S3_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:8333".into());
+    let upstream = upstream.trim_start_matches("http://").to_string();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let sent = Arc::new(AtomicU64::new(0));
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut client, _)) = listener.accept().await {
+            if sent.load(Ordering::SeqCst) >= limit {
+                continue; // dropped: connection closed at once
+            }
+            let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                continue;
+            };
+            let sent = sent.clone();
+            tokio::spawn(async move {
+                let (mut cr, mut cw) = client.split();
+                let (mut sr, mut sw) = {
+                    let s = server;
+                    s.into_split()
+                };
+                let up = async {
+                    let mut buf = vec![0u8; 8192];
+                    loop {
+                        let n = match cr.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if sent.fetch_add(n as u64, Ordering::SeqCst) + n as u64 >= limit {
+                            break;
+                        }
+                        if sw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                };
+                let down = tokio::io::copy(&mut sr, &mut cw);
+                tokio::select! { _ = up => {}, _ = down => {} }
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+#[tokio::test]
+async fn s3_dying_mid_upload_fails_the_run_publishes_nothing_and_a_rerun_succeeds() {
+    let db = TestDb::initialized().await;
+    let bucket = TestBucket::new().await;
+    let d = day(-1);
+    seed(&db, d, 6000).await;
+    let mut settings = support::s3_settings(&bucket.name);
+    settings.endpoint = dying_proxy(60 * 1024).await;
+    let broken = ObjectStore::S3(
+        sluice_connectors::objstore::S3Store::connect(&settings)
+            .await
+            .unwrap(),
+    );
+    let mut ctx = ExportContext::new(db.store.clone(), broken);
+    ctx.part_options = PartWriterOptions {
+        target_file_bytes: 40 * 1024,
+        row_group_bytes: 16 * 1024,
+        zstd_level: 1,
+    };
+    ctx.batch_rows = 500;
+    let err = run_export(&ctx, &request(ExportJobType::EventData, d, d))
+        .await
+        .unwrap_err();
+    let failed = db
+        .store
+        .collection("export_jobs")
+        .find_one(doc! { "status": "FAILED" })
+        .await
+        .unwrap()
+        .expect("the failed run is recorded");
+    assert!(failed.get_str("error").unwrap().contains("s3"), "{failed}");
+    assert_eq!(failed.get_str("error").unwrap(), err.to_string());
+    let dest = bucket.object_store();
+    assert!(
+        dest.list("EVENT_DATA/").await.unwrap().is_empty(),
+        "nothing may be published"
+    );
+
+    ctx.dest = dest.clone();
+    let ok = run_export(&ctx, &request(ExportJobType::EventData, d, d))
+        .await
+        .unwrap();
+    assert_eq!(ok.rows, 6000);
+    assert!(
+        dest.list("_staging/").await.unwrap().is_empty(),
+        "the failed run's staging is cleaned"
+    );
+    let statuses: Vec<String> = db
+        .store
+        .collection("export_jobs")
+        .find(doc! {})
+        .sort(doc! { "createdAt": 1 })
+        .await
+        .unwrap()
+        .try_collect::<Vec<Document>>()
+        .await
+        .unwrap()
+        .iter()
+        .map(|d| d.get_str("status").unwrap().to_string())
+        .collect();
+    assert_eq!(statuses, ["FAILED", "COMPLETED"]);
+}
+
+#[tokio::test]
+async fn archive_deletes_exactly_what_it_exported() {
+    let db = TestDb::initialized().await;
+    let dir = temp_dir();
+    let old = day(-100);
+    let recent = day(-10);
+    let old_events = seed(&db, old, 700).await;
+    seed(&db, recent, 300).await;
+    let ctx = ExportContext::new(db.store.clone(), ObjectStore::Local(LocalDir::new(&dir)));
+    let summary = run_export(&ctx, &request(ExportJobType::Archive, day(0), day(0)))
+        .await
+        .unwrap();
+    assert_eq!(summary.rows, 700);
+    assert_eq!(summary.deleted, 700);
+    assert_eq!(summary.partitions.len(), 1);
+    assert_eq!(summary.partitions[0].prefix, format!("ARCHIVE/dt={old}"));
+    let events = db.store.collection("events");
+    assert_eq!(events.count_documents(doc! {}).await.unwrap(), 300);
+    assert_eq!(
+        events
+            .count_documents(
+                doc! { "timestamp": { "$lt": DateTime::from_millis(ms(day(-90), 0)) } }
+            )
+            .await
+            .unwrap(),
+        0
+    );
+    // Aggregates stay; a resend of an archived event is a duplicate, not a new event.
+    let writer = EventWriter::new(
+        db.store.clone(),
+        WriterOptions {
+            claim_lease: Duration::ZERO,
+            ..Default::default()
+        },
+    );
+    let again = writer.write(&old_events[..5]).await.unwrap();
+    assert_eq!(again, vec![WriteStatus::Duplicate; 5]);
+    assert_eq!(events.count_documents(doc! {}).await.unwrap(), 300);
+
+    // A second run archives nothing new and keeps the first run's files.
+    let second = run_export(&ctx, &request(ExportJobType::Archive, day(0), day(0)))
+        .await
+        .unwrap();
+    assert_eq!((second.rows, second.deleted), (0, 0));
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dir.join(format!("ARCHIVE/dt={old}/_manifest.json"))).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(manifest["rows"], 700);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test]
+async fn daily_analytics_and_user_data_match_mongodb() {
+    let db = TestDb::initialized().await;
+    let dir = temp_dir();
+    let d = day(-1);
+    let events = seed(&db, d, 900).await;
+    let dest = ObjectStore::Local(LocalDir::new(&dir));
+    let ctx = ExportContext::new(db.store.clone(), dest.clone());
+    run_export(&ctx, &request(ExportJobType::DailyAnalytics, d, d))
+        .await
+        .unwrap();
+    let file = std::fs::File::open(dir.join(format!("DAILY_ANALYTICS/dt={d}/part-00000.parquet")))
+        .unwrap();
+    let b = ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap();
+    let int = |name: &str| {
+        b.column_by_name(name)
+            .unwrap()
+            .as_primitive::<arrow::datatypes::Int64Type>()
+            .value(0)
+    };
+    let users: std::collections::HashSet<&str> =
+        events.iter().map(|e| e.user_id.as_str()).collect();
+    let sessions: std::collections::HashSet<&str> =
+        events.iter().map(|e| e.session_id.as_str()).collect();
+    let page_views = events
+        .iter()
+        .filter(|e| e.event_type == EventType::PageView)
+        .count() as i64;
+    assert_eq!(int("events"), 900);
+    assert_eq!(int("uniqueUsers"), users.len() as i64);
+    assert_eq!(int("uniqueSessions"), sessions.len() as i64);
+    assert_eq!(int("pageViews"), page_views);
+    let top = b
+        .column_by_name("topPages")
+        .unwrap()
+        .as_list::<i32>()
+        .value(0);
+    let top = top.as_struct();
+    let views = top
+        .column_by_name("views")
+        .unwrap()
+        .as_primitive::<arrow::datatypes::Int64Type>();
+    assert!(top.len() <= 10 && top.len() > 0);
+    assert!(
+        (1..views.len()).all(|i| views.value(i - 1) >= views.value(i)),
+        "sorted by views"
+    );
+
+    let users_run = run_export(&ctx, &request(ExportJobType::UserData, d, d))
+        .await
+        .unwrap();
+    assert_eq!(users_run.rows, users.len() as u64);
+    assert_eq!(
+        users_run.partitions[0].prefix,
+        format!("USER_DATA/dt={}", day(0))
+    );
+    let job = job_doc(&db, &users_run.job_id).await;
+    assert_eq!(
+        job.get_str("status").unwrap(),
+        ExportJobStatus::Completed.as_str()
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Uppercases `userId`; drops bots. A native stand-in for a plugin chain.
+struct Shout;
+impl Transform for Shout {
+    fn name(&self) -> &str {
+        "shout"
+    }
+    fn apply(&self, batch: Vec<Record>) -> Result<Vec<Record>, TransformError> {
+        Ok(batch
+            .into_iter()
+            .filter(|d| {
+                !d.get_document("metadata")
+                    .ok()
+                    .and_then(|m| m.get_bool("bot").ok())
+                    .unwrap_or(false)
+            })
+            .map(|mut d| {
+                let up = d.get_str("userId").unwrap_or_default().to_uppercase();
+                d.insert("userId", up);
+                d
+            })
+            .collect())
+    }
+}
+
+#[tokio::test]
+async fn records_pass_through_the_jobs_transform_chain() {
+    let db = TestDb::initialized().await;
+    let dir = temp_dir();
+    let d = day(-1);
+    let events = seed(&db, d, 260).await;
+    let mut ctx = ExportContext::new(db.store.clone(), ObjectStore::Local(LocalDir::new(&dir)));
+    ctx.transforms = vec![Arc::new(Shout)];
+    let summary = run_export(&ctx, &request(ExportJobType::EventData, d, d))
+        .await
+        .unwrap();
+    let bots = events.iter().filter(|e| e.metadata.bot).count() as u64;
+    assert_eq!(summary.rows, 260 - bots);
+    let file = std::fs::File::open(dir.join(&summary.partitions[0].files[0])).unwrap();
+    for b in ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap()
+    {
+        let b = b.unwrap();
+        let users = b.column_by_name("userId").unwrap().as_string::<i32>();
+        assert!((0..b.num_rows()).all(|r| users.value(r).starts_with('U')));
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
