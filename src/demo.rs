@@ -13,7 +13,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use sluice_core::config::Config;
-use sluice_core::model::collections as c;
+use sluice_core::model::{collections as c, ExportJobType};
 
 pub const USER_AGENTS: &[&str] = &[
     "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0.0.0 Safari/537.36",
@@ -129,6 +129,8 @@ pub async fn run(mut config: Config, visitors: usize) -> anyhow::Result<()> {
     let started = Instant::now();
     println!("sluice demo: database `{}`", config.database);
     let store = crate::cli::db_init(&config).await?;
+    let export_config = config.clone();
+    let config_destination = config.destination.to_string();
     config.listen = "127.0.0.1:0".parse()?;
     let key = config.write_keys.first().map(|k| k.expose().to_string());
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
@@ -187,7 +189,28 @@ pub async fn run(mut config: Config, visitors: usize) -> anyhow::Result<()> {
         totals[3]
     );
     report(&store, now - 7 * 3_600_000).await?;
-    println!("done in {:.1} s", started.elapsed().as_secs_f64());
+
+    println!("\nExports to {}:", config_destination);
+    let today = chrono::Utc::now().date_naive();
+    for kind in [
+        ExportJobType::EventData,
+        ExportJobType::DailyAnalytics,
+        ExportJobType::UserData,
+    ] {
+        let from = today - chrono::Days::new(1);
+        let summary = crate::cli::export_run(&export_config, kind, Some(from), Some(today), None)
+            .await
+            .with_context(|| format!("{kind} export"))?;
+        if let Some(first) = summary.partitions.iter().flat_map(|p| &p.files).next() {
+            println!("    e.g. {}", first);
+        }
+    }
+    println!(
+        "\nRead the Parquet files with any engine, for example DuckDB:\n  duckdb -c \"SELECT eventType, count(*) FROM '{}/EVENT_DATA/*/*.parquet' GROUP BY 1\"",
+        config_destination
+    );
+    println!("Every run is recorded in the `export_jobs` collection.");
+    println!("\ndone in {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
 }
 

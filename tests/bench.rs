@@ -6,7 +6,7 @@ use std::process::Command;
 #[test]
 fn every_scenario_prints_a_ratio_line() {
     let out = Command::new(env!("CARGO_BIN_EXE_sluice-bench"))
-        .args(["--events", "300", "--rounds", "1"])
+        .args(["--events", "300", "--export-events", "3000", "--rounds", "1"])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -23,7 +23,7 @@ fn every_scenario_prints_a_ratio_line() {
         .iter()
         .map(|l| l["scenario"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["mongo-insert", "track-ingest"]);
+    assert_eq!(names, ["mongo-insert", "track-ingest", "parquet-export"]);
     for l in &lines {
         let (base, sluice, ratio) = (
             l["baseline_per_s"].as_f64().unwrap(),

@@ -8,6 +8,10 @@
 //! - `track-ingest`: a loopback load generator posting batches to `sluice serve`, events
 //!   durably stored per second, vs raw `insert_many` of the same documents.
 //!
+//! - `parquet-export`: an EVENT_DATA export (MongoDB cursor -> Arrow -> Parquet -> S3),
+//!   rows/s, vs the slower of draining the same cursor alone and encoding the same batches
+//!   alone; also reports the peak resident memory during the export.
+//!
 //! Run in release mode: `cargo run --release --bin sluice-bench -- [SCENARIO...]`.
 
 use std::time::Instant;
@@ -30,12 +34,15 @@ struct Args {
     /// Events per scenario.
     #[arg(long, default_value_t = 50_000)]
     events: usize,
+    /// Events exported by `parquet-export`.
+    #[arg(long, default_value_t = 1_000_000)]
+    export_events: usize,
     /// Measurement rounds; the best round of each side is reported.
     #[arg(long, default_value_t = 2)]
     rounds: usize,
 }
 
-const SCENARIOS: &[&str] = &["mongo-insert", "track-ingest"];
+const SCENARIOS: &[&str] = &["mongo-insert", "track-ingest", "parquet-export"];
 const INSERT_BATCH: usize = 1_000;
 
 fn mongo_uri() -> String {
@@ -202,6 +209,140 @@ fn report(scenario: &str, baseline: f64, sluice: f64, extra: Value) {
     println!("{line}");
 }
 
+/// Events of one day, generated in chunks so that the whole set is never in memory.
+fn day_events(n: usize, chunk: usize, day_start_ms: i64) -> impl Iterator<Item = Vec<Document>> {
+    let ctx = RequestContext {
+        received_at_ms: day_start_ms + 86_400_000,
+        max_future_ms: 0,
+        ..Default::default()
+    };
+    let mut traffic = Traffic::new(5);
+    let mut made = 0;
+    std::iter::from_fn(move || {
+        if made >= n {
+            return None;
+        }
+        let mut docs = Vec::with_capacity(chunk);
+        while docs.len() < chunk.min(n - made) {
+            for v in traffic.visitors(50, day_start_ms + 86_000_000, 80_000_000) {
+                if docs.len() == chunk.min(n - made) {
+                    break;
+                }
+                let e = parse_event(&v, &ctx, EventMetadata::default()).ok()?;
+                docs.push(bson::to_document(&e).ok()?);
+            }
+        }
+        made += docs.len();
+        Some(docs)
+    })
+}
+
+/// Peak resident set size of this process since `reset_peak_rss`, in MiB.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// Resets the kernel's peak-RSS counter so the next reading covers only what follows.
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+async fn parquet_export(n: usize) -> anyhow::Result<()> {
+    use sluice_connectors::objstore::{ObjectStore, S3Settings, S3Store};
+    use sluice_connectors::parquet::{encode, event_schema, PartWriter, PartWriterOptions, EVENT_TABLE};
+    use sluice_jobs::export::{run_export, ExportContext, ExportRequest};
+
+    let day = chrono::Utc::now().date_naive() - chrono::Days::new(1);
+    let start_ms = day.and_hms_opt(0, 0, 0).map_or(0, |t| t.and_utc().timestamp_millis());
+    let store = fresh_store("export").await?;
+    let coll = store.collection(c::EVENTS);
+    for chunk in day_events(n, 10_000, start_ms) {
+        coll.insert_many(chunk).ordered(false).await?;
+    }
+    let filter = bson::doc! { "timestamp": { "$gte": bson::DateTime::from_millis(start_ms), "$lt": bson::DateTime::from_millis(start_ms + 86_400_000) } };
+
+    // Baseline 1: drain the cursor alone.
+    let started = Instant::now();
+    let mut cursor = coll
+        .find(filter.clone())
+        .sort(bson::doc! { "timestamp": 1 })
+        .batch_size(2000)
+        .await?;
+    let mut drained = 0usize;
+    while cursor.advance().await? {
+        drained += 1;
+    }
+    let drain_rate = drained as f64 / started.elapsed().as_secs_f64();
+    anyhow::ensure!(drained == n, "drained {drained} of {n}");
+
+    // Baseline 2: encode the same batches alone (documents generated outside the timer).
+    let dir = std::env::temp_dir().join(format!("sluice-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let mut writer = PartWriter::new(event_schema(), &dir, PartWriterOptions::default());
+    let mut encode_time = std::time::Duration::ZERO;
+    for chunk in day_events(n, 8192, start_ms) {
+        let t = Instant::now();
+        let batch = encode(&EVENT_TABLE, &chunk)?;
+        if let Some(p) = writer.write(&batch)? {
+            std::fs::remove_file(p.path)?;
+        }
+        encode_time += t.elapsed();
+    }
+    let t = Instant::now();
+    if let Some(p) = writer.finish()? {
+        std::fs::remove_file(p.path)?;
+    }
+    encode_time += t.elapsed();
+    let encode_rate = n as f64 / encode_time.as_secs_f64();
+
+    // Sluice: the EVENT_DATA job to S3.
+    let bucket = format!("sluice-bench-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let var = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_string());
+    let s3 = S3Store::connect(&S3Settings {
+        bucket: bucket.clone(),
+        prefix: "bench".into(),
+        endpoint: var("SLUICE_S3_ENDPOINT", "http://127.0.0.1:8333"),
+        region: "us-east-1".into(),
+        access_key: var("SLUICE_S3_ACCESS_KEY", "sluice"),
+        secret_key: var("SLUICE_S3_SECRET_KEY", "sluice-secret"),
+        path_style: true,
+    })
+    .await?;
+    s3.client().create_bucket().bucket(&bucket).send().await?;
+    let dest = ObjectStore::S3(s3.clone());
+    let ctx = ExportContext::new(store.clone(), dest.clone());
+    reset_peak_rss();
+    let started = Instant::now();
+    let summary = run_export(&ctx, &ExportRequest::day(sluice_core::model::ExportJobType::EventData, day, 90)).await?;
+    let export_rate = summary.rows as f64 / started.elapsed().as_secs_f64();
+    let peak = peak_rss_mib();
+    anyhow::ensure!(summary.rows as usize == n, "exported {} of {n}", summary.rows);
+
+    let keys: Vec<String> = dest.list("").await?.into_iter().map(|o| o.key).collect();
+    dest.delete(&keys).await?;
+    s3.client().delete_bucket().bucket(&bucket).send().await?;
+    store.db().drop().await?;
+    let _ = std::fs::remove_dir_all(&dir);
+    let baseline = drain_rate.min(encode_rate);
+    report(
+        "parquet-export",
+        baseline,
+        export_rate,
+        json!({
+            "events": n,
+            "drain_per_s": drain_rate.round(),
+            "encode_per_s": encode_rate.round(),
+            "bytes": summary.bytes,
+            "files": summary.partitions.iter().map(|p| p.files.len()).sum::<usize>(),
+            "peak_rss_mib": peak.map(|p| p.round()),
+        }),
+    );
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -219,6 +360,10 @@ async fn main() -> anyhow::Result<()> {
     }
     let (json_events, events) = workload(args.events)?;
     for scenario in chosen {
+        if scenario == "parquet-export" {
+            parquet_export(args.export_events).await.context("parquet-export")?;
+            continue;
+        }
         let (mut best_base, mut best_sluice) = (0f64, 0f64);
         for _ in 0..args.rounds.max(1) {
             // The writer benchmark is one sequential stream; the endpoint runs
