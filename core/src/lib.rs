@@ -5,6 +5,7 @@
 pub mod aggregate;
 pub mod config;
 pub mod error;
+pub mod integration;
 pub mod model;
 pub mod tracking;
 pub mod transform;

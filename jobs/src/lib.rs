@@ -1,5 +1,7 @@
 //! Job runs (exports and archival; imports and the scheduler join here) with their history
 //! in MongoDB.
 
+pub mod configs;
 pub mod export;
+pub mod import;
 pub mod history;

@@ -8,7 +8,7 @@ use mongodb::options::{IndexOptions, TimeseriesGranularity, TimeseriesOptions};
 use mongodb::IndexModel;
 use sluice_core::model::collections as c;
 use sluice_core::model::{
-    admin_user_fields as a, event_fields as e, event_id_fields as l, export_job_fields as x,
+    admin_user_fields as a, event_fields as e, event_id_fields as l, import_run_fields as r, export_job_fields as x,
     integration_fields as i, product_fields as p, session_fields as s, user_fields as u,
 };
 
@@ -136,6 +136,12 @@ pub fn index_specs() -> Vec<IndexSpec> {
         ),
         IndexSpec::new(c::PRODUCTS, "productId_unique", doc! { p::PRODUCT_ID: 1 }).unique(),
         IndexSpec::new(c::PRODUCTS, "category", doc! { p::CATEGORY: 1 }),
+        IndexSpec::new(c::IMPORT_RUNS, "runId_unique", doc! { r::RUN_ID: 1 }).unique(),
+        IndexSpec::new(
+            c::IMPORT_RUNS,
+            "config_startTime",
+            doc! { r::CONFIG: 1, r::START_TIME: -1 },
+        ),
         // the dedupe ledger, by event time (ARCHIVE marks archived claims)
         IndexSpec::new(c::EVENT_IDS, "ts", doc! { l::TIMESTAMP: 1 }),
     ]
@@ -150,6 +156,8 @@ const PLAIN_COLLECTIONS: &[&str] = &[
     c::EXPORT_JOBS,
     c::PRODUCTS,
     c::EVENT_IDS,
+    c::IMPORT_RUNS,
+    c::IMPORT_CHECKPOINTS,
 ];
 
 /// What happened to one index.

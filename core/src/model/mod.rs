@@ -20,6 +20,10 @@ pub mod collections {
     /// Dedupe ledger: one document per stored `eventId` (`_id` = eventId). Time-series
     /// collections cannot carry a unique index, so uniqueness of `eventId` lives here.
     pub const EVENT_IDS: &str = "event_ids";
+    /// Import run history (the design document keeps history for exports only).
+    pub const IMPORT_RUNS: &str = "import_runs";
+    /// Progress of an import run in flight, so an interrupted run resumes where it stopped.
+    pub const IMPORT_CHECKPOINTS: &str = "import_checkpoints";
 }
 
 /// Field names shared by several collections.
@@ -115,6 +119,18 @@ pub mod integration_fields {
     pub const TYPE: &str = "type";
     pub const IS_ACTIVE: &str = "isActive";
     pub const LAST_SYNC: &str = "lastSync";
+    /// The incremental cursor (largest `incremental.cursor_field` value imported, or the
+    /// EXPORT watermark), advanced only after the sink committed.
+    pub const SYNC_CURSOR: &str = "syncCursor";
+    /// The full config file as applied (secrets only as references).
+    pub const SPEC: &str = "spec";
+}
+
+pub mod import_run_fields {
+    pub const RUN_ID: &str = "runId";
+    pub const CONFIG: &str = "config";
+    pub const STATUS: &str = "status";
+    pub const START_TIME: &str = "startTime";
 }
 
 pub mod export_job_fields {

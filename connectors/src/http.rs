@@ -1,0 +1,518 @@
+//! The HTTP source (pull pages from an API) and sink (push batches to it): auth (API key,
+//! basic, OAuth2 client credentials / refresh token with a cached token refreshed before
+//! expiry), pagination with loop guards, retries with exponential backoff and full jitter
+//! on network errors and 5xx, `Retry-After` on 429, a per-connector request rate, and a
+//! guard against endpoints on loopback, link-local (cloud metadata) or private addresses.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use oauth2::{ClientId, ClientSecret, RefreshToken, Scope, TokenResponse, TokenUrl};
+use reqwest::header::HeaderMap;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sluice_core::integration::{first, select_records, Auth, Connector, Paging};
+use sluice_core::model::HttpMethod;
+use tokio::sync::Mutex;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error("`{url}` is refused: it resolves to {addr}, a {kind} address (set `allow_private_network = true` to allow it)")]
+    PrivateNetwork { url: String, addr: IpAddr, kind: &'static str },
+    #[error("cannot resolve `{host}`: {message}")]
+    Resolve { host: String, message: String },
+    #[error("OAuth token request to `{url}` failed: {message}")]
+    Token { url: String, message: String },
+    #[error("`{url}` answered {status}: {body}")]
+    Status { url: String, status: u16, body: String },
+    #[error("`{url}` sent malformed JSON: {message}")]
+    Malformed { url: String, message: String },
+    #[error("`{url}`: {message}")]
+    Network { url: String, message: String },
+    #[error("`{url}` failed after {attempts} attempts; last error: {last}")]
+    Exhausted { url: String, attempts: u32, last: String },
+    #[error("{0}")]
+    Selector(String),
+}
+
+/// What a fetched page holds.
+#[derive(Debug, Clone)]
+pub struct Page {
+    pub url: String,
+    pub body: Value,
+    pub headers: HeaderMap,
+    pub records: Vec<Value>,
+}
+
+/// Where pagination stands; serializable so an interrupted import can resume from it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum PageState {
+    /// Fetch this URL with these extra query parameters.
+    Fetch { url: String, query: Vec<(String, String)>, page: u64, offset: u64 },
+    Done,
+}
+
+/// Counters a run reports.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct HttpStats {
+    pub requests: u64,
+    pub retries: u64,
+    pub token_refreshes: u64,
+}
+
+fn ip_kind(ip: IpAddr) -> Option<&'static str> {
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            if v4.is_loopback() {
+                Some("loopback")
+            } else if v4.is_link_local() {
+                Some("link-local (cloud metadata)")
+            } else if v4.is_private() {
+                Some("private")
+            } else if v4.is_unspecified() || v4.is_broadcast() {
+                Some("unspecified")
+            } else if o[0] == 100 && (64..128).contains(&o[1]) {
+                Some("carrier-grade NAT")
+            } else {
+                None
+            }
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return ip_kind(IpAddr::V4(v4));
+            }
+            let seg = v6.segments();
+            if v6.is_loopback() {
+                Some("loopback")
+            } else if v6.is_unspecified() {
+                Some("unspecified")
+            } else if seg[0] & 0xfe00 == 0xfc00 {
+                Some("private (unique local)")
+            } else if seg[0] & 0xffc0 == 0xfe80 {
+                Some("link-local")
+            } else {
+                None
+            }
+        }
+    }
+}
+
+/// Resolves `host` and refuses private ranges unless allowed; returns the addresses to
+/// pin the connection to (so a second DNS answer cannot point elsewhere).
+pub async fn vet_host(url: &str, host: &str, port: u16, allow_private: bool) -> Result<Vec<SocketAddr>, HttpError> {
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|e| HttpError::Resolve { host: host.to_string(), message: e.to_string() })?
+        .collect();
+    if addrs.is_empty() {
+        return Err(HttpError::Resolve { host: host.to_string(), message: "no address".into() });
+    }
+    if !allow_private {
+        for a in &addrs {
+            if let Some(kind) = ip_kind(a.ip()) {
+                return Err(HttpError::PrivateNetwork { url: url.to_string(), addr: a.ip(), kind });
+            }
+        }
+    }
+    Ok(addrs)
+}
+
+struct Token {
+    value: String,
+    expires: Option<Instant>,
+}
+
+/// A connector's HTTP side. One per run.
+pub struct HttpClient {
+    connector: Arc<Connector>,
+    client: reqwest::Client,
+    token: Mutex<Option<Token>>,
+    next_request: Mutex<Instant>,
+    pub stats: std::sync::Mutex<HttpStats>,
+}
+
+/// Refresh a token this long before it expires.
+const TOKEN_MARGIN: Duration = Duration::from_secs(30);
+/// `Retry-After` values are honoured up to this.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+
+impl HttpClient {
+    /// Vets the endpoint (and token URL) and builds a client pinned to the vetted addresses.
+    pub async fn new(connector: Arc<Connector>) -> Result<Self, HttpError> {
+        let mut builder = reqwest::Client::builder()
+            .timeout(connector.timeout)
+            .connect_timeout(connector.timeout.min(Duration::from_secs(10)))
+            // Redirects could lead to addresses that were never vetted.
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("sluice/", env!("CARGO_PKG_VERSION")));
+        let mut hosts = vec![(connector.endpoint.text.clone(), connector.endpoint.host.clone(), connector.endpoint.port)];
+        if let Auth::OAuth { token_url, .. } = &connector.auth {
+            if let Ok(u) = sluice_core::integration::url_lite::parse(token_url) {
+                hosts.push((token_url.clone(), u.host, u.port));
+            }
+        }
+        for (url, host, port) in hosts {
+            let addrs = vet_host(&url, &host, port, connector.allow_private_network).await?;
+            if host.parse::<IpAddr>().is_err() {
+                builder = builder.resolve_to_addrs(&host, &addrs);
+            }
+        }
+        let client = builder
+            .build()
+            .map_err(|e| HttpError::Network { url: connector.endpoint.text.clone(), message: e.to_string() })?;
+        Ok(Self {
+            connector,
+            client,
+            token: Mutex::new(None),
+            next_request: Mutex::new(Instant::now()),
+            stats: Default::default(),
+        })
+    }
+
+    fn bump(&self, f: impl FnOnce(&mut HttpStats)) {
+        if let Ok(mut s) = self.stats.lock() {
+            f(&mut s);
+        }
+    }
+
+    /// Waits for the connector's request rate.
+    async fn pace(&self) {
+        let rate = self.connector.rate_limit_per_second;
+        if rate <= 0.0 {
+            return;
+        }
+        let gap = Duration::from_secs_f64(1.0 / rate);
+        let wait = {
+            let mut next = self.next_request.lock().await;
+            let now = Instant::now();
+            let at = (*next).max(now);
+            *next = at + gap;
+            at - now
+        };
+        tokio::time::sleep(wait).await;
+    }
+
+    /// A valid access token, fetched or refreshed when missing or about to expire.
+    async fn bearer(&self, force: bool) -> Result<Option<String>, HttpError> {
+        let Auth::OAuth { token_url, client_id, client_secret, scopes, refresh_token } = &self.connector.auth else {
+            return Ok(None);
+        };
+        let mut slot = self.token.lock().await;
+        let fresh = slot.as_ref().is_some_and(|t| t.expires.is_none_or(|e| e > Instant::now() + TOKEN_MARGIN));
+        if fresh && !force {
+            return Ok(slot.as_ref().map(|t| t.value.clone()));
+        }
+        let err = |message: String| HttpError::Token { url: token_url.clone(), message };
+        let oauth = oauth2::basic::BasicClient::new(ClientId::new(client_id.clone()))
+            .set_client_secret(ClientSecret::new(client_secret.expose().to_string()))
+            .set_token_uri(TokenUrl::new(token_url.clone()).map_err(|e| err(e.to_string()))?);
+        let response = match refresh_token {
+            Some(rt) => {
+                let rt = RefreshToken::new(rt.expose().to_string());
+                oauth.exchange_refresh_token(&rt).request_async(&self.client).await
+            }
+            None => {
+                oauth
+                    .exchange_client_credentials()
+                    .add_scopes(scopes.iter().map(|s| Scope::new(s.clone())))
+                    .request_async(&self.client)
+                    .await
+            }
+        };
+        let token = response.map_err(|e| err(describe_token_error(&e)))?;
+        self.bump(|s| s.token_refreshes += 1);
+        let value = token.access_token().secret().clone();
+        *slot = Some(Token { value: value.clone(), expires: token.expires_in().map(|d| Instant::now() + d) });
+        Ok(Some(value))
+    }
+
+    fn backoff(&self, attempt: u32) -> Duration {
+        let r = &self.connector.retry;
+        let cap = r.initial_backoff_ms.saturating_mul(1 << attempt.min(16)).min(r.max_backoff_ms);
+        Duration::from_millis(rand::random_range(0..=cap.max(1)))
+    }
+
+    /// Sends one request with auth, pacing and retries; returns the parsed JSON body.
+    pub async fn send(
+        &self,
+        method: HttpMethod,
+        url: &str,
+        query: &[(String, String)],
+        body: Option<&Value>,
+    ) -> Result<(Value, HeaderMap), HttpError> {
+        let attempts = self.connector.retry.max_attempts;
+        let mut last = String::new();
+        let mut force_token = false;
+        for attempt in 0..attempts {
+            if attempt > 0 {
+                self.bump(|s| s.retries += 1);
+            }
+            self.pace().await;
+            let m = match method {
+                HttpMethod::Get => reqwest::Method::GET,
+                HttpMethod::Post => reqwest::Method::POST,
+                HttpMethod::Put => reqwest::Method::PUT,
+            };
+            let mut req = self.client.request(m, url).query(query);
+            for (k, v) in &self.connector.headers {
+                req = req.header(k, v);
+            }
+            match &self.connector.auth {
+                Auth::None => {}
+                Auth::ApiKey { key, header, query } => match query {
+                    Some(param) => req = req.query(&[(param.as_str(), key.expose())]),
+                    None => req = req.header(header.as_deref().unwrap_or("X-API-Key"), key.expose()),
+                },
+                Auth::Basic { username, password } => req = req.basic_auth(username, Some(password.expose())),
+                Auth::OAuth { .. } => {
+                    if let Some(t) = self.bearer(force_token).await? {
+                        req = req.bearer_auth(t);
+                    }
+                }
+            }
+            if let Some(b) = body {
+                req = req.json(b);
+            }
+            self.bump(|s| s.requests += 1);
+            let resp = match req.send().await {
+                Ok(r) => r,
+                Err(e) => {
+                    last = format!("network error: {e}");
+                    tokio::time::sleep(self.backoff(attempt)).await;
+                    continue;
+                }
+            };
+            let status = resp.status();
+            let headers = resp.headers().clone();
+            if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+                let wait = retry_after(&headers).unwrap_or_else(|| self.backoff(attempt));
+                last = format!("429 Too Many Requests (waited {} ms)", wait.as_millis());
+                tokio::time::sleep(wait.min(MAX_RETRY_AFTER)).await;
+                continue;
+            }
+            if status == reqwest::StatusCode::UNAUTHORIZED && matches!(self.connector.auth, Auth::OAuth { .. }) && !force_token {
+                // The token may have been revoked or expired early: refresh once.
+                force_token = true;
+                last = "401 Unauthorized".into();
+                continue;
+            }
+            let text = match resp.text().await {
+                Ok(t) => t,
+                Err(e) => {
+                    last = format!("reading the body: {e}");
+                    tokio::time::sleep(self.backoff(attempt)).await;
+                    continue;
+                }
+            };
+            if status.is_server_error() {
+                last = format!("{status}: {}", snippet(&text));
+                tokio::time::sleep(self.backoff(attempt)).await;
+                continue;
+            }
+            if !status.is_success() {
+                return Err(HttpError::Status { url: url.to_string(), status: status.as_u16(), body: snippet(&text) });
+            }
+            if text.trim().is_empty() {
+                return Ok((Value::Null, headers));
+            }
+            match serde_json::from_str(&text) {
+                Ok(v) => return Ok((v, headers)),
+                Err(e) => {
+                    // Often a proxy's error page: retry, then fail with the parse error.
+                    last = format!("malformed JSON: {e}");
+                    if attempt + 1 == attempts {
+                        return Err(HttpError::Malformed { url: url.to_string(), message: e.to_string() });
+                    }
+                    tokio::time::sleep(self.backoff(attempt)).await;
+                }
+            }
+        }
+        Err(HttpError::Exhausted { url: url.to_string(), attempts, last })
+    }
+
+    /// The first page of an import.
+    pub fn first_state(&self, extra: Vec<(String, String)>) -> PageState {
+        let mut query = extra;
+        match &self.connector.paging {
+            Paging::Page { param, start, size_param, size } => {
+                query.push((param.clone(), start.to_string()));
+                query.push((size_param.clone(), size.to_string()));
+            }
+            Paging::Offset { param, size_param, size } => {
+                query.push((param.clone(), "0".into()));
+                query.push((size_param.clone(), size.to_string()));
+            }
+            _ => {}
+        }
+        PageState::Fetch { url: self.connector.endpoint.text.clone(), query, page: 0, offset: 0 }
+    }
+
+    /// Fetches the page `state` points at.
+    pub async fn fetch(&self, state: &PageState) -> Result<Option<Page>, HttpError> {
+        let PageState::Fetch { url, query, .. } = state else {
+            return Ok(None);
+        };
+        let (body, headers) = self.send(HttpMethod::Get, url, query, None).await?;
+        let records = select_records(&body, &self.connector.records).map_err(HttpError::Selector)?;
+        Ok(Some(Page { url: url.clone(), body, headers, records }))
+    }
+
+    /// The state after `page`, or `Done` when a stop condition holds.
+    pub fn next_state(&self, state: &PageState, page: &Page) -> PageState {
+        let PageState::Fetch { url, query, page: n, offset } = state else {
+            return PageState::Done;
+        };
+        let c = &self.connector;
+        let n = n + 1;
+        let got = page.records.len() as u64;
+        if got == 0 || n >= c.max_pages {
+            return PageState::Done;
+        }
+        if let Some(p) = &c.has_more_path {
+            if first(&page.body, p) == Some(Value::Bool(false)) {
+                return PageState::Done;
+            }
+        }
+        let total = c
+            .total_path
+            .as_ref()
+            .and_then(|p| first(&page.body, p))
+            .and_then(|v| v.as_u64().or_else(|| v.as_str().and_then(|s| s.parse().ok())))
+            .or_else(|| {
+                c.total_header
+                    .as_ref()
+                    .and_then(|h| page.headers.get(h.as_str()))
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|s| s.trim().parse().ok())
+            });
+        let set = |q: &[(String, String)], k: &str, v: String| {
+            let mut q: Vec<(String, String)> = q.iter().filter(|(key, _)| key != k).cloned().collect();
+            q.push((k.to_string(), v));
+            q
+        };
+        match &c.paging {
+            Paging::None => PageState::Done,
+            Paging::Page { param, start, size, .. } => {
+                let seen = offset + got;
+                if got < *size || total.is_some_and(|t| seen >= t) {
+                    return PageState::Done;
+                }
+                PageState::Fetch { url: url.clone(), query: set(query, param, (start + n).to_string()), page: n, offset: seen }
+            }
+            Paging::Offset { param, size, .. } => {
+                let seen = offset + got;
+                if got < *size || total.is_some_and(|t| seen >= t) {
+                    return PageState::Done;
+                }
+                PageState::Fetch { url: url.clone(), query: set(query, param, seen.to_string()), page: n, offset: seen }
+            }
+            Paging::Cursor { path, param } => match first(&page.body, path) {
+                Some(Value::String(s)) if !s.is_empty() => {
+                    PageState::Fetch { url: url.clone(), query: set(query, param, s), page: n, offset: offset + got }
+                }
+                Some(Value::Number(x)) => {
+                    PageState::Fetch { url: url.clone(), query: set(query, param, x.to_string()), page: n, offset: offset + got }
+                }
+                _ => PageState::Done,
+            },
+            Paging::LinkHeader => match next_link(&page.headers) {
+                // The next URL carries its own query; keep only what the first request added.
+                Some(next) => PageState::Fetch { url: next, query: Vec::new(), page: n, offset: offset + got },
+                None => PageState::Done,
+            },
+        }
+    }
+}
+
+fn snippet(text: &str) -> String {
+    let t: String = text.chars().take(300).collect();
+    t.replace('\n', " ")
+}
+
+fn describe_token_error<E: std::error::Error>(e: &E) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    msg
+}
+
+/// `Retry-After` as seconds or an HTTP date.
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let v = headers.get("retry-after")?.to_str().ok()?.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = chrono::DateTime::parse_from_rfc2822(v).ok()?;
+    let ms = at.timestamp_millis() - chrono::Utc::now().timestamp_millis();
+    Some(Duration::from_millis(ms.max(0) as u64))
+}
+
+/// The `rel="next"` URL of a `Link` header.
+fn next_link(headers: &HeaderMap) -> Option<String> {
+    for value in headers.get_all("link") {
+        let text = value.to_str().ok()?;
+        for part in text.split(',') {
+            let mut pieces = part.split(';');
+            let target = pieces.next()?.trim();
+            if pieces.any(|p| {
+                let p = p.trim().replace(' ', "");
+                p == "rel=\"next\"" || p == "rel=next"
+            }) {
+                return Some(target.trim_start_matches('<').trim_end_matches('>').to_string());
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn private_ranges_are_recognised() {
+        for (ip, private) in [
+            ("127.0.0.1", true),
+            ("10.1.2.3", true),
+            ("172.16.0.1", true),
+            ("192.168.1.1", true),
+            ("169.254.169.254", true),
+            ("100.100.100.200", true),
+            ("::1", true),
+            ("fd00::1", true),
+            ("fe80::1", true),
+            ("::ffff:127.0.0.1", true),
+            ("93.184.216.34", false),
+            ("2606:4700::1111", false),
+        ] {
+            assert_eq!(ip_kind(ip.parse().unwrap()).is_some(), private, "{ip}");
+        }
+    }
+
+    #[test]
+    fn link_header_next_is_found() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "link",
+            "<http://x/p?_page=1>; rel=\"first\", <http://x/p?_page=3>; rel=\"next\", <http://x/p?_page=9>; rel=\"last\""
+                .parse()
+                .unwrap(),
+        );
+        assert_eq!(next_link(&h).as_deref(), Some("http://x/p?_page=3"));
+        assert_eq!(next_link(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn retry_after_seconds_and_dates() {
+        let mut h = HeaderMap::new();
+        h.insert("retry-after", "2".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(2)));
+    }
+}

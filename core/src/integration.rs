@@ -1,0 +1,759 @@
+//! Integration configs: the file format data engineers write (one TOML file per config),
+//! its one-step validation into a [`Connector`], and the JSONPath field mapping.
+//!
+//! The file carries the design document's fields (`name`, `type`, `endpoint`, `method`,
+//! `headers`, `auth`, `mapping`, `schedule`, `is_active`) plus what a real connector needs:
+//! the record selector, pagination, incremental cursor, rate limit, retry policy, target
+//! collection and upsert key, and a transform chain.
+
+use std::collections::BTreeMap;
+
+use bson::{Bson, Document};
+use jsonpath_rust::JsonPath;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::config::Secret;
+use crate::error::ConfigError;
+use crate::model::{AuthType, HttpMethod, IntegrationType};
+
+/// The file as written.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IntegrationFile {
+    /// Unique name; `sluice import run NAME`.
+    pub name: String,
+    /// `IMPORT` (pull into MongoDB) or `EXPORT` (push MongoDB data out).
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The API URL (for IMPORT, the first page).
+    pub endpoint: String,
+    #[serde(default = "default_method")]
+    pub method: String,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Cron expression with seconds (`0 */15 * * * *`), UTC; none = manual runs only.
+    #[serde(default)]
+    pub schedule: Option<String>,
+    #[serde(default = "yes")]
+    pub is_active: bool,
+    /// Endpoints on loopback, link-local or private addresses are refused unless allowed.
+    #[serde(default)]
+    pub allow_private_network: bool,
+    #[serde(default)]
+    pub auth: AuthSection,
+    #[serde(default)]
+    pub source: SourceSection,
+    #[serde(default)]
+    pub target: TargetSection,
+    /// Target field -> how to fill it.
+    #[serde(default)]
+    pub mapping: BTreeMap<String, FieldMapping>,
+    #[serde(default)]
+    pub incremental: Option<IncrementalSection>,
+    /// EXPORT only: what to read and how to send it.
+    #[serde(default)]
+    pub push: Option<PushSection>,
+    /// Transform plugins applied to mapped records, in order.
+    #[serde(default)]
+    pub transforms: Vec<String>,
+}
+
+fn default_method() -> String {
+    "GET".into()
+}
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSection {
+    /// `NONE`, `API_KEY`, `BASIC` or `OAUTH`.
+    #[serde(rename = "type", default = "auth_none")]
+    pub kind: String,
+    /// API_KEY: the key; sent in `header` (default `X-API-Key`) or as query `query`.
+    #[serde(default)]
+    pub key: Option<Secret>,
+    #[serde(default)]
+    pub header: Option<String>,
+    #[serde(default)]
+    pub query: Option<String>,
+    /// BASIC.
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<Secret>,
+    /// OAUTH (client credentials; refresh-token grant when `refresh_token` is set).
+    #[serde(default)]
+    pub token_url: Option<String>,
+    #[serde(default)]
+    pub client_id: Option<String>,
+    #[serde(default)]
+    pub client_secret: Option<Secret>,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    #[serde(default)]
+    pub refresh_token: Option<Secret>,
+}
+
+fn auth_none() -> String {
+    "NONE".into()
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SourceSection {
+    /// JSONPath selecting the records of a page (`$[*]` for a bare array).
+    pub records: String,
+    pub timeout_seconds: u64,
+    /// Requests per second to this API (0 = unlimited).
+    pub rate_limit_per_second: f64,
+    pub pagination: Pagination,
+    pub retry: RetryPolicy,
+}
+
+impl Default for SourceSection {
+    fn default() -> Self {
+        Self {
+            records: "$[*]".into(),
+            timeout_seconds: 30,
+            rate_limit_per_second: 0.0,
+            pagination: Pagination::default(),
+            retry: RetryPolicy::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Pagination {
+    /// `none`, `page`, `offset`, `cursor` or `link_header`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// page: the page-number parameter and the first page.
+    pub page_param: String,
+    pub start_page: u64,
+    /// page / offset: the page-size parameter and the size.
+    pub size_param: String,
+    pub size: u64,
+    /// offset: the offset parameter.
+    pub offset_param: String,
+    /// cursor: JSONPath of the next cursor in the body, and the parameter to send it in.
+    pub cursor_path: String,
+    pub cursor_param: String,
+    /// Optional stop signals: a boolean "has more" flag, or a total count (body or header).
+    pub has_more_path: Option<String>,
+    pub total_path: Option<String>,
+    pub total_header: Option<String>,
+    /// Loop guard.
+    pub max_pages: u64,
+}
+
+impl Default for Pagination {
+    fn default() -> Self {
+        Self {
+            kind: "none".into(),
+            page_param: "page".into(),
+            start_page: 1,
+            size_param: "limit".into(),
+            size: 100,
+            offset_param: "offset".into(),
+            cursor_path: "$.next".into(),
+            cursor_param: "cursor".into(),
+            has_more_path: None,
+            total_path: None,
+            total_header: None,
+            max_pages: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryPolicy {
+    pub max_attempts: u32,
+    pub initial_backoff_ms: u64,
+    pub max_backoff_ms: u64,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 5,
+            initial_backoff_ms: 200,
+            max_backoff_ms: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TargetSection {
+    /// IMPORT: the collection upserted into.
+    pub collection: String,
+    /// IMPORT: the target field records are upserted by.
+    pub key: String,
+    /// Records per bulk upsert.
+    pub batch_size: usize,
+}
+
+impl Default for TargetSection {
+    fn default() -> Self {
+        Self {
+            collection: "products".into(),
+            key: "productId".into(),
+            batch_size: 500,
+        }
+    }
+}
+
+/// How one target field is filled from a source record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FieldMapping {
+    /// JSONPath into the source record (`$.price.amount`).
+    pub path: String,
+    /// `string`, `number`, `integer`, `bool`, `date` or `any` (default).
+    #[serde(rename = "type", default = "any")]
+    pub kind: String,
+    #[serde(default)]
+    pub required: bool,
+    /// Used when the path finds nothing (or null).
+    #[serde(default)]
+    pub default: Option<toml::Value>,
+}
+
+fn any() -> String {
+    "any".into()
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IncrementalSection {
+    /// Target field whose largest value becomes the next run's cursor.
+    pub cursor_field: String,
+    /// Query parameter the cursor is sent in.
+    pub param: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PushSection {
+    /// Collection read.
+    pub collection: String,
+    /// A MongoDB filter as JSON (`{"totalPurchases": {"$gt": 0}}`).
+    #[serde(default)]
+    pub filter: Option<String>,
+    /// Field whose value above the last sync selects new documents (`updatedAt`).
+    #[serde(default)]
+    pub watermark_field: Option<String>,
+    /// Records per request.
+    #[serde(default = "push_batch")]
+    pub batch_size: usize,
+    /// The JSON body: `{"<wrap>": [records]}`, or a bare array when empty.
+    #[serde(default)]
+    pub wrap: String,
+}
+
+fn push_batch() -> usize {
+    100
+}
+
+/// Target value types of a mapping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FieldType {
+    Any,
+    String,
+    Number,
+    Integer,
+    Bool,
+    Date,
+}
+
+/// A validated field mapping.
+#[derive(Debug, Clone)]
+pub struct Field {
+    pub target: String,
+    pub path: String,
+    pub kind: FieldType,
+    pub required: bool,
+    pub default: Option<Value>,
+}
+
+/// Pagination, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Paging {
+    None,
+    Page { param: String, start: u64, size_param: String, size: u64 },
+    Offset { param: String, size_param: String, size: u64 },
+    Cursor { path: String, param: String },
+    LinkHeader,
+}
+
+/// Auth, validated, secrets resolved.
+#[derive(Debug, Clone)]
+pub enum Auth {
+    None,
+    ApiKey { key: Secret, header: Option<String>, query: Option<String> },
+    Basic { username: String, password: Secret },
+    OAuth {
+        token_url: String,
+        client_id: String,
+        client_secret: Secret,
+        scopes: Vec<String>,
+        refresh_token: Option<Secret>,
+    },
+}
+
+impl Auth {
+    pub fn auth_type(&self) -> AuthType {
+        match self {
+            Auth::None => AuthType::None,
+            Auth::ApiKey { .. } => AuthType::ApiKey,
+            Auth::Basic { .. } => AuthType::Basic,
+            Auth::OAuth { .. } => AuthType::OAuth,
+        }
+    }
+}
+
+/// A validated integration config, ready to run.
+#[derive(Debug, Clone)]
+pub struct Connector {
+    pub name: String,
+    pub kind: IntegrationType,
+    pub endpoint: url_lite::Url,
+    pub method: HttpMethod,
+    pub headers: Vec<(String, String)>,
+    pub schedule: Option<String>,
+    pub is_active: bool,
+    pub allow_private_network: bool,
+    pub auth: Auth,
+    pub records: String,
+    pub timeout: std::time::Duration,
+    pub rate_limit_per_second: f64,
+    pub paging: Paging,
+    pub has_more_path: Option<String>,
+    pub total_path: Option<String>,
+    pub total_header: Option<String>,
+    pub max_pages: u64,
+    pub retry: RetryPolicy,
+    pub collection: String,
+    pub key: String,
+    pub batch_size: usize,
+    pub fields: Vec<Field>,
+    pub incremental: Option<IncrementalSection>,
+    pub push: Option<PushSection>,
+    pub transforms: Vec<String>,
+}
+
+/// A tiny URL check (scheme, host) without pulling a URL crate into `core`.
+pub mod url_lite {
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct Url {
+        pub text: String,
+        pub https: bool,
+        pub host: String,
+        pub port: u16,
+    }
+
+    pub fn parse(text: &str) -> Result<Url, String> {
+        let (https, rest) = if let Some(r) = text.strip_prefix("https://") {
+            (true, r)
+        } else if let Some(r) = text.strip_prefix("http://") {
+            (false, r)
+        } else {
+            return Err(format!("an http:// or https:// URL, got `{text}`"));
+        };
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+        let hostport = authority.rsplit('@').next().unwrap_or("");
+        let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
+            let (h, after) = v6.split_once(']').ok_or("a valid IPv6 host")?;
+            (h.to_string(), after.strip_prefix(':'))
+        } else {
+            match hostport.rsplit_once(':') {
+                Some((h, p)) => (h.to_string(), Some(p)),
+                None => (hostport.to_string(), None),
+            }
+        };
+        if host.is_empty() {
+            return Err(format!("a URL with a host, got `{text}`"));
+        }
+        let port = match port {
+            Some(p) => p.parse().map_err(|_| format!("a valid port in `{text}`"))?,
+            None if https => 443,
+            None => 80,
+        };
+        Ok(Url { text: text.to_string(), https, host, port })
+    }
+}
+
+/// Parses a file's text (`origin` names it in errors).
+pub fn parse_file(origin: &str, text: &str) -> Result<IntegrationFile, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Parse {
+        origin: origin.to_string(),
+        message: e.to_string().trim_end().to_string(),
+    })
+}
+
+fn check_jsonpath(path: &str) -> Result<(), String> {
+    let probe = serde_json::json!({});
+    probe
+        .query(path)
+        .map(|_| ())
+        .map_err(|e| format!("a valid JSONPath, got `{path}` ({e})"))
+}
+
+fn toml_to_json(v: &toml::Value) -> Value {
+    serde_json::to_value(v).unwrap_or(Value::Null)
+}
+
+/// The one validation step. Secrets are resolved through `env`.
+pub fn validate(
+    origin: &str,
+    file: &IntegrationFile,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Connector, ConfigError> {
+    let invalid = |field: &str, expected: String| ConfigError::Invalid {
+        origin: origin.to_string(),
+        field: field.to_string(),
+        expected,
+    };
+    if file.name.is_empty()
+        || file.name.len() > 100
+        || !file.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return Err(invalid("name", format!("1-100 characters of a-z A-Z 0-9 - _ ., got `{}`", file.name)));
+    }
+    let kind = IntegrationType::parse(&file.kind).map_err(|e| invalid("type", e))?;
+    let endpoint = url_lite::parse(&file.endpoint).map_err(|e| invalid("endpoint", e))?;
+    let method = HttpMethod::parse(&file.method.to_ascii_uppercase()).map_err(|e| invalid("method", e))?;
+    if let Some(cron) = &file.schedule {
+        let fields = cron.split_whitespace().count();
+        if !(6..=7).contains(&fields) {
+            return Err(invalid(
+                "schedule",
+                format!("a cron expression with seconds (6 or 7 fields, e.g. `0 */15 * * * *`), got `{cron}`"),
+            ));
+        }
+    }
+    let secret = |field: &str, s: &Option<Secret>| -> Result<Secret, ConfigError> {
+        let s = s.as_ref().ok_or_else(|| invalid(field, "a value (a secret: use `${env:NAME}`)".into()))?;
+        match s.env_reference() {
+            Some(name) => env(name)
+                .map(Secret::new)
+                .ok_or_else(|| invalid(field, format!("environment variable `{name}` to be set (it is not)"))),
+            None => Ok(s.clone()),
+        }
+    };
+    let a = &file.auth;
+    let auth = match AuthType::parse(&a.kind).map_err(|e| invalid("auth.type", e))? {
+        AuthType::None => Auth::None,
+        AuthType::ApiKey => {
+            if a.header.is_some() && a.query.is_some() {
+                return Err(invalid("auth.query", "either `auth.header` or `auth.query`, not both".into()));
+            }
+            Auth::ApiKey { key: secret("auth.key", &a.key)?, header: a.header.clone(), query: a.query.clone() }
+        }
+        AuthType::Basic => Auth::Basic {
+            username: a.username.clone().ok_or_else(|| invalid("auth.username", "a user name".into()))?,
+            password: secret("auth.password", &a.password)?,
+        },
+        AuthType::OAuth => {
+            let token_url = a.token_url.clone().ok_or_else(|| invalid("auth.token_url", "the token endpoint URL".into()))?;
+            url_lite::parse(&token_url).map_err(|e| invalid("auth.token_url", e))?;
+            Auth::OAuth {
+                token_url,
+                client_id: a.client_id.clone().ok_or_else(|| invalid("auth.client_id", "a client id".into()))?,
+                client_secret: secret("auth.client_secret", &a.client_secret)?,
+                scopes: a.scopes.clone(),
+                refresh_token: match &a.refresh_token {
+                    Some(_) => Some(secret("auth.refresh_token", &a.refresh_token)?),
+                    None => None,
+                },
+            }
+        }
+    };
+    let s = &file.source;
+    check_jsonpath(&s.records).map_err(|e| invalid("source.records", e))?;
+    let p = &s.pagination;
+    let paging = match p.kind.as_str() {
+        "none" => Paging::None,
+        "page" => Paging::Page { param: p.page_param.clone(), start: p.start_page, size_param: p.size_param.clone(), size: p.size },
+        "offset" => Paging::Offset { param: p.offset_param.clone(), size_param: p.size_param.clone(), size: p.size },
+        "cursor" => {
+            check_jsonpath(&p.cursor_path).map_err(|e| invalid("source.pagination.cursor_path", e))?;
+            Paging::Cursor { path: p.cursor_path.clone(), param: p.cursor_param.clone() }
+        }
+        "link_header" => Paging::LinkHeader,
+        other => {
+            return Err(invalid(
+                "source.pagination.type",
+                format!("one of none, page, offset, cursor, link_header, got `{other}`"),
+            ))
+        }
+    };
+    for (field, path) in [("source.pagination.has_more_path", &p.has_more_path), ("source.pagination.total_path", &p.total_path)] {
+        if let Some(path) = path {
+            check_jsonpath(path).map_err(|e| invalid(field, e))?;
+        }
+    }
+    if p.max_pages == 0 || p.size == 0 {
+        return Err(invalid("source.pagination.max_pages", "`max_pages` and `size` greater than 0".into()));
+    }
+    if s.retry.max_attempts == 0 {
+        return Err(invalid("source.retry.max_attempts", "at least 1".into()));
+    }
+    if s.timeout_seconds == 0 {
+        return Err(invalid("source.timeout_seconds", "a number of seconds greater than 0".into()));
+    }
+    let mut fields = Vec::new();
+    for (target, m) in &file.mapping {
+        let field = format!("mapping.{target}");
+        if target.is_empty() || target.starts_with('$') || target.contains('.') {
+            return Err(invalid(&field, "a target field name without `$` or `.`".into()));
+        }
+        check_jsonpath(&m.path).map_err(|e| invalid(&format!("{field}.path"), e))?;
+        let kind = match m.kind.as_str() {
+            "any" => FieldType::Any,
+            "string" => FieldType::String,
+            "number" => FieldType::Number,
+            "integer" => FieldType::Integer,
+            "bool" => FieldType::Bool,
+            "date" => FieldType::Date,
+            other => {
+                return Err(invalid(
+                    &format!("{field}.type"),
+                    format!("one of any, string, number, integer, bool, date, got `{other}`"),
+                ))
+            }
+        };
+        fields.push(Field {
+            target: target.clone(),
+            path: m.path.clone(),
+            kind,
+            required: m.required,
+            default: m.default.as_ref().map(toml_to_json),
+        });
+    }
+    if kind == IntegrationType::Import {
+        if fields.is_empty() {
+            return Err(invalid("mapping", "at least one mapped field".into()));
+        }
+        if !fields.iter().any(|f| f.target == file.target.key) {
+            return Err(invalid(
+                "target.key",
+                format!("a mapped field (the upsert key `{}` has no `[mapping.{}]`)", file.target.key, file.target.key),
+            ));
+        }
+    }
+    if kind == IntegrationType::Export && file.push.is_none() {
+        return Err(invalid("push", "a `[push]` section for an EXPORT config".into()));
+    }
+    if let Some(push) = &file.push {
+        if let Some(f) = &push.filter {
+            serde_json::from_str::<serde_json::Map<String, Value>>(f)
+                .map_err(|e| invalid("push.filter", format!("a JSON object ({e})")))?;
+        }
+    }
+    if file.target.batch_size == 0 {
+        return Err(invalid("target.batch_size", "a number greater than 0".into()));
+    }
+    Ok(Connector {
+        name: file.name.clone(),
+        kind,
+        endpoint,
+        method,
+        headers: file.headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        schedule: file.schedule.clone(),
+        is_active: file.is_active,
+        allow_private_network: file.allow_private_network,
+        auth,
+        records: s.records.clone(),
+        timeout: std::time::Duration::from_secs(s.timeout_seconds),
+        rate_limit_per_second: s.rate_limit_per_second,
+        paging,
+        has_more_path: p.has_more_path.clone(),
+        total_path: p.total_path.clone(),
+        total_header: p.total_header.clone(),
+        max_pages: p.max_pages,
+        retry: s.retry.clone(),
+        collection: file.target.collection.clone(),
+        key: file.target.key.clone(),
+        batch_size: file.target.batch_size,
+        fields,
+        incremental: file.incremental.clone(),
+        push: file.push.clone(),
+        transforms: file.transforms.clone(),
+    })
+}
+
+/// Selects the records of a page with the connector's JSONPath.
+pub fn select_records(body: &Value, path: &str) -> Result<Vec<Value>, String> {
+    body.query(path)
+        .map(|found| found.into_iter().cloned().collect())
+        .map_err(|e| format!("record selector `{path}`: {e}"))
+}
+
+/// The first value a JSONPath finds, if any.
+pub fn first(value: &Value, path: &str) -> Option<Value> {
+    value.query(path).ok()?.into_iter().next().cloned()
+}
+
+fn coerce(field: &Field, v: Value) -> Result<Bson, String> {
+    let bad = |what: &str| format!("field `{}` ({}): expected {what}, got {v}", field.target, field.path);
+    Ok(match field.kind {
+        FieldType::Any => Bson::try_from(v.clone()).map_err(|e| bad(&e.to_string()))?,
+        FieldType::String => match &v {
+            Value::String(s) => Bson::String(s.clone()),
+            Value::Number(n) => Bson::String(n.to_string()),
+            Value::Bool(b) => Bson::String(b.to_string()),
+            _ => return Err(bad("a string")),
+        },
+        FieldType::Number => match &v {
+            Value::Number(n) => Bson::Double(n.as_f64().ok_or_else(|| bad("a number"))?),
+            Value::String(s) => Bson::Double(s.trim().parse().map_err(|_| bad("a number"))?),
+            _ => return Err(bad("a number")),
+        },
+        FieldType::Integer => match &v {
+            Value::Number(n) => Bson::Int64(n.as_i64().or_else(|| n.as_f64().filter(|f| f.fract() == 0.0).map(|f| f as i64)).ok_or_else(|| bad("an integer"))?),
+            Value::String(s) => Bson::Int64(s.trim().parse().map_err(|_| bad("an integer"))?),
+            _ => return Err(bad("an integer")),
+        },
+        FieldType::Bool => match &v {
+            Value::Bool(b) => Bson::Boolean(*b),
+            Value::String(s) if s == "true" || s == "1" => Bson::Boolean(true),
+            Value::String(s) if s == "false" || s == "0" => Bson::Boolean(false),
+            Value::Number(n) if n.as_i64() == Some(1) => Bson::Boolean(true),
+            Value::Number(n) if n.as_i64() == Some(0) => Bson::Boolean(false),
+            _ => return Err(bad("a boolean")),
+        },
+        FieldType::Date => match &v {
+            Value::String(s) => {
+                let t = chrono::DateTime::parse_from_rfc3339(s)
+                    .map(|t| t.timestamp_millis())
+                    .or_else(|_| {
+                        chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d")
+                            .map(|d| d.and_hms_opt(0, 0, 0).map_or(0, |t| t.and_utc().timestamp_millis()))
+                    })
+                    .map_err(|_| bad("an RFC 3339 date"))?;
+                Bson::DateTime(bson::DateTime::from_millis(t))
+            }
+            Value::Number(n) => Bson::DateTime(bson::DateTime::from_millis(n.as_i64().ok_or_else(|| bad("epoch milliseconds"))?)),
+            _ => return Err(bad("a date")),
+        },
+    })
+}
+
+/// Maps one source record to a target document, or says why it cannot.
+pub fn map_record(fields: &[Field], record: &Value) -> Result<Document, String> {
+    let mut out = Document::new();
+    for f in fields {
+        let found = first(record, &f.path).filter(|v| !v.is_null());
+        let value = match (found, &f.default) {
+            (Some(v), _) => v,
+            (None, Some(d)) => d.clone(),
+            (None, None) if f.required => {
+                return Err(format!("required field `{}` ({}) is missing", f.target, f.path))
+            }
+            (None, None) => continue,
+        };
+        out.insert(f.target.clone(), coerce(f, value)?);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const FILE: &str = r#"
+name = "shop-products"
+type = "IMPORT"
+endpoint = "https://api.shop.example/products"
+schedule = "0 */15 * * * *"
+
+[auth]
+type = "OAUTH"
+token_url = "https://auth.shop.example/token"
+client_id = "sluice"
+client_secret = "${env:SHOP_SECRET}"
+
+[source]
+records = "$.data[*]"
+[source.pagination]
+type = "cursor"
+cursor_path = "$.meta.next"
+
+[target]
+collection = "products"
+key = "productId"
+
+[mapping.productId]
+path = "$.id"
+type = "string"
+required = true
+
+[mapping.price]
+path = "$.price.amount"
+type = "number"
+default = 0
+
+[mapping.inStock]
+path = "$.stock.available"
+type = "bool"
+"#;
+
+    fn env(k: &str) -> Option<String> {
+        (k == "SHOP_SECRET").then(|| "s3cr3t".to_string())
+    }
+
+    #[test]
+    fn a_complete_file_validates() {
+        let file = parse_file("shop.toml", FILE).unwrap();
+        let c = validate("shop.toml", &file, &env).unwrap();
+        assert_eq!(c.kind, IntegrationType::Import);
+        assert_eq!(c.paging, Paging::Cursor { path: "$.meta.next".into(), param: "cursor".into() });
+        assert!(matches!(c.auth, Auth::OAuth { ref client_secret, .. } if client_secret.expose() == "s3cr3t"));
+        assert_eq!(c.endpoint.port, 443);
+    }
+
+    #[test]
+    fn errors_name_the_file_and_field() {
+        let bad = FILE.replace("type = \"cursor\"", "type = \"scroll\"");
+        let err = validate("shop.toml", &parse_file("shop.toml", &bad).unwrap(), &env).unwrap_err().to_string();
+        assert!(err.starts_with("shop.toml: field `source.pagination.type`"), "{err}");
+        let bad = FILE.replace("path = \"$.price.amount\"", "path = \"price[\"");
+        let err = validate("shop.toml", &parse_file("shop.toml", &bad).unwrap(), &env).unwrap_err().to_string();
+        assert!(err.contains("`mapping.price.path`"), "{err}");
+        let err = validate("shop.toml", &parse_file("shop.toml", FILE).unwrap(), &|_| None).unwrap_err().to_string();
+        assert!(err.contains("`auth.client_secret`") && err.contains("SHOP_SECRET"), "{err}");
+        let err = parse_file("shop.toml", &FILE.replace("schedule", "schedul")).unwrap_err().to_string();
+        assert!(err.contains("schedul"), "{err}");
+    }
+
+    #[test]
+    fn mapping_coerces_defaults_and_rejects_with_a_reason() {
+        let c = validate("f", &parse_file("f", FILE).unwrap(), &env).unwrap();
+        let doc = map_record(&c.fields, &json!({ "id": 42, "price": { "amount": "19.90" }, "stock": { "available": 1 } })).unwrap();
+        assert_eq!(doc.get_str("productId").unwrap(), "42");
+        assert_eq!(doc.get_f64("price").unwrap(), 19.9);
+        assert!(doc.get_bool("inStock").unwrap());
+        let doc = map_record(&c.fields, &json!({ "id": "a" })).unwrap();
+        assert_eq!(doc.get_f64("price").unwrap(), 0.0, "default applied, coerced to the type");
+        assert!(!doc.contains_key("inStock"));
+        let err = map_record(&c.fields, &json!({ "price": { "amount": 3 } })).unwrap_err();
+        assert!(err.contains("required field `productId`"), "{err}");
+        let err = map_record(&c.fields, &json!({ "id": "a", "price": { "amount": "cheap" } })).unwrap_err();
+        assert!(err.contains("`price`") && err.contains("a number"), "{err}");
+    }
+
+    #[test]
+    fn records_are_selected_by_jsonpath() {
+        let body = json!({ "data": [{ "id": 1 }, { "id": 2 }], "meta": { "next": "abc" } });
+        assert_eq!(select_records(&body, "$.data[*]").unwrap().len(), 2);
+        assert_eq!(first(&body, "$.meta.next"), Some(json!("abc")));
+        assert_eq!(select_records(&json!([1, 2, 3]), "$[*]").unwrap().len(), 3);
+    }
+}

@@ -1,0 +1,134 @@
+//! Integration configs as files in a folder (reviewed in git) and as documents in
+//! `integration_configs` (what the engine runs). `validate_dir` checks a folder without
+//! touching the database; `apply_dir` stores every valid file.
+
+use std::path::{Path, PathBuf};
+
+use bson::{doc, DateTime, Document};
+use sluice_connectors::{Store, StoreError};
+use sluice_core::integration::{parse_file, validate, Connector, IntegrationFile};
+use sluice_core::model::{collections as c, common, integration_fields as f};
+use sluice_core::ConfigError;
+
+/// A file that parsed and validated.
+pub struct ValidFile {
+    pub path: PathBuf,
+    pub file: IntegrationFile,
+    pub connector: Connector,
+}
+
+/// Every `*.toml` in `dir`, validated; errors are collected, not stopped at.
+pub fn validate_dir(
+    dir: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(Vec<ValidFile>, Vec<ConfigError>), std::io::Error> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    paths.sort();
+    let mut ok = Vec::new();
+    let mut errors = Vec::new();
+    let mut names = std::collections::HashMap::new();
+    for path in paths {
+        let origin = path.display().to_string();
+        let result = std::fs::read_to_string(&path)
+            .map_err(|source| ConfigError::Read { path: path.clone(), source })
+            .and_then(|text| parse_file(&origin, &text))
+            .and_then(|file| {
+                refuse_literal_secrets(&origin, &file)?;
+                let connector = validate(&origin, &file, env)?;
+                Ok((file, connector))
+            });
+        match result {
+            Ok((file, connector)) => {
+                if let Some(other) = names.insert(file.name.clone(), origin.clone()) {
+                    errors.push(ConfigError::Invalid {
+                        origin,
+                        field: "name".into(),
+                        expected: format!("a unique name (`{}` is also used by {other})", file.name),
+                    });
+                    continue;
+                }
+                ok.push(ValidFile { path, file, connector });
+            }
+            Err(e) => errors.push(e),
+        }
+    }
+    Ok((ok, errors))
+}
+
+/// Secrets are stored in MongoDB only as `${env:NAME}` references.
+fn refuse_literal_secrets(origin: &str, file: &IntegrationFile) -> Result<(), ConfigError> {
+    let a = &file.auth;
+    for (field, secret) in [
+        ("auth.key", &a.key),
+        ("auth.password", &a.password),
+        ("auth.client_secret", &a.client_secret),
+        ("auth.refresh_token", &a.refresh_token),
+    ] {
+        if let Some(s) = secret {
+            if s.env_reference().is_none() {
+                return Err(ConfigError::Invalid {
+                    origin: origin.to_string(),
+                    field: field.to_string(),
+                    expected: "a `${env:NAME}` reference (secrets are never stored in clear)".into(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Stores (inserts or replaces) one config. `lastSync` and the cursor are kept.
+pub async fn apply(store: &Store, file: &IntegrationFile) -> Result<bool, StoreError> {
+    let now = DateTime::now();
+    let spec = bson::to_document(file).map_err(|e| StoreError::Encode {
+        collection: c::INTEGRATION_CONFIGS.into(),
+        message: e.to_string(),
+    })?;
+    let auth_config = spec.get_document("auth").cloned().unwrap_or_default();
+    let mapping = spec.get_document("mapping").cloned().unwrap_or_default();
+    let headers: Document = file.headers.iter().map(|(k, v)| (k.clone(), bson::Bson::String(v.clone()))).collect();
+    let set = doc! {
+        f::TYPE: file.kind.to_ascii_uppercase(),
+        "endpoint": &file.endpoint,
+        "method": file.method.to_ascii_uppercase(),
+        "headers": headers,
+        "authType": file.auth.kind.to_ascii_uppercase(),
+        "authConfig": auth_config,
+        "mapping": mapping,
+        "schedule": file.schedule.clone(),
+        f::IS_ACTIVE: file.is_active,
+        f::SPEC: spec,
+        common::UPDATED_AT: now,
+    };
+    let result = store
+        .collection(c::INTEGRATION_CONFIGS)
+        .update_one(
+            doc! { f::NAME: &file.name },
+            doc! { "$set": set, "$setOnInsert": { common::CREATED_AT: now } },
+        )
+        .upsert(true)
+        .await
+        .map_err(StoreError::mongo(c::INTEGRATION_CONFIGS, "apply config"))?;
+    Ok(result.upserted_id.is_some())
+}
+
+/// A stored config: its file form and its document (for `lastSync` and the cursor).
+pub async fn load(store: &Store, name: &str) -> Result<Option<(IntegrationFile, Document)>, StoreError> {
+    let Some(d) = store
+        .collection(c::INTEGRATION_CONFIGS)
+        .find_one(doc! { f::NAME: name })
+        .await
+        .map_err(StoreError::mongo(c::INTEGRATION_CONFIGS, "load config"))?
+    else {
+        return Ok(None);
+    };
+    let spec = d.get_document(f::SPEC).cloned().unwrap_or_default();
+    let file: IntegrationFile = bson::from_document(spec).map_err(|e| StoreError::Encode {
+        collection: c::INTEGRATION_CONFIGS.into(),
+        message: format!("stored config `{name}` is not readable: {e}"),
+    })?;
+    Ok(Some((file, d)))
+}

@@ -1,0 +1,482 @@
+//! Integration runs: IMPORT (pull pages, map, transform, upsert) and EXPORT (read a
+//! collection, map, push batches).
+//!
+//! An import checkpoints after every page whose records the sink has committed, in
+//! `import_checkpoints`; an interrupted run resumes from the last checkpoint (upserts by
+//! key make a re-fetched page harmless), so nothing is lost or duplicated. `lastSync` and
+//! the incremental cursor advance only when the whole run has committed. Records that fail
+//! mapping are counted and sampled with their reason in the run's history, never dropped
+//! silently.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bson::{doc, Bson, DateTime, Document};
+use serde_json::Value;
+use sluice_connectors::http::{HttpClient, HttpError, HttpStats, PageState};
+use sluice_connectors::{Store, StoreError};
+use sluice_core::integration::{first, map_record, validate, Connector};
+use sluice_core::model::{
+    collections as c, common, import_run_fields as r, integration_fields as f, IntegrationType,
+};
+use sluice_core::transform::{apply_chain, Transform, TransformError};
+use sluice_core::ConfigError;
+
+use crate::configs;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    #[error("no integration config named `{0}` (apply it with `sluice configs apply DIR`)")]
+    Unknown(String),
+    #[error("integration `{name}` is {actual}, not {expected}")]
+    WrongType { name: String, actual: IntegrationType, expected: IntegrationType },
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Http(#[from] HttpError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Transform(#[from] TransformError),
+    #[error("unknown transform `{0}` in the config's chain")]
+    UnknownTransform(String),
+    #[error("writing to `{collection}` failed: {message}")]
+    Sink { collection: String, message: String },
+}
+
+/// Live counters for a progress display.
+#[derive(Debug, Default)]
+pub struct ImportProgress {
+    pub pages: AtomicU64,
+    pub records: AtomicU64,
+    pub upserted: AtomicU64,
+    pub failed: AtomicU64,
+}
+
+#[derive(Clone, Default)]
+pub struct ImportOptions {
+    /// Fetch and map, print samples and counts, write nothing.
+    pub dry_run: bool,
+    /// Transforms available by name to the config's chain.
+    pub transforms: Vec<Arc<dyn Transform>>,
+    pub progress: Arc<ImportProgress>,
+    /// Stop after this many pages (tests use it to simulate an interruption).
+    pub stop_after_pages: Option<u64>,
+}
+
+/// One mapping failure kept for the run history.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Rejected {
+    pub reason: String,
+    pub record: Value,
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ImportSummary {
+    pub run_id: String,
+    pub name: String,
+    pub resumed: bool,
+    pub completed: bool,
+    pub pages: u64,
+    pub fetched: u64,
+    pub inserted: u64,
+    pub updated: u64,
+    pub failed: u64,
+    pub samples: Vec<Rejected>,
+    /// Dry run: some mapped records.
+    pub preview: Vec<Value>,
+    pub stopped_early: Option<String>,
+    pub http: HttpStats,
+    pub elapsed_ms: u64,
+}
+
+const MAX_SAMPLES: usize = 20;
+
+fn chain_for(connector: &Connector, available: &[Arc<dyn Transform>]) -> Result<Vec<Arc<dyn Transform>>, ImportError> {
+    connector
+        .transforms
+        .iter()
+        .map(|name| {
+            available
+                .iter()
+                .find(|t| t.name() == name)
+                .cloned()
+                .ok_or_else(|| ImportError::UnknownTransform(name.clone()))
+        })
+        .collect()
+}
+
+async fn load_connector(store: &Store, name: &str, expected: IntegrationType) -> Result<(Connector, Document), ImportError> {
+    let (file, stored) = configs::load(store, name).await?.ok_or_else(|| ImportError::Unknown(name.to_string()))?;
+    let connector = validate(&format!("integration `{name}`"), &file, &|k| std::env::var(k).ok())?;
+    if connector.kind != expected {
+        return Err(ImportError::WrongType { name: name.to_string(), actual: connector.kind, expected });
+    }
+    Ok((connector, stored))
+}
+
+fn cursor_text(v: &Bson) -> String {
+    match v {
+        Bson::String(s) => s.clone(),
+        Bson::DateTime(d) => d.try_to_rfc3339_string().unwrap_or_default(),
+        Bson::Int32(x) => x.to_string(),
+        Bson::Int64(x) => x.to_string(),
+        Bson::Double(x) => x.to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// `a > b` for cursor values of the same kind.
+fn greater(a: &Bson, b: &Bson) -> bool {
+    match (a, b) {
+        (Bson::String(x), Bson::String(y)) => x > y,
+        (Bson::DateTime(x), Bson::DateTime(y)) => x > y,
+        (Bson::Int64(x), Bson::Int64(y)) => x > y,
+        (Bson::Double(x), Bson::Double(y)) => x > y,
+        (Bson::Int32(x), Bson::Int32(y)) => x > y,
+        _ => false,
+    }
+}
+
+/// Runs an IMPORT config.
+pub async fn run_import(store: &Store, name: &str, options: &ImportOptions) -> Result<ImportSummary, ImportError> {
+    let started = Instant::now();
+    let (connector, stored) = load_connector(store, name, IntegrationType::Import).await?;
+    let chain = chain_for(&connector, &options.transforms)?;
+    let connector = Arc::new(connector);
+    let http = HttpClient::new(connector.clone()).await?;
+    let checkpoints = store.collection(c::IMPORT_CHECKPOINTS);
+    let mut summary = ImportSummary { name: name.to_string(), ..Default::default() };
+
+    // Resume an interrupted run, or start from the last committed cursor.
+    let checkpoint = if options.dry_run { None } else {
+        checkpoints.find_one(doc! { common::ID: name }).await.map_err(StoreError::mongo(c::IMPORT_CHECKPOINTS, "read checkpoint"))?
+    };
+    let mut max_cursor: Option<Bson> = None;
+    let mut state = match &checkpoint {
+        Some(cp) => {
+            summary.resumed = true;
+            summary.run_id = cp.get_str("runId").unwrap_or_default().to_string();
+            summary.pages = cp.get_i64("pages").unwrap_or(0) as u64;
+            summary.fetched = cp.get_i64("fetched").unwrap_or(0) as u64;
+            summary.inserted = cp.get_i64("inserted").unwrap_or(0) as u64;
+            summary.updated = cp.get_i64("updated").unwrap_or(0) as u64;
+            summary.failed = cp.get_i64("failed").unwrap_or(0) as u64;
+            max_cursor = cp.get("maxCursor").cloned().filter(|b| *b != Bson::Null);
+            serde_json::from_str(cp.get_str("state").unwrap_or("")).unwrap_or_else(|_| http.first_state(Vec::new()))
+        }
+        None => {
+            summary.run_id = format!("{name}-{}", chrono::Utc::now().format("%Y%m%dT%H%M%S%.3f"));
+            let mut extra = Vec::new();
+            if let (Some(inc), Some(cursor)) = (&connector.incremental, stored.get(f::SYNC_CURSOR)) {
+                if *cursor != Bson::Null {
+                    extra.push((inc.param.clone(), cursor_text(cursor)));
+                }
+            }
+            http.first_state(extra)
+        }
+    };
+    if !options.dry_run {
+        record_run(store, &summary, "RUNNING", None).await?;
+    }
+    let outcome = import_pages(store, &connector, &http, &chain, options, &mut state, &mut summary, &mut max_cursor).await;
+    summary.http = http.stats.lock().map(|s| s.clone()).unwrap_or_default();
+    summary.elapsed_ms = started.elapsed().as_millis() as u64;
+    if options.dry_run {
+        return outcome.map(|()| summary);
+    }
+    match outcome {
+        Ok(()) if state == PageState::Done => {
+            // The sink has committed every page: now the cursor may advance.
+            let mut set = doc! { f::LAST_SYNC: DateTime::now() };
+            if let Some(m) = &max_cursor {
+                set.insert(f::SYNC_CURSOR, m.clone());
+            }
+            store
+                .collection(c::INTEGRATION_CONFIGS)
+                .update_one(doc! { f::NAME: name }, doc! { "$set": set })
+                .await
+                .map_err(StoreError::mongo(c::INTEGRATION_CONFIGS, "advance lastSync"))?;
+            checkpoints
+                .delete_one(doc! { common::ID: name })
+                .await
+                .map_err(StoreError::mongo(c::IMPORT_CHECKPOINTS, "clear checkpoint"))?;
+            summary.completed = true;
+            record_run(store, &summary, "COMPLETED", None).await?;
+            Ok(summary)
+        }
+        Ok(()) => {
+            record_run(store, &summary, "INTERRUPTED", None).await?;
+            Ok(summary)
+        }
+        Err(e) => {
+            let _ = record_run(store, &summary, "FAILED", Some(&e.to_string())).await;
+            Err(e)
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn import_pages(
+    store: &Store,
+    connector: &Connector,
+    http: &HttpClient,
+    chain: &[Arc<dyn Transform>],
+    options: &ImportOptions,
+    state: &mut PageState,
+    summary: &mut ImportSummary,
+    max_cursor: &mut Option<Bson>,
+) -> Result<(), ImportError> {
+    let mut previous_body: Option<Value> = None;
+    let mut pages_this_run = 0u64;
+    while let Some(page) = http.fetch(state).await? {
+        if previous_body.as_ref() == Some(&page.body) && !page.records.is_empty() {
+            summary.stopped_early = Some(format!("page {} repeated the previous page; stopped (loop guard)", summary.pages + 1));
+            *state = PageState::Done;
+            break;
+        }
+        let next = http.next_state(state, &page);
+        summary.pages += 1;
+        summary.fetched += page.records.len() as u64;
+        options.progress.pages.fetch_add(1, Relaxed);
+        options.progress.records.fetch_add(page.records.len() as u64, Relaxed);
+
+        let mut mapped = Vec::with_capacity(page.records.len());
+        for record in &page.records {
+            match map_record(&connector.fields, record) {
+                Ok(d) if d.get(&connector.key).is_some_and(|k| *k != Bson::Null) => mapped.push(d),
+                Ok(_) => reject(summary, options, format!("the upsert key `{}` is empty", connector.key), record),
+                Err(reason) => reject(summary, options, reason, record),
+            }
+        }
+        let mapped = apply_chain(chain, mapped)?;
+        if let Some(inc) = &connector.incremental {
+            for d in &mapped {
+                if let Some(v) = d.get(&inc.cursor_field) {
+                    if max_cursor.as_ref().is_none_or(|m| greater(v, m)) {
+                        *max_cursor = Some(v.clone());
+                    }
+                }
+            }
+        }
+        if options.dry_run {
+            for d in mapped.iter().take(5usize.saturating_sub(summary.preview.len())) {
+                summary.preview.push(Bson::Document(d.clone()).into_relaxed_extjson());
+            }
+        } else {
+            for chunk in mapped.chunks(connector.batch_size) {
+                let (inserted, updated) = upsert(store, connector, chunk).await?;
+                summary.inserted += inserted;
+                summary.updated += updated;
+                options.progress.upserted.fetch_add(inserted + updated, Relaxed);
+            }
+            // The page is committed: remember where the next one starts.
+            store
+                .collection(c::IMPORT_CHECKPOINTS)
+                .replace_one(
+                    doc! { common::ID: &connector.name },
+                    doc! {
+                        "runId": &summary.run_id,
+                        "state": serde_json::to_string(&next).unwrap_or_default(),
+                        "pages": summary.pages as i64,
+                        "fetched": summary.fetched as i64,
+                        "inserted": summary.inserted as i64,
+                        "updated": summary.updated as i64,
+                        "failed": summary.failed as i64,
+                        "maxCursor": max_cursor.clone().unwrap_or(Bson::Null),
+                        common::UPDATED_AT: DateTime::now(),
+                    },
+                )
+                .upsert(true)
+                .await
+                .map_err(StoreError::mongo(c::IMPORT_CHECKPOINTS, "save checkpoint"))?;
+        }
+        previous_body = Some(page.body);
+        *state = next;
+        pages_this_run += 1;
+        if options.stop_after_pages.is_some_and(|n| pages_this_run >= n) && *state != PageState::Done {
+            break;
+        }
+    }
+    if connector.max_pages <= summary.pages && *state == PageState::Done {
+        summary.stopped_early.get_or_insert(format!("stopped at `max_pages` ({})", connector.max_pages));
+    }
+    Ok(())
+}
+
+fn reject(summary: &mut ImportSummary, options: &ImportOptions, reason: String, record: &Value) {
+    summary.failed += 1;
+    options.progress.failed.fetch_add(1, Relaxed);
+    if summary.samples.len() < MAX_SAMPLES {
+        summary.samples.push(Rejected { reason, record: record.clone() });
+    }
+}
+
+/// Bulk unordered upserts by key in one `update` command; returns (inserted, updated).
+async fn upsert(store: &Store, connector: &Connector, docs: &[Document]) -> Result<(u64, u64), ImportError> {
+    if docs.is_empty() {
+        return Ok((0, 0));
+    }
+    let now = DateTime::now();
+    let updates: Vec<Document> = docs
+        .iter()
+        .map(|d| {
+            let mut set = d.clone();
+            set.insert(common::UPDATED_AT, now);
+            set.insert("source", &connector.name);
+            doc! {
+                "q": { &connector.key: d.get(&connector.key).cloned().unwrap_or(Bson::Null) },
+                "u": { "$set": set, "$setOnInsert": { common::CREATED_AT: now } },
+                "upsert": true,
+            }
+        })
+        .collect();
+    let reply = store
+        .db()
+        .run_command(doc! {
+            "update": &connector.collection,
+            "updates": updates,
+            "ordered": false,
+            "writeConcern": { "w": "majority" },
+        })
+        .await
+        .map_err(|e| ImportError::Sink { collection: connector.collection.clone(), message: e.to_string() })?;
+    if let Ok(errors) = reply.get_array("writeErrors") {
+        if let Some(Bson::Document(e)) = errors.first() {
+            return Err(ImportError::Sink {
+                collection: connector.collection.clone(),
+                message: format!("{} write error(s), first: {}", errors.len(), e.get_str("errmsg").unwrap_or("?")),
+            });
+        }
+    }
+    let n = reply.get_i32("n").map(i64::from).or_else(|_| reply.get_i64("n")).unwrap_or(0) as u64;
+    let inserted = reply.get_array("upserted").map(|a| a.len() as u64).unwrap_or(0);
+    Ok((inserted, n.saturating_sub(inserted)))
+}
+
+async fn record_run(store: &Store, s: &ImportSummary, status: &str, error: Option<&str>) -> Result<(), StoreError> {
+    let now = DateTime::now();
+    let samples = bson::to_bson(&s.samples).unwrap_or(Bson::Array(Vec::new()));
+    store
+        .collection(c::IMPORT_RUNS)
+        .update_one(
+            doc! { r::RUN_ID: &s.run_id },
+            doc! {
+                "$set": {
+                    r::CONFIG: &s.name, r::STATUS: status, "pages": s.pages as i64,
+                    "fetched": s.fetched as i64, "inserted": s.inserted as i64,
+                    "updated": s.updated as i64, "failedMappings": s.failed as i64,
+                    "samples": samples, "error": error, "resumed": s.resumed,
+                    "stoppedEarly": s.stopped_early.clone(),
+                    "endTime": if status == "RUNNING" { Bson::Null } else { Bson::DateTime(now) },
+                    common::UPDATED_AT: now,
+                },
+                "$setOnInsert": { r::START_TIME: now, common::CREATED_AT: now },
+            },
+        )
+        .upsert(true)
+        .await
+        .map_err(StoreError::mongo(c::IMPORT_RUNS, "record run"))?;
+    Ok(())
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct PushSummary {
+    pub name: String,
+    pub read: u64,
+    pub sent: u64,
+    pub requests: u64,
+    pub failed: u64,
+    pub samples: Vec<Rejected>,
+}
+
+/// Runs an EXPORT config: documents above the watermark, mapped, pushed in batches; the
+/// watermark advances after each batch the endpoint accepted.
+pub async fn run_push(store: &Store, name: &str, options: &ImportOptions) -> Result<PushSummary, ImportError> {
+    use futures_util::TryStreamExt;
+    let (connector, stored) = load_connector(store, name, IntegrationType::Export).await?;
+    let chain = chain_for(&connector, &options.transforms)?;
+    let push = connector.push.clone().ok_or_else(|| ImportError::Unknown(name.to_string()))?;
+    let connector = Arc::new(connector);
+    let http = HttpClient::new(connector.clone()).await?;
+    let mut filter: Document = match &push.filter {
+        Some(f) => serde_json::from_str::<Value>(f).ok().and_then(|v| bson::to_document(&v).ok()).unwrap_or_default(),
+        None => Document::new(),
+    };
+    let watermark = push.watermark_field.clone();
+    if let (Some(w), Some(cursor)) = (&watermark, stored.get(f::SYNC_CURSOR).filter(|b| **b != Bson::Null)) {
+        filter.insert(w.clone(), doc! { "$gt": cursor.clone() });
+    }
+    let source = store.collection(&push.collection);
+    let sort = match &watermark {
+        Some(w) => doc! { w: 1 },
+        None => doc! { common::ID: 1 },
+    };
+    let mut cursor = source
+        .find(filter)
+        .sort(sort)
+        .await.map_err(StoreError::mongo(&push.collection, "read for push"))?;
+    let mut summary = PushSummary { name: name.to_string(), ..Default::default() };
+    let mut batch = Vec::new();
+    let mut done = false;
+    while !done {
+        match cursor.try_next().await.map_err(StoreError::mongo(&push.collection, "read for push"))? {
+            Some(d) => {
+                summary.read += 1;
+                batch.push(d);
+                if batch.len() < push.batch_size {
+                    continue;
+                }
+            }
+            None => done = true,
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        let docs = apply_chain(&chain, std::mem::take(&mut batch))?;
+        let high = watermark.as_ref().and_then(|w| docs.iter().filter_map(|d| d.get(w)).cloned().reduce(|a, b| if greater(&b, &a) { b } else { a }));
+        let mut records = Vec::with_capacity(docs.len());
+        for d in &docs {
+            let json = Bson::Document(d.clone()).into_relaxed_extjson();
+            if connector.fields.is_empty() {
+                records.push(json);
+                continue;
+            }
+            match map_record(&connector.fields, &json) {
+                Ok(m) => records.push(Bson::Document(m).into_relaxed_extjson()),
+                Err(reason) => {
+                    summary.failed += 1;
+                    if summary.samples.len() < MAX_SAMPLES {
+                        summary.samples.push(Rejected { reason, record: json });
+                    }
+                }
+            }
+        }
+        if records.is_empty() {
+            continue;
+        }
+        let body = if push.wrap.is_empty() { Value::Array(records.clone()) } else { serde_json::json!({ push.wrap.clone(): records }) };
+        http.send(connector.method, &connector.endpoint.text, &[], Some(&body)).await?;
+        summary.sent += records.len() as u64;
+        summary.requests += 1;
+        if let Some(h) = high {
+            store
+                .collection(c::INTEGRATION_CONFIGS)
+                .update_one(doc! { f::NAME: name }, doc! { "$set": { f::SYNC_CURSOR: h } })
+                .await
+                .map_err(StoreError::mongo(c::INTEGRATION_CONFIGS, "advance watermark"))?;
+        }
+    }
+    store
+        .collection(c::INTEGRATION_CONFIGS)
+        .update_one(doc! { f::NAME: name }, doc! { "$set": { f::LAST_SYNC: DateTime::now() } })
+        .await
+        .map_err(StoreError::mongo(c::INTEGRATION_CONFIGS, "advance lastSync"))?;
+    Ok(summary)
+}
+
+/// The value of a JSONPath in a stored document (for reports).
+pub fn lookup(doc: &Document, path: &str) -> Option<Value> {
+    first(&Bson::Document(doc.clone()).into_relaxed_extjson(), path)
+}
