@@ -2,6 +2,8 @@
 # Installs, starts and stops the servers the tests and the quick start talk to:
 #   - SecantusDB (`secantusd-rs`), a MongoDB wire-protocol server, on 127.0.0.1:27017
 #   - SeaweedFS (`weed mini`), an S3-compatible server, on 127.0.0.1:8333
+# and installs the tools tests start themselves: pyarrow (an independent Parquet reader),
+# json-server and oidc-provider (a real paginated API behind real OAuth2 tokens).
 # Binaries are cached outside the clone (SLUICE_CACHE, default ~/.cache/sluice) and reused.
 #
 # usage: scripts/services.sh install|up|down|status|env
@@ -18,11 +20,15 @@ SECANTUS_VERSION="0.5.3-beta.196"
 SEAWEED_VERSION="4.48"
 PYMONGO_VERSION="4.10.1"
 PYARROW_VERSION="18.1.0"
+JSON_SERVER_VERSION="0.17.4"
+OIDC_PROVIDER_VERSION="9.13.3"
 
 SECANTUS_ROOT="$CACHE/secantus-$SECANTUS_VERSION"
 SECANTUS_BIN="$SECANTUS_ROOT/bin/secantusd-rs"
 VENV="$CACHE/venv-seaweed-$SEAWEED_VERSION"
 WEED_BIN="$VENV/bin/weed"
+# json-server and oidc-provider: the tests' real paginated API and OAuth2 server.
+NODE_TOOLS="$CACHE/node-tools-$JSON_SERVER_VERSION-$OIDC_PROVIDER_VERSION"
 
 log() { printf '[services] %s\n' "$*" >&2; }
 
@@ -48,9 +54,19 @@ install_python_tools() {
   touch "$VENV/.complete"
 }
 
+install_node_tools() {
+  if [ -f "$NODE_TOOLS/.complete" ]; then return; fi
+  log "installing json-server $JSON_SERVER_VERSION and oidc-provider $OIDC_PROVIDER_VERSION into $NODE_TOOLS"
+  mkdir -p "$NODE_TOOLS"
+  (cd "$NODE_TOOLS" && printf '{"name":"sluice-test-tools","private":true,"type":"module"}\n' >package.json \
+    && npm install --silent --no-audit --no-fund "json-server@$JSON_SERVER_VERSION" "oidc-provider@$OIDC_PROVIDER_VERSION" >/dev/null)
+  touch "$NODE_TOOLS/.complete"
+}
+
 install() {
   mkdir -p "$CACHE"
   install_python_tools
+  install_node_tools
   install_mongo
 }
 
@@ -140,6 +156,7 @@ export SLUICE_S3_ENDPOINT='http://127.0.0.1:$S3_PORT'
 export SLUICE_S3_ACCESS_KEY='$S3_KEY'
 export SLUICE_S3_SECRET_KEY='$S3_SECRET'
 export SLUICE_PYTHON='$VENV/bin/python'
+export SLUICE_NODE_TOOLS='$NODE_TOOLS'
 ENV
 }
 

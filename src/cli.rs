@@ -226,3 +226,111 @@ pub async fn export_run(
     }
     Ok(summary)
 }
+
+/// `sluice configs validate|apply DIR`: checks (and stores) every config file in a folder.
+pub async fn configs_command(config: &Config, dir: &Path, apply: bool) -> anyhow::Result<()> {
+    let (valid, errors) = sluice_jobs::configs::validate_dir(dir, &|k| std::env::var(k).ok())
+        .with_context(|| format!("cannot read `{}`", dir.display()))?;
+    for e in &errors {
+        eprintln!("error: {e}");
+    }
+    for v in &valid {
+        println!(
+            "ok    {} ({} {}, {} fields{})",
+            v.path.display(),
+            v.connector.kind,
+            v.connector.endpoint.text,
+            v.connector.fields.len(),
+            v.connector
+                .schedule
+                .as_ref()
+                .map(|s| format!(", schedule `{s}`"))
+                .unwrap_or_default()
+        );
+    }
+    anyhow::ensure!(
+        errors.is_empty(),
+        "{} invalid config file(s); nothing applied",
+        errors.len()
+    );
+    if apply {
+        let store = Store::connect(config).await?;
+        store.init().await?;
+        for v in &valid {
+            let created = sluice_jobs::configs::apply(&store, &v.file).await?;
+            println!(
+                "{} {}",
+                if created { "created" } else { "updated" },
+                v.file.name
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `sluice import run NAME`: runs an IMPORT config (or pushes an EXPORT config).
+pub async fn import_run(config: &Config, name: &str, dry_run: bool) -> anyhow::Result<()> {
+    use sluice_jobs::import::{run_import, run_push, ImportError, ImportOptions};
+    use std::sync::atomic::Ordering::Relaxed;
+    let store = Store::connect(config).await?;
+    store.init().await?;
+    let options = ImportOptions {
+        dry_run,
+        ..Default::default()
+    };
+    let progress = options.progress.clone();
+    let ticker = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            eprintln!(
+                "  {} pages, {} records, {} upserted, {} failed mapping",
+                progress.pages.load(Relaxed),
+                progress.records.load(Relaxed),
+                progress.upserted.load(Relaxed),
+                progress.failed.load(Relaxed)
+            );
+        }
+    });
+    let result = run_import(&store, name, &options).await;
+    ticker.abort();
+    let summary = match result {
+        Err(ImportError::WrongType { .. }) if !dry_run => {
+            let s = run_push(&store, name, &options).await?;
+            println!(
+                "push {}: {} read, {} sent in {} requests, {} failed mapping",
+                s.name, s.read, s.sent, s.requests, s.failed
+            );
+            return Ok(());
+        }
+        other => other?,
+    };
+    if dry_run {
+        println!("dry run of {} (nothing written):", summary.name);
+        for r in &summary.preview {
+            println!("  {r}");
+        }
+    }
+    println!(
+        "import {} {}: {} pages, {} records, {} inserted, {} updated, {} failed mapping, {} requests ({} retries), {:.1} s{}",
+        summary.name,
+        if summary.completed { "completed" } else if dry_run { "checked" } else { "interrupted" },
+        summary.pages,
+        summary.fetched,
+        summary.inserted,
+        summary.updated,
+        summary.failed,
+        summary.http.requests,
+        summary.http.retries,
+        summary.elapsed_ms as f64 / 1000.0,
+        if summary.resumed { " (resumed)" } else { "" }
+    );
+    for s in summary.samples.iter().take(5) {
+        println!("  rejected: {} in {}", s.reason, s.record);
+    }
+    if let Some(note) = &summary.stopped_early {
+        println!("  note: {note}");
+    }
+    Ok(())
+}

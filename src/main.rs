@@ -35,6 +35,16 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Integration config files: validate a folder, or apply it to MongoDB.
+    Configs {
+        #[command(subcommand)]
+        command: ConfigsCommand,
+    },
+    /// Run an integration config now (IMPORT pulls; EXPORT configs push).
+    Import {
+        #[command(subcommand)]
+        command: ImportCommand,
+    },
     /// Export jobs (Parquet to a local folder or S3).
     Export {
         #[command(subcommand)]
@@ -46,6 +56,25 @@ enum Command {
         /// Visitors to simulate.
         #[arg(long, default_value_t = 40)]
         visitors: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigsCommand {
+    /// Validate every `*.toml` in DIR (no database needed).
+    Validate { dir: PathBuf },
+    /// Validate, then store every config of DIR in `integration_configs`.
+    Apply { dir: PathBuf },
+}
+
+#[derive(Subcommand)]
+enum ImportCommand {
+    /// Run the named config.
+    Run {
+        name: String,
+        /// Fetch and map, print a sample and the counts, write nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -89,6 +118,30 @@ enum ConfigCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Configs {
+        command: ConfigsCommand::Validate { dir },
+    } = &cli.command
+    {
+        let (valid, errors) =
+            match sluice_jobs::configs::validate_dir(dir, &|k| std::env::var(k).ok()) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("error: cannot read `{}`: {e}", dir.display());
+                    return ExitCode::from(2);
+                }
+            };
+        for e in &errors {
+            eprintln!("error: {e}");
+        }
+        for v in &valid {
+            println!("ok    {} ({})", v.path.display(), v.file.name);
+        }
+        return if errors.is_empty() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(2)
+        };
+    }
     if let Command::Config {
         command: ConfigCommand::Check { file },
     } = &cli.command
@@ -135,6 +188,15 @@ fn main() -> ExitCode {
             } => cli::export_run(&config, kind, from, to, dest.as_deref())
                 .await
                 .map(|_| ()),
+            Command::Configs {
+                command: ConfigsCommand::Apply { dir },
+            } => cli::configs_command(&config, &dir, true).await,
+            Command::Configs { .. } => {
+                unreachable!("validate is handled before the runtime starts")
+            }
+            Command::Import {
+                command: ImportCommand::Run { name, dry_run },
+            } => cli::import_run(&config, &name, dry_run).await,
             Command::Demo { visitors } => sluice::demo::run(config, visitors).await,
             Command::Config { .. } => unreachable!("handled before the runtime starts"),
         }

@@ -6,7 +6,14 @@ use std::process::Command;
 #[test]
 fn every_scenario_prints_a_ratio_line() {
     let out = Command::new(env!("CARGO_BIN_EXE_sluice-bench"))
-        .args(["--events", "300", "--export-events", "3000", "--rounds", "1"])
+        .args([
+            "--events",
+            "300",
+            "--export-events",
+            "3000",
+            "--rounds",
+            "1",
+        ])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);

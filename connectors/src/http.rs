@@ -19,19 +19,31 @@ use tokio::sync::Mutex;
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
     #[error("`{url}` is refused: it resolves to {addr}, a {kind} address (set `allow_private_network = true` to allow it)")]
-    PrivateNetwork { url: String, addr: IpAddr, kind: &'static str },
+    PrivateNetwork {
+        url: String,
+        addr: IpAddr,
+        kind: &'static str,
+    },
     #[error("cannot resolve `{host}`: {message}")]
     Resolve { host: String, message: String },
     #[error("OAuth token request to `{url}` failed: {message}")]
     Token { url: String, message: String },
     #[error("`{url}` answered {status}: {body}")]
-    Status { url: String, status: u16, body: String },
+    Status {
+        url: String,
+        status: u16,
+        body: String,
+    },
     #[error("`{url}` sent malformed JSON: {message}")]
     Malformed { url: String, message: String },
     #[error("`{url}`: {message}")]
     Network { url: String, message: String },
     #[error("`{url}` failed after {attempts} attempts; last error: {last}")]
-    Exhausted { url: String, attempts: u32, last: String },
+    Exhausted {
+        url: String,
+        attempts: u32,
+        last: String,
+    },
     #[error("{0}")]
     Selector(String),
 }
@@ -50,7 +62,12 @@ pub struct Page {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum PageState {
     /// Fetch this URL with these extra query parameters.
-    Fetch { url: String, query: Vec<(String, String)>, page: u64, offset: u64 },
+    Fetch {
+        url: String,
+        query: Vec<(String, String)>,
+        page: u64,
+        offset: u64,
+    },
     Done,
 }
 
@@ -102,18 +119,33 @@ fn ip_kind(ip: IpAddr) -> Option<&'static str> {
 
 /// Resolves `host` and refuses private ranges unless allowed; returns the addresses to
 /// pin the connection to (so a second DNS answer cannot point elsewhere).
-pub async fn vet_host(url: &str, host: &str, port: u16, allow_private: bool) -> Result<Vec<SocketAddr>, HttpError> {
+pub async fn vet_host(
+    url: &str,
+    host: &str,
+    port: u16,
+    allow_private: bool,
+) -> Result<Vec<SocketAddr>, HttpError> {
     let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
         .await
-        .map_err(|e| HttpError::Resolve { host: host.to_string(), message: e.to_string() })?
+        .map_err(|e| HttpError::Resolve {
+            host: host.to_string(),
+            message: e.to_string(),
+        })?
         .collect();
     if addrs.is_empty() {
-        return Err(HttpError::Resolve { host: host.to_string(), message: "no address".into() });
+        return Err(HttpError::Resolve {
+            host: host.to_string(),
+            message: "no address".into(),
+        });
     }
     if !allow_private {
         for a in &addrs {
             if let Some(kind) = ip_kind(a.ip()) {
-                return Err(HttpError::PrivateNetwork { url: url.to_string(), addr: a.ip(), kind });
+                return Err(HttpError::PrivateNetwork {
+                    url: url.to_string(),
+                    addr: a.ip(),
+                    kind,
+                });
             }
         }
     }
@@ -148,7 +180,11 @@ impl HttpClient {
             // Redirects could lead to addresses that were never vetted.
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("sluice/", env!("CARGO_PKG_VERSION")));
-        let mut hosts = vec![(connector.endpoint.text.clone(), connector.endpoint.host.clone(), connector.endpoint.port)];
+        let mut hosts = vec![(
+            connector.endpoint.text.clone(),
+            connector.endpoint.host.clone(),
+            connector.endpoint.port,
+        )];
         if let Auth::OAuth { token_url, .. } = &connector.auth {
             if let Ok(u) = sluice_core::integration::url_lite::parse(token_url) {
                 hosts.push((token_url.clone(), u.host, u.port));
@@ -160,9 +196,10 @@ impl HttpClient {
                 builder = builder.resolve_to_addrs(&host, &addrs);
             }
         }
-        let client = builder
-            .build()
-            .map_err(|e| HttpError::Network { url: connector.endpoint.text.clone(), message: e.to_string() })?;
+        let client = builder.build().map_err(|e| HttpError::Network {
+            url: connector.endpoint.text.clone(),
+            message: e.to_string(),
+        })?;
         Ok(Self {
             connector,
             client,
@@ -197,22 +234,37 @@ impl HttpClient {
 
     /// A valid access token, fetched or refreshed when missing or about to expire.
     async fn bearer(&self, force: bool) -> Result<Option<String>, HttpError> {
-        let Auth::OAuth { token_url, client_id, client_secret, scopes, refresh_token } = &self.connector.auth else {
+        let Auth::OAuth {
+            token_url,
+            client_id,
+            client_secret,
+            scopes,
+            refresh_token,
+        } = &self.connector.auth
+        else {
             return Ok(None);
         };
         let mut slot = self.token.lock().await;
-        let fresh = slot.as_ref().is_some_and(|t| t.expires.is_none_or(|e| e > Instant::now() + TOKEN_MARGIN));
+        let fresh = slot
+            .as_ref()
+            .is_some_and(|t| t.expires.is_none_or(|e| e > Instant::now() + TOKEN_MARGIN));
         if fresh && !force {
             return Ok(slot.as_ref().map(|t| t.value.clone()));
         }
-        let err = |message: String| HttpError::Token { url: token_url.clone(), message };
+        let err = |message: String| HttpError::Token {
+            url: token_url.clone(),
+            message,
+        };
         let oauth = oauth2::basic::BasicClient::new(ClientId::new(client_id.clone()))
             .set_client_secret(ClientSecret::new(client_secret.expose().to_string()))
             .set_token_uri(TokenUrl::new(token_url.clone()).map_err(|e| err(e.to_string()))?);
         let response = match refresh_token {
             Some(rt) => {
                 let rt = RefreshToken::new(rt.expose().to_string());
-                oauth.exchange_refresh_token(&rt).request_async(&self.client).await
+                oauth
+                    .exchange_refresh_token(&rt)
+                    .request_async(&self.client)
+                    .await
             }
             None => {
                 oauth
@@ -225,13 +277,19 @@ impl HttpClient {
         let token = response.map_err(|e| err(describe_token_error(&e)))?;
         self.bump(|s| s.token_refreshes += 1);
         let value = token.access_token().secret().clone();
-        *slot = Some(Token { value: value.clone(), expires: token.expires_in().map(|d| Instant::now() + d) });
+        *slot = Some(Token {
+            value: value.clone(),
+            expires: token.expires_in().map(|d| Instant::now() + d),
+        });
         Ok(Some(value))
     }
 
     fn backoff(&self, attempt: u32) -> Duration {
         let r = &self.connector.retry;
-        let cap = r.initial_backoff_ms.saturating_mul(1 << attempt.min(16)).min(r.max_backoff_ms);
+        let cap = r
+            .initial_backoff_ms
+            .saturating_mul(1 << attempt.min(16))
+            .min(r.max_backoff_ms);
         Duration::from_millis(rand::random_range(0..=cap.max(1)))
     }
 
@@ -264,9 +322,13 @@ impl HttpClient {
                 Auth::None => {}
                 Auth::ApiKey { key, header, query } => match query {
                     Some(param) => req = req.query(&[(param.as_str(), key.expose())]),
-                    None => req = req.header(header.as_deref().unwrap_or("X-API-Key"), key.expose()),
+                    None => {
+                        req = req.header(header.as_deref().unwrap_or("X-API-Key"), key.expose())
+                    }
                 },
-                Auth::Basic { username, password } => req = req.basic_auth(username, Some(password.expose())),
+                Auth::Basic { username, password } => {
+                    req = req.basic_auth(username, Some(password.expose()))
+                }
                 Auth::OAuth { .. } => {
                     if let Some(t) = self.bearer(force_token).await? {
                         req = req.bearer_auth(t);
@@ -293,7 +355,10 @@ impl HttpClient {
                 tokio::time::sleep(wait.min(MAX_RETRY_AFTER)).await;
                 continue;
             }
-            if status == reqwest::StatusCode::UNAUTHORIZED && matches!(self.connector.auth, Auth::OAuth { .. }) && !force_token {
+            if status == reqwest::StatusCode::UNAUTHORIZED
+                && matches!(self.connector.auth, Auth::OAuth { .. })
+                && !force_token
+            {
                 // The token may have been revoked or expired early: refresh once.
                 force_token = true;
                 last = "401 Unauthorized".into();
@@ -313,7 +378,11 @@ impl HttpClient {
                 continue;
             }
             if !status.is_success() {
-                return Err(HttpError::Status { url: url.to_string(), status: status.as_u16(), body: snippet(&text) });
+                return Err(HttpError::Status {
+                    url: url.to_string(),
+                    status: status.as_u16(),
+                    body: snippet(&text),
+                });
             }
             if text.trim().is_empty() {
                 return Ok((Value::Null, headers));
@@ -324,30 +393,51 @@ impl HttpClient {
                     // Often a proxy's error page: retry, then fail with the parse error.
                     last = format!("malformed JSON: {e}");
                     if attempt + 1 == attempts {
-                        return Err(HttpError::Malformed { url: url.to_string(), message: e.to_string() });
+                        return Err(HttpError::Malformed {
+                            url: url.to_string(),
+                            message: e.to_string(),
+                        });
                     }
                     tokio::time::sleep(self.backoff(attempt)).await;
                 }
             }
         }
-        Err(HttpError::Exhausted { url: url.to_string(), attempts, last })
+        Err(HttpError::Exhausted {
+            url: url.to_string(),
+            attempts,
+            last,
+        })
     }
 
     /// The first page of an import.
     pub fn first_state(&self, extra: Vec<(String, String)>) -> PageState {
         let mut query = extra;
         match &self.connector.paging {
-            Paging::Page { param, start, size_param, size } => {
+            Paging::Page {
+                param,
+                start,
+                size_param,
+                size,
+            } => {
                 query.push((param.clone(), start.to_string()));
                 query.push((size_param.clone(), size.to_string()));
             }
-            Paging::Offset { param, size_param, size } => {
+            Paging::Offset {
+                param,
+                size_param,
+                size,
+            } => {
                 query.push((param.clone(), "0".into()));
                 query.push((size_param.clone(), size.to_string()));
             }
             _ => {}
         }
-        PageState::Fetch { url: self.connector.endpoint.text.clone(), query, page: 0, offset: 0 }
+        PageState::Fetch {
+            url: self.connector.endpoint.text.clone(),
+            query,
+            page: 0,
+            offset: 0,
+        }
     }
 
     /// Fetches the page `state` points at.
@@ -356,13 +446,25 @@ impl HttpClient {
             return Ok(None);
         };
         let (body, headers) = self.send(HttpMethod::Get, url, query, None).await?;
-        let records = select_records(&body, &self.connector.records).map_err(HttpError::Selector)?;
-        Ok(Some(Page { url: url.clone(), body, headers, records }))
+        let records =
+            select_records(&body, &self.connector.records).map_err(HttpError::Selector)?;
+        Ok(Some(Page {
+            url: url.clone(),
+            body,
+            headers,
+            records,
+        }))
     }
 
     /// The state after `page`, or `Done` when a stop condition holds.
     pub fn next_state(&self, state: &PageState, page: &Page) -> PageState {
-        let PageState::Fetch { url, query, page: n, offset } = state else {
+        let PageState::Fetch {
+            url,
+            query,
+            page: n,
+            offset,
+        } = state
+        else {
             return PageState::Done;
         };
         let c = &self.connector;
@@ -380,7 +482,10 @@ impl HttpClient {
             .total_path
             .as_ref()
             .and_then(|p| first(&page.body, p))
-            .and_then(|v| v.as_u64().or_else(|| v.as_str().and_then(|s| s.parse().ok())))
+            .and_then(|v| {
+                v.as_u64()
+                    .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+            })
             .or_else(|| {
                 c.total_header
                     .as_ref()
@@ -389,38 +494,62 @@ impl HttpClient {
                     .and_then(|s| s.trim().parse().ok())
             });
         let set = |q: &[(String, String)], k: &str, v: String| {
-            let mut q: Vec<(String, String)> = q.iter().filter(|(key, _)| key != k).cloned().collect();
+            let mut q: Vec<(String, String)> =
+                q.iter().filter(|(key, _)| key != k).cloned().collect();
             q.push((k.to_string(), v));
             q
         };
         match &c.paging {
             Paging::None => PageState::Done,
-            Paging::Page { param, start, size, .. } => {
+            Paging::Page {
+                param, start, size, ..
+            } => {
                 let seen = offset + got;
                 if got < *size || total.is_some_and(|t| seen >= t) {
                     return PageState::Done;
                 }
-                PageState::Fetch { url: url.clone(), query: set(query, param, (start + n).to_string()), page: n, offset: seen }
+                PageState::Fetch {
+                    url: url.clone(),
+                    query: set(query, param, (start + n).to_string()),
+                    page: n,
+                    offset: seen,
+                }
             }
             Paging::Offset { param, size, .. } => {
                 let seen = offset + got;
                 if got < *size || total.is_some_and(|t| seen >= t) {
                     return PageState::Done;
                 }
-                PageState::Fetch { url: url.clone(), query: set(query, param, seen.to_string()), page: n, offset: seen }
+                PageState::Fetch {
+                    url: url.clone(),
+                    query: set(query, param, seen.to_string()),
+                    page: n,
+                    offset: seen,
+                }
             }
             Paging::Cursor { path, param } => match first(&page.body, path) {
-                Some(Value::String(s)) if !s.is_empty() => {
-                    PageState::Fetch { url: url.clone(), query: set(query, param, s), page: n, offset: offset + got }
-                }
-                Some(Value::Number(x)) => {
-                    PageState::Fetch { url: url.clone(), query: set(query, param, x.to_string()), page: n, offset: offset + got }
-                }
+                Some(Value::String(s)) if !s.is_empty() => PageState::Fetch {
+                    url: url.clone(),
+                    query: set(query, param, s),
+                    page: n,
+                    offset: offset + got,
+                },
+                Some(Value::Number(x)) => PageState::Fetch {
+                    url: url.clone(),
+                    query: set(query, param, x.to_string()),
+                    page: n,
+                    offset: offset + got,
+                },
                 _ => PageState::Done,
             },
             Paging::LinkHeader => match next_link(&page.headers) {
                 // The next URL carries its own query; keep only what the first request added.
-                Some(next) => PageState::Fetch { url: next, query: Vec::new(), page: n, offset: offset + got },
+                Some(next) => PageState::Fetch {
+                    url: next,
+                    query: Vec::new(),
+                    page: n,
+                    offset: offset + got,
+                },
                 None => PageState::Done,
             },
         }
@@ -465,7 +594,12 @@ fn next_link(headers: &HeaderMap) -> Option<String> {
                 let p = p.trim().replace(' ', "");
                 p == "rel=\"next\"" || p == "rel=next"
             }) {
-                return Some(target.trim_start_matches('<').trim_end_matches('>').to_string());
+                return Some(
+                    target
+                        .trim_start_matches('<')
+                        .trim_end_matches('>')
+                        .to_string(),
+                );
             }
         }
     }

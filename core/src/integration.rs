@@ -66,7 +66,7 @@ fn yes() -> bool {
     true
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthSection {
     /// `NONE`, `API_KEY`, `BASIC` or `OAUTH`.
@@ -99,6 +99,24 @@ pub struct AuthSection {
 
 fn auth_none() -> String {
     "NONE".into()
+}
+
+impl Default for AuthSection {
+    fn default() -> Self {
+        Self {
+            kind: auth_none(),
+            key: None,
+            header: None,
+            query: None,
+            username: None,
+            password: None,
+            token_url: None,
+            client_id: None,
+            client_secret: None,
+            scopes: Vec::new(),
+            refresh_token: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -285,9 +303,21 @@ pub struct Field {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Paging {
     None,
-    Page { param: String, start: u64, size_param: String, size: u64 },
-    Offset { param: String, size_param: String, size: u64 },
-    Cursor { path: String, param: String },
+    Page {
+        param: String,
+        start: u64,
+        size_param: String,
+        size: u64,
+    },
+    Offset {
+        param: String,
+        size_param: String,
+        size: u64,
+    },
+    Cursor {
+        path: String,
+        param: String,
+    },
     LinkHeader,
 }
 
@@ -295,8 +325,15 @@ pub enum Paging {
 #[derive(Debug, Clone)]
 pub enum Auth {
     None,
-    ApiKey { key: Secret, header: Option<String>, query: Option<String> },
-    Basic { username: String, password: Secret },
+    ApiKey {
+        key: Secret,
+        header: Option<String>,
+        query: Option<String>,
+    },
+    Basic {
+        username: String,
+        password: Secret,
+    },
     OAuth {
         token_url: String,
         client_id: String,
@@ -384,7 +421,12 @@ pub mod url_lite {
             None if https => 443,
             None => 80,
         };
-        Ok(Url { text: text.to_string(), https, host, port })
+        Ok(Url {
+            text: text.to_string(),
+            https,
+            host,
+            port,
+        })
     }
 }
 
@@ -421,13 +463,20 @@ pub fn validate(
     };
     if file.name.is_empty()
         || file.name.len() > 100
-        || !file.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        || !file
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
     {
-        return Err(invalid("name", format!("1-100 characters of a-z A-Z 0-9 - _ ., got `{}`", file.name)));
+        return Err(invalid(
+            "name",
+            format!("1-100 characters of a-z A-Z 0-9 - _ ., got `{}`", file.name),
+        ));
     }
     let kind = IntegrationType::parse(&file.kind).map_err(|e| invalid("type", e))?;
     let endpoint = url_lite::parse(&file.endpoint).map_err(|e| invalid("endpoint", e))?;
-    let method = HttpMethod::parse(&file.method.to_ascii_uppercase()).map_err(|e| invalid("method", e))?;
+    let method =
+        HttpMethod::parse(&file.method.to_ascii_uppercase()).map_err(|e| invalid("method", e))?;
     if let Some(cron) = &file.schedule {
         let fields = cron.split_whitespace().count();
         if !(6..=7).contains(&fields) {
@@ -438,11 +487,16 @@ pub fn validate(
         }
     }
     let secret = |field: &str, s: &Option<Secret>| -> Result<Secret, ConfigError> {
-        let s = s.as_ref().ok_or_else(|| invalid(field, "a value (a secret: use `${env:NAME}`)".into()))?;
+        let s = s
+            .as_ref()
+            .ok_or_else(|| invalid(field, "a value (a secret: use `${env:NAME}`)".into()))?;
         match s.env_reference() {
-            Some(name) => env(name)
-                .map(Secret::new)
-                .ok_or_else(|| invalid(field, format!("environment variable `{name}` to be set (it is not)"))),
+            Some(name) => env(name).map(Secret::new).ok_or_else(|| {
+                invalid(
+                    field,
+                    format!("environment variable `{name}` to be set (it is not)"),
+                )
+            }),
             None => Ok(s.clone()),
         }
     };
@@ -451,20 +505,36 @@ pub fn validate(
         AuthType::None => Auth::None,
         AuthType::ApiKey => {
             if a.header.is_some() && a.query.is_some() {
-                return Err(invalid("auth.query", "either `auth.header` or `auth.query`, not both".into()));
+                return Err(invalid(
+                    "auth.query",
+                    "either `auth.header` or `auth.query`, not both".into(),
+                ));
             }
-            Auth::ApiKey { key: secret("auth.key", &a.key)?, header: a.header.clone(), query: a.query.clone() }
+            Auth::ApiKey {
+                key: secret("auth.key", &a.key)?,
+                header: a.header.clone(),
+                query: a.query.clone(),
+            }
         }
         AuthType::Basic => Auth::Basic {
-            username: a.username.clone().ok_or_else(|| invalid("auth.username", "a user name".into()))?,
+            username: a
+                .username
+                .clone()
+                .ok_or_else(|| invalid("auth.username", "a user name".into()))?,
             password: secret("auth.password", &a.password)?,
         },
         AuthType::OAuth => {
-            let token_url = a.token_url.clone().ok_or_else(|| invalid("auth.token_url", "the token endpoint URL".into()))?;
+            let token_url = a
+                .token_url
+                .clone()
+                .ok_or_else(|| invalid("auth.token_url", "the token endpoint URL".into()))?;
             url_lite::parse(&token_url).map_err(|e| invalid("auth.token_url", e))?;
             Auth::OAuth {
                 token_url,
-                client_id: a.client_id.clone().ok_or_else(|| invalid("auth.client_id", "a client id".into()))?,
+                client_id: a
+                    .client_id
+                    .clone()
+                    .ok_or_else(|| invalid("auth.client_id", "a client id".into()))?,
                 client_secret: secret("auth.client_secret", &a.client_secret)?,
                 scopes: a.scopes.clone(),
                 refresh_token: match &a.refresh_token {
@@ -479,11 +549,24 @@ pub fn validate(
     let p = &s.pagination;
     let paging = match p.kind.as_str() {
         "none" => Paging::None,
-        "page" => Paging::Page { param: p.page_param.clone(), start: p.start_page, size_param: p.size_param.clone(), size: p.size },
-        "offset" => Paging::Offset { param: p.offset_param.clone(), size_param: p.size_param.clone(), size: p.size },
+        "page" => Paging::Page {
+            param: p.page_param.clone(),
+            start: p.start_page,
+            size_param: p.size_param.clone(),
+            size: p.size,
+        },
+        "offset" => Paging::Offset {
+            param: p.offset_param.clone(),
+            size_param: p.size_param.clone(),
+            size: p.size,
+        },
         "cursor" => {
-            check_jsonpath(&p.cursor_path).map_err(|e| invalid("source.pagination.cursor_path", e))?;
-            Paging::Cursor { path: p.cursor_path.clone(), param: p.cursor_param.clone() }
+            check_jsonpath(&p.cursor_path)
+                .map_err(|e| invalid("source.pagination.cursor_path", e))?;
+            Paging::Cursor {
+                path: p.cursor_path.clone(),
+                param: p.cursor_param.clone(),
+            }
         }
         "link_header" => Paging::LinkHeader,
         other => {
@@ -493,25 +576,37 @@ pub fn validate(
             ))
         }
     };
-    for (field, path) in [("source.pagination.has_more_path", &p.has_more_path), ("source.pagination.total_path", &p.total_path)] {
+    for (field, path) in [
+        ("source.pagination.has_more_path", &p.has_more_path),
+        ("source.pagination.total_path", &p.total_path),
+    ] {
         if let Some(path) = path {
             check_jsonpath(path).map_err(|e| invalid(field, e))?;
         }
     }
     if p.max_pages == 0 || p.size == 0 {
-        return Err(invalid("source.pagination.max_pages", "`max_pages` and `size` greater than 0".into()));
+        return Err(invalid(
+            "source.pagination.max_pages",
+            "`max_pages` and `size` greater than 0".into(),
+        ));
     }
     if s.retry.max_attempts == 0 {
         return Err(invalid("source.retry.max_attempts", "at least 1".into()));
     }
     if s.timeout_seconds == 0 {
-        return Err(invalid("source.timeout_seconds", "a number of seconds greater than 0".into()));
+        return Err(invalid(
+            "source.timeout_seconds",
+            "a number of seconds greater than 0".into(),
+        ));
     }
     let mut fields = Vec::new();
     for (target, m) in &file.mapping {
         let field = format!("mapping.{target}");
         if target.is_empty() || target.starts_with('$') || target.contains('.') {
-            return Err(invalid(&field, "a target field name without `$` or `.`".into()));
+            return Err(invalid(
+                &field,
+                "a target field name without `$` or `.`".into(),
+            ));
         }
         check_jsonpath(&m.path).map_err(|e| invalid(&format!("{field}.path"), e))?;
         let kind = match m.kind.as_str() {
@@ -543,12 +638,18 @@ pub fn validate(
         if !fields.iter().any(|f| f.target == file.target.key) {
             return Err(invalid(
                 "target.key",
-                format!("a mapped field (the upsert key `{}` has no `[mapping.{}]`)", file.target.key, file.target.key),
+                format!(
+                    "a mapped field (the upsert key `{}` has no `[mapping.{}]`)",
+                    file.target.key, file.target.key
+                ),
             ));
         }
     }
     if kind == IntegrationType::Export && file.push.is_none() {
-        return Err(invalid("push", "a `[push]` section for an EXPORT config".into()));
+        return Err(invalid(
+            "push",
+            "a `[push]` section for an EXPORT config".into(),
+        ));
     }
     if let Some(push) = &file.push {
         if let Some(f) = &push.filter {
@@ -557,14 +658,21 @@ pub fn validate(
         }
     }
     if file.target.batch_size == 0 {
-        return Err(invalid("target.batch_size", "a number greater than 0".into()));
+        return Err(invalid(
+            "target.batch_size",
+            "a number greater than 0".into(),
+        ));
     }
     Ok(Connector {
         name: file.name.clone(),
         kind,
         endpoint,
         method,
-        headers: file.headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        headers: file
+            .headers
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
         schedule: file.schedule.clone(),
         is_active: file.is_active,
         allow_private_network: file.allow_private_network,
@@ -601,7 +709,12 @@ pub fn first(value: &Value, path: &str) -> Option<Value> {
 }
 
 fn coerce(field: &Field, v: Value) -> Result<Bson, String> {
-    let bad = |what: &str| format!("field `{}` ({}): expected {what}, got {v}", field.target, field.path);
+    let bad = |what: &str| {
+        format!(
+            "field `{}` ({}): expected {what}, got {v}",
+            field.target, field.path
+        )
+    };
     Ok(match field.kind {
         FieldType::Any => Bson::try_from(v.clone()).map_err(|e| bad(&e.to_string()))?,
         FieldType::String => match &v {
@@ -616,7 +729,11 @@ fn coerce(field: &Field, v: Value) -> Result<Bson, String> {
             _ => return Err(bad("a number")),
         },
         FieldType::Integer => match &v {
-            Value::Number(n) => Bson::Int64(n.as_i64().or_else(|| n.as_f64().filter(|f| f.fract() == 0.0).map(|f| f as i64)).ok_or_else(|| bad("an integer"))?),
+            Value::Number(n) => Bson::Int64(
+                n.as_i64()
+                    .or_else(|| n.as_f64().filter(|f| f.fract() == 0.0).map(|f| f as i64))
+                    .ok_or_else(|| bad("an integer"))?,
+            ),
             Value::String(s) => Bson::Int64(s.trim().parse().map_err(|_| bad("an integer"))?),
             _ => return Err(bad("an integer")),
         },
@@ -633,13 +750,17 @@ fn coerce(field: &Field, v: Value) -> Result<Bson, String> {
                 let t = chrono::DateTime::parse_from_rfc3339(s)
                     .map(|t| t.timestamp_millis())
                     .or_else(|_| {
-                        chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d")
-                            .map(|d| d.and_hms_opt(0, 0, 0).map_or(0, |t| t.and_utc().timestamp_millis()))
+                        chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d").map(|d| {
+                            d.and_hms_opt(0, 0, 0)
+                                .map_or(0, |t| t.and_utc().timestamp_millis())
+                        })
                     })
                     .map_err(|_| bad("an RFC 3339 date"))?;
                 Bson::DateTime(bson::DateTime::from_millis(t))
             }
-            Value::Number(n) => Bson::DateTime(bson::DateTime::from_millis(n.as_i64().ok_or_else(|| bad("epoch milliseconds"))?)),
+            Value::Number(n) => Bson::DateTime(bson::DateTime::from_millis(
+                n.as_i64().ok_or_else(|| bad("epoch milliseconds"))?,
+            )),
             _ => return Err(bad("a date")),
         },
     })
@@ -654,7 +775,10 @@ pub fn map_record(fields: &[Field], record: &Value) -> Result<Document, String> 
             (Some(v), _) => v,
             (None, Some(d)) => d.clone(),
             (None, None) if f.required => {
-                return Err(format!("required field `{}` ({}) is missing", f.target, f.path))
+                return Err(format!(
+                    "required field `{}` ({}) is missing",
+                    f.target, f.path
+                ))
             }
             (None, None) => continue,
         };
@@ -714,38 +838,76 @@ type = "bool"
         let file = parse_file("shop.toml", FILE).unwrap();
         let c = validate("shop.toml", &file, &env).unwrap();
         assert_eq!(c.kind, IntegrationType::Import);
-        assert_eq!(c.paging, Paging::Cursor { path: "$.meta.next".into(), param: "cursor".into() });
-        assert!(matches!(c.auth, Auth::OAuth { ref client_secret, .. } if client_secret.expose() == "s3cr3t"));
+        assert_eq!(
+            c.paging,
+            Paging::Cursor {
+                path: "$.meta.next".into(),
+                param: "cursor".into()
+            }
+        );
+        assert!(
+            matches!(c.auth, Auth::OAuth { ref client_secret, .. } if client_secret.expose() == "s3cr3t")
+        );
         assert_eq!(c.endpoint.port, 443);
     }
 
     #[test]
     fn errors_name_the_file_and_field() {
         let bad = FILE.replace("type = \"cursor\"", "type = \"scroll\"");
-        let err = validate("shop.toml", &parse_file("shop.toml", &bad).unwrap(), &env).unwrap_err().to_string();
-        assert!(err.starts_with("shop.toml: field `source.pagination.type`"), "{err}");
+        let err = validate("shop.toml", &parse_file("shop.toml", &bad).unwrap(), &env)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("shop.toml: field `source.pagination.type`"),
+            "{err}"
+        );
         let bad = FILE.replace("path = \"$.price.amount\"", "path = \"price[\"");
-        let err = validate("shop.toml", &parse_file("shop.toml", &bad).unwrap(), &env).unwrap_err().to_string();
+        let err = validate("shop.toml", &parse_file("shop.toml", &bad).unwrap(), &env)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("`mapping.price.path`"), "{err}");
-        let err = validate("shop.toml", &parse_file("shop.toml", FILE).unwrap(), &|_| None).unwrap_err().to_string();
-        assert!(err.contains("`auth.client_secret`") && err.contains("SHOP_SECRET"), "{err}");
-        let err = parse_file("shop.toml", &FILE.replace("schedule", "schedul")).unwrap_err().to_string();
+        let err = validate(
+            "shop.toml",
+            &parse_file("shop.toml", FILE).unwrap(),
+            &|_| None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("`auth.client_secret`") && err.contains("SHOP_SECRET"),
+            "{err}"
+        );
+        let err = parse_file("shop.toml", &FILE.replace("schedule", "schedul"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("schedul"), "{err}");
     }
 
     #[test]
     fn mapping_coerces_defaults_and_rejects_with_a_reason() {
         let c = validate("f", &parse_file("f", FILE).unwrap(), &env).unwrap();
-        let doc = map_record(&c.fields, &json!({ "id": 42, "price": { "amount": "19.90" }, "stock": { "available": 1 } })).unwrap();
+        let doc = map_record(
+            &c.fields,
+            &json!({ "id": 42, "price": { "amount": "19.90" }, "stock": { "available": 1 } }),
+        )
+        .unwrap();
         assert_eq!(doc.get_str("productId").unwrap(), "42");
         assert_eq!(doc.get_f64("price").unwrap(), 19.9);
         assert!(doc.get_bool("inStock").unwrap());
         let doc = map_record(&c.fields, &json!({ "id": "a" })).unwrap();
-        assert_eq!(doc.get_f64("price").unwrap(), 0.0, "default applied, coerced to the type");
+        assert_eq!(
+            doc.get_f64("price").unwrap(),
+            0.0,
+            "default applied, coerced to the type"
+        );
         assert!(!doc.contains_key("inStock"));
         let err = map_record(&c.fields, &json!({ "price": { "amount": 3 } })).unwrap_err();
         assert!(err.contains("required field `productId`"), "{err}");
-        let err = map_record(&c.fields, &json!({ "id": "a", "price": { "amount": "cheap" } })).unwrap_err();
+        let err = map_record(
+            &c.fields,
+            &json!({ "id": "a", "price": { "amount": "cheap" } }),
+        )
+        .unwrap_err();
         assert!(err.contains("`price`") && err.contains("a number"), "{err}");
     }
 

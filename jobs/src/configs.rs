@@ -33,7 +33,10 @@ pub fn validate_dir(
     for path in paths {
         let origin = path.display().to_string();
         let result = std::fs::read_to_string(&path)
-            .map_err(|source| ConfigError::Read { path: path.clone(), source })
+            .map_err(|source| ConfigError::Read {
+                path: path.clone(),
+                source,
+            })
             .and_then(|text| parse_file(&origin, &text))
             .and_then(|file| {
                 refuse_literal_secrets(&origin, &file)?;
@@ -46,11 +49,18 @@ pub fn validate_dir(
                     errors.push(ConfigError::Invalid {
                         origin,
                         field: "name".into(),
-                        expected: format!("a unique name (`{}` is also used by {other})", file.name),
+                        expected: format!(
+                            "a unique name (`{}` is also used by {other})",
+                            file.name
+                        ),
                     });
                     continue;
                 }
-                ok.push(ValidFile { path, file, connector });
+                ok.push(ValidFile {
+                    path,
+                    file,
+                    connector,
+                });
             }
             Err(e) => errors.push(e),
         }
@@ -72,7 +82,8 @@ fn refuse_literal_secrets(origin: &str, file: &IntegrationFile) -> Result<(), Co
                 return Err(ConfigError::Invalid {
                     origin: origin.to_string(),
                     field: field.to_string(),
-                    expected: "a `${env:NAME}` reference (secrets are never stored in clear)".into(),
+                    expected: "a `${env:NAME}` reference (secrets are never stored in clear)"
+                        .into(),
                 });
             }
         }
@@ -89,7 +100,11 @@ pub async fn apply(store: &Store, file: &IntegrationFile) -> Result<bool, StoreE
     })?;
     let auth_config = spec.get_document("auth").cloned().unwrap_or_default();
     let mapping = spec.get_document("mapping").cloned().unwrap_or_default();
-    let headers: Document = file.headers.iter().map(|(k, v)| (k.clone(), bson::Bson::String(v.clone()))).collect();
+    let headers: Document = file
+        .headers
+        .iter()
+        .map(|(k, v)| (k.clone(), bson::Bson::String(v.clone())))
+        .collect();
     let set = doc! {
         f::TYPE: file.kind.to_ascii_uppercase(),
         "endpoint": &file.endpoint,
@@ -116,7 +131,10 @@ pub async fn apply(store: &Store, file: &IntegrationFile) -> Result<bool, StoreE
 }
 
 /// A stored config: its file form and its document (for `lastSync` and the cursor).
-pub async fn load(store: &Store, name: &str) -> Result<Option<(IntegrationFile, Document)>, StoreError> {
+pub async fn load(
+    store: &Store,
+    name: &str,
+) -> Result<Option<(IntegrationFile, Document)>, StoreError> {
     let Some(d) = store
         .collection(c::INTEGRATION_CONFIGS)
         .find_one(doc! { f::NAME: name })

@@ -30,7 +30,11 @@ pub enum ImportError {
     #[error("no integration config named `{0}` (apply it with `sluice configs apply DIR`)")]
     Unknown(String),
     #[error("integration `{name}` is {actual}, not {expected}")]
-    WrongType { name: String, actual: IntegrationType, expected: IntegrationType },
+    WrongType {
+        name: String,
+        actual: IntegrationType,
+        expected: IntegrationType,
+    },
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error(transparent)]
@@ -93,7 +97,10 @@ pub struct ImportSummary {
 
 const MAX_SAMPLES: usize = 20;
 
-fn chain_for(connector: &Connector, available: &[Arc<dyn Transform>]) -> Result<Vec<Arc<dyn Transform>>, ImportError> {
+fn chain_for(
+    connector: &Connector,
+    available: &[Arc<dyn Transform>],
+) -> Result<Vec<Arc<dyn Transform>>, ImportError> {
     connector
         .transforms
         .iter()
@@ -107,11 +114,23 @@ fn chain_for(connector: &Connector, available: &[Arc<dyn Transform>]) -> Result<
         .collect()
 }
 
-async fn load_connector(store: &Store, name: &str, expected: IntegrationType) -> Result<(Connector, Document), ImportError> {
-    let (file, stored) = configs::load(store, name).await?.ok_or_else(|| ImportError::Unknown(name.to_string()))?;
-    let connector = validate(&format!("integration `{name}`"), &file, &|k| std::env::var(k).ok())?;
+async fn load_connector(
+    store: &Store,
+    name: &str,
+    expected: IntegrationType,
+) -> Result<(Connector, Document), ImportError> {
+    let (file, stored) = configs::load(store, name)
+        .await?
+        .ok_or_else(|| ImportError::Unknown(name.to_string()))?;
+    let connector = validate(&format!("integration `{name}`"), &file, &|k| {
+        std::env::var(k).ok()
+    })?;
     if connector.kind != expected {
-        return Err(ImportError::WrongType { name: name.to_string(), actual: connector.kind, expected });
+        return Err(ImportError::WrongType {
+            name: name.to_string(),
+            actual: connector.kind,
+            expected,
+        });
     }
     Ok((connector, stored))
 }
@@ -140,18 +159,30 @@ fn greater(a: &Bson, b: &Bson) -> bool {
 }
 
 /// Runs an IMPORT config.
-pub async fn run_import(store: &Store, name: &str, options: &ImportOptions) -> Result<ImportSummary, ImportError> {
+pub async fn run_import(
+    store: &Store,
+    name: &str,
+    options: &ImportOptions,
+) -> Result<ImportSummary, ImportError> {
     let started = Instant::now();
     let (connector, stored) = load_connector(store, name, IntegrationType::Import).await?;
     let chain = chain_for(&connector, &options.transforms)?;
     let connector = Arc::new(connector);
     let http = HttpClient::new(connector.clone()).await?;
     let checkpoints = store.collection(c::IMPORT_CHECKPOINTS);
-    let mut summary = ImportSummary { name: name.to_string(), ..Default::default() };
+    let mut summary = ImportSummary {
+        name: name.to_string(),
+        ..Default::default()
+    };
 
     // Resume an interrupted run, or start from the last committed cursor.
-    let checkpoint = if options.dry_run { None } else {
-        checkpoints.find_one(doc! { common::ID: name }).await.map_err(StoreError::mongo(c::IMPORT_CHECKPOINTS, "read checkpoint"))?
+    let checkpoint = if options.dry_run {
+        None
+    } else {
+        checkpoints
+            .find_one(doc! { common::ID: name })
+            .await
+            .map_err(StoreError::mongo(c::IMPORT_CHECKPOINTS, "read checkpoint"))?
     };
     let mut max_cursor: Option<Bson> = None;
     let mut state = match &checkpoint {
@@ -164,12 +195,14 @@ pub async fn run_import(store: &Store, name: &str, options: &ImportOptions) -> R
             summary.updated = cp.get_i64("updated").unwrap_or(0) as u64;
             summary.failed = cp.get_i64("failed").unwrap_or(0) as u64;
             max_cursor = cp.get("maxCursor").cloned().filter(|b| *b != Bson::Null);
-            serde_json::from_str(cp.get_str("state").unwrap_or("")).unwrap_or_else(|_| http.first_state(Vec::new()))
+            serde_json::from_str(cp.get_str("state").unwrap_or(""))
+                .unwrap_or_else(|_| http.first_state(Vec::new()))
         }
         None => {
             summary.run_id = format!("{name}-{}", chrono::Utc::now().format("%Y%m%dT%H%M%S%.3f"));
             let mut extra = Vec::new();
-            if let (Some(inc), Some(cursor)) = (&connector.incremental, stored.get(f::SYNC_CURSOR)) {
+            if let (Some(inc), Some(cursor)) = (&connector.incremental, stored.get(f::SYNC_CURSOR))
+            {
                 if *cursor != Bson::Null {
                     extra.push((inc.param.clone(), cursor_text(cursor)));
                 }
@@ -180,7 +213,17 @@ pub async fn run_import(store: &Store, name: &str, options: &ImportOptions) -> R
     if !options.dry_run {
         record_run(store, &summary, "RUNNING", None).await?;
     }
-    let outcome = import_pages(store, &connector, &http, &chain, options, &mut state, &mut summary, &mut max_cursor).await;
+    let outcome = import_pages(
+        store,
+        &connector,
+        &http,
+        &chain,
+        options,
+        &mut state,
+        &mut summary,
+        &mut max_cursor,
+    )
+    .await;
     summary.http = http.stats.lock().map(|s| s.clone()).unwrap_or_default();
     summary.elapsed_ms = started.elapsed().as_millis() as u64;
     if options.dry_run {
@@ -197,7 +240,10 @@ pub async fn run_import(store: &Store, name: &str, options: &ImportOptions) -> R
                 .collection(c::INTEGRATION_CONFIGS)
                 .update_one(doc! { f::NAME: name }, doc! { "$set": set })
                 .await
-                .map_err(StoreError::mongo(c::INTEGRATION_CONFIGS, "advance lastSync"))?;
+                .map_err(StoreError::mongo(
+                    c::INTEGRATION_CONFIGS,
+                    "advance lastSync",
+                ))?;
             checkpoints
                 .delete_one(doc! { common::ID: name })
                 .await
@@ -232,7 +278,10 @@ async fn import_pages(
     let mut pages_this_run = 0u64;
     while let Some(page) = http.fetch(state).await? {
         if previous_body.as_ref() == Some(&page.body) && !page.records.is_empty() {
-            summary.stopped_early = Some(format!("page {} repeated the previous page; stopped (loop guard)", summary.pages + 1));
+            summary.stopped_early = Some(format!(
+                "page {} repeated the previous page; stopped (loop guard)",
+                summary.pages + 1
+            ));
             *state = PageState::Done;
             break;
         }
@@ -240,13 +289,21 @@ async fn import_pages(
         summary.pages += 1;
         summary.fetched += page.records.len() as u64;
         options.progress.pages.fetch_add(1, Relaxed);
-        options.progress.records.fetch_add(page.records.len() as u64, Relaxed);
+        options
+            .progress
+            .records
+            .fetch_add(page.records.len() as u64, Relaxed);
 
         let mut mapped = Vec::with_capacity(page.records.len());
         for record in &page.records {
             match map_record(&connector.fields, record) {
                 Ok(d) if d.get(&connector.key).is_some_and(|k| *k != Bson::Null) => mapped.push(d),
-                Ok(_) => reject(summary, options, format!("the upsert key `{}` is empty", connector.key), record),
+                Ok(_) => reject(
+                    summary,
+                    options,
+                    format!("the upsert key `{}` is empty", connector.key),
+                    record,
+                ),
                 Err(reason) => reject(summary, options, reason, record),
             }
         }
@@ -261,15 +318,23 @@ async fn import_pages(
             }
         }
         if options.dry_run {
-            for d in mapped.iter().take(5usize.saturating_sub(summary.preview.len())) {
-                summary.preview.push(Bson::Document(d.clone()).into_relaxed_extjson());
+            for d in mapped
+                .iter()
+                .take(5usize.saturating_sub(summary.preview.len()))
+            {
+                summary
+                    .preview
+                    .push(Bson::Document(d.clone()).into_relaxed_extjson());
             }
         } else {
             for chunk in mapped.chunks(connector.batch_size) {
                 let (inserted, updated) = upsert(store, connector, chunk).await?;
                 summary.inserted += inserted;
                 summary.updated += updated;
-                options.progress.upserted.fetch_add(inserted + updated, Relaxed);
+                options
+                    .progress
+                    .upserted
+                    .fetch_add(inserted + updated, Relaxed);
             }
             // The page is committed: remember where the next one starts.
             store
@@ -295,12 +360,18 @@ async fn import_pages(
         previous_body = Some(page.body);
         *state = next;
         pages_this_run += 1;
-        if options.stop_after_pages.is_some_and(|n| pages_this_run >= n) && *state != PageState::Done {
+        if options
+            .stop_after_pages
+            .is_some_and(|n| pages_this_run >= n)
+            && *state != PageState::Done
+        {
             break;
         }
     }
     if connector.max_pages <= summary.pages && *state == PageState::Done {
-        summary.stopped_early.get_or_insert(format!("stopped at `max_pages` ({})", connector.max_pages));
+        summary
+            .stopped_early
+            .get_or_insert(format!("stopped at `max_pages` ({})", connector.max_pages));
     }
     Ok(())
 }
@@ -309,12 +380,19 @@ fn reject(summary: &mut ImportSummary, options: &ImportOptions, reason: String, 
     summary.failed += 1;
     options.progress.failed.fetch_add(1, Relaxed);
     if summary.samples.len() < MAX_SAMPLES {
-        summary.samples.push(Rejected { reason, record: record.clone() });
+        summary.samples.push(Rejected {
+            reason,
+            record: record.clone(),
+        });
     }
 }
 
 /// Bulk unordered upserts by key in one `update` command; returns (inserted, updated).
-async fn upsert(store: &Store, connector: &Connector, docs: &[Document]) -> Result<(u64, u64), ImportError> {
+async fn upsert(
+    store: &Store,
+    connector: &Connector,
+    docs: &[Document],
+) -> Result<(u64, u64), ImportError> {
     if docs.is_empty() {
         return Ok((0, 0));
     }
@@ -341,21 +419,40 @@ async fn upsert(store: &Store, connector: &Connector, docs: &[Document]) -> Resu
             "writeConcern": { "w": "majority" },
         })
         .await
-        .map_err(|e| ImportError::Sink { collection: connector.collection.clone(), message: e.to_string() })?;
+        .map_err(|e| ImportError::Sink {
+            collection: connector.collection.clone(),
+            message: e.to_string(),
+        })?;
     if let Ok(errors) = reply.get_array("writeErrors") {
         if let Some(Bson::Document(e)) = errors.first() {
             return Err(ImportError::Sink {
                 collection: connector.collection.clone(),
-                message: format!("{} write error(s), first: {}", errors.len(), e.get_str("errmsg").unwrap_or("?")),
+                message: format!(
+                    "{} write error(s), first: {}",
+                    errors.len(),
+                    e.get_str("errmsg").unwrap_or("?")
+                ),
             });
         }
     }
-    let n = reply.get_i32("n").map(i64::from).or_else(|_| reply.get_i64("n")).unwrap_or(0) as u64;
-    let inserted = reply.get_array("upserted").map(|a| a.len() as u64).unwrap_or(0);
+    let n = reply
+        .get_i32("n")
+        .map(i64::from)
+        .or_else(|_| reply.get_i64("n"))
+        .unwrap_or(0) as u64;
+    let inserted = reply
+        .get_array("upserted")
+        .map(|a| a.len() as u64)
+        .unwrap_or(0);
     Ok((inserted, n.saturating_sub(inserted)))
 }
 
-async fn record_run(store: &Store, s: &ImportSummary, status: &str, error: Option<&str>) -> Result<(), StoreError> {
+async fn record_run(
+    store: &Store,
+    s: &ImportSummary,
+    status: &str,
+    error: Option<&str>,
+) -> Result<(), StoreError> {
     let now = DateTime::now();
     let samples = bson::to_bson(&s.samples).unwrap_or(Bson::Array(Vec::new()));
     store
@@ -393,19 +490,32 @@ pub struct PushSummary {
 
 /// Runs an EXPORT config: documents above the watermark, mapped, pushed in batches; the
 /// watermark advances after each batch the endpoint accepted.
-pub async fn run_push(store: &Store, name: &str, options: &ImportOptions) -> Result<PushSummary, ImportError> {
+pub async fn run_push(
+    store: &Store,
+    name: &str,
+    options: &ImportOptions,
+) -> Result<PushSummary, ImportError> {
     use futures_util::TryStreamExt;
     let (connector, stored) = load_connector(store, name, IntegrationType::Export).await?;
     let chain = chain_for(&connector, &options.transforms)?;
-    let push = connector.push.clone().ok_or_else(|| ImportError::Unknown(name.to_string()))?;
+    let push = connector
+        .push
+        .clone()
+        .ok_or_else(|| ImportError::Unknown(name.to_string()))?;
     let connector = Arc::new(connector);
     let http = HttpClient::new(connector.clone()).await?;
     let mut filter: Document = match &push.filter {
-        Some(f) => serde_json::from_str::<Value>(f).ok().and_then(|v| bson::to_document(&v).ok()).unwrap_or_default(),
+        Some(f) => serde_json::from_str::<Value>(f)
+            .ok()
+            .and_then(|v| bson::to_document(&v).ok())
+            .unwrap_or_default(),
         None => Document::new(),
     };
     let watermark = push.watermark_field.clone();
-    if let (Some(w), Some(cursor)) = (&watermark, stored.get(f::SYNC_CURSOR).filter(|b| **b != Bson::Null)) {
+    if let (Some(w), Some(cursor)) = (
+        &watermark,
+        stored.get(f::SYNC_CURSOR).filter(|b| **b != Bson::Null),
+    ) {
         filter.insert(w.clone(), doc! { "$gt": cursor.clone() });
     }
     let source = store.collection(&push.collection);
@@ -416,12 +526,20 @@ pub async fn run_push(store: &Store, name: &str, options: &ImportOptions) -> Res
     let mut cursor = source
         .find(filter)
         .sort(sort)
-        .await.map_err(StoreError::mongo(&push.collection, "read for push"))?;
-    let mut summary = PushSummary { name: name.to_string(), ..Default::default() };
+        .await
+        .map_err(StoreError::mongo(&push.collection, "read for push"))?;
+    let mut summary = PushSummary {
+        name: name.to_string(),
+        ..Default::default()
+    };
     let mut batch = Vec::new();
     let mut done = false;
     while !done {
-        match cursor.try_next().await.map_err(StoreError::mongo(&push.collection, "read for push"))? {
+        match cursor
+            .try_next()
+            .await
+            .map_err(StoreError::mongo(&push.collection, "read for push"))?
+        {
             Some(d) => {
                 summary.read += 1;
                 batch.push(d);
@@ -435,7 +553,12 @@ pub async fn run_push(store: &Store, name: &str, options: &ImportOptions) -> Res
             continue;
         }
         let docs = apply_chain(&chain, std::mem::take(&mut batch))?;
-        let high = watermark.as_ref().and_then(|w| docs.iter().filter_map(|d| d.get(w)).cloned().reduce(|a, b| if greater(&b, &a) { b } else { a }));
+        let high = watermark.as_ref().and_then(|w| {
+            docs.iter()
+                .filter_map(|d| d.get(w))
+                .cloned()
+                .reduce(|a, b| if greater(&b, &a) { b } else { a })
+        });
         let mut records = Vec::with_capacity(docs.len());
         for d in &docs {
             let json = Bson::Document(d.clone()).into_relaxed_extjson();
@@ -448,7 +571,10 @@ pub async fn run_push(store: &Store, name: &str, options: &ImportOptions) -> Res
                 Err(reason) => {
                     summary.failed += 1;
                     if summary.samples.len() < MAX_SAMPLES {
-                        summary.samples.push(Rejected { reason, record: json });
+                        summary.samples.push(Rejected {
+                            reason,
+                            record: json,
+                        });
                     }
                 }
             }
@@ -456,23 +582,40 @@ pub async fn run_push(store: &Store, name: &str, options: &ImportOptions) -> Res
         if records.is_empty() {
             continue;
         }
-        let body = if push.wrap.is_empty() { Value::Array(records.clone()) } else { serde_json::json!({ push.wrap.clone(): records }) };
-        http.send(connector.method, &connector.endpoint.text, &[], Some(&body)).await?;
+        let body = if push.wrap.is_empty() {
+            Value::Array(records.clone())
+        } else {
+            serde_json::json!({ push.wrap.clone(): records })
+        };
+        http.send(connector.method, &connector.endpoint.text, &[], Some(&body))
+            .await?;
         summary.sent += records.len() as u64;
         summary.requests += 1;
         if let Some(h) = high {
             store
                 .collection(c::INTEGRATION_CONFIGS)
-                .update_one(doc! { f::NAME: name }, doc! { "$set": { f::SYNC_CURSOR: h } })
+                .update_one(
+                    doc! { f::NAME: name },
+                    doc! { "$set": { f::SYNC_CURSOR: h } },
+                )
                 .await
-                .map_err(StoreError::mongo(c::INTEGRATION_CONFIGS, "advance watermark"))?;
+                .map_err(StoreError::mongo(
+                    c::INTEGRATION_CONFIGS,
+                    "advance watermark",
+                ))?;
         }
     }
     store
         .collection(c::INTEGRATION_CONFIGS)
-        .update_one(doc! { f::NAME: name }, doc! { "$set": { f::LAST_SYNC: DateTime::now() } })
+        .update_one(
+            doc! { f::NAME: name },
+            doc! { "$set": { f::LAST_SYNC: DateTime::now() } },
+        )
         .await
-        .map_err(StoreError::mongo(c::INTEGRATION_CONFIGS, "advance lastSync"))?;
+        .map_err(StoreError::mongo(
+            c::INTEGRATION_CONFIGS,
+            "advance lastSync",
+        ))?;
     Ok(summary)
 }
 

@@ -3,5 +3,5 @@
 
 pub mod configs;
 pub mod export;
-pub mod import;
 pub mod history;
+pub mod import;

@@ -252,11 +252,15 @@ fn reset_peak_rss() {
 
 async fn parquet_export(n: usize) -> anyhow::Result<()> {
     use sluice_connectors::objstore::{ObjectStore, S3Settings, S3Store};
-    use sluice_connectors::parquet::{encode, event_schema, PartWriter, PartWriterOptions, EVENT_TABLE};
+    use sluice_connectors::parquet::{
+        encode, event_schema, PartWriter, PartWriterOptions, EVENT_TABLE,
+    };
     use sluice_jobs::export::{run_export, ExportContext, ExportRequest};
 
     let day = chrono::Utc::now().date_naive() - chrono::Days::new(1);
-    let start_ms = day.and_hms_opt(0, 0, 0).map_or(0, |t| t.and_utc().timestamp_millis());
+    let start_ms = day
+        .and_hms_opt(0, 0, 0)
+        .map_or(0, |t| t.and_utc().timestamp_millis());
     let store = fresh_store("export").await?;
     let coll = store.collection(c::EVENTS);
     for chunk in day_events(n, 10_000, start_ms) {
@@ -299,7 +303,10 @@ async fn parquet_export(n: usize) -> anyhow::Result<()> {
     let encode_rate = n as f64 / encode_time.as_secs_f64();
 
     // Sluice: the EVENT_DATA job to S3.
-    let bucket = format!("sluice-bench-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let bucket = format!(
+        "sluice-bench-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
     let var = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_string());
     let s3 = S3Store::connect(&S3Settings {
         bucket: bucket.clone(),
@@ -316,10 +323,18 @@ async fn parquet_export(n: usize) -> anyhow::Result<()> {
     let ctx = ExportContext::new(store.clone(), dest.clone());
     reset_peak_rss();
     let started = Instant::now();
-    let summary = run_export(&ctx, &ExportRequest::day(sluice_core::model::ExportJobType::EventData, day, 90)).await?;
+    let summary = run_export(
+        &ctx,
+        &ExportRequest::day(sluice_core::model::ExportJobType::EventData, day, 90),
+    )
+    .await?;
     let export_rate = summary.rows as f64 / started.elapsed().as_secs_f64();
     let peak = peak_rss_mib();
-    anyhow::ensure!(summary.rows as usize == n, "exported {} of {n}", summary.rows);
+    anyhow::ensure!(
+        summary.rows as usize == n,
+        "exported {} of {n}",
+        summary.rows
+    );
 
     let keys: Vec<String> = dest.list("").await?.into_iter().map(|o| o.key).collect();
     dest.delete(&keys).await?;
@@ -361,7 +376,9 @@ async fn main() -> anyhow::Result<()> {
     let (json_events, events) = workload(args.events)?;
     for scenario in chosen {
         if scenario == "parquet-export" {
-            parquet_export(args.export_events).await.context("parquet-export")?;
+            parquet_export(args.export_events)
+                .await
+                .context("parquet-export")?;
             continue;
         }
         let (mut best_base, mut best_sluice) = (0f64, 0f64);

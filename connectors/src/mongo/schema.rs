@@ -8,8 +8,9 @@ use mongodb::options::{IndexOptions, TimeseriesGranularity, TimeseriesOptions};
 use mongodb::IndexModel;
 use sluice_core::model::collections as c;
 use sluice_core::model::{
-    admin_user_fields as a, event_fields as e, event_id_fields as l, import_run_fields as r, export_job_fields as x,
-    integration_fields as i, product_fields as p, session_fields as s, user_fields as u,
+    admin_user_fields as a, event_fields as e, event_id_fields as l, export_job_fields as x,
+    import_run_fields as r, integration_fields as i, product_fields as p, session_fields as s,
+    user_fields as u,
 };
 
 use super::{Store, StoreError};

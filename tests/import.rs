@@ -1,0 +1,678 @@
+//! Imports and EXPORT configs against real HTTP servers on loopback: json-server behind
+//! tokens from a real oidc-provider, and in-test servers for the faults a real server
+//! cannot easily produce (429, 500 bursts, malformed JSON, slow answers, expiring tokens).
+
+mod support;
+
+use std::io::BufRead;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bson::doc;
+use serde_json::{json, Value};
+use sluice_core::integration::parse_file;
+use sluice_jobs::configs;
+use sluice_jobs::import::{run_import, run_push, ImportOptions};
+use support::TestDb;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// json-server + oidc-provider in one node process (tests/fixtures/api-server.mjs).
+struct ApiServer {
+    child: std::process::Child,
+    oauth: u16,
+    api: u16,
+    dir: std::path::PathBuf,
+    script: std::path::PathBuf,
+}
+
+impl ApiServer {
+    fn start(products: &[Value], secret: &str, token_ttl: u64) -> Self {
+        let tools = std::env::var("SLUICE_NODE_TOOLS")
+            .expect("SLUICE_NODE_TOOLS is not set: run the tests through `scripts/test.sh`");
+        let dir =
+            std::env::temp_dir().join(format!("sluice-api-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let db = dir.join("db.json");
+        std::fs::write(&db, json!({ "products": products }).to_string()).unwrap();
+        // ESM resolves imports next to the script: place it beside node_modules.
+        let script = std::path::Path::new(&tools)
+            .join(format!("api-server-{}.mjs", uuid::Uuid::new_v4().simple()));
+        std::fs::write(&script, include_str!("fixtures/api-server.mjs")).unwrap();
+        let (oauth, api) = (free_port(), free_port());
+        let mut child = std::process::Command::new("node")
+            .arg(&script)
+            .args([oauth.to_string(), api.to_string()])
+            .arg(&db)
+            .args([secret.to_string(), token_ttl.to_string()])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("node");
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "ready", "api server did not start");
+        Self {
+            child,
+            oauth,
+            api,
+            dir,
+            script,
+        }
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.script);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn products(n: usize) -> Vec<Value> {
+    (1..=n)
+        .map(|i| {
+            json!({
+                "id": i, "title": format!("Product {i}"),
+                "price": { "amount": format!("{}.{:02}", i, i % 100), "currency": "EUR" },
+                "stock": { "available": i % 3 != 0 },
+                "updated": format!("2026-11-{:02}T10:00:00Z", 1 + i % 20),
+            })
+        })
+        .collect()
+}
+
+const MAPPING: &str = r#"
+[target]
+collection = "products"
+key = "productId"
+batch_size = 40
+
+[mapping.productId]
+path = "$.id"
+type = "string"
+required = true
+[mapping.name]
+path = "$.title"
+type = "string"
+required = true
+[mapping.price]
+path = "$.price.amount"
+type = "number"
+[mapping.currency]
+path = "$.price.currency"
+[mapping.inStock]
+path = "$.stock.available"
+type = "bool"
+[mapping.sourceUpdatedAt]
+path = "$.updated"
+type = "date"
+"#;
+
+async fn apply(db: &TestDb, text: &str) -> String {
+    let file = parse_file("test.toml", text).unwrap();
+    configs::apply(&db.store, &file).await.unwrap();
+    file.name
+}
+
+fn oauth_config(name: &str, api: &ApiServer, secret_var: &str, pagination: &str) -> String {
+    format!(
+        r#"
+name = "{name}"
+type = "IMPORT"
+endpoint = "http://127.0.0.1:{api}/products"
+allow_private_network = true
+
+[auth]
+type = "OAUTH"
+token_url = "http://127.0.0.1:{oauth}/token"
+client_id = "sluice"
+client_secret = "${{env:{secret_var}}}"
+
+[source]
+records = "$[*]"
+[source.pagination]
+{pagination}
+{MAPPING}"#,
+        api = api.api,
+        oauth = api.oauth
+    )
+}
+
+async fn count(db: &TestDb, coll: &str) -> u64 {
+    db.store
+        .collection(coll)
+        .count_documents(doc! {})
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn paginated_json_server_behind_oauth2_is_imported_once() {
+    std::env::set_var("IMPORT_TEST_SECRET_A", "right-secret");
+    let db = TestDb::initialized().await;
+    let api = ApiServer::start(&products(250), "right-secret", 600);
+    apply(
+        &db,
+        &oauth_config(
+            "shop-link",
+            &api,
+            "IMPORT_TEST_SECRET_A",
+            "type = \"link_header\"\n",
+        ),
+    )
+    .await;
+    // json-server pages with ?_page&_limit; the first request sets them, Link does the rest.
+    let text = oauth_config("shop-pages", &api, "IMPORT_TEST_SECRET_A",
+        "type = \"page\"\npage_param = \"_page\"\nsize_param = \"_limit\"\nsize = 30\ntotal_header = \"X-Total-Count\"\n");
+    let paged = apply(&db, &text).await;
+
+    let first = run_import(&db.store, &paged, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert!(first.completed);
+    assert_eq!(
+        (first.fetched, first.inserted, first.updated),
+        (250, 250, 0)
+    );
+    assert_eq!(first.pages, 9, "250 records in pages of 30");
+    assert_eq!(first.http.token_refreshes, 1, "one token for the whole run");
+    assert_eq!(count(&db, "products").await, 250);
+    let p = db
+        .store
+        .collection("products")
+        .find_one(doc! { "productId": "42" })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(p.get_str("name").unwrap(), "Product 42");
+    assert_eq!(p.get_f64("price").unwrap(), 42.42);
+    assert!(!p.get_bool("inStock").unwrap());
+    assert!(p.get_datetime("sourceUpdatedAt").is_ok());
+    assert_eq!(p.get_str("source").unwrap(), "shop-pages");
+
+    // The Link-header config over the same data: same documents, updated not duplicated.
+    let linked = run_import(&db.store, "shop-link", &ImportOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        (linked.fetched, linked.inserted, linked.updated),
+        (250, 0, 250)
+    );
+    assert_eq!(count(&db, "products").await, 250);
+    let cfg = db
+        .store
+        .collection("integration_configs")
+        .find_one(doc! { "name": "shop-pages" })
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        cfg.get_datetime("lastSync").is_ok(),
+        "lastSync advances after a completed run"
+    );
+    assert_eq!(cfg.get_str("authType").unwrap(), "OAUTH");
+    assert_eq!(
+        cfg.get_document("authConfig")
+            .unwrap()
+            .get_str("client_secret")
+            .unwrap(),
+        "${env:IMPORT_TEST_SECRET_A}",
+        "only the reference is stored"
+    );
+    let runs = count(&db, "import_runs").await;
+    assert_eq!(runs, 2);
+}
+
+#[tokio::test]
+async fn a_wrong_client_secret_fails_with_a_clear_error() {
+    std::env::set_var("IMPORT_TEST_SECRET_B", "wrong-secret");
+    let db = TestDb::initialized().await;
+    let api = ApiServer::start(&products(5), "right-secret", 600);
+    let name = apply(
+        &db,
+        &oauth_config(
+            "shop-bad",
+            &api,
+            "IMPORT_TEST_SECRET_B",
+            "type = \"none\"\n",
+        ),
+    )
+    .await;
+    let err = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("OAuth token request") && err.contains("invalid_client"),
+        "{err}"
+    );
+    assert_eq!(count(&db, "products").await, 0);
+    let run = db
+        .store
+        .collection("import_runs")
+        .find_one(doc! { "config": "shop-bad" })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(run.get_str("status").unwrap(), "FAILED");
+    assert!(run.get_str("error").unwrap().contains("invalid_client"));
+}
+
+#[tokio::test]
+async fn an_interrupted_import_resumes_without_loss_or_duplicates() {
+    std::env::set_var("IMPORT_TEST_SECRET_C", "right-secret");
+    let db = TestDb::initialized().await;
+    let api = ApiServer::start(&products(100), "right-secret", 600);
+    let name = apply(
+        &db,
+        &oauth_config(
+            "shop-resume",
+            &api,
+            "IMPORT_TEST_SECRET_C",
+            "type = \"page\"\npage_param = \"_page\"\nsize_param = \"_limit\"\nsize = 10\n",
+        ),
+    )
+    .await;
+    let stop = ImportOptions {
+        stop_after_pages: Some(3),
+        ..Default::default()
+    };
+    let partial = run_import(&db.store, &name, &stop).await.unwrap();
+    assert!(!partial.completed);
+    assert_eq!(count(&db, "products").await, 30);
+    let cfg = db
+        .store
+        .collection("integration_configs")
+        .find_one(doc! { "name": &name })
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        cfg.get("lastSync").is_none_or(|v| *v == bson::Bson::Null),
+        "lastSync must not move before the run completes"
+    );
+    let rest = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert!(rest.resumed && rest.completed);
+    // 10 full pages, then the empty page that ends a listing without a total.
+    assert_eq!(rest.pages, 11, "pages of both halves");
+    assert_eq!(rest.fetched, 100);
+    assert_eq!(
+        rest.inserted, 100,
+        "each record inserted once across the two runs"
+    );
+    assert_eq!(count(&db, "products").await, 100);
+    assert_eq!(count(&db, "import_checkpoints").await, 0);
+}
+
+/// In-test API: behaviour chosen per test through `Fault`.
+#[derive(Clone)]
+struct FaultApi {
+    fault: Fault,
+    hits: Arc<AtomicU64>,
+    tokens: Arc<AtomicU64>,
+    issued: Arc<Mutex<Vec<(String, std::time::Instant)>>>,
+    pushed: Arc<Mutex<Vec<Value>>>,
+    seen_queries: Arc<Mutex<Vec<String>>>,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Fault {
+    None,
+    RateLimitedOnce,
+    ServerErrors(u64),
+    Malformed,
+    Slow,
+    ExpiringTokens,
+}
+
+async fn token(State(s): State<FaultApi>) -> Json<Value> {
+    let n = s.tokens.fetch_add(1, Ordering::SeqCst);
+    let t = format!("tok-{n}");
+    s.issued
+        .lock()
+        .unwrap()
+        .push((t.clone(), std::time::Instant::now()));
+    Json(json!({ "access_token": t, "token_type": "bearer", "expires_in": 1 }))
+}
+
+async fn items(
+    State(s): State<FaultApi>,
+    headers: HeaderMap,
+    Query(q): Query<Vec<(String, String)>>,
+) -> Response {
+    let hit = s.hits.fetch_add(1, Ordering::SeqCst);
+    s.seen_queries.lock().unwrap().push(
+        q.iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join("&"),
+    );
+    match s.fault {
+        Fault::RateLimitedOnce if hit == 0 => {
+            return (
+                StatusCode::TOO_MANY_REQUESTS,
+                [("retry-after", "1")],
+                "slow down",
+            )
+                .into_response()
+        }
+        Fault::ServerErrors(n) if hit < n => {
+            return (StatusCode::BAD_GATEWAY, "upstream hiccup").into_response()
+        }
+        Fault::Malformed => {
+            return (
+                StatusCode::OK,
+                [("content-type", "application/json")],
+                "{\"data\": [1, 2",
+            )
+                .into_response()
+        }
+        Fault::Slow => tokio::time::sleep(Duration::from_secs(3)).await,
+        Fault::ExpiringTokens => {
+            // Tokens live one second; each page takes 0.4 s to serve.
+            let auth = headers
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            let ok = s.issued.lock().unwrap().iter().any(|(t, at)| {
+                auth == format!("Bearer {t}") && at.elapsed() < Duration::from_secs(1)
+            });
+            if !ok {
+                return (StatusCode::UNAUTHORIZED, "expired").into_response();
+            }
+            tokio::time::sleep(Duration::from_millis(400)).await;
+        }
+        _ => {}
+    }
+    let cursor: u64 = q
+        .iter()
+        .find(|(k, _)| k == "cursor")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
+    let data: Vec<Value> = (cursor..(cursor + 10).min(45)).map(|i| json!({ "id": i, "title": format!("t{i}"), "updated": format!("2026-11-{:02}T00:00:00Z", 1 + i % 28) })).collect();
+    let next = if cursor + 10 < 45 {
+        json!((cursor + 10).to_string())
+    } else {
+        Value::Null
+    };
+    Json(json!({ "data": data, "next": next })).into_response()
+}
+
+async fn receive(State(s): State<FaultApi>, Json(body): Json<Value>) -> StatusCode {
+    s.pushed.lock().unwrap().push(body);
+    StatusCode::OK
+}
+
+async fn fault_api(fault: Fault) -> (String, FaultApi) {
+    let state = FaultApi {
+        fault,
+        hits: Default::default(),
+        tokens: Default::default(),
+        issued: Default::default(),
+        pushed: Default::default(),
+        seen_queries: Default::default(),
+    };
+    let app = Router::new()
+        .route("/token", post(token))
+        .route("/items", get(items))
+        .route("/inbox", post(receive))
+        .with_state(state.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (format!("http://{addr}"), state)
+}
+
+fn cursor_config(name: &str, base: &str, extra_source: &str, auth: &str) -> String {
+    format!(
+        r#"
+name = "{name}"
+type = "IMPORT"
+endpoint = "{base}/items"
+allow_private_network = true
+{auth}
+[source]
+records = "$.data[*]"
+timeout_seconds = 1
+{extra_source}
+[source.pagination]
+type = "cursor"
+cursor_path = "$.next"
+[source.retry]
+max_attempts = 4
+initial_backoff_ms = 20
+max_backoff_ms = 100
+
+[target]
+collection = "things"
+key = "thingId"
+[mapping.thingId]
+path = "$.id"
+type = "string"
+required = true
+[mapping.title]
+path = "$.title"
+[mapping.updated]
+path = "$.updated"
+type = "date"
+[incremental]
+cursor_field = "updated"
+param = "since"
+"#
+    )
+}
+
+#[tokio::test]
+async fn retries_honour_retry_after_and_ride_out_5xx_bursts() {
+    let db = TestDb::initialized().await;
+    let (base, api) = fault_api(Fault::RateLimitedOnce).await;
+    let name = apply(&db, &cursor_config("limited", &base, "", "")).await;
+    let started = std::time::Instant::now();
+    let s = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(950),
+        "Retry-After: 1 must be waited"
+    );
+    assert_eq!((s.fetched, s.http.retries), (45, 1));
+    assert_eq!(api.hits.load(Ordering::SeqCst), 6);
+
+    let db = TestDb::initialized().await;
+    let (base, _) = fault_api(Fault::ServerErrors(3)).await;
+    let name = apply(&db, &cursor_config("bursty", &base, "", "")).await;
+    let s = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert_eq!((s.fetched, s.http.retries), (45, 3));
+    assert_eq!(count(&db, "things").await, 45);
+}
+
+#[tokio::test]
+async fn malformed_json_and_slow_answers_fail_the_run_clearly() {
+    let db = TestDb::initialized().await;
+    let (base, _) = fault_api(Fault::Malformed).await;
+    let name = apply(&db, &cursor_config("garbled", &base, "", "")).await;
+    let err = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("malformed JSON"), "{err}");
+
+    let (base, _) = fault_api(Fault::Slow).await;
+    let name = apply(&db, &cursor_config("sluggish", &base, "", "")).await;
+    let err = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("failed after 4 attempts") && err.contains("network error"),
+        "{err}"
+    );
+    assert_eq!(count(&db, "things").await, 0);
+}
+
+#[tokio::test]
+async fn a_token_expiring_mid_run_is_refreshed() {
+    let db = TestDb::initialized().await;
+    let (base, api) = fault_api(Fault::ExpiringTokens).await;
+    let auth = format!("[auth]\ntype = \"OAUTH\"\ntoken_url = \"{base}/token\"\nclient_id = \"c\"\nclient_secret = \"${{env:IMPORT_TEST_SECRET_D}}\"\n");
+    std::env::set_var("IMPORT_TEST_SECRET_D", "whatever");
+    let name = apply(&db, &cursor_config("expiring", &base, "", &auth)).await;
+    let s = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(s.fetched, 45);
+    assert!(
+        s.http.token_refreshes >= 3,
+        "5 pages of 0.4 s with 1 s tokens: {:?}",
+        s.http
+    );
+    assert_eq!(api.tokens.load(Ordering::SeqCst), s.http.token_refreshes);
+}
+
+#[tokio::test]
+async fn mapping_failures_are_counted_and_sampled_and_the_cursor_is_incremental() {
+    let db = TestDb::initialized().await;
+    let (base, api) = fault_api(Fault::None).await;
+    let mut text = cursor_config("strict", &base, "", "");
+    text = text.replace(
+        "[mapping.title]\npath = \"$.title\"",
+        "[mapping.title]\npath = \"$.title\"\ntype = \"integer\"",
+    );
+    let name = apply(&db, &text).await;
+    let s = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert_eq!((s.fetched, s.failed), (45, 45), "`t0` is not an integer");
+    assert!(
+        s.samples[0].reason.contains("`title`") && s.samples[0].reason.contains("integer"),
+        "{:?}",
+        s.samples[0]
+    );
+    let run = db
+        .store
+        .collection("import_runs")
+        .find_one(doc! { "config": "strict" })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(run.get_i64("failedMappings").unwrap(), 45);
+    assert!(!run.get_array("samples").unwrap().is_empty());
+
+    let name = apply(&db, &cursor_config("strict", &base, "", "")).await;
+    run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    let queries = api.seen_queries.lock().unwrap().clone();
+    let last = queries.last().unwrap();
+    assert!(
+        last.contains("since=2026-11-28T00:00:00"),
+        "the next run starts from the cursor: {queries:?}"
+    );
+}
+
+#[tokio::test]
+async fn dry_run_writes_nothing_and_private_addresses_are_refused() {
+    let db = TestDb::initialized().await;
+    let (base, _) = fault_api(Fault::None).await;
+    let name = apply(&db, &cursor_config("preview", &base, "", "")).await;
+    let s = run_import(
+        &db.store,
+        &name,
+        &ImportOptions {
+            dry_run: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(s.fetched, 45);
+    assert_eq!(s.preview.len(), 5);
+    assert_eq!(count(&db, "things").await, 0);
+    assert_eq!(count(&db, "import_runs").await, 0);
+
+    let guarded =
+        cursor_config("guarded", &base, "", "").replace("allow_private_network = true", "");
+    let name = apply(&db, &guarded).await;
+    let err = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("loopback") && err.contains("allow_private_network"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn export_configs_push_new_documents_in_batches() {
+    let db = TestDb::initialized().await;
+    let (base, api) = fault_api(Fault::None).await;
+    let users = db.store.collection("users");
+    for i in 0..25 {
+        users
+            .insert_one(doc! { "visitorId": format!("v{i}"), "email": format!("u{i}@example.com"), "totalPurchases": i % 3, "updatedAt": bson::DateTime::from_millis(1_000 + i) })
+            .await
+            .unwrap();
+    }
+    let text = format!(
+        r#"
+name = "crm-sync"
+type = "EXPORT"
+endpoint = "{base}/inbox"
+method = "POST"
+allow_private_network = true
+[push]
+collection = "users"
+filter = '{{"totalPurchases": {{"$gt": 0}}}}'
+watermark_field = "updatedAt"
+batch_size = 5
+wrap = "contacts"
+[mapping.id]
+path = "$.visitorId"
+required = true
+[mapping.email]
+path = "$.email"
+"#
+    );
+    let name = apply(&db, &text).await;
+    let s = run_push(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert_eq!((s.read, s.sent, s.requests), (16, 16, 4));
+    let pushed = api.pushed.lock().unwrap().clone();
+    assert_eq!(pushed.len(), 4);
+    assert_eq!(
+        pushed[0]["contacts"][0],
+        json!({ "id": "v1", "email": "u1@example.com" })
+    );
+    // Nothing new: the watermark moved past everything sent.
+    let again = run_push(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(again.sent, 0);
+}
