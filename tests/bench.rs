@@ -30,7 +30,15 @@ fn every_scenario_prints_a_ratio_line() {
         .iter()
         .map(|l| l["scenario"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["mongo-insert", "track-ingest", "parquet-export"]);
+    assert_eq!(
+        names,
+        [
+            "mongo-insert",
+            "track-ingest",
+            "parquet-export",
+            "http-import"
+        ]
+    );
     for l in &lines {
         let (base, sluice, ratio) = (
             l["baseline_per_s"].as_f64().unwrap(),

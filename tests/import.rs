@@ -169,16 +169,15 @@ async fn paginated_json_server_behind_oauth2_is_imported_once() {
     std::env::set_var("IMPORT_TEST_SECRET_A", "right-secret");
     let db = TestDb::initialized().await;
     let api = ApiServer::start(&products(250), "right-secret", 600);
-    apply(
-        &db,
-        &oauth_config(
-            "shop-link",
-            &api,
-            "IMPORT_TEST_SECRET_A",
-            "type = \"link_header\"\n",
-        ),
+    // Link-header paging: the first URL sets the page size, `Link: rel="next"` the rest.
+    let link = oauth_config(
+        "shop-link",
+        &api,
+        "IMPORT_TEST_SECRET_A",
+        "type = \"link_header\"\n",
     )
-    .await;
+    .replace("/products\"", "/products?_page=1&_limit=25\"");
+    apply(&db, &link).await;
     // json-server pages with ?_page&_limit; the first request sets them, Link does the rest.
     let text = oauth_config("shop-pages", &api, "IMPORT_TEST_SECRET_A",
         "type = \"page\"\npage_param = \"_page\"\nsize_param = \"_limit\"\nsize = 30\ntotal_header = \"X-Total-Count\"\n");
@@ -215,6 +214,10 @@ async fn paginated_json_server_behind_oauth2_is_imported_once() {
     assert_eq!(
         (linked.fetched, linked.inserted, linked.updated),
         (250, 0, 250)
+    );
+    assert_eq!(
+        linked.pages, 10,
+        "25 records a page, following Link headers"
     );
     assert_eq!(count(&db, "products").await, 250);
     let cfg = db

@@ -12,6 +12,10 @@
 //!   rows/s, vs the slower of draining the same cursor alone and encoding the same batches
 //!   alone; also reports the peak resident memory during the export.
 //!
+//! - `http-import`: an IMPORT config pulling records from a loopback API (cursor pages of
+//!   1,000), mapped with JSONPath and upserted by key, vs fetching the same pages and
+//!   inserting the records as they are.
+//!
 //! Run in release mode: `cargo run --release --bin sluice-bench -- [SCENARIO...]`.
 
 use std::time::Instant;
@@ -37,12 +41,20 @@ struct Args {
     /// Events exported by `parquet-export`.
     #[arg(long, default_value_t = 1_000_000)]
     export_events: usize,
+    /// Records imported by `http-import`.
+    #[arg(long, default_value_t = 100_000)]
+    import_records: usize,
     /// Measurement rounds; the best round of each side is reported.
     #[arg(long, default_value_t = 2)]
     rounds: usize,
 }
 
-const SCENARIOS: &[&str] = &["mongo-insert", "track-ingest", "parquet-export"];
+const SCENARIOS: &[&str] = &[
+    "mongo-insert",
+    "track-ingest",
+    "parquet-export",
+    "http-import",
+];
 const INSERT_BATCH: usize = 1_000;
 
 fn mongo_uri() -> String {
@@ -358,6 +370,135 @@ async fn parquet_export(n: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A loopback API serving `records` in cursor pages of 1,000.
+async fn record_api(records: std::sync::Arc<Vec<Value>>) -> anyhow::Result<String> {
+    use axum::extract::{Query, State};
+    let app = axum::Router::new()
+        .route(
+            "/records",
+            axum::routing::get(
+                |State(all): State<std::sync::Arc<Vec<Value>>>,
+                 Query(q): Query<std::collections::HashMap<String, String>>| async move {
+                    let from: usize = q.get("cursor").and_then(|c| c.parse().ok()).unwrap_or(0);
+                    let to = (from + 1000).min(all.len());
+                    let next = (to < all.len()).then(|| to.to_string());
+                    axum::Json(json!({ "data": &all[from..to], "next": next }))
+                },
+            ),
+        )
+        .with_state(records);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok(format!("http://{addr}/records"))
+}
+
+async fn http_import(n: usize, rounds: usize) -> anyhow::Result<()> {
+    let records: Vec<Value> = (0..n)
+        .map(|i| {
+            json!({
+                "id": i, "title": format!("Product {i}"), "sku": format!("SKU-{i:08}"),
+                "price": { "amount": format!("{}.{:02}", i % 500, i % 100), "currency": "EUR" },
+                "stock": { "available": i % 3 != 0, "count": i % 17 },
+                "updated": "2026-11-20T10:00:00Z",
+            })
+        })
+        .collect();
+    let url = record_api(std::sync::Arc::new(records)).await?;
+    let client = reqwest::Client::new();
+    let (mut best_base, mut best_sluice) = (0f64, 0f64);
+    for _ in 0..rounds.max(1) {
+        // Baseline: the same pages, records inserted as they come.
+        let store = fresh_store("rawimport").await?;
+        let coll = store.collection("products_raw");
+        let started = Instant::now();
+        let mut cursor: Option<String> = None;
+        let mut total = 0;
+        loop {
+            let mut req = client.get(&url);
+            if let Some(c) = &cursor {
+                req = req.query(&[("cursor", c)]);
+            }
+            let page: Value = req.send().await?.json().await?;
+            let docs: Vec<Document> = page["data"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|v| bson::to_document(v).ok()).collect())
+                .unwrap_or_default();
+            total += docs.len();
+            if !docs.is_empty() {
+                coll.insert_many(docs).ordered(false).await?;
+            }
+            match page["next"].as_str() {
+                Some(c) => cursor = Some(c.to_string()),
+                None => break,
+            }
+        }
+        best_base = best_base.max(total as f64 / started.elapsed().as_secs_f64());
+        store.db().drop().await?;
+
+        // Sluice: an IMPORT config with mapping and upserts by key.
+        let store = fresh_store("import").await?;
+        let text = format!(
+            r#"
+name = "bench"
+type = "IMPORT"
+endpoint = "{url}"
+allow_private_network = true
+[source]
+records = "$.data[*]"
+[source.pagination]
+type = "cursor"
+cursor_path = "$.next"
+max_pages = 1000000
+[target]
+collection = "products"
+key = "productId"
+batch_size = 1000
+[mapping.productId]
+path = "$.id"
+type = "string"
+required = true
+[mapping.name]
+path = "$.title"
+type = "string"
+[mapping.sku]
+path = "$.sku"
+[mapping.price]
+path = "$.price.amount"
+type = "number"
+[mapping.currency]
+path = "$.price.currency"
+[mapping.inStock]
+path = "$.stock.available"
+type = "bool"
+[mapping.sourceUpdatedAt]
+path = "$.updated"
+type = "date"
+"#
+        );
+        let file = sluice_core::integration::parse_file("bench", &text)?;
+        sluice_jobs::configs::apply(&store, &file).await?;
+        let started = Instant::now();
+        let summary = sluice_jobs::import::run_import(&store, "bench", &Default::default()).await?;
+        anyhow::ensure!(
+            summary.inserted as usize == n,
+            "imported {} of {n}",
+            summary.inserted
+        );
+        best_sluice = best_sluice.max(n as f64 / started.elapsed().as_secs_f64());
+        store.db().drop().await?;
+    }
+    report(
+        "http-import",
+        best_base,
+        best_sluice,
+        json!({ "records": n, "rounds": rounds }),
+    );
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -379,6 +520,12 @@ async fn main() -> anyhow::Result<()> {
             parquet_export(args.export_events)
                 .await
                 .context("parquet-export")?;
+            continue;
+        }
+        if scenario == "http-import" {
+            http_import(args.import_records, args.rounds)
+                .await
+                .context("http-import")?;
             continue;
         }
         let (mut best_base, mut best_sluice) = (0f64, 0f64);
