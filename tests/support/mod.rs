@@ -168,3 +168,13 @@ pub fn python() -> String {
         panic!("SLUICE_PYTHON is not set: run the tests through `scripts/test.sh`")
     })
 }
+
+/// The example plugins built by `scripts/build-plugins.sh` (run by `scripts/test.sh`).
+pub fn plugin_dir() -> std::path::PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins/dist");
+    assert!(
+        dir.join("noop.wasm").exists(),
+        "plugins are not built: run `scripts/build-plugins.sh` (scripts/test.sh does)"
+    );
+    dir
+}

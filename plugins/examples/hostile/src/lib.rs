@@ -1,0 +1,72 @@
+//! A deliberately misbehaving plugin, used by the tests to show the sandbox holds. It
+//! implements the WIT exports directly (not through the SDK) so it can also break the
+//! protocol. Config `{"mode": ...}` chooses the misbehaviour:
+//! `loop` (never returns), `memory` (allocates without end), `panic`, `file` (reads
+//! /etc/passwd), `socket` (connects to 127.0.0.1:1), `env` (lists the environment),
+//! `garbage` (returns records that are not JSON), `short` (fewer results than inputs) and
+//! `ok` (returns every record).
+
+use std::cell::RefCell;
+
+use sluice_plugin_sdk::bindings::Guest;
+use sluice_plugin_sdk::{json, Value};
+
+struct Hostile;
+
+thread_local! {
+    static MODE: RefCell<String> = const { RefCell::new(String::new()) };
+}
+
+fn misbehave(mode: &str, record: String) -> Result<Vec<String>, String> {
+    match mode {
+        "loop" => {
+            let mut n: u64 = 0;
+            loop {
+                n = std::hint::black_box(n.wrapping_add(1));
+            }
+        }
+        "memory" => {
+            let mut hoard: Vec<Vec<u8>> = Vec::new();
+            loop {
+                hoard.push(vec![1u8; 1 << 20]);
+                std::hint::black_box(&hoard);
+            }
+        }
+        "panic" => panic!("the plugin panicked on purpose"),
+        "file" => match std::fs::read_to_string("/etc/passwd") {
+            Ok(text) => Ok(vec![json!({ "stolen": text }).to_string()]),
+            Err(e) => Err(format!("file access denied: {e}")),
+        },
+        "socket" => match std::net::TcpStream::connect("127.0.0.1:1") {
+            Ok(_) => Ok(vec![json!({ "connected": true }).to_string()]),
+            Err(e) => Err(format!("network access denied: {e}")),
+        },
+        "env" => Ok(vec![json!({ "env": std::env::vars().count() }).to_string()]),
+        "garbage" => Ok(vec!["{not json".to_string()]),
+        _ => Ok(vec![record]),
+    }
+}
+
+impl Guest for Hostile {
+    fn configure(config: String) -> Result<(), String> {
+        let v: Value = serde_json_lite(&config);
+        let mode = v["mode"].as_str().unwrap_or("ok").to_string();
+        println!("hostile plugin configured in mode {mode}");
+        MODE.with(|m| *m.borrow_mut() = mode);
+        Ok(())
+    }
+
+    fn transform(batch: Vec<String>) -> Vec<Result<Vec<String>, String>> {
+        let mode = MODE.with(|m| m.borrow().clone());
+        if mode == "short" {
+            return Vec::new();
+        }
+        batch.into_iter().map(|r| misbehave(&mode, r)).collect()
+    }
+}
+
+fn serde_json_lite(text: &str) -> Value {
+    sluice_plugin_sdk::serde_json::from_str(text).unwrap_or(Value::Null)
+}
+
+sluice_plugin_sdk::bindings::__export_plugin_world!(Hostile);

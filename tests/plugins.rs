@@ -1,0 +1,340 @@
+//! The WASM plugin host: hostile plugins are stopped with clear errors while the host goes
+//! on serving, and the example plugins change records as documented in a pipeline on the
+//! real server.
+
+mod support;
+
+use std::sync::Arc;
+
+use bson::{doc, Document};
+use serde_json::json;
+use sluice_core::transform::Transform;
+use sluice_plugins::{FailurePolicy, Grants, Limits, PluginError, PluginHost};
+
+fn host() -> PluginHost {
+    PluginHost::new(false).unwrap()
+}
+
+fn tight() -> Option<Limits> {
+    Some(Limits {
+        memory_mib: 16,
+        batch_deadline_ms: 300,
+        fuel: None,
+    })
+}
+
+fn batch() -> Vec<Document> {
+    vec![
+        doc! { "eventId": "a", "n": 1 },
+        doc! { "eventId": "b", "n": 2 },
+    ]
+}
+
+fn hostile(host: &PluginHost, mode: &str) -> sluice_plugins::WasmTransform {
+    host.load(
+        &support::plugin_dir(),
+        "hostile",
+        json!({ "mode": mode }),
+        &Grants::default(),
+        tight(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn hostile_plugins_are_stopped_with_clear_errors_and_the_host_goes_on() {
+    let host = host();
+    let dir = support::plugin_dir();
+
+    let started = std::time::Instant::now();
+    let err = hostile(&host, "loop").run_batch(&batch()).unwrap_err();
+    assert_eq!(
+        err,
+        PluginError::Deadline {
+            plugin: "hostile".into(),
+            ms: 300
+        }
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    assert_eq!(
+        err.to_string(),
+        "plugin `hostile` exceeded its deadline of 300 ms for a batch"
+    );
+
+    let err = hostile(&host, "memory").run_batch(&batch()).unwrap_err();
+    assert_eq!(
+        err,
+        PluginError::Memory {
+            plugin: "hostile".into(),
+            mib: 16
+        }
+    );
+
+    let err = hostile(&host, "panic").run_batch(&batch()).unwrap_err();
+    assert!(matches!(err, PluginError::Trap { .. }), "{err}");
+
+    // No preopened directory, no network: the attempts fail inside the sandbox.
+    let out = hostile(&host, "file").run_batch(&batch()).unwrap();
+    assert!(out.records.is_empty());
+    assert!(
+        out.failed[0].1.contains("file access denied"),
+        "{:?}",
+        out.failed
+    );
+    let out = hostile(&host, "socket").run_batch(&batch()).unwrap();
+    assert!(
+        out.failed[0].1.contains("network access denied"),
+        "{:?}",
+        out.failed
+    );
+    let out = hostile(&host, "env").run_batch(&batch()).unwrap();
+    assert_eq!(
+        out.records[0].get_i32("env").unwrap(),
+        0,
+        "no environment leaks in"
+    );
+
+    let err = hostile(&host, "garbage").run_batch(&batch()).unwrap_err();
+    assert!(
+        matches!(err, PluginError::Malformed { ref message, .. } if message.contains("not JSON")),
+        "{err}"
+    );
+    let err = hostile(&host, "short").run_batch(&batch()).unwrap_err();
+    assert!(
+        err.to_string().contains("0 results for a batch of 2"),
+        "{err}"
+    );
+
+    // The host is unharmed: a well-behaved plugin still runs, and a plugin that trapped is
+    // rebuilt for its next batch.
+    let noop = host
+        .load(&dir, "noop", json!({}), &Grants::default(), None)
+        .unwrap();
+    assert_eq!(noop.run_batch(&batch()).unwrap().records, batch());
+    let looping = hostile(&host, "loop");
+    for _ in 0..2 {
+        assert!(matches!(
+            looping.run_batch(&batch()),
+            Err(PluginError::Deadline { .. })
+        ));
+    }
+}
+
+#[test]
+fn a_tampered_component_or_a_bad_config_is_refused_at_load() {
+    let host = host();
+    let src = support::plugin_dir();
+    let dir =
+        std::env::temp_dir().join(format!("sluice-plugins-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(src.join("noop.wasm"), dir.join("noop.wasm")).unwrap();
+    std::fs::write(
+        dir.join("noop.toml"),
+        "name = \"noop\"\nversion = \"0.1.0\"\nwasm = \"noop.wasm\"\nsha256 = \"00\"\n",
+    )
+    .unwrap();
+    let err = host
+        .load(&dir, "noop", json!({}), &Grants::default(), None)
+        .err()
+        .unwrap();
+    assert!(matches!(err, PluginError::Hash { .. }), "{err}");
+    std::fs::remove_dir_all(dir).unwrap();
+
+    let err = host
+        .load(&src, "redact-pii", json!({}), &Grants::default(), None)
+        .err()
+        .unwrap();
+    assert_eq!(
+        err.to_string(),
+        "plugin `redact-pii` refused its config: `salt` is required: a string of at least 16 characters"
+    );
+}
+
+#[test]
+fn failure_policies_fail_skip_or_dead_letter() {
+    let host = host();
+    let dir = support::plugin_dir();
+    let config = json!({ "target": "EUR", "rates": { "USD": 0.5 } });
+    let records = vec![
+        doc! { "eventType": "PURCHASE", "properties": { "amount": 10.0, "currency": "USD" } },
+        doc! { "eventType": "PURCHASE", "properties": { "amount": 10.0, "currency": "JPY" } },
+    ];
+    let load = |p| {
+        host.load(
+            &dir,
+            "currency-normalize",
+            config.clone(),
+            &Grants::default(),
+            None,
+        )
+        .unwrap()
+        .with_policy(p)
+    };
+
+    let err = load(FailurePolicy::FailRun)
+        .apply(records.clone())
+        .unwrap_err();
+    assert_eq!(err.to_string(), "transform `currency-normalize` failed: plugin `currency-normalize` failed record 1: no rate for `JPY`");
+
+    let dl = load(FailurePolicy::DeadLetter);
+    let out = dl.apply(records.clone()).unwrap();
+    assert_eq!(out.len(), 1);
+    assert_eq!(
+        out[0]
+            .get_document("properties")
+            .unwrap()
+            .get_f64("amount")
+            .unwrap(),
+        5.0
+    );
+    let letters = dl.take_dead_letters();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].1, "no rate for `JPY`");
+
+    let skip = load(FailurePolicy::SkipBatch);
+    assert!(skip.apply(records).unwrap().is_empty());
+    assert_eq!(skip.skipped_batches(), 1);
+}
+
+#[tokio::test]
+async fn example_plugins_transform_an_export_pipeline_as_documented() {
+    use arrow::array::AsArray;
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    use sluice_connectors::mongo::{EventWriter, WriterOptions};
+    use sluice_connectors::objstore::{LocalDir, ObjectStore};
+    use sluice_jobs::export::{run_export, ExportContext, ExportRequest};
+
+    let db = support::TestDb::initialized().await;
+    let day = chrono::Utc::now().date_naive() - chrono::Days::new(1);
+    let t0 = day
+        .and_hms_opt(12, 0, 0)
+        .unwrap()
+        .and_utc()
+        .timestamp_millis();
+    let mk = |i: i64, kind: &str, ua: &str, props: Document| sluice_core::model::Event {
+        id: None,
+        event_id: format!("p{i}"),
+        user_id: format!("u{i}"),
+        session_id: "s".into(),
+        event_type: sluice_core::model::EventType::parse(kind).unwrap(),
+        timestamp: bson::DateTime::from_millis(t0 + i),
+        properties: props,
+        metadata: sluice_core::model::EventMetadata {
+            user_agent: Some(ua.into()),
+            ip_address: Some(format!("203.0.113.{i}")),
+            ..Default::default()
+        },
+        page_url: None,
+        referrer: None,
+        duration: None,
+        created_at: bson::DateTime::now(),
+        updated_at: bson::DateTime::now(),
+    };
+    let human = "Mozilla/5.0 (X11; Linux x86_64) Firefox/127.0";
+    let events = vec![
+        mk(
+            1,
+            "PURCHASE",
+            human,
+            doc! { "amount": 100.0, "currency": "USD", "email": "ann@example.com" },
+        ),
+        mk(
+            2,
+            "PAGE_VIEW",
+            "Googlebot/2.1 (+http://www.google.com/bot.html)",
+            doc! {},
+        ),
+        mk(
+            3,
+            "PURCHASE",
+            human,
+            doc! { "amount": 40.0, "currency": "EUR" },
+        ),
+        mk(4, "SIGNUP", human, doc! { "email": "bob@example.com" }),
+    ];
+    EventWriter::new(db.store.clone(), WriterOptions::default())
+        .write(&events)
+        .await
+        .unwrap();
+
+    let host = host();
+    let dir = support::plugin_dir();
+    let salt = "pepper-pepper-pepper";
+    let chain: Vec<Arc<dyn Transform>> = vec![
+        Arc::new(
+            host.load(&dir, "bot-filter", json!({}), &Grants::default(), None)
+                .unwrap(),
+        ),
+        Arc::new(
+            host.load(
+                &dir,
+                "redact-pii",
+                json!({ "salt": salt }),
+                &Grants::default(),
+                None,
+            )
+            .unwrap(),
+        ),
+        Arc::new(
+            host.load(
+                &dir,
+                "currency-normalize",
+                json!({ "target": "EUR", "rates": { "USD": 0.9 } }),
+                &Grants::default(),
+                None,
+            )
+            .unwrap(),
+        ),
+    ];
+    let out = std::env::temp_dir().join(format!(
+        "sluice-plugin-export-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
+    let mut ctx = ExportContext::new(db.store.clone(), ObjectStore::Local(LocalDir::new(&out)));
+    ctx.transforms = chain;
+    let summary = run_export(
+        &ctx,
+        &ExportRequest::day(sluice_core::model::ExportJobType::EventData, day, 90),
+    )
+    .await
+    .unwrap();
+    assert_eq!(summary.rows, 3, "the crawler's event is dropped");
+
+    let file = std::fs::File::open(out.join(&summary.partitions[0].files[0])).unwrap();
+    let b = ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap();
+    let ids = b.column_by_name("eventId").unwrap().as_string::<i32>();
+    let props = b.column_by_name("properties").unwrap().as_string::<i32>();
+    let ips = b.column_by_name("ipAddress").unwrap().as_string::<i32>();
+    let expected_digest = redact_pii::RedactPii::new(salt).digest("ann@example.com");
+    for r in 0..b.num_rows() {
+        let p: serde_json::Value = serde_json::from_str(props.value(r)).unwrap();
+        assert_eq!(
+            ips.value(r).len(),
+            64,
+            "IP replaced by a SHA-256 hex digest"
+        );
+        assert!(!ips.value(r).starts_with("203.0.113"));
+        match ids.value(r) {
+            "p1" => {
+                assert_eq!(p["amount"], 90.0);
+                assert_eq!(p["currency"], "EUR");
+                assert_eq!(p["originalAmount"], 100.0);
+                assert_eq!(p["originalCurrency"], "USD");
+                assert_eq!(p["email"], expected_digest.as_str());
+            }
+            "p3" => assert_eq!(
+                (p["amount"].as_f64(), p["currency"].as_str()),
+                (Some(40.0), Some("EUR"))
+            ),
+            "p4" => assert_ne!(p["email"], "bob@example.com"),
+            other => panic!("unexpected event {other}"),
+        }
+    }
+    std::fs::remove_dir_all(out).unwrap();
+}
