@@ -10,7 +10,11 @@ fn every_scenario_prints_a_ratio_line() {
             "--events",
             "300",
             "--export-events",
-            "3000",
+            "1000",
+            "--import-records",
+            "1000",
+            "--transform-records",
+            "2000",
             "--rounds",
             "1",
         ])
@@ -36,7 +40,9 @@ fn every_scenario_prints_a_ratio_line() {
             "mongo-insert",
             "track-ingest",
             "parquet-export",
-            "http-import"
+            "http-import",
+            "wasm-transform-noop",
+            "wasm-transform-redact"
         ]
     );
     for l in &lines {

@@ -294,6 +294,8 @@ pub enum FieldType {
 pub struct Field {
     pub target: String,
     pub path: String,
+    /// `path`, parsed once at validation instead of once per record.
+    pub query: jsonpath_rust::parser::model::JpQuery,
     pub kind: FieldType,
     pub required: bool,
     pub default: Option<Value>,
@@ -608,7 +610,12 @@ pub fn validate(
                 "a target field name without `$` or `.`".into(),
             ));
         }
-        check_jsonpath(&m.path).map_err(|e| invalid(&format!("{field}.path"), e))?;
+        let query = jsonpath_rust::parser::parse_json_path(&m.path).map_err(|e| {
+            invalid(
+                &format!("{field}.path"),
+                format!("a valid JSONPath, got `{}` ({e})", m.path),
+            )
+        })?;
         let kind = match m.kind.as_str() {
             "any" => FieldType::Any,
             "string" => FieldType::String,
@@ -626,6 +633,7 @@ pub fn validate(
         fields.push(Field {
             target: target.clone(),
             path: m.path.clone(),
+            query,
             kind,
             required: m.required,
             default: m.default.as_ref().map(toml_to_json),
@@ -770,7 +778,11 @@ fn coerce(field: &Field, v: Value) -> Result<Bson, String> {
 pub fn map_record(fields: &[Field], record: &Value) -> Result<Document, String> {
     let mut out = Document::new();
     for f in fields {
-        let found = first(record, &f.path).filter(|v| !v.is_null());
+        let found = jsonpath_rust::query::js_path_process(&f.query, record)
+            .ok()
+            .and_then(|found| found.into_iter().next())
+            .map(|r| r.val().clone())
+            .filter(|v| !v.is_null());
         let value = match (found, &f.default) {
             (Some(v), _) => v,
             (None, Some(d)) => d.clone(),

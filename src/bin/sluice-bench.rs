@@ -16,6 +16,10 @@
 //!   1,000), mapped with JSONPath and upserted by key, vs fetching the same pages and
 //!   inserting the records as they are.
 //!
+//! - `wasm-transform`: records through the no-op WASM plugin vs the same pipeline with no
+//!   plugin, and through the redaction plugin vs the same redaction compiled natively.
+//!   Needs `scripts/build-plugins.sh` first.
+//!
 //! Run in release mode: `cargo run --release --bin sluice-bench -- [SCENARIO...]`.
 
 use std::time::Instant;
@@ -44,6 +48,9 @@ struct Args {
     /// Records imported by `http-import`.
     #[arg(long, default_value_t = 100_000)]
     import_records: usize,
+    /// Records through `wasm-transform`.
+    #[arg(long, default_value_t = 1_000_000)]
+    transform_records: usize,
     /// Measurement rounds; the best round of each side is reported.
     #[arg(long, default_value_t = 2)]
     rounds: usize,
@@ -54,6 +61,7 @@ const SCENARIOS: &[&str] = &[
     "track-ingest",
     "parquet-export",
     "http-import",
+    "wasm-transform",
 ];
 const INSERT_BATCH: usize = 1_000;
 
@@ -280,7 +288,7 @@ async fn parquet_export(n: usize) -> anyhow::Result<()> {
     }
     let filter = bson::doc! { "timestamp": { "$gte": bson::DateTime::from_millis(start_ms), "$lt": bson::DateTime::from_millis(start_ms + 86_400_000) } };
 
-    // Baseline 1: drain the cursor alone.
+    // Baseline 1: drain the cursor alone (into documents, as any consumer must).
     let started = Instant::now();
     let mut cursor = coll
         .find(filter.clone())
@@ -288,7 +296,8 @@ async fn parquet_export(n: usize) -> anyhow::Result<()> {
         .batch_size(2000)
         .await?;
     let mut drained = 0usize;
-    while cursor.advance().await? {
+    while let Some(doc) = futures_util::TryStreamExt::try_next(&mut cursor).await? {
+        std::hint::black_box(&doc);
         drained += 1;
     }
     let drain_rate = drained as f64 / started.elapsed().as_secs_f64();
@@ -499,6 +508,70 @@ type = "date"
     Ok(())
 }
 
+/// Records through a pipeline stage: JSON records in, 1,000 a batch, as the jobs do.
+fn wasm_transform(events: &[Event], n: usize, rounds: usize) -> anyhow::Result<()> {
+    use sluice_core::transform::Transform;
+    use sluice_plugins::{Grants, PluginHost};
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins/dist");
+    let host = PluginHost::new(false)?;
+    let noop = host.load(&dir, "noop", json!({}), &Grants::default(), None)?;
+    let salt = "bench-salt-bench-salt";
+    let redact = host.load(
+        &dir,
+        "redact-pii",
+        json!({ "salt": salt }),
+        &Grants::default(),
+        None,
+    )?;
+    let native = redact_pii::RedactPii::new(salt);
+    let docs: Vec<Document> = events
+        .iter()
+        .cycle()
+        .take(n)
+        .map(bson::to_document)
+        .collect::<Result<_, _>>()?;
+    // The pipeline without a plugin: batches handed on as they are.
+    let time = |f: &mut dyn FnMut(Vec<Document>) -> anyhow::Result<usize>| -> anyhow::Result<f64> {
+        let mut best = 0f64;
+        for _ in 0..rounds.max(1) {
+            let started = Instant::now();
+            let mut out = 0;
+            for chunk in docs.chunks(1000) {
+                out += f(chunk.to_vec())?;
+            }
+            anyhow::ensure!(out == docs.len(), "{out} records out of {}", docs.len());
+            best = best.max(docs.len() as f64 / started.elapsed().as_secs_f64());
+        }
+        Ok(best)
+    };
+    let none = time(&mut |b| Ok(std::hint::black_box(b).len()))?;
+    let with_noop = time(&mut |b| Ok(noop.apply(b)?.len()))?;
+    report(
+        "wasm-transform-noop",
+        none,
+        with_noop,
+        json!({ "records": n }),
+    );
+    // Native redaction does the same JSON round trip a record makes into the plugin.
+    let native_rate = time(&mut |b| {
+        Ok(b.into_iter()
+            .map(|d| {
+                let v = native.apply(bson::Bson::Document(d).into_relaxed_extjson());
+                bson::to_document(&v)
+            })
+            .collect::<Result<Vec<_>, _>>()?
+            .len())
+    })?;
+    let wasm_rate = time(&mut |b| Ok(redact.apply(b)?.len()))?;
+    report(
+        "wasm-transform-redact",
+        native_rate,
+        wasm_rate,
+        json!({ "records": n }),
+    );
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -520,6 +593,11 @@ async fn main() -> anyhow::Result<()> {
             parquet_export(args.export_events)
                 .await
                 .context("parquet-export")?;
+            continue;
+        }
+        if scenario == "wasm-transform" {
+            wasm_transform(&events, args.transform_records, args.rounds)
+                .context("wasm-transform")?;
             continue;
         }
         if scenario == "http-import" {
