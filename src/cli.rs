@@ -183,7 +183,8 @@ pub async fn export_run(
     let yesterday = chrono::Utc::now().date_naive() - chrono::Days::new(1);
     let from = from.or(to).unwrap_or(yesterday);
     let to = to.unwrap_or(from);
-    let ctx = ExportContext::new(store, destination);
+    let mut ctx = ExportContext::new(store, destination);
+    ctx.transforms = load_plugins(config, &config.plugins.export_transforms)?;
     let request = ExportRequest {
         kind,
         from,
@@ -274,8 +275,13 @@ pub async fn import_run(config: &Config, name: &str, dry_run: bool) -> anyhow::R
     use std::sync::atomic::Ordering::Relaxed;
     let store = Store::connect(config).await?;
     store.init().await?;
+    let names = sluice_jobs::configs::load(&store, name)
+        .await?
+        .map(|(file, _)| file.transforms)
+        .unwrap_or_default();
     let options = ImportOptions {
         dry_run,
+        transforms: load_plugins(config, &names)?,
         ..Default::default()
     };
     let progress = options.progress.clone();
@@ -333,4 +339,175 @@ pub async fn import_run(config: &Config, name: &str, dry_run: bool) -> anyhow::R
         println!("  note: {note}");
     }
     Ok(())
+}
+
+/// Loads the named plugins with their config from `[plugins]`.
+pub fn load_plugins(
+    config: &Config,
+    names: &[String],
+) -> anyhow::Result<Vec<std::sync::Arc<dyn sluice_core::transform::Transform>>> {
+    if names.is_empty() {
+        return Ok(Vec::new());
+    }
+    let p = &config.plugins;
+    let host = sluice_plugins::PluginHost::new(p.fuel)?;
+    let policy = match p.failure_policy.as_str() {
+        "skip-batch" => sluice_plugins::FailurePolicy::SkipBatch,
+        "dead-letter" => sluice_plugins::FailurePolicy::DeadLetter,
+        _ => sluice_plugins::FailurePolicy::FailRun,
+    };
+    let grants = sluice_plugins::Grants {
+        clocks: p.grants.iter().any(|g| g == "clocks"),
+    };
+    names
+        .iter()
+        .map(|name| {
+            let plugin_config = p
+                .config
+                .get(name)
+                .map(|v| serde_json::to_value(v).unwrap_or_default())
+                .unwrap_or_else(|| serde_json::json!({}));
+            let t = host.load(Path::new(&p.dir), name, plugin_config, &grants, None)?;
+            Ok(std::sync::Arc::new(t.with_policy(policy))
+                as std::sync::Arc<dyn sluice_core::transform::Transform>)
+        })
+        .collect()
+}
+
+/// `sluice plugin test`: runs NDJSON records through a plugin, prints the outputs (NDJSON on
+/// stdout), the failures and the time per batch (stderr).
+pub fn plugin_test(
+    config: &Config,
+    name: &str,
+    input: &Path,
+    plugin_config: Option<&str>,
+    batch_size: usize,
+) -> anyhow::Result<()> {
+    let host = sluice_plugins::PluginHost::new(config.plugins.fuel)?;
+    let cfg: serde_json::Value = match plugin_config {
+        Some(text) => serde_json::from_str(text).context("--config is not JSON")?,
+        None => config
+            .plugins
+            .config
+            .get(name)
+            .map(|v| serde_json::to_value(v).unwrap_or_default())
+            .unwrap_or_else(|| serde_json::json!({})),
+    };
+    let grants = sluice_plugins::Grants {
+        clocks: config.plugins.grants.iter().any(|g| g == "clocks"),
+    };
+    let plugin = host.load(Path::new(&config.plugins.dir), name, cfg, &grants, None)?;
+    let text = std::fs::read_to_string(input).with_context(|| format!("`{}`", input.display()))?;
+    let mut records = Vec::new();
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("`{}` line {}: not JSON", input.display(), i + 1))?;
+        match bson::Bson::try_from(v) {
+            Ok(bson::Bson::Document(d)) => records.push(d),
+            _ => anyhow::bail!("`{}` line {}: not a JSON object", input.display(), i + 1),
+        }
+    }
+    let (mut outputs, mut failures) = (0, 0);
+    for (n, batch) in records.chunks(batch_size.max(1)).enumerate() {
+        match plugin.run_batch(batch) {
+            Ok(out) => {
+                for r in &out.records {
+                    println!("{}", bson::Bson::Document(r.clone()).into_relaxed_extjson());
+                }
+                for (i, reason) in &out.failed {
+                    eprintln!("record {}: failed: {reason}", n * batch_size + i + 1);
+                }
+                outputs += out.records.len();
+                failures += out.failed.len();
+                eprintln!(
+                    "batch {}: {} records in, {} out, {} failed, {:.2} ms",
+                    n + 1,
+                    batch.len(),
+                    out.records.len(),
+                    out.failed.len(),
+                    out.elapsed.as_secs_f64() * 1000.0
+                );
+            }
+            Err(e) => {
+                eprintln!("batch {}: {e}", n + 1);
+                failures += batch.len();
+            }
+        }
+    }
+    eprintln!(
+        "{} records in, {outputs} out, {failures} failed",
+        records.len()
+    );
+    Ok(())
+}
+
+/// `sluice plugin new NAME`: scaffolds a plugin crate.
+pub fn plugin_new(name: &str, dir: &Path) -> anyhow::Result<PathBuf> {
+    anyhow::ensure!(
+        !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'),
+        "plugin names are lower-case letters, digits and `-`, got `{name}`"
+    );
+    let root = dir.join(name);
+    anyhow::ensure!(!root.exists(), "`{}` already exists", root.display());
+    std::fs::create_dir_all(root.join("src"))?;
+    let sdk = std::env::current_dir()?.join("plugins/sdk");
+    let sdk_dep = if sdk.join("Cargo.toml").exists() {
+        format!("{{ path = \"{}\" }}", sdk.display())
+    } else {
+        "\"0.1\"".to_string()
+    };
+    std::fs::write(
+        root.join("Cargo.toml"),
+        format!(
+            "[package]\nname = \"{name}\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n[lib]\ncrate-type = [\"cdylib\"]\n\n[dependencies]\nsluice-plugin-sdk = {sdk_dep}\n\n[workspace]\n"
+        ),
+    )?;
+    let type_name: String = name
+        .split('-')
+        .map(|w| {
+            let mut c = w.chars();
+            c.next()
+                .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
+                .unwrap_or_default()
+        })
+        .collect();
+    std::fs::write(
+        root.join("src/lib.rs"),
+        format!(
+            r#"//! {name}: a Sluice transform plugin.
+
+use sluice_plugin_sdk::{{export_plugin, Plugin, Value}};
+
+pub struct {type_name};
+
+impl Plugin for {type_name} {{
+    fn configure(_config: Value) -> Result<Self, String> {{
+        Ok({type_name})
+    }}
+
+    fn transform(&mut self, record: Value) -> Result<Vec<Value>, String> {{
+        // Return no record to drop it, several to fan out, or Err(reason) to fail it.
+        Ok(vec![record])
+    }}
+}}
+
+export_plugin!({type_name});
+"#
+        ),
+    )?;
+    std::fs::write(
+        root.join("README.md"),
+        format!(
+            "# {name}\n\nBuild: `cargo build --release --target wasm32-wasip2`\n\nInstall: copy `target/wasm32-wasip2/release/{file}.wasm` into the plugins folder as `{name}.wasm`, next to a manifest `{name}.toml`:\n\n```toml\nname = \"{name}\"\nversion = \"0.1.0\"\nwasm = \"{name}.wasm\"\nsha256 = \"<sha256sum of the .wasm>\"\n```\n\nTry it: `sluice plugin test {name} --input records.ndjson`\n",
+            file = name.replace('-', "_")
+        ),
+    )?;
+    Ok(root)
 }

@@ -45,6 +45,11 @@ enum Command {
         #[command(subcommand)]
         command: ImportCommand,
     },
+    /// WASM transform plugins.
+    Plugin {
+        #[command(subcommand)]
+        command: PluginCommand,
+    },
     /// Export jobs (Parquet to a local folder or S3).
     Export {
         #[command(subcommand)]
@@ -56,6 +61,30 @@ enum Command {
         /// Visitors to simulate.
         #[arg(long, default_value_t = 40)]
         visitors: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Run NDJSON records through a plugin; print outputs, failures and time per batch.
+    Test {
+        /// Plugin name (a manifest `NAME.toml` in `plugins.dir`).
+        name: String,
+        /// Records, one JSON object per line.
+        #[arg(long)]
+        input: PathBuf,
+        /// The plugin's config as JSON (default: `[plugins.config.NAME]`).
+        #[arg(long = "plugin-config")]
+        plugin_config: Option<String>,
+        #[arg(long, default_value_t = 1000)]
+        batch_size: usize,
+    },
+    /// Scaffold a plugin crate.
+    New {
+        name: String,
+        /// Where to create it.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
     },
 }
 
@@ -164,6 +193,26 @@ fn main() -> ExitCode {
         }
     };
     cli::init_tracing(&config.log);
+    if let Command::Plugin { command } = &cli.command {
+        let result = match command {
+            PluginCommand::Test {
+                name,
+                input,
+                plugin_config,
+                batch_size,
+            } => cli::plugin_test(&config, name, input, plugin_config.as_deref(), *batch_size),
+            PluginCommand::New { name, dir } => cli::plugin_new(name, dir).map(|root| {
+                println!("created {}", root.display());
+            }),
+        };
+        return match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -191,8 +240,8 @@ fn main() -> ExitCode {
             Command::Configs {
                 command: ConfigsCommand::Apply { dir },
             } => cli::configs_command(&config, &dir, true).await,
-            Command::Configs { .. } => {
-                unreachable!("validate is handled before the runtime starts")
+            Command::Configs { .. } | Command::Plugin { .. } => {
+                unreachable!("handled before the runtime starts")
             }
             Command::Import {
                 command: ImportCommand::Run { name, dry_run },

@@ -96,3 +96,68 @@ fn environment_overrides_are_validated_and_named() {
         "{err}"
     );
 }
+
+#[test]
+fn plugin_test_prints_outputs_failures_and_timing() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins/dist");
+    assert!(
+        dir.join("currency-normalize.wasm").exists(),
+        "run scripts/build-plugins.sh"
+    );
+    let input = write_temp(
+        "records.ndjson",
+        "{\"eventType\":\"PURCHASE\",\"properties\":{\"amount\":10,\"currency\":\"USD\"}}\n{\"eventType\":\"PURCHASE\",\"properties\":{\"amount\":5,\"currency\":\"JPY\"}}\n",
+    );
+    let out = sluice()
+        .args(["plugin", "test", "currency-normalize", "--input"])
+        .arg(&input)
+        .args(["--plugin-config", r#"{"target":"EUR","rates":{"USD":0.9}}"#])
+        .env("SLUICE_LOG_LEVEL", "warn")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let first: serde_json::Value = serde_json::from_str(stdout.lines().next().unwrap()).unwrap();
+    assert_eq!(first["properties"]["amount"], 9.0);
+    assert!(
+        stderr.contains("record 2: failed: no rate for `JPY`"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("batch 1: 2 records in, 1 out, 1 failed"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn plugin_new_scaffolds_a_crate_that_uses_the_sdk() {
+    let dir = std::env::temp_dir().join(format!("sluice-new-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = sluice()
+        .args(["plugin", "new", "tag-events", "--dir"])
+        .arg(&dir)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lib = std::fs::read_to_string(dir.join("tag-events/src/lib.rs")).unwrap();
+    assert!(lib.contains("impl Plugin for TagEvents") && lib.contains("export_plugin!(TagEvents)"));
+    let manifest = std::fs::read_to_string(dir.join("tag-events/Cargo.toml")).unwrap();
+    assert!(manifest.contains("sluice-plugin-sdk") && manifest.contains("cdylib"));
+    let again = sluice()
+        .args(["plugin", "new", "tag-events", "--dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        !again.status.success(),
+        "an existing folder is not overwritten"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -75,6 +75,38 @@ pub struct RawConfig {
     pub export: ExportSection,
     pub s3: S3Section,
     pub log: LogSection,
+    pub plugins: PluginsSection,
+}
+
+/// WASM transform plugins.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginsSection {
+    /// Folder with `NAME.toml` manifests and their `.wasm` components.
+    pub dir: String,
+    /// Meter instructions (needed for plugins with a fuel limit; costs some speed).
+    pub fuel: bool,
+    /// Plugins run on every export job's records, in order.
+    pub export_transforms: Vec<String>,
+    /// `fail-run`, `skip-batch` or `dead-letter`.
+    pub failure_policy: String,
+    /// Capabilities granted to plugins that ask (`clocks`).
+    pub grants: Vec<String>,
+    /// Per-plugin config, passed to the plugin's `configure` as JSON.
+    pub config: std::collections::BTreeMap<String, toml::Value>,
+}
+
+impl Default for PluginsSection {
+    fn default() -> Self {
+        Self {
+            dir: "plugins/dist".into(),
+            fuel: false,
+            export_transforms: Vec::new(),
+            failure_policy: "fail-run".into(),
+            grants: Vec::new(),
+            config: Default::default(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -302,6 +334,7 @@ pub struct Config {
     pub archive_after_days: u32,
     pub s3: S3Section,
     pub log: LogSection,
+    pub plugins: PluginsSection,
     /// Non-fatal remarks (for example: no write key configured).
     pub warnings: Vec<String>,
     /// The raw form, for printing with secrets redacted.
@@ -569,6 +602,26 @@ pub fn validate(
             format!("`text` or `json`, got `{}`", raw.log.format),
         ));
     }
+    if !matches!(
+        raw.plugins.failure_policy.as_str(),
+        "fail-run" | "skip-batch" | "dead-letter"
+    ) {
+        return Err(invalid(
+            "plugins.failure_policy",
+            format!(
+                "`fail-run`, `skip-batch` or `dead-letter`, got `{}`",
+                raw.plugins.failure_policy
+            ),
+        ));
+    }
+    for (i, g) in raw.plugins.grants.iter().enumerate() {
+        if g != "clocks" {
+            return Err(invalid(
+                &format!("plugins.grants[{i}]"),
+                format!("`clocks` (the only grantable capability), got `{g}`"),
+            ));
+        }
+    }
     let mongodb_uri = Secret::new(raw.mongodb.uri.clone());
     Ok(Config {
         mongodb_uri,
@@ -585,6 +638,7 @@ pub fn validate(
         archive_after_days: raw.export.archive_after_days,
         s3,
         log: raw.log.clone(),
+        plugins: raw.plugins.clone(),
         warnings,
         raw,
     })
