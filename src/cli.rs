@@ -93,9 +93,23 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let handle = crate::server::start(config, store, listener, true).await?;
+    let config = std::sync::Arc::new(config);
+    let runner = std::sync::Arc::new(crate::engine::EngineRunner {
+        config: config.clone(),
+        store: store.clone(),
+    });
+    let scheduler = sluice_jobs::schedule::Scheduler::start(
+        store.clone(),
+        runner,
+        crate::engine::job_source(config.clone(), store.clone()),
+        Default::default(),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("scheduler: {e}"))?;
+    let handle = crate::server::start((*config).clone(), store, listener, true).await?;
     tracing::info!(addr = %handle.addr, "sluice serving");
     handle.wait().await;
+    scheduler.shutdown().await;
     Ok(())
 }
 
@@ -510,4 +524,97 @@ export_plugin!({type_name});
         ),
     )?;
     Ok(root)
+}
+
+/// `sluice jobs list`: scheduled jobs, their next fire and last outcome.
+pub async fn jobs_list(config: &Config) -> anyhow::Result<()> {
+    let store = Store::connect(config).await?;
+    for job in crate::engine::scheduled_jobs(config, &store).await {
+        let next = sluice_jobs::schedule::parse_cron(&job.cron)
+            .ok()
+            .and_then(|c| c.find_next_occurrence(&chrono::Utc::now(), false).ok())
+            .map(|t| t.to_rfc3339())
+            .unwrap_or_else(|| "invalid cron".into());
+        let last = store
+            .collection(sluice_core::model::collections::SCHEDULED_RUNS)
+            .find_one(bson::doc! { "job": &job.name })
+            .sort(bson::doc! { "scheduledFor": -1 })
+            .await?
+            .map(|d| {
+                format!(
+                    "{} ({})",
+                    d.get_str("status").unwrap_or("?"),
+                    d.get_str("_id").unwrap_or("?")
+                )
+            })
+            .unwrap_or_else(|| "never run".into());
+        println!(
+            "{:<36} {:<18} next {}  last {}",
+            job.name, job.cron, next, last
+        );
+    }
+    Ok(())
+}
+
+/// `sluice jobs run NAME`: runs a job now (exports: `--from/--to` backfill a window
+/// without moving the catch-up point).
+pub async fn jobs_run(
+    config: &Config,
+    name: &str,
+    from: Option<chrono::NaiveDate>,
+    to: Option<chrono::NaiveDate>,
+) -> anyhow::Result<()> {
+    if let (Some(schedule), true) = (
+        name.strip_prefix(crate::engine::EXPORT_PREFIX),
+        from.is_some() || to.is_some(),
+    ) {
+        let s = config
+            .schedules
+            .iter()
+            .find(|s| s.name == schedule)
+            .ok_or_else(|| anyhow::anyhow!("no export schedule `{schedule}`"))?;
+        let kind = sluice_core::model::ExportJobType::parse(&s.kind).map_err(anyhow::Error::msg)?;
+        export_run(config, kind, from, to, None).await?;
+        return Ok(());
+    }
+    let store = Store::connect(config).await?;
+    store.init().await?;
+    let runner = crate::engine::EngineRunner {
+        config: std::sync::Arc::new(config.clone()),
+        store,
+    };
+    let summary = runner.run_job(name).await.map_err(anyhow::Error::msg)?;
+    println!("{name}: {summary}");
+    Ok(())
+}
+
+/// `sluice jobs history [NAME]`: the latest scheduled runs.
+pub async fn jobs_history(config: &Config, name: Option<&str>) -> anyhow::Result<()> {
+    use futures_util::TryStreamExt;
+    let store = Store::connect(config).await?;
+    let filter = match name {
+        Some(n) => bson::doc! { "job": n },
+        None => bson::doc! {},
+    };
+    let runs: Vec<bson::Document> = store
+        .collection(sluice_core::model::collections::SCHEDULED_RUNS)
+        .find(filter)
+        .sort(bson::doc! { "scheduledFor": -1 })
+        .limit(30)
+        .await?
+        .try_collect()
+        .await?;
+    for r in runs {
+        println!(
+            "{:<50} {:<10} owner {:<24} {}",
+            r.get_str("_id").unwrap_or("?"),
+            r.get_str("status").unwrap_or("?"),
+            r.get_str("owner").unwrap_or("?"),
+            r.get_str("result")
+                .or_else(|_| r.get_str("error"))
+                .or_else(|_| r.get_str("reason"))
+                .unwrap_or("")
+        );
+    }
+    Ok(())
 }

@@ -45,6 +45,11 @@ enum Command {
         #[command(subcommand)]
         command: ImportCommand,
     },
+    /// Scheduled jobs: list them, run one now, see their history.
+    Jobs {
+        #[command(subcommand)]
+        command: JobsCommand,
+    },
     /// WASM transform plugins.
     Plugin {
         #[command(subcommand)]
@@ -62,6 +67,23 @@ enum Command {
         #[arg(long, default_value_t = 40)]
         visitors: usize,
     },
+}
+
+#[derive(Subcommand)]
+enum JobsCommand {
+    /// Every scheduled job with its next fire and last outcome.
+    List,
+    /// Run a job now (`export:NAME` or `integration:NAME`).
+    Run {
+        name: String,
+        /// Export backfill: first day (does not move the catch-up point).
+        #[arg(long)]
+        from: Option<chrono::NaiveDate>,
+        #[arg(long)]
+        to: Option<chrono::NaiveDate>,
+    },
+    /// The latest scheduled runs (of one job).
+    History { name: Option<String> },
 }
 
 #[derive(Subcommand)]
@@ -246,6 +268,13 @@ fn main() -> ExitCode {
             Command::Import {
                 command: ImportCommand::Run { name, dry_run },
             } => cli::import_run(&config, &name, dry_run).await,
+            Command::Jobs { command } => match command {
+                JobsCommand::List => cli::jobs_list(&config).await,
+                JobsCommand::Run { name, from, to } => {
+                    cli::jobs_run(&config, &name, from, to).await
+                }
+                JobsCommand::History { name } => cli::jobs_history(&config, name.as_deref()).await,
+            },
             Command::Demo { visitors } => sluice::demo::run(config, visitors).await,
             Command::Config { .. } => unreachable!("handled before the runtime starts"),
         }

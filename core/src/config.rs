@@ -76,6 +76,27 @@ pub struct RawConfig {
     pub s3: S3Section,
     pub log: LogSection,
     pub plugins: PluginsSection,
+    /// Export jobs run on a cron schedule by `sluice serve`.
+    pub schedules: Vec<ScheduleSection>,
+}
+
+/// `[[schedules]]`: an export job on a cron schedule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleSection {
+    pub name: String,
+    /// EVENT_DATA, USER_DATA, DAILY_ANALYTICS or ARCHIVE.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Cron with seconds, UTC (`0 15 2 * * *` = daily at 02:15).
+    pub cron: String,
+    /// Missed daily windows run after downtime, oldest first, at most this many.
+    #[serde(default = "default_catch_up")]
+    pub catch_up: usize,
+}
+
+fn default_catch_up() -> usize {
+    7
 }
 
 /// WASM transform plugins.
@@ -335,6 +356,7 @@ pub struct Config {
     pub s3: S3Section,
     pub log: LogSection,
     pub plugins: PluginsSection,
+    pub schedules: Vec<ScheduleSection>,
     /// Non-fatal remarks (for example: no write key configured).
     pub warnings: Vec<String>,
     /// The raw form, for printing with secrets redacted.
@@ -622,6 +644,26 @@ pub fn validate(
             ));
         }
     }
+    let mut names = std::collections::HashSet::new();
+    for (i, sched) in raw.schedules.iter().enumerate() {
+        crate::model::ExportJobType::parse(&sched.kind)
+            .map_err(|e| invalid(&format!("schedules[{i}].type"), e))?;
+        if !(6..=7).contains(&sched.cron.split_whitespace().count()) {
+            return Err(invalid(
+                &format!("schedules[{i}].cron"),
+                format!(
+                    "a cron expression with seconds (6 or 7 fields), got `{}`",
+                    sched.cron
+                ),
+            ));
+        }
+        if !names.insert(sched.name.clone()) {
+            return Err(invalid(
+                &format!("schedules[{i}].name"),
+                format!("a unique name (`{}` is used twice)", sched.name),
+            ));
+        }
+    }
     let mongodb_uri = Secret::new(raw.mongodb.uri.clone());
     Ok(Config {
         mongodb_uri,
@@ -639,6 +681,7 @@ pub fn validate(
         s3,
         log: raw.log.clone(),
         plugins: raw.plugins.clone(),
+        schedules: raw.schedules.clone(),
         warnings,
         raw,
     })

@@ -188,6 +188,42 @@ fn next_day(d: NaiveDate) -> NaiveDate {
     d.checked_add_days(Days::new(1)).unwrap_or(d)
 }
 
+/// Runs the daily windows missed since the last COMPLETED run of `kind` (or only `until`
+/// when there is none), oldest first, one export per day, at most `max_windows`; stops at
+/// the first failure so windows stay in order. Backfills through `run_export` never move
+/// this: only completed runs do.
+pub async fn catch_up(
+    ctx: &ExportContext,
+    kind: ExportJobType,
+    until: NaiveDate,
+    max_windows: usize,
+    archive_after_days: u32,
+) -> Result<Vec<ExportSummary>, ExportError> {
+    let last = ctx
+        .store
+        .collection(c::EXPORT_JOBS)
+        .find_one(doc! { "type": kind.as_str(), "status": "COMPLETED", "windowEnd": { "$ne": Bson::Null } })
+        .sort(doc! { "windowEnd": -1 })
+        .await
+        .map_err(StoreError::mongo(c::EXPORT_JOBS, "find last window"))?
+        .and_then(|d| d.get_str("windowEnd").ok().and_then(|s| NaiveDate::parse_from_str(s, "%Y-%m-%d").ok()));
+    let first = match last {
+        Some(done) if done >= until => return Ok(Vec::new()),
+        Some(done) => next_day(done),
+        None => until,
+    };
+    let mut windows = days(first, until);
+    if windows.len() > max_windows {
+        // Bounded: the most recent windows, still in order; older gaps need a backfill.
+        windows = windows.split_off(windows.len() - max_windows);
+    }
+    let mut done = Vec::new();
+    for d in windows {
+        done.push(run_export(ctx, &ExportRequest::day(kind, d, archive_after_days)).await?);
+    }
+    Ok(done)
+}
+
 /// Runs one export and records it in `export_jobs`.
 pub async fn run_export(
     ctx: &ExportContext,

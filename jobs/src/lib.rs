@@ -5,3 +5,4 @@ pub mod configs;
 pub mod export;
 pub mod history;
 pub mod import;
+pub mod schedule;

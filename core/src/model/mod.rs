@@ -24,6 +24,9 @@ pub mod collections {
     pub const IMPORT_RUNS: &str = "import_runs";
     /// Progress of an import run in flight, so an interrupted run resumes where it stopped.
     pub const IMPORT_CHECKPOINTS: &str = "import_checkpoints";
+    /// One document per scheduled fire of a job (`_id` = `job@instant`): the claim that
+    /// makes each fire run once across replicas, its lease, and its outcome.
+    pub const SCHEDULED_RUNS: &str = "scheduled_runs";
 }
 
 /// Field names shared by several collections.

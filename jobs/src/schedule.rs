@@ -1,0 +1,390 @@
+//! The scheduler: cron triggers (tokio-cron-scheduler), and lease documents in MongoDB so
+//! that each scheduled fire runs exactly once across every `sluice serve` replica.
+//!
+//! A fire is identified by its job and its cron instant (computed from the cron
+//! expression, not from when the trigger woke up), so every replica derives the same
+//! `scheduled_runs` `_id`; inserting it is the claim, and only one insert wins. The winner
+//! renews the claim's `expiresAt` by heartbeat while it runs; if it dies, the claim expires
+//! and another replica's sweeper takes it over (a compare-and-set on `expiresAt`) and runs
+//! the job again (imports resume from their checkpoint, exports replace their partitions).
+//! A replica that loses its lease stops the run. A fire that comes while the job's previous
+//! run is still going is recorded as SKIPPED.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bson::{doc, DateTime, Document};
+use chrono::Utc;
+use croner::parser::{CronParser, Seconds};
+use sluice_connectors::{Store, StoreError};
+use sluice_core::model::{collections as c, common};
+use tokio::sync::Mutex;
+use tokio_cron_scheduler::{Job, JobScheduler};
+
+/// What to run, when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScheduledJob {
+    pub name: String,
+    pub cron: String,
+}
+
+/// Runs a job's fire; returns a one-line result, or the error.
+pub type RunFuture = Pin<Box<dyn Future<Output = Result<String, String>> + Send>>;
+pub trait Runner: Send + Sync + 'static {
+    fn run(&self, job: &ScheduledJob, fire: chrono::DateTime<Utc>) -> RunFuture;
+}
+
+/// Where the set of jobs comes from; called again every `reload_every`, so config changes
+/// take effect without a restart.
+pub type JobSource =
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Vec<ScheduledJob>> + Send>> + Send + Sync>;
+
+#[derive(Debug, Clone)]
+pub struct SchedulerOptions {
+    /// This replica's name in claims.
+    pub instance: String,
+    /// A claim not renewed for this long may be taken over.
+    pub lease: Duration,
+    pub reload_every: Duration,
+}
+
+impl Default for SchedulerOptions {
+    fn default() -> Self {
+        Self {
+            instance: format!(
+                "{}-{}",
+                std::process::id(),
+                &uuid::Uuid::new_v4().simple().to_string()[..6]
+            ),
+            lease: Duration::from_secs(60),
+            reload_every: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The outcome of one fire on this replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FireOutcome {
+    Ran(Result<String, String>),
+    /// Another replica claimed this fire.
+    Claimed,
+    /// The job's previous run is still going.
+    Skipped,
+    /// The lease was lost mid-run (another replica took over); the run was stopped.
+    LeaseLost,
+}
+
+/// Parses a cron expression with seconds (6 or 7 fields).
+pub fn parse_cron(expr: &str) -> Result<croner::Cron, String> {
+    CronParser::builder()
+        .seconds(Seconds::Required)
+        .build()
+        .parse(expr)
+        .map_err(|e| format!("invalid cron expression `{expr}`: {e}"))
+}
+
+/// The latest instant of `cron` at or before `now`.
+pub fn fire_instant(cron: &croner::Cron, now: chrono::DateTime<Utc>) -> chrono::DateTime<Utc> {
+    cron.find_previous_occurrence(&now, true).unwrap_or(now)
+}
+
+fn run_id(job: &str, fire: chrono::DateTime<Utc>) -> String {
+    format!(
+        "{job}@{}",
+        fire.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    )
+}
+
+fn is_duplicate(e: &mongodb::error::Error) -> bool {
+    use mongodb::error::{ErrorKind, WriteFailure};
+    matches!(e.kind.as_ref(), ErrorKind::Write(WriteFailure::WriteError(w)) if w.code == 11000)
+}
+
+struct Inner {
+    store: Store,
+    runner: Arc<dyn Runner>,
+    options: SchedulerOptions,
+}
+
+/// A running scheduler. Dropping it does not stop it; `shutdown` does.
+pub struct Scheduler {
+    inner: Arc<Inner>,
+    cron: Mutex<JobScheduler>,
+    registered: Mutex<HashMap<String, (String, uuid::Uuid)>>,
+    tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl Scheduler {
+    pub async fn start(
+        store: Store,
+        runner: Arc<dyn Runner>,
+        source: JobSource,
+        options: SchedulerOptions,
+    ) -> Result<Arc<Self>, String> {
+        let sched = JobScheduler::new().await.map_err(|e| e.to_string())?;
+        sched.start().await.map_err(|e| e.to_string())?;
+        let inner = Arc::new(Inner {
+            store,
+            runner,
+            options,
+        });
+        let this = Scheduler {
+            inner: inner.clone(),
+            cron: Mutex::new(sched),
+            registered: Mutex::new(HashMap::new()),
+            tasks: Default::default(),
+        };
+        // Takes over fires whose owner stopped renewing its lease.
+        let sweeper = {
+            let inner = inner.clone();
+            tokio::spawn(async move {
+                let every = (inner.options.lease / 2).max(Duration::from_millis(200));
+                loop {
+                    tokio::time::sleep(every).await;
+                    if let Err(e) = sweep(&inner).await {
+                        tracing::warn!(error = %e, "scheduler sweep failed");
+                    }
+                }
+            })
+        };
+        let this = Arc::new(this);
+        this.reconcile(&source().await).await?;
+        let reloader = {
+            let weak = Arc::downgrade(&this);
+            let every = inner.options.reload_every;
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    let Some(s) = weak.upgrade() else { return };
+                    let jobs = source().await;
+                    if let Err(e) = s.reconcile(&jobs).await {
+                        tracing::warn!(error = %e, "scheduler reload failed");
+                    }
+                }
+            })
+        };
+        if let Ok(mut tasks) = this.tasks.lock() {
+            tasks.push(sweeper);
+            tasks.push(reloader);
+        }
+        Ok(this)
+    }
+
+    /// Adds, replaces and removes cron triggers to match `jobs`.
+    pub async fn reconcile(&self, jobs: &[ScheduledJob]) -> Result<(), String> {
+        let mut registered = self.registered.lock().await;
+        let sched = self.cron.lock().await;
+        let wanted: HashMap<&str, &ScheduledJob> =
+            jobs.iter().map(|j| (j.name.as_str(), j)).collect();
+        let stale: Vec<String> = registered
+            .iter()
+            .filter(|(name, (cron, _))| wanted.get(name.as_str()).is_none_or(|j| j.cron != *cron))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in stale {
+            if let Some((_, id)) = registered.remove(&name) {
+                let _ = sched.remove(&id).await;
+                tracing::info!(job = %name, "unscheduled");
+            }
+        }
+        for job in jobs {
+            if registered.contains_key(&job.name) {
+                continue;
+            }
+            let cron = match parse_cron(&job.cron) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(job = %job.name, error = %e, "not scheduled");
+                    continue;
+                }
+            };
+            let inner = self.inner.clone();
+            let job_clone = job.clone();
+            let trigger = Job::new_async(job.cron.as_str(), move |_, _| {
+                let inner = inner.clone();
+                let job = job_clone.clone();
+                let cron = cron.clone();
+                Box::pin(async move {
+                    let fire = fire_instant(&cron, Utc::now());
+                    let outcome = fire_job(&inner, &job, fire).await;
+                    tracing::info!(job = %job.name, fire = %fire, ?outcome, "fired");
+                })
+            })
+            .map_err(|e| format!("job `{}`: {e}", job.name))?;
+            let id = sched.add(trigger).await.map_err(|e| e.to_string())?;
+            registered.insert(job.name.clone(), (job.cron.clone(), id));
+            tracing::info!(job = %job.name, cron = %job.cron, "scheduled");
+        }
+        Ok(())
+    }
+
+    /// Runs one fire now, with the same claim and lease as a cron trigger.
+    pub async fn fire(&self, job: &ScheduledJob, fire: chrono::DateTime<Utc>) -> FireOutcome {
+        fire_job(&self.inner, job, fire).await
+    }
+
+    /// Stops the triggers and the sweeper. Runs in flight keep their lease until they end
+    /// or it expires.
+    pub async fn shutdown(&self) {
+        let _ = self.cron.lock().await.shutdown().await;
+        if let Ok(tasks) = self.tasks.lock() {
+            for t in tasks.iter() {
+                t.abort();
+            }
+        }
+    }
+}
+
+async fn fire_job(
+    inner: &Arc<Inner>,
+    job: &ScheduledJob,
+    fire: chrono::DateTime<Utc>,
+) -> FireOutcome {
+    match claim(inner, job, fire).await {
+        Ok(Some(outcome)) => outcome,
+        Ok(None) => execute(inner, job, fire).await,
+        Err(e) => FireOutcome::Ran(Err(e.to_string())),
+    }
+}
+
+/// `Ok(None)`: the claim is ours; otherwise why not.
+async fn claim(
+    inner: &Inner,
+    job: &ScheduledJob,
+    fire: chrono::DateTime<Utc>,
+) -> Result<Option<FireOutcome>, StoreError> {
+    let runs = inner.store.collection(c::SCHEDULED_RUNS);
+    let now = DateTime::now();
+    let id = run_id(&job.name, fire);
+    let running = runs
+        .find_one(doc! { "job": &job.name, "status": "RUNNING", "expiresAt": { "$gt": now }, common::ID: { "$ne": &id } })
+        .await
+        .map_err(StoreError::mongo(c::SCHEDULED_RUNS, "check overlap"))?;
+    if let Some(other) = running {
+        let skipped = doc! {
+            common::ID: &id, "job": &job.name, "scheduledFor": DateTime::from_chrono(fire),
+            "status": "SKIPPED", "owner": &inner.options.instance,
+            "reason": format!("the run `{}` is still going", other.get_str(common::ID).unwrap_or("?")),
+            common::CREATED_AT: now,
+        };
+        return match runs.insert_one(skipped).await {
+            Ok(_) => Ok(Some(FireOutcome::Skipped)),
+            Err(e) if is_duplicate(&e) => Ok(Some(FireOutcome::Claimed)),
+            Err(e) => Err(StoreError::mongo(c::SCHEDULED_RUNS, "record skip")(e)),
+        };
+    }
+    let lease_ms = inner.options.lease.as_millis() as i64;
+    let claim = doc! {
+        common::ID: &id, "job": &job.name, "scheduledFor": DateTime::from_chrono(fire),
+        "status": "RUNNING", "owner": &inner.options.instance,
+        "startedAt": now, "expiresAt": DateTime::from_millis(now.timestamp_millis() + lease_ms),
+        "attempts": 1, common::CREATED_AT: now,
+    };
+    match runs.insert_one(claim).await {
+        Ok(_) => Ok(None),
+        Err(e) if is_duplicate(&e) => Ok(Some(FireOutcome::Claimed)),
+        Err(e) => Err(StoreError::mongo(c::SCHEDULED_RUNS, "claim")(e)),
+    }
+}
+
+/// Runs a claimed fire with a heartbeat; stops if the lease is lost.
+async fn execute(
+    inner: &Arc<Inner>,
+    job: &ScheduledJob,
+    fire: chrono::DateTime<Utc>,
+) -> FireOutcome {
+    let id = run_id(&job.name, fire);
+    let runs = inner.store.collection(c::SCHEDULED_RUNS);
+    let me = inner.options.instance.clone();
+    let lease_ms = inner.options.lease.as_millis() as i64;
+    let heartbeat = {
+        let runs = runs.clone();
+        let id = id.clone();
+        let me = me.clone();
+        let every = (inner.options.lease / 3).max(Duration::from_millis(100));
+        async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let renewed = runs
+                    .update_one(
+                        doc! { common::ID: &id, "owner": &me, "status": "RUNNING" },
+                        doc! { "$set": { "expiresAt": DateTime::from_millis(DateTime::now().timestamp_millis() + lease_ms) } },
+                    )
+                    .await;
+                if !matches!(renewed, Ok(r) if r.matched_count == 1) {
+                    return; // lost (or the store is unreachable): stop the run
+                }
+            }
+        }
+    };
+    let result = tokio::select! {
+        r = inner.runner.run(job, fire) => r,
+        _ = heartbeat => {
+            tracing::warn!(job = %job.name, run = %id, "lease lost; run stopped");
+            return FireOutcome::LeaseLost;
+        }
+    };
+    let (status, field, text) = match &result {
+        Ok(summary) => ("COMPLETED", "result", summary.clone()),
+        Err(e) => ("FAILED", "error", e.clone()),
+    };
+    let _ = runs
+        .update_one(
+            doc! { common::ID: &id, "owner": &me },
+            doc! { "$set": { "status": status, field: text, "endedAt": DateTime::now() } },
+        )
+        .await;
+    FireOutcome::Ran(result)
+}
+
+/// Takes over RUNNING fires whose lease expired (their owner died) and runs them.
+async fn sweep(inner: &Arc<Inner>) -> Result<(), StoreError> {
+    use futures_util::TryStreamExt;
+    let runs = inner.store.collection(c::SCHEDULED_RUNS);
+    let now = DateTime::now();
+    let orphans: Vec<Document> = runs
+        .find(doc! { "status": "RUNNING", "expiresAt": { "$lt": now } })
+        .await
+        .map_err(StoreError::mongo(c::SCHEDULED_RUNS, "find orphans"))?
+        .try_collect()
+        .await
+        .map_err(StoreError::mongo(c::SCHEDULED_RUNS, "find orphans"))?;
+    for o in orphans {
+        let (Ok(id), Ok(job), Ok(expires), Ok(fire)) = (
+            o.get_str(common::ID),
+            o.get_str("job"),
+            o.get_datetime("expiresAt"),
+            o.get_datetime("scheduledFor"),
+        ) else {
+            continue;
+        };
+        let lease_ms = inner.options.lease.as_millis() as i64;
+        let taken = runs
+            .update_one(
+                doc! { common::ID: id, "status": "RUNNING", "expiresAt": *expires },
+                doc! {
+                    "$set": { "owner": &inner.options.instance, "expiresAt": DateTime::from_millis(now.timestamp_millis() + lease_ms), "takenOverAt": now },
+                    "$inc": { "attempts": 1 },
+                },
+            )
+            .await
+            .map_err(StoreError::mongo(c::SCHEDULED_RUNS, "take over"))?;
+        if taken.modified_count == 1 {
+            let job = ScheduledJob {
+                name: job.to_string(),
+                cron: String::new(),
+            };
+            let fire = fire.to_chrono();
+            tracing::warn!(job = %job.name, run = id, "took over a run whose owner stopped");
+            let inner = inner.clone();
+            tokio::spawn(async move {
+                let outcome = execute(&inner, &job, fire).await;
+                tracing::info!(job = %job.name, ?outcome, "taken-over run ended");
+            });
+        }
+    }
+    Ok(())
+}

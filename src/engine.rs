@@ -1,0 +1,139 @@
+//! What the scheduler runs: export schedules from `sluice.toml` (with catch-up of missed
+//! daily windows) and integration configs with a `schedule` (imports and pushes).
+
+use std::sync::Arc;
+
+use bson::doc;
+use futures_util::TryStreamExt;
+use sluice_connectors::Store;
+use sluice_core::config::Config;
+use sluice_core::model::{collections as c, integration_fields as f, ExportJobType};
+use sluice_jobs::schedule::{JobSource, RunFuture, Runner, ScheduledJob};
+
+/// Export schedules are named `export:NAME`; integrations `integration:NAME`.
+pub const EXPORT_PREFIX: &str = "export:";
+pub const INTEGRATION_PREFIX: &str = "integration:";
+
+/// Every job that should be scheduled now (re-read on every reload).
+pub async fn scheduled_jobs(config: &Config, store: &Store) -> Vec<ScheduledJob> {
+    let mut jobs: Vec<ScheduledJob> = config
+        .schedules
+        .iter()
+        .map(|s| ScheduledJob {
+            name: format!("{EXPORT_PREFIX}{}", s.name),
+            cron: s.cron.clone(),
+        })
+        .collect();
+    let found = store
+        .collection(c::INTEGRATION_CONFIGS)
+        .find(doc! { f::IS_ACTIVE: true, "schedule": { "$type": "string" } })
+        .await;
+    if let Ok(cursor) = found {
+        let docs: Vec<bson::Document> = cursor.try_collect().await.unwrap_or_default();
+        for d in docs {
+            if let (Ok(name), Ok(cron)) = (d.get_str(f::NAME), d.get_str("schedule")) {
+                jobs.push(ScheduledJob {
+                    name: format!("{INTEGRATION_PREFIX}{name}"),
+                    cron: cron.to_string(),
+                });
+            }
+        }
+    }
+    jobs
+}
+
+pub fn job_source(config: Arc<Config>, store: Store) -> JobSource {
+    Arc::new(move || {
+        let config = config.clone();
+        let store = store.clone();
+        Box::pin(async move { scheduled_jobs(&config, &store).await })
+    })
+}
+
+/// Runs scheduled jobs for real.
+pub struct EngineRunner {
+    pub config: Arc<Config>,
+    pub store: Store,
+}
+
+impl EngineRunner {
+    pub async fn run_job(&self, name: &str) -> Result<String, String> {
+        if let Some(schedule) = name.strip_prefix(EXPORT_PREFIX) {
+            let s = self
+                .config
+                .schedules
+                .iter()
+                .find(|s| s.name == schedule)
+                .ok_or_else(|| format!("no export schedule `{schedule}`"))?;
+            let kind = ExportJobType::parse(&s.kind)?;
+            let dest = crate::cli::open_destination(&self.config, None)
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut ctx = sluice_jobs::export::ExportContext::new(self.store.clone(), dest);
+            ctx.transforms =
+                crate::cli::load_plugins(&self.config, &self.config.plugins.export_transforms)
+                    .map_err(|e| e.to_string())?;
+            let yesterday = chrono::Utc::now().date_naive() - chrono::Days::new(1);
+            let done = match kind {
+                ExportJobType::EventData | ExportJobType::DailyAnalytics => {
+                    sluice_jobs::export::catch_up(
+                        &ctx,
+                        kind,
+                        yesterday,
+                        s.catch_up,
+                        self.config.archive_after_days,
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?
+                }
+                _ => vec![sluice_jobs::export::run_export(
+                    &ctx,
+                    &sluice_jobs::export::ExportRequest::day(
+                        kind,
+                        yesterday,
+                        self.config.archive_after_days,
+                    ),
+                )
+                .await
+                .map_err(|e| e.to_string())?],
+            };
+            let rows: u64 = done.iter().map(|s| s.rows).sum();
+            return Ok(format!("{} run(s), {rows} rows", done.len()));
+        }
+        let integration = name.strip_prefix(INTEGRATION_PREFIX).unwrap_or(name);
+        let names = sluice_jobs::configs::load(&self.store, integration)
+            .await
+            .map_err(|e| e.to_string())?
+            .map(|(file, _)| file.transforms)
+            .unwrap_or_default();
+        let options = sluice_jobs::import::ImportOptions {
+            transforms: crate::cli::load_plugins(&self.config, &names)
+                .map_err(|e| e.to_string())?,
+            ..Default::default()
+        };
+        match sluice_jobs::import::run_import(&self.store, integration, &options).await {
+            Ok(s) => Ok(format!(
+                "{} records, {} inserted, {} updated, {} failed mapping",
+                s.fetched, s.inserted, s.updated, s.failed
+            )),
+            Err(sluice_jobs::import::ImportError::WrongType { .. }) => {
+                sluice_jobs::import::run_push(&self.store, integration, &options)
+                    .await
+                    .map(|s| format!("{} sent in {} requests", s.sent, s.requests))
+                    .map_err(|e| e.to_string())
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
+
+impl Runner for EngineRunner {
+    fn run(&self, job: &ScheduledJob, _fire: chrono::DateTime<chrono::Utc>) -> RunFuture {
+        let this = EngineRunner {
+            config: self.config.clone(),
+            store: self.store.clone(),
+        };
+        let name = job.name.clone();
+        Box::pin(async move { this.run_job(&name).await })
+    }
+}

@@ -1,0 +1,334 @@
+//! The scheduler on the real server: each fire runs once across replicas, a dead owner's
+//! run is taken over after its lease expires, overlapping fires are skipped and recorded,
+//! a lost lease stops the run, and missed export windows are caught up in order.
+
+mod support;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bson::doc;
+use chrono::Utc;
+use futures_util::TryStreamExt;
+use sluice_jobs::schedule::{
+    FireOutcome, JobSource, RunFuture, Runner, ScheduledJob, Scheduler, SchedulerOptions,
+};
+use support::TestDb;
+
+/// (replica, fire) of every run.
+type RunLog = Arc<Mutex<Vec<(String, chrono::DateTime<Utc>)>>>;
+
+/// Records every run; takes `delay` per run.
+struct Counting {
+    log: RunLog,
+    instance: String,
+    delay: Duration,
+}
+
+impl Runner for Counting {
+    fn run(&self, job: &ScheduledJob, fire: chrono::DateTime<Utc>) -> RunFuture {
+        let log = self.log.clone();
+        let who = self.instance.clone();
+        let delay = self.delay;
+        let name = job.name.clone();
+        Box::pin(async move {
+            tokio::time::sleep(delay).await;
+            log.lock().unwrap().push((who, fire));
+            Ok(format!("{name} done"))
+        })
+    }
+}
+
+fn source(jobs: Vec<ScheduledJob>) -> JobSource {
+    Arc::new(move || {
+        let jobs = jobs.clone();
+        Box::pin(async move { jobs })
+    })
+}
+
+fn options(instance: &str, lease_ms: u64) -> SchedulerOptions {
+    SchedulerOptions {
+        instance: instance.into(),
+        lease: Duration::from_millis(lease_ms),
+        reload_every: Duration::from_secs(60),
+    }
+}
+
+async fn runs(db: &TestDb) -> Vec<bson::Document> {
+    db.store
+        .collection("scheduled_runs")
+        .find(doc! {})
+        .sort(doc! { "_id": 1 })
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn each_fire_runs_exactly_once_across_two_replicas() {
+    let db = TestDb::initialized().await;
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let job = ScheduledJob {
+        name: "tick".into(),
+        cron: "* * * * * *".into(),
+    };
+    let mut replicas = Vec::new();
+    for name in ["replica-a", "replica-b"] {
+        let runner = Arc::new(Counting {
+            log: log.clone(),
+            instance: name.into(),
+            delay: Duration::from_millis(50),
+        });
+        replicas.push(
+            Scheduler::start(
+                db.store.clone(),
+                runner,
+                source(vec![job.clone()]),
+                options(name, 5_000),
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(4_500)).await;
+    for r in &replicas {
+        r.shutdown().await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let log = log.lock().unwrap().clone();
+    let mut fires: Vec<_> = log.iter().map(|(_, f)| *f).collect();
+    fires.sort();
+    let before = fires.len();
+    fires.dedup();
+    assert!(before >= 3, "a fire every second for 4.5 s: {log:?}");
+    assert_eq!(before, fires.len(), "a fire ran twice: {log:?}");
+    let docs = runs(&db).await;
+    assert_eq!(docs.len(), before, "one claim per fire");
+    assert!(docs
+        .iter()
+        .all(|d| d.get_str("status").unwrap() == "COMPLETED"));
+}
+
+#[tokio::test]
+async fn a_dead_owners_run_is_taken_over_after_the_lease() {
+    let db = TestDb::initialized().await;
+    let fire = Utc::now() - chrono::Duration::seconds(30);
+    let id = format!(
+        "nightly@{}",
+        fire.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    );
+    // What a killed replica leaves behind: a RUNNING claim it no longer renews.
+    db.store
+        .collection("scheduled_runs")
+        .insert_one(doc! {
+            "_id": &id, "job": "nightly", "scheduledFor": bson::DateTime::from_chrono(fire),
+            "status": "RUNNING", "owner": "killed-replica", "attempts": 1,
+            "expiresAt": bson::DateTime::from_millis(bson::DateTime::now().timestamp_millis() - 1),
+        })
+        .await
+        .unwrap();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let runner = Arc::new(Counting {
+        log: log.clone(),
+        instance: "survivor".into(),
+        delay: Duration::ZERO,
+    });
+    let s = Scheduler::start(
+        db.store.clone(),
+        runner,
+        source(vec![]),
+        options("survivor", 400),
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    s.shutdown().await;
+    assert_eq!(
+        log.lock().unwrap().len(),
+        1,
+        "the orphaned run ran once more"
+    );
+    let doc = db
+        .store
+        .collection("scheduled_runs")
+        .find_one(doc! { "_id": &id })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(doc.get_str("status").unwrap(), "COMPLETED");
+    assert_eq!(doc.get_str("owner").unwrap(), "survivor");
+    assert_eq!(doc.get_i32("attempts").unwrap(), 2);
+}
+
+#[tokio::test]
+async fn an_overlapping_fire_is_skipped_and_recorded() {
+    let db = TestDb::initialized().await;
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let runner = Arc::new(Counting {
+        log: log.clone(),
+        instance: "solo".into(),
+        delay: Duration::from_millis(2_500),
+    });
+    let job = ScheduledJob {
+        name: "slow".into(),
+        cron: "* * * * * *".into(),
+    };
+    let s = Scheduler::start(
+        db.store.clone(),
+        runner,
+        source(vec![job]),
+        options("solo", 10_000),
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(3_700)).await;
+    s.shutdown().await;
+    let docs = runs(&db).await;
+    let skipped: Vec<_> = docs
+        .iter()
+        .filter(|d| d.get_str("status").unwrap() == "SKIPPED")
+        .collect();
+    assert!(!skipped.is_empty(), "{docs:?}");
+    assert!(skipped[0]
+        .get_str("reason")
+        .unwrap()
+        .contains("still going"));
+}
+
+#[tokio::test]
+async fn a_run_that_loses_its_lease_stops() {
+    let db = TestDb::initialized().await;
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let runner = Arc::new(Counting {
+        log: log.clone(),
+        instance: "a".into(),
+        delay: Duration::from_secs(3),
+    });
+    let s = Scheduler::start(db.store.clone(), runner, source(vec![]), options("a", 600))
+        .await
+        .unwrap();
+    let job = ScheduledJob {
+        name: "long".into(),
+        cron: String::new(),
+    };
+    let fire = Utc::now();
+    let steal = {
+        let store = db.store.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            store
+                .collection("scheduled_runs")
+                .update_one(doc! { "job": "long" }, doc! { "$set": { "owner": "b" } })
+                .await
+                .unwrap();
+        })
+    };
+    let outcome = s.fire(&job, fire).await;
+    steal.await.unwrap();
+    s.shutdown().await;
+    assert_eq!(outcome, FireOutcome::LeaseLost);
+    assert!(
+        log.lock().unwrap().is_empty(),
+        "the run was stopped before it finished"
+    );
+}
+
+#[tokio::test]
+async fn missed_export_windows_are_caught_up_in_order() {
+    use sluice_connectors::objstore::{LocalDir, ObjectStore};
+    use sluice_core::model::ExportJobType;
+    use sluice_jobs::export::{catch_up, ExportContext};
+    let db = TestDb::initialized().await;
+    let today = Utc::now().date_naive();
+    let last_done = today - chrono::Days::new(5);
+    db.store
+        .collection("export_jobs")
+        .insert_one(doc! { "jobId": "old", "type": "DAILY_ANALYTICS", "status": "COMPLETED", "windowStart": last_done.to_string(), "windowEnd": last_done.to_string() })
+        .await
+        .unwrap();
+    let dir =
+        std::env::temp_dir().join(format!("sluice-catchup-{}", uuid::Uuid::new_v4().simple()));
+    let ctx = ExportContext::new(db.store.clone(), ObjectStore::Local(LocalDir::new(&dir)));
+    let yesterday = today - chrono::Days::new(1);
+    let done = catch_up(&ctx, ExportJobType::DailyAnalytics, yesterday, 10, 90)
+        .await
+        .unwrap();
+    let windows: Vec<String> = done
+        .iter()
+        .map(|s| s.partitions[0].prefix.clone())
+        .collect();
+    let expected: Vec<String> = (1..=4)
+        .rev()
+        .map(|n| format!("DAILY_ANALYTICS/dt={}", today - chrono::Days::new(n)))
+        .collect();
+    assert_eq!(windows, expected, "the four missed days, oldest first");
+    assert!(
+        catch_up(&ctx, ExportJobType::DailyAnalytics, yesterday, 10, 90)
+            .await
+            .unwrap()
+            .is_empty(),
+        "nothing left"
+    );
+    // Bounded: with only two allowed, the two most recent missing windows run.
+    db.store
+        .collection("export_jobs")
+        .delete_many(doc! { "jobId": { "$ne": "old" } })
+        .await
+        .unwrap();
+    let bounded = catch_up(&ctx, ExportJobType::DailyAnalytics, yesterday, 2, 90)
+        .await
+        .unwrap();
+    assert_eq!(bounded.len(), 2);
+    assert_eq!(
+        bounded[1].partitions[0].prefix,
+        format!("DAILY_ANALYTICS/dt={yesterday}")
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn the_engine_schedules_export_schedules_and_integration_configs() {
+    let db = TestDb::initialized().await;
+    let dir = std::env::temp_dir().join(format!("sluice-engine-{}", uuid::Uuid::new_v4().simple()));
+    let dest = dir.display().to_string();
+    let config = support::test_config(&db.name, |raw| {
+        raw.export.destination = dest.clone();
+        raw.schedules = vec![sluice_core::config::ScheduleSection {
+            name: "daily".into(),
+            kind: "DAILY_ANALYTICS".into(),
+            cron: "0 15 2 * * *".into(),
+            catch_up: 3,
+        }];
+    });
+    let file = sluice_core::integration::parse_file(
+        "t",
+        "name = \"feed\"\ntype = \"IMPORT\"\nendpoint = \"http://127.0.0.1:9/x\"\nschedule = \"0 0 * * * *\"\n[target]\nkey = \"id\"\n[mapping.id]\npath = \"$.id\"\n",
+    )
+    .unwrap();
+    sluice_jobs::configs::apply(&db.store, &file).await.unwrap();
+    let jobs = sluice::engine::scheduled_jobs(&config, &db.store).await;
+    let names: Vec<&str> = jobs.iter().map(|j| j.name.as_str()).collect();
+    assert_eq!(names, ["export:daily", "integration:feed"]);
+
+    let runner = sluice::engine::EngineRunner {
+        config: Arc::new(config),
+        store: db.store.clone(),
+    };
+    let summary = runner.run_job("export:daily").await.unwrap();
+    assert_eq!(
+        summary, "1 run(s), 1 rows",
+        "no earlier run: only yesterday"
+    );
+    let yesterday = Utc::now().date_naive() - chrono::Days::new(1);
+    assert!(dir
+        .join(format!("DAILY_ANALYTICS/dt={yesterday}/_SUCCESS"))
+        .exists());
+    let err = runner.run_job("integration:feed").await.unwrap_err();
+    assert!(
+        err.contains("loopback"),
+        "the private-network guard applies to scheduled runs: {err}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
