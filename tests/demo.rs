@@ -1,0 +1,104 @@
+//! The README's first command runs the main job (`sluice demo`); this checks its report
+//! against what is in MongoDB and in the output folder.
+
+mod support;
+
+use bson::doc;
+use support::TestDb;
+
+fn number_after(text: &str, label: &str) -> u64 {
+    let line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with(label))
+        .unwrap_or_else(|| panic!("no `{label}` in\n{text}"));
+    line.trim_start()[label.len()..]
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_main_job_reports_what_it_stored_and_wrote() {
+    let db = TestDb::new().await;
+    let out_dir =
+        std::env::temp_dir().join(format!("sluice-demo-{}", uuid::Uuid::new_v4().simple()));
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["demo", "--visitors", "15"])
+        .env("SLUICE_MONGODB_URI", support::mongo_uri())
+        .env("SLUICE_MONGODB_DATABASE", &db.name)
+        .env("SLUICE_EXPORT_DESTINATION", &out_dir)
+        .env("SLUICE_LOG_LEVEL", "warn")
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let count = |c: &'static str| {
+        let coll = db.store.collection(c);
+        async move { coll.count_documents(doc! {}).await.unwrap() }
+    };
+    let (events, sessions, users) = (
+        count("events").await,
+        count("sessions").await,
+        count("users").await,
+    );
+    assert_eq!(number_after(&stdout, "events"), events);
+    assert_eq!(number_after(&stdout, "sessions"), sessions);
+    assert_eq!(number_after(&stdout, "users"), users);
+    assert!(
+        events > 30 && sessions >= 15 && users == 16,
+        "15 visitors and a crawler: {stdout}"
+    );
+    let sent_line = stdout.lines().find(|l| l.starts_with("sent ")).unwrap();
+    assert!(
+        sent_line.contains(&format!("{events} stored")),
+        "{sent_line}"
+    );
+    assert!(
+        sent_line.contains("duplicates ignored") && !sent_line.contains(" 0 duplicates"),
+        "the resent batch is deduplicated: {sent_line}"
+    );
+    let bots = db
+        .store
+        .collection("events")
+        .count_documents(doc! { "metadata.bot": true })
+        .await
+        .unwrap();
+    assert_eq!(bots, 3);
+
+    // The export files it lists exist, with their manifests, and hold every event.
+    for kind in ["EVENT_DATA", "DAILY_ANALYTICS", "USER_DATA"] {
+        assert!(
+            stdout.contains(&format!("{kind}/dt=")),
+            "{kind} not reported"
+        );
+        assert!(out_dir.join(kind).exists(), "{kind} not written");
+    }
+    let mut exported = 0;
+    for entry in std::fs::read_dir(out_dir.join("EVENT_DATA")).unwrap() {
+        let manifest: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(entry.unwrap().path().join("_manifest.json")).unwrap(),
+        )
+        .unwrap();
+        exported += manifest["rows"].as_u64().unwrap();
+    }
+    assert_eq!(
+        exported, events,
+        "yesterday's and today's partitions hold every event"
+    );
+    let jobs = db
+        .store
+        .collection("export_jobs")
+        .count_documents(doc! { "status": "COMPLETED" })
+        .await
+        .unwrap();
+    assert_eq!(jobs, 3);
+    std::fs::remove_dir_all(out_dir).unwrap();
+}
