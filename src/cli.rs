@@ -618,3 +618,25 @@ pub async fn jobs_history(config: &Config, name: Option<&str>) -> anyhow::Result
     }
     Ok(())
 }
+
+/// `sluice admin create-user`: bootstraps the first admin.
+pub async fn admin_create_user(config: &Config, email: &str, role: &str) -> anyhow::Result<()> {
+    let role =
+        sluice_core::model::Role::parse(&role.to_ascii_uppercase()).map_err(anyhow::Error::msg)?;
+    let password = match std::env::var("SLUICE_ADMIN_PASSWORD") {
+        Ok(p) => p,
+        Err(_) => {
+            let mut line = String::new();
+            eprint!("password for {email}: ");
+            std::io::stdin().read_line(&mut line)?;
+            line.trim_end_matches(['\r', '\n']).to_string()
+        }
+    };
+    let store = Store::connect(config).await?;
+    store.init().await?;
+    crate::server::admin::create_admin_user(&store, email, &password, role)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    println!("created {role} {}", email.trim().to_ascii_lowercase());
+    Ok(())
+}

@@ -45,6 +45,11 @@ enum Command {
         #[command(subcommand)]
         command: ImportCommand,
     },
+    /// Admin users of the admin and analytics API.
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
     /// Scheduled jobs: list them, run one now, see their history.
     Jobs {
         #[command(subcommand)]
@@ -66,6 +71,18 @@ enum Command {
         /// Visitors to simulate.
         #[arg(long, default_value_t = 40)]
         visitors: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Create an admin user; the password is read from `SLUICE_ADMIN_PASSWORD` or stdin.
+    CreateUser {
+        #[arg(long)]
+        email: String,
+        /// ADMIN, ANALYST or USER.
+        #[arg(long, default_value = "ADMIN")]
+        role: String,
     },
 }
 
@@ -268,6 +285,9 @@ fn main() -> ExitCode {
             Command::Import {
                 command: ImportCommand::Run { name, dry_run },
             } => cli::import_run(&config, &name, dry_run).await,
+            Command::Admin {
+                command: AdminCommand::CreateUser { email, role },
+            } => cli::admin_create_user(&config, &email, &role).await,
             Command::Jobs { command } => match command {
                 JobsCommand::List => cli::jobs_list(&config).await,
                 JobsCommand::Run { name, from, to } => {

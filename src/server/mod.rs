@@ -1,6 +1,7 @@
 //! The `sluice serve` HTTP server: the tracking endpoint (`/v1/track`, `/v1/batch`),
 //! health (`/healthz`, `/readyz`) and Prometheus metrics (`/metrics`).
 
+pub mod admin;
 mod auth;
 mod batcher;
 pub mod enrich;
@@ -37,6 +38,7 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     limiter: Arc<auth::RateLimiter>,
     trusted: Arc<Vec<enrich::IpNet>>,
+    login_guard: Arc<admin::LoginGuard>,
 }
 
 /// An error answered as JSON `{"error": code, "message": text}`; never internals.
@@ -132,6 +134,7 @@ pub fn router(state: AppState) -> Router {
             "/v1/batch",
             post(tracking::batch).layer(DefaultBodyLimit::max(t.max_batch_bytes)),
         )
+        .merge(admin::routes())
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
@@ -187,6 +190,7 @@ pub async fn start(
         .collect();
     let state = AppState {
         limiter: Arc::new(auth::RateLimiter::new(config.rate_limit_per_key)),
+        login_guard: Arc::new(admin::LoginGuard::default()),
         trusted: Arc::new(trusted),
         config: Arc::new(config),
         store: store.clone(),

@@ -27,6 +27,8 @@ pub mod collections {
     /// One document per scheduled fire of a job (`_id` = `job@instant`): the claim that
     /// makes each fire run once across replicas, its lease, and its outcome.
     pub const SCHEDULED_RUNS: &str = "scheduled_runs";
+    /// Admin API login tokens (stored hashed, expiring).
+    pub const ADMIN_TOKENS: &str = "admin_tokens";
 }
 
 /// Field names shared by several collections.

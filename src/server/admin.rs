@@ -1,0 +1,533 @@
+//! The admin and analytics API. Admin users (`admin_users`, bcrypt hashes, roles ADMIN /
+//! ANALYST / USER) log in for an expiring bearer token (stored only as its SHA-256).
+//! ADMIN manages users and configs, ANALYST also triggers jobs and reads analytics, USER
+//! reads jobs and configs. Login failures are rate limited per email and per client, and
+//! every failure looks the same, so no answer tells whether an email exists.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bson::{doc, DateTime, Document};
+use futures_util::TryStreamExt;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use sluice_core::model::{collections as c, common, AdminUser, Role};
+
+use super::{ApiError, AppState};
+
+/// Tokens live this long.
+pub const TOKEN_TTL: Duration = Duration::from_secs(8 * 3600);
+const MAX_FAILURES: usize = 5;
+const FAILURE_WINDOW: Duration = Duration::from_secs(15 * 60);
+/// Verified when the email is unknown, so both paths cost one bcrypt check.
+fn dummy_hash() -> &'static str {
+    static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    HASH.get_or_init(|| bcrypt::hash("no such user", bcrypt::DEFAULT_COST).unwrap_or_default())
+}
+
+/// Recent login failures by email and by client address.
+#[derive(Default)]
+pub struct LoginGuard {
+    failures: Mutex<HashMap<String, Vec<Instant>>>,
+}
+
+impl LoginGuard {
+    fn blocked(&self, keys: &[String]) -> bool {
+        let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        keys.iter().any(|k| {
+            let list = f.entry(k.clone()).or_default();
+            list.retain(|t| t.elapsed() < FAILURE_WINDOW);
+            list.len() >= MAX_FAILURES
+        })
+    }
+
+    fn failed(&self, keys: &[String]) {
+        let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        for k in keys {
+            f.entry(k.clone()).or_default().push(Instant::now());
+        }
+    }
+}
+
+fn token_hash(token: &str) -> String {
+    format!("{:x}", Sha256::digest(token.as_bytes()))
+}
+
+fn rank(role: Role) -> u8 {
+    match role {
+        Role::User => 1,
+        Role::Analyst => 2,
+        Role::Admin => 3,
+    }
+}
+
+/// The caller, from `Authorization: Bearer TOKEN`, if at least `min`.
+async fn caller(
+    state: &AppState,
+    headers: &HeaderMap,
+    min: Role,
+) -> Result<(String, Role), ApiError> {
+    let unauthorized = || {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a valid admin token is required",
+        )
+    };
+    let token = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(unauthorized)?;
+    let found = state
+        .store
+        .collection(c::ADMIN_TOKENS)
+        .find_one(doc! { common::ID: token_hash(token), "expiresAt": { "$gt": DateTime::now() } })
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                "try again",
+            )
+        })?
+        .ok_or_else(unauthorized)?;
+    let role = Role::parse(found.get_str("role").unwrap_or("")).map_err(|_| unauthorized())?;
+    if rank(role) < rank(min) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("this needs the {min} role or higher"),
+        ));
+    }
+    Ok((found.get_str("email").unwrap_or("").to_string(), role))
+}
+
+fn store_error(e: impl std::fmt::Display) -> ApiError {
+    tracing::error!(error = %e, "admin API store error");
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "store_unavailable",
+        "the database failed; try again",
+    )
+}
+
+#[derive(Deserialize)]
+struct Login {
+    email: String,
+    password: String,
+}
+
+async fn login(
+    State(state): State<AppState>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
+    Json(body): Json<Login>,
+) -> Result<Json<Value>, ApiError> {
+    let email = body.email.trim().to_ascii_lowercase();
+    let keys = vec![format!("email:{email}"), format!("ip:{}", peer.ip())];
+    let refused = || {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_credentials",
+            "wrong email or password",
+        )
+    };
+    if state.login_guard.blocked(&keys) {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_attempts",
+            "too many failed logins; wait 15 minutes",
+        )
+        .retry(900));
+    }
+    let users = state.store.db().collection::<AdminUser>(c::ADMIN_USERS);
+    let user = users
+        .find_one(doc! { "email": &email })
+        .await
+        .map_err(store_error)?;
+    let password = body.password.clone();
+    let hash = user
+        .as_ref()
+        .map(|u| u.password.clone())
+        .unwrap_or_else(|| dummy_hash().to_string());
+    let ok = tokio::task::spawn_blocking(move || bcrypt::verify(password, &hash).unwrap_or(false))
+        .await
+        .unwrap_or(false);
+    let Some(user) = user.filter(|u| ok && u.is_active) else {
+        state.login_guard.failed(&keys);
+        return Err(refused());
+    };
+    let token = format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    );
+    let expires =
+        DateTime::from_millis(DateTime::now().timestamp_millis() + TOKEN_TTL.as_millis() as i64);
+    state
+        .store
+        .collection(c::ADMIN_TOKENS)
+        .insert_one(doc! { common::ID: token_hash(&token), "email": &email, "role": user.role.as_str(), "expiresAt": expires })
+        .await
+        .map_err(store_error)?;
+    let _ = users
+        .update_one(
+            doc! { "email": &email },
+            doc! { "$set": { "lastLogin": DateTime::now() } },
+        )
+        .await;
+    Ok(Json(
+        json!({ "token": token, "role": user.role.as_str(), "expiresIn": TOKEN_TTL.as_secs() }),
+    ))
+}
+
+async fn me(State(state): State<AppState>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+    let (email, role) = caller(&state, &headers, Role::User).await?;
+    Ok(Json(json!({ "email": email, "role": role.as_str() })))
+}
+
+async fn list_users(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    caller(&state, &headers, Role::Admin).await?;
+    let users: Vec<Document> = state
+        .store
+        .collection(c::ADMIN_USERS)
+        .find(doc! {})
+        .projection(doc! { "password": 0, common::ID: 0 })
+        .await
+        .map_err(store_error)?
+        .try_collect()
+        .await
+        .map_err(store_error)?;
+    Ok(Json(json!(users
+        .into_iter()
+        .map(|u| bson::Bson::Document(u).into_relaxed_extjson())
+        .collect::<Vec<_>>())))
+}
+
+#[derive(Deserialize)]
+struct NewUser {
+    email: String,
+    password: String,
+    role: String,
+}
+
+async fn create_user(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Json(body): Json<NewUser>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    caller(&state, &headers, Role::Admin).await?;
+    let role = Role::parse(&body.role)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_role", e))?;
+    create_admin_user(&state.store, &body.email, &body.password, role)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_user", e))?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "email": body.email.trim().to_ascii_lowercase(), "role": role.as_str() })),
+    ))
+}
+
+/// Creates an admin user (also `sluice admin create-user`).
+pub async fn create_admin_user(
+    store: &sluice_connectors::Store,
+    email: &str,
+    password: &str,
+    role: Role,
+) -> Result<(), String> {
+    let email = email.trim().to_ascii_lowercase();
+    if !email.contains('@') || email.len() > 254 {
+        return Err(format!("`{email}` is not an email address"));
+    }
+    if password.len() < 12 {
+        return Err("a password of at least 12 characters".into());
+    }
+    let password = password.to_string();
+    let hash = tokio::task::spawn_blocking(move || bcrypt::hash(password, bcrypt::DEFAULT_COST))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    let now = DateTime::now();
+    let user = AdminUser {
+        id: None,
+        email: email.clone(),
+        password: hash,
+        first_name: None,
+        last_name: None,
+        role,
+        is_active: true,
+        last_login: None,
+        created_at: now,
+        updated_at: now,
+    };
+    let doc = bson::to_document(&user).map_err(|e| e.to_string())?;
+    store
+        .collection(c::ADMIN_USERS)
+        .insert_one(doc)
+        .await
+        .map_err(|e| {
+            if e.to_string().contains("E11000") || e.to_string().contains("11000") {
+                format!("a user `{email}` already exists")
+            } else {
+                e.to_string()
+            }
+        })?;
+    Ok(())
+}
+
+async fn list_jobs(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    caller(&state, &headers, Role::User).await?;
+    let jobs = crate::engine::scheduled_jobs(&state.config, &state.store).await;
+    Ok(Json(json!(jobs
+        .iter()
+        .map(|j| json!({ "name": j.name, "cron": j.cron }))
+        .collect::<Vec<_>>())))
+}
+
+async fn list_configs(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    caller(&state, &headers, Role::User).await?;
+    let configs: Vec<Document> = state
+        .store
+        .collection(c::INTEGRATION_CONFIGS)
+        .find(doc! {})
+        .projection(doc! { "name": 1, "type": 1, "endpoint": 1, "schedule": 1, "isActive": 1, "lastSync": 1, common::ID: 0 })
+        .await
+        .map_err(store_error)?
+        .try_collect()
+        .await
+        .map_err(store_error)?;
+    Ok(Json(json!(configs
+        .into_iter()
+        .map(|d| bson::Bson::Document(d).into_relaxed_extjson())
+        .collect::<Vec<_>>())))
+}
+
+async fn set_config_active(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    Json(body): Json<Value>,
+) -> Result<Json<Value>, ApiError> {
+    caller(&state, &headers, Role::Admin).await?;
+    let active = body["isActive"].as_bool().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            "expected {\"isActive\": true|false}",
+        )
+    })?;
+    let r = state
+        .store
+        .collection(c::INTEGRATION_CONFIGS)
+        .update_one(
+            doc! { "name": &name },
+            doc! { "$set": { "isActive": active, common::UPDATED_AT: DateTime::now() } },
+        )
+        .await
+        .map_err(store_error)?;
+    if r.matched_count == 0 {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no config `{name}`"),
+        ));
+    }
+    Ok(Json(json!({ "name": name, "isActive": active })))
+}
+
+async fn run_job(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    caller(&state, &headers, Role::Analyst).await?;
+    let known = crate::engine::scheduled_jobs(&state.config, &state.store)
+        .await
+        .iter()
+        .any(|j| j.name == name);
+    if !known {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no scheduled job `{name}`"),
+        ));
+    }
+    let runner = crate::engine::EngineRunner {
+        config: state.config.clone(),
+        store: state.store.clone(),
+    };
+    let job = name.clone();
+    tokio::spawn(async move {
+        let result = runner.run_job(&job).await;
+        tracing::info!(job, ?result, "manual run ended");
+    });
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "job": name, "status": "started" })),
+    ))
+}
+
+#[derive(Deserialize)]
+struct Window {
+    from: Option<String>,
+    to: Option<String>,
+    limit: Option<i64>,
+    #[serde(rename = "userId")]
+    user_id: Option<String>,
+}
+
+fn day_param(
+    name: &str,
+    value: Option<&str>,
+    default: chrono::NaiveDate,
+) -> Result<chrono::NaiveDate, ApiError> {
+    match value {
+        None => Ok(default),
+        Some(v) => chrono::NaiveDate::parse_from_str(v, "%Y-%m-%d").map_err(|_| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_parameter",
+                format!("`{name}` must be a YYYY-MM-DD day, got `{v}`"),
+            )
+        }),
+    }
+}
+
+fn start_of(d: chrono::NaiveDate) -> DateTime {
+    DateTime::from_millis(
+        d.and_hms_opt(0, 0, 0)
+            .map_or(0, |t| t.and_utc().timestamp_millis()),
+    )
+}
+
+async fn aggregate(state: &AppState, pipeline: Vec<Document>) -> Result<Json<Value>, ApiError> {
+    // Analytics may read from secondaries: nearest member, with a bounded staleness.
+    let options = mongodb::options::SelectionCriteria::ReadPreference(
+        mongodb::options::ReadPreference::SecondaryPreferred {
+            options: Default::default(),
+        },
+    );
+    let docs: Vec<Document> = state
+        .store
+        .collection(c::EVENTS)
+        .aggregate(pipeline)
+        .selection_criteria(options)
+        .await
+        .map_err(store_error)?
+        .try_collect()
+        .await
+        .map_err(store_error)?;
+    Ok(Json(json!(docs
+        .into_iter()
+        .map(|d| bson::Bson::Document(d).into_relaxed_extjson())
+        .collect::<Vec<_>>())))
+}
+
+/// The design document's daily analytics query.
+async fn daily(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<Window>,
+) -> Result<Json<Value>, ApiError> {
+    caller(&state, &headers, Role::Analyst).await?;
+    let today = chrono::Utc::now().date_naive();
+    let to = day_param("to", q.to.as_deref(), today)?;
+    let from = day_param("from", q.from.as_deref(), to - chrono::Days::new(6))?;
+    if from > to || (to - from).num_days() > 366 {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_parameter",
+            "`from` must be before `to`, at most 366 days apart",
+        ));
+    }
+    aggregate(&state, vec![
+        doc! { "$match": { "timestamp": { "$gte": start_of(from), "$lt": start_of(to + chrono::Days::new(1)) } } },
+        doc! { "$group": { "_id": { "$dateToString": { "format": "%Y-%m-%d", "date": "$timestamp" } }, "events": { "$sum": 1 }, "users": { "$addToSet": "$userId" }, "sessions": { "$addToSet": "$sessionId" } } },
+        doc! { "$project": { "_id": 0, "date": "$_id", "events": 1, "users": { "$size": "$users" }, "sessions": { "$size": "$sessions" } } },
+        doc! { "$sort": { "date": 1 } },
+    ]).await
+}
+
+/// The design document's top pages query.
+async fn top_pages(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<Window>,
+) -> Result<Json<Value>, ApiError> {
+    caller(&state, &headers, Role::Analyst).await?;
+    let from = day_param(
+        "from",
+        q.from.as_deref(),
+        chrono::Utc::now().date_naive() - chrono::Days::new(7),
+    )?;
+    let limit = q.limit.unwrap_or(10);
+    if !(1..=100).contains(&limit) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_parameter",
+            "`limit` must be 1-100",
+        ));
+    }
+    aggregate(&state, vec![
+        doc! { "$match": { "eventType": "PAGE_VIEW", "timestamp": { "$gte": start_of(from) } } },
+        doc! { "$group": { "_id": "$pageUrl", "views": { "$sum": 1 }, "uniqueUsers": { "$addToSet": "$userId" } } },
+        doc! { "$project": { "_id": 0, "pageUrl": "$_id", "views": 1, "uniqueUsers": { "$size": "$uniqueUsers" } } },
+        doc! { "$sort": { "views": -1, "pageUrl": 1 } },
+        doc! { "$limit": limit },
+    ]).await
+}
+
+/// The design document's user journey query.
+async fn journey(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<Window>,
+) -> Result<Json<Value>, ApiError> {
+    caller(&state, &headers, Role::Analyst).await?;
+    let user = q
+        .user_id
+        .filter(|u| !u.is_empty() && u.len() <= 256)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_parameter",
+                "`userId` is required",
+            )
+        })?;
+    aggregate(&state, vec![
+        doc! { "$match": { "userId": user } },
+        doc! { "$sort": { "timestamp": 1 } },
+        doc! { "$group": { "_id": "$sessionId", "events": { "$push": { "eventId": "$eventId", "eventType": "$eventType", "timestamp": "$timestamp", "pageUrl": "$pageUrl" } }, "startTime": { "$first": "$timestamp" }, "endTime": { "$last": "$timestamp" } } },
+        doc! { "$sort": { "startTime": -1 } },
+        doc! { "$limit": 100 },
+    ]).await
+}
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/admin/login", post(login))
+        .route("/v1/admin/me", get(me))
+        .route("/v1/admin/users", get(list_users).post(create_user))
+        .route("/v1/admin/configs", get(list_configs))
+        .route("/v1/admin/configs/{name}/active", post(set_config_active))
+        .route("/v1/admin/jobs", get(list_jobs))
+        .route("/v1/admin/jobs/{name}/run", post(run_job))
+        .route("/v1/analytics/daily", get(daily))
+        .route("/v1/analytics/top-pages", get(top_pages))
+        .route("/v1/analytics/journey", get(journey))
+}

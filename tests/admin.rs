@@ -1,0 +1,191 @@
+//! The admin and analytics API: every role against every endpoint, and bad credentials.
+
+mod support;
+
+use reqwest::Method;
+use serde_json::{json, Value};
+use sluice_core::model::Role;
+use support::{start_server, TestDb};
+
+const PASSWORD: &str = "correct horse battery";
+
+async fn login(base: &str, email: &str, password: &str) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .post(format!("{base}/v1/admin/login"))
+        .json(&json!({ "email": email, "password": password }))
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn every_role_against_every_endpoint() {
+    let db = TestDb::initialized().await;
+    for (email, role) in [
+        ("admin@x.io", Role::Admin),
+        ("analyst@x.io", Role::Analyst),
+        ("user@x.io", Role::User),
+    ] {
+        sluice::server::admin::create_admin_user(&db.store, email, PASSWORD, role)
+            .await
+            .unwrap();
+    }
+    let dir = std::env::temp_dir().join(format!("sluice-admin-{}", uuid::Uuid::new_v4().simple()));
+    let dest = dir.display().to_string();
+    let server = start_server(&db, |raw| {
+        raw.export.destination = dest.clone();
+        raw.schedules = vec![sluice_core::config::ScheduleSection {
+            name: "daily".into(),
+            kind: "DAILY_ANALYTICS".into(),
+            cron: "0 15 2 * * *".into(),
+            catch_up: 1,
+        }];
+    })
+    .await;
+    let base = format!("http://{}", server.addr);
+    let mut tokens = vec![(None, "anonymous")];
+    for (email, name) in [
+        ("admin@x.io", "ADMIN"),
+        ("analyst@x.io", "ANALYST"),
+        ("user@x.io", "USER"),
+    ] {
+        let (status, body) = login(&base, email, PASSWORD).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["role"], name);
+        tokens.push((Some(body["token"].as_str().unwrap().to_string()), name));
+    }
+    // (method, path, body, least role that may call it)
+    let endpoints: Vec<(Method, &str, Option<Value>, &str)> = vec![
+        (Method::GET, "/v1/admin/me", None, "USER"),
+        (Method::GET, "/v1/admin/jobs", None, "USER"),
+        (Method::GET, "/v1/admin/configs", None, "USER"),
+        (
+            Method::POST,
+            "/v1/admin/jobs/export:daily/run",
+            None,
+            "ANALYST",
+        ),
+        (Method::GET, "/v1/analytics/daily", None, "ANALYST"),
+        (Method::GET, "/v1/analytics/top-pages", None, "ANALYST"),
+        (
+            Method::GET,
+            "/v1/analytics/journey?userId=v1",
+            None,
+            "ANALYST",
+        ),
+        (Method::GET, "/v1/admin/users", None, "ADMIN"),
+        (
+            Method::POST,
+            "/v1/admin/users",
+            Some(json!({ "email": "new-{role}@x.io", "password": PASSWORD, "role": "USER" })),
+            "ADMIN",
+        ),
+    ];
+    let rank = |r: &str| match r {
+        "USER" => 1,
+        "ANALYST" => 2,
+        "ADMIN" => 3,
+        _ => 0,
+    };
+    let client = reqwest::Client::new();
+    for (method, path, body, least) in &endpoints {
+        for (token, role) in &tokens {
+            let mut req = client.request(method.clone(), format!("{base}{path}"));
+            if let Some(t) = token {
+                req = req.bearer_auth(t);
+            }
+            if let Some(b) = body {
+                req = req.json(
+                    &serde_json::from_str::<Value>(&b.to_string().replace("{role}", role)).unwrap(),
+                );
+            }
+            let status = req.send().await.unwrap().status().as_u16();
+            let expected: &[u16] = if token.is_none() {
+                &[401]
+            } else if rank(role) < rank(least) {
+                &[403]
+            } else {
+                &[200, 201, 202]
+            };
+            assert!(
+                expected.contains(&status),
+                "{role} {method} {path}: {status}, expected {expected:?}"
+            );
+        }
+    }
+    server.shutdown().await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn bad_credentials_never_reveal_whether_an_email_exists_and_are_rate_limited() {
+    let db = TestDb::initialized().await;
+    sluice::server::admin::create_admin_user(&db.store, "ops@x.io", PASSWORD, Role::Admin)
+        .await
+        .unwrap();
+    let server = start_server(&db, |_| {}).await;
+    let base = format!("http://{}", server.addr);
+    let (s1, wrong_password) = login(&base, "ops@x.io", "not the password").await;
+    let (s2, unknown_email) = login(&base, "nobody@x.io", "not the password").await;
+    assert_eq!((s1, s2), (401, 401));
+    assert_eq!(wrong_password, unknown_email, "the same answer either way");
+    for _ in 0..4 {
+        login(&base, "ops@x.io", "still wrong").await;
+    }
+    let (status, body) = login(&base, "ops@x.io", PASSWORD).await;
+    assert_eq!(
+        status, 429,
+        "locked out after repeated failures, even with the right password: {body}"
+    );
+    let r = reqwest::Client::new()
+        .get(format!("{base}/v1/admin/me"))
+        .bearer_auth("forged-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    // Weak passwords and duplicate users are refused.
+    assert!(
+        sluice::server::admin::create_admin_user(&db.store, "a@x.io", "short", Role::User)
+            .await
+            .is_err()
+    );
+    let dup = sluice::server::admin::create_admin_user(&db.store, "OPS@x.io", PASSWORD, Role::User)
+        .await
+        .unwrap_err();
+    assert!(dup.contains("already exists"), "{dup}");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn analytics_parameters_are_validated() {
+    let db = TestDb::initialized().await;
+    sluice::server::admin::create_admin_user(&db.store, "an@x.io", PASSWORD, Role::Analyst)
+        .await
+        .unwrap();
+    let server = start_server(&db, |_| {}).await;
+    let base = format!("http://{}", server.addr);
+    let token = login(&base, "an@x.io", PASSWORD).await.1["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let client = reqwest::Client::new();
+    for path in [
+        "/v1/analytics/daily?from=yesterday",
+        "/v1/analytics/top-pages?limit=0",
+        "/v1/analytics/journey",
+        "/v1/analytics/daily?from=2026-01-01&to=2025-01-01",
+    ] {
+        let r = client
+            .get(format!("{base}{path}"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 400, "{path}");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["error"], "invalid_parameter");
+    }
+    server.shutdown().await;
+}
