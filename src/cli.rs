@@ -242,8 +242,9 @@ pub async fn export_run(
     Ok(summary)
 }
 
-/// `sluice configs validate|apply DIR`: checks (and stores) every config file in a folder.
-pub async fn configs_command(config: &Config, dir: &Path, apply: bool) -> anyhow::Result<()> {
+/// `sluice configs validate DIR`: checks every config file of a folder (no database) and
+/// prints one line per file; fails when any is invalid.
+pub fn configs_validate(dir: &Path) -> anyhow::Result<Vec<sluice_jobs::configs::ValidFile>> {
     let (valid, errors) = sluice_jobs::configs::validate_dir(dir, &|k| std::env::var(k).ok())
         .with_context(|| format!("cannot read `{}`", dir.display()))?;
     for e in &errors {
@@ -263,22 +264,23 @@ pub async fn configs_command(config: &Config, dir: &Path, apply: bool) -> anyhow
                 .unwrap_or_default()
         );
     }
-    anyhow::ensure!(
-        errors.is_empty(),
-        "{} invalid config file(s); nothing applied",
-        errors.len()
-    );
-    if apply {
-        let store = Store::connect(config).await?;
-        store.init().await?;
-        for v in &valid {
-            let created = sluice_jobs::configs::apply(&store, &v.file).await?;
-            println!(
-                "{} {}",
-                if created { "created" } else { "updated" },
-                v.file.name
-            );
-        }
+    anyhow::ensure!(errors.is_empty(), "{} invalid config file(s)", errors.len());
+    Ok(valid)
+}
+
+/// `sluice configs apply DIR`: validates the folder, then stores every config (nothing is
+/// applied when any file is invalid).
+pub async fn configs_apply(config: &Config, dir: &Path) -> anyhow::Result<()> {
+    let valid = configs_validate(dir).context("nothing applied")?;
+    let store = Store::connect(config).await?;
+    store.init().await?;
+    for v in &valid {
+        let created = sluice_jobs::configs::apply(&store, &v.file).await?;
+        println!(
+            "{} {}",
+            if created { "created" } else { "updated" },
+            v.file.name
+        );
     }
     Ok(())
 }

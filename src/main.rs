@@ -190,24 +190,12 @@ fn main() -> ExitCode {
         command: ConfigsCommand::Validate { dir },
     } = &cli.command
     {
-        let (valid, errors) =
-            match sluice_jobs::configs::validate_dir(dir, &|k| std::env::var(k).ok()) {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("error: cannot read `{}`: {e}", dir.display());
-                    return ExitCode::from(2);
-                }
-            };
-        for e in &errors {
-            eprintln!("error: {e}");
-        }
-        for v in &valid {
-            println!("ok    {} ({})", v.path.display(), v.file.name);
-        }
-        return if errors.is_empty() {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::from(2)
+        return match cli::configs_validate(dir) {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(2)
+            }
         };
     }
     if let Command::Config {
@@ -278,7 +266,7 @@ fn main() -> ExitCode {
                 .map(|_| ()),
             Command::Configs {
                 command: ConfigsCommand::Apply { dir },
-            } => cli::configs_command(&config, &dir, true).await,
+            } => cli::configs_apply(&config, &dir).await,
             Command::Configs { .. } | Command::Plugin { .. } => {
                 unreachable!("handled before the runtime starts")
             }

@@ -161,3 +161,32 @@ fn plugin_new_scaffolds_a_crate_that_uses_the_sdk() {
     );
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn configs_validate_lists_good_files_and_names_the_bad_ones() {
+    let dir =
+        std::env::temp_dir().join(format!("sluice-configs-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/integrations");
+    std::fs::copy(
+        examples.join("public-link-header.toml"),
+        dir.join("good.toml"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("bad.toml"),
+        "name = \"x\"\ntype = \"IMPORT\"\nendpoint = \"ftp://nope\"\n",
+    )
+    .unwrap();
+    let out = sluice()
+        .args(["configs", "validate"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stdout.contains("good.toml"), "{stdout}");
+    assert!(stderr.contains("bad.toml: field `endpoint`"), "{stderr}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
