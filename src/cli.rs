@@ -98,18 +98,34 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         config: config.clone(),
         store: store.clone(),
     });
-    let scheduler = sluice_jobs::schedule::Scheduler::start(
-        store.clone(),
-        runner,
-        crate::engine::job_source(config.clone(), store.clone()),
-        Default::default(),
-    )
-    .await
-    .map_err(|e| anyhow::anyhow!("scheduler: {e}"))?;
+    let scheduler = if config.scheduler.enabled {
+        let options = sluice_jobs::schedule::SchedulerOptions {
+            lease: std::time::Duration::from_secs(config.scheduler.lease_seconds),
+            reload_every: std::time::Duration::from_secs(config.scheduler.reload_seconds),
+            ..Default::default()
+        };
+        tracing::info!(instance = %options.instance, "scheduler started");
+        Some(
+            sluice_jobs::schedule::Scheduler::start(
+                store.clone(),
+                runner,
+                crate::engine::job_source(config.clone(), store.clone()),
+                options,
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("scheduler: {e}"))?,
+        )
+    } else {
+        None
+    };
     let handle = crate::server::start((*config).clone(), store, listener, true).await?;
     tracing::info!(addr = %handle.addr, "sluice serving");
     handle.wait().await;
-    scheduler.shutdown().await;
+    if let Some(s) = scheduler {
+        // Runs in flight keep their lease until they end or it expires (then another
+        // replica takes them over).
+        s.shutdown().await;
+    }
     Ok(())
 }
 

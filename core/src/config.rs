@@ -78,6 +78,29 @@ pub struct RawConfig {
     pub plugins: PluginsSection,
     /// Export jobs run on a cron schedule by `sluice serve`.
     pub schedules: Vec<ScheduleSection>,
+    pub scheduler: SchedulerSection,
+}
+
+/// `[scheduler]`: how replicas share scheduled runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SchedulerSection {
+    /// Run scheduled jobs in this process (turn off for tracking-only replicas).
+    pub enabled: bool,
+    /// A claimed run not renewed for this long is taken over by another replica.
+    pub lease_seconds: u64,
+    /// How often configs and schedules are re-read.
+    pub reload_seconds: u64,
+}
+
+impl Default for SchedulerSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            lease_seconds: 60,
+            reload_seconds: 30,
+        }
+    }
 }
 
 /// `[[schedules]]`: an export job on a cron schedule.
@@ -357,6 +380,7 @@ pub struct Config {
     pub log: LogSection,
     pub plugins: PluginsSection,
     pub schedules: Vec<ScheduleSection>,
+    pub scheduler: SchedulerSection,
     /// Non-fatal remarks (for example: no write key configured).
     pub warnings: Vec<String>,
     /// The raw form, for printing with secrets redacted.
@@ -644,6 +668,12 @@ pub fn validate(
             ));
         }
     }
+    if raw.scheduler.lease_seconds < 2 || raw.scheduler.reload_seconds == 0 {
+        return Err(invalid(
+            "scheduler.lease_seconds",
+            "`lease_seconds` of at least 2 and `reload_seconds` of at least 1".into(),
+        ));
+    }
     let mut names = std::collections::HashSet::new();
     for (i, sched) in raw.schedules.iter().enumerate() {
         crate::model::ExportJobType::parse(&sched.kind)
@@ -682,6 +712,7 @@ pub fn validate(
         log: raw.log.clone(),
         plugins: raw.plugins.clone(),
         schedules: raw.schedules.clone(),
+        scheduler: raw.scheduler.clone(),
         warnings,
         raw,
     })

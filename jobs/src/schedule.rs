@@ -226,10 +226,20 @@ impl Scheduler {
         fire_job(&self.inner, job, fire).await
     }
 
-    /// Stops the triggers and the sweeper. Runs in flight keep their lease until they end
-    /// or it expires.
+    /// Stops the triggers and the sweeper, and hands back the runs this replica still
+    /// holds (their lease is expired at once, so another replica takes them over now
+    /// rather than after the lease).
     pub async fn shutdown(&self) {
         let _ = self.cron.lock().await.shutdown().await;
+        let _ = self
+            .inner
+            .store
+            .collection(c::SCHEDULED_RUNS)
+            .update_many(
+                doc! { "owner": &self.inner.options.instance, "status": "RUNNING" },
+                doc! { "$set": { "expiresAt": DateTime::from_millis(0), "handedBackAt": DateTime::now() } },
+            )
+            .await;
         if let Ok(tasks) = self.tasks.lock() {
             for t in tasks.iter() {
                 t.abort();

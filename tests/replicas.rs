@@ -1,0 +1,158 @@
+//! Two real `sluice serve` processes on one database: the scheduled run of an import is
+//! claimed by one; `kill -9` it mid-run and the other takes the run over after the lease
+//! and completes it from the import's checkpoint, with nothing lost or duplicated.
+
+mod support;
+
+use std::time::Duration;
+
+use axum::extract::Query;
+use axum::routing::get;
+use axum::{Json, Router};
+use bson::doc;
+use serde_json::{json, Value};
+use support::TestDb;
+
+/// 6 pages of 10 records, 700 ms a page.
+async fn slow_api() -> String {
+    let app = Router::new().route(
+        "/items",
+        get(
+            |Query(q): Query<std::collections::HashMap<String, String>>| async move {
+                tokio::time::sleep(Duration::from_millis(700)).await;
+                let from: u64 = q.get("cursor").and_then(|c| c.parse().ok()).unwrap_or(0);
+                let data: Vec<Value> = (from..from + 10).map(|i| json!({ "id": i })).collect();
+                let next = if from + 10 < 60 {
+                    json!((from + 10).to_string())
+                } else {
+                    Value::Null
+                };
+                Json(json!({ "data": data, "next": next }))
+            },
+        ),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("http://{addr}/items")
+}
+
+#[tokio::test]
+async fn a_killed_replicas_run_is_taken_over_and_completed_by_the_other() {
+    let db = TestDb::initialized().await;
+    let url = slow_api().await;
+    let file = sluice_core::integration::parse_file(
+        "feed.toml",
+        &format!(
+            r#"
+name = "slow-feed"
+type = "IMPORT"
+endpoint = "{url}"
+schedule = "* * * * * *"
+allow_private_network = true
+[source]
+records = "$.data[*]"
+[source.pagination]
+type = "cursor"
+cursor_path = "$.next"
+[target]
+collection = "things"
+key = "thingId"
+[mapping.thingId]
+path = "$.id"
+type = "string"
+required = true
+"#
+        ),
+    )
+    .unwrap();
+    sluice_jobs::configs::apply(&db.store, &file).await.unwrap();
+    let dir =
+        std::env::temp_dir().join(format!("sluice-replicas-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("sluice.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[mongodb]\nuri = \"{}\"\ndatabase = \"{}\"\n[server]\nlisten = \"127.0.0.1:0\"\n[scheduler]\nlease_seconds = 3\nreload_seconds = 1\n[log]\nlevel = \"warn\"\n",
+            support::mongo_uri(),
+            db.name
+        ),
+    )
+    .unwrap();
+    let spawn = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["--config"])
+            .arg(&config)
+            .arg("serve")
+            .env_remove("SLUICE_MONGODB_URI")
+            .env_remove("SLUICE_MONGODB_DATABASE")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut replicas = vec![spawn(), spawn()];
+    let runs = db.store.collection("scheduled_runs");
+
+    // Wait for the first claim, then kill its owner mid-run (6 pages take 4.2 s).
+    let first = loop {
+        if let Some(d) = runs
+            .find_one(doc! { "status": "RUNNING" })
+            .sort(doc! { "scheduledFor": 1 })
+            .await
+            .unwrap()
+        {
+            break d;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let id = first.get_str("_id").unwrap().to_string();
+    let owner = first.get_str("owner").unwrap().to_string();
+    let owner_pid: u32 = owner.split('-').next().unwrap().parse().unwrap();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let victim = replicas
+        .iter()
+        .position(|p| p.id() == owner_pid)
+        .expect("the owner is one of ours");
+    let mut killed = replicas.remove(victim);
+    killed.kill().unwrap(); // SIGKILL: no chance to hand the run back
+    killed.wait().unwrap();
+
+    // The survivor takes it over once the lease (3 s) has expired, and finishes it.
+    let done = loop {
+        let d = runs.find_one(doc! { "_id": &id }).await.unwrap().unwrap();
+        if d.get_str("status").unwrap() != "RUNNING" {
+            break d;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let mut survivor = replicas.remove(0);
+    let _ = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(survivor.id().to_string())
+        .status();
+    let _ = survivor.wait();
+
+    assert_eq!(done.get_str("status").unwrap(), "COMPLETED", "{done}");
+    assert_ne!(
+        done.get_str("owner").unwrap(),
+        owner,
+        "taken over by the other replica"
+    );
+    assert_eq!(done.get_i32("attempts").unwrap(), 2);
+    let things = db.store.collection("things");
+    assert_eq!(
+        things.count_documents(doc! {}).await.unwrap(),
+        60,
+        "nothing lost, nothing duplicated"
+    );
+    let resumed = db
+        .store
+        .collection("import_runs")
+        .count_documents(doc! { "config": "slow-feed", "resumed": true, "status": "COMPLETED" })
+        .await
+        .unwrap();
+    assert!(resumed >= 1, "the survivor resumed from the checkpoint");
+    let _ = std::fs::remove_dir_all(dir);
+}
