@@ -15,6 +15,8 @@ fn every_scenario_prints_a_ratio_line() {
             "1000",
             "--transform-records",
             "2000",
+            "--idle-seconds",
+            "2",
             "--rounds",
             "1",
         ])
@@ -42,10 +44,20 @@ fn every_scenario_prints_a_ratio_line() {
             "parquet-export",
             "http-import",
             "wasm-transform-noop",
-            "wasm-transform-redact"
+            "wasm-transform-redact",
+            "scheduler-idle"
         ]
     );
     for l in &lines {
+        if l["scenario"] == "scheduler-idle" {
+            // CPU seconds of an idle process over two seconds may round to zero.
+            assert!(
+                l["baseline_cpu_s"].as_f64().is_some() && l["sluice_cpu_s"].as_f64().is_some(),
+                "{l}"
+            );
+            assert!(l["fire_delay_p99_ms"].as_f64().unwrap() >= 0.0, "{l}");
+            continue;
+        }
         let (base, sluice, ratio) = (
             l["baseline_per_s"].as_f64().unwrap(),
             l["sluice_per_s"].as_f64().unwrap(),

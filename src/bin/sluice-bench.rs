@@ -20,6 +20,10 @@
 //!   plugin, and through the redaction plugin vs the same redaction compiled natively.
 //!   Needs `scripts/build-plugins.sh` first.
 //!
+//! - `scheduler-idle`: CPU seconds of an idle `sluice serve` with no jobs divided by the
+//!   same with 1,000 rarely-firing scheduled jobs, over the same time; also the p99 delay
+//!   between a cron instant and its run starting (200 jobs firing every second).
+//!
 //! Run in release mode: `cargo run --release --bin sluice-bench -- [SCENARIO...]`.
 
 use std::time::Instant;
@@ -51,6 +55,9 @@ struct Args {
     /// Records through `wasm-transform`.
     #[arg(long, default_value_t = 1_000_000)]
     transform_records: usize,
+    /// Seconds each `sluice serve` is measured by `scheduler-idle`.
+    #[arg(long, default_value_t = 60)]
+    idle_seconds: u64,
     /// Measurement rounds; the best round of each side is reported.
     #[arg(long, default_value_t = 2)]
     rounds: usize,
@@ -62,6 +69,7 @@ const SCENARIOS: &[&str] = &[
     "parquet-export",
     "http-import",
     "wasm-transform",
+    "scheduler-idle",
 ];
 const INSERT_BATCH: usize = 1_000;
 
@@ -572,6 +580,114 @@ fn wasm_transform(events: &[Event], n: usize, rounds: usize) -> anyhow::Result<(
     Ok(())
 }
 
+/// CPU seconds (user + system) a process has used, from /proc.
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = fields.get(11).and_then(|f| f.parse().ok()).unwrap_or(0.0)
+        + fields.get(12).and_then(|f| f.parse().ok()).unwrap_or(0.0);
+    Ok(ticks / 100.0) // USER_HZ is 100 on Linux
+}
+
+async fn idle_cpu(jobs: usize, seconds: u64) -> anyhow::Result<f64> {
+    let store = fresh_store("idle").await?;
+    let dir = std::env::temp_dir().join(format!("sluice-idle-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir)?;
+    let mut text = format!(
+        "[mongodb]\nuri = \"{}\"\ndatabase = \"{}\"\n[server]\nlisten = \"127.0.0.1:0\"\n[log]\nlevel = \"warn\"\n",
+        mongo_uri(),
+        store.db().name()
+    );
+    for i in 0..jobs {
+        // Once a year: registered and waiting, never firing during the measurement.
+        text.push_str(&format!(
+            "[[schedules]]\nname = \"yearly-{i}\"\ntype = \"DAILY_ANALYTICS\"\ncron = \"0 0 0 1 1 *\"\n"
+        ));
+    }
+    let config = dir.join("sluice.toml");
+    std::fs::write(&config, text)?;
+    let exe = std::env::current_exe()?.with_file_name("sluice");
+    let mut child = std::process::Command::new(exe)
+        .arg("--config")
+        .arg(&config)
+        .arg("serve")
+        .env_remove("SLUICE_MONGODB_URI")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await; // start-up
+    let before = cpu_seconds(child.id())?;
+    tokio::time::sleep(std::time::Duration::from_secs(seconds)).await;
+    let used = cpu_seconds(child.id())? - before;
+    let _ = child.kill();
+    let _ = child.wait();
+    store.db().drop().await?;
+    let _ = std::fs::remove_dir_all(dir);
+    Ok(used)
+}
+
+/// The p99 delay between a cron instant and its run starting, 200 jobs every second.
+async fn fire_delay_p99(seconds: u64) -> anyhow::Result<f64> {
+    use sluice_jobs::schedule::{
+        JobSource, RunFuture, Runner, ScheduledJob, Scheduler, SchedulerOptions,
+    };
+    struct Delays(std::sync::Arc<std::sync::Mutex<Vec<f64>>>);
+    impl Runner for Delays {
+        fn run(&self, _job: &ScheduledJob, fire: chrono::DateTime<chrono::Utc>) -> RunFuture {
+            let delay = (chrono::Utc::now() - fire).num_microseconds().unwrap_or(0) as f64 / 1000.0;
+            self.0.lock().map(|mut d| d.push(delay)).ok();
+            Box::pin(async { Ok(String::new()) })
+        }
+    }
+    let store = fresh_store("delay").await?;
+    let delays = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let jobs: Vec<ScheduledJob> = (0..200)
+        .map(|i| ScheduledJob {
+            name: format!("j{i}"),
+            cron: "* * * * * *".into(),
+        })
+        .collect();
+    let source: JobSource = std::sync::Arc::new(move || {
+        let jobs = jobs.clone();
+        Box::pin(async move { jobs })
+    });
+    let s = Scheduler::start(
+        store.clone(),
+        std::sync::Arc::new(Delays(delays.clone())),
+        source,
+        SchedulerOptions::default(),
+    )
+    .await
+    .map_err(anyhow::Error::msg)?;
+    tokio::time::sleep(std::time::Duration::from_secs(seconds.clamp(2, 10))).await;
+    s.shutdown().await;
+    store.db().drop().await?;
+    let mut d = delays.lock().map(|d| d.clone()).unwrap_or_default();
+    anyhow::ensure!(!d.is_empty(), "no fire was measured");
+    d.sort_by(|a, b| a.total_cmp(b));
+    Ok(d[(d.len() * 99 / 100).min(d.len() - 1)])
+}
+
+async fn scheduler_idle(seconds: u64) -> anyhow::Result<()> {
+    let none = idle_cpu(0, seconds).await?;
+    let thousand = idle_cpu(1000, seconds).await?;
+    let p99 = fire_delay_p99(seconds).await?;
+    // Lower CPU is better: the "rate" of each side is 1 / CPU seconds.
+    let line = json!({
+        "scenario": "scheduler-idle",
+        "baseline_cpu_s": none,
+        "sluice_cpu_s": thousand,
+        "baseline_per_s": if none > 0.0 { 1.0 / none } else { 0.0 },
+        "sluice_per_s": if thousand > 0.0 { 1.0 / thousand } else { 0.0 },
+        "ratio": if thousand > 0.0 { ((none / thousand) * 1000.0).round() / 1000.0 } else { 1.0 },
+        "seconds": seconds,
+        "fire_delay_p99_ms": (p99 * 10.0).round() / 10.0,
+    });
+    println!("{line}");
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -593,6 +709,12 @@ async fn main() -> anyhow::Result<()> {
             parquet_export(args.export_events)
                 .await
                 .context("parquet-export")?;
+            continue;
+        }
+        if scenario == "scheduler-idle" {
+            scheduler_idle(args.idle_seconds)
+                .await
+                .context("scheduler-idle")?;
             continue;
         }
         if scenario == "wasm-transform" {
