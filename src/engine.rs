@@ -22,6 +22,7 @@ pub async fn scheduled_jobs(config: &Config, store: &Store) -> Vec<ScheduledJob>
         .map(|s| ScheduledJob {
             name: format!("{EXPORT_PREFIX}{}", s.name),
             cron: s.cron.clone(),
+            timezone: s.timezone.clone(),
         })
         .collect();
     let found = store
@@ -32,9 +33,15 @@ pub async fn scheduled_jobs(config: &Config, store: &Store) -> Vec<ScheduledJob>
         let docs: Vec<bson::Document> = cursor.try_collect().await.unwrap_or_default();
         for d in docs {
             if let (Ok(name), Ok(cron)) = (d.get_str(f::NAME), d.get_str("schedule")) {
+                let timezone = d
+                    .get_document("spec")
+                    .ok()
+                    .and_then(|s| s.get_str("timezone").ok())
+                    .map(str::to_string);
                 jobs.push(ScheduledJob {
                     name: format!("{INTEGRATION_PREFIX}{name}"),
                     cron: cron.to_string(),
+                    timezone,
                 });
             }
         }

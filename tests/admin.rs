@@ -40,6 +40,7 @@ async fn every_role_against_every_endpoint() {
             kind: "DAILY_ANALYTICS".into(),
             cron: "0 15 2 * * *".into(),
             catch_up: 1,
+            timezone: None,
         }];
     })
     .await;
@@ -77,6 +78,12 @@ async fn every_role_against_every_endpoint() {
         (Method::GET, "/v1/admin/users", None, "ADMIN"),
         (
             Method::POST,
+            "/v1/admin/configs",
+            Some(json!("CONFIG")),
+            "ADMIN",
+        ),
+        (
+            Method::POST,
             "/v1/admin/users",
             Some(json!({ "email": "new-{role}@x.io", "password": PASSWORD, "role": "USER" })),
             "ADMIN",
@@ -95,10 +102,20 @@ async fn every_role_against_every_endpoint() {
             if let Some(t) = token {
                 req = req.bearer_auth(t);
             }
-            if let Some(b) = body {
-                req = req.json(
-                    &serde_json::from_str::<Value>(&b.to_string().replace("{role}", role)).unwrap(),
-                );
+            match body {
+                Some(Value::String(s)) if s == "CONFIG" => {
+                    req = req.body(format!(
+                        "name = \"cfg-{}\"\ntype = \"IMPORT\"\nendpoint = \"https://api.example/x\"\n[target]\nkey = \"id\"\n[mapping.id]\npath = \"$.id\"\n",
+                        role.to_lowercase()
+                    ));
+                }
+                Some(b) => {
+                    req = req.json(
+                        &serde_json::from_str::<Value>(&b.to_string().replace("{role}", role))
+                            .unwrap(),
+                    );
+                }
+                None => {}
             }
             let status = req.send().await.unwrap().status().as_u16();
             let expected: &[u16] = if token.is_none() {
@@ -114,6 +131,26 @@ async fn every_role_against_every_endpoint() {
             );
         }
     }
+    let applied = db
+        .store
+        .collection("integration_configs")
+        .count_documents(bson::doc! { "name": "cfg-admin" })
+        .await
+        .unwrap();
+    assert_eq!(applied, 1, "the ADMIN's config was validated and stored");
+    let r = client
+        .post(format!("{base}/v1/admin/configs"))
+        .bearer_auth(tokens[1].0.as_ref().unwrap())
+        .body("name = \"broken\"\ntype = \"IMPORT\"\nendpoint = \"ftp://x\"\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert!(
+        body["message"].as_str().unwrap().contains("`endpoint`"),
+        "{body}"
+    );
     server.shutdown().await;
     let _ = std::fs::remove_dir_all(dir);
 }

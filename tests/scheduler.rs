@@ -73,6 +73,7 @@ async fn each_fire_runs_exactly_once_across_two_replicas() {
     let job = ScheduledJob {
         name: "tick".into(),
         cron: "* * * * * *".into(),
+        timezone: None,
     };
     let mut replicas = Vec::new();
     for name in ["replica-a", "replica-b"] {
@@ -174,6 +175,7 @@ async fn an_overlapping_fire_is_skipped_and_recorded() {
     let job = ScheduledJob {
         name: "slow".into(),
         cron: "* * * * * *".into(),
+        timezone: None,
     };
     let s = Scheduler::start(
         db.store.clone(),
@@ -212,6 +214,7 @@ async fn a_run_that_loses_its_lease_stops() {
     let job = ScheduledJob {
         name: "long".into(),
         cron: String::new(),
+        timezone: None,
     };
     let fire = Utc::now();
     let steal = {
@@ -300,6 +303,7 @@ async fn the_engine_schedules_export_schedules_and_integration_configs() {
             kind: "DAILY_ANALYTICS".into(),
             cron: "0 15 2 * * *".into(),
             catch_up: 3,
+            timezone: None,
         }];
     });
     let file = sluice_core::integration::parse_file(

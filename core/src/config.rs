@@ -116,6 +116,9 @@ pub struct ScheduleSection {
     /// Missed daily windows run after downtime, oldest first, at most this many.
     #[serde(default = "default_catch_up")]
     pub catch_up: usize,
+    /// IANA time zone the cron is read in (`Europe/Paris`); default UTC.
+    #[serde(default)]
+    pub timezone: Option<String>,
 }
 
 fn default_catch_up() -> usize {
@@ -686,6 +689,14 @@ pub fn validate(
                     sched.cron
                 ),
             ));
+        }
+        if let Some(tz) = &sched.timezone {
+            tz.parse::<chrono_tz::Tz>().map_err(|_| {
+                invalid(
+                    &format!("schedules[{i}].timezone"),
+                    format!("an IANA time zone such as `Europe/Paris`, got `{tz}`"),
+                )
+            })?;
         }
         if !names.insert(sched.name.clone()) {
             return Err(invalid(

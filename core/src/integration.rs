@@ -32,9 +32,12 @@ pub struct IntegrationFile {
     pub method: String,
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
-    /// Cron expression with seconds (`0 */15 * * * *`), UTC; none = manual runs only.
+    /// Cron expression with seconds (`0 */15 * * * *`); none = manual runs only.
     #[serde(default)]
     pub schedule: Option<String>,
+    /// IANA time zone the schedule is read in (`America/New_York`); default UTC.
+    #[serde(default)]
+    pub timezone: Option<String>,
     #[serde(default = "yes")]
     pub is_active: bool,
     /// Endpoints on loopback, link-local or private addresses are refused unless allowed.
@@ -487,6 +490,14 @@ pub fn validate(
                 format!("a cron expression with seconds (6 or 7 fields, e.g. `0 */15 * * * *`), got `{cron}`"),
             ));
         }
+    }
+    if let Some(tz) = &file.timezone {
+        tz.parse::<chrono_tz::Tz>().map_err(|_| {
+            invalid(
+                "timezone",
+                format!("an IANA time zone such as `Europe/Paris`, got `{tz}`"),
+            )
+        })?;
     }
     let secret = |field: &str, s: &Option<Secret>| -> Result<Secret, ConfigError> {
         let s = s

@@ -29,6 +29,8 @@ use tokio_cron_scheduler::{Job, JobScheduler};
 pub struct ScheduledJob {
     pub name: String,
     pub cron: String,
+    /// IANA time zone of the cron; `None` = UTC.
+    pub timezone: Option<String>,
 }
 
 /// Runs a job's fire; returns a one-line result, or the error.
@@ -86,9 +88,15 @@ pub fn parse_cron(expr: &str) -> Result<croner::Cron, String> {
         .map_err(|e| format!("invalid cron expression `{expr}`: {e}"))
 }
 
-/// The latest instant of `cron` at or before `now`.
-pub fn fire_instant(cron: &croner::Cron, now: chrono::DateTime<Utc>) -> chrono::DateTime<Utc> {
-    cron.find_previous_occurrence(&now, true).unwrap_or(now)
+/// The latest instant of `cron` (read in `tz`) at or before `now`.
+pub fn fire_instant(
+    cron: &croner::Cron,
+    tz: chrono_tz::Tz,
+    now: chrono::DateTime<Utc>,
+) -> chrono::DateTime<Utc> {
+    cron.find_previous_occurrence(&now.with_timezone(&tz), true)
+        .map(|t| t.with_timezone(&Utc))
+        .unwrap_or(now)
 }
 
 fn run_id(job: &str, fire: chrono::DateTime<Utc>) -> String {
@@ -181,7 +189,11 @@ impl Scheduler {
             jobs.iter().map(|j| (j.name.as_str(), j)).collect();
         let stale: Vec<String> = registered
             .iter()
-            .filter(|(name, (cron, _))| wanted.get(name.as_str()).is_none_or(|j| j.cron != *cron))
+            .filter(|(name, (key, _))| {
+                wanted
+                    .get(name.as_str())
+                    .is_none_or(|j| format!("{}|{:?}", j.cron, j.timezone) != *key)
+            })
             .map(|(name, _)| name.clone())
             .collect();
         for name in stale {
@@ -201,21 +213,32 @@ impl Scheduler {
                     continue;
                 }
             };
+            let tz: chrono_tz::Tz = match job.timezone.as_deref().map(str::parse) {
+                None => chrono_tz::UTC,
+                Some(Ok(tz)) => tz,
+                Some(Err(_)) => {
+                    tracing::warn!(job = %job.name, timezone = ?job.timezone, "unknown time zone; not scheduled");
+                    continue;
+                }
+            };
             let inner = self.inner.clone();
             let job_clone = job.clone();
-            let trigger = Job::new_async(job.cron.as_str(), move |_, _| {
+            let trigger = Job::new_async_tz(job.cron.as_str(), tz, move |_, _| {
                 let inner = inner.clone();
                 let job = job_clone.clone();
                 let cron = cron.clone();
                 Box::pin(async move {
-                    let fire = fire_instant(&cron, Utc::now());
+                    let fire = fire_instant(&cron, tz, Utc::now());
                     let outcome = fire_job(&inner, &job, fire).await;
                     tracing::info!(job = %job.name, fire = %fire, ?outcome, "fired");
                 })
             })
             .map_err(|e| format!("job `{}`: {e}", job.name))?;
             let id = sched.add(trigger).await.map_err(|e| e.to_string())?;
-            registered.insert(job.name.clone(), (job.cron.clone(), id));
+            registered.insert(
+                job.name.clone(),
+                (format!("{}|{:?}", job.cron, job.timezone), id),
+            );
             tracing::info!(job = %job.name, cron = %job.cron, "scheduled");
         }
         Ok(())
@@ -386,6 +409,7 @@ async fn sweep(inner: &Arc<Inner>) -> Result<(), StoreError> {
             let job = ScheduledJob {
                 name: job.to_string(),
                 cron: String::new(),
+                timezone: None,
             };
             let fire = fire.to_chrono();
             tracing::warn!(job = %job.name, run = id, "took over a run whose owner stopped");
@@ -397,4 +421,32 @@ async fn sweep(inner: &Arc<Inner>) -> Result<(), StoreError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fire_instants_follow_the_schedules_time_zone() {
+        let cron = parse_cron("0 0 2 * * *").unwrap();
+        let now = "2026-11-25T10:00:00Z"
+            .parse::<chrono::DateTime<Utc>>()
+            .unwrap();
+        // 02:00 in Paris is 01:00 UTC in winter.
+        assert_eq!(
+            fire_instant(&cron, chrono_tz::Europe::Paris, now).to_rfc3339(),
+            "2026-11-25T01:00:00+00:00"
+        );
+        assert_eq!(
+            fire_instant(&cron, chrono_tz::UTC, now).to_rfc3339(),
+            "2026-11-25T02:00:00+00:00"
+        );
+    }
+
+    #[test]
+    fn cron_expressions_need_seconds() {
+        assert!(parse_cron("*/5 * * * *").is_err());
+        assert!(parse_cron("0 */5 * * * *").is_ok());
+    }
 }

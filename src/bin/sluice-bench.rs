@@ -646,6 +646,7 @@ async fn fire_delay_p99(seconds: u64) -> anyhow::Result<f64> {
         .map(|i| ScheduledJob {
             name: format!("j{i}"),
             cron: "* * * * * *".into(),
+            timezone: None,
         })
         .collect();
     let source: JobSource = std::sync::Arc::new(move || {

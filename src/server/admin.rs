@@ -317,6 +317,50 @@ async fn list_configs(
         .collect::<Vec<_>>())))
 }
 
+/// `POST /v1/admin/configs` with a config file (TOML) as the body: validated like
+/// `sluice configs apply`, then stored.
+async fn apply_config(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: String,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    caller(&state, &headers, Role::Admin).await?;
+    let bad = |e: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_config", e);
+    let file = sluice_core::integration::parse_file("request body", &body)
+        .map_err(|e| bad(e.to_string()))?;
+    let dir = std::env::temp_dir().join(format!(
+        "sluice-api-config-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::create_dir_all(&dir).map_err(|e| bad(e.to_string()))?;
+    let path = dir.join(format!("{}.toml", file.name));
+    let checked = std::fs::write(&path, &body)
+        .map_err(|e| e.to_string())
+        .and_then(|()| {
+            sluice_jobs::configs::validate_dir(&dir, &|k| std::env::var(k).ok())
+                .map_err(|e| e.to_string())
+        });
+    let _ = std::fs::remove_dir_all(&dir);
+    let (_, errors) = checked.map_err(bad)?;
+    if let Some(e) = errors.first() {
+        return Err(bad(e
+            .to_string()
+            .replace(&path.display().to_string(), "request body")));
+    }
+    let created = sluice_jobs::configs::apply(&state.store, &file)
+        .await
+        .map_err(store_error)?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((
+        status,
+        Json(json!({ "name": file.name, "created": created })),
+    ))
+}
+
 async fn set_config_active(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -523,7 +567,7 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/admin/login", post(login))
         .route("/v1/admin/me", get(me))
         .route("/v1/admin/users", get(list_users).post(create_user))
-        .route("/v1/admin/configs", get(list_configs))
+        .route("/v1/admin/configs", get(list_configs).post(apply_config))
         .route("/v1/admin/configs/{name}/active", post(set_config_active))
         .route("/v1/admin/jobs", get(list_jobs))
         .route("/v1/admin/jobs/{name}/run", post(run_job))
