@@ -96,7 +96,12 @@ required = true
     let runs = db.store.collection("scheduled_runs");
 
     // Wait for the first claim, then kill its owner mid-run (6 pages take 4.2 s).
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
     let first = loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no replica claimed a run"
+        );
         if let Some(d) = runs
             .find_one(doc! { "status": "RUNNING" })
             .sort(doc! { "scheduledFor": 1 })
@@ -121,6 +126,10 @@ required = true
 
     // The survivor takes it over once the lease (3 s) has expired, and finishes it.
     let done = loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the run was never finished"
+        );
         let d = runs.find_one(doc! { "_id": &id }).await.unwrap().unwrap();
         if d.get_str("status").unwrap() != "RUNNING" {
             break d;
