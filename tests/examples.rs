@@ -46,3 +46,51 @@ fn the_example_sluice_toml_validates() {
     assert_eq!(config.tracking.session_timeout_minutes, 30);
     assert_eq!(config.write_keys.len(), 1);
 }
+
+/// Every ```toml block of the README and the docs is a config Sluice reads: a
+/// `sluice.toml`, an integration config or a plugin manifest.
+#[test]
+fn every_toml_example_in_the_docs_parses() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = vec![root.join("README.md")];
+    for entry in std::fs::read_dir(root.join("docs")).unwrap() {
+        files.push(entry.unwrap().path());
+    }
+    let mut checked = 0;
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        for (i, block) in text.split("```toml\n").skip(1).enumerate() {
+            let block = block.split("```").next().unwrap();
+            // Placeholders in the docs stand for values the reader fills in.
+            let block = block.replace("\"…\"", "\"0\"");
+            let as_config = sluice_core::config::parse("doc", &block)
+                .map_err(|e| e.to_string())
+                .and_then(|raw| {
+                    sluice_core::config::validate("doc", &Default::default(), raw, &env)
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                });
+            let as_integration = sluice_core::integration::parse_file("doc", &block)
+                .map_err(|e| e.to_string())
+                .and_then(|f| {
+                    sluice_core::integration::validate("doc", &f, &env)
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                });
+            let as_manifest = toml::from_str::<sluice_plugins::Manifest>(&block)
+                .map(|_| ())
+                .map_err(|e| e.to_string());
+            assert!(
+                as_config.is_ok() || as_integration.is_ok() || as_manifest.is_ok(),
+                "{} block {}:\n{block}\nas sluice.toml: {:?}\nas integration: {:?}\nas manifest: {:?}",
+                file.display(),
+                i + 1,
+                as_config.err(),
+                as_integration.err(),
+                as_manifest.err()
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 4, "only {checked} blocks found");
+}
