@@ -336,3 +336,58 @@ async fn example_plugins_transform_an_export_pipeline_as_documented() {
     }
     std::fs::remove_dir_all(out).unwrap();
 }
+
+#[tokio::test]
+async fn the_tracking_endpoint_runs_its_plugin_chain_before_storing() {
+    let db = support::TestDb::initialized().await;
+    let dir = support::plugin_dir().display().to_string();
+    let server = support::start_server(&db, |raw| {
+        raw.plugins.dir = dir.clone();
+        raw.plugins.tracking_transforms = vec!["bot-filter".into(), "redact-pii".into()];
+        raw.plugins.config.insert(
+            "redact-pii".into(),
+            toml::Value::Table(toml::toml! { salt = "tracking-salt-0123456789" }),
+        );
+    })
+    .await;
+    let body = json!({ "batch": [
+        { "eventId": "t1", "userId": "v", "sessionId": "s", "eventType": "SIGNUP", "properties": { "email": "eve@example.com" } },
+        { "eventId": "t2", "userId": "c", "sessionId": "c", "eventType": "PAGE_VIEW", "context": { "userAgent": "Googlebot/2.1" } },
+    ] });
+    let resp = reqwest::Client::new()
+        .post(format!("http://{}/v1/batch", server.addr))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let answer: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(answer["results"][0]["status"], "stored", "{answer}");
+    assert_eq!(answer["results"][1]["status"], "dropped");
+    assert_eq!(answer["results"][1]["reason"], "transform");
+    let stored = db
+        .store
+        .collection("events")
+        .find_one(doc! { "eventId": "t1" })
+        .await
+        .unwrap()
+        .unwrap();
+    let email = stored
+        .get_document("properties")
+        .unwrap()
+        .get_str("email")
+        .unwrap();
+    assert_eq!(
+        email,
+        redact_pii::RedactPii::new("tracking-salt-0123456789").digest("eve@example.com")
+    );
+    assert_eq!(
+        db.store
+            .collection("events")
+            .count_documents(doc! {})
+            .await
+            .unwrap(),
+        1
+    );
+    server.shutdown().await;
+}

@@ -135,6 +135,8 @@ pub struct PluginsSection {
     pub fuel: bool,
     /// Plugins run on every export job's records, in order.
     pub export_transforms: Vec<String>,
+    /// Plugins run on tracked events before they are stored, in order.
+    pub tracking_transforms: Vec<String>,
     /// `fail-run`, `skip-batch` or `dead-letter`.
     pub failure_policy: String,
     /// Capabilities granted to plugins that ask (`clocks`).
@@ -149,6 +151,7 @@ impl Default for PluginsSection {
             dir: "plugins/dist".into(),
             fuel: false,
             export_transforms: Vec::new(),
+            tracking_transforms: Vec::new(),
             failure_policy: "fail-run".into(),
             grants: Vec::new(),
             config: Default::default(),

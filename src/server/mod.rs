@@ -39,6 +39,8 @@ pub struct AppState {
     limiter: Arc<auth::RateLimiter>,
     trusted: Arc<Vec<enrich::IpNet>>,
     login_guard: Arc<admin::LoginGuard>,
+    /// `[plugins] tracking_transforms`, applied to events before they are stored.
+    transforms: Arc<Vec<Arc<dyn sluice_core::transform::Transform>>>,
 }
 
 /// An error answered as JSON `{"error": code, "message": text}`; never internals.
@@ -191,6 +193,10 @@ pub async fn start(
     let state = AppState {
         limiter: Arc::new(auth::RateLimiter::new(config.rate_limit_per_key)),
         login_guard: Arc::new(admin::LoginGuard::default()),
+        transforms: Arc::new(crate::cli::load_plugins(
+            &config,
+            &config.plugins.tracking_transforms,
+        )?),
         trusted: Arc::new(trusted),
         config: Arc::new(config),
         store: store.clone(),

@@ -233,6 +233,68 @@ impl IntoResponse for Answer {
     }
 }
 
+/// Runs `[plugins] tracking_transforms` over the events to store. An event a plugin drops
+/// is answered `dropped`; records a plugin adds (fan-out) are stored too; an output that
+/// is not a valid event is dropped and logged.
+async fn transform(
+    state: &AppState,
+    events: Vec<Event>,
+    outcomes: Vec<Outcome>,
+) -> Result<(Vec<Event>, Vec<Outcome>), ApiError> {
+    if state.transforms.is_empty() || events.is_empty() {
+        return Ok((events, outcomes));
+    }
+    let docs: Vec<bson::Document> = events
+        .iter()
+        .filter_map(|e| bson::to_document(e).ok())
+        .collect();
+    let chain = state.transforms.clone();
+    let out =
+        tokio::task::spawn_blocking(move || sluice_core::transform::apply_chain(&chain, docs))
+            .await
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "transform_failed",
+                    e.to_string(),
+                )
+            })?
+            .map_err(|e| {
+                tracing::error!(error = %e, "tracking transform failed");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "transform_failed",
+                    "a transform plugin failed; nothing was stored",
+                )
+                .retry(5)
+            })?;
+    let mut kept: Vec<Event> = Vec::with_capacity(out.len());
+    for d in out {
+        match bson::from_document::<Event>(d) {
+            Ok(e) => kept.push(e),
+            Err(e) => {
+                tracing::warn!(error = %e, "a transform returned something that is not an event; dropped")
+            }
+        }
+    }
+    let position: HashMap<&str, usize> = kept
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (e.event_id.as_str(), i))
+        .collect();
+    let outcomes = outcomes
+        .into_iter()
+        .map(|o| match o {
+            Outcome::Queued(i) => match position.get(events[i].event_id.as_str()) {
+                Some(&j) => Outcome::Queued(j),
+                None => Outcome::Dropped("transform"),
+            },
+            other => other,
+        })
+        .collect();
+    Ok((kept, outcomes))
+}
+
 /// Validates, enriches, filters bots, writes, and builds the per-event answer.
 async fn ingest(
     state: &AppState,
@@ -269,6 +331,7 @@ async fn ingest(
         outcomes.push(Outcome::Queued(to_write.len()));
         to_write.push(event);
     }
+    let (to_write, outcomes) = transform(state, to_write, outcomes).await?;
     let ids: Vec<String> = to_write.iter().map(|e| e.event_id.clone()).collect();
     let statuses = match state.batcher.submit(to_write).await {
         Ok(s) => s,
