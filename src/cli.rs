@@ -307,13 +307,9 @@ pub async fn import_run(config: &Config, name: &str, dry_run: bool) -> anyhow::R
     use std::sync::atomic::Ordering::Relaxed;
     let store = Store::connect(config).await?;
     store.init().await?;
-    let names = sluice_jobs::configs::load(&store, name)
-        .await?
-        .map(|(file, _)| file.transforms)
-        .unwrap_or_default();
     let options = ImportOptions {
         dry_run,
-        transforms: load_plugins(config, &names)?,
+        transforms: integration_transforms(config, &store, name).await?,
         ..Default::default()
     };
     let progress = options.progress.clone();
@@ -388,22 +384,51 @@ pub fn load_plugins(
         "dead-letter" => sluice_plugins::FailurePolicy::DeadLetter,
         _ => sluice_plugins::FailurePolicy::FailRun,
     };
-    let grants = sluice_plugins::Grants {
-        clocks: p.grants.iter().any(|g| g == "clocks"),
-    };
+    let grants = plugin_grants(config);
     names
         .iter()
         .map(|name| {
-            let plugin_config = p
-                .config
-                .get(name)
-                .map(|v| serde_json::to_value(v).unwrap_or_default())
-                .unwrap_or_else(|| serde_json::json!({}));
-            let t = host.load(Path::new(&p.dir), name, plugin_config, &grants, None)?;
+            let t = host.load(
+                Path::new(&p.dir),
+                name,
+                plugin_config(config, name),
+                &grants,
+                None,
+            )?;
             Ok(std::sync::Arc::new(t.with_policy(policy))
                 as std::sync::Arc<dyn sluice_core::transform::Transform>)
         })
         .collect()
+}
+
+/// `[plugins.config.NAME]` as the JSON the plugin's `configure` receives (`{}` if unset).
+fn plugin_config(config: &Config, name: &str) -> serde_json::Value {
+    config
+        .plugins
+        .config
+        .get(name)
+        .map(|v| serde_json::to_value(v).unwrap_or_default())
+        .unwrap_or_else(|| serde_json::json!({}))
+}
+
+/// The capabilities `[plugins] grants` allows.
+fn plugin_grants(config: &Config) -> sluice_plugins::Grants {
+    sluice_plugins::Grants {
+        clocks: config.plugins.grants.iter().any(|g| g == "clocks"),
+    }
+}
+
+/// Loads the transform chain an integration config names (`transforms = [...]`).
+pub async fn integration_transforms(
+    config: &Config,
+    store: &Store,
+    name: &str,
+) -> anyhow::Result<Vec<std::sync::Arc<dyn sluice_core::transform::Transform>>> {
+    let names = sluice_jobs::configs::load(store, name)
+        .await?
+        .map(|(file, _)| file.transforms)
+        .unwrap_or_default();
+    load_plugins(config, &names)
 }
 
 /// `sluice plugin test`: runs NDJSON records through a plugin, prints the outputs (NDJSON on
@@ -418,17 +443,15 @@ pub fn plugin_test(
     let host = sluice_plugins::PluginHost::new(config.plugins.fuel)?;
     let cfg: serde_json::Value = match plugin_config {
         Some(text) => serde_json::from_str(text).context("--config is not JSON")?,
-        None => config
-            .plugins
-            .config
-            .get(name)
-            .map(|v| serde_json::to_value(v).unwrap_or_default())
-            .unwrap_or_else(|| serde_json::json!({})),
+        None => self::plugin_config(config, name),
     };
-    let grants = sluice_plugins::Grants {
-        clocks: config.plugins.grants.iter().any(|g| g == "clocks"),
-    };
-    let plugin = host.load(Path::new(&config.plugins.dir), name, cfg, &grants, None)?;
+    let plugin = host.load(
+        Path::new(&config.plugins.dir),
+        name,
+        cfg,
+        &plugin_grants(config),
+        None,
+    )?;
     let text = std::fs::read_to_string(input).with_context(|| format!("`{}`", input.display()))?;
     let mut records = Vec::new();
     for (i, line) in text

@@ -108,14 +108,10 @@ impl EngineRunner {
             return Ok(format!("{} run(s), {rows} rows", done.len()));
         }
         let integration = name.strip_prefix(INTEGRATION_PREFIX).unwrap_or(name);
-        let names = sluice_jobs::configs::load(&self.store, integration)
-            .await
-            .map_err(|e| e.to_string())?
-            .map(|(file, _)| file.transforms)
-            .unwrap_or_default();
         let options = sluice_jobs::import::ImportOptions {
-            transforms: crate::cli::load_plugins(&self.config, &names)
-                .map_err(|e| e.to_string())?,
+            transforms: crate::cli::integration_transforms(&self.config, &self.store, integration)
+                .await
+                .map_err(|e| format!("{e:#}"))?,
             ..Default::default()
         };
         match sluice_jobs::import::run_import(&self.store, integration, &options).await {

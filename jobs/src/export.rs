@@ -164,7 +164,8 @@ struct LocalPartInfo {
     sha256: String,
 }
 
-fn day_start(d: NaiveDate) -> DateTime {
+/// Midnight UTC of a day, as a BSON date.
+pub fn day_start(d: NaiveDate) -> DateTime {
     DateTime::from_millis(
         d.and_hms_opt(0, 0, 0)
             .map_or(0, |t| t.and_utc().timestamp_millis()),

@@ -16,7 +16,7 @@ use bson::{doc, Bson, DateTime, Document};
 use serde_json::Value;
 use sluice_connectors::http::{HttpClient, HttpError, HttpStats, PageState};
 use sluice_connectors::{Store, StoreError};
-use sluice_core::integration::{first, map_record, validate, Connector};
+use sluice_core::integration::{map_record, validate, Connector};
 use sluice_core::model::{
     collections as c, common, import_run_fields as r, integration_fields as f, IntegrationType,
 };
@@ -617,9 +617,4 @@ pub async fn run_push(
             "advance lastSync",
         ))?;
     Ok(summary)
-}
-
-/// The value of a JSONPath in a stored document (for reports).
-pub fn lookup(doc: &Document, path: &str) -> Option<Value> {
-    first(&Bson::Document(doc.clone()).into_relaxed_extjson(), path)
 }

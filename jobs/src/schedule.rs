@@ -19,6 +19,7 @@ use std::time::Duration;
 use bson::{doc, DateTime, Document};
 use chrono::Utc;
 use croner::parser::{CronParser, Seconds};
+use sluice_connectors::mongo::is_duplicate_key;
 use sluice_connectors::{Store, StoreError};
 use sluice_core::model::{collections as c, common};
 use tokio::sync::Mutex;
@@ -104,11 +105,6 @@ fn run_id(job: &str, fire: chrono::DateTime<Utc>) -> String {
         "{job}@{}",
         fire.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
     )
-}
-
-fn is_duplicate(e: &mongodb::error::Error) -> bool {
-    use mongodb::error::{ErrorKind, WriteFailure};
-    matches!(e.kind.as_ref(), ErrorKind::Write(WriteFailure::WriteError(w)) if w.code == 11000)
 }
 
 struct Inner {
@@ -305,7 +301,7 @@ async fn claim(
         };
         return match runs.insert_one(skipped).await {
             Ok(_) => Ok(Some(FireOutcome::Skipped)),
-            Err(e) if is_duplicate(&e) => Ok(Some(FireOutcome::Claimed)),
+            Err(e) if is_duplicate_key(&e) => Ok(Some(FireOutcome::Claimed)),
             Err(e) => Err(StoreError::mongo(c::SCHEDULED_RUNS, "record skip")(e)),
         };
     }
@@ -318,7 +314,7 @@ async fn claim(
     };
     match runs.insert_one(claim).await {
         Ok(_) => Ok(None),
-        Err(e) if is_duplicate(&e) => Ok(Some(FireOutcome::Claimed)),
+        Err(e) if is_duplicate_key(&e) => Ok(Some(FireOutcome::Claimed)),
         Err(e) => Err(StoreError::mongo(c::SCHEDULED_RUNS, "claim")(e)),
     }
 }

@@ -275,7 +275,7 @@ pub async fn create_admin_user(
         .insert_one(doc)
         .await
         .map_err(|e| {
-            if e.to_string().contains("E11000") || e.to_string().contains("11000") {
+            if sluice_connectors::mongo::is_duplicate_key(&e) {
                 format!("a user `{email}` already exists")
             } else {
                 e.to_string()
@@ -452,13 +452,6 @@ fn day_param(
     }
 }
 
-fn start_of(d: chrono::NaiveDate) -> DateTime {
-    DateTime::from_millis(
-        d.and_hms_opt(0, 0, 0)
-            .map_or(0, |t| t.and_utc().timestamp_millis()),
-    )
-}
-
 async fn aggregate(state: &AppState, pipeline: Vec<Document>) -> Result<Json<Value>, ApiError> {
     // Analytics may read from secondaries: nearest member, with a bounded staleness.
     let options = mongodb::options::SelectionCriteria::ReadPreference(
@@ -500,7 +493,7 @@ async fn daily(
         ));
     }
     aggregate(&state, vec![
-        doc! { "$match": { "timestamp": { "$gte": start_of(from), "$lt": start_of(to + chrono::Days::new(1)) } } },
+        doc! { "$match": { "timestamp": { "$gte": sluice_jobs::export::day_start(from), "$lt": sluice_jobs::export::day_start(to + chrono::Days::new(1)) } } },
         doc! { "$group": { "_id": { "$dateToString": { "format": "%Y-%m-%d", "date": "$timestamp" } }, "events": { "$sum": 1 }, "users": { "$addToSet": "$userId" }, "sessions": { "$addToSet": "$sessionId" } } },
         doc! { "$project": { "_id": 0, "date": "$_id", "events": 1, "users": { "$size": "$users" }, "sessions": { "$size": "$sessions" } } },
         doc! { "$sort": { "date": 1 } },
@@ -528,7 +521,7 @@ async fn top_pages(
         ));
     }
     aggregate(&state, vec![
-        doc! { "$match": { "eventType": "PAGE_VIEW", "timestamp": { "$gte": start_of(from) } } },
+        doc! { "$match": { "eventType": "PAGE_VIEW", "timestamp": { "$gte": sluice_jobs::export::day_start(from) } } },
         doc! { "$group": { "_id": "$pageUrl", "views": { "$sum": 1 }, "uniqueUsers": { "$addToSet": "$userId" } } },
         doc! { "$project": { "_id": 0, "pageUrl": "$_id", "views": 1, "uniqueUsers": { "$size": "$uniqueUsers" } } },
         doc! { "$sort": { "views": -1, "pageUrl": 1 } },

@@ -29,7 +29,7 @@ use sluice_core::model::{
     user_fields as u, Event, Session, User,
 };
 
-use super::{Store, StoreError};
+use super::{Store, StoreError, DUPLICATE_KEY};
 
 /// The fate of one event of a batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -177,7 +177,8 @@ impl EventWriter {
                     let _ = session.abort_transaction().await;
                     // Write conflicts between writers touching the same session or user:
                     // back off a little, with jitter, and redo the whole transaction.
-                    let jitter = rand_jitter_ms(attempt);
+                    let base = 5u64 << attempt.min(6);
+                    let jitter = rand::random_range(base..2 * base);
                     tokio::time::sleep(Duration::from_millis(jitter)).await;
                 }
                 Err(err) => {
@@ -420,8 +421,6 @@ impl EventWriter {
 
 /// Write conflict: another transaction changed the same document.
 const WRITE_CONFLICT: i32 = 112;
-/// Duplicate key: a concurrent writer inserted the same session, user or claim first.
-const DUPLICATE_KEY: i32 = 11000;
 
 /// An error inside the claim transaction.
 #[derive(Debug)]
@@ -539,16 +538,6 @@ async fn commit(session: &mut ClientSession) -> Result<(), mongodb::error::Error
             other => return other,
         }
     }
-}
-
-fn rand_jitter_ms(attempt: u32) -> u64 {
-    // Cheap jitter without a RNG dependency: the sub-millisecond clock.
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    let base = 5u64 << attempt.min(6);
-    base + u64::from(nanos) % base
 }
 
 fn encode_events<'a>(events: impl Iterator<Item = &'a Event>) -> Result<Vec<Document>, StoreError> {

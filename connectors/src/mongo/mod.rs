@@ -12,6 +12,24 @@ use mongodb::options::{Acknowledgment, ClientOptions, WriteConcern};
 use mongodb::{Client, Database};
 use sluice_core::config::{Config, WriteConcernLevel};
 
+/// Duplicate key: the server's code for an insert that a unique index refused.
+pub const DUPLICATE_KEY: i32 = 11000;
+
+/// The server's error code of a command or single-write failure, if it has one.
+pub fn error_code(err: &mongodb::error::Error) -> Option<i32> {
+    use mongodb::error::ErrorKind;
+    match err.kind.as_ref() {
+        ErrorKind::Command(c) => Some(c.code),
+        ErrorKind::Write(mongodb::error::WriteFailure::WriteError(w)) => Some(w.code),
+        _ => None,
+    }
+}
+
+/// Whether an insert failed because a unique index already holds the key.
+pub fn is_duplicate_key(err: &mongodb::error::Error) -> bool {
+    error_code(err) == Some(DUPLICATE_KEY)
+}
+
 /// Errors from the MongoDB store, with the collection or step they happened in.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

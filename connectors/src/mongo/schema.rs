@@ -13,7 +13,7 @@ use sluice_core::model::{
     user_fields as u,
 };
 
-use super::{Store, StoreError};
+use super::{error_code, Store, StoreError};
 
 /// One wanted index.
 #[derive(Debug, Clone, PartialEq)]
@@ -259,15 +259,6 @@ pub(super) async fn init(store: &Store) -> Result<InitReport, StoreError> {
             .push((spec.collection.into(), spec.name.into(), outcome));
     }
     Ok(report)
-}
-
-pub(crate) fn error_code(err: &mongodb::error::Error) -> Option<i32> {
-    use mongodb::error::ErrorKind;
-    match err.kind.as_ref() {
-        ErrorKind::Command(c) => Some(c.code),
-        ErrorKind::Write(mongodb::error::WriteFailure::WriteError(w)) => Some(w.code),
-        _ => None,
-    }
 }
 
 /// The server's own message (code and text), without the driver's debug dump.
