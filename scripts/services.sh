@@ -22,13 +22,15 @@ PYMONGO_VERSION="4.10.1"
 PYARROW_VERSION="18.1.0"
 JSON_SERVER_VERSION="0.17.4"
 OIDC_PROVIDER_VERSION="9.13.3"
+SEGMENT_NODE_VERSION="3.1.0"
 
 SECANTUS_ROOT="$CACHE/secantus-$SECANTUS_VERSION"
 SECANTUS_BIN="$SECANTUS_ROOT/bin/secantusd-rs"
 VENV="$CACHE/venv-seaweed-$SEAWEED_VERSION"
 WEED_BIN="$VENV/bin/weed"
-# json-server and oidc-provider: the tests' real paginated API and OAuth2 server.
-NODE_TOOLS="$CACHE/node-tools-$JSON_SERVER_VERSION-$OIDC_PROVIDER_VERSION"
+# json-server and oidc-provider: the tests' real paginated API and OAuth2 server;
+# @segment/analytics-node: the real SDK the Segment-compatible API is tested with.
+NODE_TOOLS="$CACHE/node-tools-$JSON_SERVER_VERSION-$OIDC_PROVIDER_VERSION-$SEGMENT_NODE_VERSION"
 
 log() { printf '[services] %s\n' "$*" >&2; }
 
@@ -56,10 +58,11 @@ install_python_tools() {
 
 install_node_tools() {
   if [ -f "$NODE_TOOLS/.complete" ]; then return; fi
-  log "installing json-server $JSON_SERVER_VERSION and oidc-provider $OIDC_PROVIDER_VERSION into $NODE_TOOLS"
+  log "installing json-server $JSON_SERVER_VERSION, oidc-provider $OIDC_PROVIDER_VERSION, @segment/analytics-node $SEGMENT_NODE_VERSION into $NODE_TOOLS"
   mkdir -p "$NODE_TOOLS"
   (cd "$NODE_TOOLS" && printf '{"name":"sluice-test-tools","private":true,"type":"module"}\n' >package.json \
-    && npm install --silent --no-audit --no-fund "json-server@$JSON_SERVER_VERSION" "oidc-provider@$OIDC_PROVIDER_VERSION" >/dev/null)
+    && npm install --silent --no-audit --no-fund "json-server@$JSON_SERVER_VERSION" "oidc-provider@$OIDC_PROVIDER_VERSION" \
+      "@segment/analytics-node@$SEGMENT_NODE_VERSION" >/dev/null)
   touch "$NODE_TOOLS/.complete"
 }
 

@@ -159,7 +159,7 @@ pub async fn run(mut config: Config, visitors: usize) -> anyhow::Result<()> {
     let resend = batches.first().copied();
     for batch in batches.iter().copied().chain(resend) {
         let mut req = client
-            .post(format!("{base}/v1/batch"))
+            .post(format!("{base}/v1/events/batch"))
             .json(&json!({ "batch": batch, "sentAt": chrono::Utc::now().timestamp_millis() }));
         if let Some(k) = &key {
             req = req.header("x-write-key", k);

@@ -355,7 +355,7 @@ async fn the_tracking_endpoint_runs_its_plugin_chain_before_storing() {
         { "eventId": "t2", "userId": "c", "sessionId": "c", "eventType": "PAGE_VIEW", "context": { "userAgent": "Googlebot/2.1" } },
     ] });
     let resp = reqwest::Client::new()
-        .post(format!("http://{}/v1/batch", server.addr))
+        .post(format!("http://{}/v1/events/batch", server.addr))
         .json(&body)
         .send()
         .await

@@ -48,7 +48,7 @@ async fn replaying_a_batch_leaves_events_sessions_and_users_identical() {
     let events = traffic.visitors(30, now_ms(), 3_600_000);
     let batch = json!({ "batch": &events[..events.len().min(500)] });
 
-    let (status, first) = post(&base, "/v1/batch", &batch).await;
+    let (status, first) = post(&base, "/v1/events/batch", &batch).await;
     assert_eq!(status, 200, "{first}");
     assert!(first["stored"].as_u64().unwrap() > 50);
     let snapshot = (
@@ -56,7 +56,7 @@ async fn replaying_a_batch_leaves_events_sessions_and_users_identical() {
         all(&db, "sessions", doc! { "sessionId": 1 }).await,
         all(&db, "users", doc! { "visitorId": 1 }).await,
     );
-    let (status, second) = post(&base, "/v1/batch", &batch).await;
+    let (status, second) = post(&base, "/v1/events/batch", &batch).await;
     assert_eq!(status, 200);
     assert_eq!(second["stored"], 0, "{second}");
     assert_eq!(second["duplicates"], first["stored"]);
@@ -112,7 +112,8 @@ async fn aggregates_equal_a_recomputation_after_ten_thousand_shuffled_events() {
         tasks.push(tokio::spawn(async move {
             let mut stored = 0;
             for chunk in group {
-                let (status, body) = post(&base, "/v1/batch", &json!({ "batch": chunk })).await;
+                let (status, body) =
+                    post(&base, "/v1/events/batch", &json!({ "batch": chunk })).await;
                 assert_eq!(status, 200, "{body}");
                 stored += body["stored"].as_u64().unwrap();
             }
@@ -250,20 +251,22 @@ async fn each_bad_input_class_gets_its_own_4xx() {
     };
 
     // Malformed JSON.
-    let r = raw_post("/v1/track", "{\"userId\": ".into()).await.unwrap();
+    let r = raw_post("/v1/events", "{\"userId\": ".into())
+        .await
+        .unwrap();
     expect(r, 400, "malformed_json").await;
-    let r = raw_post("/v1/batch", "{\"batch\": [1,".into())
+    let r = raw_post("/v1/events/batch", "{\"batch\": [1,".into())
         .await
         .unwrap();
     expect(r, 400, "malformed_json").await;
     // Wrong shape / wrong types.
-    let r = raw_post("/v1/batch", "{\"events\": []}".into())
+    let r = raw_post("/v1/events/batch", "{\"events\": []}".into())
         .await
         .unwrap();
     expect(r, 400, "invalid_batch").await;
     let (s, body) = post(
         &base,
-        "/v1/track",
+        "/v1/events",
         &json!({ "userId": 12, "sessionId": "s", "eventType": "CLICK" }),
     )
     .await;
@@ -275,7 +278,7 @@ async fn each_bad_input_class_gets_its_own_4xx() {
     // Unknown event type.
     let (s, body) = post(
         &base,
-        "/v1/track",
+        "/v1/events",
         &json!({ "userId": "v", "sessionId": "s", "eventType": "TELEPORT" }),
     )
     .await;
@@ -285,7 +288,7 @@ async fn each_bad_input_class_gets_its_own_4xx() {
         "{body}"
     );
     // A timestamp far in the future.
-    let (s, body) = post(&base, "/v1/track", &json!({ "userId": "v", "sessionId": "s", "eventType": "CLICK", "timestamp": now_ms() + 86_400_000 })).await;
+    let (s, body) = post(&base, "/v1/events", &json!({ "userId": "v", "sessionId": "s", "eventType": "CLICK", "timestamp": now_ms() + 86_400_000 })).await;
     assert_eq!(s, 400);
     assert!(
         body["message"].as_str().unwrap().contains("future"),
@@ -293,15 +296,18 @@ async fn each_bad_input_class_gets_its_own_4xx() {
     );
     // Oversize bodies: one event, a batch, and too many events.
     let big = json!({ "userId": "v", "sessionId": "s", "eventType": "CLICK", "properties": { "blob": "x".repeat(3000) } });
-    let r = raw_post("/v1/track", big.to_string()).await.unwrap();
+    let r = raw_post("/v1/events", big.to_string()).await.unwrap();
     expect(r, 413, "payload_too_large").await;
-    let r = raw_post("/v1/batch", json!({ "batch": [big, big, big] }).to_string())
-        .await
-        .unwrap();
+    let r = raw_post(
+        "/v1/events/batch",
+        json!({ "batch": [big, big, big] }).to_string(),
+    )
+    .await
+    .unwrap();
     expect(r, 413, "payload_too_large").await;
     let (s, body) = post(
         &base,
-        "/v1/batch",
+        "/v1/events/batch",
         &json!({ "batch": vec![good.clone(); 6] }),
     )
     .await;
@@ -315,7 +321,7 @@ async fn each_bad_input_class_gets_its_own_4xx() {
         big,
         { "userId": "v1", "sessionId": "s1", "eventType": "CLICK" },
     ] });
-    let (s, body) = post(&base, "/v1/batch", &mixed).await;
+    let (s, body) = post(&base, "/v1/events/batch", &mixed).await;
     assert_eq!(s, 200, "{body}");
     assert_eq!(
         (body["stored"].as_u64(), body["rejected"].as_u64()),
@@ -333,7 +339,7 @@ async fn each_bad_input_class_gets_its_own_4xx() {
     // All bad: 400 with the per-event reasons.
     let (s, body) = post(
         &base,
-        "/v1/batch",
+        "/v1/events/batch",
         &json!({ "batch": [{ "eventType": "CLICK" }] }),
     )
     .await;
@@ -362,14 +368,14 @@ async fn write_keys_and_the_rate_limit_are_enforced() {
     let client = reqwest::Client::new();
     let ev = json!({ "userId": "v", "sessionId": "s", "eventType": "CLICK" });
     let r = client
-        .post(format!("{base}/v1/track"))
+        .post(format!("{base}/v1/events"))
         .json(&ev)
         .send()
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 401);
     let r = client
-        .post(format!("{base}/v1/track"))
+        .post(format!("{base}/v1/events"))
         .header("x-write-key", "wrong")
         .json(&ev)
         .send()
@@ -379,7 +385,7 @@ async fn write_keys_and_the_rate_limit_are_enforced() {
     let mut codes = Vec::new();
     for _ in 0..5 {
         let r = client
-            .post(format!("{base}/v1/track"))
+            .post(format!("{base}/v1/events"))
             .basic_auth("wk_test_12345", Some(""))
             .json(&ev)
             .send()
@@ -404,7 +410,7 @@ async fn a_full_queue_answers_503_with_retry_after() {
         .map(|i| json!({ "userId": "v", "sessionId": "s", "eventType": "CLICK", "eventId": format!("q{i}") }))
         .collect();
     let resp = reqwest::Client::new()
-        .post(format!("{base}/v1/batch"))
+        .post(format!("{base}/v1/events/batch"))
         .json(&json!({ "batch": events }))
         .send()
         .await
@@ -433,7 +439,7 @@ async fn enrichment_fills_metadata_and_bots_can_be_dropped() {
     let base = format!("http://{}", server.addr);
     let client = reqwest::Client::new();
     let r = client
-        .post(format!("{base}/v1/track"))
+        .post(format!("{base}/v1/events"))
         .header("user-agent", sluice::demo::USER_AGENTS[2])
         .header("x-forwarded-for", "203.0.113.9")
         .json(&json!({ "eventId": "m1", "userId": "v", "sessionId": "s", "eventType": "PAGE_VIEW", "pageUrl": "/" }))
@@ -463,7 +469,7 @@ async fn enrichment_fills_metadata_and_bots_can_be_dropped() {
 
     let (status, body) = post(
         &base,
-        "/v1/track",
+        "/v1/events",
         &json!({ "userId": "crawler", "sessionId": "c", "eventType": "PAGE_VIEW", "context": { "userAgent": sluice::demo::BOT_AGENT } }),
     )
     .await;
@@ -509,19 +515,19 @@ async fn health_readiness_metrics_and_cors() {
     );
     post(
         &base,
-        "/v1/track",
+        "/v1/events",
         &json!({ "eventId": "h1", "userId": "v", "sessionId": "s", "eventType": "CLICK" }),
     )
     .await;
     post(
         &base,
-        "/v1/track",
+        "/v1/events",
         &json!({ "eventId": "h1", "userId": "v", "sessionId": "s", "eventType": "CLICK" }),
     )
     .await;
     post(
         &base,
-        "/v1/track",
+        "/v1/events",
         &json!({ "userId": "v", "sessionId": "s", "eventType": "BAD" }),
     )
     .await;
@@ -543,7 +549,7 @@ async fn health_readiness_metrics_and_cors() {
     }
     let preflight = |origin: &'static str| {
         client
-            .request(reqwest::Method::OPTIONS, format!("{base}/v1/track"))
+            .request(reqwest::Method::OPTIONS, format!("{base}/v1/events"))
             .header("origin", origin)
             .header("access-control-request-method", "POST")
             .send()
@@ -568,7 +574,7 @@ async fn shutdown_stores_everything_it_acknowledged() {
     let mut requests = Vec::new();
     for chunk in events.chunks(100) {
         let body = json!({ "batch": chunk });
-        let url = format!("{base}/v1/batch");
+        let url = format!("{base}/v1/events/batch");
         requests.push(tokio::spawn(async move {
             let resp = reqwest::Client::new()
                 .post(url)

@@ -212,7 +212,9 @@ impl Default for ServerSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrackingSection {
-    /// A session with no event for this long is marked EXPIRED.
+    /// A session with no event for this long is marked EXPIRED; and an event sent
+    /// without a `sessionId` this long after the visitor's previous one starts a new
+    /// session.
     pub session_timeout_minutes: u64,
     pub max_batch_events: usize,
     pub max_batch_bytes: usize,
@@ -227,6 +229,8 @@ pub struct TrackingSection {
     pub writers: usize,
     /// `keep` stores bot traffic flagged (`metadata.bot`); `drop` discards it.
     pub bots: String,
+    /// Segment API: `track` event names (case-insensitive) stored as PURCHASE.
+    pub purchase_events: Vec<String>,
 }
 
 impl Default for TrackingSection {
@@ -241,6 +245,7 @@ impl Default for TrackingSection {
             write_batch_size: 1_000,
             writers: 4,
             bots: "keep".into(),
+            purchase_events: vec!["Order Completed".into()],
         }
     }
 }

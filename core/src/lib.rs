@@ -7,6 +7,8 @@ pub mod config;
 pub mod error;
 pub mod integration;
 pub mod model;
+pub mod segment;
+pub mod sessionize;
 pub mod tracking;
 pub mod transform;
 

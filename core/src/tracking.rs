@@ -92,7 +92,7 @@ fn required_string(
 
 /// Checks property keys MongoDB would misread (`$`-prefixed operators, dotted paths) and
 /// nesting depth.
-fn check_properties(path: &str, v: &Value, depth: usize) -> Result<(), ValidationError> {
+pub(crate) fn check_properties(path: &str, v: &Value, depth: usize) -> Result<(), ValidationError> {
     if depth > MAX_PROPERTY_DEPTH {
         return Err(ValidationError::new(
             path,
@@ -146,7 +146,8 @@ pub fn parse_event(
         None => uuid::Uuid::new_v4().to_string(),
     };
     let user_id = required_string(obj, f::USER_ID)?;
-    let session_id = required_string(obj, f::SESSION_ID)?;
+    // Without a sessionId the writer assigns one by the inactivity-gap rule.
+    let session_id = opt_string(obj, f::SESSION_ID, MAX_ID_LEN)?.unwrap_or_default();
     let type_text = match obj.get(f::EVENT_TYPE) {
         Some(Value::String(s)) => s.as_str(),
         None | Some(Value::Null) => {

@@ -173,7 +173,7 @@ async fn http_ingest(json_events: &[Value]) -> anyhow::Result<f64> {
     let config = sluice_core::config::validate("bench", &Default::default(), raw, &|_| None)?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let server = sluice::server::start(config, store.clone(), listener, false).await?;
-    let url = format!("http://{}/v1/batch", server.addr);
+    let url = format!("http://{}/v1/events/batch", server.addr);
     let client = reqwest::Client::new();
     let batches: Vec<Value> = json_events
         .chunks(500)

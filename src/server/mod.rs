@@ -1,19 +1,23 @@
-//! The `sluice serve` HTTP server: the tracking endpoint (`/v1/track`, `/v1/batch`),
-//! health (`/healthz`, `/readyz`) and Prometheus metrics (`/metrics`).
+//! The `sluice serve` HTTP server: the tracking APIs (native `/v1/events`,
+//! `/v1/events/batch`; Segment-compatible `/v1/identify|track|page|screen|group|alias|batch`),
+//! the admin API, health (`/healthz`, `/readyz`) and Prometheus metrics (`/metrics`).
 
 pub mod admin;
 mod auth;
 mod batcher;
 pub mod enrich;
 mod metrics;
+mod segment;
 mod tracking;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{HeaderValue, Method, StatusCode};
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -21,6 +25,7 @@ use serde_json::json;
 use sluice_connectors::mongo::{expire_idle_sessions, EventWriter, WriterOptions};
 use sluice_connectors::Store;
 use sluice_core::config::Config;
+use sluice_core::segment::Kind;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -127,16 +132,30 @@ fn cors(config: &Config) -> CorsLayer {
 
 pub fn router(state: AppState) -> Router {
     let t = &state.config.tracking;
-    Router::new()
-        .route(
-            "/v1/track",
-            post(tracking::track).layer(DefaultBodyLimit::max(t.max_event_bytes)),
-        )
-        .route(
-            "/v1/batch",
-            post(tracking::batch).layer(DefaultBodyLimit::max(t.max_batch_bytes)),
-        )
-        .merge(admin::routes())
+    let one = DefaultBodyLimit::max(t.max_event_bytes);
+    let many = DefaultBodyLimit::max(t.max_batch_bytes);
+    let mut app = Router::new()
+        .route("/v1/events", post(tracking::track).layer(one))
+        .route("/v1/events/batch", post(tracking::batch).layer(many))
+        .route("/v1/batch", post(segment::batch).layer(many))
+        .route("/v1/import", post(segment::batch).layer(many));
+    for (path, kind) in [
+        ("/v1/identify", Kind::Identify),
+        ("/v1/track", Kind::Track),
+        ("/v1/page", Kind::Page),
+        ("/v1/screen", Kind::Screen),
+        ("/v1/group", Kind::Group),
+        ("/v1/alias", Kind::Alias),
+    ] {
+        let handler = move |State(state): State<AppState>,
+                            ConnectInfo(peer): ConnectInfo<SocketAddr>,
+                            headers: HeaderMap,
+                            body: Result<Bytes, BytesRejection>| {
+            segment::single(kind, state, peer, headers, body)
+        };
+        app = app.route(path, post(handler).layer(one));
+    }
+    app.merge(admin::routes())
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
@@ -176,8 +195,14 @@ pub async fn start(
 ) -> anyhow::Result<ServerHandle> {
     let addr = listener.local_addr()?;
     let metrics = Arc::new(Metrics::default());
-    let writer = EventWriter::new(store.clone(), WriterOptions::default());
     let t = config.tracking.clone();
+    let writer = EventWriter::new(
+        store.clone(),
+        WriterOptions {
+            session_gap: Duration::from_secs(t.session_timeout_minutes * 60),
+            ..WriterOptions::default()
+        },
+    );
     let (batcher, writers) = Batcher::start(
         writer,
         t.queue_capacity,

@@ -1,4 +1,7 @@
-//! `POST /v1/track` (one event) and `POST /v1/batch` (`{"batch": [...], "sentAt": ...}`).
+//! The native API: `POST /v1/events` (one event) and `POST /v1/events/batch`
+//! (`{"batch": [...], "sentAt": ...}`), and the stages every tracking request shares
+//! (admission, body decoding, enrichment, transforms, the write and the answer). The
+//! Segment-compatible API (`segment.rs`) feeds the same stages.
 //!
 //! Whole-request problems (key, rate, size, malformed JSON) are 4xx JSON errors. In a
 //! batch, each event is judged alone: good events are stored, bad ones are listed with
@@ -40,11 +43,12 @@ pub async fn track(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let key = admit(&state, &headers)?;
-    let body = read_body(body, state.config.tracking.max_event_bytes)?;
+    admit(&state, &headers, None)?;
+    let body = read_body(&headers, body, state.config.tracking.max_event_bytes)?;
     let value: Value = serde_json::from_slice(&body).map_err(malformed)?;
     let ctx = request_context(&state, peer, &headers, None);
-    let answer = ingest(&state, &key, &ctx, vec![Ok(value)]).await?;
+    let event = parse_event(&value, &ctx, EventMetadata::default());
+    let answer = ingest(&state, vec![event]).await?;
     if let Some(rejected) = answer.first_rejection() {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -69,9 +73,9 @@ pub async fn batch(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let key = admit(&state, &headers)?;
+    admit(&state, &headers, None)?;
     let limits = &state.config.tracking;
-    let body = read_body(body, limits.max_batch_bytes)?;
+    let body = read_body(&headers, body, limits.max_batch_bytes)?;
     let parsed: BatchBody = serde_json::from_slice(&body).map_err(|e| {
         if e.is_data() {
             ApiError::new(
@@ -114,26 +118,27 @@ pub async fn batch(
             }
             serde_json::from_str::<Value>(raw.get())
                 .map_err(|e| ValidationError::new("event", e.to_string()))
+                .and_then(|v| parse_event(&v, &ctx, EventMetadata::default()))
         })
         .collect();
-    let answer = ingest(&state, &key, &ctx, values).await?;
-    if answer.stored + answer.duplicates + answer.dropped == 0 && answer.rejected > 0 {
-        let mut resp = answer.into_response();
-        *resp.status_mut() = StatusCode::BAD_REQUEST;
-        return Ok(resp);
-    }
-    Ok(answer.into_response())
+    let answer = ingest(&state, values).await?;
+    Ok(answer.into_batch_response())
 }
 
-/// Write key and rate limit; returns the key the request is accounted to.
-fn admit(state: &AppState, headers: &HeaderMap) -> Result<String, ApiError> {
-    let presented = auth::presented_key(headers);
+/// Write key and rate limit; returns the key the request is accounted to. `body_key` is
+/// a key sent in the body (the Segment API's `writeKey`), used when no header has one.
+pub(super) fn admit(
+    state: &AppState,
+    headers: &HeaderMap,
+    body_key: Option<&str>,
+) -> Result<String, ApiError> {
+    let presented = auth::presented_key(headers).or_else(|| body_key.map(str::to_string));
     let Some(key) = auth::authorize(&state.config.write_keys, presented.as_deref()) else {
         state.metrics.unauthorized.fetch_add(1, Relaxed);
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
-            "a valid write key is required (HTTP basic user or `X-Write-Key`)",
+            "a valid write key is required (HTTP basic user, `X-Write-Key`, or `writeKey` in a Segment body)",
         ));
     };
     if !state.limiter.allow(&key) {
@@ -148,7 +153,51 @@ fn admit(state: &AppState, headers: &HeaderMap) -> Result<String, ApiError> {
     Ok(key)
 }
 
-fn read_body(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes, ApiError> {
+/// The request body, gunzipped when sent with `Content-Encoding: gzip`; `limit` applies to
+/// the body as sent and again to the decompressed body (no gzip bombs).
+pub(super) fn read_body(
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    limit: usize,
+) -> Result<Bytes, ApiError> {
+    let body = raw_body(body, limit)?;
+    let encoding = headers
+        .get("content-encoding")
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim().to_ascii_lowercase());
+    match encoding.as_deref() {
+        None | Some("") | Some("identity") => Ok(body),
+        Some("gzip") | Some("x-gzip") => {
+            use std::io::Read;
+            let mut out = Vec::new();
+            flate2::read::GzDecoder::new(&body[..])
+                .take(limit as u64 + 1)
+                .read_to_end(&mut out)
+                .map_err(|e| {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "unreadable_body",
+                        format!("the gzip body does not decompress: {e}"),
+                    )
+                })?;
+            if out.len() > limit {
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    format!("the decompressed body is larger than {limit} bytes"),
+                ));
+            }
+            Ok(Bytes::from(out))
+        }
+        Some(other) => Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_encoding",
+            format!("content encoding `{other}` is not supported (use gzip or none)"),
+        )),
+    }
+}
+
+fn raw_body(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes, ApiError> {
     body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
@@ -166,7 +215,7 @@ fn read_body(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes,
     })
 }
 
-fn malformed(e: serde_json::Error) -> ApiError {
+pub(super) fn malformed(e: serde_json::Error) -> ApiError {
     ApiError::new(
         StatusCode::BAD_REQUEST,
         "malformed_json",
@@ -174,7 +223,7 @@ fn malformed(e: serde_json::Error) -> ApiError {
     )
 }
 
-fn request_context(
+pub(super) fn request_context(
     state: &AppState,
     peer: SocketAddr,
     headers: &HeaderMap,
@@ -196,17 +245,29 @@ fn request_context(
 /// The per-event answer of a request.
 pub struct Answer {
     results: Vec<Value>,
-    stored: usize,
-    duplicates: usize,
-    dropped: usize,
-    rejected: usize,
+    pub(super) stored: usize,
+    pub(super) duplicates: usize,
+    pub(super) dropped: usize,
+    pub(super) rejected: usize,
     retry: bool,
     first_rejection: Option<ValidationError>,
+    /// Per input: whether its event is in `events` now (stored or a duplicate).
+    pub(super) written: Vec<bool>,
 }
 
 impl Answer {
-    fn first_rejection(&self) -> Option<&ValidationError> {
+    pub(super) fn first_rejection(&self) -> Option<&ValidationError> {
         self.first_rejection.as_ref()
+    }
+
+    /// A batch with nothing but invalid events is a 400; otherwise 200 (or 503 to retry).
+    pub(super) fn into_batch_response(self) -> Response {
+        let all_rejected = self.stored + self.duplicates + self.dropped == 0 && self.rejected > 0;
+        let mut resp = self.into_response();
+        if all_rejected {
+            *resp.status_mut() = StatusCode::BAD_REQUEST;
+        }
+        resp
     }
 }
 
@@ -217,7 +278,9 @@ impl IntoResponse for Answer {
         } else {
             StatusCode::OK
         };
+        // `success` is what Segment-compatible clients look for.
         let body = Json(json!({
+            "success": !self.retry,
             "stored": self.stored,
             "duplicates": self.duplicates,
             "dropped": self.dropped,
@@ -295,18 +358,16 @@ async fn transform(
     Ok((kept, outcomes))
 }
 
-/// Validates, enriches, filters bots, writes, and builds the per-event answer.
-async fn ingest(
+/// Enriches parsed events, filters bots, runs the transforms, writes, and builds the
+/// per-event answer (one entry per input, in order).
+pub(super) async fn ingest(
     state: &AppState,
-    _key: &str,
-    ctx: &RequestContext,
-    values: Vec<Result<Value, ValidationError>>,
+    parsed: Vec<Result<Event, ValidationError>>,
 ) -> Result<Answer, ApiError> {
     let mut ua_cache: HashMap<String, EventMetadata> = HashMap::new();
-    let mut outcomes = Vec::with_capacity(values.len());
+    let mut outcomes = Vec::with_capacity(parsed.len());
     let mut to_write: Vec<Event> = Vec::new();
-    for value in values {
-        let parsed = value.and_then(|v| parse_event(&v, ctx, EventMetadata::default()));
+    for parsed in parsed {
         let mut event = match parsed {
             Ok(e) => e,
             Err(err) => {
@@ -318,10 +379,12 @@ async fn ingest(
             let parsed = ua_cache
                 .entry(ua.clone())
                 .or_insert_with(|| enrich::parse_user_agent(&ua));
+            // What an SDK says about its device and OS (`context.device` / `os`) is more
+            // precise than what the user agent reveals.
             let m = &mut event.metadata;
-            m.device = parsed.device.clone();
-            m.browser = parsed.browser.clone();
-            m.os = parsed.os.clone();
+            m.device = m.device.take().or_else(|| parsed.device.clone());
+            m.browser = m.browser.take().or_else(|| parsed.browser.clone());
+            m.os = m.os.take().or_else(|| parsed.os.clone());
             m.bot = parsed.bot;
         }
         if event.metadata.bot && state.config.bots == BotPolicy::Drop {
@@ -376,9 +439,14 @@ async fn ingest(
         rejected: 0,
         retry: false,
         first_rejection: None,
+        written: Vec::with_capacity(outcomes.len()),
     };
     let m = &state.metrics;
     for (index, outcome) in outcomes.into_iter().enumerate() {
+        answer.written.push(matches!(
+            outcome,
+            Outcome::Queued(i) if statuses[i] != WriteStatus::Retry
+        ));
         let entry = match outcome {
             Outcome::Rejected(err) => {
                 answer.rejected += 1;

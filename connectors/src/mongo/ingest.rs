@@ -28,6 +28,7 @@ use sluice_core::model::{
     collections as c, common, event_fields as e, event_id_fields as l, session_fields as s,
     user_fields as u, Event, Session, User,
 };
+use sluice_core::sessionize::{self, Span};
 
 use super::{Store, StoreError, DUPLICATE_KEY};
 
@@ -49,6 +50,9 @@ pub struct WriterOptions {
     pub claim_lease: Duration,
     /// Attempts for a transaction that hits a transient error (write conflict, failover).
     pub max_transaction_attempts: u32,
+    /// Events without a `sessionId` more than this apart (per visitor) are in different
+    /// sessions ([`sluice_core::sessionize`]).
+    pub session_gap: Duration,
 }
 
 impl Default for WriterOptions {
@@ -56,6 +60,7 @@ impl Default for WriterOptions {
         Self {
             claim_lease: Duration::from_secs(30),
             max_transaction_attempts: 20,
+            session_gap: Duration::from_secs(30 * 60),
         }
     }
 }
@@ -87,6 +92,87 @@ impl EventWriter {
     /// Errors mean nothing of the batch may be acknowledged; sending the same batch again
     /// is always safe (idempotent by `eventId`).
     pub async fn write(&self, events: &[Event]) -> Result<Vec<WriteStatus>, StoreError> {
+        if events.iter().any(|e| e.session_id.is_empty()) {
+            let mut events = events.to_vec();
+            self.assign_sessions(&mut events).await?;
+            return self.write_sessioned(&events).await;
+        }
+        self.write_sessioned(events).await
+    }
+
+    /// Gives events without a `sessionId` one by the inactivity-gap rule, against the
+    /// visitors' sessions already stored. A visitor's events are only ever written by one
+    /// writer lane, so the lookup and the write that follows do not race in one process.
+    pub async fn assign_sessions(&self, events: &mut [Event]) -> Result<(), StoreError> {
+        let gap_ms = self.options.session_gap.as_millis() as i64;
+        let mut by_visitor: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        for (i, e) in events.iter().enumerate() {
+            if e.session_id.is_empty() {
+                by_visitor.entry(e.user_id.clone()).or_default().push(i);
+            }
+        }
+        if by_visitor.is_empty() {
+            return Ok(());
+        }
+        let times = || {
+            by_visitor
+                .values()
+                .flatten()
+                .map(|&i| events[i].timestamp.timestamp_millis())
+        };
+        let (lo, hi) = (times().min().unwrap_or(0), times().max().unwrap_or(0));
+        let visitors: Vec<&str> = by_visitor.keys().map(String::as_str).collect();
+        let found: Vec<Document> = self
+            .store
+            .collection(c::SESSIONS)
+            .find(doc! {
+                s::USER_ID: { "$in": &visitors },
+                s::START_TIME: { "$lte": DateTime::from_millis(hi + gap_ms) },
+                s::END_TIME: { "$gte": DateTime::from_millis(lo - gap_ms) },
+            })
+            .projection(doc! { s::SESSION_ID: 1, s::USER_ID: 1, s::START_TIME: 1, s::END_TIME: 1 })
+            .await
+            .map_err(StoreError::mongo(
+                c::SESSIONS,
+                "find sessions to attribute events",
+            ))?
+            .try_collect()
+            .await
+            .map_err(StoreError::mongo(
+                c::SESSIONS,
+                "find sessions to attribute events",
+            ))?;
+        let mut spans: HashMap<String, Vec<Span>> = HashMap::new();
+        for d in found {
+            let (Ok(id), Ok(user), Ok(start), Ok(end)) = (
+                d.get_str(s::SESSION_ID),
+                d.get_str(s::USER_ID),
+                d.get_datetime(s::START_TIME),
+                d.get_datetime(s::END_TIME),
+            ) else {
+                continue;
+            };
+            spans.entry(user.to_string()).or_default().push(Span {
+                session_id: id.to_string(),
+                start_ms: start.timestamp_millis(),
+                end_ms: end.timestamp_millis(),
+            });
+        }
+        for (visitor, indices) in by_visitor {
+            let times: Vec<i64> = indices
+                .iter()
+                .map(|&i| events[i].timestamp.timestamp_millis())
+                .collect();
+            let known = spans.entry(visitor.clone()).or_default();
+            let ids = sessionize::assign(&visitor, &times, known, gap_ms);
+            for (i, id) in indices.into_iter().zip(ids) {
+                events[i].session_id = id;
+            }
+        }
+        Ok(())
+    }
+
+    async fn write_sessioned(&self, events: &[Event]) -> Result<Vec<WriteStatus>, StoreError> {
         let mut status = vec![WriteStatus::Duplicate; events.len()];
         let mut seen = HashSet::new();
         let unique: Vec<usize> = (0..events.len())

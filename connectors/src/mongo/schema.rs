@@ -159,6 +159,7 @@ const PLAIN_COLLECTIONS: &[&str] = &[
     c::EVENT_IDS,
     c::IMPORT_RUNS,
     c::IMPORT_CHECKPOINTS,
+    c::IDENTITIES,
 ];
 
 /// What happened to one index.

@@ -29,6 +29,9 @@ pub mod collections {
     pub const SCHEDULED_RUNS: &str = "scheduled_runs";
     /// Admin API login tokens (stored hashed, expiring).
     pub const ADMIN_TOKENS: &str = "admin_tokens";
+    /// Identity links of the Segment-compatible API: `_id` is an anonymous (or aliased)
+    /// id, `visitorId` the known user it belongs to.
+    pub const IDENTITIES: &str = "identities";
 }
 
 /// Field names shared by several collections.
@@ -55,6 +58,15 @@ pub mod user_fields {
     pub const TOTAL_REVENUE_MICROS: &str = "totalRevenueMicros";
     pub const TAGS: &str = "tags";
     pub const SEGMENTS: &str = "segments";
+    /// Time of the `identify` whose traits the profile holds (a later one wins).
+    pub const TRAITS_AT: &str = "traitsAt";
+}
+
+pub mod identity_fields {
+    pub const VISITOR_ID: &str = "visitorId";
+    /// Time of the message that made the link; the id's events from then on count for
+    /// the visitor.
+    pub const SINCE: &str = "since";
 }
 
 pub mod event_fields {
@@ -83,6 +95,8 @@ pub mod metadata_fields {
     pub const REGION: &str = "region";
     pub const CITY: &str = "city";
     pub const BOT: &str = "bot";
+    pub const ANONYMOUS_ID: &str = "anonymousId";
+    pub const CONTEXT: &str = "context";
 }
 
 pub mod session_fields {

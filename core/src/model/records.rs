@@ -64,6 +64,13 @@ pub struct EventMetadata {
     /// Set when the user agent looks like a crawler and bots are kept-and-flagged.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub bot: bool,
+    /// The SDK's anonymous id when the event was attributed to a known user (Segment API).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anonymous_id: Option<String>,
+    /// The rest of an SDK's `context` (page, device, os, location, app, library, ...),
+    /// kept as sent (Segment API).
+    #[serde(default, skip_serializing_if = "Document::is_empty")]
+    pub context: Document,
 }
 
 /// `events`: one tracked event. Stored in a time-series collection (`timestamp` is the

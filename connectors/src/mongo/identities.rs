@@ -1,0 +1,171 @@
+//! Identity links of the Segment-compatible API and profile traits.
+//!
+//! `identities` holds one document per linked id: `_id` is an anonymous id (or an id
+//! retired by `alias`), `visitorId` the known user it counts as, `since` the time of the
+//! message that linked them: events of the id from that time on count for the user,
+//! earlier ones stay with the id, whatever order they are delivered in. The first link of
+//! an id wins (an insert, so concurrent requests and replicas agree through the unique
+//! `_id`); links are kept one hop deep by linking to the target's own visitor when the
+//! target is itself linked.
+
+use std::collections::HashMap;
+
+use bson::{doc, DateTime, Document};
+use futures_util::TryStreamExt;
+use sluice_core::model::{collections as c, common, identity_fields as i, user_fields as u};
+
+use super::{Store, StoreError, DUPLICATE_KEY};
+
+/// A linked id: the visitor it counts as, from `since` (epoch ms) on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    pub visitor: String,
+    pub since_ms: i64,
+}
+
+/// What `id`, seen at `at_ms`, counts as.
+pub fn resolve(links: &HashMap<String, Link>, id: &str, at_ms: i64) -> String {
+    match links.get(id) {
+        Some(l) if at_ms >= l.since_ms => l.visitor.clone(),
+        _ => id.to_string(),
+    }
+}
+
+/// Ids of `ids` that are linked, with their links.
+pub async fn linked(store: &Store, ids: &[&str]) -> Result<HashMap<String, Link>, StoreError> {
+    if ids.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let docs: Vec<Document> = store
+        .collection(c::IDENTITIES)
+        .find(doc! { common::ID: { "$in": ids } })
+        .await
+        .map_err(StoreError::mongo(c::IDENTITIES, "find identity links"))?
+        .try_collect()
+        .await
+        .map_err(StoreError::mongo(c::IDENTITIES, "find identity links"))?;
+    Ok(docs
+        .into_iter()
+        .filter_map(|d| {
+            Some((
+                d.get_str(common::ID).ok()?.to_string(),
+                Link {
+                    visitor: d.get_str(i::VISITOR_ID).ok()?.to_string(),
+                    since_ms: d.get_datetime(i::SINCE).ok()?.timestamp_millis(),
+                },
+            ))
+        })
+        .collect())
+}
+
+/// Records `links` (`from` counts as `to` from the given time on) and returns the links
+/// of every id in `ids` and in `links` as they stand afterwards. An id already linked
+/// keeps its link.
+pub async fn link(
+    store: &Store,
+    ids: &[&str],
+    links: &[(String, String, DateTime)],
+) -> Result<HashMap<String, Link>, StoreError> {
+    let mut all: Vec<&str> = ids.to_vec();
+    for (from, to, _) in links {
+        all.push(from);
+        all.push(to);
+    }
+    all.sort_unstable();
+    all.dedup();
+    let mut map = linked(store, &all).await?;
+    let now = DateTime::now();
+    let mut new = Vec::new();
+    for (from, to, since) in links {
+        if map.contains_key(from) {
+            continue;
+        }
+        let target = map
+            .get(to)
+            .map_or_else(|| to.clone(), |l| l.visitor.clone());
+        if &target == from {
+            continue;
+        }
+        map.insert(
+            from.clone(),
+            Link {
+                visitor: target.clone(),
+                since_ms: since.timestamp_millis(),
+            },
+        );
+        new.push(doc! {
+            common::ID: from, i::VISITOR_ID: target, i::SINCE: since, common::CREATED_AT: now,
+        });
+    }
+    if new.is_empty() {
+        return Ok(map);
+    }
+    let inserted = store
+        .collection(c::IDENTITIES)
+        .insert_many(new)
+        .ordered(false)
+        .write_concern(store.write_concern().clone())
+        .await;
+    match inserted {
+        Ok(_) => Ok(map),
+        // Another request linked some of these ids first: its links win; read them.
+        Err(e) if only_duplicate_keys(&e) => linked(store, &all).await,
+        Err(e) => Err(StoreError::mongo(c::IDENTITIES, "insert identity links")(e)),
+    }
+}
+
+fn only_duplicate_keys(err: &mongodb::error::Error) -> bool {
+    match err.kind.as_ref() {
+        mongodb::error::ErrorKind::InsertMany(m) => {
+            m.write_concern_error.is_none()
+                && m.write_errors
+                    .as_ref()
+                    .is_some_and(|w| w.iter().all(|e| e.code == DUPLICATE_KEY))
+        }
+        _ => super::is_duplicate_key(err),
+    }
+}
+
+/// Copies `identify` traits to the user's profile: `email`, `firstName`, `lastName`
+/// (also `first_name` / `last_name`) to their fields, every other trait to
+/// `attributes.<name>`. Traits merge (a trait not sent is kept); a profile already holding
+/// traits of a later `identify` is left alone, so out-of-order delivery keeps the newest.
+/// Returns whether the profile took them.
+pub async fn apply_traits(
+    store: &Store,
+    visitor: &str,
+    traits: &Document,
+    at: DateTime,
+) -> Result<bool, StoreError> {
+    let mut set = Document::new();
+    for (k, v) in traits {
+        let field = match k.as_str() {
+            "email" => u::EMAIL.to_string(),
+            "firstName" | "first_name" => u::FIRST_NAME.to_string(),
+            "lastName" | "last_name" => u::LAST_NAME.to_string(),
+            _ => format!("{}.{k}", u::ATTRIBUTES),
+        };
+        set.insert(field, v.clone());
+    }
+    if set.is_empty() {
+        return Ok(false);
+    }
+    set.insert(u::TRAITS_AT, at);
+    set.insert(common::UPDATED_AT, DateTime::now());
+    let result = store
+        .collection(c::USERS)
+        .update_one(
+            doc! {
+                u::VISITOR_ID: visitor,
+                "$or": [
+                    { u::TRAITS_AT: { "$exists": false } },
+                    { u::TRAITS_AT: { "$lte": at } },
+                ],
+            },
+            doc! { "$set": set },
+        )
+        .write_concern(store.write_concern().clone())
+        .await
+        .map_err(StoreError::mongo(c::USERS, "apply identify traits"))?;
+    Ok(result.matched_count > 0)
+}

@@ -1,0 +1,505 @@
+//! The Segment HTTP Tracking API's messages (identify, track, page, screen, group, alias),
+//! mapped onto the platform's event model.
+//!
+//! Each message becomes one native event, validated by the same rules as the native API
+//! ([`crate::tracking::parse_event`]):
+//! - `messageId` -> `eventId` (dedupe); the visitor is `userId`, else `anonymousId`
+//!   (resolved through identity links by the server);
+//! - `page` -> PAGE_VIEW (`properties.url` / `referrer`, else `context.page.*`, ->
+//!   `pageUrl` / `referrer`); `screen` -> SCREEN_VIEW;
+//! - `track`: a purchase-like name (`tracking.purchase_events`) -> PURCHASE with
+//!   `amount` from `revenue`, `total` or `value`; a name of the Segment e-commerce / B2B
+//!   spec or a native event type -> that type; anything else -> CUSTOM. The original name
+//!   is always kept in `properties.eventName`;
+//! - `identify` -> IDENTIFY with the traits as properties (the server also copies them to
+//!   the user's profile); `group` and `alias` -> CUSTOM (`eventName` `Group` / `Alias`);
+//! - `context.userAgent` / `ip` / `device` / `os` / `location` -> `metadata`, the rest of
+//!   `context` is kept in `metadata.context`;
+//! - the event time is `originalTimestamp`, else `timestamp`, corrected for clock skew by
+//!   `sentAt` (of the message or its batch).
+//!
+//! A message may carry `context.sessionId` (or top-level `sessionId`); without one the
+//! event writer assigns the session by the inactivity-gap rule.
+
+use bson::Document;
+use serde_json::{Map, Value};
+
+use crate::error::ValidationError;
+use crate::model::{Event, EventMetadata, EventType};
+use crate::tracking::{parse_event, RequestContext, MAX_ID_LEN};
+
+/// The six Segment call types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Identify,
+    Track,
+    Page,
+    Screen,
+    Group,
+    Alias,
+}
+
+impl Kind {
+    pub fn parse(text: &str) -> Option<Kind> {
+        Some(match text {
+            "identify" => Kind::Identify,
+            "track" => Kind::Track,
+            "page" => Kind::Page,
+            "screen" => Kind::Screen,
+            "group" => Kind::Group,
+            "alias" => Kind::Alias,
+            _ => return None,
+        })
+    }
+}
+
+/// One Segment message, ready for identity resolution and storage.
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub kind: Kind,
+    /// `userId` is the raw visitor id here; the server replaces it with the resolved one.
+    pub event: Event,
+    pub user_id: Option<String>,
+    pub anonymous_id: Option<String>,
+    /// `(from, to)`: an id that from now on counts as the user `to`.
+    pub link: Option<(String, String)>,
+    /// `identify` traits for the user's profile.
+    pub traits: Option<Document>,
+}
+
+/// Settings of the mapping.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// `track` names (compared case-insensitively) stored as PURCHASE.
+    pub purchase_events: Vec<String>,
+}
+
+/// Segment spec event names with a native event type.
+const SPEC_NAMES: &[(&str, EventType)] = &[
+    ("Signed Up", EventType::Signup),
+    ("Signed In", EventType::Login),
+    ("Signed Out", EventType::Logout),
+    ("Products Searched", EventType::Search),
+    ("Product Added", EventType::AddToCart),
+    ("Product Removed", EventType::RemoveFromCart),
+    ("Checkout Started", EventType::Checkout),
+    ("Product Clicked", EventType::Click),
+];
+
+/// The property holding a `track` call's original name.
+pub const EVENT_NAME: &str = "eventName";
+
+fn id_field(obj: &Map<String, Value>, field: &str) -> Result<Option<String>, ValidationError> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.is_empty() => Ok(None),
+        Some(Value::String(s)) if s.len() > MAX_ID_LEN => Err(ValidationError::new(
+            field,
+            format!("longer than {MAX_ID_LEN} bytes"),
+        )),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        // Some SDKs send numeric user ids.
+        Some(Value::Number(n)) => Ok(Some(n.to_string())),
+        Some(_) => Err(ValidationError::new(field, "expected a string")),
+    }
+}
+
+fn object<'a>(
+    obj: &'a Map<String, Value>,
+    field: &str,
+) -> Result<Option<&'a Map<String, Value>>, ValidationError> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Object(m)) => Ok(Some(m)),
+        Some(_) => Err(ValidationError::new(field, "expected an object")),
+    }
+}
+
+fn text(obj: Option<&Map<String, Value>>, field: &str) -> Option<String> {
+    match obj?.get(field)? {
+        Value::String(s) if !s.is_empty() => Some(s.clone()),
+        _ => None,
+    }
+}
+
+/// A number, or a string holding one (some SDKs send revenue as text).
+fn number(v: &Value) -> Option<Value> {
+    match v {
+        Value::Number(_) => Some(v.clone()),
+        Value::String(s) => s
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|f| f.is_finite())
+            .and_then(|f| serde_json::Number::from_f64(f).map(Value::Number)),
+        _ => None,
+    }
+}
+
+fn track_type(name: &str, options: &Options) -> EventType {
+    if options
+        .purchase_events
+        .iter()
+        .any(|p| p.eq_ignore_ascii_case(name))
+    {
+        return EventType::Purchase;
+    }
+    if let Some((_, t)) = SPEC_NAMES
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
+    {
+        return *t;
+    }
+    match EventType::parse(name) {
+        Ok(t) => t,
+        Err(_) => EventType::Custom,
+    }
+}
+
+/// Maps one message. `kind` comes from the path (`/v1/track`...) or, in a batch, from the
+/// message's `type`.
+pub fn parse_message(
+    v: &Value,
+    kind: Option<Kind>,
+    ctx: &RequestContext,
+    options: &Options,
+) -> Result<Message, ValidationError> {
+    let Value::Object(obj) = v else {
+        return Err(ValidationError::new("message", "expected an object"));
+    };
+    let kind = match kind {
+        Some(k) => k,
+        None => match obj.get("type") {
+            Some(Value::String(t)) => Kind::parse(t).ok_or_else(|| {
+                ValidationError::new(
+                    "type",
+                    format!(
+                        "unknown type `{t}` (expected identify, track, page, screen, group or alias)"
+                    ),
+                )
+            })?,
+            _ => return Err(ValidationError::new("type", "is required in a batch")),
+        },
+    };
+    let user_id = id_field(obj, "userId")?;
+    let anonymous_id = id_field(obj, "anonymousId")?;
+    let visitor = user_id
+        .clone()
+        .or_else(|| anonymous_id.clone())
+        .ok_or_else(|| {
+            ValidationError::new("userId", "either userId or anonymousId is required")
+        })?;
+    let context = object(obj, "context")?;
+    let mut properties = match kind {
+        Kind::Identify | Kind::Group => object(obj, "traits")?
+            .or(context
+                .and_then(|c| c.get("traits"))
+                .and_then(Value::as_object))
+            .cloned()
+            .unwrap_or_default(),
+        _ => object(obj, "properties")?.cloned().unwrap_or_default(),
+    };
+    let page = context
+        .and_then(|c| c.get("page"))
+        .and_then(Value::as_object);
+    let mut page_url = None;
+    let mut referrer = None;
+    let mut link = None;
+    let mut traits = None;
+    let event_type = match kind {
+        Kind::Page => {
+            page_url = text(Some(&properties), "url").or_else(|| text(page, "url"));
+            referrer = text(Some(&properties), "referrer").or_else(|| text(page, "referrer"));
+            if let Some(name) = text(Some(obj), "name") {
+                properties.entry("name").or_insert(Value::String(name));
+            }
+            EventType::PageView
+        }
+        Kind::Screen => {
+            if let Some(name) = text(Some(obj), "name") {
+                properties.entry("name").or_insert(Value::String(name));
+            }
+            EventType::ScreenView
+        }
+        Kind::Track => {
+            let name = text(Some(obj), "event")
+                .ok_or_else(|| ValidationError::new("event", "is required for track"))?;
+            let t = track_type(&name, options);
+            if t == EventType::Purchase && !properties.contains_key("amount") {
+                let amount = ["revenue", "total", "value"]
+                    .iter()
+                    .find_map(|k| properties.get(*k).and_then(number));
+                if let Some(amount) = amount {
+                    properties.insert("amount".into(), amount);
+                }
+            }
+            properties.insert(EVENT_NAME.into(), Value::String(name));
+            page_url = text(page, "url");
+            referrer = text(page, "referrer");
+            t
+        }
+        Kind::Identify => {
+            traits = Some(crate::tracking::json_to_document(&Value::Object(
+                properties.clone(),
+            ))?);
+            EventType::Identify
+        }
+        Kind::Group => {
+            let group = id_field(obj, "groupId")?
+                .ok_or_else(|| ValidationError::new("groupId", "is required for group"))?;
+            let traits = std::mem::take(&mut properties);
+            properties.insert(EVENT_NAME.into(), Value::String("Group".into()));
+            properties.insert("groupId".into(), Value::String(group));
+            properties.insert("traits".into(), Value::Object(traits));
+            EventType::Custom
+        }
+        Kind::Alias => {
+            let previous = id_field(obj, "previousId")?
+                .ok_or_else(|| ValidationError::new("previousId", "is required for alias"))?;
+            let to = user_id
+                .clone()
+                .ok_or_else(|| ValidationError::new("userId", "is required for alias"))?;
+            properties.insert(EVENT_NAME.into(), Value::String("Alias".into()));
+            properties.insert("previousId".into(), Value::String(previous.clone()));
+            link = Some((previous, to));
+            EventType::Custom
+        }
+    };
+    // Any message carrying both ids ties the anonymous id to the user.
+    if link.is_none() {
+        if let (Some(anon), Some(user)) = (&anonymous_id, &user_id) {
+            if anon != user {
+                link = Some((anon.clone(), user.clone()));
+            }
+        }
+    }
+
+    let mut native = Map::new();
+    if let Some(id) = obj.get("messageId") {
+        native.insert("eventId".into(), id.clone());
+    }
+    native.insert("userId".into(), Value::String(visitor));
+    let session = obj
+        .get("sessionId")
+        .or_else(|| context.and_then(|c| c.get("sessionId")));
+    match session {
+        Some(Value::Number(n)) => {
+            native.insert("sessionId".into(), Value::String(n.to_string()));
+        }
+        Some(s) => {
+            native.insert("sessionId".into(), s.clone());
+        }
+        None => {}
+    }
+    native.insert(
+        "eventType".into(),
+        Value::String(event_type.as_str().into()),
+    );
+    let time = obj
+        .get("originalTimestamp")
+        .filter(|v| !v.is_null())
+        .or_else(|| obj.get("timestamp"));
+    if let Some(t) = time {
+        native.insert("timestamp".into(), t.clone());
+    }
+    if let Some(sent) = obj.get("sentAt") {
+        native.insert("sentAt".into(), sent.clone());
+    }
+    native.insert("properties".into(), Value::Object(properties));
+    if let Some(u) = page_url {
+        native.insert("pageUrl".into(), Value::String(u));
+    }
+    if let Some(r) = referrer {
+        native.insert("referrer".into(), Value::String(r));
+    }
+    if let Some(c) = context {
+        native.insert("context".into(), Value::Object(c.clone()));
+    }
+    let mut event =
+        parse_event(&Value::Object(native), ctx, EventMetadata::default()).map_err(rename_field)?;
+    if let Some(c) = context {
+        apply_context(&mut event.metadata, c)?;
+    }
+    if user_id.is_some() {
+        event.metadata.anonymous_id = anonymous_id.clone();
+    }
+    Ok(Message {
+        kind,
+        event,
+        user_id,
+        anonymous_id,
+        link,
+        traits,
+    })
+}
+
+/// Errors name the Segment field the client sent, not the native one.
+fn rename_field(mut err: ValidationError) -> ValidationError {
+    if err.field == "eventId" {
+        err.field = "messageId".into();
+    }
+    err
+}
+
+/// `context.device` / `os` / `location` into the metadata; the rest kept as sent.
+fn apply_context(m: &mut EventMetadata, c: &Map<String, Value>) -> Result<(), ValidationError> {
+    let device = c.get("device").and_then(Value::as_object);
+    m.device = text(device, "type").or_else(|| text(device, "model"));
+    let os = c.get("os").and_then(Value::as_object);
+    m.os = match (text(os, "name"), text(os, "version")) {
+        (Some(n), Some(v)) => Some(format!("{n} {v}")),
+        (n, _) => n,
+    };
+    let location = c.get("location").and_then(Value::as_object);
+    m.country = text(location, "country");
+    m.region = text(location, "region");
+    m.city = text(location, "city");
+    let mut rest = Map::new();
+    for (k, v) in c {
+        if !matches!(k.as_str(), "userAgent" | "ip" | "traits" | "sessionId") {
+            rest.insert(k.clone(), v.clone());
+        }
+    }
+    if !rest.is_empty() {
+        let rest = Value::Object(rest);
+        crate::tracking::check_properties("context", &rest, 0)?;
+        m.context = crate::tracking::json_to_document(&rest)
+            .map_err(|_| ValidationError::new("context", "expected an object"))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const NOW: i64 = 1_750_000_000_000;
+
+    fn ctx() -> RequestContext {
+        RequestContext {
+            received_at_ms: NOW,
+            max_future_ms: 300_000,
+            ..Default::default()
+        }
+    }
+
+    fn opts() -> Options {
+        Options {
+            purchase_events: vec!["Order Completed".into()],
+        }
+    }
+
+    fn parse(v: Value) -> Result<Message, ValidationError> {
+        parse_message(&v, None, &ctx(), &opts())
+    }
+
+    #[test]
+    fn page_maps_url_referrer_and_time_with_skew_correction() {
+        let m = parse(json!({
+            "type": "page", "messageId": "m1", "anonymousId": "anon-1", "name": "Home",
+            "properties": {"url": "https://shop.example/", "title": "Shop"},
+            "context": {"page": {"referrer": "https://search.example/"}, "userAgent": "ua"},
+            "timestamp": "2025-06-15T15:06:30Z", "sentAt": "2025-06-15T15:06:40Z",
+        }))
+        .unwrap();
+        assert_eq!(m.kind, Kind::Page);
+        let e = &m.event;
+        assert_eq!(e.event_id, "m1");
+        assert_eq!(e.user_id, "anon-1");
+        assert_eq!(e.session_id, "", "no session id: the writer assigns one");
+        assert_eq!(e.event_type, EventType::PageView);
+        assert_eq!(e.page_url.as_deref(), Some("https://shop.example/"));
+        assert_eq!(e.referrer.as_deref(), Some("https://search.example/"));
+        assert_eq!(e.properties.get_str("name").unwrap(), "Home");
+        assert_eq!(e.timestamp.timestamp_millis(), NOW - 10_000);
+        assert_eq!(e.metadata.user_agent.as_deref(), Some("ua"));
+        assert!(e.metadata.context.get_document("page").is_ok());
+        assert!(m.link.is_none());
+    }
+
+    #[test]
+    fn purchase_names_become_purchase_with_amount_from_revenue() {
+        let m = parse(json!({
+            "type": "track", "userId": "u1", "event": "order completed",
+            "properties": {"revenue": "19.90", "currency": "EUR"},
+        }))
+        .unwrap();
+        assert_eq!(m.event.event_type, EventType::Purchase);
+        assert_eq!(m.event.properties.get_f64("amount").unwrap(), 19.9);
+        assert_eq!(
+            m.event.properties.get_str(EVENT_NAME).unwrap(),
+            "order completed"
+        );
+        let spec = parse(json!({"type": "track", "userId": "u1", "event": "Signed Up"})).unwrap();
+        assert_eq!(spec.event.event_type, EventType::Signup);
+        let custom =
+            parse(json!({"type": "track", "userId": "u1", "event": "Video Played"})).unwrap();
+        assert_eq!(custom.event.event_type, EventType::Custom);
+        assert_eq!(
+            custom.event.properties.get_str(EVENT_NAME).unwrap(),
+            "Video Played"
+        );
+    }
+
+    #[test]
+    fn identify_links_ids_and_carries_traits() {
+        let m = parse(json!({
+            "type": "identify", "userId": "u1", "anonymousId": "a1",
+            "traits": {"email": "ada@example.com", "plan": "pro"},
+            "context": {"sessionId": 1718000000, "os": {"name": "iOS", "version": "17.1"},
+                         "device": {"type": "ios"}, "location": {"country": "FR", "city": "Lyon"}},
+        }))
+        .unwrap();
+        assert_eq!(m.event.event_type, EventType::Identify);
+        assert_eq!(m.event.user_id, "u1");
+        assert_eq!(m.event.session_id, "1718000000");
+        assert_eq!(m.link, Some(("a1".into(), "u1".into())));
+        assert_eq!(
+            m.traits.unwrap().get_str("email").unwrap(),
+            "ada@example.com"
+        );
+        let meta = &m.event.metadata;
+        assert_eq!(meta.os.as_deref(), Some("iOS 17.1"));
+        assert_eq!(meta.device.as_deref(), Some("ios"));
+        assert_eq!(meta.country.as_deref(), Some("FR"));
+        assert_eq!(meta.city.as_deref(), Some("Lyon"));
+        assert_eq!(meta.anonymous_id.as_deref(), Some("a1"));
+    }
+
+    #[test]
+    fn alias_links_the_previous_id() {
+        let m = parse(json!({"type": "alias", "previousId": "old", "userId": "new"})).unwrap();
+        assert_eq!(m.link, Some(("old".into(), "new".into())));
+        assert_eq!(m.event.event_type, EventType::Custom);
+        assert_eq!(m.event.properties.get_str(EVENT_NAME).unwrap(), "Alias");
+    }
+
+    #[test]
+    fn bad_messages_name_the_field() {
+        let cases = [
+            (json!({"type": "track", "event": "X"}), "userId"),
+            (json!({"type": "track", "userId": "u"}), "event"),
+            (json!({"type": "teleport", "userId": "u"}), "type"),
+            (json!({"userId": "u"}), "type"),
+            (json!({"type": "alias", "userId": "u"}), "previousId"),
+            (json!({"type": "group", "userId": "u"}), "groupId"),
+            (
+                json!({"type": "page", "userId": "u", "timestamp": "soon"}),
+                "timestamp",
+            ),
+            (
+                json!({"type": "page", "userId": "u", "messageId": 7}),
+                "messageId",
+            ),
+            (
+                json!({"type": "track", "userId": "u", "event": "X", "properties": {"a.b": 1}}),
+                "properties.a.b",
+            ),
+        ];
+        for (input, field) in cases {
+            let err = parse(input.clone()).unwrap_err();
+            assert_eq!(err.field, field, "{input} -> {err}");
+        }
+    }
+}

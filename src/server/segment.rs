@@ -1,0 +1,198 @@
+//! The Segment-compatible HTTP Tracking API: `POST /v1/identify`, `/v1/track`, `/v1/page`,
+//! `/v1/screen`, `/v1/group`, `/v1/alias` (one message each) and `/v1/batch` (also
+//! `/v1/import`, its older name) with `{"batch": [...], "sentAt", "writeKey", "context"}`.
+//!
+//! The write key is the HTTP basic user (as the SDKs send it), `X-Write-Key`, or `writeKey`
+//! in the body; bodies may be gzipped. Messages are mapped by
+//! [`sluice_core::segment`], their visitors resolved through identity links, and stored by
+//! the same pipeline as the native API, so dedupe, aggregates, enrichment, transforms and
+//! back-pressure are the same. SDKs retry on 5xx and 429 and treat any 2xx as delivered: a
+//! batch with some invalid messages is answered 200 with each rejected message listed
+//! (index, field, reason) and counted in `/metrics`; a batch with only invalid messages,
+//! or an invalid single message, is a 400 (not retried).
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{ConnectInfo, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Map, Value};
+use sluice_connectors::mongo::identities;
+use sluice_core::segment::{parse_message, Kind, Message, Options};
+use sluice_core::tracking::parse_time;
+use sluice_core::ValidationError;
+
+use super::tracking::{admit, ingest, malformed, read_body, request_context};
+use super::{ApiError, AppState};
+
+fn options(state: &AppState) -> Options {
+    Options {
+        purchase_events: state.config.tracking.purchase_events.clone(),
+    }
+}
+
+fn body_key(obj: &Map<String, Value>) -> Option<&str> {
+    obj.get("writeKey").and_then(Value::as_str)
+}
+
+fn invalid(message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, "invalid_batch", message)
+}
+
+/// One message at a path naming its type.
+pub async fn single(
+    kind: Kind,
+    state: AppState,
+    peer: SocketAddr,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = read_body(&headers, body, state.config.tracking.max_event_bytes)?;
+    let value: Value = serde_json::from_slice(&body).map_err(malformed)?;
+    let Value::Object(obj) = &value else {
+        return Err(invalid("expected a JSON object"));
+    };
+    admit(&state, &headers, body_key(obj))?;
+    let ctx = request_context(&state, peer, &headers, None);
+    let message = parse_message(&value, Some(kind), &ctx, &options(&state));
+    let answer = store(&state, vec![message]).await?;
+    if let Some(rejected) = answer.first_rejection() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_message",
+            rejected.to_string(),
+        ));
+    }
+    Ok(answer.into_response())
+}
+
+pub async fn batch(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let limits = &state.config.tracking;
+    let body = read_body(&headers, body, limits.max_batch_bytes)?;
+    let value: Value = serde_json::from_slice(&body).map_err(malformed)?;
+    let Value::Object(obj) = &value else {
+        return Err(invalid("expected {\"batch\": [messages...]}"));
+    };
+    admit(&state, &headers, body_key(obj))?;
+    let Some(Value::Array(items)) = obj.get("batch") else {
+        return Err(invalid("expected {\"batch\": [messages...]}"));
+    };
+    if items.len() > limits.max_batch_events {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_many_events",
+            format!(
+                "a batch holds at most {} messages, this one has {}",
+                limits.max_batch_events,
+                items.len()
+            ),
+        ));
+    }
+    let sent_at = match obj.get("sentAt") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(parse_time("sentAt", v).map_err(|e| invalid(e.to_string()))?),
+    };
+    // A batch-level `context` applies to every message (the message's own keys win).
+    let shared_context = obj.get("context").and_then(Value::as_object);
+    let ctx = request_context(&state, peer, &headers, sent_at);
+    let options = options(&state);
+    let messages = items
+        .iter()
+        .map(|item| {
+            let size = serde_json::to_vec(item).map(|v| v.len()).unwrap_or(0);
+            if size > limits.max_event_bytes {
+                return Err(ValidationError::new(
+                    "message",
+                    format!("larger than {} bytes", limits.max_event_bytes),
+                ));
+            }
+            match (shared_context, item) {
+                (Some(shared), Value::Object(m)) => {
+                    let mut m = m.clone();
+                    let mut context = shared.clone();
+                    if let Some(Value::Object(own)) = m.get("context") {
+                        context.extend(own.clone());
+                    }
+                    m.insert("context".into(), Value::Object(context));
+                    parse_message(&Value::Object(m), None, &ctx, &options)
+                }
+                _ => parse_message(item, None, &ctx, &options),
+            }
+        })
+        .collect();
+    let answer = store(&state, messages).await?;
+    Ok(answer.into_batch_response())
+}
+
+/// Resolves visitors through identity links, stores the events, then copies `identify`
+/// traits to the profiles of the users whose identify is stored.
+async fn store(
+    state: &AppState,
+    mut messages: Vec<Result<Message, ValidationError>>,
+) -> Result<super::tracking::Answer, ApiError> {
+    let unavailable = |e: sluice_connectors::StoreError| {
+        tracing::error!(error = %e, "identity links unavailable");
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            "events could not be stored; nothing was acknowledged, retry shortly",
+        )
+        .retry(2)
+    };
+    let mut ids: HashSet<&str> = HashSet::new();
+    let mut links = Vec::new();
+    for m in messages.iter().flatten() {
+        ids.extend(m.user_id.as_deref());
+        ids.extend(m.anonymous_id.as_deref());
+        if let Some((from, to)) = &m.link {
+            links.push((from.clone(), to.clone(), m.event.timestamp));
+        }
+    }
+    let ids: Vec<&str> = ids.into_iter().collect();
+    let map = identities::link(&state.store, &ids, &links)
+        .await
+        .map_err(unavailable)?;
+    for m in messages.iter_mut().flatten() {
+        let at = m.event.timestamp.timestamp_millis();
+        let visitor = match (&m.user_id, &m.anonymous_id) {
+            (Some(u), _) => identities::resolve(&map, u, at),
+            (None, Some(a)) => identities::resolve(&map, a, at),
+            (None, None) => continue,
+        };
+        if visitor != m.event.user_id && m.user_id.is_none() {
+            // An anonymous id counted for a known user: keep the id it came with.
+            m.event.metadata.anonymous_id = m.anonymous_id.clone();
+        }
+        m.event.user_id = visitor;
+    }
+    let traits: Vec<Option<(String, bson::Document, bson::DateTime)>> = messages
+        .iter()
+        .map(|m| {
+            let m = m.as_ref().ok()?;
+            let t = m.traits.as_ref().filter(|t| !t.is_empty())?;
+            Some((m.event.user_id.clone(), t.clone(), m.event.timestamp))
+        })
+        .collect();
+    let events = messages.into_iter().map(|m| m.map(|m| m.event)).collect();
+    let answer = ingest(state, events).await?;
+    for (i, t) in traits.into_iter().enumerate() {
+        let Some((visitor, traits, at)) = t else {
+            continue;
+        };
+        if !answer.written[i] {
+            continue;
+        }
+        identities::apply_traits(&state.store, &visitor, &traits, at)
+            .await
+            .map_err(unavailable)?;
+    }
+    Ok(answer)
+}

@@ -1,0 +1,577 @@
+//! The Segment-compatible API end to end: the real `@segment/analytics-node` SDK against
+//! a running server (through a proxy that loses some answers, so the SDK retries), and
+//! identity merging, session splitting, gzip and per-message errors over raw HTTP.
+
+mod support;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use bson::{doc, Document};
+use futures_util::TryStreamExt;
+use serde_json::{json, Value};
+use support::{start_server, TestDb};
+
+const KEY: &str = "wk_segment_test";
+const MIN: i64 = 60_000;
+
+async fn find(db: &TestDb, coll: &str, filter: Document) -> Vec<Document> {
+    db.store
+        .collection(coll)
+        .find(filter)
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap()
+}
+
+async fn user(db: &TestDb, visitor: &str) -> Document {
+    find(db, "users", doc! { "visitorId": visitor })
+        .await
+        .pop()
+        .unwrap_or_else(|| panic!("no user {visitor}"))
+}
+
+fn iso(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .unwrap()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+fn t0() -> i64 {
+    // Three hours ago, on a whole minute.
+    (chrono::Utc::now().timestamp_millis() - 3 * 3_600_000) / MIN * MIN
+}
+
+/// Forwards SDK requests to the server; the answer to every fourth request is replaced by
+/// a 500 after the server stored the batch, as when a response is lost on the way back.
+struct LossyProxy {
+    target: String,
+    client: reqwest::Client,
+    requests: AtomicU64,
+    lost: AtomicU64,
+    retries: AtomicU64,
+    duplicates_on_retry: AtomicU64,
+}
+
+async fn forward(
+    State(p): State<Arc<LossyProxy>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> impl IntoResponse {
+    let n = p.requests.fetch_add(1, SeqCst);
+    let mut req = p.client.post(format!("{}/v1/batch", p.target)).body(body);
+    for name in ["authorization", "content-type", "user-agent"] {
+        if let Some(v) = headers.get(name) {
+            req = req.header(name, v.as_bytes());
+        }
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let answer: Value = resp.json().await.unwrap_or(Value::Null);
+    if headers.contains_key("x-retry-count") {
+        p.retries.fetch_add(1, SeqCst);
+        let dups = answer["duplicates"].as_u64().unwrap_or(0);
+        p.duplicates_on_retry.fetch_add(dups, SeqCst);
+    }
+    if n % 4 == 1 && status == 200 {
+        p.lost.fetch_add(1, SeqCst);
+        return (StatusCode::INTERNAL_SERVER_ERROR, "lost".to_string());
+    }
+    (StatusCode::from_u16(status).unwrap(), answer.to_string())
+}
+
+async fn start_proxy(target: SocketAddr) -> (Arc<LossyProxy>, SocketAddr) {
+    let proxy = Arc::new(LossyProxy {
+        target: format!("http://{target}"),
+        client: reqwest::Client::new(),
+        requests: AtomicU64::new(0),
+        lost: AtomicU64::new(0),
+        retries: AtomicU64::new(0),
+        duplicates_on_retry: AtomicU64::new(0),
+    });
+    let app = axum::Router::new()
+        .route("/v1/batch", axum::routing::post(forward))
+        .with_state(proxy.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (proxy, addr)
+}
+
+fn call(method: &str, args: Value) -> Value {
+    json!({ "method": method, "args": args })
+}
+
+/// Runs the plan through the real SDK; returns the SDK's error count.
+fn run_sdk(host: &str, plan: &[Value]) -> u64 {
+    let tools = std::env::var("SLUICE_NODE_TOOLS")
+        .expect("SLUICE_NODE_TOOLS is not set: run the tests through `scripts/test.sh`");
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    // `require` resolves next to the script: place it beside node_modules.
+    let script = std::path::Path::new(&tools).join(format!("segment-client-{tag}.cjs"));
+    std::fs::write(&script, include_str!("fixtures/segment-client.cjs")).unwrap();
+    let plan_file = std::env::temp_dir().join(format!("segment-plan-{tag}.json"));
+    std::fs::write(&plan_file, serde_json::to_vec(plan).unwrap()).unwrap();
+    let out = std::process::Command::new("node")
+        .arg(&script)
+        .args([host, KEY])
+        .arg(&plan_file)
+        .output()
+        .expect("node runs");
+    let _ = std::fs::remove_file(&script);
+    let _ = std::fs::remove_file(&plan_file);
+    assert!(
+        out.status.success(),
+        "SDK script failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+        panic!(
+            "SDK output: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    report["errors"].as_u64().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_analytics_node_sdk_delivers_everything_once() {
+    let db = TestDb::initialized().await;
+    let server = start_server(&db, |raw| {
+        raw.server.write_keys = vec![sluice_core::config::Secret::new(KEY)];
+    })
+    .await;
+    let (proxy, proxy_addr) = start_proxy(server.addr).await;
+    let t0 = t0();
+    let mut plan = vec![
+        // An anonymous visitor browses, signs in, buys.
+        call(
+            "page",
+            json!({ "anonymousId": "anon-1", "name": "Home", "timestamp": iso(t0),
+            "properties": { "url": "https://shop.example/", "referrer": "https://search.example/?q=shoes" } }),
+        ),
+        call(
+            "page",
+            json!({ "anonymousId": "anon-1", "name": "Shoes", "timestamp": iso(t0 + MIN),
+            "properties": { "url": "https://shop.example/shoes" } }),
+        ),
+        call(
+            "identify",
+            json!({ "userId": "user-1", "anonymousId": "anon-1", "timestamp": iso(t0 + 2 * MIN),
+            "traits": { "email": "ada@example.com", "firstName": "Ada", "lastName": "Lovelace", "plan": "pro" } }),
+        ),
+        // Later events under either id count for the user...
+        call(
+            "page",
+            json!({ "anonymousId": "anon-1", "name": "Cart", "timestamp": iso(t0 + 3 * MIN),
+            "properties": { "url": "https://shop.example/cart" } }),
+        ),
+        call(
+            "track",
+            json!({ "userId": "user-1", "event": "Order Completed", "timestamp": iso(t0 + 4 * MIN),
+            "properties": { "orderId": "o-1", "revenue": 42.5, "currency": "EUR" } }),
+        ),
+        call(
+            "track",
+            json!({ "userId": "user-1", "event": "Product Added", "timestamp": iso(t0 + 5 * MIN),
+            "properties": { "sku": "s-1" } }),
+        ),
+        // ...an anonymous event from before sign-in, delivered late, stays anonymous.
+        call(
+            "page",
+            json!({ "anonymousId": "anon-1", "name": "Landing", "timestamp": iso(t0 - 10_000),
+            "properties": { "url": "https://shop.example/landing" } }),
+        ),
+        call(
+            "screen",
+            json!({ "userId": "user-4", "name": "Settings", "timestamp": iso(t0),
+            "context": { "device": { "type": "ios", "model": "iPhone15,2" }, "os": { "name": "iOS", "version": "17.1" } } }),
+        ),
+        call(
+            "group",
+            json!({ "userId": "user-4", "groupId": "acme", "timestamp": iso(t0 + MIN),
+            "traits": { "name": "Acme" } }),
+        ),
+    ];
+    // A visitor whose events are an hour apart: two sessions.
+    for m in [0, 10, 20, 70, 75] {
+        plan.push(call(
+            "track",
+            json!({ "userId": "user-2", "event": "Video Played", "timestamp": iso(t0 + m * MIN) }),
+        ));
+    }
+    // A few hundred more from many users.
+    for i in 0..300 {
+        let who = format!("bulk-{}", i % 20);
+        let at = iso(t0 + (i / 20) * MIN);
+        plan.push(if i % 3 == 0 {
+            call("page", json!({ "userId": who, "timestamp": at, "properties": { "url": format!("https://shop.example/p/{i}") } }))
+        } else {
+            call("track", json!({ "userId": who, "event": "Product Viewed", "timestamp": at, "properties": { "i": i } }))
+        });
+    }
+    let host = format!("http://{proxy_addr}");
+    let errors = tokio::task::spawn_blocking({
+        let plan = plan.clone();
+        move || run_sdk(&host, &plan)
+    })
+    .await
+    .unwrap();
+    assert_eq!(errors, 0, "the SDK gave up on some messages");
+
+    // The SDK retried the batches whose answers were lost, and the retries were deduplicated.
+    let lost = proxy.lost.load(SeqCst);
+    assert!(lost >= 1, "no answer was lost");
+    assert!(proxy.retries.load(SeqCst) >= lost);
+    assert!(proxy.duplicates_on_retry.load(SeqCst) > 0);
+
+    // Every message stored exactly once.
+    let events = find(&db, "events", doc! {}).await;
+    assert_eq!(events.len(), plan.len());
+    let ids: HashSet<&str> = events
+        .iter()
+        .map(|e| e.get_str("eventId").unwrap())
+        .collect();
+    assert_eq!(ids.len(), plan.len());
+
+    // Identity: the user holds the traits and the events from sign-in on.
+    let u1 = user(&db, "user-1").await;
+    assert_eq!(u1.get_str("email").unwrap(), "ada@example.com");
+    assert_eq!(u1.get_str("firstName").unwrap(), "Ada");
+    assert_eq!(u1.get_str("lastName").unwrap(), "Lovelace");
+    assert_eq!(
+        u1.get_document("attributes")
+            .unwrap()
+            .get_str("plan")
+            .unwrap(),
+        "pro"
+    );
+    assert_eq!(u1.get_i64("totalEvents").unwrap(), 4, "{u1}");
+    assert_eq!(u1.get_i64("totalPurchases").unwrap(), 1);
+    assert_eq!(u1.get_f64("totalRevenue").unwrap(), 42.5);
+    let anon = user(&db, "anon-1").await;
+    assert_eq!(anon.get_i64("totalEvents").unwrap(), 3, "{anon}");
+    let cart = find(
+        &db,
+        "events",
+        doc! { "pageUrl": "https://shop.example/cart" },
+    )
+    .await;
+    assert_eq!(cart[0].get_str("userId").unwrap(), "user-1");
+    assert_eq!(
+        cart[0]
+            .get_document("metadata")
+            .unwrap()
+            .get_str("anonymousId")
+            .unwrap(),
+        "anon-1"
+    );
+
+    // Mapping.
+    let purchase = find(&db, "events", doc! { "eventType": "PURCHASE" }).await;
+    assert_eq!(purchase.len(), 1);
+    let props = purchase[0].get_document("properties").unwrap();
+    assert_eq!(props.get_f64("amount").unwrap(), 42.5);
+    assert_eq!(props.get_str("eventName").unwrap(), "Order Completed");
+    let home = find(&db, "events", doc! { "pageUrl": "https://shop.example/" }).await;
+    assert_eq!(home[0].get_str("eventType").unwrap(), "PAGE_VIEW");
+    assert_eq!(
+        home[0].get_str("referrer").unwrap(),
+        "https://search.example/?q=shoes"
+    );
+    // Clock-skew correction (receivedAt - (sentAt - timestamp)) adds the transit time.
+    let skew = home[0]
+        .get_datetime("timestamp")
+        .unwrap()
+        .timestamp_millis()
+        - t0;
+    assert!((0..5_000).contains(&skew), "{skew} ms");
+    assert_eq!(
+        find(&db, "events", doc! { "eventType": "ADD_TO_CART" })
+            .await
+            .len(),
+        1
+    );
+    let screen = find(&db, "events", doc! { "eventType": "SCREEN_VIEW" }).await;
+    let meta = screen[0].get_document("metadata").unwrap();
+    assert_eq!(meta.get_str("os").unwrap(), "iOS 17.1");
+    assert_eq!(meta.get_str("device").unwrap(), "ios");
+
+    // Sessions: split at the gap.
+    let mut s2 = find(&db, "sessions", doc! { "userId": "user-2" }).await;
+    s2.sort_by_key(|s| s.get_datetime("startTime").unwrap().timestamp_millis());
+    let counts: Vec<i64> = s2.iter().map(|s| s.get_i64("events").unwrap()).collect();
+    assert_eq!(counts, vec![3, 2]);
+    let second = s2[1].get_datetime("startTime").unwrap().timestamp_millis();
+    assert_eq!((second - t0) / MIN, 70);
+
+    // Aggregates agree with the events, for every user.
+    let mut per_user: HashMap<String, i64> = HashMap::new();
+    let mut per_session: HashMap<String, i64> = HashMap::new();
+    for e in &events {
+        *per_user
+            .entry(e.get_str("userId").unwrap().into())
+            .or_default() += 1;
+        *per_session
+            .entry(e.get_str("sessionId").unwrap().into())
+            .or_default() += 1;
+    }
+    for u in find(&db, "users", doc! {}).await {
+        let v = u.get_str("visitorId").unwrap();
+        assert_eq!(u.get_i64("totalEvents").unwrap(), per_user[v], "user {v}");
+    }
+    for s in find(&db, "sessions", doc! {}).await {
+        let id = s.get_str("sessionId").unwrap();
+        assert_eq!(
+            s.get_i64("events").unwrap(),
+            per_session[id],
+            "session {id}"
+        );
+    }
+    server.shutdown().await;
+}
+
+async fn post(base: &str, path: &str, body: &Value) -> (u16, Value) {
+    let resp = reqwest::Client::new()
+        .post(format!("{base}{path}"))
+        .basic_auth(KEY, Some(""))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn identify_links_an_anonymous_visitor_from_its_time_on_in_any_delivery_order() {
+    let db = TestDb::initialized().await;
+    let server = start_server(&db, |raw| {
+        raw.server.write_keys = vec![sluice_core::config::Secret::new(KEY)];
+    })
+    .await;
+    let base = format!("http://{}", server.addr);
+    let t0 = t0();
+    // After sign-in, delivered first: the link does not exist yet, so it stays anonymous;
+    // delivered after the identify, an anonymous event counts for the user.
+    let requests = [
+        (
+            "/v1/page",
+            json!({ "messageId": "p0", "anonymousId": "a", "timestamp": iso(t0) }),
+        ),
+        (
+            "/v1/identify",
+            json!({ "messageId": "i1", "userId": "u", "anonymousId": "a",
+            "timestamp": iso(t0 + MIN), "traits": { "email": "old@example.com" } }),
+        ),
+        (
+            "/v1/track",
+            json!({ "messageId": "t2", "anonymousId": "a", "event": "Clicked",
+            "timestamp": iso(t0 + 2 * MIN) }),
+        ),
+        // Pre-sign-in, delivered late: still the anonymous visitor's.
+        (
+            "/v1/page",
+            json!({ "messageId": "p00", "anonymousId": "a", "timestamp": iso(t0 - MIN) }),
+        ),
+        // An older identify delivered late does not overwrite newer traits.
+        (
+            "/v1/identify",
+            json!({ "messageId": "i0", "userId": "u", "timestamp": iso(t0 - 2 * MIN),
+            "traits": { "email": "older@example.com", "firstName": "Grace" } }),
+        ),
+        // alias: the retired id's later events count for the new one.
+        (
+            "/v1/alias",
+            json!({ "messageId": "al", "previousId": "u", "userId": "u-new",
+            "timestamp": iso(t0 + 3 * MIN) }),
+        ),
+        (
+            "/v1/track",
+            json!({ "messageId": "t4", "userId": "u", "event": "Clicked",
+            "timestamp": iso(t0 + 4 * MIN) }),
+        ),
+    ];
+    for (path, body) in &requests {
+        let (status, answer) = post(&base, path, body).await;
+        assert_eq!(status, 200, "{path}: {answer}");
+        assert_eq!(answer["success"], true);
+    }
+    let owner = |id: &'static str| {
+        let db = &db;
+        async move {
+            find(db, "events", doc! { "eventId": id }).await[0]
+                .get_str("userId")
+                .unwrap()
+                .to_string()
+        }
+    };
+    assert_eq!(owner("p0").await, "a");
+    assert_eq!(owner("p00").await, "a");
+    assert_eq!(owner("i1").await, "u");
+    assert_eq!(owner("t2").await, "u");
+    assert_eq!(owner("t4").await, "u-new");
+    let u = user(&db, "u").await;
+    assert_eq!(u.get_str("email").unwrap(), "old@example.com");
+    assert!(
+        u.get_str("firstName").is_err(),
+        "an older identify's traits: {u}"
+    );
+    assert_eq!(u.get_i64("totalEvents").unwrap(), 3, "i1, t2, i0: {u}");
+    assert_eq!(
+        user(&db, "u-new").await.get_i64("totalEvents").unwrap(),
+        2,
+        "al, t4"
+    );
+    assert_eq!(user(&db, "a").await.get_i64("totalEvents").unwrap(), 2);
+    let links = find(&db, "identities", doc! {}).await;
+    let links: BTreeMap<&str, &str> = links
+        .iter()
+        .map(|l| (l.get_str("_id").unwrap(), l.get_str("visitorId").unwrap()))
+        .collect();
+    assert_eq!(links, BTreeMap::from([("a", "u"), ("u", "u-new")]));
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn sessions_split_at_the_gap_whatever_the_delivery_order() {
+    let db = TestDb::initialized().await;
+    let server = start_server(&db, |raw| {
+        raw.server.write_keys = vec![sluice_core::config::Secret::new(KEY)];
+        raw.tracking.session_timeout_minutes = 30;
+    })
+    .await;
+    let base = format!("http://{}", server.addr);
+    let t0 = t0();
+    let minutes = [0, 12, 24, 36, 80, 100, 140];
+    // Expected by the gap rule: [0..36], [80, 100], [140].
+    // Deliver one message per request, latest first, then two replayed.
+    for m in minutes.iter().rev() {
+        let (status, a) = post(
+            &base,
+            "/v1/track",
+            &json!({ "messageId": format!("m{m}"), "userId": "v", "event": "Tick",
+                     "timestamp": iso(t0 + m * MIN) }),
+        )
+        .await;
+        assert_eq!(status, 200, "{a}");
+    }
+    let (_, replay) = post(
+        &base,
+        "/v1/batch",
+        &json!({ "batch": [
+            { "type": "track", "messageId": "m12", "userId": "v", "event": "Tick", "timestamp": iso(t0 + 12 * MIN) },
+            { "type": "track", "messageId": "m100", "userId": "v", "event": "Tick", "timestamp": iso(t0 + 100 * MIN) },
+        ]}),
+    )
+    .await;
+    assert_eq!(replay["duplicates"], 2, "{replay}");
+    let mut sessions = find(&db, "sessions", doc! { "userId": "v" }).await;
+    sessions.sort_by_key(|s| s.get_datetime("startTime").unwrap().timestamp_millis());
+    let spans: Vec<(i64, i64, i64)> = sessions
+        .iter()
+        .map(|s| {
+            (
+                (s.get_datetime("startTime").unwrap().timestamp_millis() - t0) / MIN,
+                (s.get_datetime("endTime").unwrap().timestamp_millis() - t0) / MIN,
+                s.get_i64("events").unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(spans, vec![(0, 36, 4), (80, 100, 2), (140, 140, 1)]);
+    assert_eq!(user(&db, "v").await.get_i64("totalSessions").unwrap(), 3);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn gzip_bodies_write_key_in_the_body_and_invalid_messages_reported() {
+    let db = TestDb::initialized().await;
+    let server = start_server(&db, |raw| {
+        raw.server.write_keys = vec![sluice_core::config::Secret::new(KEY)];
+    })
+    .await;
+    let base = format!("http://{}", server.addr);
+    let client = reqwest::Client::new();
+    let t0 = t0();
+    let body = json!({
+        "writeKey": KEY,
+        "sentAt": iso(t0 + 5_000),
+        "context": { "library": { "name": "test", "version": "1" } },
+        "batch": [
+            { "type": "track", "messageId": "g1", "userId": "v", "event": "Order Completed",
+              "properties": { "total": 10 }, "originalTimestamp": iso(t0) },
+            { "type": "track", "messageId": "g2", "userId": "v" },
+            { "type": "launch", "messageId": "g3", "userId": "v" },
+            { "type": "page", "messageId": "g4", "anonymousId": "x" },
+        ],
+    });
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(body.to_string().as_bytes()).unwrap();
+    let resp = client
+        .post(format!("{base}/v1/batch"))
+        .header("content-type", "application/json")
+        .header("content-encoding", "gzip")
+        .body(gz.finish().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let answer: Value = resp.json().await.unwrap();
+    assert_eq!(answer["stored"], 2, "{answer}");
+    assert_eq!(answer["rejected"], 2);
+    let results = answer["results"].as_array().unwrap();
+    assert_eq!(results[1]["status"], "rejected");
+    assert_eq!(results[1]["field"], "event");
+    assert_eq!(results[2]["field"], "type");
+    let g1 = &find(&db, "events", doc! { "eventId": "g1" }).await[0];
+    assert_eq!(g1.get_str("eventType").unwrap(), "PURCHASE");
+    assert_eq!(
+        g1.get_document("metadata")
+            .unwrap()
+            .get_document("context")
+            .unwrap()
+            .get_document("library")
+            .unwrap()
+            .get_str("name")
+            .unwrap(),
+        "test",
+        "the batch context applies to its messages"
+    );
+
+    // No key anywhere: 401. A bad single message: 400 naming the field. A gzip bomb: 413.
+    let r = client
+        .post(format!("{base}/v1/track"))
+        .json(&json!({ "userId": "v", "event": "X" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    let (status, err) = post(&base, "/v1/track", &json!({ "userId": "v" })).await;
+    assert_eq!(status, 400);
+    assert!(
+        err["message"].as_str().unwrap().contains("`event`"),
+        "{err}"
+    );
+    let mut bomb = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    bomb.write_all(&vec![b' '; 4 * 1024 * 1024]).unwrap();
+    let r = client
+        .post(format!("{base}/v1/batch"))
+        .basic_auth(KEY, Some(""))
+        .header("content-encoding", "gzip")
+        .body(bomb.finish().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 413);
+    server.shutdown().await;
+}
