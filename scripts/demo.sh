@@ -6,4 +6,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/services.sh up >/dev/null
 eval "$(scripts/services.sh env)"
+scripts/build-plugins.sh
 cargo run --quiet --bin sluice -- demo "$@"

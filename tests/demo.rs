@@ -4,6 +4,7 @@
 mod support;
 
 use bson::doc;
+use futures_util::TryStreamExt;
 use support::TestDb;
 
 fn number_after(text: &str, label: &str) -> u64 {
@@ -100,5 +101,72 @@ async fn the_main_job_reports_what_it_stored_and_wrote() {
         .await
         .unwrap();
     assert_eq!(jobs, 3);
+
+    // The bundled import: one contact per tracked visitor, fetched page by page behind
+    // OAuth2, emails replaced by the WASM plugin's digests.
+    let contacts: Vec<bson::Document> = db
+        .store
+        .collection("contacts")
+        .find(doc! {})
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(number_after(&stdout, "contacts"), contacts.len() as u64);
+    assert_eq!(contacts.len(), 15, "{stdout}");
+    for c in &contacts {
+        let email = c.get_str("email").unwrap();
+        assert!(
+            email.len() == 64 && email.chars().all(|ch| ch.is_ascii_hexdigit()),
+            "email not redacted: {c}"
+        );
+        let visitor = c.get_str("visitorId").unwrap();
+        let known = db
+            .store
+            .collection("users")
+            .count_documents(doc! { "visitorId": visitor })
+            .await
+            .unwrap();
+        assert_eq!(known, 1, "a contact's visitor is a tracked user");
+    }
+    let import_line = stdout
+        .lines()
+        .find(|l| l.starts_with("Import `demo-crm-contacts`"))
+        .unwrap_or_else(|| panic!("no import line in\n{stdout}"));
+    assert!(
+        import_line.contains("15 contacts fetched in 1 pages"),
+        "{import_line}"
+    );
+    assert!(import_line.contains("15 inserted"), "{import_line}");
+
+    // Re-running works: the same import updates what it inserted, nothing is duplicated.
+    let again = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["demo", "--visitors", "15"])
+        .env("SLUICE_MONGODB_URI", support::mongo_uri())
+        .env("SLUICE_MONGODB_DATABASE", &db.name)
+        .env("SLUICE_EXPORT_DESTINATION", &out_dir)
+        .env("SLUICE_LOG_LEVEL", "warn")
+        .output()
+        .await
+        .unwrap();
+    let stdout2 = String::from_utf8_lossy(&again.stdout);
+    assert!(again.status.success(), "{stdout2}");
+    let contacts2 = db
+        .store
+        .collection("contacts")
+        .count_documents(doc! {})
+        .await
+        .unwrap();
+    assert_eq!(number_after(&stdout2, "contacts"), contacts2);
+    assert_eq!(
+        number_after(&stdout2, "users"),
+        32,
+        "two runs, new visitors each"
+    );
+    assert!(
+        stdout2.contains("0 inserted, 15 updated"),
+        "the contacts are upserted by contactId: {stdout2}"
+    );
     std::fs::remove_dir_all(out_dir).unwrap();
 }

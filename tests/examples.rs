@@ -40,6 +40,15 @@ fn every_example_integration_config_validates() {
 }
 
 #[test]
+fn the_demo_import_config_validates() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/demo");
+    let (valid, errors) = sluice_jobs::configs::validate_dir(&dir, &env).unwrap();
+    assert!(errors.is_empty(), "{errors:#?}");
+    assert_eq!(valid.len(), 1);
+    assert_eq!(valid[0].file.transforms, vec!["redact-pii".to_string()]);
+}
+
+#[test]
 fn the_example_sluice_toml_validates() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/sluice.toml");
     let config = sluice_core::config::load(Some(&path), &env).unwrap();

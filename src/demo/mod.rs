@@ -1,8 +1,13 @@
 //! The main job on embedded defaults (`sluice demo`): starts the tracking server
 //! in-process, sends a realistic stream of events over HTTP (several visitors and
-//! sessions, page views, purchases, a crawler, a resent batch), and reports what MongoDB
-//! now holds. [`Traffic`] is also the load generator of the benchmarks and tests.
+//! sessions, page views, purchases, a crawler, a resent batch), imports contacts from a
+//! local CRM API behind OAuth2 through the `redact-pii` WASM plugin, runs the exports, and
+//! reports what MongoDB and the output folder now hold. [`Traffic`] is also the load
+//! generator of the benchmarks and tests.
 
+pub mod crm;
+
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::Context;
@@ -188,6 +193,15 @@ pub async fn run(mut config: Config, visitors: usize) -> anyhow::Result<()> {
         totals[2],
         totals[3]
     );
+    let mut visitors: Vec<String> = events
+        .iter()
+        .filter_map(|e| e["userId"].as_str())
+        .filter(|v| !v.starts_with("crawler-"))
+        .map(str::to_string)
+        .collect();
+    visitors.sort();
+    visitors.dedup();
+    import_contacts(&export_config, &store, &visitors).await?;
     report(&store, now - 7 * 3_600_000).await?;
 
     println!("\nExports to {}:", config_destination);
@@ -214,6 +228,77 @@ pub async fn run(mut config: Config, visitors: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The bundled demo import: `examples/demo/crm-contacts.toml` against the local CRM API.
+async fn import_contacts(
+    config: &Config,
+    store: &sluice_connectors::Store,
+    visitors: &[String],
+) -> anyhow::Result<()> {
+    use sluice_jobs::import::{run_import, ImportOptions};
+    const FILE: &str = "examples/demo/crm-contacts.toml";
+    let crm = crm::start(crm::contacts(visitors)).await?;
+    let mut file = sluice_core::integration::parse_file(
+        FILE,
+        include_str!("../../examples/demo/crm-contacts.toml"),
+    )?;
+    file.endpoint = format!("http://{}/api/contacts", crm.addr);
+    file.auth.token_url = Some(format!("http://{}/oauth/token", crm.addr));
+    // The config refers to its secret as `${env:SLUICE_DEMO_CRM_SECRET}`; the demo API's
+    // secret is fixed, so provide it unless the caller did.
+    if std::env::var_os("SLUICE_DEMO_CRM_SECRET").is_none() {
+        std::env::set_var("SLUICE_DEMO_CRM_SECRET", crm::CLIENT_SECRET);
+    }
+    let mut config = config.clone();
+    let plugin = "redact-pii";
+    let built = Path::new(&config.plugins.dir)
+        .join(format!("{plugin}.toml"))
+        .exists();
+    let transforms = if built {
+        config
+            .plugins
+            .config
+            .entry(plugin.into())
+            .or_insert_with(|| {
+                toml::Value::Table(toml::map::Map::from_iter([(
+                    "salt".to_string(),
+                    toml::Value::String("sluice-demo-salt-change-me".into()),
+                )]))
+            });
+        crate::cli::load_plugins(&config, &[plugin.to_string()])?
+    } else {
+        println!(
+            "
+(plugin `{plugin}` is not built in `{}`: importing without it; run scripts/build-plugins.sh)",
+            config.plugins.dir
+        );
+        file.transforms.clear();
+        Vec::new()
+    };
+    sluice_jobs::configs::apply(store, &file).await?;
+    let options = ImportOptions {
+        transforms,
+        ..Default::default()
+    };
+    let summary = run_import(store, &file.name, &options)
+        .await
+        .with_context(|| format!("import `{}`", file.name))?;
+    println!(
+        "
+Import `{}` ({FILE}): {} contacts fetched in {} pages behind OAuth2 ({} token requests), {} inserted, {} updated, {} failed mapping",
+        summary.name,
+        summary.fetched,
+        summary.pages,
+        summary.http.token_refreshes,
+        summary.inserted,
+        summary.updated,
+        summary.failed
+    );
+    if built {
+        println!("  emails were replaced by salted SHA-256 digests by the `{plugin}` WASM plugin before storage");
+    }
+    Ok(())
+}
+
 async fn report(store: &sluice_connectors::Store, since_ms: i64) -> anyhow::Result<()> {
     let count = |name: &'static str, filter: Document| {
         let coll = store.collection(name);
@@ -223,6 +308,7 @@ async fn report(store: &sluice_connectors::Store, since_ms: i64) -> anyhow::Resu
     println!("  events    {:>7}", count(c::EVENTS, doc! {}).await?);
     println!("  sessions  {:>7}", count(c::SESSIONS, doc! {}).await?);
     println!("  users     {:>7}", count(c::USERS, doc! {}).await?);
+    println!("  contacts  {:>7}", count("contacts", doc! {}).await?);
     println!(
         "  bot events flagged {}",
         count(c::EVENTS, doc! { "metadata.bot": true }).await?
