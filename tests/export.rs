@@ -400,6 +400,18 @@ async fn s3_dying_mid_upload_fails_the_run_publishes_nothing_and_a_rerun_succeed
         .map(|d| d.get_str("status").unwrap().to_string())
         .collect();
     assert_eq!(statuses, ["FAILED", "COMPLETED"]);
+    // Both outcomes are counted for /metrics (other tests of this process add to them).
+    let runs = |status| {
+        sluice_core::metrics::value(
+            "sluice_export_runs_total",
+            &[("kind", "EVENT_DATA"), ("status", status)],
+        )
+    };
+    assert!(runs("FAILED") >= 1.0 && runs("COMPLETED") >= 1.0);
+    assert!(
+        sluice_core::metrics::value("sluice_export_rows_total", &[("kind", "EVENT_DATA")])
+            >= 6000.0
+    );
 }
 
 #[tokio::test]

@@ -509,6 +509,29 @@ async fn retries_honour_retry_after_and_ride_out_5xx_bursts() {
         .unwrap();
     assert_eq!((s.fetched, s.http.retries), (45, 3));
     assert_eq!(count(&db, "things").await, 45);
+
+    // The run's counts reach /metrics.
+    let server = support::start_server(&db, |_| {}).await;
+    let metrics = reqwest::get(format!("http://{}/metrics", server.addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "sluice_import_records_total{config=\"bursty\",stage=\"fetched\"} 45",
+        "sluice_import_records_total{config=\"bursty\",stage=\"upserted\"} 45",
+        "sluice_import_records_total{config=\"bursty\",stage=\"failed\"} 0",
+        "sluice_http_requests_total{config=\"bursty\",kind=\"retry\"} 3",
+        "sluice_import_runs_total{config=\"bursty\",status=\"COMPLETED\"} 1",
+        "sluice_import_run_seconds_count{config=\"bursty\"} 1",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no `{line}` in\n{metrics}"
+        );
+    }
+    server.shutdown().await;
 }
 
 #[tokio::test]

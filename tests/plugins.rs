@@ -389,5 +389,22 @@ async fn the_tracking_endpoint_runs_its_plugin_chain_before_storing() {
             .unwrap(),
         1
     );
+    // The plugin stage shows in /metrics (other tests of this process may add to it).
+    let metrics = reqwest::get(format!("http://{}/metrics", server.addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let value = |series: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in\n{metrics}"))
+    };
+    assert!(value("sluice_plugin_records_total{plugin=\"bot-filter\",direction=\"in\"}") >= 2.0);
+    assert!(value("sluice_plugin_records_total{plugin=\"redact-pii\",direction=\"out\"}") >= 1.0);
+    assert!(value("sluice_plugin_batch_seconds_count{plugin=\"redact-pii\"}") >= 1.0);
     server.shutdown().await;
 }

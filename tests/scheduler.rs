@@ -110,6 +110,14 @@ async fn each_fire_runs_exactly_once_across_two_replicas() {
     assert!(docs
         .iter()
         .all(|d| d.get_str("status").unwrap() == "COMPLETED"));
+    let counted = sluice_core::metrics::value(
+        "sluice_job_runs_total",
+        &[("job", "tick"), ("status", "COMPLETED")],
+    );
+    assert!(
+        counted >= before as f64,
+        "{counted} runs counted for /metrics"
+    );
 }
 
 #[tokio::test]

@@ -6,6 +6,7 @@ pub mod aggregate;
 pub mod config;
 pub mod error;
 pub mod integration;
+pub mod metrics;
 pub mod model;
 pub mod segment;
 pub mod sessionize;

@@ -254,6 +254,15 @@ pub async fn run_export(
             let files: u64 = partitions.iter().map(|p| p.files.len() as u64).sum();
             history::completed(&ctx.store, &job_id, rows, files, &destination).await?;
             tracing::info!(job_id, rows, files, "export completed");
+            let bytes = ctx.progress.bytes_uploaded.load(Relaxed);
+            export_metrics(
+                request.kind,
+                "COMPLETED",
+                rows,
+                files,
+                bytes,
+                started.elapsed(),
+            );
             Ok(ExportSummary {
                 job_id,
                 kind: request.kind,
@@ -274,9 +283,52 @@ pub async fn run_export(
             let rows = ctx.progress.rows_read.load(Relaxed);
             let _ = history::failed(&ctx.store, &job_id, rows, &err.to_string()).await;
             tracing::error!(job_id, error = %err, "export failed");
+            export_metrics(request.kind, "FAILED", 0, 0, 0, started.elapsed());
             Err(err)
         }
     }
+}
+
+fn export_metrics(
+    kind: ExportJobType,
+    status: &str,
+    rows: u64,
+    files: u64,
+    bytes: u64,
+    elapsed: std::time::Duration,
+) {
+    use sluice_core::metrics::{count, observe_seconds};
+    let k = [("kind", kind.as_str())];
+    count(
+        "sluice_export_runs_total",
+        "Export runs, by kind and outcome.",
+        &[k[0], ("status", status)],
+        1,
+    );
+    count(
+        "sluice_export_rows_total",
+        "Rows published by exports, by kind.",
+        &k,
+        rows,
+    );
+    count(
+        "sluice_export_files_total",
+        "Parquet files published, by kind.",
+        &k,
+        files,
+    );
+    count(
+        "sluice_export_bytes_total",
+        "Bytes uploaded by exports, by kind.",
+        &k,
+        bytes,
+    );
+    observe_seconds(
+        "sluice_export_run_seconds",
+        "Duration of export runs, by kind.",
+        &k,
+        elapsed.as_secs_f64(),
+    );
 }
 
 /// Removes what failed runs left under `_staging/` (a run that lost its connection to the

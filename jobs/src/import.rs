@@ -158,6 +158,47 @@ fn greater(a: &Bson, b: &Bson) -> bool {
     }
 }
 
+/// This run's share of a summary (a resumed run's summary starts from the checkpoint).
+fn import_metrics(before: &ImportSummary, after: &ImportSummary, status: &str, secs: f64) {
+    use sluice_core::metrics::{count, observe_seconds};
+    let config = [("config", after.name.as_str())];
+    let records = "Import records, by config and stage (fetched, upserted, failed mapping).";
+    for (stage, n) in [
+        ("fetched", after.fetched - before.fetched),
+        (
+            "upserted",
+            (after.inserted + after.updated) - (before.inserted + before.updated),
+        ),
+        ("failed", after.failed - before.failed),
+    ] {
+        let labels = [config[0], ("stage", stage)];
+        count("sluice_import_records_total", records, &labels, n);
+    }
+    let h = &after.http;
+    let http = "HTTP requests of imports and pushes, by config and kind.";
+    for (kind, n) in [
+        ("request", h.requests),
+        ("retry", h.retries),
+        ("token_refresh", h.token_refreshes),
+    ] {
+        let labels = [config[0], ("kind", kind)];
+        count("sluice_http_requests_total", http, &labels, n);
+    }
+    let labels = [config[0], ("status", status)];
+    count(
+        "sluice_import_runs_total",
+        "Import runs, by config and outcome.",
+        &labels,
+        1,
+    );
+    observe_seconds(
+        "sluice_import_run_seconds",
+        "Duration of import runs, by config.",
+        &config,
+        secs,
+    );
+}
+
 /// Runs an IMPORT config.
 pub async fn run_import(
     store: &Store,
@@ -213,6 +254,7 @@ pub async fn run_import(
     if !options.dry_run {
         record_run(store, &summary, "RUNNING", None).await?;
     }
+    let before = summary.clone();
     let outcome = import_pages(
         store,
         &connector,
@@ -229,6 +271,12 @@ pub async fn run_import(
     if options.dry_run {
         return outcome.map(|()| summary);
     }
+    let status = match &outcome {
+        Ok(()) if state == PageState::Done => "COMPLETED",
+        Ok(()) => "INTERRUPTED",
+        Err(_) => "FAILED",
+    };
+    import_metrics(&before, &summary, status, started.elapsed().as_secs_f64());
     match outcome {
         Ok(()) if state == PageState::Done => {
             // The sink has committed every page: now the cursor may advance.
@@ -616,5 +664,16 @@ pub async fn run_push(
             c::INTEGRATION_CONFIGS,
             "advance lastSync",
         ))?;
+    let labels = [("config", name)];
+    let help =
+        "Records pushed by EXPORT configs, by config and stage (read, sent, failed mapping).";
+    for (stage, n) in [
+        ("read", summary.read),
+        ("sent", summary.sent),
+        ("failed", summary.failed),
+    ] {
+        let l = [labels[0], ("stage", stage)];
+        sluice_core::metrics::count("sluice_push_records_total", help, &l, n);
+    }
     Ok(summary)
 }

@@ -349,6 +349,7 @@ async fn execute(
             }
         }
     };
+    let started = std::time::Instant::now();
     let result = tokio::select! {
         r = inner.runner.run(job, fire) => r,
         _ = heartbeat => {
@@ -360,6 +361,18 @@ async fn execute(
         Ok(summary) => ("COMPLETED", "result", summary.clone()),
         Err(e) => ("FAILED", "error", e.clone()),
     };
+    sluice_core::metrics::count(
+        "sluice_job_runs_total",
+        "Scheduled job runs, by job and outcome.",
+        &[("job", job.name.as_str()), ("status", status)],
+        1,
+    );
+    sluice_core::metrics::observe_seconds(
+        "sluice_job_run_seconds",
+        "Duration of scheduled job runs, by job.",
+        &[("job", job.name.as_str())],
+        started.elapsed().as_secs_f64(),
+    );
     let _ = runs
         .update_one(
             doc! { common::ID: &id, "owner": &me },

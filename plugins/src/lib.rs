@@ -566,6 +566,45 @@ impl Transform for WasmTransform {
     }
 
     fn apply(&self, batch: Vec<Record>) -> Result<Vec<Record>, TransformError> {
+        use sluice_core::metrics::{count, observe_seconds};
+        let started = Instant::now();
+        let records_in = batch.len() as u64;
+        let result = self.apply_with_policy(batch);
+        let plugin = [("plugin", self.name.as_str())];
+        let help = "Records through plugins, by plugin and direction (in, out).";
+        count(
+            "sluice_plugin_records_total",
+            help,
+            &[plugin[0], ("direction", "in")],
+            records_in,
+        );
+        match &result {
+            Ok(out) => count(
+                "sluice_plugin_records_total",
+                help,
+                &[plugin[0], ("direction", "out")],
+                out.len() as u64,
+            ),
+            Err(_) => count(
+                "sluice_plugin_failed_batches_total",
+                "Plugin batches that failed the run (trap, limit, bad output, rejected record).",
+                &plugin,
+                1,
+            ),
+        }
+        observe_seconds(
+            "sluice_plugin_batch_seconds",
+            "Time per batch inside plugins (encoding included), by plugin.",
+            &plugin,
+            started.elapsed().as_secs_f64(),
+        );
+        result
+    }
+}
+
+impl WasmTransform {
+    /// One batch, with the failure policy applied.
+    fn apply_with_policy(&self, batch: Vec<Record>) -> Result<Vec<Record>, TransformError> {
         let err = |e: PluginError| TransformError {
             name: self.name.clone(),
             reason: e.to_string(),

@@ -181,7 +181,9 @@ async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError>
 async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
     (
         [("content-type", "text/plain; version=0.0.4")],
-        state.metrics.render(state.batcher.depth()),
+        // The tracking endpoint's series, then those of imports, pushes, exports,
+        // scheduled jobs and plugins run by this process.
+        state.metrics.render(state.batcher.depth()) + &sluice_core::metrics::render(),
     )
 }
 
