@@ -310,6 +310,7 @@ pub async fn import_run(config: &Config, name: &str, dry_run: bool) -> anyhow::R
     let options = ImportOptions {
         dry_run,
         transforms: integration_transforms(config, &store, name).await?,
+        token_key: config.token_key.clone(),
         ..Default::default()
     };
     let progress = options.progress.clone();

@@ -112,6 +112,7 @@ impl EngineRunner {
             transforms: crate::cli::integration_transforms(&self.config, &self.store, integration)
                 .await
                 .map_err(|e| format!("{e:#}"))?,
+            token_key: self.config.token_key.clone(),
             ..Default::default()
         };
         match sluice_jobs::import::run_import(&self.store, integration, &options).await {

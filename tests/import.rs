@@ -702,3 +702,148 @@ path = "$.email"
         .unwrap();
     assert_eq!(again.sent, 0);
 }
+
+/// A provider that rotates refresh tokens: each refresh-token grant spends the token it
+/// was given and answers a new one with a one-second access token.
+#[derive(Clone, Default)]
+struct RotatingProvider {
+    refresh: Arc<Mutex<String>>,
+    issued: Arc<Mutex<Vec<(String, std::time::Instant)>>>,
+    grants: Arc<AtomicU64>,
+}
+
+async fn rotating_token(
+    State(p): State<RotatingProvider>,
+    axum::Form(form): axum::Form<std::collections::HashMap<String, String>>,
+) -> Response {
+    let presented = form.get("refresh_token").cloned().unwrap_or_default();
+    let mut current = p.refresh.lock().unwrap();
+    if form.get("grant_type").map(String::as_str) != Some("refresh_token") || presented != *current
+    {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({ "error": "invalid_grant" })),
+        )
+            .into_response();
+    }
+    let n = p.grants.fetch_add(1, Ordering::SeqCst) + 1;
+    *current = format!("rt-{n}-{}", uuid::Uuid::new_v4().simple());
+    let access = format!("at-{n}");
+    p.issued
+        .lock()
+        .unwrap()
+        .push((access.clone(), std::time::Instant::now()));
+    Json(json!({
+        "access_token": access, "token_type": "bearer", "expires_in": 1,
+        "refresh_token": *current,
+    }))
+    .into_response()
+}
+
+async fn rotating_items(
+    State(p): State<RotatingProvider>,
+    headers: HeaderMap,
+    Query(q): Query<Vec<(String, String)>>,
+) -> Response {
+    let auth = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let ok = p
+        .issued
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|(t, at)| auth == format!("Bearer {t}") && at.elapsed() < Duration::from_secs(1));
+    if !ok {
+        return (StatusCode::UNAUTHORIZED, "expired").into_response();
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let cursor: u64 = q
+        .iter()
+        .find(|(k, _)| k == "cursor")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
+    let data: Vec<Value> = (cursor..(cursor + 10).min(45))
+        .map(|i| json!({ "id": i, "title": format!("t{i}"), "updated": "2026-11-01T00:00:00Z" }))
+        .collect();
+    let next = if cursor + 10 < 45 {
+        json!((cursor + 10).to_string())
+    } else {
+        Value::Null
+    };
+    Json(json!({ "data": data, "next": next })).into_response()
+}
+
+#[tokio::test]
+async fn rotated_refresh_tokens_are_saved_encrypted_before_use() {
+    let db = TestDb::initialized().await;
+    let provider = RotatingProvider::default();
+    *provider.refresh.lock().unwrap() = "rt-initial".into();
+    let app = Router::new()
+        .route("/token", post(rotating_token))
+        .route("/items", get(rotating_items))
+        .with_state(provider.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    std::env::set_var("IMPORT_TEST_REFRESH", "rt-initial");
+    std::env::set_var("IMPORT_TEST_CLIENT_SECRET", "s3cret");
+    let auth = format!(
+        "[auth]\ntype = \"OAUTH\"\ntoken_url = \"{base}/token\"\nclient_id = \"c\"\nclient_secret = \"${{env:IMPORT_TEST_CLIENT_SECRET}}\"\nrefresh_token = \"${{env:IMPORT_TEST_REFRESH}}\"\n"
+    );
+    let name = apply(&db, &cursor_config("rotating", &base, "", &auth)).await;
+    let key = |k: &str| ImportOptions {
+        token_key: Some(sluice_core::config::Secret::new(k)),
+        ..Default::default()
+    };
+
+    // Without a key to store rotated tokens with, the run refuses to start.
+    let err = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("token_key"), "{err}");
+    assert_eq!(provider.grants.load(Ordering::SeqCst), 0, "nothing spent");
+
+    let first = run_import(&db.store, &name, &key("a-long-token-key-for-tests"))
+        .await
+        .unwrap();
+    assert_eq!(first.fetched, 45);
+    assert!(first.http.refresh_rotations >= 2, "{:?}", first.http);
+    let latest = provider.refresh.lock().unwrap().clone();
+    let saved = db
+        .store
+        .collection("oauth_tokens")
+        .find_one(doc! { "_id": "rotating" })
+        .await
+        .unwrap()
+        .expect("the rotated token is saved");
+    assert!(
+        !saved.to_string().contains(&latest) && !saved.to_string().contains("rt-"),
+        "stored encrypted: {saved}"
+    );
+
+    // The configured token is spent; a new run continues the chain from the vault.
+    let second = run_import(&db.store, &name, &key("a-long-token-key-for-tests"))
+        .await
+        .unwrap();
+    assert_eq!(second.fetched, 45);
+
+    // A different key cannot read it: a clear error, nothing spent.
+    let spent = provider.grants.load(Ordering::SeqCst);
+    let err = run_import(&db.store, &name, &key("another-key-entirely-123"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("does not decrypt"), "{err}");
+    assert_eq!(provider.grants.load(Ordering::SeqCst), spent);
+
+    // The operator re-authorizes: a new configured token replaces the saved chain.
+    *provider.refresh.lock().unwrap() = "rt-reauthorized".into();
+    std::env::set_var("IMPORT_TEST_REFRESH", "rt-reauthorized");
+    let third = run_import(&db.store, &name, &key("a-long-token-key-for-tests"))
+        .await
+        .unwrap();
+    assert_eq!(third.fetched, 45);
+}

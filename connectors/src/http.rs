@@ -77,6 +77,8 @@ pub struct HttpStats {
     pub requests: u64,
     pub retries: u64,
     pub token_refreshes: u64,
+    /// Refresh tokens the provider rotated (each saved before use).
+    pub refresh_rotations: u64,
 }
 
 fn ip_kind(ip: IpAddr) -> Option<&'static str> {
@@ -158,10 +160,26 @@ struct Token {
 }
 
 /// A connector's HTTP side. One per run.
+/// Durable storage for a refresh token the provider rotated (each refresh answers a new
+/// refresh token and invalidates the old one). The client saves the new token before it
+/// uses the access token that came with it, so a crash can never leave the only valid
+/// refresh token in memory.
+pub trait TokenVault: Send + Sync {
+    /// The latest refresh token saved for this connector, if any.
+    fn load(&self) -> BoxFuture<'_, Result<Option<String>, String>>;
+    /// Saves `token` as the latest refresh token.
+    fn save<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<(), String>>;
+}
+
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
 pub struct HttpClient {
     connector: Arc<Connector>,
     client: reqwest::Client,
     token: Mutex<Option<Token>>,
+    /// The refresh token to use next (refresh-token grant), once known.
+    refresh: Mutex<Option<String>>,
+    vault: Option<Arc<dyn TokenVault>>,
     next_request: Mutex<Instant>,
     pub stats: std::sync::Mutex<HttpStats>,
 }
@@ -204,9 +222,33 @@ impl HttpClient {
             connector,
             client,
             token: Mutex::new(None),
+            refresh: Mutex::new(None),
+            vault: None,
             next_request: Mutex::new(Instant::now()),
             stats: Default::default(),
         })
+    }
+
+    /// Where rotated refresh tokens are kept (without one, a rotated token lives only as
+    /// long as this client).
+    pub fn with_vault(mut self, vault: Arc<dyn TokenVault>) -> Self {
+        self.vault = Some(vault);
+        self
+    }
+
+    /// The refresh token to present: the latest rotated one, else the configured one.
+    async fn current_refresh(&self, configured: &str) -> Result<String, String> {
+        let mut slot = self.refresh.lock().await;
+        if let Some(t) = slot.as_ref() {
+            return Ok(t.clone());
+        }
+        let saved = match &self.vault {
+            Some(v) => v.load().await?,
+            None => None,
+        };
+        let t = saved.unwrap_or_else(|| configured.to_string());
+        *slot = Some(t.clone());
+        Ok(t)
     }
 
     fn bump(&self, f: impl FnOnce(&mut HttpStats)) {
@@ -258,11 +300,16 @@ impl HttpClient {
         let oauth = oauth2::basic::BasicClient::new(ClientId::new(client_id.clone()))
             .set_client_secret(ClientSecret::new(client_secret.expose().to_string()))
             .set_token_uri(TokenUrl::new(token_url.clone()).map_err(|e| err(e.to_string()))?);
+        let mut presented = None;
         let response = match refresh_token {
-            Some(rt) => {
-                let rt = RefreshToken::new(rt.expose().to_string());
+            Some(configured) => {
+                let current = self
+                    .current_refresh(configured.expose())
+                    .await
+                    .map_err(|e| err(format!("cannot read the saved refresh token: {e}")))?;
+                presented = Some(current.clone());
                 oauth
-                    .exchange_refresh_token(&rt)
+                    .exchange_refresh_token(&RefreshToken::new(current))
                     .request_async(&self.client)
                     .await
             }
@@ -276,6 +323,21 @@ impl HttpClient {
         };
         let token = response.map_err(|e| err(describe_token_error(&e)))?;
         self.bump(|s| s.token_refreshes += 1);
+        if let (Some(old), Some(new)) = (&presented, token.refresh_token()) {
+            let new = new.secret();
+            if new != old {
+                // Rotated: the old token is spent. Keep the new one durably first.
+                if let Some(v) = &self.vault {
+                    v.save(new).await.map_err(|e| {
+                        err(format!(
+                            "the provider rotated the refresh token but it could not be saved ({e}); the run stops before using it"
+                        ))
+                    })?;
+                }
+                *self.refresh.lock().await = Some(new.clone());
+                self.bump(|s| s.refresh_rotations += 1);
+            }
+        }
         let value = token.access_token().secret().clone();
         *slot = Some(Token {
             value: value.clone(),

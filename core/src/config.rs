@@ -79,6 +79,17 @@ pub struct RawConfig {
     /// Export jobs run on a cron schedule by `sluice serve`.
     pub schedules: Vec<ScheduleSection>,
     pub scheduler: SchedulerSection,
+    pub security: SecuritySection,
+}
+
+/// `[security]`: keys for credentials Sluice must keep itself.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecuritySection {
+    /// Encrypts OAuth refresh tokens that providers rotate (stored in `oauth_tokens`);
+    /// needed by integration configs with `auth.refresh_token`. Use a `${env:NAME}`
+    /// reference to a long random value.
+    pub token_key: Option<Secret>,
 }
 
 /// `[scheduler]`: how replicas share scheduled runs.
@@ -392,6 +403,8 @@ pub struct Config {
     pub plugins: PluginsSection,
     pub schedules: Vec<ScheduleSection>,
     pub scheduler: SchedulerSection,
+    /// `[security] token_key`, resolved.
+    pub token_key: Option<Secret>,
     /// Non-fatal remarks (for example: no write key configured).
     pub warnings: Vec<String>,
     /// The raw form, for printing with secrets redacted.
@@ -413,6 +426,7 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("SLUICE_S3_PATH_STYLE", "s3.path_style"),
     ("SLUICE_LOG_FORMAT", "log.format"),
     ("SLUICE_LOG_LEVEL", "log.level"),
+    ("SLUICE_TOKEN_KEY", "security.token_key"),
 ];
 
 /// Sets one field from an environment variable's text.
@@ -444,6 +458,7 @@ fn apply_override(c: &mut RawConfig, field: &str, v: String) -> Result<(), Strin
         }
         "log.format" => c.log.format = v,
         "log.level" => c.log.level = v,
+        "security.token_key" => c.security.token_key = Some(Secret::new(v)),
         // ENV_OVERRIDES and this match are edited together; a unit test walks every
         // entry, so an unknown field here is caught by `cargo test`.
         _ => return Err("a known field".into()),
@@ -713,6 +728,21 @@ pub fn validate(
             ));
         }
     }
+    let token_key = match &raw.security.token_key {
+        None => None,
+        Some(k) => {
+            let resolved = k
+                .resolve(env)
+                .map_err(|e| invalid("security.token_key", e))?;
+            if resolved.expose().len() < 16 {
+                return Err(invalid(
+                    "security.token_key",
+                    "at least 16 characters (a long random value)".into(),
+                ));
+            }
+            Some(resolved)
+        }
+    };
     let mongodb_uri = Secret::new(raw.mongodb.uri.clone());
     Ok(Config {
         mongodb_uri,
@@ -732,6 +762,7 @@ pub fn validate(
         plugins: raw.plugins.clone(),
         schedules: raw.schedules.clone(),
         scheduler: raw.scheduler.clone(),
+        token_key,
         warnings,
         raw,
     })
@@ -762,6 +793,11 @@ impl Serialize for RedactedView<'_> {
             .collect();
         raw.s3.access_key = Secret::new(raw.s3.access_key.redacted());
         raw.s3.secret_key = Secret::new(raw.s3.secret_key.redacted());
+        raw.security.token_key = raw
+            .security
+            .token_key
+            .as_ref()
+            .map(|k| Secret::new(k.redacted()));
         raw.serialize(serializer)
     }
 }

@@ -67,6 +67,9 @@ pub struct ImportOptions {
     pub progress: Arc<ImportProgress>,
     /// Stop after this many pages (tests use it to simulate an interruption).
     pub stop_after_pages: Option<u64>,
+    /// `[security] token_key`: encrypts rotated OAuth refresh tokens (required by configs
+    /// using the refresh-token grant).
+    pub token_key: Option<sluice_core::config::Secret>,
 }
 
 /// One mapping failure kept for the run history.
@@ -158,6 +161,34 @@ fn greater(a: &Bson, b: &Bson) -> bool {
     }
 }
 
+/// Refresh-token configs keep the tokens their provider rotates, encrypted, in
+/// `oauth_tokens` ([`crate::tokens`]).
+fn with_vault(
+    store: &Store,
+    name: &str,
+    connector: &Connector,
+    options: &ImportOptions,
+    http: HttpClient,
+) -> Result<HttpClient, ImportError> {
+    let sluice_core::integration::Auth::OAuth {
+        refresh_token: Some(configured),
+        ..
+    } = &connector.auth
+    else {
+        return Ok(http);
+    };
+    let Some(key) = &options.token_key else {
+        return Err(ImportError::Config(ConfigError::Invalid {
+            origin: format!("integration `{name}`"),
+            field: "auth.refresh_token".into(),
+            expected: "`[security] token_key` (or SLUICE_TOKEN_KEY) to be set: providers may rotate refresh tokens, and the new one is stored encrypted before it is used".into(),
+        }));
+    };
+    let vault =
+        crate::tokens::MongoTokenVault::new(store.clone(), name, key.expose(), configured.expose());
+    Ok(http.with_vault(Arc::new(vault)))
+}
+
 /// This run's share of a summary (a resumed run's summary starts from the checkpoint).
 fn import_metrics(before: &ImportSummary, after: &ImportSummary, status: &str, secs: f64) {
     use sluice_core::metrics::{count, observe_seconds};
@@ -209,7 +240,13 @@ pub async fn run_import(
     let (connector, stored) = load_connector(store, name, IntegrationType::Import).await?;
     let chain = chain_for(&connector, &options.transforms)?;
     let connector = Arc::new(connector);
-    let http = HttpClient::new(connector.clone()).await?;
+    let http = with_vault(
+        store,
+        name,
+        &connector,
+        options,
+        HttpClient::new(connector.clone()).await?,
+    )?;
     let checkpoints = store.collection(c::IMPORT_CHECKPOINTS);
     let mut summary = ImportSummary {
         name: name.to_string(),
@@ -551,7 +588,13 @@ pub async fn run_push(
         .clone()
         .ok_or_else(|| ImportError::Unknown(name.to_string()))?;
     let connector = Arc::new(connector);
-    let http = HttpClient::new(connector.clone()).await?;
+    let http = with_vault(
+        store,
+        name,
+        &connector,
+        options,
+        HttpClient::new(connector.clone()).await?,
+    )?;
     let mut filter: Document = match &push.filter {
         Some(f) => serde_json::from_str::<Value>(f)
             .ok()

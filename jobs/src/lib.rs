@@ -6,3 +6,4 @@ pub mod export;
 pub mod history;
 pub mod import;
 pub mod schedule;
+pub mod tokens;

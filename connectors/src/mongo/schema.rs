@@ -160,6 +160,7 @@ const PLAIN_COLLECTIONS: &[&str] = &[
     c::IMPORT_RUNS,
     c::IMPORT_CHECKPOINTS,
     c::IDENTITIES,
+    c::OAUTH_TOKENS,
 ];
 
 /// What happened to one index.

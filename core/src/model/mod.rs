@@ -32,6 +32,8 @@ pub mod collections {
     /// Identity links of the Segment-compatible API: `_id` is an anonymous (or aliased)
     /// id, `visitorId` the known user it belongs to.
     pub const IDENTITIES: &str = "identities";
+    /// Rotated OAuth refresh tokens, encrypted (`_id` = integration config name).
+    pub const OAUTH_TOKENS: &str = "oauth_tokens";
 }
 
 /// Field names shared by several collections.
