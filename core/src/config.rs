@@ -242,6 +242,9 @@ pub struct TrackingSection {
     pub bots: String,
     /// Segment API: `track` event names (case-insensitive) stored as PURCHASE.
     pub purchase_events: Vec<String>,
+    /// A MaxMind-format city database (GeoLite2-City / GeoIP2-City `.mmdb`): fills
+    /// `metadata.country` / `region` / `city` from the client IP. Unset: no GeoIP.
+    pub geoip_database: Option<String>,
 }
 
 impl Default for TrackingSection {
@@ -257,6 +260,7 @@ impl Default for TrackingSection {
             writers: 4,
             bots: "keep".into(),
             purchase_events: vec!["Order Completed".into()],
+            geoip_database: None,
         }
     }
 }

@@ -144,3 +144,79 @@ mod tests {
         assert_eq!(google.device.as_deref(), Some("bot"));
     }
 }
+
+/// Country / region / city from a MaxMind-format city database (GeoLite2-City,
+/// GeoIP2-City, or any `.mmdb` with the same record layout).
+pub struct GeoIp {
+    reader: maxminddb::Reader<Vec<u8>>,
+}
+
+/// What a city record holds of a place: an ISO code and names by language.
+#[derive(serde::Deserialize, Default)]
+struct Place {
+    #[serde(default)]
+    iso_code: Option<String>,
+    #[serde(default)]
+    names: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(serde::Deserialize, Default)]
+struct CityRecord {
+    #[serde(default)]
+    country: Option<Place>,
+    #[serde(default)]
+    subdivisions: Vec<Place>,
+    #[serde(default)]
+    city: Option<Place>,
+}
+
+/// Where an IP is: `country` is the ISO 3166-1 code, `region` the largest subdivision's
+/// English name (else its code), `city` the English name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Location {
+    pub country: Option<String>,
+    pub region: Option<String>,
+    pub city: Option<String>,
+}
+
+impl GeoIp {
+    pub fn open(path: &str) -> anyhow::Result<Self> {
+        let reader = maxminddb::Reader::open_readfile(path).map_err(|e| {
+            anyhow::anyhow!("cannot open GeoIP database `{path}` (tracking.geoip_database): {e}")
+        })?;
+        Ok(Self { reader })
+    }
+
+    pub fn locate(&self, ip: IpAddr) -> Option<Location> {
+        let record: CityRecord = self.reader.lookup(ip).ok()?.decode().ok()??;
+        let english = |p: &Place| p.names.get("en").cloned();
+        let loc = Location {
+            country: record.country.as_ref().and_then(|c| c.iso_code.clone()),
+            region: record
+                .subdivisions
+                .first()
+                .and_then(|s| english(s).or_else(|| s.iso_code.clone())),
+            city: record.city.as_ref().and_then(english),
+        };
+        (loc != Location::default()).then_some(loc)
+    }
+
+    /// Fills the location fields the event does not carry yet.
+    pub fn enrich(&self, m: &mut EventMetadata) {
+        if m.country.is_some() {
+            return;
+        }
+        let Some(ip) = m
+            .ip_address
+            .as_deref()
+            .and_then(|t| t.parse::<IpAddr>().ok())
+        else {
+            return;
+        };
+        if let Some(loc) = self.locate(ip) {
+            m.country = loc.country;
+            m.region = m.region.take().or(loc.region);
+            m.city = m.city.take().or(loc.city);
+        }
+    }
+}

@@ -46,6 +46,8 @@ pub struct AppState {
     login_guard: Arc<admin::LoginGuard>,
     /// `[plugins] tracking_transforms`, applied to events before they are stored.
     transforms: Arc<Vec<Arc<dyn sluice_core::transform::Transform>>>,
+    /// `tracking.geoip_database`, when configured.
+    geoip: Option<Arc<enrich::GeoIp>>,
 }
 
 /// An error answered as JSON `{"error": code, "message": text}`; never internals.
@@ -225,6 +227,10 @@ pub async fn start(
             &config.plugins.tracking_transforms,
         )?),
         trusted: Arc::new(trusted),
+        geoip: match &config.tracking.geoip_database {
+            Some(path) => Some(Arc::new(enrich::GeoIp::open(path)?)),
+            None => None,
+        },
         config: Arc::new(config),
         store: store.clone(),
         batcher,

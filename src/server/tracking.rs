@@ -387,6 +387,9 @@ pub(super) async fn ingest(
             m.os = m.os.take().or_else(|| parsed.os.clone());
             m.bot = parsed.bot;
         }
+        if let Some(geo) = &state.geoip {
+            geo.enrich(&mut event.metadata);
+        }
         if event.metadata.bot && state.config.bots == BotPolicy::Drop {
             outcomes.push(Outcome::Dropped("bot"));
             continue;
