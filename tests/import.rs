@@ -15,6 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use bson::doc;
+use futures_util::TryStreamExt;
 use serde_json::{json, Value};
 use sluice_core::integration::parse_file;
 use sluice_jobs::configs;
@@ -509,6 +510,21 @@ async fn retries_honour_retry_after_and_ride_out_5xx_bursts() {
         .unwrap();
     assert_eq!((s.fetched, s.http.retries), (45, 3));
     assert_eq!(count(&db, "things").await, 45);
+    // The run gave the target a unique index on its key (upserts by key need one).
+    let indexes: Vec<mongodb::IndexModel> = db
+        .store
+        .collection("things")
+        .list_indexes()
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert!(
+        indexes.iter().any(|m| m.keys == doc! { "thingId": 1 }
+            && m.options.as_ref().and_then(|o| o.unique) == Some(true)),
+        "{indexes:?}"
+    );
 
     // The run's counts reach /metrics.
     let server = support::start_server(&db, |_| {}).await;

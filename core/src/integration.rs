@@ -299,6 +299,9 @@ pub struct Field {
     pub path: String,
     /// `path`, parsed once at validation instead of once per record.
     pub query: jsonpath_rust::parser::model::JpQuery,
+    /// For a plain member chain (`$.a.b.c`, the common case) its keys, looked up directly
+    /// instead of through the JSONPath engine (same result, several times faster).
+    pub members: Option<Vec<String>>,
     pub kind: FieldType,
     pub required: bool,
     pub default: Option<Value>,
@@ -644,6 +647,7 @@ pub fn validate(
         fields.push(Field {
             target: target.clone(),
             path: m.path.clone(),
+            members: member_chain(&m.path),
             query,
             kind,
             required: m.required,
@@ -785,15 +789,44 @@ fn coerce(field: &Field, v: Value) -> Result<Bson, String> {
     })
 }
 
+/// The keys of a JSONPath that is only `$` and `.name` steps (ASCII names of letters,
+/// digits and `_`, not starting with a digit: RFC 9535's member-name shorthand), else
+/// `None`.
+fn member_chain(path: &str) -> Option<Vec<String>> {
+    let rest = path.strip_prefix('$')?;
+    if rest.is_empty() {
+        return Some(Vec::new());
+    }
+    let rest = rest.strip_prefix('.')?;
+    rest.split('.')
+        .map(|k| {
+            let plain = !k.is_empty()
+                && !k.starts_with(|c: char| c.is_ascii_digit())
+                && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            plain.then(|| k.to_string())
+        })
+        .collect()
+}
+
+/// The first value `f`'s path finds in `record`.
+fn lookup(f: &Field, record: &Value) -> Option<Value> {
+    match &f.members {
+        Some(keys) => keys
+            .iter()
+            .try_fold(record, |v, k| v.as_object()?.get(k))
+            .cloned(),
+        None => jsonpath_rust::query::js_path_process(&f.query, record)
+            .ok()
+            .and_then(|found| found.into_iter().next())
+            .map(|r| r.val().clone()),
+    }
+}
+
 /// Maps one source record to a target document, or says why it cannot.
 pub fn map_record(fields: &[Field], record: &Value) -> Result<Document, String> {
     let mut out = Document::new();
     for f in fields {
-        let found = jsonpath_rust::query::js_path_process(&f.query, record)
-            .ok()
-            .and_then(|found| found.into_iter().next())
-            .map(|r| r.val().clone())
-            .filter(|v| !v.is_null());
+        let found = lookup(f, record).filter(|v| !v.is_null());
         let value = match (found, &f.default) {
             (Some(v), _) => v,
             (None, Some(d)) => d.clone(),
@@ -940,5 +973,58 @@ type = "bool"
         assert_eq!(select_records(&body, "$.data[*]").unwrap().len(), 2);
         assert_eq!(first(&body, "$.meta.next"), Some(json!("abc")));
         assert_eq!(select_records(&json!([1, 2, 3]), "$[*]").unwrap().len(), 3);
+    }
+
+    #[test]
+    fn plain_member_paths_take_the_fast_lookup_with_the_engines_results() {
+        assert_eq!(
+            member_chain("$.a.b_c.d2"),
+            Some(vec!["a".into(), "b_c".into(), "d2".into()])
+        );
+        for complex in [
+            "$.a[0]",
+            "$['a b']",
+            "$..a",
+            "$.a.*",
+            "$.1a",
+            "a.b",
+            "$.a[?@.x]",
+            "$.d-e",
+        ] {
+            assert_eq!(member_chain(complex), None, "{complex}");
+        }
+        let record = json!({
+            "id": 7, "name": "n", "price": { "amount": "1.5", "tax": null },
+            "tags": ["x"], "deep": { "a": { "b": { "c": true } } }, "weird-key": 1
+        });
+        for path in [
+            "$.id",
+            "$.name",
+            "$.price.amount",
+            "$.price.tax",
+            "$.price.missing",
+            "$.tags",
+            "$.deep.a.b.c",
+            "$.deep.a.b.c.d",
+            "$.name.inner",
+            "$.missing",
+            "$",
+        ] {
+            let fast = Field {
+                target: "t".into(),
+                path: path.into(),
+                query: jsonpath_rust::parser::parse_json_path(path).unwrap(),
+                members: member_chain(path),
+                kind: FieldType::Any,
+                required: false,
+                default: None,
+            };
+            assert!(fast.members.is_some(), "{path}");
+            let engine = Field {
+                members: None,
+                ..fast.clone()
+            };
+            assert_eq!(lookup(&fast, &record), lookup(&engine, &record), "{path}");
+        }
     }
 }

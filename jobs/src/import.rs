@@ -361,7 +361,17 @@ async fn import_pages(
 ) -> Result<(), ImportError> {
     let mut previous_body: Option<Value> = None;
     let mut pages_this_run = 0u64;
-    while let Some(page) = http.fetch(state).await? {
+    let mut mode = if !options.dry_run && ensure_key_index(store, connector).await {
+        SinkMode::InsertFirst
+    } else {
+        SinkMode::UpsertOnly
+    };
+    let sink_mode = &mut mode;
+    // The next page is fetched while this one is mapped and written, so the API and
+    // MongoDB work at the same time; the checkpoint still advances page by page, only
+    // after the sink committed.
+    let mut fetched = http.fetch(state).await?;
+    while let Some(page) = fetched.take() {
         if previous_body.as_ref() == Some(&page.body) && !page.records.is_empty() {
             summary.stopped_early = Some(format!(
                 "page {} repeated the previous page; stopped (loop guard)",
@@ -378,80 +388,29 @@ async fn import_pages(
             .progress
             .records
             .fetch_add(page.records.len() as u64, Relaxed);
-
-        let mut mapped = Vec::with_capacity(page.records.len());
-        for record in &page.records {
-            match map_record(&connector.fields, record) {
-                Ok(d) if d.get(&connector.key).is_some_and(|k| *k != Bson::Null) => mapped.push(d),
-                Ok(_) => reject(
-                    summary,
-                    options,
-                    format!("the upsert key `{}` is empty", connector.key),
-                    record,
-                ),
-                Err(reason) => reject(summary, options, reason, record),
-            }
-        }
-        let mapped = apply_chain(chain, mapped)?;
-        if let Some(inc) = &connector.incremental {
-            for d in &mapped {
-                if let Some(v) = d.get(&inc.cursor_field) {
-                    if max_cursor.as_ref().is_none_or(|m| greater(v, m)) {
-                        *max_cursor = Some(v.clone());
-                    }
-                }
-            }
-        }
-        if options.dry_run {
-            for d in mapped
-                .iter()
-                .take(5usize.saturating_sub(summary.preview.len()))
-            {
-                summary
-                    .preview
-                    .push(Bson::Document(d.clone()).into_relaxed_extjson());
-            }
-        } else {
-            for chunk in mapped.chunks(connector.batch_size) {
-                let (inserted, updated) = upsert(store, connector, chunk).await?;
-                summary.inserted += inserted;
-                summary.updated += updated;
-                options
-                    .progress
-                    .upserted
-                    .fetch_add(inserted + updated, Relaxed);
-            }
-            // The page is committed: remember where the next one starts.
-            store
-                .collection(c::IMPORT_CHECKPOINTS)
-                .replace_one(
-                    doc! { common::ID: &connector.name },
-                    doc! {
-                        "runId": &summary.run_id,
-                        "state": serde_json::to_string(&next).unwrap_or_default(),
-                        "pages": summary.pages as i64,
-                        "fetched": summary.fetched as i64,
-                        "inserted": summary.inserted as i64,
-                        "updated": summary.updated as i64,
-                        "failed": summary.failed as i64,
-                        "maxCursor": max_cursor.clone().unwrap_or(Bson::Null),
-                        common::UPDATED_AT: DateTime::now(),
-                    },
-                )
-                .upsert(true)
-                .await
-                .map_err(StoreError::mongo(c::IMPORT_CHECKPOINTS, "save checkpoint"))?;
-        }
-        previous_body = Some(page.body);
-        *state = next;
         pages_this_run += 1;
-        if options
+        let stop_here = options
             .stop_after_pages
             .is_some_and(|n| pages_this_run >= n)
-            && *state != PageState::Done
-        {
+            && next != PageState::Done;
+        let prefetch = async {
+            if stop_here {
+                Ok(None)
+            } else {
+                http.fetch(&next).await
+            }
+        };
+        let write = write_page(
+            store, connector, chain, options, &page, &next, summary, max_cursor, sink_mode,
+        );
+        let (prefetched, written) = tokio::join!(prefetch, write);
+        written?;
+        previous_body = Some(page.body);
+        *state = next;
+        if stop_here {
             break;
         }
+        fetched = prefetched?;
     }
     if connector.max_pages <= summary.pages && *state == PageState::Done {
         summary
@@ -470,6 +429,210 @@ fn reject(summary: &mut ImportSummary, options: &ImportOptions, reason: String, 
             record: record.clone(),
         });
     }
+}
+
+/// How the sink writes a batch: inserts first while most records are new (an insert is
+/// several times cheaper than an upsert, and a first import is all new records), upserts
+/// once most records exist. Decided from the previous batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SinkMode {
+    InsertFirst,
+    Upsert,
+    /// No unique index on the key: inserting could duplicate keys.
+    UpsertOnly,
+}
+
+/// Maps one page, runs the transform chain, writes it and saves the checkpoint that
+/// points at `next`.
+#[allow(clippy::too_many_arguments)]
+async fn write_page(
+    store: &Store,
+    connector: &Connector,
+    chain: &[Arc<dyn Transform>],
+    options: &ImportOptions,
+    page: &sluice_connectors::http::Page,
+    next: &PageState,
+    summary: &mut ImportSummary,
+    max_cursor: &mut Option<Bson>,
+    sink_mode: &mut SinkMode,
+) -> Result<(), ImportError> {
+    let mut mapped = Vec::with_capacity(page.records.len());
+    for record in &page.records {
+        match map_record(&connector.fields, record) {
+            Ok(d) if d.get(&connector.key).is_some_and(|k| *k != Bson::Null) => mapped.push(d),
+            Ok(_) => reject(
+                summary,
+                options,
+                format!("the upsert key `{}` is empty", connector.key),
+                record,
+            ),
+            Err(reason) => reject(summary, options, reason, record),
+        }
+    }
+    let mapped = apply_chain(chain, mapped)?;
+    if let Some(inc) = &connector.incremental {
+        for d in &mapped {
+            if let Some(v) = d.get(&inc.cursor_field) {
+                if max_cursor.as_ref().is_none_or(|m| greater(v, m)) {
+                    *max_cursor = Some(v.clone());
+                }
+            }
+        }
+    }
+    if options.dry_run {
+        for d in mapped
+            .iter()
+            .take(5usize.saturating_sub(summary.preview.len()))
+        {
+            summary
+                .preview
+                .push(Bson::Document(d.clone()).into_relaxed_extjson());
+        }
+    } else {
+        for chunk in mapped.chunks(connector.batch_size) {
+            let (inserted, updated) = sink(store, connector, chunk, sink_mode).await?;
+            summary.inserted += inserted;
+            summary.updated += updated;
+            options
+                .progress
+                .upserted
+                .fetch_add(inserted + updated, Relaxed);
+        }
+        // The page is committed: remember where the next one starts.
+        store
+            .collection(c::IMPORT_CHECKPOINTS)
+            .replace_one(
+                doc! { common::ID: &connector.name },
+                doc! {
+                    "runId": &summary.run_id,
+                    "state": serde_json::to_string(next).unwrap_or_default(),
+                    "pages": summary.pages as i64,
+                    "fetched": summary.fetched as i64,
+                    "inserted": summary.inserted as i64,
+                    "updated": summary.updated as i64,
+                    "failed": summary.failed as i64,
+                    "maxCursor": max_cursor.clone().unwrap_or(Bson::Null),
+                    common::UPDATED_AT: DateTime::now(),
+                },
+            )
+            .upsert(true)
+            .await
+            .map_err(StoreError::mongo(c::IMPORT_CHECKPOINTS, "save checkpoint"))?;
+    }
+    Ok(())
+}
+
+/// Makes sure the target has a unique index on the upsert key: without one, every upsert
+/// scans the collection and two concurrent upserts of a new key can both insert. Returns
+/// whether the key is unique-indexed (an index with another name counts); if the index
+/// cannot be built (for example, the collection already holds duplicate keys) the run
+/// goes on with upserts only, and says why.
+async fn ensure_key_index(store: &Store, connector: &Connector) -> bool {
+    use futures_util::TryStreamExt;
+    let coll = store.collection(&connector.collection);
+    let wanted = doc! { &connector.key: 1 };
+    if let Ok(cursor) = coll.list_indexes().await {
+        if let Ok(indexes) = cursor.try_collect::<Vec<_>>().await {
+            if indexes.iter().any(|m| {
+                m.keys == wanted && m.options.as_ref().and_then(|o| o.unique) == Some(true)
+            }) {
+                return true;
+            }
+        }
+    }
+    let model = mongodb::IndexModel::builder()
+        .keys(wanted)
+        .options(
+            mongodb::options::IndexOptions::builder()
+                .unique(true)
+                .name(format!("{}_unique", connector.key))
+                .build(),
+        )
+        .build();
+    match coll.create_index(model).await {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::warn!(
+                collection = %connector.collection, key = %connector.key, error = %e,
+                "no unique index on the upsert key; upserting without one (slower, and concurrent runs may duplicate new keys)"
+            );
+            false
+        }
+    }
+}
+
+/// Writes one batch by key; returns (inserted, updated) and adapts `mode`.
+///
+/// Insert-first: `insert_many` (unordered) of the complete documents, then the records
+/// the unique key index refused (they exist) go through the upsert. The result is the
+/// same document either way: the mapped fields, `updatedAt`, `source` and, for a new
+/// document, `createdAt`.
+async fn sink(
+    store: &Store,
+    connector: &Connector,
+    docs: &[Document],
+    mode: &mut SinkMode,
+) -> Result<(u64, u64), ImportError> {
+    if docs.is_empty() {
+        return Ok((0, 0));
+    }
+    if *mode != SinkMode::InsertFirst {
+        let (inserted, updated) = upsert(store, connector, docs).await?;
+        if *mode == SinkMode::Upsert && inserted * 2 > inserted + updated {
+            *mode = SinkMode::InsertFirst;
+        }
+        return Ok((inserted, updated));
+    }
+    let now = DateTime::now();
+    let full: Vec<Document> = docs
+        .iter()
+        .map(|d| {
+            let mut d = d.clone();
+            d.insert(common::UPDATED_AT, now);
+            d.insert("source", &connector.name);
+            d.insert(common::CREATED_AT, now);
+            d
+        })
+        .collect();
+    let result = store
+        .collection(&connector.collection)
+        .insert_many(full)
+        .ordered(false)
+        .write_concern(store.write_concern().clone())
+        .await;
+    let existing: Vec<usize> = match result {
+        Ok(_) => Vec::new(),
+        Err(e) => match e.kind.as_ref() {
+            mongodb::error::ErrorKind::InsertMany(m)
+                if m.write_concern_error.is_none()
+                    && m.write_errors.as_ref().is_some_and(|w| {
+                        w.iter()
+                            .all(|x| x.code == sluice_connectors::mongo::DUPLICATE_KEY)
+                    }) =>
+            {
+                m.write_errors
+                    .as_ref()
+                    .map(|w| w.iter().map(|x| x.index).collect())
+                    .unwrap_or_default()
+            }
+            _ => {
+                return Err(ImportError::Sink {
+                    collection: connector.collection.clone(),
+                    message: e.to_string(),
+                })
+            }
+        },
+    };
+    let inserted = (docs.len() - existing.len()) as u64;
+    if existing.is_empty() {
+        return Ok((inserted, 0));
+    }
+    let rest: Vec<Document> = existing.iter().map(|&i| docs[i].clone()).collect();
+    let (also_inserted, updated) = upsert(store, connector, &rest).await?;
+    if existing.len() * 2 > docs.len() {
+        *mode = SinkMode::Upsert;
+    }
+    Ok((inserted + also_inserted, updated))
 }
 
 /// Bulk unordered upserts by key in one `update` command; returns (inserted, updated).
@@ -501,7 +664,7 @@ async fn upsert(
             "update": &connector.collection,
             "updates": updates,
             "ordered": false,
-            "writeConcern": { "w": "majority" },
+            "writeConcern": bson::to_document(store.write_concern()).unwrap_or_default(),
         })
         .await
         .map_err(|e| ImportError::Sink {

@@ -425,11 +425,33 @@ async fn http_import(n: usize, rounds: usize) -> anyhow::Result<()> {
         .collect();
     let url = record_api(std::sync::Arc::new(records)).await?;
     let client = reqwest::Client::new();
-    let (mut best_base, mut best_sluice) = (0f64, 0f64);
-    for _ in 0..rounds.max(1) {
-        // Baseline: the same pages, records inserted as they come.
+    let (mut best_base, mut best_indexed, mut best_sluice) = (0f64, 0f64, 0f64);
+    for round in 0..rounds.max(1) * 2 {
+        // Baseline: the same pages, records inserted as they come; every other round into
+        // a collection with as many indexes as the Sluice target (`products`: the unique
+        // key and `category`), on the corresponding raw fields.
+        let indexed = round % 2 == 1;
         let store = fresh_store("rawimport").await?;
         let coll = store.collection("products_raw");
+        if indexed {
+            coll.create_index(
+                mongodb::IndexModel::builder()
+                    .keys(bson::doc! { "id": 1 })
+                    .options(
+                        mongodb::options::IndexOptions::builder()
+                            .unique(true)
+                            .build(),
+                    )
+                    .build(),
+            )
+            .await?;
+            coll.create_index(
+                mongodb::IndexModel::builder()
+                    .keys(bson::doc! { "category": 1 })
+                    .build(),
+            )
+            .await?;
+        }
         let started = Instant::now();
         let mut cursor: Option<String> = None;
         let mut total = 0;
@@ -452,8 +474,16 @@ async fn http_import(n: usize, rounds: usize) -> anyhow::Result<()> {
                 None => break,
             }
         }
-        best_base = best_base.max(total as f64 / started.elapsed().as_secs_f64());
+        let rate = total as f64 / started.elapsed().as_secs_f64();
+        if indexed {
+            best_indexed = best_indexed.max(rate);
+        } else {
+            best_base = best_base.max(rate);
+        }
         store.db().drop().await?;
+        if indexed {
+            continue;
+        }
 
         // Sluice: an IMPORT config with mapping and upserts by key.
         let store = fresh_store("import").await?;
@@ -511,7 +541,11 @@ type = "date"
         "http-import",
         best_base,
         best_sluice,
-        json!({ "records": n, "rounds": rounds }),
+        json!({
+            "records": n, "rounds": rounds,
+            "baseline_same_indexes_per_s": best_indexed.round(),
+            "ratio_same_indexes": (best_sluice / best_indexed * 1000.0).round() / 1000.0,
+        }),
     );
     Ok(())
 }
