@@ -489,14 +489,7 @@ impl WasmTransform {
     /// Runs one batch through the plugin.
     pub fn run_batch(&self, batch: &[Record]) -> Result<BatchOutput, PluginError> {
         let started = Instant::now();
-        let encoded: Vec<String> = batch
-            .iter()
-            .map(|d| {
-                bson::Bson::Document(d.clone())
-                    .into_relaxed_extjson()
-                    .to_string()
-            })
-            .collect();
+        let encoded: Vec<String> = batch.iter().map(encode).collect();
         let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
         if live.is_none() {
             *live = Some(self.instantiate()?);
@@ -530,6 +523,11 @@ impl WasmTransform {
         let mut out = BatchOutput::default();
         for (index, r) in results.into_iter().enumerate() {
             match r {
+                // Returned exactly as sent: keep the original document (no decoding, and
+                // every BSON type stays as it was).
+                Ok(records) if records.len() == 1 && records[0] == encoded[index] => {
+                    out.records.push(batch[index].clone());
+                }
                 Ok(records) => {
                     for text in records {
                         let doc = decode(&text).map_err(|message| PluginError::Malformed {
@@ -544,6 +542,67 @@ impl WasmTransform {
         }
         out.elapsed = started.elapsed();
         Ok(out)
+    }
+}
+
+/// A record as the plugin receives it: MongoDB relaxed extended JSON, compact, fields in
+/// document order, written straight from the BSON (the common types without building a
+/// `serde_json::Value` first). The text is what `serde_json` prints for the same value, so
+/// a guest that parses and re-prints an unchanged record (as the SDK does) returns the
+/// same text.
+pub fn encode(d: &Record) -> String {
+    let mut out = String::with_capacity(256);
+    write_document(&mut out, d);
+    out
+}
+
+fn write_str(out: &mut String, s: &str) {
+    // serde_json's escaping, so both sides agree byte for byte.
+    out.push_str(&serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into()));
+}
+
+fn write_document(out: &mut String, d: &Record) {
+    out.push('{');
+    for (i, (k, v)) in d.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        write_str(out, k);
+        out.push(':');
+        write_bson(out, v);
+    }
+    out.push('}');
+}
+
+fn write_bson(out: &mut String, v: &bson::Bson) {
+    use bson::Bson;
+    use std::fmt::Write;
+    match v {
+        Bson::Null => out.push_str("null"),
+        Bson::Boolean(b) => out.push_str(if *b { "true" } else { "false" }),
+        Bson::Int32(n) => {
+            let _ = write!(out, "{n}");
+        }
+        Bson::Int64(n) => {
+            let _ = write!(out, "{n}");
+        }
+        Bson::Double(f) if f.is_finite() => {
+            out.push_str(&serde_json::Value::from(*f).to_string());
+        }
+        Bson::String(s) => write_str(out, s),
+        Bson::Document(d) => write_document(out, d),
+        Bson::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_bson(out, item);
+            }
+            out.push(']');
+        }
+        // Dates, ObjectIds, non-finite doubles, binary...: the bson crate's own form.
+        other => out.push_str(&other.clone().into_relaxed_extjson().to_string()),
     }
 }
 
@@ -652,5 +711,34 @@ impl WasmTransform {
             }
             (Err(e), FailurePolicy::FailRun) => Err(err(e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod encoding_tests {
+    use super::*;
+    use bson::{doc, oid::ObjectId, Bson, DateTime};
+
+    #[test]
+    fn direct_encoding_is_the_relaxed_extended_json_of_the_document() {
+        let d = doc! {
+            "s": "quote \" and \u{e9} and \n", "i32": 7i32, "i64": 1i64 << 40, "f": 2.5,
+            "whole": 5.0, "neg": -0.125, "big": 1e300, "t": true, "n": Bson::Null,
+            "nested": { "a": [1, "two", { "three": 3.0 }], "empty": {} , "list": [] },
+            "at": DateTime::from_millis(1_750_000_000_123), "oid": ObjectId::new(),
+            "inf": f64::INFINITY, "z_last": 1,
+        };
+        let direct = encode(&d);
+        let reference = Bson::Document(d.clone()).into_relaxed_extjson();
+        let parsed: serde_json::Value = serde_json::from_str(&direct).unwrap();
+        assert_eq!(parsed, reference, "{direct}");
+        // Field order is the document's.
+        assert!(
+            direct.starts_with("{\"s\":") && direct.ends_with("\"z_last\":1}"),
+            "{direct}"
+        );
+        // What serde_json prints for the parsed value is the same text (the SDK's round
+        // trip), so an unchanged record is recognised.
+        assert_eq!(parsed.to_string(), direct);
     }
 }
