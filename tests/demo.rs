@@ -170,3 +170,46 @@ async fn the_main_job_reports_what_it_stored_and_wrote() {
     );
     std::fs::remove_dir_all(out_dir).unwrap();
 }
+
+/// `scripts/test.sh` runs the README's first command (`scripts/demo.sh`, exactly as a
+/// new user would, into the default `sluice` database and `./sluice-output`) and keeps
+/// what it printed; this checks that report against MongoDB and the output folder.
+#[tokio::test]
+async fn the_quick_start_report_matches_mongodb_and_the_output_folder() {
+    let path = std::env::var("SLUICE_DEMO_REPORT").expect(
+        "SLUICE_DEMO_REPORT is not set: run the tests through `scripts/test.sh`, which runs the quick start first",
+    );
+    let report = std::fs::read_to_string(&path).unwrap();
+    let store = sluice_connectors::Store::connect_uri(
+        &support::mongo_uri(),
+        "sluice",
+        &sluice_core::config::WriteConcernLevel::Majority,
+    )
+    .await
+    .unwrap();
+    for (label, collection) in [
+        ("events", "events"),
+        ("sessions", "sessions"),
+        ("users", "users"),
+        ("contacts", "contacts"),
+    ] {
+        let stored = store
+            .collection(collection)
+            .count_documents(doc! {})
+            .await
+            .unwrap();
+        assert_eq!(number_after(&report, label), stored, "{label} in\n{report}");
+        assert!(stored > 0, "{label}: the quick start stored nothing");
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = 0;
+    for line in report.lines() {
+        if let Some(file) = line.trim().strip_prefix("e.g. ") {
+            let file = root.join("sluice-output").join(file);
+            assert!(file.exists(), "{} is reported but missing", file.display());
+            files += 1;
+        }
+    }
+    assert_eq!(files, 3, "one file listed per export kind:\n{report}");
+    assert!(report.contains("Import `demo-crm-contacts`"), "{report}");
+}

@@ -408,3 +408,31 @@ async fn the_tracking_endpoint_runs_its_plugin_chain_before_storing() {
     assert!(value("sluice_plugin_batch_seconds_count{plugin=\"redact-pii\"}") >= 1.0);
     server.shutdown().await;
 }
+
+#[test]
+fn records_a_plugin_leaves_alone_come_back_exactly_as_they_were() {
+    // A small Int64 would come back as Int32 from JSON; an untouched record is not decoded.
+    let original = doc! {
+        "eventId": "x", "small": 5i64, "i32": 7i32, "whole": 3.0,
+        "at": bson::DateTime::from_millis(1_750_000_000_123),
+        "oid": bson::oid::ObjectId::new(), "nested": { "z": 1i64, "a": [1i64, "two"] },
+    };
+    assert_eq!(
+        bson::Bson::try_from(serde_json::json!(5)).unwrap(),
+        bson::Bson::Int32(5),
+        "JSON integers decode as Int32"
+    );
+    let noop = host()
+        .load(
+            &support::plugin_dir(),
+            "noop",
+            json!({}),
+            &Grants::default(),
+            None,
+        )
+        .unwrap();
+    let out = noop
+        .apply(vec![original.clone(), original.clone()])
+        .unwrap();
+    assert_eq!(out, vec![original.clone(), original]);
+}

@@ -747,6 +747,12 @@ pub fn validate(
             Some(resolved)
         }
     };
+    // Plugin configs may hold secrets (a redaction salt): `${env:NAME}` strings resolve.
+    let mut plugins = raw.plugins.clone();
+    for (name, value) in plugins.config.iter_mut() {
+        resolve_env_strings(value, &format!("plugins.config.{name}"), env)
+            .map_err(|(field, e)| invalid(&field, e))?;
+    }
     let mongodb_uri = Secret::new(raw.mongodb.uri.clone());
     Ok(Config {
         mongodb_uri,
@@ -763,7 +769,7 @@ pub fn validate(
         archive_after_days: raw.export.archive_after_days,
         s3,
         log: raw.log.clone(),
-        plugins: raw.plugins.clone(),
+        plugins,
         schedules: raw.schedules.clone(),
         scheduler: raw.scheduler.clone(),
         token_key,
@@ -804,6 +810,39 @@ impl Serialize for RedactedView<'_> {
             .map(|k| Secret::new(k.redacted()));
         raw.serialize(serializer)
     }
+}
+
+/// Replaces every string of `value` that is a `${env:NAME}` reference by the variable's
+/// value; the error names the field.
+fn resolve_env_strings(
+    value: &mut toml::Value,
+    path: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(), (String, String)> {
+    match value {
+        toml::Value::String(s) => {
+            let secret = Secret::new(s.clone());
+            if secret.env_reference().is_some() {
+                *s = secret
+                    .resolve(env)
+                    .map_err(|e| (path.to_string(), e))?
+                    .expose()
+                    .to_string();
+            }
+        }
+        toml::Value::Table(t) => {
+            for (k, v) in t.iter_mut() {
+                resolve_env_strings(v, &format!("{path}.{k}"), env)?;
+            }
+        }
+        toml::Value::Array(items) => {
+            for (i, v) in items.iter_mut().enumerate() {
+                resolve_env_strings(v, &format!("{path}[{i}]"), env)?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 /// `mongodb://user:pass@host` -> `mongodb://user:<redacted>@host`.
@@ -863,6 +902,14 @@ mod tests {
         assert_eq!(
             err,
             "test.toml: field `mongodb.uri`: expected a `mongodb://` or `mongodb+srv://` connection string"
+        );
+        let err = check("[plugins.config.redact-pii]\nsalt = \"${env:SLUICE_TEST_UNSET_SALT}\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`plugins.config.redact-pii.salt`")
+                && err.contains("SLUICE_TEST_UNSET_SALT"),
+            "{err}"
         );
         let err = check("[tracking]\nbots = \"maybe\"\n")
             .unwrap_err()

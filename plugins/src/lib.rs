@@ -737,8 +737,5 @@ mod encoding_tests {
             direct.starts_with("{\"s\":") && direct.ends_with("\"z_last\":1}"),
             "{direct}"
         );
-        // What serde_json prints for the parsed value is the same text (the SDK's round
-        // trip), so an unchanged record is recognised.
-        assert_eq!(parsed.to_string(), direct);
     }
 }
