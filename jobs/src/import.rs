@@ -161,15 +161,15 @@ fn greater(a: &Bson, b: &Bson) -> bool {
     }
 }
 
-/// Refresh-token configs keep the tokens their provider rotates, encrypted, in
-/// `oauth_tokens` ([`crate::tokens`]).
-fn with_vault(
+/// The config's HTTP client. Refresh-token configs keep the tokens their provider rotates,
+/// encrypted, in `oauth_tokens` ([`crate::tokens`]).
+async fn http_client(
     store: &Store,
     name: &str,
-    connector: &Connector,
+    connector: &Arc<Connector>,
     options: &ImportOptions,
-    http: HttpClient,
 ) -> Result<HttpClient, ImportError> {
+    let http = HttpClient::new(connector.clone()).await?;
     let sluice_core::integration::Auth::OAuth {
         refresh_token: Some(configured),
         ..
@@ -240,13 +240,7 @@ pub async fn run_import(
     let (connector, stored) = load_connector(store, name, IntegrationType::Import).await?;
     let chain = chain_for(&connector, &options.transforms)?;
     let connector = Arc::new(connector);
-    let http = with_vault(
-        store,
-        name,
-        &connector,
-        options,
-        HttpClient::new(connector.clone()).await?,
-    )?;
+    let http = http_client(store, name, &connector, options).await?;
     let checkpoints = store.collection(c::IMPORT_CHECKPOINTS);
     let mut summary = ImportSummary {
         name: name.to_string(),
@@ -751,13 +745,7 @@ pub async fn run_push(
         .clone()
         .ok_or_else(|| ImportError::Unknown(name.to_string()))?;
     let connector = Arc::new(connector);
-    let http = with_vault(
-        store,
-        name,
-        &connector,
-        options,
-        HttpClient::new(connector.clone()).await?,
-    )?;
+    let http = http_client(store, name, &connector, options).await?;
     let mut filter: Document = match &push.filter {
         Some(f) => serde_json::from_str::<Value>(f)
             .ok()

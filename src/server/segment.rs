@@ -18,7 +18,7 @@ use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use serde_json::{Map, Value};
 use sluice_connectors::mongo::identities;
 use sluice_core::segment::{parse_message, Kind, Message, Options};
@@ -58,15 +58,9 @@ pub async fn single(
     admit(&state, &headers, body_key(obj))?;
     let ctx = request_context(&state, peer, &headers, None);
     let message = parse_message(&value, Some(kind), &ctx, &options(&state));
-    let answer = store(&state, vec![message]).await?;
-    if let Some(rejected) = answer.first_rejection() {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_message",
-            rejected.to_string(),
-        ));
-    }
-    Ok(answer.into_response())
+    store(&state, vec![message])
+        .await?
+        .into_single_response("invalid_message")
 }
 
 pub async fn batch(

@@ -48,15 +48,9 @@ pub async fn track(
     let value: Value = serde_json::from_slice(&body).map_err(malformed)?;
     let ctx = request_context(&state, peer, &headers, None);
     let event = parse_event(&value, &ctx, EventMetadata::default());
-    let answer = ingest(&state, vec![event]).await?;
-    if let Some(rejected) = answer.first_rejection() {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_event",
-            rejected.to_string(),
-        ));
-    }
-    Ok(answer.into_response())
+    ingest(&state, vec![event])
+        .await?
+        .into_single_response("invalid_event")
 }
 
 #[derive(Deserialize)]
@@ -256,8 +250,16 @@ pub struct Answer {
 }
 
 impl Answer {
-    pub(super) fn first_rejection(&self) -> Option<&ValidationError> {
-        self.first_rejection.as_ref()
+    /// The answer to a one-event request: an invalid event is a 400 `code` error.
+    pub(super) fn into_single_response(self, code: &'static str) -> Result<Response, ApiError> {
+        match &self.first_rejection {
+            Some(rejected) => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                code,
+                rejected.to_string(),
+            )),
+            None => Ok(self.into_response()),
+        }
     }
 
     /// A batch with nothing but invalid events is a 400; otherwise 200 (or 503 to retry).
