@@ -405,8 +405,8 @@ pub fn load_plugins(
 /// `[plugins.config.NAME]` as the JSON the plugin's `configure` receives (`{}` if unset).
 fn plugin_config(config: &Config, name: &str) -> serde_json::Value {
     config
-        .plugins
-        .config
+        .plugin_configs
+        .0
         .get(name)
         .map(|v| serde_json::to_value(v).unwrap_or_default())
         .unwrap_or_else(|| serde_json::json!({}))

@@ -409,6 +409,9 @@ pub struct Config {
     pub scheduler: SchedulerSection,
     /// `[security] token_key`, resolved.
     pub token_key: Option<Secret>,
+    /// `[plugins.config.*]` with `${env:NAME}` strings resolved (what plugins receive);
+    /// `plugins.config` keeps the references.
+    pub plugin_configs: PluginConfigs,
     /// Non-fatal remarks (for example: no write key configured).
     pub warnings: Vec<String>,
     /// The raw form, for printing with secrets redacted.
@@ -748,8 +751,8 @@ pub fn validate(
         }
     };
     // Plugin configs may hold secrets (a redaction salt): `${env:NAME}` strings resolve.
-    let mut plugins = raw.plugins.clone();
-    for (name, value) in plugins.config.iter_mut() {
+    let mut plugin_configs = raw.plugins.config.clone();
+    for (name, value) in plugin_configs.iter_mut() {
         resolve_env_strings(value, &format!("plugins.config.{name}"), env)
             .map_err(|(field, e)| invalid(&field, e))?;
     }
@@ -769,7 +772,8 @@ pub fn validate(
         archive_after_days: raw.export.archive_after_days,
         s3,
         log: raw.log.clone(),
-        plugins,
+        plugins: raw.plugins.clone(),
+        plugin_configs: PluginConfigs(plugin_configs),
         schedules: raw.schedules.clone(),
         scheduler: raw.scheduler.clone(),
         token_key,
@@ -809,6 +813,16 @@ impl Serialize for RedactedView<'_> {
             .as_ref()
             .map(|k| Secret::new(k.redacted()));
         raw.serialize(serializer)
+    }
+}
+
+/// Resolved plugin configs. They may hold secrets, so `Debug` shows only the plugin names.
+#[derive(Clone, Default, PartialEq)]
+pub struct PluginConfigs(pub std::collections::BTreeMap<String, toml::Value>);
+
+impl std::fmt::Debug for PluginConfigs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
     }
 }
 
@@ -938,6 +952,31 @@ mod tests {
         assert!(shown.contains("${env:WK}"), "{shown}");
         assert!(!shown.contains("from-env-key-456") && !shown.contains("literal-key-123"));
         assert!(!format!("{c:?}").contains("literal-key-123"));
+
+        let raw = parse(
+            "f.toml",
+            "[security]\ntoken_key = \"${env:TK}\"\n[plugins.config.redact-pii]\nsalt = \"${env:SALT}\"\n",
+        )
+        .unwrap();
+        let env = |k: &str| match k {
+            "TK" => Some("token-key-from-env-0123".to_string()),
+            "SALT" => Some("salt-from-env-0123456".to_string()),
+            _ => None,
+        };
+        let c = validate("f.toml", &BTreeMap::new(), raw, &env).unwrap();
+        assert_eq!(
+            c.token_key.as_ref().unwrap().expose(),
+            "token-key-from-env-0123"
+        );
+        assert_eq!(
+            c.plugin_configs.0["redact-pii"]["salt"].as_str(),
+            Some("salt-from-env-0123456")
+        );
+        let shown = format!("{}\n{c:?}", c.redacted_toml());
+        assert!(
+            !shown.contains("token-key-from-env") && !shown.contains("salt-from-env"),
+            "{shown}"
+        );
     }
 
     #[test]

@@ -255,8 +255,8 @@ async fn import_contacts(
         .exists();
     let transforms = if built {
         config
-            .plugins
-            .config
+            .plugin_configs
+            .0
             .entry(plugin.into())
             .or_insert_with(|| {
                 toml::Value::Table(toml::map::Map::from_iter([(
