@@ -16,6 +16,10 @@
 //!   1,000), mapped with JSONPath and upserted by key, vs fetching the same pages and
 //!   inserting the records as they are.
 //!
+//! - `segment-ingest`: the same traffic as Segment `page` / `track` messages without
+//!   session ids, posted to `/v1/batch` (identity links resolved, sessions assigned by the
+//!   gap rule), vs the same events through the native `/v1/events/batch`, in the same run.
+//!
 //! - `wasm-transform`: records through the no-op WASM plugin vs the same pipeline with no
 //!   plugin, and through the redaction plugin vs the same redaction compiled natively.
 //!   Needs `scripts/build-plugins.sh` first.
@@ -66,6 +70,7 @@ struct Args {
 const SCENARIOS: &[&str] = &[
     "mongo-insert",
     "track-ingest",
+    "segment-ingest",
     "parquet-export",
     "http-import",
     "wasm-transform",
@@ -165,7 +170,44 @@ async fn writer_insert(events: &[Event]) -> anyhow::Result<f64> {
     Ok(rate)
 }
 
+/// The generated native events as the Segment messages an SDK would send for them.
+fn as_segment(json_events: &[Value]) -> Vec<Value> {
+    json_events
+        .iter()
+        .map(|e| {
+            let mut m = json!({
+                "messageId": e["eventId"], "userId": e["userId"],
+                "timestamp": e["timestamp"], "properties": e["properties"],
+                "context": { "userAgent": e["context"]["userAgent"] },
+            });
+            match e["eventType"].as_str() {
+                Some("PAGE_VIEW") => {
+                    m["type"] = json!("page");
+                    m["properties"]["url"] = e["pageUrl"].clone();
+                    m["properties"]["referrer"] = e["referrer"].clone();
+                }
+                Some("PURCHASE") => {
+                    m["type"] = json!("track");
+                    m["event"] = json!("Order Completed");
+                    m["properties"]["revenue"] = e["properties"]["amount"].clone();
+                }
+                other => {
+                    m["type"] = json!("track");
+                    m["event"] = json!(other.unwrap_or("Custom"));
+                }
+            }
+            m
+        })
+        .collect()
+}
+
 async fn http_ingest(json_events: &[Value]) -> anyhow::Result<f64> {
+    post_batches(json_events, "/v1/events/batch").await
+}
+
+/// Posts `{"batch": [...]}` bodies of 500 from 8 concurrent clients; events stored per
+/// second.
+async fn post_batches(json_events: &[Value], path: &str) -> anyhow::Result<f64> {
     let store = fresh_store("track").await?;
     let mut raw = RawConfig::default();
     raw.mongodb.uri = mongo_uri();
@@ -173,7 +215,7 @@ async fn http_ingest(json_events: &[Value]) -> anyhow::Result<f64> {
     let config = sluice_core::config::validate("bench", &Default::default(), raw, &|_| None)?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let server = sluice::server::start(config, store.clone(), listener, false).await?;
-    let url = format!("http://{}/v1/events/batch", server.addr);
+    let url = format!("http://{}{path}", server.addr);
     let client = reqwest::Client::new();
     let batches: Vec<Value> = json_events
         .chunks(500)
@@ -755,6 +797,25 @@ async fn main() -> anyhow::Result<()> {
         if scenario == "wasm-transform" {
             wasm_transform(&events, args.transform_records, args.rounds)
                 .context("wasm-transform")?;
+            continue;
+        }
+        if scenario == "segment-ingest" {
+            let messages = as_segment(&json_events);
+            let (mut native, mut segment) = (0f64, 0f64);
+            for _ in 0..args.rounds.max(1) {
+                native = native.max(http_ingest(&json_events).await.context("native")?);
+                segment = segment.max(
+                    post_batches(&messages, "/v1/batch")
+                        .await
+                        .context("segment-ingest")?,
+                );
+            }
+            report(
+                "segment-ingest",
+                native,
+                segment,
+                json!({ "events": events.len(), "rounds": args.rounds, "baseline": "native /v1/events/batch" }),
+            );
             continue;
         }
         if scenario == "http-import" {
