@@ -41,6 +41,7 @@ fn every_scenario_prints_a_ratio_line() {
         [
             "mongo-insert",
             "track-ingest",
+            "segment-ingest",
             "parquet-export",
             "http-import",
             "wasm-transform-noop",
