@@ -390,16 +390,33 @@ async fn identify_links_an_anonymous_visitor_from_its_time_on_in_any_delivery_or
             json!({ "messageId": "i0", "userId": "u", "timestamp": iso(t0 - 2 * MIN),
             "traits": { "email": "older@example.com", "firstName": "Grace" } }),
         ),
-        // alias: the retired id's later events count for the new one.
+        // alias: links are followed in chains, so the anonymous id's later events count
+        // for the final user...
         (
             "/v1/alias",
             json!({ "messageId": "al", "previousId": "u", "userId": "u-new",
             "timestamp": iso(t0 + 3 * MIN) }),
         ),
         (
+            "/v1/page",
+            json!({ "messageId": "p5", "anonymousId": "a", "timestamp": iso(t0 + 5 * MIN) }),
+        ),
+        // ...but a message with a userId always counts for that user: pairing someone
+        // else's user id with your own does not capture their events.
+        (
             "/v1/track",
             json!({ "messageId": "t4", "userId": "u", "event": "Clicked",
             "timestamp": iso(t0 + 4 * MIN) }),
+        ),
+        (
+            "/v1/track",
+            json!({ "messageId": "h1", "anonymousId": "u-new", "userId": "mallory",
+            "event": "Clicked", "timestamp": iso(t0 + 6 * MIN) }),
+        ),
+        (
+            "/v1/identify",
+            json!({ "messageId": "h2", "userId": "u-new", "timestamp": iso(t0 + 7 * MIN),
+            "traits": { "email": "new@example.com" } }),
         ),
     ];
     for (path, body) in &requests {
@@ -420,26 +437,36 @@ async fn identify_links_an_anonymous_visitor_from_its_time_on_in_any_delivery_or
     assert_eq!(owner("p00").await, "a");
     assert_eq!(owner("i1").await, "u");
     assert_eq!(owner("t2").await, "u");
-    assert_eq!(owner("t4").await, "u-new");
+    assert_eq!(owner("p5").await, "u-new");
+    assert_eq!(owner("t4").await, "u");
+    assert_eq!(owner("h2").await, "u-new");
     let u = user(&db, "u").await;
     assert_eq!(u.get_str("email").unwrap(), "old@example.com");
     assert!(
         u.get_str("firstName").is_err(),
         "an older identify's traits: {u}"
     );
-    assert_eq!(u.get_i64("totalEvents").unwrap(), 3, "i1, t2, i0: {u}");
+    assert_eq!(u.get_i64("totalEvents").unwrap(), 4, "i1, t2, i0, t4: {u}");
+    let new = user(&db, "u-new").await;
+    assert_eq!(new.get_i64("totalEvents").unwrap(), 3, "al, p5, h2: {new}");
+    assert_eq!(new.get_str("email").unwrap(), "new@example.com");
+    let mallory = user(&db, "mallory").await;
     assert_eq!(
-        user(&db, "u-new").await.get_i64("totalEvents").unwrap(),
-        2,
-        "al, t4"
+        mallory.get_i64("totalEvents").unwrap(),
+        1,
+        "h1 only: {mallory}"
     );
+    assert!(mallory.get_str("email").is_err(), "{mallory}");
     assert_eq!(user(&db, "a").await.get_i64("totalEvents").unwrap(), 2);
     let links = find(&db, "identities", doc! {}).await;
     let links: BTreeMap<&str, &str> = links
         .iter()
         .map(|l| (l.get_str("_id").unwrap(), l.get_str("visitorId").unwrap()))
         .collect();
-    assert_eq!(links, BTreeMap::from([("a", "u"), ("u", "u-new")]));
+    assert_eq!(
+        links,
+        BTreeMap::from([("a", "u"), ("u", "u-new"), ("u-new", "mallory")])
+    );
     server.shutdown().await;
 }
 
@@ -546,6 +573,41 @@ async fn gzip_bodies_write_key_in_the_body_and_invalid_messages_reported() {
             .unwrap(),
         "test",
         "the batch context applies to its messages"
+    );
+
+    // Nothing but invalid messages: 400, and not `success`.
+    let (status, all_bad) = post(
+        &base,
+        "/v1/batch",
+        &json!({ "batch": [{ "type": "track", "userId": "v" }] }),
+    )
+    .await;
+    assert_eq!(
+        (status, &all_bad["success"]),
+        (400, &json!(false)),
+        "{all_bad}"
+    );
+
+    // A profile that refuses the traits: the identify is still stored and answered 200.
+    db.store
+        .collection("users")
+        .insert_one(doc! { "visitorId": "odd", "attributes": "not a document" })
+        .await
+        .unwrap();
+    let (status, answer) = post(
+        &base,
+        "/v1/identify",
+        &json!({ "messageId": "odd-1", "userId": "odd", "traits": { "plan": "pro" } }),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["stored"], 1);
+    assert_eq!(
+        server
+            .metrics
+            .traits_failed
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
     );
 
     // No key anywhere: 401. A bad single message: 400 naming the field. A gzip bomb: 413.

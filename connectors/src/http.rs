@@ -308,10 +308,27 @@ impl HttpClient {
                     .await
                     .map_err(|e| err(format!("cannot read the saved refresh token: {e}")))?;
                 presented = Some(current.clone());
-                oauth
-                    .exchange_refresh_token(&RefreshToken::new(current))
+                let mut result = oauth
+                    .exchange_refresh_token(&RefreshToken::new(current.clone()))
                     .request_async(&self.client)
-                    .await
+                    .await;
+                if result.is_err() {
+                    // Another run of the same config may have rotated the token since this
+                    // one read it: try the saved one once.
+                    if let Some(v) = &self.vault {
+                        if let Ok(Some(saved)) = v.load().await {
+                            if saved != current {
+                                *self.refresh.lock().await = Some(saved.clone());
+                                presented = Some(saved.clone());
+                                result = oauth
+                                    .exchange_refresh_token(&RefreshToken::new(saved))
+                                    .request_async(&self.client)
+                                    .await;
+                            }
+                        }
+                    }
+                }
+                result
             }
             None => {
                 oauth
@@ -327,14 +344,22 @@ impl HttpClient {
             let new = new.secret();
             if new != old {
                 // Rotated: the old token is spent. Keep the new one durably first.
+                *self.refresh.lock().await = Some(new.clone());
                 if let Some(v) = &self.vault {
-                    v.save(new).await.map_err(|e| {
+                    let mut saved = v.save(new).await;
+                    for attempt in 0..3u32 {
+                        if saved.is_ok() {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+                        saved = v.save(new).await;
+                    }
+                    saved.map_err(|e| {
                         err(format!(
                             "the provider rotated the refresh token but it could not be saved ({e}); the run stops before using it"
                         ))
                     })?;
                 }
-                *self.refresh.lock().await = Some(new.clone());
                 self.bump(|s| s.refresh_rotations += 1);
             }
         }

@@ -172,7 +172,10 @@ pub fn parse_event(
         Some(t) => Some(parse_time("sentAt", t)?),
     };
     let timestamp_ms = match (client_time, sent_at) {
-        (Some(t), Some(sent)) => ctx.received_at_ms - (sent - t),
+        (Some(t), Some(sent)) => sent
+            .checked_sub(t)
+            .and_then(|lag| ctx.received_at_ms.checked_sub(lag))
+            .ok_or_else(|| ValidationError::new(f::TIMESTAMP, "out of range (with `sentAt`)"))?,
         (Some(t), None) => t,
         (None, _) => ctx.received_at_ms,
     };
@@ -358,6 +361,10 @@ mod tests {
                 "duration",
             ),
             (json!("just a string"), "event"),
+            (
+                json!({"userId": "v", "eventType": "CLICK", "timestamp": i64::MIN, "sentAt": i64::MAX}),
+                "timestamp",
+            ),
         ];
         for (input, field) in cases {
             let err = parse(input.clone()).unwrap_err();

@@ -70,6 +70,9 @@ pub struct ImportOptions {
     /// `[security] token_key`: encrypts rotated OAuth refresh tokens (required by configs
     /// using the refresh-token grant).
     pub token_key: Option<sluice_core::config::Secret>,
+    /// Values for `${env:NAME}` references, looked up before the environment (for callers
+    /// that hold a secret in memory, like the demo).
+    pub secrets: std::collections::BTreeMap<String, String>,
 }
 
 /// One mapping failure kept for the run history.
@@ -121,12 +124,17 @@ async fn load_connector(
     store: &Store,
     name: &str,
     expected: IntegrationType,
+    options: &ImportOptions,
 ) -> Result<(Connector, Document), ImportError> {
     let (file, stored) = configs::load(store, name)
         .await?
         .ok_or_else(|| ImportError::Unknown(name.to_string()))?;
     let connector = validate(&format!("integration `{name}`"), &file, &|k| {
-        std::env::var(k).ok()
+        options
+            .secrets
+            .get(k)
+            .cloned()
+            .or_else(|| std::env::var(k).ok())
     })?;
     if connector.kind != expected {
         return Err(ImportError::WrongType {
@@ -237,7 +245,7 @@ pub async fn run_import(
     options: &ImportOptions,
 ) -> Result<ImportSummary, ImportError> {
     let started = Instant::now();
-    let (connector, stored) = load_connector(store, name, IntegrationType::Import).await?;
+    let (connector, stored) = load_connector(store, name, IntegrationType::Import, options).await?;
     let chain = chain_for(&connector, &options.transforms)?;
     let connector = Arc::new(connector);
     let http = http_client(store, name, &connector, options).await?;
@@ -523,6 +531,9 @@ async fn write_page(
 /// goes on with upserts only, and says why.
 async fn ensure_key_index(store: &Store, connector: &Connector) -> bool {
     use futures_util::TryStreamExt;
+    if connector.key == common::ID {
+        return true; // `_id` is always unique
+    }
     let coll = store.collection(&connector.collection);
     let wanted = doc! { &connector.key: 1 };
     if let Ok(cursor) = coll.list_indexes().await {
@@ -738,7 +749,7 @@ pub async fn run_push(
     options: &ImportOptions,
 ) -> Result<PushSummary, ImportError> {
     use futures_util::TryStreamExt;
-    let (connector, stored) = load_connector(store, name, IntegrationType::Export).await?;
+    let (connector, stored) = load_connector(store, name, IntegrationType::Export, options).await?;
     let chain = chain_for(&connector, &options.transforms)?;
     let push = connector
         .push
@@ -859,6 +870,17 @@ pub async fn run_push(
             "advance lastSync",
         ))?;
     let labels = [("config", name)];
+    if let Ok(h) = http.stats.lock() {
+        let help = "HTTP requests of imports and pushes, by config and kind.";
+        for (kind, n) in [
+            ("request", h.requests),
+            ("retry", h.retries),
+            ("token_refresh", h.token_refreshes),
+        ] {
+            let l = [labels[0], ("kind", kind)];
+            sluice_core::metrics::count("sluice_http_requests_total", help, &l, n);
+        }
+    }
     let help =
         "Records pushed by EXPORT configs, by config and stage (read, sent, failed mapping).";
     for (stage, n) in [

@@ -243,11 +243,6 @@ async fn import_contacts(
     )?;
     file.endpoint = format!("http://{}/api/contacts", crm.addr);
     file.auth.token_url = Some(format!("http://{}/oauth/token", crm.addr));
-    // The config refers to its secret as `${env:SLUICE_DEMO_CRM_SECRET}`; the demo API's
-    // secret is fixed, so provide it unless the caller did.
-    if std::env::var_os("SLUICE_DEMO_CRM_SECRET").is_none() {
-        std::env::set_var("SLUICE_DEMO_CRM_SECRET", crm::CLIENT_SECRET);
-    }
     let mut config = config.clone();
     let plugin = "redact-pii";
     let built = Path::new(&config.plugins.dir)
@@ -275,8 +270,15 @@ async fn import_contacts(
         Vec::new()
     };
     sluice_jobs::configs::apply(store, &file).await?;
+    // The config refers to its secret as `${env:SLUICE_DEMO_CRM_SECRET}`; the demo API's
+    // secret is fixed, so provide it (the environment is not touched).
     let options = ImportOptions {
         transforms,
+        secrets: [(
+            "SLUICE_DEMO_CRM_SECRET".to_string(),
+            crm::CLIENT_SECRET.to_string(),
+        )]
+        .into(),
         ..Default::default()
     };
     let summary = run_import(store, &file.name, &options)

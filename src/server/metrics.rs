@@ -21,6 +21,8 @@ pub struct Metrics {
     pub unauthorized: AtomicU64,
     pub rate_limited: AtomicU64,
     pub sessions_expired: AtomicU64,
+    /// Segment `identify` traits a profile refused (the events were stored).
+    pub traits_failed: AtomicU64,
     latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
     latency_count: AtomicU64,
     latency_sum_micros: AtomicU64,
@@ -90,6 +92,13 @@ impl Metrics {
             "Requests refused by the per-key rate limit.",
             "",
             &self.rate_limited,
+        );
+        counter(
+            &mut out,
+            "sluice_traits_failed_total",
+            "Segment identify traits a user profile refused (events stored; see the log).",
+            "",
+            &self.traits_failed,
         );
         counter(
             &mut out,

@@ -50,12 +50,20 @@ pub async fn single(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    // A key in the headers is checked before the body is read; `writeKey` in the body
+    // only after.
+    let header_key = super::auth::presented_key(&headers).is_some();
+    if header_key {
+        admit(&state, &headers, None)?;
+    }
     let body = read_body(&headers, body, state.config.tracking.max_event_bytes)?;
     let value: Value = serde_json::from_slice(&body).map_err(malformed)?;
     let Value::Object(obj) = &value else {
         return Err(invalid("expected a JSON object"));
     };
-    admit(&state, &headers, body_key(obj))?;
+    if !header_key {
+        admit(&state, &headers, body_key(obj))?;
+    }
     let ctx = request_context(&state, peer, &headers, None);
     let message = parse_message(&value, Some(kind), &ctx, &options(&state));
     store(&state, vec![message])
@@ -70,12 +78,18 @@ pub async fn batch(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let limits = &state.config.tracking;
+    let header_key = super::auth::presented_key(&headers).is_some();
+    if header_key {
+        admit(&state, &headers, None)?;
+    }
     let body = read_body(&headers, body, limits.max_batch_bytes)?;
     let value: Value = serde_json::from_slice(&body).map_err(malformed)?;
     let Value::Object(obj) = &value else {
         return Err(invalid("expected {\"batch\": [messages...]}"));
     };
-    admit(&state, &headers, body_key(obj))?;
+    if !header_key {
+        admit(&state, &headers, body_key(obj))?;
+    }
     let Some(Value::Array(items)) = obj.get("batch") else {
         return Err(invalid("expected {\"batch\": [messages...]}"));
     };
@@ -133,7 +147,7 @@ async fn store(
     mut messages: Vec<Result<Message, ValidationError>>,
 ) -> Result<super::tracking::Answer, ApiError> {
     let unavailable = |e: sluice_connectors::StoreError| {
-        tracing::error!(error = %e, "identity links unavailable");
+        tracing::error!(error = %e, "identity links or profiles unavailable");
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "store_unavailable",
@@ -156,8 +170,9 @@ async fn store(
         .map_err(unavailable)?;
     for m in messages.iter_mut().flatten() {
         let at = m.event.timestamp.timestamp_millis();
+        // A userId always counts for itself; only anonymous ids follow links.
         let visitor = match (&m.user_id, &m.anonymous_id) {
-            (Some(u), _) => identities::resolve(&map, u, at),
+            (Some(u), _) => u.clone(),
             (None, Some(a)) => identities::resolve(&map, a, at),
             (None, None) => continue,
         };
@@ -184,9 +199,19 @@ async fn store(
         if !answer.written[i] {
             continue;
         }
-        identities::apply_traits(&state.store, &visitor, &traits, at)
-            .await
-            .map_err(unavailable)?;
+        if let Err(e) = identities::apply_traits(&state.store, &visitor, &traits, at).await {
+            // The events are stored. A store that is down is worth a resend (the identify
+            // is then a duplicate and its traits are applied again); a write the profile
+            // refuses (say, `attributes` is not a document) would fail every resend.
+            if e.is_transient() {
+                return Err(unavailable(e));
+            }
+            state
+                .metrics
+                .traits_failed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(visitor = %visitor, error = %e, "identify traits not applied");
+        }
     }
     Ok(answer)
 }

@@ -247,6 +247,8 @@ pub struct Answer {
     first_rejection: Option<ValidationError>,
     /// Per input: whether its event is in `events` now (stored or a duplicate).
     pub(super) written: Vec<bool>,
+    /// A batch of nothing but invalid events: answered 400.
+    all_rejected: bool,
 }
 
 impl Answer {
@@ -264,12 +266,10 @@ impl Answer {
 
     /// A batch with nothing but invalid events is a 400; otherwise 200 (or 503 to retry).
     pub(super) fn into_batch_response(self) -> Response {
-        let all_rejected = self.stored + self.duplicates + self.dropped == 0 && self.rejected > 0;
-        let mut resp = self.into_response();
-        if all_rejected {
-            *resp.status_mut() = StatusCode::BAD_REQUEST;
-        }
-        resp
+        let mut answer = self;
+        answer.all_rejected =
+            answer.stored + answer.duplicates + answer.dropped == 0 && answer.rejected > 0;
+        answer.into_response()
     }
 }
 
@@ -277,12 +277,14 @@ impl IntoResponse for Answer {
     fn into_response(self) -> Response {
         let status = if self.retry {
             StatusCode::SERVICE_UNAVAILABLE
+        } else if self.all_rejected {
+            StatusCode::BAD_REQUEST
         } else {
             StatusCode::OK
         };
         // `success` is what Segment-compatible clients look for.
         let body = Json(json!({
-            "success": !self.retry,
+            "success": status == StatusCode::OK,
             "stored": self.stored,
             "duplicates": self.duplicates,
             "dropped": self.dropped,
@@ -445,6 +447,7 @@ pub(super) async fn ingest(
         retry: false,
         first_rejection: None,
         written: Vec::with_capacity(outcomes.len()),
+        all_rejected: false,
     };
     let m = &state.metrics;
     for (index, outcome) in outcomes.into_iter().enumerate() {
@@ -456,6 +459,7 @@ pub(super) async fn ingest(
             Outcome::Rejected(err) => {
                 answer.rejected += 1;
                 m.rejected_invalid.fetch_add(1, Relaxed);
+                tracing::warn!(index, field = %err.field, reason = %err.reason, "event rejected");
                 let entry = json!({
                     "index": index, "status": "rejected",
                     "field": err.field, "reason": err.reason,

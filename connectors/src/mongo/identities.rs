@@ -5,8 +5,13 @@
 //! message that linked them: events of the id from that time on count for the user,
 //! earlier ones stay with the id, whatever order they are delivered in. The first link of
 //! an id wins (an insert, so concurrent requests and replicas agree through the unique
-//! `_id`); links are kept one hop deep by linking to the target's own visitor when the
-//! target is itself linked.
+//! `_id`). Links are followed in chains (an anonymous id linked to a user who was later
+//! aliased counts for the final user), at most [`MAX_HOPS`] deep, and a link that would
+//! close a cycle is not made.
+//!
+//! Only anonymous ids are resolved through links: a message with a `userId` always counts
+//! for that user. Write keys of browser SDKs are public, so anyone could otherwise send a
+//! message pairing a victim's user id with their own and capture the victim's events.
 
 use std::collections::HashMap;
 
@@ -23,12 +28,42 @@ pub struct Link {
     pub since_ms: i64,
 }
 
-/// What `id`, seen at `at_ms`, counts as.
+/// Links followed at most this deep.
+pub const MAX_HOPS: usize = 4;
+
+/// What `id`, seen at `at_ms`, counts as: its links followed while each applies at that
+/// time.
 pub fn resolve(links: &HashMap<String, Link>, id: &str, at_ms: i64) -> String {
-    match links.get(id) {
-        Some(l) if at_ms >= l.since_ms => l.visitor.clone(),
-        _ => id.to_string(),
+    let mut current = id;
+    for _ in 0..MAX_HOPS {
+        match links.get(current) {
+            Some(l) if at_ms >= l.since_ms && l.visitor != id => current = &l.visitor,
+            _ => break,
+        }
     }
+    current.to_string()
+}
+
+/// The links of `ids` and of the visitors they lead to, [`MAX_HOPS`] deep.
+async fn chains(store: &Store, ids: &[&str]) -> Result<HashMap<String, Link>, StoreError> {
+    let mut map = linked(store, ids).await?;
+    for _ in 1..MAX_HOPS {
+        let next: Vec<String> = map
+            .values()
+            .map(|l| l.visitor.clone())
+            .filter(|v| !map.contains_key(v))
+            .collect();
+        if next.is_empty() {
+            break;
+        }
+        let refs: Vec<&str> = next.iter().map(String::as_str).collect();
+        let more = linked(store, &refs).await?;
+        if more.is_empty() {
+            break;
+        }
+        map.extend(more);
+    }
+    Ok(map)
 }
 
 /// Ids of `ids` that are linked, with their links.
@@ -73,19 +108,27 @@ pub async fn link(
     }
     all.sort_unstable();
     all.dedup();
-    let mut map = linked(store, &all).await?;
+    let mut map = chains(store, &all).await?;
     let now = DateTime::now();
     let mut new = Vec::new();
     for (from, to, since) in links {
         if map.contains_key(from) {
             continue;
         }
-        let target = map
-            .get(to)
-            .map_or_else(|| to.clone(), |l| l.visitor.clone());
-        if &target == from {
+        // A link back to `from` along `to`'s chain would close a cycle.
+        let mut cursor = to.as_str();
+        let mut cycle = cursor == from;
+        for _ in 0..MAX_HOPS {
+            match map.get(cursor) {
+                Some(l) => cursor = &l.visitor,
+                None => break,
+            }
+            cycle |= cursor == from;
+        }
+        if cycle {
             continue;
         }
+        let target = to.clone();
         map.insert(
             from.clone(),
             Link {
@@ -109,7 +152,7 @@ pub async fn link(
     match inserted {
         Ok(_) => Ok(map),
         // Another request linked some of these ids first: its links win; read them.
-        Err(e) if only_duplicate_keys(&e) => linked(store, &all).await,
+        Err(e) if only_duplicate_keys(&e) => chains(store, &all).await,
         Err(e) => Err(StoreError::mongo(c::IDENTITIES, "insert identity links")(e)),
     }
 }

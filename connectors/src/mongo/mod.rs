@@ -31,6 +31,27 @@ pub fn is_duplicate_key(err: &mongodb::error::Error) -> bool {
     error_code(err) == Some(DUPLICATE_KEY)
 }
 
+impl StoreError {
+    /// Whether trying again later may succeed: the server was unreachable, a primary was
+    /// being elected, or the driver labelled the error retryable; not a write the server
+    /// refused.
+    pub fn is_transient(&self) -> bool {
+        use mongodb::error::ErrorKind;
+        let source = match self {
+            StoreError::Connect(e) | StoreError::Mongo { source: e, .. } => e,
+            StoreError::Transaction { .. } => return true,
+            _ => return false,
+        };
+        matches!(
+            source.kind.as_ref(),
+            ErrorKind::Io(_)
+                | ErrorKind::ServerSelection { .. }
+                | ErrorKind::ConnectionPoolCleared { .. }
+        ) || source.contains_label(mongodb::error::RETRYABLE_WRITE_ERROR)
+            || source.contains_label(mongodb::error::TRANSIENT_TRANSACTION_ERROR)
+    }
+}
+
 /// Errors from the MongoDB store, with the collection or step they happened in.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
