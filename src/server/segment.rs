@@ -158,8 +158,11 @@ async fn store(
     let mut ids: HashSet<&str> = HashSet::new();
     let mut links = Vec::new();
     for m in messages.iter().flatten() {
-        ids.extend(m.user_id.as_deref());
-        ids.extend(m.anonymous_id.as_deref());
+        // Only anonymous-only messages are resolved; a request of user-id messages
+        // without links costs no lookup.
+        if m.user_id.is_none() {
+            ids.extend(m.anonymous_id.as_deref());
+        }
         if let Some((from, to)) = &m.link {
             links.push((from.clone(), to.clone(), m.event.timestamp));
         }
