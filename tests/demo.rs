@@ -20,20 +20,25 @@ fn number_after(text: &str, label: &str) -> u64 {
         .unwrap()
 }
 
+/// `sluice demo` with 15 visitors into database `db`, exporting to `out_dir`.
+async fn run_demo(db: &str, out_dir: &std::path::Path) -> std::process::Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["demo", "--visitors", "15"])
+        .env("SLUICE_MONGODB_URI", support::mongo_uri())
+        .env("SLUICE_MONGODB_DATABASE", db)
+        .env("SLUICE_EXPORT_DESTINATION", out_dir)
+        .env("SLUICE_LOG_LEVEL", "warn")
+        .output()
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn the_main_job_reports_what_it_stored_and_wrote() {
     let db = TestDb::new().await;
     let out_dir =
         std::env::temp_dir().join(format!("sluice-demo-{}", uuid::Uuid::new_v4().simple()));
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["demo", "--visitors", "15"])
-        .env("SLUICE_MONGODB_URI", support::mongo_uri())
-        .env("SLUICE_MONGODB_DATABASE", &db.name)
-        .env("SLUICE_EXPORT_DESTINATION", &out_dir)
-        .env("SLUICE_LOG_LEVEL", "warn")
-        .output()
-        .await
-        .unwrap();
+    let out = run_demo(&db.name, &out_dir).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -141,15 +146,7 @@ async fn the_main_job_reports_what_it_stored_and_wrote() {
     assert!(import_line.contains("15 inserted"), "{import_line}");
 
     // Re-running works: the same import updates what it inserted, nothing is duplicated.
-    let again = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["demo", "--visitors", "15"])
-        .env("SLUICE_MONGODB_URI", support::mongo_uri())
-        .env("SLUICE_MONGODB_DATABASE", &db.name)
-        .env("SLUICE_EXPORT_DESTINATION", &out_dir)
-        .env("SLUICE_LOG_LEVEL", "warn")
-        .output()
-        .await
-        .unwrap();
+    let again = run_demo(&db.name, &out_dir).await;
     let stdout2 = String::from_utf8_lossy(&again.stdout);
     assert!(again.status.success(), "{stdout2}");
     let contacts2 = db

@@ -372,17 +372,8 @@ fn apply_context(m: &mut EventMetadata, c: &Map<String, Value>) -> Result<(), Va
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tracking::tests::{ctx, NOW};
     use serde_json::json;
-
-    const NOW: i64 = 1_750_000_000_000;
-
-    fn ctx() -> RequestContext {
-        RequestContext {
-            received_at_ms: NOW,
-            max_future_ms: 300_000,
-            ..Default::default()
-        }
-    }
 
     fn opts() -> Options {
         Options {

@@ -277,13 +277,14 @@ pub fn parse_event(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use serde_json::json;
 
-    const NOW: i64 = 1_750_000_000_000;
+    pub(crate) const NOW: i64 = 1_750_000_000_000;
 
-    fn ctx() -> RequestContext {
+    /// A request received at `NOW`, allowing 5 minutes of future skew.
+    pub(crate) fn ctx() -> RequestContext {
         RequestContext {
             received_at_ms: NOW,
             max_future_ms: 300_000,

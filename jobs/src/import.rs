@@ -197,6 +197,19 @@ async fn http_client(
     Ok(http.with_vault(Arc::new(vault)))
 }
 
+/// The HTTP requests one run of `config` made.
+fn http_metrics(config: &str, h: &HttpStats) {
+    let help = "HTTP requests of imports and pushes, by config and kind.";
+    for (kind, n) in [
+        ("request", h.requests),
+        ("retry", h.retries),
+        ("token_refresh", h.token_refreshes),
+    ] {
+        let labels = [("config", config), ("kind", kind)];
+        sluice_core::metrics::count("sluice_http_requests_total", help, &labels, n);
+    }
+}
+
 /// This run's share of a summary (a resumed run's summary starts from the checkpoint).
 fn import_metrics(before: &ImportSummary, after: &ImportSummary, status: &str, secs: f64) {
     use sluice_core::metrics::{count, observe_seconds};
@@ -213,16 +226,7 @@ fn import_metrics(before: &ImportSummary, after: &ImportSummary, status: &str, s
         let labels = [config[0], ("stage", stage)];
         count("sluice_import_records_total", records, &labels, n);
     }
-    let h = &after.http;
-    let http = "HTTP requests of imports and pushes, by config and kind.";
-    for (kind, n) in [
-        ("request", h.requests),
-        ("retry", h.retries),
-        ("token_refresh", h.token_refreshes),
-    ] {
-        let labels = [config[0], ("kind", kind)];
-        count("sluice_http_requests_total", http, &labels, n);
-    }
+    http_metrics(&after.name, &after.http);
     let labels = [config[0], ("status", status)];
     count(
         "sluice_import_runs_total",
@@ -607,26 +611,12 @@ async fn sink(
         .await;
     let existing: Vec<usize> = match result {
         Ok(_) => Vec::new(),
-        Err(e) => match e.kind.as_ref() {
-            mongodb::error::ErrorKind::InsertMany(m)
-                if m.write_concern_error.is_none()
-                    && m.write_errors.as_ref().is_some_and(|w| {
-                        w.iter()
-                            .all(|x| x.code == sluice_connectors::mongo::DUPLICATE_KEY)
-                    }) =>
-            {
-                m.write_errors
-                    .as_ref()
-                    .map(|w| w.iter().map(|x| x.index).collect())
-                    .unwrap_or_default()
+        Err(e) => sluice_connectors::mongo::duplicate_key_positions(&e).ok_or_else(|| {
+            ImportError::Sink {
+                collection: connector.collection.clone(),
+                message: e.to_string(),
             }
-            _ => {
-                return Err(ImportError::Sink {
-                    collection: connector.collection.clone(),
-                    message: e.to_string(),
-                })
-            }
-        },
+        })?,
     };
     let inserted = (docs.len() - existing.len()) as u64;
     if existing.is_empty() {
@@ -871,15 +861,7 @@ pub async fn run_push(
         ))?;
     let labels = [("config", name)];
     if let Ok(h) = http.stats.lock() {
-        let help = "HTTP requests of imports and pushes, by config and kind.";
-        for (kind, n) in [
-            ("request", h.requests),
-            ("retry", h.retries),
-            ("token_refresh", h.token_refreshes),
-        ] {
-            let l = [labels[0], ("kind", kind)];
-            sluice_core::metrics::count("sluice_http_requests_total", help, &l, n);
-        }
+        http_metrics(name, &h);
     }
     let help =
         "Records pushed by EXPORT configs, by config and stage (read, sent, failed mapping).";

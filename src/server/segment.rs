@@ -19,13 +19,17 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
+use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use sluice_connectors::mongo::identities;
 use sluice_core::segment::{parse_message, Kind, Message, Options};
-use sluice_core::tracking::parse_time;
 use sluice_core::ValidationError;
 
-use super::tracking::{admit, ingest, malformed, read_body, request_context};
+use super::tracking::{
+    admit, admit_by_header, batch_item, batch_sent_at, check_batch_len, ingest, malformed,
+    parse_batch, read_body, request_context,
+};
 use super::{ApiError, AppState};
 
 fn options(state: &AppState) -> Options {
@@ -36,6 +40,20 @@ fn options(state: &AppState) -> Options {
 
 fn body_key(obj: &Map<String, Value>) -> Option<&str> {
     obj.get("writeKey").and_then(Value::as_str)
+}
+
+/// `{"batch": [...], "sentAt", "context", "writeKey"}`, the messages left raw until each
+/// is checked; `batch` is looked at only once the request is admitted.
+#[derive(Deserialize)]
+struct SegmentBatch<'a> {
+    #[serde(borrow, default)]
+    batch: Option<Vec<&'a RawValue>>,
+    #[serde(default, rename = "sentAt")]
+    sent_at: Option<Value>,
+    #[serde(default)]
+    context: Option<Value>,
+    #[serde(default, rename = "writeKey")]
+    write_key: Option<Value>,
 }
 
 fn invalid(message: impl Into<String>) -> ApiError {
@@ -50,12 +68,7 @@ pub async fn single(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    // A key in the headers is checked before the body is read; `writeKey` in the body
-    // only after.
-    let header_key = super::auth::presented_key(&headers).is_some();
-    if header_key {
-        admit(&state, &headers, None)?;
-    }
+    let header_key = admit_by_header(&state, &headers)?;
     let body = read_body(&headers, body, state.config.tracking.max_event_bytes)?;
     let value: Value = serde_json::from_slice(&body).map_err(malformed)?;
     let Value::Object(obj) = &value else {
@@ -77,52 +90,30 @@ pub async fn batch(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let limits = &state.config.tracking;
-    let header_key = super::auth::presented_key(&headers).is_some();
-    if header_key {
-        admit(&state, &headers, None)?;
-    }
-    let body = read_body(&headers, body, limits.max_batch_bytes)?;
-    let value: Value = serde_json::from_slice(&body).map_err(malformed)?;
-    let Value::Object(obj) = &value else {
-        return Err(invalid("expected {\"batch\": [messages...]}"));
-    };
+    let header_key = admit_by_header(&state, &headers)?;
+    let body = read_body(&headers, body, state.config.tracking.max_batch_bytes)?;
+    let parsed: SegmentBatch = parse_batch(&body, "messages")?;
     if !header_key {
-        admit(&state, &headers, body_key(obj))?;
+        admit(
+            &state,
+            &headers,
+            parsed.write_key.as_ref().and_then(Value::as_str),
+        )?;
     }
-    let Some(Value::Array(items)) = obj.get("batch") else {
+    let Some(items) = parsed.batch else {
         return Err(invalid("expected {\"batch\": [messages...]}"));
     };
-    if items.len() > limits.max_batch_events {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_many_events",
-            format!(
-                "a batch holds at most {} messages, this one has {}",
-                limits.max_batch_events,
-                items.len()
-            ),
-        ));
-    }
-    let sent_at = match obj.get("sentAt") {
-        None | Some(Value::Null) => None,
-        Some(v) => Some(parse_time("sentAt", v).map_err(|e| invalid(e.to_string()))?),
-    };
+    check_batch_len(&state, items.len(), "messages")?;
+    let sent_at = batch_sent_at(parsed.sent_at.as_ref())?;
     // A batch-level `context` applies to every message (the message's own keys win).
-    let shared_context = obj.get("context").and_then(Value::as_object);
+    let shared_context = parsed.context.as_ref().and_then(Value::as_object);
     let ctx = request_context(&state, peer, &headers, sent_at);
     let options = options(&state);
     let messages = items
         .iter()
-        .map(|item| {
-            let size = serde_json::to_vec(item).map(|v| v.len()).unwrap_or(0);
-            if size > limits.max_event_bytes {
-                return Err(ValidationError::new(
-                    "message",
-                    format!("larger than {} bytes", limits.max_event_bytes),
-                ));
-            }
-            match (shared_context, item) {
+        .map(|raw| {
+            let item = batch_item(&state, raw, "message")?;
+            match (shared_context, &item) {
                 (Some(shared), Value::Object(m)) => {
                     let mut m = m.clone();
                     let mut context = shared.clone();
@@ -132,7 +123,7 @@ pub async fn batch(
                     m.insert("context".into(), Value::Object(context));
                     parse_message(&Value::Object(m), None, &ctx, &options)
                 }
-                _ => parse_message(item, None, &ctx, &options),
+                _ => parse_message(&item, None, &ctx, &options),
             }
         })
         .collect();

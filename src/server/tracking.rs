@@ -70,53 +70,89 @@ pub async fn batch(
     admit(&state, &headers, None)?;
     let limits = &state.config.tracking;
     let body = read_body(&headers, body, limits.max_batch_bytes)?;
-    let parsed: BatchBody = serde_json::from_slice(&body).map_err(|e| {
-        if e.is_data() {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_batch",
-                format!("expected {{\"batch\": [events...]}}: {e}"),
-            )
-        } else {
-            malformed(e)
-        }
-    })?;
-    if parsed.batch.len() > limits.max_batch_events {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_many_events",
-            format!(
-                "a batch holds at most {} events, this one has {}",
-                limits.max_batch_events,
-                parsed.batch.len()
-            ),
-        ));
-    }
-    let sent_at =
-        match &parsed.sent_at {
-            None | Some(Value::Null) => None,
-            Some(v) => Some(parse_time("sentAt", v).map_err(|e| {
-                ApiError::new(StatusCode::BAD_REQUEST, "invalid_batch", e.to_string())
-            })?),
-        };
+    let parsed: BatchBody = parse_batch(&body, "events")?;
+    check_batch_len(&state, parsed.batch.len(), "events")?;
+    let sent_at = batch_sent_at(parsed.sent_at.as_ref())?;
     let ctx = request_context(&state, peer, &headers, sent_at);
     let values = parsed
         .batch
         .iter()
         .map(|raw| {
-            if raw.get().len() > limits.max_event_bytes {
-                return Err(ValidationError::new(
-                    "event",
-                    format!("larger than {} bytes", limits.max_event_bytes),
-                ));
-            }
-            serde_json::from_str::<Value>(raw.get())
-                .map_err(|e| ValidationError::new("event", e.to_string()))
+            batch_item(&state, raw, "event")
                 .and_then(|v| parse_event(&v, &ctx, EventMetadata::default()))
         })
         .collect();
     let answer = ingest(&state, values).await?;
     Ok(answer.into_batch_response())
+}
+
+/// The body of a batch request, with its items left as raw JSON until each is checked.
+pub(super) fn parse_batch<'a, T: Deserialize<'a>>(
+    body: &'a [u8],
+    what: &str,
+) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        if e.is_data() {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_batch",
+                format!("expected {{\"batch\": [{what}...]}}: {e}"),
+            )
+        } else {
+            malformed(e)
+        }
+    })
+}
+
+/// `tracking.max_batch_events`; `what` names the items in the error.
+pub(super) fn check_batch_len(state: &AppState, n: usize, what: &str) -> Result<(), ApiError> {
+    let max = state.config.tracking.max_batch_events;
+    if n > max {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_many_events",
+            format!("a batch holds at most {max} {what}, this one has {n}"),
+        ));
+    }
+    Ok(())
+}
+
+/// A batch's `sentAt`, if any.
+pub(super) fn batch_sent_at(v: Option<&Value>) -> Result<Option<i64>, ApiError> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => parse_time("sentAt", v)
+            .map(Some)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_batch", e.to_string())),
+    }
+}
+
+/// One item of a batch: `tracking.max_event_bytes` as sent, then parsed; a failure is
+/// that item's (`what`) alone.
+pub(super) fn batch_item(
+    state: &AppState,
+    raw: &RawValue,
+    what: &str,
+) -> Result<Value, ValidationError> {
+    let max = state.config.tracking.max_event_bytes;
+    if raw.get().len() > max {
+        return Err(ValidationError::new(
+            what,
+            format!("larger than {max} bytes"),
+        ));
+    }
+    serde_json::from_str(raw.get()).map_err(|e| ValidationError::new(what, e.to_string()))
+}
+
+/// Checks a write key sent in the headers before the body is read (so a request without
+/// a valid key costs no decompression or parsing). Returns whether there was one; if not,
+/// the caller admits the request with the key found in the body.
+pub(super) fn admit_by_header(state: &AppState, headers: &HeaderMap) -> Result<bool, ApiError> {
+    if auth::presented_key(headers).is_none() {
+        return Ok(false);
+    }
+    admit(state, headers, None)?;
+    Ok(true)
 }
 
 /// Write key and rate limit; returns the key the request is accounted to. `body_key` is

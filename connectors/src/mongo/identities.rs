@@ -19,7 +19,7 @@ use bson::{doc, DateTime, Document};
 use futures_util::TryStreamExt;
 use sluice_core::model::{collections as c, common, identity_fields as i, user_fields as u};
 
-use super::{Store, StoreError, DUPLICATE_KEY};
+use super::{Store, StoreError};
 
 /// A linked id: the visitor it counts as, from `since` (epoch ms) on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -152,20 +152,10 @@ pub async fn link(
     match inserted {
         Ok(_) => Ok(map),
         // Another request linked some of these ids first: its links win; read them.
-        Err(e) if only_duplicate_keys(&e) => chains(store, &all).await,
-        Err(e) => Err(StoreError::mongo(c::IDENTITIES, "insert identity links")(e)),
-    }
-}
-
-fn only_duplicate_keys(err: &mongodb::error::Error) -> bool {
-    match err.kind.as_ref() {
-        mongodb::error::ErrorKind::InsertMany(m) => {
-            m.write_concern_error.is_none()
-                && m.write_errors
-                    .as_ref()
-                    .is_some_and(|w| w.iter().all(|e| e.code == DUPLICATE_KEY))
+        Err(e) if super::duplicate_key_positions(&e).is_some() || super::is_duplicate_key(&e) => {
+            chains(store, &all).await
         }
-        _ => super::is_duplicate_key(err),
+        Err(e) => Err(StoreError::mongo(c::IDENTITIES, "insert identity links")(e)),
     }
 }
 

@@ -52,6 +52,21 @@ impl StoreError {
     }
 }
 
+/// For an unordered `insert_many` that failed only because unique indexes refused some
+/// documents: the positions of those documents. `None` for any other failure.
+pub fn duplicate_key_positions(err: &mongodb::error::Error) -> Option<Vec<usize>> {
+    match err.kind.as_ref() {
+        mongodb::error::ErrorKind::InsertMany(m) if m.write_concern_error.is_none() => {
+            let errors = m.write_errors.as_ref()?;
+            errors
+                .iter()
+                .all(|e| e.code == DUPLICATE_KEY)
+                .then(|| errors.iter().map(|e| e.index).collect())
+        }
+        _ => None,
+    }
+}
+
 /// Errors from the MongoDB store, with the collection or step they happened in.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
