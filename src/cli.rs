@@ -539,7 +539,7 @@ pub fn plugin_new(name: &str, dir: &Path) -> anyhow::Result<PathBuf> {
         format!(
             r#"//! {name}: a Sluice transform plugin.
 
-use sluice_plugin_sdk::{{export_plugin, Plugin, Value}};
+use sluice_plugin_sdk::{{export_plugin, Plugin, Record, Value}};
 
 pub struct {type_name};
 
@@ -548,7 +548,8 @@ impl Plugin for {type_name} {{
         Ok({type_name})
     }}
 
-    fn transform(&mut self, record: Value) -> Result<Vec<Value>, String> {{
+    fn transform(&mut self, record: Record) -> Result<Vec<Record>, String> {{
+        // A Record reads and writes like a serde_json::Value (`record["field"]`).
         // Return no record to drop it, several to fan out, or Err(reason) to fail it.
         Ok(vec![record])
     }}

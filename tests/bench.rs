@@ -66,6 +66,16 @@ fn every_scenario_prints_a_ratio_line() {
         );
         assert!(base > 0.0 && sluice > 0.0, "{l}");
         assert!((ratio - sluice / base).abs() < 0.01, "{l}");
+        if l["scenario"]
+            .as_str()
+            .unwrap()
+            .starts_with("wasm-transform")
+        {
+            assert!(l["stage_ratio"].as_f64().unwrap() > 0.0, "{l}");
+        }
+        if l["scenario"] == "http-import" {
+            assert!(l["ratio_no_index"].as_f64().unwrap() > 0.0, "{l}");
+        }
     }
 }
 

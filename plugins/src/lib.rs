@@ -557,9 +557,19 @@ pub fn encode(d: &Record) -> String {
 }
 
 fn write_str(out: &mut String, s: &str) {
-    // serde_json's escaping, so both sides agree byte for byte.
-    out.push_str(&serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into()));
+    // serde_json's escaping, so both sides agree byte for byte: it escapes only quotes,
+    // backslashes and control characters, so most strings are copied as they are.
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.push('"');
+        out.push_str(s);
+        out.push('"');
+    } else {
+        out.push_str(&serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into()));
+    }
 }
+
+/// The last millisecond relaxed extended JSON writes as an ISO-8601 date (9999-12-31).
+const LAST_ISO_DATE_MS: i64 = 253_402_300_799_999;
 
 fn write_document(out: &mut String, d: &Record) {
     out.push('{');
@@ -587,7 +597,18 @@ fn write_bson(out: &mut String, v: &bson::Bson) {
             let _ = write!(out, "{n}");
         }
         Bson::Double(f) if f.is_finite() => {
-            out.push_str(&serde_json::Value::from(*f).to_string());
+            // serde_json's own spelling of the number.
+            out.push_str(&serde_json::to_string(f).unwrap_or_else(|_| "null".into()));
+        }
+        Bson::DateTime(t) if (0..=LAST_ISO_DATE_MS).contains(&t.timestamp_millis()) => {
+            match t.try_to_rfc3339_string() {
+                Ok(iso) => {
+                    out.push_str("{\"$date\":\"");
+                    out.push_str(&iso);
+                    out.push_str("\"}");
+                }
+                Err(_) => out.push_str(&v.clone().into_relaxed_extjson().to_string()),
+            }
         }
         Bson::String(s) => write_str(out, s),
         Bson::Document(d) => write_document(out, d),
@@ -726,12 +747,24 @@ mod encoding_tests {
             "whole": 5.0, "neg": -0.125, "big": 1e300, "t": true, "n": Bson::Null,
             "nested": { "a": [1, "two", { "three": 3.0 }], "empty": {} , "list": [] },
             "at": DateTime::from_millis(1_750_000_000_123), "oid": ObjectId::new(),
+            "whole_second": DateTime::from_millis(1_750_000_000_000), "epoch": DateTime::from_millis(0),
+            "last_iso": DateTime::from_millis(LAST_ISO_DATE_MS),
+            "after_iso": DateTime::from_millis(LAST_ISO_DATE_MS + 1), "before_1970": DateTime::from_millis(-1),
+            "tiny": 1e-7, "huge": 1.5e17, "ctl": "tab\there \u{1} and \\ slash",
             "inf": f64::INFINITY, "z_last": 1,
         };
         let direct = encode(&d);
         let reference = Bson::Document(d.clone()).into_relaxed_extjson();
         let parsed: serde_json::Value = serde_json::from_str(&direct).unwrap();
         assert_eq!(parsed, reference, "{direct}");
+        // Byte for byte what serde_json prints for the same value, field by field (the
+        // host's serde_json sorts keys; the nested document's keys are sorted already).
+        for (k, v) in &d {
+            let one = doc! { k: v.clone() };
+            let printed =
+                serde_json::to_string(&Bson::Document(one.clone()).into_relaxed_extjson());
+            assert_eq!(encode(&one), printed.unwrap(), "{k}");
+        }
         // Field order is the document's.
         assert!(
             direct.starts_with("{\"s\":") && direct.ends_with("\"z_last\":1}"),

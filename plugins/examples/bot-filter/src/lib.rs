@@ -2,7 +2,7 @@
 //!
 //! Config: `{"extra_markers": ["my-monitor"]}` (optional, lower-case substrings).
 
-use sluice_plugin_sdk::{export_plugin, Plugin, Value};
+use sluice_plugin_sdk::{export_plugin, Plugin, Record, Value};
 
 const MARKERS: &[&str] = &[
     "bot",
@@ -43,7 +43,7 @@ impl Plugin for BotFilter {
         Ok(BotFilter { extra })
     }
 
-    fn transform(&mut self, record: Value) -> Result<Vec<Value>, String> {
+    fn transform(&mut self, record: Record) -> Result<Vec<Record>, String> {
         let ua = record["metadata"]["userAgent"].as_str().unwrap_or("");
         if record["metadata"]["bot"] == Value::Bool(true) || self.is_bot(ua) {
             return Ok(Vec::new());

@@ -5,7 +5,7 @@
 //! per unit of each currency). A purchase in a currency without a rate fails with that
 //! reason, so it is never silently mixed in.
 
-use sluice_plugin_sdk::{export_plugin, Map, Plugin, Value};
+use sluice_plugin_sdk::{export_plugin, Map, Plugin, Record, Value};
 
 pub struct CurrencyNormalize {
     target: String,
@@ -31,7 +31,7 @@ impl Plugin for CurrencyNormalize {
         Ok(CurrencyNormalize { target, rates })
     }
 
-    fn transform(&mut self, mut record: Value) -> Result<Vec<Value>, String> {
+    fn transform(&mut self, mut record: Record) -> Result<Vec<Record>, String> {
         if record["eventType"] != "PURCHASE" {
             return Ok(vec![record]);
         }

@@ -1,6 +1,6 @@
 //! Returns every record unchanged: the baseline for measuring the plugin boundary.
 
-use sluice_plugin_sdk::{export_plugin, Plugin, Value};
+use sluice_plugin_sdk::{export_plugin, Plugin, Record, Value};
 
 pub struct Noop;
 
@@ -9,7 +9,7 @@ impl Plugin for Noop {
         Ok(Noop)
     }
 
-    fn transform(&mut self, record: Value) -> Result<Vec<Value>, String> {
+    fn transform(&mut self, record: Record) -> Result<Vec<Record>, String> {
         Ok(vec![record])
     }
 }

@@ -6,7 +6,7 @@
 //! Config: `{"salt": "..."}` (required, at least 16 characters).
 
 use sha2::{Digest, Sha256};
-use sluice_plugin_sdk::{export_plugin, Plugin, Value};
+use sluice_plugin_sdk::{export_plugin, Plugin, Record, Value};
 
 pub struct RedactPii {
     salt: String,
@@ -34,6 +34,12 @@ impl RedactPii {
 
     /// The redaction itself (also used natively by the benchmark).
     pub fn apply(&self, mut record: Value) -> Value {
+        self.redact_in_place(&mut record);
+        record
+    }
+
+    /// Redacts `record` where it stands.
+    pub fn redact_in_place(&self, record: &mut Value) {
         self.redact(&mut record["email"]);
         if record["properties"].is_object() {
             self.redact(&mut record["properties"]["email"]);
@@ -50,7 +56,6 @@ impl RedactPii {
                 }
             }
         }
-        record
     }
 }
 
@@ -62,8 +67,9 @@ impl Plugin for RedactPii {
         }
     }
 
-    fn transform(&mut self, record: Value) -> Result<Vec<Value>, String> {
-        Ok(vec![self.apply(record)])
+    fn transform(&mut self, mut record: Record) -> Result<Vec<Record>, String> {
+        self.redact_in_place(&mut record);
+        Ok(vec![record])
     }
 }
 
