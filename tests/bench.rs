@@ -73,6 +73,14 @@ fn every_scenario_prints_a_ratio_line() {
         {
             assert!(l["stage_ratio"].as_f64().unwrap() > 0.0, "{l}");
         }
+        if l["scenario"] == "mongo-insert" || l["scenario"] == "track-ingest" {
+            let share = &l["writer_time_share"];
+            let total: f64 = ["sessions", "claim_and_aggregate", "insert_events"]
+                .iter()
+                .map(|p| share[p].as_f64().unwrap())
+                .sum();
+            assert!((total - 1.0).abs() < 0.05, "{l}");
+        }
         if l["scenario"] == "http-import" {
             assert!(l["ratio_no_index"].as_f64().unwrap() > 0.0, "{l}");
         }

@@ -77,6 +77,16 @@ pub fn value(name: &str, labels: &[(&str, &str)]) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// The total seconds recorded by a summary (tests and reports).
+pub fn seconds_sum(name: &str, labels: &[(&str, &str)]) -> f64 {
+    let reg = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
+    let key = format!("_sum{}", label_text(labels));
+    reg.get(name)
+        .and_then(|f| f.series.get(&key))
+        .copied()
+        .unwrap_or(0.0)
+}
+
 /// Every recorded series in the Prometheus text exposition format.
 pub fn render() -> String {
     let reg = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
@@ -115,5 +125,7 @@ mod tests {
         assert!(text.contains("t_run_seconds_count{job=\"x\"} 2"), "{text}");
         assert_eq!(value("t_records_total", &[("config", "a\"b")]), 5.0);
         assert_eq!(value("t_run_seconds", &[("job", "x")]), 2.0);
+        assert_eq!(seconds_sum("t_run_seconds", &[("job", "x")]), 2.0);
+        assert_eq!(seconds_sum("t_run_seconds", &[("job", "nope")]), 0.0);
     }
 }

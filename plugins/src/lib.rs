@@ -486,9 +486,26 @@ impl WasmTransform {
         }
     }
 
-    /// Runs one batch through the plugin.
+    /// Runs one batch through the plugin (the input is left as it is; unchanged records
+    /// are copied into the output).
     pub fn run_batch(&self, batch: &[Record]) -> Result<BatchOutput, PluginError> {
         let started = Instant::now();
+        let outcomes = self.call(batch)?;
+        let mut out = BatchOutput::default();
+        for (index, outcome) in outcomes.into_iter().enumerate() {
+            match outcome {
+                Outcome::Keep => out.records.push(batch[index].clone()),
+                Outcome::Records(records) => out.records.extend(records),
+                Outcome::Failed(reason) => out.failed.push((index, reason)),
+            }
+        }
+        out.elapsed = started.elapsed();
+        Ok(out)
+    }
+
+    /// Calls the plugin on `batch` and decodes what it returned, one outcome per input
+    /// record; a malformed output fails the whole batch before anything is used.
+    fn call(&self, batch: &[Record]) -> Result<Vec<Outcome>, PluginError> {
         let encoded: Vec<String> = batch.iter().map(encode).collect();
         let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
         if live.is_none() {
@@ -520,29 +537,39 @@ impl WasmTransform {
                 message: format!("{} results for a batch of {}", results.len(), batch.len()),
             });
         }
-        let mut out = BatchOutput::default();
-        for (index, r) in results.into_iter().enumerate() {
-            match r {
+        results
+            .into_iter()
+            .enumerate()
+            .map(|(index, r)| match r {
                 // Returned exactly as sent: keep the original document (no decoding, and
                 // every BSON type stays as it was).
                 Ok(records) if records.len() == 1 && records[0] == encoded[index] => {
-                    out.records.push(batch[index].clone());
+                    Ok(Outcome::Keep)
                 }
-                Ok(records) => {
-                    for text in records {
-                        let doc = decode(&text).map_err(|message| PluginError::Malformed {
+                Ok(records) => records
+                    .iter()
+                    .map(|text| {
+                        decode(text).map_err(|message| PluginError::Malformed {
                             plugin: self.name.clone(),
                             message: format!("record {index}: {message}"),
-                        })?;
-                        out.records.push(doc);
-                    }
-                }
-                Err(reason) => out.failed.push((index, reason)),
-            }
-        }
-        out.elapsed = started.elapsed();
-        Ok(out)
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+                    .map(Outcome::Records),
+                Err(reason) => Ok(Outcome::Failed(reason)),
+            })
+            .collect()
     }
+}
+
+/// What the plugin made of one input record.
+enum Outcome {
+    /// Returned unchanged.
+    Keep,
+    /// Replaced by these records (none: dropped; several: fanned out).
+    Records(Vec<Record>),
+    /// Failed, with the plugin's reason.
+    Failed(String),
 }
 
 /// A record as the plugin receives it: MongoDB relaxed extended JSON, compact, fields in
@@ -599,6 +626,11 @@ fn write_bson(out: &mut String, v: &bson::Bson) {
         Bson::Double(f) if f.is_finite() => {
             // serde_json's own spelling of the number.
             out.push_str(&serde_json::to_string(f).unwrap_or_else(|_| "null".into()));
+        }
+        Bson::ObjectId(id) => {
+            out.push_str("{\"$oid\":\"");
+            out.push_str(&id.to_hex());
+            out.push_str("\"}");
         }
         Bson::DateTime(t) if (0..=LAST_ISO_DATE_MS).contains(&t.timestamp_millis()) => {
             match t.try_to_rfc3339_string() {
@@ -683,54 +715,71 @@ impl Transform for WasmTransform {
 }
 
 impl WasmTransform {
-    /// One batch, with the failure policy applied.
+    /// One batch, with the failure policy applied. Unchanged records are moved from the
+    /// input to the output, not copied.
     fn apply_with_policy(&self, batch: Vec<Record>) -> Result<Vec<Record>, TransformError> {
         let err = |e: PluginError| TransformError {
             name: self.name.clone(),
             reason: e.to_string(),
         };
-        match (self.run_batch(&batch), self.policy) {
-            (Ok(out), _) if out.failed.is_empty() => Ok(out.records),
-            (Ok(out), FailurePolicy::DeadLetter) => {
-                let mut dl = self.dead_letters.lock().unwrap_or_else(|p| p.into_inner());
-                for (i, reason) in out.failed {
-                    dl.push((batch[i].clone(), reason));
-                }
-                Ok(out.records)
+        let outcomes = match self.call(&batch) {
+            Ok(outcomes) => outcomes,
+            Err(e) => {
+                return match self.policy {
+                    FailurePolicy::SkipBatch => {
+                        *self
+                            .skipped_batches
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner()) += 1;
+                        tracing::warn!(plugin = %self.name, error = %e, "batch skipped");
+                        Ok(Vec::new())
+                    }
+                    FailurePolicy::DeadLetter => {
+                        let mut dl = self.dead_letters.lock().unwrap_or_else(|p| p.into_inner());
+                        let reason = e.to_string();
+                        for d in batch {
+                            dl.push((d, reason.clone()));
+                        }
+                        Ok(Vec::new())
+                    }
+                    FailurePolicy::FailRun => Err(err(e)),
+                };
             }
-            (Ok(out), FailurePolicy::SkipBatch) => {
+        };
+        let mut records = Vec::with_capacity(batch.len());
+        let mut failed: Vec<(usize, Record, String)> = Vec::new();
+        for (index, (input, outcome)) in batch.into_iter().zip(outcomes).enumerate() {
+            match outcome {
+                Outcome::Keep => records.push(input),
+                Outcome::Records(out) => records.extend(out),
+                Outcome::Failed(reason) => failed.push((index, input, reason)),
+            }
+        }
+        if failed.is_empty() {
+            return Ok(records);
+        }
+        match self.policy {
+            FailurePolicy::DeadLetter => {
+                let mut dl = self.dead_letters.lock().unwrap_or_else(|p| p.into_inner());
+                dl.extend(failed.into_iter().map(|(_, d, reason)| (d, reason)));
+                Ok(records)
+            }
+            FailurePolicy::SkipBatch => {
                 *self
                     .skipped_batches
                     .lock()
                     .unwrap_or_else(|p| p.into_inner()) += 1;
-                tracing::warn!(plugin = %self.name, failed = out.failed.len(), "batch skipped");
+                tracing::warn!(plugin = %self.name, failed = failed.len(), "batch skipped");
                 Ok(Vec::new())
             }
-            (Ok(out), FailurePolicy::FailRun) => {
-                let (index, reason) = out.failed.into_iter().next().unwrap_or_default();
+            FailurePolicy::FailRun => {
+                let (index, _, reason) = failed.swap_remove(0);
                 Err(err(PluginError::Record {
                     plugin: self.name.clone(),
                     index,
                     reason,
                 }))
             }
-            (Err(e), FailurePolicy::SkipBatch) => {
-                *self
-                    .skipped_batches
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner()) += 1;
-                tracing::warn!(plugin = %self.name, error = %e, "batch skipped");
-                Ok(Vec::new())
-            }
-            (Err(e), FailurePolicy::DeadLetter) => {
-                let mut dl = self.dead_letters.lock().unwrap_or_else(|p| p.into_inner());
-                let reason = e.to_string();
-                for d in batch {
-                    dl.push((d, reason.clone()));
-                }
-                Ok(Vec::new())
-            }
-            (Err(e), FailurePolicy::FailRun) => Err(err(e)),
         }
     }
 }

@@ -17,7 +17,7 @@
 //! answered [`WriteStatus::Retry`].
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bson::{doc, Bson, DateTime, Document};
 use futures_util::TryStreamExt;
@@ -31,6 +31,20 @@ use sluice_core::model::{
 use sluice_core::sessionize::{self, Span};
 
 use super::{Store, StoreError, DUPLICATE_KEY};
+
+/// Seconds the writer spends in each phase of a batch: `sessions` (attributing events
+/// without a sessionId), `claim_and_aggregate` (the ledger and aggregate transaction, its
+/// retries included) and `insert_events`.
+pub const WRITE_PHASE_SECONDS: &str = "sluice_event_write_phase_seconds";
+
+fn observe_phase(phase: &str, started: Instant) {
+    sluice_core::metrics::observe_seconds(
+        WRITE_PHASE_SECONDS,
+        "Seconds the event writer spends per batch, by phase.",
+        &[("phase", phase)],
+        started.elapsed().as_secs_f64(),
+    );
+}
 
 /// The fate of one event of a batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,7 +108,9 @@ impl EventWriter {
     pub async fn write(&self, events: &[Event]) -> Result<Vec<WriteStatus>, StoreError> {
         if events.iter().any(|e| e.session_id.is_empty()) {
             let mut events = events.to_vec();
+            let started = Instant::now();
             self.assign_sessions(&mut events).await?;
+            observe_phase("sessions", started);
             return self.write_sessioned(&events).await;
         }
         self.write_sessioned(events).await
@@ -182,9 +198,12 @@ impl EventWriter {
             return Ok(status);
         }
         let now = DateTime::now();
+        let started = Instant::now();
         let claimed = self.claim_and_aggregate(events, &unique, now).await?;
+        observe_phase("claim_and_aggregate", started);
 
         if !claimed.new.is_empty() {
+            let started = Instant::now();
             let docs = encode_events(claimed.new.iter().map(|&i| &events[i]))?;
             let inserted = self
                 .store
@@ -210,6 +229,7 @@ impl EventWriter {
                     .await;
                 return Err(StoreError::mongo(c::EVENTS, "insert events")(err));
             }
+            observe_phase("insert_events", started);
             for &i in &claimed.new {
                 status[i] = WriteStatus::Stored;
             }
