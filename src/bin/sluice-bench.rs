@@ -354,6 +354,20 @@ fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
+/// A fresh store holding `n` events of yesterday; also the day and its first millisecond.
+async fn seeded_day(tag: &str, n: usize) -> anyhow::Result<(Store, chrono::NaiveDate, i64)> {
+    let day = chrono::Utc::now().date_naive() - chrono::Days::new(1);
+    let start_ms = day
+        .and_hms_opt(0, 0, 0)
+        .map_or(0, |t| t.and_utc().timestamp_millis());
+    let store = fresh_store(tag).await?;
+    let coll = store.collection(c::EVENTS);
+    for chunk in day_events(n, 10_000, start_ms) {
+        coll.insert_many(chunk).ordered(false).await?;
+    }
+    Ok((store, day, start_ms))
+}
+
 async fn parquet_export(n: usize) -> anyhow::Result<()> {
     use sluice_connectors::objstore::{ObjectStore, S3Settings, S3Store};
     use sluice_connectors::parquet::{
@@ -361,15 +375,8 @@ async fn parquet_export(n: usize) -> anyhow::Result<()> {
     };
     use sluice_jobs::export::{run_export, ExportContext, ExportRequest};
 
-    let day = chrono::Utc::now().date_naive() - chrono::Days::new(1);
-    let start_ms = day
-        .and_hms_opt(0, 0, 0)
-        .map_or(0, |t| t.and_utc().timestamp_millis());
-    let store = fresh_store("export").await?;
+    let (store, day, start_ms) = seeded_day("export", n).await?;
     let coll = store.collection(c::EVENTS);
-    for chunk in day_events(n, 10_000, start_ms) {
-        coll.insert_many(chunk).ordered(false).await?;
-    }
     let filter = bson::doc! { "timestamp": { "$gte": bson::DateTime::from_millis(start_ms), "$lt": bson::DateTime::from_millis(start_ms + 86_400_000) } };
 
     // Baseline 1: drain the cursor alone (into documents, as any consumer must).
@@ -729,43 +736,9 @@ async fn wasm_transform(events: &[Event], n: usize, rounds: usize) -> anyhow::Re
         .take(n)
         .map(bson::to_document)
         .collect::<Result<_, _>>()?;
-    let stage = |t: Option<&Arc<dyn Transform>>| -> anyhow::Result<f64> {
-        let mut best = 0f64;
-        for _ in 0..rounds.max(1) {
-            let started = Instant::now();
-            let mut out = 0;
-            for chunk in docs.chunks(1000) {
-                let batch = chunk.to_vec();
-                out += match t {
-                    Some(t) => t.apply(batch)?.len(),
-                    None => std::hint::black_box(batch).len(),
-                };
-            }
-            anyhow::ensure!(out == docs.len(), "{out} records out of {}", docs.len());
-            best = best.max(docs.len() as f64 / started.elapsed().as_secs_f64());
-        }
-        Ok(best)
-    };
-    let stage_none = stage(None)?;
-    let stage_noop = stage(Some(&noop))?;
-    let stage_native = stage(Some(&native))?;
-    let stage_redact = stage(Some(&redact))?;
-    let stage_native_bson = stage(Some(&native_bson))?;
-    drop(docs);
-
-    // Pipeline: one day of `n` events exported with each chain.
-    let day = chrono::Utc::now().date_naive() - chrono::Days::new(1);
-    let start_ms = day
-        .and_hms_opt(0, 0, 0)
-        .map_or(0, |t| t.and_utc().timestamp_millis());
-    let store = fresh_store("wasm").await?;
-    let coll = store.collection(c::EVENTS);
-    for chunk in day_events(n, 10_000, start_ms) {
-        coll.insert_many(chunk).ordered(false).await?;
-    }
-    let out_dir = std::env::temp_dir().join(format!("sluice-bench-wasm-{}", std::process::id()));
-    // Rounds interleave the four chains, so a drift of the server's speed over the
-    // minutes this takes does not favour one of them; the best round of each counts.
+    // Rounds interleave the chains (none, noop, native redact, redact plugin, native BSON
+    // redact), so neither the allocator's state nor a drift of the server's speed over
+    // the minutes this takes favours one of them; the best round of each counts.
     let chains: [Vec<Arc<dyn Transform>>; 5] = [
         Vec::new(),
         vec![noop],
@@ -780,6 +753,28 @@ async fn wasm_transform(events: &[Event], n: usize, rounds: usize) -> anyhow::Re
         "redact plugin",
         "native BSON redact",
     ];
+    let mut stage_best = [0f64; 5];
+    for _ in 0..rounds.max(1) {
+        for (chain, best) in chains.iter().zip(stage_best.iter_mut()) {
+            let started = Instant::now();
+            let mut out = 0;
+            for chunk in docs.chunks(1000) {
+                let batch = chunk.to_vec();
+                out += match chain.first() {
+                    Some(t) => t.apply(batch)?.len(),
+                    None => std::hint::black_box(batch).len(),
+                };
+            }
+            anyhow::ensure!(out == docs.len(), "{out} records out of {}", docs.len());
+            *best = best.max(docs.len() as f64 / started.elapsed().as_secs_f64());
+        }
+    }
+    let [stage_none, stage_noop, stage_native, stage_redact, stage_native_bson] = stage_best;
+    drop(docs);
+
+    // Pipeline: one day of `n` events exported with each chain.
+    let (store, day, _) = seeded_day("wasm", n).await?;
+    let out_dir = std::env::temp_dir().join(format!("sluice-bench-wasm-{}", std::process::id()));
     let mut best = [0f64; 5];
     for round in 0..rounds.max(1) {
         for ((chain, best), name) in chains.iter().zip(best.iter_mut()).zip(names) {
