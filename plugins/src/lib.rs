@@ -715,6 +715,13 @@ impl Transform for WasmTransform {
 }
 
 impl WasmTransform {
+    fn count_skipped_batch(&self) {
+        *self
+            .skipped_batches
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) += 1;
+    }
+
     /// One batch, with the failure policy applied. Unchanged records are moved from the
     /// input to the output, not copied.
     fn apply_with_policy(&self, batch: Vec<Record>) -> Result<Vec<Record>, TransformError> {
@@ -727,10 +734,7 @@ impl WasmTransform {
             Err(e) => {
                 return match self.policy {
                     FailurePolicy::SkipBatch => {
-                        *self
-                            .skipped_batches
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner()) += 1;
+                        self.count_skipped_batch();
                         tracing::warn!(plugin = %self.name, error = %e, "batch skipped");
                         Ok(Vec::new())
                     }
@@ -765,10 +769,7 @@ impl WasmTransform {
                 Ok(records)
             }
             FailurePolicy::SkipBatch => {
-                *self
-                    .skipped_batches
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner()) += 1;
+                self.count_skipped_batch();
                 tracing::warn!(plugin = %self.name, failed = failed.len(), "batch skipped");
                 Ok(Vec::new())
             }

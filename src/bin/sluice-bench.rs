@@ -300,12 +300,17 @@ fn phase_shares(before: &[f64]) -> Value {
     Value::Object(shares)
 }
 
+/// `sluice / baseline`, rounded to three decimals as every report prints it.
+fn ratio(sluice: f64, baseline: f64) -> f64 {
+    (sluice / baseline * 1000.0).round() / 1000.0
+}
+
 fn report(scenario: &str, baseline: f64, sluice: f64, extra: Value) {
     let mut line = json!({
         "scenario": scenario,
         "baseline_per_s": baseline.round(),
         "sluice_per_s": sluice.round(),
-        "ratio": ((sluice / baseline) * 1000.0).round() / 1000.0,
+        "ratio": ratio(sluice, baseline),
     });
     if let (Some(obj), Value::Object(more)) = (line.as_object_mut(), extra) {
         obj.extend(more);
@@ -630,7 +635,7 @@ type = "date"
             "records": n, "rounds": rounds,
             "baseline": "fetch + insert_many into a collection with the target's indexes",
             "baseline_no_index_per_s": best_base.round(),
-            "ratio_no_index": (best_sluice / best_base * 1000.0).round() / 1000.0,
+            "ratio_no_index": ratio(best_sluice, best_base),
         }),
     );
     Ok(())
@@ -803,7 +808,6 @@ async fn wasm_transform(events: &[Event], n: usize, rounds: usize) -> anyhow::Re
     let _ = std::fs::remove_dir_all(&out_dir);
     store.db().drop().await?;
 
-    let ratio = |a: f64, b: f64| (a / b * 1000.0).round() / 1000.0;
     report(
         "wasm-transform-noop",
         none,
@@ -932,7 +936,7 @@ async fn scheduler_idle(seconds: u64) -> anyhow::Result<()> {
         "sluice_cpu_s": thousand,
         "baseline_per_s": if none > 0.0 { 1.0 / none } else { 0.0 },
         "sluice_per_s": if thousand > 0.0 { 1.0 / thousand } else { 0.0 },
-        "ratio": if thousand > 0.0 { ((none / thousand) * 1000.0).round() / 1000.0 } else { 1.0 },
+        "ratio": if thousand > 0.0 { ratio(none, thousand) } else { 1.0 },
         "seconds": seconds,
         "fire_delay_p99_ms": (p99 * 10.0).round() / 10.0,
     });
