@@ -75,7 +75,7 @@ fn every_scenario_prints_a_ratio_line() {
         }
         if l["scenario"] == "mongo-insert" || l["scenario"] == "track-ingest" {
             let share = &l["writer_time_share"];
-            let total: f64 = ["sessions", "claim_and_aggregate", "insert_events"]
+            let total: f64 = sluice_connectors::mongo::WRITE_PHASES
                 .iter()
                 .map(|p| share[p].as_f64().unwrap())
                 .sum();

@@ -350,6 +350,9 @@ async fn idle_sessions_expire() {
         .write(&[
             event("x1", "u1", "old", EventType::PageView, old),
             event("x2", "u2", "new", EventType::PageView, recent),
+            // Started before the cutoff, still active: must stay ACTIVE.
+            event("x3", "u3", "long", EventType::PageView, old),
+            event("x4", "u3", "long", EventType::PageView, recent),
         ])
         .await
         .unwrap();
@@ -373,9 +376,9 @@ async fn idle_sessions_expire() {
         count(
             &db,
             "sessions",
-            doc! { "status": "ACTIVE", "sessionId": "new" }
+            doc! { "status": "ACTIVE", "sessionId": { "$in": ["new", "long"] } }
         )
         .await,
-        1
+        2
     );
 }

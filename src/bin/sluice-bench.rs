@@ -269,11 +269,9 @@ async fn post_batches(json_events: &[Value], path: &str) -> anyhow::Result<f64> 
     Ok(rate)
 }
 
-const WRITE_PHASES: [&str; 3] = ["sessions", "claim_and_aggregate", "insert_events"];
-
 /// Seconds the event writer has spent in each phase so far, in `WRITE_PHASES` order.
 fn phase_seconds() -> Vec<f64> {
-    WRITE_PHASES
+    sluice_connectors::mongo::WRITE_PHASES
         .iter()
         .map(|p| {
             sluice_core::metrics::seconds_sum(
@@ -293,9 +291,9 @@ fn phase_shares(before: &[f64]) -> Value {
         .collect();
     let total: f64 = spent.iter().sum();
     let mut shares = serde_json::Map::new();
-    for (phase, s) in WRITE_PHASES.iter().zip(spent) {
+    for (phase, s) in sluice_connectors::mongo::WRITE_PHASES.iter().zip(spent) {
         let share = if total > 0.0 { s / total } else { 0.0 };
-        shares.insert(phase.to_string(), json!((share * 100.0).round() / 100.0));
+        shares.insert(phase.to_string(), json!((share * 1000.0).round() / 1000.0));
     }
     Value::Object(shares)
 }

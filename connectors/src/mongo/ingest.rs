@@ -32,10 +32,24 @@ use sluice_core::sessionize::{self, Span};
 
 use super::{Store, StoreError, DUPLICATE_KEY};
 
-/// Seconds the writer spends in each phase of a batch: `sessions` (attributing events
-/// without a sessionId), `claim_and_aggregate` (the ledger and aggregate transaction, its
-/// retries included) and `insert_events`.
+/// Seconds the writer spends in each phase of a batch, labelled by [`WRITE_PHASES`].
 pub const WRITE_PHASE_SECONDS: &str = "sluice_event_write_phase_seconds";
+
+/// The phases of a batch write, in order: `sessions` (attributing events without a
+/// sessionId), then inside the claim transaction `ledger` (reading and claiming eventIds),
+/// `read_aggregates` (the sessions and users the new events touch), `write_sessions`,
+/// `write_users`, `commit` (every transaction attempt counts, retries included),
+/// `retry_backoff` (waiting before a retried transaction), and last `insert_events`.
+pub const WRITE_PHASES: [&str; 8] = [
+    "sessions",
+    "ledger",
+    "read_aggregates",
+    "write_sessions",
+    "write_users",
+    "commit",
+    "retry_backoff",
+    "insert_events",
+];
 
 fn observe_phase(phase: &str, started: Instant) {
     sluice_core::metrics::observe_seconds(
@@ -198,9 +212,7 @@ impl EventWriter {
             return Ok(status);
         }
         let now = DateTime::now();
-        let started = Instant::now();
         let claimed = self.claim_and_aggregate(events, &unique, now).await?;
-        observe_phase("claim_and_aggregate", started);
 
         if !claimed.new.is_empty() {
             let started = Instant::now();
@@ -269,10 +281,12 @@ impl EventWriter {
                 .transaction_body(&mut session, events, unique, now)
                 .await
             {
-                Ok(claimed) => commit(&mut session)
-                    .await
-                    .map(|()| claimed)
-                    .map_err(TxnError::from),
+                Ok(claimed) => {
+                    let started = Instant::now();
+                    let committed = commit(&mut session).await;
+                    observe_phase("commit", started);
+                    committed.map(|()| claimed).map_err(TxnError::from)
+                }
                 Err(err) => Err(err),
             };
             match outcome {
@@ -285,7 +299,9 @@ impl EventWriter {
                     // back off a little, with jitter, and redo the whole transaction.
                     let base = 5u64 << attempt.min(6);
                     let jitter = rand::random_range(base..2 * base);
+                    let started = Instant::now();
                     tokio::time::sleep(Duration::from_millis(jitter)).await;
+                    observe_phase("retry_backoff", started);
                 }
                 Err(err) => {
                     let _ = session.abort_transaction().await;
@@ -305,6 +321,7 @@ impl EventWriter {
         unique: &[usize],
         now: DateTime,
     ) -> Result<Claimed, TxnError> {
+        let started = Instant::now();
         let ledger = self.store.collection(c::EVENT_IDS);
         let ids: Vec<&str> = unique
             .iter()
@@ -334,6 +351,7 @@ impl EventWriter {
             }
         }
         if claimed.new.is_empty() {
+            observe_phase("ledger", started);
             return Ok(claimed);
         }
         let claims: Vec<Document> = claimed
@@ -348,16 +366,23 @@ impl EventWriter {
             })
             .collect();
         ledger.insert_many(claims).session(&mut *session).await?;
+        observe_phase("ledger", started);
 
+        let started = Instant::now();
         let new_events: Vec<&Event> = claimed.new.iter().map(|&i| &events[i]).collect();
         let (session_writes, new_sessions) = self.session_writes(session, &new_events, now).await?;
         let user_writes = self
             .user_writes(session, &new_events, &new_sessions, now)
             .await?;
+        observe_phase("read_aggregates", started);
+        let started = Instant::now();
         session_writes
             .apply(&self.store, c::SESSIONS, session)
             .await?;
+        observe_phase("write_sessions", started);
+        let started = Instant::now();
         user_writes.apply(&self.store, c::USERS, session).await?;
+        observe_phase("write_users", started);
         Ok(claimed)
     }
 

@@ -5,7 +5,7 @@ mod ingest;
 mod schema;
 mod sessions;
 
-pub use ingest::{EventWriter, WriteStatus, WriterOptions, WRITE_PHASE_SECONDS};
+pub use ingest::{EventWriter, WriteStatus, WriterOptions, WRITE_PHASES, WRITE_PHASE_SECONDS};
 pub use schema::{index_specs, IndexOutcome, IndexSpec, InitReport};
 pub use sessions::expire_idle_sessions;
 

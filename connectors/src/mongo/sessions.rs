@@ -16,8 +16,12 @@ pub async fn expire_idle_sessions(
     let result = store
         .collection(c::SESSIONS)
         .update_many(
+            // `startTime <= endTime`, so the startTime bound changes nothing but lets the
+            // design document's `{status, startTime}` index narrow the scan to sessions
+            // that started before the cutoff (no index on `endTime`, see `db init`).
             doc! {
                 s::STATUS: SessionStatus::Active.as_str(),
+                s::START_TIME: { "$lt": cutoff },
                 s::END_TIME: { "$lt": cutoff },
             },
             doc! { "$set": { s::STATUS: SessionStatus::Expired.as_str(), common::UPDATED_AT: now } },
