@@ -80,6 +80,10 @@ fn every_scenario_prints_a_ratio_line() {
                 .map(|p| share[p].as_f64().unwrap())
                 .sum();
             assert!((total - 1.0).abs() < 0.05, "{l}");
+            let aggregating = l["aggregating_baseline_per_s"].as_f64().unwrap();
+            assert!(aggregating > 0.0, "{l}");
+            let vs = l["ratio_vs_aggregating_baseline"].as_f64().unwrap();
+            assert!((vs - sluice / aggregating).abs() < 0.01, "{l}");
         }
         if l["scenario"] == "http-import" {
             assert!(l["ratio_no_index"].as_f64().unwrap() > 0.0, "{l}");
