@@ -572,28 +572,15 @@ export_plugin!({type_name});
 /// `sluice jobs list`: scheduled jobs, their next fire and last outcome.
 pub async fn jobs_list(config: &Config) -> anyhow::Result<()> {
     let store = Store::connect(config).await?;
-    for job in crate::engine::scheduled_jobs(config, &store).await {
-        let next = sluice_jobs::schedule::parse_cron(&job.cron)
-            .ok()
-            .and_then(|c| c.find_next_occurrence(&chrono::Utc::now(), false).ok())
-            .map(|t| t.to_rfc3339())
-            .unwrap_or_else(|| "invalid cron".into());
-        let last = store
-            .collection(sluice_core::model::collections::SCHEDULED_RUNS)
-            .find_one(bson::doc! { "job": &job.name })
-            .sort(bson::doc! { "scheduledFor": -1 })
-            .await?
-            .map(|d| {
-                format!(
-                    "{} ({})",
-                    d.get_str("status").unwrap_or("?"),
-                    d.get_str("_id").unwrap_or("?")
-                )
-            })
+    for job in crate::engine::job_overview(config, &store).await? {
+        let next = job.next_fire.unwrap_or_else(|e| e);
+        let last = job
+            .last_run
+            .map(|(id, status)| format!("{status} ({id})"))
             .unwrap_or_else(|| "never run".into());
         println!(
-            "{:<36} {:<18} next {}  last {}",
-            job.name, job.cron, next, last
+            "{:<36} {:<18} {:<16} next {}  last {}",
+            job.name, job.cron, job.timezone, next, last
         );
     }
     Ok(())

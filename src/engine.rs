@@ -49,6 +49,53 @@ pub async fn scheduled_jobs(config: &Config, store: &Store) -> Vec<ScheduledJob>
     jobs
 }
 
+/// A scheduled job as `sluice jobs list` and `GET /v1/admin/jobs` show it.
+#[derive(Debug, Clone)]
+pub struct JobOverview {
+    pub name: String,
+    pub cron: String,
+    /// IANA time zone the cron is read in.
+    pub timezone: String,
+    /// The next fire (RFC 3339, UTC), or why there is none.
+    pub next_fire: Result<String, String>,
+    /// The latest recorded run (`scheduled_runs`): its id and status.
+    pub last_run: Option<(String, String)>,
+}
+
+/// Every scheduled job with its next fire and latest run.
+pub async fn job_overview(
+    config: &Config,
+    store: &Store,
+) -> Result<Vec<JobOverview>, sluice_connectors::StoreError> {
+    let now = chrono::Utc::now();
+    let mut out = Vec::new();
+    for job in scheduled_jobs(config, store).await {
+        let last_run = store
+            .collection(c::SCHEDULED_RUNS)
+            .find_one(doc! { "job": &job.name })
+            .sort(doc! { "scheduledFor": -1 })
+            .await
+            .map_err(sluice_connectors::StoreError::mongo(
+                c::SCHEDULED_RUNS,
+                "find the latest run",
+            ))?
+            .map(|d| {
+                (
+                    d.get_str("_id").unwrap_or("?").to_string(),
+                    d.get_str("status").unwrap_or("?").to_string(),
+                )
+            });
+        out.push(JobOverview {
+            next_fire: sluice_jobs::schedule::next_fire(&job, now).map(|t| t.to_rfc3339()),
+            timezone: job.timezone.clone().unwrap_or_else(|| "UTC".into()),
+            name: job.name,
+            cron: job.cron,
+            last_run,
+        });
+    }
+    Ok(out)
+}
+
 pub fn job_source(config: Arc<Config>, store: Store) -> JobSource {
     Arc::new(move || {
         let config = config.clone();

@@ -40,7 +40,7 @@ async fn every_role_against_every_endpoint() {
             kind: "DAILY_ANALYTICS".into(),
             cron: "0 15 2 * * *".into(),
             catch_up: 1,
-            timezone: None,
+            timezone: Some("Europe/Paris".into()),
         }];
     })
     .await;
@@ -131,6 +131,29 @@ async fn every_role_against_every_endpoint() {
             );
         }
     }
+    // Jobs are listed with their time zone and next fire, read in that zone (02:15 in
+    // Paris is 01:15 or 00:15 UTC, depending on daylight saving time).
+    let jobs: Value = client
+        .get(format!("{base}/v1/admin/jobs"))
+        .bearer_auth(tokens[3].0.as_ref().unwrap())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let daily = jobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["name"] == "export:daily")
+        .unwrap_or_else(|| panic!("{jobs}"));
+    assert_eq!(daily["timezone"], "Europe/Paris", "{daily}");
+    let next = daily["nextFire"].as_str().unwrap();
+    assert!(
+        next.ends_with("T01:15:00+00:00") || next.ends_with("T00:15:00+00:00"),
+        "{daily}"
+    );
     let applied = db
         .store
         .collection("integration_configs")
@@ -151,6 +174,31 @@ async fn every_role_against_every_endpoint() {
         body["message"].as_str().unwrap().contains("`endpoint`"),
         "{body}"
     );
+    // A name that looks like a path is refused like any invalid config, and nothing of
+    // it is stored (the body is validated in memory, never written to a file).
+    let r = client
+        .post(format!("{base}/v1/admin/configs"))
+        .bearer_auth(tokens[1].0.as_ref().unwrap())
+        .body(concat!(
+            "name = \"../escape\"\ntype = \"IMPORT\"\n",
+            "endpoint = \"http://127.0.0.1:9/x\"\n",
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert!(
+        body["message"].as_str().unwrap().contains("`name`"),
+        "{body}"
+    );
+    let stored = db
+        .store
+        .collection("integration_configs")
+        .count_documents(bson::doc! { "name": "../escape" })
+        .await
+        .unwrap();
+    assert_eq!(stored, 0);
     server.shutdown().await;
     let _ = std::fs::remove_dir_all(dir);
 }

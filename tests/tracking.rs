@@ -264,6 +264,14 @@ async fn each_bad_input_class_gets_its_own_4xx() {
         .await
         .unwrap();
     expect(r, 400, "invalid_batch").await;
+    // A bare array of events is not a batch (serde would read it as the batch's fields).
+    for body in [
+        "[{\"userId\": \"a\", \"eventType\": \"PAGE_VIEW\"}]",
+        " [[{\"userId\": \"a\", \"eventType\": \"PAGE_VIEW\"}], 5]",
+    ] {
+        let r = raw_post("/v1/events/batch", body.into()).await.unwrap();
+        expect(r, 400, "invalid_batch").await;
+    }
     let (s, body) = post(
         &base,
         "/v1/events",
@@ -559,8 +567,40 @@ async fn health_readiness_metrics_and_cors() {
         ok.headers()["access-control-allow-origin"],
         "https://shop.example"
     );
+    let allowed = ok.headers()["access-control-allow-headers"]
+        .to_str()
+        .unwrap()
+        .to_ascii_lowercase();
+    assert!(
+        allowed.contains("content-encoding") && allowed.contains("x-write-key"),
+        "browsers may send gzipped bodies with a write key: {allowed}"
+    );
     let other = preflight("https://evil.example").await.unwrap();
     assert!(other.headers().get("access-control-allow-origin").is_none());
+    // A wrong method gets the same JSON error shape as every other refusal.
+    let wrong = client
+        .get(format!("{base}/v1/events"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status().as_u16(), 405);
+    assert!(wrong.headers().get("allow").is_some());
+    let body: Value = wrong.json().await.unwrap();
+    assert_eq!(body["error"], "method_not_allowed", "{body}");
+    // A purchase amount that would overflow the visitor's revenue total is refused up
+    // front (it used to take a writer lane down).
+    let huge = client
+        .post(format!("{base}/v1/events"))
+        .json(
+            &json!({ "userId": "rich", "sessionId": "r", "eventType": "PURCHASE",
+            "properties": { "amount": 1e300 } }),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(huge.status().as_u16(), 400);
+    let body: Value = huge.json().await.unwrap();
+    assert!(body.to_string().contains("properties.amount"), "{body}");
     server.shutdown().await;
 }
 

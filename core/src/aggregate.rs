@@ -135,15 +135,19 @@ pub fn fold_user(
     for e in events {
         u.first_seen = u.first_seen.min(e.timestamp);
         u.last_seen = u.last_seen.max(e.timestamp);
-        u.total_events += 1;
+        // Saturating: input validation bounds each amount so a total cannot overflow in
+        // practice, and an aggregate must never be the reason a write fails.
+        u.total_events = u.total_events.saturating_add(1);
         if e.event_type == EventType::Purchase {
-            u.total_purchases += 1;
+            u.total_purchases = u.total_purchases.saturating_add(1);
             if let Some(amount) = e.purchase_amount() {
-                u.total_revenue_micros += revenue_micros(amount);
+                u.total_revenue_micros = u
+                    .total_revenue_micros
+                    .saturating_add(revenue_micros(amount));
             }
         }
     }
-    u.total_sessions += new_sessions;
+    u.total_sessions = u.total_sessions.saturating_add(new_sessions);
     u.total_revenue = u.total_revenue_micros as f64 / REVENUE_SCALE;
     u.updated_at = now;
     u
@@ -232,5 +236,18 @@ mod tests {
         assert_eq!(u.total_sessions, 1);
         assert_eq!(u.first_seen, DateTime::from_millis(0));
         assert_eq!(u.last_seen, DateTime::from_millis(9));
+    }
+
+    #[test]
+    fn user_totals_saturate_instead_of_overflowing() {
+        let mut buy = ev("b1", 1_000, EventType::Purchase, None, "desktop");
+        buy.properties.insert("amount", 1e9);
+        let mut before = fold_user(None, "v", &[&buy], 1, DateTime::from_millis(0));
+        before.total_revenue_micros = i64::MAX - 1;
+        let mut again = buy.clone();
+        again.event_id = "b2".into();
+        let after = fold_user(Some(before), "v", &[&again], 0, DateTime::from_millis(0));
+        assert_eq!(after.total_revenue_micros, i64::MAX);
+        assert_eq!(after.total_purchases, 2);
     }
 }

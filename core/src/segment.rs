@@ -239,6 +239,18 @@ pub fn parse_message(
             t
         }
         Kind::Identify => {
+            // These traits become the profile's own string fields.
+            for name in ["email", "firstName", "first_name", "lastName", "last_name"] {
+                match properties.get(name) {
+                    None | Some(Value::String(_) | Value::Null) => {}
+                    Some(_) => {
+                        return Err(ValidationError::new(
+                            format!("traits.{name}"),
+                            "expected a string",
+                        ))
+                    }
+                }
+            }
             traits = Some(crate::tracking::json_to_document(&Value::Object(
                 properties.clone(),
             ))?);
@@ -431,6 +443,21 @@ mod tests {
             custom.event.properties.get_str(EVENT_NAME).unwrap(),
             "Video Played"
         );
+    }
+
+    #[test]
+    fn profile_traits_must_be_strings() {
+        for name in ["email", "firstName", "last_name"] {
+            let err = parse(json!({
+                "type": "identify", "userId": "u1", "traits": { name: ["x"] },
+            }))
+            .unwrap_err();
+            assert_eq!(err.field, format!("traits.{name}"));
+        }
+        assert!(parse(json!({
+            "type": "identify", "userId": "u1", "traits": {"email": null, "plan": 3},
+        }))
+        .is_ok());
     }
 
     #[test]

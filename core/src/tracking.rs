@@ -16,6 +16,11 @@ pub const MAX_URL_LEN: usize = 4096;
 const MAX_PROPERTY_DEPTH: usize = 16;
 /// Events before this instant are rejected as nonsense (2000-01-01T00:00:00Z).
 const EARLIEST_MS: i64 = 946_684_800_000;
+/// The largest purchase amount accepted. Revenue is summed in integer millionths
+/// (`i64`), so this keeps a visitor's total exact for over nine thousand such purchases.
+pub const MAX_PURCHASE_AMOUNT: f64 = 1e9;
+/// The longest `duration` accepted: one year, in milliseconds.
+pub const MAX_DURATION_MS: i64 = 365 * 24 * 3_600_000;
 
 /// What the server knows about the request an event came in.
 #[derive(Debug, Clone, Default)]
@@ -49,6 +54,10 @@ pub fn parse_time(field: &str, v: &Value) -> Result<i64, ValidationError> {
             ),
         )),
     }
+}
+
+fn before_2000_hint() -> &'static str {
+    "is before the year 2000 (times are RFC 3339 strings or epoch milliseconds, not seconds)"
 }
 
 fn kind(v: &Value) -> &'static str {
@@ -171,6 +180,11 @@ pub fn parse_event(
         None | Some(Value::Null) => ctx.batch_sent_at_ms,
         Some(t) => Some(parse_time("sentAt", t)?),
     };
+    if let Some(sent) = sent_at {
+        if sent < EARLIEST_MS {
+            return Err(ValidationError::new("sentAt", before_2000_hint()));
+        }
+    }
     let timestamp_ms = match (client_time, sent_at) {
         (Some(t), Some(sent)) => sent
             .checked_sub(t)
@@ -183,17 +197,19 @@ pub fn parse_event(
         return Err(ValidationError::new(
             f::TIMESTAMP,
             format!(
-                "is {} s in the future (at most {} s allowed)",
+                "is {} s in the future (at most {} s allowed){}",
                 (timestamp_ms - ctx.received_at_ms) / 1000,
-                ctx.max_future_ms / 1000
+                ctx.max_future_ms / 1000,
+                if client_time.is_some() && sent_at.is_some() {
+                    " after correcting the client's clock with `sentAt`"
+                } else {
+                    ""
+                }
             ),
         ));
     }
     if timestamp_ms < EARLIEST_MS {
-        return Err(ValidationError::new(
-            f::TIMESTAMP,
-            "is before the year 2000",
-        ));
+        return Err(ValidationError::new(f::TIMESTAMP, before_2000_hint()));
     }
 
     let properties = match obj.get(f::PROPERTIES) {
@@ -211,14 +227,16 @@ pub fn parse_event(
     };
     if event_type == EventType::Purchase {
         if let Some(amount) = properties.get(f::AMOUNT) {
-            let ok = matches!(
-                amount,
-                bson::Bson::Double(x) if x.is_finite()
-            ) || matches!(amount, bson::Bson::Int32(_) | bson::Bson::Int64(_));
-            if !ok {
+            let value = match amount {
+                bson::Bson::Double(x) => Some(*x),
+                bson::Bson::Int32(x) => Some(f64::from(*x)),
+                bson::Bson::Int64(x) => Some(*x as f64),
+                _ => None,
+            };
+            if !value.is_some_and(|x| (0.0..=MAX_PURCHASE_AMOUNT).contains(&x)) {
                 return Err(ValidationError::new(
                     "properties.amount",
-                    "expected a finite number",
+                    format!("expected a number from 0 to {MAX_PURCHASE_AMOUNT:e}"),
                 ));
             }
         }
@@ -228,11 +246,11 @@ pub fn parse_event(
     let duration = match obj.get(f::DURATION) {
         None | Some(Value::Null) => None,
         Some(Value::Number(n)) => match n.as_f64() {
-            Some(d) if d >= 0.0 && d.is_finite() => Some(d.round() as i64),
+            Some(d) if (0.0..=MAX_DURATION_MS as f64).contains(&d) => Some(d.round() as i64),
             _ => {
                 return Err(ValidationError::new(
                     f::DURATION,
-                    "expected a non-negative number of milliseconds",
+                    format!("expected 0 to {MAX_DURATION_MS} milliseconds"),
                 ))
             }
         },
@@ -361,6 +379,26 @@ pub(crate) mod tests {
                 json!({"userId": "v", "sessionId": "s", "eventType": "CLICK", "duration": -4}),
                 "duration",
             ),
+            (
+                json!({"userId": "v", "sessionId": "s", "eventType": "PURCHASE", "properties": {"amount": 1e300}}),
+                "properties.amount",
+            ),
+            (
+                json!({"userId": "v", "sessionId": "s", "eventType": "PURCHASE", "properties": {"amount": -1}}),
+                "properties.amount",
+            ),
+            (
+                json!({"userId": "v", "sessionId": "s", "eventType": "PURCHASE", "properties": {"amount": i64::MAX}}),
+                "properties.amount",
+            ),
+            (
+                json!({"userId": "v", "sessionId": "s", "eventType": "CLICK", "duration": 1e300}),
+                "duration",
+            ),
+            (
+                json!({"userId": "v", "eventType": "CLICK", "timestamp": NOW, "sentAt": 0}),
+                "sentAt",
+            ),
             (json!("just a string"), "event"),
             (
                 json!({"userId": "v", "eventType": "CLICK", "timestamp": i64::MIN, "sentAt": i64::MAX}),
@@ -371,6 +409,20 @@ pub(crate) mod tests {
             let err = parse(input.clone()).unwrap_err();
             assert_eq!(err.field, field, "{input} -> {err}");
         }
+    }
+
+    #[test]
+    fn limits_of_amounts_durations_and_times_are_accepted_and_explained() {
+        let ok = parse(
+            json!({"userId": "v", "sessionId": "s", "eventType": "PURCHASE",
+            "properties": {"amount": MAX_PURCHASE_AMOUNT}, "duration": MAX_DURATION_MS}),
+        )
+        .unwrap();
+        assert_eq!(ok.duration, Some(MAX_DURATION_MS));
+        // Epoch seconds instead of milliseconds: the error says what was expected.
+        let err = parse(json!({"userId": "v", "eventType": "CLICK", "timestamp": NOW / 1000}))
+            .unwrap_err();
+        assert!(err.reason.contains("milliseconds"), "{err}");
     }
 
     #[test]

@@ -37,12 +37,7 @@ pub fn validate_dir(
                 path: path.clone(),
                 source,
             })
-            .and_then(|text| parse_file(&origin, &text))
-            .and_then(|file| {
-                refuse_literal_secrets(&origin, &file)?;
-                let connector = validate(&origin, &file, env)?;
-                Ok((file, connector))
-            });
+            .and_then(|text| validate_text(&origin, &text, env));
         match result {
             Ok((file, connector)) => {
                 if let Some(other) = names.insert(file.name.clone(), origin.clone()) {
@@ -66,6 +61,19 @@ pub fn validate_dir(
         }
     }
     Ok((ok, errors))
+}
+
+/// One config file's text, parsed and validated as `validate_dir` validates each file;
+/// `origin` names it in errors.
+pub fn validate_text(
+    origin: &str,
+    text: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(IntegrationFile, Connector), ConfigError> {
+    let file = parse_file(origin, text)?;
+    refuse_literal_secrets(origin, &file)?;
+    let connector = validate(origin, &file, env)?;
+    Ok((file, connector))
 }
 
 /// Secrets are stored in MongoDB only as `${env:NAME}` references.

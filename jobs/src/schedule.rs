@@ -89,15 +89,43 @@ pub fn parse_cron(expr: &str) -> Result<croner::Cron, String> {
         .map_err(|e| format!("invalid cron expression `{expr}`: {e}"))
 }
 
+/// The time zone `job`'s cron is read in (UTC when it names none).
+pub fn job_timezone(job: &ScheduledJob) -> Result<chrono_tz::Tz, String> {
+    match job.timezone.as_deref() {
+        None => Ok(chrono_tz::UTC),
+        Some(name) => name
+            .parse()
+            .map_err(|_| format!("unknown time zone `{name}`")),
+    }
+}
+
+/// The first fire of `job` after `now`, its cron read in its time zone.
+pub fn next_fire(
+    job: &ScheduledJob,
+    now: chrono::DateTime<Utc>,
+) -> Result<chrono::DateTime<Utc>, String> {
+    let cron = parse_cron(&job.cron)?;
+    let tz = job_timezone(job)?;
+    cron.find_next_occurrence(&whole_second(now).with_timezone(&tz), false)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| format!("`{}` has no next fire: {e}", job.cron))
+}
+
 /// The latest instant of `cron` (read in `tz`) at or before `now`.
 pub fn fire_instant(
     cron: &croner::Cron,
     tz: chrono_tz::Tz,
     now: chrono::DateTime<Utc>,
 ) -> chrono::DateTime<Utc> {
-    cron.find_previous_occurrence(&now.with_timezone(&tz), true)
+    cron.find_previous_occurrence(&whole_second(now).with_timezone(&tz), true)
         .map(|t| t.with_timezone(&Utc))
         .unwrap_or(now)
+}
+
+/// `t` without its fraction of a second: fires are on whole seconds, and croner carries
+/// the fraction of the instant it searches from over into what it finds.
+fn whole_second(t: chrono::DateTime<Utc>) -> chrono::DateTime<Utc> {
+    chrono::Timelike::with_nanosecond(&t, 0).unwrap_or(t)
 }
 
 fn run_id(job: &str, fire: chrono::DateTime<Utc>) -> String {
@@ -209,11 +237,10 @@ impl Scheduler {
                     continue;
                 }
             };
-            let tz: chrono_tz::Tz = match job.timezone.as_deref().map(str::parse) {
-                None => chrono_tz::UTC,
-                Some(Ok(tz)) => tz,
-                Some(Err(_)) => {
-                    tracing::warn!(job = %job.name, timezone = ?job.timezone, "unknown time zone; not scheduled");
+            let tz = match job_timezone(job) {
+                Ok(tz) => tz,
+                Err(e) => {
+                    tracing::warn!(job = %job.name, error = %e, "not scheduled");
                     continue;
                 }
             };
@@ -442,6 +469,14 @@ mod tests {
         let now = "2026-11-25T10:00:00Z"
             .parse::<chrono::DateTime<Utc>>()
             .unwrap();
+        // A fraction of a second in `now` does not leak into the fire instant.
+        let later = "2026-11-25T10:00:00.75Z"
+            .parse::<chrono::DateTime<Utc>>()
+            .unwrap();
+        assert_eq!(
+            fire_instant(&cron, chrono_tz::UTC, later).to_rfc3339(),
+            "2026-11-25T02:00:00+00:00"
+        );
         // 02:00 in Paris is 01:00 UTC in winter.
         assert_eq!(
             fire_instant(&cron, chrono_tz::Europe::Paris, now).to_rfc3339(),
@@ -451,6 +486,31 @@ mod tests {
             fire_instant(&cron, chrono_tz::UTC, now).to_rfc3339(),
             "2026-11-25T02:00:00+00:00"
         );
+    }
+
+    #[test]
+    fn next_fires_follow_the_schedules_time_zone() {
+        let now = "2026-11-25T10:00:00.25Z"
+            .parse::<chrono::DateTime<Utc>>()
+            .unwrap();
+        let job = |tz: Option<&str>| ScheduledJob {
+            name: "j".into(),
+            cron: "0 0 2 * * *".into(),
+            timezone: tz.map(str::to_string),
+        };
+        assert_eq!(
+            next_fire(&job(Some("Europe/Paris")), now)
+                .unwrap()
+                .to_rfc3339(),
+            "2026-11-26T01:00:00+00:00"
+        );
+        assert_eq!(
+            next_fire(&job(None), now).unwrap().to_rfc3339(),
+            "2026-11-26T02:00:00+00:00"
+        );
+        assert!(next_fire(&job(Some("Mars/Olympus")), now)
+            .unwrap_err()
+            .contains("Mars/Olympus"));
     }
 
     #[test]

@@ -289,10 +289,23 @@ async fn list_jobs(
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     caller(&state, &headers, Role::User).await?;
-    let jobs = crate::engine::scheduled_jobs(&state.config, &state.store).await;
+    let jobs = crate::engine::job_overview(&state.config, &state.store)
+        .await
+        .map_err(store_error)?;
     Ok(Json(json!(jobs
-        .iter()
-        .map(|j| json!({ "name": j.name, "cron": j.cron }))
+        .into_iter()
+        .map(|j| {
+            let (next_fire, error) = match j.next_fire {
+                Ok(t) => (Some(t), None),
+                Err(e) => (None, Some(e)),
+            };
+            let (last_run, last_status) = j.last_run.unzip();
+            json!({
+                "name": j.name, "cron": j.cron, "timezone": j.timezone,
+                "nextFire": next_fire, "error": error,
+                "lastRun": last_run, "lastStatus": last_status,
+            })
+        })
         .collect::<Vec<_>>())))
 }
 
@@ -326,27 +339,11 @@ async fn apply_config(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     caller(&state, &headers, Role::Admin).await?;
     let bad = |e: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_config", e);
-    let file = sluice_core::integration::parse_file("request body", &body)
-        .map_err(|e| bad(e.to_string()))?;
-    let dir = std::env::temp_dir().join(format!(
-        "sluice-api-config-{}",
-        uuid::Uuid::new_v4().simple()
-    ));
-    std::fs::create_dir_all(&dir).map_err(|e| bad(e.to_string()))?;
-    let path = dir.join(format!("{}.toml", file.name));
-    let checked = std::fs::write(&path, &body)
-        .map_err(|e| e.to_string())
-        .and_then(|()| {
-            sluice_jobs::configs::validate_dir(&dir, &|k| std::env::var(k).ok())
-                .map_err(|e| e.to_string())
-        });
-    let _ = std::fs::remove_dir_all(&dir);
-    let (_, errors) = checked.map_err(bad)?;
-    if let Some(e) = errors.first() {
-        return Err(bad(e
-            .to_string()
-            .replace(&path.display().to_string(), "request body")));
-    }
+    // Validated in memory, exactly as `sluice configs check` validates a file: nothing
+    // from the body ever names a path on this machine.
+    let (file, _) =
+        sluice_jobs::configs::validate_text("request body", &body, &|k| std::env::var(k).ok())
+            .map_err(|e| bad(e.to_string()))?;
     let created = sluice_jobs::configs::apply(&state.store, &file)
         .await
         .map_err(store_error)?;

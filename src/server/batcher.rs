@@ -9,8 +9,11 @@
 //! answers 503 with `Retry-After`) instead of buffering without bound. A request is only
 //! answered after MongoDB acknowledged its events.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Instant;
+
+use futures_util::FutureExt;
 
 use sluice_connectors::mongo::{EventWriter, WriteStatus};
 use sluice_core::model::Event;
@@ -165,7 +168,21 @@ async fn write_loop(
         }
         let events: Vec<Event> = jobs.iter().flat_map(|j| j.events.iter().cloned()).collect();
         let started = Instant::now();
-        let result = writer.write(&events).await;
+        // A panic while writing fails this write's requests (they may be resent: writes
+        // are idempotent) and keeps the lane alive; without this, one bad batch would
+        // leave every later visitor of the lane unanswerable.
+        let result = match AssertUnwindSafe(writer.write(&events)).catch_unwind().await {
+            Ok(result) => result.map_err(|e| e.to_string()),
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                tracing::error!(panic = %what, events = events.len(), "event writer panicked");
+                Err("internal error while writing events".to_string())
+            }
+        };
         metrics.observe_write(started.elapsed());
         match result {
             Ok(statuses) => {
@@ -176,9 +193,8 @@ async fn write_loop(
                     offset += n;
                 }
             }
-            Err(err) => {
-                tracing::error!(error = %err, events = events.len(), "event write failed");
-                let text = err.to_string();
+            Err(text) => {
+                tracing::error!(error = %text, events = events.len(), "event write failed");
                 for job in jobs {
                     let _ = job.reply.send(Err(text.clone()));
                 }

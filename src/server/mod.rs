@@ -127,6 +127,7 @@ fn cors(config: &Config) -> CorsLayer {
         .allow_headers([
             axum::http::header::CONTENT_TYPE,
             axum::http::header::AUTHORIZATION,
+            axum::http::header::CONTENT_ENCODING,
             axum::http::HeaderName::from_static("x-write-key"),
         ])
         .max_age(Duration::from_secs(3600))
@@ -163,6 +164,13 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics_text))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+        })
+        .method_not_allowed_fallback(|method: Method| async move {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("this endpoint does not take {method}"),
+            )
         })
         .layer(cors(&state.config))
         .with_state(state)

@@ -91,6 +91,14 @@ pub(super) fn parse_batch<'a, T: Deserialize<'a>>(
     body: &'a [u8],
     what: &str,
 ) -> Result<T, ApiError> {
+    // serde would also read a struct written as a JSON array; a batch is an object.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_batch",
+            format!("expected {{\"batch\": [{what}...]}}, got a JSON array"),
+        ));
+    }
     serde_json::from_slice(body).map_err(|e| {
         if e.is_data() {
             ApiError::new(
