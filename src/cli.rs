@@ -122,8 +122,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     tracing::info!(addr = %handle.addr, "sluice serving");
     handle.wait().await;
     if let Some(s) = scheduler {
-        // Runs in flight keep their lease until they end or it expires (then another
-        // replica takes them over).
+        // Runs in flight are handed back at once, so another replica takes them over
+        // without waiting for their lease to expire.
         s.shutdown().await;
     }
     Ok(())
@@ -443,7 +443,7 @@ pub fn plugin_test(
 ) -> anyhow::Result<()> {
     let host = sluice_plugins::PluginHost::new(config.plugins.fuel)?;
     let cfg: serde_json::Value = match plugin_config {
-        Some(text) => serde_json::from_str(text).context("--config is not JSON")?,
+        Some(text) => serde_json::from_str(text).context("--plugin-config is not JSON")?,
         None => self::plugin_config(config, name),
     };
     let plugin = host.load(

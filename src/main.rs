@@ -153,7 +153,7 @@ enum ExportCommand {
         /// The export type.
         #[arg(value_parser = parse_kind)]
         kind: ExportJobType,
-        /// First day (YYYY-MM-DD, UTC); default: yesterday.
+        /// First day (YYYY-MM-DD, UTC); default: `--to`, or yesterday.
         #[arg(long)]
         from: Option<chrono::NaiveDate>,
         /// Last day, inclusive; default: the first day.

@@ -261,6 +261,8 @@ async fn analytics_parameters_are_validated() {
         "/v1/analytics/top-pages?limit=0",
         "/v1/analytics/journey",
         "/v1/analytics/daily?from=2026-01-01&to=2025-01-01",
+        // 367 days, counting both ends.
+        "/v1/analytics/daily?from=2024-01-01&to=2025-01-01",
     ] {
         let r = client
             .get(format!("{base}{path}"))
@@ -272,5 +274,15 @@ async fn analytics_parameters_are_validated() {
         let body: Value = r.json().await.unwrap();
         assert_eq!(body["error"], "invalid_parameter");
     }
+    // 366 days, a leap year: accepted.
+    let r = client
+        .get(format!(
+            "{base}/v1/analytics/daily?from=2024-01-01&to=2024-12-31"
+        ))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
     server.shutdown().await;
 }

@@ -406,6 +406,12 @@ async fn the_tracking_endpoint_runs_its_plugin_chain_before_storing() {
     assert!(value("sluice_plugin_records_total{plugin=\"bot-filter\",direction=\"in\"}") >= 2.0);
     assert!(value("sluice_plugin_records_total{plugin=\"redact-pii\",direction=\"out\"}") >= 1.0);
     assert!(value("sluice_plugin_batch_seconds_count{plugin=\"redact-pii\"}") >= 1.0);
+    // This server's own counters: the plugin's drop is not counted as a bot.
+    assert_eq!(
+        value("sluice_events_rejected_total{reason=\"transform\"}"),
+        1.0
+    );
+    assert_eq!(value("sluice_events_rejected_total{reason=\"bot\"}"), 0.0);
     server.shutdown().await;
 }
 

@@ -3,7 +3,7 @@
 
 mod support;
 
-use bson::{doc, DateTime, Document};
+use bson::{doc, Bson, DateTime, Document};
 use futures_util::TryStreamExt;
 use sluice_connectors::mongo::{EventWriter, IndexOutcome, WriteStatus, WriterOptions};
 use sluice_core::model::{Event, EventMetadata, EventType};
@@ -100,6 +100,19 @@ fn expected_indexes() -> Vec<(&'static str, Document, bool, bool)> {
         ("integration_configs", doc! { "name": 1 }, true, false),
         ("export_jobs", doc! { "jobId": 1 }, true, false),
         ("products", doc! { "productId": 1 }, true, false),
+        (
+            "scheduled_runs",
+            doc! { "job": 1, "scheduledFor": -1 },
+            false,
+            false,
+        ),
+        (
+            "scheduled_runs",
+            doc! { "status": 1, "expiresAt": 1 },
+            false,
+            false,
+        ),
+        ("admin_tokens", doc! { "expiresAt": 1 }, false, false),
     ]
 }
 
@@ -173,6 +186,36 @@ async fn text_index_is_created_or_reported_as_skipped() {
             );
         }
     }
+}
+
+#[tokio::test]
+async fn expired_tokens_are_left_to_a_ttl_index_and_session_updates_touch_no_end_time_index() {
+    let db = TestDb::initialized().await;
+    let tokens = indexes(&db, "admin_tokens").await;
+    let ttl = find_by_key(&tokens, &doc! { "expiresAt": 1 }).unwrap();
+    let zero = match ttl.get("expireAfterSeconds") {
+        Some(Bson::Int32(v)) => *v == 0,
+        Some(Bson::Int64(v)) => *v == 0,
+        Some(Bson::Double(v)) => *v == 0.0,
+        _ => false,
+    };
+    assert!(zero, "{ttl}");
+    let sessions = indexes(&db, "sessions").await;
+    assert!(
+        sessions
+            .iter()
+            .all(|d| !d.get_document("key").unwrap().contains_key("endTime")),
+        "{sessions:?}"
+    );
+}
+
+#[tokio::test]
+async fn replicas_initialising_a_fresh_database_at_once_both_succeed() {
+    let db = TestDb::new().await;
+    let (a, b) = tokio::join!(db.store.init(), db.store.init());
+    a.unwrap();
+    b.unwrap();
+    assert_eq!(db.store.init().await.unwrap().created_indexes(), 0);
 }
 
 #[tokio::test]

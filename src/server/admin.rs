@@ -482,11 +482,12 @@ async fn daily(
     let today = chrono::Utc::now().date_naive();
     let to = day_param("to", q.to.as_deref(), today)?;
     let from = day_param("from", q.from.as_deref(), to - chrono::Days::new(6))?;
-    if from > to || (to - from).num_days() > 366 {
+    // Both ends count: 2024-01-01..=2024-12-31 is 366 days.
+    if from > to || (to - from).num_days() + 1 > 366 {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_parameter",
-            "`from` must be before `to`, at most 366 days apart",
+            "`from` must not be after `to`, and the range holds at most 366 days",
         ));
     }
     aggregate(&state, vec![

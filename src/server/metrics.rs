@@ -15,6 +15,8 @@ pub struct Metrics {
     pub deduplicated: AtomicU64,
     pub rejected_invalid: AtomicU64,
     pub rejected_bot: AtomicU64,
+    /// Events a tracking transform plugin dropped.
+    pub rejected_transform: AtomicU64,
     pub retry: AtomicU64,
     pub queue_full: AtomicU64,
     pub write_errors: AtomicU64,
@@ -69,6 +71,7 @@ impl Metrics {
         for (reason, v) in [
             ("invalid", &self.rejected_invalid),
             ("bot", &self.rejected_bot),
+            ("transform", &self.rejected_transform),
             ("retry", &self.retry),
             ("queue_full", &self.queue_full),
             ("write_error", &self.write_errors),

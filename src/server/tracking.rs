@@ -513,7 +513,11 @@ pub(super) async fn ingest(
             }
             Outcome::Dropped(reason) => {
                 answer.dropped += 1;
-                m.rejected_bot.fetch_add(1, Relaxed);
+                match reason {
+                    "transform" => &m.rejected_transform,
+                    _ => &m.rejected_bot,
+                }
+                .fetch_add(1, Relaxed);
                 json!({ "index": index, "status": "dropped", "reason": reason })
             }
             Outcome::Queued(i) => {

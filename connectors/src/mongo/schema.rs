@@ -25,6 +25,9 @@ pub struct IndexSpec {
     pub sparse: bool,
     /// A text index; servers that refuse text indexes get a warning, not a failure.
     pub text: bool,
+    /// A TTL index (`expireAfterSeconds: 0`): the server deletes a document once the
+    /// date in its (single) key field has passed.
+    pub ttl: bool,
 }
 
 impl IndexSpec {
@@ -36,6 +39,7 @@ impl IndexSpec {
             unique: false,
             sparse: false,
             text: false,
+            ttl: false,
         }
     }
     fn unique(mut self) -> Self {
@@ -48,6 +52,10 @@ impl IndexSpec {
     }
     fn text(mut self) -> Self {
         self.text = true;
+        self
+    }
+    fn ttl(mut self) -> Self {
+        self.ttl = true;
         self
     }
 }
@@ -142,6 +150,19 @@ pub fn index_specs() -> Vec<IndexSpec> {
         ),
         // the dedupe ledger, by event time (ARCHIVE marks archived claims)
         IndexSpec::new(c::EVENT_IDS, "ts", doc! { l::TIMESTAMP: 1 }),
+        // scheduled fires: a job's latest (jobs list, overlap check) and expired leases
+        IndexSpec::new(
+            c::SCHEDULED_RUNS,
+            "job_scheduledFor",
+            doc! { "job": 1, "scheduledFor": -1 },
+        ),
+        IndexSpec::new(
+            c::SCHEDULED_RUNS,
+            "status_expiresAt",
+            doc! { "status": 1, "expiresAt": 1 },
+        ),
+        // admin login tokens are deleted by the server once expired
+        IndexSpec::new(c::ADMIN_TOKENS, "expiresAt_ttl", doc! { "expiresAt": 1 }).ttl(),
     ]
 }
 
@@ -154,6 +175,8 @@ const PLAIN_COLLECTIONS: &[&str] = &[
     c::EXPORT_JOBS,
     c::PRODUCTS,
     c::EVENT_IDS,
+    c::SCHEDULED_RUNS,
+    c::ADMIN_TOKENS,
     c::IMPORT_RUNS,
     c::IMPORT_CHECKPOINTS,
     c::IDENTITIES,
@@ -217,16 +240,37 @@ pub(super) async fn init(store: &Store) -> Result<InitReport, StoreError> {
     };
 
     match kind_of(c::EVENTS).as_deref() {
-        None => {
-            db.create_collection(c::EVENTS)
-                .timeseries(events_timeseries())
-                .await
-                .map_err(StoreError::mongo(
+        None => match db
+            .create_collection(c::EVENTS)
+            .timeseries(events_timeseries())
+            .await
+        {
+            Ok(()) => report.created_collections.push(c::EVENTS.into()),
+            // Another replica's init created it first: fine if it is time-series.
+            Err(err) if error_code(&err) == Some(48) => {
+                let kind = db
+                    .list_collections()
+                    .filter(doc! { "name": c::EVENTS })
+                    .await
+                    .map_err(StoreError::mongo(c::EVENTS, "listCollections"))?
+                    .try_next()
+                    .await
+                    .map_err(StoreError::mongo(c::EVENTS, "listCollections"))?
+                    .and_then(|spec| bson::to_document(&spec).ok())
+                    .and_then(|d| d.get_str("type").ok().map(str::to_string));
+                if kind.as_deref() != Some("timeseries") {
+                    return Err(StoreError::NotTimeSeries {
+                        collection: c::EVENTS.into(),
+                    });
+                }
+            }
+            Err(err) => {
+                return Err(StoreError::mongo(
                     c::EVENTS,
                     "create time-series collection",
-                ))?;
-            report.created_collections.push(c::EVENTS.into());
-        }
+                )(err))
+            }
+        },
         Some("timeseries") => {}
         Some(_) => {
             return Err(StoreError::NotTimeSeries {
@@ -269,10 +313,21 @@ pub(crate) fn short_error(err: &mongodb::error::Error) -> String {
     }
 }
 
-/// The options of an index as listIndexes shows them, reduced to what we compare.
-fn option_flags(doc: &Document) -> (bool, bool) {
+/// The options of an index as listIndexes shows them, reduced to what we compare:
+/// unique, sparse, TTL of zero seconds.
+fn option_flags(doc: &Document) -> (bool, bool, bool) {
     let flag = |k: &str| matches!(doc.get(k), Some(Bson::Boolean(true)));
-    (flag("unique"), flag("sparse"))
+    let ttl = match doc.get("expireAfterSeconds") {
+        Some(Bson::Int32(v)) => *v == 0,
+        Some(Bson::Int64(v)) => *v == 0,
+        Some(Bson::Double(v)) => *v == 0.0,
+        _ => false,
+    };
+    (flag("unique"), flag("sparse"), ttl)
+}
+
+fn wanted_flags(spec: &IndexSpec) -> (bool, bool, bool) {
+    (spec.unique, spec.sparse, spec.ttl)
 }
 
 fn is_text_index(doc: &Document) -> bool {
@@ -308,7 +363,7 @@ async fn ensure_index(store: &Store, spec: &IndexSpec) -> Result<IndexOutcome, S
         .iter()
         .find(|d| d.get_str("name").ok() == Some(spec.name))
     {
-        if same_keys(found) && option_flags(found) == (spec.unique, spec.sparse) {
+        if same_keys(found) && option_flags(found) == wanted_flags(spec) {
             return Ok(IndexOutcome::Exists(spec.name.into()));
         }
         return Err(StoreError::IndexConflict {
@@ -321,7 +376,7 @@ async fn ensure_index(store: &Store, spec: &IndexSpec) -> Result<IndexOutcome, S
     // for a time-series collection) serve the same queries: keep it.
     if let Some(found) = existing
         .iter()
-        .find(|d| same_keys(d) && option_flags(d) == (spec.unique, spec.sparse))
+        .find(|d| same_keys(d) && option_flags(d) == wanted_flags(spec))
     {
         return Ok(IndexOutcome::Exists(
             found.get_str("name").unwrap_or("?").to_string(),
@@ -331,6 +386,7 @@ async fn ensure_index(store: &Store, spec: &IndexSpec) -> Result<IndexOutcome, S
         .name(spec.name.to_string())
         .unique(spec.unique.then_some(true))
         .sparse(spec.sparse.then_some(true))
+        .expire_after(spec.ttl.then_some(std::time::Duration::ZERO))
         .build();
     let model = IndexModel::builder()
         .keys(spec.keys.clone())
