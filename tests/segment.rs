@@ -560,6 +560,29 @@ async fn gzip_bodies_write_key_in_the_body_and_invalid_messages_reported() {
     assert_eq!(results[1]["status"], "rejected");
     assert_eq!(results[1]["field"], "event");
     assert_eq!(results[2]["field"], "type");
+    // A body of two concatenated gzip members (RFC 1952) is read whole.
+    let text = json!({ "writeKey": KEY, "batch": [
+        { "type": "track", "messageId": "gm1", "userId": "v", "event": "Clicked" },
+    ] })
+    .to_string();
+    let (head, tail) = text.split_at(text.len() / 2);
+    let mut two = Vec::new();
+    for part in [head, tail] {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(part.as_bytes()).unwrap();
+        two.extend(gz.finish().unwrap());
+    }
+    let resp = client
+        .post(format!("{base}/v1/batch"))
+        .header("content-type", "application/json")
+        .header("content-encoding", "gzip")
+        .body(two)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let answer: Value = resp.json().await.unwrap();
+    assert_eq!(answer["stored"], 1, "{answer}");
     let g1 = &find(&db, "events", doc! { "eventId": "g1" }).await[0];
     assert_eq!(g1.get_str("eventType").unwrap(), "PURCHASE");
     assert_eq!(

@@ -97,7 +97,10 @@ fn id_field(obj: &Map<String, Value>, field: &str) -> Result<Option<String>, Val
             field,
             format!("longer than {MAX_ID_LEN} bytes"),
         )),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(Value::String(s)) => {
+            crate::tracking::check_id(field, s)?;
+            Ok(Some(s.clone()))
+        }
         // Some SDKs send numeric user ids.
         Some(Value::Number(n)) => Ok(Some(n.to_string())),
         Some(_) => Err(ValidationError::new(field, "expected a string")),

@@ -91,11 +91,34 @@ fn opt_string(
     }
 }
 
+/// An id (`eventId`, `userId`, `sessionId`...): at most `MAX_ID_LEN` bytes, not blank,
+/// no control characters (they would end up in file names, logs and CSV exports).
+pub(crate) fn check_id(field: &str, id: &str) -> Result<(), ValidationError> {
+    if id.trim().is_empty() {
+        return Err(ValidationError::new(field, "is blank"));
+    }
+    if id.chars().any(char::is_control) {
+        return Err(ValidationError::new(field, "contains control characters"));
+    }
+    Ok(())
+}
+
+fn opt_id(
+    obj: &serde_json::Map<String, Value>,
+    field: &str,
+) -> Result<Option<String>, ValidationError> {
+    let id = opt_string(obj, field, MAX_ID_LEN)?;
+    if let Some(id) = &id {
+        check_id(field, id)?;
+    }
+    Ok(id)
+}
+
 fn required_string(
     obj: &serde_json::Map<String, Value>,
     field: &str,
 ) -> Result<String, ValidationError> {
-    opt_string(obj, field, MAX_ID_LEN)?
+    opt_id(obj, field)?
         .ok_or_else(|| ValidationError::new(field, "is required (a non-empty string)"))
 }
 
@@ -150,13 +173,13 @@ pub fn parse_event(
             format!("expected an object, got {}", kind(v)),
         ));
     };
-    let event_id = match opt_string(obj, f::EVENT_ID, MAX_ID_LEN)? {
+    let event_id = match opt_id(obj, f::EVENT_ID)? {
         Some(id) => id,
         None => uuid::Uuid::new_v4().to_string(),
     };
     let user_id = required_string(obj, f::USER_ID)?;
     // Without a sessionId the writer assigns one by the inactivity-gap rule.
-    let session_id = opt_string(obj, f::SESSION_ID, MAX_ID_LEN)?.unwrap_or_default();
+    let session_id = opt_id(obj, f::SESSION_ID)?.unwrap_or_default();
     let type_text = match obj.get(f::EVENT_TYPE) {
         Some(Value::String(s)) => s.as_str(),
         None | Some(Value::Null) => {
@@ -262,12 +285,29 @@ pub fn parse_event(
         }
     };
     let mut metadata = metadata;
-    if let Some(Value::Object(context)) = obj.get("context") {
-        if let Some(ua) = opt_string(context, "userAgent", MAX_URL_LEN)? {
-            metadata.user_agent = Some(ua);
+    match obj.get("context") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(context)) => {
+            let in_context =
+                |e: ValidationError| ValidationError::new(format!("context.{}", e.field), e.reason);
+            if let Some(ua) = opt_string(context, "userAgent", MAX_URL_LEN).map_err(in_context)? {
+                metadata.user_agent = Some(ua);
+            }
+            if let Some(ip) = opt_string(context, "ip", 64).map_err(in_context)? {
+                if ip.parse::<std::net::IpAddr>().is_err() {
+                    return Err(ValidationError::new(
+                        "context.ip",
+                        format!("expected an IPv4 or IPv6 address, got `{ip}`"),
+                    ));
+                }
+                metadata.ip_address = Some(ip);
+            }
         }
-        if let Some(ip) = opt_string(context, "ip", 64)? {
-            metadata.ip_address = Some(ip);
+        Some(other) => {
+            return Err(ValidationError::new(
+                "context",
+                format!("expected an object, got {}", kind(other)),
+            ))
         }
     }
     if metadata.user_agent.is_none() {
@@ -398,6 +438,30 @@ pub(crate) mod tests {
             (
                 json!({"userId": "v", "eventType": "CLICK", "timestamp": NOW, "sentAt": 0}),
                 "sentAt",
+            ),
+            (
+                json!({"userId": " ", "sessionId": "s", "eventType": "CLICK"}),
+                "userId",
+            ),
+            (
+                json!({"userId": "v", "eventId": "a\u{0}b", "sessionId": "s", "eventType": "CLICK"}),
+                "eventId",
+            ),
+            (
+                json!({"userId": "v", "sessionId": "s\nt", "eventType": "CLICK"}),
+                "sessionId",
+            ),
+            (
+                json!({"userId": "v", "sessionId": "s", "eventType": "CLICK", "context": 1}),
+                "context",
+            ),
+            (
+                json!({"userId": "v", "sessionId": "s", "eventType": "CLICK", "context": {"ip": "not-an-ip"}}),
+                "context.ip",
+            ),
+            (
+                json!({"userId": "v", "sessionId": "s", "eventType": "CLICK", "context": {"userAgent": 5}}),
+                "context.userAgent",
             ),
             (json!("just a string"), "event"),
             (

@@ -14,9 +14,11 @@ pub fn presented_key(headers: &HeaderMap) -> Option<String> {
         return Some(v.trim().to_string());
     }
     let auth = headers.get("authorization")?.to_str().ok()?;
-    let encoded = auth
-        .strip_prefix("Basic ")
-        .or_else(|| auth.strip_prefix("basic "))?;
+    // The scheme is case-insensitive (RFC 9110).
+    let (scheme, encoded) = auth.trim_start().split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
     let decoded = base64::engine::general_purpose::STANDARD
         .decode(encoded.trim())
         .ok()?;
@@ -94,6 +96,19 @@ mod tests {
             authorize(&keys, presented_key(&h).as_deref()).as_deref(),
             Some("wk_abcdef12")
         );
+        for scheme in ["BASIC", "basic", "bAsIc"] {
+            let mut h = HeaderMap::new();
+            let value = format!("{scheme} d2tfYWJjZGVmMTI6");
+            h.insert("authorization", value.parse().unwrap());
+            assert_eq!(
+                presented_key(&h).as_deref(),
+                Some("wk_abcdef12"),
+                "{scheme}"
+            );
+        }
+        let mut h = HeaderMap::new();
+        h.insert("authorization", "Bearer d2tfYWJjZGVmMTI6".parse().unwrap());
+        assert_eq!(presented_key(&h), None);
         let mut h = HeaderMap::new();
         h.insert("x-write-key", "wrong-key".parse().unwrap());
         assert_eq!(authorize(&keys, presented_key(&h).as_deref()), None);

@@ -208,7 +208,8 @@ pub(super) fn read_body(
         Some("gzip") | Some("x-gzip") => {
             use std::io::Read;
             let mut out = Vec::new();
-            flate2::read::GzDecoder::new(&body[..])
+            // Every member: gzip streams may be concatenated (RFC 1952).
+            flate2::read::MultiGzDecoder::new(&body[..])
                 .take(limit as u64 + 1)
                 .read_to_end(&mut out)
                 .map_err(|e| {
