@@ -330,8 +330,8 @@ pub fn parse_message(
     if let Some(c) = context {
         native.insert("context".into(), Value::Object(c.clone()));
     }
-    let mut event =
-        parse_event(&Value::Object(native), ctx, EventMetadata::default()).map_err(rename_field)?;
+    let mut event = parse_event(&Value::Object(native), ctx, EventMetadata::default())
+        .map_err(|e| rename_field(e, kind))?;
     if let Some(c) = context {
         apply_context(&mut event.metadata, c)?;
     }
@@ -349,9 +349,15 @@ pub fn parse_message(
 }
 
 /// Errors name the Segment field the client sent, not the native one.
-fn rename_field(mut err: ValidationError) -> ValidationError {
+/// Names a field of the native event as the Segment message names it.
+fn rename_field(mut err: ValidationError, kind: Kind) -> ValidationError {
     if err.field == "eventId" {
         err.field = "messageId".into();
+    }
+    if kind == Kind::Identify {
+        if let Some(rest) = err.field.strip_prefix("properties") {
+            err.field = format!("traits{rest}");
+        }
     }
     err
 }
@@ -446,6 +452,15 @@ mod tests {
             custom.event.properties.get_str(EVENT_NAME).unwrap(),
             "Video Played"
         );
+    }
+
+    #[test]
+    fn identify_errors_name_traits() {
+        let err = parse(json!({
+            "type": "identify", "userId": "u1", "traits": {"$set": 1},
+        }))
+        .unwrap_err();
+        assert_eq!(err.field, "traits.$set");
     }
 
     #[test]
