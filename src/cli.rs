@@ -206,7 +206,21 @@ pub async fn export_run(
     to: Option<chrono::NaiveDate>,
     dest: Option<&str>,
 ) -> anyhow::Result<sluice_jobs::export::ExportSummary> {
+    use sluice_core::model::ExportJobType;
     use sluice_jobs::export::{run_export, ExportContext, ExportRequest};
+    if (from.is_some() || to.is_some())
+        && matches!(kind, ExportJobType::Archive | ExportJobType::UserData)
+    {
+        anyhow::bail!(
+            "{} takes no --from / --to: {}",
+            kind.as_str(),
+            if kind == ExportJobType::Archive {
+                "it archives every event older than `archive_after_days`"
+            } else {
+                "it exports every user profile as of now"
+            }
+        );
+    }
     let store = Store::connect(config).await?;
     store.init().await?;
     let destination = open_destination(config, dest).await?;

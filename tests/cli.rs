@@ -178,6 +178,16 @@ fn configs_validate_lists_good_files_and_names_the_bad_ones() {
         "name = \"x\"\ntype = \"IMPORT\"\nendpoint = \"ftp://nope\"\n",
     )
     .unwrap();
+    let good = std::fs::read_to_string(dir.join("good.toml")).unwrap();
+    std::fs::write(
+        dir.join("bad-cron.toml"),
+        good.replacen(
+            "name = \"",
+            "schedule = \"99 99 99 * * *\"\nname = \"cron-",
+            1,
+        ),
+    )
+    .unwrap();
     let out = sluice()
         .args(["configs", "validate"])
         .arg(&dir)
@@ -188,5 +198,22 @@ fn configs_validate_lists_good_files_and_names_the_bad_ones() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stdout.contains("good.toml"), "{stdout}");
     assert!(stderr.contains("bad.toml: field `endpoint`"), "{stderr}");
+    assert!(
+        stderr.contains("bad-cron.toml: field `schedule`"),
+        "{stderr}"
+    );
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn export_types_without_a_window_refuse_one() {
+    for kind in ["archive", "user-data"] {
+        let out = sluice()
+            .args(["export", "run", kind, "--from", "2020-01-01"])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("takes no --from / --to"), "{kind}: {err}");
+    }
 }

@@ -422,7 +422,20 @@ async fn archive_deletes_exactly_what_it_exported() {
     let recent = day(-10);
     let old_events = seed(&db, old, 700).await;
     seed(&db, recent, 300).await;
-    let ctx = ExportContext::new(db.store.clone(), ObjectStore::Local(LocalDir::new(&dir)));
+    // A claim of the archived day whose event was never stored (its insert failed and the
+    // client was answered 503): archiving the day must leave it open.
+    let mut lost = event(9_999, old);
+    lost.event_id = "never-stored".into();
+    db.store
+        .collection("event_ids")
+        .insert_one(
+            doc! { "_id": "never-stored", "ts": lost.timestamp, "at": DateTime::from_millis(0) },
+        )
+        .await
+        .unwrap();
+    let mut ctx = ExportContext::new(db.store.clone(), ObjectStore::Local(LocalDir::new(&dir)));
+    // Export transforms (this one drops bots) do not apply to an archive: it is a move.
+    ctx.transforms = vec![Arc::new(Shout)];
     let summary = run_export(&ctx, &request(ExportJobType::Archive, day(0), day(0)))
         .await
         .unwrap();
@@ -452,6 +465,15 @@ async fn archive_deletes_exactly_what_it_exported() {
     let again = writer.write(&old_events[..5]).await.unwrap();
     assert_eq!(again, vec![WriteStatus::Duplicate; 5]);
     assert_eq!(events.count_documents(doc! {}).await.unwrap(), 300);
+    // The resend of the event that was never stored is stored now.
+    assert_eq!(
+        writer.write(std::slice::from_ref(&lost)).await.unwrap(),
+        vec![WriteStatus::Stored]
+    );
+    events
+        .delete_one(doc! { "eventId": "never-stored" })
+        .await
+        .unwrap();
 
     // A second run archives nothing new and keeps the first run's files.
     let second = run_export(&ctx, &request(ExportJobType::Archive, day(0), day(0)))

@@ -73,6 +73,14 @@ pub fn validate_text(
     let file = parse_file(origin, text)?;
     refuse_literal_secrets(origin, &file)?;
     let connector = validate(origin, &file, env)?;
+    if let Some(cron) = &file.schedule {
+        // The same parser the scheduler uses: field values and names, not only counts.
+        crate::schedule::parse_cron(cron).map_err(|e| ConfigError::Invalid {
+            origin: origin.to_string(),
+            field: "schedule".into(),
+            expected: e,
+        })?;
+    }
     Ok((file, connector))
 }
 

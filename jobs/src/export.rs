@@ -152,8 +152,11 @@ struct Staged {
     table: &'static TableSpec,
     parts: Vec<(String, LocalPartInfo)>,
     rows_read: u64,
-    /// ARCHIVE: the filter that selected exactly the rows read.
+    /// ARCHIVE: the filter that selected the rows read.
     delete_filter: Option<Document>,
+    /// ARCHIVE: the eventIds of exactly the rows read (and written, as ARCHIVE runs no
+    /// transform): what is deleted and marked archived in the ledger.
+    archived_ids: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -599,8 +602,16 @@ async fn stage(
     let (batch_tx, mut batch_rx) = mpsc::channel::<Vec<Document>>(4);
     let (part_tx, mut part_rx) = mpsc::channel::<LocalPart>(2);
 
+    // An archive is a move: every event deleted must be in the files, so no transform may
+    // drop, split or change records on the way.
+    let archiving = delete_filter.is_some();
+    let mut archived_ids = Vec::new();
     let encoder = {
-        let transforms = ctx.transforms.clone();
+        let transforms = if archiving {
+            Vec::new()
+        } else {
+            ctx.transforms.clone()
+        };
         let options = ctx.part_options.clone();
         let progress = ctx.progress.clone();
         let work = work.clone();
@@ -661,6 +672,20 @@ async fn stage(
         let mut rows = 0u64;
         let mut buf = Vec::with_capacity(ctx.batch_rows);
         while let Some(doc) = docs.try_next().await? {
+            if archiving {
+                match doc.get_str(e::EVENT_ID) {
+                    Ok(id) => archived_ids.push(id.to_string()),
+                    Err(_) => {
+                        return Err(ExportError::Encode {
+                            partition: prefix.clone(),
+                            message: format!(
+                                "an event without a string `eventId` cannot be archived (_id {})",
+                                doc.get(common::ID).cloned().unwrap_or(Bson::Null)
+                            ),
+                        })
+                    }
+                }
+            }
             buf.push(doc);
             if buf.len() >= ctx.batch_rows {
                 rows += buf.len() as u64;
@@ -696,6 +721,7 @@ async fn stage(
         parts,
         rows_read,
         delete_filter,
+        archived_ids,
     })
 }
 
@@ -787,32 +813,40 @@ async fn archive_delete(
             }
         }
     }
-    let deleted = ctx
-        .store
-        .collection(c::EVENTS)
-        .delete_many(filter.clone())
-        .write_concern(ctx.store.write_concern().clone())
-        .await
-        .map_err(|source| ExportError::Read {
-            partition: s.prefix.clone(),
-            source,
-        })?
-        .deleted_count;
+    let failed = |source| ExportError::Read {
+        partition: s.prefix.clone(),
+        source,
+    };
+    // By eventId, within the partition's filter: exactly the events written, never one
+    // that arrived since.
+    let mut deleted = 0;
+    for ids in s.archived_ids.chunks(ARCHIVE_DELETE_CHUNK) {
+        let mut selected = filter.clone();
+        selected.insert(e::EVENT_ID, doc! { "$in": ids });
+        deleted += ctx
+            .store
+            .collection(c::EVENTS)
+            .delete_many(selected)
+            .write_concern(ctx.store.write_concern().clone())
+            .await
+            .map_err(failed)?
+            .deleted_count;
+        // Resends of archived events must stay duplicates, not be stored again. Only
+        // these ids: a claim of the same day whose event was never stored stays open.
+        ctx.store
+            .collection(c::EVENT_IDS)
+            .update_many(
+                doc! { common::ID: { "$in": ids } },
+                doc! { "$set": { l::ARCHIVED: true } },
+            )
+            .await
+            .map_err(failed)?;
+    }
     if deleted != s.rows_read {
         tracing::warn!(partition = %s.prefix, read = s.rows_read, deleted, "archive deleted a different count than it read");
     }
-    // Resends of archived events must stay duplicates, not be stored again.
-    let ts = filter.get(e::TIMESTAMP).cloned().unwrap_or(Bson::Null);
-    ctx.store
-        .collection(c::EVENT_IDS)
-        .update_many(
-            doc! { l::TIMESTAMP: ts },
-            doc! { "$set": { l::ARCHIVED: true } },
-        )
-        .await
-        .map_err(|source| ExportError::Read {
-            partition: s.prefix.clone(),
-            source,
-        })?;
     Ok(deleted)
 }
+
+/// eventIds per delete command of an archive (well under the 16 MB command limit).
+const ARCHIVE_DELETE_CHUNK: usize = 10_000;

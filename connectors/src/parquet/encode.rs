@@ -101,10 +101,21 @@ fn column(spec: &ColumnSpec, docs: &[Document]) -> Result<ArrayRef, EncodeError>
         ColKind::TimestampMicros => {
             let mut b = TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
             for v in values {
-                let t = v
-                    .and_then(|v| v.as_datetime())
-                    .map(|t| t.timestamp_millis() * 1000);
-                check(t.is_some())?;
+                let date = v.and_then(|v| v.as_datetime());
+                check(date.is_some())?;
+                let t = match date {
+                    // Microseconds overflow i64 beyond about the year 294,000.
+                    Some(d) => Some(d.timestamp_millis().checked_mul(1000).ok_or_else(|| {
+                        EncodeError::Value {
+                            column: spec.name.to_string(),
+                            message: format!(
+                                "`{}` is out of the representable range: {d}",
+                                spec.path
+                            ),
+                        }
+                    })?),
+                    None => None,
+                };
                 b.append_option(t);
             }
             Arc::new(b.finish())
@@ -224,9 +235,38 @@ pub fn encode(table: &TableSpec, docs: &[Document]) -> Result<RecordBatch, Encod
     let arrays = table
         .columns
         .iter()
-        .map(|c| column(c, docs))
+        .map(|c| column(c, docs).map_err(|e| name_the_row(e, c, docs)))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(RecordBatch::try_new(schema_of(table), arrays)?)
+}
+
+/// Adds to a column error which document caused it (its `eventId`, `visitorId`, `date`
+/// or `_id`): found by encoding the column one document at a time, on the error path only.
+fn name_the_row(err: EncodeError, spec: &ColumnSpec, docs: &[Document]) -> EncodeError {
+    let EncodeError::Value {
+        column: name,
+        message,
+    } = err
+    else {
+        return err;
+    };
+    let culprit = docs
+        .iter()
+        .find(|d| column(spec, std::slice::from_ref(*d)).is_err());
+    let Some(d) = culprit else {
+        return EncodeError::Value {
+            column: name,
+            message,
+        };
+    };
+    let id = ["eventId", "visitorId", "date", "_id"]
+        .iter()
+        .find_map(|k| d.get(*k).map(|v| format!("{k} {}", as_text(v))))
+        .unwrap_or_else(|| "a document without an id".into());
+    EncodeError::Value {
+        column: name,
+        message: format!("{message} (in the document with {id})"),
+    }
 }
 
 #[cfg(test)]
@@ -236,6 +276,32 @@ mod tests {
     use arrow::array::{Array, AsArray};
     use arrow::datatypes::TimestampMicrosecondType;
     use bson::doc;
+
+    #[test]
+    fn column_errors_name_the_document_and_far_dates_fail_cleanly() {
+        let ok = doc! {
+            "eventId": "fine", "userId": "u", "sessionId": "s", "eventType": "CLICK",
+            "timestamp": bson::DateTime::from_millis(1_700_000_000_000),
+        };
+        let mut missing = ok.clone();
+        missing.insert("eventId", "no-session");
+        missing.remove("sessionId");
+        let err = encode(&EVENT_TABLE, &[ok.clone(), missing])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("sessionId") && err.contains("eventId no-session"),
+            "{err}"
+        );
+        let mut far = ok.clone();
+        far.insert("eventId", "far");
+        far.insert("timestamp", bson::DateTime::from_millis(1i64 << 62));
+        let err = encode(&EVENT_TABLE, &[ok, far]).unwrap_err().to_string();
+        assert!(
+            err.contains("out of the representable range") && err.contains("eventId far"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn events_encode_with_flattened_metadata_and_json_properties() {
