@@ -670,6 +670,88 @@ async fn dry_run_writes_nothing_and_private_addresses_are_refused() {
     );
 }
 
+/// Link-header pages: the first names the second relatively; the second names a third
+/// on another origin (`localhost` instead of the vetted `127.0.0.1`).
+async fn linked(
+    State(hits): State<Arc<Mutex<Vec<String>>>>,
+    Query(q): Query<Vec<(String, String)>>,
+    headers: HeaderMap,
+) -> Response {
+    let page = q
+        .iter()
+        .find(|(k, _)| k == "p")
+        .map_or("1", |(_, v)| v.as_str())
+        .to_string();
+    let host = headers
+        .get("host")
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    hits.lock().unwrap().push(format!("{host} p={page}"));
+    let port = host.rsplit(':').next().unwrap_or("").to_string();
+    let (ids, next) = match page.as_str() {
+        "1" => (0..3, "</linked?p=2>; rel=\"next\"".to_string()),
+        "2" => (
+            3..6,
+            format!("<http://localhost:{port}/linked?p=3>; rel=\"next\""),
+        ),
+        _ => (6..9, String::new()),
+    };
+    let data: Vec<Value> = ids
+        .map(|i| json!({ "id": i, "title": format!("t{i}") }))
+        .collect();
+    ([("link", next)], Json(json!({ "data": data }))).into_response()
+}
+
+#[tokio::test]
+async fn link_pages_resolve_relative_urls_and_never_leave_the_vetted_origin() {
+    let db = TestDb::initialized().await;
+    let hits: Arc<Mutex<Vec<String>>> = Default::default();
+    let app = Router::new()
+        .route("/linked", get(linked))
+        .with_state(hits.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let config = format!(
+        r#"
+name = "linked"
+type = "IMPORT"
+endpoint = "http://{addr}/linked"
+allow_private_network = true
+[source]
+records = "$.data[*]"
+[source.pagination]
+type = "link_header"
+[source.retry]
+max_attempts = 1
+[target]
+collection = "things"
+key = "thingId"
+[mapping.thingId]
+path = "$.id"
+type = "string"
+required = true
+"#
+    );
+    let name = apply(&db, &config).await;
+    let err = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("only fetched from the endpoint's own origin"),
+        "{err}"
+    );
+    let served = hits.lock().unwrap().clone();
+    assert_eq!(
+        served.len(),
+        2,
+        "the relative page 2 was followed, page 3 never: {served:?}"
+    );
+    assert!(served[1].ends_with("p=2"), "{served:?}");
+}
+
 #[tokio::test]
 async fn export_configs_push_new_documents_in_batches() {
     let db = TestDb::initialized().await;

@@ -46,6 +46,8 @@ pub enum HttpError {
     },
     #[error("{0}")]
     Selector(String),
+    #[error("`{url}` is refused: pages are only fetched from the endpoint's own origin `{origin}`, the one host that was vetted and pinned")]
+    OffOrigin { url: String, origin: String },
 }
 
 /// What a fetched page holds.
@@ -532,6 +534,19 @@ impl HttpClient {
         let PageState::Fetch { url, query, .. } = state else {
             return Ok(None);
         };
+        // A next page named by the API (a `Link` header, or a URL saved in a checkpoint)
+        // must stay on the vetted endpoint's origin: anything else could reach a host the
+        // private-network guard never saw.
+        let origin = |u: &str| reqwest::Url::parse(u).map(|u| u.origin());
+        let endpoint = origin(&self.connector.endpoint.text);
+        if endpoint.is_err() || origin(url).ok() != endpoint.clone().ok() {
+            return Err(HttpError::OffOrigin {
+                url: url.clone(),
+                origin: endpoint
+                    .map(|o| o.ascii_serialization())
+                    .unwrap_or_else(|_| self.connector.endpoint.text.clone()),
+            });
+        }
         let (body, headers) = self.send(HttpMethod::Get, url, query, None).await?;
         let records =
             select_records(&body, &self.connector.records).map_err(HttpError::Selector)?;
@@ -631,8 +646,12 @@ impl HttpClient {
             },
             Paging::LinkHeader => match next_link(&page.headers) {
                 // The next URL carries its own query; keep only what the first request added.
+                // A relative reference is resolved against the page that named it (RFC 8288).
                 Some(next) => PageState::Fetch {
-                    url: next,
+                    url: reqwest::Url::parse(url)
+                        .and_then(|base| base.join(&next))
+                        .map(|u| u.to_string())
+                        .unwrap_or(next),
                     query: Vec::new(),
                     page: n,
                     offset: offset + got,
