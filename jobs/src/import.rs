@@ -465,7 +465,7 @@ async fn write_page(
     let mut mapped = Vec::with_capacity(page.records.len());
     for record in &page.records {
         match map_record(&connector.fields, record) {
-            Ok(d) if d.get(&connector.key).is_some_and(|k| *k != Bson::Null) => mapped.push(d),
+            Ok(d) if d.get(&connector.key).is_some_and(usable_key) => mapped.push(d),
             Ok(_) => reject(
                 summary,
                 options,
@@ -526,6 +526,15 @@ async fn write_page(
             .map_err(StoreError::mongo(c::IMPORT_CHECKPOINTS, "save checkpoint"))?;
     }
     Ok(())
+}
+
+/// An upsert key that can identify a document: not null, not an empty or blank string.
+fn usable_key(k: &Bson) -> bool {
+    match k {
+        Bson::Null => false,
+        Bson::String(s) => !s.trim().is_empty(),
+        _ => true,
+    }
 }
 
 /// Makes sure the target has a unique index on the upsert key: without one, every upsert
@@ -874,4 +883,27 @@ pub async fn run_push(
         sluice_core::metrics::count("sluice_push_records_total", help, &l, n);
     }
     Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_and_blank_keys_are_not_upserted() {
+        for bad in [
+            Bson::Null,
+            Bson::String(String::new()),
+            Bson::String("  ".into()),
+        ] {
+            assert!(!usable_key(&bad), "{bad:?}");
+        }
+        for good in [
+            Bson::String("0".into()),
+            Bson::Int64(0),
+            Bson::Boolean(false),
+        ] {
+            assert!(usable_key(&good), "{good:?}");
+        }
+    }
 }
