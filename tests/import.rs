@@ -328,6 +328,43 @@ async fn an_interrupted_import_resumes_without_loss_or_duplicates() {
     assert_eq!(count(&db, "import_checkpoints").await, 0);
 }
 
+#[tokio::test]
+async fn a_config_changed_after_an_interruption_starts_over_instead_of_resuming() {
+    std::env::set_var("IMPORT_TEST_SECRET_F", "right-secret");
+    let db = TestDb::initialized().await;
+    let api = ApiServer::start(&products(100), "right-secret", 600);
+    let config = |size: u32| {
+        oauth_config(
+            "shop-changed",
+            &api,
+            "IMPORT_TEST_SECRET_F",
+            &format!(
+                "type = \"page\"\npage_param = \"_page\"\nsize_param = \"_limit\"\nsize = {size}\n"
+            ),
+        )
+    };
+    let name = apply(&db, &config(10)).await;
+    let stop = ImportOptions {
+        stop_after_pages: Some(3),
+        ..Default::default()
+    };
+    assert!(!run_import(&db.store, &name, &stop).await.unwrap().completed);
+    // Re-applying the same config keeps the checkpoint; a changed one discards it.
+    apply(&db, &config(10)).await;
+    assert_eq!(count(&db, "import_checkpoints").await, 1);
+    apply(&db, &config(25)).await;
+    let rest = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert!(!rest.resumed && rest.completed);
+    assert_eq!(
+        rest.fetched, 100,
+        "every record read with the new page size"
+    );
+    assert_eq!(count(&db, "products").await, 100);
+    assert_eq!(count(&db, "import_checkpoints").await, 0);
+}
+
 /// In-test API: behaviour chosen per test through `Fault`.
 #[derive(Clone)]
 struct FaultApi {

@@ -268,6 +268,24 @@ pub async fn run_import(
             .await
             .map_err(StoreError::mongo(c::IMPORT_CHECKPOINTS, "read checkpoint"))?
     };
+    // A checkpoint belongs to the config it was taken with: after `configs apply` changed
+    // the config (a fixed endpoint, a new mapping), its saved next page may be wrong, so
+    // the run starts over (upserts by key make that safe).
+    let fingerprint = spec_fingerprint(&stored);
+    let checkpoint = match checkpoint {
+        Some(cp) if cp.get_str("spec").is_ok_and(|f| f != fingerprint) => {
+            tracing::warn!(
+                config = name,
+                "the config changed since its interrupted run; starting over instead of resuming"
+            );
+            checkpoints
+                .delete_one(doc! { common::ID: name })
+                .await
+                .map_err(StoreError::mongo(c::IMPORT_CHECKPOINTS, "clear checkpoint"))?;
+            None
+        }
+        other => other,
+    };
     let mut max_cursor: Option<Bson> = None;
     let mut state = match &checkpoint {
         Some(cp) => {
@@ -307,6 +325,7 @@ pub async fn run_import(
         &mut state,
         &mut summary,
         &mut max_cursor,
+        &fingerprint,
     )
     .await;
     summary.http = http.stats.lock().map(|s| s.clone()).unwrap_or_default();
@@ -364,6 +383,7 @@ async fn import_pages(
     state: &mut PageState,
     summary: &mut ImportSummary,
     max_cursor: &mut Option<Bson>,
+    fingerprint: &str,
 ) -> Result<(), ImportError> {
     let mut previous_body: Option<Value> = None;
     let mut pages_this_run = 0u64;
@@ -407,7 +427,16 @@ async fn import_pages(
             }
         };
         let write = write_page(
-            store, connector, chain, options, &page, &next, summary, max_cursor, sink_mode,
+            store,
+            connector,
+            chain,
+            options,
+            &page,
+            &next,
+            summary,
+            max_cursor,
+            sink_mode,
+            fingerprint,
         );
         let (prefetched, written) = tokio::join!(prefetch, write);
         written?;
@@ -461,6 +490,7 @@ async fn write_page(
     summary: &mut ImportSummary,
     max_cursor: &mut Option<Bson>,
     sink_mode: &mut SinkMode,
+    fingerprint: &str,
 ) -> Result<(), ImportError> {
     let mut mapped = Vec::with_capacity(page.records.len());
     for record in &page.records {
@@ -511,6 +541,7 @@ async fn write_page(
                 doc! { common::ID: &connector.name },
                 doc! {
                     "runId": &summary.run_id,
+                    "spec": fingerprint,
                     "state": serde_json::to_string(next).unwrap_or_default(),
                     "pages": summary.pages as i64,
                     "fetched": summary.fetched as i64,
@@ -526,6 +557,18 @@ async fn write_page(
             .map_err(StoreError::mongo(c::IMPORT_CHECKPOINTS, "save checkpoint"))?;
     }
     Ok(())
+}
+
+/// Identifies a stored config's settings (its `spec`), to tell whether a checkpoint was
+/// taken with them.
+fn spec_fingerprint(stored: &Document) -> String {
+    use sha2::{Digest, Sha256};
+    let spec = stored.get(f::SPEC).cloned().unwrap_or(Bson::Null);
+    let text = spec.into_relaxed_extjson().to_string();
+    Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// An upsert key that can identify a document: not null, not an empty or blank string.
@@ -707,11 +750,7 @@ async fn record_run(
 ) -> Result<(), StoreError> {
     let now = DateTime::now();
     let samples = bson::to_bson(&s.samples).unwrap_or(Bson::Array(Vec::new()));
-    store
-        .collection(c::IMPORT_RUNS)
-        .update_one(
-            doc! { r::RUN_ID: &s.run_id },
-            doc! {
+    let mut update = doc! {
                 "$set": {
                     r::CONFIG: &s.name, r::STATUS: status, "pages": s.pages as i64,
                     "fetched": s.fetched as i64, "inserted": s.inserted as i64,
@@ -722,8 +761,17 @@ async fn record_run(
                     common::UPDATED_AT: now,
                 },
                 "$setOnInsert": { r::START_TIME: now, common::CREATED_AT: now },
-            },
-        )
+    };
+    if status == "FAILED" {
+        // A resumed run reuses the run id; its earlier failures stay on record.
+        update.insert(
+            "$push",
+            doc! { "failures": { "at": now, "error": error, "pages": s.pages as i64 } },
+        );
+    }
+    store
+        .collection(c::IMPORT_RUNS)
+        .update_one(doc! { r::RUN_ID: &s.run_id }, update)
         .upsert(true)
         .await
         .map_err(StoreError::mongo(c::IMPORT_RUNS, "record run"))?;
