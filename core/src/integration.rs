@@ -459,6 +459,19 @@ fn toml_to_json(v: &toml::Value) -> Value {
 }
 
 /// The one validation step. Secrets are resolved through `env`.
+/// Whether a request header carries a credential by its name.
+fn credential_header(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    matches!(
+        n.as_str(),
+        "authorization" | "proxy-authorization" | "cookie"
+    ) || [
+        "token", "secret", "password", "api-key", "apikey", "api_key",
+    ]
+    .iter()
+    .any(|w| n.contains(w))
+}
+
 pub fn validate(
     origin: &str,
     file: &IntegrationFile,
@@ -686,16 +699,34 @@ pub fn validate(
             "a number greater than 0".into(),
         ));
     }
+    // Header values may be `${env:NAME}` references, resolved like auth secrets; a header
+    // that carries a credential must be one, so the stored config never holds it in clear.
+    let mut headers = Vec::with_capacity(file.headers.len());
+    for (k, v) in &file.headers {
+        let field = format!("headers.{k}");
+        let value = match v.strip_prefix("${env:").and_then(|r| r.strip_suffix('}')) {
+            Some(name) => env(name).ok_or_else(|| {
+                invalid(
+                    &field,
+                    format!("environment variable `{name}` to be set (it is not)"),
+                )
+            })?,
+            None if credential_header(k) => {
+                return Err(invalid(
+                    &field,
+                    "a `${env:NAME}` reference (this header carries a credential, and secrets are never stored in clear)".into(),
+                ))
+            }
+            None => v.clone(),
+        };
+        headers.push((k.clone(), value));
+    }
     Ok(Connector {
         name: file.name.clone(),
         kind,
         endpoint,
         method,
-        headers: file
-            .headers
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
+        headers,
         schedule: file.schedule.clone(),
         is_active: file.is_active,
         allow_private_network: file.allow_private_network,
@@ -905,6 +936,37 @@ type = "bool"
             matches!(c.auth, Auth::OAuth { ref client_secret, .. } if client_secret.expose() == "s3cr3t")
         );
         assert_eq!(c.endpoint.port, 443);
+    }
+
+    #[test]
+    fn credential_headers_are_env_references_resolved_at_validation() {
+        let with = |headers: &str| {
+            let text = FILE.replacen(
+                "endpoint = \"https://api.shop.example/products\"",
+                &format!("endpoint = \"https://api.shop.example/products\"\nheaders = {headers}"),
+                1,
+            );
+            validate("shop.toml", &parse_file("shop.toml", &text).unwrap(), &env)
+        };
+        let c = with(r#"{ X-Token = "${env:SHOP_SECRET}", Accept = "application/json" }"#).unwrap();
+        assert!(c.headers.contains(&("X-Token".into(), "s3cr3t".into())));
+        assert!(c
+            .headers
+            .contains(&("Accept".into(), "application/json".into())));
+        for literal in [
+            r#"{ Authorization = "Bearer abc" }"#,
+            r#"{ X-Api-Key = "abc" }"#,
+        ] {
+            let err = with(literal).unwrap_err().to_string();
+            assert!(
+                err.contains("field `headers.") && err.contains("${env:NAME}"),
+                "{err}"
+            );
+        }
+        let err = with(r#"{ X-Token = "${env:NOT_SET}" }"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("NOT_SET"), "{err}");
     }
 
     #[test]
