@@ -384,6 +384,8 @@ enum Fault {
     Malformed,
     Slow,
     ExpiringTokens,
+    /// Every page names cursor 10 as the next one, with a body that changes each time.
+    CursorLoop,
 }
 
 async fn token(State(s): State<FaultApi>) -> Json<Value> {
@@ -451,6 +453,9 @@ async fn items(
         .and_then(|(_, v)| v.parse().ok())
         .unwrap_or(0);
     let data: Vec<Value> = (cursor..(cursor + 10).min(45)).map(|i| json!({ "id": i, "title": format!("t{i}"), "updated": format!("2026-11-{:02}T00:00:00Z", 1 + i % 28) })).collect();
+    if s.fault == Fault::CursorLoop {
+        return Json(json!({ "data": data, "next": "10", "servedAt": hit })).into_response();
+    }
     let next = if cursor + 10 < 45 {
         json!((cursor + 10).to_string())
     } else {
@@ -605,7 +610,7 @@ async fn malformed_json_and_slow_answers_fail_the_run_clearly() {
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("failed after 4 attempts") && err.contains("network error"),
+        err.contains("failed after 4 attempts") && err.contains("within `timeout_seconds` (1 s)"),
         "{err}"
     );
     assert_eq!(count(&db, "things").await, 0);
@@ -787,6 +792,26 @@ required = true
         "the relative page 2 was followed, page 3 never: {served:?}"
     );
     assert!(served[1].ends_with("p=2"), "{served:?}");
+}
+
+#[tokio::test]
+async fn a_cursor_that_comes_back_stops_the_run_instead_of_looping() {
+    let db = TestDb::initialized().await;
+    let (base, api) = fault_api(Fault::CursorLoop).await;
+    let name = apply(&db, &cursor_config("looping", &base, "", "")).await;
+    let s = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert!(s.completed);
+    assert_eq!(s.pages, 2, "the first page, then cursor 10 once");
+    assert_eq!(api.hits.load(Ordering::SeqCst), 2);
+    assert!(
+        s.stopped_early
+            .as_deref()
+            .is_some_and(|n| n.contains("already fetched")),
+        "{:?}",
+        s.stopped_early
+    );
 }
 
 #[tokio::test]

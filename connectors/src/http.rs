@@ -431,7 +431,14 @@ impl HttpClient {
             let resp = match req.send().await {
                 Ok(r) => r,
                 Err(e) => {
-                    last = format!("network error: {e}");
+                    last = if e.is_timeout() {
+                        format!(
+                            "no complete answer within `timeout_seconds` ({} s)",
+                            self.connector.timeout.as_secs()
+                        )
+                    } else {
+                        format!("network error: {e}")
+                    };
                     tokio::time::sleep(self.backoff(attempt)).await;
                     continue;
                 }
@@ -440,6 +447,13 @@ impl HttpClient {
             let headers = resp.headers().clone();
             if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
                 let wait = retry_after(&headers).unwrap_or_else(|| self.backoff(attempt));
+                if attempt + 1 == attempts {
+                    last = format!(
+                        "429 Too Many Requests (Retry-After {} ms)",
+                        wait.as_millis()
+                    );
+                    break;
+                }
                 last = format!("429 Too Many Requests (waited {} ms)", wait.as_millis());
                 tokio::time::sleep(wait.min(MAX_RETRY_AFTER)).await;
                 continue;
@@ -456,7 +470,14 @@ impl HttpClient {
             let text = match resp.text().await {
                 Ok(t) => t,
                 Err(e) => {
-                    last = format!("reading the body: {e}");
+                    last = if e.is_timeout() {
+                        format!(
+                            "the body did not arrive within `timeout_seconds` ({} s)",
+                            self.connector.timeout.as_secs()
+                        )
+                    } else {
+                        format!("reading the body: {e}")
+                    };
                     tokio::time::sleep(self.backoff(attempt)).await;
                     continue;
                 }
@@ -467,10 +488,17 @@ impl HttpClient {
                 continue;
             }
             if !status.is_success() {
+                let body = match headers.get("location").and_then(|l| l.to_str().ok()) {
+                    // Redirects are not followed: the target was never vetted.
+                    Some(to) if status.is_redirection() => format!(
+                        "a redirect to `{to}`, which is not followed (set the endpoint to the final URL)"
+                    ),
+                    _ => snippet(&text),
+                };
                 return Err(HttpError::Status {
                     url: url.to_string(),
                     status: status.as_u16(),
-                    body: snippet(&text),
+                    body,
                 });
             }
             if text.trim().is_empty() {

@@ -386,6 +386,14 @@ async fn import_pages(
     fingerprint: &str,
 ) -> Result<(), ImportError> {
     let mut previous_body: Option<Value> = None;
+    // Requests made this run: an API naming a page it already served (a cursor that
+    // comes back) would otherwise loop until `max_pages`.
+    let mut requested = std::collections::HashSet::new();
+    let request_key = |s: &PageState| match s {
+        PageState::Fetch { url, query, .. } => Some(format!("{url}?{query:?}")),
+        PageState::Done => None,
+    };
+    requested.extend(request_key(state));
     let mut pages_this_run = 0u64;
     let mut mode = if !options.dry_run && ensure_key_index(store, connector).await {
         SinkMode::InsertFirst
@@ -406,7 +414,16 @@ async fn import_pages(
             *state = PageState::Done;
             break;
         }
-        let next = http.next_state(state, &page);
+        let mut next = http.next_state(state, &page);
+        if let Some(key) = request_key(&next) {
+            if !requested.insert(key) {
+                summary.stopped_early = Some(format!(
+                    "page {} named a page already fetched in this run; stopped (loop guard)",
+                    summary.pages + 1
+                ));
+                next = PageState::Done;
+            }
+        }
         summary.pages += 1;
         summary.fetched += page.records.len() as u64;
         options.progress.pages.fetch_add(1, Relaxed);
