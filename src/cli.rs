@@ -327,6 +327,16 @@ pub async fn import_run(config: &Config, name: &str, dry_run: bool) -> anyhow::R
         token_key: config.token_key.clone(),
         ..Default::default()
     };
+    // Ctrl-C / SIGTERM: finish the page being written, record the run INTERRUPTED at its
+    // checkpoint, and exit; the next run resumes there.
+    let stopper = {
+        let progress = options.progress.clone();
+        tokio::spawn(async move {
+            crate::server::shutdown_signal().await;
+            eprintln!("stopping after the current page (the next run resumes from there)");
+            progress.stop.store(true, Relaxed);
+        })
+    };
     let progress = options.progress.clone();
     let ticker = tokio::spawn(async move {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
@@ -344,6 +354,7 @@ pub async fn import_run(config: &Config, name: &str, dry_run: bool) -> anyhow::R
     });
     let result = run_import(&store, name, &options).await;
     ticker.abort();
+    stopper.abort();
     let summary = match result {
         Err(ImportError::WrongType { .. }) if !dry_run => {
             let s = run_push(&store, name, &options).await?;
@@ -380,6 +391,12 @@ pub async fn import_run(config: &Config, name: &str, dry_run: bool) -> anyhow::R
     }
     if let Some(note) = &summary.stopped_early {
         println!("  note: {note}");
+    }
+    if !summary.completed && options.progress.stop.load(Relaxed) {
+        anyhow::bail!(
+            "interrupted by a signal after page {}; the next run resumes there",
+            summary.pages
+        );
     }
     Ok(())
 }

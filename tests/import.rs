@@ -795,6 +795,32 @@ required = true
 }
 
 #[tokio::test]
+async fn a_stop_request_ends_the_run_interrupted_at_its_checkpoint() {
+    let db = TestDb::initialized().await;
+    let (base, _) = fault_api(Fault::None).await;
+    let name = apply(&db, &cursor_config("stoppable", &base, "", "")).await;
+    // What Ctrl-C / SIGTERM do to `sluice import run`.
+    let options = ImportOptions::default();
+    options.progress.stop.store(true, Ordering::SeqCst);
+    let first = run_import(&db.store, &name, &options).await.unwrap();
+    assert!(!first.completed);
+    assert_eq!(first.pages, 1);
+    let run = db
+        .store
+        .collection("import_runs")
+        .find_one(doc! { "runId": &first.run_id })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(run.get_str("status").unwrap(), "INTERRUPTED");
+    let rest = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert!(rest.resumed && rest.completed);
+    assert_eq!(rest.fetched, 45);
+}
+
+#[tokio::test]
 async fn a_cursor_that_comes_back_stops_the_run_instead_of_looping() {
     let db = TestDb::initialized().await;
     let (base, api) = fault_api(Fault::CursorLoop).await;

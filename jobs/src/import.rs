@@ -56,6 +56,9 @@ pub struct ImportProgress {
     pub records: AtomicU64,
     pub upserted: AtomicU64,
     pub failed: AtomicU64,
+    /// Set to stop after the page being written (a signal to the CLI): the run ends
+    /// INTERRUPTED at its last checkpoint, and the next run resumes there.
+    pub stop: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Clone, Default)]
@@ -432,9 +435,10 @@ async fn import_pages(
             .records
             .fetch_add(page.records.len() as u64, Relaxed);
         pages_this_run += 1;
-        let stop_here = options
+        let stop_here = (options
             .stop_after_pages
             .is_some_and(|n| pages_this_run >= n)
+            || options.progress.stop.load(Relaxed))
             && next != PageState::Done;
         let prefetch = async {
             if stop_here {

@@ -302,7 +302,7 @@ fn spawn_sweeper(store: Store, idle: Duration, metrics: Arc<Metrics>) -> JoinHan
     })
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
