@@ -699,6 +699,24 @@ pub fn validate(
             "a number greater than 0".into(),
         ));
     }
+    let coll = &file.target.collection;
+    if coll.is_empty()
+        || coll.len() > 120
+        || coll.starts_with("system.")
+        || coll.contains(['$', '\0'])
+    {
+        return Err(invalid(
+            "target.collection",
+            format!("a collection name (not empty, no `$`, not `system.*`), got `{coll}`"),
+        ));
+    }
+    let rate = file.source.rate_limit_per_second;
+    if !(rate.is_finite() && rate >= 0.0) {
+        return Err(invalid(
+            "source.rate_limit_per_second",
+            format!("0 (no limit) or a positive number, got {rate}"),
+        ));
+    }
     // Header values may be `${env:NAME}` references, resolved like auth secrets; a header
     // that carries a credential must be one, so the stored config never holds it in clear.
     let mut headers = Vec::with_capacity(file.headers.len());
@@ -967,6 +985,32 @@ type = "bool"
             .unwrap_err()
             .to_string();
         assert!(err.contains("NOT_SET"), "{err}");
+    }
+
+    #[test]
+    fn target_collections_and_rates_are_checked() {
+        for (from, to, field) in [
+            (
+                "collection = \"products\"",
+                "collection = \"\"",
+                "target.collection",
+            ),
+            (
+                "collection = \"products\"",
+                "collection = \"system.profile\"",
+                "target.collection",
+            ),
+            (
+                "collection = \"products\"",
+                "collection = \"a$b\"",
+                "target.collection",
+            ),
+        ] {
+            let bad = FILE.replacen(from, to, 1);
+            assert_ne!(bad, FILE, "{from}");
+            let err = validate("f", &parse_file("f", &bad).unwrap(), &env).unwrap_err();
+            assert!(err.to_string().contains(&format!("`{field}`")), "{err}");
+        }
     }
 
     #[test]
