@@ -198,16 +198,14 @@ pub fn spawn_progress(
     })
 }
 
-/// `sluice export run`: one export with a progress display and a summary.
-pub async fn export_run(
-    config: &Config,
+/// `export run` / `jobs run` arguments: ARCHIVE and USER_DATA have no window, so a
+/// `--from` / `--to` given to them would be silently ignored: refuse it instead.
+pub fn check_export_window(
     kind: sluice_core::model::ExportJobType,
     from: Option<chrono::NaiveDate>,
     to: Option<chrono::NaiveDate>,
-    dest: Option<&str>,
-) -> anyhow::Result<sluice_jobs::export::ExportSummary> {
+) -> anyhow::Result<()> {
     use sluice_core::model::ExportJobType;
-    use sluice_jobs::export::{run_export, ExportContext, ExportRequest};
     if (from.is_some() || to.is_some())
         && matches!(kind, ExportJobType::Archive | ExportJobType::UserData)
     {
@@ -221,6 +219,18 @@ pub async fn export_run(
             }
         );
     }
+    Ok(())
+}
+
+/// `sluice export run`: one export with a progress display and a summary.
+pub async fn export_run(
+    config: &Config,
+    kind: sluice_core::model::ExportJobType,
+    from: Option<chrono::NaiveDate>,
+    to: Option<chrono::NaiveDate>,
+    dest: Option<&str>,
+) -> anyhow::Result<sluice_jobs::export::ExportSummary> {
+    use sluice_jobs::export::{run_export, ExportContext, ExportRequest};
     let store = Store::connect(config).await?;
     store.init().await?;
     let destination = open_destination(config, dest).await?;
@@ -635,6 +645,7 @@ pub async fn jobs_run(
             .find(|s| s.name == schedule)
             .ok_or_else(|| anyhow::anyhow!("no export schedule `{schedule}`"))?;
         let kind = sluice_core::model::ExportJobType::parse(&s.kind).map_err(anyhow::Error::msg)?;
+        check_export_window(kind, from, to)?;
         export_run(config, kind, from, to, None).await?;
         return Ok(());
     }

@@ -261,9 +261,12 @@ fn main() -> ExitCode {
                         to,
                         dest,
                     },
-            } => cli::export_run(&config, kind, from, to, dest.as_deref())
-                .await
-                .map(|_| ()),
+            } => match cli::check_export_window(kind, from, to) {
+                Ok(()) => cli::export_run(&config, kind, from, to, dest.as_deref())
+                    .await
+                    .map(|_| ()),
+                Err(e) => Err(e),
+            },
             Command::Configs {
                 command: ConfigsCommand::Apply { dir },
             } => cli::configs_apply(&config, &dir).await,
