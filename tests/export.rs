@@ -489,6 +489,98 @@ async fn archive_deletes_exactly_what_it_exported() {
 }
 
 #[tokio::test]
+async fn an_archive_that_died_before_deleting_is_finished_not_repeated() {
+    let db = TestDb::initialized().await;
+    let dir = temp_dir();
+    let old = day(-120);
+    seed(&db, old, 400).await;
+    let mut dying = ExportContext::new(db.store.clone(), ObjectStore::Local(LocalDir::new(&dir)));
+    dying.fail_before_archive_delete = true;
+    assert!(
+        run_export(&dying, &request(ExportJobType::Archive, day(0), day(0)))
+            .await
+            .is_err()
+    );
+    let events = db.store.collection("events");
+    assert_eq!(
+        events.count_documents(doc! {}).await.unwrap(),
+        400,
+        "nothing deleted yet"
+    );
+
+    let ctx = ExportContext::new(db.store.clone(), ObjectStore::Local(LocalDir::new(&dir)));
+    let next = run_export(&ctx, &request(ExportJobType::Archive, day(0), day(0)))
+        .await
+        .unwrap();
+    assert_eq!(
+        next.deleted, 400,
+        "the interrupted run's deletion was completed"
+    );
+    assert_eq!(
+        next.rows, 0,
+        "and its events were not archived a second time"
+    );
+    assert_eq!(events.count_documents(doc! {}).await.unwrap(), 0);
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dir.join(format!("ARCHIVE/dt={old}/_manifest.json"))).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(manifest["rows"], 400);
+    let pending = db
+        .store
+        .collection("export_jobs")
+        .count_documents(doc! { "pendingDeletes.0": { "$exists": true } })
+        .await
+        .unwrap();
+    assert_eq!(pending, 0);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test]
+async fn archives_run_one_at_a_time() {
+    let db = TestDb::initialized().await;
+    let dir = temp_dir();
+    seed(&db, day(-100), 50).await;
+    let locks = db.store.collection("job_locks");
+    let later = DateTime::from_millis(DateTime::now().timestamp_millis() + 60_000);
+    locks
+        .insert_one(doc! { "_id": "ARCHIVE", "owner": "another-run", "expiresAt": later })
+        .await
+        .unwrap();
+    let ctx = ExportContext::new(db.store.clone(), ObjectStore::Local(LocalDir::new(&dir)));
+    let err = run_export(&ctx, &request(ExportJobType::Archive, day(0), day(0)))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("another-run") && err.contains("one at a time"),
+        "{err}"
+    );
+    assert_eq!(
+        db.store
+            .collection("events")
+            .count_documents(doc! {})
+            .await
+            .unwrap(),
+        50
+    );
+    // A lease that lapsed (its run died) is taken over.
+    locks
+        .update_one(
+            doc! { "_id": "ARCHIVE" },
+            doc! { "$set": { "expiresAt": DateTime::from_millis(0) } },
+        )
+        .await
+        .unwrap();
+    let done = run_export(&ctx, &request(ExportJobType::Archive, day(0), day(0)))
+        .await
+        .unwrap();
+    assert_eq!(done.deleted, 50);
+    assert_eq!(locks.count_documents(doc! {}).await.unwrap(), 0, "released");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test]
 async fn daily_analytics_and_user_data_match_mongodb() {
     let db = TestDb::initialized().await;
     let dir = temp_dir();

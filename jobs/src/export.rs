@@ -29,8 +29,8 @@ use sluice_connectors::parquet::{
 };
 use sluice_connectors::{Store, StoreError};
 use sluice_core::model::{
-    collections as c, common, event_fields as e, event_id_fields as l, user_fields as u, EventType,
-    ExportJobType,
+    collections as c, common, event_fields as e, event_id_fields as l, export_job_fields as x,
+    user_fields as u, EventType, ExportJobType,
 };
 use sluice_core::transform::{apply_chain, Transform, TransformError};
 use tokio::sync::mpsc;
@@ -108,6 +108,9 @@ pub struct ExportContext {
     pub progress: Arc<Progress>,
     /// Local folder for part files before upload.
     pub work_dir: PathBuf,
+    /// Tests: fail an ARCHIVE after it published, before it deleted anything (what a
+    /// crash at that point leaves behind).
+    pub fail_before_archive_delete: bool,
 }
 
 impl ExportContext {
@@ -120,6 +123,7 @@ impl ExportContext {
             batch_rows: 8192,
             progress: Arc::new(Progress::default()),
             work_dir: std::env::temp_dir(),
+            fail_before_archive_delete: false,
         }
     }
 }
@@ -376,21 +380,12 @@ async fn execute(
             }
         }
         ExportJobType::Archive => {
-            let today = Utc::now().date_naive();
-            let cutoff = today
-                .checked_sub_days(Days::new(u64::from(request.archive_after_days)))
-                .unwrap_or(today);
-            let created_before = DateTime::from_millis(
-                Utc::now().timestamp_millis() - request.archive_settle.as_millis() as i64,
-            );
-            for d in archive_days(ctx, cutoff).await? {
-                let filter = doc! {
-                    e::TIMESTAMP: { "$gte": day_start(d), "$lt": day_start(next_day(d)) },
-                    common::CREATED_AT: { "$lt": created_before },
-                };
-                let docs = event_cursor(ctx, filter.clone()).await?;
-                staged.push(stage(ctx, job_id, kind, d, &EVENT_TABLE, docs, Some(filter)).await?);
-            }
+            // One archive at a time (two would both publish the same events), and first
+            // finish what an interrupted archive published but did not delete.
+            let lock = ArchiveLock::take(ctx, job_id).await?;
+            let result = archive(ctx, request, job_id).await;
+            lock.release(ctx).await;
+            return result;
         }
         ExportJobType::UserData => {
             let today = Utc::now().date_naive();
@@ -428,8 +423,18 @@ async fn execute(
             }
         }
     }
+    Ok((publish_all(ctx, job_id, kind, &staged).await?, 0))
+}
+
+/// Publishes every staged partition, then removes the run's staging area.
+async fn publish_all(
+    ctx: &ExportContext,
+    job_id: &str,
+    kind: ExportJobType,
+    staged: &[Staged],
+) -> Result<Vec<PartitionSummary>, ExportError> {
     let mut published = Vec::new();
-    for s in &staged {
+    for s in staged {
         published.push(publish(ctx, job_id, kind, s).await?);
     }
     let staging: Vec<String> = ctx
@@ -440,14 +445,268 @@ async fn execute(
         .map(|o| o.key)
         .collect();
     ctx.dest.delete(&staging).await?;
+    Ok(published)
+}
 
-    let mut deleted = 0;
-    if kind == ExportJobType::Archive {
-        for (s, p) in staged.iter().zip(&published) {
-            deleted += archive_delete(ctx, s, p).await?;
-        }
+/// Field of an ARCHIVE job listing the partitions it published and has not deleted yet:
+/// `{prefix, day, createdBefore, rows, files: [{key, bytes}]}`.
+const PENDING_DELETES: &str = "pendingDeletes";
+
+/// ARCHIVE, under the archive lock: completes interrupted archives, then stages every
+/// day older than the cutoff, publishes, records what it is about to delete, verifies
+/// and deletes.
+async fn archive(
+    ctx: &ExportContext,
+    request: &ExportRequest,
+    job_id: &str,
+) -> Result<(Vec<PartitionSummary>, u64), ExportError> {
+    let kind = ExportJobType::Archive;
+    let mut deleted = recover_archives(ctx, job_id).await?;
+    let today = Utc::now().date_naive();
+    let cutoff = today
+        .checked_sub_days(Days::new(u64::from(request.archive_after_days)))
+        .unwrap_or(today);
+    let created_before = DateTime::from_millis(
+        Utc::now().timestamp_millis() - request.archive_settle.as_millis() as i64,
+    );
+    let mut staged = Vec::new();
+    for d in archive_days(ctx, cutoff).await? {
+        let filter = archive_filter(d, created_before);
+        let docs = event_cursor(ctx, filter.clone()).await?;
+        staged.push(stage(ctx, job_id, kind, d, &EVENT_TABLE, docs, Some(filter)).await?);
+    }
+    let published = publish_all(ctx, job_id, kind, &staged).await?;
+    // Before deleting anything: what a crash from here on leaves for the next archive
+    // to finish, instead of archiving the same events a second time.
+    let pending: Vec<Bson> = staged
+        .iter()
+        .zip(&published)
+        .map(|(s, p)| {
+            let files: Vec<Bson> = s
+                .parts
+                .iter()
+                .zip(&p.files)
+                .map(|((_, info), key)| {
+                    Bson::Document(doc! { "key": key, "bytes": info.bytes as i64 })
+                })
+                .collect();
+            Bson::Document(doc! {
+                "prefix": &s.prefix, "day": s.prefix.rsplit("dt=").next().unwrap_or_default(),
+                "createdBefore": created_before, "rows": s.rows_read as i64, "files": files,
+            })
+        })
+        .collect();
+    let jobs = ctx.store.collection(c::EXPORT_JOBS);
+    let failed = |source| ExportError::Read {
+        partition: c::EXPORT_JOBS.into(),
+        source,
+    };
+    jobs.update_one(
+        doc! { x::JOB_ID: job_id },
+        doc! { "$set": { PENDING_DELETES: pending } },
+    )
+    .await
+    .map_err(failed)?;
+    if ctx.fail_before_archive_delete {
+        return Err(ExportError::Request(
+            "stopped before deleting (test hook)".into(),
+        ));
+    }
+    for (s, p) in staged.iter().zip(&published) {
+        deleted += archive_delete(ctx, s, p).await?;
+        jobs.update_one(
+            doc! { x::JOB_ID: job_id },
+            doc! { "$pull": { PENDING_DELETES: { "prefix": &s.prefix } } },
+        )
+        .await
+        .map_err(failed)?;
     }
     Ok((published, deleted))
+}
+
+fn archive_filter(d: NaiveDate, created_before: DateTime) -> Document {
+    doc! {
+        e::TIMESTAMP: { "$gte": day_start(d), "$lt": day_start(next_day(d)) },
+        common::CREATED_AT: { "$lt": created_before },
+    }
+}
+
+/// Finishes ARCHIVE runs that published partitions and died (or failed) before deleting
+/// them: their files are verified, then exactly the events their filter selected are
+/// deleted. Runs only under the archive lock, so no such run is still alive. A partition
+/// whose events no longer match what was published (count) or whose files are gone is
+/// left pending and reported, never deleted blindly.
+async fn recover_archives(ctx: &ExportContext, job_id: &str) -> Result<u64, ExportError> {
+    let jobs = ctx.store.collection(c::EXPORT_JOBS);
+    let failed = |source| ExportError::Read {
+        partition: c::EXPORT_JOBS.into(),
+        source,
+    };
+    let interrupted: Vec<Document> = jobs
+        .find(doc! {
+            x::TYPE: ExportJobType::Archive.as_str(),
+            x::JOB_ID: { "$ne": job_id },
+            format!("{PENDING_DELETES}.0"): { "$exists": true },
+        })
+        .await
+        .map_err(failed)?
+        .try_collect()
+        .await
+        .map_err(failed)?;
+    // Under the lock no other archive is alive: one still RUNNING died.
+    jobs.update_many(
+        doc! {
+            x::TYPE: ExportJobType::Archive.as_str(),
+            x::STATUS: "RUNNING",
+            x::JOB_ID: { "$ne": job_id },
+        },
+        doc! { "$set": {
+            x::STATUS: "FAILED",
+            x::ERROR: format!("interrupted (the process stopped); found by {job_id}"),
+            x::END_TIME: DateTime::now(),
+        } },
+    )
+    .await
+    .map_err(failed)?;
+    let destination = ctx.dest.url(ExportJobType::Archive.as_str());
+    let mut deleted = 0;
+    for job in interrupted {
+        let old = job.get_str(x::JOB_ID).unwrap_or_default().to_string();
+        if job.get_str(x::DESTINATION).ok() != Some(destination.as_str()) {
+            tracing::warn!(job = %old, "an interrupted archive to another destination is left pending");
+            continue;
+        }
+        for p in job.get_array(PENDING_DELETES).cloned().unwrap_or_default() {
+            let Bson::Document(p) = p else { continue };
+            let prefix = p.get_str("prefix").unwrap_or_default().to_string();
+            let (Ok(day), Ok(before)) = (
+                NaiveDate::parse_from_str(p.get_str("day").unwrap_or_default(), "%Y-%m-%d"),
+                p.get_datetime("createdBefore"),
+            ) else {
+                continue;
+            };
+            let mut intact = true;
+            for f in p.get_array("files").cloned().unwrap_or_default() {
+                let Bson::Document(f) = f else { continue };
+                let key = f.get_str("key").unwrap_or_default();
+                let bytes = f.get_i64("bytes").unwrap_or(-1);
+                intact &= ctx
+                    .dest
+                    .head(key)
+                    .await?
+                    .is_some_and(|size| size as i64 == bytes);
+            }
+            let filter = archive_filter(day, *before);
+            let ids: Vec<String> = ctx
+                .store
+                .collection(c::EVENTS)
+                .find(filter.clone())
+                .projection(doc! { e::EVENT_ID: 1, common::ID: 0 })
+                .await
+                .map_err(failed)?
+                .try_collect::<Vec<Document>>()
+                .await
+                .map_err(failed)?
+                .iter()
+                .filter_map(|d| d.get_str(e::EVENT_ID).ok().map(str::to_string))
+                .collect();
+            let rows = p.get_i64("rows").unwrap_or(-1);
+            // Fewer events than published: the run died part-way through deleting them.
+            if !intact || ids.len() as i64 > rows {
+                tracing::error!(job = %old, partition = %prefix, intact, published = rows, now = ids.len(),
+                    "an interrupted archive's partition no longer matches its files; left pending, nothing deleted");
+                continue;
+            }
+            deleted += delete_archived(ctx, &prefix, &filter, &ids).await?;
+            jobs.update_one(
+                doc! { x::JOB_ID: &old },
+                doc! { "$pull": { PENDING_DELETES: { "prefix": &prefix } } },
+            )
+            .await
+            .map_err(failed)?;
+            tracing::info!(job = %old, partition = %prefix, events = ids.len(), "completed the deletion of an interrupted archive");
+        }
+    }
+    Ok(deleted)
+}
+
+/// The lease that keeps ARCHIVE to one run at a time across processes, renewed while the
+/// run lives; a dead run's lease lapses after `ARCHIVE_LEASE`.
+struct ArchiveLock {
+    renew: tokio::task::JoinHandle<()>,
+    owner: String,
+}
+
+const ARCHIVE_LEASE: Duration = Duration::from_secs(60);
+
+impl ArchiveLock {
+    async fn take(ctx: &ExportContext, job_id: &str) -> Result<Self, ExportError> {
+        let locks = ctx.store.collection(c::JOB_LOCKS);
+        let failed = |source| ExportError::Read {
+            partition: c::JOB_LOCKS.into(),
+            source,
+        };
+        let lease_end = || {
+            DateTime::from_millis(
+                DateTime::now().timestamp_millis() + ARCHIVE_LEASE.as_millis() as i64,
+            )
+        };
+        let id = ExportJobType::Archive.as_str();
+        // Take it if free or lapsed; the unique `_id` makes the race have one winner.
+        let taken = locks
+            .update_one(
+                doc! { common::ID: id, "expiresAt": { "$lt": DateTime::now() } },
+                doc! { "$set": { "owner": job_id, "expiresAt": lease_end() } },
+            )
+            .upsert(true)
+            .await;
+        match taken {
+            Ok(_) => {}
+            Err(e) if sluice_connectors::mongo::is_duplicate_key(&e) => {
+                let holder = locks
+                    .find_one(doc! { common::ID: id })
+                    .await
+                    .map_err(failed)?
+                    .unwrap_or_default();
+                return Err(ExportError::Request(format!(
+                    "another ARCHIVE run ({}) is in progress until {}; archives run one at a time",
+                    holder.get_str("owner").unwrap_or("?"),
+                    holder
+                        .get_datetime("expiresAt")
+                        .map(|t| t.to_string())
+                        .unwrap_or_default()
+                )));
+            }
+            Err(e) => return Err(failed(e)),
+        }
+        let store = ctx.store.clone();
+        let owner = job_id.to_string();
+        let renew = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(ARCHIVE_LEASE / 3).await;
+                let _ = store
+                    .collection(c::JOB_LOCKS)
+                    .update_one(
+                        doc! { common::ID: ExportJobType::Archive.as_str(), "owner": &owner },
+                        doc! { "$set": { "expiresAt": DateTime::from_millis(DateTime::now().timestamp_millis() + ARCHIVE_LEASE.as_millis() as i64) } },
+                    )
+                    .await;
+            }
+        });
+        Ok(Self {
+            renew,
+            owner: job_id.to_string(),
+        })
+    }
+
+    async fn release(self, ctx: &ExportContext) {
+        self.renew.abort();
+        let _ = ctx
+            .store
+            .collection(c::JOB_LOCKS)
+            .delete_one(doc! { common::ID: ExportJobType::Archive.as_str(), "owner": &self.owner })
+            .await;
+    }
 }
 
 type DocStream =
@@ -813,14 +1072,29 @@ async fn archive_delete(
             }
         }
     }
+    let deleted = delete_archived(ctx, &s.prefix, filter, &s.archived_ids).await?;
+    if deleted != s.rows_read {
+        tracing::warn!(partition = %s.prefix, read = s.rows_read, deleted, "archive deleted a different count than it read");
+    }
+    Ok(deleted)
+}
+
+/// Deletes the archived events `ids` (within `filter`) and marks their ledger claims
+/// archived.
+async fn delete_archived(
+    ctx: &ExportContext,
+    prefix: &str,
+    filter: &Document,
+    archived_ids: &[String],
+) -> Result<u64, ExportError> {
     let failed = |source| ExportError::Read {
-        partition: s.prefix.clone(),
+        partition: prefix.to_string(),
         source,
     };
     // By eventId, within the partition's filter: exactly the events written, never one
     // that arrived since.
     let mut deleted = 0;
-    for ids in s.archived_ids.chunks(ARCHIVE_DELETE_CHUNK) {
+    for ids in archived_ids.chunks(ARCHIVE_DELETE_CHUNK) {
         let mut selected = filter.clone();
         selected.insert(e::EVENT_ID, doc! { "$in": ids });
         deleted += ctx
@@ -841,9 +1115,6 @@ async fn archive_delete(
             )
             .await
             .map_err(failed)?;
-    }
-    if deleted != s.rows_read {
-        tracing::warn!(partition = %s.prefix, read = s.rows_read, deleted, "archive deleted a different count than it read");
     }
     Ok(deleted)
 }

@@ -176,6 +176,7 @@ const PLAIN_COLLECTIONS: &[&str] = &[
     c::PRODUCTS,
     c::EVENT_IDS,
     c::SCHEDULED_RUNS,
+    c::JOB_LOCKS,
     c::ADMIN_TOKENS,
     c::IMPORT_RUNS,
     c::IMPORT_CHECKPOINTS,

@@ -27,6 +27,9 @@ pub mod collections {
     /// One document per scheduled fire of a job (`_id` = `job@instant`): the claim that
     /// makes each fire run once across replicas, its lease, and its outcome.
     pub const SCHEDULED_RUNS: &str = "scheduled_runs";
+    /// Leases that keep a job kind to one run at a time across processes (`_id` = the
+    /// kind, e.g. `ARCHIVE`).
+    pub const JOB_LOCKS: &str = "job_locks";
     /// Admin API login tokens (stored hashed, expiring).
     pub const ADMIN_TOKENS: &str = "admin_tokens";
     /// Identity links of the Segment-compatible API: `_id` is an anonymous (or aliased)
