@@ -745,6 +745,60 @@ async fn linked(
     ([("link", next)], Json(json!({ "data": data }))).into_response()
 }
 
+/// Pages of at most 5 records whatever the client asks, with the total in the body.
+async fn capped(Query(q): Query<Vec<(String, String)>>) -> Json<Value> {
+    let page: u64 = q
+        .iter()
+        .find(|(k, _)| k == "page")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(1);
+    let from = (page - 1) * 5;
+    let data: Vec<Value> = (from..(from + 5).min(12))
+        .map(|i| json!({ "id": i }))
+        .collect();
+    Json(json!({ "data": data, "total": 12 }))
+}
+
+#[tokio::test]
+async fn an_api_capping_its_page_size_is_read_to_its_total() {
+    let db = TestDb::initialized().await;
+    let app = Router::new().route("/capped", get(capped));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let config = format!(
+        r#"
+name = "capped"
+type = "IMPORT"
+endpoint = "http://{addr}/capped"
+allow_private_network = true
+[source]
+records = "$.data[*]"
+[source.pagination]
+type = "page"
+size = 10
+total_path = "$.total"
+[target]
+collection = "things"
+key = "thingId"
+[mapping.thingId]
+path = "$.id"
+type = "string"
+required = true
+"#
+    );
+    let name = apply(&db, &config).await;
+    let s = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        (s.fetched, s.pages),
+        (12, 3),
+        "5 + 5 + 2, though 10 were asked for"
+    );
+    assert_eq!(count(&db, "things").await, 12);
+}
+
 #[tokio::test]
 async fn link_pages_resolve_relative_urls_and_never_leave_the_vetted_origin() {
     let db = TestDb::initialized().await;

@@ -635,7 +635,9 @@ impl HttpClient {
                 param, start, size, ..
             } => {
                 let seen = offset + got;
-                if got < *size || total.is_some_and(|t| seen >= t) {
+                // With a total, it decides (an API may cap its pages below `size`);
+                // without one, a short page is the last.
+                if total.map_or(got < *size, |t| seen >= t) {
                     return PageState::Done;
                 }
                 PageState::Fetch {
@@ -647,7 +649,7 @@ impl HttpClient {
             }
             Paging::Offset { param, size, .. } => {
                 let seen = offset + got;
-                if got < *size || total.is_some_and(|t| seen >= t) {
+                if total.map_or(got < *size, |t| seen >= t) {
                     return PageState::Done;
                 }
                 PageState::Fetch {
