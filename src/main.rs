@@ -290,11 +290,17 @@ fn main() -> ExitCode {
             Command::Config { .. } => unreachable!("handled before the runtime starts"),
         }
     });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
+    let code = match result {
+        Ok(()) => 0,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            1
         }
-    }
+    };
+    // Exit without dropping the runtime: the MongoDB driver's background tasks, torn down
+    // with it, can print a spurious panic after the work is done and answered.
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    std::process::exit(code)
 }
