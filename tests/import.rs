@@ -745,6 +745,37 @@ async fn linked(
     ([("link", next)], Json(json!({ "data": data }))).into_response()
 }
 
+/// Serves `app` on a loopback port for one test.
+async fn serve(app: Router) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+/// An IMPORT of `{"data": [{"id": ...}]}` pages into `things`, keyed by id.
+fn things_config(name: &str, endpoint: &str, pagination: &str) -> String {
+    format!(
+        r#"
+name = "{name}"
+type = "IMPORT"
+endpoint = "{endpoint}"
+allow_private_network = true
+[source]
+records = "$.data[*]"
+[source.pagination]
+{pagination}
+[target]
+collection = "things"
+key = "thingId"
+[mapping.thingId]
+path = "$.id"
+type = "string"
+required = true
+"#
+    )
+}
+
 /// Pages of at most 5 records whatever the client asks, with the total in the body.
 async fn capped(Query(q): Query<Vec<(String, String)>>) -> Json<Value> {
     let page: u64 = q
@@ -762,30 +793,11 @@ async fn capped(Query(q): Query<Vec<(String, String)>>) -> Json<Value> {
 #[tokio::test]
 async fn an_api_capping_its_page_size_is_read_to_its_total() {
     let db = TestDb::initialized().await;
-    let app = Router::new().route("/capped", get(capped));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    let config = format!(
-        r#"
-name = "capped"
-type = "IMPORT"
-endpoint = "http://{addr}/capped"
-allow_private_network = true
-[source]
-records = "$.data[*]"
-[source.pagination]
-type = "page"
-size = 10
-total_path = "$.total"
-[target]
-collection = "things"
-key = "thingId"
-[mapping.thingId]
-path = "$.id"
-type = "string"
-required = true
-"#
+    let addr = serve(Router::new().route("/capped", get(capped))).await;
+    let config = things_config(
+        "capped",
+        &format!("http://{addr}/capped"),
+        "type = \"page\"\nsize = 10\ntotal_path = \"$.total\"",
     );
     let name = apply(&db, &config).await;
     let s = run_import(&db.store, &name, &ImportOptions::default())
@@ -803,32 +815,16 @@ required = true
 async fn link_pages_resolve_relative_urls_and_never_leave_the_vetted_origin() {
     let db = TestDb::initialized().await;
     let hits: Arc<Mutex<Vec<String>>> = Default::default();
-    let app = Router::new()
-        .route("/linked", get(linked))
-        .with_state(hits.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    let config = format!(
-        r#"
-name = "linked"
-type = "IMPORT"
-endpoint = "http://{addr}/linked"
-allow_private_network = true
-[source]
-records = "$.data[*]"
-[source.pagination]
-type = "link_header"
-[source.retry]
-max_attempts = 1
-[target]
-collection = "things"
-key = "thingId"
-[mapping.thingId]
-path = "$.id"
-type = "string"
-required = true
-"#
+    let addr = serve(
+        Router::new()
+            .route("/linked", get(linked))
+            .with_state(hits.clone()),
+    )
+    .await;
+    let config = things_config(
+        "linked",
+        &format!("http://{addr}/linked"),
+        "type = \"link_header\"\n[source.retry]\nmax_attempts = 1",
     );
     let name = apply(&db, &config).await;
     let err = run_import(&db.store, &name, &ImportOptions::default())

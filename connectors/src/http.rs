@@ -382,6 +382,18 @@ impl HttpClient {
         Duration::from_millis(rand::random_range(0..=cap.max(1)))
     }
 
+    /// A request error for the run history: timeouts say which limit they hit.
+    fn describe(&self, e: &reqwest::Error, timed_out: &str, other: &str) -> String {
+        if e.is_timeout() {
+            format!(
+                "{timed_out} within `timeout_seconds` ({} s)",
+                self.connector.timeout.as_secs()
+            )
+        } else {
+            format!("{other}: {e}")
+        }
+    }
+
     /// Sends one request with auth, pacing and retries; returns the parsed JSON body.
     pub async fn send(
         &self,
@@ -431,14 +443,7 @@ impl HttpClient {
             let resp = match req.send().await {
                 Ok(r) => r,
                 Err(e) => {
-                    last = if e.is_timeout() {
-                        format!(
-                            "no complete answer within `timeout_seconds` ({} s)",
-                            self.connector.timeout.as_secs()
-                        )
-                    } else {
-                        format!("network error: {e}")
-                    };
+                    last = self.describe(&e, "no complete answer", "network error");
                     tokio::time::sleep(self.backoff(attempt)).await;
                     continue;
                 }
@@ -470,14 +475,7 @@ impl HttpClient {
             let text = match resp.text().await {
                 Ok(t) => t,
                 Err(e) => {
-                    last = if e.is_timeout() {
-                        format!(
-                            "the body did not arrive within `timeout_seconds` ({} s)",
-                            self.connector.timeout.as_secs()
-                        )
-                    } else {
-                        format!("reading the body: {e}")
-                    };
+                    last = self.describe(&e, "the body did not arrive", "reading the body");
                     tokio::time::sleep(self.backoff(attempt)).await;
                     continue;
                 }
