@@ -790,6 +790,35 @@ async fn capped(Query(q): Query<Vec<(String, String)>>) -> Json<Value> {
     Json(json!({ "data": data, "total": 12 }))
 }
 
+/// One page of records, gzip-compressed.
+async fn gzipped() -> Response {
+    use std::io::Write;
+    let body = json!({ "data": [{ "id": 1 }, { "id": 2 }] }).to_string();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(body.as_bytes()).unwrap();
+    (
+        [
+            ("content-type", "application/json"),
+            ("content-encoding", "gzip"),
+        ],
+        gz.finish().unwrap(),
+    )
+        .into_response()
+}
+
+#[tokio::test]
+async fn gzip_compressed_answers_are_read() {
+    let db = TestDb::initialized().await;
+    let addr = serve(Router::new().route("/gz", get(gzipped))).await;
+    let config = things_config("gz", &format!("http://{addr}/gz"), "type = \"none\"");
+    let name = apply(&db, &config).await;
+    let s = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(s.fetched, 2);
+    assert_eq!(count(&db, "things").await, 2);
+}
+
 #[tokio::test]
 async fn an_api_capping_its_page_size_is_read_to_its_total() {
     let db = TestDb::initialized().await;
