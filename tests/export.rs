@@ -537,6 +537,46 @@ async fn an_archive_that_died_before_deleting_is_finished_not_repeated() {
 }
 
 #[tokio::test]
+async fn runs_whose_process_died_are_failed_and_their_staging_removed() {
+    let db = TestDb::initialized().await;
+    let dir = temp_dir();
+    let jobs = db.store.collection("export_jobs");
+    let now = DateTime::now().timestamp_millis();
+    for (id, updated) in [("dead-run", now - 600_000), ("live-run", now - 1_000)] {
+        jobs.insert_one(doc! {
+            "jobId": id, "type": "EVENT_DATA", "status": "RUNNING",
+            "updatedAt": DateTime::from_millis(updated),
+        })
+        .await
+        .unwrap();
+        let staged = dir.join(format!("_staging/{id}/EVENT_DATA/dt=2026-01-01"));
+        std::fs::create_dir_all(&staged).unwrap();
+        std::fs::write(staged.join("part-00000.parquet"), b"partial").unwrap();
+    }
+    let d = day(-1);
+    seed(&db, d, 10).await;
+    let ctx = ExportContext::new(db.store.clone(), ObjectStore::Local(LocalDir::new(&dir)));
+    run_export(&ctx, &request(ExportJobType::EventData, d, d))
+        .await
+        .unwrap();
+    let dead = job_doc(&db, "dead-run").await;
+    assert_eq!(dead.get_str("status").unwrap(), "FAILED");
+    assert!(dead.get_str("error").unwrap().contains("interrupted"));
+    assert!(!dir
+        .join("_staging/dead-run")
+        .join("EVENT_DATA/dt=2026-01-01/part-00000.parquet")
+        .exists());
+    assert_eq!(
+        job_doc(&db, "live-run").await.get_str("status").unwrap(),
+        "RUNNING"
+    );
+    assert!(dir
+        .join("_staging/live-run/EVENT_DATA/dt=2026-01-01/part-00000.parquet")
+        .exists());
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test]
 async fn archives_run_one_at_a_time() {
     let db = TestDb::initialized().await;
     let dir = temp_dir();

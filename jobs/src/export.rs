@@ -255,7 +255,10 @@ pub async fn run_export(
     let job_id = history::create(&ctx.store, request.kind, &destination, window).await?;
     history::running(&ctx.store, &job_id).await?;
     tracing::info!(job_id, kind = %request.kind, "export started");
-    match execute(ctx, request, &job_id).await {
+    let heartbeat = history::heartbeat(&ctx.store, &job_id);
+    let outcome = execute(ctx, request, &job_id).await;
+    heartbeat.abort();
+    match outcome {
         Ok((partitions, deleted)) => {
             let rows = partitions.iter().map(|p| p.rows).sum();
             let files: u64 = partitions.iter().map(|p| p.files.len() as u64).sum();
@@ -341,6 +344,10 @@ fn export_metrics(
 /// Removes what failed runs left under `_staging/` (a run that lost its connection to the
 /// store cannot clean up after itself). Best effort: a failure here only leaves garbage.
 async fn remove_failed_staging(ctx: &ExportContext) {
+    // Runs whose process died are FAILED first, so their staged files go too.
+    if let Err(e) = history::fail_dead_runs(&ctx.store).await {
+        tracing::warn!(error = %e, "could not check for interrupted export runs");
+    }
     let Ok(left) = ctx.dest.list("_staging/").await else {
         return;
     };
@@ -351,8 +358,14 @@ async fn remove_failed_staging(ctx: &ExportContext) {
         }
     }
     for (job, keys) in by_job {
-        if let Ok(Some(run)) = history::get(&ctx.store, &job).await {
-            if run.status == sluice_core::model::ExportJobStatus::Failed {
+        let run = ctx
+            .store
+            .collection(c::EXPORT_JOBS)
+            .find_one(doc! { x::JOB_ID: &job })
+            .projection(doc! { x::STATUS: 1 })
+            .await;
+        if let Ok(Some(run)) = run {
+            if run.get_str(x::STATUS) == Ok(sluice_core::model::ExportJobStatus::Failed.as_str()) {
                 let _ = ctx.dest.delete(&keys).await;
             }
         }

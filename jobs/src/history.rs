@@ -118,3 +118,43 @@ pub async fn get(store: &Store, job_id: &str) -> Result<Option<ExportJob>, Store
         .await
         .map_err(StoreError::mongo(c::EXPORT_JOBS, "read job"))
 }
+
+/// How often a running export shows it is alive (`updatedAt`).
+pub const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(30);
+/// A RUNNING export whose `updatedAt` is older than this has died (its process stopped).
+pub const PRESUMED_DEAD: std::time::Duration = std::time::Duration::from_secs(5 * 60);
+
+/// Keeps `updatedAt` of a running export fresh until the returned task is aborted.
+pub fn heartbeat(store: &Store, job_id: &str) -> tokio::task::JoinHandle<()> {
+    let (store, job_id) = (store.clone(), job_id.to_string());
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(HEARTBEAT).await;
+            let _ = set(&store, &job_id, doc! {}).await;
+        }
+    })
+}
+
+/// Marks RUNNING exports without a heartbeat for `PRESUMED_DEAD` as FAILED; returns how
+/// many.
+pub async fn fail_dead_runs(store: &Store) -> Result<u64, StoreError> {
+    let now = DateTime::now();
+    let cutoff = DateTime::from_millis(now.timestamp_millis() - PRESUMED_DEAD.as_millis() as i64);
+    let result = store
+        .collection(c::EXPORT_JOBS)
+        .update_many(
+            doc! {
+                f::STATUS: ExportJobStatus::Running.as_str(),
+                common::UPDATED_AT: { "$lt": cutoff },
+            },
+            doc! { "$set": {
+                f::STATUS: ExportJobStatus::Failed.as_str(),
+                f::END_TIME: now,
+                f::ERROR: "interrupted: the run stopped sending heartbeats (its process ended)",
+                common::UPDATED_AT: now,
+            } },
+        )
+        .await
+        .map_err(StoreError::mongo(c::EXPORT_JOBS, "fail dead runs"))?;
+    Ok(result.modified_count)
+}
