@@ -229,10 +229,15 @@ pub fn parse_message(
                 .ok_or_else(|| ValidationError::new("event", "is required for track"))?;
             let t = track_type(&name, options);
             if t == EventType::Purchase && !properties.contains_key("amount") {
-                let amount = ["revenue", "total", "value"]
+                // The first of these present is the amount; one that is not a number is
+                // refused rather than stored as a purchase without revenue.
+                let named = ["revenue", "total", "value"]
                     .iter()
-                    .find_map(|k| properties.get(*k).and_then(number));
-                if let Some(amount) = amount {
+                    .find(|k| properties.get(**k).is_some_and(|v| !v.is_null()));
+                if let Some(k) = named {
+                    let amount = number(&properties[*k]).ok_or_else(|| {
+                        ValidationError::new(format!("properties.{k}"), "expected a number")
+                    })?;
                     properties.insert("amount".into(), amount);
                 }
             }
@@ -452,6 +457,18 @@ mod tests {
             custom.event.properties.get_str(EVENT_NAME).unwrap(),
             "Video Played"
         );
+    }
+
+    #[test]
+    fn revenue_that_is_not_a_number_is_refused() {
+        for bad in [json!("abc"), json!("NaN"), json!({})] {
+            let err = parse(json!({
+                "type": "track", "userId": "u1", "event": "Order Completed",
+                "properties": { "revenue": bad },
+            }))
+            .unwrap_err();
+            assert_eq!(err.field, "properties.revenue");
+        }
     }
 
     #[test]
