@@ -515,10 +515,8 @@ pub fn validate(
             )
         })?;
     }
-    let secret = |field: &str, s: &Option<Secret>| -> Result<Secret, ConfigError> {
-        let s = s
-            .as_ref()
-            .ok_or_else(|| invalid(field, "a value (a secret: use `${env:NAME}`)".into()))?;
+    // A `${env:NAME}` reference resolved through `env`; a literal stays as it is.
+    let resolve = |field: &str, s: &Secret| -> Result<Secret, ConfigError> {
         match s.env_reference() {
             Some(name) => env(name).map(Secret::new).ok_or_else(|| {
                 invalid(
@@ -528,6 +526,12 @@ pub fn validate(
             }),
             None => Ok(s.clone()),
         }
+    };
+    let secret = |field: &str, s: &Option<Secret>| -> Result<Secret, ConfigError> {
+        let s = s
+            .as_ref()
+            .ok_or_else(|| invalid(field, "a value (a secret: use `${env:NAME}`)".into()))?;
+        resolve(field, s)
     };
     let a = &file.auth;
     let auth = match AuthType::parse(&a.kind).map_err(|e| invalid("auth.type", e))? {
@@ -722,22 +726,14 @@ pub fn validate(
     let mut headers = Vec::with_capacity(file.headers.len());
     for (k, v) in &file.headers {
         let field = format!("headers.{k}");
-        let value = match v.strip_prefix("${env:").and_then(|r| r.strip_suffix('}')) {
-            Some(name) => env(name).ok_or_else(|| {
-                invalid(
-                    &field,
-                    format!("environment variable `{name}` to be set (it is not)"),
-                )
-            })?,
-            None if credential_header(k) => {
-                return Err(invalid(
-                    &field,
-                    "a `${env:NAME}` reference (this header carries a credential, and secrets are never stored in clear)".into(),
-                ))
-            }
-            None => v.clone(),
-        };
-        headers.push((k.clone(), value));
+        let value = Secret::new(v.clone());
+        if value.env_reference().is_none() && credential_header(k) {
+            return Err(invalid(
+                &field,
+                "a `${env:NAME}` reference (this header carries a credential, and secrets are never stored in clear)".into(),
+            ));
+        }
+        headers.push((k.clone(), resolve(&field, &value)?.expose().to_string()));
     }
     Ok(Connector {
         name: file.name.clone(),

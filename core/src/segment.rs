@@ -125,6 +125,18 @@ fn text(obj: Option<&Map<String, Value>>, field: &str) -> Option<String> {
     }
 }
 
+/// The user-profile field an `identify` trait is copied to (`email`, `firstName`,
+/// `lastName`, also in snake case); other traits go under the profile's attributes.
+pub fn profile_field(name: &str) -> Option<&'static str> {
+    use crate::model::user_fields as u;
+    match name {
+        "email" => Some(u::EMAIL),
+        "firstName" | "first_name" => Some(u::FIRST_NAME),
+        "lastName" | "last_name" => Some(u::LAST_NAME),
+        _ => None,
+    }
+}
+
 /// A number, or a string holding one (some SDKs send revenue as text).
 fn number(v: &Value) -> Option<Value> {
     match v {
@@ -247,16 +259,13 @@ pub fn parse_message(
             t
         }
         Kind::Identify => {
-            // These traits become the profile's own string fields.
-            for name in ["email", "firstName", "first_name", "lastName", "last_name"] {
-                match properties.get(name) {
-                    None | Some(Value::String(_) | Value::Null) => {}
-                    Some(_) => {
-                        return Err(ValidationError::new(
-                            format!("traits.{name}"),
-                            "expected a string",
-                        ))
-                    }
+            // Traits that become the profile's own fields are strings there.
+            for (name, v) in &properties {
+                if profile_field(name).is_some() && !matches!(v, Value::String(_) | Value::Null) {
+                    return Err(ValidationError::new(
+                        format!("traits.{name}"),
+                        "expected a string",
+                    ));
                 }
             }
             traits = Some(crate::tracking::json_to_document(&Value::Object(
@@ -354,7 +363,6 @@ pub fn parse_message(
 }
 
 /// Errors name the Segment field the client sent, not the native one.
-/// Names a field of the native event as the Segment message names it.
 fn rename_field(mut err: ValidationError, kind: Kind) -> ValidationError {
     if err.field == "eventId" {
         err.field = "messageId".into();

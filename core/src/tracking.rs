@@ -56,9 +56,8 @@ pub fn parse_time(field: &str, v: &Value) -> Result<i64, ValidationError> {
     }
 }
 
-fn before_2000_hint() -> &'static str {
-    "is before the year 2000 (times are RFC 3339 strings or epoch milliseconds, not seconds)"
-}
+const BEFORE_2000: &str =
+    "is before the year 2000 (times are RFC 3339 strings or epoch milliseconds, not seconds)";
 
 fn kind(v: &Value) -> &'static str {
     match v {
@@ -205,7 +204,7 @@ pub fn parse_event(
     };
     if let Some(sent) = sent_at {
         if sent < EARLIEST_MS {
-            return Err(ValidationError::new("sentAt", before_2000_hint()));
+            return Err(ValidationError::new("sentAt", BEFORE_2000));
         }
     }
     let timestamp_ms = match (client_time, sent_at) {
@@ -232,7 +231,7 @@ pub fn parse_event(
         ));
     }
     if timestamp_ms < EARLIEST_MS {
-        return Err(ValidationError::new(f::TIMESTAMP, before_2000_hint()));
+        return Err(ValidationError::new(f::TIMESTAMP, BEFORE_2000));
     }
 
     let properties = match obj.get(f::PROPERTIES) {
@@ -248,21 +247,15 @@ pub fn parse_event(
             ))
         }
     };
-    if event_type == EventType::Purchase {
-        if let Some(amount) = properties.get(f::AMOUNT) {
-            let value = match amount {
-                bson::Bson::Double(x) => Some(*x),
-                bson::Bson::Int32(x) => Some(f64::from(*x)),
-                bson::Bson::Int64(x) => Some(*x as f64),
-                _ => None,
-            };
-            if !value.is_some_and(|x| (0.0..=MAX_PURCHASE_AMOUNT).contains(&x)) {
-                return Err(ValidationError::new(
-                    "properties.amount",
-                    format!("expected a number from 0 to {MAX_PURCHASE_AMOUNT:e}"),
-                ));
-            }
-        }
+    if event_type == EventType::Purchase
+        && properties.contains_key(f::AMOUNT)
+        && !crate::model::amount_of(&properties)
+            .is_some_and(|x| (0.0..=MAX_PURCHASE_AMOUNT).contains(&x))
+    {
+        return Err(ValidationError::new(
+            "properties.amount",
+            format!("expected a number from 0 to {MAX_PURCHASE_AMOUNT:e}"),
+        ));
     }
     let page_url = opt_string(obj, f::PAGE_URL, MAX_URL_LEN)?;
     let referrer = opt_string(obj, f::REFERRER, MAX_URL_LEN)?;

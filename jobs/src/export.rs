@@ -358,16 +358,10 @@ async fn remove_failed_staging(ctx: &ExportContext) {
         }
     }
     for (job, keys) in by_job {
-        let run = ctx
-            .store
-            .collection(c::EXPORT_JOBS)
-            .find_one(doc! { x::JOB_ID: &job })
-            .projection(doc! { x::STATUS: 1 })
-            .await;
-        if let Ok(Some(run)) = run {
-            if run.get_str(x::STATUS) == Ok(sluice_core::model::ExportJobStatus::Failed.as_str()) {
-                let _ = ctx.dest.delete(&keys).await;
-            }
+        let status = history::status(&ctx.store, &job).await;
+        if matches!(status, Ok(Some(s)) if s == sluice_core::model::ExportJobStatus::Failed.as_str())
+        {
+            let _ = ctx.dest.delete(&keys).await;
         }
     }
 }
@@ -461,10 +455,6 @@ async fn publish_all(
     Ok(published)
 }
 
-/// Field of an ARCHIVE job listing the partitions it published and has not deleted yet:
-/// `{prefix, day, createdBefore, rows, files: [{key, bytes}]}`.
-const PENDING_DELETES: &str = "pendingDeletes";
-
 /// ARCHIVE, under the archive lock: completes interrupted archives, then stages every
 /// day older than the cutoff, publishes, records what it is about to delete, verifies
 /// and deletes.
@@ -509,17 +499,7 @@ async fn archive(
             })
         })
         .collect();
-    let jobs = ctx.store.collection(c::EXPORT_JOBS);
-    let failed = |source| ExportError::Read {
-        partition: c::EXPORT_JOBS.into(),
-        source,
-    };
-    jobs.update_one(
-        doc! { x::JOB_ID: job_id },
-        doc! { "$set": { PENDING_DELETES: pending } },
-    )
-    .await
-    .map_err(failed)?;
+    history::set_pending_deletes(&ctx.store, job_id, pending).await?;
     if ctx.fail_before_archive_delete {
         return Err(ExportError::Request(
             "stopped before deleting (test hook)".into(),
@@ -527,12 +507,7 @@ async fn archive(
     }
     for (s, p) in staged.iter().zip(&published) {
         deleted += archive_delete(ctx, s, p).await?;
-        jobs.update_one(
-            doc! { x::JOB_ID: job_id },
-            doc! { "$pull": { PENDING_DELETES: { "prefix": &s.prefix } } },
-        )
-        .await
-        .map_err(failed)?;
+        history::pending_deleted(&ctx.store, job_id, &s.prefix).await?;
     }
     Ok((published, deleted))
 }
@@ -550,37 +525,9 @@ fn archive_filter(d: NaiveDate, created_before: DateTime) -> Document {
 /// whose events no longer match what was published (count) or whose files are gone is
 /// left pending and reported, never deleted blindly.
 async fn recover_archives(ctx: &ExportContext, job_id: &str) -> Result<u64, ExportError> {
-    let jobs = ctx.store.collection(c::EXPORT_JOBS);
-    let failed = |source| ExportError::Read {
-        partition: c::EXPORT_JOBS.into(),
-        source,
-    };
-    let interrupted: Vec<Document> = jobs
-        .find(doc! {
-            x::TYPE: ExportJobType::Archive.as_str(),
-            x::JOB_ID: { "$ne": job_id },
-            format!("{PENDING_DELETES}.0"): { "$exists": true },
-        })
-        .await
-        .map_err(failed)?
-        .try_collect()
-        .await
-        .map_err(failed)?;
+    let interrupted = history::interrupted_archives(&ctx.store, job_id).await?;
     // Under the lock no other archive is alive: one still RUNNING died.
-    jobs.update_many(
-        doc! {
-            x::TYPE: ExportJobType::Archive.as_str(),
-            x::STATUS: "RUNNING",
-            x::JOB_ID: { "$ne": job_id },
-        },
-        doc! { "$set": {
-            x::STATUS: "FAILED",
-            x::ERROR: format!("interrupted (the process stopped); found by {job_id}"),
-            x::END_TIME: DateTime::now(),
-        } },
-    )
-    .await
-    .map_err(failed)?;
+    history::fail_other_archives(&ctx.store, job_id).await?;
     let destination = ctx.dest.url(ExportJobType::Archive.as_str());
     let mut deleted = 0;
     for job in interrupted {
@@ -589,7 +536,11 @@ async fn recover_archives(ctx: &ExportContext, job_id: &str) -> Result<u64, Expo
             tracing::warn!(job = %old, "an interrupted archive to another destination is left pending");
             continue;
         }
-        for p in job.get_array(PENDING_DELETES).cloned().unwrap_or_default() {
+        for p in job
+            .get_array(history::PENDING_DELETES)
+            .cloned()
+            .unwrap_or_default()
+        {
             let Bson::Document(p) = p else { continue };
             let prefix = p.get_str("prefix").unwrap_or_default().to_string();
             let (Ok(day), Ok(before)) = (
@@ -610,16 +561,20 @@ async fn recover_archives(ctx: &ExportContext, job_id: &str) -> Result<u64, Expo
                     .is_some_and(|size| size as i64 == bytes);
             }
             let filter = archive_filter(day, *before);
+            let read = |source| ExportError::Read {
+                partition: prefix.clone(),
+                source,
+            };
             let ids: Vec<String> = ctx
                 .store
                 .collection(c::EVENTS)
                 .find(filter.clone())
                 .projection(doc! { e::EVENT_ID: 1, common::ID: 0 })
                 .await
-                .map_err(failed)?
+                .map_err(read)?
                 .try_collect::<Vec<Document>>()
                 .await
-                .map_err(failed)?
+                .map_err(read)?
                 .iter()
                 .filter_map(|d| d.get_str(e::EVENT_ID).ok().map(str::to_string))
                 .collect();
@@ -631,12 +586,7 @@ async fn recover_archives(ctx: &ExportContext, job_id: &str) -> Result<u64, Expo
                 continue;
             }
             deleted += delete_archived(ctx, &prefix, &filter, &ids).await?;
-            jobs.update_one(
-                doc! { x::JOB_ID: &old },
-                doc! { "$pull": { PENDING_DELETES: { "prefix": &prefix } } },
-            )
-            .await
-            .map_err(failed)?;
+            history::pending_deleted(&ctx.store, &old, &prefix).await?;
             tracing::info!(job = %old, partition = %prefix, events = ids.len(), "completed the deletion of an interrupted archive");
         }
     }
@@ -652,6 +602,11 @@ struct ArchiveLock {
 
 const ARCHIVE_LEASE: Duration = Duration::from_secs(60);
 
+/// When the archive lease taken or renewed now lapses.
+fn archive_lease_end() -> DateTime {
+    DateTime::from_millis(DateTime::now().timestamp_millis() + ARCHIVE_LEASE.as_millis() as i64)
+}
+
 impl ArchiveLock {
     async fn take(ctx: &ExportContext, job_id: &str) -> Result<Self, ExportError> {
         let locks = ctx.store.collection(c::JOB_LOCKS);
@@ -659,17 +614,12 @@ impl ArchiveLock {
             partition: c::JOB_LOCKS.into(),
             source,
         };
-        let lease_end = || {
-            DateTime::from_millis(
-                DateTime::now().timestamp_millis() + ARCHIVE_LEASE.as_millis() as i64,
-            )
-        };
         let id = ExportJobType::Archive.as_str();
         // Take it if free or lapsed; the unique `_id` makes the race have one winner.
         let taken = locks
             .update_one(
                 doc! { common::ID: id, "expiresAt": { "$lt": DateTime::now() } },
-                doc! { "$set": { "owner": job_id, "expiresAt": lease_end() } },
+                doc! { "$set": { "owner": job_id, "expiresAt": archive_lease_end() } },
             )
             .upsert(true)
             .await;
@@ -701,7 +651,7 @@ impl ArchiveLock {
                     .collection(c::JOB_LOCKS)
                     .update_one(
                         doc! { common::ID: ExportJobType::Archive.as_str(), "owner": &owner },
-                        doc! { "$set": { "expiresAt": DateTime::from_millis(DateTime::now().timestamp_millis() + ARCHIVE_LEASE.as_millis() as i64) } },
+                        doc! { "$set": { "expiresAt": archive_lease_end() } },
                     )
                     .await;
             }

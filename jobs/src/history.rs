@@ -1,6 +1,6 @@
 //! `export_jobs`: one document per run, PENDING -> RUNNING -> COMPLETED | FAILED.
 
-use bson::{doc, DateTime};
+use bson::{doc, Bson, DateTime, Document};
 use sluice_connectors::{Store, StoreError};
 use sluice_core::model::{
     collections as c, common, export_job_fields as f, ExportJob, ExportJobStatus, ExportJobType,
@@ -109,14 +109,15 @@ pub async fn failed(
     .await
 }
 
-/// One run's history document.
-pub async fn get(store: &Store, job_id: &str) -> Result<Option<ExportJob>, StoreError> {
-    store
-        .db()
-        .collection::<ExportJob>(c::EXPORT_JOBS)
+/// One run's status (`RUNNING`, `FAILED`...), if the run is on record.
+pub async fn status(store: &Store, job_id: &str) -> Result<Option<String>, StoreError> {
+    Ok(store
+        .collection(c::EXPORT_JOBS)
         .find_one(doc! { f::JOB_ID: job_id })
+        .projection(doc! { f::STATUS: 1 })
         .await
-        .map_err(StoreError::mongo(c::EXPORT_JOBS, "read job"))
+        .map_err(StoreError::mongo(c::EXPORT_JOBS, "read job"))?
+        .and_then(|d| d.get_str(f::STATUS).ok().map(str::to_string)))
 }
 
 /// How often a running export shows it is alive (`updatedAt`).
@@ -135,26 +136,102 @@ pub fn heartbeat(store: &Store, job_id: &str) -> tokio::task::JoinHandle<()> {
     })
 }
 
-/// Marks RUNNING exports without a heartbeat for `PRESUMED_DEAD` as FAILED; returns how
-/// many.
-pub async fn fail_dead_runs(store: &Store) -> Result<u64, StoreError> {
+/// Marks RUNNING runs matching `filter` FAILED with `error`; returns how many.
+async fn fail_running(store: &Store, mut filter: Document, error: &str) -> Result<u64, StoreError> {
     let now = DateTime::now();
-    let cutoff = DateTime::from_millis(now.timestamp_millis() - PRESUMED_DEAD.as_millis() as i64);
+    filter.insert(f::STATUS, ExportJobStatus::Running.as_str());
     let result = store
         .collection(c::EXPORT_JOBS)
         .update_many(
-            doc! {
-                f::STATUS: ExportJobStatus::Running.as_str(),
-                common::UPDATED_AT: { "$lt": cutoff },
-            },
+            filter,
             doc! { "$set": {
                 f::STATUS: ExportJobStatus::Failed.as_str(),
                 f::END_TIME: now,
-                f::ERROR: "interrupted: the run stopped sending heartbeats (its process ended)",
+                f::ERROR: error,
                 common::UPDATED_AT: now,
             } },
         )
         .await
-        .map_err(StoreError::mongo(c::EXPORT_JOBS, "fail dead runs"))?;
+        .map_err(StoreError::mongo(c::EXPORT_JOBS, "fail interrupted runs"))?;
     Ok(result.modified_count)
+}
+
+/// Marks RUNNING exports without a heartbeat for `PRESUMED_DEAD` as FAILED; returns how
+/// many.
+pub async fn fail_dead_runs(store: &Store) -> Result<u64, StoreError> {
+    let cutoff = DateTime::from_millis(
+        DateTime::now().timestamp_millis() - PRESUMED_DEAD.as_millis() as i64,
+    );
+    fail_running(
+        store,
+        doc! { common::UPDATED_AT: { "$lt": cutoff } },
+        "interrupted: the run stopped sending heartbeats (its process ended)",
+    )
+    .await
+}
+
+/// Marks every RUNNING ARCHIVE but `holder` FAILED: called under the archive lock, when
+/// no other archive can be alive.
+pub async fn fail_other_archives(store: &Store, holder: &str) -> Result<u64, StoreError> {
+    fail_running(
+        store,
+        doc! { f::TYPE: ExportJobType::Archive.as_str(), f::JOB_ID: { "$ne": holder } },
+        &format!("interrupted (the process stopped); found by {holder}"),
+    )
+    .await
+}
+
+/// Field of an ARCHIVE run listing the partitions it published and has not deleted yet:
+/// `{prefix, day, createdBefore, rows, files: [{key, bytes}]}`.
+pub const PENDING_DELETES: &str = "pendingDeletes";
+
+/// Records the partitions an ARCHIVE run is about to delete (see [`PENDING_DELETES`]).
+pub async fn set_pending_deletes(
+    store: &Store,
+    job_id: &str,
+    pending: Vec<Bson>,
+) -> Result<(), StoreError> {
+    set(store, job_id, doc! { PENDING_DELETES: pending }).await
+}
+
+/// Takes a partition whose events are deleted off the run's pending list.
+pub async fn pending_deleted(store: &Store, job_id: &str, prefix: &str) -> Result<(), StoreError> {
+    store
+        .collection(c::EXPORT_JOBS)
+        .update_one(
+            doc! { f::JOB_ID: job_id },
+            doc! { "$pull": { PENDING_DELETES: { "prefix": prefix } } },
+        )
+        .await
+        .map_err(StoreError::mongo(
+            c::EXPORT_JOBS,
+            "clear a pending deletion",
+        ))?;
+    Ok(())
+}
+
+/// ARCHIVE runs other than `except` that still list pending deletions.
+pub async fn interrupted_archives(
+    store: &Store,
+    except: &str,
+) -> Result<Vec<Document>, StoreError> {
+    use futures_util::TryStreamExt;
+    store
+        .collection(c::EXPORT_JOBS)
+        .find(doc! {
+            f::TYPE: ExportJobType::Archive.as_str(),
+            f::JOB_ID: { "$ne": except },
+            format!("{PENDING_DELETES}.0"): { "$exists": true },
+        })
+        .await
+        .map_err(StoreError::mongo(
+            c::EXPORT_JOBS,
+            "find interrupted archives",
+        ))?
+        .try_collect()
+        .await
+        .map_err(StoreError::mongo(
+            c::EXPORT_JOBS,
+            "find interrupted archives",
+        ))
 }

@@ -585,11 +585,10 @@ async fn write_page(
 fn spec_fingerprint(stored: &Document) -> String {
     use sha2::{Digest, Sha256};
     let spec = stored.get(f::SPEC).cloned().unwrap_or(Bson::Null);
-    let text = spec.into_relaxed_extjson().to_string();
-    Sha256::digest(text.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    format!(
+        "{:x}",
+        Sha256::digest(spec.into_relaxed_extjson().to_string().as_bytes())
+    )
 }
 
 /// An upsert key that can identify a document: not null, not an empty or blank string.

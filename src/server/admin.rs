@@ -339,7 +339,7 @@ async fn apply_config(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     caller(&state, &headers, Role::Admin).await?;
     let bad = |e: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_config", e);
-    // Validated in memory, exactly as `sluice configs check` validates a file: nothing
+    // Validated in memory, exactly as `sluice configs validate` validates a file: nothing
     // from the body ever names a path on this machine.
     let (file, _) =
         sluice_jobs::configs::validate_text("request body", &body, &|k| std::env::var(k).ok())

@@ -172,11 +172,9 @@ pub async fn apply_traits(
 ) -> Result<bool, StoreError> {
     let mut set = Document::new();
     for (k, v) in traits {
-        let field = match k.as_str() {
-            "email" => u::EMAIL.to_string(),
-            "firstName" | "first_name" => u::FIRST_NAME.to_string(),
-            "lastName" | "last_name" => u::LAST_NAME.to_string(),
-            _ => format!("{}.{k}", u::ATTRIBUTES),
+        let field = match sluice_core::segment::profile_field(k) {
+            Some(f) => f.to_string(),
+            None => format!("{}.{k}", u::ATTRIBUTES),
         };
         set.insert(field, v.clone());
     }

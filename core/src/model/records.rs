@@ -106,12 +106,17 @@ impl Event {
         if self.event_type != EventType::Purchase {
             return None;
         }
-        match self.properties.get(super::event_fields::AMOUNT)? {
-            bson::Bson::Double(v) => Some(*v),
-            bson::Bson::Int32(v) => Some(f64::from(*v)),
-            bson::Bson::Int64(v) => Some(*v as f64),
-            _ => None,
-        }
+        amount_of(&self.properties)
+    }
+}
+
+/// `properties.amount` as a number, if it is one (double, int32 or int64).
+pub fn amount_of(properties: &bson::Document) -> Option<f64> {
+    match properties.get(super::event_fields::AMOUNT)? {
+        bson::Bson::Double(v) => Some(*v),
+        bson::Bson::Int32(v) => Some(f64::from(*v)),
+        bson::Bson::Int64(v) => Some(*v as f64),
+        _ => None,
     }
 }
 
