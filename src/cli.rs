@@ -402,6 +402,9 @@ pub async fn import_run(config: &Config, name: &str, dry_run: bool) -> anyhow::R
     if let Some(note) = &summary.stopped_early {
         println!("  note: {note}");
     }
+    for warning in &summary.warnings {
+        println!("  warning: {warning}");
+    }
     if !summary.completed && options.progress.stop.load(Relaxed) {
         anyhow::bail!(
             "interrupted by a signal after page {}; the next run resumes there",

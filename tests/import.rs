@@ -1112,3 +1112,142 @@ async fn rotated_refresh_tokens_are_saved_encrypted_before_use() {
         .unwrap();
     assert_eq!(third.fetched, 45);
 }
+
+#[tokio::test]
+async fn a_records_path_into_nothing_warns_instead_of_passing_for_an_empty_api() {
+    let db = TestDb::initialized().await;
+    let (base, _api) = fault_api(Fault::None).await;
+    let text = cursor_config("misread", &base, "", "").replace("$.data[*]", "$.items[*]");
+    let name = apply(&db, &text).await;
+    let s = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert!(s.completed);
+    assert_eq!(s.fetched, 0);
+    assert_eq!(s.warnings.len(), 1, "{:?}", s.warnings);
+    assert!(
+        s.warnings[0].contains("no `$.items`") && s.warnings[0].contains("data, next"),
+        "{:?}",
+        s.warnings
+    );
+    let run = db
+        .store
+        .collection("import_runs")
+        .find_one(doc! { "runId": &s.run_id })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(run.get_array("warnings").unwrap().len(), 1, "{run}");
+
+    // An API answering an empty list is an empty page, not a wrong path.
+    let addr =
+        serve(Router::new().route("/empty", get(|| async { Json(json!({"data": []})) }))).await;
+    let name = apply(
+        &db,
+        &things_config("empty", &format!("http://{addr}/empty"), "type = \"none\""),
+    )
+    .await;
+    let s = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert!(s.completed && s.warnings.is_empty(), "{:?}", s.warnings);
+}
+
+async fn sync_cursor(db: &TestDb, name: &str) -> Option<bson::Bson> {
+    db.store
+        .collection("integration_configs")
+        .find_one(doc! { "name": name })
+        .await
+        .unwrap()
+        .unwrap()
+        .get("syncCursor")
+        .cloned()
+        .filter(|c| *c != bson::Bson::Null)
+}
+
+#[tokio::test]
+async fn a_run_cut_short_by_max_pages_keeps_the_cursor_unless_the_api_is_sorted() {
+    let db = TestDb::initialized().await;
+    let (base, _api) = fault_api(Fault::None).await;
+    let capped = cursor_config("capped-pages", &base, "", "").replace(
+        "cursor_path = \"$.next\"",
+        "cursor_path = \"$.next\"\nmax_pages = 2",
+    );
+    let name = apply(&db, &capped).await;
+    let s = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert!(
+        s.completed && s.stopped_early.is_some(),
+        "{:?}",
+        s.stopped_early
+    );
+    assert_eq!(s.fetched, 20, "two pages of ten");
+    assert_eq!(count(&db, "things").await, 20, "what was read is stored");
+    assert_eq!(
+        sync_cursor(&db, &name).await,
+        None,
+        "45 records, 20 read: no cursor"
+    );
+    assert!(
+        s.warnings.iter().any(|w| w.contains("not advanced")),
+        "{:?}",
+        s.warnings
+    );
+
+    // Declared sorted by the cursor: everything below the largest value was read.
+    let sorted = capped.replace("param = \"since\"", "param = \"since\"\nsorted = true");
+    let name = apply(&db, &sorted).await;
+    let s = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert!(s.completed && s.warnings.is_empty(), "{:?}", s.warnings);
+    let cursor = sync_cursor(&db, &name).await.expect("the cursor advanced");
+    assert_eq!(
+        cursor
+            .as_datetime()
+            .unwrap()
+            .try_to_rfc3339_string()
+            .unwrap(),
+        "2026-11-20T00:00:00Z",
+        "ids 0-19: the largest `updated` is day 20"
+    );
+}
+
+#[tokio::test]
+async fn upsert_keys_that_mix_numbers_and_strings_are_warned_about() {
+    let db = TestDb::initialized().await;
+    let mixed = || async { Json(json!({"data": [{"id": 1}, {"id": "1"}, {"id": 2}]})) };
+    let addr = serve(Router::new().route("/mixed", get(mixed))).await;
+    let text = things_config("mixed", &format!("http://{addr}/mixed"), "type = \"none\"")
+        .replace("type = \"string\"\n", "");
+    let name = apply(&db, &text).await;
+    let s = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        count(&db, "things").await,
+        3,
+        "1 and \"1\" are different keys"
+    );
+    assert_eq!(s.warnings.len(), 1, "{:?}", s.warnings);
+    assert!(
+        s.warnings[0].contains("both as numbers and as strings")
+            && s.warnings[0].contains("[mapping.thingId]"),
+        "{:?}",
+        s.warnings
+    );
+
+    // Declared a string, the same answer is one key per value.
+    db.store.collection("things").drop().await.unwrap();
+    let name = apply(
+        &db,
+        &things_config("mixed", &format!("http://{addr}/mixed"), "type = \"none\""),
+    )
+    .await;
+    let s = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert!(s.warnings.is_empty(), "{:?}", s.warnings);
+    assert_eq!(count(&db, "things").await, 2);
+}

@@ -12,7 +12,7 @@ use oauth2::{ClientId, ClientSecret, RefreshToken, Scope, TokenResponse, TokenUr
 use reqwest::header::HeaderMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use sluice_core::integration::{first, select_records, Auth, Connector, Paging};
+use sluice_core::integration::{first, records_miss, select_records, Auth, Connector, Paging};
 use sluice_core::model::HttpMethod;
 use tokio::sync::Mutex;
 
@@ -57,6 +57,10 @@ pub struct Page {
     pub body: Value,
     pub headers: HeaderMap,
     pub records: Vec<Value>,
+    /// Set when no records were found because the response has nothing where the
+    /// records selector looks (a wrong `source.records`, or an error body), as opposed to
+    /// an empty list.
+    pub records_missing: Option<String>,
 }
 
 /// Where pagination stands; serializable so an interrupted import can resume from it.
@@ -576,11 +580,16 @@ impl HttpClient {
         let (body, headers) = self.send(HttpMethod::Get, url, query, None).await?;
         let records =
             select_records(&body, &self.connector.records).map_err(HttpError::Selector)?;
+        let records_missing = records
+            .is_empty()
+            .then(|| records_miss(&body, &self.connector.records))
+            .flatten();
         Ok(Some(Page {
             url: url.clone(),
             body,
             headers,
             records,
+            records_missing,
         }))
     }
 

@@ -256,6 +256,12 @@ pub struct IncrementalSection {
     pub cursor_field: String,
     /// Query parameter the cursor is sent in.
     pub param: String,
+    /// The API returns records in ascending `cursor_field` order, so a run cut short by a
+    /// loop guard (`max_pages`, a repeated page) may still advance the cursor to the
+    /// largest value it stored: everything below it was read. Without it such a run keeps
+    /// the cursor, so records it did not reach are not skipped.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sorted: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -771,6 +777,63 @@ pub fn select_records(body: &Value, path: &str) -> Result<Vec<Value>, String> {
         .map_err(|e| format!("record selector `{path}`: {e}"))
 }
 
+/// Why a records selector that found nothing probably points at the wrong place: the
+/// response has nothing where the selector's last step looks (`$.data` for `$.data[*]`),
+/// so this is not an empty page. `None` when that place exists (an empty list, `null`),
+/// when the selector starts at the root, or when the body is empty.
+pub fn records_miss(body: &Value, path: &str) -> Option<String> {
+    if body.is_null() {
+        return None;
+    }
+    let parent = parent_path(path)?;
+    let found = body.query(parent).ok()?;
+    if !found.is_empty() {
+        return None;
+    }
+    let keys = match body {
+        Value::Object(m) if !m.is_empty() => {
+            let mut names: Vec<&str> = m.keys().take(10).map(String::as_str).collect();
+            if m.len() > names.len() {
+                names.push("...");
+            }
+            format!(" (its top-level keys: {})", names.join(", "))
+        }
+        Value::Array(_) => " (it is a list)".to_string(),
+        _ => String::new(),
+    };
+    Some(format!(
+        "records path `{path}` found nothing: the response has no `{parent}`{keys}; check `source.records`"
+    ))
+}
+
+/// The JSONPath without its last step (`$.data` for `$.data[*]`, `$.a` for `$.a.b`);
+/// `None` when that is the root or a recursive descent.
+fn parent_path(path: &str) -> Option<&str> {
+    let p = path.trim();
+    let cut = if p.ends_with(']') {
+        let mut depth = 0;
+        let mut at = None;
+        for (i, ch) in p.char_indices().rev() {
+            match ch {
+                ']' => depth += 1,
+                '[' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        at = Some(i);
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        at?
+    } else {
+        p.rfind('.')?
+    };
+    let parent = p[..cut].trim_end_matches('.');
+    (parent.len() > 1 && parent.starts_with('$') && !parent.ends_with('.')).then_some(parent)
+}
+
 /// The first value a JSONPath finds, if any.
 pub fn first(value: &Value, path: &str) -> Option<Value> {
     value.query(path).ok()?.into_iter().next().cloned()
@@ -1075,6 +1138,36 @@ type = "bool"
         assert_eq!(select_records(&body, "$.data[*]").unwrap().len(), 2);
         assert_eq!(first(&body, "$.meta.next"), Some(json!("abc")));
         assert_eq!(select_records(&json!([1, 2, 3]), "$[*]").unwrap().len(), 3);
+    }
+
+    #[test]
+    fn a_records_path_into_nothing_is_told_from_an_empty_page() {
+        let wrong = json!({"items": [{"id": 1}], "total": 1});
+        let miss = records_miss(&wrong, "$.data[*]").expect("`data` is absent");
+        assert!(
+            miss.contains("no `$.data`") && miss.contains("items, total"),
+            "{miss}"
+        );
+        assert!(records_miss(&json!({"data": []}), "$.data[*]").is_none());
+        assert!(records_miss(&json!({"data": null}), "$.data[*]").is_none());
+        assert!(records_miss(&json!({"a": {"b": []}}), "$.a.b[*]").is_none());
+        assert!(records_miss(&json!({"a": {}}), "$.a.b[*]").is_some());
+        assert!(
+            records_miss(&json!({"a": {}}), "$.a.b").is_none(),
+            "parent `$.a` exists"
+        );
+        assert!(
+            records_miss(&json!([]), "$[*]").is_none(),
+            "root always exists"
+        );
+        assert!(records_miss(&json!({"x": 1}), "$..items[*]").is_some());
+        assert!(records_miss(&json!({"x": 1}), "$..items").is_none());
+        assert!(
+            records_miss(&Value::Null, "$.data[*]").is_none(),
+            "an empty body"
+        );
+        assert_eq!(parent_path("$.data[?(@.active == true)]"), Some("$.data"));
+        assert_eq!(parent_path("$['data'][*]"), Some("$['data']"));
     }
 
     #[test]

@@ -100,6 +100,11 @@ pub struct ImportSummary {
     /// Dry run: some mapped records.
     pub preview: Vec<Value>,
     pub stopped_early: Option<String>,
+    /// Things that did not stop the run but need a look (each said once).
+    pub warnings: Vec<String>,
+    /// Kinds of upsert key seen: 1 strings, 2 numbers.
+    #[serde(skip)]
+    key_kinds: u8,
     pub http: HttpStats,
     pub elapsed_ms: u64,
 }
@@ -346,8 +351,20 @@ pub async fn run_import(
         Ok(()) if state == PageState::Done => {
             // The sink has committed every page: now the cursor may advance.
             let mut set = doc! { f::LAST_SYNC: DateTime::now() };
-            if let Some(m) = &max_cursor {
+            // A run cut short by a loop guard did not read everything: unless the API
+            // serves records in cursor order, records it did not reach may lie below the
+            // largest cursor it saw, so the cursor stays.
+            let cut_short = summary.stopped_early.is_some()
+                && connector.incremental.as_ref().is_some_and(|i| !i.sorted);
+            if let (Some(m), false) = (&max_cursor, cut_short) {
                 set.insert(f::SYNC_CURSOR, m.clone());
+            }
+            if cut_short && max_cursor.is_some() {
+                warn_once(
+                    &mut summary,
+                    name,
+                    "the incremental cursor was not advanced because the run stopped early; raise `max_pages`, or set `incremental.sorted = true` if the API returns records in cursor order".into(),
+                );
             }
             store
                 .collection(c::INTEGRATION_CONFIGS)
@@ -427,6 +444,13 @@ async fn import_pages(
                 next = PageState::Done;
             }
         }
+        if let Some(miss) = &page.records_missing {
+            warn_once(
+                summary,
+                &connector.name,
+                format!("page {}: {miss}", summary.pages + 1),
+            );
+        }
         summary.pages += 1;
         summary.fetched += page.records.len() as u64;
         options.progress.pages.fetch_add(1, Relaxed);
@@ -474,6 +498,17 @@ async fn import_pages(
             .get_or_insert(format!("stopped at `max_pages` ({})", connector.max_pages));
     }
     Ok(())
+}
+
+/// Adds a warning to the run unless one with the same text after its `page N: ` prefix
+/// is there already.
+fn warn_once(summary: &mut ImportSummary, config: &str, warning: String) {
+    let tail = |w: &str| w.split_once(": ").map_or(w, |(_, t)| t).to_string();
+    if summary.warnings.iter().any(|w| tail(w) == tail(&warning)) {
+        return;
+    }
+    tracing::warn!(config, "{warning}");
+    summary.warnings.push(warning);
 }
 
 fn reject(summary: &mut ImportSummary, options: &ImportOptions, reason: String, record: &Value) {
@@ -527,6 +562,23 @@ async fn write_page(
         }
     }
     let mapped = apply_chain(chain, mapped)?;
+    for d in &mapped {
+        summary.key_kinds |= match d.get(&connector.key) {
+            Some(Bson::String(_)) => 1,
+            Some(Bson::Int32(_) | Bson::Int64(_) | Bson::Double(_) | Bson::Decimal128(_)) => 2,
+            _ => 0,
+        };
+    }
+    if summary.key_kinds == 3 {
+        let key = &connector.key;
+        warn_once(
+            summary,
+            &connector.name,
+            format!(
+                "the upsert key `{key}` came both as numbers and as strings; MongoDB keeps 1 and \"1\" as different keys, so one record can be stored twice: declare `type = \"string\"` (or `\"integer\"`) in `[mapping.{key}]`"
+            ),
+        );
+    }
     if let Some(inc) = &connector.incremental {
         for d in &mapped {
             if let Some(v) = d.get(&inc.cursor_field) {
@@ -780,6 +832,8 @@ async fn record_run(
                     "endTime": if status == "RUNNING" { Bson::Null } else { Bson::DateTime(now) },
                     common::UPDATED_AT: now,
                 },
+                // A resumed run keeps the warnings of its earlier attempts.
+                "$addToSet": { "warnings": { "$each": &s.warnings } },
                 "$setOnInsert": { r::START_TIME: now, common::CREATED_AT: now },
     };
     if status == "FAILED" {
