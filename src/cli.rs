@@ -245,6 +245,7 @@ pub async fn export_run(
         to,
         archive_after_days: config.archive_after_days,
         archive_settle: sluice_jobs::export::DEFAULT_ARCHIVE_SETTLE,
+        scheduled: false,
     };
     let ticker = spawn_progress(ctx.progress.clone());
     let result = run_export(&ctx, &request).await;

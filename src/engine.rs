@@ -146,7 +146,8 @@ impl EngineRunner {
                         kind,
                         yesterday,
                         self.config.archive_after_days,
-                    ),
+                    )
+                    .scheduled(),
                 )
                 .await
                 .map_err(|e| e.to_string())?],

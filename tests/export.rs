@@ -76,6 +76,7 @@ fn request(kind: ExportJobType, from: NaiveDate, to: NaiveDate) -> ExportRequest
         to,
         archive_after_days: 90,
         archive_settle: Duration::ZERO,
+        scheduled: false,
     }
 }
 

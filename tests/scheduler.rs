@@ -263,6 +263,22 @@ async fn missed_export_windows_are_caught_up_in_order() {
         std::env::temp_dir().join(format!("sluice-catchup-{}", uuid::Uuid::new_v4().simple()));
     let ctx = ExportContext::new(db.store.clone(), ObjectStore::Local(LocalDir::new(&dir)));
     let yesterday = today - chrono::Days::new(1);
+    // A manual run of a later window (a backfill, `export run`) does not move the point
+    // catch-up resumes from: the days between are still exported.
+    let manual = sluice_jobs::export::run_export(
+        &ctx,
+        &sluice_jobs::export::ExportRequest::day(ExportJobType::DailyAnalytics, today, 90),
+    )
+    .await
+    .unwrap();
+    let recorded = db
+        .store
+        .collection("export_jobs")
+        .find_one(doc! { "jobId": &manual.job_id })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(recorded.get_bool("manual"), Ok(true));
     let done = catch_up(&ctx, ExportJobType::DailyAnalytics, yesterday, 10, 90)
         .await
         .unwrap();
@@ -285,7 +301,7 @@ async fn missed_export_windows_are_caught_up_in_order() {
     // Bounded: with only two allowed, the two most recent missing windows run.
     db.store
         .collection("export_jobs")
-        .delete_many(doc! { "jobId": { "$ne": "old" } })
+        .delete_many(doc! { "jobId": { "$nin": ["old", &manual.job_id] } })
         .await
         .unwrap();
     let bounded = catch_up(&ctx, ExportJobType::DailyAnalytics, yesterday, 2, 90)

@@ -70,6 +70,9 @@ pub struct ExportRequest {
     /// ARCHIVE: events stored less than this long ago are left for the next run (a
     /// writer may still be inserting events it received just before the run began).
     pub archive_settle: Duration,
+    /// Run by the schedule's catch-up. Other runs (`export run`, backfills, the demo) are
+    /// recorded as `manual` and never move the point catch-up resumes from.
+    pub scheduled: bool,
 }
 
 impl ExportRequest {
@@ -81,7 +84,14 @@ impl ExportRequest {
             to: day,
             archive_after_days,
             archive_settle: DEFAULT_ARCHIVE_SETTLE,
+            scheduled: false,
         }
+    }
+
+    /// The same request, marked as run by the schedule.
+    pub fn scheduled(mut self) -> Self {
+        self.scheduled = true;
+        self
     }
 }
 
@@ -196,10 +206,11 @@ fn next_day(d: NaiveDate) -> NaiveDate {
     d.checked_add_days(Days::new(1)).unwrap_or(d)
 }
 
-/// Runs the daily windows missed since the last COMPLETED run of `kind` (or only `until`
-/// when there is none), oldest first, one export per day, at most `max_windows`; stops at
-/// the first failure so windows stay in order. Backfills through `run_export` never move
-/// this: only completed runs do.
+/// Runs the daily windows missed since the last COMPLETED scheduled run of `kind` (or only
+/// `until` when there is none), oldest first, one export per day, at most `max_windows`;
+/// stops at the first failure so windows stay in order. Manual runs and backfills (any
+/// window, even a later one) never move this point, so they cannot make the schedule skip
+/// a day.
 pub async fn catch_up(
     ctx: &ExportContext,
     kind: ExportJobType,
@@ -210,11 +221,19 @@ pub async fn catch_up(
     let last = ctx
         .store
         .collection(c::EXPORT_JOBS)
-        .find_one(doc! { "type": kind.as_str(), "status": "COMPLETED", "windowEnd": { "$ne": Bson::Null } })
+        .find_one(doc! {
+            "type": kind.as_str(), "status": "COMPLETED", "windowEnd": { "$ne": Bson::Null },
+            // Runs recorded before runs were marked count as scheduled.
+            history::MANUAL: { "$ne": true },
+        })
         .sort(doc! { "windowEnd": -1 })
         .await
         .map_err(StoreError::mongo(c::EXPORT_JOBS, "find last window"))?
-        .and_then(|d| d.get_str("windowEnd").ok().and_then(|s| NaiveDate::parse_from_str(s, "%Y-%m-%d").ok()));
+        .and_then(|d| {
+            d.get_str("windowEnd")
+                .ok()
+                .and_then(|s| NaiveDate::parse_from_str(s, "%Y-%m-%d").ok())
+        });
     let first = match last {
         Some(done) if done >= until => return Ok(Vec::new()),
         Some(done) => next_day(done),
@@ -227,7 +246,8 @@ pub async fn catch_up(
     }
     let mut done = Vec::new();
     for d in windows {
-        done.push(run_export(ctx, &ExportRequest::day(kind, d, archive_after_days)).await?);
+        let request = ExportRequest::day(kind, d, archive_after_days).scheduled();
+        done.push(run_export(ctx, &request).await?);
     }
     Ok(done)
 }
@@ -252,7 +272,14 @@ pub async fn run_export(
     };
     let destination = ctx.dest.url(request.kind.as_str());
     remove_failed_staging(ctx).await;
-    let job_id = history::create(&ctx.store, request.kind, &destination, window).await?;
+    let job_id = history::create(
+        &ctx.store,
+        request.kind,
+        &destination,
+        window,
+        !request.scheduled,
+    )
+    .await?;
     history::running(&ctx.store, &job_id).await?;
     tracing::info!(job_id, kind = %request.kind, "export started");
     let heartbeat = history::heartbeat(&ctx.store, &job_id);

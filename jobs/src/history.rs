@@ -6,12 +6,16 @@ use sluice_core::model::{
     collections as c, common, export_job_fields as f, ExportJob, ExportJobStatus, ExportJobType,
 };
 
+/// Set (true) on runs not started by the schedule: `export run`, backfills, the demo.
+pub const MANUAL: &str = "manual";
+
 /// Records a new run as PENDING and returns its jobId.
 pub async fn create(
     store: &Store,
     kind: ExportJobType,
     destination: &str,
     window: Option<(String, String)>,
+    manual: bool,
 ) -> Result<String, StoreError> {
     let now = DateTime::now();
     let job_id = format!(
@@ -37,10 +41,13 @@ pub async fn create(
         created_at: now,
         updated_at: now,
     };
-    let document = bson::to_document(&job).map_err(|e| StoreError::Encode {
+    let mut document = bson::to_document(&job).map_err(|e| StoreError::Encode {
         collection: c::EXPORT_JOBS.into(),
         message: e.to_string(),
     })?;
+    if manual {
+        document.insert(MANUAL, true);
+    }
     store
         .collection(c::EXPORT_JOBS)
         .insert_one(document)
