@@ -104,6 +104,31 @@ fn hostile_plugins_are_stopped_with_clear_errors_and_the_host_goes_on() {
         "{err}"
     );
 
+    // A sleep in a host call ends at the deadline; the epoch interruption alone would only
+    // stop the plugin once it returned to wasm code, a minute later.
+    let started = std::time::Instant::now();
+    let err = hostile(&host, "sleep").run_batch(&batch()).unwrap_err();
+    assert!(matches!(err, PluginError::Deadline { .. }), "{err}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "stopped at the deadline, not after the sleep: {:?}",
+        started.elapsed()
+    );
+    // Output far larger than the input is refused before it is decoded into host memory.
+    let err = hostile(&host, "fanout").run_batch(&batch()).unwrap_err();
+    assert!(
+        matches!(err, PluginError::Malformed { ref message, .. } if message.contains("JSON values")),
+        "{err}"
+    );
+    // Printing a lot, batch after batch, never fills the plugin's output pipe.
+    let printing = hostile(&host, "print");
+    for _ in 0..10 {
+        assert_eq!(printing.run_batch(&batch()).unwrap().records, batch());
+    }
+    // A panic is reported with the trap's reason, not only where it happened.
+    let err = hostile(&host, "panic").run_batch(&batch()).unwrap_err();
+    assert!(err.to_string().contains("unreachable"), "{err}");
+
     // The host is unharmed: a well-behaved plugin still runs, and a plugin that trapped is
     // rebuilt for its next batch.
     let noop = host

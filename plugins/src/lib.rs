@@ -35,6 +35,25 @@ use bindings::{Plugin, PluginPre};
 /// How often the epoch advances; deadlines are counted in these ticks.
 const TICK: Duration = Duration::from_millis(5);
 
+/// The `wasi:clocks` version the linker provides (`wasmtime-wasi`'s); its sleeps are
+/// replaced by ones that end at the batch deadline.
+const WASI_MONOTONIC_CLOCK: &str = "wasi:clocks/monotonic-clock@0.2.12";
+
+/// A plugin's output may hold at most this many JSON values (counted by their separators)
+/// more than four times its input's: decoding turns each value into host memory several
+/// times its text, so without a bound a short output could exhaust the host.
+const OUTPUT_VALUES_ALLOWANCE: usize = 1 << 16;
+
+/// Lines of plugin output logged per call; the rest are counted.
+const LOG_LINES_PER_CALL: usize = 50;
+
+/// Bytes of stdout / stderr a plugin instance buffers; an instance past half of it is
+/// rebuilt before its next batch, so printing never fills the pipe and fails the plugin.
+const PIPE_BYTES: usize = 256 * 1024;
+
+/// Host memory charged per table element.
+const TABLE_ELEMENT_BYTES: usize = 16;
+
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum PluginError {
     #[error("plugin `{plugin}`: cannot load: {message}")]
@@ -124,33 +143,62 @@ pub enum FailurePolicy {
     DeadLetter,
 }
 
-/// The memory cap: growing linear memory past it traps, and the store remembers it did.
+/// The memory cap, over all of an instance's linear memories and tables together: growing
+/// past it traps, and the store remembers it did.
 struct MemoryCap {
     max_bytes: usize,
+    used: usize,
     hit: bool,
+}
+
+impl MemoryCap {
+    fn grow(&mut self, bytes: usize) -> wasmtime::Result<bool> {
+        match self.used.checked_add(bytes) {
+            Some(total) if total <= self.max_bytes => {
+                self.used = total;
+                Ok(true)
+            }
+            _ => {
+                self.hit = true;
+                Err(wasmtime::Error::msg("memory cap reached"))
+            }
+        }
+    }
 }
 
 impl wasmtime::ResourceLimiter for MemoryCap {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired > self.max_bytes {
-            self.hit = true;
-            return Err(wasmtime::Error::msg("memory cap reached"));
-        }
-        Ok(true)
+        self.grow(desired.saturating_sub(current))
     }
 
     fn table_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        Ok(desired <= 100_000)
+        self.grow(
+            desired
+                .saturating_sub(current)
+                .saturating_mul(TABLE_ELEMENT_BYTES),
+        )
+    }
+
+    fn instances(&self) -> usize {
+        64
+    }
+
+    fn tables(&self) -> usize {
+        64
+    }
+
+    fn memories(&self) -> usize {
+        16
     }
 }
 
@@ -160,6 +208,20 @@ struct HostState {
     limits: MemoryCap,
     stdout: MemoryOutputPipe,
     stderr: MemoryOutputPipe,
+    /// Bytes of stdout / stderr already logged.
+    logged: [usize; 2],
+    /// When the current call's deadline passes: sleeps end there.
+    deadline: Instant,
+}
+
+impl HostState {
+    fn until_deadline_ns(&self) -> u64 {
+        self.deadline
+            .saturating_duration_since(Instant::now())
+            .as_nanos()
+            .try_into()
+            .unwrap_or(u64::MAX)
+    }
 }
 
 impl WasiView for HostState {
@@ -209,6 +271,41 @@ impl wasmtime_wasi::HostMonotonicClock for Frozen {
     }
 }
 
+/// Replaces `wasi:clocks/monotonic-clock`'s subscriptions with ones that end no later than
+/// the batch deadline. The epoch deadline only interrupts wasm code, and a plugin blocked
+/// in a host sleep would otherwise hold its instance (and the callers queued on it) for as
+/// long as it asked; now it wakes at the deadline and is interrupted.
+fn shorten_sleeps(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    use wasmtime::component::Resource;
+    use wasmtime_wasi::clocks::WasiClocksView;
+    use wasmtime_wasi::p2::bindings::clocks::monotonic_clock::Host;
+    use wasmtime_wasi::p2::DynPollable;
+    linker.allow_shadowing(true);
+    let mut clock = linker.instance(WASI_MONOTONIC_CLOCK)?;
+    clock.func_wrap(
+        "subscribe-duration",
+        |mut store: wasmtime::StoreContextMut<'_, HostState>,
+         (ns,): (u64,)|
+         -> wasmtime::Result<(Resource<DynPollable>,)> {
+            let ns = ns.min(store.data().until_deadline_ns());
+            Ok((store.data_mut().clocks().subscribe_duration(ns)?,))
+        },
+    )?;
+    clock.func_wrap(
+        "subscribe-instant",
+        |mut store: wasmtime::StoreContextMut<'_, HostState>,
+         (when,): (u64,)|
+         -> wasmtime::Result<(Resource<DynPollable>,)> {
+            let left = store.data().until_deadline_ns();
+            let mut clocks = store.data_mut().clocks();
+            let ns = when.saturating_sub(clocks.now()?).min(left);
+            Ok((clocks.subscribe_duration(ns)?,))
+        },
+    )?;
+    linker.allow_shadowing(false);
+    Ok(())
+}
+
 impl PluginHost {
     /// `fuel`: meter instructions (costs some speed); needed for `Limits::fuel`.
     pub fn new(fuel: bool) -> Result<Self, PluginError> {
@@ -222,6 +319,7 @@ impl PluginHost {
         let engine = Engine::new(&config).map_err(err)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(err)?;
+        shorten_sleeps(&mut linker).map_err(err)?;
         let stop = Arc::new(AtomicBool::new(false));
         {
             let engine = engine.clone();
@@ -381,8 +479,8 @@ impl WasmTransform {
     }
 
     fn instantiate(&self) -> Result<(Store<HostState>, Plugin), PluginError> {
-        let stdout = MemoryOutputPipe::new(64 * 1024);
-        let stderr = MemoryOutputPipe::new(64 * 1024);
+        let stdout = MemoryOutputPipe::new(PIPE_BYTES);
+        let stderr = MemoryOutputPipe::new(PIPE_BYTES);
         let mut wasi = WasiCtxBuilder::new();
         wasi.stdout(stdout.clone())
             .stderr(stderr.clone())
@@ -397,21 +495,26 @@ impl WasmTransform {
             wasi: wasi.build(),
             table: ResourceTable::new(),
             limits: MemoryCap {
-                max_bytes: (self.limits.memory_mib * 1024 * 1024) as usize,
+                max_bytes: self.memory_cap_bytes(),
+                used: 0,
                 hit: false,
             },
             stdout,
             stderr,
+            logged: [0, 0],
+            deadline: Instant::now(),
         };
         let mut store = Store::new(&self.host.engine, state);
         store.limiter(|s| &mut s.limits);
+        // What the host copies out of the plugin in one call (its output strings) is
+        // bounded by the memory cap too.
+        store.set_hostcall_fuel(self.memory_cap_bytes());
         self.arm(&mut store);
-        let plugin = self
-            .pre
-            .instantiate(&mut store)
-            .map_err(|e| self.classify(e, false))?;
+        let instantiated = self.pre.instantiate(&mut store);
+        let hit = store.data().limits.hit;
+        let plugin = instantiated.map_err(|e| self.classify(e, hit))?;
         let configured = plugin.call_configure(&mut store, &self.config);
-        self.flush_output(&store);
+        self.flush_output(&mut store);
         let hit = store.data().limits.hit;
         match configured.map_err(|e| self.classify(e, hit))? {
             Ok(()) => Ok((store, plugin)),
@@ -422,8 +525,14 @@ impl WasmTransform {
         }
     }
 
+    fn memory_cap_bytes(&self) -> usize {
+        usize::try_from(self.limits.memory_mib.saturating_mul(1024 * 1024)).unwrap_or(usize::MAX)
+    }
+
     /// Sets the batch deadline (and fuel) before a call.
     fn arm(&self, store: &mut Store<HostState>) {
+        store.data_mut().deadline =
+            Instant::now() + Duration::from_millis(self.limits.batch_deadline_ms);
         let ticks = self
             .limits
             .batch_deadline_ms
@@ -463,27 +572,46 @@ impl WasmTransform {
                 _ => {}
             }
         }
-        let text = format!("{e:#}");
-        PluginError::Trap {
-            plugin,
-            message: text.lines().next().unwrap_or("").to_string(),
-        }
+        // The trap's own message (a panic's "unreachable", an out-of-bounds access) rather
+        // than the first line of the context chain, which only says where it happened.
+        let message = match e.downcast_ref::<wasmtime::Trap>() {
+            Some(trap) => trap.to_string(),
+            None => format!("{e:#}").lines().next().unwrap_or("").to_string(),
+        };
+        PluginError::Trap { plugin, message }
     }
 
-    /// Logs what the plugin printed, tagged with its name.
-    fn flush_output(&self, store: &Store<HostState>) {
-        for (pipe, stream) in [
-            (&store.data().stdout, "stdout"),
-            (&store.data().stderr, "stderr"),
-        ] {
+    /// Logs what the plugin printed since the last call, tagged with its name (at most
+    /// [`LOG_LINES_PER_CALL`] lines a call; stderr as warnings). Returns whether the pipes
+    /// are more than half full, so the instance should be rebuilt with fresh ones.
+    fn flush_output(&self, store: &mut Store<HostState>) -> bool {
+        let mut full = false;
+        for (i, stream) in ["stdout", "stderr"].into_iter().enumerate() {
+            let state = store.data_mut();
+            let pipe = if i == 0 { &state.stdout } else { &state.stderr };
             let bytes = pipe.contents();
-            if bytes.is_empty() {
+            let new = bytes.get(state.logged[i]..).unwrap_or_default();
+            state.logged[i] = bytes.len();
+            full |= bytes.len() > PIPE_BYTES / 2;
+            if new.is_empty() {
                 continue;
             }
-            for line in String::from_utf8_lossy(&bytes).lines() {
-                tracing::info!(plugin = %self.name, stream, "{line}");
+            let text = String::from_utf8_lossy(new);
+            let mut lines = text.lines();
+            for line in lines.by_ref().take(LOG_LINES_PER_CALL) {
+                let line: String = line.chars().take(1000).collect();
+                if i == 0 {
+                    tracing::info!(plugin = %self.name, stream, "{line}");
+                } else {
+                    tracing::warn!(plugin = %self.name, stream, "{line}");
+                }
+            }
+            let more = lines.count();
+            if more > 0 {
+                tracing::warn!(plugin = %self.name, stream, "{more} more lines not logged");
             }
         }
+        full
     }
 
     /// Runs one batch through the plugin (the input is left as it is; unchanged records
@@ -518,9 +646,9 @@ impl WasmTransform {
             });
         };
         self.arm(store);
+        let started = Instant::now();
         let result = plugin.call_transform(&mut *store, &encoded);
-        // Pipes are recreated with the instance; drain what this call printed.
-        self.flush_output(store);
+        let pipes_full = self.flush_output(store);
         let results = match result {
             Ok(r) => r,
             Err(e) => {
@@ -530,11 +658,54 @@ impl WasmTransform {
                 return Err(err);
             }
         };
+        if pipes_full {
+            *live = None;
+        }
         drop(live);
+        let decoded = self.decode_results(batch, &encoded, results);
+        let deadline = Duration::from_millis(self.limits.batch_deadline_ms);
+        let decoded = match decoded {
+            Ok(_) if started.elapsed() > deadline => Err(PluginError::Deadline {
+                plugin: self.name.clone(),
+                ms: self.limits.batch_deadline_ms,
+            }),
+            other => other,
+        };
+        if decoded.is_err() {
+            // Documented: an instance that sent malformed output is not trusted again.
+            *self.live.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
+        decoded
+    }
+
+    /// Checks the plugin's results against its batch and decodes them.
+    fn decode_results(
+        &self,
+        batch: &[Record],
+        encoded: &[String],
+        results: Vec<Result<Vec<String>, String>>,
+    ) -> Result<Vec<Outcome>, PluginError> {
         if results.len() != batch.len() {
             return Err(PluginError::Malformed {
                 plugin: self.name.clone(),
                 message: format!("{} results for a batch of {}", results.len(), batch.len()),
+            });
+        }
+        let values_in: usize = encoded.iter().map(|t| json_values(t)).sum();
+        let values_out: usize = results
+            .iter()
+            .flat_map(|r| r.iter().flatten())
+            .map(|t| json_values(t))
+            .sum();
+        let allowed = values_in
+            .saturating_mul(4)
+            .saturating_add(OUTPUT_VALUES_ALLOWANCE);
+        if values_out > allowed {
+            return Err(PluginError::Malformed {
+                plugin: self.name.clone(),
+                message: format!(
+                    "its output holds about {values_out} JSON values, more than the {allowed} allowed for this batch (four times its input plus {OUTPUT_VALUES_ALLOWANCE})"
+                ),
             });
         }
         results
@@ -560,6 +731,16 @@ impl WasmTransform {
             })
             .collect()
     }
+}
+
+/// About how many JSON values `text` holds: its separators and openings, counted without
+/// parsing (inside strings too, which only overcounts, and does so for inputs and outputs
+/// alike).
+fn json_values(text: &str) -> usize {
+    1 + text
+        .bytes()
+        .filter(|b| matches!(b, b',' | b'[' | b'{' | b':'))
+        .count()
 }
 
 /// What the plugin made of one input record.
@@ -782,6 +963,39 @@ impl WasmTransform {
                 }))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod limit_tests {
+    use super::*;
+    use wasmtime::ResourceLimiter;
+
+    #[test]
+    fn the_memory_cap_is_one_budget_for_all_memories_and_tables() {
+        let mut cap = MemoryCap {
+            max_bytes: 64 << 20,
+            used: 0,
+            hit: false,
+        };
+        assert!(cap.memory_growing(0, 40 << 20, None).unwrap());
+        // A second memory of 40 MiB is within its own 64 but not within the plugin's.
+        assert!(cap.memory_growing(0, 40 << 20, None).is_err());
+        assert!(cap.hit);
+        cap.hit = false;
+        // Growing the first memory counts only the growth.
+        assert!(cap.memory_growing(40 << 20, 50 << 20, None).unwrap());
+        // Tables draw on the same budget.
+        assert!(cap
+            .table_growing(0, (20 << 20) / TABLE_ELEMENT_BYTES, None)
+            .is_err());
+        assert!(cap.hit);
+    }
+
+    #[test]
+    fn json_values_are_counted_without_parsing() {
+        assert_eq!(json_values("1"), 1);
+        assert_eq!(json_values(r#"{"a":1,"b":[1,2]}"#), 7);
     }
 }
 

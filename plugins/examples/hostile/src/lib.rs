@@ -3,8 +3,9 @@
 //! protocol. Config `{"mode": ...}` chooses the misbehaviour:
 //! `loop` (never returns), `memory` (allocates without end), `panic`, `file` (reads
 //! /etc/passwd), `socket` (connects to 127.0.0.1:1), `env` (lists the environment),
-//! `garbage` (returns records that are not JSON), `short` (fewer results than inputs) and
-//! `ok` (returns every record).
+//! `garbage` (returns records that are not JSON), `short` (fewer results than inputs),
+//! `sleep` (sleeps a minute in a host call), `fanout` (turns each record into 100,000),
+//! `print` (prints 1,000 lines per record) and `ok` (returns every record).
 
 use std::cell::RefCell;
 
@@ -43,6 +44,17 @@ fn misbehave(mode: &str, record: String) -> Result<Vec<String>, String> {
         },
         "env" => Ok(vec![json!({ "env": std::env::vars().count() }).to_string()]),
         "garbage" => Ok(vec!["{not json".to_string()]),
+        "sleep" => {
+            std::thread::sleep(std::time::Duration::from_secs(60));
+            Ok(vec![record])
+        }
+        "fanout" => Ok(vec![record; 100_000]),
+        "print" => {
+            for i in 0..1000 {
+                println!("line {i} of a plugin that prints a lot, padded to sixty bytes");
+            }
+            Ok(vec![record])
+        }
         _ => Ok(vec![record]),
     }
 }
