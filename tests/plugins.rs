@@ -467,3 +467,61 @@ fn records_a_plugin_leaves_alone_come_back_exactly_as_they_were() {
         .unwrap();
     assert_eq!(out, vec![original.clone(), original]);
 }
+
+#[tokio::test]
+async fn dead_lettered_events_are_stored_with_their_reason_not_lost() {
+    let db = support::TestDb::initialized().await;
+    let dir = support::plugin_dir().display().to_string();
+    let server = support::start_server(&db, |raw| {
+        raw.plugins.dir = dir.clone();
+        raw.plugins.failure_policy = "dead-letter".into();
+        raw.plugins.tracking_transforms = vec!["currency-normalize".into()];
+        raw.plugins.config.insert(
+            "currency-normalize".into(),
+            toml::Value::Table(toml::toml! { target = "EUR"
+            [rates]
+            USD = 0.5 }),
+        );
+    })
+    .await;
+    let purchase = |id: &str, currency: &str| {
+        json!({ "eventId": id, "userId": "v", "sessionId": "s", "eventType": "PURCHASE",
+                "properties": { "amount": 10.0, "currency": currency } })
+    };
+    let body = json!({ "batch": [purchase("usd", "USD"), purchase("yen", "JPY")] });
+    let resp = reqwest::Client::new()
+        .post(format!("http://{}/v1/events/batch", server.addr))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let answer: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(answer["results"][0]["status"], "stored", "{answer}");
+    assert_eq!(answer["results"][1]["status"], "dropped", "{answer}");
+    let letters: Vec<Document> = {
+        use futures_util::TryStreamExt;
+        db.store
+            .collection("dead_letters")
+            .find(doc! {})
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap()
+    };
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let letter = &letters[0];
+    assert_eq!(letter.get_str("pipeline").unwrap(), "tracking");
+    assert_eq!(letter.get_str("plugin").unwrap(), "currency-normalize");
+    assert_eq!(letter.get_str("reason").unwrap(), "no rate for `JPY`");
+    assert_eq!(
+        letter
+            .get_document("record")
+            .unwrap()
+            .get_str("eventId")
+            .unwrap(),
+        "yen"
+    );
+    server.shutdown().await;
+}

@@ -23,6 +23,36 @@ pub trait Transform: Send + Sync {
 
     /// Transforms one batch; see the module docs for the contract.
     fn apply(&self, batch: Vec<Record>) -> Result<Vec<Record>, TransformError>;
+
+    /// Takes the records this transform failed under a dead-letter policy since the last
+    /// call, each with its reason. The pipeline stores them.
+    fn take_dead_letters(&self) -> Vec<(Record, String)> {
+        Vec::new()
+    }
+}
+
+/// A record a transform failed, kept instead of stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetter {
+    pub transform: String,
+    pub reason: String,
+    pub record: Record,
+}
+
+/// Takes the dead letters of every transform in `chain`.
+pub fn take_dead_letters(chain: &[std::sync::Arc<dyn Transform>]) -> Vec<DeadLetter> {
+    chain
+        .iter()
+        .flat_map(|t| {
+            t.take_dead_letters()
+                .into_iter()
+                .map(|(record, reason)| DeadLetter {
+                    transform: t.name().to_string(),
+                    reason,
+                    record,
+                })
+        })
+        .collect()
 }
 
 /// Runs `batch` through each transform in order.

@@ -959,6 +959,16 @@ async fn stage(
         partition: prefix.clone(),
         message: e.to_string(),
     })?;
+    // Once the encoder is done, every batch of this partition went through the chain.
+    if !archiving {
+        ctx.store
+            .keep_dead_letters(
+                &ctx.transforms,
+                &format!("export:{}", kind.as_str()),
+                Some(job_id),
+            )
+            .await?;
+    }
     let _ = tokio::fs::remove_dir_all(&work).await;
     // Report the first failure in pipeline order: reading, encoding, uploading.
     let rows_read = read?;

@@ -102,6 +102,8 @@ pub struct ImportSummary {
     pub stopped_early: Option<String>,
     /// Things that did not stop the run but need a look (each said once).
     pub warnings: Vec<String>,
+    /// Records transform plugins failed under the dead-letter policy (in `dead_letters`).
+    pub dead_letters: u64,
     /// Kinds of upsert key seen: 1 strings, 2 numbers.
     #[serde(skip)]
     key_kinds: u8,
@@ -562,6 +564,15 @@ async fn write_page(
         }
     }
     let mapped = apply_chain(chain, mapped)?;
+    if !options.dry_run {
+        summary.dead_letters += store
+            .keep_dead_letters(
+                chain,
+                &format!("import:{}", connector.name),
+                Some(&summary.run_id),
+            )
+            .await?;
+    }
     for d in &mapped {
         summary.key_kinds |= match d.get(&connector.key) {
             Some(Bson::String(_)) => 1,
@@ -827,6 +838,7 @@ async fn record_run(
                     r::CONFIG: &s.name, r::STATUS: status, "pages": s.pages as i64,
                     "fetched": s.fetched as i64, "inserted": s.inserted as i64,
                     "updated": s.updated as i64, "failedMappings": s.failed as i64,
+                    "deadLetters": s.dead_letters as i64,
                     "samples": samples, "error": error, "resumed": s.resumed,
                     "stoppedEarly": s.stopped_early.clone(),
                     "endTime": if status == "RUNNING" { Bson::Null } else { Bson::DateTime(now) },
@@ -860,6 +872,8 @@ pub struct PushSummary {
     pub requests: u64,
     pub failed: u64,
     pub samples: Vec<Rejected>,
+    /// Records transform plugins failed under the dead-letter policy (in `dead_letters`).
+    pub dead_letters: u64,
 }
 
 /// Runs an EXPORT config: documents above the watermark, mapped, pushed in batches; the
@@ -927,6 +941,9 @@ pub async fn run_push(
             continue;
         }
         let docs = apply_chain(&chain, std::mem::take(&mut batch))?;
+        summary.dead_letters += store
+            .keep_dead_letters(&chain, &format!("push:{name}"), None)
+            .await?;
         let high = watermark.as_ref().and_then(|w| {
             docs.iter()
                 .filter_map(|d| d.get(w))

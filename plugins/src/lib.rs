@@ -858,6 +858,10 @@ impl Transform for WasmTransform {
         &self.name
     }
 
+    fn take_dead_letters(&self) -> Vec<(Record, String)> {
+        WasmTransform::take_dead_letters(self)
+    }
+
     fn apply(&self, batch: Vec<Record>) -> Result<Vec<Record>, TransformError> {
         use sluice_core::metrics::{count, observe_seconds};
         let started = Instant::now();

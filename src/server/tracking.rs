@@ -380,6 +380,21 @@ async fn transform(
                 )
                 .retry(5)
             })?;
+    // Events a plugin failed under the dead-letter policy are kept before anything is
+    // answered; if they cannot be, the client is asked to resend.
+    state
+        .store
+        .keep_dead_letters(&state.transforms, "tracking", None)
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "could not store dead letters");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                "could not keep the events a plugin failed; nothing was stored",
+            )
+            .retry(5)
+        })?;
     let mut kept: Vec<Event> = Vec::with_capacity(out.len());
     for d in out {
         match bson::from_document::<Event>(d) {

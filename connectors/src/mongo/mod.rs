@@ -175,6 +175,50 @@ impl Store {
         schema::init(self).await
     }
 
+    /// Takes the dead letters of `chain` and stores them in `dead_letters`, tagged with the
+    /// pipeline and run they came from; returns how many there were.
+    pub async fn keep_dead_letters(
+        &self,
+        chain: &[std::sync::Arc<dyn sluice_core::transform::Transform>],
+        pipeline: &str,
+        run_id: Option<&str>,
+    ) -> Result<u64, StoreError> {
+        let letters = sluice_core::transform::take_dead_letters(chain);
+        if letters.is_empty() {
+            return Ok(0);
+        }
+        let now = bson::DateTime::now();
+        let docs: Vec<bson::Document> = letters
+            .into_iter()
+            .map(|l| {
+                bson::doc! {
+                    "pipeline": pipeline, "runId": run_id, "plugin": l.transform,
+                    "reason": l.reason, "record": l.record, "createdAt": now,
+                }
+            })
+            .collect();
+        let n = docs.len() as u64;
+        tracing::warn!(
+            pipeline,
+            records = n,
+            "records dead-lettered by transform plugins"
+        );
+        sluice_core::metrics::count(
+            "sluice_dead_letters_total",
+            "Records transform plugins failed under the dead-letter policy, stored in `dead_letters`.",
+            &[("pipeline", pipeline.split(':').next().unwrap_or(pipeline))],
+            n,
+        );
+        self.collection(sluice_core::model::collections::DEAD_LETTERS)
+            .insert_many(docs)
+            .await
+            .map_err(StoreError::mongo(
+                sluice_core::model::collections::DEAD_LETTERS,
+                "store dead letters",
+            ))?;
+        Ok(n)
+    }
+
     /// Pings the server (readiness).
     pub async fn ping(&self) -> Result<(), StoreError> {
         self.db

@@ -37,6 +37,9 @@ pub mod collections {
     pub const IDENTITIES: &str = "identities";
     /// Rotated OAuth refresh tokens, encrypted (`_id` = integration config name).
     pub const OAUTH_TOKENS: &str = "oauth_tokens";
+    /// Records a transform plugin failed under the `dead-letter` policy, with the plugin,
+    /// its reason and the pipeline (`tracking`, `import:NAME`, `export:TYPE`).
+    pub const DEAD_LETTERS: &str = "dead_letters";
 }
 
 /// Field names shared by several collections.
