@@ -107,6 +107,29 @@ async fn the_main_job_reports_what_it_stored_and_wrote() {
         .unwrap();
     assert_eq!(jobs, 3);
 
+    // Its config is kept for reference but inactive: its API died with the demo, so a
+    // later `sluice serve` must not schedule it.
+    let stored = db
+        .store
+        .collection("integration_configs")
+        .find_one(doc! { "name": "demo-crm-contacts" })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.get_bool("isActive"), Ok(false), "{stored}");
+    assert!(
+        stdout.contains(&format!("getSiblingDB(\"{}\")", db.name)),
+        "the hint names the demo's database: {stdout}"
+    );
+    // The resent batch counts among the events sent.
+    let sent: u64 = sent_line
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(sent >= events + 100, "{sent_line}");
+
     // The bundled import: one contact per tracked visitor, fetched page by page behind
     // OAuth2, emails replaced by the WASM plugin's digests.
     let contacts: Vec<bson::Document> = db

@@ -185,8 +185,8 @@ pub async fn run(mut config: Config, visitors: usize) -> anyhow::Result<()> {
     }
     server.shutdown().await;
     println!(
-        "sent {} events in {} requests: {} stored, {} duplicates ignored, {} dropped, {} rejected",
-        events.len(),
+        "sent {} events in {} requests (the first batch twice): {} stored, {} duplicates ignored, {} dropped, {} rejected",
+        events.len() + resend.map_or(0, <[Value]>::len),
         batches.len() + 1,
         totals[0],
         totals[1],
@@ -269,6 +269,9 @@ async fn import_contacts(
         file.transforms.clear();
         Vec::new()
     };
+    // The demo API lives only as long as the demo: stored inactive, so a later `sluice
+    // serve` on this database does not fire the config's hourly schedule at a dead port.
+    file.is_active = false;
     sluice_jobs::configs::apply(store, &file).await?;
     // The config refers to its secret as `${env:SLUICE_DEMO_CRM_SECRET}`; the demo API's
     // secret is fixed, so provide it (the environment is not touched).
@@ -361,7 +364,8 @@ async fn report(store: &sluice_connectors::Store, since_ms: i64) -> anyhow::Resu
         );
     }
     println!(
-        "\nLook at the data with any MongoDB client, for example:\n  mongosh 'mongodb://127.0.0.1:27017/?directConnection=true' --eval 'db.getSiblingDB(\"sluice\").sessions.find().limit(3)'"
+        "\nLook at the data with any MongoDB client, for example:\n  mongosh '<your mongodb.uri>' --eval 'db.getSiblingDB(\"{}\").sessions.find().limit(3)'",
+        store.db().name()
     );
     Ok(())
 }
