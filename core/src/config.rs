@@ -598,8 +598,17 @@ pub fn validate(
         }
     }
     for (i, proxy) in raw.server.trusted_proxies.iter().enumerate() {
-        let addr = proxy.split_once('/').map_or(proxy.as_str(), |(a, _)| a);
-        if addr.parse::<std::net::IpAddr>().is_err() {
+        let (addr, prefix) = match proxy.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (proxy.as_str(), None),
+        };
+        let bits = match addr.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V4(_)) => Some(32),
+            Ok(std::net::IpAddr::V6(_)) => Some(128),
+            Err(_) => None,
+        };
+        let prefix_ok = |max: u8| prefix.is_none_or(|p| p.parse::<u8>().is_ok_and(|p| p <= max));
+        if !bits.is_some_and(prefix_ok) {
             return Err(invalid(
                 &format!("server.trusted_proxies[{i}]"),
                 format!("an IP address or CIDR such as `10.0.0.0/8`, got `{proxy}`"),
@@ -936,6 +945,18 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("`export.destination`"), "{err}");
+        for proxy in ["10.0.0.0/abc", "10.0.0.0/33", "::1/129", "10.0.0/8"] {
+            let text = format!("[server]\ntrusted_proxies = [\"{proxy}\"]\n");
+            let err = check(&text).unwrap_err().to_string();
+            assert!(
+                err.contains("`server.trusted_proxies[0]`"),
+                "{proxy}: {err}"
+            );
+        }
+        for proxy in ["10.0.0.0/8", "192.168.1.7", "fd00::/8"] {
+            let text = format!("[server]\ntrusted_proxies = [\"{proxy}\"]\n");
+            assert!(check(&text).is_ok(), "{proxy}");
+        }
     }
 
     #[test]

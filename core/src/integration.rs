@@ -667,7 +667,7 @@ pub fn validate(
                 ))
             }
         };
-        fields.push(Field {
+        let field_spec = Field {
             target: target.clone(),
             path: m.path.clone(),
             members: member_chain(&m.path),
@@ -675,7 +675,18 @@ pub fn validate(
             kind,
             required: m.required,
             default: m.default.as_ref().map(toml_to_json),
-        });
+        };
+        // A default is coerced to the type like a found value: check it does coerce, or
+        // every record without the field would be rejected at run time.
+        if let Some(default) = &field_spec.default {
+            coerce(&field_spec, default.clone()).map_err(|e| {
+                invalid(
+                    &format!("{field}.default"),
+                    format!("a value of the field's type ({e})"),
+                )
+            })?;
+        }
+        fields.push(field_spec);
     }
     if kind == IntegrationType::Import {
         if fields.is_empty() {
@@ -688,6 +699,26 @@ pub fn validate(
                     "a mapped field (the upsert key `{}` has no `[mapping.{}]`)",
                     file.target.key, file.target.key
                 ),
+            ));
+        }
+    }
+    if kind == IntegrationType::Import {
+        if let Some(inc) = &file.incremental {
+            if !fields.iter().any(|f| f.target == inc.cursor_field) {
+                return Err(invalid(
+                    "incremental.cursor_field",
+                    format!(
+                        "a mapped field (`{}` has no `[mapping.{}]`, so the cursor would never move)",
+                        inc.cursor_field, inc.cursor_field
+                    ),
+                ));
+            }
+        }
+        if file.push.is_some() {
+            return Err(invalid(
+                "push",
+                "no `[push]` section in an IMPORT config (`[push]` is for `type = \"EXPORT\"`)"
+                    .into(),
             ));
         }
     }
@@ -1063,6 +1094,33 @@ type = "bool"
                 "collection = \"products\"",
                 "collection = \"a$b\"",
                 "target.collection",
+            ),
+        ] {
+            let bad = FILE.replacen(from, to, 1);
+            assert_ne!(bad, FILE, "{from}");
+            let err = validate("f", &parse_file("f", &bad).unwrap(), &env).unwrap_err();
+            assert!(err.to_string().contains(&format!("`{field}`")), "{err}");
+        }
+    }
+
+    #[test]
+    fn what_would_only_fail_at_run_time_is_refused_at_validation() {
+        let price = "[mapping.price]\npath = \"$.price.amount\"\ntype = \"number\"\ndefault = 0";
+        for (from, to, field) in [
+            (
+                price,
+                "[mapping.price]\npath = \"$.price.amount\"\ntype = \"number\"\ndefault = \"abc\"",
+                "mapping.price.default",
+            ),
+            (
+                "[target]",
+                "[incremental]\ncursor_field = \"updatedAt\"\nparam = \"since\"\n[target]",
+                "incremental.cursor_field",
+            ),
+            (
+                "[target]",
+                "[push]\ncollection = \"users\"\n[target]",
+                "push",
             ),
         ] {
             let bad = FILE.replacen(from, to, 1);
