@@ -547,30 +547,39 @@ pub fn plugin_test(
 }
 
 /// `sluice plugin new NAME`: scaffolds a plugin crate.
-pub fn plugin_new(name: &str, dir: &Path) -> anyhow::Result<PathBuf> {
+pub fn plugin_new(name: &str, dir: &Path, sdk: Option<&Path>) -> anyhow::Result<PathBuf> {
+    // A name cargo accepts as a package and that makes a Rust type name.
     anyhow::ensure!(
-        !name.is_empty()
+        name.starts_with(|c: char| c.is_ascii_lowercase())
+            && !name.ends_with('-')
+            && !name.contains("--")
             && name
                 .chars()
                 .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'),
-        "plugin names are lower-case letters, digits and `-`, got `{name}`"
+        "plugin names start with a lower-case letter, then lower-case letters, digits and single `-`, got `{name}`"
     );
+    // The SDK is not published: the crate depends on it by path.
+    let sdk = match sdk {
+        Some(p) => p.to_path_buf(),
+        None => std::env::current_dir()?.join("plugins/sdk"),
+    };
+    anyhow::ensure!(
+        sdk.join("Cargo.toml").exists(),
+        "the plugin SDK is not at `{}`: run this in the Sluice source folder, or pass `--sdk PATH` to its `plugins/sdk`",
+        sdk.display()
+    );
+    let sdk = sdk.canonicalize()?;
     let root = dir.join(name);
     anyhow::ensure!(!root.exists(), "`{}` already exists", root.display());
     std::fs::create_dir_all(root.join("src"))?;
-    let sdk = std::env::current_dir()?.join("plugins/sdk");
-    let sdk_dep = if sdk.join("Cargo.toml").exists() {
-        format!("{{ path = \"{}\" }}", sdk.display())
-    } else {
-        "\"0.1\"".to_string()
-    };
+    let sdk_dep = format!("{{ path = \"{}\" }}", sdk.display());
     std::fs::write(
         root.join("Cargo.toml"),
         format!(
             "[package]\nname = \"{name}\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n[lib]\ncrate-type = [\"cdylib\"]\n\n[dependencies]\nsluice-plugin-sdk = {sdk_dep}\n\n[workspace]\n"
         ),
     )?;
-    let type_name: String = name
+    let mut type_name: String = name
         .split('-')
         .map(|w| {
             let mut c = w.chars();
@@ -579,6 +588,10 @@ pub fn plugin_new(name: &str, dir: &Path) -> anyhow::Result<PathBuf> {
                 .unwrap_or_default()
         })
         .collect();
+    // Names the scaffold imports (or a keyword) cannot be the plugin's type.
+    if ["Plugin", "Record", "Value", "Self"].contains(&type_name.as_str()) {
+        type_name.push_str("Transform");
+    }
     std::fs::write(
         root.join("src/lib.rs"),
         format!(

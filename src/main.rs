@@ -120,10 +120,15 @@ enum PluginCommand {
     },
     /// Scaffold a plugin crate.
     New {
+        /// The plugin's name: lower-case letters, digits and `-` (e.g. `tag-events`).
         name: String,
         /// Where to create it.
         #[arg(long, default_value = ".")]
         dir: PathBuf,
+        /// The Sluice plugin SDK (`plugins/sdk` in the Sluice source); found there when
+        /// run in the source folder.
+        #[arg(long)]
+        sdk: Option<PathBuf>,
     },
 }
 
@@ -228,9 +233,10 @@ fn main() -> ExitCode {
                 plugin_config,
                 batch_size,
             } => cli::plugin_test(&config, name, input, plugin_config.as_deref(), *batch_size),
-            PluginCommand::New { name, dir } => cli::plugin_new(name, dir).map(|root| {
-                println!("created {}", root.display());
-            }),
+            PluginCommand::New { name, dir, sdk } => cli::plugin_new(name, dir, sdk.as_deref())
+                .map(|root| {
+                    println!("created {}", root.display());
+                }),
         };
         return match result {
             Ok(()) => ExitCode::SUCCESS,

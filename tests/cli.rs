@@ -153,12 +153,50 @@ fn plugin_new_scaffolds_a_crate_that_uses_the_sdk() {
     let again = sluice()
         .args(["plugin", "new", "tag-events", "--dir"])
         .arg(&dir)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .unwrap();
     assert!(
         !again.status.success(),
         "an existing folder is not overwritten"
     );
+    // Elsewhere the SDK must be named: the crate would not build against a registry.
+    let elsewhere = sluice()
+        .args(["plugin", "new", "other", "--dir"])
+        .arg(&dir)
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&elsewhere.stderr);
+    assert!(
+        !elsewhere.status.success() && stderr.contains("--sdk"),
+        "{stderr}"
+    );
+    let sdk = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins/sdk");
+    let named = sluice()
+        .args(["plugin", "new", "value", "--dir"])
+        .arg(&dir)
+        .arg("--sdk")
+        .arg(&sdk)
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        named.status.success(),
+        "{}",
+        String::from_utf8_lossy(&named.stderr)
+    );
+    let lib = std::fs::read_to_string(dir.join("value/src/lib.rs")).unwrap();
+    assert!(lib.contains("impl Plugin for ValueTransform"), "{lib}");
+    for bad in ["9lives", "-x", "a--b", "../up", "Tag"] {
+        let out = sluice()
+            .args(["plugin", "new", bad, "--dir"])
+            .arg(&dir)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{bad}");
+    }
     std::fs::remove_dir_all(dir).unwrap();
 }
 

@@ -161,6 +161,34 @@ fn a_tampered_component_or_a_bad_config_is_refused_at_load() {
         .err()
         .unwrap();
     assert!(matches!(err, PluginError::Hash { .. }), "{err}");
+    // A manifest speaking for another plugin, or pointing outside the folder, is refused;
+    // so is a plugin name that is a path.
+    for (manifest, expected) in [
+        (
+            "name = \"other\"\nversion = \"0.1.0\"\nwasm = \"noop.wasm\"\nsha256 = \"00\"\n",
+            "named after its plugin",
+        ),
+        (
+            "name = \"noop\"\nversion = \"0.1.0\"\nwasm = \"../noop.wasm\"\nsha256 = \"00\"\n",
+            "not a path",
+        ),
+        (
+            "name = \"noop\"\nversion = \"0.1.0\"\nwasm = \"/tmp/noop.wasm\"\nsha256 = \"00\"\n",
+            "not a path",
+        ),
+    ] {
+        std::fs::write(dir.join("noop.toml"), manifest).unwrap();
+        let err = host
+            .load(&dir, "noop", json!({}), &Grants::default(), None)
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains(expected), "{err}");
+    }
+    let err = host
+        .load(&dir, "../noop", json!({}), &Grants::default(), None)
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("lowercase letters"), "{err}");
     std::fs::remove_dir_all(dir).unwrap();
 
     let err = host

@@ -360,11 +360,40 @@ impl PluginHost {
             plugin: name.to_string(),
             message,
         };
+        let plain = |s: &str| {
+            s.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+                && s.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        };
+        if !plain(name) {
+            return Err(load(
+                "plugin names are lowercase letters, digits and dashes (the manifest is NAME.toml in the plugin folder)".into(),
+            ));
+        }
         let manifest_path = dir.join(format!("{name}.toml"));
         let text = std::fs::read_to_string(&manifest_path)
             .map_err(|e| load(format!("`{}`: {e}", manifest_path.display())))?;
         let manifest: Manifest = toml::from_str(&text)
             .map_err(|e| load(format!("`{}`: {e}", manifest_path.display())))?;
+        // The manifest speaks for one plugin, and its component sits beside it: errors,
+        // logs and metrics carry the name that was checked, and no manifest can point at a
+        // file outside the plugin folder.
+        if manifest.name != name {
+            return Err(load(format!(
+                "`{}` names the plugin `{}`; a manifest must be named after its plugin",
+                manifest_path.display(),
+                manifest.name
+            )));
+        }
+        let bare = Path::new(&manifest.wasm)
+            .file_name()
+            .is_some_and(|f| f == std::ffi::OsStr::new(&manifest.wasm));
+        if !bare || manifest.wasm == ".." {
+            return Err(load(format!(
+                "`wasm = \"{}\"` must be a file name in the plugin folder, not a path",
+                manifest.wasm
+            )));
+        }
         let wasm_path: PathBuf = dir.join(&manifest.wasm);
         let bytes = std::fs::read(&wasm_path)
             .map_err(|e| load(format!("`{}`: {e}", wasm_path.display())))?;
