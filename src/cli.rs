@@ -461,6 +461,8 @@ fn plugin_config(config: &Config, name: &str) -> serde_json::Value {
 fn plugin_grants(config: &Config) -> sluice_plugins::Grants {
     sluice_plugins::Grants {
         clocks: config.plugins.grants.iter().any(|g| g == "clocks"),
+        max_memory_mib: Some(config.plugins.max_memory_mib),
+        max_batch_deadline_ms: Some(config.plugins.max_batch_deadline_ms),
     }
 }
 

@@ -553,3 +553,40 @@ async fn dead_lettered_events_are_stored_with_their_reason_not_lost() {
     );
     server.shutdown().await;
 }
+
+#[test]
+fn the_operators_ceilings_lower_what_a_plugin_asks_for() {
+    let host = host();
+    let grants = Grants {
+        max_memory_mib: Some(8),
+        max_batch_deadline_ms: Some(100),
+        ..Grants::default()
+    };
+    let load = |mode: &str| {
+        host.load(
+            &support::plugin_dir(),
+            "hostile",
+            json!({ "mode": mode }),
+            &grants,
+            tight(),
+        )
+        .unwrap()
+    };
+    assert_eq!(load("ok").limits().memory_mib, 8, "16 asked, 8 allowed");
+    let err = load("memory").run_batch(&batch()).unwrap_err();
+    assert_eq!(
+        err,
+        PluginError::Memory {
+            plugin: "hostile".into(),
+            mib: 8
+        }
+    );
+    let err = load("loop").run_batch(&batch()).unwrap_err();
+    assert_eq!(
+        err,
+        PluginError::Deadline {
+            plugin: "hostile".into(),
+            ms: 100
+        }
+    );
+}

@@ -152,6 +152,10 @@ pub struct PluginsSection {
     pub failure_policy: String,
     /// Capabilities granted to plugins that ask (`clocks`).
     pub grants: Vec<String>,
+    /// The most memory (MiB) any plugin may have, whatever its manifest asks.
+    pub max_memory_mib: u64,
+    /// The longest batch deadline (ms) any plugin may have, whatever its manifest asks.
+    pub max_batch_deadline_ms: u64,
     /// Per-plugin config, passed to the plugin's `configure` as JSON.
     pub config: std::collections::BTreeMap<String, toml::Value>,
 }
@@ -165,6 +169,8 @@ impl Default for PluginsSection {
             tracking_transforms: Vec::new(),
             failure_policy: "fail-run".into(),
             grants: Vec::new(),
+            max_memory_mib: 256,
+            max_batch_deadline_ms: 10_000,
             config: Default::default(),
         }
     }
@@ -701,6 +707,17 @@ pub fn validate(
                 raw.plugins.failure_policy
             ),
         ));
+    }
+    for (field, value) in [
+        ("plugins.max_memory_mib", raw.plugins.max_memory_mib),
+        (
+            "plugins.max_batch_deadline_ms",
+            raw.plugins.max_batch_deadline_ms,
+        ),
+    ] {
+        if value == 0 {
+            return Err(invalid(field, "a number greater than 0".into()));
+        }
     }
     for (i, g) in raw.plugins.grants.iter().enumerate() {
         if g != "clocks" {

@@ -128,6 +128,10 @@ pub struct Manifest {
 #[derive(Debug, Clone, Default)]
 pub struct Grants {
     pub clocks: bool,
+    /// The operator's ceilings: a manifest's (or a caller's) limits above them are
+    /// lowered to them. `None`: no ceiling.
+    pub max_memory_mib: Option<u64>,
+    pub max_batch_deadline_ms: Option<u64>,
 }
 
 /// What to do with a batch that failed in a plugin.
@@ -417,7 +421,14 @@ impl PluginHost {
                 other => return Err(load(format!("asks for unknown permission `{other}`"))),
             }
         }
-        let limits = limits.or(manifest.limits.clone()).unwrap_or_default();
+        let mut limits = limits.or(manifest.limits.clone()).unwrap_or_default();
+        // The manifest is the plugin author's word; the operator's ceilings win.
+        if let Some(max) = grants.max_memory_mib {
+            limits.memory_mib = limits.memory_mib.min(max);
+        }
+        if let Some(max) = grants.max_batch_deadline_ms {
+            limits.batch_deadline_ms = limits.batch_deadline_ms.min(max);
+        }
         if limits.fuel.is_some() && !self.fuel {
             return Err(load("has a fuel limit but the host meters no fuel".into()));
         }
