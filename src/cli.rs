@@ -674,8 +674,11 @@ pub async fn jobs_run(
         config: std::sync::Arc::new(config.clone()),
         store,
     };
-    let summary = runner.run_job(name).await.map_err(anyhow::Error::msg)?;
-    println!("{name}: {summary}");
+    let run = sluice_jobs::schedule::start_manual_run(&runner.store, name, "cli").await?;
+    let result = runner.run_job(name).await;
+    sluice_jobs::schedule::end_manual_run(&runner.store, &run, &result).await?;
+    let summary = result.map_err(|e| anyhow::anyhow!("{run}: {e}"))?;
+    println!("{name}: {summary} (run {run})");
     Ok(())
 }
 

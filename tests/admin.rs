@@ -279,3 +279,75 @@ async fn analytics_parameters_are_validated() {
     assert_eq!(r.status().as_u16(), 200);
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_manual_run_is_named_in_the_answer_and_its_outcome_is_listed() {
+    let db = TestDb::initialized().await;
+    sluice::server::admin::create_admin_user(&db.store, "analyst@x.io", PASSWORD, Role::Analyst)
+        .await
+        .unwrap();
+    let dir = std::env::temp_dir().join(format!("sluice-manual-{}", uuid::Uuid::new_v4().simple()));
+    let dest = dir.display().to_string();
+    let server = start_server(&db, |raw| {
+        raw.export.destination = dest.clone();
+        raw.schedules = vec![sluice_core::config::ScheduleSection {
+            name: "daily".into(),
+            kind: "DAILY_ANALYTICS".into(),
+            cron: "0 15 2 * * *".into(),
+            catch_up: 1,
+            timezone: None,
+        }];
+    })
+    .await;
+    let base = format!("http://{}", server.addr);
+    let (_, body) = login(&base, "analyst@x.io", PASSWORD).await;
+    let token = body["token"].as_str().unwrap().to_string();
+    let client = reqwest::Client::new();
+    let started: Value = client
+        .post(format!("{base}/v1/admin/jobs/export:daily/run"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let run = started["runId"]
+        .as_str()
+        .expect("the answer names the run")
+        .to_string();
+    assert!(run.starts_with("export:daily@manual-"), "{run}");
+    let mut last = Value::Null;
+    for _ in 0..100 {
+        let jobs: Value = client
+            .get(format!("{base}/v1/admin/jobs"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        last = jobs[0].clone();
+        if last["lastStatus"] == "COMPLETED" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(last["lastRun"], run.as_str(), "{last}");
+    assert_eq!(last["lastStatus"], "COMPLETED", "{last}");
+    let recorded = db
+        .store
+        .collection("scheduled_runs")
+        .find_one(bson::doc! { "_id": &run })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(recorded.get_bool("manual"), Ok(true));
+    assert!(
+        recorded.get_str("result").unwrap().contains("run(s)"),
+        "{recorded}"
+    );
+    server.shutdown().await;
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -409,6 +409,53 @@ async fn execute(
     FireOutcome::Ran(result)
 }
 
+/// Records a run started by hand (`sluice jobs run`, `POST /v1/admin/jobs/{name}/run`) in
+/// `scheduled_runs` beside the fires, so `jobs list`, `jobs history` and the admin API
+/// show it and how it ended. It is marked `manual` and has no lease: no replica takes it
+/// over, and it does not hold back the schedule's next fire. Returns its id.
+pub async fn start_manual_run(store: &Store, job: &str, owner: &str) -> Result<String, StoreError> {
+    let now = DateTime::now();
+    let id = format!(
+        "{job}@manual-{}-{}",
+        Utc::now().format("%Y%m%dT%H%M%S%.3fZ"),
+        &uuid::Uuid::new_v4().simple().to_string()[..6]
+    );
+    store
+        .collection(c::SCHEDULED_RUNS)
+        .insert_one(doc! {
+            common::ID: &id, "job": job, "scheduledFor": now, "status": "RUNNING",
+            "manual": true, "owner": owner, "startedAt": now, "attempts": 1,
+            common::CREATED_AT: now,
+        })
+        .await
+        .map_err(StoreError::mongo(c::SCHEDULED_RUNS, "record a manual run"))?;
+    Ok(id)
+}
+
+/// Records how a run from [`start_manual_run`] ended.
+pub async fn end_manual_run(
+    store: &Store,
+    id: &str,
+    result: &Result<String, String>,
+) -> Result<(), StoreError> {
+    let (status, field, text) = match result {
+        Ok(summary) => ("COMPLETED", "result", summary),
+        Err(e) => ("FAILED", "error", e),
+    };
+    store
+        .collection(c::SCHEDULED_RUNS)
+        .update_one(
+            doc! { common::ID: id },
+            doc! { "$set": { "status": status, field: text, "endedAt": DateTime::now() } },
+        )
+        .await
+        .map_err(StoreError::mongo(
+            c::SCHEDULED_RUNS,
+            "record a manual run's end",
+        ))?;
+    Ok(())
+}
+
 /// Takes over RUNNING fires whose lease expired (their owner died) and runs them.
 async fn sweep(inner: &Arc<Inner>) -> Result<(), StoreError> {
     use futures_util::TryStreamExt;

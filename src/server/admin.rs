@@ -412,14 +412,33 @@ async fn run_job(
         config: state.config.clone(),
         store: state.store.clone(),
     };
+    // Recorded before it starts, so the answer can name the run and its outcome is
+    // visible in `GET /v1/admin/jobs` (latestRun) and `sluice jobs history`.
+    let run = sluice_jobs::schedule::start_manual_run(&state.store, &name, "admin-api")
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                e.to_string(),
+            )
+        })?;
     let job = name.clone();
+    let run_id = run.clone();
     tokio::spawn(async move {
         let result = runner.run_job(&job).await;
-        tracing::info!(job, ?result, "manual run ended");
+        match &result {
+            Ok(summary) => tracing::info!(job, run = run_id, summary, "manual run completed"),
+            Err(error) => tracing::error!(job, run = run_id, error, "manual run failed"),
+        }
+        if let Err(e) = sluice_jobs::schedule::end_manual_run(&runner.store, &run_id, &result).await
+        {
+            tracing::error!(job, run = run_id, error = %e, "could not record the manual run's end");
+        }
     });
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({ "job": name, "status": "started" })),
+        Json(json!({ "job": name, "runId": run, "status": "started" })),
     ))
 }
 
