@@ -590,3 +590,52 @@ fn the_operators_ceilings_lower_what_a_plugin_asks_for() {
         }
     );
 }
+
+#[test]
+fn a_batch_too_big_for_the_cap_is_split_and_a_trap_under_dead_letter_is_narrowed() {
+    let host = host();
+    let dir = support::plugin_dir();
+    // 4,000 records of 1 KB do not fit a 3 MiB plugin at once; halves of halves do.
+    let small = Some(Limits {
+        memory_mib: 3,
+        batch_deadline_ms: 5_000,
+        fuel: None,
+    });
+    let noop = host
+        .load(&dir, "noop", json!({}), &Grants::default(), small)
+        .unwrap();
+    let big: Vec<Document> = (0..4000)
+        .map(|i| doc! { "eventId": format!("e{i}"), "pad": "x".repeat(1000) })
+        .collect();
+    assert!(
+        matches!(noop.run_batch(&big), Err(PluginError::Memory { .. })),
+        "the whole batch is over the cap"
+    );
+    assert_eq!(
+        noop.apply(big.clone()).unwrap(),
+        big,
+        "split, in order, all kept"
+    );
+
+    let picky = host
+        .load(
+            &dir,
+            "hostile",
+            json!({ "mode": "panic-on-bad" }),
+            &Grants::default(),
+            tight(),
+        )
+        .unwrap()
+        .with_policy(FailurePolicy::DeadLetter);
+    let records: Vec<Document> = (0..8)
+        .map(|i| doc! { "eventId": format!("r{i}"), "kind": if i == 5 { "bad" } else { "good" } })
+        .collect();
+    let out = picky.apply(records.clone()).unwrap();
+    let mut expected = records.clone();
+    expected.remove(5);
+    assert_eq!(out, expected, "only the record that traps is held back");
+    let letters = picky.take_dead_letters();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].0.get_str("eventId").unwrap(), "r5");
+    assert!(letters[0].1.contains("trapped"), "{}", letters[0].1);
+}

@@ -956,6 +956,21 @@ impl WasmTransform {
         };
         let outcomes = match self.call(&batch) {
             Ok(outcomes) => outcomes,
+            // A batch too big for the memory cap is split in halves until the parts fit;
+            // under dead-letter, a trap is narrowed down the same way, so only the records
+            // that make the plugin trap become dead letters, not their whole batch.
+            Err(e)
+                if batch.len() > 1
+                    && (matches!(e, PluginError::Memory { .. })
+                        || (self.policy == FailurePolicy::DeadLetter
+                            && matches!(e, PluginError::Trap { .. }))) =>
+            {
+                let mut second = batch;
+                let first: Vec<Record> = second.drain(..second.len() / 2).collect();
+                let mut out = self.apply_with_policy(first)?;
+                out.extend(self.apply_with_policy(second)?);
+                return Ok(out);
+            }
             Err(e) => {
                 return match self.policy {
                     FailurePolicy::SkipBatch => {

@@ -5,7 +5,8 @@
 //! /etc/passwd), `socket` (connects to 127.0.0.1:1), `env` (lists the environment),
 //! `garbage` (returns records that are not JSON), `short` (fewer results than inputs),
 //! `sleep` (sleeps a minute in a host call), `fanout` (turns each record into 100,000),
-//! `print` (prints 1,000 lines per record) and `ok` (returns every record).
+//! `print` (prints 1,000 lines per record), `panic-on-bad` (panics on a record holding the
+//! string "bad") and `ok` (returns every record).
 
 use std::cell::RefCell;
 
@@ -34,6 +35,7 @@ fn misbehave(mode: &str, record: String) -> Result<Vec<String>, String> {
             }
         }
         "panic" => panic!("the plugin panicked on purpose"),
+        "panic-on-bad" if record.contains("\"bad\"") => panic!("a record the plugin cannot take"),
         "file" => match std::fs::read_to_string("/etc/passwd") {
             Ok(text) => Ok(vec![json!({ "stolen": text }).to_string()]),
             Err(e) => Err(format!("file access denied: {e}")),
