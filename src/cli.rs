@@ -424,7 +424,7 @@ pub fn load_plugins(
         return Ok(Vec::new());
     }
     let p = &config.plugins;
-    let host = sluice_plugins::PluginHost::new(p.fuel)?;
+    let host = plugin_host(p.fuel)?;
     let policy = match p.failure_policy.as_str() {
         "skip-batch" => sluice_plugins::FailurePolicy::SkipBatch,
         "dead-letter" => sluice_plugins::FailurePolicy::DeadLetter,
@@ -445,6 +445,20 @@ pub fn load_plugins(
                 as std::sync::Arc<dyn sluice_core::transform::Transform>)
         })
         .collect()
+}
+
+/// The process's plugin host (one per fuel setting): one engine and epoch thread, and a
+/// component cache, so scheduled runs load their plugins without compiling them again.
+fn plugin_host(fuel: bool) -> anyhow::Result<sluice_plugins::PluginHost> {
+    static HOSTS: std::sync::Mutex<Vec<(bool, sluice_plugins::PluginHost)>> =
+        std::sync::Mutex::new(Vec::new());
+    let mut hosts = HOSTS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, host)) = hosts.iter().find(|(f, _)| *f == fuel) {
+        return Ok(host.clone());
+    }
+    let host = sluice_plugins::PluginHost::new(fuel)?;
+    hosts.push((fuel, host.clone()));
+    Ok(host)
 }
 
 /// `[plugins.config.NAME]` as the JSON the plugin's `configure` receives (`{}` if unset).
@@ -488,7 +502,7 @@ pub fn plugin_test(
     plugin_config: Option<&str>,
     batch_size: usize,
 ) -> anyhow::Result<()> {
-    let host = sluice_plugins::PluginHost::new(config.plugins.fuel)?;
+    let host = plugin_host(config.plugins.fuel)?;
     let cfg: serde_json::Value = match plugin_config {
         Some(text) => serde_json::from_str(text).context("--plugin-config is not JSON")?,
         None => self::plugin_config(config, name),
