@@ -1251,3 +1251,32 @@ async fn upsert_keys_that_mix_numbers_and_strings_are_warned_about() {
     assert!(s.warnings.is_empty(), "{:?}", s.warnings);
     assert_eq!(count(&db, "things").await, 2);
 }
+
+#[tokio::test]
+async fn a_plugin_that_prints_runs_inside_an_import() {
+    // Imports call their transforms from async code; a plugin's print (a blocking WASI
+    // call) must not take the runtime down.
+    let db = TestDb::initialized().await;
+    let (base, _api) = fault_api(Fault::None).await;
+    let host = sluice_plugins::PluginHost::new(false).unwrap();
+    let printing = host
+        .load(
+            &support::plugin_dir(),
+            "hostile",
+            json!({ "mode": "print" }),
+            &sluice_plugins::Grants::default(),
+            None,
+        )
+        .unwrap();
+    let text = cursor_config("printed", &base, "", "").replace(
+        "type = \"IMPORT\"",
+        "type = \"IMPORT\"\ntransforms = [\"hostile\"]",
+    );
+    let name = apply(&db, &text).await;
+    let options = ImportOptions {
+        transforms: vec![std::sync::Arc::new(printing)],
+        ..Default::default()
+    };
+    let s = run_import(&db.store, &name, &options).await.unwrap();
+    assert_eq!((s.fetched, s.inserted), (45, 45));
+}

@@ -639,3 +639,41 @@ fn a_batch_too_big_for_the_cap_is_split_and_a_trap_under_dead_letter_is_narrowed
     assert_eq!(letters[0].0.get_str("eventId").unwrap(), "r5");
     assert!(letters[0].1.contains("trapped"), "{}", letters[0].1);
 }
+
+#[tokio::test]
+async fn events_a_plugin_renames_are_not_stored_behind_the_clients_back() {
+    let db = support::TestDb::initialized().await;
+    let dir = support::plugin_dir().display().to_string();
+    let server = support::start_server(&db, |raw| {
+        raw.plugins.dir = dir.clone();
+        raw.plugins.tracking_transforms = vec!["hostile".into()];
+        raw.plugins.config.insert(
+            "hostile".into(),
+            toml::Value::Table(toml::toml! { mode = "rename-id" }),
+        );
+    })
+    .await;
+    let body =
+        json!({ "eventId": "r1", "userId": "v", "sessionId": "s", "eventType": "PAGE_VIEW" });
+    let answer: serde_json::Value = reqwest::Client::new()
+        .post(format!("http://{}/v1/events", server.addr))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["results"][0]["status"], "dropped", "{answer}");
+    let stored = db
+        .store
+        .collection("events")
+        .count_documents(doc! {})
+        .await
+        .unwrap();
+    assert_eq!(
+        stored, 0,
+        "what the client was told was dropped is not stored"
+    );
+    server.shutdown().await;
+}

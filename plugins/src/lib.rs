@@ -48,8 +48,9 @@ const OUTPUT_VALUES_ALLOWANCE: usize = 1 << 16;
 const LOG_LINES_PER_CALL: usize = 50;
 
 /// Bytes of stdout / stderr a plugin instance buffers; an instance past half of it is
-/// rebuilt before its next batch, so printing never fills the pipe and fails the plugin.
-const PIPE_BYTES: usize = 256 * 1024;
+/// rebuilt before its next batch, so printing batch after batch never fills the pipe.
+/// (One call printing more than this fails: its write errors.)
+const PIPE_BYTES: usize = 4 * 1024 * 1024;
 
 /// Host memory charged per table element.
 const TABLE_ELEMENT_BYTES: usize = 16;
@@ -466,7 +467,7 @@ impl PluginHost {
             policy: FailurePolicy::FailRun,
             skipped_batches: Mutex::new(0),
         };
-        let (store, plugin) = t.instantiate()?;
+        let (store, plugin) = off_runtime(|| t.instantiate())?;
         *t.live.lock().unwrap_or_else(|p| p.into_inner()) = Some((store, plugin));
         Ok(t)
     }
@@ -677,7 +678,7 @@ impl WasmTransform {
         let encoded: Vec<String> = batch.iter().map(encode).collect();
         let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
         if live.is_none() {
-            *live = Some(self.instantiate()?);
+            *live = Some(off_runtime(|| self.instantiate())?);
         }
         let Some((store, plugin)) = live.as_mut() else {
             return Err(PluginError::Trap {
@@ -687,8 +688,10 @@ impl WasmTransform {
         };
         self.arm(store);
         let started = Instant::now();
-        let result = plugin.call_transform(&mut *store, &encoded);
-        let pipes_full = self.flush_output(store);
+        let (result, pipes_full) = off_runtime(|| {
+            let result = plugin.call_transform(&mut *store, &encoded);
+            (result, self.flush_output(store))
+        });
         let results = match result {
             Ok(r) => r,
             Err(e) => {
@@ -771,6 +774,21 @@ impl WasmTransform {
             })
             .collect()
     }
+}
+
+/// Runs `f` (a call into a plugin) where WASI may block: WASI's host calls (a print, a
+/// sleep) block on a Tokio runtime, which panics on a thread that is driving async tasks.
+/// Called from async code (an import page, a server starting), the call runs on a thread
+/// of its own; elsewhere it runs here.
+fn off_runtime<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return f();
+    }
+    std::thread::scope(|s| {
+        s.spawn(f)
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
 }
 
 /// About how many JSON values `text` holds: its separators and openings, counted without

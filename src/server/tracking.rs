@@ -395,10 +395,19 @@ async fn transform(
             )
             .retry(5)
         })?;
+    // The eventId is the client's dedupe key and how its answer finds the event: an
+    // output under an id no input had would be stored while the client is told its event
+    // was dropped, and a resend would store it again. Such outputs are not stored.
+    let sent: std::collections::HashSet<&str> =
+        events.iter().map(|e| e.event_id.as_str()).collect();
     let mut kept: Vec<Event> = Vec::with_capacity(out.len());
     for d in out {
         match bson::from_document::<Event>(d) {
-            Ok(e) => kept.push(e),
+            Ok(e) if sent.contains(e.event_id.as_str()) => kept.push(e),
+            Ok(e) => tracing::warn!(
+                event_id = %e.event_id,
+                "a transform returned an event under an eventId no input had; not stored (plugins must keep eventId)"
+            ),
             Err(e) => {
                 tracing::warn!(error = %e, "a transform returned something that is not an event; dropped")
             }

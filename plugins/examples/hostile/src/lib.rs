@@ -5,7 +5,7 @@
 //! /etc/passwd), `socket` (connects to 127.0.0.1:1), `env` (lists the environment),
 //! `garbage` (returns records that are not JSON), `short` (fewer results than inputs),
 //! `sleep` (sleeps a minute in a host call), `fanout` (turns each record into 100,000),
-//! `print` (prints 1,000 lines per record), `panic-on-bad` (panics on a record holding the
+//! `print` (prints 1,000 lines per record), `rename-id` (changes each record's `eventId`), `panic-on-bad` (panics on a record holding the
 //! string "bad") and `ok` (returns every record).
 
 use std::cell::RefCell;
@@ -46,6 +46,12 @@ fn misbehave(mode: &str, record: String) -> Result<Vec<String>, String> {
         },
         "env" => Ok(vec![json!({ "env": std::env::vars().count() }).to_string()]),
         "garbage" => Ok(vec!["{not json".to_string()]),
+        "rename-id" => {
+            let mut v = serde_json_lite(&record);
+            let id = format!("{}-renamed", v["eventId"].as_str().unwrap_or(""));
+            v["eventId"] = Value::String(id);
+            Ok(vec![v.to_string()])
+        }
         "sleep" => {
             std::thread::sleep(std::time::Duration::from_secs(60));
             Ok(vec![record])
