@@ -233,6 +233,33 @@ async fn bad_credentials_never_reveal_whether_an_email_exists_and_are_rate_limit
         .await
         .unwrap_err();
     assert!(dup.contains("already exists"), "{dup}");
+    // A body of the wrong shape, or not JSON at all, gets the API's JSON error shape.
+    let client = reqwest::Client::new();
+    for (req, status, code) in [
+        (
+            client
+                .post(format!("{base}/v1/admin/login"))
+                .json(&json!({ "email": "ops@x.io" })),
+            422,
+            "invalid_body",
+        ),
+        (
+            client
+                .post(format!("{base}/v1/admin/login"))
+                .body("email=ops@x.io"),
+            415,
+            "unsupported_media_type",
+        ),
+    ] {
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status().as_u16(), status);
+        let body: Value = r.json().await.expect("a JSON error");
+        assert_eq!(body["error"], code, "{body}");
+        assert!(
+            body["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{body}"
+        );
+    }
     server.shutdown().await;
 }
 

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
@@ -124,11 +125,27 @@ struct Login {
     password: String,
 }
 
+/// The request body, or the API's JSON error shape instead of the framework's plain-text
+/// rejection: `415 unsupported_media_type` without a JSON content type, `400
+/// invalid_body` (or 422 for a body of the wrong shape) otherwise.
+fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
+    body.map(|Json(b)| b).map_err(|r| {
+        let status = r.status();
+        let code = if status == StatusCode::UNSUPPORTED_MEDIA_TYPE {
+            "unsupported_media_type"
+        } else {
+            "invalid_body"
+        };
+        ApiError::new(status, code, r.body_text())
+    })
+}
+
 async fn login(
     State(state): State<AppState>,
     axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
-    Json(body): Json<Login>,
+    body: Result<Json<Login>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let body = json_body(body)?;
     let email = body.email.trim().to_ascii_lowercase();
     let keys = vec![format!("email:{email}"), format!("ip:{}", peer.ip())];
     let refused = || {
@@ -223,9 +240,10 @@ struct NewUser {
 async fn create_user(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Json(body): Json<NewUser>,
+    body: Result<Json<NewUser>, JsonRejection>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     caller(&state, &headers, Role::Admin).await?;
+    let body = json_body(body)?;
     let role = Role::parse(&body.role)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_role", e))?;
     create_admin_user(&state.store, &body.email, &body.password, role)
@@ -362,9 +380,10 @@ async fn set_config_active(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path(name): Path<String>,
-    Json(body): Json<Value>,
+    body: Result<Json<Value>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
     caller(&state, &headers, Role::Admin).await?;
+    let body = json_body(body)?;
     let active = body["isActive"].as_bool().ok_or_else(|| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
