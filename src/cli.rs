@@ -529,7 +529,8 @@ pub fn plugin_test(
         }
     }
     let (mut outputs, mut failures) = (0, 0);
-    for (n, batch) in records.chunks(batch_size.max(1)).enumerate() {
+    let batch_size = batch_size.max(1);
+    for (n, batch) in records.chunks(batch_size).enumerate() {
         match plugin.run_batch(batch) {
             Ok(out) => {
                 for r in &out.records {
@@ -557,6 +558,12 @@ pub fn plugin_test(
     }
     eprintln!(
         "{} records in, {outputs} out, {failures} failed",
+        records.len()
+    );
+    // A script checking a plugin learns that it failed from the exit code.
+    anyhow::ensure!(
+        failures == 0,
+        "{failures} of {} records failed in the plugin",
         records.len()
     );
     Ok(())
