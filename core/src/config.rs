@@ -538,6 +538,13 @@ pub fn validate(
     let mut warnings = Vec::new();
 
     let uri = &raw.mongodb.uri;
+    if uri.contains("${env:") {
+        // The URI carries the password; it is given whole through the environment.
+        return Err(invalid(
+            "mongodb.uri",
+            "a connection string, not an `${env:...}` reference: set the whole URI in `SLUICE_MONGODB_URI` instead".into(),
+        ));
+    }
     if !(uri.starts_with("mongodb://") || uri.starts_with("mongodb+srv://")) {
         return Err(invalid(
             "mongodb.uri",
@@ -943,6 +950,10 @@ mod tests {
             err,
             "test.toml: field `mongodb.uri`: expected a `mongodb://` or `mongodb+srv://` connection string"
         );
+        let err = check("[mongodb]\nuri = \"${env:MY_URI}\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("SLUICE_MONGODB_URI"), "{err}");
         let err = check("[plugins.config.redact-pii]\nsalt = \"${env:SLUICE_TEST_UNSET_SALT}\"\n")
             .unwrap_err()
             .to_string();
