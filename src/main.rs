@@ -135,7 +135,14 @@ enum PluginCommand {
 #[derive(Subcommand)]
 enum ConfigsCommand {
     /// Validate every `*.toml` in DIR (no database needed).
-    Validate { dir: PathBuf },
+    Validate {
+        /// The folder of integration config files.
+        dir: PathBuf,
+        /// Check configs whose `${env:NAME}` secrets are not set here (CI): a placeholder
+        /// stands in, and the unset names are listed.
+        #[arg(long)]
+        allow_missing_env: bool,
+    },
     /// Validate, then store every config of DIR in `integration_configs`.
     Apply { dir: PathBuf },
 }
@@ -192,10 +199,14 @@ enum ConfigCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Command::Configs {
-        command: ConfigsCommand::Validate { dir },
+        command:
+            ConfigsCommand::Validate {
+                dir,
+                allow_missing_env,
+            },
     } = &cli.command
     {
-        return match cli::configs_validate(dir) {
+        return match cli::configs_validate(dir, *allow_missing_env) {
             Ok(_) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e:#}");

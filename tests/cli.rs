@@ -258,3 +258,44 @@ fn export_types_without_a_window_refuse_one() {
         assert!(err.contains("takes no --from / --to"), "{kind}: {err}");
     }
 }
+
+#[test]
+fn configs_validate_can_check_configs_whose_secrets_are_not_set() {
+    let dir =
+        std::env::temp_dir().join(format!("sluice-configs-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/integrations");
+    std::fs::copy(
+        examples.join("products-oauth-pages.toml"),
+        dir.join("oauth.toml"),
+    )
+    .unwrap();
+    let text = std::fs::read_to_string(dir.join("oauth.toml")).unwrap();
+    let var = text
+        .split("${env:")
+        .nth(1)
+        .and_then(|rest| rest.split('}').next())
+        .expect("the example names a secret")
+        .to_string();
+    let run = |extra: &[&str]| {
+        sluice()
+            .args(["configs", "validate"])
+            .arg(&dir)
+            .args(extra)
+            .env_remove(&var)
+            .output()
+            .unwrap()
+    };
+    let strict = run(&[]);
+    assert!(!strict.status.success(), "an unset secret fails by default");
+    let lenient = run(&["--allow-missing-env"]);
+    let stderr = String::from_utf8_lossy(&lenient.stderr);
+    assert!(lenient.status.success(), "{stderr}");
+    assert!(stderr.contains(&format!("`{var}` is not set")), "{stderr}");
+    // An empty folder is an error, not a silent success.
+    std::fs::remove_file(dir.join("oauth.toml")).unwrap();
+    let empty = run(&[]);
+    assert!(!empty.status.success());
+    assert!(String::from_utf8_lossy(&empty.stderr).contains("no `*.toml`"));
+    std::fs::remove_dir_all(dir).unwrap();
+}
