@@ -597,14 +597,12 @@ pub fn plugin_test(
 
 /// `sluice plugin new NAME`: scaffolds a plugin crate.
 pub fn plugin_new(name: &str, dir: &Path, sdk: Option<&Path>) -> anyhow::Result<PathBuf> {
-    // A name cargo accepts as a package and that makes a Rust type name.
+    // A name the loader accepts that is also a cargo package and a Rust type name.
     anyhow::ensure!(
-        name.starts_with(|c: char| c.is_ascii_lowercase())
+        sluice_plugins::is_plugin_name(name)
+            && name.starts_with(|c: char| c.is_ascii_lowercase())
             && !name.ends_with('-')
-            && !name.contains("--")
-            && name
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'),
+            && !name.contains("--"),
         "plugin names start with a lower-case letter, then lower-case letters, digits and single `-`, got `{name}`"
     );
     // The SDK is not published: the crate depends on it by path.

@@ -19,6 +19,18 @@ async fn login(base: &str, email: &str, password: &str) -> (u16, Value) {
     (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
 }
 
+/// One export schedule, `daily` (DAILY_ANALYTICS at 02:15), writing under `dest`.
+fn daily_export(raw: &mut sluice_core::config::RawConfig, dest: &str, timezone: Option<&str>) {
+    raw.export.destination = dest.to_string();
+    raw.schedules = vec![sluice_core::config::ScheduleSection {
+        name: "daily".into(),
+        kind: "DAILY_ANALYTICS".into(),
+        cron: "0 15 2 * * *".into(),
+        catch_up: 1,
+        timezone: timezone.map(str::to_string),
+    }];
+}
+
 #[tokio::test]
 async fn every_role_against_every_endpoint() {
     let db = TestDb::initialized().await;
@@ -33,17 +45,7 @@ async fn every_role_against_every_endpoint() {
     }
     let dir = std::env::temp_dir().join(format!("sluice-admin-{}", uuid::Uuid::new_v4().simple()));
     let dest = dir.display().to_string();
-    let server = start_server(&db, |raw| {
-        raw.export.destination = dest.clone();
-        raw.schedules = vec![sluice_core::config::ScheduleSection {
-            name: "daily".into(),
-            kind: "DAILY_ANALYTICS".into(),
-            cron: "0 15 2 * * *".into(),
-            catch_up: 1,
-            timezone: Some("Europe/Paris".into()),
-        }];
-    })
-    .await;
+    let server = start_server(&db, |raw| daily_export(raw, &dest, Some("Europe/Paris"))).await;
     let base = format!("http://{}", server.addr);
     let mut tokens = vec![(None, "anonymous")];
     for (email, name) in [
@@ -315,17 +317,7 @@ async fn a_manual_run_is_named_in_the_answer_and_its_outcome_is_listed() {
         .unwrap();
     let dir = std::env::temp_dir().join(format!("sluice-manual-{}", uuid::Uuid::new_v4().simple()));
     let dest = dir.display().to_string();
-    let server = start_server(&db, |raw| {
-        raw.export.destination = dest.clone();
-        raw.schedules = vec![sluice_core::config::ScheduleSection {
-            name: "daily".into(),
-            kind: "DAILY_ANALYTICS".into(),
-            cron: "0 15 2 * * *".into(),
-            catch_up: 1,
-            timezone: None,
-        }];
-    })
-    .await;
+    let server = start_server(&db, |raw| daily_export(raw, &dest, None)).await;
     let base = format!("http://{}", server.addr);
     let (_, body) = login(&base, "analyst@x.io", PASSWORD).await;
     let token = body["token"].as_str().unwrap().to_string();

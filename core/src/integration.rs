@@ -689,10 +689,11 @@ pub fn validate(
         fields.push(field_spec);
     }
     if kind == IntegrationType::Import {
+        let mapped = |target: &str| fields.iter().any(|f| f.target == target);
         if fields.is_empty() {
             return Err(invalid("mapping", "at least one mapped field".into()));
         }
-        if !fields.iter().any(|f| f.target == file.target.key) {
+        if !mapped(&file.target.key) {
             return Err(invalid(
                 "target.key",
                 format!(
@@ -701,10 +702,8 @@ pub fn validate(
                 ),
             ));
         }
-    }
-    if kind == IntegrationType::Import {
         if let Some(inc) = &file.incremental {
-            if !fields.iter().any(|f| f.target == inc.cursor_field) {
+            if !mapped(&inc.cursor_field) {
                 return Err(invalid(
                     "incremental.cursor_field",
                     format!(

@@ -384,10 +384,7 @@ async fn execute(
             return FireOutcome::LeaseLost;
         }
     };
-    let (status, field, text) = match &result {
-        Ok(summary) => ("COMPLETED", "result", summary.clone()),
-        Err(e) => ("FAILED", "error", e.clone()),
-    };
+    let (status, ended) = run_end(&result);
     sluice_core::metrics::count(
         "sluice_job_runs_total",
         "Scheduled job runs, by job and outcome.",
@@ -403,10 +400,23 @@ async fn execute(
     let _ = runs
         .update_one(
             doc! { common::ID: &id, "owner": &me },
-            doc! { "$set": { "status": status, field: text, "endedAt": DateTime::now() } },
+            doc! { "$set": ended },
         )
         .await;
     FireOutcome::Ran(result)
+}
+
+/// A run's outcome as its status and the fields that record its end (`status`, `result`
+/// or `error`, `endedAt`): the same for scheduled fires and manual runs.
+fn run_end(result: &Result<String, String>) -> (&'static str, Document) {
+    let (status, field, text) = match result {
+        Ok(summary) => ("COMPLETED", "result", summary),
+        Err(e) => ("FAILED", "error", e),
+    };
+    (
+        status,
+        doc! { "status": status, field: text, "endedAt": DateTime::now() },
+    )
 }
 
 /// Records a run started by hand (`sluice jobs run`, `POST /v1/admin/jobs/{name}/run`) in
@@ -438,16 +448,10 @@ pub async fn end_manual_run(
     id: &str,
     result: &Result<String, String>,
 ) -> Result<(), StoreError> {
-    let (status, field, text) = match result {
-        Ok(summary) => ("COMPLETED", "result", summary),
-        Err(e) => ("FAILED", "error", e),
-    };
+    let (_, ended) = run_end(result);
     store
         .collection(c::SCHEDULED_RUNS)
-        .update_one(
-            doc! { common::ID: id },
-            doc! { "$set": { "status": status, field: text, "endedAt": DateTime::now() } },
-        )
+        .update_one(doc! { common::ID: id }, doc! { "$set": ended })
         .await
         .map_err(StoreError::mongo(
             c::SCHEDULED_RUNS,

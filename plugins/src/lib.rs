@@ -365,12 +365,7 @@ impl PluginHost {
             plugin: name.to_string(),
             message,
         };
-        let plain = |s: &str| {
-            s.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
-                && s.chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-        };
-        if !plain(name) {
+        if !is_plugin_name(name) {
             return Err(load(
                 "plugin names are lowercase letters, digits and dashes (the manifest is NAME.toml in the plugin folder)".into(),
             ));
@@ -774,6 +769,15 @@ impl WasmTransform {
             })
             .collect()
     }
+}
+
+/// Whether `name` can name a plugin: lower-case letters, digits and `-`, starting with a
+/// letter or digit, so `NAME.toml` is a file in the plugin folder and never a path.
+pub fn is_plugin_name(name: &str) -> bool {
+    name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
 }
 
 /// Runs `f` (a call into a plugin) where WASI may block: WASI's host calls (a print, a
