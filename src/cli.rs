@@ -198,6 +198,27 @@ pub fn spawn_progress(
     })
 }
 
+/// Prints import progress on stderr every two seconds until aborted.
+pub fn spawn_import_progress(
+    progress: std::sync::Arc<sluice_jobs::import::ImportProgress>,
+) -> tokio::task::JoinHandle<()> {
+    use std::sync::atomic::Ordering::Relaxed;
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            eprintln!(
+                "  {} pages, {} records, {} upserted, {} failed mapping",
+                progress.pages.load(Relaxed),
+                progress.records.load(Relaxed),
+                progress.upserted.load(Relaxed),
+                progress.failed.load(Relaxed)
+            );
+        }
+    })
+}
+
 /// `export run` / `jobs run` arguments: ARCHIVE and USER_DATA have no window, so a
 /// `--from` / `--to` given to them would be silently ignored: refuse it instead.
 pub fn check_export_window(
@@ -339,6 +360,10 @@ pub fn configs_validate(
 /// applied when any file is invalid).
 pub async fn configs_apply(config: &Config, dir: &Path) -> anyhow::Result<()> {
     let valid = configs_validate(dir, false).context("nothing applied")?;
+    for v in &valid {
+        check_config_transforms(config, &v.file)
+            .with_context(|| format!("{}: nothing applied", v.path.display()))?;
+    }
     let store = Store::connect(config).await?;
     store.init().await?;
     for v in &valid {
@@ -374,21 +399,7 @@ pub async fn import_run(config: &Config, name: &str, dry_run: bool) -> anyhow::R
             progress.stop.store(true, Relaxed);
         })
     };
-    let progress = options.progress.clone();
-    let ticker = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
-        tick.tick().await;
-        loop {
-            tick.tick().await;
-            eprintln!(
-                "  {} pages, {} records, {} upserted, {} failed mapping",
-                progress.pages.load(Relaxed),
-                progress.records.load(Relaxed),
-                progress.upserted.load(Relaxed),
-                progress.failed.load(Relaxed)
-            );
-        }
-    });
+    let ticker = spawn_import_progress(options.progress.clone());
     let result = run_import(&store, name, &options).await;
     ticker.abort();
     stopper.abort();
@@ -507,6 +518,18 @@ fn plugin_grants(config: &Config) -> sluice_plugins::Grants {
 }
 
 /// Loads the transform chain an integration config names (`transforms = [...]`).
+/// Loads the plugins an integration config names, with this deployment's plugin folder
+/// and plugin configs: a config naming a plugin that is missing, was tampered with or
+/// refuses its config is refused when it is applied, not at its first scheduled run.
+pub fn check_config_transforms(
+    config: &Config,
+    file: &sluice_core::integration::IntegrationFile,
+) -> anyhow::Result<()> {
+    load_plugins(config, &file.transforms)
+        .map(|_| ())
+        .with_context(|| format!("field `transforms` of `{}`", file.name))
+}
+
 pub async fn integration_transforms(
     config: &Config,
     store: &Store,
@@ -720,7 +743,17 @@ pub async fn jobs_run(
         store,
     };
     let run = sluice_jobs::schedule::start_manual_run(&runner.store, name, "cli").await?;
-    let result = runner.run_job(name).await;
+    let progress = crate::engine::JobProgress::default();
+    let ticker = if name.starts_with(crate::engine::EXPORT_PREFIX) {
+        spawn_progress(progress.export.clone())
+    } else {
+        spawn_import_progress(progress.import.clone())
+    };
+    let result = runner.run_job_with(name, &progress).await;
+    ticker.abort();
+    if name.starts_with(crate::engine::EXPORT_PREFIX) {
+        eprintln!(); // ends the progress line
+    }
     sluice_jobs::schedule::end_manual_run(&runner.store, &run, &result).await?;
     let summary = result.map_err(|e| anyhow::anyhow!("{run}: {e}"))?;
     println!("{name}: {summary} (run {run})");
@@ -760,13 +793,25 @@ pub async fn jobs_history(config: &Config, name: Option<&str>) -> anyhow::Result
 
 /// `sluice admin create-user`: bootstraps the first admin.
 pub async fn admin_create_user(config: &Config, email: &str, role: &str) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
     let role =
         sluice_core::model::Role::parse(&role.to_ascii_uppercase()).map_err(anyhow::Error::msg)?;
     let password = match std::env::var("SLUICE_ADMIN_PASSWORD") {
         Ok(p) => p,
+        // Typed at a terminal: not echoed, and asked twice so a typo does not lock the
+        // first admin out.
+        Err(_) if std::io::stdin().is_terminal() => {
+            let first = rpassword::prompt_password(format!("password for {email}: "))?;
+            let again = rpassword::prompt_password("the same password again: ")?;
+            anyhow::ensure!(
+                first == again,
+                "the two passwords differ; nothing was created"
+            );
+            first
+        }
+        // Piped: one line.
         Err(_) => {
             let mut line = String::new();
-            eprint!("password for {email}: ");
             std::io::stdin().read_line(&mut line)?;
             line.trim_end_matches(['\r', '\n']).to_string()
         }

@@ -110,8 +110,21 @@ pub struct EngineRunner {
     pub store: Store,
 }
 
+/// Live counters of a job run, for a progress display (only the one matching the job's
+/// kind moves).
+#[derive(Default, Clone)]
+pub struct JobProgress {
+    pub export: Arc<sluice_jobs::export::Progress>,
+    pub import: Arc<sluice_jobs::import::ImportProgress>,
+}
+
 impl EngineRunner {
     pub async fn run_job(&self, name: &str) -> Result<String, String> {
+        self.run_job_with(name, &JobProgress::default()).await
+    }
+
+    /// [`Self::run_job`], counting into `progress`.
+    pub async fn run_job_with(&self, name: &str, progress: &JobProgress) -> Result<String, String> {
         if let Some(schedule) = name.strip_prefix(EXPORT_PREFIX) {
             let s = self
                 .config
@@ -124,6 +137,7 @@ impl EngineRunner {
                 .await
                 .map_err(|e| e.to_string())?;
             let mut ctx = sluice_jobs::export::ExportContext::new(self.store.clone(), dest);
+            ctx.progress = progress.export.clone();
             ctx.transforms =
                 crate::cli::load_plugins(&self.config, &self.config.plugins.export_transforms)
                     .map_err(|e| e.to_string())?;
@@ -161,6 +175,7 @@ impl EngineRunner {
                 .await
                 .map_err(|e| format!("{e:#}"))?,
             token_key: self.config.token_key.clone(),
+            progress: progress.import.clone(),
             ..Default::default()
         };
         match sluice_jobs::import::run_import(&self.store, integration, &options).await {

@@ -175,6 +175,11 @@ async fn every_role_against_every_endpoint() {
             "name = \"../escape\"\ntype = \"IMPORT\"\nendpoint = \"http://127.0.0.1:9/x\"\n",
             "`name`",
         ),
+        // A plugin this deployment does not have: refused now, not at the first run.
+        (
+            "name = \"cfg-plugin\"\ntype = \"IMPORT\"\nendpoint = \"https://api.example/x\"\ntransforms = [\"no-such-plugin\"]\n[target]\nkey = \"id\"\n[mapping.id]\npath = \"$.id\"\n",
+            "no-such-plugin",
+        ),
     ] {
         let r = client
             .post(format!("{base}/v1/admin/configs"))
@@ -190,7 +195,7 @@ async fn every_role_against_every_endpoint() {
     let stored = db
         .store
         .collection("integration_configs")
-        .count_documents(bson::doc! { "name": "../escape" })
+        .count_documents(bson::doc! { "name": { "$in": ["../escape", "cfg-plugin"] } })
         .await
         .unwrap();
     assert_eq!(stored, 0);

@@ -626,7 +626,20 @@ async fn daily_analytics_and_user_data_match_mongodb() {
     let db = TestDb::initialized().await;
     let dir = temp_dir();
     let d = day(-1);
-    let events = seed(&db, d, 900).await;
+    let mut events = seed(&db, d, 900).await;
+    // More page views without a page than any page has: counted, but no top page.
+    let pageless: Vec<Event> = (900..960)
+        .map(|i| Event {
+            event_type: EventType::PageView,
+            page_url: None,
+            ..event(i, d)
+        })
+        .collect();
+    EventWriter::new(db.store.clone(), WriterOptions::default())
+        .write(&pageless)
+        .await
+        .unwrap();
+    events.extend(pageless);
     let dest = ObjectStore::Local(LocalDir::new(&dir));
     let ctx = ExportContext::new(db.store.clone(), dest.clone());
     run_export(&ctx, &request(ExportJobType::DailyAnalytics, d, d))
@@ -655,7 +668,7 @@ async fn daily_analytics_and_user_data_match_mongodb() {
         .iter()
         .filter(|e| e.event_type == EventType::PageView)
         .count() as i64;
-    assert_eq!(int("events"), 900);
+    assert_eq!(int("events"), 960);
     assert_eq!(int("uniqueUsers"), users.len() as i64);
     assert_eq!(int("uniqueSessions"), sessions.len() as i64);
     assert_eq!(int("pageViews"), page_views);
@@ -670,6 +683,9 @@ async fn daily_analytics_and_user_data_match_mongodb() {
         .unwrap()
         .as_primitive::<arrow::datatypes::Int64Type>();
     assert!(top.len() <= 10 && top.len() > 0);
+    let urls = top.column_by_name("pageUrl").unwrap().as_string::<i32>();
+    assert_eq!(urls.null_count(), 0, "no page is no top page");
+    assert!(urls.value(0).starts_with("/p/"));
     assert!(
         (1..views.len()).all(|i| views.value(i - 1) >= views.value(i)),
         "sorted by views"

@@ -554,6 +554,110 @@ async fn dead_lettered_events_are_stored_with_their_reason_not_lost() {
     server.shutdown().await;
 }
 
+#[tokio::test]
+async fn under_fail_run_the_tracking_endpoint_rejects_the_events_a_plugin_fails_and_stores_the_rest(
+) {
+    let db = support::TestDb::initialized().await;
+    let dir = support::plugin_dir().display().to_string();
+    let server = support::start_server(&db, |raw| {
+        raw.plugins.dir = dir.clone();
+        raw.plugins.failure_policy = "fail-run".into();
+        raw.plugins.tracking_transforms = vec!["currency-normalize".into(), "hostile".into()];
+        raw.plugins.config.insert(
+            "currency-normalize".into(),
+            toml::Value::Table(toml::toml! { target = "EUR"
+            [rates]
+            USD = 0.5 }),
+        );
+        raw.plugins.config.insert(
+            "hostile".into(),
+            toml::Value::Table(toml::toml! { mode = "panic-on-bad" }),
+        );
+    })
+    .await;
+    let event = |id: &str, currency: &str, note: &str| {
+        json!({ "eventId": id, "userId": "v", "sessionId": "s", "eventType": "PURCHASE",
+                "properties": { "amount": 10.0, "currency": currency, "note": note } })
+    };
+    // One event the first plugin rejects, one that makes the second trap, and good ones
+    // around them: the good ones are stored, the two are rejected with their reasons.
+    let batch: Vec<serde_json::Value> = (0..8)
+        .map(|i| match i {
+            2 => event("yen", "JPY", "fine"),
+            5 => event("trap", "USD", "bad"),
+            _ => event(&format!("ok{i}"), "USD", "fine"),
+        })
+        .collect();
+    let client = reqwest::Client::new();
+    let post = |body: serde_json::Value, path: &str| {
+        client
+            .post(format!("http://{}{path}", server.addr))
+            .json(&body)
+            .send()
+    };
+    let resp = post(json!({ "batch": batch }), "/v1/events/batch")
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let answer: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(
+        (answer["stored"].as_u64(), answer["rejected"].as_u64()),
+        (Some(6), Some(2)),
+        "{answer}"
+    );
+    assert_eq!(answer["results"][2]["status"], "rejected");
+    let reason = answer["results"][2]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("currency-normalize") && reason.contains("no rate for `JPY`"),
+        "{reason}"
+    );
+    assert_eq!(answer["results"][5]["status"], "rejected");
+    let reason = answer["results"][5]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("hostile") && reason.contains("trapped"),
+        "{reason}"
+    );
+    let events = db.store.collection("events");
+    assert_eq!(events.count_documents(doc! {}).await.unwrap(), 6);
+    assert_eq!(
+        events
+            .count_documents(doc! { "eventId": { "$in": ["yen", "trap"] } })
+            .await
+            .unwrap(),
+        0
+    );
+    // The stored events were converted by the first plugin.
+    let ok = events
+        .find_one(doc! { "eventId": "ok0" })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        ok.get_document("properties")
+            .unwrap()
+            .get_str("currency")
+            .unwrap(),
+        "EUR"
+    );
+
+    // Alone, such an event is a 422 (not a 503 the client would retry forever).
+    let resp = post(event("yen1", "JPY", "fine"), "/v1/events")
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 422);
+    let answer: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(answer["error"], "transform_rejected", "{answer}");
+    // A batch of nothing but such events is a 400, like one of invalid events.
+    let resp = post(
+        json!({ "batch": [event("yen2", "JPY", "fine")] }),
+        "/v1/events/batch",
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.status().as_u16(), 400);
+    server.shutdown().await;
+}
+
 #[test]
 fn the_operators_ceilings_lower_what_a_plugin_asks_for() {
     let host = host();

@@ -327,7 +327,7 @@ async fn each_bad_input_class_gets_its_own_4xx() {
         { "userId": "v1", "sessionId": "s1", "eventType": "NOPE" },
         { "userId": "v1", "sessionId": "s1", "eventType": "PURCHASE", "properties": { "amount": "ten" } },
         big,
-        { "userId": "v1", "sessionId": "s1", "eventType": "CLICK" },
+        { "userId": "v1", "sessionId": "s1", "eventType": "CLICK", "pageURL": "/typo" },
     ] });
     let (s, body) = post(&base, "/v1/events/batch", &mixed).await;
     assert_eq!(s, 200, "{body}");
@@ -344,6 +344,9 @@ async fn each_bad_input_class_gets_its_own_4xx() {
         .unwrap()
         .contains("larger than"));
     assert_eq!(results[4]["status"], "stored");
+    // A member Sluice does not read (here a typo of `pageUrl`) is named, not silently lost.
+    assert_eq!(results[4]["ignored"], json!(["pageURL"]), "{body}");
+    assert!(results[0].get("ignored").is_none());
     // All bad: 400 with the per-event reasons.
     let (s, body) = post(
         &base,

@@ -703,6 +703,15 @@ pub fn validate(
             format!("`text` or `json`, got `{}`", raw.log.format),
         ));
     }
+    if let Some(bad) = bad_log_directive(&raw.log.level) {
+        return Err(invalid(
+            "log.level",
+            format!(
+                "a level (trace, debug, info, warn, error, off) or comma-separated `target=level` directives, got `{bad}` in `{}`",
+                raw.log.level
+            ),
+        ));
+    }
     if !matches!(
         raw.plugins.failure_policy.as_str(),
         "fail-run" | "skip-batch" | "dead-letter"
@@ -906,6 +915,18 @@ pub fn mask_uri_password(uri: &str) -> String {
     }
 }
 
+/// The first directive of a `tracing` filter that is not a level nor `target=level`. A
+/// bare word is a valid filter (every level of the target of that name), but a log level
+/// of `verbose` or `warning` would then silence the whole log: refuse it.
+fn bad_log_directive(filter: &str) -> Option<&str> {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    let is_level = |l: &str| LEVELS.iter().any(|x| x.eq_ignore_ascii_case(l.trim()));
+    filter.split(',').find(|d| match d.rsplit_once('=') {
+        Some((target, level)) => target.trim().is_empty() || !is_level(level),
+        None => !is_level(d),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -926,6 +947,24 @@ mod tests {
         assert_eq!(c.listen.port(), 8080);
         assert_eq!(c.destination, Destination::Local("./sluice-output".into()));
         assert_eq!(c.warnings.len(), 1, "no write key must be warned about");
+    }
+
+    #[test]
+    fn a_log_level_that_would_silence_the_log_is_refused() {
+        for ok in [
+            "info",
+            "DEBUG",
+            "sluice=debug,info",
+            "sluice_jobs = trace , warn",
+        ] {
+            assert!(check(&format!("[log]\nlevel = \"{ok}\"\n")).is_ok(), "{ok}");
+        }
+        for bad in ["verbose", "warning", "info,sluice=loud", "=debug", ""] {
+            let err = check(&format!("[log]\nlevel = \"{bad}\"\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("log.level"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -721,11 +721,28 @@ pub fn validate(
             ));
         }
     }
-    if kind == IntegrationType::Export && file.push.is_none() {
-        return Err(invalid(
-            "push",
-            "a `[push]` section for an EXPORT config".into(),
-        ));
+    if kind == IntegrationType::Export {
+        if file.push.is_none() {
+            return Err(invalid(
+                "push",
+                "a `[push]` section for an EXPORT config".into(),
+            ));
+        }
+        // An EXPORT reads `[push] collection` and sends to `[source]`: sections of an
+        // IMPORT would be ignored without a word. (A `[target]` equal to the defaults is
+        // what configs stored by earlier versions carry, so it is let through.)
+        if file.target != TargetSection::default() {
+            return Err(invalid(
+                "target",
+                "no `[target]` section in an EXPORT config (it reads `[push] collection`; `[push] batch_size` sets the records per request)".into(),
+            ));
+        }
+        if file.incremental.is_some() {
+            return Err(invalid(
+                "incremental",
+                "no `[incremental]` section in an EXPORT config (`[push] watermark_field` selects new documents)".into(),
+            ));
+        }
     }
     if let Some(push) = &file.push {
         if let Some(f) = &push.filter {
@@ -1127,6 +1144,27 @@ type = "bool"
             let err = validate("f", &parse_file("f", &bad).unwrap(), &env).unwrap_err();
             assert!(err.to_string().contains(&format!("`{field}`")), "{err}");
         }
+    }
+
+    #[test]
+    fn an_export_config_refuses_the_sections_only_an_import_reads() {
+        let push = include_str!("../../examples/integrations/crm-push.toml");
+        let env = |name: &str| (name == "CRM_API_KEY").then(|| "k".to_string());
+        validate("p", &parse_file("p", push).unwrap(), &env).unwrap();
+        for (extra, field) in [
+            ("[target]\ncollection = \"crm\"\n", "target"),
+            (
+                "[incremental]\ncursor_field = \"updatedAt\"\nparam = \"since\"\n",
+                "incremental",
+            ),
+        ] {
+            let bad = format!("{push}\n{extra}");
+            let err = validate("p", &parse_file("p", &bad).unwrap(), &env).unwrap_err();
+            assert!(err.to_string().contains(&format!("`{field}`")), "{err}");
+        }
+        // What earlier versions stored for every EXPORT (the default target) still loads.
+        let stored = format!("{push}\n[target]\ncollection = \"products\"\n");
+        validate("p", &parse_file("p", &stored).unwrap(), &env).unwrap();
     }
 
     #[test]

@@ -158,6 +158,35 @@ pub fn json_to_document(v: &Value) -> Result<Document, ValidationError> {
     }
 }
 
+/// The top-level members of a native event that Sluice reads.
+const EVENT_MEMBERS: [&str; 11] = [
+    f::EVENT_ID,
+    f::USER_ID,
+    f::SESSION_ID,
+    f::EVENT_TYPE,
+    f::TIMESTAMP,
+    "sentAt",
+    f::PROPERTIES,
+    f::PAGE_URL,
+    f::REFERRER,
+    f::DURATION,
+    "context",
+];
+
+/// The top-level members of `v` that [`parse_event`] does not read (at most 10, each cut
+/// at 64 characters): a typo such as `pageURL` or `sessionid` would otherwise lose its
+/// value without a word. The event is still taken; its answer lists them.
+pub fn unknown_members(v: &Value) -> Vec<String> {
+    let Value::Object(obj) = v else {
+        return Vec::new();
+    };
+    obj.keys()
+        .filter(|k| !EVENT_MEMBERS.contains(&k.as_str()))
+        .take(10)
+        .map(|k| k.chars().take(64).collect())
+        .collect()
+}
+
 /// Validates one event and builds the document to store. `metadata` carries what the
 /// server learnt from the request (user agent, IP, parsed device...), to which the event's
 /// own `context.userAgent` / `context.ip` take precedence (server-side SDKs send them).
@@ -480,6 +509,15 @@ pub(crate) mod tests {
         let err = parse(json!({"userId": "v", "eventType": "CLICK", "timestamp": NOW / 1000}))
             .unwrap_err();
         assert!(err.reason.contains("milliseconds"), "{err}");
+    }
+
+    #[test]
+    fn members_sluice_does_not_read_are_named() {
+        let v = json!({ "userId": "v", "eventType": "PAGE_VIEW", "pageURL": "/x",
+                        "properties": {}, "sessionid": "s" });
+        assert_eq!(unknown_members(&v), vec!["pageURL", "sessionid"]);
+        assert!(parse(v).is_ok(), "still taken");
+        assert!(unknown_members(&json!({ "userId": "v", "context": {} })).is_empty());
     }
 
     #[test]

@@ -14,6 +14,10 @@ pub type Record = bson::Document;
 pub struct TransformError {
     pub name: String,
     pub reason: String,
+    /// The same input would fail the same way: the transform rejected a record, trapped
+    /// or hit a limit on it. `false` for failures of the moment (a deadline under load) or
+    /// of setup (a plugin that cannot load), which say nothing about the records.
+    pub caused_by_input: bool,
 }
 
 /// A batch-at-a-time record transform (a WASM plugin or a native one).
@@ -69,6 +73,56 @@ pub fn apply_chain(
     Ok(batch)
 }
 
+/// What [`apply_chain_isolating`] made of a batch.
+#[derive(Debug, Default)]
+pub struct Isolated {
+    /// The chain's output for every record that passed it.
+    pub records: Vec<Record>,
+    /// Each record the chain fails on its own: its index in the input, and the error.
+    pub failed: Vec<(usize, TransformError)>,
+}
+
+/// Runs `batch` through the chain and, when the chain fails because of its input, finds
+/// the records that make it fail: the batch is split in halves, and halves of halves,
+/// until each failing record is alone. The others pass as usual. A failure that says
+/// nothing about the input (a deadline, a plugin that cannot load) is returned as is.
+///
+/// For a pipeline with no run to fail (the tracking endpoint): one bad record must not
+/// hold back the good ones, nor be retried forever by a client told to resend.
+pub fn apply_chain_isolating(
+    chain: &[std::sync::Arc<dyn Transform>],
+    batch: Vec<Record>,
+) -> Result<Isolated, TransformError> {
+    let mut out = Isolated::default();
+    isolate(chain, batch, 0, &mut out)?;
+    out.failed.sort_by_key(|(index, _)| *index);
+    Ok(out)
+}
+
+fn isolate(
+    chain: &[std::sync::Arc<dyn Transform>],
+    batch: Vec<Record>,
+    offset: usize,
+    out: &mut Isolated,
+) -> Result<(), TransformError> {
+    // A copy is kept only when there is something to split.
+    let retry = (batch.len() > 1).then(|| batch.clone());
+    match apply_chain(chain, batch) {
+        Ok(records) => out.records.extend(records),
+        Err(e) if !e.caused_by_input => return Err(e),
+        Err(e) => match retry {
+            None => out.failed.push((offset, e)),
+            Some(mut second) => {
+                let first: Vec<Record> = second.drain(..second.len() / 2).collect();
+                let split = first.len();
+                isolate(chain, first, offset, out)?;
+                isolate(chain, second, offset + split, out)?;
+            }
+        },
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -96,7 +150,29 @@ mod tests {
             Err(TransformError {
                 name: "fail".into(),
                 reason: "always".into(),
+                caused_by_input: false,
             })
+        }
+    }
+
+    /// Fails any batch holding a record with `bad: true`.
+    struct RejectBad;
+    impl Transform for RejectBad {
+        fn name(&self) -> &str {
+            "reject-bad"
+        }
+        fn apply(&self, batch: Vec<Record>) -> Result<Vec<Record>, TransformError> {
+            match batch
+                .iter()
+                .position(|d| d.get_bool("bad").unwrap_or(false))
+            {
+                Some(i) => Err(TransformError {
+                    name: "reject-bad".into(),
+                    reason: format!("record {i} is bad"),
+                    caused_by_input: true,
+                }),
+                None => Ok(batch),
+            }
         }
     }
 
@@ -108,5 +184,30 @@ mod tests {
         let chain: Vec<Arc<dyn Transform>> = vec![Arc::new(DropOdd), Arc::new(Fail)];
         let err = apply_chain(&chain, batch).unwrap_err();
         assert_eq!(err.to_string(), "transform `fail` failed: always");
+    }
+
+    #[test]
+    fn isolating_finds_each_failing_record_and_passes_the_rest() {
+        let bad = [3usize, 4, 9];
+        let batch: Vec<Record> = (0..10)
+            .map(|n| bson::doc! { "n": n as i32, "bad": bad.contains(&n) })
+            .collect();
+        let chain: Vec<Arc<dyn Transform>> = vec![Arc::new(DropOdd), Arc::new(RejectBad)];
+        let out = apply_chain_isolating(&chain, batch.clone()).unwrap();
+        let failed: Vec<usize> = out.failed.iter().map(|(i, _)| *i).collect();
+        // 3 and 9 are odd: DropOdd removes them before RejectBad sees them.
+        assert_eq!(failed, vec![4]);
+        assert_eq!(out.failed[0].1.reason, "record 0 is bad");
+        let kept: Vec<i32> = out
+            .records
+            .iter()
+            .map(|d| d.get_i32("n").unwrap())
+            .collect();
+        assert_eq!(kept, vec![0, 2, 6, 8]);
+
+        // A failure that is not the input's is not narrowed down.
+        let chain: Vec<Arc<dyn Transform>> = vec![Arc::new(Fail)];
+        let err = apply_chain_isolating(&chain, batch).unwrap_err();
+        assert!(!err.caused_by_input);
     }
 }

@@ -786,7 +786,8 @@ async fn daily_rows(
         .map_err(read_err)?;
     let pages: Vec<Document> = events
         .aggregate(vec![
-            doc! { "$match": { e::EVENT_TYPE: EventType::PageView.as_str(), e::TIMESTAMP: window } },
+            // A page view without a page counts in `pageViews`, but is no top page.
+            doc! { "$match": { e::EVENT_TYPE: EventType::PageView.as_str(), e::TIMESTAMP: window, e::PAGE_URL: { "$type": "string" } } },
             doc! { "$group": {
                 "_id": { "day": day, "pageUrl": "$pageUrl" },
                 "views": { "$sum": 1 },

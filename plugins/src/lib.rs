@@ -86,6 +86,26 @@ pub enum PluginError {
     },
 }
 
+impl PluginError {
+    /// Whether the same input would fail the same way: a record the plugin rejected, a
+    /// trap, malformed output, a memory or fuel limit (fuel is counted exactly, so it is
+    /// as repeatable as a trap). Not a deadline, which depends on the load of the moment,
+    /// nor a plugin that cannot load or refused its config.
+    pub fn caused_by_input(&self) -> bool {
+        match self {
+            PluginError::Record { .. }
+            | PluginError::Trap { .. }
+            | PluginError::Malformed { .. }
+            | PluginError::Memory { .. }
+            | PluginError::Fuel { .. } => true,
+            PluginError::Load { .. }
+            | PluginError::Hash { .. }
+            | PluginError::Refused { .. }
+            | PluginError::Deadline { .. } => false,
+        }
+    }
+}
+
 /// Resource limits of one plugin.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -974,6 +994,7 @@ impl WasmTransform {
     fn apply_with_policy(&self, batch: Vec<Record>) -> Result<Vec<Record>, TransformError> {
         let err = |e: PluginError| TransformError {
             name: self.name.clone(),
+            caused_by_input: e.caused_by_input(),
             reason: e.to_string(),
         };
         let outcomes = match self.call(&batch) {

@@ -770,6 +770,7 @@ impl sluice_core::transform::Transform for NativeRedact {
                     other => Err(sluice_core::transform::TransformError {
                         name: self.name().into(),
                         reason: format!("not a document: {other:?}"),
+                        caused_by_input: true,
                     }),
                 }
             })

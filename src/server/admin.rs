@@ -362,6 +362,16 @@ async fn apply_config(
     let (file, _) =
         sluice_jobs::configs::validate_text("request body", &body, &|k| std::env::var(k).ok())
             .map_err(|e| bad(e.to_string()))?;
+    let file = {
+        let config = state.config.clone();
+        // Loading compiles the plugins: off the async threads.
+        tokio::task::spawn_blocking(move || {
+            crate::cli::check_config_transforms(&config, &file).map(|_| file)
+        })
+        .await
+        .map_err(|e| bad(e.to_string()))?
+        .map_err(|e| bad(format!("{e:#}")))?
+    };
     let created = sluice_jobs::configs::apply(&state.store, &file)
         .await
         .map_err(store_error)?;
@@ -557,7 +567,8 @@ async fn top_pages(
         ));
     }
     aggregate(&state, vec![
-        doc! { "$match": { "eventType": "PAGE_VIEW", "timestamp": { "$gte": sluice_jobs::export::day_start(from) } } },
+        // Page views without a `pageUrl` are no page to list.
+        doc! { "$match": { "eventType": "PAGE_VIEW", "timestamp": { "$gte": sluice_jobs::export::day_start(from) }, "pageUrl": { "$type": "string" } } },
         doc! { "$group": { "_id": "$pageUrl", "views": { "$sum": 1 }, "uniqueUsers": { "$addToSet": "$userId" } } },
         doc! { "$project": { "_id": 0, "pageUrl": "$_id", "views": 1, "uniqueUsers": { "$size": "$uniqueUsers" } } },
         doc! { "$sort": { "views": -1, "pageUrl": 1 } },

@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 use sluice_connectors::mongo::WriteStatus;
 use sluice_core::config::BotPolicy;
 use sluice_core::model::{Event, EventMetadata};
-use sluice_core::tracking::{parse_event, parse_time, RequestContext};
+use sluice_core::tracking::{parse_event, parse_time, unknown_members, RequestContext};
 use sluice_core::ValidationError;
 
 use super::{auth, enrich, ApiError, AppState, SubmitError};
@@ -33,6 +33,8 @@ use super::{auth, enrich, ApiError, AppState, SubmitError};
 /// How one event of a request ended.
 enum Outcome {
     Rejected(ValidationError),
+    /// A transform failed the event (under `fail-run`); the reason.
+    Failed(String),
     Dropped(&'static str),
     Queued(usize),
 }
@@ -48,9 +50,9 @@ pub async fn track(
     let value: Value = serde_json::from_slice(&body).map_err(malformed)?;
     let ctx = request_context(&state, peer, &headers, None);
     let event = parse_event(&value, &ctx, EventMetadata::default());
-    ingest(&state, vec![event])
-        .await?
-        .into_single_response("invalid_event")
+    let mut answer = ingest(&state, vec![event]).await?;
+    answer.note_ignored(vec![unknown_members(&value)]);
+    answer.into_single_response("invalid_event")
 }
 
 #[derive(Deserialize)]
@@ -74,15 +76,18 @@ pub async fn batch(
     check_batch_len(&state, parsed.batch.len(), "events")?;
     let sent_at = batch_sent_at(parsed.sent_at.as_ref())?;
     let ctx = request_context(&state, peer, &headers, sent_at);
+    let mut ignored = Vec::with_capacity(parsed.batch.len());
     let values = parsed
         .batch
         .iter()
         .map(|raw| {
-            batch_item(&state, raw, "event")
-                .and_then(|v| parse_event(&v, &ctx, EventMetadata::default()))
+            let item = batch_item(&state, raw, "event");
+            ignored.push(item.as_ref().map(unknown_members).unwrap_or_default());
+            item.and_then(|v| parse_event(&v, &ctx, EventMetadata::default()))
         })
         .collect();
-    let answer = ingest(&state, values).await?;
+    let mut answer = ingest(&state, values).await?;
+    answer.note_ignored(ignored);
     Ok(answer.into_batch_response())
 }
 
@@ -281,6 +286,14 @@ pub(super) fn request_context(
     }
 }
 
+/// Why the event of a one-event request was not taken.
+enum Rejection {
+    /// It is not a valid event (400).
+    Invalid(String),
+    /// A transform failed it (422 `transform_rejected`).
+    Transform(String),
+}
+
 /// The per-event answer of a request.
 pub struct Answer {
     results: Vec<Value>,
@@ -289,7 +302,8 @@ pub struct Answer {
     pub(super) dropped: usize,
     pub(super) rejected: usize,
     retry: bool,
-    first_rejection: Option<ValidationError>,
+    /// What a one-event request answers when its event was not taken.
+    first_rejection: Option<Rejection>,
     /// Per input: whether its event is in `events` now (stored or a duplicate).
     pub(super) written: Vec<bool>,
     /// A batch of nothing but invalid events: answered 400.
@@ -299,13 +313,26 @@ pub struct Answer {
 impl Answer {
     /// The answer to a one-event request: an invalid event is a 400 `code` error.
     pub(super) fn into_single_response(self, code: &'static str) -> Result<Response, ApiError> {
-        match &self.first_rejection {
-            Some(rejected) => Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                code,
-                rejected.to_string(),
+        match self.first_rejection {
+            Some(Rejection::Invalid(message)) => {
+                Err(ApiError::new(StatusCode::BAD_REQUEST, code, message))
+            }
+            Some(Rejection::Transform(message)) => Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "transform_rejected",
+                message,
             )),
             None => Ok(self.into_response()),
+        }
+    }
+
+    /// Names, in each event's result, the members of the event Sluice did not read
+    /// (`ignored`), one list per input in order.
+    pub(super) fn note_ignored(&mut self, ignored: Vec<Vec<String>>) {
+        for (entry, fields) in self.results.iter_mut().zip(ignored) {
+            if !fields.is_empty() {
+                entry["ignored"] = json!(fields);
+            }
         }
     }
 
@@ -347,7 +374,11 @@ impl IntoResponse for Answer {
 
 /// Runs `[plugins] tracking_transforms` over the events to store. An event a plugin drops
 /// is answered `dropped`; records a plugin adds (fan-out) are stored too; an output that
-/// is not a valid event is dropped and logged.
+/// is not a valid event is dropped and logged. Under `fail-run`, an event the chain fails
+/// (the plugin rejected it, or trapped on it) is answered `rejected` with the reason and
+/// the rest of the request goes on: there is no run to stop, and a client told to resend
+/// would send the same event into the same failure forever. A failure that is not the
+/// events' (a deadline, a plugin that cannot load) stores nothing and answers 503.
 async fn transform(
     state: &AppState,
     events: Vec<Event>,
@@ -356,30 +387,45 @@ async fn transform(
     if state.transforms.is_empty() || events.is_empty() {
         return Ok((events, outcomes));
     }
-    let docs: Vec<bson::Document> = events
+    let docs = events
         .iter()
-        .filter_map(|e| bson::to_document(e).ok())
-        .collect();
+        .map(bson::to_document)
+        .collect::<Result<Vec<bson::Document>, _>>()
+        .map_err(|e| {
+            tracing::error!(error = %e, "could not encode events for the transforms");
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "could not encode the events for the transforms; nothing was stored",
+            )
+        })?;
     let chain = state.transforms.clone();
-    let out =
-        tokio::task::spawn_blocking(move || sluice_core::transform::apply_chain(&chain, docs))
-            .await
-            .map_err(|e| {
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "transform_failed",
-                    e.to_string(),
-                )
-            })?
-            .map_err(|e| {
-                tracing::error!(error = %e, "tracking transform failed");
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "transform_failed",
-                    "a transform plugin failed; nothing was stored",
-                )
-                .retry(5)
-            })?;
+    let isolated = tokio::task::spawn_blocking(move || {
+        sluice_core::transform::apply_chain_isolating(&chain, docs)
+    })
+    .await
+    .map_err(|e| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "transform_failed",
+            e.to_string(),
+        )
+    })?
+    .map_err(|e| {
+        tracing::error!(error = %e, "tracking transform failed");
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "transform_failed",
+            "a transform plugin failed; nothing was stored",
+        )
+        .retry(5)
+    })?;
+    let out = isolated.records;
+    let mut failed: HashMap<usize, String> = HashMap::new();
+    for (i, e) in isolated.failed {
+        tracing::warn!(event_id = %events[i].event_id, error = %e, "a transform failed the event; rejected");
+        failed.insert(i, e.to_string());
+    }
     // Events a plugin failed under the dead-letter policy are kept before anything is
     // answered; if they cannot be, the client is asked to resend.
     state
@@ -422,6 +468,9 @@ async fn transform(
         .into_iter()
         .map(|o| match o {
             Outcome::Queued(i) => match position.get(events[i].event_id.as_str()) {
+                _ if failed.contains_key(&i) => {
+                    Outcome::Failed(failed.remove(&i).unwrap_or_default())
+                }
                 Some(&j) => Outcome::Queued(j),
                 None => Outcome::Dropped("transform"),
             },
@@ -533,7 +582,18 @@ pub(super) async fn ingest(
                     "index": index, "status": "rejected",
                     "field": err.field, "reason": err.reason,
                 });
-                answer.first_rejection.get_or_insert(err);
+                answer
+                    .first_rejection
+                    .get_or_insert(Rejection::Invalid(err.to_string()));
+                entry
+            }
+            Outcome::Failed(reason) => {
+                answer.rejected += 1;
+                m.rejected_transform.fetch_add(1, Relaxed);
+                let entry = json!({ "index": index, "status": "rejected", "reason": reason });
+                answer
+                    .first_rejection
+                    .get_or_insert(Rejection::Transform(reason));
                 entry
             }
             Outcome::Dropped(reason) => {
