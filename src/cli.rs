@@ -53,24 +53,27 @@ pub fn config_check(path: Option<&Path>) -> Result<(), ConfigError> {
 
 /// `sluice db init`: creates collections and indexes, prints what it did.
 pub async fn db_init(config: &Config) -> anyhow::Result<Store> {
+    init_store(config, false).await
+}
+
+/// Connects and creates what is missing. What was done is printed (`db init`, the demo)
+/// or, in `serve`, logged, so a JSON log stays JSON lines.
+async fn init_store(config: &Config, log: bool) -> anyhow::Result<Store> {
     let store = Store::connect(config)
         .await
         .with_context(|| format!("database `{}`", config.database))?;
     let report = store.init().await?;
-    for c in &report.created_collections {
-        println!("created collection {c}");
-    }
+    let mut done: Vec<String> = report
+        .created_collections
+        .iter()
+        .map(|c| format!("created collection {c}"))
+        .collect();
     for (coll, name, outcome) in &report.indexes {
-        match outcome {
-            IndexOutcome::Created => println!("created index {coll}.{name}"),
-            IndexOutcome::Exists(_) => {}
-            IndexOutcome::Skipped(_) => {}
+        if let IndexOutcome::Created = outcome {
+            done.push(format!("created index {coll}.{name}"));
         }
     }
-    for w in &report.warnings {
-        eprintln!("warning: {w}");
-    }
-    println!(
+    let summary = format!(
         "database `{}` ready: {} collections created, {} indexes created, {} already present",
         config.database,
         report.created_collections.len(),
@@ -81,6 +84,23 @@ pub async fn db_init(config: &Config) -> anyhow::Result<Store> {
             .filter(|(_, _, o)| matches!(o, IndexOutcome::Exists(_)))
             .count()
     );
+    if log {
+        for line in &done {
+            tracing::info!("{line}");
+        }
+        for w in &report.warnings {
+            tracing::warn!("{w}");
+        }
+        tracing::info!("{summary}");
+    } else {
+        for line in &done {
+            println!("{line}");
+        }
+        for w in &report.warnings {
+            eprintln!("warning: {w}");
+        }
+        println!("{summary}");
+    }
     Ok(store)
 }
 
@@ -89,7 +109,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     for w in &config.warnings {
         tracing::warn!("{w}");
     }
-    let store = db_init(&config).await?;
+    let store = init_store(&config, true).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -514,10 +534,10 @@ fn plugin_grants(config: &Config) -> sluice_plugins::Grants {
         clocks: config.plugins.grants.iter().any(|g| g == "clocks"),
         max_memory_mib: Some(config.plugins.max_memory_mib),
         max_batch_deadline_ms: Some(config.plugins.max_batch_deadline_ms),
+        instances: config.plugins.instances,
     }
 }
 
-/// Loads the transform chain an integration config names (`transforms = [...]`).
 /// Loads the plugins an integration config names, with this deployment's plugin folder
 /// and plugin configs: a config naming a plugin that is missing, was tampered with or
 /// refuses its config is refused when it is applied, not at its first scheduled run.
@@ -530,6 +550,7 @@ pub fn check_config_transforms(
         .with_context(|| format!("field `transforms` of `{}`", file.name))
 }
 
+/// Loads the transform chain an integration config names (`transforms = [...]`).
 pub async fn integration_transforms(
     config: &Config,
     store: &Store,

@@ -2,6 +2,8 @@
 
 use std::process::Command;
 
+mod support;
+
 fn sluice() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
     // Keep the caller's SLUICE_* settings out of these checks.
@@ -298,4 +300,61 @@ fn configs_validate_can_check_configs_whose_secrets_are_not_set() {
     assert!(!empty.status.success());
     assert!(String::from_utf8_lossy(&empty.stderr).contains("no `*.toml`"));
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test]
+async fn serve_with_json_logs_writes_nothing_but_json_lines() {
+    // A fresh database: serve creates collections and indexes (and, on the test server,
+    // warns that the text index is refused) before it listens.
+    let db = support::TestDb::new().await;
+    let config = write_temp(
+        "sluice.toml",
+        &format!(
+            "[mongodb]\nuri = \"{}\"\ndatabase = \"{}\"\n[server]\nlisten = \"127.0.0.1:0\"\n[log]\nformat = \"json\"\nlevel = \"info\"\n",
+            support::mongo_uri(),
+            db.name
+        ),
+    );
+    let mut child = sluice()
+        .arg("--config")
+        .arg(&config)
+        .arg("serve")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    // Read until the server says it serves (or gives up), then stop it.
+    let lines = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut seen = Vec::new();
+        for line in std::io::BufReader::new(stderr).lines() {
+            let line = line.unwrap();
+            let serving = line.contains("sluice serving");
+            seen.push(line);
+            if serving {
+                break;
+            }
+        }
+        seen
+    })
+    .join()
+    .unwrap();
+    child.kill().unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        lines.iter().any(|l| l.contains("sluice serving")),
+        "{lines:?}"
+    );
+    assert!(
+        lines.iter().any(|l| l.contains("created collection")),
+        "what init did is logged: {lines:?}"
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for line in lines.iter().map(String::as_str).chain(stdout.lines()) {
+        assert!(
+            serde_json::from_str::<serde_json::Value>(line).is_ok(),
+            "not a JSON line: {line}"
+        );
+    }
 }

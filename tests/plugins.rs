@@ -659,6 +659,40 @@ async fn under_fail_run_the_tracking_endpoint_rejects_the_events_a_plugin_fails_
 }
 
 #[test]
+fn overlapping_batches_get_instances_of_their_own_up_to_the_operators_number() {
+    let host = host();
+    for (instances, peak) in [(1, 1), (3, 3)] {
+        let grants = Grants {
+            instances,
+            ..Grants::default()
+        };
+        // Each batch sleeps until its deadline (300 ms), so the three calls overlap.
+        let plugin = host
+            .load(
+                &support::plugin_dir(),
+                "hostile",
+                json!({ "mode": "sleep" }),
+                &grants,
+                tight(),
+            )
+            .unwrap();
+        std::thread::scope(|s| {
+            for _ in 0..3 {
+                s.spawn(|| {
+                    let err = plugin.run_batch(&batch()).unwrap_err();
+                    assert!(matches!(err, PluginError::Deadline { .. }), "{err}");
+                });
+            }
+        });
+        assert_eq!(plugin.peak_instances(), peak, "instances = {instances}");
+        // Failed instances are discarded and their places freed: the next batch gets a
+        // new instance (a leaked place would make it wait forever).
+        let err = plugin.run_batch(&batch()).unwrap_err();
+        assert!(matches!(err, PluginError::Deadline { .. }), "{err}");
+    }
+}
+
+#[test]
 fn the_operators_ceilings_lower_what_a_plugin_asks_for() {
     let host = host();
     let grants = Grants {

@@ -156,6 +156,9 @@ pub struct PluginsSection {
     pub max_memory_mib: u64,
     /// The longest batch deadline (ms) any plugin may have, whatever its manifest asks.
     pub max_batch_deadline_ms: u64,
+    /// Instances of each plugin that may run batches at once (concurrent tracking
+    /// requests); more are built only when calls overlap.
+    pub instances: usize,
     /// Per-plugin config, passed to the plugin's `configure` as JSON.
     pub config: std::collections::BTreeMap<String, toml::Value>,
 }
@@ -171,6 +174,7 @@ impl Default for PluginsSection {
             grants: Vec::new(),
             max_memory_mib: 256,
             max_batch_deadline_ms: 10_000,
+            instances: 4,
             config: Default::default(),
         }
     }
@@ -734,6 +738,12 @@ pub fn validate(
         if value == 0 {
             return Err(invalid(field, "a number greater than 0".into()));
         }
+    }
+    if !(1..=64).contains(&raw.plugins.instances) {
+        return Err(invalid(
+            "plugins.instances",
+            format!("1 to 64, got {}", raw.plugins.instances),
+        ));
     }
     for (i, g) in raw.plugins.grants.iter().enumerate() {
         if g != "clocks" {

@@ -193,6 +193,13 @@ pub fn parse_message(
                     ),
                 )
             })?,
+            // A native event sent to the Segment-compatible path: say where it belongs.
+            _ if obj.contains_key("eventType") => {
+                return Err(ValidationError::new(
+                    "type",
+                    "is required in a batch (this looks like a native Sluice event, with `eventType`: send those to /v1/events/batch)",
+                ))
+            }
             _ => return Err(ValidationError::new("type", "is required in a batch")),
         },
     };
@@ -417,6 +424,15 @@ mod tests {
 
     fn parse(v: Value) -> Result<Message, ValidationError> {
         parse_message(&v, None, &ctx(), &opts())
+    }
+
+    #[test]
+    fn a_native_event_in_a_segment_batch_is_pointed_to_the_native_path() {
+        let err = parse(json!({ "userId": "v", "eventType": "PAGE_VIEW" })).unwrap_err();
+        assert_eq!(err.field, "type");
+        assert!(err.reason.contains("/v1/events/batch"), "{err}");
+        let err = parse(json!({ "userId": "v" })).unwrap_err();
+        assert_eq!(err.reason, "is required in a batch");
     }
 
     #[test]

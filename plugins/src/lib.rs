@@ -15,7 +15,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
@@ -153,6 +153,9 @@ pub struct Grants {
     /// lowered to them. `None`: no ceiling.
     pub max_memory_mib: Option<u64>,
     pub max_batch_deadline_ms: Option<u64>,
+    /// Instances of the plugin that may run batches at the same time (concurrent tracking
+    /// requests); each has its own memory, up to the cap. 0 or 1: one, calls take turns.
+    pub instances: usize,
 }
 
 /// What to do with a batch that failed in a plugin.
@@ -477,14 +480,64 @@ impl PluginHost {
             config: config.to_string(),
             limits,
             clocks: grants.clocks && manifest.permissions.iter().any(|p| p == "clocks"),
-            live: Mutex::new(None),
+            pool: Mutex::new(Pool::default()),
+            freed: Condvar::new(),
+            max_instances: grants.instances.max(1),
             dead_letters: Mutex::new(Vec::new()),
             policy: FailurePolicy::FailRun,
             skipped_batches: Mutex::new(0),
         };
-        let (store, plugin) = off_runtime(|| t.instantiate())?;
-        *t.live.lock().unwrap_or_else(|p| p.into_inner()) = Some((store, plugin));
+        // The first instance is built now, so a plugin that cannot start fails the load.
+        let first = off_runtime(|| t.instantiate())?;
+        let mut pool = t.pool.lock().unwrap_or_else(|p| p.into_inner());
+        pool.idle.push(first);
+        pool.count = 1;
+        pool.peak = 1;
+        drop(pool);
         Ok(t)
+    }
+}
+
+/// A plugin's instances.
+#[derive(Default)]
+struct Pool {
+    idle: Vec<(Store<HostState>, Plugin)>,
+    /// Idle and running.
+    count: usize,
+    /// The most there ever were at once.
+    peak: usize,
+}
+
+/// One instance taken from the pool for a batch. Dropped without [`Checkout::hand_back`]
+/// (a trap, bad output, a full output buffer, a panic), the instance is discarded and its
+/// place freed for a new one.
+struct Checkout<'a> {
+    owner: &'a WasmTransform,
+    live: Option<(Store<HostState>, Plugin)>,
+    handed_back: bool,
+}
+
+impl Checkout<'_> {
+    fn hand_back(mut self) {
+        if let Some(live) = self.live.take() {
+            let mut pool = self.owner.pool.lock().unwrap_or_else(|p| p.into_inner());
+            pool.idle.push(live);
+            self.handed_back = true;
+            drop(pool);
+            self.owner.freed.notify_one();
+        }
+    }
+}
+
+impl Drop for Checkout<'_> {
+    fn drop(&mut self) {
+        if !self.handed_back {
+            drop(self.live.take());
+            let mut pool = self.owner.pool.lock().unwrap_or_else(|p| p.into_inner());
+            pool.count = pool.count.saturating_sub(1);
+            drop(pool);
+            self.owner.freed.notify_one();
+        }
     }
 }
 
@@ -496,7 +549,12 @@ pub struct WasmTransform {
     config: String,
     limits: Limits,
     clocks: bool,
-    live: Mutex<Option<(Store<HostState>, Plugin)>>,
+    /// Instances not running a batch, and how many exist in all.
+    pool: Mutex<Pool>,
+    /// Signalled when an instance is handed back or dropped.
+    freed: Condvar,
+    /// The most instances at once ([`Grants::instances`]).
+    max_instances: usize,
     /// Records failed under [`FailurePolicy::DeadLetter`], with their reason.
     dead_letters: Mutex<Vec<(Record, String)>>,
     policy: FailurePolicy,
@@ -516,6 +574,11 @@ impl WasmTransform {
     pub fn with_policy(mut self, policy: FailurePolicy) -> Self {
         self.policy = policy;
         self
+    }
+
+    /// The most instances of this plugin that ever ran at once.
+    pub fn peak_instances(&self) -> usize {
+        self.pool.lock().unwrap_or_else(|p| p.into_inner()).peak
     }
 
     pub fn limits(&self) -> &Limits {
@@ -691,11 +754,8 @@ impl WasmTransform {
     /// record; a malformed output fails the whole batch before anything is used.
     fn call(&self, batch: &[Record]) -> Result<Vec<Outcome>, PluginError> {
         let encoded: Vec<String> = batch.iter().map(encode).collect();
-        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
-        if live.is_none() {
-            *live = Some(off_runtime(|| self.instantiate())?);
-        }
-        let Some((store, plugin)) = live.as_mut() else {
+        let mut instance = self.checkout()?;
+        let Some((store, plugin)) = instance.live.as_mut() else {
             return Err(PluginError::Trap {
                 plugin: self.name.clone(),
                 message: "no instance".into(),
@@ -709,17 +769,10 @@ impl WasmTransform {
         });
         let results = match result {
             Ok(r) => r,
-            Err(e) => {
-                // The instance may be in any state after a trap: rebuild it next time.
-                let err = self.classify(e, store.data().limits.hit);
-                *live = None;
-                return Err(err);
-            }
+            // The instance may be in any state after a trap: it is dropped (by the
+            // checkout's drop) and a new one is built when needed.
+            Err(e) => return Err(self.classify(e, store.data().limits.hit)),
         };
-        if pipes_full {
-            *live = None;
-        }
-        drop(live);
         let decoded = self.decode_results(batch, &encoded, results);
         let deadline = Duration::from_millis(self.limits.batch_deadline_ms);
         let decoded = match decoded {
@@ -729,11 +782,42 @@ impl WasmTransform {
             }),
             other => other,
         };
-        if decoded.is_err() {
-            // Documented: an instance that sent malformed output is not trusted again.
-            *self.live.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        // Documented: an instance that sent malformed output is not trusted again, and
+        // one whose output buffer is half full is rebuilt.
+        if decoded.is_ok() && !pipes_full {
+            instance.hand_back();
         }
         decoded
+    }
+
+    /// An idle instance, or a new one while fewer than `max_instances` exist, or else the
+    /// next one handed back.
+    fn checkout(&self) -> Result<Checkout<'_>, PluginError> {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(live) = pool.idle.pop() {
+                return Ok(Checkout {
+                    owner: self,
+                    live: Some(live),
+                    handed_back: false,
+                });
+            }
+            if pool.count < self.max_instances {
+                pool.count += 1;
+                pool.peak = pool.peak.max(pool.count);
+                drop(pool);
+                // From here the count includes this instance: the checkout's drop gives
+                // the place back if building it fails.
+                let mut out = Checkout {
+                    owner: self,
+                    live: None,
+                    handed_back: false,
+                };
+                out.live = Some(off_runtime(|| self.instantiate())?);
+                return Ok(out);
+            }
+            pool = self.freed.wait(pool).unwrap_or_else(|p| p.into_inner());
+        }
     }
 
     /// Checks the plugin's results against its batch and decodes them.
