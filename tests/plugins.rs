@@ -493,7 +493,27 @@ fn records_a_plugin_leaves_alone_come_back_exactly_as_they_were() {
     let out = noop
         .apply(vec![original.clone(), original.clone()])
         .unwrap();
-    assert_eq!(out, vec![original.clone(), original]);
+    assert_eq!(out, vec![original.clone(), original.clone()]);
+
+    // A record a plugin changes keeps the integer widths of the fields it left alone.
+    let redact = host()
+        .load(
+            &support::plugin_dir(),
+            "redact-pii",
+            json!({ "salt": "widths-salt-0123456789" }),
+            &Grants::default(),
+            None,
+        )
+        .unwrap();
+    let mut with_email = original.clone();
+    with_email.insert("email", "eve@example.com");
+    let out = redact.apply(vec![with_email]).unwrap();
+    assert_ne!(out[0].get_str("email").unwrap(), "eve@example.com");
+    assert_eq!(out[0].get("small"), Some(&bson::Bson::Int64(5)));
+    assert_eq!(out[0].get("i32"), Some(&bson::Bson::Int32(7)));
+    let nested = out[0].get_document("nested").unwrap();
+    assert_eq!(nested.get("z"), Some(&bson::Bson::Int64(1)));
+    assert_eq!(nested.get_array("a").unwrap()[0], bson::Bson::Int64(1));
 }
 
 #[tokio::test]

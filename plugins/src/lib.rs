@@ -862,10 +862,12 @@ impl WasmTransform {
                 Ok(records) => records
                     .iter()
                     .map(|text| {
-                        decode(text).map_err(|message| PluginError::Malformed {
+                        let mut out = decode(text).map_err(|message| PluginError::Malformed {
                             plugin: self.name.clone(),
                             message: format!("record {index}: {message}"),
-                        })
+                        })?;
+                        keep_int64(&mut out, &batch[index]);
+                        Ok(out)
                     })
                     .collect::<Result<Vec<_>, _>>()
                     .map(Outcome::Records),
@@ -1007,6 +1009,36 @@ fn write_bson(out: &mut String, v: &bson::Bson) {
 }
 
 /// A plugin's output record: a JSON object (relaxed extended JSON) to a BSON document.
+/// JSON has one kind of integer, so a small `Int64` of the input comes back from a plugin
+/// as a number that decodes as `Int32`. Where the output has an `Int32` at a place where
+/// its input had an `Int64`, it is widened back: a field does not change type in MongoDB
+/// or in a Parquet column because a plugin touched another field of its record.
+fn keep_int64(out: &mut Record, input: &Record) {
+    for (k, v) in out.iter_mut() {
+        if let Some(was) = input.get(k) {
+            widen(v, was);
+        }
+    }
+}
+
+fn widen(v: &mut bson::Bson, was: &bson::Bson) {
+    use bson::Bson;
+    match (v, was) {
+        (v @ Bson::Int32(_), Bson::Int64(_)) => {
+            if let Bson::Int32(n) = *v {
+                *v = Bson::Int64(i64::from(n));
+            }
+        }
+        (Bson::Document(d), Bson::Document(w)) => keep_int64(d, w),
+        (Bson::Array(a), Bson::Array(w)) => {
+            for (x, y) in a.iter_mut().zip(w) {
+                widen(x, y);
+            }
+        }
+        _ => {}
+    }
+}
+
 fn decode(text: &str) -> Result<Record, String> {
     let value: serde_json::Value =
         serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
