@@ -184,6 +184,22 @@ fn a_tampered_component_or_a_bad_config_is_refused_at_load() {
             .unwrap();
         assert!(err.to_string().contains(expected), "{err}");
     }
+    // A component too big to compile in reasonable time and memory is refused unread (a
+    // sparse file: nothing is written).
+    std::fs::File::create(dir.join("huge.wasm"))
+        .unwrap()
+        .set_len(sluice_plugins::MAX_COMPONENT_BYTES + 1)
+        .unwrap();
+    std::fs::write(
+        dir.join("noop.toml"),
+        "name = \"noop\"\nversion = \"0.1.0\"\nwasm = \"huge.wasm\"\nsha256 = \"00\"\n",
+    )
+    .unwrap();
+    let err = host
+        .load(&dir, "noop", json!({}), &Grants::default(), None)
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("are refused"), "{err}");
     let err = host
         .load(&dir, "../noop", json!({}), &Grants::default(), None)
         .err()

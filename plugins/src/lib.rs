@@ -145,6 +145,10 @@ pub struct Manifest {
     pub config_schema: Option<toml::Value>,
 }
 
+/// The largest component file loaded (compiling is not interruptible, and its cost grows
+/// with the component).
+pub const MAX_COMPONENT_BYTES: u64 = 64 << 20;
+
 /// What the operator allows a plugin.
 #[derive(Debug, Clone, Default)]
 pub struct Grants {
@@ -418,6 +422,18 @@ impl PluginHost {
             )));
         }
         let wasm_path: PathBuf = dir.join(&manifest.wasm);
+        // Compiling takes time and memory in proportion to the component, with no way to
+        // interrupt it: a component beyond any real transform's size is refused unread.
+        let size = std::fs::metadata(&wasm_path)
+            .map_err(|e| load(format!("`{}`: {e}", wasm_path.display())))?
+            .len();
+        if size > MAX_COMPONENT_BYTES {
+            return Err(load(format!(
+                "`{}` is {size} bytes; components of more than {} MiB are refused",
+                wasm_path.display(),
+                MAX_COMPONENT_BYTES >> 20
+            )));
+        }
         let bytes = std::fs::read(&wasm_path)
             .map_err(|e| load(format!("`{}`: {e}", wasm_path.display())))?;
         let actual = format!("{:x}", Sha256::digest(&bytes));
