@@ -968,6 +968,79 @@ path = "$.email"
     assert_eq!(again.sent, 0);
 }
 
+#[tokio::test]
+async fn pushes_resume_between_documents_that_share_a_watermark_and_accept_any_2xx_body() {
+    let db = TestDb::initialized().await;
+    let src = db.store.collection("pushsrc");
+    // Four documents share one watermark value, across the batch boundary.
+    for k in 0..6 {
+        let at = if k < 4 { 5_000 } else { 6_000 };
+        src.insert_one(doc! { "k": k, "updatedAt": bson::DateTime::from_millis(at) })
+            .await
+            .unwrap();
+    }
+    #[derive(Clone, Default)]
+    struct Inbox {
+        accepted: Arc<Mutex<Vec<Value>>>,
+        requests: Arc<AtomicU64>,
+        fail_second: Arc<std::sync::atomic::AtomicBool>,
+    }
+    async fn receive(State(inbox): State<Inbox>, Json(body): Json<Value>) -> Response {
+        let n = inbox.requests.fetch_add(1, Ordering::SeqCst);
+        if n == 1 && inbox.fail_second.load(Ordering::SeqCst) {
+            return (StatusCode::BAD_REQUEST, "no").into_response();
+        }
+        inbox.accepted.lock().unwrap().push(body);
+        // A receiver that answers plain text, as many do.
+        (StatusCode::OK, "OK").into_response()
+    }
+    let inbox = Inbox::default();
+    inbox.fail_second.store(true, Ordering::SeqCst);
+    let addr = serve(
+        Router::new()
+            .route("/inbox", post(receive))
+            .with_state(inbox.clone()),
+    )
+    .await;
+    let text = format!(
+        r#"
+name = "tied-push"
+type = "EXPORT"
+endpoint = "http://{addr}/inbox"
+method = "POST"
+allow_private_network = true
+[push]
+collection = "pushsrc"
+watermark_field = "updatedAt"
+batch_size = 2
+"#
+    );
+    let name = apply(&db, &text).await;
+    assert!(
+        run_push(&db.store, &name, &ImportOptions::default())
+            .await
+            .is_err(),
+        "the second batch was refused"
+    );
+    inbox.fail_second.store(false, Ordering::SeqCst);
+    let s = run_push(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(s.sent, 4, "k2-k5: the rest, nothing twice");
+    let mut keys: Vec<i64> = inbox
+        .accepted
+        .lock()
+        .unwrap()
+        .iter()
+        .flat_map(|b| b.as_array().unwrap().clone())
+        .map(|d| d["k"].as_i64().unwrap())
+        .collect();
+    keys.sort();
+    assert_eq!(keys, vec![0, 1, 2, 3, 4, 5], "every document exactly once");
+    // The `OK` answers were acceptances: 1 + 1 refused + 2 requests, no retries.
+    assert_eq!(inbox.requests.load(Ordering::SeqCst), 4);
+}
+
 /// A provider that rotates refresh tokens: each refresh-token grant spends the token it
 /// was given and answers a new one with a one-second access token.
 #[derive(Clone, Default)]
@@ -1195,6 +1268,22 @@ async fn a_run_cut_short_by_max_pages_keeps_the_cursor_unless_the_api_is_sorted(
         s.warnings
     );
 
+    // Everything read in exactly `max_pages` pages is not a run cut short.
+    let exact = cursor_config("exact-pages", &base, "", "").replace(
+        "cursor_path = \"$.next\"",
+        "cursor_path = \"$.next\"\nmax_pages = 5",
+    );
+    let name = apply(&db, &exact).await;
+    let s = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert_eq!((s.pages, s.fetched), (5, 45));
+    assert!(s.stopped_early.is_none(), "{:?}", s.stopped_early);
+    assert!(
+        sync_cursor(&db, &name).await.is_some(),
+        "the cursor advanced"
+    );
+
     // Declared sorted by the cursor: everything below the largest value was read.
     let sorted = capped.replace("param = \"since\"", "param = \"since\"\nsorted = true");
     let name = apply(&db, &sorted).await;
@@ -1211,6 +1300,40 @@ async fn a_run_cut_short_by_max_pages_keeps_the_cursor_unless_the_api_is_sorted(
             .unwrap(),
         "2026-11-20T00:00:00Z",
         "ids 0-19: the largest `updated` is day 20"
+    );
+}
+
+#[tokio::test]
+async fn a_date_cursor_sent_as_epoch_milliseconds_goes_back_as_epoch_milliseconds() {
+    let db = TestDb::initialized().await;
+    type Queries = Arc<Mutex<Vec<Vec<(String, String)>>>>;
+    let seen: Queries = Default::default();
+    let log = seen.clone();
+    let api = move |Query(q): Query<Vec<(String, String)>>| {
+        let log = log.clone();
+        async move {
+            log.lock().unwrap().push(q);
+            Json(json!({ "data": [
+                { "id": 1, "updated": 1_700_000_000_000i64 },
+                { "id": 2, "updated": 1_700_000_123_456i64 },
+            ] }))
+        }
+    };
+    let addr = serve(Router::new().route("/epoch", get(api))).await;
+    let text = things_config("epoch", &format!("http://{addr}/epoch"), "type = \"none\"")
+        + "[mapping.updated]\npath = \"$.updated\"\ntype = \"date\"\n[incremental]\ncursor_field = \"updated\"\nparam = \"since\"\n";
+    let name = apply(&db, &text).await;
+    for _ in 0..2 {
+        run_import(&db.store, &name, &ImportOptions::default())
+            .await
+            .unwrap();
+    }
+    let queries = seen.lock().unwrap().clone();
+    assert_eq!(queries.len(), 2);
+    assert!(queries[0].iter().all(|(k, _)| k != "since"), "{queries:?}");
+    assert!(
+        queries[1].contains(&("since".into(), "1700000123456".into())),
+        "the API's own form, not RFC 3339: {queries:?}"
     );
 }
 

@@ -398,13 +398,35 @@ impl HttpClient {
         }
     }
 
+    /// Pushes one body (an EXPORT batch): any 2xx answer accepts it, whatever its body
+    /// says (`OK`, nothing, JSON); a receiver's answer is never parsed, so an accepted
+    /// batch is never sent again because its answer was not JSON.
+    pub async fn push(&self, method: HttpMethod, url: &str, body: &Value) -> Result<(), HttpError> {
+        self.request(method, url, &[], Some(body), false)
+            .await
+            .map(|_| ())
+    }
+
     /// Sends one request with auth, pacing and retries; returns the parsed JSON body.
+    /// `204 No Content` is `null`; any other success must carry JSON (an empty `200` in
+    /// the middle of a paginated read is a broken answer, not the end of the data).
     pub async fn send(
         &self,
         method: HttpMethod,
         url: &str,
         query: &[(String, String)],
         body: Option<&Value>,
+    ) -> Result<(Value, HeaderMap), HttpError> {
+        self.request(method, url, query, body, true).await
+    }
+
+    async fn request(
+        &self,
+        method: HttpMethod,
+        url: &str,
+        query: &[(String, String)],
+        body: Option<&Value>,
+        json_answer: bool,
     ) -> Result<(Value, HeaderMap), HttpError> {
         let attempts = self.connector.retry.max_attempts;
         let mut last = String::new();
@@ -455,12 +477,16 @@ impl HttpClient {
             let status = resp.status();
             let headers = resp.headers().clone();
             if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
-                let wait = retry_after(&headers).unwrap_or_else(|| self.backoff(attempt));
+                let asked = retry_after(&headers);
+                let wait = asked.unwrap_or_else(|| self.backoff(attempt));
                 if attempt + 1 == attempts {
-                    last = format!(
-                        "429 Too Many Requests (Retry-After {} ms)",
-                        wait.as_millis()
-                    );
+                    last = match asked {
+                        Some(w) => format!(
+                            "429 Too Many Requests (the server asked to wait {} ms)",
+                            w.as_millis()
+                        ),
+                        None => "429 Too Many Requests (no Retry-After)".into(),
+                    };
                     break;
                 }
                 last = format!("429 Too Many Requests (waited {} ms)", wait.as_millis());
@@ -503,10 +529,15 @@ impl HttpClient {
                     body,
                 });
             }
-            if text.trim().is_empty() {
+            if !json_answer || status == reqwest::StatusCode::NO_CONTENT {
                 return Ok((Value::Null, headers));
             }
-            match serde_json::from_str(&text) {
+            let parsed = if text.trim().is_empty() {
+                Err("an empty body, not JSON".to_string())
+            } else {
+                serde_json::from_str(&text).map_err(|e| e.to_string())
+            };
+            match parsed {
                 Ok(v) => return Ok((v, headers)),
                 Err(e) => {
                     // Often a proxy's error page: retry, then fail with the parse error.
@@ -514,7 +545,7 @@ impl HttpClient {
                     if attempt + 1 == attempts {
                         return Err(HttpError::Malformed {
                             url: url.to_string(),
-                            message: e.to_string(),
+                            message: e,
                         });
                     }
                     tokio::time::sleep(self.backoff(attempt)).await;
@@ -593,7 +624,9 @@ impl HttpClient {
         }))
     }
 
-    /// The state after `page`, or `Done` when a stop condition holds.
+    /// The state after `page`, or `Done` when the API says there is no more. `max_pages`
+    /// is the caller's to apply, so that a run which read everything in exactly
+    /// `max_pages` pages is not reported as cut short.
     pub fn next_state(&self, state: &PageState, page: &Page) -> PageState {
         let PageState::Fetch {
             url,
@@ -607,7 +640,7 @@ impl HttpClient {
         let c = &self.connector;
         let n = n + 1;
         let got = page.records.len() as u64;
-        if got == 0 || n >= c.max_pages {
+        if got == 0 {
             return PageState::Done;
         }
         if let Some(p) = &c.has_more_path {
@@ -726,24 +759,41 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     Some(Duration::from_millis(ms.max(0) as u64))
 }
 
-/// The `rel="next"` URL of a `Link` header.
+/// The `rel="next"` URL of a `Link` header (RFC 8288). The URL is whatever stands between
+/// `<` and `>`, commas included; links are separated by commas outside quotes.
 fn next_link(headers: &HeaderMap) -> Option<String> {
     for value in headers.get_all("link") {
-        let text = value.to_str().ok()?;
-        for part in text.split(',') {
-            let mut pieces = part.split(';');
-            let target = pieces.next()?.trim();
-            if pieces.any(|p| {
-                let p = p.trim().replace(' ', "");
-                p == "rel=\"next\"" || p == "rel=next"
-            }) {
-                return Some(
-                    target
-                        .trim_start_matches('<')
-                        .trim_end_matches('>')
-                        .to_string(),
-                );
+        let Ok(mut rest) = value.to_str() else {
+            continue;
+        };
+        while let Some(open) = rest.find('<') {
+            let after = &rest[open + 1..];
+            let close = after.find('>')?;
+            let target = &after[..close];
+            let params = &after[close + 1..];
+            let mut quoted = false;
+            let end = params
+                .char_indices()
+                .find(|&(_, c)| {
+                    if c == '"' {
+                        quoted = !quoted;
+                    }
+                    c == ',' && !quoted
+                })
+                .map_or(params.len(), |(i, _)| i);
+            let is_next = params[..end].split(';').any(|p| {
+                p.split_once('=').is_some_and(|(k, v)| {
+                    k.trim().eq_ignore_ascii_case("rel")
+                        && v.trim()
+                            .trim_matches('"')
+                            .split_ascii_whitespace()
+                            .any(|r| r.eq_ignore_ascii_case("next"))
+                })
+            });
+            if is_next {
+                return Some(target.trim().to_string());
             }
+            rest = &params[end..];
         }
     }
     None
@@ -784,6 +834,17 @@ mod tests {
         );
         assert_eq!(next_link(&h).as_deref(), Some("http://x/p?_page=3"));
         assert_eq!(next_link(&HeaderMap::new()), None);
+        // Commas inside the URL and inside quoted parameters; several rel values.
+        h.insert(
+            "link",
+            "<http://x/p?fields=id,name&p=1>; rel=\"prev\"; title=\"a, b\", <http://x/p?fields=id,name&p=2>; rel=\"next last\""
+                .parse()
+                .unwrap(),
+        );
+        assert_eq!(
+            next_link(&h).as_deref(),
+            Some("http://x/p?fields=id,name&p=2")
+        );
     }
 
     #[test]

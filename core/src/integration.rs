@@ -623,11 +623,13 @@ pub fn validate(
             check_jsonpath(path).map_err(|e| invalid(field, e))?;
         }
     }
-    if p.max_pages == 0 || p.size == 0 {
-        return Err(invalid(
-            "source.pagination.max_pages",
-            "`max_pages` and `size` greater than 0".into(),
-        ));
+    for (field, value) in [
+        ("source.pagination.max_pages", p.max_pages),
+        ("source.pagination.size", p.size),
+    ] {
+        if value == 0 {
+            return Err(invalid(field, "a number greater than 0".into()));
+        }
     }
     if s.retry.max_attempts == 0 {
         return Err(invalid("source.retry.max_attempts", "at least 1".into()));
@@ -690,6 +692,19 @@ pub fn validate(
     }
     if kind == IntegrationType::Import {
         let mapped = |target: &str| fields.iter().any(|f| f.target == target);
+        // Sluice writes these itself on every upsert: a mapped value would be replaced
+        // silently, or (`createdAt`) make every update after the first fail.
+        for reserved in IMPORT_RESERVED_FIELDS {
+            if mapped(reserved) {
+                return Err(invalid(
+                    &format!("mapping.{reserved}"),
+                    format!(
+                        "a target field other than {} (Sluice sets them on every upsert); map the API's value to another name",
+                        IMPORT_RESERVED_FIELDS.map(|f| format!("`{f}`")).join(", ")
+                    ),
+                ));
+            }
+        }
         if fields.is_empty() {
             return Err(invalid("mapping", "at least one mapped field".into()));
         }
@@ -894,6 +909,13 @@ fn coerce(field: &Field, v: Value) -> Result<Bson, String> {
         )
     };
     Ok(match field.kind {
+        // An integer beyond 64 bits would be stored as an approximate double, and two
+        // such ids could become one document.
+        FieldType::Any if beyond_int64(&v) => {
+            return Err(bad(
+                "integers within the 64-bit range (map larger ids with `type = \"string\"`)",
+            ))
+        }
         FieldType::Any => Bson::try_from(v.clone()).map_err(|e| bad(&e.to_string()))?,
         FieldType::String => match &v {
             Value::String(s) => Bson::String(s.clone()),
@@ -903,14 +925,28 @@ fn coerce(field: &Field, v: Value) -> Result<Bson, String> {
         },
         FieldType::Number => match &v {
             Value::Number(n) => Bson::Double(n.as_f64().ok_or_else(|| bad("a number"))?),
-            Value::String(s) => Bson::Double(s.trim().parse().map_err(|_| bad("a number"))?),
+            Value::String(s) => Bson::Double(
+                s.trim()
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|f| f.is_finite())
+                    .ok_or_else(|| bad("a number (not NaN or infinite)"))?,
+            ),
             _ => return Err(bad("a number")),
         },
         FieldType::Integer => match &v {
+            // A whole float is taken only where a double holds every integer exactly;
+            // nothing is clamped.
             Value::Number(n) => Bson::Int64(
                 n.as_i64()
-                    .or_else(|| n.as_f64().filter(|f| f.fract() == 0.0).map(|f| f as i64))
-                    .ok_or_else(|| bad("an integer"))?,
+                    .or_else(|| {
+                        n.as_f64()
+                            .filter(|f| f.fract() == 0.0 && f.abs() <= MAX_EXACT_DOUBLE_INT)
+                            .map(|f| f as i64)
+                    })
+                    .ok_or_else(|| {
+                        bad("an integer within the 64-bit range (map larger ids with `type = \"string\"`)")
+                    })?,
             ),
             Value::String(s) => Bson::Int64(s.trim().parse().map_err(|_| bad("an integer"))?),
             _ => return Err(bad("an integer")),
@@ -942,6 +978,23 @@ fn coerce(field: &Field, v: Value) -> Result<Bson, String> {
             _ => return Err(bad("a date")),
         },
     })
+}
+
+/// Fields an import writes on every document it upserts.
+pub const IMPORT_RESERVED_FIELDS: [&str; 3] = ["createdAt", "updatedAt", "source"];
+
+/// 2^53: every integer up to it is exactly a double.
+const MAX_EXACT_DOUBLE_INT: f64 = 9_007_199_254_740_992.0;
+
+/// Whether `v` holds (anywhere) an integer that no 64-bit integer holds: JSON parsers
+/// read it as a double, which cannot tell it from its neighbours.
+fn beyond_int64(v: &Value) -> bool {
+    match v {
+        Value::Number(n) => n.is_u64() && n.as_i64().is_none(),
+        Value::Array(a) => a.iter().any(beyond_int64),
+        Value::Object(o) => o.values().any(beyond_int64),
+        _ => false,
+    }
 }
 
 /// The keys of a JSONPath that is only `$` and `.name` steps (ASCII names of letters,
@@ -1138,6 +1191,16 @@ type = "bool"
                 "[push]\ncollection = \"users\"\n[target]",
                 "push",
             ),
+            (
+                "[target]",
+                "[mapping.createdAt]\npath = \"$.created\"\n[target]",
+                "mapping.createdAt",
+            ),
+            (
+                "cursor_path = \"$.meta.next\"",
+                "cursor_path = \"$.meta.next\"\nsize = 0",
+                "source.pagination.size",
+            ),
         ] {
             let bad = FILE.replacen(from, to, 1);
             assert_ne!(bad, FILE, "{from}");
@@ -1225,6 +1288,42 @@ type = "bool"
         )
         .unwrap_err();
         assert!(err.contains("`price`") && err.contains("a number"), "{err}");
+    }
+
+    #[test]
+    fn numbers_are_never_clamped_or_rounded_into_another_key() {
+        let typed = |kind: &str| {
+            let text = FILE.replacen(
+                "path = \"$.id\"\ntype = \"string\"",
+                &format!("path = \"$.id\"\ntype = \"{kind}\""),
+                1,
+            );
+            validate("f", &parse_file("f", &text).unwrap(), &env).unwrap()
+        };
+        let c = typed("integer");
+        let exact = map_record(&c.fields, &json!({ "id": 9_007_199_254_740_993u64 })).unwrap();
+        assert_eq!(exact.get_i64("productId").unwrap(), 9_007_199_254_740_993);
+        for big in [
+            json!(10_000_000_000_000_000_000u64),
+            json!(u64::MAX),
+            json!(1e19),
+            json!(1e17),
+        ] {
+            let err = map_record(&c.fields, &json!({ "id": big })).unwrap_err();
+            assert!(err.contains("64-bit"), "{big}: {err}");
+        }
+        let c = typed("any");
+        for big in [
+            json!(10_000_000_000_000_000_001u64),
+            json!({ "n": [u64::MAX] }),
+        ] {
+            let err = map_record(&c.fields, &json!({ "id": big })).unwrap_err();
+            assert!(err.contains("64-bit"), "{big}: {err}");
+        }
+        assert!(map_record(&c.fields, &json!({ "id": i64::MAX })).is_ok());
+        let err =
+            map_record(&c.fields, &json!({ "id": 1, "price": { "amount": "NaN" } })).unwrap_err();
+        assert!(err.contains("finite"), "{err}");
     }
 
     #[test]

@@ -107,6 +107,9 @@ pub struct ImportSummary {
     /// Kinds of upsert key seen: 1 strings, 2 numbers.
     #[serde(skip)]
     key_kinds: u8,
+    /// The API sends the (date) cursor field as epoch milliseconds.
+    #[serde(skip)]
+    cursor_epoch_ms: bool,
     pub http: HttpStats,
     pub elapsed_ms: u64,
 }
@@ -307,6 +310,7 @@ pub async fn run_import(
             summary.updated = cp.get_i64("updated").unwrap_or(0) as u64;
             summary.failed = cp.get_i64("failed").unwrap_or(0) as u64;
             max_cursor = cp.get("maxCursor").cloned().filter(|b| *b != Bson::Null);
+            summary.cursor_epoch_ms = cp.get_bool("cursorEpochMs").unwrap_or(false);
             serde_json::from_str(cp.get_str("state").unwrap_or(""))
                 .unwrap_or_else(|_| http.first_state(Vec::new()))
         }
@@ -316,7 +320,16 @@ pub async fn run_import(
             if let (Some(inc), Some(cursor)) = (&connector.incremental, stored.get(f::SYNC_CURSOR))
             {
                 if *cursor != Bson::Null {
-                    extra.push((inc.param.clone(), cursor_text(cursor)));
+                    // A date goes back in the form the API sent it in.
+                    let text = match cursor {
+                        Bson::DateTime(d)
+                            if stored.get_bool(f::SYNC_CURSOR_EPOCH_MS) == Ok(true) =>
+                        {
+                            d.timestamp_millis().to_string()
+                        }
+                        other => cursor_text(other),
+                    };
+                    extra.push((inc.param.clone(), text));
                 }
             }
             http.first_state(extra)
@@ -360,6 +373,7 @@ pub async fn run_import(
                 && connector.incremental.as_ref().is_some_and(|i| !i.sorted);
             if let (Some(m), false) = (&max_cursor, cut_short) {
                 set.insert(f::SYNC_CURSOR, m.clone());
+                set.insert(f::SYNC_CURSOR_EPOCH_MS, summary.cursor_epoch_ms);
             }
             if cut_short && max_cursor.is_some() {
                 warn_once(
@@ -437,6 +451,13 @@ async fn import_pages(
             break;
         }
         let mut next = http.next_state(state, &page);
+        if let PageState::Fetch { page: n, .. } = &next {
+            if *n >= connector.max_pages {
+                summary.stopped_early =
+                    Some(format!("stopped at `max_pages` ({})", connector.max_pages));
+                next = PageState::Done;
+            }
+        }
         if let Some(key) = request_key(&next) {
             if !requested.insert(key) {
                 summary.stopped_early = Some(format!(
@@ -493,11 +514,6 @@ async fn import_pages(
             break;
         }
         fetched = prefetched?;
-    }
-    if connector.max_pages <= summary.pages && *state == PageState::Done {
-        summary
-            .stopped_early
-            .get_or_insert(format!("stopped at `max_pages` ({})", connector.max_pages));
     }
     Ok(())
 }
@@ -557,7 +573,7 @@ async fn write_page(
             Ok(_) => reject(
                 summary,
                 options,
-                format!("the upsert key `{}` is empty", connector.key),
+                format!("the upsert key `{}` is missing or empty", connector.key),
                 record,
             ),
             Err(reason) => reject(summary, options, reason, record),
@@ -591,6 +607,20 @@ async fn write_page(
         );
     }
     if let Some(inc) = &connector.incremental {
+        // How the API writes the cursor: a date mapped from epoch milliseconds is sent
+        // back as epoch milliseconds.
+        if let Some(field) = connector
+            .fields
+            .iter()
+            .find(|f| f.target == inc.cursor_field)
+        {
+            summary.cursor_epoch_ms |= page.records.first().is_some_and(|r| {
+                matches!(
+                    sluice_core::integration::first(r, &field.path),
+                    Some(Value::Number(_))
+                )
+            });
+        }
         for d in &mapped {
             if let Some(v) = d.get(&inc.cursor_field) {
                 if max_cursor.as_ref().is_none_or(|m| greater(v, m)) {
@@ -633,6 +663,7 @@ async fn write_page(
                     "updated": summary.updated as i64,
                     "failed": summary.failed as i64,
                     "maxCursor": max_cursor.clone().unwrap_or(Bson::Null),
+                    "cursorEpochMs": summary.cursor_epoch_ms,
                     common::UPDATED_AT: DateTime::now(),
                 },
             )
@@ -876,6 +907,29 @@ pub struct PushSummary {
     pub dead_letters: u64,
 }
 
+/// Stores an EXPORT's position: the watermark value and `_id` of the last document handled.
+async fn advance_watermark(
+    store: &Store,
+    name: &str,
+    high: Option<(Bson, Bson)>,
+) -> Result<(), ImportError> {
+    let Some((value, id)) = high else {
+        return Ok(());
+    };
+    store
+        .collection(c::INTEGRATION_CONFIGS)
+        .update_one(
+            doc! { f::NAME: name },
+            doc! { "$set": { f::SYNC_CURSOR: value, f::SYNC_CURSOR_ID: id } },
+        )
+        .await
+        .map_err(StoreError::mongo(
+            c::INTEGRATION_CONFIGS,
+            "advance watermark",
+        ))?;
+    Ok(())
+}
+
 /// Runs an EXPORT config: documents above the watermark, mapped, pushed in batches; the
 /// watermark advances after each batch the endpoint accepted.
 pub async fn run_push(
@@ -900,15 +954,31 @@ pub async fn run_push(
         None => Document::new(),
     };
     let watermark = push.watermark_field.clone();
+    // Documents are read in (watermark, _id) order and the position after an accepted
+    // batch is both values: documents sharing a watermark value on both sides of a batch
+    // boundary are neither skipped nor sent twice.
     if let (Some(w), Some(cursor)) = (
         &watermark,
         stored.get(f::SYNC_CURSOR).filter(|b| **b != Bson::Null),
     ) {
-        filter.insert(w.clone(), doc! { "$gt": cursor.clone() });
+        let after = match stored.get(f::SYNC_CURSOR_ID) {
+            Some(id) => doc! { "$or": [
+                { w: { "$gt": cursor.clone() } },
+                { w: cursor.clone(), common::ID: { "$gt": id.clone() } },
+            ] },
+            // A position stored without its `_id` (by an earlier version): ties with it
+            // are sent again rather than skipped.
+            None => doc! { w: { "$gte": cursor.clone() } },
+        };
+        filter = if filter.is_empty() {
+            after
+        } else {
+            doc! { "$and": [filter, after] }
+        };
     }
     let source = store.collection(&push.collection);
     let sort = match &watermark {
-        Some(w) => doc! { w: 1 },
+        Some(w) => doc! { w: 1, common::ID: 1 },
         None => doc! { common::ID: 1 },
     };
     let mut cursor = source
@@ -940,16 +1010,16 @@ pub async fn run_push(
         if batch.is_empty() {
             continue;
         }
+        // The position after this batch: its last document as read (in watermark order),
+        // whatever the transforms make of it.
+        let high = watermark.as_ref().and_then(|w| {
+            let last = batch.last()?;
+            Some((last.get(w)?.clone(), last.get(common::ID)?.clone()))
+        });
         let docs = apply_chain(&chain, std::mem::take(&mut batch))?;
         summary.dead_letters += store
             .keep_dead_letters(&chain, &format!("push:{name}"), None)
             .await?;
-        let high = watermark.as_ref().and_then(|w| {
-            docs.iter()
-                .filter_map(|d| d.get(w))
-                .cloned()
-                .reduce(|a, b| if greater(&b, &a) { b } else { a })
-        });
         let mut records = Vec::with_capacity(docs.len());
         for d in &docs {
             let json = Bson::Document(d.clone()).into_relaxed_extjson();
@@ -971,6 +1041,8 @@ pub async fn run_push(
             }
         }
         if records.is_empty() {
+            // Nothing to send, but the batch was handled: move past it.
+            advance_watermark(store, name, high).await?;
             continue;
         }
         let body = if push.wrap.is_empty() {
@@ -978,23 +1050,11 @@ pub async fn run_push(
         } else {
             serde_json::json!({ push.wrap.clone(): records })
         };
-        http.send(connector.method, &connector.endpoint.text, &[], Some(&body))
+        http.push(connector.method, &connector.endpoint.text, &body)
             .await?;
         summary.sent += records.len() as u64;
         summary.requests += 1;
-        if let Some(h) = high {
-            store
-                .collection(c::INTEGRATION_CONFIGS)
-                .update_one(
-                    doc! { f::NAME: name },
-                    doc! { "$set": { f::SYNC_CURSOR: h } },
-                )
-                .await
-                .map_err(StoreError::mongo(
-                    c::INTEGRATION_CONFIGS,
-                    "advance watermark",
-                ))?;
-        }
+        advance_watermark(store, name, high).await?;
     }
     store
         .collection(c::INTEGRATION_CONFIGS)

@@ -149,6 +149,12 @@ pub mod integration_fields {
     /// The incremental cursor (largest `incremental.cursor_field` value imported, or the
     /// EXPORT watermark), advanced only after the sink committed.
     pub const SYNC_CURSOR: &str = "syncCursor";
+    /// EXPORT: the `_id` of the last document pushed, breaking ties between documents
+    /// with the same watermark value.
+    pub const SYNC_CURSOR_ID: &str = "syncCursorId";
+    /// IMPORT: the date cursor came from the API as epoch milliseconds, so it goes back
+    /// to it as such (not as RFC 3339).
+    pub const SYNC_CURSOR_EPOCH_MS: &str = "syncCursorEpochMs";
     /// The full config file as applied (secrets only as references).
     pub const SPEC: &str = "spec";
 }
