@@ -403,6 +403,13 @@ pub async fn import_run(config: &Config, name: &str, dry_run: bool) -> anyhow::R
     use std::sync::atomic::Ordering::Relaxed;
     let store = Store::connect(config).await?;
     store.init().await?;
+    if !dry_run {
+        sluice_jobs::schedule::check_not_running(
+            &store,
+            &format!("{}{name}", crate::engine::INTEGRATION_PREFIX),
+        )
+        .await?;
+    }
     let options = ImportOptions {
         dry_run,
         transforms: integration_transforms(config, &store, name).await?,
@@ -757,6 +764,15 @@ pub async fn jobs_run(
         export_run(config, kind, from, to, None).await?;
         return Ok(());
     }
+    // A bare config name is its integration job, recorded (and found in `jobs history`)
+    // under the same name as its scheduled runs.
+    let name = &if name.starts_with(crate::engine::EXPORT_PREFIX)
+        || name.starts_with(crate::engine::INTEGRATION_PREFIX)
+    {
+        name.to_string()
+    } else {
+        format!("{}{name}", crate::engine::INTEGRATION_PREFIX)
+    };
     let store = Store::connect(config).await?;
     store.init().await?;
     let runner = crate::engine::EngineRunner {

@@ -360,3 +360,36 @@ async fn the_engine_schedules_export_schedules_and_integration_configs() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[tokio::test]
+async fn a_job_is_not_started_by_hand_while_a_scheduled_run_holds_its_lease() {
+    let db = TestDb::initialized().await;
+    let runs = db.store.collection("scheduled_runs");
+    let lease_until = |ms: i64| bson::DateTime::from_millis(Utc::now().timestamp_millis() + ms);
+    runs.insert_one(doc! {
+        "_id": "integration:crm@2026-12-03T00:00:00Z", "job": "integration:crm",
+        "status": "RUNNING", "owner": "host-a", "expiresAt": lease_until(60_000),
+    })
+    .await
+    .unwrap();
+    let err = sluice_jobs::schedule::start_manual_run(&db.store, "integration:crm", "cli")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, sluice_connectors::StoreError::Busy(ref m) if m.contains("host-a")),
+        "{err}"
+    );
+    // Another job, or a lease that lapsed (its owner died), does not hold it back.
+    sluice_jobs::schedule::start_manual_run(&db.store, "integration:other", "cli")
+        .await
+        .unwrap();
+    runs.update_one(
+        doc! { "job": "integration:crm" },
+        doc! { "$set": { "expiresAt": lease_until(-1_000) } },
+    )
+    .await
+    .unwrap();
+    sluice_jobs::schedule::start_manual_run(&db.store, "integration:crm", "cli")
+        .await
+        .unwrap();
+}

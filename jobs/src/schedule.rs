@@ -424,6 +424,7 @@ fn run_end(result: &Result<String, String>) -> (&'static str, Document) {
 /// show it and how it ended. It is marked `manual` and has no lease: no replica takes it
 /// over, and it does not hold back the schedule's next fire. Returns its id.
 pub async fn start_manual_run(store: &Store, job: &str, owner: &str) -> Result<String, StoreError> {
+    check_not_running(store, job).await?;
     let now = DateTime::now();
     let id = format!(
         "{job}@manual-{}-{}",
@@ -440,6 +441,30 @@ pub async fn start_manual_run(store: &Store, job: &str, owner: &str) -> Result<S
         .await
         .map_err(StoreError::mongo(c::SCHEDULED_RUNS, "record a manual run"))?;
     Ok(id)
+}
+
+/// Refuses to start `job` by hand while a scheduled run of it holds a live lease: two runs
+/// of one import would share its checkpoint, and one would end the other's run.
+pub async fn check_not_running(store: &Store, job: &str) -> Result<(), StoreError> {
+    let running = store
+        .collection(c::SCHEDULED_RUNS)
+        .find_one(doc! {
+            "job": job, "status": "RUNNING", "manual": { "$ne": true },
+            "expiresAt": { "$gt": DateTime::now() },
+        })
+        .await
+        .map_err(StoreError::mongo(
+            c::SCHEDULED_RUNS,
+            "look for a run in flight",
+        ))?;
+    match running {
+        Some(r) => Err(StoreError::Busy(format!(
+            "a scheduled run of `{job}` is in progress ({}, owner {}); try again once it has ended",
+            r.get_str(common::ID).unwrap_or("?"),
+            r.get_str("owner").unwrap_or("?")
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Records how a run from [`start_manual_run`] ended.

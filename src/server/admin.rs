@@ -445,12 +445,15 @@ async fn run_job(
     // visible in `GET /v1/admin/jobs` (latestRun) and `sluice jobs history`.
     let run = sluice_jobs::schedule::start_manual_run(&state.store, &name, "admin-api")
         .await
-        .map_err(|e| {
-            ApiError::new(
+        .map_err(|e| match e {
+            sluice_connectors::StoreError::Busy(message) => {
+                ApiError::new(StatusCode::CONFLICT, "already_running", message)
+            }
+            other => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "store_unavailable",
-                e.to_string(),
-            )
+                other.to_string(),
+            ),
         })?;
     let job = name.clone();
     let run_id = run.clone();

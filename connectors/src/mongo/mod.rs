@@ -91,6 +91,9 @@ pub enum StoreError {
     Transaction { attempts: u32, message: String },
     #[error("cannot encode a document for `{collection}`: {message}")]
     Encode { collection: String, message: String },
+    /// A job is already running under a live lease.
+    #[error("{0}")]
+    Busy(String),
 }
 
 impl StoreError {
