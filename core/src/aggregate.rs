@@ -76,6 +76,8 @@ pub fn fold_session(existing: Option<Session>, events: &[&Event], now: DateTime)
             s.end_time = e.timestamp;
         }
         if s.first_event.as_ref().is_none_or(|f| k < *f) {
+            // A session belongs to the visitor of its earliest event, whatever arrived first.
+            s.user_id = e.user_id.clone();
             let m = &e.metadata;
             s.device = m.device.clone();
             s.browser = m.browser.clone();
@@ -105,7 +107,8 @@ pub fn fold_session(existing: Option<Session>, events: &[&Event], now: DateTime)
 
 /// Folds newly stored `events` (all of one visitor) into the user document.
 ///
-/// `new_sessions` is how many sessions this batch created for the visitor.
+/// `new_sessions` is how many sessions this batch gave the visitor: sessions it created,
+/// plus sessions whose owner became the visitor, minus those it stopped owning.
 pub fn fold_user(
     existing: Option<User>,
     visitor_id: &str,
@@ -187,6 +190,18 @@ mod tests {
         s.created_at = DateTime::from_millis(0);
         s.updated_at = DateTime::from_millis(0);
         s
+    }
+
+    #[test]
+    fn a_session_belongs_to_its_earliest_events_visitor_whatever_arrived_first() {
+        let anon = ev("a", 1000, EventType::PageView, Some("/"), "desktop");
+        let mut login = ev("b", 2000, EventType::Login, None, "desktop");
+        login.user_id = "known".into();
+        let now = DateTime::from_millis(10_000);
+        let later_first = fold_session(Some(fold_session(None, &[&login], now)), &[&anon], now);
+        let in_order = fold_session(Some(fold_session(None, &[&anon], now)), &[&login], now);
+        assert_eq!(later_first.user_id, "v1");
+        assert_eq!(in_order.user_id, "v1");
     }
 
     #[test]

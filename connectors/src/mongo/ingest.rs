@@ -413,17 +413,23 @@ impl EventWriter {
         for (id, evs) in by_session {
             let before = existing.remove(id);
             let key = before.as_ref().and_then(|b| b.id);
+            let owner_before = before.as_ref().map(|b| b.user_id.clone());
             let mut folded = fold_session(before, &evs, now);
             folded.id = None;
+            // An earlier event of another visitor makes the session theirs: the count
+            // moves from the old owner to the new one.
+            if owner_before.as_deref() != Some(folded.user_id.as_str()) {
+                *new_sessions.entry(folded.user_id.clone()).or_default() += 1;
+                if let Some(old) = owner_before {
+                    *new_sessions.entry(old).or_default() -= 1;
+                }
+            }
             let document = bson::to_document(&folded)?;
             match key {
                 Some(oid) => writes
                     .updates
                     .push(doc! { "q": { common::ID: oid }, "u": document }),
-                None => {
-                    *new_sessions.entry(folded.user_id.clone()).or_default() += 1;
-                    writes.inserts.push(document);
-                }
+                None => writes.inserts.push(document),
             }
         }
         Ok((writes, new_sessions))
@@ -442,6 +448,12 @@ impl EventWriter {
         let mut by_user: BTreeMap<&str, Vec<&Event>> = BTreeMap::new();
         for e in new_events {
             by_user.entry(e.user_id.as_str()).or_default().push(e);
+        }
+        // A visitor who lost a session to an earlier event may have no event here.
+        for (visitor, delta) in new_sessions {
+            if *delta != 0 {
+                by_user.entry(visitor.as_str()).or_default();
+            }
         }
         let keys: Vec<&str> = by_user.keys().copied().collect();
         let mut cursor = users
@@ -464,6 +476,8 @@ impl EventWriter {
             let added = new_sessions.get(visitor).copied().unwrap_or(0);
             let (key, before) = match existing.remove(visitor) {
                 Some((id, user)) => (Some(id), Some(user)),
+                // Only an owner who already has a profile can lose a session.
+                None if evs.is_empty() => continue,
                 None => (None, None),
             };
             let folded = fold_user(before, visitor, &evs, added, now);
