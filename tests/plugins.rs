@@ -603,7 +603,8 @@ async fn under_fail_run_the_tracking_endpoint_rejects_the_events_a_plugin_fails_
             "currency-normalize".into(),
             toml::Value::Table(toml::toml! { target = "EUR"
             [rates]
-            USD = 0.5 }),
+            USD = 0.5
+            XAU = 1e9 }),
         );
         raw.plugins.config.insert(
             "hostile".into(),
@@ -621,6 +622,8 @@ async fn under_fail_run_the_tracking_endpoint_rejects_the_events_a_plugin_fails_
         .map(|i| match i {
             2 => event("yen", "JPY", "fine"),
             5 => event("trap", "USD", "bad"),
+            // Converted to 1e10, beyond the largest amount a client may send.
+            7 => event("gold", "XAU", "fine"),
             _ => event(&format!("ok{i}"), "USD", "fine"),
         })
         .collect();
@@ -638,7 +641,7 @@ async fn under_fail_run_the_tracking_endpoint_rejects_the_events_a_plugin_fails_
     let answer: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(
         (answer["stored"].as_u64(), answer["rejected"].as_u64()),
-        (Some(6), Some(2)),
+        (Some(5), Some(3)),
         "{answer}"
     );
     assert_eq!(answer["results"][2]["status"], "rejected");
@@ -653,11 +656,16 @@ async fn under_fail_run_the_tracking_endpoint_rejects_the_events_a_plugin_fails_
         reason.contains("hostile") && reason.contains("trapped"),
         "{reason}"
     );
+    let reason = answer["results"][7]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("invalid event") && reason.contains("properties.amount"),
+        "{reason}"
+    );
     let events = db.store.collection("events");
-    assert_eq!(events.count_documents(doc! {}).await.unwrap(), 6);
+    assert_eq!(events.count_documents(doc! {}).await.unwrap(), 5);
     assert_eq!(
         events
-            .count_documents(doc! { "eventId": { "$in": ["yen", "trap"] } })
+            .count_documents(doc! { "eventId": { "$in": ["yen", "trap", "gold"] } })
             .await
             .unwrap(),
         0

@@ -19,6 +19,8 @@ const EARLIEST_MS: i64 = 946_684_800_000;
 /// The largest purchase amount accepted. Revenue is summed in integer millionths
 /// (`i64`), so this keeps a visitor's total exact for over nine thousand such purchases.
 pub const MAX_PURCHASE_AMOUNT: f64 = 1e9;
+/// The largest client clock error `sentAt` corrects: a year.
+const MAX_CLOCK_SKEW_MS: i64 = 366 * 24 * 3_600_000;
 /// The longest `duration` accepted: one year, in milliseconds.
 pub const MAX_DURATION_MS: i64 = 365 * 24 * 3_600_000;
 
@@ -187,6 +189,71 @@ pub fn unknown_members(v: &Value) -> Vec<String> {
         .collect()
 }
 
+/// Checks an event built elsewhere (a transform plugin's output) against the rules
+/// [`parse_event`] applies to what clients send: a plugin cannot store what a client
+/// could not (an amount out of range, a `$` property name, a blank id...).
+pub fn check_event(
+    e: &Event,
+    received_at_ms: i64,
+    max_future_ms: i64,
+) -> Result<(), ValidationError> {
+    for (field, id) in [
+        (f::EVENT_ID, &e.event_id),
+        (f::USER_ID, &e.user_id),
+        (f::SESSION_ID, &e.session_id),
+    ] {
+        if field == f::SESSION_ID && id.is_empty() {
+            continue;
+        }
+        if id.len() > MAX_ID_LEN {
+            return Err(ValidationError::new(
+                field,
+                format!("longer than {MAX_ID_LEN} bytes"),
+            ));
+        }
+        check_id(field, id)?;
+    }
+    let t = e.timestamp.timestamp_millis();
+    if t < EARLIEST_MS {
+        return Err(ValidationError::new(f::TIMESTAMP, BEFORE_2000));
+    }
+    if t > received_at_ms.saturating_add(max_future_ms) {
+        return Err(ValidationError::new(
+            f::TIMESTAMP,
+            format!("is {} s in the future", (t - received_at_ms) / 1000),
+        ));
+    }
+    let properties = bson::Bson::Document(e.properties.clone()).into_relaxed_extjson();
+    check_properties(f::PROPERTIES, &properties, 0)?;
+    if e.event_type == EventType::Purchase
+        && e.properties.contains_key(f::AMOUNT)
+        && !crate::model::amount_of(&e.properties)
+            .is_some_and(|x| (0.0..=MAX_PURCHASE_AMOUNT).contains(&x))
+    {
+        return Err(ValidationError::new(
+            "properties.amount",
+            format!("expected a number from 0 to {MAX_PURCHASE_AMOUNT:e}"),
+        ));
+    }
+    for (field, v) in [(f::PAGE_URL, &e.page_url), (f::REFERRER, &e.referrer)] {
+        if v.as_ref().is_some_and(|s| s.len() > MAX_URL_LEN) {
+            return Err(ValidationError::new(
+                field,
+                format!("longer than {MAX_URL_LEN} bytes"),
+            ));
+        }
+    }
+    if e.duration
+        .is_some_and(|d| !(0..=MAX_DURATION_MS).contains(&d))
+    {
+        return Err(ValidationError::new(
+            f::DURATION,
+            format!("expected 0 to {MAX_DURATION_MS} milliseconds"),
+        ));
+    }
+    Ok(())
+}
+
 /// Validates one event and builds the document to store. `metadata` carries what the
 /// server learnt from the request (user agent, IP, parsed device...), to which the event's
 /// own `context.userAgent` / `context.ip` take precedence (server-side SDKs send them).
@@ -234,6 +301,19 @@ pub fn parse_event(
     if let Some(sent) = sent_at {
         if sent < EARLIEST_MS {
             return Err(ValidationError::new("sentAt", BEFORE_2000));
+        }
+        // A client clock can be wrong, which is what `sentAt` corrects, but not by years:
+        // such a `sentAt` would move every timestamp with it.
+        let off = sent.saturating_sub(ctx.received_at_ms);
+        if off.unsigned_abs() > MAX_CLOCK_SKEW_MS.unsigned_abs() {
+            return Err(ValidationError::new(
+                "sentAt",
+                format!(
+                    "is {} days from the server's clock (a client clock off by more than {} days is not corrected)",
+                    off / 86_400_000,
+                    MAX_CLOCK_SKEW_MS / 86_400_000
+                ),
+            ));
         }
     }
     let timestamp_ms = match (client_time, sent_at) {
@@ -488,7 +568,7 @@ pub(crate) mod tests {
             (json!("just a string"), "event"),
             (
                 json!({"userId": "v", "eventType": "CLICK", "timestamp": i64::MIN, "sentAt": i64::MAX}),
-                "timestamp",
+                "sentAt",
             ),
         ];
         for (input, field) in cases {
@@ -509,6 +589,35 @@ pub(crate) mod tests {
         let err = parse(json!({"userId": "v", "eventType": "CLICK", "timestamp": NOW / 1000}))
             .unwrap_err();
         assert!(err.reason.contains("milliseconds"), "{err}");
+    }
+
+    #[test]
+    fn what_a_plugin_returns_is_held_to_the_clients_rules() {
+        let good = parse(json!({ "userId": "v", "eventType": "PURCHASE",
+                                 "properties": { "amount": 10.0 } }))
+        .unwrap();
+        assert!(check_event(&good, NOW, 300_000).is_ok());
+        let mut rich = good.clone();
+        rich.properties.insert("amount", 1e14);
+        let err = check_event(&rich, NOW, 300_000).unwrap_err();
+        assert_eq!(err.field, "properties.amount");
+        let mut dollar = good.clone();
+        dollar.properties.insert("$set", 1);
+        assert!(check_event(&dollar, NOW, 300_000).is_err());
+        let mut blank = good;
+        blank.user_id = " ".into();
+        assert_eq!(
+            check_event(&blank, NOW, 300_000).unwrap_err().field,
+            "userId"
+        );
+    }
+
+    #[test]
+    fn a_sent_at_years_off_is_named_not_the_timestamp() {
+        let err = parse(json!({ "userId": "v", "eventType": "CLICK",
+                                "timestamp": NOW - 1000, "sentAt": 1e300 }))
+        .unwrap_err();
+        assert_eq!(err.field, "sentAt", "{err}");
     }
 
     #[test]

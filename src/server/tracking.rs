@@ -25,7 +25,9 @@ use serde_json::{json, Value};
 use sluice_connectors::mongo::WriteStatus;
 use sluice_core::config::BotPolicy;
 use sluice_core::model::{Event, EventMetadata};
-use sluice_core::tracking::{parse_event, parse_time, unknown_members, RequestContext};
+use sluice_core::tracking::{
+    check_event, parse_event, parse_time, unknown_members, RequestContext,
+};
 use sluice_core::ValidationError;
 
 use super::{auth, enrich, ApiError, AppState, SubmitError};
@@ -444,12 +446,34 @@ async fn transform(
     // The eventId is the client's dedupe key and how its answer finds the event: an
     // output under an id no input had would be stored while the client is told its event
     // was dropped, and a resend would store it again. Such outputs are not stored.
-    let sent: std::collections::HashSet<&str> =
-        events.iter().map(|e| e.event_id.as_str()).collect();
+    let sent: HashMap<&str, usize> = events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (e.event_id.as_str(), i))
+        .collect();
+    // What a plugin returns is held to the rules a client's event is: it cannot store an
+    // amount, an id or a property name the endpoint would have refused.
+    let now = chrono::Utc::now().timestamp_millis();
+    let max_future = state
+        .config
+        .tracking
+        .max_future_seconds
+        .saturating_mul(1000);
     let mut kept: Vec<Event> = Vec::with_capacity(out.len());
     for d in out {
         match bson::from_document::<Event>(d) {
-            Ok(e) if sent.contains(e.event_id.as_str()) => kept.push(e),
+            Ok(e) if sent.contains_key(e.event_id.as_str()) => {
+                match check_event(&e, now, max_future) {
+                    Ok(()) => kept.push(e),
+                    Err(err) => {
+                        let input = sent[e.event_id.as_str()];
+                        tracing::warn!(event_id = %e.event_id, error = %err, "a transform returned an invalid event; rejected");
+                        failed.entry(input).or_insert_with(|| {
+                            format!("a transform returned an invalid event: {err}")
+                        });
+                    }
+                }
+            }
             Ok(e) => tracing::warn!(
                 event_id = %e.event_id,
                 "a transform returned an event under an eventId no input had; not stored (plugins must keep eventId)"
@@ -459,6 +483,8 @@ async fn transform(
             }
         }
     }
+    // A fan-out with one invalid record fails its whole input.
+    kept.retain(|e| !failed.contains_key(&sent[e.event_id.as_str()]));
     let position: HashMap<&str, usize> = kept
         .iter()
         .enumerate()
