@@ -290,6 +290,32 @@ async fn a_rerun_replaces_the_partition_instead_of_duplicating() {
     assert_eq!(manifest["rows"], 1500);
     assert_eq!(manifest["jobId"].as_str(), Some(second.job_id.as_str()));
     assert!(dest.list("_staging/").await.unwrap().is_empty());
+
+    // The day's events gone from MongoDB (archived): a rerun reads nothing, and keeps
+    // the published partition rather than emptying it.
+    db.store
+        .collection("events")
+        .delete_many(doc! {})
+        .await
+        .unwrap();
+    let third = run_export(&ctx, &request(ExportJobType::EventData, d, d))
+        .await
+        .unwrap();
+    assert_eq!(third.rows, 0);
+    let kept: serde_json::Value = serde_json::from_slice(
+        &dest
+            .get_bytes(&format!("EVENT_DATA/dt={d}/_manifest.json"))
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(kept, manifest, "the partition is untouched");
+    let still = dest.list(&format!("EVENT_DATA/dt={d}/")).await.unwrap();
+    assert!(still.iter().any(|o| o.key.ends_with("_SUCCESS")));
+    assert_eq!(
+        still.iter().filter(|o| o.key.ends_with(".parquet")).count(),
+        second.partitions[0].files.len()
+    );
 }
 
 /// A TCP proxy to the S3 server that dies after `limit` bytes from the client: the S3

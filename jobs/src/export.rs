@@ -997,6 +997,28 @@ async fn publish(
     let manifest_key = format!("{dir}_manifest.json");
     let existing = ctx.dest.list(&dir).await?;
     let additive = kind == ExportJobType::Archive;
+    // A rerun that finds nothing where rows were published (the day's events were
+    // archived or deleted since) would empty the partition a warehouse reads: it is kept.
+    let new_rows: u64 = s.parts.iter().map(|(_, i)| i.rows).sum();
+    if !additive && new_rows == 0 && existing.iter().any(|o| o.key == manifest_key) {
+        let old_rows =
+            serde_json::from_slice::<serde_json::Value>(&ctx.dest.get_bytes(&manifest_key).await?)
+                .ok()
+                .and_then(|m| m["rows"].as_u64())
+                .unwrap_or(0);
+        if old_rows > 0 {
+            tracing::warn!(
+                partition = %s.prefix,
+                published_rows = old_rows,
+                "this run read no rows where {old_rows} were published (archived or deleted since?); the published partition is kept, delete it to replace it"
+            );
+            return Ok(PartitionSummary {
+                prefix: s.prefix.clone(),
+                files: Vec::new(),
+                rows: 0,
+            });
+        }
+    }
     let mut files: Vec<serde_json::Value> = Vec::new();
     if additive && existing.iter().any(|o| o.key == manifest_key) {
         let old: serde_json::Value =
