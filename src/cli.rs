@@ -247,6 +247,12 @@ pub fn check_export_window(
     to: Option<chrono::NaiveDate>,
 ) -> anyhow::Result<()> {
     use sluice_core::model::ExportJobType;
+    let today = chrono::Utc::now().date_naive();
+    if let Some(day) = [from, to].into_iter().flatten().find(|d| *d > today) {
+        anyhow::bail!(
+            "{day} has not begun (today is {today}, UTC): its partition would be published empty and look complete"
+        );
+    }
     if (from.is_some() || to.is_some())
         && matches!(kind, ExportJobType::Archive | ExportJobType::UserData)
     {

@@ -259,6 +259,16 @@ fn export_types_without_a_window_refuse_one() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("takes no --from / --to"), "{kind}: {err}");
     }
+    // A day that has not begun would be published empty, looking complete.
+    let tomorrow = chrono::Utc::now().date_naive() + chrono::Days::new(1);
+    let out = sluice()
+        .args(["export", "run", "event-data", "--to"])
+        .arg(tomorrow.to_string())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("has not begun"), "{err}");
 }
 
 #[test]
