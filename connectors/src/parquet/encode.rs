@@ -38,7 +38,8 @@ fn as_i64(v: &Bson) -> Option<i64> {
     match v {
         Bson::Int32(x) => Some(i64::from(*x)),
         Bson::Int64(x) => Some(*x),
-        Bson::Double(x) if x.is_finite() => Some(*x as i64),
+        // A whole double only: 3.7 is not silently 3.
+        Bson::Double(x) if x.is_finite() && x.fract() == 0.0 => Some(*x as i64),
         _ => None,
     }
 }
@@ -73,7 +74,56 @@ fn missing(spec: &ColumnSpec) -> EncodeError {
     }
 }
 
+/// Values present in a document but of a type their column cannot hold: written as null
+/// (or refused where the column is required), and said in the log once per batch, never
+/// silently.
+#[derive(Default)]
+struct Mismatches {
+    count: u64,
+    example: Option<String>,
+}
+
+impl Mismatches {
+    fn note(&mut self, v: Option<&Bson>, converted: bool) {
+        if let (Some(v), false) = (v, converted) {
+            self.count += 1;
+            self.example
+                .get_or_insert_with(|| v.clone().into_relaxed_extjson().to_string());
+        }
+    }
+}
+
+/// A date, or an RFC 3339 string (as an import may store one).
+fn as_datetime(v: &Bson) -> Option<bson::DateTime> {
+    match v {
+        Bson::DateTime(d) => Some(*d),
+        Bson::String(s) => chrono::DateTime::parse_from_rfc3339(s)
+            .ok()
+            .map(|t| bson::DateTime::from_millis(t.timestamp_millis())),
+        _ => None,
+    }
+}
+
 fn column(spec: &ColumnSpec, docs: &[Document]) -> Result<ArrayRef, EncodeError> {
+    let mut odd = Mismatches::default();
+    let array = column_values(spec, docs, &mut odd)?;
+    if odd.count > 0 {
+        tracing::warn!(
+            column = spec.name,
+            path = spec.path,
+            count = odd.count,
+            example = odd.example.as_deref().unwrap_or(""),
+            "values of another type than the column's were exported as null"
+        );
+    }
+    Ok(array)
+}
+
+fn column_values(
+    spec: &ColumnSpec,
+    docs: &[Document],
+    odd: &mut Mismatches,
+) -> Result<ArrayRef, EncodeError> {
     let n = docs.len();
     let values = docs.iter().map(|d| lookup(d, spec.path));
     let check = |present: bool| {
@@ -101,7 +151,8 @@ fn column(spec: &ColumnSpec, docs: &[Document]) -> Result<ArrayRef, EncodeError>
         ColKind::TimestampMicros => {
             let mut b = TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
             for v in values {
-                let date = v.and_then(|v| v.as_datetime());
+                let date = v.and_then(as_datetime);
+                odd.note(v, date.is_some());
                 check(date.is_some())?;
                 let t = match date {
                     // Microseconds overflow i64 beyond about the year 294,000.
@@ -124,6 +175,7 @@ fn column(spec: &ColumnSpec, docs: &[Document]) -> Result<ArrayRef, EncodeError>
             let mut b = Int64Builder::with_capacity(n);
             for v in values {
                 let x = v.and_then(as_i64);
+                odd.note(v, x.is_some());
                 check(x.is_some())?;
                 b.append_option(x);
             }
@@ -133,6 +185,7 @@ fn column(spec: &ColumnSpec, docs: &[Document]) -> Result<ArrayRef, EncodeError>
             let mut b = Float64Builder::with_capacity(n);
             for v in values {
                 let x = v.and_then(as_f64);
+                odd.note(v, x.is_some());
                 check(x.is_some())?;
                 b.append_option(x);
             }
@@ -142,6 +195,7 @@ fn column(spec: &ColumnSpec, docs: &[Document]) -> Result<ArrayRef, EncodeError>
             let mut b = BooleanBuilder::with_capacity(n);
             for v in values {
                 let x = v.and_then(Bson::as_bool);
+                odd.note(v, x.is_some());
                 match (x, spec.nullable) {
                     (Some(x), _) => b.append_value(x),
                     // A flag absent from the document is false (e.g. `metadata.bot`).
@@ -154,12 +208,22 @@ fn column(spec: &ColumnSpec, docs: &[Document]) -> Result<ArrayRef, EncodeError>
         ColKind::StrList => {
             let mut b = ListBuilder::new(StringBuilder::new());
             for v in values {
-                match v.and_then(Bson::as_array) {
-                    Some(items) => {
+                match v {
+                    Some(Bson::Array(items)) => {
                         for item in items {
                             b.values().append_value(as_text(item));
                         }
                         b.append(true);
+                    }
+                    // A single tag written as a string is a list of one.
+                    Some(Bson::String(one)) => {
+                        b.values().append_value(one);
+                        b.append(true);
+                    }
+                    Some(other) => {
+                        odd.note(Some(other), false);
+                        check(false)?;
+                        b.append(false);
                     }
                     None => {
                         check(false)?;
@@ -173,6 +237,7 @@ fn column(spec: &ColumnSpec, docs: &[Document]) -> Result<ArrayRef, EncodeError>
             let mut b = Date32Builder::with_capacity(n);
             for v in values {
                 let x = v.and_then(Bson::as_str).and_then(date32);
+                odd.note(v, x.is_some());
                 check(x.is_some())?;
                 b.append_option(x);
             }
@@ -272,7 +337,7 @@ fn name_the_row(err: EncodeError, spec: &ColumnSpec, docs: &[Document]) -> Encod
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::parquet::schema::{DAILY_TABLE, EVENT_TABLE};
+    use crate::parquet::schema::{DAILY_TABLE, EVENT_TABLE, USER_TABLE};
     use arrow::array::{Array, AsArray};
     use arrow::datatypes::TimestampMicrosecondType;
     use bson::doc;
@@ -301,6 +366,43 @@ mod tests {
             err.contains("out of the representable range") && err.contains("eventId far"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn profile_fields_an_import_wrote_loosely_are_read_where_it_is_unambiguous() {
+        let docs = vec![doc! {
+            "visitorId": "v", "tags": "vip", "firstSeen": "2026-01-01T00:00:00Z",
+            "totalSessions": 3.0, "totalEvents": 2.5, "segments": 7,
+        }];
+        let b = encode(&USER_TABLE, &docs).unwrap();
+        let tags = b.column_by_name("tags").unwrap().as_list::<i32>().value(0);
+        assert_eq!(
+            tags.as_string::<i32>().value(0),
+            "vip",
+            "a string is a list of one"
+        );
+        let seen = b
+            .column_by_name("firstSeen")
+            .unwrap()
+            .as_primitive::<TimestampMicrosecondType>();
+        assert_eq!(
+            seen.value(0),
+            1_767_225_600_000_000,
+            "an RFC 3339 string is a time"
+        );
+        let int = |name: &str| {
+            b.column_by_name(name)
+                .unwrap()
+                .as_primitive::<arrow::datatypes::Int64Type>()
+                .clone()
+        };
+        assert_eq!(
+            int("totalSessions").value(0),
+            3,
+            "a whole double is an integer"
+        );
+        assert!(int("totalEvents").is_null(0), "2.5 is not silently 2");
+        assert!(b.column_by_name("segments").unwrap().is_null(0));
     }
 
     #[test]
