@@ -375,8 +375,8 @@ impl IntoResponse for Answer {
 }
 
 /// Runs `[plugins] tracking_transforms` over the events to store. An event a plugin drops
-/// is answered `dropped`; records a plugin adds (fan-out) are stored too; an output that
-/// is not a valid event is dropped and logged. Under `fail-run`, an event the chain fails
+/// is answered `dropped`; outputs keep their input's eventId, so further outputs of one
+/// input are duplicates of the first; an output that is not an event is dropped and logged. Under `fail-run`, an event the chain fails
 /// (the plugin rejected it, or trapped on it) is answered `rejected` with the reason and
 /// the rest of the request goes on: there is no run to stop, and a client told to resend
 /// would send the same event into the same failure forever. A failure that is not the
@@ -485,11 +485,12 @@ async fn transform(
     }
     // A fan-out with one invalid record fails its whole input.
     kept.retain(|e| !failed.contains_key(&sent[e.event_id.as_str()]));
-    let position: HashMap<&str, usize> = kept
-        .iter()
-        .enumerate()
-        .map(|(i, e)| (e.event_id.as_str(), i))
-        .collect();
+    // An input's answer is its first output's: further outputs under the same eventId
+    // are duplicates of it.
+    let mut position: HashMap<&str, usize> = HashMap::new();
+    for (i, e) in kept.iter().enumerate() {
+        position.entry(e.event_id.as_str()).or_insert(i);
+    }
     let outcomes = outcomes
         .into_iter()
         .map(|o| match o {
