@@ -138,13 +138,25 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     } else {
         None
     };
+    let store_for_shutdown = store.clone();
     let handle = crate::server::start((*config).clone(), store, listener, true).await?;
     tracing::info!(addr = %handle.addr, "sluice serving");
     handle.wait().await;
+    // Imports in flight are stopped with the process: their runs are recorded as
+    // interrupted (with their checkpoint's progress), not left RUNNING.
+    let interrupted = crate::engine::imports_in_flight();
     if let Some(s) = scheduler {
         // Runs in flight are handed back at once, so another replica takes them over
         // without waiting for their lease to expire.
         s.shutdown().await;
+    }
+    if !interrupted.is_empty() {
+        match sluice_jobs::import::mark_interrupted(&store_for_shutdown, &interrupted).await {
+            Ok(n) => {
+                tracing::warn!(imports = ?interrupted, runs = n, "imports interrupted by the shutdown; their next runs resume from the checkpoints")
+            }
+            Err(e) => tracing::error!(error = %e, "could not record the interrupted imports"),
+        }
     }
     Ok(())
 }

@@ -110,6 +110,38 @@ pub struct EngineRunner {
     pub store: Store,
 }
 
+/// The integration configs this process is importing (scheduled or manual runs), so that
+/// a process stopping mid-run can record those runs as interrupted.
+static IN_FLIGHT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// The integration configs this process is importing now.
+pub fn imports_in_flight() -> Vec<String> {
+    IN_FLIGHT.lock().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+/// An import in [`IN_FLIGHT`]. Dropped when its run ends: a task dropped mid-run (the
+/// process stopping) drops it too, so `serve` reads the set before it stops the tasks.
+struct InFlight(String);
+
+impl InFlight {
+    fn enter(name: &str) -> Self {
+        IN_FLIGHT
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(name.to_string());
+        Self(name.to_string())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut names = IN_FLIGHT.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = names.iter().position(|n| *n == self.0) {
+            names.remove(i);
+        }
+    }
+}
+
 /// Live counters of a job run, for a progress display (only the one matching the job's
 /// kind moves).
 #[derive(Default, Clone)]
@@ -170,6 +202,7 @@ impl EngineRunner {
             return Ok(format!("{} run(s), {rows} rows", done.len()));
         }
         let integration = name.strip_prefix(INTEGRATION_PREFIX).unwrap_or(name);
+        let _in_flight = InFlight::enter(integration);
         let options = sluice_jobs::import::ImportOptions {
             transforms: crate::cli::integration_transforms(&self.config, &self.store, integration)
                 .await

@@ -165,3 +165,92 @@ required = true
     assert!(resumed >= 1, "the survivor resumed from the checkpoint");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[tokio::test]
+async fn an_import_in_flight_when_serve_stops_is_recorded_interrupted_with_its_progress() {
+    let db = TestDb::initialized().await;
+    let url = slow_api().await;
+    let file = sluice_core::integration::parse_file(
+        "feed.toml",
+        &format!(
+            r#"
+name = "stopped-feed"
+type = "IMPORT"
+endpoint = "{url}"
+schedule = "* * * * * *"
+allow_private_network = true
+[source]
+records = "$.data[*]"
+[source.pagination]
+type = "cursor"
+cursor_path = "$.next"
+[target]
+collection = "things"
+key = "thingId"
+[mapping.thingId]
+path = "$.id"
+type = "string"
+required = true
+"#
+        ),
+    )
+    .unwrap();
+    sluice_jobs::configs::apply(&db.store, &file).await.unwrap();
+    let dir = std::env::temp_dir().join(format!("sluice-stop-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("sluice.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[mongodb]\nuri = \"{}\"\ndatabase = \"{}\"\n[server]\nlisten = \"127.0.0.1:0\"\n[log]\nlevel = \"warn\"\n",
+            support::mongo_uri(),
+            db.name
+        ),
+    )
+    .unwrap();
+    let mut serve = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["--config"])
+        .arg(&config)
+        .arg("serve")
+        .env_remove("SLUICE_MONGODB_URI")
+        .env_remove("SLUICE_MONGODB_DATABASE")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until the run has checkpointed a page or two of its six, then stop serve.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no page was checkpointed"
+        );
+        let cp = db
+            .store
+            .collection("import_checkpoints")
+            .find_one(doc! { "_id": "stopped-feed" })
+            .await
+            .unwrap();
+        if cp.and_then(|c| c.get_i64("pages").ok()).unwrap_or(0) >= 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(serve.id().to_string())
+        .status();
+    let _ = serve.wait();
+    let run = db
+        .store
+        .collection("import_runs")
+        .find_one(doc! { "config": "stopped-feed" })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(run.get_str("status").unwrap(), "INTERRUPTED", "{run}");
+    let pages = run.get_i64("pages").unwrap();
+    assert!((1..6).contains(&pages), "the checkpoint's progress: {run}");
+    assert!(run.get("endTime").is_some_and(|t| *t != bson::Bson::Null));
+    let _ = std::fs::remove_dir_all(dir);
+}

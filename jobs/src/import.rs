@@ -856,6 +856,47 @@ async fn upsert(
     Ok((inserted, n.saturating_sub(inserted)))
 }
 
+/// Marks the RUNNING runs of `configs` INTERRUPTED, with the progress of their last
+/// checkpoint: for a process that stops while imports are in flight (their tasks are
+/// dropped, so they record nothing themselves). The next run resumes from the checkpoint
+/// under the same run id.
+pub async fn mark_interrupted(store: &Store, configs: &[String]) -> Result<u64, StoreError> {
+    let mut marked = 0;
+    for name in configs {
+        let checkpoint = store
+            .collection(c::IMPORT_CHECKPOINTS)
+            .find_one(doc! { common::ID: name })
+            .await
+            .map_err(StoreError::mongo(c::IMPORT_CHECKPOINTS, "read checkpoint"))?;
+        let now = DateTime::now();
+        let mut set = doc! {
+            r::STATUS: "INTERRUPTED", "endTime": now, common::UPDATED_AT: now,
+            "error": "the process stopped mid-run; the next run resumes from the last checkpoint",
+        };
+        let mut filter = doc! { r::CONFIG: name, r::STATUS: "RUNNING" };
+        if let Some(cp) = &checkpoint {
+            for k in ["pages", "fetched", "inserted", "updated"] {
+                if let Ok(n) = cp.get_i64(k) {
+                    set.insert(k, n);
+                }
+            }
+            if let Ok(failed) = cp.get_i64("failed") {
+                set.insert("failedMappings", failed);
+            }
+            if let Ok(run) = cp.get_str("runId") {
+                filter.insert(r::RUN_ID, run);
+            }
+        }
+        marked += store
+            .collection(c::IMPORT_RUNS)
+            .update_many(filter, doc! { "$set": set })
+            .await
+            .map_err(StoreError::mongo(c::IMPORT_RUNS, "mark interrupted"))?
+            .modified_count;
+    }
+    Ok(marked)
+}
+
 async fn record_run(
     store: &Store,
     s: &ImportSummary,
