@@ -339,6 +339,15 @@ pub async fn export_run(
             summary.deleted
         );
     }
+    if kind == sluice_core::model::ExportJobType::Archive && summary.rows == 0 {
+        let cutoff = chrono::Utc::now().date_naive()
+            - chrono::Days::new(u64::from(config.archive_after_days));
+        println!(
+            "  nothing to archive: ARCHIVE takes events of days before {cutoff} (older than `archive_after_days` = {}) stored more than {} s ago",
+            config.archive_after_days,
+            sluice_jobs::export::DEFAULT_ARCHIVE_SETTLE.as_secs()
+        );
+    }
     Ok(summary)
 }
 

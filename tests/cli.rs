@@ -368,3 +368,34 @@ async fn serve_with_json_logs_writes_nothing_but_json_lines() {
         );
     }
 }
+
+#[tokio::test]
+async fn an_archive_with_nothing_to_archive_says_why() {
+    let db = support::TestDb::initialized().await;
+    let out_dir = write_temp("keep", "").parent().unwrap().join("out");
+    let config = write_temp(
+        "sluice.toml",
+        &format!(
+            "[mongodb]\nuri = \"{}\"\ndatabase = \"{}\"\n",
+            support::mongo_uri(),
+            db.name
+        ),
+    );
+    let out = sluice()
+        .arg("--config")
+        .arg(&config)
+        .args(["export", "run", "archive", "--dest"])
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("nothing to archive") && stdout.contains("archive_after_days"),
+        "{stdout}"
+    );
+}
