@@ -148,6 +148,11 @@ pub(crate) fn check_properties(path: &str, v: &Value, depth: usize) -> Result<()
         Value::Array(items) => items
             .iter()
             .try_for_each(|c| check_properties(path, c, depth + 1)),
+        // MongoDB has no unsigned 64-bit integer: it would be stored as a rounded double.
+        Value::Number(n) if n.is_u64() && n.as_i64().is_none() => Err(ValidationError::new(
+            path,
+            "an integer beyond the 64-bit range (send such ids as strings)",
+        )),
         _ => Ok(()),
     }
 }
@@ -610,6 +615,17 @@ pub(crate) mod tests {
             check_event(&blank, NOW, 300_000).unwrap_err().field,
             "userId"
         );
+    }
+
+    #[test]
+    fn a_property_beyond_64_bits_is_refused_not_rounded() {
+        let err = parse(json!({ "userId": "v", "eventType": "CLICK",
+                                "properties": { "order": { "id": u64::MAX } } }))
+        .unwrap_err();
+        assert_eq!(err.field, "properties.order.id", "{err}");
+        assert!(parse(json!({ "userId": "v", "eventType": "CLICK",
+                              "properties": { "id": i64::MAX } }))
+        .is_ok());
     }
 
     #[test]
