@@ -37,15 +37,15 @@ async fn slow_api() -> String {
     format!("http://{addr}/items")
 }
 
-#[tokio::test]
-async fn a_killed_replicas_run_is_taken_over_and_completed_by_the_other() {
-    let db = TestDb::initialized().await;
+/// Applies an every-second IMPORT of the slow API, and writes a `sluice.toml` for this
+/// database with `extra` settings; returns its folder and path.
+async fn setup(db: &TestDb, feed: &str, extra: &str) -> (std::path::PathBuf, std::path::PathBuf) {
     let url = slow_api().await;
     let file = sluice_core::integration::parse_file(
         "feed.toml",
         &format!(
             r#"
-name = "slow-feed"
+name = "{feed}"
 type = "IMPORT"
 endpoint = "{url}"
 schedule = "* * * * * *"
@@ -74,24 +74,39 @@ required = true
     std::fs::write(
         &config,
         format!(
-            "[mongodb]\nuri = \"{}\"\ndatabase = \"{}\"\n[server]\nlisten = \"127.0.0.1:0\"\n[scheduler]\nlease_seconds = 3\nreload_seconds = 1\n[log]\nlevel = \"warn\"\n",
+            "[mongodb]\nuri = \"{}\"\ndatabase = \"{}\"\n[server]\nlisten = \"127.0.0.1:0\"\n{extra}[log]\nlevel = \"warn\"\n",
             support::mongo_uri(),
             db.name
         ),
     )
     .unwrap();
-    let spawn = || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args(["--config"])
-            .arg(&config)
-            .arg("serve")
-            .env_remove("SLUICE_MONGODB_URI")
-            .env_remove("SLUICE_MONGODB_DATABASE")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap()
-    };
+    (dir, config)
+}
+
+/// A `sluice serve` process on `config`.
+fn serve(config: &std::path::Path) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["--config"])
+        .arg(config)
+        .arg("serve")
+        .env_remove("SLUICE_MONGODB_URI")
+        .env_remove("SLUICE_MONGODB_DATABASE")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_killed_replicas_run_is_taken_over_and_completed_by_the_other() {
+    let db = TestDb::initialized().await;
+    let (dir, config) = setup(
+        &db,
+        "slow-feed",
+        "[scheduler]\nlease_seconds = 3\nreload_seconds = 1\n",
+    )
+    .await;
+    let spawn = || serve(&config);
     let mut replicas = vec![spawn(), spawn()];
     let runs = db.store.collection("scheduled_runs");
 
@@ -169,55 +184,8 @@ required = true
 #[tokio::test]
 async fn an_import_in_flight_when_serve_stops_is_recorded_interrupted_with_its_progress() {
     let db = TestDb::initialized().await;
-    let url = slow_api().await;
-    let file = sluice_core::integration::parse_file(
-        "feed.toml",
-        &format!(
-            r#"
-name = "stopped-feed"
-type = "IMPORT"
-endpoint = "{url}"
-schedule = "* * * * * *"
-allow_private_network = true
-[source]
-records = "$.data[*]"
-[source.pagination]
-type = "cursor"
-cursor_path = "$.next"
-[target]
-collection = "things"
-key = "thingId"
-[mapping.thingId]
-path = "$.id"
-type = "string"
-required = true
-"#
-        ),
-    )
-    .unwrap();
-    sluice_jobs::configs::apply(&db.store, &file).await.unwrap();
-    let dir = std::env::temp_dir().join(format!("sluice-stop-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("sluice.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[mongodb]\nuri = \"{}\"\ndatabase = \"{}\"\n[server]\nlisten = \"127.0.0.1:0\"\n[log]\nlevel = \"warn\"\n",
-            support::mongo_uri(),
-            db.name
-        ),
-    )
-    .unwrap();
-    let mut serve = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["--config"])
-        .arg(&config)
-        .arg("serve")
-        .env_remove("SLUICE_MONGODB_URI")
-        .env_remove("SLUICE_MONGODB_DATABASE")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let (dir, config) = setup(&db, "stopped-feed", "").await;
+    let mut serve = serve(&config);
     // Wait until the run has checkpointed a page or two of its six, then stop serve.
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
