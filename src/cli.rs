@@ -431,11 +431,7 @@ pub async fn import_run(config: &Config, name: &str, dry_run: bool) -> anyhow::R
     let store = Store::connect(config).await?;
     store.init().await?;
     if !dry_run {
-        sluice_jobs::schedule::check_not_running(
-            &store,
-            &format!("{}{name}", crate::engine::INTEGRATION_PREFIX),
-        )
-        .await?;
+        sluice_jobs::schedule::check_not_running(&store, &crate::engine::job_name(name)).await?;
     }
     let options = ImportOptions {
         dry_run,
@@ -793,13 +789,8 @@ pub async fn jobs_run(
     }
     // A bare config name is its integration job, recorded (and found in `jobs history`)
     // under the same name as its scheduled runs.
-    let name = &if name.starts_with(crate::engine::EXPORT_PREFIX)
-        || name.starts_with(crate::engine::INTEGRATION_PREFIX)
-    {
-        name.to_string()
-    } else {
-        format!("{}{name}", crate::engine::INTEGRATION_PREFIX)
-    };
+    let name = &crate::engine::job_name(name);
+    let is_export = name.starts_with(crate::engine::EXPORT_PREFIX);
     let store = Store::connect(config).await?;
     store.init().await?;
     let runner = crate::engine::EngineRunner {
@@ -808,14 +799,14 @@ pub async fn jobs_run(
     };
     let run = sluice_jobs::schedule::start_manual_run(&runner.store, name, "cli").await?;
     let progress = crate::engine::JobProgress::default();
-    let ticker = if name.starts_with(crate::engine::EXPORT_PREFIX) {
+    let ticker = if is_export {
         spawn_progress(progress.export.clone())
     } else {
         spawn_import_progress(progress.import.clone())
     };
     let result = runner.run_job_with(name, &progress).await;
     ticker.abort();
-    if name.starts_with(crate::engine::EXPORT_PREFIX) {
+    if is_export {
         eprintln!(); // ends the progress line
     }
     sluice_jobs::schedule::end_manual_run(&runner.store, &run, &result).await?;

@@ -110,6 +110,16 @@ pub struct EngineRunner {
     pub store: Store,
 }
 
+/// A job's full name: `export:NAME` and `integration:NAME` as they are; a bare name is
+/// the integration config of that name.
+pub fn job_name(name: &str) -> String {
+    if name.starts_with(EXPORT_PREFIX) || name.starts_with(INTEGRATION_PREFIX) {
+        name.to_string()
+    } else {
+        format!("{INTEGRATION_PREFIX}{name}")
+    }
+}
+
 /// The integration configs this process is importing (scheduled or manual runs), so that
 /// a process stopping mid-run can record those runs as interrupted.
 static IN_FLIGHT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());

@@ -1016,8 +1016,9 @@ fn member_chain(path: &str) -> Option<Vec<String>> {
         .collect()
 }
 
-/// The first value `f`'s path finds in `record`.
-fn lookup(f: &Field, record: &Value) -> Option<Value> {
+/// The first value `f`'s path finds in `record` (with the path parsed once, at
+/// validation).
+pub fn lookup(f: &Field, record: &Value) -> Option<Value> {
     match &f.members {
         Some(keys) => keys
             .iter()

@@ -95,6 +95,12 @@ fn opt_string(
 /// An id (`eventId`, `userId`, `sessionId`...): at most `MAX_ID_LEN` bytes, not blank,
 /// no control characters (they would end up in file names, logs and CSV exports).
 pub(crate) fn check_id(field: &str, id: &str) -> Result<(), ValidationError> {
+    if id.len() > MAX_ID_LEN {
+        return Err(ValidationError::new(
+            field,
+            format!("longer than {MAX_ID_LEN} bytes"),
+        ));
+    }
     if id.trim().is_empty() {
         return Err(ValidationError::new(field, "is blank"));
     }
@@ -194,6 +200,21 @@ pub fn unknown_members(v: &Value) -> Vec<String> {
         .collect()
 }
 
+/// A PURCHASE `amount`, when there is one, is a number from 0 to [`MAX_PURCHASE_AMOUNT`].
+fn check_amount(event_type: EventType, properties: &Document) -> Result<(), ValidationError> {
+    if event_type == EventType::Purchase
+        && properties.contains_key(f::AMOUNT)
+        && !crate::model::amount_of(properties)
+            .is_some_and(|x| (0.0..=MAX_PURCHASE_AMOUNT).contains(&x))
+    {
+        return Err(ValidationError::new(
+            "properties.amount",
+            format!("expected a number from 0 to {MAX_PURCHASE_AMOUNT:e}"),
+        ));
+    }
+    Ok(())
+}
+
 /// Checks an event built elsewhere (a transform plugin's output) against the rules
 /// [`parse_event`] applies to what clients send: a plugin cannot store what a client
 /// could not (an amount out of range, a `$` property name, a blank id...).
@@ -210,12 +231,6 @@ pub fn check_event(
         if field == f::SESSION_ID && id.is_empty() {
             continue;
         }
-        if id.len() > MAX_ID_LEN {
-            return Err(ValidationError::new(
-                field,
-                format!("longer than {MAX_ID_LEN} bytes"),
-            ));
-        }
         check_id(field, id)?;
     }
     let t = e.timestamp.timestamp_millis();
@@ -230,16 +245,7 @@ pub fn check_event(
     }
     let properties = bson::Bson::Document(e.properties.clone()).into_relaxed_extjson();
     check_properties(f::PROPERTIES, &properties, 0)?;
-    if e.event_type == EventType::Purchase
-        && e.properties.contains_key(f::AMOUNT)
-        && !crate::model::amount_of(&e.properties)
-            .is_some_and(|x| (0.0..=MAX_PURCHASE_AMOUNT).contains(&x))
-    {
-        return Err(ValidationError::new(
-            "properties.amount",
-            format!("expected a number from 0 to {MAX_PURCHASE_AMOUNT:e}"),
-        ));
-    }
+    check_amount(e.event_type, &e.properties)?;
     for (field, v) in [(f::PAGE_URL, &e.page_url), (f::REFERRER, &e.referrer)] {
         if v.as_ref().is_some_and(|s| s.len() > MAX_URL_LEN) {
             return Err(ValidationError::new(
@@ -361,16 +367,7 @@ pub fn parse_event(
             ))
         }
     };
-    if event_type == EventType::Purchase
-        && properties.contains_key(f::AMOUNT)
-        && !crate::model::amount_of(&properties)
-            .is_some_and(|x| (0.0..=MAX_PURCHASE_AMOUNT).contains(&x))
-    {
-        return Err(ValidationError::new(
-            "properties.amount",
-            format!("expected a number from 0 to {MAX_PURCHASE_AMOUNT:e}"),
-        ));
-    }
+    check_amount(event_type, &properties)?;
     let page_url = opt_string(obj, f::PAGE_URL, MAX_URL_LEN)?;
     let referrer = opt_string(obj, f::REFERRER, MAX_URL_LEN)?;
     let duration = match obj.get(f::DURATION) {

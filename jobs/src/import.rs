@@ -616,7 +616,7 @@ async fn write_page(
         {
             summary.cursor_epoch_ms |= page.records.first().is_some_and(|r| {
                 matches!(
-                    sluice_core::integration::first(r, &field.path),
+                    sluice_core::integration::lookup(field, r),
                     Some(Value::Number(_))
                 )
             });

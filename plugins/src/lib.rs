@@ -529,8 +529,8 @@ struct Pool {
 /// place freed for a new one.
 struct Checkout<'a> {
     owner: &'a WasmTransform,
+    /// `None` once handed back.
     live: Option<(Store<HostState>, Plugin)>,
-    handed_back: bool,
 }
 
 impl Checkout<'_> {
@@ -538,7 +538,6 @@ impl Checkout<'_> {
         if let Some(live) = self.live.take() {
             let mut pool = self.owner.pool.lock().unwrap_or_else(|p| p.into_inner());
             pool.idle.push(live);
-            self.handed_back = true;
             drop(pool);
             self.owner.freed.notify_one();
         }
@@ -547,12 +546,9 @@ impl Checkout<'_> {
 
 impl Drop for Checkout<'_> {
     fn drop(&mut self) {
-        if !self.handed_back {
-            drop(self.live.take());
-            let mut pool = self.owner.pool.lock().unwrap_or_else(|p| p.into_inner());
-            pool.count = pool.count.saturating_sub(1);
-            drop(pool);
-            self.owner.freed.notify_one();
+        if let Some(live) = self.live.take() {
+            drop(live);
+            self.owner.free_place();
         }
     }
 }
@@ -806,6 +802,14 @@ impl WasmTransform {
         decoded
     }
 
+    /// Gives back the place of an instance that was discarded or never built.
+    fn free_place(&self) {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        pool.count = pool.count.saturating_sub(1);
+        drop(pool);
+        self.freed.notify_one();
+    }
+
     /// An idle instance, or a new one while fewer than `max_instances` exist, or else the
     /// next one handed back.
     fn checkout(&self) -> Result<Checkout<'_>, PluginError> {
@@ -815,22 +819,22 @@ impl WasmTransform {
                 return Ok(Checkout {
                     owner: self,
                     live: Some(live),
-                    handed_back: false,
                 });
             }
             if pool.count < self.max_instances {
                 pool.count += 1;
                 pool.peak = pool.peak.max(pool.count);
                 drop(pool);
-                // From here the count includes this instance: the checkout's drop gives
-                // the place back if building it fails.
-                let mut out = Checkout {
-                    owner: self,
-                    live: None,
-                    handed_back: false,
+                return match off_runtime(|| self.instantiate()) {
+                    Ok(live) => Ok(Checkout {
+                        owner: self,
+                        live: Some(live),
+                    }),
+                    Err(e) => {
+                        self.free_place();
+                        Err(e)
+                    }
                 };
-                out.live = Some(off_runtime(|| self.instantiate())?);
-                return Ok(out);
             }
             pool = self.freed.wait(pool).unwrap_or_else(|p| p.into_inner());
         }
@@ -1024,7 +1028,6 @@ fn write_bson(out: &mut String, v: &bson::Bson) {
     }
 }
 
-/// A plugin's output record: a JSON object (relaxed extended JSON) to a BSON document.
 /// JSON has one kind of integer, so a small `Int64` of the input comes back from a plugin
 /// as a number that decodes as `Int32`. Where the output has an `Int32` at a place where
 /// its input had an `Int64`, it is widened back: a field does not change type in MongoDB
@@ -1039,11 +1042,10 @@ fn keep_int64(out: &mut Record, input: &Record) {
 
 fn widen(v: &mut bson::Bson, was: &bson::Bson) {
     use bson::Bson;
-    match (v, was) {
-        (v @ Bson::Int32(_), Bson::Int64(_)) => {
-            if let Bson::Int32(n) = *v {
-                *v = Bson::Int64(i64::from(n));
-            }
+    match (&mut *v, was) {
+        (Bson::Int32(n), Bson::Int64(_)) => {
+            let n = i64::from(*n);
+            *v = Bson::Int64(n);
         }
         (Bson::Document(d), Bson::Document(w)) => keep_int64(d, w),
         (Bson::Array(a), Bson::Array(w)) => {
@@ -1055,6 +1057,7 @@ fn widen(v: &mut bson::Bson, was: &bson::Bson) {
     }
 }
 
+/// A plugin's output record: a JSON object (relaxed extended JSON) to a BSON document.
 fn decode(text: &str) -> Result<Record, String> {
     let value: serde_json::Value =
         serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;

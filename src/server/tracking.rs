@@ -376,11 +376,13 @@ impl IntoResponse for Answer {
 
 /// Runs `[plugins] tracking_transforms` over the events to store. An event a plugin drops
 /// is answered `dropped`; outputs keep their input's eventId, so further outputs of one
-/// input are duplicates of the first; an output that is not an event is dropped and logged. Under `fail-run`, an event the chain fails
-/// (the plugin rejected it, or trapped on it) is answered `rejected` with the reason and
-/// the rest of the request goes on: there is no run to stop, and a client told to resend
-/// would send the same event into the same failure forever. A failure that is not the
-/// events' (a deadline, a plugin that cannot load) stores nothing and answers 503.
+/// input are duplicates of the first; an output that is not an event is dropped and
+/// logged, and one that breaks the client's rules fails its input. Under `fail-run`, an
+/// event the chain fails (the plugin rejected it, or trapped on it) is answered
+/// `rejected` with the reason and the rest of the request goes on: there is no run to
+/// stop, and a client told to resend would send the same event into the same failure
+/// forever. A failure that is not the events' (a deadline, a plugin that cannot load)
+/// stores nothing and answers 503.
 async fn transform(
     state: &AppState,
     events: Vec<Event>,
@@ -494,13 +496,13 @@ async fn transform(
     let outcomes = outcomes
         .into_iter()
         .map(|o| match o {
-            Outcome::Queued(i) => match position.get(events[i].event_id.as_str()) {
-                _ if failed.contains_key(&i) => {
-                    Outcome::Failed(failed.remove(&i).unwrap_or_default())
+            Outcome::Queued(i) => {
+                match (failed.remove(&i), position.get(events[i].event_id.as_str())) {
+                    (Some(reason), _) => Outcome::Failed(reason),
+                    (None, Some(&j)) => Outcome::Queued(j),
+                    (None, None) => Outcome::Dropped("transform"),
                 }
-                Some(&j) => Outcome::Queued(j),
-                None => Outcome::Dropped("transform"),
-            },
+            }
             other => other,
         })
         .collect();
