@@ -774,7 +774,9 @@ impl WasmTransform {
             });
         };
         self.arm(store);
-        let started = Instant::now();
+        // Sleeps end at this instant: a call that returns from one has used up its time,
+        // whatever the coarser epoch ticker has counted so far.
+        let deadline = store.data().deadline;
         let (result, pipes_full) = off_runtime(|| {
             let result = plugin.call_transform(&mut *store, &encoded);
             (result, self.flush_output(store))
@@ -786,9 +788,8 @@ impl WasmTransform {
             Err(e) => return Err(self.classify(e, store.data().limits.hit)),
         };
         let decoded = self.decode_results(batch, &encoded, results);
-        let deadline = Duration::from_millis(self.limits.batch_deadline_ms);
         let decoded = match decoded {
-            Ok(_) if started.elapsed() > deadline => Err(PluginError::Deadline {
+            Ok(_) if Instant::now() >= deadline => Err(PluginError::Deadline {
                 plugin: self.name.clone(),
                 ms: self.limits.batch_deadline_ms,
             }),
