@@ -437,6 +437,7 @@ pub async fn import_run(config: &Config, name: &str, dry_run: bool) -> anyhow::R
         dry_run,
         transforms: integration_transforms(config, &store, name).await?,
         token_key: config.token_key.clone(),
+        tracking: config.tracking.clone(),
         ..Default::default()
     };
     // Ctrl-C / SIGTERM: finish the page being written, record the run INTERRUPTED at its
@@ -471,13 +472,14 @@ pub async fn import_run(config: &Config, name: &str, dry_run: bool) -> anyhow::R
         }
     }
     println!(
-        "import {} {}: {} pages, {} records, {} inserted, {} updated, {} failed mapping, {} requests ({} retries), {:.1} s{}",
+        "import {} {}: {} pages, {} records, {} inserted, {} updated, {}{} failed mapping, {} requests ({} retries), {:.1} s{}",
         summary.name,
         if summary.completed { "completed" } else if dry_run { "checked" } else { "interrupted" },
         summary.pages,
         summary.fetched,
         summary.inserted,
         summary.updated,
+        crate::engine::already_stored(summary.unchanged),
         summary.failed,
         summary.http.requests,
         summary.http.retries,

@@ -219,12 +219,17 @@ impl EngineRunner {
                 .map_err(|e| format!("{e:#}"))?,
             token_key: self.config.token_key.clone(),
             progress: progress.import.clone(),
+            tracking: self.config.tracking.clone(),
             ..Default::default()
         };
         match sluice_jobs::import::run_import(&self.store, integration, &options).await {
             Ok(s) => Ok(format!(
-                "{} records, {} inserted, {} updated, {} failed mapping",
-                s.fetched, s.inserted, s.updated, s.failed
+                "{} records, {} inserted, {} updated, {}{} failed mapping",
+                s.fetched,
+                s.inserted,
+                s.updated,
+                already_stored(s.unchanged),
+                s.failed
             )),
             Err(sluice_jobs::import::ImportError::WrongType { .. }) => {
                 sluice_jobs::import::run_push(&self.store, integration, &options)
@@ -245,5 +250,15 @@ impl Runner for EngineRunner {
         };
         let name = job.name.clone();
         Box::pin(async move { this.run_job(&name).await })
+    }
+}
+
+/// `N already stored, ` for a run's summary line, when an import met records it had
+/// stored before and left unchanged (events); empty otherwise.
+pub fn already_stored(unchanged: u64) -> String {
+    if unchanged == 0 {
+        String::new()
+    } else {
+        format!("{unchanged} already stored, ")
     }
 }

@@ -107,7 +107,7 @@ async fn every_role_against_every_endpoint() {
             match body {
                 Some(Value::String(s)) if s == "CONFIG" => {
                     req = req.body(format!(
-                        "name = \"cfg-{}\"\ntype = \"IMPORT\"\nendpoint = \"https://api.example/x\"\n[target]\nkey = \"id\"\n[mapping.id]\npath = \"$.id\"\n",
+                        "name = \"cfg-{}\"\ntype = \"IMPORT\"\nendpoint = \"https://api.example/x\"\n[mapping.productId]\npath = \"$.id\"\n",
                         role.to_lowercase()
                     ));
                 }
@@ -177,7 +177,7 @@ async fn every_role_against_every_endpoint() {
         ),
         // A plugin this deployment does not have: refused now, not at the first run.
         (
-            "name = \"cfg-plugin\"\ntype = \"IMPORT\"\nendpoint = \"https://api.example/x\"\ntransforms = [\"no-such-plugin\"]\n[target]\nkey = \"id\"\n[mapping.id]\npath = \"$.id\"\n",
+            "name = \"cfg-plugin\"\ntype = \"IMPORT\"\nendpoint = \"https://api.example/x\"\ntransforms = [\"no-such-plugin\"]\n[mapping.productId]\npath = \"$.id\"\n",
             "no-such-plugin",
         ),
     ] {

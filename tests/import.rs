@@ -1403,3 +1403,285 @@ async fn a_plugin_that_prints_runs_inside_an_import() {
     let s = run_import(&db.store, &name, &options).await.unwrap();
     assert_eq!((s.fetched, s.inserted), (45, 45));
 }
+
+/// Point-of-sale records for an IMPORT into `events`: customer c1 buys twice 5 minutes
+/// apart and again two hours later, c2 twice; one record repeats a sale id and one has a
+/// kind that is no event type.
+fn sales_page(day: &str) -> Value {
+    let sale = |id: &str, customer: &str, time: &str, kind: &str, total: f64| {
+        json!({
+            "sale_id": id, "customer": customer, "kind": kind, "total": total,
+            "sold_at": format!("{day}T{time}Z"), "settled_at": format!("{day}T23:00:00Z"),
+            "register": "till-3",
+        })
+    };
+    json!({ "sales": [
+        sale("s1", "c1", "10:00:00", "PURCHASE", 20.0),
+        sale("s2", "c1", "10:05:00", "PURCHASE", 5.5),
+        sale("s3", "c1", "12:00:00", "PURCHASE", 10.0),
+        sale("s4", "c2", "10:00:00", "PURCHASE", 1.0),
+        sale("s5", "c2", "10:10:00", "PAGE_VIEW", 0.0),
+        sale("s1", "c1", "10:00:00", "PURCHASE", 20.0),
+        sale("s6", "c2", "10:20:00", "REFUND", 3.0),
+    ]})
+}
+
+/// A counter stored as int32 or int64.
+fn int(d: &bson::Document, k: &str) -> i64 {
+    match d.get(k) {
+        Some(bson::Bson::Int32(n)) => i64::from(*n),
+        Some(bson::Bson::Int64(n)) => *n,
+        other => panic!("`{k}` is {other:?} in {d}"),
+    }
+}
+
+fn sales_config(name: &str, endpoint: &str, key: &str) -> String {
+    format!(
+        r#"
+name = "{name}"
+type = "IMPORT"
+endpoint = "{endpoint}"
+allow_private_network = true
+[source]
+records = "$.sales[*]"
+[target]
+collection = "events"
+key = "{key}"
+[mapping.eventId]
+path = "$.sale_id"
+type = "string"
+required = true
+[mapping.userId]
+path = "$.customer"
+type = "string"
+required = true
+[mapping.eventType]
+path = "$.kind"
+[mapping.timestamp]
+path = "$.sold_at"
+type = "date"
+required = true
+[mapping.amount]
+path = "$.total"
+type = "number"
+[mapping.settledAt]
+path = "$.settled_at"
+type = "date"
+[mapping.register]
+path = "$.register"
+"#
+    )
+}
+
+#[tokio::test]
+async fn an_import_into_events_stores_each_event_once_and_keeps_sessions_and_users_right() {
+    let db = TestDb::initialized().await;
+    let day = (chrono::Utc::now() - chrono::Duration::days(1))
+        .format("%Y-%m-%d")
+        .to_string();
+    let page = sales_page(&day);
+    let addr = serve(Router::new().route("/sales", get(move || async move { Json(page) }))).await;
+    let endpoint = format!("http://{addr}/sales");
+
+    // The key of an import into events is eventId, and the fields every event has are mapped.
+    let wrong_key = parse_file("t.toml", &sales_config("pos", &endpoint, "saleId")).unwrap();
+    let err = sluice_core::integration::validate("t.toml", &wrong_key, &|_| None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("target.key") && err.contains("eventId"),
+        "{err}"
+    );
+    let no_time = sales_config("pos", &endpoint, "eventId").replace(
+        "[mapping.timestamp]\npath = \"$.sold_at\"\ntype = \"date\"\nrequired = true\n",
+        "",
+    );
+    let err = sluice_core::integration::validate(
+        "t.toml",
+        &parse_file("t.toml", &no_time).unwrap(),
+        &|_| None,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("mapping.timestamp"), "{err}");
+
+    let name = apply(&db, &sales_config("pos", &endpoint, "eventId")).await;
+    let first = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert!(first.completed);
+    assert_eq!(first.fetched, 7);
+    assert_eq!(first.inserted, 5, "{first:?}");
+    assert_eq!(first.unchanged, 1, "the repeated sale id is stored once");
+    assert_eq!(first.failed, 1, "REFUND is no event type");
+    assert!(
+        first.samples[0].reason.contains("eventType"),
+        "{:?}",
+        first.samples
+    );
+    assert_eq!(count(&db, "events").await, 5);
+
+    let s1 = db
+        .store
+        .collection("events")
+        .find_one(doc! { "eventId": "s1" })
+        .await
+        .unwrap()
+        .unwrap();
+    let props = s1.get_document("properties").unwrap();
+    assert_eq!(props.get_f64("amount").unwrap(), 20.0);
+    assert_eq!(props.get_str("register").unwrap(), "till-3");
+    assert!(
+        props.get_datetime("settledAt").is_ok(),
+        "a mapped date stays a date: {props}"
+    );
+
+    // Sessions by the inactivity gap: c1's sale two hours later opens a second session.
+    let sessions = |user: &'static str| {
+        let store = db.store.clone();
+        async move {
+            store
+                .collection("sessions")
+                .find(doc! { "userId": user })
+                .sort(doc! { "startTime": 1 })
+                .await
+                .unwrap()
+                .try_collect::<Vec<_>>()
+                .await
+                .unwrap()
+        }
+    };
+    let c1 = sessions("c1").await;
+    assert_eq!(c1.len(), 2, "{c1:?}");
+    assert_eq!(int(&c1[0], "events"), 2);
+    assert_eq!(int(&c1[1], "events"), 1);
+    assert_eq!(sessions("c2").await.len(), 1);
+    let user = |id: &'static str| {
+        let store = db.store.clone();
+        async move {
+            let mut u = store
+                .collection("users")
+                .find_one(doc! { "visitorId": id })
+                .await
+                .unwrap()
+                .unwrap();
+            u.remove("updatedAt");
+            u
+        }
+    };
+    let c1_user = user("c1").await;
+    assert_eq!(int(&c1_user, "totalSessions"), 2, "{c1_user}");
+    assert_eq!(int(&c1_user, "totalPurchases"), 3);
+    assert_eq!(c1_user.get_f64("totalRevenue").unwrap(), 35.5);
+    let c2_user = user("c2").await;
+    assert_eq!(int(&c2_user, "totalEvents"), 2);
+    assert_eq!(int(&c2_user, "totalPurchases"), 1);
+
+    // A second run reads the same sales: nothing changes.
+    let second = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert_eq!((second.inserted, second.unchanged), (0, 6), "{second:?}");
+    assert_eq!(count(&db, "events").await, 5);
+    assert_eq!(user("c1").await, c1_user);
+    assert_eq!(sessions("c1").await.len(), 2);
+    let run = db
+        .store
+        .collection("import_runs")
+        .find_one(doc! { "runId": &second.run_id })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(run.get_i64("unchanged").unwrap(), 6, "{run}");
+}
+
+#[tokio::test]
+async fn a_custom_key_index_does_not_refuse_other_writers_documents_without_the_key() {
+    let db = TestDb::initialized().await;
+    let addr = serve(Router::new().route(
+        "/contacts",
+        get(|| async { Json(json!({"data": [{"crm": "k1", "visitor": "v-crm"}]})) }),
+    ))
+    .await;
+    let text = format!(
+        r#"
+name = "crm"
+type = "IMPORT"
+endpoint = "http://{addr}/contacts"
+allow_private_network = true
+[source]
+records = "$.data[*]"
+[target]
+collection = "users"
+key = "crmId"
+[mapping.crmId]
+path = "$.crm"
+type = "string"
+required = true
+[mapping.visitorId]
+path = "$.visitor"
+type = "string"
+"#
+    );
+    // New users need their visitorId (the schema's unique identity).
+    let without_visitor = text.replace(
+        "[mapping.visitorId]\npath = \"$.visitor\"\ntype = \"string\"\n",
+        "",
+    );
+    assert_ne!(without_visitor, text);
+    let err = sluice_core::integration::validate(
+        "t.toml",
+        &parse_file("t.toml", &without_visitor).unwrap(),
+        &|_| None,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("mapping.visitorId"), "{err}");
+    // The key index as earlier versions built it (over every document) is rebuilt.
+    db.store
+        .collection("users")
+        .create_index(
+            mongodb::IndexModel::builder()
+                .keys(doc! { "crmId": 1 })
+                .options(
+                    mongodb::options::IndexOptions::builder()
+                        .unique(true)
+                        .name("crmId_unique".to_string())
+                        .build(),
+                )
+                .build(),
+        )
+        .await
+        .unwrap();
+    let name = apply(&db, &text).await;
+    let s = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(s.inserted, 1);
+    // Tracked visitors have no crmId: the key's unique index must not see them as
+    // duplicates of each other.
+    let writer = sluice_connectors::mongo::EventWriter::new(db.store.clone(), Default::default());
+    let events: Vec<_> = ["v-a", "v-b"]
+        .iter()
+        .map(|v| {
+            sluice_core::tracking::parse_event(
+                &json!({"userId": v, "sessionId": format!("{v}-s"), "eventType": "PAGE_VIEW"}),
+                &sluice_core::tracking::RequestContext {
+                    received_at_ms: chrono::Utc::now().timestamp_millis(),
+                    max_future_ms: 300_000,
+                    ..Default::default()
+                },
+                Default::default(),
+            )
+            .unwrap()
+        })
+        .collect();
+    let statuses = writer.write(&events).await.unwrap();
+    assert!(
+        statuses
+            .iter()
+            .all(|s| *s == sluice_connectors::mongo::WriteStatus::Stored),
+        "{statuses:?}"
+    );
+    assert_eq!(count(&db, "users").await, 3);
+}

@@ -332,7 +332,7 @@ async fn the_engine_schedules_export_schedules_and_integration_configs() {
     });
     let file = sluice_core::integration::parse_file(
         "t",
-        "name = \"feed\"\ntype = \"IMPORT\"\nendpoint = \"http://127.0.0.1:9/x\"\nschedule = \"0 0 * * * *\"\n[target]\nkey = \"id\"\n[mapping.id]\npath = \"$.id\"\n",
+        "name = \"feed\"\ntype = \"IMPORT\"\nendpoint = \"http://127.0.0.1:9/x\"\nschedule = \"0 0 * * * *\"\n[mapping.productId]\npath = \"$.id\"\n",
     )
     .unwrap();
     sluice_jobs::configs::apply(&db.store, &file).await.unwrap();

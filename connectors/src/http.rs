@@ -57,6 +57,9 @@ pub struct Page {
     pub body: Value,
     pub headers: HeaderMap,
     pub records: Vec<Value>,
+    /// A hash of the raw answer: tells a page served twice in a row without keeping the
+    /// previous page's body.
+    pub digest: u64,
     /// Set when no records were found because the response has nothing where the
     /// records selector looks (a wrong `source.records`, or an error body), as opposed to
     /// an empty list.
@@ -417,7 +420,9 @@ impl HttpClient {
         query: &[(String, String)],
         body: Option<&Value>,
     ) -> Result<(Value, HeaderMap), HttpError> {
-        self.request(method, url, query, body, true).await
+        self.request(method, url, query, body, true)
+            .await
+            .map(|(v, h, _)| (v, h))
     }
 
     async fn request(
@@ -427,7 +432,7 @@ impl HttpClient {
         query: &[(String, String)],
         body: Option<&Value>,
         json_answer: bool,
-    ) -> Result<(Value, HeaderMap), HttpError> {
+    ) -> Result<(Value, HeaderMap, u64), HttpError> {
         let attempts = self.connector.retry.max_attempts;
         let mut last = String::new();
         let mut force_token = false;
@@ -530,7 +535,7 @@ impl HttpClient {
                 });
             }
             if !json_answer || status == reqwest::StatusCode::NO_CONTENT {
-                return Ok((Value::Null, headers));
+                return Ok((Value::Null, headers, digest(&text)));
             }
             let parsed = if text.trim().is_empty() {
                 Err("an empty body, not JSON".to_string())
@@ -538,7 +543,7 @@ impl HttpClient {
                 serde_json::from_str(&text).map_err(|e| e.to_string())
             };
             match parsed {
-                Ok(v) => return Ok((v, headers)),
+                Ok(v) => return Ok((v, headers, digest(&text))),
                 Err(e) => {
                     // Often a proxy's error page: retry, then fail with the parse error.
                     last = format!("malformed JSON: {e}");
@@ -608,7 +613,9 @@ impl HttpClient {
                     .unwrap_or_else(|_| self.connector.endpoint.text.clone()),
             });
         }
-        let (body, headers) = self.send(HttpMethod::Get, url, query, None).await?;
+        let (body, headers, digest) = self
+            .request(HttpMethod::Get, url, query, None, true)
+            .await?;
         let records =
             select_records(&body, &self.connector.records).map_err(HttpError::Selector)?;
         let records_missing = records
@@ -620,6 +627,7 @@ impl HttpClient {
             body,
             headers,
             records,
+            digest,
             records_missing,
         }))
     }
@@ -797,6 +805,13 @@ fn next_link(headers: &HeaderMap) -> Option<String> {
         }
     }
     None
+}
+
+fn digest(text: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut h);
+    h.finish()
 }
 
 #[cfg(test)]

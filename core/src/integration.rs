@@ -708,6 +708,27 @@ pub fn validate(
         if fields.is_empty() {
             return Err(invalid("mapping", "at least one mapped field".into()));
         }
+        if file.target.collection == crate::model::collections::EVENTS {
+            if let Some((field, expected)) = event_target_problem(&file.target, &fields) {
+                return Err(invalid(&field, expected));
+            }
+        }
+        // The schema's unique identities are indexed over every document: a new
+        // document without one is a duplicate null from the second on.
+        let identity = match file.target.collection.as_str() {
+            crate::model::collections::USERS => Some(crate::model::user_fields::VISITOR_ID),
+            crate::model::collections::PRODUCTS => Some(crate::model::product_fields::PRODUCT_ID),
+            _ => None,
+        };
+        if let Some(id) = identity.filter(|id| !mapped(id)) {
+            return Err(invalid(
+                &format!("mapping.{id}"),
+                format!(
+                    "a mapping for `{id}`: every document in `{}` has one (its unique index), so an import that may create documents must map it",
+                    file.target.collection
+                ),
+            ));
+        }
         if !mapped(&file.target.key) {
             return Err(invalid(
                 "target.key",
@@ -837,6 +858,45 @@ pub fn select_records(body: &Value, path: &str) -> Result<Vec<Value>, String> {
     body.query(path)
         .map(|found| found.into_iter().cloned().collect())
         .map_err(|e| format!("record selector `{path}`: {e}"))
+}
+
+/// Fields an IMPORT into `events` must map: each record becomes a tracking event.
+pub const EVENT_IMPORT_REQUIRED: [&str; 3] = ["userId", "eventType", "timestamp"];
+
+/// What is wrong with an IMPORT into `events`, as (field, what was expected). Records
+/// become events (validated as the tracking API validates them, deduplicated by
+/// `eventId`, folded into `sessions` and `users`), so the key is `eventId`, the fields
+/// every event has are mapped, and `metadata` stays Sluice's.
+fn event_target_problem(target: &TargetSection, fields: &[Field]) -> Option<(String, String)> {
+    use crate::model::event_fields as e;
+    if target.key != e::EVENT_ID {
+        return Some((
+            "target.key".into(),
+            format!(
+                "`eventId` for `collection = \"events\"` (events are stored once per eventId), got `{}`",
+                target.key
+            ),
+        ));
+    }
+    let mapped = |name: &str| fields.iter().any(|f| f.target == name);
+    if let Some(missing) = EVENT_IMPORT_REQUIRED.iter().find(|n| !mapped(n)) {
+        return Some((
+            format!("mapping.{missing}"),
+            format!(
+                "a mapping for `{missing}`: an IMPORT into `events` must map {} (a `default` will do for a constant)",
+                EVENT_IMPORT_REQUIRED.map(|f| format!("`{f}`")).join(", ")
+            ),
+        ));
+    }
+    for own in [e::METADATA, "_id"] {
+        if mapped(own) {
+            return Some((
+                format!("mapping.{own}"),
+                format!("no `{own}` mapping (Sluice sets it on every event); map the value to another name, which lands in `properties`"),
+            ));
+        }
+    }
+    None
 }
 
 /// Why a records selector that found nothing probably points at the wrong place: the

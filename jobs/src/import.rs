@@ -15,11 +15,14 @@ use std::time::Instant;
 use bson::{doc, Bson, DateTime, Document};
 use serde_json::Value;
 use sluice_connectors::http::{HttpClient, HttpError, HttpStats, PageState};
+use sluice_connectors::mongo::{EventWriter, WriteStatus, WriterOptions};
 use sluice_connectors::{Store, StoreError};
 use sluice_core::integration::{map_record, validate, Connector};
 use sluice_core::model::{
-    collections as c, common, import_run_fields as r, integration_fields as f, IntegrationType,
+    collections as c, common, import_run_fields as r, integration_fields as f, Event,
+    EventMetadata, IntegrationType,
 };
+use sluice_core::tracking::{parse_event, RequestContext};
 use sluice_core::transform::{apply_chain, Transform, TransformError};
 use sluice_core::ConfigError;
 
@@ -76,6 +79,9 @@ pub struct ImportOptions {
     /// Values for `${env:NAME}` references, looked up before the environment (for callers
     /// that hold a secret in memory, like the demo).
     pub secrets: std::collections::BTreeMap<String, String>,
+    /// `[tracking]`: an IMPORT into `events` validates records as the tracking API
+    /// does (`max_future_seconds`) and assigns sessions by its inactivity gap.
+    pub tracking: sluice_core::config::TrackingSection,
 }
 
 /// One mapping failure kept for the run history.
@@ -95,6 +101,9 @@ pub struct ImportSummary {
     pub fetched: u64,
     pub inserted: u64,
     pub updated: u64,
+    /// Records already stored and left as they were (an IMPORT into `events`: an event
+    /// is stored once per eventId and never changed).
+    pub unchanged: u64,
     pub failed: u64,
     pub samples: Vec<Rejected>,
     /// Dry run: some mapped records.
@@ -308,6 +317,7 @@ pub async fn run_import(
             summary.fetched = cp.get_i64("fetched").unwrap_or(0) as u64;
             summary.inserted = cp.get_i64("inserted").unwrap_or(0) as u64;
             summary.updated = cp.get_i64("updated").unwrap_or(0) as u64;
+            summary.unchanged = cp.get_i64("unchanged").unwrap_or(0) as u64;
             summary.failed = cp.get_i64("failed").unwrap_or(0) as u64;
             max_cursor = cp.get("maxCursor").cloned().filter(|b| *b != Bson::Null);
             summary.cursor_epoch_ms = cp.get_bool("cursorEpochMs").unwrap_or(false);
@@ -421,7 +431,9 @@ async fn import_pages(
     max_cursor: &mut Option<Bson>,
     fingerprint: &str,
 ) -> Result<(), ImportError> {
-    let mut previous_body: Option<Value> = None;
+    // The previous page's digest and record count (its body is not kept: a page can be
+    // large).
+    let mut previous: Option<(u64, usize)> = None;
     // Requests made this run: an API naming a page it already served (a cursor that
     // comes back) would otherwise loop until `max_pages`.
     let mut requested = std::collections::HashSet::new();
@@ -431,7 +443,11 @@ async fn import_pages(
     };
     requested.extend(request_key(state));
     let mut pages_this_run = 0u64;
-    let mut mode = if !options.dry_run && ensure_key_index(store, connector).await {
+    // (`events` needs no key index: the event writer's ledger makes eventIds unique.)
+    let mut mode = if !options.dry_run
+        && connector.collection != c::EVENTS
+        && ensure_key_index(store, connector).await
+    {
         SinkMode::InsertFirst
     } else {
         SinkMode::UpsertOnly
@@ -441,8 +457,8 @@ async fn import_pages(
     // MongoDB work at the same time; the checkpoint still advances page by page, only
     // after the sink committed.
     let mut fetched = http.fetch(state).await?;
-    while let Some(page) = fetched.take() {
-        if previous_body.as_ref() == Some(&page.body) && !page.records.is_empty() {
+    while let Some(mut page) = fetched.take() {
+        if previous == Some((page.digest, page.records.len())) && !page.records.is_empty() {
             summary.stopped_early = Some(format!(
                 "page {} repeated the previous page; stopped (loop guard)",
                 summary.pages + 1
@@ -451,6 +467,9 @@ async fn import_pages(
             break;
         }
         let mut next = http.next_state(state, &page);
+        // Pagination has read what it needs from the body: free it before the next page
+        // arrives (the records were copied out of it).
+        page.body = Value::Null;
         if let PageState::Fetch { page: n, .. } = &next {
             if *n >= connector.max_pages {
                 summary.stopped_early =
@@ -508,7 +527,7 @@ async fn import_pages(
         );
         let (prefetched, written) = tokio::join!(prefetch, write);
         written?;
-        previous_body = Some(page.body);
+        previous = Some((page.digest, page.records.len()));
         *state = next;
         if stop_here {
             break;
@@ -629,24 +648,56 @@ async fn write_page(
             }
         }
     }
+    // An import into `events` stores tracking events: validated, deduplicated by
+    // eventId, folded into sessions and users.
+    let events = if connector.collection == c::EVENTS {
+        let received_at_ms = chrono::Utc::now().timestamp_millis();
+        let max_future_ms = options.tracking.max_future_seconds.saturating_mul(1000);
+        let mut events = Vec::with_capacity(mapped.len());
+        for d in &mapped {
+            match as_event(d, received_at_ms, max_future_ms) {
+                Ok(e) => events.push(e),
+                Err(reason) => reject(summary, options, reason, &mapped_json(d)),
+            }
+        }
+        Some(events)
+    } else {
+        None
+    };
     if options.dry_run {
-        for d in mapped
-            .iter()
+        let shown: Vec<Document> = match &events {
+            Some(events) => events
+                .iter()
+                .filter_map(|e| bson::to_document(e).ok())
+                .collect(),
+            None => mapped,
+        };
+        for d in shown
+            .into_iter()
             .take(5usize.saturating_sub(summary.preview.len()))
         {
             summary
                 .preview
-                .push(Bson::Document(d.clone()).into_relaxed_extjson());
+                .push(Bson::Document(d).into_relaxed_extjson());
         }
     } else {
-        for chunk in mapped.chunks(connector.batch_size) {
-            let (inserted, updated) = sink(store, connector, chunk, sink_mode).await?;
-            summary.inserted += inserted;
-            summary.updated += updated;
-            options
-                .progress
-                .upserted
-                .fetch_add(inserted + updated, Relaxed);
+        if let Some(events) = events {
+            for chunk in events.chunks(connector.batch_size) {
+                let (stored, unchanged) = write_events(store, options, chunk).await?;
+                summary.inserted += stored;
+                summary.unchanged += unchanged;
+                options.progress.upserted.fetch_add(stored, Relaxed);
+            }
+        } else {
+            for chunk in mapped.chunks(connector.batch_size) {
+                let (inserted, updated) = sink(store, connector, chunk, sink_mode).await?;
+                summary.inserted += inserted;
+                summary.updated += updated;
+                options
+                    .progress
+                    .upserted
+                    .fetch_add(inserted + updated, Relaxed);
+            }
         }
         // The page is committed: remember where the next one starts.
         store
@@ -661,6 +712,7 @@ async fn write_page(
                     "fetched": summary.fetched as i64,
                     "inserted": summary.inserted as i64,
                     "updated": summary.updated as i64,
+                    "unchanged": summary.unchanged as i64,
                     "failed": summary.failed as i64,
                     "maxCursor": max_cursor.clone().unwrap_or(Bson::Null),
                     "cursorEpochMs": summary.cursor_epoch_ms,
@@ -672,6 +724,127 @@ async fn write_page(
             .map_err(StoreError::mongo(c::IMPORT_CHECKPOINTS, "save checkpoint"))?;
     }
     Ok(())
+}
+
+/// A mapped record as the tracking API's event: the event's own fields at the top, every
+/// other mapped field in `properties`. It is checked as the tracking endpoint checks a
+/// client's event; its properties keep their mapped BSON types (a `date` stays a date).
+fn as_event(mapped: &Document, received_at_ms: i64, max_future_ms: i64) -> Result<Event, String> {
+    use sluice_core::model::event_fields as e;
+    const OWN: [&str; 8] = [
+        e::EVENT_ID,
+        e::USER_ID,
+        e::SESSION_ID,
+        e::EVENT_TYPE,
+        e::TIMESTAMP,
+        e::PAGE_URL,
+        e::REFERRER,
+        e::DURATION,
+    ];
+    let mut top = serde_json::Map::new();
+    let mut properties = Document::new();
+    for (k, v) in mapped {
+        if k == e::PROPERTIES {
+            match v {
+                Bson::Document(d) => properties.extend(d.clone()),
+                Bson::Null => {}
+                other => {
+                    return Err(format!(
+                        "field `properties`: expected an object, got {}",
+                        plain_json(other)
+                    ))
+                }
+            }
+        } else if OWN.contains(&k.as_str()) {
+            let value = match v {
+                // Epoch milliseconds: the tracking API's other time form, exact.
+                Bson::DateTime(t) => Value::from(t.timestamp_millis()),
+                other => plain_json(other),
+            };
+            top.insert(k.clone(), value);
+        } else {
+            properties.insert(k.clone(), v.clone());
+        }
+    }
+    top.insert(
+        e::PROPERTIES.to_string(),
+        plain_json(&Bson::Document(properties.clone())),
+    );
+    let ctx = RequestContext {
+        received_at_ms,
+        max_future_ms,
+        ..Default::default()
+    };
+    let mut event = parse_event(&Value::Object(top), &ctx, EventMetadata::default())
+        .map_err(|e| e.to_string())?;
+    event.properties = properties;
+    Ok(event)
+}
+
+/// JSON for checking a mapped value: dates as RFC 3339 strings, everything else as
+/// relaxed extended JSON.
+fn plain_json(v: &Bson) -> Value {
+    match v {
+        Bson::DateTime(t) => Value::String(
+            t.try_to_rfc3339_string()
+                .unwrap_or_else(|_| t.timestamp_millis().to_string()),
+        ),
+        Bson::Document(d) => {
+            Value::Object(d.iter().map(|(k, v)| (k.clone(), plain_json(v))).collect())
+        }
+        Bson::Array(a) => Value::Array(a.iter().map(plain_json).collect()),
+        other => other.clone().into_relaxed_extjson(),
+    }
+}
+
+fn mapped_json(d: &Document) -> Value {
+    Bson::Document(d.clone()).into_relaxed_extjson()
+}
+
+/// Writes one chunk of imported events through the event writer; returns (stored,
+/// already stored). An event another writer is storing at this moment is sent again
+/// until that writer's claim is decided.
+async fn write_events(
+    store: &Store,
+    options: &ImportOptions,
+    events: &[Event],
+) -> Result<(u64, u64), ImportError> {
+    let writer_options = WriterOptions {
+        session_gap: std::time::Duration::from_secs(
+            options.tracking.session_timeout_minutes.saturating_mul(60),
+        ),
+        ..WriterOptions::default()
+    };
+    let give_up = Instant::now() + writer_options.claim_lease * 2;
+    let writer = EventWriter::new(store.clone(), writer_options);
+    let (mut stored, mut unchanged) = (0, 0);
+    let mut pending = events.to_vec();
+    loop {
+        let statuses = writer.write(&pending).await?;
+        let mut again = Vec::new();
+        for (event, status) in pending.into_iter().zip(statuses) {
+            match status {
+                WriteStatus::Stored => stored += 1,
+                WriteStatus::Duplicate => unchanged += 1,
+                WriteStatus::Retry => again.push(event),
+            }
+        }
+        if again.is_empty() {
+            return Ok((stored, unchanged));
+        }
+        if Instant::now() > give_up {
+            return Err(ImportError::Sink {
+                collection: c::EVENTS.into(),
+                message: format!(
+                    "{} event(s) (first eventId `{}`) stayed claimed by another writer for longer than its lease",
+                    again.len(),
+                    again[0].event_id
+                ),
+            });
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        pending = again;
+    }
 }
 
 /// Identifies a stored config's settings (its `spec`), to tell whether a checkpoint was
@@ -706,11 +879,24 @@ async fn ensure_key_index(store: &Store, connector: &Connector) -> bool {
     }
     let coll = store.collection(&connector.collection);
     let wanted = doc! { &connector.key: 1 };
+    let name = format!("{}_unique", connector.key);
     if let Ok(cursor) = coll.list_indexes().await {
         if let Ok(indexes) = cursor.try_collect::<Vec<_>>().await {
-            if indexes.iter().any(|m| {
+            let unique = |m: &mongodb::IndexModel| {
                 m.keys == wanted && m.options.as_ref().and_then(|o| o.unique) == Some(true)
-            }) {
+            };
+            // Earlier versions built their key index over every document: rebuilt
+            // partial, it stops refusing other writers' documents that lack the key.
+            let outdated = indexes.iter().find(|m| {
+                unique(m)
+                    && m.options.as_ref().is_some_and(|o| {
+                        o.name.as_deref() == Some(name.as_str())
+                            && o.partial_filter_expression.is_none()
+                    })
+            });
+            if outdated.is_some() && coll.drop_index(&name).await.is_ok() {
+                tracing::info!(collection = %connector.collection, index = %name, "rebuilding the key index as partial (documents without the key are not indexed)");
+            } else if indexes.iter().any(unique) {
                 return true;
             }
         }
@@ -720,7 +906,10 @@ async fn ensure_key_index(store: &Store, connector: &Connector) -> bool {
         .options(
             mongodb::options::IndexOptions::builder()
                 .unique(true)
-                .name(format!("{}_unique", connector.key))
+                // Only documents that have the key: other writers' documents without it
+                // (tracked users, say, for a key of `crmId`) must not collide as nulls.
+                .partial_filter_expression(doc! { &connector.key: { "$exists": true } })
+                .name(name)
                 .build(),
         )
         .build();
@@ -875,7 +1064,7 @@ pub async fn mark_interrupted(store: &Store, configs: &[String]) -> Result<u64, 
         };
         let mut filter = doc! { r::CONFIG: name, r::STATUS: "RUNNING" };
         if let Some(cp) = &checkpoint {
-            for k in ["pages", "fetched", "inserted", "updated"] {
+            for k in ["pages", "fetched", "inserted", "updated", "unchanged"] {
                 if let Ok(n) = cp.get_i64(k) {
                     set.insert(k, n);
                 }
@@ -909,7 +1098,8 @@ async fn record_run(
                 "$set": {
                     r::CONFIG: &s.name, r::STATUS: status, "pages": s.pages as i64,
                     "fetched": s.fetched as i64, "inserted": s.inserted as i64,
-                    "updated": s.updated as i64, "failedMappings": s.failed as i64,
+                    "updated": s.updated as i64, "unchanged": s.unchanged as i64,
+                    "failedMappings": s.failed as i64,
                     "deadLetters": s.dead_letters as i64,
                     "samples": samples, "error": error, "resumed": s.resumed,
                     "stoppedEarly": s.stopped_early.clone(),
