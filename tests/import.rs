@@ -1685,3 +1685,37 @@ type = "string"
     );
     assert_eq!(count(&db, "users").await, 3);
 }
+
+#[tokio::test]
+async fn a_path_matching_several_values_warns_unless_the_field_is_a_list() {
+    let db = TestDb::initialized().await;
+    let addr = serve(Router::new().route(
+        "/things",
+        get(|| async { Json(json!({"data": [{"id": "t1", "tags": [{"n": "a"}, {"n": "b"}]}]})) }),
+    ))
+    .await;
+    let text = things_config("tags", &format!("http://{addr}/things"), "type = \"none\"")
+        + "[mapping.tag]\npath = \"$.tags[*].n\"\n[mapping.tagList]\npath = \"$.tags[*].n\"\nlist = true\n";
+    let name = apply(&db, &text).await;
+    let s = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(s.warnings.len(), 1, "{:?}", s.warnings);
+    assert!(
+        s.warnings[0].contains("mapping.tag`") && s.warnings[0].contains("list = true"),
+        "{:?}",
+        s.warnings
+    );
+    let thing = db
+        .store
+        .collection("things")
+        .find_one(doc! { "thingId": "t1" })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(thing.get_str("tag").unwrap(), "a");
+    assert_eq!(
+        thing.get_array("tagList").unwrap(),
+        &vec![bson::Bson::from("a"), bson::Bson::from("b")]
+    );
+}

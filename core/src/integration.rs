@@ -243,6 +243,10 @@ pub struct FieldMapping {
     /// Used when the path finds nothing (or null).
     #[serde(default)]
     pub default: Option<toml::Value>,
+    /// Keep every value the path finds, as a list (each coerced to `type`), instead of
+    /// the first.
+    #[serde(default)]
+    pub list: bool,
 }
 
 fn any() -> String {
@@ -311,6 +315,8 @@ pub struct Field {
     pub kind: FieldType,
     pub required: bool,
     pub default: Option<Value>,
+    /// Every match, as a list (`list = true`).
+    pub list: bool,
 }
 
 /// Pagination, validated.
@@ -677,6 +683,7 @@ pub fn validate(
             kind,
             required: m.required,
             default: m.default.as_ref().map(toml_to_json),
+            list: m.list,
         };
         // A default is coerced to the type like a found value: check it does coerce, or
         // every record without the field would be rejected at run time.
@@ -962,6 +969,28 @@ pub fn first(value: &Value, path: &str) -> Option<Value> {
 }
 
 fn coerce(field: &Field, v: Value) -> Result<Bson, String> {
+    if field.list {
+        let Value::Array(items) = v else {
+            return Err(format!(
+                "field `{}` ({}): expected a list (`list = true`), got {v}",
+                field.target, field.path
+            ));
+        };
+        let one = Field {
+            list: false,
+            ..field.clone()
+        };
+        return items
+            .into_iter()
+            .enumerate()
+            .map(|(i, item)| coerce(&one, item).map_err(|e| format!("{e} (item {i})")))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Bson::Array);
+    }
+    coerce_one(field, v)
+}
+
+fn coerce_one(field: &Field, v: Value) -> Result<Bson, String> {
     let bad = |what: &str| {
         format!(
             "field `{}` ({}): expected {what}, got {v}",
@@ -1076,26 +1105,87 @@ fn member_chain(path: &str) -> Option<Vec<String>> {
         .collect()
 }
 
-/// The first value `f`'s path finds in `record` (with the path parsed once, at
-/// validation).
+/// The value `f`'s path finds in `record` (with the path parsed once, at validation): the
+/// first match, or with `list = true` every match as a list.
 pub fn lookup(f: &Field, record: &Value) -> Option<Value> {
+    find(f, record).0
+}
+
+/// [`lookup`], and how many values the path matched.
+fn find(f: &Field, record: &Value) -> (Option<Value>, usize) {
     match &f.members {
-        Some(keys) => keys
-            .iter()
-            .try_fold(record, |v, k| v.as_object()?.get(k))
-            .cloned(),
-        None => jsonpath_rust::query::js_path_process(&f.query, record)
-            .ok()
-            .and_then(|found| found.into_iter().next())
-            .map(|r| r.val().clone()),
+        Some(keys) => {
+            let found = keys
+                .iter()
+                .try_fold(record, |v, k| v.as_object()?.get(k))
+                .cloned();
+            match found {
+                // A member chain names one value; as a list, a list found there is the
+                // list itself.
+                Some(Value::Array(items)) if f.list => {
+                    let n = items.len();
+                    (Some(Value::Array(items)), n)
+                }
+                Some(v) if f.list => (Some(Value::Array(vec![v])), 1),
+                Some(v) => (Some(v), 1),
+                None => (None, 0),
+            }
+        }
+        None => {
+            let found = jsonpath_rust::query::js_path_process(&f.query, record).unwrap_or_default();
+            let n = found.len();
+            if f.list {
+                let items: Vec<Value> = found.into_iter().map(|r| r.val().clone()).collect();
+                ((!items.is_empty()).then_some(Value::Array(items)), n)
+            } else {
+                (found.into_iter().next().map(|r| r.val().clone()), n)
+            }
+        }
+    }
+}
+
+/// A field whose path matched several values in a record, of which mapping kept the
+/// first (`list = true` keeps them all).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SeveralMatches {
+    pub target: String,
+    pub path: String,
+    pub matches: usize,
+}
+
+impl std::fmt::Display for SeveralMatches {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "`mapping.{}` (`{}`) matched several values and kept the first; set `list = true` to keep them all",
+            self.target, self.path
+        )
     }
 }
 
 /// Maps one source record to a target document, or says why it cannot.
 pub fn map_record(fields: &[Field], record: &Value) -> Result<Document, String> {
+    map_record_noting(fields, record, &mut None)
+}
+
+/// [`map_record`], noting in `several` (when it is empty) a field whose path matched
+/// several values.
+pub fn map_record_noting(
+    fields: &[Field],
+    record: &Value,
+    several: &mut Option<SeveralMatches>,
+) -> Result<Document, String> {
     let mut out = Document::new();
     for f in fields {
-        let found = lookup(f, record).filter(|v| !v.is_null());
+        let (found, matches) = find(f, record);
+        if matches > 1 && !f.list && several.is_none() {
+            *several = Some(SeveralMatches {
+                target: f.target.clone(),
+                path: f.path.clone(),
+                matches,
+            });
+        }
+        let found = found.filter(|v| !v.is_null());
         let value = match (found, &f.default) {
             (Some(v), _) => v,
             (None, Some(d)) => d.clone(),
@@ -1324,6 +1414,46 @@ type = "bool"
     }
 
     #[test]
+    fn list_fields_keep_every_match_and_single_fields_note_that_they_kept_one() {
+        let text = format!(
+            "{FILE}\n[mapping.skus]\npath = \"$.items[*].sku\"\ntype = \"string\"\nlist = true\n[mapping.firstSku]\npath = \"$.items[*].sku\"\n[mapping.tags]\npath = \"$.tags\"\nlist = true\n[mapping.counts]\npath = \"$.counts\"\ntype = \"integer\"\nlist = true\n"
+        );
+        let c = validate("f", &parse_file("f", &text).unwrap(), &env).unwrap();
+        let record = json!({
+            "id": 1, "items": [{ "sku": "a" }, { "sku": 2 }], "tags": "solo", "counts": [1, "x"],
+        });
+        let mut several = None;
+        let err = map_record_noting(&c.fields, &record, &mut several).unwrap_err();
+        assert!(
+            err.contains("`counts`") && err.contains("(item 1)"),
+            "{err}"
+        );
+        let record = json!({ "id": 1, "items": [{ "sku": "a" }, { "sku": 2 }], "tags": "solo" });
+        let doc = map_record_noting(&c.fields, &record, &mut several).unwrap();
+        let strings = |v: &[&str]| {
+            v.iter()
+                .map(|s| Bson::String(s.to_string()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(doc.get_array("skus").unwrap(), &strings(&["a", "2"]));
+        assert_eq!(doc.get_str("firstSku").unwrap(), "a");
+        assert_eq!(
+            doc.get_array("tags").unwrap(),
+            &strings(&["solo"]),
+            "a single value is a list of one"
+        );
+        let noted = several.expect("firstSku matched two values");
+        assert_eq!((noted.target.as_str(), noted.matches), ("firstSku", 2));
+        assert!(noted.to_string().contains("list = true"), "{noted}");
+        // No match at all is a missing field, not an empty list.
+        let doc = map_record(&c.fields, &json!({ "id": 2 })).unwrap();
+        assert!(
+            !doc.contains_key("skus") && !doc.contains_key("tags"),
+            "{doc}"
+        );
+    }
+
+    #[test]
     fn mapping_coerces_defaults_and_rejects_with_a_reason() {
         let c = validate("f", &parse_file("f", FILE).unwrap(), &env).unwrap();
         let doc = map_record(
@@ -1468,6 +1598,7 @@ type = "bool"
                 kind: FieldType::Any,
                 required: false,
                 default: None,
+                list: false,
             };
             assert!(fast.members.is_some(), "{path}");
             let engine = Field {

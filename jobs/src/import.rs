@@ -17,7 +17,7 @@ use serde_json::Value;
 use sluice_connectors::http::{HttpClient, HttpError, HttpStats, PageState};
 use sluice_connectors::mongo::{EventWriter, WriteStatus, WriterOptions};
 use sluice_connectors::{Store, StoreError};
-use sluice_core::integration::{map_record, validate, Connector};
+use sluice_core::integration::{map_record, map_record_noting, validate, Connector};
 use sluice_core::model::{
     collections as c, common, import_run_fields as r, integration_fields as f, Event,
     EventMetadata, IntegrationType,
@@ -586,8 +586,9 @@ async fn write_page(
     fingerprint: &str,
 ) -> Result<(), ImportError> {
     let mut mapped = Vec::with_capacity(page.records.len());
+    let mut several = None;
     for record in &page.records {
-        match map_record(&connector.fields, record) {
+        match map_record_noting(&connector.fields, record, &mut several) {
             Ok(d) if d.get(&connector.key).is_some_and(usable_key) => mapped.push(d),
             Ok(_) => reject(
                 summary,
@@ -597,6 +598,16 @@ async fn write_page(
             ),
             Err(reason) => reject(summary, options, reason, record),
         }
+    }
+    if let Some(several) = several {
+        warn_once(
+            summary,
+            &connector.name,
+            format!(
+                "page {} ({} values in a record): {several}",
+                summary.pages, several.matches
+            ),
+        );
     }
     let mapped = apply_chain(chain, mapped)?;
     if !options.dry_run {
