@@ -50,13 +50,23 @@ pub enum HttpError {
     OffOrigin { url: String, origin: String },
 }
 
+/// Where a page's records are.
+#[derive(Debug, Clone)]
+enum Records {
+    /// The list at this member chain of the body (`$.data[*]`, the common selector): read
+    /// in place, not copied, since a page can be large.
+    InBody(Vec<String>),
+    /// Copied out of the body by the JSONPath engine (any other selector).
+    Copied(Vec<Value>),
+}
+
 /// What a fetched page holds.
 #[derive(Debug, Clone)]
 pub struct Page {
     pub url: String,
     pub body: Value,
     pub headers: HeaderMap,
-    pub records: Vec<Value>,
+    records: Records,
     /// A hash of the raw answer: tells a page served twice in a row without keeping the
     /// previous page's body.
     pub digest: u64,
@@ -64,6 +74,31 @@ pub struct Page {
     /// records selector looks (a wrong `source.records`, or an error body), as opposed to
     /// an empty list.
     pub records_missing: Option<String>,
+}
+
+impl Page {
+    /// The page's records, in order.
+    pub fn records(&self) -> &[Value] {
+        match &self.records {
+            Records::InBody(chain) => match at_chain(&self.body, chain) {
+                Some(Value::Array(items)) => items,
+                _ => &[],
+            },
+            Records::Copied(records) => records,
+        }
+    }
+
+    /// Frees the body once pagination has read what it needs from it, unless the records
+    /// are read from it in place.
+    pub fn release_body(&mut self) {
+        if matches!(self.records, Records::Copied(_)) {
+            self.body = Value::Null;
+        }
+    }
+}
+
+fn at_chain<'a>(body: &'a Value, chain: &[String]) -> Option<&'a Value> {
+    chain.iter().try_fold(body, |v, k| v.as_object()?.get(k))
 }
 
 /// Where pagination stands; serializable so an interrupted import can resume from it.
@@ -616,20 +651,28 @@ impl HttpClient {
         let (body, headers, digest) = self
             .request(HttpMethod::Get, url, query, None, true)
             .await?;
-        let records =
-            select_records(&body, &self.connector.records).map_err(HttpError::Selector)?;
-        let records_missing = records
-            .is_empty()
-            .then(|| records_miss(&body, &self.connector.records))
-            .flatten();
-        Ok(Some(Page {
+        let selector = &self.connector.records;
+        let in_body = selector
+            .trim()
+            .strip_suffix("[*]")
+            .and_then(sluice_core::integration::member_chain)
+            .filter(|chain| matches!(at_chain(&body, chain), Some(Value::Array(_))));
+        let records = match in_body {
+            Some(chain) => Records::InBody(chain),
+            None => Records::Copied(select_records(&body, selector).map_err(HttpError::Selector)?),
+        };
+        let mut page = Page {
             url: url.clone(),
             body,
             headers,
             records,
             digest,
-            records_missing,
-        }))
+            records_missing: None,
+        };
+        if page.records().is_empty() {
+            page.records_missing = records_miss(&page.body, selector);
+        }
+        Ok(Some(page))
     }
 
     /// The state after `page`, or `Done` when the API says there is no more. `max_pages`
@@ -647,7 +690,7 @@ impl HttpClient {
         };
         let c = &self.connector;
         let n = n + 1;
-        let got = page.records.len() as u64;
+        let got = page.records().len() as u64;
         if got == 0 {
             return PageState::Done;
         }

@@ -1089,7 +1089,7 @@ fn beyond_int64(v: &Value) -> bool {
 /// The keys of a JSONPath that is only `$` and `.name` steps (ASCII names of letters,
 /// digits and `_`, not starting with a digit: RFC 9535's member-name shorthand), else
 /// `None`.
-fn member_chain(path: &str) -> Option<Vec<String>> {
+pub fn member_chain(path: &str) -> Option<Vec<String>> {
     let rest = path.strip_prefix('$')?;
     if rest.is_empty() {
         return Some(Vec::new());

@@ -458,7 +458,7 @@ async fn import_pages(
     // after the sink committed.
     let mut fetched = http.fetch(state).await?;
     while let Some(mut page) = fetched.take() {
-        if previous == Some((page.digest, page.records.len())) && !page.records.is_empty() {
+        if previous == Some((page.digest, page.records().len())) && !page.records().is_empty() {
             summary.stopped_early = Some(format!(
                 "page {} repeated the previous page; stopped (loop guard)",
                 summary.pages + 1
@@ -468,8 +468,8 @@ async fn import_pages(
         }
         let mut next = http.next_state(state, &page);
         // Pagination has read what it needs from the body: free it before the next page
-        // arrives (the records were copied out of it).
-        page.body = Value::Null;
+        // arrives.
+        page.release_body();
         if let PageState::Fetch { page: n, .. } = &next {
             if *n >= connector.max_pages {
                 summary.stopped_early =
@@ -494,12 +494,12 @@ async fn import_pages(
             );
         }
         summary.pages += 1;
-        summary.fetched += page.records.len() as u64;
+        summary.fetched += page.records().len() as u64;
         options.progress.pages.fetch_add(1, Relaxed);
         options
             .progress
             .records
-            .fetch_add(page.records.len() as u64, Relaxed);
+            .fetch_add(page.records().len() as u64, Relaxed);
         pages_this_run += 1;
         let stop_here = (options
             .stop_after_pages
@@ -527,7 +527,7 @@ async fn import_pages(
         );
         let (prefetched, written) = tokio::join!(prefetch, write);
         written?;
-        previous = Some((page.digest, page.records.len()));
+        previous = Some((page.digest, page.records().len()));
         *state = next;
         if stop_here {
             break;
@@ -585,9 +585,9 @@ async fn write_page(
     sink_mode: &mut SinkMode,
     fingerprint: &str,
 ) -> Result<(), ImportError> {
-    let mut mapped = Vec::with_capacity(page.records.len());
+    let mut mapped = Vec::with_capacity(page.records().len());
     let mut several = None;
-    for record in &page.records {
+    for record in page.records() {
         match map_record_noting(&connector.fields, record, &mut several) {
             Ok(d) if d.get(&connector.key).is_some_and(usable_key) => mapped.push(d),
             Ok(_) => reject(
@@ -644,7 +644,7 @@ async fn write_page(
             .iter()
             .find(|f| f.target == inc.cursor_field)
         {
-            summary.cursor_epoch_ms |= page.records.first().is_some_and(|r| {
+            summary.cursor_epoch_ms |= page.records().first().is_some_and(|r| {
                 matches!(
                     sluice_core::integration::lookup(field, r),
                     Some(Value::Number(_))
@@ -679,7 +679,14 @@ async fn write_page(
         let shown: Vec<Document> = match &events {
             Some(events) => events
                 .iter()
-                .filter_map(|e| bson::to_document(e).ok())
+                .filter_map(|e| {
+                    let mut d = bson::to_document(e).ok()?;
+                    if e.session_id.is_empty() {
+                        // Assigned by the inactivity gap when written.
+                        d.remove(sluice_core::model::event_fields::SESSION_ID);
+                    }
+                    Some(d)
+                })
                 .collect(),
             None => mapped,
         };
