@@ -430,9 +430,14 @@ pub async fn import_run(config: &Config, name: &str, dry_run: bool) -> anyhow::R
     use std::sync::atomic::Ordering::Relaxed;
     let store = Store::connect(config).await?;
     store.init().await?;
-    if !dry_run {
-        sluice_jobs::schedule::check_not_running(&store, &crate::engine::job_name(name)).await?;
-    }
+    // A real run is recorded like `jobs run` and holds the job's lease, so a scheduled
+    // fire (or another run by hand) of the same config never shares its checkpoint.
+    let run = if dry_run {
+        None
+    } else {
+        let job = crate::engine::job_name(name);
+        Some(sluice_jobs::schedule::start_manual_run(&store, &job, "cli").await?)
+    };
     let options = ImportOptions {
         dry_run,
         transforms: integration_transforms(config, &store, name).await?,
@@ -451,19 +456,49 @@ pub async fn import_run(config: &Config, name: &str, dry_run: bool) -> anyhow::R
         })
     };
     let ticker = spawn_import_progress(options.progress.clone());
-    let result = run_import(&store, name, &options).await;
+    enum Done {
+        Imported(Box<sluice_jobs::import::ImportSummary>),
+        Pushed(String),
+    }
+    let work = async {
+        match run_import(&store, name, &options).await {
+            Err(ImportError::WrongType { .. }) if !dry_run => {
+                let s = run_push(&store, name, &options).await?;
+                Ok(Done::Pushed(format!(
+                    "push {}: {} read, {} sent in {} requests, {} failed mapping",
+                    s.name, s.read, s.sent, s.requests, s.failed
+                )))
+            }
+            other => other.map(|s| Done::Imported(Box::new(s))),
+        }
+    };
+    let result = match &run {
+        Some(id) => sluice_jobs::schedule::hold_manual_run(&store, id, work)
+            .await
+            .unwrap_or_else(|lost| {
+                Err(ImportError::Store(sluice_connectors::StoreError::Busy(
+                    lost,
+                )))
+            }),
+        None => work.await,
+    };
     ticker.abort();
     stopper.abort();
-    let summary = match result {
-        Err(ImportError::WrongType { .. }) if !dry_run => {
-            let s = run_push(&store, name, &options).await?;
-            println!(
-                "push {}: {} read, {} sent in {} requests, {} failed mapping",
-                s.name, s.read, s.sent, s.requests, s.failed
-            );
+    if let Some(id) = &run {
+        let ended = match &result {
+            Ok(Done::Imported(s)) if s.completed => Ok(crate::engine::import_line(s)),
+            Ok(Done::Imported(s)) => Err(format!("interrupted after page {}", s.pages)),
+            Ok(Done::Pushed(line)) => Ok(line.clone()),
+            Err(e) => Err(e.to_string()),
+        };
+        sluice_jobs::schedule::end_manual_run(&store, id, &ended).await?;
+    }
+    let summary = match result? {
+        Done::Imported(summary) => *summary,
+        Done::Pushed(line) => {
+            println!("{line}");
             return Ok(());
         }
-        other => other?,
     };
     if dry_run {
         println!("dry run of {} (nothing written):", summary.name);
@@ -806,7 +841,13 @@ pub async fn jobs_run(
     } else {
         spawn_import_progress(progress.import.clone())
     };
-    let result = runner.run_job_with(name, &progress).await;
+    let result = sluice_jobs::schedule::hold_manual_run(
+        &runner.store,
+        &run,
+        runner.run_job_with(name, &progress),
+    )
+    .await
+    .unwrap_or_else(Err);
     ticker.abort();
     if is_export {
         eprintln!(); // ends the progress line

@@ -14,8 +14,19 @@ use sluice_jobs::schedule::{JobSource, RunFuture, Runner, ScheduledJob};
 pub const EXPORT_PREFIX: &str = "export:";
 pub const INTEGRATION_PREFIX: &str = "integration:";
 
-/// Every job that should be scheduled now (re-read on every reload).
-pub async fn scheduled_jobs(config: &Config, store: &Store) -> Vec<ScheduledJob> {
+/// Every job that should be scheduled now (re-read on every reload). An error reading the
+/// integration configs is an error, not "no configs": the scheduler keeps its current
+/// schedule rather than unscheduling every import while the store is unreachable.
+pub async fn scheduled_jobs(
+    config: &Config,
+    store: &Store,
+) -> Result<Vec<ScheduledJob>, sluice_connectors::StoreError> {
+    let read = || {
+        sluice_connectors::StoreError::mongo(
+            c::INTEGRATION_CONFIGS,
+            "read the scheduled integration configs",
+        )
+    };
     let mut jobs: Vec<ScheduledJob> = config
         .schedules
         .iter()
@@ -25,28 +36,29 @@ pub async fn scheduled_jobs(config: &Config, store: &Store) -> Vec<ScheduledJob>
             timezone: s.timezone.clone(),
         })
         .collect();
-    let found = store
+    let docs: Vec<bson::Document> = store
         .collection(c::INTEGRATION_CONFIGS)
         .find(doc! { f::IS_ACTIVE: true, "schedule": { "$type": "string" } })
-        .await;
-    if let Ok(cursor) = found {
-        let docs: Vec<bson::Document> = cursor.try_collect().await.unwrap_or_default();
-        for d in docs {
-            if let (Ok(name), Ok(cron)) = (d.get_str(f::NAME), d.get_str("schedule")) {
-                let timezone = d
-                    .get_document("spec")
-                    .ok()
-                    .and_then(|s| s.get_str("timezone").ok())
-                    .map(str::to_string);
-                jobs.push(ScheduledJob {
-                    name: format!("{INTEGRATION_PREFIX}{name}"),
-                    cron: cron.to_string(),
-                    timezone,
-                });
-            }
+        .await
+        .map_err(read())?
+        .try_collect()
+        .await
+        .map_err(read())?;
+    for d in docs {
+        if let (Ok(name), Ok(cron)) = (d.get_str(f::NAME), d.get_str("schedule")) {
+            let timezone = d
+                .get_document("spec")
+                .ok()
+                .and_then(|s| s.get_str("timezone").ok())
+                .map(str::to_string);
+            jobs.push(ScheduledJob {
+                name: format!("{INTEGRATION_PREFIX}{name}"),
+                cron: cron.to_string(),
+                timezone,
+            });
         }
     }
-    jobs
+    Ok(jobs)
 }
 
 /// A scheduled job as `sluice jobs list` and `GET /v1/admin/jobs` show it.
@@ -69,7 +81,7 @@ pub async fn job_overview(
 ) -> Result<Vec<JobOverview>, sluice_connectors::StoreError> {
     let now = chrono::Utc::now();
     let mut out = Vec::new();
-    for job in scheduled_jobs(config, store).await {
+    for job in scheduled_jobs(config, store).await? {
         let last_run = store
             .collection(c::SCHEDULED_RUNS)
             .find_one(doc! { "job": &job.name })
@@ -100,7 +112,11 @@ pub fn job_source(config: Arc<Config>, store: Store) -> JobSource {
     Arc::new(move || {
         let config = config.clone();
         let store = store.clone();
-        Box::pin(async move { scheduled_jobs(&config, &store).await })
+        Box::pin(async move {
+            scheduled_jobs(&config, &store)
+                .await
+                .map_err(|e| e.to_string())
+        })
     })
 }
 
@@ -223,14 +239,7 @@ impl EngineRunner {
             ..Default::default()
         };
         match sluice_jobs::import::run_import(&self.store, integration, &options).await {
-            Ok(s) => Ok(format!(
-                "{} records, {} inserted, {} updated, {}{} failed mapping",
-                s.fetched,
-                s.inserted,
-                s.updated,
-                already_stored(s.unchanged),
-                s.failed
-            )),
+            Ok(s) => Ok(import_line(&s)),
             Err(sluice_jobs::import::ImportError::WrongType { .. }) => {
                 sluice_jobs::import::run_push(&self.store, integration, &options)
                     .await
@@ -251,6 +260,18 @@ impl Runner for EngineRunner {
         let name = job.name.clone();
         Box::pin(async move { this.run_job(&name).await })
     }
+}
+
+/// An import's outcome in one line, as `scheduled_runs` records it.
+pub fn import_line(s: &sluice_jobs::import::ImportSummary) -> String {
+    format!(
+        "{} records, {} inserted, {} updated, {}{} failed mapping",
+        s.fetched,
+        s.inserted,
+        s.updated,
+        already_stored(s.unchanged),
+        s.failed
+    )
 }
 
 /// `N already stored, ` for a run's summary line, when an import met records it had

@@ -399,3 +399,107 @@ async fn an_archive_with_nothing_to_archive_says_why() {
         "{stdout}"
     );
 }
+
+#[test]
+fn config_check_parses_schedules_with_the_scheduler_s_cron_parser() {
+    let path = write_temp(
+        "cron.toml",
+        "[[schedules]]\nname = \"daily\"\ntype = \"DAILY_ANALYTICS\"\ncron = \"0 0 25 * * *\"\n",
+    );
+    let out = sluice()
+        .args(["config", "check"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("`schedules[0].cron`") && err.contains("`0 0 25 * * *` is not one"),
+        "hour 25 has six fields but is no schedule: {err}"
+    );
+}
+
+#[tokio::test]
+async fn import_run_records_its_run_and_waits_for_the_one_in_flight() {
+    let db = support::TestDb::initialized().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let api = axum::Router::new().route(
+        "/items",
+        axum::routing::get(|| async {
+            axum::Json(
+                serde_json::json!([{ "id": "p1", "name": "Lamp" }, { "id": "p2", "name": "Desk" }]),
+            )
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, api).await });
+    let file = sluice_core::integration::parse_file(
+        "shop.toml",
+        &format!(
+            "name = \"shop\"\ntype = \"IMPORT\"\nendpoint = \"http://127.0.0.1:{port}/items\"\nallow_private_network = true\n[source]\nrecords = \"$[*]\"\n[mapping.productId]\npath = \"$.id\"\n[mapping.name]\npath = \"$.name\"\n"
+        ),
+    )
+    .unwrap();
+    sluice_jobs::configs::apply(&db.store, &file).await.unwrap();
+    let config = write_temp(
+        "sluice.toml",
+        &format!(
+            "[mongodb]\nuri = \"{}\"\ndatabase = \"{}\"\n",
+            support::mongo_uri(),
+            db.name
+        ),
+    );
+    let run = |config: std::path::PathBuf| {
+        tokio::task::spawn_blocking(move || {
+            sluice()
+                .arg("--config")
+                .arg(&config)
+                .args(["import", "run", "shop"])
+                .output()
+                .unwrap()
+        })
+    };
+    let runs = db.store.collection("scheduled_runs");
+    // A scheduled fire of the same config holds its lease on another replica.
+    runs.insert_one(bson::doc! {
+        "_id": "integration:shop@2026-12-03T00:00:00Z", "job": "integration:shop",
+        "status": "RUNNING", "owner": "replica-b",
+        "expiresAt": bson::DateTime::from_millis(bson::DateTime::now().timestamp_millis() + 60_000),
+    })
+    .await
+    .unwrap();
+    let out = run(config.clone()).await.unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "refused while a run is going");
+    assert!(err.contains("replica-b"), "{err}");
+    let products = db.store.collection("products");
+    assert_eq!(products.count_documents(bson::doc! {}).await.unwrap(), 0);
+
+    runs.delete_many(bson::doc! {}).await.unwrap();
+    let out = run(config).await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("2 inserted"), "{stdout}");
+    let recorded = runs
+        .find_one(bson::doc! { "job": "integration:shop" })
+        .await
+        .unwrap()
+        .expect("the run is recorded");
+    assert_eq!(recorded.get_bool("manual"), Ok(true));
+    assert_eq!(
+        recorded.get_str("status").unwrap(),
+        "COMPLETED",
+        "{recorded}"
+    );
+    assert!(
+        recorded
+            .get_str("result")
+            .unwrap()
+            .starts_with("2 records, 2 inserted"),
+        "{recorded}"
+    );
+}

@@ -42,7 +42,7 @@ impl Runner for Counting {
 fn source(jobs: Vec<ScheduledJob>) -> JobSource {
     Arc::new(move || {
         let jobs = jobs.clone();
-        Box::pin(async move { jobs })
+        Box::pin(async move { Ok(jobs) })
     })
 }
 
@@ -112,7 +112,7 @@ async fn each_fire_runs_exactly_once_across_two_replicas() {
         .all(|d| d.get_str("status").unwrap() == "COMPLETED"));
     let counted = sluice_core::metrics::value(
         "sluice_job_runs_total",
-        &[("job", "tick"), ("status", "COMPLETED")],
+        &[("job_name", "tick"), ("status", "COMPLETED")],
     );
     assert!(
         counted >= before as f64,
@@ -336,7 +336,9 @@ async fn the_engine_schedules_export_schedules_and_integration_configs() {
     )
     .unwrap();
     sluice_jobs::configs::apply(&db.store, &file).await.unwrap();
-    let jobs = sluice::engine::scheduled_jobs(&config, &db.store).await;
+    let jobs = sluice::engine::scheduled_jobs(&config, &db.store)
+        .await
+        .unwrap();
     let names: Vec<&str> = jobs.iter().map(|j| j.name.as_str()).collect();
     assert_eq!(names, ["export:daily", "integration:feed"]);
 
@@ -392,4 +394,186 @@ async fn a_job_is_not_started_by_hand_while_a_scheduled_run_holds_its_lease() {
     sluice_jobs::schedule::start_manual_run(&db.store, "integration:crm", "cli")
         .await
         .unwrap();
+}
+
+#[tokio::test]
+async fn a_run_by_hand_holds_the_job_against_fires_and_other_runs_by_hand() {
+    use sluice_jobs::schedule::{end_manual_run, hold_manual_run, start_manual_run};
+    let db = TestDb::initialized().await;
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let runner = Arc::new(Counting {
+        log: log.clone(),
+        instance: "a".into(),
+        delay: Duration::ZERO,
+    });
+    let s = Scheduler::start(
+        db.store.clone(),
+        runner,
+        source(vec![]),
+        options("a", 10_000),
+    )
+    .await
+    .unwrap();
+    let job = ScheduledJob {
+        name: "integration:crm".into(),
+        cron: String::new(),
+        timezone: None,
+    };
+    let id = start_manual_run(&db.store, &job.name, "cli").await.unwrap();
+    let refused = start_manual_run(&db.store, &job.name, "admin-api")
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains(&id), "{refused}");
+    // A fire during the run by hand is skipped and recorded, not run beside it.
+    let fire = Utc::now();
+    assert_eq!(s.fire(&job, fire).await, FireOutcome::Skipped);
+    assert!(log.lock().unwrap().is_empty());
+    let held = hold_manual_run(&db.store, &id, async { 7 }).await;
+    assert_eq!(held, Ok(7));
+    end_manual_run(&db.store, &id, &Ok("done".into()))
+        .await
+        .unwrap();
+    // Once it has ended, the job is free again.
+    let next = fire + chrono::Duration::seconds(1);
+    assert!(matches!(s.fire(&job, next).await, FireOutcome::Ran(Ok(_))));
+    s.shutdown().await;
+    let statuses: Vec<(String, String)> = runs(&db)
+        .await
+        .iter()
+        .map(|d| {
+            (
+                d.get_str("owner").unwrap().to_string(),
+                d.get_str("status").unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert!(
+        statuses.contains(&("cli".into(), "COMPLETED".into())),
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.contains(&("a".into(), "SKIPPED".into())),
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.contains(&("a".into(), "COMPLETED".into())),
+        "{statuses:?}"
+    );
+}
+
+#[tokio::test]
+async fn runs_by_hand_started_at_once_never_both_run() {
+    let db = TestDb::initialized().await;
+    for round in 0..15 {
+        let job = format!("integration:race{round}");
+        let (a, b) = tokio::join!(
+            sluice_jobs::schedule::start_manual_run(&db.store, &job, "cli"),
+            sluice_jobs::schedule::start_manual_run(&db.store, &job, "admin-api"),
+        );
+        assert!(
+            !(a.is_ok() && b.is_ok()),
+            "round {round}: both started: {a:?} {b:?}"
+        );
+        let live = db
+            .store
+            .collection("scheduled_runs")
+            .count_documents(doc! { "job": &job, "status": "RUNNING" })
+            .await
+            .unwrap();
+        assert!(live <= 1, "round {round}: {live} RUNNING records");
+    }
+}
+
+#[tokio::test]
+async fn a_run_by_hand_whose_process_died_is_recorded_failed_and_not_run_again() {
+    let db = TestDb::initialized().await;
+    let id = sluice_jobs::schedule::start_manual_run(&db.store, "integration:crm", "cli")
+        .await
+        .unwrap();
+    // Its process died: nobody renews the lease.
+    db.store
+        .collection("scheduled_runs")
+        .update_one(
+            doc! { "_id": &id },
+            doc! { "$set": { "expiresAt": bson::DateTime::from_millis(bson::DateTime::now().timestamp_millis() - 1) } },
+        )
+        .await
+        .unwrap();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let runner = Arc::new(Counting {
+        log: log.clone(),
+        instance: "sweeper".into(),
+        delay: Duration::ZERO,
+    });
+    let s = Scheduler::start(
+        db.store.clone(),
+        runner,
+        source(vec![]),
+        options("sweeper", 400),
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    s.shutdown().await;
+    assert!(
+        log.lock().unwrap().is_empty(),
+        "a run by hand is not run again"
+    );
+    let doc = db
+        .store
+        .collection("scheduled_runs")
+        .find_one(doc! { "_id": &id })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(doc.get_str("status").unwrap(), "FAILED");
+    assert!(doc.get_str("error").unwrap().contains("abandoned"), "{doc}");
+    sluice_jobs::schedule::start_manual_run(&db.store, "integration:crm", "cli")
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_failed_reload_keeps_the_schedule() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let db = TestDb::initialized().await;
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let runner = Arc::new(Counting {
+        log: log.clone(),
+        instance: "a".into(),
+        delay: Duration::ZERO,
+    });
+    let calls = Arc::new(AtomicUsize::new(0));
+    let source: JobSource = {
+        let calls = calls.clone();
+        Arc::new(move || {
+            let first = calls.fetch_add(1, Ordering::SeqCst) == 0;
+            Box::pin(async move {
+                if first {
+                    Ok(vec![ScheduledJob {
+                        name: "tick".into(),
+                        cron: "* * * * * *".into(),
+                        timezone: None,
+                    }])
+                } else {
+                    Err("the store is unreachable".to_string())
+                }
+            })
+        })
+    };
+    let mut opts = options("a", 5_000);
+    opts.reload_every = Duration::from_millis(200);
+    let s = Scheduler::start(db.store.clone(), runner, source, opts)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let before = log.lock().unwrap().len();
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    s.shutdown().await;
+    assert!(calls.load(Ordering::SeqCst) >= 5, "reloads were tried");
+    let after = log.lock().unwrap().len();
+    assert!(
+        after >= before + 2,
+        "the job kept firing through failed reloads: {before} then {after}"
+    );
 }

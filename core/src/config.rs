@@ -763,15 +763,7 @@ pub fn validate(
     for (i, sched) in raw.schedules.iter().enumerate() {
         crate::model::ExportJobType::parse(&sched.kind)
             .map_err(|e| invalid(&format!("schedules[{i}].type"), e))?;
-        if !(6..=7).contains(&sched.cron.split_whitespace().count()) {
-            return Err(invalid(
-                &format!("schedules[{i}].cron"),
-                format!(
-                    "a cron expression with seconds (6 or 7 fields), got `{}`",
-                    sched.cron
-                ),
-            ));
-        }
+        crate::cron::parse(&sched.cron).map_err(|e| invalid(&format!("schedules[{i}].cron"), e))?;
         if let Some(tz) = &sched.timezone {
             tz.parse::<chrono_tz::Tz>().map_err(|_| {
                 invalid(

@@ -511,13 +511,7 @@ pub fn validate(
     let method =
         HttpMethod::parse(&file.method.to_ascii_uppercase()).map_err(|e| invalid("method", e))?;
     if let Some(cron) = &file.schedule {
-        let fields = cron.split_whitespace().count();
-        if !(6..=7).contains(&fields) {
-            return Err(invalid(
-                "schedule",
-                format!("a cron expression with seconds (6 or 7 fields, e.g. `0 */15 * * * *`), got `{cron}`"),
-            ));
-        }
+        crate::cron::parse(cron).map_err(|e| invalid("schedule", e))?;
     }
     if let Some(tz) = &file.timezone {
         tz.parse::<chrono_tz::Tz>().map_err(|_| {

@@ -4,6 +4,7 @@
 
 pub mod aggregate;
 pub mod config;
+pub mod cron;
 pub mod error;
 pub mod integration;
 pub mod metrics;

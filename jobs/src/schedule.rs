@@ -18,7 +18,6 @@ use std::time::Duration;
 
 use bson::{doc, DateTime, Document};
 use chrono::Utc;
-use croner::parser::{CronParser, Seconds};
 use sluice_connectors::mongo::is_duplicate_key;
 use sluice_connectors::{Store, StoreError};
 use sluice_core::model::{collections as c, common};
@@ -41,9 +40,12 @@ pub trait Runner: Send + Sync + 'static {
 }
 
 /// Where the set of jobs comes from; called again every `reload_every`, so config changes
-/// take effect without a restart.
-pub type JobSource =
-    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Vec<ScheduledJob>> + Send>> + Send + Sync>;
+/// take effect without a restart. When it fails, the schedule stays as it was.
+pub type JobSource = Arc<
+    dyn Fn() -> Pin<Box<dyn Future<Output = Result<Vec<ScheduledJob>, String>> + Send>>
+        + Send
+        + Sync,
+>;
 
 #[derive(Debug, Clone)]
 pub struct SchedulerOptions {
@@ -82,11 +84,7 @@ pub enum FireOutcome {
 
 /// Parses a cron expression with seconds (6 or 7 fields).
 pub fn parse_cron(expr: &str) -> Result<croner::Cron, String> {
-    CronParser::builder()
-        .seconds(Seconds::Required)
-        .build()
-        .parse(expr)
-        .map_err(|e| format!("invalid cron expression `{expr}`: {e}"))
+    sluice_core::cron::parse(expr).map_err(|e| format!("invalid schedule: {e}"))
 }
 
 /// The time zone `job`'s cron is read in (UTC when it names none).
@@ -183,7 +181,12 @@ impl Scheduler {
             })
         };
         let this = Arc::new(this);
-        this.reconcile(&source().await).await?;
+        match source().await {
+            Ok(jobs) => this.reconcile(&jobs).await?,
+            Err(e) => {
+                tracing::error!(error = %e, "could not read the jobs to schedule; trying again at the next reload")
+            }
+        }
         let reloader = {
             let weak = Arc::downgrade(&this);
             let every = inner.options.reload_every;
@@ -191,9 +194,12 @@ impl Scheduler {
                 loop {
                     tokio::time::sleep(every).await;
                     let Some(s) = weak.upgrade() else { return };
-                    let jobs = source().await;
-                    if let Err(e) = s.reconcile(&jobs).await {
-                        tracing::warn!(error = %e, "scheduler reload failed");
+                    let reloaded = match source().await {
+                        Ok(jobs) => s.reconcile(&jobs).await,
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = reloaded {
+                        tracing::warn!(error = %e, "scheduler reload failed; the schedule stays as it was");
                     }
                 }
             })
@@ -253,7 +259,7 @@ impl Scheduler {
                 Box::pin(async move {
                     let fire = fire_instant(&cron, tz, Utc::now());
                     let outcome = fire_job(&inner, &job, fire).await;
-                    tracing::info!(job = %job.name, fire = %fire, ?outcome, "fired");
+                    log_outcome(&job.name, fire, &outcome);
                 })
             })
             .map_err(|e| format!("job `{}`: {e}", job.name))?;
@@ -294,6 +300,19 @@ impl Scheduler {
     }
 }
 
+/// Logs how a fire ended, a failed run at ERROR so that alerting on log level sees it.
+fn log_outcome(job: &str, fire: chrono::DateTime<Utc>, outcome: &FireOutcome) {
+    match outcome {
+        FireOutcome::Ran(Ok(summary)) => tracing::info!(job, %fire, summary, "run completed"),
+        FireOutcome::Ran(Err(error)) => tracing::error!(job, %fire, error, "run failed"),
+        FireOutcome::Claimed => tracing::debug!(job, %fire, "fire claimed by another replica"),
+        FireOutcome::Skipped => {
+            tracing::warn!(job, %fire, "fire skipped: the job's previous run is still going")
+        }
+        FireOutcome::LeaseLost => tracing::warn!(job, %fire, "run stopped: its lease was lost"),
+    }
+}
+
 async fn fire_job(
     inner: &Arc<Inner>,
     job: &ScheduledJob,
@@ -315,11 +334,7 @@ async fn claim(
     let runs = inner.store.collection(c::SCHEDULED_RUNS);
     let now = DateTime::now();
     let id = run_id(&job.name, fire);
-    let running = runs
-        .find_one(doc! { "job": &job.name, "status": "RUNNING", "expiresAt": { "$gt": now }, common::ID: { "$ne": &id } })
-        .await
-        .map_err(StoreError::mongo(c::SCHEDULED_RUNS, "check overlap"))?;
-    if let Some(other) = running {
+    if let Some(other) = live_run(&inner.store, &job.name, &id).await? {
         let skipped = doc! {
             common::ID: &id, "job": &job.name, "scheduledFor": DateTime::from_chrono(fire),
             "status": "SKIPPED", "owner": &inner.options.instance,
@@ -332,15 +347,21 @@ async fn claim(
             Err(e) => Err(StoreError::mongo(c::SCHEDULED_RUNS, "record skip")(e)),
         };
     }
-    let lease_ms = inner.options.lease.as_millis() as i64;
     let claim = doc! {
         common::ID: &id, "job": &job.name, "scheduledFor": DateTime::from_chrono(fire),
         "status": "RUNNING", "owner": &inner.options.instance,
-        "startedAt": now, "expiresAt": DateTime::from_millis(now.timestamp_millis() + lease_ms),
+        "startedAt": now, "expiresAt": lease_end(inner.options.lease),
         "attempts": 1, common::CREATED_AT: now,
     };
     match runs.insert_one(claim).await {
-        Ok(_) => Ok(None),
+        // A run by hand started at the same moment: whichever looks second steps back.
+        Ok(_) => match live_run(&inner.store, &job.name, &id).await? {
+            Some(other) => {
+                step_back(&inner.store, &id, &other).await?;
+                Ok(Some(FireOutcome::Skipped))
+            }
+            None => Ok(None),
+        },
         Err(e) if is_duplicate_key(&e) => Ok(Some(FireOutcome::Claimed)),
         Err(e) => Err(StoreError::mongo(c::SCHEDULED_RUNS, "claim")(e)),
     }
@@ -355,7 +376,7 @@ async fn execute(
     let id = run_id(&job.name, fire);
     let runs = inner.store.collection(c::SCHEDULED_RUNS);
     let me = inner.options.instance.clone();
-    let lease_ms = inner.options.lease.as_millis() as i64;
+    let lease = inner.options.lease;
     let heartbeat = {
         let runs = runs.clone();
         let id = id.clone();
@@ -367,7 +388,7 @@ async fn execute(
                 let renewed = runs
                     .update_one(
                         doc! { common::ID: &id, "owner": &me, "status": "RUNNING" },
-                        doc! { "$set": { "expiresAt": DateTime::from_millis(DateTime::now().timestamp_millis() + lease_ms) } },
+                        doc! { "$set": { "expiresAt": lease_end(lease) } },
                     )
                     .await;
                 if !matches!(renewed, Ok(r) if r.matched_count == 1) {
@@ -388,13 +409,13 @@ async fn execute(
     sluice_core::metrics::count(
         "sluice_job_runs_total",
         "Scheduled job runs, by job and outcome.",
-        &[("job", job.name.as_str()), ("status", status)],
+        &[("job_name", job.name.as_str()), ("status", status)],
         1,
     );
     sluice_core::metrics::observe_seconds(
         "sluice_job_run_seconds",
         "Duration of scheduled job runs, by job.",
-        &[("job", job.name.as_str())],
+        &[("job_name", job.name.as_str())],
         started.elapsed().as_secs_f64(),
     );
     let _ = runs
@@ -419,10 +440,17 @@ fn run_end(result: &Result<String, String>) -> (&'static str, Document) {
     )
 }
 
-/// Records a run started by hand (`sluice jobs run`, `POST /v1/admin/jobs/{name}/run`) in
-/// `scheduled_runs` beside the fires, so `jobs list`, `jobs history` and the admin API
-/// show it and how it ended. It is marked `manual` and has no lease: no replica takes it
-/// over, and it does not hold back the schedule's next fire. Returns its id.
+/// How long a run started by hand holds its lease between renewals (it renews every third
+/// of it while it runs).
+pub const MANUAL_LEASE: Duration = Duration::from_secs(60);
+
+/// Records a run started by hand (`sluice jobs run`, `sluice import run`,
+/// `POST /v1/admin/jobs/{name}/run`) in `scheduled_runs` beside the fires, so `jobs list`,
+/// `jobs history` and the admin API show it and how it ended. It holds a lease like a fire
+/// (renewed by [`hold_manual_run`]): while it runs, the job's fires are recorded SKIPPED and
+/// other runs by hand are refused, so two runs never share an import's checkpoint. It is
+/// marked `manual`: if its process dies, no replica runs it again (the sweeper records it
+/// FAILED once its lease lapses). Returns its id.
 pub async fn start_manual_run(store: &Store, job: &str, owner: &str) -> Result<String, StoreError> {
     check_not_running(store, job).await?;
     let now = DateTime::now();
@@ -431,38 +459,115 @@ pub async fn start_manual_run(store: &Store, job: &str, owner: &str) -> Result<S
         Utc::now().format("%Y%m%dT%H%M%S%.3fZ"),
         &uuid::Uuid::new_v4().simple().to_string()[..6]
     );
-    store
-        .collection(c::SCHEDULED_RUNS)
-        .insert_one(doc! {
-            common::ID: &id, "job": job, "scheduledFor": now, "status": "RUNNING",
-            "manual": true, "owner": owner, "startedAt": now, "attempts": 1,
-            common::CREATED_AT: now,
-        })
-        .await
-        .map_err(StoreError::mongo(c::SCHEDULED_RUNS, "record a manual run"))?;
+    let runs = store.collection(c::SCHEDULED_RUNS);
+    runs.insert_one(doc! {
+        common::ID: &id, "job": job, "scheduledFor": now, "status": "RUNNING",
+        "manual": true, "owner": owner, "startedAt": now,
+        "expiresAt": lease_end(MANUAL_LEASE), "attempts": 1, common::CREATED_AT: now,
+    })
+    .await
+    .map_err(StoreError::mongo(c::SCHEDULED_RUNS, "record a manual run"))?;
+    // Two runs started at the same moment both passed the check above; whichever looks
+    // second sees the other and steps back, so at most one of them runs.
+    if let Some(other) = live_run(store, job, &id).await? {
+        step_back(store, &id, &other).await?;
+        return Err(busy(job, &other));
+    }
     Ok(id)
 }
 
-/// Refuses to start `job` by hand while a scheduled run of it holds a live lease: two runs
-/// of one import would share its checkpoint, and one would end the other's run.
-pub async fn check_not_running(store: &Store, job: &str) -> Result<(), StoreError> {
-    let running = store
+/// Runs `work` for the manual run `id`, renewing its lease; if the lease is lost (the
+/// record was ended elsewhere, or the store stayed unreachable for a whole lease), `work`
+/// is stopped and the answer is the error saying so.
+pub async fn hold_manual_run<T>(
+    store: &Store,
+    id: &str,
+    work: impl Future<Output = T>,
+) -> Result<T, String> {
+    let runs = store.collection(c::SCHEDULED_RUNS);
+    let heartbeat = async {
+        let mut last_renewed = std::time::Instant::now();
+        loop {
+            tokio::time::sleep(MANUAL_LEASE / 3).await;
+            let renewed = runs
+                .update_one(
+                    doc! { common::ID: id, "status": "RUNNING" },
+                    doc! { "$set": { "expiresAt": lease_end(MANUAL_LEASE) } },
+                )
+                .await;
+            match renewed {
+                Ok(r) if r.matched_count == 1 => last_renewed = std::time::Instant::now(),
+                Ok(_) => return "its record is no longer RUNNING".to_string(),
+                Err(e) if last_renewed.elapsed() >= MANUAL_LEASE => {
+                    return format!("its lease could not be renewed: {e}")
+                }
+                Err(e) => {
+                    tracing::warn!(run = id, error = %e, "could not renew a manual run's lease")
+                }
+            }
+        }
+    };
+    tokio::select! {
+        out = work => Ok(out),
+        why = heartbeat => {
+            tracing::warn!(run = id, why, "manual run stopped: lease lost");
+            Err(format!("run `{id}` stopped: {why}"))
+        }
+    }
+}
+
+fn lease_end(lease: Duration) -> DateTime {
+    DateTime::from_millis(DateTime::now().timestamp_millis() + lease.as_millis() as i64)
+}
+
+/// A run of `job` other than `except` that holds a live lease.
+async fn live_run(store: &Store, job: &str, except: &str) -> Result<Option<Document>, StoreError> {
+    store
         .collection(c::SCHEDULED_RUNS)
         .find_one(doc! {
-            "job": job, "status": "RUNNING", "manual": { "$ne": true },
+            "job": job, "status": "RUNNING", common::ID: { "$ne": except },
             "expiresAt": { "$gt": DateTime::now() },
         })
         .await
         .map_err(StoreError::mongo(
             c::SCHEDULED_RUNS,
             "look for a run in flight",
-        ))?;
-    match running {
-        Some(r) => Err(StoreError::Busy(format!(
-            "a scheduled run of `{job}` is in progress ({}, owner {}); try again once it has ended",
-            r.get_str(common::ID).unwrap_or("?"),
-            r.get_str("owner").unwrap_or("?")
-        ))),
+        ))
+}
+
+/// Ends the just-claimed run `id` as SKIPPED because `other` is going.
+async fn step_back(store: &Store, id: &str, other: &Document) -> Result<(), StoreError> {
+    store
+        .collection(c::SCHEDULED_RUNS)
+        .update_one(
+            doc! { common::ID: id },
+            doc! {
+                "$set": {
+                    "status": "SKIPPED", "endedAt": DateTime::now(),
+                    "reason": format!("the run `{}` started at the same time", other.get_str(common::ID).unwrap_or("?")),
+                },
+                "$unset": { "expiresAt": "" },
+            },
+        )
+        .await
+        .map_err(StoreError::mongo(c::SCHEDULED_RUNS, "record a skip"))?;
+    Ok(())
+}
+
+fn busy(job: &str, run: &Document) -> StoreError {
+    StoreError::Busy(format!(
+        "a run of `{job}` is in progress ({}, owner {}); try again once it has ended",
+        run.get_str(common::ID).unwrap_or("?"),
+        run.get_str("owner").unwrap_or("?")
+    ))
+}
+
+/// Refuses to start `job` by hand while another run of it (a scheduled fire or a run by
+/// hand) holds a live lease: two runs of one import would share its checkpoint, and one
+/// would end the other's run.
+pub async fn check_not_running(store: &Store, job: &str) -> Result<(), StoreError> {
+    match live_run(store, job, "").await? {
+        Some(r) => Err(busy(job, &r)),
         None => Ok(()),
     }
 }
@@ -498,6 +603,11 @@ async fn sweep(inner: &Arc<Inner>) -> Result<(), StoreError> {
         .await
         .map_err(StoreError::mongo(c::SCHEDULED_RUNS, "find orphans"))?;
     for o in orphans {
+        if o.get_bool("manual").unwrap_or(false) {
+            // A run by hand is not run again by a replica: its process stopped renewing it.
+            abandon(&runs, &o).await?;
+            continue;
+        }
         let (Ok(id), Ok(job), Ok(expires), Ok(fire)) = (
             o.get_str(common::ID),
             o.get_str("job"),
@@ -506,12 +616,14 @@ async fn sweep(inner: &Arc<Inner>) -> Result<(), StoreError> {
         ) else {
             continue;
         };
-        let lease_ms = inner.options.lease.as_millis() as i64;
+        if live_run(&inner.store, job, id).await?.is_some() {
+            continue; // taken over once the job's current run has ended
+        }
         let taken = runs
             .update_one(
                 doc! { common::ID: id, "status": "RUNNING", "expiresAt": *expires },
                 doc! {
-                    "$set": { "owner": &inner.options.instance, "expiresAt": DateTime::from_millis(now.timestamp_millis() + lease_ms), "takenOverAt": now },
+                    "$set": { "owner": &inner.options.instance, "expiresAt": lease_end(inner.options.lease), "takenOverAt": now },
                     "$inc": { "attempts": 1 },
                 },
             )
@@ -528,9 +640,33 @@ async fn sweep(inner: &Arc<Inner>) -> Result<(), StoreError> {
             let inner = inner.clone();
             tokio::spawn(async move {
                 let outcome = execute(&inner, &job, fire).await;
-                tracing::info!(job = %job.name, ?outcome, "taken-over run ended");
+                log_outcome(&job.name, fire, &outcome);
             });
         }
+    }
+    Ok(())
+}
+
+/// Records the run by hand `run`, whose lease lapsed, as FAILED.
+async fn abandon(runs: &mongodb::Collection<Document>, run: &Document) -> Result<(), StoreError> {
+    let (Ok(id), Ok(expires)) = (run.get_str(common::ID), run.get_datetime("expiresAt")) else {
+        return Ok(());
+    };
+    let ended = runs
+        .update_one(
+            doc! { common::ID: id, "status": "RUNNING", "expiresAt": *expires },
+            doc! { "$set": {
+                "status": "FAILED", "endedAt": DateTime::now(),
+                "error": format!("abandoned: its process ({}) stopped renewing its lease", run.get_str("owner").unwrap_or("?")),
+            } },
+        )
+        .await
+        .map_err(StoreError::mongo(c::SCHEDULED_RUNS, "record an abandoned run"))?;
+    if ended.modified_count == 1 {
+        tracing::warn!(
+            run = id,
+            "a run by hand was abandoned (its process stopped); recorded FAILED"
+        );
     }
     Ok(())
 }

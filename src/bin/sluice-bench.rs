@@ -1014,7 +1014,7 @@ async fn fire_delay_p99(seconds: u64) -> anyhow::Result<f64> {
         .collect();
     let source: JobSource = std::sync::Arc::new(move || {
         let jobs = jobs.clone();
-        Box::pin(async move { jobs })
+        Box::pin(async move { Ok(jobs) })
     });
     let s = Scheduler::start(
         store.clone(),

@@ -426,17 +426,34 @@ async fn run_job(
     Path(name): Path<String>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     caller(&state, &headers, Role::Analyst).await?;
-    let known = crate::engine::scheduled_jobs(&state.config, &state.store)
-        .await
-        .iter()
-        .any(|j| j.name == name);
+    // Any export schedule or integration config can be run by hand, scheduled or not.
+    let unavailable = |e: sluice_connectors::StoreError| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            e.to_string(),
+        )
+    };
+    let known = match name.strip_prefix(crate::engine::EXPORT_PREFIX) {
+        Some(schedule) => state.config.schedules.iter().any(|s| s.name == schedule),
+        None => {
+            let config = name
+                .strip_prefix(crate::engine::INTEGRATION_PREFIX)
+                .unwrap_or(&name);
+            sluice_jobs::configs::load(&state.store, config)
+                .await
+                .map_err(unavailable)?
+                .is_some()
+        }
+    };
     if !known {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "not_found",
-            format!("no scheduled job `{name}`"),
+            format!("no export schedule or integration config `{name}`"),
         ));
     }
+    let name = crate::engine::job_name(&name);
     let runner = crate::engine::EngineRunner {
         config: state.config.clone(),
         store: state.store.clone(),
@@ -458,7 +475,10 @@ async fn run_job(
     let job = name.clone();
     let run_id = run.clone();
     tokio::spawn(async move {
-        let result = runner.run_job(&job).await;
+        let result =
+            sluice_jobs::schedule::hold_manual_run(&runner.store, &run_id, runner.run_job(&job))
+                .await
+                .unwrap_or_else(Err);
         match &result {
             Ok(summary) => tracing::info!(job, run = run_id, summary, "manual run completed"),
             Err(error) => tracing::error!(job, run = run_id, error, "manual run failed"),

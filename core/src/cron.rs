@@ -1,0 +1,30 @@
+//! Cron expressions as Sluice reads them: with a seconds field (6 or 7 fields), parsed by
+//! the same parser the scheduler fires with, so a config that validates is one that runs.
+
+/// What a valid expression looks like, for error messages.
+pub const EXPECTED: &str = "a cron expression with seconds (6 or 7 fields, e.g. `0 */15 * * * *`)";
+
+/// Parses `expr`; the error says what was expected and what is wrong with `expr`.
+pub fn parse(expr: &str) -> Result<croner::Cron, String> {
+    croner::parser::CronParser::builder()
+        .seconds(croner::parser::Seconds::Required)
+        .build()
+        .parse(expr)
+        .map_err(|e| format!("{EXPECTED}; `{expr}` is not one: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expressions_need_seconds_and_valid_fields() {
+        assert!(parse("0 */15 * * * *").is_ok());
+        assert!(parse("0 0 2 * * * 2027").is_ok());
+        let five = parse("*/15 * * * *").unwrap_err();
+        assert!(five.contains("`*/15 * * * *` is not one"), "{five}");
+        let out_of_range = parse("0 0 25 * * *").unwrap_err();
+        assert!(out_of_range.starts_with(EXPECTED), "{out_of_range}");
+        assert!(parse("0 0 2 * * MON-XYZ").is_err());
+    }
+}
