@@ -668,11 +668,10 @@ async fn daily_analytics_and_user_data_match_mongodb() {
     events.extend(pageless);
     let dest = ObjectStore::Local(LocalDir::new(&dir));
     let ctx = ExportContext::new(db.store.clone(), dest.clone());
-    run_export(&ctx, &request(ExportJobType::DailyAnalytics, d, d))
+    let done = run_export(&ctx, &request(ExportJobType::DailyAnalytics, d, d))
         .await
         .unwrap();
-    let file = std::fs::File::open(dir.join(format!("DAILY_ANALYTICS/dt={d}/part-00000.parquet")))
-        .unwrap();
+    let file = std::fs::File::open(dir.join(&done.partitions[0].files[0])).unwrap();
     let b = ParquetRecordBatchReaderBuilder::try_new(file)
         .unwrap()
         .build()
@@ -779,6 +778,204 @@ async fn records_pass_through_the_jobs_transform_chain() {
         let b = b.unwrap();
         let users = b.column_by_name("userId").unwrap().as_string::<i32>();
         assert!((0..b.num_rows()).all(|r| users.value(r).starts_with('U')));
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+fn small_parts(ctx: &mut ExportContext) {
+    ctx.part_options = PartWriterOptions {
+        target_file_bytes: 20 * 1024,
+        row_group_bytes: 8 * 1024,
+        zstd_level: 1,
+    };
+    ctx.batch_rows = 300;
+}
+
+fn manifest(dir: &std::path::Path, prefix: &str) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(dir.join(prefix).join("_manifest.json")).unwrap())
+        .unwrap()
+}
+
+/// The `.parquet` files in a partition folder, sorted.
+fn parquet_files(dir: &std::path::Path, prefix: &str) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir.join(prefix))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".parquet"))
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn a_run_failing_mid_publish_leaves_every_partition_whole_and_says_which_it_replaced() {
+    let db = TestDb::initialized().await;
+    let dir = temp_dir();
+    let (d1, d2, d3) = (day(-3), day(-2), day(-1));
+    seed(&db, d1, 50).await; // one part
+    seed(&db, d2, 3000).await; // several parts
+    seed(&db, d3, 50).await;
+    let mut ctx = ExportContext::new(db.store.clone(), ObjectStore::Local(LocalDir::new(&dir)));
+    small_parts(&mut ctx);
+    let first = run_export(&ctx, &request(ExportJobType::EventData, d1, d3))
+        .await
+        .unwrap();
+    let before: Vec<(serde_json::Value, Vec<String>)> = [d1, d2, d3]
+        .iter()
+        .map(|d| {
+            let p = format!("EVENT_DATA/dt={d}");
+            (manifest(&dir, &p), parquet_files(&dir, &p))
+        })
+        .collect();
+    assert!(before[1].1.len() > 2, "{:?}", before[1].1);
+
+    // A rerun whose storage fails while it copies the second day's parts.
+    db.store
+        .collection("events")
+        .delete_many(doc! { "eventId": { "$regex": "[13579]$" } })
+        .await
+        .unwrap();
+    let mut failing = ctx.clone();
+    failing.fail_after_copies = Some(1);
+    let err = run_export(&failing, &request(ExportJobType::EventData, d1, d3))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("stopped after 1 files"), "{err}");
+    let job = db
+        .store
+        .collection("export_jobs")
+        .find_one(doc! { "status": "FAILED" })
+        .await
+        .unwrap()
+        .unwrap();
+    let failed_id = job.get_str("jobId").unwrap().to_string();
+    // The first day was replaced, and the run's record says so.
+    let p1 = format!("EVENT_DATA/dt={d1}");
+    assert_eq!(manifest(&dir, &p1)["jobId"], failed_id.as_str());
+    assert_eq!(manifest(&dir, &p1)["rows"], 25);
+    assert!(dir.join(&p1).join("_SUCCESS").exists());
+    let partitions = job.get_array("partitions").unwrap();
+    assert_eq!(partitions.len(), 1, "{job}");
+    let listed = partitions[0].as_document().unwrap();
+    assert_eq!(listed.get_str("prefix").unwrap(), p1);
+    assert_eq!(listed.get_array("files").unwrap().len(), 1);
+    assert_eq!(job.get_i64("recordsProcessed").unwrap(), 25);
+    assert!(job.get_i64("rowsRead").unwrap() >= 25 + 1500);
+    // The second day is exactly as the first run left it: its files, its manifest, its
+    // `_SUCCESS`; the parts the failed run copied are gone.
+    let p2 = format!("EVENT_DATA/dt={d2}");
+    assert_eq!(manifest(&dir, &p2), before[1].0);
+    assert_eq!(manifest(&dir, &p2)["jobId"], first.job_id.as_str());
+    assert_eq!(parquet_files(&dir, &p2), before[1].1);
+    assert!(dir.join(&p2).join("_SUCCESS").exists());
+    // The third was never touched.
+    let p3 = format!("EVENT_DATA/dt={d3}");
+    assert_eq!(manifest(&dir, &p3), before[2].0);
+    assert_eq!(parquet_files(&dir, &p3), before[2].1);
+    assert!(!dir.join("_staging").exists() || parquet_files_under(&dir.join("_staging")) == 0);
+
+    // A rerun without the fault replaces all three.
+    let again = run_export(&ctx, &request(ExportJobType::EventData, d1, d3))
+        .await
+        .unwrap();
+    assert_eq!(again.rows, 25 + 1500 + 25);
+    assert_eq!(manifest(&dir, &p2)["rows"], 1500);
+    assert_eq!(
+        parquet_files(&dir, &p2).len(),
+        again.partitions[1].files.len(),
+        "the first run's parts were removed"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+fn parquet_files_under(dir: &std::path::Path) -> usize {
+    let mut n = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            n += parquet_files_under(&path);
+        } else if path.extension().is_some_and(|e| e == "parquet") {
+            n += 1;
+        }
+    }
+    n
+}
+
+#[tokio::test]
+async fn an_archive_failing_part_way_archives_no_day_twice() {
+    let db = TestDb::initialized().await;
+    let dir = temp_dir();
+    let (d1, d2) = (day(-121), day(-120));
+    seed(&db, d1, 40).await; // one part
+    seed(&db, d2, 3000).await; // several parts
+    let mut failing = ExportContext::new(db.store.clone(), ObjectStore::Local(LocalDir::new(&dir)));
+    small_parts(&mut failing);
+    failing.fail_after_copies = Some(1);
+    let err = run_export(&failing, &request(ExportJobType::Archive, day(0), day(0)))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("stopped after 1 files"), "{err}");
+    let events = db.store.collection("events");
+    // The first day was archived and deleted before the second began.
+    assert_eq!(events.count_documents(doc! {}).await.unwrap(), 3000);
+    let a1 = format!("ARCHIVE/dt={d1}");
+    assert_eq!(manifest(&dir, &a1)["rows"], 40);
+    let job = db
+        .store
+        .collection("export_jobs")
+        .find_one(doc! { "type": "ARCHIVE", "status": "FAILED" })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(job.get_i64("eventsDeleted").unwrap(), 40, "{job}");
+    assert_eq!(job.get_array("pendingDeletes").unwrap().len(), 1, "{job}");
+    // The second day's unfinished publish was undone.
+    let a2 = format!("ARCHIVE/dt={d2}");
+    assert!(!dir.join(&a2).exists() || parquet_files(&dir, &a2).is_empty());
+
+    let mut ctx = ExportContext::new(db.store.clone(), ObjectStore::Local(LocalDir::new(&dir)));
+    small_parts(&mut ctx);
+    let next = run_export(&ctx, &request(ExportJobType::Archive, day(0), day(0)))
+        .await
+        .unwrap();
+    assert_eq!((next.rows, next.deleted), (3000, 3000));
+    assert_eq!(events.count_documents(doc! {}).await.unwrap(), 0);
+    assert_eq!(
+        manifest(&dir, &a1)["rows"],
+        40,
+        "the first day was not archived again"
+    );
+    assert_eq!(manifest(&dir, &a2)["rows"], 3000);
+    assert_eq!(
+        parquet_files(&dir, &a2).len(),
+        manifest(&dir, &a2)["files"].as_array().unwrap().len(),
+        "no file outside the manifest"
+    );
+    let pending = db
+        .store
+        .collection("export_jobs")
+        .count_documents(doc! { "pendingDeletes.0": { "$exists": true } })
+        .await
+        .unwrap();
+    assert_eq!(pending, 0);
+    assert_eq!(
+        job_doc(&db, &next.job_id)
+            .await
+            .get_i64("eventsDeleted")
+            .unwrap(),
+        3000
+    );
+
+    // Those days' EVENT_DATA and DAILY_ANALYTICS would now be computed from nothing: refused.
+    for kind in [ExportJobType::EventData, ExportJobType::DailyAnalytics] {
+        let err = run_export(&ctx, &request(kind, d1, d2 + Days::new(1)))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!("{d1}, {d2}")) && err.contains("archived"),
+            "{err}"
+        );
     }
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -3,15 +3,19 @@
 //! Each run reads its partitions (one per day, `dt=YYYY-MM-DD`) through a pipeline of three
 //! stages joined by bounded channels: a cursor reader, an encoder on a blocking thread
 //! (transforms, Arrow, Parquet parts) and an uploader that stages each finished part under
-//! `_staging/{jobId}/`. Only when every partition is staged does the run publish: per
-//! partition it removes `_SUCCESS`, copies the parts into place, removes parts of an
-//! earlier run that this one does not have, then writes `_manifest.json` and `_SUCCESS`.
-//! A failed run publishes nothing and leaves no staged files; a rerun of the same window
-//! replaces the partition instead of adding duplicates.
+//! `_staging/{jobId}/`. Only when every partition is staged does the run publish, one
+//! partition at a time: it removes `_SUCCESS`, copies the parts into place under names of
+//! its own (`part-{jobId}-NNNNN.parquet`, so no file a reader may hold is overwritten),
+//! writes `_manifest.json`, removes the parts of the earlier run, then writes `_SUCCESS`.
+//! A publish that fails before its manifest is undone (its copies removed, `_SUCCESS` put
+//! back), so every partition is always either the old one or the new one; partitions
+//! published before the failure stay replaced and are listed in the run's `export_jobs`
+//! document. A failure while staging publishes nothing.
 //!
 //! ARCHIVE adds to its partitions (the events it archives are deleted, so a rerun never
-//! sees them again), verifies every published file, and only then deletes from MongoDB
-//! exactly the documents it read.
+//! sees them again) and goes one day at a time: records the day as pending, publishes,
+//! verifies every published file, and only then deletes from MongoDB exactly the
+//! documents it read. The next archive finishes (or undoes) a day left pending.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -121,6 +125,9 @@ pub struct ExportContext {
     /// Tests: fail an ARCHIVE after it published, before it deleted anything (what a
     /// crash at that point leaves behind).
     pub fail_before_archive_delete: bool,
+    /// Tests: fail publishing after this many part files were copied into place (what a
+    /// storage error mid-publish leaves behind).
+    pub fail_after_copies: Option<u64>,
 }
 
 impl ExportContext {
@@ -134,6 +141,7 @@ impl ExportContext {
             progress: Arc::new(Progress::default()),
             work_dir: std::env::temp_dir(),
             fail_before_archive_delete: false,
+            fail_after_copies: None,
         }
     }
 }
@@ -145,6 +153,9 @@ pub struct PartitionSummary {
     pub prefix: String,
     pub files: Vec<String>,
     pub rows: u64,
+    /// The run read no rows where rows were published before: the published partition
+    /// was kept as it was.
+    pub kept: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -317,8 +328,8 @@ pub async fn run_export(
                 let keys: Vec<String> = left.into_iter().map(|o| o.key).collect();
                 let _ = ctx.dest.delete(&keys).await;
             }
-            let rows = ctx.progress.rows_read.load(Relaxed);
-            let _ = history::failed(&ctx.store, &job_id, rows, &err.to_string()).await;
+            let read = ctx.progress.rows_read.load(Relaxed);
+            let _ = history::failed(&ctx.store, &job_id, read, &err.to_string()).await;
             tracing::error!(job_id, error = %err, "export failed");
             export_metrics(request.kind, "FAILED", 0, 0, 0, started.elapsed());
             Err(err)
@@ -403,6 +414,12 @@ async fn execute(
     job_id: &str,
 ) -> Result<(Vec<PartitionSummary>, u64), ExportError> {
     let kind = request.kind;
+    if matches!(
+        kind,
+        ExportJobType::EventData | ExportJobType::DailyAnalytics
+    ) {
+        refuse_archived_days(ctx, request).await?;
+    }
     let mut staged = Vec::new();
     match kind {
         ExportJobType::EventData => {
@@ -460,6 +477,36 @@ async fn execute(
     Ok((publish_all(ctx, job_id, kind, &staged).await?, 0))
 }
 
+/// EVENT_DATA and DAILY_ANALYTICS of a day that was archived would be computed from the
+/// events that arrived after the archive (none, or a few late ones) and replace the good
+/// partition with them: such a window is refused, naming the days and where their events
+/// are.
+async fn refuse_archived_days(
+    ctx: &ExportContext,
+    request: &ExportRequest,
+) -> Result<(), ExportError> {
+    let mut archived = Vec::new();
+    for d in days(request.from, request.to) {
+        let manifest = format!("{}/dt={d}/_manifest.json", ExportJobType::Archive.as_str());
+        if ctx.dest.head(&manifest).await?.is_some() {
+            archived.push(d.to_string());
+        }
+    }
+    if archived.is_empty() {
+        return Ok(());
+    }
+    Err(ExportError::Request(format!(
+        "{} of the window {}..{} {} archived ({}): their events were moved to {} and deleted from MongoDB, so a {} export of them would replace the published partitions with whatever arrived later; read the ARCHIVE partitions instead",
+        archived.len(),
+        request.from,
+        request.to,
+        if archived.len() == 1 { "day was" } else { "days were" },
+        archived.join(", "),
+        ctx.dest.url(ExportJobType::Archive.as_str()),
+        request.kind.as_str(),
+    )))
+}
+
 /// Publishes every staged partition, then removes the run's staging area.
 async fn publish_all(
     ctx: &ExportContext,
@@ -469,7 +516,10 @@ async fn publish_all(
 ) -> Result<Vec<PartitionSummary>, ExportError> {
     let mut published = Vec::new();
     for s in staged {
-        published.push(publish(ctx, job_id, kind, s).await?);
+        let p = publish(ctx, job_id, kind, s).await?;
+        history::partition_published(&ctx.store, job_id, &p.prefix, p.rows, &p.files, p.kept)
+            .await?;
+        published.push(p);
     }
     let staging: Vec<String> = ctx
         .dest
@@ -482,9 +532,12 @@ async fn publish_all(
     Ok(published)
 }
 
-/// ARCHIVE, under the archive lock: completes interrupted archives, then stages every
-/// day older than the cutoff, publishes, records what it is about to delete, verifies
-/// and deletes.
+/// ARCHIVE, under the archive lock: completes (or undoes) what interrupted archives left,
+/// then one day at a time, oldest first: stages the day's events older than the cutoff,
+/// records what it is about to publish and delete, publishes, verifies, deletes. A day is
+/// finished before the next one starts, so a run that fails part-way leaves every day
+/// either archived and deleted, or pending for the next run to finish or undo: never
+/// published twice.
 async fn archive(
     ctx: &ExportContext,
     request: &ExportRequest,
@@ -499,44 +552,56 @@ async fn archive(
     let created_before = DateTime::from_millis(
         Utc::now().timestamp_millis() - request.archive_settle.as_millis() as i64,
     );
-    let mut staged = Vec::new();
+    let mut published = Vec::new();
     for d in archive_days(ctx, cutoff).await? {
         let filter = archive_filter(d, created_before);
         let docs = event_cursor(ctx, filter.clone()).await?;
-        staged.push(stage(ctx, job_id, kind, d, &EVENT_TABLE, docs, Some(filter)).await?);
-    }
-    let published = publish_all(ctx, job_id, kind, &staged).await?;
-    // Before deleting anything: what a crash from here on leaves for the next archive
-    // to finish, instead of archiving the same events a second time.
-    let pending: Vec<Bson> = staged
-        .iter()
-        .zip(&published)
-        .map(|(s, p)| {
-            let files: Vec<Bson> = s
-                .parts
-                .iter()
-                .zip(&p.files)
-                .map(|((_, info), key)| {
-                    Bson::Document(doc! { "key": key, "bytes": info.bytes as i64 })
+        let s = stage(ctx, job_id, kind, d, &EVENT_TABLE, docs, Some(filter)).await?;
+        // Before publishing: what a crash from here on leaves for the next archive to
+        // finish (files published: delete the events) or undo (remove the files).
+        let files: Vec<Bson> = s
+            .parts
+            .iter()
+            .map(|(_, info)| {
+                Bson::Document(doc! {
+                    "key": format!("{}/{}", s.prefix, part_name(job_id, info.index)),
+                    "bytes": info.bytes as i64,
                 })
-                .collect();
-            Bson::Document(doc! {
-                "prefix": &s.prefix, "day": s.prefix.rsplit("dt=").next().unwrap_or_default(),
-                "createdBefore": created_before, "rows": s.rows_read as i64, "files": files,
             })
-        })
-        .collect();
-    history::set_pending_deletes(&ctx.store, job_id, pending).await?;
-    if ctx.fail_before_archive_delete {
-        return Err(ExportError::Request(
-            "stopped before deleting (test hook)".into(),
-        ));
-    }
-    for (s, p) in staged.iter().zip(&published) {
-        deleted += archive_delete(ctx, s, p).await?;
+            .collect();
+        history::add_pending_delete(
+            &ctx.store,
+            job_id,
+            doc! {
+                "prefix": &s.prefix, "day": d.to_string(),
+                "createdBefore": created_before, "rows": s.rows_read as i64, "files": files,
+            },
+        )
+        .await?;
+        let p = publish(ctx, job_id, kind, &s).await?;
+        let staged: Vec<String> = s.parts.iter().map(|(k, _)| k.clone()).collect();
+        ctx.dest.delete(&staged).await?;
+        if ctx.fail_before_archive_delete {
+            return Err(ExportError::Request(
+                "stopped before deleting (test hook)".into(),
+            ));
+        }
+        let n = archive_delete(ctx, &s, &p).await?;
         history::pending_deleted(&ctx.store, job_id, &s.prefix).await?;
+        history::partition_published(&ctx.store, job_id, &p.prefix, p.rows, &p.files, p.kept)
+            .await?;
+        history::events_deleted(&ctx.store, job_id, n).await?;
+        deleted += n;
+        published.push(p);
     }
     Ok((published, deleted))
+}
+
+/// The name of part `index` of run `job_id` in a partition: every run writes its own
+/// names, so publishing never overwrites a file a reader may be reading, and a publish
+/// that fails can be undone by removing its files.
+fn part_name(job_id: &str, index: usize) -> String {
+    format!("part-{job_id}-{index:05}.parquet")
 }
 
 fn archive_filter(d: NaiveDate, created_before: DateTime) -> Document {
@@ -546,11 +611,16 @@ fn archive_filter(d: NaiveDate, created_before: DateTime) -> Document {
     }
 }
 
-/// Finishes ARCHIVE runs that published partitions and died (or failed) before deleting
-/// them: their files are verified, then exactly the events their filter selected are
-/// deleted. Runs only under the archive lock, so no such run is still alive. A partition
-/// whose events no longer match what was published (count) or whose files are gone is
-/// left pending and reported, never deleted blindly.
+/// Finishes or undoes what interrupted ARCHIVE runs left. Each pending partition was
+/// recorded before its publish began:
+/// - if the partition's manifest lists all its files, the publish finished: the files are
+///   verified and exactly the events the run's filter selected are deleted (a partition
+///   whose files are gone or whose events no longer match what was published is left
+///   pending and reported, never deleted blindly);
+/// - otherwise the publish did not finish: the files it copied are removed and the
+///   partition is left as it was; its events, still in MongoDB, are archived again.
+///
+/// Runs only under the archive lock, so no such run is still alive.
 async fn recover_archives(ctx: &ExportContext, job_id: &str) -> Result<u64, ExportError> {
     let interrupted = history::interrupted_archives(&ctx.store, job_id).await?;
     // Under the lock no other archive is alive: one still RUNNING died.
@@ -569,55 +639,113 @@ async fn recover_archives(ctx: &ExportContext, job_id: &str) -> Result<u64, Expo
             .unwrap_or_default()
         {
             let Bson::Document(p) = p else { continue };
-            let prefix = p.get_str("prefix").unwrap_or_default().to_string();
-            let (Ok(day), Ok(before)) = (
-                NaiveDate::parse_from_str(p.get_str("day").unwrap_or_default(), "%Y-%m-%d"),
-                p.get_datetime("createdBefore"),
-            ) else {
-                continue;
-            };
-            let mut intact = true;
-            for f in p.get_array("files").cloned().unwrap_or_default() {
-                let Bson::Document(f) = f else { continue };
-                let key = f.get_str("key").unwrap_or_default();
-                let bytes = f.get_i64("bytes").unwrap_or(-1);
-                intact &= ctx
-                    .dest
-                    .head(key)
-                    .await?
-                    .is_some_and(|size| size as i64 == bytes);
-            }
-            let filter = archive_filter(day, *before);
-            let read = |source| ExportError::Read {
-                partition: prefix.clone(),
-                source,
-            };
-            let ids: Vec<String> = ctx
-                .store
-                .collection(c::EVENTS)
-                .find(filter.clone())
-                .projection(doc! { e::EVENT_ID: 1, common::ID: 0 })
-                .await
-                .map_err(read)?
-                .try_collect::<Vec<Document>>()
-                .await
-                .map_err(read)?
-                .iter()
-                .filter_map(|d| d.get_str(e::EVENT_ID).ok().map(str::to_string))
-                .collect();
-            let rows = p.get_i64("rows").unwrap_or(-1);
-            // Fewer events than published: the run died part-way through deleting them.
-            if !intact || ids.len() as i64 > rows {
-                tracing::error!(job = %old, partition = %prefix, intact, published = rows, now = ids.len(),
-                    "an interrupted archive's partition no longer matches its files; left pending, nothing deleted");
-                continue;
-            }
-            deleted += delete_archived(ctx, &prefix, &filter, &ids).await?;
-            history::pending_deleted(&ctx.store, &old, &prefix).await?;
-            tracing::info!(job = %old, partition = %prefix, events = ids.len(), "completed the deletion of an interrupted archive");
+            deleted += recover_partition(ctx, &old, &p).await?;
         }
     }
     Ok(deleted)
+}
+
+/// See [`recover_archives`]: one pending partition of the interrupted run `old`.
+async fn recover_partition(
+    ctx: &ExportContext,
+    old: &str,
+    p: &Document,
+) -> Result<u64, ExportError> {
+    let prefix = p.get_str("prefix").unwrap_or_default().to_string();
+    let (Ok(day), Ok(before)) = (
+        NaiveDate::parse_from_str(p.get_str("day").unwrap_or_default(), "%Y-%m-%d"),
+        p.get_datetime("createdBefore"),
+    ) else {
+        return Ok(0);
+    };
+    let files: Vec<(String, i64)> = p
+        .get_array("files")
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|f| match f {
+            Bson::Document(f) => Some((
+                f.get_str("key").unwrap_or_default().to_string(),
+                f.get_i64("bytes").unwrap_or(-1),
+            )),
+            _ => None,
+        })
+        .collect();
+    let dir = format!("{prefix}/");
+    let manifest_key = format!("{dir}_manifest.json");
+    let listed: Vec<String> = match ctx.dest.head(&manifest_key).await? {
+        Some(_) => manifest_files(&ctx.dest.get_bytes(&manifest_key).await?),
+        None => Vec::new(),
+    };
+    let published = files
+        .iter()
+        .all(|(key, _)| listed.iter().any(|n| format!("{dir}{n}") == *key));
+    if !published {
+        // The publish stopped before its manifest: undo it.
+        let copied: Vec<String> = files.iter().map(|(k, _)| k.clone()).collect();
+        ctx.dest.delete(&copied).await?;
+        if !listed.is_empty() {
+            ctx.dest
+                .put_bytes(&format!("{dir}_SUCCESS"), Vec::new())
+                .await?;
+        }
+        history::pending_deleted(&ctx.store, old, &prefix).await?;
+        tracing::warn!(job = %old, partition = %prefix, "undid an interrupted archive's unfinished publish; its events are archived again");
+        return Ok(0);
+    }
+    let mut intact = true;
+    for (key, bytes) in &files {
+        intact &= ctx
+            .dest
+            .head(key)
+            .await?
+            .is_some_and(|size| size as i64 == *bytes);
+    }
+    let filter = archive_filter(day, *before);
+    let read = |source| ExportError::Read {
+        partition: prefix.clone(),
+        source,
+    };
+    let ids: Vec<String> = ctx
+        .store
+        .collection(c::EVENTS)
+        .find(filter.clone())
+        .projection(doc! { e::EVENT_ID: 1, common::ID: 0 })
+        .await
+        .map_err(read)?
+        .try_collect::<Vec<Document>>()
+        .await
+        .map_err(read)?
+        .iter()
+        .filter_map(|d| d.get_str(e::EVENT_ID).ok().map(str::to_string))
+        .collect();
+    let rows = p.get_i64("rows").unwrap_or(-1);
+    // Fewer events than published: the run died part-way through deleting them.
+    if !intact || ids.len() as i64 > rows {
+        tracing::error!(job = %old, partition = %prefix, intact, published = rows, now = ids.len(),
+            "an interrupted archive's partition no longer matches its files; left pending, nothing deleted");
+        return Ok(0);
+    }
+    // It may have died between its manifest and its `_SUCCESS`.
+    ctx.dest
+        .put_bytes(&format!("{dir}_SUCCESS"), Vec::new())
+        .await?;
+    let deleted = delete_archived(ctx, &prefix, &filter, &ids).await?;
+    history::pending_deleted(&ctx.store, old, &prefix).await?;
+    history::events_deleted(&ctx.store, old, deleted).await?;
+    tracing::info!(job = %old, partition = %prefix, events = ids.len(), "completed the deletion of an interrupted archive");
+    Ok(deleted)
+}
+
+/// The file names a partition's `_manifest.json` lists (none if it is unreadable).
+fn manifest_files(manifest: &[u8]) -> Vec<String> {
+    serde_json::from_slice::<serde_json::Value>(manifest)
+        .ok()
+        .and_then(|m| m["files"].as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|f| f["path"].as_str().map(str::to_string))
+        .collect()
 }
 
 /// The lease that keeps ARCHIVE to one run at a time across processes, renewed while the
@@ -985,7 +1113,9 @@ async fn stage(
     })
 }
 
-/// Moves one staged partition into place (see the module docs for the order).
+/// Moves one staged partition into place (see the module docs for the order). If it fails
+/// before the new manifest is written, the files it copied are removed and the partition's
+/// `_SUCCESS` is put back: the partition stays as it was.
 async fn publish(
     ctx: &ExportContext,
     job_id: &str,
@@ -996,6 +1126,7 @@ async fn publish(
     let success = format!("{dir}_SUCCESS");
     let manifest_key = format!("{dir}_manifest.json");
     let existing = ctx.dest.list(&dir).await?;
+    let had_success = existing.iter().any(|o| o.key == success);
     let additive = kind == ExportJobType::Archive;
     // A rerun that finds nothing where rows were published (the day's events were
     // archived or deleted since) would empty the partition a warehouse reads: it is kept.
@@ -1016,6 +1147,7 @@ async fn publish(
                 prefix: s.prefix.clone(),
                 files: Vec::new(),
                 rows: 0,
+                kept: true,
             });
         }
     }
@@ -1031,44 +1163,73 @@ async fn publish(
         files.extend(old["files"].as_array().cloned().unwrap_or_default());
     }
     ctx.dest.delete(std::slice::from_ref(&success)).await?;
-    let mut names = Vec::new();
-    for (staged_key, info) in &s.parts {
-        let name = if additive {
-            format!("part-{job_id}-{:05}.parquet", info.index)
-        } else {
-            format!("part-{:05}.parquet", info.index)
-        };
-        ctx.dest.copy(staged_key, &format!("{dir}{name}")).await?;
-        files.push(
-            json!({ "path": name, "rows": info.rows, "bytes": info.bytes, "sha256": info.sha256 }),
-        );
-        names.push(name);
+    let names: Vec<String> = s
+        .parts
+        .iter()
+        .map(|(_, info)| part_name(job_id, info.index))
+        .collect();
+    let mut copied = Vec::new();
+    let placed = async {
+        for ((staged_key, info), name) in s.parts.iter().zip(&names) {
+            if ctx.fail_after_copies == Some(copied.len() as u64) {
+                return Err(ExportError::Request(format!(
+                    "publishing `{}` stopped after {} files (test hook)",
+                    s.prefix,
+                    copied.len()
+                )));
+            }
+            let key = format!("{dir}{name}");
+            ctx.dest.copy(staged_key, &key).await?;
+            copied.push(key);
+            files.push(
+                json!({ "path": name, "rows": info.rows, "bytes": info.bytes, "sha256": info.sha256 }),
+            );
+        }
+        let rows: u64 = files.iter().filter_map(|f| f["rows"].as_u64()).sum();
+        let manifest = json!({
+            "type": kind.as_str(),
+            "partition": s.prefix,
+            "jobId": job_id,
+            "createdAt": Utc::now().to_rfc3339(),
+            "rows": rows,
+            "schema": schema_description(s.table),
+            "files": files,
+        });
+        let body = serde_json::to_vec_pretty(&manifest).unwrap_or_default();
+        ctx.dest.put_bytes(&manifest_key, body).await?;
+        Ok::<(), ExportError>(())
     }
+    .await;
+    if let Err(err) = placed {
+        // Undo: the old manifest still describes the partition.
+        let undone = async {
+            ctx.dest.delete(&copied).await?;
+            if had_success {
+                ctx.dest.put_bytes(&success, Vec::new()).await?;
+            }
+            Ok::<(), StorageError>(())
+        }
+        .await;
+        if let Err(e) = undone {
+            tracing::error!(partition = %s.prefix, error = %e, "a failed publish could not be undone: the partition has no `_SUCCESS` until a run of its window succeeds");
+        }
+        return Err(err);
+    }
+    // The manifest names the new files: what follows only completes the partition.
     if !additive {
         let stale: Vec<String> = existing
             .iter()
             .map(|o| o.key.clone())
-            .filter(|k| k.ends_with(".parquet") && !names.iter().any(|n| *k == format!("{dir}{n}")))
+            .filter(|k| k.ends_with(".parquet") && !copied.contains(k))
             .collect();
         ctx.dest.delete(&stale).await?;
     }
-    let rows: u64 = files.iter().filter_map(|f| f["rows"].as_u64()).sum();
-    let manifest = json!({
-        "type": kind.as_str(),
-        "partition": s.prefix,
-        "jobId": job_id,
-        "createdAt": Utc::now().to_rfc3339(),
-        "rows": rows,
-        "schema": schema_description(s.table),
-        "files": files,
-    });
-    let body = serde_json::to_vec_pretty(&manifest).unwrap_or_default();
-    ctx.dest.put_bytes(&manifest_key, body).await?;
     ctx.dest.put_bytes(&success, Vec::new()).await?;
     Ok(PartitionSummary {
         prefix: s.prefix.clone(),
-        files: names.iter().map(|n| format!("{dir}{n}")).collect(),
-        rows: s.parts.iter().map(|(_, i)| i.rows).sum(),
+        files: copied,
+        rows: new_rows,
+        kept: false,
     })
 }
 

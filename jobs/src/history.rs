@@ -1,6 +1,6 @@
 //! `export_jobs`: one document per run, PENDING -> RUNNING -> COMPLETED | FAILED.
 
-use bson::{doc, Bson, DateTime, Document};
+use bson::{doc, DateTime, Document};
 use sluice_connectors::{Store, StoreError};
 use sluice_core::model::{
     collections as c, common, export_job_fields as f, ExportJob, ExportJobStatus, ExportJobType,
@@ -100,7 +100,7 @@ pub async fn completed(
 pub async fn failed(
     store: &Store,
     job_id: &str,
-    records: u64,
+    rows_read: u64,
     error: &str,
 ) -> Result<(), StoreError> {
     set(
@@ -109,7 +109,7 @@ pub async fn failed(
         doc! {
             f::STATUS: ExportJobStatus::Failed.as_str(),
             f::END_TIME: DateTime::now(),
-            f::RECORDS_PROCESSED: records as i64,
+            ROWS_READ: rows_read as i64,
             f::ERROR: error,
         },
     )
@@ -192,16 +192,78 @@ pub async fn fail_other_archives(store: &Store, holder: &str) -> Result<u64, Sto
 /// `{prefix, day, createdBefore, rows, files: [{key, bytes}]}`.
 pub const PENDING_DELETES: &str = "pendingDeletes";
 
-/// Records the partitions an ARCHIVE run is about to delete (see [`PENDING_DELETES`]).
-pub async fn set_pending_deletes(
+/// Records a partition an ARCHIVE run is about to publish and then delete from MongoDB
+/// (see `export::recover_archives` for what the next archive does with it).
+pub async fn add_pending_delete(
     store: &Store,
     job_id: &str,
-    pending: Vec<Bson>,
+    pending: Document,
 ) -> Result<(), StoreError> {
-    set(store, job_id, doc! { PENDING_DELETES: pending }).await
+    update(
+        store,
+        job_id,
+        doc! { "$push": { PENDING_DELETES: pending } },
+        "record a pending deletion",
+    )
+    .await
 }
 
-/// Takes a partition whose events are deleted off the run's pending list.
+/// The field listing the partitions a run published: `{prefix, rows, files, kept}`.
+pub const PARTITIONS: &str = "partitions";
+/// ARCHIVE: how many events the run deleted from MongoDB after archiving them.
+pub const EVENTS_DELETED: &str = "eventsDeleted";
+/// Rows a failed run had read when it stopped.
+pub const ROWS_READ: &str = "rowsRead";
+
+/// Records a partition the run published (as it is published, so a run that fails later
+/// still says which partitions it replaced).
+pub async fn partition_published(
+    store: &Store,
+    job_id: &str,
+    prefix: &str,
+    rows: u64,
+    files: &[String],
+    kept: bool,
+) -> Result<(), StoreError> {
+    update(
+        store,
+        job_id,
+        doc! {
+            "$push": { PARTITIONS: { "prefix": prefix, "rows": rows as i64, "files": files, "kept": kept } },
+            "$inc": { f::RECORDS_PROCESSED: rows as i64, f::FILES: files.len() as i64 },
+        },
+        "record a published partition",
+    )
+    .await
+}
+
+/// ARCHIVE: adds `n` to the events the run deleted.
+pub async fn events_deleted(store: &Store, job_id: &str, n: u64) -> Result<(), StoreError> {
+    update(
+        store,
+        job_id,
+        doc! { "$inc": { EVENTS_DELETED: n as i64 } },
+        "count deleted events",
+    )
+    .await
+}
+
+async fn update(
+    store: &Store,
+    job_id: &str,
+    change: Document,
+    what: &'static str,
+) -> Result<(), StoreError> {
+    let mut change = change;
+    change.insert("$currentDate", doc! { common::UPDATED_AT: true });
+    store
+        .collection(c::EXPORT_JOBS)
+        .update_one(doc! { f::JOB_ID: job_id }, change)
+        .await
+        .map_err(StoreError::mongo(c::EXPORT_JOBS, what))?;
+    Ok(())
+}
+
 pub async fn pending_deleted(store: &Store, job_id: &str, prefix: &str) -> Result<(), StoreError> {
     store
         .collection(c::EXPORT_JOBS)
