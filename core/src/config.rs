@@ -248,6 +248,9 @@ pub struct TrackingSection {
     pub write_batch_size: usize,
     /// Concurrent writers draining the queue.
     pub writers: usize,
+    /// A request whose events MongoDB has not acknowledged within this many seconds is
+    /// answered 503 (resend: the eventIds are recognized) instead of hanging.
+    pub write_timeout_seconds: u64,
     /// `keep` stores bot traffic flagged (`metadata.bot`); `drop` discards it.
     pub bots: String,
     /// Segment API: `track` event names (case-insensitive) stored as PURCHASE.
@@ -268,6 +271,7 @@ impl Default for TrackingSection {
             queue_capacity: 20_000,
             write_batch_size: 1_000,
             writers: 4,
+            write_timeout_seconds: 10,
             bots: "keep".into(),
             purchase_events: vec!["Order Completed".into()],
             geoip_database: None,
@@ -644,6 +648,10 @@ pub fn validate(
         ("tracking.queue_capacity", t.queue_capacity),
         ("tracking.write_batch_size", t.write_batch_size),
         ("tracking.writers", t.writers),
+        (
+            "tracking.write_timeout_seconds",
+            t.write_timeout_seconds as usize,
+        ),
     ];
     for (field, value) in positive {
         if value == 0 {

@@ -176,8 +176,19 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// How long `/readyz` waits for MongoDB: a probe answered late is a probe failed, and a
+/// driver waiting out its server selection timeout (10 s) would answer very late.
+const READY_TIMEOUT: Duration = Duration::from_secs(2);
+
 async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError> {
-    state.store.ping().await.map_err(|e| {
+    let pinged = tokio::time::timeout(READY_TIMEOUT, state.store.ping())
+        .await
+        .unwrap_or_else(|_| {
+            Err(sluice_connectors::StoreError::Busy(
+                "no answer within 2 s".into(),
+            ))
+        });
+    pinged.map_err(|e| {
         tracing::warn!(error = %e, "readiness check failed");
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -550,7 +550,31 @@ pub(super) async fn ingest(
     }
     let (to_write, outcomes) = transform(state, to_write, outcomes).await?;
     let ids: Vec<String> = to_write.iter().map(|e| e.event_id.clone()).collect();
-    let statuses = match state.batcher.submit(to_write).await {
+    let deadline = std::time::Duration::from_secs(state.config.tracking.write_timeout_seconds);
+    let submitted = tokio::time::timeout(deadline, state.batcher.submit(to_write)).await;
+    let Ok(submitted) = submitted else {
+        // The writes may still complete; a resend of the same eventIds is then answered
+        // `duplicate`, so telling the client to resend loses nothing and stores nothing twice.
+        state
+            .metrics
+            .write_errors
+            .fetch_add(ids.len() as u64, Relaxed);
+        tracing::error!(
+            events = ids.len(),
+            seconds = deadline.as_secs(),
+            "MongoDB did not acknowledge the events in time"
+        );
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_timeout",
+            format!(
+                "MongoDB did not acknowledge the events within {} s; resend them (events already stored are answered `duplicate`)",
+                deadline.as_secs()
+            ),
+        )
+        .retry(5));
+    };
+    let statuses = match submitted {
         Ok(s) => s,
         Err(SubmitError::Full) => {
             state
