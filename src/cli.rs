@@ -145,6 +145,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     // Imports in flight are stopped with the process: their runs are recorded as
     // interrupted (with their checkpoint's progress), not left RUNNING.
     let interrupted = crate::engine::imports_in_flight();
+    let exports = sluice_jobs::history::exports_in_flight();
     if let Some(s) = scheduler {
         // Runs in flight are handed back at once, so another replica takes them over
         // without waiting for their lease to expire.
@@ -156,6 +157,17 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
                 tracing::warn!(imports = ?interrupted, runs = n, "imports interrupted by the shutdown; their next runs resume from the checkpoints")
             }
             Err(e) => tracing::error!(error = %e, "could not record the interrupted imports"),
+        }
+    }
+    // Exports in flight likewise: FAILED now rather than RUNNING until the next export
+    // presumes them dead. Their staging is removed by the next export; an ARCHIVE's
+    // pending day is finished or undone by the next archive.
+    if !exports.is_empty() {
+        match sluice_jobs::history::fail_stopped_runs(&store_for_shutdown, &exports).await {
+            Ok(n) => {
+                tracing::warn!(exports = ?exports, runs = n, "exports interrupted by the shutdown")
+            }
+            Err(e) => tracing::error!(error = %e, "could not record the interrupted exports"),
         }
     }
     Ok(())

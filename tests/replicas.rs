@@ -222,3 +222,114 @@ async fn an_import_in_flight_when_serve_stops_is_recorded_interrupted_with_its_p
     assert!(run.get("endTime").is_some_and(|t| *t != bson::Bson::Null));
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A TCP proxy to the S3 server that forwards everything until a client sends a `PUT`,
+/// and from then on holds that connection's bytes: an upload that never completes.
+async fn s3_proxy_hanging_on_put() -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream =
+        std::env::var("SLUICE_S3_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:8333".into());
+    let upstream = upstream.trim_start_matches("http://").to_string();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                continue;
+            };
+            let (mut cr, mut cw) = client.into_split();
+            let (mut sr, mut sw) = server.into_split();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16 * 1024];
+                loop {
+                    let n = match cr.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    if buf[..n].starts_with(b"PUT ") {
+                        // Hold the connection open, forwarding nothing more.
+                        std::future::pending::<()>().await;
+                    }
+                    if sw.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut sr, &mut cw).await;
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+#[tokio::test]
+async fn an_export_in_flight_when_serve_stops_is_recorded_failed_not_left_running() {
+    let db = TestDb::initialized().await;
+    let bucket = support::TestBucket::new().await;
+    let proxy = s3_proxy_hanging_on_put().await;
+    let settings = support::s3_settings(&bucket.name);
+    let dir =
+        std::env::temp_dir().join(format!("sluice-replicas-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("sluice.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[mongodb]\nuri = \"{}\"\ndatabase = \"{}\"\n[server]\nlisten = \"127.0.0.1:0\"\n\
+             [export]\ndestination = \"s3://{}/exports\"\n\
+             [s3]\nendpoint = \"{proxy}\"\naccess_key = \"{}\"\nsecret_key = \"{}\"\npath_style = true\n\
+             [[schedules]]\nname = \"daily\"\ntype = \"DAILY_ANALYTICS\"\ncron = \"* * * * * *\"\ncatch_up = 1\n\
+             [log]\nlevel = \"warn\"\n",
+            support::mongo_uri(),
+            db.name,
+            bucket.name,
+            settings.access_key,
+            settings.secret_key,
+        ),
+    )
+    .unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("SLUICE_") {
+            cmd.env_remove(k);
+        }
+    }
+    let mut serve = cmd
+        .arg("--config")
+        .arg(&config)
+        .arg("serve")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let jobs = db.store.collection("export_jobs");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let running = loop {
+        assert!(std::time::Instant::now() < deadline, "no export started");
+        if let Some(d) = jobs.find_one(doc! { "status": "RUNNING" }).await.unwrap() {
+            break d;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // Its upload hangs; stop serve.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(serve.id().to_string())
+        .status();
+    let _ = serve.wait();
+    let job = jobs
+        .find_one(doc! { "jobId": running.get_str("jobId").unwrap() })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(job.get_str("status").unwrap(), "FAILED", "{job}");
+    assert!(
+        job.get_str("error")
+            .unwrap()
+            .contains("process was stopped"),
+        "{job}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}

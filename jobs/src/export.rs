@@ -291,6 +291,7 @@ pub async fn run_export(
         !request.scheduled,
     )
     .await?;
+    let _in_flight = history::InFlight::enter(&job_id);
     history::running(&ctx.store, &job_id).await?;
     tracing::info!(job_id, kind = %request.kind, "export started");
     let heartbeat = history::heartbeat(&ctx.store, &job_id);

@@ -163,6 +163,45 @@ async fn fail_running(store: &Store, mut filter: Document, error: &str) -> Resul
     Ok(result.modified_count)
 }
 
+/// The export runs this process is running (see [`InFlight`]).
+static IN_FLIGHT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Holds a run in [`exports_in_flight`] while it lives.
+pub struct InFlight(String);
+
+impl InFlight {
+    pub fn enter(job_id: &str) -> Self {
+        IN_FLIGHT
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(job_id.to_string());
+        Self(job_id.to_string())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut runs = IN_FLIGHT.lock().unwrap_or_else(|p| p.into_inner());
+        runs.retain(|r| *r != self.0);
+    }
+}
+
+/// The jobIds of the export runs this process is running now.
+pub fn exports_in_flight() -> Vec<String> {
+    IN_FLIGHT.lock().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+/// Marks the RUNNING runs `job_ids` FAILED because their process is stopping, so they do
+/// not show RUNNING until the next export presumes them dead; returns how many.
+pub async fn fail_stopped_runs(store: &Store, job_ids: &[String]) -> Result<u64, StoreError> {
+    fail_running(
+        store,
+        doc! { f::JOB_ID: { "$in": job_ids } },
+        "interrupted: the process was stopped (shutdown signal); rerun the window",
+    )
+    .await
+}
+
 /// Marks RUNNING exports without a heartbeat for `PRESUMED_DEAD` as FAILED; returns how
 /// many.
 pub async fn fail_dead_runs(store: &Store) -> Result<u64, StoreError> {
