@@ -283,8 +283,23 @@ pub async fn start(
         }
         sweeper.abort();
         // The router (and its Batcher clones) is gone: writers drain the queue and end.
-        for w in writers {
-            let _ = w.await;
+        // Every request has been answered by now, and one is answered 200 only once its
+        // events are written: what is still queued belongs to requests answered 503
+        // (their clients resend). So a store that stopped answering may hold the
+        // shutdown only so long.
+        let drain = Duration::from_secs(t.write_timeout_seconds * 3);
+        let aborts: Vec<_> = writers.iter().map(|w| w.abort_handle()).collect();
+        if tokio::time::timeout(drain, futures_util::future::join_all(writers))
+            .await
+            .is_err()
+        {
+            tracing::error!(
+                seconds = drain.as_secs(),
+                "the write queue did not drain (MongoDB is not answering); its events belong to requests answered 503, whose clients resend them"
+            );
+            for a in aborts {
+                a.abort();
+            }
         }
     });
     drop(state);
