@@ -85,6 +85,20 @@ fn every_scenario_prints_a_ratio_line() {
             let vs = l["ratio_vs_aggregating_baseline"].as_f64().unwrap();
             assert!((vs - sluice / aggregating).abs() < 0.01, "{l}");
         }
+        if l["scenario"] == "track-ingest" {
+            let per_session = l["request_per_session_per_s"].as_f64().unwrap();
+            let r = l["request_per_session_ratio"].as_f64().unwrap();
+            assert!(
+                per_session > 0.0 && (r - per_session / base).abs() < 0.01,
+                "{l}"
+            );
+            let share = &l["request_per_session_writer_time_share"];
+            let total: f64 = sluice_connectors::mongo::WRITE_PHASES
+                .iter()
+                .map(|p| share[p].as_f64().unwrap())
+                .sum();
+            assert!((total - 1.0).abs() < 0.05, "{l}");
+        }
         if l["scenario"] == "http-import" {
             assert!(l["ratio_no_index"].as_f64().unwrap() > 0.0, "{l}");
         }

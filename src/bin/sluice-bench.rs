@@ -6,7 +6,10 @@
 //! - `mongo-insert`: raw driver `insert_many` of event documents vs the store's event
 //!   writer (dedupe ledger + session/user aggregates + events) on the same documents.
 //! - `track-ingest`: a loopback load generator posting batches to `sluice serve`, events
-//!   durably stored per second, vs raw `insert_many` of the same documents.
+//!   durably stored per second, vs raw `insert_many` of the same documents. Two shapes of
+//!   the same events: shuffled 500-event batches (every event of a batch from a different
+//!   session: the worst case for the aggregates), and one request per session as browser
+//!   SDKs send them (`request_per_session_*`).
 //!
 //! - `parquet-export`: an EVENT_DATA export (MongoDB cursor -> Arrow -> Parquet -> S3),
 //!   rows/s, vs the slower of draining the same cursor alone and encoding the same batches
@@ -320,6 +323,45 @@ async fn http_ingest(json_events: &[Value]) -> anyhow::Result<f64> {
 /// Posts `{"batch": [...]}` bodies of 500 from 8 concurrent clients; events stored per
 /// second.
 async fn post_batches(json_events: &[Value], path: &str) -> anyhow::Result<f64> {
+    let bodies = json_events
+        .chunks(500)
+        .map(|b| json!({ "batch": b }))
+        .collect();
+    post_bodies(bodies, json_events.len(), path, 8).await
+}
+
+/// The same events as SDKs running in browsers send them: each session's events in one
+/// request of their own (2-12 events, in time order), from 64 concurrent clients. The
+/// endpoint's writers then see few sessions and visitors per write, where the shuffled
+/// 500-event batches of [`post_batches`] give them nearly one of each per event.
+async fn post_sessions(json_events: &[Value], path: &str) -> anyhow::Result<f64> {
+    let mut by_session: std::collections::BTreeMap<&str, Vec<&Value>> = Default::default();
+    for e in json_events {
+        by_session
+            .entry(e["sessionId"].as_str().unwrap_or_default())
+            .or_default()
+            .push(e);
+    }
+    let mut bodies: Vec<Value> = by_session
+        .into_values()
+        .map(|mut evs| {
+            evs.sort_by_key(|e| e["timestamp"].as_i64());
+            json!({ "batch": evs })
+        })
+        .collect();
+    // Sessions interleaved across clients in a fixed, arbitrary order.
+    Traffic::new(17).shuffle(&mut bodies);
+    post_bodies(bodies, json_events.len(), path, 64).await
+}
+
+/// Posts `bodies` from `concurrency` clients to a fresh `sluice serve`; events stored per
+/// second (all `expected` must be stored).
+async fn post_bodies(
+    bodies: Vec<Value>,
+    expected: usize,
+    path: &str,
+    concurrency: usize,
+) -> anyhow::Result<f64> {
     let store = fresh_store("track").await?;
     let mut raw = RawConfig::default();
     raw.mongodb.uri = mongo_uri();
@@ -329,15 +371,10 @@ async fn post_batches(json_events: &[Value], path: &str) -> anyhow::Result<f64> 
     let server = sluice::server::start(config, store.clone(), listener, false).await?;
     let url = format!("http://{}{path}", server.addr);
     let client = reqwest::Client::new();
-    let batches: Vec<Value> = json_events
-        .chunks(500)
-        .map(|b| json!({ "batch": b }))
-        .collect();
-    let concurrency = 8;
     let started = Instant::now();
     let mut lanes = Vec::new();
     for lane in 0..concurrency {
-        let mine: Vec<Value> = batches
+        let mine: Vec<Value> = bodies
             .iter()
             .skip(lane)
             .step_by(concurrency)
@@ -368,11 +405,7 @@ async fn post_batches(json_events: &[Value], path: &str) -> anyhow::Result<f64> 
         stored += lane.await??;
     }
     let rate = stored as f64 / started.elapsed().as_secs_f64();
-    anyhow::ensure!(
-        stored as usize == json_events.len(),
-        "stored {stored} of {}",
-        json_events.len()
-    );
+    anyhow::ensure!(stored as usize == expected, "stored {stored} of {expected}");
     server.shutdown().await;
     store.db().drop().await?;
     Ok(rate)
@@ -391,13 +424,17 @@ fn phase_seconds() -> Vec<f64> {
         .collect()
 }
 
-/// Each phase's share of the writer's time since `before`.
-fn phase_shares(before: &[f64]) -> Value {
-    let spent: Vec<f64> = phase_seconds()
+/// Seconds the event writer has spent in each phase since `before`.
+fn phase_delta(before: &[f64]) -> Vec<f64> {
+    phase_seconds()
         .iter()
         .zip(before)
         .map(|(a, b)| a - b)
-        .collect();
+        .collect()
+}
+
+/// Each phase's share of `spent` (seconds per phase).
+fn shares(spent: Vec<f64>) -> Value {
     let total: f64 = spent.iter().sum();
     let mut shares = serde_json::Map::new();
     for (phase, s) in sluice_connectors::mongo::WRITE_PHASES.iter().zip(spent) {
@@ -1113,7 +1150,9 @@ async fn main() -> anyhow::Result<()> {
             continue;
         }
         let (mut best_base, mut best_sluice, mut best_aggregating) = (0f64, 0f64, 0f64);
-        let before = phase_seconds();
+        let mut best_sessions = 0f64;
+        let mut spent = vec![0f64; sluice_connectors::mongo::WRITE_PHASES.len()];
+        let mut spent_sessions = spent.clone();
         for _ in 0..args.rounds.max(1) {
             // The writer benchmark is one sequential stream; the endpoint runs
             // `tracking.writers` (4) concurrent writers: the baseline matches each.
@@ -1124,24 +1163,48 @@ async fn main() -> anyhow::Result<()> {
                     .await
                     .context("aggregating baseline")?,
             );
+            let before = phase_seconds();
             let s = match scenario.as_str() {
                 "mongo-insert" => writer_insert(&events).await,
                 _ => http_ingest(&json_events).await,
             }
             .with_context(|| scenario.clone())?;
+            for (total, d) in spent.iter_mut().zip(phase_delta(&before)) {
+                *total += d;
+            }
             best_sluice = best_sluice.max(s);
+            if scenario == "track-ingest" {
+                let before = phase_seconds();
+                let by_session = post_sessions(&json_events, "/v1/events/batch")
+                    .await
+                    .context("track-ingest, a request per session")?;
+                for (total, d) in spent_sessions.iter_mut().zip(phase_delta(&before)) {
+                    *total += d;
+                }
+                best_sessions = best_sessions.max(by_session);
+            }
         }
-        report(
-            &scenario,
-            best_base,
-            best_sluice,
+        let sessions = if scenario == "track-ingest" {
             json!({
+                "request_per_session_per_s": best_sessions.round(),
+                "request_per_session_ratio": ratio(best_sessions, best_base),
+                "request_per_session_writer_time_share": shares(spent_sessions),
+            })
+        } else {
+            json!({})
+        };
+        report(&scenario, best_base, best_sluice, {
+            let mut extra = json!({
                 "events": events.len(), "rounds": args.rounds,
-                "writer_time_share": phase_shares(&before),
+                "writer_time_share": shares(spent),
                 "aggregating_baseline_per_s": best_aggregating.round(),
                 "ratio_vs_aggregating_baseline": ratio(best_sluice, best_aggregating),
-            }),
-        );
+            });
+            if let (Some(obj), Value::Object(more)) = (extra.as_object_mut(), sessions) {
+                obj.extend(more);
+            }
+            extra
+        });
     }
     Ok(())
 }
