@@ -151,26 +151,52 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         // without waiting for their lease to expire.
         s.shutdown().await;
     }
-    if !interrupted.is_empty() {
-        match sluice_jobs::import::mark_interrupted(&store_for_shutdown, &interrupted).await {
+    record_stopped(&store_for_shutdown, &interrupted, &exports).await;
+    Ok(())
+}
+
+/// Records what a stop by signal cut short: imports INTERRUPTED with their checkpoint's
+/// progress (the next run resumes there), exports FAILED rather than RUNNING until the
+/// next export presumes them dead (their staging is removed by the next export; an
+/// ARCHIVE's pending day is finished or undone by the next archive).
+async fn record_stopped(store: &Store, imports: &[String], exports: &[String]) {
+    if !imports.is_empty() {
+        match sluice_jobs::import::mark_interrupted(store, imports).await {
             Ok(n) => {
-                tracing::warn!(imports = ?interrupted, runs = n, "imports interrupted by the shutdown; their next runs resume from the checkpoints")
+                tracing::warn!(imports = ?imports, runs = n, "imports interrupted by a stop; their next runs resume from the checkpoints")
             }
             Err(e) => tracing::error!(error = %e, "could not record the interrupted imports"),
         }
     }
-    // Exports in flight likewise: FAILED now rather than RUNNING until the next export
-    // presumes them dead. Their staging is removed by the next export; an ARCHIVE's
-    // pending day is finished or undone by the next archive.
     if !exports.is_empty() {
-        match sluice_jobs::history::fail_stopped_runs(&store_for_shutdown, &exports).await {
+        match sluice_jobs::history::fail_stopped_runs(store, exports).await {
             Ok(n) => {
-                tracing::warn!(exports = ?exports, runs = n, "exports interrupted by the shutdown")
+                tracing::warn!(exports = ?exports, runs = n, "exports interrupted by a stop")
             }
             Err(e) => tracing::error!(error = %e, "could not record the interrupted exports"),
         }
     }
-    Ok(())
+}
+
+/// Runs a job in the foreground (`export run`, `jobs run`) until it ends or Ctrl-C /
+/// SIGTERM arrives. A signal stops the work at once and records it the way `serve` records
+/// what a shutdown stops (see [`record_stopped`]); the answer is then the error saying so.
+async fn until_signal<F: std::future::Future>(store: &Store, work: F) -> Result<F::Output, String> {
+    let mut work = Box::pin(work);
+    tokio::select! {
+        out = &mut work => Ok(out),
+        _ = crate::server::shutdown_signal() => {
+            let imports = crate::engine::imports_in_flight();
+            let exports = sluice_jobs::history::exports_in_flight();
+            drop(work);
+            record_stopped(store, &imports, &exports).await;
+            Err(if imports.is_empty() {
+                "stopped by a signal; rerun it".to_string()
+            } else {
+                "stopped by a signal; the next run resumes from the last checkpoint".to_string()
+            })
+        }
+    }
 }
 
 /// Opens the export destination: `override_url` (from `--dest`) or the config's.
@@ -310,7 +336,7 @@ pub async fn export_run(
     let yesterday = chrono::Utc::now().date_naive() - chrono::Days::new(1);
     let from = from.or(to).unwrap_or(yesterday);
     let to = to.unwrap_or(from);
-    let mut ctx = ExportContext::new(store, destination);
+    let mut ctx = ExportContext::new(store.clone(), destination);
     ctx.transforms = load_plugins(config, &config.plugins.export_transforms)?;
     let request = ExportRequest {
         kind,
@@ -321,10 +347,10 @@ pub async fn export_run(
         scheduled: false,
     };
     let ticker = spawn_progress(ctx.progress.clone());
-    let result = run_export(&ctx, &request).await;
+    let result = until_signal(&store, run_export(&ctx, &request)).await;
     ticker.abort();
     eprintln!();
-    let summary = result?;
+    let summary = result.map_err(anyhow::Error::msg)??;
     println!(
         "export {} {}: {} rows in {} files, {:.1} MB, {:.1} s -> {}",
         summary.job_id,
@@ -858,9 +884,10 @@ pub async fn jobs_run(
     let result = sluice_jobs::schedule::hold_manual_run(
         &runner.store,
         &run,
-        runner.run_job_with(name, &progress),
+        until_signal(&runner.store, runner.run_job_with(name, &progress)),
     )
     .await
+    .and_then(|stopped| stopped)
     .unwrap_or_else(Err);
     ticker.abort();
     if is_export {

@@ -1,6 +1,8 @@
-//! Two real `sluice serve` processes on one database: the scheduled run of an import is
-//! claimed by one; `kill -9` it mid-run and the other takes the run over after the lease
-//! and completes it from the import's checkpoint, with nothing lost or duplicated.
+//! Real `sluice` processes stopped mid-run. Two `sluice serve` on one database: the
+//! scheduled run of an import is claimed by one; `kill -9` it mid-run and the other takes
+//! the run over after the lease and completes it from the import's checkpoint, with nothing
+//! lost or duplicated. `serve`, `export run` and `jobs run` stopped by a signal record what
+//! they were running (INTERRUPTED imports, FAILED exports), never leave it RUNNING.
 
 mod support;
 
@@ -187,23 +189,7 @@ async fn an_import_in_flight_when_serve_stops_is_recorded_interrupted_with_its_p
     let (dir, config) = setup(&db, "stopped-feed", "").await;
     let mut serve = serve(&config);
     // Wait until the run has checkpointed a page or two of its six, then stop serve.
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no page was checkpointed"
-        );
-        let cp = db
-            .store
-            .collection("import_checkpoints")
-            .find_one(doc! { "_id": "stopped-feed" })
-            .await
-            .unwrap();
-        if cp.and_then(|c| c.get_i64("pages").ok()).unwrap_or(0) >= 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_checkpoint(&db, "stopped-feed").await;
     let _ = std::process::Command::new("kill")
         .arg("-TERM")
         .arg(serve.id().to_string())
@@ -221,6 +207,27 @@ async fn an_import_in_flight_when_serve_stops_is_recorded_interrupted_with_its_p
     assert!((1..6).contains(&pages), "the checkpoint's progress: {run}");
     assert!(run.get("endTime").is_some_and(|t| *t != bson::Bson::Null));
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Waits (up to a minute) until the import `feed` has checkpointed a page.
+async fn wait_for_checkpoint(db: &TestDb, feed: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no page was checkpointed"
+        );
+        let cp = db
+            .store
+            .collection("import_checkpoints")
+            .find_one(doc! { "_id": feed })
+            .await
+            .unwrap();
+        if cp.and_then(|c| c.get_i64("pages").ok()).unwrap_or(0) >= 1 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// A TCP proxy to the S3 server that forwards everything until a client sends a `PUT`,
@@ -263,10 +270,13 @@ async fn s3_proxy_hanging_on_put() -> String {
     format!("http://{addr}")
 }
 
-#[tokio::test]
-async fn an_export_in_flight_when_serve_stops_is_recorded_failed_not_left_running() {
-    let db = TestDb::initialized().await;
-    let bucket = support::TestBucket::new().await;
+/// A `sluice.toml` exporting to `bucket` through [`s3_proxy_hanging_on_put`], with `extra`
+/// settings; returns its folder and path.
+async fn export_config(
+    db: &TestDb,
+    bucket: &support::TestBucket,
+    extra: &str,
+) -> (std::path::PathBuf, std::path::PathBuf) {
     let proxy = s3_proxy_hanging_on_put().await;
     let settings = support::s3_settings(&bucket.name);
     let dir =
@@ -279,8 +289,7 @@ async fn an_export_in_flight_when_serve_stops_is_recorded_failed_not_left_runnin
             "[mongodb]\nuri = \"{}\"\ndatabase = \"{}\"\n[server]\nlisten = \"127.0.0.1:0\"\n\
              [export]\ndestination = \"s3://{}/exports\"\n\
              [s3]\nendpoint = \"{proxy}\"\naccess_key = \"{}\"\nsecret_key = \"{}\"\npath_style = true\n\
-             [[schedules]]\nname = \"daily\"\ntype = \"DAILY_ANALYTICS\"\ncron = \"* * * * * *\"\ncatch_up = 1\n\
-             [log]\nlevel = \"warn\"\n",
+             {extra}[log]\nlevel = \"warn\"\n",
             support::mongo_uri(),
             db.name,
             bucket.name,
@@ -289,29 +298,34 @@ async fn an_export_in_flight_when_serve_stops_is_recorded_failed_not_left_runnin
         ),
     )
     .unwrap();
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"));
-    for (k, _) in std::env::vars() {
-        if k.starts_with("SLUICE_") {
-            cmd.env_remove(k);
-        }
-    }
-    let mut serve = cmd
-        .arg("--config")
-        .arg(&config)
-        .arg("serve")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let jobs = db.store.collection("export_jobs");
+    (dir, config)
+}
+
+/// Waits (up to a minute) for an export to be RUNNING and returns its record.
+async fn wait_for_running_export(jobs: &mongodb::Collection<bson::Document>) -> bson::Document {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let running = loop {
+    loop {
         assert!(std::time::Instant::now() < deadline, "no export started");
         if let Some(d) = jobs.find_one(doc! { "status": "RUNNING" }).await.unwrap() {
-            break d;
+            return d;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    }
+}
+
+#[tokio::test]
+async fn an_export_in_flight_when_serve_stops_is_recorded_failed_not_left_running() {
+    let db = TestDb::initialized().await;
+    let bucket = support::TestBucket::new().await;
+    let (dir, config) = export_config(
+        &db,
+        &bucket,
+        "[[schedules]]\nname = \"daily\"\ntype = \"DAILY_ANALYTICS\"\ncron = \"* * * * * *\"\ncatch_up = 1\n",
+    )
+    .await;
+    let mut serve = sluice(&config, &["serve"]);
+    let jobs = db.store.collection("export_jobs");
+    let running = wait_for_running_export(&jobs).await;
     // Its upload hangs; stop serve.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let _ = std::process::Command::new("kill")
@@ -331,5 +345,131 @@ async fn an_export_in_flight_when_serve_stops_is_recorded_failed_not_left_runnin
             .contains("process was stopped"),
         "{job}"
     );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A `sluice` command on `config` with none of the environment's `SLUICE_*` settings, its
+/// stderr captured.
+fn sluice(config: &std::path::Path, args: &[&str]) -> std::process::Child {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("SLUICE_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.arg("--config")
+        .arg(config)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Sends SIGINT (Ctrl-C) to `child` and returns its exit status and stderr.
+fn interrupt(child: std::process::Child) -> (std::process::ExitStatus, String) {
+    let _ = std::process::Command::new("kill")
+        .arg("-INT")
+        .arg(child.id().to_string())
+        .status();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn an_export_run_stopped_by_ctrl_c_is_recorded_failed_not_left_running() {
+    let db = TestDb::initialized().await;
+    let bucket = support::TestBucket::new().await;
+    let (dir, config) = export_config(&db, &bucket, "").await;
+    let run = sluice(&config, &["export", "run", "DAILY_ANALYTICS"]);
+    let jobs = db.store.collection("export_jobs");
+    let running = wait_for_running_export(&jobs).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (status, stderr) = interrupt(run);
+    assert!(!status.success(), "{stderr}");
+    assert!(stderr.contains("stopped by a signal"), "{stderr}");
+    let job = jobs
+        .find_one(doc! { "jobId": running.get_str("jobId").unwrap() })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(job.get_str("status").unwrap(), "FAILED", "{job}");
+    assert!(
+        job.get_str("error")
+            .unwrap()
+            .contains("process was stopped"),
+        "{job}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn a_job_run_by_hand_and_stopped_by_ctrl_c_records_its_run_and_its_import() {
+    let db = TestDb::initialized().await;
+    let (dir, config) = setup(&db, "hand-feed", "").await;
+    let run = sluice(&config, &["jobs", "run", "integration:hand-feed"]);
+    wait_for_checkpoint(&db, "hand-feed").await;
+    let (status, stderr) = interrupt(run);
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("resumes from the last checkpoint"),
+        "{stderr}"
+    );
+    // The run by hand is ended, so it no longer holds the job...
+    let manual = db
+        .store
+        .collection("scheduled_runs")
+        .find_one(doc! { "job": "integration:hand-feed", "manual": true })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(manual.get_str("status").unwrap(), "FAILED", "{manual}");
+    assert!(
+        manual
+            .get_str("error")
+            .unwrap()
+            .contains("stopped by a signal"),
+        "{manual}"
+    );
+    // ...and the import is INTERRUPTED with its checkpoint's progress, not RUNNING.
+    let import = db
+        .store
+        .collection("import_runs")
+        .find_one(doc! { "config": "hand-feed" })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(import.get_str("status").unwrap(), "INTERRUPTED", "{import}");
+    assert!(import.get_i64("pages").unwrap() >= 1, "{import}");
+    // The next run by hand is not refused and finishes the feed from the checkpoint (run
+    // off this thread: the API it reads is served by this test's runtime).
+    let again = config.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .arg("--config")
+            .arg(&again)
+            .args(["jobs", "run", "integration:hand-feed"])
+            .env_remove("SLUICE_MONGODB_URI")
+            .env_remove("SLUICE_MONGODB_DATABASE")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stored = db
+        .store
+        .collection("things")
+        .count_documents(doc! {})
+        .await
+        .unwrap();
+    assert_eq!(stored, 60);
     let _ = std::fs::remove_dir_all(dir);
 }
