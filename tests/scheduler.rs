@@ -462,6 +462,57 @@ async fn a_run_by_hand_holds_the_job_against_fires_and_other_runs_by_hand() {
 }
 
 #[tokio::test]
+async fn a_run_by_hand_renews_its_lease_and_stops_when_its_record_is_ended_elsewhere() {
+    use sluice_jobs::schedule::{hold_manual_run_for, start_manual_run};
+    let db = TestDb::initialized().await;
+    let runs = db.store.collection("scheduled_runs");
+    let id = start_manual_run(&db.store, "integration:crm", "cli")
+        .await
+        .unwrap();
+    let expiry = |d: Option<bson::Document>| {
+        d.unwrap()
+            .get_datetime("expiresAt")
+            .unwrap()
+            .timestamp_millis()
+    };
+    let first = expiry(runs.find_one(doc! { "_id": &id }).await.unwrap());
+    // A run longer than its (shortened) lease keeps it: the record is renewed, not lost.
+    let lease = Duration::from_millis(600);
+    let held = hold_manual_run_for(&db.store, &id, lease, async {
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
+        "finished"
+    })
+    .await;
+    assert_eq!(held, Ok("finished"));
+    let doc = runs.find_one(doc! { "_id": &id }).await.unwrap().unwrap();
+    assert_eq!(doc.get_str("status").unwrap(), "RUNNING", "{doc}");
+    let renewed = expiry(Some(doc));
+    assert_ne!(renewed, first, "the lease was renewed");
+    assert!(
+        renewed > bson::DateTime::now().timestamp_millis(),
+        "the renewed lease is live"
+    );
+    // Ended elsewhere (the sweeper found it abandoned): the work is stopped at the next
+    // renewal and the answer says why.
+    let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (flag, target) = (finished.clone(), id.clone());
+    let held = hold_manual_run_for(&db.store, &id, lease, async move {
+        runs.update_one(
+            doc! { "_id": &target },
+            doc! { "$set": { "status": "FAILED", "error": "abandoned" } },
+        )
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        flag.store(true, std::sync::atomic::Ordering::SeqCst);
+    })
+    .await;
+    let why = held.unwrap_err();
+    assert!(why.contains("no longer RUNNING"), "{why}");
+    assert!(!finished.load(std::sync::atomic::Ordering::SeqCst));
+}
+
+#[tokio::test]
 async fn runs_by_hand_started_at_once_never_both_run() {
     let db = TestDb::initialized().await;
     for round in 0..15 {

@@ -484,21 +484,31 @@ pub async fn hold_manual_run<T>(
     id: &str,
     work: impl Future<Output = T>,
 ) -> Result<T, String> {
+    hold_manual_run_for(store, id, MANUAL_LEASE, work).await
+}
+
+/// [`hold_manual_run`] with a lease of `lease` (tests shorten it).
+pub async fn hold_manual_run_for<T>(
+    store: &Store,
+    id: &str,
+    lease: Duration,
+    work: impl Future<Output = T>,
+) -> Result<T, String> {
     let runs = store.collection(c::SCHEDULED_RUNS);
     let heartbeat = async {
         let mut last_renewed = std::time::Instant::now();
         loop {
-            tokio::time::sleep(MANUAL_LEASE / 3).await;
+            tokio::time::sleep(lease / 3).await;
             let renewed = runs
                 .update_one(
                     doc! { common::ID: id, "status": "RUNNING" },
-                    doc! { "$set": { "expiresAt": lease_end(MANUAL_LEASE) } },
+                    doc! { "$set": { "expiresAt": lease_end(lease) } },
                 )
                 .await;
             match renewed {
                 Ok(r) if r.matched_count == 1 => last_renewed = std::time::Instant::now(),
                 Ok(_) => return "its record is no longer RUNNING".to_string(),
-                Err(e) if last_renewed.elapsed() >= MANUAL_LEASE => {
+                Err(e) if last_renewed.elapsed() >= lease => {
                     return format!("its lease could not be renewed: {e}")
                 }
                 Err(e) => {
