@@ -313,26 +313,11 @@ async fn wait_for_running_export(jobs: &mongodb::Collection<bson::Document>) -> 
     }
 }
 
-#[tokio::test]
-async fn an_export_in_flight_when_serve_stops_is_recorded_failed_not_left_running() {
-    let db = TestDb::initialized().await;
-    let bucket = support::TestBucket::new().await;
-    let (dir, config) = export_config(
-        &db,
-        &bucket,
-        "[[schedules]]\nname = \"daily\"\ntype = \"DAILY_ANALYTICS\"\ncron = \"* * * * * *\"\ncatch_up = 1\n",
-    )
-    .await;
-    let mut serve = sluice(&config, &["serve"]);
-    let jobs = db.store.collection("export_jobs");
-    let running = wait_for_running_export(&jobs).await;
-    // Its upload hangs; stop serve.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let _ = std::process::Command::new("kill")
-        .arg("-TERM")
-        .arg(serve.id().to_string())
-        .status();
-    let _ = serve.wait();
+/// Asserts the export `running` is now recorded FAILED by its stopped process.
+async fn assert_recorded_stopped(
+    jobs: &mongodb::Collection<bson::Document>,
+    running: &bson::Document,
+) {
     let job = jobs
         .find_one(doc! { "jobId": running.get_str("jobId").unwrap() })
         .await
@@ -345,6 +330,26 @@ async fn an_export_in_flight_when_serve_stops_is_recorded_failed_not_left_runnin
             .contains("process was stopped"),
         "{job}"
     );
+}
+
+#[tokio::test]
+async fn an_export_in_flight_when_serve_stops_is_recorded_failed_not_left_running() {
+    let db = TestDb::initialized().await;
+    let bucket = support::TestBucket::new().await;
+    let (dir, config) = export_config(
+        &db,
+        &bucket,
+        "[[schedules]]\nname = \"daily\"\ntype = \"DAILY_ANALYTICS\"\ncron = \"* * * * * *\"\ncatch_up = 1\n",
+    )
+    .await;
+    let serve = sluice(&config, &["serve"]);
+    let jobs = db.store.collection("export_jobs");
+    let running = wait_for_running_export(&jobs).await;
+    // Its upload hangs; stop serve.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (status, stderr) = stop(serve, "-TERM");
+    assert!(status.success(), "serve ends cleanly on SIGTERM: {stderr}");
+    assert_recorded_stopped(&jobs, &running).await;
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -366,10 +371,10 @@ fn sluice(config: &std::path::Path, args: &[&str]) -> std::process::Child {
         .unwrap()
 }
 
-/// Sends SIGINT (Ctrl-C) to `child` and returns its exit status and stderr.
-fn interrupt(child: std::process::Child) -> (std::process::ExitStatus, String) {
+/// Sends `signal` (`-INT` is Ctrl-C) to `child` and returns its exit status and stderr.
+fn stop(child: std::process::Child, signal: &str) -> (std::process::ExitStatus, String) {
     let _ = std::process::Command::new("kill")
-        .arg("-INT")
+        .arg(signal)
         .arg(child.id().to_string())
         .status();
     let out = child.wait_with_output().unwrap();
@@ -388,21 +393,10 @@ async fn an_export_run_stopped_by_ctrl_c_is_recorded_failed_not_left_running() {
     let jobs = db.store.collection("export_jobs");
     let running = wait_for_running_export(&jobs).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let (status, stderr) = interrupt(run);
+    let (status, stderr) = stop(run, "-INT");
     assert!(!status.success(), "{stderr}");
     assert!(stderr.contains("stopped by a signal"), "{stderr}");
-    let job = jobs
-        .find_one(doc! { "jobId": running.get_str("jobId").unwrap() })
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(job.get_str("status").unwrap(), "FAILED", "{job}");
-    assert!(
-        job.get_str("error")
-            .unwrap()
-            .contains("process was stopped"),
-        "{job}"
-    );
+    assert_recorded_stopped(&jobs, &running).await;
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -412,7 +406,7 @@ async fn a_job_run_by_hand_and_stopped_by_ctrl_c_records_its_run_and_its_import(
     let (dir, config) = setup(&db, "hand-feed", "").await;
     let run = sluice(&config, &["jobs", "run", "integration:hand-feed"]);
     wait_for_checkpoint(&db, "hand-feed").await;
-    let (status, stderr) = interrupt(run);
+    let (status, stderr) = stop(run, "-INT");
     assert!(!status.success(), "{stderr}");
     assert!(
         stderr.contains("resumes from the last checkpoint"),
