@@ -158,7 +158,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
 /// Records what a stop by signal cut short: imports INTERRUPTED with their checkpoint's
 /// progress (the next run resumes there), exports FAILED rather than RUNNING until the
 /// next export presumes them dead (their staging is removed by the next export; an
-/// ARCHIVE's pending day is finished or undone by the next archive).
+/// ARCHIVE's pending day is finished or undone by the next archive, which need not wait
+/// for the stopped one's lock to lapse).
 async fn record_stopped(store: &Store, imports: &[String], exports: &[String]) {
     if !imports.is_empty() {
         match sluice_jobs::import::mark_interrupted(store, imports).await {
@@ -174,6 +175,9 @@ async fn record_stopped(store: &Store, imports: &[String], exports: &[String]) {
                 tracing::warn!(exports = ?exports, runs = n, "exports interrupted by a stop")
             }
             Err(e) => tracing::error!(error = %e, "could not record the interrupted exports"),
+        }
+        if let Err(e) = sluice_jobs::export::release_archive_lock(store, exports).await {
+            tracing::error!(error = %e, "could not hand back the archive lock");
         }
     }
 }

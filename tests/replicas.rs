@@ -2,7 +2,8 @@
 //! scheduled run of an import is claimed by one; `kill -9` it mid-run and the other takes
 //! the run over after the lease and completes it from the import's checkpoint, with nothing
 //! lost or duplicated. `serve`, `export run` and `jobs run` stopped by a signal record what
-//! they were running (INTERRUPTED imports, FAILED exports), never leave it RUNNING.
+//! they were running (INTERRUPTED imports, FAILED exports), never leave it RUNNING, and a
+//! stopped archive hands back the archive lock.
 
 mod support;
 
@@ -465,5 +466,72 @@ async fn a_job_run_by_hand_and_stopped_by_ctrl_c_records_its_run_and_its_import(
         .await
         .unwrap();
     assert_eq!(stored, 60);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn an_archive_stopped_by_ctrl_c_hands_back_the_archive_lock() {
+    use sluice_core::model::{Event, EventMetadata, EventType};
+    let db = TestDb::initialized().await;
+    let bucket = support::TestBucket::new().await;
+    // Events of a day 100 days ago, stored long since (past the archive's settle time).
+    let old = bson::DateTime::from_millis(
+        (chrono::Utc::now() - chrono::Duration::days(100)).timestamp_millis(),
+    );
+    let events: Vec<bson::Document> = (0..20)
+        .map(|i| {
+            bson::to_document(&Event {
+                id: None,
+                event_id: format!("old-{i}"),
+                user_id: format!("u{i}"),
+                session_id: format!("s{i}"),
+                event_type: EventType::PageView,
+                timestamp: old,
+                properties: doc! {},
+                metadata: EventMetadata::default(),
+                page_url: Some("/".into()),
+                referrer: None,
+                duration: None,
+                created_at: old,
+                updated_at: old,
+            })
+            .unwrap()
+        })
+        .collect();
+    db.store
+        .collection("events")
+        .insert_many(events)
+        .await
+        .unwrap();
+    let (dir, config) = export_config(&db, &bucket, "").await;
+    let run = sluice(&config, &["export", "run", "ARCHIVE"]);
+    let jobs = db.store.collection("export_jobs");
+    let running = wait_for_running_export(&jobs).await;
+    let locks = db.store.collection("job_locks");
+    let held = locks.find_one(doc! { "_id": "ARCHIVE" }).await.unwrap();
+    assert_eq!(
+        held.and_then(|l| l.get_str("owner").ok().map(str::to_string)),
+        Some(running.get_str("jobId").unwrap().to_string()),
+        "the running archive holds the lock"
+    );
+    // Its upload hangs; stop it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (status, stderr) = stop(run, "-INT");
+    assert!(!status.success(), "{stderr}");
+    assert_recorded_stopped(&jobs, &running).await;
+    assert_eq!(
+        locks.find_one(doc! { "_id": "ARCHIVE" }).await.unwrap(),
+        None,
+        "the stopped archive handed its lock back"
+    );
+    // Nothing was deleted: the day was never published.
+    assert_eq!(
+        db.store
+            .collection("events")
+            .count_documents(doc! {})
+            .await
+            .unwrap(),
+        20
+    );
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -820,12 +820,29 @@ impl ArchiveLock {
 
     async fn release(self, ctx: &ExportContext) {
         self.renew.abort();
-        let _ = ctx
-            .store
-            .collection(c::JOB_LOCKS)
-            .delete_one(doc! { common::ID: ExportJobType::Archive.as_str(), "owner": &self.owner })
-            .await;
+        let _ = release_archive_lock(&ctx.store, std::slice::from_ref(&self.owner)).await;
     }
+}
+
+impl Drop for ArchiveLock {
+    /// A run dropped part-way (its process stopping) no longer renews the lease.
+    fn drop(&mut self) {
+        self.renew.abort();
+    }
+}
+
+/// Hands back the archive lock if one of `owners` (export jobIds) holds it: called when
+/// an archive ends, and for archives stopped by a signal, so the next archive need not
+/// wait for the lease to lapse.
+pub async fn release_archive_lock(store: &Store, owners: &[String]) -> Result<u64, StoreError> {
+    store
+        .collection(c::JOB_LOCKS)
+        .delete_many(
+            doc! { common::ID: ExportJobType::Archive.as_str(), "owner": { "$in": owners } },
+        )
+        .await
+        .map(|r| r.deleted_count)
+        .map_err(StoreError::mongo(c::JOB_LOCKS, "release the archive lock"))
 }
 
 type DocStream =
