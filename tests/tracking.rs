@@ -72,6 +72,54 @@ async fn replaying_a_batch_leaves_events_sessions_and_users_identical() {
     server.shutdown().await;
 }
 
+#[tokio::test]
+async fn a_resent_batch_without_event_ids_is_stored_once_when_its_events_carry_timestamps() {
+    let db = TestDb::initialized().await;
+    let server = start_server(&db, |_| {}).await;
+    let base = format!("http://{}", server.addr);
+    let mut traffic = Traffic::new(11);
+    let mut events = traffic.visitors(10, now_ms() - 60_000, 30_000);
+    events.truncate(100);
+    for e in &mut events {
+        e.as_object_mut().unwrap().remove("eventId");
+        assert!(e.get("timestamp").is_some());
+    }
+    let untimed = json!({ "userId": "u-untimed", "sessionId": "s-untimed", "eventType": "CLICK" });
+    let body = |sent_at: i64, events: &[Value]| {
+        let mut batch = events.to_vec();
+        batch.push(untimed.clone());
+        json!({ "sentAt": sent_at, "batch": batch })
+    };
+    let (status, first) = post(&base, "/v1/events/batch", &body(now_ms(), &events)).await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["stored"], 101, "{first}");
+    let users = all(&db, "users", doc! { "visitorId": 1 }).await;
+    // The client did not hear the answer and resends later, in another order.
+    events.reverse();
+    let (status, second) = post(&base, "/v1/events/batch", &body(now_ms() + 5_000, &events)).await;
+    assert_eq!(status, 200, "{second}");
+    assert_eq!(second["duplicates"], 100, "{second}");
+    // The event without a timestamp is timed on arrival: sent twice, it happened twice.
+    assert_eq!(second["stored"], 1, "{second}");
+    let count = |filter: Document| {
+        let events = db.store.collection("events");
+        async move { events.count_documents(filter).await.unwrap() }
+    };
+    assert_eq!(count(doc! {}).await, 102);
+    assert_eq!(count(doc! { "userId": "u-untimed" }).await, 2);
+    let after: Vec<Document> = all(&db, "users", doc! { "visitorId": 1 })
+        .await
+        .into_iter()
+        .filter(|u| u.get_str("visitorId") != Ok("u-untimed"))
+        .collect();
+    let before: Vec<Document> = users
+        .into_iter()
+        .filter(|u| u.get_str("visitorId") != Ok("u-untimed"))
+        .collect();
+    assert_eq!(before, after, "the resend changed no visitor's totals");
+    server.shutdown().await;
+}
+
 fn millis(d: &Document, k: &str) -> i64 {
     d.get_datetime(k).unwrap().timestamp_millis()
 }

@@ -265,6 +265,58 @@ pub fn check_event(
     Ok(())
 }
 
+/// Names the ids given to events sent without an `eventId` (see [`assigned_event_id`]).
+const ASSIGNED_ID_NAMESPACE: uuid::Uuid =
+    uuid::Uuid::from_u128(0x8d3f_41c2_6e07_4b9a_b5d1_72a0_e94c_1f68);
+
+/// The id of an event sent without an `eventId`. An event with its own `timestamp` is
+/// named by its content (a UUID v5 of its JSON with keys sorted, `sentAt` left out since
+/// a retry sends it anew), so a client resending after a 503 or a lost answer is
+/// deduplicated as if it had sent an id; two events equal in every field, to the
+/// millisecond, are one event. An event without a `timestamp` is timed on arrival, so
+/// equal content does not make it the same event: it gets a random UUID.
+fn assigned_event_id(obj: &serde_json::Map<String, Value>, timed_by_client: bool) -> String {
+    if !timed_by_client {
+        return uuid::Uuid::new_v4().to_string();
+    }
+    let mut content = obj.clone();
+    content.remove("sentAt");
+    let mut text = String::new();
+    canonical_json(&Value::Object(content), &mut text);
+    uuid::Uuid::new_v5(&ASSIGNED_ID_NAMESPACE, text.as_bytes()).to_string()
+}
+
+/// `v` as JSON with every object's keys sorted, whatever order they were sent in.
+fn canonical_json(v: &Value, out: &mut String) {
+    match v {
+        Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            out.push('{');
+            for (i, k) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&Value::String(k.clone()).to_string());
+                out.push(':');
+                canonical_json(&map[k], out);
+            }
+            out.push('}');
+        }
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                canonical_json(item, out);
+            }
+            out.push(']');
+        }
+        scalar => out.push_str(&scalar.to_string()),
+    }
+}
+
 /// Validates one event and builds the document to store. `metadata` carries what the
 /// server learnt from the request (user agent, IP, parsed device...), to which the event's
 /// own `context.userAgent` / `context.ip` take precedence (server-side SDKs send them).
@@ -279,10 +331,7 @@ pub fn parse_event(
             format!("expected an object, got {}", kind(v)),
         ));
     };
-    let event_id = match opt_id(obj, f::EVENT_ID)? {
-        Some(id) => id,
-        None => uuid::Uuid::new_v4().to_string(),
-    };
+    let sent_id = opt_id(obj, f::EVENT_ID)?;
     let user_id = required_string(obj, f::USER_ID)?;
     // Without a sessionId the writer assigns one by the inactivity-gap rule.
     let session_id = opt_id(obj, f::SESSION_ID)?.unwrap_or_default();
@@ -305,6 +354,7 @@ pub fn parse_event(
         None | Some(Value::Null) => None,
         Some(t) => Some(parse_time(f::TIMESTAMP, t)?),
     };
+    let event_id = sent_id.unwrap_or_else(|| assigned_event_id(obj, client_time.is_some()));
     let sent_at = match obj.get("sentAt") {
         None | Some(Value::Null) => ctx.batch_sent_at_ms,
         Some(t) => Some(parse_time("sentAt", t)?),
@@ -463,6 +513,55 @@ pub(crate) mod tests {
         let e = parse(json!({"userId": "v", "sessionId": "s", "eventType": "PAGE_VIEW"})).unwrap();
         assert_eq!(e.timestamp.timestamp_millis(), NOW);
         assert_eq!(e.event_id.len(), 36);
+    }
+
+    #[test]
+    fn an_event_timed_by_its_client_is_named_by_its_content() {
+        let first = parse(json!({
+            "userId": "v", "sessionId": "s", "eventType": "CLICK",
+            "timestamp": NOW - 10_000, "sentAt": NOW - 5_000,
+            "properties": {"a": 1, "b": [1, {"y": 2, "x": 1}]},
+        }))
+        .unwrap();
+        // Resent later, with a new sentAt and its keys in another order: the same event.
+        let retry = parse_event(
+            &json!({
+                "properties": {"b": [1, {"x": 1, "y": 2}], "a": 1},
+                "sentAt": NOW + 60_000, "eventType": "CLICK",
+                "timestamp": NOW - 10_000, "sessionId": "s", "userId": "v",
+            }),
+            &RequestContext {
+                received_at_ms: NOW + 65_000,
+                ..ctx()
+            },
+            EventMetadata::default(),
+        )
+        .unwrap();
+        assert_eq!(first.event_id, retry.event_id);
+        assert!(uuid::Uuid::parse_str(&first.event_id).is_ok());
+        // Any other field, or another millisecond, is another event.
+        let other = |v: Value| parse(v).unwrap().event_id;
+        for different in [
+            json!({"userId": "v", "sessionId": "s", "eventType": "CLICK", "timestamp": NOW - 9_999,
+                   "properties": {"a": 1, "b": [1, {"y": 2, "x": 1}]}}),
+            json!({"userId": "v", "sessionId": "s", "eventType": "CLICK", "timestamp": NOW - 10_000,
+                   "properties": {"a": 2, "b": [1, {"y": 2, "x": 1}]}}),
+            json!({"userId": "w", "sessionId": "s", "eventType": "CLICK", "timestamp": NOW - 10_000,
+                   "properties": {"a": 1, "b": [1, {"y": 2, "x": 1}]}}),
+            json!({"userId": "v", "sessionId": "s", "eventType": "CLICK", "timestamp": NOW - 10_000,
+                   "properties": {"a": 1, "b": [{"y": 2, "x": 1}, 1]}}),
+        ] {
+            assert_ne!(other(different), first.event_id);
+        }
+    }
+
+    #[test]
+    fn events_timed_on_arrival_get_distinct_ids_even_when_equal() {
+        let event = json!({"userId": "v", "sessionId": "s", "eventType": "CLICK"});
+        assert_ne!(
+            parse(event.clone()).unwrap().event_id,
+            parse(event).unwrap().event_id
+        );
     }
 
     #[test]
