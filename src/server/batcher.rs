@@ -166,7 +166,13 @@ async fn write_loop(
                 Err(_) => break,
             }
         }
-        let events: Vec<Event> = jobs.iter().flat_map(|j| j.events.iter().cloned()).collect();
+        // The events move into one write; each job keeps its count to take its answers.
+        let mut events = Vec::with_capacity(total);
+        let mut counts = Vec::with_capacity(jobs.len());
+        for job in &mut jobs {
+            counts.push(job.events.len());
+            events.append(&mut job.events);
+        }
         let started = Instant::now();
         // A panic while writing fails this write's requests (they may be resent: writes
         // are idempotent) and keeps the lane alive; without this, one bad batch would
@@ -187,8 +193,7 @@ async fn write_loop(
         match result {
             Ok(statuses) => {
                 let mut offset = 0;
-                for job in jobs {
-                    let n = job.events.len();
+                for (job, n) in jobs.into_iter().zip(counts) {
                     let _ = job.reply.send(Ok(statuses[offset..offset + n].to_vec()));
                     offset += n;
                 }
