@@ -170,6 +170,10 @@ async fn record_stopped(store: &Store, imports: &[String], exports: &[String]) {
         }
     }
     if !exports.is_empty() {
+        // A partition being published is completed or undone first, never left half-way.
+        if !sluice_jobs::export::wait_for_publishes(std::time::Duration::from_secs(60)).await {
+            tracing::error!("a partition was still being published after 60 s; its export's next run of the window repairs it");
+        }
         match sluice_jobs::history::fail_stopped_runs(store, exports).await {
             Ok(n) => {
                 tracing::warn!(exports = ?exports, runs = n, "exports interrupted by a stop")

@@ -564,6 +564,70 @@ async fn an_archive_that_died_before_deleting_is_finished_not_repeated() {
 }
 
 #[tokio::test]
+async fn a_pending_archive_day_whose_files_changed_is_not_archived_again() {
+    let db = TestDb::initialized().await;
+    let dir = temp_dir();
+    let (a, b) = (day(-130), day(-125));
+    seed(&db, a, 300).await;
+    seed(&db, b, 200).await;
+    let mut dying = ExportContext::new(db.store.clone(), ObjectStore::Local(LocalDir::new(&dir)));
+    dying.fail_before_archive_delete = true;
+    assert!(
+        run_export(&dying, &request(ExportJobType::Archive, day(0), day(0)))
+            .await
+            .is_err()
+    );
+    // Day A was published, not deleted; then one of its files is damaged.
+    let folder = dir.join(format!("ARCHIVE/dt={a}"));
+    let manifest_before = std::fs::read(folder.join("_manifest.json")).unwrap();
+    let part = std::fs::read_dir(&folder)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "parquet"))
+        .unwrap();
+    std::fs::write(&part, b"damaged").unwrap();
+
+    let ctx = ExportContext::new(db.store.clone(), ObjectStore::Local(LocalDir::new(&dir)));
+    let err = run_export(&ctx, &request(ExportJobType::Archive, day(0), day(0)))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(&a.to_string()), "{err}");
+    assert!(err.contains("missing or changed"), "{err}");
+    let events = db.store.collection("events");
+    assert_eq!(
+        events.count_documents(doc! {}).await.unwrap(),
+        300,
+        "day B archived and deleted, day A untouched"
+    );
+    assert_eq!(
+        std::fs::read(folder.join("_manifest.json")).unwrap(),
+        manifest_before,
+        "day A was not published a second time"
+    );
+    let b_manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dir.join(format!("ARCHIVE/dt={b}/_manifest.json"))).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(b_manifest["rows"], 200);
+    let jobs = db.store.collection("export_jobs");
+    let failed = jobs
+        .find_one(doc! { "type": "ARCHIVE", "error": { "$regex": "left these days pending" } })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(failed.get_str("status").unwrap(), "FAILED");
+    assert_eq!(
+        jobs.count_documents(doc! { "pendingDeletes.0": { "$exists": true } })
+            .await
+            .unwrap(),
+        1,
+        "day A stays pending"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test]
 async fn runs_whose_process_died_are_failed_and_their_staging_removed() {
     let db = TestDb::initialized().await;
     let dir = temp_dir();

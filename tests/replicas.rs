@@ -3,7 +3,9 @@
 //! the run over after the lease and completes it from the import's checkpoint, with nothing
 //! lost or duplicated. `serve`, `export run` and `jobs run` stopped by a signal record what
 //! they were running (INTERRUPTED imports, FAILED exports), never leave it RUNNING, and a
-//! stopped archive hands back the archive lock.
+//! stopped archive hands back the archive lock. Export runs cancelled in a living process
+//! are recorded FAILED at once and still finish (or undo) the partition they were
+//! publishing; an archive that lost its lock deletes nothing.
 
 mod support;
 
@@ -14,6 +16,9 @@ use axum::routing::get;
 use axum::{Json, Router};
 use bson::doc;
 use serde_json::{json, Value};
+use sluice_connectors::objstore::{ObjectStore, S3Store};
+use sluice_core::model::ExportJobType;
+use sluice_jobs::export::{run_export, ExportContext, ExportRequest};
 use support::TestDb;
 
 /// 6 pages of 10 records, 700 ms a page.
@@ -471,38 +476,9 @@ async fn a_job_run_by_hand_and_stopped_by_ctrl_c_records_its_run_and_its_import(
 
 #[tokio::test]
 async fn an_archive_stopped_by_ctrl_c_hands_back_the_archive_lock() {
-    use sluice_core::model::{Event, EventMetadata, EventType};
     let db = TestDb::initialized().await;
     let bucket = support::TestBucket::new().await;
-    // Events of a day 100 days ago, stored long since (past the archive's settle time).
-    let old = bson::DateTime::from_millis(
-        (chrono::Utc::now() - chrono::Duration::days(100)).timestamp_millis(),
-    );
-    let events: Vec<bson::Document> = (0..20)
-        .map(|i| {
-            bson::to_document(&Event {
-                id: None,
-                event_id: format!("old-{i}"),
-                user_id: format!("u{i}"),
-                session_id: format!("s{i}"),
-                event_type: EventType::PageView,
-                timestamp: old,
-                properties: doc! {},
-                metadata: EventMetadata::default(),
-                page_url: Some("/".into()),
-                referrer: None,
-                duration: None,
-                created_at: old,
-                updated_at: old,
-            })
-            .unwrap()
-        })
-        .collect();
-    db.store
-        .collection("events")
-        .insert_many(events)
-        .await
-        .unwrap();
+    seed_old_events(&db, 20).await;
     let (dir, config) = export_config(&db, &bucket, "").await;
     let run = sluice(&config, &["export", "run", "ARCHIVE"]);
     let jobs = db.store.collection("export_jobs");
@@ -534,4 +510,259 @@ async fn an_archive_stopped_by_ctrl_c_hands_back_the_archive_lock() {
         20
     );
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A TCP proxy to the S3 server that holds requests for `delay` before forwarding them:
+/// every `PUT` (an upload that never ends when the delay is long), or with `copies_only`
+/// only server-side copies (`x-amz-copy-source`: a slow publish).
+async fn s3_proxy_delaying(copies_only: bool, delay: Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream =
+        std::env::var("SLUICE_S3_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:8333".into());
+    let upstream = upstream.trim_start_matches("http://").to_string();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                continue;
+            };
+            let (mut cr, mut cw) = client.into_split();
+            let (mut sr, mut sw) = server.into_split();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16 * 1024];
+                loop {
+                    let n = match cr.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    let head = String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase();
+                    let held = head.starts_with("put ")
+                        && (!copies_only || head.contains("x-amz-copy-source"));
+                    if held {
+                        tokio::time::sleep(delay).await;
+                    }
+                    if sw.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut sr, &mut cw).await;
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+/// The bucket's object store reached through `endpoint`.
+async fn s3_through(bucket: &support::TestBucket, endpoint: String) -> ObjectStore {
+    let mut settings = support::s3_settings(&bucket.name);
+    settings.endpoint = endpoint;
+    ObjectStore::S3(S3Store::connect(&settings).await.unwrap())
+}
+
+#[tokio::test]
+async fn an_export_whose_run_is_cancelled_is_recorded_failed_at_once() {
+    let db = TestDb::initialized().await;
+    let bucket = support::TestBucket::new().await;
+    // Its uploads never finish: the run is cancelled while it stages.
+    let dest = s3_through(
+        &bucket,
+        s3_proxy_delaying(false, Duration::from_secs(3600)).await,
+    )
+    .await;
+    let ctx = ExportContext::new(db.store.clone(), dest);
+    let yesterday = chrono::Utc::now().date_naive() - chrono::Days::new(1);
+    let run = tokio::spawn(async move {
+        run_export(
+            &ctx,
+            &ExportRequest::day(ExportJobType::DailyAnalytics, yesterday, 90),
+        )
+        .await
+    });
+    let jobs = db.store.collection("export_jobs");
+    let running = wait_for_running_export(&jobs).await;
+    // What a scheduled run that lost its lease does to its work.
+    run.abort();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let job = jobs
+            .find_one(doc! { "jobId": running.get_str("jobId").unwrap() })
+            .await
+            .unwrap()
+            .unwrap();
+        if job.get_str("status").unwrap() == "FAILED" {
+            assert!(
+                job.get_str("error")
+                    .unwrap()
+                    .contains("stopped before it ended"),
+                "{job}"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still RUNNING after its run was cancelled: {job}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_run_cancelled_while_publishing_still_leaves_the_partition_whole() {
+    let db = TestDb::initialized().await;
+    let bucket = support::TestBucket::new().await;
+    let yesterday = chrono::Utc::now().date_naive() - chrono::Days::new(1);
+    let request = ExportRequest::day(ExportJobType::DailyAnalytics, yesterday, 90);
+    let first = run_export(
+        &ExportContext::new(db.store.clone(), bucket.object_store()),
+        &request,
+    )
+    .await
+    .unwrap();
+    let prefix = &first.partitions[0].prefix;
+    let store = bucket.object_store();
+    let success = format!("{prefix}/_SUCCESS");
+    let listed = || async { store.list(&format!("{prefix}/")).await.unwrap() };
+    assert!(listed().await.iter().any(|o| o.key == success));
+
+    // A second run whose copies into place take a while; cancel it once it has started
+    // publishing (the old `_SUCCESS` is gone).
+    let slow = s3_through(
+        &bucket,
+        s3_proxy_delaying(true, Duration::from_millis(1500)).await,
+    )
+    .await;
+    let ctx = ExportContext::new(db.store.clone(), slow);
+    let second = tokio::spawn({
+        let request = request.clone();
+        async move { run_export(&ctx, &request).await }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while listed().await.iter().any(|o| o.key == success) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never started publishing"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    second.abort();
+    assert!(sluice_jobs::export::wait_for_publishes(Duration::from_secs(30)).await);
+
+    // The publish went on to its end: `_SUCCESS` is back and the manifest names exactly
+    // the partition's part files.
+    let objects = listed().await;
+    assert!(objects.iter().any(|o| o.key == success), "{objects:?}");
+    let manifest: Value = serde_json::from_slice(
+        &store
+            .get_bytes(&format!("{prefix}/_manifest.json"))
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let mut named: Vec<String> = manifest["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| format!("{prefix}/{}", f["path"].as_str().unwrap()))
+        .collect();
+    let mut parts: Vec<String> = objects
+        .iter()
+        .map(|o| o.key.clone())
+        .filter(|k| k.ends_with(".parquet"))
+        .collect();
+    named.sort();
+    parts.sort();
+    assert_eq!(named, parts);
+    assert_ne!(
+        manifest["jobId"],
+        first.job_id.as_str(),
+        "the second run's files"
+    );
+}
+
+#[tokio::test]
+async fn an_archive_that_lost_its_lock_while_publishing_deletes_nothing() {
+    let db = TestDb::initialized().await;
+    let bucket = support::TestBucket::new().await;
+    seed_old_events(&db, 20).await;
+    let slow = s3_through(
+        &bucket,
+        s3_proxy_delaying(true, Duration::from_millis(1500)).await,
+    )
+    .await;
+    let ctx = ExportContext::new(db.store.clone(), slow);
+    let mut request =
+        ExportRequest::day(ExportJobType::Archive, chrono::Utc::now().date_naive(), 90);
+    request.archive_settle = Duration::ZERO;
+    let run = tokio::spawn(async move { run_export(&ctx, &request).await });
+    // Once it records the day it is about to publish, its lease lapses and another
+    // archive takes the lock.
+    let jobs = db.store.collection("export_jobs");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while jobs
+        .count_documents(doc! { "pendingDeletes.0": { "$exists": true } })
+        .await
+        .unwrap()
+        == 0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never started publishing"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    db.store
+        .collection("job_locks")
+        .update_one(
+            doc! { "_id": "ARCHIVE" },
+            doc! { "$set": { "owner": "another-archive" } },
+        )
+        .await
+        .unwrap();
+    let err = run.await.unwrap().unwrap_err().to_string();
+    assert!(err.contains("lost its lock"), "{err}");
+    assert_eq!(
+        db.store
+            .collection("events")
+            .count_documents(doc! {})
+            .await
+            .unwrap(),
+        20,
+        "nothing deleted"
+    );
+}
+
+/// `n` events of a day 100 days ago, stored long since (past the archive's settle time).
+async fn seed_old_events(db: &TestDb, n: usize) {
+    use sluice_core::model::{Event, EventMetadata, EventType};
+    let old = bson::DateTime::from_millis(
+        (chrono::Utc::now() - chrono::Duration::days(100)).timestamp_millis(),
+    );
+    let events: Vec<bson::Document> = (0..n)
+        .map(|i| {
+            bson::to_document(&Event {
+                id: None,
+                event_id: format!("old-{i}"),
+                user_id: format!("u{i}"),
+                session_id: format!("s{i}"),
+                event_type: EventType::PageView,
+                timestamp: old,
+                properties: doc! {},
+                metadata: EventMetadata::default(),
+                page_url: Some("/".into()),
+                referrer: None,
+                duration: None,
+                created_at: old,
+                updated_at: old,
+            })
+            .unwrap()
+        })
+        .collect();
+    db.store
+        .collection("events")
+        .insert_many(events)
+        .await
+        .unwrap();
 }

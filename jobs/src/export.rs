@@ -296,7 +296,7 @@ pub async fn run_export(
     tracing::info!(job_id, kind = %request.kind, "export started");
     let heartbeat = history::heartbeat(&ctx.store, &job_id);
     let outcome = execute(ctx, request, &job_id).await;
-    heartbeat.abort();
+    heartbeat.end();
     match outcome {
         Ok((partitions, deleted)) => {
             let rows = partitions.iter().map(|p| p.rows).sum();
@@ -545,7 +545,7 @@ async fn archive(
     job_id: &str,
 ) -> Result<(Vec<PartitionSummary>, u64), ExportError> {
     let kind = ExportJobType::Archive;
-    let mut deleted = recover_archives(ctx, job_id).await?;
+    let (mut deleted, stuck) = recover_archives(ctx, job_id).await?;
     let today = Utc::now().date_naive();
     let cutoff = today
         .checked_sub_days(Days::new(u64::from(request.archive_after_days)))
@@ -555,6 +555,11 @@ async fn archive(
     );
     let mut published = Vec::new();
     for d in archive_days(ctx, cutoff).await? {
+        if stuck.iter().any(|(day, _)| *day == d) {
+            // Archived again, its events would sit in the partition twice (the old files
+            // and the new): it waits until someone looks at it.
+            continue;
+        }
         let filter = archive_filter(d, created_before);
         let docs = event_cursor(ctx, filter.clone()).await?;
         let s = stage(ctx, job_id, kind, d, &EVENT_TABLE, docs, Some(filter)).await?;
@@ -587,6 +592,7 @@ async fn archive(
                 "stopped before deleting (test hook)".into(),
             ));
         }
+        ensure_archive_lock(ctx, job_id).await?;
         let n = archive_delete(ctx, &s, &p).await?;
         history::pending_deleted(&ctx.store, job_id, &s.prefix).await?;
         history::partition_published(&ctx.store, job_id, &p.prefix, p.rows, &p.files, p.kept)
@@ -594,6 +600,19 @@ async fn archive(
         history::events_deleted(&ctx.store, job_id, n).await?;
         deleted += n;
         published.push(p);
+    }
+    if !stuck.is_empty() {
+        let days: Vec<String> = stuck
+            .iter()
+            .map(|(d, why)| format!("{d} ({why})"))
+            .collect();
+        return Err(ExportError::Request(format!(
+            "archived every other day, but left these days pending, nothing of them deleted: {}. \
+             Check the partition's files against its `_manifest.json`; to archive such a day \
+             afresh, remove its partition folder and the `pendingDeletes` entry of the \
+             interrupted run in `export_jobs`",
+            days.join("; ")
+        )));
     }
     Ok((published, deleted))
 }
@@ -622,12 +641,19 @@ fn archive_filter(d: NaiveDate, created_before: DateTime) -> Document {
 ///   partition is left as it was; its events, still in MongoDB, are archived again.
 ///
 /// Runs only under the archive lock, so no such run is still alive.
-async fn recover_archives(ctx: &ExportContext, job_id: &str) -> Result<u64, ExportError> {
+///
+/// Returns how many events it deleted, and the days it could not settle (their files no
+/// longer match what was published), which this run must not archive again.
+async fn recover_archives(
+    ctx: &ExportContext,
+    job_id: &str,
+) -> Result<(u64, Vec<(NaiveDate, String)>), ExportError> {
     let interrupted = history::interrupted_archives(&ctx.store, job_id).await?;
     // Under the lock no other archive is alive: one still RUNNING died.
     history::fail_other_archives(&ctx.store, job_id).await?;
     let destination = ctx.dest.url(ExportJobType::Archive.as_str());
     let mut deleted = 0;
+    let mut stuck = Vec::new();
     for job in interrupted {
         let old = job.get_str(x::JOB_ID).unwrap_or_default().to_string();
         if job.get_str(x::DESTINATION).ok() != Some(destination.as_str()) {
@@ -640,10 +666,25 @@ async fn recover_archives(ctx: &ExportContext, job_id: &str) -> Result<u64, Expo
             .unwrap_or_default()
         {
             let Bson::Document(p) = p else { continue };
-            deleted += recover_partition(ctx, &old, &p).await?;
+            ensure_archive_lock(ctx, job_id).await?;
+            match recover_partition(ctx, &old, &p).await? {
+                Recovered::Deleted(n) => deleted += n,
+                Recovered::Undone => {}
+                Recovered::Stuck(day, why) => stuck.push((day, why)),
+            }
         }
     }
-    Ok(deleted)
+    Ok((deleted, stuck))
+}
+
+/// What became of one pending partition of an interrupted archive.
+enum Recovered {
+    /// Its publish had finished: its events are now deleted.
+    Deleted(u64),
+    /// Its publish had not finished: undone, its events are archived again.
+    Undone,
+    /// Its files no longer match what was published: left pending, nothing deleted.
+    Stuck(NaiveDate, String),
 }
 
 /// See [`recover_archives`]: one pending partition of the interrupted run `old`.
@@ -651,13 +692,13 @@ async fn recover_partition(
     ctx: &ExportContext,
     old: &str,
     p: &Document,
-) -> Result<u64, ExportError> {
+) -> Result<Recovered, ExportError> {
     let prefix = p.get_str("prefix").unwrap_or_default().to_string();
     let (Ok(day), Ok(before)) = (
         NaiveDate::parse_from_str(p.get_str("day").unwrap_or_default(), "%Y-%m-%d"),
         p.get_datetime("createdBefore"),
     ) else {
-        return Ok(0);
+        return Ok(Recovered::Undone);
     };
     let files: Vec<(String, i64)> = p
         .get_array("files")
@@ -692,7 +733,7 @@ async fn recover_partition(
         }
         history::pending_deleted(&ctx.store, old, &prefix).await?;
         tracing::warn!(job = %old, partition = %prefix, "undid an interrupted archive's unfinished publish; its events are archived again");
-        return Ok(0);
+        return Ok(Recovered::Undone);
     }
     let mut intact = true;
     for (key, bytes) in &files {
@@ -725,7 +766,15 @@ async fn recover_partition(
     if !intact || ids.len() as i64 > rows {
         tracing::error!(job = %old, partition = %prefix, intact, published = rows, now = ids.len(),
             "an interrupted archive's partition no longer matches its files; left pending, nothing deleted");
-        return Ok(0);
+        let why = if intact {
+            format!(
+                "{} events match where run {old} published {rows}",
+                ids.len()
+            )
+        } else {
+            format!("a file run {old} published is missing or changed")
+        };
+        return Ok(Recovered::Stuck(day, why));
     }
     // It may have died between its manifest and its `_SUCCESS`.
     ctx.dest
@@ -735,7 +784,7 @@ async fn recover_partition(
     history::pending_deleted(&ctx.store, old, &prefix).await?;
     history::events_deleted(&ctx.store, old, deleted).await?;
     tracing::info!(job = %old, partition = %prefix, events = ids.len(), "completed the deletion of an interrupted archive");
-    Ok(deleted)
+    Ok(Recovered::Deleted(deleted))
 }
 
 /// The file names a partition's `_manifest.json` lists (none if it is unreadable).
@@ -829,6 +878,31 @@ impl Drop for ArchiveLock {
     fn drop(&mut self) {
         self.renew.abort();
     }
+}
+
+/// Fails unless `job_id` still holds the archive lock: checked before deleting events, so
+/// a run whose lease lapsed (its renewals failing while it worked) deletes nothing that
+/// another archive, now holding the lock, may be undoing.
+async fn ensure_archive_lock(ctx: &ExportContext, job_id: &str) -> Result<(), ExportError> {
+    let held = ctx
+        .store
+        .collection(c::JOB_LOCKS)
+        .count_documents(doc! {
+            common::ID: ExportJobType::Archive.as_str(),
+            "owner": job_id,
+            "expiresAt": { "$gt": DateTime::now() },
+        })
+        .await
+        .map_err(|source| ExportError::Read {
+            partition: c::JOB_LOCKS.into(),
+            source,
+        })?;
+    if held == 0 {
+        return Err(ExportError::Request(
+            "this archive lost its lock (its lease lapsed) before deleting; nothing of the day was deleted, the next archive finishes it".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Hands back the archive lock if one of `owners` (export jobIds) holds it: called when
@@ -1134,11 +1208,76 @@ async fn stage(
 /// Moves one staged partition into place (see the module docs for the order). If it fails
 /// before the new manifest is written, the files it copied are removed and the partition's
 /// `_SUCCESS` is put back: the partition stays as it was.
+///
+/// The publish runs in a task of its own: a run cancelled part-way (its scheduled run lost
+/// its lease, or Ctrl-C / SIGTERM, which wait for publishes in flight, see
+/// [`wait_for_publishes`]) still completes or undoes it, and never leaves a partition
+/// without `_SUCCESS` holding files its manifest does not name.
 async fn publish(
     ctx: &ExportContext,
     job_id: &str,
     kind: ExportJobType,
     s: &Staged,
+) -> Result<PartitionSummary, ExportError> {
+    let (ctx, job_id) = (ctx.clone(), job_id.to_string());
+    let part = Publishable {
+        prefix: s.prefix.clone(),
+        table: s.table,
+        parts: s.parts.clone(),
+    };
+    let publishing = Publishing::enter();
+    tokio::spawn(async move {
+        let _publishing = publishing;
+        publish_now(&ctx, &job_id, kind, &part).await
+    })
+    .await
+    .map_err(|e| ExportError::Request(format!("publishing `{}` stopped: {e}", s.prefix)))?
+}
+
+/// What [`publish`] moves into place.
+struct Publishable {
+    prefix: String,
+    table: &'static TableSpec,
+    parts: Vec<(String, LocalPartInfo)>,
+}
+
+static PUBLISHING: AtomicU64 = AtomicU64::new(0);
+
+/// A publish in flight, counted while it lives.
+struct Publishing;
+
+impl Publishing {
+    fn enter() -> Self {
+        PUBLISHING.fetch_add(1, Relaxed);
+        Publishing
+    }
+}
+
+impl Drop for Publishing {
+    fn drop(&mut self) {
+        PUBLISHING.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Waits (at most `limit`) until no partition is being published; true if none is. A
+/// process stopping calls it so that a publish its runs started completes or is undone
+/// before the process exits.
+pub async fn wait_for_publishes(limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while PUBLISHING.load(Relaxed) > 0 {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    true
+}
+
+async fn publish_now(
+    ctx: &ExportContext,
+    job_id: &str,
+    kind: ExportJobType,
+    s: &Publishable,
 ) -> Result<PartitionSummary, ExportError> {
     let dir = format!("{}/", s.prefix);
     let success = format!("{dir}_SUCCESS");
@@ -1297,6 +1436,20 @@ async fn delete_archived(
     // that arrived since.
     let mut deleted = 0;
     for ids in archived_ids.chunks(ARCHIVE_DELETE_CHUNK) {
+        // Resends of archived events must stay duplicates, not be stored again. Only
+        // these ids: a claim of the same day whose event was never stored stays open.
+        // Marked before the delete: a run stopped between the two leaves ids marked whose
+        // events are still stored (a resend is a duplicate either way, and the next
+        // archive deletes them), never deleted events whose resend would be stored anew.
+        ctx.store
+            .collection(c::EVENT_IDS)
+            .update_many(
+                doc! { common::ID: { "$in": ids } },
+                doc! { "$set": { l::ARCHIVED: true } },
+            )
+            .write_concern(ctx.store.write_concern().clone())
+            .await
+            .map_err(failed)?;
         let mut selected = filter.clone();
         selected.insert(e::EVENT_ID, doc! { "$in": ids });
         deleted += ctx
@@ -1307,16 +1460,6 @@ async fn delete_archived(
             .await
             .map_err(failed)?
             .deleted_count;
-        // Resends of archived events must stay duplicates, not be stored again. Only
-        // these ids: a claim of the same day whose event was never stored stays open.
-        ctx.store
-            .collection(c::EVENT_IDS)
-            .update_many(
-                doc! { common::ID: { "$in": ids } },
-                doc! { "$set": { l::ARCHIVED: true } },
-            )
-            .await
-            .map_err(failed)?;
     }
     Ok(deleted)
 }

@@ -132,15 +132,52 @@ pub const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(30);
 /// A RUNNING export whose `updatedAt` is older than this has died (its process stopped).
 pub const PRESUMED_DEAD: std::time::Duration = std::time::Duration::from_secs(5 * 60);
 
-/// Keeps `updatedAt` of a running export fresh until the returned task is aborted.
-pub fn heartbeat(store: &Store, job_id: &str) -> tokio::task::JoinHandle<()> {
-    let (store, job_id) = (store.clone(), job_id.to_string());
-    tokio::spawn(async move {
+/// Keeps `updatedAt` of a running export fresh while it lives. Dropped before
+/// [`Heartbeat::end`] (the run's future was cancelled: its scheduled run lost its lease, or
+/// its process is stopping), it records the run FAILED rather than leaving it RUNNING.
+pub struct Heartbeat {
+    store: Store,
+    job_id: String,
+    beat: tokio::task::JoinHandle<()>,
+    ended: bool,
+}
+
+pub fn heartbeat(store: &Store, job_id: &str) -> Heartbeat {
+    let (s, id) = (store.clone(), job_id.to_string());
+    let beat = tokio::spawn(async move {
         loop {
             tokio::time::sleep(HEARTBEAT).await;
-            let _ = set(&store, &job_id, doc! {}).await;
+            let _ = set(&s, &id, doc! {}).await;
         }
-    })
+    });
+    Heartbeat {
+        store: store.clone(),
+        job_id: job_id.to_string(),
+        beat,
+        ended: false,
+    }
+}
+
+impl Heartbeat {
+    /// The run ended (and records its own outcome).
+    pub fn end(mut self) {
+        self.ended = true;
+    }
+}
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        self.beat.abort();
+        if self.ended {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let (store, job_id) = (self.store.clone(), std::mem::take(&mut self.job_id));
+            runtime.spawn(async move {
+                let _ = fail_stopped_runs(&store, &[job_id]).await;
+            });
+        }
+    }
 }
 
 /// Marks RUNNING runs matching `filter` FAILED with `error`; returns how many.
@@ -191,15 +228,14 @@ pub fn exports_in_flight() -> Vec<String> {
     IN_FLIGHT.lock().unwrap_or_else(|p| p.into_inner()).clone()
 }
 
-/// Marks the RUNNING runs `job_ids` FAILED because their process is stopping, so they do
-/// not show RUNNING until the next export presumes them dead; returns how many.
+/// The error of a run stopped before it ended.
+const STOPPED: &str = "interrupted: the run was stopped before it ended (the process was stopped, or its scheduled run lost its lease); rerun the window";
+
+/// Marks the RUNNING runs `job_ids` FAILED because they were stopped (their process is
+/// stopping, or their future was cancelled), so they do not show RUNNING until the next
+/// export presumes them dead; returns how many.
 pub async fn fail_stopped_runs(store: &Store, job_ids: &[String]) -> Result<u64, StoreError> {
-    fail_running(
-        store,
-        doc! { f::JOB_ID: { "$in": job_ids } },
-        "interrupted: the process was stopped (shutdown signal); rerun the window",
-    )
-    .await
+    fail_running(store, doc! { f::JOB_ID: { "$in": job_ids } }, STOPPED).await
 }
 
 /// Marks RUNNING exports without a heartbeat for `PRESUMED_DEAD` as FAILED; returns how
