@@ -766,3 +766,43 @@ async fn seed_old_events(db: &TestDb, n: usize) {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn an_event_export_of_a_day_archived_while_it_ran_publishes_nothing() {
+    let db = TestDb::initialized().await;
+    let bucket = support::TestBucket::new().await;
+    seed_old_events(&db, 20).await;
+    let day = (chrono::Utc::now() - chrono::Duration::days(100)).date_naive();
+    // The export's uploads take 3 s; an archive of the same day runs meanwhile.
+    let slow = s3_through(
+        &bucket,
+        s3_proxy_delaying(false, Duration::from_secs(3)).await,
+    )
+    .await;
+    let exporting = tokio::spawn({
+        let ctx = ExportContext::new(db.store.clone(), slow);
+        async move { run_export(&ctx, &ExportRequest::day(ExportJobType::EventData, day, 90)).await }
+    });
+    wait_for_running_export(&db.store.collection("export_jobs")).await;
+    let mut archive =
+        ExportRequest::day(ExportJobType::Archive, chrono::Utc::now().date_naive(), 90);
+    archive.archive_settle = Duration::ZERO;
+    let archived = run_export(
+        &ExportContext::new(db.store.clone(), bucket.object_store()),
+        &archive,
+    )
+    .await
+    .unwrap();
+    assert_eq!(archived.deleted, 20);
+    let err = exporting.await.unwrap().unwrap_err().to_string();
+    assert!(
+        err.contains("archived") && err.contains(&day.to_string()),
+        "{err}"
+    );
+    let event_data = bucket
+        .object_store()
+        .list(&format!("EVENT_DATA/dt={day}/"))
+        .await
+        .unwrap();
+    assert!(event_data.is_empty(), "{event_data:?}");
+}

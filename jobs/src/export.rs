@@ -475,6 +475,15 @@ async fn execute(
             }
         }
     }
+    if matches!(
+        kind,
+        ExportJobType::EventData | ExportJobType::DailyAnalytics
+    ) {
+        // Again, now that the days are read: an archive that ran meanwhile may have
+        // deleted events this run was reading, and it publishes its manifest before it
+        // deletes anything, so a partial read always shows here.
+        refuse_archived_days(ctx, request).await?;
+    }
     Ok((publish_all(ctx, job_id, kind, &staged).await?, 0))
 }
 
