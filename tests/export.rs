@@ -1043,3 +1043,31 @@ async fn an_archive_failing_part_way_archives_no_day_twice() {
     }
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[tokio::test]
+async fn runs_sharing_a_context_report_their_own_bytes() {
+    let db = TestDb::initialized().await;
+    let dir = temp_dir();
+    seed(&db, day(-3), 300).await;
+    seed(&db, day(-2), 300).await;
+    let ctx = ExportContext::new(db.store.clone(), ObjectStore::Local(LocalDir::new(&dir)));
+    let mut summaries = Vec::new();
+    for d in [day(-3), day(-2)] {
+        summaries.push(
+            run_export(&ctx, &request(ExportJobType::EventData, d, d))
+                .await
+                .unwrap(),
+        );
+    }
+    for s in &summaries {
+        let on_disk: u64 = s
+            .partitions
+            .iter()
+            .flat_map(|p| &p.files)
+            .map(|f| std::fs::metadata(dir.join(f)).unwrap().len())
+            .sum();
+        assert!(on_disk > 0);
+        assert_eq!(s.bytes, on_disk, "{}", s.job_id);
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}

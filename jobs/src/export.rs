@@ -295,6 +295,18 @@ pub async fn run_export(
     history::running(&ctx.store, &job_id).await?;
     tracing::info!(job_id, kind = %request.kind, "export started");
     let heartbeat = history::heartbeat(&ctx.store, &job_id);
+    // The counters are shared by the runs of one context (catch-up runs several windows):
+    // this run's figures are what they grew by.
+    let (read_before, bytes_before) = (
+        ctx.progress.rows_read.load(Relaxed),
+        ctx.progress.bytes_uploaded.load(Relaxed),
+    );
+    let bytes_now = || {
+        ctx.progress
+            .bytes_uploaded
+            .load(Relaxed)
+            .saturating_sub(bytes_before)
+    };
     let outcome = execute(ctx, request, &job_id).await;
     heartbeat.end();
     match outcome {
@@ -303,7 +315,7 @@ pub async fn run_export(
             let files: u64 = partitions.iter().map(|p| p.files.len() as u64).sum();
             history::completed(&ctx.store, &job_id, rows, files, &destination).await?;
             tracing::info!(job_id, rows, files, "export completed");
-            let bytes = ctx.progress.bytes_uploaded.load(Relaxed);
+            let bytes = bytes_now();
             export_metrics(
                 request.kind,
                 "COMPLETED",
@@ -317,7 +329,7 @@ pub async fn run_export(
                 kind: request.kind,
                 partitions,
                 rows,
-                bytes: ctx.progress.bytes_uploaded.load(Relaxed),
+                bytes,
                 deleted,
                 destination,
                 elapsed: started.elapsed(),
@@ -329,7 +341,11 @@ pub async fn run_export(
                 let keys: Vec<String> = left.into_iter().map(|o| o.key).collect();
                 let _ = ctx.dest.delete(&keys).await;
             }
-            let read = ctx.progress.rows_read.load(Relaxed);
+            let read = ctx
+                .progress
+                .rows_read
+                .load(Relaxed)
+                .saturating_sub(read_before);
             let _ = history::failed(&ctx.store, &job_id, read, &err.to_string()).await;
             tracing::error!(job_id, error = %err, "export failed");
             export_metrics(request.kind, "FAILED", 0, 0, 0, started.elapsed());
