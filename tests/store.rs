@@ -334,6 +334,40 @@ async fn duplicate_event_id_is_stored_once() {
 }
 
 #[tokio::test]
+async fn an_event_the_server_could_not_store_fails_its_write_before_anything_is_counted() {
+    let db = TestDb::initialized().await;
+    let writer = EventWriter::new(db.store.clone(), WriterOptions::default());
+    let t0 = 1_700_000_000_000;
+    // What the endpoint refuses, but an import or a transform could still hand over.
+    let mut bad = event("bad", "v1", "s1", EventType::Click, t0 + 1);
+    bad.properties = doc! { "a\u{0}b": 1 };
+    let batch = vec![event("good", "v1", "s1", EventType::PageView, t0), bad];
+    let err = writer.write(&batch).await.unwrap_err().to_string();
+    assert!(err.contains("`bad`"), "{err}");
+    for coll in ["events", "event_ids", "sessions", "users"] {
+        assert_eq!(count(&db, coll, doc! {}).await, 0, "{coll}");
+    }
+    // The good event alone is written, as a whole document.
+    assert_eq!(
+        writer.write(&batch[..1]).await.unwrap(),
+        vec![WriteStatus::Stored]
+    );
+    let stored = db
+        .store
+        .collection("events")
+        .find_one(doc! { "eventId": "good" })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.get_str("userId").unwrap(), "v1");
+    assert_eq!(
+        stored.get_datetime("timestamp").unwrap().timestamp_millis(),
+        t0
+    );
+    assert!(stored.get_object_id("_id").is_ok());
+}
+
+#[tokio::test]
 async fn abandoned_claim_is_completed_without_counting_twice() {
     let db = TestDb::initialized().await;
     let writer = EventWriter::new(

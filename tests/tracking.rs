@@ -381,6 +381,28 @@ async fn each_bad_input_class_gets_its_own_4xx() {
         body["message"].as_str().unwrap().contains("future"),
         "{body}"
     );
+    // A property name BSON cannot hold (a NUL): refused alone, its batch's other events
+    // stored (not a failed write for everything the writer lane holds).
+    let nul = json!({ "userId": "v9", "sessionId": "s9", "eventType": "CLICK", "properties": { "a\u{0}b": 1 } });
+    let (s, body) = post(&base, "/v1/events", &nul).await;
+    assert_eq!(
+        (s, body["error"].as_str()),
+        (400, Some("invalid_event")),
+        "{body}"
+    );
+    assert!(body["message"].as_str().unwrap().contains("NUL"), "{body}");
+    let (s, body) = post(
+        &base,
+        "/v1/events/batch",
+        &json!({ "batch": [good.clone(), nul] }),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(
+        (body["stored"].as_u64(), body["rejected"].as_u64()),
+        (Some(1), Some(1)),
+        "{body}"
+    );
     // Oversize bodies: one event, a batch, and too many events.
     let big = json!({ "userId": "v", "sessionId": "s", "eventType": "CLICK", "properties": { "blob": "x".repeat(3000) } });
     let r = raw_post("/v1/events", big.to_string()).await.unwrap();
@@ -441,7 +463,8 @@ async fn each_bad_input_class_gets_its_own_4xx() {
             .count_documents(doc! {})
             .await
             .unwrap(),
-        2
+        3,
+        "the good events of the NUL batch and of the mixed batch"
     );
     server.shutdown().await;
 }

@@ -658,6 +658,13 @@ pub fn validate(
             return Err(invalid(field, "a number greater than 0".into()));
         }
     }
+    // Up to a year: further ahead is no clock skew, and the milliseconds stay in range.
+    if !(0..=366 * 86_400).contains(&t.max_future_seconds) {
+        return Err(invalid(
+            "tracking.max_future_seconds",
+            format!("0 to 31622400 (a year), got {}", t.max_future_seconds),
+        ));
+    }
     if t.max_event_bytes > t.max_batch_bytes {
         return Err(invalid(
             "tracking.max_event_bytes",
@@ -1018,6 +1025,12 @@ mod tests {
             err.contains("`tracking.bots`") && err.contains("`maybe`"),
             "{err}"
         );
+        for bad in ["-1", "9223372036854775807"] {
+            let err = check(&format!("[tracking]\nmax_future_seconds = {bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("`tracking.max_future_seconds`"), "{err}");
+        }
         let err = check("[export]\ndestination = \"s3://A\"\n")
             .unwrap_err()
             .to_string();

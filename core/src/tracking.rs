@@ -129,8 +129,8 @@ fn required_string(
         .ok_or_else(|| ValidationError::new(field, "is required (a non-empty string)"))
 }
 
-/// Checks property keys MongoDB would misread (`$`-prefixed operators, dotted paths) and
-/// nesting depth.
+/// Checks property keys MongoDB would misread or refuse (`$`-prefixed operators, dotted
+/// paths, NUL characters) and nesting depth.
 pub(crate) fn check_properties(path: &str, v: &Value, depth: usize) -> Result<(), ValidationError> {
     if depth > MAX_PROPERTY_DEPTH {
         return Err(ValidationError::new(
@@ -145,6 +145,13 @@ pub(crate) fn check_properties(path: &str, v: &Value, depth: usize) -> Result<()
                     return Err(ValidationError::new(
                         format!("{path}.{k}"),
                         "property names must be non-empty and contain no `$` prefix or `.`",
+                    ));
+                }
+                // BSON names are NUL-terminated: the server could not store this one.
+                if k.contains('\0') {
+                    return Err(ValidationError::new(
+                        format!("{path}.{}", k.replace('\0', "\\u0000")),
+                        "property names must not contain a NUL character (\\u0000)",
                     ));
                 }
                 check_properties(&format!("{path}.{k}"), child, depth + 1)?;

@@ -50,24 +50,41 @@ impl IpNet {
 }
 
 /// The client's address: the peer, unless the peer is a trusted proxy, in which case the
-/// right-most `X-Forwarded-For` entry that is not itself a trusted proxy.
+/// right-most `X-Forwarded-For` entry that is not itself a trusted proxy. Entries may carry
+/// a port (`203.0.113.5:443`, `[2001:db8::1]:443`, as some proxies append them); an entry
+/// that is not an address ends the walk at the peer, since what lies left of it was
+/// written by nobody the server trusts. IPv4 peers of a dual-stack listener
+/// (`::ffff:10.1.2.3`) are matched as the IPv4 addresses they are.
 pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+    let peer = peer.to_canonical();
     let is_trusted = |ip: IpAddr| trusted.iter().any(|n| n.contains(ip));
     if !is_trusted(peer) {
         return peer;
     }
-    let forwarded = headers
+    let entries: Vec<&str> = headers
         .get_all("x-forwarded-for")
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|s| s.trim().parse::<IpAddr>().ok())
-        .collect::<Vec<_>>();
-    forwarded
-        .into_iter()
-        .rev()
-        .find(|ip| !is_trusted(*ip))
-        .unwrap_or(peer)
+        .collect();
+    for entry in entries.into_iter().rev() {
+        match forwarded_address(entry) {
+            Some(ip) if is_trusted(ip) => continue,
+            Some(ip) => return ip,
+            None => return peer,
+        }
+    }
+    peer
+}
+
+/// One `X-Forwarded-For` entry as an address, with or without a port.
+fn forwarded_address(entry: &str) -> Option<IpAddr> {
+    let entry = entry.trim();
+    entry
+        .parse::<IpAddr>()
+        .ok()
+        .or_else(|| entry.parse::<std::net::SocketAddr>().ok().map(|a| a.ip()))
+        .map(|ip| ip.to_canonical())
 }
 
 const BOT_MARKERS: &[&str] = &[
@@ -126,6 +143,35 @@ mod tests {
         assert_eq!(
             client_ip("198.51.100.1".parse().unwrap(), &h, &trusted),
             "198.51.100.1".parse::<IpAddr>().unwrap()
+        );
+    }
+
+    #[test]
+    fn forwarded_entries_with_ports_mapped_peers_and_garbage() {
+        let trusted = vec![IpNet::parse("10.0.0.0/8").unwrap()];
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let with = |xff: &str| {
+            let mut h = HeaderMap::new();
+            h.insert("x-forwarded-for", xff.parse().unwrap());
+            h
+        };
+        // The proxy appends the client with a port; the client's own entry is ignored.
+        let h = with("6.6.6.6, 203.0.113.5:44321");
+        assert_eq!(client_ip(ip("10.9.9.9"), &h, &trusted), ip("203.0.113.5"));
+        let h = with("[2001:db8::7]:443");
+        assert_eq!(client_ip(ip("10.9.9.9"), &h, &trusted), ip("2001:db8::7"));
+        // An entry that is no address stops the walk: nothing left of it is believed.
+        let h = with("6.6.6.6, unknown");
+        assert_eq!(client_ip(ip("10.9.9.9"), &h, &trusted), ip("10.9.9.9"));
+        // A dual-stack listener sees IPv4 proxies as mapped IPv6 addresses.
+        let h = with("203.0.113.7");
+        assert_eq!(
+            client_ip(ip("::ffff:10.9.9.9"), &h, &trusted),
+            ip("203.0.113.7")
+        );
+        assert_eq!(
+            client_ip(ip("::ffff:198.51.100.1"), &h, &trusted),
+            ip("198.51.100.1")
         );
     }
 

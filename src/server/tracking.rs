@@ -284,7 +284,11 @@ pub(super) fn request_context(
             .and_then(|v| v.to_str().ok())
             .map(str::to_string),
         ip: Some(ip.to_string()),
-        max_future_ms: state.config.tracking.max_future_seconds * 1000,
+        max_future_ms: state
+            .config
+            .tracking
+            .max_future_seconds
+            .saturating_mul(1000),
     }
 }
 

@@ -19,7 +19,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use bson::{doc, Bson, DateTime, Document};
+use bson::{doc, Bson, DateTime, Document, RawDocumentBuf};
 use futures_util::TryStreamExt;
 use mongodb::error::{TRANSIENT_TRANSACTION_ERROR, UNKNOWN_TRANSACTION_COMMIT_RESULT};
 use mongodb::ClientSession;
@@ -211,15 +211,26 @@ impl EventWriter {
         if unique.is_empty() {
             return Ok(status);
         }
+        // Encoded before anything is claimed: an event the server could not store fails
+        // the write here, before its aggregates are applied.
+        let mut encoded: HashMap<usize, RawDocumentBuf> = HashMap::with_capacity(unique.len());
+        for &i in &unique {
+            encoded.insert(i, encode_event(&events[i])?);
+        }
         let now = DateTime::now();
         let claimed = self.claim_and_aggregate(events, &unique, now).await?;
 
         if !claimed.new.is_empty() {
             let started = Instant::now();
-            let docs = encode_events(claimed.new.iter().map(|&i| &events[i]))?;
+            let docs: Vec<RawDocumentBuf> = claimed
+                .new
+                .iter()
+                .filter_map(|i| encoded.remove(i))
+                .collect();
             let inserted = self
                 .store
                 .collection(c::EVENTS)
+                .clone_with_type::<RawDocumentBuf>()
                 .insert_many(docs)
                 .ordered(false)
                 .write_concern(self.store.write_concern().clone())
@@ -551,10 +562,10 @@ impl EventWriter {
                 status[i] = WriteStatus::Retry;
                 continue;
             }
-            let docs = encode_events(std::iter::once(event))?;
             self.store
                 .collection(c::EVENTS)
-                .insert_many(docs)
+                .clone_with_type::<RawDocumentBuf>()
+                .insert_one(encode_event(event)?)
                 .write_concern(self.store.write_concern().clone())
                 .await
                 .map_err(StoreError::mongo(c::EVENTS, "complete abandoned claim"))?;
@@ -685,17 +696,21 @@ async fn commit(session: &mut ClientSession) -> Result<(), mongodb::error::Error
     }
 }
 
-fn encode_events<'a>(events: impl Iterator<Item = &'a Event>) -> Result<Vec<Document>, StoreError> {
-    events
-        .map(|ev| {
-            let mut d = bson::to_document(ev).map_err(|err| StoreError::Encode {
-                collection: c::EVENTS.into(),
-                message: err.to_string(),
-            })?;
-            d.remove(common::ID);
-            Ok(d)
+/// The document stored for `ev` (without `_id`: the server's is used), encoded straight to
+/// BSON bytes.
+fn encode_event(ev: &Event) -> Result<RawDocumentBuf, StoreError> {
+    let encoded = if ev.id.is_some() {
+        bson::to_raw_document_buf(&Event {
+            id: None,
+            ..ev.clone()
         })
-        .collect()
+    } else {
+        bson::to_raw_document_buf(ev)
+    };
+    encoded.map_err(|err| StoreError::Encode {
+        collection: c::EVENTS.into(),
+        message: format!("event `{}`: {err}", ev.event_id),
+    })
 }
 
 /// Reads the aggregate fields of a stored user, tolerating profiles created by imports
