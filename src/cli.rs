@@ -478,8 +478,11 @@ pub async fn import_run(config: &Config, name: &str, dry_run: bool) -> anyhow::R
     use std::sync::atomic::Ordering::Relaxed;
     let store = Store::connect(config).await?;
     store.init().await?;
+    // Loaded first: a plugin that fails to load must not leave a run record behind.
+    let transforms = integration_transforms(config, &store, name).await?;
     // A real run is recorded like `jobs run` and holds the job's lease, so a scheduled
-    // fire (or another run by hand) of the same config never shares its checkpoint.
+    // fire (or another run by hand) of the same config never shares its checkpoint. From
+    // here on every path ends the record.
     let run = if dry_run {
         None
     } else {
@@ -488,7 +491,7 @@ pub async fn import_run(config: &Config, name: &str, dry_run: bool) -> anyhow::R
     };
     let options = ImportOptions {
         dry_run,
-        transforms: integration_transforms(config, &store, name).await?,
+        transforms,
         token_key: config.token_key.clone(),
         tracking: config.tracking.clone(),
         ..Default::default()

@@ -503,3 +503,38 @@ async fn import_run_records_its_run_and_waits_for_the_one_in_flight() {
         "{recorded}"
     );
 }
+
+#[tokio::test]
+async fn an_import_whose_plugin_cannot_load_leaves_no_run_behind() {
+    let db = support::TestDb::initialized().await;
+    let file = sluice_core::integration::parse_file(
+        "shop.toml",
+        "name = \"shop\"\ntype = \"IMPORT\"\nendpoint = \"http://127.0.0.1:9/items\"\nallow_private_network = true\ntransforms = [\"no-such-plugin\"]\n[source]\nrecords = \"$[*]\"\n[mapping.productId]\npath = \"$.id\"\n",
+    )
+    .unwrap();
+    sluice_jobs::configs::apply(&db.store, &file).await.unwrap();
+    let config = write_temp(
+        "sluice.toml",
+        &format!(
+            "[mongodb]\nuri = \"{}\"\ndatabase = \"{}\"\n",
+            support::mongo_uri(),
+            db.name
+        ),
+    );
+    let out = tokio::task::spawn_blocking(move || {
+        sluice()
+            .arg("--config")
+            .arg(&config)
+            .args(["import", "run", "shop"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("no-such-plugin"), "{err}");
+    // Nothing holds the job's lease: a scheduled fire in the next minute is not skipped.
+    let runs = db.store.collection("scheduled_runs");
+    assert_eq!(runs.count_documents(bson::doc! {}).await.unwrap(), 0);
+}

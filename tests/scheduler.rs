@@ -1,6 +1,7 @@
 //! The scheduler on the real server: each fire runs once across replicas, a dead owner's
 //! run is taken over after its lease expires, overlapping fires are skipped and recorded,
-//! a lost lease stops the run, and missed export windows are caught up in order.
+//! a lost lease stops the run, a shutdown stops its runs before handing them back, and
+//! missed export windows are caught up in order.
 
 mod support;
 
@@ -106,10 +107,24 @@ async fn each_fire_runs_exactly_once_across_two_replicas() {
     assert!(before >= 3, "a fire every second for 4.5 s: {log:?}");
     assert_eq!(before, fires.len(), "a fire ran twice: {log:?}");
     let docs = runs(&db).await;
-    assert_eq!(docs.len(), before, "one claim per fire");
-    assert!(docs
+    let (completed, stopped): (Vec<_>, Vec<_>) = docs
         .iter()
-        .all(|d| d.get_str("status").unwrap() == "COMPLETED"));
+        .partition(|d| d.get_str("status").unwrap() == "COMPLETED");
+    assert_eq!(
+        completed.len(),
+        before,
+        "one claim per fire that ran: {docs:?}"
+    );
+    // A fire in flight when its replica shut down was stopped and handed back, not run.
+    for d in &stopped {
+        assert_eq!(d.get_str("status").unwrap(), "RUNNING", "{d}");
+        assert_eq!(
+            d.get_datetime("expiresAt").unwrap().timestamp_millis(),
+            0,
+            "{d}"
+        );
+    }
+    assert!(stopped.len() <= 2, "{docs:?}");
     let counted = sluice_core::metrics::value(
         "sluice_job_runs_total",
         &[("job_name", "tick"), ("status", "COMPLETED")],
@@ -243,6 +258,58 @@ async fn a_run_that_loses_its_lease_stops() {
     assert!(
         log.lock().unwrap().is_empty(),
         "the run was stopped before it finished"
+    );
+}
+
+#[tokio::test]
+async fn shutdown_stops_its_runs_before_handing_them_back() {
+    let db = TestDb::initialized().await;
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let runner = Arc::new(Counting {
+        log: log.clone(),
+        instance: "a".into(),
+        delay: Duration::from_secs(30),
+    });
+    let s = Scheduler::start(
+        db.store.clone(),
+        runner,
+        source(vec![]),
+        options("a", 60_000),
+    )
+    .await
+    .unwrap();
+    let job = ScheduledJob {
+        name: "long".into(),
+        cron: String::new(),
+        timezone: None,
+    };
+    let firing = tokio::spawn({
+        let s = s.clone();
+        async move { s.fire(&job, Utc::now()).await }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while runs(&db).await.is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the fire never started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    s.shutdown().await;
+    // By the time the run is handed back (another replica may take it over at once), it
+    // has stopped here: it can never run on two replicas at the same time.
+    assert!(
+        firing.is_finished(),
+        "the run still going after the shutdown"
+    );
+    assert_eq!(firing.await.unwrap(), FireOutcome::Stopped);
+    assert!(log.lock().unwrap().is_empty());
+    let run = &runs(&db).await[0];
+    assert_eq!(run.get_str("status").unwrap(), "RUNNING", "{run}");
+    assert_eq!(
+        run.get_datetime("expiresAt").unwrap().timestamp_millis(),
+        0,
+        "handed back: {run}"
     );
 }
 

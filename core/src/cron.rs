@@ -4,10 +4,13 @@
 /// What a valid expression looks like, for error messages.
 pub const EXPECTED: &str = "a cron expression with seconds (6 or 7 fields, e.g. `0 */15 * * * *`)";
 
-/// Parses `expr`; the error says what was expected and what is wrong with `expr`.
+/// Parses `expr`; the error says what was expected and what is wrong with `expr`. A day of
+/// the month and a day of the week must both match (`0 0 2 1-7 * MON`: the first Monday),
+/// as the scheduler's triggers read them, so the next fire shown is the one that comes.
 pub fn parse(expr: &str) -> Result<croner::Cron, String> {
     croner::parser::CronParser::builder()
         .seconds(croner::parser::Seconds::Required)
+        .dom_and_dow(true)
         .build()
         .parse(expr)
         .map_err(|e| format!("{EXPECTED}; `{expr}` is not one: {e}"))
@@ -26,5 +29,16 @@ mod tests {
         let out_of_range = parse("0 0 25 * * *").unwrap_err();
         assert!(out_of_range.starts_with(EXPECTED), "{out_of_range}");
         assert!(parse("0 0 2 * * MON-XYZ").is_err());
+    }
+
+    #[test]
+    fn day_of_month_and_day_of_week_must_both_match() {
+        use chrono::{Datelike, TimeZone};
+        let cron = parse("0 0 2 1-7 * MON").unwrap();
+        let from = chrono::Utc.with_ymd_and_hms(2026, 12, 4, 0, 0, 0).unwrap();
+        let next = cron.find_next_occurrence(&from, false).unwrap();
+        assert_eq!(next.weekday(), chrono::Weekday::Mon);
+        assert!(next.day() <= 7, "{next}");
+        assert_eq!(next.to_rfc3339(), "2026-12-07T02:00:00+00:00");
     }
 }

@@ -80,6 +80,9 @@ pub enum FireOutcome {
     Skipped,
     /// The lease was lost mid-run (another replica took over); the run was stopped.
     LeaseLost,
+    /// The scheduler is shutting down: the run was stopped and handed back, for another
+    /// replica to take over.
+    Stopped,
 }
 
 /// Parses a cron expression with seconds (6 or 7 fields).
@@ -95,6 +98,24 @@ pub fn job_timezone(job: &ScheduledJob) -> Result<chrono_tz::Tz, String> {
             .parse()
             .map_err(|_| format!("unknown time zone `{name}`")),
     }
+}
+
+/// What a registered trigger was made from. It includes the time zone's UTC offset at
+/// `now`, because the cron library computes every tick after the first with the offset it
+/// found when the trigger was added: when daylight saving time begins or ends, the key
+/// changes and the next reload (every `reload_seconds`) replaces the trigger, so a
+/// `0 0 2 * * *` in Europe/Paris keeps firing at 02:00 local, not an hour off until the
+/// process restarts.
+fn trigger_key(job: &ScheduledJob, now: chrono::DateTime<Utc>) -> String {
+    use chrono::{Offset, TimeZone};
+    let offset = job_timezone(job)
+        .map(|tz| {
+            tz.offset_from_utc_datetime(&now.naive_utc())
+                .fix()
+                .local_minus_utc()
+        })
+        .unwrap_or(0);
+    format!("{}|{:?}|{offset}", job.cron, job.timezone)
 }
 
 /// The first fire of `job` after `now`, its cron read in its time zone.
@@ -137,6 +158,10 @@ struct Inner {
     store: Store,
     runner: Arc<dyn Runner>,
     options: SchedulerOptions,
+    /// Set once by `shutdown`: every run of this scheduler stops.
+    stop: tokio::sync::watch::Sender<bool>,
+    /// Runs of this scheduler executing now.
+    executing: std::sync::atomic::AtomicUsize,
 }
 
 /// A running scheduler. Dropping it does not stop it; `shutdown` does.
@@ -160,6 +185,8 @@ impl Scheduler {
             store,
             runner,
             options,
+            stop: tokio::sync::watch::channel(false).0,
+            executing: Default::default(),
         });
         let this = Scheduler {
             inner: inner.clone(),
@@ -222,7 +249,7 @@ impl Scheduler {
             .filter(|(name, (key, _))| {
                 wanted
                     .get(name.as_str())
-                    .is_none_or(|j| format!("{}|{:?}", j.cron, j.timezone) != *key)
+                    .is_none_or(|j| trigger_key(j, Utc::now()) != *key)
             })
             .map(|(name, _)| name.clone())
             .collect();
@@ -264,10 +291,7 @@ impl Scheduler {
             })
             .map_err(|e| format!("job `{}`: {e}", job.name))?;
             let id = sched.add(trigger).await.map_err(|e| e.to_string())?;
-            registered.insert(
-                job.name.clone(),
-                (format!("{}|{:?}", job.cron, job.timezone), id),
-            );
+            registered.insert(job.name.clone(), (trigger_key(job, Utc::now()), id));
             tracing::info!(job = %job.name, cron = %job.cron, "scheduled");
         }
         Ok(())
@@ -283,6 +307,19 @@ impl Scheduler {
     /// rather than after the lease).
     pub async fn shutdown(&self) {
         let _ = self.cron.lock().await.shutdown().await;
+        // Stop the runs first (fires and takeovers alike), then hand them back: a run
+        // handed back while it still ran could be taken over and run twice at once.
+        self.inner.stop.send_replace(true);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while self
+            .inner
+            .executing
+            .load(std::sync::atomic::Ordering::SeqCst)
+            > 0
+            && std::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let _ = self
             .inner
             .store
@@ -310,6 +347,9 @@ fn log_outcome(job: &str, fire: chrono::DateTime<Utc>, outcome: &FireOutcome) {
             tracing::warn!(job, %fire, "fire skipped: the job's previous run is still going")
         }
         FireOutcome::LeaseLost => tracing::warn!(job, %fire, "run stopped: its lease was lost"),
+        FireOutcome::Stopped => {
+            tracing::warn!(job, %fire, "run stopped by the shutdown; handed back for another replica")
+        }
     }
 }
 
@@ -383,6 +423,7 @@ async fn execute(
         let me = me.clone();
         let every = (inner.options.lease / 3).max(Duration::from_millis(100));
         async move {
+            let mut renewed_at = std::time::Instant::now();
             loop {
                 tokio::time::sleep(every).await;
                 let renewed = runs
@@ -391,19 +432,43 @@ async fn execute(
                         doc! { "$set": { "expiresAt": lease_end(lease) } },
                     )
                     .await;
-                if !matches!(renewed, Ok(r) if r.matched_count == 1) {
-                    return; // lost (or the store is unreachable): stop the run
+                match renewed {
+                    Ok(r) if r.matched_count == 1 => renewed_at = std::time::Instant::now(),
+                    // Another replica holds the run now: stop.
+                    Ok(_) => return,
+                    // The store did not answer (a failover): keep going while the lease
+                    // last renewed still holds, as no other replica can take it before.
+                    Err(e) if renewed_at.elapsed() < lease => {
+                        tracing::warn!(run = %id, error = %e, "could not renew the run's lease; trying again");
+                    }
+                    Err(_) => return,
                 }
             }
         }
     };
+    let mut stop = inner.stop.subscribe();
+    let _executing = Executing::enter(inner);
     let started = std::time::Instant::now();
+    let stopping = async move {
+        let _ = stop.wait_for(|stopping| *stopping).await;
+    };
     let result = tokio::select! {
-        r = inner.runner.run(job, fire) => r,
+        r = inner.runner.run(job, fire) => Some(r),
         _ = heartbeat => {
             tracing::warn!(job = %job.name, run = %id, "lease lost; run stopped");
             return FireOutcome::LeaseLost;
         }
+        _ = stopping => None,
+    };
+    let Some(result) = result else {
+        // Handed back here too: a fire claimed while the shutdown was handing back.
+        let _ = runs
+            .update_one(
+                doc! { common::ID: &id, "owner": &me, "status": "RUNNING" },
+                doc! { "$set": { "expiresAt": DateTime::from_millis(0), "handedBackAt": DateTime::now() } },
+            )
+            .await;
+        return FireOutcome::Stopped;
     };
     let (status, ended) = run_end(&result);
     sluice_core::metrics::count(
@@ -600,6 +665,26 @@ pub async fn end_manual_run(
     Ok(())
 }
 
+/// One run of this scheduler executing, counted while it lives.
+struct Executing(Arc<Inner>);
+
+impl Executing {
+    fn enter(inner: &Arc<Inner>) -> Self {
+        inner
+            .executing
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Executing(inner.clone())
+    }
+}
+
+impl Drop for Executing {
+    fn drop(&mut self) {
+        self.0
+            .executing
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// Takes over RUNNING fires whose lease expired (their owner died) and runs them.
 async fn sweep(inner: &Arc<Inner>) -> Result<(), StoreError> {
     use futures_util::TryStreamExt;
@@ -707,6 +792,31 @@ mod tests {
         assert_eq!(
             fire_instant(&cron, chrono_tz::UTC, now).to_rfc3339(),
             "2026-11-25T02:00:00+00:00"
+        );
+    }
+
+    #[test]
+    fn a_trigger_is_remade_when_its_time_zone_changes_offset() {
+        let at = |t: &str| t.parse::<chrono::DateTime<Utc>>().unwrap();
+        let job = |tz: Option<&str>| ScheduledJob {
+            name: "j".into(),
+            cron: "0 0 2 * * *".into(),
+            timezone: tz.map(str::to_string),
+        };
+        let paris = job(Some("Europe/Paris"));
+        // Summer time ends on 2026-10-25 at 01:00 UTC.
+        assert_ne!(
+            trigger_key(&paris, at("2026-10-25T00:59:00Z")),
+            trigger_key(&paris, at("2026-10-25T01:01:00Z"))
+        );
+        assert_eq!(
+            trigger_key(&paris, at("2026-11-01T00:00:00Z")),
+            trigger_key(&paris, at("2026-12-01T00:00:00Z"))
+        );
+        let utc = job(None);
+        assert_eq!(
+            trigger_key(&utc, at("2026-07-01T00:00:00Z")),
+            trigger_key(&utc, at("2026-12-01T00:00:00Z"))
         );
     }
 
