@@ -725,6 +725,22 @@ async fn sweep(inner: &Arc<Inner>) -> Result<(), StoreError> {
             .await
             .map_err(StoreError::mongo(c::SCHEDULED_RUNS, "take over"))?;
         if taken.modified_count == 1 {
+            // A fire of the job may have been claimed between the look above and the
+            // take-over; it checks for this run after claiming, this checks for it after
+            // taking over, so the two never both run (at worst both step back: the fire is
+            // skipped and this run is taken over at a later pass).
+            if live_run(&inner.store, job, id).await?.is_some() {
+                runs.update_one(
+                    doc! { common::ID: id, "owner": &inner.options.instance, "status": "RUNNING" },
+                    doc! { "$set": { "expiresAt": DateTime::from_millis(0) } },
+                )
+                .await
+                .map_err(StoreError::mongo(
+                    c::SCHEDULED_RUNS,
+                    "hand back a take-over",
+                ))?;
+                continue;
+            }
             let job = ScheduledJob {
                 name: job.to_string(),
                 cron: String::new(),
