@@ -172,7 +172,9 @@ async fn a_killed_replicas_run_is_taken_over_and_completed_by_the_other() {
         owner,
         "taken over by the other replica"
     );
-    assert_eq!(done.get_i32("attempts").unwrap(), 2);
+    // At least one take-over; one more if a fire of the job was claimed while the first
+    // was being taken (that take-over is then handed back and retried).
+    assert!(done.get_i32("attempts").unwrap() >= 2, "{done}");
     let things = db.store.collection("things");
     assert_eq!(
         things.count_documents(doc! {}).await.unwrap(),
