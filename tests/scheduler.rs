@@ -695,3 +695,46 @@ async fn a_failed_reload_keeps_the_schedule() {
         "the job kept firing through failed reloads: {before} then {after}"
     );
 }
+
+#[tokio::test]
+async fn a_run_whose_lease_lapsed_while_the_store_was_stuck_stops() {
+    use std::sync::atomic::Ordering;
+    let db = TestDb::initialized().await;
+    let (uri, frozen) = support::freezable_mongo_proxy().await;
+    let store = sluice_connectors::Store::connect_uri(
+        &uri,
+        &db.name,
+        &sluice_core::config::WriteConcernLevel::Majority,
+    )
+    .await
+    .unwrap();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let runner = Arc::new(Counting {
+        log: log.clone(),
+        instance: "a".into(),
+        delay: Duration::from_secs(4),
+    });
+    let s = Scheduler::start(store, runner, source(vec![]), options("a", 900))
+        .await
+        .unwrap();
+    let job = ScheduledJob {
+        name: "long".into(),
+        cron: String::new(),
+        timezone: None,
+    };
+    let firing = tokio::spawn({
+        let s = s.clone();
+        async move { s.fire(&job, Utc::now()).await }
+    });
+    // Mid-run, the store stops answering for longer than the lease, then recovers: the
+    // heartbeat's renewal then succeeds (the record still names this replica), but the
+    // lease had lapsed in between, so another replica may have taken the run over.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    frozen.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    frozen.store(false, Ordering::SeqCst);
+    let outcome = firing.await.unwrap();
+    s.shutdown().await;
+    assert_eq!(outcome, FireOutcome::LeaseLost);
+    assert!(log.lock().unwrap().is_empty(), "the run was stopped");
+}

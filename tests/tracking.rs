@@ -877,61 +877,11 @@ async fn geoip_fills_country_region_and_city() {
     std::fs::remove_file(mmdb).unwrap();
 }
 
-/// A TCP proxy to the MongoDB server that can be frozen: while frozen it forwards nothing
-/// and closes nothing, which is how a server stuck on a lock looks to the driver.
-async fn freezable_mongo_proxy() -> (String, std::sync::Arc<std::sync::atomic::AtomicBool>) {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-    let uri = support::mongo_uri();
-    let rest = uri.trim_start_matches("mongodb://");
-    let host_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let upstream = rest[..host_end].to_string();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let proxied = format!(
-        "mongodb://{}{}",
-        listener.local_addr().unwrap(),
-        &rest[host_end..]
-    );
-    let frozen = std::sync::Arc::new(AtomicBool::new(false));
-    async fn pump(
-        mut from: impl AsyncRead + Unpin,
-        mut to: impl AsyncWrite + Unpin,
-        frozen: std::sync::Arc<AtomicBool>,
-    ) {
-        let mut buf = vec![0u8; 16 * 1024];
-        loop {
-            let n = match from.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => n,
-            };
-            while frozen.load(Ordering::SeqCst) {
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
-            if to.write_all(&buf[..n]).await.is_err() {
-                return;
-            }
-        }
-    }
-    let flag = frozen.clone();
-    tokio::spawn(async move {
-        while let Ok((client, _)) = listener.accept().await {
-            let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
-                continue;
-            };
-            let (cr, cw) = client.into_split();
-            let (sr, sw) = server.into_split();
-            tokio::spawn(pump(cr, sw, flag.clone()));
-            tokio::spawn(pump(sr, cw, flag.clone()));
-        }
-    });
-    (proxied, frozen)
-}
-
 #[tokio::test]
 async fn a_store_that_stops_answering_gets_a_503_not_a_hung_request() {
     use std::sync::atomic::Ordering;
     let db = TestDb::initialized().await;
-    let (uri, frozen) = freezable_mongo_proxy().await;
+    let (uri, frozen) = support::freezable_mongo_proxy().await;
     let store = sluice_connectors::Store::connect_uri(
         &uri,
         &db.name,

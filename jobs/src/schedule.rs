@@ -426,14 +426,20 @@ async fn execute(
             let mut renewed_at = std::time::Instant::now();
             loop {
                 tokio::time::sleep(every).await;
+                let sent = std::time::Instant::now();
                 let renewed = runs
                     .update_one(
                         doc! { common::ID: &id, "owner": &me, "status": "RUNNING" },
                         doc! { "$set": { "expiresAt": lease_end(lease) } },
                     )
                     .await;
+                if renewed_at.elapsed() >= lease {
+                    // The lease lapsed before this renewal: a sweeper (even this
+                    // replica's) may have taken the run over meanwhile. Stop.
+                    return;
+                }
                 match renewed {
-                    Ok(r) if r.matched_count == 1 => renewed_at = std::time::Instant::now(),
+                    Ok(r) if r.matched_count == 1 => renewed_at = sent,
                     // Another replica holds the run now: stop.
                     Ok(_) => return,
                     // The store did not answer (a failover): keep going while the lease
