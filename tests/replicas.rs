@@ -238,54 +238,14 @@ async fn wait_for_checkpoint(db: &TestDb, feed: &str) {
     }
 }
 
-/// A TCP proxy to the S3 server that forwards everything until a client sends a `PUT`,
-/// and from then on holds that connection's bytes: an upload that never completes.
-async fn s3_proxy_hanging_on_put() -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let upstream =
-        std::env::var("SLUICE_S3_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:8333".into());
-    let upstream = upstream.trim_start_matches("http://").to_string();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((client, _)) = listener.accept().await {
-            let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
-                continue;
-            };
-            let (mut cr, mut cw) = client.into_split();
-            let (mut sr, mut sw) = server.into_split();
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 16 * 1024];
-                loop {
-                    let n = match cr.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => n,
-                    };
-                    if buf[..n].starts_with(b"PUT ") {
-                        // Hold the connection open, forwarding nothing more.
-                        std::future::pending::<()>().await;
-                    }
-                    if sw.write_all(&buf[..n]).await.is_err() {
-                        return;
-                    }
-                }
-            });
-            tokio::spawn(async move {
-                let _ = tokio::io::copy(&mut sr, &mut cw).await;
-            });
-        }
-    });
-    format!("http://{addr}")
-}
-
-/// A `sluice.toml` exporting to `bucket` through [`s3_proxy_hanging_on_put`], with `extra`
-/// settings; returns its folder and path.
+/// A `sluice.toml` exporting to `bucket` through a proxy whose uploads never end, with
+/// `extra` settings; returns its folder and path.
 async fn export_config(
     db: &TestDb,
     bucket: &support::TestBucket,
     extra: &str,
 ) -> (std::path::PathBuf, std::path::PathBuf) {
-    let proxy = s3_proxy_hanging_on_put().await;
+    let proxy = s3_proxy_delaying(false, Duration::from_secs(3600)).await;
     let settings = support::s3_settings(&bucket.name);
     let dir =
         std::env::temp_dir().join(format!("sluice-replicas-{}", uuid::Uuid::new_v4().simple()));

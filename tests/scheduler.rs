@@ -701,13 +701,7 @@ async fn a_run_whose_lease_lapsed_while_the_store_was_stuck_stops() {
     use std::sync::atomic::Ordering;
     let db = TestDb::initialized().await;
     let (uri, frozen) = support::freezable_mongo_proxy().await;
-    let store = sluice_connectors::Store::connect_uri(
-        &uri,
-        &db.name,
-        &sluice_core::config::WriteConcernLevel::Majority,
-    )
-    .await
-    .unwrap();
+    let store = support::store_via(&uri, &db.name).await;
     let log = Arc::new(Mutex::new(Vec::new()));
     let runner = Arc::new(Counting {
         log: log.clone(),

@@ -882,13 +882,7 @@ async fn a_store_that_stops_answering_gets_a_503_not_a_hung_request() {
     use std::sync::atomic::Ordering;
     let db = TestDb::initialized().await;
     let (uri, frozen) = support::freezable_mongo_proxy().await;
-    let store = sluice_connectors::Store::connect_uri(
-        &uri,
-        &db.name,
-        &sluice_core::config::WriteConcernLevel::Majority,
-    )
-    .await
-    .unwrap();
+    let store = support::store_via(&uri, &db.name).await;
     let config = support::test_config(&db.name, |raw| raw.tracking.write_timeout_seconds = 1);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let server = sluice::server::start(config, store, listener, false)

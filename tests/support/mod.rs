@@ -228,3 +228,10 @@ pub async fn freezable_mongo_proxy() -> (String, std::sync::Arc<std::sync::atomi
     });
     (proxied, frozen)
 }
+
+/// A store on database `db` reached through `uri` (a proxy in front of the test server).
+pub async fn store_via(uri: &str, db: &str) -> Store {
+    Store::connect_uri(uri, db, &WriteConcernLevel::Majority)
+        .await
+        .unwrap()
+}
