@@ -768,3 +768,64 @@ async fn an_event_export_of_a_day_archived_while_it_ran_publishes_nothing() {
         .unwrap();
     assert!(event_data.is_empty(), "{event_data:?}");
 }
+
+#[tokio::test]
+async fn two_runs_publishing_one_partition_at_once_leave_it_whole() {
+    let db = TestDb::initialized().await;
+    let bucket = support::TestBucket::new().await;
+    let yesterday = chrono::Utc::now().date_naive() - chrono::Days::new(1);
+    let request = ExportRequest::day(ExportJobType::DailyAnalytics, yesterday, 90);
+    // Both runs' copies into place are slow, so their publishes would overlap.
+    let mut running = Vec::new();
+    for _ in 0..2 {
+        let slow = s3_through(
+            &bucket,
+            s3_proxy_delaying(true, Duration::from_millis(1500)).await,
+        )
+        .await;
+        let ctx = ExportContext::new(db.store.clone(), slow);
+        let request = request.clone();
+        running.push(tokio::spawn(
+            async move { run_export(&ctx, &request).await },
+        ));
+    }
+    let mut prefix = String::new();
+    for run in running {
+        prefix = run.await.unwrap().unwrap().partitions[0].prefix.clone();
+    }
+    let store = bucket.object_store();
+    let objects = store.list(&format!("{prefix}/")).await.unwrap();
+    assert!(objects
+        .iter()
+        .any(|o| o.key == format!("{prefix}/_SUCCESS")));
+    let manifest: Value = serde_json::from_slice(
+        &store
+            .get_bytes(&format!("{prefix}/_manifest.json"))
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let mut named: Vec<String> = manifest["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| format!("{prefix}/{}", f["path"].as_str().unwrap()))
+        .collect();
+    let mut parts: Vec<String> = objects
+        .iter()
+        .map(|o| o.key.clone())
+        .filter(|k| k.ends_with(".parquet"))
+        .collect();
+    named.sort();
+    parts.sort();
+    assert_eq!(
+        named, parts,
+        "the manifest names exactly the partition's files"
+    );
+    let locks = db.store.collection("job_locks");
+    assert_eq!(
+        locks.count_documents(doc! {}).await.unwrap(),
+        0,
+        "locks released"
+    );
+}

@@ -823,33 +823,39 @@ fn manifest_files(manifest: &[u8]) -> Vec<String> {
         .collect()
 }
 
-/// The lease that keeps ARCHIVE to one run at a time across processes, renewed while the
-/// run lives; a dead run's lease lapses after `ARCHIVE_LEASE`.
-struct ArchiveLock {
+/// A lease in `job_locks` (`_id` names what it guards), renewed while its holder lives;
+/// a dead holder's lease lapses after `LOCK_LEASE`.
+struct Lock {
     renew: tokio::task::JoinHandle<()>,
+    id: String,
     owner: String,
 }
 
-const ARCHIVE_LEASE: Duration = Duration::from_secs(60);
+const LOCK_LEASE: Duration = Duration::from_secs(60);
 
-/// When the archive lease taken or renewed now lapses.
-fn archive_lease_end() -> DateTime {
-    DateTime::from_millis(DateTime::now().timestamp_millis() + ARCHIVE_LEASE.as_millis() as i64)
+/// When a lease taken or renewed now lapses.
+fn lock_lease_end() -> DateTime {
+    DateTime::from_millis(DateTime::now().timestamp_millis() + LOCK_LEASE.as_millis() as i64)
 }
 
-impl ArchiveLock {
-    async fn take(ctx: &ExportContext, job_id: &str) -> Result<Self, ExportError> {
-        let locks = ctx.store.collection(c::JOB_LOCKS);
+impl Lock {
+    /// Takes the lock `id` for `owner` if it is free or lapsed; else answers its holder's
+    /// record.
+    async fn try_take(
+        store: &Store,
+        id: &str,
+        owner: &str,
+    ) -> Result<Result<Self, Document>, ExportError> {
+        let locks = store.collection(c::JOB_LOCKS);
         let failed = |source| ExportError::Read {
             partition: c::JOB_LOCKS.into(),
             source,
         };
-        let id = ExportJobType::Archive.as_str();
-        // Take it if free or lapsed; the unique `_id` makes the race have one winner.
+        // The unique `_id` makes the race have one winner.
         let taken = locks
             .update_one(
                 doc! { common::ID: id, "expiresAt": { "$lt": DateTime::now() } },
-                doc! { "$set": { "owner": job_id, "expiresAt": archive_lease_end() } },
+                doc! { "$set": { "owner": owner, "expiresAt": lock_lease_end() } },
             )
             .upsert(true)
             .await;
@@ -861,47 +867,66 @@ impl ArchiveLock {
                     .await
                     .map_err(failed)?
                     .unwrap_or_default();
-                return Err(ExportError::Request(format!(
-                    "another ARCHIVE run ({}) is in progress until {}; archives run one at a time",
-                    holder.get_str("owner").unwrap_or("?"),
-                    holder
-                        .get_datetime("expiresAt")
-                        .map(|t| t.to_string())
-                        .unwrap_or_default()
-                )));
+                return Ok(Err(holder));
             }
             Err(e) => return Err(failed(e)),
         }
-        let store = ctx.store.clone();
-        let owner = job_id.to_string();
+        let (store, lock_id, holder) = (store.clone(), id.to_string(), owner.to_string());
         let renew = tokio::spawn(async move {
             loop {
-                tokio::time::sleep(ARCHIVE_LEASE / 3).await;
+                tokio::time::sleep(LOCK_LEASE / 3).await;
                 let _ = store
                     .collection(c::JOB_LOCKS)
                     .update_one(
-                        doc! { common::ID: ExportJobType::Archive.as_str(), "owner": &owner },
-                        doc! { "$set": { "expiresAt": archive_lease_end() } },
+                        doc! { common::ID: &lock_id, "owner": &holder },
+                        doc! { "$set": { "expiresAt": lock_lease_end() } },
                     )
                     .await;
             }
         });
-        Ok(Self {
+        Ok(Ok(Self {
             renew,
-            owner: job_id.to_string(),
-        })
+            id: id.to_string(),
+            owner: owner.to_string(),
+        }))
     }
 
-    async fn release(self, ctx: &ExportContext) {
+    async fn release(self, store: &Store) {
         self.renew.abort();
-        let _ = release_archive_lock(&ctx.store, std::slice::from_ref(&self.owner)).await;
+        let _ = store
+            .collection(c::JOB_LOCKS)
+            .delete_one(doc! { common::ID: &self.id, "owner": &self.owner })
+            .await;
     }
 }
 
-impl Drop for ArchiveLock {
-    /// A run dropped part-way (its process stopping) no longer renews the lease.
+impl Drop for Lock {
+    /// A holder dropped part-way (its process stopping) no longer renews the lease.
     fn drop(&mut self) {
         self.renew.abort();
+    }
+}
+
+/// Keeps ARCHIVE to one run at a time across processes.
+struct ArchiveLock(Lock);
+
+impl ArchiveLock {
+    async fn take(ctx: &ExportContext, job_id: &str) -> Result<Self, ExportError> {
+        match Lock::try_take(&ctx.store, ExportJobType::Archive.as_str(), job_id).await? {
+            Ok(lock) => Ok(Self(lock)),
+            Err(holder) => Err(ExportError::Request(format!(
+                "another ARCHIVE run ({}) is in progress until {}; archives run one at a time",
+                holder.get_str("owner").unwrap_or("?"),
+                holder
+                    .get_datetime("expiresAt")
+                    .map(|t| t.to_string())
+                    .unwrap_or_default()
+            ))),
+        }
+    }
+
+    async fn release(self, ctx: &ExportContext) {
+        self.0.release(&ctx.store).await;
     }
 }
 
@@ -1250,14 +1275,39 @@ async fn publish(
         table: s.table,
         parts: s.parts.clone(),
     };
+    // One publish of a partition at a time, across runs and processes: two interleaved
+    // publishes could each remove the other's files and leave a manifest naming files
+    // that are gone.
+    let lock_id = format!("publish:{}", ctx.dest.url(&s.prefix));
+    let waiting = Instant::now();
+    let lock = loop {
+        match Lock::try_take(&ctx.store, &lock_id, &job_id).await? {
+            Ok(lock) => break lock,
+            Err(holder) if waiting.elapsed() < PUBLISH_WAIT => {
+                tracing::info!(partition = %s.prefix, holder = holder.get_str("owner").unwrap_or("?"), "waiting for another run to finish publishing this partition");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(holder) => return Err(ExportError::Request(format!(
+                "partition `{}` was still being published by run {} after {} s; rerun the window",
+                s.prefix,
+                holder.get_str("owner").unwrap_or("?"),
+                PUBLISH_WAIT.as_secs()
+            ))),
+        }
+    };
     let publishing = Publishing::enter();
     tokio::spawn(async move {
         let _publishing = publishing;
-        publish_now(&ctx, &job_id, kind, &part).await
+        let published = publish_now(&ctx, &job_id, kind, &part).await;
+        lock.release(&ctx.store).await;
+        published
     })
     .await
     .map_err(|e| ExportError::Request(format!("publishing `{}` stopped: {e}", s.prefix)))?
 }
+
+/// How long a publish waits for another run's publish of the same partition.
+const PUBLISH_WAIT: Duration = Duration::from_secs(10 * 60);
 
 /// What [`publish`] moves into place.
 struct Publishable {
