@@ -1287,12 +1287,14 @@ async fn publish(
                 tracing::info!(partition = %s.prefix, holder = holder.get_str("owner").unwrap_or("?"), "waiting for another run to finish publishing this partition");
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
-            Err(holder) => return Err(ExportError::Request(format!(
+            Err(holder) => {
+                return Err(ExportError::Request(format!(
                 "partition `{}` was still being published by run {} after {} s; rerun the window",
                 s.prefix,
                 holder.get_str("owner").unwrap_or("?"),
                 PUBLISH_WAIT.as_secs()
-            ))),
+            )))
+            }
         }
     };
     let publishing = Publishing::enter();
