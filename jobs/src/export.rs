@@ -40,6 +40,7 @@ use sluice_core::transform::{apply_chain, Transform, TransformError};
 use tokio::sync::mpsc;
 
 use crate::history;
+use crate::tally::Tally;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
@@ -955,9 +956,9 @@ async fn ensure_archive_lock(ctx: &ExportContext, job_id: &str) -> Result<(), Ex
     Ok(())
 }
 
-/// Hands back the archive lock if one of `owners` (export jobIds) holds it: called when
-/// an archive ends, and for archives stopped by a signal, so the next archive need not
-/// wait for the lease to lapse.
+/// Hands back the archive lock if one of `owners` (export jobIds) holds it: for archives
+/// stopped by a signal, so the next archive need not wait for the lease to lapse (an
+/// archive that ends releases its own [`ArchiveLock`]).
 pub async fn release_archive_lock(store: &Store, owners: &[String]) -> Result<u64, StoreError> {
     store
         .collection(c::JOB_LOCKS)
@@ -1297,7 +1298,7 @@ async fn publish(
             }
         }
     };
-    let publishing = Publishing::enter();
+    let publishing = PUBLISHING.enter();
     tokio::spawn(async move {
         let _publishing = publishing;
         let published = publish_now(&ctx, &job_id, kind, &part).await;
@@ -1318,36 +1319,14 @@ struct Publishable {
     parts: Vec<(String, LocalPartInfo)>,
 }
 
-static PUBLISHING: AtomicU64 = AtomicU64::new(0);
-
-/// A publish in flight, counted while it lives.
-struct Publishing;
-
-impl Publishing {
-    fn enter() -> Self {
-        PUBLISHING.fetch_add(1, Relaxed);
-        Publishing
-    }
-}
-
-impl Drop for Publishing {
-    fn drop(&mut self) {
-        PUBLISHING.fetch_sub(1, Relaxed);
-    }
-}
+/// Partitions being published by this process.
+static PUBLISHING: std::sync::LazyLock<Arc<Tally>> = std::sync::LazyLock::new(Default::default);
 
 /// Waits (at most `limit`) until no partition is being published; true if none is. A
 /// process stopping calls it so that a publish its runs started completes or is undone
 /// before the process exits.
 pub async fn wait_for_publishes(limit: Duration) -> bool {
-    let deadline = Instant::now() + limit;
-    while PUBLISHING.load(Relaxed) > 0 {
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    true
+    PUBLISHING.wait_idle(limit).await
 }
 
 async fn publish_now(

@@ -6,4 +6,5 @@ pub mod export;
 pub mod history;
 pub mod import;
 pub mod schedule;
+mod tally;
 pub mod tokens;

@@ -24,6 +24,8 @@ use sluice_core::model::{collections as c, common};
 use tokio::sync::Mutex;
 use tokio_cron_scheduler::{Job, JobScheduler};
 
+use crate::tally::Tally;
+
 /// What to run, when.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ScheduledJob {
@@ -161,7 +163,7 @@ struct Inner {
     /// Set once by `shutdown`: every run of this scheduler stops.
     stop: tokio::sync::watch::Sender<bool>,
     /// Runs of this scheduler executing now.
-    executing: std::sync::atomic::AtomicUsize,
+    executing: Arc<Tally>,
 }
 
 /// A running scheduler. Dropping it does not stop it; `shutdown` does.
@@ -310,25 +312,11 @@ impl Scheduler {
         // Stop the runs first (fires and takeovers alike), then hand them back: a run
         // handed back while it still ran could be taken over and run twice at once.
         self.inner.stop.send_replace(true);
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while self
-            .inner
+        self.inner
             .executing
-            .load(std::sync::atomic::Ordering::SeqCst)
-            > 0
-            && std::time::Instant::now() < deadline
-        {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let _ = self
-            .inner
-            .store
-            .collection(c::SCHEDULED_RUNS)
-            .update_many(
-                doc! { "owner": &self.inner.options.instance, "status": "RUNNING" },
-                doc! { "$set": { "expiresAt": DateTime::from_millis(0), "handedBackAt": DateTime::now() } },
-            )
+            .wait_idle(Duration::from_secs(10))
             .await;
+        hand_back(&self.inner, doc! {}).await;
         if let Ok(tasks) = self.tasks.lock() {
             for t in tasks.iter() {
                 t.abort();
@@ -453,7 +441,7 @@ async fn execute(
         }
     };
     let mut stop = inner.stop.subscribe();
-    let _executing = Executing::enter(inner);
+    let _executing = inner.executing.enter();
     let started = std::time::Instant::now();
     let stopping = async move {
         let _ = stop.wait_for(|stopping| *stopping).await;
@@ -468,12 +456,7 @@ async fn execute(
     };
     let Some(result) = result else {
         // Handed back here too: a fire claimed while the shutdown was handing back.
-        let _ = runs
-            .update_one(
-                doc! { common::ID: &id, "owner": &me, "status": "RUNNING" },
-                doc! { "$set": { "expiresAt": DateTime::from_millis(0), "handedBackAt": DateTime::now() } },
-            )
-            .await;
+        hand_back(inner, doc! { common::ID: &id }).await;
         return FireOutcome::Stopped;
     };
     let (status, ended) = run_end(&result);
@@ -671,24 +654,19 @@ pub async fn end_manual_run(
     Ok(())
 }
 
-/// One run of this scheduler executing, counted while it lives.
-struct Executing(Arc<Inner>);
-
-impl Executing {
-    fn enter(inner: &Arc<Inner>) -> Self {
-        inner
-            .executing
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        Executing(inner.clone())
-    }
-}
-
-impl Drop for Executing {
-    fn drop(&mut self) {
-        self.0
-            .executing
-            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-    }
+/// Hands back this replica's RUNNING runs matching `filter`: their lease expires at once,
+/// so another replica's sweeper takes them over at its next pass.
+async fn hand_back(inner: &Inner, mut filter: Document) {
+    filter.insert("owner", &inner.options.instance);
+    filter.insert("status", "RUNNING");
+    let _ = inner
+        .store
+        .collection(c::SCHEDULED_RUNS)
+        .update_many(
+            filter,
+            doc! { "$set": { "expiresAt": DateTime::from_millis(0), "handedBackAt": DateTime::now() } },
+        )
+        .await;
 }
 
 /// Takes over RUNNING fires whose lease expired (their owner died) and runs them.
