@@ -286,30 +286,31 @@ fn assigned_event_id(obj: &serde_json::Map<String, Value>, timed_by_client: bool
     if !timed_by_client {
         return uuid::Uuid::new_v4().to_string();
     }
-    let mut content = obj.clone();
-    content.remove("sentAt");
     let mut text = String::new();
-    canonical_json(&Value::Object(content), &mut text);
+    canonical_object(obj.iter().filter(|(k, _)| *k != "sentAt"), &mut text);
     uuid::Uuid::new_v5(&ASSIGNED_ID_NAMESPACE, text.as_bytes()).to_string()
+}
+
+/// An object's `members` as JSON with their keys sorted, whatever order they came in.
+fn canonical_object<'a>(members: impl Iterator<Item = (&'a String, &'a Value)>, out: &mut String) {
+    let mut members: Vec<_> = members.collect();
+    members.sort_by(|a, b| a.0.cmp(b.0));
+    out.push('{');
+    for (i, (k, v)) in members.into_iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&serde_json::to_string(k).unwrap_or_default());
+        out.push(':');
+        canonical_json(v, out);
+    }
+    out.push('}');
 }
 
 /// `v` as JSON with every object's keys sorted, whatever order they were sent in.
 fn canonical_json(v: &Value, out: &mut String) {
     match v {
-        Value::Object(map) => {
-            let mut keys: Vec<&String> = map.keys().collect();
-            keys.sort();
-            out.push('{');
-            for (i, k) in keys.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                out.push_str(&Value::String(k.clone()).to_string());
-                out.push(':');
-                canonical_json(&map[k], out);
-            }
-            out.push('}');
-        }
+        Value::Object(map) => canonical_object(map.iter(), out),
         Value::Array(items) => {
             out.push('[');
             for (i, item) in items.iter().enumerate() {

@@ -261,7 +261,7 @@ impl EventWriter {
             status[i] = WriteStatus::Duplicate;
         }
         if !claimed.earlier.is_empty() {
-            self.resolve_earlier(events, &claimed.earlier, now, &mut status)
+            self.resolve_earlier(events, &claimed.earlier, &mut encoded, now, &mut status)
                 .await?;
         }
         Ok(status)
@@ -517,6 +517,7 @@ impl EventWriter {
         &self,
         events: &[Event],
         earlier: &[(usize, DateTime)],
+        encoded: &mut HashMap<usize, RawDocumentBuf>,
         now: DateTime,
         status: &mut [WriteStatus],
     ) -> Result<(), StoreError> {
@@ -565,7 +566,10 @@ impl EventWriter {
             self.store
                 .collection(c::EVENTS)
                 .clone_with_type::<RawDocumentBuf>()
-                .insert_one(encode_event(event)?)
+                .insert_one(match encoded.remove(&i) {
+                    Some(doc) => doc,
+                    None => encode_event(event)?,
+                })
                 .write_concern(self.store.write_concern().clone())
                 .await
                 .map_err(StoreError::mongo(c::EVENTS, "complete abandoned claim"))?;
