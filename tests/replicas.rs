@@ -612,31 +612,8 @@ async fn a_run_cancelled_while_publishing_still_leaves_the_partition_whole() {
     second.abort();
     assert!(sluice_jobs::export::wait_for_publishes(Duration::from_secs(30)).await);
 
-    // The publish went on to its end: `_SUCCESS` is back and the manifest names exactly
-    // the partition's part files.
-    let objects = listed().await;
-    assert!(objects.iter().any(|o| o.key == success), "{objects:?}");
-    let manifest: Value = serde_json::from_slice(
-        &store
-            .get_bytes(&format!("{prefix}/_manifest.json"))
-            .await
-            .unwrap(),
-    )
-    .unwrap();
-    let mut named: Vec<String> = manifest["files"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| format!("{prefix}/{}", f["path"].as_str().unwrap()))
-        .collect();
-    let mut parts: Vec<String> = objects
-        .iter()
-        .map(|o| o.key.clone())
-        .filter(|k| k.ends_with(".parquet"))
-        .collect();
-    named.sort();
-    parts.sort();
-    assert_eq!(named, parts);
+    // The publish went on to its end.
+    let manifest = assert_whole(&store, prefix).await;
     assert_ne!(
         manifest["jobId"],
         first.job_id.as_str(),
@@ -793,11 +770,25 @@ async fn two_runs_publishing_one_partition_at_once_leave_it_whole() {
     for run in running {
         prefix = run.await.unwrap().unwrap().partitions[0].prefix.clone();
     }
-    let store = bucket.object_store();
+    assert_whole(&bucket.object_store(), &prefix).await;
+    let locks = db.store.collection("job_locks");
+    assert_eq!(
+        locks.count_documents(doc! {}).await.unwrap(),
+        0,
+        "locks released"
+    );
+}
+
+/// Asserts the partition `prefix` is whole: `_SUCCESS` is there and its manifest names
+/// exactly the partition's part files. Returns the manifest.
+async fn assert_whole(store: &ObjectStore, prefix: &str) -> Value {
     let objects = store.list(&format!("{prefix}/")).await.unwrap();
-    assert!(objects
-        .iter()
-        .any(|o| o.key == format!("{prefix}/_SUCCESS")));
+    assert!(
+        objects
+            .iter()
+            .any(|o| o.key == format!("{prefix}/_SUCCESS")),
+        "{objects:?}"
+    );
     let manifest: Value = serde_json::from_slice(
         &store
             .get_bytes(&format!("{prefix}/_manifest.json"))
@@ -822,10 +813,5 @@ async fn two_runs_publishing_one_partition_at_once_leave_it_whole() {
         named, parts,
         "the manifest names exactly the partition's files"
     );
-    let locks = db.store.collection("job_locks");
-    assert_eq!(
-        locks.count_documents(doc! {}).await.unwrap(),
-        0,
-        "locks released"
-    );
+    manifest
 }

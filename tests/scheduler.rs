@@ -40,6 +40,40 @@ impl Runner for Counting {
     }
 }
 
+/// A scheduler with no cron triggers on `store` (its runs come from `fire` and its
+/// sweeper), whose runs take `delay` and are recorded in the returned log.
+async fn idle_scheduler(
+    store: &sluice_connectors::Store,
+    instance: &str,
+    delay: Duration,
+    lease_ms: u64,
+) -> (Arc<Scheduler>, RunLog) {
+    let log: RunLog = Arc::new(Mutex::new(Vec::new()));
+    let runner = Arc::new(Counting {
+        log: log.clone(),
+        instance: instance.into(),
+        delay,
+    });
+    let s = Scheduler::start(
+        store.clone(),
+        runner,
+        source(vec![]),
+        options(instance, lease_ms),
+    )
+    .await
+    .unwrap();
+    (s, log)
+}
+
+/// A job with no cron expression, run only by `fire` (or by hand).
+fn unscheduled(name: &str) -> ScheduledJob {
+    ScheduledJob {
+        name: name.into(),
+        cron: String::new(),
+        timezone: None,
+    }
+}
+
 fn source(jobs: Vec<ScheduledJob>) -> JobSource {
     Arc::new(move || {
         let jobs = jobs.clone();
@@ -153,20 +187,7 @@ async fn a_dead_owners_run_is_taken_over_after_the_lease() {
         })
         .await
         .unwrap();
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let runner = Arc::new(Counting {
-        log: log.clone(),
-        instance: "survivor".into(),
-        delay: Duration::ZERO,
-    });
-    let s = Scheduler::start(
-        db.store.clone(),
-        runner,
-        source(vec![]),
-        options("survivor", 400),
-    )
-    .await
-    .unwrap();
+    let (s, log) = idle_scheduler(&db.store, "survivor", Duration::ZERO, 400).await;
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     s.shutdown().await;
     assert_eq!(
@@ -225,20 +246,8 @@ async fn an_overlapping_fire_is_skipped_and_recorded() {
 #[tokio::test]
 async fn a_run_that_loses_its_lease_stops() {
     let db = TestDb::initialized().await;
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let runner = Arc::new(Counting {
-        log: log.clone(),
-        instance: "a".into(),
-        delay: Duration::from_secs(3),
-    });
-    let s = Scheduler::start(db.store.clone(), runner, source(vec![]), options("a", 600))
-        .await
-        .unwrap();
-    let job = ScheduledJob {
-        name: "long".into(),
-        cron: String::new(),
-        timezone: None,
-    };
+    let (s, log) = idle_scheduler(&db.store, "a", Duration::from_secs(3), 600).await;
+    let job = unscheduled("long");
     let fire = Utc::now();
     let steal = {
         let store = db.store.clone();
@@ -264,25 +273,8 @@ async fn a_run_that_loses_its_lease_stops() {
 #[tokio::test]
 async fn shutdown_stops_its_runs_before_handing_them_back() {
     let db = TestDb::initialized().await;
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let runner = Arc::new(Counting {
-        log: log.clone(),
-        instance: "a".into(),
-        delay: Duration::from_secs(30),
-    });
-    let s = Scheduler::start(
-        db.store.clone(),
-        runner,
-        source(vec![]),
-        options("a", 60_000),
-    )
-    .await
-    .unwrap();
-    let job = ScheduledJob {
-        name: "long".into(),
-        cron: String::new(),
-        timezone: None,
-    };
+    let (s, log) = idle_scheduler(&db.store, "a", Duration::from_secs(30), 60_000).await;
+    let job = unscheduled("long");
     let firing = tokio::spawn({
         let s = s.clone();
         async move { s.fire(&job, Utc::now()).await }
@@ -467,25 +459,8 @@ async fn a_job_is_not_started_by_hand_while_a_scheduled_run_holds_its_lease() {
 async fn a_run_by_hand_holds_the_job_against_fires_and_other_runs_by_hand() {
     use sluice_jobs::schedule::{end_manual_run, hold_manual_run, start_manual_run};
     let db = TestDb::initialized().await;
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let runner = Arc::new(Counting {
-        log: log.clone(),
-        instance: "a".into(),
-        delay: Duration::ZERO,
-    });
-    let s = Scheduler::start(
-        db.store.clone(),
-        runner,
-        source(vec![]),
-        options("a", 10_000),
-    )
-    .await
-    .unwrap();
-    let job = ScheduledJob {
-        name: "integration:crm".into(),
-        cron: String::new(),
-        timezone: None,
-    };
+    let (s, log) = idle_scheduler(&db.store, "a", Duration::ZERO, 10_000).await;
+    let job = unscheduled("integration:crm");
     let id = start_manual_run(&db.store, &job.name, "cli").await.unwrap();
     let refused = start_manual_run(&db.store, &job.name, "admin-api")
         .await
@@ -617,20 +592,7 @@ async fn a_run_by_hand_whose_process_died_is_recorded_failed_and_not_run_again()
         )
         .await
         .unwrap();
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let runner = Arc::new(Counting {
-        log: log.clone(),
-        instance: "sweeper".into(),
-        delay: Duration::ZERO,
-    });
-    let s = Scheduler::start(
-        db.store.clone(),
-        runner,
-        source(vec![]),
-        options("sweeper", 400),
-    )
-    .await
-    .unwrap();
+    let (s, log) = idle_scheduler(&db.store, "sweeper", Duration::ZERO, 400).await;
     tokio::time::sleep(Duration::from_millis(1_200)).await;
     s.shutdown().await;
     assert!(
@@ -702,20 +664,8 @@ async fn a_run_whose_lease_lapsed_while_the_store_was_stuck_stops() {
     let db = TestDb::initialized().await;
     let (uri, frozen) = support::freezable_mongo_proxy().await;
     let store = support::store_via(&uri, &db.name).await;
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let runner = Arc::new(Counting {
-        log: log.clone(),
-        instance: "a".into(),
-        delay: Duration::from_secs(4),
-    });
-    let s = Scheduler::start(store, runner, source(vec![]), options("a", 900))
-        .await
-        .unwrap();
-    let job = ScheduledJob {
-        name: "long".into(),
-        cron: String::new(),
-        timezone: None,
-    };
+    let (s, log) = idle_scheduler(&store, "a", Duration::from_secs(4), 900).await;
+    let job = unscheduled("long");
     let firing = tokio::spawn({
         let s = s.clone();
         async move { s.fire(&job, Utc::now()).await }
