@@ -23,6 +23,33 @@ fn write_temp(name: &str, text: &str) -> std::path::PathBuf {
     path
 }
 
+/// A configuration file that points `sluice` at the test database `db`.
+fn db_config(db: &support::TestDb) -> std::path::PathBuf {
+    write_temp(
+        "sluice.toml",
+        &format!(
+            "[mongodb]\nuri = \"{}\"\ndatabase = \"{}\"\n",
+            support::mongo_uri(),
+            db.name
+        ),
+    )
+}
+
+/// `sluice import run NAME` with `config`, off the test's runtime.
+async fn import_run(config: &std::path::Path, name: &str) -> std::process::Output {
+    let (config, name) = (config.to_path_buf(), name.to_string());
+    tokio::task::spawn_blocking(move || {
+        sluice()
+            .arg("--config")
+            .arg(&config)
+            .args(["import", "run", &name])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap()
+}
+
 #[test]
 fn config_check_names_the_file_and_field_of_a_bad_value() {
     let path = write_temp(
@@ -373,14 +400,7 @@ async fn serve_with_json_logs_writes_nothing_but_json_lines() {
 async fn an_archive_with_nothing_to_archive_says_why() {
     let db = support::TestDb::initialized().await;
     let out_dir = write_temp("keep", "").parent().unwrap().join("out");
-    let config = write_temp(
-        "sluice.toml",
-        &format!(
-            "[mongodb]\nuri = \"{}\"\ndatabase = \"{}\"\n",
-            support::mongo_uri(),
-            db.name
-        ),
-    );
+    let config = db_config(&db);
     let out = sluice()
         .arg("--config")
         .arg(&config)
@@ -441,24 +461,7 @@ async fn import_run_records_its_run_and_waits_for_the_one_in_flight() {
     )
     .unwrap();
     sluice_jobs::configs::apply(&db.store, &file).await.unwrap();
-    let config = write_temp(
-        "sluice.toml",
-        &format!(
-            "[mongodb]\nuri = \"{}\"\ndatabase = \"{}\"\n",
-            support::mongo_uri(),
-            db.name
-        ),
-    );
-    let run = |config: std::path::PathBuf| {
-        tokio::task::spawn_blocking(move || {
-            sluice()
-                .arg("--config")
-                .arg(&config)
-                .args(["import", "run", "shop"])
-                .output()
-                .unwrap()
-        })
-    };
+    let config = db_config(&db);
     let runs = db.store.collection("scheduled_runs");
     // A scheduled fire of the same config holds its lease on another replica.
     runs.insert_one(bson::doc! {
@@ -468,7 +471,7 @@ async fn import_run_records_its_run_and_waits_for_the_one_in_flight() {
     })
     .await
     .unwrap();
-    let out = run(config.clone()).await.unwrap();
+    let out = import_run(&config, "shop").await;
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "refused while a run is going");
     assert!(err.contains("replica-b"), "{err}");
@@ -476,7 +479,7 @@ async fn import_run_records_its_run_and_waits_for_the_one_in_flight() {
     assert_eq!(products.count_documents(bson::doc! {}).await.unwrap(), 0);
 
     runs.delete_many(bson::doc! {}).await.unwrap();
-    let out = run(config).await.unwrap();
+    let out = import_run(&config, "shop").await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -513,24 +516,8 @@ async fn an_import_whose_plugin_cannot_load_leaves_no_run_behind() {
     )
     .unwrap();
     sluice_jobs::configs::apply(&db.store, &file).await.unwrap();
-    let config = write_temp(
-        "sluice.toml",
-        &format!(
-            "[mongodb]\nuri = \"{}\"\ndatabase = \"{}\"\n",
-            support::mongo_uri(),
-            db.name
-        ),
-    );
-    let out = tokio::task::spawn_blocking(move || {
-        sluice()
-            .arg("--config")
-            .arg(&config)
-            .args(["import", "run", "shop"])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let config = db_config(&db);
+    let out = import_run(&config, "shop").await;
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("no-such-plugin"), "{err}");

@@ -714,15 +714,7 @@ async fn sweep(inner: &Arc<Inner>) -> Result<(), StoreError> {
             // taking over, so the two never both run (at worst both step back: the fire is
             // skipped and this run is taken over at a later pass).
             if live_run(&inner.store, job, id).await?.is_some() {
-                runs.update_one(
-                    doc! { common::ID: id, "owner": &inner.options.instance, "status": "RUNNING" },
-                    doc! { "$set": { "expiresAt": DateTime::from_millis(0) } },
-                )
-                .await
-                .map_err(StoreError::mongo(
-                    c::SCHEDULED_RUNS,
-                    "hand back a take-over",
-                ))?;
+                hand_back(inner, doc! { common::ID: id }).await;
                 continue;
             }
             let job = ScheduledJob {
