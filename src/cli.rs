@@ -109,6 +109,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     for w in &config.warnings {
         tracing::warn!("{w}");
     }
+    // Files first: a missing plugin or GeoIP database stops `serve` before it touches the
+    // database or claims a scheduled run.
+    let loaded = crate::server::Loaded::load(&config)?;
     let store = init_store(&config, true).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -139,7 +142,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         None
     };
     let store_for_shutdown = store.clone();
-    let handle = crate::server::start((*config).clone(), store, listener, true).await?;
+    let handle =
+        crate::server::start_loaded((*config).clone(), store, listener, true, loaded).await?;
     tracing::info!(addr = %handle.addr, "sluice serving");
     handle.wait().await;
     // Imports in flight are stopped with the process: their runs are recorded as
@@ -878,6 +882,11 @@ pub async fn jobs_run(
     // A bare config name is its integration job, recorded (and found in `jobs history`)
     // under the same name as its scheduled runs.
     let name = &crate::engine::job_name(name);
+    if (from.is_some() || to.is_some()) && !name.starts_with(crate::engine::EXPORT_PREFIX) {
+        anyhow::bail!(
+            "`{name}` takes no --from / --to: an integration fetches what its config and cursor select, resuming an interrupted run from its checkpoint"
+        );
+    }
     let is_export = name.starts_with(crate::engine::EXPORT_PREFIX);
     let store = Store::connect(config).await?;
     store.init().await?;

@@ -178,6 +178,15 @@ async fn every_role_against_every_endpoint() {
             "name = \"../escape\"\ntype = \"IMPORT\"\nendpoint = \"http://127.0.0.1:9/x\"\n",
             "`name`",
         ),
+        // Sluice's own settings and the cloud credentials cannot be sent to an endpoint.
+        (
+            "name = \"cfg-steal\"\ntype = \"IMPORT\"\nendpoint = \"https://api.example/x\"\n[auth]\ntype = \"API_KEY\"\nkey = \"${env:SLUICE_MONGODB_URI}\"\nheader = \"X-Key\"\n[mapping.productId]\npath = \"$.id\"\n",
+            "SLUICE_MONGODB_URI",
+        ),
+        (
+            "name = \"cfg-steal2\"\ntype = \"IMPORT\"\nendpoint = \"https://api.example/x\"\n[headers]\nAuthorization = \"${env:AWS_SECRET_ACCESS_KEY}\"\n[mapping.productId]\npath = \"$.id\"\n",
+            "AWS_SECRET_ACCESS_KEY",
+        ),
         // A plugin this deployment does not have: refused now, not at the first run.
         (
             "name = \"cfg-plugin\"\ntype = \"IMPORT\"\nendpoint = \"https://api.example/x\"\ntransforms = [\"no-such-plugin\"]\n[mapping.productId]\npath = \"$.id\"\n",
@@ -198,7 +207,7 @@ async fn every_role_against_every_endpoint() {
     let stored = db
         .store
         .collection("integration_configs")
-        .count_documents(bson::doc! { "name": { "$in": ["../escape", "cfg-plugin"] } })
+        .count_documents(bson::doc! { "name": { "$in": ["../escape", "cfg-plugin", "cfg-steal", "cfg-steal2"] } })
         .await
         .unwrap();
     assert_eq!(stored, 0);
@@ -233,12 +242,17 @@ async fn bad_credentials_never_reveal_whether_an_email_exists_and_are_rate_limit
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 401);
-    // Weak passwords and duplicate users are refused.
-    assert!(
-        sluice::server::admin::create_admin_user(&db.store, "a@x.io", "short", Role::User)
-            .await
-            .is_err()
-    );
+    // Weak passwords, passwords bcrypt would truncate and duplicate users are refused.
+    for password in ["short".to_string(), "x".repeat(73)] {
+        assert!(sluice::server::admin::create_admin_user(
+            &db.store,
+            "a@x.io",
+            &password,
+            Role::User
+        )
+        .await
+        .is_err());
+    }
     let dup = sluice::server::admin::create_admin_user(&db.store, "OPS@x.io", PASSWORD, Role::User)
         .await
         .unwrap_err();
@@ -425,4 +439,133 @@ async fn a_manual_run_is_named_in_the_answer_and_its_outcome_is_listed() {
     );
     server.shutdown().await;
     let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn concurrent_guesses_count_as_they_arrive_and_clients_behind_a_proxy_are_told_apart() {
+    let db = TestDb::initialized().await;
+    for email in ["ops@x.io", "dev@x.io"] {
+        sluice::server::admin::create_admin_user(&db.store, email, PASSWORD, Role::Admin)
+            .await
+            .unwrap();
+    }
+    let server = start_server(&db, |raw| {
+        raw.server.trusted_proxies = vec!["127.0.0.1/32".into()];
+    })
+    .await;
+    let base = format!("http://{}", server.addr);
+    let client = reqwest::Client::new();
+    let from = |ip: &'static str, email: &'static str, password: &'static str| {
+        client
+            .post(format!("{base}/v1/admin/login"))
+            .header("x-forwarded-for", ip)
+            .json(&json!({ "email": email, "password": password }))
+            .send()
+    };
+    // 20 guesses at once: only the first 5 are checked, however long a check takes.
+    let answers = futures_util::future::join_all(
+        (0..20).map(|_| from("203.0.113.1", "ops@x.io", "a wrong guess")),
+    )
+    .await;
+    let mut statuses: Vec<u16> = answers
+        .into_iter()
+        .map(|r| r.unwrap().status().as_u16())
+        .collect();
+    statuses.sort();
+    assert_eq!(statuses, [vec![401; 5], vec![429; 15]].concat());
+    // Another client behind the same proxy is not locked out by the guesser...
+    let r = from("198.51.100.2", "dev@x.io", PASSWORD).await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    // ...but the guessed email is, from anywhere.
+    let r = from("198.51.100.2", "ops@x.io", PASSWORD).await.unwrap();
+    assert_eq!(r.status().as_u16(), 429);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn role_changes_deactivation_and_logout_take_effect_on_the_next_request() {
+    let db = TestDb::initialized().await;
+    for (email, role) in [("admin@x.io", Role::Admin), ("an@x.io", Role::Analyst)] {
+        sluice::server::admin::create_admin_user(&db.store, email, PASSWORD, role)
+            .await
+            .unwrap();
+    }
+    let server = start_server(&db, |_| {}).await;
+    let base = format!("http://{}", server.addr);
+    let admin = login(&base, "admin@x.io", PASSWORD).await.1["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let analyst = login(&base, "an@x.io", PASSWORD).await.1["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let client = reqwest::Client::new();
+    let daily = || {
+        client
+            .get(format!("{base}/v1/analytics/daily"))
+            .bearer_auth(&analyst)
+            .send()
+    };
+    let change = |email: &str, body: Value| {
+        client
+            .patch(format!("{base}/v1/admin/users/{email}"))
+            .bearer_auth(&admin)
+            .json(&body)
+            .send()
+    };
+    assert_eq!(daily().await.unwrap().status().as_u16(), 200);
+
+    let r = change("an@x.io", json!({ "role": "USER" })).await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let changed: Value = r.json().await.unwrap();
+    assert_eq!(changed["role"], "USER", "{changed}");
+    assert!(changed.get("password").is_none(), "{changed}");
+    assert_eq!(
+        daily().await.unwrap().status().as_u16(),
+        403,
+        "the token issued as ANALYST now acts as USER"
+    );
+
+    let r = change("an@x.io", json!({ "isActive": false }))
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(daily().await.unwrap().status().as_u16(), 401);
+    let tokens = db
+        .store
+        .collection("admin_tokens")
+        .count_documents(bson::doc! { "email": "an@x.io" })
+        .await
+        .unwrap();
+    assert_eq!(tokens, 0, "a deactivated user's tokens are deleted");
+    assert_eq!(login(&base, "an@x.io", PASSWORD).await.0, 401);
+
+    for (email, body, status) in [
+        ("admin@x.io", json!({ "isActive": false }), 400),
+        ("nobody@x.io", json!({ "role": "USER" }), 404),
+        ("an@x.io", json!({}), 400),
+        ("an@x.io", json!({ "role": "ROOT" }), 400),
+        ("an@x.io", json!({ "password": "x" }), 422),
+    ] {
+        let r = change(email, body.clone()).await.unwrap();
+        assert_eq!(r.status().as_u16(), status, "{email} {body}");
+    }
+
+    let me = || {
+        client
+            .get(format!("{base}/v1/admin/me"))
+            .bearer_auth(&admin)
+            .send()
+    };
+    assert_eq!(me().await.unwrap().status().as_u16(), 200);
+    let r = client
+        .post(format!("{base}/v1/admin/logout"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 204);
+    assert_eq!(me().await.unwrap().status().as_u16(), 401);
+    server.shutdown().await;
 }

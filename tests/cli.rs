@@ -90,13 +90,14 @@ fn config_check_names_an_unknown_field() {
 fn config_check_prints_references_never_secret_values() {
     let path = write_temp(
         "ok.toml",
-        "[server]\nwrite_keys = [\"${env:TEST_WRITE_KEY}\"]\n[s3]\naccess_key = \"AKIAEXAMPLE\"\nsecret_key = \"${env:TEST_S3_SECRET}\"\n",
+        "[server]\nwrite_keys = [\"${env:TEST_WRITE_KEY}\"]\n[s3]\naccess_key = \"AKIAEXAMPLE\"\nsecret_key = \"${env:TEST_S3_SECRET}\"\n[plugins.config.redact-pii]\nsalt = \"pepper-literal-3\"\nfields = [\"email-literal-4\"]\npepper = \"${env:TEST_PEPPER}\"\n",
     );
     let out = sluice()
         .args(["config", "check"])
         .arg(&path)
         .env("TEST_WRITE_KEY", "wk-very-secret-1")
         .env("TEST_S3_SECRET", "s3-very-secret-2")
+        .env("TEST_PEPPER", "pepper-from-env-5")
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -106,7 +107,15 @@ fn config_check_prints_references_never_secret_values() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(text.contains("${env:TEST_WRITE_KEY}"), "{text}");
-    for secret in ["wk-very-secret-1", "s3-very-secret-2", "AKIAEXAMPLE"] {
+    assert!(text.contains("${env:TEST_PEPPER}"), "{text}");
+    for secret in [
+        "wk-very-secret-1",
+        "s3-very-secret-2",
+        "AKIAEXAMPLE",
+        "pepper-literal-3",
+        "email-literal-4",
+        "pepper-from-env-5",
+    ] {
         assert!(!text.contains(secret), "{secret} leaked: {text}");
     }
 }
@@ -286,6 +295,14 @@ fn export_types_without_a_window_refuse_one() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("takes no --from / --to"), "{kind}: {err}");
     }
+    // Nor does an integration, which runs from its cursor and checkpoint.
+    let out = sluice()
+        .args(["jobs", "run", "shop", "--from", "2020-01-01"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("`integration:shop` takes no --from"), "{err}");
     // A day that has not begun would be published empty, looking complete.
     let tomorrow = chrono::Utc::now().date_naive() + chrono::Days::new(1);
     let out = sluice()
@@ -524,4 +541,33 @@ async fn an_import_whose_plugin_cannot_load_leaves_no_run_behind() {
     // Nothing holds the job's lease: a scheduled fire in the next minute is not skipped.
     let runs = db.store.collection("scheduled_runs");
     assert_eq!(runs.count_documents(bson::doc! {}).await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn serve_with_a_missing_geoip_database_stops_before_touching_the_database() {
+    let db = support::TestDb::new().await;
+    let config = write_temp(
+        "sluice.toml",
+        &format!(
+            "[mongodb]\nuri = \"{}\"\ndatabase = \"{}\"\n[server]\nlisten = \"127.0.0.1:0\"\n[tracking]\ngeoip_database = \"no-such-dir/GeoLite2-City.mmdb\"\n",
+            support::mongo_uri(),
+            db.name
+        ),
+    );
+    let out = tokio::task::spawn_blocking(move || {
+        sluice()
+            .arg("--config")
+            .arg(&config)
+            .arg("serve")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("GeoLite2-City.mmdb"), "{err}");
+    // No collection, so no scheduled run was claimed either.
+    let names = db.store.db().list_collection_names().await.unwrap();
+    assert!(names.is_empty(), "{names:?}");
 }

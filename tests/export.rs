@@ -481,6 +481,48 @@ async fn archive_deletes_exactly_what_it_exported() {
             .unwrap(),
         0
     );
+    // The daily analytics API refuses the archived day rather than count what is left.
+    sluice::server::admin::create_admin_user(
+        &db.store,
+        "an@x.io",
+        "a long enough password",
+        sluice_core::model::Role::Analyst,
+    )
+    .await
+    .unwrap();
+    let server = support::start_server(&db, |_| {}).await;
+    let base = format!("http://{}", server.addr);
+    let client = reqwest::Client::new();
+    let login: serde_json::Value = client
+        .post(format!("{base}/v1/admin/login"))
+        .json(&serde_json::json!({ "email": "an@x.io", "password": "a long enough password" }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let daily = |from: NaiveDate, to: NaiveDate| {
+        client
+            .get(format!("{base}/v1/analytics/daily?from={from}&to={to}"))
+            .bearer_auth(login["token"].as_str().unwrap())
+            .send()
+    };
+    let r = daily(day(-101), day(-99)).await.unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "archived_days", "{body}");
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.contains(&old.to_string()) && !message.contains(&day(-101).to_string()),
+        "{message}"
+    );
+    let r = daily(day(-11), day(-9)).await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let rows: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(rows[0]["events"], 300, "{rows}");
+    server.shutdown().await;
+
     // Aggregates stay; a resend of an archived event is a duplicate, not a new event.
     let writer = EventWriter::new(
         db.store.clone(),

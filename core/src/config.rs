@@ -871,6 +871,11 @@ impl Serialize for RedactedView<'_> {
             .token_key
             .as_ref()
             .map(|k| Secret::new(k.redacted()));
+        // Sluice cannot tell which of a plugin's settings are secret (a redaction salt
+        // is), so every literal string is shown redacted.
+        for value in raw.plugins.config.values_mut() {
+            redact_strings(value);
+        }
         raw.serialize(serializer)
     }
 }
@@ -882,6 +887,16 @@ pub struct PluginConfigs(pub std::collections::BTreeMap<String, toml::Value>);
 impl std::fmt::Debug for PluginConfigs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_set().entries(self.0.keys()).finish()
+    }
+}
+
+/// Replaces every string of `value` that is not a `${env:NAME}` reference by `<redacted>`.
+fn redact_strings(value: &mut toml::Value) {
+    match value {
+        toml::Value::String(s) => *s = Secret::new(std::mem::take(s)).redacted(),
+        toml::Value::Table(t) => t.iter_mut().for_each(|(_, v)| redact_strings(v)),
+        toml::Value::Array(items) => items.iter_mut().for_each(redact_strings),
+        _ => {}
     }
 }
 

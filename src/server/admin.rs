@@ -26,32 +26,106 @@ use super::{ApiError, AppState};
 pub const TOKEN_TTL: Duration = Duration::from_secs(8 * 3600);
 const MAX_FAILURES: usize = 5;
 const FAILURE_WINDOW: Duration = Duration::from_secs(15 * 60);
+const MAX_EMAIL_BYTES: usize = 254;
+/// bcrypt reads only the first 72 bytes of a password: a longer one would let every
+/// password sharing its first 72 bytes in.
+const MAX_PASSWORD_BYTES: usize = 72;
+/// Admin request bodies (a config file is the largest).
+pub const MAX_ADMIN_BODY: usize = 256 * 1024;
 /// Verified when the email is unknown, so both paths cost one bcrypt check.
 fn dummy_hash() -> &'static str {
     static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     HASH.get_or_init(|| bcrypt::hash("no such user", bcrypt::DEFAULT_COST).unwrap_or_default())
 }
 
-/// Recent login failures by email and by client address.
-#[derive(Default)]
+/// Login attempts by email and by client address: failures within the window, and
+/// attempts still being checked (reserved before the password is verified, so a burst of
+/// concurrent guesses is counted as it arrives, not after each bcrypt check). Keys whose
+/// attempts have all aged out are dropped, so unanswered guesses cannot grow the map.
 pub struct LoginGuard {
-    failures: Mutex<HashMap<String, Vec<Instant>>>,
+    attempts: Mutex<HashMap<String, Vec<Instant>>>,
+    /// Bounds the bcrypt checks running at once (each takes a core for ~0.25 s).
+    verifying: tokio::sync::Semaphore,
+}
+
+impl Default for LoginGuard {
+    fn default() -> Self {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Self {
+            attempts: Mutex::default(),
+            verifying: tokio::sync::Semaphore::new(cores.div_ceil(2).max(1)),
+        }
+    }
+}
+
+/// An attempt counted against its keys until it succeeds (or is abandoned unanswered).
+struct Attempt<'a> {
+    guard: &'a LoginGuard,
+    keys: Vec<String>,
+    at: Instant,
+    failed: bool,
 }
 
 impl LoginGuard {
-    fn blocked(&self, keys: &[String]) -> bool {
-        let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        keys.iter().any(|k| {
-            let list = f.entry(k.clone()).or_default();
-            list.retain(|t| t.elapsed() < FAILURE_WINDOW);
-            list.len() >= MAX_FAILURES
+    /// Counts an attempt for every key, or refuses it when a key already has
+    /// [`MAX_FAILURES`] attempts in the window.
+    fn attempt(&self, keys: Vec<String>) -> Option<Attempt<'_>> {
+        let mut map = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() > 10_000 {
+            map.retain(|_, list| list.iter().any(|t| t.elapsed() < FAILURE_WINDOW));
+        }
+        for k in &keys {
+            if let Some(list) = map.get_mut(k) {
+                list.retain(|t| t.elapsed() < FAILURE_WINDOW);
+                if list.len() >= MAX_FAILURES {
+                    return None;
+                }
+            }
+        }
+        let at = Instant::now();
+        for k in &keys {
+            map.entry(k.clone()).or_default().push(at);
+        }
+        Some(Attempt {
+            guard: self,
+            keys,
+            at,
+            failed: false,
         })
     }
 
-    fn failed(&self, keys: &[String]) {
-        let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        for k in keys {
-            f.entry(k.clone()).or_default().push(Instant::now());
+    #[cfg(test)]
+    fn tracked(&self) -> usize {
+        self.attempts.lock().unwrap().len()
+    }
+}
+
+impl Attempt<'_> {
+    /// Keeps the attempt counted as a failure.
+    fn failed(mut self) {
+        self.failed = true;
+    }
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        if self.failed {
+            return;
+        }
+        let mut map = self
+            .guard
+            .attempts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for k in &self.keys {
+            if let Some(list) = map.get_mut(k) {
+                if let Some(i) = list.iter().position(|t| *t == self.at) {
+                    list.swap_remove(i);
+                }
+                if list.is_empty() {
+                    map.remove(k);
+                }
+            }
         }
     }
 }
@@ -81,11 +155,7 @@ async fn caller(
             "a valid admin token is required",
         )
     };
-    let token = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(unauthorized)?;
+    let token = bearer(headers).ok_or_else(unauthorized)?;
     let found = state
         .store
         .collection(c::ADMIN_TOKENS)
@@ -99,7 +169,18 @@ async fn caller(
             )
         })?
         .ok_or_else(unauthorized)?;
-    let role = Role::parse(found.get_str("role").unwrap_or("")).map_err(|_| unauthorized())?;
+    // The user as it is now, not as it was at login: deactivating a user or changing
+    // their role takes effect on their next request.
+    let email = found.get_str("email").unwrap_or("").to_string();
+    let user = state
+        .store
+        .collection(c::ADMIN_USERS)
+        .find_one(doc! { "email": &email })
+        .await
+        .map_err(store_error)?
+        .filter(|u| u.get_bool("isActive").unwrap_or(false))
+        .ok_or_else(unauthorized)?;
+    let role = Role::parse(user.get_str("role").unwrap_or("")).map_err(|_| unauthorized())?;
     if rank(role) < rank(min) {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
@@ -107,7 +188,97 @@ async fn caller(
             format!("this needs the {min} role or higher"),
         ));
     }
-    Ok((found.get_str("email").unwrap_or("").to_string(), role))
+    Ok((email, role))
+}
+
+/// `POST /v1/admin/logout`: the caller's token stops working at once.
+async fn logout(State(state): State<AppState>, headers: HeaderMap) -> Result<StatusCode, ApiError> {
+    caller(&state, &headers, Role::User).await?;
+    if let Some(token) = bearer(&headers) {
+        state
+            .store
+            .collection(c::ADMIN_TOKENS)
+            .delete_one(doc! { common::ID: token_hash(token) })
+            .await
+            .map_err(store_error)?;
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UserChange {
+    role: Option<String>,
+    #[serde(rename = "isActive")]
+    is_active: Option<bool>,
+}
+
+/// `PATCH /v1/admin/users/{email}` with `{"role": ..., "isActive": ...}`: changes take
+/// effect on the user's next request; deactivating also deletes their tokens. An admin
+/// cannot change their own account, so the last admin cannot lock everyone out.
+async fn change_user(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(email): Path<String>,
+    body: Result<Json<UserChange>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let (me, _) = caller(&state, &headers, Role::Admin).await?;
+    let body = json_body(body)?;
+    let email = email.trim().to_ascii_lowercase();
+    if email == me {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_user",
+            "an admin cannot change their own role or deactivate themselves",
+        ));
+    }
+    let mut set = doc! { common::UPDATED_AT: DateTime::now() };
+    if let Some(role) = &body.role {
+        let role = Role::parse(role)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_role", e))?;
+        set.insert("role", role.as_str());
+    }
+    if let Some(active) = body.is_active {
+        set.insert("isActive", active);
+    }
+    if set.len() == 1 {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            "expected {\"role\": ...} and/or {\"isActive\": true|false}",
+        ));
+    }
+    let changed = state
+        .store
+        .collection(c::ADMIN_USERS)
+        .find_one_and_update(doc! { "email": &email }, doc! { "$set": set })
+        .return_document(mongodb::options::ReturnDocument::After)
+        .projection(doc! { "password": 0, common::ID: 0 })
+        .await
+        .map_err(store_error)?
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no user `{email}`"),
+            )
+        })?;
+    if body.is_active == Some(false) {
+        state
+            .store
+            .collection(c::ADMIN_TOKENS)
+            .delete_many(doc! { "email": &email })
+            .await
+            .map_err(store_error)?;
+    }
+    Ok(Json(bson::Bson::Document(changed).into_relaxed_extjson()))
 }
 
 fn store_error(e: impl std::fmt::Display) -> ApiError {
@@ -143,11 +314,11 @@ fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
 async fn login(
     State(state): State<AppState>,
     axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
+    headers: HeaderMap,
     body: Result<Json<Login>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let body = json_body(body)?;
     let email = body.email.trim().to_ascii_lowercase();
-    let keys = vec![format!("email:{email}"), format!("ip:{}", peer.ip())];
     let refused = || {
         ApiError::new(
             StatusCode::UNAUTHORIZED,
@@ -155,14 +326,20 @@ async fn login(
             "wrong email or password",
         )
     };
-    if state.login_guard.blocked(&keys) {
+    if email.len() > MAX_EMAIL_BYTES || body.password.len() > MAX_PASSWORD_BYTES {
+        return Err(refused()); // no such user can exist
+    }
+    // Behind a load balancer the peer is the balancer: the client is the forwarded one.
+    let client = super::enrich::client_ip(peer.ip(), &headers, &state.trusted);
+    let keys = vec![format!("ip:{client}"), format!("email:{email}")];
+    let Some(attempt) = state.login_guard.attempt(keys) else {
         return Err(ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "too_many_attempts",
             "too many failed logins; wait 15 minutes",
         )
         .retry(900));
-    }
+    };
     let users = state.store.db().collection::<AdminUser>(c::ADMIN_USERS);
     let user = users
         .find_one(doc! { "email": &email })
@@ -173,11 +350,14 @@ async fn login(
         .as_ref()
         .map(|u| u.password.clone())
         .unwrap_or_else(|| dummy_hash().to_string());
-    let ok = tokio::task::spawn_blocking(move || bcrypt::verify(password, &hash).unwrap_or(false))
-        .await
-        .unwrap_or(false);
+    let ok = {
+        let _permit = state.login_guard.verifying.acquire().await;
+        tokio::task::spawn_blocking(move || bcrypt::verify(password, &hash).unwrap_or(false))
+            .await
+            .unwrap_or(false)
+    };
     let Some(user) = user.filter(|u| ok && u.is_active) else {
-        state.login_guard.failed(&keys);
+        attempt.failed();
         return Err(refused());
     };
     let token = format!(
@@ -263,11 +443,13 @@ pub async fn create_admin_user(
     role: Role,
 ) -> Result<(), String> {
     let email = email.trim().to_ascii_lowercase();
-    if !email.contains('@') || email.len() > 254 {
+    if !email.contains('@') || email.len() > MAX_EMAIL_BYTES {
         return Err(format!("`{email}` is not an email address"));
     }
-    if password.len() < 12 {
-        return Err("a password of at least 12 characters".into());
+    if password.len() < 12 || password.len() > MAX_PASSWORD_BYTES {
+        return Err(format!(
+            "a password of 12 to {MAX_PASSWORD_BYTES} bytes (bcrypt ignores what follows the {MAX_PASSWORD_BYTES}th)"
+        ));
     }
     let password = password.to_string();
     let hash = tokio::task::spawn_blocking(move || bcrypt::hash(password, bcrypt::DEFAULT_COST))
@@ -348,6 +530,38 @@ async fn list_configs(
         .collect::<Vec<_>>())))
 }
 
+const RESERVED_ENV_PREFIXES: [&str; 2] = ["SLUICE_", "AWS_"];
+
+fn reserved_env(name: &str) -> bool {
+    RESERVED_ENV_PREFIXES.iter().any(|p| name.starts_with(p))
+}
+
+/// Validates a config from the API in memory, exactly as `sluice configs validate`
+/// validates a file: nothing from the body ever names a path on this machine. Its
+/// `${env:NAME}` references may not name Sluice's own settings or the cloud credentials:
+/// a config sends its secrets to the endpoint it names, so an API caller could otherwise
+/// send the database URI or the S3 keys anywhere.
+fn validate_api_config(body: &str) -> Result<sluice_core::integration::IntegrationFile, String> {
+    let reserved = std::cell::RefCell::new(None);
+    let env = |k: &str| {
+        if reserved_env(k) {
+            reserved.replace(Some(k.to_string()));
+            return None;
+        }
+        std::env::var(k).ok()
+    };
+    match sluice_jobs::configs::validate_text("request body", body, &env) {
+        Ok((file, _)) => Ok(file),
+        Err(e) => Err(match reserved.take() {
+            Some(name) => format!(
+                "`${{env:{name}}}`: configs applied through the API may not reference {}* variables (Sluice's own settings and cloud credentials); give the connector's secret a name of its own",
+                RESERVED_ENV_PREFIXES.join("* or ")
+            ),
+            None => e.to_string(),
+        }),
+    }
+}
+
 /// `POST /v1/admin/configs` with a config file (TOML) as the body: validated like
 /// `sluice configs apply`, then stored.
 async fn apply_config(
@@ -357,11 +571,7 @@ async fn apply_config(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     caller(&state, &headers, Role::Admin).await?;
     let bad = |e: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_config", e);
-    // Validated in memory, exactly as `sluice configs validate` validates a file: nothing
-    // from the body ever names a path on this machine.
-    let (file, _) =
-        sluice_jobs::configs::validate_text("request body", &body, &|k| std::env::var(k).ok())
-            .map_err(|e| bad(e.to_string()))?;
+    let file = validate_api_config(&body).map_err(bad)?;
     let file = {
         let config = state.config.clone();
         // Loading compiles the plugins: off the async threads.
@@ -427,13 +637,7 @@ async fn run_job(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     caller(&state, &headers, Role::Analyst).await?;
     // Any export schedule or integration config can be run by hand, scheduled or not.
-    let unavailable = |e: sluice_connectors::StoreError| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "store_unavailable",
-            e.to_string(),
-        )
-    };
+    let unavailable = store_error;
     let known = match name.strip_prefix(crate::engine::EXPORT_PREFIX) {
         Some(schedule) => state.config.schedules.iter().any(|s| s.name == schedule),
         None => {
@@ -466,11 +670,7 @@ async fn run_job(
             sluice_connectors::StoreError::Busy(message) => {
                 ApiError::new(StatusCode::CONFLICT, "already_running", message)
             }
-            other => ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "store_unavailable",
-                other.to_string(),
-            ),
+            other => store_error(other),
         })?;
     let job = name.clone();
     let run_id = run.clone();
@@ -520,8 +720,15 @@ fn day_param(
     }
 }
 
+/// How long one analytics query may run on the server (a caller that goes away does not
+/// stop it).
+const ANALYTICS_MAX_TIME: Duration = Duration::from_secs(60);
+/// The user journey groups at most the user's latest this many events.
+const JOURNEY_MAX_EVENTS: i64 = 5_000;
+
 async fn aggregate(state: &AppState, pipeline: Vec<Document>) -> Result<Json<Value>, ApiError> {
-    // Analytics may read from secondaries: nearest member, with a bounded staleness.
+    // Analytics may read from secondaries (secondary preferred): they may lag the
+    // primary by the replication delay, and take no load off it.
     let options = mongodb::options::SelectionCriteria::ReadPreference(
         mongodb::options::ReadPreference::SecondaryPreferred {
             options: Default::default(),
@@ -532,6 +739,7 @@ async fn aggregate(state: &AppState, pipeline: Vec<Document>) -> Result<Json<Val
         .collection(c::EVENTS)
         .aggregate(pipeline)
         .selection_criteria(options)
+        .max_time(ANALYTICS_MAX_TIME)
         .await
         .map_err(store_error)?
         .try_collect()
@@ -561,12 +769,67 @@ async fn daily(
             "`from` must not be after `to`, and the range holds at most 366 days",
         ));
     }
+    refuse_archived_days(&state, from, to).await?;
     aggregate(&state, vec![
         doc! { "$match": { "timestamp": { "$gte": sluice_jobs::export::day_start(from), "$lt": sluice_jobs::export::day_start(to + chrono::Days::new(1)) } } },
         doc! { "$group": { "_id": { "$dateToString": { "format": "%Y-%m-%d", "date": "$timestamp" } }, "events": { "$sum": 1 }, "users": { "$addToSet": "$userId" }, "sessions": { "$addToSet": "$sessionId" } } },
         doc! { "$project": { "_id": 0, "date": "$_id", "events": 1, "users": { "$size": "$users" }, "sessions": { "$size": "$sessions" } } },
         doc! { "$sort": { "date": 1 } },
     ]).await
+}
+
+/// Days whose events ARCHIVE moved to Parquet and deleted would be counted from what is
+/// left (nothing, or a few late events): refused, naming the days, as the
+/// DAILY_ANALYTICS export refuses them. Only days older than `archive_after_days` can
+/// have been archived; the archive runs that published them are in `export_jobs`.
+async fn refuse_archived_days(
+    state: &AppState,
+    from: chrono::NaiveDate,
+    to: chrono::NaiveDate,
+) -> Result<(), ApiError> {
+    let horizon = chrono::Utc::now().date_naive()
+        - chrono::Days::new(u64::from(state.config.archive_after_days));
+    let archive = sluice_core::model::ExportJobType::Archive.as_str();
+    let candidates: Vec<String> = from
+        .iter_days()
+        .take_while(|d| *d <= to && *d < horizon)
+        .map(|d| format!("{archive}/dt={d}"))
+        .collect();
+    if candidates.is_empty() {
+        return Ok(());
+    }
+    let runs: Vec<Document> = state
+        .store
+        .collection(c::EXPORT_JOBS)
+        .find(doc! { "type": archive, "partitions.prefix": { "$in": &candidates } })
+        .projection(doc! { "partitions.prefix": 1 })
+        .await
+        .map_err(store_error)?
+        .try_collect()
+        .await
+        .map_err(store_error)?;
+    let mut archived: Vec<&str> = runs
+        .iter()
+        .filter_map(|r| r.get_array("partitions").ok())
+        .flatten()
+        .filter_map(|p| p.as_document()?.get_str("prefix").ok())
+        .filter(|p| candidates.iter().any(|c| c == p))
+        .filter_map(|p| p.split_once("dt=").map(|(_, d)| d))
+        .collect();
+    if archived.is_empty() {
+        return Ok(());
+    }
+    archived.sort_unstable();
+    archived.dedup();
+    Err(ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "archived_days",
+        format!(
+            "days of this range were archived ({}): their events were moved to the ARCHIVE partitions and deleted from MongoDB, so counting them here would report only what arrived later; read the DAILY_ANALYTICS or ARCHIVE partitions for them, or start the range after {}",
+            archived.join(", "),
+            archived[archived.len() - 1],
+        ),
+    ))
 }
 
 /// The design document's top pages query.
@@ -616,8 +879,13 @@ async fn journey(
                 "`userId` is required",
             )
         })?;
+    // The latest events first (the `userId, timestamp` index), at most
+    // JOURNEY_MAX_EVENTS of them, so a visitor with a huge history (a bot) cannot make
+    // one group exceed a document's size or the answer unbounded.
     aggregate(&state, vec![
         doc! { "$match": { "userId": user } },
+        doc! { "$sort": { "timestamp": -1 } },
+        doc! { "$limit": JOURNEY_MAX_EVENTS },
         doc! { "$sort": { "timestamp": 1 } },
         doc! { "$group": { "_id": "$sessionId", "events": { "$push": { "eventId": "$eventId", "eventType": "$eventType", "timestamp": "$timestamp", "pageUrl": "$pageUrl" } }, "startTime": { "$first": "$timestamp" }, "endTime": { "$last": "$timestamp" } } },
         doc! { "$sort": { "startTime": -1 } },
@@ -628,8 +896,10 @@ async fn journey(
 pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/v1/admin/login", post(login))
+        .route("/v1/admin/logout", post(logout))
         .route("/v1/admin/me", get(me))
         .route("/v1/admin/users", get(list_users).post(create_user))
+        .route("/v1/admin/users/{email}", axum::routing::patch(change_user))
         .route("/v1/admin/configs", get(list_configs).post(apply_config))
         .route("/v1/admin/configs/{name}/active", post(set_config_active))
         .route("/v1/admin/jobs", get(list_jobs))
@@ -637,4 +907,34 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/analytics/daily", get(daily))
         .route("/v1/analytics/top-pages", get(top_pages))
         .route("/v1/analytics/journey", get(journey))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_ADMIN_BODY))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_blocked_client_cannot_grow_the_guard_and_answered_attempts_are_released() {
+        let guard = LoginGuard::default();
+        let blocked = "ip:203.0.113.1".to_string();
+        for _ in 0..MAX_FAILURES {
+            guard.attempt(vec![blocked.clone()]).unwrap().failed();
+        }
+        for i in 0..1000 {
+            assert!(guard
+                .attempt(vec![blocked.clone(), format!("email:{i}@x.io")])
+                .is_none());
+        }
+        assert_eq!(guard.tracked(), 1, "refused attempts leave nothing behind");
+        // An attempt in flight counts; once it succeeds it no longer does.
+        let other = "ip:198.51.100.2".to_string();
+        let held: Vec<_> = (0..MAX_FAILURES)
+            .map(|_| guard.attempt(vec![other.clone()]).unwrap())
+            .collect();
+        assert!(guard.attempt(vec![other.clone()]).is_none(), "5 in flight");
+        drop(held);
+        assert_eq!(guard.tracked(), 1);
+        assert!(guard.attempt(vec![other]).is_some());
+    }
 }

@@ -208,6 +208,26 @@ async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
     )
 }
 
+/// What the tracking endpoint loads from files before it starts: loaded by `serve` before
+/// it touches the database or starts the scheduler, so a missing plugin or GeoIP database
+/// stops it before anything runs.
+pub struct Loaded {
+    transforms: Vec<Arc<dyn sluice_core::transform::Transform>>,
+    geoip: Option<enrich::GeoIp>,
+}
+
+impl Loaded {
+    pub fn load(config: &Config) -> anyhow::Result<Self> {
+        Ok(Self {
+            transforms: crate::cli::load_plugins(config, &config.plugins.tracking_transforms)?,
+            geoip: match &config.tracking.geoip_database {
+                Some(path) => Some(enrich::GeoIp::open(path)?),
+                None => None,
+            },
+        })
+    }
+}
+
 /// Binds `listener`, starts the writers and the idle-session sweeper, and serves until
 /// `shutdown` is called (or, with `until_signal`, until SIGTERM / Ctrl-C).
 pub async fn start(
@@ -215,6 +235,18 @@ pub async fn start(
     store: Store,
     listener: TcpListener,
     until_signal: bool,
+) -> anyhow::Result<ServerHandle> {
+    let loaded = Loaded::load(&config)?;
+    start_loaded(config, store, listener, until_signal, loaded).await
+}
+
+/// [`start`] with what it loads from files already loaded.
+pub async fn start_loaded(
+    config: Config,
+    store: Store,
+    listener: TcpListener,
+    until_signal: bool,
+    loaded: Loaded,
 ) -> anyhow::Result<ServerHandle> {
     let addr = listener.local_addr()?;
     let metrics = Arc::new(Metrics::default());
@@ -241,15 +273,9 @@ pub async fn start(
     let state = AppState {
         limiter: Arc::new(auth::RateLimiter::new(config.rate_limit_per_key)),
         login_guard: Arc::new(admin::LoginGuard::default()),
-        transforms: Arc::new(crate::cli::load_plugins(
-            &config,
-            &config.plugins.tracking_transforms,
-        )?),
+        transforms: Arc::new(loaded.transforms),
         trusted: Arc::new(trusted),
-        geoip: match &config.tracking.geoip_database {
-            Some(path) => Some(Arc::new(enrich::GeoIp::open(path)?)),
-            None => None,
-        },
+        geoip: loaded.geoip.map(Arc::new),
         config: Arc::new(config),
         store: store.clone(),
         batcher,
