@@ -682,7 +682,21 @@ pub async fn integration_transforms(
         .await?
         .map(|(file, _)| file.transforms)
         .unwrap_or_default();
-    load_plugins(config, &names)
+    load_plugins_off_runtime(config, names).await
+}
+
+/// [`load_plugins`] on a blocking thread: compiling a component and running its
+/// `configure` (under its deadline) would stall an async worker, and with it the tracking
+/// endpoint of the same process.
+pub async fn load_plugins_off_runtime(
+    config: &Config,
+    names: Vec<String>,
+) -> anyhow::Result<Vec<std::sync::Arc<dyn sluice_core::transform::Transform>>> {
+    if names.is_empty() {
+        return Ok(Vec::new());
+    }
+    let config = config.clone();
+    tokio::task::spawn_blocking(move || load_plugins(&config, &names)).await?
 }
 
 /// `sluice plugin test`: runs NDJSON records through a plugin, prints the outputs (NDJSON on

@@ -196,9 +196,12 @@ impl EngineRunner {
                 .map_err(|e| e.to_string())?;
             let mut ctx = sluice_jobs::export::ExportContext::new(self.store.clone(), dest);
             ctx.progress = progress.export.clone();
-            ctx.transforms =
-                crate::cli::load_plugins(&self.config, &self.config.plugins.export_transforms)
-                    .map_err(|e| e.to_string())?;
+            ctx.transforms = crate::cli::load_plugins_off_runtime(
+                &self.config,
+                self.config.plugins.export_transforms.clone(),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
             let yesterday = chrono::Utc::now().date_naive() - chrono::Days::new(1);
             let done = match kind {
                 ExportJobType::EventData | ExportJobType::DailyAnalytics => {

@@ -844,7 +844,11 @@ impl Transform for Shout {
     fn name(&self) -> &str {
         "shout"
     }
-    fn apply(&self, batch: Vec<Record>) -> Result<Vec<Record>, TransformError> {
+    fn apply(
+        &self,
+        batch: Vec<Record>,
+        _: &mut Vec<(Record, String)>,
+    ) -> Result<Vec<Record>, TransformError> {
         Ok(batch
             .into_iter()
             .filter(|d| {

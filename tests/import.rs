@@ -1719,3 +1719,148 @@ async fn a_path_matching_several_values_warns_unless_the_field_is_a_list() {
         &vec![bson::Bson::from("a"), bson::Bson::from("b")]
     );
 }
+
+/// Orders in offset pages of `limit`, each order with its own number of line items.
+async fn orders(Query(q): Query<Vec<(String, String)>>) -> Json<Value> {
+    let get = |k: &str| {
+        q.iter()
+            .find(|(key, _)| key == k)
+            .and_then(|(_, v)| v.parse::<usize>().ok())
+    };
+    let (offset, limit) = (get("offset").unwrap_or(0), get("limit").unwrap_or(2));
+    let lines_per_order = [3, 0, 1, 2, 1];
+    let orders: Vec<Value> = (offset..(offset + limit).min(lines_per_order.len()))
+        .map(|o| {
+            let lines: Vec<Value> = (0..lines_per_order[o])
+                .map(|l| json!({ "id": format!("o{o}-l{l}") }))
+                .collect();
+            json!({ "order": o, "lines": lines })
+        })
+        .collect();
+    Json(json!({ "orders": orders }))
+}
+
+#[tokio::test]
+async fn offset_paging_counts_the_apis_items_not_the_records_selected_from_them() {
+    let db = TestDb::initialized().await;
+    let addr = serve(Router::new().route("/orders", get(orders))).await;
+    let config = things_config(
+        "lines",
+        &format!("http://{addr}/orders"),
+        "type = \"offset\"\nsize = 2",
+    )
+    .replace("$.data[*]", "$.orders[*].lines[*]");
+    let name = apply(&db, &config).await;
+    let s = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    // Orders 0-1 hold 3 lines (a full page of 2 orders, not an offset of 3), orders 2-3
+    // hold 3, order 4 holds 1 (a short page: the last).
+    assert_eq!((s.fetched, s.pages), (7, 3));
+    assert_eq!(count(&db, "things").await, 7);
+}
+
+#[tokio::test]
+async fn a_query_api_key_never_shows_in_the_errors_a_run_records() {
+    let db = TestDb::initialized().await;
+    std::env::set_var("IMPORT_TEST_QUERY_KEY", "sk-live-do-not-leak");
+    let closed = free_port();
+    let text = format!(
+        r#"
+name = "leaky"
+type = "IMPORT"
+endpoint = "http://127.0.0.1:{closed}/items"
+allow_private_network = true
+[auth]
+type = "API_KEY"
+key = "${{env:IMPORT_TEST_QUERY_KEY}}"
+query = "api_key"
+[source]
+records = "$[*]"
+[source.retry]
+max_attempts = 1
+[target]
+collection = "things"
+key = "thingId"
+[mapping.thingId]
+path = "$.id"
+"#
+    );
+    let name = apply(&db, &text).await;
+    let err = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("network error"), "{err}");
+    assert!(!err.contains("sk-live"), "{err}");
+    let run = db
+        .store
+        .collection("import_runs")
+        .find_one(bson::doc! { "config": "leaky" })
+        .await
+        .unwrap()
+        .expect("the run is recorded");
+    assert!(!run.to_string().contains("sk-live"), "{run}");
+}
+
+#[tokio::test]
+async fn a_push_accepted_before_its_answer_broke_is_not_sent_again() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let db = TestDb::initialized().await;
+    db.store
+        .collection("pushonce")
+        .insert_many(vec![doc! { "k": 1 }, doc! { "k": 2 }])
+        .await
+        .unwrap();
+    // A receiver that accepts with `200`, then breaks off its answer's body.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let requests = Arc::new(Mutex::new(Vec::<String>::new()));
+    let seen = requests.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut text = String::new();
+            while !text.contains("\r\n\r\n[") && !text.contains("\r\n\r\n{") {
+                let n = conn.read(&mut buf).await.unwrap_or(0);
+                if n == 0 {
+                    break;
+                }
+                text.push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+            seen.lock().unwrap().push(text);
+            let _ = conn
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789")
+                .await;
+            drop(conn);
+        }
+    });
+    let text = format!(
+        r#"
+name = "once"
+type = "EXPORT"
+endpoint = "http://{addr}/inbox"
+method = "POST"
+allow_private_network = true
+[push]
+collection = "pushonce"
+"#
+    );
+    let name = apply(&db, &text).await;
+    let s = run_push(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(s.sent, 2);
+    let requests = requests.lock().unwrap().clone();
+    assert_eq!(requests.len(), 1, "{requests:?}");
+    let key = requests[0]
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("idempotency-key: ")
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| panic!("{}", requests[0]));
+    assert_eq!(key.trim().len(), 64, "{key}");
+}

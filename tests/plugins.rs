@@ -239,12 +239,13 @@ fn failure_policies_fail_skip_or_dead_letter() {
     };
 
     let err = load(FailurePolicy::FailRun)
-        .apply(records.clone())
+        .apply(records.clone(), &mut Vec::new())
         .unwrap_err();
     assert_eq!(err.to_string(), "transform `currency-normalize` failed: plugin `currency-normalize` failed record 1: no rate for `JPY`");
 
     let dl = load(FailurePolicy::DeadLetter);
-    let out = dl.apply(records.clone()).unwrap();
+    let mut letters = Vec::new();
+    let out = dl.apply(records.clone(), &mut letters).unwrap();
     assert_eq!(out.len(), 1);
     assert_eq!(
         out[0]
@@ -254,13 +255,23 @@ fn failure_policies_fail_skip_or_dead_letter() {
             .unwrap(),
         5.0
     );
-    let letters = dl.take_dead_letters();
     assert_eq!(letters.len(), 1);
     assert_eq!(letters[0].1, "no rate for `JPY`");
 
     let skip = load(FailurePolicy::SkipBatch);
-    assert!(skip.apply(records).unwrap().is_empty());
+    assert!(skip.apply(records, &mut letters).unwrap().is_empty());
+    assert_eq!(letters.len(), 1, "skipped records are no dead letters");
     assert_eq!(skip.skipped_batches(), 1);
+    // The records dropped with the batch are counted where an operator looks.
+    let metrics = sluice_core::metrics::render();
+    let line = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("sluice_plugin_skipped_records_total") && l.contains("currency-normalize")
+        })
+        .unwrap_or_else(|| panic!("{metrics}"));
+    let n: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(n >= 2.0, "{line}");
 }
 
 #[tokio::test]
@@ -507,7 +518,7 @@ fn records_a_plugin_leaves_alone_come_back_exactly_as_they_were() {
         )
         .unwrap();
     let out = noop
-        .apply(vec![original.clone(), original.clone()])
+        .apply(vec![original.clone(), original.clone()], &mut Vec::new())
         .unwrap();
     assert_eq!(out, vec![original.clone(), original.clone()]);
 
@@ -523,7 +534,7 @@ fn records_a_plugin_leaves_alone_come_back_exactly_as_they_were() {
         .unwrap();
     let mut with_email = original.clone();
     with_email.insert("email", "eve@example.com");
-    let out = redact.apply(vec![with_email]).unwrap();
+    let out = redact.apply(vec![with_email], &mut Vec::new()).unwrap();
     assert_ne!(out[0].get_str("email").unwrap(), "eve@example.com");
     assert_eq!(out[0].get("small"), Some(&bson::Bson::Int64(5)));
     assert_eq!(out[0].get("i32"), Some(&bson::Bson::Int32(7)));
@@ -587,6 +598,22 @@ async fn dead_lettered_events_are_stored_with_their_reason_not_lost() {
             .unwrap(),
         "yen"
     );
+    // A resend of the batch is answered the same way and keeps the letter once.
+    let resp = reqwest::Client::new()
+        .post(format!("http://{}/v1/events/batch", server.addr))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let answer: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(answer["results"][1]["status"], "dropped", "{answer}");
+    let kept = db
+        .store
+        .collection("dead_letters")
+        .count_documents(doc! {})
+        .await
+        .unwrap();
+    assert_eq!(kept, 1);
     server.shutdown().await;
 }
 
@@ -794,7 +821,7 @@ fn a_batch_too_big_for_the_cap_is_split_and_a_trap_under_dead_letter_is_narrowed
         "the whole batch is over the cap"
     );
     assert_eq!(
-        noop.apply(big.clone()).unwrap(),
+        noop.apply(big.clone(), &mut Vec::new()).unwrap(),
         big,
         "split, in order, all kept"
     );
@@ -812,14 +839,58 @@ fn a_batch_too_big_for_the_cap_is_split_and_a_trap_under_dead_letter_is_narrowed
     let records: Vec<Document> = (0..8)
         .map(|i| doc! { "eventId": format!("r{i}"), "kind": if i == 5 { "bad" } else { "good" } })
         .collect();
-    let out = picky.apply(records.clone()).unwrap();
+    let mut letters = Vec::new();
+    let out = picky.apply(records.clone(), &mut letters).unwrap();
     let mut expected = records.clone();
     expected.remove(5);
     assert_eq!(out, expected, "only the record that traps is held back");
-    let letters = picky.take_dead_letters();
     assert_eq!(letters.len(), 1);
     assert_eq!(letters[0].0.get_str("eventId").unwrap(), "r5");
     assert!(letters[0].1.contains("trapped"), "{}", letters[0].1);
+
+    // Calls running at once (tracking requests share their transforms) each get their
+    // own letters, never another call's.
+    std::thread::scope(|s| {
+        for t in 0..6 {
+            let picky = &picky;
+            s.spawn(move || {
+                let records: Vec<Document> = (0..4)
+                    .map(|i| doc! { "eventId": format!("t{t}-{i}"), "kind": if i == t % 4 { "bad" } else { "good" } })
+                    .collect();
+                let mut letters = Vec::new();
+                let out = picky.apply(records, &mut letters).unwrap();
+                assert_eq!(out.len(), 3);
+                let ids: Vec<&str> = letters.iter().map(|(d, _)| d.get_str("eventId").unwrap()).collect();
+                assert_eq!(ids, vec![format!("t{t}-{}", t % 4)]);
+            });
+        }
+    });
+
+    // Narrowing a batch that fails everywhere stops once it has spent its budget (three
+    // deadlines): the parts still failing are dead-lettered whole, not one call per record.
+    let panicky = host
+        .load(
+            &dir,
+            "hostile",
+            json!({ "mode": "panic" }),
+            &Grants::default(),
+            tight(),
+        )
+        .unwrap()
+        .with_policy(FailurePolicy::DeadLetter);
+    let records: Vec<Document> = (0..8192)
+        .map(|i| doc! { "eventId": format!("p{i}") })
+        .collect();
+    let mut letters = Vec::new();
+    let out = panicky.apply(records, &mut letters).unwrap();
+    assert!(out.is_empty());
+    assert_eq!(letters.len(), 8192, "every record is kept, none lost");
+    // Unbounded, this is 16,383 calls, each on a fresh instance, and every letter alone.
+    let together = letters
+        .iter()
+        .filter(|(_, reason)| reason.contains("records kept together"))
+        .count();
+    assert!(together > 4096, "{together} of 8192 dead-lettered in parts");
 }
 
 #[tokio::test]

@@ -74,6 +74,11 @@ pub struct Page {
     /// records selector looks (a wrong `source.records`, or an error body), as opposed to
     /// an empty list.
     pub records_missing: Option<String>,
+    /// How many items the API paged: the length of the list the selector walks first
+    /// (`$.orders` for `$.orders[*].lines[*]` or `$.data[?(@.active)]`), which is what
+    /// offsets, short pages and empty pages are about, whatever the selector picks out of
+    /// them.
+    items: usize,
 }
 
 impl Page {
@@ -99,6 +104,21 @@ impl Page {
 
 fn at_chain<'a>(body: &'a Value, chain: &[String]) -> Option<&'a Value> {
     chain.iter().try_fold(body, |v, k| v.as_object()?.get(k))
+}
+
+/// The length of the list a records selector walks first: the members before its first
+/// `[*]` or `[?`, when they are plain members and lead to a list.
+fn paged_list(body: &Value, selector: &str) -> Option<usize> {
+    let selector = selector.trim();
+    let at = [selector.find("[*]"), selector.find("[?")]
+        .into_iter()
+        .flatten()
+        .min()?;
+    let chain = sluice_core::integration::member_chain(&selector[..at])?;
+    match at_chain(body, &chain)? {
+        Value::Array(items) => Some(items.len()),
+        _ => None,
+    }
 }
 
 /// Where pagination stands; serializable so an interrupted import can resume from it.
@@ -432,7 +452,15 @@ impl HttpClient {
                 self.connector.timeout.as_secs()
             )
         } else {
-            format!("{other}: {e}")
+            // reqwest names the URL, query included, and an API key may be a query
+            // parameter: the URL is shown without its query.
+            let mut text = e.to_string();
+            if let Some(url) = e.url() {
+                let mut bare = url.clone();
+                bare.set_query(None);
+                text = text.replace(url.as_str(), bare.as_str());
+            }
+            format!("{other}: {text}")
         }
     }
 
@@ -504,6 +532,12 @@ impl HttpClient {
             }
             if let Some(b) = body {
                 req = req.json(b);
+                if !json_answer {
+                    // A pushed batch whose answer was lost (a timeout) is sent again: the
+                    // same batch always carries the same key, so a receiver can drop the
+                    // repeat.
+                    req = req.header("Idempotency-Key", idempotency_key(b));
+                }
             }
             self.bump(|s| s.requests += 1);
             let resp = match req.send().await {
@@ -541,6 +575,11 @@ impl HttpClient {
                 force_token = true;
                 last = "401 Unauthorized".into();
                 continue;
+            }
+            if status.is_success() && !json_answer {
+                // Accepted: the receiver's body is not needed, and failing to read it must
+                // not send the batch again.
+                return Ok((Value::Null, headers, 0));
             }
             let text = match resp.text().await {
                 Ok(t) => t,
@@ -661,6 +700,13 @@ impl HttpClient {
             Some(chain) => Records::InBody(chain),
             None => Records::Copied(select_records(&body, selector).map_err(HttpError::Selector)?),
         };
+        let items = paged_list(&body, selector).unwrap_or_else(|| match &records {
+            Records::Copied(r) => r.len(),
+            Records::InBody(chain) => match at_chain(&body, chain) {
+                Some(Value::Array(a)) => a.len(),
+                _ => 0,
+            },
+        });
         let mut page = Page {
             url: url.clone(),
             body,
@@ -668,6 +714,7 @@ impl HttpClient {
             records,
             digest,
             records_missing: None,
+            items,
         };
         if page.records().is_empty() {
             page.records_missing = records_miss(&page.body, selector);
@@ -690,7 +737,10 @@ impl HttpClient {
         };
         let c = &self.connector;
         let n = n + 1;
-        let got = page.records().len() as u64;
+        // The API's items, not the records selected from them: a page of 100 orders
+        // holding 250 line items moves an offset by 100, and a page whose items a filter
+        // selector left out entirely is not the last.
+        let got = page.items as u64;
         if got == 0 {
             return PageState::Done;
         }
@@ -848,6 +898,13 @@ fn next_link(headers: &HeaderMap) -> Option<String> {
         }
     }
     None
+}
+
+/// A pushed body's `Idempotency-Key`: the SHA-256 of its JSON, in hex.
+fn idempotency_key(body: &Value) -> String {
+    use sha2::Digest;
+    let hash = sha2::Sha256::digest(body.to_string().as_bytes());
+    hash.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn digest(text: &str) -> u64 {

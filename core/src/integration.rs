@@ -510,6 +510,21 @@ pub fn validate(
     let endpoint = url_lite::parse(&file.endpoint).map_err(|e| invalid("endpoint", e))?;
     let method =
         HttpMethod::parse(&file.method.to_ascii_uppercase()).map_err(|e| invalid("method", e))?;
+    match (kind, method) {
+        (IntegrationType::Import, HttpMethod::Post | HttpMethod::Put) => {
+            return Err(invalid(
+                "method",
+                "`GET` for an IMPORT (its pages are fetched with GET; APIs read with a request body are not supported)".into(),
+            ))
+        }
+        (IntegrationType::Export, HttpMethod::Get) => {
+            return Err(invalid(
+                "method",
+                "`POST` or `PUT` for an EXPORT (it sends its records as a request body)".into(),
+            ))
+        }
+        _ => {}
+    }
     if let Some(cron) = &file.schedule {
         crate::cron::parse(cron).map_err(|e| invalid("schedule", e))?;
     }
@@ -549,8 +564,13 @@ pub fn validate(
                     "either `auth.header` or `auth.query`, not both".into(),
                 ));
             }
+            let key = secret("auth.key", &a.key)?;
+            if a.query.is_none() {
+                let name = a.header.as_deref().unwrap_or("X-API-Key");
+                header_ok("auth.header", name, key.expose()).map_err(|e| invalid("auth", e))?;
+            }
             Auth::ApiKey {
-                key: secret("auth.key", &a.key)?,
+                key,
                 header: a.header.clone(),
                 query: a.query.clone(),
             }
@@ -805,10 +825,10 @@ pub fn validate(
         ));
     }
     let rate = file.source.rate_limit_per_second;
-    if !(rate.is_finite() && rate >= 0.0) {
+    if !(rate.is_finite() && (rate == 0.0 || rate >= MIN_RATE_PER_SECOND)) {
         return Err(invalid(
             "source.rate_limit_per_second",
-            format!("0 (no limit) or a positive number, got {rate}"),
+            format!("0 (no limit) or at least {MIN_RATE_PER_SECOND} (a request per 1,000 s), got {rate}"),
         ));
     }
     // Header values may be `${env:NAME}` references, resolved like auth secrets; a header
@@ -823,7 +843,9 @@ pub fn validate(
                 "a `${env:NAME}` reference (this header carries a credential, and secrets are never stored in clear)".into(),
             ));
         }
-        headers.push((k.clone(), resolve(&field, &value)?.expose().to_string()));
+        let resolved = resolve(&field, &value)?;
+        header_ok(&field, k, resolved.expose()).map_err(|e| invalid(&field, e))?;
+        headers.push((k.clone(), resolved.expose().to_string()));
     }
     Ok(Connector {
         name: file.name.clone(),
@@ -1115,11 +1137,14 @@ fn find(f: &Field, record: &Value) -> (Option<Value>, usize) {
                 .cloned();
             match found {
                 // A member chain names one value; as a list, a list found there is the
-                // list itself.
+                // list itself (without its nulls: a list with nothing in it is no list).
                 Some(Value::Array(items)) if f.list => {
+                    let items: Vec<Value> = items.into_iter().filter(|v| !v.is_null()).collect();
                     let n = items.len();
-                    (Some(Value::Array(items)), n)
+                    ((!items.is_empty()).then_some(Value::Array(items)), n)
                 }
+                // `null` where a list is expected is no list (as APIs send an empty one).
+                Some(Value::Null) if f.list => (None, 0),
                 Some(v) if f.list => (Some(Value::Array(vec![v])), 1),
                 Some(v) => (Some(v), 1),
                 None => (None, 0),
@@ -1129,7 +1154,12 @@ fn find(f: &Field, record: &Value) -> (Option<Value>, usize) {
             let found = jsonpath_rust::query::js_path_process(&f.query, record).unwrap_or_default();
             let n = found.len();
             if f.list {
-                let items: Vec<Value> = found.into_iter().map(|r| r.val().clone()).collect();
+                // The values found, without nulls (an item without the member).
+                let items: Vec<Value> = found
+                    .into_iter()
+                    .map(|r| r.val().clone())
+                    .filter(|v| !v.is_null())
+                    .collect();
                 ((!items.is_empty()).then_some(Value::Array(items)), n)
             } else {
                 (found.into_iter().next().map(|r| r.val().clone()), n)
@@ -1155,6 +1185,32 @@ impl std::fmt::Display for SeveralMatches {
             self.target, self.path
         )
     }
+}
+
+/// The slowest `source.rate_limit_per_second` (slower would overflow the pause).
+const MIN_RATE_PER_SECOND: f64 = 0.001;
+
+/// Whether `name: value` can be sent as an HTTP header: a token name (RFC 9110) and a
+/// value of visible ASCII, spaces and tabs. Checked at validation, so a typo (or a secret
+/// read with its trailing newline) fails there, naming the field, not at every request.
+/// The value is never shown: it may be a secret.
+fn header_ok(field: &str, name: &str, value: &str) -> Result<(), String> {
+    let tchar = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+    if name.is_empty() || !name.chars().all(tchar) {
+        return Err(format!(
+            "a header name of letters, digits and !#$%&'*+-.^_`|~ (no spaces), got `{name}`"
+        ));
+    }
+    if let Some(bad) = value
+        .chars()
+        .find(|c| !(*c == '\t' || (' '..='~').contains(c)))
+    {
+        return Err(format!(
+            "`{field}`: a header value of visible ASCII, spaces and tabs; it holds {:?} (a secret read with its trailing newline?)",
+            bad
+        ));
+    }
+    Ok(())
 }
 
 /// Maps one source record to a target document, or says why it cannot.
@@ -1289,6 +1345,56 @@ type = "bool"
             .unwrap_err()
             .to_string();
         assert!(err.contains("NOT_SET"), "{err}");
+        // Names and values that cannot be sent are refused here, not at every request;
+        // a bad secret is described, never shown.
+        let err = with(r#"{ "X Api Key" = "1" }"#).unwrap_err().to_string();
+        assert!(err.contains("headers.X Api Key"), "{err}");
+        let bad_secret = |k: &str| match k {
+            "NL" => Some("tok\n".to_string()),
+            _ => env(k),
+        };
+        let text = FILE.replacen(
+            "endpoint = \"https://api.shop.example/products\"",
+            "endpoint = \"https://api.shop.example/products\"\nheaders = { X-Token = \"${env:NL}\" }",
+            1,
+        );
+        let err = validate(
+            "shop.toml",
+            &parse_file("shop.toml", &text).unwrap(),
+            &bad_secret,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("trailing newline") && !err.contains("tok"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn methods_and_rates_that_would_be_ignored_or_overflow_are_refused() {
+        let check = |from: &str, to: &str| {
+            let text = FILE.replacen(from, to, 1);
+            validate("f", &parse_file("f", &text).unwrap(), &env).map(|_| ())
+        };
+        let endpoint = "endpoint = \"https://api.shop.example/products\"";
+        let err = check(endpoint, &format!("{endpoint}\nmethod = \"POST\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`method`") && err.contains("GET"), "{err}");
+        let err = check("[source]", "[source]\nrate_limit_per_second = 1e-20")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("rate_limit_per_second"), "{err}");
+        assert!(check("[source]", "[source]\nrate_limit_per_second = 0.5").is_ok());
+        // An EXPORT sends a body: GET (the default) is refused, POST is fine.
+        let push = "name = \"p\"\ntype = \"EXPORT\"\nendpoint = \"https://x.example/in\"\n[push]\ncollection = \"users\"\n";
+        let err = validate("p", &parse_file("p", push).unwrap(), &env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`method`") && err.contains("POST"), "{err}");
+        let push = push.replace("[push]", "method = \"POST\"\n[push]");
+        assert!(validate("p", &parse_file("p", &push).unwrap(), &env).is_ok());
     }
 
     #[test]
@@ -1445,6 +1551,14 @@ type = "bool"
             !doc.contains_key("skus") && !doc.contains_key("tags"),
             "{doc}"
         );
+        // Nor is `null` where the list would be; nulls inside a list are left out.
+        let record = json!({ "id": 3, "tags": null, "counts": [null, 4], "items": [{ "sku": null }, { "sku": "b" }] });
+        let doc = map_record(&c.fields, &record).unwrap();
+        assert!(!doc.contains_key("tags"), "{doc}");
+        assert_eq!(doc.get_array("skus").unwrap(), &strings(&["b"]));
+        assert_eq!(doc.get_array("counts").unwrap(), &vec![Bson::Int64(4)]);
+        let doc = map_record(&c.fields, &json!({ "id": 4, "tags": [null] })).unwrap();
+        assert!(!doc.contains_key("tags"), "{doc}");
     }
 
     #[test]

@@ -25,14 +25,16 @@ pub trait Transform: Send + Sync {
     /// The name used in errors, logs and metrics.
     fn name(&self) -> &str;
 
-    /// Transforms one batch; see the module docs for the contract.
-    fn apply(&self, batch: Vec<Record>) -> Result<Vec<Record>, TransformError>;
-
-    /// Takes the records this transform failed under a dead-letter policy since the last
-    /// call, each with its reason. The pipeline stores them.
-    fn take_dead_letters(&self) -> Vec<(Record, String)> {
-        Vec::new()
-    }
+    /// Transforms one batch; see the module docs for the contract. Records the transform
+    /// fails under a dead-letter policy go to `letters`, each with its reason: they belong
+    /// to this call, so calls running at once (requests of the tracking endpoint sharing a
+    /// transform) never take each other's. When the call fails, what it put in `letters`
+    /// is discarded by the caller (the batch will be retried or the run fails).
+    fn apply(
+        &self,
+        batch: Vec<Record>,
+        letters: &mut Vec<(Record, String)>,
+    ) -> Result<Vec<Record>, TransformError>;
 }
 
 /// A record a transform failed, kept instead of stored.
@@ -43,34 +45,37 @@ pub struct DeadLetter {
     pub record: Record,
 }
 
-/// Takes the dead letters of every transform in `chain`.
-pub fn take_dead_letters(chain: &[std::sync::Arc<dyn Transform>]) -> Vec<DeadLetter> {
-    chain
-        .iter()
-        .flat_map(|t| {
-            t.take_dead_letters()
-                .into_iter()
-                .map(|(record, reason)| DeadLetter {
-                    transform: t.name().to_string(),
-                    reason,
-                    record,
-                })
-        })
-        .collect()
+/// What a chain made of a batch.
+#[derive(Debug, Default)]
+pub struct Applied {
+    pub records: Vec<Record>,
+    /// The records a transform failed under the dead-letter policy; the pipeline stores
+    /// them.
+    pub dead_letters: Vec<DeadLetter>,
 }
 
 /// Runs `batch` through each transform in order.
 pub fn apply_chain(
     chain: &[std::sync::Arc<dyn Transform>],
     mut batch: Vec<Record>,
-) -> Result<Vec<Record>, TransformError> {
+) -> Result<Applied, TransformError> {
+    let mut dead_letters = Vec::new();
     for t in chain {
         if batch.is_empty() {
             break;
         }
-        batch = t.apply(batch)?;
+        let mut letters = Vec::new();
+        batch = t.apply(batch, &mut letters)?;
+        dead_letters.extend(letters.into_iter().map(|(record, reason)| DeadLetter {
+            transform: t.name().to_string(),
+            reason,
+            record,
+        }));
     }
-    Ok(batch)
+    Ok(Applied {
+        records: batch,
+        dead_letters,
+    })
 }
 
 /// What [`apply_chain_isolating`] made of a batch.
@@ -80,6 +85,8 @@ pub struct Isolated {
     pub records: Vec<Record>,
     /// Each record the chain fails on its own: its index in the input, and the error.
     pub failed: Vec<(usize, TransformError)>,
+    /// The records a transform failed under the dead-letter policy.
+    pub dead_letters: Vec<DeadLetter>,
 }
 
 /// Runs `batch` through the chain and, when the chain fails because of its input, finds
@@ -89,12 +96,18 @@ pub struct Isolated {
 ///
 /// For a pipeline with no run to fail (the tracking endpoint): one bad record must not
 /// hold back the good ones, nor be retried forever by a client told to resend.
+///
+/// The narrowing stops once it has spent `budget` (each part costs a call, and a plugin
+/// that fails slowly could otherwise cost a deadline per record): the records of the
+/// parts still failing then fail together, with the error their part got.
 pub fn apply_chain_isolating(
     chain: &[std::sync::Arc<dyn Transform>],
     batch: Vec<Record>,
+    budget: std::time::Duration,
 ) -> Result<Isolated, TransformError> {
     let mut out = Isolated::default();
-    isolate(chain, batch, 0, &mut out)?;
+    let until = std::time::Instant::now() + budget;
+    isolate(chain, batch, 0, until, &mut out)?;
     out.failed.sort_by_key(|(index, _)| *index);
     Ok(out)
 }
@@ -103,21 +116,28 @@ fn isolate(
     chain: &[std::sync::Arc<dyn Transform>],
     batch: Vec<Record>,
     offset: usize,
+    until: std::time::Instant,
     out: &mut Isolated,
 ) -> Result<(), TransformError> {
     // A copy is kept only when there is something to split.
     let retry = (batch.len() > 1).then(|| batch.clone());
+    let len = batch.len();
     match apply_chain(chain, batch) {
-        Ok(records) => out.records.extend(records),
+        Ok(applied) => {
+            out.records.extend(applied.records);
+            out.dead_letters.extend(applied.dead_letters);
+        }
         Err(e) if !e.caused_by_input => return Err(e),
         Err(e) => match retry {
-            None => out.failed.push((offset, e)),
-            Some(mut second) => {
+            Some(mut second) if std::time::Instant::now() < until => {
                 let first: Vec<Record> = second.drain(..second.len() / 2).collect();
                 let split = first.len();
-                isolate(chain, first, offset, out)?;
-                isolate(chain, second, offset + split, out)?;
+                isolate(chain, first, offset, until, out)?;
+                isolate(chain, second, offset + split, until, out)?;
             }
+            _ => out
+                .failed
+                .extend((offset..offset + len).map(|i| (i, e.clone()))),
         },
     }
     Ok(())
@@ -133,7 +153,11 @@ mod tests {
         fn name(&self) -> &str {
             "drop-odd"
         }
-        fn apply(&self, batch: Vec<Record>) -> Result<Vec<Record>, TransformError> {
+        fn apply(
+            &self,
+            batch: Vec<Record>,
+            _: &mut Vec<(Record, String)>,
+        ) -> Result<Vec<Record>, TransformError> {
             Ok(batch
                 .into_iter()
                 .filter(|d| d.get_i32("n").map(|n| n % 2 == 0).unwrap_or(true))
@@ -146,7 +170,11 @@ mod tests {
         fn name(&self) -> &str {
             "fail"
         }
-        fn apply(&self, _: Vec<Record>) -> Result<Vec<Record>, TransformError> {
+        fn apply(
+            &self,
+            _: Vec<Record>,
+            _: &mut Vec<(Record, String)>,
+        ) -> Result<Vec<Record>, TransformError> {
             Err(TransformError {
                 name: "fail".into(),
                 reason: "always".into(),
@@ -161,7 +189,11 @@ mod tests {
         fn name(&self) -> &str {
             "reject-bad"
         }
-        fn apply(&self, batch: Vec<Record>) -> Result<Vec<Record>, TransformError> {
+        fn apply(
+            &self,
+            batch: Vec<Record>,
+            _: &mut Vec<(Record, String)>,
+        ) -> Result<Vec<Record>, TransformError> {
             match batch
                 .iter()
                 .position(|d| d.get_bool("bad").unwrap_or(false))
@@ -180,7 +212,7 @@ mod tests {
     fn chain_applies_in_order_and_stops_at_an_error() {
         let batch: Vec<Record> = (0..4).map(|n| bson::doc! { "n": n }).collect();
         let chain: Vec<Arc<dyn Transform>> = vec![Arc::new(DropOdd)];
-        assert_eq!(apply_chain(&chain, batch.clone()).unwrap().len(), 2);
+        assert_eq!(apply_chain(&chain, batch.clone()).unwrap().records.len(), 2);
         let chain: Vec<Arc<dyn Transform>> = vec![Arc::new(DropOdd), Arc::new(Fail)];
         let err = apply_chain(&chain, batch).unwrap_err();
         assert_eq!(err.to_string(), "transform `fail` failed: always");
@@ -193,7 +225,8 @@ mod tests {
             .map(|n| bson::doc! { "n": n as i32, "bad": bad.contains(&n) })
             .collect();
         let chain: Vec<Arc<dyn Transform>> = vec![Arc::new(DropOdd), Arc::new(RejectBad)];
-        let out = apply_chain_isolating(&chain, batch.clone()).unwrap();
+        let budget = std::time::Duration::from_secs(60);
+        let out = apply_chain_isolating(&chain, batch.clone(), budget).unwrap();
         let failed: Vec<usize> = out.failed.iter().map(|(i, _)| *i).collect();
         // 3 and 9 are odd: DropOdd removes them before RejectBad sees them.
         assert_eq!(failed, vec![4]);
@@ -207,7 +240,14 @@ mod tests {
 
         // A failure that is not the input's is not narrowed down.
         let chain: Vec<Arc<dyn Transform>> = vec![Arc::new(Fail)];
-        let err = apply_chain_isolating(&chain, batch).unwrap_err();
+        let err = apply_chain_isolating(&chain, batch.clone(), budget).unwrap_err();
         assert!(!err.caused_by_input);
+
+        // With its budget spent, the narrowing stops: the failing part fails whole.
+        let chain: Vec<Arc<dyn Transform>> = vec![Arc::new(RejectBad)];
+        let out = apply_chain_isolating(&chain, batch, std::time::Duration::ZERO).unwrap();
+        assert!(out.records.is_empty());
+        let failed: Vec<usize> = out.failed.iter().map(|(i, _)| *i).collect();
+        assert_eq!(failed, (0..10).collect::<Vec<_>>());
     }
 }

@@ -36,7 +36,7 @@ use sluice_core::model::{
     collections as c, common, event_fields as e, event_id_fields as l, export_job_fields as x,
     user_fields as u, EventType, ExportJobType,
 };
-use sluice_core::transform::{apply_chain, Transform, TransformError};
+use sluice_core::transform::{apply_chain, DeadLetter, Transform, TransformError};
 use tokio::sync::mpsc;
 
 use crate::history;
@@ -1137,29 +1137,33 @@ async fn stage(
         let progress = ctx.progress.clone();
         let work = work.clone();
         let partition = prefix.clone();
-        tokio::task::spawn_blocking(move || -> Result<(), ExportError> {
+        tokio::task::spawn_blocking(move || -> Result<Vec<DeadLetter>, ExportError> {
             let enc = |message: String| ExportError::Encode {
                 partition: partition.clone(),
                 message,
             };
             let mut writer =
                 PartWriter::new(sluice_connectors::parquet::schema_of(table), &work, options);
+            let mut dead_letters = Vec::new();
             while let Some(batch) = batch_rx.blocking_recv() {
-                let records = apply_chain(&transforms, batch)?;
+                let applied = apply_chain(&transforms, batch)?;
+                dead_letters.extend(applied.dead_letters);
+                let records = applied.records;
                 let encoded = encode(table, &records).map_err(|e| enc(e.to_string()))?;
                 progress
                     .rows_written
                     .fetch_add(records.len() as u64, Relaxed);
                 if let Some(part) = writer.write(&encoded).map_err(|e| enc(e.to_string()))? {
                     if part_tx.blocking_send(part).is_err() {
-                        return Ok(()); // the uploader failed; its error is reported
+                        // the uploader failed; its error is reported
+                        return Ok(dead_letters);
                     }
                 }
             }
             if let Some(part) = writer.finish().map_err(|e| enc(e.to_string()))? {
                 let _ = part_tx.blocking_send(part);
             }
-            Ok(())
+            Ok(dead_letters)
         })
     };
 
@@ -1231,21 +1235,20 @@ async fn stage(
         partition: prefix.clone(),
         message: e.to_string(),
     })?;
-    // Once the encoder is done, every batch of this partition went through the chain.
-    if !archiving {
-        ctx.store
-            .keep_dead_letters(
-                &ctx.transforms,
-                &format!("export:{}", kind.as_str()),
-                Some(job_id),
-            )
-            .await?;
-    }
     let _ = tokio::fs::remove_dir_all(&work).await;
     // Report the first failure in pipeline order: reading, encoding, uploading.
     let rows_read = read?;
-    encoded?;
+    let dead_letters = encoded?;
     let parts = uploaded?;
+    // Every batch of this partition went through the chain and was staged. (A rerun of
+    // the window keeps the same letters once: their ids come from their content.)
+    ctx.store
+        .keep_dead_letters(
+            dead_letters,
+            &format!("export:{}", kind.as_str()),
+            Some(job_id),
+        )
+        .await?;
     Ok(Staged {
         prefix,
         table,

@@ -23,7 +23,7 @@ use sluice_core::model::{
     EventMetadata, IntegrationType,
 };
 use sluice_core::tracking::{parse_event, RequestContext};
-use sluice_core::transform::{apply_chain, Transform, TransformError};
+use sluice_core::transform::{apply_chain, Applied, Transform, TransformError};
 use sluice_core::ConfigError;
 
 use crate::configs;
@@ -609,11 +609,12 @@ async fn write_page(
             ),
         );
     }
-    let mapped = apply_chain(chain, mapped)?;
+    let applied = apply_off_runtime(chain, mapped).await?;
+    let mapped = applied.records;
     if !options.dry_run {
         summary.dead_letters += store
             .keep_dead_letters(
-                chain,
+                applied.dead_letters,
                 &format!("import:{}", connector.name),
                 Some(&summary.run_id),
             )
@@ -1265,9 +1266,10 @@ pub async fn run_push(
             let last = batch.last()?;
             Some((last.get(w)?.clone(), last.get(common::ID)?.clone()))
         });
-        let docs = apply_chain(&chain, std::mem::take(&mut batch))?;
+        let applied = apply_off_runtime(&chain, std::mem::take(&mut batch)).await?;
+        let docs = applied.records;
         summary.dead_letters += store
-            .keep_dead_letters(&chain, &format!("push:{name}"), None)
+            .keep_dead_letters(applied.dead_letters, &format!("push:{name}"), None)
             .await?;
         let mut records = Vec::with_capacity(docs.len());
         for d in &docs {
@@ -1331,6 +1333,25 @@ pub async fn run_push(
         sluice_core::metrics::count("sluice_push_records_total", help, &l, n);
     }
     Ok(summary)
+}
+
+/// Runs `batch` through `chain` on a blocking thread: a plugin call may take up to its
+/// deadline (more while a failing batch is narrowed down), which would stall every task
+/// of an async worker thread, the tracking endpoint's included.
+async fn apply_off_runtime(
+    chain: &[Arc<dyn Transform>],
+    batch: Vec<Document>,
+) -> Result<Applied, TransformError> {
+    if chain.is_empty() {
+        return Ok(Applied {
+            records: batch,
+            dead_letters: Vec::new(),
+        });
+    }
+    let chain = chain.to_vec();
+    tokio::task::spawn_blocking(move || apply_chain(&chain, batch))
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
 }
 
 #[cfg(test)]

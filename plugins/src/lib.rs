@@ -54,6 +54,14 @@ const PIPE_BYTES: usize = 4 * 1024 * 1024;
 
 /// Host memory charged per table element.
 const TABLE_ELEMENT_BYTES: usize = 16;
+/// How many batch deadlines narrowing a failing batch down may spend, in all.
+const SPLIT_BUDGET_DEADLINES: u32 = 3;
+/// Host resources (streams, pollables) one instance may hold at once: WASI needs a
+/// handful; a plugin that leaks them fails its call instead of growing host memory.
+const MAX_HOST_RESOURCES: usize = 1_000;
+/// The most random bytes one `get-random-bytes` call may ask for (the host allocates
+/// them outside the plugin's memory cap).
+const MAX_RANDOM_BYTES: u64 = 1024 * 1024;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum PluginError {
@@ -499,7 +507,6 @@ impl PluginHost {
             pool: Mutex::new(Pool::default()),
             freed: Condvar::new(),
             max_instances: grants.instances.max(1),
-            dead_letters: Mutex::new(Vec::new()),
             policy: FailurePolicy::FailRun,
             skipped_batches: Mutex::new(0),
         };
@@ -567,8 +574,6 @@ pub struct WasmTransform {
     freed: Condvar,
     /// The most instances at once ([`Grants::instances`]).
     max_instances: usize,
-    /// Records failed under [`FailurePolicy::DeadLetter`], with their reason.
-    dead_letters: Mutex<Vec<(Record, String)>>,
     policy: FailurePolicy,
     skipped_batches: Mutex<u64>,
 }
@@ -597,11 +602,6 @@ impl WasmTransform {
         &self.limits
     }
 
-    /// Takes the dead letters collected so far.
-    pub fn take_dead_letters(&self) -> Vec<(Record, String)> {
-        std::mem::take(&mut *self.dead_letters.lock().unwrap_or_else(|p| p.into_inner()))
-    }
-
     pub fn skipped_batches(&self) -> u64 {
         *self
             .skipped_batches
@@ -618,13 +618,18 @@ impl WasmTransform {
             .allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false)
-            .socket_addr_check(|_, _| Box::pin(async { false }));
+            .socket_addr_check(|_, _| Box::pin(async { false }))
+            .max_random_size(MAX_RANDOM_BYTES);
         if !self.clocks {
             wasi.wall_clock(Frozen).monotonic_clock(Frozen);
         }
         let state = HostState {
             wasi: wasi.build(),
-            table: ResourceTable::new(),
+            table: {
+                let mut table = ResourceTable::new();
+                table.set_max_capacity(MAX_HOST_RESOURCES);
+                table
+            },
             limits: MemoryCap {
                 max_bytes: self.memory_cap_bytes(),
                 used: 0,
@@ -1076,15 +1081,18 @@ impl Transform for WasmTransform {
         &self.name
     }
 
-    fn take_dead_letters(&self) -> Vec<(Record, String)> {
-        WasmTransform::take_dead_letters(self)
-    }
-
-    fn apply(&self, batch: Vec<Record>) -> Result<Vec<Record>, TransformError> {
+    fn apply(
+        &self,
+        batch: Vec<Record>,
+        letters: &mut Vec<(Record, String)>,
+    ) -> Result<Vec<Record>, TransformError> {
         use sluice_core::metrics::{count, observe_seconds};
         let started = Instant::now();
         let records_in = batch.len() as u64;
-        let result = self.apply_with_policy(batch);
+        // Narrowing a failing batch down costs a call per part: it stops once it has
+        // spent a few deadlines, however slowly the plugin fails.
+        let until = started + SPLIT_BUDGET_DEADLINES * self.deadline();
+        let result = self.apply_with_policy(batch, letters, until);
         let plugin = [("plugin", self.name.as_str())];
         let help = "Records through plugins, by plugin and direction (in, out).";
         count(
@@ -1118,16 +1126,43 @@ impl Transform for WasmTransform {
 }
 
 impl WasmTransform {
-    fn count_skipped_batch(&self) {
+    /// Whether a failing batch may be split to narrow the failure down: a batch too big
+    /// for the memory cap always; a trap under dead-letter, so only the records that make
+    /// the plugin trap become dead letters, not their whole batch.
+    fn splittable(e: &PluginError, policy: FailurePolicy, batch: &[Record]) -> bool {
+        batch.len() > 1
+            && (matches!(e, PluginError::Memory { .. })
+                || (policy == FailurePolicy::DeadLetter && matches!(e, PluginError::Trap { .. })))
+    }
+
+    fn deadline(&self) -> Duration {
+        Duration::from_millis(self.limits.batch_deadline_ms)
+    }
+
+    /// Records dropped with their batch under `skip-batch`: counted by plugin, beside the
+    /// warning, so an operator sees them in `/metrics` and not only in the log.
+    fn count_skipped_batch(&self, records: usize) {
         *self
             .skipped_batches
             .lock()
             .unwrap_or_else(|p| p.into_inner()) += 1;
+        sluice_core::metrics::count(
+            "sluice_plugin_skipped_records_total",
+            "Records dropped with their batch because a plugin failed it under the skip-batch policy.",
+            &[("plugin", self.name.as_str())],
+            records as u64,
+        );
     }
 
     /// One batch, with the failure policy applied. Unchanged records are moved from the
-    /// input to the output, not copied.
-    fn apply_with_policy(&self, batch: Vec<Record>) -> Result<Vec<Record>, TransformError> {
+    /// input to the output, not copied. Failing batches are split to narrow the failure
+    /// down only until `until`.
+    fn apply_with_policy(
+        &self,
+        batch: Vec<Record>,
+        letters: &mut Vec<(Record, String)>,
+        until: Instant,
+    ) -> Result<Vec<Record>, TransformError> {
         let err = |e: PluginError| TransformError {
             name: self.name.clone(),
             caused_by_input: e.caused_by_input(),
@@ -1138,31 +1173,31 @@ impl WasmTransform {
             // A batch too big for the memory cap is split in halves until the parts fit;
             // under dead-letter, a trap is narrowed down the same way, so only the records
             // that make the plugin trap become dead letters, not their whole batch.
-            Err(e)
-                if batch.len() > 1
-                    && (matches!(e, PluginError::Memory { .. })
-                        || (self.policy == FailurePolicy::DeadLetter
-                            && matches!(e, PluginError::Trap { .. }))) =>
-            {
+            Err(e) if Self::splittable(&e, self.policy, &batch) && Instant::now() < until => {
                 let mut second = batch;
                 let first: Vec<Record> = second.drain(..second.len() / 2).collect();
-                let mut out = self.apply_with_policy(first)?;
-                out.extend(self.apply_with_policy(second)?);
+                let mut out = self.apply_with_policy(first, letters, until)?;
+                out.extend(self.apply_with_policy(second, letters, until)?);
                 return Ok(out);
             }
             Err(e) => {
+                let unnarrowed = Self::splittable(&e, self.policy, &batch);
                 return match self.policy {
                     FailurePolicy::SkipBatch => {
-                        self.count_skipped_batch();
-                        tracing::warn!(plugin = %self.name, error = %e, "batch skipped");
+                        self.count_skipped_batch(batch.len());
+                        tracing::warn!(plugin = %self.name, records = batch.len(), error = %e, "batch skipped");
                         Ok(Vec::new())
                     }
                     FailurePolicy::DeadLetter => {
-                        let mut dl = self.dead_letters.lock().unwrap_or_else(|p| p.into_inner());
-                        let reason = e.to_string();
-                        for d in batch {
-                            dl.push((d, reason.clone()));
+                        let mut reason = e.to_string();
+                        if unnarrowed {
+                            // Some of these records may be good: say so.
+                            reason += &format!(
+                                " (one of {} records kept together: narrowing the failure down had used its time)",
+                                batch.len()
+                            );
                         }
+                        letters.extend(batch.into_iter().map(|d| (d, reason.clone())));
                         Ok(Vec::new())
                     }
                     FailurePolicy::FailRun => Err(err(e)),
@@ -1183,13 +1218,13 @@ impl WasmTransform {
         }
         match self.policy {
             FailurePolicy::DeadLetter => {
-                let mut dl = self.dead_letters.lock().unwrap_or_else(|p| p.into_inner());
-                dl.extend(failed.into_iter().map(|(_, d, reason)| (d, reason)));
+                letters.extend(failed.into_iter().map(|(_, d, reason)| (d, reason)));
                 Ok(records)
             }
             FailurePolicy::SkipBatch => {
-                self.count_skipped_batch();
-                tracing::warn!(plugin = %self.name, failed = failed.len(), "batch skipped");
+                let dropped = records.len() + failed.len();
+                self.count_skipped_batch(dropped);
+                tracing::warn!(plugin = %self.name, failed = failed.len(), records = dropped, "batch skipped");
                 Ok(Vec::new())
             }
             FailurePolicy::FailRun => {

@@ -803,6 +803,7 @@ impl sluice_core::transform::Transform for NativeRedact {
     fn apply(
         &self,
         batch: Vec<Document>,
+        _: &mut Vec<(Document, String)>,
     ) -> Result<Vec<Document>, sluice_core::transform::TransformError> {
         batch
             .into_iter()
@@ -842,6 +843,7 @@ impl sluice_core::transform::Transform for NativeRedactBson {
     fn apply(
         &self,
         mut batch: Vec<Document>,
+        _: &mut Vec<(Document, String)>,
     ) -> Result<Vec<Document>, sluice_core::transform::TransformError> {
         for d in &mut batch {
             self.redact(d, "email");
@@ -917,7 +919,7 @@ async fn wasm_transform(events: &[Event], n: usize, rounds: usize) -> anyhow::Re
             for chunk in docs.chunks(1000) {
                 let batch = chunk.to_vec();
                 out += match chain.first() {
-                    Some(t) => t.apply(batch)?.len(),
+                    Some(t) => t.apply(batch, &mut Vec::new())?.len(),
                     None => std::hint::black_box(batch).len(),
                 };
             }

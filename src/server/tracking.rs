@@ -408,8 +408,11 @@ async fn transform(
             )
         })?;
     let chain = state.transforms.clone();
+    // Narrowing a failing batch down to its bad events may take this long in all; the
+    // events of parts still failing then are rejected together.
+    let budget = std::time::Duration::from_secs(state.config.tracking.write_timeout_seconds);
     let isolated = tokio::task::spawn_blocking(move || {
-        sluice_core::transform::apply_chain_isolating(&chain, docs)
+        sluice_core::transform::apply_chain_isolating(&chain, docs, budget)
     })
     .await
     .map_err(|e| {
@@ -429,6 +432,7 @@ async fn transform(
         .retry(5)
     })?;
     let out = isolated.records;
+    let dead_letters = isolated.dead_letters;
     let mut failed: HashMap<usize, String> = HashMap::new();
     for (i, e) in isolated.failed {
         tracing::warn!(event_id = %events[i].event_id, error = %e, "a transform failed the event; rejected");
@@ -438,7 +442,7 @@ async fn transform(
     // answered; if they cannot be, the client is asked to resend.
     state
         .store
-        .keep_dead_letters(&state.transforms, "tracking", None)
+        .keep_dead_letters(dead_letters, "tracking", None)
         .await
         .map_err(|e| {
             tracing::error!(error = %e, "could not store dead letters");

@@ -178,28 +178,43 @@ impl Store {
         schema::init(self).await
     }
 
-    /// Takes the dead letters of `chain` and stores them in `dead_letters`, tagged with the
-    /// pipeline and run they came from; returns how many there were.
+    /// Stores `letters` in `dead_letters`, tagged with the pipeline and run they came
+    /// from; returns how many there were. A letter's `_id` is derived from its pipeline,
+    /// plugin and record (an event's `eventId`, any other record's content), so a rerun of
+    /// the same input (an import page redone after a failed write, an export rerun, a
+    /// resent tracking batch) keeps it once.
     pub async fn keep_dead_letters(
         &self,
-        chain: &[std::sync::Arc<dyn sluice_core::transform::Transform>],
+        letters: Vec<sluice_core::transform::DeadLetter>,
         pipeline: &str,
         run_id: Option<&str>,
     ) -> Result<u64, StoreError> {
-        let letters = sluice_core::transform::take_dead_letters(chain);
+        use sha2::Digest;
         if letters.is_empty() {
             return Ok(0);
         }
         let now = bson::DateTime::now();
-        let docs: Vec<bson::Document> = letters
-            .into_iter()
-            .map(|l| {
-                bson::doc! {
-                    "pipeline": pipeline, "runId": run_id, "plugin": l.transform,
-                    "reason": l.reason, "record": l.record, "createdAt": now,
-                }
-            })
-            .collect();
+        let mut docs = Vec::with_capacity(letters.len());
+        for l in letters {
+            let mut hash = sha2::Sha256::new();
+            for part in [pipeline.as_bytes(), b"\0", l.transform.as_bytes(), b"\0"] {
+                hash.update(part);
+            }
+            // An event is itself by its id (a resent one carries new arrival times);
+            // any other record by its content.
+            match l.record.get_str(sluice_core::model::event_fields::EVENT_ID) {
+                Ok(id) => hash.update(id.as_bytes()),
+                Err(_) => hash.update(bson::to_vec(&l.record).map_err(|e| StoreError::Encode {
+                    collection: sluice_core::model::collections::DEAD_LETTERS.into(),
+                    message: e.to_string(),
+                })?),
+            }
+            let id = format!("{:x}", hash.finalize());
+            docs.push(bson::doc! {
+                "_id": &id[..32], "pipeline": pipeline, "runId": run_id, "plugin": l.transform,
+                "reason": l.reason, "record": l.record, "createdAt": now,
+            });
+        }
         let n = docs.len() as u64;
         tracing::warn!(
             pipeline,
@@ -212,14 +227,20 @@ impl Store {
             &[("pipeline", pipeline.split(':').next().unwrap_or(pipeline))],
             n,
         );
-        self.collection(sluice_core::model::collections::DEAD_LETTERS)
+        match self
+            .collection(sluice_core::model::collections::DEAD_LETTERS)
             .insert_many(docs)
+            .ordered(false)
             .await
-            .map_err(StoreError::mongo(
+        {
+            Ok(_) => Ok(n),
+            // Kept already, by an earlier run of the same input.
+            Err(e) if duplicate_key_positions(&e).is_some() => Ok(n),
+            Err(e) => Err(StoreError::mongo(
                 sluice_core::model::collections::DEAD_LETTERS,
                 "store dead letters",
-            ))?;
-        Ok(n)
+            )(e)),
+        }
     }
 
     /// Pings the server (readiness).
