@@ -386,16 +386,33 @@ enum Fault {
     ExpiringTokens,
     /// Every page names cursor 10 as the next one, with a body that changes each time.
     CursorLoop,
+    /// The token endpoint answers its first request 503.
+    TokenDownOnce,
+    /// Every page is refused 429 with `Retry-After: 3600`.
+    RateLimitedForAnHour,
+    /// The first page is refused 503 with `Retry-After: 1`.
+    UnavailableOnce,
+    /// Tokens live an hour, but the first one issued is refused (revoked) with 401.
+    FirstTokenRevoked,
 }
 
-async fn token(State(s): State<FaultApi>) -> Json<Value> {
+async fn token(State(s): State<FaultApi>) -> Response {
+    if s.fault == Fault::TokenDownOnce && s.hits.fetch_add(1, Ordering::SeqCst) == 0 {
+        return (StatusCode::SERVICE_UNAVAILABLE, "provider restarting").into_response();
+    }
     let n = s.tokens.fetch_add(1, Ordering::SeqCst);
     let t = format!("tok-{n}");
     s.issued
         .lock()
         .unwrap()
         .push((t.clone(), std::time::Instant::now()));
-    Json(json!({ "access_token": t, "token_type": "bearer", "expires_in": 1 }))
+    let expires_in = if s.fault == Fault::FirstTokenRevoked {
+        3600
+    } else {
+        1
+    };
+    Json(json!({ "access_token": t, "token_type": "bearer", "expires_in": expires_in }))
+        .into_response()
 }
 
 async fn items(
@@ -421,6 +438,28 @@ async fn items(
         }
         Fault::ServerErrors(n) if hit < n => {
             return (StatusCode::BAD_GATEWAY, "upstream hiccup").into_response()
+        }
+        Fault::FirstTokenRevoked
+            if headers.get("authorization").and_then(|v| v.to_str().ok())
+                == Some("Bearer tok-0") =>
+        {
+            return (StatusCode::UNAUTHORIZED, "revoked").into_response()
+        }
+        Fault::RateLimitedForAnHour => {
+            return (
+                StatusCode::TOO_MANY_REQUESTS,
+                [("retry-after", "3600")],
+                "come back later",
+            )
+                .into_response()
+        }
+        Fault::UnavailableOnce if hit == 0 => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [("retry-after", "1")],
+                "maintenance",
+            )
+                .into_response()
         }
         Fault::Malformed => {
             return (
@@ -590,6 +629,64 @@ async fn retries_honour_retry_after_and_ride_out_5xx_bursts() {
         );
     }
     server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_long_retry_after_fails_at_once_and_a_503_retry_after_is_waited() {
+    let db = TestDb::initialized().await;
+    let (base, api) = fault_api(Fault::RateLimitedForAnHour).await;
+    let name = apply(&db, &cursor_config("hour", &base, "", "")).await;
+    let err = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("asked to wait 3600 s"), "{err}");
+    assert_eq!(api.hits.load(Ordering::SeqCst), 1, "no attempt spent early");
+
+    let (base, api) = fault_api(Fault::UnavailableOnce).await;
+    let name = apply(&db, &cursor_config("maintenance", &base, "", "")).await;
+    let started = std::time::Instant::now();
+    let s = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(950),
+        "Retry-After: 1 on a 503 must be waited (backoff alone is at most 100 ms here)"
+    );
+    assert_eq!((s.fetched, s.http.retries), (45, 1));
+    assert_eq!(api.hits.load(Ordering::SeqCst), 6);
+}
+
+#[tokio::test]
+async fn a_token_endpoint_that_fails_once_is_retried_and_a_401_refreshes_even_with_one_attempt() {
+    let db = TestDb::initialized().await;
+    let (base, api) = fault_api(Fault::TokenDownOnce).await;
+    std::env::set_var("IMPORT_TEST_SECRET_E", "whatever");
+    let auth = format!("[auth]\ntype = \"OAUTH\"\ntoken_url = \"{base}/token\"\nclient_id = \"c\"\nclient_secret = \"${{env:IMPORT_TEST_SECRET_E}}\"\n");
+    let name = apply(&db, &cursor_config("provider-blip", &base, "", &auth)).await;
+    let s = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(s.fetched, 45);
+    assert!(s.http.retries >= 1, "{:?}", s.http);
+    assert!(api.tokens.load(Ordering::SeqCst) >= 1);
+
+    // A token revoked before it expires gets a 401; with a single attempt, the refresh
+    // still happens, on an attempt of its own.
+    let (base, api) = fault_api(Fault::FirstTokenRevoked).await;
+    let auth = format!("[auth]\ntype = \"OAUTH\"\ntoken_url = \"{base}/token\"\nclient_id = \"c\"\nclient_secret = \"${{env:IMPORT_TEST_SECRET_E}}\"\n");
+    let config =
+        cursor_config("one-shot", &base, "", &auth).replace("max_attempts = 4", "max_attempts = 1");
+    let name = apply(&db, &config).await;
+    let s = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(s.fetched, 45);
+    assert_eq!(
+        api.tokens.load(Ordering::SeqCst),
+        2,
+        "one refresh after the 401"
+    );
 }
 
 #[tokio::test]

@@ -28,6 +28,10 @@ pub enum HttpError {
     Resolve { host: String, message: String },
     #[error("OAuth token request to `{url}` failed: {message}")]
     Token { url: String, message: String },
+    /// The token endpoint did not answer, or answered something other than an OAuth
+    /// answer (a 5xx page): retried like a failed request.
+    #[error("OAuth token request to `{url}` got no usable answer: {message}")]
+    TokenUnavailable { url: String, message: String },
     #[error("`{url}` answered {status}: {body}")]
     Status {
         url: String,
@@ -402,7 +406,14 @@ impl HttpClient {
                     .await
             }
         };
-        let token = response.map_err(|e| err(describe_token_error(&e)))?;
+        let token = response.map_err(|e| match &e {
+            // The provider's own answer (`invalid_client`, `invalid_grant`): final.
+            oauth2::RequestTokenError::ServerResponse(_) => err(describe_token_error(&e)),
+            _ => HttpError::TokenUnavailable {
+                url: token_url.clone(),
+                message: describe_token_error(&e),
+            },
+        })?;
         self.bump(|s| s.token_refreshes += 1);
         if let (Some(old), Some(new)) = (&presented, token.refresh_token()) {
             let new = new.secret();
@@ -496,10 +507,14 @@ impl HttpClient {
         body: Option<&Value>,
         json_answer: bool,
     ) -> Result<(Value, HeaderMap, u64), HttpError> {
-        let attempts = self.connector.retry.max_attempts;
+        let mut attempts = self.connector.retry.max_attempts;
         let mut last = String::new();
         let mut force_token = false;
-        for attempt in 0..attempts {
+        let mut refreshed_on_401 = false;
+        let mut next = 0;
+        while next < attempts {
+            let attempt = next;
+            next += 1;
             if attempt > 0 {
                 self.bump(|s| s.retries += 1);
             }
@@ -524,11 +539,20 @@ impl HttpClient {
                 Auth::Basic { username, password } => {
                     req = req.basic_auth(username, Some(password.expose()))
                 }
-                Auth::OAuth { .. } => {
-                    if let Some(t) = self.bearer(force_token).await? {
+                Auth::OAuth { .. } => match self.bearer(force_token).await {
+                    Ok(Some(t)) => {
+                        force_token = false;
                         req = req.bearer_auth(t);
                     }
-                }
+                    Ok(None) => {}
+                    // The provider did not answer (or answered 5xx): retried like the API.
+                    Err(e @ HttpError::TokenUnavailable { .. }) => {
+                        last = e.to_string();
+                        tokio::time::sleep(self.backoff(attempt)).await;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                },
             }
             if let Some(b) = body {
                 req = req.json(b);
@@ -550,8 +574,24 @@ impl HttpClient {
             };
             let status = resp.status();
             let headers = resp.headers().clone();
+            let asked = retry_after(&headers);
+            if let Some(wait) = asked.filter(|w| {
+                *w > MAX_RETRY_AFTER
+                    && (status == reqwest::StatusCode::TOO_MANY_REQUESTS
+                        || status == reqwest::StatusCode::SERVICE_UNAVAILABLE)
+            }) {
+                // Retrying before the server said to only spends attempts on more refusals.
+                return Err(HttpError::Status {
+                    url: url.to_string(),
+                    status: status.as_u16(),
+                    body: format!(
+                        "the server asked to wait {} s, longer than a run waits ({} s); a later run tries again",
+                        wait.as_secs(),
+                        MAX_RETRY_AFTER.as_secs()
+                    ),
+                });
+            }
             if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
-                let asked = retry_after(&headers);
                 let wait = asked.unwrap_or_else(|| self.backoff(attempt));
                 if attempt + 1 == attempts {
                     last = match asked {
@@ -569,10 +609,13 @@ impl HttpClient {
             }
             if status == reqwest::StatusCode::UNAUTHORIZED
                 && matches!(self.connector.auth, Auth::OAuth { .. })
-                && !force_token
+                && !refreshed_on_401
             {
-                // The token may have been revoked or expired early: refresh once.
+                // The token may have been revoked or expired early: refresh once, on an
+                // attempt of its own (so even `max_attempts = 1` gets it).
+                refreshed_on_401 = true;
                 force_token = true;
+                attempts += 1;
                 last = "401 Unauthorized".into();
                 continue;
             }
@@ -591,7 +634,12 @@ impl HttpClient {
             };
             if status.is_server_error() {
                 last = format!("{status}: {}", snippet(&text));
-                tokio::time::sleep(self.backoff(attempt)).await;
+                // A 503 may say when to come back (`Retry-After`): not before then.
+                let wait = match asked {
+                    Some(w) if status == reqwest::StatusCode::SERVICE_UNAVAILABLE => w,
+                    _ => self.backoff(attempt),
+                };
+                tokio::time::sleep(wait).await;
                 continue;
             }
             if !status.is_success() {
