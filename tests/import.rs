@@ -1961,3 +1961,55 @@ collection = "pushonce"
         .unwrap_or_else(|| panic!("{}", requests[0]));
     assert_eq!(key.trim().len(), 64, "{key}");
 }
+
+/// Three records by `updated`, after `since` when given; the second has a price that is
+/// not a number.
+async fn priced(Query(q): Query<Vec<(String, String)>>) -> Json<Value> {
+    let since = q.iter().find(|(k, _)| k == "since").map(|(_, v)| v.clone());
+    let all = [
+        json!({ "id": "1", "updated": "2026-11-01T00:00:00Z", "price": 1 }),
+        json!({ "id": "2", "updated": "2026-11-02T00:00:00Z", "price": "cheap" }),
+        json!({ "id": "3", "updated": "2026-11-03T00:00:00Z", "price": 3 }),
+    ];
+    let data: Vec<Value> = all
+        .into_iter()
+        .filter(|r| {
+            since.as_deref().is_none_or(|s| {
+                chrono::DateTime::parse_from_rfc3339(r["updated"].as_str().unwrap()).unwrap()
+                    > chrono::DateTime::parse_from_rfc3339(s).unwrap()
+            })
+        })
+        .collect();
+    Json(json!({ "data": data }))
+}
+
+#[tokio::test]
+async fn records_that_failed_mapping_are_fetched_again_once_the_mapping_is_fixed() {
+    let db = TestDb::initialized().await;
+    let addr = serve(Router::new().route("/priced", get(priced))).await;
+    let config = |price_type: &str| {
+        format!(
+            "{}[mapping.updated]\npath = \"$.updated\"\ntype = \"date\"\n[mapping.price]\npath = \"$.price\"\ntype = \"{price_type}\"\n[incremental]\ncursor_field = \"updated\"\nparam = \"since\"\n",
+            things_config("priced", &format!("http://{addr}/priced"), "type = \"none\"")
+        )
+    };
+    let name = apply(&db, &config("number")).await;
+    let s = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert_eq!((s.fetched, s.failed), (3, 1));
+    assert!(
+        s.warnings.iter().any(|w| w.contains("not advanced")),
+        "{:?}",
+        s.warnings
+    );
+    assert_eq!(sync_cursor(&db, &name).await, None);
+    // The mapping is fixed: the record that failed is read again and stored.
+    let name = apply(&db, &config("any")).await;
+    let s = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert_eq!((s.fetched, s.failed), (3, 0));
+    assert_eq!(count(&db, "things").await, 3);
+    assert!(sync_cursor(&db, &name).await.is_some(), "now it advances");
+}

@@ -266,6 +266,11 @@ pub struct IncrementalSection {
     /// the cursor, so records it did not reach are not skipped.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub sorted: bool,
+    /// Advance the cursor even when records failed mapping. Off by default: a record
+    /// that failed mapping would otherwise never be fetched again, even once the mapping
+    /// is fixed, so its run keeps the cursor (the next run reads the window again).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub advance_past_failures: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -321,6 +321,7 @@ pub async fn run_import(
             summary.failed = cp.get_i64("failed").unwrap_or(0) as u64;
             max_cursor = cp.get("maxCursor").cloned().filter(|b| *b != Bson::Null);
             summary.cursor_epoch_ms = cp.get_bool("cursorEpochMs").unwrap_or(false);
+            summary.stopped_early = cp.get_str("stoppedEarly").ok().map(str::to_string);
             serde_json::from_str(cp.get_str("state").unwrap_or(""))
                 .unwrap_or_else(|_| http.first_state(Vec::new()))
         }
@@ -381,9 +382,27 @@ pub async fn run_import(
             // largest cursor it saw, so the cursor stays.
             let cut_short = summary.stopped_early.is_some()
                 && connector.incremental.as_ref().is_some_and(|i| !i.sorted);
-            if let (Some(m), false) = (&max_cursor, cut_short) {
+            // Records that failed mapping may lie below the largest cursor: past it, they
+            // would never be fetched again, even once the mapping is fixed.
+            let holding = summary.failed > 0
+                && connector
+                    .incremental
+                    .as_ref()
+                    .is_some_and(|i| !i.advance_past_failures);
+            if let (Some(m), false, false) = (&max_cursor, cut_short, holding) {
                 set.insert(f::SYNC_CURSOR, m.clone());
                 set.insert(f::SYNC_CURSOR_EPOCH_MS, summary.cursor_epoch_ms);
+            }
+            if holding && !cut_short && max_cursor.is_some() {
+                let failed = summary.failed;
+                warn_once(
+                    &mut summary,
+                    name,
+                    format!(
+                        "the incremental cursor was not advanced because {} record(s) failed mapping (see `samples`): the next run reads the same window again, so they are stored once the mapping or the source is fixed; set `incremental.advance_past_failures = true` to move on without them",
+                        failed
+                    ),
+                );
             }
             if cut_short && max_cursor.is_some() {
                 warn_once(
@@ -735,6 +754,8 @@ async fn write_page(
                     "failed": summary.failed as i64,
                     "maxCursor": max_cursor.clone().unwrap_or(Bson::Null),
                     "cursorEpochMs": summary.cursor_epoch_ms,
+                    // A resumed run must still know it was cut short (it keeps the cursor).
+                    "stoppedEarly": summary.stopped_early.clone(),
                     common::UPDATED_AT: DateTime::now(),
                 },
             )
