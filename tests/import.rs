@@ -2013,3 +2013,55 @@ async fn records_that_failed_mapping_are_fetched_again_once_the_mapping_is_fixed
     assert_eq!(count(&db, "things").await, 3);
     assert!(sync_cursor(&db, &name).await.is_some(), "now it advances");
 }
+
+#[tokio::test]
+async fn documents_without_the_watermark_are_pushed_once() {
+    let db = TestDb::initialized().await;
+    let coll = db.store.collection("nowater");
+    coll.insert_many(vec![
+        doc! { "k": 1 },
+        doc! { "k": 2, "updatedAt": bson::Bson::Null },
+        doc! { "k": 3 },
+    ])
+    .await
+    .unwrap();
+    let (base, api) = fault_api(Fault::None).await;
+    let text = format!(
+        r#"
+name = "nowater"
+type = "EXPORT"
+endpoint = "{base}/inbox"
+method = "POST"
+allow_private_network = true
+[push]
+collection = "nowater"
+watermark_field = "updatedAt"
+batch_size = 2
+"#
+    );
+    let name = apply(&db, &text).await;
+    let options = ImportOptions::default();
+    let push = || run_push(&db.store, &name, &options);
+    assert_eq!(push().await.unwrap().sent, 3);
+    assert_eq!(push().await.unwrap().sent, 0, "none of them again");
+    // Newer documents are sent, with the field or (while the position is among the
+    // documents without it) without.
+    coll.insert_many(vec![
+        doc! { "k": 4 },
+        doc! { "k": 5, "updatedAt": bson::DateTime::from_millis(1_000) },
+    ])
+    .await
+    .unwrap();
+    assert_eq!(push().await.unwrap().sent, 2);
+    assert_eq!(push().await.unwrap().sent, 0);
+    let mut keys: Vec<i64> = api
+        .pushed
+        .lock()
+        .unwrap()
+        .iter()
+        .flat_map(|b| b.as_array().unwrap().clone())
+        .map(|d| d["k"].as_i64().unwrap())
+        .collect();
+    keys.sort();
+    assert_eq!(keys, vec![1, 2, 3, 4, 5], "each once");
+}

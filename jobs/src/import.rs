@@ -1228,19 +1228,26 @@ pub async fn run_push(
     // Documents are read in (watermark, _id) order and the position after an accepted
     // batch is both values: documents sharing a watermark value on both sides of a batch
     // boundary are neither skipped nor sent twice.
-    if let (Some(w), Some(cursor)) = (
-        &watermark,
-        stored.get(f::SYNC_CURSOR).filter(|b| **b != Bson::Null),
-    ) {
-        let after = match stored.get(f::SYNC_CURSOR_ID) {
-            Some(id) => doc! { "$or": [
-                { w: { "$gt": cursor.clone() } },
-                { w: cursor.clone(), common::ID: { "$gt": id.clone() } },
-            ] },
-            // A position stored without its `_id` (by an earlier version): ties with it
-            // are sent again rather than skipped.
-            None => doc! { w: { "$gte": cursor.clone() } },
-        };
+    // Documents without the watermark field (or with `null`) sort first, as null; a
+    // position among them is (null, _id).
+    let cursor = stored.get(f::SYNC_CURSOR).cloned().unwrap_or(Bson::Null);
+    let cursor_id = stored.get(f::SYNC_CURSOR_ID).filter(|b| **b != Bson::Null);
+    let position = match (&watermark, cursor, cursor_id) {
+        (Some(w), Bson::Null, Some(id)) => Some(doc! { "$or": [
+            { w: Bson::Null, common::ID: { "$gt": id.clone() } },
+            { w: { "$ne": Bson::Null } },
+        ] }),
+        (Some(_), Bson::Null, None) => None,
+        (Some(w), cursor, Some(id)) => Some(doc! { "$or": [
+            { w: { "$gt": cursor.clone() } },
+            { w: cursor, common::ID: { "$gt": id.clone() } },
+        ] }),
+        // A position stored without its `_id` (by an earlier version): ties with it are
+        // sent again rather than skipped.
+        (Some(w), cursor, None) => Some(doc! { w: { "$gte": cursor } }),
+        (None, _, _) => None,
+    };
+    if let Some(after) = position {
         filter = if filter.is_empty() {
             after
         } else {
@@ -1285,7 +1292,8 @@ pub async fn run_push(
         // whatever the transforms make of it.
         let high = watermark.as_ref().and_then(|w| {
             let last = batch.last()?;
-            Some((last.get(w)?.clone(), last.get(common::ID)?.clone()))
+            let value = last.get(w).cloned().unwrap_or(Bson::Null);
+            Some((value, last.get(common::ID)?.clone()))
         });
         let applied = apply_off_runtime(&chain, std::mem::take(&mut batch)).await?;
         let docs = applied.records;
