@@ -125,6 +125,29 @@ fn hostile_plugins_are_stopped_with_clear_errors_and_the_host_goes_on() {
     for _ in 0..10 {
         assert_eq!(printing.run_batch(&batch()).unwrap().records, batch());
     }
+    // One call printing more than the buffer holds (80 records of 60 KB) fails as output,
+    // not as its input; the next batch runs on a fresh instance.
+    let printing = host
+        .load(
+            &dir,
+            "hostile",
+            json!({ "mode": "print" }),
+            &Grants::default(),
+            Some(Limits {
+                batch_deadline_ms: 10_000,
+                ..tight().unwrap()
+            }),
+        )
+        .unwrap();
+    let many: Vec<Document> = (0..80)
+        .map(|i| doc! { "eventId": format!("m{i}") })
+        .collect();
+    let err = printing.run_batch(&many).unwrap_err();
+    assert!(
+        matches!(err, PluginError::Output { .. }) && !err.caused_by_input(),
+        "{err}"
+    );
+    assert_eq!(printing.run_batch(&batch()).unwrap().records, batch());
     // A panic is reported with the trap's reason, not only where it happened.
     let err = hostile(&host, "panic").run_batch(&batch()).unwrap_err();
     assert!(err.to_string().contains("unreachable"), "{err}");

@@ -51,6 +51,8 @@ const LOG_LINES_PER_CALL: usize = 50;
 /// rebuilt before its next batch, so printing batch after batch never fills the pipe.
 /// (One call printing more than this fails: its write errors.)
 const PIPE_BYTES: usize = 4 * 1024 * 1024;
+/// A pipe this close to full fails the next write of a line or so.
+const PIPE_FULL_MARGIN: usize = 64 * 1024;
 
 /// Host memory charged per table element.
 const TABLE_ELEMENT_BYTES: usize = 16;
@@ -86,6 +88,8 @@ pub enum PluginError {
     Trap { plugin: String, message: String },
     #[error("plugin `{plugin}` returned malformed output: {message}")]
     Malformed { plugin: String, message: String },
+    #[error("plugin `{plugin}` printed more than its output buffer holds ({mib} MiB) in one call")]
+    Output { plugin: String, mib: usize },
     #[error("plugin `{plugin}` failed record {index}: {reason}")]
     Record {
         plugin: String,
@@ -106,10 +110,13 @@ impl PluginError {
             | PluginError::Malformed { .. }
             | PluginError::Memory { .. }
             | PluginError::Fuel { .. } => true,
+            // What the plugin printed: it depends on earlier calls of the same instance too,
+            // and narrowing the batch down would only print it again.
             PluginError::Load { .. }
             | PluginError::Hash { .. }
             | PluginError::Refused { .. }
-            | PluginError::Deadline { .. } => false,
+            | PluginError::Deadline { .. }
+            | PluginError::Output { .. } => false,
         }
     }
 }
@@ -790,7 +797,21 @@ impl WasmTransform {
             Ok(r) => r,
             // The instance may be in any state after a trap: it is dropped (by the
             // checkout's drop) and a new one is built when needed.
-            Err(e) => return Err(self.classify(e, store.data().limits.hit)),
+            Err(e) => {
+                // A write to a full output pipe fails inside the plugin, which usually
+                // panics on it (`println!`): that is the output's fault, not the input's.
+                let state = store.data();
+                let full = [&state.stdout, &state.stderr]
+                    .iter()
+                    .any(|p| p.contents().len() + PIPE_FULL_MARGIN >= PIPE_BYTES);
+                if full && !state.limits.hit {
+                    return Err(PluginError::Output {
+                        plugin: self.name.clone(),
+                        mib: PIPE_BYTES >> 20,
+                    });
+                }
+                return Err(self.classify(e, state.limits.hit));
+            }
         };
         let decoded = self.decode_results(batch, &encoded, results);
         let decoded = match decoded {
