@@ -45,7 +45,14 @@ async fn every_role_against_every_endpoint() {
     }
     let dir = std::env::temp_dir().join(format!("sluice-admin-{}", uuid::Uuid::new_v4().simple()));
     let dest = dir.display().to_string();
-    let server = start_server(&db, |raw| daily_export(raw, &dest, Some("Europe/Paris"))).await;
+    // The server's own S3 key, read from a variable of no reserved prefix.
+    std::env::set_var("ADMIN_TEST_OWN_KEY", "own-s3-key");
+    let server = start_server(&db, |raw| {
+        daily_export(raw, &dest, Some("Europe/Paris"));
+        raw.s3.access_key = sluice_core::config::Secret::new("${env:ADMIN_TEST_OWN_KEY}");
+        raw.s3.secret_key = sluice_core::config::Secret::new("${env:ADMIN_TEST_OWN_KEY}");
+    })
+    .await;
     let base = format!("http://{}", server.addr);
     let mut tokens = vec![(None, "anonymous")];
     for (email, name) in [
@@ -187,6 +194,10 @@ async fn every_role_against_every_endpoint() {
             "name = \"cfg-steal2\"\ntype = \"IMPORT\"\nendpoint = \"https://api.example/x\"\n[headers]\nAuthorization = \"${env:AWS_SECRET_ACCESS_KEY}\"\n[mapping.productId]\npath = \"$.id\"\n",
             "AWS_SECRET_ACCESS_KEY",
         ),
+        (
+            "name = \"cfg-steal3\"\ntype = \"IMPORT\"\nendpoint = \"https://api.example/x\"\n[headers]\nX-Token = \"${env:ADMIN_TEST_OWN_KEY}\"\n[mapping.productId]\npath = \"$.id\"\n",
+            "ADMIN_TEST_OWN_KEY",
+        ),
         // A plugin this deployment does not have: refused now, not at the first run.
         (
             "name = \"cfg-plugin\"\ntype = \"IMPORT\"\nendpoint = \"https://api.example/x\"\ntransforms = [\"no-such-plugin\"]\n[mapping.productId]\npath = \"$.id\"\n",
@@ -207,7 +218,7 @@ async fn every_role_against_every_endpoint() {
     let stored = db
         .store
         .collection("integration_configs")
-        .count_documents(bson::doc! { "name": { "$in": ["../escape", "cfg-plugin", "cfg-steal", "cfg-steal2"] } })
+        .count_documents(bson::doc! { "name": { "$in": ["../escape", "cfg-plugin", "cfg-steal", "cfg-steal2", "cfg-steal3"] } })
         .await
         .unwrap();
     assert_eq!(stored, 0);

@@ -1984,16 +1984,50 @@ async fn priced(Query(q): Query<Vec<(String, String)>>) -> Json<Value> {
 }
 
 #[tokio::test]
-async fn records_that_failed_mapping_are_fetched_again_once_the_mapping_is_fixed() {
+async fn records_that_fail_mapping_are_kept_and_can_hold_the_cursor_until_they_map() {
     let db = TestDb::initialized().await;
     let addr = serve(Router::new().route("/priced", get(priced))).await;
-    let config = |price_type: &str| {
+    let config = |name: &str, price_type: &str, hold: bool| {
         format!(
-            "{}[mapping.updated]\npath = \"$.updated\"\ntype = \"date\"\n[mapping.price]\npath = \"$.price\"\ntype = \"{price_type}\"\n[incremental]\ncursor_field = \"updated\"\nparam = \"since\"\n",
-            things_config("priced", &format!("http://{addr}/priced"), "type = \"none\"")
+            "{}[mapping.updated]\npath = \"$.updated\"\ntype = \"date\"\n[mapping.price]\npath = \"$.price\"\ntype = \"{price_type}\"\n[incremental]\ncursor_field = \"updated\"\nparam = \"since\"\nhold_on_failures = {hold}\n",
+            things_config(name, &format!("http://{addr}/priced"), "type = \"none\"")
         )
     };
-    let name = apply(&db, &config("number")).await;
+    // By default the cursor moves on, and the record that failed is kept whole.
+    let name = apply(&db, &config("priced", "number", false)).await;
+    let s = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert_eq!((s.fetched, s.failed, s.dead_letters), (3, 1, 1));
+    assert!(sync_cursor(&db, &name).await.is_some());
+    assert!(
+        s.warnings.iter().any(|w| w.contains("dead_letters")),
+        "{:?}",
+        s.warnings
+    );
+    let letter = db
+        .store
+        .collection("dead_letters")
+        .find_one(doc! { "pipeline": "import:priced" })
+        .await
+        .unwrap()
+        .expect("kept");
+    assert_eq!(letter.get_str("plugin").unwrap(), "mapping");
+    assert_eq!(
+        letter
+            .get_document("record")
+            .unwrap()
+            .get_str("id")
+            .unwrap(),
+        "2"
+    );
+    assert!(
+        letter.get_str("reason").unwrap().contains("price"),
+        "{letter}"
+    );
+
+    // Holding: the cursor stays until the record maps, then it is stored.
+    let name = apply(&db, &config("held", "number", true)).await;
     let s = run_import(&db.store, &name, &ImportOptions::default())
         .await
         .unwrap();
@@ -2004,14 +2038,19 @@ async fn records_that_failed_mapping_are_fetched_again_once_the_mapping_is_fixed
         s.warnings
     );
     assert_eq!(sync_cursor(&db, &name).await, None);
-    // The mapping is fixed: the record that failed is read again and stored.
-    let name = apply(&db, &config("any")).await;
+    let name = apply(&db, &config("held", "any", true)).await;
     let s = run_import(&db.store, &name, &ImportOptions::default())
         .await
         .unwrap();
     assert_eq!((s.fetched, s.failed), (3, 0));
-    assert_eq!(count(&db, "things").await, 3);
     assert!(sync_cursor(&db, &name).await.is_some(), "now it advances");
+    let stored = db
+        .store
+        .collection("things")
+        .count_documents(doc! { "thingId": "2" })
+        .await
+        .unwrap();
+    assert_eq!(stored, 1);
 }
 
 #[tokio::test]

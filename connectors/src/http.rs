@@ -548,7 +548,9 @@ impl HttpClient {
                     // The provider did not answer (or answered 5xx): retried like the API.
                     Err(e @ HttpError::TokenUnavailable { .. }) => {
                         last = e.to_string();
-                        tokio::time::sleep(self.backoff(attempt)).await;
+                        if next < attempts {
+                            tokio::time::sleep(self.backoff(attempt)).await;
+                        }
                         continue;
                     }
                     Err(e) => return Err(e),
@@ -568,7 +570,9 @@ impl HttpClient {
                 Ok(r) => r,
                 Err(e) => {
                     last = self.describe(&e, "no complete answer", "network error");
-                    tokio::time::sleep(self.backoff(attempt)).await;
+                    if next < attempts {
+                        tokio::time::sleep(self.backoff(attempt)).await;
+                    }
                     continue;
                 }
             };
@@ -635,6 +639,9 @@ impl HttpClient {
             if status.is_server_error() {
                 last = format!("{status}: {}", snippet(&text));
                 // A 503 may say when to come back (`Retry-After`): not before then.
+                if next == attempts {
+                    break; // no attempt left to wait for
+                }
                 let wait = match asked {
                     Some(w) if status == reqwest::StatusCode::SERVICE_UNAVAILABLE => w,
                     _ => self.backoff(attempt),

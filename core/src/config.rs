@@ -852,6 +852,42 @@ impl Config {
     }
 }
 
+impl Config {
+    /// The environment variables this configuration reads its own secrets from (write
+    /// keys, S3 keys, the token key, plugin settings): a connector config applied through
+    /// the API may not name them.
+    pub fn env_references(&self) -> Vec<String> {
+        let raw = &self.raw;
+        let mut names: Vec<String> = raw
+            .server
+            .write_keys
+            .iter()
+            .chain([&raw.s3.access_key, &raw.s3.secret_key])
+            .chain(raw.security.token_key.as_ref())
+            .filter_map(|s| s.env_reference().map(str::to_string))
+            .collect();
+        if let Some(name) = Secret::new(raw.mongodb.uri.clone()).env_reference() {
+            names.push(name.to_string());
+        }
+        fn strings(v: &toml::Value, out: &mut Vec<String>) {
+            match v {
+                toml::Value::String(s) => {
+                    if let Some(name) = Secret::new(s.clone()).env_reference() {
+                        out.push(name.to_string());
+                    }
+                }
+                toml::Value::Table(t) => t.iter().for_each(|(_, v)| strings(v, out)),
+                toml::Value::Array(items) => items.iter().for_each(|v| strings(v, out)),
+                _ => {}
+            }
+        }
+        for v in raw.plugins.config.values() {
+            strings(v, &mut names);
+        }
+        names
+    }
+}
+
 /// Serializes a [`RawConfig`] with every [`Secret`] replaced by [`Secret::redacted`].
 struct RedactedView<'a>(&'a RawConfig);
 

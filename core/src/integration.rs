@@ -28,8 +28,9 @@ pub struct IntegrationFile {
     pub kind: String,
     /// The API URL (for IMPORT, the first page).
     pub endpoint: String,
-    #[serde(default = "default_method")]
-    pub method: String,
+    /// `GET` for an IMPORT, `POST` (default) or `PUT` for an EXPORT.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
     /// Cron expression with seconds (`0 */15 * * * *`); none = manual runs only.
@@ -62,9 +63,6 @@ pub struct IntegrationFile {
     pub transforms: Vec<String>,
 }
 
-fn default_method() -> String {
-    "GET".into()
-}
 fn yes() -> bool {
     true
 }
@@ -266,11 +264,12 @@ pub struct IncrementalSection {
     /// the cursor, so records it did not reach are not skipped.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub sorted: bool,
-    /// Advance the cursor even when records failed mapping. Off by default: a record
-    /// that failed mapping would otherwise never be fetched again, even once the mapping
-    /// is fixed, so its run keeps the cursor (the next run reads the window again).
+    /// Keep the cursor when records failed mapping, so the next run reads the window
+    /// again and stores them once the mapping (or the source) is fixed. Off by default:
+    /// a record that never maps would hold the cursor forever. Either way the records
+    /// that failed are kept in `dead_letters`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub advance_past_failures: bool,
+    pub hold_on_failures: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -513,8 +512,11 @@ pub fn validate(
     }
     let kind = IntegrationType::parse(&file.kind).map_err(|e| invalid("type", e))?;
     let endpoint = url_lite::parse(&file.endpoint).map_err(|e| invalid("endpoint", e))?;
-    let method =
-        HttpMethod::parse(&file.method.to_ascii_uppercase()).map_err(|e| invalid("method", e))?;
+    let method = match &file.method {
+        Some(m) => HttpMethod::parse(&m.to_ascii_uppercase()).map_err(|e| invalid("method", e))?,
+        None if kind == IntegrationType::Export => HttpMethod::Post,
+        None => HttpMethod::Get,
+    };
     match (kind, method) {
         (IntegrationType::Import, HttpMethod::Post | HttpMethod::Put) => {
             return Err(invalid(
@@ -525,7 +527,7 @@ pub fn validate(
         (IntegrationType::Export, HttpMethod::Get) => {
             return Err(invalid(
                 "method",
-                "`POST` or `PUT` for an EXPORT (it sends its records as a request body)".into(),
+                "`POST` (the default) or `PUT` for an EXPORT: it sends its records as a request body, which a GET does not carry (configs stored before the default became POST say `GET`: apply them again)".into(),
             ))
         }
         _ => {}
@@ -1392,14 +1394,15 @@ type = "bool"
             .to_string();
         assert!(err.contains("rate_limit_per_second"), "{err}");
         assert!(check("[source]", "[source]\nrate_limit_per_second = 0.5").is_ok());
-        // An EXPORT sends a body: GET (the default) is refused, POST is fine.
+        // An EXPORT sends a body: POST by default, GET refused.
         let push = "name = \"p\"\ntype = \"EXPORT\"\nendpoint = \"https://x.example/in\"\n[push]\ncollection = \"users\"\n";
-        let err = validate("p", &parse_file("p", push).unwrap(), &env)
+        let c = validate("p", &parse_file("p", push).unwrap(), &env).unwrap();
+        assert_eq!(c.method, HttpMethod::Post);
+        let push = push.replace("[push]", "method = \"GET\"\n[push]");
+        let err = validate("p", &parse_file("p", &push).unwrap(), &env)
             .unwrap_err()
             .to_string();
         assert!(err.contains("`method`") && err.contains("POST"), "{err}");
-        let push = push.replace("[push]", "method = \"POST\"\n[push]");
-        assert!(validate("p", &parse_file("p", &push).unwrap(), &env).is_ok());
     }
 
     #[test]

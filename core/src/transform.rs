@@ -98,8 +98,9 @@ pub struct Isolated {
 /// hold back the good ones, nor be retried forever by a client told to resend.
 ///
 /// The narrowing stops once it has spent `budget` (each part costs a call, and a plugin
-/// that fails slowly could otherwise cost a deadline per record): the records of the
-/// parts still failing then fail together, with the error their part got.
+/// that fails slowly could otherwise cost a deadline per record): the batch then fails
+/// with an error that is not the input's, so nothing is stored and the client resends,
+/// rather than good records being rejected with the bad ones.
 pub fn apply_chain_isolating(
     chain: &[std::sync::Arc<dyn Transform>],
     batch: Vec<Record>,
@@ -120,8 +121,8 @@ fn isolate(
     out: &mut Isolated,
 ) -> Result<(), TransformError> {
     // A copy is kept only when there is something to split.
-    let retry = (batch.len() > 1).then(|| batch.clone());
     let len = batch.len();
+    let retry = (len > 1).then(|| batch.clone());
     match apply_chain(chain, batch) {
         Ok(applied) => {
             out.records.extend(applied.records);
@@ -129,15 +130,23 @@ fn isolate(
         }
         Err(e) if !e.caused_by_input => return Err(e),
         Err(e) => match retry {
+            None => out.failed.push((offset, e)),
             Some(mut second) if std::time::Instant::now() < until => {
                 let first: Vec<Record> = second.drain(..second.len() / 2).collect();
                 let split = first.len();
                 isolate(chain, first, offset, until, out)?;
                 isolate(chain, second, offset + split, until, out)?;
             }
-            _ => out
-                .failed
-                .extend((offset..offset + len).map(|i| (i, e.clone()))),
+            Some(_) => {
+                return Err(TransformError {
+                    reason: format!(
+                        "{} (finding which of {len} records fail ran out of time)",
+                        e.reason
+                    ),
+                    caused_by_input: false,
+                    ..e
+                })
+            }
         },
     }
     Ok(())
@@ -243,11 +252,11 @@ mod tests {
         let err = apply_chain_isolating(&chain, batch.clone(), budget).unwrap_err();
         assert!(!err.caused_by_input);
 
-        // With its budget spent, the narrowing stops: the failing part fails whole.
+        // With its budget spent, the narrowing stops: the batch fails, but not as its
+        // input's fault, so its good records are not rejected with the bad ones.
         let chain: Vec<Arc<dyn Transform>> = vec![Arc::new(RejectBad)];
-        let out = apply_chain_isolating(&chain, batch, std::time::Duration::ZERO).unwrap();
-        assert!(out.records.is_empty());
-        let failed: Vec<usize> = out.failed.iter().map(|(i, _)| *i).collect();
-        assert_eq!(failed, (0..10).collect::<Vec<_>>());
+        let err = apply_chain_isolating(&chain, batch, std::time::Duration::ZERO).unwrap_err();
+        assert!(!err.caused_by_input);
+        assert!(err.reason.contains("ran out of time"), "{err}");
     }
 }

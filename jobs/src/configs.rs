@@ -124,7 +124,11 @@ pub async fn apply(store: &Store, file: &IntegrationFile) -> Result<bool, StoreE
     let set = doc! {
         f::TYPE: file.kind.to_ascii_uppercase(),
         "endpoint": &file.endpoint,
-        "method": file.method.to_ascii_uppercase(),
+        // The method used: an EXPORT without one pushes with POST.
+        "method": file.method.as_deref().map_or_else(
+            || if file.kind.eq_ignore_ascii_case("EXPORT") { "POST".into() } else { "GET".into() },
+            str::to_ascii_uppercase,
+        ),
         "headers": headers,
         "authType": file.auth.kind.to_ascii_uppercase(),
         "authConfig": auth_config,

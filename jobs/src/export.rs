@@ -620,9 +620,11 @@ async fn archive(
         }
         ensure_archive_lock(ctx, job_id).await?;
         let n = archive_delete(ctx, &s, &p).await?;
-        history::pending_deleted(&ctx.store, job_id, &s.prefix).await?;
+        // Recorded as published before it stops being pending, so the day is always
+        // named by one of the two (the analytics API refuses such days).
         history::partition_published(&ctx.store, job_id, &p.prefix, p.rows, &p.files, p.kept)
             .await?;
+        history::pending_deleted(&ctx.store, job_id, &s.prefix).await?;
         history::events_deleted(&ctx.store, job_id, n).await?;
         deleted += n;
         published.push(p);
@@ -807,6 +809,8 @@ async fn recover_partition(
         .put_bytes(&format!("{dir}_SUCCESS"), Vec::new())
         .await?;
     let deleted = delete_archived(ctx, &prefix, &filter, &ids).await?;
+    history::partition_published(&ctx.store, old, &prefix, rows.max(0) as u64, &listed, false)
+        .await?;
     history::pending_deleted(&ctx.store, old, &prefix).await?;
     history::events_deleted(&ctx.store, old, deleted).await?;
     tracing::info!(job = %old, partition = %prefix, events = ids.len(), "completed the deletion of an interrupted archive");

@@ -93,6 +93,12 @@ pub struct Rejected {
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct ImportSummary {
+    /// Records that failed mapping or validation, not yet stored in `dead_letters`.
+    #[serde(skip)]
+    rejected: Vec<sluice_core::transform::DeadLetter>,
+    /// How many of this run's rejected records were kept as dead letters.
+    #[serde(skip)]
+    rejected_kept: u64,
     pub run_id: String,
     pub name: String,
     pub resumed: bool,
@@ -123,6 +129,9 @@ pub struct ImportSummary {
     pub elapsed_ms: u64,
 }
 
+/// Records failed by mapping or validation kept in `dead_letters`, per run (beyond
+/// that they are only counted).
+const MAX_REJECTED_LETTERS: u64 = 10_000;
 const MAX_SAMPLES: usize = 20;
 
 fn chain_for(
@@ -388,7 +397,7 @@ pub async fn run_import(
                 && connector
                     .incremental
                     .as_ref()
-                    .is_some_and(|i| !i.advance_past_failures);
+                    .is_some_and(|i| i.hold_on_failures);
             if let (Some(m), false, false) = (&max_cursor, cut_short, holding) {
                 set.insert(f::SYNC_CURSOR, m.clone());
                 set.insert(f::SYNC_CURSOR_EPOCH_MS, summary.cursor_epoch_ms);
@@ -399,8 +408,17 @@ pub async fn run_import(
                     &mut summary,
                     name,
                     format!(
-                        "the incremental cursor was not advanced because {} record(s) failed mapping (see `samples`): the next run reads the same window again, so they are stored once the mapping or the source is fixed; set `incremental.advance_past_failures = true` to move on without them",
+                        "the incremental cursor was not advanced because {} record(s) failed mapping (`incremental.hold_on_failures`): the next run reads the same window again",
                         failed
+                    ),
+                );
+            } else if summary.failed > 0 && !cut_short && max_cursor.is_some() {
+                let failed = summary.failed;
+                warn_once(
+                    &mut summary,
+                    name,
+                    format!(
+                        "the incremental cursor moved past {failed} record(s) that failed mapping; they are kept in `dead_letters` (pipeline `import:{name}`, plugin `mapping`); set `incremental.hold_on_failures = true` to read them again until they map"
                     ),
                 );
             }
@@ -570,6 +588,20 @@ fn warn_once(summary: &mut ImportSummary, config: &str, warning: String) {
 fn reject(summary: &mut ImportSummary, options: &ImportOptions, reason: String, record: &Value) {
     summary.failed += 1;
     options.progress.failed.fetch_add(1, Relaxed);
+    // Kept whole, so nothing fetched is lost (the samples hold only the first few).
+    if summary.rejected_kept < MAX_REJECTED_LETTERS {
+        summary.rejected_kept += 1;
+        let record = match bson::to_bson(record) {
+            Ok(Bson::Document(d)) => d,
+            Ok(other) => doc! { "value": other },
+            Err(_) => doc! { "value": record.to_string() },
+        };
+        summary.rejected.push(sluice_core::transform::DeadLetter {
+            transform: "mapping".into(),
+            reason: reason.clone(),
+            record,
+        });
+    }
     if summary.samples.len() < MAX_SAMPLES {
         summary.samples.push(Rejected {
             reason,
@@ -630,15 +662,7 @@ async fn write_page(
     }
     let applied = apply_off_runtime(chain, mapped).await?;
     let mapped = applied.records;
-    if !options.dry_run {
-        summary.dead_letters += store
-            .keep_dead_letters(
-                applied.dead_letters,
-                &format!("import:{}", connector.name),
-                Some(&summary.run_id),
-            )
-            .await?;
-    }
+    let mut letters = applied.dead_letters;
     for d in &mapped {
         summary.key_kinds |= match d.get(&connector.key) {
             Some(Bson::String(_)) => 1,
@@ -737,6 +761,16 @@ async fn write_page(
                     .fetch_add(inserted + updated, Relaxed);
             }
         }
+        // What plugins failed, and what failed mapping or validation, is kept before the
+        // checkpoint moves past the page (a page redone keeps its letters once).
+        letters.append(&mut summary.rejected);
+        summary.dead_letters += store
+            .keep_dead_letters(
+                letters,
+                &format!("import:{}", connector.name),
+                Some(&summary.run_id),
+            )
+            .await?;
         // The page is committed: remember where the next one starts.
         store
             .collection(c::IMPORT_CHECKPOINTS)

@@ -801,10 +801,14 @@ impl WasmTransform {
                 // A write to a full output pipe fails inside the plugin, which usually
                 // panics on it (`println!`): that is the output's fault, not the input's.
                 let state = store.data();
+                let limit = matches!(
+                    e.downcast_ref::<wasmtime::Trap>(),
+                    Some(wasmtime::Trap::Interrupt | wasmtime::Trap::OutOfFuel)
+                );
                 let full = [&state.stdout, &state.stderr]
                     .iter()
                     .any(|p| p.contents().len() + PIPE_FULL_MARGIN >= PIPE_BYTES);
-                if full && !state.limits.hit {
+                if full && !limit && !state.limits.hit {
                     return Err(PluginError::Output {
                         plugin: self.name.clone(),
                         mib: PIPE_BYTES >> 20,
@@ -1194,7 +1198,12 @@ impl WasmTransform {
             // A batch too big for the memory cap is split in halves until the parts fit;
             // under dead-letter, a trap is narrowed down the same way, so only the records
             // that make the plugin trap become dead letters, not their whole batch.
-            Err(e) if Self::splittable(&e, self.policy, &batch) && Instant::now() < until => {
+            // Memory splitting always goes on (the parts must fit); narrowing traps down
+            // stops once its time is spent.
+            Err(e)
+                if Self::splittable(&e, self.policy, &batch)
+                    && (matches!(e, PluginError::Memory { .. }) || Instant::now() < until) =>
+            {
                 let mut second = batch;
                 let first: Vec<Record> = second.drain(..second.len() / 2).collect();
                 let mut out = self.apply_with_policy(first, letters, until)?;

@@ -44,8 +44,9 @@ fn dummy_hash() -> &'static str {
 /// attempts have all aged out are dropped, so unanswered guesses cannot grow the map.
 pub struct LoginGuard {
     attempts: Mutex<HashMap<String, Vec<Instant>>>,
-    /// Bounds the bcrypt checks running at once (each takes a core for ~0.25 s).
-    verifying: tokio::sync::Semaphore,
+    /// Bounds the bcrypt checks running at once (each takes a core for ~0.25 s); a
+    /// permit is held by the check itself, so a client that hangs up does not free it.
+    verifying: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 impl Default for LoginGuard {
@@ -53,14 +54,14 @@ impl Default for LoginGuard {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         Self {
             attempts: Mutex::default(),
-            verifying: tokio::sync::Semaphore::new(cores.div_ceil(2).max(1)),
+            verifying: std::sync::Arc::new(tokio::sync::Semaphore::new(cores.div_ceil(2).max(1))),
         }
     }
 }
 
 /// An attempt counted against its keys until it succeeds (or is abandoned unanswered).
-struct Attempt<'a> {
-    guard: &'a LoginGuard,
+struct Attempt {
+    guard: std::sync::Arc<LoginGuard>,
     keys: Vec<String>,
     at: Instant,
     failed: bool,
@@ -69,7 +70,7 @@ struct Attempt<'a> {
 impl LoginGuard {
     /// Counts an attempt for every key, or refuses it when a key already has
     /// [`MAX_FAILURES`] attempts in the window.
-    fn attempt(&self, keys: Vec<String>) -> Option<Attempt<'_>> {
+    fn attempt(self: &std::sync::Arc<Self>, keys: Vec<String>) -> Option<Attempt> {
         let mut map = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
         if map.len() > 10_000 {
             map.retain(|_, list| list.iter().any(|t| t.elapsed() < FAILURE_WINDOW));
@@ -87,7 +88,7 @@ impl LoginGuard {
             map.entry(k.clone()).or_default().push(at);
         }
         Some(Attempt {
-            guard: self,
+            guard: self.clone(),
             keys,
             at,
             failed: false,
@@ -100,14 +101,14 @@ impl LoginGuard {
     }
 }
 
-impl Attempt<'_> {
+impl Attempt {
     /// Keeps the attempt counted as a failure.
     fn failed(mut self) {
         self.failed = true;
     }
 }
 
-impl Drop for Attempt<'_> {
+impl Drop for Attempt {
     fn drop(&mut self) {
         if self.failed {
             return;
@@ -350,16 +351,33 @@ async fn login(
         .as_ref()
         .map(|u| u.password.clone())
         .unwrap_or_else(|| dummy_hash().to_string());
-    let ok = {
-        let _permit = state.login_guard.verifying.acquire().await;
-        tokio::task::spawn_blocking(move || bcrypt::verify(password, &hash).unwrap_or(false))
-            .await
-            .unwrap_or(false)
-    };
-    let Some(user) = user.filter(|u| ok && u.is_active) else {
-        attempt.failed();
+    let permit = state
+        .login_guard
+        .verifying
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(store_error)?;
+    // The check, and the failure it records, finish even if the client hangs up.
+    let checked = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        let ok = bcrypt::verify(password, &hash).unwrap_or(false);
+        if !ok {
+            attempt.failed();
+            return None;
+        }
+        Some(attempt)
+    })
+    .await
+    .ok()
+    .flatten();
+    let (Some(attempt), Some(user)) = (checked, user) else {
         return Err(refused());
     };
+    if !user.is_active {
+        attempt.failed();
+        return Err(refused());
+    }
     let token = format!(
         "{}{}",
         uuid::Uuid::new_v4().simple(),
@@ -541,10 +559,14 @@ fn reserved_env(name: &str) -> bool {
 /// `${env:NAME}` references may not name Sluice's own settings or the cloud credentials:
 /// a config sends its secrets to the endpoint it names, so an API caller could otherwise
 /// send the database URI or the S3 keys anywhere.
-fn validate_api_config(body: &str) -> Result<sluice_core::integration::IntegrationFile, String> {
+fn validate_api_config(
+    config: &sluice_core::config::Config,
+    body: &str,
+) -> Result<sluice_core::integration::IntegrationFile, String> {
+    let own = config.env_references();
     let reserved = std::cell::RefCell::new(None);
     let env = |k: &str| {
-        if reserved_env(k) {
+        if reserved_env(k) || own.iter().any(|o| o == k) {
             reserved.replace(Some(k.to_string()));
             return None;
         }
@@ -554,7 +576,7 @@ fn validate_api_config(body: &str) -> Result<sluice_core::integration::Integrati
         Ok((file, _)) => Ok(file),
         Err(e) => Err(match reserved.take() {
             Some(name) => format!(
-                "`${{env:{name}}}`: configs applied through the API may not reference {}* variables (Sluice's own settings and cloud credentials); give the connector's secret a name of its own",
+                "`${{env:{name}}}`: configs applied through the API may not reference {}* variables, nor those Sluice's own configuration reads its secrets from; give the connector's secret a name of its own",
                 RESERVED_ENV_PREFIXES.join("* or ")
             ),
             None => e.to_string(),
@@ -571,7 +593,7 @@ async fn apply_config(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     caller(&state, &headers, Role::Admin).await?;
     let bad = |e: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_config", e);
-    let file = validate_api_config(&body).map_err(bad)?;
+    let file = validate_api_config(&state.config, &body).map_err(bad)?;
     let file = {
         let config = state.config.clone();
         // Loading compiles the plugins: off the async threads.
@@ -780,29 +802,27 @@ async fn daily(
 
 /// Days whose events ARCHIVE moved to Parquet and deleted would be counted from what is
 /// left (nothing, or a few late events): refused, naming the days, as the
-/// DAILY_ANALYTICS export refuses them. Only days older than `archive_after_days` can
-/// have been archived; the archive runs that published them are in `export_jobs`.
+/// DAILY_ANALYTICS export refuses them. An archive run names each day in `export_jobs`
+/// from before it deletes anything (`pendingDeletes`) until after (`partitions`).
 async fn refuse_archived_days(
     state: &AppState,
     from: chrono::NaiveDate,
     to: chrono::NaiveDate,
 ) -> Result<(), ApiError> {
-    let horizon = chrono::Utc::now().date_naive()
-        - chrono::Days::new(u64::from(state.config.archive_after_days));
     let archive = sluice_core::model::ExportJobType::Archive.as_str();
     let candidates: Vec<String> = from
         .iter_days()
-        .take_while(|d| *d <= to && *d < horizon)
+        .take_while(|d| *d <= to)
         .map(|d| format!("{archive}/dt={d}"))
         .collect();
-    if candidates.is_empty() {
-        return Ok(());
-    }
     let runs: Vec<Document> = state
         .store
         .collection(c::EXPORT_JOBS)
-        .find(doc! { "type": archive, "partitions.prefix": { "$in": &candidates } })
-        .projection(doc! { "partitions.prefix": 1 })
+        .find(doc! { "type": archive, "$or": [
+            { "partitions.prefix": { "$in": &candidates } },
+            { "pendingDeletes.prefix": { "$in": &candidates } },
+        ] })
+        .projection(doc! { "partitions.prefix": 1, "pendingDeletes.prefix": 1 })
         .await
         .map_err(store_error)?
         .try_collect()
@@ -810,7 +830,8 @@ async fn refuse_archived_days(
         .map_err(store_error)?;
     let mut archived: Vec<&str> = runs
         .iter()
-        .filter_map(|r| r.get_array("partitions").ok())
+        .flat_map(|r| ["partitions", "pendingDeletes"].map(|k| r.get_array(k).ok()))
+        .flatten()
         .flatten()
         .filter_map(|p| p.as_document()?.get_str("prefix").ok())
         .filter(|p| candidates.iter().any(|c| c == p))
@@ -825,7 +846,7 @@ async fn refuse_archived_days(
         StatusCode::BAD_REQUEST,
         "archived_days",
         format!(
-            "days of this range were archived ({}): their events were moved to the ARCHIVE partitions and deleted from MongoDB, so counting them here would report only what arrived later; read the DAILY_ANALYTICS or ARCHIVE partitions for them, or start the range after {}",
+            "days of this range were archived, or are being archived ({}): their events were moved to the ARCHIVE partitions and deleted from MongoDB, so counting them here would report only what arrived later; read the DAILY_ANALYTICS or ARCHIVE partitions for them, or start the range after {}",
             archived.join(", "),
             archived[archived.len() - 1],
         ),
@@ -916,7 +937,7 @@ mod tests {
 
     #[test]
     fn a_blocked_client_cannot_grow_the_guard_and_answered_attempts_are_released() {
-        let guard = LoginGuard::default();
+        let guard = std::sync::Arc::new(LoginGuard::default());
         let blocked = "ip:203.0.113.1".to_string();
         for _ in 0..MAX_FAILURES {
             guard.attempt(vec![blocked.clone()]).unwrap().failed();

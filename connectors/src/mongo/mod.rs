@@ -179,7 +179,7 @@ impl Store {
     }
 
     /// Stores `letters` in `dead_letters`, tagged with the pipeline and run they came
-    /// from; returns how many there were. A letter's `_id` is derived from its pipeline,
+    /// from; returns how many were new. A letter's `_id` is derived from its pipeline,
     /// plugin and record (an event's `eventId`, any other record's content), so a rerun of
     /// the same input (an import page redone after a failed write, an export rerun, a
     /// resent tracking batch) keeps it once.
@@ -215,32 +215,40 @@ impl Store {
                 "reason": l.reason, "record": l.record, "createdAt": now,
             });
         }
-        let n = docs.len() as u64;
-        tracing::warn!(
-            pipeline,
-            records = n,
-            "records dead-lettered by transform plugins"
-        );
+        let total = docs.len() as u64;
+        let kept_before = match self
+            .collection(sluice_core::model::collections::DEAD_LETTERS)
+            .insert_many(docs)
+            .ordered(false)
+            .await
+        {
+            Ok(_) => 0,
+            // Kept already, by an earlier run of the same input: not counted again.
+            Err(e) => match duplicate_key_positions(&e) {
+                Some(positions) => positions.len() as u64,
+                None => {
+                    return Err(StoreError::mongo(
+                        sluice_core::model::collections::DEAD_LETTERS,
+                        "store dead letters",
+                    )(e))
+                }
+            },
+        };
+        let n = total - kept_before;
+        if n > 0 {
+            tracing::warn!(
+                pipeline,
+                records = n,
+                "records dead-lettered by transform plugins"
+            );
+        }
         sluice_core::metrics::count(
             "sluice_dead_letters_total",
             "Records transform plugins failed under the dead-letter policy, stored in `dead_letters`.",
             &[("pipeline", pipeline.split(':').next().unwrap_or(pipeline))],
             n,
         );
-        match self
-            .collection(sluice_core::model::collections::DEAD_LETTERS)
-            .insert_many(docs)
-            .ordered(false)
-            .await
-        {
-            Ok(_) => Ok(n),
-            // Kept already, by an earlier run of the same input.
-            Err(e) if duplicate_key_positions(&e).is_some() => Ok(n),
-            Err(e) => Err(StoreError::mongo(
-                sluice_core::model::collections::DEAD_LETTERS,
-                "store dead letters",
-            )(e)),
-        }
+        Ok(n)
     }
 
     /// Pings the server (readiness).
