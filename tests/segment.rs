@@ -660,3 +660,144 @@ async fn gzip_bodies_write_key_in_the_body_and_invalid_messages_reported() {
     assert_eq!(r.status().as_u16(), 413);
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn browser_sdk_paths_relayed_payloads_traits_and_categories() {
+    let db = TestDb::initialized().await;
+    let server = start_server(&db, |raw| {
+        raw.server.write_keys = vec![sluice_core::config::Secret::new(KEY)];
+    })
+    .await;
+    let base = format!("http://{}", server.addr);
+    let client = reqwest::Client::new();
+    let t0 = t0();
+    // analytics-next posts text/plain JSON with the key in the body, one message to a
+    // one-letter path, or a batch to `/v1/b`.
+    let browser = |path: &str, body: Value| {
+        client
+            .post(format!("{base}{path}"))
+            .header("content-type", "text/plain")
+            .body(body.to_string())
+            .send()
+    };
+    let r = browser(
+        "/v1/t",
+        json!({ "writeKey": KEY, "type": "track", "event": "Clicked", "messageId": "b1",
+                "anonymousId": "anon-b", "timestamp": iso(t0), "sentAt": iso(t0 + 100) }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let r = browser(
+        "/v1/b",
+        json!({ "writeKey": KEY, "batch": [
+            { "type": "page", "messageId": "b2", "anonymousId": "anon-b", "name": "Home",
+              "category": "Landing", "timestamp": iso(t0 + 1_000) },
+            { "type": "screen", "messageId": "b3", "anonymousId": "anon-b", "name": "Cart",
+              "category": "Shop", "timestamp": iso(t0 + 2_000) },
+            { "type": "track", "messageId": "b4", "anonymousId": "anon-b", "event": "Viewed",
+              "context": { "traits": { "plan": "pro" } }, "timestamp": iso(t0 + 3_000) },
+            { "type": "group", "messageId": "b5", "anonymousId": "anon-b", "groupId": "acme",
+              "context": { "traits": { "email": "x@y.io" } }, "timestamp": iso(t0 + 4_000) },
+        ] }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let answer: Value = r.json().await.unwrap();
+    assert_eq!(answer["stored"], 4, "{answer}");
+    let event = |id: &'static str| {
+        let db = &db;
+        async move {
+            find(db, "events", doc! { "eventId": id })
+                .await
+                .pop()
+                .unwrap()
+        }
+    };
+    let props = |e: &Document| e.get_document("properties").unwrap().clone();
+    assert_eq!(
+        props(&event("b2").await).get_str("category").unwrap(),
+        "Landing"
+    );
+    assert_eq!(
+        props(&event("b3").await).get_str("category").unwrap(),
+        "Shop"
+    );
+    // A track keeps the user's context traits; a group's traits are not the user's.
+    let b4 = event("b4").await;
+    let context = b4
+        .get_document("metadata")
+        .unwrap()
+        .get_document("context")
+        .unwrap();
+    assert_eq!(
+        context
+            .get_document("traits")
+            .unwrap()
+            .get_str("plan")
+            .unwrap(),
+        "pro"
+    );
+    let b5 = props(&event("b5").await);
+    assert!(
+        b5.get_document("traits")
+            .map_or(true, |t| !t.contains_key("email")),
+        "{b5}"
+    );
+
+    // A payload relayed through Segment (it has `receivedAt`) keeps its corrected
+    // `timestamp`, however old its `sentAt`.
+    let day = chrono::DateTime::parse_from_rfc3339("2025-01-01T10:00:00.500Z")
+        .unwrap()
+        .timestamp_millis();
+    let (status, answer) = post(
+        &base,
+        "/v1/import",
+        &json!({ "batch": [{ "type": "track", "event": "Old", "messageId": "r1", "userId": "u-r",
+            "originalTimestamp": "2025-01-01T10:00:00Z", "timestamp": "2025-01-01T10:00:00.500Z",
+            "sentAt": "2025-01-01T10:00:01Z", "receivedAt": "2025-01-01T10:00:00.600Z" }] }),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        event("r1")
+            .await
+            .get_datetime("timestamp")
+            .unwrap()
+            .timestamp_millis(),
+        day
+    );
+
+    // A blank `X-Write-Key`, or a proxy's own basic credentials, leave the body key to
+    // decide; a 429 tells the browser SDK when to come back.
+    let r = client
+        .post(format!("{base}/v1/t"))
+        .header("x-write-key", "")
+        .json(&json!({ "writeKey": KEY, "type": "track", "event": "E", "messageId": "k1", "userId": "u" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let r = client
+        .post(format!("{base}/v1/t"))
+        .basic_auth("proxy-user", Some("proxy-pass"))
+        .json(&json!({ "writeKey": KEY, "type": "track", "event": "E", "messageId": "k2", "userId": "u" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let r = client
+        .post(format!("{base}/v1/t"))
+        .basic_auth("proxy-user", Some("proxy-pass"))
+        .json(&json!({ "type": "track", "event": "E", "messageId": "k3", "userId": "u" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status().as_u16(),
+        401,
+        "a wrong key and no other is refused"
+    );
+    server.shutdown().await;
+}

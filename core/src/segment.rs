@@ -212,15 +212,26 @@ pub fn parse_message(
             ValidationError::new("userId", "either userId or anonymousId is required")
         })?;
     let context = object(obj, "context")?;
+    // `context.traits` are the current user's traits: an identify without its own
+    // traits takes them; a group's traits are the group's, never the user's.
     let mut properties = match kind {
-        Kind::Identify | Kind::Group => object(obj, "traits")?
+        Kind::Identify => object(obj, "traits")?
             .or(context
                 .and_then(|c| c.get("traits"))
                 .and_then(Value::as_object))
             .cloned()
             .unwrap_or_default(),
+        Kind::Group => object(obj, "traits")?.cloned().unwrap_or_default(),
         _ => object(obj, "properties")?.cloned().unwrap_or_default(),
     };
+    // `page` and `screen` carry their `name` and `category` at the top level.
+    if matches!(kind, Kind::Page | Kind::Screen) {
+        if let Some(category) = text(Some(obj), "category") {
+            properties
+                .entry("category")
+                .or_insert(Value::String(category));
+        }
+    }
     let page = context
         .and_then(|c| c.get("page"))
         .and_then(Value::as_object);
@@ -331,16 +342,33 @@ pub fn parse_message(
         "eventType".into(),
         Value::String(event_type.as_str().into()),
     );
-    let time = obj
-        .get("originalTimestamp")
-        .filter(|v| !v.is_null())
-        .or_else(|| obj.get("timestamp"));
+    // A message that went through Segment already (a replay of archived payloads, a
+    // forward) carries `receivedAt`, and its `timestamp` is the corrected time: taken as
+    // it is. One from an SDK has the client's clock in `originalTimestamp` (or
+    // `timestamp`), corrected with `sentAt`.
+    let relayed = obj.get("receivedAt").is_some_and(|v| !v.is_null());
+    let present = |k: &str| obj.get(k).filter(|v| !v.is_null());
+    let time = if relayed {
+        present("timestamp").or_else(|| present("originalTimestamp"))
+    } else {
+        present("originalTimestamp").or_else(|| present("timestamp"))
+    };
     if let Some(t) = time {
         native.insert("timestamp".into(), t.clone());
     }
-    if let Some(sent) = obj.get("sentAt") {
+    if let (Some(sent), false) = (obj.get("sentAt"), relayed) {
         native.insert("sentAt".into(), sent.clone());
     }
+    let uncorrected;
+    let ctx = if relayed {
+        uncorrected = RequestContext {
+            batch_sent_at_ms: None,
+            ..ctx.clone()
+        };
+        &uncorrected
+    } else {
+        ctx
+    };
     native.insert("properties".into(), Value::Object(properties));
     if let Some(u) = page_url {
         native.insert("pageUrl".into(), Value::String(u));
@@ -354,7 +382,7 @@ pub fn parse_message(
     let mut event = parse_event(&Value::Object(native), ctx, EventMetadata::default())
         .map_err(|e| rename_field(e, kind))?;
     if let Some(c) = context {
-        apply_context(&mut event.metadata, c)?;
+        apply_context(&mut event.metadata, c, kind == Kind::Identify)?;
     }
     if user_id.is_some() {
         event.metadata.anonymous_id = anonymous_id.clone();
@@ -383,7 +411,12 @@ fn rename_field(mut err: ValidationError, kind: Kind) -> ValidationError {
 }
 
 /// `context.device` / `os` / `location` into the metadata; the rest kept as sent.
-fn apply_context(m: &mut EventMetadata, c: &Map<String, Value>) -> Result<(), ValidationError> {
+/// `context.traits` is left out when an identify took them as its own.
+fn apply_context(
+    m: &mut EventMetadata,
+    c: &Map<String, Value>,
+    traits_taken: bool,
+) -> Result<(), ValidationError> {
     let device = c.get("device").and_then(Value::as_object);
     m.device = text(device, "type").or_else(|| text(device, "model"));
     let os = c.get("os").and_then(Value::as_object);
@@ -397,7 +430,12 @@ fn apply_context(m: &mut EventMetadata, c: &Map<String, Value>) -> Result<(), Va
     m.city = text(location, "city");
     let mut rest = Map::new();
     for (k, v) in c {
-        if !matches!(k.as_str(), "userAgent" | "ip" | "traits" | "sessionId") {
+        let taken = match k.as_str() {
+            "userAgent" | "ip" | "sessionId" => true,
+            "traits" => traits_taken,
+            _ => false,
+        };
+        if !taken {
             rest.insert(k.clone(), v.clone());
         }
     }

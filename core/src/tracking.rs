@@ -19,8 +19,6 @@ const EARLIEST_MS: i64 = 946_684_800_000;
 /// The largest purchase amount accepted. Revenue is summed in integer millionths
 /// (`i64`), so this keeps a visitor's total exact for over nine thousand such purchases.
 pub const MAX_PURCHASE_AMOUNT: f64 = 1e9;
-/// The largest client clock error `sentAt` corrects: a year.
-const MAX_CLOCK_SKEW_MS: i64 = 366 * 24 * 3_600_000;
 /// The longest `duration` accepted: one year, in milliseconds.
 pub const MAX_DURATION_MS: i64 = 365 * 24 * 3_600_000;
 
@@ -367,49 +365,47 @@ pub fn parse_event(
         None | Some(Value::Null) => ctx.batch_sent_at_ms,
         Some(t) => Some(parse_time("sentAt", t)?),
     };
-    if let Some(sent) = sent_at {
-        if sent < EARLIEST_MS {
-            return Err(ValidationError::new("sentAt", BEFORE_2000));
-        }
-        // A client clock can be wrong, which is what `sentAt` corrects, but not by years:
-        // such a `sentAt` would move every timestamp with it.
-        let off = sent.saturating_sub(ctx.received_at_ms);
-        if off.unsigned_abs() > MAX_CLOCK_SKEW_MS.unsigned_abs() {
-            return Err(ValidationError::new(
-                "sentAt",
-                format!(
-                    "is {} days from the server's clock (a client clock off by more than {} days is not corrected)",
-                    off / 86_400_000,
-                    MAX_CLOCK_SKEW_MS / 86_400_000
-                ),
-            ));
-        }
-    }
+    // Any skew is corrected, however large: a device whose clock was reset (to 1970, say)
+    // sends `timestamp` and `sentAt` from the same wrong clock, and their difference is
+    // still right. What the correction gives is checked below like any time.
+    // A time the correction puts out of range is `sentAt`'s doing (it is not from the
+    // clock `timestamp` came from): the error names it.
+    let corrected = client_time.is_some() && sent_at.is_some();
+    let field = if corrected { "sentAt" } else { f::TIMESTAMP };
     let timestamp_ms = match (client_time, sent_at) {
         (Some(t), Some(sent)) => sent
             .checked_sub(t)
             .and_then(|lag| ctx.received_at_ms.checked_sub(lag))
-            .ok_or_else(|| ValidationError::new(f::TIMESTAMP, "out of range (with `sentAt`)"))?,
+            .ok_or_else(|| ValidationError::new("sentAt", "out of range (with `timestamp`)"))?,
         (Some(t), None) => t,
         (None, _) => ctx.received_at_ms,
     };
     if timestamp_ms > ctx.received_at_ms + ctx.max_future_ms {
         return Err(ValidationError::new(
-            f::TIMESTAMP,
-            format!(
-                "is {} s in the future (at most {} s allowed){}",
-                (timestamp_ms - ctx.received_at_ms) / 1000,
-                ctx.max_future_ms / 1000,
-                if client_time.is_some() && sent_at.is_some() {
-                    " after correcting the client's clock with `sentAt`"
-                } else {
-                    ""
-                }
-            ),
+            field,
+            if corrected {
+                format!(
+                    "is {} s before `timestamp`, which puts the event in the future once the client's clock is corrected (both must come from the same clock)",
+                    (timestamp_ms - ctx.received_at_ms) / 1000,
+                )
+            } else {
+                format!(
+                    "is {} s in the future (at most {} s allowed)",
+                    (timestamp_ms - ctx.received_at_ms) / 1000,
+                    ctx.max_future_ms / 1000,
+                )
+            },
         ));
     }
     if timestamp_ms < EARLIEST_MS {
-        return Err(ValidationError::new(f::TIMESTAMP, BEFORE_2000));
+        return Err(ValidationError::new(
+            field,
+            if corrected {
+                "is so far after `timestamp` that the corrected time is before the year 2000 (both must come from the same clock)"
+            } else {
+                BEFORE_2000
+            },
+        ));
     }
 
     let properties = match obj.get(f::PROPERTIES) {
@@ -585,6 +581,17 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_clock_reset_to_1970_is_corrected_however_far_off() {
+        // A phone whose clock restarted at 1970: the event 10 s before sending.
+        let e = parse(json!({
+            "userId": "v", "sessionId": "s", "eventType": "CLICK",
+            "timestamp": 3_600_000 - 10_000, "sentAt": 3_600_000,
+        }))
+        .unwrap();
+        assert_eq!(e.timestamp.timestamp_millis(), NOW - 10_000);
+    }
+
+    #[test]
     fn rfc3339_timestamps_are_accepted() {
         let e = parse(json!({
             "userId": "v", "sessionId": "s", "eventType": "CLICK",
@@ -646,6 +653,7 @@ pub(crate) mod tests {
                 json!({"userId": "v", "sessionId": "s", "eventType": "CLICK", "duration": 1e300}),
                 "duration",
             ),
+            // Sent (by its clock) long before it happened: corrected into the future.
             (
                 json!({"userId": "v", "eventType": "CLICK", "timestamp": NOW, "sentAt": 0}),
                 "sentAt",
@@ -733,7 +741,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn a_sent_at_years_off_is_named_not_the_timestamp() {
+    fn a_sent_at_out_of_range_is_named_not_the_timestamp() {
         let err = parse(json!({ "userId": "v", "eventType": "CLICK",
                                 "timestamp": NOW - 1000, "sentAt": 1e300 }))
         .unwrap_err();

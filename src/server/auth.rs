@@ -10,8 +10,14 @@ use sluice_core::config::Secret;
 
 /// The write key a request presents, if any.
 pub fn presented_key(headers: &HeaderMap) -> Option<String> {
-    if let Some(v) = headers.get("x-write-key").and_then(|v| v.to_str().ok()) {
-        return Some(v.trim().to_string());
+    // An empty header is no key (a client library that sends it blank).
+    if let Some(v) = headers
+        .get("x-write-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+    {
+        return Some(v.to_string());
     }
     let auth = headers.get("authorization")?.to_str().ok()?;
     // The scheme is case-insensitive (RFC 9110).
@@ -24,7 +30,7 @@ pub fn presented_key(headers: &HeaderMap) -> Option<String> {
         .ok()?;
     let text = String::from_utf8(decoded).ok()?;
     let user = text.split_once(':').map_or(text.as_str(), |(u, _)| u);
-    Some(user.to_string())
+    (!user.is_empty()).then(|| user.to_string())
 }
 
 /// Compares without an early exit, so timing does not reveal how much of a key matched.

@@ -82,6 +82,9 @@ impl IntoResponse for ApiError {
         if let Some(s) = self.retry_after {
             resp.headers_mut()
                 .insert("retry-after", HeaderValue::from(s));
+            // Read by the browser SDK's batching dispatcher (seconds).
+            resp.headers_mut()
+                .insert("x-ratelimit-reset", HeaderValue::from(s));
         }
         resp
     }
@@ -141,7 +144,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/events", post(tracking::track).layer(one))
         .route("/v1/events/batch", post(tracking::batch).layer(many))
         .route("/v1/batch", post(segment::batch).layer(many))
-        .route("/v1/import", post(segment::batch).layer(many));
+        .route("/v1/import", post(segment::batch).layer(many))
+        // The browser SDK (analytics.js / analytics-next) posts to one-letter paths.
+        .route("/v1/b", post(segment::batch).layer(many));
     for (path, kind) in [
         ("/v1/identify", Kind::Identify),
         ("/v1/track", Kind::Track),
@@ -149,6 +154,12 @@ pub fn router(state: AppState) -> Router {
         ("/v1/screen", Kind::Screen),
         ("/v1/group", Kind::Group),
         ("/v1/alias", Kind::Alias),
+        ("/v1/i", Kind::Identify),
+        ("/v1/t", Kind::Track),
+        ("/v1/p", Kind::Page),
+        ("/v1/s", Kind::Screen),
+        ("/v1/g", Kind::Group),
+        ("/v1/a", Kind::Alias),
     ] {
         let handler = move |State(state): State<AppState>,
                             ConnectInfo(peer): ConnectInfo<SocketAddr>,

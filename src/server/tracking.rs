@@ -163,7 +163,10 @@ pub(super) fn batch_item(
 /// a valid key costs no decompression or parsing). Returns whether there was one; if not,
 /// the caller admits the request with the key found in the body.
 pub(super) fn admit_by_header(state: &AppState, headers: &HeaderMap) -> Result<bool, ApiError> {
-    if auth::presented_key(headers).is_none() {
+    // A header key that is not one of ours (a proxy's own `Authorization`) leaves the
+    // body's `writeKey` to decide.
+    let header = auth::presented_key(headers);
+    if header.is_none() || auth::authorize(&state.config.write_keys, header.as_deref()).is_none() {
         return Ok(false);
     }
     admit(state, headers, None)?;
@@ -177,8 +180,13 @@ pub(super) fn admit(
     headers: &HeaderMap,
     body_key: Option<&str>,
 ) -> Result<String, ApiError> {
-    let presented = auth::presented_key(headers).or_else(|| body_key.map(str::to_string));
-    let Some(key) = auth::authorize(&state.config.write_keys, presented.as_deref()) else {
+    let keys = &state.config.write_keys;
+    let header = auth::presented_key(headers);
+    // The header's key if it is one of ours, else the body's.
+    let authorized = auth::authorize(keys, header.as_deref())
+        .filter(|_| header.is_some())
+        .or_else(|| auth::authorize(keys, body_key));
+    let Some(key) = authorized else {
         state.metrics.unauthorized.fetch_add(1, Relaxed);
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
