@@ -801,3 +801,44 @@ async fn browser_sdk_paths_relayed_payloads_traits_and_categories() {
     );
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_link_counts_from_its_earliest_message_whichever_arrives_first() {
+    let db = TestDb::initialized().await;
+    let server = start_server(&db, |raw| {
+        raw.server.write_keys = vec![sluice_core::config::Secret::new(KEY)];
+    })
+    .await;
+    let base = format!("http://{}", server.addr);
+    let t0 = t0();
+    for (path, body) in [
+        // Made at t0 + 10 min by a track carrying both ids...
+        (
+            "/v1/track",
+            json!({ "messageId": "l1", "userId": "u", "anonymousId": "a", "event": "Clicked",
+                    "timestamp": iso(t0 + 10 * MIN) }),
+        ),
+        // ...then the identify at t0 + 5 min arrives: the link counts from then on...
+        (
+            "/v1/identify",
+            json!({ "messageId": "l2", "userId": "u", "anonymousId": "a",
+                    "timestamp": iso(t0 + 5 * MIN) }),
+        ),
+        // ...so an anonymous event at t0 + 7 min is the user's.
+        (
+            "/v1/page",
+            json!({ "messageId": "l3", "anonymousId": "a", "timestamp": iso(t0 + 7 * MIN) }),
+        ),
+    ] {
+        let (status, answer) = post(&base, path, &body).await;
+        assert_eq!(status, 200, "{answer}");
+    }
+    let l3 = &find(&db, "events", doc! { "eventId": "l3" }).await[0];
+    assert_eq!(l3.get_str("userId").unwrap(), "u");
+    let link = &find(&db, "identities", doc! { "_id": "a" }).await[0];
+    assert_eq!(
+        link.get_datetime("since").unwrap().timestamp_millis(),
+        t0 + 5 * MIN
+    );
+    server.shutdown().await;
+}

@@ -95,7 +95,7 @@ pub async fn linked(store: &Store, ids: &[&str]) -> Result<HashMap<String, Link>
 
 /// Records `links` (`from` counts as `to` from the given time on) and returns the links
 /// of every id in `ids` and in `links` as they stand afterwards. An id already linked
-/// keeps its link.
+/// keeps its link (to the same user, from the earliest time any message made it).
 pub async fn link(
     store: &Store,
     ids: &[&str],
@@ -111,8 +111,25 @@ pub async fn link(
     let mut map = chains(store, &all).await?;
     let now = DateTime::now();
     let mut new = Vec::new();
+    // Earliest first, so within a request the earliest link of an id is the one made.
+    let mut links: Vec<&(String, String, DateTime)> = links.iter().collect();
+    links.sort_by_key(|(_, _, since)| *since);
     for (from, to, since) in links {
-        if map.contains_key(from) {
+        if let Some(existing) = map.get_mut(from) {
+            // The same link, from an earlier message delivered later: it counts from the
+            // earlier time, so the order messages arrive in does not matter.
+            if existing.visitor == *to && since.timestamp_millis() < existing.since_ms {
+                store
+                    .collection(c::IDENTITIES)
+                    .update_one(
+                        doc! { common::ID: from, i::VISITOR_ID: to, i::SINCE: { "$gt": *since } },
+                        doc! { "$set": { i::SINCE: *since } },
+                    )
+                    .write_concern(store.write_concern().clone())
+                    .await
+                    .map_err(StoreError::mongo(c::IDENTITIES, "move a link's start back"))?;
+                existing.since_ms = since.timestamp_millis();
+            }
             continue;
         }
         // A link back to `from` along `to`'s chain would close a cycle.
