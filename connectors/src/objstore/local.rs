@@ -37,7 +37,13 @@ impl LocalDir {
                 .await
                 .map_err(|e| err("create folder", e))?;
         }
-        let tmp = target.with_extension(format!("tmp-{}", std::process::id()));
+        // Hidden (a leading `.`) while it is written, so readers listing the folder (Spark,
+        // pyarrow, DuckDB globs) never take a half-written file for a part.
+        let name = target
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let tmp = target.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
         write(&tmp).await.map_err(|e| err("write", e))?;
         tokio::fs::rename(&tmp, &target)
             .await
@@ -107,7 +113,10 @@ impl LocalDir {
                     continue;
                 };
                 let key = rel.to_string_lossy().replace('\\', "/");
-                if key.starts_with(prefix) && !key.contains(".tmp-") {
+                let hidden = path
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with('.'));
+                if key.starts_with(prefix) && !hidden {
                     out.push(ObjectInfo {
                         key,
                         size: meta.len(),

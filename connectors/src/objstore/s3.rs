@@ -43,6 +43,48 @@ pub struct S3Store {
     prefix: String,
 }
 
+/// A multipart upload not yet completed: aborted when dropped open.
+struct PendingUpload {
+    client: Client,
+    bucket: String,
+    key: String,
+    upload_id: String,
+    open: bool,
+}
+
+impl PendingUpload {
+    async fn abort(&mut self) {
+        self.open = false;
+        let _ = self
+            .client
+            .abort_multipart_upload()
+            .bucket(&self.bucket)
+            .key(&self.key)
+            .upload_id(&self.upload_id)
+            .send()
+            .await;
+    }
+}
+
+impl Drop for PendingUpload {
+    fn drop(&mut self) {
+        if !self.open {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let mut open = PendingUpload {
+            client: self.client.clone(),
+            bucket: std::mem::take(&mut self.bucket),
+            key: std::mem::take(&mut self.key),
+            upload_id: std::mem::take(&mut self.upload_id),
+            open: true,
+        };
+        runtime.spawn(async move { open.abort().await });
+    }
+}
+
 fn describe<E: std::error::Error>(e: E) -> String {
     DisplayErrorContext(e).to_string()
 }
@@ -172,37 +214,41 @@ impl S3Store {
             .await
             .map_err(|e| StorageError::op(BACKEND, key, "create multipart upload", describe(e)))?;
         let upload_id = created.upload_id().unwrap_or_default().to_string();
-        match self.upload_parts(key, &full, &upload_id, path, size).await {
-            Ok(parts) => {
-                self.client
-                    .complete_multipart_upload()
-                    .bucket(&self.bucket)
-                    .key(&full)
-                    .upload_id(&upload_id)
-                    .multipart_upload(
-                        CompletedMultipartUpload::builder()
-                            .set_parts(Some(parts))
-                            .build(),
-                    )
-                    .send()
-                    .await
-                    .map_err(|e| {
-                        StorageError::op(BACKEND, key, "complete multipart upload", describe(e))
-                    })?;
-                Ok(())
-            }
-            Err(e) => {
-                let _ = self
-                    .client
-                    .abort_multipart_upload()
-                    .bucket(&self.bucket)
-                    .key(&full)
-                    .upload_id(&upload_id)
-                    .send()
-                    .await;
-                Err(e)
-            }
+        // Aborted on every way out but a completed upload (a run stopped mid-upload drops
+        // this future: the guard aborts then), so no invisible parts are left billed.
+        let mut pending = PendingUpload {
+            client: self.client.clone(),
+            bucket: self.bucket.clone(),
+            key: full.clone(),
+            upload_id: upload_id.clone(),
+            open: true,
+        };
+        let result = match self.upload_parts(key, &full, &upload_id, path, size).await {
+            Ok(parts) => self
+                .client
+                .complete_multipart_upload()
+                .bucket(&self.bucket)
+                .key(&full)
+                .upload_id(&upload_id)
+                .multipart_upload(
+                    CompletedMultipartUpload::builder()
+                        .set_parts(Some(parts))
+                        .build(),
+                )
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| {
+                    StorageError::op(BACKEND, key, "complete multipart upload", describe(e))
+                }),
+            Err(e) => Err(e),
+        };
+        if result.is_ok() {
+            pending.open = false;
+        } else {
+            pending.abort().await;
         }
+        result
     }
 
     async fn upload_parts(

@@ -38,8 +38,14 @@ fn as_i64(v: &Bson) -> Option<i64> {
     match v {
         Bson::Int32(x) => Some(i64::from(*x)),
         Bson::Int64(x) => Some(*x),
-        // A whole double only: 3.7 is not silently 3.
-        Bson::Double(x) if x.is_finite() && x.fract() == 0.0 => Some(*x as i64),
+        // A whole double in range only: 3.7 is not silently 3, nor 1e20 i64::MAX.
+        Bson::Double(x)
+            if x.is_finite()
+                && x.fract() == 0.0
+                && (-9.223_372_036_854_775e18..9.223_372_036_854_775e18).contains(x) =>
+        {
+            Some(*x as i64)
+        }
         _ => None,
     }
 }
@@ -211,7 +217,11 @@ fn column_values(
                 match v {
                     Some(Bson::Array(items)) => {
                         for item in items {
-                            b.values().append_value(as_text(item));
+                            match item {
+                                // A null item is null, not the text "null".
+                                Bson::Null | Bson::Undefined => b.values().append_null(),
+                                _ => b.values().append_value(as_text(item)),
+                            }
                         }
                         b.append(true);
                     }
@@ -403,6 +413,18 @@ mod tests {
         );
         assert!(int("totalEvents").is_null(0), "2.5 is not silently 2");
         assert!(b.column_by_name("segments").unwrap().is_null(0));
+
+        // Out of range is null, not saturated; a null tag is null, not "null".
+        let docs = vec![doc! { "visitorId": "w", "totalEvents": 1e20, "tags": ["a", Bson::Null] }];
+        let b = encode(&USER_TABLE, &docs).unwrap();
+        let events = b
+            .column_by_name("totalEvents")
+            .unwrap()
+            .as_primitive::<arrow::datatypes::Int64Type>();
+        assert!(events.is_null(0), "1e20 is no i64");
+        let tags = b.column_by_name("tags").unwrap().as_list::<i32>().value(0);
+        let tags = tags.as_string::<i32>();
+        assert_eq!((tags.value(0), tags.is_null(1)), ("a", true));
     }
 
     #[test]
