@@ -984,6 +984,18 @@ async fn a_run_failing_mid_publish_leaves_every_partition_whole_and_says_which_i
     assert_eq!(parquet_files(&dir, &p3), before[2].1);
     assert!(!dir.join("_staging").exists() || parquet_files_under(&dir.join("_staging")) == 0);
 
+    // A publish that fails after writing its manifest (its answer lost, say) puts the
+    // old manifest back with the old files.
+    let mut failing = ctx.clone();
+    failing.fail_after_manifest = true;
+    let err = run_export(&failing, &request(ExportJobType::EventData, d2, d2))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("after its manifest"), "{err}");
+    assert_eq!(manifest(&dir, &p2), before[1].0);
+    assert_eq!(parquet_files(&dir, &p2), before[1].1);
+    assert!(dir.join(&p2).join("_SUCCESS").exists());
+
     // A rerun without the fault replaces all three.
     let again = run_export(&ctx, &request(ExportJobType::EventData, d1, d3))
         .await

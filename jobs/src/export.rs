@@ -129,6 +129,9 @@ pub struct ExportContext {
     /// Tests: fail publishing after this many part files were copied into place (what a
     /// storage error mid-publish leaves behind).
     pub fail_after_copies: Option<u64>,
+    /// Tests: fail publishing right after the manifest was written (as when its answer is
+    /// lost).
+    pub fail_after_manifest: bool,
 }
 
 impl ExportContext {
@@ -143,6 +146,7 @@ impl ExportContext {
             work_dir: std::env::temp_dir(),
             fail_before_archive_delete: false,
             fail_after_copies: None,
+            fail_after_manifest: false,
         }
     }
 }
@@ -1382,6 +1386,13 @@ async fn publish_now(
             })?;
         files.extend(old["files"].as_array().cloned().unwrap_or_default());
     }
+    // What the partition's manifest says now, to put back if this publish is undone (a
+    // manifest written whose answer was lost would otherwise name removed files).
+    let old_manifest = if existing.iter().any(|o| o.key == manifest_key) {
+        Some(ctx.dest.get_bytes(&manifest_key).await?)
+    } else {
+        None
+    };
     ctx.dest.delete(std::slice::from_ref(&success)).await?;
     let names: Vec<String> = s
         .parts
@@ -1417,12 +1428,22 @@ async fn publish_now(
         });
         let body = serde_json::to_vec_pretty(&manifest).unwrap_or_default();
         ctx.dest.put_bytes(&manifest_key, body).await?;
+        if ctx.fail_after_manifest {
+            return Err(ExportError::Request(format!(
+                "publishing `{}` stopped after its manifest (test hook)",
+                s.prefix
+            )));
+        }
         Ok::<(), ExportError>(())
     }
     .await;
     if let Err(err) = placed {
-        // Undo: the old manifest still describes the partition.
+        // Undo: the old manifest, put back as it was, describes the partition again.
         let undone = async {
+            match &old_manifest {
+                Some(bytes) => ctx.dest.put_bytes(&manifest_key, bytes.clone()).await?,
+                None => ctx.dest.delete(std::slice::from_ref(&manifest_key)).await?,
+            }
             ctx.dest.delete(&copied).await?;
             if had_success {
                 ctx.dest.put_bytes(&success, Vec::new()).await?;
@@ -1442,7 +1463,11 @@ async fn publish_now(
             .map(|o| o.key.clone())
             .filter(|k| k.ends_with(".parquet") && !copied.contains(k))
             .collect();
-        ctx.dest.delete(&stale).await?;
+        // The manifest already names exactly the new files, which is what readers read:
+        // an old part that cannot be removed now is removed by the next publish.
+        if let Err(e) = ctx.dest.delete(&stale).await {
+            tracing::warn!(partition = %s.prefix, error = %e, "earlier parts not removed; the partition's manifest names only the new ones, and the next publish removes them");
+        }
     }
     ctx.dest.put_bytes(&success, Vec::new()).await?;
     Ok(PartitionSummary {
