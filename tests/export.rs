@@ -1129,3 +1129,44 @@ async fn runs_sharing_a_context_report_their_own_bytes() {
     }
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[tokio::test]
+async fn a_day_that_receives_events_after_its_export_is_published_again_by_the_schedule() {
+    use sluice_jobs::export::catch_up;
+    let db = TestDb::initialized().await;
+    let dir = temp_dir();
+    let ctx = ExportContext::new(db.store.clone(), ObjectStore::Local(LocalDir::new(&dir)));
+    let d = day(-3);
+    seed(&db, d, 40).await;
+    let p = format!("EVENT_DATA/dt={d}");
+    // The scheduled run of the day publishes its 40 events...
+    let first = catch_up(&ctx, ExportJobType::EventData, d, 1, 90)
+        .await
+        .unwrap();
+    assert_eq!(first.len(), 1);
+    assert_eq!(manifest(&dir, &p)["rows"], 40);
+    // ...a run with nothing new publishes nothing...
+    assert!(catch_up(&ctx, ExportJobType::EventData, d, 1, 90)
+        .await
+        .unwrap()
+        .is_empty());
+    // ...then a client's buffered event of that day arrives, and the next run publishes
+    // the day again, once.
+    let writer = EventWriter::new(db.store.clone(), WriterOptions::default());
+    let mut late = event(40, d);
+    late.event_id = "late-one".into();
+    assert_eq!(
+        writer.write(std::slice::from_ref(&late)).await.unwrap(),
+        vec![WriteStatus::Stored]
+    );
+    let again = catch_up(&ctx, ExportJobType::EventData, d, 1, 90)
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 1, "the late day, again");
+    assert_eq!(manifest(&dir, &p)["rows"], 41);
+    assert!(catch_up(&ctx, ExportJobType::EventData, d, 1, 90)
+        .await
+        .unwrap()
+        .is_empty());
+    std::fs::remove_dir_all(dir).unwrap();
+}

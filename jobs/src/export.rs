@@ -250,22 +250,98 @@ pub async fn catch_up(
                 .ok()
                 .and_then(|s| NaiveDate::parse_from_str(s, "%Y-%m-%d").ok())
         });
-    let first = match last {
-        Some(done) if done >= until => return Ok(Vec::new()),
-        Some(done) => next_day(done),
-        None => until,
+    let mut windows = match last {
+        Some(done) if done >= until => Vec::new(),
+        Some(done) => days(next_day(done), until),
+        None => vec![until],
     };
-    let mut windows = days(first, until);
     if windows.len() > max_windows {
         // Bounded: the most recent windows, still in order; older gaps need a backfill.
         windows = windows.split_off(windows.len() - max_windows);
     }
+    let first = windows.first().copied().unwrap_or_else(|| next_day(until));
     let mut done = Vec::new();
     for d in windows {
         let request = ExportRequest::day(kind, d, archive_after_days).scheduled();
+        let reading = DateTime::now();
         done.push(run_export(ctx, &request).await?);
+        late_day_exported(ctx, kind, d, reading).await;
+    }
+    // Days published earlier that received events since (a client's buffered events, an
+    // import of older data): published again. One that fails is logged and retried by
+    // the next run; it does not fail this run's windows.
+    for d in late_days(ctx, kind, first, archive_after_days).await? {
+        let request = ExportRequest::day(kind, d, archive_after_days).scheduled();
+        let reading = DateTime::now();
+        match run_export(ctx, &request).await {
+            Ok(summary) => {
+                tracing::info!(kind = %kind, day = %d, rows = summary.rows, "published again a day that received late events");
+                late_day_exported(ctx, kind, d, reading).await;
+                done.push(summary);
+            }
+            Err(e) => {
+                tracing::warn!(kind = %kind, day = %d, error = %e, "could not publish again a day that received late events; the next run tries again");
+            }
+        }
     }
     Ok(done)
+}
+
+/// The days before `before` that received events after `kind` last read them, oldest
+/// first; days old enough to be archived are left to ARCHIVE (and forgotten).
+async fn late_days(
+    ctx: &ExportContext,
+    kind: ExportJobType,
+    before: NaiveDate,
+    archive_after_days: u32,
+) -> Result<Vec<NaiveDate>, ExportError> {
+    let horizon = Utc::now().date_naive() - Days::new(u64::from(archive_after_days));
+    let late = ctx.store.collection(c::LATE_DAYS);
+    late.delete_many(doc! { common::ID: { "$lte": horizon.to_string() } })
+        .await
+        .map_err(StoreError::mongo(c::LATE_DAYS, "forget archived days"))?;
+    let marks: Vec<Document> = late
+        .find(doc! {})
+        .await
+        .map_err(StoreError::mongo(c::LATE_DAYS, "find late days"))?
+        .try_collect()
+        .await
+        .map_err(StoreError::mongo(c::LATE_DAYS, "find late days"))?;
+    let mut out: Vec<NaiveDate> = marks
+        .iter()
+        .filter_map(|m| {
+            let day = NaiveDate::parse_from_str(m.get_str(common::ID).ok()?, "%Y-%m-%d").ok()?;
+            let marked = m.get_datetime("markedAt").ok()?;
+            let read = m
+                .get_document("exported")
+                .ok()
+                .and_then(|e| e.get_datetime(kind.as_str()).ok());
+            (day < before && read.is_none_or(|r| r < marked)).then_some(day)
+        })
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+/// Notes that `kind` read `day` from `reading` on: late events marked before that are in
+/// what it published.
+async fn late_day_exported(
+    ctx: &ExportContext,
+    kind: ExportJobType,
+    day: NaiveDate,
+    reading: DateTime,
+) {
+    let noted = ctx
+        .store
+        .collection(c::LATE_DAYS)
+        .update_one(
+            doc! { common::ID: day.to_string() },
+            doc! { "$max": { format!("exported.{}", kind.as_str()): reading } },
+        )
+        .await;
+    if let Err(e) = noted {
+        tracing::warn!(%day, error = %e, "could not note a late day as exported; it is published again next run");
+    }
 }
 
 /// Runs one export and records it in `export_jobs`.

@@ -264,7 +264,38 @@ impl EventWriter {
             self.resolve_earlier(events, &claimed.earlier, &mut encoded, now, &mut status)
                 .await?;
         }
+        self.mark_late_days(events, &status).await;
         Ok(status)
+    }
+
+    /// Records the days before today (UTC) that events were just stored for: their
+    /// EVENT_DATA and DAILY_ANALYTICS partitions may have been published without them, and
+    /// the scheduled exports publish such days again. Best effort: the events are stored,
+    /// and failing their write now would only have the client resend them as duplicates.
+    async fn mark_late_days(&self, events: &[Event], status: &[WriteStatus]) {
+        let today = chrono::Utc::now().date_naive();
+        let days: std::collections::BTreeSet<chrono::NaiveDate> = events
+            .iter()
+            .zip(status)
+            .filter(|(_, s)| **s == WriteStatus::Stored)
+            .map(|(e, _)| e.timestamp.to_chrono().date_naive())
+            .filter(|d| *d < today)
+            .collect();
+        let now = DateTime::now();
+        for day in days {
+            let marked = self
+                .store
+                .collection(c::LATE_DAYS)
+                .update_one(
+                    doc! { common::ID: day.to_string() },
+                    doc! { "$max": { "markedAt": now } },
+                )
+                .upsert(true)
+                .await;
+            if let Err(e) = marked {
+                tracing::warn!(%day, error = %e, "could not mark a day that received late events; rerun its exports by hand");
+            }
+        }
     }
 
     /// Step 1, retried as a whole on transient transaction errors.

@@ -182,6 +182,7 @@ const PLAIN_COLLECTIONS: &[&str] = &[
     c::IMPORT_CHECKPOINTS,
     c::IDENTITIES,
     c::OAUTH_TOKENS,
+    c::LATE_DAYS,
 ];
 
 /// What happened to one index.

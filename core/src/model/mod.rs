@@ -40,6 +40,9 @@ pub mod collections {
     /// Records a transform plugin failed under the `dead-letter` policy, with the plugin,
     /// its reason and the pipeline (`tracking`, `import:NAME`, `export:TYPE`).
     pub const DEAD_LETTERS: &str = "dead_letters";
+    /// Days that received events after they may have been exported (`_id` = the day,
+    /// `markedAt`; `exported.<TYPE>` = when an export of that type last read the day).
+    pub const LATE_DAYS: &str = "late_days";
 }
 
 /// Field names shared by several collections.
