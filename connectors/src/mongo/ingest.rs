@@ -81,6 +81,11 @@ pub struct WriterOptions {
     /// Events without a `sessionId` more than this apart (per visitor) are in different
     /// sessions ([`sluice_core::sessionize`]).
     pub session_gap: Duration,
+    /// How far ahead a mark of a day that received late events reaches (`markedAt` in
+    /// the future): events of the day stored until then need no mark of their own, so a
+    /// day whose events keep arriving costs a mark per half of this, not one per batch.
+    /// An export reading the day before `markedAt` publishes it once more later.
+    pub late_mark_ahead: Duration,
 }
 
 impl Default for WriterOptions {
@@ -89,6 +94,7 @@ impl Default for WriterOptions {
             claim_lease: Duration::from_secs(30),
             max_transaction_attempts: 20,
             session_gap: Duration::from_secs(30 * 60),
+            late_mark_ahead: Duration::from_secs(60),
         }
     }
 }
@@ -98,6 +104,10 @@ impl Default for WriterOptions {
 pub struct EventWriter {
     store: Store,
     options: WriterOptions,
+    /// Days this writer marked late, and until when the mark covers them (shared by its
+    /// clones), so a day whose events keep arriving costs one mark a minute, not one a
+    /// batch.
+    late_marks: std::sync::Arc<std::sync::Mutex<HashMap<chrono::NaiveDate, Instant>>>,
 }
 
 /// What the claiming transaction decided.
@@ -112,7 +122,11 @@ struct Claimed {
 
 impl EventWriter {
     pub fn new(store: Store, options: WriterOptions) -> Self {
-        Self { store, options }
+        Self {
+            store,
+            options,
+            late_marks: Default::default(),
+        }
     }
 
     /// Writes `events`; the result has one status per input, in order.
@@ -281,19 +295,41 @@ impl EventWriter {
             .map(|(e, _)| e.timestamp.to_chrono().date_naive())
             .filter(|d| *d < today)
             .collect();
-        let now = DateTime::now();
-        for day in days {
+        // A mark reaches ahead (`markedAt` in the near future), so the events stored until
+        // then need no mark of their own: an export reading the day before `markedAt`
+        // publishes it again later.
+        let due: Vec<chrono::NaiveDate> = {
+            let mut marks = self.late_marks.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            marks.retain(|_, until| *until > now);
+            days.into_iter()
+                .filter(|d| !marks.contains_key(d))
+                .collect()
+        };
+        let ahead = DateTime::from_millis(
+            DateTime::now().timestamp_millis() + self.options.late_mark_ahead.as_millis() as i64,
+        );
+        for day in due {
             let marked = self
                 .store
                 .collection(c::LATE_DAYS)
                 .update_one(
                     doc! { common::ID: day.to_string() },
-                    doc! { "$max": { "markedAt": now } },
+                    doc! { "$max": { "markedAt": ahead } },
                 )
                 .upsert(true)
                 .await;
-            if let Err(e) = marked {
-                tracing::warn!(%day, error = %e, "could not mark a day that received late events; rerun its exports by hand");
+            match marked {
+                // Held a little short of `ahead`, for the time the write itself took.
+                Ok(_) => {
+                    self.late_marks
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(day, Instant::now() + self.options.late_mark_ahead / 2);
+                }
+                Err(e) => {
+                    tracing::warn!(%day, error = %e, "could not mark a day that received late events; rerun its exports by hand");
+                }
             }
         }
     }
