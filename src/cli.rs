@@ -237,6 +237,7 @@ pub async fn open_destination(
                     access_key: s3.access_key.expose().to_string(),
                     secret_key: s3.secret_key.expose().to_string(),
                     path_style: s3.path_style,
+                    checksums: s3.checksums,
                 })
                 .await?,
             )

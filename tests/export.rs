@@ -1178,3 +1178,26 @@ async fn a_day_that_receives_events_after_its_export_is_published_again_by_the_s
         .is_empty());
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[tokio::test]
+async fn uploads_work_with_checksums_turned_off() {
+    let bucket = TestBucket::new().await;
+    let mut settings = support::s3_settings(&bucket.name);
+    settings.checksums = false;
+    let plain = sluice_connectors::objstore::S3Store::connect(&settings)
+        .await
+        .unwrap();
+    let dest = ObjectStore::S3(plain);
+    // A multipart file (over 16 MB) and a small object, read back byte for byte.
+    let dir = temp_dir();
+    let big: Vec<u8> = (0..20 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let path = dir.join("big.bin");
+    std::fs::write(&path, &big).unwrap();
+    dest.put_file("plain/big.bin", &path).await.unwrap();
+    dest.put_bytes("plain/small.txt", b"hello".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(dest.get_bytes("plain/big.bin").await.unwrap(), big);
+    assert_eq!(dest.get_bytes("plain/small.txt").await.unwrap(), b"hello");
+    std::fs::remove_dir_all(dir).unwrap();
+}

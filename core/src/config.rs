@@ -309,6 +309,9 @@ pub struct S3Section {
     pub secret_key: Secret,
     /// Path-style addressing (`endpoint/bucket/key`), needed by most S3-compatible stores.
     pub path_style: bool,
+    /// CRC32 checksums on uploads; `false` for S3-compatible stores that refuse the
+    /// checksum headers.
+    pub checksums: bool,
 }
 
 impl Default for S3Section {
@@ -319,6 +322,7 @@ impl Default for S3Section {
             access_key: Secret::default(),
             secret_key: Secret::default(),
             path_style: false,
+            checksums: true,
         }
     }
 }

@@ -583,6 +583,7 @@ async fn parquet_export(n: usize) -> anyhow::Result<()> {
         access_key: var("SLUICE_S3_ACCESS_KEY", "sluice"),
         secret_key: var("SLUICE_S3_SECRET_KEY", "sluice-secret"),
         path_style: true,
+        checksums: true,
     })
     .await?;
     s3.client().create_bucket().bucket(&bucket).send().await?;

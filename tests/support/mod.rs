@@ -103,6 +103,7 @@ pub fn s3_settings(bucket: &str) -> sluice_connectors::objstore::S3Settings {
         access_key: var("SLUICE_S3_ACCESS_KEY", "sluice"),
         secret_key: var("SLUICE_S3_SECRET_KEY", "sluice-secret"),
         path_style: true,
+        checksums: true,
     }
 }
 

@@ -1,5 +1,5 @@
 //! S3 through `aws-sdk-s3`: custom endpoints and path-style addressing for S3-compatible
-//! stores, CRC32 checksums on every upload (the server rejects a corrupted body),
+//! stores, CRC32 checksums on every upload unless turned off (the server rejects a corrupted body),
 //! multipart uploads for large files (aborted on failure, so no orphan parts are billed),
 //! and the SDK's retries with backoff.
 
@@ -34,6 +34,9 @@ pub struct S3Settings {
     pub access_key: String,
     pub secret_key: String,
     pub path_style: bool,
+    /// CRC32 checksums on uploads (the server checks the body). Off for S3-compatible
+    /// stores that refuse the checksum headers (GCS' S3 API, some appliances).
+    pub checksums: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -41,6 +44,7 @@ pub struct S3Store {
     client: Client,
     bucket: String,
     prefix: String,
+    checksum: Option<ChecksumAlgorithm>,
 }
 
 /// A multipart upload not yet completed: aborted when dropped open.
@@ -125,6 +129,15 @@ impl S3Store {
         if !settings.endpoint.is_empty() {
             builder = builder.endpoint_url(&settings.endpoint);
         }
+        if !settings.checksums {
+            builder = builder
+                .request_checksum_calculation(
+                    aws_sdk_s3::config::RequestChecksumCalculation::WhenRequired,
+                )
+                .response_checksum_validation(
+                    aws_sdk_s3::config::ResponseChecksumValidation::WhenRequired,
+                );
+        }
         if settings.access_key.is_empty() {
             let shared = aws_config::defaults(BehaviorVersion::latest())
                 .http_client(http)
@@ -147,6 +160,7 @@ impl S3Store {
             client: Client::from_conf(builder.build()),
             bucket: settings.bucket.clone(),
             prefix: settings.prefix.trim_matches('/').to_string(),
+            checksum: settings.checksums.then_some(ChecksumAlgorithm::Crc32),
         })
     }
 
@@ -176,7 +190,7 @@ impl S3Store {
             .bucket(&self.bucket)
             .key(self.full(key))
             .body(ByteStream::from(bytes))
-            .checksum_algorithm(ChecksumAlgorithm::Crc32)
+            .set_checksum_algorithm(self.checksum.clone())
             .send()
             .await
             .map_err(|e| StorageError::op(BACKEND, key, "put", describe(e)))?;
@@ -197,7 +211,7 @@ impl S3Store {
                 .bucket(&self.bucket)
                 .key(self.full(key))
                 .body(body)
-                .checksum_algorithm(ChecksumAlgorithm::Crc32)
+                .set_checksum_algorithm(self.checksum.clone())
                 .send()
                 .await
                 .map_err(|e| StorageError::op(BACKEND, key, "put", describe(e)))?;
@@ -209,7 +223,7 @@ impl S3Store {
             .create_multipart_upload()
             .bucket(&self.bucket)
             .key(&full)
-            .checksum_algorithm(ChecksumAlgorithm::Crc32)
+            .set_checksum_algorithm(self.checksum.clone())
             .send()
             .await
             .map_err(|e| StorageError::op(BACKEND, key, "create multipart upload", describe(e)))?;
@@ -279,7 +293,7 @@ impl S3Store {
                 .upload_id(upload_id)
                 .part_number(number)
                 .body(body)
-                .checksum_algorithm(ChecksumAlgorithm::Crc32)
+                .set_checksum_algorithm(self.checksum.clone())
                 .send()
                 .await
                 .map_err(|e| StorageError::op(BACKEND, key, "upload part", describe(e)))?;
