@@ -849,16 +849,7 @@ fn a_batch_too_big_for_the_cap_is_split_and_a_trap_under_dead_letter_is_narrowed
         "split, in order, all kept"
     );
 
-    let picky = host
-        .load(
-            &dir,
-            "hostile",
-            json!({ "mode": "panic-on-bad" }),
-            &Grants::default(),
-            tight(),
-        )
-        .unwrap()
-        .with_policy(FailurePolicy::DeadLetter);
+    let picky = hostile(&host, "panic-on-bad").with_policy(FailurePolicy::DeadLetter);
     let records: Vec<Document> = (0..8)
         .map(|i| doc! { "eventId": format!("r{i}"), "kind": if i == 5 { "bad" } else { "good" } })
         .collect();
@@ -891,16 +882,7 @@ fn a_batch_too_big_for_the_cap_is_split_and_a_trap_under_dead_letter_is_narrowed
 
     // Narrowing a batch that fails everywhere stops once it has spent its budget (three
     // deadlines): the parts still failing are dead-lettered whole, not one call per record.
-    let panicky = host
-        .load(
-            &dir,
-            "hostile",
-            json!({ "mode": "panic" }),
-            &Grants::default(),
-            tight(),
-        )
-        .unwrap()
-        .with_policy(FailurePolicy::DeadLetter);
+    let panicky = hostile(&host, "panic").with_policy(FailurePolicy::DeadLetter);
     let records: Vec<Document> = (0..8192)
         .map(|i| doc! { "eventId": format!("p{i}") })
         .collect();

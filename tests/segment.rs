@@ -22,6 +22,14 @@ use support::{start_server, TestDb};
 const KEY: &str = "wk_segment_test";
 const MIN: i64 = 60_000;
 
+/// A server that takes the write key `KEY` only.
+async fn keyed_server(db: &TestDb) -> sluice::server::ServerHandle {
+    start_server(db, |raw| {
+        raw.server.write_keys = vec![sluice_core::config::Secret::new(KEY)];
+    })
+    .await
+}
+
 async fn find(db: &TestDb, coll: &str, filter: Document) -> Vec<Document> {
     db.store
         .collection(coll)
@@ -147,10 +155,7 @@ fn run_sdk(host: &str, plan: &[Value]) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_real_analytics_node_sdk_delivers_everything_once() {
     let db = TestDb::initialized().await;
-    let server = start_server(&db, |raw| {
-        raw.server.write_keys = vec![sluice_core::config::Secret::new(KEY)];
-    })
-    .await;
+    let server = keyed_server(&db).await;
     let (proxy, proxy_addr) = start_proxy(server.addr).await;
     let t0 = t0();
     let mut plan = vec![
@@ -356,10 +361,7 @@ async fn post(base: &str, path: &str, body: &Value) -> (u16, Value) {
 #[tokio::test]
 async fn identify_links_an_anonymous_visitor_from_its_time_on_in_any_delivery_order() {
     let db = TestDb::initialized().await;
-    let server = start_server(&db, |raw| {
-        raw.server.write_keys = vec![sluice_core::config::Secret::new(KEY)];
-    })
-    .await;
+    let server = keyed_server(&db).await;
     let base = format!("http://{}", server.addr);
     let t0 = t0();
     // After sign-in, delivered first: the link does not exist yet, so it stays anonymous;
@@ -523,10 +525,7 @@ async fn sessions_split_at_the_gap_whatever_the_delivery_order() {
 #[tokio::test]
 async fn gzip_bodies_write_key_in_the_body_and_invalid_messages_reported() {
     let db = TestDb::initialized().await;
-    let server = start_server(&db, |raw| {
-        raw.server.write_keys = vec![sluice_core::config::Secret::new(KEY)];
-    })
-    .await;
+    let server = keyed_server(&db).await;
     let base = format!("http://{}", server.addr);
     let client = reqwest::Client::new();
     let t0 = t0();
@@ -664,10 +663,7 @@ async fn gzip_bodies_write_key_in_the_body_and_invalid_messages_reported() {
 #[tokio::test]
 async fn browser_sdk_paths_relayed_payloads_traits_and_categories() {
     let db = TestDb::initialized().await;
-    let server = start_server(&db, |raw| {
-        raw.server.write_keys = vec![sluice_core::config::Secret::new(KEY)];
-    })
-    .await;
+    let server = keyed_server(&db).await;
     let base = format!("http://{}", server.addr);
     let client = reqwest::Client::new();
     let t0 = t0();
@@ -805,10 +801,7 @@ async fn browser_sdk_paths_relayed_payloads_traits_and_categories() {
 #[tokio::test]
 async fn a_link_counts_from_its_earliest_message_whichever_arrives_first() {
     let db = TestDb::initialized().await;
-    let server = start_server(&db, |raw| {
-        raw.server.write_keys = vec![sluice_core::config::Secret::new(KEY)];
-    })
-    .await;
+    let server = keyed_server(&db).await;
     let base = format!("http://{}", server.addr);
     let t0 = t0();
     for (path, body) in [

@@ -755,13 +755,6 @@ impl HttpClient {
             Some(chain) => Records::InBody(chain),
             None => Records::Copied(select_records(&body, selector).map_err(HttpError::Selector)?),
         };
-        let items = paged_list(&body, selector).unwrap_or_else(|| match &records {
-            Records::Copied(r) => r.len(),
-            Records::InBody(chain) => match at_chain(&body, chain) {
-                Some(Value::Array(a)) => a.len(),
-                _ => 0,
-            },
-        });
         let mut page = Page {
             url: url.clone(),
             body,
@@ -769,8 +762,9 @@ impl HttpClient {
             records,
             digest,
             records_missing: None,
-            items,
+            items: 0,
         };
+        page.items = paged_list(&page.body, selector).unwrap_or(page.records().len());
         if page.records().is_empty() {
             page.records_missing = records_miss(&page.body, selector);
         }

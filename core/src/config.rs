@@ -854,9 +854,7 @@ impl Config {
         // Serializing a struct of strings, numbers and vectors cannot fail.
         toml::to_string(&RedactedView(&raw)).unwrap_or_default()
     }
-}
 
-impl Config {
     /// The environment variables this configuration reads its own secrets from (write
     /// keys, S3 keys, the token key, plugin settings): a connector config applied through
     /// the API may not name them.

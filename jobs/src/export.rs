@@ -1428,15 +1428,22 @@ async fn publish_now(
     let existing = ctx.dest.list(&dir).await?;
     let had_success = existing.iter().any(|o| o.key == success);
     let additive = kind == ExportJobType::Archive;
+    // The partition's manifest as it is, read once: what an empty rerun compares with, what
+    // an archive adds to, and what is put back if this publish is undone (a manifest
+    // written whose answer was lost would otherwise name removed files).
+    let old_manifest = if existing.iter().any(|o| o.key == manifest_key) {
+        Some(ctx.dest.get_bytes(&manifest_key).await?)
+    } else {
+        None
+    };
     // A rerun that finds nothing where rows were published (the day's events were
     // archived or deleted since) would empty the partition a warehouse reads: it is kept.
     let new_rows: u64 = s.parts.iter().map(|(_, i)| i.rows).sum();
-    if !additive && new_rows == 0 && existing.iter().any(|o| o.key == manifest_key) {
-        let old_rows =
-            serde_json::from_slice::<serde_json::Value>(&ctx.dest.get_bytes(&manifest_key).await?)
-                .ok()
-                .and_then(|m| m["rows"].as_u64())
-                .unwrap_or(0);
+    if let (false, 0, Some(old)) = (additive, new_rows, &old_manifest) {
+        let old_rows = serde_json::from_slice::<serde_json::Value>(old)
+            .ok()
+            .and_then(|m| m["rows"].as_u64())
+            .unwrap_or(0);
         if old_rows > 0 {
             tracing::warn!(
                 partition = %s.prefix,
@@ -1452,23 +1459,14 @@ async fn publish_now(
         }
     }
     let mut files: Vec<serde_json::Value> = Vec::new();
-    if additive && existing.iter().any(|o| o.key == manifest_key) {
+    if let (true, Some(old)) = (additive, &old_manifest) {
         let old: serde_json::Value =
-            serde_json::from_slice(&ctx.dest.get_bytes(&manifest_key).await?).map_err(|e| {
-                ExportError::Verify {
-                    key: manifest_key.clone(),
-                    message: e.to_string(),
-                }
+            serde_json::from_slice(old).map_err(|e| ExportError::Verify {
+                key: manifest_key.clone(),
+                message: e.to_string(),
             })?;
         files.extend(old["files"].as_array().cloned().unwrap_or_default());
     }
-    // What the partition's manifest says now, to put back if this publish is undone (a
-    // manifest written whose answer was lost would otherwise name removed files).
-    let old_manifest = if existing.iter().any(|o| o.key == manifest_key) {
-        Some(ctx.dest.get_bytes(&manifest_key).await?)
-    } else {
-        None
-    };
     ctx.dest.delete(std::slice::from_ref(&success)).await?;
     let names: Vec<String> = s
         .parts

@@ -402,25 +402,14 @@ pub async fn run_import(
                 set.insert(f::SYNC_CURSOR, m.clone());
                 set.insert(f::SYNC_CURSOR_EPOCH_MS, summary.cursor_epoch_ms);
             }
-            if holding && !cut_short && max_cursor.is_some() {
+            if summary.failed > 0 && !cut_short && max_cursor.is_some() {
                 let failed = summary.failed;
-                warn_once(
-                    &mut summary,
-                    name,
-                    format!(
-                        "the incremental cursor was not advanced because {} record(s) failed mapping (`incremental.hold_on_failures`): the next run reads the same window again",
-                        failed
-                    ),
-                );
-            } else if summary.failed > 0 && !cut_short && max_cursor.is_some() {
-                let failed = summary.failed;
-                warn_once(
-                    &mut summary,
-                    name,
-                    format!(
-                        "the incremental cursor moved past {failed} record(s) that failed mapping; they are kept in `dead_letters` (pipeline `import:{name}`, plugin `mapping`); set `incremental.hold_on_failures = true` to read them again until they map"
-                    ),
-                );
+                let warning = if holding {
+                    format!("the incremental cursor was not advanced because {failed} record(s) failed mapping (`incremental.hold_on_failures`): the next run reads the same window again")
+                } else {
+                    format!("the incremental cursor moved past {failed} record(s) that failed mapping; they are kept in `dead_letters` (pipeline `import:{name}`, plugin `mapping`); set `incremental.hold_on_failures = true` to read them again until they map")
+                };
+                warn_once(&mut summary, name, warning);
             }
             if cut_short && max_cursor.is_some() {
                 warn_once(

@@ -805,9 +805,11 @@ impl WasmTransform {
                     e.downcast_ref::<wasmtime::Trap>(),
                     Some(wasmtime::Trap::Interrupt | wasmtime::Trap::OutOfFuel)
                 );
-                let full = [&state.stdout, &state.stderr]
+                // The output was just flushed: `logged` is how full each pipe is.
+                let full = state
+                    .logged
                     .iter()
-                    .any(|p| p.contents().len() + PIPE_FULL_MARGIN >= PIPE_BYTES);
+                    .any(|n| n + PIPE_FULL_MARGIN >= PIPE_BYTES);
                 if full && !limit && !state.limits.hit {
                     return Err(PluginError::Output {
                         plugin: self.name.clone(),
@@ -1195,11 +1197,8 @@ impl WasmTransform {
         };
         let outcomes = match self.call(&batch) {
             Ok(outcomes) => outcomes,
-            // A batch too big for the memory cap is split in halves until the parts fit;
-            // under dead-letter, a trap is narrowed down the same way, so only the records
-            // that make the plugin trap become dead letters, not their whole batch.
-            // Memory splitting always goes on (the parts must fit); narrowing traps down
-            // stops once its time is spent.
+            // Split in halves (see `splittable`). Memory splitting always goes on (the
+            // parts must fit); narrowing traps down stops once its time is spent.
             Err(e)
                 if Self::splittable(&e, self.policy, &batch)
                     && (matches!(e, PluginError::Memory { .. }) || Instant::now() < until) =>

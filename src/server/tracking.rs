@@ -166,15 +166,15 @@ pub(super) fn admit_by_header(state: &AppState, headers: &HeaderMap) -> Result<b
     // A header key that is not one of ours (a proxy's own `Authorization`) leaves the
     // body's `writeKey` to decide.
     let header = auth::presented_key(headers);
-    if header.is_none() || auth::authorize(&state.config.write_keys, header.as_deref()).is_none() {
-        return Ok(false);
+    match header.and_then(|h| auth::authorize(&state.config.write_keys, Some(&h))) {
+        Some(key) => rate_limit(state, key).map(|_| true),
+        None => Ok(false),
     }
-    admit(state, headers, None)?;
-    Ok(true)
 }
 
 /// Write key and rate limit; returns the key the request is accounted to. `body_key` is
-/// a key sent in the body (the Segment API's `writeKey`), used when no header has one.
+/// a key sent in the body (the Segment API's `writeKey`), used when the headers carry
+/// none of ours.
 pub(super) fn admit(
     state: &AppState,
     headers: &HeaderMap,
@@ -194,6 +194,11 @@ pub(super) fn admit(
             "a valid write key is required (HTTP basic user, `X-Write-Key`, or `writeKey` in a Segment body)",
         ));
     };
+    rate_limit(state, key)
+}
+
+/// The per-key rate limit of an admitted request.
+fn rate_limit(state: &AppState, key: String) -> Result<String, ApiError> {
     if !state.limiter.allow(&key) {
         state.metrics.rate_limited.fetch_add(1, Relaxed);
         return Err(ApiError::new(
