@@ -1180,6 +1180,60 @@ async fn a_day_that_receives_events_after_its_export_is_published_again_by_the_s
 }
 
 #[tokio::test]
+async fn a_late_day_is_marked_before_its_events_are_stored() {
+    let db = TestDb::initialized().await;
+    let writer = EventWriter::new(db.store.clone(), WriterOptions::default());
+    let d = day(-3);
+    let events: Vec<Event> = (0..5).map(|i| event(i, d)).collect();
+    // A mark the server refuses (a validator no document passes) fails the write before
+    // any event is stored, so no stored event can be left without its mark.
+    let refuse = |on: bool| {
+        let validator = if on {
+            doc! { "markedAt": { "$type": "string" } }
+        } else {
+            doc! {}
+        };
+        let db = db.store.db().clone();
+        async move {
+            db.run_command(doc! { "collMod": "late_days", "validator": validator })
+                .await
+                .unwrap();
+        }
+    };
+    refuse(true).await;
+    let err = writer.write(&events).await.unwrap_err().to_string();
+    assert!(err.contains("late_days"), "{err}");
+    let events_coll = db.store.collection("events");
+    assert_eq!(events_coll.count_documents(doc! {}).await.unwrap(), 0);
+    // The resend, once marks are accepted, stores every event once and counts it once.
+    refuse(false).await;
+    assert_eq!(
+        writer.write(&events).await.unwrap(),
+        vec![WriteStatus::Stored; 5]
+    );
+    assert_eq!(events_coll.count_documents(doc! {}).await.unwrap(), 5);
+    let mark = db
+        .store
+        .collection("late_days")
+        .find_one(doc! { "_id": d.to_string() })
+        .await
+        .unwrap()
+        .expect("the day is marked");
+    assert!(mark.get_datetime("markedAt").unwrap() > &DateTime::now());
+    let sessions: Vec<Document> = db
+        .store
+        .collection("sessions")
+        .find(doc! {})
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    let counted: i64 = sessions.iter().map(|s| s.get_i64("events").unwrap()).sum();
+    assert_eq!(counted, 5, "aggregates applied once");
+}
+
+#[tokio::test]
 async fn uploads_work_with_checksums_turned_off() {
     let bucket = TestBucket::new().await;
     let mut settings = support::s3_settings(&bucket.name);

@@ -233,6 +233,19 @@ impl EventWriter {
         }
         let now = DateTime::now();
         let claimed = self.claim_and_aggregate(events, &unique, now).await?;
+        // Late days are marked before their events are inserted, so a crash between the
+        // two writes cannot leave stored events that no export will republish. Failing to
+        // mark fails the write: the client resends and nothing stored goes unexported.
+        let storing: Vec<usize> = claimed
+            .new
+            .iter()
+            .copied()
+            .chain(claimed.earlier.iter().map(|&(i, _)| i))
+            .collect();
+        if let Err(err) = self.mark_late_days(events, &storing).await {
+            self.hand_back_claims(events, &claimed.new).await;
+            return Err(err);
+        }
 
         if !claimed.new.is_empty() {
             let started = Instant::now();
@@ -250,20 +263,7 @@ impl EventWriter {
                 .write_concern(self.store.write_concern().clone())
                 .await;
             if let Err(err) = inserted {
-                // Hand the claims back so a resend can complete them at once.
-                let ids: Vec<&str> = claimed
-                    .new
-                    .iter()
-                    .map(|&i| events[i].event_id.as_str())
-                    .collect();
-                let _ = self
-                    .store
-                    .collection(c::EVENT_IDS)
-                    .update_many(
-                        doc! { common::ID: { "$in": ids } },
-                        doc! { "$set": { l::CLAIMED_AT: DateTime::from_millis(0) } },
-                    )
-                    .await;
+                self.hand_back_claims(events, &claimed.new).await;
                 return Err(StoreError::mongo(c::EVENTS, "insert events")(err));
             }
             observe_phase("insert_events", started);
@@ -278,26 +278,50 @@ impl EventWriter {
             self.resolve_earlier(events, &claimed.earlier, &mut encoded, now, &mut status)
                 .await?;
         }
-        self.mark_late_days(events, &status).await;
+        // A mark covers the events stored until `late_mark_ahead / 2` after it was
+        // written; an insert that took longer than that is marked again now.
+        let stored: Vec<usize> = (0..events.len())
+            .filter(|&i| status[i] == WriteStatus::Stored)
+            .collect();
+        if let Err(e) = self.mark_late_days(events, &stored).await {
+            tracing::warn!(error = %e, "could not mark again a day that received late events after a slow insert");
+        }
         Ok(status)
     }
 
-    /// Records the days before today (UTC) that events were just stored for: their
-    /// EVENT_DATA and DAILY_ANALYTICS partitions may have been published without them, and
-    /// the scheduled exports publish such days again. Best effort: the events are stored,
-    /// and failing their write now would only have the client resend them as duplicates.
-    async fn mark_late_days(&self, events: &[Event], status: &[WriteStatus]) {
-        let today = chrono::Utc::now().date_naive();
-        let days: std::collections::BTreeSet<chrono::NaiveDate> = events
+    /// Hands claims back (claimed long ago) so a resend completes them at once instead
+    /// of waiting out the lease.
+    async fn hand_back_claims(&self, events: &[Event], claimed: &[usize]) {
+        if claimed.is_empty() {
+            return;
+        }
+        let ids: Vec<&str> = claimed
             .iter()
-            .zip(status)
-            .filter(|(_, s)| **s == WriteStatus::Stored)
-            .map(|(e, _)| e.timestamp.to_chrono().date_naive())
+            .map(|&i| events[i].event_id.as_str())
+            .collect();
+        let _ = self
+            .store
+            .collection(c::EVENT_IDS)
+            .update_many(
+                doc! { common::ID: { "$in": ids } },
+                doc! { "$set": { l::CLAIMED_AT: DateTime::from_millis(0) } },
+            )
+            .await;
+    }
+
+    /// Records the days before today (UTC) of the given events: their EVENT_DATA and
+    /// DAILY_ANALYTICS partitions may have been published without them, and the scheduled
+    /// exports publish such days again. A mark reaches `late_mark_ahead` into the future
+    /// (`markedAt`), so the events stored until then need no mark of their own: an export
+    /// reading the day before `markedAt` publishes it again later. This writer remembers
+    /// its marks for half that time.
+    async fn mark_late_days(&self, events: &[Event], which: &[usize]) -> Result<(), StoreError> {
+        let today = chrono::Utc::now().date_naive();
+        let days: std::collections::BTreeSet<chrono::NaiveDate> = which
+            .iter()
+            .map(|&i| events[i].timestamp.to_chrono().date_naive())
             .filter(|d| *d < today)
             .collect();
-        // A mark reaches ahead (`markedAt` in the near future), so the events stored until
-        // then need no mark of their own: an export reading the day before `markedAt`
-        // publishes it again later.
         let due: Vec<chrono::NaiveDate> = {
             let mut marks = self.late_marks.lock().unwrap_or_else(|p| p.into_inner());
             let now = Instant::now();
@@ -306,32 +330,35 @@ impl EventWriter {
                 .filter(|d| !marks.contains_key(d))
                 .collect()
         };
+        if due.is_empty() {
+            return Ok(());
+        }
+        let written = Instant::now();
         let ahead = DateTime::from_millis(
             DateTime::now().timestamp_millis() + self.options.late_mark_ahead.as_millis() as i64,
         );
-        for day in due {
-            let marked = self
-                .store
-                .collection(c::LATE_DAYS)
+        let ids: Vec<String> = due.iter().map(|d| d.to_string()).collect();
+        let marks = self.store.collection(c::LATE_DAYS);
+        for id in &ids {
+            marks
                 .update_one(
-                    doc! { common::ID: day.to_string() },
+                    doc! { common::ID: id },
                     doc! { "$max": { "markedAt": ahead } },
                 )
                 .upsert(true)
-                .await;
-            match marked {
-                // Held a little short of `ahead`, for the time the write itself took.
-                Ok(_) => {
-                    self.late_marks
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(day, Instant::now() + self.options.late_mark_ahead / 2);
-                }
-                Err(e) => {
-                    tracing::warn!(%day, error = %e, "could not mark a day that received late events; rerun its exports by hand");
-                }
-            }
+                .await
+                .map_err(StoreError::mongo(
+                    c::LATE_DAYS,
+                    "mark a day that received late events",
+                ))?;
         }
+        // Held a little short of `ahead`: from before the write, for half the reach.
+        let until = written + self.options.late_mark_ahead / 2;
+        let mut held = self.late_marks.lock().unwrap_or_else(|p| p.into_inner());
+        for day in due {
+            held.insert(day, until);
+        }
+        Ok(())
     }
 
     /// Step 1, retried as a whole on transient transaction errors.
