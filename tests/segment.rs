@@ -473,6 +473,70 @@ async fn identify_links_an_anonymous_visitor_from_its_time_on_in_any_delivery_or
 }
 
 #[tokio::test]
+async fn a_message_that_is_not_stored_links_nobody() {
+    let db = TestDb::initialized().await;
+    let server = start_server(&db, |raw| {
+        raw.server.write_keys = vec![sluice_core::config::Secret::new(KEY)];
+        raw.tracking.bots = "drop".into();
+    })
+    .await;
+    let base = format!("http://{}", server.addr);
+    let t0 = t0();
+    let bot = json!({ "userAgent": "Googlebot/2.1 (+http://www.google.com/bot.html)" });
+    // A crawler's identify, dropped, in the same batch as the anonymous visitor's next
+    // page: the page stays the visitor's own, and no link is left for later requests.
+    let (status, answer) = post(
+        &base,
+        "/v1/batch",
+        &json!({ "batch": [
+            { "type": "identify", "messageId": "i-bot", "userId": "victim",
+              "anonymousId": "b", "timestamp": iso(t0), "context": bot },
+            { "type": "page", "messageId": "p1", "anonymousId": "b",
+              "timestamp": iso(t0 + MIN) },
+        ] }),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["stored"], 1, "{answer}");
+    assert_eq!(answer["dropped"], 1, "{answer}");
+    let (status, answer) = post(
+        &base,
+        "/v1/page",
+        &json!({ "messageId": "p2", "anonymousId": "b", "timestamp": iso(t0 + 2 * MIN) }),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    for id in ["p1", "p2"] {
+        let e = &find(&db, "events", doc! { "eventId": id }).await[0];
+        assert_eq!(e.get_str("userId").unwrap(), "b", "{e}");
+    }
+    assert!(find(&db, "identities", doc! {}).await.is_empty());
+    assert!(find(&db, "users", doc! { "visitorId": "victim" })
+        .await
+        .is_empty());
+    // The same identify from a browser is stored, and links from its time on.
+    let (status, answer) = post(
+        &base,
+        "/v1/identify",
+        &json!({ "messageId": "i-real", "userId": "u", "anonymousId": "b",
+                 "timestamp": iso(t0 + 3 * MIN) }),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let (_, answer) = post(
+        &base,
+        "/v1/page",
+        &json!({ "messageId": "p4", "anonymousId": "b", "timestamp": iso(t0 + 4 * MIN) }),
+    )
+    .await;
+    assert_eq!(answer["stored"], 1, "{answer}");
+    let p4 = &find(&db, "events", doc! { "eventId": "p4" }).await[0];
+    assert_eq!(p4.get_str("userId").unwrap(), "u");
+    assert_eq!(find(&db, "identities", doc! {}).await.len(), 1);
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn sessions_split_at_the_gap_whatever_the_delivery_order() {
     let db = TestDb::initialized().await;
     let server = start_server(&db, |raw| {

@@ -27,8 +27,8 @@ use sluice_core::segment::{parse_message, Kind, Message, Options};
 use sluice_core::ValidationError;
 
 use super::tracking::{
-    admit, admit_by_header, batch_item, batch_sent_at, check_batch_len, ingest, malformed,
-    parse_batch, read_body, request_context,
+    admit, admit_by_header, batch_item, batch_sent_at, check_batch_len, malformed, parse_batch,
+    prepare, read_body, request_context, write,
 };
 use super::{ApiError, AppState};
 
@@ -133,6 +133,12 @@ pub async fn batch(
 
 /// Resolves visitors through identity links, stores the events, then copies `identify`
 /// traits to the profiles of the users whose identify is stored.
+///
+/// Visitors are first resolved as if every message's link were recorded; the links of the
+/// messages still kept after enrichment and the transforms (not a dropped bot, not a
+/// rejected event) are then recorded, before the events are written, and a kept event whose
+/// visitor that changes (a dropped message's link, or another request's link of the same
+/// id recorded first) is resolved again.
 async fn store(
     state: &AppState,
     mut messages: Vec<Result<Message, ValidationError>>,
@@ -146,46 +152,92 @@ async fn store(
         )
         .retry(2)
     };
-    let mut ids: HashSet<&str> = HashSet::new();
+    let mut ids: HashSet<String> = HashSet::new();
     let mut links = Vec::new();
-    for m in messages.iter().flatten() {
+    for (index, m) in messages.iter().enumerate() {
+        let Ok(m) = m else { continue };
         // Only anonymous-only messages are resolved; a request of user-id messages
         // without links costs no lookup.
         if m.user_id.is_none() {
-            ids.extend(m.anonymous_id.as_deref());
+            ids.extend(m.anonymous_id.clone());
         }
         if let Some((from, to)) = &m.link {
-            links.push((from.clone(), to.clone(), m.event.timestamp));
+            links.push((index, (from.clone(), to.clone(), m.event.timestamp)));
         }
     }
-    let ids: Vec<&str> = ids.into_iter().collect();
-    let map = identities::link(&state.store, &ids, &links)
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let every_link: Vec<_> = links.iter().map(|(_, l)| l.clone()).collect();
+    let planned = identities::preview(&state.store, &ids, &every_link)
         .await
         .map_err(unavailable)?;
-    for m in messages.iter_mut().flatten() {
+    // Per message: its anonymous id when it has no userId, its time, and the visitor it
+    // was resolved to.
+    let mut anonymous: Vec<Option<(String, i64, String)>> = Vec::with_capacity(messages.len());
+    for m in messages.iter_mut() {
+        let Ok(m) = m else {
+            anonymous.push(None);
+            continue;
+        };
         let at = m.event.timestamp.timestamp_millis();
         // A userId always counts for itself; only anonymous ids follow links.
-        let visitor = match (&m.user_id, &m.anonymous_id) {
-            (Some(u), _) => u.clone(),
-            (None, Some(a)) => identities::resolve(&map, a, at),
-            (None, None) => continue,
+        let (visitor, anonymous_only) = match (&m.user_id, &m.anonymous_id) {
+            (Some(u), _) => (u.clone(), None),
+            (None, Some(a)) => {
+                let v = identities::resolve(&planned, a, at);
+                (v.clone(), Some((a.clone(), at, v)))
+            }
+            (None, None) => {
+                anonymous.push(None);
+                continue;
+            }
         };
         if visitor != m.event.user_id && m.user_id.is_none() {
             // An anonymous id counted for a known user: keep the id it came with.
             m.event.metadata.anonymous_id = m.anonymous_id.clone();
         }
         m.event.user_id = visitor;
+        anonymous.push(anonymous_only);
     }
-    let traits: Vec<Option<(String, bson::Document, bson::DateTime)>> = messages
+    let traits: Vec<Option<(bson::Document, bson::DateTime)>> = messages
         .iter()
         .map(|m| {
             let m = m.as_ref().ok()?;
             let t = m.traits.as_ref().filter(|t| !t.is_empty())?;
-            Some((m.event.user_id.clone(), t.clone(), m.event.timestamp))
+            Some((t.clone(), m.event.timestamp))
         })
         .collect();
     let events = messages.into_iter().map(|m| m.map(|m| m.event)).collect();
-    let answer = ingest(state, events).await?;
+    let mut prepared = prepare(state, events).await?;
+    let kept_links: Vec<_> = links
+        .into_iter()
+        .filter(|(index, _)| prepared.kept(*index).is_some())
+        .map(|(_, l)| l)
+        .collect();
+    let recorded = identities::link(&state.store, &ids, &kept_links)
+        .await
+        .map_err(unavailable)?;
+    for (index, resolved) in anonymous.into_iter().enumerate() {
+        let (Some((id, at, planned_visitor)), Some(j)) = (resolved, prepared.kept(index)) else {
+            continue;
+        };
+        let visitor = identities::resolve(&recorded, &id, at);
+        let event = &mut prepared.events[j];
+        // Unless a transform set a visitor of its own.
+        if visitor != planned_visitor && event.user_id == planned_visitor {
+            event.metadata.anonymous_id = (visitor != id).then_some(id);
+            event.user_id = visitor;
+        }
+    }
+    let traits: Vec<Option<(String, bson::Document, bson::DateTime)>> = traits
+        .into_iter()
+        .enumerate()
+        .map(|(index, t)| {
+            let (traits, at) = t?;
+            let j = prepared.kept(index)?;
+            Some((prepared.events[j].user_id.clone(), traits, at))
+        })
+        .collect();
+    let answer = write(state, prepared).await?;
     for (i, t) in traits.into_iter().enumerate() {
         let Some((visitor, traits, at)) = t else {
             continue;

@@ -536,6 +536,31 @@ pub(super) async fn ingest(
     state: &AppState,
     parsed: Vec<Result<Event, ValidationError>>,
 ) -> Result<Answer, ApiError> {
+    let prepared = prepare(state, parsed).await?;
+    write(state, prepared).await
+}
+
+/// Events enriched and transformed, ready to be written, and what became of each one sent.
+pub(super) struct Prepared {
+    pub events: Vec<Event>,
+    outcomes: Vec<Outcome>,
+}
+
+impl Prepared {
+    /// Where the event sent at `index` is in `events`, if it is still to be written.
+    pub fn kept(&self, index: usize) -> Option<usize> {
+        match self.outcomes.get(index) {
+            Some(Outcome::Queued(i)) => Some(*i),
+            _ => None,
+        }
+    }
+}
+
+/// Enriches the valid events, drops bots (when configured to) and runs the transforms.
+pub(super) async fn prepare(
+    state: &AppState,
+    parsed: Vec<Result<Event, ValidationError>>,
+) -> Result<Prepared, ApiError> {
     let mut ua_cache: HashMap<String, EventMetadata> = HashMap::new();
     let mut outcomes = Vec::with_capacity(parsed.len());
     let mut to_write: Vec<Event> = Vec::new();
@@ -569,7 +594,16 @@ pub(super) async fn ingest(
         outcomes.push(Outcome::Queued(to_write.len()));
         to_write.push(event);
     }
-    let (to_write, outcomes) = transform(state, to_write, outcomes).await?;
+    let (events, outcomes) = transform(state, to_write, outcomes).await?;
+    Ok(Prepared { events, outcomes })
+}
+
+/// Writes prepared events through the batcher and answers for each event sent.
+pub(super) async fn write(state: &AppState, prepared: Prepared) -> Result<Answer, ApiError> {
+    let Prepared {
+        events: to_write,
+        outcomes,
+    } = prepared;
     let ids: Vec<String> = to_write.iter().map(|e| e.event_id.clone()).collect();
     let deadline = std::time::Duration::from_secs(state.config.tracking.write_timeout_seconds);
     let submitted = tokio::time::timeout(deadline, state.batcher.submit(to_write)).await;

@@ -93,14 +93,67 @@ pub async fn linked(store: &Store, ids: &[&str]) -> Result<HashMap<String, Link>
         .collect())
 }
 
-/// Records `links` (`from` counts as `to` from the given time on) and returns the links
-/// of every id in `ids` and in `links` as they stand afterwards. An id already linked
-/// keeps its link (to the same user, from the earliest time any message made it).
+/// The links of every id in `ids` and in `links` as they would stand once `links` were
+/// recorded (`from` counts as `to` from the given time on), without recording anything: to
+/// resolve visitors before knowing which messages are kept.
+pub async fn preview(
+    store: &Store,
+    ids: &[&str],
+    links: &[(String, String, DateTime)],
+) -> Result<HashMap<String, Link>, StoreError> {
+    let mut map = chains(store, &involved(ids, links)).await?;
+    plan(&mut map, links);
+    Ok(map)
+}
+
+/// Records `links` and returns the links of every id in `ids` and in `links` as they stand
+/// afterwards. An id already linked keeps its link (to the same user, from the earliest
+/// time any message made it).
 pub async fn link(
     store: &Store,
     ids: &[&str],
     links: &[(String, String, DateTime)],
 ) -> Result<HashMap<String, Link>, StoreError> {
+    let all = involved(ids, links);
+    let mut map = chains(store, &all).await?;
+    let planned = plan(&mut map, links);
+    for (from, to, since) in &planned.moved_back {
+        // The same link, from an earlier message delivered later: it counts from the
+        // earlier time, so the order messages arrive in does not matter.
+        store
+            .collection(c::IDENTITIES)
+            .update_one(
+                doc! { common::ID: from, i::VISITOR_ID: to, i::SINCE: { "$gt": *since } },
+                doc! { "$set": { i::SINCE: *since } },
+            )
+            .write_concern(store.write_concern().clone())
+            .await
+            .map_err(StoreError::mongo(c::IDENTITIES, "move a link's start back"))?;
+    }
+    if planned.new.is_empty() {
+        return Ok(map);
+    }
+    let now = DateTime::now();
+    let new = planned.new.into_iter().map(|(from, to, since)| {
+        doc! { common::ID: from, i::VISITOR_ID: to, i::SINCE: since, common::CREATED_AT: now }
+    });
+    let inserted = store
+        .collection(c::IDENTITIES)
+        .insert_many(new)
+        .ordered(false)
+        .write_concern(store.write_concern().clone())
+        .await;
+    match inserted {
+        Ok(_) => Ok(map),
+        // Another request linked some of these ids first: its links win; read them.
+        Err(e) if super::duplicate_key_positions(&e).is_some() || super::is_duplicate_key(&e) => {
+            chains(store, &all).await
+        }
+        Err(e) => Err(StoreError::mongo(c::IDENTITIES, "insert identity links")(e)),
+    }
+}
+
+fn involved<'a>(ids: &[&'a str], links: &'a [(String, String, DateTime)]) -> Vec<&'a str> {
     let mut all: Vec<&str> = ids.to_vec();
     for (from, to, _) in links {
         all.push(from);
@@ -108,27 +161,29 @@ pub async fn link(
     }
     all.sort_unstable();
     all.dedup();
-    let mut map = chains(store, &all).await?;
-    let now = DateTime::now();
-    let mut new = Vec::new();
+    all
+}
+
+/// What recording `links` over `map` writes: links made, and links whose start moves back.
+struct Planned {
+    new: Vec<(String, String, DateTime)>,
+    moved_back: Vec<(String, String, DateTime)>,
+}
+
+/// Applies `links` to `map` as recording them would.
+fn plan(map: &mut HashMap<String, Link>, links: &[(String, String, DateTime)]) -> Planned {
+    let mut planned = Planned {
+        new: Vec::new(),
+        moved_back: Vec::new(),
+    };
     // Earliest first, so within a request the earliest link of an id is the one made.
     let mut links: Vec<&(String, String, DateTime)> = links.iter().collect();
     links.sort_by_key(|(_, _, since)| *since);
     for (from, to, since) in links {
         if let Some(existing) = map.get_mut(from) {
-            // The same link, from an earlier message delivered later: it counts from the
-            // earlier time, so the order messages arrive in does not matter.
             if existing.visitor == *to && since.timestamp_millis() < existing.since_ms {
-                store
-                    .collection(c::IDENTITIES)
-                    .update_one(
-                        doc! { common::ID: from, i::VISITOR_ID: to, i::SINCE: { "$gt": *since } },
-                        doc! { "$set": { i::SINCE: *since } },
-                    )
-                    .write_concern(store.write_concern().clone())
-                    .await
-                    .map_err(StoreError::mongo(c::IDENTITIES, "move a link's start back"))?;
                 existing.since_ms = since.timestamp_millis();
+                planned.moved_back.push((from.clone(), to.clone(), *since));
             }
             continue;
         }
@@ -145,35 +200,16 @@ pub async fn link(
         if cycle {
             continue;
         }
-        let target = to.clone();
         map.insert(
             from.clone(),
             Link {
-                visitor: target.clone(),
+                visitor: to.clone(),
                 since_ms: since.timestamp_millis(),
             },
         );
-        new.push(doc! {
-            common::ID: from, i::VISITOR_ID: target, i::SINCE: since, common::CREATED_AT: now,
-        });
+        planned.new.push((from.clone(), to.clone(), *since));
     }
-    if new.is_empty() {
-        return Ok(map);
-    }
-    let inserted = store
-        .collection(c::IDENTITIES)
-        .insert_many(new)
-        .ordered(false)
-        .write_concern(store.write_concern().clone())
-        .await;
-    match inserted {
-        Ok(_) => Ok(map),
-        // Another request linked some of these ids first: its links win; read them.
-        Err(e) if super::duplicate_key_positions(&e).is_some() || super::is_duplicate_key(&e) => {
-            chains(store, &all).await
-        }
-        Err(e) => Err(StoreError::mongo(c::IDENTITIES, "insert identity links")(e)),
-    }
+    planned
 }
 
 /// Copies `identify` traits to the user's profile: `email`, `firstName`, `lastName`
