@@ -241,6 +241,69 @@ fn a_tampered_component_or_a_bad_config_is_refused_at_load() {
 }
 
 #[test]
+fn a_replaced_component_takes_the_place_of_its_old_compile_and_versions_are_checked() {
+    use sha2::Digest;
+    let host = host();
+    let src = support::plugin_dir();
+    let dir =
+        std::env::temp_dir().join(format!("sluice-plugins-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let install = |component: &str, version: &str| {
+        let bytes = std::fs::read(src.join(component)).unwrap();
+        std::fs::write(dir.join("p.wasm"), &bytes).unwrap();
+        let sha = format!("{:x}", sha2::Sha256::digest(&bytes));
+        std::fs::write(
+            dir.join("p.toml"),
+            format!(
+                "name = \"p\"\nversion = \"{version}\"\nwasm = \"p.wasm\"\nsha256 = \"{sha}\"\n"
+            ),
+        )
+        .unwrap();
+    };
+    let bots = || {
+        vec![
+            doc! { "eventId": "a", "metadata": { "bot": true } },
+            doc! { "eventId": "b", "metadata": { "bot": false } },
+        ]
+    };
+    install("noop.wasm", "1.0.0");
+    let v1 = host
+        .load(&dir, "p", json!({}), &Grants::default(), None)
+        .unwrap();
+    assert_eq!(v1.version(), "1.0.0");
+    assert_eq!(v1.apply(bots(), &mut Vec::new()).unwrap().len(), 2);
+    // Loading it again compiles nothing new.
+    host.load(&dir, "p", json!({}), &Grants::default(), None)
+        .unwrap();
+    assert_eq!(host.compiled_components(), 1);
+    // A new version in the same file replaces the old compile instead of adding to it.
+    install("bot-filter.wasm", "1.1.0-rc.1+build.7");
+    let v2 = host
+        .load(&dir, "p", json!({}), &Grants::default(), None)
+        .unwrap();
+    assert_eq!(v2.version(), "1.1.0-rc.1+build.7");
+    assert_eq!(host.compiled_components(), 1);
+    assert_eq!(
+        v2.apply(bots(), &mut Vec::new()).unwrap().len(),
+        1,
+        "the new component runs"
+    );
+    // The version the manifest gives must be a semantic version.
+    for bad in ["1.0", "v1.0.0", "01.0.0", "1.0.0-", ""] {
+        install("noop.wasm", bad);
+        let err = host
+            .load(&dir, "p", json!({}), &Grants::default(), None)
+            .err()
+            .unwrap();
+        assert!(
+            err.to_string().contains("not a semantic version"),
+            "{bad}: {err}"
+        );
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
 fn failure_policies_fail_skip_or_dead_letter() {
     let host = host();
     let dir = support::plugin_dir();

@@ -285,8 +285,10 @@ impl WasiView for HostState {
 pub struct PluginHost {
     engine: Engine,
     linker: Arc<Linker<HostState>>,
-    /// Compiled components by sha256: a plugin loaded twice is compiled once.
-    compiled: Arc<Mutex<std::collections::HashMap<String, Component>>>,
+    /// Compiled components by component file, with the file's sha256: a plugin loaded
+    /// twice is compiled once, and a file replaced (a new version) takes the place of the
+    /// old compile, so a long-running server keeps one per plugin file.
+    compiled: Arc<Mutex<std::collections::HashMap<PathBuf, (String, Component)>>>,
     fuel: bool,
     _ticker: Arc<Ticker>,
 }
@@ -393,6 +395,14 @@ impl PluginHost {
         })
     }
 
+    /// Compiled components held (one per plugin file loaded).
+    pub fn compiled_components(&self) -> usize {
+        self.compiled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+
     /// Loads `dir/NAME.toml` and its component, checks the hash, configures the plugin
     /// once (so a bad config fails here, not on the first batch).
     pub fn load(
@@ -420,6 +430,13 @@ impl PluginHost {
         // The manifest speaks for one plugin, and its component sits beside it: errors,
         // logs and metrics carry the name that was checked, and no manifest can point at a
         // file outside the plugin folder.
+        if !is_version(&manifest.version) {
+            return Err(load(format!(
+                "`{}`: `version = \"{}\"` is not a semantic version (MAJOR.MINOR.PATCH, as in 1.4.0)",
+                manifest_path.display(),
+                manifest.version
+            )));
+        }
         if manifest.name != name {
             return Err(load(format!(
                 "`{}` names the plugin `{}`; a manifest must be named after its plugin",
@@ -482,12 +499,14 @@ impl PluginHost {
         if limits.fuel.is_some() && !self.fuel {
             return Err(load("has a fuel limit but the host meters no fuel".into()));
         }
+        let key = std::fs::canonicalize(&wasm_path).unwrap_or_else(|_| wasm_path.clone());
         let cached = self
             .compiled
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(&actual)
-            .cloned();
+            .get(&key)
+            .filter(|(hash, _)| *hash == actual)
+            .map(|(_, c)| c.clone());
         let component = match cached {
             Some(c) => c,
             None => {
@@ -495,7 +514,7 @@ impl PluginHost {
                 self.compiled
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .insert(actual.clone(), c.clone());
+                    .insert(key, (actual.clone(), c.clone()));
                 c
             }
         };
@@ -506,6 +525,7 @@ impl PluginHost {
         let pre = PluginPre::new(pre).map_err(|e| load(format!("{e:#}")))?;
         let t = WasmTransform {
             name: manifest.name.clone(),
+            version: manifest.version.clone(),
             host: self.clone(),
             pre,
             config: config.to_string(),
@@ -519,6 +539,7 @@ impl PluginHost {
         };
         // The first instance is built now, so a plugin that cannot start fails the load.
         let first = off_runtime(|| t.instantiate())?;
+        tracing::debug!(plugin = %t.name, version = %t.version, sha256 = %actual, "plugin loaded");
         let mut pool = t.pool.lock().unwrap_or_else(|p| p.into_inner());
         pool.idle.push(first);
         pool.count = 1;
@@ -570,6 +591,7 @@ impl Drop for Checkout<'_> {
 /// A loaded plugin, usable as a [`Transform`].
 pub struct WasmTransform {
     name: String,
+    version: String,
     host: PluginHost,
     pre: PluginPre<HostState>,
     config: String,
@@ -607,6 +629,11 @@ impl WasmTransform {
 
     pub fn limits(&self) -> &Limits {
         &self.limits
+    }
+
+    /// The manifest's `version`.
+    pub fn version(&self) -> &str {
+        &self.version
     }
 
     pub fn skipped_batches(&self) -> u64 {
@@ -928,6 +955,25 @@ impl WasmTransform {
             })
             .collect()
     }
+}
+
+/// `MAJOR.MINOR.PATCH`, optionally with a `-pre-release` and `+build` (Semantic
+/// Versioning 2.0.0; numbers without leading zeros).
+fn is_version(v: &str) -> bool {
+    let v = v
+        .split_once('+')
+        .map_or(v, |(core, build)| if build.is_empty() { "" } else { core });
+    let core = v
+        .split_once('-')
+        .map_or(Some(v), |(core, pre)| (!pre.is_empty()).then_some(core));
+    let Some(core) = core else { return false };
+    let parts: Vec<&str> = core.split('.').collect();
+    parts.len() == 3
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && p.bytes().all(|b| b.is_ascii_digit())
+                && (p.len() == 1 || !p.starts_with('0'))
+        })
 }
 
 /// Whether `name` can name a plugin: lower-case letters, digits and `-`, starting with a
