@@ -1234,6 +1234,56 @@ async fn a_late_day_is_marked_before_its_events_are_stored() {
 }
 
 #[tokio::test]
+async fn an_upload_stopped_midway_is_aborted_not_left_behind() {
+    let bucket = TestBucket::new().await;
+    let dest = bucket.object_store();
+    let dir = temp_dir();
+    let path = dir.join("big.bin");
+    std::fs::write(&path, vec![7u8; 96 << 20]).unwrap();
+    let client = bucket.store.client().clone();
+    let name = bucket.name.clone();
+    let open_uploads = || {
+        let (client, name) = (client.clone(), name.clone());
+        async move {
+            client
+                .list_multipart_uploads()
+                .bucket(&name)
+                .send()
+                .await
+                .unwrap()
+                .uploads()
+                .len()
+        }
+    };
+    let task = {
+        let (dest, path) = (dest.clone(), path.clone());
+        tokio::spawn(async move { dest.put_file("big/part.bin", &path).await })
+    };
+    // Stopped (a run cancelled) once its multipart upload exists.
+    let started = std::time::Instant::now();
+    while open_uploads().await == 0 {
+        assert!(
+            !task.is_finished(),
+            "the upload ended before it could be stopped"
+        );
+        assert!(started.elapsed() < Duration::from_secs(30));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    task.abort();
+    assert!(task.await.unwrap_err().is_cancelled());
+    let stopped = std::time::Instant::now();
+    while open_uploads().await > 0 {
+        assert!(
+            stopped.elapsed() < Duration::from_secs(10),
+            "the stopped upload was not aborted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(dest.get_bytes("big/part.bin").await.is_err());
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test]
 async fn uploads_work_with_checksums_turned_off() {
     let bucket = TestBucket::new().await;
     let mut settings = support::s3_settings(&bucket.name);
