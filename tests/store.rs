@@ -255,6 +255,100 @@ async fn init_is_idempotent() {
     assert_eq!(before, after);
 }
 
+#[tokio::test]
+async fn indexes_already_there_count_by_key_order_and_options() {
+    use mongodb::options::IndexOptions;
+    use mongodb::IndexModel;
+    let create = |db: &TestDb, coll: &'static str, keys: Document, name: &str, unique: bool| {
+        let model = IndexModel::builder()
+            .keys(keys)
+            .options(
+                IndexOptions::builder()
+                    .name(name.to_string())
+                    .unique(unique.then_some(true))
+                    .build(),
+            )
+            .build();
+        let coll = db.store.collection(coll);
+        async move { coll.create_index(model).await.unwrap() }
+    };
+    // The same fields in the other order serve other queries: ours is created beside it.
+    // The same keys written as doubles (older shells), under another name, are ours.
+    let db = TestDb::new().await;
+    create(
+        &db,
+        "sessions",
+        doc! { "startTime": 1, "userId": 1 },
+        "mine",
+        false,
+    )
+    .await;
+    create(
+        &db,
+        "sessions",
+        doc! { "status": 1.0, "startTime": 1.0 },
+        "legacy",
+        false,
+    )
+    .await;
+    let report = db.store.init().await.unwrap();
+    let outcome = |name: &str| {
+        report
+            .indexes
+            .iter()
+            .find(|(c, n, _)| c == "sessions" && n == name)
+            .map(|(_, _, o)| o.clone())
+            .unwrap()
+    };
+    assert_eq!(outcome("userId_startTime"), IndexOutcome::Created);
+    assert_eq!(
+        outcome("status_startTime"),
+        IndexOutcome::Exists("legacy".into())
+    );
+    // Our keys under another name with other options: the server would refuse ours, and
+    // init says which index is in the way.
+    let db = TestDb::new().await;
+    create(&db, "users", doc! { "visitorId": 1 }, "by_visitor", false).await;
+    let err = db.store.init().await.unwrap_err().to_string();
+    assert!(
+        err.contains("`by_visitor`") && err.contains("`users`"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn events_made_as_the_design_document_suggests_are_used_with_a_warning() {
+    let db = TestDb::new().await;
+    db.store
+        .db()
+        .create_collection("events")
+        .timeseries(
+            mongodb::options::TimeseriesOptions::builder()
+                .time_field("timestamp".to_string())
+                .meta_field(Some("metadata".to_string()))
+                .build(),
+        )
+        .await
+        .unwrap();
+    let report = db.store.init().await.unwrap();
+    assert!(
+        report
+            .warnings
+            .iter()
+            .any(|w| w.contains("metaField `metadata`")),
+        "{:?}",
+        report.warnings
+    );
+    // Sluice's own collection draws no such warning.
+    let db = TestDb::initialized().await;
+    let again = db.store.init().await.unwrap();
+    assert!(
+        !again.warnings.iter().any(|w| w.contains("metaField")),
+        "{:?}",
+        again.warnings
+    );
+}
+
 fn event(id: &str, user: &str, session: &str, t: EventType, ms: i64) -> Event {
     let now = DateTime::now();
     Event {

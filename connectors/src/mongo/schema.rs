@@ -273,7 +273,28 @@ pub(super) async fn init(store: &Store) -> Result<InitReport, StoreError> {
                 )(err))
             }
         },
-        Some("timeseries") => {}
+        Some("timeseries") => {
+            // An `events` made by another tool (the design document names `metadata` as
+            // its metaField) works, but not as the README describes; say so.
+            let spec = existing
+                .iter()
+                .find(|d| d.get_str("name").ok() == Some(c::EVENTS));
+            let ts = spec
+                .and_then(|d| d.get_document("options").ok())
+                .and_then(|o| o.get_document("timeseries").ok());
+            let field = |k: &str| ts.and_then(|t| t.get_str(k).ok());
+            if field("timeField") != Some(e::TIMESTAMP) || field("metaField") != Some(e::EVENT_TYPE)
+            {
+                report.warnings.push(format!(
+                    "`{}` is a time-series collection with timeField `{}` and metaField `{}`; Sluice creates it with `{}` and `{}` (see README, \"events storage\"): events are stored, but buckets and the automatic index are not the ones described",
+                    c::EVENTS,
+                    field("timeField").unwrap_or("?"),
+                    field("metaField").unwrap_or("(none)"),
+                    e::TIMESTAMP,
+                    e::EVENT_TYPE,
+                ));
+            }
+        }
         Some(_) => {
             return Err(StoreError::NotTimeSeries {
                 collection: c::EVENTS.into(),
@@ -332,6 +353,24 @@ fn wanted_flags(spec: &IndexSpec) -> (bool, bool, bool) {
     (spec.unique, spec.sparse, spec.ttl)
 }
 
+/// A key pattern as an ordered list (field, direction): the order of an index's keys
+/// decides which queries it serves, and a direction written `1.0` (older shells) is the
+/// same as `1`.
+fn key_pattern(keys: &Document) -> Vec<(String, String)> {
+    keys.iter()
+        .map(|(field, dir)| {
+            let dir = match dir {
+                Bson::Int32(v) => (*v as f64).signum().to_string(),
+                Bson::Int64(v) => (*v as f64).signum().to_string(),
+                Bson::Double(v) => v.signum().to_string(),
+                Bson::String(kind) => kind.clone(),
+                other => other.to_string(),
+            };
+            (field.clone(), dir)
+        })
+        .collect()
+}
+
 fn is_text_index(doc: &Document) -> bool {
     doc.get_document("key")
         .map(|k| k.contains_key("_fts"))
@@ -358,8 +397,14 @@ async fn ensure_index(store: &Store, spec: &IndexSpec) -> Result<IndexOutcome, S
         if spec.text {
             is_text_index(d)
         } else {
-            d.get_document("key").ok() == Some(&spec.keys)
+            d.get_document("key")
+                .is_ok_and(|k| key_pattern(k) == key_pattern(&spec.keys))
         }
+    };
+    let conflict = |found: &Document| StoreError::IndexConflict {
+        collection: spec.collection.into(),
+        name: found.get_str("name").unwrap_or(spec.name).into(),
+        existing: found.to_string(),
     };
     if let Some(found) = existing
         .iter()
@@ -368,21 +413,19 @@ async fn ensure_index(store: &Store, spec: &IndexSpec) -> Result<IndexOutcome, S
         if same_keys(found) && option_flags(found) == wanted_flags(spec) {
             return Ok(IndexOutcome::Exists(spec.name.into()));
         }
-        return Err(StoreError::IndexConflict {
-            collection: spec.collection.into(),
-            name: spec.name.into(),
-            existing: found.to_string(),
-        });
+        return Err(conflict(found));
     }
     // The same keys under another name (for example the {meta, time} index MongoDB creates
-    // for a time-series collection) serve the same queries: keep it.
-    if let Some(found) = existing
-        .iter()
-        .find(|d| same_keys(d) && option_flags(d) == wanted_flags(spec))
-    {
-        return Ok(IndexOutcome::Exists(
-            found.get_str("name").unwrap_or("?").to_string(),
-        ));
+    // for a time-series collection) serve the same queries: keep it. With other options
+    // (say, not unique where ours is) the server would refuse ours: say which one is in
+    // the way.
+    if let Some(found) = existing.iter().find(|d| same_keys(d)) {
+        if option_flags(found) == wanted_flags(spec) {
+            return Ok(IndexOutcome::Exists(
+                found.get_str("name").unwrap_or("?").to_string(),
+            ));
+        }
+        return Err(conflict(found));
     }
     let options = IndexOptions::builder()
         .name(spec.name.to_string())
@@ -396,10 +439,21 @@ async fn ensure_index(store: &Store, spec: &IndexSpec) -> Result<IndexOutcome, S
         .build();
     match coll.create_index(model).await {
         Ok(_) => Ok(IndexOutcome::Created),
-        Err(err) if spec.text => Ok(IndexOutcome::Skipped(format!(
-            "the server refused a text index ({}); user search by text is unavailable",
-            short_error(&err)
-        ))),
+        // CannotCreateIndex, CommandNotSupported: servers without text search. Any other
+        // error (auth, network, a conflict) is not a refusal of the feature.
+        Err(err) if spec.text && matches!(error_code(&err), Some(67 | 115)) => {
+            Ok(IndexOutcome::Skipped(format!(
+                "the server refused a text index ({}); user search by text is unavailable",
+                short_error(&err)
+            )))
+        }
+        // IndexOptionsConflict, IndexKeySpecsConflict: an index created meanwhile (by
+        // another replica's init, or by hand) is in the way.
+        Err(err) if matches!(error_code(&err), Some(85 | 86)) => Err(StoreError::IndexConflict {
+            collection: spec.collection.into(),
+            name: spec.name.into(),
+            existing: short_error(&err),
+        }),
         Err(err) => Err(StoreError::mongo(spec.collection, "createIndexes")(err)),
     }
 }
