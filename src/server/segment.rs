@@ -167,9 +167,10 @@ async fn store(
     }
     let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
     let every_link: Vec<_> = links.iter().map(|(_, l)| l.clone()).collect();
-    let planned = identities::preview(&state.store, &ids, &every_link)
+    let current = identities::current(&state.store, &ids, &every_link)
         .await
         .map_err(unavailable)?;
+    let planned = identities::preview(&current, &every_link);
     // Per message: its anonymous id when it has no userId, its time, and the visitor it
     // was resolved to.
     let mut anonymous: Vec<Option<(String, i64, String)>> = Vec::with_capacity(messages.len());
@@ -213,9 +214,14 @@ async fn store(
         .filter(|(index, _)| prepared.kept(*index).is_some())
         .map(|(_, l)| l)
         .collect();
-    let recorded = identities::link(&state.store, &ids, &kept_links)
-        .await
-        .map_err(unavailable)?;
+    // `current` covers the kept links' ids: they are among every link's.
+    let recorded = if every_link.is_empty() {
+        planned
+    } else {
+        identities::record(&state.store, current, &ids, &kept_links)
+            .await
+            .map_err(unavailable)?
+    };
     for (index, resolved) in anonymous.into_iter().enumerate() {
         let (Some((id, at, planned_visitor)), Some(j)) = (resolved, prepared.kept(index)) else {
             continue;

@@ -93,30 +93,40 @@ pub async fn linked(store: &Store, ids: &[&str]) -> Result<HashMap<String, Link>
         .collect())
 }
 
-/// The links of every id in `ids` and in `links` as they would stand once `links` were
-/// recorded (`from` counts as `to` from the given time on), without recording anything: to
-/// resolve visitors before knowing which messages are kept.
-pub async fn preview(
+/// The links of every id in `ids` and in `links` as they stand now.
+pub async fn current(
     store: &Store,
     ids: &[&str],
     links: &[(String, String, DateTime)],
 ) -> Result<HashMap<String, Link>, StoreError> {
-    let mut map = chains(store, &involved(ids, links)).await?;
-    plan(&mut map, links);
-    Ok(map)
+    chains(store, &involved(ids, links)).await
 }
 
-/// Records `links` and returns the links of every id in `ids` and in `links` as they stand
-/// afterwards. An id already linked keeps its link (to the same user, from the earliest
-/// time any message made it).
-pub async fn link(
+/// `current` (from [`current`]) as it would stand once `links` were recorded (`from`
+/// counts as `to` from the given time on), without recording anything: to resolve
+/// visitors before knowing which messages are kept.
+pub fn preview(
+    current: &HashMap<String, Link>,
+    links: &[(String, String, DateTime)],
+) -> HashMap<String, Link> {
+    let mut map = current.clone();
+    plan(&mut map, links);
+    map
+}
+
+/// Records `links` over `current` (read by [`current`] with the same `ids`, and links
+/// that include these) and returns the links as they stand afterwards. An id already
+/// linked keeps its link (to the same user, from the earliest time any message made it).
+/// When another request linked one of these ids first, its link wins and the links are
+/// read again.
+pub async fn record(
     store: &Store,
+    mut current: HashMap<String, Link>,
     ids: &[&str],
     links: &[(String, String, DateTime)],
 ) -> Result<HashMap<String, Link>, StoreError> {
-    let all = involved(ids, links);
-    let mut map = chains(store, &all).await?;
-    let planned = plan(&mut map, links);
+    let planned = plan(&mut current, links);
+    let map = current;
     for (from, to, since) in &planned.moved_back {
         // The same link, from an earlier message delivered later: it counts from the
         // earlier time, so the order messages arrive in does not matter.
@@ -147,7 +157,7 @@ pub async fn link(
         Ok(_) => Ok(map),
         // Another request linked some of these ids first: its links win; read them.
         Err(e) if super::duplicate_key_positions(&e).is_some() || super::is_duplicate_key(&e) => {
-            chains(store, &all).await
+            chains(store, &involved(ids, links)).await
         }
         Err(e) => Err(StoreError::mongo(c::IDENTITIES, "insert identity links")(e)),
     }
