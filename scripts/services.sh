@@ -35,12 +35,31 @@ WEED_BIN="$VENV/bin/weed"
 NODE_TOOLS="$CACHE/node-tools-$JSON_SERVER_VERSION-$OIDC_PROVIDER_VERSION-$SEGMENT_NODE_VERSION"
 
 log() { printf '[services] %s\n' "$*" >&2; }
+die() { log "$*"; exit 1; }
+
+# Runs a command as root (apt-get), through sudo when not root already.
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+# What the install needs from the machine, checked up front with a clear message.
+preflight() {
+  command -v cargo >/dev/null 2>&1 || die "cargo not found: install a Rust toolchain (rustup)"
+  command -v python3 >/dev/null 2>&1 || die "python3 not found: install Python 3 (apt-get install python3)"
+  if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
+    log "installing python3-venv (Python's venv module)"
+    as_root apt-get update -qq && as_root apt-get install -y -qq python3-venv >/dev/null
+  fi
+  command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 \
+    || die "node and npm not found: install Node.js 20.12 or later"
+  # @segment/analytics-node asks for Node 20; oidc-provider calls crypto.hash (20.12).
+  node -e 'const [a, b] = process.versions.node.split(".").map(Number); process.exit(a > 20 || (a === 20 && b >= 12) ? 0 : 1)' \
+    || die "Node.js $(node -v) is too old: the test tools need Node.js 20.12 or later"
+}
 
 install_mongo() {
   if [ -x "$SECANTUS_BIN" ]; then return; fi
   if ! command -v cmake >/dev/null 2>&1; then
     log "installing cmake (needed to build secantusd-rs)"
-    apt-get update -qq && apt-get install -y -qq cmake >/dev/null
+    as_root apt-get update -qq && as_root apt-get install -y -qq cmake >/dev/null
   fi
   log "building secantus-mdb $SECANTUS_VERSION into $SECANTUS_ROOT (first time only, ~10 CPU-minutes)"
   # A private target dir keeps this build out of the project's own target folder.
@@ -71,13 +90,35 @@ install_node_tools() {
 }
 
 install() {
+  preflight
   mkdir -p "$CACHE"
   install_python_tools
   install_node_tools
   install_mongo
 }
 
-pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# Whether the pid in file $1 is alive and runs binary $2 (a pid file left from before a
+# reboot may name a process that is not ours).
+pid_alive() {
+  [ -f "$1" ] || return 1
+  local pid; pid=$(cat "$1")
+  kill -0 "$pid" 2>/dev/null && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$2"
+}
+
+# Whether something listens on 127.0.0.1:$1.
+port_taken() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# Refuses to start a server whose port another process holds: the checks would otherwise
+# pass against that process, and the tests would run against a server this script did
+# not start.
+check_free() {
+  local name="$1" var="$2"; shift 2
+  for port in "$@"; do
+    if port_taken "$port"; then
+      die "cannot start $name: 127.0.0.1:$port is taken by another process (stop it${var:+, or set $var to another port})"
+    fi
+  done
+}
 
 mongo_ping() {
   "$VENV/bin/python" - "$MONGO_PORT" <<'PY' >/dev/null 2>&1
@@ -90,12 +131,23 @@ PY
 
 s3_ping() {
   # Any HTTP answer (even 403) means the S3 gateway is listening.
-  curl -s -o /dev/null -m 2 "http://127.0.0.1:$S3_PORT/" 
+  "$VENV/bin/python" - "$S3_PORT" <<'PY' >/dev/null 2>&1
+import sys, urllib.error, urllib.request
+try:
+    urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/", timeout=2)
+except urllib.error.HTTPError:
+    pass
+PY
 }
 
 wait_for() {
-  local name="$1" check="$2" tries=0
+  local name="$1" check="$2" bin="$3" tries=0
   until "$check"; do
+    if ! pid_alive "$STATE/$name.pid" "$bin"; then
+      log "$name exited before it answered; see $STATE/$name.log"
+      tail -n 30 "$STATE/$name.log" >&2 || true
+      return 1
+    fi
     tries=$((tries + 1))
     if [ "$tries" -gt 120 ]; then
       log "$name did not answer within 60 s; see $STATE/$name.log"
@@ -110,29 +162,34 @@ wait_for() {
 up() {
   install
   mkdir -p "$STATE/mongo-data" "$STATE/s3-data"
-  if pid_alive "$STATE/mongo.pid"; then
+  if pid_alive "$STATE/mongo.pid" "$SECANTUS_BIN"; then
     log "mongo already running (pid $(cat "$STATE/mongo.pid"))"
   else
+    check_free mongo SLUICE_MONGO_PORT "$MONGO_PORT"
     nohup "$SECANTUS_BIN" --host 127.0.0.1 --port "$MONGO_PORT" \
       --storage-path "$STATE/mongo-data" --cache-size 1G >"$STATE/mongo.log" 2>&1 &
     echo $! >"$STATE/mongo.pid"
   fi
-  if pid_alive "$STATE/s3.pid"; then
+  if pid_alive "$STATE/s3.pid" "$WEED_BIN"; then
     log "s3 already running (pid $(cat "$STATE/s3.pid"))"
   else
+    # `weed mini` also runs a master (9333), a volume server (9340) and a filer (8888),
+    # whose ports are fixed here.
+    check_free s3 SLUICE_S3_PORT "$S3_PORT"
+    check_free s3 "" 9333 9340 8888
     AWS_ACCESS_KEY_ID="$S3_KEY" AWS_SECRET_ACCESS_KEY="$S3_SECRET" nohup "$WEED_BIN" mini \
       -dir="$STATE/s3-data" -ip=127.0.0.1 -ip.bind=127.0.0.1 -s3.port="$S3_PORT" \
       -admin.ui=false -webdav=false >"$STATE/s3.log" 2>&1 &
     echo $! >"$STATE/s3.pid"
   fi
-  wait_for mongo mongo_ping
-  wait_for s3 s3_ping
+  wait_for mongo mongo_ping "$SECANTUS_BIN"
+  wait_for s3 s3_ping "$WEED_BIN"
   print_env
 }
 
 stop_pid() {
-  local name="$1" file="$STATE/$1.pid"
-  if pid_alive "$file"; then
+  local name="$1" file="$STATE/$1.pid" bin="$2"
+  if pid_alive "$file" "$bin"; then
     local pid; pid=$(cat "$file")
     kill -TERM "$pid" 2>/dev/null || true
     for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
@@ -143,14 +200,15 @@ stop_pid() {
 }
 
 down() {
-  stop_pid mongo
-  stop_pid s3
+  stop_pid mongo "$SECANTUS_BIN"
+  stop_pid s3 "$WEED_BIN"
 }
 
 status() {
   local rc=0
-  for s in mongo s3; do
-    if pid_alive "$STATE/$s.pid"; then echo "$s: running (pid $(cat "$STATE/$s.pid"))"
+  for s in mongo:$SECANTUS_BIN s3:$WEED_BIN; do
+    local bin="${s#*:}"; s="${s%%:*}"
+    if pid_alive "$STATE/$s.pid" "$bin"; then echo "$s: running (pid $(cat "$STATE/$s.pid"))"
     else echo "$s: stopped"; rc=1; fi
   done
   return $rc
