@@ -670,13 +670,15 @@ async fn a_run_whose_lease_lapsed_while_the_store_was_stuck_stops() {
         let s = s.clone();
         async move { s.fire(&job, Utc::now()).await }
     });
-    // Mid-run, the store stops answering for longer than the lease, then recovers: the
-    // heartbeat's renewal then succeeds (the record still names this replica), but the
-    // lease had lapsed in between, so another replica may have taken the run over.
+    // Mid-run, the store stops answering for longer than the lease: the run stops before
+    // its lease could lapse, while the renewal still hangs, since another replica may
+    // take the run over once it has (a renewal answered late is no excuse either).
     tokio::time::sleep(Duration::from_millis(400)).await;
     frozen.store(true, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let stopped_while_stuck = firing.is_finished();
     frozen.store(false, Ordering::SeqCst);
+    assert!(stopped_while_stuck, "the run went on past its lease");
     let outcome = firing.await.unwrap();
     s.shutdown().await;
     assert_eq!(outcome, FireOutcome::LeaseLost);

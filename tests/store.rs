@@ -467,7 +467,8 @@ async fn abandoned_claim_is_completed_without_counting_twice() {
     let writer = EventWriter::new(
         db.store.clone(),
         WriterOptions {
-            claim_lease: std::time::Duration::from_millis(200),
+            // Long enough that the first write inserts (it must commit within half of it).
+            claim_lease: std::time::Duration::from_millis(1_000),
             ..Default::default()
         },
     );
@@ -493,7 +494,7 @@ async fn abandoned_claim_is_completed_without_counting_twice() {
     let status = writer.write(&batch).await.unwrap();
     assert_eq!(status, vec![WriteStatus::Duplicate, WriteStatus::Retry]);
 
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
     let status = writer.write(&batch).await.unwrap();
     assert_eq!(status, vec![WriteStatus::Duplicate, WriteStatus::Stored]);
     assert_eq!(count(&db, "events", doc! { "eventId": "a2" }).await, 1);
@@ -509,6 +510,45 @@ async fn abandoned_claim_is_completed_without_counting_twice() {
         2,
         "aggregates must not be applied twice"
     );
+}
+
+#[tokio::test]
+async fn claims_too_old_to_insert_safely_are_handed_back_not_inserted() {
+    let db = TestDb::initialized().await;
+    // A lease so short that every claim is past half of it by the time it commits, as
+    // after a long failover: a resend elsewhere could take the claims over, so this
+    // writer inserts nothing and answers Retry.
+    let slow = EventWriter::new(
+        db.store.clone(),
+        WriterOptions {
+            claim_lease: std::time::Duration::from_micros(1),
+            ..Default::default()
+        },
+    );
+    let batch = vec![
+        event("s1", "v7", "s7", EventType::PageView, 1_700_000_000_000),
+        event("s2", "v7", "s7", EventType::Click, 1_700_000_001_000),
+    ];
+    assert_eq!(
+        slow.write(&batch).await.unwrap(),
+        vec![WriteStatus::Retry, WriteStatus::Retry]
+    );
+    assert_eq!(count(&db, "events", doc! {}).await, 0);
+    // The resend completes them at once (the claims were handed back) and counts them once.
+    let writer = EventWriter::new(db.store.clone(), WriterOptions::default());
+    assert_eq!(
+        writer.write(&batch).await.unwrap(),
+        vec![WriteStatus::Stored, WriteStatus::Stored]
+    );
+    assert_eq!(count(&db, "events", doc! {}).await, 2);
+    let user = db
+        .store
+        .collection("users")
+        .find_one(doc! { "visitorId": "v7" })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(user.get_i64("totalEvents").unwrap(), 2);
 }
 
 #[tokio::test]

@@ -407,37 +407,11 @@ async fn execute(
     let lease = inner.options.lease;
     let heartbeat = {
         let runs = runs.clone();
+        let filter = doc! { common::ID: &id, "owner": &me, "status": "RUNNING" };
         let id = id.clone();
-        let me = me.clone();
-        let every = (inner.options.lease / 3).max(Duration::from_millis(100));
         async move {
-            let mut renewed_at = std::time::Instant::now();
-            loop {
-                tokio::time::sleep(every).await;
-                let sent = std::time::Instant::now();
-                let renewed = runs
-                    .update_one(
-                        doc! { common::ID: &id, "owner": &me, "status": "RUNNING" },
-                        doc! { "$set": { "expiresAt": lease_end(lease) } },
-                    )
-                    .await;
-                if renewed_at.elapsed() >= lease {
-                    // The lease lapsed before this renewal: a sweeper (even this
-                    // replica's) may have taken the run over meanwhile. Stop.
-                    return;
-                }
-                match renewed {
-                    Ok(r) if r.matched_count == 1 => renewed_at = sent,
-                    // Another replica holds the run now: stop.
-                    Ok(_) => return,
-                    // The store did not answer (a failover): keep going while the lease
-                    // last renewed still holds, as no other replica can take it before.
-                    Err(e) if renewed_at.elapsed() < lease => {
-                        tracing::warn!(run = %id, error = %e, "could not renew the run's lease; trying again");
-                    }
-                    Err(_) => return,
-                }
-            }
+            let why = keep_lease(&runs, filter, lease).await;
+            tracing::warn!(run = %id, why, "lease lost");
         }
     };
     let mut stop = inner.stop.subscribe();
@@ -549,33 +523,51 @@ pub async fn hold_manual_run_for<T>(
     work: impl Future<Output = T>,
 ) -> Result<T, String> {
     let runs = store.collection(c::SCHEDULED_RUNS);
-    let heartbeat = async {
-        let mut last_renewed = std::time::Instant::now();
-        loop {
-            tokio::time::sleep(lease / 3).await;
-            let renewed = runs
-                .update_one(
-                    doc! { common::ID: id, "status": "RUNNING" },
-                    doc! { "$set": { "expiresAt": lease_end(lease) } },
-                )
-                .await;
-            match renewed {
-                Ok(r) if r.matched_count == 1 => last_renewed = std::time::Instant::now(),
-                Ok(_) => return "its record is no longer RUNNING".to_string(),
-                Err(e) if last_renewed.elapsed() >= lease => {
-                    return format!("its lease could not be renewed: {e}")
-                }
-                Err(e) => {
-                    tracing::warn!(run = id, error = %e, "could not renew a manual run's lease")
-                }
-            }
-        }
-    };
+    let heartbeat = keep_lease(&runs, doc! { common::ID: id, "status": "RUNNING" }, lease);
     tokio::select! {
         out = work => Ok(out),
         why = heartbeat => {
             tracing::warn!(run = id, why, "manual run stopped: lease lost");
             Err(format!("run `{id}` stopped: {why}"))
+        }
+    }
+}
+
+/// Renews the lease of the run `filter` selects every third of `lease` until it is lost,
+/// and returns why. The holder stops a sixth of a lease before the lease could lapse
+/// (counted from the last renewal sent that the store confirmed), whether or not the store
+/// answers: another replica may take the run over at `expiresAt`, and a renewal that
+/// hangs (a failover, a half-open connection) must not keep the run going past it.
+async fn keep_lease(
+    runs: &mongodb::Collection<Document>,
+    filter: Document,
+    lease: Duration,
+) -> String {
+    let margin = lease / 6;
+    let mut renewed_at = tokio::time::Instant::now();
+    loop {
+        let hold_until = renewed_at + (lease - margin);
+        let wake = (tokio::time::Instant::now() + lease / 3).min(hold_until);
+        tokio::time::sleep_until(wake).await;
+        if tokio::time::Instant::now() >= hold_until {
+            return "its lease could not be renewed before it would lapse".into();
+        }
+        let sent = tokio::time::Instant::now();
+        let renewal = runs.update_one(
+            filter.clone(),
+            doc! { "$set": { "expiresAt": lease_end(lease) } },
+        );
+        match tokio::time::timeout_at(hold_until, renewal).await {
+            Err(_) => {
+                return "the store did not answer a renewal before the lease would lapse".into()
+            }
+            Ok(Ok(r)) if r.matched_count == 1 => renewed_at = sent,
+            Ok(Ok(_)) => {
+                return "its record is no longer RUNNING, or another replica holds it".into()
+            }
+            // Tried again until the lease would lapse: no other replica can take the run
+            // over before that.
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not renew a run's lease; trying again"),
         }
     }
 }

@@ -232,6 +232,7 @@ impl EventWriter {
             encoded.insert(i, encode_event(&events[i])?);
         }
         let now = DateTime::now();
+        let claim_started = Instant::now();
         let claimed = self.claim_and_aggregate(events, &unique, now).await?;
         // Late days are marked before their events are inserted, so a crash between the
         // two writes cannot leave stored events that no export will republish. Failing to
@@ -247,7 +248,21 @@ impl EventWriter {
             return Err(err);
         }
 
-        if !claimed.new.is_empty() {
+        // The claims count from `now`: past half their lease (a slow or retried
+        // transaction, a failover), a resend elsewhere may soon take them over and insert
+        // the events itself. Inserting them here as well could store them twice, so they
+        // are handed back instead and answered Retry: the resend completes them at once.
+        if !claimed.new.is_empty() && claim_started.elapsed() > self.options.claim_lease / 2 {
+            tracing::warn!(
+                events = claimed.new.len(),
+                seconds = claim_started.elapsed().as_secs_f64(),
+                "claims taken too long ago to insert their events safely; handed back for a resend"
+            );
+            self.hand_back_claims(events, &claimed.new).await;
+            for &i in &claimed.new {
+                status[i] = WriteStatus::Retry;
+            }
+        } else if !claimed.new.is_empty() {
             let started = Instant::now();
             let docs: Vec<RawDocumentBuf> = claimed
                 .new
