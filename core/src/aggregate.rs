@@ -63,6 +63,7 @@ pub fn fold_session(existing: Option<Session>, events: &[&Event], now: DateTime)
         created_at: now,
         updated_at: now,
     });
+    let ended = s.end_time;
     for e in events {
         let k = key(e);
         s.events += 1;
@@ -99,6 +100,12 @@ pub fn fold_session(existing: Option<Session>, events: &[&Event], now: DateTime)
                 s.exit_event = Some(k);
             }
         }
+    }
+    // A session that goes on after the sweeper expired it (a client keeping its
+    // sessionId through a long pause) is active again; the sweeper expires it once it
+    // is idle again. A late event inside its span leaves it as it was.
+    if s.end_time > ended {
+        s.status = SessionStatus::Active;
     }
     s.duration = s.end_time.timestamp_millis() - s.start_time.timestamp_millis();
     s.updated_at = now;
@@ -225,6 +232,25 @@ mod tests {
         assert_eq!(merged.device.as_deref(), Some("desktop"));
         assert_eq!(merged.duration, 8000);
         assert_eq!((merged.events, merged.page_views), (4, 2));
+    }
+
+    #[test]
+    fn an_expired_session_that_goes_on_is_active_again_and_a_late_event_leaves_it() {
+        let now = DateTime::from_millis(10_000_000);
+        let mut s = fold_session(None, &[&ev("a", 1000, EventType::PageView, None, "x")], now);
+        s.status = SessionStatus::Expired;
+        let late = fold_session(
+            Some(s.clone()),
+            &[&ev("b", 500, EventType::Click, None, "x")],
+            now,
+        );
+        assert_eq!(late.status, SessionStatus::Expired);
+        let resumed = fold_session(
+            Some(s),
+            &[&ev("c", 4_000_000, EventType::Click, None, "x")],
+            now,
+        );
+        assert_eq!(resumed.status, SessionStatus::Active);
     }
 
     #[test]
