@@ -963,3 +963,64 @@ async fn a_store_that_stops_answering_gets_a_503_not_a_hung_request() {
     // `at-shutdown` was answered 503: whether its write landed or not, the client resends it.
     assert!((2..=3).contains(&int(&user, "totalEvents")), "{user}");
 }
+
+#[tokio::test]
+async fn a_request_nobody_waits_for_any_more_is_not_written() {
+    use sluice::server::{Batcher, Metrics};
+    use sluice_connectors::mongo::{EventWriter, WriteStatus, WriterOptions};
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+    let db = TestDb::initialized().await;
+    let (uri, frozen) = support::freezable_mongo_proxy().await;
+    let store = support::store_via(&uri, &db.name).await;
+    let writer = EventWriter::new(store, WriterOptions::default());
+    let (batcher, _writers) = Batcher::start(
+        writer,
+        1_000,
+        500,
+        1,
+        std::sync::Arc::new(Metrics::default()),
+    );
+    let ctx = sluice_core::tracking::RequestContext {
+        received_at_ms: now_ms(),
+        batch_sent_at_ms: None,
+        user_agent: None,
+        ip: None,
+        max_future_ms: 60_000,
+    };
+    let event = |id: &str| {
+        sluice_core::tracking::parse_event(
+            &json!({ "eventId": id, "userId": "v1", "sessionId": "s1",
+                     "eventType": "PAGE_VIEW", "timestamp": now_ms() }),
+            &ctx,
+            Default::default(),
+        )
+        .unwrap()
+    };
+    // The first request's write hangs on the store; the second queues behind it, and its
+    // handler gives up (a client that hung up, or the endpoint's write deadline).
+    frozen.store(true, Ordering::SeqCst);
+    let first = tokio::spawn({
+        let (b, e) = (batcher.clone(), event("first"));
+        async move { b.submit(vec![e]).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(300),
+        batcher.submit(vec![event("abandoned")]),
+    )
+    .await;
+    assert!(gave_up.is_err());
+    frozen.store(false, Ordering::SeqCst);
+    assert_eq!(first.await.unwrap().unwrap(), vec![WriteStatus::Stored]);
+    assert_eq!(
+        batcher.submit(vec![event("next")]).await.unwrap(),
+        vec![WriteStatus::Stored]
+    );
+    let stored: Vec<String> = all(&db, "events", doc! { "eventId": 1 })
+        .await
+        .iter()
+        .map(|e| e.get_str("eventId").unwrap().to_string())
+        .collect();
+    assert_eq!(stored, ["first", "next"]);
+}

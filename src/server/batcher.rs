@@ -166,6 +166,21 @@ async fn write_loop(
                 Err(_) => break,
             }
         }
+        // A request whose handler is gone (its client hung up, or it answered 503 after
+        // `write_timeout_seconds`) was not acknowledged: its client resends, and writing
+        // it now would only keep a slow store busier. Its permits return with it.
+        let before = jobs.len();
+        jobs.retain(|job| !job.reply.is_closed());
+        if jobs.len() < before {
+            tracing::debug!(
+                requests = before - jobs.len(),
+                "skipped requests nobody waits for"
+            );
+        }
+        if jobs.is_empty() {
+            continue;
+        }
+        let total: usize = jobs.iter().map(|j| j.events.len()).sum();
         // The events move into one write; each job keeps its count to take its answers.
         let mut events = Vec::with_capacity(total);
         let mut counts = Vec::with_capacity(jobs.len());
