@@ -145,17 +145,51 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let handle =
         crate::server::start_loaded((*config).clone(), store, listener, true, loaded).await?;
     tracing::info!(addr = %handle.addr, "sluice serving");
+    // Imports and exports in flight are stopped with the process and recorded
+    // (imports INTERRUPTED with their checkpoint's progress, exports FAILED), not left
+    // RUNNING. Each is listed while it runs, so the lists are read before the runs stop.
+    let in_flight = || {
+        (
+            crate::engine::imports_in_flight(),
+            sluice_jobs::history::exports_in_flight(),
+        )
+    };
+    // On the signal the scheduler stops taking work at once, while the HTTP server drains.
+    let seen_at_signal = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let stopping = scheduler.clone().map(|s| {
+        let seen = seen_at_signal.clone();
+        tokio::spawn(async move {
+            crate::server::shutdown_signal().await;
+            *seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(in_flight());
+            s.stop().await;
+        })
+    });
     handle.wait().await;
-    // Imports in flight are stopped with the process: their runs are recorded as
-    // interrupted (with their checkpoint's progress), not left RUNNING.
-    let interrupted = crate::engine::imports_in_flight();
-    let exports = sluice_jobs::history::exports_in_flight();
-    if let Some(s) = scheduler {
-        // Runs in flight are handed back at once, so another replica takes them over
-        // without waiting for their lease to expire.
-        s.shutdown().await;
+    let (mut interrupted, mut exports) = in_flight();
+    if let Some((i, e)) = seen_at_signal
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+    {
+        interrupted.extend(i);
+        exports.extend(e);
+    }
+    interrupted.sort();
+    interrupted.dedup();
+    exports.sort();
+    exports.dedup();
+    if let Some(s) = &scheduler {
+        s.stop().await;
+    }
+    if let Some(t) = stopping {
+        t.abort();
     }
     record_stopped(&store_for_shutdown, &interrupted, &exports).await;
+    if let Some(s) = &scheduler {
+        // Handed back only once recorded: another replica takes them over at once,
+        // without waiting for their lease, and its run is not the one recorded stopped.
+        s.hand_back().await;
+    }
     Ok(())
 }
 

@@ -1024,3 +1024,25 @@ async fn a_request_nobody_waits_for_any_more_is_not_written() {
         .collect();
     assert_eq!(stored, ["first", "next"]);
 }
+
+#[tokio::test]
+async fn a_client_trickling_its_body_does_not_hold_the_shutdown_up() {
+    use tokio::io::AsyncWriteExt;
+    let db = TestDb::initialized().await;
+    let server = start_server(&db, |raw| raw.tracking.write_timeout_seconds = 1).await;
+    // A request whose body never finishes arriving.
+    let mut slow = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    slow.write_all(
+        b"POST /v1/events HTTP/1.1\r\nHost: sluice\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"eventId\":",
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    tokio::time::timeout(std::time::Duration::from_secs(40), server.shutdown())
+        .await
+        .expect("the shutdown ends after its grace period");
+    // The grace period is the write deadline and ten seconds more.
+    assert!(started.elapsed() >= std::time::Duration::from_secs(10));
+    drop(slow);
+}

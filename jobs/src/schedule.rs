@@ -304,24 +304,37 @@ impl Scheduler {
         fire_job(&self.inner, job, fire).await
     }
 
-    /// Stops the triggers and the sweeper, and hands back the runs this replica still
-    /// holds (their lease is expired at once, so another replica takes them over now
-    /// rather than after the lease).
+    /// [`Scheduler::stop`], then [`Scheduler::hand_back`].
     pub async fn shutdown(&self) {
+        self.stop().await;
+        self.hand_back().await;
+    }
+
+    /// Stops taking work (the triggers, the sweeper's take-overs, the reloads) and stops
+    /// the runs in flight, waiting up to 10 s for them to end. The runs stay this
+    /// replica's until [`Scheduler::hand_back`], so what they leave can be recorded first
+    /// (an interrupted import) without racing a replica that took them over. Calling it
+    /// again does nothing more.
+    pub async fn stop(&self) {
         let _ = self.cron.lock().await.shutdown().await;
-        // Stop the runs first (fires and takeovers alike), then hand them back: a run
-        // handed back while it still ran could be taken over and run twice at once.
-        self.inner.stop.send_replace(true);
-        self.inner
-            .executing
-            .wait_idle(Duration::from_secs(10))
-            .await;
-        hand_back(&self.inner, doc! {}).await;
         if let Ok(tasks) = self.tasks.lock() {
             for t in tasks.iter() {
                 t.abort();
             }
         }
+        self.inner.stop.send_replace(true);
+        self.inner
+            .executing
+            .wait_idle(Duration::from_secs(10))
+            .await;
+    }
+
+    /// Hands back the runs this replica still holds: their lease is expired at once, so
+    /// another replica takes them over now rather than after the lease. Call it after
+    /// [`Scheduler::stop`]: a run handed back while it still ran could be taken over and
+    /// run twice at once.
+    pub async fn hand_back(&self) {
+        hand_back(&self.inner, doc! {}).await;
     }
 }
 
@@ -429,8 +442,7 @@ async fn execute(
         _ = stopping => None,
     };
     let Some(result) = result else {
-        // Handed back here too: a fire claimed while the shutdown was handing back.
-        hand_back(inner, doc! { common::ID: &id }).await;
+        // Handed back with the rest by `Scheduler::hand_back`, once the stop is recorded.
         return FireOutcome::Stopped;
     };
     let (status, ended) = run_end(&result);

@@ -301,22 +301,39 @@ pub async fn start_loaded(
         metrics,
     );
     let join = tokio::spawn(async move {
-        let stop = async move {
-            if until_signal {
-                tokio::select! {
-                    _ = stop_rx => {},
-                    _ = shutdown_signal() => {},
+        let stopping = Arc::new(tokio::sync::Notify::new());
+        let stop = {
+            let stopping = stopping.clone();
+            async move {
+                if until_signal {
+                    tokio::select! {
+                        _ = stop_rx => {},
+                        _ = shutdown_signal() => {},
+                    }
+                } else {
+                    let _ = stop_rx.await;
                 }
-            } else {
-                let _ = stop_rx.await;
+                tracing::info!("shutting down: no new requests, draining the write queue");
+                stopping.notify_one();
             }
-            tracing::info!("shutting down: no new requests, draining the write queue");
         };
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(stop)
-            .await
-        {
-            tracing::error!(error = %e, "server error");
+        // Requests in flight get as long as a write may take, and a little more; a client
+        // that keeps a request open longer (a body trickling in) does not hold the
+        // shutdown up.
+        let grace = Duration::from_secs(t.write_timeout_seconds + 10);
+        let deadline = async move {
+            stopping.notified().await;
+            tokio::time::sleep(grace).await;
+        };
+        tokio::select! {
+            served = std::future::IntoFuture::into_future(axum::serve(listener, app).with_graceful_shutdown(stop)) => {
+                if let Err(e) = served {
+                    tracing::error!(error = %e, "server error");
+                }
+            }
+            _ = deadline => {
+                tracing::warn!(seconds = grace.as_secs(), "requests still open after the shutdown grace period are dropped (none of them was acknowledged)");
+            }
         }
         sweeper.abort();
         // The router (and its Batcher clones) is gone: writers drain the queue and end.
