@@ -516,27 +516,53 @@ async fn write_keys_and_the_rate_limit_are_enforced() {
 
 #[tokio::test]
 async fn a_full_queue_answers_503_with_retry_after() {
+    use std::sync::atomic::Ordering;
     let db = TestDb::initialized().await;
-    let server = start_server(&db, |raw| raw.tracking.queue_capacity = 10).await;
+    let (uri, frozen) = support::freezable_mongo_proxy().await;
+    let store = support::store_via(&uri, &db.name).await;
+    let config = support::test_config(&db.name, |raw| {
+        raw.tracking.queue_capacity = 10;
+        raw.tracking.max_batch_events = 10;
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = sluice::server::start(config, store, listener, false)
+        .await
+        .unwrap();
     let base = format!("http://{}", server.addr);
-    let events: Vec<Value> = (0..20)
-        .map(|i| json!({ "userId": "v", "sessionId": "s", "eventType": "CLICK", "eventId": format!("q{i}") }))
-        .collect();
+    let batch = |from: usize, n: usize| {
+        let events: Vec<Value> = (from..from + n)
+            .map(|i| json!({ "userId": "v", "sessionId": "s", "eventType": "CLICK", "eventId": format!("q{i}") }))
+            .collect();
+        json!({ "batch": events })
+    };
+    // A full batch waits on a store that stopped answering and holds the whole queue.
+    frozen.store(true, Ordering::SeqCst);
+    let holding = tokio::spawn({
+        let (base, body) = (base.clone(), batch(0, 10));
+        async move { post(&base, "/v1/events/batch", &body).await }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     let resp = reqwest::Client::new()
         .post(format!("{base}/v1/events/batch"))
-        .json(&json!({ "batch": events }))
+        .json(&batch(10, 1))
         .send()
         .await
         .unwrap();
     assert_eq!(resp.status().as_u16(), 503);
     assert_eq!(resp.headers()["retry-after"], "1");
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"], "overloaded", "{body}");
+    frozen.store(false, Ordering::SeqCst);
+    let (status, answer) = holding.await.unwrap();
+    assert_eq!(status, 200, "{answer}");
     assert_eq!(
         db.store
             .collection("events")
             .count_documents(doc! {})
             .await
             .unwrap(),
-        0
+        10,
+        "the refused request stored nothing"
     );
     server.shutdown().await;
 }

@@ -669,6 +669,16 @@ pub fn validate(
             format!("0 to 31622400 (a year), got {}", t.max_future_seconds),
         ));
     }
+    // A full batch must fit the queue, or every resend of it is answered 503 for ever.
+    if t.queue_capacity < t.max_batch_events {
+        return Err(invalid(
+            "tracking.queue_capacity",
+            format!(
+                "at least `tracking.max_batch_events` ({}), got {}",
+                t.max_batch_events, t.queue_capacity
+            ),
+        ));
+    }
     if t.max_event_bytes > t.max_batch_bytes {
         return Err(invalid(
             "tracking.max_event_bytes",
@@ -1035,6 +1045,18 @@ mod tests {
                 .to_string();
             assert!(err.contains("log.level"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn a_queue_smaller_than_one_batch_is_refused() {
+        let err = check("[tracking]\nqueue_capacity = 100\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("tracking.queue_capacity") && err.contains("(500), got 100"),
+            "{err}"
+        );
+        assert!(check("[tracking]\nqueue_capacity = 100\nmax_batch_events = 100\n").is_ok());
     }
 
     #[test]
