@@ -208,6 +208,48 @@ async fn a_dead_owners_run_is_taken_over_after_the_lease() {
 }
 
 #[tokio::test]
+async fn a_run_whose_owners_keep_dying_is_given_up_but_hand_backs_do_not_count() {
+    let db = TestDb::initialized().await;
+    let orphan = |job: &str, lapses: i32, handed_back: bool| {
+        let fire = Utc::now() - chrono::Duration::seconds(30);
+        doc! {
+            "_id": format!("{job}@{}", fire.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+            "job": job, "scheduledFor": bson::DateTime::from_chrono(fire),
+            "status": "RUNNING", "owner": "gone", "attempts": lapses + 1, "lapses": lapses,
+            "handedBack": handed_back,
+            "expiresAt": bson::DateTime::from_millis(bson::DateTime::now().timestamp_millis() - 1),
+        }
+    };
+    let runs = db.store.collection("scheduled_runs");
+    // Its owners died twice already and this one died too: the third lapse.
+    runs.insert_one(orphan("crasher", 2, false)).await.unwrap();
+    // Two lapses, but this owner handed it back (a rolling restart): run it.
+    runs.insert_one(orphan("restarted", 2, true)).await.unwrap();
+    let (s, log) = idle_scheduler(&db.store, "survivor", Duration::ZERO, 400).await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    s.shutdown().await;
+    assert_eq!(log.lock().unwrap().len(), 1, "only the restarted run ran");
+    let crasher = runs
+        .find_one(doc! { "job": "crasher" })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(crasher.get_str("status").unwrap(), "FAILED");
+    assert_eq!(crasher.get_i32("lapses").unwrap(), 3);
+    assert!(
+        crasher.get_str("error").unwrap().contains("3 times"),
+        "{crasher}"
+    );
+    let restarted = runs
+        .find_one(doc! { "job": "restarted" })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(restarted.get_str("status").unwrap(), "COMPLETED");
+    assert_eq!(restarted.get_i32("lapses").unwrap(), 2);
+}
+
+#[tokio::test]
 async fn an_overlapping_fire_is_skipped_and_recorded() {
     let db = TestDb::initialized().await;
     let log = Arc::new(Mutex::new(Vec::new()));

@@ -164,6 +164,9 @@ struct Inner {
     stop: tokio::sync::watch::Sender<bool>,
     /// Runs of this scheduler executing now.
     executing: Arc<Tally>,
+    /// Set by `hand_back`, before it hands the runs back: a run claimed later (a fire
+    /// already under way when the triggers stopped) hands itself back.
+    handed_back: std::sync::atomic::AtomicBool,
 }
 
 /// A running scheduler. Dropping it does not stop it; `shutdown` does.
@@ -189,6 +192,7 @@ impl Scheduler {
             options,
             stop: tokio::sync::watch::channel(false).0,
             executing: Default::default(),
+            handed_back: Default::default(),
         });
         let this = Scheduler {
             inner: inner.clone(),
@@ -334,6 +338,9 @@ impl Scheduler {
     /// [`Scheduler::stop`]: a run handed back while it still ran could be taken over and
     /// run twice at once.
     pub async fn hand_back(&self) {
+        self.inner
+            .handed_back
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         hand_back(&self.inner, doc! {}).await;
     }
 }
@@ -442,7 +449,11 @@ async fn execute(
         _ = stopping => None,
     };
     let Some(result) = result else {
-        // Handed back with the rest by `Scheduler::hand_back`, once the stop is recorded.
+        // Handed back with the rest by `Scheduler::hand_back`, once the stop is recorded;
+        // claimed after that, it hands itself back.
+        if inner.handed_back.load(std::sync::atomic::Ordering::SeqCst) {
+            hand_back(inner, doc! { common::ID: &id }).await;
+        }
         return FireOutcome::Stopped;
     };
     let (status, ended) = run_end(&result);
@@ -458,12 +469,13 @@ async fn execute(
         &[("job_name", job.name.as_str())],
         started.elapsed().as_secs_f64(),
     );
-    let _ = runs
-        .update_one(
-            doc! { common::ID: &id, "owner": &me },
-            doc! { "$set": ended },
-        )
-        .await;
+    record_end(
+        &runs,
+        doc! { common::ID: &id, "owner": &me },
+        ended,
+        lease / 2,
+    )
+    .await;
     FireOutcome::Ran(result)
 }
 
@@ -541,6 +553,42 @@ pub async fn hold_manual_run_for<T>(
         why = heartbeat => {
             tracing::warn!(run = id, why, "manual run stopped: lease lost");
             Err(format!("run `{id}` stopped: {why}"))
+        }
+    }
+}
+
+/// Records how a run ended, trying again for up to `within` (a failover as it ends):
+/// a run whose end is not recorded stays RUNNING, and once its lease lapses another
+/// replica would run it again.
+async fn record_end(
+    runs: &mongodb::Collection<Document>,
+    filter: Document,
+    ended: Document,
+    within: Duration,
+) {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut pause = Duration::from_millis(100);
+    loop {
+        let recorded = tokio::time::timeout_at(
+            deadline,
+            runs.update_one(filter.clone(), doc! { "$set": ended.clone() }),
+        )
+        .await;
+        match recorded {
+            Ok(Ok(_)) => return,
+            Ok(Err(e)) if tokio::time::Instant::now() + pause < deadline => {
+                tracing::warn!(error = %e, "could not record a run's end; trying again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, run = ?filter, "could not record a run's end; once its lease lapses it runs again");
+                return;
+            }
+            Err(_) => {
+                tracing::error!(run = ?filter, "the store did not record a run's end in time; once its lease lapses it runs again");
+                return;
+            }
         }
     }
 }
@@ -668,7 +716,7 @@ async fn hand_back(inner: &Inner, mut filter: Document) {
         .collection(c::SCHEDULED_RUNS)
         .update_many(
             filter,
-            doc! { "$set": { "expiresAt": DateTime::from_millis(0), "handedBackAt": DateTime::now() } },
+            doc! { "$set": { "expiresAt": DateTime::from_millis(0), "handedBackAt": DateTime::now(), "handedBack": true } },
         )
         .await;
 }
@@ -691,6 +739,16 @@ async fn sweep(inner: &Arc<Inner>) -> Result<(), StoreError> {
             abandon(&runs, &o).await?;
             continue;
         }
+        // An owner that handed the run back was stopping; one whose lease lapsed died (or
+        // lost the store). A run whose owners keep dying may be what kills them (a job
+        // that exhausts memory): after MAX_LAPSES it is recorded FAILED instead of being
+        // handed from replica to replica, taking each one down.
+        let handed_back = o.get_bool("handedBack").unwrap_or(false);
+        let lapses = o.get_i32("lapses").unwrap_or(0) + i32::from(!handed_back);
+        if lapses >= MAX_LAPSES {
+            give_up(&runs, &o, lapses).await?;
+            continue;
+        }
         let (Ok(id), Ok(job), Ok(expires), Ok(fire)) = (
             o.get_str(common::ID),
             o.get_str("job"),
@@ -706,7 +764,10 @@ async fn sweep(inner: &Arc<Inner>) -> Result<(), StoreError> {
             .update_one(
                 doc! { common::ID: id, "status": "RUNNING", "expiresAt": *expires },
                 doc! {
-                    "$set": { "owner": &inner.options.instance, "expiresAt": lease_end(inner.options.lease), "takenOverAt": now },
+                    "$set": {
+                        "owner": &inner.options.instance, "expiresAt": lease_end(inner.options.lease),
+                        "takenOverAt": now, "handedBack": false, "lapses": lapses,
+                    },
                     "$inc": { "attempts": 1 },
                 },
             )
@@ -739,6 +800,39 @@ async fn sweep(inner: &Arc<Inner>) -> Result<(), StoreError> {
 }
 
 /// Records the run by hand `run`, whose lease lapsed, as FAILED.
+/// Times a scheduled run's owner may die (its lease lapse) before the run is recorded
+/// FAILED instead of taken over again.
+pub const MAX_LAPSES: i32 = 3;
+
+/// Records FAILED a scheduled run whose owners died `lapses` times running it.
+async fn give_up(
+    runs: &mongodb::Collection<Document>,
+    run: &Document,
+    lapses: i32,
+) -> Result<(), StoreError> {
+    let (Ok(id), Ok(expires)) = (run.get_str(common::ID), run.get_datetime("expiresAt")) else {
+        return Ok(());
+    };
+    let ended = runs
+        .update_one(
+            doc! { common::ID: id, "status": "RUNNING", "expiresAt": *expires },
+            doc! { "$set": {
+                "status": "FAILED", "endedAt": DateTime::now(), "lapses": lapses,
+                "error": format!("given up: the replicas running it stopped renewing its lease {lapses} times (a run that takes its process down is not handed on); see their logs, then run it by hand"),
+            } },
+        )
+        .await
+        .map_err(StoreError::mongo(c::SCHEDULED_RUNS, "record a run given up"))?;
+    if ended.modified_count == 1 {
+        tracing::error!(
+            run = id,
+            lapses,
+            "a scheduled run whose owners kept dying was recorded FAILED"
+        );
+    }
+    Ok(())
+}
+
 async fn abandon(runs: &mongodb::Collection<Document>, run: &Document) -> Result<(), StoreError> {
     let (Ok(id), Ok(expires)) = (run.get_str(common::ID), run.get_datetime("expiresAt")) else {
         return Ok(());
