@@ -250,6 +250,60 @@ async fn a_run_whose_owners_keep_dying_is_given_up_but_hand_backs_do_not_count()
 }
 
 #[tokio::test]
+async fn an_instant_no_replica_claimed_is_fired_by_the_next_check_once() {
+    use chrono::{Datelike, Timelike};
+    let db = TestDb::initialized().await;
+    // Crons that matched exactly once, a few seconds ago and two minutes ago: their
+    // triggers will not fire again for a year, as a trigger remade when daylight saving
+    // time began skips the instant, or as every replica restarting at that instant would.
+    let at = |t: chrono::DateTime<Utc>| {
+        format!(
+            "{} {} {} {} {} *",
+            t.second(),
+            t.minute(),
+            t.hour(),
+            t.day(),
+            t.month()
+        )
+    };
+    let now = Utc::now().with_nanosecond(0).unwrap();
+    let recent = now - chrono::Duration::seconds(3);
+    let old = now - chrono::Duration::seconds(120);
+    let jobs = vec![
+        ScheduledJob {
+            name: "recent".into(),
+            cron: at(recent),
+            timezone: None,
+        },
+        ScheduledJob {
+            name: "old".into(),
+            cron: at(old),
+            timezone: None,
+        },
+    ];
+    let log: RunLog = Arc::new(Mutex::new(Vec::new()));
+    let runner = Arc::new(Counting {
+        log: log.clone(),
+        instance: "a".into(),
+        delay: Duration::ZERO,
+    });
+    let mut opts = options("a", 5_000);
+    opts.reload_every = Duration::from_millis(300);
+    let s = Scheduler::start(db.store.clone(), runner, source(jobs), opts)
+        .await
+        .unwrap();
+    // Several checks pass (one per reload); the instant runs once.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    s.shutdown().await;
+    let fires: Vec<_> = log.lock().unwrap().iter().map(|(_, f)| *f).collect();
+    assert_eq!(fires, [recent], "the recent instant, once; not the old one");
+    let docs = runs(&db).await;
+    assert_eq!(docs.len(), 1, "{docs:?}");
+    assert_eq!(docs[0].get_str("status").unwrap(), "COMPLETED");
+    assert!(docs[0].get_str("_id").unwrap().starts_with("recent@"));
+}
+
+#[tokio::test]
 async fn an_overlapping_fire_is_skipped_and_recorded() {
     let db = TestDb::initialized().await;
     let log = Arc::new(Mutex::new(Vec::new()));

@@ -215,7 +215,10 @@ impl Scheduler {
         };
         let this = Arc::new(this);
         match source().await {
-            Ok(jobs) => this.reconcile(&jobs).await?,
+            Ok(jobs) => {
+                this.reconcile(&jobs).await?;
+                fire_missed(&inner, &jobs).await;
+            }
             Err(e) => {
                 tracing::error!(error = %e, "could not read the jobs to schedule; trying again at the next reload")
             }
@@ -228,7 +231,11 @@ impl Scheduler {
                     tokio::time::sleep(every).await;
                     let Some(s) = weak.upgrade() else { return };
                     let reloaded = match source().await {
-                        Ok(jobs) => s.reconcile(&jobs).await,
+                        Ok(jobs) => {
+                            let done = s.reconcile(&jobs).await;
+                            fire_missed(&s.inner, &jobs).await;
+                            done
+                        }
                         Err(e) => Err(e),
                     };
                     if let Err(e) = reloaded {
@@ -342,6 +349,48 @@ impl Scheduler {
             .handed_back
             .store(true, std::sync::atomic::Ordering::SeqCst);
         hand_back(&self.inner, doc! {}).await;
+    }
+}
+
+/// Fires the latest instant of each job that passed recently (within two reloads and 10
+/// s) without any replica claiming it: a trigger remade as daylight saving time began
+/// skipped it (the cron library fixes a zone's offset per trigger), or every replica was
+/// restarting at that instant. The claim is the usual one (`job@instant`), so an instant
+/// a trigger fired, or another replica's check, is not run twice.
+async fn fire_missed(inner: &Arc<Inner>, jobs: &[ScheduledJob]) {
+    let now = Utc::now();
+    let window = inner.options.reload_every * 2 + Duration::from_secs(10);
+    let runs = inner.store.collection(c::SCHEDULED_RUNS);
+    for job in jobs {
+        let (Ok(cron), Ok(tz)) = (parse_cron(&job.cron), job_timezone(job)) else {
+            continue;
+        };
+        let last = fire_instant(&cron, tz, now);
+        let Ok(age) = (now - last).to_std() else {
+            continue;
+        };
+        // The trigger that fires an instant on time has had two seconds to claim it.
+        if age < Duration::from_secs(2) || age > window {
+            continue;
+        }
+        match runs
+            .find_one(doc! { common::ID: run_id(&job.name, last) })
+            .projection(doc! { common::ID: 1 })
+            .await
+        {
+            Ok(None) => {}
+            Ok(Some(_)) => continue,
+            Err(e) => {
+                tracing::warn!(job = %job.name, error = %e, "could not look for a missed fire");
+                continue;
+            }
+        }
+        tracing::warn!(job = %job.name, fire = %last, "firing an instant no replica claimed (missed by its trigger)");
+        let (inner, job) = (inner.clone(), job.clone());
+        tokio::spawn(async move {
+            let outcome = fire_job(&inner, &job, last).await;
+            log_outcome(&job.name, last, &outcome);
+        });
     }
 }
 
@@ -882,6 +931,31 @@ mod tests {
         assert_eq!(
             fire_instant(&cron, chrono_tz::UTC, now).to_rfc3339(),
             "2026-11-25T02:00:00+00:00"
+        );
+    }
+
+    #[test]
+    fn an_instant_that_daylight_saving_time_skips_is_fired_at_the_change() {
+        // 02:30 does not exist in Paris on 2026-03-29: clocks go from 02:00 to 03:00
+        // (01:00 UTC). Just after the change, the latest instant is that day's, moved to
+        // the change, so the missed-fire check runs it within a reload.
+        let cron = parse_cron("0 30 2 * * *").unwrap();
+        let after = "2026-03-29T01:00:40Z"
+            .parse::<chrono::DateTime<Utc>>()
+            .unwrap();
+        let skipped = fire_instant(&cron, chrono_tz::Europe::Paris, after);
+        assert!(
+            (after - skipped) < chrono::Duration::seconds(60),
+            "{skipped}"
+        );
+        // 02:30 happens twice in Paris on 2026-10-25 (00:30 and 01:30 UTC): the latest
+        // instant after the second is still the first, so that day runs once.
+        let twice = "2026-10-25T01:30:40Z"
+            .parse::<chrono::DateTime<Utc>>()
+            .unwrap();
+        assert_eq!(
+            fire_instant(&cron, chrono_tz::Europe::Paris, twice).to_rfc3339(),
+            "2026-10-25T00:30:00+00:00"
         );
     }
 
