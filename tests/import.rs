@@ -1145,6 +1145,8 @@ struct RotatingProvider {
     refresh: Arc<Mutex<String>>,
     issued: Arc<Mutex<Vec<(String, std::time::Instant)>>>,
     grants: Arc<AtomicU64>,
+    /// Milliseconds the answer takes after the token was rotated.
+    answer_after_ms: Arc<AtomicU64>,
 }
 
 async fn rotating_token(
@@ -1152,27 +1154,36 @@ async fn rotating_token(
     axum::Form(form): axum::Form<std::collections::HashMap<String, String>>,
 ) -> Response {
     let presented = form.get("refresh_token").cloned().unwrap_or_default();
-    let mut current = p.refresh.lock().unwrap();
-    if form.get("grant_type").map(String::as_str) != Some("refresh_token") || presented != *current
-    {
+    let answer = {
+        let mut current = p.refresh.lock().unwrap();
+        if form.get("grant_type").map(String::as_str) != Some("refresh_token")
+            || presented != *current
+        {
+            None
+        } else {
+            let n = p.grants.fetch_add(1, Ordering::SeqCst) + 1;
+            *current = format!("rt-{n}-{}", uuid::Uuid::new_v4().simple());
+            let access = format!("at-{n}");
+            p.issued
+                .lock()
+                .unwrap()
+                .push((access.clone(), std::time::Instant::now()));
+            Some(json!({
+                "access_token": access, "token_type": "bearer", "expires_in": 1,
+                "refresh_token": *current,
+            }))
+        }
+    };
+    let Some(answer) = answer else {
         return (
             StatusCode::BAD_REQUEST,
             Json(json!({ "error": "invalid_grant" })),
         )
             .into_response();
-    }
-    let n = p.grants.fetch_add(1, Ordering::SeqCst) + 1;
-    *current = format!("rt-{n}-{}", uuid::Uuid::new_v4().simple());
-    let access = format!("at-{n}");
-    p.issued
-        .lock()
-        .unwrap()
-        .push((access.clone(), std::time::Instant::now()));
-    Json(json!({
-        "access_token": access, "token_type": "bearer", "expires_in": 1,
-        "refresh_token": *current,
-    }))
-    .into_response()
+    };
+    let wait = p.answer_after_ms.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(wait)).await;
+    Json(answer).into_response()
 }
 
 async fn rotating_items(
@@ -1273,6 +1284,29 @@ async fn rotated_refresh_tokens_are_saved_encrypted_before_use() {
         .to_string();
     assert!(err.contains("does not decrypt"), "{err}");
     assert_eq!(provider.grants.load(Ordering::SeqCst), spent);
+
+    // A run stopped while the provider answers a rotation (its lease lost, a shutdown):
+    // the provider has spent the old token, and the new one is still saved, so the next
+    // run goes on.
+    provider.answer_after_ms.store(600, Ordering::SeqCst);
+    let before = provider.grants.load(Ordering::SeqCst);
+    let stopped = tokio::time::timeout(
+        Duration::from_millis(200),
+        run_import(&db.store, &name, &key("a-long-token-key-for-tests")),
+    )
+    .await;
+    assert!(stopped.is_err(), "stopped mid-exchange");
+    assert_eq!(
+        provider.grants.load(Ordering::SeqCst),
+        before + 1,
+        "a rotation"
+    );
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    provider.answer_after_ms.store(0, Ordering::SeqCst);
+    let after_stop = run_import(&db.store, &name, &key("a-long-token-key-for-tests"))
+        .await
+        .unwrap();
+    assert_eq!(after_stop.fetched, 45);
 
     // The operator re-authorizes: a new configured token replaces the saved chain.
     *provider.refresh.lock().unwrap() = "rt-reauthorized".into();

@@ -365,79 +365,50 @@ impl HttpClient {
             url: token_url.clone(),
             message,
         };
-        let oauth = oauth2::basic::BasicClient::new(ClientId::new(client_id.clone()))
-            .set_client_secret(ClientSecret::new(client_secret.expose().to_string()))
-            .set_token_uri(TokenUrl::new(token_url.clone()).map_err(|e| err(e.to_string()))?);
-        let mut presented = None;
-        let response = match refresh_token {
+        let provider = Provider {
+            token_url: token_url.clone(),
+            client_id: client_id.clone(),
+            client_secret: client_secret.expose().to_string(),
+        };
+        let token = match refresh_token {
             Some(configured) => {
                 let current = self
                     .current_refresh(configured.expose())
                     .await
                     .map_err(|e| err(format!("cannot read the saved refresh token: {e}")))?;
-                presented = Some(current.clone());
-                let mut result = oauth
-                    .exchange_refresh_token(&RefreshToken::new(current.clone()))
-                    .request_async(&self.client)
-                    .await;
-                if result.is_err() {
-                    // Another run of the same config may have rotated the token since this
-                    // one read it: try the saved one once.
-                    if let Some(v) = &self.vault {
-                        if let Ok(Some(saved)) = v.load().await {
-                            if saved != current {
-                                *self.refresh.lock().await = Some(saved.clone());
-                                presented = Some(saved.clone());
-                                result = oauth
-                                    .exchange_refresh_token(&RefreshToken::new(saved))
-                                    .request_async(&self.client)
-                                    .await;
-                            }
-                        }
-                    }
-                }
-                result
-            }
-            None => {
-                oauth
-                    .exchange_client_credentials()
-                    .add_scopes(scopes.iter().map(|s| Scope::new(s.clone())))
-                    .request_async(&self.client)
+                // In a task of its own: a run stopped mid-exchange (its lease lost, a
+                // shutdown) must not drop a rotated token after the provider has spent
+                // the old one. The task saves it whether or not anyone still waits.
+                let exchange = tokio::spawn(exchange_refresh(
+                    provider,
+                    self.client.clone(),
+                    self.vault.clone(),
+                    current,
+                ));
+                let exchanged = exchange
                     .await
-            }
-        };
-        let token = response.map_err(|e| match &e {
-            // The provider's own answer (`invalid_client`, `invalid_grant`): final.
-            oauth2::RequestTokenError::ServerResponse(_) => err(describe_token_error(&e)),
-            _ => HttpError::TokenUnavailable {
-                url: token_url.clone(),
-                message: describe_token_error(&e),
-            },
-        })?;
-        self.bump(|s| s.token_refreshes += 1);
-        if let (Some(old), Some(new)) = (&presented, token.refresh_token()) {
-            let new = new.secret();
-            if new != old {
-                // Rotated: the old token is spent. Keep the new one durably first.
-                *self.refresh.lock().await = Some(new.clone());
-                if let Some(v) = &self.vault {
-                    let mut saved = v.save(new).await;
-                    for attempt in 0..3u32 {
-                        if saved.is_ok() {
-                            break;
-                        }
-                        tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
-                        saved = v.save(new).await;
-                    }
-                    saved.map_err(|e| {
-                        err(format!(
-                            "the provider rotated the refresh token but it could not be saved ({e}); the run stops before using it"
-                        ))
-                    })?;
+                    .map_err(|e| err(format!("the token exchange failed: {e}")))?;
+                if let Some(presented) = &exchanged.presented {
+                    *self.refresh.lock().await = Some(presented.clone());
                 }
-                self.bump(|s| s.refresh_rotations += 1);
+                if let Some(new) = &exchanged.rotated {
+                    *self.refresh.lock().await = Some(new.clone());
+                }
+                let token = exchanged.response?;
+                if exchanged.rotated.is_some() {
+                    self.bump(|s| s.refresh_rotations += 1);
+                }
+                token
             }
-        }
+            None => provider
+                .client()?
+                .exchange_client_credentials()
+                .add_scopes(scopes.iter().map(|s| Scope::new(s.clone())))
+                .request_async(&self.client)
+                .await
+                .map_err(|e| provider.failed(&e))?,
+        };
+        self.bump(|s| s.token_refreshes += 1);
         let value = token.access_token().secret().clone();
         *slot = Some(Token {
             value: value.clone(),
@@ -885,6 +856,141 @@ impl HttpClient {
 fn snippet(text: &str) -> String {
     let t: String = text.chars().take(300).collect();
     t.replace('\n', " ")
+}
+
+/// An OAuth2 token endpoint and the client's credentials.
+struct Provider {
+    token_url: String,
+    client_id: String,
+    client_secret: String,
+}
+
+type OAuthClient = oauth2::basic::BasicClient<
+    oauth2::EndpointNotSet,
+    oauth2::EndpointNotSet,
+    oauth2::EndpointNotSet,
+    oauth2::EndpointNotSet,
+    oauth2::EndpointSet,
+>;
+
+impl Provider {
+    fn error(&self, message: String) -> HttpError {
+        HttpError::Token {
+            url: self.token_url.clone(),
+            message,
+        }
+    }
+
+    fn client(&self) -> Result<OAuthClient, HttpError> {
+        Ok(
+            oauth2::basic::BasicClient::new(ClientId::new(self.client_id.clone()))
+                .set_client_secret(ClientSecret::new(self.client_secret.clone()))
+                .set_token_uri(
+                    TokenUrl::new(self.token_url.clone()).map_err(|e| self.error(e.to_string()))?,
+                ),
+        )
+    }
+
+    /// The provider's own answer (`invalid_client`, `invalid_grant`) is final; anything
+    /// else (unreachable, a 5xx) may pass.
+    fn failed<RE: std::error::Error + 'static, T: oauth2::ErrorResponse + 'static>(
+        &self,
+        e: &oauth2::RequestTokenError<RE, T>,
+    ) -> HttpError {
+        match e {
+            oauth2::RequestTokenError::ServerResponse(_) => self.error(describe_token_error(e)),
+            _ => HttpError::TokenUnavailable {
+                url: self.token_url.clone(),
+                message: describe_token_error(e),
+            },
+        }
+    }
+}
+
+/// What a refresh-token exchange came to.
+struct Exchanged {
+    response: Result<oauth2::basic::BasicTokenResponse, HttpError>,
+    /// The refresh token presented last, when it was not the one the exchange started
+    /// with (another run had rotated it and saved the new one).
+    presented: Option<String>,
+    /// The new refresh token, when the provider rotated it (already saved).
+    rotated: Option<String>,
+}
+
+/// Exchanges the refresh token `current` (or, when the provider refuses it, the one
+/// saved since by another run of the same config), and saves a rotated refresh token
+/// before answering: the provider has spent the old one.
+async fn exchange_refresh(
+    provider: Provider,
+    http: reqwest::Client,
+    vault: Option<Arc<dyn TokenVault>>,
+    current: String,
+) -> Exchanged {
+    let mut out = Exchanged {
+        response: Err(provider.error("not exchanged".into())),
+        presented: None,
+        rotated: None,
+    };
+    let oauth = match provider.client() {
+        Ok(c) => c,
+        Err(e) => {
+            out.response = Err(e);
+            return out;
+        }
+    };
+    let mut presented = current.clone();
+    let mut result = oauth
+        .exchange_refresh_token(&RefreshToken::new(current.clone()))
+        .request_async(&http)
+        .await;
+    if result.is_err() {
+        // Another run of the same config may have rotated the token since this one read
+        // it: try the saved one once.
+        if let Some(v) = &vault {
+            if let Ok(Some(saved)) = v.load().await {
+                if saved != current {
+                    out.presented = Some(saved.clone());
+                    presented = saved.clone();
+                    result = oauth
+                        .exchange_refresh_token(&RefreshToken::new(saved))
+                        .request_async(&http)
+                        .await;
+                }
+            }
+        }
+    }
+    let token = match result {
+        Ok(t) => t,
+        Err(e) => {
+            out.response = Err(provider.failed(&e));
+            return out;
+        }
+    };
+    if let Some(new) = token.refresh_token().map(|t| t.secret().clone()) {
+        if new != presented {
+            // Rotated: the old token is spent. Keep the new one durably first.
+            if let Some(v) = &vault {
+                let mut saved = v.save(&new).await;
+                for attempt in 0..3u32 {
+                    if saved.is_ok() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+                    saved = v.save(&new).await;
+                }
+                if let Err(e) = saved {
+                    out.response = Err(provider.error(format!(
+                        "the provider rotated the refresh token but it could not be saved ({e}); the run stops before using it"
+                    )));
+                    out.rotated = Some(new);
+                    return out;
+                }
+            }
+            out.rotated = Some(new);
+        }
+    }
+    out.response = Ok(token);
+    out
 }
 
 fn describe_token_error<E: std::error::Error>(e: &E) -> String {
