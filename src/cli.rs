@@ -184,6 +184,19 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     if let Some(t) = stopping {
         t.abort();
     }
+    // Runs started through the admin API end their records at once (FAILED, "stopped by
+    // a shutdown"), so their job is free without waiting out their lease.
+    let manual = sluice_jobs::schedule::stop_manual_runs(
+        &store_for_shutdown,
+        std::time::Duration::from_secs(5),
+    )
+    .await;
+    if manual > 0 {
+        tracing::warn!(
+            runs = manual,
+            "runs started by hand were stopped by the shutdown"
+        );
+    }
     record_stopped(&store_for_shutdown, &interrupted, &exports).await;
     if let Some(s) = &scheduler {
         // Handed back only once recorded: another replica takes them over at once,

@@ -780,3 +780,35 @@ async fn a_run_whose_lease_lapsed_while_the_store_was_stuck_stops() {
     assert_eq!(outcome, FireOutcome::LeaseLost);
     assert!(log.lock().unwrap().is_empty(), "the run was stopped");
 }
+
+#[tokio::test]
+async fn a_shutdown_stops_runs_by_hand_and_frees_their_job_at_once() {
+    use sluice_jobs::schedule::{hold_manual_run, start_manual_run, stop_manual_runs};
+    let db = TestDb::initialized().await;
+    // As the admin API starts one in `sluice serve`: its work is a task of its own.
+    let id = start_manual_run(&db.store, "integration:slow", "admin-api")
+        .await
+        .unwrap();
+    let held = tokio::spawn({
+        let (store, id) = (db.store.clone(), id.clone());
+        async move { hold_manual_run(&store, &id, tokio::time::sleep(Duration::from_secs(60))).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Another database's shutdown leaves it alone.
+    let other = TestDb::initialized().await;
+    assert_eq!(
+        stop_manual_runs(&other.store, Duration::from_secs(1)).await,
+        0
+    );
+    assert!(!held.is_finished());
+    assert_eq!(stop_manual_runs(&db.store, Duration::from_secs(5)).await, 1);
+    let why = held.await.unwrap().unwrap_err();
+    assert!(why.contains("shutting down"), "{why}");
+    let run = runs(&db).await.pop().unwrap();
+    assert_eq!(run.get_str("status").unwrap(), "FAILED", "{run}");
+    assert!(run.get_str("error").unwrap().contains("shutdown"), "{run}");
+    // The job is free at once, not after the run's lease.
+    start_manual_run(&db.store, "integration:slow", "cli")
+        .await
+        .unwrap();
+}

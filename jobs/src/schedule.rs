@@ -588,6 +588,89 @@ pub async fn hold_manual_run<T>(
     hold_manual_run_for(store, id, MANUAL_LEASE, work).await
 }
 
+/// A run by hand this process holds now: its database and the switch that stops it.
+struct HeldRun {
+    id: String,
+    database: String,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+/// Runs by hand this process holds now.
+static MANUAL_HELD: std::sync::Mutex<Vec<HeldRun>> = std::sync::Mutex::new(Vec::new());
+
+/// An entry of [`MANUAL_HELD`], removed when its run stops holding.
+struct Held(String);
+
+impl Held {
+    fn enter(store: &Store, id: &str) -> (Self, tokio::sync::watch::Receiver<bool>) {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        MANUAL_HELD
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(HeldRun {
+                id: id.to_string(),
+                database: store.db().name().to_string(),
+                stop,
+            });
+        (Self(id.to_string()), stopped)
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let mut held = MANUAL_HELD.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = held.iter().position(|h| h.id == self.0) {
+            held.swap_remove(i);
+        }
+    }
+}
+
+/// Stops the runs by hand this process holds on `store`'s database (runs started through
+/// the admin API in `sluice serve`), waits up to `within` for them to stop, and records
+/// those still RUNNING as FAILED "stopped by a shutdown", so their job is free at once
+/// rather than once their lease lapses. Returns how many were stopped.
+pub async fn stop_manual_runs(store: &Store, within: Duration) -> usize {
+    let database = store.db().name().to_string();
+    let ids: Vec<String> = {
+        let held = MANUAL_HELD.lock().unwrap_or_else(|p| p.into_inner());
+        held.iter()
+            .filter(|h| h.database == database)
+            .map(|h| {
+                h.stop.send_replace(true);
+                h.id.clone()
+            })
+            .collect()
+    };
+    if ids.is_empty() {
+        return 0;
+    }
+    let deadline = tokio::time::Instant::now() + within;
+    let still_held = || {
+        MANUAL_HELD
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|h| ids.contains(&h.id))
+    };
+    while tokio::time::Instant::now() < deadline && still_held() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ended = store
+        .collection(c::SCHEDULED_RUNS)
+        .update_many(
+            doc! { common::ID: { "$in": &ids }, "status": "RUNNING" },
+            doc! { "$set": {
+                "status": "FAILED", "endedAt": DateTime::now(),
+                "error": "stopped by a shutdown of its process; run it again",
+            } },
+        )
+        .await;
+    if let Err(e) = ended {
+        tracing::error!(error = %e, runs = ?ids, "could not record runs by hand stopped by the shutdown");
+    }
+    ids.len()
+}
+
 /// [`hold_manual_run`] with a lease of `lease` (tests shorten it).
 pub async fn hold_manual_run_for<T>(
     store: &Store,
@@ -595,10 +678,15 @@ pub async fn hold_manual_run_for<T>(
     lease: Duration,
     work: impl Future<Output = T>,
 ) -> Result<T, String> {
+    let (_held, mut stop) = Held::enter(store, id);
+    let stopping = async move {
+        let _ = stop.wait_for(|stopping| *stopping).await;
+    };
     let runs = store.collection(c::SCHEDULED_RUNS);
     let heartbeat = keep_lease(&runs, doc! { common::ID: id, "status": "RUNNING" }, lease);
     tokio::select! {
         out = work => Ok(out),
+        _ = stopping => Err(format!("run `{id}` stopped: its process is shutting down")),
         why = heartbeat => {
             tracing::warn!(run = id, why, "manual run stopped: lease lost");
             Err(format!("run `{id}` stopped: {why}"))
