@@ -931,7 +931,7 @@ impl Lock {
         id: &str,
         owner: &str,
     ) -> Result<Result<Self, Document>, ExportError> {
-        let locks = store.collection(c::JOB_LOCKS);
+        let locks = store.lease_collection(c::JOB_LOCKS);
         let failed = |source| ExportError::Read {
             partition: c::JOB_LOCKS.into(),
             source,
@@ -961,7 +961,7 @@ impl Lock {
             loop {
                 tokio::time::sleep(LOCK_LEASE / 3).await;
                 let _ = store
-                    .collection(c::JOB_LOCKS)
+                    .lease_collection(c::JOB_LOCKS)
                     .update_one(
                         doc! { common::ID: &lock_id, "owner": &holder },
                         doc! { "$set": { "expiresAt": lock_lease_end() } },
@@ -979,7 +979,7 @@ impl Lock {
     async fn release(self, store: &Store) {
         self.renew.abort();
         let _ = store
-            .collection(c::JOB_LOCKS)
+            .lease_collection(c::JOB_LOCKS)
             .delete_one(doc! { common::ID: &self.id, "owner": &self.owner })
             .await;
     }
@@ -1021,7 +1021,7 @@ impl ArchiveLock {
 async fn ensure_archive_lock(ctx: &ExportContext, job_id: &str) -> Result<(), ExportError> {
     let held = ctx
         .store
-        .collection(c::JOB_LOCKS)
+        .lease_collection(c::JOB_LOCKS)
         .count_documents(doc! {
             common::ID: ExportJobType::Archive.as_str(),
             "owner": job_id,
@@ -1045,7 +1045,7 @@ async fn ensure_archive_lock(ctx: &ExportContext, job_id: &str) -> Result<(), Ex
 /// archive that ends releases its own [`ArchiveLock`]).
 pub async fn release_archive_lock(store: &Store, owners: &[String]) -> Result<u64, StoreError> {
     store
-        .collection(c::JOB_LOCKS)
+        .lease_collection(c::JOB_LOCKS)
         .delete_many(
             doc! { common::ID: ExportJobType::Archive.as_str(), "owner": { "$in": owners } },
         )

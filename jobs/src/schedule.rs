@@ -360,7 +360,7 @@ impl Scheduler {
 async fn fire_missed(inner: &Arc<Inner>, jobs: &[ScheduledJob]) {
     let now = Utc::now();
     let window = inner.options.reload_every * 2 + Duration::from_secs(10);
-    let runs = inner.store.collection(c::SCHEDULED_RUNS);
+    let runs = inner.store.lease_collection(c::SCHEDULED_RUNS);
     for job in jobs {
         let (Ok(cron), Ok(tz)) = (parse_cron(&job.cron), job_timezone(job)) else {
             continue;
@@ -428,7 +428,7 @@ async fn claim(
     job: &ScheduledJob,
     fire: chrono::DateTime<Utc>,
 ) -> Result<Option<FireOutcome>, StoreError> {
-    let runs = inner.store.collection(c::SCHEDULED_RUNS);
+    let runs = inner.store.lease_collection(c::SCHEDULED_RUNS);
     let now = DateTime::now();
     let id = run_id(&job.name, fire);
     if let Some(other) = live_run(&inner.store, &job.name, &id).await? {
@@ -471,7 +471,7 @@ async fn execute(
     fire: chrono::DateTime<Utc>,
 ) -> FireOutcome {
     let id = run_id(&job.name, fire);
-    let runs = inner.store.collection(c::SCHEDULED_RUNS);
+    let runs = inner.store.lease_collection(c::SCHEDULED_RUNS);
     let me = inner.options.instance.clone();
     let lease = inner.options.lease;
     let heartbeat = {
@@ -560,7 +560,7 @@ pub async fn start_manual_run(store: &Store, job: &str, owner: &str) -> Result<S
         Utc::now().format("%Y%m%dT%H%M%S%.3fZ"),
         &uuid::Uuid::new_v4().simple().to_string()[..6]
     );
-    let runs = store.collection(c::SCHEDULED_RUNS);
+    let runs = store.lease_collection(c::SCHEDULED_RUNS);
     runs.insert_one(doc! {
         common::ID: &id, "job": job, "scheduledFor": now, "status": "RUNNING",
         "manual": true, "owner": owner, "startedAt": now,
@@ -656,7 +656,7 @@ pub async fn stop_manual_runs(store: &Store, within: Duration) -> usize {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let ended = store
-        .collection(c::SCHEDULED_RUNS)
+        .lease_collection(c::SCHEDULED_RUNS)
         .update_many(
             doc! { common::ID: { "$in": &ids }, "status": "RUNNING" },
             doc! { "$set": {
@@ -682,7 +682,7 @@ pub async fn hold_manual_run_for<T>(
     let stopping = async move {
         let _ = stop.wait_for(|stopping| *stopping).await;
     };
-    let runs = store.collection(c::SCHEDULED_RUNS);
+    let runs = store.lease_collection(c::SCHEDULED_RUNS);
     let heartbeat = keep_lease(&runs, doc! { common::ID: id, "status": "RUNNING" }, lease);
     tokio::select! {
         out = work => Ok(out),
@@ -776,7 +776,7 @@ fn lease_end(lease: Duration) -> DateTime {
 /// A run of `job` other than `except` that holds a live lease.
 async fn live_run(store: &Store, job: &str, except: &str) -> Result<Option<Document>, StoreError> {
     store
-        .collection(c::SCHEDULED_RUNS)
+        .lease_collection(c::SCHEDULED_RUNS)
         .find_one(doc! {
             "job": job, "status": "RUNNING", common::ID: { "$ne": except },
             "expiresAt": { "$gt": DateTime::now() },
@@ -791,7 +791,7 @@ async fn live_run(store: &Store, job: &str, except: &str) -> Result<Option<Docum
 /// Ends the just-claimed run `id` as SKIPPED because `other` is going.
 async fn step_back(store: &Store, id: &str, other: &Document) -> Result<(), StoreError> {
     store
-        .collection(c::SCHEDULED_RUNS)
+        .lease_collection(c::SCHEDULED_RUNS)
         .update_one(
             doc! { common::ID: id },
             doc! {
@@ -833,7 +833,7 @@ pub async fn end_manual_run(
 ) -> Result<(), StoreError> {
     let (_, ended) = run_end(result);
     store
-        .collection(c::SCHEDULED_RUNS)
+        .lease_collection(c::SCHEDULED_RUNS)
         .update_one(doc! { common::ID: id }, doc! { "$set": ended })
         .await
         .map_err(StoreError::mongo(
@@ -850,7 +850,7 @@ async fn hand_back(inner: &Inner, mut filter: Document) {
     filter.insert("status", "RUNNING");
     let _ = inner
         .store
-        .collection(c::SCHEDULED_RUNS)
+        .lease_collection(c::SCHEDULED_RUNS)
         .update_many(
             filter,
             doc! { "$set": { "expiresAt": DateTime::from_millis(0), "handedBackAt": DateTime::now(), "handedBack": true } },
@@ -861,7 +861,7 @@ async fn hand_back(inner: &Inner, mut filter: Document) {
 /// Takes over RUNNING fires whose lease expired (their owner died) and runs them.
 async fn sweep(inner: &Arc<Inner>) -> Result<(), StoreError> {
     use futures_util::TryStreamExt;
-    let runs = inner.store.collection(c::SCHEDULED_RUNS);
+    let runs = inner.store.lease_collection(c::SCHEDULED_RUNS);
     let now = DateTime::now();
     let orphans: Vec<Document> = runs
         .find(doc! { "status": "RUNNING", "expiresAt": { "$lt": now } })

@@ -173,6 +173,23 @@ impl Store {
         self.db.collection(name)
     }
 
+    /// A collection of claims and leases (`scheduled_runs`, `job_locks`): its writes are
+    /// acknowledged by a majority, whatever `mongodb.write_concern` says, since a claim a
+    /// failover rolls back would let two replicas run the same job.
+    pub fn lease_collection(&self, name: &str) -> mongodb::Collection<bson::Document> {
+        self.db.collection_with_options(
+            name,
+            mongodb::options::CollectionOptions::builder()
+                .write_concern(
+                    WriteConcern::builder()
+                        .w(Acknowledgment::Majority)
+                        .journal(true)
+                        .build(),
+                )
+                .build(),
+        )
+    }
+
     /// Creates every collection and index (idempotent). See [`schema`].
     pub async fn init(&self) -> Result<InitReport, StoreError> {
         schema::init(self).await
