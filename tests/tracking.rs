@@ -523,6 +523,7 @@ async fn a_full_queue_answers_503_with_retry_after() {
     let config = support::test_config(&db.name, |raw| {
         raw.tracking.queue_capacity = 10;
         raw.tracking.max_batch_events = 10;
+        raw.tracking.writers = 1;
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let server = sluice::server::start(config, store, listener, false)
@@ -1071,4 +1072,66 @@ async fn a_client_trickling_its_body_does_not_hold_the_shutdown_up() {
     // The grace period is the write deadline and ten seconds more.
     assert!(started.elapsed() >= std::time::Duration::from_secs(10));
     drop(slow);
+}
+
+#[tokio::test]
+async fn a_slow_writer_lane_fills_its_share_of_the_queue_not_the_whole_queue() {
+    use sluice::server::{Batcher, Metrics, SubmitError};
+    use sluice_connectors::mongo::{EventWriter, WriteStatus, WriterOptions};
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+    let db = TestDb::initialized().await;
+    let (uri, frozen) = support::freezable_mongo_proxy().await;
+    let store = support::store_via(&uri, &db.name).await;
+    let writer = EventWriter::new(store, WriterOptions::default());
+    // Two lanes of 10 events each.
+    let (batcher, _writers) =
+        Batcher::start(writer, 20, 500, 2, std::sync::Arc::new(Metrics::default()));
+    let hot = "hot-visitor";
+    let other = (0..100)
+        .map(|i| format!("v{i}"))
+        .find(|v| batcher.lane(v) != batcher.lane(hot))
+        .unwrap();
+    let ctx = sluice_core::tracking::RequestContext {
+        received_at_ms: now_ms(),
+        batch_sent_at_ms: None,
+        user_agent: None,
+        ip: None,
+        max_future_ms: 60_000,
+    };
+    let events = |visitor: &str, from: usize, n: usize| -> Vec<_> {
+        (from..from + n)
+            .map(|i| {
+                sluice_core::tracking::parse_event(
+                    &json!({ "eventId": format!("{visitor}-{i}"), "userId": visitor,
+                             "sessionId": format!("s-{visitor}"), "eventType": "CLICK",
+                             "timestamp": now_ms() }),
+                    &ctx,
+                    Default::default(),
+                )
+                .unwrap()
+            })
+            .collect()
+    };
+    // The hot visitor's lane is stuck on the store with its share full.
+    frozen.store(true, Ordering::SeqCst);
+    let stuck = tokio::spawn({
+        let (b, e) = (batcher.clone(), events(hot, 0, 10));
+        async move { b.submit(e).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(matches!(
+        batcher.submit(events(hot, 10, 1)).await,
+        Err(SubmitError::Full)
+    ));
+    // Another lane still takes events: queued (waiting on the store), not refused.
+    let queued = tokio::spawn({
+        let (b, e) = (batcher.clone(), events(&other, 0, 5));
+        async move { b.submit(e).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!queued.is_finished(), "refused at once: {:?}", queued.await);
+    frozen.store(false, Ordering::SeqCst);
+    assert_eq!(stuck.await.unwrap().unwrap(), vec![WriteStatus::Stored; 10]);
+    assert_eq!(queued.await.unwrap().unwrap(), vec![WriteStatus::Stored; 5]);
 }

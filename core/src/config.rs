@@ -669,13 +669,14 @@ pub fn validate(
             format!("0 to 31622400 (a year), got {}", t.max_future_seconds),
         ));
     }
-    // A full batch must fit the queue, or every resend of it is answered 503 for ever.
-    if t.queue_capacity < t.max_batch_events {
+    // Each writer has its share of the queue, and a full batch of one visitor goes to one
+    // writer: it must fit a share, or every resend of it is answered 503 for ever.
+    if t.queue_capacity / t.writers.max(1) < t.max_batch_events {
         return Err(invalid(
             "tracking.queue_capacity",
             format!(
-                "at least `tracking.max_batch_events` ({}), got {}",
-                t.max_batch_events, t.queue_capacity
+                "at least `tracking.max_batch_events` × `tracking.writers` ({} × {}), got {}",
+                t.max_batch_events, t.writers, t.queue_capacity
             ),
         ));
     }
@@ -1048,15 +1049,15 @@ mod tests {
     }
 
     #[test]
-    fn a_queue_smaller_than_one_batch_is_refused() {
-        let err = check("[tracking]\nqueue_capacity = 100\n")
+    fn a_queue_share_smaller_than_one_batch_is_refused() {
+        let err = check("[tracking]\nqueue_capacity = 1000\n")
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("tracking.queue_capacity") && err.contains("(500), got 100"),
+            err.contains("tracking.queue_capacity") && err.contains("(500 × 4), got 1000"),
             "{err}"
         );
-        assert!(check("[tracking]\nqueue_capacity = 100\nmax_batch_events = 100\n").is_ok());
+        assert!(check("[tracking]\nqueue_capacity = 1000\nwriters = 2\n").is_ok());
     }
 
     #[test]

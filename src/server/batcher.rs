@@ -5,8 +5,9 @@
 //! routed to writers by a hash of their visitor, so one visitor's sessions and profile are
 //! only ever written by one writer: concurrent writers do not conflict on the same
 //! documents (a conflict is still correct, it only costs a transaction retry). The queue is
-//! bounded in events by a semaphore: when it is full, `submit` fails at once (the endpoint
-//! answers 503 with `Retry-After`) instead of buffering without bound. A request is only
+//! bounded in events, each lane to its share of `queue_capacity`: when a request's lanes
+//! are full, `submit` fails at once (the endpoint answers 503 with `Retry-After`) instead
+//! of buffering without bound, and a slow lane cannot take the whole queue. A request is only
 //! answered after MongoDB acknowledged its events.
 
 use std::panic::AssertUnwindSafe;
@@ -42,7 +43,10 @@ struct Job {
 #[derive(Clone)]
 pub struct Batcher {
     lanes: Arc<Vec<mpsc::Sender<Job>>>,
-    permits: Arc<Semaphore>,
+    /// Each lane's share of the queue: a lane whose writer is slow (a hot visitor, write
+    /// conflicts) fills its own share, not the whole queue, so the other lanes' visitors
+    /// are still served.
+    permits: Arc<Vec<Arc<Semaphore>>>,
     capacity: usize,
 }
 
@@ -67,17 +71,32 @@ impl Batcher {
             }));
             lanes.push(tx);
         }
+        let share = capacity / lanes.len();
         let batcher = Self {
+            permits: Arc::new(
+                (0..lanes.len())
+                    .map(|_| Arc::new(Semaphore::new(share)))
+                    .collect(),
+            ),
             lanes: Arc::new(lanes),
-            permits: Arc::new(Semaphore::new(capacity)),
-            capacity,
+            capacity: share * writers.max(1),
         };
         (batcher, handles)
     }
 
+    /// The writer lane a visitor's events go to.
+    pub fn lane(&self, user_id: &str) -> usize {
+        lane_of(user_id, self.lanes.len())
+    }
+
     /// Events queued or being written now.
     pub fn depth(&self) -> usize {
-        self.capacity - self.permits.available_permits()
+        self.capacity
+            - self
+                .permits
+                .iter()
+                .map(|p| p.available_permits())
+                .sum::<usize>()
     }
 
     /// Queues `events` and waits until they are durably written.
@@ -86,12 +105,6 @@ impl Batcher {
             return Ok(Vec::new());
         }
         let total = events.len();
-        let n = u32::try_from(total).map_err(|_| SubmitError::Full)?;
-        let mut permit = self
-            .permits
-            .clone()
-            .try_acquire_many_owned(n)
-            .map_err(|_| SubmitError::Full)?;
         // Split by lane, remembering each event's position in the request.
         let mut parts: Vec<(Vec<usize>, Vec<Event>)> = vec![Default::default(); self.lanes.len()];
         for (i, e) in events.into_iter().enumerate() {
@@ -99,13 +112,27 @@ impl Batcher {
             parts[lane].0.push(i);
             parts[lane].1.push(e);
         }
-        let mut answers = Vec::new();
-        for (lane, (positions, events)) in parts.into_iter().enumerate() {
+        // Every lane's share first, so a request is queued whole or not at all (permits
+        // taken are given back when the request is refused).
+        let mut shares = Vec::with_capacity(parts.len());
+        for (lane, (_, events)) in parts.iter().enumerate() {
             if events.is_empty() {
+                shares.push(None);
                 continue;
             }
+            let n = u32::try_from(events.len()).map_err(|_| SubmitError::Full)?;
+            let permit = self.permits[lane]
+                .clone()
+                .try_acquire_many_owned(n)
+                .map_err(|_| SubmitError::Full)?;
+            shares.push(Some(permit));
+        }
+        let mut answers = Vec::new();
+        for ((lane, (positions, events)), share) in parts.into_iter().enumerate().zip(shares) {
             // The permits travel with the job and return when it is answered.
-            let share = permit.split(events.len()).ok_or(SubmitError::Full)?;
+            let Some(share) = share else {
+                continue;
+            };
             let (reply, answer) = oneshot::channel();
             self.lanes[lane]
                 .try_send(Job {
