@@ -996,6 +996,24 @@ async fn a_run_failing_mid_publish_leaves_every_partition_whole_and_says_which_i
     assert_eq!(parquet_files(&dir, &p2), before[1].1);
     assert!(dir.join(&p2).join("_SUCCESS").exists());
 
+    // A publish that finds its lock taken by another run before writing its manifest
+    // removes only its own copies: the manifest stays the old one, and `_SUCCESS` is left
+    // to the run holding the partition (here none: the next run restores it).
+    let mut losing = ctx.clone();
+    losing.lose_lock_after_copies = true;
+    let err = run_export(&losing, &request(ExportJobType::EventData, d2, d2))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("no longer holds"), "{err}");
+    assert_eq!(manifest(&dir, &p2), before[1].0);
+    assert_eq!(parquet_files(&dir, &p2), before[1].1);
+    assert!(!dir.join(&p2).join("_SUCCESS").exists());
+    db.store
+        .collection("job_locks")
+        .delete_many(doc! { "owner": "another-run" })
+        .await
+        .unwrap();
+
     // A rerun without the fault replaces all three.
     let again = run_export(&ctx, &request(ExportJobType::EventData, d1, d3))
         .await

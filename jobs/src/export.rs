@@ -132,6 +132,9 @@ pub struct ExportContext {
     /// Tests: fail publishing right after the manifest was written (as when its answer is
     /// lost).
     pub fail_after_manifest: bool,
+    /// Tests: another run takes the partition's publish lock once the parts are copied
+    /// (what a publisher whose lease lapsed meets).
+    pub lose_lock_after_copies: bool,
 }
 
 impl ExportContext {
@@ -147,6 +150,7 @@ impl ExportContext {
             fail_before_archive_delete: false,
             fail_after_copies: None,
             fail_after_manifest: false,
+            lose_lock_after_copies: false,
         }
     }
 }
@@ -976,6 +980,22 @@ impl Lock {
         }))
     }
 
+    /// Whether this holder still holds the lock, with at least a sixth of a lease left:
+    /// checked before the steps of a publish that another holder's publish must not
+    /// interleave with. An unreachable store counts as not held.
+    async fn still_held(&self, store: &Store) -> bool {
+        let margin = LOCK_LEASE / 6;
+        let at_least =
+            DateTime::from_millis(DateTime::now().timestamp_millis() + margin.as_millis() as i64);
+        store
+            .lease_collection(c::JOB_LOCKS)
+            .count_documents(doc! {
+                common::ID: &self.id, "owner": &self.owner, "expiresAt": { "$gt": at_least },
+            })
+            .await
+            .is_ok_and(|n| n == 1)
+    }
+
     async fn release(self, store: &Store) {
         self.renew.abort();
         let _ = store
@@ -1388,7 +1408,7 @@ async fn publish(
     let publishing = PUBLISHING.enter();
     tokio::spawn(async move {
         let _publishing = publishing;
-        let published = publish_now(&ctx, &job_id, kind, &part).await;
+        let published = publish_now(&ctx, &job_id, kind, &part, &lock).await;
         lock.release(&ctx.store).await;
         published
     })
@@ -1421,7 +1441,14 @@ async fn publish_now(
     job_id: &str,
     kind: ExportJobType,
     s: &Publishable,
+    lock: &Lock,
 ) -> Result<PartitionSummary, ExportError> {
+    let lost = || {
+        ExportError::Request(format!(
+            "publishing `{}` stopped: this run no longer holds the partition's publish lock (MongoDB did not renew it); the partition is left to the run that holds it",
+            s.prefix
+        ))
+    };
     let dir = format!("{}/", s.prefix);
     let success = format!("{dir}_SUCCESS");
     let manifest_key = format!("{dir}_manifest.json");
@@ -1474,6 +1501,7 @@ async fn publish_now(
         .map(|(_, info)| part_name(job_id, info.index))
         .collect();
     let mut copied = Vec::new();
+    let lock_lost = std::sync::atomic::AtomicBool::new(false);
     let placed = async {
         for ((staged_key, info), name) in s.parts.iter().zip(&names) {
             if ctx.fail_after_copies == Some(copied.len() as u64) {
@@ -1501,6 +1529,23 @@ async fn publish_now(
             "files": files,
         });
         let body = serde_json::to_vec_pretty(&manifest).unwrap_or_default();
+        if ctx.lose_lock_after_copies {
+            ctx.store
+                .lease_collection(c::JOB_LOCKS)
+                .update_one(
+                    doc! { common::ID: &lock.id },
+                    doc! { "$set": { "owner": "another-run" } },
+                )
+                .await
+                .map_err(|source| ExportError::Read {
+                    partition: c::JOB_LOCKS.into(),
+                    source,
+                })?;
+        }
+        if !lock.still_held(&ctx.store).await {
+            lock_lost.store(true, std::sync::atomic::Ordering::Relaxed);
+            return Err(lost());
+        }
         ctx.dest.put_bytes(&manifest_key, body).await?;
         if ctx.fail_after_manifest {
             return Err(ExportError::Request(format!(
@@ -1512,6 +1557,14 @@ async fn publish_now(
     }
     .await;
     if let Err(err) = placed {
+        if lock_lost.load(std::sync::atomic::Ordering::Relaxed) {
+            // Another run may hold the partition now: remove only this run's own copies
+            // and leave the manifest and `_SUCCESS` to it.
+            if let Err(e) = ctx.dest.delete(&copied).await {
+                tracing::warn!(partition = %s.prefix, error = %e, "copies of a publish that lost its lock not removed");
+            }
+            return Err(err);
+        }
         // Undo: the old manifest, put back as it was, describes the partition again.
         let undone = async {
             match &old_manifest {
@@ -1530,7 +1583,11 @@ async fn publish_now(
         }
         return Err(err);
     }
-    // The manifest names the new files: what follows only completes the partition.
+    // The manifest names the new files: what follows only completes the partition, and
+    // is left to the run holding the lock if this one lost it meanwhile.
+    if !lock.still_held(&ctx.store).await {
+        return Err(lost());
+    }
     if !additive {
         let stale: Vec<String> = existing
             .iter()
