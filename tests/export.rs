@@ -1249,6 +1249,26 @@ async fn a_late_day_is_marked_before_its_events_are_stored() {
         .unwrap();
     let counted: i64 = sessions.iter().map(|s| s.get_i64("events").unwrap()).sum();
     assert_eq!(counted, 5, "aggregates applied once");
+    // A resend of events already stored marks nothing (its day need not be published
+    // again), even from a writer that has no memory of earlier marks.
+    db.store
+        .collection("late_days")
+        .delete_many(doc! {})
+        .await
+        .unwrap();
+    let fresh = EventWriter::new(db.store.clone(), WriterOptions::default());
+    assert_eq!(
+        fresh.write(&events).await.unwrap(),
+        vec![WriteStatus::Duplicate; 5]
+    );
+    assert_eq!(
+        db.store
+            .collection("late_days")
+            .count_documents(doc! {})
+            .await
+            .unwrap(),
+        0
+    );
 }
 
 #[tokio::test]

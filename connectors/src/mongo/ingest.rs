@@ -237,14 +237,9 @@ impl EventWriter {
         // Late days are marked before their events are inserted, so a crash between the
         // two writes cannot leave stored events that no export will republish. Failing to
         // mark fails the write: the client resends and nothing stored goes unexported.
-        let storing: Vec<usize> = claimed
-            .new
-            .iter()
-            .copied()
-            .chain(claimed.earlier.iter().map(|&(i, _)| i))
-            .collect();
-        if let Err(err) = self.mark_late_days(events, &storing).await {
-            self.hand_back_claims(events, &claimed.new).await;
+        // (Events whose claims are taken over are marked where that happens.)
+        if let Err(err) = self.mark_late_days(events, &claimed.new).await {
+            self.hand_back_claims(events, &claimed.new, now).await;
             return Err(err);
         }
 
@@ -258,7 +253,7 @@ impl EventWriter {
                 seconds = claim_started.elapsed().as_secs_f64(),
                 "claims taken too long ago to insert their events safely; handed back for a resend"
             );
-            self.hand_back_claims(events, &claimed.new).await;
+            self.hand_back_claims(events, &claimed.new, now).await;
             for &i in &claimed.new {
                 status[i] = WriteStatus::Retry;
             }
@@ -278,7 +273,7 @@ impl EventWriter {
                 .write_concern(self.store.write_concern().clone())
                 .await;
             if let Err(err) = inserted {
-                self.hand_back_claims(events, &claimed.new).await;
+                self.hand_back_claims(events, &claimed.new, now).await;
                 return Err(StoreError::mongo(c::EVENTS, "insert events")(err));
             }
             observe_phase("insert_events", started);
@@ -286,27 +281,29 @@ impl EventWriter {
                 status[i] = WriteStatus::Stored;
             }
         }
-        for &i in &claimed.archived {
-            status[i] = WriteStatus::Duplicate;
-        }
-        if !claimed.earlier.is_empty() {
-            self.resolve_earlier(events, &claimed.earlier, &mut encoded, now, &mut status)
-                .await?;
-        }
         // A mark covers the events stored until `late_mark_ahead / 2` after it was
-        // written; an insert that took longer than that is marked again now.
+        // written; an insert that took longer than that is marked again now (before the
+        // claims taken over, whose failure would skip it).
         let stored: Vec<usize> = (0..events.len())
             .filter(|&i| status[i] == WriteStatus::Stored)
             .collect();
         if let Err(e) = self.mark_late_days(events, &stored).await {
             tracing::warn!(error = %e, "could not mark again a day that received late events after a slow insert");
         }
+        for &i in &claimed.archived {
+            status[i] = WriteStatus::Duplicate;
+        }
+        if !claimed.earlier.is_empty() {
+            self.resolve_earlier(events, &claimed.earlier, &mut encoded, &mut status)
+                .await?;
+        }
         Ok(status)
     }
 
-    /// Hands claims back (claimed long ago) so a resend completes them at once instead
-    /// of waiting out the lease.
-    async fn hand_back_claims(&self, events: &[Event], claimed: &[usize]) {
+    /// Hands back claims this writer took at `claimed_at` (as claimed long ago), so a
+    /// resend completes them at once instead of waiting out the lease. A claim another
+    /// writer has taken over since is left alone.
+    async fn hand_back_claims(&self, events: &[Event], claimed: &[usize], claimed_at: DateTime) {
         if claimed.is_empty() {
             return;
         }
@@ -318,7 +315,7 @@ impl EventWriter {
             .store
             .collection(c::EVENT_IDS)
             .update_many(
-                doc! { common::ID: { "$in": ids } },
+                doc! { common::ID: { "$in": ids }, l::CLAIMED_AT: claimed_at },
                 doc! { "$set": { l::CLAIMED_AT: DateTime::from_millis(0) } },
             )
             .await;
@@ -627,7 +624,6 @@ impl EventWriter {
         events: &[Event],
         earlier: &[(usize, DateTime)],
         encoded: &mut HashMap<usize, RawDocumentBuf>,
-        now: DateTime,
         status: &mut [WriteStatus],
     ) -> Result<(), StoreError> {
         let ids: Vec<&str> = earlier
@@ -654,6 +650,9 @@ impl EventWriter {
                 status[i] = WriteStatus::Duplicate;
                 continue;
             }
+            // Judged and taken at the time of the take-over, not of the batch: the claim
+            // this writer then holds is a whole lease young.
+            let now = DateTime::now();
             if now.timestamp_millis() - at.timestamp_millis() < lease_ms {
                 status[i] = WriteStatus::Retry;
                 continue;
@@ -671,6 +670,10 @@ impl EventWriter {
             if taken.modified_count == 0 {
                 status[i] = WriteStatus::Retry;
                 continue;
+            }
+            if let Err(err) = self.mark_late_days(events, &[i]).await {
+                self.hand_back_claims(events, &[i], now).await;
+                return Err(err);
             }
             self.store
                 .collection(c::EVENTS)
