@@ -160,8 +160,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         let seen = seen_at_signal.clone();
         tokio::spawn(async move {
             crate::server::shutdown_signal().await;
+            // Triggers first: nothing starts after the lists are read.
+            s.stop_triggers().await;
             *seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(in_flight());
-            s.stop().await;
+            s.stop_runs().await;
         })
     });
     handle.wait().await;

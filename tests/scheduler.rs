@@ -812,3 +812,29 @@ async fn a_shutdown_stops_runs_by_hand_and_frees_their_job_at_once() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn stopped_runs_keep_their_lease_until_they_are_handed_back() {
+    let db = TestDb::initialized().await;
+    let (s, _log) = idle_scheduler(&db.store, "a", Duration::from_secs(30), 600).await;
+    let job = unscheduled("long");
+    let firing = tokio::spawn({
+        let s = s.clone();
+        async move { s.fire(&job, Utc::now()).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Stopped (the signal), then recorded for longer than a lease (a slow shutdown).
+    s.stop().await;
+    assert_eq!(firing.await.unwrap(), FireOutcome::Stopped);
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let run = runs(&db).await.pop().unwrap();
+    assert_eq!(run.get_str("status").unwrap(), "RUNNING");
+    assert!(
+        *run.get_datetime("expiresAt").unwrap() > bson::DateTime::now(),
+        "the lease was kept: {run}"
+    );
+    s.hand_back().await;
+    let run = runs(&db).await.pop().unwrap();
+    assert_eq!(run.get_datetime("expiresAt").unwrap().timestamp_millis(), 0);
+    assert!(run.get_bool("handedBack").unwrap());
+}

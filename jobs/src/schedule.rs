@@ -167,6 +167,9 @@ struct Inner {
     /// Set by `hand_back`, before it hands the runs back: a run claimed later (a fire
     /// already under way when the triggers stopped) hands itself back.
     handed_back: std::sync::atomic::AtomicBool,
+    /// Between `stop_runs` and `hand_back`: keeps the leases of the stopped runs, which
+    /// stay this replica's while their stop is recorded.
+    keepalive: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// A running scheduler. Dropping it does not stop it; `shutdown` does.
@@ -193,6 +196,7 @@ impl Scheduler {
             stop: tokio::sync::watch::channel(false).0,
             executing: Default::default(),
             handed_back: Default::default(),
+            keepalive: Default::default(),
         });
         let this = Scheduler {
             inner: inner.clone(),
@@ -321,23 +325,54 @@ impl Scheduler {
         self.hand_back().await;
     }
 
-    /// Stops taking work (the triggers, the sweeper's take-overs, the reloads) and stops
-    /// the runs in flight, waiting up to 10 s for them to end. The runs stay this
-    /// replica's until [`Scheduler::hand_back`], so what they leave can be recorded first
-    /// (an interrupted import) without racing a replica that took them over. Calling it
-    /// again does nothing more.
+    /// Stops taking work and stops the runs in flight: [`Scheduler::stop_triggers`], then
+    /// [`Scheduler::stop_runs`]. Calling it again does nothing more.
     pub async fn stop(&self) {
+        self.stop_triggers().await;
+        self.stop_runs().await;
+    }
+
+    /// Stops taking work: the triggers, the sweeper's take-overs, the reloads.
+    pub async fn stop_triggers(&self) {
         let _ = self.cron.lock().await.shutdown().await;
         if let Ok(tasks) = self.tasks.lock() {
             for t in tasks.iter() {
                 t.abort();
             }
         }
+    }
+
+    /// Stops the runs in flight, waiting up to 10 s for them to end. The runs stay this
+    /// replica's, their leases kept, until [`Scheduler::hand_back`], so what they leave
+    /// can be recorded first (an interrupted import) without racing a replica that took
+    /// them over, and a slow shutdown does not count as their owner dying.
+    pub async fn stop_runs(&self) {
         self.inner.stop.send_replace(true);
         self.inner
             .executing
             .wait_idle(Duration::from_secs(10))
             .await;
+        let mut keepalive = self
+            .inner
+            .keepalive
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if keepalive.is_none() {
+            let inner = self.inner.clone();
+            *keepalive = Some(tokio::spawn(async move {
+                let runs = inner.store.lease_collection(c::SCHEDULED_RUNS);
+                let lease = inner.options.lease;
+                loop {
+                    let _ = runs
+                        .update_many(
+                            doc! { "owner": &inner.options.instance, "status": "RUNNING" },
+                            doc! { "$set": { "expiresAt": lease_end(lease) } },
+                        )
+                        .await;
+                    tokio::time::sleep(lease / 3).await;
+                }
+            }));
+        }
     }
 
     /// Hands back the runs this replica still holds: their lease is expired at once, so
@@ -345,6 +380,15 @@ impl Scheduler {
     /// [`Scheduler::stop`]: a run handed back while it still ran could be taken over and
     /// run twice at once.
     pub async fn hand_back(&self) {
+        if let Some(k) = self
+            .inner
+            .keepalive
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            k.abort();
+        }
         self.inner
             .handed_back
             .store(true, std::sync::atomic::Ordering::SeqCst);
@@ -415,9 +459,11 @@ async fn fire_job(
     job: &ScheduledJob,
     fire: chrono::DateTime<Utc>,
 ) -> FireOutcome {
+    // The lease is counted from before the claim that writes it.
+    let leased = tokio::time::Instant::now();
     match claim(inner, job, fire).await {
         Ok(Some(outcome)) => outcome,
-        Ok(None) => execute(inner, job, fire).await,
+        Ok(None) => execute(inner, job, fire, leased).await,
         Err(e) => FireOutcome::Ran(Err(e.to_string())),
     }
 }
@@ -469,6 +515,7 @@ async fn execute(
     inner: &Arc<Inner>,
     job: &ScheduledJob,
     fire: chrono::DateTime<Utc>,
+    leased: tokio::time::Instant,
 ) -> FireOutcome {
     let id = run_id(&job.name, fire);
     let runs = inner.store.lease_collection(c::SCHEDULED_RUNS);
@@ -479,10 +526,11 @@ async fn execute(
         let filter = doc! { common::ID: &id, "owner": &me, "status": "RUNNING" };
         let id = id.clone();
         async move {
-            let why = keep_lease(&runs, filter, lease).await;
+            let why = keep_lease(&runs, filter, lease, leased).await;
             tracing::warn!(run = %id, why, "lease lost");
         }
     };
+    let mut heartbeat = std::pin::pin!(heartbeat);
     let mut stop = inner.stop.subscribe();
     let _executing = inner.executing.enter();
     let started = std::time::Instant::now();
@@ -491,7 +539,7 @@ async fn execute(
     };
     let result = tokio::select! {
         r = inner.runner.run(job, fire) => Some(r),
-        _ = heartbeat => {
+        _ = &mut heartbeat => {
             tracing::warn!(job = %job.name, run = %id, "lease lost; run stopped");
             return FireOutcome::LeaseLost;
         }
@@ -518,13 +566,14 @@ async fn execute(
         &[("job_name", job.name.as_str())],
         started.elapsed().as_secs_f64(),
     );
-    record_end(
-        &runs,
-        doc! { common::ID: &id, "owner": &me },
-        ended,
-        lease / 2,
-    )
-    .await;
+    // The lease is still renewed while the end is recorded (with retries): a run whose
+    // end is not recorded would run again once its lease lapsed.
+    tokio::select! {
+        _ = record_end(&runs, doc! { common::ID: &id, "owner": &me }, ended, lease / 2) => {}
+        _ = &mut heartbeat => {
+            tracing::error!(job = %job.name, run = %id, "the run's lease was lost before its end was recorded; another replica may run it again");
+        }
+    }
     FireOutcome::Ran(result)
 }
 
@@ -683,7 +732,12 @@ pub async fn hold_manual_run_for<T>(
         let _ = stop.wait_for(|stopping| *stopping).await;
     };
     let runs = store.lease_collection(c::SCHEDULED_RUNS);
-    let heartbeat = keep_lease(&runs, doc! { common::ID: id, "status": "RUNNING" }, lease);
+    let heartbeat = keep_lease(
+        &runs,
+        doc! { common::ID: id, "status": "RUNNING" },
+        lease,
+        tokio::time::Instant::now(),
+    );
     tokio::select! {
         out = work => Ok(out),
         _ = stopping => Err(format!("run `{id}` stopped: its process is shutting down")),
@@ -712,6 +766,10 @@ async fn record_end(
         )
         .await;
         match recorded {
+            Ok(Ok(r)) if r.matched_count == 0 => {
+                tracing::error!(run = ?filter, "a run's end was not recorded: its record belongs to another replica now");
+                return;
+            }
             Ok(Ok(_)) => return,
             Ok(Err(e)) if tokio::time::Instant::now() + pause < deadline => {
                 tracing::warn!(error = %e, "could not record a run's end; trying again");
@@ -739,9 +797,11 @@ async fn keep_lease(
     runs: &mongodb::Collection<Document>,
     filter: Document,
     lease: Duration,
+    since: tokio::time::Instant,
 ) -> String {
     let margin = lease / 6;
-    let mut renewed_at = tokio::time::Instant::now();
+    // When the lease held now was written (just before its write was sent).
+    let mut renewed_at = since;
     loop {
         let hold_until = renewed_at + (lease - margin);
         let wake = (tokio::time::Instant::now() + lease / 3).min(hold_until);
@@ -897,6 +957,7 @@ async fn sweep(inner: &Arc<Inner>) -> Result<(), StoreError> {
         if live_run(&inner.store, job, id).await?.is_some() {
             continue; // taken over once the job's current run has ended
         }
+        let leased = tokio::time::Instant::now();
         let taken = runs
             .update_one(
                 doc! { common::ID: id, "status": "RUNNING", "expiresAt": *expires },
@@ -928,7 +989,7 @@ async fn sweep(inner: &Arc<Inner>) -> Result<(), StoreError> {
             tracing::warn!(job = %job.name, run = id, "took over a run whose owner stopped");
             let inner = inner.clone();
             tokio::spawn(async move {
-                let outcome = execute(&inner, &job, fire).await;
+                let outcome = execute(&inner, &job, fire, leased).await;
                 log_outcome(&job.name, fire, &outcome);
             });
         }
@@ -936,7 +997,6 @@ async fn sweep(inner: &Arc<Inner>) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Records the run by hand `run`, whose lease lapsed, as FAILED.
 /// Times a scheduled run's owner may die (its lease lapse) before the run is recorded
 /// FAILED instead of taken over again.
 pub const MAX_LAPSES: i32 = 3;
@@ -970,6 +1030,7 @@ async fn give_up(
     Ok(())
 }
 
+/// Records the run by hand `run`, whose lease lapsed, as FAILED.
 async fn abandon(runs: &mongodb::Collection<Document>, run: &Document) -> Result<(), StoreError> {
     let (Ok(id), Ok(expires)) = (run.get_str(common::ID), run.get_datetime("expiresAt")) else {
         return Ok(());
