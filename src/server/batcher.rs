@@ -48,6 +48,9 @@ pub struct Batcher {
     /// are still served.
     permits: Arc<Vec<Arc<Semaphore>>>,
     capacity: usize,
+    /// Set by [`Batcher::close`]: the writers take nothing new and end once they have
+    /// written what is queued.
+    closing: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl Batcher {
@@ -62,12 +65,14 @@ impl Batcher {
     ) -> (Self, Vec<JoinHandle<()>>) {
         let mut lanes = Vec::with_capacity(writers);
         let mut handles = Vec::with_capacity(writers);
+        let closing = Arc::new(tokio::sync::watch::channel(false).0);
         for _ in 0..writers.max(1) {
             let (tx, rx) = mpsc::channel::<Job>(capacity);
             let writer = writer.clone();
             let metrics = metrics.clone();
+            let closed = closing.subscribe();
             handles.push(tokio::spawn(async move {
-                write_loop(rx, writer, batch_size, metrics).await
+                write_loop(rx, closed, writer, batch_size, metrics).await
             }));
             lanes.push(tx);
         }
@@ -80,8 +85,15 @@ impl Batcher {
             ),
             lanes: Arc::new(lanes),
             capacity: share * writers.max(1),
+            closing,
         };
         (batcher, handles)
+    }
+
+    /// Takes no more requests (they are answered [`SubmitError::Closed`]); the writers
+    /// write what is queued and end. For a shutdown whose handlers may still hold clones.
+    pub fn close(&self) {
+        self.closing.send_replace(true);
     }
 
     /// The writer lane a visitor's events go to.
@@ -173,13 +185,24 @@ fn lane_of(user_id: &str, lanes: usize) -> usize {
 
 async fn write_loop(
     mut rx: mpsc::Receiver<Job>,
+    mut closing: tokio::sync::watch::Receiver<bool>,
     writer: EventWriter,
     batch_size: usize,
     metrics: Arc<Metrics>,
 ) {
+    let mut closed = false;
     loop {
         let mut jobs = Vec::new();
-        match rx.recv().await {
+        let next = tokio::select! {
+            job = rx.recv() => job,
+            _ = closing.wait_for(|c| *c), if !closed => {
+                // What is queued is still written; nothing more is taken.
+                rx.close();
+                closed = true;
+                continue;
+            }
+        };
+        match next {
             Some(job) => jobs.push(job),
             None => return,
         }

@@ -293,6 +293,7 @@ pub async fn start_loaded(
         metrics: metrics.clone(),
     };
     let handle_metrics = state.metrics.clone();
+    let queue = state.batcher.clone();
     let app = router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let sweeper = spawn_sweeper(
@@ -332,9 +333,13 @@ pub async fn start_loaded(
                 }
             }
             _ = deadline => {
-                tracing::warn!(seconds = grace.as_secs(), "requests still open after the shutdown grace period are dropped (none of them was acknowledged)");
+                tracing::warn!(seconds = grace.as_secs(), "requests still open after the shutdown grace period are not waited for (none of them was acknowledged; what they submit now is refused)");
             }
         }
+        // Requests still open (their connections outlive the server) cannot queue more:
+        // the writers write what is queued and end.
+        queue.close();
+        drop(queue);
         sweeper.abort();
         // The router (and its Batcher clones) is gone: writers drain the queue and end.
         // Every request has been answered by now, and one is answered 200 only once its
