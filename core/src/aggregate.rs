@@ -104,7 +104,7 @@ pub fn fold_session(existing: Option<Session>, events: &[&Event], now: DateTime)
     // A session that goes on after the sweeper expired it (a client keeping its
     // sessionId through a long pause) is active again; the sweeper expires it once it
     // is idle again. A late event inside its span leaves it as it was.
-    if s.end_time > ended {
+    if s.end_time > ended && s.status == SessionStatus::Expired {
         s.status = SessionStatus::Active;
     }
     s.duration = s.end_time.timestamp_millis() - s.start_time.timestamp_millis();

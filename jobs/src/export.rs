@@ -996,6 +996,30 @@ impl Lock {
             .is_ok_and(|n| n == 1)
     }
 
+    /// Whether another holder may have the lock now: true when another owner's lease
+    /// holds it, or when the store cannot tell.
+    async fn taken_by_other(&self, store: &Store) -> bool {
+        match store
+            .lease_collection(c::JOB_LOCKS)
+            .find_one(doc! { common::ID: &self.id })
+            .await
+        {
+            Ok(None) => false,
+            Ok(Some(d)) => {
+                d.get_str("owner").ok() != Some(self.owner.as_str())
+                    && d.get_datetime("expiresAt")
+                        .is_ok_and(|t| *t > DateTime::now())
+            }
+            Err(_) => true,
+        }
+    }
+
+    /// Whether this publish may go on: it holds the lock, or at least nobody else does
+    /// (its renewals merely lagged).
+    async fn may_go_on(&self, store: &Store) -> bool {
+        self.still_held(store).await || !self.taken_by_other(store).await
+    }
+
     async fn release(self, store: &Store) {
         self.renew.abort();
         let _ = store
@@ -1542,7 +1566,7 @@ async fn publish_now(
                     source,
                 })?;
         }
-        if !lock.still_held(&ctx.store).await {
+        if !lock.may_go_on(&ctx.store).await {
             lock_lost.store(true, std::sync::atomic::Ordering::Relaxed);
             return Err(lost());
         }
@@ -1585,7 +1609,7 @@ async fn publish_now(
     }
     // The manifest names the new files: what follows only completes the partition, and
     // is left to the run holding the lock if this one lost it meanwhile.
-    if !lock.still_held(&ctx.store).await {
+    if !lock.may_go_on(&ctx.store).await {
         return Err(lost());
     }
     if !additive {

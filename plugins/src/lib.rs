@@ -499,7 +499,9 @@ impl PluginHost {
         if limits.fuel.is_some() && !self.fuel {
             return Err(load("has a fuel limit but the host meters no fuel".into()));
         }
-        let key = std::fs::canonicalize(&wasm_path).unwrap_or_else(|_| wasm_path.clone());
+        // The configured path made absolute, symlinks kept: a deploy that swaps a link
+        // (`p.wasm -> p-1.2.wasm`) replaces the compile under the same key.
+        let key = std::path::absolute(&wasm_path).unwrap_or_else(|_| wasm_path.clone());
         let cached = self
             .compiled
             .lock()
@@ -958,22 +960,64 @@ impl WasmTransform {
 }
 
 /// `MAJOR.MINOR.PATCH`, optionally with a `-pre-release` and `+build` (Semantic
-/// Versioning 2.0.0; numbers without leading zeros).
+/// Versioning 2.0.0: numbers without leading zeros; identifiers of ASCII letters, digits
+/// and `-`, numeric pre-release identifiers without leading zeros).
 fn is_version(v: &str) -> bool {
-    let v = v
-        .split_once('+')
-        .map_or(v, |(core, build)| if build.is_empty() { "" } else { core });
-    let core = v
-        .split_once('-')
-        .map_or(Some(v), |(core, pre)| (!pre.is_empty()).then_some(core));
-    let Some(core) = core else { return false };
+    let number = |p: &str| {
+        !p.is_empty()
+            && p.bytes().all(|b| b.is_ascii_digit())
+            && (p.len() == 1 || !p.starts_with('0'))
+    };
+    let identifier =
+        |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    let (rest, build) = match v.split_once('+') {
+        Some((rest, build)) => (rest, Some(build)),
+        None => (v, None),
+    };
+    let (core, pre) = match rest.split_once('-') {
+        Some((core, pre)) => (core, Some(pre)),
+        None => (rest, None),
+    };
     let parts: Vec<&str> = core.split('.').collect();
     parts.len() == 3
-        && parts.iter().all(|p| {
-            !p.is_empty()
-                && p.bytes().all(|b| b.is_ascii_digit())
-                && (p.len() == 1 || !p.starts_with('0'))
+        && parts.iter().all(|p| number(p))
+        && pre.is_none_or(|pre| {
+            pre.split('.')
+                .all(|p| identifier(p) && (!p.bytes().all(|b| b.is_ascii_digit()) || number(p)))
         })
+        && build.is_none_or(|b| b.split('.').all(identifier))
+}
+
+#[cfg(test)]
+mod version_tests {
+    use super::is_version;
+
+    #[test]
+    fn semantic_versions_are_told_apart() {
+        for ok in [
+            "0.1.0",
+            "1.10.0",
+            "1.0.0-rc.1",
+            "1.0.0-alpha-2",
+            "1.0.0+build.7",
+            "1.1.0-rc.1+b.7",
+        ] {
+            assert!(is_version(ok), "{ok}");
+        }
+        for bad in [
+            "1.0",
+            "v1.0.0",
+            "01.0.0",
+            "1.0.0-",
+            "1.0.0-a..b",
+            "1.0.0-01",
+            "1.0.0+",
+            "1.0.0+a_b",
+            "",
+        ] {
+            assert!(!is_version(bad), "{bad}");
+        }
+    }
 }
 
 /// Whether `name` can name a plugin: lower-case letters, digits and `-`, starting with a

@@ -47,6 +47,8 @@ pub struct Batcher {
     /// conflicts) fills its own share, not the whole queue, so the other lanes' visitors
     /// are still served.
     permits: Arc<Vec<Arc<Semaphore>>>,
+    /// Permits per lane.
+    share: usize,
     capacity: usize,
     /// Set by [`Batcher::close`]: the writers take nothing new and end once they have
     /// written what is queued.
@@ -84,6 +86,7 @@ impl Batcher {
                     .collect(),
             ),
             lanes: Arc::new(lanes),
+            share,
             capacity: share * writers.max(1),
             closing,
         };
@@ -132,7 +135,9 @@ impl Batcher {
                 shares.push(None);
                 continue;
             }
-            let n = u32::try_from(events.len()).map_err(|_| SubmitError::Full)?;
+            // A part bigger than a whole share (a transform that fans events out) takes
+            // the whole share rather than being refused for ever.
+            let n = u32::try_from(events.len().min(self.share)).map_err(|_| SubmitError::Full)?;
             let permit = self.permits[lane]
                 .clone()
                 .try_acquire_many_owned(n)

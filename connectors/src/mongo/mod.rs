@@ -184,6 +184,9 @@ impl Store {
                     WriteConcern::builder()
                         .w(Acknowledgment::Majority)
                         .journal(true)
+                        // A majority that cannot be reached (a degraded replica set)
+                        // fails the write after this rather than blocking it for ever.
+                        .w_timeout(std::time::Duration::from_secs(15))
                         .build(),
                 )
                 .build(),
