@@ -1435,6 +1435,50 @@ async fn a_run_cut_short_by_max_pages_keeps_the_cursor_unless_the_api_is_sorted(
 }
 
 #[tokio::test]
+async fn a_run_resumed_after_being_cut_short_still_keeps_the_cursor() {
+    let db = TestDb::initialized().await;
+    let (base, _api) = fault_api(Fault::None).await;
+    let capped = cursor_config("capped-resume", &base, "", "").replace(
+        "cursor_path = \"$.next\"",
+        "cursor_path = \"$.next\"\nmax_pages = 2",
+    );
+    let name = apply(&db, &capped).await;
+    let one = ImportOptions {
+        stop_after_pages: Some(1),
+        ..Default::default()
+    };
+    assert!(!run_import(&db.store, &name, &one).await.unwrap().completed);
+    // What a process killed after the last page's checkpoint leaves: a checkpoint that
+    // is done, and says the run was cut short by `max_pages`.
+    let done = db
+        .store
+        .collection("import_checkpoints")
+        .update_one(
+            doc! { "_id": &name },
+            doc! { "$set": {
+                "state": serde_json::to_string(&sluice_connectors::http::PageState::Done).unwrap(),
+                "stoppedEarly": "stopped at `max_pages` (2)",
+            } },
+        )
+        .await
+        .unwrap();
+    assert_eq!(done.modified_count, 1);
+    let resumed = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert!(resumed.resumed && resumed.completed);
+    assert!(
+        resumed.stopped_early.is_some(),
+        "restored from the checkpoint"
+    );
+    assert_eq!(
+        sync_cursor(&db, &name).await,
+        None,
+        "a run cut short keeps the cursor, resumed or not"
+    );
+}
+
+#[tokio::test]
 async fn a_date_cursor_sent_as_epoch_milliseconds_goes_back_as_epoch_milliseconds() {
     let db = TestDb::initialized().await;
     type Queries = Arc<Mutex<Vec<Vec<(String, String)>>>>;
