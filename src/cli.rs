@@ -167,6 +167,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         })
     });
     handle.wait().await;
+    if let Some(s) = &scheduler {
+        // Nothing starts after the lists are read.
+        s.stop_triggers().await;
+    }
     let (mut interrupted, mut exports) = in_flight();
     if let Some((i, e)) = seen_at_signal
         .lock()

@@ -524,13 +524,7 @@ async fn archive_deletes_exactly_what_it_exported() {
     server.shutdown().await;
 
     // Aggregates stay; a resend of an archived event is a duplicate, not a new event.
-    let writer = EventWriter::new(
-        db.store.clone(),
-        WriterOptions {
-            claim_lease: Duration::ZERO,
-            ..Default::default()
-        },
-    );
+    let writer = EventWriter::new(db.store.clone(), WriterOptions::default());
     let again = writer.write(&old_events[..5]).await.unwrap();
     assert_eq!(again, vec![WriteStatus::Duplicate; 5]);
     assert_eq!(events.count_documents(doc! {}).await.unwrap(), 300);

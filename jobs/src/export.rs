@@ -980,44 +980,22 @@ impl Lock {
         }))
     }
 
-    /// Whether this holder still holds the lock, with at least a sixth of a lease left:
-    /// checked before the steps of a publish that another holder's publish must not
-    /// interleave with. An unreachable store counts as not held.
-    async fn still_held(&self, store: &Store) -> bool {
-        let margin = LOCK_LEASE / 6;
-        let at_least =
-            DateTime::from_millis(DateTime::now().timestamp_millis() + margin.as_millis() as i64);
+    /// Takes the lock again for this holder if it is still its own or has lapsed (the
+    /// compare-and-set the lock is taken with), renewing its lease: checked before the
+    /// steps of a publish that another holder's publish must not interleave with. False
+    /// when another holder's lease holds it, or the store cannot tell.
+    async fn reconfirm(&self, store: &Store) -> bool {
         store
             .lease_collection(c::JOB_LOCKS)
-            .count_documents(doc! {
-                common::ID: &self.id, "owner": &self.owner, "expiresAt": { "$gt": at_least },
-            })
+            .update_one(
+                doc! {
+                    common::ID: &self.id,
+                    "$or": [ { "owner": &self.owner }, { "expiresAt": { "$lt": DateTime::now() } } ],
+                },
+                doc! { "$set": { "owner": &self.owner, "expiresAt": lock_lease_end() } },
+            )
             .await
-            .is_ok_and(|n| n == 1)
-    }
-
-    /// Whether another holder may have the lock now: true when another owner's lease
-    /// holds it, or when the store cannot tell.
-    async fn taken_by_other(&self, store: &Store) -> bool {
-        match store
-            .lease_collection(c::JOB_LOCKS)
-            .find_one(doc! { common::ID: &self.id })
-            .await
-        {
-            Ok(None) => false,
-            Ok(Some(d)) => {
-                d.get_str("owner").ok() != Some(self.owner.as_str())
-                    && d.get_datetime("expiresAt")
-                        .is_ok_and(|t| *t > DateTime::now())
-            }
-            Err(_) => true,
-        }
-    }
-
-    /// Whether this publish may go on: it holds the lock, or at least nobody else does
-    /// (its renewals merely lagged).
-    async fn may_go_on(&self, store: &Store) -> bool {
-        self.still_held(store).await || !self.taken_by_other(store).await
+            .is_ok_and(|r| r.matched_count == 1)
     }
 
     async fn release(self, store: &Store) {
@@ -1566,7 +1544,7 @@ async fn publish_now(
                     source,
                 })?;
         }
-        if !lock.may_go_on(&ctx.store).await {
+        if !lock.reconfirm(&ctx.store).await {
             lock_lost.store(true, std::sync::atomic::Ordering::Relaxed);
             return Err(lost());
         }
@@ -1609,7 +1587,7 @@ async fn publish_now(
     }
     // The manifest names the new files: what follows only completes the partition, and
     // is left to the run holding the lock if this one lost it meanwhile.
-    if !lock.may_go_on(&ctx.store).await {
+    if !lock.reconfirm(&ctx.store).await {
         return Err(lost());
     }
     if !additive {

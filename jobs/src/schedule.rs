@@ -348,10 +348,16 @@ impl Scheduler {
     /// them over, and a slow shutdown does not count as their owner dying.
     pub async fn stop_runs(&self) {
         self.inner.stop.send_replace(true);
+        // Started before the runs are waited for: a stopped run's own heartbeat ends at
+        // once. Renewing one still ending is harmless (it is this replica's).
+        self.keep_stopped_runs_leased();
         self.inner
             .executing
             .wait_idle(Duration::from_secs(10))
             .await;
+    }
+
+    fn keep_stopped_runs_leased(&self) {
         let mut keepalive = self
             .inner
             .keepalive
@@ -365,7 +371,12 @@ impl Scheduler {
                 loop {
                     let _ = runs
                         .update_many(
-                            doc! { "owner": &inner.options.instance, "status": "RUNNING" },
+                            // Never one handed back meanwhile (a renewal still on the
+                            // wire when `hand_back` aborted this task).
+                            doc! {
+                                "owner": &inner.options.instance, "status": "RUNNING",
+                                "handedBack": { "$ne": true },
+                            },
                             doc! { "$set": { "expiresAt": lease_end(lease) } },
                         )
                         .await;
@@ -569,6 +580,7 @@ async fn execute(
     // The lease is still renewed while the end is recorded (with retries): a run whose
     // end is not recorded would run again once its lease lapsed.
     tokio::select! {
+        biased;
         _ = record_end(&runs, doc! { common::ID: &id, "owner": &me }, ended, lease / 2) => {}
         _ = &mut heartbeat => {
             tracing::error!(job = %job.name, run = %id, "the run's lease was lost before its end was recorded; another replica may run it again");

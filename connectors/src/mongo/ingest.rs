@@ -671,9 +671,17 @@ impl EventWriter {
                 status[i] = WriteStatus::Retry;
                 continue;
             }
+            let taken_at = Instant::now();
             if let Err(err) = self.mark_late_days(events, &[i]).await {
                 self.hand_back_claims(events, &[i], now).await;
                 return Err(err);
+            }
+            // As for new claims: one that aged past half its lease (a slow mark) is not
+            // inserted here, since a resend may be taking it over.
+            if taken_at.elapsed() > self.options.claim_lease / 2 {
+                self.hand_back_claims(events, &[i], now).await;
+                status[i] = WriteStatus::Retry;
+                continue;
             }
             self.store
                 .collection(c::EVENTS)
