@@ -143,7 +143,16 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     };
     let store_for_shutdown = store.clone();
     let handle =
-        crate::server::start_loaded((*config).clone(), store, listener, true, loaded).await?;
+        match crate::server::start_loaded((*config).clone(), store, listener, true, loaded).await {
+            Ok(h) => h,
+            Err(e) => {
+                // Runs the scheduler may have claimed already are handed back.
+                if let Some(s) = &scheduler {
+                    s.shutdown().await;
+                }
+                return Err(e);
+            }
+        };
     tracing::info!(addr = %handle.addr, "sluice serving");
     // Imports and exports in flight are stopped with the process and recorded
     // (imports INTERRUPTED with their checkpoint's progress, exports FAILED), not left

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use bson::{doc, DateTime, Document};
 use chrono::Utc;
-use sluice_connectors::mongo::is_duplicate_key;
+use sluice_connectors::mongo::{is_duplicate_key, is_write_concern_error};
 use sluice_connectors::{Store, StoreError};
 use sluice_core::model::{collections as c, common};
 use tokio::sync::Mutex;
@@ -507,9 +507,20 @@ async fn claim(
         "startedAt": now, "expiresAt": lease_end(inner.options.lease),
         "attempts": 1, common::CREATED_AT: now,
     };
-    match runs.insert_one(claim).await {
+    let inserted = match runs.insert_one(claim).await {
+        // Applied, but no majority acknowledged it in time: the claim is this replica's
+        // if the record says so (left alone, it would lapse as if its owner had died).
+        Err(e) if is_write_concern_error(&e) => {
+            match owned_by(&runs, &id, &inner.options.instance).await {
+                true => Ok(()),
+                false => Err(e),
+            }
+        }
+        other => other.map(|_| ()),
+    };
+    match inserted {
         // A run by hand started at the same moment: whichever looks second steps back.
-        Ok(_) => match live_run(&inner.store, &job.name, &id).await? {
+        Ok(()) => match live_run(&inner.store, &job.name, &id).await? {
             Some(other) => {
                 step_back(&inner.store, &id, &other).await?;
                 Ok(Some(FireOutcome::Skipped))
@@ -519,6 +530,14 @@ async fn claim(
         Err(e) if is_duplicate_key(&e) => Ok(Some(FireOutcome::Claimed)),
         Err(e) => Err(StoreError::mongo(c::SCHEDULED_RUNS, "claim")(e)),
     }
+}
+
+/// Whether the record `id` is RUNNING and owned by `owner` (read back after a write whose
+/// acknowledgement timed out).
+async fn owned_by(runs: &mongodb::Collection<Document>, id: &str, owner: &str) -> bool {
+    runs.count_documents(doc! { common::ID: id, "owner": owner, "status": "RUNNING" })
+        .await
+        .is_ok_and(|n| n == 1)
 }
 
 /// Runs a claimed fire with a heartbeat; stops if the lease is lost.
@@ -981,9 +1000,16 @@ async fn sweep(inner: &Arc<Inner>) -> Result<(), StoreError> {
                     "$inc": { "attempts": 1 },
                 },
             )
-            .await
-            .map_err(StoreError::mongo(c::SCHEDULED_RUNS, "take over"))?;
-        if taken.modified_count == 1 {
+            .await;
+        let taken = match taken {
+            Ok(r) => r.modified_count == 1,
+            // Applied but not acknowledged in time: taken if the record says so.
+            Err(e) if is_write_concern_error(&e) => {
+                owned_by(&runs, id, &inner.options.instance).await
+            }
+            Err(e) => return Err(StoreError::mongo(c::SCHEDULED_RUNS, "take over")(e)),
+        };
+        if taken {
             // A fire of the job may have been claimed between the look above and the
             // take-over; it checks for this run after claiming, this checks for it after
             // taking over, so the two never both run (at worst both step back: the fire is

@@ -26,6 +26,16 @@ pub fn error_code(err: &mongodb::error::Error) -> Option<i32> {
     }
 }
 
+/// Whether a write was applied by the primary but not acknowledged by the write concern
+/// in time (`wtimeout`): it may still be there, so what it wrote must be read back.
+pub fn is_write_concern_error(err: &mongodb::error::Error) -> bool {
+    use mongodb::error::{ErrorKind, WriteFailure};
+    matches!(
+        err.kind.as_ref(),
+        ErrorKind::Write(WriteFailure::WriteConcernError(_))
+    ) || matches!(err.kind.as_ref(), ErrorKind::InsertMany(e) if e.write_concern_error.is_some())
+}
+
 /// Whether an insert failed because a unique index already holds the key.
 pub fn is_duplicate_key(err: &mongodb::error::Error) -> bool {
     error_code(err) == Some(DUPLICATE_KEY)
