@@ -550,7 +550,12 @@ async fn a_full_queue_answers_503_with_retry_after() {
         .await
         .unwrap();
     assert_eq!(resp.status().as_u16(), 503);
-    assert_eq!(resp.headers()["retry-after"], "1");
+    let wait: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=3).contains(&wait), "{wait}");
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["error"], "overloaded", "{body}");
     frozen.store(false, Ordering::SeqCst);

@@ -641,7 +641,9 @@ pub(super) async fn write(state: &AppState, prepared: Prepared) -> Result<Answer
                 "overloaded",
                 "the ingest queue is full; retry shortly",
             )
-            .retry(1));
+            // Spread over 1 to 3 s: clients turned away together by one burst should
+            // not all come back in the same second.
+            .retry(rand::random_range(1..=3)));
         }
         Err(SubmitError::Store(_)) => {
             state
