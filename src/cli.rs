@@ -413,6 +413,7 @@ pub async fn export_run(
     let to = to.unwrap_or(from);
     let mut ctx = ExportContext::new(store.clone(), destination);
     ctx.transforms = load_plugins(config, &config.plugins.export_transforms)?;
+    ctx.keep_replaced = config.keep_replaced_parts;
     let request = ExportRequest {
         kind,
         from,

@@ -196,6 +196,7 @@ impl EngineRunner {
                 .map_err(|e| e.to_string())?;
             let mut ctx = sluice_jobs::export::ExportContext::new(self.store.clone(), dest);
             ctx.progress = progress.export.clone();
+            ctx.keep_replaced = self.config.keep_replaced_parts;
             ctx.transforms = crate::cli::load_plugins_off_runtime(
                 &self.config,
                 self.config.plugins.export_transforms.clone(),

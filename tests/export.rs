@@ -1316,6 +1316,61 @@ async fn an_upload_stopped_midway_is_aborted_not_left_behind() {
 }
 
 #[tokio::test]
+async fn replaced_parts_are_kept_for_the_grace_period_then_removed() {
+    let db = TestDb::initialized().await;
+    let dir = temp_dir();
+    let (d, other) = (day(-3), day(-4));
+    seed(&db, d, 50).await;
+    seed(&db, other, 10).await;
+    let mut ctx = ExportContext::new(db.store.clone(), ObjectStore::Local(LocalDir::new(&dir)));
+    ctx.keep_replaced = Duration::from_secs(3600);
+    let p = format!("EVENT_DATA/dt={d}");
+    let listed = |m: serde_json::Value| -> Vec<String> {
+        let mut files: Vec<String> = m["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["path"].as_str().unwrap().to_string())
+            .collect();
+        files.sort();
+        files
+    };
+    run_export(&ctx, &request(ExportJobType::EventData, d, d))
+        .await
+        .unwrap();
+    let first = parquet_files(&dir, &p);
+    // A rerun: the manifest names only its own parts, and the earlier ones stay for the
+    // queries that may be reading them.
+    run_export(&ctx, &request(ExportJobType::EventData, d, d))
+        .await
+        .unwrap();
+    let second = listed(manifest(&dir, &p));
+    assert!(second.iter().all(|f| !first.contains(f)));
+    let mut both: Vec<String> = first.iter().chain(&second).cloned().collect();
+    both.sort();
+    assert_eq!(parquet_files(&dir, &p), both);
+    let retired = db.store.collection("retired_parts");
+    assert_eq!(
+        retired.count_documents(doc! {}).await.unwrap(),
+        first.len() as u64
+    );
+    // Once the grace period is over, the next run (of any window) removes them.
+    retired
+        .update_many(
+            doc! {},
+            doc! { "$set": { "dueAt": DateTime::from_millis(0) } },
+        )
+        .await
+        .unwrap();
+    run_export(&ctx, &request(ExportJobType::EventData, other, other))
+        .await
+        .unwrap();
+    assert_eq!(parquet_files(&dir, &p), second);
+    assert_eq!(retired.count_documents(doc! {}).await.unwrap(), 0);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test]
 async fn uploads_work_with_checksums_turned_off() {
     let bucket = TestBucket::new().await;
     let mut settings = support::s3_settings(&bucket.name);

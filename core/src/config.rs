@@ -287,6 +287,9 @@ pub struct ExportSection {
     pub destination: String,
     /// Events older than this many days are archived by ARCHIVE jobs.
     pub archive_after_days: u32,
+    /// Parts a rerun replaces are removed this many minutes later instead of at once, so
+    /// queries already reading them finish (0: at once).
+    pub keep_replaced_parts_minutes: u64,
 }
 
 impl Default for ExportSection {
@@ -294,6 +297,7 @@ impl Default for ExportSection {
         Self {
             destination: "./sluice-output".into(),
             archive_after_days: 90,
+            keep_replaced_parts_minutes: 0,
         }
     }
 }
@@ -420,6 +424,8 @@ pub struct Config {
     pub bots: BotPolicy,
     pub destination: Destination,
     pub archive_after_days: u32,
+    /// `[export] keep_replaced_parts_minutes`.
+    pub keep_replaced_parts: std::time::Duration,
     pub s3: S3Section,
     pub log: LogSection,
     pub plugins: PluginsSection,
@@ -701,6 +707,16 @@ pub fn validate(
     };
     let destination = Destination::parse(&raw.export.destination)
         .map_err(|e| invalid("export.destination", e))?;
+    // A week at most: longer, a rerun's replaced parts pile up beside the new ones.
+    if raw.export.keep_replaced_parts_minutes > 7 * 24 * 60 {
+        return Err(invalid(
+            "export.keep_replaced_parts_minutes",
+            format!(
+                "0 to 10080 (a week), got {}",
+                raw.export.keep_replaced_parts_minutes
+            ),
+        ));
+    }
     if raw.export.archive_after_days == 0 {
         return Err(invalid(
             "export.archive_after_days",
@@ -844,6 +860,9 @@ pub fn validate(
         bots,
         destination,
         archive_after_days: raw.export.archive_after_days,
+        keep_replaced_parts: std::time::Duration::from_secs(
+            raw.export.keep_replaced_parts_minutes * 60,
+        ),
         s3,
         log: raw.log.clone(),
         plugins: raw.plugins.clone(),
@@ -1058,6 +1077,16 @@ mod tests {
             "{err}"
         );
         assert!(check("[tracking]\nqueue_capacity = 1000\nwriters = 2\n").is_ok());
+    }
+
+    #[test]
+    fn a_grace_period_for_replaced_parts_is_at_most_a_week() {
+        let c = check("[export]\nkeep_replaced_parts_minutes = 30\n").unwrap();
+        assert_eq!(c.keep_replaced_parts, std::time::Duration::from_secs(1800));
+        let err = check("[export]\nkeep_replaced_parts_minutes = 20000\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("export.keep_replaced_parts_minutes"), "{err}");
     }
 
     #[test]

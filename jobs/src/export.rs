@@ -132,6 +132,9 @@ pub struct ExportContext {
     /// Tests: fail publishing right after the manifest was written (as when its answer is
     /// lost).
     pub fail_after_manifest: bool,
+    /// How long parts a publish replaces are kept before they are removed (zero: removed
+    /// at once), so queries already reading them finish.
+    pub keep_replaced: Duration,
     /// Tests: another run takes the partition's publish lock once the parts are copied
     /// (what a publisher whose lease lapsed meets).
     pub lose_lock_after_copies: bool,
@@ -150,6 +153,7 @@ impl ExportContext {
             fail_before_archive_delete: false,
             fail_after_copies: None,
             fail_after_manifest: false,
+            keep_replaced: Duration::ZERO,
             lose_lock_after_copies: false,
         }
     }
@@ -368,6 +372,7 @@ pub async fn run_export(
     };
     let destination = ctx.dest.url(request.kind.as_str());
     remove_failed_staging(ctx).await;
+    remove_retired_parts(ctx).await;
     let job_id = history::create(
         &ctx.store,
         request.kind,
@@ -483,6 +488,73 @@ fn export_metrics(
 
 /// Removes what failed runs left under `_staging/` (a run that lost its connection to the
 /// store cannot clean up after itself). Best effort: a failure here only leaves garbage.
+/// Records `stale` parts as retired until `keep_replaced` from now, and returns those to
+/// remove now: none when they were recorded, all of them without a grace period or when
+/// recording failed.
+async fn retire(ctx: &ExportContext, stale: Vec<String>) -> Vec<String> {
+    if ctx.keep_replaced.is_zero() || stale.is_empty() {
+        return stale;
+    }
+    let due = DateTime::from_millis(
+        DateTime::now().timestamp_millis() + ctx.keep_replaced.as_millis() as i64,
+    );
+    let dest = ctx.dest.url("");
+    let docs: Vec<Document> = stale
+        .iter()
+        .map(|key| doc! { common::ID: ctx.dest.url(key), "dest": &dest, "key": key, "dueAt": due })
+        .collect();
+    match ctx
+        .store
+        .collection(c::RETIRED_PARTS)
+        .insert_many(docs)
+        .ordered(false)
+        .await
+    {
+        Ok(_) => Vec::new(),
+        Err(e) if sluice_connectors::mongo::is_duplicate_key(&e) => Vec::new(),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not record replaced parts for later removal; removing them now");
+            stale
+        }
+    }
+}
+
+/// Removes the retired parts of this destination whose grace period has passed.
+async fn remove_retired_parts(ctx: &ExportContext) {
+    use futures_util::TryStreamExt;
+    let retired = ctx.store.collection(c::RETIRED_PARTS);
+    let due: Vec<Document> = match retired
+        .find(doc! { "dest": ctx.dest.url(""), "dueAt": { "$lt": DateTime::now() } })
+        .limit(10_000)
+        .await
+    {
+        Ok(cursor) => cursor.try_collect().await.unwrap_or_default(),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read the replaced parts due for removal");
+            return;
+        }
+    };
+    if due.is_empty() {
+        return;
+    }
+    let keys: Vec<String> = due
+        .iter()
+        .filter_map(|d| d.get_str("key").ok().map(str::to_string))
+        .collect();
+    if let Err(e) = ctx.dest.delete(&keys).await {
+        tracing::warn!(error = %e, "replaced parts not removed; the next run tries again");
+        return;
+    }
+    let ids: Vec<&Bson> = due.iter().filter_map(|d| d.get(common::ID)).collect();
+    let _ = retired
+        .delete_many(doc! { common::ID: { "$in": ids } })
+        .await;
+    tracing::info!(
+        parts = keys.len(),
+        "replaced parts removed after their grace period"
+    );
+}
+
 async fn remove_failed_staging(ctx: &ExportContext) {
     // Runs whose process died are FAILED first, so their staged files go too.
     if let Err(e) = history::fail_dead_runs(&ctx.store).await {
@@ -1597,7 +1669,9 @@ async fn publish_now(
             .filter(|k| k.ends_with(".parquet") && !copied.contains(k))
             .collect();
         // The manifest already names exactly the new files, which is what readers read:
-        // an old part that cannot be removed now is removed by the next publish.
+        // an old part that cannot be removed now is removed by the next publish. With a
+        // grace period it is removed once that has passed (by a later run).
+        let stale = retire(ctx, stale).await;
         if let Err(e) = ctx.dest.delete(&stale).await {
             tracing::warn!(partition = %s.prefix, error = %e, "earlier parts not removed; the partition's manifest names only the new ones, and the next publish removes them");
         }

@@ -183,6 +183,7 @@ const PLAIN_COLLECTIONS: &[&str] = &[
     c::IDENTITIES,
     c::OAUTH_TOKENS,
     c::LATE_DAYS,
+    c::RETIRED_PARTS,
 ];
 
 /// What happened to one index.

@@ -43,6 +43,10 @@ pub mod collections {
     /// Days that received events after they may have been exported (`_id` = the day,
     /// `markedAt`; `exported.<TYPE>` = when an export of that type last read the day).
     pub const LATE_DAYS: &str = "late_days";
+    /// Parts a publish replaced, kept for `[export] keep_replaced_parts_minutes` so
+    /// queries already reading them finish (`_id` = the part's URL, `dest`, `key`,
+    /// `dueAt`).
+    pub const RETIRED_PARTS: &str = "retired_parts";
 }
 
 /// Field names shared by several collections.
