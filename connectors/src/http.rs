@@ -926,49 +926,38 @@ async fn exchange_refresh(
     vault: Option<Arc<dyn TokenVault>>,
     current: String,
 ) -> Exchanged {
-    let mut out = Exchanged {
-        response: Err(provider.error("not exchanged".into())),
-        presented: None,
-        rotated: None,
-    };
-    let oauth = match provider.client() {
-        Ok(c) => c,
-        Err(e) => {
-            out.response = Err(e);
-            return out;
-        }
-    };
-    let mut presented = current.clone();
-    let mut result = oauth
-        .exchange_refresh_token(&RefreshToken::new(current.clone()))
-        .request_async(&http)
-        .await;
-    if result.is_err() {
-        // Another run of the same config may have rotated the token since this one read
-        // it: try the saved one once.
-        if let Some(v) = &vault {
-            if let Ok(Some(saved)) = v.load().await {
-                if saved != current {
-                    out.presented = Some(saved.clone());
-                    presented = saved.clone();
-                    result = oauth
-                        .exchange_refresh_token(&RefreshToken::new(saved))
-                        .request_async(&http)
-                        .await;
+    let mut presented = None;
+    let mut rotated = None;
+    let response = async {
+        let oauth = provider.client()?;
+        let mut result = oauth
+            .exchange_refresh_token(&RefreshToken::new(current.clone()))
+            .request_async(&http)
+            .await;
+        if result.is_err() {
+            // Another run of the same config may have rotated the token since this one
+            // read it: try the saved one once.
+            if let Some(v) = &vault {
+                if let Ok(Some(saved)) = v.load().await {
+                    if saved != current {
+                        result = oauth
+                            .exchange_refresh_token(&RefreshToken::new(saved.clone()))
+                            .request_async(&http)
+                            .await;
+                        presented = Some(saved);
+                    }
                 }
             }
         }
-    }
-    let token = match result {
-        Ok(t) => t,
-        Err(e) => {
-            out.response = Err(provider.failed(&e));
-            return out;
-        }
-    };
-    if let Some(new) = token.refresh_token().map(|t| t.secret().clone()) {
-        if new != presented {
+        let token = result.map_err(|e| provider.failed(&e))?;
+        let in_use = presented.as_ref().unwrap_or(&current);
+        if let Some(new) = token
+            .refresh_token()
+            .map(|t| t.secret().clone())
+            .filter(|new| new != in_use)
+        {
             // Rotated: the old token is spent. Keep the new one durably first.
+            rotated = Some(new.clone());
             if let Some(v) = &vault {
                 let mut saved = v.save(&new).await;
                 for attempt in 0..3u32 {
@@ -978,19 +967,21 @@ async fn exchange_refresh(
                     tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
                     saved = v.save(&new).await;
                 }
-                if let Err(e) = saved {
-                    out.response = Err(provider.error(format!(
+                saved.map_err(|e| {
+                    provider.error(format!(
                         "the provider rotated the refresh token but it could not be saved ({e}); the run stops before using it"
-                    )));
-                    out.rotated = Some(new);
-                    return out;
-                }
+                    ))
+                })?;
             }
-            out.rotated = Some(new);
         }
+        Ok(token)
     }
-    out.response = Ok(token);
-    out
+    .await;
+    Exchanged {
+        response,
+        presented,
+        rotated,
+    }
 }
 
 fn describe_token_error<E: std::error::Error>(e: &E) -> String {
