@@ -735,14 +735,14 @@ pub async fn stop_manual_runs(store: &Store, within: Duration) -> usize {
     while tokio::time::Instant::now() < deadline && still_held() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let (_, ended) = run_end(&Err(
+        "stopped by a shutdown of its process; run it again".to_string()
+    ));
     let ended = store
         .lease_collection(c::SCHEDULED_RUNS)
         .update_many(
             doc! { common::ID: { "$in": &ids }, "status": "RUNNING" },
-            doc! { "$set": {
-                "status": "FAILED", "endedAt": DateTime::now(),
-                "error": "stopped by a shutdown of its process; run it again",
-            } },
+            doc! { "$set": ended },
         )
         .await;
     if let Err(e) = ended {
@@ -1045,20 +1045,8 @@ async fn give_up(
     run: &Document,
     lapses: i32,
 ) -> Result<(), StoreError> {
-    let (Ok(id), Ok(expires)) = (run.get_str(common::ID), run.get_datetime("expiresAt")) else {
-        return Ok(());
-    };
-    let ended = runs
-        .update_one(
-            doc! { common::ID: id, "status": "RUNNING", "expiresAt": *expires },
-            doc! { "$set": {
-                "status": "FAILED", "endedAt": DateTime::now(), "lapses": lapses,
-                "error": format!("given up: the replicas running it stopped renewing its lease {lapses} times (a run that takes its process down is not handed on); see their logs, then run it by hand"),
-            } },
-        )
-        .await
-        .map_err(StoreError::mongo(c::SCHEDULED_RUNS, "record a run given up"))?;
-    if ended.modified_count == 1 {
+    let error = format!("given up: the replicas running it stopped renewing its lease {lapses} times (a run that takes its process down is not handed on); see their logs, then run it by hand");
+    if let Some(id) = fail_lapsed(runs, run, &error, doc! { "lapses": lapses }).await? {
         tracing::error!(
             run = id,
             lapses,
@@ -1070,26 +1058,43 @@ async fn give_up(
 
 /// Records the run by hand `run`, whose lease lapsed, as FAILED.
 async fn abandon(runs: &mongodb::Collection<Document>, run: &Document) -> Result<(), StoreError> {
-    let (Ok(id), Ok(expires)) = (run.get_str(common::ID), run.get_datetime("expiresAt")) else {
-        return Ok(());
-    };
-    let ended = runs
-        .update_one(
-            doc! { common::ID: id, "status": "RUNNING", "expiresAt": *expires },
-            doc! { "$set": {
-                "status": "FAILED", "endedAt": DateTime::now(),
-                "error": format!("abandoned: its process ({}) stopped renewing its lease", run.get_str("owner").unwrap_or("?")),
-            } },
-        )
-        .await
-        .map_err(StoreError::mongo(c::SCHEDULED_RUNS, "record an abandoned run"))?;
-    if ended.modified_count == 1 {
+    let error = format!(
+        "abandoned: its process ({}) stopped renewing its lease",
+        run.get_str("owner").unwrap_or("?")
+    );
+    if let Some(id) = fail_lapsed(runs, run, &error, doc! {}).await? {
         tracing::warn!(
             run = id,
             "a run by hand was abandoned (its process stopped); recorded FAILED"
         );
     }
     Ok(())
+}
+
+/// Ends the lapsed run `run` FAILED with `error` (and `more` fields), if it is still
+/// RUNNING with the lease it was found with; returns its id when this call ended it.
+async fn fail_lapsed<'a>(
+    runs: &mongodb::Collection<Document>,
+    run: &'a Document,
+    error: &str,
+    more: Document,
+) -> Result<Option<&'a str>, StoreError> {
+    let (Ok(id), Ok(expires)) = (run.get_str(common::ID), run.get_datetime("expiresAt")) else {
+        return Ok(None);
+    };
+    let (_, mut ended) = run_end(&Err(error.to_string()));
+    ended.extend(more);
+    let done = runs
+        .update_one(
+            doc! { common::ID: id, "status": "RUNNING", "expiresAt": *expires },
+            doc! { "$set": ended },
+        )
+        .await
+        .map_err(StoreError::mongo(
+            c::SCHEDULED_RUNS,
+            "record a lapsed run FAILED",
+        ))?;
+    Ok((done.modified_count == 1).then_some(id))
 }
 
 #[cfg(test)]
