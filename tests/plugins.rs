@@ -30,6 +30,14 @@ fn batch() -> Vec<Document> {
     ]
 }
 
+/// A fresh, empty plugin folder.
+fn scratch_dir() -> std::path::PathBuf {
+    let dir =
+        std::env::temp_dir().join(format!("sluice-plugins-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 fn hostile(host: &PluginHost, mode: &str) -> sluice_plugins::WasmTransform {
     host.load(
         &support::plugin_dir(),
@@ -170,9 +178,7 @@ fn hostile_plugins_are_stopped_with_clear_errors_and_the_host_goes_on() {
 fn a_tampered_component_or_a_bad_config_is_refused_at_load() {
     let host = host();
     let src = support::plugin_dir();
-    let dir =
-        std::env::temp_dir().join(format!("sluice-plugins-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir();
     std::fs::copy(src.join("noop.wasm"), dir.join("noop.wasm")).unwrap();
     std::fs::write(
         dir.join("noop.toml"),
@@ -245,9 +251,7 @@ fn a_replaced_component_takes_the_place_of_its_old_compile_and_versions_are_chec
     use sha2::Digest;
     let host = host();
     let src = support::plugin_dir();
-    let dir =
-        std::env::temp_dir().join(format!("sluice-plugins-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir();
     let install = |component: &str, version: &str| {
         let bytes = std::fs::read(src.join(component)).unwrap();
         std::fs::write(dir.join("p.wasm"), &bytes).unwrap();

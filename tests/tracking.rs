@@ -996,23 +996,32 @@ async fn a_store_that_stops_answering_gets_a_503_not_a_hung_request() {
     assert!((2..=3).contains(&int(&user, "totalEvents")), "{user}");
 }
 
-#[tokio::test]
-async fn a_request_nobody_waits_for_any_more_is_not_written() {
-    use sluice::server::{Batcher, Metrics};
-    use sluice_connectors::mongo::{EventWriter, WriteStatus, WriterOptions};
-    use std::sync::atomic::Ordering;
-    use std::time::Duration;
-    let db = TestDb::initialized().await;
+/// A batcher of `capacity` events over `writers` lanes, writing through a proxy whose
+/// store stops answering while the returned flag is set.
+async fn freezable_batcher(
+    db: &TestDb,
+    capacity: usize,
+    writers: usize,
+) -> (
+    sluice::server::Batcher,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use sluice_connectors::mongo::{EventWriter, WriterOptions};
     let (uri, frozen) = support::freezable_mongo_proxy().await;
     let store = support::store_via(&uri, &db.name).await;
     let writer = EventWriter::new(store, WriterOptions::default());
-    let (batcher, _writers) = Batcher::start(
+    let (batcher, _writers) = sluice::server::Batcher::start(
         writer,
-        1_000,
+        capacity,
         500,
-        1,
-        std::sync::Arc::new(Metrics::default()),
+        writers,
+        std::sync::Arc::new(sluice::server::Metrics::default()),
     );
+    (batcher, frozen)
+}
+
+/// A click of `visitor` (in session `s-VISITOR`), parsed as the endpoint parses it.
+fn click(event_id: &str, visitor: &str) -> sluice_core::model::Event {
     let ctx = sluice_core::tracking::RequestContext {
         received_at_ms: now_ms(),
         batch_sent_at_ms: None,
@@ -1020,15 +1029,23 @@ async fn a_request_nobody_waits_for_any_more_is_not_written() {
         ip: None,
         max_future_ms: 60_000,
     };
-    let event = |id: &str| {
-        sluice_core::tracking::parse_event(
-            &json!({ "eventId": id, "userId": "v1", "sessionId": "s1",
-                     "eventType": "PAGE_VIEW", "timestamp": now_ms() }),
-            &ctx,
-            Default::default(),
-        )
-        .unwrap()
-    };
+    sluice_core::tracking::parse_event(
+        &json!({ "eventId": event_id, "userId": visitor, "sessionId": format!("s-{visitor}"),
+                 "eventType": "CLICK", "timestamp": now_ms() }),
+        &ctx,
+        Default::default(),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_request_nobody_waits_for_any_more_is_not_written() {
+    use sluice_connectors::mongo::WriteStatus;
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+    let db = TestDb::initialized().await;
+    let (batcher, frozen) = freezable_batcher(&db, 1_000, 1).await;
+    let event = |id: &str| click(id, "v1");
     // The first request's write hangs on the store; the second queues behind it, and its
     // handler gives up (a client that hung up, or the endpoint's write deadline).
     frozen.store(true, Ordering::SeqCst);
@@ -1081,41 +1098,21 @@ async fn a_client_trickling_its_body_does_not_hold_the_shutdown_up() {
 
 #[tokio::test]
 async fn a_slow_writer_lane_fills_its_share_of_the_queue_not_the_whole_queue() {
-    use sluice::server::{Batcher, Metrics, SubmitError};
-    use sluice_connectors::mongo::{EventWriter, WriteStatus, WriterOptions};
+    use sluice::server::SubmitError;
+    use sluice_connectors::mongo::WriteStatus;
     use std::sync::atomic::Ordering;
     use std::time::Duration;
     let db = TestDb::initialized().await;
-    let (uri, frozen) = support::freezable_mongo_proxy().await;
-    let store = support::store_via(&uri, &db.name).await;
-    let writer = EventWriter::new(store, WriterOptions::default());
     // Two lanes of 10 events each.
-    let (batcher, _writers) =
-        Batcher::start(writer, 20, 500, 2, std::sync::Arc::new(Metrics::default()));
+    let (batcher, frozen) = freezable_batcher(&db, 20, 2).await;
     let hot = "hot-visitor";
     let other = (0..100)
         .map(|i| format!("v{i}"))
         .find(|v| batcher.lane(v) != batcher.lane(hot))
         .unwrap();
-    let ctx = sluice_core::tracking::RequestContext {
-        received_at_ms: now_ms(),
-        batch_sent_at_ms: None,
-        user_agent: None,
-        ip: None,
-        max_future_ms: 60_000,
-    };
     let events = |visitor: &str, from: usize, n: usize| -> Vec<_> {
         (from..from + n)
-            .map(|i| {
-                sluice_core::tracking::parse_event(
-                    &json!({ "eventId": format!("{visitor}-{i}"), "userId": visitor,
-                             "sessionId": format!("s-{visitor}"), "eventType": "CLICK",
-                             "timestamp": now_ms() }),
-                    &ctx,
-                    Default::default(),
-                )
-                .unwrap()
-            })
+            .map(|i| click(&format!("{visitor}-{i}"), visitor))
             .collect()
     };
     // The hot visitor's lane is stuck on the store with its share full.
