@@ -194,7 +194,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     exports.sort();
     exports.dedup();
     if let Some(s) = &scheduler {
-        s.stop().await;
+        s.stop_runs().await;
     }
     if let Some(t) = stopping {
         t.abort();
