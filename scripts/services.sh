@@ -3,7 +3,8 @@
 #   - SecantusDB (`secantusd-rs`), a MongoDB wire-protocol server, on 127.0.0.1:27017
 #   - SeaweedFS (`weed mini`), an S3-compatible server, on 127.0.0.1:8333
 # and installs the tools tests start themselves: pyarrow (an independent Parquet reader),
-# json-server and oidc-provider (a real paginated API behind real OAuth2 tokens).
+# json-server and oidc-provider (a real paginated API behind real OAuth2 tokens), and
+# libfaketime (runs a `sluice` process whose wall clock is off, for the clock-skew test).
 # Binaries are cached outside the clone (SLUICE_CACHE, default ~/.cache/sluice) and reused.
 #
 # usage: scripts/services.sh install|up|down|status|env
@@ -89,8 +90,21 @@ install_node_tools() {
   touch "$NODE_TOOLS/.complete"
 }
 
+# The libfaketime preload library, if installed.
+faketime_lib() {
+  find /usr/lib /usr/lib64 /usr/local/lib -name libfaketime.so.1 2>/dev/null | head -n 1
+}
+
+install_faketime() {
+  if [ -n "$(faketime_lib)" ]; then return; fi
+  log "installing faketime (a process with a skewed clock, for the clock-skew test)"
+  as_root apt-get update -qq && as_root apt-get install -y -qq faketime >/dev/null
+  [ -n "$(faketime_lib)" ] || die "faketime installed, but libfaketime.so.1 was not found"
+}
+
 install() {
   preflight
+  install_faketime
   mkdir -p "$CACHE"
   install_python_tools
   install_node_tools
@@ -222,6 +236,7 @@ export SLUICE_S3_ACCESS_KEY='$S3_KEY'
 export SLUICE_S3_SECRET_KEY='$S3_SECRET'
 export SLUICE_PYTHON='$VENV/bin/python'
 export SLUICE_NODE_TOOLS='$NODE_TOOLS'
+export SLUICE_FAKETIME_LIB='$(faketime_lib)'
 ENV
 }
 

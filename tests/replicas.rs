@@ -191,6 +191,110 @@ async fn a_killed_replicas_run_is_taken_over_and_completed_by_the_other() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A `sluice serve` process on `config` whose wall clock runs `ahead` of the real one
+/// (libfaketime), logging to `log`.
+fn serve_with_clock_ahead(
+    config: &std::path::Path,
+    ahead: &str,
+    log: &std::path::Path,
+) -> std::process::Child {
+    let lib = std::env::var("SLUICE_FAKETIME_LIB")
+        .ok()
+        .filter(|l| !l.is_empty())
+        .expect("SLUICE_FAKETIME_LIB is not set: run the tests through `scripts/test.sh`");
+    std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["--config"])
+        .arg(config)
+        .arg("serve")
+        .env_remove("SLUICE_MONGODB_URI")
+        .env_remove("SLUICE_MONGODB_DATABASE")
+        .env("LD_PRELOAD", lib)
+        .env("FAKETIME", ahead)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+/// Two replicas whose clocks disagree by 30 s: leases are timed by the database's clock,
+/// so the one running fast neither takes over the other's live runs nor starts a run of
+/// the job beside them, and it warns about its clock.
+#[tokio::test]
+async fn a_replica_whose_clock_runs_fast_takes_over_no_live_run() {
+    let db = TestDb::initialized().await;
+    let (dir, config) = setup(
+        &db,
+        "skewed-feed",
+        "[scheduler]\nlease_seconds = 3\nreload_seconds = 1\n",
+    )
+    .await;
+    let runs = db.store.collection("scheduled_runs");
+    let mut on_time = serve(&config);
+    // The replica on time claims a run first (6 pages take 4.2 s)...
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while runs
+        .count_documents(doc! { "status": "RUNNING" })
+        .await
+        .unwrap()
+        == 0
+    {
+        assert!(std::time::Instant::now() < deadline, "no run was claimed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // ...then one 30 s fast joins. Timed by its own clock, every lease the other writes
+    // (3 s) looks 27 s lapsed to it.
+    let log = dir.join("fast.log");
+    let mut fast = serve_with_clock_ahead(&config, "+30s", &log);
+    let mut most_running = 0;
+    let watch_until = std::time::Instant::now() + Duration::from_secs(12);
+    while std::time::Instant::now() < watch_until {
+        let running = runs
+            .count_documents(doc! { "status": "RUNNING" })
+            .await
+            .unwrap();
+        most_running = most_running.max(running);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for p in [&on_time, &fast] {
+        let _ = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(p.id().to_string())
+            .status();
+    }
+    let _ = on_time.wait();
+    let _ = fast.wait();
+
+    let all: Vec<bson::Document> = {
+        use futures_util::TryStreamExt;
+        runs.find(doc! {})
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap()
+    };
+    let taken_over: Vec<_> = all
+        .iter()
+        .filter(|r| r.get_i32("attempts").unwrap_or(1) > 1 || r.contains_key("takenOverAt"))
+        .collect();
+    assert!(
+        taken_over.is_empty(),
+        "no replica died, so no run was taken over: {taken_over:?}"
+    );
+    assert_eq!(most_running, 1, "one run of the job at a time: {all:?}");
+    let completed = all
+        .iter()
+        .filter(|r| r.get_str("status") == Ok("COMPLETED"))
+        .count();
+    assert!(completed >= 2, "the job kept running: {all:?}");
+    let warned = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        warned.contains("s ahead of the database's"),
+        "the fast replica warns about its clock: {warned}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[tokio::test]
 async fn an_import_in_flight_when_serve_stops_is_recorded_interrupted_with_its_progress() {
     let db = TestDb::initialized().await;

@@ -271,7 +271,7 @@ pub async fn catch_up(
     let mut done = Vec::new();
     for d in windows {
         let request = ExportRequest::day(kind, d, archive_after_days).scheduled();
-        let reading = DateTime::now();
+        let reading = ctx.store.now();
         done.push(run_export(ctx, &request).await?);
         late_day_exported(ctx, kind, d, reading).await;
     }
@@ -280,7 +280,7 @@ pub async fn catch_up(
     // the next run; it does not fail this run's windows.
     for d in late_days(ctx, kind, first, archive_after_days).await? {
         let request = ExportRequest::day(kind, d, archive_after_days).scheduled();
-        let reading = DateTime::now();
+        let reading = ctx.store.now();
         match run_export(ctx, &request).await {
             Ok(summary) => {
                 tracing::info!(kind = %kind, day = %d, rows = summary.rows, "published again a day that received late events");
@@ -495,9 +495,7 @@ async fn retire(ctx: &ExportContext, stale: Vec<String>) -> Vec<String> {
     if ctx.keep_replaced.is_zero() || stale.is_empty() {
         return stale;
     }
-    let due = DateTime::from_millis(
-        DateTime::now().timestamp_millis() + ctx.keep_replaced.as_millis() as i64,
-    );
+    let due = ctx.store.now_plus(ctx.keep_replaced);
     let dest = ctx.dest.url("");
     let docs: Vec<Document> = stale
         .iter()
@@ -524,7 +522,7 @@ async fn remove_retired_parts(ctx: &ExportContext) {
     use futures_util::TryStreamExt;
     let retired = ctx.store.collection(c::RETIRED_PARTS);
     let due: Vec<Document> = match retired
-        .find(doc! { "dest": ctx.dest.url(""), "dueAt": { "$lt": DateTime::now() } })
+        .find(doc! { "dest": ctx.dest.url(""), "dueAt": { "$lt": ctx.store.now() } })
         .limit(10_000)
         .await
     {
@@ -728,13 +726,13 @@ async fn archive(
 ) -> Result<(Vec<PartitionSummary>, u64), ExportError> {
     let kind = ExportJobType::Archive;
     let (mut deleted, stuck) = recover_archives(ctx, job_id).await?;
-    let today = Utc::now().date_naive();
+    let now = ctx.store.now().to_chrono();
+    let today = now.date_naive();
     let cutoff = today
         .checked_sub_days(Days::new(u64::from(request.archive_after_days)))
         .unwrap_or(today);
-    let created_before = DateTime::from_millis(
-        Utc::now().timestamp_millis() - request.archive_settle.as_millis() as i64,
-    );
+    let created_before =
+        DateTime::from_millis(now.timestamp_millis() - request.archive_settle.as_millis() as i64);
     let mut published = Vec::new();
     for d in archive_days(ctx, cutoff).await? {
         if stuck.iter().any(|(day, _)| *day == d) {
@@ -994,11 +992,6 @@ struct Lock {
 
 const LOCK_LEASE: Duration = Duration::from_secs(60);
 
-/// When a lease taken or renewed now lapses.
-fn lock_lease_end() -> DateTime {
-    DateTime::from_millis(DateTime::now().timestamp_millis() + LOCK_LEASE.as_millis() as i64)
-}
-
 impl Lock {
     /// Takes the lock `id` for `owner` if it is free or lapsed; else answers its holder's
     /// record.
@@ -1015,8 +1008,8 @@ impl Lock {
         // The unique `_id` makes the race have one winner.
         let taken = locks
             .update_one(
-                doc! { common::ID: id, "expiresAt": { "$lt": DateTime::now() } },
-                doc! { "$set": { "owner": owner, "expiresAt": lock_lease_end() } },
+                doc! { common::ID: id, "expiresAt": { "$lt": store.now() } },
+                doc! { "$set": { "owner": owner, "expiresAt": store.now_plus(LOCK_LEASE) } },
             )
             .upsert(true)
             .await;
@@ -1040,7 +1033,7 @@ impl Lock {
                     .lease_collection(c::JOB_LOCKS)
                     .update_one(
                         doc! { common::ID: &lock_id, "owner": &holder },
-                        doc! { "$set": { "expiresAt": lock_lease_end() } },
+                        doc! { "$set": { "expiresAt": store.now_plus(LOCK_LEASE) } },
                     )
                     .await;
             }
@@ -1062,9 +1055,9 @@ impl Lock {
             .update_one(
                 doc! {
                     common::ID: &self.id,
-                    "$or": [ { "owner": &self.owner }, { "expiresAt": { "$lt": DateTime::now() } } ],
+                    "$or": [ { "owner": &self.owner }, { "expiresAt": { "$lt": store.now() } } ],
                 },
-                doc! { "$set": { "owner": &self.owner, "expiresAt": lock_lease_end() } },
+                doc! { "$set": { "owner": &self.owner, "expiresAt": store.now_plus(LOCK_LEASE) } },
             )
             .await
             .is_ok_and(|r| r.matched_count == 1)
@@ -1119,7 +1112,7 @@ async fn ensure_archive_lock(ctx: &ExportContext, job_id: &str) -> Result<(), Ex
         .count_documents(doc! {
             common::ID: ExportJobType::Archive.as_str(),
             "owner": job_id,
-            "expiresAt": { "$gt": DateTime::now() },
+            "expiresAt": { "$gt": ctx.store.now() },
         })
         .await
         .map_err(|source| ExportError::Read {

@@ -17,7 +17,7 @@ pub async fn create(
     window: Option<(String, String)>,
     manual: bool,
 ) -> Result<String, StoreError> {
-    let now = DateTime::now();
+    let now = store.now();
     let job_id = format!(
         "{}-{}-{}",
         kind.as_str().to_ascii_lowercase().replace('_', "-"),
@@ -58,7 +58,7 @@ pub async fn create(
 
 async fn set(store: &Store, job_id: &str, fields: bson::Document) -> Result<(), StoreError> {
     let mut fields = fields;
-    fields.insert(common::UPDATED_AT, DateTime::now());
+    fields.insert(common::UPDATED_AT, store.now());
     store
         .collection(c::EXPORT_JOBS)
         .update_one(doc! { f::JOB_ID: job_id }, doc! { "$set": fields })
@@ -71,7 +71,7 @@ pub async fn running(store: &Store, job_id: &str) -> Result<(), StoreError> {
     set(
         store,
         job_id,
-        doc! { f::STATUS: ExportJobStatus::Running.as_str(), f::START_TIME: DateTime::now() },
+        doc! { f::STATUS: ExportJobStatus::Running.as_str(), f::START_TIME: store.now() },
     )
     .await
 }
@@ -88,7 +88,7 @@ pub async fn completed(
         job_id,
         doc! {
             f::STATUS: ExportJobStatus::Completed.as_str(),
-            f::END_TIME: DateTime::now(),
+            f::END_TIME: store.now(),
             f::RECORDS_PROCESSED: records as i64,
             f::FILES: files as i64,
             f::DESTINATION: destination,
@@ -108,7 +108,7 @@ pub async fn failed(
         job_id,
         doc! {
             f::STATUS: ExportJobStatus::Failed.as_str(),
-            f::END_TIME: DateTime::now(),
+            f::END_TIME: store.now(),
             ROWS_READ: rows_read as i64,
             f::ERROR: error,
         },
@@ -182,7 +182,7 @@ impl Drop for Heartbeat {
 
 /// Marks RUNNING runs matching `filter` FAILED with `error`; returns how many.
 async fn fail_running(store: &Store, mut filter: Document, error: &str) -> Result<u64, StoreError> {
-    let now = DateTime::now();
+    let now = store.now();
     filter.insert(f::STATUS, ExportJobStatus::Running.as_str());
     let result = store
         .collection(c::EXPORT_JOBS)
@@ -241,9 +241,8 @@ pub async fn fail_stopped_runs(store: &Store, job_ids: &[String]) -> Result<u64,
 /// Marks RUNNING exports without a heartbeat for `PRESUMED_DEAD` as FAILED; returns how
 /// many.
 pub async fn fail_dead_runs(store: &Store) -> Result<u64, StoreError> {
-    let cutoff = DateTime::from_millis(
-        DateTime::now().timestamp_millis() - PRESUMED_DEAD.as_millis() as i64,
-    );
+    let cutoff =
+        DateTime::from_millis(store.now().timestamp_millis() - PRESUMED_DEAD.as_millis() as i64);
     fail_running(
         store,
         doc! { common::UPDATED_AT: { "$lt": cutoff } },

@@ -695,7 +695,7 @@ async fn write_page(
     // An import into `events` stores tracking events: validated, deduplicated by
     // eventId, folded into sessions and users.
     let events = if connector.collection == c::EVENTS {
-        let received_at_ms = chrono::Utc::now().timestamp_millis();
+        let received_at_ms = store.now().timestamp_millis();
         let max_future_ms = options.tracking.max_future_seconds.saturating_mul(1000);
         let mut events = Vec::with_capacity(mapped.len());
         for d in &mapped {

@@ -377,7 +377,7 @@ impl Scheduler {
                                 "owner": &inner.options.instance, "status": "RUNNING",
                                 "handedBack": { "$ne": true },
                             },
-                            doc! { "$set": { "expiresAt": lease_end(lease) } },
+                            doc! { "$set": { "expiresAt": inner.store.now_plus(lease) } },
                         )
                         .await;
                     tokio::time::sleep(lease / 3).await;
@@ -486,7 +486,7 @@ async fn claim(
     fire: chrono::DateTime<Utc>,
 ) -> Result<Option<FireOutcome>, StoreError> {
     let runs = inner.store.lease_collection(c::SCHEDULED_RUNS);
-    let now = DateTime::now();
+    let now = inner.store.now();
     let id = run_id(&job.name, fire);
     if let Some(other) = live_run(&inner.store, &job.name, &id).await? {
         let skipped = doc! {
@@ -504,7 +504,7 @@ async fn claim(
     let claim = doc! {
         common::ID: &id, "job": &job.name, "scheduledFor": DateTime::from_chrono(fire),
         "status": "RUNNING", "owner": &inner.options.instance,
-        "startedAt": now, "expiresAt": lease_end(inner.options.lease),
+        "startedAt": now, "expiresAt": inner.store.now_plus(inner.options.lease),
         "attempts": 1, common::CREATED_AT: now,
     };
     let inserted = match runs.insert_one(claim).await {
@@ -552,11 +552,11 @@ async fn execute(
     let me = inner.options.instance.clone();
     let lease = inner.options.lease;
     let heartbeat = {
-        let runs = runs.clone();
+        let store = inner.store.clone();
         let filter = doc! { common::ID: &id, "owner": &me, "status": "RUNNING" };
         let id = id.clone();
         async move {
-            let why = keep_lease(&runs, filter, lease, leased).await;
+            let why = keep_lease(&store, filter, lease, leased).await;
             tracing::warn!(run = %id, why, "lease lost");
         }
     };
@@ -583,7 +583,7 @@ async fn execute(
         }
         return FireOutcome::Stopped;
     };
-    let (status, ended) = run_end(&result);
+    let (status, ended) = run_end(&result, inner.store.now());
     sluice_core::metrics::count(
         "sluice_job_runs_total",
         "Scheduled job runs, by job and outcome.",
@@ -610,14 +610,14 @@ async fn execute(
 
 /// A run's outcome as its status and the fields that record its end (`status`, `result`
 /// or `error`, `endedAt`): the same for scheduled fires and manual runs.
-fn run_end(result: &Result<String, String>) -> (&'static str, Document) {
+fn run_end(result: &Result<String, String>, ended_at: DateTime) -> (&'static str, Document) {
     let (status, field, text) = match result {
         Ok(summary) => ("COMPLETED", "result", summary),
         Err(e) => ("FAILED", "error", e),
     };
     (
         status,
-        doc! { "status": status, field: text, "endedAt": DateTime::now() },
+        doc! { "status": status, field: text, "endedAt": ended_at },
     )
 }
 
@@ -634,7 +634,7 @@ pub const MANUAL_LEASE: Duration = Duration::from_secs(60);
 /// FAILED once its lease lapses). Returns its id.
 pub async fn start_manual_run(store: &Store, job: &str, owner: &str) -> Result<String, StoreError> {
     check_not_running(store, job).await?;
-    let now = DateTime::now();
+    let now = store.now();
     let id = format!(
         "{job}@manual-{}-{}",
         Utc::now().format("%Y%m%dT%H%M%S%.3fZ"),
@@ -644,7 +644,7 @@ pub async fn start_manual_run(store: &Store, job: &str, owner: &str) -> Result<S
     runs.insert_one(doc! {
         common::ID: &id, "job": job, "scheduledFor": now, "status": "RUNNING",
         "manual": true, "owner": owner, "startedAt": now,
-        "expiresAt": lease_end(MANUAL_LEASE), "attempts": 1, common::CREATED_AT: now,
+        "expiresAt": store.now_plus(MANUAL_LEASE), "attempts": 1, common::CREATED_AT: now,
     })
     .await
     .map_err(StoreError::mongo(c::SCHEDULED_RUNS, "record a manual run"))?;
@@ -735,9 +735,10 @@ pub async fn stop_manual_runs(store: &Store, within: Duration) -> usize {
     while tokio::time::Instant::now() < deadline && still_held() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let (_, ended) = run_end(&Err(
-        "stopped by a shutdown of its process; run it again".to_string()
-    ));
+    let (_, ended) = run_end(
+        &Err("stopped by a shutdown of its process; run it again".to_string()),
+        store.now(),
+    );
     let ended = store
         .lease_collection(c::SCHEDULED_RUNS)
         .update_many(
@@ -762,9 +763,8 @@ pub async fn hold_manual_run_for<T>(
     let stopping = async move {
         let _ = stop.wait_for(|stopping| *stopping).await;
     };
-    let runs = store.lease_collection(c::SCHEDULED_RUNS);
     let heartbeat = keep_lease(
-        &runs,
+        store,
         doc! { common::ID: id, "status": "RUNNING" },
         lease,
         tokio::time::Instant::now(),
@@ -825,11 +825,12 @@ async fn record_end(
 /// answers: another replica may take the run over at `expiresAt`, and a renewal that
 /// hangs (a failover, a half-open connection) must not keep the run going past it.
 async fn keep_lease(
-    runs: &mongodb::Collection<Document>,
+    store: &Store,
     filter: Document,
     lease: Duration,
     since: tokio::time::Instant,
 ) -> String {
+    let runs = store.lease_collection(c::SCHEDULED_RUNS);
     let margin = lease / 6;
     // When the lease held now was written (just before its write was sent).
     let mut renewed_at = since;
@@ -843,7 +844,7 @@ async fn keep_lease(
         let sent = tokio::time::Instant::now();
         let renewal = runs.update_one(
             filter.clone(),
-            doc! { "$set": { "expiresAt": lease_end(lease) } },
+            doc! { "$set": { "expiresAt": store.now_plus(lease) } },
         );
         match tokio::time::timeout_at(hold_until, renewal).await {
             Err(_) => {
@@ -860,17 +861,13 @@ async fn keep_lease(
     }
 }
 
-fn lease_end(lease: Duration) -> DateTime {
-    DateTime::from_millis(DateTime::now().timestamp_millis() + lease.as_millis() as i64)
-}
-
 /// A run of `job` other than `except` that holds a live lease.
 async fn live_run(store: &Store, job: &str, except: &str) -> Result<Option<Document>, StoreError> {
     store
         .lease_collection(c::SCHEDULED_RUNS)
         .find_one(doc! {
             "job": job, "status": "RUNNING", common::ID: { "$ne": except },
-            "expiresAt": { "$gt": DateTime::now() },
+            "expiresAt": { "$gt": store.now() },
         })
         .await
         .map_err(StoreError::mongo(
@@ -887,7 +884,7 @@ async fn step_back(store: &Store, id: &str, other: &Document) -> Result<(), Stor
             doc! { common::ID: id },
             doc! {
                 "$set": {
-                    "status": "SKIPPED", "endedAt": DateTime::now(),
+                    "status": "SKIPPED", "endedAt": store.now(),
                     "reason": format!("the run `{}` started at the same time", other.get_str(common::ID).unwrap_or("?")),
                 },
                 "$unset": { "expiresAt": "" },
@@ -922,7 +919,7 @@ pub async fn end_manual_run(
     id: &str,
     result: &Result<String, String>,
 ) -> Result<(), StoreError> {
-    let (_, ended) = run_end(result);
+    let (_, ended) = run_end(result, store.now());
     store
         .lease_collection(c::SCHEDULED_RUNS)
         .update_one(doc! { common::ID: id }, doc! { "$set": ended })
@@ -944,7 +941,7 @@ async fn hand_back(inner: &Inner, mut filter: Document) {
         .lease_collection(c::SCHEDULED_RUNS)
         .update_many(
             filter,
-            doc! { "$set": { "expiresAt": DateTime::from_millis(0), "handedBackAt": DateTime::now(), "handedBack": true } },
+            doc! { "$set": { "expiresAt": DateTime::from_millis(0), "handedBackAt": inner.store.now(), "handedBack": true } },
         )
         .await;
 }
@@ -953,7 +950,7 @@ async fn hand_back(inner: &Inner, mut filter: Document) {
 async fn sweep(inner: &Arc<Inner>) -> Result<(), StoreError> {
     use futures_util::TryStreamExt;
     let runs = inner.store.lease_collection(c::SCHEDULED_RUNS);
-    let now = DateTime::now();
+    let now = inner.store.now();
     let orphans: Vec<Document> = runs
         .find(doc! { "status": "RUNNING", "expiresAt": { "$lt": now } })
         .await
@@ -964,7 +961,7 @@ async fn sweep(inner: &Arc<Inner>) -> Result<(), StoreError> {
     for o in orphans {
         if o.get_bool("manual").unwrap_or(false) {
             // A run by hand is not run again by a replica: its process stopped renewing it.
-            abandon(&runs, &o).await?;
+            abandon(&runs, &o, now).await?;
             continue;
         }
         // An owner that handed the run back was stopping; one whose lease lapsed died (or
@@ -974,7 +971,7 @@ async fn sweep(inner: &Arc<Inner>) -> Result<(), StoreError> {
         let handed_back = o.get_bool("handedBack").unwrap_or(false);
         let lapses = o.get_i32("lapses").unwrap_or(0) + i32::from(!handed_back);
         if lapses >= MAX_LAPSES {
-            give_up(&runs, &o, lapses).await?;
+            give_up(&runs, &o, lapses, now).await?;
             continue;
         }
         let (Ok(id), Ok(job), Ok(expires), Ok(fire)) = (
@@ -994,7 +991,7 @@ async fn sweep(inner: &Arc<Inner>) -> Result<(), StoreError> {
                 doc! { common::ID: id, "status": "RUNNING", "expiresAt": *expires },
                 doc! {
                     "$set": {
-                        "owner": &inner.options.instance, "expiresAt": lease_end(inner.options.lease),
+                        "owner": &inner.options.instance, "expiresAt": inner.store.now_plus(inner.options.lease),
                         "takenOverAt": now, "handedBack": false, "lapses": lapses,
                     },
                     "$inc": { "attempts": 1 },
@@ -1044,9 +1041,10 @@ async fn give_up(
     runs: &mongodb::Collection<Document>,
     run: &Document,
     lapses: i32,
+    now: DateTime,
 ) -> Result<(), StoreError> {
     let error = format!("given up: the replicas running it stopped renewing its lease {lapses} times (a run that takes its process down is not handed on); see their logs, then run it by hand");
-    if let Some(id) = fail_lapsed(runs, run, &error, doc! { "lapses": lapses }).await? {
+    if let Some(id) = fail_lapsed(runs, run, &error, doc! { "lapses": lapses }, now).await? {
         tracing::error!(
             run = id,
             lapses,
@@ -1057,12 +1055,16 @@ async fn give_up(
 }
 
 /// Records the run by hand `run`, whose lease lapsed, as FAILED.
-async fn abandon(runs: &mongodb::Collection<Document>, run: &Document) -> Result<(), StoreError> {
+async fn abandon(
+    runs: &mongodb::Collection<Document>,
+    run: &Document,
+    now: DateTime,
+) -> Result<(), StoreError> {
     let error = format!(
         "abandoned: its process ({}) stopped renewing its lease",
         run.get_str("owner").unwrap_or("?")
     );
-    if let Some(id) = fail_lapsed(runs, run, &error, doc! {}).await? {
+    if let Some(id) = fail_lapsed(runs, run, &error, doc! {}, now).await? {
         tracing::warn!(
             run = id,
             "a run by hand was abandoned (its process stopped); recorded FAILED"
@@ -1078,11 +1080,12 @@ async fn fail_lapsed<'a>(
     run: &'a Document,
     error: &str,
     more: Document,
+    now: DateTime,
 ) -> Result<Option<&'a str>, StoreError> {
     let (Ok(id), Ok(expires)) = (run.get_str(common::ID), run.get_datetime("expiresAt")) else {
         return Ok(None);
     };
-    let (_, mut ended) = run_end(&Err(error.to_string()));
+    let (_, mut ended) = run_end(&Err(error.to_string()), now);
     ended.extend(more);
     let done = runs
         .update_one(

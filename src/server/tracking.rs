@@ -290,7 +290,7 @@ pub(super) fn request_context(
 ) -> RequestContext {
     let ip = enrich::client_ip(peer.ip(), headers, &state.trusted);
     RequestContext {
-        received_at_ms: chrono::Utc::now().timestamp_millis(),
+        received_at_ms: state.store.now().timestamp_millis(),
         batch_sent_at_ms,
         user_agent: headers
             .get("user-agent")
@@ -476,7 +476,7 @@ async fn transform(
         .collect();
     // What a plugin returns is held to the rules a client's event is: it cannot store an
     // amount, an id or a property name the endpoint would have refused.
-    let now = chrono::Utc::now().timestamp_millis();
+    let now = state.store.now().timestamp_millis();
     let max_future = state
         .config
         .tracking

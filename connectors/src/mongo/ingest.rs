@@ -231,7 +231,7 @@ impl EventWriter {
         for &i in &unique {
             encoded.insert(i, encode_event(&events[i])?);
         }
-        let now = DateTime::now();
+        let now = self.store.now();
         let claim_started = Instant::now();
         let claimed = self.claim_and_aggregate(events, &unique, now).await?;
         // Late days are marked before their events are inserted, so a crash between the
@@ -346,9 +346,7 @@ impl EventWriter {
             return Ok(());
         }
         let written = Instant::now();
-        let ahead = DateTime::from_millis(
-            DateTime::now().timestamp_millis() + self.options.late_mark_ahead.as_millis() as i64,
-        );
+        let ahead = self.store.now_plus(self.options.late_mark_ahead);
         let ids: Vec<String> = due.iter().map(|d| d.to_string()).collect();
         let marks = self.store.collection(c::LATE_DAYS);
         for id in &ids {
@@ -652,7 +650,7 @@ impl EventWriter {
             }
             // Judged and taken at the time of the take-over, not of the batch: the claim
             // this writer then holds is a whole lease young.
-            let now = DateTime::now();
+            let now = self.store.now();
             if now.timestamp_millis() - at.timestamp_millis() < lease_ms {
                 status[i] = WriteStatus::Retry;
                 continue;

@@ -1,10 +1,12 @@
 //! The MongoDB store: one [`Store`] per process, sharing the driver's connection pool.
 
+mod clock;
 pub mod identities;
 mod ingest;
 mod schema;
 mod sessions;
 
+pub use clock::ServerClock;
 pub use ingest::{EventWriter, WriteStatus, WriterOptions, WRITE_PHASES, WRITE_PHASE_SECONDS};
 pub use schema::{index_specs, IndexOutcome, IndexSpec, InitReport};
 pub use sessions::expire_idle_sessions;
@@ -125,6 +127,7 @@ pub struct Store {
     client: Client,
     db: Database,
     write_concern: WriteConcern,
+    clock: std::sync::Arc<ServerClock>,
 }
 
 impl Store {
@@ -152,7 +155,8 @@ impl Store {
             .get_or_insert(std::time::Duration::from_secs(10));
         let client = Client::with_options(options).map_err(StoreError::Connect)?;
         let db = client.database(database);
-        db.run_command(bson::doc! { "ping": 1 })
+        // The clock's first reading doubles as the check that the server answers.
+        let clock = ServerClock::read(db.clone())
             .await
             .map_err(StoreError::Connect)?;
         let w = match write_concern {
@@ -164,6 +168,7 @@ impl Store {
             client,
             db,
             write_concern,
+            clock,
         })
     }
 
@@ -173,6 +178,21 @@ impl Store {
 
     pub fn db(&self) -> &Database {
         &self.db
+    }
+
+    /// The database's time now: what leases, claims and run records are timed by, so
+    /// that replicas whose own clocks disagree still agree on them (see [`ServerClock`]).
+    pub fn now(&self) -> bson::DateTime {
+        self.clock.now()
+    }
+
+    /// The database's time `ahead` from now.
+    pub fn now_plus(&self, ahead: std::time::Duration) -> bson::DateTime {
+        bson::DateTime::from_millis(self.now().timestamp_millis() + ahead.as_millis() as i64)
+    }
+
+    pub fn clock(&self) -> &std::sync::Arc<ServerClock> {
+        &self.clock
     }
 
     pub fn write_concern(&self) -> &WriteConcern {

@@ -11,7 +11,7 @@ pub async fn expire_idle_sessions(
     store: &Store,
     idle: std::time::Duration,
 ) -> Result<u64, StoreError> {
-    let now = DateTime::now();
+    let now = store.now();
     let cutoff = DateTime::from_millis(now.timestamp_millis() - idle.as_millis() as i64);
     let result = store
         .collection(c::SESSIONS)
