@@ -68,6 +68,9 @@ async fn init_store(config: &Config, log: bool) -> anyhow::Result<Store> {
         .iter()
         .map(|c| format!("created collection {c}"))
         .collect();
+    for (coll, name, why) in &report.dropped_indexes {
+        done.push(format!("dropped index {coll}.{name}: {why}"));
+    }
     for (coll, name, outcome) in &report.indexes {
         if let IndexOutcome::Created = outcome {
             done.push(format!("created index {coll}.{name}"));
@@ -102,6 +105,38 @@ async fn init_store(config: &Config, log: bool) -> anyhow::Result<Store> {
         println!("{summary}");
     }
     Ok(store)
+}
+
+/// `sluice db prune-ledger`: deletes the ledger's claims of archived events before
+/// `before`, printing progress; with `dry_run`, only counts them.
+pub async fn db_prune_ledger(
+    config: &Config,
+    before: chrono::NaiveDate,
+    dry_run: bool,
+) -> anyhow::Result<()> {
+    use sluice_connectors::mongo::ledger;
+    let store = Store::connect(config)
+        .await
+        .with_context(|| format!("database `{}`", config.database))?;
+    let cutoff = bson::DateTime::from_chrono(before.and_time(chrono::NaiveTime::MIN).and_utc());
+    let total = ledger::count_archived_claims(&store, cutoff).await?;
+    if dry_run || total == 0 {
+        println!(
+            "{total} claims of archived events before {before} {}",
+            if dry_run {
+                "would be deleted (dry run)"
+            } else {
+                "to delete"
+            }
+        );
+        return Ok(());
+    }
+    let deleted = ledger::prune_archived_claims(&store, cutoff, |n| {
+        eprintln!("deleted {n} of {total} claims");
+    })
+    .await?;
+    println!("deleted {deleted} claims of archived events before {before}; resends of those events will be stored again");
+    Ok(())
 }
 
 /// `sluice serve`: init, then serve until SIGTERM / Ctrl-C.

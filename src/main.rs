@@ -191,6 +191,16 @@ fn parse_kind(text: &str) -> Result<ExportJobType, String> {
 enum DbCommand {
     /// Create every collection and index (idempotent).
     Init,
+    /// Delete the dedupe ledger's claims of archived events older than a day. A resend of
+    /// such an event is then stored again; claims of events still in `events` are kept.
+    PruneLedger {
+        /// Claims of events before this day (YYYY-MM-DD, UTC) are deleted.
+        #[arg(long)]
+        before: chrono::NaiveDate,
+        /// Only count what would be deleted.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -276,6 +286,9 @@ fn main() -> ExitCode {
             Command::Db {
                 command: DbCommand::Init,
             } => cli::db_init(&config).await.map(|_| ()),
+            Command::Db {
+                command: DbCommand::PruneLedger { before, dry_run },
+            } => cli::db_prune_ledger(&config, before, dry_run).await,
             Command::Export {
                 command:
                     ExportCommand::Run {

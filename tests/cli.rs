@@ -571,3 +571,97 @@ async fn serve_with_a_missing_geoip_database_stops_before_touching_the_database(
     let names = db.store.db().list_collection_names().await.unwrap();
     assert!(names.is_empty(), "{names:?}");
 }
+
+#[tokio::test]
+async fn prune_ledger_deletes_only_claims_of_archived_events_before_the_day() {
+    use bson::{doc, DateTime};
+    let db = support::TestDb::initialized().await;
+    let day = |s: &str| {
+        DateTime::from_chrono(
+            format!("{s}T12:00:00Z")
+                .parse::<chrono::DateTime<chrono::Utc>>()
+                .unwrap(),
+        )
+    };
+    // More old archived claims than one round trip deletes, so pruning goes in chunks.
+    let old_archived = 20_005;
+    let mut claims: Vec<bson::Document> = (0..old_archived)
+        .map(|i| doc! { "_id": format!("old-{i}"), "ts": day("2026-01-10"), "at": day("2026-01-10"), "archived": true })
+        .collect();
+    claims.extend((0..3).map(|i| {
+        doc! { "_id": format!("recent-{i}"), "ts": day("2026-03-01"), "at": day("2026-03-01"), "archived": true }
+    }));
+    // Old claims whose events are still stored (or were never): a resend of them must
+    // stay a duplicate, so they are never pruned.
+    claims.extend((0..4).map(|i| {
+        doc! { "_id": format!("kept-{i}"), "ts": day("2026-01-10"), "at": day("2026-01-10") }
+    }));
+    let ledger = db.store.collection("event_ids");
+    ledger.insert_many(claims).await.unwrap();
+    let config = db_config(&db);
+    let prune = |args: &'static [&'static str]| {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || {
+            sluice()
+                .arg("--config")
+                .arg(&config)
+                .args(["db", "prune-ledger"])
+                .args(args)
+                .output()
+                .unwrap()
+        })
+    };
+
+    let dry = prune(&["--before", "2026-02-01", "--dry-run"])
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&dry.stdout);
+    assert!(dry.status.success(), "{stdout}");
+    assert!(
+        stdout.contains(&format!("{old_archived} claims")),
+        "{stdout}"
+    );
+    assert_eq!(
+        ledger.count_documents(doc! {}).await.unwrap(),
+        old_archived + 7,
+        "a dry run deletes nothing"
+    );
+
+    let done = prune(&["--before", "2026-02-01"]).await.unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&done.stdout),
+        String::from_utf8_lossy(&done.stderr),
+    );
+    assert!(done.status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains(&format!("deleted {old_archived} claims")),
+        "{stdout}"
+    );
+    assert!(
+        stderr.lines().filter(|l| l.starts_with("deleted ")).count() >= 3,
+        "progress after each chunk: {stderr}"
+    );
+    let mut left: Vec<String> = {
+        use futures_util::TryStreamExt;
+        ledger
+            .find(doc! {})
+            .await
+            .unwrap()
+            .try_collect::<Vec<bson::Document>>()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|d| d.get_str("_id").unwrap().to_string())
+            .collect()
+    };
+    left.sort();
+    assert_eq!(
+        left,
+        ["kept-0", "kept-1", "kept-2", "kept-3", "recent-0", "recent-1", "recent-2"]
+    );
+
+    let bad = prune(&["--before", "2026-02-30"]).await.unwrap();
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success());
+    assert!(stderr.contains("--before"), "{stderr}");
+}

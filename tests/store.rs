@@ -593,3 +593,63 @@ async fn idle_sessions_expire() {
         2
     );
 }
+
+#[tokio::test]
+async fn the_ledger_index_covers_only_archived_claims_and_replaces_the_old_ts_index() {
+    use mongodb::options::IndexOptions;
+    use mongodb::IndexModel;
+    let db = TestDb::new().await;
+    let ledger = db.store.collection("event_ids");
+    // What earlier versions created: every claim paid a write to it.
+    let named = |keys: Document, name: &str| {
+        IndexModel::builder()
+            .keys(keys)
+            .options(IndexOptions::builder().name(name.to_string()).build())
+            .build()
+    };
+    ledger
+        .create_index(named(doc! { "ts": 1 }, "ts"))
+        .await
+        .unwrap();
+    let first = db.store.init().await.unwrap();
+    assert_eq!(
+        first
+            .dropped_indexes
+            .iter()
+            .map(|(c, n, _)| (c.as_str(), n.as_str()))
+            .collect::<Vec<_>>(),
+        vec![("event_ids", "ts")]
+    );
+    let list = indexes(&db, "event_ids").await;
+    assert!(
+        !list.iter().any(|d| d.get_str("name") == Ok("ts")),
+        "{list:?}"
+    );
+    let ours = find_by_key(&list, &doc! { "archived": 1, "ts": 1 })
+        .unwrap_or_else(|| panic!("no archived_ts index: {list:?}"));
+    assert_eq!(
+        ours.get_document("partialFilterExpression").unwrap(),
+        &doc! { "archived": true },
+        "{ours}"
+    );
+    // Read back as the server stores it, the partial index counts as ours: nothing more
+    // to do the second time.
+    let second = db.store.init().await.unwrap();
+    assert!(second.dropped_indexes.is_empty());
+    assert_eq!(second.created_indexes(), 0, "{:?}", second.indexes);
+
+    // An index someone else named `ts`, on other keys, is theirs: kept.
+    let db = TestDb::new().await;
+    db.store
+        .collection("event_ids")
+        .create_index(named(doc! { "at": 1 }, "ts"))
+        .await
+        .unwrap();
+    let report = db.store.init().await.unwrap();
+    assert!(report.dropped_indexes.is_empty());
+    let list = indexes(&db, "event_ids").await;
+    assert!(
+        list.iter().any(|d| d.get_str("name") == Ok("ts")),
+        "{list:?}"
+    );
+}

@@ -3,6 +3,7 @@
 mod clock;
 pub mod identities;
 mod ingest;
+pub mod ledger;
 mod schema;
 mod sessions;
 

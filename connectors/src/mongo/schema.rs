@@ -28,6 +28,8 @@ pub struct IndexSpec {
     /// A TTL index (`expireAfterSeconds: 0`): the server deletes a document once the
     /// date in its (single) key field has passed.
     pub ttl: bool,
+    /// A partial index: only documents matching this filter are indexed.
+    pub partial: Option<Document>,
 }
 
 impl IndexSpec {
@@ -40,6 +42,7 @@ impl IndexSpec {
             sparse: false,
             text: false,
             ttl: false,
+            partial: None,
         }
     }
     fn unique(mut self) -> Self {
@@ -56,6 +59,10 @@ impl IndexSpec {
     }
     fn ttl(mut self) -> Self {
         self.ttl = true;
+        self
+    }
+    fn partial(mut self, filter: Document) -> Self {
+        self.partial = Some(filter);
         self
     }
 }
@@ -148,8 +155,15 @@ pub fn index_specs() -> Vec<IndexSpec> {
             "config_startTime",
             doc! { r::CONFIG: 1, r::START_TIME: -1 },
         ),
-        // the dedupe ledger, by event time (ARCHIVE marks archived claims)
-        IndexSpec::new(c::EVENT_IDS, "ts", doc! { l::TIMESTAMP: 1 }),
+        // the dedupe ledger's archived claims by event time, for `db prune-ledger`; partial,
+        // so a claim costs no write to it until ARCHIVE marks it (replaces `ts`, see
+        // RETIRED_INDEXES)
+        IndexSpec::new(
+            c::EVENT_IDS,
+            "archived_ts",
+            doc! { l::ARCHIVED: 1, l::TIMESTAMP: 1 },
+        )
+        .partial(doc! { l::ARCHIVED: true }),
         // scheduled fires: a job's latest (jobs list, overlap check) and expired leases
         IndexSpec::new(
             c::SCHEDULED_RUNS,
@@ -186,6 +200,16 @@ const PLAIN_COLLECTIONS: &[&str] = &[
     c::RETIRED_PARTS,
 ];
 
+/// Indexes earlier versions created that `init` drops when it finds them with these keys
+/// (under another name or with other keys, an index is someone else's and kept):
+/// (collection, name, keys, why).
+const RETIRED_INDEXES: &[(&str, &str, &str, &str)] = &[(
+    c::EVENT_IDS,
+    "ts",
+    l::TIMESTAMP,
+    "every claim paid an index write for it; replaced by the partial `archived_ts`",
+)];
+
 /// What happened to one index.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum IndexOutcome {
@@ -200,6 +224,8 @@ pub enum IndexOutcome {
 #[derive(Debug, Default)]
 pub struct InitReport {
     pub created_collections: Vec<String>,
+    /// Indexes of earlier versions dropped: (collection, name, why).
+    pub dropped_indexes: Vec<(String, String, String)>,
     pub indexes: Vec<(String, String, IndexOutcome)>,
     pub warnings: Vec<String>,
 }
@@ -313,6 +339,13 @@ pub(super) async fn init(store: &Store) -> Result<InitReport, StoreError> {
         }
     }
 
+    for (collection, name, key, why) in RETIRED_INDEXES {
+        if drop_retired(store, collection, name, key).await? {
+            report
+                .dropped_indexes
+                .push(((*collection).into(), (*name).into(), (*why).into()));
+        }
+    }
     for spec in index_specs() {
         let outcome = ensure_index(store, &spec).await?;
         if let IndexOutcome::Skipped(reason) = &outcome {
@@ -328,6 +361,41 @@ pub(super) async fn init(store: &Store) -> Result<InitReport, StoreError> {
     Ok(report)
 }
 
+/// Drops the index `name` of `collection` if it is there on the single ascending key
+/// `key`, as an earlier version created it; returns whether it was dropped.
+async fn drop_retired(
+    store: &Store,
+    collection: &str,
+    name: &str,
+    key: &str,
+) -> Result<bool, StoreError> {
+    let coll = store.collection(collection);
+    let found = coll
+        .list_indexes()
+        .await
+        .map_err(StoreError::mongo(collection, "listIndexes"))?
+        .try_collect::<Vec<_>>()
+        .await
+        .map_err(StoreError::mongo(collection, "listIndexes"))?
+        .into_iter()
+        .any(|m| {
+            m.options.as_ref().and_then(|o| o.name.as_deref()) == Some(name)
+                && key_pattern(&m.keys) == key_pattern(&doc! { key: 1 })
+                && m.options
+                    .as_ref()
+                    .is_none_or(|o| o.partial_filter_expression.is_none())
+        });
+    if !found {
+        return Ok(false);
+    }
+    match coll.drop_index(name).await {
+        Ok(()) => Ok(true),
+        // IndexNotFound: another replica's init dropped it first.
+        Err(err) if error_code(&err) == Some(27) => Ok(false),
+        Err(err) => Err(StoreError::mongo(collection, "dropIndexes")(err)),
+    }
+}
+
 /// The server's own message (code and text), without the driver's debug dump.
 pub(crate) fn short_error(err: &mongodb::error::Error) -> String {
     use mongodb::error::ErrorKind;
@@ -338,8 +406,8 @@ pub(crate) fn short_error(err: &mongodb::error::Error) -> String {
 }
 
 /// The options of an index as listIndexes shows them, reduced to what we compare:
-/// unique, sparse, TTL of zero seconds.
-fn option_flags(doc: &Document) -> (bool, bool, bool) {
+/// unique, sparse, TTL of zero seconds, partial filter.
+fn option_flags(doc: &Document) -> (bool, bool, bool, Option<Document>) {
     let flag = |k: &str| matches!(doc.get(k), Some(Bson::Boolean(true)));
     let ttl = match doc.get("expireAfterSeconds") {
         Some(Bson::Int32(v)) => *v == 0,
@@ -347,11 +415,12 @@ fn option_flags(doc: &Document) -> (bool, bool, bool) {
         Some(Bson::Double(v)) => *v == 0.0,
         _ => false,
     };
-    (flag("unique"), flag("sparse"), ttl)
+    let partial = doc.get_document("partialFilterExpression").ok().cloned();
+    (flag("unique"), flag("sparse"), ttl, partial)
 }
 
-fn wanted_flags(spec: &IndexSpec) -> (bool, bool, bool) {
-    (spec.unique, spec.sparse, spec.ttl)
+fn wanted_flags(spec: &IndexSpec) -> (bool, bool, bool, Option<Document>) {
+    (spec.unique, spec.sparse, spec.ttl, spec.partial.clone())
 }
 
 /// A key pattern as an ordered list (field, direction): the order of an index's keys
@@ -433,6 +502,7 @@ async fn ensure_index(store: &Store, spec: &IndexSpec) -> Result<IndexOutcome, S
         .unique(spec.unique.then_some(true))
         .sparse(spec.sparse.then_some(true))
         .expire_after(spec.ttl.then_some(std::time::Duration::ZERO))
+        .partial_filter_expression(spec.partial.clone())
         .build();
     let model = IndexModel::builder()
         .keys(spec.keys.clone())
