@@ -303,7 +303,8 @@ async fn late_days(
     before: NaiveDate,
     archive_after_days: u32,
 ) -> Result<Vec<NaiveDate>, ExportError> {
-    let horizon = Utc::now().date_naive() - Days::new(u64::from(archive_after_days));
+    let horizon =
+        ctx.store.now().to_chrono().date_naive() - Days::new(u64::from(archive_after_days));
     let late = ctx.store.collection(c::LATE_DAYS);
     late.delete_many(doc! { common::ID: { "$lte": horizon.to_string() } })
         .await
@@ -611,7 +612,7 @@ async fn execute(
             return result;
         }
         ExportJobType::UserData => {
-            let today = Utc::now().date_naive();
+            let today = ctx.store.now().to_chrono().date_naive();
             let cursor = ctx
                 .store
                 .collection(c::USERS)

@@ -328,7 +328,7 @@ impl EventWriter {
     /// reading the day before `markedAt` publishes it again later. This writer remembers
     /// its marks for half that time.
     async fn mark_late_days(&self, events: &[Event], which: &[usize]) -> Result<(), StoreError> {
-        let today = chrono::Utc::now().date_naive();
+        let today = self.store.now().to_chrono().date_naive();
         let days: std::collections::BTreeSet<chrono::NaiveDate> = which
             .iter()
             .map(|&i| events[i].timestamp.to_chrono().date_naive())
