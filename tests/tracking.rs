@@ -1028,6 +1028,7 @@ fn click(event_id: &str, visitor: &str) -> sluice_core::model::Event {
         user_agent: None,
         ip: None,
         max_future_ms: 60_000,
+        ..Default::default()
     };
     sluice_core::tracking::parse_event(
         &json!({ "eventId": event_id, "userId": visitor, "sessionId": format!("s-{visitor}"),
@@ -1136,4 +1137,103 @@ async fn a_slow_writer_lane_fills_its_share_of_the_queue_not_the_whole_queue() {
     frozen.store(false, Ordering::SeqCst);
     assert_eq!(stuck.await.unwrap().unwrap(), vec![WriteStatus::Stored; 10]);
     assert_eq!(queued.await.unwrap().unwrap(), vec![WriteStatus::Stored; 5]);
+}
+
+/// With `server_write_keys` set, a browser's (public) key cannot say where its events came
+/// from: `context.ip`, `context.userAgent` and Segment's `context.location` are ignored
+/// for the request's own (the Segment ones kept in `metadata.context` as sent); a
+/// server-side source's key can, on behalf of its users.
+#[tokio::test]
+async fn only_server_side_keys_may_say_where_an_event_came_from() {
+    use sluice_core::config::Secret;
+    const BROWSER: &str = "wk_browser_1234";
+    const SERVER: &str = "wk_server_5678";
+    let db = TestDb::initialized().await;
+    let server = start_server(&db, |raw| {
+        raw.server.write_keys = vec![Secret::new(BROWSER)];
+        raw.server.server_write_keys = vec![Secret::new(SERVER)];
+    })
+    .await;
+    let base = format!("http://{}", server.addr);
+    let client = reqwest::Client::new();
+    let claimed = json!({ "ip": "198.51.100.7", "userAgent": "Claimed/1.0" });
+    for (key, id) in [(BROWSER, "from-browser"), (SERVER, "from-server")] {
+        let r = client
+            .post(format!("{base}/v1/events"))
+            .header("x-write-key", key)
+            .header("user-agent", "Requesting/2.0")
+            .json(&json!({ "eventId": id, "userId": "v", "sessionId": "s",
+                           "eventType": "CLICK", "context": claimed }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200, "{}", r.text().await.unwrap());
+        // Segment, with the key in the body and a claimed location.
+        let r = client
+            .post(format!("{base}/v1/batch"))
+            .json(&json!({ "writeKey": key, "batch": [
+                { "type": "track", "messageId": format!("seg-{id}"), "userId": "v",
+                  "event": "Clicked",
+                  "context": { "ip": "198.51.100.7", "userAgent": "Claimed/1.0",
+                               "location": { "country": "Atlantis" } } } ] }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200, "{}", r.text().await.unwrap());
+    }
+    let metadata = |id: &'static str| {
+        let events = db.store.collection("events");
+        async move {
+            events
+                .find_one(doc! { "eventId": id })
+                .await
+                .unwrap()
+                .unwrap_or_else(|| panic!("{id} stored"))
+                .get_document("metadata")
+                .unwrap()
+                .clone()
+        }
+    };
+    for id in ["from-browser", "seg-from-browser"] {
+        let m = metadata(id).await;
+        assert_eq!(m.get_str("ipAddress").unwrap(), "127.0.0.1", "{id}: {m}");
+        assert!(m.get_str("country").is_err(), "{id}: {m}");
+        if id == "from-browser" {
+            assert_eq!(m.get_str("userAgent").unwrap(), "Requesting/2.0", "{m}");
+        } else {
+            // reqwest's own user agent is none; the claim is kept, unused.
+            assert_ne!(m.get_str("userAgent").ok(), Some("Claimed/1.0"), "{m}");
+            let sent = m.get_document("context").unwrap();
+            assert_eq!(sent.get_str("ip").unwrap(), "198.51.100.7", "{m}");
+            assert_eq!(
+                sent.get_document("location")
+                    .unwrap()
+                    .get_str("country")
+                    .unwrap(),
+                "Atlantis"
+            );
+        }
+    }
+    for id in ["from-server", "seg-from-server"] {
+        let m = metadata(id).await;
+        assert_eq!(m.get_str("ipAddress").unwrap(), "198.51.100.7", "{id}: {m}");
+        assert_eq!(m.get_str("userAgent").unwrap(), "Claimed/1.0", "{id}: {m}");
+    }
+    assert_eq!(
+        metadata("seg-from-server")
+            .await
+            .get_str("country")
+            .unwrap(),
+        "Atlantis"
+    );
+    // A key that is neither is refused, whichever list is set.
+    let r = client
+        .post(format!("{base}/v1/events"))
+        .header("x-write-key", "wk_other_0000")
+        .json(&json!({ "userId": "v", "sessionId": "s", "eventType": "CLICK" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    server.shutdown().await;
 }

@@ -210,6 +210,12 @@ pub struct ServerSection {
     /// Write keys accepted by the tracking endpoint. Empty means no key is required
     /// (local use only; `config check` warns).
     pub write_keys: Vec<Secret>,
+    /// Write keys of server-side sources, accepted like `write_keys`. When any is set,
+    /// only requests with one of these may set an event's `context.ip`,
+    /// `context.userAgent` and (Segment) `context.location`: a browser's key is public,
+    /// and anyone holding it could otherwise place its events anywhere. Empty: every
+    /// accepted key may.
+    pub server_write_keys: Vec<Secret>,
     /// Origins allowed by CORS; `*` allows any.
     pub cors_origins: Vec<String>,
     /// Proxies whose `X-Forwarded-For` is trusted for the client IP (IPs or CIDRs).
@@ -223,6 +229,7 @@ impl Default for ServerSection {
         Self {
             listen: "127.0.0.1:8080".into(),
             write_keys: Vec::new(),
+            server_write_keys: Vec::new(),
             cors_origins: vec!["*".into()],
             trusted_proxies: Vec::new(),
             rate_limit_per_key: 0,
@@ -417,6 +424,8 @@ pub struct Config {
     pub write_concern: WriteConcernLevel,
     pub listen: SocketAddr,
     pub write_keys: Vec<Secret>,
+    /// `[server] server_write_keys`, resolved.
+    pub server_write_keys: Vec<Secret>,
     pub cors_origins: Vec<String>,
     pub trusted_proxies: Vec<String>,
     pub rate_limit_per_key: u32,
@@ -602,19 +611,34 @@ pub fn validate(
             ),
         )
     })?;
-    let mut write_keys = Vec::new();
-    for (i, key) in raw.server.write_keys.iter().enumerate() {
-        let field = format!("server.write_keys[{i}]");
-        let resolved = key.resolve(env).map_err(|e| invalid(&field, e))?;
-        if resolved.expose().len() < 8 {
-            return Err(invalid(
-                &field,
-                "a write key of at least 8 characters".into(),
-            ));
+    let resolve_keys = |name: &str, keys: &[Secret]| {
+        let mut out: Vec<Secret> = Vec::new();
+        for (i, key) in keys.iter().enumerate() {
+            let field = format!("server.{name}[{i}]");
+            let resolved = key.resolve(env).map_err(|e| invalid(&field, e))?;
+            if resolved.expose().len() < 8 {
+                return Err(invalid(
+                    &field,
+                    "a write key of at least 8 characters".into(),
+                ));
+            }
+            out.push(resolved);
         }
-        write_keys.push(resolved);
+        Ok(out)
+    };
+    let write_keys = resolve_keys("write_keys", &raw.server.write_keys)?;
+    let server_write_keys = resolve_keys("server_write_keys", &raw.server.server_write_keys)?;
+    if let Some(i) = server_write_keys
+        .iter()
+        .position(|k| write_keys.iter().any(|w| w.expose() == k.expose()))
+    {
+        return Err(invalid(
+            &format!("server.server_write_keys[{i}]"),
+            "a key that is not also in `server.write_keys` (a key is a browser's or a server's)"
+                .into(),
+        ));
     }
-    if write_keys.is_empty() {
+    if write_keys.is_empty() && server_write_keys.is_empty() {
         warnings.push(
             "`server.write_keys` is empty: the tracking endpoint accepts events without a key"
                 .into(),
@@ -853,6 +877,7 @@ pub fn validate(
         write_concern,
         listen,
         write_keys,
+        server_write_keys,
         cors_origins: raw.server.cors_origins.clone(),
         trusted_proxies: raw.server.trusted_proxies.clone(),
         rate_limit_per_key: raw.server.rate_limit_per_key,
@@ -894,6 +919,7 @@ impl Config {
             .server
             .write_keys
             .iter()
+            .chain(&raw.server.server_write_keys)
             .chain([&raw.s3.access_key, &raw.s3.secret_key])
             .chain(raw.security.token_key.as_ref())
             .filter_map(|s| s.env_reference().map(str::to_string))
@@ -926,12 +952,12 @@ struct RedactedView<'a>(&'a RawConfig);
 impl Serialize for RedactedView<'_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let mut raw = self.0.clone();
-        raw.server.write_keys = raw
-            .server
-            .write_keys
-            .iter()
-            .map(|k| Secret::new(k.redacted()))
-            .collect();
+        for keys in [
+            &mut raw.server.write_keys,
+            &mut raw.server.server_write_keys,
+        ] {
+            *keys = keys.iter().map(|k| Secret::new(k.redacted())).collect();
+        }
         raw.s3.access_key = Secret::new(raw.s3.access_key.redacted());
         raw.s3.secret_key = Secret::new(raw.s3.secret_key.redacted());
         raw.security.token_key = raw
@@ -1152,6 +1178,40 @@ mod tests {
             let text = format!("[server]\ntrusted_proxies = [\"{proxy}\"]\n");
             assert!(check(&text).is_ok(), "{proxy}");
         }
+    }
+
+    #[test]
+    fn server_write_keys_are_secrets_and_no_key_is_in_both_lists() {
+        let raw = parse(
+            "f.toml",
+            "[server]\nwrite_keys = [\"browser-key-1\"]\nserver_write_keys = [\"${env:SK}\"]\n",
+        )
+        .unwrap();
+        let env = |k: &str| (k == "SK").then(|| "server-key-from-env".to_string());
+        let c = validate("f.toml", &BTreeMap::new(), raw, &env).unwrap();
+        assert_eq!(c.server_write_keys[0].expose(), "server-key-from-env");
+        assert!(c.env_references().contains(&"SK".to_string()));
+        assert!(!c.redacted_toml().contains("server-key-from-env"));
+        assert!(!c.warnings.iter().any(|w| w.contains("without a key")));
+
+        let raw = parse(
+            "f.toml",
+            "[server]\nwrite_keys = [\"same-key-123\"]\nserver_write_keys = [\"same-key-123\"]\n",
+        )
+        .unwrap();
+        let err = validate("f.toml", &BTreeMap::new(), raw, &|_| None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("server.server_write_keys[0]"), "{err}");
+
+        let raw = parse("f.toml", "[server]\nserver_write_keys = [\"short\"]\n").unwrap();
+        let err = validate("f.toml", &BTreeMap::new(), raw, &|_| None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("server.server_write_keys[0]") && err.contains("8"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -382,7 +382,12 @@ pub fn parse_message(
     let mut event = parse_event(&Value::Object(native), ctx, EventMetadata::default())
         .map_err(|e| rename_field(e, kind))?;
     if let Some(c) = context {
-        apply_context(&mut event.metadata, c, kind == Kind::Identify)?;
+        apply_context(
+            &mut event.metadata,
+            c,
+            kind == Kind::Identify,
+            ctx.ignore_client_context,
+        )?;
     }
     if user_id.is_some() {
         event.metadata.anonymous_id = anonymous_id.clone();
@@ -411,11 +416,15 @@ fn rename_field(mut err: ValidationError, kind: Kind) -> ValidationError {
 }
 
 /// `context.device` / `os` / `location` into the metadata; the rest kept as sent.
-/// `context.traits` is left out when an identify took them as its own.
+/// `context.traits` is left out when an identify took them as its own. When the
+/// request's key may not say where the event came from (`untrusted`), `location` is left
+/// to the request's address, and `ip`, `userAgent` and `location` stay in the context as
+/// sent, unused.
 fn apply_context(
     m: &mut EventMetadata,
     c: &Map<String, Value>,
     traits_taken: bool,
+    untrusted: bool,
 ) -> Result<(), ValidationError> {
     let device = c.get("device").and_then(Value::as_object);
     m.device = text(device, "type").or_else(|| text(device, "model"));
@@ -424,14 +433,17 @@ fn apply_context(
         (Some(n), Some(v)) => Some(format!("{n} {v}")),
         (n, _) => n,
     };
-    let location = c.get("location").and_then(Value::as_object);
-    m.country = text(location, "country");
-    m.region = text(location, "region");
-    m.city = text(location, "city");
+    if !untrusted {
+        let location = c.get("location").and_then(Value::as_object);
+        m.country = text(location, "country");
+        m.region = text(location, "region");
+        m.city = text(location, "city");
+    }
     let mut rest = Map::new();
     for (k, v) in c {
         let taken = match k.as_str() {
-            "userAgent" | "ip" | "sessionId" => true,
+            "userAgent" | "ip" => !untrusted,
+            "sessionId" => true,
             "traits" => traits_taken,
             _ => false,
         };

@@ -32,6 +32,10 @@ pub struct RequestContext {
     pub ip: Option<String>,
     /// Events further than this in the future (after correction) are rejected.
     pub max_future_ms: i64,
+    /// The request's key may not set where an event came from: the event's own
+    /// `context.ip` / `context.userAgent` (and Segment's `context.location`) are ignored
+    /// in favour of the request's (see `[server] server_write_keys`).
+    pub ignore_client_context: bool,
 }
 
 /// Parses a time given as an RFC 3339 string or epoch milliseconds.
@@ -445,6 +449,8 @@ pub fn parse_event(
     let mut metadata = metadata;
     match obj.get("context") {
         None | Some(Value::Null) => {}
+        // Not this key's to say: the request's own user agent and address are used.
+        Some(Value::Object(_)) if ctx.ignore_client_context => {}
         Some(Value::Object(context)) => {
             let in_context =
                 |e: ValidationError| ValidationError::new(format!("context.{}", e.field), e.reason);

@@ -68,16 +68,17 @@ pub async fn single(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let header_key = admit_by_header(&state, &headers)?;
+    let by_header = admit_by_header(&state, &headers)?;
     let body = read_body(&headers, body, state.config.tracking.max_event_bytes)?;
     let value: Value = serde_json::from_slice(&body).map_err(malformed)?;
     let Value::Object(obj) = &value else {
         return Err(invalid("expected a JSON object"));
     };
-    if !header_key {
-        admit(&state, &headers, body_key(obj))?;
-    }
-    let ctx = request_context(&state, peer, &headers, None);
+    let admitted = match by_header {
+        Some(a) => a,
+        None => admit(&state, &headers, body_key(obj))?,
+    };
+    let ctx = request_context(&state, peer, &headers, None, &admitted);
     let message = parse_message(&value, Some(kind), &ctx, &options(&state));
     store(&state, vec![message])
         .await?
@@ -90,16 +91,17 @@ pub async fn batch(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let header_key = admit_by_header(&state, &headers)?;
+    let by_header = admit_by_header(&state, &headers)?;
     let body = read_body(&headers, body, state.config.tracking.max_batch_bytes)?;
     let parsed: SegmentBatch = parse_batch(&body, "messages")?;
-    if !header_key {
-        admit(
+    let admitted = match by_header {
+        Some(a) => a,
+        None => admit(
             &state,
             &headers,
             parsed.write_key.as_ref().and_then(Value::as_str),
-        )?;
-    }
+        )?,
+    };
     let Some(items) = parsed.batch else {
         return Err(invalid("expected {\"batch\": [messages...]}"));
     };
@@ -107,7 +109,7 @@ pub async fn batch(
     let sent_at = batch_sent_at(parsed.sent_at.as_ref())?;
     // A batch-level `context` applies to every message (the message's own keys win).
     let shared_context = parsed.context.as_ref().and_then(Value::as_object);
-    let ctx = request_context(&state, peer, &headers, sent_at);
+    let ctx = request_context(&state, peer, &headers, sent_at, &admitted);
     let options = options(&state);
     let messages = items
         .iter()

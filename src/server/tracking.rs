@@ -47,10 +47,10 @@ pub async fn track(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    admit(&state, &headers, None)?;
+    let admitted = admit(&state, &headers, None)?;
     let body = read_body(&headers, body, state.config.tracking.max_event_bytes)?;
     let value: Value = serde_json::from_slice(&body).map_err(malformed)?;
-    let ctx = request_context(&state, peer, &headers, None);
+    let ctx = request_context(&state, peer, &headers, None, &admitted);
     let event = parse_event(&value, &ctx, EventMetadata::default());
     let mut answer = ingest(&state, vec![event]).await?;
     answer.note_ignored(vec![unknown_members(&value)]);
@@ -71,13 +71,13 @@ pub async fn batch(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    admit(&state, &headers, None)?;
+    let admitted = admit(&state, &headers, None)?;
     let limits = &state.config.tracking;
     let body = read_body(&headers, body, limits.max_batch_bytes)?;
     let parsed: BatchBody = parse_batch(&body, "events")?;
     check_batch_len(&state, parsed.batch.len(), "events")?;
     let sent_at = batch_sent_at(parsed.sent_at.as_ref())?;
-    let ctx = request_context(&state, peer, &headers, sent_at);
+    let ctx = request_context(&state, peer, &headers, sent_at, &admitted);
     let mut ignored = Vec::with_capacity(parsed.batch.len());
     let values = parsed
         .batch
@@ -159,34 +159,78 @@ pub(super) fn batch_item(
     serde_json::from_str(raw.get()).map_err(|e| ValidationError::new(what, e.to_string()))
 }
 
+/// A request its write key admitted.
+pub(super) struct Admitted {
+    /// The key it is accounted to (the rate limit); empty when no key is required.
+    key: String,
+    /// Whether its events may say where they came from (`context.ip`, ...): keys in
+    /// `server_write_keys`, or every key when that list is empty.
+    client_context: bool,
+}
+
+/// Which of our keys `presented` is, if any. With no key configured every request is
+/// admitted.
+fn match_key(state: &AppState, presented: Option<&str>) -> Option<Admitted> {
+    let (browser, server) = (&state.config.write_keys, &state.config.server_write_keys);
+    if browser.is_empty() && server.is_empty() {
+        return Some(Admitted {
+            key: String::new(),
+            client_context: true,
+        });
+    }
+    let presented = presented?;
+    let found = |keys: &[sluice_core::config::Secret]| {
+        if keys.is_empty() {
+            None
+        } else {
+            auth::authorize(keys, Some(presented))
+        }
+    };
+    if let Some(key) = found(server) {
+        return Some(Admitted {
+            key,
+            client_context: true,
+        });
+    }
+    found(browser).map(|key| Admitted {
+        key,
+        client_context: server.is_empty(),
+    })
+}
+
 /// Checks a write key sent in the headers before the body is read (so a request without
-/// a valid key costs no decompression or parsing). Returns whether there was one; if not,
-/// the caller admits the request with the key found in the body.
-pub(super) fn admit_by_header(state: &AppState, headers: &HeaderMap) -> Result<bool, ApiError> {
+/// a valid key costs no decompression or parsing). Returns the admission if there was
+/// one; if not, the caller admits the request with the key found in the body.
+pub(super) fn admit_by_header(
+    state: &AppState,
+    headers: &HeaderMap,
+) -> Result<Option<Admitted>, ApiError> {
     // A header key that is not one of ours (a proxy's own `Authorization`) leaves the
     // body's `writeKey` to decide.
     let header = auth::presented_key(headers);
-    match header.and_then(|h| auth::authorize(&state.config.write_keys, Some(&h))) {
-        Some(key) => rate_limit(state, key).map(|_| true),
-        None => Ok(false),
+    if header.is_none() {
+        return Ok(None);
+    }
+    match match_key(state, header.as_deref()) {
+        Some(admitted) => rate_limit(state, admitted).map(Some),
+        None => Ok(None),
     }
 }
 
-/// Write key and rate limit; returns the key the request is accounted to. `body_key` is
-/// a key sent in the body (the Segment API's `writeKey`), used when the headers carry
-/// none of ours.
+/// Write key and rate limit. `body_key` is a key sent in the body (the Segment API's
+/// `writeKey`), used when the headers carry none of ours.
 pub(super) fn admit(
     state: &AppState,
     headers: &HeaderMap,
     body_key: Option<&str>,
-) -> Result<String, ApiError> {
-    let keys = &state.config.write_keys;
+) -> Result<Admitted, ApiError> {
     let header = auth::presented_key(headers);
     // The header's key if it is one of ours, else the body's.
-    let authorized = auth::authorize(keys, header.as_deref())
-        .filter(|_| header.is_some())
-        .or_else(|| auth::authorize(keys, body_key));
-    let Some(key) = authorized else {
+    let authorized = header
+        .as_deref()
+        .and_then(|h| match_key(state, Some(h)))
+        .or_else(|| match_key(state, body_key));
+    let Some(admitted) = authorized else {
         state.metrics.unauthorized.fetch_add(1, Relaxed);
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
@@ -194,12 +238,12 @@ pub(super) fn admit(
             "a valid write key is required (HTTP basic user, `X-Write-Key`, or `writeKey` in a Segment body)",
         ));
     };
-    rate_limit(state, key)
+    rate_limit(state, admitted)
 }
 
 /// The per-key rate limit of an admitted request.
-fn rate_limit(state: &AppState, key: String) -> Result<String, ApiError> {
-    if !state.limiter.allow(&key) {
+fn rate_limit(state: &AppState, admitted: Admitted) -> Result<Admitted, ApiError> {
+    if !state.limiter.allow(&admitted.key) {
         state.metrics.rate_limited.fetch_add(1, Relaxed);
         return Err(ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
@@ -208,7 +252,7 @@ fn rate_limit(state: &AppState, key: String) -> Result<String, ApiError> {
         )
         .retry(1));
     }
-    Ok(key)
+    Ok(admitted)
 }
 
 /// The request body, gunzipped when sent with `Content-Encoding: gzip`; `limit` applies to
@@ -287,6 +331,7 @@ pub(super) fn request_context(
     peer: SocketAddr,
     headers: &HeaderMap,
     batch_sent_at_ms: Option<i64>,
+    admitted: &Admitted,
 ) -> RequestContext {
     let ip = enrich::client_ip(peer.ip(), headers, &state.trusted);
     RequestContext {
@@ -302,6 +347,7 @@ pub(super) fn request_context(
             .tracking
             .max_future_seconds
             .saturating_mul(1000),
+        ignore_client_context: !admitted.client_context,
     }
 }
 
