@@ -131,11 +131,20 @@ pub async fn db_prune_ledger(
         );
         return Ok(());
     }
-    let deleted = ledger::prune_archived_claims(&store, cutoff, |n| {
-        eprintln!("deleted {n} of {total} claims");
+    let done = ledger::prune_archived_claims(&store, cutoff, |p| {
+        eprintln!("deleted {} of {total} claims", p.deleted);
     })
     .await?;
-    println!("deleted {deleted} claims of archived events before {before}; resends of those events will be stored again");
+    println!(
+        "deleted {} claims of archived events before {before}; resends of those events will be stored again",
+        done.deleted
+    );
+    if done.kept > 0 {
+        println!(
+            "kept {} claims marked archived whose events are still in `events` (an ARCHIVE stopped before deleting them, or running): the next ARCHIVE deletes those events, and a later prune their claims",
+            done.kept
+        );
+    }
     Ok(())
 }
 
@@ -443,7 +452,7 @@ pub async fn export_run(
     let store = Store::connect(config).await?;
     store.init().await?;
     let destination = open_destination(config, dest).await?;
-    let yesterday = chrono::Utc::now().date_naive() - chrono::Days::new(1);
+    let yesterday = store.now().to_chrono().date_naive() - chrono::Days::new(1);
     let from = from.or(to).unwrap_or(yesterday);
     let to = to.unwrap_or(from);
     let mut ctx = ExportContext::new(store.clone(), destination);

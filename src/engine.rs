@@ -203,7 +203,8 @@ impl EngineRunner {
             )
             .await
             .map_err(|e| e.to_string())?;
-            let yesterday = chrono::Utc::now().date_naive() - chrono::Days::new(1);
+            // The database's day, as the event writer's late-day marks see it.
+            let yesterday = self.store.now().to_chrono().date_naive() - chrono::Days::new(1);
             let done = match kind {
                 ExportJobType::EventData | ExportJobType::DailyAnalytics => {
                     sluice_jobs::export::catch_up(

@@ -596,6 +596,17 @@ async fn prune_ledger_deletes_only_claims_of_archived_events_before_the_day() {
     claims.extend((0..4).map(|i| {
         doc! { "_id": format!("kept-{i}"), "ts": day("2026-01-10"), "at": day("2026-01-10") }
     }));
+    // Marked archived, but its event is still stored (an ARCHIVE stopped between marking
+    // its claims and deleting its events): kept too.
+    claims.push(doc! { "_id": "stored-0", "ts": day("2026-01-10"), "at": day("2026-01-10"), "archived": true });
+    db.store
+        .collection("events")
+        .insert_one(
+            doc! { "eventId": "stored-0", "userId": "v", "sessionId": "s",
+            "eventType": "CLICK", "timestamp": day("2026-01-10") },
+        )
+        .await
+        .unwrap();
     let ledger = db.store.collection("event_ids");
     ledger.insert_many(claims).await.unwrap();
     let config = db_config(&db);
@@ -618,12 +629,12 @@ async fn prune_ledger_deletes_only_claims_of_archived_events_before_the_day() {
     let stdout = String::from_utf8_lossy(&dry.stdout);
     assert!(dry.status.success(), "{stdout}");
     assert!(
-        stdout.contains(&format!("{old_archived} claims")),
+        stdout.contains(&format!("{} claims", old_archived + 1)),
         "{stdout}"
     );
     assert_eq!(
         ledger.count_documents(doc! {}).await.unwrap(),
-        old_archived + 7,
+        old_archived + 8,
         "a dry run deletes nothing"
     );
 
@@ -637,6 +648,7 @@ async fn prune_ledger_deletes_only_claims_of_archived_events_before_the_day() {
         stdout.contains(&format!("deleted {old_archived} claims")),
         "{stdout}"
     );
+    assert!(stdout.contains("kept 1 claims"), "{stdout}");
     assert!(
         stderr.lines().filter(|l| l.starts_with("deleted ")).count() >= 3,
         "progress after each chunk: {stderr}"
@@ -657,7 +669,7 @@ async fn prune_ledger_deletes_only_claims_of_archived_events_before_the_day() {
     left.sort();
     assert_eq!(
         left,
-        ["kept-0", "kept-1", "kept-2", "kept-3", "recent-0", "recent-1", "recent-2"]
+        ["kept-0", "kept-1", "kept-2", "kept-3", "recent-0", "recent-1", "recent-2", "stored-0"]
     );
 
     let bad = prune(&["--before", "2026-02-30"]).await.unwrap();

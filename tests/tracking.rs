@@ -1236,4 +1236,25 @@ async fn only_server_side_keys_may_say_where_an_event_came_from() {
         .unwrap();
     assert_eq!(r.status().as_u16(), 401);
     server.shutdown().await;
+
+    // Server keys alone: a browser without a key is turned away (config check warns).
+    let server = start_server(&db, |raw| {
+        raw.server.server_write_keys = vec![Secret::new(SERVER)];
+    })
+    .await;
+    let base = format!("http://{}", server.addr);
+    for (key, status) in [(None, 401), (Some(SERVER), 200)] {
+        let mut req = client
+            .post(format!("{base}/v1/events"))
+            .json(&json!({ "userId": "v", "sessionId": "s", "eventType": "CLICK" }));
+        if let Some(k) = key {
+            req = req.header("x-write-key", k);
+        }
+        assert_eq!(
+            req.send().await.unwrap().status().as_u16(),
+            status,
+            "{key:?}"
+        );
+    }
+    server.shutdown().await;
 }

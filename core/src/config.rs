@@ -210,7 +210,9 @@ pub struct ServerSection {
     /// Write keys accepted by the tracking endpoint. Empty means no key is required
     /// (local use only; `config check` warns).
     pub write_keys: Vec<Secret>,
-    /// Write keys of server-side sources, accepted like `write_keys`. When any is set,
+    /// Write keys of server-side sources, also accepted (with either list set, a key is
+    /// required: an empty `write_keys` beside these admits server-side sources only,
+    /// warned about). When any is set,
     /// only requests with one of these may set an event's `context.ip`,
     /// `context.userAgent` and (Segment) `context.location`: a browser's key is public,
     /// and anyone holding it could otherwise place its events anywhere. Empty: every
@@ -637,6 +639,12 @@ pub fn validate(
             "a key that is not also in `server.write_keys` (a key is a browser's or a server's)"
                 .into(),
         ));
+    }
+    if write_keys.is_empty() && !server_write_keys.is_empty() {
+        warnings.push(
+            "`server.write_keys` is empty but `server.server_write_keys` is set: only server-side keys are accepted, so browsers and apps need a key in `write_keys`"
+                .into(),
+        );
     }
     if write_keys.is_empty() && server_write_keys.is_empty() {
         warnings.push(
@@ -1203,6 +1211,21 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("server.server_write_keys[0]"), "{err}");
+
+        // Server keys alone: a key is required, so browsers are turned away; said so.
+        let raw = parse(
+            "f.toml",
+            "[server]\nserver_write_keys = [\"server-key-123\"]\n",
+        )
+        .unwrap();
+        let c = validate("f.toml", &BTreeMap::new(), raw, &|_| None).unwrap();
+        assert!(
+            c.warnings
+                .iter()
+                .any(|w| w.contains("only server-side keys")),
+            "{:?}",
+            c.warnings
+        );
 
         let raw = parse("f.toml", "[server]\nserver_write_keys = [\"short\"]\n").unwrap();
         let err = validate("f.toml", &BTreeMap::new(), raw, &|_| None)

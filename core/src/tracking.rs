@@ -449,13 +449,16 @@ pub fn parse_event(
     let mut metadata = metadata;
     match obj.get("context") {
         None | Some(Value::Null) => {}
-        // Not this key's to say: the request's own user agent and address are used.
-        Some(Value::Object(_)) if ctx.ignore_client_context => {}
         Some(Value::Object(context)) => {
             let in_context =
                 |e: ValidationError| ValidationError::new(format!("context.{}", e.field), e.reason);
+            // Checked either way; used only when the request's key may say where its
+            // events came from (else the request's own user agent and address are).
+            let trusted = !ctx.ignore_client_context;
             if let Some(ua) = opt_string(context, "userAgent", MAX_URL_LEN).map_err(in_context)? {
-                metadata.user_agent = Some(ua);
+                if trusted {
+                    metadata.user_agent = Some(ua);
+                }
             }
             if let Some(ip) = opt_string(context, "ip", 64).map_err(in_context)? {
                 if ip.parse::<std::net::IpAddr>().is_err() {
@@ -464,7 +467,9 @@ pub fn parse_event(
                         format!("expected an IPv4 or IPv6 address, got `{ip}`"),
                     ));
                 }
-                metadata.ip_address = Some(ip);
+                if trusted {
+                    metadata.ip_address = Some(ip);
+                }
             }
         }
         Some(other) => {

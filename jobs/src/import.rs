@@ -385,7 +385,7 @@ pub async fn run_import(
     match outcome {
         Ok(()) if state == PageState::Done => {
             // The sink has committed every page: now the cursor may advance.
-            let mut set = doc! { f::LAST_SYNC: DateTime::now() };
+            let mut set = doc! { f::LAST_SYNC: store.now() };
             // A run cut short by a loop guard did not read everything: unless the API
             // serves records in cursor order, records it did not reach may lie below the
             // largest cursor it saw, so the cursor stays.
@@ -1120,7 +1120,7 @@ pub async fn mark_interrupted(store: &Store, configs: &[String]) -> Result<u64, 
             .find_one(doc! { common::ID: name })
             .await
             .map_err(StoreError::mongo(c::IMPORT_CHECKPOINTS, "read checkpoint"))?;
-        let now = DateTime::now();
+        let now = store.now();
         let mut set = doc! {
             r::STATUS: "INTERRUPTED", "endTime": now, common::UPDATED_AT: now,
             "error": "the process stopped mid-run; the next run resumes from the last checkpoint",
@@ -1155,7 +1155,7 @@ async fn record_run(
     status: &str,
     error: Option<&str>,
 ) -> Result<(), StoreError> {
-    let now = DateTime::now();
+    let now = store.now();
     let samples = bson::to_bson(&s.samples).unwrap_or(Bson::Array(Vec::new()));
     let mut update = doc! {
                 "$set": {
@@ -1363,7 +1363,7 @@ pub async fn run_push(
         .collection(c::INTEGRATION_CONFIGS)
         .update_one(
             doc! { f::NAME: name },
-            doc! { "$set": { f::LAST_SYNC: DateTime::now() } },
+            doc! { "$set": { f::LAST_SYNC: store.now() } },
         )
         .await
         .map_err(StoreError::mongo(

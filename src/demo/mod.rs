@@ -137,7 +137,13 @@ pub async fn run(mut config: Config, visitors: usize) -> anyhow::Result<()> {
     let export_config = config.clone();
     let config_destination = config.destination.to_string();
     config.listen = "127.0.0.1:0".parse()?;
-    let key = config.write_keys.first().map(|k| k.expose().to_string());
+    // The stream is a server-side replay (each event names its own user agent): a
+    // server-side key when there is one, so those are believed.
+    let key = config
+        .server_write_keys
+        .first()
+        .or(config.write_keys.first())
+        .map(|k| k.expose().to_string());
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let server = crate::server::start(config, store.clone(), listener, false).await?;
     let base = format!("http://{}", server.addr);

@@ -121,6 +121,15 @@ impl ServerClock {
         let mut slot = self.reading.lock().unwrap_or_else(|p| p.into_inner());
         match best {
             Some(b) if b.round_trip <= MAX_ROUND_TRIP => *slot = Some(b),
+            // A slow first reading (off by at most half its round trip) still beats this
+            // host's clock, which may be off by anything; the next refresh replaces it.
+            Some(b) if slot.is_none() => {
+                tracing::warn!(
+                    round_trip_ms = b.round_trip.as_millis() as u64,
+                    "reading the database's clock was slow; using it until the next reading"
+                );
+                *slot = Some(b);
+            }
             Some(b) => {
                 tracing::warn!(
                     round_trip_ms = b.round_trip.as_millis() as u64,

@@ -8,12 +8,12 @@
 
 use bson::{doc, DateTime, Document};
 use futures_util::TryStreamExt;
-use sluice_core::model::{collections as c, common, event_id_fields as l};
+use sluice_core::model::{collections as c, common, event_fields as e, event_id_fields as l};
 
 use super::{Store, StoreError};
 
 /// Claims deleted per round trip.
-const CHUNK: i64 = 10_000;
+const CHUNK: usize = 10_000;
 
 /// The archived claims of events older than `before` (served by the partial
 /// `archived_ts` index).
@@ -30,45 +30,81 @@ pub async fn count_archived_claims(store: &Store, before: DateTime) -> Result<u6
         .map_err(StoreError::mongo(c::EVENT_IDS, "count archived claims"))
 }
 
+/// What [`prune_archived_claims`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Pruned {
+    pub deleted: u64,
+    /// Claims marked archived whose events are still in `events` (an ARCHIVE stopped
+    /// between marking and deleting them, or still running): kept.
+    pub kept: u64,
+}
+
 /// Deletes the archived claims of events older than `before`, [`CHUNK`] at a time,
-/// calling `progress` with the running total after each chunk; returns how many were
-/// deleted. Claims not marked archived (their events are still in `events`, or were never
-/// stored) are never touched: without them a resend would be stored twice.
+/// calling `progress` after each chunk; returns how many were deleted and kept. A claim
+/// whose event is in `events` is never deleted, marked archived or not: without it a
+/// resend of that event would be stored and counted twice.
 pub async fn prune_archived_claims(
     store: &Store,
     before: DateTime,
-    mut progress: impl FnMut(u64),
-) -> Result<u64, StoreError> {
+    mut progress: impl FnMut(Pruned),
+) -> Result<Pruned, StoreError> {
     let ledger = store.collection(c::EVENT_IDS);
-    let mut deleted = 0;
+    let mut cursor = ledger
+        .find(archived_before(before))
+        .projection(doc! { common::ID: 1 })
+        .batch_size(CHUNK as u32)
+        .await
+        .map_err(StoreError::mongo(c::EVENT_IDS, "find archived claims"))?;
+    let mut done = Pruned::default();
+    let mut chunk: Vec<String> = Vec::with_capacity(CHUNK);
     loop {
-        let ids: Vec<bson::Bson> = ledger
-            .find(archived_before(before))
-            .projection(doc! { common::ID: 1 })
-            .limit(CHUNK)
+        let next = cursor
+            .try_next()
             .await
-            .map_err(StoreError::mongo(c::EVENT_IDS, "find archived claims"))?
-            .try_collect::<Vec<Document>>()
-            .await
-            .map_err(StoreError::mongo(c::EVENT_IDS, "find archived claims"))?
-            .into_iter()
-            .filter_map(|d| d.get(common::ID).cloned())
-            .collect();
-        if ids.is_empty() {
-            return Ok(deleted);
+            .map_err(StoreError::mongo(c::EVENT_IDS, "find archived claims"))?;
+        let end = next.is_none();
+        if let Some(id) = next.as_ref().and_then(|d| d.get_str(common::ID).ok()) {
+            chunk.push(id.to_string());
         }
-        let mut filter = archived_before(before);
-        filter.insert(common::ID, doc! { "$in": &ids });
-        let n = ledger
-            .delete_many(filter)
-            .write_concern(store.write_concern().clone())
-            .await
-            .map_err(StoreError::mongo(c::EVENT_IDS, "delete archived claims"))?
-            .deleted_count;
-        deleted += n;
-        progress(deleted);
-        if (ids.len() as i64) < CHUNK {
-            return Ok(deleted);
+        if chunk.len() == CHUNK || (end && !chunk.is_empty()) {
+            let ids = std::mem::take(&mut chunk);
+            let stored = still_stored(store, &ids).await?;
+            let gone: Vec<&String> = ids.iter().filter(|id| !stored.contains(*id)).collect();
+            done.kept += (ids.len() - gone.len()) as u64;
+            if !gone.is_empty() {
+                let mut filter = archived_before(before);
+                filter.insert(common::ID, doc! { "$in": gone });
+                done.deleted += ledger
+                    .delete_many(filter)
+                    .write_concern(store.write_concern().clone())
+                    .await
+                    .map_err(StoreError::mongo(c::EVENT_IDS, "delete archived claims"))?
+                    .deleted_count;
+            }
+            progress(done);
+        }
+        if end {
+            return Ok(done);
         }
     }
+}
+
+/// Which of `ids` are eventIds of events in `events`.
+async fn still_stored(
+    store: &Store,
+    ids: &[String],
+) -> Result<std::collections::HashSet<String>, StoreError> {
+    let found: Vec<Document> = store
+        .collection(c::EVENTS)
+        .find(doc! { e::EVENT_ID: { "$in": ids } })
+        .projection(doc! { e::EVENT_ID: 1, common::ID: 0 })
+        .await
+        .map_err(StoreError::mongo(c::EVENTS, "find events still stored"))?
+        .try_collect()
+        .await
+        .map_err(StoreError::mongo(c::EVENTS, "find events still stored"))?;
+    Ok(found
+        .iter()
+        .filter_map(|d| d.get_str(e::EVENT_ID).ok().map(str::to_string))
+        .collect())
 }

@@ -339,13 +339,6 @@ pub(super) async fn init(store: &Store) -> Result<InitReport, StoreError> {
         }
     }
 
-    for (collection, name, key, why) in RETIRED_INDEXES {
-        if drop_retired(store, collection, name, key).await? {
-            report
-                .dropped_indexes
-                .push(((*collection).into(), (*name).into(), (*why).into()));
-        }
-    }
     for spec in index_specs() {
         let outcome = ensure_index(store, &spec).await?;
         if let IndexOutcome::Skipped(reason) = &outcome {
@@ -357,6 +350,14 @@ pub(super) async fn init(store: &Store) -> Result<InitReport, StoreError> {
         report
             .indexes
             .push((spec.collection.into(), spec.name.into(), outcome));
+    }
+    // Only once their replacements exist.
+    for (collection, name, key, why) in RETIRED_INDEXES {
+        if drop_retired(store, collection, name, key).await? {
+            report
+                .dropped_indexes
+                .push(((*collection).into(), (*name).into(), (*why).into()));
+        }
     }
     Ok(report)
 }
