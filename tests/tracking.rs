@@ -692,6 +692,14 @@ async fn health_readiness_metrics_and_cors() {
     ] {
         assert!(metrics.contains(line), "missing `{line}` in\n{metrics}");
     }
+    // The database runs on this host: its clock and ours agree to well within a second.
+    let offset: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("sluice_clock_offset_seconds "))
+        .unwrap_or_else(|| panic!("no clock offset in\n{metrics}"))
+        .parse()
+        .unwrap();
+    assert!(offset.abs() < 1.0, "{offset}");
     let preflight = |origin: &'static str| {
         client
             .request(reqwest::Method::OPTIONS, format!("{base}/v1/events"))

@@ -3,7 +3,7 @@
 //! per record), so one mutex is cheap; `sluice serve` appends [`render`] to `/metrics`.
 //!
 //! Series are created when first recorded; a counter never goes down. Durations are
-//! summaries (`_sum` and `_count`).
+//! summaries (`_sum` and `_count`); a gauge holds the last value set.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -48,6 +48,17 @@ fn add_to(name: &'static str, help: &'static str, kind: &'static str, labels: St
 /// Adds `v` to the counter `name{labels}`.
 pub fn count(name: &'static str, help: &'static str, labels: &[(&str, &str)], v: u64) {
     add_to(name, help, "counter", label_text(labels), v as f64);
+}
+
+/// Sets the gauge `name{labels}` to `v`.
+pub fn set(name: &'static str, help: &'static str, labels: &[(&str, &str)], v: f64) {
+    let mut reg = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
+    let family = reg.entry(name).or_insert_with(|| Family {
+        help,
+        kind: "gauge",
+        series: BTreeMap::new(),
+    });
+    family.series.insert(label_text(labels), v);
 }
 
 /// Records one duration of `name{labels}` (a summary: `name_sum` seconds, `name_count`).

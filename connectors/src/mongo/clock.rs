@@ -162,6 +162,12 @@ impl ServerClock {
             return;
         };
         let offset = reading.now_ms() - wall_clock_ms();
+        sluice_core::metrics::set(
+            "sluice_clock_offset_seconds",
+            "How far this host's clock is behind the database's (negative: ahead), by the last reading; leases are timed by the database's.",
+            &[],
+            offset as f64 / 1000.0,
+        );
         let mut last = self
             .reported_offset_ms
             .lock()
