@@ -43,11 +43,22 @@ impl LocalDir {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let tmp = target.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-        write(&tmp).await.map_err(|e| err("write", e))?;
-        tokio::fs::rename(&tmp, &target)
-            .await
-            .map_err(|e| err("rename into place", e))
+        // Unique per write, so two writes of one key (two processes, or two tasks of one)
+        // never share a temporary file.
+        static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = target.with_file_name(format!(".{name}.tmp-{}-{n}", std::process::id()));
+        let placed = match write(&tmp).await {
+            Ok(()) => tokio::fs::rename(&tmp, &target)
+                .await
+                .map_err(|e| err("rename into place", e)),
+            Err(e) => Err(err("write", e)),
+        };
+        if placed.is_err() {
+            // A failed write leaves no temporary file behind (best effort).
+            let _ = tokio::fs::remove_file(&tmp).await;
+        }
+        placed
     }
 
     pub async fn put_file(&self, key: &str, path: &Path) -> Result<(), StorageError> {
@@ -146,5 +157,52 @@ impl LocalDir {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch() -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("sluice-localdir-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut out: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        out.sort();
+        out
+    }
+
+    #[tokio::test]
+    async fn writes_land_whole_under_their_key_and_failed_ones_leave_nothing() {
+        let root = scratch();
+        let store = LocalDir::new(&root);
+        // Many writes of one key at once: each goes through a temporary file of its own,
+        // so the file in place is one of them, whole.
+        let bodies: Vec<Vec<u8>> = (0..16u8).map(|i| vec![i; 64 * 1024]).collect();
+        let writes = bodies
+            .iter()
+            .map(|b| store.put_bytes("p/part.parquet", b.clone()));
+        for r in futures_util::future::join_all(writes).await {
+            r.unwrap();
+        }
+        let placed = store.get_bytes("p/part.parquet").await.unwrap();
+        assert!(bodies.contains(&placed), "a whole body of one write");
+        assert_eq!(names(&root.join("p")), ["part.parquet"]);
+        // A copy from a file that is not there fails and leaves no hidden temporary file.
+        let err = store
+            .put_file("p/other.parquet", &root.join("missing"))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("other.parquet"), "{err}");
+        assert_eq!(names(&root.join("p")), ["part.parquet"]);
+        let _ = std::fs::remove_dir_all(root);
     }
 }
