@@ -1392,3 +1392,83 @@ async fn uploads_work_with_checksums_turned_off() {
     assert_eq!(dest.get_bytes("plain/small.txt").await.unwrap(), b"hello");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// ARCHIVE deletes what it wrote, so it writes every field an event has: the Segment
+/// API's anonymous id and SDK context and `updatedAt` included (read back by pyarrow). A
+/// stored event with a field no column holds is not archived, and its day not deleted.
+#[tokio::test]
+async fn an_archive_keeps_every_field_and_refuses_an_event_it_could_not_hold() {
+    let db = TestDb::initialized().await;
+    let dir = temp_dir();
+    let old = day(-100);
+    let writer = EventWriter::new(db.store.clone(), WriterOptions::default());
+    let mut e = event(1, old);
+    e.metadata.anonymous_id = Some("anon-42".into());
+    e.metadata.context =
+        doc! { "campaign": { "source": "newsletter" }, "library": { "name": "analytics.js" } };
+    assert_eq!(
+        writer.write(std::slice::from_ref(&e)).await.unwrap(),
+        vec![WriteStatus::Stored]
+    );
+    let ctx = ExportContext::new(db.store.clone(), ObjectStore::Local(LocalDir::new(&dir)));
+    let summary = run_export(&ctx, &request(ExportJobType::Archive, day(0), day(0)))
+        .await
+        .unwrap();
+    assert_eq!((summary.rows, summary.deleted), (1, 1));
+    let files: Vec<String> = std::fs::read_dir(dir.join(format!("ARCHIVE/dt={old}")))
+        .unwrap()
+        .map(|f| f.unwrap().path().display().to_string())
+        .filter(|p| p.ends_with(".parquet"))
+        .collect();
+    let script = r#"
+import json, sys
+import pyarrow.parquet as pq
+row = pq.read_table(sys.argv[1]).to_pylist()[0]
+meta = pq.read_schema(sys.argv[1]).metadata[b"sluice.table"].decode()
+print(json.dumps({"anonymousId": row["anonymousId"], "context": json.loads(row["context"]),
+                  "updatedAt": row["updatedAt"] is not None, "table": meta}))
+"#;
+    let out = std::process::Command::new(support::python())
+        .arg("-c")
+        .arg(script)
+        .args(&files)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let row: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(row["anonymousId"], "anon-42", "{row}");
+    assert_eq!(row["context"]["campaign"]["source"], "newsletter", "{row}");
+    assert_eq!(row["updatedAt"], true, "{row}");
+    assert_eq!(row["table"], "events/v2", "{row}");
+
+    // Written by another tool, with a field of its own: left in MongoDB, day and all.
+    let at = DateTime::from_millis(ms(day(-95), 3_600_000));
+    let events = db.store.collection("events");
+    events
+        .insert_one(doc! {
+            "eventId": "odd-1", "userId": "u", "sessionId": "s", "eventType": "CLICK",
+            "timestamp": at, "createdAt": at, "metadata": { "bot": false, "legacyScore": 7 },
+        })
+        .await
+        .unwrap();
+    let err = run_export(&ctx, &request(ExportJobType::Archive, day(0), day(0)))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("metadata.legacyScore") && err.contains("odd-1"),
+        "{err}"
+    );
+    assert_eq!(
+        events
+            .count_documents(doc! { "eventId": "odd-1" })
+            .await
+            .unwrap(),
+        1
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}

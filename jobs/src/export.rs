@@ -1370,6 +1370,18 @@ async fn stage(
         let mut buf = Vec::with_capacity(ctx.batch_rows);
         while let Some(doc) = docs.try_next().await? {
             if archiving {
+                // Deleted once archived: a field no column holds would be lost.
+                if let Some(field) = sluice_connectors::parquet::uncovered_field(table, &doc) {
+                    return Err(ExportError::Encode {
+                        partition: prefix.clone(),
+                        message: format!(
+                            "event `{}` has `{field}`, which no column of `{}/v{}` holds; archiving it would lose that field, so nothing of the day was archived (export the day with EVENT_DATA and keep the field elsewhere, or remove it)",
+                            doc.get_str(e::EVENT_ID).unwrap_or("?"),
+                            table.name,
+                            table.version
+                        ),
+                    });
+                }
                 match doc.get_str(e::EVENT_ID) {
                     Ok(id) => archived_ids.push(id.to_string()),
                     Err(_) => {

@@ -8,7 +8,7 @@ mod writer;
 
 pub use encode::{encode, EncodeError};
 pub use schema::{
-    columns, daily_schema, event_schema, schema_description, schema_of, user_schema, ColKind,
-    ColumnSpec, TableSpec, DAILY_TABLE, EVENT_TABLE, USER_TABLE,
+    columns, daily_schema, event_schema, schema_description, schema_of, uncovered_field,
+    user_schema, ColKind, ColumnSpec, TableSpec, DAILY_TABLE, EVENT_TABLE, USER_TABLE,
 };
 pub use writer::{LocalPart, PartWriter, PartWriterOptions};

@@ -66,9 +66,12 @@ pub struct TableSpec {
 
 use ColKind::*;
 
+/// Every field an event document has (but MongoDB's `_id`) is a column: ARCHIVE deletes
+/// what it wrote, so a field without a column would be lost (see [`uncovered_field`]).
+/// v2 added `anonymousId`, `context` and `updatedAt`.
 pub const EVENT_TABLE: TableSpec = TableSpec {
     name: "events",
-    version: 1,
+    version: 2,
     columns: &[
         col(e::EVENT_ID, e::EVENT_ID, Str, false),
         col(e::USER_ID, e::USER_ID, Str, false),
@@ -89,8 +92,45 @@ pub const EVENT_TABLE: TableSpec = TableSpec {
         col(m::CITY, "metadata.city", Str, true),
         col(columns::BOT, "metadata.bot", Bool, false),
         col("createdAt", "createdAt", TimestampMicros, true),
+        col(m::ANONYMOUS_ID, "metadata.anonymousId", Str, true),
+        col(m::CONTEXT, "metadata.context", Json, true),
+        col("updatedAt", "updatedAt", TimestampMicros, true),
     ],
 };
+
+/// The first field of `doc` (a dotted path) that no column of `table` reads, if any,
+/// MongoDB's `_id` aside: a field a column reads as a whole (a JSON column) covers
+/// everything below it.
+pub fn uncovered_field(table: &TableSpec, doc: &bson::Document) -> Option<String> {
+    fn walk(table: &TableSpec, doc: &bson::Document, prefix: &str) -> Option<String> {
+        for (key, value) in doc {
+            let path = if prefix.is_empty() {
+                key.clone()
+            } else {
+                format!("{prefix}.{key}")
+            };
+            if prefix.is_empty() && key == "_id" {
+                continue;
+            }
+            // A column reads it, or there is nothing to lose.
+            if matches!(value, bson::Bson::Null) || table.columns.iter().any(|c| c.path == path) {
+                continue;
+            }
+            let below = format!("{path}.");
+            let inner = table.columns.iter().any(|c| c.path.starts_with(&below));
+            match value {
+                bson::Bson::Document(sub) if inner => {
+                    if let Some(found) = walk(table, sub, &path) {
+                        return Some(found);
+                    }
+                }
+                _ => return Some(path),
+            }
+        }
+        None
+    }
+    walk(table, doc, "")
+}
 
 pub const USER_TABLE: TableSpec = TableSpec {
     name: "users",
@@ -196,4 +236,50 @@ pub fn schema_description(table: &TableSpec) -> serde_json::Value {
             "nullable": c.nullable,
         })).collect::<Vec<_>>(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bson::doc;
+
+    #[test]
+    fn every_field_of_an_event_is_covered_and_a_foreign_one_is_named() {
+        let full = doc! {
+            "_id": bson::oid::ObjectId::new(), "eventId": "e", "userId": "u", "sessionId": "s",
+            "eventType": "CLICK", "timestamp": bson::DateTime::now(),
+            "properties": { "any": { "nested": [1, 2] } }, "pageUrl": "/", "referrer": null,
+            "duration": 5_i64, "createdAt": bson::DateTime::now(), "updatedAt": bson::DateTime::now(),
+            "metadata": {
+                "userAgent": "ua", "ipAddress": "1.2.3.4", "device": "mobile", "browser": "b",
+                "os": "o", "country": "FR", "region": "IDF", "city": "Paris", "bot": false,
+                "anonymousId": "a", "context": { "page": { "path": "/" } },
+            },
+        };
+        assert_eq!(uncovered_field(&EVENT_TABLE, &full), None);
+        let mut extra = full.clone();
+        extra.insert("legacy", 1);
+        assert_eq!(
+            uncovered_field(&EVENT_TABLE, &extra).as_deref(),
+            Some("legacy")
+        );
+        let mut nested = full.clone();
+        nested
+            .get_document_mut("metadata")
+            .unwrap()
+            .insert("score", 1);
+        assert_eq!(
+            uncovered_field(&EVENT_TABLE, &nested).as_deref(),
+            Some("metadata.score")
+        );
+        // A null loses nothing; a scalar where columns read inside it does.
+        let mut flat = full.clone();
+        flat.insert("metadata", bson::Bson::Null);
+        assert_eq!(uncovered_field(&EVENT_TABLE, &flat), None);
+        flat.insert("metadata", "text");
+        assert_eq!(
+            uncovered_field(&EVENT_TABLE, &flat).as_deref(),
+            Some("metadata")
+        );
+    }
 }
