@@ -1472,3 +1472,92 @@ print(json.dumps({"anonymousId": row["anonymousId"], "context": json.loads(row["
     );
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// With `archive_after_days = 3`: a missed window ARCHIVE took first is skipped, not
+/// refused for ever (later windows still run); a late event for the newest day ARCHIVE
+/// does not take yet is published again (it used to be forgotten a day early); one for an
+/// archived day is left to the next ARCHIVE.
+#[tokio::test]
+async fn late_days_are_published_until_archived_and_archived_windows_do_not_stop_catch_up() {
+    use sluice_jobs::export::catch_up;
+    let db = TestDb::initialized().await;
+    let dir = temp_dir();
+    let ctx = ExportContext::new(db.store.clone(), ObjectStore::Local(LocalDir::new(&dir)));
+    let writer = EventWriter::new(
+        db.store.clone(),
+        WriterOptions {
+            late_mark_ahead: Duration::ZERO,
+            ..Default::default()
+        },
+    );
+    let (archived, newest_kept, kept) = (day(-4), day(-3), day(-2));
+    for d in [archived, newest_kept, kept] {
+        let events: Vec<Event> = (0..10).map(|i| event(i, d)).collect();
+        writer.write(&events).await.unwrap();
+    }
+    // The schedule last completed five days ago; ARCHIVE ran meanwhile.
+    db.store
+        .collection("export_jobs")
+        .insert_one(
+            doc! { "jobId": "before", "type": "EVENT_DATA", "status": "COMPLETED",
+            "windowStart": day(-5).to_string(), "windowEnd": day(-5).to_string() },
+        )
+        .await
+        .unwrap();
+    let archive = ExportRequest {
+        archive_after_days: 3,
+        ..request(ExportJobType::Archive, day(0), day(0))
+    };
+    let a = run_export(&ctx, &archive).await.unwrap();
+    assert_eq!(a.partitions.len(), 1, "{a:?}");
+    assert_eq!(a.partitions[0].prefix, format!("ARCHIVE/dt={archived}"));
+
+    let done = catch_up(&ctx, ExportJobType::EventData, day(-1), 10, 3)
+        .await
+        .unwrap();
+    let windows: Vec<&str> = done
+        .iter()
+        .map(|s| s.partitions[0].prefix.as_str())
+        .collect();
+    assert_eq!(
+        windows,
+        [
+            format!("EVENT_DATA/dt={newest_kept}"),
+            format!("EVENT_DATA/dt={kept}"),
+            format!("EVENT_DATA/dt={}", day(-1)),
+        ],
+        "the archived window skipped, the rest in order"
+    );
+
+    // Late events: one for the day ARCHIVE takes next, one for the archived day.
+    let mut late = event(10, newest_kept);
+    late.event_id = "late-kept".into();
+    let mut late_archived = event(11, archived);
+    late_archived.event_id = "late-archived".into();
+    writer.write(&[late, late_archived]).await.unwrap();
+    let again = catch_up(&ctx, ExportJobType::EventData, day(-1), 10, 3)
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 1, "{again:?}");
+    assert_eq!(
+        manifest(&dir, &format!("EVENT_DATA/dt={newest_kept}"))["rows"],
+        11
+    );
+    // The archived day's mark is forgotten (its late event waits for the next ARCHIVE).
+    let marks: Vec<String> = db
+        .store
+        .collection("late_days")
+        .find(doc! {})
+        .await
+        .unwrap()
+        .try_collect::<Vec<Document>>()
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| m.get_str("_id").unwrap().to_string())
+        .collect();
+    assert!(!marks.contains(&archived.to_string()), "{marks:?}");
+    let next = run_export(&ctx, &archive).await.unwrap();
+    assert_eq!(next.deleted, 1, "the late event, archived");
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -270,6 +270,12 @@ pub async fn catch_up(
     let first = windows.first().copied().unwrap_or_else(|| next_day(until));
     let mut done = Vec::new();
     for d in windows {
+        if is_archived(ctx, d).await? {
+            // Its events were moved to ARCHIVE before this export ran (it was down longer
+            // than `archive_after_days`): refused, it would stop every later window.
+            tracing::warn!(kind = %kind, day = %d, "a missed window was archived before it could be exported; its events are in its ARCHIVE partition");
+            continue;
+        }
         let request = ExportRequest::day(kind, d, archive_after_days).scheduled();
         let reading = ctx.store.now();
         done.push(run_export(ctx, &request).await?);
@@ -296,19 +302,40 @@ pub async fn catch_up(
 }
 
 /// The days before `before` that received events after `kind` last read them, oldest
-/// first; days old enough to be archived are left to ARCHIVE (and forgotten).
+/// first. A day is published again until ARCHIVE has taken it (then its mark is
+/// forgotten): old enough to be archived is not archived yet, and its late events belong
+/// in EVENT_DATA meanwhile.
 async fn late_days(
     ctx: &ExportContext,
     kind: ExportJobType,
     before: NaiveDate,
     archive_after_days: u32,
 ) -> Result<Vec<NaiveDate>, ExportError> {
-    let horizon =
+    // ARCHIVE takes the days before this one.
+    let cutoff =
         ctx.store.now().to_chrono().date_naive() - Days::new(u64::from(archive_after_days));
     let late = ctx.store.collection(c::LATE_DAYS);
-    late.delete_many(doc! { common::ID: { "$lte": horizon.to_string() } })
+    let archivable: Vec<Document> = late
+        .find(doc! { common::ID: { "$lt": cutoff.to_string() } })
         .await
-        .map_err(StoreError::mongo(c::LATE_DAYS, "forget archived days"))?;
+        .map_err(StoreError::mongo(c::LATE_DAYS, "find late days"))?
+        .try_collect()
+        .await
+        .map_err(StoreError::mongo(c::LATE_DAYS, "find late days"))?;
+    for m in &archivable {
+        let Some(day) = m
+            .get_str(common::ID)
+            .ok()
+            .and_then(|s| NaiveDate::parse_from_str(s, "%Y-%m-%d").ok())
+        else {
+            continue;
+        };
+        if is_archived(ctx, day).await? {
+            late.delete_one(doc! { common::ID: day.to_string() })
+                .await
+                .map_err(StoreError::mongo(c::LATE_DAYS, "forget archived days"))?;
+        }
+    }
     let marks: Vec<Document> = late
         .find(doc! {})
         .await
@@ -669,8 +696,7 @@ async fn refuse_archived_days(
 ) -> Result<(), ExportError> {
     let mut archived = Vec::new();
     for d in days(request.from, request.to) {
-        let manifest = format!("{}/dt={d}/_manifest.json", ExportJobType::Archive.as_str());
-        if ctx.dest.head(&manifest).await?.is_some() {
+        if is_archived(ctx, d).await? {
             archived.push(d.to_string());
         }
     }
@@ -687,6 +713,15 @@ async fn refuse_archived_days(
         ctx.dest.url(ExportJobType::Archive.as_str()),
         request.kind.as_str(),
     )))
+}
+
+/// Whether ARCHIVE has published `day` (its events then live there, not in MongoDB).
+async fn is_archived(ctx: &ExportContext, day: NaiveDate) -> Result<bool, ExportError> {
+    let manifest = format!(
+        "{}/dt={day}/_manifest.json",
+        ExportJobType::Archive.as_str()
+    );
+    Ok(ctx.dest.head(&manifest).await?.is_some())
 }
 
 /// Publishes every staged partition, then removes the run's staging area.
