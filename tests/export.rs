@@ -754,13 +754,19 @@ async fn daily_analytics_and_user_data_match_mongodb() {
     let d = day(-1);
     let mut events = seed(&db, d, 900).await;
     // More page views without a page than any page has: counted, but no top page.
-    let pageless: Vec<Event> = (900..960)
+    let mut pageless: Vec<Event> = (900..960)
         .map(|i| Event {
             event_type: EventType::PageView,
             page_url: None,
             ..event(i, d)
         })
         .collect();
+    // And purchases, for the users' revenue.
+    pageless.extend((960..963).map(|i| Event {
+        event_type: EventType::Purchase,
+        properties: doc! { "amount": 12.34 + i as f64, "currency": "EUR" },
+        ..event(i, d)
+    }));
     EventWriter::new(db.store.clone(), WriterOptions::default())
         .write(&pageless)
         .await
@@ -793,7 +799,7 @@ async fn daily_analytics_and_user_data_match_mongodb() {
         .iter()
         .filter(|e| e.event_type == EventType::PageView)
         .count() as i64;
-    assert_eq!(int("events"), 960);
+    assert_eq!(int("events"), events.len() as i64);
     assert_eq!(int("uniqueUsers"), users.len() as i64);
     assert_eq!(int("uniqueSessions"), sessions.len() as i64);
     assert_eq!(int("pageViews"), page_views);
@@ -824,6 +830,40 @@ async fn daily_analytics_and_user_data_match_mongodb() {
         users_run.partitions[0].prefix,
         format!("USER_DATA/dt={}", day(0))
     );
+    // The exact revenue (integer micros) beside the double, summing to MongoDB's.
+    let mut exported_micros = 0i64;
+    for f in &users_run.partitions[0].files {
+        let file = std::fs::File::open(dir.join(f)).unwrap();
+        for b in ParquetRecordBatchReaderBuilder::try_new(file)
+            .unwrap()
+            .build()
+            .unwrap()
+        {
+            let b = b.unwrap();
+            let micros = b
+                .column_by_name("totalRevenueMicros")
+                .expect("a totalRevenueMicros column")
+                .as_primitive::<arrow::datatypes::Int64Type>();
+            exported_micros += (0..b.num_rows())
+                .filter(|r| micros.is_valid(*r))
+                .map(|r| micros.value(r))
+                .sum::<i64>();
+        }
+    }
+    let stored_micros: i64 = db
+        .store
+        .collection("users")
+        .find(doc! {})
+        .await
+        .unwrap()
+        .try_collect::<Vec<Document>>()
+        .await
+        .unwrap()
+        .iter()
+        .map(|u| u.get_i64("totalRevenueMicros").unwrap_or(0))
+        .sum();
+    assert!(stored_micros > 0);
+    assert_eq!(exported_micros, stored_micros);
     let job = job_doc(&db, &users_run.job_id).await;
     assert_eq!(
         job.get_str("status").unwrap(),

@@ -12,6 +12,23 @@ pub struct LocalDir {
     root: PathBuf,
 }
 
+/// Flushes `tmp` to disk, renames it to `target` and flushes the folder, so a file in
+/// place survives a power cut: ARCHIVE deletes events once their file is in place, and
+/// without the flushes a crash could leave it empty or missing after the delete.
+async fn durably_rename(tmp: &Path, target: &Path) -> std::io::Result<()> {
+    let (tmp, target) = (tmp.to_path_buf(), target.to_path_buf());
+    tokio::task::spawn_blocking(move || {
+        std::fs::File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, &target)?;
+        if let Some(folder) = target.parent() {
+            std::fs::File::open(folder)?.sync_all()?;
+        }
+        Ok(())
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
+
 impl LocalDir {
     pub fn new(root: impl Into<PathBuf>) -> Self {
         Self { root: root.into() }
@@ -49,9 +66,9 @@ impl LocalDir {
         let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let tmp = target.with_file_name(format!(".{name}.tmp-{}-{n}", std::process::id()));
         let placed = match write(&tmp).await {
-            Ok(()) => tokio::fs::rename(&tmp, &target)
+            Ok(()) => durably_rename(&tmp, &target)
                 .await
-                .map_err(|e| err("rename into place", e)),
+                .map_err(|e| err("flush and rename into place", e)),
             Err(e) => Err(err("write", e)),
         };
         if placed.is_err() {

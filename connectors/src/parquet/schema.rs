@@ -132,9 +132,10 @@ pub fn uncovered_field(table: &TableSpec, doc: &bson::Document) -> Option<String
     walk(table, doc, "")
 }
 
+/// v2 added `totalRevenueMicros`, the exact total (`totalRevenue` is a double).
 pub const USER_TABLE: TableSpec = TableSpec {
     name: "users",
-    version: 1,
+    version: 2,
     columns: &[
         col(u::VISITOR_ID, u::VISITOR_ID, Str, false),
         col(u::EMAIL, u::EMAIL, Str, true),
@@ -151,6 +152,12 @@ pub const USER_TABLE: TableSpec = TableSpec {
         col(u::SEGMENTS, u::SEGMENTS, StrList, true),
         col("createdAt", "createdAt", TimestampMicros, true),
         col("updatedAt", "updatedAt", TimestampMicros, true),
+        col(
+            u::TOTAL_REVENUE_MICROS,
+            u::TOTAL_REVENUE_MICROS,
+            Int64,
+            true,
+        ),
     ],
 };
 
