@@ -580,3 +580,89 @@ async fn role_changes_deactivation_and_logout_take_effect_on_the_next_request() 
     assert_eq!(me().await.unwrap().status().as_u16(), 401);
     server.shutdown().await;
 }
+
+/// The daily and top-pages answers equal a count made here from the events sent: distinct
+/// visitors and sessions per day, views and distinct visitors per page.
+#[tokio::test]
+async fn daily_and_top_pages_count_what_was_stored() {
+    use sluice_connectors::mongo::{EventWriter, WriterOptions};
+    use sluice_core::model::{Event, EventType};
+    use std::collections::{HashMap, HashSet};
+    let db = TestDb::initialized().await;
+    sluice::server::admin::create_admin_user(&db.store, "an@x.io", PASSWORD, Role::Analyst)
+        .await
+        .unwrap();
+    let day = chrono::Utc::now().date_naive() - chrono::Days::new(1);
+    let start = day
+        .and_hms_opt(0, 0, 0)
+        .unwrap()
+        .and_utc()
+        .timestamp_millis();
+    let events: Vec<Event> = (0..120usize)
+        .map(|i| Event {
+            event_id: format!("e{i}"),
+            user_id: format!("u{}", i % 7),
+            session_id: format!("s{}", i % 11),
+            event_type: if i % 3 == 0 {
+                EventType::Click
+            } else {
+                EventType::PageView
+            },
+            timestamp: bson::DateTime::from_millis(start + i as i64 * 60_000),
+            page_url: (i % 3 != 0).then(|| format!("/p{}", i % 5)),
+            id: None,
+            properties: bson::Document::new(),
+            metadata: Default::default(),
+            referrer: None,
+            duration: None,
+            created_at: bson::DateTime::now(),
+            updated_at: bson::DateTime::now(),
+        })
+        .collect();
+    EventWriter::new(db.store.clone(), WriterOptions::default())
+        .write(&events)
+        .await
+        .unwrap();
+    let server = start_server(&db, |_| {}).await;
+    let base = format!("http://{}", server.addr);
+    let token = login(&base, "an@x.io", PASSWORD).await.1["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let client = reqwest::Client::new();
+    let get = |path: String| {
+        let r = client
+            .get(format!("{base}{path}"))
+            .bearer_auth(&token)
+            .send();
+        async move { r.await.unwrap().json::<Value>().await.unwrap() }
+    };
+
+    let daily = get(format!("/v1/analytics/daily?from={day}&to={day}")).await;
+    let users: HashSet<&str> = events.iter().map(|e| e.user_id.as_str()).collect();
+    let sessions: HashSet<&str> = events.iter().map(|e| e.session_id.as_str()).collect();
+    assert_eq!(
+        daily,
+        json!([{ "date": day.to_string(), "events": 120, "users": users.len(), "sessions": sessions.len() }])
+    );
+
+    let top = get(format!("/v1/analytics/top-pages?from={day}&limit=3")).await;
+    let mut pages: HashMap<&str, (i64, HashSet<&str>)> = HashMap::new();
+    for e in events.iter().filter(|e| e.page_url.is_some()) {
+        let p = pages.entry(e.page_url.as_deref().unwrap()).or_default();
+        p.0 += 1;
+        p.1.insert(&e.user_id);
+    }
+    let mut expected: Vec<(&str, i64, usize)> = pages
+        .iter()
+        .map(|(url, (views, users))| (*url, *views, users.len()))
+        .collect();
+    expected.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    let expected: Vec<Value> = expected
+        .iter()
+        .take(3)
+        .map(|(url, views, users)| json!({ "pageUrl": url, "views": views, "uniqueUsers": users }))
+        .collect();
+    assert_eq!(top, json!(expected));
+    server.shutdown().await;
+}

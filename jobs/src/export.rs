@@ -1241,69 +1241,108 @@ async fn daily_rows(
     let window = doc! { "$gte": day_start(from), "$lt": day_start(next_day(to)) };
     let day = doc! { "$dateToString": { "format": "%Y-%m-%d", "date": "$timestamp" } };
     let events = ctx.store.collection(c::EVENTS);
-    let totals: Vec<Document> = events
-        .aggregate(vec![
-            doc! { "$match": { e::TIMESTAMP: window.clone() } },
-            doc! { "$group": {
-                "_id": day.clone(),
-                "events": { "$sum": 1 },
-                "users": { "$addToSet": "$userId" },
-                "sessions": { "$addToSet": "$sessionId" },
-                "pageViews": { "$sum": { "$cond": [ { "$eq": ["$eventType", EventType::PageView.as_str()] }, 1, 0 ] } },
-            } },
-            doc! { "$project": {
-                "date": "$_id", "events": 1, "pageViews": 1,
-                "uniqueUsers": { "$size": "$users" }, "uniqueSessions": { "$size": "$sessions" },
-            } },
-            doc! { "$sort": { "date": 1 } },
+    // Distinct values are counted by grouping on them, never collected into arrays
+    // (`$addToSet` is capped at 100 MB per group and cannot spill): a day with millions
+    // of sessions, or a page with millions of visitors, still aggregates, on disk if it
+    // must.
+    let run = |pipeline: Vec<Document>| {
+        let events = events.clone();
+        async move {
+            events
+                .aggregate(pipeline)
+                .allow_disk_use(true)
+                .await
+                .map_err(read_err)?
+                .try_collect::<Vec<Document>>()
+                .await
+                .map_err(read_err)
+        }
+    };
+    let in_window = doc! { "$match": { e::TIMESTAMP: window.clone() } };
+    let totals = run(vec![
+        in_window.clone(),
+        doc! { "$group": {
+            "_id": day.clone(),
+            "events": { "$sum": 1 },
+            "pageViews": { "$sum": { "$cond": [ { "$eq": ["$eventType", EventType::PageView.as_str()] }, 1, 0 ] } },
+        } },
+        doc! { "$sort": { "_id": 1 } },
+    ])
+    .await?;
+    let distinct = |field: &str| {
+        run(vec![
+            in_window.clone(),
+            doc! { "$group": { "_id": { "day": day.clone(), "v": format!("${field}") } } },
+            doc! { "$group": { "_id": "$_id.day", "n": { "$sum": 1 } } },
         ])
-        .await
-        .map_err(read_err)?
-        .try_collect()
-        .await
-        .map_err(read_err)?;
-    let pages: Vec<Document> = events
-        .aggregate(vec![
-            // A page view without a page counts in `pageViews`, but is no top page.
-            doc! { "$match": { e::EVENT_TYPE: EventType::PageView.as_str(), e::TIMESTAMP: window, e::PAGE_URL: { "$type": "string" } } },
-            doc! { "$group": {
-                "_id": { "day": day, "pageUrl": "$pageUrl" },
-                "views": { "$sum": 1 },
-                "users": { "$addToSet": "$userId" },
+    };
+    let users = distinct(e::USER_ID).await?;
+    let sessions = distinct(e::SESSION_ID).await?;
+    let pages = run(vec![
+        // A page view without a page counts in `pageViews`, but is no top page.
+        doc! { "$match": { e::EVENT_TYPE: EventType::PageView.as_str(), e::TIMESTAMP: window, e::PAGE_URL: { "$type": "string" } } },
+        doc! { "$group": {
+            "_id": { "day": day, "pageUrl": "$pageUrl", "userId": "$userId" },
+            "views": { "$sum": 1 },
+        } },
+        doc! { "$group": {
+            "_id": { "day": "$_id.day", "pageUrl": "$_id.pageUrl" },
+            "views": { "$sum": "$views" },
+            "uniqueUsers": { "$sum": 1 },
+        } },
+        // The ten most viewed of each day (ties by URL), chosen by the server.
+        doc! { "$group": {
+            "_id": "$_id.day",
+            "top": { "$topN": {
+                "n": 10,
+                "sortBy": { "views": -1, "_id.pageUrl": 1 },
+                "output": { "pageUrl": "$_id.pageUrl", "views": "$views", "uniqueUsers": "$uniqueUsers" },
             } },
-            doc! { "$project": { "views": 1, "uniqueUsers": { "$size": "$users" } } },
-            doc! { "$sort": { "_id.day": 1, "views": -1, "_id.pageUrl": 1 } },
-        ])
-        .await
-        .map_err(read_err)?
-        .try_collect()
-        .await
-        .map_err(read_err)?;
+        } },
+    ])
+    .await?;
     let int = |d: &Document, k: &str| match d.get(k) {
         Some(Bson::Int32(v)) => i64::from(*v),
         Some(Bson::Int64(v)) => *v,
         _ => 0,
     };
+    let by_day = |rows: &[Document]| -> std::collections::HashMap<String, i64> {
+        rows.iter()
+            .filter_map(|r| Some((r.get_str(common::ID).ok()?.to_string(), int(r, "n"))))
+            .collect()
+    };
+    let (users, sessions) = (by_day(&users), by_day(&sessions));
+    let tops: std::collections::HashMap<String, Vec<Bson>> = pages
+        .iter()
+        .filter_map(|p| {
+            let date = p.get_str(common::ID).ok()?.to_string();
+            let top = p
+                .get_array("top")
+                .ok()?
+                .iter()
+                .filter_map(Bson::as_document)
+                .map(|t| {
+                    Bson::Document(doc! {
+                        pc::PAGE_URL: t.get("pageUrl").cloned().unwrap_or(Bson::Null),
+                        pc::VIEWS: int(t, "views"),
+                        pc::UNIQUE_USERS: int(t, "uniqueUsers"),
+                    })
+                })
+                .collect();
+            Some((date, top))
+        })
+        .collect();
     Ok(totals
         .iter()
         .map(|t| {
-            let date = t.get_str("date").unwrap_or_default().to_string();
-            let top: Vec<Bson> = pages
-                .iter()
-                .filter(|p| p.get_document("_id").ok().and_then(|i| i.get_str("day").ok()) == Some(date.as_str()))
-                .take(10)
-                .map(|p| {
-                    let url = p.get_document("_id").ok().and_then(|i| i.get("pageUrl").cloned()).unwrap_or(Bson::Null);
-                    Bson::Document(doc! { pc::PAGE_URL: url, pc::VIEWS: int(p, "views"), pc::UNIQUE_USERS: int(p, "uniqueUsers") })
-                })
-                .collect();
+            let date = t.get_str(common::ID).unwrap_or_default().to_string();
             doc! {
-                pc::DATE: date,
+                pc::DATE: &date,
                 pc::EVENTS: int(t, "events"),
-                pc::UNIQUE_USERS: int(t, "uniqueUsers"),
-                pc::UNIQUE_SESSIONS: int(t, "uniqueSessions"),
+                pc::UNIQUE_USERS: users.get(&date).copied().unwrap_or(0),
+                pc::UNIQUE_SESSIONS: sessions.get(&date).copied().unwrap_or(0),
                 pc::PAGE_VIEWS: int(t, "pageViews"),
-                pc::TOP_PAGES: top,
+                pc::TOP_PAGES: tops.get(&date).cloned().unwrap_or_default(),
             }
         })
         .collect())

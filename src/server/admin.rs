@@ -13,7 +13,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use bson::{doc, DateTime, Document};
+use bson::{doc, Bson, DateTime, Document};
 use futures_util::TryStreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -749,6 +749,18 @@ const ANALYTICS_MAX_TIME: Duration = Duration::from_secs(60);
 const JOURNEY_MAX_EVENTS: i64 = 5_000;
 
 async fn aggregate(state: &AppState, pipeline: Vec<Document>) -> Result<Json<Value>, ApiError> {
+    let docs = aggregate_docs(state, pipeline).await?;
+    Ok(Json(json!(docs
+        .into_iter()
+        .map(|d| bson::Bson::Document(d).into_relaxed_extjson())
+        .collect::<Vec<_>>())))
+}
+
+/// Runs an analytics pipeline over `events` (on disk where a group outgrows memory).
+async fn aggregate_docs(
+    state: &AppState,
+    pipeline: Vec<Document>,
+) -> Result<Vec<Document>, ApiError> {
     // Analytics may read from secondaries (secondary preferred): they may lag the
     // primary by the replication delay, and take no load off it.
     let options = mongodb::options::SelectionCriteria::ReadPreference(
@@ -762,15 +774,13 @@ async fn aggregate(state: &AppState, pipeline: Vec<Document>) -> Result<Json<Val
         .aggregate(pipeline)
         .selection_criteria(options)
         .max_time(ANALYTICS_MAX_TIME)
+        .allow_disk_use(true)
         .await
         .map_err(store_error)?
         .try_collect()
         .await
         .map_err(store_error)?;
-    Ok(Json(json!(docs
-        .into_iter()
-        .map(|d| bson::Bson::Document(d).into_relaxed_extjson())
-        .collect::<Vec<_>>())))
+    Ok(docs)
 }
 
 /// The design document's daily analytics query.
@@ -792,12 +802,50 @@ async fn daily(
         ));
     }
     refuse_archived_days(&state, from, to).await?;
-    aggregate(&state, vec![
-        doc! { "$match": { "timestamp": { "$gte": sluice_jobs::export::day_start(from), "$lt": sluice_jobs::export::day_start(to + chrono::Days::new(1)) } } },
-        doc! { "$group": { "_id": { "$dateToString": { "format": "%Y-%m-%d", "date": "$timestamp" } }, "events": { "$sum": 1 }, "users": { "$addToSet": "$userId" }, "sessions": { "$addToSet": "$sessionId" } } },
-        doc! { "$project": { "_id": 0, "date": "$_id", "events": 1, "users": { "$size": "$users" }, "sessions": { "$size": "$sessions" } } },
-        doc! { "$sort": { "date": 1 } },
-    ]).await
+    let in_window = doc! { "$match": { "timestamp": { "$gte": sluice_jobs::export::day_start(from), "$lt": sluice_jobs::export::day_start(to + chrono::Days::new(1)) } } };
+    let day = doc! { "$dateToString": { "format": "%Y-%m-%d", "date": "$timestamp" } };
+    let totals = aggregate_docs(
+        &state,
+        vec![
+            in_window.clone(),
+            doc! { "$group": { "_id": day.clone(), "events": { "$sum": 1 } } },
+            doc! { "$sort": { "_id": 1 } },
+        ],
+    )
+    .await?;
+    // Distinct values counted by grouping on them, not collected with `$addToSet` (capped
+    // at 100 MB per group, and never spilled to disk).
+    let distinct = |field: &'static str| {
+        aggregate_docs(
+            &state,
+            vec![
+                in_window.clone(),
+                doc! { "$group": { "_id": { "day": day.clone(), "v": format!("${field}") } } },
+                doc! { "$group": { "_id": "$_id.day", "n": { "$sum": 1 } } },
+            ],
+        )
+    };
+    let count_by_day = |rows: Vec<Document>| -> std::collections::HashMap<String, Bson> {
+        rows.into_iter()
+            .filter_map(|r| Some((r.get_str("_id").ok()?.to_string(), r.get("n")?.clone())))
+            .collect()
+    };
+    let users = count_by_day(distinct("userId").await?);
+    let sessions = count_by_day(distinct("sessionId").await?);
+    Ok(Json(json!(totals
+        .into_iter()
+        .map(|t| {
+            let date = t.get_str("_id").unwrap_or_default().to_string();
+            let n = |m: &std::collections::HashMap<String, Bson>| {
+                m.get(&date).cloned().unwrap_or(Bson::Int32(0))
+            };
+            Bson::Document(doc! {
+                "date": &date, "events": t.get("events").cloned().unwrap_or(Bson::Int32(0)),
+                "users": n(&users), "sessions": n(&sessions),
+            })
+            .into_relaxed_extjson()
+        })
+        .collect::<Vec<_>>())))
 }
 
 /// Days whose events ARCHIVE moved to Parquet and deleted would be counted from what is
@@ -876,8 +924,10 @@ async fn top_pages(
     aggregate(&state, vec![
         // Page views without a `pageUrl` are no page to list.
         doc! { "$match": { "eventType": "PAGE_VIEW", "timestamp": { "$gte": sluice_jobs::export::day_start(from) }, "pageUrl": { "$type": "string" } } },
-        doc! { "$group": { "_id": "$pageUrl", "views": { "$sum": 1 }, "uniqueUsers": { "$addToSet": "$userId" } } },
-        doc! { "$project": { "_id": 0, "pageUrl": "$_id", "views": 1, "uniqueUsers": { "$size": "$uniqueUsers" } } },
+        // Per page and visitor first: a page's distinct visitors are counted, not collected.
+        doc! { "$group": { "_id": { "p": "$pageUrl", "u": "$userId" }, "views": { "$sum": 1 } } },
+        doc! { "$group": { "_id": "$_id.p", "views": { "$sum": "$views" }, "uniqueUsers": { "$sum": 1 } } },
+        doc! { "$project": { "_id": 0, "pageUrl": "$_id", "views": 1, "uniqueUsers": 1 } },
         doc! { "$sort": { "views": -1, "pageUrl": 1 } },
         doc! { "$limit": limit },
     ]).await
