@@ -1601,3 +1601,38 @@ async fn late_days_are_published_until_archived_and_archived_windows_do_not_stop
     assert_eq!(next.deleted, 1, "the late event, archived");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// A run that began reading before the partition's published snapshot was read (a slow
+/// backfill overtaken by the schedule republishing a late day) keeps that newer snapshot
+/// rather than putting an older one over it.
+#[tokio::test]
+async fn an_older_snapshot_does_not_replace_a_newer_published_one() {
+    let db = TestDb::initialized().await;
+    let dir = temp_dir();
+    let d = day(-2);
+    seed(&db, d, 30).await;
+    let ctx = ExportContext::new(db.store.clone(), ObjectStore::Local(LocalDir::new(&dir)));
+    let first = run_export(&ctx, &request(ExportJobType::EventData, d, d))
+        .await
+        .unwrap();
+    let prefix = format!("EVENT_DATA/dt={d}");
+    let published = manifest(&dir, &prefix);
+    assert!(published["readAt"].is_string(), "{published}");
+    // A rerun reads later: it replaces the partition.
+    let second = run_export(&ctx, &request(ExportJobType::EventData, d, d))
+        .await
+        .unwrap();
+    assert_eq!(manifest(&dir, &prefix)["jobId"], second.job_id.as_str());
+    assert_ne!(first.job_id, second.job_id);
+    // The published snapshot now says it was read after this run will begin reading.
+    let path = dir.join(&prefix).join("_manifest.json");
+    let mut newer = manifest(&dir, &prefix);
+    newer["readAt"] = serde_json::json!("2999-01-01T00:00:00.000Z");
+    std::fs::write(&path, serde_json::to_vec(&newer).unwrap()).unwrap();
+    let third = run_export(&ctx, &request(ExportJobType::EventData, d, d))
+        .await
+        .unwrap();
+    assert!(third.partitions[0].kept, "{third:?}");
+    assert_eq!(manifest(&dir, &prefix), newer, "the newer snapshot is kept");
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -195,6 +195,10 @@ struct Staged {
     /// ARCHIVE: the eventIds of exactly the rows read (and written, as ARCHIVE runs no
     /// transform): what is deleted and marked archived in the ledger.
     archived_ids: Vec<String>,
+    /// EVENT_DATA, USER_DATA, DAILY_ANALYTICS: the database's time before the run began
+    /// reading (see [`publish_now`]: a snapshot older than the published one is kept
+    /// out).
+    read_at: Option<DateTime>,
 }
 
 #[derive(Debug, Clone)]
@@ -620,6 +624,8 @@ async fn execute(
     ) {
         refuse_archived_days(ctx, request).await?;
     }
+    // Before any cursor opens: every event stored before this is in what the run reads.
+    let read_at = ctx.store.now();
     let mut staged = Vec::new();
     match kind {
         ExportJobType::EventData => {
@@ -682,6 +688,9 @@ async fn execute(
         // deleted events this run was reading, and it publishes its manifest before it
         // deletes anything, so a partial read always shows here.
         refuse_archived_days(ctx, request).await?;
+    }
+    for s in &mut staged {
+        s.read_at = Some(read_at);
     }
     Ok((publish_all(ctx, job_id, kind, &staged).await?, 0))
 }
@@ -1514,6 +1523,7 @@ async fn stage(
         rows_read,
         delete_filter,
         archived_ids,
+        read_at: None,
     })
 }
 
@@ -1536,6 +1546,7 @@ async fn publish(
         prefix: s.prefix.clone(),
         table: s.table,
         parts: s.parts.clone(),
+        read_at: s.read_at,
     };
     // One publish of a partition at a time, across runs and processes: two interleaved
     // publishes could each remove the other's files and leave a manifest naming files
@@ -1578,6 +1589,7 @@ struct Publishable {
     prefix: String,
     table: &'static TableSpec,
     parts: Vec<(String, LocalPartInfo)>,
+    read_at: Option<DateTime>,
 }
 
 /// Partitions being published by this process.
@@ -1639,6 +1651,30 @@ async fn publish_now(
             });
         }
     }
+    // A run that began reading before the published one (a slow backfill overtaken by
+    // the schedule's republish of a late day) would put an older snapshot over a newer
+    // one, and the late events the newer one holds would be lost for good (the day's mark
+    // says they were published): kept out.
+    let published_read_at = old_manifest
+        .as_ref()
+        .and_then(|m| serde_json::from_slice::<serde_json::Value>(m).ok())
+        .and_then(|m| m["readAt"].as_str().map(str::to_string))
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok())
+        .map(|t| t.timestamp_millis());
+    if let (false, Some(ours), Some(theirs)) = (additive, s.read_at, published_read_at) {
+        if theirs > ours.timestamp_millis() {
+            tracing::warn!(
+                partition = %s.prefix,
+                "a run that began reading later has published this partition already; its newer snapshot is kept"
+            );
+            return Ok(PartitionSummary {
+                prefix: s.prefix.clone(),
+                files: Vec::new(),
+                rows: 0,
+                kept: true,
+            });
+        }
+    }
     let mut files: Vec<serde_json::Value> = Vec::new();
     if let (true, Some(old)) = (additive, &old_manifest) {
         let old: serde_json::Value =
@@ -1678,6 +1714,7 @@ async fn publish_now(
             "partition": s.prefix,
             "jobId": job_id,
             "createdAt": Utc::now().to_rfc3339(),
+            "readAt": s.read_at.map(|t| t.to_chrono().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
             "rows": rows,
             "schema": schema_description(s.table),
             "files": files,
