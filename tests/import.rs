@@ -2182,3 +2182,65 @@ batch_size = 2
     keys.sort();
     assert_eq!(keys, vec![1, 2, 3, 4, 5], "each once");
 }
+
+/// Page 2 of 3 answers an error body with `200`: the run keeps pages 1's records, says
+/// which page came without records, and does not move its (unsorted) cursor past the
+/// records of page 3 it never read; the next run, with the API healthy, reads them.
+#[tokio::test]
+async fn an_error_answered_with_200_mid_run_keeps_the_cursor() {
+    let db = TestDb::initialized().await;
+    let healthy = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ok = healthy.clone();
+    let api = move |Query(q): Query<Vec<(String, String)>>| {
+        let ok = ok.clone();
+        async move {
+            let cursor = q
+                .iter()
+                .find(|(k, _)| k == "cursor")
+                .map(|(_, v)| v.clone());
+            Json(match cursor.as_deref() {
+                None => json!({ "data": [
+                    { "id": "a", "updated": "2026-11-05T00:00:00Z" },
+                    { "id": "b", "updated": "2026-11-09T00:00:00Z" } ], "next": "2" }),
+                Some("2") if !ok.load(std::sync::atomic::Ordering::SeqCst) => {
+                    json!({ "error": "quota exceeded" })
+                }
+                Some("2") => {
+                    json!({ "data": [ { "id": "c", "updated": "2026-11-06T00:00:00Z" } ], "next": "3" })
+                }
+                _ => {
+                    json!({ "data": [ { "id": "d", "updated": "2026-11-07T00:00:00Z" } ], "next": null })
+                }
+            })
+        }
+    };
+    let addr = serve(Router::new().route("/items", get(api))).await;
+    let text = things_config(
+        "quota",
+        &format!("http://{addr}/items"),
+        "type = \"cursor\"\ncursor_path = \"$.next\"",
+    ) + "[mapping.updated]\npath = \"$.updated\"\ntype = \"date\"\n[incremental]\ncursor_field = \"updated\"\nparam = \"since\"\n";
+    let name = apply(&db, &text).await;
+    let first = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(first.fetched, 2);
+    let why = first.stopped_early.clone().unwrap_or_default();
+    assert!(why.contains("page 2"), "{first:?}");
+    assert_eq!(
+        sync_cursor(&db, &name).await,
+        None,
+        "not moved past records never read"
+    );
+    healthy.store(true, std::sync::atomic::Ordering::SeqCst);
+    let second = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert!(
+        second.completed && second.stopped_early.is_none(),
+        "{second:?}"
+    );
+    let things = db.store.collection("things");
+    assert_eq!(things.count_documents(doc! {}).await.unwrap(), 4);
+    assert!(sync_cursor(&db, &name).await.is_some());
+}

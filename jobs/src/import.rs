@@ -518,6 +518,15 @@ async fn import_pages(
                 &connector.name,
                 format!("page {}: {miss}", summary.pages + 1),
             );
+            // After records came, a page without the records' place is more likely an
+            // error answered with 200 than the end: the run counts as cut short, so an
+            // incremental cursor (unless `sorted`) is not moved past the pages not read.
+            if summary.pages > 0 && summary.stopped_early.is_none() {
+                summary.stopped_early = Some(format!(
+                    "page {} came without the records' place (an error answered with 200?); the pages after it were not read",
+                    summary.pages + 1
+                ));
+            }
         }
         summary.pages += 1;
         summary.fetched += page.records().len() as u64;
