@@ -1063,6 +1063,22 @@ path = "$.email"
         .await
         .unwrap();
     assert_eq!(again.sent, 0);
+    // A document stamped just now waits out `settle_seconds` (60): a write stamped
+    // before it but committed after it must not fall behind the position. One stamped
+    // two minutes ago is sent.
+    let now = db.store.now().timestamp_millis();
+    for (id, at) in [("fresh", now), ("settled", now - 120_000)] {
+        users
+            .insert_one(doc! { "visitorId": id, "email": format!("{id}@example.com"), "totalPurchases": 1, "updatedAt": bson::DateTime::from_millis(at) })
+            .await
+            .unwrap();
+    }
+    let third = run_push(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(third.sent, 1);
+    let last = api.pushed.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(last["contacts"][0]["id"], "settled", "{last}");
 }
 
 #[tokio::test]

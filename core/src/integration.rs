@@ -289,10 +289,18 @@ pub struct PushSection {
     /// The JSON body: `{"<wrap>": [records]}`, or a bare array when empty.
     #[serde(default)]
     pub wrap: String,
+    /// Documents whose watermark is a date are sent once it is this many seconds old, so
+    /// a write stamped just before another but committed after it is not passed over.
+    #[serde(default = "push_settle")]
+    pub settle_seconds: u64,
 }
 
 fn push_batch() -> usize {
     100
+}
+
+fn push_settle() -> u64 {
+    60
 }
 
 /// Target value types of a mapping.

@@ -788,7 +788,7 @@ async fn write_page(
                     "cursorEpochMs": summary.cursor_epoch_ms,
                     // A resumed run must still know it was cut short (it keeps the cursor).
                     "stoppedEarly": summary.stopped_early.clone(),
-                    common::UPDATED_AT: DateTime::now(),
+                    common::UPDATED_AT: store.now(),
                 },
             )
             .upsert(true)
@@ -1019,7 +1019,7 @@ async fn sink(
         }
         return Ok((inserted, updated));
     }
-    let now = DateTime::now();
+    let now = store.now();
     let full: Vec<Document> = docs
         .iter()
         .map(|d| {
@@ -1066,7 +1066,7 @@ async fn upsert(
     if docs.is_empty() {
         return Ok((0, 0));
     }
-    let now = DateTime::now();
+    let now = store.now();
     let updates: Vec<Document> = docs
         .iter()
         .map(|d| {
@@ -1284,6 +1284,23 @@ pub async fn run_push(
             after
         } else {
             doc! { "$and": [filter, after] }
+        };
+    }
+    // A date watermark is stamped before its write commits: one stamped earlier than a
+    // document already sent, but committed after it, would fall behind the position and
+    // never be sent. Only dates older than the settle time are read (other watermark
+    // types are read as they are); the rest wait for the next run.
+    if let (Some(w), true) = (&watermark, push.settle_seconds > 0) {
+        let settled =
+            store.now().timestamp_millis() - (push.settle_seconds as i64).saturating_mul(1000);
+        let settled = doc! { "$or": [
+            { w: { "$lt": DateTime::from_millis(settled) } },
+            { w: { "$not": { "$type": "date" } } },
+        ] };
+        filter = if filter.is_empty() {
+            settled
+        } else {
+            doc! { "$and": [filter, settled] }
         };
     }
     let source = store.collection(&push.collection);

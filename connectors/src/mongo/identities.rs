@@ -245,7 +245,7 @@ pub async fn apply_traits(
         return Ok(false);
     }
     set.insert(u::TRAITS_AT, at);
-    set.insert(common::UPDATED_AT, DateTime::now());
+    set.insert(common::UPDATED_AT, store.now());
     let result = store
         .collection(c::USERS)
         .update_one(
