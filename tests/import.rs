@@ -2260,3 +2260,76 @@ async fn an_error_answered_with_200_mid_run_keeps_the_cursor() {
     assert_eq!(things.count_documents(doc! {}).await.unwrap(), 4);
     assert!(sync_cursor(&db, &name).await.is_some());
 }
+
+/// An EXPORT's typed mappings read what MongoDB stores (a date, an ObjectId, as relaxed
+/// extended JSON), and a document that still fails mapping is kept in `dead_letters`
+/// rather than passed over without a trace.
+#[tokio::test]
+async fn push_mappings_read_dates_and_ids_and_keep_what_fails() {
+    let db = TestDb::initialized().await;
+    let (base, api) = fault_api(Fault::None).await;
+    let users = db.store.collection("users");
+    let seen = bson::DateTime::from_millis(1_764_000_000_123);
+    users
+        .insert_one(doc! { "visitorId": "v1", "email": "a@example.com", "lastSeen": seen, "updatedAt": bson::DateTime::from_millis(1_000) })
+        .await
+        .unwrap();
+    users
+        .insert_one(doc! { "visitorId": "v2", "updatedAt": bson::DateTime::from_millis(2_000) })
+        .await
+        .unwrap();
+    let text = format!(
+        r#"
+name = "typed-push"
+type = "EXPORT"
+endpoint = "{base}/inbox"
+method = "POST"
+allow_private_network = true
+[push]
+collection = "users"
+watermark_field = "updatedAt"
+[mapping.id]
+path = "$._id"
+type = "string"
+[mapping.email]
+path = "$.email"
+required = true
+[mapping.lastSeen]
+path = "$.lastSeen"
+type = "date"
+"#
+    );
+    let name = apply(&db, &text).await;
+    let s = run_push(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert_eq!((s.sent, s.failed, s.dead_letters), (1, 1, 1), "{s:?}");
+    let pushed = api.pushed.lock().unwrap().clone();
+    let record = &pushed[0][0];
+    assert_eq!(
+        record["lastSeen"],
+        json!({ "$date": "2025-11-24T16:00:00.123Z" }),
+        "{record}"
+    );
+    assert_eq!(
+        record["id"].as_str().map(str::len),
+        Some(24),
+        "an ObjectId as text: {record}"
+    );
+    let letter = db
+        .store
+        .collection("dead_letters")
+        .find_one(doc! { "pipeline": format!("push:{name}") })
+        .await
+        .unwrap()
+        .expect("the unmapped document is kept");
+    assert_eq!(letter.get_str("plugin").unwrap(), "mapping");
+    assert_eq!(
+        letter
+            .get_document("record")
+            .unwrap()
+            .get_str("visitorId")
+            .unwrap(),
+        "v2"
+    );
+}

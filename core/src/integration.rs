@@ -1021,7 +1021,41 @@ fn coerce(field: &Field, v: Value) -> Result<Bson, String> {
     coerce_one(field, v)
 }
 
+/// A scalar MongoDB wrote as extended JSON (an EXPORT maps documents read from MongoDB
+/// as relaxed extended JSON: dates as `{"$date": ...}`, ids as `{"$oid": ...}`, big or
+/// exact numbers as `{"$numberLong": ...}` / `{"$numberDecimal": ...}`), as the plain
+/// JSON value it stands for; anything else as it is.
+fn plain_scalar(v: Value) -> Value {
+    let Value::Object(m) = &v else {
+        return v;
+    };
+    let Some((key, inner)) = m.iter().next().filter(|_| m.len() == 1) else {
+        return v;
+    };
+    match (key.as_str(), inner) {
+        (
+            "$oid" | "$numberLong" | "$numberInt" | "$numberDecimal" | "$numberDouble" | "$symbol",
+            Value::String(s),
+        ) => Value::String(s.clone()),
+        ("$date", Value::String(s)) => Value::String(s.clone()),
+        ("$date", Value::Number(n)) => Value::Number(n.clone()),
+        ("$date", Value::Object(d)) => match d.get("$numberLong") {
+            Some(Value::String(ms)) if d.len() == 1 => ms
+                .parse::<i64>()
+                .map(|ms| Value::Number(ms.into()))
+                .unwrap_or(v),
+            _ => v,
+        },
+        _ => v,
+    }
+}
+
 fn coerce_one(field: &Field, v: Value) -> Result<Bson, String> {
+    let v = if field.kind == FieldType::Any {
+        v
+    } else {
+        plain_scalar(v)
+    };
     let bad = |what: &str| {
         format!(
             "field `{}` ({}): expected {what}, got {v}",
@@ -1731,5 +1765,62 @@ type = "bool"
             };
             assert_eq!(lookup(&fast, &record), lookup(&engine, &record), "{path}");
         }
+    }
+
+    #[test]
+    fn typed_fields_read_the_extended_json_an_export_maps_from() {
+        let field = |kind: FieldType| Field {
+            target: "t".into(),
+            path: "$.v".into(),
+            query: jsonpath_rust::parser::parse_json_path("$.v").unwrap(),
+            members: member_chain("$.v"),
+            kind,
+            required: false,
+            default: None,
+            list: false,
+        };
+        let at = bson::DateTime::from_millis(1_764_000_000_123);
+        let cases = [
+            (
+                FieldType::Date,
+                json!({ "$date": "2025-11-24T16:00:00.123Z" }),
+                Bson::DateTime(at),
+            ),
+            (
+                FieldType::Date,
+                json!({ "$date": { "$numberLong": "1764000000123" } }),
+                Bson::DateTime(at),
+            ),
+            (
+                FieldType::String,
+                json!({ "$oid": "65a1b2c3d4e5f60718293a4b" }),
+                Bson::String("65a1b2c3d4e5f60718293a4b".into()),
+            ),
+            (
+                FieldType::Integer,
+                json!({ "$numberLong": "9007199254740993" }),
+                Bson::Int64(9_007_199_254_740_993),
+            ),
+            (
+                FieldType::Number,
+                json!({ "$numberDecimal": "12.50" }),
+                Bson::Double(12.5),
+            ),
+            (
+                FieldType::String,
+                json!({ "$date": "2025-11-24T16:00:00.123Z" }),
+                Bson::String("2025-11-24T16:00:00.123Z".into()),
+            ),
+        ];
+        for (kind, v, want) in cases {
+            assert_eq!(
+                coerce(&field(kind), v.clone()).unwrap(),
+                want,
+                "{v} as {kind:?}"
+            );
+        }
+        // An object that is not one of those is still refused.
+        assert!(coerce(&field(FieldType::Date), json!({ "$date": "x", "more": 1 })).is_err());
+        assert!(coerce(&field(FieldType::String), json!({ "a": 1 })).is_err());
     }
 }

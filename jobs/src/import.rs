@@ -1350,6 +1350,9 @@ pub async fn run_push(
             .keep_dead_letters(applied.dead_letters, &format!("push:{name}"), None)
             .await?;
         let mut records = Vec::with_capacity(docs.len());
+        // Documents that fail mapping are not sent, and the position moves past them:
+        // they are kept in `dead_letters` (plugin `mapping`) so nothing goes unnoticed.
+        let mut unmapped = Vec::new();
         for d in &docs {
             let json = Bson::Document(d.clone()).into_relaxed_extjson();
             if connector.fields.is_empty() {
@@ -1360,6 +1363,11 @@ pub async fn run_push(
                 Ok(m) => records.push(Bson::Document(m).into_relaxed_extjson()),
                 Err(reason) => {
                     summary.failed += 1;
+                    unmapped.push(sluice_core::transform::DeadLetter {
+                        transform: "mapping".into(),
+                        reason: reason.clone(),
+                        record: d.clone(),
+                    });
                     if summary.samples.len() < MAX_SAMPLES {
                         summary.samples.push(Rejected {
                             reason,
@@ -1369,6 +1377,9 @@ pub async fn run_push(
                 }
             }
         }
+        summary.dead_letters += store
+            .keep_dead_letters(unmapped, &format!("push:{name}"), None)
+            .await?;
         if records.is_empty() {
             // Nothing to send, but the batch was handled: move past it.
             advance_watermark(store, name, high).await?;
