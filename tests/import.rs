@@ -873,7 +873,8 @@ required = true
     )
 }
 
-/// Pages of at most 5 records whatever the client asks, with the total in the body.
+/// Pages of at most 5 records whatever the client asks, with the total and whether more
+/// follow in the body.
 async fn capped(Query(q): Query<Vec<(String, String)>>) -> Json<Value> {
     let page: u64 = q
         .iter()
@@ -884,7 +885,7 @@ async fn capped(Query(q): Query<Vec<(String, String)>>) -> Json<Value> {
     let data: Vec<Value> = (from..(from + 5).min(12))
         .map(|i| json!({ "id": i }))
         .collect();
-    Json(json!({ "data": data, "total": 12 }))
+    Json(json!({ "data": data, "total": 12, "more": from + 5 < 12 }))
 }
 
 /// One page of records, gzip-compressed.
@@ -935,6 +936,18 @@ async fn an_api_capping_its_page_size_is_read_to_its_total() {
         "5 + 5 + 2, though 10 were asked for"
     );
     assert_eq!(count(&db, "things").await, 12);
+    // Without a total, `has_more: true` on a short page says it is not the last.
+    let db = TestDb::initialized().await;
+    let config = things_config(
+        "capped-more",
+        &format!("http://{addr}/capped"),
+        "type = \"page\"\nsize = 10\nhas_more_path = \"$.more\"",
+    );
+    let name = apply(&db, &config).await;
+    let s = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert_eq!((s.fetched, s.pages), (12, 3));
 }
 
 #[tokio::test]

@@ -764,10 +764,16 @@ impl HttpClient {
         if got == 0 {
             return PageState::Done;
         }
-        if let Some(p) = &c.has_more_path {
-            if first(&page.body, p) == Some(Value::Bool(false)) {
-                return PageState::Done;
-            }
+        // The API's own word on whether more follows, when it gives one.
+        let more = c
+            .has_more_path
+            .as_ref()
+            .and_then(|p| match first(&page.body, p) {
+                Some(Value::Bool(b)) => Some(b),
+                _ => None,
+            });
+        if more == Some(false) {
+            return PageState::Done;
         }
         let total = c
             .total_path
@@ -796,9 +802,9 @@ impl HttpClient {
                 param, start, size, ..
             } => {
                 let seen = offset + got;
-                // With a total, it decides (an API may cap its pages below `size`);
-                // without one, a short page is the last.
-                if total.map_or(got < *size, |t| seen >= t) {
+                // `has_more: true` or a total decides (an API may cap its pages below
+                // `size`); without either, a short page is the last.
+                if more != Some(true) && total.map_or(got < *size, |t| seen >= t) {
                     return PageState::Done;
                 }
                 PageState::Fetch {
@@ -810,7 +816,7 @@ impl HttpClient {
             }
             Paging::Offset { param, size, .. } => {
                 let seen = offset + got;
-                if total.map_or(got < *size, |t| seen >= t) {
+                if more != Some(true) && total.map_or(got < *size, |t| seen >= t) {
                     return PageState::Done;
                 }
                 PageState::Fetch {
