@@ -2346,3 +2346,65 @@ type = "date"
         "v2"
     );
 }
+
+/// An interrupted run's saved next page expires (the API answers 410 to its cursor): the
+/// resumed run fails once, drops the checkpoint and says so, and the next run starts
+/// over and completes, instead of failing on the dead cursor for ever.
+#[tokio::test]
+async fn a_checkpoint_whose_next_page_expired_is_dropped_not_resumed_for_ever() {
+    let db = TestDb::initialized().await;
+    let generation = Arc::new(AtomicU64::new(1));
+    let g = generation.clone();
+    let api = move |Query(q): Query<Vec<(String, String)>>| {
+        let g = g.load(Ordering::SeqCst);
+        async move {
+            let cursor = q
+                .iter()
+                .find(|(k, _)| k == "cursor")
+                .map(|(_, v)| v.clone());
+            match cursor.as_deref() {
+                None => Json(json!({ "data": [{ "id": "a" }], "next": format!("g{g}-2") }))
+                    .into_response(),
+                Some(c) if c == format!("g{g}-2") => {
+                    Json(json!({ "data": [{ "id": "b" }], "next": null })).into_response()
+                }
+                Some(_) => (StatusCode::GONE, "cursor expired").into_response(),
+            }
+        }
+    };
+    let addr = serve(Router::new().route("/items", get(api))).await;
+    let text = things_config(
+        "expiring",
+        &format!("http://{addr}/items"),
+        "type = \"cursor\"\ncursor_path = \"$.next\"",
+    );
+    let name = apply(&db, &text).await;
+    let one = ImportOptions {
+        stop_after_pages: Some(1),
+        ..Default::default()
+    };
+    assert!(!run_import(&db.store, &name, &one).await.unwrap().completed);
+    generation.store(2, Ordering::SeqCst);
+    let err = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("410"), "{err}");
+    let checkpoints = db.store.collection("import_checkpoints");
+    assert_eq!(checkpoints.count_documents(doc! {}).await.unwrap(), 0);
+    let failed = db
+        .store
+        .collection("import_runs")
+        .find_one(doc! { "config": &name, "status": "FAILED" })
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        failed.get_str("error").unwrap().contains("starts over"),
+        "{failed}"
+    );
+    let fresh = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert!(fresh.completed && !fresh.resumed, "{fresh:?}");
+    assert_eq!(count(&db, "things").await, 2);
+}

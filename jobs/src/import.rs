@@ -359,6 +359,7 @@ pub async fn run_import(
         record_run(store, &summary, "RUNNING", None).await?;
     }
     let before = summary.clone();
+    let pages_at_start = summary.pages;
     let outcome = import_pages(
         store,
         &connector,
@@ -439,7 +440,27 @@ pub async fn run_import(
             Ok(summary)
         }
         Err(e) => {
-            let _ = record_run(store, &summary, "FAILED", Some(&e.to_string())).await;
+            let mut message = e.to_string();
+            // A resumed run whose saved next page the API refuses outright (an expired
+            // cursor, scroll id or signed next-page URL) would fail the same way on every
+            // run: the checkpoint is dropped, and the next run starts over (upserts by key
+            // make reading again safe).
+            let refused = matches!(
+                &e,
+                ImportError::Http(sluice_connectors::http::HttpError::Status { status, .. })
+                    if matches!(status, 400 | 404 | 410 | 422)
+            );
+            if summary.resumed && summary.pages == pages_at_start && refused {
+                let dropped = store
+                    .collection(c::IMPORT_CHECKPOINTS)
+                    .delete_one(doc! { common::ID: name })
+                    .await;
+                if dropped.is_ok() {
+                    message.push_str("; the API refused the saved next page of the interrupted run, so its checkpoint was dropped: the next run starts over");
+                    tracing::warn!(config = name, "{message}");
+                }
+            }
+            let _ = record_run(store, &summary, "FAILED", Some(&message)).await;
             Err(e)
         }
     }
