@@ -218,18 +218,8 @@ for path in sys.argv[1:]:
     types = {f.name: str(f.type) for f in t.schema}
 print(json.dumps({"rows": rows, "types": types}))
 "#;
-    let out = std::process::Command::new(support::python())
-        .arg("-c")
-        .arg(script)
-        .args(&files)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report: serde_json::Value =
+        serde_json::from_slice(&support::run_python(script, &files)).unwrap();
     assert_eq!(report["rows"], 2000);
     assert_eq!(report["types"]["timestamp"], "timestamp[us, tz=UTC]");
     assert_eq!(report["types"]["eventId"], "string");
@@ -1468,18 +1458,8 @@ meta = pq.read_schema(sys.argv[1]).metadata[b"sluice.table"].decode()
 print(json.dumps({"anonymousId": row["anonymousId"], "context": json.loads(row["context"]),
                   "updatedAt": row["updatedAt"] is not None, "table": meta}))
 "#;
-    let out = std::process::Command::new(support::python())
-        .arg("-c")
-        .arg(script)
-        .args(&files)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let row: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let row: serde_json::Value =
+        serde_json::from_slice(&support::run_python(script, &files)).unwrap();
     assert_eq!(row["anonymousId"], "anon-42", "{row}");
     assert_eq!(row["context"]["campaign"]["source"], "newsletter", "{row}");
     assert_eq!(row["updatedAt"], true, "{row}");

@@ -91,18 +91,23 @@ required = true
     (dir, config)
 }
 
-/// A `sluice serve` process on `config`.
-fn serve(config: &std::path::Path) -> std::process::Child {
-    std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["--config"])
+/// `sluice serve` on `config` (the database named there, not the caller's), its output
+/// discarded.
+fn serve_command(config: &std::path::Path) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"));
+    cmd.args(["--config"])
         .arg(config)
         .arg("serve")
         .env_remove("SLUICE_MONGODB_URI")
         .env_remove("SLUICE_MONGODB_DATABASE")
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap()
+        .stderr(std::process::Stdio::null());
+    cmd
+}
+
+/// A `sluice serve` process on `config`.
+fn serve(config: &std::path::Path) -> std::process::Child {
+    serve_command(config).spawn().unwrap()
 }
 
 #[tokio::test]
@@ -202,15 +207,9 @@ fn serve_with_clock_ahead(
         .ok()
         .filter(|l| !l.is_empty())
         .expect("SLUICE_FAKETIME_LIB is not set: run the tests through `scripts/test.sh`");
-    std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["--config"])
-        .arg(config)
-        .arg("serve")
-        .env_remove("SLUICE_MONGODB_URI")
-        .env_remove("SLUICE_MONGODB_DATABASE")
+    serve_command(config)
         .env("LD_PRELOAD", lib)
         .env("FAKETIME", ahead)
-        .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(log).unwrap())
         .spawn()
         .unwrap()

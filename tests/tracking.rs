@@ -824,16 +824,7 @@ w.insert_network(IPSet(['2001:db8:beef::/48']), {
     'subdivisions': [{'iso_code': '13'}]})
 w.to_db_file(sys.argv[1])
 "#;
-    let out = std::process::Command::new(support::python())
-        .args(["-c", script])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    support::run_python(script, [&path]);
     path
 }
 

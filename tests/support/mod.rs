@@ -170,6 +170,25 @@ pub fn python() -> String {
     })
 }
 
+/// Runs `script` with the test tools' Python (`python -c SCRIPT ARGS...`), failing the
+/// test with its stderr if it fails; returns its stdout.
+pub fn run_python<S: AsRef<std::ffi::OsStr>>(
+    script: &str,
+    args: impl IntoIterator<Item = S>,
+) -> Vec<u8> {
+    let out = std::process::Command::new(python())
+        .args(["-c", script])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
 /// The example plugins built by `scripts/build-plugins.sh` (run by `scripts/test.sh`).
 pub fn plugin_dir() -> std::path::PathBuf {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins/dist");
