@@ -209,6 +209,24 @@ struct LocalPartInfo {
     sha256: String,
 }
 
+/// An event's day (UTC, `YYYY-MM-DD`), as an aggregation expression.
+pub fn event_day() -> Document {
+    doc! { "$dateToString": { "format": "%Y-%m-%d", "date": "$timestamp" } }
+}
+
+/// The stages that count, per day, the distinct values of `field` among the events
+/// `in_window` (a `$match` stage) selects: `{_id: day, n}`. Counted by grouping on the
+/// values, not by collecting them with `$addToSet`, which is capped at 100 MB per group
+/// and never spills to disk: a day with millions of sessions still aggregates (run with
+/// `allowDiskUse`).
+pub fn distinct_per_day(in_window: &Document, field: &str) -> Vec<Document> {
+    vec![
+        in_window.clone(),
+        doc! { "$group": { "_id": { "day": event_day(), "v": format!("${field}") } } },
+        doc! { "$group": { "_id": "$_id.day", "n": { "$sum": 1 } } },
+    ]
+}
+
 /// Midnight UTC of a day, as a BSON date.
 pub fn day_start(d: NaiveDate) -> DateTime {
     DateTime::from_millis(
@@ -319,27 +337,6 @@ async fn late_days(
     let cutoff =
         ctx.store.now().to_chrono().date_naive() - Days::new(u64::from(archive_after_days));
     let late = ctx.store.collection(c::LATE_DAYS);
-    let archivable: Vec<Document> = late
-        .find(doc! { common::ID: { "$lt": cutoff.to_string() } })
-        .await
-        .map_err(StoreError::mongo(c::LATE_DAYS, "find late days"))?
-        .try_collect()
-        .await
-        .map_err(StoreError::mongo(c::LATE_DAYS, "find late days"))?;
-    for m in &archivable {
-        let Some(day) = m
-            .get_str(common::ID)
-            .ok()
-            .and_then(|s| NaiveDate::parse_from_str(s, "%Y-%m-%d").ok())
-        else {
-            continue;
-        };
-        if is_archived(ctx, day).await? {
-            late.delete_one(doc! { common::ID: day.to_string() })
-                .await
-                .map_err(StoreError::mongo(c::LATE_DAYS, "forget archived days"))?;
-        }
-    }
     let marks: Vec<Document> = late
         .find(doc! {})
         .await
@@ -347,18 +344,32 @@ async fn late_days(
         .try_collect()
         .await
         .map_err(StoreError::mongo(c::LATE_DAYS, "find late days"))?;
-    let mut out: Vec<NaiveDate> = marks
-        .iter()
-        .filter_map(|m| {
-            let day = NaiveDate::parse_from_str(m.get_str(common::ID).ok()?, "%Y-%m-%d").ok()?;
-            let marked = m.get_datetime("markedAt").ok()?;
-            let read = m
-                .get_document("exported")
-                .ok()
-                .and_then(|e| e.get_datetime(kind.as_str()).ok());
-            (day < before && read.is_none_or(|r| r < marked)).then_some(day)
-        })
-        .collect();
+    let mut out = Vec::new();
+    for m in &marks {
+        let Some(day) = m
+            .get_str(common::ID)
+            .ok()
+            .and_then(|s| NaiveDate::parse_from_str(s, "%Y-%m-%d").ok())
+        else {
+            continue;
+        };
+        if day < cutoff && is_archived(ctx, day).await? {
+            late.delete_one(doc! { common::ID: day.to_string() })
+                .await
+                .map_err(StoreError::mongo(c::LATE_DAYS, "forget archived days"))?;
+            continue;
+        }
+        let Ok(marked) = m.get_datetime("markedAt") else {
+            continue;
+        };
+        let read = m
+            .get_document("exported")
+            .ok()
+            .and_then(|e| e.get_datetime(kind.as_str()).ok());
+        if day < before && read.is_none_or(|r| r < marked) {
+            out.push(day);
+        }
+    }
     out.sort();
     Ok(out)
 }
@@ -1248,12 +1259,10 @@ async fn daily_rows(
         source,
     };
     let window = doc! { "$gte": day_start(from), "$lt": day_start(next_day(to)) };
-    let day = doc! { "$dateToString": { "format": "%Y-%m-%d", "date": "$timestamp" } };
+    let day = event_day();
     let events = ctx.store.collection(c::EVENTS);
-    // Distinct values are counted by grouping on them, never collected into arrays
-    // (`$addToSet` is capped at 100 MB per group and cannot spill): a day with millions
-    // of sessions, or a page with millions of visitors, still aggregates, on disk if it
-    // must.
+    // Distinct values are counted by grouping on them (see `distinct_per_day`), on disk
+    // if a group outgrows memory, so a page with millions of visitors still aggregates.
     let run = |pipeline: Vec<Document>| {
         let events = events.clone();
         async move {
@@ -1278,15 +1287,8 @@ async fn daily_rows(
         doc! { "$sort": { "_id": 1 } },
     ])
     .await?;
-    let distinct = |field: &str| {
-        run(vec![
-            in_window.clone(),
-            doc! { "$group": { "_id": { "day": day.clone(), "v": format!("${field}") } } },
-            doc! { "$group": { "_id": "$_id.day", "n": { "$sum": 1 } } },
-        ])
-    };
-    let users = distinct(e::USER_ID).await?;
-    let sessions = distinct(e::SESSION_ID).await?;
+    let users = run(distinct_per_day(&in_window, e::USER_ID)).await?;
+    let sessions = run(distinct_per_day(&in_window, e::SESSION_ID)).await?;
     let pages = run(vec![
         // A page view without a page counts in `pageViews`, but is no top page.
         doc! { "$match": { e::EVENT_TYPE: EventType::PageView.as_str(), e::TIMESTAMP: window, e::PAGE_URL: { "$type": "string" } } },
@@ -1629,60 +1631,64 @@ async fn publish_now(
     } else {
         None
     };
-    // A rerun that finds nothing where rows were published (the day's events were
-    // archived or deleted since) would empty the partition a warehouse reads: it is kept.
+    // Parsed once: what an empty rerun compares with, whose read time a rerun is
+    // compared with, and what an archive adds to.
+    let old_json = old_manifest
+        .as_deref()
+        .map(serde_json::from_slice::<serde_json::Value>);
+    let published = old_json.as_ref().and_then(|r| r.as_ref().ok());
     let new_rows: u64 = s.parts.iter().map(|(_, i)| i.rows).sum();
-    if let (false, 0, Some(old)) = (additive, new_rows, &old_manifest) {
-        let old_rows = serde_json::from_slice::<serde_json::Value>(old)
-            .ok()
-            .and_then(|m| m["rows"].as_u64())
-            .unwrap_or(0);
-        if old_rows > 0 {
+    let keep = || {
+        Ok(PartitionSummary {
+            prefix: s.prefix.clone(),
+            files: Vec::new(),
+            rows: 0,
+            kept: true,
+        })
+    };
+    if !additive {
+        // A rerun that finds nothing where rows were published (the day's events were
+        // archived or deleted since) would empty the partition a warehouse reads: it is
+        // kept.
+        let old_rows = published.and_then(|m| m["rows"].as_u64()).unwrap_or(0);
+        if new_rows == 0 && old_rows > 0 {
             tracing::warn!(
                 partition = %s.prefix,
                 published_rows = old_rows,
                 "this run read no rows where {old_rows} were published (archived or deleted since?); the published partition is kept, delete it to replace it"
             );
-            return Ok(PartitionSummary {
-                prefix: s.prefix.clone(),
-                files: Vec::new(),
-                rows: 0,
-                kept: true,
-            });
+            return keep();
         }
-    }
-    // A run that began reading before the published one (a slow backfill overtaken by
-    // the schedule's republish of a late day) would put an older snapshot over a newer
-    // one, and the late events the newer one holds would be lost for good (the day's mark
-    // says they were published): kept out.
-    let published_read_at = old_manifest
-        .as_ref()
-        .and_then(|m| serde_json::from_slice::<serde_json::Value>(m).ok())
-        .and_then(|m| m["readAt"].as_str().map(str::to_string))
-        .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok())
-        .map(|t| t.timestamp_millis());
-    if let (false, Some(ours), Some(theirs)) = (additive, s.read_at, published_read_at) {
-        if theirs > ours.timestamp_millis() {
-            tracing::warn!(
-                partition = %s.prefix,
-                "a run that began reading later has published this partition already; its newer snapshot is kept"
-            );
-            return Ok(PartitionSummary {
-                prefix: s.prefix.clone(),
-                files: Vec::new(),
-                rows: 0,
-                kept: true,
-            });
+        // A run that began reading before the published one (a slow backfill overtaken
+        // by the schedule's republish of a late day) would put an older snapshot over a
+        // newer one, and the late events the newer one holds would be lost for good (the
+        // day's mark says they were published): kept out.
+        let published_read_at = published
+            .and_then(|m| m["readAt"].as_str())
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| t.timestamp_millis());
+        if let (Some(ours), Some(theirs)) = (s.read_at, published_read_at) {
+            if theirs > ours.timestamp_millis() {
+                tracing::warn!(
+                    partition = %s.prefix,
+                    "a run that began reading later has published this partition already; its newer snapshot is kept"
+                );
+                return keep();
+            }
         }
     }
     let mut files: Vec<serde_json::Value> = Vec::new();
-    if let (true, Some(old)) = (additive, &old_manifest) {
-        let old: serde_json::Value =
-            serde_json::from_slice(old).map_err(|e| ExportError::Verify {
-                key: manifest_key.clone(),
-                message: e.to_string(),
-            })?;
-        files.extend(old["files"].as_array().cloned().unwrap_or_default());
+    if additive {
+        match old_json {
+            Some(Err(e)) => {
+                return Err(ExportError::Verify {
+                    key: manifest_key.clone(),
+                    message: e.to_string(),
+                })
+            }
+            Some(Ok(old)) => files.extend(old["files"].as_array().cloned().unwrap_or_default()),
+            None => {}
+        }
     }
     ctx.dest.delete(std::slice::from_ref(&success)).await?;
     let names: Vec<String> = s

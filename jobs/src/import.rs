@@ -1254,6 +1254,15 @@ async fn advance_watermark(
     Ok(())
 }
 
+/// `filter` narrowed by `more` (just `more` when `filter` selects everything).
+fn and_filter(filter: Document, more: Document) -> Document {
+    if filter.is_empty() {
+        more
+    } else {
+        doc! { "$and": [filter, more] }
+    }
+}
+
 /// Runs an EXPORT config: documents above the watermark, mapped, pushed in batches; the
 /// watermark advances after each batch the endpoint accepted.
 pub async fn run_push(
@@ -1301,11 +1310,7 @@ pub async fn run_push(
         (None, _, _) => None,
     };
     if let Some(after) = position {
-        filter = if filter.is_empty() {
-            after
-        } else {
-            doc! { "$and": [filter, after] }
-        };
+        filter = and_filter(filter, after);
     }
     // A date watermark is stamped before its write commits: one stamped earlier than a
     // document already sent, but committed after it, would fall behind the position and
@@ -1318,11 +1323,7 @@ pub async fn run_push(
             { w: { "$lt": DateTime::from_millis(settled) } },
             { w: { "$not": { "$type": "date" } } },
         ] };
-        filter = if filter.is_empty() {
-            settled
-        } else {
-            doc! { "$and": [filter, settled] }
-        };
+        filter = and_filter(filter, settled);
     }
     let source = store.collection(&push.collection);
     let sort = match &watermark {

@@ -803,26 +803,19 @@ async fn daily(
     }
     refuse_archived_days(&state, from, to).await?;
     let in_window = doc! { "$match": { "timestamp": { "$gte": sluice_jobs::export::day_start(from), "$lt": sluice_jobs::export::day_start(to + chrono::Days::new(1)) } } };
-    let day = doc! { "$dateToString": { "format": "%Y-%m-%d", "date": "$timestamp" } };
     let totals = aggregate_docs(
         &state,
         vec![
             in_window.clone(),
-            doc! { "$group": { "_id": day.clone(), "events": { "$sum": 1 } } },
+            doc! { "$group": { "_id": sluice_jobs::export::event_day(), "events": { "$sum": 1 } } },
             doc! { "$sort": { "_id": 1 } },
         ],
     )
     .await?;
-    // Distinct values counted by grouping on them, not collected with `$addToSet` (capped
-    // at 100 MB per group, and never spilled to disk).
     let distinct = |field: &'static str| {
         aggregate_docs(
             &state,
-            vec![
-                in_window.clone(),
-                doc! { "$group": { "_id": { "day": day.clone(), "v": format!("${field}") } } },
-                doc! { "$group": { "_id": "$_id.day", "n": { "$sum": 1 } } },
-            ],
+            sluice_jobs::export::distinct_per_day(&in_window, field),
         )
     };
     let count_by_day = |rows: Vec<Document>| -> std::collections::HashMap<String, Bson> {

@@ -91,12 +91,6 @@ impl ServerClock {
         DateTime::from_millis(reading.now_ms())
     }
 
-    /// How far the database's clock is ahead of this host's wall clock, in ms (negative:
-    /// behind), by the last reading.
-    pub fn offset_ms(self: &Arc<Self>) -> i64 {
-        self.now().timestamp_millis() - wall_clock_ms()
-    }
-
     /// Takes a new reading (the fastest of [`SAMPLES`] round trips).
     pub async fn refresh(&self) -> Result<(), mongodb::error::Error> {
         let mut best: Option<Reading> = None;

@@ -192,10 +192,6 @@ impl Store {
         bson::DateTime::from_millis(self.now().timestamp_millis() + ahead.as_millis() as i64)
     }
 
-    pub fn clock(&self) -> &std::sync::Arc<ServerClock> {
-        &self.clock
-    }
-
     pub fn write_concern(&self) -> &WriteConcern {
         &self.write_concern
     }
