@@ -584,6 +584,30 @@ pub async fn configs_apply(config: &Config, dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `sluice import reset NAME [--cursor]`.
+pub async fn import_reset(config: &Config, name: &str, cursor: bool) -> anyhow::Result<()> {
+    let store = Store::connect(config).await?;
+    store.init().await?;
+    let job = crate::engine::job_name(name);
+    let report = sluice_jobs::import::reset_import(&store, name, &job, cursor).await?;
+    match &report.checkpoint {
+        Some((run, pages)) => println!(
+            "{name}: dropped the checkpoint of run {run} ({pages} pages committed); the next run starts anew, from the last committed cursor if there is one"
+        ),
+        None => println!("{name}: no interrupted run to drop"),
+    }
+    if cursor {
+        match &report.cursor {
+            Some(was) => println!(
+                "{name}: cleared the cursor (was {}); the next run reads everything",
+                sluice_jobs::import::cursor_text(was)
+            ),
+            None => println!("{name}: no cursor to clear"),
+        }
+    }
+    Ok(())
+}
+
 /// `sluice import run NAME`: runs an IMPORT config (or pushes an EXPORT config).
 pub async fn import_run(config: &Config, name: &str, dry_run: bool) -> anyhow::Result<()> {
     use sluice_jobs::import::{run_import, run_push, ImportError, ImportOptions};

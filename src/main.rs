@@ -162,6 +162,15 @@ enum ImportCommand {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Drop the config's checkpoint: the next run starts from the last committed cursor
+    /// instead of resuming an interrupted run.
+    Reset {
+        name: String,
+        /// Also clear the incremental cursor (an EXPORT config's watermark): the next run
+        /// reads (or sends) everything again.
+        #[arg(long)]
+        cursor: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -312,6 +321,9 @@ fn main() -> ExitCode {
             Command::Import {
                 command: ImportCommand::Run { name, dry_run },
             } => cli::import_run(&config, &name, dry_run).await,
+            Command::Import {
+                command: ImportCommand::Reset { name, cursor },
+            } => cli::import_reset(&config, &name, cursor).await,
             Command::Admin {
                 command: AdminCommand::CreateUser { email, role },
             } => cli::admin_create_user(&config, &email, &role).await,

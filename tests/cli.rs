@@ -677,3 +677,58 @@ async fn prune_ledger_deletes_only_claims_of_archived_events_before_the_day() {
     assert!(!bad.status.success());
     assert!(stderr.contains("--before"), "{stderr}");
 }
+
+#[tokio::test]
+async fn import_reset_says_what_it_dropped() {
+    let db = support::TestDb::initialized().await;
+    let file = sluice_core::integration::parse_file(
+        "shop.toml",
+        "name = \"shop\"\ntype = \"IMPORT\"\nendpoint = \"http://127.0.0.1:9/items\"\nallow_private_network = true\n[source]\nrecords = \"$[*]\"\n[mapping.productId]\npath = \"$.id\"\n[mapping.version]\npath = \"$.v\"\ntype = \"integer\"\n[incremental]\ncursor_field = \"version\"\nparam = \"after\"\n",
+    )
+    .unwrap();
+    sluice_jobs::configs::apply(&db.store, &file).await.unwrap();
+    // As a completed run leaves it.
+    db.store
+        .collection("integration_configs")
+        .update_one(
+            bson::doc! { "name": "shop" },
+            bson::doc! { "$set": { "syncCursor": 42i64 } },
+        )
+        .await
+        .unwrap();
+    let config = db_config(&db);
+    let reset = |args: &'static [&'static str]| {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || {
+            sluice()
+                .arg("--config")
+                .arg(&config)
+                .args(["import", "reset"])
+                .args(args)
+                .output()
+                .unwrap()
+        })
+    };
+    let out = reset(&["shop", "--cursor"]).await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("no interrupted run"), "{stdout}");
+    assert!(stdout.contains("cleared the cursor (was 42)"), "{stdout}");
+    let stored = db
+        .store
+        .collection("integration_configs")
+        .find_one(bson::doc! { "name": "shop" })
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!stored.contains_key("syncCursor"), "{stored}");
+
+    let out = reset(&["nope"]).await.unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no integration config named `nope`"), "{err}");
+}

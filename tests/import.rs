@@ -2408,3 +2408,240 @@ async fn a_checkpoint_whose_next_page_expired_is_dropped_not_resumed_for_ever() 
     assert!(fresh.completed && !fresh.resumed, "{fresh:?}");
     assert_eq!(count(&db, "things").await, 2);
 }
+
+/// Records `{id, updated}` with `updated` in epoch seconds, those at or after `since`;
+/// the queries seen are kept.
+#[derive(Clone, Default)]
+struct EpochApi {
+    records: Arc<Mutex<Vec<(u32, i64)>>>,
+    queries: Arc<Mutex<Vec<Option<String>>>>,
+}
+
+async fn epoch_seconds_page(
+    State(api): State<EpochApi>,
+    Query(q): Query<Vec<(String, String)>>,
+) -> Json<Value> {
+    let since = q.iter().find(|(k, _)| k == "since").map(|(_, v)| v.clone());
+    api.queries.lock().unwrap().push(since.clone());
+    let from: i64 = since.and_then(|s| s.parse().ok()).unwrap_or(i64::MIN);
+    let data: Vec<Value> = api
+        .records
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, at)| *at >= from)
+        .map(|(id, at)| json!({ "id": id, "updated": at }))
+        .collect();
+    Json(json!({ "data": data }))
+}
+
+#[tokio::test]
+async fn epoch_second_dates_take_a_unit_and_the_cursor_goes_back_with_a_lookback() {
+    let db = TestDb::initialized().await;
+    let api = EpochApi::default();
+    *api.records.lock().unwrap() = vec![(1, 1_700_000_000), (2, 1_700_000_123)];
+    let addr = serve(
+        Router::new()
+            .route("/epoch", get(epoch_seconds_page))
+            .with_state(api.clone()),
+    )
+    .await;
+    let config = |name: &str, unit: &str, lookback: u64| {
+        things_config(name, &format!("http://{addr}/epoch"), "type = \"none\"")
+            + &format!(
+                "[mapping.updated]\npath = \"$.updated\"\ntype = \"date\"\n{unit}\n[incremental]\ncursor_field = \"updated\"\nparam = \"since\"\nlookback_seconds = {lookback}\n"
+            )
+    };
+    let updated = |id: &str| {
+        let db = &db;
+        let id = id.to_string();
+        async move {
+            db.store
+                .collection("things")
+                .find_one(doc! { "thingId": id })
+                .await
+                .unwrap()
+                .unwrap()
+                .get_datetime("updated")
+                .unwrap()
+                .timestamp_millis()
+        }
+    };
+
+    // Without a unit, epoch seconds land in 1970: stored as the config says, but warned.
+    let name = apply(&db, &config("no-unit", "", 0)).await;
+    let s = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(updated("2").await, 1_700_000_123);
+    assert!(
+        s.warnings.iter().any(|w| w.contains("unit = \"seconds\"")),
+        "{:?}",
+        s.warnings
+    );
+
+    // With `unit = "seconds"` the dates are right, and no warning is given.
+    let name = apply(&db, &config("seconds", "unit = \"seconds\"", 200)).await;
+    let s = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert!(s.warnings.is_empty(), "{:?}", s.warnings);
+    assert_eq!(updated("2").await, 1_700_000_123_000);
+    assert_eq!(
+        sync_cursor(&db, &name).await,
+        Some(bson::Bson::DateTime(bson::DateTime::from_millis(
+            1_700_000_123_000
+        )))
+    );
+
+    // The next run sends the cursor as epoch seconds, 200 s early. Record 2 has gone at
+    // the source, so this run reads only record 1, below the cursor: the cursor stays.
+    api.records.lock().unwrap().retain(|(id, _)| *id == 1);
+    let s = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(s.fetched, 1);
+    let sent = api.queries.lock().unwrap().last().cloned().flatten();
+    assert_eq!(sent.as_deref(), Some("1699999923"));
+    assert_eq!(
+        sync_cursor(&db, &name).await,
+        Some(bson::Bson::DateTime(bson::DateTime::from_millis(
+            1_700_000_123_000
+        ))),
+        "never moved backwards"
+    );
+}
+
+#[tokio::test]
+async fn a_value_cleared_at_the_source_is_unset_only_where_the_mapping_says_so() {
+    let db = TestDb::initialized().await;
+    let body: Arc<Mutex<Value>> = Arc::new(Mutex::new(json!({ "data": [
+        { "id": 1, "title": "Lamp", "discount": 15, "tags": ["sale"] },
+        { "id": 2, "title": "Desk", "discount": 5, "tags": ["new"] },
+    ] })));
+    let shared = body.clone();
+    let api = move || {
+        let shared = shared.clone();
+        async move { Json(shared.lock().unwrap().clone()) }
+    };
+    let addr = serve(Router::new().route("/cleared", get(api))).await;
+    let text = things_config(
+        "cleared",
+        &format!("http://{addr}/cleared"),
+        "type = \"none\"",
+    ) + "[mapping.title]\npath = \"$.title\"\n\
+           [mapping.discount]\npath = \"$.discount\"\ntype = \"number\"\non_missing = \"unset\"\n\
+           [mapping.tags]\npath = \"$.tags\"\nlist = true\non_missing = \"unset\"\n";
+    let name = apply(&db, &text).await;
+    run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    // The source clears record 1's discount (null), title (missing) and tags (empty);
+    // record 2 is unchanged.
+    *body.lock().unwrap() = json!({ "data": [
+        { "id": 1, "discount": null, "tags": [] },
+        { "id": 2, "title": "Desk", "discount": 5, "tags": ["new"] },
+    ] });
+    let s = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert_eq!((s.fetched, s.failed), (2, 0), "{s:?}");
+    let things = db.store.collection("things");
+    let one = things
+        .find_one(doc! { "thingId": "1" })
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!one.contains_key("discount"), "{one}");
+    assert!(!one.contains_key("tags"), "{one}");
+    assert_eq!(one.get_str("title").unwrap(), "Lamp", "kept: no on_missing");
+    let two = things
+        .find_one(doc! { "thingId": "2" })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(two.get_f64("discount").unwrap(), 5.0);
+
+    // Where it makes no sense, `on_missing` is refused with the field named.
+    for (extra, expected) in [
+        ("required = true\n", "required"),
+        ("default = 0\n", "default"),
+        ("", "IMPORT"),
+    ] {
+        let mut text = text.replace(
+            "type = \"number\"\non_missing = \"unset\"\n",
+            &format!("type = \"number\"\non_missing = \"unset\"\n{extra}"),
+        );
+        if expected == "IMPORT" {
+            text = text.replace("type = \"IMPORT\"", "type = \"EXPORT\"");
+        }
+        let err = parse_file("t.toml", &text)
+            .and_then(|f| sluice_core::integration::validate("t.toml", &f, &|_| None))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("mapping.discount.on_missing") && err.contains(expected),
+            "{err}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn import_reset_drops_the_checkpoint_and_with_cursor_the_cursor() {
+    let db = TestDb::initialized().await;
+    let (base, api) = fault_api(Fault::None).await;
+    let name = apply(&db, &cursor_config("resettable", &base, "", "")).await;
+    let job = format!("integration:{name}");
+    let options = ImportOptions::default();
+    options.progress.stop.store(true, Ordering::SeqCst);
+    let first = run_import(&db.store, &name, &options).await.unwrap();
+    assert!(!first.completed);
+
+    // Refused while a run holds the config's lease.
+    let run = sluice_jobs::schedule::start_manual_run(&db.store, &job, "test")
+        .await
+        .unwrap();
+    let busy = sluice_jobs::import::reset_import(&db.store, &name, &job, false)
+        .await
+        .unwrap_err();
+    assert!(busy.to_string().contains("in progress"), "{busy}");
+    sluice_jobs::schedule::end_manual_run(&db.store, &run, &Ok("done".into()))
+        .await
+        .unwrap();
+
+    let report = sluice_jobs::import::reset_import(&db.store, &name, &job, false)
+        .await
+        .unwrap();
+    assert_eq!(report.checkpoint, Some((first.run_id.clone(), 1)));
+    assert_eq!(report.cursor, None);
+    let again = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert!(!again.resumed && again.completed, "{again:?}");
+    assert_eq!(again.fetched, 45, "read from the start");
+    let cursor = sync_cursor(&db, &name).await.expect("advanced");
+
+    // `--cursor` clears the cursor too: the next run sends no `since`.
+    let report = sluice_jobs::import::reset_import(&db.store, &name, &job, true)
+        .await
+        .unwrap();
+    assert_eq!(report.checkpoint, None);
+    assert_eq!(report.cursor, Some(cursor));
+    assert_eq!(sync_cursor(&db, &name).await, None);
+    let asked_before = api.seen_queries.lock().unwrap().len();
+    let all = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(all.fetched, 45, "everything again");
+    let first_query = api.seen_queries.lock().unwrap()[asked_before].clone();
+    assert!(!first_query.contains("since="), "{first_query}");
+    assert_eq!(all.inserted, 0, "upserted by key, nothing stored twice");
+
+    let unknown = sluice_jobs::import::reset_import(&db.store, "nope", "integration:nope", false)
+        .await
+        .unwrap_err();
+    assert!(
+        unknown.to_string().contains("no integration config"),
+        "{unknown}"
+    );
+}

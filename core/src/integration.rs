@@ -245,6 +245,15 @@ pub struct FieldMapping {
     /// the first.
     #[serde(default)]
     pub list: bool,
+    /// `type = "date"`: what a number (or a string of digits) counts: `milliseconds`
+    /// (the default) or `seconds` since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit: Option<String>,
+    /// IMPORT: what an update does to the stored value when the path finds nothing, `null`
+    /// or an empty list: `keep` it (the default) or `unset` it, so a value cleared at the
+    /// source is cleared in MongoDB too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_missing: Option<String>,
 }
 
 fn any() -> String {
@@ -270,6 +279,16 @@ pub struct IncrementalSection {
     /// that failed are kept in `dead_letters`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub hold_on_failures: bool,
+    /// A date cursor is sent this many seconds early, so records the API stamped with the
+    /// cursor's own second (or committed late) are read again: needed when the parameter
+    /// is exclusive (`updated_after`) or the API's timestamps are coarse. Records read
+    /// again are upserted by key, so they are not stored twice.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub lookback_seconds: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -329,6 +348,13 @@ pub struct Field {
     pub default: Option<Value>,
     /// Every match, as a list (`list = true`).
     pub list: bool,
+    /// A `date` read from a number counts seconds, not milliseconds (`unit = "seconds"`).
+    pub epoch_seconds: bool,
+    /// `unit` was given: a `date` may also come as a string of digits, and a small number
+    /// is not suspected of being seconds.
+    pub unit_given: bool,
+    /// An update removes the stored value when the record has none (`on_missing = "unset"`).
+    pub unset_missing: bool,
 }
 
 /// Pagination, validated.
@@ -690,7 +716,7 @@ pub fn validate(
                 format!("a valid JSONPath, got `{}` ({e})", m.path),
             )
         })?;
-        let kind = match m.kind.as_str() {
+        let field_kind = match m.kind.as_str() {
             "any" => FieldType::Any,
             "string" => FieldType::String,
             "number" => FieldType::Number,
@@ -704,15 +730,65 @@ pub fn validate(
                 ))
             }
         };
+        let epoch_seconds = match m.unit.as_deref() {
+            None | Some("milliseconds") => false,
+            Some("seconds") => true,
+            Some(other) => {
+                return Err(invalid(
+                    &format!("{field}.unit"),
+                    format!("`seconds` or `milliseconds`, got `{other}`"),
+                ))
+            }
+        };
+        if m.unit.is_some() && field_kind != FieldType::Date {
+            return Err(invalid(
+                &format!("{field}.unit"),
+                "no `unit` unless `type = \"date\"` (it says what an epoch number counts)".into(),
+            ));
+        }
+        let unset_missing = match m.on_missing.as_deref() {
+            None | Some("keep") => false,
+            Some("unset") => true,
+            Some(other) => {
+                return Err(invalid(
+                    &format!("{field}.on_missing"),
+                    format!("`keep` or `unset`, got `{other}`"),
+                ))
+            }
+        };
+        if unset_missing {
+            let clash = if kind != IntegrationType::Import {
+                Some("an IMPORT config (an EXPORT sends only the values it finds)")
+            } else if m.required {
+                Some("a field that is not `required` (a record without it is rejected)")
+            } else if m.default.is_some() {
+                Some("a field without a `default` (a record without it gets the default)")
+            } else if *target == file.target.key {
+                Some("a field other than the upsert key")
+            } else if file.target.collection == crate::model::collections::EVENTS {
+                Some("a target other than `events` (a stored event is never updated)")
+            } else {
+                None
+            };
+            if let Some(expected) = clash {
+                return Err(invalid(
+                    &format!("{field}.on_missing"),
+                    format!("`on_missing = \"unset\"` only on {expected}"),
+                ));
+            }
+        }
         let field_spec = Field {
             target: target.clone(),
             path: m.path.clone(),
             members: member_chain(&m.path),
             query,
-            kind,
+            kind: field_kind,
             required: m.required,
             default: m.default.as_ref().map(toml_to_json),
             list: m.list,
+            epoch_seconds,
+            unit_given: m.unit.is_some(),
+            unset_missing,
         };
         // A default is coerced to the type like a found value: check it does coerce, or
         // every record without the field would be rejected at run time.
@@ -781,6 +857,18 @@ pub fn validate(
                     format!(
                         "a mapped field (`{}` has no `[mapping.{}]`, so the cursor would never move)",
                         inc.cursor_field, inc.cursor_field
+                    ),
+                ));
+            }
+            let date_cursor = fields
+                .iter()
+                .any(|f| f.target == inc.cursor_field && f.kind == FieldType::Date);
+            if inc.lookback_seconds > 0 && !date_cursor {
+                return Err(invalid(
+                    "incremental.lookback_seconds",
+                    format!(
+                        "a cursor field mapped with `type = \"date\"` (`{}` is not one, so seconds cannot be taken off it)",
+                        inc.cursor_field
                     ),
                 ));
             }
@@ -1051,6 +1139,8 @@ fn plain_scalar(v: Value) -> Value {
 }
 
 fn coerce_one(field: &Field, v: Value) -> Result<Bson, String> {
+    // MongoDB's own dates count milliseconds whatever the field's `unit`.
+    let extended_date = matches!(&v, Value::Object(m) if m.len() == 1 && m.contains_key("$date"));
     let v = if field.kind == FieldType::Any {
         v
     } else {
@@ -1114,6 +1204,16 @@ fn coerce_one(field: &Field, v: Value) -> Result<Bson, String> {
             _ => return Err(bad("a boolean")),
         },
         FieldType::Date => match &v {
+            // With a `unit`, an epoch number may come as a string.
+            Value::String(s) if field.unit_given && is_decimal(s) => {
+                let seconds = s.parse::<f64>().ok();
+                let at = if field.epoch_seconds {
+                    epoch_seconds(seconds)
+                } else {
+                    s.parse::<i64>().ok().map(bson::DateTime::from_millis)
+                };
+                Bson::DateTime(at.ok_or_else(|| bad("an epoch number"))?)
+            }
             Value::String(s) => {
                 let t = chrono::DateTime::parse_from_rfc3339(s)
                     .map(|t| t.timestamp_millis())
@@ -1126,12 +1226,56 @@ fn coerce_one(field: &Field, v: Value) -> Result<Bson, String> {
                     .map_err(|_| bad("an RFC 3339 date"))?;
                 Bson::DateTime(bson::DateTime::from_millis(t))
             }
-            Value::Number(n) => Bson::DateTime(bson::DateTime::from_millis(
-                n.as_i64().ok_or_else(|| bad("epoch milliseconds"))?,
-            )),
+            Value::Number(n) if extended_date || !field.epoch_seconds => Bson::DateTime(
+                bson::DateTime::from_millis(n.as_i64().ok_or_else(|| bad("epoch milliseconds"))?),
+            ),
+            Value::Number(n) => {
+                Bson::DateTime(epoch_seconds(n.as_f64()).ok_or_else(|| bad("epoch seconds"))?)
+            }
             _ => return Err(bad("a date")),
         },
     })
+}
+
+/// `seconds` since the epoch (fractions kept to the millisecond), if a date holds them.
+fn epoch_seconds(seconds: Option<f64>) -> Option<bson::DateTime> {
+    let ms = (seconds? * 1000.0).round();
+    (ms.is_finite() && ms.abs() < 8.64e15).then(|| bson::DateTime::from_millis(ms as i64))
+}
+
+/// `-?digits[.digits]`: an epoch number written as a string.
+fn is_decimal(s: &str) -> bool {
+    let digits = s.strip_prefix('-').unwrap_or(s);
+    let mut parts = digits.splitn(2, '.');
+    let whole = parts.next().unwrap_or("");
+    let all = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit());
+    all(whole) && parts.next().is_none_or(all)
+}
+
+/// A date field without a `unit` whose value, read as epoch milliseconds, falls in the
+/// 12th to the 46th day of 1970 (epoch seconds of 2001 to 2096): almost surely seconds read
+/// as milliseconds. Says so.
+pub fn suspect_epoch_seconds(field: &Field, record: &Value) -> Option<String> {
+    if field.kind != FieldType::Date || field.unit_given {
+        return None;
+    }
+    let n = lookup(field, record)?.as_i64()?;
+    ((1_000_000_000..4_000_000_000).contains(&n)).then(|| {
+        format!(
+            "field `{}` ({}) read {n} as epoch milliseconds: a date in early 1970; if the API sends epoch seconds, set `unit = \"seconds\"` in `[mapping.{}]`",
+            field.target, field.path, field.target
+        )
+    })
+}
+
+/// Whether `record` holds `field`'s date as an epoch number (which a cursor is then sent
+/// back as).
+pub fn sent_as_epoch(field: &Field, record: &Value) -> bool {
+    match lookup(field, record) {
+        Some(Value::Number(_)) => true,
+        Some(Value::String(s)) => field.unit_given && is_decimal(&s),
+        _ => false,
+    }
 }
 
 /// Fields an import writes on every document it upserts.
@@ -1640,6 +1784,75 @@ type = "bool"
     }
 
     #[test]
+    fn epoch_dates_follow_the_unit_and_bad_units_are_refused() {
+        let with = |extra: &str| {
+            let text =
+                format!("{FILE}\n[mapping.seen]\npath = \"$.seen\"\ntype = \"date\"\n{extra}");
+            validate("f", &parse_file("f", &text).unwrap(), &env)
+        };
+        let seen = |c: &Connector, v: Value| {
+            map_record(&c.fields, &json!({ "id": 1, "seen": v }))
+                .map(|d| d.get_datetime("seen").unwrap().timestamp_millis())
+        };
+        let ms = with("").unwrap();
+        assert_eq!(
+            seen(&ms, json!(1_700_000_000_123i64)),
+            Ok(1_700_000_000_123)
+        );
+        assert!(
+            seen(&ms, json!("1700000000")).is_err(),
+            "digits need a unit"
+        );
+        let s = with("unit = \"seconds\"").unwrap();
+        assert_eq!(seen(&s, json!(1_700_000_000)), Ok(1_700_000_000_000));
+        assert_eq!(seen(&s, json!(1_700_000_000.25)), Ok(1_700_000_000_250));
+        assert_eq!(seen(&s, json!("1700000000")), Ok(1_700_000_000_000));
+        assert_eq!(
+            seen(&s, json!({ "$date": { "$numberLong": "1700000000123" } })),
+            Ok(1_700_000_000_123),
+            "MongoDB's own dates are milliseconds whatever the unit"
+        );
+        assert_eq!(
+            seen(&s, json!("2023-11-14T22:13:20Z")),
+            Ok(1_700_000_000_000)
+        );
+        assert!(seen(&s, json!(1e300)).is_err(), "out of a date's range");
+        let explicit_ms = with("unit = \"milliseconds\"").unwrap();
+        assert_eq!(
+            seen(&explicit_ms, json!("1700000000123")),
+            Ok(1_700_000_000_123)
+        );
+
+        let field = |c: &Connector| {
+            c.fields
+                .iter()
+                .find(|f| f.target == "seen")
+                .unwrap()
+                .clone()
+        };
+        let record = json!({ "seen": 1_700_000_000 });
+        assert!(suspect_epoch_seconds(&field(&ms), &record).is_some());
+        assert!(suspect_epoch_seconds(&field(&explicit_ms), &record).is_none());
+        assert!(
+            suspect_epoch_seconds(&field(&ms), &json!({ "seen": 1_700_000_000_000i64 })).is_none()
+        );
+
+        for (extra, expected) in [
+            ("unit = \"minutes\"", "`seconds` or `milliseconds`"),
+            ("on_missing = \"drop\"", "`keep` or `unset`"),
+        ] {
+            let err = with(extra).unwrap_err().to_string();
+            assert!(
+                err.contains("mapping.seen") && err.contains(expected),
+                "{err}"
+            );
+        }
+        let text = format!("{FILE}\n[mapping.seen]\npath = \"$.seen\"\nunit = \"seconds\"\n");
+        let err = validate("f", &parse_file("f", &text).unwrap(), &env).unwrap_err();
+        assert!(err.to_string().contains("mapping.seen.unit"), "{err}");
+    }
+
+    #[test]
     fn numbers_are_never_clamped_or_rounded_into_another_key() {
         let typed = |kind: &str| {
             let text = FILE.replacen(
@@ -1757,6 +1970,9 @@ type = "bool"
                 required: false,
                 default: None,
                 list: false,
+                epoch_seconds: false,
+                unit_given: false,
+                unset_missing: false,
             };
             assert!(fast.members.is_some(), "{path}");
             let engine = Field {
@@ -1778,6 +1994,9 @@ type = "bool"
             required: false,
             default: None,
             list: false,
+            epoch_seconds: false,
+            unit_given: false,
+            unset_missing: false,
         };
         let at = bson::DateTime::from_millis(1_764_000_000_123);
         let cases = [

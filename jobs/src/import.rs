@@ -177,7 +177,8 @@ async fn load_connector(
     Ok((connector, stored))
 }
 
-fn cursor_text(v: &Bson) -> String {
+/// A cursor value as it is sent in a query parameter.
+pub fn cursor_text(v: &Bson) -> String {
     match v {
         Bson::String(s) => s.clone(),
         Bson::DateTime(d) => d.try_to_rfc3339_string().unwrap_or_default(),
@@ -188,15 +189,34 @@ fn cursor_text(v: &Bson) -> String {
     }
 }
 
-/// `a > b` for cursor values of the same kind.
+/// `a > b` for cursor values of the same kind; numbers of any BSON number type compare
+/// by value (an `any` cursor may come as 5 one page and 5.5 or 2^40 the next).
 fn greater(a: &Bson, b: &Bson) -> bool {
     match (a, b) {
         (Bson::String(x), Bson::String(y)) => x > y,
         (Bson::DateTime(x), Bson::DateTime(y)) => x > y,
-        (Bson::Int64(x), Bson::Int64(y)) => x > y,
-        (Bson::Double(x), Bson::Double(y)) => x > y,
-        (Bson::Int32(x), Bson::Int32(y)) => x > y,
-        _ => false,
+        _ => match (int_of(a), int_of(b)) {
+            (Some(x), Some(y)) => x > y,
+            _ => match (float_of(a), float_of(b)) {
+                (Some(x), Some(y)) => x > y,
+                _ => false,
+            },
+        },
+    }
+}
+
+fn int_of(v: &Bson) -> Option<i64> {
+    match v {
+        Bson::Int32(x) => Some(i64::from(*x)),
+        Bson::Int64(x) => Some(*x),
+        _ => None,
+    }
+}
+
+fn float_of(v: &Bson) -> Option<f64> {
+    match v {
+        Bson::Double(x) => Some(*x),
+        _ => int_of(v).map(|x| x as f64),
     }
 }
 
@@ -273,6 +293,63 @@ fn import_metrics(before: &ImportSummary, after: &ImportSummary, status: &str, s
     );
 }
 
+/// What [`reset_import`] dropped.
+#[derive(Debug, Default)]
+pub struct ResetReport {
+    /// The interrupted run whose checkpoint was dropped, and the pages it had committed.
+    pub checkpoint: Option<(String, u64)>,
+    /// The incremental cursor (or EXPORT watermark) cleared, with `--cursor`.
+    pub cursor: Option<Bson>,
+}
+
+/// `sluice import reset NAME`: drops the config's checkpoint, so the next run starts from
+/// its last committed cursor instead of resuming an interrupted run, and with `cursor`
+/// also clears that cursor (an EXPORT config's watermark), so the next run reads (or
+/// sends) everything again. Upserts by key make reading again safe. Refused while a run
+/// of the config (its scheduler job `job`) holds its lease.
+pub async fn reset_import(
+    store: &Store,
+    name: &str,
+    job: &str,
+    cursor: bool,
+) -> Result<ResetReport, ImportError> {
+    if configs::load(store, name).await?.is_none() {
+        return Err(ImportError::Unknown(name.to_string()));
+    }
+    crate::schedule::check_not_running(store, job).await?;
+    let mut report = ResetReport::default();
+    let dropped = store
+        .collection(c::IMPORT_CHECKPOINTS)
+        .find_one_and_delete(doc! { common::ID: name })
+        .await
+        .map_err(StoreError::mongo(c::IMPORT_CHECKPOINTS, "drop checkpoint"))?;
+    report.checkpoint = dropped.map(|cp| {
+        (
+            cp.get_str("runId").unwrap_or("?").to_string(),
+            cp.get_i64("pages").unwrap_or(0) as u64,
+        )
+    });
+    if cursor {
+        let before = store
+            .collection(c::INTEGRATION_CONFIGS)
+            .find_one_and_update(
+                doc! { f::NAME: name },
+                doc! { "$unset": {
+                    f::SYNC_CURSOR: "", f::SYNC_CURSOR_ID: "", f::SYNC_CURSOR_EPOCH_MS: "",
+                } },
+            )
+            .await
+            .map_err(StoreError::mongo(
+                c::INTEGRATION_CONFIGS,
+                "clear the cursor",
+            ))?;
+        report.cursor = before
+            .and_then(|d| d.get(f::SYNC_CURSOR).cloned())
+            .filter(|b| *b != Bson::Null);
+    }
+    Ok(report)
+}
+
 /// Runs an IMPORT config.
 pub async fn run_import(
     store: &Store,
@@ -340,12 +417,29 @@ pub async fn run_import(
             if let (Some(inc), Some(cursor)) = (&connector.incremental, stored.get(f::SYNC_CURSOR))
             {
                 if *cursor != Bson::Null {
-                    // A date goes back in the form the API sent it in.
-                    let text = match cursor {
+                    let cursor = match cursor {
+                        Bson::DateTime(d) if inc.lookback_seconds > 0 => {
+                            let back = i64::try_from(inc.lookback_seconds)
+                                .unwrap_or(i64::MAX)
+                                .saturating_mul(1000);
+                            Bson::DateTime(bson::DateTime::from_millis(
+                                d.timestamp_millis().saturating_sub(back),
+                            ))
+                        }
+                        other => other.clone(),
+                    };
+                    // A date goes back in the form the API sent it in: epoch seconds or
+                    // milliseconds when it came as a number.
+                    let seconds = connector
+                        .fields
+                        .iter()
+                        .any(|f| f.target == inc.cursor_field && f.epoch_seconds);
+                    let text = match &cursor {
                         Bson::DateTime(d)
                             if stored.get_bool(f::SYNC_CURSOR_EPOCH_MS) == Ok(true) =>
                         {
-                            d.timestamp_millis().to_string()
+                            let ms = d.timestamp_millis();
+                            if seconds { ms.div_euclid(1000) } else { ms }.to_string()
                         }
                         other => cursor_text(other),
                     };
@@ -399,7 +493,18 @@ pub async fn run_import(
                     .incremental
                     .as_ref()
                     .is_some_and(|i| i.hold_on_failures);
-            if let (Some(m), false, false) = (&max_cursor, cut_short, holding) {
+            // Never backwards: a run reading only records below the cursor (a lookback
+            // window, a record gone at the source) leaves it where it was.
+            let behind = |m: &Bson| {
+                stored
+                    .get(f::SYNC_CURSOR)
+                    .is_some_and(|old| greater(old, m))
+            };
+            if let (Some(m), false, false) = (
+                max_cursor.as_ref().filter(|m| !behind(m)),
+                cut_short,
+                holding,
+            ) {
                 set.insert(f::SYNC_CURSOR, m.clone());
                 set.insert(f::SYNC_CURSOR_EPOCH_MS, summary.cursor_epoch_ms);
             }
@@ -679,6 +784,13 @@ async fn write_page(
             ),
         );
     }
+    if let Some(first) = page.records().first() {
+        for field in &connector.fields {
+            if let Some(warning) = sluice_core::integration::suspect_epoch_seconds(field, first) {
+                warn_once(summary, &connector.name, warning);
+            }
+        }
+    }
     let applied = apply_off_runtime(chain, mapped).await?;
     let mapped = applied.records;
     let mut letters = applied.dead_letters;
@@ -707,12 +819,10 @@ async fn write_page(
             .iter()
             .find(|f| f.target == inc.cursor_field)
         {
-            summary.cursor_epoch_ms |= page.records().first().is_some_and(|r| {
-                matches!(
-                    sluice_core::integration::lookup(field, r),
-                    Some(Value::Number(_))
-                )
-            });
+            summary.cursor_epoch_ms |= page
+                .records()
+                .first()
+                .is_some_and(|r| sluice_core::integration::sent_as_epoch(field, r));
         }
         for d in &mapped {
             if let Some(v) = d.get(&inc.cursor_field) {
@@ -1094,9 +1204,20 @@ async fn upsert(
             let mut set = d.clone();
             set.insert(common::UPDATED_AT, now);
             set.insert("source", &connector.name);
+            let mut update = doc! { "$set": set, "$setOnInsert": { common::CREATED_AT: now } };
+            // `on_missing = "unset"`: a value the record no longer has is removed.
+            let unset: Document = connector
+                .fields
+                .iter()
+                .filter(|f| f.unset_missing && !d.contains_key(&f.target))
+                .map(|f| (f.target.clone(), Bson::String(String::new())))
+                .collect();
+            if !unset.is_empty() {
+                update.insert("$unset", unset);
+            }
             doc! {
                 "q": { &connector.key: d.get(&connector.key).cloned().unwrap_or(Bson::Null) },
-                "u": { "$set": set, "$setOnInsert": { common::CREATED_AT: now } },
+                "u": update,
                 "upsert": true,
             }
         })
@@ -1468,6 +1589,22 @@ async fn apply_off_runtime(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cursor_numbers_compare_by_value_whatever_their_bson_type() {
+        assert!(greater(&Bson::Int32(7), &Bson::Int64(5)));
+        assert!(greater(&Bson::Int64(1 << 40), &Bson::Int32(i32::MAX)));
+        assert!(greater(&Bson::Double(5.5), &Bson::Int64(5)));
+        assert!(!greater(&Bson::Int64(5), &Bson::Double(5.5)));
+        assert!(
+            greater(&Bson::Int64(i64::MAX), &Bson::Int64(i64::MAX - 1)),
+            "exact"
+        );
+        assert!(
+            !greater(&Bson::String("9".into()), &Bson::Int64(1)),
+            "kinds apart"
+        );
+    }
 
     #[test]
     fn empty_and_blank_keys_are_not_upserted() {
