@@ -453,11 +453,21 @@ async fn archive_deletes_exactly_what_it_exported() {
     let mut ctx = ExportContext::new(db.store.clone(), ObjectStore::Local(LocalDir::new(&dir)));
     // Export transforms (this one drops bots) do not apply to an archive: it is a move.
     ctx.transforms = vec![Arc::new(Shout)];
+    // The eventIds are spooled to the work folder and deleted in chunks (11 here).
+    let work = temp_dir();
+    std::fs::create_dir_all(&work).unwrap();
+    ctx.work_dir = work.clone();
+    ctx.archive_delete_chunk = 64;
     let summary = run_export(&ctx, &request(ExportJobType::Archive, day(0), day(0)))
         .await
         .unwrap();
     assert_eq!(summary.rows, 700);
     assert_eq!(summary.deleted, 700);
+    assert_eq!(
+        std::fs::read_dir(&work).unwrap().count(),
+        0,
+        "the spool and the parts are gone"
+    );
     assert_eq!(summary.partitions.len(), 1);
     assert_eq!(summary.partitions[0].prefix, format!("ARCHIVE/dt={old}"));
     let events = db.store.collection("events");
@@ -561,7 +571,8 @@ async fn an_archive_that_died_before_deleting_is_finished_not_repeated() {
         "nothing deleted yet"
     );
 
-    let ctx = ExportContext::new(db.store.clone(), ObjectStore::Local(LocalDir::new(&dir)));
+    let mut ctx = ExportContext::new(db.store.clone(), ObjectStore::Local(LocalDir::new(&dir)));
+    ctx.archive_delete_chunk = 64;
     let next = run_export(&ctx, &request(ExportJobType::Archive, day(0), day(0)))
         .await
         .unwrap();

@@ -40,6 +40,7 @@ use sluice_core::transform::{apply_chain, DeadLetter, Transform, TransformError}
 use tokio::sync::mpsc;
 
 use crate::history;
+use crate::spool::IdSpool;
 use crate::tally::Tally;
 
 #[derive(Debug, thiserror::Error)]
@@ -121,8 +122,10 @@ pub struct ExportContext {
     /// Documents per encoded batch.
     pub batch_rows: usize,
     pub progress: Arc<Progress>,
-    /// Local folder for part files before upload.
+    /// Local folder for part files before upload, and for an archive's spooled eventIds.
     pub work_dir: PathBuf,
+    /// ARCHIVE: events deleted (and ledger claims marked) per command.
+    pub archive_delete_chunk: usize,
     /// Tests: fail an ARCHIVE after it published, before it deleted anything (what a
     /// crash at that point leaves behind).
     pub fail_before_archive_delete: bool,
@@ -150,6 +153,7 @@ impl ExportContext {
             batch_rows: 8192,
             progress: Arc::new(Progress::default()),
             work_dir: std::env::temp_dir(),
+            archive_delete_chunk: ARCHIVE_DELETE_CHUNK,
             fail_before_archive_delete: false,
             fail_after_copies: None,
             fail_after_manifest: false,
@@ -193,8 +197,8 @@ struct Staged {
     /// ARCHIVE: the filter that selected the rows read.
     delete_filter: Option<Document>,
     /// ARCHIVE: the eventIds of exactly the rows read (and written, as ARCHIVE runs no
-    /// transform): what is deleted and marked archived in the ledger.
-    archived_ids: Vec<String>,
+    /// transform), spooled to a file: what is deleted and marked archived in the ledger.
+    archived_ids: Option<IdSpool>,
     /// EVENT_DATA, USER_DATA, DAILY_ANALYTICS: the database's time before the run began
     /// reading (see [`publish_now`]: a snapshot older than the published one is kept
     /// out).
@@ -986,29 +990,19 @@ async fn recover_partition(
         partition: prefix.clone(),
         source,
     };
-    let ids: Vec<String> = ctx
+    let remaining = ctx
         .store
         .collection(c::EVENTS)
-        .find(filter.clone())
-        .projection(doc! { e::EVENT_ID: 1, common::ID: 0 })
+        .count_documents(filter.clone())
         .await
-        .map_err(read)?
-        .try_collect::<Vec<Document>>()
-        .await
-        .map_err(read)?
-        .iter()
-        .filter_map(|d| d.get_str(e::EVENT_ID).ok().map(str::to_string))
-        .collect();
+        .map_err(read)?;
     let rows = p.get_i64("rows").unwrap_or(-1);
     // Fewer events than published: the run died part-way through deleting them.
-    if !intact || ids.len() as i64 > rows {
-        tracing::error!(job = %old, partition = %prefix, intact, published = rows, now = ids.len(),
+    if !intact || remaining as i64 > rows {
+        tracing::error!(job = %old, partition = %prefix, intact, published = rows, now = remaining,
             "an interrupted archive's partition no longer matches its files; left pending, nothing deleted");
         let why = if intact {
-            format!(
-                "{} events match where run {old} published {rows}",
-                ids.len()
-            )
+            format!("{remaining} events match where run {old} published {rows}")
         } else {
             format!("a file run {old} published is missing or changed")
         };
@@ -1018,12 +1012,45 @@ async fn recover_partition(
     ctx.dest
         .put_bytes(&format!("{dir}_SUCCESS"), Vec::new())
         .await?;
-    let deleted = delete_archived(ctx, &prefix, &filter, &ids).await?;
+    // Chunk by chunk, the ids still matching: each chunk read is deleted before the
+    // next is read, so a day of any size is never held whole.
+    let mut deleted = 0;
+    loop {
+        let ids: Vec<String> = ctx
+            .store
+            .collection(c::EVENTS)
+            .find(filter.clone())
+            .projection(doc! { e::EVENT_ID: 1, common::ID: 0 })
+            .limit(ctx.archive_delete_chunk.max(1) as i64)
+            .await
+            .map_err(read)?
+            .try_collect::<Vec<Document>>()
+            .await
+            .map_err(read)?
+            .iter()
+            .filter_map(|d| d.get_str(e::EVENT_ID).ok().map(str::to_string))
+            .collect();
+        if ids.is_empty() {
+            break;
+        }
+        let now = delete_archived(ctx, &prefix, &filter, &ids).await?;
+        deleted += now;
+        if now == 0 {
+            // Nothing of what matched could be deleted: stop rather than loop.
+            return Ok(Recovered::Stuck(
+                day,
+                format!(
+                    "{} events of run {old}'s partition could not be deleted",
+                    ids.len()
+                ),
+            ));
+        }
+    }
     history::partition_published(&ctx.store, old, &prefix, rows.max(0) as u64, &listed, false)
         .await?;
     history::pending_deleted(&ctx.store, old, &prefix).await?;
     history::events_deleted(&ctx.store, old, deleted).await?;
-    tracing::info!(job = %old, partition = %prefix, events = ids.len(), "completed the deletion of an interrupted archive");
+    tracing::info!(job = %old, partition = %prefix, events = deleted, "completed the deletion of an interrupted archive");
     Ok(Recovered::Deleted(deleted))
 }
 
@@ -1383,7 +1410,15 @@ async fn stage(
     // An archive is a move: every event deleted must be in the files, so no transform may
     // drop, split or change records on the way.
     let archiving = delete_filter.is_some();
-    let mut archived_ids = Vec::new();
+    let spool = if archiving {
+        let path = ctx.work_dir.join(format!("sluice-{job_id}-{day}.ids"));
+        Some(IdSpool::create(path).map_err(|e| ExportError::Encode {
+            partition: prefix.clone(),
+            message: format!("cannot spool the archived eventIds: {e}"),
+        })?)
+    } else {
+        None
+    };
     let encoder = {
         let transforms = if archiving {
             Vec::new()
@@ -1394,7 +1429,9 @@ async fn stage(
         let progress = ctx.progress.clone();
         let work = work.clone();
         let partition = prefix.clone();
-        tokio::task::spawn_blocking(move || -> Result<Vec<DeadLetter>, ExportError> {
+        let mut spool = spool;
+        type Encoded = (Vec<DeadLetter>, Option<IdSpool>);
+        tokio::task::spawn_blocking(move || -> Result<Encoded, ExportError> {
             let enc = |message: String| ExportError::Encode {
                 partition: partition.clone(),
                 message,
@@ -1406,6 +1443,14 @@ async fn stage(
                 let applied = apply_chain(&transforms, batch)?;
                 dead_letters.extend(applied.dead_letters);
                 let records = applied.records;
+                if let Some(spool) = spool.as_mut() {
+                    // The reader let through only events with a string eventId.
+                    for id in records.iter().filter_map(|d| d.get_str(e::EVENT_ID).ok()) {
+                        spool
+                            .push(id)
+                            .map_err(|e| enc(format!("cannot spool the archived eventIds: {e}")))?;
+                    }
+                }
                 let encoded = encode(table, &records).map_err(|e| enc(e.to_string()))?;
                 progress
                     .rows_written
@@ -1413,14 +1458,19 @@ async fn stage(
                 if let Some(part) = writer.write(&encoded).map_err(|e| enc(e.to_string()))? {
                     if part_tx.blocking_send(part).is_err() {
                         // the uploader failed; its error is reported
-                        return Ok(dead_letters);
+                        return Ok((dead_letters, None));
                     }
                 }
             }
             if let Some(part) = writer.finish().map_err(|e| enc(e.to_string()))? {
                 let _ = part_tx.blocking_send(part);
             }
-            Ok(dead_letters)
+            if let Some(spool) = spool.as_mut() {
+                spool
+                    .finish()
+                    .map_err(|e| enc(format!("cannot spool the archived eventIds: {e}")))?;
+            }
+            Ok((dead_letters, spool))
         })
     };
 
@@ -1467,17 +1517,14 @@ async fn stage(
                         ),
                     });
                 }
-                match doc.get_str(e::EVENT_ID) {
-                    Ok(id) => archived_ids.push(id.to_string()),
-                    Err(_) => {
-                        return Err(ExportError::Encode {
-                            partition: prefix.clone(),
-                            message: format!(
-                                "an event without a string `eventId` cannot be archived (_id {})",
-                                doc.get(common::ID).cloned().unwrap_or(Bson::Null)
-                            ),
-                        })
-                    }
+                if doc.get_str(e::EVENT_ID).is_err() {
+                    return Err(ExportError::Encode {
+                        partition: prefix.clone(),
+                        message: format!(
+                            "an event without a string `eventId` cannot be archived (_id {})",
+                            doc.get(common::ID).cloned().unwrap_or(Bson::Null)
+                        ),
+                    });
                 }
             }
             buf.push(doc);
@@ -1507,8 +1554,17 @@ async fn stage(
     let _ = tokio::fs::remove_dir_all(&work).await;
     // Report the first failure in pipeline order: reading, encoding, uploading.
     let rows_read = read?;
-    let dead_letters = encoded?;
+    let (dead_letters, archived_ids) = encoded?;
     let parts = uploaded?;
+    if archiving && archived_ids.as_ref().map(IdSpool::count) != Some(rows_read) {
+        return Err(ExportError::Encode {
+            partition: prefix,
+            message: format!(
+                "{rows_read} events were read but {} eventIds spooled; nothing was deleted",
+                archived_ids.as_ref().map_or(0, IdSpool::count)
+            ),
+        });
+    }
     // Every batch of this partition went through the chain and was staged. (A rerun of
     // the window keeps the same letters once: their ids come from their content.)
     ctx.store
@@ -1831,11 +1887,45 @@ async fn archive_delete(
             }
         }
     }
-    let deleted = delete_archived(ctx, &s.prefix, filter, &s.archived_ids).await?;
+    let Some(spool) = &s.archived_ids else {
+        return Ok(0);
+    };
+    let deleted = delete_spooled(ctx, &s.prefix, filter, spool).await?;
     if deleted != s.rows_read {
         tracing::warn!(partition = %s.prefix, read = s.rows_read, deleted, "archive deleted a different count than it read");
     }
     Ok(deleted)
+}
+
+/// Deletes the archived events whose ids `spool` holds (within `filter`), chunk by chunk,
+/// and marks their ledger claims archived.
+async fn delete_spooled(
+    ctx: &ExportContext,
+    prefix: &str,
+    filter: &Document,
+    spool: &IdSpool,
+) -> Result<u64, ExportError> {
+    let unreadable = |e: std::io::Error| ExportError::Encode {
+        partition: prefix.to_string(),
+        message: format!("cannot read the spooled eventIds back: {e}"),
+    };
+    let mut chunks = spool.chunks().map_err(unreadable)?;
+    let chunk = ctx.archive_delete_chunk.max(1);
+    let mut deleted = 0;
+    loop {
+        let (back, ids) = tokio::task::spawn_blocking(move || {
+            let ids = chunks.next_chunk(chunk);
+            (chunks, ids)
+        })
+        .await
+        .map_err(|e| unreadable(std::io::Error::other(e.to_string())))?;
+        chunks = back;
+        let ids = ids.map_err(unreadable)?;
+        if ids.is_empty() {
+            return Ok(deleted);
+        }
+        deleted += delete_archived(ctx, prefix, filter, &ids).await?;
+    }
 }
 
 /// Deletes the archived events `ids` (within `filter`) and marks their ledger claims
@@ -1853,7 +1943,7 @@ async fn delete_archived(
     // By eventId, within the partition's filter: exactly the events written, never one
     // that arrived since.
     let mut deleted = 0;
-    for ids in archived_ids.chunks(ARCHIVE_DELETE_CHUNK) {
+    for ids in archived_ids.chunks(ctx.archive_delete_chunk.max(1)) {
         // Resends of archived events must stay duplicates, not be stored again. Only
         // these ids: a claim of the same day whose event was never stored stays open.
         // Marked before the delete: a run stopped between the two leaves ids marked whose

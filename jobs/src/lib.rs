@@ -6,5 +6,6 @@ pub mod export;
 pub mod history;
 pub mod import;
 pub mod schedule;
+mod spool;
 mod tally;
 pub mod tokens;

@@ -1,0 +1,128 @@
+//! An archive's eventIds, spooled to a file instead of held in memory: a day of 30
+//! million events would need gigabytes as a list of strings. Written by the blocking
+//! encoder thread in the order the rows were read, read back in chunks for the deletion,
+//! and removed with the spool.
+
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, BufWriter, Write};
+use std::path::PathBuf;
+
+/// eventIds, one JSON string per line (an id may hold any character).
+#[derive(Debug)]
+pub struct IdSpool {
+    path: PathBuf,
+    out: Option<BufWriter<File>>,
+    count: u64,
+}
+
+impl IdSpool {
+    /// A new, empty spool at `path` (replacing any file there).
+    pub fn create(path: PathBuf) -> io::Result<Self> {
+        let file = File::create(&path)?;
+        Ok(Self {
+            path,
+            out: Some(BufWriter::with_capacity(256 * 1024, file)),
+            count: 0,
+        })
+    }
+
+    pub fn push(&mut self, id: &str) -> io::Result<()> {
+        let out = self
+            .out
+            .as_mut()
+            .ok_or_else(|| io::Error::other("the id spool is already finished"))?;
+        serde_json::to_writer(&mut *out, id)?;
+        out.write_all(b"\n")?;
+        self.count += 1;
+        Ok(())
+    }
+
+    /// Flushes what was pushed; nothing more may be.
+    pub fn finish(&mut self) -> io::Result<()> {
+        if let Some(mut out) = self.out.take() {
+            out.flush()?;
+        }
+        Ok(())
+    }
+
+    /// How many ids were pushed.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// Reads the ids back, in the order pushed (after [`IdSpool::finish`]).
+    pub fn chunks(&self) -> io::Result<IdChunks> {
+        if self.out.is_some() {
+            return Err(io::Error::other("the id spool is still being written"));
+        }
+        Ok(IdChunks {
+            lines: BufReader::with_capacity(256 * 1024, File::open(&self.path)?),
+        })
+    }
+}
+
+impl Drop for IdSpool {
+    fn drop(&mut self) {
+        self.out = None;
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// A spool read back.
+#[derive(Debug)]
+pub struct IdChunks {
+    lines: BufReader<File>,
+}
+
+impl IdChunks {
+    /// Up to `n` ids; none once all were read.
+    pub fn next_chunk(&mut self, n: usize) -> io::Result<Vec<String>> {
+        let mut ids = Vec::with_capacity(n.min(16_384));
+        let mut line = String::new();
+        while ids.len() < n {
+            line.clear();
+            if self.lines.read_line(&mut line)? == 0 {
+                break;
+            }
+            ids.push(serde_json::from_str(line.trim_end_matches('\n'))?);
+        }
+        Ok(ids)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_come_back_in_order_in_chunks_and_the_file_goes_with_the_spool() {
+        let path = std::env::temp_dir().join(format!("sluice-spool-{}.ids", std::process::id()));
+        let mut spool = IdSpool::create(path.clone()).unwrap();
+        let ids: Vec<String> = (0..25)
+            .map(|i| format!("evt-{i}"))
+            .chain(["with\nnewline".to_string(), "quote\"é".to_string()])
+            .collect();
+        for id in &ids {
+            spool.push(id).unwrap();
+        }
+        assert!(spool.chunks().is_err(), "not readable while written");
+        spool.finish().unwrap();
+        assert!(spool.push("late").is_err());
+        assert_eq!(spool.count(), 27);
+        let mut chunks = spool.chunks().unwrap();
+        let mut back = Vec::new();
+        loop {
+            let chunk = chunks.next_chunk(10).unwrap();
+            if chunk.is_empty() {
+                break;
+            }
+            assert!(chunk.len() <= 10);
+            back.extend(chunk);
+        }
+        assert_eq!(back, ids);
+        assert!(path.exists());
+        drop(chunks);
+        drop(spool);
+        assert!(!path.exists(), "removed with the spool");
+    }
+}
