@@ -10,9 +10,12 @@
 //! - `track`: a purchase-like name (`tracking.purchase_events`) -> PURCHASE with
 //!   `amount` from `revenue`, `total` or `value`; a name of the Segment e-commerce / B2B
 //!   spec or a native event type -> that type; anything else -> CUSTOM. The original name
-//!   is always kept in `properties.eventName`;
+//!   is always kept in `properties.eventName` (a client property of that name moves to
+//!   `properties.clientEventName`);
 //! - `identify` -> IDENTIFY with the traits as properties (the server also copies them to
-//!   the user's profile); `group` and `alias` -> CUSTOM (`eventName` `Group` / `Alias`);
+//!   the user's profile); `group` -> GROUP, `alias` -> ALIAS. Only these calls make these
+//!   three types: a `track` named `IDENTIFY`, `GROUP` or `ALIAS` is CUSTOM, so a type says
+//!   which call was made;
 //! - `context.userAgent` / `ip` / `device` / `os` / `location` -> `metadata`, the rest of
 //!   `context` is kept in `metadata.context`;
 //! - the event time is `originalTimestamp`, else `timestamp`, corrected for clock skew by
@@ -88,6 +91,9 @@ const SPEC_NAMES: &[(&str, EventType)] = &[
 
 /// The property holding a `track` call's original name.
 pub const EVENT_NAME: &str = "eventName";
+
+/// Where a `track`'s own `properties.eventName` is kept (the name takes its place).
+pub const CLIENT_EVENT_NAME: &str = "clientEventName";
 
 fn id_field(obj: &Map<String, Value>, field: &str) -> Result<Option<String>, ValidationError> {
     match obj.get(field) {
@@ -166,8 +172,9 @@ fn track_type(name: &str, options: &Options) -> EventType {
         return *t;
     }
     match EventType::parse(name) {
+        // Made by their own calls only (an identify also updates the profile).
+        Ok(EventType::Identify | EventType::Group | EventType::Alias) | Err(_) => EventType::Custom,
         Ok(t) => t,
-        Err(_) => EventType::Custom,
     }
 }
 
@@ -271,6 +278,12 @@ pub fn parse_message(
                     properties.insert("amount".into(), amount);
                 }
             }
+            // The client's own property of that name is kept beside it.
+            if let Some(own) = properties.remove(EVENT_NAME) {
+                if own.as_str() != Some(name.as_str()) {
+                    properties.insert(CLIENT_EVENT_NAME.into(), own);
+                }
+            }
             properties.insert(EVENT_NAME.into(), Value::String(name));
             page_url = text(page, "url");
             referrer = text(page, "referrer");
@@ -295,10 +308,9 @@ pub fn parse_message(
             let group = id_field(obj, "groupId")?
                 .ok_or_else(|| ValidationError::new("groupId", "is required for group"))?;
             let traits = std::mem::take(&mut properties);
-            properties.insert(EVENT_NAME.into(), Value::String("Group".into()));
             properties.insert("groupId".into(), Value::String(group));
             properties.insert("traits".into(), Value::Object(traits));
-            EventType::Custom
+            EventType::Group
         }
         Kind::Alias => {
             let previous = id_field(obj, "previousId")?
@@ -306,10 +318,9 @@ pub fn parse_message(
             let to = user_id
                 .clone()
                 .ok_or_else(|| ValidationError::new("userId", "is required for alias"))?;
-            properties.insert(EVENT_NAME.into(), Value::String("Alias".into()));
             properties.insert("previousId".into(), Value::String(previous.clone()));
             link = Some((previous, to));
-            EventType::Custom
+            EventType::Alias
         }
     };
     // Any message carrying both ids ties the anonymous id to the user.
@@ -598,8 +609,41 @@ mod tests {
     fn alias_links_the_previous_id() {
         let m = parse(json!({"type": "alias", "previousId": "old", "userId": "new"})).unwrap();
         assert_eq!(m.link, Some(("old".into(), "new".into())));
-        assert_eq!(m.event.event_type, EventType::Custom);
-        assert_eq!(m.event.properties.get_str(EVENT_NAME).unwrap(), "Alias");
+        assert_eq!(m.event.event_type, EventType::Alias);
+        assert!(!m.event.properties.contains_key(EVENT_NAME));
+    }
+
+    #[test]
+    fn a_call_s_type_tells_it_from_a_track_of_the_same_name() {
+        let group = parse(json!({"type": "group", "userId": "u", "groupId": "g1",
+            "traits": {"plan": "pro"}}))
+        .unwrap();
+        assert_eq!(group.event.event_type, EventType::Group);
+        assert_eq!(group.event.properties.get_str("groupId").unwrap(), "g1");
+        for name in ["Group", "GROUP", "ALIAS", "IDENTIFY"] {
+            let track = parse(json!({"type": "track", "userId": "u", "event": name})).unwrap();
+            assert_eq!(track.event.event_type, EventType::Custom, "{name}");
+            assert_eq!(track.event.properties.get_str(EVENT_NAME).unwrap(), name);
+        }
+        // A native type name other than those three still types a track.
+        let click = parse(json!({"type": "track", "userId": "u", "event": "CLICK"})).unwrap();
+        assert_eq!(click.event.event_type, EventType::Click);
+    }
+
+    #[test]
+    fn a_track_s_own_event_name_property_is_kept_beside_the_name() {
+        let m = parse(
+            json!({"type": "track", "userId": "u", "event": "Video Played",
+            "properties": {"eventName": "play", "position": 3}}),
+        )
+        .unwrap();
+        let p = &m.event.properties;
+        assert_eq!(p.get_str(EVENT_NAME).unwrap(), "Video Played");
+        assert_eq!(p.get_str(CLIENT_EVENT_NAME).unwrap(), "play");
+        let same = parse(json!({"type": "track", "userId": "u", "event": "Played",
+            "properties": {"eventName": "Played"}}))
+        .unwrap();
+        assert!(!same.event.properties.contains_key(CLIENT_EVENT_NAME));
     }
 
     #[test]

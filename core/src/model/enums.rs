@@ -63,6 +63,8 @@ string_enum! {
         Login => "LOGIN",
         Logout => "LOGOUT",
         Identify => "IDENTIFY",
+        Group => "GROUP",
+        Alias => "ALIAS",
         Custom => "CUSTOM",
     }
 }
