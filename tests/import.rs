@@ -2645,3 +2645,53 @@ async fn import_reset_drops_the_checkpoint_and_with_cursor_the_cursor() {
         "{unknown}"
     );
 }
+
+#[tokio::test]
+async fn a_date_cursor_in_a_custom_format_goes_back_in_that_format() {
+    let db = TestDb::initialized().await;
+    let seen: Arc<Mutex<Vec<Option<String>>>> = Default::default();
+    let log = seen.clone();
+    let api = move |Query(q): Query<Vec<(String, String)>>| {
+        let log = log.clone();
+        async move {
+            log.lock()
+                .unwrap()
+                .push(q.iter().find(|(k, _)| k == "since").map(|(_, v)| v.clone()));
+            Json(json!({ "data": [
+                { "id": 1, "modified": "2023-11-14 22:13:20" },
+                { "id": 2, "modified": "2023-11-15 08:00:05" },
+            ] }))
+        }
+    };
+    let addr = serve(Router::new().route("/dated", get(api))).await;
+    let text = things_config("dated", &format!("http://{addr}/dated"), "type = \"none\"")
+        + "[mapping.modified]\npath = \"$.modified\"\ntype = \"date\"\nformat = \"%Y-%m-%d %H:%M:%S\"\n[incremental]\ncursor_field = \"modified\"\nparam = \"since\"\nlookback_seconds = 5\n";
+    let name = apply(&db, &text).await;
+    for _ in 0..2 {
+        let s = run_import(&db.store, &name, &ImportOptions::default())
+            .await
+            .unwrap();
+        assert_eq!((s.fetched, s.failed), (2, 0));
+    }
+    let stored = db
+        .store
+        .collection("things")
+        .find_one(doc! { "thingId": "2" })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        stored
+            .get_datetime("modified")
+            .unwrap()
+            .try_to_rfc3339_string()
+            .unwrap(),
+        "2023-11-15T08:00:05Z"
+    );
+    let sent = seen.lock().unwrap().clone();
+    assert_eq!(
+        sent,
+        vec![None, Some("2023-11-15 08:00:00".to_string())],
+        "the API's own form, 5 s early"
+    );
+}

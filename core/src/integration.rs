@@ -249,6 +249,10 @@ pub struct FieldMapping {
     /// (the default) or `seconds` since the Unix epoch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unit: Option<String>,
+    /// `type = "date"`: a `strftime` format for dates sent as text in another form than
+    /// RFC 3339 (`"%Y-%m-%d %H:%M:%S"`, read as UTC unless it has `%z`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
     /// IMPORT: what an update does to the stored value when the path finds nothing, `null`
     /// or an empty list: `keep` it (the default) or `unset` it, so a value cleared at the
     /// source is cleared in MongoDB too.
@@ -355,6 +359,8 @@ pub struct Field {
     pub unit_given: bool,
     /// An update removes the stored value when the record has none (`on_missing = "unset"`).
     pub unset_missing: bool,
+    /// A `date` sent as text in this `strftime` format (else RFC 3339 or `YYYY-MM-DD`).
+    pub date_format: Option<String>,
 }
 
 /// Pagination, validated.
@@ -740,6 +746,17 @@ pub fn validate(
                 ))
             }
         };
+        if let Some(format) = &m.format {
+            if field_kind != FieldType::Date {
+                return Err(invalid(
+                    &format!("{field}.format"),
+                    "no `format` unless `type = \"date\"`".into(),
+                ));
+            }
+            if let Err(e) = check_date_format(format) {
+                return Err(invalid(&format!("{field}.format"), e));
+            }
+        }
         if m.unit.is_some() && field_kind != FieldType::Date {
             return Err(invalid(
                 &format!("{field}.unit"),
@@ -789,6 +806,7 @@ pub fn validate(
             epoch_seconds,
             unit_given: m.unit.is_some(),
             unset_missing,
+            date_format: m.format.clone(),
         };
         // A default is coerced to the type like a found value: check it does coerce, or
         // every record without the field would be rejected at run time.
@@ -1214,6 +1232,17 @@ fn coerce_one(field: &Field, v: Value) -> Result<Bson, String> {
                 };
                 Bson::DateTime(at.ok_or_else(|| bad("an epoch number"))?)
             }
+            Value::String(s) if field.date_format.is_some() => {
+                let format = field.date_format.as_deref().unwrap_or_default();
+                let at = parse_formatted(s, format)
+                    .or_else(|| {
+                        chrono::DateTime::parse_from_rfc3339(s)
+                            .ok()
+                            .map(|t| t.timestamp_millis())
+                    })
+                    .ok_or_else(|| bad(&format!("a date in the format `{format}` (or RFC 3339)")))?;
+                Bson::DateTime(bson::DateTime::from_millis(at))
+            }
             Value::String(s) => {
                 let t = chrono::DateTime::parse_from_rfc3339(s)
                     .map(|t| t.timestamp_millis())
@@ -1235,6 +1264,56 @@ fn coerce_one(field: &Field, v: Value) -> Result<Bson, String> {
             _ => return Err(bad("a date")),
         },
     })
+}
+
+/// Whether `format` has an offset (`%z` and its variants): without one, times are UTC.
+fn has_offset(format: &str) -> bool {
+    format.contains("%z")
+        || format.contains("%:z")
+        || format.contains("%#z")
+        || format.contains("%::z")
+}
+
+/// A `strftime` format a date can be read with: known specifiers only, and a date in it.
+fn check_date_format(format: &str) -> Result<(), String> {
+    use chrono::format::{Item, StrftimeItems};
+    if StrftimeItems::new(format).any(|i| matches!(i, Item::Error)) {
+        return Err(format!("a valid strftime format, got `{format}`"));
+    }
+    // Formatting a date and reading it back must give it again (a format without a day,
+    // say, cannot be read).
+    let sample = chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap_or_default();
+    let text = sample.format(format).to_string();
+    if parse_formatted(&text, format).is_none() {
+        return Err(format!(
+            "a strftime format that names a whole date, got `{format}` (it writes `{text}`, which does not read back)"
+        ));
+    }
+    Ok(())
+}
+
+/// `s` read with the `strftime` `format` (UTC unless it has an offset), in epoch ms.
+fn parse_formatted(s: &str, format: &str) -> Option<i64> {
+    if has_offset(format) {
+        return chrono::DateTime::parse_from_str(s, format)
+            .ok()
+            .map(|t| t.timestamp_millis());
+    }
+    chrono::NaiveDateTime::parse_from_str(s, format)
+        .map(|t| t.and_utc().timestamp_millis())
+        .or_else(|_| {
+            chrono::NaiveDate::parse_from_str(s, format).map(|d| {
+                d.and_time(chrono::NaiveTime::MIN)
+                    .and_utc()
+                    .timestamp_millis()
+            })
+        })
+        .ok()
+}
+
+/// A date as `format` writes it (in UTC), for sending a cursor back as the API wrote it.
+pub fn format_date(at: bson::DateTime, format: &str) -> String {
+    at.to_chrono().format(format).to_string()
 }
 
 /// `seconds` since the epoch (fractions kept to the millisecond), if a date holds them.
@@ -1847,6 +1926,41 @@ type = "bool"
                 "{err}"
             );
         }
+        let formatted = with("format = \"%Y-%m-%d %H:%M:%S\"").unwrap();
+        assert_eq!(
+            seen(&formatted, json!("2023-11-14 22:13:20")),
+            Ok(1_700_000_000_000)
+        );
+        assert_eq!(
+            seen(&formatted, json!("2023-11-14T22:13:20Z")),
+            Ok(1_700_000_000_000),
+            "RFC 3339 is still read"
+        );
+        let err = seen(&formatted, json!("14/11/2023")).unwrap_err();
+        assert!(err.contains("%Y-%m-%d %H:%M:%S"), "{err}");
+        let offset = with("format = \"%d/%m/%Y %H:%M %z\"").unwrap();
+        assert_eq!(
+            seen(&offset, json!("14/11/2023 23:13 +0100")),
+            Ok(1_700_000_000_000 - 20_000)
+        );
+        let day = with("format = \"%d.%m.%Y\"").unwrap();
+        assert_eq!(seen(&day, json!("14.11.2023")), Ok(1_699_920_000_000));
+        assert_eq!(
+            format_date(
+                bson::DateTime::from_millis(1_700_000_000_000),
+                "%Y-%m-%d %H:%M:%S"
+            ),
+            "2023-11-14 22:13:20"
+        );
+        for (format, expected) in [("%Y-%m-%", "valid strftime"), ("%H:%M", "whole date")] {
+            let err = with(&format!("format = \"{format}\""))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("mapping.seen.format") && err.contains(expected),
+                "{err}"
+            );
+        }
         let text = format!("{FILE}\n[mapping.seen]\npath = \"$.seen\"\nunit = \"seconds\"\n");
         let err = validate("f", &parse_file("f", &text).unwrap(), &env).unwrap_err();
         assert!(err.to_string().contains("mapping.seen.unit"), "{err}");
@@ -1973,6 +2087,7 @@ type = "bool"
                 epoch_seconds: false,
                 unit_given: false,
                 unset_missing: false,
+                date_format: None,
             };
             assert!(fast.members.is_some(), "{path}");
             let engine = Field {
@@ -1997,6 +2112,7 @@ type = "bool"
             epoch_seconds: false,
             unit_given: false,
             unset_missing: false,
+            date_format: None,
         };
         let at = bson::DateTime::from_millis(1_764_000_000_123);
         let cases = [

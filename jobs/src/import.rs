@@ -430,18 +430,23 @@ pub async fn run_import(
                     };
                     // A date goes back in the form the API sent it in: epoch seconds or
                     // milliseconds when it came as a number.
-                    let seconds = connector
+                    let field = connector
                         .fields
                         .iter()
-                        .any(|f| f.target == inc.cursor_field && f.epoch_seconds);
-                    let text = match &cursor {
-                        Bson::DateTime(d)
+                        .find(|f| f.target == inc.cursor_field);
+                    let seconds = field.is_some_and(|f| f.epoch_seconds);
+                    let format = field.and_then(|f| f.date_format.as_deref());
+                    let text = match (&cursor, format) {
+                        (Bson::DateTime(d), _)
                             if stored.get_bool(f::SYNC_CURSOR_EPOCH_MS) == Ok(true) =>
                         {
                             let ms = d.timestamp_millis();
                             if seconds { ms.div_euclid(1000) } else { ms }.to_string()
                         }
-                        other => cursor_text(other),
+                        (Bson::DateTime(d), Some(format)) => {
+                            sluice_core::integration::format_date(*d, format)
+                        }
+                        (other, _) => cursor_text(other),
                     };
                     extra.push((inc.param.clone(), text));
                 }
