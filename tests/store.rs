@@ -525,20 +525,27 @@ async fn claims_too_old_to_insert_safely_are_handed_back_not_inserted() {
             ..Default::default()
         },
     );
+    // The third is a copy of the first (a resend coalesced with its original): it must be
+    // sent again too, not acknowledged as a duplicate of an event that was not stored.
     let batch = vec![
         event("s1", "v7", "s7", EventType::PageView, 1_700_000_000_000),
         event("s2", "v7", "s7", EventType::Click, 1_700_000_001_000),
+        event("s1", "v7", "s7", EventType::PageView, 1_700_000_000_000),
     ];
     assert_eq!(
         slow.write(&batch).await.unwrap(),
-        vec![WriteStatus::Retry, WriteStatus::Retry]
+        vec![WriteStatus::Retry; 3]
     );
     assert_eq!(count(&db, "events", doc! {}).await, 0);
     // The resend completes them at once (the claims were handed back) and counts them once.
     let writer = EventWriter::new(db.store.clone(), WriterOptions::default());
     assert_eq!(
         writer.write(&batch).await.unwrap(),
-        vec![WriteStatus::Stored, WriteStatus::Stored]
+        vec![
+            WriteStatus::Stored,
+            WriteStatus::Stored,
+            WriteStatus::Duplicate
+        ]
     );
     assert_eq!(count(&db, "events", doc! {}).await, 2);
     let user = db

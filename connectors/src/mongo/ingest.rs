@@ -217,6 +217,30 @@ impl EventWriter {
     }
 
     async fn write_sessioned(&self, events: &[Event]) -> Result<Vec<WriteStatus>, StoreError> {
+        let mut status = self.write_unique(events).await?;
+        // A later copy of an eventId (two coalesced requests carrying one event: an SDK's
+        // resend racing its original) is a duplicate of the first, unless the first must
+        // be sent again: then so must the copy, or the event would be acknowledged
+        // without being stored.
+        let mut first: HashMap<&str, usize> = HashMap::new();
+        for i in 0..events.len() {
+            match first.entry(events[i].event_id.as_str()) {
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(i);
+                }
+                std::collections::hash_map::Entry::Occupied(o) => {
+                    if status[*o.get()] == WriteStatus::Retry {
+                        status[i] = WriteStatus::Retry;
+                    }
+                }
+            }
+        }
+        Ok(status)
+    }
+
+    /// [`Self::write_sessioned`] for the first copy of each eventId; later copies are
+    /// answered `Duplicate` here.
+    async fn write_unique(&self, events: &[Event]) -> Result<Vec<WriteStatus>, StoreError> {
         let mut status = vec![WriteStatus::Duplicate; events.len()];
         let mut seen = HashSet::new();
         let unique: Vec<usize> = (0..events.len())
