@@ -722,6 +722,22 @@ async fn health_readiness_metrics_and_cors() {
     );
     let other = preflight("https://evil.example").await.unwrap();
     assert!(other.headers().get("access-control-allow-origin").is_none());
+    // A browser SDK may read when to come back from a cross-origin answer.
+    let answer = client
+        .post(format!("{base}/v1/events"))
+        .header("origin", "https://shop.example")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    let exposed = answer.headers()["access-control-expose-headers"]
+        .to_str()
+        .unwrap()
+        .to_ascii_lowercase();
+    assert!(
+        exposed.contains("retry-after") && exposed.contains("x-ratelimit-reset"),
+        "{exposed}"
+    );
     // A wrong method gets the same JSON error shape as every other refusal.
     let wrong = client
         .get(format!("{base}/v1/events"))

@@ -133,6 +133,11 @@ fn cors(config: &Config) -> CorsLayer {
             axum::http::header::CONTENT_ENCODING,
             axum::http::HeaderName::from_static("x-write-key"),
         ])
+        // A cross-origin SDK can read when to come back only if these are exposed.
+        .expose_headers([
+            axum::http::header::RETRY_AFTER,
+            axum::http::HeaderName::from_static("x-ratelimit-reset"),
+        ])
         .max_age(Duration::from_secs(3600))
 }
 

@@ -430,8 +430,10 @@ impl IntoResponse for Answer {
         }));
         let mut resp = (status, body).into_response();
         if self.retry {
-            resp.headers_mut()
-                .insert("retry-after", axum::http::HeaderValue::from(1));
+            for name in ["retry-after", "x-ratelimit-reset"] {
+                resp.headers_mut()
+                    .insert(name, axum::http::HeaderValue::from(1));
+            }
         }
         resp
     }
@@ -480,6 +482,7 @@ async fn transform(
             "transform_failed",
             e.to_string(),
         )
+        .retry(5)
     })?
     .map_err(|e| {
         tracing::error!(error = %e, "tracking transform failed");
