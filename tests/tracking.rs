@@ -1273,3 +1273,51 @@ async fn only_server_side_keys_may_say_where_an_event_came_from() {
     }
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_body_trickled_in_past_the_deadline_is_answered_408_and_its_connection_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let db = TestDb::initialized().await;
+    let server = start_server(&db, |raw| raw.server.body_timeout_seconds = 1).await;
+    let mut conn = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    conn.write_all(
+        b"POST /v1/events HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 200\r\n\r\n{\"userId\":",
+    )
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    let mut answer = Vec::new();
+    // The server answers, then closes: read to the end (bounded, should it not close).
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        conn.read_to_end(&mut answer),
+    )
+    .await
+    .expect("the server closes the connection")
+    .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("body_timeout"), "{answer}");
+    assert!(started.elapsed() >= std::time::Duration::from_millis(900));
+    assert_eq!(
+        db.store
+            .collection("events")
+            .count_documents(doc! {})
+            .await
+            .unwrap(),
+        0
+    );
+
+    // A body beyond any route's limit is refused before a route reads it.
+    let huge = "x".repeat(3 * 1024 * 1024);
+    let r = reqwest::Client::new()
+        .post(format!("http://{}/v1/events/batch", server.addr))
+        .body(huge)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 413);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "payload_too_large", "{body}");
+    server.shutdown().await;
+}

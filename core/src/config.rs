@@ -224,6 +224,9 @@ pub struct ServerSection {
     pub trusted_proxies: Vec<String>,
     /// Requests per second allowed per write key (0 = unlimited).
     pub rate_limit_per_key: u32,
+    /// A request body not received whole within this many seconds is answered `408`
+    /// and its connection closed (a client trickling its body holds no connection longer).
+    pub body_timeout_seconds: u64,
 }
 
 impl Default for ServerSection {
@@ -235,6 +238,7 @@ impl Default for ServerSection {
             cors_origins: vec!["*".into()],
             trusted_proxies: Vec::new(),
             rate_limit_per_key: 0,
+            body_timeout_seconds: 60,
         }
     }
 }
@@ -431,6 +435,8 @@ pub struct Config {
     pub cors_origins: Vec<String>,
     pub trusted_proxies: Vec<String>,
     pub rate_limit_per_key: u32,
+    /// `[server] body_timeout_seconds`.
+    pub body_timeout: std::time::Duration,
     pub tracking: TrackingSection,
     pub bots: BotPolicy,
     pub destination: Destination,
@@ -653,10 +659,20 @@ pub fn validate(
         );
     }
     for (i, origin) in raw.server.cors_origins.iter().enumerate() {
-        if origin != "*" && !(origin.starts_with("http://") || origin.starts_with("https://")) {
+        // A browser's `Origin` is scheme, host and port, nothing after: an entry with a
+        // path or a trailing slash would never match one.
+        let rest = origin
+            .strip_prefix("https://")
+            .or_else(|| origin.strip_prefix("http://"));
+        let is_origin = rest.is_some_and(|host| {
+            !host.is_empty() && !host.contains(['/', '?', '#', ' ']) && origin.is_ascii()
+        });
+        if origin != "*" && !is_origin {
             return Err(invalid(
                 &format!("server.cors_origins[{i}]"),
-                format!("`*` or an origin like `https://shop.example`, got `{origin}`"),
+                format!(
+                    "`*` or an origin like `https://shop.example` (scheme, host and port; no path or trailing `/`), got `{origin}`"
+                ),
             ));
         }
     }
@@ -699,6 +715,19 @@ pub fn validate(
         if value == 0 {
             return Err(invalid(field, "a number greater than 0".into()));
         }
+    }
+    if !(1..=3600).contains(&raw.server.body_timeout_seconds) {
+        return Err(invalid(
+            "server.body_timeout_seconds",
+            format!("1 to 3600, got {}", raw.server.body_timeout_seconds),
+        ));
+    }
+    // Up to a week: an idle gap is minutes or hours, and the milliseconds stay in range.
+    if t.session_timeout_minutes > 7 * 24 * 60 {
+        return Err(invalid(
+            "tracking.session_timeout_minutes",
+            format!("1 to 10080 (a week), got {}", t.session_timeout_minutes),
+        ));
     }
     // Up to a year: further ahead is no clock skew, and the milliseconds stay in range.
     if !(0..=366 * 86_400).contains(&t.max_future_seconds) {
@@ -889,6 +918,7 @@ pub fn validate(
         cors_origins: raw.server.cors_origins.clone(),
         trusted_proxies: raw.server.trusted_proxies.clone(),
         rate_limit_per_key: raw.server.rate_limit_per_key,
+        body_timeout: std::time::Duration::from_secs(raw.server.body_timeout_seconds),
         tracking: raw.tracking.clone(),
         bots,
         destination,
@@ -1121,6 +1151,37 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("export.keep_replaced_parts_minutes"), "{err}");
+    }
+
+    #[test]
+    fn server_limits_and_origins_that_could_never_work_are_refused() {
+        let c = check("[server]\nbody_timeout_seconds = 5\ncors_origins = [\"https://shop.example:8443\", \"*\"]\n").unwrap();
+        assert_eq!(c.body_timeout, std::time::Duration::from_secs(5));
+        for (text, field) in [
+            (
+                "[server]\nbody_timeout_seconds = 0\n",
+                "server.body_timeout_seconds",
+            ),
+            (
+                "[server]\ncors_origins = [\"https://shop.example/\"]\n",
+                "server.cors_origins[0]",
+            ),
+            (
+                "[server]\ncors_origins = [\"https://shop.example/app\"]\n",
+                "server.cors_origins[0]",
+            ),
+            (
+                "[server]\ncors_origins = [\"https://\"]\n",
+                "server.cors_origins[0]",
+            ),
+            (
+                "[tracking]\nsession_timeout_minutes = 100000000\n",
+                "tracking.session_timeout_minutes",
+            ),
+        ] {
+            let err = check(text).unwrap_err().to_string();
+            assert!(err.contains(field), "{text}: {err}");
+        }
     }
 
     #[test]

@@ -188,8 +188,76 @@ pub fn router(state: AppState) -> Router {
                 format!("this endpoint does not take {method}"),
             )
         })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            body_deadline,
+        ))
         .layer(cors(&state.config))
         .with_state(state)
+}
+
+/// Bodies larger than this are refused before any route reads them (routes then apply
+/// their own, smaller limits).
+fn body_cap(config: &Config) -> usize {
+    config.tracking.max_batch_bytes.max(2 * 1024 * 1024)
+}
+
+/// Reads each request's whole body within `[server] body_timeout_seconds`, before the
+/// route sees it: a client trickling its body in (or sending none after its headers) is
+/// answered `408` and its connection closed, instead of holding it, and a handler, for
+/// as long as it likes.
+async fn body_deadline(
+    State(state): State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let (parts, body) = request.into_parts();
+    let cap = body_cap(&state.config);
+    let deadline = state.config.body_timeout;
+    match tokio::time::timeout(deadline, axum::body::to_bytes(body, cap)).await {
+        Ok(Ok(bytes)) => {
+            next.run(axum::extract::Request::from_parts(
+                parts,
+                axum::body::Body::from(bytes),
+            ))
+            .await
+        }
+        Ok(Err(e)) => {
+            let too_large = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            if too_large {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    format!("the body is larger than {cap} bytes"),
+                )
+                .into_response()
+            } else {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "unreadable_body",
+                    format!("the body could not be read: {e}"),
+                )
+                .into_response()
+            }
+        }
+        Err(_) => {
+            let mut resp = ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                format!(
+                    "the body was not received within {} s; nothing was stored",
+                    deadline.as_secs()
+                ),
+            )
+            .into_response();
+            resp.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                HeaderValue::from_static("close"),
+            );
+            resp
+        }
+    }
 }
 
 /// How long `/readyz` waits for MongoDB: a probe answered late is a probe failed, and a

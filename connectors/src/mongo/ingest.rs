@@ -872,7 +872,7 @@ fn user_aggregates(visitor: &str, d: &Document) -> User {
         Some(_) => int(u::TOTAL_REVENUE_MICROS),
         None => match d.get(u::TOTAL_REVENUE) {
             Some(Bson::Double(v)) => sluice_core::aggregate::revenue_micros(*v),
-            _ => int(u::TOTAL_REVENUE) * 1_000_000,
+            _ => int(u::TOTAL_REVENUE).saturating_mul(1_000_000),
         },
     };
     User {
