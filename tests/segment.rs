@@ -899,3 +899,44 @@ async fn a_link_counts_from_its_earliest_message_whichever_arrives_first() {
     );
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_batch_context_counts_toward_each_message_s_size_limit() {
+    let db = TestDb::initialized().await;
+    let server = keyed_server(&db).await;
+    let base = format!("http://{}", server.addr);
+    let track = |id: &str, pad: usize| {
+        json!({ "type": "track", "messageId": id, "userId": "u1", "event": "Played",
+            "properties": { "pad": "x".repeat(pad) } })
+    };
+    // The per-event limit is 32 KB: a 20 KB shared context fits, and so does a small
+    // message with it, but not a 20 KB message (fine alone) with it.
+    let context = json!({ "library": { "name": "bulk" }, "blob": "c".repeat(20_000) });
+    let (s, body) = post(
+        &base,
+        "/v1/batch",
+        &json!({ "batch": [track("m1", 10), track("m2", 20_000)], "context": context }),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(body["stored"], 1, "{body}");
+    let rejected = &body["results"][1];
+    assert!(
+        rejected.to_string().contains("with the batch's `context`"),
+        "{body}"
+    );
+    // A shared context beyond the limit by itself is refused whole.
+    let (s, body) = post(
+        &base,
+        "/v1/batch",
+        &json!({ "batch": [track("m3", 10)], "context": { "blob": "c".repeat(40_000) } }),
+    )
+    .await;
+    assert_eq!(
+        (s, body["error"].as_str()),
+        (400, Some("invalid_batch")),
+        "{body}"
+    );
+    assert_eq!(find(&db, "events", doc! {}).await.len(), 1);
+    server.shutdown().await;
+}

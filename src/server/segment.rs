@@ -109,6 +109,15 @@ pub async fn batch(
     let sent_at = batch_sent_at(parsed.sent_at.as_ref())?;
     // A batch-level `context` applies to every message (the message's own keys win).
     let shared_context = parsed.context.as_ref().and_then(Value::as_object);
+    // Copied into every message: each message with it must still fit the per-event limit
+    // (a large shared context would otherwise store up to 500 copies of itself).
+    let max = state.config.tracking.max_event_bytes;
+    let shared_size = shared_context.map_or(0, |c| serde_json::to_vec(c).map_or(0, |v| v.len()));
+    if shared_size > max {
+        return Err(invalid(format!(
+            "the batch's `context` is larger than {max} bytes (it is stored with every message)"
+        )));
+    }
     let ctx = request_context(&state, peer, &headers, sent_at, &admitted);
     let options = options(&state);
     let messages = items
@@ -117,6 +126,12 @@ pub async fn batch(
             let item = batch_item(&state, raw, "message")?;
             match (shared_context, &item) {
                 (Some(shared), Value::Object(m)) => {
+                    if raw.get().len() + shared_size > max {
+                        return Err(ValidationError::new(
+                            "message",
+                            format!("larger than {max} bytes with the batch's `context`"),
+                        ));
+                    }
                     let mut m = m.clone();
                     let mut context = shared.clone();
                     if let Some(Value::Object(own)) = m.get("context") {
@@ -154,6 +169,24 @@ async fn store(
         )
         .retry(2)
     };
+    // The identity reads and writes answer within the write deadline too: a database
+    // that accepts connections but does not answer gets the client a 503, not a hang.
+    let deadline = std::time::Duration::from_secs(state.config.tracking.write_timeout_seconds);
+    let late = || {
+        tracing::error!(
+            seconds = deadline.as_secs(),
+            "identity links or profiles did not answer in time"
+        );
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_timeout",
+            format!(
+                "MongoDB did not answer within {} s; resend the events (those already stored are answered `duplicate`)",
+                deadline.as_secs()
+            ),
+        )
+        .retry(5)
+    };
     let mut ids: HashSet<String> = HashSet::new();
     let mut links = Vec::new();
     for (index, m) in messages.iter().enumerate() {
@@ -169,9 +202,13 @@ async fn store(
     }
     let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
     let every_link: Vec<_> = links.iter().map(|(_, l)| l.clone()).collect();
-    let current = identities::current(&state.store, &ids, &every_link)
-        .await
-        .map_err(unavailable)?;
+    let current = tokio::time::timeout(
+        deadline,
+        identities::current(&state.store, &ids, &every_link),
+    )
+    .await
+    .map_err(|_| late())?
+    .map_err(unavailable)?;
     let planned = identities::preview(&current, &every_link);
     // Per message: its anonymous id when it has no userId, its time, and the visitor it
     // was resolved to.
@@ -220,9 +257,13 @@ async fn store(
     let recorded = if every_link.is_empty() {
         planned
     } else {
-        identities::record(&state.store, current, &ids, &kept_links)
-            .await
-            .map_err(unavailable)?
+        tokio::time::timeout(
+            deadline,
+            identities::record(&state.store, current, &ids, &kept_links),
+        )
+        .await
+        .map_err(|_| late())?
+        .map_err(unavailable)?
     };
     for (index, resolved) in anonymous.into_iter().enumerate() {
         let (Some((id, at, planned_visitor)), Some(j)) = (resolved, prepared.kept(index)) else {
@@ -253,7 +294,13 @@ async fn store(
         if !answer.written[i] {
             continue;
         }
-        if let Err(e) = identities::apply_traits(&state.store, &visitor, &traits, at).await {
+        let applied = tokio::time::timeout(
+            deadline,
+            identities::apply_traits(&state.store, &visitor, &traits, at),
+        )
+        .await
+        .map_err(|_| late())?;
+        if let Err(e) = applied {
             // The events are stored. A store that is down is worth a resend (the identify
             // is then a duplicate and its traits are applied again); a write the profile
             // refuses (say, `attributes` is not a document) would fail every resend.

@@ -502,19 +502,27 @@ async fn transform(
     }
     // Events a plugin failed under the dead-letter policy are kept before anything is
     // answered; if they cannot be, the client is asked to resend.
-    state
-        .store
-        .keep_dead_letters(dead_letters, "tracking", None)
-        .await
-        .map_err(|e| {
-            tracing::error!(error = %e, "could not store dead letters");
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "store_unavailable",
-                "could not keep the events a plugin failed; nothing was stored",
-            )
-            .retry(5)
-        })?;
+    tokio::time::timeout(
+        budget,
+        state
+            .store
+            .keep_dead_letters(dead_letters, "tracking", None),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        Err(sluice_connectors::StoreError::Busy(
+            "MongoDB did not answer in time".into(),
+        ))
+    })
+    .map_err(|e| {
+        tracing::error!(error = %e, "could not store dead letters");
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            "could not keep the events a plugin failed; nothing was stored",
+        )
+        .retry(5)
+    })?;
     // The eventId is the client's dedupe key and how its answer finds the event: an
     // output under an id no input had would be stored while the client is told its event
     // was dropped, and a resend would store it again. Such outputs are not stored.
