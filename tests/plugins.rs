@@ -1002,3 +1002,47 @@ async fn events_a_plugin_renames_are_not_stored_behind_the_clients_back() {
     );
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_event_a_plugin_made_unstorable_is_rejected_alone() {
+    let db = support::TestDb::initialized().await;
+    let dir = support::plugin_dir().display().to_string();
+    let server = support::start_server(&db, |raw| {
+        raw.plugins.dir = dir.clone();
+        raw.plugins.tracking_transforms = vec!["hostile".into()];
+        raw.plugins.config.insert(
+            "hostile".into(),
+            toml::Value::Table(toml::toml! { mode = "nul-key-on-bad" }),
+        );
+    })
+    .await;
+    let event = |id: &str, tag: &str| {
+        json!({ "eventId": id, "userId": "v", "sessionId": "s", "eventType": "CLICK",
+            "properties": { "tag": tag } })
+    };
+    let answer: serde_json::Value = reqwest::Client::new()
+        .post(format!("http://{}/v1/events/batch", server.addr))
+        .json(&json!({ "batch": [event("n1", "fine"), event("n2", "bad"), event("n3", "fine")] }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["stored"], 2, "{answer}");
+    assert_eq!(answer["results"][1]["status"], "rejected", "{answer}");
+    assert!(
+        answer["results"][1]
+            .to_string()
+            .contains("cannot be stored"),
+        "{answer}"
+    );
+    let stored = db
+        .store
+        .collection("events")
+        .count_documents(doc! {})
+        .await
+        .unwrap();
+    assert_eq!(stored, 2);
+    server.shutdown().await;
+}

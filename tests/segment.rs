@@ -710,6 +710,13 @@ async fn gzip_bodies_write_key_in_the_body_and_invalid_messages_reported() {
         err["message"].as_str().unwrap().contains("`event`"),
         "{err}"
     );
+    assert_eq!(err["error"], "invalid_message", "{err}");
+    let (status, err) = post(&base, "/v1/track", &json!(["not", "an", "object"])).await;
+    assert_eq!(
+        (status, err["error"].as_str()),
+        (400, Some("invalid_message")),
+        "{err}"
+    );
     let mut bomb = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
     bomb.write_all(&vec![b' '; 4 * 1024 * 1024]).unwrap();
     let r = client

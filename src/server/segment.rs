@@ -72,7 +72,11 @@ pub async fn single(
     let body = read_body(&headers, body, state.config.tracking.max_event_bytes)?;
     let value: Value = serde_json::from_slice(&body).map_err(malformed)?;
     let Value::Object(obj) = &value else {
-        return Err(invalid("expected a JSON object"));
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_message",
+            "expected a JSON object",
+        ));
     };
     let admitted = match by_header {
         Some(a) => a,

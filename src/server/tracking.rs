@@ -543,7 +543,14 @@ async fn transform(
     for d in out {
         match bson::from_document::<Event>(d) {
             Ok(e) if sent.contains_key(e.event_id.as_str()) => {
-                match check_event(&e, now, max_future) {
+                // One the server could not store (a NUL in a key of its metadata, say)
+                // would fail every event of the write it joins, not just itself.
+                let storable = check_event(&e, now, max_future).and_then(|()| {
+                    bson::to_raw_document_buf(&e).map(drop).map_err(|err| {
+                        ValidationError::new("event", format!("cannot be stored: {err}"))
+                    })
+                });
+                match storable {
                     Ok(()) => kept.push(e),
                     Err(err) => {
                         let input = sent[e.event_id.as_str()];

@@ -6,7 +6,8 @@
 //! `garbage` (returns records that are not JSON), `short` (fewer results than inputs),
 //! `sleep` (sleeps a minute in a host call), `fanout` (turns each record into 100,000),
 //! `print` (prints 1,000 lines per record), `rename-id` (changes each record's `eventId`), `panic-on-bad` (panics on a record holding the
-//! string "bad") and `ok` (returns every record).
+//! string "bad"), `nul-key-on-bad` (gives a record holding "bad" a `metadata.context` key
+//! with a NUL, which BSON cannot store) and `ok` (returns every record).
 
 use std::cell::RefCell;
 
@@ -57,6 +58,11 @@ fn misbehave(mode: &str, record: String) -> Result<Vec<String>, String> {
             Ok(vec![record])
         }
         "fanout" => Ok(vec![record; 100_000]),
+        "nul-key-on-bad" if record.contains("\"bad\"") => {
+            let mut v = serde_json_lite(&record);
+            v["metadata"]["context"] = json!({ "a\u{0}b": 1 });
+            Ok(vec![v.to_string()])
+        }
         "print" => {
             for i in 0..1000 {
                 println!("line {i} of a plugin that prints a lot, padded to sixty bytes");
