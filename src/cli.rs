@@ -458,6 +458,7 @@ pub async fn export_run(
     let mut ctx = ExportContext::new(store.clone(), destination);
     ctx.transforms = load_plugins(config, &config.plugins.export_transforms)?;
     ctx.keep_replaced = config.keep_replaced_parts;
+    ctx.work_dir = config.export_work_dir.clone();
     let request = ExportRequest {
         kind,
         from,

@@ -197,6 +197,7 @@ impl EngineRunner {
             let mut ctx = sluice_jobs::export::ExportContext::new(self.store.clone(), dest);
             ctx.progress = progress.export.clone();
             ctx.keep_replaced = self.config.keep_replaced_parts;
+            ctx.work_dir = self.config.export_work_dir.clone();
             ctx.transforms = crate::cli::load_plugins_off_runtime(
                 &self.config,
                 self.config.plugins.export_transforms.clone(),

@@ -1627,3 +1627,35 @@ async fn an_older_snapshot_does_not_replace_a_newer_published_one() {
     assert_eq!(manifest(&dir, &prefix), newer, "the newer snapshot is kept");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[tokio::test]
+async fn a_dead_run_s_leftover_work_files_are_swept_a_day_later() {
+    let db = TestDb::initialized().await;
+    let dir = temp_dir();
+    let work = temp_dir();
+    let old = work.join("sluice-work-dead-2026-01-01.ids");
+    std::fs::write(&old, "\"e1\"\n").unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&old)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(2 * 86_400))
+        .unwrap();
+    let fresh = work.join("sluice-work-live-2026-01-02");
+    std::fs::create_dir_all(&fresh).unwrap();
+    let other = work.join("not-ours.txt");
+    std::fs::write(&other, "keep").unwrap();
+    let mut ctx = ExportContext::new(db.store.clone(), ObjectStore::Local(LocalDir::new(&dir)));
+    ctx.work_dir = work.clone();
+    run_export(&ctx, &request(ExportJobType::EventData, day(-3), day(-3)))
+        .await
+        .unwrap();
+    assert!(!old.exists(), "a day-old leftover is removed");
+    assert!(
+        fresh.exists(),
+        "a recent one may belong to a run going on elsewhere"
+    );
+    assert!(other.exists(), "only Sluice's own work files are touched");
+    std::fs::remove_dir_all(dir).unwrap();
+    std::fs::remove_dir_all(work).unwrap();
+}

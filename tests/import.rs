@@ -2619,14 +2619,38 @@ async fn import_reset_drops_the_checkpoint_and_with_cursor_the_cursor() {
         .unwrap();
     assert!(!again.resumed && again.completed, "{again:?}");
     assert_eq!(again.fetched, 45, "read from the start");
-    let cursor = sync_cursor(&db, &name).await.expect("advanced");
+    assert!(sync_cursor(&db, &name).await.is_some(), "advanced");
+
+    // A cursor in the future (a record dated ahead) never moves back by itself: the run
+    // says so and names the way out.
+    let future = bson::Bson::DateTime(bson::DateTime::from_millis(32_503_680_000_000));
+    db.store
+        .collection("integration_configs")
+        .update_one(
+            doc! { "name": &name },
+            doc! { "$set": { "syncCursor": future.clone() } },
+        )
+        .await
+        .unwrap();
+    let stuck = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert!(
+        stuck
+            .warnings
+            .iter()
+            .any(|w| w.contains("in the future") && w.contains("import reset")),
+        "{:?}",
+        stuck.warnings
+    );
+    assert_eq!(sync_cursor(&db, &name).await, Some(future.clone()));
 
     // `--cursor` clears the cursor too: the next run sends no `since`.
     let report = sluice_jobs::import::reset_import(&db.store, &name, &job, true)
         .await
         .unwrap();
     assert_eq!(report.checkpoint, None);
-    assert_eq!(report.cursor, Some(cursor));
+    assert_eq!(report.cursor, Some(future));
     assert_eq!(sync_cursor(&db, &name).await, None);
     let asked_before = api.seen_queries.lock().unwrap().len();
     let all = run_import(&db.store, &name, &ImportOptions::default())

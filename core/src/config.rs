@@ -303,6 +303,9 @@ pub struct ExportSection {
     /// Parts a rerun replaces are removed this many minutes later instead of at once, so
     /// queries already reading them finish (0: at once).
     pub keep_replaced_parts_minutes: u64,
+    /// Local folder for part files before upload and for an archive's spooled eventIds
+    /// (about 50 bytes an event); empty: the system temporary folder.
+    pub work_dir: String,
 }
 
 impl Default for ExportSection {
@@ -311,6 +314,7 @@ impl Default for ExportSection {
             destination: "./sluice-output".into(),
             archive_after_days: 90,
             keep_replaced_parts_minutes: 0,
+            work_dir: String::new(),
         }
     }
 }
@@ -443,6 +447,8 @@ pub struct Config {
     pub archive_after_days: u32,
     /// `[export] keep_replaced_parts_minutes`.
     pub keep_replaced_parts: std::time::Duration,
+    /// `[export] work_dir`, resolved (the system temporary folder when empty).
+    pub export_work_dir: std::path::PathBuf,
     pub s3: S3Section,
     pub log: LogSection,
     pub plugins: PluginsSection,
@@ -923,6 +929,11 @@ pub fn validate(
         bots,
         destination,
         archive_after_days: raw.export.archive_after_days,
+        export_work_dir: if raw.export.work_dir.is_empty() {
+            std::env::temp_dir()
+        } else {
+            std::path::PathBuf::from(&raw.export.work_dir)
+        },
         keep_replaced_parts: std::time::Duration::from_secs(
             raw.export.keep_replaced_parts_minutes * 60,
         ),

@@ -291,6 +291,9 @@ pub struct IncrementalSection {
     pub lookback_seconds: u64,
 }
 
+/// A year: a larger lookback is a full reread, and `import reset --cursor` says so.
+const MAX_LOOKBACK_SECONDS: u64 = 366 * 86_400;
+
 fn is_zero(n: &u64) -> bool {
     *n == 0
 }
@@ -757,6 +760,12 @@ pub fn validate(
                 return Err(invalid(&format!("{field}.format"), e));
             }
         }
+        if m.unit.is_some() && m.format.is_some() {
+            return Err(invalid(
+                &format!("{field}.unit"),
+                "either `unit` (epoch numbers) or `format` (text), not both".into(),
+            ));
+        }
         if m.unit.is_some() && field_kind != FieldType::Date {
             return Err(invalid(
                 &format!("{field}.unit"),
@@ -881,6 +890,15 @@ pub fn validate(
             let date_cursor = fields
                 .iter()
                 .any(|f| f.target == inc.cursor_field && f.kind == FieldType::Date);
+            if inc.lookback_seconds > MAX_LOOKBACK_SECONDS {
+                return Err(invalid(
+                    "incremental.lookback_seconds",
+                    format!(
+                        "at most {MAX_LOOKBACK_SECONDS} (a year), got {}",
+                        inc.lookback_seconds
+                    ),
+                ));
+            }
             if inc.lookback_seconds > 0 && !date_cursor {
                 return Err(invalid(
                     "incremental.lookback_seconds",
@@ -1279,6 +1297,12 @@ fn check_date_format(format: &str) -> Result<(), String> {
     use chrono::format::{Item, StrftimeItems};
     if StrftimeItems::new(format).any(|i| matches!(i, Item::Error)) {
         return Err(format!("a valid strftime format, got `{format}`"));
+    }
+    // chrono skips a zone name when reading: `EST` would be read as UTC, hours off.
+    if format.contains("%Z") {
+        return Err(format!(
+            "a format with a numeric offset (`%z`, `+0100`) rather than a zone name (`%Z` is not read back), got `{format}`"
+        ));
     }
     // Formatting a date and reading it back must give it again (a format without a day,
     // say, cannot be read).
@@ -1952,7 +1976,11 @@ type = "bool"
             ),
             "2023-11-14 22:13:20"
         );
-        for (format, expected) in [("%Y-%m-%", "valid strftime"), ("%H:%M", "whole date")] {
+        for (format, expected) in [
+            ("%Y-%m-%", "valid strftime"),
+            ("%H:%M", "whole date"),
+            ("%Y-%m-%d %H:%M:%S %Z", "numeric offset"),
+        ] {
             let err = with(&format!("format = \"{format}\""))
                 .unwrap_err()
                 .to_string();
@@ -1961,9 +1989,48 @@ type = "bool"
                 "{err}"
             );
         }
+        let err = with("unit = \"seconds\"\nformat = \"%Y%m%d\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("mapping.seen.unit") && err.contains("not both"),
+            "{err}"
+        );
         let text = format!("{FILE}\n[mapping.seen]\npath = \"$.seen\"\nunit = \"seconds\"\n");
         let err = validate("f", &parse_file("f", &text).unwrap(), &env).unwrap_err();
         assert!(err.to_string().contains("mapping.seen.unit"), "{err}");
+    }
+
+    #[test]
+    fn on_missing_and_lookback_are_refused_where_they_cannot_work() {
+        let refused = |text: String, field: &str| {
+            let err = validate("f", &parse_file("f", &text).unwrap(), &env)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(field), "{err}");
+        };
+        // The upsert key (made optional so only the key rule applies).
+        refused(
+            FILE.replace(
+                "type = \"string\"\nrequired = true",
+                "type = \"string\"\non_missing = \"unset\"",
+            ),
+            "mapping.productId.on_missing",
+        );
+        // Into `events`, whose stored events are never updated.
+        let events = FILE
+            .replace("collection = \"products\"\nkey = \"productId\"", "collection = \"events\"\nkey = \"eventId\"")
+            .replace("[mapping.productId]", "[mapping.eventId]")
+            + "[mapping.userId]\npath = \"$.u\"\n[mapping.eventType]\npath = \"$.t\"\n[mapping.note]\npath = \"$.n\"\non_missing = \"unset\"\n";
+        refused(events, "mapping.note.on_missing");
+        // A lookback needs a date cursor, and at most a year.
+        let cursor = |kind: &str, lookback: u64| {
+            FILE.replace("[target]", &format!("[incremental]\ncursor_field = \"seen\"\nparam = \"since\"\nlookback_seconds = {lookback}\n[target]"))
+                + &format!("[mapping.seen]\npath = \"$.seen\"\ntype = \"{kind}\"\n")
+        };
+        refused(cursor("integer", 60), "incremental.lookback_seconds");
+        refused(cursor("date", 400 * 86_400), "incremental.lookback_seconds");
+        assert!(validate("f", &parse_file("f", &cursor("date", 60)).unwrap(), &env).is_ok());
     }
 
     #[test]

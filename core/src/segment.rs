@@ -281,7 +281,16 @@ pub fn parse_message(
             // The client's own property of that name is kept beside it.
             if let Some(own) = properties.remove(EVENT_NAME) {
                 if own.as_str() != Some(name.as_str()) {
-                    properties.insert(CLIENT_EVENT_NAME.into(), own);
+                    // Under the first of clientEventName, clientEventName2, ... that is
+                    // free: nothing the client sent is overwritten.
+                    let key = (1..)
+                        .map(|n| match n {
+                            1 => CLIENT_EVENT_NAME.to_string(),
+                            n => format!("{CLIENT_EVENT_NAME}{n}"),
+                        })
+                        .find(|k| !properties.contains_key(k))
+                        .unwrap_or_default();
+                    properties.insert(key, own);
                 }
             }
             properties.insert(EVENT_NAME.into(), Value::String(name));
@@ -640,6 +649,12 @@ mod tests {
         let p = &m.event.properties;
         assert_eq!(p.get_str(EVENT_NAME).unwrap(), "Video Played");
         assert_eq!(p.get_str(CLIENT_EVENT_NAME).unwrap(), "play");
+        let both = parse(json!({"type": "track", "userId": "u", "event": "Played",
+            "properties": {"eventName": "play", "clientEventName": "mine"}}))
+        .unwrap();
+        let p = &both.event.properties;
+        assert_eq!(p.get_str(CLIENT_EVENT_NAME).unwrap(), "mine");
+        assert_eq!(p.get_str("clientEventName2").unwrap(), "play");
         let same = parse(json!({"type": "track", "userId": "u", "event": "Played",
             "properties": {"eventName": "Played"}}))
         .unwrap();

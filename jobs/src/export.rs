@@ -400,6 +400,46 @@ async fn late_day_exported(
 }
 
 /// Runs one export and records it in `export_jobs`.
+/// What a run's part folders and id spools in the work folder are named from.
+const WORK_PREFIX: &str = "sluice-work-";
+
+/// How old a run's leftovers in the work folder must be before a later run removes them:
+/// far longer than any run, so a run going on in another process keeps its files.
+const LEFTOVER_AGE: Duration = Duration::from_secs(24 * 3600);
+
+/// Removes the part folders and id spools a process that died mid-run left in the work
+/// folder (a run removes its own as it ends).
+async fn sweep_leftovers(work_dir: &std::path::Path) {
+    let Ok(mut entries) = tokio::fs::read_dir(work_dir).await else {
+        return;
+    };
+    while let Ok(Some(entry)) = entries.next_entry().await {
+        let name = entry.file_name();
+        if !name.to_string_lossy().starts_with(WORK_PREFIX) {
+            continue;
+        }
+        let old = entry
+            .metadata()
+            .await
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > LEFTOVER_AGE);
+        if !old {
+            continue;
+        }
+        let path = entry.path();
+        let removed = if path.is_dir() {
+            tokio::fs::remove_dir_all(&path).await
+        } else {
+            tokio::fs::remove_file(&path).await
+        };
+        if removed.is_ok() {
+            tracing::info!(path = %path.display(), "removed an earlier run's leftover work files");
+        }
+    }
+}
+
 pub async fn run_export(
     ctx: &ExportContext,
     request: &ExportRequest,
@@ -410,6 +450,7 @@ pub async fn run_export(
             request.from, request.to
         )));
     }
+    sweep_leftovers(&ctx.work_dir).await;
     let started = Instant::now();
     let window = match request.kind {
         ExportJobType::EventData | ExportJobType::DailyAnalytics => {
@@ -1037,14 +1078,23 @@ async fn recover_partition(
         deleted += now;
         if now == 0 {
             // Nothing of what matched could be deleted: stop rather than loop.
-            return Ok(Recovered::Stuck(
-                day,
-                format!(
-                    "{} events of run {old}'s partition could not be deleted",
-                    ids.len()
-                ),
-            ));
+            break;
         }
+    }
+    // Whatever still matches (events read from a lagging secondary, events without a
+    // string eventId) is left pending. What was deleted is recorded, and the files are
+    // the only copy of it: the partition must stay.
+    let left = ctx
+        .store
+        .collection(c::EVENTS)
+        .count_documents(filter.clone())
+        .await
+        .map_err(read)?;
+    if left > 0 {
+        history::events_deleted(&ctx.store, old, deleted).await?;
+        return Err(ExportError::Request(format!(
+            "the deletion of interrupted run {old}'s archived day {day} stopped with {left} of its events still stored ({deleted} deleted now); its partition's files hold every one of them, so keep the partition. The next archive run tries again"
+        )));
     }
     history::partition_published(&ctx.store, old, &prefix, rows.max(0) as u64, &listed, false)
         .await?;
@@ -1397,7 +1447,7 @@ async fn stage(
     delete_filter: Option<Document>,
 ) -> Result<Staged, ExportError> {
     let prefix = format!("{}/dt={day}", kind.as_str());
-    let work = ctx.work_dir.join(format!("sluice-{job_id}-{day}"));
+    let work = ctx.work_dir.join(format!("{WORK_PREFIX}{job_id}-{day}"));
     tokio::fs::create_dir_all(&work)
         .await
         .map_err(|e| ExportError::Encode {
@@ -1411,7 +1461,9 @@ async fn stage(
     // drop, split or change records on the way.
     let archiving = delete_filter.is_some();
     let spool = if archiving {
-        let path = ctx.work_dir.join(format!("sluice-{job_id}-{day}.ids"));
+        let path = ctx
+            .work_dir
+            .join(format!("{WORK_PREFIX}{job_id}-{day}.ids"));
         Some(IdSpool::create(path).map_err(|e| ExportError::Encode {
             partition: prefix.clone(),
             message: format!("cannot spool the archived eventIds: {e}"),

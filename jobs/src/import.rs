@@ -316,7 +316,31 @@ pub async fn reset_import(
     if configs::load(store, name).await?.is_none() {
         return Err(ImportError::Unknown(name.to_string()));
     }
-    crate::schedule::check_not_running(store, job).await?;
+    // Held as a run of its own, so no run of the config starts in between and writes
+    // the checkpoint (or the cursor) back.
+    let run = crate::schedule::start_manual_run(store, job, "import reset").await?;
+    let result = reset_held(store, name, cursor).await;
+    let line = match &result {
+        Ok(r) => Ok(format!(
+            "reset: checkpoint {}, cursor {}",
+            if r.checkpoint.is_some() {
+                "dropped"
+            } else {
+                "none"
+            },
+            if r.cursor.is_some() {
+                "cleared"
+            } else {
+                "kept"
+            }
+        )),
+        Err(e) => Err(e.to_string()),
+    };
+    crate::schedule::end_manual_run(store, &run, &line).await?;
+    result
+}
+
+async fn reset_held(store: &Store, name: &str, cursor: bool) -> Result<ResetReport, ImportError> {
     let mut report = ResetReport::default();
     let dropped = store
         .collection(c::IMPORT_CHECKPOINTS)
@@ -343,9 +367,12 @@ pub async fn reset_import(
                 c::INTEGRATION_CONFIGS,
                 "clear the cursor",
             ))?;
-        report.cursor = before
-            .and_then(|d| d.get(f::SYNC_CURSOR).cloned())
-            .filter(|b| *b != Bson::Null);
+        // An EXPORT config's position may be a null watermark with an `_id`.
+        report.cursor = before.and_then(|d| {
+            let value = d.get(f::SYNC_CURSOR).filter(|b| **b != Bson::Null);
+            let id = d.get(f::SYNC_CURSOR_ID).filter(|b| **b != Bson::Null);
+            value.or(id).cloned()
+        });
     }
     Ok(report)
 }
@@ -417,6 +444,23 @@ pub async fn run_import(
             if let (Some(inc), Some(cursor)) = (&connector.incremental, stored.get(f::SYNC_CURSOR))
             {
                 if *cursor != Bson::Null {
+                    // A cursor in the future (a record dated ahead, a wrong `unit` since
+                    // fixed) never moves back on its own: every run would read nothing.
+                    let ahead = options
+                        .tracking
+                        .max_future_seconds
+                        .max(86_400)
+                        .unsigned_abs();
+                    if let Bson::DateTime(d) = cursor {
+                        if *d > store.now_plus(std::time::Duration::from_secs(ahead)) {
+                            let at = d.try_to_rfc3339_string().unwrap_or_default();
+                            warn_once(
+                                &mut summary,
+                                name,
+                                format!("the stored cursor is in the future ({at}); runs read nothing newer than it: if it is wrong, drop it with `sluice import reset {name} --cursor`"),
+                            );
+                        }
+                    }
                     let cursor = match cursor {
                         Bson::DateTime(d) if inc.lookback_seconds > 0 => {
                             let back = i64::try_from(inc.lookback_seconds)
