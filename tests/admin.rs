@@ -318,6 +318,9 @@ async fn analytics_parameters_are_validated() {
         "/v1/analytics/daily?from=2026-01-01&to=2025-01-01",
         // 367 days, counting both ends.
         "/v1/analytics/daily?from=2024-01-01&to=2025-01-01",
+        // Days chrono reads but the window arithmetic would overflow on.
+        "/v1/analytics/daily?to=-262143-01-01",
+        "/v1/analytics/daily?from=%2B262142-12-31&to=%2B262142-12-31",
     ] {
         let r = client
             .get(format!("{base}{path}"))
@@ -428,6 +431,19 @@ async fn a_manual_run_is_named_in_the_answer_and_its_outcome_is_listed() {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 404);
+    // A config an admin turned off is not run by hand either.
+    db.store
+        .collection("integration_configs")
+        .update_one(
+            bson::doc! { "name": "feed" },
+            bson::doc! { "$set": { "isActive": false } },
+        )
+        .await
+        .unwrap();
+    let r = post("/v1/admin/jobs/feed/run".into()).await.unwrap();
+    assert_eq!(r.status().as_u16(), 409);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "config_inactive", "{body}");
     // While another run of the job holds its lease, a second one is refused.
     db.store
         .collection("scheduled_runs")

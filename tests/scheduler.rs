@@ -54,10 +54,15 @@ async fn idle_scheduler(
         instance: instance.into(),
         delay,
     });
+    // Jobs it knows without firing them: a replica takes over only runs of jobs it
+    // schedules.
+    let known = ["nightly", "crasher", "restarted", "long", "integration:crm"]
+        .map(unscheduled)
+        .to_vec();
     let s = Scheduler::start(
         store.clone(),
         runner,
-        source(vec![]),
+        source(known),
         options(instance, lease_ms),
     )
     .await
@@ -167,6 +172,35 @@ async fn each_fire_runs_exactly_once_across_two_replicas() {
         counted >= before as f64,
         "{counted} runs counted for /metrics"
     );
+}
+
+#[tokio::test]
+async fn a_replica_leaves_the_orphaned_run_of_a_job_it_does_not_schedule_alone() {
+    let db = TestDb::initialized().await;
+    let fire = Utc::now() - chrono::Duration::seconds(30);
+    // A job a newer replica added (mid-rollout): this one does not know it.
+    db.store
+        .collection("scheduled_runs")
+        .insert_one(doc! {
+            "_id": "export:new@x", "job": "export:new", "scheduledFor": bson::DateTime::from_chrono(fire),
+            "status": "RUNNING", "owner": "killed-replica", "attempts": 1,
+            "expiresAt": bson::DateTime::from_millis(bson::DateTime::now().timestamp_millis() - 1),
+        })
+        .await
+        .unwrap();
+    let (s, log) = idle_scheduler(&db.store, "old-replica", Duration::ZERO, 400).await;
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    s.shutdown().await;
+    assert!(log.lock().unwrap().is_empty());
+    let run = db
+        .store
+        .collection("scheduled_runs")
+        .find_one(doc! { "_id": "export:new@x" })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(run.get_str("status").unwrap(), "RUNNING", "{run}");
+    assert_eq!(run.get_str("owner").unwrap(), "killed-replica", "{run}");
 }
 
 #[tokio::test]

@@ -877,6 +877,13 @@ pub fn validate(
         crate::model::ExportJobType::parse(&sched.kind)
             .map_err(|e| invalid(&format!("schedules[{i}].type"), e))?;
         crate::cron::parse(&sched.cron).map_err(|e| invalid(&format!("schedules[{i}].cron"), e))?;
+        if sched.catch_up == 0 {
+            // Zero would publish no window at all, and record every run COMPLETED.
+            return Err(invalid(
+                &format!("schedules[{i}].catch_up"),
+                "at least 1 (the window of the run itself)".into(),
+            ));
+        }
         if let Some(tz) = &sched.timezone {
             tz.parse::<chrono_tz::Tz>().map_err(|_| {
                 invalid(
@@ -1188,6 +1195,10 @@ mod tests {
             (
                 "[tracking]\nsession_timeout_minutes = 100000000\n",
                 "tracking.session_timeout_minutes",
+            ),
+            (
+                "[[schedules]]\nname = \"d\"\ntype = \"EVENT_DATA\"\ncron = \"0 0 2 * * *\"\ncatch_up = 0\n",
+                "schedules[0].catch_up",
             ),
         ] {
             let err = check(text).unwrap_err().to_string();

@@ -291,7 +291,18 @@ pub async fn catch_up(
     };
     if windows.len() > max_windows {
         // Bounded: the most recent windows, still in order; older gaps need a backfill.
-        windows = windows.split_off(windows.len() - max_windows);
+        let kept = windows.split_off(windows.len() - max_windows);
+        if let (Some(first), Some(last)) = (windows.first(), windows.last()) {
+            tracing::warn!(
+                kind = %kind,
+                from = %first,
+                to = %last,
+                days = windows.len(),
+                "missed windows beyond the schedule's catch_up are not run; backfill them with `sluice export run {} --from {first} --to {last}`",
+                kind.as_str().to_ascii_lowercase().replace('_', "-")
+            );
+        }
+        windows = kept;
     }
     let first = windows.first().copied().unwrap_or_else(|| next_day(until));
     let mut done = Vec::new();

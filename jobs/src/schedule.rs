@@ -170,6 +170,10 @@ struct Inner {
     /// Between `stop_runs` and `hand_back`: keeps the leases of the stopped runs, which
     /// stay this replica's while their stop is recorded.
     keepalive: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The jobs this replica schedules (as of its last reload): it takes over only their
+    /// runs. A replica that does not know a job (an older one, mid-rollout of a new
+    /// schedule) leaves its run to one that does, instead of failing it.
+    known: std::sync::RwLock<std::collections::HashSet<String>>,
 }
 
 /// A running scheduler. Dropping it does not stop it; `shutdown` does.
@@ -197,6 +201,7 @@ impl Scheduler {
             executing: Default::default(),
             handed_back: Default::default(),
             keepalive: Default::default(),
+            known: Default::default(),
         });
         let this = Scheduler {
             inner: inner.clone(),
@@ -257,6 +262,9 @@ impl Scheduler {
 
     /// Adds, replaces and removes cron triggers to match `jobs`.
     pub async fn reconcile(&self, jobs: &[ScheduledJob]) -> Result<(), String> {
+        if let Ok(mut known) = self.inner.known.write() {
+            *known = jobs.iter().map(|j| j.name.clone()).collect();
+        }
         let mut registered = self.registered.lock().await;
         let sched = self.cron.lock().await;
         let wanted: HashMap<&str, &ScheduledJob> =
@@ -982,6 +990,9 @@ async fn sweep(inner: &Arc<Inner>) -> Result<(), StoreError> {
         ) else {
             continue;
         };
+        if !inner.known.read().is_ok_and(|k| k.contains(job)) {
+            continue; // left to a replica that schedules the job
+        }
         if live_run(&inner.store, job, id).await?.is_some() {
             continue; // taken over once the job's current run has ended
         }

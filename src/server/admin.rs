@@ -160,7 +160,7 @@ async fn caller(
     let found = state
         .store
         .collection(c::ADMIN_TOKENS)
-        .find_one(doc! { common::ID: token_hash(token), "expiresAt": { "$gt": DateTime::now() } })
+        .find_one(doc! { common::ID: token_hash(token), "expiresAt": { "$gt": state.store.now() } })
         .await
         .map_err(|_| {
             ApiError::new(
@@ -240,7 +240,7 @@ async fn change_user(
             "an admin cannot change their own role or deactivate themselves",
         ));
     }
-    let mut set = doc! { common::UPDATED_AT: DateTime::now() };
+    let mut set = doc! { common::UPDATED_AT: state.store.now() };
     if let Some(role) = &body.role {
         let role = Role::parse(role)
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_role", e))?;
@@ -384,7 +384,7 @@ async fn login(
         uuid::Uuid::new_v4().simple()
     );
     let expires =
-        DateTime::from_millis(DateTime::now().timestamp_millis() + TOKEN_TTL.as_millis() as i64);
+        DateTime::from_millis(state.store.now().timestamp_millis() + TOKEN_TTL.as_millis() as i64);
     state
         .store
         .collection(c::ADMIN_TOKENS)
@@ -394,7 +394,7 @@ async fn login(
     let _ = users
         .update_one(
             doc! { "email": &email },
-            doc! { "$set": { "lastLogin": DateTime::now() } },
+            doc! { "$set": { "lastLogin": state.store.now() } },
         )
         .await;
     Ok(Json(
@@ -474,7 +474,7 @@ pub async fn create_admin_user(
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
-    let now = DateTime::now();
+    let now = store.now();
     let user = AdminUser {
         id: None,
         email: email.clone(),
@@ -638,7 +638,7 @@ async fn set_config_active(
         .collection(c::INTEGRATION_CONFIGS)
         .update_one(
             doc! { "name": &name },
-            doc! { "$set": { "isActive": active, common::UPDATED_AT: DateTime::now() } },
+            doc! { "$set": { "isActive": active, common::UPDATED_AT: state.store.now() } },
         )
         .await
         .map_err(store_error)?;
@@ -658,7 +658,8 @@ async fn run_job(
     Path(name): Path<String>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     caller(&state, &headers, Role::Analyst).await?;
-    // Any export schedule or integration config can be run by hand, scheduled or not.
+    // Any export schedule or active integration config can be run by hand, scheduled or
+    // not. A config an admin turned off (`isActive: false`) is not run, by anyone.
     let unavailable = store_error;
     let known = match name.strip_prefix(crate::engine::EXPORT_PREFIX) {
         Some(schedule) => state.config.schedules.iter().any(|s| s.name == schedule),
@@ -666,10 +667,19 @@ async fn run_job(
             let config = name
                 .strip_prefix(crate::engine::INTEGRATION_PREFIX)
                 .unwrap_or(&name);
-            sluice_jobs::configs::load(&state.store, config)
+            match sluice_jobs::configs::load(&state.store, config)
                 .await
                 .map_err(unavailable)?
-                .is_some()
+            {
+                Some((_, stored)) if stored.get_bool("isActive") == Ok(false) => {
+                    return Err(ApiError::new(
+                        StatusCode::CONFLICT,
+                        "config_inactive",
+                        format!("integration config `{config}` is turned off (isActive: false); turn it on to run it"),
+                    ));
+                }
+                found => found.is_some(),
+            }
         }
     };
     if !known {
@@ -732,13 +742,18 @@ fn day_param(
 ) -> Result<chrono::NaiveDate, ApiError> {
     match value {
         None => Ok(default),
-        Some(v) => chrono::NaiveDate::parse_from_str(v, "%Y-%m-%d").map_err(|_| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_parameter",
-                format!("`{name}` must be a YYYY-MM-DD day, got `{v}`"),
-            )
-        }),
+        // Years 1970 to 9999 only: chrono reads signed and five-digit years, and a day
+        // at the edge of its range would overflow the window arithmetic.
+        Some(v) => chrono::NaiveDate::parse_from_str(v, "%Y-%m-%d")
+            .ok()
+            .filter(|d| (1970..=9999).contains(&chrono::Datelike::year(d)))
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_parameter",
+                    format!("`{name}` must be a YYYY-MM-DD day of 1970 to 9999, got `{v}`"),
+                )
+            }),
     }
 }
 

@@ -216,6 +216,11 @@ impl Store {
                         .w_timeout(std::time::Duration::from_secs(15))
                         .build(),
                 )
+                // Claims are checked by reading them back: a lagging secondary (a
+                // `readPreference` in the URI) would miss the other replica's claim.
+                .selection_criteria(mongodb::options::SelectionCriteria::ReadPreference(
+                    mongodb::options::ReadPreference::Primary,
+                ))
                 .build(),
         )
     }
