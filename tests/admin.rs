@@ -321,6 +321,9 @@ async fn analytics_parameters_are_validated() {
         // Days chrono reads but the window arithmetic would overflow on.
         "/v1/analytics/daily?to=-262143-01-01",
         "/v1/analytics/daily?from=%2B262142-12-31&to=%2B262142-12-31",
+        // JSON errors for a query string that does not parse, and a year at most.
+        "/v1/analytics/top-pages?limit=abc",
+        "/v1/analytics/top-pages?from=2020-01-01",
     ] {
         let r = client
             .get(format!("{base}{path}"))

@@ -517,6 +517,16 @@ async fn archive_deletes_exactly_what_it_exported() {
         message.contains(&old.to_string()) && !message.contains(&day(-101).to_string()),
         "{message}"
     );
+    // Top pages over archived days would undercount them: refused the same way.
+    let r = client
+        .get(format!("{base}/v1/analytics/top-pages?from={}", day(-101)))
+        .bearer_auth(login["token"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "archived_days", "{body}");
     let r = daily(day(-11), day(-9)).await.unwrap();
     assert_eq!(r.status().as_u16(), 200);
     let rows: serde_json::Value = r.json().await.unwrap();

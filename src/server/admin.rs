@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use axum::extract::rejection::JsonRejection;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
@@ -300,6 +300,13 @@ struct Login {
 /// The request body, or the API's JSON error shape instead of the framework's plain-text
 /// rejection: `415 unsupported_media_type` without a JSON content type, `400
 /// invalid_body` (or 422 for a body of the wrong shape) otherwise.
+/// The query string, or the API's JSON error shape (`400 invalid_parameter`) instead of
+/// the framework's plain-text rejection (`?limit=abc`).
+fn query_params<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+    q.map(|Query(q)| q)
+        .map_err(|r| ApiError::new(StatusCode::BAD_REQUEST, "invalid_parameter", r.body_text()))
+}
+
 fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
     body.map(|Json(b)| b).map_err(|r| {
         let status = r.status();
@@ -802,9 +809,10 @@ async fn aggregate_docs(
 async fn daily(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Query(q): Query<Window>,
+    q: Result<Query<Window>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     caller(&state, &headers, Role::Analyst).await?;
+    let q = query_params(q)?;
     let today = chrono::Utc::now().date_naive();
     let to = day_param("to", q.to.as_deref(), today)?;
     let from = day_param("from", q.from.as_deref(), to - chrono::Days::new(6))?;
@@ -913,14 +921,22 @@ async fn refuse_archived_days(
 async fn top_pages(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Query(q): Query<Window>,
+    q: Result<Query<Window>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     caller(&state, &headers, Role::Analyst).await?;
-    let from = day_param(
-        "from",
-        q.from.as_deref(),
-        chrono::Utc::now().date_naive() - chrono::Days::new(7),
-    )?;
+    let q = query_params(q)?;
+    let today = chrono::Utc::now().date_naive();
+    let from = day_param("from", q.from.as_deref(), today - chrono::Days::new(7))?;
+    // As for the daily analytics: at most a year, and not over days moved to ARCHIVE
+    // (their page views are no longer here to count).
+    if from > today || (today - from).num_days() + 1 > 366 {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_parameter",
+            "`from` must be within the last 366 days",
+        ));
+    }
+    refuse_archived_days(&state, from, today).await?;
     let limit = q.limit.unwrap_or(10);
     if !(1..=100).contains(&limit) {
         return Err(ApiError::new(
@@ -945,9 +961,10 @@ async fn top_pages(
 async fn journey(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Query(q): Query<Window>,
+    q: Result<Query<Window>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     caller(&state, &headers, Role::Analyst).await?;
+    let q = query_params(q)?;
     let user = q
         .user_id
         .filter(|u| !u.is_empty() && u.len() <= 256)
