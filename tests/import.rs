@@ -2510,6 +2510,18 @@ async fn epoch_second_dates_take_a_unit_and_the_cursor_goes_back_with_a_lookback
         ))),
         "never moved backwards"
     );
+
+    // The warning does not depend on which record of a page carries the suspect number.
+    *api.records.lock().unwrap() = vec![(3, 1_700_000_000_000), (4, 1_700_000_100)];
+    let name = apply(&db, &config("mixed", "", 0)).await;
+    let s = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert!(
+        s.warnings.iter().any(|w| w.contains("read 1700000100")),
+        "{:?}",
+        s.warnings
+    );
 }
 
 #[tokio::test]

@@ -833,11 +833,26 @@ async fn write_page(
             ),
         );
     }
-    if let Some(first) = page.records().first() {
-        for field in &connector.fields {
-            if let Some(warning) = sluice_core::integration::suspect_epoch_seconds(field, first) {
-                warn_once(summary, &connector.name, warning);
-            }
+    // Each date field is looked at in every record until it has been warned about once.
+    for field in &connector.fields {
+        let warned = |s: &ImportSummary| {
+            let mapping = format!("[mapping.{}]", field.target);
+            s.warnings
+                .iter()
+                .any(|w| w.contains("epoch milliseconds") && w.contains(&mapping))
+        };
+        if field.kind != sluice_core::integration::FieldType::Date
+            || field.unit_given
+            || warned(summary)
+        {
+            continue;
+        }
+        if let Some(warning) = page
+            .records()
+            .iter()
+            .find_map(|r| sluice_core::integration::suspect_epoch_seconds(field, r))
+        {
+            warn_once(summary, &connector.name, warning);
         }
     }
     let applied = apply_off_runtime(chain, mapped).await?;
