@@ -201,6 +201,34 @@ async fn a_replica_leaves_the_orphaned_run_of_a_job_it_does_not_schedule_alone()
         .unwrap();
     assert_eq!(run.get_str("status").unwrap(), "RUNNING", "{run}");
     assert_eq!(run.get_str("owner").unwrap(), "killed-replica", "{run}");
+
+    // One that no replica has taken over for an hour belongs to a job none schedules
+    // any more: recorded FAILED rather than left RUNNING for ever.
+    db.store
+        .collection("scheduled_runs")
+        .insert_one(doc! {
+            "_id": "integration:gone@x", "job": "integration:gone", "scheduledFor": bson::DateTime::from_chrono(fire),
+            "status": "RUNNING", "owner": "killed-replica", "attempts": 1,
+            "expiresAt": bson::DateTime::from_millis(bson::DateTime::now().timestamp_millis() - 2 * 3_600_000),
+        })
+        .await
+        .unwrap();
+    let (s, log) = idle_scheduler(&db.store, "old-replica", Duration::ZERO, 400).await;
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    s.shutdown().await;
+    assert!(log.lock().unwrap().is_empty());
+    let gone = db
+        .store
+        .collection("scheduled_runs")
+        .find_one(doc! { "_id": "integration:gone@x" })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(gone.get_str("status").unwrap(), "FAILED", "{gone}");
+    assert!(
+        gone.to_string().contains("no running replica schedules"),
+        "{gone}"
+    );
 }
 
 #[tokio::test]

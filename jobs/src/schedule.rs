@@ -954,6 +954,10 @@ async fn hand_back(inner: &Inner, mut filter: Document) {
         .await;
 }
 
+/// How long a lapsed run of a job this replica does not schedule waits for a replica that
+/// does (a rolling upgrade adding the job) before it is recorded FAILED.
+const UNKNOWN_JOB_GRACE: Duration = Duration::from_secs(3600);
+
 /// Takes over RUNNING fires whose lease expired (their owner died) and runs them.
 async fn sweep(inner: &Arc<Inner>) -> Result<(), StoreError> {
     use futures_util::TryStreamExt;
@@ -991,7 +995,24 @@ async fn sweep(inner: &Arc<Inner>) -> Result<(), StoreError> {
             continue;
         };
         if !inner.known.read().is_ok_and(|k| k.contains(job)) {
-            continue; // left to a replica that schedules the job
+            // Left to a replica that schedules the job. A job no replica has taken over
+            // for an hour is scheduled by none (its config was turned off or removed):
+            // its run is recorded FAILED instead of staying RUNNING for ever.
+            let unclaimed = now.timestamp_millis() - expires.timestamp_millis();
+            if unclaimed > UNKNOWN_JOB_GRACE.as_millis() as i64 {
+                let error = format!(
+                    "abandoned: its process ({}) stopped, and no running replica schedules `{job}` any more",
+                    o.get_str("owner").unwrap_or("?")
+                );
+                if let Some(id) = fail_lapsed(&runs, &o, &error, doc! {}, now).await? {
+                    tracing::warn!(
+                        run = id,
+                        job,
+                        "a run of a job no replica schedules was recorded FAILED"
+                    );
+                }
+            }
+            continue;
         }
         if live_run(&inner.store, job, id).await?.is_some() {
             continue; // taken over once the job's current run has ended
