@@ -173,7 +173,8 @@ struct Inner {
     /// The jobs this replica schedules (as of its last reload): it takes over only their
     /// runs. A replica that does not know a job (an older one, mid-rollout of a new
     /// schedule) leaves its run to one that does, instead of failing it.
-    known: std::sync::RwLock<std::collections::HashSet<String>>,
+    /// `None` until the jobs were first loaded: until then every lapsed run is taken over.
+    known: std::sync::RwLock<Option<std::collections::HashSet<String>>>,
 }
 
 /// A running scheduler. Dropping it does not stop it; `shutdown` does.
@@ -263,7 +264,7 @@ impl Scheduler {
     /// Adds, replaces and removes cron triggers to match `jobs`.
     pub async fn reconcile(&self, jobs: &[ScheduledJob]) -> Result<(), String> {
         if let Ok(mut known) = self.inner.known.write() {
-            *known = jobs.iter().map(|j| j.name.clone()).collect();
+            *known = Some(jobs.iter().map(|j| j.name.clone()).collect());
         }
         let mut registered = self.registered.lock().await;
         let sched = self.cron.lock().await;
@@ -994,11 +995,20 @@ async fn sweep(inner: &Arc<Inner>) -> Result<(), StoreError> {
         ) else {
             continue;
         };
-        if !inner.known.read().is_ok_and(|k| k.contains(job)) {
+        let unknown = inner
+            .known
+            .read()
+            .is_ok_and(|k| k.as_ref().is_some_and(|k| !k.contains(job)));
+        if unknown {
             // Left to a replica that schedules the job. A job no replica has taken over
             // for an hour is scheduled by none (its config was turned off or removed):
             // its run is recorded FAILED instead of staying RUNNING for ever.
-            let unclaimed = now.timestamp_millis() - expires.timestamp_millis();
+            // A run handed back has `expiresAt` 0: counted from when it was handed back.
+            let since = match o.get_datetime("handedBackAt") {
+                Ok(at) if handed_back => *at,
+                _ => *expires,
+            };
+            let unclaimed = now.timestamp_millis() - since.timestamp_millis();
             if unclaimed > UNKNOWN_JOB_GRACE.as_millis() as i64 {
                 let error = format!(
                     "abandoned: its process ({}) stopped, and no running replica schedules `{job}` any more",

@@ -297,9 +297,6 @@ struct Login {
     password: String,
 }
 
-/// The request body, or the API's JSON error shape instead of the framework's plain-text
-/// rejection: `415 unsupported_media_type` without a JSON content type, `400
-/// invalid_body` (or 422 for a body of the wrong shape) otherwise.
 /// The query string, or the API's JSON error shape (`400 invalid_parameter`) instead of
 /// the framework's plain-text rejection (`?limit=abc`).
 fn query_params<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
@@ -307,6 +304,9 @@ fn query_params<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
         .map_err(|r| ApiError::new(StatusCode::BAD_REQUEST, "invalid_parameter", r.body_text()))
 }
 
+/// The request body, or the API's JSON error shape instead of the framework's plain-text
+/// rejection: `415 unsupported_media_type` without a JSON content type, `400
+/// invalid_body` (or 422 for a body of the wrong shape) otherwise.
 fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
     body.map(|Json(b)| b).map_err(|r| {
         let status = r.status();
@@ -666,7 +666,8 @@ async fn run_job(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     caller(&state, &headers, Role::Analyst).await?;
     // Any export schedule or active integration config can be run by hand, scheduled or
-    // not. A config an admin turned off (`isActive: false`) is not run, by anyone.
+    // not. A config stored inactive (`isActive: false`) is not run through the API; the
+    // CLI (`sluice import run`, `jobs run`) still runs it on the operator's word.
     let unavailable = store_error;
     let known = match name.strip_prefix(crate::engine::EXPORT_PREFIX) {
         Some(schedule) => state.config.schedules.iter().any(|s| s.name == schedule),
