@@ -451,6 +451,14 @@ pub struct Connector {
     pub transforms: Vec<String>,
 }
 
+impl Connector {
+    /// The mapping of the incremental cursor's field, if the config is incremental.
+    pub fn cursor_mapping(&self) -> Option<&Field> {
+        let inc = self.incremental.as_ref()?;
+        self.fields.iter().find(|f| f.target == inc.cursor_field)
+    }
+}
+
 /// A tiny URL check (scheme, host) without pulling a URL crate into `core`.
 pub mod url_lite {
     #[derive(Debug, Clone, PartialEq, Eq)]
@@ -739,16 +747,11 @@ pub fn validate(
                 ))
             }
         };
-        let epoch_seconds = match m.unit.as_deref() {
-            None | Some("milliseconds") => false,
-            Some("seconds") => true,
-            Some(other) => {
-                return Err(invalid(
-                    &format!("{field}.unit"),
-                    format!("`seconds` or `milliseconds`, got `{other}`"),
-                ))
-            }
-        };
+        let epoch_seconds = switch(
+            m.unit.as_deref(),
+            [("seconds", true), ("milliseconds", false)],
+        )
+        .map_err(|e| invalid(&format!("{field}.unit"), e))?;
         if let Some(format) = &m.format {
             if field_kind != FieldType::Date {
                 return Err(invalid(
@@ -772,16 +775,8 @@ pub fn validate(
                 "no `unit` unless `type = \"date\"` (it says what an epoch number counts)".into(),
             ));
         }
-        let unset_missing = match m.on_missing.as_deref() {
-            None | Some("keep") => false,
-            Some("unset") => true,
-            Some(other) => {
-                return Err(invalid(
-                    &format!("{field}.on_missing"),
-                    format!("`keep` or `unset`, got `{other}`"),
-                ))
-            }
-        };
+        let unset_missing = switch(m.on_missing.as_deref(), [("keep", false), ("unset", true)])
+            .map_err(|e| invalid(&format!("{field}.on_missing"), e))?;
         if unset_missing {
             let clash = if kind != IntegrationType::Import {
                 Some("an IMPORT config (an EXPORT sends only the values it finds)")
@@ -1282,6 +1277,19 @@ fn coerce_one(field: &Field, v: Value) -> Result<Bson, String> {
             _ => return Err(bad("a date")),
         },
     })
+}
+
+/// A two-way setting: each choice's flag, false when absent, anything else an error
+/// naming both choices.
+fn switch(value: Option<&str>, choices: [(&str, bool); 2]) -> Result<bool, String> {
+    let Some(v) = value else {
+        return Ok(false);
+    };
+    choices
+        .iter()
+        .find(|(name, _)| *name == v)
+        .map(|(_, flag)| *flag)
+        .ok_or_else(|| format!("`{}` or `{}`, got `{v}`", choices[0].0, choices[1].0))
 }
 
 /// Whether `format` has an offset (`%z` and its variants): without one, times are UTC.

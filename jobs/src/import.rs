@@ -474,10 +474,7 @@ pub async fn run_import(
                     };
                     // A date goes back in the form the API sent it in: epoch seconds or
                     // milliseconds when it came as a number.
-                    let field = connector
-                        .fields
-                        .iter()
-                        .find(|f| f.target == inc.cursor_field);
+                    let field = connector.cursor_mapping();
                     let seconds = field.is_some_and(|f| f.epoch_seconds);
                     let format = field.and_then(|f| f.date_format.as_deref());
                     let text = match (&cursor, format) {
@@ -878,11 +875,7 @@ async fn write_page(
     if let Some(inc) = &connector.incremental {
         // How the API writes the cursor: a date mapped from epoch milliseconds is sent
         // back as epoch milliseconds.
-        if let Some(field) = connector
-            .fields
-            .iter()
-            .find(|f| f.target == inc.cursor_field)
-        {
+        if let Some(field) = connector.cursor_mapping() {
             summary.cursor_epoch_ms |= page
                 .records()
                 .first()
