@@ -1275,6 +1275,81 @@ async fn only_server_side_keys_may_say_where_an_event_came_from() {
 }
 
 #[tokio::test]
+async fn headers_trickled_in_or_an_idle_connection_are_closed_after_the_header_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let db = TestDb::initialized().await;
+    let server = start_server(&db, |raw| raw.server.header_timeout_seconds = 1).await;
+    // Half a request's headers, then nothing.
+    let mut trickling = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    trickling
+        .write_all(b"POST /v1/events HTTP/1.1\r\nhost: x\r\ncontent-")
+        .await
+        .unwrap();
+    // A connection that never sends anything.
+    let mut idle = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    for conn in [&mut trickling, &mut idle] {
+        let mut rest = Vec::new();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            conn.read_to_end(&mut rest),
+        )
+        .await
+        .expect("the server closes the connection")
+        .ok();
+    }
+    // A whole request is still answered, and a kept-alive connection serves a second.
+    let client = reqwest::Client::new();
+    for _ in 0..2 {
+        let r = client
+            .get(format!("http://{}/healthz", server.addr))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn connections_beyond_max_connections_wait_until_one_closes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let db = TestDb::initialized().await;
+    let server = start_server(&db, |raw| raw.server.max_connections = 2).await;
+    let first = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let second = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    // Both taken by the server before the third arrives.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let mut third = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    third
+        .write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let waited = tokio::time::timeout(
+        std::time::Duration::from_millis(700),
+        third.read_to_end(&mut answer),
+    )
+    .await;
+    assert!(waited.is_err(), "answered while two connections were open");
+    drop(first);
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        third.read_to_end(&mut answer),
+    )
+    .await
+    .expect("answered once a connection closed")
+    .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer.contains("sluice_http_connections_open 2"),
+        "{answer}"
+    );
+    drop(second);
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_body_trickled_in_past_the_deadline_is_answered_408_and_its_connection_closed() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let db = TestDb::initialized().await;

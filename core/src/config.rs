@@ -227,6 +227,11 @@ pub struct ServerSection {
     /// A request body not received whole within this many seconds is answered `408`
     /// and its connection closed (a client trickling its body holds no connection longer).
     pub body_timeout_seconds: u64,
+    /// A request's headers (and, on a kept-alive connection, the next request's) not
+    /// received within this many seconds close the connection.
+    pub header_timeout_seconds: u64,
+    /// Connections open at once; beyond, new ones wait in the kernel's accept queue.
+    pub max_connections: usize,
 }
 
 impl Default for ServerSection {
@@ -239,6 +244,8 @@ impl Default for ServerSection {
             trusted_proxies: Vec::new(),
             rate_limit_per_key: 0,
             body_timeout_seconds: 60,
+            header_timeout_seconds: 30,
+            max_connections: 10_000,
         }
     }
 }
@@ -441,6 +448,10 @@ pub struct Config {
     pub rate_limit_per_key: u32,
     /// `[server] body_timeout_seconds`.
     pub body_timeout: std::time::Duration,
+    /// `[server] header_timeout_seconds`.
+    pub header_timeout: std::time::Duration,
+    /// `[server] max_connections`.
+    pub max_connections: usize,
     pub tracking: TrackingSection,
     pub bots: BotPolicy,
     pub destination: Destination,
@@ -728,6 +739,18 @@ pub fn validate(
             format!("1 to 3600, got {}", raw.server.body_timeout_seconds),
         ));
     }
+    if !(1..=3600).contains(&raw.server.header_timeout_seconds) {
+        return Err(invalid(
+            "server.header_timeout_seconds",
+            format!("1 to 3600, got {}", raw.server.header_timeout_seconds),
+        ));
+    }
+    if !(1..=1_000_000).contains(&raw.server.max_connections) {
+        return Err(invalid(
+            "server.max_connections",
+            format!("1 to 1000000, got {}", raw.server.max_connections),
+        ));
+    }
     // Up to a week: an idle gap is minutes or hours, and the milliseconds stay in range.
     if t.session_timeout_minutes > 7 * 24 * 60 {
         return Err(invalid(
@@ -932,6 +955,8 @@ pub fn validate(
         trusted_proxies: raw.server.trusted_proxies.clone(),
         rate_limit_per_key: raw.server.rate_limit_per_key,
         body_timeout: std::time::Duration::from_secs(raw.server.body_timeout_seconds),
+        header_timeout: std::time::Duration::from_secs(raw.server.header_timeout_seconds),
+        max_connections: raw.server.max_connections,
         tracking: raw.tracking.clone(),
         bots,
         destination,
@@ -1175,10 +1200,20 @@ mod tests {
     fn server_limits_and_origins_that_could_never_work_are_refused() {
         let c = check("[server]\nbody_timeout_seconds = 5\ncors_origins = [\"https://shop.example:8443\", \"*\"]\n").unwrap();
         assert_eq!(c.body_timeout, std::time::Duration::from_secs(5));
+        assert_eq!(c.header_timeout, std::time::Duration::from_secs(30));
+        assert_eq!(c.max_connections, 10_000);
         for (text, field) in [
             (
                 "[server]\nbody_timeout_seconds = 0\n",
                 "server.body_timeout_seconds",
+            ),
+            (
+                "[server]\nheader_timeout_seconds = 0\n",
+                "server.header_timeout_seconds",
+            ),
+            (
+                "[server]\nmax_connections = 0\n",
+                "server.max_connections",
             ),
             (
                 "[server]\ncors_origins = [\"https://shop.example/\"]\n",

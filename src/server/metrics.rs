@@ -25,6 +25,8 @@ pub struct Metrics {
     pub sessions_expired: AtomicU64,
     /// Segment `identify` traits a profile refused (the events were stored).
     pub traits_failed: AtomicU64,
+    /// HTTP connections open now (a gauge).
+    pub open_connections: AtomicU64,
     latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
     latency_count: AtomicU64,
     latency_sum_micros: AtomicU64,
@@ -113,6 +115,11 @@ impl Metrics {
         let _ = writeln!(
             out,
             "# HELP sluice_ingest_queue_events Events waiting to be written.\n# TYPE sluice_ingest_queue_events gauge\nsluice_ingest_queue_events {queue_depth}"
+        );
+        let _ = writeln!(
+            out,
+            "# HELP sluice_http_connections_open HTTP connections open now (at most [server] max_connections).\n# TYPE sluice_http_connections_open gauge\nsluice_http_connections_open {}",
+            self.open_connections.load(Relaxed)
         );
         let name = "sluice_event_write_seconds";
         let _ = writeln!(

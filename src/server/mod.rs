@@ -6,6 +6,7 @@ pub mod admin;
 mod auth;
 mod batcher;
 pub mod enrich;
+mod listen;
 mod metrics;
 mod segment;
 mod tracking;
@@ -193,7 +194,25 @@ pub fn router(state: AppState) -> Router {
             body_deadline,
         ))
         .layer(cors(&state.config))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(on_panic))
         .with_state(state)
+}
+
+/// A handler that panicked answers a JSON `500` (its connection stays usable) and is
+/// logged; nothing it was given is acknowledged, so resending it is safe.
+fn on_panic(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    let what = panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("(no message)");
+    tracing::error!(panic = what, "a request handler panicked");
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        "the server failed to handle this request; send it again",
+    )
+    .into_response()
 }
 
 /// Bodies larger than this are refused before any route reads them (routes then apply
@@ -366,8 +385,13 @@ pub async fn start_loaded(
         metrics: metrics.clone(),
     };
     let handle_metrics = state.metrics.clone();
+    let handle_metrics_for_serve = state.metrics.clone();
     let queue = state.batcher.clone();
-    let app = router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    let app = router(state.clone());
+    let limits = listen::Limits {
+        header_timeout: state.config.header_timeout,
+        max_connections: state.config.max_connections,
+    };
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let sweeper = spawn_sweeper(
         store,
@@ -400,11 +424,7 @@ pub async fn start_loaded(
             tokio::time::sleep(grace).await;
         };
         tokio::select! {
-            served = std::future::IntoFuture::into_future(axum::serve(listener, app).with_graceful_shutdown(stop)) => {
-                if let Err(e) = served {
-                    tracing::error!(error = %e, "server error");
-                }
-            }
+            () = listen::serve(listener, app, limits, handle_metrics_for_serve, stop) => {}
             _ = deadline => {
                 tracing::warn!(seconds = grace.as_secs(), "requests still open after the shutdown grace period are not waited for (none of them was acknowledged; what they submit now is refused)");
             }
@@ -479,5 +499,36 @@ pub(crate) async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = ctrl_c.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower_service::Service;
+
+    #[tokio::test]
+    async fn a_handler_that_panics_answers_a_json_500() {
+        let mut app: Router = Router::new()
+            .route(
+                "/boom",
+                get(|| async {
+                    if true {
+                        panic!("boom");
+                    }
+                    "unreachable"
+                }),
+            )
+            .layer(tower_http::catch_panic::CatchPanicLayer::custom(on_panic));
+        let request = axum::http::Request::get("/boom")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let response = app.call(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["error"], "internal", "{body}");
     }
 }
