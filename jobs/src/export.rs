@@ -298,7 +298,7 @@ pub async fn catch_up(
                 from = %first,
                 to = %last,
                 days = windows.len(),
-                "missed windows beyond the schedule's catch_up are not run; backfill them with `sluice export run {} --from {first} --to {last}`",
+                "missed windows beyond the schedule's catch_up are not run; backfill them with `sluice export run {} --from {first} --to {last}` (days archived since are refused: their events are in their ARCHIVE partitions)",
                 kind.as_str().to_ascii_lowercase().replace('_', "-")
             );
         }

@@ -226,7 +226,12 @@ impl Scheduler {
         let this = Arc::new(this);
         match source().await {
             Ok(jobs) => {
-                this.reconcile(&jobs).await?;
+                if let Err(e) = this.reconcile(&jobs).await {
+                    // Nothing of this scheduler may outlive the error.
+                    sweeper.abort();
+                    let _ = this.cron.lock().await.shutdown().await;
+                    return Err(e);
+                }
                 fire_missed(&inner, &jobs).await;
             }
             Err(e) => {

@@ -91,6 +91,25 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// `503 store_timeout`: MongoDB did not answer a tracking request's reads or writes of
+/// `what` within `deadline` (`tracking.write_timeout_seconds`). Logged; the writes may
+/// still complete, and a resend is then answered `duplicate`.
+pub(crate) fn store_timeout(deadline: Duration, what: &str) -> ApiError {
+    tracing::error!(
+        seconds = deadline.as_secs(),
+        "MongoDB did not answer in time: {what}"
+    );
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "store_timeout",
+        format!(
+            "MongoDB did not answer within {} s ({what}); resend the events (those already stored are answered `duplicate`)",
+            deadline.as_secs()
+        ),
+    )
+    .retry(5)
+}
+
 /// A running server; dropping the handle does not stop it, `shutdown` does.
 pub struct ServerHandle {
     pub addr: SocketAddr,

@@ -176,21 +176,7 @@ async fn store(
     // The identity reads and writes answer within the write deadline too: a database
     // that accepts connections but does not answer gets the client a 503, not a hang.
     let deadline = std::time::Duration::from_secs(state.config.tracking.write_timeout_seconds);
-    let late = || {
-        tracing::error!(
-            seconds = deadline.as_secs(),
-            "identity links or profiles did not answer in time"
-        );
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "store_timeout",
-            format!(
-                "MongoDB did not answer within {} s; resend the events (those already stored are answered `duplicate`)",
-                deadline.as_secs()
-            ),
-        )
-        .retry(5)
-    };
+    let late = || super::store_timeout(deadline, "identity links or profiles");
     let mut ids: HashSet<String> = HashSet::new();
     let mut links = Vec::new();
     for (index, m) in messages.iter().enumerate() {

@@ -509,11 +509,7 @@ async fn transform(
             .keep_dead_letters(dead_letters, "tracking", None),
     )
     .await
-    .unwrap_or_else(|_| {
-        Err(sluice_connectors::StoreError::Busy(
-            "MongoDB did not answer in time".into(),
-        ))
-    })
+    .map_err(|_| super::store_timeout(budget, "the dead letters' write"))?
     .map_err(|e| {
         tracing::error!(error = %e, "could not store dead letters");
         ApiError::new(
@@ -678,20 +674,7 @@ pub(super) async fn write(state: &AppState, prepared: Prepared) -> Result<Answer
             .metrics
             .write_errors
             .fetch_add(ids.len() as u64, Relaxed);
-        tracing::error!(
-            events = ids.len(),
-            seconds = deadline.as_secs(),
-            "MongoDB did not acknowledge the events in time"
-        );
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "store_timeout",
-            format!(
-                "MongoDB did not acknowledge the events within {} s; resend them (events already stored are answered `duplicate`)",
-                deadline.as_secs()
-            ),
-        )
-        .retry(5));
+        return Err(super::store_timeout(deadline, "the events' write"));
     };
     let statuses = match submitted {
         Ok(s) => s,
