@@ -299,6 +299,92 @@ async fn bad_credentials_never_reveal_whether_an_email_exists_and_are_rate_limit
 }
 
 #[tokio::test]
+async fn analytics_queries_beyond_the_cap_are_answered_busy_until_one_ends() {
+    use std::sync::atomic::Ordering;
+    let db = TestDb::initialized().await;
+    sluice::server::admin::create_admin_user(&db.store, "an@x.io", PASSWORD, Role::Analyst)
+        .await
+        .unwrap();
+    // `aggregate: "events"` as the server receives it: key, string length 7, value.
+    let (uri, hold, held) = support::holding_mongo_proxy(b"aggregate\0\x07\0\0\0events\0").await;
+    let store = support::store_via(&uri, &db.name).await;
+    let config = support::test_config(&db.name, |_| {});
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = sluice::server::start(config, store, listener, false)
+        .await
+        .unwrap();
+    let base = format!("http://{}", server.addr);
+    let token = login(&base, "an@x.io", PASSWORD).await.1["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let get = |path: &'static str| {
+        let (url, token) = (format!("{base}{path}"), token.clone());
+        async move {
+            let r = reqwest::Client::new()
+                .get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            let retry = r.headers().get("retry-after").cloned();
+            (
+                status,
+                retry,
+                r.json::<Value>().await.unwrap_or(Value::Null),
+            )
+        }
+    };
+    hold.store(true, Ordering::SeqCst);
+    let cap = sluice::server::admin::ANALYTICS_QUERIES;
+    let running: Vec<_> = (0..cap)
+        .map(|_| tokio::spawn(get("/v1/analytics/top-pages")))
+        .collect();
+    let waited = std::time::Instant::now();
+    while held.load(Ordering::SeqCst) < cap {
+        assert!(
+            waited.elapsed() < std::time::Duration::from_secs(20),
+            "queries never reached the server"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let at_once = std::time::Duration::from_secs(10);
+    let (status, retry, body) = tokio::time::timeout(at_once, get("/v1/analytics/top-pages"))
+        .await
+        .expect("answered at once, not queued behind the running queries");
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"], "busy", "{body}");
+    assert!(retry.is_some());
+    // A caller that gives up does not free its place: the query still runs on the server.
+    running[0].abort();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let journey = tokio::time::timeout(at_once, get("/v1/analytics/journey?userId=u1"))
+        .await
+        .expect("answered at once");
+    assert_eq!(journey.0, 503, "{:?}", journey.2);
+
+    hold.store(false, Ordering::SeqCst);
+    for r in running.into_iter().skip(1) {
+        assert_eq!(r.await.unwrap().0, 200);
+    }
+    let waited = std::time::Instant::now();
+    loop {
+        let (status, _, body) = get("/v1/analytics/top-pages").await;
+        if status == 200 {
+            break;
+        }
+        // The aborted caller's query may still be finishing.
+        assert!(
+            waited.elapsed() < std::time::Duration::from_secs(20),
+            "{body}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn analytics_parameters_are_validated() {
     let db = TestDb::initialized().await;
     sluice::server::admin::create_admin_user(&db.store, "an@x.io", PASSWORD, Role::Analyst)

@@ -768,6 +768,9 @@ fn day_param(
 /// How long one analytics query may run on the server (a caller that goes away does not
 /// stop it).
 const ANALYTICS_MAX_TIME: Duration = Duration::from_secs(60);
+/// Analytics queries run at once by one process; more are answered `503 busy`. A query
+/// counts until the server has finished it, also when its caller went away.
+pub const ANALYTICS_QUERIES: usize = 4;
 /// The user journey groups at most the user's latest this many events.
 const JOURNEY_MAX_EVENTS: i64 = 5_000;
 
@@ -791,19 +794,40 @@ async fn aggregate_docs(
             options: Default::default(),
         },
     );
-    let docs: Vec<Document> = state
-        .store
-        .collection(c::EVENTS)
-        .aggregate(pipeline)
-        .selection_criteria(options)
-        .max_time(ANALYTICS_MAX_TIME)
-        .allow_disk_use(true)
-        .await
-        .map_err(store_error)?
-        .try_collect()
-        .await
-        .map_err(store_error)?;
-    Ok(docs)
+    let Ok(permit) = state.analytics.clone().try_acquire_owned() else {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy",
+            format!("{ANALYTICS_QUERIES} analytics queries are running; retry shortly"),
+        )
+        .retry(5));
+    };
+    let events = state.store.collection(c::EVENTS);
+    // Run to the end in a task of its own, which holds the permit: a caller that hangs
+    // up does not stop the query on the server, so it must not free its place either.
+    let query = tokio::spawn(async move {
+        let _permit = permit;
+        let docs: Vec<Document> = events
+            .aggregate(pipeline)
+            .selection_criteria(options)
+            .max_time(ANALYTICS_MAX_TIME)
+            .allow_disk_use(true)
+            .await?
+            .try_collect()
+            .await?;
+        Ok::<_, mongodb::error::Error>(docs)
+    });
+    match query.await {
+        Ok(docs) => docs.map_err(store_error),
+        Err(e) => {
+            tracing::error!(error = %e, "an analytics query's task failed");
+            Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "the query failed; retry shortly",
+            ))
+        }
+    }
 }
 
 /// The design document's daily analytics query.

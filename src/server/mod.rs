@@ -45,6 +45,8 @@ pub struct AppState {
     limiter: Arc<auth::RateLimiter>,
     trusted: Arc<Vec<enrich::IpNet>>,
     login_guard: Arc<admin::LoginGuard>,
+    /// Analytics queries running now, at most [`admin::ANALYTICS_QUERIES`].
+    analytics: Arc<tokio::sync::Semaphore>,
     /// `[plugins] tracking_transforms`, applied to events before they are stored.
     transforms: Arc<Vec<Arc<dyn sluice_core::transform::Transform>>>,
     /// `tracking.geoip_database`, when configured.
@@ -395,6 +397,7 @@ pub async fn start_loaded(
     let state = AppState {
         limiter: Arc::new(auth::RateLimiter::new(config.rate_limit_per_key)),
         login_guard: Arc::new(admin::LoginGuard::default()),
+        analytics: Arc::new(tokio::sync::Semaphore::new(admin::ANALYTICS_QUERIES)),
         transforms: Arc::new(loaded.transforms),
         trusted: Arc::new(trusted),
         geoip: loaded.geoip.map(Arc::new),

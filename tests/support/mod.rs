@@ -249,6 +249,69 @@ pub async fn freezable_mongo_proxy() -> (String, std::sync::Arc<std::sync::atomi
     (proxied, frozen)
 }
 
+/// A TCP proxy to the MongoDB server that, while `hold` is set, holds back every message
+/// to the server containing `pattern` (say, an `aggregate` command on `events`), counting
+/// them in `held`; the rest pass. Returns the URI, `hold` and `held`.
+#[allow(dead_code)]
+pub async fn holding_mongo_proxy(
+    pattern: &'static [u8],
+) -> (
+    String,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let uri = mongo_uri();
+    let rest = uri.trim_start_matches("mongodb://");
+    let host_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let upstream = rest[..host_end].to_string();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxied = format!(
+        "mongodb://{}{}",
+        listener.local_addr().unwrap(),
+        &rest[host_end..]
+    );
+    let hold = Arc::new(AtomicBool::new(false));
+    let held = Arc::new(AtomicUsize::new(0));
+    let (flag, count) = (hold.clone(), held.clone());
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                continue;
+            };
+            let (mut cr, mut cw) = client.into_split();
+            let (mut sr, mut sw) = server.into_split();
+            let (flag, count) = (flag.clone(), count.clone());
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    let n = match cr.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    if flag.load(Ordering::SeqCst)
+                        && buf[..n].windows(pattern.len()).any(|w| w == pattern)
+                    {
+                        count.fetch_add(1, Ordering::SeqCst);
+                        while flag.load(Ordering::SeqCst) {
+                            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                        }
+                    }
+                    if sw.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut sr, &mut cw).await;
+            });
+        }
+    });
+    (proxied, hold, held)
+}
+
 /// A store on database `db` reached through `uri` (a proxy in front of the test server).
 pub async fn store_via(uri: &str, db: &str) -> Store {
     Store::connect_uri(uri, db, &WriteConcernLevel::Majority)
