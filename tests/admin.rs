@@ -599,6 +599,54 @@ async fn concurrent_guesses_count_as_they_arrive_and_clients_behind_a_proxy_are_
 }
 
 #[tokio::test]
+async fn two_admins_demoting_each_other_at_once_leave_one_admin() {
+    let db = TestDb::initialized().await;
+    let server = start_server(&db, |_| {}).await;
+    let base = format!("http://{}", server.addr);
+    let users = db.store.collection("admin_users");
+    for round in 0..5 {
+        let (a, b) = (format!("a{round}@x.io"), format!("b{round}@x.io"));
+        for email in [&a, &b] {
+            sluice::server::admin::create_admin_user(&db.store, email, PASSWORD, Role::Admin)
+                .await
+                .unwrap();
+        }
+        let token_a = login(&base, &a, PASSWORD).await.1["token"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let token_b = login(&base, &b, PASSWORD).await.1["token"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let demote = |token: String, whom: String| {
+            let url = format!("{base}/v1/admin/users/{whom}");
+            async move {
+                let r = reqwest::Client::new()
+                    .patch(url)
+                    .bearer_auth(token)
+                    .json(&json!({ "role": "USER" }))
+                    .send()
+                    .await
+                    .unwrap();
+                r.status().as_u16()
+            }
+        };
+        let (by_a, by_b) = tokio::join!(demote(token_a, b.clone()), demote(token_b, a.clone()));
+        let mut outcomes = [by_a, by_b];
+        outcomes.sort();
+        // One demotion happened; the other admin had lost the right to make theirs.
+        assert_eq!(outcomes, [200, 403], "round {round}");
+        let admins = users
+            .count_documents(bson::doc! { "email": { "$in": [&a, &b] }, "role": "ADMIN" })
+            .await
+            .unwrap();
+        assert_eq!(admins, 1, "round {round}");
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn role_changes_deactivation_and_logout_take_effect_on_the_next_request() {
     let db = TestDb::initialized().await;
     for (email, role) in [("admin@x.io", Role::Admin), ("an@x.io", Role::Analyst)] {

@@ -256,21 +256,7 @@ async fn change_user(
             "expected {\"role\": ...} and/or {\"isActive\": true|false}",
         ));
     }
-    let changed = state
-        .store
-        .collection(c::ADMIN_USERS)
-        .find_one_and_update(doc! { "email": &email }, doc! { "$set": set })
-        .return_document(mongodb::options::ReturnDocument::After)
-        .projection(doc! { "password": 0, common::ID: 0 })
-        .await
-        .map_err(store_error)?
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                format!("no user `{email}`"),
-            )
-        })?;
+    let changed = change_as_admin(&state, &me, &email, set).await?;
     if body.is_active == Some(false) {
         state
             .store
@@ -280,6 +266,90 @@ async fn change_user(
             .map_err(store_error)?;
     }
     Ok(Json(bson::Bson::Document(changed).into_relaxed_extjson()))
+}
+
+/// Applies `set` to user `email` in a transaction that also writes the caller's own
+/// record, and only while the caller is still an active ADMIN. Two admins changing each
+/// other at the same moment therefore write the same two documents: one transaction
+/// conflicts and is retried, sees the other's change, and is refused when it took the
+/// caller's rights. Checking the caller only when the request arrived (a read) would let
+/// both demote each other and leave no admin. The caller never changes themselves, so an
+/// active admin always remains.
+async fn change_as_admin(
+    state: &AppState,
+    me: &str,
+    email: &str,
+    set: Document,
+) -> Result<Document, ApiError> {
+    let users = state.store.collection(c::ADMIN_USERS);
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let mut session = state
+            .store
+            .client()
+            .start_session()
+            .await
+            .map_err(store_error)?;
+        session
+            .start_transaction()
+            .write_concern(mongodb::options::WriteConcern::majority())
+            .await
+            .map_err(store_error)?;
+        let outcome: Result<Result<Document, ApiError>, mongodb::error::Error> = async {
+            let still_admin = users
+                .update_one(
+                    doc! { "email": me, "role": Role::Admin.as_str(), "isActive": true },
+                    doc! { "$set": { "lastAdminChangeAt": state.store.now() } },
+                )
+                .session(&mut session)
+                .await?;
+            if still_admin.matched_count == 0 {
+                return Ok(Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "forbidden",
+                    "you are no longer an active admin (changed by another admin just now)",
+                )));
+            }
+            let changed = users
+                .find_one_and_update(doc! { "email": email }, doc! { "$set": set.clone() })
+                .return_document(mongodb::options::ReturnDocument::After)
+                .projection(doc! { "password": 0, common::ID: 0 })
+                .session(&mut session)
+                .await?;
+            Ok(changed.ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    format!("no user `{email}`"),
+                )
+            }))
+        }
+        .await;
+        let outcome = match outcome {
+            Ok(Ok(changed)) => session.commit_transaction().await.map(|()| Ok(changed)),
+            Ok(Err(refused)) => {
+                let _ = session.abort_transaction().await;
+                return Err(refused);
+            }
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(done) => return done,
+            Err(e)
+                if attempt < 10
+                    && e.contains_label(mongodb::error::TRANSIENT_TRANSACTION_ERROR) =>
+            {
+                let _ = session.abort_transaction().await;
+                let pause = rand::random_range(10..50u64) << attempt.min(4);
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+            }
+            Err(e) => {
+                let _ = session.abort_transaction().await;
+                return Err(store_error(e));
+            }
+        }
+    }
 }
 
 fn store_error(e: impl std::fmt::Display) -> ApiError {
