@@ -1580,6 +1580,66 @@ async fn upsert_keys_that_mix_numbers_and_strings_are_warned_about() {
 }
 
 #[tokio::test]
+async fn plugin_output_an_import_cannot_write_is_rejected_not_upserted_over_other_documents() {
+    let db = TestDb::initialized().await;
+    // A document another writer stored without the key: an upsert filtered on a missing
+    // key (`{thingId: null}`) would match it.
+    db.store
+        .collection("things")
+        .insert_one(bson::doc! { "visitor": "v1" })
+        .await
+        .unwrap();
+    let (base, _api) = fault_api(Fault::None).await;
+    let host = sluice_plugins::PluginHost::new(false).unwrap();
+    let vandal = host
+        .load(
+            &support::plugin_dir(),
+            "hostile",
+            json!({ "mode": "vandal" }),
+            &sluice_plugins::Grants::default(),
+            None,
+        )
+        .unwrap();
+    let text = cursor_config("vandalised", &base, "", "").replace(
+        "type = \"IMPORT\"",
+        "type = \"IMPORT\"\ntransforms = [\"hostile\"]",
+    );
+    let name = apply(&db, &text).await;
+    let options = ImportOptions {
+        transforms: vec![std::sync::Arc::new(vandal)],
+        ..Default::default()
+    };
+    let s = run_import(&db.store, &name, &options).await.unwrap();
+    assert_eq!(
+        (s.fetched, s.inserted, s.failed),
+        (45, 40, 5),
+        "{:?}",
+        s.samples
+    );
+    let things = db.store.collection("things");
+    let other = things
+        .find_one(bson::doc! { "visitor": "v1" })
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(other.get("title").is_none(), "overwritten: {other}");
+    for field in ["$where", "a.b", "createdAt"] {
+        let reasons: Vec<&str> = s.samples.iter().map(|r| r.reason.as_str()).collect();
+        assert!(
+            reasons.iter().any(|r| r.contains(&format!("{field:?}"))),
+            "{field}: {reasons:?}"
+        );
+    }
+    let letters = db
+        .store
+        .collection("dead_letters")
+        .count_documents(bson::doc! { "pipeline": format!("import:{name}") })
+        .await
+        .unwrap();
+    assert_eq!(letters, 5);
+}
+
+#[tokio::test]
 async fn a_plugin_that_prints_runs_inside_an_import() {
     // Imports call their transforms from async code; a plugin's print (a blocking WASI
     // call) must not take the runtime down.

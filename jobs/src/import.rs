@@ -853,8 +853,21 @@ async fn write_page(
         }
     }
     let applied = apply_off_runtime(chain, mapped).await?;
-    let mapped = applied.records;
     let mut letters = applied.dead_letters;
+    // What a plugin returns is held to the mapping's rules again: a record whose key it
+    // dropped would be upserted with `{key: null}`, over any document lacking the key.
+    let mapped: Vec<Document> = if chain.is_empty() {
+        applied.records
+    } else {
+        let mut kept = Vec::with_capacity(applied.records.len());
+        for d in applied.records {
+            match plugin_output_problem(connector, &d) {
+                None => kept.push(d),
+                Some(reason) => reject(summary, options, reason, &mapped_json(&d)),
+            }
+        }
+        kept
+    };
     for d in &mapped {
         summary.key_kinds |= match d.get(&connector.key) {
             Some(Bson::String(_)) => 1,
@@ -1055,6 +1068,36 @@ fn plain_json(v: &Bson) -> Value {
         Bson::Array(a) => Value::Array(a.iter().map(plain_json).collect()),
         other => other.clone().into_relaxed_extjson(),
     }
+}
+
+/// Why a record a transform plugin returned cannot be written to `connector`'s
+/// collection: its upsert key is missing or empty, or a top-level field name is one a
+/// mapping could not have written (empty, `$`-prefixed, dotted, with a NUL, `_id` unless
+/// mapped, or a field Sluice sets itself).
+fn plugin_output_problem(connector: &Connector, d: &Document) -> Option<String> {
+    if connector.collection != c::EVENTS && !d.get(&connector.key).is_some_and(usable_key) {
+        return Some(format!(
+            "a transform plugin left the upsert key `{}` missing or empty",
+            connector.key
+        ));
+    }
+    let mapped = |name: &str| connector.fields.iter().any(|f| f.target == name);
+    d.keys()
+        .find(|k| {
+            k.is_empty()
+                || k.starts_with('$')
+                || k.contains(['.', '\0'])
+                || (k.as_str() == common::ID && !mapped(common::ID))
+                || sluice_core::integration::IMPORT_RESERVED_FIELDS.contains(&k.as_str())
+        })
+        .map(|k| {
+            format!(
+                "a transform plugin returned the field name {k:?}, which an import cannot write (no `$`, `.`, NUL, `_id` unless mapped, nor {})",
+                sluice_core::integration::IMPORT_RESERVED_FIELDS
+                    .map(|f| format!("`{f}`"))
+                    .join(", ")
+            )
+        })
 }
 
 fn mapped_json(d: &Document) -> Value {

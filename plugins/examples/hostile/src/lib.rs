@@ -7,7 +7,9 @@
 //! `sleep` (sleeps a minute in a host call), `fanout` (turns each record into 100,000),
 //! `print` (prints 1,000 lines per record), `rename-id` (changes each record's `eventId`), `panic-on-bad` (panics on a record holding the
 //! string "bad"), `nul-key-on-bad` (gives a record holding "bad" a `metadata.context` key
-//! with a NUL, which BSON cannot store) and `ok` (returns every record).
+//! with a NUL, which BSON cannot store), `vandal` (drops or blanks an import's key, adds a
+//! `$`, dotted or reserved field name, on records titled t1 to t5) and `ok` (returns every
+//! record).
 
 use std::cell::RefCell;
 
@@ -61,6 +63,23 @@ fn misbehave(mode: &str, record: String) -> Result<Vec<String>, String> {
         "nul-key-on-bad" if record.contains("\"bad\"") => {
             let mut v = serde_json_lite(&record);
             v["metadata"]["context"] = json!({ "a\u{0}b": 1 });
+            Ok(vec![v.to_string()])
+        }
+        "vandal" => {
+            // Breaks the import's rules on records titled t1 to t5.
+            let mut v = serde_json_lite(&record);
+            match v["title"].as_str().unwrap_or("") {
+                "t1" => {
+                    if let Some(o) = v.as_object_mut() {
+                        o.remove("thingId");
+                    }
+                }
+                "t2" => v["$where"] = json!(1),
+                "t3" => v["a.b"] = json!(1),
+                "t4" => v["thingId"] = json!(" "),
+                "t5" => v["createdAt"] = json!(1),
+                _ => {}
+            }
             Ok(vec![v.to_string()])
         }
         "print" => {
