@@ -88,6 +88,20 @@ fn hostile_plugins_are_stopped_with_clear_errors_and_the_host_goes_on() {
         "{:?}",
         out.failed
     );
+    // A reason is kept short and on one line, whatever the plugin wrote.
+    let out = hostile(&host, "long-reason").run_batch(&batch()).unwrap();
+    let reason = &out.failed[0].1;
+    assert!(
+        reason.starts_with("line one forged line xxx"),
+        "{}",
+        &reason[..40]
+    );
+    assert!(
+        reason.len() < sluice_plugins::MAX_REASON_CHARS + 100
+            && reason.ends_with(&format!("({} more characters cut)", (2 << 20) + 21 - 1000)),
+        "{}",
+        &reason[reason.len() - 60..]
+    );
     let out = hostile(&host, "socket").run_batch(&batch()).unwrap();
     assert!(
         out.failed[0].1.contains("network access denied"),

@@ -692,7 +692,7 @@ impl WasmTransform {
             Ok(()) => Ok((store, plugin)),
             Err(reason) => Err(PluginError::Refused {
                 plugin: self.name.clone(),
-                reason,
+                reason: plugin_text(reason),
             }),
         }
     }
@@ -953,10 +953,33 @@ impl WasmTransform {
                     })
                     .collect::<Result<Vec<_>, _>>()
                     .map(Outcome::Records),
-                Err(reason) => Ok(Outcome::Failed(reason)),
+                Err(reason) => Ok(Outcome::Failed(plugin_text(reason))),
             })
             .collect()
     }
+}
+
+/// Longest reason a plugin may give for refusing its config or failing a record, in
+/// characters.
+pub const MAX_REASON_CHARS: usize = 1_000;
+
+/// A reason written by a plugin, as the host keeps it: control characters (a forged log
+/// line) as spaces, and cut at [`MAX_REASON_CHARS`]. It is copied into every dead letter
+/// of its batch, the logs and HTTP answers: a plugin's 60 MiB reason must not be.
+fn plugin_text(reason: String) -> String {
+    let total = reason.chars().count();
+    if total <= MAX_REASON_CHARS && !reason.chars().any(char::is_control) {
+        return reason;
+    }
+    let mut kept: String = reason
+        .chars()
+        .take(MAX_REASON_CHARS)
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if total > MAX_REASON_CHARS {
+        kept += &format!(" ... ({} more characters cut)", total - MAX_REASON_CHARS);
+    }
+    kept
 }
 
 /// `MAJOR.MINOR.PATCH`, optionally with a `-pre-release` and `+build` (Semantic

@@ -7,7 +7,7 @@
 //! `sleep` (sleeps a minute in a host call), `fanout` (turns each record into 100,000),
 //! `print` (prints 1,000 lines per record), `rename-id` (changes each record's `eventId`), `panic-on-bad` (panics on a record holding the
 //! string "bad"), `nul-key-on-bad` (gives a record holding "bad" a `metadata.context` key
-//! with a NUL, which BSON cannot store), `vandal` (drops or blanks an import's key, adds a
+//! with a NUL, which BSON cannot store), `long-reason` (fails each record with a 2 MiB reason holding a newline), `vandal` (drops or blanks an import's key, adds a
 //! `$`, dotted or reserved field name, on records titled t1 to t5) and `ok` (returns every
 //! record).
 
@@ -65,6 +65,7 @@ fn misbehave(mode: &str, record: String) -> Result<Vec<String>, String> {
             v["metadata"]["context"] = json!({ "a\u{0}b": 1 });
             Ok(vec![v.to_string()])
         }
+        "long-reason" => Err(format!("line one\nforged line {}", "x".repeat(2 << 20))),
         "vandal" => {
             // Breaks the import's rules on records titled t1 to t5.
             let mut v = serde_json_lite(&record);
