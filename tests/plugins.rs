@@ -1048,9 +1048,62 @@ async fn an_event_a_plugin_made_unstorable_is_rejected_alone() {
     assert!(
         answer["results"][1]
             .to_string()
-            .contains("cannot be stored"),
+            .contains("must not contain a NUL"),
         "{answer}"
     );
+    let stored = db
+        .store
+        .collection("events")
+        .count_documents(doc! {})
+        .await
+        .unwrap();
+    assert_eq!(stored, 2);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn plugin_output_a_client_could_not_send_is_rejected_by_event() {
+    let db = support::TestDb::initialized().await;
+    let dir = support::plugin_dir().display().to_string();
+    let server = support::start_server(&db, |raw| {
+        raw.plugins.dir = dir.clone();
+        raw.plugins.tracking_transforms = vec!["hostile".into()];
+        raw.plugins.config.insert(
+            "hostile".into(),
+            toml::Value::Table(toml::toml! { mode = "break-by-tag" }),
+        );
+    })
+    .await;
+    let event = |id: &str, tag: &str| {
+        json!({ "eventId": id, "userId": "v", "sessionId": "s", "eventType": "CLICK",
+            "properties": { "tag": tag } })
+    };
+    let batch = [
+        event("b1", "fine"),
+        event("b2", "bloat"),
+        event("b3", "dollar"),
+        event("b4", "retype"),
+        event("b5", "fine"),
+    ];
+    let answer: serde_json::Value = reqwest::Client::new()
+        .post(format!("http://{}/v1/events/batch", server.addr))
+        .json(&json!({ "batch": batch }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["stored"], 2, "{answer}");
+    for (i, says) in [
+        (1, "bytes as stored"),
+        (2, "metadata.context.$where"),
+        (3, "not an event"),
+    ] {
+        let result = &answer["results"][i];
+        assert_eq!(result["status"], "rejected", "{answer}");
+        assert!(result.to_string().contains(says), "{i}: {result}");
+    }
     let stored = db
         .store
         .collection("events")

@@ -254,6 +254,10 @@ pub fn check_event(
     }
     let properties = bson::Bson::Document(e.properties.clone()).into_relaxed_extjson();
     check_properties(f::PROPERTIES, &properties, 0)?;
+    if !e.metadata.context.is_empty() {
+        let context = bson::Bson::Document(e.metadata.context.clone()).into_relaxed_extjson();
+        check_properties("metadata.context", &context, 0)?;
+    }
     check_amount(e.event_type, &e.properties)?;
     for (field, v) in [(f::PAGE_URL, &e.page_url), (f::REFERRER, &e.referrer)] {
         if v.as_ref().is_some_and(|s| s.len() > MAX_URL_LEN) {

@@ -441,8 +441,9 @@ impl IntoResponse for Answer {
 
 /// Runs `[plugins] tracking_transforms` over the events to store. An event a plugin drops
 /// is answered `dropped`; outputs keep their input's eventId, so further outputs of one
-/// input are duplicates of the first; an output that is not an event is dropped and
-/// logged, and one that breaks the client's rules fails its input. Under `fail-run`, an
+/// input are duplicates of the first; an output that is not an event, breaks the client's
+/// rules or is over 4 × `max_event_bytes` as stored fails its input (one under no input's
+/// eventId is dropped and logged). Under `fail-run`, an
 /// event the chain fails (the plugin rejected it, or trapped on it) is answered
 /// `rejected` with the reason and the rest of the request goes on: there is no run to
 /// stop, and a client told to resend would send the same event into the same failure
@@ -535,16 +536,34 @@ async fn transform(
         .tracking
         .max_future_seconds
         .saturating_mul(1000);
+    // An event a plugin grew past this (BSON bytes) is refused: one near MongoDB's 16 MiB
+    // would fail every event of the write it joins.
+    let max_bytes = (4 * state.config.tracking.max_event_bytes).max(64 * 1024);
     let mut kept: Vec<Event> = Vec::with_capacity(out.len());
     for d in out {
+        // Read first: an output that is no longer an event still names its input.
+        let claimed = d
+            .get_str(sluice_core::model::event_fields::EVENT_ID)
+            .ok()
+            .and_then(|id| sent.get(id).copied());
         match bson::from_document::<Event>(d) {
             Ok(e) if sent.contains_key(e.event_id.as_str()) => {
                 // One the server could not store (a NUL in a key of its metadata, say)
                 // would fail every event of the write it joins, not just itself.
                 let storable = check_event(&e, now, max_future).and_then(|()| {
-                    bson::to_raw_document_buf(&e).map(drop).map_err(|err| {
+                    let raw = bson::to_raw_document_buf(&e).map_err(|err| {
                         ValidationError::new("event", format!("cannot be stored: {err}"))
-                    })
+                    })?;
+                    if raw.as_bytes().len() > max_bytes {
+                        return Err(ValidationError::new(
+                            "event",
+                            format!(
+                                "is {} bytes as stored, more than {max_bytes} (4 × tracking.max_event_bytes)",
+                                raw.as_bytes().len()
+                            ),
+                        ));
+                    }
+                    Ok(())
                 });
                 match storable {
                     Ok(()) => kept.push(e),
@@ -561,9 +580,18 @@ async fn transform(
                 event_id = %e.event_id,
                 "a transform returned an event under an eventId no input had; not stored (plugins must keep eventId)"
             ),
-            Err(e) => {
-                tracing::warn!(error = %e, "a transform returned something that is not an event; dropped")
-            }
+            Err(err) => match claimed {
+                // Answered `dropped`, the client would never resend an event it lost.
+                Some(input) => {
+                    tracing::warn!(event_id = %events[input].event_id, error = %err, "a transform returned something that is not an event; rejected");
+                    failed.entry(input).or_insert_with(|| {
+                        format!("a transform returned something that is not an event: {err}")
+                    });
+                }
+                None => {
+                    tracing::warn!(error = %err, "a transform returned something that is not an event, under no eventId of the request; dropped")
+                }
+            },
         }
     }
     // A fan-out with one invalid record fails its whole input.

@@ -7,7 +7,8 @@
 //! `sleep` (sleeps a minute in a host call), `fanout` (turns each record into 100,000),
 //! `print` (prints 1,000 lines per record), `rename-id` (changes each record's `eventId`), `panic-on-bad` (panics on a record holding the
 //! string "bad"), `nul-key-on-bad` (gives a record holding "bad" a `metadata.context` key
-//! with a NUL, which BSON cannot store), `long-reason` (fails each record with a 2 MiB reason holding a newline), `vandal` (drops or blanks an import's key, adds a
+//! with a NUL, which BSON cannot store), `break-by-tag` (by a tracking event's `properties.tag`: `bloat` adds 1 MiB, `dollar` a `$` key in
+//! `metadata.context`, `retype` makes `timestamp` a word), `long-reason` (fails each record with a 2 MiB reason holding a newline), `vandal` (drops or blanks an import's key, adds a
 //! `$`, dotted or reserved field name, on records titled t1 to t5) and `ok` (returns every
 //! record).
 
@@ -63,6 +64,17 @@ fn misbehave(mode: &str, record: String) -> Result<Vec<String>, String> {
         "nul-key-on-bad" if record.contains("\"bad\"") => {
             let mut v = serde_json_lite(&record);
             v["metadata"]["context"] = json!({ "a\u{0}b": 1 });
+            Ok(vec![v.to_string()])
+        }
+        "break-by-tag" => {
+            // Breaks a tracking event by its `properties.tag`.
+            let mut v = serde_json_lite(&record);
+            match v["properties"]["tag"].as_str().unwrap_or("") {
+                "bloat" => v["properties"]["blob"] = json!("x".repeat(1 << 20)),
+                "dollar" => v["metadata"]["context"] = json!({ "$where": 1 }),
+                "retype" => v["timestamp"] = json!("yesterday"),
+                _ => {}
+            }
             Ok(vec![v.to_string()])
         }
         "long-reason" => Err(format!("line one\nforged line {}", "x".repeat(2 << 20))),
