@@ -1113,3 +1113,49 @@ async fn plugin_output_a_client_could_not_send_is_rejected_by_event() {
     assert_eq!(stored, 2);
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn requests_beyond_the_plugins_instances_wait_their_turn_then_are_answered_overloaded() {
+    let db = support::TestDb::initialized().await;
+    let dir = support::plugin_dir().display().to_string();
+    let server = support::start_server(&db, |raw| {
+        raw.plugins.dir = dir.clone();
+        raw.plugins.instances = 1;
+        raw.plugins.tracking_transforms = vec!["hostile".into()];
+        raw.plugins.config.insert(
+            "hostile".into(),
+            toml::Value::Table(toml::toml! { mode = "sleep" }),
+        );
+        raw.tracking.write_timeout_seconds = 1;
+    })
+    .await;
+    let post = |id: &'static str| {
+        let url = format!("http://{}/v1/events", server.addr);
+        async move {
+            let r = reqwest::Client::new()
+                .post(url)
+                .json(&json!({ "eventId": id, "userId": "v", "sessionId": "s", "eventType": "CLICK" }))
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<serde_json::Value>().await.unwrap())
+        }
+    };
+    // The first request holds the only instance until its plugin's deadline (2 s).
+    let first = tokio::spawn(post("w1"));
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let (status, body) = post("w2").await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (503, Some("overloaded")),
+        "{body}"
+    );
+    let (status, body) = first.await.unwrap();
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (503, Some("transform_failed")),
+        "{body}"
+    );
+    server.shutdown().await;
+}

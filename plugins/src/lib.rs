@@ -581,6 +581,16 @@ impl Checkout<'_> {
     }
 }
 
+/// A place in a plugin's instance pool taken for an instance being built: given back when
+/// dropped (forgotten once the instance exists).
+struct Place<'a>(&'a WasmTransform);
+
+impl Drop for Place<'_> {
+    fn drop(&mut self) {
+        self.0.free_place();
+    }
+}
+
 impl Drop for Checkout<'_> {
     fn drop(&mut self) {
         if let Some(live) = self.live.take() {
@@ -887,16 +897,17 @@ impl WasmTransform {
                 pool.count += 1;
                 pool.peak = pool.peak.max(pool.count);
                 drop(pool);
-                return match off_runtime(|| self.instantiate()) {
-                    Ok(live) => Ok(Checkout {
+                // The place is given back if the build fails, and if it panics (a thread
+                // that could not be spawned): else every later call would wait for ever.
+                let place = Place(self);
+                let built = off_runtime(|| self.instantiate());
+                return built.map(|live| {
+                    std::mem::forget(place);
+                    Checkout {
                         owner: self,
                         live: Some(live),
-                    }),
-                    Err(e) => {
-                        self.free_place();
-                        Err(e)
                     }
-                };
+                });
             }
             pool = self.freed.wait(pool).unwrap_or_else(|p| p.into_inner());
         }

@@ -47,6 +47,8 @@ pub struct AppState {
     login_guard: Arc<admin::LoginGuard>,
     /// Analytics queries running now, at most [`admin::ANALYTICS_QUERIES`].
     analytics: Arc<tokio::sync::Semaphore>,
+    /// Requests running the tracking transforms now, at most `[plugins] instances`.
+    transform_slots: Arc<tokio::sync::Semaphore>,
     /// `[plugins] tracking_transforms`, applied to events before they are stored.
     transforms: Arc<Vec<Arc<dyn sluice_core::transform::Transform>>>,
     /// `tracking.geoip_database`, when configured.
@@ -398,6 +400,7 @@ pub async fn start_loaded(
         limiter: Arc::new(auth::RateLimiter::new(config.rate_limit_per_key)),
         login_guard: Arc::new(admin::LoginGuard::default()),
         analytics: Arc::new(tokio::sync::Semaphore::new(admin::ANALYTICS_QUERIES)),
+        transform_slots: Arc::new(tokio::sync::Semaphore::new(config.plugins.instances.max(1))),
         transforms: Arc::new(loaded.transforms),
         trusted: Arc::new(trusted),
         geoip: loaded.geoip.map(Arc::new),

@@ -473,7 +473,28 @@ async fn transform(
     // Narrowing a failing batch down to its bad events may take this long in all; the
     // events of parts still failing then are rejected together.
     let budget = std::time::Duration::from_secs(state.config.tracking.write_timeout_seconds);
+    // As many requests run the plugins at once as each plugin has instances; the others
+    // wait their turn, within the write deadline. A request keeps its place until its
+    // plugins have finished, even when its client has gone: slow plugins cannot pile
+    // blocked threads up behind them.
+    let slot = tokio::time::timeout(budget, state.transform_slots.clone().acquire_owned())
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .ok_or_else(|| {
+            tracing::warn!(
+                seconds = budget.as_secs(),
+                "the tracking transforms are busy: a request waited its whole write deadline for them"
+            );
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                "the transform plugins are busy; nothing was stored, retry shortly",
+            )
+            .retry(2)
+        })?;
     let isolated = tokio::task::spawn_blocking(move || {
+        let _slot = slot;
         sluice_core::transform::apply_chain_isolating(&chain, docs, budget)
     })
     .await
