@@ -58,6 +58,10 @@ const PIPE_FULL_MARGIN: usize = 64 * 1024;
 const TABLE_ELEMENT_BYTES: usize = 16;
 /// How many batch deadlines narrowing a failing batch down may spend, in all.
 const SPLIT_BUDGET_DEADLINES: u32 = 3;
+/// Splitting a batch that hits the memory cap goes on longer (the parts must fit, and a
+/// plugin that needs memory usually hits the cap fast), but not for ever: a plugin that
+/// hits it whatever its input, slowly, would cost two calls a record.
+const MEMORY_SPLIT_BUDGET_DEADLINES: u32 = 20;
 /// Host resources (streams, pollables) one instance may hold at once: WASI needs a
 /// handful; a plugin that leaks them fails its call instead of growing host memory.
 const MAX_HOST_RESOURCES: usize = 1_000;
@@ -579,6 +583,13 @@ impl Checkout<'_> {
             self.owner.freed.notify_one();
         }
     }
+}
+
+/// When splitting a failing batch stops, by the kind of failure.
+#[derive(Clone, Copy)]
+struct Until {
+    trap: Instant,
+    memory: Instant,
 }
 
 /// A place in a plugin's instance pool taken for an instance being built: given back when
@@ -1242,7 +1253,10 @@ impl Transform for WasmTransform {
         let records_in = batch.len() as u64;
         // Narrowing a failing batch down costs a call per part: it stops once it has
         // spent a few deadlines, however slowly the plugin fails.
-        let until = started + SPLIT_BUDGET_DEADLINES * self.deadline();
+        let until = Until {
+            trap: started + SPLIT_BUDGET_DEADLINES * self.deadline(),
+            memory: started + MEMORY_SPLIT_BUDGET_DEADLINES * self.deadline(),
+        };
         let result = self.apply_with_policy(batch, letters, until);
         let plugin = [("plugin", self.name.as_str())];
         let help = "Records through plugins, by plugin and direction (in, out).";
@@ -1312,7 +1326,7 @@ impl WasmTransform {
         &self,
         batch: Vec<Record>,
         letters: &mut Vec<(Record, String)>,
-        until: Instant,
+        until: Until,
     ) -> Result<Vec<Record>, TransformError> {
         let err = |e: PluginError| TransformError {
             name: self.name.clone(),
@@ -1321,11 +1335,16 @@ impl WasmTransform {
         };
         let outcomes = match self.call(&batch) {
             Ok(outcomes) => outcomes,
-            // Split in halves (see `splittable`). Memory splitting always goes on (the
-            // parts must fit); narrowing traps down stops once its time is spent.
+            // Split in halves (see `splittable`) until the budget of the failure's kind
+            // is spent.
             Err(e)
                 if Self::splittable(&e, self.policy, &batch)
-                    && (matches!(e, PluginError::Memory { .. }) || Instant::now() < until) =>
+                    && Instant::now()
+                        < if matches!(e, PluginError::Memory { .. }) {
+                            until.memory
+                        } else {
+                            until.trap
+                        } =>
             {
                 let mut second = batch;
                 let first: Vec<Record> = second.drain(..second.len() / 2).collect();
