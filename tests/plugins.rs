@@ -79,6 +79,11 @@ fn hostile_plugins_are_stopped_with_clear_errors_and_the_host_goes_on() {
 
     let err = hostile(&host, "panic").run_batch(&batch()).unwrap_err();
     assert!(matches!(err, PluginError::Trap { .. }), "{err}");
+    // The panic's own message, which the plugin wrote to stderr, is in the error.
+    assert!(
+        err.to_string().contains("the plugin panicked on purpose"),
+        "{err}"
+    );
 
     // No preopened directory, no network: the attempts fail inside the sandbox.
     let out = hostile(&host, "file").run_batch(&batch()).unwrap();

@@ -94,6 +94,10 @@ pub enum PluginError {
     Malformed { plugin: String, message: String },
     #[error("plugin `{plugin}` printed more than its output buffer holds ({mib} MiB) in one call")]
     Output { plugin: String, mib: usize },
+    /// A new instance failed before it was given any input (its `configure` trapped or
+    /// hit a limit): not the batch's fault.
+    #[error("plugin `{plugin}` could not start an instance: {message}")]
+    Instance { plugin: String, message: String },
     #[error("plugin `{plugin}` failed record {index}: {reason}")]
     Record {
         plugin: String,
@@ -120,7 +124,23 @@ impl PluginError {
             | PluginError::Hash { .. }
             | PluginError::Refused { .. }
             | PluginError::Deadline { .. }
+            | PluginError::Instance { .. }
             | PluginError::Output { .. } => false,
+        }
+    }
+
+    /// This error, met while building an instance (before any input was given): a
+    /// failure that would otherwise read as the input's becomes [`PluginError::Instance`].
+    fn while_starting(self) -> Self {
+        match self {
+            PluginError::Trap { ref plugin, .. }
+            | PluginError::Memory { ref plugin, .. }
+            | PluginError::Fuel { ref plugin, .. }
+            | PluginError::Malformed { ref plugin, .. } => PluginError::Instance {
+                plugin: plugin.clone(),
+                message: self.to_string(),
+            },
+            other => other,
         }
     }
 }
@@ -261,6 +281,8 @@ struct HostState {
     stderr: MemoryOutputPipe,
     /// Bytes of stdout / stderr already logged.
     logged: [usize; 2],
+    /// The last line the latest call wrote to stderr (a Rust panic's message), cut short.
+    last_stderr: String,
     /// When the current call's deadline passes: sleeps end there.
     deadline: Instant,
 }
@@ -592,6 +614,22 @@ struct Until {
     memory: Instant,
 }
 
+/// What a call last wrote to stderr, as a trap's explanation: a Rust panic's location and
+/// message (`thread '..' panicked at src/lib.rs:9:5:` then the message), else the last
+/// line that is not a `note:`; cut short.
+fn last_words(stderr: &str) -> String {
+    let lines: Vec<&str> = stderr
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("note:"))
+        .collect();
+    let words = match lines.iter().rposition(|l| l.contains(" panicked at ")) {
+        Some(at) => lines[at..(at + 2).min(lines.len())].join(" "),
+        None => lines.last().map(|l| l.to_string()).unwrap_or_default(),
+    };
+    plugin_text(words.chars().take(300).collect())
+}
+
 /// A place in a plugin's instance pool taken for an instance being built: given back when
 /// dropped (forgotten once the instance exists).
 struct Place<'a>(&'a WasmTransform);
@@ -695,6 +733,7 @@ impl WasmTransform {
             stdout,
             stderr,
             logged: [0, 0],
+            last_stderr: String::new(),
             deadline: Instant::now(),
         };
         let mut store = Store::new(&self.host.engine, state);
@@ -786,10 +825,13 @@ impl WasmTransform {
             let new = bytes.get(state.logged[i]..).unwrap_or_default();
             state.logged[i] = bytes.len();
             full |= bytes.len() > PIPE_BYTES / 2;
+            let text = String::from_utf8_lossy(new);
+            if i == 1 {
+                state.last_stderr = last_words(&text);
+            }
             if new.is_empty() {
                 continue;
             }
-            let text = String::from_utf8_lossy(new);
             let mut lines = text.lines();
             for line in lines.by_ref().take(LOG_LINES_PER_CALL) {
                 let line: String = line.chars().take(1000).collect();
@@ -828,7 +870,7 @@ impl WasmTransform {
     /// record; a malformed output fails the whole batch before anything is used.
     fn call(&self, batch: &[Record]) -> Result<Vec<Outcome>, PluginError> {
         let encoded: Vec<String> = batch.iter().map(encode).collect();
-        let mut instance = self.checkout()?;
+        let mut instance = self.checkout().map_err(PluginError::while_starting)?;
         let Some((store, plugin)) = instance.live.as_mut() else {
             return Err(PluginError::Trap {
                 plugin: self.name.clone(),
@@ -866,7 +908,16 @@ impl WasmTransform {
                         mib: PIPE_BYTES >> 20,
                     });
                 }
-                return Err(self.classify(e, state.limits.hit));
+                return Err(match self.classify(e, state.limits.hit) {
+                    // A Rust panic traps as `unreachable`; its message went to stderr.
+                    PluginError::Trap { plugin, message } if !state.last_stderr.is_empty() => {
+                        PluginError::Trap {
+                            plugin,
+                            message: format!("{message} (last stderr line: {})", state.last_stderr),
+                        }
+                    }
+                    other => other,
+                });
             }
         };
         let decoded = self.decode_results(batch, &encoded, results);
@@ -1414,6 +1465,46 @@ impl WasmTransform {
 #[cfg(test)]
 mod limit_tests {
     use super::*;
+
+    #[test]
+    fn a_failure_while_starting_an_instance_is_not_the_inputs() {
+        let trap = PluginError::Trap {
+            plugin: "p".into(),
+            message: "unreachable".into(),
+        };
+        assert!(trap.caused_by_input());
+        let started = trap.while_starting();
+        assert!(!started.caused_by_input());
+        assert_eq!(
+            started.to_string(),
+            "plugin `p` could not start an instance: plugin `p` trapped: unreachable"
+        );
+        let late = PluginError::Deadline {
+            plugin: "p".into(),
+            ms: 5,
+        };
+        assert_eq!(late.clone().while_starting(), late);
+    }
+
+    #[test]
+    fn a_panics_location_and_message_explain_its_trap() {
+        let stderr = "starting\nthread '<unnamed>' panicked at src/lib.rs:38:21:\nthe plugin panicked on purpose\nnote: run with `RUST_BACKTRACE=1` environment variable to display a backtrace\n";
+        assert_eq!(
+            last_words(stderr),
+            "thread '<unnamed>' panicked at src/lib.rs:38:21: the plugin panicked on purpose"
+        );
+        assert_eq!(last_words("one\ntwo\n\n"), "two");
+        assert_eq!(last_words(""), "");
+    }
+
+    #[test]
+    fn reasons_are_kept_short_and_on_one_line() {
+        assert_eq!(plugin_text("fine".into()), "fine");
+        assert_eq!(plugin_text("a\nb\tc".into()), "a b c");
+        let long = plugin_text("é".repeat(MAX_REASON_CHARS + 5));
+        assert!(long.starts_with(&"é".repeat(MAX_REASON_CHARS)));
+        assert!(long.ends_with("(5 more characters cut)"), "{long}");
+    }
     use wasmtime::ResourceLimiter;
 
     #[test]
