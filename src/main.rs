@@ -252,6 +252,22 @@ fn main() -> ExitCode {
             }
         };
     }
+    // Scaffolding a plugin reads no config: a broken or absent sluice.toml must not stop it.
+    if let Command::Plugin {
+        command: PluginCommand::New { name, dir, sdk },
+    } = &cli.command
+    {
+        return match cli::plugin_new(name, dir, sdk.as_deref()) {
+            Ok(root) => {
+                println!("created {}", root.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let path = cli::config_path(cli.config.clone());
     let config = match cli::load_config(path.as_deref()) {
         Ok(c) => c,
@@ -269,10 +285,7 @@ fn main() -> ExitCode {
                 plugin_config,
                 batch_size,
             } => cli::plugin_test(&config, name, input, plugin_config.as_deref(), *batch_size),
-            PluginCommand::New { name, dir, sdk } => cli::plugin_new(name, dir, sdk.as_deref())
-                .map(|root| {
-                    println!("created {}", root.display());
-                }),
+            PluginCommand::New { .. } => unreachable!("handled before the config is read"),
         };
         return match result {
             Ok(()) => ExitCode::SUCCESS,

@@ -176,9 +176,11 @@ fn plugin_test_prints_outputs_failures_and_timing() {
 fn plugin_new_scaffolds_a_crate_that_uses_the_sdk() {
     let dir = std::env::temp_dir().join(format!("sluice-new-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).unwrap();
+    // Scaffolding reads no config: a broken one in the environment does not stop it.
     let out = sluice()
         .args(["plugin", "new", "tag-events", "--dir"])
         .arg(&dir)
+        .env("SLUICE_CONFIG", dir.join("no-such-sluice.toml"))
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .unwrap();

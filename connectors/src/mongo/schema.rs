@@ -175,6 +175,12 @@ pub fn index_specs() -> Vec<IndexSpec> {
             "status_expiresAt",
             doc! { "status": 1, "expiresAt": 1 },
         ),
+        // dead letters by pipeline (`import:NAME`, `tracking`, ...), latest first
+        IndexSpec::new(
+            c::DEAD_LETTERS,
+            "pipeline_createdAt",
+            doc! { "pipeline": 1, "createdAt": -1 },
+        ),
         // admin login tokens are deleted by the server once expired
         IndexSpec::new(c::ADMIN_TOKENS, "expiresAt_ttl", doc! { "expiresAt": 1 }).ttl(),
     ]
@@ -198,6 +204,7 @@ const PLAIN_COLLECTIONS: &[&str] = &[
     c::OAUTH_TOKENS,
     c::LATE_DAYS,
     c::RETIRED_PARTS,
+    c::DEAD_LETTERS,
 ];
 
 /// Indexes earlier versions created that `init` drops when it finds them with these keys
