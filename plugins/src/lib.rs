@@ -781,7 +781,11 @@ impl WasmTransform {
 
     fn classify(&self, e: wasmtime::Error, memory_cap_hit: bool) -> PluginError {
         let plugin = self.name.clone();
-        if memory_cap_hit {
+        // Output larger than the host copies out in one call (bounded by the memory cap):
+        // wasmtime says so only in its message. A limit like the memory cap, and split
+        // like it.
+        let output_cap_hit = format!("{e:#}").contains("fuel allocated for hostcalls");
+        if memory_cap_hit || output_cap_hit {
             return PluginError::Memory {
                 plugin,
                 mib: self.limits.memory_mib,
