@@ -2068,6 +2068,88 @@ path = "$.id"
 }
 
 #[tokio::test]
+async fn a_query_api_key_a_next_link_repeats_is_neither_stored_nor_shown() {
+    let db = TestDb::initialized().await;
+    std::env::set_var("IMPORT_TEST_LINK_KEY", "sk-live-link-secret");
+    // Builds its next link from the request, key included (as many paginators do); the
+    // second page fails, so the run records an error naming the page's URL.
+    let keys: Arc<Mutex<Vec<String>>> = Default::default();
+    let seen = keys.clone();
+    let addr = serve(Router::new().route(
+        "/echoing",
+        get(
+            move |uri: axum::http::Uri, Query(q): Query<Vec<(String, String)>>| {
+                let seen = seen.clone();
+                async move {
+                    let key = q
+                        .iter()
+                        .find(|(k, _)| k == "api_key")
+                        .map(|(_, v)| v.clone());
+                    seen.lock().unwrap().push(key.unwrap_or_default());
+                    if q.iter().any(|(k, _)| k == "p") {
+                        return (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "down")
+                            .into_response();
+                    }
+                    let next = format!("<{}&p=2>; rel=\"next\"", uri);
+                    ([("link", next)], axum::Json(json!([{ "id": 1 }]))).into_response()
+                }
+            },
+        ),
+    ))
+    .await;
+    let text = format!(
+        r#"
+name = "linkleak"
+type = "IMPORT"
+endpoint = "http://{addr}/echoing?v=1"
+allow_private_network = true
+[auth]
+type = "API_KEY"
+key = "${{env:IMPORT_TEST_LINK_KEY}}"
+query = "api_key"
+[source]
+records = "$[*]"
+[source.pagination]
+type = "link_header"
+[source.retry]
+max_attempts = 1
+[target]
+collection = "things"
+key = "thingId"
+[mapping.thingId]
+path = "$.id"
+"#
+    );
+    let name = apply(&db, &text).await;
+    let err = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("p=2"), "{err}");
+    assert!(!err.contains("sk-live"), "{err}");
+    // Each page was still sent the key, once.
+    assert_eq!(
+        *keys.lock().unwrap(),
+        vec!["sk-live-link-secret".to_string(); 2]
+    );
+    for collection in ["import_runs", "import_checkpoints"] {
+        let docs: Vec<bson::Document> = db
+            .store
+            .collection(collection)
+            .find(bson::doc! {})
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap();
+        assert!(!docs.is_empty(), "{collection}");
+        for d in docs {
+            assert!(!d.to_string().contains("sk-live"), "{collection}: {d}");
+        }
+    }
+}
+
+#[tokio::test]
 async fn a_push_accepted_before_its_answer_broke_is_not_sent_again() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let db = TestDb::initialized().await;

@@ -745,6 +745,30 @@ impl HttpClient {
     /// The state after `page`, or `Done` when the API says there is no more. `max_pages`
     /// is the caller's to apply, so that a run which read everything in exactly
     /// `max_pages` pages is not reported as cut short.
+    /// `url` without the API key's query parameter: a server that builds its next link
+    /// from the request repeats the key in it, and the next URL is kept in the checkpoint
+    /// and named in errors. Each request adds the key again.
+    fn without_query_key(&self, mut url: reqwest::Url) -> String {
+        if let Auth::ApiKey {
+            query: Some(param), ..
+        } = &self.connector.auth
+        {
+            if url.query_pairs().any(|(k, _)| k == param.as_str()) {
+                let kept: Vec<(String, String)> = url
+                    .query_pairs()
+                    .filter(|(k, _)| k != param.as_str())
+                    .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                    .collect();
+                if kept.is_empty() {
+                    url.set_query(None);
+                } else {
+                    url.query_pairs_mut().clear().extend_pairs(kept);
+                }
+            }
+        }
+        url.to_string()
+    }
+
     pub fn next_state(&self, state: &PageState, page: &Page) -> PageState {
         let PageState::Fetch {
             url,
@@ -847,7 +871,7 @@ impl HttpClient {
                 Some(next) => PageState::Fetch {
                     url: reqwest::Url::parse(url)
                         .and_then(|base| base.join(&next))
-                        .map(|u| u.to_string())
+                        .map(|u| self.without_query_key(u))
                         .unwrap_or(next),
                     query: Vec::new(),
                     page: n,

@@ -477,8 +477,19 @@ pub mod url_lite {
         } else {
             return Err(format!("an http:// or https:// URL, got `{text}`"));
         };
+        // HTTP clients end the host at a backslash too, and read what precedes an `@` as
+        // credentials: either would let the host checked here differ from the one
+        // connected to (`http://10.0.0.1\@api.example/`).
+        if text.contains('\\') {
+            return Err(format!("a URL without `\\`, got `{text}`"));
+        }
         let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
-        let hostport = authority.rsplit('@').next().unwrap_or("");
+        if authority.contains('@') {
+            return Err(format!(
+                "a URL without credentials before its host (use `[auth]`), got `{text}`"
+            ));
+        }
+        let hostport = authority;
         let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
             let (h, after) = v6.split_once(']').ok_or("a valid IPv6 host")?;
             (h.to_string(), after.strip_prefix(':'))
@@ -1560,6 +1571,20 @@ pub fn map_record_noting(
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn urls_whose_host_clients_read_differently_are_refused() {
+        for bad in [
+            "http://169.254.169.254\\@api.example.com/latest/",
+            "http://api.example.com\\path",
+            "https://user:secret@api.example.com/x",
+            "https://10.0.0.1@api.example.com/",
+        ] {
+            assert!(url_lite::parse(bad).is_err(), "{bad}");
+        }
+        let ok = url_lite::parse("https://api.example.com:8443/v1?q=a@b").unwrap();
+        assert_eq!((ok.host.as_str(), ok.port), ("api.example.com", 8443));
+    }
 
     const FILE: &str = r#"
 name = "shop-products"
