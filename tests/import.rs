@@ -388,6 +388,8 @@ enum Fault {
     CursorLoop,
     /// The token endpoint answers its first request 503.
     TokenDownOnce,
+    /// The token endpoint answers its first request 429 with an OAuth-shaped error body.
+    TokenBusyOnce,
     /// Every page is refused 429 with `Retry-After: 3600`.
     RateLimitedForAnHour,
     /// The first page is refused 503 with `Retry-After: 1`.
@@ -399,6 +401,13 @@ enum Fault {
 async fn token(State(s): State<FaultApi>) -> Response {
     if s.fault == Fault::TokenDownOnce && s.hits.fetch_add(1, Ordering::SeqCst) == 0 {
         return (StatusCode::SERVICE_UNAVAILABLE, "provider restarting").into_response();
+    }
+    if s.fault == Fault::TokenBusyOnce && s.hits.fetch_add(1, Ordering::SeqCst) == 0 {
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            Json(json!({ "error": "too_many_requests", "error_description": "slow down" })),
+        )
+            .into_response();
     }
     let n = s.tokens.fetch_add(1, Ordering::SeqCst);
     let t = format!("tok-{n}");
@@ -670,6 +679,17 @@ async fn a_token_endpoint_that_fails_once_is_retried_and_a_401_refreshes_even_wi
     assert_eq!(s.fetched, 45);
     assert!(s.http.retries >= 1, "{:?}", s.http);
     assert!(api.tokens.load(Ordering::SeqCst) >= 1);
+
+    // An error body in OAuth's shape whose code RFC 6749 does not define (a 429 here) is
+    // the endpoint being busy, not the credentials being wrong: retried too.
+    let (base, _) = fault_api(Fault::TokenBusyOnce).await;
+    let auth = format!("[auth]\ntype = \"OAUTH\"\ntoken_url = \"{base}/token\"\nclient_id = \"c\"\nclient_secret = \"${{env:IMPORT_TEST_SECRET_E}}\"\n");
+    let name = apply(&db, &cursor_config("provider-busy", &base, "", &auth)).await;
+    let s = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(s.fetched, 45);
+    assert!(s.http.retries >= 1, "{:?}", s.http);
 
     // A token revoked before it expires gets a 401; with a single attempt, the refresh
     // still happens, on an attempt of its own.

@@ -928,7 +928,17 @@ impl Provider {
         e: &oauth2::RequestTokenError<RE, T>,
     ) -> HttpError {
         match e {
-            oauth2::RequestTokenError::ServerResponse(_) => self.error(describe_token_error(e)),
+            // Only the errors RFC 6749 defines say the credentials or the request are
+            // wrong. Anything else in that shape (a 429 `too_many_requests`, a 503
+            // `temporarily_unavailable`) is the endpoint being unavailable: retried.
+            oauth2::RequestTokenError::ServerResponse(answer)
+                if serde_json::to_value(answer)
+                    .ok()
+                    .and_then(|v| v.get("error").and_then(|c| c.as_str()).map(str::to_owned))
+                    .is_some_and(|code| RFC6749_TOKEN_ERRORS.contains(&code.as_str())) =>
+            {
+                self.error(describe_token_error(e))
+            }
             _ => HttpError::TokenUnavailable {
                 url: self.token_url.clone(),
                 message: describe_token_error(e),
@@ -936,6 +946,16 @@ impl Provider {
         }
     }
 }
+
+/// The token endpoint errors of RFC 6749 (section 5.2): final, not retried.
+const RFC6749_TOKEN_ERRORS: [&str; 6] = [
+    "invalid_request",
+    "invalid_client",
+    "invalid_grant",
+    "unauthorized_client",
+    "unsupported_grant_type",
+    "invalid_scope",
+];
 
 /// What a refresh-token exchange came to.
 struct Exchanged {
