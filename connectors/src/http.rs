@@ -599,8 +599,17 @@ impl HttpClient {
                 // not send the batch again.
                 return Ok((Value::Null, headers, 0));
             }
-            let text = match resp.text().await {
-                Ok(t) => t,
+            let text = match read_capped(resp, MAX_RESPONSE_BYTES).await {
+                Ok(Some(t)) => t,
+                Ok(None) => {
+                    return Err(HttpError::Network {
+                        url: url.to_string(),
+                        message: format!(
+                            "the answer is larger than {} MiB; lower the page size",
+                            MAX_RESPONSE_BYTES >> 20
+                        ),
+                    })
+                }
                 Err(e) => {
                     last = self.describe(&e, "the body did not arrive", "reading the body");
                     tokio::time::sleep(self.backoff(attempt)).await;
@@ -947,6 +956,29 @@ impl Provider {
     }
 }
 
+/// The largest answer read: one page of an API, held as text and then parsed (which
+/// takes several times its size). A larger one fails the run instead of the process.
+pub const MAX_RESPONSE_BYTES: usize = 256 << 20;
+
+/// The body as text, or `None` once it is longer than `cap` bytes (a `Content-Length`
+/// over the cap is refused before anything is read).
+async fn read_capped(
+    mut resp: reqwest::Response,
+    cap: usize,
+) -> Result<Option<String>, reqwest::Error> {
+    if resp.content_length().is_some_and(|n| n > cap as u64) {
+        return Ok(None);
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await? {
+        if body.len() + chunk.len() > cap {
+            return Ok(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Some(String::from_utf8_lossy(&body).into_owned()))
+}
+
 /// The token endpoint errors of RFC 6749 (section 5.2): final, not retried.
 const RFC6749_TOKEN_ERRORS: [&str; 6] = [
     "invalid_request",
@@ -1113,6 +1145,49 @@ fn digest(text: &str) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Answers every connection with `head` then `body`, once.
+    async fn answer_once(head: String, body: Vec<u8>) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let mut request = [0u8; 4096];
+            let _ = conn.read(&mut request).await;
+            let _ = conn.write_all(head.as_bytes()).await;
+            let _ = conn.write_all(&body).await;
+        });
+        format!("http://{addr}/")
+    }
+
+    #[tokio::test]
+    async fn answers_over_the_cap_are_not_read_whole() {
+        let get = |url: String| async move { reqwest::get(url).await.unwrap() };
+        // Announced too large: refused before reading.
+        let url = answer_once(
+            "HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n".into(),
+            vec![b'x'; 100],
+        )
+        .await;
+        assert_eq!(read_capped(get(url).await, 50).await.unwrap(), None);
+        // Streamed without a length: stopped once over the cap.
+        let url = answer_once(
+            "HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n".into(),
+            vec![b'y'; 100],
+        )
+        .await;
+        assert_eq!(read_capped(get(url).await, 50).await.unwrap(), None);
+        let url = answer_once(
+            "HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n".into(),
+            b"[1,2]".to_vec(),
+        )
+        .await;
+        assert_eq!(
+            read_capped(get(url).await, 50).await.unwrap().as_deref(),
+            Some("[1,2]")
+        );
+    }
 
     #[test]
     fn private_ranges_are_recognised() {
