@@ -2436,6 +2436,47 @@ async fn an_error_answered_with_200_mid_run_keeps_the_cursor() {
     assert!(sync_cursor(&db, &name).await.is_some());
 }
 
+#[tokio::test]
+async fn an_error_object_answered_with_200_where_a_bare_list_was_keeps_the_cursor() {
+    let db = TestDb::initialized().await;
+    let api = |Query(q): Query<Vec<(String, String)>>| async move {
+        let page = q.iter().find(|(k, _)| k == "page").map(|(_, v)| v.clone());
+        Json(match page.as_deref() {
+            None | Some("1") => json!([
+                { "id": "a", "updated": "2026-11-05T00:00:00Z" },
+                { "id": "b", "updated": "2026-11-09T00:00:00Z" } ]),
+            _ => json!({ "error": "quota exceeded", "retry": true }),
+        })
+    };
+    let addr = serve(Router::new().route("/items", get(api))).await;
+    let text = things_config(
+        "bare-quota",
+        &format!("http://{addr}/items"),
+        "type = \"page\"\nsize = 2",
+    )
+    .replace("records = \"$.data[*]\"", "records = \"$[*]\"")
+        + "[mapping.updated]\npath = \"$.updated\"\ntype = \"date\"\n[incremental]\ncursor_field = \"updated\"\nparam = \"since\"\n";
+    let name = apply(&db, &text).await;
+    let run = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert_eq!((run.fetched, run.failed), (2, 0), "{run:?}");
+    let why = run.stopped_early.clone().unwrap_or_default();
+    assert!(why.contains("page 2"), "{run:?}");
+    assert!(
+        run.warnings
+            .iter()
+            .any(|w| w.contains("not a list of records")),
+        "{:?}",
+        run.warnings
+    );
+    assert_eq!(
+        sync_cursor(&db, &name).await,
+        None,
+        "not moved past pages never read"
+    );
+}
+
 /// An EXPORT's typed mappings read what MongoDB stores (a date, an ObjectId, as relaxed
 /// extended JSON), and a document that still fails mapping is kept in `dead_letters`
 /// rather than passed over without a trace.

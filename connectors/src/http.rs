@@ -726,6 +726,41 @@ impl HttpClient {
             .request(HttpMethod::Get, url, query, None, true)
             .await?;
         let selector = &self.connector.records;
+        // A selector walking a list (`...[*]`) whose place holds no list but a scalar, or
+        // an object that is not one of records (`{"error": "quota exceeded"}` where the
+        // list was): not records, but an error answered with 200.
+        let walked = selector
+            .trim()
+            .strip_suffix("[*]")
+            .and_then(sluice_core::integration::member_chain)
+            .and_then(|chain| at_chain(&body, &chain).map(|v| (chain, v)));
+        let not_a_list = match walked {
+            Some((_, Value::Array(_) | Value::Null)) | None => None,
+            Some((chain, Value::Object(m))) if !m.values().all(Value::is_object) => {
+                let keys: Vec<&str> = m.keys().take(10).map(String::as_str).collect();
+                Some((chain, format!("an object (its keys: {})", keys.join(", "))))
+            }
+            Some((_, Value::Object(_))) => None,
+            Some((chain, other)) => Some((chain, format!("`{}`", snippet(&other.to_string())))),
+        };
+        if let Some((chain, what)) = not_a_list {
+            let place = if chain.is_empty() {
+                "body".to_string()
+            } else {
+                format!("`$.{}`", chain.join("."))
+            };
+            return Ok(Some(Page {
+                url: url.clone(),
+                body,
+                headers,
+                records: Records::Copied(Vec::new()),
+                digest,
+                records_missing: Some(format!(
+                    "the response's {place} is {what}, not a list of records (an error answered with 200?); check `source.records`"
+                )),
+                items: 0,
+            }));
+        }
         let in_body = selector
             .trim()
             .strip_suffix("[*]")
@@ -751,9 +786,6 @@ impl HttpClient {
         Ok(Some(page))
     }
 
-    /// The state after `page`, or `Done` when the API says there is no more. `max_pages`
-    /// is the caller's to apply, so that a run which read everything in exactly
-    /// `max_pages` pages is not reported as cut short.
     /// `url` without the API key's query parameter: a server that builds its next link
     /// from the request repeats the key in it, and the next URL is kept in the checkpoint
     /// and named in errors. Each request adds the key again.
@@ -778,6 +810,9 @@ impl HttpClient {
         url.to_string()
     }
 
+    /// The state after `page`, or `Done` when the API says there is no more. `max_pages`
+    /// is the caller's to apply, so that a run which read everything in exactly
+    /// `max_pages` pages is not reported as cut short.
     pub fn next_state(&self, state: &PageState, page: &Page) -> PageState {
         let PageState::Fetch {
             url,
