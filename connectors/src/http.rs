@@ -1004,14 +1004,17 @@ async fn read_capped(
     if resp.content_length().is_some_and(|n| n > cap as u64) {
         return Ok(None);
     }
-    let mut body = Vec::new();
+    let mut body = Vec::with_capacity(resp.content_length().unwrap_or(0) as usize);
     while let Some(chunk) = resp.chunk().await? {
         if body.len() + chunk.len() > cap {
             return Ok(None);
         }
         body.extend_from_slice(&chunk);
     }
-    Ok(Some(String::from_utf8_lossy(&body).into_owned()))
+    // Valid UTF-8 (JSON's encoding) becomes the text without a copy.
+    Ok(Some(String::from_utf8(body).unwrap_or_else(|e| {
+        String::from_utf8_lossy(e.as_bytes()).into_owned()
+    })))
 }
 
 /// The token endpoint errors of RFC 6749 (section 5.2): final, not retried.

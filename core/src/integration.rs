@@ -732,7 +732,7 @@ pub fn validate(
     let mut fields = Vec::new();
     for (target, m) in &file.mapping {
         let field = format!("mapping.{target}");
-        if target.is_empty() || target.starts_with('$') || target.contains('.') {
+        if !crate::model::is_plain_field_name(target) {
             return Err(invalid(
                 &field,
                 "a target field name without `$` or `.`".into(),

@@ -143,7 +143,7 @@ pub(crate) fn check_properties(path: &str, v: &Value, depth: usize) -> Result<()
     match v {
         Value::Object(map) => {
             for (k, child) in map {
-                if k.starts_with('$') || k.contains('.') || k.is_empty() {
+                if !crate::model::is_plain_field_name(k) {
                     return Err(ValidationError::new(
                         format!("{path}.{k}"),
                         "property names must be non-empty and contain no `$` prefix or `.`",

@@ -281,8 +281,9 @@ struct HostState {
     stderr: MemoryOutputPipe,
     /// Bytes of stdout / stderr already logged.
     logged: [usize; 2],
-    /// The last line the latest call wrote to stderr (a Rust panic's message), cut short.
-    last_stderr: String,
+    /// Where in the stderr pipe the latest call's own output starts (read only when the
+    /// call trapped, for a panic's message).
+    call_stderr_from: usize,
     /// When the current call's deadline passes: sleeps end there.
     deadline: Instant,
 }
@@ -614,6 +615,16 @@ struct Until {
     memory: Instant,
 }
 
+impl Until {
+    /// When splitting for `e` stops.
+    fn of(&self, e: &PluginError) -> Instant {
+        match e {
+            PluginError::Memory { .. } => self.memory,
+            _ => self.trap,
+        }
+    }
+}
+
 /// What a call last wrote to stderr, as a trap's explanation: a Rust panic's location and
 /// message (`thread '..' panicked at src/lib.rs:9:5:` then the message), else the last
 /// line that is not a `note:`; cut short.
@@ -733,7 +744,7 @@ impl WasmTransform {
             stdout,
             stderr,
             logged: [0, 0],
-            last_stderr: String::new(),
+            call_stderr_from: 0,
             deadline: Instant::now(),
         };
         let mut store = Store::new(&self.host.engine, state);
@@ -827,15 +838,15 @@ impl WasmTransform {
             let pipe = if i == 0 { &state.stdout } else { &state.stderr };
             let bytes = pipe.contents();
             let new = bytes.get(state.logged[i]..).unwrap_or_default();
+            if i == 1 {
+                state.call_stderr_from = state.logged[i];
+            }
             state.logged[i] = bytes.len();
             full |= bytes.len() > PIPE_BYTES / 2;
-            let text = String::from_utf8_lossy(new);
-            if i == 1 {
-                state.last_stderr = last_words(&text);
-            }
             if new.is_empty() {
                 continue;
             }
+            let text = String::from_utf8_lossy(new);
             let mut lines = text.lines();
             for line in lines.by_ref().take(LOG_LINES_PER_CALL) {
                 let line: String = line.chars().take(1000).collect();
@@ -914,11 +925,17 @@ impl WasmTransform {
                 }
                 return Err(match self.classify(e, state.limits.hit) {
                     // A Rust panic traps as `unreachable`; its message went to stderr.
-                    PluginError::Trap { plugin, message } if !state.last_stderr.is_empty() => {
-                        PluginError::Trap {
-                            plugin,
-                            message: format!("{message} (last stderr line: {})", state.last_stderr),
-                        }
+                    PluginError::Trap { plugin, message } => {
+                        let printed = state.stderr.contents();
+                        let words = last_words(&String::from_utf8_lossy(
+                            printed.get(state.call_stderr_from..).unwrap_or_default(),
+                        ));
+                        let message = if words.is_empty() {
+                            message
+                        } else {
+                            format!("{message} (last stderr line: {words})")
+                        };
+                        PluginError::Trap { plugin, message }
                     }
                     other => other,
                 });
@@ -1393,13 +1410,7 @@ impl WasmTransform {
             // Split in halves (see `splittable`) until the budget of the failure's kind
             // is spent.
             Err(e)
-                if Self::splittable(&e, self.policy, &batch)
-                    && Instant::now()
-                        < if matches!(e, PluginError::Memory { .. }) {
-                            until.memory
-                        } else {
-                            until.trap
-                        } =>
+                if Self::splittable(&e, self.policy, &batch) && Instant::now() < until.of(&e) =>
             {
                 let mut second = batch;
                 let first: Vec<Record> = second.drain(..second.len() / 2).collect();

@@ -410,7 +410,6 @@ pub async fn start_loaded(
         metrics: metrics.clone(),
     };
     let handle_metrics = state.metrics.clone();
-    let handle_metrics_for_serve = state.metrics.clone();
     let queue = state.batcher.clone();
     let app = router(state.clone());
     let limits = listen::Limits {
@@ -421,7 +420,7 @@ pub async fn start_loaded(
     let sweeper = spawn_sweeper(
         store,
         Duration::from_secs(t.session_timeout_minutes * 60),
-        metrics,
+        metrics.clone(),
     );
     let join = tokio::spawn(async move {
         let stopping = Arc::new(tokio::sync::Notify::new());
@@ -449,7 +448,7 @@ pub async fn start_loaded(
             tokio::time::sleep(grace).await;
         };
         tokio::select! {
-            () = listen::serve(listener, app, limits, handle_metrics_for_serve, stop) => {}
+            () = listen::serve(listener, app, limits, metrics, stop) => {}
             _ = deadline => {
                 tracing::warn!(seconds = grace.as_secs(), "requests still open after the shutdown grace period are not waited for (none of them was acknowledged; what they submit now is refused)");
             }

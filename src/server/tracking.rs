@@ -567,8 +567,8 @@ async fn transform(
             .get_str(sluice_core::model::event_fields::EVENT_ID)
             .ok()
             .and_then(|id| sent.get(id).copied());
-        match bson::from_document::<Event>(d) {
-            Ok(e) if sent.contains_key(e.event_id.as_str()) => {
+        match (bson::from_document::<Event>(d), claimed) {
+            (Ok(e), Some(input)) => {
                 // One the server could not store (a NUL in a key of its metadata, say)
                 // would fail every event of the write it joins, not just itself.
                 let storable = check_event(&e, now, max_future).and_then(|()| {
@@ -589,7 +589,6 @@ async fn transform(
                 match storable {
                     Ok(()) => kept.push(e),
                     Err(err) => {
-                        let input = sent[e.event_id.as_str()];
                         tracing::warn!(event_id = %e.event_id, error = %err, "a transform returned an invalid event; rejected");
                         failed.entry(input).or_insert_with(|| {
                             format!("a transform returned an invalid event: {err}")
@@ -597,22 +596,20 @@ async fn transform(
                     }
                 }
             }
-            Ok(e) => tracing::warn!(
+            (Ok(e), None) => tracing::warn!(
                 event_id = %e.event_id,
                 "a transform returned an event under an eventId no input had; not stored (plugins must keep eventId)"
             ),
-            Err(err) => match claimed {
-                // Answered `dropped`, the client would never resend an event it lost.
-                Some(input) => {
-                    tracing::warn!(event_id = %events[input].event_id, error = %err, "a transform returned something that is not an event; rejected");
-                    failed.entry(input).or_insert_with(|| {
-                        format!("a transform returned something that is not an event: {err}")
-                    });
-                }
-                None => {
-                    tracing::warn!(error = %err, "a transform returned something that is not an event, under no eventId of the request; dropped")
-                }
-            },
+            // Answered `dropped`, the client would never resend an event it lost.
+            (Err(err), Some(input)) => {
+                tracing::warn!(event_id = %events[input].event_id, error = %err, "a transform returned something that is not an event; rejected");
+                failed.entry(input).or_insert_with(|| {
+                    format!("a transform returned something that is not an event: {err}")
+                });
+            }
+            (Err(err), None) => {
+                tracing::warn!(error = %err, "a transform returned something that is not an event, under no eventId of the request; dropped")
+            }
         }
     }
     // A fan-out with one invalid record fails its whole input.

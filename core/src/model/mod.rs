@@ -8,6 +8,13 @@ mod records;
 pub use enums::*;
 pub use records::*;
 
+/// Whether MongoDB stores `name` as one plain field: not empty, no `$` prefix (an
+/// operator), no `.` (a path). Mapping targets, event property names and what import
+/// plugins return are held to it.
+pub fn is_plain_field_name(name: &str) -> bool {
+    !name.is_empty() && !name.starts_with('$') && !name.contains('.')
+}
+
 /// Collection names.
 pub mod collections {
     pub const USERS: &str = "users";
