@@ -984,19 +984,30 @@ fn a_batch_too_big_for_the_cap_is_split_and_a_trap_under_dead_letter_is_narrowed
     assert!(together > 4096, "{together} of 8192 dead-lettered in parts");
 }
 
+/// A tracking server whose events go through the `hostile` plugin in `mode`.
+async fn hostile_tracking(
+    db: &support::TestDb,
+    mode: &str,
+    adjust: impl FnOnce(&mut sluice_core::config::RawConfig),
+) -> sluice::server::ServerHandle {
+    let dir = support::plugin_dir().display().to_string();
+    let mut config = toml::Table::new();
+    config.insert("mode".into(), toml::Value::String(mode.into()));
+    support::start_server(db, |raw| {
+        raw.plugins.dir = dir;
+        raw.plugins.tracking_transforms = vec!["hostile".into()];
+        raw.plugins
+            .config
+            .insert("hostile".into(), toml::Value::Table(config));
+        adjust(raw);
+    })
+    .await
+}
+
 #[tokio::test]
 async fn events_a_plugin_renames_are_not_stored_behind_the_clients_back() {
     let db = support::TestDb::initialized().await;
-    let dir = support::plugin_dir().display().to_string();
-    let server = support::start_server(&db, |raw| {
-        raw.plugins.dir = dir.clone();
-        raw.plugins.tracking_transforms = vec!["hostile".into()];
-        raw.plugins.config.insert(
-            "hostile".into(),
-            toml::Value::Table(toml::toml! { mode = "rename-id" }),
-        );
-    })
-    .await;
+    let server = hostile_tracking(&db, "rename-id", |_| {}).await;
     let body =
         json!({ "eventId": "r1", "userId": "v", "sessionId": "s", "eventType": "PAGE_VIEW" });
     let answer: serde_json::Value = reqwest::Client::new()
@@ -1025,16 +1036,7 @@ async fn events_a_plugin_renames_are_not_stored_behind_the_clients_back() {
 #[tokio::test]
 async fn an_event_a_plugin_made_unstorable_is_rejected_alone() {
     let db = support::TestDb::initialized().await;
-    let dir = support::plugin_dir().display().to_string();
-    let server = support::start_server(&db, |raw| {
-        raw.plugins.dir = dir.clone();
-        raw.plugins.tracking_transforms = vec!["hostile".into()];
-        raw.plugins.config.insert(
-            "hostile".into(),
-            toml::Value::Table(toml::toml! { mode = "nul-key-on-bad" }),
-        );
-    })
-    .await;
+    let server = hostile_tracking(&db, "nul-key-on-bad", |_| {}).await;
     let event = |id: &str, tag: &str| {
         json!({ "eventId": id, "userId": "v", "sessionId": "s", "eventType": "CLICK",
             "properties": { "tag": tag } })
@@ -1069,16 +1071,7 @@ async fn an_event_a_plugin_made_unstorable_is_rejected_alone() {
 #[tokio::test]
 async fn plugin_output_a_client_could_not_send_is_rejected_by_event() {
     let db = support::TestDb::initialized().await;
-    let dir = support::plugin_dir().display().to_string();
-    let server = support::start_server(&db, |raw| {
-        raw.plugins.dir = dir.clone();
-        raw.plugins.tracking_transforms = vec!["hostile".into()];
-        raw.plugins.config.insert(
-            "hostile".into(),
-            toml::Value::Table(toml::toml! { mode = "break-by-tag" }),
-        );
-    })
-    .await;
+    let server = hostile_tracking(&db, "break-by-tag", |_| {}).await;
     let event = |id: &str, tag: &str| {
         json!({ "eventId": id, "userId": "v", "sessionId": "s", "eventType": "CLICK",
             "properties": { "tag": tag } })
@@ -1122,15 +1115,8 @@ async fn plugin_output_a_client_could_not_send_is_rejected_by_event() {
 #[tokio::test]
 async fn requests_beyond_the_plugins_instances_wait_their_turn_then_are_answered_overloaded() {
     let db = support::TestDb::initialized().await;
-    let dir = support::plugin_dir().display().to_string();
-    let server = support::start_server(&db, |raw| {
-        raw.plugins.dir = dir.clone();
+    let server = hostile_tracking(&db, "sleep", |raw| {
         raw.plugins.instances = 1;
-        raw.plugins.tracking_transforms = vec!["hostile".into()];
-        raw.plugins.config.insert(
-            "hostile".into(),
-            toml::Value::Table(toml::toml! { mode = "sleep" }),
-        );
         raw.tracking.write_timeout_seconds = 1;
     })
     .await;

@@ -199,21 +199,27 @@ pub fn plugin_dir() -> std::path::PathBuf {
     dir
 }
 
-/// A TCP proxy to the MongoDB server that can be frozen: while frozen it forwards nothing
-/// and closes nothing, which is how a server stuck on a lock looks to the driver.
-pub async fn freezable_mongo_proxy() -> (String, std::sync::Arc<std::sync::atomic::AtomicBool>) {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+/// For a proxy in front of the test MongoDB server: its `host:port`, a listener on a
+/// free loopback port, and the URI that reaches the server through that listener.
+async fn mongo_proxy_listener() -> (String, tokio::net::TcpListener, String) {
     let uri = mongo_uri();
     let rest = uri.trim_start_matches("mongodb://");
     let host_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let upstream = rest[..host_end].to_string();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let proxied = format!(
         "mongodb://{}{}",
         listener.local_addr().unwrap(),
         &rest[host_end..]
     );
+    (rest[..host_end].to_string(), listener, proxied)
+}
+
+/// A TCP proxy to the MongoDB server that can be frozen: while frozen it forwards nothing
+/// and closes nothing, which is how a server stuck on a lock looks to the driver.
+pub async fn freezable_mongo_proxy() -> (String, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+    let (upstream, listener, proxied) = mongo_proxy_listener().await;
     let frozen = std::sync::Arc::new(AtomicBool::new(false));
     async fn pump(
         mut from: impl AsyncRead + Unpin,
@@ -252,7 +258,6 @@ pub async fn freezable_mongo_proxy() -> (String, std::sync::Arc<std::sync::atomi
 /// A TCP proxy to the MongoDB server that, while `hold` is set, holds back every message
 /// to the server containing `pattern` (say, an `aggregate` command on `events`), counting
 /// them in `held`; the rest pass. Returns the URI, `hold` and `held`.
-#[allow(dead_code)]
 pub async fn holding_mongo_proxy(
     pattern: &'static [u8],
 ) -> (
@@ -263,16 +268,7 @@ pub async fn holding_mongo_proxy(
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::sync::Arc;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let uri = mongo_uri();
-    let rest = uri.trim_start_matches("mongodb://");
-    let host_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let upstream = rest[..host_end].to_string();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let proxied = format!(
-        "mongodb://{}{}",
-        listener.local_addr().unwrap(),
-        &rest[host_end..]
-    );
+    let (upstream, listener, proxied) = mongo_proxy_listener().await;
     let hold = Arc::new(AtomicBool::new(false));
     let held = Arc::new(AtomicUsize::new(0));
     let (flag, count) = (hold.clone(), held.clone());
