@@ -2934,3 +2934,113 @@ async fn a_date_cursor_in_a_custom_format_goes_back_in_that_format() {
         "the API's own form, 5 s early"
     );
 }
+
+/// Two link-header pages of things with a `sku` and, for one, an `_id` of its own.
+async fn skus(Query(q): Query<Vec<(String, String)>>) -> Response {
+    if q.iter().any(|(k, v)| k == "p" && v == "2") {
+        return Json(json!({ "data": [{ "id": 4, "sku": "D" }] })).into_response();
+    }
+    let data = json!([
+        { "id": 1, "sku": "A" },
+        { "id": 2, "sku": "A" },
+        { "id": 3, "sku": "B" },
+        { "id": 9, "sku": "I", "oid": "y9" },
+    ]);
+    (
+        [("link", "</skus?p=2>; rel=\"next\"")],
+        Json(json!({ "data": data })),
+    )
+        .into_response()
+}
+
+#[tokio::test]
+async fn a_record_mongodb_refuses_is_dead_lettered_and_the_run_goes_on() {
+    let db = TestDb::initialized().await;
+    let addr = serve(Router::new().route("/skus", get(skus))).await;
+    let things = db.store.collection("things");
+    // Another unique index the records break (two records share sku A), and a stored
+    // thing 9 whose `_id` the record would change.
+    things
+        .create_index(
+            mongodb::IndexModel::builder()
+                .keys(doc! { "sku": 1 })
+                .options(
+                    mongodb::options::IndexOptions::builder()
+                        .unique(true)
+                        .build(),
+                )
+                .build(),
+        )
+        .await
+        .unwrap();
+    things
+        .insert_one(doc! { "_id": "x9", "thingId": "9", "sku": "I" })
+        .await
+        .unwrap();
+    let config = format!(
+        "{}[mapping.sku]\npath = \"$.sku\"\ntype = \"string\"\n[mapping._id]\npath = \"$.oid\"\ntype = \"string\"\n",
+        things_config("skus", &format!("http://{addr}/skus"), "type = \"link_header\"")
+    );
+    let name = apply(&db, &config).await;
+    for round in 0..2 {
+        let s = run_import(&db.store, &name, &ImportOptions::default())
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        assert!(s.completed, "round {round}: {s:?}");
+        assert_eq!((s.pages, s.fetched, s.failed), (2, 5, 2), "round {round}");
+        // Kept once, however often the same records are refused.
+        assert_eq!(
+            s.dead_letters,
+            if round == 0 { 2 } else { 0 },
+            "round {round}"
+        );
+        let stored = things
+            .find(doc! {})
+            .sort(doc! { "thingId": 1 })
+            .await
+            .unwrap()
+            .try_collect::<Vec<_>>()
+            .await
+            .unwrap();
+        let ids: Vec<&str> = stored
+            .iter()
+            .map(|d| d.get_str("thingId").unwrap())
+            .collect();
+        assert_eq!(ids, ["1", "3", "4", "9"], "round {round}");
+        assert_eq!(stored[3].get_str("_id").unwrap(), "x9");
+    }
+    let letters = db
+        .store
+        .collection("dead_letters")
+        .find(doc! { "pipeline": "import:skus" })
+        .sort(doc! { "record.thingId": 1 })
+        .await
+        .unwrap()
+        .try_collect::<Vec<_>>()
+        .await
+        .unwrap();
+    assert_eq!(letters.len(), 2, "{letters:?}");
+    for (letter, id) in letters.iter().zip(["2", "9"]) {
+        assert_eq!(letter.get_str("plugin").unwrap(), "write", "{letter}");
+        assert_eq!(
+            letter
+                .get_document("record")
+                .unwrap()
+                .get_str("thingId")
+                .unwrap(),
+            id
+        );
+        assert!(
+            letter
+                .get_str("reason")
+                .unwrap()
+                .starts_with("MongoDB refused the write: "),
+            "{letter}"
+        );
+    }
+    assert!(
+        letters[0].get_str("reason").unwrap().contains("E11000"),
+        "{}",
+        letters[0]
+    );
+}

@@ -93,7 +93,8 @@ pub struct Rejected {
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct ImportSummary {
-    /// Records that failed mapping or validation, not yet stored in `dead_letters`.
+    /// Records that failed mapping or validation, or that MongoDB refused, not yet
+    /// stored in `dead_letters`.
     #[serde(skip)]
     rejected: Vec<sluice_core::transform::DeadLetter>,
     /// How many of this run's rejected records were kept as dead letters.
@@ -110,6 +111,7 @@ pub struct ImportSummary {
     /// Records already stored and left as they were (an IMPORT into `events`: an event
     /// is stored once per eventId and never changed).
     pub unchanged: u64,
+    /// Records not stored: failed mapping or validation, or refused by MongoDB.
     pub failed: u64,
     pub samples: Vec<Rejected>,
     /// Dry run: some mapped records.
@@ -532,8 +534,8 @@ pub async fn run_import(
             // largest cursor it saw, so the cursor stays.
             let cut_short = summary.stopped_early.is_some()
                 && connector.incremental.as_ref().is_some_and(|i| !i.sorted);
-            // Records that failed mapping may lie below the largest cursor: past it, they
-            // would never be fetched again, even once the mapping is fixed.
+            // Records that failed mapping (or writing) may lie below the largest cursor:
+            // past it, they would never be fetched again, even once the mapping is fixed.
             let holding = summary.failed > 0
                 && connector
                     .incremental
@@ -557,9 +559,9 @@ pub async fn run_import(
             if summary.failed > 0 && !cut_short && max_cursor.is_some() {
                 let failed = summary.failed;
                 let warning = if holding {
-                    format!("the incremental cursor was not advanced because {failed} record(s) failed mapping (`incremental.hold_on_failures`): the next run reads the same window again")
+                    format!("the incremental cursor was not advanced because {failed} record(s) failed mapping or were refused by MongoDB (`incremental.hold_on_failures`): the next run reads the same window again")
                 } else {
-                    format!("the incremental cursor moved past {failed} record(s) that failed mapping; they are kept in `dead_letters` (pipeline `import:{name}`, plugin `mapping`); set `incremental.hold_on_failures = true` to read them again until they map")
+                    format!("the incremental cursor moved past {failed} record(s) that failed mapping or were refused by MongoDB; they are kept in `dead_letters` (pipeline `import:{name}`, plugin `mapping` or `write`); set `incremental.hold_on_failures = true` to read them again until they are stored")
                 };
                 warn_once(&mut summary, name, warning);
             }
@@ -756,6 +758,18 @@ fn warn_once(summary: &mut ImportSummary, config: &str, warning: String) {
 }
 
 fn reject(summary: &mut ImportSummary, options: &ImportOptions, reason: String, record: &Value) {
+    reject_at(summary, options, "mapping", reason, record)
+}
+
+/// A record that cannot be stored: counted, sampled and kept whole as a dead letter under
+/// `stage` (`mapping`, or `write` for a document MongoDB refused).
+fn reject_at(
+    summary: &mut ImportSummary,
+    options: &ImportOptions,
+    stage: &str,
+    reason: String,
+    record: &Value,
+) {
     summary.failed += 1;
     options.progress.failed.fetch_add(1, Relaxed);
     // Kept whole, so nothing fetched is lost (the samples hold only the first few).
@@ -767,7 +781,7 @@ fn reject(summary: &mut ImportSummary, options: &ImportOptions, reason: String, 
             Err(_) => doc! { "value": record.to_string() },
         };
         summary.rejected.push(sluice_core::transform::DeadLetter {
-            transform: "mapping".into(),
+            transform: stage.into(),
             reason: reason.clone(),
             record,
         });
@@ -951,13 +965,20 @@ async fn write_page(
             }
         } else {
             for chunk in mapped.chunks(connector.batch_size) {
-                let (inserted, updated) = sink(store, connector, chunk, sink_mode).await?;
-                summary.inserted += inserted;
-                summary.updated += updated;
+                let sunk = sink(store, connector, chunk, sink_mode).await?;
+                summary.inserted += sunk.inserted;
+                summary.updated += sunk.updated;
                 options
                     .progress
                     .upserted
-                    .fetch_add(inserted + updated, Relaxed);
+                    .fetch_add(sunk.inserted + sunk.updated, Relaxed);
+                // A document MongoDB refuses for good (a duplicate on another unique
+                // index, a changed `_id`, over 16 MiB) fails alone: failing the page
+                // would fail every later run on it too.
+                for (i, reason) in sunk.refused {
+                    let reason = format!("MongoDB refused the write: {reason}");
+                    reject_at(summary, options, "write", reason, &mapped_json(&chunk[i]));
+                }
             }
         }
         // What plugins failed, and what failed mapping or validation, is kept before the
@@ -1227,27 +1248,45 @@ async fn ensure_key_index(store: &Store, connector: &Connector) -> bool {
     }
 }
 
-/// Writes one batch by key; returns (inserted, updated) and adapts `mode`.
+/// What a batch write did.
+#[derive(Debug, Default)]
+struct Sunk {
+    inserted: u64,
+    updated: u64,
+    /// Positions in the batch of the records MongoDB refused for good, with its reason.
+    refused: Vec<(usize, String)>,
+}
+
+/// Write errors about the document itself: MongoDB refuses the same statement whenever it
+/// is sent, so running the page again cannot help. BadValue, TypeMismatch,
+/// DollarPrefixedFieldName, InvalidDBRef, EmptyFieldName, DottedFieldName, ImmutableField
+/// (a changed `_id`), DocumentValidationFailure (a collection validator),
+/// BSONObjectTooLarge, geo keys that cannot be extracted, KeyTooLong (before 4.2), and a
+/// document grown over 16 MiB by the update. Any other write error may pass later (a
+/// stepdown, a write conflict, a full disk): it fails the run, which resumes at the page.
+const REFUSED_FOR_GOOD: &[i32] = &[2, 14, 52, 55, 56, 57, 66, 121, 10334, 16755, 17280, 17419];
+
+/// Writes one batch by key and adapts `mode`.
 ///
 /// Insert-first: `insert_many` (unordered) of the complete documents, then the records
-/// the unique key index refused (they exist) go through the upsert. The result is the
-/// same document either way: the mapped fields, `updatedAt`, `source` and, for a new
-/// document, `createdAt`.
+/// it refused (mostly by the unique key index: they exist) go through the upsert. The
+/// result is the same document either way: the mapped fields, `updatedAt`, `source` and,
+/// for a new document, `createdAt`.
 async fn sink(
     store: &Store,
     connector: &Connector,
     docs: &[Document],
     mode: &mut SinkMode,
-) -> Result<(u64, u64), ImportError> {
+) -> Result<Sunk, ImportError> {
     if docs.is_empty() {
-        return Ok((0, 0));
+        return Ok(Sunk::default());
     }
     if *mode != SinkMode::InsertFirst {
-        let (inserted, updated) = upsert(store, connector, docs).await?;
-        if *mode == SinkMode::Upsert && inserted * 2 > inserted + updated {
+        let sunk = upsert(store, connector, docs).await?;
+        if *mode == SinkMode::Upsert && sunk.inserted * 2 > sunk.inserted + sunk.updated {
             *mode = SinkMode::InsertFirst;
         }
-        return Ok((inserted, updated));
+        return Ok(sunk);
     }
     let now = store.now();
     let full: Vec<Document> = docs
@@ -1266,35 +1305,104 @@ async fn sink(
         .ordered(false)
         .write_concern(store.write_concern().clone())
         .await;
-    let existing: Vec<usize> = match result {
+    let failed: Vec<usize> = match result {
         Ok(_) => Vec::new(),
-        Err(e) => sluice_connectors::mongo::duplicate_key_positions(&e).ok_or_else(|| {
+        Err(e) => sluice_connectors::mongo::failed_insert_positions(&e).ok_or_else(|| {
             ImportError::Sink {
                 collection: connector.collection.clone(),
                 message: e.to_string(),
             }
         })?,
     };
-    let inserted = (docs.len() - existing.len()) as u64;
-    if existing.is_empty() {
-        return Ok((inserted, 0));
+    let inserted = (docs.len() - failed.len()) as u64;
+    if failed.is_empty() {
+        return Ok(Sunk {
+            inserted,
+            ..Sunk::default()
+        });
     }
-    let rest: Vec<Document> = existing.iter().map(|&i| docs[i].clone()).collect();
-    let (also_inserted, updated) = upsert(store, connector, &rest).await?;
-    if existing.len() * 2 > docs.len() {
+    let rest: Vec<Document> = failed.iter().map(|&i| docs[i].clone()).collect();
+    let mut sunk = upsert(store, connector, &rest).await?;
+    for (i, _) in &mut sunk.refused {
+        *i = failed[*i];
+    }
+    if failed.len() * 2 > docs.len() {
         *mode = SinkMode::Upsert;
     }
-    Ok((inserted + also_inserted, updated))
+    sunk.inserted += inserted;
+    Ok(sunk)
 }
 
-/// Bulk unordered upserts by key in one `update` command; returns (inserted, updated).
+/// Bulk unordered upserts by key. A statement refused for a duplicate key is sent once
+/// more: another writer may have inserted the same key between its match and its insert
+/// (MongoDB retries that itself since 4.2, not every server does), and then it updates.
+/// Refused again, the duplicate is on another unique index: the record cannot be stored
+/// as it is.
 async fn upsert(
     store: &Store,
     connector: &Connector,
     docs: &[Document],
-) -> Result<(u64, u64), ImportError> {
+) -> Result<Sunk, ImportError> {
+    let first = upsert_once(store, connector, docs).await?;
+    let mut sunk = Sunk {
+        inserted: first.inserted,
+        updated: first.updated,
+        refused: Vec::new(),
+    };
+    let mut again = Vec::new();
+    for (i, code, message) in first.errors {
+        if code == sluice_connectors::mongo::DUPLICATE_KEY {
+            again.push(i);
+        } else if REFUSED_FOR_GOOD.contains(&code) {
+            sunk.refused.push((i, message));
+        } else {
+            return Err(write_error(connector, code, &message));
+        }
+    }
+    if !again.is_empty() {
+        let rest: Vec<Document> = again.iter().map(|&i| docs[i].clone()).collect();
+        let second = upsert_once(store, connector, &rest).await?;
+        sunk.inserted += second.inserted;
+        sunk.updated += second.updated;
+        for (i, code, message) in second.errors {
+            if code == sluice_connectors::mongo::DUPLICATE_KEY || REFUSED_FOR_GOOD.contains(&code) {
+                sunk.refused.push((again[i], message));
+            } else {
+                return Err(write_error(connector, code, &message));
+            }
+        }
+    }
+    sunk.refused.sort_unstable_by_key(|(i, _)| *i);
+    Ok(sunk)
+}
+
+fn write_error(connector: &Connector, code: i32, message: &str) -> ImportError {
+    ImportError::Sink {
+        collection: connector.collection.clone(),
+        message: format!("write error {code}: {message}"),
+    }
+}
+
+/// One `update` command's outcome.
+struct Upserted {
+    inserted: u64,
+    updated: u64,
+    /// (position, code, message) of each statement refused.
+    errors: Vec<(usize, i32, String)>,
+}
+
+/// One `update` command carrying an unordered upsert by key for each of `docs`.
+async fn upsert_once(
+    store: &Store,
+    connector: &Connector,
+    docs: &[Document],
+) -> Result<Upserted, ImportError> {
     if docs.is_empty() {
-        return Ok((0, 0));
+        return Ok(Upserted {
+            inserted: 0,
+            updated: 0,
+            errors: Vec::new(),
+        });
     }
     let now = store.now();
     let updates: Vec<Document> = docs
@@ -1334,17 +1442,47 @@ async fn upsert(
             collection: connector.collection.clone(),
             message: e.to_string(),
         })?;
-    if let Ok(errors) = reply.get_array("writeErrors") {
-        if let Some(Bson::Document(e)) = errors.first() {
-            return Err(ImportError::Sink {
-                collection: connector.collection.clone(),
-                message: format!(
-                    "{} write error(s), first: {}",
-                    errors.len(),
-                    e.get_str("errmsg").unwrap_or("?")
-                ),
-            });
-        }
+    // Written, but not as durably as asked: the page is not committed, and the run
+    // fails (the next one redoes the page; upserts by key make that harmless).
+    if let Ok(wce) = reply.get_document("writeConcernError") {
+        return Err(ImportError::Sink {
+            collection: connector.collection.clone(),
+            message: format!(
+                "write concern not satisfied: {}",
+                wce.get_str("errmsg").unwrap_or("?")
+            ),
+        });
+    }
+    let errors = reply
+        .get_array("writeErrors")
+        .map(|errors| {
+            errors
+                .iter()
+                .filter_map(Bson::as_document)
+                .map(|e| {
+                    let number = |k: &str| {
+                        e.get_i32(k)
+                            .map(i64::from)
+                            .or_else(|_| e.get_i64(k))
+                            .unwrap_or(-1)
+                    };
+                    (
+                        usize::try_from(number("index")).unwrap_or(usize::MAX),
+                        i32::try_from(number("code")).unwrap_or(-1),
+                        e.get_str("errmsg").unwrap_or("?").to_string(),
+                    )
+                })
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    if let Some((i, code, message)) = errors.iter().find(|(i, ..)| *i >= docs.len()) {
+        return Err(ImportError::Sink {
+            collection: connector.collection.clone(),
+            message: format!(
+                "write error {code} for statement {i} of {}: {message}",
+                docs.len()
+            ),
+        });
     }
     let n = reply
         .get_i32("n")
@@ -1355,7 +1493,11 @@ async fn upsert(
         .get_array("upserted")
         .map(|a| a.len() as u64)
         .unwrap_or(0);
-    Ok((inserted, n.saturating_sub(inserted)))
+    Ok(Upserted {
+        inserted,
+        updated: n.saturating_sub(inserted),
+        errors,
+    })
 }
 
 /// Marks the RUNNING runs of `configs` INTERRUPTED, with the progress of their last

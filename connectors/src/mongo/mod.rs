@@ -80,6 +80,20 @@ pub fn duplicate_key_positions(err: &mongodb::error::Error) -> Option<Vec<usize>
     }
 }
 
+/// For an unordered `insert_many` whose failure is only statements refused (no write
+/// concern error, nothing else): the positions of the refused documents, whatever the
+/// reason. `None` for any other failure.
+pub fn failed_insert_positions(err: &mongodb::error::Error) -> Option<Vec<usize>> {
+    match err.kind.as_ref() {
+        mongodb::error::ErrorKind::InsertMany(m) if m.write_concern_error.is_none() => m
+            .write_errors
+            .as_ref()
+            .filter(|errors| !errors.is_empty())
+            .map(|errors| errors.iter().map(|e| e.index).collect()),
+        _ => None,
+    }
+}
+
 /// Errors from the MongoDB store, with the collection or step they happened in.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
