@@ -373,6 +373,8 @@ struct FaultApi {
     tokens: Arc<AtomicU64>,
     issued: Arc<Mutex<Vec<(String, std::time::Instant)>>>,
     pushed: Arc<Mutex<Vec<Value>>>,
+    /// The `Idempotency-Key` of each pushed body.
+    push_keys: Arc<Mutex<Vec<String>>>,
     seen_queries: Arc<Mutex<Vec<String>>>,
 }
 
@@ -512,7 +514,16 @@ async fn items(
     Json(json!({ "data": data, "next": next })).into_response()
 }
 
-async fn receive(State(s): State<FaultApi>, Json(body): Json<Value>) -> StatusCode {
+async fn receive(
+    State(s): State<FaultApi>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> StatusCode {
+    let key = headers.get("idempotency-key").map(|k| k.to_str().unwrap());
+    s.push_keys
+        .lock()
+        .unwrap()
+        .push(key.unwrap_or("").to_string());
     s.pushed.lock().unwrap().push(body);
     StatusCode::OK
 }
@@ -524,6 +535,7 @@ async fn fault_api(fault: Fault) -> (String, FaultApi) {
         tokens: Default::default(),
         issued: Default::default(),
         pushed: Default::default(),
+        push_keys: Default::default(),
         seen_queries: Default::default(),
     };
     let app = Router::new()
@@ -1112,6 +1124,23 @@ path = "$.email"
     assert_eq!(third.sent, 1);
     let last = api.pushed.lock().unwrap().last().cloned().unwrap();
     assert_eq!(last["contacts"][0]["id"], "settled", "{last}");
+    // Touched again with nothing changed that is sent: the same body, but a later batch
+    // with a key of its own, so a receiver dropping repeated keys keeps it.
+    users
+        .update_one(
+            doc! { "visitorId": "settled" },
+            doc! { "$set": { "updatedAt": bson::DateTime::from_millis(now - 110_000) } },
+        )
+        .await
+        .unwrap();
+    let fourth = run_push(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(fourth.sent, 1);
+    let pushed = api.pushed.lock().unwrap().clone();
+    let keys = api.push_keys.lock().unwrap().clone();
+    assert_eq!(pushed[pushed.len() - 1], pushed[pushed.len() - 2]);
+    assert_ne!(keys[keys.len() - 1], keys[keys.len() - 2], "{keys:?}");
 }
 
 #[tokio::test]
@@ -1130,8 +1159,19 @@ async fn pushes_resume_between_documents_that_share_a_watermark_and_accept_any_2
         accepted: Arc<Mutex<Vec<Value>>>,
         requests: Arc<AtomicU64>,
         fail_second: Arc<std::sync::atomic::AtomicBool>,
+        keys: Arc<Mutex<Vec<String>>>,
     }
-    async fn receive(State(inbox): State<Inbox>, Json(body): Json<Value>) -> Response {
+    async fn receive(
+        State(inbox): State<Inbox>,
+        headers: HeaderMap,
+        Json(body): Json<Value>,
+    ) -> Response {
+        let key = headers.get("idempotency-key").map(|k| k.to_str().unwrap());
+        inbox
+            .keys
+            .lock()
+            .unwrap()
+            .push(key.unwrap_or("").to_string());
         let n = inbox.requests.fetch_add(1, Ordering::SeqCst);
         if n == 1 && inbox.fail_second.load(Ordering::SeqCst) {
             return (StatusCode::BAD_REQUEST, "no").into_response();
@@ -1185,6 +1225,14 @@ batch_size = 2
     assert_eq!(keys, vec![0, 1, 2, 3, 4, 5], "every document exactly once");
     // The `OK` answers were acceptances: 1 + 1 refused + 2 requests, no retries.
     assert_eq!(inbox.requests.load(Ordering::SeqCst), 4);
+    // The batch refused, sent again by the next run, carries the same key: a receiver
+    // that had stored it before failing its answer can drop the repeat. Other batches
+    // carry other keys.
+    let keys = inbox.keys.lock().unwrap().clone();
+    assert_eq!(keys[1], keys[2], "{keys:?}");
+    assert_eq!(keys[1].len(), 64, "{keys:?}");
+    let distinct: std::collections::HashSet<&String> = keys.iter().collect();
+    assert_eq!(distinct.len(), 3, "{keys:?}");
 }
 
 /// A provider that rotates refresh tokens: each refresh-token grant spends the token it

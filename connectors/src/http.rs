@@ -449,8 +449,16 @@ impl HttpClient {
     /// Pushes one body (an EXPORT batch): any 2xx answer accepts it, whatever its body
     /// says (`OK`, nothing, JSON); a receiver's answer is never parsed, so an accepted
     /// batch is never sent again because its answer was not JSON.
-    pub async fn push(&self, method: HttpMethod, url: &str, body: &Value) -> Result<(), HttpError> {
-        self.request(method, url, &[], Some(body), false)
+    ///
+    /// `key` goes in the `Idempotency-Key` header of every attempt.
+    pub async fn push(
+        &self,
+        method: HttpMethod,
+        url: &str,
+        body: &Value,
+        key: &str,
+    ) -> Result<(), HttpError> {
+        self.request(method, url, &[], Some((body, key)), false)
             .await
             .map(|_| ())
     }
@@ -465,7 +473,7 @@ impl HttpClient {
         query: &[(String, String)],
         body: Option<&Value>,
     ) -> Result<(Value, HeaderMap), HttpError> {
-        self.request(method, url, query, body, true)
+        self.request(method, url, query, body.map(|b| (b, "")), true)
             .await
             .map(|(v, h, _)| (v, h))
     }
@@ -475,7 +483,8 @@ impl HttpClient {
         method: HttpMethod,
         url: &str,
         query: &[(String, String)],
-        body: Option<&Value>,
+        // The JSON to send, with its `Idempotency-Key` (none when empty).
+        body: Option<(&Value, &str)>,
         json_answer: bool,
     ) -> Result<(Value, HeaderMap, u64), HttpError> {
         let mut attempts = self.connector.retry.max_attempts;
@@ -527,13 +536,13 @@ impl HttpClient {
                     Err(e) => return Err(e),
                 },
             }
-            if let Some(b) = body {
+            if let Some((b, key)) = body {
                 req = req.json(b);
-                if !json_answer {
+                if !key.is_empty() {
                     // A pushed batch whose answer was lost (a timeout) is sent again: the
                     // same batch always carries the same key, so a receiver can drop the
                     // repeat.
-                    req = req.header("Idempotency-Key", idempotency_key(b));
+                    req = req.header("Idempotency-Key", key);
                 }
             }
             self.bump(|s| s.requests += 1);
@@ -1164,13 +1173,6 @@ fn next_link(headers: &HeaderMap) -> Option<String> {
         }
     }
     None
-}
-
-/// A pushed body's `Idempotency-Key`: the SHA-256 of its JSON, in hex.
-fn idempotency_key(body: &Value) -> String {
-    use sha2::Digest;
-    let hash = sha2::Sha256::digest(body.to_string().as_bytes());
-    hash.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn digest(text: &str) -> u64 {

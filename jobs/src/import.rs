@@ -1593,6 +1593,34 @@ pub struct PushSummary {
     pub dead_letters: u64,
 }
 
+/// Where a pushed batch lies in the (watermark, `_id`) order: its first and last
+/// documents as read, in canonical extended JSON.
+fn batch_span(batch: &[Document], watermark: Option<&str>) -> String {
+    let at = |d: Option<&Document>| {
+        let d = d.cloned().unwrap_or_default();
+        let value = watermark.map(|w| d.get(w).cloned().unwrap_or(Bson::Null));
+        let id = d.get(common::ID).cloned().unwrap_or(Bson::Null);
+        Bson::Array(vec![value.unwrap_or(Bson::Null), id])
+            .into_canonical_extjson()
+            .to_string()
+    };
+    format!("{}\n{}", at(batch.first()), at(batch.last()))
+}
+
+/// An EXPORT batch's `Idempotency-Key`: the SHA-256, in hex, of the config's name, the
+/// batch's place in the read order and its body. A retry, or a later run sending the same
+/// batch again after a lost answer, carries the same key; a later batch that happens to
+/// have the same body (a document back to an earlier state, under a newer watermark) or
+/// another config's batch does not, so a receiver that drops repeated keys keeps it.
+fn idempotency_key(config: &str, span: &str, body: &Value) -> String {
+    use sha2::Digest;
+    let mut hash = sha2::Sha256::new();
+    for part in [config, "\0", span, "\0", &body.to_string()] {
+        hash.update(part.as_bytes());
+    }
+    hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Stores an EXPORT's position: the watermark value and `_id` of the last document handled.
 async fn advance_watermark(
     store: &Store,
@@ -1728,6 +1756,7 @@ pub async fn run_push(
             let value = last.get(w).cloned().unwrap_or(Bson::Null);
             Some((value, last.get(common::ID)?.clone()))
         });
+        let span = batch_span(&batch, watermark.as_deref());
         let applied = apply_off_runtime(&chain, std::mem::take(&mut batch)).await?;
         let docs = applied.records;
         summary.dead_letters += store
@@ -1774,7 +1803,8 @@ pub async fn run_push(
         } else {
             serde_json::json!({ push.wrap.clone(): records })
         };
-        http.push(connector.method, &connector.endpoint.text, &body)
+        let key = idempotency_key(name, &span, &body);
+        http.push(connector.method, &connector.endpoint.text, &body, &key)
             .await?;
         summary.sent += records.len() as u64;
         summary.requests += 1;
