@@ -3092,3 +3092,72 @@ async fn a_record_mongodb_refuses_is_dead_lettered_and_the_run_goes_on() {
         letters[0]
     );
 }
+
+/// Django REST style pages of 3 (7 records): the next page's absolute URL in `next`,
+/// and the same as a relative HAL link in `_links.next.href`.
+async fn drf(Query(q): Query<Vec<(String, String)>>, headers: HeaderMap) -> Json<Value> {
+    let page: u64 = q
+        .iter()
+        .find(|(k, _)| k == "page")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(1);
+    let host = headers.get("host").unwrap().to_str().unwrap();
+    let results: Vec<Value> = ((page - 1) * 3..(page * 3).min(7))
+        .map(|i| json!({ "id": i }))
+        .collect();
+    let (next, href) = if page * 3 < 7 {
+        (
+            json!(format!("http://{host}/drf?page={}", page + 1)),
+            json!(format!("/drf?page={}", page + 1)),
+        )
+    } else {
+        (Value::Null, Value::Null)
+    };
+    Json(
+        json!({ "count": 7, "next": next, "_links": { "next": { "href": href } }, "results": results }),
+    )
+}
+
+#[tokio::test]
+async fn next_page_urls_in_the_body_are_followed_and_a_url_cursor_is_explained() {
+    let db = TestDb::initialized().await;
+    let addr = serve(Router::new().route("/drf", get(drf))).await;
+    let endpoint = format!("http://{addr}/drf");
+    let config = |name: &str, pagination: &str| {
+        things_config(name, &endpoint, pagination).replace("$.data[*]", "$.results[*]")
+    };
+    for (name, pagination) in [
+        ("drf", "type = \"next_url\""),
+        (
+            "hal",
+            "type = \"next_url\"\nnext_path = \"$._links.next.href\"",
+        ),
+    ] {
+        let name = apply(&db, &config(name, pagination)).await;
+        let s = run_import(&db.store, &name, &ImportOptions::default())
+            .await
+            .unwrap();
+        assert!(s.completed, "{name}: {s:?}");
+        assert_eq!((s.pages, s.fetched), (3, 7), "{name}");
+        assert_eq!(s.stopped_early, None, "{name}");
+    }
+    assert_eq!(count(&db, "things").await, 7);
+    // The next URL sent as a cursor parameter gets page 1 again: the loop guard stops
+    // the run and says which paging type follows it.
+    let name = apply(&db, &config("drf-cursor", "type = \"cursor\"")).await;
+    let s = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    let stopped = s.stopped_early.unwrap_or_default();
+    assert!(stopped.contains("type = \"next_url\""), "{stopped}");
+    // A bad path is refused when the config is loaded.
+    let text = config("bad", "type = \"next_url\"\nnext_path = \"next\"");
+    let err = sluice_core::integration::validate(
+        "t.toml",
+        &parse_file("t.toml", &text).unwrap(),
+        &|_| None,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("source.pagination.next_path"), "{err}");
+}

@@ -918,20 +918,31 @@ impl HttpClient {
                 },
                 _ => PageState::Done,
             },
+            Paging::NextUrl { path } => match first(&page.body, path) {
+                Some(Value::String(next)) if !next.trim().is_empty() => {
+                    self.follow(url, next.trim(), n, offset + got)
+                }
+                _ => PageState::Done,
+            },
             Paging::LinkHeader => match next_link(&page.headers) {
-                // The next URL carries its own query; keep only what the first request added.
-                // A relative reference is resolved against the page that named it (RFC 8288).
-                Some(next) => PageState::Fetch {
-                    url: reqwest::Url::parse(url)
-                        .and_then(|base| base.join(&next))
-                        .map(|u| self.without_query_key(u))
-                        .unwrap_or(next),
-                    query: Vec::new(),
-                    page: n,
-                    offset: offset + got,
-                },
+                Some(next) => self.follow(url, &next, n, offset + got),
                 None => PageState::Done,
             },
+        }
+    }
+
+    /// The state for a next page the API names by URL. The URL carries its own query: only
+    /// what the first request added is kept. A relative reference is resolved against the
+    /// page that named it (RFC 8288, RFC 3986). Its origin is checked when it is fetched.
+    fn follow(&self, url: &str, next: &str, page: u64, offset: u64) -> PageState {
+        PageState::Fetch {
+            url: reqwest::Url::parse(url)
+                .and_then(|base| base.join(next))
+                .map(|u| self.without_query_key(u))
+                .unwrap_or_else(|_| next.to_string()),
+            query: Vec::new(),
+            page,
+            offset,
         }
     }
 }

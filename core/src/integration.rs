@@ -147,7 +147,7 @@ impl Default for SourceSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Pagination {
-    /// `none`, `page`, `offset`, `cursor` or `link_header`.
+    /// `none`, `page`, `offset`, `cursor`, `next_url` or `link_header`.
     #[serde(rename = "type")]
     pub kind: String,
     /// page: the page-number parameter and the first page.
@@ -161,6 +161,9 @@ pub struct Pagination {
     /// cursor: JSONPath of the next cursor in the body, and the parameter to send it in.
     pub cursor_path: String,
     pub cursor_param: String,
+    /// next_url: JSONPath of the next page's URL in the body (Django REST's `$.next`,
+    /// HAL's `$._links.next.href`, OData's `$['@odata.nextLink']`).
+    pub next_path: String,
     /// Optional stop signals: a boolean "has more" flag, or a total count (body or header).
     pub has_more_path: Option<String>,
     pub total_path: Option<String>,
@@ -180,6 +183,7 @@ impl Default for Pagination {
             offset_param: "offset".into(),
             cursor_path: "$.next".into(),
             cursor_param: "cursor".into(),
+            next_path: "$.next".into(),
             has_more_path: None,
             total_path: None,
             total_header: None,
@@ -384,6 +388,10 @@ pub enum Paging {
     Cursor {
         path: String,
         param: String,
+    },
+    /// The next page's URL, found in the body.
+    NextUrl {
+        path: String,
     },
     LinkHeader,
 }
@@ -696,11 +704,17 @@ pub fn validate(
                 param: p.cursor_param.clone(),
             }
         }
+        "next_url" => {
+            check_jsonpath(&p.next_path).map_err(|e| invalid("source.pagination.next_path", e))?;
+            Paging::NextUrl {
+                path: p.next_path.clone(),
+            }
+        }
         "link_header" => Paging::LinkHeader,
         other => {
             return Err(invalid(
                 "source.pagination.type",
-                format!("one of none, page, offset, cursor, link_header, got `{other}`"),
+                format!("one of none, page, offset, cursor, next_url, link_header, got `{other}`"),
             ))
         }
     };

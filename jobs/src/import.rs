@@ -17,7 +17,7 @@ use serde_json::Value;
 use sluice_connectors::http::{HttpClient, HttpError, HttpStats, PageState};
 use sluice_connectors::mongo::{EventWriter, WriteStatus, WriterOptions};
 use sluice_connectors::{Store, StoreError};
-use sluice_core::integration::{map_record, map_record_noting, validate, Connector};
+use sluice_core::integration::{map_record, map_record_noting, validate, Connector, Paging};
 use sluice_core::model::{
     collections as c, common, import_run_fields as r, integration_fields as f, Event,
     EventMetadata, IntegrationType,
@@ -660,8 +660,9 @@ async fn import_pages(
     while let Some(mut page) = fetched.take() {
         if previous == Some((page.digest, page.records().len())) && !page.records().is_empty() {
             summary.stopped_early = Some(format!(
-                "page {} repeated the previous page; stopped (loop guard)",
-                summary.pages + 1
+                "page {} repeated the previous page; stopped (loop guard){}",
+                summary.pages + 1,
+                url_cursor_hint(connector, state)
             ));
             *state = PageState::Done;
             break;
@@ -680,8 +681,9 @@ async fn import_pages(
         if let Some(key) = request_key(&next) {
             if !requested.insert(key) {
                 summary.stopped_early = Some(format!(
-                    "page {} named a page already fetched in this run; stopped (loop guard)",
-                    summary.pages + 1
+                    "page {} named a page already fetched in this run; stopped (loop guard){}",
+                    summary.pages + 1,
+                    url_cursor_hint(connector, &next)
                 ));
                 next = PageState::Done;
             }
@@ -744,6 +746,23 @@ async fn import_pages(
         fetched = prefetched?;
     }
     Ok(())
+}
+
+/// For a loop guard's message: a `cursor` that is a URL (Django REST's `next`), sent as a
+/// parameter, gets the first page back; say which paging type follows it.
+fn url_cursor_hint(connector: &Connector, state: &PageState) -> &'static str {
+    let url = |v: &str| {
+        let v = v.trim_start().to_ascii_lowercase();
+        v.starts_with("http://") || v.starts_with("https://")
+    };
+    match (&connector.paging, state) {
+        (Paging::Cursor { param, .. }, PageState::Fetch { query, .. })
+            if query.iter().any(|(k, v)| k == param && url(v)) =>
+        {
+            "; the cursor is a URL: set `type = \"next_url\"` (with `next_path`) to follow it"
+        }
+        _ => "",
+    }
 }
 
 /// Adds a warning to the run unless one with the same text after its `page N: ` prefix
