@@ -3161,3 +3161,69 @@ async fn next_page_urls_in_the_body_are_followed_and_a_url_cursor_is_explained()
     .to_string();
     assert!(err.contains("source.pagination.next_path"), "{err}");
 }
+
+/// A token endpoint that takes the client's credentials only in the form body
+/// (`client_secret_post`), as some providers do, and an API that wants its tokens.
+async fn post_only_token(headers: HeaderMap, body: String) -> Response {
+    let form: std::collections::HashMap<String, String> = body
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let in_body = form.get("client_id").map(String::as_str) == Some("post-client")
+        && form.get("client_secret").map(String::as_str) == Some("post-secret");
+    if headers.contains_key("authorization") || !in_body {
+        return (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({ "error": "invalid_client", "error_description": "credentials must be in the body" })),
+        )
+            .into_response();
+    }
+    Json(json!({ "access_token": "post-token", "token_type": "bearer", "expires_in": 3600 }))
+        .into_response()
+}
+
+#[tokio::test]
+async fn client_secret_post_sends_the_client_credentials_in_the_form_body() {
+    let db = TestDb::initialized().await;
+    let addr = serve(Router::new().route("/token", post(post_only_token)).route(
+        "/things",
+        get(|headers: HeaderMap| async move {
+            let auth = headers.get("authorization").and_then(|v| v.to_str().ok());
+            if auth != Some("Bearer post-token") {
+                return StatusCode::UNAUTHORIZED.into_response();
+            }
+            Json(json!({ "data": [{ "id": 1 }, { "id": 2 }] })).into_response()
+        }),
+    ))
+    .await;
+    std::env::set_var("POST_CLIENT_SECRET", "post-secret");
+    let config = |name: &str, client_auth: &str| {
+        format!(
+            "{}[auth]\ntype = \"OAUTH\"\ntoken_url = \"http://{addr}/token\"\nclient_id = \"post-client\"\nclient_secret = \"${{env:POST_CLIENT_SECRET}}\"\n{client_auth}\n",
+            things_config(name, &format!("http://{addr}/things"), "type = \"none\"")
+        )
+    };
+    // HTTP Basic, the default, is refused by this provider, with its own error.
+    let name = apply(&db, &config("basic", "")).await;
+    let err = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("invalid_client"), "{err}");
+    let name = apply(&db, &config("post", "client_auth = \"client_secret_post\"")).await;
+    let s = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(s.inserted, 2);
+    // Anything else is refused when the config is loaded.
+    let text = config("bad", "client_auth = \"private_key_jwt\"");
+    let err = sluice_core::integration::validate(
+        "t.toml",
+        &parse_file("t.toml", &text).unwrap(),
+        &|_| Some("post-secret".into()),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("auth.client_auth"), "{err}");
+}

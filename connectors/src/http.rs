@@ -350,6 +350,7 @@ impl HttpClient {
             client_secret,
             scopes,
             refresh_token,
+            secret_in_body,
         } = &self.connector.auth
         else {
             return Ok(None);
@@ -369,6 +370,7 @@ impl HttpClient {
             token_url: token_url.clone(),
             client_id: client_id.clone(),
             client_secret: client_secret.expose().to_string(),
+            secret_in_body: *secret_in_body,
         };
         let token = match refresh_token {
             Some(configured) => {
@@ -957,6 +959,8 @@ struct Provider {
     token_url: String,
     client_id: String,
     client_secret: String,
+    /// `client_secret_post` instead of HTTP Basic.
+    secret_in_body: bool,
 }
 
 type OAuthClient = oauth2::basic::BasicClient<
@@ -981,7 +985,12 @@ impl Provider {
                 .set_client_secret(ClientSecret::new(self.client_secret.clone()))
                 .set_token_uri(
                     TokenUrl::new(self.token_url.clone()).map_err(|e| self.error(e.to_string()))?,
-                ),
+                )
+                .set_auth_type(if self.secret_in_body {
+                    oauth2::AuthType::RequestBody
+                } else {
+                    oauth2::AuthType::BasicAuth
+                }),
         )
     }
 

@@ -96,6 +96,12 @@ pub struct AuthSection {
     pub scopes: Vec<String>,
     #[serde(default)]
     pub refresh_token: Option<Secret>,
+    /// OAUTH: how the client authenticates to the token endpoint,
+    /// `client_secret_basic` (default) or `client_secret_post`.
+    // Not written when unset: a config stored before this setting existed keeps its
+    // fingerprint (an interrupted run still resumes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_auth: Option<String>,
 }
 
 fn auth_none() -> String {
@@ -116,6 +122,7 @@ impl Default for AuthSection {
             client_secret: None,
             scopes: Vec::new(),
             refresh_token: None,
+            client_auth: None,
         }
     }
 }
@@ -163,6 +170,7 @@ pub struct Pagination {
     pub cursor_param: String,
     /// next_url: JSONPath of the next page's URL in the body (Django REST's `$.next`,
     /// HAL's `$._links.next.href`, OData's `$['@odata.nextLink']`).
+    #[serde(skip_serializing_if = "is_default_next_path")]
     pub next_path: String,
     /// Optional stop signals: a boolean "has more" flag, or a total count (body or header).
     pub has_more_path: Option<String>,
@@ -170,6 +178,12 @@ pub struct Pagination {
     pub total_header: Option<String>,
     /// Loop guard.
     pub max_pages: u64,
+}
+
+/// `next_path` at its default is not written: a config stored before it existed keeps its
+/// fingerprint (an interrupted run still resumes).
+fn is_default_next_path(path: &str) -> bool {
+    path == Pagination::default().next_path
 }
 
 impl Default for Pagination {
@@ -415,6 +429,9 @@ pub enum Auth {
         client_secret: Secret,
         scopes: Vec<String>,
         refresh_token: Option<Secret>,
+        /// The client's credentials go in the form body (`client_secret_post`) instead
+        /// of HTTP Basic (`client_secret_basic`).
+        secret_in_body: bool,
     },
 }
 
@@ -676,6 +693,18 @@ pub fn validate(
                 refresh_token: match &a.refresh_token {
                     Some(_) => Some(secret("auth.refresh_token", &a.refresh_token)?),
                     None => None,
+                },
+                secret_in_body: match a.client_auth.as_deref() {
+                    None | Some("client_secret_basic") => false,
+                    Some("client_secret_post") => true,
+                    Some(other) => {
+                        return Err(invalid(
+                            "auth.client_auth",
+                            format!(
+                                "`client_secret_basic` (HTTP Basic, the default) or `client_secret_post` (in the form body), got `{other}`"
+                            ),
+                        ))
+                    }
                 },
             }
         }
