@@ -1248,6 +1248,13 @@ fn coerce_one(field: &Field, v: Value) -> Result<Bson, String> {
         FieldType::Any => Bson::try_from(v.clone()).map_err(|e| bad(&e.to_string()))?,
         FieldType::String => match &v {
             Value::String(s) => Bson::String(s.clone()),
+            // The JSON reader holds whole numbers up to 2^64 exactly; beyond, only as a
+            // rounded double, whose digits are not the API's.
+            Value::Number(n) if n.is_f64() && n.as_f64().is_some_and(|f| f.abs() >= TWO_TO_64) => {
+                return Err(bad(
+                    "a number within 64 bits (larger whole numbers are rounded when the JSON is read: the API must send such ids as strings)",
+                ))
+            }
             Value::Number(n) => Bson::String(n.to_string()),
             Value::Bool(b) => Bson::String(b.to_string()),
             _ => return Err(bad("a string")),
@@ -1451,6 +1458,9 @@ const MAX_EXACT_DOUBLE_INT: f64 = 9_007_199_254_740_992.0;
 
 /// Whether `v` holds (anywhere) an integer that no 64-bit integer holds: JSON parsers
 /// read it as a double, which cannot tell it from its neighbours.
+/// 2^64: from here on a JSON number is read as a double, rounded.
+const TWO_TO_64: f64 = 18_446_744_073_709_551_616.0;
+
 fn beyond_int64(v: &Value) -> bool {
     match v {
         Value::Number(n) => n.is_u64() && n.as_i64().is_none(),
@@ -2140,6 +2150,15 @@ type = "bool"
             assert!(err.contains("64-bit"), "{big}: {err}");
         }
         assert!(map_record(&c.fields, &json!({ "id": i64::MAX })).is_ok());
+        // `string` keeps whole numbers exact up to 2^64; beyond, the JSON reader has
+        // rounded them already, so they are refused rather than stored as other digits.
+        let c = typed("string");
+        let exact = map_record(&c.fields, &json!({ "id": u64::MAX })).unwrap();
+        assert_eq!(exact.get_str("productId").unwrap(), "18446744073709551615");
+        let read: Value = serde_json::from_str(r#"{"id": 123456789012345678901234}"#).unwrap();
+        let err = map_record(&c.fields, &read).unwrap_err();
+        assert!(err.contains("as strings"), "{err}");
+        let c = typed("any");
         let err =
             map_record(&c.fields, &json!({ "id": 1, "price": { "amount": "NaN" } })).unwrap_err();
         assert!(err.contains("finite"), "{err}");
