@@ -12,7 +12,9 @@ use oauth2::{ClientId, ClientSecret, RefreshToken, Scope, TokenResponse, TokenUr
 use reqwest::header::HeaderMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use sluice_core::integration::{first, records_miss, select_records, Auth, Connector, Paging};
+use sluice_core::integration::{
+    first, records_miss, records_not_a_list, select_records, Auth, Connector, Paging,
+};
 use sluice_core::model::HttpMethod;
 use tokio::sync::Mutex;
 
@@ -740,35 +742,14 @@ impl HttpClient {
         // A selector walking a list (`...[*]`) whose place holds no list but a scalar, or
         // an object that is not one of records (`{"error": "quota exceeded"}` where the
         // list was): not records, but an error answered with 200.
-        let walked = selector
-            .trim()
-            .strip_suffix("[*]")
-            .and_then(sluice_core::integration::member_chain)
-            .and_then(|chain| at_chain(&body, &chain).map(|v| (chain, v)));
-        let not_a_list = match walked {
-            Some((_, Value::Array(_) | Value::Null)) | None => None,
-            Some((chain, Value::Object(m))) if !m.values().all(Value::is_object) => {
-                let keys: Vec<&str> = m.keys().take(10).map(String::as_str).collect();
-                Some((chain, format!("an object (its keys: {})", keys.join(", "))))
-            }
-            Some((_, Value::Object(_))) => None,
-            Some((chain, other)) => Some((chain, format!("`{}`", snippet(&other.to_string())))),
-        };
-        if let Some((chain, what)) = not_a_list {
-            let place = if chain.is_empty() {
-                "body".to_string()
-            } else {
-                format!("`$.{}`", chain.join("."))
-            };
+        if let Some(miss) = records_not_a_list(&body, selector) {
             return Ok(Some(Page {
                 url: url.clone(),
                 body,
                 headers,
                 records: Records::Copied(Vec::new()),
                 digest,
-                records_missing: Some(format!(
-                    "the response's {place} is {what}, not a list of records (an error answered with 200?); check `source.records`"
-                )),
+                records_missing: Some(miss),
                 items: 0,
             }));
         }

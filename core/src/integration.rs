@@ -1124,19 +1124,49 @@ pub fn records_miss(body: &Value, path: &str) -> Option<String> {
         return None;
     }
     let keys = match body {
-        Value::Object(m) if !m.is_empty() => {
-            let mut names: Vec<&str> = m.keys().take(10).map(String::as_str).collect();
-            if m.len() > names.len() {
-                names.push("...");
-            }
-            format!(" (its top-level keys: {})", names.join(", "))
-        }
+        Value::Object(m) if !m.is_empty() => format!(" (its top-level keys: {})", some_keys(m)),
         Value::Array(_) => " (it is a list)".to_string(),
         _ => String::new(),
     };
     Some(format!(
         "records path `{path}` found nothing: the response has no `{parent}`{keys}; check `source.records`"
     ))
+}
+
+/// Why a records selector walking a list (`$.data[*]`, `$[*]`) found no records where it
+/// should have: its place holds a scalar, or an object that is not one of records
+/// (`{"error": "quota exceeded"}` where a bare list was), most likely an error answered
+/// with 200. `None` when the place holds a list, `null`, an object of records, nothing,
+/// or the selector is not a plain member chain ending in `[*]`.
+pub fn records_not_a_list(body: &Value, path: &str) -> Option<String> {
+    let chain = member_chain(path.trim().strip_suffix("[*]")?)?;
+    let found = chain.iter().try_fold(body, |v, k| v.as_object()?.get(k))?;
+    let what = match found {
+        Value::Array(_) | Value::Null => return None,
+        Value::Object(m) if m.values().all(Value::is_object) => return None,
+        Value::Object(m) => format!("an object (its keys: {})", some_keys(m)),
+        other => {
+            let text: String = other.to_string().chars().take(300).collect();
+            format!("`{}`", text.replace('\n', " "))
+        }
+    };
+    let place = if chain.is_empty() {
+        "body".to_string()
+    } else {
+        format!("`$.{}`", chain.join("."))
+    };
+    Some(format!(
+        "the response's {place} is {what}, not a list of records (an error answered with 200?); check `source.records`"
+    ))
+}
+
+/// An object's first ten keys for a message, `...` when there are more.
+fn some_keys(m: &serde_json::Map<String, Value>) -> String {
+    let mut names: Vec<&str> = m.keys().take(10).map(String::as_str).collect();
+    if m.len() > names.len() {
+        names.push("...");
+    }
+    names.join(", ")
 }
 
 /// The JSONPath without its last step (`$.data` for `$.data[*]`, `$.a` for `$.a.b`);
@@ -2200,6 +2230,27 @@ type = "bool"
         );
         assert_eq!(parent_path("$.data[?(@.active == true)]"), Some("$.data"));
         assert_eq!(parent_path("$['data'][*]"), Some("$['data']"));
+    }
+
+    #[test]
+    fn a_list_place_holding_an_error_is_not_read_as_records() {
+        let error = json!({"error": "quota exceeded", "code": 429});
+        let miss = records_not_a_list(&error, "$[*]").expect("an error object");
+        assert!(miss.contains("body is an object (its keys: error, code)"), "{miss}");
+        let miss = records_not_a_list(&json!({"data": "down"}), "$.data[*]").expect("scalar");
+        assert!(miss.contains("`$.data` is `\"down\"`"), "{miss}");
+        for fine in [
+            json!([]),
+            json!({"data": []}),
+            json!({"data": null}),
+            json!({"a": {"id": 1}, "b": {"id": 2}}),
+        ] {
+            let path = if fine.is_array() { "$[*]" } else { "$.data[*]" };
+            assert!(records_not_a_list(&fine, path).is_none(), "{fine}");
+        }
+        // Not a plain chain ending in [*], or nothing there: for records_miss to judge.
+        assert!(records_not_a_list(&json!({"data": 1}), "$.data").is_none());
+        assert!(records_not_a_list(&json!({}), "$.data[*]").is_none());
     }
 
     #[test]
