@@ -2236,7 +2236,10 @@ type = "bool"
     fn a_list_place_holding_an_error_is_not_read_as_records() {
         let error = json!({"error": "quota exceeded", "code": 429});
         let miss = records_not_a_list(&error, "$[*]").expect("an error object");
-        assert!(miss.contains("body is an object (its keys: error, code)"), "{miss}");
+        assert!(
+            miss.contains("body is an object (its keys: error, code)"),
+            "{miss}"
+        );
         let miss = records_not_a_list(&json!({"data": "down"}), "$.data[*]").expect("scalar");
         assert!(miss.contains("`$.data` is `\"down\"`"), "{miss}");
         for fine in [

@@ -14,7 +14,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use bson::{doc, Bson, DateTime, Document};
-use futures_util::TryStreamExt;
+use futures_util::{FutureExt, TryStreamExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -282,75 +282,67 @@ async fn change_as_admin(
     set: Document,
 ) -> Result<Document, ApiError> {
     let users = state.store.collection(c::ADMIN_USERS);
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        let mut session = state
-            .store
-            .client()
-            .start_session()
-            .await
-            .map_err(store_error)?;
-        session
-            .start_transaction()
-            .write_concern(mongodb::options::WriteConcern::majority())
-            .await
-            .map_err(store_error)?;
-        let outcome: Result<Result<Document, ApiError>, mongodb::error::Error> = async {
-            let still_admin = users
-                .update_one(
-                    doc! { "email": me, "role": Role::Admin.as_str(), "isActive": true },
-                    doc! { "$set": { "lastAdminChangeAt": state.store.now() } },
-                )
-                .session(&mut session)
-                .await?;
-            if still_admin.matched_count == 0 {
-                return Ok(Err(ApiError::new(
-                    StatusCode::FORBIDDEN,
-                    "forbidden",
-                    "you are no longer an active admin (changed by another admin just now)",
-                )));
+    let mut session = state
+        .store
+        .client()
+        .start_session()
+        .await
+        .map_err(store_error)?;
+    // The driver runs the body again on a transient transaction error (the other admin's
+    // transaction won the conflict) and retries a commit whose outcome is unknown. A
+    // refusal is carried out as a custom error, so the transaction is aborted.
+    let context = (users, state.store.clone(), me, email, set);
+    let run = session
+        .start_transaction()
+        .write_concern(mongodb::options::WriteConcern::majority())
+        .and_run(context, |session, (users, store, me, email, set)| {
+            async move {
+                let still_admin = users
+                    .update_one(
+                        doc! { "email": *me, "role": Role::Admin.as_str(), "isActive": true },
+                        doc! { "$set": { "lastAdminChangeAt": store.now() } },
+                    )
+                    .session(&mut *session)
+                    .await?;
+                if still_admin.matched_count == 0 {
+                    return Err(mongodb::error::Error::custom(ApiError::new(
+                        StatusCode::FORBIDDEN,
+                        "forbidden",
+                        "you are no longer an active admin (changed by another admin just now)",
+                    )));
+                }
+                users
+                    .find_one_and_update(doc! { "email": *email }, doc! { "$set": set.clone() })
+                    .return_document(mongodb::options::ReturnDocument::After)
+                    .projection(doc! { "password": 0, common::ID: 0 })
+                    .session(&mut *session)
+                    .await?
+                    .ok_or_else(|| {
+                        mongodb::error::Error::custom(ApiError::new(
+                            StatusCode::NOT_FOUND,
+                            "not_found",
+                            format!("no user `{email}`"),
+                        ))
+                    })
             }
-            let changed = users
-                .find_one_and_update(doc! { "email": email }, doc! { "$set": set.clone() })
-                .return_document(mongodb::options::ReturnDocument::After)
-                .projection(doc! { "password": 0, common::ID: 0 })
-                .session(&mut session)
-                .await?;
-            Ok(changed.ok_or_else(|| {
-                ApiError::new(
-                    StatusCode::NOT_FOUND,
-                    "not_found",
-                    format!("no user `{email}`"),
-                )
-            }))
-        }
-        .await;
-        let outcome = match outcome {
-            Ok(Ok(changed)) => session.commit_transaction().await.map(|()| Ok(changed)),
-            Ok(Err(refused)) => {
-                let _ = session.abort_transaction().await;
-                return Err(refused);
-            }
-            Err(e) => Err(e),
-        };
-        match outcome {
-            Ok(done) => return done,
-            Err(e)
-                if attempt < 10
-                    && e.contains_label(mongodb::error::TRANSIENT_TRANSACTION_ERROR) =>
-            {
-                let _ = session.abort_transaction().await;
-                let pause = rand::random_range(10..50u64) << attempt.min(4);
-                tokio::time::sleep(Duration::from_millis(pause)).await;
-            }
-            Err(e) => {
-                let _ = session.abort_transaction().await;
-                return Err(store_error(e));
-            }
-        }
+            .boxed()
+        });
+    // The driver would retry for up to two minutes; an admin request gives up sooner.
+    match tokio::time::timeout(ADMIN_CHANGE_TIMEOUT, run).await {
+        Ok(Ok(changed)) => Ok(changed),
+        Ok(Err(e)) => match e.get_custom::<ApiError>() {
+            Some(refusal) => Err(ApiError {
+                message: refusal.message.clone(),
+                ..ApiError::new(refusal.status, refusal.code, "")
+            }),
+            None => Err(store_error(e)),
+        },
+        Err(_) => Err(store_error("the user change did not commit in time")),
     }
 }
+
+/// How long a user change may take, conflicts retried included.
+const ADMIN_CHANGE_TIMEOUT: Duration = Duration::from_secs(20);
 
 fn store_error(e: impl std::fmt::Display) -> ApiError {
     tracing::error!(error = %e, "admin API store error");
