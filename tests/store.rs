@@ -467,8 +467,9 @@ async fn abandoned_claim_is_completed_without_counting_twice() {
     let writer = EventWriter::new(
         db.store.clone(),
         WriterOptions {
-            // Long enough that the first write inserts (it must commit within half of it).
-            claim_lease: std::time::Duration::from_millis(1_000),
+            // Long enough that every write inserts (it must commit within half of it),
+            // however loaded the machine; the claim's lapse is simulated below.
+            claim_lease: std::time::Duration::from_secs(30),
             ..Default::default()
         },
     );
@@ -476,7 +477,10 @@ async fn abandoned_claim_is_completed_without_counting_twice() {
         event("a1", "v9", "s9", EventType::PageView, 1_700_000_000_000),
         event("a2", "v9", "s9", EventType::Click, 1_700_000_001_000),
     ];
-    writer.write(&batch).await.unwrap();
+    assert_eq!(
+        writer.write(&batch).await.unwrap(),
+        vec![WriteStatus::Stored, WriteStatus::Stored]
+    );
     // Simulate a crash after the claim transaction and before the events insert.
     db.store
         .collection("events")
@@ -494,7 +498,15 @@ async fn abandoned_claim_is_completed_without_counting_twice() {
     let status = writer.write(&batch).await.unwrap();
     assert_eq!(status, vec![WriteStatus::Duplicate, WriteStatus::Retry]);
 
-    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+    // Once the claim's lease has lapsed, the resend takes it over and stores the event.
+    db.store
+        .collection("event_ids")
+        .update_one(
+            doc! { "_id": "a2" },
+            doc! { "$set": { "at": DateTime::from_millis(DateTime::now().timestamp_millis() - 31_000) } },
+        )
+        .await
+        .unwrap();
     let status = writer.write(&batch).await.unwrap();
     assert_eq!(status, vec![WriteStatus::Duplicate, WriteStatus::Stored]);
     assert_eq!(count(&db, "events", doc! { "eventId": "a2" }).await, 1);

@@ -217,14 +217,27 @@ async fn mongo_proxy_listener() -> (String, tokio::net::TcpListener, String) {
 /// A TCP proxy to the MongoDB server that can be frozen: while frozen it forwards nothing
 /// and closes nothing, which is how a server stuck on a lock looks to the driver.
 pub async fn freezable_mongo_proxy() -> (String, std::sync::Arc<std::sync::atomic::AtomicBool>) {
-    use std::sync::atomic::{AtomicBool, Ordering};
+    let (uri, frozen, _) = freezable_mongo_proxy_counting().await;
+    (uri, frozen)
+}
+
+/// [`freezable_mongo_proxy`], also counting the messages to the server it held back while
+/// frozen: a test can wait until a write has reached the store instead of sleeping.
+pub async fn freezable_mongo_proxy_counting() -> (
+    String,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
     let (upstream, listener, proxied) = mongo_proxy_listener().await;
     let frozen = std::sync::Arc::new(AtomicBool::new(false));
+    let held = std::sync::Arc::new(AtomicUsize::new(0));
     async fn pump(
         mut from: impl AsyncRead + Unpin,
         mut to: impl AsyncWrite + Unpin,
         frozen: std::sync::Arc<AtomicBool>,
+        held: Option<std::sync::Arc<AtomicUsize>>,
     ) {
         let mut buf = vec![0u8; 16 * 1024];
         loop {
@@ -232,6 +245,11 @@ pub async fn freezable_mongo_proxy() -> (String, std::sync::Arc<std::sync::atomi
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,
             };
+            if frozen.load(Ordering::SeqCst) {
+                if let Some(held) = &held {
+                    held.fetch_add(1, Ordering::SeqCst);
+                }
+            }
             while frozen.load(Ordering::SeqCst) {
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             }
@@ -240,7 +258,7 @@ pub async fn freezable_mongo_proxy() -> (String, std::sync::Arc<std::sync::atomi
             }
         }
     }
-    let flag = frozen.clone();
+    let (flag, count) = (frozen.clone(), held.clone());
     tokio::spawn(async move {
         while let Ok((client, _)) = listener.accept().await {
             let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
@@ -248,11 +266,26 @@ pub async fn freezable_mongo_proxy() -> (String, std::sync::Arc<std::sync::atomi
             };
             let (cr, cw) = client.into_split();
             let (sr, sw) = server.into_split();
-            tokio::spawn(pump(cr, sw, flag.clone()));
-            tokio::spawn(pump(sr, cw, flag.clone()));
+            tokio::spawn(pump(cr, sw, flag.clone(), Some(count.clone())));
+            tokio::spawn(pump(sr, cw, flag.clone(), None));
         }
     });
-    (proxied, frozen)
+    (proxied, frozen, held)
+}
+
+/// Waits until `ready` holds, checking every 20 ms; fails the test after 30 s with `what`.
+pub async fn wait_until<F: std::future::Future<Output = bool>>(
+    what: &str,
+    mut ready: impl FnMut() -> F,
+) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !ready().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting: {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 /// A TCP proxy to the MongoDB server that, while `hold` is set, holds back every message

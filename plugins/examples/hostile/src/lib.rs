@@ -5,7 +5,7 @@
 //! /etc/passwd), `socket` (connects to 127.0.0.1:1), `env` (lists the environment),
 //! `garbage` (returns records that are not JSON), `short` (fewer results than inputs),
 //! `sleep` (sleeps a minute in a host call), `fanout` (turns each record into 100,000),
-//! `print` (prints 1,000 lines per record), `rename-id` (changes each record's `eventId`), `panic-on-bad` (panics on a record holding the
+//! `print` (prints 1,000 lines per record; `print-and-tag` also sets `"printed": true`), `rename-id` (changes each record's `eventId`), `panic-on-bad` (panics on a record holding the
 //! string "bad"), `nul-key-on-bad` (gives a record holding "bad" a `metadata.context` key
 //! with a NUL, which BSON cannot store), `break-by-tag` (by a tracking event's `properties.tag`: `bloat` adds 1 MiB, `dollar` a `$` key in
 //! `metadata.context`, `retype` makes `timestamp` a word), `long-reason` (fails each record with a 2 MiB reason holding a newline), `vandal` (drops or blanks an import's key, adds a
@@ -95,11 +95,16 @@ fn misbehave(mode: &str, record: String) -> Result<Vec<String>, String> {
             }
             Ok(vec![v.to_string()])
         }
-        "print" => {
+        "print" | "print-and-tag" => {
             for i in 0..1000 {
                 println!("line {i} of a plugin that prints a lot, padded to sixty bytes");
             }
-            Ok(vec![record])
+            if mode == "print" {
+                return Ok(vec![record]);
+            }
+            let mut v = serde_json_lite(&record);
+            v["printed"] = Value::Bool(true);
+            Ok(vec![v.to_string()])
         }
         _ => Ok(vec![record]),
     }
