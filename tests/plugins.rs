@@ -1154,3 +1154,105 @@ async fn requests_beyond_the_plugins_instances_wait_their_turn_then_are_answered
     );
     server.shutdown().await;
 }
+
+#[test]
+fn fuel_budgets_and_the_clocks_grant_are_enforced() {
+    use sha2::Digest;
+    let src = support::plugin_dir();
+    let limits = |fuel: Option<u64>| {
+        Some(Limits {
+            memory_mib: 16,
+            batch_deadline_ms: 60_000,
+            fuel,
+        })
+    };
+    // Fuel: a plugin that never returns runs out of its budget, whatever its deadline.
+    let metered = PluginHost::new(true).unwrap();
+    let looping = metered
+        .load(
+            &src,
+            "hostile",
+            json!({ "mode": "loop" }),
+            &Grants::default(),
+            limits(Some(50_000_000)),
+        )
+        .unwrap();
+    let err = looping.run_batch(&batch()).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            PluginError::Fuel {
+                fuel: 50_000_000,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    // A budget large enough for the work lets the plugin do it.
+    let noop = metered
+        .load(
+            &src,
+            "noop",
+            json!({}),
+            &Grants::default(),
+            limits(Some(1_000_000_000)),
+        )
+        .unwrap();
+    assert_eq!(noop.run_batch(&batch()).unwrap().records, batch());
+    // A host that meters nothing refuses a fuel limit when the plugin is loaded.
+    let Err(err) = host().load(&src, "noop", json!({}), &Grants::default(), limits(Some(1))) else {
+        panic!("a fuel limit on a host without fuel was loaded");
+    };
+    assert!(err.to_string().contains("meters no fuel"), "{err}");
+
+    // Clocks: frozen, unless the manifest asks for them and the operator grants them.
+    let seen = |t: &sluice_plugins::WasmTransform| {
+        let out = t.run_batch(&batch()).unwrap().records;
+        let n = |k: &str| match out[0].get(k) {
+            Some(bson::Bson::Int64(n)) => *n,
+            Some(bson::Bson::Int32(n)) => i64::from(*n),
+            other => panic!("{k}: {other:?}"),
+        };
+        (n("wallMs"), n("movedMs"))
+    };
+    let granted = Grants {
+        clocks: true,
+        ..Default::default()
+    };
+    let unasked = host()
+        .load(&src, "hostile", json!({ "mode": "clock" }), &granted, None)
+        .unwrap();
+    assert_eq!(
+        seen(&unasked),
+        (0, 0),
+        "not asked for: frozen even when granted"
+    );
+    let dir = scratch_dir();
+    let bytes = std::fs::read(src.join("hostile.wasm")).unwrap();
+    std::fs::write(dir.join("timed.wasm"), &bytes).unwrap();
+    std::fs::write(
+        dir.join("timed.toml"),
+        format!(
+            "name = \"timed\"\nversion = \"0.1.0\"\nwasm = \"timed.wasm\"\nsha256 = \"{:x}\"\npermissions = [\"clocks\"]\n",
+            sha2::Sha256::digest(&bytes)
+        ),
+    )
+    .unwrap();
+    let Err(err) = host().load(
+        &dir,
+        "timed",
+        json!({ "mode": "clock" }),
+        &Grants::default(),
+        None,
+    ) else {
+        panic!("a plugin asking for clocks was loaded without the grant");
+    };
+    assert!(err.to_string().contains("has not granted"), "{err}");
+    let timed = host()
+        .load(&dir, "timed", json!({ "mode": "clock" }), &granted, None)
+        .unwrap();
+    let (wall, moved) = seen(&timed);
+    let now = chrono::Utc::now().timestamp_millis();
+    assert!((now - wall).abs() < 60_000, "{wall} vs {now}");
+    assert!(moved >= 50, "{moved}");
+}

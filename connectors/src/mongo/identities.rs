@@ -263,3 +263,54 @@ pub async fn apply_traits(
         .map_err(StoreError::mongo(c::USERS, "apply identify traits"))?;
     Ok(result.matched_count > 0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn link(from: &str, to: &str, since_ms: i64) -> (String, String, DateTime) {
+        (from.into(), to.into(), DateTime::from_millis(since_ms))
+    }
+
+    #[test]
+    fn a_link_that_would_close_a_cycle_is_not_made() {
+        let mut map = HashMap::new();
+        let planned = plan(&mut map, &[link("a", "b", 10), link("b", "a", 20)]);
+        assert_eq!(planned.new, vec![link("a", "b", 10)]);
+        assert_eq!(resolve(&map, "a", 30), "b");
+        assert_eq!(resolve(&map, "b", 30), "b");
+        // Longer: a -> b -> c, then c -> a is refused; c -> d is made.
+        let planned = plan(
+            &mut map,
+            &[link("b", "c", 30), link("c", "a", 40), link("c", "d", 50)],
+        );
+        assert_eq!(planned.new, vec![link("b", "c", 30), link("c", "d", 50)]);
+        assert_eq!(resolve(&map, "a", 60), "d");
+        // A link of an id to itself is no link.
+        let planned = plan(&mut map, &[link("e", "e", 60)]);
+        assert!(planned.new.is_empty());
+        assert_eq!(resolve(&map, "e", 70), "e");
+    }
+
+    #[test]
+    fn chains_are_followed_at_most_max_hops_deep_and_only_from_each_links_time() {
+        let mut map = HashMap::new();
+        let chain: Vec<_> = (1..=6)
+            .map(|i| link(&format!("a{i}"), &format!("a{}", i + 1), 100))
+            .collect();
+        plan(&mut map, &chain);
+        assert_eq!(MAX_HOPS, 4);
+        assert_eq!(resolve(&map, "a1", 200), "a5");
+        assert_eq!(resolve(&map, "a3", 200), "a7");
+        // Before a link's time the id counts for itself.
+        assert_eq!(resolve(&map, "a1", 99), "a1");
+        // The same link from an earlier message moves its start back; another target for
+        // a linked id is not made (the first link wins).
+        let planned = plan(&mut map, &[link("a1", "a2", 50), link("a1", "x", 10)]);
+        assert_eq!(planned.moved_back, vec![link("a1", "a2", 50)]);
+        assert!(planned.new.is_empty());
+        // At 60 a1 counts as a2, but a2 only counts as a3 from 100 on.
+        assert_eq!(resolve(&map, "a1", 60), "a2");
+        assert_eq!(resolve(&map, "a1", 100), "a5");
+    }
+}

@@ -5,7 +5,8 @@
 //! /etc/passwd), `socket` (connects to 127.0.0.1:1), `env` (lists the environment),
 //! `garbage` (returns records that are not JSON), `short` (fewer results than inputs),
 //! `sleep` (sleeps a minute in a host call), `fanout` (turns each record into 100,000),
-//! `print` (prints 1,000 lines per record; `print-and-tag` also sets `"printed": true`), `rename-id` (changes each record's `eventId`), `panic-on-bad` (panics on a record holding the
+//! `clock` (returns the wall clock it sees and how far its monotonic clock moved in a 50 ms
+//! sleep), `print` (prints 1,000 lines per record; `print-and-tag` also sets `"printed": true`), `rename-id` (changes each record's `eventId`), `panic-on-bad` (panics on a record holding the
 //! string "bad"), `nul-key-on-bad` (gives a record holding "bad" a `metadata.context` key
 //! with a NUL, which BSON cannot store), `break-by-tag` (by a tracking event's `properties.tag`: `bloat` adds 1 MiB, `dollar` a `$` key in
 //! `metadata.context`, `retype` makes `timestamp` a word), `long-reason` (fails each record with a 2 MiB reason holding a newline), `vandal` (drops or blanks an import's key, adds a
@@ -55,6 +56,17 @@ fn misbehave(mode: &str, record: String) -> Result<Vec<String>, String> {
             let id = format!("{}-renamed", v["eventId"].as_str().unwrap_or(""));
             v["eventId"] = Value::String(id);
             Ok(vec![v.to_string()])
+        }
+        "clock" => {
+            // What the plugin sees as the wall clock and how far the monotonic clock
+            // moves across a 50 ms sleep.
+            let wall = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            let start = std::time::Instant::now();
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            let moved = start.elapsed().as_millis() as u64;
+            Ok(vec![json!({ "wallMs": wall, "movedMs": moved }).to_string()])
         }
         "sleep" => {
             std::thread::sleep(std::time::Duration::from_secs(60));
