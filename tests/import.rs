@@ -22,14 +22,6 @@ use sluice_jobs::configs;
 use sluice_jobs::import::{run_import, run_push, ImportOptions};
 use support::TestDb;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// json-server + oidc-provider in one node process (tests/fixtures/api-server.mjs).
 struct ApiServer {
     child: std::process::Child,
@@ -52,10 +44,8 @@ impl ApiServer {
         let script = std::path::Path::new(&tools)
             .join(format!("api-server-{}.mjs", uuid::Uuid::new_v4().simple()));
         std::fs::write(&script, include_str!("fixtures/api-server.mjs")).unwrap();
-        let (oauth, api) = (free_port(), free_port());
         let mut child = std::process::Command::new("node")
             .arg(&script)
-            .args([oauth.to_string(), api.to_string()])
             .arg(&db)
             .args([secret.to_string(), token_ttl.to_string()])
             .stdout(std::process::Stdio::piped())
@@ -67,7 +57,16 @@ impl ApiServer {
         std::io::BufReader::new(stdout)
             .read_line(&mut line)
             .unwrap();
-        assert_eq!(line.trim(), "ready", "api server did not start");
+        let ports: Vec<u16> = line
+            .trim()
+            .strip_prefix("ready ")
+            .unwrap_or_else(|| panic!("api server did not start: {line:?}"))
+            .split(' ')
+            .map(|p| p.parse().unwrap())
+            .collect();
+        let [oauth, api] = ports[..] else {
+            panic!("api server did not start: {line:?}")
+        };
         Self {
             child,
             oauth,
@@ -2135,7 +2134,11 @@ async fn offset_paging_counts_the_apis_items_not_the_records_selected_from_them(
 async fn a_query_api_key_never_shows_in_the_errors_a_run_records() {
     let db = TestDb::initialized().await;
     std::env::set_var("IMPORT_TEST_QUERY_KEY", "sk-live-do-not-leak");
-    let closed = free_port();
+    // A port held (bound, never listening) for the whole test: connections are refused,
+    // and no other test's server can take it meanwhile.
+    let held = tokio::net::TcpSocket::new_v4().unwrap();
+    held.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let closed = held.local_addr().unwrap().port();
     let text = format!(
         r#"
 name = "leaky"
