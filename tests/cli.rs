@@ -380,22 +380,30 @@ async fn serve_with_json_logs_writes_nothing_but_json_lines() {
         .spawn()
         .unwrap();
     let stderr = child.stderr.take().unwrap();
-    // Read until the server says it serves (or gives up), then stop it.
-    let lines = std::thread::spawn(move || {
+    // Read until the server says it serves (or gives up, or a minute passed), then stop it.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
         use std::io::BufRead;
-        let mut seen = Vec::new();
-        for line in std::io::BufReader::new(stderr).lines() {
-            let line = line.unwrap();
-            let serving = line.contains("sluice serving");
-            seen.push(line);
-            if serving {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
                 break;
             }
         }
-        seen
-    })
-    .join()
-    .unwrap();
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut lines = Vec::new();
+    while let Ok(line) =
+        rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+    {
+        let serving = line.contains("sluice serving");
+        lines.push(line);
+        if serving {
+            break;
+        }
+    }
     child.kill().unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(

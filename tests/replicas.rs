@@ -244,14 +244,38 @@ async fn a_replica_whose_clock_runs_fast_takes_over_no_live_run() {
     // (3 s) looks 27 s lapsed to it.
     let log = dir.join("fast.log");
     let mut fast = serve_with_clock_ahead(&config, "+30s", &log);
-    let mut most_running = 0;
-    let watch_until = std::time::Instant::now() + Duration::from_secs(12);
-    while std::time::Instant::now() < watch_until {
-        let running = runs
-            .count_documents(doc! { "status": "RUNNING" })
+    // Watched for 12 s at least, and until two runs completed (a loaded machine may take
+    // longer): the RUNNING records seen at the same moment.
+    let mut together: Vec<Vec<String>> = Vec::new();
+    let watch_from = std::time::Instant::now();
+    let deadline = watch_from + Duration::from_secs(90);
+    loop {
+        let running: Vec<String> = {
+            use futures_util::TryStreamExt;
+            runs.find(doc! { "status": "RUNNING" })
+                .await
+                .unwrap()
+                .try_collect::<Vec<_>>()
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get_str("_id").unwrap().to_string())
+                .collect()
+        };
+        if running.len() > 1 {
+            together.push(running);
+        }
+        let completed = runs
+            .count_documents(doc! { "status": "COMPLETED" })
             .await
             .unwrap();
-        most_running = most_running.max(running);
+        if watch_from.elapsed() >= Duration::from_secs(12) && completed >= 2 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the job stopped running"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     for p in [&on_time, &fast] {
@@ -280,7 +304,19 @@ async fn a_replica_whose_clock_runs_fast_takes_over_no_live_run() {
         taken_over.is_empty(),
         "no replica died, so no run was taken over: {taken_over:?}"
     );
-    assert_eq!(most_running, 1, "one run of the job at a time: {all:?}");
+    // Two records can be RUNNING for a moment (both replicas claimed an instant, and
+    // one is about to step back): of any such pair, at most one ran.
+    let status = |id: &str| {
+        all.iter()
+            .find(|r| r.get_str("_id") == Ok(id))
+            .and_then(|r| r.get_str("status").ok())
+            .unwrap_or("?")
+            .to_string()
+    };
+    for ids in &together {
+        let ran = ids.iter().filter(|id| status(id) != "SKIPPED").count();
+        assert!(ran <= 1, "one run of the job at a time: {ids:?} in {all:?}");
+    }
     let completed = all
         .iter()
         .filter(|r| r.get_str("status") == Ok("COMPLETED"))

@@ -40,6 +40,18 @@ impl Runner for Counting {
     }
 }
 
+/// Waits until the run `filter` selects has `status`.
+async fn status_becomes(db: &TestDb, filter: bson::Document, status: &str) {
+    let runs = db.store.collection("scheduled_runs");
+    support::wait_until(&format!("{filter} becomes {status}"), || async {
+        runs.find_one(filter.clone())
+            .await
+            .unwrap()
+            .is_some_and(|d| d.get_str("status") == Ok(status))
+    })
+    .await;
+}
+
 /// Waits until the run `filter` selects is going: claimed, and its lease renewed once
 /// (so its claim is behind it and its heartbeat runs).
 async fn renewed_once(store: &sluice_connectors::Store, filter: bson::Document) {
@@ -232,7 +244,7 @@ async fn a_replica_leaves_the_orphaned_run_of_a_job_it_does_not_schedule_alone()
         .await
         .unwrap();
     let (s, log) = idle_scheduler(&db.store, "old-replica", Duration::ZERO, 400).await;
-    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    status_becomes(&db, doc! { "_id": "integration:gone@x" }, "FAILED").await;
     s.shutdown().await;
     assert!(log.lock().unwrap().is_empty());
     let gone = db
@@ -268,7 +280,7 @@ async fn a_dead_owners_run_is_taken_over_after_the_lease() {
         .await
         .unwrap();
     let (s, log) = idle_scheduler(&db.store, "survivor", Duration::ZERO, 400).await;
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    status_becomes(&db, doc! { "_id": &id }, "COMPLETED").await;
     s.shutdown().await;
     assert_eq!(
         log.lock().unwrap().len(),
@@ -306,7 +318,8 @@ async fn a_run_whose_owners_keep_dying_is_given_up_but_hand_backs_do_not_count()
     // Two lapses, but this owner handed it back (a rolling restart): run it.
     runs.insert_one(orphan("restarted", 2, true)).await.unwrap();
     let (s, log) = idle_scheduler(&db.store, "survivor", Duration::ZERO, 400).await;
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    status_becomes(&db, doc! { "job": "crasher" }, "FAILED").await;
+    status_becomes(&db, doc! { "job": "restarted" }, "COMPLETED").await;
     s.shutdown().await;
     assert_eq!(log.lock().unwrap().len(), 1, "only the restarted run ran");
     let crasher = runs
@@ -372,8 +385,12 @@ async fn an_instant_no_replica_claimed_is_fired_by_the_next_check_once() {
     let s = Scheduler::start(db.store.clone(), runner, source(jobs), opts)
         .await
         .unwrap();
-    // Several checks pass (one per reload); the instant runs once.
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    // The instant runs; several checks more pass (one per reload) and it runs once.
+    support::wait_until("the missed instant runs", || async {
+        !log.lock().unwrap().is_empty()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
     s.shutdown().await;
     let fires: Vec<_> = log.lock().unwrap().iter().map(|(_, f)| *f).collect();
     assert_eq!(fires, [recent], "the recent instant, once; not the old one");
@@ -785,7 +802,7 @@ async fn a_run_by_hand_whose_process_died_is_recorded_failed_and_not_run_again()
         .await
         .unwrap();
     let (s, log) = idle_scheduler(&db.store, "sweeper", Duration::ZERO, 400).await;
-    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    status_becomes(&db, doc! { "_id": &id }, "FAILED").await;
     s.shutdown().await;
     assert!(
         log.lock().unwrap().is_empty(),
@@ -838,16 +855,16 @@ async fn a_failed_reload_keeps_the_schedule() {
     let s = Scheduler::start(db.store.clone(), runner, source, opts)
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    support::wait_until("reloads are tried, and fail", || async {
+        calls.load(Ordering::SeqCst) >= 5
+    })
+    .await;
     let before = log.lock().unwrap().len();
-    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    support::wait_until("the job keeps firing through failed reloads", || async {
+        log.lock().unwrap().len() >= before + 2
+    })
+    .await;
     s.shutdown().await;
-    assert!(calls.load(Ordering::SeqCst) >= 5, "reloads were tried");
-    let after = log.lock().unwrap().len();
-    assert!(
-        after >= before + 2,
-        "the job kept firing through failed reloads: {before} then {after}"
-    );
 }
 
 #[tokio::test]

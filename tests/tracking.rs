@@ -806,12 +806,14 @@ async fn shutdown_stores_everything_it_acknowledged() {
         }));
     }
     // Stop as soon as the first batch is written: the others are in flight.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while server
         .metrics
         .accepted
         .load(std::sync::atomic::Ordering::Relaxed)
         == 0
     {
+        assert!(std::time::Instant::now() < deadline, "no batch was written");
         tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }
     server.shutdown().await;
