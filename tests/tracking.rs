@@ -421,6 +421,16 @@ async fn each_bad_input_class_gets_its_own_4xx() {
     )
     .await;
     assert_eq!((s, body["error"].as_str()), (413, Some("too_many_events")));
+    // A body in an encoding the endpoint does not read.
+    let r = client
+        .post(format!("{base}/v1/events"))
+        .header("content-type", "application/json")
+        .header("content-encoding", "br")
+        .body(good.to_string())
+        .send()
+        .await
+        .unwrap();
+    expect(r, 415, "unsupported_encoding").await;
 
     // A batch with some bad events stores the good ones and names the bad ones.
     let mixed = json!({ "batch": [
