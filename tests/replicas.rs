@@ -954,3 +954,42 @@ async fn assert_whole(store: &ObjectStore, prefix: &str) -> Value {
     );
     manifest
 }
+
+/// `[scheduler] enabled = false` makes a tracking-only replica: beside one, nothing is
+/// fired until a replica with the scheduler joins.
+#[tokio::test]
+async fn a_replica_with_the_scheduler_disabled_fires_nothing() {
+    let db = TestDb::initialized().await;
+    let (dir, config) = setup(&db, "idle-feed", "[scheduler]\nenabled = false\n").await;
+    let runs = db.store.collection("scheduled_runs");
+    let mut tracking_only = serve(&config);
+    // The every-second schedule would have fired several times by now.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let fired = runs.count_documents(doc! {}).await.unwrap();
+    let still_serving = tracking_only.try_wait().unwrap().is_none();
+    // One with the scheduler (the same config otherwise) fires it.
+    let enabled = dir.join("enabled.toml");
+    std::fs::write(
+        &enabled,
+        std::fs::read_to_string(&config)
+            .unwrap()
+            .replace("enabled = false", "enabled = true"),
+    )
+    .unwrap();
+    let mut scheduling = serve(&enabled);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while runs.count_documents(doc! {}).await.unwrap() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the scheduler never fired"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for p in [&mut tracking_only, &mut scheduling] {
+        let _ = p.kill();
+        let _ = p.wait();
+    }
+    assert!(still_serving, "the tracking-only replica kept running");
+    assert_eq!(fired, 0, "nothing fired without a scheduler");
+    let _ = std::fs::remove_dir_all(dir);
+}
