@@ -647,29 +647,44 @@ pub const MANUAL_LEASE: Duration = Duration::from_secs(60);
 /// marked `manual`: if its process dies, no replica runs it again (the sweeper records it
 /// FAILED once its lease lapses). Returns its id.
 pub async fn start_manual_run(store: &Store, job: &str, owner: &str) -> Result<String, StoreError> {
-    check_not_running(store, job).await?;
-    let now = store.now();
-    let id = format!(
-        "{job}@manual-{}-{}",
-        Utc::now().format("%Y%m%dT%H%M%S%.3fZ"),
-        &uuid::Uuid::new_v4().simple().to_string()[..6]
-    );
-    let runs = store.lease_collection(c::SCHEDULED_RUNS);
-    runs.insert_one(doc! {
-        common::ID: &id, "job": job, "scheduledFor": now, "status": "RUNNING",
-        "manual": true, "owner": owner, "startedAt": now,
-        "expiresAt": store.now_plus(MANUAL_LEASE), "attempts": 1, common::CREATED_AT: now,
-    })
-    .await
-    .map_err(StoreError::mongo(c::SCHEDULED_RUNS, "record a manual run"))?;
-    // Two runs started at the same moment both passed the check above; whichever looks
-    // second sees the other and steps back, so at most one of them runs.
-    if let Some(other) = live_run(store, job, &id).await? {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        check_not_running(store, job).await?;
+        let now = store.now();
+        let id = format!(
+            "{job}@manual-{}-{}",
+            Utc::now().format("%Y%m%dT%H%M%S%.3fZ"),
+            &uuid::Uuid::new_v4().simple().to_string()[..6]
+        );
+        let runs = store.lease_collection(c::SCHEDULED_RUNS);
+        runs.insert_one(doc! {
+            common::ID: &id, "job": job, "scheduledFor": now, "status": "RUNNING",
+            "manual": true, "owner": owner, "startedAt": now,
+            "expiresAt": store.now_plus(MANUAL_LEASE), "attempts": 1, common::CREATED_AT: now,
+        })
+        .await
+        .map_err(StoreError::mongo(c::SCHEDULED_RUNS, "record a manual run"))?;
+        // Two runs started at the same moment both passed the check above; whichever
+        // looks second sees the other and steps back, so at most one of them runs.
+        let Some(other) = live_run(store, job, &id).await? else {
+            return Ok(id);
+        };
         step_back(store, &id, &other).await?;
+        // When both looked after both inserted, both stepped back and nothing runs:
+        // tried again after a random pause (each attempt is as safe as the first), so
+        // one of them goes instead of both answering that a run is in progress.
+        if tries < MANUAL_START_TRIES && live_run(store, job, &id).await?.is_none() {
+            let pause = rand::random_range(20..200u64);
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+            continue;
+        }
         return Err(busy(job, &other));
     }
-    Ok(id)
 }
+
+/// Attempts of a run by hand that stepped back from a tie.
+const MANUAL_START_TRIES: u32 = 4;
 
 /// Runs `work` for the manual run `id`, renewing its lease; if the lease is lost (the
 /// record was ended elsewhere, or the store stayed unreachable for a whole lease), `work`
