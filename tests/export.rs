@@ -1518,6 +1518,45 @@ print(json.dumps({"anonymousId": row["anonymousId"], "context": json.loads(row["
             .unwrap(),
         1
     );
+    events
+        .delete_one(doc! { "eventId": "odd-1" })
+        .await
+        .unwrap();
+
+    // Fields the columns have, holding values of other types (a fractional duration, a
+    // flag written as text, a time written as a string): an EVENT_DATA file would hold
+    // them as null, false or converted, so an archive, which deletes what it wrote,
+    // refuses them.
+    for (id, odd) in [
+        ("odd-2", doc! { "duration": 12.5 }),
+        ("odd-3", doc! { "metadata": { "bot": "true" } }),
+        ("odd-4", doc! { "updatedAt": "2026-01-01T00:00:00.123456Z" }),
+        ("odd-5", doc! { "pageUrl": 42 }),
+    ] {
+        let mut event = doc! {
+            "eventId": id, "userId": "u", "sessionId": "s", "eventType": "CLICK",
+            "timestamp": at, "createdAt": at, "metadata": { "bot": false },
+        };
+        event.extend(odd);
+        events.insert_one(event).await.unwrap();
+        let err = run_export(&ctx, &request(ExportJobType::Archive, day(0), day(0)))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(id) && err.contains("would lose that value"),
+            "{id}: {err}"
+        );
+        assert_eq!(
+            events
+                .count_documents(doc! { "eventId": id })
+                .await
+                .unwrap(),
+            1,
+            "{id} is kept"
+        );
+        events.delete_one(doc! { "eventId": id }).await.unwrap();
+    }
     std::fs::remove_dir_all(dir).unwrap();
 }
 

@@ -1514,7 +1514,17 @@ async fn stage(
                             .map_err(|e| enc(format!("cannot spool the archived eventIds: {e}")))?;
                     }
                 }
-                let encoded = encode(table, &records).map_err(|e| enc(e.to_string()))?;
+                // What an archive writes must hold every value whole: the events are
+                // deleted once it is published.
+                let encoded = if archiving {
+                    sluice_connectors::parquet::encode_exact(table, &records).map_err(|e| {
+                        enc(format!(
+                            "{e}; archiving it would lose that value, so nothing of the day was archived (fix or remove the event, or export the day with EVENT_DATA)"
+                        ))
+                    })?
+                } else {
+                    encode(table, &records).map_err(|e| enc(e.to_string()))?
+                };
                 progress
                     .rows_written
                     .fetch_add(records.len() as u64, Relaxed);

@@ -110,9 +110,31 @@ fn as_datetime(v: &Bson) -> Option<bson::DateTime> {
     }
 }
 
-fn column(spec: &ColumnSpec, docs: &[Document]) -> Result<ArrayRef, EncodeError> {
+/// How values that do not fit their column are taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fit {
+    /// Written as null (or as text, for a string column), with a warning.
+    Lenient,
+    /// Refused: what is written must hold each value whole, as ARCHIVE, which deletes
+    /// what it wrote, needs. Only dates are timestamps, only strings strings, only whole
+    /// numbers integers, only booleans flags.
+    Exact,
+}
+
+fn column(spec: &ColumnSpec, docs: &[Document], fit: Fit) -> Result<ArrayRef, EncodeError> {
     let mut odd = Mismatches::default();
-    let array = column_values(spec, docs, &mut odd)?;
+    let array = column_values(spec, docs, &mut odd, fit)?;
+    if odd.count > 0 && fit == Fit::Exact {
+        return Err(EncodeError::Value {
+            column: spec.name.to_string(),
+            message: format!(
+                "`{}` holds {} ({} value(s) of a type the column does not hold exactly)",
+                spec.path,
+                odd.example.as_deref().unwrap_or("?"),
+                odd.count
+            ),
+        });
+    }
     if odd.count > 0 {
         tracing::warn!(
             column = spec.name,
@@ -129,6 +151,7 @@ fn column_values(
     spec: &ColumnSpec,
     docs: &[Document],
     odd: &mut Mismatches,
+    fit: Fit,
 ) -> Result<ArrayRef, EncodeError> {
     let n = docs.len();
     let values = docs.iter().map(|d| lookup(d, spec.path));
@@ -148,7 +171,12 @@ fn column_values(
                     Some(v) if spec.kind == ColKind::Json => {
                         b.append_value(v.clone().into_relaxed_extjson().to_string())
                     }
-                    Some(v) => b.append_value(as_text(v)),
+                    Some(v) => {
+                        if fit == Fit::Exact {
+                            odd.note(Some(v), matches!(v, Bson::String(_)));
+                        }
+                        b.append_value(as_text(v))
+                    }
                     None => b.append_null(),
                 }
             }
@@ -157,7 +185,11 @@ fn column_values(
         ColKind::TimestampMicros => {
             let mut b = TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
             for v in values {
-                let date = v.and_then(as_datetime);
+                let date = match (v, fit) {
+                    // A string read as a date would come back as a date.
+                    (Some(Bson::String(_)), Fit::Exact) => None,
+                    _ => v.and_then(as_datetime),
+                };
                 odd.note(v, date.is_some());
                 check(date.is_some())?;
                 let t = match date {
@@ -305,19 +337,31 @@ fn top_pages(spec: &ColumnSpec, docs: &[Document]) -> Result<ArrayRef, EncodeErr
     )?))
 }
 
-/// Encodes `docs` as one record batch of `table`.
+/// Encodes `docs` as one record batch of `table`. A value of another type than its
+/// column's is written as null (as text for a string column), with a warning.
 pub fn encode(table: &TableSpec, docs: &[Document]) -> Result<RecordBatch, EncodeError> {
+    encode_fit(table, docs, Fit::Lenient)
+}
+
+/// [`encode`], refusing any value the batch would not hold exactly (a double in an
+/// integer column, a number in a string column, a string in a timestamp column): for
+/// ARCHIVE, which deletes what it wrote.
+pub fn encode_exact(table: &TableSpec, docs: &[Document]) -> Result<RecordBatch, EncodeError> {
+    encode_fit(table, docs, Fit::Exact)
+}
+
+fn encode_fit(table: &TableSpec, docs: &[Document], fit: Fit) -> Result<RecordBatch, EncodeError> {
     let arrays = table
         .columns
         .iter()
-        .map(|c| column(c, docs).map_err(|e| name_the_row(e, c, docs)))
+        .map(|c| column(c, docs, fit).map_err(|e| name_the_row(e, c, docs, fit)))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(RecordBatch::try_new(schema_of(table), arrays)?)
 }
 
 /// Adds to a column error which document caused it (its `eventId`, `visitorId`, `date`
 /// or `_id`): found by encoding the column one document at a time, on the error path only.
-fn name_the_row(err: EncodeError, spec: &ColumnSpec, docs: &[Document]) -> EncodeError {
+fn name_the_row(err: EncodeError, spec: &ColumnSpec, docs: &[Document], fit: Fit) -> EncodeError {
     let EncodeError::Value {
         column: name,
         message,
@@ -327,7 +371,7 @@ fn name_the_row(err: EncodeError, spec: &ColumnSpec, docs: &[Document]) -> Encod
     };
     let culprit = docs
         .iter()
-        .find(|d| column(spec, std::slice::from_ref(*d)).is_err());
+        .find(|d| column(spec, std::slice::from_ref(*d), fit).is_err());
     let Some(d) = culprit else {
         return EncodeError::Value {
             column: name,
