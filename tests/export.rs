@@ -565,7 +565,21 @@ async fn archive_deletes_exactly_what_it_exported() {
     )
     .unwrap();
     assert_eq!(manifest["rows"], 700);
+
+    // An export of the archived day to another destination (`--dest`, or a destination
+    // changed since) is refused too: it would publish the day from what is left.
+    let elsewhere = temp_dir();
+    let other = ExportContext::new(
+        db.store.clone(),
+        ObjectStore::Local(LocalDir::new(&elsewhere)),
+    );
+    let err = run_export(&other, &request(ExportJobType::EventData, old, old))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("archived"), "{err}");
     std::fs::remove_dir_all(dir).unwrap();
+    let _ = std::fs::remove_dir_all(elsewhere);
 }
 
 #[tokio::test]
