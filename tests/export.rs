@@ -1571,6 +1571,28 @@ print(json.dumps({"anonymousId": row["anonymousId"], "context": json.loads(row["
         );
         events.delete_one(doc! { "eventId": id }).await.unwrap();
     }
+    // An event whose `createdAt` is not a date: the archive filter would never select it,
+    // and the day would be published without it. The day waits, and says why.
+    events
+        .insert_one(doc! {
+            "eventId": "undated-1", "userId": "u", "sessionId": "s", "eventType": "CLICK",
+            "timestamp": at, "createdAt": "2026-01-01", "metadata": { "bot": false },
+        })
+        .await
+        .unwrap();
+    let err = run_export(&ctx, &request(ExportJobType::Archive, day(0), day(0)))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("undated-1") && err.contains("no date `createdAt`"),
+        "{err}"
+    );
+    let archived_day = format!("ARCHIVE/dt={}", day(-95));
+    assert!(
+        !dir.join(&archived_day).join("_manifest.json").exists(),
+        "nothing of the day was published"
+    );
     std::fs::remove_dir_all(dir).unwrap();
 }
 

@@ -870,6 +870,7 @@ async fn archive(
             // and the new): it waits until someone looks at it.
             continue;
         }
+        refuse_undated_events(ctx, d).await?;
         let filter = archive_filter(d, created_before);
         let docs = event_cursor(ctx, filter.clone()).await?;
         let s = stage(ctx, job_id, kind, d, &EVENT_TABLE, docs, Some(filter)).await?;
@@ -934,6 +935,39 @@ async fn archive(
 /// that fails can be undone by removing its files.
 fn part_name(job_id: &str, index: usize) -> String {
     format!("part-{job_id}-{index:05}.parquet")
+}
+
+/// Stops the archive at day `d` when some of its events have no date `createdAt`
+/// (written by another tool): the archive filter, which leaves events a writer may still
+/// be inserting by `createdAt`, would never select them, and the day would be published
+/// without them, each run again, while they stayed in MongoDB where nothing exports them.
+async fn refuse_undated_events(ctx: &ExportContext, d: NaiveDate) -> Result<(), ExportError> {
+    let undated = doc! {
+        e::TIMESTAMP: { "$gte": day_start(d), "$lt": day_start(next_day(d)) },
+        common::CREATED_AT: { "$not": { "$type": "date" } },
+    };
+    let events = ctx.store.collection(c::EVENTS);
+    let read_err = |source| ExportError::Read {
+        partition: format!("{}/dt={d}", ExportJobType::Archive.as_str()),
+        source,
+    };
+    let Some(example) = events
+        .find_one(undated.clone())
+        .projection(doc! { e::EVENT_ID: 1, common::ID: 1 })
+        .await
+        .map_err(read_err)?
+    else {
+        return Ok(());
+    };
+    let n = events.count_documents(undated).await.map_err(read_err)?;
+    Err(ExportError::Encode {
+        partition: format!("{}/dt={d}", ExportJobType::Archive.as_str()),
+        message: format!(
+            "{n} event(s) of the day have no date `createdAt` (for example eventId `{}`, _id {}): the archive tells events still being written by it, so it would leave them behind; nothing of the day was archived (set their `createdAt` to a date, or remove them)",
+            example.get_str(e::EVENT_ID).unwrap_or("?"),
+            example.get(common::ID).cloned().unwrap_or(Bson::Null)
+        ),
+    })
 }
 
 fn archive_filter(d: NaiveDate, created_before: DateTime) -> Document {
