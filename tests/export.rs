@@ -701,9 +701,14 @@ async fn runs_whose_process_died_are_failed_and_their_staging_removed() {
     let dir = temp_dir();
     let jobs = db.store.collection("export_jobs");
     let now = DateTime::now().timestamp_millis();
-    for (id, updated) in [("dead-run", now - 600_000), ("live-run", now - 1_000)] {
+    // A completed run's staging area is left when its cleanup failed after it published.
+    for (id, status, updated) in [
+        ("dead-run", "RUNNING", now - 600_000),
+        ("live-run", "RUNNING", now - 1_000),
+        ("done-run", "COMPLETED", now - 600_000),
+    ] {
         jobs.insert_one(doc! {
-            "jobId": id, "type": "EVENT_DATA", "status": "RUNNING",
+            "jobId": id, "type": "EVENT_DATA", "status": status,
             "updatedAt": DateTime::from_millis(updated),
         })
         .await
@@ -721,10 +726,12 @@ async fn runs_whose_process_died_are_failed_and_their_staging_removed() {
     let dead = job_doc(&db, "dead-run").await;
     assert_eq!(dead.get_str("status").unwrap(), "FAILED");
     assert!(dead.get_str("error").unwrap().contains("interrupted"));
-    assert!(!dir
-        .join("_staging/dead-run")
-        .join("EVENT_DATA/dt=2026-01-01/part-00000.parquet")
-        .exists());
+    for ended in ["dead-run", "done-run"] {
+        assert!(!dir
+            .join(format!("_staging/{ended}"))
+            .join("EVENT_DATA/dt=2026-01-01/part-00000.parquet")
+            .exists());
+    }
     assert_eq!(
         job_doc(&db, "live-run").await.get_str("status").unwrap(),
         "RUNNING"

@@ -667,9 +667,13 @@ async fn remove_failed_staging(ctx: &ExportContext) {
         }
     }
     for (job, keys) in by_job {
+        // Of runs that ended: failed ones, and completed ones whose cleanup failed.
         let status = history::status(&ctx.store, &job).await;
-        if matches!(status, Ok(Some(s)) if s == sluice_core::model::ExportJobStatus::Failed.as_str())
-        {
+        let ended = [
+            sluice_core::model::ExportJobStatus::Failed,
+            sluice_core::model::ExportJobStatus::Completed,
+        ];
+        if matches!(status, Ok(Some(s)) if ended.iter().any(|e| s == e.as_str())) {
             let _ = ctx.dest.delete(&keys).await;
         }
     }
@@ -832,14 +836,21 @@ async fn publish_all(
             .await?;
         published.push(p);
     }
-    let staging: Vec<String> = ctx
-        .dest
-        .list(&staging_prefix(job_id))
-        .await?
-        .into_iter()
-        .map(|o| o.key)
-        .collect();
-    ctx.dest.delete(&staging).await?;
+    // Every partition is published: a staging area that cannot be removed now fails
+    // nothing (a later run sweeps leftovers of runs that ended).
+    let cleared = async {
+        let staging: Vec<String> = ctx
+            .dest
+            .list(&staging_prefix(job_id))
+            .await?
+            .into_iter()
+            .map(|o| o.key)
+            .collect();
+        ctx.dest.delete(&staging).await
+    };
+    if let Err(e) = cleared.await {
+        tracing::warn!(job = job_id, error = %e, "published, but the run's staging area was not removed; a later run removes it");
+    }
     Ok(published)
 }
 
