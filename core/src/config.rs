@@ -331,6 +331,8 @@ impl Default for ExportSection {
 pub struct S3Section {
     /// Custom endpoint for S3-compatible stores; empty means AWS.
     pub endpoint: String,
+    /// Empty: from the AWS chain (`AWS_REGION`, the profile, instance metadata) on AWS,
+    /// else `us-east-1` (any region does for S3-compatible stores).
     pub region: String,
     /// Empty means the standard AWS credential chain.
     pub access_key: Secret,
@@ -346,7 +348,7 @@ impl Default for S3Section {
     fn default() -> Self {
         Self {
             endpoint: String::new(),
-            region: "us-east-1".into(),
+            region: String::new(),
             access_key: Secret::default(),
             secret_key: Secret::default(),
             path_style: false,

@@ -99,7 +99,8 @@ pub fn s3_settings(bucket: &str) -> sluice_connectors::objstore::S3Settings {
         bucket: bucket.to_string(),
         prefix: "exports".into(),
         endpoint: var("SLUICE_S3_ENDPOINT", "http://127.0.0.1:8333"),
-        region: "us-east-1".into(),
+        // Unset, as by default: an S3-compatible endpoint takes the fallback region.
+        region: String::new(),
         access_key: var("SLUICE_S3_ACCESS_KEY", "sluice"),
         secret_key: var("SLUICE_S3_SECRET_KEY", "sluice-secret"),
         path_style: true,

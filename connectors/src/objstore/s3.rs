@@ -106,6 +106,10 @@ fn encode_copy_source(text: &str) -> String {
     out
 }
 
+/// The region when none is configured and the AWS chain gives none (an S3-compatible
+/// store, a machine without AWS settings).
+const DEFAULT_REGION: &str = "us-east-1";
+
 impl S3Store {
     pub async fn connect(settings: &S3Settings) -> Result<Self, StorageError> {
         // rustls with ring: no C toolchain needed to build, same TLS as the rest of Sluice.
@@ -114,9 +118,31 @@ impl S3Store {
                 tls::rustls_provider::CryptoMode::Ring,
             ))
             .build_https();
+        // The AWS chain (environment, profile, instance metadata) gives the credentials
+        // when none are configured, and the region when none is: for AWS only, since an
+        // S3-compatible endpoint takes any region.
+        let chain_region = settings.region.is_empty() && settings.endpoint.is_empty();
+        let shared = if settings.access_key.is_empty() || chain_region {
+            let mut loader =
+                aws_config::defaults(BehaviorVersion::latest()).http_client(http.clone());
+            if !chain_region {
+                loader = loader.region(Region::new(settings.region.clone()));
+            }
+            Some(loader.load().await)
+        } else {
+            None
+        };
+        let region = match (settings.region.is_empty(), &shared) {
+            (false, _) => Region::new(settings.region.clone()),
+            (true, Some(shared)) if chain_region => shared
+                .region()
+                .cloned()
+                .unwrap_or_else(|| Region::new(DEFAULT_REGION)),
+            (true, _) => Region::new(DEFAULT_REGION),
+        };
         let mut builder = aws_sdk_s3::config::Builder::new()
             .behavior_version(BehaviorVersion::latest())
-            .region(Region::new(settings.region.clone()))
+            .region(region)
             .http_client(http.clone())
             .force_path_style(settings.path_style)
             .retry_config(RetryConfig::standard().with_max_attempts(5))
@@ -139,12 +165,7 @@ impl S3Store {
                 );
         }
         if settings.access_key.is_empty() {
-            let shared = aws_config::defaults(BehaviorVersion::latest())
-                .http_client(http)
-                .region(Region::new(settings.region.clone()))
-                .load()
-                .await;
-            if let Some(provider) = shared.credentials_provider() {
+            if let Some(provider) = shared.as_ref().and_then(|s| s.credentials_provider()) {
                 builder = builder.credentials_provider(provider);
             }
         } else {
