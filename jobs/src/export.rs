@@ -595,8 +595,23 @@ async fn retire(ctx: &ExportContext, stale: Vec<String>) -> Vec<String> {
         return stale;
     }
     let due = ctx.store.now_plus(ctx.keep_replaced);
+    match record_retired(ctx, &stale, due).await {
+        Ok(()) => Vec::new(),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not record replaced parts for later removal; removing them now");
+            stale
+        }
+    }
+}
+
+/// Records `keys` in `retired_parts`, to be removed by a run after `due`.
+async fn record_retired(
+    ctx: &ExportContext,
+    keys: &[String],
+    due: DateTime,
+) -> Result<(), mongodb::error::Error> {
     let dest = ctx.dest.url("");
-    let docs: Vec<Document> = stale
+    let docs: Vec<Document> = keys
         .iter()
         .map(|key| doc! { common::ID: ctx.dest.url(key), "dest": &dest, "key": key, "dueAt": due })
         .collect();
@@ -607,12 +622,14 @@ async fn retire(ctx: &ExportContext, stale: Vec<String>) -> Vec<String> {
         .ordered(false)
         .await
     {
-        Ok(_) => Vec::new(),
-        Err(e) if sluice_connectors::mongo::is_duplicate_key(&e) => Vec::new(),
-        Err(e) => {
-            tracing::warn!(error = %e, "could not record replaced parts for later removal; removing them now");
-            stale
+        Ok(_) => Ok(()),
+        Err(e)
+            if sluice_connectors::mongo::is_duplicate_key(&e)
+                || sluice_connectors::mongo::duplicate_key_positions(&e).is_some() =>
+        {
+            Ok(())
         }
+        Err(e) => Err(e),
     }
 }
 
@@ -1984,11 +2001,13 @@ async fn publish_now(
             .filter(|k| k.ends_with(".parquet") && !copied.contains(k))
             .collect();
         // The manifest already names exactly the new files, which is what readers read:
-        // an old part that cannot be removed now is removed by the next publish. With a
-        // grace period it is removed once that has passed (by a later run).
+        // an old part that cannot be removed now is recorded, and removed by the next
+        // export run to this destination (readers globbing `*.parquet` would count it
+        // meanwhile). With a grace period it is removed once that has passed.
         let stale = retire(ctx, stale).await;
         if let Err(e) = ctx.dest.delete(&stale).await {
-            tracing::warn!(partition = %s.prefix, error = %e, "earlier parts not removed; the partition's manifest names only the new ones, and the next publish removes them");
+            let recorded = record_retired(ctx, &stale, ctx.store.now()).await;
+            tracing::warn!(partition = %s.prefix, error = %e, recorded = recorded.is_ok(), "earlier parts not removed; the partition's manifest names only the new ones, and the next export run removes them");
         }
     }
     ctx.dest.put_bytes(&success, Vec::new()).await?;
