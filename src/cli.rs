@@ -371,13 +371,17 @@ pub fn spawn_progress(
             let rows = progress.rows_read.load(Relaxed);
             let encoded = progress.rows_written.load(Relaxed);
             let bytes = progress.bytes_uploaded.load(Relaxed);
+            let deleted = progress.rows_deleted.load(Relaxed);
             let secs = started.elapsed().as_secs_f64().max(0.001);
             // Parts are uploaded as they close (up to 128 MB each), so the MB lag the rows.
-            let line = format!(
+            let mut line = format!(
                 "  {rows} rows read, {encoded} encoded, {:.1} MB in uploaded parts, {:.0} rows/s",
                 bytes as f64 / 1e6,
                 rows as f64 / secs
             );
+            if deleted > 0 {
+                line.push_str(&format!(", {deleted} archived events deleted"));
+            }
             let mut err = std::io::stderr();
             if tty {
                 let _ = write!(err, "\r{line}   ");

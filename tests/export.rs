@@ -470,6 +470,13 @@ async fn archive_deletes_exactly_what_it_exported() {
         .unwrap();
     assert_eq!(summary.rows, 700);
     assert_eq!(summary.deleted, 700);
+    // The delete phase shows in the run's progress, chunk by chunk.
+    assert_eq!(
+        ctx.progress
+            .rows_deleted
+            .load(std::sync::atomic::Ordering::Relaxed),
+        700
+    );
     assert_eq!(
         std::fs::read_dir(&work).unwrap().count(),
         0,

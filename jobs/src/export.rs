@@ -110,6 +110,8 @@ pub struct Progress {
     pub rows_read: AtomicU64,
     pub rows_written: AtomicU64,
     pub bytes_uploaded: AtomicU64,
+    /// ARCHIVE: events deleted from MongoDB after their day was published.
+    pub rows_deleted: AtomicU64,
 }
 
 /// Everything a run needs besides the request.
@@ -2079,7 +2081,9 @@ async fn delete_spooled(
         if ids.is_empty() {
             return Ok(deleted);
         }
-        deleted += delete_archived(ctx, prefix, filter, &ids).await?;
+        let n = delete_archived(ctx, prefix, filter, &ids).await?;
+        ctx.progress.rows_deleted.fetch_add(n, Relaxed);
+        deleted += n;
     }
 }
 
