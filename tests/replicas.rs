@@ -758,6 +758,24 @@ async fn a_run_cancelled_while_publishing_still_leaves_the_partition_whole() {
         first.job_id.as_str(),
         "the second run's files"
     );
+    // Its FAILED record (written when it was cancelled) lists the partition it replaced.
+    let job = db
+        .store
+        .collection("export_jobs")
+        .find_one(doc! { "jobId": manifest["jobId"].as_str().unwrap() })
+        .await
+        .unwrap()
+        .expect("the second run's record");
+    assert_eq!(job.get_str("status").unwrap(), "FAILED", "{job}");
+    let listed: Vec<&str> = job
+        .get_array("partitions")
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| p.as_document()?.get_str("prefix").ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(listed, [prefix.as_str()], "{job}");
 }
 
 #[tokio::test]

@@ -850,10 +850,7 @@ async fn publish_all(
 ) -> Result<Vec<PartitionSummary>, ExportError> {
     let mut published = Vec::new();
     for s in staged {
-        let p = publish(ctx, job_id, kind, s).await?;
-        history::partition_published(&ctx.store, job_id, &p.prefix, p.rows, &p.files, p.kept)
-            .await?;
-        published.push(p);
+        published.push(publish(ctx, job_id, kind, s).await?);
     }
     // Every partition is published: a staging area that cannot be removed now fails
     // nothing (a later run sweeps leftovers of runs that ended).
@@ -1788,7 +1785,15 @@ async fn publish(
         let _publishing = publishing;
         let published = publish_now(&ctx, &job_id, kind, &part, &lock).await;
         lock.release(&ctx.store).await;
-        published
+        let p = published?;
+        // Recorded here, in the publish's own task: a run stopped meanwhile (its FAILED
+        // record already written) still lists the partition it replaced. (ARCHIVE
+        // records it once the day's events are deleted.)
+        if kind != ExportJobType::Archive {
+            history::partition_published(&ctx.store, &job_id, &p.prefix, p.rows, &p.files, p.kept)
+                .await?;
+        }
+        Ok(p)
     })
     .await
     .map_err(|e| ExportError::Request(format!("publishing `{}` stopped: {e}", s.prefix)))?
