@@ -990,7 +990,7 @@ async fn refuse_undated_events(ctx: &ExportContext, d: NaiveDate) -> Result<(), 
     Err(ExportError::Encode {
         partition: format!("{}/dt={d}", ExportJobType::Archive.as_str()),
         message: format!(
-            "{n} event(s) of the day have no date `createdAt` (for example eventId `{}`, _id {}): the archive tells events still being written by it, so it would leave them behind; nothing of the day was archived (set their `createdAt` to a date, or remove them)",
+            "{n} event(s) of the day have no date `createdAt` (for example eventId `{}`, _id {}): the archive leaves events still being written for its next run by their `createdAt`, so it would never take these; nothing of the day was archived (set their `createdAt` to a date, or remove them)",
             example.get_str(e::EVENT_ID).unwrap_or("?"),
             example.get(common::ID).cloned().unwrap_or(Bson::Null)
         ),
