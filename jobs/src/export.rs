@@ -1974,7 +1974,9 @@ async fn publish_now(
             // Another run may hold the partition now: remove only this run's own copies
             // and leave the manifest and `_SUCCESS` to it.
             if let Err(e) = ctx.dest.delete(&copied).await {
-                tracing::warn!(partition = %s.prefix, error = %e, "copies of a publish that lost its lock not removed");
+                // No manifest of the partition names them: the next run removes them.
+                let recorded = record_retired(ctx, &copied, ctx.store.now()).await;
+                tracing::warn!(partition = %s.prefix, error = %e, recorded = recorded.is_ok(), "copies of a publish that lost its lock not removed");
             }
             return Err(err);
         }
@@ -1984,7 +1986,12 @@ async fn publish_now(
                 Some(bytes) => ctx.dest.put_bytes(&manifest_key, bytes.clone()).await?,
                 None => ctx.dest.delete(std::slice::from_ref(&manifest_key)).await?,
             }
-            ctx.dest.delete(&copied).await?;
+            if let Err(e) = ctx.dest.delete(&copied).await {
+                // The old manifest is back and does not name them: the next run removes
+                // them.
+                let _ = record_retired(ctx, &copied, ctx.store.now()).await;
+                return Err(e);
+            }
             if had_success {
                 ctx.dest.put_bytes(&success, Vec::new()).await?;
             }
