@@ -470,6 +470,7 @@ pub async fn export_run(
         archive_after_days: config.archive_after_days,
         archive_settle: sluice_jobs::export::DEFAULT_ARCHIVE_SETTLE,
         scheduled: false,
+        late_readers: late_readers(config),
     };
     let ticker = spawn_progress(ctx.progress.clone());
     let result = until_signal(&store, run_export(&ctx, &request)).await;
@@ -1133,4 +1134,20 @@ pub async fn admin_create_user(config: &Config, email: &str, role: &str) -> anyh
         .map_err(anyhow::Error::msg)?;
     println!("created {role} {}", email.trim().to_ascii_lowercase());
     Ok(())
+}
+
+/// The export kinds whose schedules publish late events again (an ARCHIVE waits for them).
+pub(crate) fn late_readers(
+    config: &sluice_core::config::Config,
+) -> Vec<sluice_core::model::ExportJobType> {
+    use sluice_core::model::ExportJobType;
+    let mut kinds: Vec<ExportJobType> = config
+        .schedules
+        .iter()
+        .filter_map(|s| ExportJobType::parse(&s.kind).ok())
+        .filter(|k| matches!(k, ExportJobType::EventData | ExportJobType::DailyAnalytics))
+        .collect();
+    kinds.sort_by_key(|k| k.as_str());
+    kinds.dedup();
+    kinds
 }

@@ -220,12 +220,15 @@ impl EngineRunner {
                 }
                 _ => vec![sluice_jobs::export::run_export(
                     &ctx,
-                    &sluice_jobs::export::ExportRequest::day(
-                        kind,
-                        yesterday,
-                        self.config.archive_after_days,
-                    )
-                    .scheduled(),
+                    &sluice_jobs::export::ExportRequest {
+                        late_readers: crate::cli::late_readers(&self.config),
+                        ..sluice_jobs::export::ExportRequest::day(
+                            kind,
+                            yesterday,
+                            self.config.archive_after_days,
+                        )
+                        .scheduled()
+                    },
                 )
                 .await
                 .map_err(|e| e.to_string())?],

@@ -77,6 +77,7 @@ fn request(kind: ExportJobType, from: NaiveDate, to: NaiveDate) -> ExportRequest
         archive_after_days: 90,
         archive_settle: Duration::ZERO,
         scheduled: false,
+        late_readers: Vec::new(),
     }
 }
 
@@ -1764,4 +1765,60 @@ async fn a_dead_run_s_leftover_work_files_are_swept_a_day_later() {
     assert!(other.exists(), "only Sluice's own work files are touched");
     std::fs::remove_dir_all(dir).unwrap();
     std::fs::remove_dir_all(work).unwrap();
+}
+
+/// A day with late events the scheduled EVENT_DATA export has not published again waits
+/// for it before ARCHIVE takes it (archived first, they would never reach EVENT_DATA); a
+/// mark nobody reads for longer than `LATE_WAIT` does not hold the day for ever.
+#[tokio::test]
+async fn an_archive_waits_for_late_events_to_be_published_again() {
+    let db = TestDb::initialized().await;
+    let dir = temp_dir();
+    let old = day(-100);
+    seed(&db, old, 20).await;
+    // The writer marked the day as it stored its (late) events.
+    let late = db.store.collection("late_days");
+    let now = db.store.now().timestamp_millis();
+    let mark = late
+        .find_one(doc! { "_id": old.to_string() })
+        .await
+        .unwrap()
+        .expect("marked");
+    assert!(mark.get_datetime("markedAt").unwrap().timestamp_millis() >= now - 60_000);
+    let ctx = ExportContext::new(db.store.clone(), ObjectStore::Local(LocalDir::new(&dir)));
+    let archive = ExportRequest {
+        late_readers: vec![ExportJobType::EventData],
+        ..request(ExportJobType::Archive, day(0), day(0))
+    };
+    let events = db.store.collection("events");
+    let waited = run_export(&ctx, &archive).await.unwrap();
+    assert_eq!(waited.deleted, 0);
+    assert_eq!(events.count_documents(doc! {}).await.unwrap(), 20);
+    // EVENT_DATA has published the day again since the mark: the archive takes it.
+    late.update_one(
+        doc! { "_id": old.to_string() },
+        doc! { "$set": { "exported.EVENT_DATA": DateTime::from_millis(now + 120_000) } },
+    )
+    .await
+    .unwrap();
+    let taken = run_export(&ctx, &archive).await.unwrap();
+    assert_eq!(taken.deleted, 20);
+    // A mark no reader has taken within LATE_WAIT holds nothing.
+    seed(&db, day(-101), 5).await;
+    let stale = now - sluice_jobs::export::LATE_WAIT.as_millis() as i64 - 60_000;
+    late.update_one(
+        doc! { "_id": day(-101).to_string() },
+        doc! { "$set": { "markedAt": DateTime::from_millis(stale) } },
+    )
+    .await
+    .unwrap();
+    let anyway = run_export(&ctx, &archive).await.unwrap();
+    assert_eq!(anyway.deleted, 5);
+    // Without scheduled readers of late days, nothing is waited for.
+    seed(&db, day(-102), 3).await;
+    let unwaited = run_export(&ctx, &request(ExportJobType::Archive, day(0), day(0)))
+        .await
+        .unwrap();
+    assert_eq!(unwaited.deleted, 3);
+    std::fs::remove_dir_all(dir).unwrap();
 }

@@ -79,6 +79,10 @@ pub struct ExportRequest {
     /// Run by the schedule's catch-up. Other runs (`export run`, backfills, the demo) are
     /// recorded as `manual` and never move the point catch-up resumes from.
     pub scheduled: bool,
+    /// ARCHIVE: the export kinds scheduled to publish late events again (EVENT_DATA,
+    /// DAILY_ANALYTICS). A day whose late events they have not read yet waits (at most
+    /// [`LATE_WAIT`]): archived first, those events would never reach their partitions.
+    pub late_readers: Vec<ExportJobType>,
 }
 
 impl ExportRequest {
@@ -91,6 +95,7 @@ impl ExportRequest {
             archive_after_days,
             archive_settle: DEFAULT_ARCHIVE_SETTLE,
             scheduled: false,
+            late_readers: Vec::new(),
         }
     }
 
@@ -897,6 +902,10 @@ async fn archive(
             // and the new): it waits until someone looks at it.
             continue;
         }
+        if let Some(waiting) = late_unread(ctx, &request.late_readers, d).await? {
+            tracing::warn!(day = %d, exports = ?waiting, "not archived yet: late events of the day are still to be published by these exports; the next archive run takes it");
+            continue;
+        }
         refuse_undated_events(ctx, d).await?;
         let filter = archive_filter(d, created_before);
         let docs = event_cursor(ctx, filter.clone()).await?;
@@ -962,6 +971,50 @@ async fn archive(
 /// that fails can be undone by removing its files.
 fn part_name(job_id: &str, index: usize) -> String {
     format!("part-{job_id}-{index:05}.parquet")
+}
+
+/// How long ARCHIVE waits for the late events of a day to be published again by the
+/// exports that read them; beyond it, those exports are taken as stopped or failing, and
+/// the day is archived anyway.
+pub const LATE_WAIT: Duration = Duration::from_secs(3 * 24 * 3600);
+
+/// ARCHIVE: the kinds of `readers` that have not yet published the late events marked for
+/// `d` (the mark is newer than what they read), or `None` when none is waited for.
+async fn late_unread(
+    ctx: &ExportContext,
+    readers: &[ExportJobType],
+    d: NaiveDate,
+) -> Result<Option<Vec<&'static str>>, ExportError> {
+    if readers.is_empty() {
+        return Ok(None);
+    }
+    let mark = ctx
+        .store
+        .collection(c::LATE_DAYS)
+        .find_one(doc! { common::ID: d.to_string() })
+        .await
+        .map_err(StoreError::mongo(c::LATE_DAYS, "read a late day"))?;
+    let Some((mark, marked)) = mark.and_then(|m| {
+        let at = *m.get_datetime("markedAt").ok()?;
+        Some((m, at))
+    }) else {
+        return Ok(None);
+    };
+    let waited = ctx.store.now().timestamp_millis() - marked.timestamp_millis();
+    if waited > LATE_WAIT.as_millis() as i64 {
+        return Ok(None);
+    }
+    let read = |k: &ExportJobType| {
+        mark.get_document("exported")
+            .ok()
+            .and_then(|e| e.get_datetime(k.as_str()).ok().copied())
+    };
+    let waiting: Vec<&'static str> = readers
+        .iter()
+        .filter(|k| read(k).is_none_or(|r| r < marked))
+        .map(|k| k.as_str())
+        .collect();
+    Ok((!waiting.is_empty()).then_some(waiting))
 }
 
 /// Stops the archive at day `d` when some of its events have no date `createdAt`
