@@ -955,3 +955,48 @@ async fn stopped_runs_keep_their_lease_until_they_are_handed_back() {
     assert_eq!(run.get_datetime("expiresAt").unwrap().timestamp_millis(), 0);
     assert!(run.get_bool("handedBack").unwrap());
 }
+
+/// A renewal that reaches the server after the lease lapsed (held up in the network)
+/// does not revive the lease: another replica may be taking the run over.
+#[tokio::test]
+async fn a_renewal_arriving_after_the_lease_lapsed_does_not_revive_it() {
+    use std::sync::atomic::Ordering;
+    let db = TestDb::initialized().await;
+    let (uri, hold, held) = support::holding_mongo_proxy(b"expiresAt").await;
+    let store = support::store_via(&uri, &db.name).await;
+    let (s, log) = idle_scheduler(&store, "a", Duration::from_secs(4), 900).await;
+    // A job this replica does not schedule: its sweeper leaves the lapsed run alone.
+    let job = unscheduled("unswept");
+    let firing = tokio::spawn({
+        let s = s.clone();
+        async move { s.fire(&job, Utc::now()).await }
+    });
+    let running = doc! { "job": "unswept", "status": "RUNNING" };
+    renewed_once(&db.store, running.clone()).await;
+    // The next renewal is held; the run stops before its lease could lapse.
+    hold.store(true, Ordering::SeqCst);
+    support::wait_until("a renewal is held", || async {
+        held.load(Ordering::SeqCst) > 0
+    })
+    .await;
+    assert_eq!(firing.await.unwrap(), FireOutcome::LeaseLost);
+    let runs = db.store.collection("scheduled_runs");
+    let expires = || async {
+        runs.find_one(running.clone())
+            .await
+            .unwrap()
+            .and_then(|d| d.get_datetime("expiresAt").ok().copied())
+    };
+    let lapsed = expires().await.expect("still RUNNING");
+    support::wait_until("the lease lapses", || async { db.store.now() > lapsed }).await;
+    // Delivered now, the renewal matches nothing.
+    hold.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        expires().await,
+        Some(lapsed),
+        "the lapsed lease was renewed"
+    );
+    assert!(log.lock().unwrap().is_empty());
+    s.shutdown().await;
+}

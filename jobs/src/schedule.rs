@@ -387,10 +387,10 @@ impl Scheduler {
                         .update_many(
                             // Never one handed back meanwhile (a renewal still on the
                             // wire when `hand_back` aborted this task).
-                            doc! {
+                            unlapsed(&doc! {
                                 "owner": &inner.options.instance, "status": "RUNNING",
                                 "handedBack": { "$ne": true },
-                            },
+                            }),
                             doc! { "$set": { "expiresAt": inner.store.now_plus(lease) } },
                         )
                         .await;
@@ -872,7 +872,7 @@ async fn keep_lease(
         }
         let sent = tokio::time::Instant::now();
         let renewal = runs.update_one(
-            filter.clone(),
+            unlapsed(&filter),
             doc! { "$set": { "expiresAt": store.now_plus(lease) } },
         );
         match tokio::time::timeout_at(hold_until, renewal).await {
@@ -888,6 +888,15 @@ async fn keep_lease(
             Ok(Err(e)) => tracing::warn!(error = %e, "could not renew a run's lease; trying again"),
         }
     }
+}
+
+/// `filter`, matching only while the lease has not lapsed by the server's own clock: a
+/// renewal that reaches the server late (a failover, a stalled connection) must not revive
+/// a lease another replica may be taking over.
+fn unlapsed(filter: &Document) -> Document {
+    let mut live = filter.clone();
+    live.insert("$expr", doc! { "$gt": ["$expiresAt", "$$NOW"] });
+    live
 }
 
 /// A run of `job` other than `except` that holds a live lease.
