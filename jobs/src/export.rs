@@ -824,26 +824,14 @@ async fn refuse_archived_days(
 /// deleted, whatever destination it was archived to (an `export run archive --dest`, a
 /// destination changed since), or by a manifest at this destination.
 async fn is_archived(ctx: &ExportContext, day: NaiveDate) -> Result<bool, ExportError> {
-    let archive = ExportJobType::Archive.as_str();
-    let prefix = format!("{archive}/dt={day}");
-    let recorded = ctx
-        .store
-        .collection(c::EXPORT_JOBS)
-        .find_one(doc! { x::TYPE: archive, "$or": [
-            { format!("{}.prefix", history::PARTITIONS): &prefix },
-            { format!("{}.prefix", history::PENDING_DELETES): &prefix },
-        ] })
-        .projection(doc! { common::ID: 1 })
-        .await
-        .map_err(StoreError::mongo(c::EXPORT_JOBS, "look for archived days"))?;
-    if recorded.is_some() {
+    if !history::archived_days(&ctx.store, &[day]).await?.is_empty() {
         return Ok(true);
     }
-    Ok(ctx
-        .dest
-        .head(&format!("{prefix}/_manifest.json"))
-        .await?
-        .is_some())
+    let manifest = format!(
+        "{}/dt={day}/_manifest.json",
+        ExportJobType::Archive.as_str()
+    );
+    Ok(ctx.dest.head(&manifest).await?.is_some())
 }
 
 /// Publishes every staged partition, then removes the run's staging area.

@@ -378,3 +378,42 @@ pub async fn interrupted_archives(
             "find interrupted archives",
         ))
 }
+
+/// The days of `days` an ARCHIVE run names, as published (`partitions`) or about to be
+/// deleted (`pendingDeletes`), whatever destination it archived to: their events were, or
+/// are being, moved out of MongoDB. Sorted, each once.
+pub async fn archived_days(
+    store: &Store,
+    days: &[chrono::NaiveDate],
+) -> Result<Vec<chrono::NaiveDate>, StoreError> {
+    use futures_util::TryStreamExt;
+    let archive = ExportJobType::Archive.as_str();
+    let prefixes: Vec<String> = days.iter().map(|d| format!("{archive}/dt={d}")).collect();
+    let step = "look for archived days";
+    let runs: Vec<Document> = store
+        .collection(c::EXPORT_JOBS)
+        .find(doc! { f::TYPE: archive, "$or": [
+            { format!("{PARTITIONS}.prefix"): { "$in": &prefixes } },
+            { format!("{PENDING_DELETES}.prefix"): { "$in": &prefixes } },
+        ] })
+        .projection(
+            doc! { format!("{PARTITIONS}.prefix"): 1, format!("{PENDING_DELETES}.prefix"): 1 },
+        )
+        .await
+        .map_err(StoreError::mongo(c::EXPORT_JOBS, step))?
+        .try_collect()
+        .await
+        .map_err(StoreError::mongo(c::EXPORT_JOBS, step))?;
+    let mut archived: Vec<chrono::NaiveDate> = runs
+        .iter()
+        .flat_map(|r| [PARTITIONS, PENDING_DELETES].map(|k| r.get_array(k).ok()))
+        .flatten()
+        .flatten()
+        .filter_map(|p| p.as_document()?.get_str("prefix").ok())
+        .filter_map(|p| prefixes.iter().position(|c| c == p))
+        .map(|i| days[i])
+        .collect();
+    archived.sort_unstable();
+    archived.dedup();
+    Ok(archived)
+}

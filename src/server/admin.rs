@@ -960,46 +960,21 @@ async fn refuse_archived_days(
     from: chrono::NaiveDate,
     to: chrono::NaiveDate,
 ) -> Result<(), ApiError> {
-    let archive = sluice_core::model::ExportJobType::Archive.as_str();
-    let candidates: Vec<String> = from
-        .iter_days()
-        .take_while(|d| *d <= to)
-        .map(|d| format!("{archive}/dt={d}"))
-        .collect();
-    let runs: Vec<Document> = state
-        .store
-        .collection(c::EXPORT_JOBS)
-        .find(doc! { "type": archive, "$or": [
-            { "partitions.prefix": { "$in": &candidates } },
-            { "pendingDeletes.prefix": { "$in": &candidates } },
-        ] })
-        .projection(doc! { "partitions.prefix": 1, "pendingDeletes.prefix": 1 })
-        .await
-        .map_err(store_error)?
-        .try_collect()
+    let days: Vec<chrono::NaiveDate> = from.iter_days().take_while(|d| *d <= to).collect();
+    let archived = sluice_jobs::history::archived_days(&state.store, &days)
         .await
         .map_err(store_error)?;
-    let mut archived: Vec<&str> = runs
-        .iter()
-        .flat_map(|r| ["partitions", "pendingDeletes"].map(|k| r.get_array(k).ok()))
-        .flatten()
-        .flatten()
-        .filter_map(|p| p.as_document()?.get_str("prefix").ok())
-        .filter(|p| candidates.iter().any(|c| c == p))
-        .filter_map(|p| p.split_once("dt=").map(|(_, d)| d))
-        .collect();
-    if archived.is_empty() {
+    let Some(last) = archived.last() else {
         return Ok(());
-    }
-    archived.sort_unstable();
-    archived.dedup();
+    };
+    let archived: Vec<String> = archived.iter().map(|d| d.to_string()).collect();
     Err(ApiError::new(
         StatusCode::BAD_REQUEST,
         "archived_days",
         format!(
             "days of this range were archived, or are being archived ({}): their events were moved to the ARCHIVE partitions and deleted from MongoDB, so counting them here would report only what arrived later; read the DAILY_ANALYTICS or ARCHIVE partitions for them, or start the range after {}",
             archived.join(", "),
-            archived[archived.len() - 1],
+            last,
         ),
     ))
 }
