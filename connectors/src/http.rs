@@ -13,7 +13,7 @@ use reqwest::header::HeaderMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sluice_core::integration::{
-    first, records_miss, records_not_a_list, select_records, Auth, Connector, Paging,
+    at_chain, first, records_miss, records_not_a_list, select_records, Auth, Connector, Paging,
 };
 use sluice_core::model::HttpMethod;
 use tokio::sync::Mutex;
@@ -106,10 +106,6 @@ impl Page {
             self.body = Value::Null;
         }
     }
-}
-
-fn at_chain<'a>(body: &'a Value, chain: &[String]) -> Option<&'a Value> {
-    chain.iter().try_fold(body, |v, k| v.as_object()?.get(k))
 }
 
 /// The length of the list a records selector walks first: the members before its first

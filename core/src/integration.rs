@@ -1140,7 +1140,7 @@ pub fn records_miss(body: &Value, path: &str) -> Option<String> {
 /// or the selector is not a plain member chain ending in `[*]`.
 pub fn records_not_a_list(body: &Value, path: &str) -> Option<String> {
     let chain = member_chain(path.trim().strip_suffix("[*]")?)?;
-    let found = chain.iter().try_fold(body, |v, k| v.as_object()?.get(k))?;
+    let found = at_chain(body, &chain)?;
     let what = match found {
         Value::Array(_) | Value::Null => return None,
         Value::Object(m) if m.values().all(Value::is_object) => return None,
@@ -1498,6 +1498,12 @@ fn beyond_int64(v: &Value) -> bool {
         Value::Object(o) => o.values().any(beyond_int64),
         _ => false,
     }
+}
+
+/// What `body` holds at the member `chain` (from [`member_chain`]), if every step is an
+/// object holding the next member.
+pub fn at_chain<'a>(body: &'a Value, chain: &[String]) -> Option<&'a Value> {
+    chain.iter().try_fold(body, |v, k| v.as_object()?.get(k))
 }
 
 /// The keys of a JSONPath that is only `$` and `.name` steps (ASCII names of letters,
