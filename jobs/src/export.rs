@@ -611,6 +611,18 @@ async fn retire(ctx: &ExportContext, stale: Vec<String>) -> Vec<String> {
     }
 }
 
+/// Removes `keys`, parts no manifest names. What cannot be removed now is recorded in
+/// `retired_parts`, for the next export run to this destination, and the error returned.
+async fn remove_unnamed(ctx: &ExportContext, keys: &[String]) -> Result<(), StorageError> {
+    let Err(e) = ctx.dest.delete(keys).await else {
+        return Ok(());
+    };
+    if let Err(r) = record_retired(ctx, keys, ctx.store.now()).await {
+        tracing::warn!(error = %r, "could not record parts left behind for the next run");
+    }
+    Err(e)
+}
+
 /// Records `keys` in `retired_parts`, to be removed by a run after `due`.
 async fn record_retired(
     ctx: &ExportContext,
@@ -2014,10 +2026,8 @@ async fn publish_now(
         if lock_lost.load(std::sync::atomic::Ordering::Relaxed) {
             // Another run may hold the partition now: remove only this run's own copies
             // and leave the manifest and `_SUCCESS` to it.
-            if let Err(e) = ctx.dest.delete(&copied).await {
-                // No manifest of the partition names them: the next run removes them.
-                let recorded = record_retired(ctx, &copied, ctx.store.now()).await;
-                tracing::warn!(partition = %s.prefix, error = %e, recorded = recorded.is_ok(), "copies of a publish that lost its lock not removed");
+            if let Err(e) = remove_unnamed(ctx, &copied).await {
+                tracing::warn!(partition = %s.prefix, error = %e, "copies of a publish that lost its lock not removed; the next run removes them");
             }
             return Err(err);
         }
@@ -2027,12 +2037,8 @@ async fn publish_now(
                 Some(bytes) => ctx.dest.put_bytes(&manifest_key, bytes.clone()).await?,
                 None => ctx.dest.delete(std::slice::from_ref(&manifest_key)).await?,
             }
-            if let Err(e) = ctx.dest.delete(&copied).await {
-                // The old manifest is back and does not name them: the next run removes
-                // them.
-                let _ = record_retired(ctx, &copied, ctx.store.now()).await;
-                return Err(e);
-            }
+            // The old manifest is back and does not name them.
+            remove_unnamed(ctx, &copied).await?;
             if had_success {
                 ctx.dest.put_bytes(&success, Vec::new()).await?;
             }
@@ -2060,9 +2066,8 @@ async fn publish_now(
         // export run to this destination (readers globbing `*.parquet` would count it
         // meanwhile). With a grace period it is removed once that has passed.
         let stale = retire(ctx, stale).await;
-        if let Err(e) = ctx.dest.delete(&stale).await {
-            let recorded = record_retired(ctx, &stale, ctx.store.now()).await;
-            tracing::warn!(partition = %s.prefix, error = %e, recorded = recorded.is_ok(), "earlier parts not removed; the partition's manifest names only the new ones, and the next export run removes them");
+        if let Err(e) = remove_unnamed(ctx, &stale).await {
+            tracing::warn!(partition = %s.prefix, error = %e, "earlier parts not removed; the partition's manifest names only the new ones, and the next export run removes them");
         }
     }
     ctx.dest.put_bytes(&success, Vec::new()).await?;
