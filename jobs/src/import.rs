@@ -1369,13 +1369,13 @@ async fn upsert(
         refused: Vec::new(),
     };
     let mut again = Vec::new();
-    for (i, code, message) in first.errors {
-        if code == sluice_connectors::mongo::DUPLICATE_KEY {
-            again.push(i);
-        } else if REFUSED_FOR_GOOD.contains(&code) {
-            sunk.refused.push((i, message));
+    for e in first.errors {
+        if e.code == sluice_connectors::mongo::DUPLICATE_KEY {
+            again.push(e.index);
+        } else if REFUSED_FOR_GOOD.contains(&e.code) {
+            sunk.refused.push((e.index, e.message));
         } else {
-            return Err(write_error(connector, code, &message));
+            return Err(write_error(connector, e.code, &e.message));
         }
     }
     if !again.is_empty() {
@@ -1383,11 +1383,12 @@ async fn upsert(
         let second = upsert_once(store, connector, &rest).await?;
         sunk.inserted += second.inserted;
         sunk.updated += second.updated;
-        for (i, code, message) in second.errors {
+        for e in second.errors {
+            let code = e.code;
             if code == sluice_connectors::mongo::DUPLICATE_KEY || REFUSED_FOR_GOOD.contains(&code) {
-                sunk.refused.push((again[i], message));
+                sunk.refused.push((again[e.index], e.message));
             } else {
-                return Err(write_error(connector, code, &message));
+                return Err(write_error(connector, code, &e.message));
             }
         }
     }
@@ -1406,8 +1407,8 @@ fn write_error(connector: &Connector, code: i32, message: &str) -> ImportError {
 struct Upserted {
     inserted: u64,
     updated: u64,
-    /// (position, code, message) of each statement refused.
-    errors: Vec<(usize, i32, String)>,
+    /// The statements refused.
+    errors: Vec<sluice_connectors::mongo::StatementError>,
 }
 
 /// One `update` command carrying an unordered upsert by key for each of `docs`.
@@ -1472,34 +1473,16 @@ async fn upsert_once(
             ),
         });
     }
-    let errors = reply
-        .get_array("writeErrors")
-        .map(|errors| {
-            errors
-                .iter()
-                .filter_map(Bson::as_document)
-                .map(|e| {
-                    let number = |k: &str| {
-                        e.get_i32(k)
-                            .map(i64::from)
-                            .or_else(|_| e.get_i64(k))
-                            .unwrap_or(-1)
-                    };
-                    (
-                        usize::try_from(number("index")).unwrap_or(usize::MAX),
-                        i32::try_from(number("code")).unwrap_or(-1),
-                        e.get_str("errmsg").unwrap_or("?").to_string(),
-                    )
-                })
-                .collect::<Vec<_>>()
-        })
-        .unwrap_or_default();
-    if let Some((i, code, message)) = errors.iter().find(|(i, ..)| *i >= docs.len()) {
+    let errors = sluice_connectors::mongo::statement_errors(&reply);
+    if let Some(e) = errors.iter().find(|e| e.index >= docs.len()) {
         return Err(ImportError::Sink {
             collection: connector.collection.clone(),
             message: format!(
-                "write error {code} for statement {i} of {}: {message}",
-                docs.len()
+                "write error {} for statement {} of {}: {}",
+                e.code,
+                e.index,
+                docs.len(),
+                e.message
             ),
         });
     }

@@ -817,13 +817,11 @@ impl Writes {
                 )
                 .session(&mut *session)
                 .await?;
-            if let Ok(errors) = reply.get_array("writeErrors") {
-                if let Some(Bson::Document(first)) = errors.first() {
-                    return Err(TxnError::Statement {
-                        code: first.get_i32("code").unwrap_or(0),
-                        message: first.get_str("errmsg").unwrap_or("").to_string(),
-                    });
-                }
+            if let Some(first) = super::statement_errors(&reply).into_iter().next() {
+                return Err(TxnError::Statement {
+                    code: first.code,
+                    message: first.message,
+                });
             }
         }
         Ok(())

@@ -65,33 +65,68 @@ impl StoreError {
     }
 }
 
-/// For an unordered `insert_many` that failed only because unique indexes refused some
-/// documents: the positions of those documents. `None` for any other failure.
-pub fn duplicate_key_positions(err: &mongodb::error::Error) -> Option<Vec<usize>> {
+/// The statements an unordered `insert_many` refused, when that is all that failed (no
+/// write concern error, nothing else).
+fn refused_inserts(err: &mongodb::error::Error) -> Option<&[mongodb::error::IndexedWriteError]> {
     match err.kind.as_ref() {
         mongodb::error::ErrorKind::InsertMany(m) if m.write_concern_error.is_none() => {
-            let errors = m.write_errors.as_ref()?;
-            errors
-                .iter()
-                .all(|e| e.code == DUPLICATE_KEY)
-                .then(|| errors.iter().map(|e| e.index).collect())
+            m.write_errors.as_deref()
         }
         _ => None,
     }
 }
 
-/// For an unordered `insert_many` whose failure is only statements refused (no write
-/// concern error, nothing else): the positions of the refused documents, whatever the
-/// reason. `None` for any other failure.
+/// For an unordered `insert_many` that failed only because unique indexes refused some
+/// documents: the positions of those documents. `None` for any other failure.
+pub fn duplicate_key_positions(err: &mongodb::error::Error) -> Option<Vec<usize>> {
+    let errors = refused_inserts(err)?;
+    errors
+        .iter()
+        .all(|e| e.code == DUPLICATE_KEY)
+        .then(|| errors.iter().map(|e| e.index).collect())
+}
+
+/// For an unordered `insert_many` whose failure is only statements refused: the
+/// positions of the refused documents, whatever the reason. `None` for any other failure.
 pub fn failed_insert_positions(err: &mongodb::error::Error) -> Option<Vec<usize>> {
-    match err.kind.as_ref() {
-        mongodb::error::ErrorKind::InsertMany(m) if m.write_concern_error.is_none() => m
-            .write_errors
-            .as_ref()
-            .filter(|errors| !errors.is_empty())
-            .map(|errors| errors.iter().map(|e| e.index).collect()),
-        _ => None,
-    }
+    refused_inserts(err)
+        .filter(|errors| !errors.is_empty())
+        .map(|errors| errors.iter().map(|e| e.index).collect())
+}
+
+/// A statement a write command (`update`, `insert`, `delete`) refused, from its reply's
+/// `writeErrors`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatementError {
+    /// The statement's position in the command.
+    pub index: usize,
+    pub code: i32,
+    pub message: String,
+}
+
+/// The `writeErrors` of a write command's reply (run with `run_command`, which does not
+/// turn them into an error), in order.
+pub fn statement_errors(reply: &bson::Document) -> Vec<StatementError> {
+    let Ok(errors) = reply.get_array("writeErrors") else {
+        return Vec::new();
+    };
+    errors
+        .iter()
+        .filter_map(bson::Bson::as_document)
+        .map(|e| {
+            let number = |k: &str| {
+                e.get_i32(k)
+                    .map(i64::from)
+                    .or_else(|_| e.get_i64(k))
+                    .unwrap_or(-1)
+            };
+            StatementError {
+                index: usize::try_from(number("index")).unwrap_or(usize::MAX),
+                code: i32::try_from(number("code")).unwrap_or(-1),
+                message: e.get_str("errmsg").unwrap_or("?").to_string(),
+            }
+        })
+        .collect()
 }
 
 /// Errors from the MongoDB store, with the collection or step they happened in.
