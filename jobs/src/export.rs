@@ -1027,8 +1027,9 @@ async fn refuse_undated_events(ctx: &ExportContext, d: NaiveDate) -> Result<(), 
         common::CREATED_AT: { "$not": { "$type": "date" } },
     };
     let events = ctx.store.collection(c::EVENTS);
+    let partition = format!("{}/dt={d}", ExportJobType::Archive.as_str());
     let read_err = |source| ExportError::Read {
-        partition: format!("{}/dt={d}", ExportJobType::Archive.as_str()),
+        partition: partition.clone(),
         source,
     };
     let Some(example) = events
@@ -1041,7 +1042,7 @@ async fn refuse_undated_events(ctx: &ExportContext, d: NaiveDate) -> Result<(), 
     };
     let n = events.count_documents(undated).await.map_err(read_err)?;
     Err(ExportError::Encode {
-        partition: format!("{}/dt={d}", ExportJobType::Archive.as_str()),
+        partition,
         message: format!(
             "{n} event(s) of the day have no date `createdAt` (for example eventId `{}`, _id {}): the archive leaves events still being written for its next run by their `createdAt`, so it would never take these; nothing of the day was archived (set their `createdAt` to a date, or remove them)",
             example.get_str(e::EVENT_ID).unwrap_or("?"),

@@ -1620,7 +1620,7 @@ fn idempotency_key(config: &str, span: &str, body: &Value) -> String {
     for part in [config, "\0", span, "\0", &body.to_string()] {
         hash.update(part.as_bytes());
     }
-    hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    format!("{:x}", hash.finalize())
 }
 
 /// Stores an EXPORT's position: the watermark value and `_id` of the last document handled.

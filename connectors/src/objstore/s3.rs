@@ -132,13 +132,14 @@ impl S3Store {
         } else {
             None
         };
-        let region = match (settings.region.is_empty(), &shared) {
-            (false, _) => Region::new(settings.region.clone()),
-            (true, Some(shared)) if chain_region => shared
-                .region()
-                .cloned()
-                .unwrap_or_else(|| Region::new(DEFAULT_REGION)),
-            (true, _) => Region::new(DEFAULT_REGION),
+        let region = if settings.region.is_empty() {
+            shared
+                .as_ref()
+                .filter(|_| chain_region)
+                .and_then(|s| s.region().cloned())
+                .unwrap_or_else(|| Region::new(DEFAULT_REGION))
+        } else {
+            Region::new(settings.region.clone())
         };
         let mut builder = aws_sdk_s3::config::Builder::new()
             .behavior_version(BehaviorVersion::latest())
