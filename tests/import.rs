@@ -2130,6 +2130,32 @@ async fn offset_paging_counts_the_apis_items_not_the_records_selected_from_them(
     assert_eq!(count(&db, "things").await, 7);
 }
 
+/// An IMPORT of bare lists into `things`, sending the key in `$key_var` as the query
+/// parameter `api_key`, one attempt per request, with `pagination` (a section, or none).
+fn query_key_config(name: &str, endpoint: &str, key_var: &str, pagination: &str) -> String {
+    format!(
+        r#"
+name = "{name}"
+type = "IMPORT"
+endpoint = "{endpoint}"
+allow_private_network = true
+[auth]
+type = "API_KEY"
+key = "${{env:{key_var}}}"
+query = "api_key"
+[source]
+records = "$[*]"
+{pagination}[source.retry]
+max_attempts = 1
+[target]
+collection = "things"
+key = "thingId"
+[mapping.thingId]
+path = "$.id"
+"#
+    )
+}
+
 #[tokio::test]
 async fn a_query_api_key_never_shows_in_the_errors_a_run_records() {
     let db = TestDb::initialized().await;
@@ -2139,26 +2165,11 @@ async fn a_query_api_key_never_shows_in_the_errors_a_run_records() {
     let held = tokio::net::TcpSocket::new_v4().unwrap();
     held.bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let closed = held.local_addr().unwrap().port();
-    let text = format!(
-        r#"
-name = "leaky"
-type = "IMPORT"
-endpoint = "http://127.0.0.1:{closed}/items"
-allow_private_network = true
-[auth]
-type = "API_KEY"
-key = "${{env:IMPORT_TEST_QUERY_KEY}}"
-query = "api_key"
-[source]
-records = "$[*]"
-[source.retry]
-max_attempts = 1
-[target]
-collection = "things"
-key = "thingId"
-[mapping.thingId]
-path = "$.id"
-"#
+    let text = query_key_config(
+        "leaky",
+        &format!("http://127.0.0.1:{closed}/items"),
+        "IMPORT_TEST_QUERY_KEY",
+        "",
     );
     let name = apply(&db, &text).await;
     let err = run_import(&db.store, &name, &ImportOptions::default())
@@ -2207,28 +2218,11 @@ async fn a_query_api_key_a_next_link_repeats_is_neither_stored_nor_shown() {
         ),
     ))
     .await;
-    let text = format!(
-        r#"
-name = "linkleak"
-type = "IMPORT"
-endpoint = "http://{addr}/echoing?v=1"
-allow_private_network = true
-[auth]
-type = "API_KEY"
-key = "${{env:IMPORT_TEST_LINK_KEY}}"
-query = "api_key"
-[source]
-records = "$[*]"
-[source.pagination]
-type = "link_header"
-[source.retry]
-max_attempts = 1
-[target]
-collection = "things"
-key = "thingId"
-[mapping.thingId]
-path = "$.id"
-"#
+    let text = query_key_config(
+        "linkleak",
+        &format!("http://{addr}/echoing?v=1"),
+        "IMPORT_TEST_LINK_KEY",
+        "[source.pagination]\ntype = \"link_header\"\n",
     );
     let name = apply(&db, &text).await;
     let err = run_import(&db.store, &name, &ImportOptions::default())
