@@ -126,6 +126,18 @@ path = "$.updated"
 type = "date"
 "#;
 
+/// Run options holding values for `${env:NAME}` references (instead of setting
+/// process-wide variables, which is unsound while other test threads run).
+fn with_secrets(pairs: &[(&str, &str)]) -> ImportOptions {
+    ImportOptions {
+        secrets: pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..Default::default()
+    }
+}
+
 async fn apply(db: &TestDb, text: &str) -> String {
     let file = parse_file("test.toml", text).unwrap();
     configs::apply(&db.store, &file).await.unwrap();
@@ -166,7 +178,7 @@ async fn count(db: &TestDb, coll: &str) -> u64 {
 
 #[tokio::test]
 async fn paginated_json_server_behind_oauth2_is_imported_once() {
-    std::env::set_var("IMPORT_TEST_SECRET_A", "right-secret");
+    let opts = with_secrets(&[("IMPORT_TEST_SECRET_A", "right-secret")]);
     let db = TestDb::initialized().await;
     let api = ApiServer::start(&products(250), "right-secret", 600);
     // Link-header paging: the first URL sets the page size, `Link: rel="next"` the rest.
@@ -183,9 +195,7 @@ async fn paginated_json_server_behind_oauth2_is_imported_once() {
         "type = \"page\"\npage_param = \"_page\"\nsize_param = \"_limit\"\nsize = 30\ntotal_header = \"X-Total-Count\"\n");
     let paged = apply(&db, &text).await;
 
-    let first = run_import(&db.store, &paged, &ImportOptions::default())
-        .await
-        .unwrap();
+    let first = run_import(&db.store, &paged, &opts).await.unwrap();
     assert!(first.completed);
     assert_eq!(
         (first.fetched, first.inserted, first.updated),
@@ -208,9 +218,7 @@ async fn paginated_json_server_behind_oauth2_is_imported_once() {
     assert_eq!(p.get_str("source").unwrap(), "shop-pages");
 
     // The Link-header config over the same data: same documents, updated not duplicated.
-    let linked = run_import(&db.store, "shop-link", &ImportOptions::default())
-        .await
-        .unwrap();
+    let linked = run_import(&db.store, "shop-link", &opts).await.unwrap();
     assert_eq!(
         (linked.fetched, linked.inserted, linked.updated),
         (250, 0, 250)
@@ -246,7 +254,7 @@ async fn paginated_json_server_behind_oauth2_is_imported_once() {
 
 #[tokio::test]
 async fn a_wrong_client_secret_fails_with_a_clear_error() {
-    std::env::set_var("IMPORT_TEST_SECRET_B", "wrong-secret");
+    let opts = with_secrets(&[("IMPORT_TEST_SECRET_B", "wrong-secret")]);
     let db = TestDb::initialized().await;
     let api = ApiServer::start(&products(5), "right-secret", 600);
     let name = apply(
@@ -259,7 +267,7 @@ async fn a_wrong_client_secret_fails_with_a_clear_error() {
         ),
     )
     .await;
-    let err = run_import(&db.store, &name, &ImportOptions::default())
+    let err = run_import(&db.store, &name, &opts)
         .await
         .unwrap_err()
         .to_string();
@@ -281,7 +289,7 @@ async fn a_wrong_client_secret_fails_with_a_clear_error() {
 
 #[tokio::test]
 async fn an_interrupted_import_resumes_without_loss_or_duplicates() {
-    std::env::set_var("IMPORT_TEST_SECRET_C", "right-secret");
+    let opts = with_secrets(&[("IMPORT_TEST_SECRET_C", "right-secret")]);
     let db = TestDb::initialized().await;
     let api = ApiServer::start(&products(100), "right-secret", 600);
     let name = apply(
@@ -296,7 +304,7 @@ async fn an_interrupted_import_resumes_without_loss_or_duplicates() {
     .await;
     let stop = ImportOptions {
         stop_after_pages: Some(3),
-        ..Default::default()
+        ..opts.clone()
     };
     let partial = run_import(&db.store, &name, &stop).await.unwrap();
     assert!(!partial.completed);
@@ -312,9 +320,7 @@ async fn an_interrupted_import_resumes_without_loss_or_duplicates() {
         cfg.get("lastSync").is_none_or(|v| *v == bson::Bson::Null),
         "lastSync must not move before the run completes"
     );
-    let rest = run_import(&db.store, &name, &ImportOptions::default())
-        .await
-        .unwrap();
+    let rest = run_import(&db.store, &name, &opts).await.unwrap();
     assert!(rest.resumed && rest.completed);
     // 10 full pages, then the empty page that ends a listing without a total.
     assert_eq!(rest.pages, 11, "pages of both halves");
@@ -329,7 +335,7 @@ async fn an_interrupted_import_resumes_without_loss_or_duplicates() {
 
 #[tokio::test]
 async fn a_config_changed_after_an_interruption_starts_over_instead_of_resuming() {
-    std::env::set_var("IMPORT_TEST_SECRET_F", "right-secret");
+    let opts = with_secrets(&[("IMPORT_TEST_SECRET_F", "right-secret")]);
     let db = TestDb::initialized().await;
     let api = ApiServer::start(&products(100), "right-secret", 600);
     let config = |size: u32| {
@@ -345,16 +351,14 @@ async fn a_config_changed_after_an_interruption_starts_over_instead_of_resuming(
     let name = apply(&db, &config(10)).await;
     let stop = ImportOptions {
         stop_after_pages: Some(3),
-        ..Default::default()
+        ..opts.clone()
     };
     assert!(!run_import(&db.store, &name, &stop).await.unwrap().completed);
     // Re-applying the same config keeps the checkpoint; a changed one discards it.
     apply(&db, &config(10)).await;
     assert_eq!(count(&db, "import_checkpoints").await, 1);
     apply(&db, &config(25)).await;
-    let rest = run_import(&db.store, &name, &ImportOptions::default())
-        .await
-        .unwrap();
+    let rest = run_import(&db.store, &name, &opts).await.unwrap();
     assert!(!rest.resumed && rest.completed);
     assert_eq!(
         rest.fetched, 100,
@@ -681,12 +685,10 @@ async fn a_long_retry_after_fails_at_once_and_a_503_retry_after_is_waited() {
 async fn a_token_endpoint_that_fails_once_is_retried_and_a_401_refreshes_even_with_one_attempt() {
     let db = TestDb::initialized().await;
     let (base, api) = fault_api(Fault::TokenDownOnce).await;
-    std::env::set_var("IMPORT_TEST_SECRET_E", "whatever");
+    let opts = with_secrets(&[("IMPORT_TEST_SECRET_E", "whatever")]);
     let auth = format!("[auth]\ntype = \"OAUTH\"\ntoken_url = \"{base}/token\"\nclient_id = \"c\"\nclient_secret = \"${{env:IMPORT_TEST_SECRET_E}}\"\n");
     let name = apply(&db, &cursor_config("provider-blip", &base, "", &auth)).await;
-    let s = run_import(&db.store, &name, &ImportOptions::default())
-        .await
-        .unwrap();
+    let s = run_import(&db.store, &name, &opts).await.unwrap();
     assert_eq!(s.fetched, 45);
     assert!(s.http.retries >= 1, "{:?}", s.http);
     assert!(api.tokens.load(Ordering::SeqCst) >= 1);
@@ -696,9 +698,7 @@ async fn a_token_endpoint_that_fails_once_is_retried_and_a_401_refreshes_even_wi
     let (base, _) = fault_api(Fault::TokenBusyOnce).await;
     let auth = format!("[auth]\ntype = \"OAUTH\"\ntoken_url = \"{base}/token\"\nclient_id = \"c\"\nclient_secret = \"${{env:IMPORT_TEST_SECRET_E}}\"\n");
     let name = apply(&db, &cursor_config("provider-busy", &base, "", &auth)).await;
-    let s = run_import(&db.store, &name, &ImportOptions::default())
-        .await
-        .unwrap();
+    let s = run_import(&db.store, &name, &opts).await.unwrap();
     assert_eq!(s.fetched, 45);
     assert!(s.http.retries >= 1, "{:?}", s.http);
 
@@ -709,9 +709,7 @@ async fn a_token_endpoint_that_fails_once_is_retried_and_a_401_refreshes_even_wi
     let config =
         cursor_config("one-shot", &base, "", &auth).replace("max_attempts = 4", "max_attempts = 1");
     let name = apply(&db, &config).await;
-    let s = run_import(&db.store, &name, &ImportOptions::default())
-        .await
-        .unwrap();
+    let s = run_import(&db.store, &name, &opts).await.unwrap();
     assert_eq!(s.fetched, 45);
     assert_eq!(
         api.tokens.load(Ordering::SeqCst),
@@ -753,11 +751,9 @@ async fn a_token_expiring_mid_run_is_refreshed() {
     let db = TestDb::initialized().await;
     let (base, api) = fault_api(Fault::ExpiringTokens).await;
     let auth = format!("[auth]\ntype = \"OAUTH\"\ntoken_url = \"{base}/token\"\nclient_id = \"c\"\nclient_secret = \"${{env:IMPORT_TEST_SECRET_D}}\"\n");
-    std::env::set_var("IMPORT_TEST_SECRET_D", "whatever");
+    let opts = with_secrets(&[("IMPORT_TEST_SECRET_D", "whatever")]);
     let name = apply(&db, &cursor_config("expiring", &base, "", &auth)).await;
-    let s = run_import(&db.store, &name, &ImportOptions::default())
-        .await
-        .unwrap();
+    let s = run_import(&db.store, &name, &opts).await.unwrap();
     assert_eq!(s.fetched, 45);
     assert!(
         s.http.token_refreshes >= 3,
@@ -1333,19 +1329,24 @@ async fn rotated_refresh_tokens_are_saved_encrypted_before_use() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    std::env::set_var("IMPORT_TEST_REFRESH", "rt-initial");
-    std::env::set_var("IMPORT_TEST_CLIENT_SECRET", "s3cret");
     let auth = format!(
         "[auth]\ntype = \"OAUTH\"\ntoken_url = \"{base}/token\"\nclient_id = \"c\"\nclient_secret = \"${{env:IMPORT_TEST_CLIENT_SECRET}}\"\nrefresh_token = \"${{env:IMPORT_TEST_REFRESH}}\"\n"
     );
     let name = apply(&db, &cursor_config("rotating", &base, "", &auth)).await;
-    let key = |k: &str| ImportOptions {
-        token_key: Some(sluice_core::config::Secret::new(k)),
-        ..Default::default()
-    };
+    // The configured refresh token (the operator's), and the run's token key.
+    fn with_token(refresh: &str, key: Option<&str>) -> ImportOptions {
+        ImportOptions {
+            token_key: key.map(sluice_core::config::Secret::new),
+            ..with_secrets(&[
+                ("IMPORT_TEST_REFRESH", refresh),
+                ("IMPORT_TEST_CLIENT_SECRET", "s3cret"),
+            ])
+        }
+    }
+    let key = |k: &str| with_token("rt-initial", Some(k));
 
     // Without a key to store rotated tokens with, the run refuses to start.
-    let err = run_import(&db.store, &name, &ImportOptions::default())
+    let err = run_import(&db.store, &name, &with_token("rt-initial", None))
         .await
         .unwrap_err()
         .to_string();
@@ -1437,10 +1438,8 @@ async fn rotated_refresh_tokens_are_saved_encrypted_before_use() {
 
     // The operator re-authorizes: a new configured token replaces the saved chain.
     *provider.refresh.lock().unwrap() = "rt-reauthorized".into();
-    std::env::set_var("IMPORT_TEST_REFRESH", "rt-reauthorized");
-    let third = run_import(&db.store, &name, &key("a-long-token-key-for-tests"))
-        .await
-        .unwrap();
+    let reauthorized = with_token("rt-reauthorized", Some("a-long-token-key-for-tests"));
+    let third = run_import(&db.store, &name, &reauthorized).await.unwrap();
     assert_eq!(third.fetched, 45);
 }
 
@@ -2159,7 +2158,7 @@ path = "$.id"
 #[tokio::test]
 async fn a_query_api_key_never_shows_in_the_errors_a_run_records() {
     let db = TestDb::initialized().await;
-    std::env::set_var("IMPORT_TEST_QUERY_KEY", "sk-live-do-not-leak");
+    let opts = with_secrets(&[("IMPORT_TEST_QUERY_KEY", "sk-live-do-not-leak")]);
     // A port held (bound, never listening) for the whole test: connections are refused,
     // and no other test's server can take it meanwhile.
     let held = tokio::net::TcpSocket::new_v4().unwrap();
@@ -2172,7 +2171,7 @@ async fn a_query_api_key_never_shows_in_the_errors_a_run_records() {
         "",
     );
     let name = apply(&db, &text).await;
-    let err = run_import(&db.store, &name, &ImportOptions::default())
+    let err = run_import(&db.store, &name, &opts)
         .await
         .unwrap_err()
         .to_string();
@@ -2191,7 +2190,7 @@ async fn a_query_api_key_never_shows_in_the_errors_a_run_records() {
 #[tokio::test]
 async fn a_query_api_key_a_next_link_repeats_is_neither_stored_nor_shown() {
     let db = TestDb::initialized().await;
-    std::env::set_var("IMPORT_TEST_LINK_KEY", "sk-live-link-secret");
+    let opts = with_secrets(&[("IMPORT_TEST_LINK_KEY", "sk-live-link-secret")]);
     // Builds its next link from the request, key included (as many paginators do); the
     // second page fails, so the run records an error naming the page's URL.
     let keys: Arc<Mutex<Vec<String>>> = Default::default();
@@ -2225,7 +2224,7 @@ async fn a_query_api_key_a_next_link_repeats_is_neither_stored_nor_shown() {
         "[source.pagination]\ntype = \"link_header\"\n",
     );
     let name = apply(&db, &text).await;
-    let err = run_import(&db.store, &name, &ImportOptions::default())
+    let err = run_import(&db.store, &name, &opts)
         .await
         .unwrap_err()
         .to_string();
@@ -3233,7 +3232,7 @@ async fn client_secret_post_sends_the_client_credentials_in_the_form_body() {
         }),
     ))
     .await;
-    std::env::set_var("POST_CLIENT_SECRET", "post-secret");
+    let opts = with_secrets(&[("POST_CLIENT_SECRET", "post-secret")]);
     let config = |name: &str, client_auth: &str| {
         format!(
             "{}[auth]\ntype = \"OAUTH\"\ntoken_url = \"http://{addr}/token\"\nclient_id = \"post-client\"\nclient_secret = \"${{env:POST_CLIENT_SECRET}}\"\n{client_auth}\n",
@@ -3242,15 +3241,13 @@ async fn client_secret_post_sends_the_client_credentials_in_the_form_body() {
     };
     // HTTP Basic, the default, is refused by this provider, with its own error.
     let name = apply(&db, &config("basic", "")).await;
-    let err = run_import(&db.store, &name, &ImportOptions::default())
+    let err = run_import(&db.store, &name, &opts)
         .await
         .unwrap_err()
         .to_string();
     assert!(err.contains("invalid_client"), "{err}");
     let name = apply(&db, &config("post", "client_auth = \"client_secret_post\"")).await;
-    let s = run_import(&db.store, &name, &ImportOptions::default())
-        .await
-        .unwrap();
+    let s = run_import(&db.store, &name, &opts).await.unwrap();
     assert_eq!(s.inserted, 2);
     // Anything else is refused when the config is loaded.
     let text = config("bad", "client_auth = \"private_key_jwt\"");

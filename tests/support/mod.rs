@@ -66,12 +66,28 @@ pub fn test_config(
     database: &str,
     adjust: impl FnOnce(&mut sluice_core::config::RawConfig),
 ) -> sluice_core::config::Config {
+    test_config_with_env(database, &[], adjust)
+}
+
+/// `test_config` with `${env:NAME}` values looked up in `vars` before the environment
+/// (tests never set process-wide variables: unsound while other test threads run).
+pub fn test_config_with_env(
+    database: &str,
+    vars: &[(&str, &str)],
+    adjust: impl FnOnce(&mut sluice_core::config::RawConfig),
+) -> sluice_core::config::Config {
     let mut raw = sluice_core::config::RawConfig::default();
     raw.mongodb.uri = mongo_uri();
     raw.mongodb.database = database.to_string();
     raw.server.listen = "127.0.0.1:0".into();
     adjust(&mut raw);
-    sluice_core::config::validate("test", &Default::default(), raw, &|k| std::env::var(k).ok())
+    let env = |k: &str| {
+        vars.iter()
+            .find(|(name, _)| *name == k)
+            .map(|(_, v)| v.to_string())
+            .or_else(|| std::env::var(k).ok())
+    };
+    sluice_core::config::validate("test", &Default::default(), raw, &env)
         .expect("valid test config")
 }
 
@@ -80,7 +96,16 @@ pub async fn start_server(
     db: &TestDb,
     adjust: impl FnOnce(&mut sluice_core::config::RawConfig),
 ) -> sluice::server::ServerHandle {
-    let config = test_config(&db.name, adjust);
+    start_server_with_env(db, &[], adjust).await
+}
+
+/// `start_server` with `${env:NAME}` values from `vars` (see `test_config_with_env`).
+pub async fn start_server_with_env(
+    db: &TestDb,
+    vars: &[(&str, &str)],
+    adjust: impl FnOnce(&mut sluice_core::config::RawConfig),
+) -> sluice::server::ServerHandle {
+    let config = test_config_with_env(&db.name, vars, adjust);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     sluice::server::start(config, db.store.clone(), listener, false)
         .await
