@@ -1126,6 +1126,53 @@ async fn a_request_nobody_waits_for_any_more_is_not_written() {
 }
 
 #[tokio::test]
+async fn a_closed_queue_refuses_new_requests_and_still_writes_what_it_holds() {
+    use sluice::server::SubmitError;
+    use sluice_connectors::mongo::WriteStatus;
+    use std::sync::atomic::Ordering;
+    let db = TestDb::initialized().await;
+    let (batcher, frozen, held) = freezable_batcher(&db, 1_000, 1).await;
+    // One write held at the store, one request queued behind it.
+    frozen.store(true, Ordering::SeqCst);
+    let submit = |id: &'static str| {
+        let b = batcher.clone();
+        tokio::spawn(async move { b.submit(vec![click(id, "v1")]).await })
+    };
+    let writing = submit("writing");
+    support::wait_until("the first write reaches the store", || async {
+        held.load(Ordering::SeqCst) > 0
+    })
+    .await;
+    let queued = submit("queued");
+    support::wait_until("the second request is queued", || async {
+        batcher.depth() == 2
+    })
+    .await;
+    // The shutdown closes the queue: a request arriving now is refused (the endpoint
+    // answers it 503 `shutting_down`), and nothing of it is written.
+    batcher.close();
+    let late = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        batcher.submit(vec![click("late", "v1")]),
+    )
+    .await;
+    assert!(
+        matches!(late, Ok(Err(SubmitError::Closed))),
+        "queued behind the held write instead of refused"
+    );
+    // What was queued before is still written, and acknowledged.
+    frozen.store(false, Ordering::SeqCst);
+    assert_eq!(writing.await.unwrap().unwrap(), vec![WriteStatus::Stored]);
+    assert_eq!(queued.await.unwrap().unwrap(), vec![WriteStatus::Stored]);
+    let stored: Vec<String> = all(&db, "events", doc! { "eventId": 1 })
+        .await
+        .iter()
+        .map(|e| e.get_str("eventId").unwrap().to_string())
+        .collect();
+    assert_eq!(stored, ["queued", "writing"]);
+}
+
+#[tokio::test]
 async fn a_client_trickling_its_body_does_not_hold_the_shutdown_up() {
     use tokio::io::AsyncWriteExt;
     let db = TestDb::initialized().await;

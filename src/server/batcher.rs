@@ -119,6 +119,11 @@ impl Batcher {
         if events.is_empty() {
             return Ok(Vec::new());
         }
+        // Checked here too: a writer busy with a write closes its lane only when it next
+        // looks, and until then its lane would still take requests.
+        if *self.closing.borrow() {
+            return Err(SubmitError::Closed);
+        }
         let total = events.len();
         // Split by lane, remembering each event's position in the request.
         let mut parts: Vec<(Vec<usize>, Vec<Event>)> = vec![Default::default(); self.lanes.len()];

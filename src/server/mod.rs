@@ -453,8 +453,9 @@ pub async fn start_loaded(
                 tracing::warn!(seconds = grace.as_secs(), "requests still open after the shutdown grace period are not waited for (none of them was acknowledged; what they submit now is refused)");
             }
         }
-        // Requests still open (their connections outlive the server) cannot queue more:
-        // the writers write what is queued and end.
+        // The connections still open were aborted with `serve`; a handler still running
+        // on another thread at that instant cannot queue more (it answers 503
+        // `shutting_down`): the writers write what is queued and end.
         queue.close();
         drop(queue);
         sweeper.abort();
