@@ -1129,6 +1129,45 @@ async fn plugin_output_a_client_could_not_send_is_rejected_by_event() {
     server.shutdown().await;
 }
 
+#[test]
+fn a_deadline_is_no_reason_to_drop_or_dead_letter_a_batch() {
+    // A deadline depends on the load of the moment, not on the records: under every
+    // policy the batch fails, so its records are processed again instead of lost.
+    let host = host();
+    for policy in [FailurePolicy::SkipBatch, FailurePolicy::DeadLetter] {
+        let slow = hostile(&host, "sleep").with_policy(policy);
+        let mut letters = Vec::new();
+        let err = slow.apply(batch(), &mut letters).unwrap_err();
+        assert!(!err.caused_by_input, "{policy:?}: {err}");
+        assert!(
+            err.to_string()
+                .contains("exceeded its deadline of 300 ms for a batch"),
+            "{policy:?}: {err}"
+        );
+        assert!(letters.is_empty(), "{policy:?}: {letters:?}");
+        assert_eq!(slow.skipped_batches(), 0, "{policy:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_deadline_under_skip_batch_is_answered_503_not_dropped() {
+    let db = support::TestDb::initialized().await;
+    let server = hostile_tracking(&db, "sleep", |raw| {
+        raw.plugins.failure_policy = "skip-batch".into();
+    })
+    .await;
+    let resp = reqwest::Client::new()
+        .post(format!("http://{}/v1/events", server.addr))
+        .json(&json!({ "eventId": "slow", "userId": "v", "sessionId": "s", "eventType": "CLICK" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 503);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["error"], "transform_failed", "{body}");
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn requests_beyond_the_plugins_instances_wait_their_turn_then_are_answered_overloaded() {
     let db = support::TestDb::initialized().await;
@@ -1170,6 +1209,44 @@ async fn requests_beyond_the_plugins_instances_wait_their_turn_then_are_answered
         ]
     );
     server.shutdown().await;
+}
+
+#[test]
+fn a_batch_out_of_fuel_is_split_until_its_parts_fit() {
+    let metered = PluginHost::new(true).unwrap();
+    let src = support::plugin_dir();
+    let noop = |fuel: u64| {
+        metered
+            .load(
+                &src,
+                "noop",
+                json!({}),
+                &Grants::default(),
+                Some(Limits {
+                    memory_mib: 16,
+                    batch_deadline_ms: 60_000,
+                    fuel: Some(fuel),
+                }),
+            )
+            .unwrap()
+    };
+    let records = |n: usize| -> Vec<Document> {
+        (0..n)
+            .map(|i| doc! { "eventId": format!("e{i}"), "payload": "x".repeat(200) })
+            .collect()
+    };
+    // The least budget (to a factor of two) that takes a batch of two records.
+    let mut fuel = 10_000u64;
+    while noop(fuel).run_batch(&records(2)).is_err() {
+        fuel *= 2;
+        assert!(fuel < 1 << 40, "noop never fit");
+    }
+    // A batch of 1,024 does not fit in it whole, and is split until its parts do.
+    let big = records(1_024);
+    let err = noop(fuel).run_batch(&big).unwrap_err();
+    assert!(matches!(err, PluginError::Fuel { .. }), "{err}");
+    let out = noop(fuel).apply(big.clone(), &mut Vec::new()).unwrap();
+    assert_eq!(out, big);
 }
 
 #[test]

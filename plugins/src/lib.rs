@@ -619,7 +619,7 @@ impl Until {
     /// When splitting for `e` stops.
     fn of(&self, e: &PluginError) -> Instant {
         match e {
-            PluginError::Memory { .. } => self.memory,
+            PluginError::Memory { .. } | PluginError::Fuel { .. } => self.memory,
             _ => self.trap,
         }
     }
@@ -1364,11 +1364,13 @@ impl Transform for WasmTransform {
 
 impl WasmTransform {
     /// Whether a failing batch may be split to narrow the failure down: a batch too big
-    /// for the memory cap always; a trap under dead-letter, so only the records that make
-    /// the plugin trap become dead letters, not their whole batch.
+    /// for the memory cap or its fuel always (both are budgets per batch, whatever its
+    /// size: an export's 8,192 rows must not fail where a tracking request's few pass);
+    /// a trap under dead-letter, so only the records that make the plugin trap become
+    /// dead letters, not their whole batch.
     fn splittable(e: &PluginError, policy: FailurePolicy, batch: &[Record]) -> bool {
         batch.len() > 1
-            && (matches!(e, PluginError::Memory { .. })
+            && (matches!(e, PluginError::Memory { .. } | PluginError::Fuel { .. })
                 || (policy == FailurePolicy::DeadLetter && matches!(e, PluginError::Trap { .. })))
     }
 
@@ -1418,6 +1420,11 @@ impl WasmTransform {
                 out.extend(self.apply_with_policy(second, letters, until)?);
                 return Ok(out);
             }
+            // A failure that says nothing about the records (a deadline, which depends on
+            // the load of the moment, an instance that could not start, output the
+            // plugin printed) is no reason to drop or dead-letter them, whatever the
+            // policy: the caller fails or answers 503, and the records are processed again.
+            Err(e) if !e.caused_by_input() => return Err(err(e)),
             Err(e) => {
                 let unnarrowed = Self::splittable(&e, self.policy, &batch);
                 return match self.policy {
