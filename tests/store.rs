@@ -428,6 +428,35 @@ async fn duplicate_event_id_is_stored_once() {
 }
 
 #[tokio::test]
+async fn a_read_preference_in_the_uri_does_not_stop_writes() {
+    // A URI asking for secondaries (as a deployment may, for its analytics): the writer's
+    // transaction must still read from the primary, which is all a transaction may use.
+    let db = TestDb::initialized().await;
+    let uri = support::mongo_uri();
+    let sep = if uri.contains('?') { '&' } else { '?' };
+    let store = support::store_via(
+        &format!("{uri}{sep}readPreference=secondaryPreferred"),
+        &db.name,
+    )
+    .await;
+    let writer = EventWriter::new(store, WriterOptions::default());
+    let t0 = 1_700_000_000_000;
+    let batch = vec![
+        event("r1", "v1", "s1", EventType::PageView, t0),
+        event("r2", "v1", "s1", EventType::Purchase, t0 + 1000),
+    ];
+    assert_eq!(
+        writer.write(&batch).await.unwrap(),
+        vec![WriteStatus::Stored; 2]
+    );
+    assert_eq!(
+        writer.write(&batch).await.unwrap(),
+        vec![WriteStatus::Duplicate; 2]
+    );
+    assert_eq!(count(&db, "events", doc! {}).await, 2);
+}
+
+#[tokio::test]
 async fn an_event_the_server_could_not_store_fails_its_write_before_anything_is_counted() {
     let db = TestDb::initialized().await;
     let writer = EventWriter::new(db.store.clone(), WriterOptions::default());

@@ -200,6 +200,26 @@ impl Store {
             .await
             .map_err(StoreError::Connect)?;
         options.app_name.get_or_insert_with(|| "sluice".to_string());
+        // Sluice reads what it has just written (claims, sessions, checkpoints, late-day
+        // marks) and writes in transactions, which may only read from the primary: a
+        // `readPreference` in the URI would make every event write fail, or read stale
+        // state from a lagging secondary. Everything reads from the primary; only the
+        // analytics API chooses secondaries, per query.
+        let primary = mongodb::options::SelectionCriteria::ReadPreference(
+            mongodb::options::ReadPreference::Primary,
+        );
+        if let Some(asked) = options.selection_criteria.replace(primary) {
+            if !matches!(
+                asked,
+                mongodb::options::SelectionCriteria::ReadPreference(
+                    mongodb::options::ReadPreference::Primary
+                )
+            ) {
+                tracing::warn!(
+                    "the MongoDB URI's readPreference is not used: Sluice reads from the primary (transactions and read-after-write need it); the analytics API reads from secondaries where there are any"
+                );
+            }
+        }
         options
             .server_selection_timeout
             .get_or_insert(std::time::Duration::from_secs(10));
@@ -265,8 +285,9 @@ impl Store {
                         .w_timeout(std::time::Duration::from_secs(15))
                         .build(),
                 )
-                // Claims are checked by reading them back: a lagging secondary (a
-                // `readPreference` in the URI) would miss the other replica's claim.
+                // Claims are checked by reading them back: a lagging secondary would miss
+                // the other replica's claim (the client reads from the primary already;
+                // said here too, since it is what claims rest on).
                 .selection_criteria(mongodb::options::SelectionCriteria::ReadPreference(
                     mongodb::options::ReadPreference::Primary,
                 ))
