@@ -670,6 +670,83 @@ fn records_a_plugin_leaves_alone_come_back_exactly_as_they_were() {
 }
 
 #[tokio::test]
+async fn a_later_copy_of_an_event_in_a_request_is_answered_as_the_first_is() {
+    let db = support::TestDb::initialized().await;
+    let dir = support::plugin_dir().display().to_string();
+    let server = support::start_server(&db, |raw| {
+        raw.plugins.dir = dir.clone();
+        raw.plugins.tracking_transforms = vec!["currency-normalize".into()];
+        raw.plugins.config.insert(
+            "currency-normalize".into(),
+            toml::Value::Table(toml::toml! { target = "EUR"
+            [rates]
+            USD = 0.5 }),
+        );
+    })
+    .await;
+    let purchase = |id: &str, currency: &str| {
+        json!({ "eventId": id, "userId": "v", "sessionId": "s", "eventType": "PURCHASE",
+                "timestamp": 1_700_000_000_000_i64,
+                "properties": { "amount": 10.0, "currency": currency } })
+    };
+    let mut same = purchase("x", "USD");
+    same.as_object_mut().unwrap().remove("eventId");
+    // Sent twice without an id (one content id), and one id sent again with other
+    // content the plugin would fail: the eventId names the first, which is stored.
+    let body = json!({ "batch": [
+        same.clone(), same, purchase("p1", "USD"), purchase("p1", "JPY")
+    ] });
+    let answer: serde_json::Value = reqwest::Client::new()
+        .post(format!("http://{}/v1/events/batch", server.addr))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let statuses: Vec<&str> = answer["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        statuses,
+        ["stored", "duplicate", "stored", "duplicate"],
+        "{answer}"
+    );
+    assert_eq!(answer["stored"], 2, "{answer}");
+    assert_eq!(answer["duplicates"], 2, "{answer}");
+    let stored: Vec<Document> = {
+        use futures_util::TryStreamExt;
+        db.store
+            .collection("events")
+            .find(doc! { "eventId": "p1" })
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap()
+    };
+    assert_eq!(stored.len(), 1);
+    let amount = stored[0]
+        .get_document("properties")
+        .unwrap()
+        .get_f64("amount")
+        .unwrap();
+    assert_eq!(amount, 5.0);
+    let total = db
+        .store
+        .collection("events")
+        .count_documents(doc! {})
+        .await
+        .unwrap();
+    assert_eq!(total, 2);
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn dead_lettered_events_are_stored_with_their_reason_not_lost() {
     let db = support::TestDb::initialized().await;
     let dir = support::plugin_dir().display().to_string();

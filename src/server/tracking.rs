@@ -39,6 +39,9 @@ enum Outcome {
     Failed(String),
     Dropped(&'static str),
     Queued(usize),
+    /// A later copy of the event sent at this index (the same eventId): answered as it is,
+    /// a copy of one stored being a duplicate. Neither written nor transformed again.
+    Copy(usize),
 }
 
 pub async fn track(
@@ -670,6 +673,10 @@ pub(super) async fn prepare(
     let mut ua_cache: HashMap<String, EventMetadata> = HashMap::new();
     let mut outcomes = Vec::with_capacity(parsed.len());
     let mut to_write: Vec<Event> = Vec::new();
+    // The first index at which each eventId was sent: an eventId names one event, so a
+    // later copy is that event again, answered as the first is (the writer would call it
+    // a duplicate; the transforms could otherwise answer the two differently).
+    let mut first_sent: HashMap<String, usize> = HashMap::new();
     for parsed in parsed {
         let mut event = match parsed {
             Ok(e) => e,
@@ -678,6 +685,15 @@ pub(super) async fn prepare(
                 continue;
             }
         };
+        match first_sent.entry(event.event_id.clone()) {
+            std::collections::hash_map::Entry::Occupied(first) => {
+                outcomes.push(Outcome::Copy(*first.get()));
+                continue;
+            }
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(outcomes.len());
+            }
+        }
         if let Some(ua) = event.metadata.user_agent.clone() {
             let parsed = ua_cache
                 .entry(ua.clone())
@@ -827,6 +843,24 @@ pub(super) async fn write(state: &AppState, prepared: Prepared) -> Result<Answer
                     }
                 };
                 json!({ "index": index, "eventId": ids[i], "status": status })
+            }
+            Outcome::Copy(first) => {
+                let mut entry = answer.results[first].clone();
+                entry["index"] = json!(index);
+                match entry["status"].as_str() {
+                    Some("stored" | "duplicate") => {
+                        entry["status"] = json!("duplicate");
+                        answer.duplicates += 1;
+                        m.deduplicated.fetch_add(1, Relaxed);
+                    }
+                    Some("retry") => {
+                        answer.retry = true;
+                        m.retry.fetch_add(1, Relaxed);
+                    }
+                    Some("dropped") => answer.dropped += 1,
+                    _ => answer.rejected += 1,
+                }
+                entry
             }
         };
         answer.results.push(entry);
