@@ -457,6 +457,58 @@ async fn a_read_preference_in_the_uri_does_not_stop_writes() {
 }
 
 #[tokio::test]
+async fn an_insert_whose_connection_broke_keeps_its_claims_for_their_lease() {
+    use std::sync::atomic::Ordering;
+    let db = TestDb::initialized().await;
+    // The `insert` command on `events` (its first element: "insert": "events").
+    let (uri, armed, severed, deliver) =
+        support::severing_mongo_proxy(b"insert\x00\x07\x00\x00\x00events\x00").await;
+    let writer = EventWriter::new(
+        support::store_via(&uri, &db.name).await,
+        WriterOptions::default(),
+    );
+    let elsewhere = EventWriter::new(db.store.clone(), WriterOptions::default());
+    let batch = vec![event(
+        "k1",
+        "v1",
+        "s1",
+        EventType::PageView,
+        1_700_000_000_000,
+    )];
+    // The claims commit; the events' insert loses its connection, unanswered.
+    armed.store(true, Ordering::SeqCst);
+    assert!(writer.write(&batch).await.is_err());
+    assert!(severed.load(Ordering::SeqCst) >= 1);
+    armed.store(false, Ordering::SeqCst);
+    // A resend at once (to another replica) must not take the claim over and insert the
+    // event while the first insert may still land.
+    assert_eq!(
+        elsewhere.write(&batch).await.unwrap(),
+        vec![WriteStatus::Retry]
+    );
+    // It lands.
+    deliver.store(true, Ordering::SeqCst);
+    support::wait_until("the held insert lands", || async {
+        count(&db, "events", doc! { "eventId": "k1" }).await > 0
+    })
+    .await;
+    // A resend now finds the event stored: a duplicate, and still one copy.
+    assert_eq!(
+        elsewhere.write(&batch).await.unwrap(),
+        vec![WriteStatus::Duplicate]
+    );
+    assert_eq!(count(&db, "events", doc! { "eventId": "k1" }).await, 1);
+    let user = db
+        .store
+        .collection("users")
+        .find_one(doc! { "visitorId": "v1" })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(user.get_i64("totalEvents").unwrap(), 1, "{user}");
+}
+
+#[tokio::test]
 async fn an_event_the_server_could_not_store_fails_its_write_before_anything_is_counted() {
     let db = TestDb::initialized().await;
     let writer = EventWriter::new(db.store.clone(), WriterOptions::default());

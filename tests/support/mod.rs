@@ -367,6 +367,91 @@ pub async fn holding_mongo_proxy(
     (proxied, hold, held)
 }
 
+/// A TCP proxy to the MongoDB server that, while `armed` is set, severs a connection on
+/// a message containing `pattern`: the client's side is closed at once (the driver sees
+/// the connection break with its request unanswered), and the message is held until
+/// `deliver` is set, then sent to the server anyway, as a request still in flight when
+/// its connection broke may be. Returns the URI, `armed`, the count of severed messages
+/// and `deliver`.
+pub async fn severing_mongo_proxy(
+    pattern: &'static [u8],
+) -> (
+    String,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (upstream, listener, proxied) = mongo_proxy_listener().await;
+    let armed = Arc::new(AtomicBool::new(false));
+    let severed = Arc::new(AtomicUsize::new(0));
+    let deliver = Arc::new(AtomicBool::new(false));
+    let (a, n, d) = (armed.clone(), severed.clone(), deliver.clone());
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                continue;
+            };
+            let (mut cr, cw) = client.into_split();
+            let (mut sr, mut sw) = server.into_split();
+            let cut = Arc::new(tokio::sync::Notify::new());
+            let (armed, severed, deliver, on_cut) = (a.clone(), n.clone(), d.clone(), cut.clone());
+            // Replies go to the client until the cut; after it they are read and dropped.
+            tokio::spawn(async move {
+                let mut cw = Some(cw);
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    let read = tokio::select! {
+                        r = sr.read(&mut buf) => r,
+                        _ = on_cut.notified() => {
+                            cw = None;
+                            continue;
+                        }
+                    };
+                    let n = match read {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    if let Some(w) = cw.as_mut() {
+                        if w.write_all(&buf[..n]).await.is_err() {
+                            cw = None;
+                        }
+                    }
+                }
+            });
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    let n = match cr.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    if armed.load(Ordering::SeqCst)
+                        && buf[..n].windows(pattern.len()).any(|w| w == pattern)
+                    {
+                        severed.fetch_add(1, Ordering::SeqCst);
+                        cut.notify_one();
+                        drop(cr);
+                        while !deliver.load(Ordering::SeqCst) {
+                            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                        }
+                        let _ = sw.write_all(&buf[..n]).await;
+                        // The server's side stays open (its reply is read and dropped).
+                        std::future::pending::<()>().await;
+                        return;
+                    }
+                    if sw.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (proxied, armed, severed, deliver)
+}
+
 /// A store on database `db` reached through `uri` (a proxy in front of the test server).
 pub async fn store_via(uri: &str, db: &str) -> Store {
     Store::connect_uri(uri, db, &WriteConcernLevel::Majority)

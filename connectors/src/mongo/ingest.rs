@@ -297,7 +297,15 @@ impl EventWriter {
                 .write_concern(self.store.write_concern().clone())
                 .await;
             if let Err(err) = inserted {
-                self.hand_back_claims(events, &claimed.new, now).await;
+                // Handed back, a claim is taken over by the next resend, which inserts
+                // its event if it finds it missing. An insert that may still land (its
+                // connection broke) keeps its claims for their lease instead: a resend
+                // taking them over at once could store the events a second time.
+                if super::outcome_unknown(&err) {
+                    tracing::warn!(events = claimed.new.len(), error = %err, "the events' insert may still be applied; their claims are kept for their lease, and resends are answered retry until it has passed");
+                } else {
+                    self.hand_back_claims(events, &claimed.new, now).await;
+                }
                 return Err(StoreError::mongo(c::EVENTS, "insert events")(err));
             }
             observe_phase("insert_events", started);

@@ -65,6 +65,20 @@ impl StoreError {
     }
 }
 
+/// Whether a write that failed this way may still be applied by the server: the
+/// connection broke or no server could be reached while it was under way (the driver's
+/// own retry included), so the server may have it, or be applying it now. Not an answer
+/// from the server (a refusal, a write concern error), which says what was written.
+pub fn outcome_unknown(err: &mongodb::error::Error) -> bool {
+    use mongodb::error::ErrorKind;
+    matches!(
+        err.kind.as_ref(),
+        ErrorKind::Io(_)
+            | ErrorKind::ServerSelection { .. }
+            | ErrorKind::ConnectionPoolCleared { .. }
+    )
+}
+
 /// The statements an unordered `insert_many` refused, when that is all that failed (no
 /// write concern error, nothing else).
 fn refused_inserts(err: &mongodb::error::Error) -> Option<&[mongodb::error::IndexedWriteError]> {
