@@ -1207,6 +1207,27 @@ async fn plugin_output_a_client_could_not_send_is_rejected_by_event() {
 }
 
 #[test]
+fn what_earlier_batches_left_in_an_instance_is_not_blamed_on_the_next_batch() {
+    let host = host();
+    // Each record leaks 3 MiB of the 16 MiB cap: an instance serves a few one-record
+    // batches, then the next one hits the cap on it, though it fits in a fresh instance.
+    let leaky = hostile(&host, "leak");
+    for i in 0..12 {
+        let record = doc! { "eventId": format!("e{i}") };
+        let out = leaky
+            .apply(vec![record.clone()], &mut Vec::new())
+            .unwrap_or_else(|e| panic!("batch {i}: {e}"));
+        assert_eq!(out, [record]);
+    }
+    // A batch that does not fit a fresh instance either is still its own failure.
+    let big: Vec<Document> = (0..8)
+        .map(|i| doc! { "eventId": format!("b{i}") })
+        .collect();
+    let err = leaky.run_batch(&big).unwrap_err();
+    assert!(matches!(err, PluginError::Memory { .. }), "{err}");
+}
+
+#[test]
 fn a_deadline_is_no_reason_to_drop_or_dead_letter_a_batch() {
     // A deadline depends on the load of the moment, not on the records: under every
     // policy the batch fails, so its records are processed again instead of lost.

@@ -595,6 +595,8 @@ struct Checkout<'a> {
     owner: &'a WasmTransform,
     /// `None` once handed back.
     live: Option<(Store<HostState>, Plugin)>,
+    /// Taken from the idle instances (it served a batch before), not built for this one.
+    reused: bool,
 }
 
 impl Checkout<'_> {
@@ -884,8 +886,30 @@ impl WasmTransform {
     /// Calls the plugin on `batch` and decodes what it returned, one outcome per input
     /// record; a malformed output fails the whole batch before anything is used.
     fn call(&self, batch: &[Record]) -> Result<Vec<Outcome>, PluginError> {
+        let mut reused = false;
+        match self.call_on(batch, false, &mut reused) {
+            // An instance that served earlier batches carries what they left: memory they
+            // grew, a cache, a bug they set off. A trap or the memory cap there would be
+            // blamed on this batch's records (rejected, dead-lettered): it is run again
+            // on a fresh instance first, and only that answer counts.
+            Err(PluginError::Trap { .. } | PluginError::Memory { .. }) if reused => {
+                self.call_on(batch, true, &mut reused)
+            }
+            other => other,
+        }
+    }
+
+    /// One call on an instance from the pool (`fresh`: a new one); `reused` tells whether
+    /// the instance had served a batch before.
+    fn call_on(
+        &self,
+        batch: &[Record],
+        fresh: bool,
+        reused: &mut bool,
+    ) -> Result<Vec<Outcome>, PluginError> {
         let encoded: Vec<String> = batch.iter().map(encode).collect();
-        let mut instance = self.checkout().map_err(PluginError::while_starting)?;
+        let mut instance = self.checkout(fresh).map_err(PluginError::while_starting)?;
+        *reused = instance.reused;
         let Some((store, plugin)) = instance.live.as_mut() else {
             return Err(PluginError::Trap {
                 plugin: self.name.clone(),
@@ -967,14 +991,20 @@ impl WasmTransform {
 
     /// An idle instance, or a new one while fewer than `max_instances` exist, or else the
     /// next one handed back.
-    fn checkout(&self) -> Result<Checkout<'_>, PluginError> {
+    fn checkout(&self, fresh: bool) -> Result<Checkout<'_>, PluginError> {
         let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             if let Some(live) = pool.idle.pop() {
-                return Ok(Checkout {
-                    owner: self,
-                    live: Some(live),
-                });
+                if !fresh {
+                    return Ok(Checkout {
+                        owner: self,
+                        live: Some(live),
+                        reused: true,
+                    });
+                }
+                // A new instance is wanted: this one's place goes to it.
+                drop(live);
+                pool.count = pool.count.saturating_sub(1);
             }
             if pool.count < self.max_instances {
                 pool.count += 1;
@@ -989,6 +1019,7 @@ impl WasmTransform {
                     Checkout {
                         owner: self,
                         live: Some(live),
+                        reused: false,
                     }
                 });
             }

@@ -1,7 +1,8 @@
 //! A deliberately misbehaving plugin, used by the tests to show the sandbox holds. It
 //! implements the WIT exports directly (not through the SDK) so it can also break the
 //! protocol. Config `{"mode": ...}` chooses the misbehaviour:
-//! `loop` (never returns), `memory` (allocates without end), `panic`, `file` (reads
+//! `loop` (never returns), `memory` (allocates without end), `leak` (keeps 3 MiB per
+//! record for good), `panic`, `file` (reads
 //! /etc/passwd), `socket` (connects to 127.0.0.1:1), `env` (lists the environment),
 //! `garbage` (returns records that are not JSON), `short` (fewer results than inputs),
 //! `sleep` (sleeps a minute in a host call), `fanout` (turns each record into 100,000),
@@ -38,6 +39,12 @@ fn misbehave(mode: &str, record: String) -> Result<Vec<String>, String> {
                 hoard.push(vec![1u8; 1 << 20]);
                 std::hint::black_box(&hoard);
             }
+        }
+        "leak" => {
+            // 3 MiB kept for good per record: an instance fills its memory cap over
+            // a few batches, though each batch alone fits in it.
+            std::hint::black_box(Box::leak(vec![1u8; 3 << 20].into_boxed_slice()));
+            Ok(vec![record])
         }
         "panic" => panic!("the plugin panicked on purpose"),
         "panic-on-bad" if record.contains("\"bad\"") => panic!("a record the plugin cannot take"),
