@@ -120,11 +120,28 @@ fn hostile_plugins_are_stopped_with_clear_errors_and_the_host_goes_on() {
         "no environment leaks in"
     );
 
-    let err = hostile(&host, "garbage").run_batch(&batch()).unwrap_err();
+    // Output that does not decode fails its record (the plugin knew which), not the batch.
+    let out = hostile(&host, "garbage").run_batch(&batch()).unwrap();
+    assert!(out.records.is_empty());
+    assert_eq!(out.failed.len(), 2, "{:?}", out.failed);
     assert!(
-        matches!(err, PluginError::Malformed { ref message, .. } if message.contains("not JSON")),
-        "{err}"
+        out.failed
+            .iter()
+            .all(|(_, reason)| reason.contains("malformed") && reason.contains("not JSON")),
+        "{:?}",
+        out.failed
     );
+    let mut letters = Vec::new();
+    let picky = hostile(&host, "garbage-on-bad").with_policy(FailurePolicy::DeadLetter);
+    let mixed = vec![
+        doc! { "eventId": "a", "n": 1 },
+        doc! { "eventId": "b", "n": "bad" },
+        doc! { "eventId": "c", "n": 3 },
+    ];
+    let kept = picky.apply(mixed.clone(), &mut letters).unwrap();
+    assert_eq!(kept, [mixed[0].clone(), mixed[2].clone()]);
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].0, mixed[1]);
     let err = hostile(&host, "short").run_batch(&batch()).unwrap_err();
     assert!(
         err.to_string().contains("0 results for a batch of 2"),

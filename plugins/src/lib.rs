@@ -884,7 +884,7 @@ impl WasmTransform {
     }
 
     /// Calls the plugin on `batch` and decodes what it returned, one outcome per input
-    /// record; a malformed output fails the whole batch before anything is used.
+    /// record; results that do not fit the batch fail it whole before anything is used.
     fn call(&self, batch: &[Record]) -> Result<Vec<Outcome>, PluginError> {
         let mut reused = false;
         match self.call_on(batch, false, &mut reused) {
@@ -965,7 +965,8 @@ impl WasmTransform {
                 });
             }
         };
-        let decoded = self.decode_results(batch, &encoded, results);
+        let mut undecodable = false;
+        let decoded = self.decode_results(batch, &encoded, results, &mut undecodable);
         let decoded = match decoded {
             Ok(_) if Instant::now() >= deadline => Err(PluginError::Deadline {
                 plugin: self.name.clone(),
@@ -975,7 +976,7 @@ impl WasmTransform {
         };
         // Documented: an instance that sent malformed output is not trusted again, and
         // one whose output buffer is half full is rebuilt.
-        if decoded.is_ok() && !pipes_full {
+        if decoded.is_ok() && !pipes_full && !undecodable {
             instance.hand_back();
         }
         decoded
@@ -1027,12 +1028,15 @@ impl WasmTransform {
         }
     }
 
-    /// Checks the plugin's results against its batch and decodes them.
+    /// Checks the plugin's results against its batch and decodes them. A record whose
+    /// output does not decode fails alone (`undecodable` is then set: the instance is not
+    /// trusted again); results that do not fit the batch fail it whole.
     fn decode_results(
         &self,
         batch: &[Record],
         encoded: &[String],
         results: Vec<Result<Vec<String>, String>>,
+        undecodable: &mut bool,
     ) -> Result<Vec<Outcome>, PluginError> {
         if results.len() != batch.len() {
             return Err(PluginError::Malformed {
@@ -1066,18 +1070,23 @@ impl WasmTransform {
                 Ok(records) if records.len() == 1 && records[0] == encoded[index] => {
                     Ok(Outcome::Keep)
                 }
-                Ok(records) => records
+                Ok(records) => Ok(records
                     .iter()
                     .map(|text| {
-                        let mut out = decode(text).map_err(|message| PluginError::Malformed {
-                            plugin: self.name.clone(),
-                            message: format!("record {index}: {message}"),
-                        })?;
+                        let mut out = decode(text)?;
                         keep_int64(&mut out, &batch[index]);
                         Ok(out)
                     })
-                    .collect::<Result<Vec<_>, _>>()
-                    .map(Outcome::Records),
+                    .collect::<Result<Vec<_>, String>>()
+                    .map_or_else(
+                        |message| {
+                            *undecodable = true;
+                            Outcome::Failed(format!(
+                                "its output for this record is malformed: {message}"
+                            ))
+                        },
+                        Outcome::Records,
+                    )),
                 Err(reason) => Ok(Outcome::Failed(plugin_text(reason))),
             })
             .collect()

@@ -4,7 +4,8 @@
 //! `loop` (never returns), `memory` (allocates without end), `leak` (keeps 3 MiB per
 //! record for good), `panic`, `file` (reads
 //! /etc/passwd), `socket` (connects to 127.0.0.1:1), `env` (lists the environment),
-//! `garbage` (returns records that are not JSON), `short` (fewer results than inputs),
+//! `garbage` (returns records that are not JSON; `garbage-on-bad` only for a record
+//! holding the string "bad"), `short` (fewer results than inputs),
 //! `sleep` (sleeps a minute in a host call), `fanout` (turns each record into 100,000),
 //! `clock` (returns the wall clock it sees and how far its monotonic clock moved in a 50 ms
 //! sleep), `print` (prints 1,000 lines per record; `print-and-tag` also sets `"printed": true`), `rename-id` (changes each record's `eventId`), `panic-on-bad` (panics on a record holding the
@@ -58,6 +59,7 @@ fn misbehave(mode: &str, record: String) -> Result<Vec<String>, String> {
         },
         "env" => Ok(vec![json!({ "env": std::env::vars().count() }).to_string()]),
         "garbage" => Ok(vec!["{not json".to_string()]),
+        "garbage-on-bad" if record.contains("\"bad\"") => Ok(vec!["{not json".to_string()]),
         "rename-id" => {
             let mut v = serde_json_lite(&record);
             let id = format!("{}-renamed", v["eventId"].as_str().unwrap_or(""));
