@@ -401,6 +401,86 @@ fn failure_policies_fail_skip_or_dead_letter() {
 }
 
 #[tokio::test]
+async fn an_export_keeps_its_dead_letters_as_it_goes() {
+    use sluice_connectors::mongo::{EventWriter, WriterOptions};
+    use sluice_connectors::objstore::{LocalDir, ObjectStore};
+    use sluice_jobs::export::{run_export, ExportContext, ExportRequest};
+
+    let db = support::TestDb::initialized().await;
+    let day = chrono::Utc::now().date_naive() - chrono::Days::new(1);
+    let t0 = day
+        .and_hms_opt(12, 0, 0)
+        .unwrap()
+        .and_utc()
+        .timestamp_millis();
+    // 2,500 purchases, every other one in a currency the plugin has no rate for.
+    let events: Vec<sluice_core::model::Event> = (0..2_500i64)
+        .map(|i| sluice_core::model::Event {
+            id: None,
+            event_id: format!("p{i}"),
+            user_id: format!("u{}", i % 50),
+            session_id: format!("s{}", i % 50),
+            event_type: sluice_core::model::EventType::Purchase,
+            timestamp: bson::DateTime::from_millis(t0 + i),
+            properties: doc! { "amount": 10.0, "currency": if i % 2 == 0 { "USD" } else { "JPY" } },
+            metadata: Default::default(),
+            page_url: None,
+            referrer: None,
+            duration: None,
+            created_at: bson::DateTime::now(),
+            updated_at: bson::DateTime::now(),
+        })
+        .collect();
+    EventWriter::new(db.store.clone(), WriterOptions::default())
+        .write(&events)
+        .await
+        .unwrap();
+    let convert = host()
+        .load(
+            &support::plugin_dir(),
+            "currency-normalize",
+            json!({ "target": "EUR", "rates": { "USD": 0.5 } }),
+            &Grants::default(),
+            None,
+        )
+        .unwrap()
+        .with_policy(FailurePolicy::DeadLetter);
+    let out = std::env::temp_dir().join(format!(
+        "sluice-plugin-letters-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
+    let mut ctx = ExportContext::new(db.store.clone(), ObjectStore::Local(LocalDir::new(&out)));
+    ctx.transforms = vec![Arc::new(convert)];
+    // Small batches: the letters are kept over several writes, during the day's staging.
+    ctx.batch_rows = 100;
+    let summary = run_export(
+        &ctx,
+        &ExportRequest::day(sluice_core::model::ExportJobType::EventData, day, 90),
+    )
+    .await
+    .unwrap();
+    assert_eq!(summary.rows, 1_250);
+    let letters = db.store.collection("dead_letters");
+    let kept = letters
+        .count_documents(
+            doc! { "pipeline": "export:EVENT_DATA", "runId": &summary.job_id,
+            "reason": "no rate for `JPY`" },
+        )
+        .await
+        .unwrap();
+    assert_eq!(kept, 1_250);
+    // A rerun of the day keeps them once.
+    run_export(
+        &ctx,
+        &ExportRequest::day(sluice_core::model::ExportJobType::EventData, day, 90),
+    )
+    .await
+    .unwrap();
+    assert_eq!(letters.count_documents(doc! {}).await.unwrap(), 1_250);
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[tokio::test]
 async fn example_plugins_transform_an_export_pipeline_as_documented() {
     use arrow::array::AsArray;
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;

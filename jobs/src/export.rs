@@ -1600,6 +1600,9 @@ async fn stage(
         })?;
     let (batch_tx, mut batch_rx) = mpsc::channel::<Vec<Document>>(4);
     let (part_tx, mut part_rx) = mpsc::channel::<LocalPart>(2);
+    // Dead letters are kept as they come, a chunk at a time: a plugin failing every event
+    // of a large day must not hold them all in memory until the day is staged.
+    let (letter_tx, mut letter_rx) = mpsc::channel::<Vec<DeadLetter>>(2);
 
     // An archive is a move: every event deleted must be in the files, so no transform may
     // drop, split or change records on the way.
@@ -1638,6 +1641,14 @@ async fn stage(
             while let Some(batch) = batch_rx.blocking_recv() {
                 let applied = apply_chain(&transforms, batch)?;
                 dead_letters.extend(applied.dead_letters);
+                if dead_letters.len() >= LETTERS_PER_WRITE
+                    && letter_tx
+                        .blocking_send(std::mem::take(&mut dead_letters))
+                        .is_err()
+                {
+                    // keeping them failed; its error is reported
+                    return Ok((Vec::new(), None));
+                }
                 let records = applied.records;
                 if let Some(spool) = spool.as_mut() {
                     // The reader let through only events with a string eventId.
@@ -1752,7 +1763,19 @@ async fn stage(
         Ok::<u64, ExportError>(rows)
     };
 
-    let (read, uploaded) = tokio::join!(reader, uploader);
+    let pipeline = format!("export:{}", kind.as_str());
+    // (A rerun of the window keeps the same letters once: their ids come from their
+    // content.)
+    let keeper = async {
+        while let Some(letters) = letter_rx.recv().await {
+            ctx.store
+                .keep_dead_letters(letters, &pipeline, Some(job_id))
+                .await?;
+        }
+        Ok::<(), ExportError>(())
+    };
+
+    let (read, uploaded, kept) = tokio::join!(reader, uploader, keeper);
     let encoded = encoder.await.map_err(|e| ExportError::Encode {
         partition: prefix.clone(),
         message: e.to_string(),
@@ -1760,6 +1783,7 @@ async fn stage(
     let _ = tokio::fs::remove_dir_all(&work).await;
     // Report the first failure in pipeline order: reading, encoding, uploading.
     let rows_read = read?;
+    kept?;
     let (dead_letters, archived_ids) = encoded?;
     let parts = uploaded?;
     if archiving && archived_ids.as_ref().map(IdSpool::count) != Some(rows_read) {
@@ -1771,14 +1795,10 @@ async fn stage(
             ),
         });
     }
-    // Every batch of this partition went through the chain and was staged. (A rerun of
-    // the window keeps the same letters once: their ids come from their content.)
+    // Every batch of this partition went through the chain and was staged: the last
+    // letters are kept.
     ctx.store
-        .keep_dead_letters(
-            dead_letters,
-            &format!("export:{}", kind.as_str()),
-            Some(job_id),
-        )
+        .keep_dead_letters(dead_letters, &pipeline, Some(job_id))
         .await?;
     Ok(Staged {
         prefix,
@@ -1852,6 +1872,9 @@ async fn publish(
     .await
     .map_err(|e| ExportError::Request(format!("publishing `{}` stopped: {e}", s.prefix)))?
 }
+
+/// Dead letters an export keeps per write (see [`stage`]).
+const LETTERS_PER_WRITE: usize = 1_000;
 
 /// How long a publish waits for another run's publish of the same partition.
 const PUBLISH_WAIT: Duration = Duration::from_secs(10 * 60);
