@@ -1304,6 +1304,35 @@ async fn plugin_output_a_client_could_not_send_is_rejected_by_event() {
 }
 
 #[test]
+fn a_plugin_that_cannot_start_says_why() {
+    let host = host();
+    let start = |mode: &str| match host.load(
+        &support::plugin_dir(),
+        "hostile",
+        json!({ "mode": mode }),
+        &Grants::default(),
+        tight(),
+    ) {
+        Ok(_) => panic!("{mode}: loaded"),
+        Err(e) => e.to_string(),
+    };
+    // A panic in `configure`: its message, as for a batch's trap.
+    let err = start("configure-panic");
+    assert!(
+        err.contains("could not start an instance") && err.contains("this plugin cannot start"),
+        "{err}"
+    );
+    // A `configure` that never returns: its deadline, not a batch's.
+    let err = start("configure-loop");
+    assert!(
+        err.contains(
+            "could not start an instance: its `configure` ran past the deadline of 300 ms"
+        ),
+        "{err}"
+    );
+}
+
+#[test]
 fn what_earlier_batches_left_in_an_instance_is_not_blamed_on_the_next_batch() {
     let host = host();
     // Each record leaks 3 MiB of the 16 MiB cap: an instance serves a few one-record

@@ -133,6 +133,10 @@ impl PluginError {
     /// failure that would otherwise read as the input's becomes [`PluginError::Instance`].
     fn while_starting(self) -> Self {
         match self {
+            PluginError::Deadline { plugin, ms } => PluginError::Instance {
+                plugin,
+                message: format!("its `configure` ran past the deadline of {ms} ms"),
+            },
             PluginError::Trap { ref plugin, .. }
             | PluginError::Memory { ref plugin, .. }
             | PluginError::Fuel { ref plugin, .. }
@@ -567,7 +571,7 @@ impl PluginHost {
             skipped_batches: Mutex::new(0),
         };
         // The first instance is built now, so a plugin that cannot start fails the load.
-        let first = off_runtime(|| t.instantiate())?;
+        let first = off_runtime(|| t.instantiate()).map_err(PluginError::while_starting)?;
         tracing::debug!(plugin = %t.name, version = %t.version, sha256 = %actual, "plugin loaded");
         let mut pool = t.pool.lock().unwrap_or_else(|p| p.into_inner());
         pool.idle.push(first);
@@ -624,6 +628,26 @@ impl Until {
             PluginError::Memory { .. } | PluginError::Fuel { .. } => self.memory,
             _ => self.trap,
         }
+    }
+}
+
+/// A trap, with what the call last wrote to stderr: a Rust panic traps as
+/// `unreachable`, and its message went to stderr.
+fn explained(e: PluginError, state: &HostState) -> PluginError {
+    match e {
+        PluginError::Trap { plugin, message } => {
+            let printed = state.stderr.contents();
+            let words = last_words(&String::from_utf8_lossy(
+                printed.get(state.call_stderr_from..).unwrap_or_default(),
+            ));
+            let message = if words.is_empty() {
+                message
+            } else {
+                format!("{message} (last stderr line: {words})")
+            };
+            PluginError::Trap { plugin, message }
+        }
+        other => other,
     }
 }
 
@@ -761,7 +785,7 @@ impl WasmTransform {
         let configured = plugin.call_configure(&mut store, &self.config);
         self.flush_output(&mut store);
         let hit = store.data().limits.hit;
-        match configured.map_err(|e| self.classify(e, hit))? {
+        match configured.map_err(|e| explained(self.classify(e, hit), store.data()))? {
             Ok(()) => Ok((store, plugin)),
             Err(reason) => Err(PluginError::Refused {
                 plugin: self.name.clone(),
@@ -947,22 +971,7 @@ impl WasmTransform {
                         mib: PIPE_BYTES >> 20,
                     });
                 }
-                return Err(match self.classify(e, state.limits.hit) {
-                    // A Rust panic traps as `unreachable`; its message went to stderr.
-                    PluginError::Trap { plugin, message } => {
-                        let printed = state.stderr.contents();
-                        let words = last_words(&String::from_utf8_lossy(
-                            printed.get(state.call_stderr_from..).unwrap_or_default(),
-                        ));
-                        let message = if words.is_empty() {
-                            message
-                        } else {
-                            format!("{message} (last stderr line: {words})")
-                        };
-                        PluginError::Trap { plugin, message }
-                    }
-                    other => other,
-                });
+                return Err(explained(self.classify(e, state.limits.hit), state));
             }
         };
         let mut undecodable = false;

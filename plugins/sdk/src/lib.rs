@@ -144,7 +144,8 @@ pub trait Plugin: Sized + 'static {
     fn configure(config: Value) -> Result<Self, String>;
 
     /// Transforms one record into zero (drop), one or several records, or fails it with
-    /// a reason. Other records of the batch are not affected by a failure.
+    /// a reason. Other records of the batch are not affected by a returned `Err`; a panic
+    /// traps the whole call (WebAssembly has no unwinding) and fails the batch.
     fn transform(&mut self, record: Record) -> Result<Vec<Record>, String>;
 }
 

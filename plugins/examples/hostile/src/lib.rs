@@ -2,7 +2,7 @@
 //! implements the WIT exports directly (not through the SDK) so it can also break the
 //! protocol. Config `{"mode": ...}` chooses the misbehaviour:
 //! `loop` (never returns), `memory` (allocates without end), `leak` (keeps 3 MiB per
-//! record for good), `panic`, `file` (reads
+//! record for good), `configure-panic` and `configure-loop` (fail to start), `panic`, `file` (reads
 //! /etc/passwd), `socket` (connects to 127.0.0.1:1), `env` (lists the environment),
 //! `garbage` (returns records that are not JSON; `garbage-on-bad` only for a record
 //! holding the string "bad"), `short` (fewer results than inputs),
@@ -135,6 +135,13 @@ impl Guest for Hostile {
     fn configure(config: String) -> Result<(), String> {
         let v: Value = serde_json_lite(&config);
         let mode = v["mode"].as_str().unwrap_or("ok").to_string();
+        match mode.as_str() {
+            "configure-panic" => panic!("this plugin cannot start"),
+            "configure-loop" => loop {
+                std::hint::black_box(&mode);
+            },
+            _ => {}
+        }
         println!("hostile plugin configured in mode {mode}");
         MODE.with(|m| *m.borrow_mut() = mode);
         Ok(())
