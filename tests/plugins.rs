@@ -1304,6 +1304,38 @@ async fn plugin_output_a_client_could_not_send_is_rejected_by_event() {
 }
 
 #[test]
+fn example_plugins_leave_what_they_do_not_handle_as_it_was() {
+    let host = host();
+    let dir = support::plugin_dir();
+    let load = |name: &str, config: serde_json::Value| {
+        host.load(&dir, name, config, &Grants::default(), None)
+    };
+    // An empty marker would match every user agent: refused.
+    let Err(err) = load("bot-filter", json!({ "extra_markers": ["monitor", " "] })) else {
+        panic!("an empty marker was accepted");
+    };
+    assert!(err.to_string().contains("empty marker"), "{err}");
+    // A purchase without an amount passes unchanged (no `properties: null` added).
+    let convert = load(
+        "currency-normalize",
+        json!({ "target": "EUR", "rates": { "USD": 0.5 } }),
+    )
+    .unwrap();
+    let bare = doc! { "eventId": "b", "eventType": "PURCHASE" };
+    assert_eq!(
+        convert.apply(vec![bare.clone()], &mut Vec::new()).unwrap(),
+        [bare]
+    );
+    // Redaction leaves absent fields absent and nulls null.
+    let redact = load("redact-pii", json!({ "salt": "pepper-pepper-pepper" })).unwrap();
+    let nulls = doc! { "eventId": "n", "email": null, "metadata": { "ipAddress": null } };
+    assert_eq!(
+        redact.apply(vec![nulls.clone()], &mut Vec::new()).unwrap(),
+        [nulls]
+    );
+}
+
+#[test]
 fn a_plugin_that_cannot_start_says_why() {
     let host = host();
     let start = |mode: &str| match host.load(

@@ -32,10 +32,10 @@ impl Plugin for BotFilter {
             None => Vec::new(),
             Some(Value::Array(items)) => items
                 .iter()
-                .map(|v| {
-                    v.as_str()
-                        .map(str::to_ascii_lowercase)
-                        .ok_or("`extra_markers` must be strings")
+                .map(|v| match v.as_str() {
+                    Some(m) if m.trim().is_empty() => Err("`extra_markers` may not hold an empty marker (it would match every user agent and drop every event)"),
+                    Some(m) => Ok(m.to_ascii_lowercase()),
+                    None => Err("`extra_markers` must be strings"),
                 })
                 .collect::<Result<_, _>>()?,
             Some(_) => return Err("`extra_markers` must be an array of strings".into()),

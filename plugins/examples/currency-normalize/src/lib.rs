@@ -35,10 +35,13 @@ impl Plugin for CurrencyNormalize {
         if record["eventType"] != "PURCHASE" {
             return Ok(vec![record]);
         }
-        let props = &mut record["properties"];
+        // Read before anything is written: a purchase without an amount and a currency
+        // passes unchanged (indexing mutably would add a null `properties` to it).
         let (Some(amount), Some(currency)) = (
-            props["amount"].as_f64(),
-            props["currency"].as_str().map(str::to_string),
+            record["properties"]["amount"].as_f64(),
+            record["properties"]["currency"]
+                .as_str()
+                .map(str::to_string),
         ) else {
             return Ok(vec![record]);
         };
@@ -50,6 +53,8 @@ impl Plugin for CurrencyNormalize {
             .get(&currency)
             .and_then(Value::as_f64)
             .ok_or_else(|| format!("no rate for `{currency}`"))?;
+        // An object: its amount and currency were read from it.
+        let props = &mut record["properties"];
         props["originalAmount"] = amount.into();
         props["originalCurrency"] = currency.into();
         props["amount"] = ((amount * rate * 100.0).round() / 100.0).into();

@@ -38,23 +38,23 @@ impl RedactPii {
         record
     }
 
-    /// Redacts `record` where it stands.
+    /// Redacts `record` where it stands. Fields that are absent stay absent, and a null
+    /// stays null.
     pub fn redact_in_place(&self, record: &mut Value) {
-        self.redact(&mut record["email"]);
-        if record["properties"].is_object() {
-            self.redact(&mut record["properties"]["email"]);
+        if let Some(v) = record.get_mut("email") {
+            self.redact(v);
         }
-        if record["metadata"].is_object() {
-            self.redact(&mut record["metadata"]["ipAddress"]);
+        if let Some(v) = record
+            .get_mut("properties")
+            .and_then(|p| p.get_mut("email"))
+        {
+            self.redact(v);
         }
-        // Indexing created nulls where fields were absent: drop them again.
-        if let Some(obj) = record.as_object_mut() {
-            obj.retain(|k, v| !(k == "email" && v.is_null()));
-            for key in ["properties", "metadata"] {
-                if let Some(inner) = obj.get_mut(key).and_then(Value::as_object_mut) {
-                    inner.retain(|k, v| !((k == "email" || k == "ipAddress") && v.is_null()));
-                }
-            }
+        if let Some(v) = record
+            .get_mut("metadata")
+            .and_then(|m| m.get_mut("ipAddress"))
+        {
+            self.redact(v);
         }
     }
 }
