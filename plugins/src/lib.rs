@@ -1554,7 +1554,12 @@ mod limit_tests {
             plugin: "p".into(),
             ms: 5,
         };
-        assert_eq!(late.clone().while_starting(), late);
+        let started = late.while_starting();
+        assert!(!started.caused_by_input());
+        assert_eq!(
+            started.to_string(),
+            "plugin `p` could not start an instance: its `configure` ran past the deadline of 5 ms"
+        );
     }
 
     #[test]
