@@ -94,8 +94,10 @@ fn opt_string(
     }
 }
 
-/// An id (`eventId`, `userId`, `sessionId`...): at most `MAX_ID_LEN` bytes, not blank,
-/// no control characters (they would end up in file names, logs and CSV exports).
+/// An id (`eventId`, `userId`, `sessionId`...): at most `MAX_ID_LEN` bytes, not blank
+/// (nothing but spaces and invisible characters), no control characters, line or
+/// paragraph separators, or bidirectional controls (ids end up in file names, logs and
+/// CSV exports, where those break lines or make one id display as another).
 pub(crate) fn check_id(field: &str, id: &str) -> Result<(), ValidationError> {
     if id.len() > MAX_ID_LEN {
         return Err(ValidationError::new(
@@ -103,11 +105,23 @@ pub(crate) fn check_id(field: &str, id: &str) -> Result<(), ValidationError> {
             format!("longer than {MAX_ID_LEN} bytes"),
         ));
     }
-    if id.trim().is_empty() {
+    // Zero-width spaces and joiners, the word joiner and the byte order mark.
+    let invisible = |c: char| matches!(c, '\u{200B}'..='\u{200D}' | '\u{2060}' | '\u{FEFF}');
+    if id.chars().all(|c| c.is_whitespace() || invisible(c)) {
         return Err(ValidationError::new(field, "is blank"));
     }
-    if id.chars().any(char::is_control) {
-        return Err(ValidationError::new(field, "contains control characters"));
+    let disruptive = |c: char| {
+        c.is_control()
+            || matches!(
+                c,
+                '\u{2028}' | '\u{2029}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}'
+            )
+    };
+    if id.chars().any(disruptive) {
+        return Err(ValidationError::new(
+            field,
+            "contains control characters (line separators and bidirectional controls included)",
+        ));
     }
     Ok(())
 }
@@ -509,6 +523,29 @@ pub fn parse_event(
 
 #[cfg(test)]
 pub(crate) mod tests {
+
+    #[test]
+    fn ids_that_break_lines_or_hide_are_refused() {
+        for id in ["\u{200B}", " \u{FEFF} ", "\t"] {
+            let err = check_id("userId", id).unwrap_err();
+            assert!(
+                err.to_string().contains("blank") || err.to_string().contains("control"),
+                "{id:?}: {err}"
+            );
+        }
+        for id in ["a\u{2028}b", "user\u{202E}gnp.exe", "a\u{2066}b", "a\nb"] {
+            let err = check_id("userId", id).unwrap_err();
+            assert!(
+                err.to_string().contains("control characters"),
+                "{id:?}: {err}"
+            );
+        }
+        // Letters of any script, and an emoji sequence (joined by U+200D), are ids.
+        for id in ["visitor-42", "ユーザー", "👩\u{200D}💻", "a b"] {
+            assert!(check_id("userId", id).is_ok(), "{id:?}");
+        }
+    }
+
     use super::*;
     use serde_json::json;
 
