@@ -1273,6 +1273,7 @@ async fn plugin_output_a_client_could_not_send_is_rejected_by_event() {
         event("b3", "dollar"),
         event("b4", "retype"),
         event("b5", "fine"),
+        event("b6", "dated"),
     ];
     let answer: serde_json::Value = reqwest::Client::new()
         .post(format!("http://{}/v1/events/batch", server.addr))
@@ -1283,7 +1284,7 @@ async fn plugin_output_a_client_could_not_send_is_rejected_by_event() {
         .json()
         .await
         .unwrap();
-    assert_eq!(answer["stored"], 2, "{answer}");
+    assert_eq!(answer["stored"], 3, "{answer}");
     for (i, says) in [
         (1, "bytes as stored"),
         (2, "metadata.context.$where"),
@@ -1299,7 +1300,26 @@ async fn plugin_output_a_client_could_not_send_is_rejected_by_event() {
         .count_documents(doc! {})
         .await
         .unwrap();
-    assert_eq!(stored, 2);
+    assert_eq!(stored, 3);
+    // A date a plugin adds (as `{"$date": ..}`) is stored as a date, not refused as a
+    // `$` property name.
+    let dated = db
+        .store
+        .collection("events")
+        .find_one(doc! { "eventId": "b6" })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        dated
+            .get_document("properties")
+            .unwrap()
+            .get_datetime("seenAt")
+            .unwrap()
+            .try_to_rfc3339_string()
+            .unwrap(),
+        "2026-01-02T03:04:05Z"
+    );
     server.shutdown().await;
 }
 

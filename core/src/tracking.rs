@@ -157,19 +157,7 @@ pub(crate) fn check_properties(path: &str, v: &Value, depth: usize) -> Result<()
     match v {
         Value::Object(map) => {
             for (k, child) in map {
-                if !crate::model::is_plain_field_name(k) {
-                    return Err(ValidationError::new(
-                        format!("{path}.{k}"),
-                        "property names must be non-empty and contain no `$` prefix or `.`",
-                    ));
-                }
-                // BSON names are NUL-terminated: the server could not store this one.
-                if k.contains('\0') {
-                    return Err(ValidationError::new(
-                        format!("{path}.{}", k.replace('\0', "\\u0000")),
-                        "property names must not contain a NUL character (\\u0000)",
-                    ));
-                }
+                check_property_name(path, k)?;
                 check_properties(&format!("{path}.{k}"), child, depth + 1)?;
             }
             Ok(())
@@ -184,6 +172,50 @@ pub(crate) fn check_properties(path: &str, v: &Value, depth: usize) -> Result<()
         )),
         _ => Ok(()),
     }
+}
+
+fn check_property_name(path: &str, k: &str) -> Result<(), ValidationError> {
+    if !crate::model::is_plain_field_name(k) {
+        return Err(ValidationError::new(
+            format!("{path}.{k}"),
+            "property names must be non-empty and contain no `$` prefix or `.`",
+        ));
+    }
+    // BSON names are NUL-terminated: the server could not store this one.
+    if k.contains('\0') {
+        return Err(ValidationError::new(
+            format!("{path}.{}", k.replace('\0', "\\u0000")),
+            "property names must not contain a NUL character (\\u0000)",
+        ));
+    }
+    Ok(())
+}
+
+/// [`check_properties`] over BSON (an event a transform returned, or an import mapped):
+/// the same names and depth; a date or any other BSON value is a value, not an object
+/// whose `$date` name would be refused.
+fn check_bson_properties(path: &str, v: &bson::Bson, depth: usize) -> Result<(), ValidationError> {
+    if depth > MAX_PROPERTY_DEPTH {
+        return Err(ValidationError::new(
+            path,
+            format!("nested deeper than {MAX_PROPERTY_DEPTH} levels"),
+        ));
+    }
+    match v {
+        bson::Bson::Document(d) => check_bson_document(path, d, depth),
+        bson::Bson::Array(items) => items
+            .iter()
+            .try_for_each(|c| check_bson_properties(path, c, depth + 1)),
+        _ => Ok(()),
+    }
+}
+
+fn check_bson_document(path: &str, d: &Document, depth: usize) -> Result<(), ValidationError> {
+    for (k, child) in d {
+        check_property_name(path, k)?;
+        check_bson_properties(&format!("{path}.{k}"), child, depth + 1)?;
+    }
+    Ok(())
 }
 
 /// Converts JSON into a BSON document (numbers stay integers where they are).
@@ -266,12 +298,8 @@ pub fn check_event(
             format!("is {} s in the future", (t - received_at_ms) / 1000),
         ));
     }
-    let properties = bson::Bson::Document(e.properties.clone()).into_relaxed_extjson();
-    check_properties(f::PROPERTIES, &properties, 0)?;
-    if !e.metadata.context.is_empty() {
-        let context = bson::Bson::Document(e.metadata.context.clone()).into_relaxed_extjson();
-        check_properties("metadata.context", &context, 0)?;
-    }
+    check_bson_document(f::PROPERTIES, &e.properties, 0)?;
+    check_bson_document("metadata.context", &e.metadata.context, 0)?;
     check_amount(e.event_type, &e.properties)?;
     for (field, v) in [(f::PAGE_URL, &e.page_url), (f::REFERRER, &e.referrer)] {
         if v.as_ref().is_some_and(|s| s.len() > MAX_URL_LEN) {

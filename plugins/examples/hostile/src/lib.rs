@@ -11,7 +11,7 @@
 //! sleep), `print` (prints 1,000 lines per record; `print-and-tag` also sets `"printed": true`), `rename-id` (changes each record's `eventId`), `panic-on-bad` (panics on a record holding the
 //! string "bad"), `nul-key-on-bad` (gives a record holding "bad" a `metadata.context` key
 //! with a NUL, which BSON cannot store), `break-by-tag` (by a tracking event's `properties.tag`: `bloat` adds 1 MiB, `dollar` a `$` key in
-//! `metadata.context`, `retype` makes `timestamp` a word), `long-reason` (fails each record with a 2 MiB reason holding a newline), `vandal` (drops or blanks an import's key, adds a
+//! `metadata.context`, `retype` makes `timestamp` a word, `dated` adds a date property), `long-reason` (fails each record with a 2 MiB reason holding a newline), `vandal` (drops or blanks an import's key, adds a
 //! `$`, dotted or reserved field name, on records titled t1 to t5) and `ok` (returns every
 //! record).
 
@@ -94,6 +94,8 @@ fn misbehave(mode: &str, record: String) -> Result<Vec<String>, String> {
                 "bloat" => v["properties"]["blob"] = json!("x".repeat(1 << 20)),
                 "dollar" => v["metadata"]["context"] = json!({ "$where": 1 }),
                 "retype" => v["timestamp"] = json!("yesterday"),
+                // Not breaking: a date property, as extended JSON.
+                "dated" => v["properties"]["seenAt"] = json!({ "$date": "2026-01-02T03:04:05Z" }),
                 _ => {}
             }
             Ok(vec![v.to_string()])
