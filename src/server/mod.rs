@@ -198,7 +198,8 @@ pub fn router(state: AppState) -> Router {
         };
         app = app.route(path, post(handler).layer(one));
     }
-    app.merge(admin::routes())
+    let app = app
+        .merge(admin::routes())
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
@@ -215,10 +216,16 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             body_deadline,
-        ))
-        .layer(cors(&state.config))
-        .layer(tower_http::catch_panic::CatchPanicLayer::custom(on_panic))
-        .with_state(state)
+        ));
+    outer_layers(app, &state.config).with_state(state)
+}
+
+/// What wraps every route: a panic answered as a JSON `500`, and CORS outermost, so that
+/// every answer carries its headers, that `500` too (a browser reads no answer lacking
+/// them).
+fn outer_layers<S: Clone + Send + Sync + 'static>(app: Router<S>, config: &Config) -> Router<S> {
+    app.layer(tower_http::catch_panic::CatchPanicLayer::custom(on_panic))
+        .layer(cors(config))
 }
 
 /// A handler that panicked answers a JSON `500` (its connection stays usable) and is
@@ -534,22 +541,29 @@ mod tests {
 
     #[tokio::test]
     async fn a_handler_that_panics_answers_a_json_500() {
-        let mut app: Router = Router::new()
-            .route(
-                "/boom",
-                get(|| async {
-                    if true {
-                        panic!("boom");
-                    }
-                    "unreachable"
-                }),
-            )
-            .layer(tower_http::catch_panic::CatchPanicLayer::custom(on_panic));
+        let app: Router = Router::new().route(
+            "/boom",
+            get(|| async {
+                if true {
+                    panic!("boom");
+                }
+                "unreachable"
+            }),
+        );
+        let config =
+            sluice_core::config::validate("test", &Default::default(), Default::default(), &|_| {
+                None
+            })
+            .unwrap();
+        let mut app = outer_layers(app, &config);
         let request = axum::http::Request::get("/boom")
+            .header("origin", "https://shop.example")
             .body(axum::body::Body::empty())
             .unwrap();
         let response = app.call(request).await.unwrap();
         assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        // Readable by the browser that sent it.
+        assert_eq!(response.headers()["access-control-allow-origin"], "*");
         let body = axum::body::to_bytes(response.into_body(), 1 << 16)
             .await
             .unwrap();
