@@ -509,6 +509,60 @@ async fn an_insert_whose_connection_broke_keeps_its_claims_for_their_lease() {
 }
 
 #[tokio::test]
+async fn a_claim_taken_over_stores_its_event_at_the_time_it_was_counted() {
+    use std::sync::atomic::Ordering;
+    let db = TestDb::initialized().await;
+    let (uri, armed, _, _) =
+        support::severing_mongo_proxy(b"insert\x00\x07\x00\x00\x00events\x00").await;
+    let crashing = EventWriter::new(
+        support::store_via(&uri, &db.name).await,
+        WriterOptions::default(),
+    );
+    // The writer that completes abandoned claims: a short lease, so the test need not
+    // wait out 30 s.
+    let resender = EventWriter::new(
+        db.store.clone(),
+        WriterOptions {
+            claim_lease: std::time::Duration::from_millis(300),
+            ..Default::default()
+        },
+    );
+    let t0 = 1_700_000_000_000;
+    let counted = event("c1", "v1", "s1", EventType::PageView, t0);
+    // Claimed and counted, never inserted (the insert's connection broke, never delivered).
+    armed.store(true, Ordering::SeqCst);
+    assert!(crashing.write(&[counted]).await.is_err());
+    // The resend's clock-skew correction gives it a slightly other time.
+    let resent = event("c1", "v1", "s1", EventType::PageView, t0 + 7);
+    support::wait_until("the abandoned claim is taken over", || async {
+        resender.write(std::slice::from_ref(&resent)).await.unwrap() == [WriteStatus::Stored]
+    })
+    .await;
+    let stored = db
+        .store
+        .collection("events")
+        .find_one(doc! { "eventId": "c1" })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        stored.get_datetime("timestamp").unwrap().timestamp_millis(),
+        t0
+    );
+    let session = db
+        .store
+        .collection("sessions")
+        .find_one(doc! { "sessionId": "s1" })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        session.get_datetime("endTime").unwrap().timestamp_millis(),
+        t0
+    );
+}
+
+#[tokio::test]
 async fn an_event_the_server_could_not_store_fails_its_write_before_anything_is_counted() {
     let db = TestDb::initialized().await;
     let writer = EventWriter::new(db.store.clone(), WriterOptions::default());

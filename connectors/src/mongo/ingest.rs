@@ -115,7 +115,8 @@ struct Claimed {
     /// Indices of events claimed (and aggregated) now.
     new: Vec<usize>,
     /// Indices of events whose id was claimed before, with the claim time.
-    earlier: Vec<(usize, DateTime)>,
+    /// With when each was claimed and the time it was counted at (the ledger's `ts`).
+    earlier: Vec<(usize, DateTime, Option<DateTime>)>,
     /// Indices of events whose id was claimed and later archived (a duplicate).
     archived: Vec<usize>,
 }
@@ -478,11 +479,12 @@ impl EventWriter {
             .find(doc! { common::ID: { "$in": &ids } })
             .session(&mut *session)
             .await?;
-        let mut claimed_at: HashMap<String, Option<DateTime>> = HashMap::new();
+        let mut claimed_at: HashMap<String, Option<(DateTime, Option<DateTime>)>> = HashMap::new();
         while let Some(d) = cursor.next(&mut *session).await.transpose()? {
             if let (Ok(id), Ok(at)) = (d.get_str(common::ID), d.get_datetime(l::CLAIMED_AT)) {
                 let archived = d.get_bool(l::ARCHIVED).unwrap_or(false);
-                claimed_at.insert(id.to_string(), (!archived).then_some(*at));
+                let counted = d.get_datetime(l::TIMESTAMP).ok().copied();
+                claimed_at.insert(id.to_string(), (!archived).then_some((*at, counted)));
             }
         }
         let mut claimed = Claimed {
@@ -492,7 +494,7 @@ impl EventWriter {
         };
         for &i in unique {
             match claimed_at.get(&events[i].event_id) {
-                Some(Some(at)) => claimed.earlier.push((i, *at)),
+                Some(Some((at, counted))) => claimed.earlier.push((i, *at, *counted)),
                 Some(None) => claimed.archived.push(i),
                 None => claimed.new.push(i),
             }
@@ -652,13 +654,13 @@ impl EventWriter {
     async fn resolve_earlier(
         &self,
         events: &[Event],
-        earlier: &[(usize, DateTime)],
+        earlier: &[(usize, DateTime, Option<DateTime>)],
         encoded: &mut HashMap<usize, RawDocumentBuf>,
         status: &mut [WriteStatus],
     ) -> Result<(), StoreError> {
         let ids: Vec<&str> = earlier
             .iter()
-            .map(|&(i, _)| events[i].event_id.as_str())
+            .map(|&(i, _, _)| events[i].event_id.as_str())
             .collect();
         let present: HashSet<String> = self
             .store
@@ -674,7 +676,7 @@ impl EventWriter {
             .filter_map(|d| d.get_str(e::EVENT_ID).ok().map(str::to_string))
             .collect();
         let lease_ms = self.options.claim_lease.as_millis() as i64;
-        for &(i, at) in earlier {
+        for &(i, at, counted) in earlier {
             let event = &events[i];
             if present.contains(&event.event_id) {
                 status[i] = WriteStatus::Duplicate;
@@ -702,7 +704,21 @@ impl EventWriter {
                 continue;
             }
             let taken_at = Instant::now();
-            if let Err(err) = self.mark_late_days(events, &[i]).await {
+            // The event is stored at the time its aggregates were counted at: a resend's
+            // time may differ (its clock-skew correction is redone on arrival).
+            let recounted;
+            let event = match counted {
+                Some(ts) if ts != event.timestamp => {
+                    encoded.remove(&i);
+                    recounted = Event {
+                        timestamp: ts,
+                        ..event.clone()
+                    };
+                    &recounted
+                }
+                _ => event,
+            };
+            if let Err(err) = self.mark_late_days(std::slice::from_ref(event), &[0]).await {
                 self.hand_back_claims(events, &[i], now).await;
                 return Err(err);
             }
