@@ -563,6 +563,36 @@ async fn a_claim_taken_over_stores_its_event_at_the_time_it_was_counted() {
 }
 
 #[tokio::test]
+async fn an_event_without_a_session_joins_one_its_batch_opens_as_one_stored_before() {
+    let db = TestDb::initialized().await;
+    let writer = EventWriter::new(db.store.clone(), WriterOptions::default());
+    let t0 = 1_700_000_000_000;
+    // A visitor's app names its session; a server-side event a minute later names none.
+    let named = |id: &str, visitor: &str| {
+        let session = format!("app-{visitor}");
+        event(id, visitor, &session, EventType::PageView, t0)
+    };
+    let unnamed = |id: &str, visitor: &str| event(id, visitor, "", EventType::Click, t0 + 60_000);
+    // In one batch, and (another visitor) in two: the same session either way.
+    writer
+        .write(&[named("a1", "va"), unnamed("a2", "va")])
+        .await
+        .unwrap();
+    writer.write(&[named("b1", "vb")]).await.unwrap();
+    writer.write(&[unnamed("b2", "vb")]).await.unwrap();
+    for (id, session) in [("a2", "app-va"), ("b2", "app-vb")] {
+        let e = db
+            .store
+            .collection("events")
+            .find_one(doc! { "eventId": id })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(e.get_str("sessionId").unwrap(), session, "{id}: {e}");
+    }
+}
+
+#[tokio::test]
 async fn an_event_the_server_could_not_store_fails_its_write_before_anything_is_counted() {
     let db = TestDb::initialized().await;
     let writer = EventWriter::new(db.store.clone(), WriterOptions::default());

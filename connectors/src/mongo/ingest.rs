@@ -203,6 +203,27 @@ impl EventWriter {
                 end_ms: end.timestamp_millis(),
             });
         }
+        // Sessions this batch itself opens or extends (events with a session id) count as
+        // stored ones do: the same events attribute alike whether they come in one batch
+        // or two.
+        for e in events.iter() {
+            if e.session_id.is_empty() || !by_visitor.contains_key(&e.user_id) {
+                continue;
+            }
+            let t = e.timestamp.timestamp_millis();
+            let known = spans.entry(e.user_id.clone()).or_default();
+            match known.iter_mut().find(|s| s.session_id == e.session_id) {
+                Some(span) => {
+                    span.start_ms = span.start_ms.min(t);
+                    span.end_ms = span.end_ms.max(t);
+                }
+                None => known.push(Span {
+                    session_id: e.session_id.clone(),
+                    start_ms: t,
+                    end_ms: t,
+                }),
+            }
+        }
         for (visitor, indices) in by_visitor {
             let times: Vec<i64> = indices
                 .iter()
