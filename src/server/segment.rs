@@ -277,6 +277,9 @@ async fn store(
         })
         .collect();
     let answer = write(state, prepared).await?;
+    // One deadline for all of a request's traits, not one each: a batch of 500
+    // identifies against a slow store is answered within it.
+    let until = tokio::time::Instant::now() + deadline;
     for (i, t) in traits.into_iter().enumerate() {
         let Some((visitor, traits, at)) = t else {
             continue;
@@ -284,8 +287,8 @@ async fn store(
         if !answer.written[i] {
             continue;
         }
-        let applied = tokio::time::timeout(
-            deadline,
+        let applied = tokio::time::timeout_at(
+            until,
             identities::apply_traits(&state.store, &visitor, &traits, at),
         )
         .await
