@@ -246,8 +246,13 @@ impl wasmtime::ResourceLimiter for MemoryCap {
         &mut self,
         current: usize,
         desired: usize,
-        _maximum: Option<usize>,
+        maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
+        // Past the memory's own declared maximum the growth fails anyway (wasm's `-1`):
+        // it is not counted against the cap, as it never happens.
+        if maximum.is_some_and(|m| desired > m) {
+            return Ok(false);
+        }
         self.grow(desired.saturating_sub(current))
     }
 
@@ -255,8 +260,11 @@ impl wasmtime::ResourceLimiter for MemoryCap {
         &mut self,
         current: usize,
         desired: usize,
-        _maximum: Option<usize>,
+        maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
+        if maximum.is_some_and(|m| desired > m) {
+            return Ok(false);
+        }
         self.grow(
             desired
                 .saturating_sub(current)
@@ -1536,6 +1544,25 @@ impl WasmTransform {
 #[cfg(test)]
 mod limit_tests {
     use super::*;
+
+    #[test]
+    fn a_growth_past_a_memorys_own_maximum_is_not_counted() {
+        use wasmtime::ResourceLimiter;
+        let mut cap = MemoryCap {
+            max_bytes: 1 << 20,
+            used: 0,
+            hit: false,
+        };
+        // Refused as wasm refuses it (`-1`), not counted, not a cap hit.
+        for _ in 0..10 {
+            assert!(!cap.memory_growing(0, 512 << 10, Some(256 << 10)).unwrap());
+        }
+        assert_eq!((cap.used, cap.hit), (0, false));
+        // Growth within both still fits the cap afterwards.
+        assert!(cap.memory_growing(0, 1 << 20, None).unwrap());
+        assert!(cap.memory_growing(1 << 20, (1 << 20) + 1, None).is_err());
+        assert!(cap.hit);
+    }
 
     #[test]
     fn a_failure_while_starting_an_instance_is_not_the_inputs() {
