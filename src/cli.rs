@@ -895,7 +895,16 @@ pub fn plugin_test(
                 );
             }
             Err(e) => {
-                eprintln!("batch {}: {e}", n + 1);
+                // The raw call, as a plugin author debugs it: the pipelines split such a
+                // batch in halves until its parts fit (see docs/plugins.md).
+                let hint = match e {
+                    sluice_plugins::PluginError::Memory { .. }
+                    | sluice_plugins::PluginError::Fuel { .. } => {
+                        "; pipelines split such a batch until its parts fit: a smaller --batch-size shows whether they do"
+                    }
+                    _ => "",
+                };
+                eprintln!("batch {}: {e}{hint}", n + 1);
                 failures += batch.len();
             }
         }
