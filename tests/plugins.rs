@@ -192,6 +192,8 @@ fn hostile_plugins_are_stopped_with_clear_errors_and_the_host_goes_on() {
         "{err}"
     );
     assert_eq!(printing.run_batch(&batch()).unwrap().records, batch());
+    // In a pipeline the batch is split until each part's printing fits.
+    assert_eq!(printing.apply(many.clone(), &mut Vec::new()).unwrap(), many);
     // A panic is reported with the trap's reason, not only where it happened.
     let err = hostile(&host, "panic").run_batch(&batch()).unwrap_err();
     assert!(err.to_string().contains("unreachable"), "{err}");

@@ -118,8 +118,8 @@ impl PluginError {
             | PluginError::Malformed { .. }
             | PluginError::Memory { .. }
             | PluginError::Fuel { .. } => true,
-            // What the plugin printed: it depends on earlier calls of the same instance too,
-            // and narrowing the batch down would only print it again.
+            // What the plugin printed: it depends on earlier calls of the same instance too
+            // (a batch is still split to fit the buffer, see `splittable`).
             PluginError::Load { .. }
             | PluginError::Hash { .. }
             | PluginError::Refused { .. }
@@ -1421,14 +1421,17 @@ impl Transform for WasmTransform {
 
 impl WasmTransform {
     /// Whether a failing batch may be split to narrow the failure down: a batch too big
-    /// for the memory cap or its fuel always (both are budgets per batch, whatever its
-    /// size: an export's 8,192 rows must not fail where a tracking request's few pass);
-    /// a trap under dead-letter, so only the records that make the plugin trap become
-    /// dead letters, not their whole batch.
+    /// for the memory cap, its fuel or the output buffer always (budgets per call,
+    /// whatever its size: an export's 8,192 rows must not fail where a tracking request's
+    /// few pass; each part runs on a fresh instance, its buffer empty); a trap under
+    /// dead-letter, so only the records that make the plugin trap become dead letters,
+    /// not their whole batch.
     fn splittable(e: &PluginError, policy: FailurePolicy, batch: &[Record]) -> bool {
         batch.len() > 1
-            && (matches!(e, PluginError::Memory { .. } | PluginError::Fuel { .. })
-                || (policy == FailurePolicy::DeadLetter && matches!(e, PluginError::Trap { .. })))
+            && (matches!(
+                e,
+                PluginError::Memory { .. } | PluginError::Fuel { .. } | PluginError::Output { .. }
+            ) || (policy == FailurePolicy::DeadLetter && matches!(e, PluginError::Trap { .. })))
     }
 
     fn deadline(&self) -> Duration {
