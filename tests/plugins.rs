@@ -1528,6 +1528,51 @@ fn a_batch_out_of_fuel_is_split_until_its_parts_fit() {
 }
 
 #[test]
+fn a_failed_record_is_named_by_its_place_in_the_whole_batch_and_its_event_id() {
+    let metered = PluginHost::new(true).unwrap();
+    let convert = |fuel: u64| {
+        metered
+            .load(
+                &support::plugin_dir(),
+                "currency-normalize",
+                json!({ "target": "EUR", "rates": { "USD": 0.5 } }),
+                &Grants::default(),
+                Some(Limits {
+                    memory_mib: 16,
+                    batch_deadline_ms: 60_000,
+                    fuel: Some(fuel),
+                }),
+            )
+            .ok()
+    };
+    let purchases = |n: usize, yen_at: usize| -> Vec<Document> {
+        (0..n)
+            .map(|i| {
+                let currency = if i == yen_at { "JPY" } else { "USD" };
+                doc! { "eventId": format!("e{i}"), "eventType": "PURCHASE",
+                "properties": { "amount": 10.0, "currency": currency } }
+            })
+            .collect()
+    };
+    // A budget for about two records: a batch of 16 is split into small parts.
+    let mut fuel = 10_000u64;
+    // (Its `configure` runs on the same budget.)
+    while !convert(fuel).is_some_and(|c| c.run_batch(&purchases(2, 99)).is_ok()) {
+        fuel *= 2;
+        assert!(fuel < 1 << 40, "never fit");
+    }
+    let err = convert(fuel)
+        .unwrap()
+        .apply(purchases(16, 11), &mut Vec::new())
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .ends_with("failed record 11 (eventId `e11`): no rate for `JPY`"),
+        "{err}"
+    );
+}
+
+#[test]
 fn fuel_budgets_and_the_clocks_grant_are_enforced() {
     use sha2::Digest;
     let src = support::plugin_dir();

@@ -98,12 +98,21 @@ pub enum PluginError {
     /// hit a limit): not the batch's fault.
     #[error("plugin `{plugin}` could not start an instance: {message}")]
     Instance { plugin: String, message: String },
-    #[error("plugin `{plugin}` failed record {index}: {reason}")]
+    /// `index` is the record's place in the batch the plugin was given (the chain's
+    /// earlier plugins may have dropped or added records); `event_id` names it for sure.
+    #[error("plugin `{plugin}` failed record {index}{}: {reason}", event_named(.event_id))]
     Record {
         plugin: String,
         index: usize,
+        event_id: Option<String>,
         reason: String,
     },
+}
+
+fn event_named(id: &Option<String>) -> String {
+    id.as_deref()
+        .map(|id| format!(" (eventId `{id}`)"))
+        .unwrap_or_default()
 }
 
 impl PluginError {
@@ -1386,7 +1395,7 @@ impl Transform for WasmTransform {
             trap: started + SPLIT_BUDGET_DEADLINES * self.deadline(),
             memory: started + MEMORY_SPLIT_BUDGET_DEADLINES * self.deadline(),
         };
-        let result = self.apply_with_policy(batch, letters, until);
+        let result = self.apply_with_policy(batch, letters, until, 0);
         let plugin = [("plugin", self.name.as_str())];
         let help = "Records through plugins, by plugin and direction (in, out).";
         count(
@@ -1461,6 +1470,7 @@ impl WasmTransform {
         batch: Vec<Record>,
         letters: &mut Vec<(Record, String)>,
         until: Until,
+        offset: usize,
     ) -> Result<Vec<Record>, TransformError> {
         let err = |e: PluginError| TransformError {
             name: self.name.clone(),
@@ -1476,8 +1486,9 @@ impl WasmTransform {
             {
                 let mut second = batch;
                 let first: Vec<Record> = second.drain(..second.len() / 2).collect();
-                let mut out = self.apply_with_policy(first, letters, until)?;
-                out.extend(self.apply_with_policy(second, letters, until)?);
+                let after = offset + first.len();
+                let mut out = self.apply_with_policy(first, letters, until, offset)?;
+                out.extend(self.apply_with_policy(second, letters, until, after)?);
                 return Ok(out);
             }
             // A failure that says nothing about the records (a deadline, which depends on
@@ -1533,10 +1544,14 @@ impl WasmTransform {
                 Ok(Vec::new())
             }
             FailurePolicy::FailRun => {
-                let (index, _, reason) = failed.swap_remove(0);
+                let (index, record, reason) = failed.swap_remove(0);
                 Err(err(PluginError::Record {
                     plugin: self.name.clone(),
-                    index,
+                    index: offset + index,
+                    event_id: record
+                        .get_str(sluice_core::model::event_fields::EVENT_ID)
+                        .ok()
+                        .map(str::to_string),
                     reason,
                 }))
             }
