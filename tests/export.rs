@@ -999,6 +999,82 @@ fn parquet_files(dir: &std::path::Path, prefix: &str) -> Vec<String> {
 }
 
 #[tokio::test]
+async fn a_publish_killed_midway_is_repaired_by_the_next_export_to_its_destination() {
+    let db = TestDb::initialized().await;
+    let dir = temp_dir();
+    let (d1, d2, d3) = (day(-4), day(-3), day(-2));
+    seed(&db, d1, 3000).await; // several parts
+    seed(&db, d2, 3000).await;
+    seed(&db, d3, 50).await;
+    let mut ctx = ExportContext::new(db.store.clone(), ObjectStore::Local(LocalDir::new(&dir)));
+    small_parts(&mut ctx);
+    run_export(&ctx, &request(ExportJobType::EventData, d1, d2))
+        .await
+        .unwrap();
+    let parts = |d: NaiveDate| format!("EVENT_DATA/dt={d}");
+    let before: Vec<_> = [d1, d2]
+        .iter()
+        .map(|&d| (manifest(&dir, &parts(d)), parquet_files(&dir, &parts(d))))
+        .collect();
+    let locks = db.store.collection("job_locks");
+    // Reruns whose process is killed after copying one part: nothing is undone, and the
+    // partition has an extra part and no `_SUCCESS`.
+    let mut dying = ctx.clone();
+    dying.die_after_copies = Some(1);
+    for d in [d1, d2] {
+        let err = run_export(&dying, &request(ExportJobType::EventData, d, d))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("died after 1 files"), "{err}");
+        assert!(!dir.join(parts(d)).join("_SUCCESS").exists());
+    }
+    assert_eq!(parquet_files(&dir, &parts(d1)).len(), before[0].1.len() + 1);
+    // The first one's lease lapses (a minute after its process died); the second's has
+    // not yet (as if its publish still ran).
+    let lapse = |d: NaiveDate| {
+        let locks = locks.clone();
+        async move {
+            locks
+                .update_many(
+                    doc! { "publishing.prefix": format!("EVENT_DATA/dt={d}") },
+                    doc! { "$set": { "expiresAt": DateTime::from_millis(0) } },
+                )
+                .await
+                .unwrap()
+                .modified_count
+        }
+    };
+    assert_eq!(lapse(d1).await, 1);
+    // The next export to this destination, of another day, repairs the first: its
+    // manifest's parts and its `_SUCCESS`, as before the killed rerun.
+    run_export(&ctx, &request(ExportJobType::EventData, d3, d3))
+        .await
+        .unwrap();
+    assert_eq!(manifest(&dir, &parts(d1)), before[0].0);
+    assert_eq!(parquet_files(&dir, &parts(d1)), before[0].1);
+    assert!(dir.join(parts(d1)).join("_SUCCESS").exists());
+    // The second, still leased, is left alone.
+    assert_eq!(parquet_files(&dir, &parts(d2)).len(), before[1].1.len() + 1);
+    assert!(!dir.join(parts(d2)).join("_SUCCESS").exists());
+    assert_eq!(locks.count_documents(doc! {}).await.unwrap(), 1);
+    // Once it lapses, a rerun of its day repairs it and publishes.
+    assert_eq!(lapse(d2).await, 1);
+    let rerun = run_export(&ctx, &request(ExportJobType::EventData, d2, d2))
+        .await
+        .unwrap();
+    assert_eq!(manifest(&dir, &parts(d2))["jobId"], rerun.job_id.as_str());
+    let published: Vec<String> = manifest(&dir, &parts(d2))["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["path"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(parquet_files(&dir, &parts(d2)).len(), published.len());
+    assert!(dir.join(parts(d2)).join("_SUCCESS").exists());
+    assert_eq!(locks.count_documents(doc! {}).await.unwrap(), 0);
+}
+
+#[tokio::test]
 async fn a_run_failing_mid_publish_leaves_every_partition_whole_and_says_which_it_replaced() {
     let db = TestDb::initialized().await;
     let dir = temp_dir();

@@ -148,6 +148,9 @@ pub struct ExportContext {
     /// Tests: another run takes the partition's publish lock once the parts are copied
     /// (what a publisher whose lease lapsed meets).
     pub lose_lock_after_copies: bool,
+    /// Tests: stop publishing after this many part files were copied, as a process
+    /// killed there stops: nothing undone, the publish lock left to lapse.
+    pub die_after_copies: Option<u64>,
 }
 
 impl ExportContext {
@@ -166,6 +169,7 @@ impl ExportContext {
             fail_after_manifest: false,
             keep_replaced: Duration::ZERO,
             lose_lock_after_copies: false,
+            die_after_copies: None,
         }
     }
 }
@@ -479,6 +483,7 @@ pub async fn run_export(
     let destination = ctx.dest.url(request.kind.as_str());
     remove_failed_staging(ctx).await;
     remove_retired_parts(ctx).await;
+    repair_interrupted_publishes(ctx).await;
     let job_id = history::create(
         &ctx.store,
         request.kind,
@@ -713,6 +718,98 @@ async fn remove_failed_staging(ctx: &ExportContext) {
             let _ = ctx.dest.delete(&keys).await;
         }
     }
+}
+
+/// Repairs the partitions of this destination whose publish was interrupted (its process
+/// died mid-publish, or its undo failed): their leases lapsed with a note of the
+/// partition. Best effort: a partition not repaired now keeps its note for the next run.
+async fn repair_interrupted_publishes(ctx: &ExportContext) {
+    use futures_util::TryStreamExt;
+    let noted: Vec<Document> = match ctx
+        .store
+        .lease_collection(c::JOB_LOCKS)
+        .find(doc! {
+            format!("{PUBLISHING_NOTE}.dest"): ctx.dest.url(""),
+            "expiresAt": { "$lt": ctx.store.now() },
+        })
+        .limit(1_000)
+        .await
+    {
+        Ok(cursor) => cursor.try_collect().await.unwrap_or_default(),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not look for interrupted publishes");
+            return;
+        }
+    };
+    let owner = format!("repair-{}", uuid::Uuid::new_v4().simple());
+    for d in noted {
+        let (Ok(id), Ok(prefix)) = (
+            d.get_str(common::ID),
+            d.get_document(PUBLISHING_NOTE)
+                .and_then(|n| n.get_str("prefix")),
+        ) else {
+            continue;
+        };
+        // Taken like any publish's lease: a publish of the partition that holds it now
+        // repairs it itself.
+        let Ok(Ok(lock)) = Lock::try_take(&ctx.store, id, &owner).await else {
+            continue;
+        };
+        match repair_partition(ctx, prefix).await {
+            Ok(()) => {}
+            Err(e) => {
+                lock.keep_note();
+                tracing::warn!(partition = %prefix, error = %e, "an interrupted publish's partition was not repaired; the next export run tries again");
+            }
+        }
+        lock.release(&ctx.store).await;
+    }
+}
+
+/// Makes a partition whose publish was interrupted whole again, under its publish lock:
+/// the parquet files its manifest does not name (copies of the interrupted publish, or
+/// parts it replaced and had not removed) are removed, or retired for
+/// `keep_replaced_parts_minutes`; its `_SUCCESS` is put back when it has a manifest.
+async fn repair_partition(ctx: &ExportContext, prefix: &str) -> Result<(), ExportError> {
+    let dir = format!("{prefix}/");
+    let success = format!("{dir}_SUCCESS");
+    let manifest_key = format!("{dir}_manifest.json");
+    let existing = ctx.dest.list(&dir).await?;
+    let named: Option<Vec<String>> = if existing.iter().any(|o| o.key == manifest_key) {
+        let bytes = ctx.dest.get_bytes(&manifest_key).await?;
+        // A manifest that cannot be read says nothing about which parts are published:
+        // nothing is removed on its account.
+        serde_json::from_slice::<serde_json::Value>(&bytes).map_err(|e| ExportError::Verify {
+            key: manifest_key.clone(),
+            message: e.to_string(),
+        })?;
+        Some(manifest_files(&bytes))
+    } else {
+        None
+    };
+    let unnamed: Vec<String> = existing
+        .iter()
+        .map(|o| o.key.clone())
+        .filter(|k| {
+            k.ends_with(".parquet")
+                && !named
+                    .iter()
+                    .flatten()
+                    .any(|n| k.strip_prefix(&dir) == Some(n.as_str()))
+        })
+        .collect();
+    let removed = unnamed.len();
+    let unnamed = retire(ctx, unnamed).await;
+    remove_unnamed(ctx, &unnamed).await?;
+    if named.is_some() && !existing.iter().any(|o| o.key == success) {
+        ctx.dest.put_bytes(&success, Vec::new()).await?;
+    }
+    tracing::warn!(
+        partition = %prefix,
+        parts_not_named = removed,
+        "repaired a partition whose publish was interrupted: parts its manifest does not name were removed (or retired), and its `_SUCCESS` is back if it has a manifest"
+    );
+    Ok(())
 }
 
 fn staging_prefix(job_id: &str) -> String {
@@ -1265,9 +1362,16 @@ struct Lock {
     renew: tokio::task::JoinHandle<()>,
     id: String,
     owner: String,
+    /// Released by lapsing instead of deleting, so its note stays for a repair.
+    keep_note: std::sync::atomic::AtomicBool,
+    /// Tests: the holder "died": nothing is released.
+    abandoned: std::sync::atomic::AtomicBool,
 }
 
 const LOCK_LEASE: Duration = Duration::from_secs(60);
+
+/// A publish lease's note of the partition being changed (see [`Lock::note_publishing`]).
+const PUBLISHING_NOTE: &str = "publishing";
 
 impl Lock {
     /// Takes the lock `id` for `owner` if it is free or lapsed; else answers its holder's
@@ -1319,7 +1423,64 @@ impl Lock {
             renew,
             id: id.to_string(),
             owner: owner.to_string(),
+            keep_note: Default::default(),
+            abandoned: Default::default(),
         }))
+    }
+
+    /// Notes on the lease the partition a publish is changing (`publishing: {dest,
+    /// prefix}`): a lease that lapses with its note is an interrupted publish.
+    async fn note_publishing(
+        &self,
+        store: &Store,
+        dest: &str,
+        prefix: &str,
+    ) -> Result<(), ExportError> {
+        let noted = store
+            .lease_collection(c::JOB_LOCKS)
+            .update_one(
+                doc! { common::ID: &self.id, "owner": &self.owner },
+                doc! { "$set": { PUBLISHING_NOTE: { "dest": dest, "prefix": prefix } } },
+            )
+            .await
+            .map_err(|source| ExportError::Read {
+                partition: c::JOB_LOCKS.into(),
+                source,
+            })?;
+        if noted.matched_count == 0 {
+            return Err(ExportError::Request(format!(
+                "publishing `{prefix}` stopped: this run no longer holds the partition's publish lock"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Whether the lease carries a note of a publish that did not complete (taken over
+    /// from a holder that died, or left by one whose undo failed).
+    async fn noted(&self, store: &Store) -> Result<bool, ExportError> {
+        store
+            .lease_collection(c::JOB_LOCKS)
+            .count_documents(doc! { common::ID: &self.id, PUBLISHING_NOTE: { "$exists": true } })
+            .await
+            .map(|n| n > 0)
+            .map_err(|source| ExportError::Read {
+                partition: c::JOB_LOCKS.into(),
+                source,
+            })
+    }
+
+    fn keep_note(&self) {
+        self.keep_note
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn abandon(&self) {
+        self.abandoned
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn abandoned(&self) -> bool {
+        self.abandoned.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Takes the lock again for this holder if it is still its own or has lapsed (the
@@ -1342,10 +1503,20 @@ impl Lock {
 
     async fn release(self, store: &Store) {
         self.renew.abort();
-        let _ = store
-            .lease_collection(c::JOB_LOCKS)
-            .delete_one(doc! { common::ID: &self.id, "owner": &self.owner })
-            .await;
+        if self.abandoned() {
+            return;
+        }
+        let locks = store.lease_collection(c::JOB_LOCKS);
+        let mine = doc! { common::ID: &self.id, "owner": &self.owner };
+        let _ = if self.keep_note.load(std::sync::atomic::Ordering::Relaxed) {
+            // Lapsed at once, its note kept: the next export run repairs what it guards.
+            locks
+                .update_one(mine, doc! { "$set": { "expiresAt": store.now() } })
+                .await
+                .map(|_| ())
+        } else {
+            locks.delete_one(mine).await.map(|_| ())
+        };
     }
 }
 
@@ -1857,7 +2028,20 @@ async fn publish(
     let publishing = PUBLISHING.enter();
     tokio::spawn(async move {
         let _publishing = publishing;
-        let published = publish_now(&ctx, &job_id, kind, &part, &lock).await;
+        // A lease taken over with the note of a publish that did not complete: that
+        // partition is repaired first (this publish may keep the partition as it is).
+        let repaired = match lock.noted(&ctx.store).await {
+            Ok(true) => repair_partition(&ctx, &part.prefix).await,
+            Ok(false) => Ok(()),
+            Err(e) => Err(e),
+        };
+        let published = match repaired {
+            Ok(()) => publish_now(&ctx, &job_id, kind, &part, &lock).await,
+            Err(e) => {
+                lock.keep_note();
+                Err(e)
+            }
+        };
         lock.release(&ctx.store).await;
         let p = published?;
         // Recorded here, in the publish's own task: a run stopped meanwhile (its FAILED
@@ -1983,6 +2167,13 @@ async fn publish_now(
             None => {}
         }
     }
+    // From here the partition is changed: the lease says what it guards, so that if
+    // this process dies before the publish completes or is undone, the next export run to
+    // this destination repairs the partition (see `repair_interrupted_publishes`).
+    if !additive {
+        lock.note_publishing(&ctx.store, &ctx.dest.url(""), &s.prefix)
+            .await?;
+    }
     ctx.dest.delete(std::slice::from_ref(&success)).await?;
     let names: Vec<String> = s
         .parts
@@ -1993,6 +2184,14 @@ async fn publish_now(
     let lock_lost = std::sync::atomic::AtomicBool::new(false);
     let placed = async {
         for ((staged_key, info), name) in s.parts.iter().zip(&names) {
+            if ctx.die_after_copies == Some(copied.len() as u64) {
+                lock.abandon();
+                return Err(ExportError::Request(format!(
+                    "publishing `{}` died after {} files (test hook)",
+                    s.prefix,
+                    copied.len()
+                )));
+            }
             if ctx.fail_after_copies == Some(copied.len() as u64) {
                 return Err(ExportError::Request(format!(
                     "publishing `{}` stopped after {} files (test hook)",
@@ -2047,6 +2246,9 @@ async fn publish_now(
     }
     .await;
     if let Err(err) = placed {
+        if lock.abandoned() {
+            return Err(err);
+        }
         if lock_lost.load(std::sync::atomic::Ordering::Relaxed) {
             // Another run may hold the partition now: remove only this run's own copies
             // and leave the manifest and `_SUCCESS` to it.
@@ -2070,7 +2272,8 @@ async fn publish_now(
         }
         .await;
         if let Err(e) = undone {
-            tracing::error!(partition = %s.prefix, error = %e, "a failed publish could not be undone: the partition has no `_SUCCESS` until a run of its window succeeds");
+            lock.keep_note();
+            tracing::error!(partition = %s.prefix, error = %e, "a failed publish could not be undone: the next export run to this destination repairs the partition (its parts no manifest names removed, its `_SUCCESS` put back)");
         }
         return Err(err);
     }
