@@ -402,6 +402,32 @@ fn failure_policies_fail_skip_or_dead_letter() {
     assert!(n >= 2.0, "{line}");
 }
 
+/// Yesterday (a day exports take) and its noon in epoch milliseconds.
+fn yesterday_noon() -> (chrono::NaiveDate, i64) {
+    let day = chrono::Utc::now().date_naive() - chrono::Days::new(1);
+    let noon = day.and_hms_opt(12, 0, 0).unwrap().and_utc();
+    (day, noon.timestamp_millis())
+}
+
+/// Purchase `p{i}` of visitor `u{i}` in session `s`, at `t0 + i` ms.
+fn export_event(i: i64, t0: i64, properties: Document) -> sluice_core::model::Event {
+    sluice_core::model::Event {
+        id: None,
+        event_id: format!("p{i}"),
+        user_id: format!("u{i}"),
+        session_id: "s".into(),
+        event_type: sluice_core::model::EventType::Purchase,
+        timestamp: bson::DateTime::from_millis(t0 + i),
+        properties,
+        metadata: Default::default(),
+        page_url: None,
+        referrer: None,
+        duration: None,
+        created_at: bson::DateTime::now(),
+        updated_at: bson::DateTime::now(),
+    }
+}
+
 #[tokio::test]
 async fn an_export_keeps_its_dead_letters_as_it_goes() {
     use sluice_connectors::mongo::{EventWriter, WriterOptions};
@@ -409,28 +435,17 @@ async fn an_export_keeps_its_dead_letters_as_it_goes() {
     use sluice_jobs::export::{run_export, ExportContext, ExportRequest};
 
     let db = support::TestDb::initialized().await;
-    let day = chrono::Utc::now().date_naive() - chrono::Days::new(1);
-    let t0 = day
-        .and_hms_opt(12, 0, 0)
-        .unwrap()
-        .and_utc()
-        .timestamp_millis();
+    let (day, t0) = yesterday_noon();
     // 2,500 purchases, every other one in a currency the plugin has no rate for.
     let events: Vec<sluice_core::model::Event> = (0..2_500i64)
         .map(|i| sluice_core::model::Event {
-            id: None,
-            event_id: format!("p{i}"),
             user_id: format!("u{}", i % 50),
             session_id: format!("s{}", i % 50),
-            event_type: sluice_core::model::EventType::Purchase,
-            timestamp: bson::DateTime::from_millis(t0 + i),
-            properties: doc! { "amount": 10.0, "currency": if i % 2 == 0 { "USD" } else { "JPY" } },
-            metadata: Default::default(),
-            page_url: None,
-            referrer: None,
-            duration: None,
-            created_at: bson::DateTime::now(),
-            updated_at: bson::DateTime::now(),
+            ..export_event(
+                i,
+                t0,
+                doc! { "amount": 10.0, "currency": if i % 2 == 0 { "USD" } else { "JPY" } },
+            )
         })
         .collect();
     EventWriter::new(db.store.clone(), WriterOptions::default())
@@ -491,30 +506,15 @@ async fn example_plugins_transform_an_export_pipeline_as_documented() {
     use sluice_jobs::export::{run_export, ExportContext, ExportRequest};
 
     let db = support::TestDb::initialized().await;
-    let day = chrono::Utc::now().date_naive() - chrono::Days::new(1);
-    let t0 = day
-        .and_hms_opt(12, 0, 0)
-        .unwrap()
-        .and_utc()
-        .timestamp_millis();
+    let (day, t0) = yesterday_noon();
     let mk = |i: i64, kind: &str, ua: &str, props: Document| sluice_core::model::Event {
-        id: None,
-        event_id: format!("p{i}"),
-        user_id: format!("u{i}"),
-        session_id: "s".into(),
         event_type: sluice_core::model::EventType::parse(kind).unwrap(),
-        timestamp: bson::DateTime::from_millis(t0 + i),
-        properties: props,
         metadata: sluice_core::model::EventMetadata {
             user_agent: Some(ua.into()),
             ip_address: Some(format!("203.0.113.{i}")),
             ..Default::default()
         },
-        page_url: None,
-        referrer: None,
-        duration: None,
-        created_at: bson::DateTime::now(),
-        updated_at: bson::DateTime::now(),
+        ..export_event(i, t0, props)
     };
     let human = "Mozilla/5.0 (X11; Linux x86_64) Firefox/127.0";
     let events = vec![
@@ -768,12 +768,13 @@ fn records_a_plugin_leaves_alone_come_back_exactly_as_they_were() {
     assert_eq!(nested.get_array("a").unwrap()[0], bson::Bson::Int64(1));
 }
 
-#[tokio::test]
-async fn a_later_copy_of_an_event_in_a_request_is_answered_as_the_first_is() {
-    let db = support::TestDb::initialized().await;
+/// A tracking server converting USD purchases to EUR (`currency-normalize`, no other
+/// rate) under the failure `policy`.
+async fn converting_server(db: &support::TestDb, policy: &str) -> sluice::server::ServerHandle {
     let dir = support::plugin_dir().display().to_string();
-    let server = support::start_server(&db, |raw| {
-        raw.plugins.dir = dir.clone();
+    support::start_server(db, |raw| {
+        raw.plugins.dir = dir;
+        raw.plugins.failure_policy = policy.into();
         raw.plugins.tracking_transforms = vec!["currency-normalize".into()];
         raw.plugins.config.insert(
             "currency-normalize".into(),
@@ -782,7 +783,13 @@ async fn a_later_copy_of_an_event_in_a_request_is_answered_as_the_first_is() {
             USD = 0.5 }),
         );
     })
-    .await;
+    .await
+}
+
+#[tokio::test]
+async fn a_later_copy_of_an_event_in_a_request_is_answered_as_the_first_is() {
+    let db = support::TestDb::initialized().await;
+    let server = converting_server(&db, "fail-run").await;
     let purchase = |id: &str, currency: &str| {
         json!({ "eventId": id, "userId": "v", "sessionId": "s", "eventType": "PURCHASE",
                 "timestamp": 1_700_000_000_000_i64,
@@ -848,19 +855,7 @@ async fn a_later_copy_of_an_event_in_a_request_is_answered_as_the_first_is() {
 #[tokio::test]
 async fn dead_lettered_events_are_stored_with_their_reason_not_lost() {
     let db = support::TestDb::initialized().await;
-    let dir = support::plugin_dir().display().to_string();
-    let server = support::start_server(&db, |raw| {
-        raw.plugins.dir = dir.clone();
-        raw.plugins.failure_policy = "dead-letter".into();
-        raw.plugins.tracking_transforms = vec!["currency-normalize".into()];
-        raw.plugins.config.insert(
-            "currency-normalize".into(),
-            toml::Value::Table(toml::toml! { target = "EUR"
-            [rates]
-            USD = 0.5 }),
-        );
-    })
-    .await;
+    let server = converting_server(&db, "dead-letter").await;
     let purchase = |id: &str, currency: &str| {
         json!({ "eventId": id, "userId": "v", "sessionId": "s", "eventType": "PURCHASE",
                 "properties": { "amount": 10.0, "currency": currency } })

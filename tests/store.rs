@@ -456,17 +456,30 @@ async fn a_read_preference_in_the_uri_does_not_stop_writes() {
     assert_eq!(count(&db, "events", doc! {}).await, 2);
 }
 
-#[tokio::test]
-async fn an_insert_whose_connection_broke_keeps_its_claims_for_their_lease() {
-    use std::sync::atomic::Ordering;
-    let db = TestDb::initialized().await;
-    // The `insert` command on `events` (its first element: "insert": "events").
+/// An event writer whose `insert` of events (the command's first element: "insert":
+/// "events") goes through [`support::severing_mongo_proxy`]; with its flags.
+async fn writer_severing_events_insert(
+    db: &TestDb,
+) -> (
+    EventWriter,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
     let (uri, armed, severed, deliver) =
         support::severing_mongo_proxy(b"insert\x00\x07\x00\x00\x00events\x00").await;
     let writer = EventWriter::new(
         support::store_via(&uri, &db.name).await,
         WriterOptions::default(),
     );
+    (writer, armed, severed, deliver)
+}
+
+#[tokio::test]
+async fn an_insert_whose_connection_broke_keeps_its_claims_for_their_lease() {
+    use std::sync::atomic::Ordering;
+    let db = TestDb::initialized().await;
+    let (writer, armed, severed, deliver) = writer_severing_events_insert(&db).await;
     let elsewhere = EventWriter::new(db.store.clone(), WriterOptions::default());
     let batch = vec![event(
         "k1",
@@ -512,12 +525,7 @@ async fn an_insert_whose_connection_broke_keeps_its_claims_for_their_lease() {
 async fn a_claim_taken_over_stores_its_event_at_the_time_it_was_counted() {
     use std::sync::atomic::Ordering;
     let db = TestDb::initialized().await;
-    let (uri, armed, _, _) =
-        support::severing_mongo_proxy(b"insert\x00\x07\x00\x00\x00events\x00").await;
-    let crashing = EventWriter::new(
-        support::store_via(&uri, &db.name).await,
-        WriterOptions::default(),
-    );
+    let (crashing, armed, _, _) = writer_severing_events_insert(&db).await;
     // The writer that completes abandoned claims: a short lease, so the test need not
     // wait out 30 s.
     let resender = EventWriter::new(
