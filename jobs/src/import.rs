@@ -877,9 +877,12 @@ async fn write_page(
         {
             continue;
         }
+        // A unit is the API's, the same for every record: a few of each page show it,
+        // without a second lookup of every record's date for the life of the config.
         if let Some(warning) = page
             .records()
             .iter()
+            .take(16)
             .find_map(|r| sluice_core::integration::suspect_epoch_seconds(field, r))
         {
             warn_once(summary, &connector.name, warning);
