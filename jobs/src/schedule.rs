@@ -133,14 +133,41 @@ pub fn next_fire(
 }
 
 /// The latest instant of `cron` (read in `tz`) at or before `now`.
+///
+/// The hour a fall-back repeats: the cron library maps a local time that happens twice
+/// to its first pass. A job at one fixed time of day runs once, at the first (as cron
+/// does); any other job (`0 */15 * * * *`, hourly) fires in both passes, so its
+/// instants are searched in the UTC offsets in force now and a few hours ago as well,
+/// where local time runs straight, and the latest that is a real instant of the job is
+/// taken.
 pub fn fire_instant(
     cron: &croner::Cron,
     tz: chrono_tz::Tz,
     now: chrono::DateTime<Utc>,
 ) -> chrono::DateTime<Utc> {
-    cron.find_previous_occurrence(&whole_second(now).with_timezone(&tz), true)
+    use chrono::{Offset, TimeZone};
+    let now = whole_second(now);
+    let in_zone = cron
+        .find_previous_occurrence(&now.with_timezone(&tz), true)
         .map(|t| t.with_timezone(&Utc))
-        .unwrap_or(now)
+        .unwrap_or(now);
+    if cron.determine_job_type() == croner::JobType::FixedTime {
+        return in_zone;
+    }
+    let offset_at = |t: chrono::DateTime<Utc>| tz.offset_from_utc_datetime(&t.naive_utc()).fix();
+    let mut latest = in_zone;
+    for probe in [now, now - chrono::Duration::hours(3)] {
+        let offset = offset_at(probe);
+        let Ok(found) = cron.find_previous_occurrence(&now.with_timezone(&offset), true) else {
+            continue;
+        };
+        let found = found.with_timezone(&Utc);
+        // An instant of the job only where that offset is the zone's.
+        if found <= now && found > latest && offset_at(found) == offset {
+            latest = found;
+        }
+    }
+    latest
 }
 
 /// `t` without its fraction of a second: fires are on whole seconds, and croner carries
@@ -1222,6 +1249,45 @@ mod tests {
         assert_eq!(
             fire_instant(&cron, chrono_tz::Europe::Paris, twice).to_rfc3339(),
             "2026-10-25T00:30:00+00:00"
+        );
+    }
+
+    #[test]
+    fn a_job_that_is_not_one_fixed_time_fires_in_both_passes_of_a_repeated_hour() {
+        // Paris falls back on 2026-10-25 at 01:00 UTC: local 02:00-03:00 happens twice.
+        let at = |t: &str| t.parse::<chrono::DateTime<Utc>>().unwrap();
+        let paris = chrono_tz::Europe::Paris;
+        let quarter = parse_cron("0 */15 * * * *").unwrap();
+        for (now, fire) in [
+            // The first pass (CEST), the second (CET), and just before and after it.
+            ("2026-10-25T00:15:03Z", "2026-10-25T00:15:00+00:00"),
+            ("2026-10-25T00:59:59Z", "2026-10-25T00:45:00+00:00"),
+            ("2026-10-25T01:00:01Z", "2026-10-25T01:00:00+00:00"),
+            ("2026-10-25T01:15:03Z", "2026-10-25T01:15:00+00:00"),
+            ("2026-10-25T01:46:00Z", "2026-10-25T01:45:00+00:00"),
+            ("2026-10-25T02:00:02Z", "2026-10-25T02:00:00+00:00"),
+        ] {
+            assert_eq!(
+                fire_instant(&quarter, paris, at(now)).to_rfc3339(),
+                fire,
+                "{now}"
+            );
+        }
+        // Half past every hour: just after the change, the latest is 02:30 of the first
+        // pass (00:30 UTC), not 01:30 local of the hour before it.
+        let half = parse_cron("0 30 * * * *").unwrap();
+        assert_eq!(
+            fire_instant(&half, paris, at("2026-10-25T01:02:00Z")).to_rfc3339(),
+            "2026-10-25T00:30:00+00:00"
+        );
+        assert_eq!(
+            fire_instant(&half, paris, at("2026-10-25T01:31:00Z")).to_rfc3339(),
+            "2026-10-25T01:30:00+00:00"
+        );
+        // An ordinary day is unchanged.
+        assert_eq!(
+            fire_instant(&quarter, paris, at("2026-11-25T10:07:00Z")).to_rfc3339(),
+            "2026-11-25T10:00:00+00:00"
         );
     }
 
