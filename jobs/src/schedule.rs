@@ -609,6 +609,9 @@ async fn execute(
         let _ = stop.wait_for(|stopping| *stopping).await;
     };
     let result = tokio::select! {
+        // A run that has finished counts, whatever became ready with it: its result
+        // thrown away, the job would run again elsewhere.
+        biased;
         r = inner.runner.run(job, fire) => Some(r),
         _ = &mut heartbeat => {
             tracing::warn!(job = %job.name, run = %id, "lease lost; run stopped");
@@ -826,6 +829,7 @@ pub async fn hold_manual_run_for<T>(
         tokio::time::Instant::now(),
     );
     tokio::select! {
+        biased; // (as in `execute`: finished work counts)
         out = work => Ok(out),
         _ = stopping => Err(format!("run `{id}` stopped: its process is shutting down")),
         why = heartbeat => {
