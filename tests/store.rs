@@ -192,14 +192,18 @@ async fn text_index_is_created_or_reported_as_skipped() {
 async fn expired_tokens_are_left_to_a_ttl_index_and_session_updates_touch_no_end_time_index() {
     let db = TestDb::initialized().await;
     let tokens = indexes(&db, "admin_tokens").await;
-    let ttl = find_by_key(&tokens, &doc! { "expiresAt": 1 }).unwrap();
-    let zero = match ttl.get("expireAfterSeconds") {
-        Some(Bson::Int32(v)) => *v == 0,
-        Some(Bson::Int64(v)) => *v == 0,
-        Some(Bson::Double(v)) => *v == 0.0,
-        _ => false,
+    let after = |index: &Document| match index.get("expireAfterSeconds") {
+        Some(Bson::Int32(v)) => Some(i64::from(*v)),
+        Some(Bson::Int64(v)) => Some(*v),
+        Some(Bson::Double(v)) => Some(*v as i64),
+        _ => None,
     };
-    assert!(zero, "{ttl}");
+    let ttl = find_by_key(&tokens, &doc! { "expiresAt": 1 }).unwrap();
+    assert_eq!(after(ttl), Some(0), "{ttl}");
+    // Ended fires and runs go after 90 days (a RUNNING one has no `endedAt`).
+    let runs = indexes(&db, "scheduled_runs").await;
+    let ended = find_by_key(&runs, &doc! { "endedAt": 1 }).unwrap();
+    assert_eq!(after(ended), Some(90 * 24 * 3600), "{ended}");
     let sessions = indexes(&db, "sessions").await;
     assert!(
         sessions

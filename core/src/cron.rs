@@ -7,13 +7,32 @@ pub const EXPECTED: &str = "a cron expression with seconds (6 or 7 fields, e.g. 
 /// Parses `expr`; the error says what was expected and what is wrong with `expr`. A day of
 /// the month and a day of the week must both match (`0 0 2 1-7 * MON`: the first Monday),
 /// as the scheduler's triggers read them, so the next fire shown is the one that comes.
+///
+/// Refused too: every second of only some minutes (`* 0 2 * * *`, meant as "at 02:00",
+/// would fire 60 times), and an expression that never fires again (a past year).
 pub fn parse(expr: &str) -> Result<croner::Cron, String> {
-    croner::parser::CronParser::builder()
+    let cron = croner::parser::CronParser::builder()
         .seconds(croner::parser::Seconds::Required)
         .dom_and_dow(true)
         .build()
         .parse(expr)
-        .map_err(|e| format!("{EXPECTED}; `{expr}` is not one: {e}"))
+        .map_err(|e| format!("{EXPECTED}; `{expr}` is not one: {e}"))?;
+    // Every second of only some minutes is a slip for "once in those minutes"; every
+    // second of every minute (`* * * * * *`) is what it says.
+    let mut fields = expr.split_whitespace();
+    let every = |f: Option<&str>| matches!(f, Some("*" | "*/1"));
+    if every(fields.next()) && !every(fields.next()) {
+        return Err(format!(
+            "`{expr}` fires every second of each minute it matches (the first field is seconds): write `0` there to fire once in those minutes"
+        ));
+    }
+    if cron
+        .find_next_occurrence(&chrono::Utc::now(), false)
+        .is_err()
+    {
+        return Err(format!("`{expr}` never fires again"));
+    }
+    Ok(cron)
 }
 
 #[cfg(test)]
@@ -29,6 +48,17 @@ mod tests {
         let out_of_range = parse("0 0 25 * * *").unwrap_err();
         assert!(out_of_range.starts_with(EXPECTED), "{out_of_range}");
         assert!(parse("0 0 2 * * MON-XYZ").is_err());
+        // Every second of the minute, and never again: refused, saying why.
+        for every_second in ["* 0 2 * * *", "*/1 */5 * * * *"] {
+            let err = parse(every_second).unwrap_err();
+            assert!(err.contains("every second"), "{err}");
+        }
+        assert!(
+            parse("*/10 * * * * *").is_ok(),
+            "sub-minute steps are meant"
+        );
+        let never = parse("0 0 2 * * * 2020").unwrap_err();
+        assert!(never.contains("never fires again"), "{never}");
     }
 
     #[test]

@@ -534,7 +534,7 @@ async fn claim(
             common::ID: &id, "job": &job.name, "scheduledFor": DateTime::from_chrono(fire),
             "status": "SKIPPED", "owner": &inner.options.instance,
             "reason": format!("the run `{}` is still going", other.get_str(common::ID).unwrap_or("?")),
-            common::CREATED_AT: now,
+            common::CREATED_AT: now, "endedAt": now,
         };
         return match runs.insert_one(skipped).await {
             Ok(_) => Ok(Some(FireOutcome::Skipped)),

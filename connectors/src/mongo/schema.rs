@@ -25,9 +25,10 @@ pub struct IndexSpec {
     pub sparse: bool,
     /// A text index; servers that refuse text indexes get a warning, not a failure.
     pub text: bool,
-    /// A TTL index (`expireAfterSeconds: 0`): the server deletes a document once the
-    /// date in its (single) key field has passed.
-    pub ttl: bool,
+    /// A TTL index (`expireAfterSeconds`): the server deletes a document this many
+    /// seconds after the date in its (single) key field (a document without that date is
+    /// kept).
+    pub ttl: Option<u64>,
     /// A partial index: only documents matching this filter are indexed.
     pub partial: Option<Document>,
 }
@@ -41,7 +42,7 @@ impl IndexSpec {
             unique: false,
             sparse: false,
             text: false,
-            ttl: false,
+            ttl: None,
             partial: None,
         }
     }
@@ -57,8 +58,8 @@ impl IndexSpec {
         self.text = true;
         self
     }
-    fn ttl(mut self) -> Self {
-        self.ttl = true;
+    fn ttl(mut self, after_seconds: u64) -> Self {
+        self.ttl = Some(after_seconds);
         self
     }
     fn partial(mut self, filter: Document) -> Self {
@@ -66,6 +67,9 @@ impl IndexSpec {
         self
     }
 }
+
+/// How long `scheduled_runs` keeps a fire or a run by hand once it has ended.
+pub const SCHEDULED_RUNS_KEPT_DAYS: u64 = 90;
 
 /// Every index Sluice wants, in creation order.
 pub fn index_specs() -> Vec<IndexSpec> {
@@ -175,6 +179,10 @@ pub fn index_specs() -> Vec<IndexSpec> {
             "status_expiresAt",
             doc! { "status": 1, "expiresAt": 1 },
         ),
+        // ended fires and runs are kept for `SCHEDULED_RUNS_KEPT_DAYS` (every fire of an
+        // every-minute job is half a million records a year); a RUNNING one has no end
+        IndexSpec::new(c::SCHEDULED_RUNS, "endedAt_ttl", doc! { "endedAt": 1 })
+            .ttl(SCHEDULED_RUNS_KEPT_DAYS * 24 * 3600),
         // dead letters by pipeline (`import:NAME`, `tracking`, ...), latest first
         IndexSpec::new(
             c::DEAD_LETTERS,
@@ -182,7 +190,7 @@ pub fn index_specs() -> Vec<IndexSpec> {
             doc! { "pipeline": 1, "createdAt": -1 },
         ),
         // admin login tokens are deleted by the server once expired
-        IndexSpec::new(c::ADMIN_TOKENS, "expiresAt_ttl", doc! { "expiresAt": 1 }).ttl(),
+        IndexSpec::new(c::ADMIN_TOKENS, "expiresAt_ttl", doc! { "expiresAt": 1 }).ttl(0),
     ]
 }
 
@@ -414,20 +422,20 @@ pub(crate) fn short_error(err: &mongodb::error::Error) -> String {
 }
 
 /// The options of an index as listIndexes shows them, reduced to what we compare:
-/// unique, sparse, TTL of zero seconds, partial filter.
-fn option_flags(doc: &Document) -> (bool, bool, bool, Option<Document>) {
+/// unique, sparse, TTL seconds, partial filter.
+fn option_flags(doc: &Document) -> (bool, bool, Option<u64>, Option<Document>) {
     let flag = |k: &str| matches!(doc.get(k), Some(Bson::Boolean(true)));
     let ttl = match doc.get("expireAfterSeconds") {
-        Some(Bson::Int32(v)) => *v == 0,
-        Some(Bson::Int64(v)) => *v == 0,
-        Some(Bson::Double(v)) => *v == 0.0,
-        _ => false,
+        Some(Bson::Int32(v)) => u64::try_from(*v).ok(),
+        Some(Bson::Int64(v)) => u64::try_from(*v).ok(),
+        Some(Bson::Double(v)) if *v >= 0.0 => Some(*v as u64),
+        _ => None,
     };
     let partial = doc.get_document("partialFilterExpression").ok().cloned();
     (flag("unique"), flag("sparse"), ttl, partial)
 }
 
-fn wanted_flags(spec: &IndexSpec) -> (bool, bool, bool, Option<Document>) {
+fn wanted_flags(spec: &IndexSpec) -> (bool, bool, Option<u64>, Option<Document>) {
     (spec.unique, spec.sparse, spec.ttl, spec.partial.clone())
 }
 
@@ -509,7 +517,7 @@ async fn ensure_index(store: &Store, spec: &IndexSpec) -> Result<IndexOutcome, S
         .name(spec.name.to_string())
         .unique(spec.unique.then_some(true))
         .sparse(spec.sparse.then_some(true))
-        .expire_after(spec.ttl.then_some(std::time::Duration::ZERO))
+        .expire_after(spec.ttl.map(std::time::Duration::from_secs))
         .partial_filter_expression(spec.partial.clone())
         .build();
     let model = IndexModel::builder()
