@@ -561,13 +561,22 @@ async fn claim(
     };
     match inserted {
         // A run by hand started at the same moment: whichever looks second steps back.
-        Ok(()) => match live_run(&inner.store, &job.name, &id).await? {
-            Some(other) => {
-                step_back(&inner.store, &id, &other).await?;
-                Ok(Some(FireOutcome::Skipped))
+        Ok(()) => {
+            let looked = match live_run(&inner.store, &job.name, &id).await {
+                Ok(Some(other)) => step_back(&inner.store, &id, &other)
+                    .await
+                    .map(|()| Some(FireOutcome::Skipped)),
+                Ok(None) => Ok(None),
+                Err(e) => Err(e),
+            };
+            if looked.is_err() {
+                // The claim is ours but could not be checked: handed back at once (not
+                // counted as its owner dying), for the sweep to run once the store
+                // answers, instead of held until its lease lapses.
+                hand_back(inner, doc! { common::ID: &id }).await;
             }
-            None => Ok(None),
-        },
+            looked
+        }
         Err(e) if is_duplicate_key(&e) => Ok(Some(FireOutcome::Claimed)),
         Err(e) => Err(StoreError::mongo(c::SCHEDULED_RUNS, "claim")(e)),
     }
