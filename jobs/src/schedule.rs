@@ -831,12 +831,23 @@ pub async fn hold_manual_run_for<T>(
     let stopping = async move {
         let _ = stop.wait_for(|stopping| *stopping).await;
     };
-    let heartbeat = keep_lease(
-        store,
-        doc! { common::ID: id, "status": "RUNNING" },
-        lease,
-        tokio::time::Instant::now(),
-    );
+    // The lease the start wrote was timed before its insert and read-back, which a slow
+    // majority may stretch: renewed now, it is counted from a known instant.
+    let filter = doc! { common::ID: id, "status": "RUNNING" };
+    let sent = tokio::time::Instant::now();
+    match store
+        .lease_collection(c::SCHEDULED_RUNS)
+        .update_one(
+            unlapsed(&filter),
+            doc! { "$set": { "expiresAt": store.now_plus(lease) } },
+        )
+        .await
+    {
+        Ok(r) if r.matched_count == 1 => {}
+        Ok(_) => return Err(format!("run `{id}` lapsed before it began; start it again")),
+        Err(e) => return Err(format!("run `{id}` could not take its lease: {e}")),
+    }
+    let heartbeat = keep_lease(store, filter, lease, sent);
     tokio::select! {
         biased; // (as in `execute`: finished work counts)
         out = work => Ok(out),
