@@ -1075,6 +1075,12 @@ async fn sweep(inner: &Arc<Inner>) -> Result<(), StoreError> {
         ) else {
             continue;
         };
+        // Until this replica has loaded its schedules once, it cannot tell which jobs it
+        // runs: it takes nothing over (another replica, or its next pass, will).
+        let loaded = inner.known.read().is_ok_and(|k| k.is_some());
+        if !loaded {
+            continue;
+        }
         let unknown = inner
             .known
             .read()
