@@ -383,19 +383,20 @@ impl Scheduler {
         }
     }
 
-    /// Stops the runs in flight, waiting up to 10 s for them to end. The runs stay this
-    /// replica's, their leases kept, until [`Scheduler::hand_back`], so what they leave
-    /// can be recorded first (an interrupted import) without racing a replica that took
-    /// them over, and a slow shutdown does not count as their owner dying.
+    /// Stops the runs in flight, waiting for them to end: up to 10 s, or as long as a run
+    /// that has finished may take to record its end (half a lease, with retries), since
+    /// one handed back before its end is recorded would run again elsewhere. The runs
+    /// stay this replica's, their leases kept, until [`Scheduler::hand_back`], so what
+    /// they leave can be recorded first (an interrupted import) without racing a replica
+    /// that took them over, and a slow shutdown does not count as their owner dying.
     pub async fn stop_runs(&self) {
         self.inner.stop.send_replace(true);
         // Started before the runs are waited for: a stopped run's own heartbeat ends at
         // once. Renewing one still ending is harmless (it is this replica's).
         self.keep_stopped_runs_leased();
-        self.inner
-            .executing
-            .wait_idle(Duration::from_secs(10))
-            .await;
+        let wait =
+            (self.inner.options.lease / 2 + Duration::from_secs(1)).max(Duration::from_secs(10));
+        self.inner.executing.wait_idle(wait).await;
     }
 
     fn keep_stopped_runs_leased(&self) {
