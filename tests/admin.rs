@@ -227,6 +227,22 @@ async fn every_role_against_every_endpoint() {
 }
 
 #[tokio::test]
+async fn an_unknown_email_fails_whatever_the_password() {
+    let db = TestDb::initialized().await;
+    let server = start_server(&db, |_| {}).await;
+    let base = format!("http://{}", server.addr);
+    // Even with the password the stand-in hash for unknown emails was made from: counted
+    // as failing, so it is locked out like a known email (not left uncounted, which told
+    // an unknown email from a known one and let its guesses through unlimited).
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        statuses.push(login(&base, "ghost@x.io", "no such user").await.0);
+    }
+    assert_eq!(statuses, [401, 401, 401, 401, 401, 429]);
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn bad_credentials_never_reveal_whether_an_email_exists_and_are_rate_limited() {
     let db = TestDb::initialized().await;
     sluice::server::admin::create_admin_user(&db.store, "ops@x.io", PASSWORD, Role::Admin)

@@ -510,6 +510,10 @@ fn apply_override(c: &mut RawConfig, field: &str, v: String) -> Result<(), Strin
                 .filter(|s| !s.is_empty())
                 .map(Secret::new)
                 .collect();
+            // A template that expands a missing secret to "" must not open the endpoint.
+            if c.server.write_keys.is_empty() {
+                return Err("one or more comma-separated write keys (set but empty, it would open the tracking endpoint to anyone; unset it to use the file's keys)".into());
+            }
         }
         "export.destination" => c.export.destination = v,
         "s3.endpoint" => c.s3.endpoint = v,
@@ -809,10 +813,15 @@ pub fn validate(
             ),
         ));
     }
-    if raw.export.archive_after_days == 0 {
+    // Bounded: a huge number meant as "never" overflowed the date arithmetic and archived
+    // every day before today.
+    if !(1..=36_500).contains(&raw.export.archive_after_days) {
         return Err(invalid(
             "export.archive_after_days",
-            "a number of days greater than 0".into(),
+            format!(
+                "1 to 36500 days (leave ARCHIVE unscheduled to never archive), got {}",
+                raw.export.archive_after_days
+            ),
         ));
     }
     let mut s3 = raw.s3.clone();
@@ -1428,6 +1437,24 @@ mod tests {
         );
         let env = |k: &str| (k == "SLUICE_MONGODB_DATABASE").then(|| "other".to_string());
         assert_eq!(load(None, &env).unwrap().database, "other");
+    }
+
+    #[test]
+    fn an_empty_write_keys_variable_and_a_huge_archive_age_are_refused() {
+        let env = |k: &str| (k == "SLUICE_SERVER_WRITE_KEYS").then(|| " , ".to_string());
+        let err = load(None, &env).unwrap_err().to_string();
+        assert!(
+            err.contains("SLUICE_SERVER_WRITE_KEYS") && err.contains("set but empty"),
+            "{err}"
+        );
+        for days in [0, 36_501, u32::MAX] {
+            let mut raw = RawConfig::default();
+            raw.export.archive_after_days = days;
+            let err = validate("t", &Default::default(), raw, &|_| None)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("1 to 36500 days"), "{days}: {err}");
+        }
     }
 
     #[test]

@@ -991,8 +991,16 @@ pub fn validate(
     }
     if let Some(push) = &file.push {
         if let Some(f) = &push.filter {
-            serde_json::from_str::<serde_json::Map<String, Value>>(f)
-                .map_err(|e| invalid("push.filter", format!("a JSON object ({e})")))?;
+            push_filter(f).map_err(|e| invalid("push.filter", e))?;
+        }
+        if crate::model::collections::INTERNAL.contains(&push.collection.as_str()) {
+            return Err(invalid(
+                "push.collection",
+                format!(
+                    "a collection of your data, not Sluice's own `{}`",
+                    push.collection
+                ),
+            ));
         }
     }
     if file.target.batch_size == 0 {
@@ -1002,6 +1010,12 @@ pub fn validate(
         ));
     }
     let coll = &file.target.collection;
+    if crate::model::collections::INTERNAL.contains(&coll.as_str()) {
+        return Err(invalid(
+            "target.collection",
+            format!("a collection of your data, not Sluice's own `{coll}`"),
+        ));
+    }
     if coll.is_empty()
         || coll.len() > 120
         || coll.starts_with("system.")
@@ -1656,10 +1670,68 @@ pub fn map_record_noting(
     Ok(out)
 }
 
+/// An EXPORT config's `[push] filter`: a JSON object (extended JSON: `{"$date": ..}` is a
+/// date), as the query it becomes. Refused, not widened to every document, when it does
+/// not convert (a number beyond 64 bits, say).
+pub fn push_filter(text: &str) -> Result<bson::Document, String> {
+    let value: serde_json::Map<String, Value> =
+        serde_json::from_str(text).map_err(|e| format!("a JSON object ({e})"))?;
+    // MongoDB has no unsigned 64-bit integer: such a number would match a rounded double.
+    fn too_big(v: &Value) -> bool {
+        match v {
+            Value::Number(n) => n.is_u64() && n.as_i64().is_none(),
+            Value::Array(items) => items.iter().any(too_big),
+            Value::Object(m) => m.values().any(too_big),
+            _ => false,
+        }
+    }
+    if value.values().any(too_big) {
+        return Err("a filter whose integers fit in 64 bits (send bigger ones as strings)".into());
+    }
+    match bson::Bson::try_from(Value::Object(value)) {
+        Ok(bson::Bson::Document(d)) => Ok(d),
+        Ok(_) => Err("a JSON object".into()),
+        Err(e) => Err(format!("a filter MongoDB can read ({e})")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn sluices_own_collections_are_no_import_target_or_export_source() {
+        let import = |coll: &str| {
+            format!("name = \"x\"\ntype = \"IMPORT\"\nendpoint = \"https://api.example/x\"\n[target]\ncollection = \"{coll}\"\nkey = \"id\"\n[mapping.id]\npath = \"$.id\"\n")
+        };
+        let push = |coll: &str, filter: &str| {
+            format!("name = \"y\"\ntype = \"EXPORT\"\nendpoint = \"https://api.example/y\"\n[push]\ncollection = \"{coll}\"\n{filter}\n[mapping.id]\npath = \"$._id\"\n")
+        };
+        let check = |text: String| {
+            parse_file("t.toml", &text).and_then(|f| validate("t", &f, &|_| None).map(|_| ()))
+        };
+        for coll in ["admin_tokens", "admin_users", "oauth_tokens", "sessions"] {
+            let err = check(import(coll)).unwrap_err().to_string();
+            assert!(err.contains("Sluice's own"), "{coll}: {err}");
+            let err = check(push(coll, "")).unwrap_err().to_string();
+            assert!(err.contains("Sluice's own"), "{coll}: {err}");
+        }
+        // A filter that does not convert is refused, not widened to every document.
+        let err = check(push(
+            "contacts",
+            "filter = '{\"accountId\": 18446744073709551615}'",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("push.filter"), "{err}");
+        let date =
+            push_filter(r#"{"updatedAt": {"$gte": {"$date": "2026-01-01T00:00:00Z"}}}"#).unwrap();
+        assert!(matches!(
+            date.get_document("updatedAt").unwrap().get("$gte"),
+            Some(bson::Bson::DateTime(_))
+        ));
+    }
 
     #[test]
     fn urls_whose_host_clients_read_differently_are_refused() {

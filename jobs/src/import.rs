@@ -1675,10 +1675,14 @@ pub async fn run_push(
     let connector = Arc::new(connector);
     let http = http_client(store, name, &connector, options).await?;
     let mut filter: Document = match &push.filter {
-        Some(f) => serde_json::from_str::<Value>(f)
-            .ok()
-            .and_then(|v| bson::to_document(&v).ok())
-            .unwrap_or_default(),
+        // Validated when the config was applied; refused here too rather than widened.
+        Some(f) => sluice_core::integration::push_filter(f).map_err(|expected| {
+            ImportError::Config(ConfigError::Invalid {
+                origin: format!("integration `{name}`"),
+                field: "push.filter".into(),
+                expected,
+            })
+        })?,
         None => Document::new(),
     };
     let watermark = push.watermark_field.clone();

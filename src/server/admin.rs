@@ -416,6 +416,7 @@ async fn login(
         .await
         .map_err(store_error)?;
     let password = body.password.clone();
+    let known = user.is_some();
     let hash = user
         .as_ref()
         .map(|u| u.password.clone())
@@ -430,7 +431,8 @@ async fn login(
     // The check, and the failure it records, finish even if the client hangs up.
     let checked = tokio::task::spawn_blocking(move || {
         let _permit = permit;
-        let ok = bcrypt::verify(password, &hash).unwrap_or(false);
+        // An unknown email fails even with the password its stand-in hash was made from.
+        let ok = known && bcrypt::verify(password, &hash).unwrap_or(false);
         if !ok {
             attempt.failed();
             return None;

@@ -54,6 +54,28 @@ pub mod collections {
     /// queries already reading them finish (`_id` = the part's URL, `dest`, `key`,
     /// `dueAt`).
     pub const RETIRED_PARTS: &str = "retired_parts";
+
+    /// Sluice's own collections, and the session aggregates: no import writes them and
+    /// no EXPORT config reads them (a config applied through the admin API could
+    /// otherwise mint login tokens or send password hashes out).
+    pub const INTERNAL: [&str; 16] = [
+        SESSIONS,
+        ADMIN_USERS,
+        ADMIN_TOKENS,
+        INTEGRATION_CONFIGS,
+        EXPORT_JOBS,
+        EVENT_IDS,
+        IMPORT_RUNS,
+        IMPORT_CHECKPOINTS,
+        SCHEDULED_RUNS,
+        JOB_LOCKS,
+        IDENTITIES,
+        OAUTH_TOKENS,
+        DEAD_LETTERS,
+        LATE_DAYS,
+        RETIRED_PARTS,
+        "system.profile",
+    ];
 }
 
 /// Field names shared by several collections.
