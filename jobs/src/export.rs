@@ -537,11 +537,7 @@ pub async fn run_export(
             })
         }
         Err(err) => {
-            let staging = staging_prefix(&job_id);
-            if let Ok(left) = ctx.dest.list(&staging).await {
-                let keys: Vec<String> = left.into_iter().map(|o| o.key).collect();
-                let _ = ctx.dest.delete(&keys).await;
-            }
+            let _ = remove_staging(ctx, &job_id).await;
             let read = ctx
                 .progress
                 .rows_read
@@ -779,11 +775,12 @@ async fn repair_partition(ctx: &ExportContext, prefix: &str) -> Result<(), Expor
         let bytes = ctx.dest.get_bytes(&manifest_key).await?;
         // A manifest that cannot be read says nothing about which parts are published:
         // nothing is removed on its account.
-        serde_json::from_slice::<serde_json::Value>(&bytes).map_err(|e| ExportError::Verify {
-            key: manifest_key.clone(),
-            message: e.to_string(),
-        })?;
-        Some(manifest_files(&bytes))
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&bytes).map_err(|e| ExportError::Verify {
+                key: manifest_key.clone(),
+                message: e.to_string(),
+            })?;
+        Some(manifest_paths(&manifest))
     } else {
         None
     };
@@ -810,6 +807,18 @@ async fn repair_partition(ctx: &ExportContext, prefix: &str) -> Result<(), Expor
         "repaired a partition whose publish was interrupted: parts its manifest does not name were removed (or retired), and its `_SUCCESS` is back if it has a manifest"
     );
     Ok(())
+}
+
+/// Removes what the run `job_id` staged.
+async fn remove_staging(ctx: &ExportContext, job_id: &str) -> Result<(), StorageError> {
+    let staged: Vec<String> = ctx
+        .dest
+        .list(&staging_prefix(job_id))
+        .await?
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+    ctx.dest.delete(&staged).await
 }
 
 fn staging_prefix(job_id: &str) -> String {
@@ -956,17 +965,7 @@ async fn publish_all(
     }
     // Every partition is published: a staging area that cannot be removed now fails
     // nothing (a later run sweeps leftovers of runs that ended).
-    let cleared = async {
-        let staging: Vec<String> = ctx
-            .dest
-            .list(&staging_prefix(job_id))
-            .await?
-            .into_iter()
-            .map(|o| o.key)
-            .collect();
-        ctx.dest.delete(&staging).await
-    };
-    if let Err(e) = cleared.await {
+    if let Err(e) = remove_staging(ctx, job_id).await {
         tracing::warn!(job = job_id, error = %e, "published, but the run's staging area was not removed; a later run removes it");
     }
     Ok(published)
@@ -1348,10 +1347,16 @@ async fn recover_partition(
 /// The file names a partition's `_manifest.json` lists (none if it is unreadable).
 fn manifest_files(manifest: &[u8]) -> Vec<String> {
     serde_json::from_slice::<serde_json::Value>(manifest)
-        .ok()
-        .and_then(|m| m["files"].as_array().cloned())
+        .map(|m| manifest_paths(&m))
         .unwrap_or_default()
-        .iter()
+}
+
+/// The file names a parsed manifest lists.
+fn manifest_paths(manifest: &serde_json::Value) -> Vec<String> {
+    manifest["files"]
+        .as_array()
+        .into_iter()
+        .flatten()
         .filter_map(|f| f["path"].as_str().map(str::to_string))
         .collect()
 }
