@@ -376,6 +376,16 @@ fn event(id: &str, user: &str, session: &str, t: EventType, ms: i64) -> Event {
     }
 }
 
+/// The one document of `coll` matching `filter` (the test fails if there is none).
+async fn one(db: &TestDb, coll: &str, filter: Document) -> Document {
+    db.store
+        .collection(coll)
+        .find_one(filter)
+        .await
+        .unwrap()
+        .unwrap_or_else(|| panic!("nothing in {coll}"))
+}
+
 async fn count(db: &TestDb, coll: &str, filter: Document) -> u64 {
     db.store
         .collection(coll)
@@ -408,24 +418,12 @@ async fn duplicate_event_id_is_stored_once() {
     assert_eq!(count(&db, "events", doc! { "eventId": "e1" }).await, 1);
     assert_eq!(count(&db, "events", doc! {}).await, 2);
 
-    let user = db
-        .store
-        .collection("users")
-        .find_one(doc! { "visitorId": "v1" })
-        .await
-        .unwrap()
-        .unwrap();
+    let user = one(&db, "users", doc! { "visitorId": "v1" }).await;
     assert_eq!(user.get_i64("totalEvents").unwrap(), 2, "{user}");
     assert_eq!(user.get_i64("totalPurchases").unwrap(), 1);
     assert_eq!(user.get_f64("totalRevenue").unwrap(), 10.25);
     assert_eq!(user.get_i64("totalSessions").unwrap(), 1);
-    let session = db
-        .store
-        .collection("sessions")
-        .find_one(doc! { "sessionId": "s1" })
-        .await
-        .unwrap()
-        .unwrap();
+    let session = one(&db, "sessions", doc! { "sessionId": "s1" }).await;
     assert_eq!(session.get_i64("events").unwrap(), 2);
     assert_eq!(session.get_i64("duration").unwrap(), 1000);
     assert_eq!(session.get_str("status").unwrap(), "ACTIVE");
@@ -521,13 +519,7 @@ async fn an_insert_whose_connection_broke_keeps_its_claims_for_their_lease() {
         vec![WriteStatus::Duplicate]
     );
     assert_eq!(count(&db, "events", doc! { "eventId": "k1" }).await, 1);
-    let user = db
-        .store
-        .collection("users")
-        .find_one(doc! { "visitorId": "v1" })
-        .await
-        .unwrap()
-        .unwrap();
+    let user = one(&db, "users", doc! { "visitorId": "v1" }).await;
     assert_eq!(user.get_i64("totalEvents").unwrap(), 1, "{user}");
 }
 
@@ -556,24 +548,12 @@ async fn a_claim_taken_over_stores_its_event_at_the_time_it_was_counted() {
         resender.write(std::slice::from_ref(&resent)).await.unwrap() == [WriteStatus::Stored]
     })
     .await;
-    let stored = db
-        .store
-        .collection("events")
-        .find_one(doc! { "eventId": "c1" })
-        .await
-        .unwrap()
-        .unwrap();
+    let stored = one(&db, "events", doc! { "eventId": "c1" }).await;
     assert_eq!(
         stored.get_datetime("timestamp").unwrap().timestamp_millis(),
         t0
     );
-    let session = db
-        .store
-        .collection("sessions")
-        .find_one(doc! { "sessionId": "s1" })
-        .await
-        .unwrap()
-        .unwrap();
+    let session = one(&db, "sessions", doc! { "sessionId": "s1" }).await;
     assert_eq!(
         session.get_datetime("endTime").unwrap().timestamp_millis(),
         t0
@@ -599,13 +579,7 @@ async fn an_event_without_a_session_joins_one_its_batch_opens_as_one_stored_befo
     writer.write(&[named("b1", "vb")]).await.unwrap();
     writer.write(&[unnamed("b2", "vb")]).await.unwrap();
     for (id, session) in [("a2", "app-va"), ("b2", "app-vb")] {
-        let e = db
-            .store
-            .collection("events")
-            .find_one(doc! { "eventId": id })
-            .await
-            .unwrap()
-            .unwrap();
+        let e = one(&db, "events", doc! { "eventId": id }).await;
         assert_eq!(e.get_str("sessionId").unwrap(), session, "{id}: {e}");
     }
 }
@@ -629,13 +603,7 @@ async fn an_event_the_server_could_not_store_fails_its_write_before_anything_is_
         writer.write(&batch[..1]).await.unwrap(),
         vec![WriteStatus::Stored]
     );
-    let stored = db
-        .store
-        .collection("events")
-        .find_one(doc! { "eventId": "good" })
-        .await
-        .unwrap()
-        .unwrap();
+    let stored = one(&db, "events", doc! { "eventId": "good" }).await;
     assert_eq!(stored.get_str("userId").unwrap(), "v1");
     assert_eq!(
         stored.get_datetime("timestamp").unwrap().timestamp_millis(),
@@ -693,13 +661,7 @@ async fn abandoned_claim_is_completed_without_counting_twice() {
     let status = writer.write(&batch).await.unwrap();
     assert_eq!(status, vec![WriteStatus::Duplicate, WriteStatus::Stored]);
     assert_eq!(count(&db, "events", doc! { "eventId": "a2" }).await, 1);
-    let user = db
-        .store
-        .collection("users")
-        .find_one(doc! { "visitorId": "v9" })
-        .await
-        .unwrap()
-        .unwrap();
+    let user = one(&db, "users", doc! { "visitorId": "v9" }).await;
     assert_eq!(
         user.get_i64("totalEvents").unwrap(),
         2,
@@ -743,13 +705,7 @@ async fn claims_too_old_to_insert_safely_are_handed_back_not_inserted() {
         ]
     );
     assert_eq!(count(&db, "events", doc! {}).await, 2);
-    let user = db
-        .store
-        .collection("users")
-        .find_one(doc! { "visitorId": "v7" })
-        .await
-        .unwrap()
-        .unwrap();
+    let user = one(&db, "users", doc! { "visitorId": "v7" }).await;
     assert_eq!(user.get_i64("totalEvents").unwrap(), 2);
 }
 
