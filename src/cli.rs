@@ -1012,7 +1012,11 @@ pub async fn jobs_list(config: &Config) -> anyhow::Result<()> {
             .unwrap_or_else(|| "never run".into());
         println!(
             "{:<36} {:<18} {:<16} next {}  last {}",
-            job.name, job.cron, job.timezone, next, last
+            job.name,
+            job.cron.as_deref().unwrap_or("-"),
+            job.timezone,
+            next,
+            last
         );
     }
     Ok(())

@@ -65,7 +65,8 @@ pub async fn scheduled_jobs(
 #[derive(Debug, Clone)]
 pub struct JobOverview {
     pub name: String,
-    pub cron: String,
+    /// None: an integration config not scheduled (or turned off) that was run by hand.
+    pub cron: Option<String>,
     /// IANA time zone the cron is read in.
     pub timezone: String,
     /// The next fire (RFC 3339, UTC), or why there is none.
@@ -74,36 +75,73 @@ pub struct JobOverview {
     pub last_run: Option<(String, String)>,
 }
 
-/// Every scheduled job with its next fire and latest run.
+/// Every scheduled job with its next fire and latest run, then every other integration
+/// config that has a recorded run (run by hand, or scheduled while it was active).
 pub async fn job_overview(
     config: &Config,
     store: &Store,
 ) -> Result<Vec<JobOverview>, sluice_connectors::StoreError> {
     let now = chrono::Utc::now();
-    let mut out = Vec::new();
-    for job in scheduled_jobs(config, store).await? {
-        let last_run = store
+    let latest_run = |job: String| async move {
+        let run = store
             .collection(c::SCHEDULED_RUNS)
-            .find_one(doc! { "job": &job.name })
+            .find_one(doc! { "job": &job })
             .sort(doc! { "scheduledFor": -1 })
             .await
             .map_err(sluice_connectors::StoreError::mongo(
                 c::SCHEDULED_RUNS,
                 "find the latest run",
-            ))?
-            .map(|d| {
-                (
-                    d.get_str("_id").unwrap_or("?").to_string(),
-                    d.get_str("status").unwrap_or("?").to_string(),
-                )
-            });
+            ))?;
+        Ok::<_, sluice_connectors::StoreError>(run.map(|d| {
+            (
+                d.get_str("_id").unwrap_or("?").to_string(),
+                d.get_str("status").unwrap_or("?").to_string(),
+            )
+        }))
+    };
+    let mut out = Vec::new();
+    for job in scheduled_jobs(config, store).await? {
         out.push(JobOverview {
             next_fire: sluice_jobs::schedule::next_fire(&job, now).map(|t| t.to_rfc3339()),
             timezone: job.timezone.clone().unwrap_or_else(|| "UTC".into()),
+            last_run: latest_run(job.name.clone()).await?,
             name: job.name,
-            cron: job.cron,
-            last_run,
+            cron: Some(job.cron),
         });
+    }
+    let read = || sluice_connectors::StoreError::mongo(c::INTEGRATION_CONFIGS, "list the configs");
+    let names: Vec<bson::Document> = store
+        .collection(c::INTEGRATION_CONFIGS)
+        .find(doc! {})
+        .projection(doc! { f::NAME: 1, f::IS_ACTIVE: 1 })
+        .sort(doc! { f::NAME: 1 })
+        .await
+        .map_err(read())?
+        .try_collect()
+        .await
+        .map_err(read())?;
+    for d in names {
+        let Ok(name) = d.get_str(f::NAME) else {
+            continue;
+        };
+        let job = format!("{INTEGRATION_PREFIX}{name}");
+        if out.iter().any(|j| j.name == job) {
+            continue;
+        }
+        if let Some(last) = latest_run(job.clone()).await? {
+            let why = if d.get_bool(f::IS_ACTIVE) == Ok(false) {
+                "turned off (isActive: false)"
+            } else {
+                "no schedule: runs by hand only"
+            };
+            out.push(JobOverview {
+                name: job,
+                cron: None,
+                timezone: "UTC".into(),
+                next_fire: Err(why.into()),
+                last_run: Some(last),
+            });
+        }
     }
     Ok(out)
 }

@@ -198,6 +198,17 @@ async fn every_role_against_every_endpoint() {
             // Refused as the server's own secret, not for being unset here.
             "`${env:ADMIN_TEST_OWN_KEY}`: configs applied through the API may not reference",
         ),
+        // A credential in the endpoint's query would be stored in clear and shown to
+        // every USER: refused, pointing at `auth.query`.
+        (
+            "name = \"cfg-query\"\ntype = \"IMPORT\"\nendpoint = \"https://api.example/x?page=1&api_key=abc123\"\n[mapping.productId]\npath = \"$.id\"\n",
+            "query = \"api_key\"",
+        ),
+        // Loopback, private and cloud-metadata addresses are the operator's to allow.
+        (
+            "name = \"cfg-private\"\ntype = \"IMPORT\"\nendpoint = \"http://169.254.169.254/latest\"\nallow_private_network = true\n[mapping.productId]\npath = \"$.id\"\n",
+            "`allow_private_network`",
+        ),
         // A plugin this deployment does not have: refused now, not at the first run.
         (
             "name = \"cfg-plugin\"\ntype = \"IMPORT\"\nendpoint = \"https://api.example/x\"\ntransforms = [\"no-such-plugin\"]\n[mapping.productId]\npath = \"$.id\"\n",
@@ -218,12 +229,59 @@ async fn every_role_against_every_endpoint() {
     let stored = db
         .store
         .collection("integration_configs")
-        .count_documents(bson::doc! { "name": { "$in": ["../escape", "cfg-plugin", "cfg-steal", "cfg-steal2", "cfg-steal3"] } })
+        .count_documents(bson::doc! { "name": { "$in": ["../escape", "cfg-plugin", "cfg-steal", "cfg-steal2", "cfg-steal3", "cfg-query", "cfg-private"] } })
         .await
         .unwrap();
     assert_eq!(stored, 0);
     server.shutdown().await;
     let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn the_bearer_scheme_is_case_insensitive_and_browsers_may_patch() {
+    let db = TestDb::initialized().await;
+    sluice::server::admin::create_admin_user(&db.store, "ops@x.io", PASSWORD, Role::Admin)
+        .await
+        .unwrap();
+    let server = start_server(&db, |_| {}).await;
+    let base = format!("http://{}", server.addr);
+    let token = login(&base, "ops@x.io", PASSWORD).await.1["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let client = reqwest::Client::new();
+    for scheme in ["bearer", "BEARER", "Bearer"] {
+        let r = client
+            .get(format!("{base}/v1/admin/me"))
+            .header("authorization", format!("{scheme} {token}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200, "{scheme}");
+    }
+    let r = client
+        .get(format!("{base}/v1/admin/me"))
+        .header("authorization", format!("Basic {token}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    // A browser console changing a user (PATCH) gets past the preflight.
+    let r = client
+        .request(
+            reqwest::Method::OPTIONS,
+            format!("{base}/v1/admin/users/a@x.io"),
+        )
+        .header("origin", "https://console.example")
+        .header("access-control-request-method", "PATCH")
+        .send()
+        .await
+        .unwrap();
+    let methods = r.headers()["access-control-allow-methods"]
+        .to_str()
+        .unwrap();
+    assert!(methods.contains("PATCH"), "{methods}");
+    server.shutdown().await;
 }
 
 #[tokio::test]
@@ -532,6 +590,25 @@ async fn a_manual_run_is_named_in_the_answer_and_its_outcome_is_listed() {
             .starts_with("integration:feed@manual-"),
         "{body}"
     );
+    // Its run shows in the job list, with no cron.
+    let jobs: Value = client
+        .get(format!("{base}/v1/admin/jobs"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let feed = jobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["name"] == "integration:feed")
+        .unwrap_or_else(|| panic!("{jobs}"));
+    assert_eq!(feed["lastRun"], body["runId"], "{feed}");
+    assert!(feed["cron"].is_null() && feed["error"].is_null(), "{feed}");
+    assert!(feed["note"].as_str().unwrap().contains("by hand"), "{feed}");
     let r = post("/v1/admin/jobs/integration:nope/run".into())
         .await
         .unwrap();
@@ -574,7 +651,7 @@ async fn a_manual_run_is_named_in_the_answer_and_its_outcome_is_listed() {
 }
 
 #[tokio::test]
-async fn concurrent_guesses_count_as_they_arrive_and_clients_behind_a_proxy_are_told_apart() {
+async fn concurrent_guesses_count_as_they_arrive_and_limits_are_per_client_email_and_both() {
     let db = TestDb::initialized().await;
     for email in ["ops@x.io", "dev@x.io"] {
         sluice::server::admin::create_admin_user(&db.store, email, PASSWORD, Role::Admin)
@@ -608,9 +685,44 @@ async fn concurrent_guesses_count_as_they_arrive_and_clients_behind_a_proxy_are_
     // Another client behind the same proxy is not locked out by the guesser...
     let r = from("198.51.100.2", "dev@x.io", PASSWORD).await.unwrap();
     assert_eq!(r.status().as_u16(), 200);
-    // ...but the guessed email is, from anywhere.
+    // ...nor is the guessed email locked out of other clients: one stranger's guesses do
+    // not lock a named admin out.
     let r = from("198.51.100.2", "ops@x.io", PASSWORD).await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    // One client trying many emails is stopped after 20 failures, whatever the emails.
+    let mut statuses = Vec::new();
+    for i in 0..16 {
+        let email: &'static str = format!("sprayed{i}@x.io").leak();
+        statuses.push(
+            from("203.0.113.1", email, "a wrong guess")
+                .await
+                .unwrap()
+                .status()
+                .as_u16(),
+        );
+    }
+    assert_eq!(statuses, [vec![401; 15], vec![429]].concat());
+    // Addresses of one IPv6 /64 are one client.
+    let r = from("2001:db8:0:1::1", "dev@x.io", "a wrong guess")
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    for _ in 0..4 {
+        from("2001:db8:0:1::2", "dev@x.io", "a wrong guess")
+            .await
+            .unwrap();
+    }
+    let r = from("2001:db8:0:1::3", "dev@x.io", PASSWORD).await.unwrap();
     assert_eq!(r.status().as_u16(), 429);
+    // Guesses at one email spread over many clients lock it after 50, from anywhere.
+    for n in 0..9u8 {
+        let ip: &'static str = format!("192.0.2.{n}").leak();
+        for _ in 0..5 {
+            from(ip, "ops@x.io", "a wrong guess").await.unwrap();
+        }
+    }
+    let r = from("198.51.100.9", "ops@x.io", PASSWORD).await.unwrap();
+    assert_eq!(r.status().as_u16(), 429, "5 + 45 failures");
     server.shutdown().await;
 }
 
@@ -814,6 +926,11 @@ async fn daily_and_top_pages_count_what_was_stored() {
         daily,
         json!([{ "date": day.to_string(), "events": 120, "users": users.len(), "sessions": sessions.len() }])
     );
+    // A day without events has its row too, with zeros.
+    let (before, after) = (day.pred_opt().unwrap(), day.succ_opt().unwrap());
+    let three = get(format!("/v1/analytics/daily?from={before}&to={after}")).await;
+    let zero = |d: chrono::NaiveDate| json!({ "date": d.to_string(), "events": 0, "users": 0, "sessions": 0 });
+    assert_eq!(three, json!([zero(before), daily[0].clone(), zero(after)]));
 
     let top = get(format!("/v1/analytics/top-pages?from={day}&limit=3")).await;
     let mut pages: HashMap<&str, (i64, HashSet<&str>)> = HashMap::new();

@@ -90,6 +90,10 @@ pub struct SecuritySection {
     /// needed by integration configs with `auth.refresh_token`. Use a `${env:NAME}`
     /// reference to a long random value.
     pub token_key: Option<Secret>,
+    /// Integration configs applied through the admin API may set
+    /// `allow_private_network` (reach loopback, private and cloud-metadata addresses
+    /// such as 169.254.169.254). Off: only the operator's `sluice configs apply` may.
+    pub api_configs_may_reach_private_network: bool,
 }
 
 /// `[scheduler]`: how replicas share scheduled runs.
@@ -586,8 +590,10 @@ pub fn validate(
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Config, ConfigError> {
     let invalid = |field: &str, expected: String| ConfigError::Invalid {
+        // A list's entry (`server.write_keys[0]`) came from where the list did.
         origin: env_origins
             .get(field)
+            .or_else(|| env_origins.get(field.split('[').next().unwrap_or(field)))
             .cloned()
             .unwrap_or_else(|| file_origin.to_string()),
         field: field.to_string(),
@@ -738,6 +744,20 @@ pub fn validate(
         if value == 0 {
             return Err(invalid(field, "a number greater than 0".into()));
         }
+    }
+    // Beyond these, a deadline (or a session's date arithmetic) stops meaning anything:
+    // a request would wait for hours, or an overflow would panic.
+    if !(1..=600).contains(&t.write_timeout_seconds) {
+        return Err(invalid(
+            "tracking.write_timeout_seconds",
+            format!("1 to 600, got {}", t.write_timeout_seconds),
+        ));
+    }
+    if !(1..=10_080).contains(&t.session_timeout_minutes) {
+        return Err(invalid(
+            "tracking.session_timeout_minutes",
+            format!("1 to 10080 (a week), got {}", t.session_timeout_minutes),
+        ));
     }
     if !(1..=3600).contains(&raw.server.body_timeout_seconds) {
         return Err(invalid(
@@ -1119,18 +1139,44 @@ fn resolve_env_strings(
     Ok(())
 }
 
-/// `mongodb://user:pass@host` -> `mongodb://user:<redacted>@host`.
+/// `mongodb://user:pass@host/?opts` with its secrets masked: the password, and the
+/// options that carry one (`tlsCertificateKeyFilePassword`, `authMechanismProperties`,
+/// which may hold an `AWS_SESSION_TOKEN`, and any option naming a password, secret or
+/// token).
 pub fn mask_uri_password(uri: &str) -> String {
     let Some((scheme, rest)) = uri.split_once("://") else {
         return uri.to_string();
     };
-    let Some((userinfo, host)) = rest.split_once('@') else {
-        return uri.to_string();
+    let (authority, tail) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, hosts)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{user}:<redacted>@{hosts}"),
+            None => authority.to_string(),
+        },
+        None => authority.to_string(),
     };
-    match userinfo.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:<redacted>@{host}"),
-        None => uri.to_string(),
-    }
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let options: Vec<String> = query
+                .split('&')
+                .map(|option| match option.split_once('=') {
+                    Some((k, _)) if secret_option(k) => format!("{k}=<redacted>"),
+                    _ => option.to_string(),
+                })
+                .collect();
+            format!("{path}?{}", options.join("&"))
+        }
+        None => tail.to_string(),
+    };
+    format!("{scheme}://{authority}{tail}")
+}
+
+fn secret_option(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    k == "authmechanismproperties"
+        || ["password", "secret", "token"]
+            .iter()
+            .any(|w| k.contains(w))
 }
 
 /// The first directive of a `tracing` filter that is not a level nor `target=level`. A
@@ -1447,6 +1493,31 @@ mod tests {
             err.contains("SLUICE_SERVER_WRITE_KEYS") && err.contains("set but empty"),
             "{err}"
         );
+        // A bad entry of the variable names the variable, not the file it overrides.
+        let env =
+            |k: &str| (k == "SLUICE_SERVER_WRITE_KEYS").then(|| "long-enough,short".to_string());
+        let err = load(None, &env).unwrap_err().to_string();
+        assert!(
+            err.contains("SLUICE_SERVER_WRITE_KEYS") && err.contains("write_keys[1]"),
+            "{err}"
+        );
+        for (field, set) in [
+            (
+                "write_timeout_seconds",
+                (|r: &mut RawConfig| r.tracking.write_timeout_seconds = u64::MAX)
+                    as fn(&mut RawConfig),
+            ),
+            ("session_timeout_minutes", |r| {
+                r.tracking.session_timeout_minutes = 10_081
+            }),
+        ] {
+            let mut raw = RawConfig::default();
+            set(&mut raw);
+            let err = validate("t", &Default::default(), raw, &|_| None)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(field), "{err}");
+        }
         for days in [0, 36_501, u32::MAX] {
             let mut raw = RawConfig::default();
             raw.export.archive_after_days = days;
@@ -1480,5 +1551,12 @@ mod tests {
             mask_uri_password("mongodb+srv://app:s3cret@cluster0.example/db"),
             "mongodb+srv://app:<redacted>@cluster0.example/db"
         );
+        assert_eq!(
+            mask_uri_password("mongodb://a:p@h1,h2/?authMechanism=MONGODB-AWS&authMechanismProperties=AWS_SESSION_TOKEN:tok&tlsCertificateKeyFilePassword=pw&replicaSet=rs0"),
+            "mongodb://a:<redacted>@h1,h2/?authMechanism=MONGODB-AWS&authMechanismProperties=<redacted>&tlsCertificateKeyFilePassword=<redacted>&replicaSet=rs0"
+        );
+        // No credentials: unchanged, even with an `@` in an option.
+        let plain = "mongodb://h1:27017/db?appName=ops@team&w=majority";
+        assert_eq!(mask_uri_password(plain), plain);
     }
 }

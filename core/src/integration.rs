@@ -575,6 +575,48 @@ fn credential_header(name: &str) -> bool {
     .any(|w| n.contains(w))
 }
 
+/// The name of a query parameter of `url` that carries a credential (`?api_key=...`),
+/// if any: such a URL would store the secret in clear and show it to every reader of the
+/// config. Cursor parameters (`page_token`, `next_token`) are not credentials.
+pub fn credential_in_query(url: &str) -> Option<String> {
+    let query = url.split_once('?')?.1;
+    let query = query.split('#').next().unwrap_or(query);
+    query.split('&').find_map(|pair| {
+        let name = pair.split('=').next().unwrap_or(pair);
+        let n: String = name
+            .to_ascii_lowercase()
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric())
+            .collect();
+        let exact = [
+            "key",
+            "token",
+            "auth",
+            "sig",
+            "signature",
+            "pwd",
+            "passwd",
+            "bearer",
+            "accesskey",
+            "secretkey",
+            "privatekey",
+            "appkey",
+            "sessiontoken",
+            "apisig",
+        ];
+        let within = [
+            "secret",
+            "password",
+            "apikey",
+            "accesstoken",
+            "authtoken",
+            "apitoken",
+        ];
+        (exact.contains(&n.as_str()) || within.iter().any(|w| n.contains(w)))
+            .then(|| name.to_string())
+    })
+}
+
 pub fn validate(
     origin: &str,
     file: &IntegrationFile,
@@ -1804,6 +1846,25 @@ type = "bool"
             matches!(c.auth, Auth::OAuth { ref client_secret, .. } if client_secret.expose() == "s3cr3t")
         );
         assert_eq!(c.endpoint.port, 443);
+    }
+
+    #[test]
+    fn credentials_in_a_query_are_told_from_cursors() {
+        for (url, found) in [
+            ("https://a.example/x?api_key=1", Some("api_key")),
+            ("https://a.example/x?page=2&ApiKey=1", Some("ApiKey")),
+            (
+                "https://a.example/x?access_token=1#frag",
+                Some("access_token"),
+            ),
+            ("https://a.example/x?sig=abc&expires=1", Some("sig")),
+            ("https://a.example/x?client_secret=s", Some("client_secret")),
+            ("https://a.example/x?page_token=abc&next_token=d", None),
+            ("https://a.example/x?keyword=shoes&monkey=1", None),
+            ("https://a.example/x", None),
+        ] {
+            assert_eq!(credential_in_query(url).as_deref(), found, "{url}");
+        }
     }
 
     #[test]

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 
 use bson::{doc, DateTime, Document};
 use sluice_connectors::{Store, StoreError};
-use sluice_core::integration::{parse_file, validate, Connector, IntegrationFile};
+use sluice_core::integration::{
+    credential_in_query, parse_file, validate, Connector, IntegrationFile,
+};
 use sluice_core::model::{collections as c, common, integration_fields as f};
 use sluice_core::ConfigError;
 
@@ -87,6 +89,20 @@ pub fn validate_text(
 /// Secrets are stored in MongoDB only as `${env:NAME}` references.
 fn refuse_literal_secrets(origin: &str, file: &IntegrationFile) -> Result<(), ConfigError> {
     let a = &file.auth;
+    for (field, url) in [
+        ("endpoint", Some(&file.endpoint)),
+        ("auth.token_url", a.token_url.as_ref()),
+    ] {
+        if let Some(name) = url.and_then(|u| credential_in_query(u)) {
+            return Err(ConfigError::Invalid {
+                origin: origin.to_string(),
+                field: field.to_string(),
+                expected: format!(
+                    "a URL without a credential in its query (`{name}=`: it would be stored in clear and shown to every user); send an API key with `[auth] type = \"API_KEY\"`, `query = \"{name}\"`, `key = \"${{env:NAME}}\"`"
+                ),
+            });
+        }
+    }
     for (field, secret) in [
         ("auth.key", &a.key),
         ("auth.password", &a.password),

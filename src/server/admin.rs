@@ -24,7 +24,14 @@ use super::{ApiError, AppState};
 
 /// Tokens live this long.
 pub const TOKEN_TTL: Duration = Duration::from_secs(8 * 3600);
+/// Failed logins allowed per window for one email from one client...
 const MAX_FAILURES: usize = 5;
+/// ...from one client, whatever the emails (one client trying many accounts)...
+const MAX_CLIENT_FAILURES: usize = 20;
+/// ...and for one email from any client (guesses spread over many addresses). Higher
+/// than the first, so a stranger guessing from one address cannot lock a named admin
+/// out: that takes guesses from several addresses.
+const MAX_EMAIL_FAILURES: usize = 50;
 const FAILURE_WINDOW: Duration = Duration::from_secs(15 * 60);
 const MAX_EMAIL_BYTES: usize = 254;
 /// bcrypt reads only the first 72 bytes of a password: a longer one would let every
@@ -68,21 +75,22 @@ struct Attempt {
 }
 
 impl LoginGuard {
-    /// Counts an attempt for every key, or refuses it when a key already has
-    /// [`MAX_FAILURES`] attempts in the window.
-    fn attempt(self: &std::sync::Arc<Self>, keys: Vec<String>) -> Option<Attempt> {
+    /// Counts an attempt for every key, or refuses it when a key already has its limit
+    /// of attempts in the window.
+    fn attempt(self: &std::sync::Arc<Self>, limits: Vec<(String, usize)>) -> Option<Attempt> {
         let mut map = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
         if map.len() > 10_000 {
             map.retain(|_, list| list.iter().any(|t| t.elapsed() < FAILURE_WINDOW));
         }
-        for k in &keys {
+        for (k, limit) in &limits {
             if let Some(list) = map.get_mut(k) {
                 list.retain(|t| t.elapsed() < FAILURE_WINDOW);
-                if list.len() >= MAX_FAILURES {
+                if list.len() >= *limit {
                     return None;
                 }
             }
         }
+        let keys: Vec<String> = limits.into_iter().map(|(k, _)| k).collect();
         let at = Instant::now();
         for k in &keys {
             map.entry(k.clone()).or_default().push(at);
@@ -127,6 +135,19 @@ impl Drop for Attempt {
                     map.remove(k);
                 }
             }
+        }
+    }
+}
+
+/// The client a login attempt is counted against: its IPv4 address, or its IPv6 /64 (one
+/// host or network is usually given a whole /64, so counting full addresses would give
+/// it 2^64 fresh keys).
+fn client_key(ip: std::net::IpAddr) -> String {
+    match ip.to_canonical() {
+        std::net::IpAddr::V4(v4) => v4.to_string(),
+        std::net::IpAddr::V6(v6) => {
+            let s = v6.segments();
+            format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
         }
     }
 }
@@ -210,7 +231,13 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
     headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(|v| {
+            // The scheme is case-insensitive (RFC 9110 11.1).
+            let (scheme, token) = v.split_once(' ')?;
+            scheme
+                .eq_ignore_ascii_case("bearer")
+                .then(|| token.trim_start_matches(' '))
+        })
 }
 
 #[derive(Deserialize)]
@@ -401,7 +428,12 @@ async fn login(
     }
     // Behind a load balancer the peer is the balancer: the client is the forwarded one.
     let client = super::enrich::client_ip(peer.ip(), &headers, &state.trusted);
-    let keys = vec![format!("ip:{client}"), format!("email:{email}")];
+    let client = client_key(client);
+    let keys = vec![
+        (format!("pair:{client} {email}"), MAX_FAILURES),
+        (format!("ip:{client}"), MAX_CLIENT_FAILURES),
+        (format!("email:{email}"), MAX_EMAIL_FAILURES),
+    ];
     let Some(attempt) = state.login_guard.attempt(keys) else {
         return Err(ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
@@ -584,14 +616,16 @@ async fn list_jobs(
     Ok(Json(json!(jobs
         .into_iter()
         .map(|j| {
-            let (next_fire, error) = match j.next_fire {
-                Ok(t) => (Some(t), None),
-                Err(e) => (None, Some(e)),
+            // A job with no cron has no next fire, which is no error: say why instead.
+            let (next_fire, error, note) = match (j.next_fire, &j.cron) {
+                (Ok(t), _) => (Some(t), None, None),
+                (Err(e), Some(_)) => (None, Some(e), None),
+                (Err(e), None) => (None, None, Some(e)),
             };
             let (last_run, last_status) = j.last_run.unzip();
             json!({
                 "name": j.name, "cron": j.cron, "timezone": j.timezone,
-                "nextFire": next_fire, "error": error,
+                "nextFire": next_fire, "error": error, "note": note,
                 "lastRun": last_run, "lastStatus": last_status,
             })
         })
@@ -644,6 +678,12 @@ fn validate_api_config(
         std::env::var(k).ok()
     };
     match sluice_jobs::configs::validate_text("request body", body, &env) {
+        Ok((file, _))
+            if file.allow_private_network
+                && !config.raw.security.api_configs_may_reach_private_network =>
+        {
+            Err("`allow_private_network`: configs applied through the API may not reach loopback, private or cloud-metadata addresses (an operator may allow it with `[security] api_configs_may_reach_private_network = true`, or apply the config with `sluice configs apply`)".into())
+        }
         Ok((file, _)) => Ok(file),
         Err(e) => Err(match reserved.take() {
             Some(name) => format!(
@@ -919,8 +959,7 @@ async fn daily(
         &state,
         vec![
             in_window.clone(),
-            doc! { "$group": { "_id": sluice_jobs::export::event_day(), "events": { "$sum": 1 } } },
-            doc! { "$sort": { "_id": 1 } },
+            doc! { "$group": { "_id": sluice_jobs::export::event_day(), "n": { "$sum": 1 } } },
         ],
     )
     .await?;
@@ -935,17 +974,21 @@ async fn daily(
             .filter_map(|r| Some((r.get_str("_id").ok()?.to_string(), r.get("n")?.clone())))
             .collect()
     };
+    let events = count_by_day(totals);
     let users = count_by_day(distinct("userId").await?);
     let sessions = count_by_day(distinct("sessionId").await?);
-    Ok(Json(json!(totals
-        .into_iter()
-        .map(|t| {
-            let date = t.get_str("_id").unwrap_or_default().to_string();
+    // One row per day of the window, a day without events too (a chart reading the rows
+    // must not join a quiet Sunday's neighbours).
+    Ok(Json(json!(from
+        .iter_days()
+        .take_while(|d| *d <= to)
+        .map(|day| {
+            let date = day.format("%Y-%m-%d").to_string();
             let n = |m: &std::collections::HashMap<String, Bson>| {
                 m.get(&date).cloned().unwrap_or(Bson::Int32(0))
             };
             Bson::Document(doc! {
-                "date": &date, "events": t.get("events").cloned().unwrap_or(Bson::Int32(0)),
+                "date": &date, "events": n(&events),
                 "users": n(&users), "sessions": n(&sessions),
             })
             .into_relaxed_extjson()
@@ -1077,24 +1120,34 @@ mod tests {
     #[test]
     fn a_blocked_client_cannot_grow_the_guard_and_answered_attempts_are_released() {
         let guard = std::sync::Arc::new(LoginGuard::default());
-        let blocked = "ip:203.0.113.1".to_string();
+        let limit = |k: &str| (k.to_string(), MAX_FAILURES);
+        let blocked = "ip:203.0.113.1";
         for _ in 0..MAX_FAILURES {
-            guard.attempt(vec![blocked.clone()]).unwrap().failed();
+            guard.attempt(vec![limit(blocked)]).unwrap().failed();
         }
         for i in 0..1000 {
             assert!(guard
-                .attempt(vec![blocked.clone(), format!("email:{i}@x.io")])
+                .attempt(vec![limit(blocked), limit(&format!("email:{i}@x.io"))])
                 .is_none());
         }
         assert_eq!(guard.tracked(), 1, "refused attempts leave nothing behind");
         // An attempt in flight counts; once it succeeds it no longer does.
-        let other = "ip:198.51.100.2".to_string();
+        let other = "ip:198.51.100.2";
         let held: Vec<_> = (0..MAX_FAILURES)
-            .map(|_| guard.attempt(vec![other.clone()]).unwrap())
+            .map(|_| guard.attempt(vec![limit(other)]).unwrap())
             .collect();
-        assert!(guard.attempt(vec![other.clone()]).is_none(), "5 in flight");
+        assert!(guard.attempt(vec![limit(other)]).is_none(), "5 in flight");
         drop(held);
         assert_eq!(guard.tracked(), 1);
-        assert!(guard.attempt(vec![other]).is_some());
+        assert!(guard.attempt(vec![limit(other)]).is_some());
+    }
+
+    #[test]
+    fn clients_are_counted_by_ipv4_address_and_ipv6_64() {
+        let key = |s: &str| client_key(s.parse().unwrap());
+        assert_eq!(key("203.0.113.7"), "203.0.113.7");
+        assert_eq!(key("::ffff:203.0.113.7"), "203.0.113.7");
+        assert_eq!(key("2001:db8:1:2:aaaa::1"), key("2001:db8:1:2:ffff::9"));
+        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
     }
 }

@@ -150,7 +150,7 @@ fn cors(config: &Config) -> CorsLayer {
     };
     CorsLayer::new()
         .allow_origin(origins)
-        .allow_methods([Method::POST, Method::GET, Method::OPTIONS])
+        .allow_methods([Method::POST, Method::GET, Method::PATCH, Method::OPTIONS])
         .allow_headers([
             axum::http::header::CONTENT_TYPE,
             axum::http::header::AUTHORIZATION,
