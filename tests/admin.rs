@@ -285,6 +285,56 @@ async fn the_bearer_scheme_is_case_insensitive_and_browsers_may_patch() {
 }
 
 #[tokio::test]
+async fn an_env_allowlist_limits_what_api_configs_may_reference() {
+    let db = TestDb::initialized().await;
+    sluice::server::admin::create_admin_user(&db.store, "ops@x.io", PASSWORD, Role::Admin)
+        .await
+        .unwrap();
+    let server = start_server(&db, |raw| {
+        raw.security.api_config_env = vec!["SHOP_*".into(), "CRM_TOKEN".into()];
+    })
+    .await;
+    let base = format!("http://{}", server.addr);
+    let token = login(&base, "ops@x.io", PASSWORD).await.1["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let apply = |var: &str| {
+        let config = format!("name = \"cfg-env\"\ntype = \"IMPORT\"\nendpoint = \"https://api.example/x\"\n[headers]\nX-Token = \"${{env:{var}}}\"\n[mapping.productId]\npath = \"$.id\"\n");
+        let r = reqwest::Client::new()
+            .post(format!("{base}/v1/admin/configs"))
+            .bearer_auth(&token)
+            .body(config)
+            .send();
+        async move {
+            let r = r.await.unwrap();
+            let status = r.status().as_u16();
+            (
+                status,
+                r.json::<Value>().await.unwrap()["message"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string(),
+            )
+        }
+    };
+    // Set in every process, and not listed: refused before it is read.
+    let (status, message) = apply("PATH").await;
+    assert_eq!(status, 400);
+    assert!(
+        message.contains("api_config_env") && message.contains("PATH"),
+        "{message}"
+    );
+    // Listed (by prefix or name): passes the list, and fails only for being unset here.
+    for var in ["SHOP_KEY_UNSET_IN_TESTS", "CRM_TOKEN"] {
+        let (status, message) = apply(var).await;
+        assert_eq!(status, 400);
+        assert!(message.contains("to be set"), "{var}: {message}");
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn an_unknown_email_fails_whatever_the_password() {
     let db = TestDb::initialized().await;
     let server = start_server(&db, |_| {}).await;

@@ -94,6 +94,12 @@ pub struct SecuritySection {
     /// `allow_private_network` (reach loopback, private and cloud-metadata addresses
     /// such as 169.254.169.254). Off: only the operator's `sluice configs apply` may.
     pub api_configs_may_reach_private_network: bool,
+    /// The environment variables configs applied through the admin API may reference
+    /// (`${env:NAME}`): names, or prefixes ending in `*` (`["SHOP_*", "CRM_TOKEN"]`).
+    /// Empty: any variable but `SLUICE_*`, `AWS_*` and those this file reads. Setting it
+    /// keeps every other secret of the process's environment from being sent to an
+    /// endpoint an API caller names.
+    pub api_config_env: Vec<String>,
 }
 
 /// `[scheduler]`: how replicas share scheduled runs.
@@ -758,6 +764,15 @@ pub fn validate(
             "tracking.session_timeout_minutes",
             format!("1 to 10080 (a week), got {}", t.session_timeout_minutes),
         ));
+    }
+    for (i, name) in raw.security.api_config_env.iter().enumerate() {
+        let stem = name.strip_suffix('*').unwrap_or(name);
+        if stem.is_empty() || !stem.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(invalid(
+                &format!("security.api_config_env[{i}]"),
+                format!("a variable name, or a prefix ending in `*` (`SHOP_*`; not `*` alone), got `{name}`"),
+            ));
+        }
     }
     if !(1..=3600).contains(&raw.server.body_timeout_seconds) {
         return Err(invalid(
@@ -1509,6 +1524,12 @@ mod tests {
             ),
             ("session_timeout_minutes", |r| {
                 r.tracking.session_timeout_minutes = 10_081
+            }),
+            ("api_config_env[0]", |r| {
+                r.security.api_config_env = vec!["*".into()]
+            }),
+            ("api_config_env[1]", |r| {
+                r.security.api_config_env = vec!["A_*".into(), "B-C".into()]
             }),
         ] {
             let mut raw = RawConfig::default();

@@ -669,10 +669,23 @@ fn validate_api_config(
     body: &str,
 ) -> Result<sluice_core::integration::IntegrationFile, String> {
     let own = config.env_references();
+    let allowed = &config.raw.security.api_config_env;
+    let listed = |k: &str| {
+        allowed.is_empty()
+            || allowed.iter().any(|a| match a.strip_suffix('*') {
+                Some(prefix) => k.starts_with(prefix),
+                None => a == k,
+            })
+    };
     let reserved = std::cell::RefCell::new(None);
+    let unlisted = std::cell::RefCell::new(None);
     let env = |k: &str| {
         if reserved_env(k) || own.iter().any(|o| o == k) {
             reserved.replace(Some(k.to_string()));
+            return None;
+        }
+        if !listed(k) {
+            unlisted.replace(Some(k.to_string()));
             return None;
         }
         std::env::var(k).ok()
@@ -685,12 +698,16 @@ fn validate_api_config(
             Err("`allow_private_network`: configs applied through the API may not reach loopback, private or cloud-metadata addresses (an operator may allow it with `[security] api_configs_may_reach_private_network = true`, or apply the config with `sluice configs apply`)".into())
         }
         Ok((file, _)) => Ok(file),
-        Err(e) => Err(match reserved.take() {
-            Some(name) => format!(
+        Err(e) => Err(match (reserved.take(), unlisted.take()) {
+            (None, Some(name)) => format!(
+                "`${{env:{name}}}`: configs applied through the API may reference only the variables `[security] api_config_env` lists ({})",
+                allowed.join(", ")
+            ),
+            (Some(name), _) => format!(
                 "`${{env:{name}}}`: configs applied through the API may not reference {}* variables, nor those Sluice's own configuration reads its secrets from; give the connector's secret a name of its own",
                 RESERVED_ENV_PREFIXES.join("* or ")
             ),
-            None => e.to_string(),
+            (None, None) => e.to_string(),
         }),
     }
 }
