@@ -250,6 +250,41 @@ async fn paginated_json_server_behind_oauth2_is_imported_once() {
     );
     let runs = count(&db, "import_runs").await;
     assert_eq!(runs, 2);
+    // The schema's own unique index on productId is kept as `init` made it (rebuilt
+    // partial, every later `init`, so every restart, refused it as a conflict).
+    db.store
+        .init()
+        .await
+        .expect("init after imports keyed by productId");
+    let index = db
+        .store
+        .collection("products")
+        .list_index_names()
+        .await
+        .unwrap();
+    assert!(index.contains(&"productId_unique".to_string()), "{index:?}");
+    // A deployment whose import already rebuilt it partial (earlier versions) still starts.
+    let products = db.store.collection("products");
+    products.drop_index("productId_unique").await.unwrap();
+    products
+        .create_index(
+            mongodb::IndexModel::builder()
+                .keys(doc! { "productId": 1 })
+                .options(
+                    mongodb::options::IndexOptions::builder()
+                        .unique(true)
+                        .name("productId_unique".to_string())
+                        .partial_filter_expression(doc! { "productId": { "$exists": true } })
+                        .build(),
+                )
+                .build(),
+        )
+        .await
+        .unwrap();
+    db.store
+        .init()
+        .await
+        .expect("init with the index an earlier import rebuilt");
 }
 
 #[tokio::test]

@@ -1231,9 +1231,15 @@ async fn ensure_key_index(store: &Store, connector: &Connector) -> bool {
                 m.keys == wanted && m.options.as_ref().and_then(|o| o.unique) == Some(true)
             };
             // Earlier versions built their key index over every document: rebuilt
-            // partial, it stops refusing other writers' documents that lack the key.
+            // partial, it stops refusing other writers' documents that lack the key. The
+            // schema's own identities (`products.productId_unique`, `users.visitorId_unique`)
+            // are over every document by design, and `init` checks them as such: kept.
+            let schema_identity = sluice_connectors::mongo::index_specs()
+                .iter()
+                .any(|s| s.collection == connector.collection && s.name == name);
             let outdated = indexes.iter().find(|m| {
-                unique(m)
+                !schema_identity
+                    && unique(m)
                     && m.options.as_ref().is_some_and(|o| {
                         o.name.as_deref() == Some(name.as_str())
                             && o.partial_filter_expression.is_none()

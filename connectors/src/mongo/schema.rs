@@ -492,11 +492,25 @@ async fn ensure_index(store: &Store, spec: &IndexSpec) -> Result<IndexOutcome, S
         name: found.get_str("name").unwrap_or(spec.name).into(),
         existing: found.to_string(),
     };
+    // Imports of earlier versions rebuilt a unique identity they were keyed by
+    // (`products.productId_unique`) as partial over the documents having the key: the
+    // same uniqueness for every document that has one, so it is kept as it is.
+    let rebuilt_by_an_import = |found: &Document| {
+        let (unique, sparse, ttl, partial) = option_flags(found);
+        let key = spec.keys.keys().next().map(String::as_str).unwrap_or("");
+        spec.unique
+            && spec.partial.is_none()
+            && spec.keys.len() == 1
+            && (unique, sparse, ttl) == (true, spec.sparse, spec.ttl)
+            && partial == Some(doc! { key: { "$exists": true } })
+    };
     if let Some(found) = existing
         .iter()
         .find(|d| d.get_str("name").ok() == Some(spec.name))
     {
-        if same_keys(found) && option_flags(found) == wanted_flags(spec) {
+        if same_keys(found)
+            && (option_flags(found) == wanted_flags(spec) || rebuilt_by_an_import(found))
+        {
             return Ok(IndexOutcome::Exists(spec.name.into()));
         }
         return Err(conflict(found));
