@@ -984,6 +984,109 @@ async fn gzip_compressed_answers_are_read() {
 }
 
 #[tokio::test]
+async fn big_documents_are_written_in_commands_that_fit_and_one_too_big_fails_alone() {
+    let db = TestDb::initialized().await;
+    // 450 records of 40 KB (18 MB: more than one command may carry) and one of 17 MiB
+    // (more than MongoDB stores).
+    let page = {
+        let mut data: Vec<Value> = (0..450)
+            .map(|i| json!({ "id": i, "body": "x".repeat(40_000) }))
+            .collect();
+        data.push(json!({ "id": "huge", "body": "y".repeat(17 * 1024 * 1024) }));
+        json!({ "data": data }).to_string()
+    };
+    let addr = serve(Router::new().route(
+        "/big",
+        get(move || {
+            let page = page.clone();
+            async move { ([("content-type", "application/json")], page) }
+        }),
+    ))
+    .await;
+    let config = things_config("big", &format!("http://{addr}/big"), "type = \"none\"")
+        + "[mapping.body]\npath = \"$.body\"\ntype = \"string\"\n";
+    let name = apply(&db, &config).await;
+    let first = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert!(first.completed);
+    assert_eq!((first.inserted, first.failed), (450, 1));
+    // Its sample (stored in `import_runs`) keeps the key whole and the body's start.
+    assert_eq!(first.samples[0].record["thingId"], "huge");
+    assert!(first.samples[0].record["body"].as_str().unwrap().len() < 1_000);
+    // Run again, every record exists: all go through the upserts, sent in commands that
+    // fit (MongoDB refuses a command over 16 MiB whole, which failed every run on the
+    // page; the test server accepts one, so the grouping is unit-tested too).
+    let second = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert!(second.completed);
+    assert_eq!((second.updated, second.failed), (450, 1));
+    assert_eq!(count(&db, "things").await, 450);
+    // The refused record is kept as the start of its JSON, once.
+    let letters: Vec<bson::Document> = db
+        .store
+        .collection("dead_letters")
+        .find(doc! { "pipeline": "import:big" })
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let record = letters[0].get_document("record").unwrap();
+    assert_eq!(record.get_str("thingId"), Ok("huge"), "the key stays whole");
+    assert!(record.get_str("body").unwrap().ends_with(" bytes)"));
+    assert!(record.get_document("_truncated").is_ok());
+    assert!(letters[0].get_str("reason").unwrap().contains("16 MiB"));
+}
+
+#[tokio::test]
+async fn failures_beyond_what_a_run_keeps_hold_the_cursor() {
+    let db = TestDb::initialized().await;
+    // 10,005 records whose `n` is no integer, and one that maps.
+    let page = {
+        let mut data: Vec<Value> = (0..10_005)
+            .map(|i| json!({ "id": i, "n": "many", "updated": "2026-11-28T00:00:00Z" }))
+            .collect();
+        data.push(json!({ "id": "ok", "n": 1, "updated": "2026-11-29T00:00:00Z" }));
+        json!({ "data": data }).to_string()
+    };
+    let addr = serve(Router::new().route(
+        "/many",
+        get(move || {
+            let page = page.clone();
+            async move { ([("content-type", "application/json")], page) }
+        }),
+    ))
+    .await;
+    let config = things_config("many", &format!("http://{addr}/many"), "type = \"none\"")
+        + "[mapping.n]\npath = \"$.n\"\ntype = \"integer\"\n[mapping.updated]\npath = \"$.updated\"\ntype = \"date\"\n[incremental]\ncursor_field = \"updated\"\nparam = \"since\"\n";
+    let name = apply(&db, &config).await;
+    let s = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert!(s.completed);
+    assert_eq!((s.inserted, s.failed), (1, 10_005));
+    let kept = db
+        .store
+        .collection("dead_letters")
+        .count_documents(doc! { "pipeline": "import:many" })
+        .await
+        .unwrap();
+    assert_eq!(kept, 10_000);
+    // Five are neither stored nor kept: moving past them would lose them for good.
+    assert_eq!(sync_cursor(&db, "many").await, None);
+    assert!(
+        s.warnings
+            .iter()
+            .any(|w| w.contains("not advanced") && w.contains("10000")),
+        "{:?}",
+        s.warnings
+    );
+}
+
+#[tokio::test]
 async fn an_api_capping_its_page_size_is_read_to_its_total() {
     let db = TestDb::initialized().await;
     let addr = serve(Router::new().route("/capped", get(capped))).await;

@@ -134,6 +134,8 @@ pub struct ImportSummary {
 /// Records failed by mapping or validation kept in `dead_letters`, per run (beyond
 /// that they are only counted).
 const MAX_REJECTED_LETTERS: u64 = 10_000;
+/// The JSON of a sampled failing record kept in the run's record, at most.
+const MAX_SAMPLE_BYTES: usize = 16 * 1024;
 const MAX_SAMPLES: usize = 20;
 
 fn chain_for(
@@ -434,6 +436,10 @@ pub async fn run_import(
             summary.updated = cp.get_i64("updated").unwrap_or(0) as u64;
             summary.unchanged = cp.get_i64("unchanged").unwrap_or(0) as u64;
             summary.failed = cp.get_i64("failed").unwrap_or(0) as u64;
+            // Checkpoints of earlier versions did not say: as if every failure was kept.
+            summary.rejected_kept = cp
+                .get_i64("rejectedKept")
+                .map_or(summary.failed, |n| n as u64);
             max_cursor = cp.get("maxCursor").cloned().filter(|b| *b != Bson::Null);
             summary.cursor_epoch_ms = cp.get_bool("cursorEpochMs").unwrap_or(false);
             summary.stopped_early = cp.get_str("stoppedEarly").ok().map(str::to_string);
@@ -536,11 +542,15 @@ pub async fn run_import(
                 && connector.incremental.as_ref().is_some_and(|i| !i.sorted);
             // Records that failed mapping (or writing) may lie below the largest cursor:
             // past it, they would never be fetched again, even once the mapping is fixed.
+            // Past the cap on dead letters a run keeps, failures are only counted: moving
+            // past them would lose them, so the cursor holds whatever the setting.
+            let unkept = summary.failed.saturating_sub(summary.rejected_kept);
             let holding = summary.failed > 0
-                && connector
-                    .incremental
-                    .as_ref()
-                    .is_some_and(|i| i.hold_on_failures);
+                && (unkept > 0
+                    || connector
+                        .incremental
+                        .as_ref()
+                        .is_some_and(|i| i.hold_on_failures));
             // Never backwards: a run reading only records below the cursor (a lookback
             // window, a record gone at the source) leaves it where it was.
             let behind = |m: &Bson| {
@@ -558,7 +568,9 @@ pub async fn run_import(
             }
             if summary.failed > 0 && !cut_short && max_cursor.is_some() {
                 let failed = summary.failed;
-                let warning = if holding {
+                let warning = if unkept > 0 {
+                    format!("the incremental cursor was not advanced because {failed} record(s) failed mapping or were refused by MongoDB, more than the {MAX_REJECTED_LETTERS} a run keeps in `dead_letters`: the next run reads the same window again (fix the mapping, or look at the samples)")
+                } else if holding {
                     format!("the incremental cursor was not advanced because {failed} record(s) failed mapping or were refused by MongoDB (`incremental.hold_on_failures`): the next run reads the same window again")
                 } else {
                     format!("the incremental cursor moved past {failed} record(s) that failed mapping or were refused by MongoDB; they are kept in `dead_letters` (pipeline `import:{name}`, plugin `mapping` or `write`); set `incremental.hold_on_failures = true` to read them again until they are stored")
@@ -806,10 +818,35 @@ fn reject_at(
         });
     }
     if summary.samples.len() < MAX_SAMPLES {
-        summary.samples.push(Rejected {
-            reason,
-            record: record.clone(),
-        });
+        // Samples go into the run's record (`import_runs`): a big record is shown by
+        // its start, so the run can still be recorded.
+        let cut = |text: String, limit: usize| {
+            let mut end = limit.min(text.len());
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            Value::String(format!("{}... ({} bytes)", &text[..end], text.len()))
+        };
+        let text = record.to_string();
+        let record = match record {
+            _ if text.len() <= MAX_SAMPLE_BYTES => record.clone(),
+            // Small fields (the key among them) whole, big ones by their start.
+            Value::Object(fields) => fields
+                .iter()
+                .take(64)
+                .map(|(k, v)| {
+                    let text = v.to_string();
+                    let v = if text.len() > MAX_SAMPLE_BYTES / 64 {
+                        cut(text, MAX_SAMPLE_BYTES / 64)
+                    } else {
+                        v.clone()
+                    };
+                    (k.clone(), v)
+                })
+                .collect(),
+            _ => cut(text, MAX_SAMPLE_BYTES),
+        };
+        summary.samples.push(Rejected { reason, record });
     }
 }
 
@@ -945,6 +982,12 @@ async fn write_page(
         let max_future_ms = options.tracking.max_future_seconds.saturating_mul(1000);
         let mut events = Vec::with_capacity(mapped.len());
         for d in &mapped {
+            let bytes = encoded_len(d);
+            if bytes > MAX_STORED_DOCUMENT_BYTES {
+                let reason = format!("an event of {bytes} bytes, over MongoDB's 16 MiB limit");
+                reject(summary, options, reason, &mapped_json(d));
+                continue;
+            }
             match as_event(d, received_at_ms, max_future_ms) {
                 Ok(e) => events.push(e),
                 Err(reason) => reject(summary, options, reason, &mapped_json(d)),
@@ -1028,6 +1071,7 @@ async fn write_page(
                     "updated": summary.updated as i64,
                     "unchanged": summary.unchanged as i64,
                     "failed": summary.failed as i64,
+                    "rejectedKept": summary.rejected_kept as i64,
                     "maxCursor": max_cursor.clone().unwrap_or(Bson::Null),
                     "cursorEpochMs": summary.cursor_epoch_ms,
                     // A resumed run must still know it was cut short (it keeps the cursor).
@@ -1306,6 +1350,56 @@ async fn sink(
     docs: &[Document],
     mode: &mut SinkMode,
 ) -> Result<Sunk, ImportError> {
+    // A document MongoDB could never store is refused alone before the write: sent, it
+    // fails the driver's whole `insert_many`, or the server's whole `update` command.
+    let too_big: Vec<(usize, String)> = docs
+        .iter()
+        .enumerate()
+        .filter_map(|(i, d)| {
+            let bytes = encoded_len(d);
+            (bytes > MAX_STORED_DOCUMENT_BYTES).then(|| {
+                (
+                    i,
+                    format!("a document of {bytes} bytes, over MongoDB's 16 MiB limit"),
+                )
+            })
+        })
+        .collect();
+    if too_big.is_empty() {
+        return sink_sized(store, connector, docs, mode).await;
+    }
+    let kept: Vec<usize> = (0..docs.len())
+        .filter(|i| !too_big.iter().any(|(j, _)| j == i))
+        .collect();
+    let fitting: Vec<Document> = kept.iter().map(|&i| docs[i].clone()).collect();
+    let mut sunk = sink_sized(store, connector, &fitting, mode).await?;
+    for (i, _) in &mut sunk.refused {
+        *i = kept[*i];
+    }
+    sunk.refused.extend(too_big);
+    sunk.refused.sort_unstable_by_key(|(i, _)| *i);
+    Ok(sunk)
+}
+
+/// A mapped document this big is refused: with `updatedAt`, `createdAt` and `source`
+/// added it would pass MongoDB's 16 MiB (16,777,216 bytes) limit.
+const MAX_STORED_DOCUMENT_BYTES: usize = 16 * 1024 * 1024 - 4 * 1024;
+
+/// Statements of one `update` command, in encoded bytes: a command over 16 MiB is
+/// refused whole (drivers split their own bulk writes; a command sent as it is is not).
+const MAX_UPSERT_COMMAND_BYTES: usize = 8 * 1024 * 1024;
+
+fn encoded_len(d: &Document) -> usize {
+    bson::to_vec(d).map_or(usize::MAX, |v| v.len())
+}
+
+/// [`sink`] of documents that each fit.
+async fn sink_sized(
+    store: &Store,
+    connector: &Connector,
+    docs: &[Document],
+    mode: &mut SinkMode,
+) -> Result<Sunk, ImportError> {
     if docs.is_empty() {
         return Ok(Sunk::default());
     }
@@ -1367,6 +1461,43 @@ async fn sink(
 /// Refused again, the duplicate is on another unique index: the record cannot be stored
 /// as it is.
 async fn upsert(
+    store: &Store,
+    connector: &Connector,
+    docs: &[Document],
+) -> Result<Sunk, ImportError> {
+    let mut sunk = Sunk::default();
+    for group in command_groups(docs, MAX_UPSERT_COMMAND_BYTES) {
+        let start = group.start;
+        let part = upsert_group(store, connector, &docs[group]).await?;
+        sunk.inserted += part.inserted;
+        sunk.updated += part.updated;
+        sunk.refused
+            .extend(part.refused.into_iter().map(|(i, why)| (start + i, why)));
+    }
+    Ok(sunk)
+}
+
+/// `docs` in consecutive groups of at most `cap` encoded bytes (a document bigger than
+/// that alone), one command each.
+fn command_groups(docs: &[Document], cap: usize) -> Vec<std::ops::Range<usize>> {
+    let mut groups = Vec::new();
+    let (mut start, mut bytes) = (0, 0usize);
+    for (i, d) in docs.iter().enumerate() {
+        let len = encoded_len(d);
+        if i > start && bytes.saturating_add(len) > cap {
+            groups.push(start..i);
+            (start, bytes) = (i, 0);
+        }
+        bytes = bytes.saturating_add(len);
+    }
+    if start < docs.len() {
+        groups.push(start..docs.len());
+    }
+    groups
+}
+
+/// [`upsert`] of documents that fit one command.
+async fn upsert_group(
     store: &Store,
     connector: &Connector,
     docs: &[Document],
@@ -1875,6 +2006,27 @@ async fn apply_off_runtime(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn upserts_are_grouped_under_the_command_cap_in_order() {
+        let doc_of = |n: usize| doc! { "b": "x".repeat(n) };
+        let docs: Vec<Document> = [100, 100, 100, 500, 50, 50, 2_000, 10]
+            .into_iter()
+            .map(doc_of)
+            .collect();
+        let cap = 400;
+        let groups = command_groups(&docs, cap);
+        // Every document once, in order; each group under the cap unless it is one
+        // document bigger than the cap.
+        let flat: Vec<usize> = groups.iter().cloned().flatten().collect();
+        assert_eq!(flat, (0..docs.len()).collect::<Vec<_>>());
+        for g in &groups {
+            let bytes: usize = docs[g.clone()].iter().map(encoded_len).sum();
+            assert!(bytes <= cap || g.len() == 1, "{g:?}: {bytes}");
+        }
+        assert_eq!(groups, [0..3, 3..4, 4..6, 6..7, 7..8]);
+        assert!(command_groups(&[], cap).is_empty());
+    }
 
     #[test]
     fn cursor_numbers_compare_by_value_whatever_their_bson_type() {

@@ -12,6 +12,7 @@ pub use ingest::{EventWriter, WriteStatus, WriterOptions, WRITE_PHASES, WRITE_PH
 pub use schema::{index_specs, IndexOutcome, IndexSpec, InitReport};
 pub use sessions::expire_idle_sessions;
 
+use bson::Bson;
 use mongodb::options::{Acknowledgment, ClientOptions, WriteConcern};
 use mongodb::{Client, Database};
 use sluice_core::config::{Config, WriteConcernLevel};
@@ -194,6 +195,37 @@ pub struct Store {
     clock: std::sync::Arc<ServerClock>,
 }
 
+/// What is kept of a record of `bytes` too big for a dead letter: its fields, each value
+/// over [`DEAD_LETTER_EXCERPT_BYTES`] replaced by the start of its JSON (so the small
+/// fields, the record's key among them, stay whole), marked `_truncated` with the size.
+fn excerpt(record: bson::Document, bytes: usize) -> bson::Document {
+    let mut kept = bson::doc! { "_truncated": { "bytes": bytes as i64 } };
+    let mut room = DEAD_LETTER_EXCERPT_BYTES * 4;
+    for (k, v) in record {
+        let json = v.clone().into_relaxed_extjson().to_string();
+        let v = if json.len() > DEAD_LETTER_EXCERPT_BYTES {
+            let mut end = DEAD_LETTER_EXCERPT_BYTES;
+            while !json.is_char_boundary(end) {
+                end -= 1;
+            }
+            Bson::String(format!("{}... ({} bytes)", &json[..end], json.len()))
+        } else {
+            v
+        };
+        room = match room.checked_sub(json.len().min(DEAD_LETTER_EXCERPT_BYTES) + k.len()) {
+            Some(left) => left,
+            None => break,
+        };
+        kept.insert(k, v);
+    }
+    kept
+}
+
+/// A dead letter's record over this many bytes (encoded) is kept as an excerpt.
+pub const MAX_DEAD_LETTER_RECORD_BYTES: usize = 8 * 1024 * 1024;
+/// The bytes of JSON kept of each of its values.
+const DEAD_LETTER_EXCERPT_BYTES: usize = 64 * 1024;
+
 impl Store {
     /// Connects and checks the server answers (so a wrong URI fails here, clearly).
     pub async fn connect(config: &Config) -> Result<Self, StoreError> {
@@ -319,6 +351,7 @@ impl Store {
     /// plugin and record (an event's `eventId`, any other record's content), so a rerun of
     /// the same input (an import page redone after a failed write, an export rerun, a
     /// resent tracking batch) keeps it once.
+    /// A record over [`MAX_DEAD_LETTER_RECORD_BYTES`] keeps only the start of its JSON.
     pub async fn keep_dead_letters(
         &self,
         letters: Vec<sluice_core::transform::DeadLetter>,
@@ -346,9 +379,17 @@ impl Store {
                 })?),
             }
             let id = format!("{:x}", hash.finalize());
+            // A record too big to store (the reason it was refused, perhaps) is kept as
+            // the start of its JSON, so the letter itself is not refused with its batch.
+            let bytes = bson::to_vec(&l.record).map_or(usize::MAX, |v| v.len());
+            let record = if bytes > MAX_DEAD_LETTER_RECORD_BYTES {
+                excerpt(l.record, bytes)
+            } else {
+                l.record
+            };
             docs.push(bson::doc! {
                 "_id": &id[..32], "pipeline": pipeline, "runId": run_id, "plugin": l.transform,
-                "reason": l.reason, "record": l.record, "createdAt": now,
+                "reason": l.reason, "record": record, "createdAt": now,
             });
         }
         let total = docs.len() as u64;
