@@ -436,6 +436,8 @@ enum Fault {
     UnavailableOnce,
     /// Tokens live an hour, but the first one issued is refused (revoked) with 401.
     FirstTokenRevoked,
+    /// Tokens say they live `u64::MAX` seconds.
+    EndlessTokens,
 }
 
 async fn token(State(s): State<FaultApi>) -> Response {
@@ -455,10 +457,10 @@ async fn token(State(s): State<FaultApi>) -> Response {
         .lock()
         .unwrap()
         .push((t.clone(), std::time::Instant::now()));
-    let expires_in = if s.fault == Fault::FirstTokenRevoked {
-        3600
-    } else {
-        1
+    let expires_in = match s.fault {
+        Fault::FirstTokenRevoked => 3600,
+        Fault::EndlessTokens => u64::MAX,
+        _ => 1,
     };
     Json(json!({ "access_token": t, "token_type": "bearer", "expires_in": expires_in }))
         .into_response()
@@ -796,6 +798,44 @@ async fn a_token_expiring_mid_run_is_refreshed() {
         s.http
     );
     assert_eq!(api.tokens.load(Ordering::SeqCst), s.http.token_refreshes);
+}
+
+#[tokio::test]
+async fn a_token_living_forever_is_used_for_the_run_and_a_page_over_the_cap_fails_it() {
+    let db = TestDb::initialized().await;
+    let (base, api) = fault_api(Fault::EndlessTokens).await;
+    let auth = format!("[auth]\ntype = \"OAUTH\"\ntoken_url = \"{base}/token\"\nclient_id = \"c\"\nclient_secret = \"${{env:IMPORT_TEST_SECRET_E}}\"\n");
+    let opts = with_secrets(&[("IMPORT_TEST_SECRET_E", "whatever")]);
+    let name = apply(&db, &cursor_config("endless", &base, "", &auth)).await;
+    // An `expires_in` past what the clock holds panicked the run.
+    let s = run_import(&db.store, &name, &opts).await.unwrap();
+    assert_eq!(s.fetched, 45);
+    assert_eq!(api.tokens.load(Ordering::SeqCst), 1);
+    // A page over `max_page_mb` fails the run, naming the setting.
+    let big = vec![json!({ "id": "x".repeat(1024) }); 1100];
+    let addr = serve(Router::new().route(
+        "/big",
+        get(move || {
+            let big = big.clone();
+            async move { Json(json!({ "data": big })) }
+        }),
+    ))
+    .await;
+    let config = things_config(
+        "capped-page",
+        &format!("http://{addr}/big"),
+        "type = \"none\"",
+    )
+    .replace("[source]", "[source]\nmax_page_mb = 1");
+    let name = apply(&db, &config).await;
+    let err = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("max_page_mb") && err.contains("1 MiB"),
+        "{err}"
+    );
 }
 
 #[tokio::test]

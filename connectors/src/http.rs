@@ -412,7 +412,10 @@ impl HttpClient {
         let value = token.access_token().secret().clone();
         *slot = Some(Token {
             value: value.clone(),
-            expires: token.expires_in().map(|d| Instant::now() + d),
+            // A provider's `expires_in` past what a clock can hold means "long-lived".
+            expires: token
+                .expires_in()
+                .and_then(|d| Instant::now().checked_add(d)),
         });
         Ok(Some(value))
     }
@@ -608,14 +611,15 @@ impl HttpClient {
                 // not send the batch again.
                 return Ok((Value::Null, headers, 0));
             }
-            let text = match read_capped(resp, MAX_RESPONSE_BYTES).await {
+            let cap = self.connector.max_response_bytes;
+            let text = match read_capped(resp, cap).await {
                 Ok(Some(t)) => t,
                 Ok(None) => {
                     return Err(HttpError::Network {
                         url: url.to_string(),
                         message: format!(
-                            "the answer is larger than {} MiB; lower the page size",
-                            MAX_RESPONSE_BYTES >> 20
+                            "the answer is larger than {} MiB (`source.max_page_mb`); lower the page size",
+                            cap >> 20
                         ),
                     })
                 }
@@ -996,10 +1000,6 @@ impl Provider {
         }
     }
 }
-
-/// The largest answer read: one page of an API, held as text and then parsed (which
-/// takes several times its size). A larger one fails the run instead of the process.
-pub const MAX_RESPONSE_BYTES: usize = 256 << 20;
 
 /// The body as text, or `None` once it is longer than `cap` bytes (a `Content-Length`
 /// over the cap is refused before anything is read).

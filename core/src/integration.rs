@@ -133,6 +133,8 @@ pub struct SourceSection {
     /// JSONPath selecting the records of a page (`$[*]` for a bare array).
     pub records: String,
     pub timeout_seconds: u64,
+    /// The largest answer read, in MiB: one page, held as text and then parsed.
+    pub max_page_mb: u64,
     /// Requests per second to this API (0 = unlimited).
     pub rate_limit_per_second: f64,
     pub pagination: Pagination,
@@ -144,6 +146,7 @@ impl Default for SourceSection {
         Self {
             records: "$[*]".into(),
             timeout_seconds: 30,
+            max_page_mb: 64,
             rate_limit_per_second: 0.0,
             pagination: Pagination::default(),
             retry: RetryPolicy::default(),
@@ -460,6 +463,8 @@ pub struct Connector {
     pub auth: Auth,
     pub records: String,
     pub timeout: std::time::Duration,
+    /// `source.max_page_mb` in bytes.
+    pub max_response_bytes: usize,
     pub rate_limit_per_second: f64,
     pub paging: Paging,
     pub has_more_path: Option<String>,
@@ -540,6 +545,11 @@ pub mod url_lite {
         })
     }
 }
+
+/// `source.retry.max_attempts`, at most.
+const MAX_ATTEMPTS: u32 = 20;
+/// `source.retry.max_backoff_ms`, at most.
+const MAX_BACKOFF_MS: u64 = 300_000;
 
 /// Parses a file's text (`origin` names it in errors).
 pub fn parse_file(origin: &str, text: &str) -> Result<IntegrationFile, ConfigError> {
@@ -805,13 +815,40 @@ pub fn validate(
             return Err(invalid(field, "a number greater than 0".into()));
         }
     }
-    if s.retry.max_attempts == 0 {
-        return Err(invalid("source.retry.max_attempts", "at least 1".into()));
+    // Bounded, so a typo cannot hold a run (and its lease) for days, nor retry at once
+    // without a pause.
+    let r = &s.retry;
+    if !(1..=MAX_ATTEMPTS).contains(&r.max_attempts) {
+        return Err(invalid(
+            "source.retry.max_attempts",
+            format!("1 to {MAX_ATTEMPTS}, got {}", r.max_attempts),
+        ));
     }
-    if s.timeout_seconds == 0 {
+    if !(10..=60_000).contains(&r.initial_backoff_ms) {
+        return Err(invalid(
+            "source.retry.initial_backoff_ms",
+            format!("10 to 60000, got {}", r.initial_backoff_ms),
+        ));
+    }
+    if !(r.initial_backoff_ms..=MAX_BACKOFF_MS).contains(&r.max_backoff_ms) {
+        return Err(invalid(
+            "source.retry.max_backoff_ms",
+            format!(
+                "`initial_backoff_ms` ({}) to {MAX_BACKOFF_MS} (5 minutes), got {}",
+                r.initial_backoff_ms, r.max_backoff_ms
+            ),
+        ));
+    }
+    if !(1..=3600).contains(&s.timeout_seconds) {
         return Err(invalid(
             "source.timeout_seconds",
-            "a number of seconds greater than 0".into(),
+            format!("1 to 3600 seconds, got {}", s.timeout_seconds),
+        ));
+    }
+    if !(1..=1024).contains(&s.max_page_mb) {
+        return Err(invalid(
+            "source.max_page_mb",
+            format!("1 to 1024, got {}", s.max_page_mb),
         ));
     }
     let mut fields = Vec::new();
@@ -1103,6 +1140,7 @@ pub fn validate(
         auth,
         records: s.records.clone(),
         timeout: std::time::Duration::from_secs(s.timeout_seconds),
+        max_response_bytes: (s.max_page_mb as usize) << 20,
         rate_limit_per_second: s.rate_limit_per_second,
         paging,
         has_more_path: p.has_more_path.clone(),
@@ -1938,6 +1976,39 @@ type = "bool"
             .to_string();
         assert!(err.contains("rate_limit_per_second"), "{err}");
         assert!(check("[source]", "[source]\nrate_limit_per_second = 0.5").is_ok());
+        // Retries, timeouts and the page cap are bounded: a typo must not hold a run for
+        // days, retry with no pause, or read a page the process cannot hold.
+        for (set, field) in [
+            ("max_page_mb = 0", "source.max_page_mb"),
+            ("max_page_mb = 4096", "source.max_page_mb"),
+            ("timeout_seconds = 86400", "source.timeout_seconds"),
+            (
+                "[source.retry]\nmax_attempts = 1000000",
+                "source.retry.max_attempts",
+            ),
+            (
+                "[source.retry]\ninitial_backoff_ms = 0",
+                "source.retry.initial_backoff_ms",
+            ),
+            (
+                "[source.retry]\nmax_backoff_ms = 604800000",
+                "source.retry.max_backoff_ms",
+            ),
+            (
+                "[source.retry]\ninitial_backoff_ms = 500\nmax_backoff_ms = 100",
+                "source.retry.max_backoff_ms",
+            ),
+        ] {
+            let err = if set.starts_with("[source.retry]") {
+                check("[target]", &format!("{set}\n[target]"))
+            } else {
+                check("[source]", &format!("[source]\n{set}"))
+            }
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains(field), "{set}: {err}");
+        }
+        assert!(check("[source]", "[source]\nmax_page_mb = 512").is_ok());
         // An EXPORT sends a body: POST by default, GET refused.
         let push = "name = \"p\"\ntype = \"EXPORT\"\nendpoint = \"https://x.example/in\"\n[push]\ncollection = \"users\"\n";
         let c = validate("p", &parse_file("p", push).unwrap(), &env).unwrap();

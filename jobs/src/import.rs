@@ -884,7 +884,7 @@ async fn write_page(
             Ok(_) => reject(
                 summary,
                 options,
-                format!("the upsert key `{}` is missing or empty", connector.key),
+                format!("the upsert key `{}` is missing or empty, or a number too big to be exact (send such ids as strings and map them with `type = \"string\"`)", connector.key),
                 record,
             ),
             Err(reason) => reject(summary, options, reason, record),
@@ -1247,11 +1247,15 @@ fn spec_fingerprint(stored: &Document) -> String {
     )
 }
 
-/// An upsert key that can identify a document: not null, not an empty or blank string.
+/// An upsert key that can identify a document: not null, not an empty or blank string,
+/// not a whole double beyond 2^53 (an id the JSON reader rounded, beyond 2^64, or one
+/// past a double's exact integers: two such ids could become one document).
 fn usable_key(k: &Bson) -> bool {
+    const TWO_TO_53: f64 = 9_007_199_254_740_992.0;
     match k {
         Bson::Null => false,
         Bson::String(s) => !s.trim().is_empty(),
+        Bson::Double(f) => f.is_finite() && !(f.fract() == 0.0 && f.abs() > TWO_TO_53),
         _ => true,
     }
 }
@@ -2050,6 +2054,9 @@ mod tests {
             Bson::Null,
             Bson::String(String::new()),
             Bson::String("  ".into()),
+            // 123456789012345678901234 as the JSON reader holds it: rounded.
+            Bson::Double(1.2345678901234568e23),
+            Bson::Double(f64::NAN),
         ] {
             assert!(!usable_key(&bad), "{bad:?}");
         }
@@ -2057,6 +2064,8 @@ mod tests {
             Bson::String("0".into()),
             Bson::Int64(0),
             Bson::Boolean(false),
+            Bson::Double(2.5),
+            Bson::Double(9_007_199_254_740_992.0),
         ] {
             assert!(usable_key(&good), "{good:?}");
         }
