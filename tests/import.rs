@@ -1238,6 +1238,46 @@ async fn a_cursor_that_comes_back_stops_the_run_instead_of_looping() {
     );
 }
 
+/// A filtered stream: cursor pages, one empty mid-way, and a caught-up last page naming
+/// itself as the next.
+async fn sparse(Query(q): Query<Vec<(String, String)>>) -> Json<Value> {
+    let cursor = q
+        .iter()
+        .find(|(k, _)| k == "cursor")
+        .map_or("", |(_, v)| v.as_str());
+    let (ids, next): (Vec<u32>, &str) = match cursor {
+        "" => (vec![1, 2], "a"),
+        "a" => (vec![], "b"),
+        "b" => (vec![3, 4], "c"),
+        _ => (vec![], "c"),
+    };
+    let data: Vec<Value> = ids.into_iter().map(|i| json!({ "id": i })).collect();
+    Json(json!({ "data": data, "next": next }))
+}
+
+#[tokio::test]
+async fn an_empty_cursor_page_naming_a_next_one_is_followed() {
+    let db = TestDb::initialized().await;
+    let addr = serve(Router::new().route("/sparse", get(sparse))).await;
+    let config = things_config(
+        "sparse",
+        &format!("http://{addr}/sparse"),
+        "type = \"cursor\"\ncursor_path = \"$.next\"\ncursor_param = \"cursor\"",
+    );
+    let name = apply(&db, &config).await;
+    let s = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert!(s.completed);
+    // Records after the empty page were lost before: the run ended there.
+    assert_eq!((s.fetched, s.pages), (4, 4));
+    assert_eq!(
+        s.stopped_early, None,
+        "a caught-up feed ends the run cleanly"
+    );
+    assert_eq!(count(&db, "things").await, 4);
+}
+
 #[tokio::test]
 async fn export_configs_push_new_documents_in_batches() {
     let db = TestDb::initialized().await;

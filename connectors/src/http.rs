@@ -806,24 +806,14 @@ impl HttpClient {
     /// is the caller's to apply, so that a run which read everything in exactly
     /// `max_pages` pages is not reported as cut short.
     pub fn next_state(&self, state: &PageState, page: &Page) -> PageState {
-        let PageState::Fetch {
-            url,
-            query,
-            page: n,
-            offset,
-        } = state
-        else {
+        if *state == PageState::Done {
             return PageState::Done;
-        };
+        }
         let c = &self.connector;
-        let n = n + 1;
         // The API's items, not the records selected from them: a page of 100 orders
         // holding 250 line items moves an offset by 100, and a page whose items a filter
         // selector left out entirely is not the last.
         let got = page.items as u64;
-        if got == 0 {
-            return PageState::Done;
-        }
         // The API's own word on whether more follows, when it gives one.
         let more = c
             .has_more_path
@@ -834,6 +824,29 @@ impl HttpClient {
             });
         if more == Some(false) {
             return PageState::Done;
+        }
+        if got == 0 && more != Some(true) {
+            // An empty numbered page is past the end. An empty page naming where to go
+            // next (a cursor, a next URL or link) is followed: some APIs page through a
+            // filtered stream and return empty pages mid-way. Unless it names the page just
+            // read, which is how a caught-up feed says it has nothing yet.
+            let next = match c.paging {
+                Paging::Cursor { .. } | Paging::NextUrl { .. } | Paging::LinkHeader => {
+                    self.continuation(state, page, 0, more, None)
+                }
+                _ => PageState::Done,
+            };
+            return match (&next, state) {
+                (
+                    PageState::Fetch { url, query, .. },
+                    PageState::Fetch {
+                        url: was,
+                        query: asked,
+                        ..
+                    },
+                ) if url == was && query == asked => PageState::Done,
+                _ => next,
+            };
         }
         let total = c
             .total_path
@@ -850,6 +863,29 @@ impl HttpClient {
                     .and_then(|v| v.to_str().ok())
                     .and_then(|s| s.trim().parse().ok())
             });
+        self.continuation(state, page, got, more, total)
+    }
+
+    /// The state after `page` of `got` items, by the pagination style.
+    fn continuation(
+        &self,
+        state: &PageState,
+        page: &Page,
+        got: u64,
+        more: Option<bool>,
+        total: Option<u64>,
+    ) -> PageState {
+        let PageState::Fetch {
+            url,
+            query,
+            page: n,
+            offset,
+        } = state
+        else {
+            return PageState::Done;
+        };
+        let c = &self.connector;
+        let n = n + 1;
         let set = |q: &[(String, String)], k: &str, v: String| {
             let mut q: Vec<(String, String)> =
                 q.iter().filter(|(key, _)| key != k).cloned().collect();
