@@ -157,19 +157,46 @@ fn ip_kind(ip: IpAddr) -> Option<&'static str> {
                 Some("link-local (cloud metadata)")
             } else if v4.is_private() {
                 Some("private")
-            } else if v4.is_unspecified() || v4.is_broadcast() {
-                Some("unspecified")
+            } else if o[0] == 0 || v4.is_broadcast() {
+                Some("unspecified (\"this network\")")
             } else if o[0] == 100 && (64..128).contains(&o[1]) {
                 Some("carrier-grade NAT")
+            } else if o[0] == 192 && o[1] == 0 && o[2] == 0 {
+                Some("IETF protocol assignment")
+            } else if o[0] == 198 && (18..20).contains(&o[1]) {
+                Some("benchmarking")
+            } else if o[0] >= 240 {
+                Some("reserved")
             } else {
                 None
             }
         }
         IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return ip_kind(IpAddr::V4(v4));
-            }
             let seg = v6.segments();
+            let o = v6.octets();
+            let embedded =
+                |at: usize| std::net::Ipv4Addr::new(o[at], o[at + 1], o[at + 2], o[at + 3]);
+            // The local-use NAT64 prefix translates into the operator's own networks.
+            if seg[..3] == [0x64, 0xff9b, 1] {
+                return Some("local-use NAT64");
+            }
+            // Addresses that carry an IPv4 address a gateway reaches: judged by it.
+            // IPv4-mapped and -compatible (`::a.b.c.d`), well-known NAT64 (64:ff9b::/96)
+            // and 6to4 (2002::/16).
+            let inner = if let Some(v4) = v6.to_ipv4_mapped() {
+                Some(v4)
+            } else if seg[..6] == [0; 6] && !v6.is_loopback() && !v6.is_unspecified() {
+                Some(embedded(12))
+            } else if seg[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+                Some(embedded(12))
+            } else if seg[0] == 0x2002 {
+                Some(embedded(2))
+            } else {
+                None
+            };
+            if let Some(kind) = inner.and_then(|v4| ip_kind(IpAddr::V4(v4))) {
+                return Some(kind);
+            }
             if v6.is_loopback() {
                 Some("loopback")
             } else if v6.is_unspecified() {
@@ -178,6 +205,8 @@ fn ip_kind(ip: IpAddr) -> Option<&'static str> {
                 Some("private (unique local)")
             } else if seg[0] & 0xffc0 == 0xfe80 {
                 Some("link-local")
+            } else if seg[0] & 0xffc0 == 0xfec0 {
+                Some("site-local")
             } else {
                 None
             }
@@ -1275,8 +1304,20 @@ mod tests {
             ("fd00::1", true),
             ("fe80::1", true),
             ("::ffff:127.0.0.1", true),
+            ("0.1.2.3", true),
+            ("192.0.0.170", true),
+            ("198.18.0.1", true),
+            ("240.0.0.1", true),
+            // IPv4 carried in IPv6: NAT64 (well-known and local-use), 6to4, compatible.
+            ("64:ff9b::a9fe:a9fe", true),
+            ("64:ff9b:1::a00:1", true),
+            ("2002:a9fe:a9fe::1", true),
+            ("::10.0.0.1", true),
+            ("fec0::1", true),
             ("93.184.216.34", false),
             ("2606:4700::1111", false),
+            ("64:ff9b::5db8:d822", false),
+            ("2002:5db8:d822::1", false),
         ] {
             assert_eq!(ip_kind(ip.parse().unwrap()).is_some(), private, "{ip}");
         }
