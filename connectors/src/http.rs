@@ -185,9 +185,9 @@ fn ip_kind(ip: IpAddr) -> Option<&'static str> {
             // and 6to4 (2002::/16).
             let inner = if let Some(v4) = v6.to_ipv4_mapped() {
                 Some(v4)
-            } else if seg[..6] == [0; 6] && !v6.is_loopback() && !v6.is_unspecified() {
-                Some(embedded(12))
-            } else if seg[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+            } else if (seg[..6] == [0; 6] && !v6.is_loopback() && !v6.is_unspecified())
+                || seg[..6] == [0x64, 0xff9b, 0, 0, 0, 0]
+            {
                 Some(embedded(12))
             } else if seg[0] == 0x2002 {
                 Some(embedded(2))
