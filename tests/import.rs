@@ -1279,6 +1279,41 @@ async fn an_empty_cursor_page_naming_a_next_one_is_followed() {
 }
 
 #[tokio::test]
+async fn an_api_echoing_a_wrong_key_does_not_get_it_stored() {
+    let db = TestDb::initialized().await;
+    let addr = serve(Router::new().route(
+        "/echo",
+        get(|headers: HeaderMap| async move {
+            let key = headers["x-api-key"].to_str().unwrap().to_string();
+            (StatusCode::UNAUTHORIZED, format!("invalid api key: {key}"))
+        }),
+    ))
+    .await;
+    let config = things_config("echo", &format!("http://{addr}/echo"), "type = \"none\"").replace(
+        "[source]",
+        "[auth]\ntype = \"API_KEY\"\nkey = \"${env:IMPORT_TEST_KEY_R}\"\n[source]",
+    );
+    let name = apply(&db, &config).await;
+    let opts = with_secrets(&[("IMPORT_TEST_KEY_R", "sk-live-0123456789")]);
+    let err = run_import(&db.store, &name, &opts)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("401") && err.contains("invalid api key: <redacted>"),
+        "{err}"
+    );
+    let run = db
+        .store
+        .collection("import_runs")
+        .find_one(doc! { "config": "echo" })
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!run.to_string().contains("sk-live"), "{run}");
+}
+
+#[tokio::test]
 async fn export_configs_push_new_documents_in_batches() {
     let db = TestDb::initialized().await;
     let (base, api) = fault_api(Fault::None).await;

@@ -285,6 +285,13 @@ const TOKEN_MARGIN: Duration = Duration::from_secs(30);
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 
 impl HttpClient {
+    /// The start of an answer's body for an error, the connector's secrets removed.
+    fn snippet(&self, text: &str) -> String {
+        // Scrubbed before it is cut, so a secret across the cut leaves no part behind.
+        let start: String = text.chars().take(1_000).collect();
+        snippet(&scrub(&self.connector, start))
+    }
+
     /// Vets the endpoint (and token URL) and builds a client pinned to the vetted addresses.
     pub async fn new(connector: Arc<Connector>) -> Result<Self, HttpError> {
         let mut builder = reqwest::Client::builder()
@@ -659,7 +666,7 @@ impl HttpClient {
                 }
             };
             if status.is_server_error() {
-                last = format!("{status}: {}", snippet(&text));
+                last = format!("{status}: {}", self.snippet(&text));
                 // A 503 may say when to come back (`Retry-After`): not before then.
                 if next == attempts {
                     break; // no attempt left to wait for
@@ -677,7 +684,7 @@ impl HttpClient {
                     Some(to) if status.is_redirection() => format!(
                         "a redirect to `{to}`, which is not followed (set the endpoint to the final URL)"
                     ),
-                    _ => snippet(&text),
+                    _ => self.snippet(&text),
                 };
                 return Err(HttpError::Status {
                     url: url.to_string(),
@@ -998,6 +1005,34 @@ impl HttpClient {
 fn snippet(text: &str) -> String {
     let t: String = text.chars().take(300).collect();
     t.replace('\n', " ")
+}
+
+/// `text` with every occurrence of the connector's secrets replaced: an API that echoes a
+/// wrong key in its error body must not have it stored in the run history.
+fn scrub(connector: &Connector, text: String) -> String {
+    let mut secrets: Vec<&str> = match &connector.auth {
+        Auth::None => Vec::new(),
+        Auth::ApiKey { key, .. } => vec![key.expose()],
+        Auth::Basic { password, .. } => vec![password.expose()],
+        Auth::OAuth {
+            client_secret,
+            refresh_token,
+            ..
+        } => std::iter::once(client_secret)
+            .chain(refresh_token)
+            .map(|s| s.expose())
+            .collect(),
+    };
+    secrets.extend(
+        connector
+            .headers
+            .iter()
+            .filter(|(name, _)| sluice_core::integration::credential_header(name))
+            .map(|(_, value)| value.as_str()),
+    );
+    // Short values (a 1-character test key) would blank unrelated text.
+    secrets.retain(|s| s.len() >= 4);
+    secrets.iter().fold(text, |t, s| t.replace(s, "<redacted>"))
 }
 
 /// An OAuth2 token endpoint and the client's credentials.

@@ -573,7 +573,7 @@ fn toml_to_json(v: &toml::Value) -> Value {
 
 /// The one validation step. Secrets are resolved through `env`.
 /// Whether a request header carries a credential by its name.
-fn credential_header(name: &str) -> bool {
+pub fn credential_header(name: &str) -> bool {
     let n = name.to_ascii_lowercase();
     matches!(
         n.as_str(),
