@@ -986,8 +986,9 @@ impl HttpClient {
         }
     }
 
-    /// The state for a next page the API names by URL. The URL carries its own query: only
-    /// what the first request added is kept. A relative reference is resolved against the
+    /// The state for a next page the API names by URL. The URL carries its own query:
+    /// nothing the first request added is carried over (the API key's parameter is taken
+    /// out of it, sent as configured). A relative reference is resolved against the
     /// page that named it (RFC 8288, RFC 3986). Its origin is checked when it is fetched.
     fn follow(&self, url: &str, next: &str, page: u64, offset: u64) -> PageState {
         PageState::Fetch {
