@@ -413,34 +413,62 @@ impl S3Store {
         Ok(out)
     }
 
+    /// Deletes `keys` (a missing key is no error). Many at once with `DeleteObjects`,
+    /// unless checksums are off: the SDK sends that call with a checksum header whatever
+    /// the setting, which the stores needing it off refuse, as do stores without batch
+    /// delete. Those (and a batch the store refuses) go one `DeleteObject` per key.
     pub async fn delete(&self, keys: &[String]) -> Result<(), StorageError> {
+        if keys.len() == 1 || self.checksum.is_none() {
+            return self.delete_each(keys).await;
+        }
         for chunk in keys.chunks(1000) {
-            let objects = chunk
-                .iter()
-                .map(|k| ObjectIdentifier::builder().key(self.full(k)).build())
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| StorageError::op(BACKEND, &chunk[0], "delete", e))?;
-            let delete = Delete::builder()
-                .set_objects(Some(objects))
-                .quiet(true)
-                .build()
-                .map_err(|e| StorageError::op(BACKEND, &chunk[0], "delete", e))?;
-            let out = self
-                .client
-                .delete_objects()
+            if let Err(batch) = self.delete_batch(chunk).await {
+                tracing::debug!(error = %batch, "batch delete refused; deleting one by one");
+                self.delete_each(chunk).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn delete_each(&self, keys: &[String]) -> Result<(), StorageError> {
+        for key in keys {
+            self.client
+                .delete_object()
                 .bucket(&self.bucket)
-                .delete(delete)
+                .key(self.full(key))
                 .send()
                 .await
-                .map_err(|e| StorageError::op(BACKEND, &chunk[0], "delete", describe(e)))?;
-            if let Some(err) = out.errors().first() {
-                return Err(StorageError::op(
-                    BACKEND,
-                    err.key().unwrap_or(""),
-                    "delete",
-                    err.message().unwrap_or("refused"),
-                ));
-            }
+                .map_err(|e| StorageError::op(BACKEND, key, "delete", describe(e)))?;
+        }
+        Ok(())
+    }
+
+    async fn delete_batch(&self, chunk: &[String]) -> Result<(), StorageError> {
+        let objects = chunk
+            .iter()
+            .map(|k| ObjectIdentifier::builder().key(self.full(k)).build())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| StorageError::op(BACKEND, &chunk[0], "delete", e))?;
+        let delete = Delete::builder()
+            .set_objects(Some(objects))
+            .quiet(true)
+            .build()
+            .map_err(|e| StorageError::op(BACKEND, &chunk[0], "delete", e))?;
+        let out = self
+            .client
+            .delete_objects()
+            .bucket(&self.bucket)
+            .delete(delete)
+            .send()
+            .await
+            .map_err(|e| StorageError::op(BACKEND, &chunk[0], "delete", describe(e)))?;
+        if let Some(err) = out.errors().first() {
+            return Err(StorageError::op(
+                BACKEND,
+                err.key().unwrap_or(""),
+                "delete",
+                err.message().unwrap_or("refused"),
+            ));
         }
         Ok(())
     }
