@@ -1082,6 +1082,43 @@ async fn a_publish_killed_midway_is_repaired_by_the_next_export_to_its_destinati
 }
 
 #[tokio::test]
+async fn a_publish_failing_to_put_success_back_is_repaired_by_the_next_export() {
+    let db = TestDb::initialized().await;
+    let dir = temp_dir();
+    let (d1, d2) = (day(-3), day(-2));
+    seed(&db, d1, 50).await;
+    seed(&db, d2, 50).await;
+    let ctx = ExportContext::new(db.store.clone(), ObjectStore::Local(LocalDir::new(&dir)));
+    let mut failing = ctx.clone();
+    failing.fail_success_put = true;
+    let err = run_export(&failing, &request(ExportJobType::EventData, d1, d1))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("test hook"), "{err}");
+    let part = format!("EVENT_DATA/dt={d1}");
+    assert!(!dir.join(&part).join("_SUCCESS").exists());
+    // Its lease keeps the note (it was dropped with the lock: nothing ever put
+    // `_SUCCESS` back unless the same day was exported again).
+    let locks = db.store.collection("job_locks");
+    let lapsed = locks
+        .update_many(
+            doc! { "publishing.prefix": &part },
+            doc! { "$set": { "expiresAt": DateTime::from_millis(0) } },
+        )
+        .await
+        .unwrap()
+        .modified_count;
+    assert_eq!(lapsed, 1);
+    // The next export to this destination, of another day, completes the partition.
+    run_export(&ctx, &request(ExportJobType::EventData, d2, d2))
+        .await
+        .unwrap();
+    assert!(dir.join(&part).join("_SUCCESS").exists());
+    assert_eq!(manifest(&dir, &part)["rows"], 50);
+    assert_eq!(locks.count_documents(doc! {}).await.unwrap(), 0);
+}
+
+#[tokio::test]
 async fn a_run_failing_mid_publish_leaves_every_partition_whole_and_says_which_it_replaced() {
     let db = TestDb::initialized().await;
     let dir = temp_dir();

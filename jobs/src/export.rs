@@ -151,6 +151,9 @@ pub struct ExportContext {
     /// Tests: stop publishing after this many part files were copied, as a process
     /// killed there stops: nothing undone, the publish lock left to lapse.
     pub die_after_copies: Option<u64>,
+    /// Tests: the last step of a publish, putting `_SUCCESS` back, fails (a storage error
+    /// outlasting the SDK's retries).
+    pub fail_success_put: bool,
 }
 
 impl ExportContext {
@@ -170,6 +173,7 @@ impl ExportContext {
             keep_replaced: Duration::ZERO,
             lose_lock_after_copies: false,
             die_after_copies: None,
+            fail_success_put: false,
         }
     }
 }
@@ -2179,7 +2183,19 @@ async fn publish_now(
         lock.note_publishing(&ctx.store, &ctx.dest.url(""), &s.prefix)
             .await?;
     }
-    ctx.dest.delete(std::slice::from_ref(&success)).await?;
+    // Past the note, a failure that leaves the partition without `_SUCCESS` keeps the
+    // note, so the next run to this destination repairs it once the lease lapses
+    // (dropped with the lease, a USER_DATA day nobody reruns stayed without it).
+    let noted_failure = |e: StorageError| {
+        if !additive {
+            lock.keep_note();
+        }
+        ExportError::from(e)
+    };
+    ctx.dest
+        .delete(std::slice::from_ref(&success))
+        .await
+        .map_err(noted_failure)?;
     let names: Vec<String> = s
         .parts
         .iter()
@@ -2302,7 +2318,17 @@ async fn publish_now(
             tracing::warn!(partition = %s.prefix, error = %e, "earlier parts not removed; the partition's manifest names only the new ones, and the next export run removes them");
         }
     }
-    ctx.dest.put_bytes(&success, Vec::new()).await?;
+    let put = if ctx.fail_success_put {
+        Err(StorageError::Op {
+            backend: "test",
+            key: success.clone(),
+            operation: "put",
+            message: "failing as asked (test hook)".into(),
+        })
+    } else {
+        ctx.dest.put_bytes(&success, Vec::new()).await
+    };
+    put.map_err(noted_failure)?;
     Ok(PartitionSummary {
         prefix: s.prefix.clone(),
         files: copied,
