@@ -711,6 +711,65 @@ async fn a_pending_archive_day_whose_files_changed_is_not_archived_again() {
 }
 
 #[tokio::test]
+async fn a_pending_archive_day_is_never_undone_once_its_events_may_be_gone() {
+    // Read as "not published", a day's files were undone: the only copy of events the
+    // run had already deleted. Two ways to look unpublished: a manifest that does not
+    // parse, and one not naming the run's files while some events are gone.
+    for unreadable in [true, false] {
+        let db = TestDb::initialized().await;
+        let dir = temp_dir();
+        let a = day(-140);
+        seed(&db, a, 300).await;
+        let mut dying =
+            ExportContext::new(db.store.clone(), ObjectStore::Local(LocalDir::new(&dir)));
+        dying.fail_before_archive_delete = true;
+        assert!(
+            run_export(&dying, &request(ExportJobType::Archive, day(0), day(0)))
+                .await
+                .is_err()
+        );
+        let prefix = format!("ARCHIVE/dt={a}");
+        let files = parquet_files(&dir, &prefix);
+        assert!(!files.is_empty());
+        let manifest_path = dir.join(&prefix).join("_manifest.json");
+        let events = db.store.collection("events");
+        if unreadable {
+            std::fs::write(&manifest_path, b"{ truncated").unwrap();
+        } else {
+            let mut m: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
+            m["files"] = serde_json::json!([]);
+            std::fs::write(&manifest_path, serde_json::to_vec(&m).unwrap()).unwrap();
+            let some: Vec<String> = events
+                .find(doc! {})
+                .limit(10)
+                .await
+                .unwrap()
+                .try_collect::<Vec<bson::Document>>()
+                .await
+                .unwrap()
+                .iter()
+                .map(|d| d.get_str("eventId").unwrap().to_string())
+                .collect();
+            events
+                .delete_many(doc! { "eventId": { "$in": &some } })
+                .await
+                .unwrap();
+        }
+        let left = events.count_documents(doc! {}).await.unwrap();
+        let ctx = ExportContext::new(db.store.clone(), ObjectStore::Local(LocalDir::new(&dir)));
+        let err = run_export(&ctx, &request(ExportJobType::Archive, day(0), day(0)))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("nothing undone"), "{unreadable}: {err}");
+        assert_eq!(parquet_files(&dir, &prefix), files, "{unreadable}");
+        assert_eq!(events.count_documents(doc! {}).await.unwrap(), left);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
+
+#[tokio::test]
 async fn runs_whose_process_died_are_failed_and_their_staging_removed() {
     let db = TestDb::initialized().await;
     let dir = temp_dir();

@@ -1243,13 +1243,46 @@ async fn recover_partition(
     let dir = format!("{prefix}/");
     let manifest_key = format!("{dir}_manifest.json");
     let listed: Vec<String> = match ctx.dest.head(&manifest_key).await? {
-        Some(_) => manifest_files(&ctx.dest.get_bytes(&manifest_key).await?),
+        Some(_) => {
+            let bytes = ctx.dest.get_bytes(&manifest_key).await?;
+            match serde_json::from_slice::<serde_json::Value>(&bytes) {
+                Ok(m) => manifest_paths(&m),
+                // Read as "not published", its files would be undone, although the run
+                // may have deleted events already: the files may be their only copy.
+                Err(e) => {
+                    return Ok(Recovered::Stuck(
+                        day,
+                        format!("its manifest `{manifest_key}` does not parse ({e}); nothing undone or deleted"),
+                    ))
+                }
+            }
+        }
         None => Vec::new(),
     };
+    let filter = archive_filter(day, *before);
+    let read = |source| ExportError::Read {
+        partition: prefix.clone(),
+        source,
+    };
+    let rows = p.get_i64("rows").unwrap_or(-1);
     let published = files
         .iter()
         .all(|(key, _)| listed.iter().any(|n| format!("{dir}{n}") == *key));
     if !published {
+        // Fewer events than it read: it deleted some, so it had published, whatever the
+        // manifest says now. Its files may be their only copy: not undone.
+        let remaining = ctx
+            .store
+            .collection(c::EVENTS)
+            .count_documents(filter.clone())
+            .await
+            .map_err(read)?;
+        if (remaining as i64) < rows {
+            return Ok(Recovered::Stuck(
+                day,
+                format!("{remaining} events match where run {old} read {rows}, yet its manifest does not name its files; nothing undone or deleted"),
+            ));
+        }
         // The publish stopped before its manifest: undo it.
         let copied: Vec<String> = files.iter().map(|(k, _)| k.clone()).collect();
         ctx.dest.delete(&copied).await?;
@@ -1270,18 +1303,12 @@ async fn recover_partition(
             .await?
             .is_some_and(|size| size as i64 == *bytes);
     }
-    let filter = archive_filter(day, *before);
-    let read = |source| ExportError::Read {
-        partition: prefix.clone(),
-        source,
-    };
     let remaining = ctx
         .store
         .collection(c::EVENTS)
         .count_documents(filter.clone())
         .await
         .map_err(read)?;
-    let rows = p.get_i64("rows").unwrap_or(-1);
     // Fewer events than published: the run died part-way through deleting them.
     if !intact || remaining as i64 > rows {
         tracing::error!(job = %old, partition = %prefix, intact, published = rows, now = remaining,
@@ -1346,13 +1373,6 @@ async fn recover_partition(
     history::events_deleted(&ctx.store, old, deleted).await?;
     tracing::info!(job = %old, partition = %prefix, events = deleted, "completed the deletion of an interrupted archive");
     Ok(Recovered::Deleted(deleted))
-}
-
-/// The file names a partition's `_manifest.json` lists (none if it is unreadable).
-fn manifest_files(manifest: &[u8]) -> Vec<String> {
-    serde_json::from_slice::<serde_json::Value>(manifest)
-        .map(|m| manifest_paths(&m))
-        .unwrap_or_default()
 }
 
 /// The file names a parsed manifest lists.
