@@ -779,6 +779,57 @@ async fn a_run_cancelled_while_publishing_still_leaves_the_partition_whole() {
 }
 
 #[tokio::test]
+async fn an_archive_that_lost_its_lock_while_staging_publishes_nothing() {
+    let db = TestDb::initialized().await;
+    let bucket = support::TestBucket::new().await;
+    seed_old_events(&db, 20).await;
+    let slow = s3_through(
+        &bucket,
+        s3_proxy_delaying(true, Duration::from_millis(1500)).await,
+    )
+    .await;
+    let ctx = ExportContext::new(db.store.clone(), slow);
+    let mut request =
+        ExportRequest::day(ExportJobType::Archive, chrono::Utc::now().date_naive(), 90);
+    request.archive_settle = Duration::ZERO;
+    let run = tokio::spawn(async move { run_export(&ctx, &request).await });
+    // As soon as it holds the lock (its staging is slow), another archive takes it over.
+    let locks = db.store.collection("job_locks");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while locks
+        .update_one(
+            doc! { "_id": "ARCHIVE" },
+            doc! { "$set": { "owner": "another-archive" } },
+        )
+        .await
+        .unwrap()
+        .matched_count
+        == 0
+    {
+        assert!(std::time::Instant::now() < deadline, "never took the lock");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let err = run.await.unwrap().unwrap_err().to_string();
+    assert!(err.contains("lost its lock"), "{err}");
+    // It did not make the day pending nor publish it next to the new holder.
+    let pending = db
+        .store
+        .collection("export_jobs")
+        .count_documents(doc! { "pendingDeletes.0": { "$exists": true } })
+        .await
+        .unwrap();
+    assert_eq!(pending, 0);
+    assert_eq!(
+        db.store
+            .collection("events")
+            .count_documents(doc! {})
+            .await
+            .unwrap(),
+        20
+    );
+}
+
+#[tokio::test]
 async fn an_archive_that_lost_its_lock_while_publishing_deletes_nothing() {
     let db = TestDb::initialized().await;
     let bucket = support::TestBucket::new().await;

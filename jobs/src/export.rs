@@ -1022,6 +1022,10 @@ async fn archive(
                 })
             })
             .collect();
+        // A run whose archive lease lapsed (a process paused past it) while another took
+        // over must not publish next to it: both copies of the day would land in the
+        // partition. Checked before each day is made pending and published.
+        ensure_archive_lock(ctx, job_id).await?;
         history::add_pending_delete(
             &ctx.store,
             job_id,
@@ -1579,8 +1583,8 @@ impl ArchiveLock {
     }
 }
 
-/// Fails unless `job_id` still holds the archive lock: checked before deleting events, so
-/// a run whose lease lapsed (its renewals failing while it worked) deletes nothing that
+/// Fails unless `job_id` still holds the archive lock: checked before publishing a day
+/// and before deleting events, so a run whose lease lapsed (its renewals failing while it worked) deletes nothing that
 /// another archive, now holding the lock, may be undoing.
 async fn ensure_archive_lock(ctx: &ExportContext, job_id: &str) -> Result<(), ExportError> {
     let held = ctx
@@ -1598,7 +1602,7 @@ async fn ensure_archive_lock(ctx: &ExportContext, job_id: &str) -> Result<(), Ex
         })?;
     if held == 0 {
         return Err(ExportError::Request(
-            "this archive lost its lock (its lease lapsed) before deleting; nothing of the day was deleted, the next archive finishes it".into(),
+            "this archive lost its lock (its lease lapsed); it stops before publishing or deleting more, and the next archive finishes what it left".into(),
         ));
     }
     Ok(())
