@@ -780,6 +780,9 @@ async fn runs_whose_process_died_are_failed_and_their_staging_removed() {
         ("dead-run", "RUNNING", now - 600_000),
         ("live-run", "RUNNING", now - 1_000),
         ("done-run", "COMPLETED", now - 600_000),
+        // Left PENDING by a process that died before recording its start.
+        ("dead-pending", "PENDING", now - 600_000),
+        ("new-pending", "PENDING", now - 1_000),
     ] {
         jobs.insert_one(doc! {
             "jobId": id, "type": "EVENT_DATA", "status": status,
@@ -797,9 +800,15 @@ async fn runs_whose_process_died_are_failed_and_their_staging_removed() {
     run_export(&ctx, &request(ExportJobType::EventData, d, d))
         .await
         .unwrap();
-    let dead = job_doc(&db, "dead-run").await;
-    assert_eq!(dead.get_str("status").unwrap(), "FAILED");
-    assert!(dead.get_str("error").unwrap().contains("interrupted"));
+    for id in ["dead-run", "dead-pending"] {
+        let dead = job_doc(&db, id).await;
+        assert_eq!(dead.get_str("status").unwrap(), "FAILED", "{id}");
+        assert!(dead.get_str("error").unwrap().contains("interrupted"));
+    }
+    assert_eq!(
+        job_doc(&db, "new-pending").await.get_str("status").unwrap(),
+        "PENDING"
+    );
     for ended in ["dead-run", "done-run"] {
         assert!(!dir
             .join(format!("_staging/{ended}"))

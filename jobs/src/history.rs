@@ -183,7 +183,9 @@ impl Drop for Heartbeat {
 /// Marks RUNNING runs matching `filter` FAILED with `error`; returns how many.
 async fn fail_running(store: &Store, mut filter: Document, error: &str) -> Result<u64, StoreError> {
     let now = store.now();
-    filter.insert(f::STATUS, ExportJobStatus::Running.as_str());
+    if !filter.contains_key(f::STATUS) {
+        filter.insert(f::STATUS, ExportJobStatus::Running.as_str());
+    }
     let result = store
         .collection(c::EXPORT_JOBS)
         .update_many(
@@ -238,14 +240,18 @@ pub async fn fail_stopped_runs(store: &Store, job_ids: &[String]) -> Result<u64,
     fail_running(store, doc! { f::JOB_ID: { "$in": job_ids } }, STOPPED).await
 }
 
-/// Marks RUNNING exports without a heartbeat for `PRESUMED_DEAD` as FAILED; returns how
-/// many.
+/// Marks RUNNING exports without a heartbeat for `PRESUMED_DEAD` as FAILED, and PENDING
+/// ones as old (a run turns RUNNING as soon as it is recorded: one left PENDING died, or
+/// could not record its start); returns how many.
 pub async fn fail_dead_runs(store: &Store) -> Result<u64, StoreError> {
     let cutoff =
         DateTime::from_millis(store.now().timestamp_millis() - PRESUMED_DEAD.as_millis() as i64);
     fail_running(
         store,
-        doc! { common::UPDATED_AT: { "$lt": cutoff } },
+        doc! {
+            common::UPDATED_AT: { "$lt": cutoff },
+            f::STATUS: { "$in": [ExportJobStatus::Running.as_str(), ExportJobStatus::Pending.as_str()] },
+        },
         "interrupted: the run stopped sending heartbeats (its process ended)",
     )
     .await
