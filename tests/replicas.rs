@@ -585,12 +585,20 @@ async fn an_archive_stopped_by_ctrl_c_hands_back_the_archive_lock() {
     let jobs = db.store.collection("export_jobs");
     let running = wait_for_running_export(&jobs).await;
     let locks = db.store.collection("job_locks");
-    let held = locks.find_one(doc! { "_id": "ARCHIVE" }).await.unwrap();
-    assert_eq!(
-        held.and_then(|l| l.get_str("owner").ok().map(str::to_string)),
-        Some(running.get_str("jobId").unwrap().to_string()),
-        "the running archive holds the lock"
-    );
+    // The run is recorded RUNNING just before it takes the lock.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let held = locks.find_one(doc! { "_id": "ARCHIVE" }).await.unwrap();
+        let owner = held.and_then(|l| l.get_str("owner").ok().map(str::to_string));
+        if owner.as_deref() == Some(running.get_str("jobId").unwrap()) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the running archive never held the lock: {owner:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // Its upload hangs; stop it.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (status, stderr) = stop(run, "-INT");

@@ -1856,9 +1856,18 @@ async fn stage(
                 let records = applied.records;
                 if let Some(spool) = spool.as_mut() {
                     // The reader let through only events with a string eventId.
-                    for id in records.iter().filter_map(|d| d.get_str(e::EVENT_ID).ok()) {
+                    // With its time, so each delete looks only at the chunk's time range
+                    // (`events` is time-series: there is no eventId index to go by).
+                    for d in &records {
+                        let Ok(id) = d.get_str(e::EVENT_ID) else {
+                            continue;
+                        };
+                        let at = d
+                            .get_datetime(e::TIMESTAMP)
+                            .ok()
+                            .map(|t| t.timestamp_millis());
                         spool
-                            .push(id)
+                            .push(id, at)
                             .map_err(|e| enc(format!("cannot spool the archived eventIds: {e}")))?;
                     }
                 }
@@ -2417,11 +2426,23 @@ async fn delete_spooled(
         .await
         .map_err(|e| unreadable(std::io::Error::other(e.to_string())))?;
         chunks = back;
-        let ids = ids.map_err(unreadable)?;
-        if ids.is_empty() {
+        let spooled = ids.map_err(unreadable)?;
+        if spooled.is_empty() {
             return Ok(deleted);
         }
-        let n = delete_archived(ctx, prefix, filter, &ids).await?;
+        // The chunk's time range narrows the delete (the reader sorts by time, so a chunk
+        // is a short stretch of the day); any event without a time widens it to the day.
+        let times: Option<Vec<i64>> = spooled.iter().map(|(at, _)| *at).collect();
+        let within = times.and_then(|t| Some((*t.iter().min()?, *t.iter().max()?)));
+        let ids: Vec<String> = spooled.into_iter().map(|(_, id)| id).collect();
+        let mut chunk_filter = filter.clone();
+        if let Some((first, last)) = within {
+            chunk_filter = doc! { "$and": [
+                chunk_filter,
+                { e::TIMESTAMP: { "$gte": DateTime::from_millis(first), "$lte": DateTime::from_millis(last) } },
+            ] };
+        }
+        let n = delete_archived(ctx, prefix, &chunk_filter, &ids).await?;
         ctx.progress.rows_deleted.fetch_add(n, Relaxed);
         deleted += n;
     }

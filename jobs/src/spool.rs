@@ -1,5 +1,5 @@
-//! An archive's eventIds, spooled to a file instead of held in memory: a day of 30
-//! million events would need gigabytes as a list of strings. Written by the blocking
+//! An archive's eventIds (with each event's time), spooled to a file instead of held in
+//! memory: a day of 30 million events would need gigabytes as a list of strings. Written by the blocking
 //! encoder thread in the order the rows were read, read back in chunks for the deletion,
 //! and removed with the spool.
 
@@ -7,7 +7,8 @@ use std::fs::File;
 use std::io::{self, BufRead, BufReader, BufWriter, Write};
 use std::path::PathBuf;
 
-/// eventIds, one JSON string per line (an id may hold any character).
+/// eventIds with their event's time (epoch ms, if it has one), one JSON `[ms, "id"]` per
+/// line (an id may hold any character).
 #[derive(Debug)]
 pub struct IdSpool {
     path: PathBuf,
@@ -26,12 +27,12 @@ impl IdSpool {
         })
     }
 
-    pub fn push(&mut self, id: &str) -> io::Result<()> {
+    pub fn push(&mut self, id: &str, at_ms: Option<i64>) -> io::Result<()> {
         let out = self
             .out
             .as_mut()
             .ok_or_else(|| io::Error::other("the id spool is already finished"))?;
-        serde_json::to_writer(&mut *out, id)?;
+        serde_json::to_writer(&mut *out, &(at_ms, id))?;
         out.write_all(b"\n")?;
         self.count += 1;
         Ok(())
@@ -75,8 +76,8 @@ pub struct IdChunks {
 }
 
 impl IdChunks {
-    /// Up to `n` ids; none once all were read.
-    pub fn next_chunk(&mut self, n: usize) -> io::Result<Vec<String>> {
+    /// Up to `n` ids with their times; none once all were read.
+    pub fn next_chunk(&mut self, n: usize) -> io::Result<Vec<(Option<i64>, String)>> {
         let mut ids = Vec::with_capacity(n.min(16_384));
         let mut line = String::new();
         while ids.len() < n {
@@ -98,16 +99,19 @@ mod tests {
     fn ids_come_back_in_order_in_chunks_and_the_file_goes_with_the_spool() {
         let path = std::env::temp_dir().join(format!("sluice-spool-{}.ids", std::process::id()));
         let mut spool = IdSpool::create(path.clone()).unwrap();
-        let ids: Vec<String> = (0..25)
-            .map(|i| format!("evt-{i}"))
-            .chain(["with\nnewline".to_string(), "quote\"é".to_string()])
+        let ids: Vec<(Option<i64>, String)> = (0..25)
+            .map(|i| (Some(1_700_000_000_000 + i), format!("evt-{i}")))
+            .chain([
+                (None, "with\nnewline".to_string()),
+                (Some(-5), "quote\"é".to_string()),
+            ])
             .collect();
-        for id in &ids {
-            spool.push(id).unwrap();
+        for (at, id) in &ids {
+            spool.push(id, *at).unwrap();
         }
         assert!(spool.chunks().is_err(), "not readable while written");
         spool.finish().unwrap();
-        assert!(spool.push("late").is_err());
+        assert!(spool.push("late", None).is_err());
         assert_eq!(spool.count(), 27);
         let mut chunks = spool.chunks().unwrap();
         let mut back = Vec::new();
