@@ -812,21 +812,9 @@ async fn a_token_living_forever_is_used_for_the_run_and_a_page_over_the_cap_fail
     assert_eq!(s.fetched, 45);
     assert_eq!(api.tokens.load(Ordering::SeqCst), 1);
     // A page over `max_page_mb` fails the run, naming the setting.
-    let big = vec![json!({ "id": "x".repeat(1024) }); 1100];
-    let addr = serve(Router::new().route(
-        "/big",
-        get(move || {
-            let big = big.clone();
-            async move { Json(json!({ "data": big })) }
-        }),
-    ))
-    .await;
-    let config = things_config(
-        "capped-page",
-        &format!("http://{addr}/big"),
-        "type = \"none\"",
-    )
-    .replace("[source]", "[source]\nmax_page_mb = 1");
+    let url = serve_page("/big", vec![json!({ "id": "x".repeat(1024) }); 1100]).await;
+    let config = things_config("capped-page", &url, "type = \"none\"")
+        .replace("[source]", "[source]\nmax_page_mb = 1");
     let name = apply(&db, &config).await;
     let err = run_import(&db.store, &name, &ImportOptions::default())
         .await
@@ -956,6 +944,21 @@ async fn serve(app: Router) -> std::net::SocketAddr {
     addr
 }
 
+/// Serves `{"data": records}` as JSON at `path`, the same page on every request; returns
+/// the page's URL.
+async fn serve_page(path: &str, records: Vec<Value>) -> String {
+    let page = json!({ "data": records }).to_string();
+    let addr = serve(Router::new().route(
+        path,
+        get(move || {
+            let page = page.clone();
+            async move { ([("content-type", "application/json")], page) }
+        }),
+    ))
+    .await;
+    format!("http://{addr}{path}")
+}
+
 /// An IMPORT of `{"data": [{"id": ...}]}` pages into `things`, keyed by id.
 fn things_config(name: &str, endpoint: &str, pagination: &str) -> String {
     format!(
@@ -1028,22 +1031,12 @@ async fn big_documents_are_written_in_commands_that_fit_and_one_too_big_fails_al
     let db = TestDb::initialized().await;
     // 450 records of 40 KB (18 MB: more than one command may carry) and one of 17 MiB
     // (more than MongoDB stores).
-    let page = {
-        let mut data: Vec<Value> = (0..450)
-            .map(|i| json!({ "id": i, "body": "x".repeat(40_000) }))
-            .collect();
-        data.push(json!({ "id": "huge", "body": "y".repeat(17 * 1024 * 1024) }));
-        json!({ "data": data }).to_string()
-    };
-    let addr = serve(Router::new().route(
-        "/big",
-        get(move || {
-            let page = page.clone();
-            async move { ([("content-type", "application/json")], page) }
-        }),
-    ))
-    .await;
-    let config = things_config("big", &format!("http://{addr}/big"), "type = \"none\"")
+    let mut data: Vec<Value> = (0..450)
+        .map(|i| json!({ "id": i, "body": "x".repeat(40_000) }))
+        .collect();
+    data.push(json!({ "id": "huge", "body": "y".repeat(17 * 1024 * 1024) }));
+    let url = serve_page("/big", data).await;
+    let config = things_config("big", &url, "type = \"none\"")
         + "[mapping.body]\npath = \"$.body\"\ntype = \"string\"\n";
     let name = apply(&db, &config).await;
     let first = run_import(&db.store, &name, &ImportOptions::default())
@@ -1085,22 +1078,12 @@ async fn big_documents_are_written_in_commands_that_fit_and_one_too_big_fails_al
 async fn failures_beyond_what_a_run_keeps_hold_the_cursor() {
     let db = TestDb::initialized().await;
     // 10,005 records whose `n` is no integer, and one that maps.
-    let page = {
-        let mut data: Vec<Value> = (0..10_005)
-            .map(|i| json!({ "id": i, "n": "many", "updated": "2026-11-28T00:00:00Z" }))
-            .collect();
-        data.push(json!({ "id": "ok", "n": 1, "updated": "2026-11-29T00:00:00Z" }));
-        json!({ "data": data }).to_string()
-    };
-    let addr = serve(Router::new().route(
-        "/many",
-        get(move || {
-            let page = page.clone();
-            async move { ([("content-type", "application/json")], page) }
-        }),
-    ))
-    .await;
-    let config = things_config("many", &format!("http://{addr}/many"), "type = \"none\"")
+    let mut data: Vec<Value> = (0..10_005)
+        .map(|i| json!({ "id": i, "n": "many", "updated": "2026-11-28T00:00:00Z" }))
+        .collect();
+    data.push(json!({ "id": "ok", "n": 1, "updated": "2026-11-29T00:00:00Z" }));
+    let url = serve_page("/many", data).await;
+    let config = things_config("many", &url, "type = \"none\"")
         + "[mapping.n]\npath = \"$.n\"\ntype = \"integer\"\n[mapping.updated]\npath = \"$.updated\"\ntype = \"date\"\n[incremental]\ncursor_field = \"updated\"\nparam = \"since\"\n";
     let name = apply(&db, &config).await;
     let s = run_import(&db.store, &name, &ImportOptions::default())

@@ -18,7 +18,7 @@ use bson::doc;
 use serde_json::{json, Value};
 use sluice_connectors::objstore::{ObjectStore, S3Store};
 use sluice_core::model::ExportJobType;
-use sluice_jobs::export::{run_export, ExportContext, ExportRequest};
+use sluice_jobs::export::{run_export, ExportContext, ExportError, ExportRequest, ExportSummary};
 use support::TestDb;
 
 /// 6 pages of 10 records, 700 ms a page.
@@ -786,11 +786,17 @@ async fn a_run_cancelled_while_publishing_still_leaves_the_partition_whole() {
     assert_eq!(listed, [prefix.as_str()], "{job}");
 }
 
-#[tokio::test]
-async fn an_archive_that_lost_its_lock_while_staging_publishes_nothing() {
-    let db = TestDb::initialized().await;
+/// An ARCHIVE of 20 old events started in the background, writing to a bucket through
+/// a proxy that delays every S3 request by 1.5 s (the bucket lives as long as the
+/// returned guard).
+async fn slow_archive(
+    db: &TestDb,
+) -> (
+    support::TestBucket,
+    tokio::task::JoinHandle<Result<ExportSummary, ExportError>>,
+) {
     let bucket = support::TestBucket::new().await;
-    seed_old_events(&db, 20).await;
+    seed_old_events(db, 20).await;
     let slow = s3_through(
         &bucket,
         s3_proxy_delaying(true, Duration::from_millis(1500)).await,
@@ -800,7 +806,16 @@ async fn an_archive_that_lost_its_lock_while_staging_publishes_nothing() {
     let mut request =
         ExportRequest::day(ExportJobType::Archive, chrono::Utc::now().date_naive(), 90);
     request.archive_settle = Duration::ZERO;
-    let run = tokio::spawn(async move { run_export(&ctx, &request).await });
+    (
+        bucket,
+        tokio::spawn(async move { run_export(&ctx, &request).await }),
+    )
+}
+
+#[tokio::test]
+async fn an_archive_that_lost_its_lock_while_staging_publishes_nothing() {
+    let db = TestDb::initialized().await;
+    let (_bucket, run) = slow_archive(&db).await;
     // As soon as it holds the lock (its staging is slow), another archive takes it over.
     let locks = db.store.collection("job_locks");
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -840,18 +855,7 @@ async fn an_archive_that_lost_its_lock_while_staging_publishes_nothing() {
 #[tokio::test]
 async fn an_archive_that_lost_its_lock_while_publishing_deletes_nothing() {
     let db = TestDb::initialized().await;
-    let bucket = support::TestBucket::new().await;
-    seed_old_events(&db, 20).await;
-    let slow = s3_through(
-        &bucket,
-        s3_proxy_delaying(true, Duration::from_millis(1500)).await,
-    )
-    .await;
-    let ctx = ExportContext::new(db.store.clone(), slow);
-    let mut request =
-        ExportRequest::day(ExportJobType::Archive, chrono::Utc::now().date_naive(), 90);
-    request.archive_settle = Duration::ZERO;
-    let run = tokio::spawn(async move { run_export(&ctx, &request).await });
+    let (_bucket, run) = slow_archive(&db).await;
     // Once it records the day it is about to publish, its lease lapses and another
     // archive takes the lock.
     let jobs = db.store.collection("export_jobs");

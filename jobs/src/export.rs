@@ -1269,18 +1269,18 @@ async fn recover_partition(
         source,
     };
     let rows = p.get_i64("rows").unwrap_or(-1);
+    let remaining = ctx
+        .store
+        .collection(c::EVENTS)
+        .count_documents(filter.clone())
+        .await
+        .map_err(read)?;
     let published = files
         .iter()
         .all(|(key, _)| listed.iter().any(|n| format!("{dir}{n}") == *key));
     if !published {
         // Fewer events than it read: it deleted some, so it had published, whatever the
         // manifest says now. Its files may be their only copy: not undone.
-        let remaining = ctx
-            .store
-            .collection(c::EVENTS)
-            .count_documents(filter.clone())
-            .await
-            .map_err(read)?;
         if (remaining as i64) < rows {
             return Ok(Recovered::Stuck(
                 day,
@@ -1307,12 +1307,6 @@ async fn recover_partition(
             .await?
             .is_some_and(|size| size as i64 == *bytes);
     }
-    let remaining = ctx
-        .store
-        .collection(c::EVENTS)
-        .count_documents(filter.clone())
-        .await
-        .map_err(read)?;
     // Fewer events than published: the run died part-way through deleting them.
     if !intact || remaining as i64 > rows {
         tracing::error!(job = %old, partition = %prefix, intact, published = rows, now = remaining,
