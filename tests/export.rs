@@ -685,7 +685,11 @@ async fn a_pending_archive_day_whose_files_changed_is_not_archived_again() {
         .map(|e| e.unwrap().path())
         .find(|p| p.extension().is_some_and(|x| x == "parquet"))
         .unwrap();
-    std::fs::write(&part, b"damaged").unwrap();
+    // Same size, one byte changed: only its content tells.
+    let mut bytes = std::fs::read(&part).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&part, bytes).unwrap();
 
     let ctx = ExportContext::new(db.store.clone(), ObjectStore::Local(LocalDir::new(&dir)));
     let err = run_export(&ctx, &request(ExportJobType::Archive, day(0), day(0)))
@@ -725,6 +729,135 @@ async fn a_pending_archive_day_whose_files_changed_is_not_archived_again() {
         "day A stays pending"
     );
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A TCP proxy to the S3 server that flips the first body byte of every answer to a
+/// `GET` of a `.parquet` object: a store returning other content than it was given, at
+/// the same size.
+async fn s3_proxy_corrupting_parquet_reads() -> String {
+    use std::sync::atomic::AtomicBool;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream =
+        std::env::var("SLUICE_S3_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:8333".into());
+    let upstream = upstream.trim_start_matches("http://").to_string();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                continue;
+            };
+            let (mut cr, mut cw) = client.into_split();
+            let (mut sr, mut sw) = server.into_split();
+            // One request at a time on a connection: the answer after a parquet GET is its.
+            let corrupt_next = Arc::new(AtomicBool::new(false));
+            let flag = corrupt_next.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16 * 1024];
+                loop {
+                    let n = match cr.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    let line = String::from_utf8_lossy(&buf[..n.min(2048)]).to_ascii_lowercase();
+                    let line = line.lines().next().unwrap_or_default().to_string();
+                    if line.starts_with("get ") && line.contains(".parquet") {
+                        flag.store(true, Ordering::SeqCst);
+                    }
+                    if sw.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16 * 1024];
+                let mut in_body = false;
+                loop {
+                    let n = match sr.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    if corrupt_next.load(Ordering::SeqCst) {
+                        let start = if in_body {
+                            Some(0)
+                        } else {
+                            buf[..n]
+                                .windows(4)
+                                .position(|w| w == b"\r\n\r\n")
+                                .map(|i| i + 4)
+                        };
+                        match start {
+                            Some(at) if at < n => {
+                                buf[at] ^= 0xff;
+                                corrupt_next.store(false, Ordering::SeqCst);
+                                in_body = false;
+                            }
+                            Some(_) => in_body = true,
+                            None => {}
+                        }
+                    }
+                    if cw.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+/// Archives a day through a store that returns other parquet bytes than it was given,
+/// then through the same store read intact: the error of the first run.
+async fn archive_through_a_corrupting_store(checksums: bool) -> String {
+    let db = TestDb::initialized().await;
+    let bucket = TestBucket::new().await;
+    seed(&db, day(-110), 250).await;
+    let mut settings = support::s3_settings(&bucket.name);
+    settings.endpoint = s3_proxy_corrupting_parquet_reads().await;
+    settings.checksums = checksums;
+    let corrupting = ObjectStore::S3(
+        sluice_connectors::objstore::S3Store::connect(&settings)
+            .await
+            .unwrap(),
+    );
+    let ctx = ExportContext::new(db.store.clone(), corrupting);
+    let err = run_export(&ctx, &request(ExportJobType::Archive, day(0), day(0)))
+        .await
+        .unwrap_err()
+        .to_string();
+    let events = db.store.collection("events");
+    assert_eq!(events.count_documents(doc! {}).await.unwrap(), 250, "{err}");
+    let jobs = db.store.collection("export_jobs");
+    assert_eq!(
+        jobs.count_documents(doc! { "pendingDeletes.0": { "$exists": true } })
+            .await
+            .unwrap(),
+        1,
+        "the day stays pending"
+    );
+
+    // Read back intact, the next archive checks the day's files by content and finishes it.
+    let ctx = ExportContext::new(db.store.clone(), bucket.object_store());
+    let next = run_export(&ctx, &request(ExportJobType::Archive, day(0), day(0)))
+        .await
+        .unwrap();
+    assert_eq!((next.deleted, next.rows), (250, 0), "{next:?}");
+    assert_eq!(events.count_documents(doc! {}).await.unwrap(), 0);
+    err
+}
+
+#[tokio::test]
+async fn an_archive_deletes_nothing_when_the_store_returns_other_content_than_it_wrote() {
+    // Uploaded without checksums, only the archive's own hash checks what is read back:
+    // same size, other bytes, which a size check passed.
+    let err = archive_through_a_corrupting_store(false).await;
+    assert!(
+        err.contains("with sha256") && err.contains("nothing deleted"),
+        "{err}"
+    );
+    // With them, the SDK checks the stored CRC32 as it reads, before the hash is done.
+    let err = archive_through_a_corrupting_store(true).await;
+    assert!(err.contains("checksum mismatch"), "{err}");
 }
 
 #[tokio::test]
@@ -1682,6 +1815,22 @@ async fn uploads_work_with_checksums_turned_off() {
         .unwrap();
     assert_eq!(dest.get_bytes("plain/big.bin").await.unwrap(), big);
     assert_eq!(dest.get_bytes("plain/small.txt").await.unwrap(), b"hello");
+    // Hashed as read back, streamed: what ARCHIVE checks before deleting.
+    use sha2::Digest;
+    assert_eq!(
+        dest.sha256("plain/big.bin").await.unwrap(),
+        Some((
+            big.len() as u64,
+            format!("{:x}", sha2::Sha256::digest(&big))
+        ))
+    );
+    assert_eq!(dest.sha256("plain/never-there").await.unwrap(), None);
+    let local = ObjectStore::Local(LocalDir::new(&dir));
+    assert_eq!(
+        local.sha256("big.bin").await.unwrap(),
+        dest.sha256("plain/big.bin").await.unwrap()
+    );
+    assert_eq!(local.sha256("never-there").await.unwrap(), None);
     // Deletes too: the batch call carries a checksum header whatever the setting, which
     // the stores needing checksums off refuse; one by one, a missing key no error.
     dest.delete(&[

@@ -1019,6 +1019,7 @@ async fn archive(
                 Bson::Document(doc! {
                     "key": format!("{}/{}", s.prefix, part_name(job_id, info.index)),
                     "bytes": info.bytes as i64,
+                    "sha256": &info.sha256,
                 })
             })
             .collect();
@@ -1231,7 +1232,7 @@ async fn recover_partition(
     ) else {
         return Ok(Recovered::Undone);
     };
-    let files: Vec<(String, i64)> = p
+    let files: Vec<(String, i64, Option<String>)> = p
         .get_array("files")
         .cloned()
         .unwrap_or_default()
@@ -1240,6 +1241,7 @@ async fn recover_partition(
             Bson::Document(f) => Some((
                 f.get_str("key").unwrap_or_default().to_string(),
                 f.get_i64("bytes").unwrap_or(-1),
+                f.get_str("sha256").ok().map(str::to_string),
             )),
             _ => None,
         })
@@ -1277,7 +1279,7 @@ async fn recover_partition(
         .map_err(read)?;
     let published = files
         .iter()
-        .all(|(key, _)| listed.iter().any(|n| format!("{dir}{n}") == *key));
+        .all(|(key, ..)| listed.iter().any(|n| format!("{dir}{n}") == *key));
     if !published {
         // Fewer events than it read: it deleted some, so it had published, whatever the
         // manifest says now. Its files may be their only copy: not undone.
@@ -1288,7 +1290,7 @@ async fn recover_partition(
             ));
         }
         // The publish stopped before its manifest: undo it.
-        let copied: Vec<String> = files.iter().map(|(k, _)| k.clone()).collect();
+        let copied: Vec<String> = files.iter().map(|(k, ..)| k.clone()).collect();
         ctx.dest.delete(&copied).await?;
         if !listed.is_empty() {
             ctx.dest
@@ -1299,13 +1301,25 @@ async fn recover_partition(
         tracing::warn!(job = %old, partition = %prefix, "undid an interrupted archive's unfinished publish; its events are archived again");
         return Ok(Recovered::Undone);
     }
+    // Checked by content where the run recorded it (runs of earlier versions recorded
+    // sizes only).
     let mut intact = true;
-    for (key, bytes) in &files {
-        intact &= ctx
-            .dest
-            .head(key)
-            .await?
-            .is_some_and(|size| size as i64 == *bytes);
+    for (key, bytes, sha256) in &files {
+        intact &= match sha256 {
+            Some(sha256) => ctx
+                .dest
+                .sha256(key)
+                .await?
+                .is_some_and(|(size, found)| size as i64 == *bytes && found == *sha256),
+            None => ctx
+                .dest
+                .head(key)
+                .await?
+                .is_some_and(|size| size as i64 == *bytes),
+        };
+        if !intact {
+            break;
+        }
     }
     // Fewer events than published: the run died part-way through deleting them.
     if !intact || remaining as i64 > rows {
@@ -2373,18 +2387,23 @@ async fn archive_delete(
     let Some(filter) = &s.delete_filter else {
         return Ok(0);
     };
+    // Read back whole and hashed: the events' only copy from here on is what the store
+    // returns, so its content is checked, not only its size (an upload without checksums,
+    // `checksums = false`, is checked nowhere else).
     for ((_, info), key) in s.parts.iter().zip(&p.files) {
-        match ctx.dest.head(key).await? {
-            Some(size) if size == info.bytes => {}
-            other => {
-                return Err(ExportError::Verify {
-                    key: key.clone(),
-                    message: format!(
-                        "expected {} bytes, found {other:?}; nothing deleted",
-                        info.bytes
-                    ),
-                })
-            }
+        let found = ctx.dest.sha256(key).await?;
+        if found.as_ref() != Some(&(info.bytes, info.sha256.clone())) {
+            let found = match found {
+                Some((bytes, sha256)) => format!("{bytes} bytes with sha256 {sha256}"),
+                None => "no file".to_string(),
+            };
+            return Err(ExportError::Verify {
+                key: key.clone(),
+                message: format!(
+                    "expected {} bytes with sha256 {}, found {found}; nothing deleted",
+                    info.bytes, info.sha256
+                ),
+            });
         }
     }
     let Some(spool) = &s.archived_ids else {

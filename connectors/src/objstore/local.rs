@@ -114,6 +114,16 @@ impl LocalDir {
         }
     }
 
+    pub async fn sha256(&self, key: &str) -> Result<Option<(u64, String)>, StorageError> {
+        let path = self.path(key);
+        match tokio::task::spawn_blocking(move || crate::parquet::hash_file(&path)).await {
+            Ok(Ok(found)) => Ok(Some(found)),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Ok(Err(e)) => Err(StorageError::op(BACKEND, key, "read", e)),
+            Err(e) => Err(StorageError::op(BACKEND, key, "read", e)),
+        }
+    }
+
     pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StorageError> {
         let mut out = Vec::new();
         let mut stack = vec![self.root.clone()];

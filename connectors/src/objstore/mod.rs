@@ -100,6 +100,16 @@ impl ObjectStore {
         }
     }
 
+    /// Size and hex SHA-256 of an object's content as the store returns it (streamed, not
+    /// held in memory), or `None` when it does not exist: what ARCHIVE checks before it
+    /// deletes the events a file holds.
+    pub async fn sha256(&self, key: &str) -> Result<Option<(u64, String)>, StorageError> {
+        match self {
+            ObjectStore::Local(l) => l.sha256(key).await,
+            ObjectStore::S3(s) => s.sha256(key).await,
+        }
+    }
+
     pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StorageError> {
         match self {
             ObjectStore::Local(l) => l.list(prefix).await,

@@ -345,7 +345,7 @@ impl S3Store {
             .body
             .collect()
             .await
-            .map_err(|e| StorageError::op(BACKEND, key, "read body", e))?;
+            .map_err(|e| StorageError::op(BACKEND, key, "read body", describe(e)))?;
         Ok(bytes.into_bytes().to_vec())
     }
 
@@ -375,6 +375,34 @@ impl S3Store {
             Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => Ok(None),
             Err(e) => Err(StorageError::op(BACKEND, key, "head", describe(e))),
         }
+    }
+
+    pub async fn sha256(&self, key: &str) -> Result<Option<(u64, String)>, StorageError> {
+        use sha2::{Digest, Sha256};
+        let out = match self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(self.full(key))
+            .send()
+            .await
+        {
+            Ok(out) => out,
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => return Ok(None),
+            Err(e) => return Err(StorageError::op(BACKEND, key, "get", describe(e))),
+        };
+        let mut body = out.body;
+        let mut hasher = Sha256::new();
+        let mut total = 0u64;
+        while let Some(chunk) = body
+            .try_next()
+            .await
+            .map_err(|e| StorageError::op(BACKEND, key, "read body", describe(e)))?
+        {
+            hasher.update(&chunk);
+            total += chunk.len() as u64;
+        }
+        Ok(Some((total, format!("{:x}", hasher.finalize()))))
     }
 
     pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StorageError> {

@@ -11,4 +11,4 @@ pub use schema::{
     columns, daily_schema, event_schema, schema_description, schema_of, uncovered_field,
     user_schema, ColKind, ColumnSpec, TableSpec, DAILY_TABLE, EVENT_TABLE, USER_TABLE,
 };
-pub use writer::{LocalPart, PartWriter, PartWriterOptions};
+pub use writer::{hash_file, LocalPart, PartWriter, PartWriterOptions};
