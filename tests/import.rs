@@ -994,7 +994,7 @@ async fn capped(Query(q): Query<Vec<(String, String)>>) -> Json<Value> {
     let data: Vec<Value> = (from..(from + 5).min(12))
         .map(|i| json!({ "id": i }))
         .collect();
-    Json(json!({ "data": data, "total": 12, "more": from + 5 < 12 }))
+    Json(json!({ "data": data, "total": 12, "pages": 3, "more": from + 5 < 12 }))
 }
 
 /// One page of records, gzip-compressed.
@@ -1140,6 +1140,25 @@ async fn an_api_capping_its_page_size_is_read_to_its_total() {
         .await
         .unwrap();
     assert_eq!((s.fetched, s.pages), (12, 3));
+    // A total that counts pages is below the records of the first full page: the run
+    // says so and counts as cut short, rather than passing for complete.
+    let db = TestDb::initialized().await;
+    let config = things_config(
+        "capped-pages",
+        &format!("http://{addr}/capped"),
+        "type = \"page\"\nsize = 5\ntotal_path = \"$.pages\"",
+    );
+    let name = apply(&db, &config).await;
+    let s = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert_eq!((s.fetched, s.pages), (5, 1));
+    let why = s.stopped_early.unwrap_or_default();
+    assert!(
+        why.contains("`total_path` ($.pages) says 3 records, fewer than the 5")
+            && why.contains("counts pages"),
+        "{why}"
+    );
 }
 
 #[tokio::test]

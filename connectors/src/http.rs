@@ -884,8 +884,13 @@ impl HttpClient {
                 _ => next,
             };
         }
-        let total = c
-            .total_path
+        self.continuation(state, page, got, more, self.total(page))
+    }
+
+    /// The record total `total_path` / `total_header` gives on `page`.
+    fn total(&self, page: &Page) -> Option<u64> {
+        let c = &self.connector;
+        c.total_path
             .as_ref()
             .and_then(|p| first(&page.body, p))
             .and_then(|v| {
@@ -898,8 +903,33 @@ impl HttpClient {
                     .and_then(|h| page.headers.get(h.as_str()))
                     .and_then(|v| v.to_str().ok())
                     .and_then(|s| s.trim().parse().ok())
-            });
-        self.continuation(state, page, got, more, total)
+            })
+    }
+
+    /// When a full `page` / `offset` page ends the run because its total is below the
+    /// items read so far, which no record total can be: most likely `total_path` names a
+    /// page count (`total_pages`). Said, rather than stopping as if everything was read.
+    pub fn total_below_read(&self, state: &PageState, page: &Page) -> Option<String> {
+        let c = &self.connector;
+        let (
+            PageState::Fetch { offset, .. },
+            Paging::Page { size, .. } | Paging::Offset { size, .. },
+        ) = (state, &c.paging)
+        else {
+            return None;
+        };
+        let (got, total) = (page.items as u64, self.total(page)?);
+        let seen = offset + got;
+        (got >= *size && total < seen).then(|| {
+            let source = match (&c.total_path, &c.total_header) {
+                (Some(p), _) => format!("`total_path` ({p})"),
+                (None, Some(h)) => format!("`total_header` ({h})"),
+                (None, None) => "the total".to_string(),
+            };
+            format!(
+                "{source} says {total} records, fewer than the {seen} read by this full page; if it counts pages, remove it (a short page ends the run)"
+            )
+        })
     }
 
     /// The state after `page` of `got` items, by the pagination style.

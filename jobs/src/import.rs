@@ -680,6 +680,16 @@ async fn import_pages(
             break;
         }
         let mut next = http.next_state(state, &page);
+        if next == PageState::Done {
+            // Stopped by a total below what was read: the pages after it were not, so the
+            // run counts as cut short (an incremental cursor is not moved past them).
+            if let Some(why) = http.total_below_read(state, &page) {
+                summary.stopped_early = Some(format!(
+                    "page {}: {why}; the pages after it were not read",
+                    summary.pages + 1
+                ));
+            }
+        }
         // Pagination has read what it needs from the body: free it before the next page
         // arrives.
         page.release_body();
