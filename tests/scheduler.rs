@@ -1019,3 +1019,48 @@ async fn a_renewal_arriving_after_the_lease_lapsed_does_not_revive_it() {
     assert!(log.lock().unwrap().is_empty());
     s.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_running_scheduler_fails_export_runs_whose_heartbeat_went_silent() {
+    let db = TestDb::initialized().await;
+    let jobs = db.store.collection("export_jobs");
+    let now = bson::DateTime::now().timestamp_millis();
+    for (id, updated) in [("dead-run", now - 600_000), ("live-run", now - 1_000)] {
+        jobs.insert_one(doc! {
+            "jobId": id, "type": "EVENT_DATA", "status": "RUNNING",
+            "updatedAt": bson::DateTime::from_millis(updated),
+        })
+        .await
+        .unwrap();
+    }
+    let log: RunLog = Arc::new(Mutex::new(Vec::new()));
+    let runner = Arc::new(Counting {
+        log,
+        instance: "a".into(),
+        delay: Duration::ZERO,
+    });
+    let mut opts = options("a", 5_000);
+    opts.reload_every = Duration::from_millis(200);
+    // No export runs meanwhile: the scheduler's reloads find the silent run.
+    let s = Scheduler::start(db.store.clone(), runner, source(Vec::new()), opts)
+        .await
+        .unwrap();
+    let status = |id: &'static str| {
+        let jobs = jobs.clone();
+        async move {
+            jobs.find_one(doc! { "jobId": id })
+                .await
+                .unwrap()
+                .unwrap()
+                .get_str("status")
+                .unwrap()
+                .to_string()
+        }
+    };
+    support::wait_until("the silent run is marked FAILED", || async {
+        status("dead-run").await == "FAILED"
+    })
+    .await;
+    assert_eq!(status("live-run").await, "RUNNING");
+    s.shutdown().await;
+}

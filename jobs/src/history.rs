@@ -269,7 +269,7 @@ pub async fn fail_other_archives(store: &Store, holder: &str) -> Result<u64, Sto
 }
 
 /// Field of an ARCHIVE run listing the partitions it published and has not deleted yet:
-/// `{prefix, day, createdBefore, rows, files: [{key, bytes}]}`.
+/// `{prefix, day, createdBefore, rows, files: [{key, bytes, sha256}]}`.
 pub const PENDING_DELETES: &str = "pendingDeletes";
 
 /// Records a partition an ARCHIVE run is about to publish and then delete from MongoDB

@@ -283,6 +283,19 @@ impl Scheduler {
                     if let Err(e) = reloaded {
                         tracing::warn!(error = %e, "scheduler reload failed; the schedule stays as it was");
                     }
+                    // An export whose process died shows FAILED within a reload of its
+                    // heartbeat going silent, not only when the next export starts (a
+                    // day later for a daily job).
+                    match crate::history::fail_dead_runs(&s.inner.store).await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::warn!(
+                            runs = n,
+                            "export runs that stopped sending heartbeats are marked FAILED"
+                        ),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "could not check for interrupted export runs")
+                        }
+                    }
                 }
             })
         };
