@@ -535,6 +535,100 @@ async fn write_keys_and_the_rate_limit_are_enforced() {
 }
 
 #[tokio::test]
+async fn the_rate_limit_per_client_counts_each_address_apart_and_an_ipv6_64_as_one() {
+    let db = TestDb::initialized().await;
+    let server = start_server(&db, |raw| {
+        raw.server.rate_limit_per_client = 1;
+        raw.server.trusted_proxies = vec!["127.0.0.1".into()];
+    })
+    .await;
+    let base = format!("http://{}", server.addr);
+    let client = reqwest::Client::new();
+    // Bodies refused only after the limit is checked (no database work), ten at once: the
+    // bucket refills by one a second, so most are refused.
+    let burst = |from: Vec<&'static str>, path: &'static str| {
+        let client = client.clone();
+        let base = base.clone();
+        async move {
+            let answers = futures_util::future::join_all(from.into_iter().map(|ip| {
+                let request = if path.starts_with("/v1/") {
+                    client
+                        .post(format!("{base}{path}"))
+                        .json(&json!({ "eventType": 1 }))
+                } else {
+                    client.get(format!("{base}{path}"))
+                };
+                request.header("x-forwarded-for", ip).send()
+            }))
+            .await;
+            let mut codes = Vec::new();
+            for r in answers {
+                let r = r.unwrap();
+                let code = r.status().as_u16();
+                if code == 429 {
+                    assert_eq!(r.headers()["retry-after"], "1");
+                    let body: Value = r.json().await.unwrap();
+                    assert_eq!(body["error"], "rate_limited");
+                    assert!(
+                        body["message"].as_str().unwrap().contains("address"),
+                        "{body}"
+                    );
+                }
+                codes.push(code);
+            }
+            codes
+        }
+    };
+    let codes = burst(vec!["203.0.113.5"; 10], "/v1/events").await;
+    assert!(
+        codes.iter().filter(|c| **c == 429).count() >= 5,
+        "{codes:?}"
+    );
+    assert!(codes.iter().all(|c| [400, 429].contains(c)), "{codes:?}");
+    // Another address has its own allowance, on any tracking endpoint.
+    let codes = burst(vec!["203.0.113.6"], "/v1/t").await;
+    assert_eq!(codes, vec![400]);
+    // Addresses of one IPv6 /64 share one.
+    let codes = burst(
+        vec![
+            "2001:db8:1:2::1",
+            "2001:db8:1:2::2",
+            "2001:db8:1:2::3",
+            "2001:db8:1:2::4",
+        ],
+        "/v1/batch",
+    )
+    .await;
+    assert!(
+        codes.iter().filter(|c| **c == 429).count() >= 2,
+        "{codes:?}"
+    );
+    // Health checks and metrics are not tracking endpoints.
+    let codes = burst(vec!["203.0.113.5"; 5], "/healthz").await;
+    assert_eq!(codes, vec![200; 5]);
+    let metrics = client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let refused: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("sluice_requests_rate_limited_total{limit=\"client\"} "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(refused >= 7, "{metrics}");
+    assert!(
+        metrics.contains("sluice_requests_rate_limited_total{limit=\"write_key\"} 0"),
+        "{metrics}"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_full_queue_answers_503_with_retry_after() {
     use std::sync::atomic::Ordering;
     let db = TestDb::initialized().await;

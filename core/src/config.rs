@@ -234,6 +234,10 @@ pub struct ServerSection {
     pub trusted_proxies: Vec<String>,
     /// Requests per second allowed per write key (0 = unlimited).
     pub rate_limit_per_key: u32,
+    /// Tracking requests per second allowed per client address (its IPv4 address or its
+    /// IPv6 /64, behind `trusted_proxies` the forwarded one; 0 = unlimited). A browser's
+    /// write key is public: without it, one client can spend the whole key's limit.
+    pub rate_limit_per_client: u32,
     /// A request body not received whole within this many seconds is answered `408`
     /// and its connection closed (a client trickling its body holds no connection longer).
     pub body_timeout_seconds: u64,
@@ -253,6 +257,7 @@ impl Default for ServerSection {
             cors_origins: vec!["*".into()],
             trusted_proxies: Vec::new(),
             rate_limit_per_key: 0,
+            rate_limit_per_client: 0,
             body_timeout_seconds: 60,
             header_timeout_seconds: 30,
             max_connections: 10_000,
@@ -458,6 +463,8 @@ pub struct Config {
     pub cors_origins: Vec<String>,
     pub trusted_proxies: Vec<String>,
     pub rate_limit_per_key: u32,
+    /// `[server] rate_limit_per_client`.
+    pub rate_limit_per_client: u32,
     /// `[server] body_timeout_seconds`.
     pub body_timeout: std::time::Duration,
     /// `[server] header_timeout_seconds`.
@@ -1000,6 +1007,7 @@ pub fn validate(
         cors_origins: raw.server.cors_origins.clone(),
         trusted_proxies: raw.server.trusted_proxies.clone(),
         rate_limit_per_key: raw.server.rate_limit_per_key,
+        rate_limit_per_client: raw.server.rate_limit_per_client,
         body_timeout: std::time::Duration::from_secs(raw.server.body_timeout_seconds),
         header_timeout: std::time::Duration::from_secs(raw.server.header_timeout_seconds),
         max_connections: raw.server.max_connections,

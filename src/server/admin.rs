@@ -139,19 +139,6 @@ impl Drop for Attempt {
     }
 }
 
-/// The client a login attempt is counted against: its IPv4 address, or its IPv6 /64 (one
-/// host or network is usually given a whole /64, so counting full addresses would give
-/// it 2^64 fresh keys).
-fn client_key(ip: std::net::IpAddr) -> String {
-    match ip.to_canonical() {
-        std::net::IpAddr::V4(v4) => v4.to_string(),
-        std::net::IpAddr::V6(v6) => {
-            let s = v6.segments();
-            format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
-        }
-    }
-}
-
 fn token_hash(token: &str) -> String {
     format!("{:x}", Sha256::digest(token.as_bytes()))
 }
@@ -428,7 +415,7 @@ async fn login(
     }
     // Behind a load balancer the peer is the balancer: the client is the forwarded one.
     let client = super::enrich::client_ip(peer.ip(), &headers, &state.trusted);
-    let client = client_key(client);
+    let client = super::enrich::client_key(client);
     let keys = vec![
         (format!("pair:{client} {email}"), MAX_FAILURES),
         (format!("ip:{client}"), MAX_CLIENT_FAILURES),
@@ -1161,7 +1148,7 @@ mod tests {
 
     #[test]
     fn clients_are_counted_by_ipv4_address_and_ipv6_64() {
-        let key = |s: &str| client_key(s.parse().unwrap());
+        let key = |s: &str| crate::server::enrich::client_key(s.parse().unwrap());
         assert_eq!(key("203.0.113.7"), "203.0.113.7");
         assert_eq!(key("::ffff:203.0.113.7"), "203.0.113.7");
         assert_eq!(key("2001:db8:1:2:aaaa::1"), key("2001:db8:1:2:ffff::9"));

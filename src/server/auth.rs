@@ -1,4 +1,4 @@
-//! Write keys (HTTP basic user or `X-Write-Key`) and the per-key rate limit.
+//! Write keys (HTTP basic user or `X-Write-Key`) and the rate limits (per key, per client).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -53,17 +53,33 @@ pub fn authorize(keys: &[Secret], presented: Option<&str>) -> Option<String> {
         .map(|k| k.expose().to_string())
 }
 
-/// A token bucket per write key: `rate` requests per second, bursts up to `rate`.
+/// A token bucket per key (a write key, or a client address): `rate` requests per second,
+/// bursts up to `rate`. Buckets that have refilled are forgotten once many are held, and
+/// at most [`MAX_BUCKETS`] are (beyond, a new key is let through untracked: a limit per
+/// address cannot stop that many addresses anyway, and memory stays bounded).
 pub struct RateLimiter {
     rate: f64,
-    buckets: Mutex<HashMap<String, (f64, Instant)>>,
+    buckets: Mutex<Buckets>,
 }
+
+struct Buckets {
+    by_key: HashMap<String, (f64, Instant)>,
+    pruned: Option<Instant>,
+}
+
+/// Buckets held before full ones are forgotten (at most once a second).
+const PRUNE_ABOVE: usize = 10_000;
+/// Buckets held at most.
+pub const MAX_BUCKETS: usize = 200_000;
 
 impl RateLimiter {
     pub fn new(rate_per_second: u32) -> Self {
         Self {
             rate: f64::from(rate_per_second),
-            buckets: Mutex::new(HashMap::new()),
+            buckets: Mutex::new(Buckets {
+                by_key: HashMap::new(),
+                pruned: None,
+            }),
         }
     }
 
@@ -77,8 +93,25 @@ impl RateLimiter {
             Ok(b) => b,
             Err(poisoned) => poisoned.into_inner(),
         };
-        let (tokens, last) = buckets.entry(key.to_string()).or_insert((self.rate, now));
-        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * self.rate).min(self.rate);
+        let rate = self.rate;
+        if !buckets.by_key.contains_key(key) {
+            if buckets.by_key.len() >= PRUNE_ABOVE
+                && buckets
+                    .pruned
+                    .is_none_or(|at| now.duration_since(at).as_secs() >= 1)
+            {
+                // A bucket refilled to the brim is the same as no bucket.
+                buckets.by_key.retain(|_, (tokens, last)| {
+                    *tokens + now.duration_since(*last).as_secs_f64() * rate < rate
+                });
+                buckets.pruned = Some(now);
+            }
+            if buckets.by_key.len() >= MAX_BUCKETS {
+                return true;
+            }
+        }
+        let (tokens, last) = buckets.by_key.entry(key.to_string()).or_insert((rate, now));
+        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * rate).min(rate);
         *last = now;
         if *tokens >= 1.0 {
             *tokens -= 1.0;
@@ -86,6 +119,12 @@ impl RateLimiter {
         } else {
             false
         }
+    }
+
+    /// Buckets held now.
+    #[cfg(test)]
+    fn held(&self) -> usize {
+        self.buckets.lock().map(|b| b.by_key.len()).unwrap_or(0)
     }
 }
 
@@ -127,5 +166,26 @@ mod tests {
         assert!((0..3).all(|_| l.allow("k")));
         assert!(!l.allow("k"));
         assert!(l.allow("other"), "keys are limited separately");
+    }
+
+    #[test]
+    fn rate_limiter_memory_stays_bounded() {
+        // Full buckets are forgotten: many clients sending one request each a while ago.
+        let l = RateLimiter::new(1_000_000);
+        for i in 0..PRUNE_ABOVE {
+            assert!(l.allow(&format!("old-{i}")));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        assert!(l.allow("new"));
+        assert_eq!(l.held(), 1, "the refilled buckets were dropped");
+        // Buckets still refilling are kept, up to the cap; past it, keys pass untracked.
+        let l = RateLimiter::new(1);
+        for i in 0..MAX_BUCKETS {
+            assert!(l.allow(&format!("busy-{i}")));
+        }
+        assert_eq!(l.held(), MAX_BUCKETS);
+        assert!(l.allow("one-more") && l.allow("one-more"));
+        assert_eq!(l.held(), MAX_BUCKETS);
+        assert!(!l.allow("busy-7"), "a tracked key is still limited");
     }
 }

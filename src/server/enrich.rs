@@ -49,6 +49,19 @@ impl IpNet {
     }
 }
 
+/// The client a limit counts against: its IPv4 address, or its IPv6 /64 (one host or
+/// network is usually given a whole /64, so counting full addresses would give it 2^64
+/// fresh keys).
+pub fn client_key(ip: IpAddr) -> String {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+        }
+    }
+}
+
 /// The client's address: the peer, unless the peer is a trusted proxy, in which case the
 /// right-most `X-Forwarded-For` entry that is not itself a trusted proxy. Entries may carry
 /// a port (`203.0.113.5:443`, `[2001:db8::1]:443`, as some proxies append them); an entry

@@ -22,6 +22,8 @@ pub struct Metrics {
     pub write_errors: AtomicU64,
     pub unauthorized: AtomicU64,
     pub rate_limited: AtomicU64,
+    /// Tracking requests refused by `[server] rate_limit_per_client`.
+    pub rate_limited_client: AtomicU64,
     pub sessions_expired: AtomicU64,
     /// Segment `identify` traits a profile refused (the events were stored).
     pub traits_failed: AtomicU64,
@@ -91,13 +93,20 @@ impl Metrics {
             "",
             &self.unauthorized,
         );
-        counter(
-            &mut out,
-            "sluice_requests_rate_limited_total",
-            "Requests refused by the per-key rate limit.",
-            "",
-            &self.rate_limited,
+        let _ = writeln!(
+            out,
+            "# HELP sluice_requests_rate_limited_total Requests refused by a rate limit: per write key or per client address.\n# TYPE sluice_requests_rate_limited_total counter"
         );
+        for (limit, v) in [
+            ("write_key", &self.rate_limited),
+            ("client", &self.rate_limited_client),
+        ] {
+            let _ = writeln!(
+                out,
+                "sluice_requests_rate_limited_total{{limit=\"{limit}\"}} {}",
+                v.load(Relaxed)
+            );
+        }
         counter(
             &mut out,
             "sluice_traits_failed_total",

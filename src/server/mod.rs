@@ -43,6 +43,8 @@ pub struct AppState {
     pub batcher: Batcher,
     pub metrics: Arc<Metrics>,
     limiter: Arc<auth::RateLimiter>,
+    /// `[server] rate_limit_per_client`, keyed by client address.
+    client_limiter: Arc<auth::RateLimiter>,
     trusted: Arc<Vec<enrich::IpNet>>,
     login_guard: Arc<admin::LoginGuard>,
     /// Analytics queries running now, at most [`admin::ANALYTICS_QUERIES`].
@@ -176,6 +178,13 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/import", post(segment::batch).layer(many))
         // The browser SDK (analytics.js / analytics-next) posts to one-letter paths.
         .route("/v1/b", post(segment::batch).layer(many));
+    let mut tracking_paths = vec![
+        "/v1/events",
+        "/v1/events/batch",
+        "/v1/batch",
+        "/v1/import",
+        "/v1/b",
+    ];
     for (path, kind) in [
         ("/v1/identify", Kind::Identify),
         ("/v1/track", Kind::Track),
@@ -197,7 +206,10 @@ pub fn router(state: AppState) -> Router {
             segment::single(kind, state, peer, headers, body)
         };
         app = app.route(path, post(handler).layer(one));
+        tracking_paths.push(path);
     }
+    let tracking_paths: Arc<std::collections::HashSet<&'static str>> =
+        Arc::new(tracking_paths.into_iter().collect());
     let app = app
         .merge(admin::routes())
         .route("/healthz", get(|| async { "ok" }))
@@ -216,8 +228,51 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             body_deadline,
+        ))
+        // Outside the body's deadline: a client over its limit is turned away before its
+        // body is read.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            move |state: State<AppState>, request: axum::extract::Request, next| {
+                client_limit(state, tracking_paths.clone(), request, next)
+            },
         ));
     outer_layers(app, &state.config).with_state(state)
+}
+
+/// `[server] rate_limit_per_client` on the tracking endpoints (`paths`, without
+/// parameters: a request's path is one of them exactly): per client
+/// address (IPv4, or IPv6 /64), resolved through the trusted proxies as for enrichment.
+async fn client_limit(
+    State(state): State<AppState>,
+    paths: Arc<std::collections::HashSet<&'static str>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let limited = state.config.rate_limit_per_client > 0 && paths.contains(request.uri().path());
+    if limited {
+        let peer = request
+            .extensions()
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0.ip());
+        if let Some(peer) = peer {
+            let ip = enrich::client_ip(peer, request.headers(), &state.trusted);
+            if !state.client_limiter.allow(&enrich::client_key(ip)) {
+                state
+                    .metrics
+                    .rate_limited_client
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limited",
+                    "too many requests from this address",
+                )
+                .retry(1)
+                .into_response();
+            }
+        }
+    }
+    next.run(request).await
 }
 
 /// What wraps every route: a panic answered as a JSON `500`, and CORS outermost, so that
@@ -405,6 +460,7 @@ pub async fn start_loaded(
         .collect();
     let state = AppState {
         limiter: Arc::new(auth::RateLimiter::new(config.rate_limit_per_key)),
+        client_limiter: Arc::new(auth::RateLimiter::new(config.rate_limit_per_client)),
         login_guard: Arc::new(admin::LoginGuard::default()),
         analytics: Arc::new(tokio::sync::Semaphore::new(admin::ANALYTICS_QUERIES)),
         transform_slots: Arc::new(tokio::sync::Semaphore::new(config.plugins.instances.max(1))),
