@@ -449,6 +449,48 @@ async fn duplicate_event_id_is_stored_once() {
 }
 
 #[tokio::test]
+async fn event_writes_wait_a_bounded_time_for_their_write_concern() {
+    // Without `wtimeout`, a replica set that lost its majority would hold every event
+    // write for the whole outage; with it, the write fails after a while and is answered
+    // retry. This server is one node, so the wait itself cannot be shown: what the driver
+    // sends is checked on the wire instead.
+    let db = TestDb::initialized().await;
+    let (uri, hold, held) = support::holding_mongo_proxy(b"wtimeout").await;
+    let store = support::store_via(&uri, &db.name).await;
+    assert_eq!(
+        store.write_concern().w_timeout,
+        Some(sluice_connectors::mongo::WRITE_CONCERN_TIMEOUT)
+    );
+    let writer = EventWriter::new(store, WriterOptions::default());
+    hold.store(true, std::sync::atomic::Ordering::SeqCst);
+    let write = tokio::spawn(async move {
+        let batch = vec![event(
+            "w1",
+            "v1",
+            "s1",
+            EventType::PageView,
+            1_700_000_000_000,
+        )];
+        writer.write(&batch).await
+    });
+    let seen = held.clone();
+    support::wait_until("an event write carrying wtimeout", || {
+        let seen = seen.clone();
+        async move { seen.load(std::sync::atomic::Ordering::SeqCst) > 0 }
+    })
+    .await;
+    hold.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(write.await.unwrap().unwrap(), vec![WriteStatus::Stored]);
+    assert_eq!(
+        one(&db, "users", doc! { "visitorId": "v1" })
+            .await
+            .get_i64("totalEvents")
+            .unwrap(),
+        1
+    );
+}
+
+#[tokio::test]
 async fn a_read_preference_in_the_uri_does_not_stop_writes() {
     // A URI asking for secondaries (as a deployment may, for its analytics): the writer's
     // transaction must still read from the primary, which is all a transaction may use.

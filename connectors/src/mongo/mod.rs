@@ -20,6 +20,18 @@ use sluice_core::config::{Config, WriteConcernLevel};
 /// Duplicate key: the server's code for an insert that a unique index refused.
 pub const DUPLICATE_KEY: i32 = 11000;
 
+/// How long a write waits for the nodes its write concern names (`wtimeout`) before it
+/// fails with a write concern error. Without it, a replica set that has lost its majority
+/// (a PSA set with the secondary down) holds every write, and the connection carrying
+/// it, for as long as the outage lasts. The write stays applied on the primary (a
+/// failover may still roll it back), so it fails like any write whose outcome is unknown
+/// and is made again: events are answered retry and a resend finds what was stored,
+/// imports upsert by key, a transaction's commit is retried.
+pub const WRITE_CONCERN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// [`WRITE_CONCERN_TIMEOUT`] for claims and leases, which cannot wait that long: a lease
+/// is renewed every third of its length (20 s by default).
+pub const LEASE_WRITE_CONCERN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// The server's error code of a command or single-write failure, if it has one.
 pub fn error_code(err: &mongodb::error::Error) -> Option<i32> {
     use mongodb::error::ErrorKind;
@@ -237,6 +249,8 @@ impl Store {
         .await
     }
 
+    /// Connects with `write_concern`, which waits at most [`WRITE_CONCERN_TIMEOUT`] for
+    /// the nodes it names.
     pub async fn connect_uri(
         uri: &str,
         database: &str,
@@ -279,7 +293,11 @@ impl Store {
             WriteConcernLevel::Majority => Acknowledgment::Majority,
             WriteConcernLevel::Nodes(n) => Acknowledgment::Nodes(*n),
         };
-        let write_concern = WriteConcern::builder().w(w).journal(true).build();
+        let write_concern = WriteConcern::builder()
+            .w(w)
+            .journal(true)
+            .w_timeout(WRITE_CONCERN_TIMEOUT)
+            .build();
         Ok(Self {
             client,
             db,
@@ -328,7 +346,7 @@ impl Store {
                         .journal(true)
                         // A majority that cannot be reached (a degraded replica set)
                         // fails the write after this rather than blocking it for ever.
-                        .w_timeout(std::time::Duration::from_secs(15))
+                        .w_timeout(LEASE_WRITE_CONCERN_TIMEOUT)
                         .build(),
                 )
                 // Claims are checked by reading them back: a lagging secondary would miss
