@@ -1540,6 +1540,43 @@ async fn an_archive_failing_part_way_archives_no_day_twice() {
 }
 
 #[tokio::test]
+async fn a_run_whose_outcome_the_store_drops_at_first_is_still_recorded_completed() {
+    // The connection breaks on the write that records the run COMPLETED (and on the
+    // driver's own retry): the run's files are whole, so the record is tried again rather
+    // than the run failing and being left to look dead.
+    let db = TestDb::initialized().await;
+    let dir = temp_dir();
+    seed(&db, day(-3), 200).await;
+    let (uri, armed, severed, deliver) = support::severing_mongo_proxy(b"COMPLETED").await;
+    deliver.store(true, Ordering::SeqCst);
+    let store = support::store_via(&uri, &db.name).await;
+    let ctx = ExportContext::new(store, ObjectStore::Local(LocalDir::new(&dir)));
+    armed.store(true, Ordering::SeqCst);
+    let run = tokio::spawn(async move {
+        run_export(&ctx, &request(ExportJobType::EventData, day(-3), day(-3))).await
+    });
+    let cut = severed.clone();
+    support::wait_until(
+        "the outcome's write cut more often than the driver retries",
+        || {
+            let cut = cut.clone();
+            async move { cut.load(Ordering::SeqCst) >= 3 }
+        },
+    )
+    .await;
+    armed.store(false, Ordering::SeqCst);
+    let summary = run
+        .await
+        .unwrap()
+        .expect("the run succeeds once its record is written");
+    assert_eq!(summary.rows, 200);
+    let job = job_doc(&db, &summary.job_id).await;
+    assert_eq!(job.get_str("status").unwrap(), "COMPLETED", "{job}");
+    assert_eq!(job.get_i64("recordsProcessed").unwrap(), 200, "{job}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test]
 async fn runs_sharing_a_context_report_their_own_bytes() {
     let db = TestDb::initialized().await;
     let dir = temp_dir();

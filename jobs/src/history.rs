@@ -67,6 +67,34 @@ async fn set(store: &Store, job_id: &str, fields: bson::Document) -> Result<(), 
     Ok(())
 }
 
+/// How long a run's outcome is tried again when the store does not take it (a failover
+/// as the run ends): a COMPLETED run recorded as nothing would be failed as dead, and its
+/// window exported again, however whole its files are.
+pub const OUTCOME_RETRY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// [`set`], tried again for up to [`OUTCOME_RETRY`] while the error is one a later
+/// attempt may not meet (the update is idempotent: a first attempt that did land is
+/// simply written again).
+async fn set_outcome(store: &Store, job_id: &str, fields: Document) -> Result<(), StoreError> {
+    let deadline = tokio::time::Instant::now() + OUTCOME_RETRY;
+    let mut pause = std::time::Duration::from_millis(100);
+    loop {
+        match set(store, job_id, fields.clone()).await {
+            Err(e) if retryable(&e) && tokio::time::Instant::now() + pause < deadline => {
+                tracing::warn!(job_id, error = %e, "could not record an export's outcome; trying again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_secs(5));
+            }
+            other => return other,
+        }
+    }
+}
+
+fn retryable(e: &StoreError) -> bool {
+    e.is_transient()
+        || matches!(e, StoreError::Mongo { source, .. } if sluice_connectors::mongo::is_write_concern_error(source))
+}
+
 pub async fn running(store: &Store, job_id: &str) -> Result<(), StoreError> {
     set(
         store,
@@ -83,7 +111,7 @@ pub async fn completed(
     files: u64,
     destination: &str,
 ) -> Result<(), StoreError> {
-    set(
+    set_outcome(
         store,
         job_id,
         doc! {
@@ -103,7 +131,7 @@ pub async fn failed(
     rows_read: u64,
     error: &str,
 ) -> Result<(), StoreError> {
-    set(
+    set_outcome(
         store,
         job_id,
         doc! {
