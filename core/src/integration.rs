@@ -571,7 +571,6 @@ fn toml_to_json(v: &toml::Value) -> Value {
     serde_json::to_value(v).unwrap_or(Value::Null)
 }
 
-/// The one validation step. Secrets are resolved through `env`.
 /// Whether a request header carries a credential by its name.
 pub fn credential_header(name: &str) -> bool {
     let n = name.to_ascii_lowercase();
@@ -627,6 +626,7 @@ pub fn credential_in_query(url: &str) -> Option<String> {
     })
 }
 
+/// The one validation step. Secrets are resolved through `env`.
 pub fn validate(
     origin: &str,
     file: &IntegrationFile,
