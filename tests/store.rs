@@ -488,6 +488,31 @@ async fn event_writes_wait_a_bounded_time_for_their_write_concern() {
             .unwrap(),
         1
     );
+    // So do writes that name no write concern (run records, checkpoints); through a
+    // proxy of their own, which nothing of the event writer's reaches.
+    let (uri, hold, held) = support::holding_mongo_proxy(b"wtimeout").await;
+    let store = support::store_via(&uri, &db.name).await;
+    hold.store(true, std::sync::atomic::Ordering::SeqCst);
+    let write = tokio::spawn(async move {
+        store
+            .collection("export_jobs")
+            .insert_one(doc! { "jobId": "a-plain-write" })
+            .await
+    });
+    support::wait_until("a plain insert carrying wtimeout", || {
+        let seen = held.clone();
+        async move { seen.load(std::sync::atomic::Ordering::SeqCst) > 0 }
+    })
+    .await;
+    hold.store(false, std::sync::atomic::Ordering::SeqCst);
+    write.await.unwrap().unwrap();
+    // A wait the URI sets is kept.
+    let sep = if uri.contains('?') { '&' } else { '?' };
+    let store = support::store_via(&format!("{uri}{sep}wtimeoutMS=2500"), &db.name).await;
+    assert_eq!(
+        store.write_concern().w_timeout,
+        Some(std::time::Duration::from_millis(2500))
+    );
 }
 
 #[tokio::test]

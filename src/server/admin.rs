@@ -308,7 +308,7 @@ async fn change_as_admin(
     let context = (users, state.store.clone(), me, email, set);
     let run = session
         .start_transaction()
-        .write_concern(mongodb::options::WriteConcern::majority())
+        .write_concern(sluice_connectors::mongo::majority_write_concern())
         .and_run(context, |session, (users, store, me, email, set)| {
             async move {
                 let still_admin = users

@@ -57,6 +57,18 @@ pub fn is_duplicate_key(err: &mongodb::error::Error) -> bool {
     error_code(err) == Some(DUPLICATE_KEY)
 }
 
+/// A majority write concern, journaled, for writes that must survive a failover whatever
+/// `mongodb.write_concern` says (claims, leases, admin role changes). A majority that
+/// cannot be reached (a degraded replica set) fails the write after
+/// [`LEASE_WRITE_CONCERN_TIMEOUT`] rather than blocking it for ever.
+pub fn majority_write_concern() -> WriteConcern {
+    WriteConcern::builder()
+        .w(Acknowledgment::Majority)
+        .journal(true)
+        .w_timeout(LEASE_WRITE_CONCERN_TIMEOUT)
+        .build()
+}
+
 impl StoreError {
     /// Whether trying again later may succeed: the server was unreachable, a primary was
     /// being elected, or the driver labelled the error retryable; not a write the server
@@ -249,8 +261,8 @@ impl Store {
         .await
     }
 
-    /// Connects with `write_concern`, which waits at most [`WRITE_CONCERN_TIMEOUT`] for
-    /// the nodes it names.
+    /// Connects with `write_concern` as the default of every write, waiting at most
+    /// [`WRITE_CONCERN_TIMEOUT`] (or the URI's `wtimeoutMS`) for the nodes it names.
     pub async fn connect_uri(
         uri: &str,
         database: &str,
@@ -283,21 +295,38 @@ impl Store {
         options
             .server_selection_timeout
             .get_or_insert(std::time::Duration::from_secs(10));
+        // `mongodb.write_concern` is every write's default (run records, checkpoints,
+        // imports, not only events), with a bounded wait; a `w` in the URI gives way to
+        // it, a `wtimeoutMS` in the URI is kept.
+        let w = match write_concern {
+            WriteConcernLevel::Majority => Acknowledgment::Majority,
+            WriteConcernLevel::Nodes(n) => Acknowledgment::Nodes(*n),
+        };
+        let asked = options.write_concern.take();
+        if asked
+            .as_ref()
+            .is_some_and(|a| a.w.is_some() && a.w.as_ref() != Some(&w))
+        {
+            tracing::warn!(
+                "the MongoDB URI's `w` is not used: writes are acknowledged as `mongodb.write_concern` says (claims and leases by a majority)"
+            );
+        }
+        let write_concern = WriteConcern::builder()
+            .w(w)
+            .journal(true)
+            .w_timeout(
+                asked
+                    .and_then(|a| a.w_timeout)
+                    .unwrap_or(WRITE_CONCERN_TIMEOUT),
+            )
+            .build();
+        options.write_concern = Some(write_concern.clone());
         let client = Client::with_options(options).map_err(StoreError::Connect)?;
         let db = client.database(database);
         // The clock's first reading doubles as the check that the server answers.
         let clock = ServerClock::read(db.clone())
             .await
             .map_err(StoreError::Connect)?;
-        let w = match write_concern {
-            WriteConcernLevel::Majority => Acknowledgment::Majority,
-            WriteConcernLevel::Nodes(n) => Acknowledgment::Nodes(*n),
-        };
-        let write_concern = WriteConcern::builder()
-            .w(w)
-            .journal(true)
-            .w_timeout(WRITE_CONCERN_TIMEOUT)
-            .build();
         Ok(Self {
             client,
             db,
@@ -340,15 +369,7 @@ impl Store {
         self.db.collection_with_options(
             name,
             mongodb::options::CollectionOptions::builder()
-                .write_concern(
-                    WriteConcern::builder()
-                        .w(Acknowledgment::Majority)
-                        .journal(true)
-                        // A majority that cannot be reached (a degraded replica set)
-                        // fails the write after this rather than blocking it for ever.
-                        .w_timeout(LEASE_WRITE_CONCERN_TIMEOUT)
-                        .build(),
-                )
+                .write_concern(majority_write_concern())
                 // Claims are checked by reading them back: a lagging secondary would miss
                 // the other replica's claim (the client reads from the primary already;
                 // said here too, since it is what claims rest on).
