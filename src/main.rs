@@ -82,7 +82,7 @@ enum Command {
 
 #[derive(Subcommand)]
 enum AdminCommand {
-    /// Create an admin user; the password is read from `SLUICE_ADMIN_PASSWORD` or stdin.
+    /// Create an admin user; the password comes from `SLUICE_ADMIN_PASSWORD`, else a prompt at a terminal (not echoed, asked twice), else one line of stdin.
     CreateUser {
         #[arg(long)]
         email: String,
@@ -177,7 +177,7 @@ enum ImportCommand {
 enum ExportCommand {
     /// Run one export now: EVENT_DATA, USER_DATA, DAILY_ANALYTICS or ARCHIVE.
     Run {
-        /// The export type.
+        /// event-data, user-data, daily-analytics or archive (any case; `_` for `-` too).
         #[arg(value_parser = parse_kind)]
         kind: ExportJobType,
         /// First day (YYYY-MM-DD, UTC); default: `--to`, or yesterday.
