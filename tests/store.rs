@@ -610,7 +610,7 @@ async fn an_insert_whose_connection_broke_keeps_its_claims_for_their_lease() {
 }
 
 #[tokio::test]
-async fn a_claim_taken_over_stores_its_event_at_the_time_it_was_counted() {
+async fn a_claim_taken_over_stores_its_event_as_it_was_counted() {
     use std::sync::atomic::Ordering;
     let db = TestDb::initialized().await;
     let (crashing, armed, _, _) = writer_severing_events_insert(&db).await;
@@ -628,8 +628,10 @@ async fn a_claim_taken_over_stores_its_event_at_the_time_it_was_counted() {
     // Claimed and counted, never inserted (the insert's connection broke, never delivered).
     armed.store(true, Ordering::SeqCst);
     assert!(crashing.write(&[counted]).await.is_err());
-    // The resend's clock-skew correction gives it a slightly other time.
-    let resent = event("c1", "v1", "s1", EventType::PageView, t0 + 7);
+    // The resend's clock-skew correction gives it a slightly other time, and by now it
+    // resolves to another visitor (an identify linked its anonymous id) and another gap
+    // session.
+    let resent = event("c1", "v2", "s2", EventType::PageView, t0 + 7);
     support::wait_until("the abandoned claim is taken over", || async {
         resender.write(std::slice::from_ref(&resent)).await.unwrap() == [WriteStatus::Stored]
     })
@@ -639,11 +641,22 @@ async fn a_claim_taken_over_stores_its_event_at_the_time_it_was_counted() {
         stored.get_datetime("timestamp").unwrap().timestamp_millis(),
         t0
     );
+    assert_eq!(stored.get_str("userId").unwrap(), "v1", "{stored}");
+    assert_eq!(stored.get_str("sessionId").unwrap(), "s1", "{stored}");
     let session = one(&db, "sessions", doc! { "sessionId": "s1" }).await;
     assert_eq!(
         session.get_datetime("endTime").unwrap().timestamp_millis(),
         t0
     );
+    assert_eq!(session.get_i64("events").unwrap(), 1);
+    let user = one(&db, "users", doc! { "visitorId": "v1" }).await;
+    assert_eq!(user.get_i64("totalEvents").unwrap(), 1, "{user}");
+    for (coll, filter) in [
+        ("sessions", doc! { "sessionId": "s2" }),
+        ("users", doc! { "visitorId": "v2" }),
+    ] {
+        assert_eq!(count(&db, coll, filter).await, 0, "{coll}");
+    }
 }
 
 #[tokio::test]

@@ -114,11 +114,53 @@ pub struct EventWriter {
 struct Claimed {
     /// Indices of events claimed (and aggregated) now.
     new: Vec<usize>,
-    /// Indices of events whose id was claimed before, with the claim time.
-    /// With when each was claimed and the time it was counted at (the ledger's `ts`).
-    earlier: Vec<(usize, DateTime, Option<DateTime>)>,
+    /// Indices of events whose id was claimed before, with when each was claimed and
+    /// what it was counted as.
+    earlier: Vec<(usize, DateTime, Counted)>,
     /// Indices of events whose id was claimed and later archived (a duplicate).
     archived: Vec<usize>,
+}
+
+/// What a claim says its event was counted as (claims of older versions hold the time
+/// only, or nothing).
+#[derive(Debug, Clone, Default)]
+struct Counted {
+    timestamp: Option<DateTime>,
+    user_id: Option<String>,
+    session_id: Option<String>,
+}
+
+impl Counted {
+    fn of(claim: &Document) -> Self {
+        Self {
+            timestamp: claim.get_datetime(l::TIMESTAMP).ok().copied(),
+            user_id: claim.get_str(l::USER_ID).ok().map(str::to_string),
+            session_id: claim.get_str(l::SESSION_ID).ok().map(str::to_string),
+        }
+    }
+
+    /// `event` as it was counted, if a resend of it differs.
+    fn restore(&self, event: &Event) -> Option<Event> {
+        let differs =
+            |counted: &Option<String>, now: &str| counted.as_deref().is_some_and(|c| c != now);
+        if self.timestamp.is_none_or(|t| t == event.timestamp)
+            && !differs(&self.user_id, &event.user_id)
+            && !differs(&self.session_id, &event.session_id)
+        {
+            return None;
+        }
+        let mut restored = event.clone();
+        if let Some(t) = self.timestamp {
+            restored.timestamp = t;
+        }
+        if let Some(u) = &self.user_id {
+            restored.user_id = u.clone();
+        }
+        if let Some(s) = &self.session_id {
+            restored.session_id = s.clone();
+        }
+        Some(restored)
+    }
 }
 
 impl EventWriter {
@@ -500,12 +542,11 @@ impl EventWriter {
             .find(doc! { common::ID: { "$in": &ids } })
             .session(&mut *session)
             .await?;
-        let mut claimed_at: HashMap<String, Option<(DateTime, Option<DateTime>)>> = HashMap::new();
+        let mut claimed_at: HashMap<String, Option<(DateTime, Counted)>> = HashMap::new();
         while let Some(d) = cursor.next(&mut *session).await.transpose()? {
             if let (Ok(id), Ok(at)) = (d.get_str(common::ID), d.get_datetime(l::CLAIMED_AT)) {
                 let archived = d.get_bool(l::ARCHIVED).unwrap_or(false);
-                let counted = d.get_datetime(l::TIMESTAMP).ok().copied();
-                claimed_at.insert(id.to_string(), (!archived).then_some((*at, counted)));
+                claimed_at.insert(id.to_string(), (!archived).then(|| (*at, Counted::of(&d))));
             }
         }
         let mut claimed = Claimed {
@@ -515,7 +556,7 @@ impl EventWriter {
         };
         for &i in unique {
             match claimed_at.get(&events[i].event_id) {
-                Some(Some((at, counted))) => claimed.earlier.push((i, *at, *counted)),
+                Some(Some((at, counted))) => claimed.earlier.push((i, *at, counted.clone())),
                 Some(None) => claimed.archived.push(i),
                 None => claimed.new.push(i),
             }
@@ -532,6 +573,8 @@ impl EventWriter {
                     common::ID: &events[i].event_id,
                     l::TIMESTAMP: events[i].timestamp,
                     l::CLAIMED_AT: now,
+                    l::USER_ID: &events[i].user_id,
+                    l::SESSION_ID: &events[i].session_id,
                 }
             })
             .collect();
@@ -675,7 +718,7 @@ impl EventWriter {
     async fn resolve_earlier(
         &self,
         events: &[Event],
-        earlier: &[(usize, DateTime, Option<DateTime>)],
+        earlier: &[(usize, DateTime, Counted)],
         encoded: &mut HashMap<usize, RawDocumentBuf>,
         status: &mut [WriteStatus],
     ) -> Result<(), StoreError> {
@@ -697,7 +740,8 @@ impl EventWriter {
             .filter_map(|d| d.get_str(e::EVENT_ID).ok().map(str::to_string))
             .collect();
         let lease_ms = self.options.claim_lease.as_millis() as i64;
-        for &(i, at, counted) in earlier {
+        for (i, at, counted) in earlier {
+            let (i, at) = (*i, *at);
             let event = &events[i];
             if present.contains(&event.event_id) {
                 status[i] = WriteStatus::Duplicate;
@@ -725,19 +769,16 @@ impl EventWriter {
                 continue;
             }
             let taken_at = Instant::now();
-            // The event is stored at the time its aggregates were counted at: a resend's
-            // time may differ (its clock-skew correction is redone on arrival).
-            let recounted;
-            let event = match counted {
-                Some(ts) if ts != event.timestamp => {
+            // The event is stored as its aggregates counted it: a resend's time may differ
+            // (its clock-skew correction is redone on arrival), and so may its visitor and
+            // gap session (an identity link or a session made in between).
+            let restored = counted.restore(event);
+            let event = match &restored {
+                Some(restored) => {
                     encoded.remove(&i);
-                    recounted = Event {
-                        timestamp: ts,
-                        ..event.clone()
-                    };
-                    &recounted
+                    restored
                 }
-                _ => event,
+                None => event,
             };
             if let Err(err) = self.mark_late_days(std::slice::from_ref(event), &[0]).await {
                 self.hand_back_claims(events, &[i], now).await;

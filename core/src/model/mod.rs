@@ -166,6 +166,11 @@ pub mod event_id_fields {
     /// When the claim was taken; a claim whose event is missing from `events` and whose
     /// claim time is older than the lease may be completed by another writer.
     pub const CLAIMED_AT: &str = "at";
+    /// The visitor and the session the event was counted in: a resend that completes an
+    /// abandoned claim stores the event there, whatever it resolves to by then (an identity
+    /// link or a gap session made in between).
+    pub const USER_ID: &str = "u";
+    pub const SESSION_ID: &str = "s";
     /// Set by ARCHIVE runs on claims whose events were archived and deleted: a resend of
     /// such an event is a duplicate, not an abandoned claim.
     pub const ARCHIVED: &str = "archived";
