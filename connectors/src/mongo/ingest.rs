@@ -554,9 +554,10 @@ impl EventWriter {
             earlier: Vec::new(),
             archived: Vec::new(),
         };
+        // `unique` names each eventId once: its claim is taken out, not copied.
         for &i in unique {
-            match claimed_at.get(&events[i].event_id) {
-                Some(Some((at, counted))) => claimed.earlier.push((i, *at, counted.clone())),
+            match claimed_at.remove(&events[i].event_id) {
+                Some(Some((at, counted))) => claimed.earlier.push((i, at, counted)),
                 Some(None) => claimed.archived.push(i),
                 None => claimed.new.push(i),
             }
