@@ -431,6 +431,19 @@ async fn each_bad_input_class_gets_its_own_4xx() {
         .await
         .unwrap();
     expect(r, 415, "unsupported_encoding").await;
+    // One whose name is not ASCII is not read as "no encoding" either.
+    let r = client
+        .post(format!("{base}/v1/events"))
+        .header("content-type", "application/json")
+        .header(
+            "content-encoding",
+            reqwest::header::HeaderValue::from_bytes(b"gzip\xe9").unwrap(),
+        )
+        .body(good.to_string())
+        .send()
+        .await
+        .unwrap();
+    expect(r, 415, "unsupported_encoding").await;
 
     // A batch with some bad events stores the good ones and names the bad ones.
     let mixed = json!({ "batch": [
@@ -512,10 +525,20 @@ async fn write_keys_and_the_rate_limit_are_enforced() {
             .json(&body)
             .send()
     };
-    // The burst (3) passes.
-    for _ in 0..3 {
+    // The burst (3) passes. The third carries a proxy's own `X-Write-Key` too, which
+    // does not hide the valid basic user.
+    for _ in 0..2 {
         assert_eq!(send(ev.clone()).await.unwrap().status().as_u16(), 200);
     }
+    let r = client
+        .post(format!("{base}/v1/events"))
+        .header("x-write-key", "proxy-token")
+        .basic_auth("wk_test_12345", Some(""))
+        .json(&ev)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
     // Then ten at once, with bodies refused only after the limit is checked (no
     // database work, so they arrive together whatever the machine's load): the bucket
     // has refilled by at most 3 a second since, so some are refused.

@@ -220,15 +220,18 @@ pub fn parse_message(
         })?;
     let context = object(obj, "context")?;
     // `context.traits` are the current user's traits: an identify without its own
-    // traits takes them; a group's traits are the group's, never the user's.
+    // traits takes them (and they leave the context); one with its own keeps them in the
+    // context as sent. A group's traits are the group's, never the user's.
+    let own_traits = object(obj, "traits")?;
+    let context_traits_taken = kind == Kind::Identify && own_traits.is_none();
     let mut properties = match kind {
-        Kind::Identify => object(obj, "traits")?
+        Kind::Identify => own_traits
             .or(context
                 .and_then(|c| c.get("traits"))
                 .and_then(Value::as_object))
             .cloned()
             .unwrap_or_default(),
-        Kind::Group => object(obj, "traits")?.cloned().unwrap_or_default(),
+        Kind::Group => own_traits.cloned().unwrap_or_default(),
         _ => object(obj, "properties")?.cloned().unwrap_or_default(),
     };
     // `page` and `screen` carry their `name` and `category` at the top level.
@@ -248,8 +251,9 @@ pub fn parse_message(
     let mut traits = None;
     let event_type = match kind {
         Kind::Page => {
-            page_url = text(Some(&properties), "url").or_else(|| text(page, "url"));
-            referrer = text(Some(&properties), "referrer").or_else(|| text(page, "referrer"));
+            let sources = [(Some(&properties), "properties"), (page, "context.page")];
+            page_url = first_text(&sources, "url");
+            referrer = first_text(&sources, "referrer");
             if let Some(name) = text(Some(obj), "name") {
                 properties.entry("name").or_insert(Value::String(name));
             }
@@ -294,8 +298,8 @@ pub fn parse_message(
                 }
             }
             properties.insert(EVENT_NAME.into(), Value::String(name));
-            page_url = text(page, "url");
-            referrer = text(page, "referrer");
+            page_url = first_text(&[(page, "context.page")], "url");
+            referrer = first_text(&[(page, "context.page")], "referrer");
             t
         }
         Kind::Identify => {
@@ -341,14 +345,23 @@ pub fn parse_message(
         }
     }
 
+    // Where each native field came from, so an error names what the client sent.
+    let mut sent_as: Vec<(&str, String)> = vec![("eventId", "messageId".into())];
+    if user_id.is_none() {
+        sent_as.push(("userId", "anonymousId".into()));
+    }
     let mut native = Map::new();
     if let Some(id) = obj.get("messageId") {
         native.insert("eventId".into(), id.clone());
     }
     native.insert("userId".into(), Value::String(visitor));
-    let session = obj
-        .get("sessionId")
-        .or_else(|| context.and_then(|c| c.get("sessionId")));
+    let session = match obj.get("sessionId") {
+        Some(s) => Some(s),
+        None => {
+            sent_as.push(("sessionId", "context.sessionId".into()));
+            context.and_then(|c| c.get("sessionId"))
+        }
+    };
     match session {
         Some(Value::Number(n)) => {
             native.insert("sessionId".into(), Value::String(n.to_string()));
@@ -368,13 +381,14 @@ pub fn parse_message(
     // `timestamp`), corrected with `sentAt`.
     let relayed = obj.get("receivedAt").is_some_and(|v| !v.is_null());
     let present = |k: &str| obj.get(k).filter(|v| !v.is_null());
-    let time = if relayed {
-        present("timestamp").or_else(|| present("originalTimestamp"))
+    let order = if relayed {
+        ["timestamp", "originalTimestamp"]
     } else {
-        present("originalTimestamp").or_else(|| present("timestamp"))
+        ["originalTimestamp", "timestamp"]
     };
-    if let Some(t) = time {
+    if let Some((name, t)) = order.iter().find_map(|k| present(k).map(|t| (*k, t))) {
         native.insert("timestamp".into(), t.clone());
+        sent_as.push(("timestamp", name.into()));
     }
     if let (Some(sent), false) = (obj.get("sentAt"), relayed) {
         native.insert("sentAt".into(), sent.clone());
@@ -390,22 +404,34 @@ pub fn parse_message(
         ctx
     };
     native.insert("properties".into(), Value::Object(properties));
-    if let Some(u) = page_url {
+    if let Some((u, from)) = page_url {
         native.insert("pageUrl".into(), Value::String(u));
+        sent_as.push(("pageUrl", from));
     }
-    if let Some(r) = referrer {
+    if let Some((r, from)) = referrer {
         native.insert("referrer".into(), Value::String(r));
+        sent_as.push(("referrer", from));
     }
+    if kind == Kind::Group {
+        sent_as.push(("properties.traits", "traits".into()));
+    }
+    sent_as.push((
+        "properties",
+        match kind {
+            Kind::Identify => "traits".into(),
+            _ => "properties".into(),
+        },
+    ));
     if let Some(c) = context {
         native.insert("context".into(), Value::Object(c.clone()));
     }
     let mut event = parse_event(&Value::Object(native), ctx, EventMetadata::default())
-        .map_err(|e| rename_field(e, kind))?;
+        .map_err(|e| rename_field(e, &sent_as))?;
     if let Some(c) = context {
         apply_context(
             &mut event.metadata,
             c,
-            kind == Kind::Identify,
+            context_traits_taken,
             ctx.ignore_client_context,
         )?;
     }
@@ -422,21 +448,33 @@ pub fn parse_message(
     })
 }
 
-/// Errors name the Segment field the client sent, not the native one.
-fn rename_field(mut err: ValidationError, kind: Kind) -> ValidationError {
-    if err.field == "eventId" {
-        err.field = "messageId".into();
-    }
-    if kind == Kind::Identify {
-        if let Some(rest) = err.field.strip_prefix("properties") {
-            err.field = format!("traits{rest}");
+/// Errors name the Segment field the client sent, not the native one: `sent_as` pairs a
+/// native field with the client's (a field under it keeps its path).
+fn rename_field(mut err: ValidationError, sent_as: &[(&str, String)]) -> ValidationError {
+    for (native, client) in sent_as {
+        if let Some(rest) = err.field.strip_prefix(native) {
+            if rest.is_empty() || rest.starts_with('.') || rest.starts_with('[') {
+                err.field = format!("{client}{rest}");
+                break;
+            }
         }
     }
     err
 }
 
+/// The first non-empty string `key` among `sources` (an object and its path), with the
+/// path it was found at.
+fn first_text(
+    sources: &[(Option<&Map<String, Value>>, &str)],
+    key: &str,
+) -> Option<(String, String)> {
+    sources
+        .iter()
+        .find_map(|(obj, path)| text(*obj, key).map(|v| (v, format!("{path}.{key}"))))
+}
+
 /// `context.device` / `os` / `location` into the metadata; the rest kept as sent.
-/// `context.traits` is left out when an identify took them as its own. When the
+/// `context.traits` is left out when an identify took them as its traits. When the
 /// request's key may not say where the event came from (`untrusted`), `location` is left
 /// to the request's address, and `ip`, `userAgent` and `location` stay in the context as
 /// sent, unused.
@@ -575,6 +613,33 @@ mod tests {
     }
 
     #[test]
+    fn an_identify_with_its_own_traits_keeps_the_context_traits_in_the_context() {
+        let m = parse(json!({
+            "type": "identify", "userId": "u1", "traits": {"plan": "pro"},
+            "context": {"traits": {"email": "ada@example.com"}, "locale": "fr"},
+        }))
+        .unwrap();
+        assert_eq!(m.traits.unwrap(), bson::doc! { "plan": "pro" });
+        let context = &m.event.metadata.context;
+        assert_eq!(context.get_str("locale").unwrap(), "fr");
+        assert_eq!(
+            context.get_document("traits").unwrap(),
+            &bson::doc! { "email": "ada@example.com" }
+        );
+        // Without its own, the identify takes them, and they leave the context.
+        let m = parse(json!({
+            "type": "identify", "userId": "u1",
+            "context": {"traits": {"email": "ada@example.com"}, "locale": "fr"},
+        }))
+        .unwrap();
+        assert_eq!(
+            m.traits.unwrap().get_str("email").unwrap(),
+            "ada@example.com"
+        );
+        assert!(!m.event.metadata.context.contains_key("traits"));
+    }
+
+    #[test]
     fn profile_traits_must_be_strings() {
         for name in ["email", "firstName", "last_name"] {
             let err = parse(json!({
@@ -681,6 +746,28 @@ mod tests {
             (
                 json!({"type": "track", "userId": "u", "event": "X", "properties": {"a.b": 1}}),
                 "properties.a.b",
+            ),
+            // Native fields filled from Segment ones are named as the client sent them.
+            (
+                json!({"type": "page", "userId": "u", "originalTimestamp": "soon"}),
+                "originalTimestamp",
+            ),
+            (
+                json!({"type": "page", "userId": "u", "properties": {"url": "x".repeat(9000)}}),
+                "properties.url",
+            ),
+            (
+                json!({"type": "track", "userId": "u", "event": "X",
+                       "context": {"page": {"referrer": "x".repeat(9000)}}}),
+                "context.page.referrer",
+            ),
+            (
+                json!({"type": "page", "userId": "u", "context": {"sessionId": true}}),
+                "context.sessionId",
+            ),
+            (
+                json!({"type": "group", "userId": "u", "groupId": "g", "traits": {"a.b": 1}}),
+                "traits.a.b",
             ),
         ];
         for (input, field) in cases {

@@ -8,8 +8,11 @@ use axum::http::HeaderMap;
 use base64::Engine;
 use sluice_core::config::Secret;
 
-/// The write key a request presents, if any.
-pub fn presented_key(headers: &HeaderMap) -> Option<String> {
+/// The write keys a request presents in its headers: `X-Write-Key` first, then the HTTP
+/// basic user. Both are returned, so a header that is not ours (a proxy's token in
+/// `X-Write-Key`) does not hide a valid key in the other.
+pub fn presented_keys(headers: &HeaderMap) -> Vec<String> {
+    let mut keys = Vec::with_capacity(2);
     // An empty header is no key (a client library that sends it blank).
     if let Some(v) = headers
         .get("x-write-key")
@@ -17,8 +20,18 @@ pub fn presented_key(headers: &HeaderMap) -> Option<String> {
         .map(str::trim)
         .filter(|v| !v.is_empty())
     {
-        return Some(v.to_string());
+        keys.push(v.to_string());
     }
+    if let Some(user) = basic_user(headers) {
+        if !keys.contains(&user) {
+            keys.push(user);
+        }
+    }
+    keys
+}
+
+/// The user of an `Authorization: Basic` header, if any.
+fn basic_user(headers: &HeaderMap) -> Option<String> {
     let auth = headers.get("authorization")?.to_str().ok()?;
     // The scheme is case-insensitive (RFC 9110).
     let (scheme, encoded) = auth.trim_start().split_once(' ')?;
@@ -137,27 +150,28 @@ mod tests {
         let keys = vec![Secret::new("wk_abcdef12")];
         let mut h = HeaderMap::new();
         h.insert("authorization", "Basic d2tfYWJjZGVmMTI6".parse().unwrap()); // "wk_abcdef12:"
+        assert_eq!(presented_keys(&h), ["wk_abcdef12"]);
         assert_eq!(
-            authorize(&keys, presented_key(&h).as_deref()).as_deref(),
+            authorize(&keys, Some(&presented_keys(&h)[0])).as_deref(),
             Some("wk_abcdef12")
         );
         for scheme in ["BASIC", "basic", "bAsIc"] {
             let mut h = HeaderMap::new();
             let value = format!("{scheme} d2tfYWJjZGVmMTI6");
             h.insert("authorization", value.parse().unwrap());
-            assert_eq!(
-                presented_key(&h).as_deref(),
-                Some("wk_abcdef12"),
-                "{scheme}"
-            );
+            assert_eq!(presented_keys(&h), ["wk_abcdef12"], "{scheme}");
         }
         let mut h = HeaderMap::new();
         h.insert("authorization", "Bearer d2tfYWJjZGVmMTI6".parse().unwrap());
-        assert_eq!(presented_key(&h), None);
+        assert!(presented_keys(&h).is_empty());
         let mut h = HeaderMap::new();
         h.insert("x-write-key", "wrong-key".parse().unwrap());
-        assert_eq!(authorize(&keys, presented_key(&h).as_deref()), None);
+        assert_eq!(presented_keys(&h), ["wrong-key"]);
+        assert_eq!(authorize(&keys, Some("wrong-key")), None);
         assert_eq!(authorize(&keys, None), None);
+        // A foreign X-Write-Key does not hide the basic user: both are presented.
+        h.insert("authorization", "Basic d2tfYWJjZGVmMTI6".parse().unwrap());
+        assert_eq!(presented_keys(&h), ["wrong-key", "wk_abcdef12"]);
     }
 
     #[test]

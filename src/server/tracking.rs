@@ -209,12 +209,11 @@ pub(super) fn admit_by_header(
     headers: &HeaderMap,
 ) -> Result<Option<Admitted>, ApiError> {
     // A header key that is not one of ours (a proxy's own `Authorization`) leaves the
-    // body's `writeKey` to decide.
-    let header = auth::presented_key(headers);
-    if header.is_none() {
-        return Ok(None);
-    }
-    match match_key(state, header.as_deref()) {
+    // other header, then the body's `writeKey`, to decide.
+    match auth::presented_keys(headers)
+        .iter()
+        .find_map(|k| match_key(state, Some(k)))
+    {
         Some(admitted) => rate_limit(state, admitted).map(Some),
         None => Ok(None),
     }
@@ -227,11 +226,10 @@ pub(super) fn admit(
     headers: &HeaderMap,
     body_key: Option<&str>,
 ) -> Result<Admitted, ApiError> {
-    let header = auth::presented_key(headers);
-    // The header's key if it is one of ours, else the body's.
-    let authorized = header
-        .as_deref()
-        .and_then(|h| match_key(state, Some(h)))
+    // A header's key if one is ours, else the body's.
+    let authorized = auth::presented_keys(headers)
+        .iter()
+        .find_map(|k| match_key(state, Some(k)))
         .or_else(|| match_key(state, body_key));
     let Some(admitted) = authorized else {
         state.metrics.unauthorized.fetch_add(1, Relaxed);
@@ -266,10 +264,10 @@ pub(super) fn read_body(
     limit: usize,
 ) -> Result<Bytes, ApiError> {
     let body = raw_body(body, limit)?;
+    // A value that is not visible ASCII is no encoding we know (not "none").
     let encoding = headers
         .get("content-encoding")
-        .and_then(|v| v.to_str().ok())
-        .map(|v| v.trim().to_ascii_lowercase());
+        .map(|v| v.to_str().unwrap_or("\u{fffd}").trim().to_ascii_lowercase());
     match encoding.as_deref() {
         None | Some("") | Some("identity") => Ok(body),
         Some("gzip") | Some("x-gzip") => {
