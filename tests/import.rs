@@ -428,8 +428,11 @@ enum Fault {
     CursorLoop,
     /// The token endpoint answers its first request 503.
     TokenDownOnce,
-    /// The token endpoint answers its first request 429 with an OAuth-shaped error body.
+    /// The token endpoint answers its first request 429 with an OAuth-shaped error body
+    /// and `Retry-After: 1`.
     TokenBusyOnce,
+    /// The token endpoint answers every request 503 with `Retry-After: 3600`.
+    TokenBusyForAnHour,
     /// Every page is refused 429 with `Retry-After: 3600`.
     RateLimitedForAnHour,
     /// The first page is refused 503 with `Retry-After: 1`.
@@ -447,7 +450,17 @@ async fn token(State(s): State<FaultApi>) -> Response {
     if s.fault == Fault::TokenBusyOnce && s.hits.fetch_add(1, Ordering::SeqCst) == 0 {
         return (
             StatusCode::TOO_MANY_REQUESTS,
+            [("retry-after", "1")],
             Json(json!({ "error": "too_many_requests", "error_description": "slow down" })),
+        )
+            .into_response();
+    }
+    if s.fault == Fault::TokenBusyForAnHour {
+        s.hits.fetch_add(1, Ordering::SeqCst);
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [("retry-after", "3600")],
+            Json(json!({ "error": "temporarily_unavailable" })),
         )
             .into_response();
     }
@@ -731,13 +744,29 @@ async fn a_token_endpoint_that_fails_once_is_retried_and_a_401_refreshes_even_wi
     assert!(api.tokens.load(Ordering::SeqCst) >= 1);
 
     // An error body in OAuth's shape whose code RFC 6749 does not define (a 429 here) is
-    // the endpoint being busy, not the credentials being wrong: retried too.
+    // the endpoint being busy, not the credentials being wrong: retried too, not before
+    // its `Retry-After`.
     let (base, _) = fault_api(Fault::TokenBusyOnce).await;
     let auth = format!("[auth]\ntype = \"OAUTH\"\ntoken_url = \"{base}/token\"\nclient_id = \"c\"\nclient_secret = \"${{env:IMPORT_TEST_SECRET_E}}\"\n");
     let name = apply(&db, &cursor_config("provider-busy", &base, "", &auth)).await;
+    let started = std::time::Instant::now();
     let s = run_import(&db.store, &name, &opts).await.unwrap();
     assert_eq!(s.fetched, 45);
     assert!(s.http.retries >= 1, "{:?}", s.http);
+    assert!(
+        started.elapsed() >= Duration::from_millis(950),
+        "the token endpoint's Retry-After: 1 must be waited (backoff alone is at most 100 ms here)"
+    );
+    // One that asks for longer than a run waits fails the run at once.
+    let (base, api) = fault_api(Fault::TokenBusyForAnHour).await;
+    let auth = format!("[auth]\ntype = \"OAUTH\"\ntoken_url = \"{base}/token\"\nclient_id = \"c\"\nclient_secret = \"${{env:IMPORT_TEST_SECRET_E}}\"\n");
+    let name = apply(&db, &cursor_config("provider-away", &base, "", &auth)).await;
+    let err = run_import(&db.store, &name, &opts)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("asked to wait 3600 s"), "{err}");
+    assert_eq!(api.hits.load(Ordering::SeqCst), 1, "no attempt spent early");
 
     // A token revoked before it expires gets a 401; with a single attempt, the refresh
     // still happens, on an attempt of its own.
@@ -1498,6 +1527,8 @@ struct RotatingProvider {
     grants: Arc<AtomicU64>,
     /// Milliseconds the answer takes after the token was rotated.
     answer_after_ms: Arc<AtomicU64>,
+    /// The `scope` of each grant ("" when none was sent).
+    scopes: Arc<Mutex<Vec<String>>>,
 }
 
 async fn rotating_token(
@@ -1505,6 +1536,10 @@ async fn rotating_token(
     axum::Form(form): axum::Form<std::collections::HashMap<String, String>>,
 ) -> Response {
     let presented = form.get("refresh_token").cloned().unwrap_or_default();
+    p.scopes
+        .lock()
+        .unwrap()
+        .push(form.get("scope").cloned().unwrap_or_default());
     let answer = {
         let mut current = p.refresh.lock().unwrap();
         if form.get("grant_type").map(String::as_str) != Some("refresh_token")
@@ -1585,7 +1620,7 @@ async fn rotated_refresh_tokens_are_saved_encrypted_before_use() {
     let base = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     let auth = format!(
-        "[auth]\ntype = \"OAUTH\"\ntoken_url = \"{base}/token\"\nclient_id = \"c\"\nclient_secret = \"${{env:IMPORT_TEST_CLIENT_SECRET}}\"\nrefresh_token = \"${{env:IMPORT_TEST_REFRESH}}\"\n"
+        "[auth]\ntype = \"OAUTH\"\ntoken_url = \"{base}/token\"\nclient_id = \"c\"\nclient_secret = \"${{env:IMPORT_TEST_CLIENT_SECRET}}\"\nrefresh_token = \"${{env:IMPORT_TEST_REFRESH}}\"\nscopes = [\"items.read\", \"offline_access\"]\n"
     );
     let name = apply(&db, &cursor_config("rotating", &base, "", &auth)).await;
     // The configured refresh token (the operator's), and the run's token key.
@@ -1613,6 +1648,12 @@ async fn rotated_refresh_tokens_are_saved_encrypted_before_use() {
         .unwrap();
     assert_eq!(first.fetched, 45);
     assert!(first.http.refresh_rotations >= 2, "{:?}", first.http);
+    // The configured scopes go with every refresh-token grant (some providers want them).
+    let scopes = provider.scopes.lock().unwrap().clone();
+    assert!(
+        !scopes.is_empty() && scopes.iter().all(|s| s == "items.read offline_access"),
+        "{scopes:?}"
+    );
     let latest = provider.refresh.lock().unwrap().clone();
     let saved = db
         .store

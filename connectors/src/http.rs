@@ -33,7 +33,12 @@ pub enum HttpError {
     /// The token endpoint did not answer, or answered something other than an OAuth
     /// answer (a 5xx page): retried like a failed request.
     #[error("OAuth token request to `{url}` got no usable answer: {message}")]
-    TokenUnavailable { url: String, message: String },
+    TokenUnavailable {
+        url: String,
+        message: String,
+        /// The `Retry-After` of a 429 or 503 answer.
+        retry_after: Option<Duration>,
+    },
     #[error("`{url}` answered {status}: {body}")]
     Status {
         url: String,
@@ -165,6 +170,15 @@ fn ip_kind(ip: IpAddr) -> Option<&'static str> {
                 Some("IETF protocol assignment")
             } else if o[0] == 198 && (18..20).contains(&o[1]) {
                 Some("benchmarking")
+            } else if matches!(
+                (o[0], o[1], o[2]),
+                (192, 0, 2) | (198, 51, 100) | (203, 0, 113)
+            ) {
+                Some("documentation (TEST-NET)")
+            } else if (o[0], o[1], o[2]) == (192, 88, 99) {
+                Some("reserved (former 6to4 relay)")
+            } else if v4.is_multicast() {
+                Some("multicast")
             } else if o[0] >= 240 {
                 Some("reserved")
             } else {
@@ -207,6 +221,15 @@ fn ip_kind(ip: IpAddr) -> Option<&'static str> {
                 Some("link-local")
             } else if seg[0] & 0xffc0 == 0xfec0 {
                 Some("site-local")
+            } else if v6.is_multicast() {
+                Some("multicast")
+            } else if seg[..2] == [0x2001, 0xdb8] || (seg[0] == 0x3fff && seg[1] < 0x1000) {
+                Some("documentation")
+            } else if seg[..2] == [0x2001, 0] {
+                // Tunnels to whatever IPv4 address its last 32 bits hide: not judged by it.
+                Some("Teredo tunnel")
+            } else if seg[..4] == [0x100, 0, 0, 0] {
+                Some("discard-only")
             } else {
                 None
             }
@@ -405,6 +428,7 @@ impl HttpClient {
             client_id: client_id.clone(),
             client_secret: client_secret.expose().to_string(),
             secret_in_body: *secret_in_body,
+            asked: Default::default(),
         };
         let token = match refresh_token {
             Some(configured) => {
@@ -420,6 +444,7 @@ impl HttpClient {
                     self.client.clone(),
                     self.vault.clone(),
                     current,
+                    scopes.iter().map(|s| Scope::new(s.clone())).collect(),
                 ));
                 let exchanged = exchange
                     .await
@@ -440,7 +465,7 @@ impl HttpClient {
                 .client()?
                 .exchange_client_credentials()
                 .add_scopes(scopes.iter().map(|s| Scope::new(s.clone())))
-                .request_async(&self.client)
+                .request_async(&provider.http(&self.client))
                 .await
                 .map_err(|e| provider.failed(&e))?,
         };
@@ -564,11 +589,32 @@ impl HttpClient {
                         req = req.bearer_auth(t);
                     }
                     Ok(None) => {}
-                    // The provider did not answer (or answered 5xx): retried like the API.
-                    Err(e @ HttpError::TokenUnavailable { .. }) => {
+                    // The provider did not answer (or answered 5xx, 429): retried like the
+                    // API, not before its `Retry-After`.
+                    Err(HttpError::TokenUnavailable {
+                        url: token_url,
+                        message,
+                        retry_after: asked,
+                    }) => {
+                        let e = HttpError::TokenUnavailable {
+                            url: token_url.clone(),
+                            message,
+                            retry_after: asked,
+                        };
+                        if let Some(wait) = asked.filter(|w| *w > MAX_RETRY_AFTER) {
+                            return Err(HttpError::Token {
+                                url: token_url,
+                                message: format!(
+                                    "{e}; the token endpoint asked to wait {} s, longer than a run waits ({} s); a later run tries again",
+                                    wait.as_secs(),
+                                    MAX_RETRY_AFTER.as_secs()
+                                ),
+                            });
+                        }
                         last = e.to_string();
                         if next < attempts {
-                            tokio::time::sleep(self.backoff(attempt)).await;
+                            let wait = asked.unwrap_or_else(|| self.backoff(attempt));
+                            tokio::time::sleep(wait).await;
                         }
                         continue;
                     }
@@ -1073,7 +1119,19 @@ struct Provider {
     client_secret: String,
     /// `client_secret_post` instead of HTTP Basic.
     secret_in_body: bool,
+    /// The `Retry-After` of the last answer, when it was a 429 or 503 (oauth2's error
+    /// does not carry the headers).
+    asked: Arc<std::sync::Mutex<Option<Duration>>>,
 }
+
+/// What a token request through [`Provider::http`] resolves to.
+type TokenAnswer = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = Result<oauth2::HttpResponse, oauth2::HttpClientError<reqwest::Error>>,
+            > + Send,
+    >,
+>;
 
 type OAuthClient = oauth2::basic::BasicClient<
     oauth2::EndpointNotSet,
@@ -1088,6 +1146,25 @@ impl Provider {
         HttpError::Token {
             url: self.token_url.clone(),
             message,
+        }
+    }
+
+    /// Sends token requests through `http`, keeping each answer's `Retry-After` when it
+    /// is a 429 or 503.
+    fn http(&self, http: &reqwest::Client) -> impl Fn(oauth2::HttpRequest) -> TokenAnswer {
+        let (http, asked) = (http.clone(), self.asked.clone());
+        move |request| {
+            let (http, asked) = (http.clone(), asked.clone());
+            Box::pin(async move {
+                use oauth2::AsyncHttpClient;
+                let answer = http.call(request).await?;
+                let wait = match answer.status().as_u16() {
+                    429 | 503 => retry_after(answer.headers()),
+                    _ => None,
+                };
+                *asked.lock().unwrap_or_else(|p| p.into_inner()) = wait;
+                Ok(answer)
+            })
         }
     }
 
@@ -1127,6 +1204,7 @@ impl Provider {
             _ => HttpError::TokenUnavailable {
                 url: self.token_url.clone(),
                 message: describe_token_error(e),
+                retry_after: *self.asked.lock().unwrap_or_else(|p| p.into_inner()),
             },
         }
     }
@@ -1182,6 +1260,7 @@ async fn exchange_refresh(
     http: reqwest::Client,
     vault: Option<Arc<dyn TokenVault>>,
     current: String,
+    scopes: Vec<Scope>,
 ) -> Exchanged {
     let mut presented = None;
     let mut rotated = None;
@@ -1189,7 +1268,8 @@ async fn exchange_refresh(
         let oauth = provider.client()?;
         let mut result = oauth
             .exchange_refresh_token(&RefreshToken::new(current.clone()))
-            .request_async(&http)
+            .add_scopes(scopes.iter().cloned())
+            .request_async(&provider.http(&http))
             .await;
         if result.is_err() {
             // Another run of the same config may have rotated the token since this one
@@ -1199,7 +1279,8 @@ async fn exchange_refresh(
                     if saved != current {
                         result = oauth
                             .exchange_refresh_token(&RefreshToken::new(saved.clone()))
-                            .request_async(&http)
+                            .add_scopes(scopes.iter().cloned())
+                            .request_async(&provider.http(&http))
                             .await;
                         presented = Some(saved);
                     }
@@ -1380,7 +1461,20 @@ mod tests {
             ("2002:a9fe:a9fe::1", true),
             ("::10.0.0.1", true),
             ("fec0::1", true),
+            ("224.0.0.251", true),
+            ("239.255.255.250", true),
+            ("192.0.2.10", true),
+            ("198.51.100.7", true),
+            ("203.0.113.99", true),
+            ("192.88.99.1", true),
+            ("ff02::1", true),
+            ("2001:db8::1", true),
+            ("3fff::1", true),
+            ("2001:0:4136:e378:8000:63bf:3fff:fdd2", true),
+            ("100::1", true),
             ("93.184.216.34", false),
+            ("2001:4860:4860::8888", false),
+            ("223.255.255.1", false),
             ("2606:4700::1111", false),
             ("64:ff9b::5db8:d822", false),
             ("2002:5db8:d822::1", false),
