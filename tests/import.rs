@@ -2356,18 +2356,34 @@ async fn a_path_matching_several_values_warns_unless_the_field_is_a_list() {
     let db = TestDb::initialized().await;
     let addr = serve(Router::new().route(
         "/things",
-        get(|| async { Json(json!({"data": [{"id": "t1", "tags": [{"n": "a"}, {"n": "b"}]}]})) }),
+        get(|| async {
+            Json(
+                json!({"data": [{"id": "t1", "tags": [{"n": "a"}, {"n": "b"}],
+                "sizes": [{"s": 1}, {"s": 2}, {"s": 3}]}]}),
+            )
+        }),
     ))
     .await;
     let text = things_config("tags", &format!("http://{addr}/things"), "type = \"none\"")
-        + "[mapping.tag]\npath = \"$.tags[*].n\"\n[mapping.tagList]\npath = \"$.tags[*].n\"\nlist = true\n";
+        + "[mapping.tag]\npath = \"$.tags[*].n\"\n[mapping.tagList]\npath = \"$.tags[*].n\"\nlist = true\n"
+        + "[mapping.size]\npath = \"$.sizes[*].s\"\n";
     let name = apply(&db, &text).await;
     let s = run_import(&db.store, &name, &ImportOptions::default())
         .await
         .unwrap();
-    assert_eq!(s.warnings.len(), 1, "{:?}", s.warnings);
+    // Each field cut to its first value is named, not only the first in the page.
+    assert_eq!(s.warnings.len(), 2, "{:?}", s.warnings);
     assert!(
-        s.warnings[0].contains("mapping.tag`") && s.warnings[0].contains("list = true"),
+        s.warnings
+            .iter()
+            .any(|w| w.contains("mapping.tag`") && w.contains("list = true")),
+        "{:?}",
+        s.warnings
+    );
+    assert!(
+        s.warnings
+            .iter()
+            .any(|w| w.contains("mapping.size`") && w.contains("(3 values")),
         "{:?}",
         s.warnings
     );

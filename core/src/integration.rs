@@ -1372,9 +1372,14 @@ fn coerce_one(field: &Field, v: Value) -> Result<Bson, String> {
         FieldType::Any => Bson::try_from(v.clone()).map_err(|e| bad(&e.to_string()))?,
         FieldType::String => match &v {
             Value::String(s) => Bson::String(s.clone()),
-            // The JSON reader holds whole numbers up to 2^64 exactly; beyond, only as a
-            // rounded double, whose digits are not the API's.
-            Value::Number(n) if n.is_f64() && n.as_f64().is_some_and(|f| f.abs() >= TWO_TO_64) => {
+            // The JSON reader holds whole numbers from -2^63 to 2^64 exactly; beyond, only
+            // as a rounded double, whose digits are not the API's.
+            Value::Number(n)
+                if n.is_f64()
+                    && n
+                        .as_f64()
+                        .is_some_and(|f| f >= TWO_TO_64 || f <= -TWO_TO_63) =>
+            {
                 return Err(bad(
                     "a number within 64 bits (larger whole numbers are rounded when the JSON is read: the API must send such ids as strings)",
                 ))
@@ -1580,11 +1585,13 @@ pub const IMPORT_RESERVED_FIELDS: [&str; 3] = ["createdAt", "updatedAt", "source
 /// 2^53: every integer up to it is exactly a double.
 const MAX_EXACT_DOUBLE_INT: f64 = 9_007_199_254_740_992.0;
 
-/// Whether `v` holds (anywhere) an integer that no 64-bit integer holds: JSON parsers
-/// read it as a double, which cannot tell it from its neighbours.
 /// 2^64: from here on a JSON number is read as a double, rounded.
 const TWO_TO_64: f64 = 18_446_744_073_709_551_616.0;
+/// 2^63: below -2^63 a JSON number is read as a double, rounded.
+const TWO_TO_63: f64 = 9_223_372_036_854_775_808.0;
 
+/// Whether `v` holds (anywhere) an integer that no 64-bit integer holds: JSON parsers
+/// read it as a double, which cannot tell it from its neighbours.
 fn beyond_int64(v: &Value) -> bool {
     match v {
         Value::Number(n) => n.is_u64() && n.as_i64().is_none(),
@@ -1713,21 +1720,21 @@ fn header_ok(field: &str, name: &str, value: &str) -> Result<(), String> {
 
 /// Maps one source record to a target document, or says why it cannot.
 pub fn map_record(fields: &[Field], record: &Value) -> Result<Document, String> {
-    map_record_noting(fields, record, &mut None)
+    map_record_noting(fields, record, &mut Vec::new())
 }
 
-/// [`map_record`], noting in `several` (when it is empty) a field whose path matched
-/// several values.
+/// [`map_record`], noting in `several` each field whose path matched several values (once
+/// per field: the first record it happened in).
 pub fn map_record_noting(
     fields: &[Field],
     record: &Value,
-    several: &mut Option<SeveralMatches>,
+    several: &mut Vec<SeveralMatches>,
 ) -> Result<Document, String> {
     let mut out = Document::new();
     for f in fields {
         let (found, matches) = find(f, record);
-        if matches > 1 && !f.list && several.is_none() {
-            *several = Some(SeveralMatches {
+        if matches > 1 && !f.list && !several.iter().any(|s| s.target == f.target) {
+            several.push(SeveralMatches {
                 target: f.target.clone(),
                 path: f.path.clone(),
                 matches,
@@ -2145,7 +2152,7 @@ type = "bool"
         let record = json!({
             "id": 1, "items": [{ "sku": "a" }, { "sku": 2 }], "tags": "solo", "counts": [1, "x"],
         });
-        let mut several = None;
+        let mut several = Vec::new();
         let err = map_record_noting(&c.fields, &record, &mut several).unwrap_err();
         assert!(
             err.contains("`counts`") && err.contains("(item 1)"),
@@ -2165,7 +2172,9 @@ type = "bool"
             &strings(&["solo"]),
             "a single value is a list of one"
         );
-        let noted = several.expect("firstSku matched two values");
+        let [noted] = &several[..] else {
+            panic!("firstSku alone matched two values: {several:?}")
+        };
         assert_eq!((noted.target.as_str(), noted.matches), ("firstSku", 2));
         assert!(noted.to_string().contains("list = true"), "{noted}");
         // No match at all is a missing field, not an empty list.
@@ -2396,6 +2405,12 @@ type = "bool"
         let exact = map_record(&c.fields, &json!({ "id": u64::MAX })).unwrap();
         assert_eq!(exact.get_str("productId").unwrap(), "18446744073709551615");
         let read: Value = serde_json::from_str(r#"{"id": 123456789012345678901234}"#).unwrap();
+        let err = map_record(&c.fields, &read).unwrap_err();
+        assert!(err.contains("as strings"), "{err}");
+        // Below -2^63 too (read as a double, its text would be `-9.223372036854776e18`).
+        let exact = map_record(&c.fields, &json!({ "id": i64::MIN })).unwrap();
+        assert_eq!(exact.get_str("productId").unwrap(), "-9223372036854775808");
+        let read: Value = serde_json::from_str(r#"{"id": -9223372036854775809}"#).unwrap();
         let err = map_record(&c.fields, &read).unwrap_err();
         assert!(err.contains("as strings"), "{err}");
         let c = typed("any");

@@ -887,7 +887,7 @@ async fn write_page(
     fingerprint: &str,
 ) -> Result<(), ImportError> {
     let mut mapped = Vec::with_capacity(page.records().len());
-    let mut several = None;
+    let mut several = Vec::new();
     for record in page.records() {
         match map_record_noting(&connector.fields, record, &mut several) {
             Ok(d) if d.get(&connector.key).is_some_and(usable_key) => mapped.push(d),
@@ -900,7 +900,8 @@ async fn write_page(
             Err(reason) => reject(summary, options, reason, record),
         }
     }
-    if let Some(several) = several {
+    // Each field that did, not only the first.
+    for several in several {
         warn_once(
             summary,
             &connector.name,

@@ -220,29 +220,67 @@ pub struct Store {
 }
 
 /// What is kept of a record of `bytes` too big for a dead letter: its fields, each value
-/// over [`DEAD_LETTER_EXCERPT_BYTES`] replaced by the start of its JSON (so the small
-/// fields, the record's key among them, stay whole), marked `_truncated` with the size.
+/// over [`DEAD_LETTER_EXCERPT_BYTES`] replaced by the start of its JSON, within four times
+/// that in all. The room goes to the smallest fields first, so the small ones (the
+/// record's key among them) stay whole wherever they stand; fields that do not fit are
+/// counted and named (the first 100) under `_truncated`, with the record's size.
 fn excerpt(record: bson::Document, bytes: usize) -> bson::Document {
-    let mut kept = bson::doc! { "_truncated": { "bytes": bytes as i64 } };
+    let fields: Vec<(String, Bson, String)> = record
+        .into_iter()
+        .map(|(k, v)| {
+            let json = v.clone().into_relaxed_extjson().to_string();
+            (k, v, json)
+        })
+        .collect();
+    let cost =
+        |(k, _, json): &(String, Bson, String)| json.len().min(DEAD_LETTER_EXCERPT_BYTES) + k.len();
+    let mut by_size: Vec<usize> = (0..fields.len()).collect();
+    by_size.sort_by_key(|&i| cost(&fields[i]));
+    let mut keep = vec![false; fields.len()];
     let mut room = DEAD_LETTER_EXCERPT_BYTES * 4;
-    for (k, v) in record {
-        let json = v.clone().into_relaxed_extjson().to_string();
-        let v = if json.len() > DEAD_LETTER_EXCERPT_BYTES {
-            let mut end = DEAD_LETTER_EXCERPT_BYTES;
-            while !json.is_char_boundary(end) {
-                end -= 1;
+    for i in by_size {
+        let Some(left) = room.checked_sub(cost(&fields[i])) else {
+            break;
+        };
+        room = left;
+        keep[i] = true;
+    }
+    let start = |text: &str, limit: usize| {
+        let mut end = limit.min(text.len());
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text[..end].to_string()
+    };
+    let mut kept = bson::Document::new();
+    let (mut dropped, mut named) = (0i64, Vec::new());
+    for ((k, v, json), keep) in fields.into_iter().zip(keep) {
+        if !keep {
+            dropped += 1;
+            if named.len() < 100 {
+                named.push(Bson::String(start(&k, 200)));
             }
-            Bson::String(format!("{}... ({} bytes)", &json[..end], json.len()))
+            continue;
+        }
+        let v = if json.len() > DEAD_LETTER_EXCERPT_BYTES {
+            Bson::String(format!(
+                "{}... ({} bytes)",
+                start(&json, DEAD_LETTER_EXCERPT_BYTES),
+                json.len()
+            ))
         } else {
             v
         };
-        room = match room.checked_sub(json.len().min(DEAD_LETTER_EXCERPT_BYTES) + k.len()) {
-            Some(left) => left,
-            None => break,
-        };
         kept.insert(k, v);
     }
-    kept
+    let mut truncated = bson::doc! { "bytes": bytes as i64 };
+    if dropped > 0 {
+        truncated.insert("droppedFields", dropped);
+        truncated.insert("dropped", named);
+    }
+    let mut out = bson::doc! { "_truncated": truncated };
+    out.extend(kept);
+    out
 }
 
 /// A dead letter's record over this many bytes (encoded) is kept as an excerpt.
@@ -474,5 +512,37 @@ impl Store {
             .await
             .map(|_| ())
             .map_err(StoreError::Connect)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_excerpt_keeps_small_fields_wherever_they_stand_and_names_what_it_drops() {
+        // Eight values of 100 KB before the key: an excerpt that kept fields in order
+        // would run out of room before reaching it.
+        let mut record = bson::Document::new();
+        for i in 0..8 {
+            record.insert(format!("blob{i}"), "x".repeat(100_000));
+        }
+        record.insert("id", "rec-42");
+        record.insert("small", 7);
+        let bytes = bson::to_vec(&record).unwrap().len();
+        let kept = excerpt(record, bytes);
+        assert_eq!(kept.get_str("id"), Ok("rec-42"));
+        assert_eq!(kept.get_i32("small"), Ok(7));
+        let truncated = kept.get_document("_truncated").unwrap();
+        assert_eq!(truncated.get_i64("bytes"), Ok(bytes as i64));
+        // 256 KiB of room holds three 64 KiB starts besides the small fields.
+        let cut: Vec<&str> = (0..8)
+            .filter_map(|i| kept.get_str(format!("blob{i}")).ok())
+            .collect();
+        assert_eq!(cut.len(), 3, "{:?}", kept.keys().collect::<Vec<_>>());
+        assert!(cut.iter().all(|v| v.ends_with("... (100002 bytes)")));
+        assert_eq!(truncated.get_i64("droppedFields"), Ok(5));
+        assert_eq!(truncated.get_array("dropped").unwrap().len(), 5);
+        assert!(bson::to_vec(&kept).unwrap().len() < 300 * 1024);
     }
 }
