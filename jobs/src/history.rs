@@ -76,18 +76,19 @@ pub const OUTCOME_RETRY: std::time::Duration = std::time::Duration::from_secs(60
 /// attempt may not meet (the update is idempotent: a first attempt that did land is
 /// simply written again).
 async fn set_outcome(store: &Store, job_id: &str, fields: Document) -> Result<(), StoreError> {
-    let deadline = tokio::time::Instant::now() + OUTCOME_RETRY;
-    let mut pause = std::time::Duration::from_millis(100);
-    loop {
-        match set(store, job_id, fields.clone()).await {
-            Err(e) if retryable(&e) && tokio::time::Instant::now() + pause < deadline => {
-                tracing::warn!(job_id, error = %e, "could not record an export's outcome; trying again");
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(std::time::Duration::from_secs(5));
-            }
-            other => return other,
-        }
-    }
+    crate::retry::retry_within(
+        OUTCOME_RETRY,
+        "record an export's outcome",
+        retryable,
+        || set(store, job_id, fields.clone()),
+    )
+    .await
+    .map_err(|e| {
+        e.unwrap_or_else(|| StoreError::TimedOut {
+            step: "record an export's outcome",
+            seconds: OUTCOME_RETRY.as_secs(),
+        })
+    })
 }
 
 fn retryable(e: &StoreError) -> bool {

@@ -5,6 +5,7 @@ pub mod configs;
 pub mod export;
 pub mod history;
 pub mod import;
+mod retry;
 pub mod schedule;
 mod spool;
 mod tally;

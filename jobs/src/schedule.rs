@@ -882,33 +882,26 @@ async fn record_end(
     ended: Document,
     within: Duration,
 ) {
-    let deadline = tokio::time::Instant::now() + within;
-    let mut pause = Duration::from_millis(100);
-    loop {
-        let recorded = tokio::time::timeout_at(
-            deadline,
-            runs.update_one(filter.clone(), doc! { "$set": ended.clone() }),
-        )
-        .await;
-        match recorded {
-            Ok(Ok(r)) if r.matched_count == 0 => {
-                tracing::error!(run = ?filter, "a run's end was not recorded: its record belongs to another replica now");
-                return;
-            }
-            Ok(Ok(_)) => return,
-            Ok(Err(e)) if tokio::time::Instant::now() + pause < deadline => {
-                tracing::warn!(error = %e, "could not record a run's end; trying again");
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(5));
-            }
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, run = ?filter, "could not record a run's end; once its lease lapses it runs again");
-                return;
-            }
-            Err(_) => {
-                tracing::error!(run = ?filter, "the store did not record a run's end in time; once its lease lapses it runs again");
-                return;
-            }
+    let recorded = crate::retry::retry_within(
+        within,
+        "record a run's end",
+        |_| true,
+        || async {
+            runs.update_one(filter.clone(), doc! { "$set": ended.clone() })
+                .await
+        },
+    )
+    .await;
+    match recorded {
+        Ok(r) if r.matched_count == 0 => {
+            tracing::error!(run = ?filter, "a run's end was not recorded: its record belongs to another replica now");
+        }
+        Ok(_) => {}
+        Err(Some(e)) => {
+            tracing::error!(error = %e, run = ?filter, "could not record a run's end; once its lease lapses it runs again");
+        }
+        Err(None) => {
+            tracing::error!(run = ?filter, "the store did not record a run's end in time; once its lease lapses it runs again");
         }
     }
 }

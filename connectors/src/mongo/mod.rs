@@ -195,6 +195,9 @@ pub enum StoreError {
     /// A job is already running under a live lease.
     #[error("{0}")]
     Busy(String),
+    /// The store did not answer within the time a step may take (its retries included).
+    #[error("could not {step}: MongoDB did not answer within {seconds} s")]
+    TimedOut { step: &'static str, seconds: u64 },
 }
 
 impl StoreError {
