@@ -15,6 +15,11 @@
 //!   rows/s, vs the slower of draining the same cursor alone and encoding the same batches
 //!   alone; also reports the peak resident memory during the export.
 //!
+//! - `archive`: an ARCHIVE of a day 100 days old to S3 (export, every file read back and
+//!   compared, ledger claims marked, events deleted by id in chunks), events/s, vs
+//!   draining the same day's cursor and deleting the day with one `delete_many`, on a
+//!   store seeded alike (each event with its ledger claim).
+//!
 //! - `http-import`: an IMPORT config pulling records from a loopback API (cursor pages of
 //!   1,000), mapped with JSONPath and upserted by key into `products`, vs fetching the
 //!   same pages and inserting the records as they are into a collection with as many
@@ -84,6 +89,7 @@ const SCENARIOS: &[&str] = &[
     "track-ingest",
     "segment-ingest",
     "parquet-export",
+    "archive",
     "http-import",
     "wasm-transform",
     "scheduler-idle",
@@ -511,7 +517,16 @@ fn reset_peak_rss() {
 
 /// A fresh store holding `n` events of yesterday; also the day and its first millisecond.
 async fn seeded_day(tag: &str, n: usize) -> anyhow::Result<(Store, chrono::NaiveDate, i64)> {
-    let day = chrono::Utc::now().date_naive() - chrono::Days::new(1);
+    seeded_days_ago(tag, n, 1).await
+}
+
+/// A fresh store holding `n` events on the day `ago` days before today.
+async fn seeded_days_ago(
+    tag: &str,
+    n: usize,
+    ago: u64,
+) -> anyhow::Result<(Store, chrono::NaiveDate, i64)> {
+    let day = chrono::Utc::now().date_naive() - chrono::Days::new(ago);
     let start_ms = day
         .and_hms_opt(0, 0, 0)
         .map_or(0, |t| t.and_utc().timestamp_millis());
@@ -524,7 +539,7 @@ async fn seeded_day(tag: &str, n: usize) -> anyhow::Result<(Store, chrono::Naive
 }
 
 async fn parquet_export(n: usize) -> anyhow::Result<()> {
-    use sluice_connectors::objstore::{ObjectStore, S3Settings, S3Store};
+    use sluice_connectors::objstore::ObjectStore;
     use sluice_connectors::parquet::{
         encode, event_schema, PartWriter, PartWriterOptions, EVENT_TABLE,
     };
@@ -570,23 +585,7 @@ async fn parquet_export(n: usize) -> anyhow::Result<()> {
     let encode_rate = n as f64 / encode_time.as_secs_f64();
 
     // Sluice: the EVENT_DATA job to S3.
-    let bucket = format!(
-        "sluice-bench-{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..8]
-    );
-    let var = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_string());
-    let s3 = S3Store::connect(&S3Settings {
-        bucket: bucket.clone(),
-        prefix: "bench".into(),
-        endpoint: var("SLUICE_S3_ENDPOINT", "http://127.0.0.1:8333"),
-        region: "us-east-1".into(),
-        access_key: var("SLUICE_S3_ACCESS_KEY", "sluice"),
-        secret_key: var("SLUICE_S3_SECRET_KEY", "sluice-secret"),
-        path_style: true,
-        checksums: true,
-    })
-    .await?;
-    s3.client().create_bucket().bucket(&bucket).send().await?;
+    let (s3, bucket) = bench_bucket().await?;
     let dest = ObjectStore::S3(s3.clone());
     let ctx = ExportContext::new(store.clone(), dest.clone());
     reset_peak_rss();
@@ -604,9 +603,7 @@ async fn parquet_export(n: usize) -> anyhow::Result<()> {
         summary.rows
     );
 
-    let keys: Vec<String> = dest.list("").await?.into_iter().map(|o| o.key).collect();
-    dest.delete(&keys).await?;
-    s3.client().delete_bucket().bucket(&bucket).send().await?;
+    drop_bucket(&s3, &bucket).await?;
     store.db().drop().await?;
     let _ = std::fs::remove_dir_all(&dir);
     let baseline = drain_rate.min(encode_rate);
@@ -621,6 +618,136 @@ async fn parquet_export(n: usize) -> anyhow::Result<()> {
             "bytes": summary.bytes,
             "files": summary.partitions.iter().map(|p| p.files.len()).sum::<usize>(),
             "peak_rss_mib": peak.map(|p| p.round()),
+        }),
+    );
+    Ok(())
+}
+
+/// A new bucket on the S3 server of the environment (`SLUICE_S3_*`), and its name.
+async fn bench_bucket() -> anyhow::Result<(sluice_connectors::objstore::S3Store, String)> {
+    use sluice_connectors::objstore::{S3Settings, S3Store};
+    let bucket = format!(
+        "sluice-bench-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let var = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_string());
+    let s3 = S3Store::connect(&S3Settings {
+        bucket: bucket.clone(),
+        prefix: "bench".into(),
+        endpoint: var("SLUICE_S3_ENDPOINT", "http://127.0.0.1:8333"),
+        region: "us-east-1".into(),
+        access_key: var("SLUICE_S3_ACCESS_KEY", "sluice"),
+        secret_key: var("SLUICE_S3_SECRET_KEY", "sluice-secret"),
+        path_style: true,
+        checksums: true,
+    })
+    .await?;
+    s3.client().create_bucket().bucket(&bucket).send().await?;
+    Ok((s3, bucket))
+}
+
+/// Empties and removes a bucket of [`bench_bucket`].
+async fn drop_bucket(
+    s3: &sluice_connectors::objstore::S3Store,
+    bucket: &str,
+) -> anyhow::Result<()> {
+    let dest = sluice_connectors::objstore::ObjectStore::S3(s3.clone());
+    let keys: Vec<String> = dest.list("").await?.into_iter().map(|o| o.key).collect();
+    dest.delete(&keys).await?;
+    s3.client().delete_bucket().bucket(bucket).send().await?;
+    Ok(())
+}
+
+/// ARCHIVE of a day 100 days old (export to S3, every file read back and checked, claims
+/// marked, events deleted by id in chunks) vs the least any move must do: read the day's
+/// events once and delete them by the day's filter, on a store seeded alike.
+async fn archive(n: usize) -> anyhow::Result<()> {
+    use sluice_connectors::objstore::ObjectStore;
+    use sluice_jobs::export::{run_export, ExportContext, ExportRequest};
+
+    // Each event has its ledger claim, as events stored by the endpoint do.
+    async fn with_claims(store: &Store) -> anyhow::Result<()> {
+        let mut cursor = store
+            .collection(c::EVENTS)
+            .find(bson::doc! {})
+            .projection(bson::doc! { "eventId": 1, "timestamp": 1 })
+            .await?;
+        let mut claims = Vec::new();
+        while let Some(d) = futures_util::TryStreamExt::try_next(&mut cursor).await? {
+            claims.push(bson::doc! {
+                "_id": d.get_str("eventId")?, "ts": d.get("timestamp").cloned(),
+                "at": bson::DateTime::now(),
+            });
+            if claims.len() == 10_000 {
+                store
+                    .collection(c::EVENT_IDS)
+                    .insert_many(std::mem::take(&mut claims))
+                    .await?;
+            }
+        }
+        if !claims.is_empty() {
+            store.collection(c::EVENT_IDS).insert_many(claims).await?;
+        }
+        Ok(())
+    }
+
+    // Baseline: drain the day's cursor, then delete the day.
+    let (store, _, start_ms) = seeded_days_ago("archive_base", n, 100).await?;
+    with_claims(&store).await?;
+    let coll = store.collection(c::EVENTS);
+    let filter = bson::doc! { "timestamp": { "$gte": bson::DateTime::from_millis(start_ms), "$lt": bson::DateTime::from_millis(start_ms + 86_400_000) } };
+    let started = Instant::now();
+    let mut cursor = coll
+        .find(filter.clone())
+        .sort(bson::doc! { "timestamp": 1 })
+        .batch_size(2000)
+        .await?;
+    let mut drained = 0usize;
+    while let Some(doc) = futures_util::TryStreamExt::try_next(&mut cursor).await? {
+        std::hint::black_box(&doc);
+        drained += 1;
+    }
+    let deleted = coll.delete_many(filter).await?.deleted_count;
+    let baseline = n as f64 / started.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        drained == n && deleted as usize == n,
+        "baseline moved {drained}/{deleted} of {n}"
+    );
+    store.db().drop().await?;
+
+    // Sluice: the ARCHIVE job to S3.
+    let (store, _, _) = seeded_days_ago("archive", n, 100).await?;
+    with_claims(&store).await?;
+    let (s3, bucket) = bench_bucket().await?;
+    let ctx = ExportContext::new(store.clone(), ObjectStore::S3(s3.clone()));
+    let today = chrono::Utc::now().date_naive();
+    let started = Instant::now();
+    let summary = run_export(
+        &ctx,
+        &ExportRequest::day(sluice_core::model::ExportJobType::Archive, today, 90),
+    )
+    .await?;
+    let rate = summary.rows as f64 / started.elapsed().as_secs_f64();
+    let left = store
+        .collection(c::EVENTS)
+        .count_documents(bson::doc! {})
+        .await?;
+    anyhow::ensure!(
+        summary.rows as usize == n && summary.deleted as usize == n && left == 0,
+        "archived {} and deleted {} of {n}; {left} left",
+        summary.rows,
+        summary.deleted
+    );
+    drop_bucket(&s3, &bucket).await?;
+    store.db().drop().await?;
+    report(
+        "archive",
+        baseline,
+        rate,
+        json!({
+            "events": n,
+            "baseline": "drain the day's cursor + delete_many of the day",
+            "bytes": summary.bytes,
         }),
     );
     Ok(())
@@ -1119,6 +1246,10 @@ async fn main() -> anyhow::Result<()> {
             parquet_export(args.export_events)
                 .await
                 .context("parquet-export")?;
+            continue;
+        }
+        if scenario == "archive" {
+            archive(args.export_events).await.context("archive")?;
             continue;
         }
         if scenario == "scheduler-idle" {
