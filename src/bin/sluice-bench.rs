@@ -721,13 +721,41 @@ async fn archive(n: usize) -> anyhow::Result<()> {
     let (s3, bucket) = bench_bucket().await?;
     let ctx = ExportContext::new(store.clone(), ObjectStore::S3(s3.clone()));
     let today = chrono::Utc::now().date_naive();
+    // Where the time goes, from the run's progress counters: reading and uploading, then
+    // (until the first delete) the read-back check, then the deletes.
+    let watch = {
+        let progress = ctx.progress.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let (mut read, mut deleting) = (None, None);
+            loop {
+                use std::sync::atomic::Ordering::Relaxed;
+                if read.is_none() && progress.rows_read.load(Relaxed) as usize >= n {
+                    read = Some(started.elapsed().as_secs_f64());
+                }
+                if deleting.is_none() && progress.rows_deleted.load(Relaxed) > 0 {
+                    deleting = Some(started.elapsed().as_secs_f64());
+                }
+                if progress.rows_deleted.load(Relaxed) as usize >= n {
+                    return (read, deleting);
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        })
+    };
     let started = Instant::now();
     let summary = run_export(
         &ctx,
         &ExportRequest::day(sluice_core::model::ExportJobType::Archive, today, 90),
     )
     .await?;
-    let rate = summary.rows as f64 / started.elapsed().as_secs_f64();
+    let total = started.elapsed().as_secs_f64();
+    let rate = summary.rows as f64 / total;
+    let (read, deleting) = tokio::time::timeout(std::time::Duration::from_secs(1), watch)
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_default();
     let left = store
         .collection(c::EVENTS)
         .count_documents(bson::doc! {})
@@ -748,6 +776,13 @@ async fn archive(n: usize) -> anyhow::Result<()> {
             "events": n,
             "baseline": "drain the day's cursor + delete_many of the day",
             "bytes": summary.bytes,
+            "seconds": (total * 100.0).round() / 100.0,
+            // Read and encoded, until the first delete (upload and read-back check), the
+            // deletes (claims marked, events deleted): the first chunk's deletes fall in
+            // the second figure.
+            "seconds_reading": read.map(|t| (t * 100.0).round() / 100.0),
+            "seconds_to_first_delete": read.zip(deleting).map(|(r, d)| ((d - r) * 100.0).round() / 100.0),
+            "seconds_deleting": deleting.map(|d| ((total - d) * 100.0).round() / 100.0),
         }),
     );
     Ok(())
