@@ -99,7 +99,7 @@ mod tests {
             Duration::from_millis(300),
             "test",
             |_| true,
-            || std::future::pending::<Result<(), String>>(),
+            std::future::pending::<Result<(), String>>,
         )
         .await;
         assert_eq!(r, Err(None));
