@@ -43,6 +43,7 @@ fn every_scenario_prints_a_ratio_line() {
             "track-ingest",
             "segment-ingest",
             "parquet-export",
+            "archive",
             "http-import",
             "wasm-transform-noop",
             "wasm-transform-redact",
@@ -72,6 +73,16 @@ fn every_scenario_prints_a_ratio_line() {
             .starts_with("wasm-transform")
         {
             assert!(l["stage_ratio"].as_f64().unwrap() > 0.0, "{l}");
+        }
+        if l["scenario"] == "archive" {
+            // Where the time went: each phase was seen.
+            for phase in [
+                "seconds_reading",
+                "seconds_to_first_delete",
+                "seconds_deleting",
+            ] {
+                assert!(l[phase].as_f64().is_some_and(|s| s >= 0.0), "{l}");
+            }
         }
         if l["scenario"] == "mongo-insert" || l["scenario"] == "track-ingest" {
             let share = &l["writer_time_share"];
