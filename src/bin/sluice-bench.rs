@@ -723,10 +723,12 @@ async fn archive(n: usize) -> anyhow::Result<()> {
     let today = chrono::Utc::now().date_naive();
     // Where the time goes, from the run's progress counters: reading and uploading, then
     // (until the first delete) the read-back check, then the deletes.
+    // One clock for the run and its phases; a phase is seen within a poll (20 ms) of
+    // its start.
+    let started = Instant::now();
     let watch = {
         let progress = ctx.progress.clone();
         tokio::spawn(async move {
-            let started = Instant::now();
             let (mut read, mut deleting) = (None, None);
             loop {
                 use std::sync::atomic::Ordering::Relaxed;
@@ -743,7 +745,6 @@ async fn archive(n: usize) -> anyhow::Result<()> {
             }
         })
     };
-    let started = Instant::now();
     let summary = run_export(
         &ctx,
         &ExportRequest::day(sluice_core::model::ExportJobType::Archive, today, 90),
@@ -781,8 +782,8 @@ async fn archive(n: usize) -> anyhow::Result<()> {
             // deletes (claims marked, events deleted): the first chunk's deletes fall in
             // the second figure.
             "seconds_reading": read.map(|t| (t * 100.0).round() / 100.0),
-            "seconds_to_first_delete": read.zip(deleting).map(|(r, d)| ((d - r) * 100.0).round() / 100.0),
-            "seconds_deleting": deleting.map(|d| ((total - d) * 100.0).round() / 100.0),
+            "seconds_to_first_delete": read.zip(deleting).map(|(r, d)| ((d - r).max(0.0) * 100.0).round() / 100.0),
+            "seconds_deleting": deleting.map(|d| ((total - d).max(0.0) * 100.0).round() / 100.0),
         }),
     );
     Ok(())
