@@ -596,22 +596,22 @@ impl HttpClient {
                         message,
                         retry_after: asked,
                     }) => {
-                        let e = HttpError::TokenUnavailable {
-                            url: token_url.clone(),
-                            message,
-                            retry_after: asked,
-                        };
                         if let Some(wait) = asked.filter(|w| *w > MAX_RETRY_AFTER) {
                             return Err(HttpError::Token {
                                 url: token_url,
                                 message: format!(
-                                    "{e}; the token endpoint asked to wait {} s, longer than a run waits ({} s); a later run tries again",
+                                    "{message}; the token endpoint asked to wait {} s, longer than a run waits ({} s); a later run tries again",
                                     wait.as_secs(),
                                     MAX_RETRY_AFTER.as_secs()
                                 ),
                             });
                         }
-                        last = e.to_string();
+                        last = HttpError::TokenUnavailable {
+                            url: token_url,
+                            message,
+                            retry_after: asked,
+                        }
+                        .to_string();
                         if next < attempts {
                             let wait = asked.unwrap_or_else(|| self.backoff(attempt));
                             tokio::time::sleep(wait).await;
