@@ -249,6 +249,8 @@ pub fn parse_message(
     let mut referrer = None;
     let mut link = None;
     let mut traits = None;
+    // The property a purchase's `amount` was taken from (`revenue`, ...), if not its own.
+    let mut amount_from = None;
     let event_type = match kind {
         Kind::Page => {
             let sources = [(Some(&properties), "properties"), (page, "context.page")];
@@ -280,6 +282,7 @@ pub fn parse_message(
                         ValidationError::new(format!("properties.{k}"), "expected a number")
                     })?;
                     properties.insert("amount".into(), amount);
+                    amount_from = Some(format!("properties.{k}"));
                 }
             }
             // The client's own property of that name is kept beside it.
@@ -414,6 +417,9 @@ pub fn parse_message(
     }
     if kind == Kind::Group {
         sent_as.push(("properties.traits", "traits".into()));
+    }
+    if let Some(from) = amount_from {
+        sent_as.push(("properties.amount", from));
     }
     sent_as.push((
         "properties",
@@ -601,6 +607,13 @@ mod tests {
             .unwrap_err();
             assert_eq!(err.field, "properties.revenue");
         }
+        // Out of range too: the amount's error names the property it came from.
+        let err = parse(json!({
+            "type": "track", "userId": "u1", "event": "Order Completed",
+            "properties": { "total": -5 },
+        }))
+        .unwrap_err();
+        assert_eq!(err.field, "properties.total");
     }
 
     #[test]
