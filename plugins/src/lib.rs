@@ -1107,9 +1107,7 @@ impl WasmTransform {
                     .map_or_else(
                         |message| {
                             *undecodable = true;
-                            Outcome::Failed(format!(
-                                "its output for this record is malformed: {message}"
-                            ))
+                            Outcome::Failed(malformed(&message))
                         },
                         Outcome::Records,
                     )),
@@ -1126,6 +1124,15 @@ pub const MAX_REASON_CHARS: usize = 1_000;
 /// A reason written by a plugin, as the host keeps it: control characters (a forged log
 /// line) as spaces, and cut at [`MAX_REASON_CHARS`]. It is copied into every dead letter
 /// of its batch, the logs and HTTP answers: a plugin's 60 MiB reason must not be.
+/// The reason of a record whose output does not decode. The decoder's message can quote
+/// the plugin's output whole (a `$numberLong` string of any length): cut like any reason
+/// a plugin gives.
+fn malformed(message: &str) -> String {
+    plugin_text(format!(
+        "its output for this record is malformed: {message}"
+    ))
+}
+
 fn plugin_text(reason: String) -> String {
     let total = reason.chars().count();
     if total <= MAX_REASON_CHARS && !reason.chars().any(char::is_control) {
@@ -1169,6 +1176,23 @@ fn is_version(v: &str) -> bool {
                 .all(|p| identifier(p) && (!p.bytes().all(|b| b.is_ascii_digit()) || number(p)))
         })
         && build.is_none_or(|b| b.split('.').all(identifier))
+}
+
+#[cfg(test)]
+mod malformed_tests {
+    #[test]
+    fn a_malformed_output_s_reason_is_cut_however_much_the_decoder_quotes() {
+        let huge = format!(r#"{{"n": {{"$numberLong": "{}"}}}}"#, "9".repeat(100_000));
+        let message = super::decode(&huge).unwrap_err();
+        assert!(message.len() > 100_000, "the decoder quotes it whole");
+        let reason = super::malformed(&message);
+        assert!(
+            reason.chars().count() < super::MAX_REASON_CHARS + 100,
+            "{} characters",
+            reason.len()
+        );
+        assert!(reason.starts_with("its output for this record is malformed"));
+    }
 }
 
 #[cfg(test)]
