@@ -76,7 +76,13 @@ impl PartWriter {
             )?))
             .set_max_row_group_bytes(Some(self.options.row_group_bytes))
             .set_max_row_group_row_count(Some(1 << 20))
-            .set_created_by(format!("sluice {}", env!("CARGO_PKG_VERSION")))
+            // `<application> version <semver> (build ...)`, the form parquet-java parses:
+            // with any other, Spark, Hive and Flink ignore every string column's min/max
+            // statistics (PARQUET-251) and skip no row group by them.
+            .set_created_by(format!(
+                "sluice version {} (build parquet-rs)",
+                env!("CARGO_PKG_VERSION")
+            ))
             .build())
     }
 
@@ -198,6 +204,14 @@ mod tests {
             let reader = ParquetRecordBatchReaderBuilder::try_new(file).unwrap();
             let meta = reader.metadata().clone();
             assert!(meta.num_row_groups() >= 1);
+            let created_by = meta.file_metadata().created_by().unwrap();
+            assert_eq!(
+                created_by,
+                format!(
+                    "sluice version {} (build parquet-rs)",
+                    env!("CARGO_PKG_VERSION")
+                )
+            );
             let n: usize = reader.build().unwrap().map(|b| b.unwrap().num_rows()).sum();
             assert_eq!(n as u64, p.rows);
             assert_eq!(std::fs::metadata(&p.path).unwrap().len(), p.bytes);
