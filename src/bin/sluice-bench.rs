@@ -538,19 +538,17 @@ async fn seeded_days_ago(
     Ok((store, day, start_ms))
 }
 
-async fn parquet_export(n: usize) -> anyhow::Result<()> {
-    use sluice_connectors::objstore::ObjectStore;
-    use sluice_connectors::parquet::{
-        encode, event_schema, PartWriter, PartWriterOptions, EVENT_TABLE,
-    };
-    use sluice_jobs::export::{run_export, ExportContext, ExportRequest};
+/// The events of the day starting at `start_ms`.
+fn day_filter(start_ms: i64) -> Document {
+    bson::doc! { "timestamp": {
+        "$gte": bson::DateTime::from_millis(start_ms),
+        "$lt": bson::DateTime::from_millis(start_ms + 86_400_000),
+    } }
+}
 
-    let (store, day, start_ms) = seeded_day("export", n).await?;
-    let coll = store.collection(c::EVENTS);
-    let filter = bson::doc! { "timestamp": { "$gte": bson::DateTime::from_millis(start_ms), "$lt": bson::DateTime::from_millis(start_ms + 86_400_000) } };
-
-    // Baseline 1: drain the cursor alone (into documents, as any consumer must).
-    let started = Instant::now();
+/// Reads every event `filter` selects, in time order, into documents (as any consumer
+/// must); returns how many.
+async fn drain(coll: &mongodb::Collection<Document>, filter: &Document) -> anyhow::Result<usize> {
     let mut cursor = coll
         .find(filter.clone())
         .sort(bson::doc! { "timestamp": 1 })
@@ -561,6 +559,23 @@ async fn parquet_export(n: usize) -> anyhow::Result<()> {
         std::hint::black_box(&doc);
         drained += 1;
     }
+    Ok(drained)
+}
+
+async fn parquet_export(n: usize) -> anyhow::Result<()> {
+    use sluice_connectors::objstore::ObjectStore;
+    use sluice_connectors::parquet::{
+        encode, event_schema, PartWriter, PartWriterOptions, EVENT_TABLE,
+    };
+    use sluice_jobs::export::{run_export, ExportContext, ExportRequest};
+
+    let (store, day, start_ms) = seeded_day("export", n).await?;
+    let coll = store.collection(c::EVENTS);
+    let filter = day_filter(start_ms);
+
+    // Baseline 1: drain the cursor alone (into documents, as any consumer must).
+    let started = Instant::now();
+    let drained = drain(&coll, &filter).await?;
     let drain_rate = drained as f64 / started.elapsed().as_secs_f64();
     anyhow::ensure!(drained == n, "drained {drained} of {n}");
 
@@ -695,18 +710,9 @@ async fn archive(n: usize) -> anyhow::Result<()> {
     let (store, _, start_ms) = seeded_days_ago("archive_base", n, 100).await?;
     with_claims(&store).await?;
     let coll = store.collection(c::EVENTS);
-    let filter = bson::doc! { "timestamp": { "$gte": bson::DateTime::from_millis(start_ms), "$lt": bson::DateTime::from_millis(start_ms + 86_400_000) } };
+    let filter = day_filter(start_ms);
     let started = Instant::now();
-    let mut cursor = coll
-        .find(filter.clone())
-        .sort(bson::doc! { "timestamp": 1 })
-        .batch_size(2000)
-        .await?;
-    let mut drained = 0usize;
-    while let Some(doc) = futures_util::TryStreamExt::try_next(&mut cursor).await? {
-        std::hint::black_box(&doc);
-        drained += 1;
-    }
+    let drained = drain(&coll, &filter).await?;
     let deleted = coll.delete_many(filter).await?.deleted_count;
     let baseline = n as f64 / started.elapsed().as_secs_f64();
     anyhow::ensure!(
