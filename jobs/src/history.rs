@@ -72,20 +72,20 @@ async fn set(store: &Store, job_id: &str, fields: bson::Document) -> Result<(), 
 /// window exported again, however whole its files are.
 pub const OUTCOME_RETRY: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// What [`set_outcome`] does, in its warnings and its timeout error.
+const SET_OUTCOME: &str = "record an export's outcome";
+
 /// [`set`], tried again for up to [`OUTCOME_RETRY`] while the error is one a later
 /// attempt may not meet (the update is idempotent: a first attempt that did land is
 /// simply written again).
 async fn set_outcome(store: &Store, job_id: &str, fields: Document) -> Result<(), StoreError> {
-    crate::retry::retry_within(
-        OUTCOME_RETRY,
-        "record an export's outcome",
-        retryable,
-        || set(store, job_id, fields.clone()),
-    )
+    crate::retry::retry_within(OUTCOME_RETRY, SET_OUTCOME, retryable, || {
+        set(store, job_id, fields.clone())
+    })
     .await
     .map_err(|e| {
         e.unwrap_or_else(|| StoreError::TimedOut {
-            step: "record an export's outcome",
+            step: SET_OUTCOME,
             seconds: OUTCOME_RETRY.as_secs(),
         })
     })
