@@ -505,6 +505,12 @@ pub async fn export_run(
             summary.deleted
         );
     }
+    if summary.skipped > 0 {
+        println!(
+            "  {} records skipped by a plugin under the skip-batch policy (not written; see the log)",
+            summary.skipped
+        );
+    }
     if kind == sluice_core::model::ExportJobType::Archive && summary.rows == 0 {
         let cutoff = chrono::Utc::now().date_naive()
             - chrono::Days::new(u64::from(config.archive_after_days));
@@ -658,8 +664,8 @@ pub async fn import_run(config: &Config, name: &str, dry_run: bool) -> anyhow::R
             Err(ImportError::WrongType { .. }) if !dry_run => {
                 let s = run_push(&store, name, &options).await?;
                 Ok(Done::Pushed(format!(
-                    "push {}: {} read, {} sent in {} requests, {} failed mapping",
-                    s.name, s.read, s.sent, s.requests, s.failed
+                    "push {}: {} read, {} sent in {} requests, {} failed mapping, {} skipped by a plugin",
+                    s.name, s.read, s.sent, s.requests, s.failed, s.skipped
                 )))
             }
             other => other.map(|s| Done::Imported(Box::new(s))),

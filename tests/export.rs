@@ -476,7 +476,7 @@ async fn archive_deletes_exactly_what_it_exported() {
         .await
         .unwrap();
     let mut ctx = ExportContext::new(db.store.clone(), ObjectStore::Local(LocalDir::new(&dir)));
-    // Export transforms (this one drops bots) do not apply to an archive: it is a move.
+    // Export transforms (this one skips bots) do not apply to an archive: it is a move.
     ctx.transforms = vec![Arc::new(Shout)];
     // The eventIds are spooled to the work folder and deleted in chunks (11 here).
     let work = temp_dir();
@@ -488,6 +488,7 @@ async fn archive_deletes_exactly_what_it_exported() {
         .unwrap();
     assert_eq!(summary.rows, 700);
     assert_eq!(summary.deleted, 700);
+    assert_eq!(summary.skipped, 0);
     // The delete phase shows in the run's progress, chunk by chunk.
     assert_eq!(
         ctx.progress
@@ -1144,7 +1145,8 @@ async fn daily_analytics_and_user_data_match_mongodb() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
-/// Uppercases `userId`; drops bots. A native stand-in for a plugin chain.
+/// Uppercases `userId`; skips bots (as a plugin under skip-batch skips the records it
+/// fails). A native stand-in for a plugin chain.
 struct Shout;
 impl Transform for Shout {
     fn name(&self) -> &str {
@@ -1153,16 +1155,18 @@ impl Transform for Shout {
     fn apply(
         &self,
         batch: Vec<Record>,
-        _: &mut Vec<(Record, String)>,
+        call: &mut sluice_core::transform::Call,
     ) -> Result<Vec<Record>, TransformError> {
-        Ok(batch
+        let (bots, people): (Vec<Record>, Vec<Record>) = batch.into_iter().partition(|d| {
+            d.get_document("metadata")
+                .ok()
+                .and_then(|m| m.get_bool("bot").ok())
+                .unwrap_or(false)
+        });
+        call.skipped
+            .extend(bots.into_iter().map(|d| (d, "a bot".to_string())));
+        Ok(people
             .into_iter()
-            .filter(|d| {
-                !d.get_document("metadata")
-                    .ok()
-                    .and_then(|m| m.get_bool("bot").ok())
-                    .unwrap_or(false)
-            })
             .map(|mut d| {
                 let up = d.get_str("userId").unwrap_or_default().to_uppercase();
                 d.insert("userId", up);
@@ -1184,7 +1188,18 @@ async fn records_pass_through_the_jobs_transform_chain() {
         .await
         .unwrap();
     let bots = events.iter().filter(|e| e.metadata.bot).count() as u64;
+    assert!(bots > 0);
     assert_eq!(summary.rows, 260 - bots);
+    // What the chain skipped is counted in the summary and in the run's record.
+    assert_eq!(summary.skipped, bots);
+    let job = db
+        .store
+        .collection("export_jobs")
+        .find_one(bson::doc! { "jobId": &summary.job_id })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(job.get_i64("rowsSkipped").unwrap() as u64, bots, "{job}");
     let file = std::fs::File::open(dir.join(&summary.partitions[0].files[0])).unwrap();
     for b in ParquetRecordBatchReaderBuilder::try_new(file)
         .unwrap()

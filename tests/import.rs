@@ -2033,6 +2033,52 @@ async fn plugin_output_an_import_cannot_write_is_rejected_not_upserted_over_othe
 }
 
 #[tokio::test]
+async fn records_a_plugin_skips_are_counted_and_warned_about() {
+    let db = TestDb::initialized().await;
+    let (base, _api) = fault_api(Fault::None).await;
+    let host = sluice_plugins::PluginHost::new(false).unwrap();
+    let panicky = host
+        .load(
+            &support::plugin_dir(),
+            "hostile",
+            json!({ "mode": "panic" }),
+            &sluice_plugins::Grants::default(),
+            None,
+        )
+        .unwrap()
+        .with_policy(sluice_plugins::FailurePolicy::SkipBatch);
+    let text = cursor_config("skipping", &base, "", "").replace(
+        "type = \"IMPORT\"",
+        "type = \"IMPORT\"\ntransforms = [\"hostile\"]",
+    );
+    let name = apply(&db, &text).await;
+    let options = ImportOptions {
+        transforms: vec![std::sync::Arc::new(panicky)],
+        ..Default::default()
+    };
+    let s = run_import(&db.store, &name, &options).await.unwrap();
+    // Every batch traps, so every record is skipped: none is stored, none is counted as
+    // failed, and the run says so instead of reading as an import of nothing.
+    assert_eq!((s.fetched, s.inserted, s.failed, s.skipped), (45, 0, 0, 45));
+    let warned: Vec<&String> = s
+        .warnings
+        .iter()
+        .filter(|w| w.contains("plugin `hostile` skipped records"))
+        .collect();
+    assert_eq!(warned.len(), 1, "{:?}", s.warnings);
+    assert!(warned[0].contains("trapped"), "{}", warned[0]);
+    let run = db
+        .store
+        .collection("import_runs")
+        .find_one(doc! { "runId": &s.run_id })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(run.get_i64("skipped").unwrap(), 45, "{run}");
+    assert_eq!(count(&db, "things").await, 0);
+}
+
+#[tokio::test]
 async fn a_plugin_that_prints_runs_inside_an_import() {
     // Imports call their transforms from async code; a plugin's print (a blocking WASI
     // call) must not take the runtime down.

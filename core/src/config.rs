@@ -146,6 +146,10 @@ fn default_catch_up() -> usize {
     7
 }
 
+/// The longest batch deadline a plugin may have: a call holds a thread and an instance
+/// until it ends, and a deadline is also the unit of the narrowing budgets.
+pub const MAX_PLUGIN_BATCH_DEADLINE_MS: u64 = 600_000;
+
 /// WASM transform plugins.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -928,6 +932,17 @@ pub fn validate(
             return Err(invalid(field, "a number greater than 0".into()));
         }
     }
+    // A call holds a thread and an instance until its deadline; the plugin host refuses
+    // deadlines past this.
+    if raw.plugins.max_batch_deadline_ms > MAX_PLUGIN_BATCH_DEADLINE_MS {
+        return Err(invalid(
+            "plugins.max_batch_deadline_ms",
+            format!(
+                "at most {MAX_PLUGIN_BATCH_DEADLINE_MS} (10 minutes), got {}",
+                raw.plugins.max_batch_deadline_ms
+            ),
+        ));
+    }
     if !(1..=64).contains(&raw.plugins.instances) {
         return Err(invalid(
             "plugins.instances",
@@ -1264,6 +1279,20 @@ mod tests {
             "{err}"
         );
         assert!(check("[tracking]\nqueue_capacity = 1000\nwriters = 2\n").is_ok());
+    }
+
+    #[test]
+    fn a_plugin_deadline_ceiling_is_1_ms_to_10_minutes() {
+        let c = check("[plugins]\nmax_batch_deadline_ms = 600000\n").unwrap();
+        assert_eq!(c.plugins.max_batch_deadline_ms, 600_000);
+        for bad in ["0", "600001", "18446744073709551615"] {
+            let err = check(&format!("[plugins]\nmax_batch_deadline_ms = {bad}\n"));
+            let err = err.map(|_| ()).unwrap_err().to_string();
+            assert!(
+                err.contains("plugins.max_batch_deadline_ms"),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

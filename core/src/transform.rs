@@ -26,15 +26,35 @@ pub trait Transform: Send + Sync {
     fn name(&self) -> &str;
 
     /// Transforms one batch; see the module docs for the contract. Records the transform
-    /// fails under a dead-letter policy go to `letters`, each with its reason: they belong
-    /// to this call, so calls running at once (requests of the tracking endpoint sharing a
-    /// transform) never take each other's. When the call fails, what it put in `letters`
-    /// is discarded by the caller (the batch will be retried or the run fails).
-    fn apply(
-        &self,
-        batch: Vec<Record>,
-        letters: &mut Vec<(Record, String)>,
-    ) -> Result<Vec<Record>, TransformError>;
+    /// fails under a dead-letter policy go to `call.letters`, those it drops under
+    /// skip-batch to `call.skipped`, each with its reason: they belong to this call, so
+    /// calls running at once (requests of the tracking endpoint sharing a transform)
+    /// never take each other's. When the call fails, what it put aside is discarded by
+    /// the caller (the batch will be retried or the run fails).
+    fn apply(&self, batch: Vec<Record>, call: &mut Call) -> Result<Vec<Record>, TransformError>;
+}
+
+/// One call of a transform besides its batch: the caller's time limit, and the records
+/// the call put aside instead of returning them.
+#[derive(Debug, Default)]
+pub struct Call {
+    /// When the caller needs an answer by: a transform that narrows a failing batch down
+    /// (a call per part) stops narrowing then, whatever its own budget. `None`: the
+    /// transform's own budget alone.
+    pub until: Option<std::time::Instant>,
+    /// Records failed under the dead-letter policy, with the reason.
+    pub letters: Vec<(Record, String)>,
+    /// Records dropped under the skip-batch policy, with the reason.
+    pub skipped: Vec<(Record, String)>,
+}
+
+impl Call {
+    pub fn until(until: Option<std::time::Instant>) -> Self {
+        Call {
+            until,
+            ..Call::default()
+        }
+    }
 }
 
 /// A record a transform failed, kept instead of stored.
@@ -52,29 +72,57 @@ pub struct Applied {
     /// The records a transform failed under the dead-letter policy; the pipeline stores
     /// them.
     pub dead_letters: Vec<DeadLetter>,
+    /// The records a transform dropped under the skip-batch policy (as it received them,
+    /// with the reason); the pipeline counts and reports them, and stores nothing of them.
+    pub skipped: Vec<DeadLetter>,
+}
+
+impl Applied {
+    /// A batch no transform looked at.
+    pub fn untouched(records: Vec<Record>) -> Self {
+        Applied {
+            records,
+            ..Applied::default()
+        }
+    }
 }
 
 /// Runs `batch` through each transform in order.
 pub fn apply_chain(
     chain: &[std::sync::Arc<dyn Transform>],
-    mut batch: Vec<Record>,
+    batch: Vec<Record>,
 ) -> Result<Applied, TransformError> {
-    let mut dead_letters = Vec::new();
+    apply_chain_until(chain, batch, None)
+}
+
+/// [`apply_chain`], each call told the caller's time limit (see [`Call::until`]).
+fn apply_chain_until(
+    chain: &[std::sync::Arc<dyn Transform>],
+    mut batch: Vec<Record>,
+    until: Option<std::time::Instant>,
+) -> Result<Applied, TransformError> {
+    let mut out = Applied::default();
     for t in chain {
         if batch.is_empty() {
             break;
         }
-        let mut letters = Vec::new();
-        batch = t.apply(batch, &mut letters)?;
-        dead_letters.extend(letters.into_iter().map(|(record, reason)| DeadLetter {
-            transform: t.name().to_string(),
-            reason,
-            record,
-        }));
+        let mut call = Call::until(until);
+        batch = t.apply(batch, &mut call)?;
+        out.dead_letters.extend(set_aside(t.name(), call.letters));
+        out.skipped.extend(set_aside(t.name(), call.skipped));
     }
-    Ok(Applied {
-        records: batch,
-        dead_letters,
+    out.records = batch;
+    Ok(out)
+}
+
+fn set_aside(
+    transform: &str,
+    records: Vec<(Record, String)>,
+) -> impl Iterator<Item = DeadLetter> + '_ {
+    records.into_iter().map(move |(record, reason)| DeadLetter {
+        transform: transform.to_string(),
+        reason,
+        record,
     })
 }
 
@@ -87,6 +135,8 @@ pub struct Isolated {
     pub failed: Vec<(usize, TransformError)>,
     /// The records a transform failed under the dead-letter policy.
     pub dead_letters: Vec<DeadLetter>,
+    /// The records a transform dropped under the skip-batch policy.
+    pub skipped: Vec<DeadLetter>,
 }
 
 /// Runs `batch` through the chain and, when the chain fails because of its input, finds
@@ -98,9 +148,10 @@ pub struct Isolated {
 /// hold back the good ones, nor be retried forever by a client told to resend.
 ///
 /// The narrowing stops once it has spent `budget` (each part costs a call, and a plugin
-/// that fails slowly could otherwise cost a deadline per record): the batch then fails
-/// with an error that is not the input's, so nothing is stored and the client resends,
-/// rather than good records being rejected with the bad ones.
+/// that fails slowly could otherwise cost a deadline per record), the narrowing inside
+/// each transform's calls included: the batch then fails with an error that is not the
+/// input's, so nothing is stored and the client resends, rather than good records being
+/// rejected with the bad ones.
 pub fn apply_chain_isolating(
     chain: &[std::sync::Arc<dyn Transform>],
     batch: Vec<Record>,
@@ -123,10 +174,11 @@ fn isolate(
     // A copy is kept only when there is something to split.
     let len = batch.len();
     let retry = (len > 1).then(|| batch.clone());
-    match apply_chain(chain, batch) {
+    match apply_chain_until(chain, batch, Some(until)) {
         Ok(applied) => {
             out.records.extend(applied.records);
             out.dead_letters.extend(applied.dead_letters);
+            out.skipped.extend(applied.skipped);
         }
         Err(e) if !e.caused_by_input => return Err(e),
         Err(e) => match retry {
@@ -162,11 +214,7 @@ mod tests {
         fn name(&self) -> &str {
             "drop-odd"
         }
-        fn apply(
-            &self,
-            batch: Vec<Record>,
-            _: &mut Vec<(Record, String)>,
-        ) -> Result<Vec<Record>, TransformError> {
+        fn apply(&self, batch: Vec<Record>, _: &mut Call) -> Result<Vec<Record>, TransformError> {
             Ok(batch
                 .into_iter()
                 .filter(|d| d.get_i32("n").map(|n| n % 2 == 0).unwrap_or(true))
@@ -179,11 +227,7 @@ mod tests {
         fn name(&self) -> &str {
             "fail"
         }
-        fn apply(
-            &self,
-            _: Vec<Record>,
-            _: &mut Vec<(Record, String)>,
-        ) -> Result<Vec<Record>, TransformError> {
+        fn apply(&self, _: Vec<Record>, _: &mut Call) -> Result<Vec<Record>, TransformError> {
             Err(TransformError {
                 name: "fail".into(),
                 reason: "always".into(),
@@ -198,11 +242,7 @@ mod tests {
         fn name(&self) -> &str {
             "reject-bad"
         }
-        fn apply(
-            &self,
-            batch: Vec<Record>,
-            _: &mut Vec<(Record, String)>,
-        ) -> Result<Vec<Record>, TransformError> {
+        fn apply(&self, batch: Vec<Record>, _: &mut Call) -> Result<Vec<Record>, TransformError> {
             match batch
                 .iter()
                 .position(|d| d.get_bool("bad").unwrap_or(false))
@@ -215,6 +255,52 @@ mod tests {
                 None => Ok(batch),
             }
         }
+    }
+
+    /// Skips records with `skip: true`, and notes the time limit it was given.
+    struct SkipMarked(std::sync::Mutex<Vec<Option<std::time::Instant>>>);
+    impl Transform for SkipMarked {
+        fn name(&self) -> &str {
+            "skip-marked"
+        }
+        fn apply(
+            &self,
+            batch: Vec<Record>,
+            call: &mut Call,
+        ) -> Result<Vec<Record>, TransformError> {
+            self.0.lock().unwrap().push(call.until);
+            let (skipped, kept) = batch
+                .into_iter()
+                .partition(|d| d.get_bool("skip").unwrap_or(false));
+            let skipped: Vec<Record> = skipped;
+            call.skipped
+                .extend(skipped.into_iter().map(|d| (d, "marked".to_string())));
+            Ok(kept)
+        }
+    }
+
+    #[test]
+    fn skipped_records_are_handed_back_and_an_isolating_caller_s_limit_reaches_each_call() {
+        let batch: Vec<Record> = (0..4)
+            .map(|n| bson::doc! { "n": n, "skip": n == 1 })
+            .collect();
+        let t = Arc::new(SkipMarked(Default::default()));
+        let chain: Vec<Arc<dyn Transform>> = vec![t.clone()];
+        let applied = apply_chain(&chain, batch.clone()).unwrap();
+        assert_eq!(applied.records.len(), 3);
+        assert_eq!(applied.skipped.len(), 1);
+        assert_eq!(applied.skipped[0].transform, "skip-marked");
+        assert_eq!(applied.skipped[0].record, batch[1]);
+        assert!(applied.dead_letters.is_empty());
+
+        let budget = std::time::Duration::from_secs(60);
+        let started = std::time::Instant::now();
+        let isolated = apply_chain_isolating(&chain, batch, budget).unwrap();
+        assert_eq!(isolated.skipped.len(), 1);
+        let seen = t.0.lock().unwrap().clone();
+        assert_eq!(seen[0], None, "a plain chain sets no limit");
+        let until = seen[1].expect("the isolating caller's limit");
+        assert!(until >= started + budget && until <= std::time::Instant::now() + budget);
     }
 
     #[test]

@@ -117,6 +117,8 @@ pub struct Progress {
     pub bytes_uploaded: AtomicU64,
     /// ARCHIVE: events deleted from MongoDB after their day was published.
     pub rows_deleted: AtomicU64,
+    /// Records a transform plugin dropped under the skip-batch policy (not written).
+    pub rows_skipped: AtomicU64,
 }
 
 /// Everything a run needs besides the request.
@@ -199,6 +201,8 @@ pub struct ExportSummary {
     pub bytes: u64,
     /// ARCHIVE: documents deleted from MongoDB after verification.
     pub deleted: u64,
+    /// Records a transform plugin dropped under the skip-batch policy (not written).
+    pub skipped: u64,
     pub destination: String,
     pub elapsed: Duration,
 }
@@ -502,9 +506,10 @@ pub async fn run_export(
     let heartbeat = history::heartbeat(&ctx.store, &job_id);
     // The counters are shared by the runs of one context (catch-up runs several windows):
     // this run's figures are what they grew by.
-    let (read_before, bytes_before) = (
+    let (read_before, bytes_before, skipped_before) = (
         ctx.progress.rows_read.load(Relaxed),
         ctx.progress.bytes_uploaded.load(Relaxed),
+        ctx.progress.rows_skipped.load(Relaxed),
     );
     let bytes_now = || {
         ctx.progress
@@ -518,8 +523,13 @@ pub async fn run_export(
         Ok((partitions, deleted)) => {
             let rows = partitions.iter().map(|p| p.rows).sum();
             let files: u64 = partitions.iter().map(|p| p.files.len() as u64).sum();
-            history::completed(&ctx.store, &job_id, rows, files, &destination).await?;
-            tracing::info!(job_id, rows, files, "export completed");
+            let skipped = ctx
+                .progress
+                .rows_skipped
+                .load(Relaxed)
+                .saturating_sub(skipped_before);
+            history::completed(&ctx.store, &job_id, rows, files, skipped, &destination).await?;
+            tracing::info!(job_id, rows, files, skipped, "export completed");
             let bytes = bytes_now();
             export_metrics(
                 request.kind,
@@ -536,6 +546,7 @@ pub async fn run_export(
                 rows,
                 bytes,
                 deleted,
+                skipped,
                 destination,
                 elapsed: started.elapsed(),
             })
@@ -857,6 +868,14 @@ async fn execute(
             // One archive at a time (two would both publish the same events), and first
             // finish what an interrupted archive published but did not delete.
             let lock = ArchiveLock::take(ctx, job_id).await?;
+            if !ctx.transforms.is_empty() {
+                // An archive is a move: every event deleted must be in the files as stored.
+                tracing::info!(
+                    job_id,
+                    transforms = ctx.transforms.len(),
+                    "ARCHIVE runs no export_transforms: events are archived as stored"
+                );
+            }
             let result = archive(ctx, request, job_id).await;
             lock.release(ctx).await;
             return result;
@@ -1850,9 +1869,20 @@ async fn stage(
             let mut writer =
                 PartWriter::new(sluice_connectors::parquet::schema_of(table), &work, options);
             let mut dead_letters = Vec::new();
+            let mut warned_skipping = false;
             while let Some(batch) = batch_rx.blocking_recv() {
                 let applied = apply_chain(&transforms, batch)?;
                 dead_letters.extend(applied.dead_letters);
+                if let Some(first) = applied.skipped.first() {
+                    // Once per day's staging: the count is in the run's record.
+                    if !warned_skipping {
+                        tracing::warn!(partition = %partition, plugin = %first.transform, reason = %first.reason, "a plugin skipped records under the skip-batch policy; they are not written (counted in the run's rowsSkipped)");
+                        warned_skipping = true;
+                    }
+                    progress
+                        .rows_skipped
+                        .fetch_add(applied.skipped.len() as u64, Relaxed);
+                }
                 if dead_letters.len() >= LETTERS_PER_WRITE
                     && letter_tx
                         .blocking_send(std::mem::take(&mut dead_letters))

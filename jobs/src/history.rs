@@ -110,6 +110,7 @@ pub async fn completed(
     job_id: &str,
     records: u64,
     files: u64,
+    skipped: u64,
     destination: &str,
 ) -> Result<(), StoreError> {
     set_outcome(
@@ -120,6 +121,7 @@ pub async fn completed(
             f::END_TIME: store.now(),
             f::RECORDS_PROCESSED: records as i64,
             f::FILES: files as i64,
+            ROWS_SKIPPED: skipped as i64,
             f::DESTINATION: destination,
         },
     )
@@ -323,6 +325,8 @@ pub const PARTITIONS: &str = "partitions";
 pub const EVENTS_DELETED: &str = "eventsDeleted";
 /// Rows a failed run had read when it stopped.
 pub const ROWS_READ: &str = "rowsRead";
+/// Records a transform plugin dropped under the skip-batch policy (not written).
+pub const ROWS_SKIPPED: &str = "rowsSkipped";
 
 /// Records a partition the run published (as it is published, so a run that fails later
 /// still says which partitions it replaced).

@@ -121,6 +121,9 @@ pub struct ImportSummary {
     pub warnings: Vec<String>,
     /// Records transform plugins failed under the dead-letter policy (in `dead_letters`).
     pub dead_letters: u64,
+    /// Records transform plugins dropped under the skip-batch policy: not stored, and
+    /// the cursor moves past them.
+    pub skipped: u64,
     /// Kinds of upsert key seen: 1 strings, 2 numbers.
     #[serde(skip)]
     key_kinds: u8,
@@ -269,7 +272,8 @@ fn http_metrics(config: &str, h: &HttpStats) {
 fn import_metrics(before: &ImportSummary, after: &ImportSummary, status: &str, secs: f64) {
     use sluice_core::metrics::{count, observe_seconds};
     let config = [("config", after.name.as_str())];
-    let records = "Import records, by config and stage (fetched, upserted, failed mapping).";
+    let records =
+        "Import records, by config and stage (fetched, upserted, failed mapping, skipped by a plugin).";
     for (stage, n) in [
         ("fetched", after.fetched - before.fetched),
         (
@@ -277,6 +281,7 @@ fn import_metrics(before: &ImportSummary, after: &ImportSummary, status: &str, s
             (after.inserted + after.updated) - (before.inserted + before.updated),
         ),
         ("failed", after.failed - before.failed),
+        ("skipped", after.skipped - before.skipped),
     ] {
         let labels = [config[0], ("stage", stage)];
         count("sluice_import_records_total", records, &labels, n);
@@ -436,6 +441,7 @@ pub async fn run_import(
             summary.updated = cp.get_i64("updated").unwrap_or(0) as u64;
             summary.unchanged = cp.get_i64("unchanged").unwrap_or(0) as u64;
             summary.failed = cp.get_i64("failed").unwrap_or(0) as u64;
+            summary.skipped = cp.get_i64("skipped").unwrap_or(0) as u64;
             // Checkpoints of earlier versions did not say: as if every failure was kept.
             summary.rejected_kept = cp
                 .get_i64("rejectedKept")
@@ -798,6 +804,29 @@ fn warn_once(summary: &mut ImportSummary, config: &str, warning: String) {
     summary.warnings.push(warning);
 }
 
+/// Records a plugin dropped under skip-batch: counted, and each plugin that dropped some
+/// named once in the run's warnings with its first reason (the operator chose to lose
+/// them, but must be able to see that it happens).
+fn note_skipped(
+    summary: &mut ImportSummary,
+    config: &str,
+    skipped: &[sluice_core::transform::DeadLetter],
+) {
+    summary.skipped += skipped.len() as u64;
+    for s in skipped {
+        let said = format!("plugin `{}` skipped records", s.transform);
+        if summary.warnings.iter().any(|w| w.starts_with(&said)) {
+            continue;
+        }
+        let warning = format!(
+            "{said} under the skip-batch policy (the first: {}); they are not stored and the cursor moves past them (`skipped` counts them)",
+            s.reason
+        );
+        tracing::warn!(config, "{warning}");
+        summary.warnings.push(warning);
+    }
+}
+
 fn reject(summary: &mut ImportSummary, options: &ImportOptions, reason: String, record: &Value) {
     reject_at(summary, options, "mapping", reason, record)
 }
@@ -938,6 +967,7 @@ async fn write_page(
     }
     let applied = apply_off_runtime(chain, mapped).await?;
     let mut letters = applied.dead_letters;
+    note_skipped(summary, &connector.name, &applied.skipped);
     // What a plugin returns is held to the mapping's rules again: a record whose key it
     // dropped would be upserted with `{key: null}`, over any document lacking the key.
     let mapped: Vec<Document> = if chain.is_empty() {
@@ -1082,6 +1112,7 @@ async fn write_page(
                     "updated": summary.updated as i64,
                     "unchanged": summary.unchanged as i64,
                     "failed": summary.failed as i64,
+                    "skipped": summary.skipped as i64,
                     "rejectedKept": summary.rejected_kept as i64,
                     "maxCursor": max_cursor.clone().unwrap_or(Bson::Null),
                     "cursorEpochMs": summary.cursor_epoch_ms,
@@ -1713,6 +1744,7 @@ async fn record_run(
                     "updated": s.updated as i64, "unchanged": s.unchanged as i64,
                     "failedMappings": s.failed as i64,
                     "deadLetters": s.dead_letters as i64,
+                    "skipped": s.skipped as i64,
                     "samples": samples, "error": error, "resumed": s.resumed,
                     "stoppedEarly": s.stopped_early.clone(),
                     "endTime": if status == "RUNNING" { Bson::Null } else { Bson::DateTime(now) },
@@ -1748,6 +1780,9 @@ pub struct PushSummary {
     pub samples: Vec<Rejected>,
     /// Records transform plugins failed under the dead-letter policy (in `dead_letters`).
     pub dead_letters: u64,
+    /// Records transform plugins dropped under the skip-batch policy: not sent, and the
+    /// position moves past them.
+    pub skipped: u64,
 }
 
 /// Where a pushed batch lies in the (watermark, `_id`) order: its first and last
@@ -1919,6 +1954,12 @@ pub async fn run_push(
         });
         let span = batch_span(&batch, watermark.as_deref());
         let applied = apply_off_runtime(&chain, std::mem::take(&mut batch)).await?;
+        if let Some(first) = applied.skipped.first() {
+            if summary.skipped == 0 {
+                tracing::warn!(config = name, plugin = %first.transform, reason = %first.reason, "a plugin skipped records under the skip-batch policy; they are not sent and the position moves past them");
+            }
+            summary.skipped += applied.skipped.len() as u64;
+        }
         let docs = applied.records;
         summary.dead_letters += store
             .keep_dead_letters(applied.dead_letters, &format!("push:{name}"), None)
@@ -1987,11 +2028,12 @@ pub async fn run_push(
         http_metrics(name, &h);
     }
     let help =
-        "Records pushed by EXPORT configs, by config and stage (read, sent, failed mapping).";
+        "Records pushed by EXPORT configs, by config and stage (read, sent, failed mapping, skipped by a plugin).";
     for (stage, n) in [
         ("read", summary.read),
         ("sent", summary.sent),
         ("failed", summary.failed),
+        ("skipped", summary.skipped),
     ] {
         let l = [labels[0], ("stage", stage)];
         sluice_core::metrics::count("sluice_push_records_total", help, &l, n);
@@ -2007,10 +2049,7 @@ async fn apply_off_runtime(
     batch: Vec<Document>,
 ) -> Result<Applied, TransformError> {
     if chain.is_empty() {
-        return Ok(Applied {
-            records: batch,
-            dead_letters: Vec::new(),
-        });
+        return Ok(Applied::untouched(batch));
     }
     let chain = chain.to_vec();
     tokio::task::spawn_blocking(move || apply_chain(&chain, batch))

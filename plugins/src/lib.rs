@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
-use sluice_core::transform::{Record, Transform, TransformError};
+use sluice_core::transform::{Call, Record, Transform, TransformError};
 use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{Engine, Store};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
@@ -175,6 +175,30 @@ impl Default for Limits {
             batch_deadline_ms: 2_000,
             fuel: None,
         }
+    }
+}
+
+/// The longest batch deadline a plugin may have (`[plugins] max_batch_deadline_ms` is
+/// held to it too).
+pub const MAX_BATCH_DEADLINE_MS: u64 = sluice_core::config::MAX_PLUGIN_BATCH_DEADLINE_MS;
+
+impl Limits {
+    /// Limits no batch could run under are refused when the plugin loads, not found out
+    /// batch by batch.
+    pub fn check(&self) -> Result<(), String> {
+        if self.memory_mib == 0 {
+            return Err("`limits.memory_mib` must be at least 1".into());
+        }
+        if !(1..=MAX_BATCH_DEADLINE_MS).contains(&self.batch_deadline_ms) {
+            return Err(format!(
+                "`limits.batch_deadline_ms` must be 1 to {MAX_BATCH_DEADLINE_MS}, got {}",
+                self.batch_deadline_ms
+            ));
+        }
+        if self.fuel == Some(0) {
+            return Err("`limits.fuel` must be at least 1 (leave it out for no fuel limit)".into());
+        }
+        Ok(())
     }
 }
 
@@ -333,9 +357,9 @@ impl WasiView for HostState {
 pub struct PluginHost {
     engine: Engine,
     linker: Arc<Linker<HostState>>,
-    /// Compiled components by component file, with the file's sha256: a plugin loaded
-    /// twice is compiled once, and a file replaced (a new version) takes the place of the
-    /// old compile, so a long-running server keeps one per plugin file.
+    /// Compiled components by plugin (its manifest's path), with the component's sha256:
+    /// a plugin loaded twice is compiled once, and a new version (whatever its file)
+    /// takes the place of the old compile, so a long-running server keeps one per plugin.
     compiled: Arc<Mutex<std::collections::HashMap<PathBuf, (String, Component)>>>,
     fuel: bool,
     _ticker: Arc<Ticker>,
@@ -537,6 +561,7 @@ impl PluginHost {
             }
         }
         let mut limits = limits.or(manifest.limits.clone()).unwrap_or_default();
+        limits.check().map_err(load)?;
         // The manifest is the plugin author's word; the operator's ceilings win.
         if let Some(max) = grants.max_memory_mib {
             limits.memory_mib = limits.memory_mib.min(max);
@@ -547,9 +572,11 @@ impl PluginHost {
         if limits.fuel.is_some() && !self.fuel {
             return Err(load("has a fuel limit but the host meters no fuel".into()));
         }
-        // The configured path made absolute, symlinks kept: a deploy that swaps a link
-        // (`p.wasm -> p-1.2.wasm`) replaces the compile under the same key.
-        let key = std::path::absolute(&wasm_path).unwrap_or_else(|_| wasm_path.clone());
+        // Kept per plugin (its manifest's path, made absolute), not per component file: a
+        // deploy that points the manifest at a new file (`p-1.2.wasm`), or swaps a link,
+        // replaces the plugin's compile instead of adding one per version for the life of
+        // the process.
+        let key = std::path::absolute(&manifest_path).unwrap_or_else(|_| manifest_path.clone());
         let cached = self
             .compiled
             .lock()
@@ -585,7 +612,7 @@ impl PluginHost {
             freed: Condvar::new(),
             max_instances: grants.instances.max(1),
             policy: FailurePolicy::FailRun,
-            skipped_batches: Mutex::new(0),
+            skipped_records: Mutex::new(0),
         };
         // The first instance is built now, so a plugin that cannot start fails the load.
         let first = off_runtime(|| t.instantiate()).map_err(PluginError::while_starting)?;
@@ -719,7 +746,7 @@ pub struct WasmTransform {
     /// The most instances at once ([`Grants::instances`]).
     max_instances: usize,
     policy: FailurePolicy,
-    skipped_batches: Mutex<u64>,
+    skipped_records: Mutex<u64>,
 }
 
 /// Output of one batch.
@@ -751,9 +778,9 @@ impl WasmTransform {
         &self.version
     }
 
-    pub fn skipped_batches(&self) -> u64 {
+    pub fn skipped_records(&self) -> u64 {
         *self
-            .skipped_batches
+            .skipped_records
             .lock()
             .unwrap_or_else(|p| p.into_inner())
     }
@@ -866,7 +893,15 @@ impl WasmTransform {
         // than the first line of the context chain, which only says where it happened.
         let message = match e.downcast_ref::<wasmtime::Trap>() {
             Some(trap) => trap.to_string(),
-            None => format!("{e:#}").lines().next().unwrap_or("").to_string(),
+            // wasmtime puts the wasm backtrace around a host error as its outer context:
+            // the cause (a full resource table, too much randomness asked) is innermost.
+            None => e
+                .root_cause()
+                .to_string()
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string(),
         };
         PluginError::Trap { plugin, message }
     }
@@ -1405,21 +1440,22 @@ impl Transform for WasmTransform {
         &self.name
     }
 
-    fn apply(
-        &self,
-        batch: Vec<Record>,
-        letters: &mut Vec<(Record, String)>,
-    ) -> Result<Vec<Record>, TransformError> {
+    fn apply(&self, batch: Vec<Record>, call: &mut Call) -> Result<Vec<Record>, TransformError> {
         use sluice_core::metrics::{count, observe_seconds};
         let started = Instant::now();
         let records_in = batch.len() as u64;
         // Narrowing a failing batch down costs a call per part: it stops once it has
-        // spent a few deadlines, however slowly the plugin fails.
-        let until = Until {
-            trap: started + SPLIT_BUDGET_DEADLINES * self.deadline(),
-            memory: started + MEMORY_SPLIT_BUDGET_DEADLINES * self.deadline(),
+        // spent a few deadlines, however slowly the plugin fails, or at the caller's
+        // limit if that comes first.
+        let budget = |deadlines: u32| {
+            let own = started + deadlines * self.deadline();
+            call.until.map_or(own, |theirs| own.min(theirs))
         };
-        let result = self.apply_with_policy(batch, letters, until, 0);
+        let until = Until {
+            trap: budget(SPLIT_BUDGET_DEADLINES),
+            memory: budget(MEMORY_SPLIT_BUDGET_DEADLINES),
+        };
+        let result = self.apply_with_policy(batch, call, until, 0);
         let plugin = [("plugin", self.name.as_str())];
         let help = "Records through plugins, by plugin and direction (in, out).";
         count(
@@ -1471,16 +1507,16 @@ impl WasmTransform {
         Duration::from_millis(self.limits.batch_deadline_ms)
     }
 
-    /// Records dropped with their batch under `skip-batch`: counted by plugin, beside the
-    /// warning, so an operator sees them in `/metrics` and not only in the log.
-    fn count_skipped_batch(&self, records: usize) {
+    /// Records dropped under `skip-batch`: counted by plugin, beside the warning, so an
+    /// operator sees them in `/metrics` and not only in the log.
+    fn count_skipped(&self, records: usize) {
         *self
-            .skipped_batches
+            .skipped_records
             .lock()
-            .unwrap_or_else(|p| p.into_inner()) += 1;
+            .unwrap_or_else(|p| p.into_inner()) += records as u64;
         sluice_core::metrics::count(
             "sluice_plugin_skipped_records_total",
-            "Records dropped with their batch because a plugin failed it under the skip-batch policy.",
+            "Records dropped under the skip-batch policy: those a plugin failed, or a whole batch whose call failed.",
             &[("plugin", self.name.as_str())],
             records as u64,
         );
@@ -1492,7 +1528,7 @@ impl WasmTransform {
     fn apply_with_policy(
         &self,
         batch: Vec<Record>,
-        letters: &mut Vec<(Record, String)>,
+        call: &mut Call,
         until: Until,
         offset: usize,
     ) -> Result<Vec<Record>, TransformError> {
@@ -1511,8 +1547,8 @@ impl WasmTransform {
                 let mut second = batch;
                 let first: Vec<Record> = second.drain(..second.len() / 2).collect();
                 let after = offset + first.len();
-                let mut out = self.apply_with_policy(first, letters, until, offset)?;
-                out.extend(self.apply_with_policy(second, letters, until, after)?);
+                let mut out = self.apply_with_policy(first, call, until, offset)?;
+                out.extend(self.apply_with_policy(second, call, until, after)?);
                 return Ok(out);
             }
             // A failure that says nothing about the records (a deadline, which depends on
@@ -1524,8 +1560,11 @@ impl WasmTransform {
                 let unnarrowed = Self::splittable(&e, self.policy, &batch);
                 return match self.policy {
                     FailurePolicy::SkipBatch => {
-                        self.count_skipped_batch(batch.len());
+                        self.count_skipped(batch.len());
                         tracing::warn!(plugin = %self.name, records = batch.len(), error = %e, "batch skipped");
+                        let reason = format!("skipped with its batch: {e}");
+                        call.skipped
+                            .extend(batch.into_iter().map(|d| (d, reason.clone())));
                         Ok(Vec::new())
                     }
                     FailurePolicy::DeadLetter => {
@@ -1537,7 +1576,8 @@ impl WasmTransform {
                                 batch.len()
                             );
                         }
-                        letters.extend(batch.into_iter().map(|d| (d, reason.clone())));
+                        call.letters
+                            .extend(batch.into_iter().map(|d| (d, reason.clone())));
                         Ok(Vec::new())
                     }
                     FailurePolicy::FailRun => Err(err(e)),
@@ -1558,14 +1598,18 @@ impl WasmTransform {
         }
         match self.policy {
             FailurePolicy::DeadLetter => {
-                letters.extend(failed.into_iter().map(|(_, d, reason)| (d, reason)));
+                call.letters
+                    .extend(failed.into_iter().map(|(_, d, reason)| (d, reason)));
                 Ok(records)
             }
+            // The call told which records failed: only those are dropped, the others of
+            // the batch go on, as under dead-letter.
             FailurePolicy::SkipBatch => {
-                let dropped = records.len() + failed.len();
-                self.count_skipped_batch(dropped);
-                tracing::warn!(plugin = %self.name, failed = failed.len(), records = dropped, "batch skipped");
-                Ok(Vec::new())
+                self.count_skipped(failed.len());
+                tracing::warn!(plugin = %self.name, failed = failed.len(), first = %failed[0].2, "records skipped");
+                call.skipped
+                    .extend(failed.into_iter().map(|(_, d, reason)| (d, reason)));
+                Ok(records)
             }
             FailurePolicy::FailRun => {
                 let (index, record, reason) = failed.swap_remove(0);

@@ -973,7 +973,7 @@ impl sluice_core::transform::Transform for NativeRedact {
     fn apply(
         &self,
         batch: Vec<Document>,
-        _: &mut Vec<(Document, String)>,
+        _: &mut sluice_core::transform::Call,
     ) -> Result<Vec<Document>, sluice_core::transform::TransformError> {
         batch
             .into_iter()
@@ -1013,7 +1013,7 @@ impl sluice_core::transform::Transform for NativeRedactBson {
     fn apply(
         &self,
         mut batch: Vec<Document>,
-        _: &mut Vec<(Document, String)>,
+        _: &mut sluice_core::transform::Call,
     ) -> Result<Vec<Document>, sluice_core::transform::TransformError> {
         for d in &mut batch {
             self.redact(d, "email");
@@ -1089,7 +1089,9 @@ async fn wasm_transform(events: &[Event], n: usize, rounds: usize) -> anyhow::Re
             for chunk in docs.chunks(1000) {
                 let batch = chunk.to_vec();
                 out += match chain.first() {
-                    Some(t) => t.apply(batch, &mut Vec::new())?.len(),
+                    Some(t) => t
+                        .apply(batch, &mut sluice_core::transform::Call::default())?
+                        .len(),
                     None => std::hint::black_box(batch).len(),
                 };
             }

@@ -444,7 +444,9 @@ impl IntoResponse for Answer {
 /// is answered `dropped`; outputs keep their input's eventId, so further outputs of one
 /// input are duplicates of the first; an output that is not an event, breaks the client's
 /// rules or is over 4 × `max_event_bytes` as stored fails its input (one under no input's
-/// eventId is dropped and logged). Under `fail-run`, an
+/// eventId is not stored and logged, and every input left with no output is then
+/// answered `rejected`). Under `skip-batch`, an event a plugin failed is answered
+/// `rejected` with the plugin's reason. Under `fail-run`, an
 /// event the chain fails (the plugin rejected it, or trapped on it) is answered
 /// `rejected` with the reason and the rest of the request goes on: there is no run to
 /// stop, and a client told to resend would send the same event into the same failure
@@ -523,6 +525,9 @@ async fn transform(
         tracing::warn!(event_id = %events[i].event_id, error = %e, "a transform failed the event; rejected");
         failed.insert(i, e.to_string());
     }
+    // Under skip-batch, an event a plugin failed is not stored: it is answered `rejected`
+    // with the reason, not `dropped`, which would read as the plugin's choice.
+    let skipped = isolated.skipped;
     // Events a plugin failed under the dead-letter policy are kept before anything is
     // answered; if they cannot be, the client is asked to resend.
     tokio::time::timeout(
@@ -550,6 +555,23 @@ async fn transform(
         .enumerate()
         .map(|(i, e)| (e.event_id.as_str(), i))
         .collect();
+    for s in skipped {
+        let input = s
+            .record
+            .get_str(sluice_core::model::event_fields::EVENT_ID)
+            .ok()
+            .and_then(|id| sent.get(id).copied());
+        if let Some(input) = input {
+            tracing::warn!(event_id = %events[input].event_id, plugin = %s.transform, reason = %s.reason, "a transform failed the event under skip-batch; rejected");
+            failed
+                .entry(input)
+                .or_insert_with(|| format!("transform `{}` failed: {}", s.transform, s.reason));
+        }
+    }
+    // Outputs under an eventId no input had: their inputs cannot be told apart from
+    // events the plugin dropped on purpose, so every input left with no output is then
+    // answered `rejected` (a client told `dropped` would not resend).
+    let mut strays = 0usize;
     // What a plugin returns is held to the rules a client's event is: it cannot store an
     // amount, an id or a property name the endpoint would have refused.
     let now = state.store.now().timestamp_millis();
@@ -597,10 +619,13 @@ async fn transform(
                     }
                 }
             }
-            (Ok(e), None) => tracing::warn!(
-                event_id = %e.event_id,
-                "a transform returned an event under an eventId no input had; not stored (plugins must keep eventId)"
-            ),
+            (Ok(e), None) => {
+                strays += 1;
+                tracing::warn!(
+                    event_id = %e.event_id,
+                    "a transform returned an event under an eventId no input had; not stored (plugins must keep eventId)"
+                )
+            }
             // Answered `dropped`, the client would never resend an event it lost.
             (Err(err), Some(input)) => {
                 tracing::warn!(event_id = %events[input].event_id, error = %err, "a transform returned something that is not an event; rejected");
@@ -609,7 +634,8 @@ async fn transform(
                 });
             }
             (Err(err), None) => {
-                tracing::warn!(error = %err, "a transform returned something that is not an event, under no eventId of the request; dropped")
+                strays += 1;
+                tracing::warn!(error = %err, "a transform returned something that is not an event, under no eventId of the request; not stored")
             }
         }
     }
@@ -628,6 +654,9 @@ async fn transform(
                 match (failed.remove(&i), position.get(events[i].event_id.as_str())) {
                     (Some(reason), _) => Outcome::Failed(reason),
                     (None, Some(&j)) => Outcome::Queued(j),
+                    (None, None) if strays > 0 => Outcome::Failed(format!(
+                        "a transform returned {strays} output(s) under an eventId no event of the request had, so this event's output may be among them; nothing of it was stored (plugins must keep eventId)"
+                    )),
                     (None, None) => Outcome::Dropped("transform"),
                 }
             }

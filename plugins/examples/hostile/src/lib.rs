@@ -48,6 +48,7 @@ fn misbehave(mode: &str, record: String) -> Result<Vec<String>, String> {
             Ok(vec![record])
         }
         "panic" => panic!("the plugin panicked on purpose"),
+        "exit" => std::process::exit(3),
         "panic-on-bad" if record.contains("\"bad\"") => panic!("a record the plugin cannot take"),
         "file" => match std::fs::read_to_string("/etc/passwd") {
             Ok(text) => Ok(vec![json!({ "stolen": text }).to_string()]),
