@@ -511,6 +511,12 @@ pub async fn export_run(
             summary.skipped
         );
     }
+    if summary.rejected > 0 {
+        println!(
+            "  {} documents could not be rows of the table and were kept in dead_letters (pipeline export:{kind})",
+            summary.rejected
+        );
+    }
     if kind == sluice_core::model::ExportJobType::Archive && summary.rows == 0 {
         let cutoff = chrono::Utc::now().date_naive()
             - chrono::Days::new(u64::from(config.archive_after_days));

@@ -665,6 +665,102 @@ async fn an_archive_that_died_before_deleting_is_finished_not_repeated() {
 }
 
 #[tokio::test]
+async fn an_archive_whose_deletes_did_not_all_take_stays_pending_until_they_do() {
+    let db = TestDb::initialized().await;
+    let dir = temp_dir();
+    let old = day(-110);
+    seed(&db, old, 300).await;
+    let mut missing = ExportContext::new(db.store.clone(), ObjectStore::Local(LocalDir::new(&dir)));
+    missing.archive_delete_misses = 7;
+    let err = run_export(&missing, &request(ExportJobType::Archive, day(0), day(0)))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("deleted 293 of the 300") && err.contains("7 of them are still stored"),
+        "{err}"
+    );
+    let events = db.store.collection("events");
+    assert_eq!(events.count_documents(doc! {}).await.unwrap(), 7);
+    // The day is still pending, not marked done: the next run finishes its deletion
+    // instead of archiving the 7 again into a second copy in the partition.
+    let jobs = db.store.collection("export_jobs");
+    assert_eq!(
+        jobs.count_documents(doc! { "pendingDeletes.0": { "$exists": true } })
+            .await
+            .unwrap(),
+        1
+    );
+    let ctx = ExportContext::new(db.store.clone(), ObjectStore::Local(LocalDir::new(&dir)));
+    let next = run_export(&ctx, &request(ExportJobType::Archive, day(0), day(0)))
+        .await
+        .unwrap();
+    assert_eq!((next.deleted, next.rows), (7, 0));
+    assert_eq!(events.count_documents(doc! {}).await.unwrap(), 0);
+    let manifest = manifest(&dir, &format!("ARCHIVE/dt={old}"));
+    assert_eq!(manifest["rows"], 300, "every event once: {manifest}");
+    assert_eq!(
+        jobs.count_documents(doc! { "pendingDeletes.0": { "$exists": true } })
+            .await
+            .unwrap(),
+        0
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test]
+async fn a_document_that_cannot_be_a_row_is_set_aside_not_a_stop_to_the_export() {
+    let db = TestDb::initialized().await;
+    let dir = temp_dir();
+    let d = day(-2);
+    seed(&db, d, 50).await;
+    // Written by another tool: no eventId, and no userId.
+    let at = DateTime::from_millis(ms(d, 7_200_000));
+    let events = db.store.collection("events");
+    for odd in [
+        doc! { "userId": "u", "sessionId": "s", "eventType": "CLICK", "timestamp": at, "createdAt": at, "metadata": { "bot": false } },
+        doc! { "eventId": "no-user", "sessionId": "s", "eventType": "CLICK", "timestamp": at, "createdAt": at, "metadata": { "bot": false } },
+    ] {
+        events.insert_one(odd).await.unwrap();
+    }
+    let mut ctx = ExportContext::new(db.store.clone(), ObjectStore::Local(LocalDir::new(&dir)));
+    ctx.batch_rows = 16;
+    let summary = run_export(&ctx, &request(ExportJobType::EventData, d, d))
+        .await
+        .unwrap();
+    assert_eq!((summary.rows, summary.rejected), (50, 2));
+    let letters: Vec<Document> = db
+        .store
+        .collection("dead_letters")
+        .find(doc! { "pipeline": "export:EVENT_DATA" })
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(letters.len(), 2, "{letters:?}");
+    let mut reasons: Vec<&str> = letters
+        .iter()
+        .map(|l| {
+            assert_eq!(l.get_str("plugin").unwrap(), "schema");
+            l.get_str("reason").unwrap()
+        })
+        .collect();
+    reasons.sort();
+    assert!(reasons[0].contains("`eventId`"), "{reasons:?}");
+    assert!(reasons[1].contains("`userId`"), "{reasons:?}");
+    let job = db
+        .store
+        .collection("export_jobs")
+        .find_one(doc! { "jobId": &summary.job_id })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(job.get_i64("rowsRejected").unwrap(), 2, "{job}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test]
 async fn a_pending_archive_day_whose_files_changed_is_not_archived_again() {
     let db = TestDb::initialized().await;
     let dir = temp_dir();

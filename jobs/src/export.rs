@@ -28,8 +28,8 @@ use futures_util::TryStreamExt;
 use serde_json::json;
 use sluice_connectors::objstore::{ObjectStore, StorageError};
 use sluice_connectors::parquet::{
-    columns as pc, encode, schema_description, LocalPart, PartWriter, PartWriterOptions, TableSpec,
-    DAILY_TABLE, EVENT_TABLE, USER_TABLE,
+    columns as pc, encode, schema_description, EncodeError, LocalPart, PartWriter,
+    PartWriterOptions, RecordBatch, TableSpec, DAILY_TABLE, EVENT_TABLE, USER_TABLE,
 };
 use sluice_connectors::{Store, StoreError};
 use sluice_core::model::{
@@ -119,6 +119,8 @@ pub struct Progress {
     pub rows_deleted: AtomicU64,
     /// Records a transform plugin dropped under the skip-batch policy (not written).
     pub rows_skipped: AtomicU64,
+    /// Documents that could not be rows of the table (kept in `dead_letters`).
+    pub rows_rejected: AtomicU64,
 }
 
 /// Everything a run needs besides the request.
@@ -156,6 +158,10 @@ pub struct ExportContext {
     /// Tests: the last step of a publish, putting `_SUCCESS` back, fails (a storage error
     /// outlasting the SDK's retries).
     pub fail_success_put: bool,
+    /// Tests: an ARCHIVE's deletes leave out this many of the events it archived, as a
+    /// delete acknowledged and then rolled back (a primary stepping down under `w: 1`)
+    /// leaves them stored.
+    pub archive_delete_misses: usize,
 }
 
 impl ExportContext {
@@ -176,6 +182,7 @@ impl ExportContext {
             lose_lock_after_copies: false,
             die_after_copies: None,
             fail_success_put: false,
+            archive_delete_misses: 0,
         }
     }
 }
@@ -203,6 +210,8 @@ pub struct ExportSummary {
     pub deleted: u64,
     /// Records a transform plugin dropped under the skip-batch policy (not written).
     pub skipped: u64,
+    /// Documents that could not be rows of the table (kept in `dead_letters`).
+    pub rejected: u64,
     pub destination: String,
     pub elapsed: Duration,
 }
@@ -506,10 +515,11 @@ pub async fn run_export(
     let heartbeat = history::heartbeat(&ctx.store, &job_id);
     // The counters are shared by the runs of one context (catch-up runs several windows):
     // this run's figures are what they grew by.
-    let (read_before, bytes_before, skipped_before) = (
+    let (read_before, bytes_before, skipped_before, rejected_before) = (
         ctx.progress.rows_read.load(Relaxed),
         ctx.progress.bytes_uploaded.load(Relaxed),
         ctx.progress.rows_skipped.load(Relaxed),
+        ctx.progress.rows_rejected.load(Relaxed),
     );
     let bytes_now = || {
         ctx.progress
@@ -528,8 +538,14 @@ pub async fn run_export(
                 .rows_skipped
                 .load(Relaxed)
                 .saturating_sub(skipped_before);
-            history::completed(&ctx.store, &job_id, rows, files, skipped, &destination).await?;
-            tracing::info!(job_id, rows, files, skipped, "export completed");
+            let rejected = ctx
+                .progress
+                .rows_rejected
+                .load(Relaxed)
+                .saturating_sub(rejected_before);
+            let set_aside = history::SetAside { skipped, rejected };
+            history::completed(&ctx.store, &job_id, rows, files, set_aside, &destination).await?;
+            tracing::info!(job_id, rows, files, skipped, rejected, "export completed");
             let bytes = bytes_now();
             export_metrics(
                 request.kind,
@@ -547,6 +563,7 @@ pub async fn run_export(
                 bytes,
                 deleted,
                 skipped,
+                rejected,
                 destination,
                 elapsed: started.elapsed(),
             })
@@ -1064,7 +1081,7 @@ async fn archive(
             ));
         }
         ensure_archive_lock(ctx, job_id).await?;
-        let n = archive_delete(ctx, &s, &p).await?;
+        let n = archive_delete(ctx, job_id, &s, &p).await?;
         // Recorded as published before it stops being pending, so the day is always
         // named by one of the two (the analytics API refuses such days).
         history::partition_published(&ctx.store, job_id, &p.prefix, p.rows, &p.files, p.kept)
@@ -1870,6 +1887,7 @@ async fn stage(
                 PartWriter::new(sluice_connectors::parquet::schema_of(table), &work, options);
             let mut dead_letters = Vec::new();
             let mut warned_skipping = false;
+            let mut warned_unfit = false;
             while let Some(batch) = batch_rx.blocking_recv() {
                 let applied = apply_chain(&transforms, batch)?;
                 dead_letters.extend(applied.dead_letters);
@@ -1918,11 +1936,23 @@ async fn stage(
                         ))
                     })?
                 } else {
-                    encode(table, &records).map_err(|e| enc(e.to_string()))?
+                    let (encoded, unfit) =
+                        encode_or_set_aside(table, records).map_err(|e| enc(e.to_string()))?;
+                    if let Some(first) = unfit.first() {
+                        if !warned_unfit {
+                            tracing::warn!(partition = %partition, reason = %first.reason, "documents that cannot be rows of the table were kept in dead_letters instead of exported (counted in the run's rowsRejected)");
+                            warned_unfit = true;
+                        }
+                        progress
+                            .rows_rejected
+                            .fetch_add(unfit.len() as u64, Relaxed);
+                        dead_letters.extend(unfit);
+                    }
+                    encoded
                 };
                 progress
                     .rows_written
-                    .fetch_add(records.len() as u64, Relaxed);
+                    .fetch_add(encoded.num_rows() as u64, Relaxed);
                 if let Some(part) = writer.write(&encoded).map_err(|e| enc(e.to_string()))? {
                     if part_tx.blocking_send(part).is_err() {
                         // the uploader failed; its error is reported
@@ -2139,6 +2169,39 @@ async fn publish(
 
 /// Dead letters an export keeps per write (see [`stage`]).
 const LETTERS_PER_WRITE: usize = 1_000;
+
+/// The dead letters' `plugin` for documents an export could not make rows of.
+pub const UNFIT_ROW: &str = "schema";
+
+/// EVENT_DATA, USER_DATA, DAILY_ANALYTICS: encodes a batch. A document that cannot be a
+/// row (a required column missing or unreadable, such as an event without `eventId`
+/// or with a time out of range, written by another tool) is set aside as a dead letter
+/// instead of failing the run: failing, it would stop every later scheduled day until
+/// someone removed it. Each document is tried alone only once its batch has failed.
+fn encode_or_set_aside(
+    table: &'static TableSpec,
+    records: Vec<Document>,
+) -> Result<(RecordBatch, Vec<DeadLetter>), EncodeError> {
+    match encode(table, &records) {
+        Ok(batch) => Ok((batch, Vec::new())),
+        Err(EncodeError::Value { .. }) => {
+            let mut fit = Vec::with_capacity(records.len());
+            let mut unfit = Vec::new();
+            for d in records {
+                match encode(table, std::slice::from_ref(&d)) {
+                    Ok(_) => fit.push(d),
+                    Err(e) => unfit.push(DeadLetter {
+                        transform: UNFIT_ROW.into(),
+                        reason: format!("not exported: {e}"),
+                        record: d,
+                    }),
+                }
+            }
+            Ok((encode(table, &fit)?, unfit))
+        }
+        Err(e) => Err(e),
+    }
+}
 
 /// How long a publish waits for another run's publish of the same partition.
 const PUBLISH_WAIT: Duration = Duration::from_secs(10 * 60);
@@ -2411,6 +2474,7 @@ async fn publish_now(
 /// ARCHIVE: verify the published files, then delete exactly the documents read.
 async fn archive_delete(
     ctx: &ExportContext,
+    job_id: &str,
     s: &Staged,
     p: &PartitionSummary,
 ) -> Result<u64, ExportError> {
@@ -2440,8 +2504,31 @@ async fn archive_delete(
         return Ok(0);
     };
     let deleted = delete_spooled(ctx, &s.prefix, filter, spool).await?;
-    if deleted != s.rows_read {
-        tracing::warn!(partition = %s.prefix, read = s.rows_read, deleted, "archive deleted a different count than it read");
+    if deleted < s.rows_read {
+        // Some of what was read is still stored (a delete acknowledged by a primary that
+        // then stepped down, say) or was deleted by someone else meanwhile. Still stored,
+        // the day must stay pending: marked done, the next archive would read those
+        // events again into a second copy in the partition. Failing here keeps its
+        // `pendingDeletes` entry, so the next run finishes the deletion.
+        let left = ctx
+            .store
+            .collection(c::EVENTS)
+            .count_documents(filter.clone())
+            .await
+            .map_err(|source| ExportError::Read {
+                partition: s.prefix.clone(),
+                source,
+            })?;
+        if left > 0 {
+            history::events_deleted(&ctx.store, job_id, deleted).await?;
+            return Err(ExportError::Request(format!(
+                "the archive of {} deleted {deleted} of the {} events it read and published; {left} of them are still stored. The partition's files hold every one of them, so keep the partition: the next archive run finishes the deletion",
+                s.prefix, s.rows_read
+            )));
+        }
+        tracing::warn!(partition = %s.prefix, read = s.rows_read, deleted, "archive deleted fewer events than it read: the others were deleted meanwhile by something else");
+    } else if deleted > s.rows_read {
+        tracing::warn!(partition = %s.prefix, read = s.rows_read, deleted, "archive deleted more events than it read");
     }
     Ok(deleted)
 }
@@ -2477,7 +2564,10 @@ async fn delete_spooled(
         // is a short stretch of the day); any event without a time widens it to the day.
         let times: Option<Vec<i64>> = spooled.iter().map(|(at, _)| *at).collect();
         let within = times.and_then(|t| Some((*t.iter().min()?, *t.iter().max()?)));
-        let ids: Vec<String> = spooled.into_iter().map(|(_, id)| id).collect();
+        let mut ids: Vec<String> = spooled.into_iter().map(|(_, id)| id).collect();
+        if deleted == 0 {
+            ids.drain(..ctx.archive_delete_misses.min(ids.len()));
+        }
         let mut chunk_filter = filter.clone();
         if let Some((first, last)) = within {
             chunk_filter = doc! { "$and": [

@@ -105,12 +105,21 @@ pub async fn running(store: &Store, job_id: &str) -> Result<(), StoreError> {
     .await
 }
 
+/// What a completed run read but did not write.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SetAside {
+    /// Dropped by a transform plugin under the skip-batch policy.
+    pub skipped: u64,
+    /// Documents that could not be rows of the table, kept in `dead_letters`.
+    pub rejected: u64,
+}
+
 pub async fn completed(
     store: &Store,
     job_id: &str,
     records: u64,
     files: u64,
-    skipped: u64,
+    set_aside: SetAside,
     destination: &str,
 ) -> Result<(), StoreError> {
     set_outcome(
@@ -121,7 +130,8 @@ pub async fn completed(
             f::END_TIME: store.now(),
             f::RECORDS_PROCESSED: records as i64,
             f::FILES: files as i64,
-            ROWS_SKIPPED: skipped as i64,
+            ROWS_SKIPPED: set_aside.skipped as i64,
+            ROWS_REJECTED: set_aside.rejected as i64,
             f::DESTINATION: destination,
         },
     )
@@ -327,6 +337,8 @@ pub const EVENTS_DELETED: &str = "eventsDeleted";
 pub const ROWS_READ: &str = "rowsRead";
 /// Records a transform plugin dropped under the skip-batch policy (not written).
 pub const ROWS_SKIPPED: &str = "rowsSkipped";
+/// Documents that could not be rows of the table (kept in `dead_letters`).
+pub const ROWS_REJECTED: &str = "rowsRejected";
 
 /// Records a partition the run published (as it is published, so a run that fails later
 /// still says which partitions it replaced).

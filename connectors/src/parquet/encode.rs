@@ -85,8 +85,13 @@ fn missing(spec: &ColumnSpec) -> EncodeError {
 /// silently.
 #[derive(Default)]
 struct Mismatches {
+    /// Values the column could not take (written as null, or `false` for a flag).
     count: u64,
     example: Option<String>,
+    /// Values of another type written after a conversion (a number as text, `"true"`
+    /// as a flag).
+    converted: u64,
+    converted_example: Option<String>,
 }
 
 impl Mismatches {
@@ -96,6 +101,26 @@ impl Mismatches {
             self.example
                 .get_or_insert_with(|| v.clone().into_relaxed_extjson().to_string());
         }
+    }
+
+    fn note_converted(&mut self, v: &Bson) {
+        self.converted += 1;
+        self.converted_example
+            .get_or_insert_with(|| v.clone().into_relaxed_extjson().to_string());
+    }
+}
+
+/// A flag written as a string or a number by another tool, where the meaning is plain:
+/// `"true"`/`"false"` (any case) and 1/0.
+fn as_flag(v: &Bson) -> Option<bool> {
+    match v {
+        Bson::String(s) if s.eq_ignore_ascii_case("true") => Some(true),
+        Bson::String(s) if s.eq_ignore_ascii_case("false") => Some(false),
+        Bson::Int32(1) | Bson::Int64(1) => Some(true),
+        Bson::Int32(0) | Bson::Int64(0) => Some(false),
+        Bson::Double(x) if *x == 1.0 => Some(true),
+        Bson::Double(x) if *x == 0.0 => Some(false),
+        _ => None,
     }
 }
 
@@ -136,12 +161,27 @@ fn column(spec: &ColumnSpec, docs: &[Document], fit: Fit) -> Result<ArrayRef, En
         });
     }
     if odd.count > 0 {
+        // A flag the column must hold (`metadata.bot`) is false when it cannot be read.
+        let written_as = if spec.kind == ColKind::Bool && !spec.nullable {
+            "false"
+        } else {
+            "null"
+        };
         tracing::warn!(
             column = spec.name,
             path = spec.path,
             count = odd.count,
             example = odd.example.as_deref().unwrap_or(""),
-            "values of another type than the column's were exported as null"
+            "values of another type than the column's were exported as {written_as}"
+        );
+    }
+    if odd.converted > 0 {
+        tracing::warn!(
+            column = spec.name,
+            path = spec.path,
+            count = odd.converted,
+            example = odd.converted_example.as_deref().unwrap_or(""),
+            "values of another type than the column's were converted to it"
         );
     }
     Ok(array)
@@ -172,8 +212,11 @@ fn column_values(
                         b.append_value(v.clone().into_relaxed_extjson().to_string())
                     }
                     Some(v) => {
-                        if fit == Fit::Exact {
-                            odd.note(Some(v), matches!(v, Bson::String(_)));
+                        let text = matches!(v, Bson::String(_));
+                        match fit {
+                            Fit::Exact => odd.note(Some(v), text),
+                            Fit::Lenient if !text => odd.note_converted(v),
+                            Fit::Lenient => {}
                         }
                         b.append_value(as_text(v))
                     }
@@ -232,7 +275,16 @@ fn column_values(
         ColKind::Bool => {
             let mut b = BooleanBuilder::with_capacity(n);
             for v in values {
-                let x = v.and_then(Bson::as_bool);
+                let x = match (v.and_then(Bson::as_bool), v, fit) {
+                    (None, Some(v), Fit::Lenient) => {
+                        let x = as_flag(v);
+                        if x.is_some() {
+                            odd.note_converted(v);
+                        }
+                        x
+                    }
+                    (x, _, _) => x,
+                };
                 odd.note(v, x.is_some());
                 match (x, spec.nullable) {
                     (Some(x), _) => b.append_value(x),
@@ -469,6 +521,39 @@ mod tests {
         let tags = b.column_by_name("tags").unwrap().as_list::<i32>().value(0);
         let tags = tags.as_string::<i32>();
         assert_eq!((tags.value(0), tags.is_null(1)), ("a", true));
+    }
+
+    #[test]
+    fn plain_flags_are_read_and_every_conversion_is_counted() {
+        let spec = |name: &str| EVENT_TABLE.columns.iter().find(|c| c.name == name).unwrap();
+        let docs = vec![
+            doc! { "metadata": { "bot": "TRUE" }, "pageUrl": 42 },
+            doc! { "metadata": { "bot": 1 }, "pageUrl": "/a" },
+            doc! { "metadata": { "bot": "maybe" } },
+            doc! { "metadata": { "bot": 0.0 } },
+            doc! { "metadata": { "bot": true } },
+        ];
+        // A flag another tool wrote as text or a number is read where its meaning is
+        // plain, counted as converted; one that cannot be read is false, and counted.
+        let mut odd = Mismatches::default();
+        let bot = column_values(spec("bot"), &docs, &mut odd, Fit::Lenient).unwrap();
+        let bot = bot.as_boolean();
+        assert_eq!(
+            (0..5).map(|i| bot.value(i)).collect::<Vec<_>>(),
+            [true, true, false, false, true]
+        );
+        assert_eq!((odd.count, odd.converted), (1, 3));
+        assert_eq!(odd.example.as_deref(), Some("\"maybe\""));
+        // Under Exact (ARCHIVE) nothing but a boolean is a flag.
+        let mut odd = Mismatches::default();
+        column_values(spec("bot"), &docs, &mut odd, Fit::Exact).unwrap();
+        assert_eq!((odd.count, odd.converted), (4, 0));
+        // A number in a string column is written as its text, and counted.
+        let mut odd = Mismatches::default();
+        let url = column_values(spec("pageUrl"), &docs, &mut odd, Fit::Lenient).unwrap();
+        assert_eq!(url.as_string::<i32>().value(0), "42");
+        assert_eq!((odd.count, odd.converted), (0, 1));
+        assert_eq!(odd.converted_example.as_deref(), Some("42"));
     }
 
     #[test]

@@ -6,6 +6,7 @@ mod encode;
 mod schema;
 mod writer;
 
+pub use arrow::record_batch::RecordBatch;
 pub use encode::{encode, encode_exact, EncodeError};
 pub use schema::{
     columns, daily_schema, event_schema, schema_description, schema_of, uncovered_field,

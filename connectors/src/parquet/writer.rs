@@ -11,6 +11,7 @@ use arrow::record_batch::RecordBatch;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::errors::ParquetError;
+use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
 use sha2::{Digest, Sha256};
 
@@ -83,7 +84,22 @@ impl PartWriter {
                 "sluice version {} (build parquet-rs)",
                 env!("CARGO_PKG_VERSION")
             ))
+            // The schema's metadata (`sluice.table`) as plain key-value entries of the
+            // file too: the Arrow writer keeps it only inside its base64 `ARROW:schema`
+            // entry, which Spark, Trino or DuckDB's `parquet_kv_metadata` do not decode.
+            .set_key_value_metadata(Some(self.key_values()))
             .build())
+    }
+
+    fn key_values(&self) -> Vec<KeyValue> {
+        let mut entries: Vec<KeyValue> = self
+            .schema
+            .metadata()
+            .iter()
+            .map(|(k, v)| KeyValue::new(k.clone(), v.clone()))
+            .collect();
+        entries.sort_by(|a, b| a.key.cmp(&b.key));
+        entries
     }
 
     /// Appends a batch; returns a part when the current file reached its target size.
@@ -212,6 +228,16 @@ mod tests {
                     env!("CARGO_PKG_VERSION")
                 )
             );
+            // Readers that do not decode `ARROW:schema` find the table's name and
+            // version as a plain key-value entry.
+            let table = meta
+                .file_metadata()
+                .key_value_metadata()
+                .unwrap()
+                .iter()
+                .find(|kv| kv.key == "sluice.table")
+                .and_then(|kv| kv.value.clone());
+            assert_eq!(table.as_deref(), Some("events/v2"));
             let n: usize = reader.build().unwrap().map(|b| b.unwrap().num_rows()).sum();
             assert_eq!(n as u64, p.rows);
             assert_eq!(std::fs::metadata(&p.path).unwrap().len(), p.bytes);
