@@ -581,12 +581,22 @@ pub fn configs_validate(
     Ok(valid)
 }
 
+/// Config files that did not validate: the process exits 2, as for an invalid
+/// `sluice.toml`, whichever command found them.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidConfigs(pub String);
+
 /// `sluice configs apply DIR`: validates the folder, then stores every config (nothing is
 /// applied when any file is invalid).
 pub async fn configs_apply(config: &Config, dir: &Path) -> anyhow::Result<()> {
-    let valid = configs_validate(dir, false).context("nothing applied")?;
+    let invalid = |e: anyhow::Error| anyhow::Error::new(InvalidConfigs(format!("{e:#}")));
+    let valid = configs_validate(dir, false)
+        .map_err(invalid)
+        .context("nothing applied")?;
     for v in &valid {
         check_config_transforms(config, &v.file)
+            .map_err(invalid)
             .with_context(|| format!("{}: nothing applied", v.path.display()))?;
     }
     let store = Store::connect(config).await?;
@@ -1100,8 +1110,9 @@ pub async fn jobs_run(
 pub async fn jobs_history(config: &Config, name: Option<&str>) -> anyhow::Result<()> {
     use futures_util::TryStreamExt;
     let store = Store::connect(config).await?;
+    // A bare config name is its integration job, as for `jobs run`.
     let filter = match name {
-        Some(n) => bson::doc! { "job": n },
+        Some(n) => bson::doc! { "job": crate::engine::job_name(n) },
         None => bson::doc! {},
     };
     let runs: Vec<bson::Document> = store

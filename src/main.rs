@@ -355,7 +355,11 @@ fn main() -> ExitCode {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("error: {e:#}");
-            1
+            if e.downcast_ref::<cli::InvalidConfigs>().is_some() {
+                2
+            } else {
+                1
+            }
         }
     };
     // Exit without dropping the runtime: the MongoDB driver's background tasks, torn down

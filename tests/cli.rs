@@ -50,6 +50,51 @@ async fn import_run(config: &std::path::Path, name: &str) -> std::process::Outpu
     .unwrap()
 }
 
+#[tokio::test]
+async fn jobs_history_takes_a_bare_config_name_like_jobs_run() {
+    let db = support::TestDb::initialized().await;
+    let now = bson::DateTime::now();
+    let runs = db.store.collection("scheduled_runs");
+    for (id, job) in [
+        ("integration:shop@manual-1", "integration:shop"),
+        ("export:daily@2026-01-01T00:00:00Z", "export:daily"),
+    ] {
+        runs.insert_one(bson::doc! {
+            "_id": id, "job": job, "status": "COMPLETED", "owner": "cli",
+            "scheduledFor": now, "result": "fine",
+        })
+        .await
+        .unwrap();
+    }
+    let config = db_config(&db);
+    for name in ["shop", "integration:shop"] {
+        let out = {
+            let config = config.clone();
+            tokio::task::spawn_blocking(move || {
+                sluice()
+                    .arg("--config")
+                    .arg(&config)
+                    .args(["jobs", "history", name])
+                    .output()
+                    .unwrap()
+            })
+            .await
+            .unwrap()
+        };
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            stdout.contains("integration:shop@manual-1"),
+            "{name}: {stdout}"
+        );
+        assert!(!stdout.contains("export:daily"), "{name}: {stdout}");
+    }
+}
+
 #[test]
 fn config_check_names_the_file_and_field_of_a_bad_value() {
     let path = write_temp(
@@ -283,6 +328,16 @@ fn configs_validate_lists_good_files_and_names_the_bad_ones() {
         stderr.contains("bad-cron.toml: field `schedule`"),
         "{stderr}"
     );
+    // `configs apply` refuses the same files with the same exit code, storing nothing
+    // (it checks before it connects).
+    let out = sluice()
+        .args(["configs", "apply"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("nothing applied"), "{stderr}");
     std::fs::remove_dir_all(dir).unwrap();
 }
 

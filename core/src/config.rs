@@ -110,7 +110,8 @@ pub struct SchedulerSection {
     pub enabled: bool,
     /// A claimed run not renewed for this long is taken over by another replica.
     pub lease_seconds: u64,
-    /// How often configs and schedules are re-read.
+    /// How often integration configs are re-read (and dead export runs failed);
+    /// `[[schedules]]` are read once, at start.
     pub reload_seconds: u64,
 }
 
@@ -132,7 +133,7 @@ pub struct ScheduleSection {
     /// EVENT_DATA, USER_DATA, DAILY_ANALYTICS or ARCHIVE.
     #[serde(rename = "type")]
     pub kind: String,
-    /// Cron with seconds, UTC (`0 15 2 * * *` = daily at 02:15).
+    /// Cron with seconds, read in `timezone` (`0 15 2 * * *` = daily at 02:15).
     pub cron: String,
     /// Missed daily windows run after downtime, oldest first, at most this many.
     #[serde(default = "default_catch_up")]
@@ -330,7 +331,7 @@ pub struct ExportSection {
     /// queries already reading them finish (0: at once).
     pub keep_replaced_parts_minutes: u64,
     /// Local folder for part files before upload and for an archive's spooled eventIds
-    /// (about 50 bytes an event); empty: the system temporary folder.
+    /// (about 65 bytes an event); empty: the system temporary folder.
     pub work_dir: String,
 }
 
@@ -957,10 +958,16 @@ pub fn validate(
             ));
         }
     }
-    if raw.scheduler.lease_seconds < 2 || raw.scheduler.reload_seconds == 0 {
+    if raw.scheduler.lease_seconds < 2 {
         return Err(invalid(
             "scheduler.lease_seconds",
-            "`lease_seconds` of at least 2 and `reload_seconds` of at least 1".into(),
+            format!("at least 2, got {}", raw.scheduler.lease_seconds),
+        ));
+    }
+    if raw.scheduler.reload_seconds == 0 {
+        return Err(invalid(
+            "scheduler.reload_seconds",
+            "a number greater than 0".into(),
         ));
     }
     let mut names = std::collections::HashSet::new();
@@ -1279,6 +1286,18 @@ mod tests {
             "{err}"
         );
         assert!(check("[tracking]\nqueue_capacity = 1000\nwriters = 2\n").is_ok());
+    }
+
+    #[test]
+    fn a_bad_scheduler_setting_is_named_by_its_own_field() {
+        for (text, field) in [
+            ("lease_seconds = 1", "scheduler.lease_seconds"),
+            ("reload_seconds = 0", "scheduler.reload_seconds"),
+        ] {
+            let err = check(&format!("[scheduler]\n{text}\n"));
+            let err = err.map(|_| ()).unwrap_err().to_string();
+            assert!(err.contains(&format!("field `{field}`")), "{text}: {err}");
+        }
     }
 
     #[test]
