@@ -761,6 +761,56 @@ async fn a_document_that_cannot_be_a_row_is_set_aside_not_a_stop_to_the_export()
 }
 
 #[tokio::test]
+async fn batches_of_large_documents_are_cut_by_size_and_lose_nothing() {
+    let db = TestDb::initialized().await;
+    let dir = temp_dir();
+    let d = day(-2);
+    let at = DateTime::from_millis(ms(d, 3_600_000));
+    // 30 events of about 200 KB each, in batches of about 1 MiB: 6 or so batches where
+    // the row count alone would make one.
+    let docs: Vec<Document> = (0..30)
+        .map(|i| {
+            doc! { "eventId": format!("big-{i:02}"), "userId": "u", "sessionId": "s",
+            "eventType": "CLICK", "timestamp": at, "createdAt": at,
+            "properties": { "blob": format!("{i:02}{}", "x".repeat(200_000)) },
+            "metadata": { "bot": false } }
+        })
+        .collect();
+    db.store
+        .collection("events")
+        .insert_many(docs)
+        .await
+        .unwrap();
+    let mut ctx = ExportContext::new(db.store.clone(), ObjectStore::Local(LocalDir::new(&dir)));
+    ctx.batch_bytes = 1 << 20;
+    let summary = run_export(&ctx, &request(ExportJobType::EventData, d, d))
+        .await
+        .unwrap();
+    assert_eq!(summary.rows, 30);
+    let mut seen = Vec::new();
+    for f in &summary.partitions[0].files {
+        let file = std::fs::File::open(dir.join(f)).unwrap();
+        for b in ParquetRecordBatchReaderBuilder::try_new(file)
+            .unwrap()
+            .build()
+            .unwrap()
+        {
+            let b = b.unwrap();
+            let ids = b.column_by_name("eventId").unwrap().as_string::<i32>();
+            let props = b.column_by_name("properties").unwrap().as_string::<i32>();
+            for r in 0..b.num_rows() {
+                assert!(props.value(r).len() > 200_000);
+                seen.push(ids.value(r).to_string());
+            }
+        }
+    }
+    seen.sort();
+    let expected: Vec<String> = (0..30).map(|i| format!("big-{i:02}")).collect();
+    assert_eq!(seen, expected);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test]
 async fn a_pending_archive_day_whose_files_changed_is_not_archived_again() {
     let db = TestDb::initialized().await;
     let dir = temp_dir();

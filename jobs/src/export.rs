@@ -132,6 +132,10 @@ pub struct ExportContext {
     pub part_options: PartWriterOptions,
     /// Documents per encoded batch.
     pub batch_rows: usize,
+    /// A batch is also cut once its documents reach about this many bytes: documents
+    /// other tools wrote may be up to 16 MiB each, and a column's text of more than
+    /// 2 GiB cannot be encoded at all.
+    pub batch_bytes: usize,
     pub progress: Arc<Progress>,
     /// Local folder for part files before upload, and for an archive's spooled eventIds.
     pub work_dir: PathBuf,
@@ -172,6 +176,7 @@ impl ExportContext {
             transforms: Vec::new(),
             part_options: PartWriterOptions::default(),
             batch_rows: 8192,
+            batch_bytes: BATCH_BYTES,
             progress: Arc::new(Progress::default()),
             work_dir: std::env::temp_dir(),
             archive_delete_chunk: ARCHIVE_DELETE_CHUNK,
@@ -2001,6 +2006,7 @@ async fn stage(
     let reader = async {
         let mut rows = 0u64;
         let mut buf = Vec::with_capacity(ctx.batch_rows);
+        let mut buf_bytes = 0usize;
         while let Some(doc) = docs.try_next().await? {
             if archiving {
                 // Deleted once archived: a field no column holds would be lost.
@@ -2025,8 +2031,10 @@ async fn stage(
                     });
                 }
             }
+            buf_bytes += approx_bytes(&doc);
             buf.push(doc);
-            if buf.len() >= ctx.batch_rows {
+            if buf.len() >= ctx.batch_rows || buf_bytes >= ctx.batch_bytes {
+                buf_bytes = 0;
                 rows += buf.len() as u64;
                 ctx.progress.rows_read.fetch_add(buf.len() as u64, Relaxed);
                 if batch_tx.send(std::mem::take(&mut buf)).await.is_err() {
@@ -2169,6 +2177,35 @@ async fn publish(
 
 /// Dead letters an export keeps per write (see [`stage`]).
 const LETTERS_PER_WRITE: usize = 1_000;
+
+/// See [`ExportContext::batch_bytes`]. With up to 5 batches between the reader and the
+/// encoder, a run holds a few hundred MB at most, whatever the documents.
+pub const BATCH_BYTES: usize = 64 << 20;
+
+/// About what a document takes as BSON (its text columns take about as much), without
+/// encoding it: strings and binaries by their length, other values a few bytes each.
+fn approx_bytes(d: &Document) -> usize {
+    5 + d
+        .iter()
+        .map(|(k, v)| k.len() + 2 + approx_value_bytes(v))
+        .sum::<usize>()
+}
+
+fn approx_value_bytes(v: &Bson) -> usize {
+    match v {
+        Bson::String(s) | Bson::JavaScriptCode(s) | Bson::Symbol(s) => s.len() + 5,
+        Bson::Document(d) => approx_bytes(d),
+        Bson::Array(items) => {
+            5 + items
+                .iter()
+                .map(|x| 4 + approx_value_bytes(x))
+                .sum::<usize>()
+        }
+        Bson::Binary(b) => b.bytes.len() + 5,
+        Bson::RegularExpression(r) => r.pattern.len() + r.options.len() + 2,
+        _ => 8,
+    }
+}
 
 /// The dead letters' `plugin` for documents an export could not make rows of.
 pub const UNFIT_ROW: &str = "schema";
@@ -2627,3 +2664,25 @@ async fn delete_archived(
 
 /// eventIds per delete command of an archive (well under the 16 MB command limit).
 const ARCHIVE_DELETE_CHUNK: usize = 10_000;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_document_s_size_is_estimated_close_to_its_bson() {
+        let docs = [
+            doc! { "eventId": "e1", "userId": "u", "timestamp": DateTime::from_millis(0), "n": 1.5 },
+            doc! { "properties": { "blob": "x".repeat(300_000), "tags": ["a", "b", "c"] } },
+            doc! { "list": (0..1000).map(Bson::Int32).collect::<Vec<_>>(), "nested": { "a": { "b": { "c": "d" } } } },
+        ];
+        for d in docs {
+            let actual = bson::to_vec(&d).unwrap().len() as f64;
+            let estimate = approx_bytes(&d) as f64;
+            assert!(
+                (0.75..=1.5).contains(&(estimate / actual)),
+                "{estimate} for {actual}: {d}"
+            );
+        }
+    }
+}
