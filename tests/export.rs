@@ -180,6 +180,27 @@ async fn event_data_round_trips_through_s3_and_pyarrow() {
         .unwrap();
         assert_eq!(manifest["rows"].as_u64(), Some(p.rows));
         assert_eq!(manifest["schema"]["name"], "events");
+        // The symlink manifest names the same files by their full S3 URIs.
+        let day = p.prefix.split_once("/dt=").unwrap().1;
+        let link = dest
+            .get_bytes(&format!(
+                "EVENT_DATA/_symlink_format_manifest/dt={day}/manifest"
+            ))
+            .await
+            .unwrap();
+        let mut linked: Vec<String> = String::from_utf8(link)
+            .unwrap()
+            .lines()
+            .map(str::to_string)
+            .collect();
+        linked.sort();
+        let mut expected: Vec<String> = p
+            .files
+            .iter()
+            .map(|k| format!("s3://{}/exports/{k}", bucket.name))
+            .collect();
+        expected.sort();
+        assert_eq!(linked, expected);
         for key in &p.files {
             let path = download(&dest, key, &dir).await;
             let reader =
@@ -1544,6 +1565,8 @@ async fn a_run_failing_mid_publish_leaves_every_partition_whole_and_says_which_i
     assert_eq!(manifest(&dir, &p1)["jobId"], failed_id.as_str());
     assert_eq!(manifest(&dir, &p1)["rows"], 25);
     assert!(dir.join(&p1).join("_SUCCESS").exists());
+    // Tables over the symlink manifests read exactly the files the manifests name.
+    assert_eq!(symlinked(&dir, &p1), parquet_files(&dir, &p1));
     let partitions = job.get_array("partitions").unwrap();
     assert_eq!(partitions.len(), 1, "{job}");
     let listed = partitions[0].as_document().unwrap();
@@ -1557,6 +1580,7 @@ async fn a_run_failing_mid_publish_leaves_every_partition_whole_and_says_which_i
     assert_eq!(manifest(&dir, &p2), before[1].0);
     assert_eq!(manifest(&dir, &p2)["jobId"], first.job_id.as_str());
     assert_eq!(parquet_files(&dir, &p2), before[1].1);
+    assert_eq!(symlinked(&dir, &p2), before[1].1);
     assert!(dir.join(&p2).join("_SUCCESS").exists());
     // The third was never touched.
     let p3 = format!("EVENT_DATA/dt={d3}");
@@ -1574,6 +1598,11 @@ async fn a_run_failing_mid_publish_leaves_every_partition_whole_and_says_which_i
     assert!(err.to_string().contains("after its manifest"), "{err}");
     assert_eq!(manifest(&dir, &p2), before[1].0);
     assert_eq!(parquet_files(&dir, &p2), before[1].1);
+    assert_eq!(
+        symlinked(&dir, &p2),
+        before[1].1,
+        "the symlink is put back too"
+    );
     assert!(dir.join(&p2).join("_SUCCESS").exists());
 
     // A publish that finds its lock taken by another run before writing its manifest
@@ -1605,7 +1634,27 @@ async fn a_run_failing_mid_publish_leaves_every_partition_whole_and_says_which_i
         again.partitions[1].files.len(),
         "the first run's parts were removed"
     );
+    assert_eq!(symlinked(&dir, &p2), parquet_files(&dir, &p2));
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// The file names a partition's symlink manifest lists (each line a full path), sorted;
+/// every one of them must exist.
+fn symlinked(dir: &std::path::Path, prefix: &str) -> Vec<String> {
+    let (kind, day) = prefix.split_once("/dt=").unwrap();
+    let link = dir.join(format!("{kind}/_symlink_format_manifest/dt={day}/manifest"));
+    let text = std::fs::read_to_string(&link).unwrap();
+    let mut names: Vec<String> = text
+        .lines()
+        .map(|line| {
+            let path = std::path::Path::new(line);
+            assert!(path.is_absolute() && path.exists(), "{line}");
+            assert_eq!(path.parent().unwrap(), dir.join(prefix).as_path());
+            path.file_name().unwrap().to_string_lossy().into_owned()
+        })
+        .collect();
+    names.sort();
+    names
 }
 
 fn parquet_files_under(dir: &std::path::Path) -> usize {

@@ -6,7 +6,8 @@
 //! `_staging/{jobId}/`. Only when every partition is staged does the run publish, one
 //! partition at a time: it removes `_SUCCESS`, copies the parts into place under names of
 //! its own (`part-{jobId}-NNNNN.parquet`, so no file a reader may hold is overwritten),
-//! writes `_manifest.json`, removes the parts of the earlier run, then writes `_SUCCESS`.
+//! writes `_manifest.json` and the partition's symlink manifest (see [`symlink_key`]),
+//! removes the parts of the earlier run, then writes `_SUCCESS`.
 //! A publish that fails before its manifest is undone (its copies removed, `_SUCCESS` put
 //! back), so every partition is always either the old one or the new one; partitions
 //! published before the failure stay replaced and are listed in the run's `export_jobs`
@@ -808,19 +809,22 @@ async fn repair_partition(ctx: &ExportContext, prefix: &str) -> Result<(), Expor
     let success = format!("{dir}_SUCCESS");
     let manifest_key = format!("{dir}_manifest.json");
     let existing = ctx.dest.list(&dir).await?;
-    let named: Option<Vec<String>> = if existing.iter().any(|o| o.key == manifest_key) {
+    let manifest: Option<serde_json::Value> = if existing.iter().any(|o| o.key == manifest_key) {
         let bytes = ctx.dest.get_bytes(&manifest_key).await?;
         // A manifest that cannot be read says nothing about which parts are published:
         // nothing is removed on its account.
-        let manifest: serde_json::Value =
+        Some(
             serde_json::from_slice(&bytes).map_err(|e| ExportError::Verify {
                 key: manifest_key.clone(),
                 message: e.to_string(),
-            })?;
-        Some(manifest_paths(&manifest))
+            })?,
+        )
     } else {
         None
     };
+    let named: Option<Vec<String>> = manifest.as_ref().map(manifest_paths);
+    // The publish may have stopped between the manifest and its symlink.
+    put_symlink(ctx, prefix, manifest.as_ref()).await?;
     let unnamed: Vec<String> = existing
         .iter()
         .map(|o| o.key.clone())
@@ -1289,11 +1293,16 @@ async fn recover_partition(
         .collect();
     let dir = format!("{prefix}/");
     let manifest_key = format!("{dir}_manifest.json");
+    let mut parsed = None;
     let listed: Vec<String> = match ctx.dest.head(&manifest_key).await? {
         Some(_) => {
             let bytes = ctx.dest.get_bytes(&manifest_key).await?;
             match serde_json::from_slice::<serde_json::Value>(&bytes) {
-                Ok(m) => manifest_paths(&m),
+                Ok(m) => {
+                    let paths = manifest_paths(&m);
+                    parsed = Some(m);
+                    paths
+                }
                 // Read as "not published", its files would be undone, although the run
                 // may have deleted events already: the files may be their only copy.
                 Err(e) => {
@@ -1373,7 +1382,8 @@ async fn recover_partition(
         };
         return Ok(Recovered::Stuck(day, why));
     }
-    // It may have died between its manifest and its `_SUCCESS`.
+    // It may have died between its manifest and its symlink, or its `_SUCCESS`.
+    put_symlink(ctx, &prefix, parsed.as_ref()).await?;
     ctx.dest
         .put_bytes(&format!("{dir}_SUCCESS"), Vec::new())
         .await?;
@@ -1426,6 +1436,40 @@ async fn recover_partition(
     history::events_deleted(&ctx.store, old, deleted).await?;
     tracing::info!(job = %old, partition = %prefix, events = deleted, "completed the deletion of an interrupted archive");
     Ok(Recovered::Deleted(deleted))
+}
+
+/// Where a partition's symlink manifest goes: `KIND/_symlink_format_manifest/dt=DAY/manifest`,
+/// one file URI a line, the layout Hive's `SymlinkTextInputFormat` reads (Athena, Trino,
+/// Spark, Presto; Delta Lake writes the same). A table over it reads exactly the files
+/// the partition's `_manifest.json` names, so it never counts a replaced part and a
+/// new one together while a republish is under way, as a `*.parquet` glob may. Its
+/// folder starts with `_`, so globs over the data skip it.
+fn symlink_key(prefix: &str) -> Option<String> {
+    let (kind, day) = prefix.split_once("/dt=")?;
+    Some(format!("{kind}/_symlink_format_manifest/dt={day}/manifest"))
+}
+
+/// Writes the symlink manifest of `prefix` from its `_manifest.json` (or removes it when
+/// the partition has none). Written right after `_manifest.json`, while the parts it
+/// replaces are still there, so it never names a file already removed.
+async fn put_symlink(
+    ctx: &ExportContext,
+    prefix: &str,
+    manifest: Option<&serde_json::Value>,
+) -> Result<(), StorageError> {
+    let Some(key) = symlink_key(prefix) else {
+        return Ok(());
+    };
+    match manifest {
+        Some(m) => {
+            let body: String = manifest_paths(m)
+                .iter()
+                .map(|name| format!("{}\n", ctx.dest.url(&format!("{prefix}/{name}"))))
+                .collect();
+            ctx.dest.put_bytes(&key, body.into_bytes()).await
+        }
+        None => ctx.dest.delete(std::slice::from_ref(&key)).await,
+    }
 }
 
 /// The file names a parsed manifest lists.
@@ -2336,7 +2380,7 @@ async fn publish_now(
     }
     let mut files: Vec<serde_json::Value> = Vec::new();
     if additive {
-        match old_json {
+        match &old_json {
             Some(Err(e)) => {
                 return Err(ExportError::Verify {
                     key: manifest_key.clone(),
@@ -2428,6 +2472,7 @@ async fn publish_now(
             return Err(lost());
         }
         ctx.dest.put_bytes(&manifest_key, body).await?;
+        put_symlink(ctx, &s.prefix, Some(&manifest)).await?;
         if ctx.fail_after_manifest {
             return Err(ExportError::Request(format!(
                 "publishing `{}` stopped after its manifest (test hook)",
@@ -2454,6 +2499,13 @@ async fn publish_now(
             match &old_manifest {
                 Some(bytes) => ctx.dest.put_bytes(&manifest_key, bytes.clone()).await?,
                 None => ctx.dest.delete(std::slice::from_ref(&manifest_key)).await?,
+            }
+            // A manifest that does not parse names nothing to link: the symlink is
+            // left as it was.
+            match &old_json {
+                Some(Ok(old)) => put_symlink(ctx, &s.prefix, Some(old)).await?,
+                Some(Err(_)) => {}
+                None => put_symlink(ctx, &s.prefix, None).await?,
             }
             // The old manifest is back and does not name them.
             remove_unnamed(ctx, &copied).await?;
