@@ -1235,6 +1235,23 @@ fn a_batch_too_big_for_the_cap_is_split_and_a_trap_under_dead_letter_is_narrowed
         }
     });
 
+    // A caller's time limit bounds the narrowing too (the tracking endpoint passes its
+    // write deadline): spent already, nothing is split, and the records are kept together.
+    let records: Vec<Document> = (0..8)
+        .map(|i| doc! { "eventId": format!("q{i}"), "kind": if i == 5 { "bad" } else { "good" } })
+        .collect();
+    let mut call = Call::until(Some(std::time::Instant::now()));
+    let out = picky.apply(records, &mut call).unwrap();
+    assert!(out.is_empty());
+    assert_eq!(call.letters.len(), 8);
+    assert!(
+        call.letters
+            .iter()
+            .all(|(_, reason)| reason.contains("one of 8 records kept together")),
+        "{:?}",
+        call.letters
+    );
+
     // Narrowing a batch that fails everywhere stops once it has spent its budget (three
     // deadlines): the parts still failing are dead-lettered whole, not one call per record.
     let panicky = hostile(&host, "panic").with_policy(FailurePolicy::DeadLetter);
