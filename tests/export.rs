@@ -524,6 +524,22 @@ async fn archive_deletes_exactly_what_it_exported() {
     );
     assert_eq!(summary.partitions.len(), 1);
     assert_eq!(summary.partitions[0].prefix, format!("ARCHIVE/dt={old}"));
+    // Exactly the archived events' claims are marked (the never-stored one is not).
+    let claims = db.store.collection("event_ids");
+    assert_eq!(
+        claims
+            .count_documents(doc! { "archived": true })
+            .await
+            .unwrap(),
+        700
+    );
+    assert_eq!(
+        claims
+            .count_documents(doc! { "_id": "never-stored", "archived": true })
+            .await
+            .unwrap(),
+        0
+    );
     let events = db.store.collection("events");
     assert_eq!(events.count_documents(doc! {}).await.unwrap(), 300);
     assert_eq!(
