@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bson::{doc, Bson, DateTime, Document};
-use chrono::{Days, NaiveDate, Utc};
+use chrono::{Days, NaiveDate};
 use futures_util::TryStreamExt;
 use serde_json::json;
 use sluice_connectors::objstore::{ObjectStore, StorageError};
@@ -2447,7 +2447,7 @@ async fn publish_now(
             "type": kind.as_str(),
             "partition": s.prefix,
             "jobId": job_id,
-            "createdAt": Utc::now().to_rfc3339(),
+            "createdAt": ctx.store.now().to_chrono().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
             "readAt": s.read_at.map(|t| t.to_chrono().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
             "rows": rows,
             "schema": schema_description(s.table),

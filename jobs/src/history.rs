@@ -21,7 +21,7 @@ pub async fn create(
     let job_id = format!(
         "{}-{}-{}",
         kind.as_str().to_ascii_lowercase().replace('_', "-"),
-        chrono::Utc::now().format("%Y%m%dT%H%M%S"),
+        now.to_chrono().format("%Y%m%dT%H%M%S"),
         &uuid::Uuid::new_v4().simple().to_string()[..6]
     );
     let (window_start, window_end) = window.unzip();
