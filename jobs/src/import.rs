@@ -139,6 +139,8 @@ pub struct ImportSummary {
 const MAX_REJECTED_LETTERS: u64 = 10_000;
 /// The JSON of a sampled failing record kept in the run's record, at most.
 const MAX_SAMPLE_BYTES: usize = 16 * 1024;
+/// Fields of a big record shown in its sample.
+const SAMPLE_FIELDS: usize = 64;
 const MAX_SAMPLES: usize = 20;
 
 fn chain_for(
@@ -869,20 +871,37 @@ fn reject_at(
         let text = record.to_string();
         let record = match record {
             _ if text.len() <= MAX_SAMPLE_BYTES => record.clone(),
-            // Small fields (the key among them) whole, big ones by their start.
-            Value::Object(fields) => fields
-                .iter()
-                .take(64)
-                .map(|(k, v)| {
-                    let text = v.to_string();
-                    let v = if text.len() > MAX_SAMPLE_BYTES / 64 {
-                        cut(text, MAX_SAMPLE_BYTES / 64)
-                    } else {
-                        v.clone()
-                    };
-                    (k.clone(), v)
-                })
-                .collect(),
+            // Small fields (the key among them) whole, big ones by their start; of a
+            // record with more than 64 fields, the 64 smallest (a key is small wherever it
+            // stands), in their order, and how many were left out.
+            Value::Object(fields) => {
+                let sized: Vec<(usize, String)> =
+                    fields.values().map(|v| v.to_string()).enumerate().collect();
+                let mut order: Vec<usize> = (0..sized.len()).collect();
+                order.sort_by_key(|&i| sized[i].1.len());
+                let mut kept: Vec<usize> = order.into_iter().take(SAMPLE_FIELDS).collect();
+                kept.sort_unstable();
+                let mut sample: serde_json::Map<String, Value> = kept
+                    .into_iter()
+                    .map(|i| {
+                        let (k, v) = fields.iter().nth(i).expect("an index of the record");
+                        let text = &sized[i].1;
+                        let v = if text.len() > MAX_SAMPLE_BYTES / SAMPLE_FIELDS {
+                            cut(text.clone(), MAX_SAMPLE_BYTES / SAMPLE_FIELDS)
+                        } else {
+                            v.clone()
+                        };
+                        (k.clone(), v)
+                    })
+                    .collect();
+                if fields.len() > SAMPLE_FIELDS {
+                    sample.insert(
+                        "_omittedFields".into(),
+                        Value::from(fields.len() - SAMPLE_FIELDS),
+                    );
+                }
+                Value::Object(sample)
+            }
             _ => cut(text, MAX_SAMPLE_BYTES),
         };
         summary.samples.push(Rejected { reason, record });
@@ -2060,6 +2079,37 @@ async fn apply_off_runtime(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sample_of_a_wide_record_keeps_its_small_fields_wherever_they_stand() {
+        let mut record = serde_json::Map::new();
+        for i in 0..100 {
+            record.insert(format!("f{i:03}"), Value::String("x".repeat(500)));
+            if i == 90 {
+                record.insert("sku".into(), Value::String("SKU-42".into()));
+            }
+        }
+        let mut summary = ImportSummary::default();
+        reject(
+            &mut summary,
+            &ImportOptions::default(),
+            "no".into(),
+            &Value::Object(record),
+        );
+        let sample = summary.samples[0].record.as_object().unwrap();
+        assert_eq!(sample["sku"], "SKU-42", "{sample:?}");
+        assert_eq!(sample["_omittedFields"], 101 - SAMPLE_FIELDS);
+        assert_eq!(sample.len(), SAMPLE_FIELDS + 1);
+        // In the record's order (equal sizes: the first ones).
+        let names: Vec<&str> = sample.keys().map(String::as_str).collect();
+        let mut expected: Vec<String> =
+            (0..SAMPLE_FIELDS - 1).map(|i| format!("f{i:03}")).collect();
+        expected.extend(["sku".to_string(), "_omittedFields".to_string()]);
+        assert_eq!(names, expected);
+        assert!(serde_json::to_string(sample).unwrap().len() < 2 * MAX_SAMPLE_BYTES);
+        // The dead letter keeps the record whole.
+        assert_eq!(summary.rejected[0].record.len(), 101);
+    }
 
     #[test]
     fn upserts_are_grouped_under_the_command_cap_in_order() {
