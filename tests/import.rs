@@ -1972,6 +1972,38 @@ async fn upsert_keys_that_mix_numbers_and_strings_are_warned_about() {
     assert_eq!(count(&db, "things").await, 2);
 }
 
+/// An IMPORT config `name` over the fault API at `base`, whose records go through the
+/// `hostile` plugin in `mode` under `policy`; with the options that load the plugin.
+async fn through_hostile(
+    db: &TestDb,
+    base: &str,
+    name: &str,
+    mode: &str,
+    policy: sluice_plugins::FailurePolicy,
+) -> (String, ImportOptions) {
+    let host = sluice_plugins::PluginHost::new(false).unwrap();
+    let plugin = host
+        .load(
+            &support::plugin_dir(),
+            "hostile",
+            json!({ "mode": mode }),
+            &sluice_plugins::Grants::default(),
+            None,
+        )
+        .unwrap()
+        .with_policy(policy);
+    let text = cursor_config(name, base, "", "").replace(
+        "type = \"IMPORT\"",
+        "type = \"IMPORT\"\ntransforms = [\"hostile\"]",
+    );
+    let name = apply(db, &text).await;
+    let options = ImportOptions {
+        transforms: vec![std::sync::Arc::new(plugin)],
+        ..Default::default()
+    };
+    (name, options)
+}
+
 #[tokio::test]
 async fn plugin_output_an_import_cannot_write_is_rejected_not_upserted_over_other_documents() {
     let db = TestDb::initialized().await;
@@ -1983,25 +2015,14 @@ async fn plugin_output_an_import_cannot_write_is_rejected_not_upserted_over_othe
         .await
         .unwrap();
     let (base, _api) = fault_api(Fault::None).await;
-    let host = sluice_plugins::PluginHost::new(false).unwrap();
-    let vandal = host
-        .load(
-            &support::plugin_dir(),
-            "hostile",
-            json!({ "mode": "vandal" }),
-            &sluice_plugins::Grants::default(),
-            None,
-        )
-        .unwrap();
-    let text = cursor_config("vandalised", &base, "", "").replace(
-        "type = \"IMPORT\"",
-        "type = \"IMPORT\"\ntransforms = [\"hostile\"]",
-    );
-    let name = apply(&db, &text).await;
-    let options = ImportOptions {
-        transforms: vec![std::sync::Arc::new(vandal)],
-        ..Default::default()
-    };
+    let (name, options) = through_hostile(
+        &db,
+        &base,
+        "vandalised",
+        "vandal",
+        sluice_plugins::FailurePolicy::FailRun,
+    )
+    .await;
     let s = run_import(&db.store, &name, &options).await.unwrap();
     assert_eq!(
         (s.fetched, s.inserted, s.failed),
@@ -2036,26 +2057,14 @@ async fn plugin_output_an_import_cannot_write_is_rejected_not_upserted_over_othe
 async fn records_a_plugin_skips_are_counted_and_warned_about() {
     let db = TestDb::initialized().await;
     let (base, _api) = fault_api(Fault::None).await;
-    let host = sluice_plugins::PluginHost::new(false).unwrap();
-    let panicky = host
-        .load(
-            &support::plugin_dir(),
-            "hostile",
-            json!({ "mode": "panic" }),
-            &sluice_plugins::Grants::default(),
-            None,
-        )
-        .unwrap()
-        .with_policy(sluice_plugins::FailurePolicy::SkipBatch);
-    let text = cursor_config("skipping", &base, "", "").replace(
-        "type = \"IMPORT\"",
-        "type = \"IMPORT\"\ntransforms = [\"hostile\"]",
-    );
-    let name = apply(&db, &text).await;
-    let options = ImportOptions {
-        transforms: vec![std::sync::Arc::new(panicky)],
-        ..Default::default()
-    };
+    let (name, options) = through_hostile(
+        &db,
+        &base,
+        "skipping",
+        "panic",
+        sluice_plugins::FailurePolicy::SkipBatch,
+    )
+    .await;
     let s = run_import(&db.store, &name, &options).await.unwrap();
     // Every batch traps, so every record is skipped: none is stored, none is counted as
     // failed, and the run says so instead of reading as an import of nothing.
@@ -2084,25 +2093,14 @@ async fn a_plugin_that_prints_runs_inside_an_import() {
     // call) must not take the runtime down.
     let db = TestDb::initialized().await;
     let (base, _api) = fault_api(Fault::None).await;
-    let host = sluice_plugins::PluginHost::new(false).unwrap();
-    let printing = host
-        .load(
-            &support::plugin_dir(),
-            "hostile",
-            json!({ "mode": "print-and-tag" }),
-            &sluice_plugins::Grants::default(),
-            None,
-        )
-        .unwrap();
-    let text = cursor_config("printed", &base, "", "").replace(
-        "type = \"IMPORT\"",
-        "type = \"IMPORT\"\ntransforms = [\"hostile\"]",
-    );
-    let name = apply(&db, &text).await;
-    let options = ImportOptions {
-        transforms: vec![std::sync::Arc::new(printing)],
-        ..Default::default()
-    };
+    let (name, options) = through_hostile(
+        &db,
+        &base,
+        "printed",
+        "print-and-tag",
+        sluice_plugins::FailurePolicy::FailRun,
+    )
+    .await;
     let s = run_import(&db.store, &name, &options).await.unwrap();
     assert_eq!((s.fetched, s.inserted), (45, 45));
     // What was stored went through the plugin.

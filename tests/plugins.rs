@@ -727,14 +727,7 @@ async fn the_tracking_endpoint_runs_its_plugin_chain_before_storing() {
         { "eventId": "t1", "userId": "v", "sessionId": "s", "eventType": "SIGNUP", "properties": { "email": "eve@example.com" } },
         { "eventId": "t2", "userId": "c", "sessionId": "c", "eventType": "PAGE_VIEW", "context": { "userAgent": "Googlebot/2.1" } },
     ] });
-    let resp = reqwest::Client::new()
-        .post(format!("http://{}/v1/events/batch", server.addr))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 200);
-    let answer: serde_json::Value = resp.json().await.unwrap();
+    let answer = post_batch(&server, &body).await;
     assert_eq!(answer["results"][0]["status"], "stored", "{answer}");
     assert_eq!(answer["results"][1]["status"], "dropped");
     assert_eq!(answer["results"][1]["reason"], "transform");
@@ -940,14 +933,7 @@ async fn dead_lettered_events_are_stored_with_their_reason_not_lost() {
                 "properties": { "amount": 10.0, "currency": currency } })
     };
     let body = json!({ "batch": [purchase("usd", "USD"), purchase("yen", "JPY")] });
-    let resp = reqwest::Client::new()
-        .post(format!("http://{}/v1/events/batch", server.addr))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 200);
-    let answer: serde_json::Value = resp.json().await.unwrap();
+    let answer = post_batch(&server, &body).await;
     assert_eq!(answer["results"][0]["status"], "stored", "{answer}");
     assert_eq!(answer["results"][1]["status"], "dropped", "{answer}");
     let letters: Vec<Document> = {
@@ -1271,6 +1257,21 @@ fn a_batch_too_big_for_the_cap_is_split_and_a_trap_under_dead_letter_is_narrowed
     assert!(together > 4096, "{together} of 8192 dead-lettered in parts");
 }
 
+/// Posts `body` to the batch endpoint of `server`; the answer, which must be a 200.
+async fn post_batch(
+    server: &sluice::server::ServerHandle,
+    body: &serde_json::Value,
+) -> serde_json::Value {
+    let resp = reqwest::Client::new()
+        .post(format!("http://{}/v1/events/batch", server.addr))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    resp.json().await.unwrap()
+}
+
 /// A tracking server whose events go through the `hostile` plugin in `mode`.
 async fn hostile_tracking(
     db: &support::TestDb,
@@ -1349,14 +1350,7 @@ async fn under_skip_batch_the_tracking_endpoint_rejects_only_the_events_a_plugin
                 "properties": { "amount": 10.0, "currency": currency } })
     };
     let body = json!({ "batch": [event("k1", "USD"), event("k2", "JPY"), event("k3", "USD")] });
-    let resp = reqwest::Client::new()
-        .post(format!("http://{}/v1/events/batch", server.addr))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 200);
-    let answer: serde_json::Value = resp.json().await.unwrap();
+    let answer = post_batch(&server, &body).await;
     let statuses: Vec<&str> = (0..3)
         .map(|i| answer["results"][i]["status"].as_str().unwrap())
         .collect();
