@@ -1339,7 +1339,9 @@ async fn recover_partition(
                 format!("{remaining} events match where run {old} read {rows}, yet its manifest does not name its files; nothing undone or deleted"),
             ));
         }
-        // The publish stopped before its manifest: undo it.
+        // The publish stopped before its manifest: undo it. The symlink first, as the
+        // manifest says (a failed undo may have left it naming the copies).
+        put_symlink(ctx, &prefix, parsed.as_ref()).await?;
         let copied: Vec<String> = files.iter().map(|(k, ..)| k.clone()).collect();
         ctx.dest.delete(&copied).await?;
         if !listed.is_empty() {
@@ -2501,11 +2503,10 @@ async fn publish_now(
                 None => ctx.dest.delete(std::slice::from_ref(&manifest_key)).await?,
             }
             // A manifest that does not parse names nothing to link: the symlink is
-            // left as it was.
+            // removed (it may name this publish's copies, removed next).
             match &old_json {
                 Some(Ok(old)) => put_symlink(ctx, &s.prefix, Some(old)).await?,
-                Some(Err(_)) => {}
-                None => put_symlink(ctx, &s.prefix, None).await?,
+                Some(Err(_)) | None => put_symlink(ctx, &s.prefix, None).await?,
             }
             // The old manifest is back and does not name them.
             remove_unnamed(ctx, &copied).await?;

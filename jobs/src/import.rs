@@ -1726,7 +1726,14 @@ pub async fn mark_interrupted(store: &Store, configs: &[String]) -> Result<u64, 
         };
         let mut filter = doc! { r::CONFIG: name, r::STATUS: "RUNNING" };
         if let Some(cp) = &checkpoint {
-            for k in ["pages", "fetched", "inserted", "updated", "unchanged"] {
+            for k in [
+                "pages",
+                "fetched",
+                "inserted",
+                "updated",
+                "unchanged",
+                "skipped",
+            ] {
                 if let Ok(n) = cp.get_i64(k) {
                     set.insert(k, n);
                 }

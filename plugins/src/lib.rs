@@ -561,7 +561,6 @@ impl PluginHost {
             }
         }
         let mut limits = limits.or(manifest.limits.clone()).unwrap_or_default();
-        limits.check().map_err(load)?;
         // The manifest is the plugin author's word; the operator's ceilings win.
         if let Some(max) = grants.max_memory_mib {
             limits.memory_mib = limits.memory_mib.min(max);
@@ -569,6 +568,8 @@ impl PluginHost {
         if let Some(max) = grants.max_batch_deadline_ms {
             limits.batch_deadline_ms = limits.batch_deadline_ms.min(max);
         }
+        // Checked as they will run, so a manifest the ceilings lower loads.
+        limits.check().map_err(load)?;
         if limits.fuel.is_some() && !self.fuel {
             return Err(load("has a fuel limit but the host meters no fuel".into()));
         }
