@@ -269,10 +269,9 @@ mod tests {
             call: &mut Call,
         ) -> Result<Vec<Record>, TransformError> {
             self.0.lock().unwrap().push(call.until);
-            let (skipped, kept) = batch
+            let (skipped, kept): (Vec<Record>, Vec<Record>) = batch
                 .into_iter()
                 .partition(|d| d.get_bool("skip").unwrap_or(false));
-            let skipped: Vec<Record> = skipped;
             call.skipped
                 .extend(skipped.into_iter().map(|d| (d, "marked".to_string())));
             Ok(kept)

@@ -1293,16 +1293,11 @@ async fn recover_partition(
         .collect();
     let dir = format!("{prefix}/");
     let manifest_key = format!("{dir}_manifest.json");
-    let mut parsed = None;
-    let listed: Vec<String> = match ctx.dest.head(&manifest_key).await? {
+    let parsed: Option<serde_json::Value> = match ctx.dest.head(&manifest_key).await? {
         Some(_) => {
             let bytes = ctx.dest.get_bytes(&manifest_key).await?;
             match serde_json::from_slice::<serde_json::Value>(&bytes) {
-                Ok(m) => {
-                    let paths = manifest_paths(&m);
-                    parsed = Some(m);
-                    paths
-                }
+                Ok(m) => Some(m),
                 // Read as "not published", its files would be undone, although the run
                 // may have deleted events already: the files may be their only copy.
                 Err(e) => {
@@ -1313,8 +1308,9 @@ async fn recover_partition(
                 }
             }
         }
-        None => Vec::new(),
+        None => None,
     };
+    let listed: Vec<String> = parsed.as_ref().map(manifest_paths).unwrap_or_default();
     let filter = archive_filter(day, *before);
     let read = |source| ExportError::Read {
         partition: prefix.clone(),

@@ -555,13 +555,14 @@ async fn transform(
         .enumerate()
         .map(|(i, e)| (e.event_id.as_str(), i))
         .collect();
-    for s in skipped {
-        let input = s
-            .record
-            .get_str(sluice_core::model::event_fields::EVENT_ID)
+    // The input an output or a set-aside record came from, by the eventId it keeps.
+    let input_of = |d: &bson::Document| {
+        d.get_str(sluice_core::model::event_fields::EVENT_ID)
             .ok()
-            .and_then(|id| sent.get(id).copied());
-        if let Some(input) = input {
+            .and_then(|id| sent.get(id).copied())
+    };
+    for s in skipped {
+        if let Some(input) = input_of(&s.record) {
             tracing::warn!(event_id = %events[input].event_id, plugin = %s.transform, reason = %s.reason, "a transform failed the event under skip-batch; rejected");
             failed
                 .entry(input)
@@ -586,10 +587,7 @@ async fn transform(
     let mut kept: Vec<Event> = Vec::with_capacity(out.len());
     for d in out {
         // Read first: an output that is no longer an event still names its input.
-        let claimed = d
-            .get_str(sluice_core::model::event_fields::EVENT_ID)
-            .ok()
-            .and_then(|id| sent.get(id).copied());
+        let claimed = input_of(&d);
         match (bson::from_document::<Event>(d), claimed) {
             (Ok(e), Some(input)) => {
                 // One the server could not store (a NUL in a key of its metadata, say)
