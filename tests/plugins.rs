@@ -1163,7 +1163,7 @@ fn the_operators_ceilings_lower_what_a_plugin_asks_for() {
 }
 
 #[test]
-fn a_batch_too_big_for_the_cap_is_split_and_a_trap_under_dead_letter_is_narrowed() {
+fn a_batch_too_big_for_the_cap_is_split_and_a_trap_is_narrowed_to_the_records_that_cause_it() {
     let host = host();
     let dir = support::plugin_dir();
     // 4,000 records of 1 KB do not fit a 3 MiB plugin at once; halves of halves do.
@@ -1221,21 +1221,43 @@ fn a_batch_too_big_for_the_cap_is_split_and_a_trap_under_dead_letter_is_narrowed
         }
     });
 
+    // Under skip-batch the same: only the record that traps is dropped.
+    let skipper = hostile(&host, "panic-on-bad").with_policy(FailurePolicy::SkipBatch);
+    let mut call = Call::default();
+    let out = skipper.apply(records.clone(), &mut call).unwrap();
+    assert_eq!(out, expected, "only the record that traps is dropped");
+    assert!(call.letters.is_empty());
+    let skipped: Vec<&str> = call
+        .skipped
+        .iter()
+        .map(|(d, _)| d.get_str("eventId").unwrap())
+        .collect();
+    assert_eq!(skipped, ["r5"]);
+    assert!(call.skipped[0].1.contains("trapped"), "{:?}", call.skipped);
+    assert_eq!(skipper.skipped_records(), 1);
+
     // A caller's time limit bounds the narrowing too (the tracking endpoint passes its
-    // write deadline): spent already, nothing is split, and the records are kept together.
+    // write deadline). Spent already, nothing is split, and since which records fail is
+    // unknown, the batch fails as not their fault: nothing is set aside, good records are
+    // neither dropped nor dead-lettered with the bad one (the client resends).
     let records: Vec<Document> = (0..8)
         .map(|i| doc! { "eventId": format!("q{i}"), "kind": if i == 5 { "bad" } else { "good" } })
         .collect();
-    let mut call = Call::until(Some(std::time::Instant::now()));
-    let out = picky.apply(records, &mut call).unwrap();
-    assert!(out.is_empty());
-    assert_eq!(call.letters.len(), 8);
-    assert!(
-        call.letters
-            .iter()
-            .all(|(_, reason)| reason.contains("one of 8 records kept together")),
-        "{:?}",
-        call.letters
+    for t in [&picky, &skipper] {
+        let mut call = Call::until(Some(std::time::Instant::now()));
+        let err = t.apply(records.clone(), &mut call).unwrap_err();
+        assert!(!err.caused_by_input, "{err}");
+        assert!(
+            err.reason
+                .contains("finding which of 8 records fail ran out of the caller's time"),
+            "{err}"
+        );
+        assert!(call.letters.is_empty() && call.skipped.is_empty());
+    }
+    assert_eq!(
+        skipper.skipped_records(),
+        1,
+        "nothing more counted as skipped"
     );
 
     // Narrowing a batch that fails everywhere stops once it has spent its budget (three
@@ -1374,6 +1396,79 @@ async fn under_skip_batch_the_tracking_endpoint_rejects_only_the_events_a_plugin
         .collect();
     ids.sort();
     assert_eq!(ids, ["k1", "k3"]);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_event_skipped_under_an_id_a_plugin_changed_is_rejected_not_dropped() {
+    let db = support::TestDb::initialized().await;
+    let server = hostile_tracking(&db, "rename-id", |raw| {
+        raw.plugins.failure_policy = "skip-batch".into();
+        raw.plugins.tracking_transforms = vec!["hostile".into(), "currency-normalize".into()];
+        raw.plugins.config.insert(
+            "currency-normalize".into(),
+            toml::Value::Table(toml::toml! { target = "EUR"
+            [rates]
+            USD = 0.5 }),
+        );
+    })
+    .await;
+    // The second plugin skips the event, under the id the first gave it: the endpoint
+    // cannot tell it from an event dropped on purpose, so the client must resend.
+    let resp = reqwest::Client::new()
+        .post(format!("http://{}/v1/events", server.addr))
+        .json(
+            &json!({ "eventId": "y1", "userId": "v", "sessionId": "s", "eventType": "PURCHASE",
+                       "properties": { "amount": 10.0, "currency": "JPY" } }),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 422);
+    let answer: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(answer["error"], "transform_rejected", "{answer}");
+    assert!(
+        answer["message"]
+            .as_str()
+            .unwrap()
+            .contains("returned or skipped 1 record(s) under an eventId"),
+        "{answer}"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn under_skip_batch_an_event_a_plugin_traps_on_is_rejected_alone() {
+    let db = support::TestDb::initialized().await;
+    let server = hostile_tracking(&db, "panic-on-bad", |raw| {
+        raw.plugins.failure_policy = "skip-batch".into();
+    })
+    .await;
+    let event = |id: &str, kind: &str| {
+        json!({ "eventId": id, "userId": "v", "sessionId": "s", "eventType": "CLICK",
+                "properties": { "kind": kind } })
+    };
+    let body = json!({ "batch": (0..6)
+        .map(|i| event(&format!("t{i}"), if i == 4 { "bad" } else { "good" }))
+        .collect::<Vec<_>>() });
+    let answer = post_batch(&server, &body).await;
+    let statuses: Vec<&str> = (0..6)
+        .map(|i| answer["results"][i]["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        statuses,
+        ["stored", "stored", "stored", "stored", "rejected", "stored"],
+        "{answer}"
+    );
+    let reason = answer["results"][4]["reason"].as_str().unwrap();
+    assert!(reason.contains("trapped"), "{reason}");
+    let stored = db
+        .store
+        .collection("events")
+        .count_documents(doc! {})
+        .await
+        .unwrap();
+    assert_eq!(stored, 5);
     server.shutdown().await;
 }
 

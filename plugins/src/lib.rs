@@ -1494,14 +1494,15 @@ impl WasmTransform {
     /// for the memory cap, its fuel or the output buffer always (budgets per call,
     /// whatever its size: an export's 8,192 rows must not fail where a tracking request's
     /// few pass; each part runs on a fresh instance, its buffer empty); a trap under
-    /// dead-letter, so only the records that make the plugin trap become dead letters,
-    /// not their whole batch.
+    /// dead-letter or skip-batch, so only the records that make the plugin trap are
+    /// dead-lettered or dropped, not their whole batch (under fail-run the run stops
+    /// anyway, and an isolating caller narrows the chain itself).
     fn splittable(e: &PluginError, policy: FailurePolicy, batch: &[Record]) -> bool {
         batch.len() > 1
             && (matches!(
                 e,
                 PluginError::Memory { .. } | PluginError::Fuel { .. } | PluginError::Output { .. }
-            ) || (policy == FailurePolicy::DeadLetter && matches!(e, PluginError::Trap { .. })))
+            ) || (policy != FailurePolicy::FailRun && matches!(e, PluginError::Trap { .. })))
     }
 
     fn deadline(&self) -> Duration {
@@ -1557,26 +1558,43 @@ impl WasmTransform {
             // plugin printed) is no reason to drop or dead-letter them, whatever the
             // policy: the caller fails or answers 503, and the records are processed again.
             Err(e) if !e.caused_by_input() => return Err(err(e)),
+            // Narrowing stopped at the caller's limit, not at the plugin's own budget:
+            // which of these records fail is unknown, and the time was the caller's, so
+            // the batch fails as not the records' fault (the tracking endpoint answers
+            // 503 and the client resends) instead of good records being dropped or
+            // dead-lettered with the bad ones.
+            Err(e)
+                if Self::splittable(&e, self.policy, &batch)
+                    && self.policy != FailurePolicy::FailRun
+                    && call.until.is_some_and(|theirs| Instant::now() >= theirs) =>
+            {
+                return Err(TransformError {
+                    name: self.name.clone(),
+                    caused_by_input: false,
+                    reason: format!(
+                        "{e} (finding which of {} records fail ran out of the caller's time)",
+                        batch.len()
+                    ),
+                });
+            }
             Err(e) => {
-                let unnarrowed = Self::splittable(&e, self.policy, &batch);
+                let mut reason = e.to_string();
+                if Self::splittable(&e, self.policy, &batch) {
+                    // Some of these records may be good: say so.
+                    reason += &format!(
+                        " (one of {} records kept together: narrowing the failure down had used its time)",
+                        batch.len()
+                    );
+                }
                 return match self.policy {
                     FailurePolicy::SkipBatch => {
                         self.count_skipped(batch.len());
-                        tracing::warn!(plugin = %self.name, records = batch.len(), error = %e, "batch skipped");
-                        let reason = format!("skipped with its batch: {e}");
+                        tracing::warn!(plugin = %self.name, records = batch.len(), error = %reason, "records skipped");
                         call.skipped
                             .extend(batch.into_iter().map(|d| (d, reason.clone())));
                         Ok(Vec::new())
                     }
                     FailurePolicy::DeadLetter => {
-                        let mut reason = e.to_string();
-                        if unnarrowed {
-                            // Some of these records may be good: say so.
-                            reason += &format!(
-                                " (one of {} records kept together: narrowing the failure down had used its time)",
-                                batch.len()
-                            );
-                        }
                         call.letters
                             .extend(batch.into_iter().map(|d| (d, reason.clone())));
                         Ok(Vec::new())

@@ -444,8 +444,8 @@ impl IntoResponse for Answer {
 /// is answered `dropped`; outputs keep their input's eventId, so further outputs of one
 /// input are duplicates of the first; an output that is not an event, breaks the client's
 /// rules or is over 4 × `max_event_bytes` as stored fails its input (one under no input's
-/// eventId is not stored and logged, and every input left with no output is then
-/// answered `rejected`). Under `skip-batch`, an event a plugin failed is answered
+/// eventId, or a record skipped under one, is not stored and logged, and every input
+/// left with no output is then answered `rejected`). Under `skip-batch`, an event a plugin failed is answered
 /// `rejected` with the plugin's reason. Under `fail-run`, an
 /// event the chain fails (the plugin rejected it, or trapped on it) is answered
 /// `rejected` with the reason and the rest of the request goes on: there is no run to
@@ -561,18 +561,24 @@ async fn transform(
             .ok()
             .and_then(|id| sent.get(id).copied())
     };
+    // Outputs (and records skipped) under an eventId no input had: their inputs cannot
+    // be told apart from events a plugin dropped on purpose, so every input left with no
+    // output is then answered `rejected` (a client told `dropped` would not resend).
+    let mut strays = 0usize;
     for s in skipped {
-        if let Some(input) = input_of(&s.record) {
-            tracing::warn!(event_id = %events[input].event_id, plugin = %s.transform, reason = %s.reason, "a transform failed the event under skip-batch; rejected");
-            failed
-                .entry(input)
-                .or_insert_with(|| format!("transform `{}` failed: {}", s.transform, s.reason));
+        match input_of(&s.record) {
+            Some(input) => {
+                tracing::warn!(event_id = %events[input].event_id, plugin = %s.transform, reason = %s.reason, "a transform failed the event under skip-batch; rejected");
+                failed
+                    .entry(input)
+                    .or_insert_with(|| format!("transform `{}` failed: {}", s.transform, s.reason));
+            }
+            None => {
+                strays += 1;
+                tracing::warn!(plugin = %s.transform, reason = %s.reason, "a transform failed, under skip-batch, a record under an eventId no event of the request had (an earlier plugin changed it)");
+            }
         }
     }
-    // Outputs under an eventId no input had: their inputs cannot be told apart from
-    // events the plugin dropped on purpose, so every input left with no output is then
-    // answered `rejected` (a client told `dropped` would not resend).
-    let mut strays = 0usize;
     // What a plugin returns is held to the rules a client's event is: it cannot store an
     // amount, an id or a property name the endpoint would have refused.
     let now = state.store.now().timestamp_millis();
@@ -653,7 +659,7 @@ async fn transform(
                     (Some(reason), _) => Outcome::Failed(reason),
                     (None, Some(&j)) => Outcome::Queued(j),
                     (None, None) if strays > 0 => Outcome::Failed(format!(
-                        "a transform returned {strays} output(s) under an eventId no event of the request had, so this event's output may be among them; nothing of it was stored (plugins must keep eventId)"
+                        "a transform returned or skipped {strays} record(s) under an eventId no event of the request had, so this event may be among them; nothing of it was stored (plugins must keep eventId)"
                     )),
                     (None, None) => Outcome::Dropped("transform"),
                 }
