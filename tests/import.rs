@@ -2088,6 +2088,57 @@ async fn records_a_plugin_skips_are_counted_and_warned_about() {
 }
 
 #[tokio::test]
+async fn a_resumed_run_counts_the_records_plugins_set_aside_before_it_stopped() {
+    let db = TestDb::initialized().await;
+    let (base, _api) = fault_api(Fault::None).await;
+    for (name, policy) in [
+        ("skip-resume", sluice_plugins::FailurePolicy::SkipBatch),
+        ("letter-resume", sluice_plugins::FailurePolicy::DeadLetter),
+    ] {
+        let (name, options) = through_hostile(&db, &base, name, "panic", policy).await;
+        let first = ImportOptions {
+            stop_after_pages: Some(1),
+            ..options.clone()
+        };
+        let partial = run_import(&db.store, &name, &first).await.unwrap();
+        assert!(!partial.completed, "{partial:?}");
+        let set_aside = partial.skipped + partial.dead_letters;
+        assert!(set_aside > 0 && set_aside < 45, "{partial:?}");
+        let rest = run_import(&db.store, &name, &options).await.unwrap();
+        assert!(rest.resumed && rest.completed, "{rest:?}");
+        // Every record traps: each is set aside once, counted across both attempts.
+        let expected: (u64, u64) = match policy {
+            sluice_plugins::FailurePolicy::SkipBatch => (45, 0),
+            _ => (0, 45),
+        };
+        assert_eq!((rest.skipped, rest.dead_letters), expected, "{name}");
+        let run = db
+            .store
+            .collection("import_runs")
+            .find_one(doc! { "runId": &rest.run_id })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (
+                run.get_i64("skipped").unwrap() as u64,
+                run.get_i64("deadLetters").unwrap() as u64
+            ),
+            expected,
+            "{run}"
+        );
+        let warned = run
+            .get_array("warnings")
+            .unwrap()
+            .iter()
+            .filter(|w| w.as_str().unwrap_or("").contains("skipped records"))
+            .count();
+        assert!(warned <= 1, "the skip warning once: {run}");
+    }
+    assert_eq!(count(&db, "things").await, 0);
+}
+
+#[tokio::test]
 async fn a_plugin_that_prints_runs_inside_an_import() {
     // Imports call their transforms from async code; a plugin's print (a blocking WASI
     // call) must not take the runtime down.

@@ -444,6 +444,7 @@ pub async fn run_import(
             summary.unchanged = cp.get_i64("unchanged").unwrap_or(0) as u64;
             summary.failed = cp.get_i64("failed").unwrap_or(0) as u64;
             summary.skipped = cp.get_i64("skipped").unwrap_or(0) as u64;
+            summary.dead_letters = cp.get_i64("deadLetters").unwrap_or(0) as u64;
             // Checkpoints of earlier versions did not say: as if every failure was kept.
             summary.rejected_kept = cp
                 .get_i64("rejectedKept")
@@ -1132,6 +1133,7 @@ async fn write_page(
                     "unchanged": summary.unchanged as i64,
                     "failed": summary.failed as i64,
                     "skipped": summary.skipped as i64,
+                    "deadLetters": summary.dead_letters as i64,
                     "rejectedKept": summary.rejected_kept as i64,
                     "maxCursor": max_cursor.clone().unwrap_or(Bson::Null),
                     "cursorEpochMs": summary.cursor_epoch_ms,
@@ -1733,6 +1735,7 @@ pub async fn mark_interrupted(store: &Store, configs: &[String]) -> Result<u64, 
                 "updated",
                 "unchanged",
                 "skipped",
+                "deadLetters",
             ] {
                 if let Ok(n) = cp.get_i64(k) {
                     set.insert(k, n);
