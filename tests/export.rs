@@ -795,6 +795,35 @@ async fn a_document_that_cannot_be_a_row_is_set_aside_not_a_stop_to_the_export()
         .unwrap();
     assert_eq!(job.get_i64("rowsRejected").unwrap(), 2, "{job}");
     std::fs::remove_dir_all(dir).unwrap();
+
+    // A run that fails (here its table's folder cannot be written: a file stands where
+    // it should be) still records what it set aside: its letters are stored already.
+    let blocked = temp_dir();
+    std::fs::write(blocked.join("EVENT_DATA"), b"not a folder").unwrap();
+    let ctx = ExportContext::new(
+        db.store.clone(),
+        ObjectStore::Local(LocalDir::new(&blocked)),
+    );
+    run_export(&ctx, &request(ExportJobType::EventData, d, d))
+        .await
+        .unwrap_err();
+    let job = db
+        .store
+        .collection("export_jobs")
+        .find_one(doc! { "status": "FAILED" })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (
+            job.get_i64("rowsRead").unwrap(),
+            job.get_i64("rowsRejected").unwrap(),
+            job.get_i64("rowsSkipped").unwrap()
+        ),
+        (52, 2, 0),
+        "{job}"
+    );
+    std::fs::remove_dir_all(blocked).unwrap();
 }
 
 #[tokio::test]

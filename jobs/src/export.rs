@@ -535,21 +535,25 @@ pub async fn run_export(
     };
     let outcome = execute(ctx, request, &job_id).await;
     heartbeat.end();
+    // Set aside by this run, whatever its outcome: a failed run's rejected rows are in
+    // `dead_letters` already.
+    let set_aside = history::SetAside {
+        skipped: ctx
+            .progress
+            .rows_skipped
+            .load(Relaxed)
+            .saturating_sub(skipped_before),
+        rejected: ctx
+            .progress
+            .rows_rejected
+            .load(Relaxed)
+            .saturating_sub(rejected_before),
+    };
+    let history::SetAside { skipped, rejected } = set_aside;
     match outcome {
         Ok((partitions, deleted)) => {
             let rows = partitions.iter().map(|p| p.rows).sum();
             let files: u64 = partitions.iter().map(|p| p.files.len() as u64).sum();
-            let skipped = ctx
-                .progress
-                .rows_skipped
-                .load(Relaxed)
-                .saturating_sub(skipped_before);
-            let rejected = ctx
-                .progress
-                .rows_rejected
-                .load(Relaxed)
-                .saturating_sub(rejected_before);
-            let set_aside = history::SetAside { skipped, rejected };
             history::completed(&ctx.store, &job_id, rows, files, set_aside, &destination).await?;
             tracing::info!(job_id, rows, files, skipped, rejected, "export completed");
             let bytes = bytes_now();
@@ -581,7 +585,7 @@ pub async fn run_export(
                 .rows_read
                 .load(Relaxed)
                 .saturating_sub(read_before);
-            let _ = history::failed(&ctx.store, &job_id, read, &err.to_string()).await;
+            let _ = history::failed(&ctx.store, &job_id, read, set_aside, &err.to_string()).await;
             tracing::error!(job_id, error = %err, "export failed");
             export_metrics(request.kind, "FAILED", 0, 0, 0, started.elapsed());
             Err(err)

@@ -105,7 +105,7 @@ pub async fn running(store: &Store, job_id: &str) -> Result<(), StoreError> {
     .await
 }
 
-/// What a completed run read but did not write.
+/// What a run read but did not write.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SetAside {
     /// Dropped by a transform plugin under the skip-batch policy.
@@ -142,6 +142,7 @@ pub async fn failed(
     store: &Store,
     job_id: &str,
     rows_read: u64,
+    set_aside: SetAside,
     error: &str,
 ) -> Result<(), StoreError> {
     set_outcome(
@@ -151,6 +152,8 @@ pub async fn failed(
             f::STATUS: ExportJobStatus::Failed.as_str(),
             f::END_TIME: store.now(),
             ROWS_READ: rows_read as i64,
+            ROWS_SKIPPED: set_aside.skipped as i64,
+            ROWS_REJECTED: set_aside.rejected as i64,
             f::ERROR: error,
         },
     )
