@@ -29,7 +29,7 @@ use futures_util::TryStreamExt;
 use serde_json::json;
 use sluice_connectors::objstore::{ObjectStore, StorageError};
 use sluice_connectors::parquet::{
-    columns as pc, encode, schema_description, EncodeError, LocalPart, PartWriter,
+    columns as pc, encode, fits, schema_description, EncodeError, LocalPart, PartWriter,
     PartWriterOptions, RecordBatch, TableSpec, DAILY_TABLE, EVENT_TABLE, USER_TABLE,
 };
 use sluice_connectors::{Store, StoreError};
@@ -2271,8 +2271,8 @@ fn encode_or_set_aside(
             let mut fit = Vec::with_capacity(records.len());
             let mut unfit = Vec::new();
             for d in records {
-                match encode(table, std::slice::from_ref(&d)) {
-                    Ok(_) => fit.push(d),
+                match fits(table, &d) {
+                    Ok(()) => fit.push(d),
                     Err(e) => unfit.push(DeadLetter {
                         transform: UNFIT_ROW.into(),
                         reason: format!("not exported: {e}"),
@@ -2784,5 +2784,55 @@ mod tests {
                 "{estimate} for {actual}: {d}"
             );
         }
+    }
+
+    /// What `f` logs at WARN and above, as text.
+    fn warnings_of(f: impl FnOnce()) -> String {
+        #[derive(Clone, Default)]
+        struct Buffer(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Buffer {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::WARN)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        let text = buffer.0.lock().unwrap().clone();
+        String::from_utf8(text).unwrap()
+    }
+
+    #[test]
+    fn a_batch_with_an_unfit_document_warns_of_its_conversions_once() {
+        let at = DateTime::from_millis(1_700_000_000_000);
+        // Each good event has a number where the page's URL goes (converted to text);
+        // one has no eventId, so the batch fails and its documents are tried alone.
+        let mut docs: Vec<Document> = (0..20)
+            .map(|i| {
+                doc! { "eventId": format!("e{i}"), "userId": "u", "sessionId": "s",
+                "eventType": "CLICK", "timestamp": at, "createdAt": at, "pageUrl": i,
+                "metadata": { "bot": false } }
+            })
+            .collect();
+        docs.push(
+            doc! { "userId": "u", "sessionId": "s", "eventType": "CLICK",
+            "timestamp": at, "createdAt": at, "metadata": { "bot": false } },
+        );
+        let mut out = None;
+        let log = warnings_of(|| out = Some(encode_or_set_aside(&EVENT_TABLE, docs).unwrap()));
+        let (batch, unfit) = out.unwrap();
+        assert_eq!((batch.num_rows(), unfit.len()), (20, 1));
+        let said = log.matches("were converted to it").count();
+        assert_eq!(said, 1, "{log}");
+        assert!(log.contains("count=20"), "{log}");
     }
 }

@@ -146,7 +146,13 @@ enum Fit {
     Exact,
 }
 
-fn column(spec: &ColumnSpec, docs: &[Document], fit: Fit) -> Result<ArrayRef, EncodeError> {
+/// One column of `docs`, and the values that did not fit it as they were (to be said in
+/// the log once the whole batch is encoded: see [`report`]).
+fn column(
+    spec: &ColumnSpec,
+    docs: &[Document],
+    fit: Fit,
+) -> Result<(ArrayRef, Mismatches), EncodeError> {
     let mut odd = Mismatches::default();
     let array = column_values(spec, docs, &mut odd, fit)?;
     if odd.count > 0 && fit == Fit::Exact {
@@ -160,6 +166,11 @@ fn column(spec: &ColumnSpec, docs: &[Document], fit: Fit) -> Result<ArrayRef, En
             ),
         });
     }
+    Ok((array, odd))
+}
+
+/// Says in the log what in a column did not fit it as it was.
+fn report(spec: &ColumnSpec, odd: &Mismatches) {
     if odd.count > 0 {
         // A flag the column must hold (`metadata.bot`) is false when it cannot be read.
         let written_as = if spec.kind == ColKind::Bool && !spec.nullable {
@@ -184,7 +195,6 @@ fn column(spec: &ColumnSpec, docs: &[Document], fit: Fit) -> Result<ArrayRef, En
             "values of another type than the column's were converted to it"
         );
     }
-    Ok(array)
 }
 
 fn column_values(
@@ -392,22 +402,43 @@ fn top_pages(spec: &ColumnSpec, docs: &[Document]) -> Result<ArrayRef, EncodeErr
 /// Encodes `docs` as one record batch of `table`. A value of another type than its
 /// column's is written as null (as text for a string column), with a warning.
 pub fn encode(table: &TableSpec, docs: &[Document]) -> Result<RecordBatch, EncodeError> {
-    encode_fit(table, docs, Fit::Lenient)
+    encode_fit(table, docs, Fit::Lenient, true)
+}
+
+/// Whether `doc` can be a row of `table` (as [`encode`] takes it), saying nothing in the
+/// log: to find the documents that fail a batch without a warning per document.
+pub fn fits(table: &TableSpec, doc: &Document) -> Result<(), EncodeError> {
+    encode_fit(table, std::slice::from_ref(doc), Fit::Lenient, false).map(|_| ())
 }
 
 /// [`encode`], refusing any value the batch would not hold exactly (a double in an
 /// integer column, a number in a string column, a string in a timestamp column): for
 /// ARCHIVE, which deletes what it wrote.
 pub fn encode_exact(table: &TableSpec, docs: &[Document]) -> Result<RecordBatch, EncodeError> {
-    encode_fit(table, docs, Fit::Exact)
+    encode_fit(table, docs, Fit::Exact, true)
 }
 
-fn encode_fit(table: &TableSpec, docs: &[Document], fit: Fit) -> Result<RecordBatch, EncodeError> {
-    let arrays = table
+/// The batch; what did not fit as it was is said in the log (when `report`) only once
+/// every column is encoded, so a batch that fails logs nothing twice when its good
+/// documents are encoded again.
+fn encode_fit(
+    table: &TableSpec,
+    docs: &[Document],
+    fit: Fit,
+    report_odd: bool,
+) -> Result<RecordBatch, EncodeError> {
+    let columns = table
         .columns
         .iter()
         .map(|c| column(c, docs, fit).map_err(|e| name_the_row(e, c, docs, fit)))
         .collect::<Result<Vec<_>, _>>()?;
+    let mut arrays = Vec::with_capacity(columns.len());
+    for (spec, (array, odd)) in table.columns.iter().zip(columns) {
+        if report_odd {
+            report(spec, &odd);
+        }
+        arrays.push(array);
+    }
     Ok(RecordBatch::try_new(schema_of(table), arrays)?)
 }
 
