@@ -826,6 +826,23 @@ async fn a_document_that_cannot_be_a_row_is_set_aside_not_a_stop_to_the_export()
     std::fs::remove_dir_all(blocked).unwrap();
 }
 
+/// Passes batches through unchanged, noting their sizes.
+#[derive(Default)]
+struct BatchSizes(std::sync::Mutex<Vec<usize>>);
+impl Transform for BatchSizes {
+    fn name(&self) -> &str {
+        "batch-sizes"
+    }
+    fn apply(
+        &self,
+        batch: Vec<Record>,
+        _: &mut sluice_core::transform::Call,
+    ) -> Result<Vec<Record>, TransformError> {
+        self.0.lock().unwrap().push(batch.len());
+        Ok(batch)
+    }
+}
+
 #[tokio::test]
 async fn batches_of_large_documents_are_cut_by_size_and_lose_nothing() {
     let db = TestDb::initialized().await;
@@ -849,10 +866,17 @@ async fn batches_of_large_documents_are_cut_by_size_and_lose_nothing() {
         .unwrap();
     let mut ctx = ExportContext::new(db.store.clone(), ObjectStore::Local(LocalDir::new(&dir)));
     ctx.batch_bytes = 1 << 20;
+    let sizes = Arc::new(BatchSizes::default());
+    ctx.transforms = vec![sizes.clone()];
     let summary = run_export(&ctx, &request(ExportJobType::EventData, d, d))
         .await
         .unwrap();
     assert_eq!(summary.rows, 30);
+    // Cut at about 1 MiB (the batch that reaches it included): 5 or 6 documents each.
+    let sizes = sizes.0.lock().unwrap().clone();
+    assert!(sizes.len() >= 5, "{sizes:?}");
+    assert!(sizes.iter().all(|&n| n <= 6), "{sizes:?}");
+    assert_eq!(sizes.iter().sum::<usize>(), 30);
     let mut seen = Vec::new();
     for f in &summary.partitions[0].files {
         let file = std::fs::File::open(dir.join(f)).unwrap();
