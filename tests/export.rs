@@ -672,6 +672,11 @@ async fn an_archive_that_died_before_deleting_is_finished_not_repeated() {
         "nothing deleted yet"
     );
 
+    // As if it died between its manifest and its symlink manifest: recovery writes it.
+    let link = dir.join(format!(
+        "ARCHIVE/_symlink_format_manifest/dt={old}/manifest"
+    ));
+    std::fs::remove_file(&link).unwrap();
     let mut ctx = ExportContext::new(db.store.clone(), ObjectStore::Local(LocalDir::new(&dir)));
     ctx.archive_delete_chunk = 64;
     let next = run_export(&ctx, &request(ExportJobType::Archive, day(0), day(0)))
@@ -681,6 +686,8 @@ async fn an_archive_that_died_before_deleting_is_finished_not_repeated() {
         next.deleted, 400,
         "the interrupted run's deletion was completed"
     );
+    let prefix = format!("ARCHIVE/dt={old}");
+    assert_eq!(symlinked(&dir, &prefix), parquet_files(&dir, &prefix));
     assert_eq!(
         next.rows, 0,
         "and its events were not archived a second time"
@@ -1521,6 +1528,11 @@ async fn a_publish_killed_midway_is_repaired_by_the_next_export_to_its_destinati
         }
     };
     assert_eq!(lapse(d1).await, 1);
+    // (Its symlink manifest lost too: the repair writes it again.)
+    let link = dir.join(format!(
+        "EVENT_DATA/_symlink_format_manifest/dt={d1}/manifest"
+    ));
+    std::fs::remove_file(&link).unwrap();
     // The next export to this destination, of another day, repairs the first: its
     // manifest's parts and its `_SUCCESS`, as before the killed rerun.
     run_export(&ctx, &request(ExportJobType::EventData, d3, d3))
@@ -1528,6 +1540,7 @@ async fn a_publish_killed_midway_is_repaired_by_the_next_export_to_its_destinati
         .unwrap();
     assert_eq!(manifest(&dir, &parts(d1)), before[0].0);
     assert_eq!(parquet_files(&dir, &parts(d1)), before[0].1);
+    assert_eq!(symlinked(&dir, &parts(d1)), before[0].1);
     assert!(dir.join(parts(d1)).join("_SUCCESS").exists());
     // The second, still leased, is left alone.
     assert_eq!(parquet_files(&dir, &parts(d2)).len(), before[1].1.len() + 1);
