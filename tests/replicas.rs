@@ -5,7 +5,8 @@
 //! they were running (INTERRUPTED imports, FAILED exports), never leave it RUNNING, and a
 //! stopped archive hands back the archive lock. Export runs cancelled in a living process
 //! are recorded FAILED at once and still finish (or undo) the partition they were
-//! publishing; an archive that lost its lock deletes nothing.
+//! publishing; an archive that lost its lock deletes nothing. A process whose clock is
+//! wrong dates its exports by the database's clock.
 
 mod support;
 
@@ -463,6 +464,10 @@ async fn an_export_in_flight_when_serve_stops_is_recorded_failed_not_left_runnin
 /// A `sluice` command on `config` with none of the environment's `SLUICE_*` settings, its
 /// stderr captured.
 fn sluice(config: &std::path::Path, args: &[&str]) -> std::process::Child {
+    sluice_command(config, args).spawn().unwrap()
+}
+
+fn sluice_command(config: &std::path::Path, args: &[&str]) -> std::process::Command {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"));
     for (k, _) in std::env::vars() {
         if k.starts_with("SLUICE_") {
@@ -473,9 +478,112 @@ fn sluice(config: &std::path::Path, args: &[&str]) -> std::process::Child {
         .arg(config)
         .args(args)
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
+        .stderr(std::process::Stdio::piped());
+    cmd
+}
+
+/// An export run by a process whose clock is two hours fast dates what it writes (the
+/// manifest's `createdAt`, the run's id and record) by the database's clock, as it reads
+/// by it: a warehouse comparing a manifest's times with the run's sees one clock.
+#[tokio::test]
+async fn an_export_by_a_process_whose_clock_is_wrong_is_dated_by_the_database() {
+    use sluice_core::model::{Event, EventMetadata, EventType};
+    let db = TestDb::initialized().await;
+    let day = chrono::Utc::now().date_naive() - chrono::Days::new(2);
+    let noon = bson::DateTime::from_millis(
+        day.and_hms_opt(12, 0, 0)
+            .unwrap()
+            .and_utc()
+            .timestamp_millis(),
+    );
+    let events: Vec<bson::Document> = (0..5)
+        .map(|i| {
+            bson::to_document(&Event {
+                id: None,
+                event_id: format!("clock-{i}"),
+                user_id: "u".into(),
+                session_id: "s".into(),
+                event_type: EventType::PageView,
+                timestamp: noon,
+                properties: doc! {},
+                metadata: EventMetadata::default(),
+                page_url: Some("/".into()),
+                referrer: None,
+                duration: None,
+                created_at: noon,
+                updated_at: noon,
+            })
+            .unwrap()
+        })
+        .collect();
+    db.store
+        .collection("events")
+        .insert_many(events)
+        .await
+        .unwrap();
+    let dir =
+        std::env::temp_dir().join(format!("sluice-replicas-{}", uuid::Uuid::new_v4().simple()));
+    let out = dir.join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let config = dir.join("sluice.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[mongodb]\nuri = \"{}\"\ndatabase = \"{}\"\n[export]\ndestination = \"{}\"\n[log]\nlevel = \"warn\"\n",
+            support::mongo_uri(),
+            db.name,
+            out.display()
+        ),
+    )
+    .unwrap();
+    let lib = std::env::var("SLUICE_FAKETIME_LIB")
+        .ok()
+        .filter(|l| !l.is_empty())
+        .expect("SLUICE_FAKETIME_LIB is not set: run the tests through `scripts/test.sh`");
+    let run = sluice_command(
+        &config,
+        &["export", "run", "event-data", "--from", &day.to_string()],
+    )
+    .env("LD_PRELOAD", lib)
+    .env("FAKETIME", "+2h")
+    .output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    let real_now = chrono::Utc::now();
+    let near_now = |t: chrono::DateTime<chrono::Utc>, what: &str| {
+        let off = (t - real_now).num_seconds().abs();
+        assert!(off < 15 * 60, "{what} is {t}, the time is {real_now}");
+    };
+    let job = db
+        .store
+        .collection("export_jobs")
+        .find_one(doc! {})
+        .await
         .unwrap()
+        .unwrap();
+    assert_eq!(job.get_str("status").unwrap(), "COMPLETED", "{job}");
+    near_now(
+        job.get_datetime("createdAt").unwrap().to_chrono(),
+        "the run's createdAt",
+    );
+    // `event-data-YYYYMMDDTHHMMSS-...`
+    let job_id = job.get_str("jobId").unwrap();
+    let stamp = job_id.split('-').nth(2).unwrap();
+    let at = chrono::NaiveDateTime::parse_from_str(stamp, "%Y%m%dT%H%M%S")
+        .unwrap_or_else(|e| panic!("{job_id}: {e}"))
+        .and_utc();
+    near_now(at, "the run id's time");
+    let manifest: Value = serde_json::from_slice(
+        &std::fs::read(out.join(format!("EVENT_DATA/dt={day}/_manifest.json"))).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(manifest["rows"], 5, "{manifest}");
+    let created = chrono::DateTime::parse_from_rfc3339(manifest["createdAt"].as_str().unwrap())
+        .unwrap()
+        .to_utc();
+    near_now(created, "the manifest's createdAt");
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// Sends `signal` (`-INT` is Ctrl-C) to `child` and returns its exit status and stderr.

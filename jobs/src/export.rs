@@ -2737,29 +2737,31 @@ async fn mark_archived(
             partition: prefix.to_string(),
             source,
         })?;
-    // `run_command` turns neither into an error: nothing is deleted unless every claim
-    // was marked as durably as asked.
-    let refused = sluice_connectors::mongo::statement_errors(&reply);
-    let problem = match (reply.get_document("writeConcernError"), refused.first()) {
-        (Ok(wce), _) => Some(format!(
-            "write concern not satisfied: {}",
-            wce.get_str("errmsg").unwrap_or("?")
-        )),
-        (_, Some(e)) => Some(format!(
-            "{} of {} refused, the first with error {}: {}",
-            refused.len(),
-            ids.len(),
-            e.code,
-            e.message
-        )),
-        _ => None,
-    };
-    match problem {
+    match marking_problem(&reply, ids.len()) {
         Some(problem) => Err(ExportError::Request(format!(
             "marking the archived events of {prefix} in the dedupe ledger failed ({problem}); nothing of that chunk was deleted, and the next archive run finishes the day"
         ))),
         None => Ok(()),
     }
+}
+
+/// What in the reply to marking `statements` claims archived keeps their events from
+/// being deleted. `run_command` turns neither a write concern error nor refused
+/// statements into an error: nothing is deleted unless every claim was marked as
+/// durably as asked.
+fn marking_problem(reply: &Document, statements: usize) -> Option<String> {
+    if let Some(wce) = sluice_connectors::mongo::write_concern_error(reply) {
+        return Some(wce);
+    }
+    let refused = sluice_connectors::mongo::statement_errors(reply);
+    refused.first().map(|e| {
+        format!(
+            "{} of {statements} refused, the first with error {}: {}",
+            refused.len(),
+            e.code,
+            e.message
+        )
+    })
 }
 
 /// eventIds per delete command of an archive (well under the 16 MB command limit).
@@ -2784,6 +2786,28 @@ mod tests {
                 "{estimate} for {actual}: {d}"
             );
         }
+    }
+
+    #[test]
+    fn claims_not_marked_as_asked_keep_their_events() {
+        assert_eq!(
+            marking_problem(&doc! { "ok": 1, "n": 3, "nModified": 3 }, 3),
+            None
+        );
+        let wce = doc! { "ok": 1, "n": 3,
+        "writeConcernError": { "code": 64, "errmsg": "waiting for replication timed out" } };
+        assert_eq!(
+            marking_problem(&wce, 3).as_deref(),
+            Some("write concern not satisfied: waiting for replication timed out")
+        );
+        let refused = doc! { "ok": 1, "n": 1, "writeErrors": [
+            { "index": 1, "code": 121, "errmsg": "Document failed validation" },
+            { "index": 2, "code": 121, "errmsg": "Document failed validation" },
+        ] };
+        assert_eq!(
+            marking_problem(&refused, 3).as_deref(),
+            Some("2 of 3 refused, the first with error 121: Document failed validation")
+        );
     }
 
     /// What `f` logs at WARN and above, as text.

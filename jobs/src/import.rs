@@ -1671,13 +1671,10 @@ async fn upsert_once(
         })?;
     // Written, but not as durably as asked: the page is not committed, and the run
     // fails (the next one redoes the page; upserts by key make that harmless).
-    if let Ok(wce) = reply.get_document("writeConcernError") {
+    if let Some(message) = sluice_connectors::mongo::write_concern_error(&reply) {
         return Err(ImportError::Sink {
             collection: connector.collection.clone(),
-            message: format!(
-                "write concern not satisfied: {}",
-                wce.get_str("errmsg").unwrap_or("?")
-            ),
+            message,
         });
     }
     let errors = sluice_connectors::mongo::statement_errors(&reply);

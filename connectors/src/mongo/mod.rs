@@ -168,6 +168,17 @@ pub fn statement_errors(reply: &bson::Document) -> Vec<StatementError> {
         .collect()
 }
 
+/// The `writeConcernError` of a write command's reply (run with `run_command`, which
+/// does not turn it into an error): the writes were applied, but not as durably as asked.
+pub fn write_concern_error(reply: &bson::Document) -> Option<String> {
+    reply.get_document("writeConcernError").ok().map(|wce| {
+        format!(
+            "write concern not satisfied: {}",
+            wce.get_str("errmsg").unwrap_or("?")
+        )
+    })
+}
+
 /// Errors from the MongoDB store, with the collection or step they happened in.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
