@@ -1427,6 +1427,67 @@ path = "$.email"
 }
 
 #[tokio::test]
+async fn a_push_watermark_may_be_a_dotted_path() {
+    let db = TestDb::initialized().await;
+    let (base, api) = fault_api(Fault::None).await;
+    let src = db.store.collection("nested_src");
+    for k in 0..7 {
+        src.insert_one(
+            doc! { "k": k, "meta": { "updatedAt": bson::DateTime::from_millis(1_000 + k) } },
+        )
+        .await
+        .unwrap();
+    }
+    let text = format!(
+        r#"
+name = "nested-push"
+type = "EXPORT"
+endpoint = "{base}/inbox"
+method = "POST"
+allow_private_network = true
+[push]
+collection = "nested_src"
+watermark_field = "meta.updatedAt"
+batch_size = 3
+wrap = "items"
+[mapping.k]
+path = "$.k"
+"#
+    );
+    let name = apply(&db, &text).await;
+    let first = run_push(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert_eq!((first.read, first.sent), (7, 7));
+    let cfg = db
+        .store
+        .collection("integration_configs")
+        .find_one(doc! { "name": &name })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        cfg.get_datetime("syncCursor").unwrap().timestamp_millis(),
+        1_006,
+        "{cfg}"
+    );
+    // The position is after the last document sent: nothing is sent again.
+    let again = run_push(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert_eq!((again.read, again.sent), (0, 0));
+    src.insert_one(doc! { "k": 7, "meta": { "updatedAt": bson::DateTime::from_millis(2_000) } })
+        .await
+        .unwrap();
+    let third = run_push(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert_eq!((third.read, third.sent), (1, 1));
+    let pushed = api.pushed.lock().unwrap().clone();
+    assert_eq!(pushed.last().unwrap()["items"], json!([{ "k": 7 }]));
+}
+
+#[tokio::test]
 async fn pushes_resume_between_documents_that_share_a_watermark_and_accept_any_2xx_body() {
     let db = TestDb::initialized().await;
     let src = db.store.collection("pushsrc");

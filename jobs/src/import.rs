@@ -1816,7 +1816,11 @@ pub struct PushSummary {
 fn batch_span(batch: &[Document], watermark: Option<&str>) -> String {
     let at = |d: Option<&Document>| {
         let d = d.cloned().unwrap_or_default();
-        let value = watermark.map(|w| d.get(w).cloned().unwrap_or(Bson::Null));
+        let value = watermark.map(|w| {
+            sluice_core::model::at_path(&d, w)
+                .cloned()
+                .unwrap_or(Bson::Null)
+        });
         let id = d.get(common::ID).cloned().unwrap_or(Bson::Null);
         Bson::Array(vec![value.unwrap_or(Bson::Null), id])
             .into_canonical_extjson()
@@ -1975,7 +1979,10 @@ pub async fn run_push(
         // whatever the transforms make of it.
         let high = watermark.as_ref().and_then(|w| {
             let last = batch.last()?;
-            let value = last.get(w).cloned().unwrap_or(Bson::Null);
+            // A dotted watermark (`meta.updatedAt`) is a path, as the read's sort takes it.
+            let value = sluice_core::model::at_path(last, w)
+                .cloned()
+                .unwrap_or(Bson::Null);
             Some((value, last.get(common::ID)?.clone()))
         });
         let span = batch_span(&batch, watermark.as_deref());

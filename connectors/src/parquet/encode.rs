@@ -23,12 +23,7 @@ pub enum EncodeError {
 
 /// Follows a dotted path through sub-documents.
 fn lookup<'a>(doc: &'a Document, path: &str) -> Option<&'a Bson> {
-    let mut parts = path.split('.');
-    let mut current = doc.get(parts.next()?)?;
-    for p in parts {
-        current = current.as_document()?.get(p)?;
-    }
-    match current {
+    match sluice_core::model::at_path(doc, path)? {
         Bson::Null | Bson::Undefined => None,
         v => Some(v),
     }

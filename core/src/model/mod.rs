@@ -15,6 +15,17 @@ pub fn is_plain_field_name(name: &str) -> bool {
     !name.is_empty() && !name.starts_with('$') && !name.contains('.')
 }
 
+/// The value at a dotted path (`meta.updatedAt`) through sub-documents, as MongoDB
+/// reads a path in a filter or a sort (arrays are not walked into).
+pub fn at_path<'a>(doc: &'a bson::Document, path: &str) -> Option<&'a bson::Bson> {
+    let mut parts = path.split('.');
+    let mut current = doc.get(parts.next()?)?;
+    for p in parts {
+        current = current.as_document()?.get(p)?;
+    }
+    Some(current)
+}
+
 /// Collection names.
 pub mod collections {
     pub const USERS: &str = "users";
