@@ -3665,6 +3665,49 @@ async fn next_page_urls_in_the_body_are_followed_and_a_url_cursor_is_explained()
     assert!(err.contains("source.pagination.next_path"), "{err}");
 }
 
+/// Three pages by next URL; the second has no `results` at all (an API that leaves an
+/// empty list out), but names the third.
+async fn gappy(Query(q): Query<Vec<(String, String)>>, headers: HeaderMap) -> Json<Value> {
+    let page = q
+        .iter()
+        .find(|(k, _)| k == "page")
+        .map_or("1", |(_, v)| v.as_str());
+    let host = headers.get("host").unwrap().to_str().unwrap();
+    let next = |n: u32| json!(format!("http://{host}/gappy?page={n}"));
+    Json(match page {
+        "1" => json!({ "results": [{ "id": 0 }, { "id": 1 }], "next": next(2) }),
+        "2" => json!({ "next": next(3) }),
+        _ => json!({ "results": [{ "id": 2 }], "next": null }),
+    })
+}
+
+#[tokio::test]
+async fn a_page_without_records_that_names_the_next_does_not_cut_the_run_short() {
+    let db = TestDb::initialized().await;
+    let addr = serve(Router::new().route("/gappy", get(gappy))).await;
+    let text = things_config(
+        "gappy",
+        &format!("http://{addr}/gappy"),
+        "type = \"next_url\"",
+    )
+    .replace("$.data[*]", "$.results[*]");
+    let name = apply(&db, &text).await;
+    let s = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert!(s.completed, "{s:?}");
+    assert_eq!((s.pages, s.fetched), (3, 3));
+    // Every page was read: the run is not cut short (its cursor may move), though the
+    // page is still warned about.
+    assert_eq!(s.stopped_early, None);
+    assert!(
+        s.warnings.iter().any(|w| w.contains("page 2")),
+        "{:?}",
+        s.warnings
+    );
+    assert_eq!(count(&db, "things").await, 3);
+}
+
 /// A token endpoint that takes the client's credentials only in the form body
 /// (`client_secret_post`), as some providers do, and an API that wants its tokens.
 async fn post_only_token(headers: HeaderMap, body: String) -> Response {

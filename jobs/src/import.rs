@@ -725,10 +725,11 @@ async fn import_pages(
                 &connector.name,
                 format!("page {}: {miss}", summary.pages + 1),
             );
-            // After records came, a page without the records' place is more likely an
-            // error answered with 200 than the end: the run counts as cut short, so an
-            // incremental cursor (unless `sorted`) is not moved past the pages not read.
-            if summary.pages > 0 && summary.stopped_early.is_none() {
+            // After records came, a page without the records' place that ends the
+            // paging is more likely an error answered with 200 than the end: the run
+            // counts as cut short, so an incremental cursor (unless `sorted`) is not
+            // moved past the pages not read. One that names a next page is read on.
+            if summary.pages > 0 && summary.stopped_early.is_none() && next == PageState::Done {
                 summary.stopped_early = Some(format!(
                     "page {} came without the records' place (an error answered with 200?); the pages after it were not read",
                     summary.pages + 1
