@@ -2417,6 +2417,57 @@ async fn an_import_into_events_stores_each_event_once_and_keeps_sessions_and_use
 }
 
 #[tokio::test]
+async fn a_narrower_unique_index_on_the_key_is_not_trusted_to_refuse_duplicates() {
+    let db = TestDb::initialized().await;
+    let addr = serve(Router::new().route(
+        "/gadgets",
+        get(|| async { Json(json!({"data": [{"sku": "g1"}, {"sku": "g2"}]})) }),
+    ))
+    .await;
+    // Unique only among active gadgets: the imported ones are not, so it refuses nothing.
+    db.store
+        .collection("gadgets")
+        .create_index(
+            mongodb::IndexModel::builder()
+                .keys(doc! { "sku": 1 })
+                .options(
+                    mongodb::options::IndexOptions::builder()
+                        .unique(true)
+                        .partial_filter_expression(doc! { "active": true })
+                        .name("active_sku".to_string())
+                        .build(),
+                )
+                .build(),
+        )
+        .await
+        .unwrap();
+    let text = format!(
+        r#"
+name = "gadgets"
+type = "IMPORT"
+endpoint = "http://{addr}/gadgets"
+allow_private_network = true
+[source]
+records = "$.data[*]"
+[target]
+collection = "gadgets"
+key = "sku"
+[mapping.sku]
+path = "$.sku"
+type = "string"
+required = true
+"#
+    );
+    let name = apply(&db, &text).await;
+    for run in 0..2 {
+        run_import(&db.store, &name, &ImportOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(count(&db, "gadgets").await, 2, "after run {run}");
+    }
+}
+
+#[tokio::test]
 async fn a_custom_key_index_does_not_refuse_other_writers_documents_without_the_key() {
     let db = TestDb::initialized().await;
     let addr = serve(Router::new().route(

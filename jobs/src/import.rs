@@ -1339,8 +1339,18 @@ async fn ensure_key_index(store: &Store, connector: &Connector) -> bool {
     let name = format!("{}_unique", connector.key);
     if let Ok(cursor) = coll.list_indexes().await {
         if let Ok(indexes) = cursor.try_collect::<Vec<_>>().await {
+            // Unique over every document with the key. A narrower partial index (say
+            // `{active: true}`) refuses no insert outside its filter: inserting first
+            // would then add a duplicate per key on every run.
+            let every_keyed = doc! { &connector.key: { "$exists": true } };
             let unique = |m: &mongodb::IndexModel| {
-                m.keys == wanted && m.options.as_ref().and_then(|o| o.unique) == Some(true)
+                m.keys == wanted
+                    && m.options.as_ref().is_some_and(|o| {
+                        o.unique == Some(true)
+                            && o.partial_filter_expression
+                                .as_ref()
+                                .is_none_or(|f| *f == every_keyed)
+                    })
             };
             // Earlier versions built their key index over every document: rebuilt
             // partial, it stops refusing other writers' documents that lack the key. The
