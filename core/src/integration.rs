@@ -1237,7 +1237,13 @@ pub fn records_not_a_list(body: &Value, path: &str) -> Option<String> {
     let found = at_chain(body, &chain)?;
     let what = match found {
         Value::Array(_) | Value::Null => return None,
-        Value::Object(m) if m.values().all(Value::is_object) => return None,
+        // An object of records keyed by id; not one holding an error's details
+        // (`{"error": {"code": 429, ...}}`), however shaped.
+        Value::Object(m)
+            if m.values().all(Value::is_object) && !m.keys().any(|k| names_an_error(k)) =>
+        {
+            return None
+        }
         Value::Object(m) => format!("an object (its keys: {})", some_keys(m)),
         other => {
             let text: String = other.to_string().chars().take(300).collect();
@@ -1252,6 +1258,13 @@ pub fn records_not_a_list(body: &Value, path: &str) -> Option<String> {
     Some(format!(
         "the response's {place} is {what}, not a list of records (an error answered with 200?); check `source.records`"
     ))
+}
+
+/// A key under which APIs answer an error's details (`error`, `errors`, `fault`, any case).
+fn names_an_error(key: &str) -> bool {
+    ["error", "errors", "fault"]
+        .iter()
+        .any(|e| key.eq_ignore_ascii_case(e))
 }
 
 /// An object's first ten keys for a message, `...` when there are more.
@@ -1626,6 +1639,18 @@ pub fn member_chain(path: &str) -> Option<Vec<String>> {
         .collect()
 }
 
+/// Whether a parsed path names at most one value: names and indices only, one per
+/// segment (no wildcard, slice, filter, union or descent).
+fn singular(query: &jsonpath_rust::parser::model::JpQuery) -> bool {
+    use jsonpath_rust::parser::model::{Segment, Selector};
+    let one = |s: &Selector| matches!(s, Selector::Name(_) | Selector::Index(_));
+    query.segments.iter().all(|segment| match segment {
+        Segment::Selector(s) => one(s),
+        Segment::Selectors(list) => list.len() == 1 && one(&list[0]),
+        Segment::Descendant(_) => false,
+    })
+}
+
 /// The value `f`'s path finds in `record` (with the path parsed once, at validation): the
 /// first match, or with `list = true` every match as a list.
 pub fn lookup(f: &Field, record: &Value) -> Option<Value> {
@@ -1658,6 +1683,20 @@ fn find(f: &Field, record: &Value) -> (Option<Value>, usize) {
         None => {
             let found = jsonpath_rust::query::js_path_process(&f.query, record).unwrap_or_default();
             let n = found.len();
+            // A path naming one value (`$['tags']`, `$.a['b-c'][0]`) reads as a member
+            // chain does: as a list, a list found there is the list itself.
+            if f.list && n == 1 && singular(&f.query) {
+                return match found.into_iter().next().map(|r| r.val()) {
+                    Some(Value::Array(items)) => {
+                        let items: Vec<Value> =
+                            items.iter().filter(|v| !v.is_null()).cloned().collect();
+                        let n = items.len();
+                        ((!items.is_empty()).then_some(Value::Array(items)), n)
+                    }
+                    Some(Value::Null) | None => (None, 0),
+                    Some(v) => (Some(Value::Array(vec![v.clone()])), 1),
+                };
+            }
             if f.list {
                 // The values found, without nulls (an item without the member).
                 let items: Vec<Value> = found
@@ -2465,6 +2504,11 @@ type = "bool"
             miss.contains("body is an object (its keys: error, code)"),
             "{miss}"
         );
+        // An error's details as an object look like an object of records keyed by id.
+        let nested = json!({"error": {"code": 429, "message": "quota exceeded"}});
+        let miss = records_not_a_list(&nested, "$[*]").expect("an error object");
+        assert!(miss.contains("its keys: error"), "{miss}");
+        assert!(records_not_a_list(&json!({"a1": {"id": 1}}), "$[*]").is_none());
         let miss = records_not_a_list(&json!({"data": "down"}), "$.data[*]").expect("scalar");
         assert!(miss.contains("`$.data` is `\"down\"`"), "{miss}");
         for fine in [
@@ -2531,12 +2575,42 @@ type = "bool"
                 date_format: None,
             };
             assert!(fast.members.is_some(), "{path}");
-            let engine = Field {
-                members: None,
-                ..fast.clone()
-            };
-            assert_eq!(lookup(&fast, &record), lookup(&engine, &record), "{path}");
+            for list in [false, true] {
+                let fast = Field {
+                    list,
+                    ..fast.clone()
+                };
+                let engine = Field {
+                    members: None,
+                    ..fast.clone()
+                };
+                assert_eq!(
+                    lookup(&fast, &record),
+                    lookup(&engine, &record),
+                    "{path} list={list}"
+                );
+            }
         }
+        // A bracketed name is one value too: as a list, the list found there is the list.
+        let field = |path: &str| Field {
+            target: "t".into(),
+            path: path.into(),
+            query: jsonpath_rust::parser::parse_json_path(path).unwrap(),
+            members: member_chain(path),
+            kind: FieldType::Any,
+            required: false,
+            default: None,
+            list: true,
+            epoch_seconds: false,
+            unit_given: false,
+            unset_missing: false,
+            date_format: None,
+        };
+        assert_eq!(lookup(&field("$['tags']"), &record), Some(json!(["x"])));
+        assert_eq!(lookup(&field("$['weird-key']"), &record), Some(json!([1])));
+        // A wildcard finds each item: the items, not the list.
+        assert_eq!(lookup(&field("$.tags[*]"), &record), Some(json!(["x"])));
+        assert_eq!(lookup(&field("$..c"), &record), Some(json!([true])));
     }
 
     #[test]
