@@ -1590,6 +1590,10 @@ struct RotatingProvider {
     answer_after_ms: Arc<AtomicU64>,
     /// The `scope` of each grant ("" when none was sent).
     scopes: Arc<Mutex<Vec<String>>>,
+    /// 1: answers as some providers do (`expires_in` as a string, no `token_type`, JSON
+    /// served as `text/plain`); 2: an answer with the new refresh token but no access
+    /// token (unreadable).
+    sloppy: Arc<AtomicU64>,
 }
 
 async fn rotating_token(
@@ -1630,7 +1634,23 @@ async fn rotating_token(
     };
     let wait = p.answer_after_ms.load(Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(wait)).await;
-    Json(answer).into_response()
+    let mut answer = answer;
+    match p.sloppy.load(Ordering::SeqCst) {
+        0 => Json(answer).into_response(),
+        sloppy => {
+            let fields = answer.as_object_mut().unwrap();
+            fields.remove("token_type");
+            fields.insert("expires_in".into(), json!("1"));
+            if sloppy == 2 {
+                fields.remove("access_token");
+            }
+            (
+                [(axum::http::header::CONTENT_TYPE, "text/plain")],
+                answer.to_string(),
+            )
+                .into_response()
+        }
+    }
 }
 
 async fn rotating_items(
@@ -1666,6 +1686,49 @@ async fn rotating_items(
         Value::Null
     };
     Json(json!({ "data": data, "next": next })).into_response()
+}
+
+#[tokio::test]
+async fn a_rotated_refresh_token_is_kept_from_an_answer_that_bends_or_breaks_the_rfc() {
+    let db = TestDb::initialized().await;
+    let provider = RotatingProvider::default();
+    *provider.refresh.lock().unwrap() = "rt-initial".into();
+    let app = Router::new()
+        .route("/token", post(rotating_token))
+        .route("/items", get(rotating_items))
+        .with_state(provider.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let auth = format!(
+        "[auth]\ntype = \"OAUTH\"\ntoken_url = \"{base}/token\"\nclient_id = \"c\"\nclient_secret = \"${{env:IMPORT_TEST_CLIENT_SECRET}}\"\nrefresh_token = \"${{env:IMPORT_TEST_REFRESH}}\"\n"
+    );
+    let name = apply(&db, &cursor_config("sloppy", &base, "", &auth)).await;
+    let options = ImportOptions {
+        token_key: Some(sluice_core::config::Secret::new(
+            "a-long-token-key-for-tests",
+        )),
+        ..with_secrets(&[
+            ("IMPORT_TEST_REFRESH", "rt-initial"),
+            ("IMPORT_TEST_CLIENT_SECRET", "s3cret"),
+        ])
+    };
+    // `expires_in` as a string, no `token_type`, `text/plain`: read all the same.
+    provider.sloppy.store(1, Ordering::SeqCst);
+    let s = run_import(&db.store, &name, &options).await.unwrap();
+    assert_eq!(s.fetched, 45);
+    assert!(s.http.refresh_rotations >= 2, "{:?}", s.http);
+    // An answer that cannot be read at all still spent the old token: its new one is
+    // kept, so the chain goes on once the provider answers properly again.
+    provider.sloppy.store(2, Ordering::SeqCst);
+    let err = run_import(&db.store, &name, &options)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("new refresh token, which was saved"), "{err}");
+    provider.sloppy.store(0, Ordering::SeqCst);
+    let s = run_import(&db.store, &name, &options).await.unwrap();
+    assert_eq!(s.fetched, 45);
 }
 
 #[tokio::test]

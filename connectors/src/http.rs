@@ -429,6 +429,7 @@ impl HttpClient {
             client_secret: client_secret.expose().to_string(),
             secret_in_body: *secret_in_body,
             asked: Default::default(),
+            answered_refresh: Default::default(),
         };
         let token = match refresh_token {
             Some(configured) => {
@@ -1122,6 +1123,10 @@ struct Provider {
     /// The `Retry-After` of the last answer, when it was a 429 or 503 (oauth2's error
     /// does not carry the headers).
     asked: Arc<std::sync::Mutex<Option<Duration>>>,
+    /// The refresh token in the last successful answer's body, read before oauth2 parses
+    /// it: a provider that rotates tokens has spent the old one even when the rest of
+    /// its answer cannot be read.
+    answered_refresh: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 /// What a token request through [`Provider::http`] resolves to.
@@ -1152,17 +1157,32 @@ impl Provider {
     /// Sends token requests through `http`, keeping each answer's `Retry-After` when it
     /// is a 429 or 503.
     fn http(&self, http: &reqwest::Client) -> impl Fn(oauth2::HttpRequest) -> TokenAnswer {
-        let (http, asked) = (http.clone(), self.asked.clone());
+        let (http, asked, answered) = (
+            http.clone(),
+            self.asked.clone(),
+            self.answered_refresh.clone(),
+        );
         move |request| {
-            let (http, asked) = (http.clone(), asked.clone());
+            let (http, asked, answered) = (http.clone(), asked.clone(), answered.clone());
             Box::pin(async move {
                 use oauth2::AsyncHttpClient;
-                let answer = http.call(request).await?;
+                let mut answer = http.call(request).await?;
                 let wait = match answer.status().as_u16() {
                     429 | 503 => retry_after(answer.headers()),
                     _ => None,
                 };
                 *asked.lock().unwrap_or_else(|p| p.into_inner()) = wait;
+                if answer.status().is_success() {
+                    let (fresh, readable) = lenient_token_answer(answer.body());
+                    *answered.lock().unwrap_or_else(|p| p.into_inner()) = fresh;
+                    if let Some(body) = readable {
+                        *answer.body_mut() = body;
+                        answer.headers_mut().insert(
+                            reqwest::header::CONTENT_TYPE,
+                            reqwest::header::HeaderValue::from_static("application/json"),
+                        );
+                    }
+                }
                 Ok(answer)
             })
         }
@@ -1252,6 +1272,19 @@ struct Exchanged {
     rotated: Option<String>,
 }
 
+/// Saves a rotated refresh token, retried a few times: the provider has spent the old one.
+async fn save_with_retries(vault: &dyn TokenVault, token: &str) -> Result<(), String> {
+    let mut saved = vault.save(token).await;
+    for attempt in 0..3u32 {
+        if saved.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+        saved = vault.save(token).await;
+    }
+    saved
+}
+
 /// Exchanges the refresh token `current` (or, when the provider refuses it, the one
 /// saved since by another run of the same config), and saves a rotated refresh token
 /// before answering: the provider has spent the old one.
@@ -1287,8 +1320,35 @@ async fn exchange_refresh(
                 }
             }
         }
-        let token = result.map_err(|e| provider.failed(&e))?;
-        let in_use = presented.as_ref().unwrap_or(&current);
+        let in_use = presented.as_ref().unwrap_or(&current).clone();
+        let token = match result {
+            Ok(token) => token,
+            Err(e) => {
+                // Answered with a new refresh token the rest of whose answer could not
+                // be read: the provider has spent the old one, so the new one is kept.
+                let answered = provider
+                    .answered_refresh
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take()
+                    .filter(|new| *new != in_use);
+                let mut failure = provider.failed(&e);
+                if let Some(new) = answered {
+                    let kept = match &vault {
+                        Some(v) => save_with_retries(v.as_ref(), &new).await.is_ok(),
+                        None => false,
+                    };
+                    rotated = Some(new);
+                    failure = provider.error(format!(
+                        "{} (the answer carried a new refresh token, {})",
+                        describe_token_error(&e),
+                        if kept { "which was saved" } else { "which could not be saved" }
+                    ));
+                }
+                return Err(failure);
+            }
+        };
+        let in_use = &in_use;
         if let Some(new) = token
             .refresh_token()
             .map(|t| t.secret().clone())
@@ -1297,15 +1357,7 @@ async fn exchange_refresh(
             // Rotated: the old token is spent. Keep the new one durably first.
             rotated = Some(new.clone());
             if let Some(v) = &vault {
-                let mut saved = v.save(&new).await;
-                for attempt in 0..3u32 {
-                    if saved.is_ok() {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
-                    saved = v.save(&new).await;
-                }
-                saved.map_err(|e| {
+                save_with_retries(v.as_ref(), &new).await.map_err(|e| {
                     provider.error(format!(
                         "the provider rotated the refresh token but it could not be saved ({e}); the run stops before using it"
                     ))
@@ -1320,6 +1372,31 @@ async fn exchange_refresh(
         presented,
         rotated,
     }
+}
+
+/// A token endpoint's successful answer: the refresh token it holds, and the body as the
+/// oauth2 crate reads it when the provider bent RFC 6749 in a common way (`expires_in`
+/// as a string, no `token_type`, JSON served as `text/plain`); `None` to leave the body
+/// as it is (not a JSON object: the crate reports it).
+fn lenient_token_answer(body: &[u8]) -> (Option<String>, Option<Vec<u8>>) {
+    let Ok(serde_json::Value::Object(mut answer)) = serde_json::from_slice(body) else {
+        return (None, None);
+    };
+    let fresh = answer
+        .get("refresh_token")
+        .and_then(serde_json::Value::as_str)
+        .map(str::to_string);
+    if let Some(serde_json::Value::String(text)) = answer.get("expires_in") {
+        match text.trim().parse::<u64>() {
+            Ok(n) => answer.insert("expires_in".into(), n.into()),
+            Err(_) => answer.remove("expires_in"),
+        };
+    }
+    if !answer.contains_key("token_type") {
+        answer.insert("token_type".into(), "bearer".into());
+    }
+    let body = serde_json::to_vec(&answer).ok();
+    (fresh, body)
 }
 
 fn describe_token_error<E: std::error::Error>(e: &E) -> String {
