@@ -2212,6 +2212,50 @@ async fn records_a_plugin_skips_are_counted_and_warned_about() {
 }
 
 #[tokio::test]
+async fn a_run_left_recorded_running_is_closed_by_the_next_run_of_its_config() {
+    let db = TestDb::initialized().await;
+    let (base, _api) = fault_api(Fault::None).await;
+    let name = apply(&db, &cursor_config("orphans", &base, "", "")).await;
+    // As a run dropped when its scheduled run lost its lease leaves it (and one of
+    // another config, which is not this run's business).
+    let runs = db.store.collection("import_runs");
+    for (config, id) in [("orphans", "orphans-lost"), ("other", "other-live")] {
+        runs.insert_one(doc! { "config": config, "runId": id, "status": "RUNNING" })
+            .await
+            .unwrap();
+    }
+    let s = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert!(s.completed);
+    let status = |id: &str| {
+        let runs = runs.clone();
+        let id = id.to_string();
+        async move { runs.find_one(doc! { "runId": &id }).await.unwrap().unwrap() }
+    };
+    let lost = status("orphans-lost").await;
+    assert_eq!(lost.get_str("status").unwrap(), "INTERRUPTED", "{lost}");
+    let failures = lost.get_array("failures").unwrap();
+    assert!(
+        failures[0]
+            .as_document()
+            .unwrap()
+            .get_str("error")
+            .unwrap()
+            .contains("lost its lease"),
+        "{lost}"
+    );
+    assert_eq!(
+        status("other-live").await.get_str("status").unwrap(),
+        "RUNNING"
+    );
+    assert_eq!(
+        status(&s.run_id).await.get_str("status").unwrap(),
+        "COMPLETED"
+    );
+}
+
+#[tokio::test]
 async fn a_resumed_run_counts_the_records_plugins_set_aside_before_it_stopped() {
     let db = TestDb::initialized().await;
     let (base, _api) = fault_api(Fault::None).await;

@@ -513,6 +513,7 @@ pub async fn run_import(
         }
     };
     if !options.dry_run {
+        close_orphaned_runs(store, name).await?;
         record_run(store, &summary, "RUNNING", None).await?;
     }
     let before = summary.clone();
@@ -1715,6 +1716,32 @@ async fn upsert_once(
         updated: n.saturating_sub(inserted),
         errors,
     })
+}
+
+/// Closes the runs of `name` still recorded RUNNING when a new run of it starts (under
+/// the job's lease, so none of them is live): their process stopped without recording
+/// it (`kill -9`, a crash), or they were dropped when their scheduled run lost its lease.
+/// Each is marked INTERRUPTED with that reason in `failures`; the one the checkpoint
+/// belongs to is then resumed under its run id.
+async fn close_orphaned_runs(store: &Store, name: &str) -> Result<(), StoreError> {
+    let now = store.now();
+    let why = "stopped without recording its end: its process stopped, or it lost its lease to another replica";
+    let closed = store
+        .collection(c::IMPORT_RUNS)
+        .update_many(
+            doc! { r::CONFIG: name, r::STATUS: "RUNNING" },
+            doc! {
+                "$set": { r::STATUS: "INTERRUPTED", "endTime": now, "error": why, common::UPDATED_AT: now },
+                "$push": { "failures": { "at": now, "error": why } },
+            },
+        )
+        .await
+        .map_err(StoreError::mongo(c::IMPORT_RUNS, "close orphaned runs"))?
+        .modified_count;
+    if closed > 0 {
+        tracing::warn!(config = name, runs = closed, "{why}; recorded INTERRUPTED");
+    }
+    Ok(())
 }
 
 /// Marks the RUNNING runs of `configs` INTERRUPTED, with the progress of their last
