@@ -7,7 +7,7 @@ use bson::doc;
 use futures_util::TryStreamExt;
 use sluice_connectors::Store;
 use sluice_core::config::Config;
-use sluice_core::model::{collections as c, integration_fields as f, ExportJobType};
+use sluice_core::model::{collections as c, common, integration_fields as f, ExportJobType};
 use sluice_jobs::schedule::{JobSource, RunFuture, Runner, ScheduledJob};
 
 /// Export schedules are named `export:NAME`; integrations `integration:NAME`.
@@ -34,6 +34,7 @@ pub async fn scheduled_jobs(
             name: format!("{EXPORT_PREFIX}{}", s.name),
             cron: s.cron.clone(),
             timezone: s.timezone.clone(),
+            since: None,
         })
         .collect();
     let docs: Vec<bson::Document> = store
@@ -55,6 +56,10 @@ pub async fn scheduled_jobs(
                 name: format!("{INTEGRATION_PREFIX}{name}"),
                 cron: cron.to_string(),
                 timezone,
+                since: d
+                    .get_datetime(common::UPDATED_AT)
+                    .ok()
+                    .map(|t| t.to_chrono()),
             });
         }
     }
@@ -305,7 +310,21 @@ impl Runner for EngineRunner {
             store: self.store.clone(),
         };
         let name = job.name.clone();
-        Box::pin(async move { this.run_job(&name).await })
+        Box::pin(async move {
+            // Turned off (or removed) since the schedule was loaded: its triggers fire
+            // until the next reload, but an operator stopping a config must not see its
+            // next fire run anyway (a run by hand of it is refused too).
+            if let Some(config) = name.strip_prefix(INTEGRATION_PREFIX) {
+                match sluice_jobs::configs::load(&this.store, config).await {
+                    Ok(Some((_, stored))) if stored.get_bool(f::IS_ACTIVE) == Ok(false) => {
+                        return Ok("not run: the config was turned off (isActive: false)".into())
+                    }
+                    Ok(None) => return Ok("not run: the config was removed".into()),
+                    _ => {}
+                }
+            }
+            this.run_job(&name).await
+        })
     }
 }
 

@@ -106,6 +106,7 @@ fn unscheduled(name: &str) -> ScheduledJob {
         name: name.into(),
         cron: String::new(),
         timezone: None,
+        since: None,
     }
 }
 
@@ -149,6 +150,7 @@ async fn each_fire_runs_exactly_once_across_two_replicas() {
         name: "tick".into(),
         cron: "* * * * * *".into(),
         timezone: None,
+        since: None,
     };
     let mut replicas = Vec::new();
     for name in ["replica-a", "replica-b"] {
@@ -386,11 +388,20 @@ async fn an_instant_no_replica_claimed_is_fired_by_the_next_check_once() {
             name: "recent".into(),
             cron: at(recent),
             timezone: None,
+            since: None,
         },
         ScheduledJob {
             name: "old".into(),
             cron: at(old),
             timezone: None,
+            since: None,
+        },
+        // Applied a second after its instant: it did not miss it.
+        ScheduledJob {
+            name: "applied-after".into(),
+            cron: at(recent),
+            timezone: None,
+            since: Some(recent + chrono::Duration::seconds(1)),
         },
     ];
     let log: RunLog = Arc::new(Mutex::new(Vec::new()));
@@ -412,7 +423,11 @@ async fn an_instant_no_replica_claimed_is_fired_by_the_next_check_once() {
     tokio::time::sleep(Duration::from_millis(1_000)).await;
     s.shutdown().await;
     let fires: Vec<_> = log.lock().unwrap().iter().map(|(_, f)| *f).collect();
-    assert_eq!(fires, [recent], "the recent instant, once; not the old one");
+    assert_eq!(
+        fires,
+        [recent],
+        "the recent instant, once; not the old one, nor one before its job was applied"
+    );
     let docs = runs(&db).await;
     assert_eq!(docs.len(), 1, "{docs:?}");
     assert_eq!(docs[0].get_str("status").unwrap(), "COMPLETED");
@@ -432,6 +447,7 @@ async fn an_overlapping_fire_is_skipped_and_recorded() {
         name: "slow".into(),
         cron: "* * * * * *".into(),
         timezone: None,
+        since: None,
     };
     let s = Scheduler::start(
         db.store.clone(),
@@ -633,6 +649,24 @@ async fn the_engine_schedules_export_schedules_and_integration_configs() {
         err.contains("loopback"),
         "the private-network guard applies to scheduled runs: {err}"
     );
+    // A fire of a config turned off since the schedule was loaded does not run it (its
+    // trigger fires until the next reload).
+    let feed = &jobs[1];
+    assert!(feed.since.is_some(), "the config's last change: {feed:?}");
+    let fire = |runner: &sluice::engine::EngineRunner| {
+        sluice_jobs::schedule::Runner::run(runner, feed, Utc::now())
+    };
+    assert!(fire(&runner).await.unwrap_err().contains("loopback"));
+    db.store
+        .collection("integration_configs")
+        .update_one(
+            doc! { "name": "feed" },
+            doc! { "$set": { "isActive": false } },
+        )
+        .await
+        .unwrap();
+    let skipped = fire(&runner).await.unwrap();
+    assert!(skipped.contains("turned off"), "{skipped}");
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -866,6 +900,7 @@ async fn a_failed_reload_keeps_the_schedule() {
                         name: "tick".into(),
                         cron: "* * * * * *".into(),
                         timezone: None,
+                        since: None,
                     }])
                 } else {
                     Err("the store is unreachable".to_string())

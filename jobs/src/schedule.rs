@@ -33,6 +33,11 @@ pub struct ScheduledJob {
     pub cron: String,
     /// IANA time zone of the cron; `None` = UTC.
     pub timezone: Option<String>,
+    /// When the job's schedule took effect (an integration config's last change): an
+    /// instant before it is not fired as missed (a config applied, or turned back on, a
+    /// few seconds after its cron's instant did not miss that instant). `None`: always
+    /// in effect (export schedules in the config file).
+    pub since: Option<chrono::DateTime<Utc>>,
 }
 
 /// Runs a job's fire; returns a one-line result, or the error.
@@ -481,6 +486,9 @@ async fn fire_missed(inner: &Arc<Inner>, jobs: &[ScheduledJob]) {
         };
         // The trigger that fires an instant on time has had two seconds to claim it.
         if age < Duration::from_secs(2) || age > window {
+            continue;
+        }
+        if job.since.is_some_and(|since| last < since) {
             continue;
         }
         match runs
@@ -1154,6 +1162,7 @@ async fn sweep(inner: &Arc<Inner>) -> Result<(), StoreError> {
                 name: job.to_string(),
                 cron: String::new(),
                 timezone: None,
+                since: None,
             };
             let fire = fire.to_chrono();
             tracing::warn!(job = %job.name, run = id, "took over a run whose owner stopped");
@@ -1335,6 +1344,7 @@ mod tests {
             name: "j".into(),
             cron: "0 0 2 * * *".into(),
             timezone: tz.map(str::to_string),
+            since: None,
         };
         let paris = job(Some("Europe/Paris"));
         // Summer time ends on 2026-10-25 at 01:00 UTC.
@@ -1362,6 +1372,7 @@ mod tests {
             name: "j".into(),
             cron: "0 0 2 * * *".into(),
             timezone: tz.map(str::to_string),
+            since: None,
         };
         assert_eq!(
             next_fire(&job(Some("Europe/Paris")), now)

@@ -1227,6 +1227,7 @@ async fn fire_delay_p99(seconds: u64) -> anyhow::Result<f64> {
             name: format!("j{i}"),
             cron: "* * * * * *".into(),
             timezone: None,
+            since: None,
         })
         .collect();
     let source: JobSource = std::sync::Arc::new(move || {
