@@ -391,7 +391,7 @@ async fn bad_credentials_never_reveal_whether_an_email_exists_and_are_rate_limit
     let dup = sluice::server::admin::create_admin_user(&db.store, "OPS@x.io", PASSWORD, Role::User)
         .await
         .unwrap_err();
-    assert!(dup.contains("already exists"), "{dup}");
+    assert!(dup.to_string().contains("already exists"), "{dup}");
     // A body of the wrong shape, or not JSON at all, gets the API's JSON error shape.
     let client = reqwest::Client::new();
     for (req, status, code) in [
@@ -418,6 +418,47 @@ async fn bad_credentials_never_reveal_whether_an_email_exists_and_are_rate_limit
             body["message"].as_str().is_some_and(|m| !m.is_empty()),
             "{body}"
         );
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_duplicate_user_and_an_unreadable_config_body_get_their_own_json_errors() {
+    let db = TestDb::initialized().await;
+    sluice::server::admin::create_admin_user(&db.store, "ops@x.io", PASSWORD, Role::Admin)
+        .await
+        .unwrap();
+    let server = start_server(&db, |_| {}).await;
+    let base = format!("http://{}", server.addr);
+    let token = login(&base, "ops@x.io", PASSWORD).await.1["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let client = reqwest::Client::new();
+    let user = json!({ "email": "OPS@x.io", "password": PASSWORD, "role": "USER" });
+    let configs = format!("{base}/v1/admin/configs");
+    for (req, status, code) in [
+        // The request is fine; the user exists: a conflict, not a bad request.
+        (
+            client.post(format!("{base}/v1/admin/users")).json(&user),
+            409,
+            "user_exists",
+        ),
+        (
+            client.post(&configs).body(vec![b'n', b'a', 0xff, 0xfe]),
+            400,
+            "invalid_body",
+        ),
+        (
+            client.post(&configs).body("#".repeat(300 * 1024)),
+            413,
+            "invalid_body",
+        ),
+    ] {
+        let r = req.bearer_auth(&token).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), status);
+        let body: Value = r.json().await.expect("a JSON error");
+        assert_eq!(body["error"], code, "{body}");
     }
     server.shutdown().await;
 }

@@ -536,11 +536,28 @@ async fn create_user(
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_role", e))?;
     create_admin_user(&state.store, &body.email, &body.password, role)
         .await
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_user", e))?;
+        .map_err(|e| match e {
+            UserError::Invalid(m) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_user", m),
+            UserError::Exists(m) => ApiError::new(StatusCode::CONFLICT, "user_exists", m),
+            UserError::Store(m) => store_error(m),
+        })?;
     Ok((
         StatusCode::CREATED,
         Json(json!({ "email": body.email.trim().to_ascii_lowercase(), "role": role.as_str() })),
     ))
+}
+
+/// Why an admin user was not created.
+#[derive(Debug, thiserror::Error)]
+pub enum UserError {
+    /// The email or password is refused.
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Exists(String),
+    /// The database (or hashing) failed: nothing is wrong with the request.
+    #[error("{0}")]
+    Store(String),
 }
 
 /// Creates an admin user (also `sluice admin create-user`).
@@ -549,21 +566,24 @@ pub async fn create_admin_user(
     email: &str,
     password: &str,
     role: Role,
-) -> Result<(), String> {
+) -> Result<(), UserError> {
     let email = email.trim().to_ascii_lowercase();
     if !email.contains('@') || email.len() > MAX_EMAIL_BYTES {
-        return Err(format!("`{email}` is not an email address"));
+        return Err(UserError::Invalid(format!(
+            "`{email}` is not an email address"
+        )));
     }
     if password.len() < 12 || password.len() > MAX_PASSWORD_BYTES {
-        return Err(format!(
+        return Err(UserError::Invalid(format!(
             "a password of 12 to {MAX_PASSWORD_BYTES} bytes (bcrypt ignores what follows the {MAX_PASSWORD_BYTES}th)"
-        ));
+        )));
     }
     let password = password.to_string();
+    let failed = |e: String| UserError::Store(e);
     let hash = tokio::task::spawn_blocking(move || bcrypt::hash(password, bcrypt::DEFAULT_COST))
         .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| failed(e.to_string()))?
+        .map_err(|e| failed(e.to_string()))?;
     let now = store.now();
     let user = AdminUser {
         id: None,
@@ -577,16 +597,16 @@ pub async fn create_admin_user(
         created_at: now,
         updated_at: now,
     };
-    let doc = bson::to_document(&user).map_err(|e| e.to_string())?;
+    let doc = bson::to_document(&user).map_err(|e| failed(e.to_string()))?;
     store
         .collection(c::ADMIN_USERS)
         .insert_one(doc)
         .await
         .map_err(|e| {
             if sluice_connectors::mongo::is_duplicate_key(&e) {
-                format!("a user `{email}` already exists")
+                UserError::Exists(format!("a user `{email}` already exists"))
             } else {
-                e.to_string()
+                failed(e.to_string())
             }
         })?;
     Ok(())
@@ -704,9 +724,11 @@ fn validate_api_config(
 async fn apply_config(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: String,
+    body: Result<String, axum::extract::rejection::StringRejection>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     caller(&state, &headers, Role::Admin).await?;
+    // Not UTF-8, or over the body limit: the API's JSON error shape, not axum's text.
+    let body = body.map_err(|r| ApiError::new(r.status(), "invalid_body", r.body_text()))?;
     let bad = |e: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_config", e);
     let file = validate_api_config(&state.config, &body).map_err(bad)?;
     let file = {
