@@ -637,12 +637,24 @@ pub async fn import_reset(config: &Config, name: &str, cursor: bool) -> anyhow::
 }
 
 /// `sluice import run NAME`: runs an IMPORT config (or pushes an EXPORT config).
+/// Fails unless an integration config `name` is stored (`configs apply` stores them).
+async fn require_config(store: &Store, name: &str) -> anyhow::Result<()> {
+    if sluice_jobs::configs::load(store, name).await?.is_none() {
+        anyhow::bail!(
+            "no integration config `{name}` is stored (apply it with `sluice configs apply`)"
+        );
+    }
+    Ok(())
+}
+
 pub async fn import_run(config: &Config, name: &str, dry_run: bool) -> anyhow::Result<()> {
     use sluice_jobs::import::{run_import, run_push, ImportError, ImportOptions};
     use std::sync::atomic::Ordering::Relaxed;
     let store = Store::connect(config).await?;
     store.init().await?;
-    // Loaded first: a plugin that fails to load must not leave a run record behind.
+    // Checked first: a typo, or a plugin that fails to load, must not leave a run record
+    // behind.
+    require_config(&store, name).await?;
     let transforms = integration_transforms(config, &store, name).await?;
     // A real run is recorded like `jobs run` and holds the job's lease, so a scheduled
     // fire (or another run by hand) of the same config never shares its checkpoint. From
@@ -1077,6 +1089,9 @@ pub async fn jobs_run(
     let is_export = name.starts_with(crate::engine::EXPORT_PREFIX);
     let store = Store::connect(config).await?;
     store.init().await?;
+    if let Some(integration) = name.strip_prefix(crate::engine::INTEGRATION_PREFIX) {
+        require_config(&store, integration).await?;
+    }
     let runner = crate::engine::EngineRunner {
         config: std::sync::Arc::new(config.clone()),
         store,

@@ -221,8 +221,23 @@ enum ConfigCommand {
     },
 }
 
+/// Exit code for a command line that cannot be read (sysexits' `EX_USAGE`): apart from
+/// `2`, an invalid configuration, so CI can tell a typo in a script from a bad config.
+const EXIT_USAGE: u8 = 64;
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            // `--help` and `--version` come this way too, and succeed.
+            return if e.use_stderr() {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     if let Command::Configs {
         command:
             ConfigsCommand::Validate {

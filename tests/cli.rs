@@ -51,6 +51,43 @@ async fn import_run(config: &std::path::Path, name: &str) -> std::process::Outpu
 }
 
 #[tokio::test]
+async fn running_a_config_that_does_not_exist_leaves_no_run_record() {
+    let db = support::TestDb::initialized().await;
+    let config = db_config(&db);
+    for args in [
+        ["jobs", "run", "no-such-feed"],
+        ["import", "run", "no-such-feed"],
+    ] {
+        let out = {
+            let config = config.clone();
+            tokio::task::spawn_blocking(move || {
+                sluice()
+                    .arg("--config")
+                    .arg(&config)
+                    .args(args)
+                    .output()
+                    .unwrap()
+            })
+            .await
+            .unwrap()
+        };
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("no integration config `no-such-feed`"),
+            "{args:?}: {stderr}"
+        );
+    }
+    let runs = db
+        .store
+        .collection("scheduled_runs")
+        .count_documents(bson::doc! {})
+        .await
+        .unwrap();
+    assert_eq!(runs, 0);
+}
+
+#[tokio::test]
 async fn jobs_history_takes_a_bare_config_name_like_jobs_run() {
     let db = support::TestDb::initialized().await;
     let now = bson::DateTime::now();
@@ -113,6 +150,22 @@ fn config_check_names_the_file_and_field_of_a_bad_value() {
         err.contains("`tracking.bots`") && err.contains("`keep` or `drop`"),
         "{err}"
     );
+}
+
+#[test]
+fn a_command_line_that_cannot_be_read_exits_64_not_as_a_bad_config() {
+    for args in [
+        &["export", "run", "event-data", "--from", "2025-02-30"][..],
+        &["export", "run", "weekly"],
+        &["no-such-command"],
+    ] {
+        let out = sluice().args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(64), "{args:?}");
+        assert!(!out.stderr.is_empty(), "{args:?}");
+    }
+    let help = sluice().arg("--help").output().unwrap();
+    assert_eq!(help.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&help.stdout).contains("Usage"));
 }
 
 #[test]
