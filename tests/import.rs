@@ -2212,6 +2212,33 @@ async fn records_a_plugin_skips_are_counted_and_warned_about() {
 }
 
 #[tokio::test]
+async fn a_checkpoint_whose_place_cannot_be_read_is_started_over_not_resumed_from_scratch() {
+    let db = TestDb::initialized().await;
+    let (base, _api) = fault_api(Fault::None).await;
+    let name = apply(&db, &cursor_config("garbled", &base, "", "")).await;
+    db.store
+        .collection("import_checkpoints")
+        .insert_one(
+            doc! { "_id": &name, "runId": "garbled-old", "state": "{not a place", "pages": 3_i64 },
+        )
+        .await
+        .unwrap();
+    let s = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    // A new run (its own id and counts, the incremental cursor sent as for any new run),
+    // not the old one "resumed" from the first page with the old counts.
+    assert!(s.completed && !s.resumed, "{s:?}");
+    assert_ne!(s.run_id, "garbled-old");
+    assert_eq!((s.pages, s.fetched), (5, 45));
+    assert!(
+        s.warnings.iter().any(|w| w.contains("cannot be read")),
+        "{:?}",
+        s.warnings
+    );
+}
+
+#[tokio::test]
 async fn a_run_left_recorded_running_is_closed_by_the_next_run_of_its_config() {
     let db = TestDb::initialized().await;
     let (base, _api) = fault_api(Fault::None).await;

@@ -418,11 +418,23 @@ pub async fn run_import(
     // the config (a fixed endpoint, a new mapping), its saved next page may be wrong, so
     // the run starts over (upserts by key make that safe).
     let fingerprint = spec_fingerprint(&stored);
+    // Where the saved run was to go on; one that cannot be read (written by another
+    // version, or by hand) is no place to resume from.
+    let saved_state =
+        |cp: &Document| serde_json::from_str::<PageState>(cp.get_str("state").unwrap_or("")).ok();
     let checkpoint = match checkpoint {
-        Some(cp) if cp.get_str("spec").is_ok_and(|f| f != fingerprint) => {
-            tracing::warn!(
-                config = name,
-                "the config changed since its interrupted run; starting over instead of resuming"
+        Some(cp)
+            if cp.get_str("spec").is_ok_and(|f| f != fingerprint) || saved_state(&cp).is_none() =>
+        {
+            let why = if saved_state(&cp).is_none() {
+                "its interrupted run's saved place cannot be read"
+            } else {
+                "the config changed since its interrupted run"
+            };
+            warn_once(
+                &mut summary,
+                name,
+                format!("{why}; started over instead of resuming"),
             );
             checkpoints
                 .delete_one(doc! { common::ID: name })
@@ -452,8 +464,7 @@ pub async fn run_import(
             max_cursor = cp.get("maxCursor").cloned().filter(|b| *b != Bson::Null);
             summary.cursor_epoch_ms = cp.get_bool("cursorEpochMs").unwrap_or(false);
             summary.stopped_early = cp.get_str("stoppedEarly").ok().map(str::to_string);
-            serde_json::from_str(cp.get_str("state").unwrap_or(""))
-                .unwrap_or_else(|_| http.first_state(Vec::new()))
+            saved_state(cp).unwrap_or(PageState::Done)
         }
         None => {
             summary.run_id = format!("{name}-{}", chrono::Utc::now().format("%Y%m%dT%H%M%S%.3f"));
@@ -594,18 +605,29 @@ pub async fn run_import(
                     "the incremental cursor was not advanced because the run stopped early; raise `max_pages`, or set `incremental.sorted = true` if the API returns records in cursor order".into(),
                 );
             }
-            store
-                .collection(c::INTEGRATION_CONFIGS)
-                .update_one(doc! { f::NAME: name }, doc! { "$set": set })
-                .await
-                .map_err(StoreError::mongo(
-                    c::INTEGRATION_CONFIGS,
-                    "advance lastSync",
-                ))?;
-            checkpoints
-                .delete_one(doc! { common::ID: name })
-                .await
-                .map_err(StoreError::mongo(c::IMPORT_CHECKPOINTS, "clear checkpoint"))?;
+            let finished = async {
+                store
+                    .collection(c::INTEGRATION_CONFIGS)
+                    .update_one(doc! { f::NAME: name }, doc! { "$set": set })
+                    .await
+                    .map_err(StoreError::mongo(
+                        c::INTEGRATION_CONFIGS,
+                        "advance lastSync",
+                    ))?;
+                checkpoints
+                    .delete_one(doc! { common::ID: name })
+                    .await
+                    .map_err(StoreError::mongo(c::IMPORT_CHECKPOINTS, "clear checkpoint"))
+                    .map(|_| ())
+            }
+            .await;
+            if let Err(e) = finished {
+                // Everything is stored; the next run resumes at the checkpoint (past
+                // the last page) and finishes this step.
+                let message = format!("every page was stored, but finishing the run failed: {e}; the next run finishes it");
+                let _ = record_run(store, &summary, "FAILED", Some(&message)).await;
+                return Err(e.into());
+            }
             summary.completed = true;
             record_run(store, &summary, "COMPLETED", None).await?;
             Ok(summary)
