@@ -673,14 +673,14 @@ pub async fn import_run(config: &Config, name: &str, dry_run: bool) -> anyhow::R
         ..Default::default()
     };
     // Ctrl-C / SIGTERM: finish the page being written, record the run INTERRUPTED at its
-    // checkpoint, and exit; the next run resumes there.
-    let stopper = {
-        let progress = options.progress.clone();
-        tokio::spawn(async move {
-            crate::server::shutdown_signal().await;
-            eprintln!("stopping after the current page (the next run resumes from there)");
-            progress.stop.store(true, Relaxed);
-        })
+    // checkpoint, and exit; the next run resumes there. A second signal stops at once (a
+    // page may take long: a fetch waiting out an API's `Retry-After`), recording the run
+    // INTERRUPTED at its last checkpoint.
+    let stopper = async {
+        crate::server::shutdown_signal().await;
+        eprintln!("stopping after the current page (the next run resumes from there); signal again to stop at once");
+        options.progress.stop.store(true, Relaxed);
+        crate::server::shutdown_signal().await;
     };
     let ticker = spawn_import_progress(options.progress.clone());
     enum Done {
@@ -699,6 +699,18 @@ pub async fn import_run(config: &Config, name: &str, dry_run: bool) -> anyhow::R
             other => other.map(|s| Done::Imported(Box::new(s))),
         }
     };
+    let work = async {
+        tokio::select! {
+            biased;
+            done = work => done,
+            () = stopper => {
+                let _ = sluice_jobs::import::mark_interrupted(&store, &[name.to_string()]).await;
+                Err(ImportError::Stopped(
+                    "stopped at once by a second signal; the next run resumes from the last checkpoint".into(),
+                ))
+            }
+        }
+    };
     let result = match &run {
         Some(id) => sluice_jobs::schedule::hold_manual_run(&store, id, work)
             .await
@@ -710,7 +722,6 @@ pub async fn import_run(config: &Config, name: &str, dry_run: bool) -> anyhow::R
         None => work.await,
     };
     ticker.abort();
-    stopper.abort();
     if let Some(id) = &run {
         let ended = match &result {
             Ok(Done::Imported(s)) if s.completed => Ok(crate::engine::import_line(s)),

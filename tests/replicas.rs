@@ -49,7 +49,16 @@ async fn slow_api() -> String {
 /// Applies an every-second IMPORT of the slow API, and writes a `sluice.toml` for this
 /// database with `extra` settings; returns its folder and path.
 async fn setup(db: &TestDb, feed: &str, extra: &str) -> (std::path::PathBuf, std::path::PathBuf) {
-    let url = slow_api().await;
+    setup_on(db, feed, extra, &slow_api().await).await
+}
+
+/// [`setup`], importing from `url`.
+async fn setup_on(
+    db: &TestDb,
+    feed: &str,
+    extra: &str,
+    url: &str,
+) -> (std::path::PathBuf, std::path::PathBuf) {
     let file = sluice_core::integration::parse_file(
         "feed.toml",
         &format!(
@@ -612,6 +621,70 @@ async fn an_export_run_stopped_by_ctrl_c_is_recorded_failed_not_left_running() {
     assert!(!status.success(), "{stderr}");
     assert!(stderr.contains("stopped by a signal"), "{stderr}");
     assert_recorded_stopped(&jobs, &running).await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Answers the first page at once; every later one after an hour.
+async fn stalling_api() -> String {
+    let app = Router::new().route(
+        "/items",
+        get(
+            |Query(q): Query<std::collections::HashMap<String, String>>| async move {
+                if q.contains_key("cursor") {
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                }
+                let data: Vec<Value> = (0..10).map(|i| json!({ "id": i })).collect();
+                Json(json!({ "data": data, "next": "10" }))
+            },
+        ),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("http://{addr}/items")
+}
+
+#[tokio::test]
+async fn a_second_ctrl_c_stops_an_import_at_once_and_records_it_interrupted() {
+    let db = TestDb::initialized().await;
+    let (dir, config) = setup_on(&db, "stalled-feed", "", &stalling_api().await).await;
+    let run = sluice(&config, &["import", "run", "stalled-feed"]);
+    wait_for_checkpoint(&db, "stalled-feed").await;
+    let signal = |sig: &str| {
+        let _ = std::process::Command::new("kill")
+            .arg(sig)
+            .arg(run.id().to_string())
+            .status();
+    };
+    signal("-INT");
+    // The next page's fetch hangs: the first signal alone would wait for it.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    signal("-INT");
+    let started = std::time::Instant::now();
+    let out = tokio::task::spawn_blocking(move || run.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(30));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("stopped at once"), "{stderr}");
+    let import = db
+        .store
+        .collection("import_runs")
+        .find_one(doc! { "config": "stalled-feed" })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(import.get_str("status").unwrap(), "INTERRUPTED", "{import}");
+    assert_eq!(import.get_i64("pages").unwrap(), 1, "{import}");
+    let manual = db
+        .store
+        .collection("scheduled_runs")
+        .find_one(doc! { "job": "integration:stalled-feed", "manual": true })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(manual.get_str("status").unwrap(), "FAILED", "{manual}");
     let _ = std::fs::remove_dir_all(dir);
 }
 

@@ -50,6 +50,9 @@ pub enum ImportError {
     UnknownTransform(String),
     #[error("writing to `{collection}` failed: {message}")]
     Sink { collection: String, message: String },
+    /// Stopped from outside before it could record its end (a second Ctrl-C).
+    #[error("{0}")]
+    Stopped(String),
 }
 
 /// Live counters for a progress display.
