@@ -758,6 +758,23 @@ pub async fn hold_manual_run<T>(
     hold_manual_run_for(store, id, MANUAL_LEASE, work).await
 }
 
+/// [`hold_manual_run`], then [`end_manual_run`] with its outcome, the run counted as held
+/// until its end is recorded: a shutdown ([`stop_manual_runs`]) waits for that record
+/// instead of recording a run that had just completed as stopped, or exiting before its
+/// end was written.
+pub async fn run_and_end_manual_run(
+    store: &Store,
+    id: &str,
+    work: impl Future<Output = Result<String, String>>,
+) -> Result<String, String> {
+    let (_until_recorded, _) = Held::enter(store, id);
+    let result = hold_manual_run(store, id, work).await.unwrap_or_else(Err);
+    if let Err(e) = end_manual_run(store, id, &result).await {
+        tracing::error!(run = id, error = %e, "could not record the manual run's end");
+    }
+    result
+}
+
 /// A run by hand this process holds now: its database and the switch that stops it.
 struct HeldRun {
     id: String,

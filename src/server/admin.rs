@@ -845,17 +845,15 @@ async fn run_job(
     let job = name.clone();
     let run_id = run.clone();
     tokio::spawn(async move {
-        let result =
-            sluice_jobs::schedule::hold_manual_run(&runner.store, &run_id, runner.run_job(&job))
-                .await
-                .unwrap_or_else(Err);
+        let result = sluice_jobs::schedule::run_and_end_manual_run(
+            &runner.store,
+            &run_id,
+            runner.run_job(&job),
+        )
+        .await;
         match &result {
             Ok(summary) => tracing::info!(job, run = run_id, summary, "manual run completed"),
             Err(error) => tracing::error!(job, run = run_id, error, "manual run failed"),
-        }
-        if let Err(e) = sluice_jobs::schedule::end_manual_run(&runner.store, &run_id, &result).await
-        {
-            tracing::error!(job, run = run_id, error = %e, "could not record the manual run's end");
         }
     });
     Ok((
