@@ -1488,6 +1488,50 @@ path = "$.k"
 }
 
 #[tokio::test]
+async fn a_push_without_a_watermark_sends_each_document_once_a_run_in_batches() {
+    let db = TestDb::initialized().await;
+    let (base, api) = fault_api(Fault::None).await;
+    let src = db.store.collection("plain_src");
+    for k in 0..7 {
+        src.insert_one(doc! { "k": k }).await.unwrap();
+    }
+    let text = format!(
+        r#"
+name = "plain-push"
+type = "EXPORT"
+endpoint = "{base}/inbox"
+method = "POST"
+allow_private_network = true
+[push]
+collection = "plain_src"
+batch_size = 3
+wrap = "items"
+[mapping.k]
+path = "$.k"
+"#
+    );
+    let name = apply(&db, &text).await;
+    for run in 1..=2 {
+        let s = run_push(&db.store, &name, &ImportOptions::default())
+            .await
+            .unwrap();
+        assert_eq!((s.read, s.sent, s.requests), (7, 7, 3), "run {run}");
+    }
+    let pushed = api.pushed.lock().unwrap().clone();
+    let ks: Vec<i64> = pushed
+        .iter()
+        .flat_map(|b| b["items"].as_array().unwrap().clone())
+        .map(|i| i["k"].as_i64().unwrap())
+        .collect();
+    let once: Vec<i64> = (0..7).collect();
+    assert_eq!(
+        ks,
+        [once.clone(), once].concat(),
+        "in `_id` order, each once a run"
+    );
+}
+
+#[tokio::test]
 async fn pushes_resume_between_documents_that_share_a_watermark_and_accept_any_2xx_body() {
     let db = TestDb::initialized().await;
     let src = db.store.collection("pushsrc");

@@ -1971,26 +1971,37 @@ pub async fn run_push(
     // boundary are neither skipped nor sent twice.
     // Documents without the watermark field (or with `null`) sort first, as null; a
     // position among them is (null, _id).
-    let cursor = stored.get(f::SYNC_CURSOR).cloned().unwrap_or(Bson::Null);
-    let cursor_id = stored.get(f::SYNC_CURSOR_ID).filter(|b| **b != Bson::Null);
-    let position = match (&watermark, cursor, cursor_id) {
-        (Some(w), Bson::Null, Some(id)) => Some(doc! { "$or": [
-            { w: Bson::Null, common::ID: { "$gt": id.clone() } },
-            { w: { "$ne": Bson::Null } },
-        ] }),
-        (Some(_), Bson::Null, None) => None,
-        (Some(w), cursor, Some(id)) => Some(doc! { "$or": [
-            { w: { "$gt": cursor.clone() } },
-            { w: cursor, common::ID: { "$gt": id.clone() } },
-        ] }),
-        // A position stored without its `_id` (by an earlier version): ties with it are
-        // sent again rather than skipped.
-        (Some(w), cursor, None) => Some(doc! { w: { "$gte": cursor } }),
-        (None, _, _) => None,
+    // Where the read goes on from: the saved (watermark, `_id`) at first, then the last
+    // document of each batch read. Without a watermark every run reads everything, in
+    // `_id` order, and only the batches within a run move on by `_id`.
+    let mut position: Option<(Bson, Option<Bson>)> = watermark.as_ref().map(|_| {
+        (
+            stored.get(f::SYNC_CURSOR).cloned().unwrap_or(Bson::Null),
+            stored
+                .get(f::SYNC_CURSOR_ID)
+                .filter(|b| **b != Bson::Null)
+                .cloned(),
+        )
+    });
+    let after = |position: &Option<(Bson, Option<Bson>)>| -> Option<Document> {
+        let (cursor, id) = position.clone()?;
+        Some(match (&watermark, cursor, id) {
+            (Some(w), Bson::Null, Some(id)) => doc! { "$or": [
+                { w: Bson::Null, common::ID: { "$gt": id } },
+                { w: { "$ne": Bson::Null } },
+            ] },
+            (Some(_), Bson::Null, None) => return None,
+            (Some(w), cursor, Some(id)) => doc! { "$or": [
+                { w: { "$gt": cursor.clone() } },
+                { w: cursor, common::ID: { "$gt": id } },
+            ] },
+            // A position stored without its `_id` (by an earlier version): ties with it
+            // are sent again rather than skipped.
+            (Some(w), cursor, None) => doc! { w: { "$gte": cursor } },
+            (None, _, Some(id)) => doc! { common::ID: { "$gt": id } },
+            (None, _, None) => return None,
+        })
     };
-    if let Some(after) = position {
-        filter = and_filter(filter, after);
-    }
     // A date watermark is stamped before its write commits: one stamped earlier than a
     // document already sent, but committed after it, would fall behind the position and
     // never be sent. Only dates older than the settle time are read (other watermark
@@ -2009,45 +2020,45 @@ pub async fn run_push(
         Some(w) => doc! { w: 1, common::ID: 1 },
         None => doc! { common::ID: 1 },
     };
-    let mut cursor = source
-        .find(filter)
-        .sort(sort)
-        .await
-        .map_err(StoreError::mongo(&push.collection, "read for push"))?;
     let mut summary = PushSummary {
         name: name.to_string(),
         ..Default::default()
     };
-    let mut batch = Vec::new();
-    let mut done = false;
-    while !done {
-        match cursor
-            .try_next()
+    loop {
+        // One query a batch, from the position: a cursor held open across slow pushes
+        // (a rate limit, retries, `Retry-After`) would be closed by the server after
+        // ten idle minutes.
+        let query = match after(&position) {
+            Some(after) => and_filter(filter.clone(), after),
+            None => filter.clone(),
+        };
+        let mut batch: Vec<Document> = source
+            .find(query)
+            .sort(sort.clone())
+            .limit(push.batch_size as i64)
             .await
             .map_err(StoreError::mongo(&push.collection, "read for push"))?
-        {
-            Some(d) => {
-                summary.read += 1;
-                batch.push(d);
-                if batch.len() < push.batch_size {
-                    continue;
-                }
-            }
-            None => done = true,
-        }
+            .try_collect()
+            .await
+            .map_err(StoreError::mongo(&push.collection, "read for push"))?;
+        summary.read += batch.len() as u64;
         if batch.is_empty() {
-            continue;
+            break;
         }
         // The position after this batch: its last document as read (in watermark order),
-        // whatever the transforms make of it.
-        let high = watermark.as_ref().and_then(|w| {
-            let last = batch.last()?;
-            // A dotted watermark (`meta.updatedAt`) is a path, as the read's sort takes it.
-            let value = sluice_core::model::at_path(last, w)
-                .cloned()
+        // whatever the transforms make of it. A dotted watermark (`meta.updatedAt`) is a
+        // path, as the read's sort takes it.
+        if let Some(last) = batch.last() {
+            let value = watermark
+                .as_ref()
+                .and_then(|w| sluice_core::model::at_path(last, w).cloned())
                 .unwrap_or(Bson::Null);
-            Some((value, last.get(common::ID)?.clone()))
-        });
+            position = Some((value, last.get(common::ID).cloned()));
+        }
+        let high = match (&watermark, &position) {
+            (Some(_), Some((value, Some(id)))) => Some((value.clone(), id.clone())),
+            _ => None,
+        };
         let span = batch_span(&batch, watermark.as_deref());
         let applied = apply_off_runtime(&chain, std::mem::take(&mut batch)).await?;
         if let Some(first) = applied.skipped.first() {
