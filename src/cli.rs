@@ -704,7 +704,11 @@ pub async fn import_run(config: &Config, name: &str, dry_run: bool) -> anyhow::R
             biased;
             done = work => done,
             () = stopper => {
-                let _ = sluice_jobs::import::mark_interrupted(&store, &[name.to_string()]).await;
+                // Only a real run holds the job: a dry run must not relabel the record
+                // of a run a server is making of the same config.
+                if run.is_some() {
+                    let _ = sluice_jobs::import::mark_interrupted(&store, &[name.to_string()]).await;
+                }
                 Err(ImportError::Stopped(
                     "stopped at once by a second signal; the next run resumes from the last checkpoint".into(),
                 ))

@@ -7,7 +7,7 @@ use bson::doc;
 use futures_util::TryStreamExt;
 use sluice_connectors::Store;
 use sluice_core::config::Config;
-use sluice_core::model::{collections as c, common, integration_fields as f, ExportJobType};
+use sluice_core::model::{collections as c, integration_fields as f, ExportJobType};
 use sluice_jobs::schedule::{JobSource, RunFuture, Runner, ScheduledJob};
 
 /// Export schedules are named `export:NAME`; integrations `integration:NAME`.
@@ -57,7 +57,7 @@ pub async fn scheduled_jobs(
                 cron: cron.to_string(),
                 timezone,
                 since: d
-                    .get_datetime(common::UPDATED_AT)
+                    .get_datetime(f::SCHEDULE_SINCE)
                     .ok()
                     .map(|t| t.to_chrono()),
             });

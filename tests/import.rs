@@ -14,7 +14,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use bson::doc;
+use bson::{doc, Bson};
 use futures_util::TryStreamExt;
 use serde_json::{json, Value};
 use sluice_core::integration::parse_file;
@@ -1011,6 +1011,41 @@ required = true
     )
 }
 
+/// 25 records by `page` and `limit`, reading the first value of each parameter given
+/// twice, as many frameworks do.
+async fn first_value(Query(q): Query<Vec<(String, String)>>) -> Json<Value> {
+    let first = |name: &str| -> Option<u64> {
+        q.iter()
+            .find(|(k, _)| k == name)
+            .and_then(|(_, v)| v.parse().ok())
+    };
+    let (page, limit) = (first("page").unwrap_or(1), first("limit").unwrap_or(10));
+    let data: Vec<Value> = ((page - 1) * limit..(page * limit).min(25))
+        .map(|i| json!({ "id": i }))
+        .collect();
+    Json(json!({ "data": data }))
+}
+
+#[tokio::test]
+async fn a_page_size_in_the_endpoint_is_replaced_by_the_configured_one_not_sent_beside_it() {
+    let db = TestDb::initialized().await;
+    let addr = serve(Router::new().route("/first", get(first_value))).await;
+    // An endpoint copied from the API's docs with its own `limit`: sent beside Sluice's,
+    // the API took 5, shorter than `size`, and the run stopped after one page.
+    let text = things_config(
+        "first-value",
+        &format!("http://{addr}/first?limit=5"),
+        "type = \"page\"\nsize = 10",
+    );
+    let name = apply(&db, &text).await;
+    let s = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert!(s.completed, "{s:?}");
+    assert_eq!(s.fetched, 25, "{s:?}");
+    assert_eq!(count(&db, "things").await, 25);
+}
+
 /// Pages of at most 5 records whatever the client asks, with the total and whether more
 /// follow in the body.
 async fn capped(Query(q): Query<Vec<(String, String)>>) -> Json<Value> {
@@ -1492,8 +1527,22 @@ async fn a_push_without_a_watermark_sends_each_document_once_a_run_in_batches() 
     let db = TestDb::initialized().await;
     let (base, api) = fault_api(Fault::None).await;
     let src = db.store.collection("plain_src");
-    for k in 0..7 {
-        src.insert_one(doc! { "k": k }).await.unwrap();
+    // `_id`s of three types, which MongoDB sorts numbers, then strings, then ObjectIds:
+    // each batch is read from the last `_id` sent, and `$gt` alone only matches `_id`s of
+    // that one's type.
+    let ids = [
+        Bson::Int32(10),
+        Bson::Int64(20),
+        Bson::Double(30.5),
+        Bson::String("a".into()),
+        Bson::String("b".into()),
+        Bson::ObjectId(bson::oid::ObjectId::new()),
+        Bson::ObjectId(bson::oid::ObjectId::new()),
+    ];
+    for (k, id) in ids.into_iter().enumerate() {
+        src.insert_one(doc! { "_id": id, "k": k as i32 })
+            .await
+            .unwrap();
     }
     let text = format!(
         r#"
@@ -1529,6 +1578,37 @@ path = "$.k"
         [once.clone(), once].concat(),
         "in `_id` order, each once a run"
     );
+    // With a watermark of mixed types too (numbers, then strings, then dates).
+    let marked = db.store.collection("marked_src");
+    let marks = [
+        Bson::Int32(1),
+        Bson::Int32(2),
+        Bson::String("x".into()),
+        Bson::String("y".into()),
+        Bson::DateTime(bson::DateTime::from_millis(1_000)),
+    ];
+    for (k, m) in marks.into_iter().enumerate() {
+        marked
+            .insert_one(doc! { "k": 100 + k as i32, "seen": m })
+            .await
+            .unwrap();
+    }
+    let text = text
+        .replace("plain-push", "marked-push")
+        .replace(
+            "collection = \"plain_src\"\nbatch_size = 3",
+            "collection = \"marked_src\"\nwatermark_field = \"seen\"\nbatch_size = 2\nsettle_seconds = 0",
+        );
+    assert!(text.contains("marked_src"));
+    let name = apply(&db, &text).await;
+    let s = run_push(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert_eq!((s.read, s.sent, s.requests), (5, 5, 3), "{s:?}");
+    let again = run_push(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(again.sent, 0);
 }
 
 #[tokio::test]

@@ -1249,7 +1249,7 @@ fn a_batch_too_big_for_the_cap_is_split_and_a_trap_is_narrowed_to_the_records_th
         assert!(!err.caused_by_input, "{err}");
         assert!(
             err.reason
-                .contains("finding which of 8 records fail ran out of the caller's time"),
+                .contains("finding which of 8 records fail ran out of time"),
             "{err}"
         );
         assert!(call.letters.is_empty() && call.skipped.is_empty());
@@ -1277,6 +1277,17 @@ fn a_batch_too_big_for_the_cap_is_split_and_a_trap_is_narrowed_to_the_records_th
         .filter(|(_, reason)| reason.contains("records kept together"))
         .count();
     assert!(together > 4096, "{together} of 8192 dead-lettered in parts");
+    // For a caller with a time limit of its own (the tracking endpoint), narrowing
+    // stopped by the plugin's budget fails the batch as not the records' fault too.
+    let records: Vec<Document> = (0..8192)
+        .map(|i| doc! { "eventId": format!("p{i}") })
+        .collect();
+    let mut call = Call::until(Some(
+        std::time::Instant::now() + std::time::Duration::from_secs(600),
+    ));
+    let err = panicky.apply(records, &mut call).unwrap_err();
+    assert!(!err.caused_by_input, "{err}");
+    assert!(err.reason.contains("ran out of time"), "{err}");
 }
 
 /// Posts `body` to the batch endpoint of `server`; the answer, which must be a 200.

@@ -652,7 +652,29 @@ async fn the_engine_schedules_export_schedules_and_integration_configs() {
     // A fire of a config turned off since the schedule was loaded does not run it (its
     // trigger fires until the next reload).
     let feed = &jobs[1];
-    assert!(feed.since.is_some(), "the config's last change: {feed:?}");
+    assert!(
+        feed.since.is_some(),
+        "when its schedule took effect: {feed:?}"
+    );
+    // Re-applied unchanged (a deploy re-applying every file), it keeps that instant, so
+    // an instant missed while every replica restarted is still fired.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    sluice_jobs::configs::apply(&db.store, &file).await.unwrap();
+    let since = || async {
+        sluice::engine::scheduled_jobs(&runner.config, &db.store)
+            .await
+            .unwrap()[1]
+            .since
+    };
+    assert_eq!(since().await, feed.since);
+    // A new schedule takes effect when applied.
+    let mut moved = file.clone();
+    moved.schedule = Some("0 30 * * * *".into());
+    sluice_jobs::configs::apply(&db.store, &moved)
+        .await
+        .unwrap();
+    assert!(since().await > feed.since);
+    sluice_jobs::configs::apply(&db.store, &file).await.unwrap();
     let fire = |runner: &sluice::engine::EngineRunner| {
         sluice_jobs::schedule::Runner::run(runner, feed, Utc::now())
     };
@@ -982,6 +1004,40 @@ async fn a_shutdown_stops_runs_by_hand_and_frees_their_job_at_once() {
     start_manual_run(&db.store, "integration:slow", "cli")
         .await
         .unwrap();
+
+    // As the admin API runs one: held until its end is recorded, by itself, and counted
+    // once.
+    let id = start_manual_run(&db.store, "integration:other", "admin-api")
+        .await
+        .unwrap();
+    let held = tokio::spawn({
+        let (store, id) = (db.store.clone(), id.clone());
+        async move {
+            sluice_jobs::schedule::run_and_end_manual_run(&store, &id, async {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                Ok("done".to_string())
+            })
+            .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(stop_manual_runs(&db.store, Duration::from_secs(5)).await, 1);
+    assert!(
+        held.is_finished(),
+        "the shutdown waited for its end to be recorded"
+    );
+    let why = held.await.unwrap().unwrap_err();
+    let run = runs(&db)
+        .await
+        .into_iter()
+        .find(|r| r.get_str("_id").unwrap() == id)
+        .unwrap();
+    assert_eq!(run.get_str("status").unwrap(), "FAILED", "{run}");
+    assert_eq!(
+        run.get_str("error").unwrap(),
+        why,
+        "recorded by the run itself"
+    );
 }
 
 #[tokio::test]

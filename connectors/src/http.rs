@@ -552,6 +552,8 @@ impl HttpClient {
         body: Option<(&Value, &str)>,
         json_answer: bool,
     ) -> Result<(Value, HeaderMap, u64), HttpError> {
+        let replaced = without_params(url, query);
+        let url = replaced.as_deref().unwrap_or(url);
         let mut attempts = self.connector.retry.max_attempts;
         let mut last = String::new();
         let mut force_token = false;
@@ -1386,11 +1388,19 @@ fn lenient_token_answer(body: &[u8]) -> (Option<String>, Option<Vec<u8>>) {
         .get("refresh_token")
         .and_then(serde_json::Value::as_str)
         .map(str::to_string);
-    if let Some(serde_json::Value::String(text)) = answer.get("expires_in") {
-        match text.trim().parse::<u64>() {
-            Ok(n) => answer.insert("expires_in".into(), n.into()),
-            Err(_) => answer.remove("expires_in"),
-        };
+    // Seconds as a string or with a fraction (`"3599"`, `3599.0`): whole seconds, rounded
+    // down. One that cannot be read is treated as a short lifetime, not as none (a token
+    // kept for ever would be refused at some page).
+    let seconds = match answer.get("expires_in") {
+        Some(serde_json::Value::String(text)) => Some(text.trim().parse::<f64>().ok()),
+        Some(serde_json::Value::Number(n)) if n.as_u64().is_none() => Some(n.as_f64()),
+        _ => None,
+    };
+    if let Some(seconds) = seconds {
+        let whole = seconds
+            .filter(|s| s.is_finite() && *s >= 0.0)
+            .map_or(60, |s| s as u64);
+        answer.insert("expires_in".into(), whole.into());
     }
     if !answer.contains_key("token_type") {
         answer.insert("token_type".into(), "bearer".into());
@@ -1408,6 +1418,33 @@ fn describe_token_error<E: std::error::Error>(e: &E) -> String {
         src = s.source();
     }
     msg
+}
+
+/// `url` without the query parameters `query` sets (by name, decoded), when it has any:
+/// a parameter Sluice sets on a request (the page, its size, the cursor, the incremental
+/// cursor) replaces one of the same name in the endpoint instead of being sent beside it,
+/// where an API reading the first would take the endpoint's. `None`: `url` as it is (its
+/// other parameters keep their encoding).
+fn without_params(url: &str, query: &[(String, String)]) -> Option<String> {
+    if query.is_empty() {
+        return None;
+    }
+    let mut parsed = reqwest::Url::parse(url).ok()?;
+    let set = |name: &str| query.iter().any(|(k, _)| k == name);
+    if !parsed.query_pairs().any(|(k, _)| set(&k)) {
+        return None;
+    }
+    let kept: Vec<(String, String)> = parsed
+        .query_pairs()
+        .filter(|(k, _)| !set(k))
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    if kept.is_empty() {
+        parsed.set_query(None);
+    } else {
+        parsed.query_pairs_mut().clear().extend_pairs(kept);
+    }
+    Some(parsed.to_string())
 }
 
 /// `Retry-After` as seconds or an HTTP date.
@@ -1558,6 +1595,61 @@ mod tests {
         ] {
             assert_eq!(ip_kind(ip.parse().unwrap()).is_some(), private, "{ip}");
         }
+    }
+
+    #[test]
+    fn a_parameter_sluice_sets_replaces_the_endpoints_own() {
+        let q = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let url = "https://api.example/items?limit=50&region=eu&page%5Bsize%5D=9";
+        // Not set by this request: the URL as written.
+        assert_eq!(without_params(url, &[]), None);
+        assert_eq!(without_params(url, &q(&[("page", "2")])), None);
+        assert_eq!(
+            without_params(url, &q(&[("limit", "100"), ("page", "2")])).as_deref(),
+            Some("https://api.example/items?region=eu&page%5Bsize%5D=9")
+        );
+        // Names compare decoded.
+        assert_eq!(
+            without_params(url, &q(&[("page[size]", "100")])).as_deref(),
+            Some("https://api.example/items?limit=50&region=eu")
+        );
+        assert_eq!(
+            without_params(
+                "https://api.example/items?since=2024-01-01",
+                &q(&[("since", "x")])
+            )
+            .as_deref(),
+            Some("https://api.example/items")
+        );
+    }
+
+    #[test]
+    fn token_answers_bent_in_common_ways_are_read() {
+        use serde_json::json;
+        let read = |body: serde_json::Value| {
+            let (fresh, fixed) = lenient_token_answer(body.to_string().as_bytes());
+            let fixed: serde_json::Value = serde_json::from_slice(&fixed.unwrap()).unwrap();
+            (fresh, fixed)
+        };
+        let (fresh, fixed) =
+            read(json!({ "access_token": "a", "expires_in": "3599", "refresh_token": "r2" }));
+        assert_eq!(fresh.as_deref(), Some("r2"));
+        assert_eq!(fixed["expires_in"], 3599);
+        assert_eq!(fixed["token_type"], "bearer");
+        assert_eq!(read(json!({ "expires_in": 3599.9 })).1["expires_in"], 3599);
+        assert_eq!(read(json!({ "expires_in": "soon" })).1["expires_in"], 60);
+        let (fresh, fixed) = read(json!({ "expires_in": 10, "token_type": "Bearer" }));
+        assert_eq!(fresh, None);
+        assert_eq!(
+            (fixed["expires_in"].clone(), fixed["token_type"].clone()),
+            (json!(10), json!("Bearer"))
+        );
+        assert_eq!(lenient_token_answer(b"not json"), (None, None));
     }
 
     #[test]

@@ -346,6 +346,9 @@ fn push_batch() -> usize {
     100
 }
 
+/// The most documents a push sends per request.
+pub const MAX_PUSH_BATCH: usize = 10_000;
+
 fn push_settle() -> u64 {
     60
 }
@@ -584,19 +587,6 @@ pub fn credential_header(name: &str) -> bool {
     .any(|w| n.contains(w))
 }
 
-/// The names of `url`'s query parameters, as sent (not decoded).
-fn query_names(url: &str) -> Vec<String> {
-    let Some((_, query)) = url.split_once('?') else {
-        return Vec::new();
-    };
-    let query = query.split('#').next().unwrap_or(query);
-    query
-        .split('&')
-        .filter(|pair| !pair.is_empty())
-        .map(|pair| pair.split('=').next().unwrap_or(pair).to_string())
-        .collect()
-}
-
 /// The name of a query parameter of `url` that carries a credential (`?api_key=...`),
 /// if any: such a URL would store the secret in clear and show it to every reader of the
 /// config. Cursor parameters (`page_token`, `next_token`) are not credentials.
@@ -827,38 +817,6 @@ pub fn validate(
         if value == 0 {
             return Err(invalid(field, "a number greater than 0".into()));
         }
-    }
-    // A parameter Sluice sets on each request must not be in the endpoint too: sent
-    // twice (`?limit=50&page=1&limit=100`), an API reading the first gets pages shorter
-    // than `size`, and the run stops after the first as if it were the last.
-    let mut set_per_request: Vec<(&str, &str)> = match &paging {
-        Paging::Page {
-            param, size_param, ..
-        } => vec![
-            ("source.pagination.page_param", param),
-            ("source.pagination.size_param", size_param),
-        ],
-        Paging::Offset {
-            param, size_param, ..
-        } => vec![
-            ("source.pagination.offset_param", param),
-            ("source.pagination.size_param", size_param),
-        ],
-        Paging::Cursor { param, .. } => vec![("source.pagination.cursor_param", param)],
-        Paging::None | Paging::NextUrl { .. } | Paging::LinkHeader => Vec::new(),
-    };
-    if let Some(inc) = &file.incremental {
-        set_per_request.push(("incremental.param", &inc.param));
-    }
-    let in_endpoint = query_names(&file.endpoint);
-    if let Some((field, name)) = set_per_request
-        .iter()
-        .find(|(_, name)| in_endpoint.iter().any(|n| n == name))
-    {
-        return Err(invalid(
-            "endpoint",
-            format!("its query sets `{name}`, which Sluice sets on every request (`{field}`); remove it from the endpoint, or name another parameter in `{field}`"),
-        ));
     }
     // Bounded, so a typo cannot hold a run (and its lease) for days, nor retry at once
     // without a pause.
@@ -1116,6 +1074,14 @@ pub fn validate(
     if let Some(push) = &file.push {
         if let Some(f) = &push.filter {
             push_filter(f).map_err(|e| invalid("push.filter", e))?;
+        }
+        // Read a batch at a time: 0 would read the collection whole (`limit(0)` is no
+        // limit) into one request.
+        if !(1..=MAX_PUSH_BATCH).contains(&push.batch_size) {
+            return Err(invalid(
+                "push.batch_size",
+                format!("1 to {MAX_PUSH_BATCH}, got {}", push.batch_size),
+            ));
         }
         if crate::model::collections::INTERNAL.contains(&push.collection.as_str()) {
             return Err(invalid(
@@ -2067,27 +2033,6 @@ type = "bool"
             .to_string();
         assert!(err.contains("rate_limit_per_second"), "{err}");
         assert!(check("[source]", "[source]\nrate_limit_per_second = 0.5").is_ok());
-        // A parameter Sluice sets on each request cannot be in the endpoint too.
-        let with_query = |q: &str| format!("endpoint = \"https://api.shop.example/products?{q}\"");
-        let err = check(endpoint, &with_query("cursor=abc&region=eu"))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("`endpoint`") && err.contains("source.pagination.cursor_param"),
-            "{err}"
-        );
-        assert!(check(endpoint, &with_query("region=eu&cursorless=1")).is_ok());
-        let paged = FILE.replacen(endpoint, &with_query("limit=50"), 1).replace(
-            "type = \"cursor\"\ncursor_path = \"$.meta.next\"",
-            "type = \"page\"\nsize = 100",
-        );
-        let err = validate("f", &parse_file("f", &paged).unwrap(), &env)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("`limit`") && err.contains("size_param"),
-            "{err}"
-        );
         // Retries, timeouts and the page cap are bounded: a typo must not hold a run for
         // days, retry with no pause, or read a page the process cannot hold.
         for (set, field) in [
@@ -2130,6 +2075,18 @@ type = "bool"
             .unwrap_err()
             .to_string();
         assert!(err.contains("`method`") && err.contains("POST"), "{err}");
+        // A batch of 0 would read the collection whole (no limit) into one request.
+        for size in [0, 10_001] {
+            let sized = push.replace(
+                "collection = \"users\"",
+                &format!("collection = \"users\"\nbatch_size = {size}"),
+            );
+            let sized = sized.replace("method = \"GET\"\n", "");
+            let err = validate("p", &parse_file("p", &sized).unwrap(), &env)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("push.batch_size"), "{size}: {err}");
+        }
     }
 
     #[test]

@@ -137,7 +137,26 @@ pub async fn apply(store: &Store, file: &IntegrationFile) -> Result<bool, StoreE
         .iter()
         .map(|(k, v)| (k.clone(), bson::Bson::String(v.clone())))
         .collect();
-    let set = doc! {
+    // Whether the schedule takes effect anew (see `SCHEDULE_SINCE`): a re-apply of an
+    // unchanged config (a deploy re-applying every file) does not move it.
+    let before = store
+        .collection(c::INTEGRATION_CONFIGS)
+        .find_one(doc! { f::NAME: &file.name })
+        .await
+        .map_err(StoreError::mongo(c::INTEGRATION_CONFIGS, "apply config"))?;
+    let schedule_changed = before.as_ref().is_none_or(|d| {
+        let timezone = |d: &Document| {
+            d.get_document(f::SPEC)
+                .ok()
+                .and_then(|s| s.get_str("timezone").ok())
+                .map(str::to_string)
+        };
+        d.get_str("schedule").ok() != file.schedule.as_deref()
+            || timezone(d) != file.timezone
+            || d.get_bool(f::IS_ACTIVE).ok() != Some(file.is_active)
+            || !d.contains_key(f::SCHEDULE_SINCE)
+    });
+    let mut set = doc! {
         f::TYPE: file.kind.to_ascii_uppercase(),
         "endpoint": &file.endpoint,
         // The method used: an EXPORT without one pushes with POST.
@@ -154,6 +173,9 @@ pub async fn apply(store: &Store, file: &IntegrationFile) -> Result<bool, StoreE
         f::SPEC: spec,
         common::UPDATED_AT: now,
     };
+    if schedule_changed {
+        set.insert(f::SCHEDULE_SINCE, now);
+    }
     let result = store
         .collection(c::INTEGRATION_CONFIGS)
         .update_one(

@@ -1874,6 +1874,58 @@ pub struct PushSummary {
     pub skipped: u64,
 }
 
+/// Documents whose `path` sorts after `value` (`op` `$gt`, or `$gte` to take ties), in
+/// MongoDB's sort order across types: `$gt` alone matches only values of `value`'s type
+/// (type bracketing), so a read resumed from a position would pass over later documents
+/// whose value is of a type sorting after it (an ObjectId `_id` after numeric ones, a
+/// date watermark after strings), which one sorted read takes in order.
+fn sorting_after(path: &str, value: &Bson, op: &str) -> Document {
+    let later = types_sorting_after(value);
+    let same_type = doc! { path: { op: value.clone() } };
+    if later.is_empty() {
+        return same_type;
+    }
+    doc! { "$or": [same_type, { path: { "$type": later } }] }
+}
+
+/// The `$type` aliases of the types MongoDB sorts after `value`'s, in its comparison
+/// order (MinKey, null, numbers, strings, objects, arrays, binary, ObjectId, booleans,
+/// dates, timestamps, regular expressions, MaxKey).
+fn types_sorting_after(value: &Bson) -> Vec<&'static str> {
+    const ORDER: [&[&str]; 12] = [
+        &["null", "undefined"],
+        &["int", "long", "double", "decimal"],
+        &["symbol", "string"],
+        &["object"],
+        &["array"],
+        &["binData"],
+        &["objectId"],
+        &["bool"],
+        &["date"],
+        &["timestamp"],
+        &["regex"],
+        &["maxKey"],
+    ];
+    let rank = match value {
+        Bson::MinKey => return ORDER.concat(),
+        Bson::Null | Bson::Undefined => 0,
+        Bson::Int32(_) | Bson::Int64(_) | Bson::Double(_) | Bson::Decimal128(_) => 1,
+        Bson::Symbol(_) | Bson::String(_) => 2,
+        Bson::Document(_) => 3,
+        Bson::Array(_) => 4,
+        Bson::Binary(_) => 5,
+        Bson::ObjectId(_) => 6,
+        Bson::Boolean(_) => 7,
+        Bson::DateTime(_) => 8,
+        Bson::Timestamp(_) => 9,
+        Bson::RegularExpression(_) => 10,
+        Bson::MaxKey => 11,
+        // JavaScript and the like: no place in the order to go on from.
+        _ => return Vec::new(),
+    };
+    ORDER[rank + 1..].concat()
+}
+
 /// Where a pushed batch lies in the (watermark, `_id`) order: its first and last
 /// documents as read, in canonical extended JSON.
 fn batch_span(batch: &[Document], watermark: Option<&str>) -> String {
@@ -1987,18 +2039,18 @@ pub async fn run_push(
         let (cursor, id) = position.clone()?;
         Some(match (&watermark, cursor, id) {
             (Some(w), Bson::Null, Some(id)) => doc! { "$or": [
-                { w: Bson::Null, common::ID: { "$gt": id } },
+                { "$and": [{ w: Bson::Null }, sorting_after(common::ID, &id, "$gt")] },
                 { w: { "$ne": Bson::Null } },
             ] },
             (Some(_), Bson::Null, None) => return None,
             (Some(w), cursor, Some(id)) => doc! { "$or": [
-                { w: { "$gt": cursor.clone() } },
-                { w: cursor, common::ID: { "$gt": id } },
+                sorting_after(w, &cursor, "$gt"),
+                { "$and": [{ w: cursor }, sorting_after(common::ID, &id, "$gt")] },
             ] },
             // A position stored without its `_id` (by an earlier version): ties with it
             // are sent again rather than skipped.
-            (Some(w), cursor, None) => doc! { w: { "$gte": cursor } },
-            (None, _, Some(id)) => doc! { common::ID: { "$gt": id } },
+            (Some(w), cursor, None) => sorting_after(w, &cursor, "$gte"),
+            (None, _, Some(id)) => sorting_after(common::ID, &id, "$gt"),
             (None, _, None) => return None,
         })
     };
@@ -2024,7 +2076,14 @@ pub async fn run_push(
         name: name.to_string(),
         ..Default::default()
     };
+    let mut stopped = false;
     loop {
+        // Asked to stop (a signal to `import run`): the position is saved after each
+        // batch, so the next run goes on from here.
+        if options.progress.stop.load(Relaxed) {
+            stopped = true;
+            break;
+        }
         // One query a batch, from the position: a cursor held open across slow pushes
         // (a rate limit, retries, `Retry-After`) would be closed by the server after
         // ten idle minutes.
@@ -2047,7 +2106,18 @@ pub async fn run_push(
         }
         // The position after this batch: its last document as read (in watermark order),
         // whatever the transforms make of it. A dotted watermark (`meta.updatedAt`) is a
-        // path, as the read's sort takes it.
+        // path, as the read's sort takes it. Without an `_id` (a view projecting it out)
+        // there is no place to go on from: the same batch would be read again for ever.
+        if batch.last().is_some_and(|d| !d.contains_key(common::ID)) {
+            return Err(ImportError::Config(ConfigError::Invalid {
+                origin: format!("integration `{name}`"),
+                field: "push.collection".into(),
+                expected: format!(
+                    "documents with an `_id` (`{}` returned one without: a view projecting it out?)",
+                    push.collection
+                ),
+            }));
+        }
         if let Some(last) = batch.last() {
             let value = watermark
                 .as_ref()
@@ -2119,17 +2189,19 @@ pub async fn run_push(
         summary.requests += 1;
         advance_watermark(store, name, high).await?;
     }
-    store
-        .collection(c::INTEGRATION_CONFIGS)
-        .update_one(
-            doc! { f::NAME: name },
-            doc! { "$set": { f::LAST_SYNC: store.now() } },
-        )
-        .await
-        .map_err(StoreError::mongo(
-            c::INTEGRATION_CONFIGS,
-            "advance lastSync",
-        ))?;
+    if !stopped {
+        store
+            .collection(c::INTEGRATION_CONFIGS)
+            .update_one(
+                doc! { f::NAME: name },
+                doc! { "$set": { f::LAST_SYNC: store.now() } },
+            )
+            .await
+            .map_err(StoreError::mongo(
+                c::INTEGRATION_CONFIGS,
+                "advance lastSync",
+            ))?;
+    }
     let labels = [("config", name)];
     if let Ok(h) = http.stats.lock() {
         http_metrics(name, &h);

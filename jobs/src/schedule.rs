@@ -767,8 +767,10 @@ pub async fn run_and_end_manual_run(
     id: &str,
     work: impl Future<Output = Result<String, String>>,
 ) -> Result<String, String> {
-    let (_until_recorded, _) = Held::enter(store, id);
-    let result = hold_manual_run(store, id, work).await.unwrap_or_else(Err);
+    let (_until_recorded, stop) = Held::enter(store, id);
+    let result = hold_while(store, id, MANUAL_LEASE, work, stop)
+        .await
+        .unwrap_or_else(Err);
     if let Err(e) = end_manual_run(store, id, &result).await {
         tracing::error!(run = id, error = %e, "could not record the manual run's end");
     }
@@ -866,7 +868,19 @@ pub async fn hold_manual_run_for<T>(
     lease: Duration,
     work: impl Future<Output = T>,
 ) -> Result<T, String> {
-    let (_held, mut stop) = Held::enter(store, id);
+    let (_held, stop) = Held::enter(store, id);
+    hold_while(store, id, lease, work, stop).await
+}
+
+/// [`hold_manual_run_for`] of a run already entered in [`MANUAL_HELD`], stopped through
+/// `stop`.
+async fn hold_while<T>(
+    store: &Store,
+    id: &str,
+    lease: Duration,
+    work: impl Future<Output = T>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<T, String> {
     let stopping = async move {
         let _ = stop.wait_for(|stopping| *stopping).await;
     };

@@ -1456,7 +1456,14 @@ impl Transform for WasmTransform {
             trap: budget(SPLIT_BUDGET_DEADLINES),
             memory: budget(MEMORY_SPLIT_BUDGET_DEADLINES),
         };
+        let skipped_before = call.skipped.len();
         let result = self.apply_with_policy(batch, call, until, 0);
+        // Counted once the call succeeded: what a failed call set aside is discarded (the
+        // batch is processed again, or the run fails).
+        let skipped = call.skipped.len() - skipped_before;
+        if result.is_ok() && skipped > 0 {
+            self.count_skipped(skipped);
+        }
         let plugin = [("plugin", self.name.as_str())];
         let help = "Records through plugins, by plugin and direction (in, out).";
         count(
@@ -1518,7 +1525,7 @@ impl WasmTransform {
             .unwrap_or_else(|p| p.into_inner()) += records as u64;
         sluice_core::metrics::count(
             "sluice_plugin_skipped_records_total",
-            "Records dropped under the skip-batch policy: those a plugin failed, or a whole batch whose call failed.",
+            "Records dropped under the skip-batch policy: those a plugin failed or trapped on.",
             &[("plugin", self.name.as_str())],
             records as u64,
         );
@@ -1558,21 +1565,21 @@ impl WasmTransform {
             // plugin printed) is no reason to drop or dead-letter them, whatever the
             // policy: the caller fails or answers 503, and the records are processed again.
             Err(e) if !e.caused_by_input() => return Err(err(e)),
-            // Narrowing stopped at the caller's limit, not at the plugin's own budget:
-            // which of these records fail is unknown, and the time was the caller's, so
-            // the batch fails as not the records' fault (the tracking endpoint answers
-            // 503 and the client resends) instead of good records being dropped or
-            // dead-lettered with the bad ones.
+            // Narrowing stopped unfinished for a caller with a time limit (the tracking
+            // endpoint, which answers each event): which of these records fail is
+            // unknown, so the batch fails as not the records' fault (503, the client
+            // resends) instead of good events being dropped or dead-lettered with the
+            // bad ones, which their clients would never send again.
             Err(e)
                 if Self::splittable(&e, self.policy, &batch)
                     && self.policy != FailurePolicy::FailRun
-                    && call.until.is_some_and(|theirs| Instant::now() >= theirs) =>
+                    && call.until.is_some() =>
             {
                 return Err(TransformError {
                     name: self.name.clone(),
                     caused_by_input: false,
                     reason: format!(
-                        "{e} (finding which of {} records fail ran out of the caller's time)",
+                        "{e} (finding which of {} records fail ran out of time)",
                         batch.len()
                     ),
                 });
@@ -1588,7 +1595,6 @@ impl WasmTransform {
                 }
                 return match self.policy {
                     FailurePolicy::SkipBatch => {
-                        self.count_skipped(batch.len());
                         tracing::warn!(plugin = %self.name, records = batch.len(), error = %reason, "records skipped");
                         call.skipped
                             .extend(batch.into_iter().map(|d| (d, reason.clone())));
@@ -1624,7 +1630,6 @@ impl WasmTransform {
             // The call told which records failed: only those are dropped, the others of
             // the batch go on, as under dead-letter.
             FailurePolicy::SkipBatch => {
-                self.count_skipped(failed.len());
                 tracing::warn!(plugin = %self.name, failed = failed.len(), first = %failed[0].2, "records skipped");
                 call.skipped
                     .extend(failed.into_iter().map(|(_, d, reason)| (d, reason)));

@@ -18,7 +18,7 @@ use futures_util::{FutureExt, TryStreamExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use sluice_core::model::{collections as c, common, AdminUser, Role};
+use sluice_core::model::{collections as c, common, integration_fields as f, AdminUser, Role};
 
 use super::{ApiError, AppState};
 
@@ -770,15 +770,27 @@ async fn set_config_active(
             "expected {\"isActive\": true|false}",
         )
     })?;
-    let r = state
-        .store
-        .collection(c::INTEGRATION_CONFIGS)
+    let configs = state.store.collection(c::INTEGRATION_CONFIGS);
+    let now = state.store.now();
+    // Turned on (or off) anew, its schedule takes effect now; a no-op toggle leaves that.
+    let flipped = configs
         .update_one(
-            doc! { "name": &name },
-            doc! { "$set": { "isActive": active, common::UPDATED_AT: state.store.now() } },
+            doc! { "name": &name, f::IS_ACTIVE: { "$ne": active } },
+            doc! { "$set": { f::IS_ACTIVE: active, common::UPDATED_AT: now, f::SCHEDULE_SINCE: now } },
         )
         .await
         .map_err(store_error)?;
+    let r = if flipped.matched_count == 1 {
+        flipped
+    } else {
+        configs
+            .update_one(
+                doc! { "name": &name },
+                doc! { "$set": { common::UPDATED_AT: now } },
+            )
+            .await
+            .map_err(store_error)?
+    };
     if r.matched_count == 0 {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,

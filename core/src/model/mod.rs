@@ -209,6 +209,10 @@ pub mod integration_fields {
     pub const SYNC_CURSOR_EPOCH_MS: &str = "syncCursorEpochMs";
     /// The full config file as applied (secrets only as references).
     pub const SPEC: &str = "spec";
+    /// When the config's schedule last took effect: set when it was created, or when its
+    /// `schedule`, time zone or `isActive` changed (not by a no-op re-apply). The
+    /// scheduler fires no instant before it as missed.
+    pub const SCHEDULE_SINCE: &str = "scheduleSince";
 }
 
 pub mod import_run_fields {
