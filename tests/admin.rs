@@ -9,6 +9,13 @@ use support::{start_server, start_server_with_env, TestDb};
 
 const PASSWORD: &str = "correct horse battery";
 
+/// The bearer token `email` (whose password is [`PASSWORD`]) logs in for.
+async fn token_of(base: &str, email: &str) -> String {
+    let (status, body) = login(base, email, PASSWORD).await;
+    assert_eq!(status, 200, "{body}");
+    body["token"].as_str().unwrap().to_string()
+}
+
 async fn login(base: &str, email: &str, password: &str) -> (u16, Value) {
     let r = reqwest::Client::new()
         .post(format!("{base}/v1/admin/login"))
@@ -245,10 +252,7 @@ async fn the_bearer_scheme_is_case_insensitive_and_browsers_may_patch() {
         .unwrap();
     let server = start_server(&db, |_| {}).await;
     let base = format!("http://{}", server.addr);
-    let token = login(&base, "ops@x.io", PASSWORD).await.1["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let token = token_of(&base, "ops@x.io").await;
     let client = reqwest::Client::new();
     for scheme in ["bearer", "BEARER", "Bearer"] {
         let r = client
@@ -295,10 +299,7 @@ async fn an_env_allowlist_limits_what_api_configs_may_reference() {
     })
     .await;
     let base = format!("http://{}", server.addr);
-    let token = login(&base, "ops@x.io", PASSWORD).await.1["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let token = token_of(&base, "ops@x.io").await;
     let apply = |var: &str| {
         let config = format!("name = \"cfg-env\"\ntype = \"IMPORT\"\nendpoint = \"https://api.example/x\"\n[headers]\nX-Token = \"${{env:{var}}}\"\n[mapping.productId]\npath = \"$.id\"\n");
         let r = reqwest::Client::new()
@@ -430,10 +431,7 @@ async fn a_duplicate_user_and_an_unreadable_config_body_get_their_own_json_error
         .unwrap();
     let server = start_server(&db, |_| {}).await;
     let base = format!("http://{}", server.addr);
-    let token = login(&base, "ops@x.io", PASSWORD).await.1["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let token = token_of(&base, "ops@x.io").await;
     let client = reqwest::Client::new();
     let user = json!({ "email": "OPS@x.io", "password": PASSWORD, "role": "USER" });
     let configs = format!("{base}/v1/admin/configs");
@@ -479,10 +477,7 @@ async fn analytics_queries_beyond_the_cap_are_answered_busy_until_one_ends() {
         .await
         .unwrap();
     let base = format!("http://{}", server.addr);
-    let token = login(&base, "an@x.io", PASSWORD).await.1["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let token = token_of(&base, "an@x.io").await;
     let get = |path: &'static str| {
         let (url, token) = (format!("{base}{path}"), token.clone());
         async move {
@@ -557,10 +552,7 @@ async fn analytics_parameters_are_validated() {
         .unwrap();
     let server = start_server(&db, |_| {}).await;
     let base = format!("http://{}", server.addr);
-    let token = login(&base, "an@x.io", PASSWORD).await.1["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let token = token_of(&base, "an@x.io").await;
     let client = reqwest::Client::new();
     for path in [
         "/v1/analytics/daily?from=yesterday",
@@ -997,10 +989,7 @@ async fn daily_and_top_pages_count_what_was_stored() {
         .unwrap();
     let server = start_server(&db, |_| {}).await;
     let base = format!("http://{}", server.addr);
-    let token = login(&base, "an@x.io", PASSWORD).await.1["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let token = token_of(&base, "an@x.io").await;
     let client = reqwest::Client::new();
     let get = |path: String| {
         let r = client

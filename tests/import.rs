@@ -1812,18 +1812,22 @@ async fn rotating_items(
     Json(json!({ "data": data, "next": next })).into_response()
 }
 
-#[tokio::test]
-async fn a_rotated_refresh_token_is_kept_from_an_answer_that_bends_or_breaks_the_rfc() {
-    let db = TestDb::initialized().await;
+/// A [`RotatingProvider`] whose chain starts at `rt-initial`, serving its token endpoint
+/// and items; the provider and the base URL.
+async fn serve_rotating() -> (RotatingProvider, String) {
     let provider = RotatingProvider::default();
     *provider.refresh.lock().unwrap() = "rt-initial".into();
     let app = Router::new()
         .route("/token", post(rotating_token))
         .route("/items", get(rotating_items))
         .with_state(provider.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (provider, format!("http://{}", serve(app).await))
+}
+
+#[tokio::test]
+async fn a_rotated_refresh_token_is_kept_from_an_answer_that_bends_or_breaks_the_rfc() {
+    let db = TestDb::initialized().await;
+    let (provider, base) = serve_rotating().await;
     let auth = format!(
         "[auth]\ntype = \"OAUTH\"\ntoken_url = \"{base}/token\"\nclient_id = \"c\"\nclient_secret = \"${{env:IMPORT_TEST_CLIENT_SECRET}}\"\nrefresh_token = \"${{env:IMPORT_TEST_REFRESH}}\"\n"
     );
@@ -1858,15 +1862,7 @@ async fn a_rotated_refresh_token_is_kept_from_an_answer_that_bends_or_breaks_the
 #[tokio::test]
 async fn rotated_refresh_tokens_are_saved_encrypted_before_use() {
     let db = TestDb::initialized().await;
-    let provider = RotatingProvider::default();
-    *provider.refresh.lock().unwrap() = "rt-initial".into();
-    let app = Router::new()
-        .route("/token", post(rotating_token))
-        .route("/items", get(rotating_items))
-        .with_state(provider.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let (provider, base) = serve_rotating().await;
     let auth = format!(
         "[auth]\ntype = \"OAUTH\"\ntoken_url = \"{base}/token\"\nclient_id = \"c\"\nclient_secret = \"${{env:IMPORT_TEST_CLIENT_SECRET}}\"\nrefresh_token = \"${{env:IMPORT_TEST_REFRESH}}\"\nscopes = [\"items.read\", \"offline_access\"]\n"
     );

@@ -1290,6 +1290,21 @@ fn a_batch_too_big_for_the_cap_is_split_and_a_trap_is_narrowed_to_the_records_th
     assert!(err.reason.contains("ran out of time"), "{err}");
 }
 
+/// Posts one event to `server`; the status and the JSON answer.
+async fn post_event(
+    server: &sluice::server::ServerHandle,
+    event: &serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let resp = reqwest::Client::new()
+        .post(format!("http://{}/v1/events", server.addr))
+        .json(event)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap())
+}
+
 /// Posts `body` to the batch endpoint of `server`; the answer, which must be a 200.
 async fn post_batch(
     server: &sluice::server::ServerHandle,
@@ -1331,16 +1346,10 @@ async fn events_a_plugin_renames_are_not_stored_behind_the_clients_back() {
     let server = hostile_tracking(&db, "rename-id", |_| {}).await;
     let body =
         json!({ "eventId": "r1", "userId": "v", "sessionId": "s", "eventType": "PAGE_VIEW" });
-    let resp = reqwest::Client::new()
-        .post(format!("http://{}/v1/events", server.addr))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let (status, answer) = post_event(&server, &body).await;
     // Rejected, not dropped: the output may be the event under another id, and a client
     // told `dropped` would take it as the plugin's choice.
-    assert_eq!(resp.status().as_u16(), 422);
-    let answer: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(status, 422);
     assert_eq!(answer["error"], "transform_rejected", "{answer}");
     assert!(
         answer["message"]
@@ -1426,17 +1435,10 @@ async fn an_event_skipped_under_an_id_a_plugin_changed_is_rejected_not_dropped()
     .await;
     // The second plugin skips the event, under the id the first gave it: the endpoint
     // cannot tell it from an event dropped on purpose, so the client must resend.
-    let resp = reqwest::Client::new()
-        .post(format!("http://{}/v1/events", server.addr))
-        .json(
-            &json!({ "eventId": "y1", "userId": "v", "sessionId": "s", "eventType": "PURCHASE",
-                       "properties": { "amount": 10.0, "currency": "JPY" } }),
-        )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 422);
-    let answer: serde_json::Value = resp.json().await.unwrap();
+    let event = json!({ "eventId": "y1", "userId": "v", "sessionId": "s", "eventType": "PURCHASE",
+                        "properties": { "amount": 10.0, "currency": "JPY" } });
+    let (status, answer) = post_event(&server, &event).await;
+    assert_eq!(status, 422);
     assert_eq!(answer["error"], "transform_rejected", "{answer}");
     assert!(
         answer["message"]
@@ -1696,14 +1698,9 @@ async fn a_deadline_under_skip_batch_is_answered_503_not_dropped() {
         raw.plugins.failure_policy = "skip-batch".into();
     })
     .await;
-    let resp = reqwest::Client::new()
-        .post(format!("http://{}/v1/events", server.addr))
-        .json(&json!({ "eventId": "slow", "userId": "v", "sessionId": "s", "eventType": "CLICK" }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 503);
-    let body: serde_json::Value = resp.json().await.unwrap();
+    let event = json!({ "eventId": "slow", "userId": "v", "sessionId": "s", "eventType": "CLICK" });
+    let (status, body) = post_event(&server, &event).await;
+    assert_eq!(status, 503);
     assert_eq!(body["error"], "transform_failed", "{body}");
     server.shutdown().await;
 }
