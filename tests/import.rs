@@ -1560,6 +1560,23 @@ path = "$.k"
 "#
     );
     let name = apply(&db, &text).await;
+    // Asked to stop (Ctrl-C on `import run`) before a batch: nothing more is read or
+    // sent, and the run is not recorded as a completed sync.
+    let stopping = ImportOptions::default();
+    stopping.progress.stop.store(true, Ordering::SeqCst);
+    let s = run_push(&db.store, &name, &stopping).await.unwrap();
+    assert_eq!((s.read, s.sent), (0, 0));
+    let cfg = db
+        .store
+        .collection("integration_configs")
+        .find_one(doc! { "name": &name })
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        cfg.get("lastSync").is_none_or(|v| *v == Bson::Null),
+        "{cfg}"
+    );
     for run in 1..=2 {
         let s = run_push(&db.store, &name, &ImportOptions::default())
             .await
