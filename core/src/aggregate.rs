@@ -151,9 +151,23 @@ pub fn fold_user(
         if e.event_type == EventType::Purchase {
             u.total_purchases = u.total_purchases.saturating_add(1);
             if let Some(amount) = e.purchase_amount() {
-                u.total_revenue_micros = u
+                u.total_revenue_micros = match u
                     .total_revenue_micros
-                    .saturating_add(revenue_micros(amount));
+                    .checked_add(revenue_micros(amount))
+                {
+                    Some(total) => total,
+                    // About 9.2e12 in the purchase currency: said where an operator
+                    // looks, not only held at the maximum.
+                    None => {
+                        crate::metrics::count(
+                            "sluice_user_revenue_saturated_total",
+                            "Purchases not added to a user's totalRevenue because it is at its maximum (about 9.2e12).",
+                            &[],
+                            1,
+                        );
+                        i64::MAX
+                    }
+                };
             }
         }
     }
@@ -290,5 +304,13 @@ mod tests {
         let after = fold_user(Some(before), "v", &[&again], 0, DateTime::from_millis(0));
         assert_eq!(after.total_revenue_micros, i64::MAX);
         assert_eq!(after.total_purchases, 2);
+        // Counted where an operator looks.
+        let metrics = crate::metrics::render();
+        assert!(
+            metrics.lines().any(
+                |l| l.starts_with("sluice_user_revenue_saturated_total ") && !l.ends_with(" 0")
+            ),
+            "{metrics}"
+        );
     }
 }
