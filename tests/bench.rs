@@ -45,6 +45,7 @@ fn every_scenario_prints_a_ratio_line() {
             "parquet-export",
             "archive",
             "http-import",
+            "http-push",
             "wasm-transform-noop",
             "wasm-transform-redact",
             "scheduler-idle"

@@ -25,6 +25,10 @@
 //!   same pages and inserting the records as they are into a collection with as many
 //!   indexes as `products` (also reported: against a collection without indexes).
 //!
+//! - `http-push`: an EXPORT config pushing documents read in watermark order, mapped, in
+//!   batches of 100 to a loopback receiver, vs reading the same documents with one sorted
+//!   cursor and posting the same batches as they are.
+//!
 //! - `segment-ingest`: the same traffic as Segment `page` / `track` messages without
 //!   session ids, posted to `/v1/batch` (identity links resolved, sessions assigned by the
 //!   gap rule), vs the same events through the native `/v1/events/batch`, in the same run.
@@ -70,7 +74,7 @@ struct Args {
     /// Events exported by `parquet-export`.
     #[arg(long, default_value_t = 1_000_000)]
     export_events: usize,
-    /// Records imported by `http-import`.
+    /// Records imported by `http-import`, and pushed by `http-push`.
     #[arg(long, default_value_t = 100_000)]
     import_records: usize,
     /// Records through `wasm-transform`.
@@ -91,6 +95,7 @@ const SCENARIOS: &[&str] = &[
     "parquet-export",
     "archive",
     "http-import",
+    "http-push",
     "wasm-transform",
     "scheduler-idle",
 ];
@@ -820,6 +825,154 @@ async fn record_api(records: std::sync::Arc<Vec<Value>>) -> anyhow::Result<Strin
     Ok(format!("http://{addr}/records"))
 }
 
+/// A receiver of pushed batches (`{"items": [...]}`) on loopback: its URL, and how many
+/// records it has taken.
+async fn push_receiver() -> anyhow::Result<(String, std::sync::Arc<std::sync::atomic::AtomicUsize>)>
+{
+    use axum::extract::State;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let taken = std::sync::Arc::new(AtomicUsize::new(0));
+    let app = axum::Router::new()
+        .route(
+            "/inbox",
+            axum::routing::post(
+                |State(taken): State<std::sync::Arc<AtomicUsize>>,
+                 axum::Json(body): axum::Json<Value>| async move {
+                    let n = body["items"].as_array().map_or(0, Vec::len);
+                    taken.fetch_add(n, Ordering::Relaxed);
+                    axum::http::StatusCode::NO_CONTENT
+                },
+            ),
+        )
+        .with_state(taken.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok((format!("http://{addr}/inbox"), taken))
+}
+
+async fn http_push(n: usize, rounds: usize) -> anyhow::Result<()> {
+    use futures_util::TryStreamExt;
+    use std::sync::atomic::Ordering;
+    let (url, taken) = push_receiver().await?;
+    let store = fresh_store("push").await?;
+    let coll = store.collection("contacts");
+    let old = chrono::Utc::now().timestamp_millis() - 86_400_000;
+    for chunk in (0..n).collect::<Vec<_>>().chunks(INSERT_BATCH) {
+        let docs: Vec<Document> = chunk
+            .iter()
+            .map(|&i| {
+                bson::doc! {
+                    "email": format!("user{i}@example.com"), "name": format!("User {i}"),
+                    "plan": if i % 3 == 0 { "pro" } else { "free" }, "visits": i as i64 % 97,
+                    "updatedAt": bson::DateTime::from_millis(old + i as i64),
+                }
+            })
+            .collect();
+        coll.insert_many(docs).await?;
+    }
+    coll.create_index(
+        mongodb::IndexModel::builder()
+            .keys(bson::doc! { "updatedAt": 1, "_id": 1 })
+            .build(),
+    )
+    .await?;
+    let text = format!(
+        r#"
+name = "bench-push"
+type = "EXPORT"
+endpoint = "{url}"
+allow_private_network = true
+[push]
+collection = "contacts"
+watermark_field = "updatedAt"
+batch_size = 100
+wrap = "items"
+[mapping.email]
+path = "$.email"
+type = "string"
+required = true
+[mapping.name]
+path = "$.name"
+[mapping.plan]
+path = "$.plan"
+[mapping.visits]
+path = "$.visits"
+type = "integer"
+"#
+    );
+    let file = sluice_core::integration::parse_file("bench-push", &text)?;
+    sluice_jobs::configs::apply(&store, &file).await?;
+    let client = reqwest::Client::new();
+    let (mut best_base, mut best_sluice) = (0f64, 0f64);
+    for _ in 0..rounds.max(1) {
+        // Baseline: one sorted cursor, the same batches posted as read.
+        taken.store(0, Ordering::Relaxed);
+        let started = Instant::now();
+        let mut cursor = coll
+            .find(bson::doc! {})
+            .sort(bson::doc! { "updatedAt": 1, "_id": 1 })
+            .await?;
+        let mut batch = Vec::with_capacity(100);
+        loop {
+            let next = cursor.try_next().await?;
+            let end = next.is_none();
+            if let Some(d) = next {
+                batch.push(bson::Bson::Document(d).into_relaxed_extjson());
+            }
+            if batch.len() == 100 || (end && !batch.is_empty()) {
+                client
+                    .post(&url)
+                    .json(&json!({ "items": std::mem::take(&mut batch) }))
+                    .send()
+                    .await?
+                    .error_for_status()?;
+            }
+            if end {
+                break;
+            }
+        }
+        anyhow::ensure!(
+            taken.load(Ordering::Relaxed) == n,
+            "baseline pushed {} of {n}",
+            taken.load(Ordering::Relaxed)
+        );
+        best_base = best_base.max(n as f64 / started.elapsed().as_secs_f64());
+
+        // Sluice: the EXPORT config from its start (the position reset).
+        store
+            .collection(c::INTEGRATION_CONFIGS)
+            .update_one(
+                bson::doc! { "name": "bench-push" },
+                bson::doc! { "$unset": { "syncCursor": "", "syncCursorId": "" } },
+            )
+            .await?;
+        taken.store(0, Ordering::Relaxed);
+        let started = Instant::now();
+        let summary =
+            sluice_jobs::import::run_push(&store, "bench-push", &Default::default()).await?;
+        anyhow::ensure!(
+            summary.sent as usize == n && taken.load(Ordering::Relaxed) == n,
+            "pushed {} of {n}",
+            summary.sent
+        );
+        best_sluice = best_sluice.max(n as f64 / started.elapsed().as_secs_f64());
+    }
+    store.db().drop().await?;
+    report(
+        "http-push",
+        best_base,
+        best_sluice,
+        json!({
+            "records": n, "rounds": rounds, "batch": 100,
+            "baseline": "one sorted cursor, the same batches posted as read (no mapping)",
+        }),
+    );
+    Ok(())
+}
+
 async fn http_import(n: usize, rounds: usize) -> anyhow::Result<()> {
     let records: Vec<Value> = (0..n)
         .map(|i| {
@@ -1332,6 +1485,12 @@ async fn main() -> anyhow::Result<()> {
             http_import(args.import_records, args.rounds)
                 .await
                 .context("http-import")?;
+            continue;
+        }
+        if scenario == "http-push" {
+            http_push(args.import_records, args.rounds)
+                .await
+                .context("http-push")?;
             continue;
         }
         let (mut best_base, mut best_sluice, mut best_aggregating) = (0f64, 0f64, 0f64);
