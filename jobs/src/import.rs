@@ -1874,6 +1874,12 @@ pub struct PushSummary {
     pub skipped: u64,
 }
 
+/// Whether `e` says the server closed the cursor being read (`CursorNotFound`, after ten
+/// idle minutes, or `CursorKilled`).
+fn cursor_lost(e: &mongodb::error::Error) -> bool {
+    matches!(&*e.kind, mongodb::error::ErrorKind::Command(c) if c.code == 43 || c.code == 237)
+}
+
 /// Documents whose `path` sorts after `value` (`op` `$gt`, or `$gte` to take ties), in
 /// MongoDB's sort order across types: `$gt` alone matches only values of `value`'s type
 /// (type bracketing), so a read resumed from a position would pass over later documents
@@ -2076,6 +2082,20 @@ pub async fn run_push(
         name: name.to_string(),
         ..Default::default()
     };
+    // One sorted read. A cursor idle for ten minutes (slow pushes: a rate limit, retries,
+    // an API's `Retry-After`) is closed by the server: it is opened again from the last
+    // batch handled (the position, in MongoDB's sort order across types), and the batch
+    // being read is read again whole.
+    let read_err = || StoreError::mongo(&push.collection, "read for push");
+    let open = |position: &Option<(Bson, Option<Bson>)>| {
+        let query = match after(position) {
+            Some(after) => and_filter(filter.clone(), after),
+            None => filter.clone(),
+        };
+        source.find(query).sort(sort.clone())
+    };
+    let mut cursor = open(&position).await.map_err(read_err())?;
+    let mut reopened = 0;
     let mut stopped = false;
     loop {
         // Asked to stop (a signal to `import run`): the position is saved after each
@@ -2084,22 +2104,23 @@ pub async fn run_push(
             stopped = true;
             break;
         }
-        // One query a batch, from the position: a cursor held open across slow pushes
-        // (a rate limit, retries, `Retry-After`) would be closed by the server after
-        // ten idle minutes.
-        let query = match after(&position) {
-            Some(after) => and_filter(filter.clone(), after),
-            None => filter.clone(),
-        };
-        let mut batch: Vec<Document> = source
-            .find(query)
-            .sort(sort.clone())
-            .limit(push.batch_size as i64)
-            .await
-            .map_err(StoreError::mongo(&push.collection, "read for push"))?
-            .try_collect()
-            .await
-            .map_err(StoreError::mongo(&push.collection, "read for push"))?;
+        let mut batch: Vec<Document> = Vec::with_capacity(push.batch_size);
+        while batch.len() < push.batch_size {
+            match cursor.try_next().await {
+                Ok(Some(d)) => {
+                    reopened = 0;
+                    batch.push(d);
+                }
+                Ok(None) => break,
+                Err(e) if cursor_lost(&e) && reopened < 3 => {
+                    reopened += 1;
+                    tracing::warn!(config = name, "the push's cursor was closed by the server (idle too long); reading on from the last batch sent");
+                    batch.clear();
+                    cursor = open(&position).await.map_err(read_err())?;
+                }
+                Err(e) => return Err(read_err()(e).into()),
+            }
+        }
         summary.read += batch.len() as u64;
         if batch.is_empty() {
             break;
