@@ -47,15 +47,10 @@ pub async fn scheduled_jobs(
         .map_err(read())?;
     for d in docs {
         if let (Ok(name), Ok(cron)) = (d.get_str(f::NAME), d.get_str("schedule")) {
-            let timezone = d
-                .get_document("spec")
-                .ok()
-                .and_then(|s| s.get_str("timezone").ok())
-                .map(str::to_string);
             jobs.push(ScheduledJob {
                 name: format!("{INTEGRATION_PREFIX}{name}"),
                 cron: cron.to_string(),
-                timezone,
+                timezone: sluice_jobs::configs::timezone(&d),
                 since: d
                     .get_datetime(f::SCHEDULE_SINCE)
                     .ok()

@@ -2548,6 +2548,24 @@ type = "bool"
         assert!(records_not_a_list(&json!({}), "$.data[*]").is_none());
     }
 
+    /// An untyped mapping field at `path`, as validation builds it.
+    fn field(path: &str, list: bool) -> Field {
+        Field {
+            target: "t".into(),
+            path: path.into(),
+            query: jsonpath_rust::parser::parse_json_path(path).unwrap(),
+            members: member_chain(path),
+            kind: FieldType::Any,
+            required: false,
+            default: None,
+            list,
+            epoch_seconds: false,
+            unit_given: false,
+            unset_missing: false,
+            date_format: None,
+        }
+    }
+
     #[test]
     fn plain_member_paths_take_the_fast_lookup_with_the_engines_results() {
         assert_eq!(
@@ -2583,20 +2601,7 @@ type = "bool"
             "$.missing",
             "$",
         ] {
-            let fast = Field {
-                target: "t".into(),
-                path: path.into(),
-                query: jsonpath_rust::parser::parse_json_path(path).unwrap(),
-                members: member_chain(path),
-                kind: FieldType::Any,
-                required: false,
-                default: None,
-                list: false,
-                epoch_seconds: false,
-                unit_given: false,
-                unset_missing: false,
-                date_format: None,
-            };
+            let fast = field(path, false);
             assert!(fast.members.is_some(), "{path}");
             for list in [false, true] {
                 let fast = Field {
@@ -2615,42 +2620,19 @@ type = "bool"
             }
         }
         // A bracketed name is one value too: as a list, the list found there is the list.
-        let field = |path: &str| Field {
-            target: "t".into(),
-            path: path.into(),
-            query: jsonpath_rust::parser::parse_json_path(path).unwrap(),
-            members: member_chain(path),
-            kind: FieldType::Any,
-            required: false,
-            default: None,
-            list: true,
-            epoch_seconds: false,
-            unit_given: false,
-            unset_missing: false,
-            date_format: None,
-        };
-        assert_eq!(lookup(&field("$['tags']"), &record), Some(json!(["x"])));
-        assert_eq!(lookup(&field("$['weird-key']"), &record), Some(json!([1])));
+        let list = |path: &str| lookup(&field(path, true), &record);
+        assert_eq!(list("$['tags']"), Some(json!(["x"])));
+        assert_eq!(list("$['weird-key']"), Some(json!([1])));
         // A wildcard finds each item: the items, not the list.
-        assert_eq!(lookup(&field("$.tags[*]"), &record), Some(json!(["x"])));
-        assert_eq!(lookup(&field("$..c"), &record), Some(json!([true])));
+        assert_eq!(list("$.tags[*]"), Some(json!(["x"])));
+        assert_eq!(list("$..c"), Some(json!([true])));
     }
 
     #[test]
     fn typed_fields_read_the_extended_json_an_export_maps_from() {
         let field = |kind: FieldType| Field {
-            target: "t".into(),
-            path: "$.v".into(),
-            query: jsonpath_rust::parser::parse_json_path("$.v").unwrap(),
-            members: member_chain("$.v"),
             kind,
-            required: false,
-            default: None,
-            list: false,
-            epoch_seconds: false,
-            unit_given: false,
-            unset_missing: false,
-            date_format: None,
+            ..field("$.v", false)
         };
         let at = bson::DateTime::from_millis(1_764_000_000_123);
         let cases = [

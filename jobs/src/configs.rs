@@ -145,12 +145,6 @@ pub async fn apply(store: &Store, file: &IntegrationFile) -> Result<bool, StoreE
         .await
         .map_err(StoreError::mongo(c::INTEGRATION_CONFIGS, "apply config"))?;
     let schedule_changed = before.as_ref().is_none_or(|d| {
-        let timezone = |d: &Document| {
-            d.get_document(f::SPEC)
-                .ok()
-                .and_then(|s| s.get_str("timezone").ok())
-                .map(str::to_string)
-        };
         d.get_str("schedule").ok() != file.schedule.as_deref()
             || timezone(d) != file.timezone
             || d.get_bool(f::IS_ACTIVE).ok() != Some(file.is_active)
@@ -186,6 +180,15 @@ pub async fn apply(store: &Store, file: &IntegrationFile) -> Result<bool, StoreE
         .await
         .map_err(StoreError::mongo(c::INTEGRATION_CONFIGS, "apply config"))?;
     Ok(result.upserted_id.is_some())
+}
+
+/// The IANA time zone a stored config's schedule is read in (`None`: UTC).
+pub fn timezone(stored: &Document) -> Option<String> {
+    stored
+        .get_document(f::SPEC)
+        .ok()
+        .and_then(|s| s.get_str("timezone").ok())
+        .map(str::to_string)
 }
 
 /// A stored config: its file form and its document (for `lastSync` and the cursor).

@@ -2725,13 +2725,7 @@ async fn mark_archived(
         .collect();
     let reply = ctx
         .store
-        .db()
-        .run_command(doc! {
-            "update": c::EVENT_IDS,
-            "updates": updates,
-            "ordered": false,
-            "writeConcern": bson::to_document(ctx.store.write_concern()).unwrap_or_default(),
-        })
+        .unordered_updates(c::EVENT_IDS, updates)
         .await
         .map_err(|source| ExportError::Read {
             partition: prefix.to_string(),

@@ -425,15 +425,17 @@ pub async fn run_import(
     // version, or by hand) is no place to resume from.
     let saved_state =
         |cp: &Document| serde_json::from_str::<PageState>(cp.get_str("state").unwrap_or("")).ok();
-    let checkpoint = match checkpoint {
-        Some(cp)
-            if cp.get_str("spec").is_ok_and(|f| f != fingerprint) || saved_state(&cp).is_none() =>
-        {
-            let why = if saved_state(&cp).is_none() {
-                "its interrupted run's saved place cannot be read"
-            } else {
-                "the config changed since its interrupted run"
-            };
+    let start_over = checkpoint.as_ref().and_then(|cp| {
+        if saved_state(cp).is_none() {
+            Some("its interrupted run's saved place cannot be read")
+        } else if cp.get_str("spec").is_ok_and(|f| f != fingerprint) {
+            Some("the config changed since its interrupted run")
+        } else {
+            None
+        }
+    });
+    let checkpoint = match start_over {
+        Some(why) => {
             warn_once(
                 &mut summary,
                 name,
@@ -445,7 +447,7 @@ pub async fn run_import(
                 .map_err(StoreError::mongo(c::IMPORT_CHECKPOINTS, "clear checkpoint"))?;
             None
         }
-        other => other,
+        None => checkpoint,
     };
     let mut max_cursor: Option<Bson> = None;
     let mut state = match &checkpoint {
@@ -1694,13 +1696,7 @@ async fn upsert_once(
         })
         .collect();
     let reply = store
-        .db()
-        .run_command(doc! {
-            "update": &connector.collection,
-            "updates": updates,
-            "ordered": false,
-            "writeConcern": bson::to_document(store.write_concern()).unwrap_or_default(),
-        })
+        .unordered_updates(&connector.collection, updates)
         .await
         .map_err(|e| ImportError::Sink {
             collection: connector.collection.clone(),

@@ -33,10 +33,11 @@ pub struct ScheduledJob {
     pub cron: String,
     /// IANA time zone of the cron; `None` = UTC.
     pub timezone: Option<String>,
-    /// When the job's schedule took effect (an integration config's last change): an
-    /// instant before it is not fired as missed (a config applied, or turned back on, a
-    /// few seconds after its cron's instant did not miss that instant). `None`: always
-    /// in effect (export schedules in the config file).
+    /// When the job's schedule took effect (an integration config's `scheduleSince`: its
+    /// creation, or a change of its schedule, time zone or `isActive`): an instant before
+    /// it is not fired as missed (a config applied, or turned back on, a few seconds after
+    /// its cron's instant did not miss that instant). `None`: always in effect (export
+    /// schedules in the config file).
     pub since: Option<chrono::DateTime<Utc>>,
 }
 

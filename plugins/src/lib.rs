@@ -1565,28 +1565,25 @@ impl WasmTransform {
             // plugin printed) is no reason to drop or dead-letter them, whatever the
             // policy: the caller fails or answers 503, and the records are processed again.
             Err(e) if !e.caused_by_input() => return Err(err(e)),
-            // Narrowing stopped unfinished for a caller with a time limit (the tracking
-            // endpoint, which answers each event): which of these records fail is
-            // unknown, so the batch fails as not the records' fault (503, the client
-            // resends) instead of good events being dropped or dead-lettered with the
-            // bad ones, which their clients would never send again.
-            Err(e)
-                if Self::splittable(&e, self.policy, &batch)
-                    && self.policy != FailurePolicy::FailRun
-                    && call.until.is_some() =>
-            {
-                return Err(TransformError {
-                    name: self.name.clone(),
-                    caused_by_input: false,
-                    reason: format!(
-                        "{e} (finding which of {} records fail ran out of time)",
-                        batch.len()
-                    ),
-                });
-            }
             Err(e) => {
+                let unnarrowed = Self::splittable(&e, self.policy, &batch);
+                // Narrowing stopped unfinished for a caller with a time limit (the
+                // tracking endpoint, which answers each event): which of these records
+                // fail is unknown, so the batch fails as not the records' fault (503, the
+                // client resends) instead of good events being dropped or dead-lettered
+                // with the bad ones, which their clients would never send again.
+                if unnarrowed && self.policy != FailurePolicy::FailRun && call.until.is_some() {
+                    return Err(TransformError {
+                        name: self.name.clone(),
+                        caused_by_input: false,
+                        reason: format!(
+                            "{e} (finding which of {} records fail ran out of time)",
+                            batch.len()
+                        ),
+                    });
+                }
                 let mut reason = e.to_string();
-                if Self::splittable(&e, self.policy, &batch) {
+                if unnarrowed {
                     // Some of these records may be good: say so.
                     reason += &format!(
                         " (one of {} records kept together: narrowing the failure down had used its time)",

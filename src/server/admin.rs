@@ -579,11 +579,10 @@ pub async fn create_admin_user(
         )));
     }
     let password = password.to_string();
-    let failed = |e: String| UserError::Store(e);
     let hash = tokio::task::spawn_blocking(move || bcrypt::hash(password, bcrypt::DEFAULT_COST))
         .await
-        .map_err(|e| failed(e.to_string()))?
-        .map_err(|e| failed(e.to_string()))?;
+        .map_err(|e| UserError::Store(e.to_string()))?
+        .map_err(|e| UserError::Store(e.to_string()))?;
     let now = store.now();
     let user = AdminUser {
         id: None,
@@ -597,7 +596,7 @@ pub async fn create_admin_user(
         created_at: now,
         updated_at: now,
     };
-    let doc = bson::to_document(&user).map_err(|e| failed(e.to_string()))?;
+    let doc = bson::to_document(&user).map_err(|e| UserError::Store(e.to_string()))?;
     store
         .collection(c::ADMIN_USERS)
         .insert_one(doc)
@@ -606,7 +605,7 @@ pub async fn create_admin_user(
             if sluice_connectors::mongo::is_duplicate_key(&e) {
                 UserError::Exists(format!("a user `{email}` already exists"))
             } else {
-                failed(e.to_string())
+                UserError::Store(e.to_string())
             }
         })?;
     Ok(())

@@ -410,6 +410,25 @@ impl Store {
         &self.write_concern
     }
 
+    /// Runs `updates` (`{q, u, upsert?}` statements) as one unordered `update` command on
+    /// `collection`, at the store's write concern, as a driver's bulk write sends them;
+    /// the reply. `run_command` turns neither refused statements nor a write concern
+    /// error into an error: see [`statement_errors`] and [`write_concern_error`].
+    pub async fn unordered_updates(
+        &self,
+        collection: &str,
+        updates: Vec<bson::Document>,
+    ) -> mongodb::error::Result<bson::Document> {
+        self.db
+            .run_command(bson::doc! {
+                "update": collection,
+                "updates": updates,
+                "ordered": false,
+                "writeConcern": bson::to_document(&self.write_concern).unwrap_or_default(),
+            })
+            .await
+    }
+
     pub fn collection(&self, name: &str) -> mongodb::Collection<bson::Document> {
         self.db.collection(name)
     }
