@@ -5,6 +5,8 @@
 # and installs the tools tests start themselves: pyarrow (an independent Parquet reader),
 # json-server and oidc-provider (a real paginated API behind real OAuth2 tokens), and
 # libfaketime (runs a `sluice` process whose wall clock is off, for the clock-skew test).
+# `env` also names the SecantusDB binary, which a test starts a server of its own with
+# (for a server parameter that would disturb the other tests on the shared one).
 # Binaries are cached outside the clone (SLUICE_CACHE, default ~/.cache/sluice) and reused.
 #
 # usage: scripts/services.sh install|up|down|status|env
@@ -237,6 +239,7 @@ export SLUICE_S3_SECRET_KEY='$S3_SECRET'
 export SLUICE_PYTHON='$VENV/bin/python'
 export SLUICE_NODE_TOOLS='$NODE_TOOLS'
 export SLUICE_FAKETIME_LIB='$(faketime_lib)'
+export SLUICE_SECANTUS_BIN='$SECANTUS_BIN'
 ENV
 }
 

@@ -441,6 +441,8 @@ enum Fault {
     FirstTokenRevoked,
     /// Tokens say they live `u64::MAX` seconds.
     EndlessTokens,
+    /// The second push is answered after 2.5 s.
+    SlowSecondPush,
 }
 
 async fn token(State(s): State<FaultApi>) -> Response {
@@ -578,6 +580,9 @@ async fn receive(
         .unwrap()
         .push(key.unwrap_or("").to_string());
     s.pushed.lock().unwrap().push(body);
+    if s.fault == Fault::SlowSecondPush && s.pushed.lock().unwrap().len() == 2 {
+        tokio::time::sleep(Duration::from_millis(2_500)).await;
+    }
     StatusCode::OK
 }
 
@@ -1459,6 +1464,93 @@ path = "$.email"
     let keys = api.push_keys.lock().unwrap().clone();
     assert_eq!(pushed[pushed.len() - 1], pushed[pushed.len() - 2]);
     assert_ne!(keys[keys.len() - 1], keys[keys.len() - 2], "{keys:?}");
+}
+
+/// A `tracing` writer keeping what is logged, for a test to read.
+#[derive(Clone, Default)]
+struct Logged(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logged {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Logged {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+#[tokio::test]
+async fn a_push_whose_cursor_the_server_closed_reads_on_from_the_last_batch_sent() {
+    // A server of the test's own, closing cursors idle for a second (MongoDB's default is
+    // ten minutes): the push waits 2.5 s on its second batch's answer, by which time the
+    // server has closed the cursor the rest of the documents are read from.
+    let server = support::OwnMongo::start().await;
+    server.set_parameter("cursorTimeoutMillis", 1_000).await;
+    let store = support::store_via(&server.uri, "cursor_reaped").await;
+    store.init().await.unwrap();
+    let docs: Vec<_> = (0..300)
+        .map(|k| doc! { "k": k, "updatedAt": bson::DateTime::from_millis(1_000 + k / 2) })
+        .collect();
+    store
+        .collection("reaped_src")
+        .insert_many(docs)
+        .await
+        .unwrap();
+    let (base, api) = fault_api(Fault::SlowSecondPush).await;
+    let text = format!(
+        r#"
+name = "reaped-push"
+type = "EXPORT"
+endpoint = "{base}/inbox"
+method = "POST"
+allow_private_network = true
+[push]
+collection = "reaped_src"
+watermark_field = "updatedAt"
+batch_size = 10
+wrap = "items"
+[mapping.k]
+path = "$.k"
+"#
+    );
+    let file = parse_file("reaped.toml", &text).unwrap();
+    configs::apply(&store, &file).await.unwrap();
+    let name = file.name;
+    let logged = Logged::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer({
+            let logged = logged.clone();
+            move || logged.clone()
+        })
+        .with_ansi(false)
+        .finish();
+    let guard = tracing::subscriber::set_default(subscriber);
+    let s = run_push(&store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    drop(guard);
+    assert!(
+        logged.text().contains("cursor was closed by the server"),
+        "the server did not close the cursor, so the test proves nothing: {}",
+        logged.text()
+    );
+    // Every document sent once, in order, in full batches: the batch being read when the
+    // cursor was found closed is read again whole from the last batch sent.
+    assert_eq!((s.read, s.sent, s.requests), (300, 300, 30));
+    let pushed = api.pushed.lock().unwrap().clone();
+    let sent: Vec<i64> = pushed
+        .iter()
+        .flat_map(|b| b["items"].as_array().unwrap().clone())
+        .map(|i| i["k"].as_i64().unwrap())
+        .collect();
+    assert_eq!(sent, (0..300).collect::<Vec<i64>>());
 }
 
 #[tokio::test]

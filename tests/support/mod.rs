@@ -458,3 +458,79 @@ pub async fn store_via(uri: &str, db: &str) -> Store {
         .await
         .unwrap()
 }
+
+/// A MongoDB-compatible server of the test's own: the binary `scripts/services.sh`
+/// installs, on a free loopback port with its data in a temporary folder, stopped and
+/// removed on drop. For server parameters (`setParameter`) that would disturb the other
+/// tests if set on the shared server.
+pub struct OwnMongo {
+    pub uri: String,
+    child: std::process::Child,
+    dir: std::path::PathBuf,
+}
+
+impl OwnMongo {
+    pub async fn start() -> Self {
+        let bin = std::env::var("SLUICE_SECANTUS_BIN").expect(
+            "SLUICE_SECANTUS_BIN is not set: run the tests with scripts/test.sh, or \
+             `eval \"$(scripts/services.sh env)\"` first",
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = std::env::temp_dir().join(format!(
+            "sluice-own-mongo-{}",
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = std::fs::File::create(dir.join("server.log")).unwrap();
+        let child = std::process::Command::new(&bin)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .arg("--storage-path")
+            .arg(dir.join("data"))
+            .args(["--cache-size", "256M"])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {bin}: {e}"));
+        let server = Self {
+            uri: format!("mongodb://127.0.0.1:{port}/?directConnection=true"),
+            child,
+            dir,
+        };
+        let client = server.client().await;
+        wait_until(
+            "the test's own MongoDB-compatible server to answer a ping",
+            || {
+                let admin = client.database("admin");
+                async move { admin.run_command(bson::doc! { "ping": 1 }).await.is_ok() }
+            },
+        )
+        .await;
+        server
+    }
+
+    pub async fn client(&self) -> mongodb::Client {
+        mongodb::Client::with_uri_str(&self.uri).await.unwrap()
+    }
+
+    /// Sets one server parameter (`setParameter`).
+    pub async fn set_parameter(&self, name: &str, value: impl Into<bson::Bson>) {
+        self.client()
+            .await
+            .database("admin")
+            .run_command(bson::doc! { "setParameter": 1, name: value.into() })
+            .await
+            .unwrap_or_else(|e| panic!("setParameter {name}: {e}"));
+    }
+}
+
+impl Drop for OwnMongo {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
