@@ -647,6 +647,90 @@ param = "since"
 }
 
 #[tokio::test]
+async fn an_import_whose_finishing_step_failed_is_recorded_failed_and_finished_by_the_next_run() {
+    let db = TestDb::initialized().await;
+    let (base, api) = fault_api(Fault::None).await;
+    let name = apply(&db, &cursor_config("unfinished", &base, "", "")).await;
+    // Every page is stored, but the update advancing `lastSync` and the cursor (an
+    // `update` on `integration_configs`, the run's only one) never reaches the server:
+    // its connection breaks, and so does the driver's retry of it.
+    let (uri, armed, severed, _) =
+        support::severing_mongo_proxy(b"update\0\x14\0\0\0integration_configs\0").await;
+    let proxied = support::store_via(&uri, &db.name).await;
+    armed.store(true, Ordering::SeqCst);
+    let err = run_import(&proxied, &name, &ImportOptions::default())
+        .await
+        .unwrap_err();
+    assert!(severed.load(Ordering::SeqCst) >= 1);
+    assert!(err.to_string().contains("advance lastSync"), "{err}");
+    assert_eq!(count(&db, "things").await, 45);
+    let config = || async {
+        db.store
+            .collection("integration_configs")
+            .find_one(doc! { "name": &name })
+            .await
+            .unwrap()
+            .unwrap()
+    };
+    let cfg = config().await;
+    assert!(
+        !cfg.contains_key("lastSync") && !cfg.contains_key("syncCursor"),
+        "{cfg}"
+    );
+    let runs = || async {
+        db.store
+            .collection("import_runs")
+            .find(doc! { "config": &name })
+            .sort(doc! { "startedAt": 1 })
+            .await
+            .unwrap()
+            .try_collect::<Vec<_>>()
+            .await
+            .unwrap()
+    };
+    let first = runs().await;
+    assert_eq!(first.len(), 1);
+    assert_eq!(
+        first[0].get_str("status").unwrap(),
+        "FAILED",
+        "{}",
+        first[0]
+    );
+    assert!(
+        first[0]
+            .to_string()
+            .contains("every page was stored, but finishing the run failed"),
+        "{}",
+        first[0]
+    );
+
+    // The next run finishes it: the cursor and `lastSync` advance, nothing is stored twice.
+    armed.store(false, Ordering::SeqCst);
+    let s = run_import(&proxied, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert!(s.completed);
+    assert_eq!(count(&db, "things").await, 45);
+    let cfg = config().await;
+    assert!(cfg.contains_key("lastSync"), "{cfg}");
+    assert!(cfg.contains_key("syncCursor"), "{cfg}");
+    // The same run, resumed and completed, with the failure kept in its history.
+    let all = runs().await;
+    assert_eq!(all.len(), 1, "{all:?}");
+    let run = &all[0];
+    assert_eq!(run.get_str("status").unwrap(), "COMPLETED", "{run}");
+    assert!(run.get_bool("resumed").unwrap(), "{run}");
+    let failures = run.get_array("failures").unwrap();
+    assert_eq!(failures.len(), 1, "{run}");
+    assert!(
+        failures[0].to_string().contains("finishing the run failed"),
+        "{run}"
+    );
+    // It read no page again: the checkpoint was past the last one.
+    assert_eq!(api.hits.load(Ordering::SeqCst), 5);
+}
+
+#[tokio::test]
 async fn retries_honour_retry_after_and_ride_out_5xx_bursts() {
     let db = TestDb::initialized().await;
     let (base, api) = fault_api(Fault::RateLimitedOnce).await;
