@@ -947,3 +947,80 @@ async fn a_batch_context_counts_toward_each_message_s_size_limit() {
     assert_eq!(find(&db, "events", doc! {}).await.len(), 1);
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_batch_of_identifies_applies_every_profile_s_traits_in_time_order() {
+    let db = TestDb::initialized().await;
+    let server = keyed_server(&db).await;
+    let base = format!("http://{}", server.addr);
+    let t0 = t0();
+    // A profile that refuses traits (`attributes` is not a document) among them.
+    db.store
+        .collection("users")
+        .insert_one(doc! { "visitorId": "odd", "attributes": "not a document" })
+        .await
+        .unwrap();
+    // 200 users, two identifies each, the newer one first in the batch: the older one's
+    // trait the newer did not send is merged, and the newer one's values win.
+    let mut batch = Vec::new();
+    for n in 0..200 {
+        let user = format!("u{n}");
+        batch.push(
+            json!({ "type": "identify", "messageId": format!("new-{n}"), "userId": user,
+            "traits": { "plan": "pro", "seats": n }, "timestamp": iso(t0 + 2_000) }),
+        );
+        batch.push(json!({ "type": "identify", "messageId": format!("old-{n}"), "userId": user,
+            "traits": { "plan": "free", "company": format!("c{n}"), "email": format!("{user}@x.io") },
+            "timestamp": iso(t0 + 1_000) }));
+    }
+    batch.push(
+        json!({ "type": "identify", "messageId": "odd-1", "userId": "odd",
+        "traits": { "plan": "pro" }, "timestamp": iso(t0) }),
+    );
+    let (status, answer) = post(&base, "/v1/batch", &json!({ "batch": batch })).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["stored"], 401, "{answer}");
+    for n in [0, 57, 199] {
+        let u = user(&db, &format!("u{n}")).await;
+        let attributes = u.get_document("attributes").unwrap();
+        assert_eq!(attributes.get_str("plan").unwrap(), "pro", "{u}");
+        assert_eq!(
+            attributes.get_str("company").unwrap(),
+            format!("c{n}"),
+            "{u}"
+        );
+        assert_eq!(
+            attributes.get("seats").unwrap().to_string(),
+            n.to_string(),
+            "{u}"
+        );
+        assert_eq!(u.get_str("email").unwrap(), format!("u{n}@x.io"), "{u}");
+        assert_eq!(
+            u.get_datetime("traitsAt").unwrap().timestamp_millis(),
+            t0 + 2_000
+        );
+    }
+    let with_traits = find(&db, "users", doc! { "attributes.plan": "pro" }).await;
+    assert_eq!(with_traits.len(), 200);
+    // The refused profile is counted, and the others' traits were applied all the same.
+    assert_eq!(
+        server
+            .metrics
+            .traits_failed
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    // A resend: every identify a duplicate, the traits applied again, nothing changed.
+    let (status, again) = post(&base, "/v1/batch", &json!({ "batch": batch })).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["stored"], 0, "{again}");
+    let u = user(&db, "u57").await;
+    assert_eq!(
+        u.get_document("attributes")
+            .unwrap()
+            .get_str("plan")
+            .unwrap(),
+        "pro"
+    );
+    server.shutdown().await;
+}

@@ -267,44 +267,48 @@ async fn store(
             event.user_id = visitor;
         }
     }
-    let traits: Vec<Option<(String, bson::Document, bson::DateTime)>> = traits
+    let traits: Vec<Option<identities::Traits>> = traits
         .into_iter()
         .enumerate()
         .map(|(index, t)| {
             let (traits, at) = t?;
             let j = prepared.kept(index)?;
-            Some((prepared.events[j].user_id.clone(), traits, at))
+            Some(identities::Traits {
+                visitor: prepared.events[j].user_id.clone(),
+                traits,
+                at,
+            })
         })
         .collect();
     let answer = write(state, prepared).await?;
-    // One deadline for all of a request's traits, not one each: a batch of 500
-    // identifies against a slow store is answered within it.
-    let until = tokio::time::Instant::now() + deadline;
-    for (i, t) in traits.into_iter().enumerate() {
-        let Some((visitor, traits, at)) = t else {
-            continue;
-        };
-        if !answer.written[i] {
-            continue;
-        }
-        let applied = tokio::time::timeout_at(
-            until,
-            identities::apply_traits(&state.store, &visitor, &traits, at),
-        )
+    // The traits of the messages stored (or stored before: a resend applies them again),
+    // within one deadline for the whole request.
+    let traits: Vec<identities::Traits> = traits
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, t)| t.filter(|_| answer.written[i]))
+        .collect();
+    if traits.is_empty() {
+        return Ok(answer);
+    }
+    let applied = tokio::time::timeout(deadline, identities::apply_traits(&state.store, &traits))
         .await
         .map_err(|_| late())?;
-        if let Err(e) = applied {
-            // The events are stored. A store that is down is worth a resend (the identify
-            // is then a duplicate and its traits are applied again); a write the profile
-            // refuses (say, `attributes` is not a document) would fail every resend.
-            if e.is_transient() {
-                return Err(unavailable(e));
-            }
+    let applied = match applied {
+        Ok(applied) => applied,
+        // The events are stored. A store that is down is worth a resend (the identifies
+        // are then duplicates and their traits are applied again).
+        Err(e) if e.is_transient() => return Err(unavailable(e)),
+        Err(e) => vec![Err(e.to_string()); traits.len()],
+    };
+    // A write refused would fail every resend: logged and counted.
+    for (t, outcome) in traits.iter().zip(applied) {
+        if let Err(e) = outcome {
             state
                 .metrics
                 .traits_failed
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            tracing::warn!(visitor = %visitor, error = %e, "identify traits not applied");
+            tracing::warn!(visitor = %t.visitor, error = %e, "identify traits not applied");
         }
     }
     Ok(answer)

@@ -222,19 +222,22 @@ fn plan(map: &mut HashMap<String, Link>, links: &[(String, String, DateTime)]) -
     planned
 }
 
-/// Copies `identify` traits to the user's profile: `email`, `firstName`, `lastName`
-/// (also `first_name` / `last_name`) to their fields, every other trait to
+/// One `identify`'s traits for a visitor, as of the message's time.
+#[derive(Debug, Clone)]
+pub struct Traits {
+    pub visitor: String,
+    pub traits: Document,
+    pub at: DateTime,
+}
+
+/// The `update` statement copying `t` to the user's profile: `email`, `firstName`,
+/// `lastName` (also `first_name` / `last_name`) to their fields, every other trait to
 /// `attributes.<name>`. Traits merge (a trait not sent is kept); a profile already holding
 /// traits of a later `identify` is left alone, so out-of-order delivery keeps the newest.
-/// Returns whether the profile took them.
-pub async fn apply_traits(
-    store: &Store,
-    visitor: &str,
-    traits: &Document,
-    at: DateTime,
-) -> Result<bool, StoreError> {
+/// `None` when there is no trait.
+fn traits_statement(t: &Traits, now: DateTime) -> Option<Document> {
     let mut set = Document::new();
-    for (k, v) in traits {
+    for (k, v) in &t.traits {
         let field = match sluice_core::segment::profile_field(k) {
             Some(f) => f.to_string(),
             None => format!("{}.{k}", u::ATTRIBUTES),
@@ -242,26 +245,89 @@ pub async fn apply_traits(
         set.insert(field, v.clone());
     }
     if set.is_empty() {
-        return Ok(false);
+        return None;
     }
-    set.insert(u::TRAITS_AT, at);
-    set.insert(common::UPDATED_AT, store.now());
-    let result = store
-        .collection(c::USERS)
-        .update_one(
-            doc! {
-                u::VISITOR_ID: visitor,
-                "$or": [
-                    { u::TRAITS_AT: { "$exists": false } },
-                    { u::TRAITS_AT: { "$lte": at } },
-                ],
-            },
-            doc! { "$set": set },
-        )
-        .write_concern(store.write_concern().clone())
-        .await
-        .map_err(StoreError::mongo(c::USERS, "apply identify traits"))?;
-    Ok(result.matched_count > 0)
+    set.insert(u::TRAITS_AT, t.at);
+    set.insert(common::UPDATED_AT, now);
+    Some(doc! {
+        "q": {
+            u::VISITOR_ID: &t.visitor,
+            "$or": [
+                { u::TRAITS_AT: { "$exists": false } },
+                { u::TRAITS_AT: { "$lte": t.at } },
+            ],
+        },
+        "u": { "$set": set },
+    })
+}
+
+/// Applies a request's traits in as few unordered `update` commands as the order allows:
+/// each holds a visitor at most once, and a visitor's identifies go in time order, one
+/// command after another (an older one first, so the traits only it sent are merged
+/// before the newer one's guard is set). Usually one command for the whole request; one
+/// `update_one` each took longer than a request may wait for a batch of identifies, and
+/// every resend stopped at the same place.
+///
+/// Returns, for each of `all` in order, `Err` with the server's reason when the profile
+/// refused its write (say, `attributes` is not a document); a failure of a command as a
+/// whole (the store is down, or the write is not as durable as asked) is the error.
+pub async fn apply_traits(
+    store: &Store,
+    all: &[Traits],
+) -> Result<Vec<Result<(), String>>, StoreError> {
+    let mut outcome = vec![Ok(()); all.len()];
+    // Round k holds each visitor's k-th identify, by time.
+    let mut order: Vec<usize> = (0..all.len()).collect();
+    order.sort_by(|&a, &b| {
+        (all[a].visitor.as_str(), all[a].at).cmp(&(all[b].visitor.as_str(), all[b].at))
+    });
+    let mut rounds: Vec<Vec<usize>> = Vec::new();
+    let mut previous: Option<&str> = None;
+    let mut k = 0;
+    for i in order {
+        k = if previous == Some(all[i].visitor.as_str()) {
+            k + 1
+        } else {
+            0
+        };
+        previous = Some(all[i].visitor.as_str());
+        if rounds.len() <= k {
+            rounds.push(Vec::new());
+        }
+        rounds[k].push(i);
+    }
+    let now = store.now();
+    let failed = |source| StoreError::Mongo {
+        collection: c::USERS.into(),
+        step: "apply identify traits",
+        source,
+    };
+    for round in rounds {
+        let (statements, of): (Vec<Document>, Vec<usize>) = round
+            .into_iter()
+            .filter_map(|i| traits_statement(&all[i], now).map(|s| (s, i)))
+            .unzip();
+        if statements.is_empty() {
+            continue;
+        }
+        let reply = store
+            .unordered_updates(c::USERS, statements)
+            .await
+            .map_err(failed)?;
+        if let Some(message) = super::write_concern_error(&reply) {
+            return Err(StoreError::NotDurable {
+                collection: c::USERS.into(),
+                step: "apply identify traits",
+                message,
+            });
+        }
+        for e in super::statement_errors(&reply) {
+            if let Some(&i) = of.get(e.index) {
+                outcome[i] = Err(format!("write error {}: {}", e.code, e.message));
+            }
+        }
+    }
+    Ok(outcome)
 }
 
 #[cfg(test)]

@@ -77,7 +77,7 @@ impl StoreError {
         use mongodb::error::ErrorKind;
         let source = match self {
             StoreError::Connect(e) | StoreError::Mongo { source: e, .. } => e,
-            StoreError::Transaction { .. } => return true,
+            StoreError::Transaction { .. } | StoreError::NotDurable { .. } => return true,
             _ => return false,
         };
         matches!(
@@ -209,6 +209,14 @@ pub enum StoreError {
     /// The store did not answer within the time a step may take (its retries included).
     #[error("could not {step}: MongoDB did not answer within {seconds} s")]
     TimedOut { step: &'static str, seconds: u64 },
+    /// A write command applied, but not as durably as asked (its `writeConcernError`):
+    /// worth doing again once the replica set has caught up.
+    #[error("MongoDB `{collection}`: {step}: {message}")]
+    NotDurable {
+        collection: String,
+        step: &'static str,
+        message: String,
+    },
 }
 
 impl StoreError {
