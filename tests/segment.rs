@@ -1024,3 +1024,77 @@ async fn a_batch_of_identifies_applies_every_profile_s_traits_in_time_order() {
     );
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn what_an_sdk_puts_in_the_context_never_costs_the_event() {
+    let db = TestDb::initialized().await;
+    let server = keyed_server(&db).await;
+    let base = format!("http://{}", server.addr);
+    let long = format!("https://shop.example/?gclid={}", "x".repeat(5_000));
+    let (status, answer) = post(
+        &base,
+        "/v1/batch",
+        &json!({ "context": { "library": { "name": "analytics-kotlin" } }, "batch": [
+            { "type": "track", "messageId": "c1", "userId": "u", "event": "Order Completed",
+              "properties": { "total": 12 },
+              "context": {
+                  "traits": { "$email": "u@x.io", "plan.tier": "pro" },
+                  "ip": "203.0.113.7, 10.0.0.1",
+                  "page": { "url": long.clone(), "referrer": long.clone() },
+              } },
+            { "type": "track", "messageId": "c2", "userId": "u", "event": "Viewed",
+              "context": "not an object" },
+        ] }),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["stored"], 1, "{answer}");
+    let results = answer["results"].as_array().unwrap();
+    assert_eq!(results[1]["status"], "rejected", "{answer}");
+    assert_eq!(results[1]["field"], "context", "{answer}");
+    let stored = &find(&db, "events", doc! { "eventId": "c1" }).await[0];
+    let metadata = stored.get_document("metadata").unwrap();
+    assert_eq!(metadata.get_str("ipAddress").unwrap(), "203.0.113.7");
+    let context = metadata.get_document("context").unwrap();
+    let traits = context.get_document("traits").unwrap();
+    assert_eq!(
+        traits.get_str("\u{FF04}email").unwrap(),
+        "u@x.io",
+        "{context}"
+    );
+    assert_eq!(traits.get_str("plan\u{FF0E}tier").unwrap(), "pro");
+    assert_eq!(
+        context
+            .get_document("library")
+            .unwrap()
+            .get_str("name")
+            .unwrap(),
+        "analytics-kotlin"
+    );
+    // The URLs are cut where an event keeps them, and whole in the context.
+    let page_url = stored.get_str("pageUrl").unwrap();
+    assert!(page_url.len() <= 4096 && long.starts_with(page_url));
+    assert_eq!(
+        context
+            .get_document("page")
+            .unwrap()
+            .get_str("url")
+            .unwrap(),
+        long
+    );
+    // A batch `context` that is not an object refuses the batch, as a message's does.
+    let (status, err) = post(
+        &base,
+        "/v1/batch",
+        &json!({ "context": 5, "batch": [
+            { "type": "track", "messageId": "c3", "userId": "u", "event": "Viewed" },
+        ] }),
+    )
+    .await;
+    assert_eq!(status, 400, "{err}");
+    assert!(
+        err["message"].as_str().unwrap().contains("`context`"),
+        "{err}"
+    );
+    server.shutdown().await;
+}

@@ -224,6 +224,12 @@ pub fn parse_message(
     // context as sent. A group's traits are the group's, never the user's.
     let own_traits = object(obj, "traits")?;
     let context_traits_taken = kind == Kind::Identify && own_traits.is_none();
+    // Where the client sent what an identify stores as its properties, for errors.
+    let traits_from = if context_traits_taken {
+        "context.traits"
+    } else {
+        "traits"
+    };
     let mut properties = match kind {
         Kind::Identify => own_traits
             .or(context
@@ -310,7 +316,7 @@ pub fn parse_message(
             for (name, v) in &properties {
                 if profile_field(name).is_some() && !matches!(v, Value::String(_) | Value::Null) {
                     return Err(ValidationError::new(
-                        format!("traits.{name}"),
+                        format!("{traits_from}.{name}"),
                         "expected a string",
                     ));
                 }
@@ -407,12 +413,15 @@ pub fn parse_message(
         ctx
     };
     native.insert("properties".into(), Value::Object(properties));
+    // SDKs fill these from the browser's address bar; a URL longer than an event's
+    // `pageUrl` may be (tracking parameters) is cut there, and kept whole where it was
+    // sent (`properties.url`, `context.page`), rather than refusing the event.
     if let Some((u, from)) = page_url {
-        native.insert("pageUrl".into(), Value::String(u));
+        native.insert("pageUrl".into(), Value::String(cut_url(u)));
         sent_as.push(("pageUrl", from));
     }
     if let Some((r, from)) = referrer {
-        native.insert("referrer".into(), Value::String(r));
+        native.insert("referrer".into(), Value::String(cut_url(r)));
         sent_as.push(("referrer", from));
     }
     if kind == Kind::Group {
@@ -424,7 +433,7 @@ pub fn parse_message(
     sent_as.push((
         "properties",
         match kind {
-            Kind::Identify => "traits".into(),
+            Kind::Identify => traits_from.into(),
             _ => "properties".into(),
         },
     ));
@@ -452,6 +461,51 @@ pub fn parse_message(
         link,
         traits,
     })
+}
+
+/// `url` cut to at most [`MAX_URL_LEN`](crate::tracking::MAX_URL_LEN) bytes, at a
+/// character boundary.
+fn cut_url(mut url: String) -> String {
+    let max = crate::tracking::MAX_URL_LEN;
+    if url.len() > max {
+        let end = (0..=max)
+            .rev()
+            .find(|&i| url.is_char_boundary(i))
+            .unwrap_or(0);
+        url.truncate(end);
+    }
+    url
+}
+
+/// A `context` as MongoDB can hold it: names it would misread (a `$` prefix, a `.`, a
+/// NUL, an empty name) are written with look-alikes (`＄` U+FF04, `．` U+FF0E, `�`
+/// U+FFFD, `_`), at any depth. SDKs attach what they hold to the context (Mixpanel-style
+/// `$email` traits in `context.traits`, say): refusing the event for it would lose
+/// every event of that device.
+fn escaped_names(v: Value) -> Value {
+    match v {
+        Value::Object(map) => Value::Object(
+            map.into_iter()
+                .map(|(k, v)| (escaped_name(k), escaped_names(v)))
+                .collect(),
+        ),
+        Value::Array(items) => Value::Array(items.into_iter().map(escaped_names).collect()),
+        other => other,
+    }
+}
+
+fn escaped_name(k: String) -> String {
+    if k.is_empty() {
+        return "_".into();
+    }
+    if crate::model::is_plain_field_name(&k) && !k.contains('\0') {
+        return k;
+    }
+    let k = k.replace('.', "\u{FF0E}").replace('\0', "\u{FFFD}");
+    match k.strip_prefix('$') {
+        Some(rest) => format!("\u{FF04}{rest}"),
+        None => k,
+    }
 }
 
 /// Errors name the Segment field the client sent, not the native one: `sent_as` pairs a
@@ -516,7 +570,7 @@ fn apply_context(
         }
     }
     if !rest.is_empty() {
-        let rest = Value::Object(rest);
+        let rest = escaped_names(Value::Object(rest));
         crate::tracking::check_properties("context", &rest, 0)?;
         m.context = crate::tracking::json_to_document(&rest)
             .map_err(|_| ValidationError::new("context", "expected an object"))?;
@@ -623,6 +677,61 @@ mod tests {
         }))
         .unwrap_err();
         assert_eq!(err.field, "traits.$set");
+        // Traits taken from the context are named where they were sent.
+        for traits in [json!({"$set": 1}), json!({"email": 5})] {
+            let err = parse(json!({
+                "type": "identify", "userId": "u1", "context": {"traits": traits},
+            }))
+            .unwrap_err();
+            assert!(err.field.starts_with("context.traits."), "{err:?}");
+        }
+    }
+
+    #[test]
+    fn context_names_mongodb_cannot_hold_are_escaped_not_refused() {
+        let m = parse(json!({
+            "type": "track", "userId": "u1", "event": "Viewed",
+            "context": {
+                "traits": {"$email": "a@b.io", "plan.tier": "pro", "ok": 1},
+                "app": {"": "x", "nested": [{"$k": "v"}]},
+            },
+        }))
+        .unwrap();
+        let context = &m.event.metadata.context;
+        let traits = context.get_document("traits").unwrap();
+        assert_eq!(traits.get_str("\u{FF04}email").unwrap(), "a@b.io");
+        assert_eq!(traits.get_str("plan\u{FF0E}tier").unwrap(), "pro");
+        assert!(traits.contains_key("ok"));
+        let app = context.get_document("app").unwrap();
+        assert_eq!(app.get_str("_").unwrap(), "x");
+        let nested = app.get_array("nested").unwrap()[0].as_document().unwrap();
+        assert_eq!(nested.get_str("\u{FF04}k").unwrap(), "v");
+    }
+
+    #[test]
+    fn urls_longer_than_page_url_takes_are_cut_and_kept_whole_where_sent() {
+        let long = format!("https://shop.example/?{}", "é".repeat(3_000));
+        let m = parse(json!({
+            "type": "page", "userId": "u1",
+            "properties": {"url": long.clone()},
+            "context": {"page": {"referrer": long.clone()}},
+        }))
+        .unwrap();
+        let url = m.event.page_url.unwrap();
+        assert!(url.len() <= crate::tracking::MAX_URL_LEN && long.starts_with(&url));
+        assert!(url.len() > crate::tracking::MAX_URL_LEN - 2);
+        assert!(long.starts_with(&m.event.referrer.unwrap()));
+        assert_eq!(m.event.properties.get_str("url").unwrap(), long);
+        assert_eq!(
+            m.event
+                .metadata
+                .context
+                .get_document("page")
+                .unwrap()
+                .get_str("referrer")
+                .unwrap(),
+            long
+        );
     }
 
     #[test]
@@ -766,13 +875,8 @@ mod tests {
                 "originalTimestamp",
             ),
             (
-                json!({"type": "page", "userId": "u", "properties": {"url": "x".repeat(9000)}}),
-                "properties.url",
-            ),
-            (
-                json!({"type": "track", "userId": "u", "event": "X",
-                       "context": {"page": {"referrer": "x".repeat(9000)}}}),
-                "context.page.referrer",
+                json!({"type": "identify", "userId": "u", "context": {"traits": {"email": 5}}}),
+                "context.traits.email",
             ),
             (
                 json!({"type": "page", "userId": "u", "context": {"sessionId": true}}),

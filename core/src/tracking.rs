@@ -226,6 +226,22 @@ pub fn json_to_document(v: &Value) -> Result<Document, ValidationError> {
     }
 }
 
+/// The client's address in a `context.ip` as backends send it: an address, the first of
+/// a comma-separated forwarding chain, with a port (`1.2.3.4:80`, `[::1]:80`) or an IPv6
+/// zone (`fe80::1%eth0`) left out.
+pub fn client_ip(raw: &str) -> Option<std::net::IpAddr> {
+    let first = raw.split(',').next()?.trim();
+    if let Ok(ip) = first.parse() {
+        return Some(ip);
+    }
+    if let Ok(at) = first.parse::<std::net::SocketAddr>() {
+        return Some(at.ip());
+    }
+    let bare = first.trim_start_matches('[');
+    let bare = bare.split([']', '%']).next()?;
+    bare.parse().ok()
+}
+
 /// The top-level members of a native event that Sluice reads.
 const EVENT_MEMBERS: [&str; 11] = [
     f::EVENT_ID,
@@ -506,15 +522,12 @@ pub fn parse_event(
                     metadata.user_agent = Some(ua);
                 }
             }
-            if let Some(ip) = opt_string(context, "ip", 64).map_err(in_context)? {
-                if ip.parse::<std::net::IpAddr>().is_err() {
-                    return Err(ValidationError::new(
-                        "context.ip",
-                        format!("expected an IPv4 or IPv6 address, got `{ip}`"),
-                    ));
-                }
-                if trusted {
-                    metadata.ip_address = Some(ip);
+            // Backends forward what they have: a `X-Forwarded-For` chain, an address with
+            // its port or zone. The client's address is read out of those; a value that
+            // holds none is not the event's fault: the request's address stands.
+            if let Some(ip) = opt_string(context, "ip", MAX_URL_LEN).map_err(in_context)? {
+                if let (Some(ip), true) = (client_ip(&ip), trusted) {
+                    metadata.ip_address = Some(ip.to_string());
                 }
             }
         }
@@ -755,7 +768,7 @@ pub(crate) mod tests {
                 "context",
             ),
             (
-                json!({"userId": "v", "sessionId": "s", "eventType": "CLICK", "context": {"ip": "not-an-ip"}}),
+                json!({"userId": "v", "sessionId": "s", "eventType": "CLICK", "context": {"ip": 5}}),
                 "context.ip",
             ),
             (
@@ -772,6 +785,45 @@ pub(crate) mod tests {
             let err = parse(input.clone()).unwrap_err();
             assert_eq!(err.field, field, "{input} -> {err}");
         }
+    }
+
+    #[test]
+    fn a_forwarded_context_ip_is_read_and_an_unreadable_one_ignored() {
+        for (raw, ip) in [
+            ("203.0.113.7", Some("203.0.113.7")),
+            ("203.0.113.7, 10.0.0.1", Some("203.0.113.7")),
+            ("203.0.113.7:5678", Some("203.0.113.7")),
+            ("[2001:db8::1]:443", Some("2001:db8::1")),
+            ("fe80::1%eth0", Some("fe80::1")),
+            (" 2001:db8::2 ", Some("2001:db8::2")),
+            ("unknown", None),
+            ("", None),
+        ] {
+            assert_eq!(
+                client_ip(raw).map(|i| i.to_string()).as_deref(),
+                ip,
+                "{raw}"
+            );
+        }
+        // The event is taken either way; an unreadable address leaves the request's.
+        let e = parse(
+            json!({"userId": "v", "sessionId": "s", "eventType": "CLICK",
+            "context": {"ip": "203.0.113.7, 10.0.0.1"}}),
+        )
+        .unwrap();
+        assert_eq!(e.metadata.ip_address.as_deref(), Some("203.0.113.7"));
+        let request = RequestContext {
+            ip: Some("198.51.100.9".into()),
+            ..ctx()
+        };
+        let e = parse_event(
+            &json!({"userId": "v", "sessionId": "s", "eventType": "CLICK",
+                "context": {"ip": "unknown"}}),
+            &request,
+            EventMetadata::default(),
+        )
+        .unwrap();
+        assert_eq!(e.metadata.ip_address.as_deref(), Some("198.51.100.9"));
     }
 
     #[test]

@@ -112,7 +112,11 @@ pub async fn batch(
     check_batch_len(&state, items.len(), "messages")?;
     let sent_at = batch_sent_at(parsed.sent_at.as_ref())?;
     // A batch-level `context` applies to every message (the message's own keys win).
-    let shared_context = parsed.context.as_ref().and_then(Value::as_object);
+    let shared_context = match parsed.context.as_ref() {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(c)) => Some(c),
+        Some(_) => return Err(invalid("the batch's `context` must be an object")),
+    };
     // Copied into every message: each message with it must still fit the per-event limit
     // (a large shared context would otherwise store up to 500 copies of itself).
     let max = state.config.tracking.max_event_bytes;
@@ -129,7 +133,14 @@ pub async fn batch(
         .map(|raw| {
             let item = batch_item(&state, raw, "message")?;
             match (shared_context, &item) {
-                (Some(shared), Value::Object(m)) => {
+                // A message's own `context` that is not an object is refused as such
+                // (by `parse_message`), not replaced by the batch's.
+                (Some(shared), Value::Object(m))
+                    if matches!(
+                        m.get("context"),
+                        None | Some(Value::Null | Value::Object(_))
+                    ) =>
+                {
                     if raw.get().len() + shared_size > max {
                         return Err(ValidationError::new(
                             "message",
