@@ -1155,3 +1155,52 @@ async fn a_running_scheduler_fails_export_runs_whose_heartbeat_went_silent() {
     assert_eq!(status("live-run").await, "RUNNING");
     s.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_job_s_outcome_series_start_at_zero_and_a_fire_that_could_not_be_claimed_is_counted() {
+    use std::sync::atomic::Ordering;
+    let db = TestDb::initialized().await;
+    let (uri, armed, severed, _) = support::severing_mongo_proxy(b"scheduled_runs").await;
+    let store = support::store_via(&uri, &db.name).await;
+    let (s, log) = idle_scheduler(&store, "a", Duration::from_millis(10), 5_000).await;
+    let job = ScheduledJob {
+        name: "zero-series".into(),
+        cron: "0 0 3 * * *".into(),
+        timezone: None,
+        since: None,
+    };
+    s.reconcile(std::slice::from_ref(&job)).await.unwrap();
+    // Every outcome is a series from the moment the job is scheduled: its first failure
+    // is then an increase from 0, which `increase()` sees.
+    let text = sluice_core::metrics::render();
+    for line in [
+        r#"sluice_job_runs_total{job_name="zero-series",status="FAILED"} 0"#,
+        r#"sluice_job_runs_total{job_name="zero-series",status="COMPLETED"} 0"#,
+        r#"sluice_job_fires_total{job_name="zero-series",outcome="unclaimed"} 0"#,
+        r#"sluice_job_fires_total{job_name="zero-series",outcome="skipped"} 0"#,
+    ] {
+        assert!(text.contains(line), "{line} missing from:\n{text}");
+    }
+    // The store cannot be reached: the fire is not run, not recorded, and counted apart
+    // from a run that failed.
+    armed.store(true, Ordering::SeqCst);
+    let outcome = s.fire(&job, Utc::now()).await;
+    armed.store(false, Ordering::SeqCst);
+    assert!(severed.load(Ordering::SeqCst) >= 1);
+    assert!(matches!(outcome, FireOutcome::Unclaimed(_)), "{outcome:?}");
+    assert!(log.lock().unwrap().is_empty());
+    let unclaimed = sluice_core::metrics::value(
+        "sluice_job_fires_total",
+        &[("job_name", "zero-series"), ("outcome", "unclaimed")],
+    );
+    assert_eq!(unclaimed, 1.0);
+    assert_eq!(
+        sluice_core::metrics::value(
+            "sluice_job_runs_total",
+            &[("job_name", "zero-series"), ("status", "FAILED")],
+        ),
+        0.0
+    );
+    assert!(runs(&db).await.is_empty());
+    s.shutdown().await;
+}

@@ -629,6 +629,8 @@ async fn the_rate_limit_per_client_counts_each_address_apart_and_an_ipv6_64_as_o
     // Health checks and metrics are not tracking endpoints.
     let codes = burst(vec!["203.0.113.5"; 5], "/healthz").await;
     assert_eq!(codes, vec![200; 5]);
+    let missing = client.get(format!("{base}/v1/nope")).send().await.unwrap();
+    assert_eq!(missing.status().as_u16(), 404);
     let metrics = client
         .get(format!("{base}/metrics"))
         .send()
@@ -648,7 +650,21 @@ async fn the_rate_limit_per_client_counts_each_address_apart_and_an_ipv6_64_as_o
         metrics.contains("sluice_requests_rate_limited_total{limit=\"write_key\"} 0"),
         "{metrics}"
     );
+    // Every answer is counted by route pattern and status, the limiter's 429s included.
+    assert!(codes_of(&metrics, "/v1/events", 429) >= 5, "{metrics}");
+    assert!(codes_of(&metrics, "/v1/batch", 429) >= 2, "{metrics}");
+    assert_eq!(codes_of(&metrics, "/healthz", 200), 5, "{metrics}");
+    assert_eq!(codes_of(&metrics, "unmatched", 404), 1, "{metrics}");
     server.shutdown().await;
+}
+
+/// How many answers `/metrics` text counts for `route` with `status`.
+fn codes_of(metrics: &str, route: &str, status: u16) -> u64 {
+    let prefix = format!("sluice_http_responses_total{{route=\"{route}\",status=\"{status}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .map_or(0, |n| n.parse().unwrap())
 }
 
 #[tokio::test]

@@ -91,6 +91,52 @@ pub enum FireOutcome {
     /// The scheduler is shutting down: the run was stopped and handed back, for another
     /// replica to take over.
     Stopped,
+    /// The fire could not be claimed (the store was unreachable): it did not run, and no
+    /// run was recorded. Fired again as missed at the next reload if that is within reach.
+    Unclaimed(String),
+}
+
+impl FireOutcome {
+    /// The `outcome` label of `sluice_job_fires_total`.
+    fn label(&self) -> &'static str {
+        match self {
+            FireOutcome::Ran(Ok(_)) => "completed",
+            FireOutcome::Ran(Err(_)) => "failed",
+            FireOutcome::Claimed => "claimed_elsewhere",
+            FireOutcome::Skipped => "skipped",
+            FireOutcome::LeaseLost => "lease_lost",
+            FireOutcome::Stopped => "stopped",
+            FireOutcome::Unclaimed(_) => "unclaimed",
+        }
+    }
+}
+
+const FIRE_OUTCOMES: [&str; 7] = [
+    "completed",
+    "failed",
+    "claimed_elsewhere",
+    "skipped",
+    "lease_lost",
+    "stopped",
+    "unclaimed",
+];
+
+fn count_fire(job: &str, outcome: &str, n: u64) {
+    sluice_core::metrics::count(
+        "sluice_job_fires_total",
+        "Fires of scheduled jobs seen by this replica, by job and outcome (completed, failed, claimed_elsewhere, skipped, lease_lost, stopped, unclaimed).",
+        &[("job_name", job), ("outcome", outcome)],
+        n,
+    );
+}
+
+fn count_job_run(job: &str, status: &str, n: u64) {
+    sluice_core::metrics::count(
+        "sluice_job_runs_total",
+        "Scheduled job runs, by job and outcome.",
+        &[("job_name", job), ("status", status)],
+        n,
+    );
 }
 
 /// Parses a cron expression with seconds (6 or 7 fields).
@@ -314,6 +360,16 @@ impl Scheduler {
 
     /// Adds, replaces and removes cron triggers to match `jobs`.
     pub async fn reconcile(&self, jobs: &[ScheduledJob]) -> Result<(), String> {
+        // Every outcome's series exists from the start, at 0: a job's first failure is
+        // then an increase an alert (`increase(...[1h]) > 0`) sees, not a new series.
+        for job in jobs {
+            for status in ["COMPLETED", "FAILED"] {
+                count_job_run(&job.name, status, 0);
+            }
+            for outcome in FIRE_OUTCOMES {
+                count_fire(&job.name, outcome, 0);
+            }
+        }
         if let Ok(mut known) = self.inner.known.write() {
             *known = Some(jobs.iter().map(|j| j.name.clone()).collect());
         }
@@ -374,9 +430,12 @@ impl Scheduler {
         Ok(())
     }
 
-    /// Runs one fire now, with the same claim and lease as a cron trigger.
+    /// Runs one fire now, with the same claim and lease as a cron trigger (and logged and
+    /// counted as one).
     pub async fn fire(&self, job: &ScheduledJob, fire: chrono::DateTime<Utc>) -> FireOutcome {
-        fire_job(&self.inner, job, fire).await
+        let outcome = fire_job(&self.inner, job, fire).await;
+        log_outcome(&job.name, fire, &outcome);
+        outcome
     }
 
     /// [`Scheduler::stop`], then [`Scheduler::hand_back`].
@@ -515,6 +574,7 @@ async fn fire_missed(inner: &Arc<Inner>, jobs: &[ScheduledJob]) {
 
 /// Logs how a fire ended, a failed run at ERROR so that alerting on log level sees it.
 fn log_outcome(job: &str, fire: chrono::DateTime<Utc>, outcome: &FireOutcome) {
+    count_fire(job, outcome.label(), 1);
     match outcome {
         FireOutcome::Ran(Ok(summary)) => tracing::info!(job, %fire, summary, "run completed"),
         FireOutcome::Ran(Err(error)) => tracing::error!(job, %fire, error, "run failed"),
@@ -525,6 +585,9 @@ fn log_outcome(job: &str, fire: chrono::DateTime<Utc>, outcome: &FireOutcome) {
         FireOutcome::LeaseLost => tracing::warn!(job, %fire, "run stopped: its lease was lost"),
         FireOutcome::Stopped => {
             tracing::warn!(job, %fire, "run stopped by the shutdown; handed back for another replica")
+        }
+        FireOutcome::Unclaimed(error) => {
+            tracing::error!(job, %fire, error, "fire not run: its claim could not be written")
         }
     }
 }
@@ -539,7 +602,7 @@ async fn fire_job(
     match claim(inner, job, fire).await {
         Ok(Some(outcome)) => outcome,
         Ok(None) => execute(inner, job, fire, leased).await,
-        Err(e) => FireOutcome::Ran(Err(e.to_string())),
+        Err(e) => FireOutcome::Unclaimed(e.to_string()),
     }
 }
 
@@ -660,12 +723,7 @@ async fn execute(
         return FireOutcome::Stopped;
     };
     let (status, ended) = run_end(&result, inner.store.now());
-    sluice_core::metrics::count(
-        "sluice_job_runs_total",
-        "Scheduled job runs, by job and outcome.",
-        &[("job_name", job.name.as_str()), ("status", status)],
-        1,
-    );
+    count_job_run(&job.name, status, 1);
     sluice_core::metrics::observe_seconds(
         "sluice_job_run_seconds",
         "Duration of scheduled job runs, by job.",

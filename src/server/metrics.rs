@@ -1,6 +1,7 @@
 //! Prometheus metrics of the tracking endpoint, kept as atomics and rendered in the text
 //! exposition format (no registry crate needed for a handful of series).
 
+use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
@@ -32,9 +33,21 @@ pub struct Metrics {
     latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
     latency_count: AtomicU64,
     latency_sum_micros: AtomicU64,
+    /// Answers by route pattern (`/v1/admin/jobs/{name}/run`, or `unmatched`) and status.
+    responses: std::sync::Mutex<BTreeMap<String, BTreeMap<u16, u64>>>,
 }
 
 impl Metrics {
+    /// Counts one answer of `route` (a route pattern: bounded) with `status`.
+    pub fn count_response(&self, route: &str, status: u16) {
+        let mut responses = self.responses.lock().unwrap_or_else(|p| p.into_inner());
+        let by_status = match responses.get_mut(route) {
+            Some(m) => m,
+            None => responses.entry(route.to_string()).or_default(),
+        };
+        *by_status.entry(status).or_insert(0) += 1;
+    }
+
     pub fn observe_write(&self, elapsed: std::time::Duration) {
         let secs = elapsed.as_secs_f64();
         for (bound, bucket) in LATENCY_BUCKETS.iter().zip(&self.latency_buckets) {
@@ -150,6 +163,17 @@ impl Metrics {
             self.latency_sum_micros.load(Relaxed) as f64 / 1e6
         );
         let _ = writeln!(out, "{name}_count {count}");
+        let name = "sluice_http_responses_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Answers of this server, by route pattern and status (a 5xx ratio for an SLO; `unmatched`: no route).\n# TYPE {name} counter"
+        );
+        let responses = self.responses.lock().unwrap_or_else(|p| p.into_inner());
+        for (route, by_status) in responses.iter() {
+            for (status, n) in by_status {
+                let _ = writeln!(out, "{name}{{route=\"{route}\",status=\"{status}\"}} {n}");
+            }
+        }
         out
     }
 }

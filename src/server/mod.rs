@@ -236,8 +236,36 @@ pub fn router(state: AppState) -> Router {
             move |state: State<AppState>, request: axum::extract::Request, next| {
                 client_limit(state, tracking_paths.clone(), request, next)
             },
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.metrics.clone(),
+            count_responses,
         ));
     outer_layers(app, &state.config).with_state(state)
+}
+
+/// Counts every answer by route pattern and status (`sluice_http_responses_total`); a
+/// panic is counted as the `500` it is answered with.
+async fn count_responses(
+    State(metrics): State<Arc<Metrics>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or("unmatched", |m| m.as_str())
+        .to_string();
+    let answered = std::panic::AssertUnwindSafe(next.run(request));
+    let response = match futures_util::FutureExt::catch_unwind(answered).await {
+        Ok(response) => response,
+        Err(panic) => {
+            metrics.count_response(&route, 500);
+            std::panic::resume_unwind(panic);
+        }
+    };
+    metrics.count_response(&route, response.status().as_u16());
+    response
 }
 
 /// `[server] rate_limit_per_client` on the tracking endpoints (`paths`, without
@@ -611,6 +639,11 @@ mod tests {
                 None
             })
             .unwrap();
+        let metrics = Arc::new(Metrics::default());
+        let app = app.layer(axum::middleware::from_fn_with_state(
+            metrics.clone(),
+            count_responses,
+        ));
         let mut app = outer_layers(app, &config);
         let request = axum::http::Request::get("/boom")
             .header("origin", "https://shop.example")
@@ -625,5 +658,13 @@ mod tests {
             .unwrap();
         let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(body["error"], "internal", "{body}");
+        // Counted as the 500 it was answered with.
+        assert!(
+            metrics
+                .render(0)
+                .contains("sluice_http_responses_total{route=\"/boom\",status=\"500\"} 1"),
+            "{}",
+            metrics.render(0)
+        );
     }
 }
