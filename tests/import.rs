@@ -703,6 +703,17 @@ async fn an_import_whose_finishing_step_failed_is_recorded_failed_and_finished_b
         "{}",
         first[0]
     );
+    // Counted as it is recorded.
+    let runs_counted = |status: &str| {
+        sluice_core::metrics::value(
+            "sluice_import_runs_total",
+            &[("config", "unfinished"), ("status", status)],
+        )
+    };
+    assert_eq!(
+        (runs_counted("FAILED"), runs_counted("COMPLETED")),
+        (1.0, 0.0)
+    );
 
     // The next run finishes it: the cursor and `lastSync` advance, nothing is stored twice.
     armed.store(false, Ordering::SeqCst);
@@ -728,6 +739,10 @@ async fn an_import_whose_finishing_step_failed_is_recorded_failed_and_finished_b
     );
     // It read no page again: the checkpoint was past the last one.
     assert_eq!(api.hits.load(Ordering::SeqCst), 5);
+    assert_eq!(
+        (runs_counted("FAILED"), runs_counted("COMPLETED")),
+        (1.0, 1.0)
+    );
 }
 
 #[tokio::test]
@@ -3151,6 +3166,8 @@ async fn a_query_api_key_never_shows_in_the_errors_a_run_records() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("network error"), "{err}");
+    // The cause is named, not only "error sending request".
+    assert!(err.contains("Connection refused"), "{err}");
     assert!(!err.contains("sk-live"), "{err}");
     let run = db
         .store

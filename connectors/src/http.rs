@@ -499,9 +499,11 @@ impl HttpClient {
                 self.connector.timeout.as_secs()
             )
         } else {
+            // With its causes (reqwest's own text says only "error sending request":
+            // the refused connection, the reset or the TLS failure is in its sources).
             // reqwest names the URL, query included, and an API key may be a query
             // parameter: the URL is shown without its query.
-            let mut text = e.to_string();
+            let mut text = describe_token_error(e);
             if let Some(url) = e.url() {
                 let mut bare = url.clone();
                 bare.set_query(None);
@@ -1409,6 +1411,7 @@ fn lenient_token_answer(body: &[u8]) -> (Option<String>, Option<Vec<u8>>) {
     (fresh, body)
 }
 
+/// `e` with its chain of causes, each after a colon.
 fn describe_token_error<E: std::error::Error>(e: &E) -> String {
     let mut msg = e.to_string();
     let mut src = e.source();

@@ -585,8 +585,13 @@ pub async fn run_export(
                 .rows_read
                 .load(Relaxed)
                 .saturating_sub(read_before);
-            let _ = history::failed(&ctx.store, &job_id, read, set_aside, &err.to_string()).await;
             tracing::error!(job_id, error = %err, "export failed");
+            if let Err(e) =
+                history::failed(&ctx.store, &job_id, read, set_aside, &err.to_string()).await
+            {
+                // It stays RUNNING until the check for interrupted runs marks it FAILED.
+                tracing::error!(job_id, error = %e, "could not record the failed export");
+            }
             export_metrics(request.kind, "FAILED", 0, 0, 0, started.elapsed());
             Err(err)
         }

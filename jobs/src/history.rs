@@ -191,7 +191,11 @@ pub fn heartbeat(store: &Store, job_id: &str) -> Heartbeat {
     let beat = tokio::spawn(async move {
         loop {
             tokio::time::sleep(HEARTBEAT).await;
-            let _ = set(&s, &id, doc! {}).await;
+            if let Err(e) = set(&s, &id, doc! {}).await {
+                // Missed beats make the run look abandoned to the check for interrupted
+                // runs: said, so a run marked FAILED while it went on is explained.
+                tracing::warn!(job_id = %id, error = %e, "export heartbeat not recorded");
+            }
         }
     });
     Heartbeat {

@@ -551,12 +551,11 @@ pub async fn run_import(
     if options.dry_run {
         return outcome.map(|()| summary);
     }
-    let status = match &outcome {
-        Ok(()) if state == PageState::Done => "COMPLETED",
-        Ok(()) => "INTERRUPTED",
-        Err(_) => "FAILED",
+    // Counted with the outcome the run is recorded with (a run whose finishing step
+    // fails is FAILED, not COMPLETED).
+    let counted = |summary: &ImportSummary, status: &str| {
+        import_metrics(&before, summary, status, started.elapsed().as_secs_f64())
     };
-    import_metrics(&before, &summary, status, started.elapsed().as_secs_f64());
     match outcome {
         Ok(()) if state == PageState::Done => {
             // The sink has committed every page: now the cursor may advance.
@@ -630,18 +629,22 @@ pub async fn run_import(
                 // Everything is stored; the next run resumes at the checkpoint (past
                 // the last page) and finishes this step.
                 let message = format!("every page was stored, but finishing the run failed: {e}; the next run finishes it");
-                let _ = record_run(store, &summary, "FAILED", Some(&message)).await;
+                counted(&summary, "FAILED");
+                record_failed_run(store, &summary, &message).await;
                 return Err(e.into());
             }
             summary.completed = true;
+            counted(&summary, "COMPLETED");
             record_run(store, &summary, "COMPLETED", None).await?;
             Ok(summary)
         }
         Ok(()) => {
+            counted(&summary, "INTERRUPTED");
             record_run(store, &summary, "INTERRUPTED", None).await?;
             Ok(summary)
         }
         Err(e) => {
+            counted(&summary, "FAILED");
             let mut message = e.to_string();
             // A resumed run whose saved next page the API refuses outright (an expired
             // cursor, scroll id or signed next-page URL) would fail the same way on every
@@ -662,9 +665,18 @@ pub async fn run_import(
                     tracing::warn!(config = name, "{message}");
                 }
             }
-            let _ = record_run(store, &summary, "FAILED", Some(&message)).await;
+            record_failed_run(store, &summary, &message).await;
             Err(e)
         }
+    }
+}
+
+/// Records a run FAILED on the way out of it: the run's own error is what is returned;
+/// a failure to record it is logged (the next run of the config closes the record it
+/// left RUNNING, as INTERRUPTED).
+async fn record_failed_run(store: &Store, summary: &ImportSummary, message: &str) {
+    if let Err(e) = record_run(store, summary, "FAILED", Some(message)).await {
+        tracing::error!(config = %summary.name, run = %summary.run_id, error = %e, failure = message, "could not record the failed run");
     }
 }
 

@@ -1041,7 +1041,9 @@ async fn keep_lease(
             }
             // Tried again until the lease would lapse: no other replica can take the run
             // over before that.
-            Ok(Err(e)) => tracing::warn!(error = %e, "could not renew a run's lease; trying again"),
+            Ok(Err(e)) => {
+                tracing::warn!(run = ?filter, error = %e, "could not renew a run's lease; trying again")
+            }
         }
     }
 }
