@@ -97,14 +97,46 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// A log line that one client, or every client at once, can cause on each request: at
+/// most one a `every`, saying how many like it were held back since the last. Each call
+/// site has its own (a `static`).
+pub(crate) struct Throttle(std::sync::Mutex<(Option<std::time::Instant>, u64)>);
+
+impl Throttle {
+    pub(crate) const fn new() -> Self {
+        Self(std::sync::Mutex::new((None, 0)))
+    }
+
+    /// `Some(lines held back since the last one)` when a line may be logged now.
+    pub(crate) fn pass(&self, every: Duration) -> Option<u64> {
+        let mut s = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match s.0 {
+            Some(at) if at.elapsed() < every => {
+                s.1 += 1;
+                None
+            }
+            _ => {
+                let held = s.1;
+                *s = (Some(std::time::Instant::now()), 0);
+                Some(held)
+            }
+        }
+    }
+}
+
 /// `503 store_timeout`: MongoDB did not answer a tracking request's reads or writes of
 /// `what` within `deadline` (`tracking.write_timeout_seconds`). Logged; the writes may
 /// still complete, and a resend is then answered `duplicate`.
 pub(crate) fn store_timeout(deadline: Duration, what: &str) -> ApiError {
-    tracing::error!(
-        seconds = deadline.as_secs(),
-        "MongoDB did not answer in time: {what}"
-    );
+    // Every request while MongoDB is stuck: one line a second is enough to say so.
+    static LOGGED: Throttle = Throttle::new();
+    if let Some(held) = LOGGED.pass(Duration::from_secs(1)) {
+        tracing::error!(
+            seconds = deadline.as_secs(),
+            more_since_last = held,
+            "MongoDB did not answer in time: {what}"
+        );
+    }
     ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
         "store_timeout",
@@ -622,6 +654,18 @@ pub(crate) async fn shutdown_signal() {
 mod tests {
     use super::*;
     use tower_service::Service;
+
+    #[test]
+    fn a_throttled_line_passes_once_a_period_and_counts_the_rest() {
+        let t = Throttle::new();
+        let every = Duration::from_millis(200);
+        assert_eq!(t.pass(every), Some(0));
+        assert_eq!(t.pass(every), None);
+        assert_eq!(t.pass(every), None);
+        std::thread::sleep(Duration::from_millis(250));
+        assert_eq!(t.pass(every), Some(2));
+        assert_eq!(t.pass(every), None);
+    }
 
     #[tokio::test]
     async fn a_handler_that_panics_answers_a_json_500() {

@@ -485,10 +485,14 @@ async fn transform(
         .ok()
         .and_then(Result::ok)
         .ok_or_else(|| {
-            tracing::warn!(
-                seconds = budget.as_secs(),
-                "the tracking transforms are busy: a request waited its whole write deadline for them"
-            );
+            static LOGGED: super::Throttle = super::Throttle::new();
+            if let Some(held) = LOGGED.pass(std::time::Duration::from_secs(1)) {
+                tracing::warn!(
+                    seconds = budget.as_secs(),
+                    more_since_last = held,
+                    "the tracking transforms are busy: a request waited its whole write deadline for them"
+                );
+            }
             ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "overloaded",
@@ -827,7 +831,12 @@ pub(super) async fn write(state: &AppState, prepared: Prepared) -> Result<Answer
             Outcome::Rejected(err) => {
                 answer.rejected += 1;
                 m.rejected_invalid.fetch_add(1, Relaxed);
-                tracing::warn!(index, field = %err.field, reason = %err.reason, "event rejected");
+                // The client is told why; the log says it once a second at most (a
+                // broken client on the public endpoint would otherwise flood it).
+                static LOGGED: super::Throttle = super::Throttle::new();
+                if let Some(held) = LOGGED.pass(std::time::Duration::from_secs(1)) {
+                    tracing::warn!(index, field = %err.field, reason = %err.reason, more_since_last = held, "event rejected");
+                }
                 let entry = json!({
                     "index": index, "status": "rejected",
                     "field": err.field, "reason": err.reason,
