@@ -326,8 +326,9 @@ pub async fn catch_up(
     if windows.len() > max_windows {
         // Bounded: the most recent windows, still in order; older gaps need a backfill.
         let kept = windows.split_off(windows.len() - max_windows);
+        count_windows_not_exported(kind, "beyond_catch_up", windows.len() as u64);
         if let (Some(first), Some(last)) = (windows.first(), windows.last()) {
-            tracing::warn!(
+            tracing::error!(
                 kind = %kind,
                 from = %first,
                 to = %last,
@@ -344,7 +345,8 @@ pub async fn catch_up(
         if is_archived(ctx, d).await? {
             // Its events were moved to ARCHIVE before this export ran (it was down longer
             // than `archive_after_days`): refused, it would stop every later window.
-            tracing::warn!(kind = %kind, day = %d, "a missed window was archived before it could be exported; its events are in its ARCHIVE partition");
+            count_windows_not_exported(kind, "archived_first", 1);
+            tracing::error!(kind = %kind, day = %d, "a missed window was archived before it could be exported; its events are in its ARCHIVE partition");
             continue;
         }
         let request = ExportRequest::day(kind, d, archive_after_days).scheduled();
@@ -365,11 +367,24 @@ pub async fn catch_up(
                 done.push(summary);
             }
             Err(e) => {
-                tracing::warn!(kind = %kind, day = %d, error = %e, "could not publish again a day that received late events; the next run tries again");
+                count_windows_not_exported(kind, "late_events_not_republished", 1);
+                tracing::error!(kind = %kind, day = %d, error = %e, "could not publish again a day that received late events; the next run tries again");
             }
         }
     }
     Ok(done)
+}
+
+/// `sluice_export_windows_not_exported_total{kind,reason}`: scheduled days a run left
+/// without their data published (a backfill, or the next run, is needed), which the run's
+/// own outcome does not show.
+fn count_windows_not_exported(kind: ExportJobType, reason: &str, n: u64) {
+    sluice_core::metrics::count(
+        "sluice_export_windows_not_exported_total",
+        "Scheduled export days left without their data published, by kind and reason (beyond_catch_up, archived_first, late_events_not_republished).",
+        &[("kind", kind.as_str()), ("reason", reason)],
+        n,
+    );
 }
 
 /// The days before `before` that received events after `kind` last read them, oldest
