@@ -1057,7 +1057,21 @@ pub async fn jobs_list(config: &Config) -> anyhow::Result<()> {
         let next = job.next_fire.unwrap_or_else(|e| e);
         let last = job
             .last_run
-            .map(|(id, status)| format!("{status} ({id})"))
+            .map(|r| match r.error {
+                // The reason, on one line and cut: `jobs history` has it whole.
+                Some(e) => format!(
+                    "{} ({}): {}",
+                    r.status,
+                    r.id,
+                    e.lines()
+                        .next()
+                        .unwrap_or("")
+                        .chars()
+                        .take(160)
+                        .collect::<String>()
+                ),
+                None => format!("{} ({})", r.status, r.id),
+            })
             .unwrap_or_else(|| "never run".into());
         println!(
             "{:<36} {:<18} {:<16} next {}  last {}",
@@ -1067,6 +1081,9 @@ pub async fn jobs_list(config: &Config) -> anyhow::Result<()> {
             next,
             last
         );
+        if let Some(missed) = job.missed {
+            println!("{:<36} MISSED: {missed}", "");
+        }
     }
     Ok(())
 }

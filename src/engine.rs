@@ -71,8 +71,23 @@ pub struct JobOverview {
     pub timezone: String,
     /// The next fire (RFC 3339, UTC), or why there is none.
     pub next_fire: Result<String, String>,
-    /// The latest recorded run (`scheduled_runs`): its id and status.
-    pub last_run: Option<(String, String)>,
+    /// The latest recorded run (`scheduled_runs`).
+    pub last_run: Option<LastRun>,
+    /// The job's latest cron instant, when no run was recorded for it although the time a
+    /// replica has to claim it (the missed-fire check included) is over: no replica ran
+    /// it (all were down, or MongoDB was unreachable then). Says when, and what to do.
+    pub missed: Option<String>,
+}
+
+/// A job's latest recorded run.
+#[derive(Debug, Clone)]
+pub struct LastRun {
+    pub id: String,
+    pub status: String,
+    /// When it ended (RFC 3339), if it has.
+    pub ended_at: Option<String>,
+    /// Why it failed, if it did.
+    pub error: Option<String>,
 }
 
 /// Every scheduled job with its next fire and latest run, then every other integration
@@ -93,18 +108,60 @@ pub async fn job_overview(
                 "find the latest run",
             ))?;
         Ok::<_, sluice_connectors::StoreError>(run.map(|d| {
-            (
-                d.get_str("_id").unwrap_or("?").to_string(),
-                d.get_str("status").unwrap_or("?").to_string(),
-            )
+            LastRun {
+                id: d.get_str("_id").unwrap_or("?").to_string(),
+                status: d.get_str("status").unwrap_or("?").to_string(),
+                ended_at: d
+                    .get_datetime("endedAt")
+                    .ok()
+                    .map(|t| t.to_chrono().to_rfc3339()),
+                error: d.get_str("error").ok().map(str::to_string),
+            }
         }))
     };
+    // A fire is claimed at its instant, or by the missed-fire check within two reloads
+    // (and 10 s); past that (and five minutes at least), an instant with no claim was not
+    // run by any replica.
+    let reload = std::time::Duration::from_secs(config.scheduler.reload_seconds);
+    let grace =
+        (reload * 2 + std::time::Duration::from_secs(10)).max(std::time::Duration::from_secs(300));
+    let grace = chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::MAX);
     let mut out = Vec::new();
     for job in scheduled_jobs(config, store).await? {
+        let last_run = latest_run(job.name.clone()).await?;
+        let missed = match sluice_jobs::schedule::previous_fire(&job, now) {
+            // A job never run (a server just started) or scheduled after that instant
+            // missed nothing.
+            Ok(fire)
+                if now - fire > grace
+                    && (last_run.is_some() || job.since.is_some())
+                    && job.since.is_none_or(|since| fire >= since) =>
+            {
+                let claim = sluice_jobs::schedule::run_id(&job.name, fire);
+                let claimed = store
+                    .collection(c::SCHEDULED_RUNS)
+                    .find_one(doc! { "_id": &claim })
+                    .projection(doc! { "_id": 1 })
+                    .await
+                    .map_err(sluice_connectors::StoreError::mongo(
+                        c::SCHEDULED_RUNS,
+                        "find the latest fire's run",
+                    ))?;
+                claimed.is_none().then(|| {
+                    format!(
+                        "no run was recorded for the fire at {} (no replica was running, or MongoDB was unreachable then); run it by hand: `sluice jobs run {}`",
+                        fire.to_rfc3339(),
+                        job.name
+                    )
+                })
+            }
+            _ => None,
+        };
         out.push(JobOverview {
             next_fire: sluice_jobs::schedule::next_fire(&job, now).map(|t| t.to_rfc3339()),
             timezone: job.timezone.clone().unwrap_or_else(|| "UTC".into()),
-            last_run: latest_run(job.name.clone()).await?,
+            last_run,
+            missed,
             name: job.name,
             cron: Some(job.cron),
         });
@@ -140,6 +197,7 @@ pub async fn job_overview(
                 timezone: "UTC".into(),
                 next_fire: Err(why.into()),
                 last_run: Some(last),
+                missed: None,
             });
         }
     }

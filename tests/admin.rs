@@ -1032,3 +1032,87 @@ async fn daily_and_top_pages_count_what_was_stored() {
     assert_eq!(top, json!(expected));
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_fire_no_replica_ran_is_listed_as_missed_and_a_failure_with_its_reason() {
+    let db = TestDb::initialized().await;
+    sluice::server::admin::create_admin_user(&db.store, "ops@x.io", PASSWORD, Role::Analyst)
+        .await
+        .unwrap();
+    // Daily, at a time three hours ago: its latest instant is long past any claim.
+    let at = chrono::Utc::now() - chrono::Duration::hours(3);
+    let cron = format!(
+        "0 {} {} * * *",
+        chrono::Timelike::minute(&at),
+        chrono::Timelike::hour(&at)
+    );
+    let file = sluice_core::integration::parse_file(
+        "t",
+        &format!("name = \"nightly\"\ntype = \"IMPORT\"\nendpoint = \"http://127.0.0.1:9/x\"\nschedule = \"{cron}\"\n[mapping.productId]\npath = \"$.id\"\n"),
+    )
+    .unwrap();
+    sluice_jobs::configs::apply(&db.store, &file).await.unwrap();
+    // Scheduled two days ago (as if applied then).
+    db.store
+        .collection("integration_configs")
+        .update_one(
+            bson::doc! { "name": "nightly" },
+            bson::doc! { "$set": { "scheduleSince": bson::DateTime::from_chrono(chrono::Utc::now() - chrono::Duration::days(2)) } },
+        )
+        .await
+        .unwrap();
+    let server = start_server(&db, |_| {}).await;
+    let base = format!("http://{}", server.addr);
+    let (_, body) = login(&base, "ops@x.io", PASSWORD).await;
+    let token = body["token"].as_str().unwrap().to_string();
+    let nightly = || async {
+        let jobs: Value = reqwest::Client::new()
+            .get(format!("{base}/v1/admin/jobs"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        jobs.as_array()
+            .unwrap()
+            .iter()
+            .find(|j| j["name"] == "integration:nightly")
+            .cloned()
+            .unwrap_or_else(|| panic!("{jobs}"))
+    };
+    let job = nightly().await;
+    let missed = job["missed"].as_str().unwrap_or_else(|| panic!("{job}"));
+    assert!(missed.contains("no run was recorded"), "{job}");
+    assert!(
+        missed.contains("sluice jobs run integration:nightly"),
+        "{job}"
+    );
+    // Its fire recorded as failed: not missed, and the reason is shown.
+    let job_def = sluice_jobs::schedule::ScheduledJob {
+        name: "integration:nightly".into(),
+        cron: cron.clone(),
+        timezone: None,
+        since: None,
+    };
+    let fire = sluice_jobs::schedule::previous_fire(&job_def, chrono::Utc::now()).unwrap();
+    db.store
+        .collection("scheduled_runs")
+        .insert_one(bson::doc! {
+            "_id": sluice_jobs::schedule::run_id("integration:nightly", fire),
+            "job": "integration:nightly",
+            "scheduledFor": bson::DateTime::from_chrono(fire),
+            "status": "FAILED",
+            "error": "the API answered 401",
+            "endedAt": bson::DateTime::from_chrono(fire + chrono::Duration::seconds(3)),
+        })
+        .await
+        .unwrap();
+    let job = nightly().await;
+    assert!(job["missed"].is_null(), "{job}");
+    assert_eq!(job["lastStatus"], "FAILED", "{job}");
+    assert_eq!(job["lastError"], "the API answered 401", "{job}");
+    assert!(job["lastEndedAt"].is_string(), "{job}");
+    server.shutdown().await;
+}

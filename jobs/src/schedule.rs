@@ -184,6 +184,18 @@ pub fn next_fire(
         .map_err(|e| format!("`{}` has no next fire: {e}", job.cron))
 }
 
+/// The latest instant of `job`'s schedule at or before `now`.
+pub fn previous_fire(
+    job: &ScheduledJob,
+    now: chrono::DateTime<Utc>,
+) -> Result<chrono::DateTime<Utc>, String> {
+    Ok(fire_instant(
+        &parse_cron(&job.cron)?,
+        job_timezone(job)?,
+        now,
+    ))
+}
+
 /// The latest instant of `cron` (read in `tz`) at or before `now`.
 ///
 /// The hour a fall-back repeats: the cron library maps a local time that happens twice
@@ -228,7 +240,8 @@ fn whole_second(t: chrono::DateTime<Utc>) -> chrono::DateTime<Utc> {
     chrono::Timelike::with_nanosecond(&t, 0).unwrap_or(t)
 }
 
-fn run_id(job: &str, fire: chrono::DateTime<Utc>) -> String {
+/// The id of the claim of `job`'s fire at `fire` in `scheduled_runs`.
+pub fn run_id(job: &str, fire: chrono::DateTime<Utc>) -> String {
     format!(
         "{job}@{}",
         fire.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)

@@ -628,11 +628,14 @@ async fn list_jobs(
                 (Err(e), Some(_)) => (None, Some(e), None),
                 (Err(e), None) => (None, None, Some(e)),
             };
-            let (last_run, last_status) = j.last_run.unzip();
+            let last = j.last_run.as_ref();
             json!({
                 "name": j.name, "cron": j.cron, "timezone": j.timezone,
                 "nextFire": next_fire, "error": error, "note": note,
-                "lastRun": last_run, "lastStatus": last_status,
+                "lastRun": last.map(|r| &r.id), "lastStatus": last.map(|r| &r.status),
+                "lastEndedAt": last.and_then(|r| r.ended_at.as_ref()),
+                "lastError": last.and_then(|r| r.error.as_ref()),
+                "missed": j.missed,
             })
         })
         .collect::<Vec<_>>())))
