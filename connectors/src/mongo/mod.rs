@@ -534,12 +534,14 @@ impl Store {
             tracing::warn!(
                 pipeline,
                 records = n,
-                "records dead-lettered by transform plugins"
+                "records kept in dead_letters (failed by a transform plugin, mapping, validation or the write)"
             );
         }
+        // By the kind of pipeline (`import`, `push`, `export`, `tracking`): its config is
+        // in the log line above and in each dead letter.
         sluice_core::metrics::count(
             "sluice_dead_letters_total",
-            "Records transform plugins failed under the dead-letter policy, stored in `dead_letters`.",
+            "Records newly kept in `dead_letters`, by kind of pipeline: failed by a transform plugin under the dead-letter policy, by mapping or validation, or refused by MongoDB.",
             &[("pipeline", pipeline.split(':').next().unwrap_or(pipeline))],
             n,
         );
