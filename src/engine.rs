@@ -84,6 +84,8 @@ pub struct JobOverview {
 pub struct LastRun {
     pub id: String,
     pub status: String,
+    /// The fire it ran, or when it was started by hand.
+    pub scheduled_for: Option<chrono::DateTime<chrono::Utc>>,
     /// When it ended (RFC 3339), if it has.
     pub ended_at: Option<String>,
     /// Why it failed, if it did.
@@ -111,6 +113,7 @@ pub async fn job_overview(
             LastRun {
                 id: d.get_str("_id").unwrap_or("?").to_string(),
                 status: d.get_str("status").unwrap_or("?").to_string(),
+                scheduled_for: d.get_datetime("scheduledFor").ok().map(|t| t.to_chrono()),
                 ended_at: d
                     .get_datetime("endedAt")
                     .ok()
@@ -126,37 +129,57 @@ pub async fn job_overview(
     let grace =
         (reload * 2 + std::time::Duration::from_secs(10)).max(std::time::Duration::from_secs(300));
     let grace = chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::MAX);
+    // Claims are kept this long after they end; an older instant's is gone either way.
+    let kept = chrono::Duration::days(sluice_connectors::mongo::SCHEDULED_RUNS_KEPT_DAYS as i64);
+    let claimed = |job: String, fire: chrono::DateTime<chrono::Utc>| async move {
+        store
+            .collection(c::SCHEDULED_RUNS)
+            .find_one(doc! { "_id": sluice_jobs::schedule::run_id(&job, fire) })
+            .projection(doc! { "_id": 1 })
+            .await
+            .map(|found| found.is_some())
+            .map_err(sluice_connectors::StoreError::mongo(
+                c::SCHEDULED_RUNS,
+                "find a fire's run",
+            ))
+    };
     let mut out = Vec::new();
     for job in scheduled_jobs(config, store).await? {
         let last_run = latest_run(job.name.clone()).await?;
-        let missed = match sluice_jobs::schedule::previous_fire(&job, now) {
-            // A job never run (a server just started) or scheduled after that instant
-            // missed nothing.
-            Ok(fire)
-                if now - fire > grace
-                    && (last_run.is_some() || job.since.is_some())
-                    && job.since.is_none_or(|since| fire >= since) =>
-            {
-                let claim = sluice_jobs::schedule::run_id(&job.name, fire);
-                let claimed = store
-                    .collection(c::SCHEDULED_RUNS)
-                    .find_one(doc! { "_id": &claim })
-                    .projection(doc! { "_id": 1 })
-                    .await
-                    .map_err(sluice_connectors::StoreError::mongo(
-                        c::SCHEDULED_RUNS,
-                        "find the latest fire's run",
-                    ))?;
-                claimed.is_none().then(|| {
-                    format!(
-                        "no run was recorded for the fire at {} (no replica was running, or MongoDB was unreachable then); run it by hand: `sluice jobs run {}`",
-                        fire.to_rfc3339(),
-                        job.name
-                    )
-                })
+        let mut missed = None;
+        if let Ok(fire) = sluice_jobs::schedule::previous_fire(&job, now) {
+            // Not missed: an instant still within its claim time or older than the
+            // claims kept, one before the schedule took effect, or one a later run (by
+            // hand, say) has made up for.
+            let candidate = now - fire > grace
+                && now - fire < kept
+                && job.since.is_none_or(|since| fire >= since)
+                && last_run
+                    .as_ref()
+                    .and_then(|r| r.scheduled_for)
+                    .is_none_or(|at| at < fire);
+            // A schedule with no known start (`[[schedules]]` in the config file): it was
+            // in effect at that instant only if the instant before it was claimed (a
+            // server started, or a cron changed, since then missed nothing).
+            let in_effect = match (candidate, job.since) {
+                (false, _) => false,
+                (true, Some(_)) => true,
+                (true, None) => match sluice_jobs::schedule::previous_fire(
+                    &job,
+                    fire - chrono::Duration::seconds(1),
+                ) {
+                    Ok(before) if before < fire => claimed(job.name.clone(), before).await?,
+                    _ => false,
+                },
+            };
+            if in_effect && !claimed(job.name.clone(), fire).await? {
+                missed = Some(format!(
+                    "no run was recorded for the fire at {} (no replica was running, or MongoDB was unreachable then); run it by hand: `sluice jobs run {}`",
+                    fire.to_rfc3339(),
+                    job.name
+                ));
             }
-            _ => None,
-        };
+        }
         out.push(JobOverview {
             next_fire: sluice_jobs::schedule::next_fire(&job, now).map(|t| t.to_rfc3339()),
             timezone: job.timezone.clone().unwrap_or_else(|| "UTC".into()),

@@ -1061,35 +1061,51 @@ async fn a_fire_no_replica_ran_is_listed_as_missed_and_a_failure_with_its_reason
         )
         .await
         .unwrap();
-    let server = start_server(&db, |_| {}).await;
+    // An export schedule of the config file, at the same time: it has no start of its
+    // own, so an instant is missed only if the one before it was claimed.
+    let dir = std::env::temp_dir().join(format!("sluice-missed-{}", uuid::Uuid::new_v4().simple()));
+    let dest = dir.display().to_string();
+    let export_cron = cron.clone();
+    let server = start_server(&db, move |raw| {
+        daily_export(raw, &dest, None);
+        raw.schedules[0].cron = export_cron.clone();
+    })
+    .await;
     let base = format!("http://{}", server.addr);
     let (_, body) = login(&base, "ops@x.io", PASSWORD).await;
     let token = body["token"].as_str().unwrap().to_string();
-    let nightly = || async {
-        let jobs: Value = reqwest::Client::new()
-            .get(format!("{base}/v1/admin/jobs"))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        jobs.as_array()
-            .unwrap()
-            .iter()
-            .find(|j| j["name"] == "integration:nightly")
-            .cloned()
-            .unwrap_or_else(|| panic!("{jobs}"))
+    let listed = |name: &'static str| {
+        let (base, token) = (base.clone(), token.clone());
+        async move {
+            let jobs: Value = reqwest::Client::new()
+                .get(format!("{base}/v1/admin/jobs"))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            jobs.as_array()
+                .unwrap()
+                .iter()
+                .find(|j| j["name"] == name)
+                .cloned()
+                .unwrap_or_else(|| panic!("{jobs}"))
+        }
     };
-    let job = nightly().await;
+    let export = listed("export:daily").await;
+    assert!(
+        export["missed"].is_null(),
+        "never claimed, a new schedule: {export}"
+    );
+    let job = listed("integration:nightly").await;
     let missed = job["missed"].as_str().unwrap_or_else(|| panic!("{job}"));
     assert!(missed.contains("no run was recorded"), "{job}");
     assert!(
         missed.contains("sluice jobs run integration:nightly"),
         "{job}"
     );
-    // Its fire recorded as failed: not missed, and the reason is shown.
     let job_def = sluice_jobs::schedule::ScheduledJob {
         name: "integration:nightly".into(),
         cron: cron.clone(),
@@ -1097,22 +1113,48 @@ async fn a_fire_no_replica_ran_is_listed_as_missed_and_a_failure_with_its_reason
         since: None,
     };
     let fire = sluice_jobs::schedule::previous_fire(&job_def, chrono::Utc::now()).unwrap();
-    db.store
-        .collection("scheduled_runs")
-        .insert_one(bson::doc! {
-            "_id": sluice_jobs::schedule::run_id("integration:nightly", fire),
-            "job": "integration:nightly",
-            "scheduledFor": bson::DateTime::from_chrono(fire),
-            "status": "FAILED",
-            "error": "the API answered 401",
-            "endedAt": bson::DateTime::from_chrono(fire + chrono::Duration::seconds(3)),
-        })
+    let runs = db.store.collection("scheduled_runs");
+    // The export schedule's instant the day before was claimed: it was in effect then,
+    // and its latest instant is missed.
+    let day_before = fire - chrono::Duration::days(1);
+    runs.insert_one(bson::doc! {
+        "_id": sluice_jobs::schedule::run_id("export:daily", day_before),
+        "job": "export:daily",
+        "scheduledFor": bson::DateTime::from_chrono(day_before),
+        "status": "COMPLETED",
+    })
+    .await
+    .unwrap();
+    let export = listed("export:daily").await;
+    assert!(export["missed"].as_str().is_some(), "{export}");
+    // A run by hand since makes up for it.
+    runs.insert_one(bson::doc! {
+        "_id": "integration:nightly@manual-1", "job": "integration:nightly",
+        "scheduledFor": bson::DateTime::now(), "status": "COMPLETED", "manual": true,
+    })
+    .await
+    .unwrap();
+    let job = listed("integration:nightly").await;
+    assert!(job["missed"].is_null(), "{job}");
+    runs.delete_one(bson::doc! { "_id": "integration:nightly@manual-1" })
         .await
         .unwrap();
-    let job = nightly().await;
+    // Its fire recorded as failed: not missed, and the reason is shown.
+    runs.insert_one(bson::doc! {
+        "_id": sluice_jobs::schedule::run_id("integration:nightly", fire),
+        "job": "integration:nightly",
+        "scheduledFor": bson::DateTime::from_chrono(fire),
+        "status": "FAILED",
+        "error": "the API answered 401",
+        "endedAt": bson::DateTime::from_chrono(fire + chrono::Duration::seconds(3)),
+    })
+    .await
+    .unwrap();
+    let job = listed("integration:nightly").await;
     assert!(job["missed"].is_null(), "{job}");
     assert_eq!(job["lastStatus"], "FAILED", "{job}");
     assert_eq!(job["lastError"], "the API answered 401", "{job}");
     assert!(job["lastEndedAt"].is_string(), "{job}");
     server.shutdown().await;
+    let _ = std::fs::remove_dir_all(dir);
 }

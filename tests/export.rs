@@ -2277,10 +2277,6 @@ print(json.dumps({"anonymousId": row["anonymousId"], "context": json.loads(row["
     std::fs::remove_dir_all(dir).unwrap();
 }
 
-/// With `archive_after_days = 3`: a missed window ARCHIVE took first is skipped, not
-/// refused for ever (later windows still run); a late event for the newest day ARCHIVE
-/// does not take yet is published again (it used to be forgotten a day early); one for an
-/// archived day is left to the next ARCHIVE.
 #[tokio::test]
 async fn windows_beyond_catch_up_are_counted_as_not_exported() {
     use sluice_jobs::export::catch_up;
@@ -2312,6 +2308,10 @@ async fn windows_beyond_catch_up_are_counted_as_not_exported() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// With `archive_after_days = 3`: a missed window ARCHIVE took first is skipped, not
+/// refused for ever (later windows still run); a late event for the newest day ARCHIVE
+/// does not take yet is published again (it used to be forgotten a day early); one for an
+/// archived day is left to the next ARCHIVE.
 #[tokio::test]
 async fn late_days_are_published_until_archived_and_archived_windows_do_not_stop_catch_up() {
     use sluice_jobs::export::catch_up;

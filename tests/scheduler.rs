@@ -1176,7 +1176,7 @@ async fn a_job_s_outcome_series_start_at_zero_and_a_fire_that_could_not_be_claim
     for line in [
         r#"sluice_job_runs_total{job_name="zero-series",status="FAILED"} 0"#,
         r#"sluice_job_runs_total{job_name="zero-series",status="COMPLETED"} 0"#,
-        r#"sluice_job_fires_total{job_name="zero-series",outcome="unclaimed"} 0"#,
+        r#"sluice_job_fires_total{job_name="zero-series",outcome="claim_failed"} 0"#,
         r#"sluice_job_fires_total{job_name="zero-series",outcome="skipped"} 0"#,
     ] {
         assert!(text.contains(line), "{line} missing from:\n{text}");
@@ -1187,13 +1187,16 @@ async fn a_job_s_outcome_series_start_at_zero_and_a_fire_that_could_not_be_claim
     let outcome = s.fire(&job, Utc::now()).await;
     armed.store(false, Ordering::SeqCst);
     assert!(severed.load(Ordering::SeqCst) >= 1);
-    assert!(matches!(outcome, FireOutcome::Unclaimed(_)), "{outcome:?}");
-    assert!(log.lock().unwrap().is_empty());
-    let unclaimed = sluice_core::metrics::value(
-        "sluice_job_fires_total",
-        &[("job_name", "zero-series"), ("outcome", "unclaimed")],
+    assert!(
+        matches!(outcome, FireOutcome::ClaimFailed(_)),
+        "{outcome:?}"
     );
-    assert_eq!(unclaimed, 1.0);
+    assert!(log.lock().unwrap().is_empty());
+    let claim_failed = sluice_core::metrics::value(
+        "sluice_job_fires_total",
+        &[("job_name", "zero-series"), ("outcome", "claim_failed")],
+    );
+    assert_eq!(claim_failed, 1.0);
     assert_eq!(
         sluice_core::metrics::value(
             "sluice_job_runs_total",

@@ -230,14 +230,23 @@ pub fn parse_message(
     } else {
         "traits"
     };
+    // Traits (a user's or a group's) are what SDKs keep and send again with every call:
+    // names MongoDB would misread are escaped as in the context, since refusing them
+    // would refuse every later identify of that user. Properties are the event's own
+    // and keep the native rule (refused, with the field named).
+    let traits_of = |t: Option<&Map<String, Value>>| match escaped_names(Value::Object(
+        t.cloned().unwrap_or_default(),
+    )) {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    };
     let mut properties = match kind {
-        Kind::Identify => own_traits
-            .or(context
+        Kind::Identify => traits_of(
+            own_traits.or(context
                 .and_then(|c| c.get("traits"))
-                .and_then(Value::as_object))
-            .cloned()
-            .unwrap_or_default(),
-        Kind::Group => own_traits.cloned().unwrap_or_default(),
+                .and_then(Value::as_object)),
+        ),
+        Kind::Group => traits_of(own_traits),
         _ => object(obj, "properties")?.cloned().unwrap_or_default(),
     };
     // `page` and `screen` carry their `name` and `category` at the top level.
@@ -673,17 +682,23 @@ mod tests {
     #[test]
     fn identify_errors_name_traits() {
         let err = parse(json!({
-            "type": "identify", "userId": "u1", "traits": {"$set": 1},
+            "type": "identify", "userId": "u1", "traits": {"email": 5},
         }))
         .unwrap_err();
-        assert_eq!(err.field, "traits.$set");
+        assert_eq!(err.field, "traits.email");
         // Traits taken from the context are named where they were sent.
-        for traits in [json!({"$set": 1}), json!({"email": 5})] {
-            let err = parse(json!({
-                "type": "identify", "userId": "u1", "context": {"traits": traits},
-            }))
-            .unwrap_err();
-            assert!(err.field.starts_with("context.traits."), "{err:?}");
+        let err = parse(json!({
+            "type": "identify", "userId": "u1", "context": {"traits": {"email": 5}},
+        }))
+        .unwrap_err();
+        assert_eq!(err.field, "context.traits.email");
+        // Names MongoDB would misread are escaped, as in the context, not refused.
+        for m in [
+            json!({ "type": "identify", "userId": "u1", "traits": {"$email": "a@b.io"} }),
+            json!({ "type": "identify", "userId": "u1", "context": {"traits": {"$email": "a@b.io"}} }),
+        ] {
+            let traits = parse(m).unwrap().traits.unwrap();
+            assert_eq!(traits.get_str("\u{FF04}email").unwrap(), "a@b.io");
         }
     }
 
@@ -883,8 +898,8 @@ mod tests {
                 "context.sessionId",
             ),
             (
-                json!({"type": "group", "userId": "u", "groupId": "g", "traits": {"a.b": 1}}),
-                "traits.a.b",
+                json!({"type": "group", "userId": "u", "groupId": "g", "traits": {"n": u64::MAX}}),
+                "traits.n",
             ),
         ];
         for (input, field) in cases {

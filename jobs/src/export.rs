@@ -381,7 +381,7 @@ pub async fn catch_up(
 fn count_windows_not_exported(kind: ExportJobType, reason: &str, n: u64) {
     sluice_core::metrics::count(
         "sluice_export_windows_not_exported_total",
-        "Scheduled export days left without their data published, by kind and reason (beyond_catch_up, archived_first, late_events_not_republished).",
+        "Scheduled export days a run left without their data published, by kind and reason (beyond_catch_up, archived_first, late_events_not_republished); a day still missing at the next run is counted again.",
         &[("kind", kind.as_str()), ("reason", reason)],
         n,
     );

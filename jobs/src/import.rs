@@ -634,8 +634,13 @@ pub async fn run_import(
                 return Err(e.into());
             }
             summary.completed = true;
+            if let Err(e) = record_run(store, &summary, "COMPLETED", None).await {
+                // Left RUNNING: the next run records it INTERRUPTED, and a scheduled run
+                // is recorded FAILED with this error.
+                counted(&summary, "FAILED");
+                return Err(e.into());
+            }
             counted(&summary, "COMPLETED");
-            record_run(store, &summary, "COMPLETED", None).await?;
             Ok(summary)
         }
         Ok(()) => {

@@ -91,9 +91,12 @@ pub enum FireOutcome {
     /// The scheduler is shutting down: the run was stopped and handed back, for another
     /// replica to take over.
     Stopped,
-    /// The fire could not be claimed (the store was unreachable): it did not run, and no
-    /// run was recorded. Fired again as missed at the next reload if that is within reach.
-    Unclaimed(String),
+    /// The claim step failed (the store was unreachable): this replica did not run the
+    /// fire. If no claim reached the store, no replica runs it (the missed-fire check
+    /// within two reloads aside), and `jobs list` flags it missed; if one did (its
+    /// acknowledgement was lost, or its check failed), it is handed back and a sweep runs
+    /// it once the store answers.
+    ClaimFailed(String),
 }
 
 impl FireOutcome {
@@ -106,7 +109,7 @@ impl FireOutcome {
             FireOutcome::Skipped => "skipped",
             FireOutcome::LeaseLost => "lease_lost",
             FireOutcome::Stopped => "stopped",
-            FireOutcome::Unclaimed(_) => "unclaimed",
+            FireOutcome::ClaimFailed(_) => "claim_failed",
         }
     }
 }
@@ -118,13 +121,13 @@ const FIRE_OUTCOMES: [&str; 7] = [
     "skipped",
     "lease_lost",
     "stopped",
-    "unclaimed",
+    "claim_failed",
 ];
 
 fn count_fire(job: &str, outcome: &str, n: u64) {
     sluice_core::metrics::count(
         "sluice_job_fires_total",
-        "Fires of scheduled jobs seen by this replica, by job and outcome (completed, failed, claimed_elsewhere, skipped, lease_lost, stopped, unclaimed).",
+        "Fires of scheduled jobs seen by this replica, by job and outcome (completed, failed, claimed_elsewhere, skipped, lease_lost, stopped, claim_failed).",
         &[("job_name", job), ("outcome", outcome)],
         n,
     );
@@ -599,8 +602,8 @@ fn log_outcome(job: &str, fire: chrono::DateTime<Utc>, outcome: &FireOutcome) {
         FireOutcome::Stopped => {
             tracing::warn!(job, %fire, "run stopped by the shutdown; handed back for another replica")
         }
-        FireOutcome::Unclaimed(error) => {
-            tracing::error!(job, %fire, error, "fire not run: its claim could not be written")
+        FireOutcome::ClaimFailed(error) => {
+            tracing::error!(job, %fire, error, "fire not run here: its claim failed (`sluice jobs list` says if no replica ran it)")
         }
     }
 }
@@ -615,7 +618,7 @@ async fn fire_job(
     match claim(inner, job, fire).await {
         Ok(Some(outcome)) => outcome,
         Ok(None) => execute(inner, job, fire, leased).await,
-        Err(e) => FireOutcome::Unclaimed(e.to_string()),
+        Err(e) => FireOutcome::ClaimFailed(e.to_string()),
     }
 }
 

@@ -500,15 +500,40 @@ impl OwnMongo {
             child,
             dir,
         };
-        let client = server.client().await;
-        wait_until(
-            "the test's own MongoDB-compatible server to answer a ping",
-            || {
-                let admin = client.database("admin");
-                async move { admin.run_command(bson::doc! { "ping": 1 }).await.is_ok() }
-            },
-        )
-        .await;
+        // The server answering is this one (another test's listener could have taken
+        // the port between its probe and the server's start): its pid says so.
+        let mut server = server;
+        let pid = i64::from(server.child.id());
+        let client =
+            mongodb::Client::with_uri_str(format!("{}&serverSelectionTimeoutMS=500", server.uri))
+                .await
+                .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = server.child.try_wait() {
+                panic!(
+                    "the test's own server exited ({status}): {}",
+                    std::fs::read_to_string(server.dir.join("server.log")).unwrap_or_default()
+                );
+            }
+            let answer = client
+                .database("admin")
+                .run_command(bson::doc! { "serverStatus": 1 })
+                .await;
+            if let Ok(status) = answer {
+                let theirs = status
+                    .get_i64("pid")
+                    .or_else(|_| status.get_i32("pid").map(i64::from))
+                    .unwrap_or(-1);
+                assert_eq!(theirs, pid, "another server answers on the test's own port");
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the test's own server did not answer in 30 s"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
         server
     }
 

@@ -9,7 +9,7 @@ mod sessions;
 
 pub use clock::ServerClock;
 pub use ingest::{EventWriter, WriteStatus, WriterOptions, WRITE_PHASES, WRITE_PHASE_SECONDS};
-pub use schema::{index_specs, IndexOutcome, IndexSpec, InitReport};
+pub use schema::{index_specs, IndexOutcome, IndexSpec, InitReport, SCHEDULED_RUNS_KEPT_DAYS};
 pub use sessions::expire_idle_sessions;
 
 use bson::Bson;
@@ -85,9 +85,21 @@ impl StoreError {
             ErrorKind::Io(_)
                 | ErrorKind::ServerSelection { .. }
                 | ErrorKind::ConnectionPoolCleared { .. }
-        ) || source.contains_label(mongodb::error::RETRYABLE_WRITE_ERROR)
+        ) || matches!(source.kind.as_ref(), ErrorKind::Command(c) if transient_code(c.code))
+            || source.contains_label(mongodb::error::RETRYABLE_WRITE_ERROR)
             || source.contains_label(mongodb::error::TRANSIENT_TRANSACTION_ERROR)
     }
+}
+
+/// Whether a server error code says the write may succeed if sent again: the codes the
+/// retryable-writes specification retries (a primary stepping down or shutting down, a
+/// network failure between servers). A raw command (`run_command`) is never retried by
+/// the driver nor labelled retryable, so its callers check the code themselves.
+pub fn transient_code(code: i32) -> bool {
+    matches!(
+        code,
+        6 | 7 | 89 | 91 | 189 | 262 | 9001 | 10107 | 11600 | 11602 | 13435 | 13436
+    )
 }
 
 /// Whether a write that failed this way may still be applied by the server: the
