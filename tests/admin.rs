@@ -38,6 +38,25 @@ fn daily_export(raw: &mut sluice_core::config::RawConfig, dest: &str, timezone: 
     }];
 }
 
+/// `GET /v1/admin/jobs` as `token`: the job listed as `name` (the test fails if none is).
+async fn admin_job(base: &str, token: &str, name: &str) -> Value {
+    let jobs: Value = reqwest::Client::new()
+        .get(format!("{base}/v1/admin/jobs"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    jobs.as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("no job `{name}` in {jobs}"))
+}
+
 #[tokio::test]
 async fn every_role_against_every_endpoint() {
     let db = TestDb::initialized().await;
@@ -151,21 +170,7 @@ async fn every_role_against_every_endpoint() {
     }
     // Jobs are listed with their time zone and next fire, read in that zone (02:15 in
     // Paris is 01:15 or 00:15 UTC, depending on daylight saving time).
-    let jobs: Value = client
-        .get(format!("{base}/v1/admin/jobs"))
-        .bearer_auth(tokens[3].0.as_ref().unwrap())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let daily = jobs
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|j| j["name"] == "export:daily")
-        .unwrap_or_else(|| panic!("{jobs}"));
+    let daily = admin_job(&base, tokens[3].0.as_ref().unwrap(), "export:daily").await;
     assert_eq!(daily["timezone"], "Europe/Paris", "{daily}");
     let next = daily["nextFire"].as_str().unwrap();
     assert!(
@@ -620,16 +625,7 @@ async fn a_manual_run_is_named_in_the_answer_and_its_outcome_is_listed() {
     assert!(run.starts_with("export:daily@manual-"), "{run}");
     let mut last = Value::Null;
     for _ in 0..100 {
-        let jobs: Value = client
-            .get(format!("{base}/v1/admin/jobs"))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        last = jobs[0].clone();
+        last = admin_job(&base, &token, "export:daily").await;
         if last["lastStatus"] == "COMPLETED" {
             break;
         }
@@ -674,21 +670,7 @@ async fn a_manual_run_is_named_in_the_answer_and_its_outcome_is_listed() {
         "{body}"
     );
     // Its run shows in the job list, with no cron.
-    let jobs: Value = client
-        .get(format!("{base}/v1/admin/jobs"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let feed = jobs
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|j| j["name"] == "integration:feed")
-        .unwrap_or_else(|| panic!("{jobs}"));
+    let feed = admin_job(&base, &token, "integration:feed").await;
     assert_eq!(feed["lastRun"], body["runId"], "{feed}");
     assert!(feed["cron"].is_null() && feed["error"].is_null(), "{feed}");
     assert!(feed["note"].as_str().unwrap().contains("by hand"), "{feed}");
@@ -1074,26 +1056,7 @@ async fn a_fire_no_replica_ran_is_listed_as_missed_and_a_failure_with_its_reason
     let base = format!("http://{}", server.addr);
     let (_, body) = login(&base, "ops@x.io", PASSWORD).await;
     let token = body["token"].as_str().unwrap().to_string();
-    let listed = |name: &'static str| {
-        let (base, token) = (base.clone(), token.clone());
-        async move {
-            let jobs: Value = reqwest::Client::new()
-                .get(format!("{base}/v1/admin/jobs"))
-                .bearer_auth(&token)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            jobs.as_array()
-                .unwrap()
-                .iter()
-                .find(|j| j["name"] == name)
-                .cloned()
-                .unwrap_or_else(|| panic!("{jobs}"))
-        }
-    };
+    let listed = |name: &'static str| admin_job(&base, &token, name);
     let export = listed("export:daily").await;
     assert!(
         export["missed"].is_null(),
