@@ -1614,3 +1614,90 @@ async fn a_body_trickled_in_past_the_deadline_is_answered_408_and_its_connection
     assert_eq!(body["error"], "payload_too_large", "{body}");
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_ops_address_answers_probes_while_the_public_one_is_full_and_turns_unready_on_shutdown()
+{
+    use std::sync::atomic::Ordering;
+    let db = TestDb::initialized().await;
+    // Writes (they carry a `wtimeout`) can be held; the readiness ping passes.
+    let (uri, hold, held) = support::holding_mongo_proxy(b"wtimeout").await;
+    let store = support::store_via(&uri, &db.name).await;
+    let config = support::test_config(&db.name, |raw| {
+        raw.server.max_connections = 1;
+        raw.server.ops_listen = "127.0.0.1:0".into();
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = sluice::server::start(config, store, listener, false)
+        .await
+        .unwrap();
+    let ops = format!(
+        "http://{}",
+        server.ops_addr.expect("the ops address is served")
+    );
+    let base = format!("http://{}", server.addr);
+    // One client holds the public listener's only connection.
+    let _held = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    support::wait_until("the held connection is counted", || async {
+        let text = reqwest::get(format!("{ops}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines().any(|l| l == "sluice_http_connections_open 1")
+    })
+    .await;
+    let quick = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_millis(500))
+        .build()
+        .unwrap();
+    assert!(
+        quick.get(format!("{base}/healthz")).send().await.is_err(),
+        "the public listener is full"
+    );
+    let status = |path: &'static str| {
+        let (quick, ops) = (quick.clone(), ops.clone());
+        async move {
+            quick
+                .get(format!("{ops}{path}"))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(status("/healthz").await, 200);
+    assert_eq!(status("/readyz").await, 200);
+    assert_eq!(status("/v1/events").await, 404, "no client endpoint there");
+    drop(_held);
+    // A request whose write is held keeps the shutdown draining: meanwhile the replica
+    // says it is not ready (MongoDB answers its ping), on the ops address that still
+    // answers.
+    assert_eq!(status("/readyz").await, 200);
+    hold.store(true, Ordering::SeqCst);
+    let pending = tokio::spawn({
+        let base = base.clone();
+        async move {
+            post(
+                &base,
+                "/v1/events",
+                &json!({ "userId": "v", "sessionId": "s", "eventType": "CLICK" }),
+            )
+            .await
+        }
+    });
+    support::wait_until("the event's write is held", || async {
+        held.load(Ordering::SeqCst) > 0
+    })
+    .await;
+    let stopping = tokio::spawn(server.shutdown());
+    support::wait_until("readiness turns 503 while draining", || async {
+        status("/readyz").await == 503
+    })
+    .await;
+    hold.store(false, Ordering::SeqCst);
+    let _ = pending.await;
+    stopping.await.unwrap();
+}

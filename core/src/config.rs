@@ -251,6 +251,9 @@ pub struct ServerSection {
     pub header_timeout_seconds: u64,
     /// Connections open at once; beyond, new ones wait in the kernel's accept queue.
     pub max_connections: usize,
+    /// A second address serving `/healthz`, `/readyz` and `/metrics` only, for probes
+    /// and scrapes: not subject to `max_connections`, and never public. Empty: none.
+    pub ops_listen: String,
 }
 
 impl Default for ServerSection {
@@ -266,6 +269,7 @@ impl Default for ServerSection {
             body_timeout_seconds: 60,
             header_timeout_seconds: 30,
             max_connections: 10_000,
+            ops_listen: String::new(),
         }
     }
 }
@@ -476,6 +480,8 @@ pub struct Config {
     pub header_timeout: std::time::Duration,
     /// `[server] max_connections`.
     pub max_connections: usize,
+    /// `[server] ops_listen`, if set.
+    pub ops_listen: Option<SocketAddr>,
     pub tracking: TrackingSection,
     pub bots: BotPolicy,
     pub destination: Destination,
@@ -506,6 +512,7 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("SLUICE_MONGODB_DATABASE", "mongodb.database"),
     ("SLUICE_MONGODB_WRITE_CONCERN", "mongodb.write_concern"),
     ("SLUICE_SERVER_LISTEN", "server.listen"),
+    ("SLUICE_SERVER_OPS_LISTEN", "server.ops_listen"),
     ("SLUICE_SERVER_WRITE_KEYS", "server.write_keys"),
     ("SLUICE_EXPORT_DESTINATION", "export.destination"),
     ("SLUICE_S3_ENDPOINT", "s3.endpoint"),
@@ -525,6 +532,7 @@ fn apply_override(c: &mut RawConfig, field: &str, v: String) -> Result<(), Strin
         "mongodb.database" => c.mongodb.database = v,
         "mongodb.write_concern" => c.mongodb.write_concern = v,
         "server.listen" => c.server.listen = v,
+        "server.ops_listen" => c.server.ops_listen = v,
         "server.write_keys" => {
             c.server.write_keys = v
                 .split(',')
@@ -666,6 +674,24 @@ pub fn validate(
             ),
         )
     })?;
+    let ops_listen: Option<SocketAddr> = match raw.server.ops_listen.trim() {
+        "" => None,
+        text => {
+            let at: SocketAddr = text.parse().map_err(|_| {
+                invalid(
+                    "server.ops_listen",
+                    format!("an address like `0.0.0.0:9090`, or nothing, got `{text}`"),
+                )
+            })?;
+            if at == listen && at.port() != 0 {
+                return Err(invalid(
+                    "server.ops_listen",
+                    format!("an address other than `server.listen` ({listen})"),
+                ));
+            }
+            Some(at)
+        }
+    };
     let resolve_keys = |name: &str, keys: &[Secret]| {
         let mut out: Vec<Secret> = Vec::new();
         for (i, key) in keys.iter().enumerate() {
@@ -1033,6 +1059,7 @@ pub fn validate(
         body_timeout: std::time::Duration::from_secs(raw.server.body_timeout_seconds),
         header_timeout: std::time::Duration::from_secs(raw.server.header_timeout_seconds),
         max_connections: raw.server.max_connections,
+        ops_listen,
         tracking: raw.tracking.clone(),
         bots,
         destination,
@@ -1330,7 +1357,18 @@ mod tests {
         assert_eq!(c.body_timeout, std::time::Duration::from_secs(5));
         assert_eq!(c.header_timeout, std::time::Duration::from_secs(30));
         assert_eq!(c.max_connections, 10_000);
+        assert_eq!(c.ops_listen, None);
+        let c = check("[server]\nops_listen = \"0.0.0.0:9090\"\n").unwrap();
+        assert_eq!(c.ops_listen.unwrap().port(), 9090);
         for (text, field) in [
+            (
+                "[server]\nops_listen = \"9090\"\n",
+                "server.ops_listen",
+            ),
+            (
+                "[server]\nlisten = \"0.0.0.0:8080\"\nops_listen = \"0.0.0.0:8080\"\n",
+                "server.ops_listen",
+            ),
             (
                 "[server]\nbody_timeout_seconds = 0\n",
                 "server.body_timeout_seconds",

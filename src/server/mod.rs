@@ -55,6 +55,8 @@ pub struct AppState {
     transforms: Arc<Vec<Arc<dyn sluice_core::transform::Transform>>>,
     /// `tracking.geoip_database`, when configured.
     geoip: Option<Arc<enrich::GeoIp>>,
+    /// Set when the shutdown begins: `/readyz` answers 503 from then on.
+    draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// An error answered as JSON `{"error": code, "message": text}`; never internals.
@@ -151,6 +153,8 @@ pub(crate) fn store_timeout(deadline: Duration, what: &str) -> ApiError {
 /// A running server; dropping the handle does not stop it, `shutdown` does.
 pub struct ServerHandle {
     pub addr: SocketAddr,
+    /// Where `[server] ops_listen` serves `/healthz`, `/readyz` and `/metrics`, if set.
+    pub ops_addr: Option<SocketAddr>,
     pub metrics: Arc<Metrics>,
     stop: Option<oneshot::Sender<()>>,
     join: JoinHandle<()>,
@@ -428,7 +432,31 @@ async fn body_deadline(
 /// driver waiting out its server selection timeout (10 s) would answer very late.
 const READY_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// `[server] ops_listen`'s routes: the probes and the metrics, nothing a client sends.
+fn ops_router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "this address serves /healthz, /readyz and /metrics only",
+            )
+        })
+        .with_state(state)
+}
+
 async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError> {
+    // Stopping: routed elsewhere while it drains.
+    if state.draining.load(std::sync::atomic::Ordering::SeqCst) {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "this replica is shutting down",
+        ));
+    }
     let pinged = tokio::time::timeout(READY_TIMEOUT, state.store.ping())
         .await
         .unwrap_or_else(|_| {
@@ -527,6 +555,7 @@ pub async fn start_loaded(
         transforms: Arc::new(loaded.transforms),
         trusted: Arc::new(trusted),
         geoip: loaded.geoip.map(Arc::new),
+        draining: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         config: Arc::new(config),
         store: store.clone(),
         batcher,
@@ -535,6 +564,25 @@ pub async fn start_loaded(
     let handle_metrics = state.metrics.clone();
     let queue = state.batcher.clone();
     let app = router(state.clone());
+    // Probes and scrapes on an address of their own: outside the public listener's
+    // connection cap, up until the write queue has drained.
+    let ops =
+        match state.config.ops_listen {
+            Some(at) => Some(TcpListener::bind(at).await.map_err(|e| {
+                anyhow::anyhow!("cannot listen on `server.ops_listen` ({at}): {e}")
+            })?),
+            None => None,
+        };
+    let ops_addr = ops.as_ref().map(TcpListener::local_addr).transpose()?;
+    let ops_task = ops.map(|listener| {
+        let app = ops_router(state.clone());
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, "the ops listener stopped");
+            }
+        })
+    });
+    let draining = state.draining.clone();
     let limits = listen::Limits {
         header_timeout: state.config.header_timeout,
         max_connections: state.config.max_connections,
@@ -559,6 +607,7 @@ pub async fn start_loaded(
                     let _ = stop_rx.await;
                 }
                 tracing::info!("shutting down: no new requests, draining the write queue");
+                draining.store(true, std::sync::atomic::Ordering::SeqCst);
                 stopping.notify_one();
             }
         };
@@ -601,10 +650,14 @@ pub async fn start_loaded(
                 a.abort();
             }
         }
+        if let Some(ops) = ops_task {
+            ops.abort();
+        }
     });
     drop(state);
     Ok(ServerHandle {
         addr,
+        ops_addr,
         metrics: handle_metrics,
         stop: Some(stop_tx),
         join,
