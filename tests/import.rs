@@ -443,6 +443,8 @@ enum Fault {
     EndlessTokens,
     /// The second push is answered after 2.5 s.
     SlowSecondPush,
+    /// Every push is answered after 300 ms.
+    SlowPushes,
 }
 
 async fn token(State(s): State<FaultApi>) -> Response {
@@ -582,6 +584,9 @@ async fn receive(
     s.pushed.lock().unwrap().push(body);
     if s.fault == Fault::SlowSecondPush && s.pushed.lock().unwrap().len() == 2 {
         tokio::time::sleep(Duration::from_millis(2_500)).await;
+    }
+    if s.fault == Fault::SlowPushes {
+        tokio::time::sleep(Duration::from_millis(300)).await;
     }
     StatusCode::OK
 }
@@ -1650,6 +1655,61 @@ path = "$.k"
         .map(|i| i["k"].as_i64().unwrap())
         .collect();
     assert_eq!(sent, (0..300).collect::<Vec<i64>>());
+}
+
+#[tokio::test]
+async fn a_long_push_saves_its_position_while_it_runs_not_after_every_batch() {
+    let db = TestDb::initialized().await;
+    let (base, api) = fault_api(Fault::SlowPushes).await;
+    let docs: Vec<_> = (0..12)
+        .map(|k| doc! { "k": k, "updatedAt": bson::DateTime::from_millis(1_000 + k) })
+        .collect();
+    db.store.collection("slow_src").insert_many(docs).await.unwrap();
+    let text = format!(
+        r#"
+name = "slow-push"
+type = "EXPORT"
+endpoint = "{base}/inbox"
+method = "POST"
+allow_private_network = true
+[push]
+collection = "slow_src"
+watermark_field = "updatedAt"
+batch_size = 1
+[mapping.k]
+path = "$.k"
+"#
+    );
+    let name = apply(&db, &text).await;
+    let running = tokio::spawn({
+        let (store, name) = (db.store.clone(), name.clone());
+        async move { run_push(&store, &name, &ImportOptions::default()).await }
+    });
+    // Twelve batches of 300 ms each: a position is saved within the run, a second or so
+    // after it began, not only at its end.
+    let saved = || async {
+        db.store
+            .collection("integration_configs")
+            .find_one(doc! { "name": "slow-push" })
+            .await
+            .unwrap()
+            .unwrap()
+            .get_datetime("syncCursor")
+            .ok()
+            .map(|d| d.timestamp_millis())
+    };
+    support::wait_until("a position saved mid-run", || async { saved().await.is_some() })
+        .await;
+    let mid = saved().await.unwrap();
+    assert!(!running.is_finished(), "the run went on");
+    assert!(mid < 1_011, "{mid}");
+    // Not saved after every batch: a batch takes at least 300 ms, so at most three were
+    // accepted in the first second, and the first save follows the fourth or a later one.
+    assert!(mid >= 1_003, "saved after batch {}", mid - 1_000);
+    let s = running.await.unwrap().unwrap();
+    assert_eq!(api.pushed.lock().unwrap().len(), 12);
+    assert_eq!((s.sent, s.requests), (12, 12));
+    assert_eq!(saved().await, Some(1_011), "the last position is saved as the run ends");
 }
 
 #[tokio::test]

@@ -1977,6 +1977,9 @@ fn idempotency_key(config: &str, span: &str, body: &Value) -> String {
     format!("{:x}", hash.finalize())
 }
 
+/// How often a push saves its position while it runs.
+const POSITION_SAVE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Stores an EXPORT's position: the watermark value and `_id` of the last document handled.
 async fn advance_watermark(
     store: &Store,
@@ -2107,12 +2110,19 @@ pub async fn run_push(
         };
         source.find(query).sort(sort.clone())
     };
+    // The position after the last batch accepted, saved at most once a second (and
+    // whenever the run ends, failing or not): a save after every batch cost nearly half
+    // the push's time. A process killed in between sends up to a second of batches again,
+    // with the same `Idempotency-Key`s (the same batches, from the same position).
+    let mut unsaved: Option<(Bson, Bson)> = None;
+    let mut saved_at = Instant::now();
+    let pushed: Result<bool, ImportError> = async {
     let mut cursor = open(&position).await.map_err(read_err())?;
     let mut reopened = 0;
     let mut stopped = false;
     loop {
-        // Asked to stop (a signal to `import run`): the position is saved after each
-        // batch, so the next run goes on from here.
+        // Asked to stop (a signal to `import run`): the position is saved as the run
+        // ends, so the next run goes on from here.
         if options.progress.stop.load(Relaxed) {
             stopped = true;
             break;
@@ -2208,7 +2218,7 @@ pub async fn run_push(
             .await?;
         if records.is_empty() {
             // Nothing to send, but the batch was handled: move past it.
-            advance_watermark(store, name, high).await?;
+            unsaved = high.or(unsaved.take());
             continue;
         }
         let body = if push.wrap.is_empty() {
@@ -2221,8 +2231,25 @@ pub async fn run_push(
             .await?;
         summary.sent += records.len() as u64;
         summary.requests += 1;
-        advance_watermark(store, name, high).await?;
+        unsaved = high.or(unsaved.take());
+        if saved_at.elapsed() >= POSITION_SAVE_EVERY {
+            advance_watermark(store, name, unsaved.take()).await?;
+            saved_at = Instant::now();
+        }
     }
+    Ok(stopped)
+    }
+    .await;
+    // However the run ends: the batches accepted so far are not sent again.
+    let saved = advance_watermark(store, name, unsaved.take()).await;
+    let stopped = match (pushed, saved) {
+        (Err(e), Err(lost)) => {
+            tracing::error!(config = name, error = %lost, "could not save the push's position: the next run sends the last second's batches again (same Idempotency-Keys)");
+            return Err(e);
+        }
+        (Err(e), Ok(())) | (Ok(_), Err(e)) => return Err(e),
+        (Ok(stopped), Ok(())) => stopped,
+    };
     if !stopped {
         store
             .collection(c::INTEGRATION_CONFIGS)
