@@ -1664,7 +1664,11 @@ async fn a_long_push_saves_its_position_while_it_runs_not_after_every_batch() {
     let docs: Vec<_> = (0..12)
         .map(|k| doc! { "k": k, "updatedAt": bson::DateTime::from_millis(1_000 + k) })
         .collect();
-    db.store.collection("slow_src").insert_many(docs).await.unwrap();
+    db.store
+        .collection("slow_src")
+        .insert_many(docs)
+        .await
+        .unwrap();
     let text = format!(
         r#"
 name = "slow-push"
@@ -1698,8 +1702,10 @@ path = "$.k"
             .ok()
             .map(|d| d.timestamp_millis())
     };
-    support::wait_until("a position saved mid-run", || async { saved().await.is_some() })
-        .await;
+    support::wait_until("a position saved mid-run", || async {
+        saved().await.is_some()
+    })
+    .await;
     let mid = saved().await.unwrap();
     assert!(!running.is_finished(), "the run went on");
     assert!(mid < 1_011, "{mid}");
@@ -1709,7 +1715,11 @@ path = "$.k"
     let s = running.await.unwrap().unwrap();
     assert_eq!(api.pushed.lock().unwrap().len(), 12);
     assert_eq!((s.sent, s.requests), (12, 12));
-    assert_eq!(saved().await, Some(1_011), "the last position is saved as the run ends");
+    assert_eq!(
+        saved().await,
+        Some(1_011),
+        "the last position is saved as the run ends"
+    );
 }
 
 #[tokio::test]
