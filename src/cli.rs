@@ -197,7 +197,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
                 return Err(e);
             }
         };
-    tracing::info!(addr = %handle.addr, "sluice serving");
+    match handle.ops_addr {
+        Some(ops) => {
+            tracing::info!(addr = %handle.addr, ops_addr = %ops, "sluice serving (probes and metrics also on ops_addr)")
+        }
+        None => tracing::info!(addr = %handle.addr, "sluice serving"),
+    }
     // Imports and exports in flight are stopped with the process and recorded
     // (imports INTERRUPTED with their checkpoint's progress, exports FAILED), not left
     // RUNNING. Each is listed while it runs, so the lists are read before the runs stop.
@@ -710,7 +715,7 @@ pub async fn import_run(config: &Config, name: &str, dry_run: bool) -> anyhow::R
                     let _ = sluice_jobs::import::mark_interrupted(&store, &[name.to_string()]).await;
                 }
                 Err(ImportError::Stopped(
-                    "stopped at once by a second signal; the next run resumes from the last checkpoint".into(),
+                    "stopped at once by a second signal; the next run resumes from the last checkpoint (a push: from its last saved position, up to a second behind, and sends those batches again with the same Idempotency-Keys)".into(),
                 ))
             }
         }

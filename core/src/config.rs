@@ -683,7 +683,11 @@ pub fn validate(
                     format!("an address like `0.0.0.0:9090`, or nothing, got `{text}`"),
                 )
             })?;
-            if at == listen && at.port() != 0 {
+            // The same port on an address that overlaps (equal, or either one every
+            // interface) could never be bound beside the public one.
+            let overlaps =
+                at.ip() == listen.ip() || at.ip().is_unspecified() || listen.ip().is_unspecified();
+            if overlaps && at.port() == listen.port() && at.port() != 0 {
                 return Err(invalid(
                     "server.ops_listen",
                     format!("an address other than `server.listen` ({listen})"),
@@ -1367,6 +1371,10 @@ mod tests {
             ),
             (
                 "[server]\nlisten = \"0.0.0.0:8080\"\nops_listen = \"0.0.0.0:8080\"\n",
+                "server.ops_listen",
+            ),
+            (
+                "[server]\nlisten = \"127.0.0.1:8080\"\nops_listen = \"[::]:8080\"\n",
                 "server.ops_listen",
             ),
             (

@@ -2013,7 +2013,8 @@ fn and_filter(filter: Document, more: Document) -> Document {
 }
 
 /// Runs an EXPORT config: documents above the watermark, mapped, pushed in batches; the
-/// watermark advances after each batch the endpoint accepted.
+/// position moves past each batch the endpoint accepted, and is saved at most once a
+/// second and as the run ends.
 pub async fn run_push(
     store: &Store,
     name: &str,
@@ -2216,24 +2217,24 @@ pub async fn run_push(
         summary.dead_letters += store
             .keep_dead_letters(unmapped, &format!("push:{name}"), None)
             .await?;
-        if records.is_empty() {
-            // Nothing to send, but the batch was handled: move past it.
-            unsaved = high.or(unsaved.take());
-            continue;
+        if !records.is_empty() {
+            let body = if push.wrap.is_empty() {
+                Value::Array(records.clone())
+            } else {
+                serde_json::json!({ push.wrap.clone(): records })
+            };
+            let key = idempotency_key(name, &span, &body);
+            http.push(connector.method, &connector.endpoint.text, &body, &key)
+                .await?;
+            summary.sent += records.len() as u64;
+            summary.requests += 1;
         }
-        let body = if push.wrap.is_empty() {
-            Value::Array(records.clone())
-        } else {
-            serde_json::json!({ push.wrap.clone(): records })
-        };
-        let key = idempotency_key(name, &span, &body);
-        http.push(connector.method, &connector.endpoint.text, &body, &key)
-            .await?;
-        summary.sent += records.len() as u64;
-        summary.requests += 1;
+        // The batch was handled (accepted, or nothing of it left to send): move past it.
         unsaved = high.or(unsaved.take());
         if saved_at.elapsed() >= POSITION_SAVE_EVERY {
-            advance_watermark(store, name, unsaved.take()).await?;
+            // Kept until the save succeeds: a failed save is tried again as the run ends.
+            advance_watermark(store, name, unsaved.clone()).await?;
+            unsaved = None;
             saved_at = Instant::now();
         }
     }
