@@ -751,6 +751,63 @@ async fn an_import_whose_finishing_step_failed_is_recorded_failed_and_finished_b
 }
 
 #[tokio::test]
+async fn a_config_that_cannot_start_is_recorded_as_a_failed_run() {
+    let db = TestDb::initialized().await;
+    // A host no resolver knows (`.invalid` is reserved for that).
+    let name = apply(
+        &db,
+        &cursor_config("unreachable", "http://no-such-host.invalid", "", ""),
+    )
+    .await;
+    let err = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap_err()
+        .to_string();
+    let runs: Vec<_> = db
+        .store
+        .collection("import_runs")
+        .find(doc! { "config": &name })
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    assert_eq!(runs[0].get_str("status").unwrap(), "FAILED", "{}", runs[0]);
+    let recorded = runs[0].get_str("error").unwrap();
+    assert!(
+        recorded.starts_with("the run could not start: "),
+        "{recorded}"
+    );
+    assert!(recorded.contains(&err), "{recorded} / {err}");
+    assert_eq!(
+        sluice_core::metrics::value(
+            "sluice_import_runs_total",
+            &[("config", "unreachable"), ("status", "FAILED")],
+        ),
+        1.0
+    );
+    // A dry run records nothing, and neither does a config that is not stored.
+    let dry = ImportOptions {
+        dry_run: true,
+        ..Default::default()
+    };
+    assert!(run_import(&db.store, &name, &dry).await.is_err());
+    assert!(
+        run_import(&db.store, "not-stored", &ImportOptions::default())
+            .await
+            .is_err()
+    );
+    let all = db
+        .store
+        .collection("import_runs")
+        .count_documents(doc! {})
+        .await
+        .unwrap();
+    assert_eq!(all, 1);
+}
+
+#[tokio::test]
 async fn retries_honour_retry_after_and_ride_out_5xx_bursts() {
     let db = TestDb::initialized().await;
     let (base, api) = fault_api(Fault::RateLimitedOnce).await;

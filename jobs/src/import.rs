@@ -391,6 +391,11 @@ async fn reset_held(store: &Store, name: &str, cursor: bool) -> Result<ResetRepo
     Ok(report)
 }
 
+/// The id of a new run of config `name`: its name and the start time.
+fn new_run_id(name: &str) -> String {
+    format!("{name}-{}", chrono::Utc::now().format("%Y%m%dT%H%M%S%.3f"))
+}
+
 /// Runs an IMPORT config.
 pub async fn run_import(
     store: &Store,
@@ -398,10 +403,37 @@ pub async fn run_import(
     options: &ImportOptions,
 ) -> Result<ImportSummary, ImportError> {
     let started = Instant::now();
-    let (connector, stored) = load_connector(store, name, IntegrationType::Import, options).await?;
-    let chain = chain_for(&connector, &options.transforms)?;
-    let connector = Arc::new(connector);
-    let http = http_client(store, name, &connector, options).await?;
+    let prepared = async {
+        let (connector, stored) =
+            load_connector(store, name, IntegrationType::Import, options).await?;
+        let chain = chain_for(&connector, &options.transforms)?;
+        let connector = Arc::new(connector);
+        let http = http_client(store, name, &connector, options).await?;
+        Ok::<_, ImportError>((connector, stored, chain, http))
+    }
+    .await;
+    let (connector, stored, chain, http) = match prepared {
+        Ok(prepared) => prepared,
+        // A stored config that cannot run (a secret unset, a plugin missing, an endpoint
+        // that does not resolve or is refused) is recorded FAILED like any run, so
+        // `import_runs` and `/metrics` show it; one that is not stored is no run.
+        Err(e) if !options.dry_run && !matches!(e, ImportError::Unknown(_)) => {
+            let summary = ImportSummary {
+                name: name.to_string(),
+                run_id: new_run_id(name),
+                ..Default::default()
+            };
+            import_metrics(
+                &summary,
+                &summary,
+                "FAILED",
+                started.elapsed().as_secs_f64(),
+            );
+            record_failed_run(store, &summary, &format!("the run could not start: {e}")).await;
+            return Err(e);
+        }
+        Err(e) => return Err(e),
+    };
     let checkpoints = store.collection(c::IMPORT_CHECKPOINTS);
     let mut summary = ImportSummary {
         name: name.to_string(),
@@ -472,7 +504,7 @@ pub async fn run_import(
             saved_state(cp).unwrap_or(PageState::Done)
         }
         None => {
-            summary.run_id = format!("{name}-{}", chrono::Utc::now().format("%Y%m%dT%H%M%S%.3f"));
+            summary.run_id = new_run_id(name);
             let mut extra = Vec::new();
             if let (Some(inc), Some(cursor)) = (&connector.incremental, stored.get(f::SYNC_CURSOR))
             {
