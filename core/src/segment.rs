@@ -475,14 +475,8 @@ pub fn parse_message(
 /// `url` cut to at most [`MAX_URL_LEN`](crate::tracking::MAX_URL_LEN) bytes, at a
 /// character boundary.
 fn cut_url(mut url: String) -> String {
-    let max = crate::tracking::MAX_URL_LEN;
-    if url.len() > max {
-        let end = (0..=max)
-            .rev()
-            .find(|&i| url.is_char_boundary(i))
-            .unwrap_or(0);
-        url.truncate(end);
-    }
+    let end = crate::model::prefix_within(&url, crate::tracking::MAX_URL_LEN).len();
+    url.truncate(end);
     url
 }
 

@@ -941,11 +941,11 @@ fn reject_at(
         // Samples go into the run's record (`import_runs`): a big record is shown by
         // its start, so the run can still be recorded.
         let cut = |text: String, limit: usize| {
-            let mut end = limit.min(text.len());
-            while !text.is_char_boundary(end) {
-                end -= 1;
-            }
-            Value::String(format!("{}... ({} bytes)", &text[..end], text.len()))
+            Value::String(format!(
+                "{}... ({} bytes)",
+                sluice_core::model::prefix_within(&text, limit),
+                text.len()
+            ))
         };
         let text = record.to_string();
         let record = match record {

@@ -279,13 +279,8 @@ fn excerpt(record: bson::Document, bytes: usize) -> bson::Document {
         room = left;
         keep[i] = true;
     }
-    let start = |text: &str, limit: usize| {
-        let mut end = limit.min(text.len());
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text[..end].to_string()
-    };
+    let start =
+        |text: &str, limit: usize| sluice_core::model::prefix_within(text, limit).to_string();
     let mut kept = bson::Document::new();
     let (mut dropped, mut named) = (0i64, Vec::new());
     for ((k, v, json), keep) in fields.into_iter().zip(keep) {

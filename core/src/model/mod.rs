@@ -8,6 +8,15 @@ mod records;
 pub use enums::*;
 pub use records::*;
 
+/// The start of `text` within `max` bytes, cut on a character boundary.
+pub fn prefix_within(text: &str, max: usize) -> &str {
+    let mut end = max.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
 /// Whether MongoDB stores `name` as one plain field: not empty, no `$` prefix (an
 /// operator), no `.` (a path). Mapping targets, event property names and what import
 /// plugins return are held to it.
