@@ -15,7 +15,9 @@ use std::time::Instant;
 use bson::{doc, Bson, DateTime, Document};
 use serde_json::Value;
 use sluice_connectors::http::{HttpClient, HttpError, HttpStats, PageState};
-use sluice_connectors::mongo::{EventWriter, WriteStatus, WriterOptions};
+use sluice_connectors::mongo::{
+    command_groups, encoded_len, EventWriter, WriteStatus, WriterOptions, MAX_UPDATE_COMMAND_BYTES,
+};
 use sluice_connectors::{Store, StoreError};
 use sluice_core::integration::{map_record, map_record_noting, validate, Connector, Paging};
 use sluice_core::model::{
@@ -1540,14 +1542,6 @@ async fn sink(
 /// added it would pass MongoDB's 16 MiB (16,777,216 bytes) limit.
 const MAX_STORED_DOCUMENT_BYTES: usize = 16 * 1024 * 1024 - 4 * 1024;
 
-/// Statements of one `update` command, in encoded bytes: a command over 16 MiB is
-/// refused whole (drivers split their own bulk writes; a command sent as it is is not).
-const MAX_UPSERT_COMMAND_BYTES: usize = 8 * 1024 * 1024;
-
-fn encoded_len(d: &Document) -> usize {
-    bson::to_vec(d).map_or(usize::MAX, |v| v.len())
-}
-
 /// [`sink`] of documents that each fit.
 async fn sink_sized(
     store: &Store,
@@ -1621,7 +1615,7 @@ async fn upsert(
     docs: &[Document],
 ) -> Result<Sunk, ImportError> {
     let mut sunk = Sunk::default();
-    for group in command_groups(docs, MAX_UPSERT_COMMAND_BYTES) {
+    for group in command_groups(docs, MAX_UPDATE_COMMAND_BYTES) {
         let start = group.start;
         let part = upsert_group(store, connector, &docs[group]).await?;
         sunk.inserted += part.inserted;
@@ -1630,25 +1624,6 @@ async fn upsert(
             .extend(part.refused.into_iter().map(|(i, why)| (start + i, why)));
     }
     Ok(sunk)
-}
-
-/// `docs` in consecutive groups of at most `cap` encoded bytes (a document bigger than
-/// that alone), one command each.
-fn command_groups(docs: &[Document], cap: usize) -> Vec<std::ops::Range<usize>> {
-    let mut groups = Vec::new();
-    let (mut start, mut bytes) = (0, 0usize);
-    for (i, d) in docs.iter().enumerate() {
-        let len = encoded_len(d);
-        if i > start && bytes.saturating_add(len) > cap {
-            groups.push(start..i);
-            (start, bytes) = (i, 0);
-        }
-        bytes = bytes.saturating_add(len);
-    }
-    if start < docs.len() {
-        groups.push(start..docs.len());
-    }
-    groups
 }
 
 /// [`upsert`] of documents that fit one command.
@@ -2363,27 +2338,6 @@ mod tests {
         assert!(serde_json::to_string(sample).unwrap().len() < 2 * MAX_SAMPLE_BYTES);
         // The dead letter keeps the record whole.
         assert_eq!(summary.rejected[0].record.len(), 101);
-    }
-
-    #[test]
-    fn upserts_are_grouped_under_the_command_cap_in_order() {
-        let doc_of = |n: usize| doc! { "b": "x".repeat(n) };
-        let docs: Vec<Document> = [100, 100, 100, 500, 50, 50, 2_000, 10]
-            .into_iter()
-            .map(doc_of)
-            .collect();
-        let cap = 400;
-        let groups = command_groups(&docs, cap);
-        // Every document once, in order; each group under the cap unless it is one
-        // document bigger than the cap.
-        let flat: Vec<usize> = groups.iter().cloned().flatten().collect();
-        assert_eq!(flat, (0..docs.len()).collect::<Vec<_>>());
-        for g in &groups {
-            let bytes: usize = docs[g.clone()].iter().map(encoded_len).sum();
-            assert!(bytes <= cap || g.len() == 1, "{g:?}: {bytes}");
-        }
-        assert_eq!(groups, [0..3, 3..4, 4..6, 6..7, 7..8]);
-        assert!(command_groups(&[], cap).is_empty());
     }
 
     #[test]

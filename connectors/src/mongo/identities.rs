@@ -297,68 +297,40 @@ pub async fn apply_traits(
         rounds[k].push(i);
     }
     let now = store.now();
-    let failed = |source| StoreError::Mongo {
+    const STEP: &str = "apply identify traits";
+    let not_durable = |message| StoreError::NotDurable {
         collection: c::USERS.into(),
-        step: "apply identify traits",
-        source,
+        step: STEP,
+        message,
     };
     for round in rounds {
-        let statements: Vec<(Document, usize)> = round
+        let (statements, of): (Vec<Document>, Vec<usize>) = round
             .into_iter()
             .filter_map(|i| traits_statement(&all[i], now).map(|s| (s, i)))
-            .collect();
+            .unzip();
         // Commands stay well under MongoDB's 16 MB (a request's traits are bounded by the
         // batch size limit, which an operator may raise).
-        for chunk in by_size(statements, MAX_COMMAND_BYTES) {
-            let (statements, of): (Vec<Document>, Vec<usize>) = chunk.into_iter().unzip();
+        for group in super::command_groups(&statements, super::MAX_UPDATE_COMMAND_BYTES) {
             let reply = store
-                .unordered_updates(c::USERS, statements)
+                .unordered_updates(c::USERS, statements[group.clone()].to_vec())
                 .await
-                .map_err(failed)?;
+                .map_err(StoreError::mongo(c::USERS, STEP))?;
             if let Some(message) = super::write_concern_error(&reply) {
-                return Err(StoreError::NotDurable {
-                    collection: c::USERS.into(),
-                    step: "apply identify traits",
-                    message,
-                });
+                return Err(not_durable(message));
             }
             for e in super::statement_errors(&reply) {
+                let message = format!("write error {}: {}", e.code, e.message);
                 // A primary stepping down mid-command: worth a resend, not a refusal.
                 if super::transient_code(e.code) {
-                    return Err(StoreError::NotDurable {
-                        collection: c::USERS.into(),
-                        step: "apply identify traits",
-                        message: format!("write error {}: {}", e.code, e.message),
-                    });
+                    return Err(not_durable(message));
                 }
-                if let Some(&i) = of.get(e.index) {
-                    outcome[i] = Err(format!("write error {}: {}", e.code, e.message));
+                if let Some(&i) = of[group.clone()].get(e.index) {
+                    outcome[i] = Err(message);
                 }
             }
         }
     }
     Ok(outcome)
-}
-
-/// The most an `update` command of traits holds, in BSON bytes of its statements.
-const MAX_COMMAND_BYTES: usize = 8 << 20;
-
-/// `statements` in runs of at most `max` BSON bytes (one statement alone may be more).
-fn by_size(statements: Vec<(Document, usize)>, max: usize) -> Vec<Vec<(Document, usize)>> {
-    let mut chunks: Vec<Vec<(Document, usize)>> = Vec::new();
-    let mut size = 0;
-    for (statement, i) in statements {
-        let bytes = bson::to_vec(&statement).map_or(0, |b| b.len());
-        if chunks.is_empty() || size + bytes > max {
-            chunks.push(Vec::new());
-            size = 0;
-        }
-        size += bytes;
-        if let Some(last) = chunks.last_mut() {
-            last.push((statement, i));
-        }
-    }
-    chunks
 }
 
 #[cfg(test)]
@@ -367,18 +339,6 @@ mod tests {
 
     fn link(from: &str, to: &str, since_ms: i64) -> (String, String, DateTime) {
         (from.into(), to.into(), DateTime::from_millis(since_ms))
-    }
-
-    #[test]
-    fn traits_commands_are_cut_by_size() {
-        let statement = |n: usize| (doc! { "q": { "v": "x".repeat(n) } }, n);
-        let chunks = by_size(vec![statement(100), statement(100), statement(500)], 300);
-        let sizes: Vec<Vec<usize>> = chunks
-            .iter()
-            .map(|c| c.iter().map(|(_, i)| *i).collect())
-            .collect();
-        assert_eq!(sizes, vec![vec![100, 100], vec![500]]);
-        assert!(by_size(Vec::new(), 300).is_empty());
     }
 
     #[test]

@@ -191,6 +191,35 @@ pub fn write_concern_error(reply: &bson::Document) -> Option<String> {
     })
 }
 
+/// Statements of one `update` command, in encoded bytes: a command over 16 MiB is
+/// refused whole (drivers split their own bulk writes; a command sent as it is, as
+/// [`Store::unordered_updates`] does, is not).
+pub const MAX_UPDATE_COMMAND_BYTES: usize = 8 * 1024 * 1024;
+
+/// `d`'s size as BSON (`usize::MAX` if it cannot be encoded).
+pub fn encoded_len(d: &bson::Document) -> usize {
+    bson::to_vec(d).map_or(usize::MAX, |v| v.len())
+}
+
+/// `docs` in consecutive groups of at most `cap` encoded bytes (a document bigger than
+/// that alone), one command each.
+pub fn command_groups(docs: &[bson::Document], cap: usize) -> Vec<std::ops::Range<usize>> {
+    let mut groups = Vec::new();
+    let (mut start, mut bytes) = (0, 0usize);
+    for (i, d) in docs.iter().enumerate() {
+        let len = encoded_len(d);
+        if i > start && bytes.saturating_add(len) > cap {
+            groups.push(start..i);
+            (start, bytes) = (i, 0);
+        }
+        bytes = bytes.saturating_add(len);
+    }
+    if start < docs.len() {
+        groups.push(start..docs.len());
+    }
+    groups
+}
+
 /// Errors from the MongoDB store, with the collection or step they happened in.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -568,6 +597,27 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn upserts_are_grouped_under_the_command_cap_in_order() {
+        let doc_of = |n: usize| bson::doc! { "b": "x".repeat(n) };
+        let docs: Vec<bson::Document> = [100, 100, 100, 500, 50, 50, 2_000, 10]
+            .into_iter()
+            .map(doc_of)
+            .collect();
+        let cap = 400;
+        let groups = command_groups(&docs, cap);
+        // Every document once, in order; each group under the cap unless it is one
+        // document bigger than the cap.
+        let flat: Vec<usize> = groups.iter().cloned().flatten().collect();
+        assert_eq!(flat, (0..docs.len()).collect::<Vec<_>>());
+        for g in &groups {
+            let bytes: usize = docs[g.clone()].iter().map(encoded_len).sum();
+            assert!(bytes <= cap || g.len() == 1, "{g:?}: {bytes}");
+        }
+        assert_eq!(groups, [0..3, 3..4, 4..6, 6..7, 7..8]);
+        assert!(command_groups(&[], cap).is_empty());
+    }
 
     #[test]
     fn an_excerpt_keeps_small_fields_wherever_they_stand_and_names_what_it_drops() {
