@@ -127,22 +127,11 @@ pub async fn job_overview(
     // run by any replica.
     let reload = std::time::Duration::from_secs(config.scheduler.reload_seconds);
     let grace =
-        (reload * 2 + std::time::Duration::from_secs(10)).max(std::time::Duration::from_secs(300));
+        sluice_jobs::schedule::missed_fire_window(reload).max(std::time::Duration::from_secs(300));
     let grace = chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::MAX);
     // Claims are kept this long after they end; an older instant's is gone either way.
     let kept = chrono::Duration::days(sluice_connectors::mongo::SCHEDULED_RUNS_KEPT_DAYS as i64);
-    let claimed = |job: String, fire: chrono::DateTime<chrono::Utc>| async move {
-        store
-            .collection(c::SCHEDULED_RUNS)
-            .find_one(doc! { "_id": sluice_jobs::schedule::run_id(&job, fire) })
-            .projection(doc! { "_id": 1 })
-            .await
-            .map(|found| found.is_some())
-            .map_err(sluice_connectors::StoreError::mongo(
-                c::SCHEDULED_RUNS,
-                "find a fire's run",
-            ))
-    };
+    let claimed = sluice_jobs::schedule::fire_claimed;
     let mut out = Vec::new();
     for job in scheduled_jobs(config, store).await? {
         let last_run = latest_run(job.name.clone()).await?;
@@ -168,11 +157,11 @@ pub async fn job_overview(
                     &job,
                     fire - chrono::Duration::seconds(1),
                 ) {
-                    Ok(before) if before < fire => claimed(job.name.clone(), before).await?,
+                    Ok(before) if before < fire => claimed(store, &job.name, before).await?,
                     _ => false,
                 },
             };
-            if in_effect && !claimed(job.name.clone(), fire).await? {
+            if in_effect && !claimed(store, &job.name, fire).await? {
                 missed = Some(format!(
                     "no run was recorded for the fire at {} (no replica was running, or MongoDB was unreachable then); run it by hand: `sluice jobs run {}`",
                     fire.to_rfc3339(),

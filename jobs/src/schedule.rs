@@ -543,6 +543,28 @@ impl Scheduler {
     }
 }
 
+/// How long after a cron instant a replica may still claim it: the missed-fire check of
+/// each replica looks back two reloads and 10 s.
+pub fn missed_fire_window(reload_every: Duration) -> Duration {
+    reload_every * 2 + Duration::from_secs(10)
+}
+
+/// Whether a claim of `job`'s fire at `fire` is recorded (any status), read from the
+/// primary as claims are.
+pub async fn fire_claimed(
+    store: &Store,
+    job: &str,
+    fire: chrono::DateTime<Utc>,
+) -> Result<bool, StoreError> {
+    store
+        .lease_collection(c::SCHEDULED_RUNS)
+        .find_one(doc! { common::ID: run_id(job, fire) })
+        .projection(doc! { common::ID: 1 })
+        .await
+        .map(|found| found.is_some())
+        .map_err(StoreError::mongo(c::SCHEDULED_RUNS, "find a fire's claim"))
+}
+
 /// Fires the latest instant of each job that passed recently (within two reloads and 10
 /// s) without any replica claiming it: a trigger remade as daylight saving time began
 /// skipped it (the cron library fixes a zone's offset per trigger), or every replica was
@@ -550,13 +572,11 @@ impl Scheduler {
 /// a trigger fired, or another replica's check, is not run twice.
 async fn fire_missed(inner: &Arc<Inner>, jobs: &[ScheduledJob]) {
     let now = Utc::now();
-    let window = inner.options.reload_every * 2 + Duration::from_secs(10);
-    let runs = inner.store.lease_collection(c::SCHEDULED_RUNS);
+    let window = missed_fire_window(inner.options.reload_every);
     for job in jobs {
-        let (Ok(cron), Ok(tz)) = (parse_cron(&job.cron), job_timezone(job)) else {
+        let Ok(last) = previous_fire(job, now) else {
             continue;
         };
-        let last = fire_instant(&cron, tz, now);
         let Ok(age) = (now - last).to_std() else {
             continue;
         };
@@ -567,13 +587,9 @@ async fn fire_missed(inner: &Arc<Inner>, jobs: &[ScheduledJob]) {
         if job.since.is_some_and(|since| last < since) {
             continue;
         }
-        match runs
-            .find_one(doc! { common::ID: run_id(&job.name, last) })
-            .projection(doc! { common::ID: 1 })
-            .await
-        {
-            Ok(None) => {}
-            Ok(Some(_)) => continue,
+        match fire_claimed(&inner.store, &job.name, last).await {
+            Ok(false) => {}
+            Ok(true) => continue,
             Err(e) => {
                 tracing::warn!(job = %job.name, error = %e, "could not look for a missed fire");
                 continue;
