@@ -10,7 +10,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::extract::ConnectInfo;
 use axum::Router;
@@ -44,7 +44,7 @@ pub(crate) async fn serve(
         .header_read_timeout(limits.header_timeout);
     let (closing_tx, closing_rx) = watch::channel(false);
     let mut open = JoinSet::new();
-    let mut full_warned: Option<Instant> = None;
+    let full_warned = super::Throttle::new();
     tokio::pin!(stop);
     loop {
         while open.try_join_next().is_some() {}
@@ -52,12 +52,12 @@ pub(crate) async fn serve(
             Ok(p) => p,
             Err(_) => {
                 // Warned at most once a minute: a flood would otherwise flood the log too.
-                if full_warned.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
+                if let Some(held) = full_warned.pass(Duration::from_secs(60)) {
                     tracing::warn!(
                         max_connections = limits.max_connections,
+                        more_since_last = held,
                         "every allowed connection is open; new ones wait until one closes ([server] max_connections)"
                     );
-                    full_warned = Some(Instant::now());
                 }
                 tokio::select! {
                     p = permits.clone().acquire_owned() => match p {

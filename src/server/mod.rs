@@ -101,7 +101,7 @@ impl IntoResponse for ApiError {
 
 /// A log line that one client, or every client at once, can cause on each request: at
 /// most one a `every`, saying how many like it were held back since the last. Each call
-/// site has its own (a `static`).
+/// site has its own (a `static`, or one per listener).
 pub(crate) struct Throttle(std::sync::Mutex<(Option<std::time::Instant>, u64)>);
 
 impl Throttle {
@@ -248,9 +248,7 @@ pub fn router(state: AppState) -> Router {
         Arc::new(tracking_paths.into_iter().collect());
     let app = app
         .merge(admin::routes())
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics_text))
+        .merge(probe_routes())
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
         })
@@ -432,12 +430,17 @@ async fn body_deadline(
 /// driver waiting out its server selection timeout (10 s) would answer very late.
 const READY_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// `[server] ops_listen`'s routes: the probes and the metrics, nothing a client sends.
-fn ops_router(state: AppState) -> Router {
+/// The probes and the metrics, on the public listener and on `[server] ops_listen`.
+fn probe_routes() -> Router<AppState> {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
+}
+
+/// `[server] ops_listen`'s routes: the probes and the metrics, nothing a client sends.
+fn ops_router(state: AppState) -> Router {
+    probe_routes()
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
