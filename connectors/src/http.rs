@@ -503,7 +503,7 @@ impl HttpClient {
             // the refused connection, the reset or the TLS failure is in its sources).
             // reqwest names the URL, query included, and an API key may be a query
             // parameter: the URL is shown without its query.
-            let mut text = describe_token_error(e);
+            let mut text = error_with_causes(e);
             if let Some(url) = e.url() {
                 let mut bare = url.clone();
                 bare.set_query(None);
@@ -1223,11 +1223,11 @@ impl Provider {
                     .and_then(|v| v.get("error").and_then(|c| c.as_str()).map(str::to_owned))
                     .is_some_and(|code| RFC6749_TOKEN_ERRORS.contains(&code.as_str())) =>
             {
-                self.error(describe_token_error(e))
+                self.error(error_with_causes(e))
             }
             _ => HttpError::TokenUnavailable {
                 url: self.token_url.clone(),
-                message: describe_token_error(e),
+                message: error_with_causes(e),
                 retry_after: *self.asked.lock().unwrap_or_else(|p| p.into_inner()),
             },
         }
@@ -1345,7 +1345,7 @@ async fn exchange_refresh(
                     rotated = Some(new);
                     failure = provider.error(format!(
                         "{} (the answer carried a new refresh token, {})",
-                        describe_token_error(&e),
+                        error_with_causes(&e),
                         if kept { "which was saved" } else { "which could not be saved" }
                     ));
                 }
@@ -1412,7 +1412,7 @@ fn lenient_token_answer(body: &[u8]) -> (Option<String>, Option<Vec<u8>>) {
 }
 
 /// `e` with its chain of causes, each after a colon.
-fn describe_token_error<E: std::error::Error>(e: &E) -> String {
+fn error_with_causes<E: std::error::Error>(e: &E) -> String {
     let mut msg = e.to_string();
     let mut src = e.source();
     while let Some(s) = src {
