@@ -35,19 +35,25 @@ fn db_config(db: &support::TestDb) -> std::path::PathBuf {
     )
 }
 
-/// `sluice import run NAME` with `config`, off the test's runtime.
-async fn import_run(config: &std::path::Path, name: &str) -> std::process::Output {
-    let (config, name) = (config.to_path_buf(), name.to_string());
+/// `sluice --config CONFIG ARGS...`, off the test's runtime.
+async fn sluice_with(config: &std::path::Path, args: &[&str]) -> std::process::Output {
+    let config = config.to_path_buf();
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
     tokio::task::spawn_blocking(move || {
         sluice()
             .arg("--config")
             .arg(&config)
-            .args(["import", "run", &name])
+            .args(&args)
             .output()
             .unwrap()
     })
     .await
     .unwrap()
+}
+
+/// `sluice import run NAME` with `config`, off the test's runtime.
+async fn import_run(config: &std::path::Path, name: &str) -> std::process::Output {
+    sluice_with(config, &["import", "run", name]).await
 }
 
 #[tokio::test]
@@ -58,19 +64,7 @@ async fn running_a_config_that_does_not_exist_leaves_no_run_record() {
         ["jobs", "run", "no-such-feed"],
         ["import", "run", "no-such-feed"],
     ] {
-        let out = {
-            let config = config.clone();
-            tokio::task::spawn_blocking(move || {
-                sluice()
-                    .arg("--config")
-                    .arg(&config)
-                    .args(args)
-                    .output()
-                    .unwrap()
-            })
-            .await
-            .unwrap()
-        };
+        let out = sluice_with(&config, &args).await;
         assert_eq!(out.status.code(), Some(1), "{args:?}");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(
@@ -105,19 +99,7 @@ async fn jobs_history_takes_a_bare_config_name_like_jobs_run() {
     }
     let config = db_config(&db);
     for name in ["shop", "integration:shop"] {
-        let out = {
-            let config = config.clone();
-            tokio::task::spawn_blocking(move || {
-                sluice()
-                    .arg("--config")
-                    .arg(&config)
-                    .args(["jobs", "history", name])
-                    .output()
-                    .unwrap()
-            })
-            .await
-            .unwrap()
-        };
+        let out = sluice_with(&config, &["jobs", "history", name]).await;
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
             out.status.success(),
@@ -673,16 +655,7 @@ async fn serve_with_a_missing_geoip_database_stops_before_touching_the_database(
             db.name
         ),
     );
-    let out = tokio::task::spawn_blocking(move || {
-        sluice()
-            .arg("--config")
-            .arg(&config)
-            .arg("serve")
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let out = sluice_with(&config, &["serve"]).await;
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("GeoLite2-City.mmdb"), "{err}");
@@ -731,20 +704,10 @@ async fn prune_ledger_deletes_only_claims_of_archived_events_before_the_day() {
     let config = db_config(&db);
     let prune = |args: &'static [&'static str]| {
         let config = config.clone();
-        tokio::task::spawn_blocking(move || {
-            sluice()
-                .arg("--config")
-                .arg(&config)
-                .args(["db", "prune-ledger"])
-                .args(args)
-                .output()
-                .unwrap()
-        })
+        async move { sluice_with(&config, &[&["db", "prune-ledger"], args].concat()).await }
     };
 
-    let dry = prune(&["--before", "2026-02-01", "--dry-run"])
-        .await
-        .unwrap();
+    let dry = prune(&["--before", "2026-02-01", "--dry-run"]).await;
     let stdout = String::from_utf8_lossy(&dry.stdout);
     assert!(dry.status.success(), "{stdout}");
     assert!(
@@ -757,7 +720,7 @@ async fn prune_ledger_deletes_only_claims_of_archived_events_before_the_day() {
         "a dry run deletes nothing"
     );
 
-    let done = prune(&["--before", "2026-02-01"]).await.unwrap();
+    let done = prune(&["--before", "2026-02-01"]).await;
     let (stdout, stderr) = (
         String::from_utf8_lossy(&done.stdout),
         String::from_utf8_lossy(&done.stderr),
@@ -791,7 +754,7 @@ async fn prune_ledger_deletes_only_claims_of_archived_events_before_the_day() {
         ["kept-0", "kept-1", "kept-2", "kept-3", "recent-0", "recent-1", "recent-2", "stored-0"]
     );
 
-    let bad = prune(&["--before", "2026-02-30"]).await.unwrap();
+    let bad = prune(&["--before", "2026-02-30"]).await;
     let stderr = String::from_utf8_lossy(&bad.stderr);
     assert!(!bad.status.success());
     assert!(stderr.contains("--before"), "{stderr}");
@@ -818,17 +781,9 @@ async fn import_reset_says_what_it_dropped() {
     let config = db_config(&db);
     let reset = |args: &'static [&'static str]| {
         let config = config.clone();
-        tokio::task::spawn_blocking(move || {
-            sluice()
-                .arg("--config")
-                .arg(&config)
-                .args(["import", "reset"])
-                .args(args)
-                .output()
-                .unwrap()
-        })
+        async move { sluice_with(&config, &[&["import", "reset"], args].concat()).await }
     };
-    let out = reset(&["shop", "--cursor"]).await.unwrap();
+    let out = reset(&["shop", "--cursor"]).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -846,7 +801,7 @@ async fn import_reset_says_what_it_dropped() {
         .unwrap();
     assert!(!stored.contains_key("syncCursor"), "{stored}");
 
-    let out = reset(&["nope"]).await.unwrap();
+    let out = reset(&["nope"]).await;
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no integration config named `nope`"), "{err}");
