@@ -16,6 +16,21 @@ async fn token_of(base: &str, email: &str) -> String {
     body["token"].as_str().unwrap().to_string()
 }
 
+/// A server (configured by `adjust`) with an ADMIN `ops@x.io` signed in: the server, its
+/// base URL and the ADMIN's token.
+async fn signed_in_admin(
+    db: &TestDb,
+    adjust: impl FnOnce(&mut sluice_core::config::RawConfig),
+) -> (sluice::server::ServerHandle, String, String) {
+    sluice::server::admin::create_admin_user(&db.store, "ops@x.io", PASSWORD, Role::Admin)
+        .await
+        .unwrap();
+    let server = start_server(db, adjust).await;
+    let base = format!("http://{}", server.addr);
+    let token = token_of(&base, "ops@x.io").await;
+    (server, base, token)
+}
+
 async fn login(base: &str, email: &str, password: &str) -> (u16, Value) {
     let r = reqwest::Client::new()
         .post(format!("{base}/v1/admin/login"))
@@ -252,12 +267,7 @@ async fn every_role_against_every_endpoint() {
 #[tokio::test]
 async fn the_bearer_scheme_is_case_insensitive_and_browsers_may_patch() {
     let db = TestDb::initialized().await;
-    sluice::server::admin::create_admin_user(&db.store, "ops@x.io", PASSWORD, Role::Admin)
-        .await
-        .unwrap();
-    let server = start_server(&db, |_| {}).await;
-    let base = format!("http://{}", server.addr);
-    let token = token_of(&base, "ops@x.io").await;
+    let (server, base, token) = signed_in_admin(&db, |_| {}).await;
     let client = reqwest::Client::new();
     for scheme in ["bearer", "BEARER", "Bearer"] {
         let r = client
@@ -296,15 +306,10 @@ async fn the_bearer_scheme_is_case_insensitive_and_browsers_may_patch() {
 #[tokio::test]
 async fn an_env_allowlist_limits_what_api_configs_may_reference() {
     let db = TestDb::initialized().await;
-    sluice::server::admin::create_admin_user(&db.store, "ops@x.io", PASSWORD, Role::Admin)
-        .await
-        .unwrap();
-    let server = start_server(&db, |raw| {
+    let (server, base, token) = signed_in_admin(&db, |raw| {
         raw.security.api_config_env = vec!["SHOP_*".into(), "CRM_TOKEN".into()];
     })
     .await;
-    let base = format!("http://{}", server.addr);
-    let token = token_of(&base, "ops@x.io").await;
     let apply = |var: &str| {
         let config = format!("name = \"cfg-env\"\ntype = \"IMPORT\"\nendpoint = \"https://api.example/x\"\n[headers]\nX-Token = \"${{env:{var}}}\"\n[mapping.productId]\npath = \"$.id\"\n");
         let r = reqwest::Client::new()
@@ -431,12 +436,7 @@ async fn bad_credentials_never_reveal_whether_an_email_exists_and_are_rate_limit
 #[tokio::test]
 async fn a_duplicate_user_and_an_unreadable_config_body_get_their_own_json_errors() {
     let db = TestDb::initialized().await;
-    sluice::server::admin::create_admin_user(&db.store, "ops@x.io", PASSWORD, Role::Admin)
-        .await
-        .unwrap();
-    let server = start_server(&db, |_| {}).await;
-    let base = format!("http://{}", server.addr);
-    let token = token_of(&base, "ops@x.io").await;
+    let (server, base, token) = signed_in_admin(&db, |_| {}).await;
     let client = reqwest::Client::new();
     let user = json!({ "email": "OPS@x.io", "password": PASSWORD, "role": "USER" });
     let configs = format!("{base}/v1/admin/configs");
