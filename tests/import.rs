@@ -1627,26 +1627,6 @@ path = "$.email"
     assert_ne!(keys[keys.len() - 1], keys[keys.len() - 2], "{keys:?}");
 }
 
-/// A `tracing` writer keeping what is logged, for a test to read.
-#[derive(Clone, Default)]
-struct Logged(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Logged {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Logged {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
 #[tokio::test]
 async fn a_push_whose_cursor_the_server_closed_reads_on_from_the_last_batch_sent() {
     // A server of the test's own, closing cursors idle for a second (MongoDB's default is
@@ -1684,15 +1664,8 @@ path = "$.k"
     let file = parse_file("reaped.toml", &text).unwrap();
     configs::apply(&store, &file).await.unwrap();
     let name = file.name;
-    let logged = Logged::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer({
-            let logged = logged.clone();
-            move || logged.clone()
-        })
-        .with_ansi(false)
-        .finish();
-    let guard = tracing::subscriber::set_default(subscriber);
+    let logged = support::Logged::default();
+    let guard = tracing::subscriber::set_default(logged.subscriber());
     let s = run_push(&store, &name, &ImportOptions::default())
         .await
         .unwrap();

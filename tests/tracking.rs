@@ -1492,6 +1492,72 @@ async fn only_server_side_keys_may_say_where_an_event_came_from() {
     server.shutdown().await;
 }
 
+/// What is logged about a request's events names the write key that sent them (which
+/// source sends invalid events), by its place in the config, never the key itself: on
+/// the native API and the Segment one.
+#[tokio::test]
+async fn logs_name_the_write_key_by_its_place_not_its_value() {
+    use sluice_core::config::Secret;
+    const FIRST: &str = "wk_first_1234";
+    const SECOND: &str = "wk_second_5678";
+    const SERVER: &str = "wk_server_9012";
+    let db = TestDb::initialized().await;
+    let server = start_server(&db, |raw| {
+        raw.server.write_keys = vec![Secret::new(FIRST), Secret::new(SECOND)];
+        raw.server.server_write_keys = vec![Secret::new(SERVER)];
+    })
+    .await;
+    let base = format!("http://{}", server.addr);
+    let client = reqwest::Client::new();
+    let logged = support::Logged::default();
+    let guard = tracing::subscriber::set_default(logged.subscriber());
+    // Rejections are logged once a second at most, process-wide, so another test's may
+    // take a second's turn: send until ours is logged.
+    let mut seen = (false, false);
+    for _ in 0..50 {
+        if !seen.0 {
+            let r = client
+                .post(format!("{base}/v1/events/batch"))
+                .header("x-write-key", SECOND)
+                .json(&json!({ "batch": [{ "userId": "v", "eventType": "NOT_A_TYPE" },
+                                         { "userId": "v", "sessionId": "s", "eventType": "CLICK" }] }))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status().as_u16(), 200);
+        }
+        if !seen.1 {
+            let r = client
+                .post(format!("{base}/v1/batch"))
+                .json(&json!({ "writeKey": SERVER,
+                               "batch": [{ "type": "track", "userId": "u", "event": "Bad",
+                                           "timestamp": "not a time" },
+                                         { "type": "track", "userId": "u", "event": "Good" }] }))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status().as_u16(), 200);
+        }
+        let text = logged.text();
+        let rejected = |key: &str| {
+            text.lines()
+                .any(|l| l.contains("event rejected") && l.contains(&format!("write_key={key}")))
+        };
+        seen = (rejected("write_keys[1]"), rejected("server_write_keys[0]"));
+        if seen == (true, true) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    drop(guard);
+    let text = logged.text();
+    assert_eq!(seen, (true, true), "{text}");
+    for key in [FIRST, SECOND, SERVER] {
+        assert!(!text.contains(key), "a key was logged: {text}");
+    }
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn headers_trickled_in_or_an_idle_connection_are_closed_after_the_header_timeout() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -25,6 +25,7 @@ use serde_json::{Map, Value};
 use sluice_connectors::mongo::identities;
 use sluice_core::segment::{parse_message, Kind, Message, Options};
 use sluice_core::ValidationError;
+use tracing::Instrument;
 
 use super::tracking::{
     admit, admit_by_header, batch_item, batch_sent_at, check_batch_len, malformed, parse_batch,
@@ -85,6 +86,7 @@ pub async fn single(
     let ctx = request_context(&state, peer, &headers, None, &admitted);
     let message = parse_message(&value, Some(kind), &ctx, &options(&state));
     store(&state, vec![message])
+        .instrument(admitted.span())
         .await?
         .into_single_response("invalid_message")
 }
@@ -159,7 +161,7 @@ pub async fn batch(
             }
         })
         .collect();
-    let answer = store(&state, messages).await?;
+    let answer = store(&state, messages).instrument(admitted.span()).await?;
     Ok(answer.into_batch_response())
 }
 

@@ -29,6 +29,7 @@ use sluice_core::tracking::{
     check_event, parse_event, parse_time, unknown_members, RequestContext,
 };
 use sluice_core::ValidationError;
+use tracing::Instrument;
 
 use super::{auth, enrich, ApiError, AppState, SubmitError};
 
@@ -55,7 +56,9 @@ pub async fn track(
     let value: Value = serde_json::from_slice(&body).map_err(malformed)?;
     let ctx = request_context(&state, peer, &headers, None, &admitted);
     let event = parse_event(&value, &ctx, EventMetadata::default());
-    let mut answer = ingest(&state, vec![event]).await?;
+    let mut answer = ingest(&state, vec![event])
+        .instrument(admitted.span())
+        .await?;
     answer.note_ignored(vec![unknown_members(&value)]);
     answer.into_single_response("invalid_event")
 }
@@ -91,7 +94,7 @@ pub async fn batch(
             item.and_then(|v| parse_event(&v, &ctx, EventMetadata::default()))
         })
         .collect();
-    let mut answer = ingest(&state, values).await?;
+    let mut answer = ingest(&state, values).instrument(admitted.span()).await?;
     answer.note_ignored(ignored);
     Ok(answer.into_batch_response())
 }
@@ -169,6 +172,18 @@ pub(super) struct Admitted {
     /// Whether its events may say where they came from (`context.ip`, ...): keys in
     /// `server_write_keys`, or every key when that list is empty.
     client_context: bool,
+    /// Which key it is, as logged: `write_keys[1]`, `server_write_keys[0]`, or `none`
+    /// when no key is required. Never the key itself.
+    source: String,
+}
+
+impl Admitted {
+    /// The span its events are handled in: what is logged about them (an event
+    /// rejected, say) names the key that sent them, so an operator can tell which
+    /// source sends invalid events. At error level, so a quieter log level keeps it.
+    pub(super) fn span(&self) -> tracing::Span {
+        tracing::error_span!("request", write_key = %self.source)
+    }
 }
 
 /// Which of our keys `presented` is, if any. With no key configured every request is
@@ -179,25 +194,25 @@ fn match_key(state: &AppState, presented: Option<&str>) -> Option<Admitted> {
         return Some(Admitted {
             key: String::new(),
             client_context: true,
+            source: "none".to_string(),
         });
     }
     let presented = presented?;
-    let found = |keys: &[sluice_core::config::Secret]| {
-        if keys.is_empty() {
-            None
-        } else {
-            auth::authorize(keys, Some(presented))
-        }
+    let found = |keys: &[sluice_core::config::Secret], list: &str| {
+        auth::key_index(keys, presented)
+            .map(|i| (keys[i].expose().to_string(), format!("{list}[{i}]")))
     };
-    if let Some(key) = found(server) {
+    if let Some((key, source)) = found(server, "server_write_keys") {
         return Some(Admitted {
             key,
             client_context: true,
+            source,
         });
     }
-    found(browser).map(|key| Admitted {
+    found(browser, "write_keys").map(|(key, source)| Admitted {
         key,
         client_context: server.is_empty(),
+        source,
     })
 }
 

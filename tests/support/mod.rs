@@ -559,3 +559,35 @@ impl Drop for OwnMongo {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A `tracing` writer keeping what is logged, for a test to read.
+#[derive(Clone, Default)]
+pub struct Logged(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logged {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Logged {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl Logged {
+    /// A subscriber writing here, as plain text; set it for the current thread (a
+    /// `#[tokio::test]` runs the server's tasks on it too).
+    pub fn subscriber(&self) -> impl tracing::Subscriber + Send + Sync {
+        let logged = self.clone();
+        tracing_subscriber::fmt()
+            .with_writer(move || logged.clone())
+            .with_ansi(false)
+            .finish()
+    }
+}
