@@ -1761,6 +1761,22 @@ async fn the_ops_address_answers_probes_while_the_public_one_is_full_and_turns_u
         held.load(Ordering::SeqCst) > 0
     })
     .await;
+    // A scraper's keep-alive connection to the ops address, idle between scrapes.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut scraper = tokio::net::TcpStream::connect(server.ops_addr.unwrap())
+        .await
+        .unwrap();
+    scraper
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: ops\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = scraper.read(&mut buf).await.unwrap();
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&buf[..n])
+    );
     let stopping = tokio::spawn(server.shutdown());
     support::wait_until("readiness turns 503 while draining", || async {
         status("/readyz").await == 503
@@ -1769,4 +1785,9 @@ async fn the_ops_address_answers_probes_while_the_public_one_is_full_and_turns_u
     hold.store(false, Ordering::SeqCst);
     let _ = pending.await;
     stopping.await.unwrap();
+    // The ops listener is gone with the server, and so is its idle connection.
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(5), scraper.read(&mut buf))
+        .await
+        .expect("the ops listener's open connection was left open after the shutdown");
+    assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
 }
