@@ -1753,6 +1753,88 @@ path = "$.k"
     );
 }
 
+/// A position save failing mid-run fails the run, and the position of every batch the
+/// endpoint accepted is still saved as the run ends: the next run sends only the rest.
+#[tokio::test]
+async fn a_push_whose_position_save_failed_mid_run_keeps_the_position_for_its_end() {
+    let db = TestDb::initialized().await;
+    let (base, api) = fault_api(Fault::SlowPushes).await;
+    let docs: Vec<_> = (0..12)
+        .map(|k| doc! { "k": k, "updatedAt": bson::DateTime::from_millis(1_000 + k) })
+        .collect();
+    db.store
+        .collection("unsaved_src")
+        .insert_many(docs)
+        .await
+        .unwrap();
+    let text = format!(
+        r#"
+name = "unsaved-push"
+type = "EXPORT"
+endpoint = "{base}/inbox"
+method = "POST"
+allow_private_network = true
+[push]
+collection = "unsaved_src"
+watermark_field = "updatedAt"
+batch_size = 1
+[mapping.k]
+path = "$.k"
+"#
+    );
+    let name = apply(&db, &text).await;
+    // The run's first update of `integration_configs` (the first position save, a second
+    // in) and the driver's retry of it break; the next one passes.
+    let (uri, armed, severed, _) =
+        support::severing_mongo_proxy_at_most(b"update\0\x14\0\0\0integration_configs\0", 2).await;
+    let proxied = support::store_via(&uri, &db.name).await;
+    armed.store(true, Ordering::SeqCst);
+    let err = run_push(&proxied, &name, &ImportOptions::default())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("advance watermark"), "{err}");
+    assert_eq!(severed.load(Ordering::SeqCst), 2);
+    let sent: Vec<i64> = api
+        .pushed
+        .lock()
+        .unwrap()
+        .iter()
+        .flat_map(|b| b.as_array().unwrap().clone())
+        .map(|r| r["k"].as_i64().unwrap())
+        .collect();
+    assert!(
+        !sent.is_empty() && sent.len() < 12,
+        "the run stopped at the failed save: {sent:?}"
+    );
+    let cfg = db
+        .store
+        .collection("integration_configs")
+        .find_one(doc! { "name": &name })
+        .await
+        .unwrap()
+        .unwrap();
+    let last = *sent.last().unwrap();
+    assert_eq!(
+        cfg.get_datetime("syncCursor").unwrap().timestamp_millis(),
+        1_000 + last,
+        "the position of the last batch accepted: {cfg}"
+    );
+    // The next run sends the rest, nothing twice.
+    let again = run_push(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(again.sent as usize, 12 - sent.len());
+    let all: Vec<i64> = api
+        .pushed
+        .lock()
+        .unwrap()
+        .iter()
+        .flat_map(|b| b.as_array().unwrap().clone())
+        .map(|r| r["k"].as_i64().unwrap())
+        .collect();
+    assert_eq!(all, (0..12).collect::<Vec<i64>>());
+}
+
 #[tokio::test]
 async fn a_push_watermark_may_be_a_dotted_path() {
     let db = TestDb::initialized().await;

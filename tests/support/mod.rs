@@ -381,6 +381,20 @@ pub async fn severing_mongo_proxy(
     std::sync::Arc<std::sync::atomic::AtomicUsize>,
     std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) {
+    severing_mongo_proxy_at_most(pattern, usize::MAX).await
+}
+
+/// `severing_mongo_proxy` that severs at most `max` messages, then passes the rest (a
+/// write that fails once, with the driver's retry, and succeeds the next time).
+pub async fn severing_mongo_proxy_at_most(
+    pattern: &'static [u8],
+    max: usize,
+) -> (
+    String,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::sync::Arc;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -430,8 +444,12 @@ pub async fn severing_mongo_proxy(
                     };
                     if armed.load(Ordering::SeqCst)
                         && buf[..n].windows(pattern.len()).any(|w| w == pattern)
+                        && severed
+                            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |k| {
+                                (k < max).then_some(k + 1)
+                            })
+                            .is_ok()
                     {
-                        severed.fetch_add(1, Ordering::SeqCst);
                         cut.notify_one();
                         drop(cr);
                         while !deliver.load(Ordering::SeqCst) {
