@@ -1372,6 +1372,39 @@ async fn fail_lapsed<'a>(
 mod tests {
     use super::*;
 
+    /// Every outcome's label is among those zero-initialised (a variant added without
+    /// one would start its series at 1, invisible to `increase()`).
+    #[test]
+    fn every_fire_outcome_is_zero_initialised() {
+        let every = [
+            FireOutcome::Ran(Ok(String::new())),
+            FireOutcome::Ran(Err(String::new())),
+            FireOutcome::Claimed,
+            FireOutcome::Skipped,
+            FireOutcome::LeaseLost,
+            FireOutcome::Stopped,
+            FireOutcome::ClaimFailed(String::new()),
+        ];
+        for outcome in &every {
+            // No wildcard: a new variant does not compile until it is listed above.
+            match outcome {
+                FireOutcome::Ran(_)
+                | FireOutcome::Claimed
+                | FireOutcome::Skipped
+                | FireOutcome::LeaseLost
+                | FireOutcome::Stopped
+                | FireOutcome::ClaimFailed(_) => {}
+            }
+            assert!(
+                FIRE_OUTCOMES.contains(&outcome.label()),
+                "{}",
+                outcome.label()
+            );
+        }
+        let labels: std::collections::HashSet<_> = every.iter().map(FireOutcome::label).collect();
+        assert_eq!(labels.len(), FIRE_OUTCOMES.len());
+    }
+
     #[test]
     fn fire_instants_follow_the_schedules_time_zone() {
         let cron = parse_cron("0 0 2 * * *").unwrap();
