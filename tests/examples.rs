@@ -36,7 +36,11 @@ fn every_example_integration_config_validates() {
                 .to_string()
         })
         .collect();
-    assert!(pagings.len() >= 4, "{pagings:?}");
+    assert_eq!(
+        pagings.len(),
+        6,
+        "none, page, offset, cursor, next_url and link_header: {pagings:?}"
+    );
 }
 
 #[test]

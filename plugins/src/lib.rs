@@ -9,9 +9,9 @@
 //!   grants `clocks`. Stdout and stderr are captured and logged under the plugin's name.
 //! - **Limits with defaults**: a memory cap (a `ResourceLimiter`: growing past it traps), a
 //!   wall-clock deadline per batch (epoch interruption), and optional fuel.
-//! - **Failures stay in the batch**: a trap, a deadline, the memory cap or output that does
-//!   not decode fails that batch with an error naming the plugin and the limit; the
-//!   pipeline's [`FailurePolicy`] decides what happens next.
+//! - **Failures stay in the batch**: a trap, a deadline or the memory cap fails that batch
+//!   with an error naming the plugin and the limit (a record whose output does not decode
+//!   fails that record alone); the pipeline's [`FailurePolicy`] decides what happens next.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
