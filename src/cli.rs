@@ -497,6 +497,14 @@ pub async fn export_run(
         summary.destination
     );
     for p in &summary.partitions {
+        if p.kept {
+            // Not "0 rows": the partition readers see still holds what was published.
+            println!(
+                "  {:<32} kept as published before (this run did not replace it; see the log)",
+                p.prefix
+            );
+            continue;
+        }
         println!(
             "  {:<32} {:>8} rows {:>3} files",
             p.prefix,

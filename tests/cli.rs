@@ -806,3 +806,73 @@ async fn import_reset_says_what_it_dropped() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no integration config named `nope`"), "{err}");
 }
+
+/// `export run` says when a partition was kept as published rather than replaced (a
+/// rerun reading no rows where rows were published), instead of "0 rows 0 files" for a
+/// partition that still holds them.
+#[tokio::test]
+async fn export_run_reports_a_kept_partition_as_kept() {
+    let db = support::TestDb::initialized().await;
+    let config = db_config(&db);
+    let day = chrono::Utc::now().date_naive() - chrono::Days::new(10);
+    let at = bson::DateTime::from_millis(
+        day.and_hms_opt(12, 0, 0)
+            .unwrap()
+            .and_utc()
+            .timestamp_millis(),
+    );
+    let events = db.store.collection("events");
+    for i in 0..3 {
+        events
+            .insert_one(bson::doc! {
+                "eventId": format!("e{i}"), "userId": "u", "sessionId": "s",
+                "eventType": "CLICK", "timestamp": at, "createdAt": at,
+                "metadata": { "bot": false },
+            })
+            .await
+            .unwrap();
+    }
+    let dest =
+        std::env::temp_dir().join(format!("sluice-cli-kept-{}", uuid::Uuid::new_v4().simple()));
+    let run = || {
+        let args = [
+            "export".to_string(),
+            "run".into(),
+            "event-data".into(),
+            "--from".into(),
+            day.to_string(),
+            "--dest".into(),
+            dest.display().to_string(),
+        ];
+        let config = config.clone();
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let out = sluice_with(&config, &args).await;
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        }
+    };
+    let partition = format!("EVENT_DATA/dt={day}");
+    let first = run().await;
+    let line = first
+        .lines()
+        .find(|l| l.contains(&partition))
+        .expect(&first);
+    assert!(
+        line.contains(" 3 rows") && line.contains("1 files"),
+        "{first}"
+    );
+    events.delete_many(bson::doc! {}).await.unwrap();
+    let second = run().await;
+    let line = second
+        .lines()
+        .find(|l| l.contains(&partition))
+        .expect(&second);
+    assert!(line.contains("kept as published before"), "{second}");
+    assert!(!line.contains("0 rows"), "{second}");
+    std::fs::remove_dir_all(&dest).unwrap();
+}

@@ -801,6 +801,22 @@ async fn a_document_that_cannot_be_a_row_is_set_aside_not_a_stop_to_the_export()
         .unwrap()
         .unwrap();
     assert_eq!(job.get_i64("rowsRejected").unwrap(), 2, "{job}");
+    let m = manifest(&dir, &summary.partitions[0].prefix);
+    assert_eq!(
+        (
+            &m["rows"],
+            &m["rowsRead"],
+            &m["rowsSkipped"],
+            &m["rowsDeadLettered"]
+        ),
+        (
+            &serde_json::json!(50),
+            &serde_json::json!(52),
+            &serde_json::json!(0),
+            &serde_json::json!(2)
+        ),
+        "{m}"
+    );
     std::fs::remove_dir_all(dir).unwrap();
 
     // A run that fails (here its table's folder cannot be written: a file stands where
@@ -1443,6 +1459,24 @@ async fn records_pass_through_the_jobs_transform_chain() {
         .unwrap()
         .unwrap();
     assert_eq!(job.get_i64("rowsSkipped").unwrap() as u64, bots, "{job}");
+    // And in the partition's manifest, for a warehouse reconciling with MongoDB.
+    let m = manifest(&dir, &summary.partitions[0].prefix);
+    assert_eq!(
+        (
+            &m["rows"],
+            &m["rowsRead"],
+            &m["rowsSkipped"],
+            &m["rowsDeadLettered"]
+        ),
+        (
+            &serde_json::json!(260 - bots),
+            &serde_json::json!(260),
+            &serde_json::json!(bots),
+            &serde_json::json!(0)
+        ),
+        "{m}"
+    );
+    assert_eq!(m["transforms"], serde_json::json!(["shout"]), "{m}");
     let file = std::fs::File::open(dir.join(&summary.partitions[0].files[0])).unwrap();
     for b in ParquetRecordBatchReaderBuilder::try_new(file)
         .unwrap()
@@ -1729,7 +1763,8 @@ fn symlinked(dir: &std::path::Path, prefix: &str) -> Vec<String> {
     let mut names: Vec<String> = text
         .lines()
         .map(|line| {
-            let path = std::path::Path::new(line);
+            // A `file://` URI (the folders here need no percent-encoding).
+            let path = std::path::Path::new(line.strip_prefix("file://").expect(line));
             assert!(path.is_absolute() && path.exists(), "{line}");
             assert_eq!(path.parent().unwrap(), dir.join(prefix).as_path());
             path.file_name().unwrap().to_string_lossy().into_owned()

@@ -237,6 +237,18 @@ struct Staged {
     /// reading (see [`publish_now`]: a snapshot older than the published one is kept
     /// out).
     read_at: Option<DateTime>,
+    /// What of the rows read is not in the files, for the manifest.
+    dropped: Dropped,
+}
+
+/// Rows read that are not in a partition's files (besides what export transforms
+/// filtered out or fanned out, which is theirs to do): skipped by a plugin under
+/// `skip-batch`, or kept in `dead_letters` (a plugin failed them under `dead-letter`, or
+/// they could not be rows of the table).
+#[derive(Debug, Clone, Copy, Default)]
+struct Dropped {
+    skipped: u64,
+    dead_lettered: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -1486,7 +1498,7 @@ async fn put_symlink(
         Some(m) => {
             let body: String = manifest_paths(m)
                 .iter()
-                .map(|name| format!("{}\n", ctx.dest.url(&format!("{prefix}/{name}"))))
+                .map(|name| format!("{}\n", ctx.dest.uri(&format!("{prefix}/{name}"))))
                 .collect();
             ctx.dest.put_bytes(&key, body.into_bytes()).await
         }
@@ -1948,7 +1960,7 @@ async fn stage(
         let work = work.clone();
         let partition = prefix.clone();
         let mut spool = spool;
-        type Encoded = (Vec<DeadLetter>, Option<IdSpool>);
+        type Encoded = (Vec<DeadLetter>, Option<IdSpool>, Dropped);
         tokio::task::spawn_blocking(move || -> Result<Encoded, ExportError> {
             let enc = |message: String| ExportError::Encode {
                 partition: partition.clone(),
@@ -1957,10 +1969,13 @@ async fn stage(
             let mut writer =
                 PartWriter::new(sluice_connectors::parquet::schema_of(table), &work, options);
             let mut dead_letters = Vec::new();
+            let mut dropped = Dropped::default();
             let mut warned_skipping = false;
             let mut warned_unfit = false;
             while let Some(batch) = batch_rx.blocking_recv() {
                 let applied = apply_chain(&transforms, batch)?;
+                dropped.skipped += applied.skipped.len() as u64;
+                dropped.dead_lettered += applied.dead_letters.len() as u64;
                 dead_letters.extend(applied.dead_letters);
                 if let Some(first) = applied.skipped.first() {
                     // Once per day's staging: the count is in the run's record.
@@ -1978,7 +1993,7 @@ async fn stage(
                         .is_err()
                 {
                     // keeping them failed; its error is reported
-                    return Ok((Vec::new(), None));
+                    return Ok((Vec::new(), None, dropped));
                 }
                 let records = applied.records;
                 if let Some(spool) = spool.as_mut() {
@@ -2017,6 +2032,7 @@ async fn stage(
                         progress
                             .rows_rejected
                             .fetch_add(unfit.len() as u64, Relaxed);
+                        dropped.dead_lettered += unfit.len() as u64;
                         dead_letters.extend(unfit);
                     }
                     encoded
@@ -2027,7 +2043,7 @@ async fn stage(
                 if let Some(part) = writer.write(&encoded).map_err(|e| enc(e.to_string()))? {
                     if part_tx.blocking_send(part).is_err() {
                         // the uploader failed; its error is reported
-                        return Ok((dead_letters, None));
+                        return Ok((dead_letters, None, dropped));
                     }
                 }
             }
@@ -2039,7 +2055,7 @@ async fn stage(
                     .finish()
                     .map_err(|e| enc(format!("cannot spool the archived eventIds: {e}")))?;
             }
-            Ok((dead_letters, spool))
+            Ok((dead_letters, spool, dropped))
         })
     };
 
@@ -2139,7 +2155,7 @@ async fn stage(
     // Report the first failure in pipeline order: reading, encoding, uploading.
     let rows_read = read?;
     kept?;
-    let (dead_letters, archived_ids) = encoded?;
+    let (dead_letters, archived_ids, dropped) = encoded?;
     let parts = uploaded?;
     if archiving && archived_ids.as_ref().map(IdSpool::count) != Some(rows_read) {
         return Err(ExportError::Encode {
@@ -2163,6 +2179,7 @@ async fn stage(
         delete_filter,
         archived_ids,
         read_at: None,
+        dropped,
     })
 }
 
@@ -2186,6 +2203,8 @@ async fn publish(
         table: s.table,
         parts: s.parts.clone(),
         read_at: s.read_at,
+        rows_read: s.rows_read,
+        dropped: s.dropped,
     };
     // One publish of a partition at a time, across runs and processes: two interleaved
     // publishes could each remove the other's files and leave a manifest naming files
@@ -2315,6 +2334,8 @@ struct Publishable {
     table: &'static TableSpec,
     parts: Vec<(String, LocalPartInfo)>,
     read_at: Option<DateTime>,
+    rows_read: u64,
+    dropped: Dropped,
 }
 
 /// Partitions being published by this process.
@@ -2472,6 +2493,16 @@ async fn publish_now(
             "createdAt": ctx.store.now().to_chrono().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
             "readAt": s.read_at.map(|t| t.to_chrono().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
             "rows": rows,
+            // What a reconciliation against MongoDB needs: rows read, and those not
+            // written (export transforms may also filter or fan out rows).
+            "rowsRead": s.rows_read,
+            "rowsSkipped": s.dropped.skipped,
+            "rowsDeadLettered": s.dropped.dead_lettered,
+            "transforms": if kind == ExportJobType::Archive {
+                Vec::new()
+            } else {
+                ctx.transforms.iter().map(|t| t.name().to_string()).collect::<Vec<_>>()
+            },
             "schema": schema_description(s.table),
             "files": files,
         });

@@ -42,6 +42,32 @@ impl LocalDir {
         self.path(key).display().to_string()
     }
 
+    /// `file://` and the key's absolute path, percent-encoded (RFC 8089).
+    pub fn file_uri(&self, key: &str) -> String {
+        let path = self.path(key);
+        let path = std::path::absolute(&path).unwrap_or(path);
+        let mut uri = String::from("file://");
+        for b in path.as_os_str().as_encoded_bytes() {
+            match b {
+                // Unreserved, and what a path segment may hold as is (`dt=...`).
+                b'A'..=b'Z'
+                | b'a'..=b'z'
+                | b'0'..=b'9'
+                | b'-'
+                | b'.'
+                | b'_'
+                | b'~'
+                | b'/'
+                | b'='
+                | b':'
+                | b'@'
+                | b',' => uri.push(*b as char),
+                _ => uri.push_str(&format!("%{b:02X}")),
+            }
+        }
+        uri
+    }
+
     async fn place(
         &self,
         key: &str,
@@ -196,6 +222,22 @@ mod tests {
             std::env::temp_dir().join(format!("sluice-localdir-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).unwrap();
         dir
+    }
+
+    #[test]
+    fn file_uris_are_absolute_and_percent_encoded() {
+        let l = LocalDir::new("/data/lake out");
+        assert_eq!(
+            l.file_uri("EVENT_DATA/dt=2026-11-24/part-1.parquet"),
+            "file:///data/lake%20out/EVENT_DATA/dt=2026-11-24/part-1.parquet"
+        );
+        // A relative destination is taken from the working directory, as it is written.
+        let rel = LocalDir::new("./out").file_uri("k");
+        let cwd = std::env::current_dir().unwrap();
+        assert!(rel.starts_with("file:///"), "{rel}");
+        assert!(rel.ends_with("/out/k"), "{rel}");
+        assert!(!rel.contains("/./"), "{rel}");
+        assert!(cwd.is_absolute());
     }
 
     fn names(dir: &Path) -> Vec<String> {

@@ -62,6 +62,16 @@ impl ObjectStore {
         }
     }
 
+    /// A key as a full URI a reader can open from anywhere (symlink manifests):
+    /// `s3://bucket/prefix/key`, or `file:///absolute/path` for a folder, whatever the
+    /// working directory of the reader (a relative destination is made absolute).
+    pub fn uri(&self, key: &str) -> String {
+        match self {
+            ObjectStore::Local(l) => l.file_uri(key),
+            ObjectStore::S3(s) => s.url(key),
+        }
+    }
+
     /// Uploads a local file (multipart with checksums for large files on S3).
     pub async fn put_file(&self, key: &str, path: &Path) -> Result<(), StorageError> {
         match self {

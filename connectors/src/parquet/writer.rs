@@ -77,13 +77,10 @@ impl PartWriter {
             )?))
             .set_max_row_group_bytes(Some(self.options.row_group_bytes))
             .set_max_row_group_row_count(Some(1 << 20))
-            // `<application> version <semver> (build ...)`, the form parquet-java parses:
-            // with any other, Spark, Hive and Flink ignore every string column's min/max
-            // statistics (PARQUET-251) and skip no row group by them.
-            .set_created_by(format!(
-                "sluice version {} (build parquet-rs)",
-                env!("CARGO_PKG_VERSION")
-            ))
+            // `created_by` stays the library's own (`parquet-rs version X`): it names what
+            // wrote the bytes, which readers key their workarounds on, and parquet-java
+            // parses it (an unparsable one makes Spark, Hive and Flink ignore string
+            // statistics, PARQUET-251). Sluice's version is the `sluice.version` entry.
             // The schema's metadata (`sluice.table`) as plain key-value entries of the
             // file too: the Arrow writer keeps it only inside its base64 `ARROW:schema`
             // entry, which Spark, Trino or DuckDB's `parquet_kv_metadata` do not decode.
@@ -98,6 +95,10 @@ impl PartWriter {
             .iter()
             .map(|(k, v)| KeyValue::new(k.clone(), v.clone()))
             .collect();
+        entries.push(KeyValue::new(
+            "sluice.version".to_string(),
+            env!("CARGO_PKG_VERSION").to_string(),
+        ));
         entries.sort_by(|a, b| a.key.cmp(&b.key));
         entries
     }
@@ -220,14 +221,24 @@ mod tests {
             let reader = ParquetRecordBatchReaderBuilder::try_new(file).unwrap();
             let meta = reader.metadata().clone();
             assert!(meta.num_row_groups() >= 1);
+            // The library's own, in the `<app> version <semver>` form parquet-java
+            // parses (otherwise it ignores string statistics, PARQUET-251).
             let created_by = meta.file_metadata().created_by().unwrap();
-            assert_eq!(
-                created_by,
-                format!(
-                    "sluice version {} (build parquet-rs)",
-                    env!("CARGO_PKG_VERSION")
-                )
+            assert!(
+                created_by.starts_with("parquet-rs version ")
+                    && created_by["parquet-rs version ".len()..]
+                        .split('.')
+                        .all(|n| n.parse::<u32>().is_ok()),
+                "{created_by}"
             );
+            let version = meta
+                .file_metadata()
+                .key_value_metadata()
+                .unwrap()
+                .iter()
+                .find(|kv| kv.key == "sluice.version")
+                .and_then(|kv| kv.value.clone());
+            assert_eq!(version.as_deref(), Some(env!("CARGO_PKG_VERSION")));
             // Readers that do not decode `ARROW:schema` find the table's name and
             // version as a plain key-value entry.
             let table = meta
