@@ -180,6 +180,20 @@ async fn event_data_round_trips_through_s3_and_pyarrow() {
         .unwrap();
         assert_eq!(manifest["rows"].as_u64(), Some(p.rows));
         assert_eq!(manifest["schema"]["name"], "events");
+        let column = |name: &str| {
+            manifest["schema"]["columns"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["name"] == name)
+                .cloned()
+                .unwrap()
+        };
+        assert_eq!(
+            column("timestamp"),
+            serde_json::json!({ "name": "timestamp", "type": "timestamp_us_utc", "nullable": false })
+        );
+        assert_eq!(column("properties")["type"], "json");
         // The symlink manifest names the same files by their full S3 URIs.
         let day = p.prefix.split_once("/dt=").unwrap().1;
         let link = dest

@@ -239,16 +239,56 @@ pub fn schema_description(table: &TableSpec) -> serde_json::Value {
         "version": table.version,
         "columns": table.columns.iter().map(|c| serde_json::json!({
             "name": c.name,
-            "type": arrow_type(c.kind).to_string(),
+            "type": type_name(c.kind),
             "nullable": c.nullable,
         })).collect::<Vec<_>>(),
     })
+}
+
+/// A column's type as the manifest names it: a fixed vocabulary, close to SQL DDL, that
+/// does not change with the Arrow library's way of printing types.
+pub fn type_name(kind: ColKind) -> &'static str {
+    match kind {
+        Str => "string",
+        Json => "json",
+        TimestampMicros => "timestamp_us_utc",
+        Int64 => "int64",
+        Float64 => "double",
+        Bool => "boolean",
+        StrList => "list<string>",
+        Date => "date",
+        TopPages => "list<struct<pageUrl:string,views:int64,uniqueUsers:int64>>",
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use bson::doc;
+
+    #[test]
+    fn the_manifests_type_names_follow_the_arrow_types() {
+        let fields: Vec<String> = top_page_fields()
+            .iter()
+            .map(|f| {
+                let t = match f.data_type() {
+                    DataType::Utf8 => "string",
+                    DataType::Int64 => "int64",
+                    other => panic!("{other}"),
+                };
+                format!("{}:{t}", f.name())
+            })
+            .collect();
+        assert_eq!(
+            type_name(TopPages),
+            format!("list<struct<{}>>", fields.join(","))
+        );
+        assert_eq!(
+            arrow_type(TimestampMicros),
+            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
+        );
+        assert_eq!(type_name(TimestampMicros), "timestamp_us_utc");
+    }
 
     #[test]
     fn every_field_of_an_event_is_covered_and_a_foreign_one_is_named() {
