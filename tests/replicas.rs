@@ -115,9 +115,47 @@ fn serve_command(config: &std::path::Path) -> std::process::Command {
     cmd
 }
 
+/// A child process that is killed and reaped when dropped: a test that fails while it
+/// runs leaves no `sluice` behind (one with a schedule would go on claiming runs and
+/// writing to the test's database after the test binary exited).
+struct Proc(Option<std::process::Child>);
+
+impl Proc {
+    fn spawn(cmd: &mut std::process::Command) -> Self {
+        Proc(Some(cmd.spawn().unwrap()))
+    }
+
+    fn into_inner(mut self) -> std::process::Child {
+        self.0.take().unwrap()
+    }
+}
+
+impl std::ops::Deref for Proc {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        self.0.as_ref().unwrap()
+    }
+}
+
+impl std::ops::DerefMut for Proc {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        self.0.as_mut().unwrap()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // A child already waited for is not signalled again.
+        if let Some(child) = self.0.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// A `sluice serve` process on `config`.
-fn serve(config: &std::path::Path) -> std::process::Child {
-    serve_command(config).spawn().unwrap()
+fn serve(config: &std::path::Path) -> Proc {
+    Proc::spawn(&mut serve_command(config))
 }
 
 #[tokio::test]
@@ -153,7 +191,8 @@ async fn a_killed_replicas_run_is_taken_over_and_completed_by_the_other() {
     let id = first.get_str("_id").unwrap().to_string();
     let owner = first.get_str("owner").unwrap().to_string();
     let owner_pid: u32 = owner.split('-').next().unwrap().parse().unwrap();
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    // Killed once a page is checkpointed, so the survivor has something to resume from.
+    wait_for_checkpoint(&db, "slow-feed").await;
     let victim = replicas
         .iter()
         .position(|p| p.id() == owner_pid)
@@ -208,21 +247,17 @@ async fn a_killed_replicas_run_is_taken_over_and_completed_by_the_other() {
 
 /// A `sluice serve` process on `config` whose wall clock runs `ahead` of the real one
 /// (libfaketime), logging to `log`.
-fn serve_with_clock_ahead(
-    config: &std::path::Path,
-    ahead: &str,
-    log: &std::path::Path,
-) -> std::process::Child {
+fn serve_with_clock_ahead(config: &std::path::Path, ahead: &str, log: &std::path::Path) -> Proc {
     let lib = std::env::var("SLUICE_FAKETIME_LIB")
         .ok()
         .filter(|l| !l.is_empty())
         .expect("SLUICE_FAKETIME_LIB is not set: run the tests through `scripts/test.sh`");
-    serve_command(config)
-        .env("LD_PRELOAD", lib)
-        .env("FAKETIME", ahead)
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .unwrap()
+    Proc::spawn(
+        serve_command(config)
+            .env("LD_PRELOAD", lib)
+            .env("FAKETIME", ahead)
+            .stderr(std::fs::File::create(log).unwrap()),
+    )
 }
 
 /// Two replicas whose clocks disagree by 30 s: leases are timed by the database's clock,
@@ -472,8 +507,8 @@ async fn an_export_in_flight_when_serve_stops_is_recorded_failed_not_left_runnin
 
 /// A `sluice` command on `config` with none of the environment's `SLUICE_*` settings, its
 /// stderr captured.
-fn sluice(config: &std::path::Path, args: &[&str]) -> std::process::Child {
-    sluice_command(config, args).spawn().unwrap()
+fn sluice(config: &std::path::Path, args: &[&str]) -> Proc {
+    Proc::spawn(&mut sluice_command(config, args))
 }
 
 fn sluice_command(config: &std::path::Path, args: &[&str]) -> std::process::Command {
@@ -596,12 +631,12 @@ async fn an_export_by_a_process_whose_clock_is_wrong_is_dated_by_the_database() 
 }
 
 /// Sends `signal` (`-INT` is Ctrl-C) to `child` and returns its exit status and stderr.
-fn stop(child: std::process::Child, signal: &str) -> (std::process::ExitStatus, String) {
+fn stop(child: Proc, signal: &str) -> (std::process::ExitStatus, String) {
     let _ = std::process::Command::new("kill")
         .arg(signal)
         .arg(child.id().to_string())
         .status();
-    let out = child.wait_with_output().unwrap();
+    let out = child.into_inner().wait_with_output().unwrap();
     (
         out.status,
         String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -661,7 +696,7 @@ async fn a_second_ctrl_c_stops_an_import_at_once_and_records_it_interrupted() {
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     signal("-INT");
     let started = std::time::Instant::now();
-    let out = tokio::task::spawn_blocking(move || run.wait_with_output().unwrap())
+    let out = tokio::task::spawn_blocking(move || run.into_inner().wait_with_output().unwrap())
         .await
         .unwrap();
     assert!(started.elapsed() < Duration::from_secs(30));
@@ -1239,19 +1274,40 @@ async fn a_replica_with_the_scheduler_disabled_fires_nothing() {
     )
     .unwrap();
     let mut scheduling = serve(&enabled);
+    // Three fires, each an instant both replicas were up for (the tracking-only one
+    // started first, however slowly either starts): had it a scheduler, it would have
+    // claimed some of them.
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while runs.count_documents(doc! {}).await.unwrap() == 0 {
+    while runs.count_documents(doc! {}).await.unwrap() < 3 {
         assert!(
             std::time::Instant::now() < deadline,
             "the scheduler never fired"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    use futures_util::TryStreamExt;
+    let owners: Vec<String> = runs
+        .find(doc! {})
+        .await
+        .unwrap()
+        .try_collect::<Vec<_>>()
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get_str("owner").unwrap().to_string())
+        .collect();
+    let scheduler_pid = scheduling.id();
     for p in [&mut tracking_only, &mut scheduling] {
         let _ = p.kill();
         let _ = p.wait();
     }
     assert!(still_serving, "the tracking-only replica kept running");
     assert_eq!(fired, 0, "nothing fired without a scheduler");
+    assert!(
+        owners
+            .iter()
+            .all(|o| o.split('-').next() == Some(&scheduler_pid.to_string())),
+        "only the replica with a scheduler claims fires: {owners:?}"
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
