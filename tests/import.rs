@@ -214,7 +214,14 @@ async fn paginated_json_server_behind_oauth2_is_imported_once() {
     assert_eq!(p.get_str("name").unwrap(), "Product 42");
     assert_eq!(p.get_f64("price").unwrap(), 42.42);
     assert!(!p.get_bool("inStock").unwrap());
-    assert!(p.get_datetime("sourceUpdatedAt").is_ok());
+    assert_eq!(
+        p.get_datetime("sourceUpdatedAt")
+            .unwrap()
+            .try_to_rfc3339_string()
+            .unwrap(),
+        "2026-11-03T10:00:00Z",
+        "product 42's `updated`, as a date"
+    );
     assert_eq!(p.get_str("source").unwrap(), "shop-pages");
 
     // The Link-header config over the same data: same documents, updated not duplicated.
