@@ -239,10 +239,36 @@ async fn a_replica_leaves_the_orphaned_run_of_a_job_it_does_not_schedule_alone()
         })
         .await
         .unwrap();
+    // And an orphan of a job it does schedule, which it takes over: once that is done,
+    // its sweeps have looked at both.
+    let known_fire = fire - chrono::Duration::seconds(1);
+    let known_id = format!(
+        "nightly@{}",
+        known_fire.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    );
+    db.store
+        .collection("scheduled_runs")
+        .insert_one(doc! {
+            "_id": &known_id, "job": "nightly", "scheduledFor": bson::DateTime::from_chrono(known_fire),
+            "status": "RUNNING", "owner": "killed-replica", "attempts": 1,
+            "expiresAt": bson::DateTime::from_millis(bson::DateTime::now().timestamp_millis() - 1),
+        })
+        .await
+        .unwrap();
     let (s, log) = idle_scheduler(&db.store, "old-replica", Duration::ZERO, 400).await;
-    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    status_becomes(&db, doc! { "_id": &known_id }, "COMPLETED").await;
     s.shutdown().await;
-    assert!(log.lock().unwrap().is_empty());
+    let ran: Vec<_> = log
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, f)| f.timestamp_millis())
+        .collect();
+    assert_eq!(
+        ran,
+        [known_fire.timestamp_millis()],
+        "only the known job's orphan was run"
+    );
     let run = db
         .store
         .collection("scheduled_runs")
