@@ -38,13 +38,32 @@ fn scratch_dir() -> std::path::PathBuf {
     dir
 }
 
+/// The `hostile` plugin in `mode`, with a deadline a loaded machine cannot miss: for
+/// modes whose batches must end in time (or fail for another reason than time).
 fn hostile(host: &PluginHost, mode: &str) -> sluice_plugins::WasmTransform {
+    hostile_within(host, mode, 10_000)
+}
+
+/// The `hostile` plugin with the tight deadline (300 ms): for modes that run it out
+/// (`loop`, `sleep`), and where the test is about what a deadline bounds.
+fn hostile_slow(host: &PluginHost, mode: &str) -> sluice_plugins::WasmTransform {
+    hostile_within(host, mode, tight().unwrap().batch_deadline_ms)
+}
+
+fn hostile_within(
+    host: &PluginHost,
+    mode: &str,
+    deadline_ms: u64,
+) -> sluice_plugins::WasmTransform {
     host.load(
         &support::plugin_dir(),
         "hostile",
         json!({ "mode": mode }),
         &Grants::default(),
-        tight(),
+        Some(Limits {
+            batch_deadline_ms: deadline_ms,
+            ..tight().unwrap()
+        }),
     )
     .unwrap()
 }
@@ -54,7 +73,7 @@ fn hostile_plugins_are_stopped_with_clear_errors_and_the_host_goes_on() {
     let host = host();
     let dir = support::plugin_dir();
 
-    let looping = hostile(&host, "loop");
+    let looping = hostile_slow(&host, "loop");
     let err = looping.run_batch(&batch()).unwrap_err();
     assert_eq!(
         err,
@@ -152,7 +171,9 @@ fn hostile_plugins_are_stopped_with_clear_errors_and_the_host_goes_on() {
     // A sleep in a host call ends at the deadline; the epoch interruption alone would only
     // stop the plugin once it returned to wasm code, a minute later.
     let started = std::time::Instant::now();
-    let err = hostile(&host, "sleep").run_batch(&batch()).unwrap_err();
+    let err = hostile_slow(&host, "sleep")
+        .run_batch(&batch())
+        .unwrap_err();
     assert!(matches!(err, PluginError::Deadline { .. }), "{err}");
     assert!(
         started.elapsed() < std::time::Duration::from_secs(30),
@@ -1107,14 +1128,18 @@ fn overlapping_batches_get_instances_of_their_own_up_to_the_operators_number() {
             instances,
             ..Grants::default()
         };
-        // Each batch sleeps until its deadline (300 ms), so the three calls overlap.
+        // Each batch sleeps until its deadline (2 s), so the three calls overlap however
+        // late a loaded machine starts the last one.
         let plugin = host
             .load(
                 &support::plugin_dir(),
                 "hostile",
                 json!({ "mode": "sleep" }),
                 &grants,
-                tight(),
+                Some(Limits {
+                    batch_deadline_ms: 2_000,
+                    ..tight().unwrap()
+                }),
             )
             .unwrap();
         std::thread::scope(|s| {
@@ -1269,8 +1294,9 @@ fn a_batch_too_big_for_the_cap_is_split_and_a_trap_is_narrowed_to_the_records_th
     );
 
     // Narrowing a batch that fails everywhere stops once it has spent its budget (three
-    // deadlines): the parts still failing are dead-lettered whole, not one call per record.
-    let panicky = hostile(&host, "panic").with_policy(FailurePolicy::DeadLetter);
+    // deadlines, here 900 ms): the parts still failing are dead-lettered whole, not one
+    // call per record.
+    let panicky = hostile_slow(&host, "panic").with_policy(FailurePolicy::DeadLetter);
     let records: Vec<Document> = (0..8192)
         .map(|i| doc! { "eventId": format!("p{i}") })
         .collect();
@@ -1684,7 +1710,7 @@ fn a_deadline_is_no_reason_to_drop_or_dead_letter_a_batch() {
     // policy the batch fails, so its records are processed again instead of lost.
     let host = host();
     for policy in [FailurePolicy::SkipBatch, FailurePolicy::DeadLetter] {
-        let slow = hostile(&host, "sleep").with_policy(policy);
+        let slow = hostile_slow(&host, "sleep").with_policy(policy);
         let mut call = Call::default();
         let err = slow.apply(batch(), &mut call).unwrap_err();
         let letters = std::mem::take(&mut call.letters);

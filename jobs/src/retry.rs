@@ -92,8 +92,10 @@ mod tests {
         .await;
         assert_eq!(r, Err(Some("down".into())));
         // At 0, 0.1 and 0.3 s (fewer on a slow machine); a fourth would start at 0.7 s.
+        // (No fourth attempt: that is what giving up at the deadline means. Its time is
+        // checked only against a hang, which a loaded machine cannot cause.)
         assert!((2..=3).contains(&tries.load(Ordering::SeqCst)));
-        assert!(started.elapsed() < Duration::from_millis(500));
+        assert!(started.elapsed() < Duration::from_secs(10));
         let hanging = tokio::time::Instant::now();
         let r: Result<(), Option<String>> = retry_within(
             Duration::from_millis(300),
