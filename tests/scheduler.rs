@@ -500,7 +500,8 @@ async fn an_overlapping_fire_is_skipped_and_recorded() {
 #[tokio::test]
 async fn a_run_that_loses_its_lease_stops() {
     let db = TestDb::initialized().await;
-    let (s, log) = idle_scheduler(&db.store, "a", Duration::from_secs(3), 600).await;
+    // A run that would go on for 30 s: only the lease loss ends it sooner.
+    let (s, log) = idle_scheduler(&db.store, "a", Duration::from_secs(30), 600).await;
     let job = unscheduled("long");
     let fire = Utc::now();
     let steal = {
@@ -990,7 +991,12 @@ async fn a_run_whose_lease_lapsed_while_the_store_was_stuck_stops() {
     // take the run over once it has (a renewal answered late is no excuse either).
     renewed_once(&db.store, doc! { "job": "long", "status": "RUNNING" }).await;
     frozen.store(true, Ordering::SeqCst);
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    // Waited for with the store still stuck (a run that went on would finish only once
+    // it answers again, with its work done and logged).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !firing.is_finished() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let stopped_while_stuck = firing.is_finished();
     frozen.store(false, Ordering::SeqCst);
     assert!(stopped_while_stuck, "the run went on past its lease");
