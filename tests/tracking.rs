@@ -1195,6 +1195,83 @@ async fn a_store_that_stops_answering_gets_a_503_not_a_hung_request() {
     assert!((2..=3).contains(&int(&user, "totalEvents")), "{user}");
 }
 
+/// Over HTTP: a write MongoDB fails is answered 503 `store_unavailable`; a resend while
+/// that insert may still land (its connection broke, unanswered) is answered 503 with the
+/// event's result `retry`, not stored beside it; once it has landed, `duplicate`.
+#[tokio::test]
+async fn a_failed_write_and_an_insert_in_doubt_are_503s_that_store_nothing_twice() {
+    use std::sync::atomic::Ordering;
+    let db = TestDb::initialized().await;
+    let (uri, armed, severed, deliver) =
+        support::severing_mongo_proxy(b"insert\x00\x07\x00\x00\x00events\x00").await;
+    // One attempt per insert (the driver's retry, delivered later too, is deduplicated
+    // by MongoDB but not by every compatible server).
+    let sep = if uri.contains('?') { '&' } else { '?' };
+    let store = support::store_via(&format!("{uri}{sep}retryWrites=false"), &db.name).await;
+    let config = support::test_config(&db.name, |_| {});
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = sluice::server::start(config, store, listener, false)
+        .await
+        .unwrap();
+    let base = format!("http://{}", server.addr);
+    let client = reqwest::Client::new();
+    let event = json!({ "eventId": "doubt-1", "userId": "v1", "sessionId": "s1",
+                        "eventType": "PAGE_VIEW", "timestamp": now_ms(), "pageUrl": "/a" });
+    let send = || {
+        client
+            .post(format!("{base}/v1/events/batch"))
+            .json(&json!({ "batch": [event] }))
+            .send()
+    };
+    armed.store(true, Ordering::SeqCst);
+    let failed = send().await.unwrap();
+    assert_eq!(failed.status().as_u16(), 503);
+    assert_eq!(failed.headers()["retry-after"], "2");
+    let body: Value = failed.json().await.unwrap();
+    assert_eq!(body["error"], "store_unavailable", "{body}");
+    assert!(severed.load(Ordering::SeqCst) >= 1);
+    armed.store(false, Ordering::SeqCst);
+    // The resend, at once: the first insert is still in flight (held by the proxy).
+    let doubt = send().await.unwrap();
+    assert_eq!(doubt.status().as_u16(), 503);
+    assert_eq!(doubt.headers()["retry-after"], "1");
+    let body: Value = doubt.json().await.unwrap();
+    assert_eq!(body["success"], false, "{body}");
+    assert_eq!(body["results"][0]["status"], "retry", "{body}");
+    assert_eq!(body["stored"], 0, "{body}");
+    // The held insert lands; the next resend finds the event stored.
+    deliver.store(true, Ordering::SeqCst);
+    let events = db.store.collection("events");
+    support::wait_until("the held insert lands", || async {
+        events
+            .count_documents(doc! { "eventId": "doubt-1" })
+            .await
+            .unwrap()
+            > 0
+    })
+    .await;
+    let resent = send().await.unwrap();
+    assert_eq!(resent.status().as_u16(), 200);
+    let body: Value = resent.json().await.unwrap();
+    assert_eq!(body["results"][0]["status"], "duplicate", "{body}");
+    assert_eq!(
+        events
+            .count_documents(doc! { "eventId": "doubt-1" })
+            .await
+            .unwrap(),
+        1
+    );
+    let user = db
+        .store
+        .collection("users")
+        .find_one(doc! { "visitorId": "v1" })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(int(&user, "totalEvents"), 1, "{user}");
+    server.shutdown().await;
+}
+
 /// A batcher of `capacity` events over `writers` lanes, writing through a proxy whose
 /// store stops answering while the returned flag is set.
 async fn freezable_batcher(
