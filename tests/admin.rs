@@ -1121,3 +1121,126 @@ async fn a_fire_no_replica_ran_is_listed_as_missed_and_a_failure_with_its_reason
     server.shutdown().await;
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// `sluice admin create-user`, the way the first admin is made: the password from
+/// `SLUICE_ADMIN_PASSWORD` or one piped line, ADMIN by default; the user can then sign
+/// in with it; a second user of the same email is refused, creating nothing.
+#[tokio::test]
+async fn the_cli_creates_admin_users_who_can_sign_in() {
+    let db = TestDb::initialized().await;
+    let dir = std::env::temp_dir().join(format!(
+        "sluice-admin-cli-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("sluice.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[mongodb]\nuri = \"{}\"\ndatabase = \"{}\"\n",
+            support::mongo_uri(),
+            db.name
+        ),
+    )
+    .unwrap();
+    let create = |email: &'static str,
+                  role: Option<&'static str>,
+                  env: Option<&'static str>,
+                  stdin: &'static str| {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"));
+            cmd.arg("--config")
+                .arg(&config)
+                .args(["admin", "create-user", "--email", email])
+                .env_remove("SLUICE_ADMIN_PASSWORD")
+                .env_remove("SLUICE_MONGODB_URI")
+                .env_remove("SLUICE_MONGODB_DATABASE")
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped());
+            if let Some(role) = role {
+                cmd.args(["--role", role]);
+            }
+            if let Some(password) = env {
+                cmd.env("SLUICE_ADMIN_PASSWORD", password);
+            }
+            let mut child = cmd.spawn().unwrap();
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(stdin.as_bytes())
+                .unwrap();
+            child.wait_with_output().unwrap()
+        })
+    };
+    let out = create("Boss@X.io", None, Some(PASSWORD), "").await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "created ADMIN boss@x.io"
+    );
+    let piped = "a piped password line\n";
+    let out = create("analyst@x.io", Some("analyst"), None, piped)
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The same email again (any case): refused, and the first user's password stands.
+    let out = create("BOSS@x.io", None, Some("another password here"), "")
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("exists"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let server = start_server(&db, |_| {}).await;
+    let base = format!("http://{}", server.addr);
+    let (status, body) = login(&base, "boss@x.io", PASSWORD).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = login(&base, "analyst@x.io", "a piped password line").await;
+    assert_eq!(status, 200, "the piped line, without its newline: {body}");
+    let (status, _) = login(&base, "boss@x.io", "another password here").await;
+    assert_eq!(status, 401);
+    let roles: Vec<(String, String)> = {
+        use futures_util::TryStreamExt;
+        db.store
+            .collection("admin_users")
+            .find(bson::doc! {})
+            .sort(bson::doc! { "email": 1 })
+            .await
+            .unwrap()
+            .try_collect::<Vec<_>>()
+            .await
+            .unwrap()
+            .iter()
+            .map(|u| {
+                assert!(!u.to_string().contains(PASSWORD), "stored hashed: {u}");
+                (
+                    u.get_str("email").unwrap().to_string(),
+                    u.get_str("role").unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        roles,
+        [
+            ("analyst@x.io".to_string(), "ANALYST".to_string()),
+            ("boss@x.io".to_string(), "ADMIN".to_string())
+        ]
+    );
+    server.shutdown().await;
+    std::fs::remove_dir_all(dir).unwrap();
+}
