@@ -876,3 +876,91 @@ async fn export_run_reports_a_kept_partition_as_kept() {
     assert!(!line.contains("0 rows"), "{second}");
     std::fs::remove_dir_all(&dest).unwrap();
 }
+
+/// `sluice jobs list`: a scheduled job whose latest instant no replica ran is flagged
+/// MISSED under its line; once that fire is recorded FAILED, the line shows it with the
+/// first line of its error.
+#[tokio::test]
+async fn jobs_list_shows_missed_fires_and_the_last_error() {
+    let db = support::TestDb::initialized().await;
+    // Daily, at a time three hours ago, scheduled since two days: its latest instant is
+    // long past any claim.
+    let at = chrono::Utc::now() - chrono::Duration::hours(3);
+    let cron = format!(
+        "0 {} {} * * *",
+        chrono::Timelike::minute(&at),
+        chrono::Timelike::hour(&at)
+    );
+    let file = sluice_core::integration::parse_file(
+        "t",
+        &format!("name = \"nightly\"\ntype = \"IMPORT\"\nendpoint = \"http://127.0.0.1:9/x\"\nschedule = \"{cron}\"\n[mapping.productId]\npath = \"$.id\"\n"),
+    )
+    .unwrap();
+    sluice_jobs::configs::apply(&db.store, &file).await.unwrap();
+    db.store
+        .collection("integration_configs")
+        .update_one(
+            bson::doc! { "name": "nightly" },
+            bson::doc! { "$set": { "scheduleSince": bson::DateTime::from_chrono(chrono::Utc::now() - chrono::Duration::days(2)) } },
+        )
+        .await
+        .unwrap();
+    let config = db_config(&db);
+    let line_of = |stdout: &str| -> Vec<String> {
+        let lines: Vec<&str> = stdout.lines().collect();
+        let i = lines
+            .iter()
+            .position(|l| l.starts_with("integration:nightly "))
+            .unwrap_or_else(|| panic!("{stdout}"));
+        lines[i..(i + 2).min(lines.len())]
+            .iter()
+            .map(|l| l.to_string())
+            .collect()
+    };
+    let out = sluice_with(&config, &["jobs", "list"]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines = line_of(&stdout);
+    assert!(
+        lines[0].contains(&cron) && lines[0].contains("last never run"),
+        "{stdout}"
+    );
+    assert!(
+        lines
+            .get(1)
+            .is_some_and(|l| l.trim_start().starts_with("MISSED: ")),
+        "{stdout}"
+    );
+    let job = sluice_jobs::schedule::ScheduledJob {
+        name: "integration:nightly".into(),
+        cron: cron.clone(),
+        timezone: None,
+        since: None,
+    };
+    let fire = sluice_jobs::schedule::previous_fire(&job, chrono::Utc::now()).unwrap();
+    let id = sluice_jobs::schedule::run_id("integration:nightly", fire);
+    db.store
+        .collection("scheduled_runs")
+        .insert_one(bson::doc! {
+            "_id": &id, "job": "integration:nightly",
+            "scheduledFor": bson::DateTime::from_chrono(fire), "status": "FAILED",
+            "error": "the API answered 500\nsecond line of detail",
+        })
+        .await
+        .unwrap();
+    let out = sluice_with(&config, &["jobs", "list"]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let lines = line_of(&stdout);
+    assert!(
+        lines[0].ends_with(&format!("last FAILED ({id}): the API answered 500")),
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains("second line") && !stdout.contains("MISSED"),
+        "{stdout}"
+    );
+}
