@@ -1244,3 +1244,98 @@ async fn the_cli_creates_admin_users_who_can_sign_in() {
     server.shutdown().await;
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// `GET /v1/analytics/journey`: the user's sessions, latest first, each with its events in
+/// time order (id, type, time, page) and its span; no other visitor's events.
+#[tokio::test]
+async fn the_journey_lists_a_users_sessions_latest_first_with_their_events_in_order() {
+    let db = TestDb::initialized().await;
+    let (server, base, token) = signed_in_admin(&db, |_| {}).await;
+    let t0 = chrono::Utc::now().timestamp_millis() - 3_600_000;
+    let ev = |id: &str, user: &str, session: &str, ty: &str, dt: i64, page: Option<&str>| {
+        let mut e = json!({ "eventId": id, "userId": user, "sessionId": session,
+                            "eventType": ty, "timestamp": t0 + dt });
+        if let Some(p) = page {
+            e["pageUrl"] = json!(p);
+        }
+        e
+    };
+    // Sent out of order: the journey orders by time, not by arrival.
+    let mut batch = json!({ "batch": [
+        ev("b2", "jv", "later", "PURCHASE", 2_000_000, None),
+        ev("a2", "jv", "first", "CLICK", 60_000, Some("/a")),
+        ev("a1", "jv", "first", "PAGE_VIEW", 0, Some("/")),
+        ev("b1", "jv", "later", "PAGE_VIEW", 1_900_000, Some("/cart")),
+        ev("x1", "someone-else", "first", "PAGE_VIEW", 30_000, Some("/x")),
+    ] });
+    batch["batch"][0]["properties"] = json!({ "amount": 5 });
+    let r = reqwest::Client::new()
+        .post(format!("{base}/v1/events/batch"))
+        .json(&batch)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let r = reqwest::Client::new()
+        .get(format!("{base}/v1/analytics/journey?userId=jv"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let body: Value = r.json().await.unwrap();
+    let sessions = body.as_array().unwrap_or_else(|| panic!("{body}"));
+    let summary: Vec<(String, Vec<(String, String, Option<String>)>)> = sessions
+        .iter()
+        .map(|s| {
+            (
+                s["_id"].as_str().unwrap().to_string(),
+                s["events"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|e| {
+                        (
+                            e["eventId"].as_str().unwrap().to_string(),
+                            e["eventType"].as_str().unwrap().to_string(),
+                            e["pageUrl"].as_str().map(str::to_string),
+                        )
+                    })
+                    .collect(),
+            )
+        })
+        .collect();
+    let s = |x: &str| x.to_string();
+    assert_eq!(
+        summary,
+        [
+            (
+                s("later"),
+                vec![
+                    (s("b1"), s("PAGE_VIEW"), Some(s("/cart"))),
+                    (s("b2"), s("PURCHASE"), None)
+                ]
+            ),
+            (
+                s("first"),
+                vec![
+                    (s("a1"), s("PAGE_VIEW"), Some(s("/"))),
+                    (s("a2"), s("CLICK"), Some(s("/a")))
+                ]
+            ),
+        ],
+        "{body}"
+    );
+    let millis = |v: &Value| {
+        chrono::DateTime::parse_from_rfc3339(v["$date"].as_str().unwrap_or_else(|| panic!("{v}")))
+            .unwrap()
+            .timestamp_millis()
+    };
+    assert_eq!(millis(&sessions[1]["startTime"]), t0);
+    assert_eq!(millis(&sessions[1]["endTime"]), t0 + 60_000);
+    assert_eq!(
+        millis(&sessions[0]["events"][1]["timestamp"]),
+        t0 + 2_000_000
+    );
+    server.shutdown().await;
+}
