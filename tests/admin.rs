@@ -1285,7 +1285,9 @@ async fn the_journey_lists_a_users_sessions_latest_first_with_their_events_in_or
     assert_eq!(r.status().as_u16(), 200);
     let body: Value = r.json().await.unwrap();
     let sessions = body.as_array().unwrap_or_else(|| panic!("{body}"));
-    let summary: Vec<(String, Vec<(String, String, Option<String>)>)> = sessions
+    // (eventId, eventType, pageUrl) of each event of a session.
+    type Step = (String, String, Option<String>);
+    let summary: Vec<(String, Vec<Step>)> = sessions
         .iter()
         .map(|s| {
             (
