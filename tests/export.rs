@@ -1524,6 +1524,57 @@ async fn records_pass_through_the_jobs_transform_chain() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// Holds each batch for `0` before passing it on unchanged.
+struct Stall(Duration);
+impl Transform for Stall {
+    fn name(&self) -> &str {
+        "stall"
+    }
+    fn apply(
+        &self,
+        batch: Vec<Record>,
+        _call: &mut sluice_core::transform::Call,
+    ) -> Result<Vec<Record>, TransformError> {
+        std::thread::sleep(self.0);
+        Ok(batch)
+    }
+}
+
+/// A run cancelled while it stages a day (SIGTERM, a lost lease) leaves no staging
+/// folder behind: its parts would otherwise stay in the work folder until a later run's
+/// sweep, a day on.
+#[tokio::test]
+async fn a_run_cancelled_while_staging_removes_its_staging_folder() {
+    let db = TestDb::initialized().await;
+    let (dir, work) = (temp_dir(), temp_dir());
+    let d = day(-1);
+    seed(&db, d, 300).await;
+    let mut ctx = ExportContext::new(db.store.clone(), ObjectStore::Local(LocalDir::new(&dir)));
+    ctx.work_dir = work.clone();
+    ctx.batch_rows = 50;
+    ctx.transforms = vec![Arc::new(Stall(Duration::from_millis(300)))];
+    let run = tokio::spawn({
+        let ctx = ctx.clone();
+        async move { run_export(&ctx, &request(ExportJobType::EventData, d, d)).await }
+    });
+    let staging = || {
+        std::fs::read_dir(&work)
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().starts_with("sluice-work-"))
+            .count()
+    };
+    support::wait_until("the run stages its day", || async { staging() > 0 }).await;
+    run.abort();
+    assert!(run.await.unwrap_err().is_cancelled());
+    support::wait_until("the staging folder is removed", || async { staging() == 0 }).await;
+    // And stays removed once the encoder, still holding a batch, finds it gone.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(staging(), 0);
+    std::fs::remove_dir_all(dir).unwrap();
+    std::fs::remove_dir_all(work).unwrap();
+}
+
 fn small_parts(ctx: &mut ExportContext) {
     ctx.part_options = PartWriterOptions {
         target_file_bytes: 20 * 1024,

@@ -479,6 +479,18 @@ const WORK_PREFIX: &str = "sluice-work-";
 /// far longer than any run, so a run going on in another process keeps its files.
 const LEFTOVER_AGE: Duration = Duration::from_secs(24 * 3600);
 
+/// A day's staging folder, removed when dropped: also when the run is cancelled while it
+/// stages (SIGTERM, a lost lease, a stopped run by hand), which would otherwise leave its
+/// parts, up to a day's worth of Parquet, until a later run's sweep a day on.
+struct WorkFolder(std::path::PathBuf);
+
+impl Drop for WorkFolder {
+    fn drop(&mut self) {
+        // Usually gone already (removed as the stage ends); a small folder either way.
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Removes the part folders and id spools a process that died mid-run left in the work
 /// folder (a run removes its own as it ends).
 async fn sweep_leftovers(work_dir: &std::path::Path) {
@@ -1929,6 +1941,7 @@ async fn stage(
             partition: prefix.clone(),
             message: e.to_string(),
         })?;
+    let _removed_when_done = WorkFolder(work.clone());
     let (batch_tx, mut batch_rx) = mpsc::channel::<Vec<Document>>(4);
     let (part_tx, mut part_rx) = mpsc::channel::<LocalPart>(2);
     // Dead letters are kept as they come, a chunk at a time: a plugin failing every event
