@@ -12,6 +12,62 @@ pub fn mongo_uri() -> String {
         .unwrap_or_else(|_| "mongodb://127.0.0.1:27017/?directConnection=true".into())
 }
 
+const TEST_DB_PREFIX: &str = "sluice_test_";
+
+/// How old what a test run left behind must be before a later run removes it: far longer
+/// than a run, so a run going on beside this one (another checkout) keeps its own.
+const LEFTOVER_AGE: std::time::Duration = std::time::Duration::from_secs(12 * 3600);
+
+/// Once a test process: removes the databases and temporary files of test runs that were
+/// killed (or whose drops could not run) at least [`LEFTOVER_AGE`] ago. A drop cleans up
+/// after a test that fails, but not after a test binary that is killed, and on a
+/// developer's machine those piled up.
+async fn sweep_leftovers(store: &Store) {
+    static SWEPT: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    SWEPT
+        .get_or_init(|| async {
+            let now = chrono::Utc::now().timestamp();
+            let old = |secs: i64| now - secs > LEFTOVER_AGE.as_secs() as i64;
+            if let Ok(names) = store.client().list_database_names().await {
+                for name in names {
+                    let Some(rest) = name.strip_prefix(TEST_DB_PREFIX) else {
+                        continue;
+                    };
+                    // `<hex seconds>_<id>`; a name without a time is from before it was
+                    // written (an old run's).
+                    let created = rest
+                        .split_once('_')
+                        .and_then(|(t, _)| i64::from_str_radix(t, 16).ok());
+                    if created.is_none_or(old) {
+                        let _ = store.client().database(&name).drop().await;
+                    }
+                }
+            }
+            // Test folders and files are named `sluice-...` in the temp folder (not
+            // `sluice-work-...`: the product's own, which it sweeps itself).
+            if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
+                for entry in entries.flatten() {
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    if !name.starts_with("sluice-") || name.starts_with("sluice-work-") {
+                        continue;
+                    }
+                    let stale = entry
+                        .metadata()
+                        .and_then(|m| m.modified())
+                        .ok()
+                        .and_then(|t| t.elapsed().ok())
+                        .is_some_and(|age| age > LEFTOVER_AGE);
+                    if stale {
+                        let path = entry.path();
+                        let _ =
+                            std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
+                    }
+                }
+            }
+        })
+        .await;
+}
+
 /// A fresh, uniquely named database, dropped on drop (also when the test panics).
 pub struct TestDb {
     pub name: String,
@@ -20,8 +76,10 @@ pub struct TestDb {
 
 impl TestDb {
     pub async fn new() -> Self {
+        // Named with its creation time, so leftovers can be told by age.
         let name = format!(
-            "sluice_test_{}",
+            "{TEST_DB_PREFIX}{:x}_{}",
+            chrono::Utc::now().timestamp(),
             &uuid::Uuid::new_v4().simple().to_string()[..12]
         );
         let store = Store::connect_uri(&mongo_uri(), &name, &WriteConcernLevel::Majority)
@@ -29,6 +87,7 @@ impl TestDb {
             .unwrap_or_else(|e| {
                 panic!("{e}\n(is the test server running? `scripts/services.sh up`)")
             });
+        sweep_leftovers(&store).await;
         Self { name, store }
     }
 
