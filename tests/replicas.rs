@@ -1311,3 +1311,122 @@ async fn a_replica_with_the_scheduler_disabled_fires_nothing() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// An ARCHIVE killed outright (SIGKILL: no chance to record anything or hand its lock
+/// back) while its delete of the archived events is held: once its lock's lease has
+/// lapsed, the next ARCHIVE finishes the day. Every event ends up in the archive once and
+/// out of MongoDB, and the dead run is not left looking alive for ever.
+#[tokio::test]
+async fn an_archive_killed_before_its_delete_is_finished_by_the_next() {
+    use std::sync::atomic::Ordering;
+    let db = TestDb::initialized().await;
+    let bucket = support::TestBucket::new().await;
+    seed_old_events(&db, 20).await;
+    let (uri, hold, held) =
+        support::holding_mongo_proxy(b"delete\x00\x07\x00\x00\x00events\x00").await;
+    let settings = support::s3_settings(&bucket.name);
+    let dir =
+        std::env::temp_dir().join(format!("sluice-replicas-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config_via = |name: &str, mongo: &str| {
+        let path = dir.join(name);
+        std::fs::write(
+            &path,
+            format!(
+                "[mongodb]\nuri = \"{mongo}\"\ndatabase = \"{}\"\n\
+                 [export]\ndestination = \"s3://{}/exports\"\n\
+                 [s3]\nendpoint = \"{}\"\naccess_key = \"{}\"\nsecret_key = \"{}\"\npath_style = true\n\
+                 [log]\nlevel = \"warn\"\n",
+                db.name,
+                bucket.name,
+                settings.endpoint,
+                settings.access_key,
+                settings.secret_key,
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let held_config = config_via("held.toml", &uri);
+    let direct_config = config_via("direct.toml", &support::mongo_uri());
+    hold.store(true, Ordering::SeqCst);
+    let mut run = sluice(&held_config, &["export", "run", "ARCHIVE"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while held.load(Ordering::SeqCst) == 0 {
+        assert!(
+            run.try_wait().unwrap().is_none(),
+            "the archive ended before its delete"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the archive never reached its delete"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    run.kill().unwrap(); // SIGKILL
+    run.wait().unwrap();
+    let jobs = db.store.collection("export_jobs");
+    let dead = jobs
+        .find_one(doc! { "type": "ARCHIVE" })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(dead.get_str("status").unwrap(), "RUNNING", "{dead}");
+    // Time passes: the lock's lease (60 s) lapses, and the dead run's heartbeat is older
+    // than the five minutes after which a run is taken for dead.
+    let past = bson::DateTime::from_millis(bson::DateTime::now().timestamp_millis() - 600_000);
+    db.store
+        .collection("job_locks")
+        .update_many(doc! {}, doc! { "$set": { "expiresAt": past } })
+        .await
+        .unwrap();
+    jobs.update_one(
+        doc! { "jobId": dead.get_str("jobId").unwrap() },
+        doc! { "$set": { "updatedAt": past } },
+    )
+    .await
+    .unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        sluice_command(&direct_config, &["export", "run", "ARCHIVE"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        db.store
+            .collection("events")
+            .count_documents(doc! {})
+            .await
+            .unwrap(),
+        0,
+        "every archived event deleted"
+    );
+    // The archive holds each event once.
+    let dest = bucket.object_store();
+    let manifests: Vec<String> = dest
+        .list("ARCHIVE/")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| o.key)
+        .filter(|k| k.ends_with("/_manifest.json"))
+        .collect();
+    assert_eq!(manifests.len(), 1, "{manifests:?}");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&dest.get_bytes(&manifests[0]).await.unwrap()).unwrap();
+    assert_eq!(manifest["rows"], 20, "{manifest}");
+    let dead = jobs
+        .find_one(doc! { "jobId": dead.get_str("jobId").unwrap() })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(dead.get_str("status").unwrap(), "FAILED", "{dead}");
+    hold.store(false, Ordering::SeqCst);
+    let _ = std::fs::remove_dir_all(dir);
+}
