@@ -12,6 +12,14 @@ fn sluice() -> Command {
             cmd.env_remove(k);
         }
     }
+    // And a `./sluice.toml` of the checkout (the README suggests one): the commands run
+    // in an empty folder, so one without `--config` takes the embedded defaults.
+    static EMPTY: std::sync::LazyLock<std::path::PathBuf> = std::sync::LazyLock::new(|| {
+        let dir = std::env::temp_dir().join(format!("sluice-cli-cwd-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    });
+    cmd.current_dir(&*EMPTY);
     cmd
 }
 
