@@ -1341,3 +1341,34 @@ async fn the_journey_lists_a_users_sessions_latest_first_with_their_events_in_or
     );
     server.shutdown().await;
 }
+
+/// A failed login takes a bcrypt check's time whether or not the email exists (an unknown
+/// email answered at once would tell which emails do).
+#[tokio::test]
+async fn a_login_for_an_unknown_email_takes_as_long_as_one_for_a_known_email() {
+    let db = TestDb::initialized().await;
+    let (server, base, _) = signed_in_admin(&db, |_| {}).await;
+    let timed = |email: &'static str| {
+        let base = base.clone();
+        async move {
+            let started = std::time::Instant::now();
+            let (status, _) = login(&base, email, "a wrong password here").await;
+            assert_eq!(status, 401);
+            started.elapsed()
+        }
+    };
+    // The stand-in hash is made as the server starts; the first check may still wait for it.
+    timed("nobody@x.io").await;
+    let (mut known, mut unknown) = (Vec::new(), Vec::new());
+    for _ in 0..2 {
+        known.push(timed("ops@x.io").await);
+        unknown.push(timed("nobody@x.io").await);
+    }
+    let (known, unknown) = (known.iter().min().unwrap(), unknown.iter().min().unwrap());
+    // Before, 1 % of it; the bound leaves room for a loaded machine.
+    assert!(
+        unknown.as_secs_f64() >= 0.3 * known.as_secs_f64(),
+        "unknown {unknown:?}, known {known:?}"
+    );
+    server.shutdown().await;
+}

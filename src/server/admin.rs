@@ -40,6 +40,11 @@ const MAX_PASSWORD_BYTES: usize = 72;
 /// Admin request bodies (a config file is the largest).
 pub const MAX_ADMIN_BODY: usize = 256 * 1024;
 /// Verified when the email is unknown, so both paths cost one bcrypt check.
+/// Computes the stand-in hash ahead of the first login (a blocking bcrypt hash).
+pub fn warm_up() {
+    let _ = dummy_hash();
+}
+
 fn dummy_hash() -> &'static str {
     static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     HASH.get_or_init(|| bcrypt::hash("no such user", bcrypt::DEFAULT_COST).unwrap_or_default())
@@ -436,10 +441,7 @@ async fn login(
         .map_err(store_error)?;
     let password = body.password.clone();
     let known = user.is_some();
-    let hash = user
-        .as_ref()
-        .map(|u| u.password.clone())
-        .unwrap_or_else(|| dummy_hash().to_string());
+    let hash = user.as_ref().map(|u| u.password.clone());
     let permit = state
         .login_guard
         .verifying
@@ -450,8 +452,11 @@ async fn login(
     // The check, and the failure it records, finish even if the client hangs up.
     let checked = tokio::task::spawn_blocking(move || {
         let _permit = permit;
-        // An unknown email fails even with the password its stand-in hash was made from.
-        let ok = known && bcrypt::verify(password, &hash).unwrap_or(false);
+        // An unknown email is checked against a stand-in hash all the same, so both take
+        // a bcrypt check's time (`known &&` first would skip it: a timing oracle telling
+        // which emails exist), and fails even with the password the stand-in was made from.
+        let hash = hash.unwrap_or_else(|| dummy_hash().to_string());
+        let ok = bcrypt::verify(password, &hash).unwrap_or(false) && known;
         if !ok {
             attempt.failed();
             return None;

@@ -591,6 +591,9 @@ pub async fn start_loaded(
         max_connections: state.config.max_connections,
     };
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    // The login's stand-in hash, made now rather than by the first login for an unknown
+    // email (which would take twice as long as one for a known email).
+    tokio::task::spawn_blocking(admin::warm_up);
     let sweeper = spawn_sweeper(
         store,
         Duration::from_secs(t.session_timeout_minutes * 60),
