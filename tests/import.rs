@@ -4496,3 +4496,52 @@ async fn client_secret_post_sends_the_client_credentials_in_the_form_body() {
     .to_string();
     assert!(err.contains("auth.client_auth"), "{err}");
 }
+
+/// An upsert key the API sends as an object, a list or an extended-JSON regular
+/// expression is refused, not used as the upsert's filter, where it would be a query
+/// operator matching (and overwriting) another record.
+#[tokio::test]
+async fn an_upsert_key_that_is_not_a_single_value_cannot_overwrite_other_records() {
+    let db = TestDb::initialized().await;
+    let records = vec![
+        json!({ "id": "a", "name": "alice" }),
+        json!({ "id": "b", "name": "bob" }),
+        json!({ "id": { "$gt": "" }, "name": "PWNED" }),
+        json!({ "id": ["a", "b"], "name": "PWNED" }),
+        json!({ "id": { "$regularExpression": { "pattern": ".*", "options": "" } }, "name": "PWNED" }),
+    ];
+    let url = serve_page("/injected", records).await;
+    // `type = "any"`: the key is taken as the API sent it.
+    let text = things_config("injected", &url, "type = \"none\"").replace(
+        "type = \"string\"\nrequired = true",
+        "type = \"any\"\nrequired = true",
+    ) + "[mapping.name]\npath = \"$.name\"\n";
+    let name = apply(&db, &text).await;
+    let s = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert_eq!((s.fetched, s.failed), (5, 3), "{s:?}");
+    let names: Vec<String> = db
+        .store
+        .collection("things")
+        .find(doc! {})
+        .sort(doc! { "thingId": 1 })
+        .await
+        .unwrap()
+        .try_collect::<Vec<_>>()
+        .await
+        .unwrap()
+        .iter()
+        .map(|d| d.get_str("name").unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["alice", "bob"]);
+    let sample = s
+        .samples
+        .iter()
+        .map(|r| r.reason.clone())
+        .collect::<Vec<_>>();
+    assert!(
+        sample.iter().all(|r| r.contains("not a single value")),
+        "{sample:?}"
+    );
+}

@@ -1023,7 +1023,7 @@ async fn write_page(
             Ok(_) => reject(
                 summary,
                 options,
-                format!("the upsert key `{}` is missing or empty, or a number too big to be exact (send such ids as strings and map them with `type = \"string\"`)", connector.key),
+                format!("the upsert key `{}` is missing or empty, not a single value (an object or a list), or a number too big to be exact (send such ids as strings and map them with `type = \"string\"`)", connector.key),
                 record,
             ),
             Err(reason) => reject(summary, options, reason, record),
@@ -1307,7 +1307,7 @@ fn plain_json(v: &Bson) -> Value {
 fn plugin_output_problem(connector: &Connector, d: &Document) -> Option<String> {
     if connector.collection != c::EVENTS && !d.get(&connector.key).is_some_and(usable_key) {
         return Some(format!(
-            "a transform plugin left the upsert key `{}` missing or empty",
+            "a transform plugin left the upsert key `{}` missing, empty or not a single value",
             connector.key
         ));
     }
@@ -1390,16 +1390,25 @@ fn spec_fingerprint(stored: &Document) -> String {
     )
 }
 
-/// An upsert key that can identify a document: not null, not an empty or blank string,
-/// not a whole double beyond 2^53 (an id the JSON reader rounded, beyond 2^64, or one
-/// past a double's exact integers: two such ids could become one document).
+/// An upsert key that can identify a document: a scalar (a string, number, boolean,
+/// date, ObjectId), not an empty or blank string, not a whole double beyond 2^53 (an id
+/// the JSON reader rounded, beyond 2^64, or one past a double's exact integers: two such
+/// ids could become one document). Not a document, array or regular expression: the key
+/// is the upsert's filter, where `{"$gt": ""}` sent by the API would be a query operator
+/// matching (and overwriting) another record, an array would match any document holding
+/// one of its values, and a regular expression every key it matches.
 fn usable_key(k: &Bson) -> bool {
     const TWO_TO_53: f64 = 9_007_199_254_740_992.0;
     match k {
-        Bson::Null => false,
         Bson::String(s) => !s.trim().is_empty(),
         Bson::Double(f) => f.is_finite() && !(f.fract() == 0.0 && f.abs() > TWO_TO_53),
-        _ => true,
+        Bson::Int32(_)
+        | Bson::Int64(_)
+        | Bson::Decimal128(_)
+        | Bson::Boolean(_)
+        | Bson::DateTime(_)
+        | Bson::ObjectId(_) => true,
+        _ => false,
     }
 }
 
@@ -2365,6 +2374,14 @@ mod tests {
             // 123456789012345678901234 as the JSON reader holds it: rounded.
             Bson::Double(1.2345678901234568e23),
             Bson::Double(f64::NAN),
+            // The filter would read them as an operator, any of the values, a pattern.
+            Bson::Document(bson::doc! { "$gt": "" }),
+            Bson::Document(bson::doc! { "id": 1 }),
+            Bson::Array(vec![Bson::Int32(1), Bson::Int32(2)]),
+            Bson::RegularExpression(bson::Regex {
+                pattern: ".*".into(),
+                options: String::new(),
+            }),
         ] {
             assert!(!usable_key(&bad), "{bad:?}");
         }
