@@ -972,3 +972,65 @@ async fn jobs_list_shows_missed_fires_and_the_last_error() {
         "{stdout}"
     );
 }
+
+/// Connector requests never go through a proxy named by `HTTP_PROXY`: a proxy resolves
+/// the host again itself, past the vetted, pinned addresses.
+#[tokio::test]
+async fn imports_ignore_proxies_named_by_the_environment() {
+    let db = support::TestDb::initialized().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let api = axum::Router::new().route(
+        "/items",
+        axum::routing::get(|| async {
+            axum::Json(serde_json::json!([{ "id": "p1" }, { "id": "p2" }]))
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, api).await });
+    // A "proxy" that counts the connections it is offered and answers none.
+    let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy_url = format!("http://{}", proxy.local_addr().unwrap());
+    let offered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    tokio::spawn({
+        let offered = offered.clone();
+        async move {
+            while let Ok((conn, _)) = proxy.accept().await {
+                offered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                drop(conn);
+            }
+        }
+    });
+    let file = sluice_core::integration::parse_file(
+        "shop.toml",
+        &format!(
+            "name = \"proxied\"\ntype = \"IMPORT\"\nendpoint = \"http://127.0.0.1:{port}/items\"\nallow_private_network = true\n[source]\nrecords = \"$[*]\"\n[mapping.productId]\npath = \"$.id\"\n"
+        ),
+    )
+    .unwrap();
+    sluice_jobs::configs::apply(&db.store, &file).await.unwrap();
+    let config = db_config(&db);
+    let out = tokio::task::spawn_blocking(move || {
+        let mut cmd = sluice();
+        for var in ["HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"] {
+            cmd.env(var, &proxy_url);
+        }
+        for var in ["NO_PROXY", "no_proxy"] {
+            cmd.env_remove(var);
+        }
+        cmd.arg("--config")
+            .arg(&config)
+            .args(["import", "run", "proxied"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("2 inserted"), "{stdout}");
+    assert_eq!(offered.load(std::sync::atomic::Ordering::SeqCst), 0);
+}

@@ -322,6 +322,10 @@ impl HttpClient {
             .connect_timeout(connector.timeout.min(Duration::from_secs(10)))
             // Redirects could lead to addresses that were never vetted.
             .redirect(reqwest::redirect::Policy::none())
+            // Nor may `HTTP(S)_PROXY` from the environment take the requests: a proxy
+            // resolves the host again itself, past the vetted, pinned addresses (a name
+            // rebound to 169.254.169.254 after vetting would reach it).
+            .no_proxy()
             .user_agent(concat!("sluice/", env!("CARGO_PKG_VERSION")));
         let mut hosts = vec![(
             connector.endpoint.text.clone(),
