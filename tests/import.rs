@@ -2132,6 +2132,8 @@ struct RotatingProvider {
     answer_after_ms: Arc<AtomicU64>,
     /// The `scope` of each grant ("" when none was sent).
     scopes: Arc<Mutex<Vec<String>>>,
+    /// The refresh token each grant presented.
+    presented: Arc<Mutex<Vec<String>>>,
     /// 1: answers as some providers do (`expires_in` as a string, no `token_type`, JSON
     /// served as `text/plain`); 2: an answer with the new refresh token but no access
     /// token (unreadable).
@@ -2143,6 +2145,7 @@ async fn rotating_token(
     axum::Form(form): axum::Form<std::collections::HashMap<String, String>>,
 ) -> Response {
     let presented = form.get("refresh_token").cloned().unwrap_or_default();
+    p.presented.lock().unwrap().push(presented.clone());
     p.scopes
         .lock()
         .unwrap()
@@ -2275,6 +2278,61 @@ async fn a_rotated_refresh_token_is_kept_from_an_answer_that_bends_or_breaks_the
     provider.sloppy.store(0, Ordering::SeqCst);
     let s = run_import(&db.store, &name, &options).await.unwrap();
     assert_eq!(s.fetched, 45);
+}
+
+/// A config re-applied with another token URL (an ADMIN of the API pointing it at a host
+/// of their own) does not send the saved, rotated refresh token there: the chain is bound
+/// to the token URL and client id it was kept for.
+#[tokio::test]
+async fn a_saved_refresh_token_is_not_sent_to_another_token_url() {
+    let db = TestDb::initialized().await;
+    let (provider, base) = serve_rotating().await;
+    let auth = |token_url: &str| {
+        format!(
+            "[auth]\ntype = \"OAUTH\"\ntoken_url = \"{token_url}\"\nclient_id = \"c\"\nclient_secret = \"${{env:IMPORT_TEST_CLIENT_SECRET}}\"\nrefresh_token = \"${{env:IMPORT_TEST_REFRESH}}\"\n"
+        )
+    };
+    let name = apply(
+        &db,
+        &cursor_config("bound", &base, "", &auth(&format!("{base}/token"))),
+    )
+    .await;
+    let options = ImportOptions {
+        token_key: Some(sluice_core::config::Secret::new(
+            "a-long-token-key-for-tests",
+        )),
+        ..with_secrets(&[
+            ("IMPORT_TEST_REFRESH", "rt-initial"),
+            ("IMPORT_TEST_CLIENT_SECRET", "s3cret"),
+        ])
+    };
+    let s = run_import(&db.store, &name, &options).await.unwrap();
+    assert_eq!(s.fetched, 45);
+    let live = provider.refresh.lock().unwrap().clone();
+    assert_ne!(live, "rt-initial", "rotated and saved");
+    // The same config, its token URL now another host's.
+    let (elsewhere, other) = serve_rotating().await;
+    apply(
+        &db,
+        &cursor_config("bound", &base, "", &auth(&format!("{other}/token"))),
+    )
+    .await;
+    let _ = run_import(&db.store, &name, &options).await;
+    let presented = elsewhere.presented.lock().unwrap().clone();
+    assert!(
+        !presented.is_empty(),
+        "the other host was asked for a token"
+    );
+    assert!(
+        !presented.contains(&live),
+        "the live refresh token went to another token URL: {presented:?}"
+    );
+    assert!(
+        presented
+            .iter()
+            .all(|t| t == "rt-initial" || t.starts_with("rt-1-")),
+        "{presented:?}"
+    );
 }
 
 #[tokio::test]

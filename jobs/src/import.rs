@@ -245,6 +245,8 @@ async fn http_client(
     let http = HttpClient::new(connector.clone()).await?;
     let sluice_core::integration::Auth::OAuth {
         refresh_token: Some(configured),
+        token_url,
+        client_id,
         ..
     } = &connector.auth
     else {
@@ -257,8 +259,14 @@ async fn http_client(
             expected: "`[security] token_key` (or SLUICE_TOKEN_KEY) to be set: providers may rotate refresh tokens, and the new one is stored encrypted before it is used".into(),
         }));
     };
-    let vault =
-        crate::tokens::MongoTokenVault::new(store.clone(), name, key.expose(), configured.expose());
+    let vault = crate::tokens::MongoTokenVault::new(
+        store.clone(),
+        name,
+        key.expose(),
+        configured.expose(),
+        token_url,
+        client_id,
+    );
     Ok(http.with_vault(Arc::new(vault)))
 }
 

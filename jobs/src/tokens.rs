@@ -5,7 +5,10 @@
 //! Each document also holds a fingerprint (SHA-256) of the refresh token configured in
 //! the integration file when the chain started: when an operator re-authorizes and puts a
 //! new token in the environment, the saved chain no longer matches and is ignored, so the
-//! new token is used.
+//! new token is used. It also holds a fingerprint of where the token goes (`token_url`
+//! and `client_id`): a config re-applied with another token URL (an ADMIN of the API
+//! pointing it at a host of their own) does not send the saved token there; it starts
+//! again from the configured one.
 
 use bson::spec::BinarySubtype;
 use bson::{doc, Binary, DateTime, Document};
@@ -20,6 +23,7 @@ const NONCE: &str = "nonce";
 const CIPHERTEXT: &str = "ciphertext";
 const SEED: &str = "seed";
 const ROTATED_AT: &str = "rotatedAt";
+const BOUND_TO: &str = "boundTo";
 
 /// The vault of one integration config.
 pub struct MongoTokenVault {
@@ -27,11 +31,21 @@ pub struct MongoTokenVault {
     config: String,
     key: [u8; 32],
     seed: String,
+    /// Fingerprint of the token URL and client id the chain is used with.
+    bound_to: String,
 }
 
 impl MongoTokenVault {
-    /// `configured` is the refresh token of the integration file (resolved secret).
-    pub fn new(store: Store, config: &str, token_key: &str, configured: &str) -> Self {
+    /// `configured` is the refresh token of the integration file (resolved secret);
+    /// `token_url` and `client_id` are where it is sent.
+    pub fn new(
+        store: Store,
+        config: &str,
+        token_key: &str,
+        configured: &str,
+        token_url: &str,
+        client_id: &str,
+    ) -> Self {
         let key: [u8; 32] = Sha256::digest(token_key.as_bytes()).into();
         // Not keyed: a changed `token_key` must read as "wrong key", not as a new token.
         // Refresh tokens are long random values, so their hash reveals nothing useful.
@@ -39,11 +53,16 @@ impl MongoTokenVault {
         h.update(config.as_bytes());
         h.update([0]);
         h.update(configured.as_bytes());
+        let mut b = Sha256::new();
+        b.update(token_url.as_bytes());
+        b.update([0]);
+        b.update(client_id.as_bytes());
         Self {
             store,
             config: config.to_string(),
             key,
             seed: format!("{:x}", h.finalize()),
+            bound_to: format!("{:x}", b.finalize()),
         }
     }
 
@@ -110,8 +129,18 @@ impl TokenVault for MongoTokenVault {
                 .await
                 .map_err(|e| e.to_string())?;
             match found {
-                Some(d) if d.get_str(SEED).ok() == Some(self.seed.as_str()) => {
+                // A chain saved before the binding was kept has none: it is bound at its
+                // next rotation.
+                Some(d)
+                    if d.get_str(SEED).ok() == Some(self.seed.as_str())
+                        && d.get_str(BOUND_TO)
+                            .map_or(true, |b| b == self.bound_to.as_str()) =>
+                {
                     self.open(&d).map(Some)
+                }
+                Some(d) if d.get_str(SEED).ok() == Some(self.seed.as_str()) => {
+                    tracing::warn!(config = %self.config, "the saved refresh token was kept for another token URL or client id: not sent to this one; the configured refresh token is used (re-authorize if the provider spent it)");
+                    Ok(None)
                 }
                 // None saved, or saved for a token the operator has since replaced.
                 _ => Ok(None),
@@ -130,6 +159,7 @@ impl TokenVault for MongoTokenVault {
                         NONCE: binary(nonce.to_vec()),
                         CIPHERTEXT: binary(sealed),
                         SEED: &self.seed,
+                        BOUND_TO: &self.bound_to,
                         ROTATED_AT: DateTime::now(),
                     } },
                 )
