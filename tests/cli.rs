@@ -234,12 +234,18 @@ fn plugin_test_prints_outputs_failures_and_timing() {
         "records.ndjson",
         "{\"eventType\":\"PURCHASE\",\"properties\":{\"amount\":10,\"currency\":\"USD\"}}\n{\"eventType\":\"PURCHASE\",\"properties\":{\"amount\":5,\"currency\":\"JPY\"}}\n",
     );
+    // The plugin folder named by a config of the test's own, not found from the checkout.
+    let config = write_temp(
+        "sluice.toml",
+        &format!("[plugins]\ndir = \"{}\"\n", dir.display()),
+    );
     let out = sluice()
+        .arg("--config")
+        .arg(&config)
         .args(["plugin", "test", "currency-normalize", "--input"])
         .arg(&input)
         .args(["--plugin-config", r#"{"target":"EUR","rates":{"USD":0.9}}"#])
         .env("SLUICE_LOG_LEVEL", "warn")
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -1848,7 +1848,7 @@ fn symlinked(dir: &std::path::Path, prefix: &str) -> Vec<String> {
     let mut names: Vec<String> = text
         .lines()
         .map(|line| {
-            // A `file://` URI (the folders here need no percent-encoding).
+            // A `file://` URI, not percent-encoded.
             let path = std::path::Path::new(line.strip_prefix("file://").expect(line));
             assert!(path.is_absolute() && path.exists(), "{line}");
             assert_eq!(path.parent().unwrap(), dir.join(prefix).as_path());
@@ -2523,6 +2523,10 @@ async fn late_days_are_published_until_archived_and_archived_windows_do_not_stop
     assert!(!marks.contains(&archived.to_string()), "{marks:?}");
     let next = run_export(&ctx, &archive).await.unwrap();
     assert_eq!(next.deleted, 1, "the late event, archived");
+    // Added to its day's partition, counts and all: every row read is there.
+    let m = manifest(&dir, &next.partitions[0].prefix);
+    assert_eq!(m["rowsRead"], m["rows"], "{m}");
+    assert!(m["files"].as_array().unwrap().len() >= 2, "{m}");
     std::fs::remove_dir_all(dir).unwrap();
 }
 

@@ -1941,7 +1941,9 @@ async fn stage(
             partition: prefix.clone(),
             message: e.to_string(),
         })?;
-    let _removed_when_done = WorkFolder(work.clone());
+    // Shared with the encoder: a cancelled stage leaves the encoder finishing the batch it
+    // holds in the folder, and the folder goes when the last of them does.
+    let work_folder = Arc::new(WorkFolder(work.clone()));
     let (batch_tx, mut batch_rx) = mpsc::channel::<Vec<Document>>(4);
     let (part_tx, mut part_rx) = mpsc::channel::<LocalPart>(2);
     // Dead letters are kept as they come, a chunk at a time: a plugin failing every event
@@ -1971,10 +1973,12 @@ async fn stage(
         let options = ctx.part_options.clone();
         let progress = ctx.progress.clone();
         let work = work.clone();
+        let work_folder = work_folder.clone();
         let partition = prefix.clone();
         let mut spool = spool;
         type Encoded = (Vec<DeadLetter>, Option<IdSpool>, Dropped);
         tokio::task::spawn_blocking(move || -> Result<Encoded, ExportError> {
+            let _work_folder = work_folder;
             let enc = |message: String| ExportError::Encode {
                 partition: partition.clone(),
                 message,
@@ -2395,6 +2399,14 @@ async fn publish_now(
         .map(serde_json::from_slice::<serde_json::Value>);
     let published = old_json.as_ref().and_then(|r| r.as_ref().ok());
     let new_rows: u64 = s.parts.iter().map(|(_, i)| i.rows).sum();
+    // A count of the published manifest an additive publish adds to (`or`, when it has
+    // none: a manifest written before the count was kept).
+    let earlier = |field: &str, or: &str| -> u64 {
+        let Some(m) = published.filter(|_| additive) else {
+            return 0;
+        };
+        m[field].as_u64().or_else(|| m[or].as_u64()).unwrap_or(0)
+    };
     let keep = || {
         Ok(PartitionSummary {
             prefix: s.prefix.clone(),
@@ -2507,10 +2519,12 @@ async fn publish_now(
             "readAt": s.read_at.map(|t| t.to_chrono().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
             "rows": rows,
             // What a reconciliation against MongoDB needs: rows read, and those not
-            // written (export transforms may also filter or fan out rows).
-            "rowsRead": s.rows_read,
-            "rowsSkipped": s.dropped.skipped,
-            "rowsDeadLettered": s.dropped.dead_lettered,
+            // written (export transforms may also filter or fan out rows). An archive
+            // adds to the partition, so to its counts too (a manifest from before these
+            // counts read all its rows).
+            "rowsRead": s.rows_read + earlier("rowsRead", "rows"),
+            "rowsSkipped": s.dropped.skipped + earlier("rowsSkipped", ""),
+            "rowsDeadLettered": s.dropped.dead_lettered + earlier("rowsDeadLettered", ""),
             "transforms": if kind == ExportJobType::Archive {
                 Vec::new()
             } else {

@@ -1386,7 +1386,8 @@ mod tests {
             FireOutcome::ClaimFailed(String::new()),
         ];
         for outcome in &every {
-            // No wildcard: a new variant does not compile until it is listed above.
+            // No wildcard: a new variant does not compile until it is named here (then
+            // list it above too).
             match outcome {
                 FireOutcome::Ran(_)
                 | FireOutcome::Claimed

@@ -455,6 +455,19 @@ impl IntoResponse for Answer {
     }
 }
 
+/// Lines about events a tracking transform failed or mangled: logged at most once a
+/// second with the count held back (a plugin failing on what clients send would
+/// otherwise log a line per event).
+static TRANSFORM_LINES: super::Throttle = super::Throttle::new();
+
+macro_rules! transform_warn {
+    ($($arg:tt)*) => {
+        if let Some(held) = TRANSFORM_LINES.pass(std::time::Duration::from_secs(1)) {
+            tracing::warn!(more_since_last = held, $($arg)*);
+        }
+    };
+}
+
 /// Runs `[plugins] tracking_transforms` over the events to store. An event a plugin drops
 /// is answered `dropped`; outputs keep their input's eventId, so further outputs of one
 /// input are duplicates of the first; an output that is not an event, breaks the client's
@@ -541,7 +554,7 @@ async fn transform(
     let dead_letters = isolated.dead_letters;
     let mut failed: HashMap<usize, String> = HashMap::new();
     for (i, e) in isolated.failed {
-        tracing::warn!(event_id = %events[i].event_id, error = %e, "a transform failed the event; rejected");
+        transform_warn!(event_id = %events[i].event_id, error = %e, "a transform failed the event; rejected");
         failed.insert(i, e.to_string());
     }
     // Under skip-batch, an event a plugin failed is not stored: it is answered `rejected`
@@ -587,7 +600,7 @@ async fn transform(
     for s in skipped {
         match input_of(&s.record) {
             Some(input) => {
-                tracing::warn!(event_id = %events[input].event_id, plugin = %s.transform, reason = %s.reason, "a transform failed the event under skip-batch; rejected");
+                transform_warn!(event_id = %events[input].event_id, plugin = %s.transform, reason = %s.reason, "a transform failed the event under skip-batch; rejected");
                 failed
                     .entry(input)
                     .or_insert_with(|| format!("transform `{}` failed: {}", s.transform, s.reason));
@@ -635,7 +648,7 @@ async fn transform(
                 match storable {
                     Ok(()) => kept.push(e),
                     Err(err) => {
-                        tracing::warn!(event_id = %e.event_id, error = %err, "a transform returned an invalid event; rejected");
+                        transform_warn!(event_id = %e.event_id, error = %err, "a transform returned an invalid event; rejected");
                         failed.entry(input).or_insert_with(|| {
                             format!("a transform returned an invalid event: {err}")
                         });
@@ -644,21 +657,21 @@ async fn transform(
             }
             (Ok(e), None) => {
                 strays += 1;
-                tracing::warn!(
+                transform_warn!(
                     event_id = %e.event_id,
                     "a transform returned an event under an eventId no input had; not stored (plugins must keep eventId)"
                 )
             }
             // Answered `dropped`, the client would never resend an event it lost.
             (Err(err), Some(input)) => {
-                tracing::warn!(event_id = %events[input].event_id, error = %err, "a transform returned something that is not an event; rejected");
+                transform_warn!(event_id = %events[input].event_id, error = %err, "a transform returned something that is not an event; rejected");
                 failed.entry(input).or_insert_with(|| {
                     format!("a transform returned something that is not an event: {err}")
                 });
             }
             (Err(err), None) => {
                 strays += 1;
-                tracing::warn!(error = %err, "a transform returned something that is not an event, under no eventId of the request; not stored")
+                transform_warn!(error = %err, "a transform returned something that is not an event, under no eventId of the request; not stored")
             }
         }
     }

@@ -14,6 +14,31 @@ pub fn mongo_uri() -> String {
 
 const TEST_DB_PREFIX: &str = "sluice_test_";
 
+/// What the tests (and `scripts/test.sh`) name their folders and files in the temp folder.
+const TEST_TEMP_PREFIXES: &[&str] = &[
+    "sluice-admin-",
+    "sluice-api-",
+    "sluice-catchup-",
+    "sluice-cli-",
+    "sluice-configs-",
+    "sluice-demo-",
+    "sluice-engine-",
+    "sluice-export-test-",
+    "sluice-geo-",
+    "sluice-idle-",
+    "sluice-localdir-",
+    "sluice-manual-",
+    "sluice-missed-",
+    "sluice-new-",
+    "sluice-own-mongo-",
+    "sluice-parts-",
+    "sluice-plugin-",
+    "sluice-plugins-",
+    "sluice-quickstart-",
+    "sluice-replicas-",
+    "sluice-spool-",
+];
+
 /// How old what a test run left behind must be before a later run removes it: far longer
 /// than a run, so a run going on beside this one (another checkout) keeps its own.
 const LEFTOVER_AGE: std::time::Duration = std::time::Duration::from_secs(12 * 3600);
@@ -33,22 +58,22 @@ async fn sweep_leftovers(store: &Store) {
                     let Some(rest) = name.strip_prefix(TEST_DB_PREFIX) else {
                         continue;
                     };
-                    // `<hex seconds>_<id>`; a name without a time is from before it was
-                    // written (an old run's).
+                    // `<hex seconds>_<id>`. One without a time is left alone: it may
+                    // be a live database of a run of an older checkout.
                     let created = rest
                         .split_once('_')
                         .and_then(|(t, _)| i64::from_str_radix(t, 16).ok());
-                    if created.is_none_or(old) {
+                    if created.is_some_and(old) {
                         let _ = store.client().database(&name).drop().await;
                     }
                 }
             }
-            // Test folders and files are named `sluice-...` in the temp folder (not
-            // `sluice-work-...`: the product's own, which it sweeps itself).
+            // The tests' folders and files in the temp folder, by their names (not the
+            // product's own `sluice-work-...`, which it sweeps itself, nor anything else).
             if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
                 for entry in entries.flatten() {
                     let name = entry.file_name().to_string_lossy().into_owned();
-                    if !name.starts_with("sluice-") || name.starts_with("sluice-work-") {
+                    if !TEST_TEMP_PREFIXES.iter().any(|p| name.starts_with(p)) {
                         continue;
                     }
                     let stale = entry

@@ -268,26 +268,50 @@ mod tests {
 
     #[test]
     fn the_manifests_type_names_follow_the_arrow_types() {
-        let fields: Vec<String> = top_page_fields()
-            .iter()
-            .map(|f| {
-                let t = match f.data_type() {
-                    DataType::Utf8 => "string",
-                    DataType::Int64 => "int64",
-                    other => panic!("{other}"),
-                };
-                format!("{}:{t}", f.name())
-            })
-            .collect();
-        assert_eq!(
-            type_name(TopPages),
-            format!("list<struct<{}>>", fields.join(","))
-        );
-        assert_eq!(
-            arrow_type(TimestampMicros),
-            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
-        );
-        assert_eq!(type_name(TimestampMicros), "timestamp_us_utc");
+        fn name_of(t: &DataType) -> String {
+            match t {
+                DataType::Utf8 => "string".into(),
+                DataType::Int64 => "int64".into(),
+                DataType::Float64 => "double".into(),
+                DataType::Boolean => "boolean".into(),
+                DataType::Date32 => "date".into(),
+                DataType::Timestamp(TimeUnit::Microsecond, Some(tz)) if &**tz == "UTC" => {
+                    "timestamp_us_utc".into()
+                }
+                DataType::List(item) => format!("list<{}>", name_of(item.data_type())),
+                DataType::Struct(fields) => format!(
+                    "struct<{}>",
+                    fields
+                        .iter()
+                        .map(|f| format!("{}:{}", f.name(), name_of(f.data_type())))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ),
+                other => panic!("no name for {other}"),
+            }
+        }
+        let every = [
+            Str,
+            Json,
+            TimestampMicros,
+            Int64,
+            Float64,
+            Bool,
+            StrList,
+            Date,
+            TopPages,
+        ];
+        for kind in every {
+            // No wildcard: a new kind does not compile until this test names it.
+            let expected = match kind {
+                // A string column holding JSON: named for what it holds.
+                Json => "json".to_string(),
+                Str | TimestampMicros | Int64 | Float64 | Bool | StrList | Date | TopPages => {
+                    name_of(&arrow_type(kind))
+                }
+            };
+            assert_eq!(type_name(kind), expected, "{kind:?}");
+        }
     }
 
     #[test]
