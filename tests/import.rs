@@ -1517,6 +1517,91 @@ async fn an_empty_cursor_page_naming_a_next_one_is_followed() {
     assert_eq!(count(&db, "things").await, 4);
 }
 
+/// An API that echoes the request's headers in its error body: the run's error (kept in
+/// `import_runs`, shown to USER accounts) holds no credential as it went on the wire: a
+/// Basic `Authorization`, a bearer token the run was issued, a header from `${env:}`.
+#[tokio::test]
+async fn an_api_echoing_the_request_headers_gets_no_credential_stored() {
+    let db = TestDb::initialized().await;
+    let echo = |headers: HeaderMap| async move {
+        let seen: Vec<String> = ["authorization", "x-custom-auth"]
+            .iter()
+            .filter_map(|h| {
+                headers
+                    .get(*h)
+                    .map(|v| format!("{h}: {}", v.to_str().unwrap()))
+            })
+            .collect();
+        (
+            StatusCode::UNAUTHORIZED,
+            format!("denied; you sent {}", seen.join(", ")),
+        )
+    };
+    let token = || async {
+        Json(
+            json!({ "access_token": "at-secret-access-123", "token_type": "bearer", "expires_in": 3600 }),
+        )
+    };
+    let addr = serve(
+        Router::new()
+            .route("/echo", get(echo))
+            .route("/token", post(token)),
+    )
+    .await;
+    let base = things_config(
+        "echo-basic",
+        &format!("http://{addr}/echo"),
+        "type = \"none\"",
+    );
+    let basic = base.replace(
+        "[source]",
+        "headers = { X-Custom-Auth = \"${env:IMPORT_TEST_CUSTOM}\" }\n[auth]\ntype = \"BASIC\"\nusername = \"svc-user\"\npassword = \"${env:IMPORT_TEST_BASIC_PW}\"\n[source]",
+    );
+    let oauth = things_config("echo-oauth", &format!("http://{addr}/echo"), "type = \"none\"").replace(
+        "[source]",
+        &format!("[auth]\ntype = \"OAUTH\"\ntoken_url = \"http://{addr}/token\"\nclient_id = \"cid\"\nclient_secret = \"${{env:IMPORT_TEST_CLIENT_SECRET}}\"\n[source]"),
+    );
+    let opts = with_secrets(&[
+        ("IMPORT_TEST_CUSTOM", "HeaderSecret555"),
+        ("IMPORT_TEST_BASIC_PW", "BasicPassw0rdSecret"),
+        ("IMPORT_TEST_CLIENT_SECRET", "ClientSecretValue99"),
+    ]);
+    use base64::Engine;
+    let encoded = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let leaks = [
+        "HeaderSecret555".to_string(),
+        "BasicPassw0rdSecret".to_string(),
+        encoded("svc-user:BasicPassw0rdSecret"),
+        "at-secret-access-123".to_string(),
+        encoded("cid:ClientSecretValue99"),
+    ];
+    for (config, name) in [(basic, "echo-basic"), (oauth, "echo-oauth")] {
+        apply(&db, &config).await;
+        let err = run_import(&db.store, name, &opts)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("you sent authorization: "),
+            "the API echoed: {err}"
+        );
+        let run = db
+            .store
+            .collection("import_runs")
+            .find_one(doc! { "config": name })
+            .await
+            .unwrap()
+            .unwrap()
+            .to_string();
+        for leak in &leaks {
+            assert!(
+                !err.contains(leak.as_str()) && !run.contains(leak.as_str()),
+                "{leak} in {err} / {run}"
+            );
+        }
+    }
+}
+
 #[tokio::test]
 async fn an_api_echoing_a_wrong_key_does_not_get_it_stored() {
     let db = TestDb::initialized().await;

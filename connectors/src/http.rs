@@ -300,7 +300,13 @@ pub struct HttpClient {
     vault: Option<Arc<dyn TokenVault>>,
     next_request: Mutex<Instant>,
     pub stats: std::sync::Mutex<HttpStats>,
+    /// Access and refresh tokens this client was given (the latest few), kept out of the
+    /// error texts it writes as the connector's own secrets are.
+    issued: std::sync::Mutex<Vec<String>>,
 }
+
+/// Tokens of a run kept for scrubbing error texts (the latest; older ones have expired).
+const ISSUED_KEPT: usize = 8;
 
 /// Refresh a token this long before it expires.
 const TOKEN_MARGIN: Duration = Duration::from_secs(30);
@@ -312,7 +318,18 @@ impl HttpClient {
     fn snippet(&self, text: &str) -> String {
         // Scrubbed before it is cut, so a secret across the cut leaves no part behind.
         let start: String = text.chars().take(1_000).collect();
-        snippet(&scrub(&self.connector, start))
+        let issued = self.issued.lock().map(|i| i.clone()).unwrap_or_default();
+        snippet(&scrub(&self.connector, &issued, start))
+    }
+
+    /// Notes a token given to this client, to keep it out of error texts.
+    fn note_issued(&self, token: &str) {
+        if let Ok(mut issued) = self.issued.lock() {
+            if issued.len() >= ISSUED_KEPT {
+                issued.remove(0);
+            }
+            issued.push(token.to_string());
+        }
     }
 
     /// Vets the endpoint (and token URL) and builds a client pinned to the vetted addresses.
@@ -355,6 +372,7 @@ impl HttpClient {
             vault: None,
             next_request: Mutex::new(Instant::now()),
             stats: Default::default(),
+            issued: Default::default(),
         })
     }
 
@@ -458,6 +476,7 @@ impl HttpClient {
                     *self.refresh.lock().await = Some(presented.clone());
                 }
                 if let Some(new) = &exchanged.rotated {
+                    self.note_issued(new);
                     *self.refresh.lock().await = Some(new.clone());
                 }
                 let token = exchanged.response?;
@@ -476,6 +495,7 @@ impl HttpClient {
         };
         self.bump(|s| s.token_refreshes += 1);
         let value = token.access_token().secret().clone();
+        self.note_issued(&value);
         *slot = Some(Token {
             value: value.clone(),
             // A provider's `expires_in` past what a clock can hold means "long-lived".
@@ -1095,30 +1115,59 @@ fn snippet(text: &str) -> String {
 
 /// `text` with every occurrence of the connector's secrets replaced: an API that echoes a
 /// wrong key in its error body must not have it stored in the run history.
-fn scrub(connector: &Connector, text: String) -> String {
-    let mut secrets: Vec<&str> = match &connector.auth {
+/// `text` with the connector's secrets replaced, as they were configured and as they go
+/// on the wire (an API echoing the request's headers in an error body would otherwise
+/// put a Basic credential or a bearer token in the run history, which USER accounts
+/// read): the auth secrets, their Basic `Authorization` encodings, headers that carry a
+/// credential or came from `${env:NAME}`, and the tokens `issued` during the run.
+fn scrub(connector: &Connector, issued: &[String], text: String) -> String {
+    use base64::Engine;
+    let basic = |user: &str, secret: &str| {
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{secret}"))
+    };
+    let mut secrets: Vec<String> = match &connector.auth {
         Auth::None => Vec::new(),
-        Auth::ApiKey { key, .. } => vec![key.expose()],
-        Auth::Basic { password, .. } => vec![password.expose()],
+        Auth::ApiKey { key, .. } => vec![key.expose().to_string()],
+        Auth::Basic { username, password } => vec![
+            password.expose().to_string(),
+            basic(username, password.expose()),
+        ],
         Auth::OAuth {
+            client_id,
             client_secret,
             refresh_token,
             ..
-        } => std::iter::once(client_secret)
-            .chain(refresh_token)
-            .map(|s| s.expose())
-            .collect(),
+        } => {
+            let mut s: Vec<String> = std::iter::once(client_secret)
+                .chain(refresh_token)
+                .map(|s| s.expose().to_string())
+                .collect();
+            // `client_secret_basic` form-encodes both before joining them (RFC 6749 2.3.1).
+            let form = |v: &str| -> String {
+                oauth2::url::form_urlencoded::byte_serialize(v.as_bytes()).collect()
+            };
+            s.push(basic(client_id, client_secret.expose()));
+            s.push(basic(&form(client_id), &form(client_secret.expose())));
+            s
+        }
     };
     secrets.extend(
         connector
             .headers
             .iter()
             .filter(|(name, _)| sluice_core::integration::credential_header(name))
-            .map(|(_, value)| value.as_str()),
+            .map(|(_, value)| value.clone()),
     );
+    secrets.extend(connector.env_header_values.iter().cloned());
+    secrets.extend(issued.iter().cloned());
     // Short values (a 1-character test key) would blank unrelated text.
     secrets.retain(|s| s.len() >= 4);
-    secrets.iter().fold(text, |t, s| t.replace(s, "<redacted>"))
+    // Longest first: a secret inside another (a password inside its Basic encoding's
+    // text, say) must not break the longer one's match.
+    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    secrets
+        .iter()
+        .fold(text, |t, s| t.replace(s.as_str(), "<redacted>"))
 }
 
 /// An OAuth2 token endpoint and the client's credentials.

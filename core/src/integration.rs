@@ -460,6 +460,9 @@ pub struct Connector {
     pub endpoint: url_lite::Url,
     pub method: HttpMethod,
     pub headers: Vec<(String, String)>,
+    /// The values of headers given as `${env:NAME}` references: secrets by where they
+    /// came from, whatever the header's name (kept out of error texts).
+    pub env_header_values: Vec<String>,
     pub schedule: Option<String>,
     pub is_active: bool,
     pub allow_private_network: bool,
@@ -1126,6 +1129,7 @@ pub fn validate(
     // Header values may be `${env:NAME}` references, resolved like auth secrets; a header
     // that carries a credential must be one, so the stored config never holds it in clear.
     let mut headers = Vec::with_capacity(file.headers.len());
+    let mut env_header_values = Vec::new();
     for (k, v) in &file.headers {
         let field = format!("headers.{k}");
         let value = Secret::new(v.clone());
@@ -1137,6 +1141,9 @@ pub fn validate(
         }
         let resolved = resolve(&field, &value)?;
         header_ok(&field, k, resolved.expose()).map_err(|e| invalid(&field, e))?;
+        if value.env_reference().is_some() {
+            env_header_values.push(resolved.expose().to_string());
+        }
         headers.push((k.clone(), resolved.expose().to_string()));
     }
     Ok(Connector {
@@ -1145,6 +1152,7 @@ pub fn validate(
         endpoint,
         method,
         headers,
+        env_header_values,
         schedule: file.schedule.clone(),
         is_active: file.is_active,
         allow_private_network: file.allow_private_network,
