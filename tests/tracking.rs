@@ -1839,6 +1839,22 @@ async fn the_ops_address_answers_probes_while_the_public_one_is_full_and_turns_u
     assert_eq!(status("/readyz").await, 200);
     assert_eq!(status("/v1/events").await, 404, "no client endpoint there");
     drop(_held);
+    // The metrics are served on the ops address only, once there is one. (A connection
+    // not kept: it would hold the public listener's only place.)
+    let once = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(std::time::Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let public_metrics = once
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16();
+    assert_eq!(public_metrics, 404);
+    assert_eq!(status("/metrics").await, 200);
     // A request whose write is held keeps the shutdown draining: meanwhile the replica
     // says it is not ready (MongoDB answers its ping), on the ops address that still
     // answers.

@@ -248,7 +248,7 @@ pub fn router(state: AppState) -> Router {
         Arc::new(tracking_paths.into_iter().collect());
     let app = app
         .merge(admin::routes())
-        .merge(probe_routes())
+        .merge(probe_routes(state.config.ops_listen.is_none()))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
         })
@@ -430,17 +430,23 @@ async fn body_deadline(
 /// driver waiting out its server selection timeout (10 s) would answer very late.
 const READY_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The probes and the metrics, on the public listener and on `[server] ops_listen`.
-fn probe_routes() -> Router<AppState> {
-    Router::new()
+/// The probes, and the metrics if `metrics`: on `[server] ops_listen`, and on the public
+/// listener (its metrics only when there is no ops address: they name configs and
+/// traffic, which the public need not see once scrapes have an address of their own).
+fn probe_routes(metrics: bool) -> Router<AppState> {
+    let probes = Router::new()
         .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics_text))
+        .route("/readyz", get(readyz));
+    if metrics {
+        probes.route("/metrics", get(metrics_text))
+    } else {
+        probes
+    }
 }
 
 /// `[server] ops_listen`'s routes: the probes and the metrics, nothing a client sends.
 fn ops_router(state: AppState) -> Router {
-    probe_routes()
+    probe_routes(true)
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
