@@ -1833,6 +1833,29 @@ pub fn push_filter(text: &str) -> Result<bson::Document, String> {
     if value.values().any(too_big) {
         return Err("a filter whose integers fit in 64 bits (send bigger ones as strings)".into());
     }
+    // Operators that run JavaScript on the server (`$where`, and `$function` /
+    // `$accumulator` inside `$expr`): code an ADMIN of the API could have MongoDB run on
+    // every document, beyond what a filter needs.
+    fn javascript(m: &serde_json::Map<String, Value>) -> Option<&'static str> {
+        m.iter().find_map(|(k, v)| {
+            ["$where", "$function", "$accumulator"]
+                .into_iter()
+                .find(|op| k == op)
+                .or_else(|| within(v))
+        })
+    }
+    fn within(v: &Value) -> Option<&'static str> {
+        match v {
+            Value::Array(items) => items.iter().find_map(within),
+            Value::Object(m) => javascript(m),
+            _ => None,
+        }
+    }
+    if let Some(op) = javascript(&value) {
+        return Err(format!(
+            "a filter without `{op}` (operators that run JavaScript on the server are refused)"
+        ));
+    }
     match bson::Bson::try_from(Value::Object(value)) {
         Ok(bson::Bson::Document(d)) => Ok(d),
         Ok(_) => Err("a JSON object".into()),
@@ -1870,6 +1893,14 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("push.filter"), "{err}");
+        // Nor may it run JavaScript on the server, at any depth.
+        for js in [
+            r#"{"$where": "sleep(100) || true"}"#,
+            r#"{"$and": [{"a": 1}, {"$expr": {"$function": {"body": "f", "args": [], "lang": "js"}}}]}"#,
+        ] {
+            let err = push_filter(js).unwrap_err();
+            assert!(err.contains("JavaScript"), "{err}");
+        }
         let date =
             push_filter(r#"{"updatedAt": {"$gte": {"$date": "2026-01-01T00:00:00Z"}}}"#).unwrap();
         assert!(matches!(
