@@ -225,6 +225,11 @@ async fn every_role_against_every_endpoint() {
             // Refused as the server's own secret, not for being unset here.
             "`${env:ADMIN_TEST_OWN_KEY}`: configs applied through the API may not reference",
         ),
+        // Any other variable of the server's environment: none is listed by default.
+        (
+            "name = \"cfg-steal4\"\ntype = \"IMPORT\"\nendpoint = \"https://api.example/x\"\n[headers]\nX-Leak = \"${env:PATH}\"\n[mapping.productId]\npath = \"$.id\"\n",
+            "`[security] api_config_env` lists, and it lists none",
+        ),
         // A credential in the endpoint's query would be stored in clear and shown to
         // every USER: refused, pointing at `auth.query`.
         (

@@ -96,9 +96,9 @@ pub struct SecuritySection {
     pub api_configs_may_reach_private_network: bool,
     /// The environment variables configs applied through the admin API may reference
     /// (`${env:NAME}`): names, or prefixes ending in `*` (`["SHOP_*", "CRM_TOKEN"]`).
-    /// Empty: any variable but `SLUICE_*`, `AWS_*` and those this file reads. Setting it
-    /// keeps every other secret of the process's environment from being sent to an
-    /// endpoint an API caller names.
+    /// Empty: none (`SLUICE_*`, `AWS_*` and those this file reads are refused even when
+    /// listed). A config sends its secrets to the endpoint its applier names: an open
+    /// list would let an API caller send any secret of the process's environment there.
     pub api_config_env: Vec<String>,
 }
 

@@ -684,12 +684,13 @@ fn validate_api_config(
 ) -> Result<sluice_core::integration::IntegrationFile, String> {
     let own = config.env_references();
     let allowed = &config.raw.security.api_config_env;
+    // None listed, none allowed: the variables of the server's environment are the
+    // operator's, and a config sends its secrets to the endpoint its applier names.
     let listed = |k: &str| {
-        allowed.is_empty()
-            || allowed.iter().any(|a| match a.strip_suffix('*') {
-                Some(prefix) => k.starts_with(prefix),
-                None => a == k,
-            })
+        allowed.iter().any(|a| match a.strip_suffix('*') {
+            Some(prefix) => k.starts_with(prefix),
+            None => a == k,
+        })
     };
     let reserved = std::cell::RefCell::new(None);
     let unlisted = std::cell::RefCell::new(None);
@@ -713,6 +714,9 @@ fn validate_api_config(
         }
         Ok((file, _)) => Ok(file),
         Err(e) => Err(match (reserved.take(), unlisted.take()) {
+            (None, Some(name)) if allowed.is_empty() => format!(
+                "`${{env:{name}}}`: configs applied through the API may reference only the variables `[security] api_config_env` lists, and it lists none (an operator may list the connectors' variables there, or apply the config with `sluice configs apply`)"
+            ),
             (None, Some(name)) => format!(
                 "`${{env:{name}}}`: configs applied through the API may reference only the variables `[security] api_config_env` lists ({})",
                 allowed.join(", ")
