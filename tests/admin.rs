@@ -902,6 +902,47 @@ async fn role_changes_deactivation_and_logout_take_effect_on_the_next_request() 
         .unwrap();
     assert_eq!(tokens, 0, "a deactivated user's tokens are deleted");
     assert_eq!(login(&base, "an@x.io", PASSWORD).await.0, 401);
+    // A token stored while the user was being deactivated (a login checked just
+    // before): as if it had been, one made now and the user deactivated behind it.
+    let late = {
+        db.store
+            .collection("admin_users")
+            .update_one(
+                bson::doc! { "email": "an@x.io" },
+                bson::doc! { "$set": { "isActive": true } },
+            )
+            .await
+            .unwrap();
+        let token = login(&base, "an@x.io", PASSWORD).await.1["token"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        db.store
+            .collection("admin_users")
+            .update_one(
+                bson::doc! { "email": "an@x.io" },
+                bson::doc! { "$set": { "isActive": false } },
+            )
+            .await
+            .unwrap();
+        token
+    };
+    let r = change("an@x.io", json!({ "isActive": true }))
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let me_late = client
+        .get(format!("{base}/v1/admin/me"))
+        .bearer_auth(&late)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        me_late.status().as_u16(),
+        401,
+        "reactivated, the user signs in anew"
+    );
+    assert_eq!(login(&base, "an@x.io", PASSWORD).await.0, 200);
 
     for (email, body, status) in [
         ("admin@x.io", json!({ "isActive": false }), 400),

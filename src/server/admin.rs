@@ -276,7 +276,10 @@ async fn change_user(
         ));
     }
     let changed = change_as_admin(&state, &me, &email, set).await?;
-    if body.is_active == Some(false) {
+    // Deactivated or reactivated, the user signs in anew: a login whose check was in
+    // flight as the user was deactivated may have stored a token after that deletion,
+    // useless while the user is inactive, but not to come back with a reactivation.
+    if body.is_active.is_some() {
         state
             .store
             .collection(c::ADMIN_TOKENS)
