@@ -1103,6 +1103,18 @@ async fn dry_run_writes_nothing_and_private_addresses_are_refused() {
         err.contains("loopback") && err.contains("allow_private_network"),
         "{err}"
     );
+    // A name is refused without the error saying where it points (USER accounts read run
+    // errors; an ADMIN's configs could otherwise map internal names to addresses).
+    let named = guarded
+        .replace("127.0.0.1", "localhost")
+        .replace("guarded", "named");
+    let name = apply(&db, &named).await;
+    let err = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("loopback"), "{err}");
+    assert!(!err.contains("127.0.0.1") && !err.contains("::1"), "{err}");
 }
 
 /// Link-header pages: the first names the second relatively; the second names a third

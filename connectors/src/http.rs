@@ -20,7 +20,9 @@ use tokio::sync::Mutex;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
-    #[error("`{url}` is refused: it resolves to {addr}, a {kind} address (set `allow_private_network = true` to allow it)")]
+    /// The address itself is logged, not in the error: run errors are read by USER
+    /// accounts, and an ADMIN's config naming internal hosts would map them.
+    #[error("`{url}` is refused: it resolves to a {kind} address (set `allow_private_network = true` to allow it)")]
     PrivateNetwork {
         url: String,
         addr: IpAddr,
@@ -261,6 +263,7 @@ pub async fn vet_host(
     if !allow_private {
         for a in &addrs {
             if let Some(kind) = ip_kind(a.ip()) {
+                tracing::warn!(url, addr = %a.ip(), kind, "an endpoint resolving to a non-public address was refused");
                 return Err(HttpError::PrivateNetwork {
                     url: url.to_string(),
                     addr: a.ip(),
