@@ -23,11 +23,7 @@ pub enum HttpError {
     /// The address itself is logged, not in the error: run errors are read by USER
     /// accounts, and an ADMIN's config naming internal hosts would map them.
     #[error("`{url}` is refused: it resolves to a {kind} address (set `allow_private_network = true` to allow it)")]
-    PrivateNetwork {
-        url: String,
-        addr: IpAddr,
-        kind: &'static str,
-    },
+    PrivateNetwork { url: String, kind: &'static str },
     #[error("cannot resolve `{host}`: {message}")]
     Resolve { host: String, message: String },
     #[error("OAuth token request to `{url}` failed: {message}")]
@@ -266,7 +262,6 @@ pub async fn vet_host(
                 tracing::warn!(url, addr = %a.ip(), kind, "an endpoint resolving to a non-public address was refused");
                 return Err(HttpError::PrivateNetwork {
                     url: url.to_string(),
-                    addr: a.ip(),
                     kind,
                 });
             }
@@ -1116,8 +1111,6 @@ fn snippet(text: &str) -> String {
     t.replace('\n', " ")
 }
 
-/// `text` with every occurrence of the connector's secrets replaced: an API that echoes a
-/// wrong key in its error body must not have it stored in the run history.
 /// `text` with the connector's secrets replaced, as they were configured and as they go
 /// on the wire (an API echoing the request's headers in an error body would otherwise
 /// put a Basic credential or a bearer token in the run history, which USER accounts

@@ -479,6 +479,17 @@ const WORK_PREFIX: &str = "sluice-work-";
 /// far longer than any run, so a run going on in another process keeps its files.
 const LEFTOVER_AGE: Duration = Duration::from_secs(24 * 3600);
 
+/// The transform chain a `kind`'s rows go through: `export_transforms`, except for an
+/// archive, which is a move (every event deleted must be in the files, so no transform
+/// may drop, split or change records on the way).
+fn export_transforms(ctx: &ExportContext, kind: ExportJobType) -> Vec<Arc<dyn Transform>> {
+    if kind == ExportJobType::Archive {
+        Vec::new()
+    } else {
+        ctx.transforms.clone()
+    }
+}
+
 /// A day's staging folder, removed when dropped: also when the run is cancelled while it
 /// stages (SIGTERM, a lost lease, a stopped run by hand), which would otherwise leave its
 /// parts, up to a day's worth of Parquet, until a later run's sweep a day on.
@@ -1965,11 +1976,7 @@ async fn stage(
         None
     };
     let encoder = {
-        let transforms = if archiving {
-            Vec::new()
-        } else {
-            ctx.transforms.clone()
-        };
+        let transforms = export_transforms(ctx, kind);
         let options = ctx.part_options.clone();
         let progress = ctx.progress.clone();
         let work = work.clone();
@@ -2525,11 +2532,10 @@ async fn publish_now(
             "rowsRead": s.rows_read + earlier("rowsRead", "rows"),
             "rowsSkipped": s.dropped.skipped + earlier("rowsSkipped", ""),
             "rowsDeadLettered": s.dropped.dead_lettered + earlier("rowsDeadLettered", ""),
-            "transforms": if kind == ExportJobType::Archive {
-                Vec::new()
-            } else {
-                ctx.transforms.iter().map(|t| t.name().to_string()).collect::<Vec<_>>()
-            },
+            "transforms": export_transforms(ctx, kind)
+                .iter()
+                .map(|t| t.name().to_string())
+                .collect::<Vec<_>>(),
             "schema": schema_description(s.table),
             "files": files,
         });

@@ -49,20 +49,12 @@ impl MongoTokenVault {
         let key: [u8; 32] = Sha256::digest(token_key.as_bytes()).into();
         // Not keyed: a changed `token_key` must read as "wrong key", not as a new token.
         // Refresh tokens are long random values, so their hash reveals nothing useful.
-        let mut h = Sha256::new();
-        h.update(config.as_bytes());
-        h.update([0]);
-        h.update(configured.as_bytes());
-        let mut b = Sha256::new();
-        b.update(token_url.as_bytes());
-        b.update([0]);
-        b.update(client_id.as_bytes());
         Self {
             store,
             config: config.to_string(),
             key,
-            seed: format!("{:x}", h.finalize()),
-            bound_to: format!("{:x}", b.finalize()),
+            seed: fingerprint(&[config, configured]),
+            bound_to: fingerprint(&[token_url, client_id]),
         }
     }
 
@@ -112,6 +104,19 @@ impl MongoTokenVault {
     }
 }
 
+/// SHA-256 (hex) of `parts` separated by NULs (so `("ab", "c")` and `("a", "bc")`
+/// differ). The seeds of chains already saved were made this way: it must not change.
+fn fingerprint(parts: &[&str]) -> String {
+    let mut h = Sha256::new();
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 {
+            h.update([0]);
+        }
+        h.update(part.as_bytes());
+    }
+    format!("{:x}", h.finalize())
+}
+
 fn binary(bytes: Vec<u8>) -> Binary {
     Binary {
         subtype: BinarySubtype::Generic,
@@ -129,18 +134,14 @@ impl TokenVault for MongoTokenVault {
                 .await
                 .map_err(|e| e.to_string())?;
             match found {
-                // A chain saved before the binding was kept has none: it is bound at its
-                // next rotation.
-                Some(d)
-                    if d.get_str(SEED).ok() == Some(self.seed.as_str())
-                        && d.get_str(BOUND_TO)
-                            .map_or(true, |b| b == self.bound_to.as_str()) =>
-                {
-                    self.open(&d).map(Some)
-                }
                 Some(d) if d.get_str(SEED).ok() == Some(self.seed.as_str()) => {
-                    tracing::warn!(config = %self.config, "the saved refresh token was kept for another token URL or client id: not sent to this one; the configured refresh token is used (re-authorize if the provider spent it)");
-                    Ok(None)
+                    // A chain saved before the binding was kept has none: it is bound at
+                    // its next rotation.
+                    if d.get_str(BOUND_TO).is_ok_and(|b| b != self.bound_to) {
+                        tracing::warn!(config = %self.config, "the saved refresh token was kept for another token URL or client id: not sent to this one; the configured refresh token is used (re-authorize if the provider spent it)");
+                        return Ok(None);
+                    }
+                    self.open(&d).map(Some)
                 }
                 // None saved, or saved for a token the operator has since replaced.
                 _ => Ok(None),
@@ -169,5 +170,19 @@ impl TokenVault for MongoTokenVault {
                 .map(|_| ())
                 .map_err(|e| e.to_string())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The seed is what chains saved by earlier versions are found by: the config name,
+    /// a NUL, the configured token.
+    #[test]
+    fn fingerprints_keep_the_saved_seeds_form() {
+        let by_hand = format!("{:x}", Sha256::digest(b"crm\0rt-initial"));
+        assert_eq!(fingerprint(&["crm", "rt-initial"]), by_hand);
+        assert_ne!(fingerprint(&["ab", "c"]), fingerprint(&["a", "bc"]));
     }
 }

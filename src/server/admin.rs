@@ -39,12 +39,12 @@ const MAX_EMAIL_BYTES: usize = 254;
 const MAX_PASSWORD_BYTES: usize = 72;
 /// Admin request bodies (a config file is the largest).
 pub const MAX_ADMIN_BODY: usize = 256 * 1024;
-/// Verified when the email is unknown, so both paths cost one bcrypt check.
 /// Computes the stand-in hash ahead of the first login (a blocking bcrypt hash).
 pub fn warm_up() {
     let _ = dummy_hash();
 }
 
+/// Verified when the email is unknown, so both paths cost one bcrypt check.
 fn dummy_hash() -> &'static str {
     static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     HASH.get_or_init(|| bcrypt::hash("no such user", bcrypt::DEFAULT_COST).unwrap_or_default())
