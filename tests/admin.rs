@@ -1067,28 +1067,7 @@ async fn a_fire_no_replica_ran_is_listed_as_missed_and_a_failure_with_its_reason
     sluice::server::admin::create_admin_user(&db.store, "ops@x.io", PASSWORD, Role::Analyst)
         .await
         .unwrap();
-    // Daily, at a time three hours ago: its latest instant is long past any claim.
-    let at = chrono::Utc::now() - chrono::Duration::hours(3);
-    let cron = format!(
-        "0 {} {} * * *",
-        chrono::Timelike::minute(&at),
-        chrono::Timelike::hour(&at)
-    );
-    let file = sluice_core::integration::parse_file(
-        "t",
-        &format!("name = \"nightly\"\ntype = \"IMPORT\"\nendpoint = \"http://127.0.0.1:9/x\"\nschedule = \"{cron}\"\n[mapping.productId]\npath = \"$.id\"\n"),
-    )
-    .unwrap();
-    sluice_jobs::configs::apply(&db.store, &file).await.unwrap();
-    // Scheduled two days ago (as if applied then).
-    db.store
-        .collection("integration_configs")
-        .update_one(
-            bson::doc! { "name": "nightly" },
-            bson::doc! { "$set": { "scheduleSince": bson::DateTime::from_chrono(chrono::Utc::now() - chrono::Duration::days(2)) } },
-        )
-        .await
-        .unwrap();
+    let cron = support::apply_missed_nightly(&db).await;
     // An export schedule of the config file, at the same time: it has no start of its
     // own, so an instant is missed only if the one before it was claimed.
     let dir = std::env::temp_dir().join(format!("sluice-missed-{}", uuid::Uuid::new_v4().simple()));
@@ -1196,13 +1175,7 @@ async fn the_cli_creates_admin_users_who_can_sign_in() {
         let config = config.clone();
         tokio::task::spawn_blocking(move || {
             use std::io::Write;
-            let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"));
-            // None of the caller's SLUICE_* settings (a token key, a write concern, ...).
-            for (k, _) in std::env::vars() {
-                if k.starts_with("SLUICE_") {
-                    cmd.env_remove(k);
-                }
-            }
+            let mut cmd = support::sluice_command();
             cmd.arg("--config")
                 .arg(&config)
                 .args(["admin", "create-user", "--email", email])

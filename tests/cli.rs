@@ -5,14 +5,8 @@ use std::process::Command;
 mod support;
 
 fn sluice() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
-    // Keep the caller's SLUICE_* settings out of these checks.
-    for (k, _) in std::env::vars() {
-        if k.starts_with("SLUICE_") {
-            cmd.env_remove(k);
-        }
-    }
-    // And a `./sluice.toml` of the checkout (the README suggests one): the commands run
+    let mut cmd = support::sluice_command();
+    // Nor a `./sluice.toml` of the checkout (the README suggests one): the commands run
     // in an empty folder, so one without `--config` takes the embedded defaults.
     static EMPTY: std::sync::LazyLock<std::path::PathBuf> = std::sync::LazyLock::new(|| {
         let dir = std::env::temp_dir().join(format!("sluice-cli-cwd-{}", std::process::id()));
@@ -897,28 +891,7 @@ async fn export_run_reports_a_kept_partition_as_kept() {
 #[tokio::test]
 async fn jobs_list_shows_missed_fires_and_the_last_error() {
     let db = support::TestDb::initialized().await;
-    // Daily, at a time three hours ago, scheduled since two days: its latest instant is
-    // long past any claim.
-    let at = chrono::Utc::now() - chrono::Duration::hours(3);
-    let cron = format!(
-        "0 {} {} * * *",
-        chrono::Timelike::minute(&at),
-        chrono::Timelike::hour(&at)
-    );
-    let file = sluice_core::integration::parse_file(
-        "t",
-        &format!("name = \"nightly\"\ntype = \"IMPORT\"\nendpoint = \"http://127.0.0.1:9/x\"\nschedule = \"{cron}\"\n[mapping.productId]\npath = \"$.id\"\n"),
-    )
-    .unwrap();
-    sluice_jobs::configs::apply(&db.store, &file).await.unwrap();
-    db.store
-        .collection("integration_configs")
-        .update_one(
-            bson::doc! { "name": "nightly" },
-            bson::doc! { "$set": { "scheduleSince": bson::DateTime::from_chrono(chrono::Utc::now() - chrono::Duration::days(2)) } },
-        )
-        .await
-        .unwrap();
+    let cron = support::apply_missed_nightly(&db).await;
     let config = db_config(&db);
     let line_of = |stdout: &str| -> Vec<String> {
         let lines: Vec<&str> = stdout.lines().collect();

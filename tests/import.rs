@@ -1791,34 +1791,41 @@ path = "$.k"
     assert_eq!(sent, (0..300).collect::<Vec<i64>>());
 }
 
-#[tokio::test]
-async fn a_long_push_saves_its_position_while_it_runs_not_after_every_batch() {
-    let db = TestDb::initialized().await;
+/// An EXPORT config `name` pushing twelve documents (`k` 0 to 11, `updatedAt` 1,000 ms
+/// plus `k`) one a batch to an endpoint answering each after 300 ms; the config's name
+/// and the endpoint.
+async fn slow_push(db: &TestDb, name: &str) -> (String, FaultApi) {
     let (base, api) = fault_api(Fault::SlowPushes).await;
     let docs: Vec<_> = (0..12)
         .map(|k| doc! { "k": k, "updatedAt": bson::DateTime::from_millis(1_000 + k) })
         .collect();
     db.store
-        .collection("slow_src")
+        .collection("push_src")
         .insert_many(docs)
         .await
         .unwrap();
     let text = format!(
         r#"
-name = "slow-push"
+name = "{name}"
 type = "EXPORT"
 endpoint = "{base}/inbox"
 method = "POST"
 allow_private_network = true
 [push]
-collection = "slow_src"
+collection = "push_src"
 watermark_field = "updatedAt"
 batch_size = 1
 [mapping.k]
 path = "$.k"
 "#
     );
-    let name = apply(&db, &text).await;
+    (apply(db, &text).await, api)
+}
+
+#[tokio::test]
+async fn a_long_push_saves_its_position_while_it_runs_not_after_every_batch() {
+    let db = TestDb::initialized().await;
+    let (name, api) = slow_push(&db, "slow-push").await;
     let running = tokio::spawn({
         let (store, name) = (db.store.clone(), name.clone());
         async move { run_push(&store, &name, &ImportOptions::default()).await }
@@ -1873,31 +1880,7 @@ path = "$.k"
 #[tokio::test]
 async fn a_push_whose_position_save_failed_mid_run_keeps_the_position_for_its_end() {
     let db = TestDb::initialized().await;
-    let (base, api) = fault_api(Fault::SlowPushes).await;
-    let docs: Vec<_> = (0..12)
-        .map(|k| doc! { "k": k, "updatedAt": bson::DateTime::from_millis(1_000 + k) })
-        .collect();
-    db.store
-        .collection("unsaved_src")
-        .insert_many(docs)
-        .await
-        .unwrap();
-    let text = format!(
-        r#"
-name = "unsaved-push"
-type = "EXPORT"
-endpoint = "{base}/inbox"
-method = "POST"
-allow_private_network = true
-[push]
-collection = "unsaved_src"
-watermark_field = "updatedAt"
-batch_size = 1
-[mapping.k]
-path = "$.k"
-"#
-    );
-    let name = apply(&db, &text).await;
+    let (name, api) = slow_push(&db, "unsaved-push").await;
     // The run's first update of `integration_configs` (the first position save, a second
     // in) and the driver's retry of it break; the next one passes.
     let (uri, armed, severed, _) =

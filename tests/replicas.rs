@@ -104,12 +104,10 @@ required = true
 /// `sluice serve` on `config` (the database named there, not the caller's), its output
 /// discarded.
 fn serve_command(config: &std::path::Path) -> std::process::Command {
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"));
+    let mut cmd = support::sluice_command();
     cmd.args(["--config"])
         .arg(config)
         .arg("serve")
-        .env_remove("SLUICE_MONGODB_URI")
-        .env_remove("SLUICE_MONGODB_DATABASE")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
     cmd
@@ -430,19 +428,32 @@ async fn export_config(
     extra: &str,
 ) -> (std::path::PathBuf, std::path::PathBuf) {
     let proxy = s3_proxy_delaying(false, Duration::from_secs(3600)).await;
-    let settings = support::s3_settings(&bucket.name);
     let dir =
         std::env::temp_dir().join(format!("sluice-replicas-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("sluice.toml");
+    write_export_config(&config, db, bucket, &support::mongo_uri(), &proxy, extra);
+    (dir, config)
+}
+
+/// Writes at `path` a `sluice.toml` for `db` through `mongo`, exporting to `bucket`
+/// through `s3_endpoint`, with `extra` settings.
+fn write_export_config(
+    path: &std::path::Path,
+    db: &TestDb,
+    bucket: &support::TestBucket,
+    mongo: &str,
+    s3_endpoint: &str,
+    extra: &str,
+) {
+    let settings = support::s3_settings(&bucket.name);
     std::fs::write(
-        &config,
+        path,
         format!(
-            "[mongodb]\nuri = \"{}\"\ndatabase = \"{}\"\n[server]\nlisten = \"127.0.0.1:0\"\n\
+            "[mongodb]\nuri = \"{mongo}\"\ndatabase = \"{}\"\n[server]\nlisten = \"127.0.0.1:0\"\n\
              [export]\ndestination = \"s3://{}/exports\"\n\
-             [s3]\nendpoint = \"{proxy}\"\naccess_key = \"{}\"\nsecret_key = \"{}\"\npath_style = true\n\
+             [s3]\nendpoint = \"{s3_endpoint}\"\naccess_key = \"{}\"\nsecret_key = \"{}\"\npath_style = true\n\
              {extra}[log]\nlevel = \"warn\"\n",
-            support::mongo_uri(),
             db.name,
             bucket.name,
             settings.access_key,
@@ -450,7 +461,6 @@ async fn export_config(
         ),
     )
     .unwrap();
-    (dir, config)
 }
 
 /// Waits (up to a minute) for an export to be RUNNING and returns its record.
@@ -512,12 +522,7 @@ fn sluice(config: &std::path::Path, args: &[&str]) -> Proc {
 }
 
 fn sluice_command(config: &std::path::Path, args: &[&str]) -> std::process::Command {
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"));
-    for (k, _) in std::env::vars() {
-        if k.starts_with("SLUICE_") {
-            cmd.env_remove(k);
-        }
-    }
+    let mut cmd = support::sluice_command();
     cmd.arg("--config")
         .arg(config)
         .args(args)
@@ -765,12 +770,7 @@ async fn a_job_run_by_hand_and_stopped_by_ctrl_c_records_its_run_and_its_import(
     // off this thread: the API it reads is served by this test's runtime).
     let again = config.clone();
     let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .arg("--config")
-            .arg(&again)
-            .args(["jobs", "run", "integration:hand-feed"])
-            .env_remove("SLUICE_MONGODB_URI")
-            .env_remove("SLUICE_MONGODB_DATABASE")
+        sluice_command(&again, &["jobs", "run", "integration:hand-feed"])
             .output()
             .unwrap()
     })
@@ -1324,27 +1324,13 @@ async fn an_archive_killed_before_its_delete_is_finished_by_the_next() {
     seed_old_events(&db, 20).await;
     let (uri, hold, held) =
         support::holding_mongo_proxy(b"delete\x00\x07\x00\x00\x00events\x00").await;
-    let settings = support::s3_settings(&bucket.name);
+    let s3 = support::s3_settings(&bucket.name).endpoint;
     let dir =
         std::env::temp_dir().join(format!("sluice-replicas-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).unwrap();
     let config_via = |name: &str, mongo: &str| {
         let path = dir.join(name);
-        std::fs::write(
-            &path,
-            format!(
-                "[mongodb]\nuri = \"{mongo}\"\ndatabase = \"{}\"\n\
-                 [export]\ndestination = \"s3://{}/exports\"\n\
-                 [s3]\nendpoint = \"{}\"\naccess_key = \"{}\"\nsecret_key = \"{}\"\npath_style = true\n\
-                 [log]\nlevel = \"warn\"\n",
-                db.name,
-                bucket.name,
-                settings.endpoint,
-                settings.access_key,
-                settings.secret_key,
-            ),
-        )
-        .unwrap();
+        write_export_config(&path, &db, &bucket, mongo, &s3, "");
         path
     };
     let held_config = config_via("held.toml", &uri);

@@ -693,3 +693,42 @@ impl Logged {
             .finish()
     }
 }
+
+/// The `sluice` binary, with none of the caller's `SLUICE_*` settings (a developer's token
+/// key, write concern or database would otherwise reach the command under test).
+pub fn sluice_command() -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("SLUICE_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
+}
+
+/// Applies an IMPORT config `nightly`, scheduled daily at a time three hours ago and in
+/// effect since two days ago (as if applied then): its latest cron instant is long past
+/// any claim, so with no run recorded for it, it is a missed fire. Returns its cron.
+pub async fn apply_missed_nightly(db: &TestDb) -> String {
+    let at = chrono::Utc::now() - chrono::Duration::hours(3);
+    let cron = format!(
+        "0 {} {} * * *",
+        chrono::Timelike::minute(&at),
+        chrono::Timelike::hour(&at)
+    );
+    let file = sluice_core::integration::parse_file(
+        "t",
+        &format!("name = \"nightly\"\ntype = \"IMPORT\"\nendpoint = \"http://127.0.0.1:9/x\"\nschedule = \"{cron}\"\n[mapping.productId]\npath = \"$.id\"\n"),
+    )
+    .unwrap();
+    sluice_jobs::configs::apply(&db.store, &file).await.unwrap();
+    db.store
+        .collection("integration_configs")
+        .update_one(
+            bson::doc! { "name": "nightly" },
+            bson::doc! { "$set": { "scheduleSince": bson::DateTime::from_chrono(chrono::Utc::now() - chrono::Duration::days(2)) } },
+        )
+        .await
+        .unwrap();
+    cron
+}
