@@ -904,29 +904,20 @@ async fn role_changes_deactivation_and_logout_take_effect_on_the_next_request() 
     assert_eq!(login(&base, "an@x.io", PASSWORD).await.0, 401);
     // A token stored while the user was being deactivated (a login checked just
     // before): as if it had been, one made now and the user deactivated behind it.
-    let late = {
-        db.store
-            .collection("admin_users")
-            .update_one(
-                bson::doc! { "email": "an@x.io" },
-                bson::doc! { "$set": { "isActive": true } },
-            )
-            .await
-            .unwrap();
-        let token = login(&base, "an@x.io", PASSWORD).await.1["token"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        db.store
-            .collection("admin_users")
-            .update_one(
-                bson::doc! { "email": "an@x.io" },
-                bson::doc! { "$set": { "isActive": false } },
-            )
-            .await
-            .unwrap();
-        token
+    // (Written to the store directly: through the API a deactivation deletes tokens.)
+    let users = db.store.collection("admin_users");
+    let set_active = |active: bool| {
+        users.update_one(
+            bson::doc! { "email": "an@x.io" },
+            bson::doc! { "$set": { "isActive": active } },
+        )
     };
+    set_active(true).await.unwrap();
+    let late = login(&base, "an@x.io", PASSWORD).await.1["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    set_active(false).await.unwrap();
     let r = change("an@x.io", json!({ "isActive": true }))
         .await
         .unwrap();
