@@ -565,9 +565,9 @@ fn config_check_parses_schedules_with_the_scheduler_s_cron_parser() {
     );
 }
 
-#[tokio::test]
-async fn import_run_records_its_run_and_waits_for_the_one_in_flight() {
-    let db = support::TestDb::initialized().await;
+/// Applies an IMPORT config `name` of two products (`p1` Lamp, `p2` Desk) from an API on
+/// loopback, into `products`.
+async fn apply_two_products(db: &support::TestDb, name: &str) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let api = axum::Router::new().route(
@@ -582,11 +582,17 @@ async fn import_run_records_its_run_and_waits_for_the_one_in_flight() {
     let file = sluice_core::integration::parse_file(
         "shop.toml",
         &format!(
-            "name = \"shop\"\ntype = \"IMPORT\"\nendpoint = \"http://127.0.0.1:{port}/items\"\nallow_private_network = true\n[source]\nrecords = \"$[*]\"\n[mapping.productId]\npath = \"$.id\"\n[mapping.name]\npath = \"$.name\"\n"
+            "name = \"{name}\"\ntype = \"IMPORT\"\nendpoint = \"http://127.0.0.1:{port}/items\"\nallow_private_network = true\n[source]\nrecords = \"$[*]\"\n[mapping.productId]\npath = \"$.id\"\n[mapping.name]\npath = \"$.name\"\n"
         ),
     )
     .unwrap();
     sluice_jobs::configs::apply(&db.store, &file).await.unwrap();
+}
+
+#[tokio::test]
+async fn import_run_records_its_run_and_waits_for_the_one_in_flight() {
+    let db = support::TestDb::initialized().await;
+    apply_two_products(&db, "shop").await;
     let config = db_config(&db);
     let runs = db.store.collection("scheduled_runs");
     // A scheduled fire of the same config holds its lease on another replica.
@@ -957,15 +963,7 @@ async fn jobs_list_shows_missed_fires_and_the_last_error() {
 #[tokio::test]
 async fn imports_ignore_proxies_named_by_the_environment() {
     let db = support::TestDb::initialized().await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let api = axum::Router::new().route(
-        "/items",
-        axum::routing::get(|| async {
-            axum::Json(serde_json::json!([{ "id": "p1" }, { "id": "p2" }]))
-        }),
-    );
-    tokio::spawn(async move { axum::serve(listener, api).await });
+    apply_two_products(&db, "proxied").await;
     // A "proxy" that counts the connections it is offered and answers none.
     let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let proxy_url = format!("http://{}", proxy.local_addr().unwrap());
@@ -979,14 +977,6 @@ async fn imports_ignore_proxies_named_by_the_environment() {
             }
         }
     });
-    let file = sluice_core::integration::parse_file(
-        "shop.toml",
-        &format!(
-            "name = \"proxied\"\ntype = \"IMPORT\"\nendpoint = \"http://127.0.0.1:{port}/items\"\nallow_private_network = true\n[source]\nrecords = \"$[*]\"\n[mapping.productId]\npath = \"$.id\"\n"
-        ),
-    )
-    .unwrap();
-    sluice_jobs::configs::apply(&db.store, &file).await.unwrap();
     let config = db_config(&db);
     let out = tokio::task::spawn_blocking(move || {
         let mut cmd = sluice();
