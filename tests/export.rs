@@ -264,12 +264,14 @@ async fn event_data_round_trips_through_s3_and_pyarrow() {
     let script = r#"
 import json, sys
 import pyarrow.parquet as pq
-rows, types = 0, {}
+rows, types, logical = 0, {}, {}
 for path in sys.argv[1:]:
     t = pq.read_table(path)
     rows += t.num_rows
     types = {f.name: str(f.type) for f in t.schema}
-print(json.dumps({"rows": rows, "types": types}))
+    s = pq.ParquetFile(path).schema
+    logical = {s.column(i).name: str(s.column(i).logical_type) for i in range(len(s))}
+print(json.dumps({"rows": rows, "types": types, "logical": logical}))
 "#;
     let report: serde_json::Value =
         serde_json::from_slice(&support::run_python(script, &files)).unwrap();
@@ -278,6 +280,11 @@ print(json.dumps({"rows": rows, "types": types}))
     assert_eq!(report["types"]["eventId"], "string");
     assert_eq!(report["types"]["duration"], "int64");
     assert_eq!(report["types"]["bot"], "bool");
+    // JSON columns carry Parquet's JSON annotation, other text columns STRING.
+    assert_eq!(report["logical"]["properties"], "JSON");
+    assert_eq!(report["logical"]["context"], "JSON");
+    assert_eq!(report["logical"]["eventId"], "String");
+    assert_eq!(report["types"]["properties"], "extension<arrow.json>");
     std::fs::remove_dir_all(dir).unwrap();
 }
 

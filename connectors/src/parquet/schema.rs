@@ -209,7 +209,17 @@ pub fn schema_of(table: &TableSpec) -> SchemaRef {
     let fields: Vec<Field> = table
         .columns
         .iter()
-        .map(|c| Field::new(c.name, arrow_type(c.kind), c.nullable))
+        .map(|c| {
+            let field = Field::new(c.name, arrow_type(c.kind), c.nullable);
+            if c.kind == Json {
+                // Arrow's canonical JSON extension, written as Parquet's JSON logical type:
+                // DuckDB reads the column as JSON, BigQuery loads it into a JSON column, and
+                // readers that do not know the annotation read the string (it is UTF-8).
+                field.with_extension_type(arrow_schema::extension::Json::default())
+            } else {
+                field
+            }
+        })
         .collect();
     let meta: std::collections::HashMap<String, String> = [(
         "sluice.table".to_string(),
