@@ -3227,6 +3227,52 @@ async fn an_import_into_events_stores_each_event_once_and_keeps_sessions_and_use
 }
 
 #[tokio::test]
+async fn an_imported_event_over_the_time_series_limit_fails_alone_and_counts_nowhere() {
+    let db = TestDb::initialized().await;
+    let day = (chrono::Utc::now() - chrono::Duration::days(1))
+        .format("%Y-%m-%d")
+        .to_string();
+    let mut page = sales_page(&day);
+    // 5 MB: under MongoDB's 16 MiB document limit, over the 4 MB of a time-series
+    // measurement (the test server stores it; MongoDB refuses it after its aggregates).
+    page["sales"][1]["register"] = json!("r".repeat(5_000_000));
+    let addr = serve(Router::new().route("/sales", get(move || async move { Json(page) }))).await;
+    let name = apply(
+        &db,
+        &sales_config("big-sale", &format!("http://{addr}/sales"), "eventId"),
+    )
+    .await;
+    let run = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert!(run.completed);
+    assert_eq!((run.inserted, run.failed), (4, 2), "{run:?}");
+    assert!(
+        run.samples.iter().any(|s| s.reason.contains("4 MB")),
+        "{:?}",
+        run.samples
+    );
+    assert_eq!(count(&db, "events").await, 4);
+    let claims = db
+        .store
+        .collection("event_ids")
+        .count_documents(doc! { "_id": "s2" })
+        .await
+        .unwrap();
+    assert_eq!(claims, 0, "refused before it was claimed");
+    // c1's profile counts the two sales stored (s1, s3), not the refused one (s2).
+    let c1 = db
+        .store
+        .collection("users")
+        .find_one(doc! { "visitorId": "c1" })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(int(&c1, "totalPurchases"), 2, "{c1}");
+    assert_eq!(c1.get_f64("totalRevenue").unwrap(), 30.0);
+}
+
+#[tokio::test]
 async fn a_narrower_unique_index_on_the_key_is_not_trusted_to_refuse_duplicates() {
     let db = TestDb::initialized().await;
     let addr = serve(Router::new().route(

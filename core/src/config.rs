@@ -256,6 +256,9 @@ pub struct ServerSection {
     pub ops_listen: String,
 }
 
+/// The largest `tracking.max_event_bytes`.
+pub const MAX_EVENT_BYTES: usize = 256 * 1024;
+
 impl Default for ServerSection {
     fn default() -> Self {
         Self {
@@ -859,6 +862,14 @@ pub fn validate(
             ),
         ));
     }
+    // An event is stored as BSON, up to 8 times its JSON (`[1,1,...]`), and MongoDB takes
+    // time-series measurements up to 4 MB: 256 KiB stays clear of it.
+    if t.max_event_bytes > MAX_EVENT_BYTES {
+        return Err(invalid(
+            "tracking.max_event_bytes",
+            format!("at most {MAX_EVENT_BYTES}, got {}", t.max_event_bytes),
+        ));
+    }
     if t.max_event_bytes > t.max_batch_bytes {
         return Err(invalid(
             "tracking.max_event_bytes",
@@ -1305,6 +1316,18 @@ mod tests {
                 .to_string();
             assert!(err.contains("log.level"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn an_event_size_that_could_pass_the_time_series_limit_is_refused() {
+        let err = check("[tracking]\nmax_batch_bytes = 1048576\nmax_event_bytes = 262145\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("tracking.max_event_bytes") && err.contains("at most 262144"),
+            "{err}"
+        );
+        assert!(check("[tracking]\nmax_batch_bytes = 1048576\nmax_event_bytes = 262144\n").is_ok());
     }
 
     #[test]

@@ -1091,6 +1091,13 @@ async fn archive(
     job_id: &str,
 ) -> Result<(Vec<PartitionSummary>, u64), ExportError> {
     let kind = ExportJobType::Archive;
+    // Refused before anything is published: on an older server every delete would fail
+    // after its day's files were written.
+    if let Some(why) =
+        sluice_connectors::mongo::archive_unsupported(ctx.store.max_wire_version().await?)
+    {
+        return Err(ExportError::Request(why));
+    }
     let (mut deleted, stuck) = recover_archives(ctx, job_id).await?;
     let now = ctx.store.now().to_chrono();
     let today = now.date_naive();

@@ -1132,8 +1132,10 @@ async fn write_page(
         let mut events = Vec::with_capacity(mapped.len());
         for d in &mapped {
             let bytes = encoded_len(d);
-            if bytes > MAX_STORED_DOCUMENT_BYTES {
-                let reason = format!("an event of {bytes} bytes, over MongoDB's 16 MiB limit");
+            if bytes > MAX_STORED_EVENT_BYTES {
+                let reason = format!(
+                    "an event of {bytes} bytes, over the 4 MB MongoDB allows a time-series measurement"
+                );
                 reject(summary, options, reason, &mapped_json(d));
                 continue;
             }
@@ -1558,6 +1560,10 @@ async fn sink(
 /// A mapped document this big is refused: with `updatedAt`, `createdAt` and `source`
 /// added it would pass MongoDB's 16 MiB (16,777,216 bytes) limit.
 const MAX_STORED_DOCUMENT_BYTES: usize = 16 * 1024 * 1024 - 4 * 1024;
+
+/// A mapped event this big is refused: with the fields the writer adds it would pass
+/// [`sluice_connectors::mongo::MAX_EVENT_DOCUMENT_BYTES`], the time-series limit.
+const MAX_STORED_EVENT_BYTES: usize = sluice_connectors::mongo::MAX_EVENT_DOCUMENT_BYTES - 4 * 1024;
 
 /// [`sink`] of documents that each fit.
 async fn sink_sized(

@@ -619,8 +619,8 @@ async fn transform(
         .tracking
         .max_future_seconds
         .saturating_mul(1000);
-    // An event a plugin grew past this (BSON bytes) is refused: one near MongoDB's 16 MiB
-    // would fail every event of the write it joins.
+    // An event a plugin grew past this (BSON bytes) is refused: one past the 4 MB MongoDB
+    // takes in a time-series collection would fail every event of the write it joins.
     let max_bytes = (4 * state.config.tracking.max_event_bytes).max(64 * 1024);
     let mut kept: Vec<Event> = Vec::with_capacity(out.len());
     for d in out {

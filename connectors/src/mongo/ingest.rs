@@ -894,14 +894,17 @@ impl Writes {
                 .session(&mut *session)
                 .await?;
         }
-        if !self.updates.is_empty() {
-            // One `update` command carries every statement: one round trip, and unlike
-            // the newer `bulkWrite` command it exists on every MongoDB version.
+        // One `update` command carries the statements (one round trip, and unlike the
+        // newer `bulkWrite` command it exists on every MongoDB version), several when they
+        // would pass the size a command may have (session statements hold page URLs of up
+        // to 4 KiB each, and `write_batch_size` has no ceiling).
+        let mut updates = self.updates;
+        for group in super::command_groups(&updates, super::MAX_UPDATE_COMMAND_BYTES) {
+            // Groups are consecutive: each takes the statements at the front.
+            let statements: Vec<Document> = updates.drain(..group.len()).collect();
             let reply = store
                 .db()
-                .run_command(
-                    doc! { "update": collection, "updates": self.updates, "ordered": true },
-                )
+                .run_command(doc! { "update": collection, "updates": statements, "ordered": true })
                 .session(&mut *session)
                 .await?;
             if let Some(first) = super::statement_errors(&reply).into_iter().next() {
@@ -938,10 +941,24 @@ fn encode_event(ev: &Event) -> Result<RawDocumentBuf, StoreError> {
     } else {
         bson::to_raw_document_buf(ev)
     };
-    encoded.map_err(|err| StoreError::Encode {
+    let encoded = encoded.map_err(|err| StoreError::Encode {
         collection: c::EVENTS.into(),
         message: format!("event `{}`: {err}", ev.event_id),
-    })
+    })?;
+    // Every path checks its events' size before they reach the writer; one that did not
+    // fails here, before its aggregates are applied, not at the insert after them.
+    if encoded.as_bytes().len() > super::MAX_EVENT_DOCUMENT_BYTES {
+        return Err(StoreError::Encode {
+            collection: c::EVENTS.into(),
+            message: format!(
+                "event `{}` is {} bytes as stored, over the {} MongoDB allows a time-series measurement",
+                ev.event_id,
+                encoded.as_bytes().len(),
+                super::MAX_EVENT_DOCUMENT_BYTES
+            ),
+        });
+    }
+    Ok(encoded)
 }
 
 /// Reads the aggregate fields of a stored user, tolerating profiles created by imports

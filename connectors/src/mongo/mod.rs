@@ -197,6 +197,24 @@ pub fn write_concern_error(reply: &bson::Document) -> Option<String> {
 pub const MAX_UPDATE_COMMAND_BYTES: usize = 8 * 1024 * 1024;
 
 /// `d`'s size as BSON (`usize::MAX` if it cannot be encoded).
+/// The wire version of MongoDB 7.0 (`hello.maxWireVersion`). From 5.1 to 6.3 a delete on
+/// a time-series collection may match its metaField only; ARCHIVE deletes events by their
+/// time, creation time and eventId, so it needs 7.0.
+pub const WIRE_VERSION_7_0: i32 = 21;
+
+/// Why ARCHIVE cannot run on a server speaking at most `wire_version`, if it cannot.
+pub fn archive_unsupported(wire_version: i32) -> Option<String> {
+    (wire_version < WIRE_VERSION_7_0).then(|| {
+        format!(
+            "ARCHIVE deletes archived events from the time-series `events` collection by their time and eventId, which MongoDB allows from 7.0 (wire version {WIRE_VERSION_7_0}); this server reports wire version {wire_version}. Upgrade the server, or leave ARCHIVE unscheduled"
+        )
+    })
+}
+
+/// The largest event document stored: MongoDB refuses time-series measurements over 4 MB
+/// (whatever the server accepts, an event near it is no tracking event).
+pub const MAX_EVENT_DOCUMENT_BYTES: usize = 4_000_000;
+
 pub fn encoded_len(d: &bson::Document) -> usize {
     bson::to_vec(d).map_or(usize::MAX, |v| v.len())
 }
@@ -584,6 +602,21 @@ impl Store {
         Ok(n)
     }
 
+    /// The newest wire protocol version the server speaks (`hello.maxWireVersion`):
+    /// [`WIRE_VERSION_7_0`] and above is MongoDB 7.0 or later.
+    pub async fn max_wire_version(&self) -> Result<i32, StoreError> {
+        let reply = self
+            .db
+            .run_command(bson::doc! { "hello": 1 })
+            .await
+            .map_err(StoreError::Connect)?;
+        Ok(match reply.get("maxWireVersion") {
+            Some(bson::Bson::Int32(v)) => *v,
+            Some(bson::Bson::Int64(v)) => i32::try_from(*v).unwrap_or(i32::MAX),
+            _ => 0,
+        })
+    }
+
     /// Pings the server (readiness).
     pub async fn ping(&self) -> Result<(), StoreError> {
         self.db
@@ -597,6 +630,22 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn archive_needs_mongodb_7() {
+        // 17: MongoDB 6.0, 21: 7.0, 25: 8.0.
+        let refused = archive_unsupported(17).unwrap();
+        assert!(
+            refused.contains("7.0") && refused.contains("wire version 17"),
+            "{refused}"
+        );
+        assert!(
+            archive_unsupported(0).is_some(),
+            "a server reporting no version"
+        );
+        assert_eq!(archive_unsupported(21), None);
+        assert_eq!(archive_unsupported(25), None);
+    }
 
     #[test]
     fn upserts_are_grouped_under_the_command_cap_in_order() {

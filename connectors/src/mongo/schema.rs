@@ -366,6 +366,9 @@ pub(super) async fn init(store: &Store) -> Result<InitReport, StoreError> {
             .indexes
             .push((spec.collection.into(), spec.name.into(), outcome));
     }
+    if let Some(why) = super::archive_unsupported(store.max_wire_version().await?) {
+        report.warnings.push(why);
+    }
     // Only once their replacements exist.
     for (collection, name, key, why) in RETIRED_INDEXES {
         if drop_retired(store, collection, name, key).await? {
