@@ -241,6 +241,13 @@ export SLUICE_NODE_TOOLS='$NODE_TOOLS'
 export SLUICE_FAKETIME_LIB='$(faketime_lib)'
 export SLUICE_SECANTUS_BIN='$SECANTUS_BIN'
 ENV
+  # The S3 client follows HTTPS_PROXY / HTTP_PROXY as the AWS SDK does: the local servers
+  # are reached directly even where a proxy is set for the package registries.
+  if [ -n "${HTTPS_PROXY:-}${HTTP_PROXY:-}${https_proxy:-}${http_proxy:-}${ALL_PROXY:-}${all_proxy:-}" ]; then
+    local no="127.0.0.1,localhost"
+    [ -n "${NO_PROXY:-${no_proxy:-}}" ] && no="$no,${NO_PROXY:-${no_proxy:-}}"
+    echo "export NO_PROXY='$no' no_proxy='$no'"
+  fi
 }
 
 case "${1:-}" in

@@ -1003,3 +1003,178 @@ async fn imports_ignore_proxies_named_by_the_environment() {
     assert!(stdout.contains("2 inserted"), "{stdout}");
     assert_eq!(offered.load(std::sync::atomic::Ordering::SeqCst), 0);
 }
+
+/// A proxy that answers every request 502 and records its request lines.
+fn refusing_proxy() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut line = String::new();
+            if BufReader::new(&conn).read_line(&mut line).is_ok() {
+                log.lock().unwrap().push(line.trim_end().to_string());
+            }
+            let _ = conn.write_all(
+                b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+            );
+        }
+    });
+    (format!("http://{addr}"), seen)
+}
+
+#[tokio::test]
+async fn s3_requests_follow_the_proxy_environment_as_the_aws_sdk_does() {
+    let db = support::TestDb::initialized().await;
+    let bucket = support::TestBucket::new().await;
+    let config = db_config(&db);
+    let endpoint = support::s3_settings(&bucket.name).endpoint;
+    let (proxy, seen) = refusing_proxy();
+    let yesterday = (chrono::Utc::now() - chrono::Duration::days(1))
+        .date_naive()
+        .to_string();
+    let run = |no_proxy: Option<&str>| {
+        let (config, endpoint, bucket, proxy, day) = (
+            config.clone(),
+            endpoint.clone(),
+            bucket.name.clone(),
+            proxy.clone(),
+            yesterday.clone(),
+        );
+        let no_proxy = no_proxy.map(str::to_string);
+        tokio::task::spawn_blocking(move || {
+            let mut cmd = sluice();
+            cmd.arg("--config")
+                .arg(&config)
+                .args([
+                    "export",
+                    "run",
+                    "daily-analytics",
+                    "--from",
+                    &day,
+                    "--to",
+                    &day,
+                ])
+                .env(
+                    "SLUICE_EXPORT_DESTINATION",
+                    format!("s3://{bucket}/proxied"),
+                )
+                .env("SLUICE_S3_ENDPOINT", &endpoint)
+                .env(
+                    "SLUICE_S3_ACCESS_KEY",
+                    support::s3_settings(&bucket).access_key,
+                )
+                .env(
+                    "SLUICE_S3_SECRET_KEY",
+                    support::s3_settings(&bucket).secret_key,
+                )
+                .env("SLUICE_S3_PATH_STYLE", "true")
+                .env("HTTP_PROXY", &proxy)
+                .env_remove("http_proxy")
+                .env_remove("NO_PROXY")
+                .env_remove("no_proxy");
+            if let Some(no) = no_proxy {
+                cmd.env("NO_PROXY", no);
+            }
+            cmd.output().unwrap()
+        })
+    };
+    // Through the proxy, which refuses: the export fails and the proxy saw S3's URL.
+    let out = run(None).await.unwrap();
+    assert!(
+        !out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let lines = seen.lock().unwrap().clone();
+    let host = endpoint.trim_start_matches("http://");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains(&format!("http://{host}/{}", bucket.name))),
+        "{lines:?}"
+    );
+    // With the endpoint's host in NO_PROXY it goes direct, and the file is there.
+    let before = seen.lock().unwrap().len();
+    let out = run(Some("127.0.0.1,localhost")).await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        before,
+        "nothing through the proxy"
+    );
+    let proxied =
+        sluice_connectors::objstore::S3Store::connect(&sluice_connectors::objstore::S3Settings {
+            prefix: "proxied".into(),
+            ..support::s3_settings(&bucket.name)
+        })
+        .await
+        .unwrap();
+    let keys = proxied.list("").await.unwrap();
+    assert!(
+        keys.iter().any(|o| o.key.ends_with(".parquet")),
+        "{:?}",
+        keys.iter().map(|o| &o.key).collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test]
+async fn the_aws_settings_of_the_environment_apply_under_sluice_s() {
+    // No `[s3] endpoint`: `AWS_ENDPOINT_URL` (as the AWS SDKs and CLI read it) names the
+    // store, as it would a FIPS or private endpoint.
+    let db = support::TestDb::initialized().await;
+    let bucket = support::TestBucket::new().await;
+    let config = db_config(&db);
+    let s3 = support::s3_settings(&bucket.name);
+    let day = (chrono::Utc::now() - chrono::Duration::days(1))
+        .date_naive()
+        .to_string();
+    let name = bucket.name.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        sluice()
+            .arg("--config")
+            .arg(&config)
+            .args([
+                "export",
+                "run",
+                "daily-analytics",
+                "--from",
+                &day,
+                "--to",
+                &day,
+            ])
+            .env("SLUICE_EXPORT_DESTINATION", format!("s3://{name}/from-env"))
+            .env("SLUICE_S3_ACCESS_KEY", &s3.access_key)
+            .env("SLUICE_S3_SECRET_KEY", &s3.secret_key)
+            .env("SLUICE_S3_PATH_STYLE", "true")
+            .env("AWS_ENDPOINT_URL", &s3.endpoint)
+            .env("AWS_REGION", "us-east-1")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let store =
+        sluice_connectors::objstore::S3Store::connect(&sluice_connectors::objstore::S3Settings {
+            prefix: "from-env".into(),
+            ..support::s3_settings(&bucket.name)
+        })
+        .await
+        .unwrap();
+    let keys = store.list("").await.unwrap();
+    assert!(keys.iter().any(|o| o.key.ends_with(".parquet")), "{keys:?}");
+}

@@ -523,10 +523,20 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("SLUICE_S3_ACCESS_KEY", "s3.access_key"),
     ("SLUICE_S3_SECRET_KEY", "s3.secret_key"),
     ("SLUICE_S3_PATH_STYLE", "s3.path_style"),
+    ("SLUICE_S3_CHECKSUMS", "s3.checksums"),
     ("SLUICE_LOG_FORMAT", "log.format"),
     ("SLUICE_LOG_LEVEL", "log.level"),
     ("SLUICE_TOKEN_KEY", "security.token_key"),
 ];
+
+/// A flag as an environment variable gives it.
+fn flag(v: &str) -> Result<bool, String> {
+    match v {
+        "true" | "1" => Ok(true),
+        "false" | "0" => Ok(false),
+        _ => Err("`true` or `false`".into()),
+    }
+}
 
 /// Sets one field from an environment variable's text.
 fn apply_override(c: &mut RawConfig, field: &str, v: String) -> Result<(), String> {
@@ -553,13 +563,8 @@ fn apply_override(c: &mut RawConfig, field: &str, v: String) -> Result<(), Strin
         "s3.region" => c.s3.region = v,
         "s3.access_key" => c.s3.access_key = Secret::new(v),
         "s3.secret_key" => c.s3.secret_key = Secret::new(v),
-        "s3.path_style" => {
-            c.s3.path_style = match v.as_str() {
-                "true" | "1" => true,
-                "false" | "0" => false,
-                _ => return Err("`true` or `false`".into()),
-            };
-        }
+        "s3.path_style" => c.s3.path_style = flag(&v)?,
+        "s3.checksums" => c.s3.checksums = flag(&v)?,
         "log.format" => c.log.format = v,
         "log.level" => c.log.level = v,
         "security.token_key" => c.security.token_key = Some(Secret::new(v)),
@@ -1678,10 +1683,11 @@ mod tests {
     fn every_env_override_has_a_setter() {
         for (var, field) in ENV_OVERRIDES {
             let mut raw = RawConfig::default();
-            let value = if field.ends_with("path_style") {
-                "true"
-            } else {
-                "x"
+            // Each flag set to what its default is not.
+            let value = match *field {
+                "s3.path_style" => "true",
+                "s3.checksums" => "false",
+                _ => "x",
             };
             assert!(
                 apply_override(&mut raw, field, value.into()).is_ok(),

@@ -15,6 +15,7 @@ use aws_sdk_s3::types::{
     ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart, Delete, ObjectIdentifier,
 };
 use aws_sdk_s3::Client;
+use aws_smithy_http_client::proxy::ProxyConfig;
 use aws_smithy_http_client::tls;
 
 use super::{ObjectInfo, StorageError};
@@ -113,35 +114,43 @@ const DEFAULT_REGION: &str = "us-east-1";
 impl S3Store {
     pub async fn connect(settings: &S3Settings) -> Result<Self, StorageError> {
         // rustls with ring: no C toolchain needed to build, same TLS as the rest of Sluice.
-        let http = aws_smithy_http_client::Builder::new()
-            .tls_provider(tls::Provider::Rustls(
-                tls::rustls_provider::CryptoMode::Ring,
-            ))
-            .build_https();
-        // The AWS chain (environment, profile, instance metadata) gives the credentials
-        // when none are configured, and the region when none is: for AWS only, since an
-        // S3-compatible endpoint takes any region.
+        // Proxies from the environment (`HTTPS_PROXY`, `NO_PROXY`), as the SDK's own
+        // client does: S3 and the AWS credential services are the operator's endpoints,
+        // not addresses an API or a config names (the HTTP connectors ignore proxies).
+        let http = aws_smithy_http_client::Builder::new().build_with_connector_fn(
+            |settings, components| {
+                let mut conn = aws_smithy_http_client::Connector::builder()
+                    .tls_provider(tls::Provider::Rustls(
+                        tls::rustls_provider::CryptoMode::Ring,
+                    ))
+                    .proxy_config(ProxyConfig::from_env());
+                conn.set_connector_settings(settings.cloned());
+                if let Some(components) = components {
+                    conn.set_sleep_impl(components.sleep_impl());
+                }
+                conn.build()
+            },
+        );
+        // The AWS settings of the environment and profile (credentials when none are
+        // configured, `AWS_ENDPOINT_URL`, FIPS and dual-stack endpoints, checksum
+        // settings), with Sluice's settings over them. The region comes from the chain
+        // only for AWS itself: an S3-compatible endpoint takes any region, and looking
+        // one up there would wait for an instance-metadata service that is not there.
         let chain_region = settings.region.is_empty() && settings.endpoint.is_empty();
-        let shared = if settings.access_key.is_empty() || chain_region {
-            let mut loader =
-                aws_config::defaults(BehaviorVersion::latest()).http_client(http.clone());
-            if !chain_region {
-                loader = loader.region(Region::new(settings.region.clone()));
-            }
-            Some(loader.load().await)
-        } else {
-            None
-        };
-        let region = if settings.region.is_empty() {
-            shared
-                .as_ref()
-                .filter(|_| chain_region)
-                .and_then(|s| s.region().cloned())
-                .unwrap_or_else(|| Region::new(DEFAULT_REGION))
-        } else {
-            Region::new(settings.region.clone())
-        };
-        let mut builder = aws_sdk_s3::config::Builder::new()
+        let mut loader = aws_config::defaults(BehaviorVersion::latest()).http_client(http.clone());
+        if !chain_region {
+            loader = loader.region(Region::new(if settings.region.is_empty() {
+                DEFAULT_REGION.to_string()
+            } else {
+                settings.region.clone()
+            }));
+        }
+        let shared = loader.load().await;
+        let region = shared
+            .region()
+            .cloned()
+            .unwrap_or_else(|| Region::new(DEFAULT_REGION));
+        let mut builder = aws_sdk_s3::config::Builder::from(&shared)
             .behavior_version(BehaviorVersion::latest())
             .region(region)
             .http_client(http.clone())
@@ -165,11 +174,7 @@ impl S3Store {
                     aws_sdk_s3::config::ResponseChecksumValidation::WhenRequired,
                 );
         }
-        if settings.access_key.is_empty() {
-            if let Some(provider) = shared.as_ref().and_then(|s| s.credentials_provider()) {
-                builder = builder.credentials_provider(provider);
-            }
-        } else {
+        if !settings.access_key.is_empty() {
             builder = builder.credentials_provider(Credentials::new(
                 &settings.access_key,
                 &settings.secret_key,
