@@ -91,7 +91,23 @@ impl Drop for PendingUpload {
 }
 
 fn describe<E: std::error::Error>(e: E) -> String {
-    DisplayErrorContext(e).to_string()
+    with_hint(DisplayErrorContext(e).to_string())
+}
+
+/// An error that says what to change where S3's own words do not: the SDK does not follow
+/// S3's redirect to a bucket's region, and a `301 PermanentRedirect` names no setting.
+fn with_hint(text: String) -> String {
+    // S3's error codes for a request sent to another region than the bucket's.
+    let wrong_region = [
+        "PermanentRedirect",
+        "AuthorizationHeaderMalformed",
+        "IncorrectEndpoint",
+    ];
+    if wrong_region.iter().any(|w| text.contains(w)) {
+        format!("{text} (the bucket is in another region than the client's: set `[s3] region` to the bucket's)")
+    } else {
+        text
+    }
 }
 
 /// Percent-encodes a key for `x-amz-copy-source` (everything but unreserved and `/`).
@@ -384,11 +400,20 @@ impl S3Store {
 
     pub async fn sha256(&self, key: &str) -> Result<Option<(u64, String)>, StorageError> {
         use sha2::{Digest, Sha256};
+        // The SHA-256 is the check: the SDK's own response check is left off, since it
+        // cannot check the checksum of a multipart upload's parts and warns on every file
+        // over 16 MB.
         let out = match self
             .client
             .get_object()
             .bucket(&self.bucket)
             .key(self.full(key))
+            .customize()
+            .config_override(
+                aws_sdk_s3::config::Builder::new().response_checksum_validation(
+                    aws_sdk_s3::config::ResponseChecksumValidation::WhenRequired,
+                ),
+            )
             .send()
             .await
         {
@@ -517,5 +542,16 @@ mod tests {
             encode_copy_source("b/ex/EVENT_DATA/dt=2026-11-25/part 1.parquet"),
             "b/ex/EVENT_DATA/dt%3D2026-11-25/part%201.parquet"
         );
+    }
+
+    #[test]
+    fn a_wrong_region_error_names_the_setting() {
+        let hinted = with_hint("service error: PermanentRedirect: The bucket you are attempting to access must be addressed using the specified endpoint.".into());
+        assert!(
+            hinted.ends_with("set `[s3] region` to the bucket's)"),
+            "{hinted}"
+        );
+        let other = "service error: NoSuchBucket".to_string();
+        assert_eq!(with_hint(other.clone()), other);
     }
 }
