@@ -712,6 +712,60 @@ async fn an_event_the_server_could_not_store_fails_its_write_before_anything_is_
 }
 
 #[tokio::test]
+async fn an_event_over_the_time_series_limit_fails_its_write_before_anything_is_counted() {
+    let db = TestDb::initialized().await;
+    let writer = EventWriter::new(db.store.clone(), WriterOptions::default());
+    // 4.5 MB: MongoDB refuses a time-series measurement over 4 MB (the test server takes
+    // it), and would do so only at the insert, after the aggregates had counted it.
+    let mut big = event("big", "v1", "s1", EventType::Click, 1_700_000_000_000);
+    big.properties = doc! { "blob": "b".repeat(4_500_000) };
+    let err = writer.write(&[big]).await.unwrap_err().to_string();
+    assert!(err.contains("`big`") && err.contains("4000000"), "{err}");
+    for coll in ["events", "event_ids", "sessions", "users"] {
+        assert_eq!(count(&db, coll, doc! {}).await, 0, "{coll}");
+    }
+}
+
+#[tokio::test]
+async fn session_updates_past_one_command_s_size_go_in_several_within_the_write() {
+    let db = TestDb::initialized().await;
+    let writer = EventWriter::new(db.store.clone(), WriterOptions::default());
+    let t0 = 1_700_000_000_000;
+    // 1,100 sessions with 4 KiB entry and exit pages: their update statements (whole
+    // sessions) pass the 8 MiB a command carries, so the write sends two. (MongoDB
+    // refuses a command over 16 MiB; the test server does not, so this shows the split
+    // commands write every session right, and the split itself is unit-tested.)
+    let page = |i: usize, n: usize| format!("/p/{i}/{n}/{}", "x".repeat(4000));
+    let batch = |n: usize| -> Vec<Event> {
+        (0..1100)
+            .map(|i| {
+                let mut e = event(
+                    &format!("e{i}-{n}"),
+                    &format!("v{i}"),
+                    &format!("s{i}"),
+                    EventType::PageView,
+                    t0 + n as i64 * 1000,
+                );
+                e.page_url = Some(page(i, n));
+                e
+            })
+            .collect()
+    };
+    // Stored first (sessions inserted), then updated, in one write of 1,100 statements.
+    for n in 0..2 {
+        let status = writer.write(&batch(n)).await.unwrap();
+        assert!(status.iter().all(|s| *s == WriteStatus::Stored));
+    }
+    assert_eq!(count(&db, "events", doc! {}).await, 2200);
+    for i in [0, 549, 1099] {
+        let session = one(&db, "sessions", doc! { "sessionId": format!("s{i}") }).await;
+        assert_eq!(session.get_i64("events").unwrap(), 2, "{i}");
+        assert_eq!(session.get_str("entryPage").unwrap(), page(i, 0));
+        assert_eq!(session.get_str("exitPage").unwrap(), page(i, 1));
+    }
+}
+
+#[tokio::test]
 async fn abandoned_claim_is_completed_without_counting_twice() {
     let db = TestDb::initialized().await;
     let writer = EventWriter::new(

@@ -950,6 +950,13 @@ async fn execute(
             }
         }
         ExportJobType::Archive => {
+            // Refused before anything is taken or published: on an older server every
+            // delete would fail after its day's files were written.
+            if let Some(why) =
+                sluice_connectors::mongo::archive_unsupported(ctx.store.max_wire_version().await?)
+            {
+                return Err(ExportError::Request(why));
+            }
             // One archive at a time (two would both publish the same events), and first
             // finish what an interrupted archive published but did not delete.
             let lock = ArchiveLock::take(ctx, job_id).await?;
@@ -1091,13 +1098,6 @@ async fn archive(
     job_id: &str,
 ) -> Result<(Vec<PartitionSummary>, u64), ExportError> {
     let kind = ExportJobType::Archive;
-    // Refused before anything is published: on an older server every delete would fail
-    // after its day's files were written.
-    if let Some(why) =
-        sluice_connectors::mongo::archive_unsupported(ctx.store.max_wire_version().await?)
-    {
-        return Err(ExportError::Request(why));
-    }
     let (mut deleted, stuck) = recover_archives(ctx, job_id).await?;
     let now = ctx.store.now().to_chrono();
     let today = now.date_naive();
@@ -1953,12 +1953,13 @@ async fn stage(
 ) -> Result<Staged, ExportError> {
     let prefix = format!("{}/dt={day}", kind.as_str());
     let work = ctx.work_dir.join(format!("{WORK_PREFIX}{job_id}-{day}"));
-    tokio::fs::create_dir_all(&work)
-        .await
-        .map_err(|e| ExportError::Encode {
-            partition: prefix.clone(),
-            message: e.to_string(),
-        })?;
+    // Created in this poll, with its guard (one local mkdir): `tokio::fs` would create it
+    // on a blocking thread that finishes even when the run is cancelled meanwhile, leaving
+    // a folder no guard removes.
+    std::fs::create_dir_all(&work).map_err(|e| ExportError::Encode {
+        partition: prefix.clone(),
+        message: e.to_string(),
+    })?;
     // Shared with the encoder: a cancelled stage leaves the encoder finishing the batch it
     // holds in the folder, and the folder goes when the last of them does.
     let work_folder = Arc::new(WorkFolder(work.clone()));

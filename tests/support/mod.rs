@@ -698,8 +698,13 @@ impl Logged {
 /// key, write concern or database would otherwise reach the command under test).
 pub fn sluice_command() -> std::process::Command {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"));
+    // Nor the caller's AWS and proxy settings, which the S3 client follows.
+    let proxies = ["HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"];
     for (k, _) in std::env::vars() {
-        if k.starts_with("SLUICE_") {
+        if k.starts_with("SLUICE_")
+            || k.starts_with("AWS_")
+            || proxies.contains(&k.to_ascii_uppercase().as_str())
+        {
             cmd.env_remove(k);
         }
     }

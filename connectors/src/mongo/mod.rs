@@ -196,7 +196,6 @@ pub fn write_concern_error(reply: &bson::Document) -> Option<String> {
 /// [`Store::unordered_updates`] does, is not).
 pub const MAX_UPDATE_COMMAND_BYTES: usize = 8 * 1024 * 1024;
 
-/// `d`'s size as BSON (`usize::MAX` if it cannot be encoded).
 /// The wire version of MongoDB 7.0 (`hello.maxWireVersion`). From 5.1 to 6.3 a delete on
 /// a time-series collection may match its metaField only; ARCHIVE deletes events by their
 /// time, creation time and eventId, so it needs 7.0.
@@ -215,6 +214,7 @@ pub fn archive_unsupported(wire_version: i32) -> Option<String> {
 /// (whatever the server accepts, an event near it is no tracking event).
 pub const MAX_EVENT_DOCUMENT_BYTES: usize = 4_000_000;
 
+/// `d`'s size as BSON (`usize::MAX` if it cannot be encoded).
 pub fn encoded_len(d: &bson::Document) -> usize {
     bson::to_vec(d).map_or(usize::MAX, |v| v.len())
 }

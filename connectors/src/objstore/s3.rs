@@ -152,7 +152,11 @@ impl S3Store {
         // settings), with Sluice's settings over them. The region comes from the chain
         // only for AWS itself: an S3-compatible endpoint takes any region, and looking
         // one up there would wait for an instance-metadata service that is not there.
-        let chain_region = settings.region.is_empty() && settings.endpoint.is_empty();
+        let endpoint_from_env = ["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"]
+            .iter()
+            .any(|v| std::env::var(v).is_ok_and(|v| !v.is_empty()));
+        let chain_region =
+            settings.region.is_empty() && settings.endpoint.is_empty() && !endpoint_from_env;
         let mut loader = aws_config::defaults(BehaviorVersion::latest()).http_client(http.clone());
         if !chain_region {
             loader = loader.region(Region::new(if settings.region.is_empty() {
@@ -179,7 +183,12 @@ impl S3Store {
                     .build(),
             );
         if !settings.endpoint.is_empty() {
-            builder = builder.endpoint_url(&settings.endpoint);
+            // A FIPS or dual-stack setting of the environment names AWS endpoints, which
+            // S3's endpoint rules refuse together with a custom one.
+            builder = builder
+                .endpoint_url(&settings.endpoint)
+                .use_fips(false)
+                .use_dual_stack(false);
         }
         if !settings.checksums {
             builder = builder
