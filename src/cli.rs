@@ -842,12 +842,7 @@ fn plugin_host(fuel: bool) -> anyhow::Result<sluice_plugins::PluginHost> {
 
 /// `[plugins.config.NAME]` as the JSON the plugin's `configure` receives (`{}` if unset).
 fn plugin_config(config: &Config, name: &str) -> serde_json::Value {
-    config
-        .plugin_configs
-        .0
-        .get(name)
-        .map(|v| serde_json::to_value(v).unwrap_or_default())
-        .unwrap_or_else(|| serde_json::json!({}))
+    config.plugin_configs.json(name)
 }
 
 /// The capabilities `[plugins] grants` allows.

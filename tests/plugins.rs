@@ -183,9 +183,28 @@ fn hostile_plugins_are_stopped_with_clear_errors_and_the_host_goes_on() {
     // Output far larger than the input is refused before it is decoded into host memory.
     let err = hostile(&host, "fanout").run_batch(&batch()).unwrap_err();
     assert!(
-        matches!(err, PluginError::Malformed { ref message, .. } if message.contains("JSON values")),
+        matches!(err, PluginError::Fanout { .. }) && err.to_string().contains("JSON values"),
         "{err}"
     );
+    // The bound grows with the batch, plus a constant: a fan-out of 6 over a large batch
+    // (3,000 records of 20 fields) is over it, and in a pipeline the batch is split until
+    // each part fits, nothing lost.
+    let wide: Vec<Document> = (0..3000)
+        .map(|i| {
+            let mut d = doc! { "eventId": format!("w{i}") };
+            for f in 0..19 {
+                d.insert(format!("f{f}"), f);
+            }
+            d
+        })
+        .collect();
+    let six = hostile(&host, "fanout-6");
+    let err = six.run_batch(&wide).unwrap_err();
+    assert!(matches!(err, PluginError::Fanout { .. }), "{err}");
+    let out = six.apply(wide.clone(), &mut Call::default()).unwrap();
+    assert_eq!(out.len(), 6 * wide.len());
+    assert_eq!(out[5], wide[0]);
+    assert_eq!(out[6 * 2999], wide[2999]);
     // Printing a lot, batch after batch, never fills the plugin's output pipe.
     let printing = hostile(&host, "print");
     for _ in 0..10 {

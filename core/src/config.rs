@@ -1063,6 +1063,8 @@ pub fn validate(
     for (name, value) in plugin_configs.iter_mut() {
         resolve_env_strings(value, &format!("plugins.config.{name}"), env)
             .map_err(|(field, e)| invalid(&field, e))?;
+        toml_json(value, &format!("plugins.config.{name}"))
+            .map_err(|(field, e)| invalid(&field, e))?;
     }
     let mongodb_uri = Secret::new(raw.mongodb.uri.clone());
     Ok(Config {
@@ -1181,6 +1183,50 @@ impl Serialize for RedactedView<'_> {
 /// Resolved plugin configs. They may hold secrets, so `Debug` shows only the plugin names.
 #[derive(Clone, Default, PartialEq)]
 pub struct PluginConfigs(pub std::collections::BTreeMap<String, toml::Value>);
+
+impl PluginConfigs {
+    /// `[plugins.config.NAME]` as the JSON the plugin's `configure` receives (`{}` if
+    /// unset): TOML dates and times as their text (`2024-01-01`, `1979-05-27T07:32:00Z`).
+    pub fn json(&self, name: &str) -> serde_json::Value {
+        self.0.get(name).map_or_else(
+            || serde_json::json!({}),
+            |v| toml_json(v, name).unwrap_or_default(),
+        )
+    }
+}
+
+/// A TOML value as JSON; `Err((field, why))` for what JSON cannot hold (NaN, infinities).
+fn toml_json(value: &toml::Value, field: &str) -> Result<serde_json::Value, (String, String)> {
+    use serde_json::Value as J;
+    Ok(match value {
+        toml::Value::String(s) => J::String(s.clone()),
+        toml::Value::Integer(i) => J::from(*i),
+        toml::Value::Float(f) => {
+            serde_json::Number::from_f64(*f)
+                .map(J::Number)
+                .ok_or_else(|| {
+                    (
+                field.to_string(),
+                format!("a number JSON can hold (a plugin receives its config as JSON), got {f}"),
+            )
+                })?
+        }
+        toml::Value::Boolean(b) => J::Bool(*b),
+        toml::Value::Datetime(d) => J::String(d.to_string()),
+        toml::Value::Array(items) => J::Array(
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, v)| toml_json(v, &format!("{field}[{i}]")))
+                .collect::<Result<_, _>>()?,
+        ),
+        toml::Value::Table(t) => J::Object(
+            t.iter()
+                .map(|(k, v)| Ok((k.clone(), toml_json(v, &format!("{field}.{k}"))?)))
+                .collect::<Result<_, (String, String)>>()?,
+        ),
+    })
+}
 
 impl std::fmt::Debug for PluginConfigs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -1333,6 +1379,26 @@ mod tests {
             "{err}"
         );
         assert!(check("[tracking]\nmax_batch_bytes = 1048576\nmax_event_bytes = 262144\n").is_ok());
+    }
+
+    #[test]
+    fn plugin_configs_reach_plugins_as_json_with_dates_as_text() {
+        let c = check(
+            "[plugins.config.p]\nsince = 2024-01-02\nat = 1979-05-27T07:32:00Z\nn = 1.5\nlist = [1, \"a\"]\n[plugins.config.p.sub]\nk = true\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.plugin_configs.json("p"),
+            serde_json::json!({
+                "since": "2024-01-02", "at": "1979-05-27T07:32:00Z", "n": 1.5,
+                "list": [1, "a"], "sub": { "k": true },
+            })
+        );
+        assert_eq!(c.plugin_configs.json("other"), serde_json::json!({}));
+        let err = check("[plugins.config.p]\nx = [1.0, nan]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("plugins.config.p.x[1]"), "{err}");
     }
 
     #[test]

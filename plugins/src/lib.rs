@@ -92,6 +92,14 @@ pub enum PluginError {
     Trap { plugin: String, message: String },
     #[error("plugin `{plugin}` returned malformed output: {message}")]
     Malformed { plugin: String, message: String },
+    /// More output than the batch allows (see [`OUTPUT_VALUES_ALLOWANCE`]): bounded by
+    /// the input, so a smaller part of the batch may fit.
+    #[error("plugin `{plugin}` returned too much output: about {values} JSON values, more than the {allowed} allowed for this batch (four times its input plus {OUTPUT_VALUES_ALLOWANCE})")]
+    Fanout {
+        plugin: String,
+        values: usize,
+        allowed: usize,
+    },
     #[error("plugin `{plugin}` printed more than its output buffer holds ({mib} MiB) in one call")]
     Output { plugin: String, mib: usize },
     /// A new instance failed before it was given any input (its `configure` trapped or
@@ -125,6 +133,7 @@ impl PluginError {
             PluginError::Record { .. }
             | PluginError::Trap { .. }
             | PluginError::Malformed { .. }
+            | PluginError::Fanout { .. }
             | PluginError::Memory { .. }
             | PluginError::Fuel { .. } => true,
             // What the plugin printed: it depends on earlier calls of the same instance too
@@ -1116,11 +1125,10 @@ impl WasmTransform {
             .saturating_mul(4)
             .saturating_add(OUTPUT_VALUES_ALLOWANCE);
         if values_out > allowed {
-            return Err(PluginError::Malformed {
+            return Err(PluginError::Fanout {
                 plugin: self.name.clone(),
-                message: format!(
-                    "its output holds about {values_out} JSON values, more than the {allowed} allowed for this batch (four times its input plus {OUTPUT_VALUES_ALLOWANCE})"
-                ),
+                values: values_out,
+                allowed,
             });
         }
         results
@@ -1136,7 +1144,7 @@ impl WasmTransform {
                     .iter()
                     .map(|text| {
                         let mut out = decode(text)?;
-                        keep_int64(&mut out, &batch[index]);
+                        keep_widths(&mut out, &batch[index]);
                         Ok(out)
                     })
                     .collect::<Result<Vec<_>, String>>()
@@ -1394,11 +1402,13 @@ fn write_bson(out: &mut String, v: &bson::Bson) {
     }
 }
 
-/// JSON has one kind of integer, so a small `Int64` of the input comes back from a plugin
-/// as a number that decodes as `Int32`. Where the output has an `Int32` at a place where
-/// its input had an `Int64`, it is widened back: a field does not change type in MongoDB
-/// or in a Parquet column because a plugin touched another field of its record.
-fn keep_int64(out: &mut Record, input: &Record) {
+/// JSON has one kind of number, so a small `Int64` of the input comes back from a plugin
+/// as a number that decodes as `Int32`, and a whole `Double` (`3.0`) as an integer where
+/// the plugin's language prints it `3` (JavaScript, Go). Where the output has an integer
+/// at a place where its input had an `Int64` or a `Double`, it is widened back: a field
+/// does not change type in MongoDB or in a Parquet column because a plugin touched
+/// another field of its record.
+fn keep_widths(out: &mut Record, input: &Record) {
     for (k, v) in out.iter_mut() {
         if let Some(was) = input.get(k) {
             widen(v, was);
@@ -1413,7 +1423,15 @@ fn widen(v: &mut bson::Bson, was: &bson::Bson) {
             let n = i64::from(*n);
             *v = Bson::Int64(n);
         }
-        (Bson::Document(d), Bson::Document(w)) => keep_int64(d, w),
+        (Bson::Int32(n), Bson::Double(_)) => {
+            let n = f64::from(*n);
+            *v = Bson::Double(n);
+        }
+        (Bson::Int64(n), Bson::Double(_)) => {
+            let n = *n as f64;
+            *v = Bson::Double(n);
+        }
+        (Bson::Document(d), Bson::Document(w)) => keep_widths(d, w),
         (Bson::Array(a), Bson::Array(w)) => {
             for (x, y) in a.iter_mut().zip(w) {
                 widen(x, y);
@@ -1508,7 +1526,10 @@ impl WasmTransform {
         batch.len() > 1
             && (matches!(
                 e,
-                PluginError::Memory { .. } | PluginError::Fuel { .. } | PluginError::Output { .. }
+                PluginError::Memory { .. }
+                    | PluginError::Fuel { .. }
+                    | PluginError::Output { .. }
+                    | PluginError::Fanout { .. }
             ) || (policy != FailurePolicy::FailRun && matches!(e, PluginError::Trap { .. })))
     }
 
@@ -1749,6 +1770,27 @@ mod limit_tests {
 mod encoding_tests {
     use super::*;
     use bson::{doc, oid::ObjectId, Bson, DateTime};
+
+    #[test]
+    fn integers_where_the_input_had_wider_numbers_are_widened_back() {
+        let input = bson::doc! {
+            "small": 5i64, "whole": 3.0, "big": 5.0e9, "keep": 7i32, "word": "x",
+            "n": { "x": 1.0, "l": [2i64, 4.0] },
+        };
+        // As a plugin printing whole doubles without a fraction would send it back.
+        let mut out = bson::doc! {
+            "small": 5i32, "whole": 3i32, "big": 5_000_000_000i64, "keep": 7i32, "word": 9i32,
+            "n": { "x": 1i32, "l": [2i32, 4i32] }, "added": 1i32,
+        };
+        keep_widths(&mut out, &input);
+        assert_eq!(
+            out,
+            bson::doc! {
+                "small": 5i64, "whole": 3.0, "big": 5.0e9, "keep": 7i32, "word": 9i32,
+                "n": { "x": 1.0, "l": [2i64, 4.0] }, "added": 1i32,
+            }
+        );
+    }
 
     #[test]
     fn direct_encoding_is_the_relaxed_extended_json_of_the_document() {

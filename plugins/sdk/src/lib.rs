@@ -141,6 +141,8 @@ impl DerefMut for Record {
 /// A transform plugin.
 pub trait Plugin: Sized + 'static {
     /// Builds the plugin from the operator's config (a JSON object); an error refuses it.
+    /// Called once per instance, and the host builds instances often (each load, calls
+    /// that overlap, after a failure): keep it cheap.
     fn configure(config: Value) -> Result<Self, String>;
 
     /// Transforms one record into zero (drop), one or several records, or fails it with

@@ -6,7 +6,8 @@
 //! /etc/passwd), `socket` (connects to 127.0.0.1:1), `env` (lists the environment),
 //! `garbage` (returns records that are not JSON; `garbage-on-bad` only for a record
 //! holding the string "bad"), `short` (fewer results than inputs),
-//! `sleep` (sleeps a minute in a host call), `fanout` (turns each record into 100,000),
+//! `sleep` (sleeps a minute in a host call), `fanout` (turns each record into 100,000;
+//! `fanout-6` into 6),
 //! `clock` (returns the wall clock it sees and how far its monotonic clock moved in a 50 ms
 //! sleep), `print` (prints 1,000 lines per record; `print-and-tag` also sets `"printed": true`), `rename-id` (changes each record's `eventId`), `panic-on-bad` (panics on a record holding the
 //! string "bad"), `nul-key-on-bad` (gives a record holding "bad" a `metadata.context` key
@@ -83,6 +84,7 @@ fn misbehave(mode: &str, record: String) -> Result<Vec<String>, String> {
             Ok(vec![record])
         }
         "fanout" => Ok(vec![record; 100_000]),
+        "fanout-6" => Ok(vec![record; 6]),
         "nul-key-on-bad" if record.contains("\"bad\"") => {
             let mut v = serde_json_lite(&record);
             v["metadata"]["context"] = json!({ "a\u{0}b": 1 });
