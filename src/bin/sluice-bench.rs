@@ -1131,7 +1131,13 @@ impl sluice_core::transform::Transform for NativeRedact {
         batch
             .into_iter()
             .map(|d| {
-                let v = self.0.apply(bson::Bson::Document(d).into_relaxed_extjson());
+                // As the plugin does: read first, and a record with nothing to redact is
+                // kept as it was (the host keeps it without decoding).
+                let v = bson::Bson::Document(d.clone()).into_relaxed_extjson();
+                if !redact_pii::RedactPii::holds_pii(&v) {
+                    return Ok(d);
+                }
+                let v = self.0.apply(v);
                 match bson::Bson::try_from(v) {
                     Ok(bson::Bson::Document(d)) => Ok(d),
                     other => Err(sluice_core::transform::TransformError {
