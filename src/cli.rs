@@ -894,6 +894,48 @@ pub async fn load_plugins_off_runtime(
     tokio::task::spawn_blocking(move || load_plugins(&config, &names)).await?
 }
 
+/// A folder holding `file` as `NAME.wasm` beside a manifest for it; removed when dropped.
+struct StagedPlugin(std::path::PathBuf);
+
+impl Drop for StagedPlugin {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `plugin test --wasm FILE`: the installed manifest of `name` (its limits and
+/// permissions) pointed at `file` with `file`'s checksum, or a manifest of defaults.
+fn stage_plugin(installed: &Path, name: &str, file: &Path) -> anyhow::Result<StagedPlugin> {
+    use sha2::{Digest, Sha256};
+    let bytes = std::fs::read(file).with_context(|| format!("`{}`", file.display()))?;
+    let sha256 = format!("{:x}", Sha256::digest(&bytes));
+    let manifest_path = installed.join(format!("{name}.toml"));
+    let mut manifest: toml::Table = match std::fs::read_to_string(&manifest_path) {
+        Ok(text) => text
+            .parse()
+            .with_context(|| format!("`{}`", manifest_path.display()))?,
+        Err(_) => toml::Table::from_iter([
+            ("name".to_string(), toml::Value::String(name.into())),
+            (
+                "version".to_string(),
+                toml::Value::String("0.0.0-test".into()),
+            ),
+        ]),
+    };
+    let wasm_name = format!("{name}.wasm");
+    manifest.insert("wasm".into(), toml::Value::String(wasm_name.clone()));
+    manifest.insert("sha256".into(), toml::Value::String(sha256));
+    let dir = std::env::temp_dir().join(format!(
+        "sluice-plugin-test-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::create_dir_all(&dir)?;
+    let staged = StagedPlugin(dir);
+    std::fs::write(staged.0.join(&wasm_name), &bytes)?;
+    std::fs::write(staged.0.join(format!("{name}.toml")), manifest.to_string())?;
+    Ok(staged)
+}
+
 /// `sluice plugin test`: runs NDJSON records through a plugin, prints the outputs (NDJSON on
 /// stdout), the failures and the time per batch (stderr).
 pub fn plugin_test(
@@ -902,19 +944,27 @@ pub fn plugin_test(
     input: &Path,
     plugin_config: Option<&str>,
     batch_size: usize,
+    wasm: Option<&Path>,
 ) -> anyhow::Result<()> {
     let host = plugin_host(config.plugins.fuel)?;
     let cfg: serde_json::Value = match plugin_config {
         Some(text) => serde_json::from_str(text).context("--plugin-config is not JSON")?,
         None => self::plugin_config(config, name),
     };
-    let plugin = host.load(
-        Path::new(&config.plugins.dir),
+    let installed = Path::new(&config.plugins.dir);
+    let staged = match wasm {
+        Some(file) => Some(stage_plugin(installed, name, file)?),
+        None => None,
+    };
+    let loaded = host.load(
+        staged.as_ref().map_or(installed, |s| s.0.as_path()),
         name,
         cfg,
         &plugin_grants(config),
         None,
-    )?;
+    );
+    drop(staged);
+    let plugin = loaded?;
     let text = std::fs::read_to_string(input).with_context(|| format!("`{}`", input.display()))?;
     let mut records = Vec::new();
     for (i, line) in text

@@ -123,6 +123,11 @@ enum PluginCommand {
         plugin_config: Option<String>,
         #[arg(long, default_value_t = 1000)]
         batch_size: usize,
+        /// A component to test instead of the manifest's (a fresh build, before it is
+        /// installed): the manifest `NAME.toml` in `plugins.dir` gives its limits and
+        /// permissions if there is one, and the checksum is taken from the file.
+        #[arg(long)]
+        wasm: Option<PathBuf>,
     },
     /// Scaffold a plugin crate.
     New {
@@ -299,7 +304,15 @@ fn main() -> ExitCode {
                 input,
                 plugin_config,
                 batch_size,
-            } => cli::plugin_test(&config, name, input, plugin_config.as_deref(), *batch_size),
+                wasm,
+            } => cli::plugin_test(
+                &config,
+                name,
+                input,
+                plugin_config.as_deref(),
+                *batch_size,
+                wasm.as_deref(),
+            ),
             PluginCommand::New { .. } => unreachable!("handled before the config is read"),
         };
         return match result {

@@ -261,6 +261,49 @@ fn plugin_test_prints_outputs_failures_and_timing() {
 }
 
 #[test]
+fn plugin_test_runs_a_fresh_build_under_the_installed_manifest() {
+    let dist = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins/dist");
+    // A build outside the plugins folder (no manifest, no checksum for it): the noop
+    // component, tested as `currency-normalize`, whose installed manifest it borrows.
+    let build = write_temp("build.wasm", "");
+    std::fs::copy(dist.join("noop.wasm"), &build).unwrap();
+    let input = write_temp(
+        "records.ndjson",
+        "{\"eventType\":\"PURCHASE\",\"properties\":{\"amount\":5,\"currency\":\"JPY\"}}\n",
+    );
+    let config = write_temp(
+        "sluice.toml",
+        &format!("[plugins]\ndir = \"{}\"\n", dist.display()),
+    );
+    let run = |name: &str| {
+        sluice()
+            .arg("--config")
+            .arg(&config)
+            .args(["plugin", "test", name, "--input"])
+            .arg(&input)
+            .arg("--wasm")
+            .arg(&build)
+            .args(["--plugin-config", "{}"])
+            .env("SLUICE_LOG_LEVEL", "warn")
+            .output()
+            .unwrap()
+    };
+    // currency-normalize would fail the JPY purchase; the noop build passes it through.
+    for name in ["currency-normalize", "not-installed"] {
+        let out = run(name);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{name}: {stderr}");
+        let first: serde_json::Value =
+            serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().next().unwrap())
+                .unwrap();
+        assert_eq!(first["properties"]["currency"], "JPY", "{name}");
+    }
+    // The installed manifest is untouched (its checksum still names the installed file).
+    let manifest = std::fs::read_to_string(dist.join("currency-normalize.toml")).unwrap();
+    assert!(manifest.contains("currency-normalize.wasm"), "{manifest}");
+}
+
+#[test]
 fn plugin_new_scaffolds_a_crate_that_uses_the_sdk() {
     let dir = std::env::temp_dir().join(format!("sluice-new-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).unwrap();
