@@ -225,9 +225,15 @@ pub struct Manifest {
     /// Capabilities the plugin asks for; only `clocks` exists. The operator must grant them.
     #[serde(default)]
     pub permissions: Vec<String>,
-    /// A description of the config the plugin expects (shown by `sluice plugin test`).
+    /// A description of the config the plugin expects, for people reading the manifest
+    /// (nothing checks it).
     #[serde(default)]
     pub config_schema: Option<toml::Value>,
+    /// Anything else the author wants to say (description, authors, license, homepage):
+    /// not read by Sluice. Other unknown fields are refused, so a misspelt `permisions`
+    /// or `limts` does not go unnoticed.
+    #[serde(default)]
+    pub metadata: Option<toml::Table>,
 }
 
 /// The largest component file loaded (compiling is not interruptible, and its cost grows
@@ -1770,6 +1776,22 @@ mod limit_tests {
 mod encoding_tests {
     use super::*;
     use bson::{doc, oid::ObjectId, Bson, DateTime};
+
+    #[test]
+    fn a_manifest_may_carry_metadata_but_no_misspelt_field() {
+        let base = "name = \"p\"\nversion = \"1.0.0\"\nwasm = \"p.wasm\"\nsha256 = \"00\"\n";
+        let with_metadata =
+            format!("{base}[metadata]\ndescription = \"tags events\"\nauthors = [\"Ada\"]\n");
+        let m: Manifest = toml::from_str(&with_metadata).unwrap();
+        assert_eq!(
+            m.metadata.unwrap()["description"].as_str(),
+            Some("tags events")
+        );
+        let err = toml::from_str::<Manifest>(&format!("{base}permisions = [\"clocks\"]\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("permisions"), "{err}");
+    }
 
     #[test]
     fn integers_where_the_input_had_wider_numbers_are_widened_back() {
