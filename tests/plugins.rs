@@ -465,6 +465,16 @@ fn failure_policies_fail_skip_or_dead_letter() {
         .apply(records.clone(), &mut Call::default())
         .unwrap_err();
     assert_eq!(err.to_string(), "transform `currency-normalize` failed: plugin `currency-normalize` failed record 1: no rate for `JPY`");
+    // An amount that is no JSON number (a Decimal128) fails its record, not passes
+    // unconverted in dollars.
+    let decimal = doc! { "eventType": "PURCHASE", "properties": {
+    "amount": "12.50".parse::<bson::Decimal128>().unwrap(), "currency": "USD" } };
+    let out = load(FailurePolicy::FailRun).run_batch(&[decimal]).unwrap();
+    assert!(
+        out.failed.len() == 1 && out.failed[0].1.contains("is not a number"),
+        "{:?}",
+        out.failed
+    );
 
     let dl = load(FailurePolicy::DeadLetter);
     let mut call = Call::default();

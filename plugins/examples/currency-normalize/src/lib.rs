@@ -37,17 +37,21 @@ impl Plugin for CurrencyNormalize {
         }
         // Read before anything is written: a purchase without an amount and a currency
         // passes unchanged (indexing mutably would add a null `properties` to it).
-        let (Some(amount), Some(currency)) = (
-            record["properties"]["amount"].as_f64(),
-            record["properties"]["currency"]
-                .as_str()
-                .map(str::to_string),
-        ) else {
+        let amount = &record["properties"]["amount"];
+        let Some(currency) = record["properties"]["currency"]
+            .as_str()
+            .map(str::to_string)
+        else {
             return Ok(vec![record]);
         };
-        if currency == self.target {
+        if amount.is_null() || currency == self.target {
             return Ok(vec![record]);
         }
+        // An amount of another form (a Decimal128 comes as `{"$numberDecimal": ".."}`, a
+        // text) fails the record rather than pass unconverted in a foreign currency.
+        let Some(amount) = amount.as_f64() else {
+            return Err(format!("`properties.amount` is not a number: {amount}"));
+        };
         let rate = self
             .rates
             .get(&currency)
