@@ -907,6 +907,10 @@ impl Drop for StagedPlugin {
 /// permissions) pointed at `file` with `file`'s checksum, or a manifest of defaults.
 fn stage_plugin(installed: &Path, name: &str, file: &Path) -> anyhow::Result<StagedPlugin> {
     use sha2::{Digest, Sha256};
+    anyhow::ensure!(
+        sluice_plugins::is_plugin_name(name),
+        "`{name}` is no plugin name (lower-case letters, digits and `-`)"
+    );
     let bytes = std::fs::read(file).with_context(|| format!("`{}`", file.display()))?;
     let sha256 = format!("{:x}", Sha256::digest(&bytes));
     let manifest_path = installed.join(format!("{name}.toml"));
@@ -914,6 +918,9 @@ fn stage_plugin(installed: &Path, name: &str, file: &Path) -> anyhow::Result<Sta
         Ok(text) => text
             .parse()
             .with_context(|| format!("`{}`", manifest_path.display()))?,
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("`{}`", manifest_path.display()));
+        }
         Err(_) => toml::Table::from_iter([
             ("name".to_string(), toml::Value::String(name.into())),
             (
@@ -1006,7 +1013,9 @@ pub fn plugin_test(
                 // batch in halves until its parts fit (see docs/plugins.md).
                 let hint = match e {
                     sluice_plugins::PluginError::Memory { .. }
-                    | sluice_plugins::PluginError::Fuel { .. } => {
+                    | sluice_plugins::PluginError::Fuel { .. }
+                    | sluice_plugins::PluginError::Output { .. }
+                    | sluice_plugins::PluginError::Fanout { .. } => {
                         "; pipelines split such a batch until its parts fit: a smaller --batch-size shows whether they do"
                     }
                     _ => "",

@@ -288,6 +288,7 @@ fn plugin_test_runs_a_fresh_build_under_the_installed_manifest() {
             .output()
             .unwrap()
     };
+    let manifest_before = std::fs::read_to_string(dist.join("currency-normalize.toml")).unwrap();
     // currency-normalize would fail the JPY purchase; the noop build passes it through.
     for name in ["currency-normalize", "not-installed"] {
         let out = run(name);
@@ -298,9 +299,29 @@ fn plugin_test_runs_a_fresh_build_under_the_installed_manifest() {
                 .unwrap();
         assert_eq!(first["properties"]["currency"], "JPY", "{name}");
     }
-    // The installed manifest is untouched (its checksum still names the installed file).
-    let manifest = std::fs::read_to_string(dist.join("currency-normalize.toml")).unwrap();
-    assert!(manifest.contains("currency-normalize.wasm"), "{manifest}");
+    // Nothing installed changed, and the staging folders are gone.
+    assert_eq!(
+        std::fs::read_to_string(dist.join("currency-normalize.toml")).unwrap(),
+        manifest_before
+    );
+    let left = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("sluice-plugin-test-")
+        })
+        .count();
+    assert_eq!(left, 0, "staging folders left behind");
+    // Not a plugin name: refused before anything is written.
+    let out = run("../escape");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no plugin name"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

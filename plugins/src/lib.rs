@@ -685,7 +685,11 @@ impl Until {
     /// When splitting for `e` stops.
     fn of(&self, e: &PluginError) -> Instant {
         match e {
-            PluginError::Memory { .. } | PluginError::Fuel { .. } => self.memory,
+            // Failures whose parts must fit: splitting goes on until they do.
+            PluginError::Memory { .. }
+            | PluginError::Fuel { .. }
+            | PluginError::Output { .. }
+            | PluginError::Fanout { .. } => self.memory,
             _ => self.trap,
         }
     }
@@ -1410,10 +1414,12 @@ fn write_bson(out: &mut String, v: &bson::Bson) {
 
 /// JSON has one kind of number, so a small `Int64` of the input comes back from a plugin
 /// as a number that decodes as `Int32`, and a whole `Double` (`3.0`) as an integer where
-/// the plugin's language prints it `3` (JavaScript, Go). Where the output has an integer
+/// the plugin's language prints it `3` (JavaScript, Go). Where the output has an `Int32`
 /// at a place where its input had an `Int64` or a `Double`, it is widened back: a field
 /// does not change type in MongoDB or in a Parquet column because a plugin touched
-/// another field of its record.
+/// another field of its record. An `Int64` is left alone (a plugin wanting an integer
+/// where its input had a double writes `{"$numberLong": ".."}`), and arrays only
+/// element by element when their length is unchanged.
 fn keep_widths(out: &mut Record, input: &Record) {
     for (k, v) in out.iter_mut() {
         if let Some(was) = input.get(k) {
@@ -1433,12 +1439,11 @@ fn widen(v: &mut bson::Bson, was: &bson::Bson) {
             let n = f64::from(*n);
             *v = Bson::Double(n);
         }
-        (Bson::Int64(n), Bson::Double(_)) => {
-            let n = *n as f64;
-            *v = Bson::Double(n);
-        }
+
         (Bson::Document(d), Bson::Document(w)) => keep_widths(d, w),
-        (Bson::Array(a), Bson::Array(w)) => {
+        // Element by element only where no element was added or removed: otherwise
+        // each later element would take another's type.
+        (Bson::Array(a), Bson::Array(w)) if a.len() == w.len() => {
             for (x, y) in a.iter_mut().zip(w) {
                 widen(x, y);
             }
@@ -1800,6 +1805,7 @@ mod encoding_tests {
             "n": { "x": 1.0, "l": [2i64, 4.0] },
         };
         // As a plugin printing whole doubles without a fraction would send it back.
+        // `big` as a plugin asking for an integer (`$numberLong`) sends it: left alone.
         let mut out = bson::doc! {
             "small": 5i32, "whole": 3i32, "big": 5_000_000_000i64, "keep": 7i32, "word": 9i32,
             "n": { "x": 1i32, "l": [2i32, 4i32] }, "added": 1i32,
@@ -1808,10 +1814,14 @@ mod encoding_tests {
         assert_eq!(
             out,
             bson::doc! {
-                "small": 5i64, "whole": 3.0, "big": 5.0e9, "keep": 7i32, "word": 9i32,
+                "small": 5i64, "whole": 3.0, "big": 5_000_000_000i64, "keep": 7i32, "word": 9i32,
                 "n": { "x": 1.0, "l": [2i64, 4.0] }, "added": 1i32,
             }
         );
+        // An array that lost an element is not matched by position.
+        let mut shorter = bson::doc! { "n": { "l": [4i32] } };
+        keep_widths(&mut shorter, &input);
+        assert_eq!(shorter, bson::doc! { "n": { "l": [4i32] } });
     }
 
     #[test]

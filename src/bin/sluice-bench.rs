@@ -1131,13 +1131,13 @@ impl sluice_core::transform::Transform for NativeRedact {
         batch
             .into_iter()
             .map(|d| {
-                // As the plugin does: read first, and a record with nothing to redact is
-                // kept as it was (the host keeps it without decoding).
-                let v = bson::Bson::Document(d.clone()).into_relaxed_extjson();
-                if !redact_pii::RedactPii::holds_pii(&v) {
+                // As the plugin does, a record with nothing to redact is kept as it was
+                // (the host keeps it without decoding); found here on the document itself,
+                // which spares the baseline the JSON the plugin's check reads.
+                if !holds_pii_bson(&d) {
                     return Ok(d);
                 }
-                let v = self.0.apply(v);
+                let v = self.0.apply(bson::Bson::Document(d).into_relaxed_extjson());
                 match bson::Bson::try_from(v) {
                     Ok(bson::Bson::Document(d)) => Ok(d),
                     other => Err(sluice_core::transform::TransformError {
@@ -1149,6 +1149,14 @@ impl sluice_core::transform::Transform for NativeRedact {
             })
             .collect()
     }
+}
+
+/// `RedactPii::holds_pii`, on a BSON document.
+fn holds_pii_bson(d: &Document) -> bool {
+    let text = |d: Option<&Document>, k: &str| d.is_some_and(|d| d.get_str(k).is_ok());
+    text(Some(d), "email")
+        || text(d.get_document("properties").ok(), "email")
+        || text(d.get_document("metadata").ok(), "ipAddress")
 }
 
 /// The same redaction written against BSON documents directly: what a native transform
