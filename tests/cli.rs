@@ -1044,11 +1044,9 @@ async fn imports_ignore_proxies_named_by_the_environment() {
     let config = db_config(&db);
     let out = tokio::task::spawn_blocking(move || {
         let mut cmd = sluice();
+        // `sluice()` cleared the caller's NO_PROXY.
         for var in ["HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"] {
             cmd.env(var, &proxy_url);
-        }
-        for var in ["NO_PROXY", "no_proxy"] {
-            cmd.env_remove(var);
         }
         cmd.arg("--config")
             .arg(&config)
@@ -1090,6 +1088,54 @@ fn refusing_proxy() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
     (format!("http://{addr}"), seen)
 }
 
+/// `sluice export run daily-analytics` of yesterday into `s3://BUCKET/PREFIX` with the
+/// test store's keys and path style; the caller names the endpoint.
+fn daily_export_to_s3(config: &std::path::Path, bucket: &str, prefix: &str) -> Command {
+    let s3 = support::s3_settings(bucket);
+    let day = (chrono::Utc::now() - chrono::Duration::days(1))
+        .date_naive()
+        .to_string();
+    let mut cmd = sluice();
+    cmd.arg("--config")
+        .arg(config)
+        .args([
+            "export",
+            "run",
+            "daily-analytics",
+            "--from",
+            &day,
+            "--to",
+            &day,
+        ])
+        .env(
+            "SLUICE_EXPORT_DESTINATION",
+            format!("s3://{bucket}/{prefix}"),
+        )
+        .env("SLUICE_S3_ACCESS_KEY", &s3.access_key)
+        .env("SLUICE_S3_SECRET_KEY", &s3.secret_key)
+        .env("SLUICE_S3_PATH_STYLE", "true");
+    cmd
+}
+
+/// The keys of the Parquet files under `prefix` of `bucket`.
+async fn parquet_keys(bucket: &str, prefix: &str) -> Vec<String> {
+    let store =
+        sluice_connectors::objstore::S3Store::connect(&sluice_connectors::objstore::S3Settings {
+            prefix: prefix.into(),
+            ..support::s3_settings(bucket)
+        })
+        .await
+        .unwrap();
+    store
+        .list("")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| o.key)
+        .filter(|k| k.ends_with(".parquet"))
+        .collect()
+}
+
 #[tokio::test]
 async fn s3_requests_follow_the_proxy_environment_as_the_aws_sdk_does() {
     let db = support::TestDb::initialized().await;
@@ -1097,54 +1143,15 @@ async fn s3_requests_follow_the_proxy_environment_as_the_aws_sdk_does() {
     let config = db_config(&db);
     let endpoint = support::s3_settings(&bucket.name).endpoint;
     let (proxy, seen) = refusing_proxy();
-    let yesterday = (chrono::Utc::now() - chrono::Duration::days(1))
-        .date_naive()
-        .to_string();
+    // `sluice()` clears the caller's proxy settings: these are the only ones.
     let run = |no_proxy: Option<&str>| {
-        let (config, endpoint, bucket, proxy, day) = (
-            config.clone(),
-            endpoint.clone(),
-            bucket.name.clone(),
-            proxy.clone(),
-            yesterday.clone(),
-        );
-        let no_proxy = no_proxy.map(str::to_string);
-        tokio::task::spawn_blocking(move || {
-            let mut cmd = sluice();
-            cmd.arg("--config")
-                .arg(&config)
-                .args([
-                    "export",
-                    "run",
-                    "daily-analytics",
-                    "--from",
-                    &day,
-                    "--to",
-                    &day,
-                ])
-                .env(
-                    "SLUICE_EXPORT_DESTINATION",
-                    format!("s3://{bucket}/proxied"),
-                )
-                .env("SLUICE_S3_ENDPOINT", &endpoint)
-                .env(
-                    "SLUICE_S3_ACCESS_KEY",
-                    support::s3_settings(&bucket).access_key,
-                )
-                .env(
-                    "SLUICE_S3_SECRET_KEY",
-                    support::s3_settings(&bucket).secret_key,
-                )
-                .env("SLUICE_S3_PATH_STYLE", "true")
-                .env("HTTP_PROXY", &proxy)
-                .env_remove("http_proxy")
-                .env_remove("NO_PROXY")
-                .env_remove("no_proxy");
-            if let Some(no) = no_proxy {
-                cmd.env("NO_PROXY", no);
-            }
-            cmd.output().unwrap()
-        })
+        let mut cmd = daily_export_to_s3(&config, &bucket.name, "proxied");
+        cmd.env("SLUICE_S3_ENDPOINT", &endpoint)
+            .env("HTTP_PROXY", &proxy);
+        if let Some(no) = no_proxy {
+            cmd.env("NO_PROXY", no);
+        }
+        tokio::task::spawn_blocking(move || cmd.output().unwrap())
     };
     // Through the proxy, which refuses: the export fails and the proxy saw S3's URL.
     let out = run(None).await.unwrap();
@@ -1175,19 +1182,8 @@ async fn s3_requests_follow_the_proxy_environment_as_the_aws_sdk_does() {
         before,
         "nothing through the proxy"
     );
-    let proxied =
-        sluice_connectors::objstore::S3Store::connect(&sluice_connectors::objstore::S3Settings {
-            prefix: "proxied".into(),
-            ..support::s3_settings(&bucket.name)
-        })
-        .await
-        .unwrap();
-    let keys = proxied.list("").await.unwrap();
-    assert!(
-        keys.iter().any(|o| o.key.ends_with(".parquet")),
-        "{:?}",
-        keys.iter().map(|o| &o.key).collect::<Vec<_>>()
-    );
+    let keys = parquet_keys(&bucket.name, "proxied").await;
+    assert!(!keys.is_empty(), "no Parquet file under the prefix");
 }
 
 #[tokio::test]
@@ -1197,48 +1193,21 @@ async fn the_aws_settings_of_the_environment_apply_under_sluice_s() {
     let db = support::TestDb::initialized().await;
     let bucket = support::TestBucket::new().await;
     let config = db_config(&db);
-    let s3 = support::s3_settings(&bucket.name);
-    let day = (chrono::Utc::now() - chrono::Duration::days(1))
-        .date_naive()
-        .to_string();
-    let name = bucket.name.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        sluice()
-            .arg("--config")
-            .arg(&config)
-            .args([
-                "export",
-                "run",
-                "daily-analytics",
-                "--from",
-                &day,
-                "--to",
-                &day,
-            ])
-            .env("SLUICE_EXPORT_DESTINATION", format!("s3://{name}/from-env"))
-            .env("SLUICE_S3_ACCESS_KEY", &s3.access_key)
-            .env("SLUICE_S3_SECRET_KEY", &s3.secret_key)
-            .env("SLUICE_S3_PATH_STYLE", "true")
-            .env("AWS_ENDPOINT_URL", &s3.endpoint)
-            .env("AWS_REGION", "us-east-1")
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let mut cmd = daily_export_to_s3(&config, &bucket.name, "from-env");
+    cmd.env(
+        "AWS_ENDPOINT_URL",
+        support::s3_settings(&bucket.name).endpoint,
+    )
+    .env("AWS_REGION", "us-east-1");
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
     assert!(
         out.status.success(),
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    let store =
-        sluice_connectors::objstore::S3Store::connect(&sluice_connectors::objstore::S3Settings {
-            prefix: "from-env".into(),
-            ..support::s3_settings(&bucket.name)
-        })
-        .await
-        .unwrap();
-    let keys = store.list("").await.unwrap();
-    assert!(keys.iter().any(|o| o.key.ends_with(".parquet")), "{keys:?}");
+    let keys = parquet_keys(&bucket.name, "from-env").await;
+    assert!(!keys.is_empty(), "no Parquet file under the prefix");
 }

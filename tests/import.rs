@@ -3037,8 +3037,11 @@ async fn a_plugin_that_prints_runs_inside_an_import() {
 
 /// Point-of-sale records for an IMPORT into `events`: customer c1 buys twice 5 minutes
 /// apart and again two hours later, c2 twice; one record repeats a sale id and one has a
-/// kind that is no event type.
-fn sales_page(day: &str) -> Value {
+/// kind that is no event type. Yesterday's (UTC).
+fn sales_page() -> Value {
+    let day = (chrono::Utc::now() - chrono::Duration::days(1))
+        .format("%Y-%m-%d")
+        .to_string();
     let sale = |id: &str, customer: &str, time: &str, kind: &str, total: f64| {
         json!({
             "sale_id": id, "customer": customer, "kind": kind, "total": total,
@@ -3055,6 +3058,12 @@ fn sales_page(day: &str) -> Value {
         sale("s1", "c1", "10:00:00", "PURCHASE", 20.0),
         sale("s6", "c2", "10:20:00", "REFUND", 3.0),
     ]})
+}
+
+/// Serves `page` at `/sales` on loopback; returns its URL.
+async fn serve_sales(page: Value) -> String {
+    let addr = serve(Router::new().route("/sales", get(move || async move { Json(page) }))).await;
+    format!("http://{addr}/sales")
 }
 
 /// A counter stored as int32 or int64.
@@ -3107,12 +3116,7 @@ path = "$.register"
 #[tokio::test]
 async fn an_import_into_events_stores_each_event_once_and_keeps_sessions_and_users_right() {
     let db = TestDb::initialized().await;
-    let day = (chrono::Utc::now() - chrono::Duration::days(1))
-        .format("%Y-%m-%d")
-        .to_string();
-    let page = sales_page(&day);
-    let addr = serve(Router::new().route("/sales", get(move || async move { Json(page) }))).await;
-    let endpoint = format!("http://{addr}/sales");
+    let endpoint = serve_sales(sales_page()).await;
 
     // The key of an import into events is eventId, and the fields every event has are mapped.
     let wrong_key = parse_file("t.toml", &sales_config("pos", &endpoint, "saleId")).unwrap();
@@ -3229,19 +3233,12 @@ async fn an_import_into_events_stores_each_event_once_and_keeps_sessions_and_use
 #[tokio::test]
 async fn an_imported_event_over_the_time_series_limit_fails_alone_and_counts_nowhere() {
     let db = TestDb::initialized().await;
-    let day = (chrono::Utc::now() - chrono::Duration::days(1))
-        .format("%Y-%m-%d")
-        .to_string();
-    let mut page = sales_page(&day);
+    let mut page = sales_page();
     // 5 MB: under MongoDB's 16 MiB document limit, over the 4 MB of a time-series
     // measurement (the test server stores it; MongoDB refuses it after its aggregates).
     page["sales"][1]["register"] = json!("r".repeat(5_000_000));
-    let addr = serve(Router::new().route("/sales", get(move || async move { Json(page) }))).await;
-    let name = apply(
-        &db,
-        &sales_config("big-sale", &format!("http://{addr}/sales"), "eventId"),
-    )
-    .await;
+    let endpoint = serve_sales(page).await;
+    let name = apply(&db, &sales_config("big-sale", &endpoint, "eventId")).await;
     let run = run_import(&db.store, &name, &ImportOptions::default())
         .await
         .unwrap();

@@ -413,6 +413,13 @@ async fn count(db: &TestDb, coll: &str, filter: Document) -> u64 {
         .unwrap()
 }
 
+/// No event, claim, session or user: a write that failed counted nothing.
+async fn assert_nothing_stored(db: &TestDb) {
+    for coll in ["events", "event_ids", "sessions", "users"] {
+        assert_eq!(count(db, coll, doc! {}).await, 0, "{coll}");
+    }
+}
+
 #[tokio::test]
 async fn duplicate_event_id_is_stored_once() {
     let db = TestDb::initialized().await;
@@ -694,9 +701,7 @@ async fn an_event_the_server_could_not_store_fails_its_write_before_anything_is_
     let batch = vec![event("good", "v1", "s1", EventType::PageView, t0), bad];
     let err = writer.write(&batch).await.unwrap_err().to_string();
     assert!(err.contains("`bad`"), "{err}");
-    for coll in ["events", "event_ids", "sessions", "users"] {
-        assert_eq!(count(&db, coll, doc! {}).await, 0, "{coll}");
-    }
+    assert_nothing_stored(&db).await;
     // The good event alone is written, as a whole document.
     assert_eq!(
         writer.write(&batch[..1]).await.unwrap(),
@@ -721,9 +726,7 @@ async fn an_event_over_the_time_series_limit_fails_its_write_before_anything_is_
     big.properties = doc! { "blob": "b".repeat(4_500_000) };
     let err = writer.write(&[big]).await.unwrap_err().to_string();
     assert!(err.contains("`big`") && err.contains("4000000"), "{err}");
-    for coll in ["events", "event_ids", "sessions", "users"] {
-        assert_eq!(count(&db, coll, doc! {}).await, 0, "{coll}");
-    }
+    assert_nothing_stored(&db).await;
 }
 
 #[tokio::test]
