@@ -1551,6 +1551,138 @@ impl Transform for Stall {
     }
 }
 
+/// Holds its first batch for `0`, then passes every batch on unchanged.
+struct StallOnce(Duration, std::sync::atomic::AtomicBool);
+impl Transform for StallOnce {
+    fn name(&self) -> &str {
+        "stall-once"
+    }
+    fn apply(
+        &self,
+        batch: Vec<Record>,
+        _call: &mut sluice_core::transform::Call,
+    ) -> Result<Vec<Record>, TransformError> {
+        if !self.1.swap(true, Ordering::Relaxed) {
+            std::thread::sleep(self.0);
+        }
+        Ok(batch)
+    }
+}
+
+#[tokio::test]
+async fn an_export_whose_cursor_the_server_closed_reads_on_without_losing_or_repeating_events() {
+    // A server of the test's own, closing cursors idle for a second (MongoDB's default is
+    // ten minutes). The transform holds the first batch for 3 s: the reader, its queue to
+    // the encoder full, leaves the cursor idle, and its next batch finds it closed.
+    let server = support::OwnMongo::start().await;
+    server.set_parameter("cursorTimeoutMillis", 1_000).await;
+    let store = support::store_via(&server.uri, "export_cursor_reaped").await;
+    store.init().await.unwrap();
+    let d = day(-1);
+    // 6,000 events at 9 instants, 700 at each: the first cursor batch (2,000) ends
+    // inside the third instant, whose events the new cursor reads again, maybe in
+    // another order.
+    let events: Vec<Event> = (0..6_000)
+        .map(|i| Event {
+            timestamp: DateTime::from_millis(ms(d, 36_000_000 + (i as i64 / 700))),
+            ..event(i, d)
+        })
+        .collect();
+    let writer = EventWriter::new(store.clone(), WriterOptions::default());
+    for chunk in events.chunks(1_000) {
+        let st = writer.write(chunk).await.unwrap();
+        assert!(st.iter().all(|s| *s == WriteStatus::Stored), "{st:?}");
+    }
+    let dir = temp_dir();
+    let mut ctx = ExportContext::new(store.clone(), ObjectStore::Local(LocalDir::new(&dir)));
+    ctx.batch_rows = 100;
+    ctx.transforms = vec![Arc::new(StallOnce(
+        Duration::from_secs(3),
+        Default::default(),
+    ))];
+    let logged = support::Logged::default();
+    let guard = tracing::subscriber::set_default(logged.subscriber());
+    let summary = run_export(&ctx, &request(ExportJobType::EventData, d, d))
+        .await
+        .unwrap();
+    drop(guard);
+    assert!(
+        logged.text().contains("cursor was closed by the server"),
+        "the server did not close the cursor, so the test proves nothing: {}",
+        logged.text()
+    );
+    assert_eq!(summary.rows, 6_000);
+    let prefix = format!("EVENT_DATA/dt={d}");
+    let mut ids = Vec::new();
+    for f in parquet_files(&dir, &prefix) {
+        let file = std::fs::File::open(dir.join(&prefix).join(f)).unwrap();
+        for b in ParquetRecordBatchReaderBuilder::try_new(file)
+            .unwrap()
+            .build()
+            .unwrap()
+        {
+            let b = b.unwrap();
+            let col = b.column_by_name("eventId").unwrap().as_string::<i32>();
+            ids.extend((0..b.num_rows()).map(|r| col.value(r).to_string()));
+        }
+    }
+    ids.sort();
+    let mut expected: Vec<String> = events.iter().map(|e| e.event_id.clone()).collect();
+    expected.sort();
+    assert_eq!(ids, expected, "each event once");
+
+    // The users snapshot reads on the same way (sorted on `visitorId`).
+    let users: Vec<Document> = (0..3_000)
+        .map(|i| doc! { "visitorId": format!("v{i:05}"), "totalEvents": 1i64 })
+        .collect();
+    store.collection("users").insert_many(users).await.unwrap();
+    let expected: Vec<String> = {
+        let mut v: Vec<String> = store
+            .collection("users")
+            .distinct("visitorId", doc! {})
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|b| b.as_str().unwrap().to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    ctx.transforms = vec![Arc::new(StallOnce(
+        Duration::from_secs(3),
+        Default::default(),
+    ))];
+    let logged = support::Logged::default();
+    let guard = tracing::subscriber::set_default(logged.subscriber());
+    let summary = run_export(&ctx, &request(ExportJobType::UserData, d, d))
+        .await
+        .unwrap();
+    drop(guard);
+    assert!(
+        logged.text().contains("cursor was closed by the server"),
+        "the server did not close the users cursor: {}",
+        logged.text()
+    );
+    assert_eq!(summary.rows as usize, expected.len());
+    let prefix = &summary.partitions[0].prefix;
+    let mut visitors = Vec::new();
+    for f in parquet_files(&dir, prefix) {
+        let file = std::fs::File::open(dir.join(prefix).join(f)).unwrap();
+        for b in ParquetRecordBatchReaderBuilder::try_new(file)
+            .unwrap()
+            .build()
+            .unwrap()
+        {
+            let b = b.unwrap();
+            let col = b.column_by_name("visitorId").unwrap().as_string::<i32>();
+            visitors.extend((0..b.num_rows()).map(|r| col.value(r).to_string()));
+        }
+    }
+    visitors.sort();
+    assert_eq!(visitors, expected, "each user once");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 /// A run cancelled while it stages a day (SIGTERM, a lost lease) leaves no staging
 /// folder behind: its parts would otherwise stay in the work folder until a later run's
 /// sweep, a day on.

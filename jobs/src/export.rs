@@ -974,21 +974,7 @@ async fn execute(
         }
         ExportJobType::UserData => {
             let today = ctx.store.now().to_chrono().date_naive();
-            let cursor = ctx
-                .store
-                .collection(c::USERS)
-                .find(doc! {})
-                .sort(doc! { u::VISITOR_ID: 1 })
-                .batch_size(2000)
-                .await
-                .map_err(|source| ExportError::Read {
-                    partition: "users".into(),
-                    source,
-                })?;
-            let docs = Box::pin(cursor.map_err(|source| ExportError::Read {
-                partition: "users".into(),
-                source,
-            }));
+            let docs = sorted_cursor(ctx, c::USERS, doc! {}, u::VISITOR_ID).await?;
             staged.push(stage(ctx, job_id, kind, today, &USER_TABLE, docs, None).await?);
         }
         ExportJobType::DailyAnalytics => {
@@ -1782,22 +1768,130 @@ pub async fn release_archive_lock(store: &Store, owners: &[String]) -> Result<u6
 type DocStream =
     std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<Document, ExportError>> + Send>>;
 
+/// The events matching `filter`, in time order (see [`sorted_cursor`]).
 async fn event_cursor(ctx: &ExportContext, filter: Document) -> Result<DocStream, ExportError> {
-    let cursor = ctx
-        .store
-        .collection(c::EVENTS)
-        .find(filter)
-        .sort(doc! { e::TIMESTAMP: 1 })
-        .batch_size(2000)
-        .await
-        .map_err(|source| ExportError::Read {
-            partition: "events".into(),
-            source,
-        })?;
-    Ok(Box::pin(cursor.map_err(|source| ExportError::Read {
-        partition: "events".into(),
+    sorted_cursor(ctx, c::EVENTS, filter, e::TIMESTAMP).await
+}
+
+/// The documents of `collection` matching `filter`, sorted on `field`. A cursor the server
+/// closes (idle past its timeout, ten minutes on MongoDB, while a slow transform or upload
+/// held the reader) is opened again from the last document's `field`, passing over the
+/// documents of that value already read (by `_id`). Events sort on time alone, which the
+/// time-series collection serves from its buckets, so events of one instant may come
+/// back in another order; a unique sort key would make the server sort the day itself.
+/// Documents stored meanwhile may be read by the new cursor, as the first could have.
+async fn sorted_cursor(
+    ctx: &ExportContext,
+    collection: &'static str,
+    filter: Document,
+    field: &'static str,
+) -> Result<DocStream, ExportError> {
+    let read_err = move |source| ExportError::Read {
+        partition: collection.into(),
         source,
-    })))
+    };
+    let source = ctx.store.collection(collection);
+    let open = move |filter: Document| {
+        let source = source.clone();
+        async move {
+            source
+                .find(filter)
+                .sort(doc! { field: 1 })
+                .batch_size(2000)
+                .await
+        }
+    };
+    let cursor = open(filter.clone()).await.map_err(read_err)?;
+    let reading = SortedReading {
+        cursor,
+        filter,
+        field,
+        last: None,
+        read_at_last: std::collections::HashSet::new(),
+        resumable: true,
+        reopened: 0,
+    };
+    Ok(Box::pin(futures_util::stream::try_unfold(
+        reading,
+        move |mut r| {
+            let open = open.clone();
+            async move {
+                loop {
+                    match r.cursor.try_next().await {
+                        Ok(Some(d)) => {
+                            r.reopened = 0;
+                            if r.seen(&d) {
+                                continue;
+                            }
+                            return Ok(Some((d, r)));
+                        }
+                        Ok(None) => return Ok(None),
+                        Err(e)
+                            if crate::import::cursor_lost(&e) && r.resumable && r.reopened < 3 =>
+                        {
+                            r.reopened += 1;
+                            tracing::warn!(collection, "the export's cursor was closed by the server (idle too long while the run wrote); reading on from the last document read");
+                            let filter = match &r.last {
+                                Some(v) => {
+                                    doc! { "$and": [r.filter.clone(), { field: { "$gte": v.clone() } }] }
+                                }
+                                None => r.filter.clone(),
+                            };
+                            r.cursor = open(filter).await.map_err(read_err)?;
+                        }
+                        Err(e) => return Err(read_err(e)),
+                    }
+                }
+            }
+        },
+    )))
+}
+
+/// Where a sorted read is, to open it again.
+struct SortedReading {
+    cursor: mongodb::Cursor<Document>,
+    filter: Document,
+    field: &'static str,
+    /// The sort value of the last document read, and the `_id`s of those read with it.
+    last: Option<Bson>,
+    read_at_last: std::collections::HashSet<Vec<u8>>,
+    /// False once a document was read without an `_id`, or whose sort value is neither a
+    /// date nor a string (an event's `timestamp` always is a date, a user's `visitorId` a
+    /// string): `$gte` on a null or a number would pass over values of other types
+    /// (MongoDB compares within one type), so a read could not go on from it.
+    resumable: bool,
+    reopened: u32,
+}
+
+impl SortedReading {
+    /// Whether `d` was read before the cursor was opened again; otherwise notes it read.
+    fn seen(&mut self, d: &Document) -> bool {
+        let value = d.get(self.field);
+        let (Some(v @ (Bson::DateTime(_) | Bson::String(_))), Some(id)) =
+            (value, d.get(common::ID))
+        else {
+            self.resumable = false;
+            return false;
+        };
+        // An ObjectId (what the server gives events) by its bytes, anything else by its
+        // BSON encoding; each behind its type's byte, so the two cannot collide.
+        let key = match id {
+            Bson::ObjectId(o) => [&[0x07u8][..], &o.bytes()].concat(),
+            other => {
+                let mut k = vec![0xff];
+                k.extend(bson::to_vec(&doc! { "": other.clone() }).unwrap_or_default());
+                k
+            }
+        };
+        if self.last.as_ref() == Some(v) {
+            !self.read_at_last.insert(key)
+        } else {
+            self.last = Some(v.clone());
+            self.read_at_last.clear();
+            self.read_at_last.insert(key);
+            false
+        }
+    }
 }
 
 /// Days holding events older than `cutoff` (exclusive), oldest first.

@@ -1919,7 +1919,7 @@ pub struct PushSummary {
 
 /// Whether `e` says the server closed the cursor being read (`CursorNotFound`, after ten
 /// idle minutes, or `CursorKilled`).
-fn cursor_lost(e: &mongodb::error::Error) -> bool {
+pub(crate) fn cursor_lost(e: &mongodb::error::Error) -> bool {
     matches!(&*e.kind, mongodb::error::ErrorKind::Command(c) if c.code == 43 || c.code == 237)
 }
 
