@@ -731,6 +731,142 @@ async fn a_full_queue_answers_503_with_retry_after() {
     server.shutdown().await;
 }
 
+/// The `sluice_http_in_flight_bytes` gauge.
+async fn in_flight_bytes(base: &str) -> u64 {
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("sluice_http_in_flight_bytes "))
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn request_bytes_held_are_bounded_until_their_events_are_written() {
+    use std::sync::atomic::Ordering;
+    let db = TestDb::initialized().await;
+    let (uri, frozen) = support::freezable_mongo_proxy().await;
+    let store = support::store_via(&uri, &db.name).await;
+    // 1 MiB in flight; a batch body is at most 100,000 bytes.
+    let config = support::test_config(&db.name, |raw| {
+        raw.tracking.max_batch_bytes = 100_000;
+        raw.tracking.max_in_flight_mb = 1;
+        raw.tracking.write_timeout_seconds = 1;
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = sluice::server::start(config, store, listener, false)
+        .await
+        .unwrap();
+    let base = format!("http://{}", server.addr);
+    // Ten events of about 9.6 KB each.
+    let batch = |n: usize| {
+        let events: Vec<Value> = (0..10)
+            .map(|i| json!({ "userId": format!("v{n}-{i}"), "sessionId": format!("s{n}"), "eventType": "CLICK", "eventId": format!("big{n}-{i}"), "properties": { "pad": "x".repeat(9_600) } }))
+            .collect();
+        serde_json::to_vec(&json!({ "batch": events })).unwrap()
+    };
+    let send = |body: Vec<u8>| {
+        let base = base.clone();
+        async move {
+            let resp = reqwest::Client::new()
+                .post(format!("{base}/v1/events/batch"))
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            let status = resp.status().as_u16();
+            (status, resp.json::<Value>().await.unwrap())
+        }
+    };
+    // Ten batches wait on a store that stopped answering: each is answered 503 after the
+    // write timeout, and its bytes stay counted while its events are still queued.
+    frozen.store(true, Ordering::SeqCst);
+    let bodies: Vec<Vec<u8>> = (0..10).map(batch).collect();
+    let held: usize = bodies.iter().map(Vec::len).sum();
+    assert!(held < 1 << 20 && held + bodies[0].len() > 1 << 20, "{held}");
+    let answers = futures_util::future::join_all(bodies.into_iter().map(send)).await;
+    for (status, body) in &answers {
+        assert_eq!(
+            (*status, body["error"].as_str()),
+            (503, Some("store_timeout")),
+            "{body}"
+        );
+    }
+    assert_eq!(in_flight_bytes(&base).await, held as u64);
+    // An eleventh would pass the bound: refused before it is queued, and counted.
+    let (status, body) = send(batch(10)).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"], "overloaded", "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_in_flight_mb"),
+        "{body}"
+    );
+    let metrics = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("\nsluice_requests_in_flight_full_total 1\n"),
+        "{metrics}"
+    );
+    assert_eq!(
+        in_flight_bytes(&base).await,
+        held as u64,
+        "the refused one holds nothing"
+    );
+    // Once the store answers, the queued events are written and their bytes given back.
+    frozen.store(false, Ordering::SeqCst);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while in_flight_bytes(&base).await != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "bytes never given back"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let (status, body) = send(batch(10)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        db.store
+            .collection("events")
+            .count_documents(doc! {})
+            .await
+            .unwrap(),
+        110
+    );
+    assert_eq!(in_flight_bytes(&base).await, 0);
+    // A compressed body holds what was sent and room for its decompressed copy (the
+    // route's limit).
+    use std::io::Write;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&batch(11)).unwrap();
+    let gz = gz.finish().unwrap();
+    frozen.store(true, Ordering::SeqCst);
+    let resp = reqwest::Client::new()
+        .post(format!("{base}/v1/events/batch"))
+        .header("content-type", "application/json")
+        .header("content-encoding", "gzip")
+        .body(gz.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 503);
+    assert_eq!(in_flight_bytes(&base).await, gz.len() as u64 + 100_000);
+    frozen.store(false, Ordering::SeqCst);
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn enrichment_fills_metadata_and_bots_can_be_dropped() {
     let db = TestDb::initialized().await;
@@ -1329,7 +1465,7 @@ async fn a_request_nobody_waits_for_any_more_is_not_written() {
     frozen.store(true, Ordering::SeqCst);
     let first = tokio::spawn({
         let (b, e) = (batcher.clone(), event("first"));
-        async move { b.submit(vec![e]).await }
+        async move { b.submit(vec![e], None).await }
     });
     // The writer has taken it (its write is held at the store): the next one queues.
     support::wait_until("the first write reaches the store", || async {
@@ -1338,14 +1474,14 @@ async fn a_request_nobody_waits_for_any_more_is_not_written() {
     .await;
     let gave_up = tokio::time::timeout(
         Duration::from_millis(300),
-        batcher.submit(vec![event("abandoned")]),
+        batcher.submit(vec![event("abandoned")], None),
     )
     .await;
     assert!(gave_up.is_err());
     frozen.store(false, Ordering::SeqCst);
     assert_eq!(first.await.unwrap().unwrap(), vec![WriteStatus::Stored]);
     assert_eq!(
-        batcher.submit(vec![event("next")]).await.unwrap(),
+        batcher.submit(vec![event("next")], None).await.unwrap(),
         vec![WriteStatus::Stored]
     );
     let stored: Vec<String> = all(&db, "events", doc! { "eventId": 1 })
@@ -1367,7 +1503,7 @@ async fn a_closed_queue_refuses_new_requests_and_still_writes_what_it_holds() {
     frozen.store(true, Ordering::SeqCst);
     let submit = |id: &'static str| {
         let b = batcher.clone();
-        tokio::spawn(async move { b.submit(vec![click(id, "v1")]).await })
+        tokio::spawn(async move { b.submit(vec![click(id, "v1")], None).await })
     };
     let writing = submit("writing");
     support::wait_until("the first write reaches the store", || async {
@@ -1384,7 +1520,7 @@ async fn a_closed_queue_refuses_new_requests_and_still_writes_what_it_holds() {
     batcher.close();
     let late = tokio::time::timeout(
         std::time::Duration::from_secs(5),
-        batcher.submit(vec![click("late", "v1")]),
+        batcher.submit(vec![click("late", "v1")], None),
     )
     .await;
     assert!(
@@ -1448,20 +1584,20 @@ async fn a_slow_writer_lane_fills_its_share_of_the_queue_not_the_whole_queue() {
     frozen.store(true, Ordering::SeqCst);
     let stuck = tokio::spawn({
         let (b, e) = (batcher.clone(), events(hot, 0, 10));
-        async move { b.submit(e).await }
+        async move { b.submit(e, None).await }
     });
     support::wait_until("the hot lane's write reaches the store", || async {
         held.load(Ordering::SeqCst) > 0
     })
     .await;
     assert!(matches!(
-        batcher.submit(events(hot, 10, 1)).await,
+        batcher.submit(events(hot, 10, 1), None).await,
         Err(SubmitError::Full)
     ));
     // Another lane still takes events: queued (waiting on the store), not refused.
     let queued = tokio::spawn({
         let (b, e) = (batcher.clone(), events(&other, 0, 5));
-        async move { b.submit(e).await }
+        async move { b.submit(e, None).await }
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!queued.is_finished(), "refused at once: {:?}", queued.await);

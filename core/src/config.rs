@@ -291,6 +291,13 @@ pub struct TrackingSection {
     pub max_future_seconds: i64,
     /// Events waiting to be written; when full the endpoint answers 503.
     pub queue_capacity: usize,
+    /// Request bodies the tracking endpoint holds at once, in MiB: each request's body
+    /// as sent (its `Content-Length`, or the route's limit when it sends none) plus, when
+    /// compressed, the route's limit for its decompressed copy, reserved before the body
+    /// is read and held until its events are written. Beyond, 503 with `Retry-After`.
+    /// What the process holds is a few times this (parsed events take more room than
+    /// their JSON).
+    pub max_in_flight_mb: usize,
     /// Events per write to MongoDB.
     pub write_batch_size: usize,
     /// Concurrent writers draining the queue.
@@ -316,6 +323,7 @@ impl Default for TrackingSection {
             max_event_bytes: 32 * 1024,
             max_future_seconds: 300,
             queue_capacity: 20_000,
+            max_in_flight_mb: 64,
             write_batch_size: 1_000,
             writers: 4,
             write_timeout_seconds: 10,
@@ -789,6 +797,7 @@ pub fn validate(
         ("tracking.max_batch_bytes", t.max_batch_bytes),
         ("tracking.max_event_bytes", t.max_event_bytes),
         ("tracking.queue_capacity", t.queue_capacity),
+        ("tracking.max_in_flight_mb", t.max_in_flight_mb),
         ("tracking.write_batch_size", t.write_batch_size),
         ("tracking.writers", t.writers),
         (
@@ -864,6 +873,25 @@ pub fn validate(
             format!(
                 "at least `tracking.max_batch_events` × `tracking.writers` ({} × {}), got {}",
                 t.max_batch_events, t.writers, t.queue_capacity
+            ),
+        ));
+    }
+    if t.max_batch_bytes > 1 << 30 {
+        return Err(invalid(
+            "tracking.max_batch_bytes",
+            format!("at most 1073741824 (1 GiB), got {}", t.max_batch_bytes),
+        ));
+    }
+    // A compressed full batch reserves its body and its decompressed copy: it must fit,
+    // or every such request is answered 503 for ever. The semaphore counts bytes in a
+    // u32 per request and holds at most 2^61 in all: 1 TiB is far within.
+    let needed = (2 * t.max_batch_bytes).div_ceil(1 << 20);
+    if t.max_in_flight_mb < needed || t.max_in_flight_mb > 1 << 20 {
+        return Err(invalid(
+            "tracking.max_in_flight_mb",
+            format!(
+                "{needed} to 1048576 (a compressed batch holds twice `tracking.max_batch_bytes`, {}), got {}",
+                t.max_batch_bytes, t.max_in_flight_mb
             ),
         ));
     }
@@ -1379,6 +1407,19 @@ mod tests {
             "{err}"
         );
         assert!(check("[tracking]\nmax_batch_bytes = 1048576\nmax_event_bytes = 262144\n").is_ok());
+        // A compressed full batch must fit the in-flight bound (twice 1.5 MiB: 3 MiB).
+        let err = check("[tracking]\nmax_batch_bytes = 1572864\nmax_in_flight_mb = 2\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("tracking.max_in_flight_mb") && err.contains("3 to 1048576"),
+            "{err}"
+        );
+        assert!(check("[tracking]\nmax_batch_bytes = 1572864\nmax_in_flight_mb = 3\n").is_ok());
+        let err = check("[tracking]\nmax_batch_bytes = 1073741825\nmax_in_flight_mb = 4096\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tracking.max_batch_bytes"), "{err}");
     }
 
     #[test]

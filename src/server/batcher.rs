@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 use super::metrics::Metrics;
+use super::InFlight;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SubmitError {
@@ -37,6 +38,9 @@ struct Job {
     events: Vec<Event>,
     reply: oneshot::Sender<Result<Vec<WriteStatus>, String>>,
     _permit: OwnedSemaphorePermit,
+    /// The request's share of `tracking.max_in_flight_mb`, kept until its events are
+    /// written even when the request was answered before (a write timeout).
+    _held: Option<InFlight>,
 }
 
 /// Cheap to clone; the queue closes when every clone is dropped.
@@ -114,8 +118,13 @@ impl Batcher {
                 .sum::<usize>()
     }
 
-    /// Queues `events` and waits until they are durably written.
-    pub async fn submit(&self, events: Vec<Event>) -> Result<Vec<WriteStatus>, SubmitError> {
+    /// Queues `events` and waits until they are durably written; `held` is released once
+    /// every part of them is written (or dropped unqueued).
+    pub async fn submit(
+        &self,
+        events: Vec<Event>,
+        held: Option<InFlight>,
+    ) -> Result<Vec<WriteStatus>, SubmitError> {
         if events.is_empty() {
             return Ok(Vec::new());
         }
@@ -161,6 +170,7 @@ impl Batcher {
                     events,
                     reply,
                     _permit: share,
+                    _held: held.clone(),
                 })
                 .map_err(|e| match e {
                     mpsc::error::TrySendError::Full(_) => SubmitError::Full,

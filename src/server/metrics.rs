@@ -30,6 +30,10 @@ pub struct Metrics {
     pub traits_failed: AtomicU64,
     /// HTTP connections open now (a gauge).
     pub open_connections: AtomicU64,
+    /// Request bytes the tracking endpoint holds now (a gauge; `tracking.max_in_flight_mb`).
+    pub in_flight_bytes: AtomicU64,
+    /// Tracking requests refused because `tracking.max_in_flight_mb` was reached.
+    pub in_flight_full: AtomicU64,
     latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
     latency_count: AtomicU64,
     latency_sum_micros: AtomicU64,
@@ -122,6 +126,13 @@ impl Metrics {
         }
         counter(
             &mut out,
+            "sluice_requests_in_flight_full_total",
+            "Tracking requests answered 503 because the request bytes held reached tracking.max_in_flight_mb.",
+            "",
+            &self.in_flight_full,
+        );
+        counter(
+            &mut out,
             "sluice_traits_failed_total",
             "Segment identify traits a user profile refused (events stored; see the log).",
             "",
@@ -142,6 +153,11 @@ impl Metrics {
             out,
             "# HELP sluice_http_connections_open HTTP connections open now (at most [server] max_connections).\n# TYPE sluice_http_connections_open gauge\nsluice_http_connections_open {}",
             self.open_connections.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP sluice_http_in_flight_bytes Request bytes the tracking endpoint holds now (bodies and decompressed copies, until their events are written; at most tracking.max_in_flight_mb).\n# TYPE sluice_http_in_flight_bytes gauge\nsluice_http_in_flight_bytes {}",
+            self.in_flight_bytes.load(Relaxed)
         );
         let name = "sluice_event_write_seconds";
         let _ = writeln!(

@@ -57,6 +57,32 @@ pub struct AppState {
     geoip: Option<Arc<enrich::GeoIp>>,
     /// Set when the shutdown begins: `/readyz` answers 503 from then on.
     draining: Arc<std::sync::atomic::AtomicBool>,
+    /// Bytes of `tracking.max_in_flight_mb` not reserved by a request now.
+    in_flight: Arc<tokio::sync::Semaphore>,
+}
+
+/// A tracking request's share of `tracking.max_in_flight_mb`, reserved as its body is
+/// read (see [`body_deadline`]). The handler hands it to the write queue with the
+/// request's events, so it is given back once the request is answered and its events
+/// are written, whichever is later (a request answered 503 on a write timeout leaves its
+/// events queued).
+#[derive(Clone)]
+pub struct InFlight {
+    _reserved: Arc<Reserved>,
+}
+
+struct Reserved {
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    bytes: u64,
+    metrics: Arc<Metrics>,
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        self.metrics
+            .in_flight_bytes
+            .fetch_sub(self.bytes, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// An error answered as JSON `{"error": code, "message": text}`; never internals.
@@ -237,13 +263,29 @@ pub fn router(state: AppState) -> Router {
     ] {
         let handler = move |State(state): State<AppState>,
                             ConnectInfo(peer): ConnectInfo<SocketAddr>,
+                            held: Option<axum::Extension<InFlight>>,
                             headers: HeaderMap,
                             body: Result<Bytes, BytesRejection>| {
-            segment::single(kind, state, peer, headers, body)
+            segment::single(kind, state, peer, held.map(|h| h.0), headers, body)
         };
         app = app.route(path, post(handler).layer(one));
         tracking_paths.push(path);
     }
+    // Each tracking route's body limit, for the in-flight reservation.
+    let batch_paths = ["/v1/events/batch", "/v1/batch", "/v1/import", "/v1/b"];
+    let limits: Arc<std::collections::HashMap<&'static str, usize>> = Arc::new(
+        tracking_paths
+            .iter()
+            .map(|p| {
+                let limit = if batch_paths.contains(p) {
+                    t.max_batch_bytes
+                } else {
+                    t.max_event_bytes
+                };
+                (*p, limit)
+            })
+            .collect(),
+    );
     let tracking_paths: Arc<std::collections::HashSet<&'static str>> =
         Arc::new(tracking_paths.into_iter().collect());
     let app = app
@@ -261,7 +303,9 @@ pub fn router(state: AppState) -> Router {
         })
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            body_deadline,
+            move |state: State<AppState>, request: axum::extract::Request, next| {
+                body_deadline(state, limits.clone(), request, next)
+            },
         ))
         // Outside the body's deadline: a client over its limit is turned away before its
         // body is read.
@@ -372,41 +416,70 @@ fn body_cap(config: &Config) -> usize {
 /// route sees it: a client trickling its body in (or sending none after its headers) is
 /// answered `408` and its connection closed, instead of holding it, and a handler, for
 /// as long as it likes.
+///
+/// A tracking route's body (its path in `limits`, with the route's limit) is read up to
+/// that limit and counted against `tracking.max_in_flight_mb` as it arrives, plus the
+/// limit again for the decompressed copy of a compressed body; with too little left the
+/// request is answered 503 at once (waiting would hold its connection and grow the
+/// backlog the bound is there to stop). Counting what arrived, not what the headers
+/// declare, keeps a client trickling large bodies from holding more than it sent.
 async fn body_deadline(
     State(state): State<AppState>,
+    limits: Arc<std::collections::HashMap<&'static str, usize>>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let (parts, body) = request.into_parts();
-    let cap = body_cap(&state.config);
+    let (mut parts, body) = request.into_parts();
+    let limit = limits.get(parts.uri.path()).copied();
+    let cap = limit.unwrap_or_else(|| body_cap(&state.config));
+    let mut reserved = limit.map(|_| Reservation::new(&state));
     let deadline = state.config.body_timeout;
-    match tokio::time::timeout(deadline, axum::body::to_bytes(body, cap)).await {
+    let read = tokio::time::timeout(deadline, read_body_within(body, cap, reserved.as_mut())).await;
+    let too_little = || {
+        state
+            .metrics
+            .in_flight_full
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "the server holds as many request bytes as it may (tracking.max_in_flight_mb); retry shortly",
+        )
+        .retry(rand::random_range(1..=3))
+        .into_response()
+    };
+    match read {
         Ok(Ok(bytes)) => {
+            if let Some(mut r) = reserved {
+                let compressed = parts
+                    .headers
+                    .get(axum::http::header::CONTENT_ENCODING)
+                    .map(|v| v.as_bytes().trim_ascii())
+                    .is_some_and(|e| !(e.is_empty() || e.eq_ignore_ascii_case(b"identity")));
+                if compressed && !r.take(cap) {
+                    return too_little();
+                }
+                parts.extensions.insert(r.held());
+            }
             next.run(axum::extract::Request::from_parts(
                 parts,
                 axum::body::Body::from(bytes),
             ))
             .await
         }
-        Ok(Err(e)) => {
-            let too_large = std::error::Error::source(&e)
-                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-            if too_large {
-                ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "payload_too_large",
-                    format!("the body is larger than {cap} bytes"),
-                )
-                .into_response()
-            } else {
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "unreadable_body",
-                    format!("the body could not be read: {e}"),
-                )
-                .into_response()
-            }
-        }
+        Ok(Err(BodyError::TooLarge)) => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the body is larger than {cap} bytes"),
+        )
+        .into_response(),
+        Ok(Err(BodyError::InFlightFull)) => too_little(),
+        Ok(Err(BodyError::Unreadable(e))) => ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "unreadable_body",
+            format!("the body could not be read: {e}"),
+        )
+        .into_response(),
         Err(_) => {
             let mut resp = ApiError::new(
                 StatusCode::REQUEST_TIMEOUT,
@@ -423,6 +496,101 @@ async fn body_deadline(
             );
             resp
         }
+    }
+}
+
+enum BodyError {
+    TooLarge,
+    InFlightFull,
+    Unreadable(axum::Error),
+}
+
+/// The whole of `body`, refused past `cap` bytes; each piece counted in `reserved`, when
+/// given, as it arrives.
+async fn read_body_within(
+    mut body: axum::body::Body,
+    cap: usize,
+    mut reserved: Option<&mut Reservation>,
+) -> Result<Bytes, BodyError> {
+    use http_body_util::BodyExt;
+    let mut out = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(BodyError::Unreadable)?;
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers
+        };
+        if out.len() + data.len() > cap {
+            return Err(BodyError::TooLarge);
+        }
+        if let Some(r) = reserved.as_deref_mut() {
+            if !r.take(data.len()) {
+                return Err(BodyError::InFlightFull);
+            }
+        }
+        out.extend_from_slice(&data);
+    }
+    Ok(Bytes::from(out))
+}
+
+/// Bytes of `tracking.max_in_flight_mb` taken for one request so far.
+struct Reservation {
+    budget: Arc<tokio::sync::Semaphore>,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    bytes: u64,
+    metrics: Arc<Metrics>,
+}
+
+impl Reservation {
+    fn new(state: &AppState) -> Self {
+        Self {
+            budget: state.in_flight.clone(),
+            permit: None,
+            bytes: 0,
+            metrics: state.metrics.clone(),
+        }
+    }
+
+    /// Takes `n` more bytes, if that many are left.
+    fn take(&mut self, n: usize) -> bool {
+        if n == 0 {
+            return true;
+        }
+        let Some(more) = u32::try_from(n)
+            .ok()
+            .and_then(|n| self.budget.clone().try_acquire_many_owned(n).ok())
+        else {
+            return false;
+        };
+        match &mut self.permit {
+            Some(p) => p.merge(more),
+            None => self.permit = Some(more),
+        }
+        self.bytes += n as u64;
+        self.metrics
+            .in_flight_bytes
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        true
+    }
+
+    /// What the handler keeps with its events.
+    fn held(mut self) -> InFlight {
+        InFlight {
+            _reserved: Arc::new(Reserved {
+                _permit: self.permit.take(),
+                bytes: std::mem::take(&mut self.bytes),
+                metrics: self.metrics.clone(),
+            }),
+        }
+    }
+}
+
+impl Drop for Reservation {
+    /// A request refused before its handler ran gives its bytes back (the permit goes by
+    /// itself).
+    fn drop(&mut self) {
+        self.metrics
+            .in_flight_bytes
+            .fetch_sub(self.bytes, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -565,6 +733,9 @@ pub async fn start_loaded(
         trusted: Arc::new(trusted),
         geoip: loaded.geoip.map(Arc::new),
         draining: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        in_flight: Arc::new(tokio::sync::Semaphore::new(
+            config.tracking.max_in_flight_mb << 20,
+        )),
         config: Arc::new(config),
         store: store.clone(),
         batcher,

@@ -19,6 +19,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
+use axum::Extension;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
@@ -31,7 +32,7 @@ use super::tracking::{
     admit, admit_by_header, batch_item, batch_sent_at, check_batch_len, malformed, parse_batch,
     prepare, read_body, request_context, write,
 };
-use super::{ApiError, AppState};
+use super::{ApiError, AppState, InFlight};
 
 fn options(state: &AppState) -> Options {
     Options {
@@ -66,6 +67,7 @@ pub async fn single(
     kind: Kind,
     state: AppState,
     peer: SocketAddr,
+    held: Option<InFlight>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -85,7 +87,7 @@ pub async fn single(
     };
     let ctx = request_context(&state, peer, &headers, None, &admitted);
     let message = parse_message(&value, Some(kind), &ctx, &options(&state));
-    store(&state, vec![message])
+    store(&state, vec![message], held)
         .instrument(admitted.span())
         .await?
         .into_single_response("invalid_message")
@@ -94,6 +96,7 @@ pub async fn single(
 pub async fn batch(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    held: Option<Extension<InFlight>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -161,7 +164,9 @@ pub async fn batch(
             }
         })
         .collect();
-    let answer = store(&state, messages).instrument(admitted.span()).await?;
+    let answer = store(&state, messages, held.map(|h| h.0))
+        .instrument(admitted.span())
+        .await?;
     Ok(answer.into_batch_response())
 }
 
@@ -176,6 +181,7 @@ pub async fn batch(
 async fn store(
     state: &AppState,
     mut messages: Vec<Result<Message, ValidationError>>,
+    held: Option<InFlight>,
 ) -> Result<super::tracking::Answer, ApiError> {
     let unavailable = |e: sluice_connectors::StoreError| {
         tracing::error!(error = %e, "identity links or profiles unavailable");
@@ -293,7 +299,7 @@ async fn store(
             })
         })
         .collect();
-    let answer = write(state, prepared).await?;
+    let answer = write(state, prepared, held).await?;
     // The traits of the messages stored (or stored before: a resend applies them again),
     // within one deadline for the whole request.
     let traits: Vec<identities::Traits> = traits

@@ -18,6 +18,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use axum::Json;
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -31,7 +32,7 @@ use sluice_core::tracking::{
 use sluice_core::ValidationError;
 use tracing::Instrument;
 
-use super::{auth, enrich, ApiError, AppState, SubmitError};
+use super::{auth, enrich, ApiError, AppState, InFlight, SubmitError};
 
 /// How one event of a request ended.
 enum Outcome {
@@ -48,6 +49,7 @@ enum Outcome {
 pub async fn track(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    held: Option<Extension<InFlight>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -56,7 +58,7 @@ pub async fn track(
     let value: Value = serde_json::from_slice(&body).map_err(malformed)?;
     let ctx = request_context(&state, peer, &headers, None, &admitted);
     let event = parse_event(&value, &ctx, EventMetadata::default());
-    let mut answer = ingest(&state, vec![event])
+    let mut answer = ingest(&state, vec![event], held.map(|h| h.0))
         .instrument(admitted.span())
         .await?;
     answer.note_ignored(vec![unknown_members(&value)]);
@@ -74,6 +76,7 @@ struct BatchBody<'a> {
 pub async fn batch(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    held: Option<Extension<InFlight>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -94,7 +97,9 @@ pub async fn batch(
             item.and_then(|v| parse_event(&v, &ctx, EventMetadata::default()))
         })
         .collect();
-    let mut answer = ingest(&state, values).instrument(admitted.span()).await?;
+    let mut answer = ingest(&state, values, held.map(|h| h.0))
+        .instrument(admitted.span())
+        .await?;
     answer.note_ignored(ignored);
     Ok(answer.into_batch_response())
 }
@@ -707,9 +712,10 @@ async fn transform(
 pub(super) async fn ingest(
     state: &AppState,
     parsed: Vec<Result<Event, ValidationError>>,
+    held: Option<InFlight>,
 ) -> Result<Answer, ApiError> {
     let prepared = prepare(state, parsed).await?;
-    write(state, prepared).await
+    write(state, prepared, held).await
 }
 
 /// Events enriched and transformed, ready to be written, and what became of each one sent.
@@ -783,15 +789,20 @@ pub(super) async fn prepare(
     Ok(Prepared { events, outcomes })
 }
 
-/// Writes prepared events through the batcher and answers for each event sent.
-pub(super) async fn write(state: &AppState, prepared: Prepared) -> Result<Answer, ApiError> {
+/// Writes prepared events through the batcher and answers for each event sent; `held`
+/// (the request's in-flight reservation) stays with the events until they are written.
+pub(super) async fn write(
+    state: &AppState,
+    prepared: Prepared,
+    held: Option<InFlight>,
+) -> Result<Answer, ApiError> {
     let Prepared {
         events: to_write,
         outcomes,
     } = prepared;
     let ids: Vec<String> = to_write.iter().map(|e| e.event_id.clone()).collect();
     let deadline = std::time::Duration::from_secs(state.config.tracking.write_timeout_seconds);
-    let submitted = tokio::time::timeout(deadline, state.batcher.submit(to_write)).await;
+    let submitted = tokio::time::timeout(deadline, state.batcher.submit(to_write, held)).await;
     let Ok(submitted) = submitted else {
         // The writes may still complete; a resend of the same eventIds is then answered
         // `duplicate`, so telling the client to resend loses nothing and stores nothing twice.
