@@ -943,6 +943,183 @@ fn stage_plugin(installed: &Path, name: &str, file: &Path) -> anyhow::Result<Sta
     Ok(staged)
 }
 
+/// `sluice plugin install NAME --wasm FILE`: installs a build into `plugins.dir` once it
+/// loads there: under the installed manifest's limits and permissions (or defaults), with
+/// `[plugins.config.NAME]`. The component goes in under a name of its own
+/// (`NAME-<sha256 prefix>.wasm`) and the manifest is then replaced whole, so a run loading
+/// the plugin meanwhile reads the old manifest and component or the new ones, never a
+/// mix. The manifest keeps its other lines (comments, limits, permissions, metadata):
+/// only the top-level `wasm`, `sha256` (and, with `--version`, `version`) lines change.
+/// The component the old manifest named is kept for runs that read it just before; older
+/// ones installed this way are removed. Returns what it did, for the operator.
+pub fn plugin_install(
+    config: &Config,
+    name: &str,
+    file: &Path,
+    version: Option<&str>,
+) -> anyhow::Result<String> {
+    use sha2::{Digest, Sha256};
+    anyhow::ensure!(
+        sluice_plugins::is_plugin_name(name),
+        "`{name}` is no plugin name (lower-case letters, digits and `-`)"
+    );
+    let dir = Path::new(&config.plugins.dir);
+    let manifest_path = dir.join(format!("{name}.toml"));
+    let old_text = match std::fs::read_to_string(&manifest_path) {
+        Ok(t) => Some(t),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e).with_context(|| format!("`{}`", manifest_path.display())),
+    };
+    anyhow::ensure!(
+        old_text.is_some() || version.is_some(),
+        "`{name}` has no manifest in `{}` yet: pass --version (the plugin's own version, such as 0.1.0)",
+        dir.display()
+    );
+    if let Some(v) = version {
+        anyhow::ensure!(
+            !v.trim().is_empty() && !v.contains(['\n', '\r']),
+            "--version must be one line of text, got `{v}`"
+        );
+    }
+    // It must load and configure as it will run, or nothing is installed.
+    let staged = stage_plugin(dir, name, file)?;
+    let loaded = plugin_host(config.plugins.fuel)?.load(
+        &staged.0,
+        name,
+        plugin_config(config, name),
+        &plugin_grants(config),
+        None,
+    );
+    drop(staged);
+    loaded.with_context(|| {
+        format!(
+            "`{}` does not load as `{name}`; nothing installed",
+            file.display()
+        )
+    })?;
+
+    let bytes = std::fs::read(file).with_context(|| format!("`{}`", file.display()))?;
+    let sha256 = format!("{:x}", Sha256::digest(&bytes));
+    let wasm = format!("{name}-{}.wasm", &sha256[..12]);
+    let old: Option<sluice_plugins::Manifest> = old_text
+        .as_deref()
+        .map(toml::from_str)
+        .transpose()
+        .with_context(|| format!("`{}`", manifest_path.display()))?;
+    let text = match &old_text {
+        Some(text) => {
+            let mut text = set_top_level(text, "wasm", &wasm);
+            text = set_top_level(&text, "sha256", &sha256);
+            if let Some(v) = version {
+                text = set_top_level(&text, "version", v);
+            }
+            text
+        }
+        None => format!(
+            "name = {}\nversion = {}\nwasm = {}\nsha256 = {}\n",
+            toml::Value::String(name.into()),
+            toml::Value::String(version.unwrap_or_default().into()),
+            toml::Value::String(wasm.clone()),
+            toml::Value::String(sha256.clone()),
+        ),
+    };
+    // The edit is checked as the loader will read it.
+    let new: sluice_plugins::Manifest = toml::from_str(&text).with_context(|| {
+        format!("`{}` could not be updated in place; set wasm = \"{wasm}\" and sha256 = \"{sha256}\" by hand", manifest_path.display())
+    })?;
+    anyhow::ensure!(
+        new.name == name && new.wasm == wasm && new.sha256 == sha256 && version.is_none_or(|v| new.version == v),
+        "`{}` could not be updated in place; set wasm = \"{wasm}\" and sha256 = \"{sha256}\" by hand",
+        manifest_path.display()
+    );
+    std::fs::create_dir_all(dir).with_context(|| format!("`{}`", dir.display()))?;
+    write_in_place(&dir.join(&wasm), &bytes)?;
+    write_in_place(&manifest_path, text.as_bytes())?;
+
+    // One component back is kept; older ones this command installed go.
+    let kept = old.as_ref().map(|m| m.wasm.clone());
+    let mut removed = Vec::new();
+    for entry in std::fs::read_dir(dir)?.filter_map(Result::ok) {
+        let file_name = entry.file_name().to_string_lossy().into_owned();
+        let ours = file_name
+            .strip_prefix(&format!("{name}-"))
+            .and_then(|rest| rest.strip_suffix(".wasm"))
+            .is_some_and(|h| h.len() == 12 && h.bytes().all(|b| b.is_ascii_hexdigit()));
+        if ours && file_name != wasm && Some(&file_name) != kept.as_ref() {
+            std::fs::remove_file(entry.path())
+                .with_context(|| format!("removing `{}`", entry.path().display()))?;
+            removed.push(file_name);
+        }
+    }
+    let mut said = format!(
+        "installed {name} {}: {} (sha256 {sha256})",
+        new.version,
+        dir.join(&wasm).display()
+    );
+    if let Some(k) = kept.filter(|k| *k != wasm) {
+        said.push_str(&format!("; the previous component {k} is kept"));
+    }
+    if !removed.is_empty() {
+        said.push_str(&format!("; removed older {}", removed.join(", ")));
+    }
+    said.push_str(". Runs load it from their next start; a running `serve` keeps its tracking plugins until restarted.");
+    Ok(said)
+}
+
+/// `text` (a TOML document) with its top-level `key` set to the string `value`: the line
+/// holding it replaced, or one added before the first table. Other lines are kept as
+/// they are; the caller checks the result by parsing it.
+fn set_top_level(text: &str, key: &str, value: &str) -> String {
+    let line = format!("{key} = {}", toml::Value::String(value.into()));
+    let mut out: Vec<String> = Vec::new();
+    let mut done = false;
+    let mut in_table = false;
+    for l in text.lines() {
+        let t = l.trim_start();
+        if t.starts_with('[') {
+            if !done {
+                out.push(line.clone());
+                done = true;
+            }
+            in_table = true;
+        }
+        let sets_key = !in_table
+            && t.strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with('='));
+        if sets_key && !done {
+            out.push(line.clone());
+            done = true;
+        } else if !sets_key {
+            out.push(l.to_string());
+        }
+    }
+    if !done {
+        out.push(line);
+    }
+    out.join("\n") + "\n"
+}
+
+/// Writes `bytes` to `path` under a temporary name, flushes it and renames it into place:
+/// a reader finds the old file or the new one, whole.
+fn write_in_place(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let written = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written.with_context(|| format!("writing `{}`", path.display()))
+}
+
 /// `sluice plugin test`: runs NDJSON records through a plugin, prints the outputs (NDJSON on
 /// stdout), the failures and the time per batch (stderr).
 pub fn plugin_test(
@@ -1110,7 +1287,7 @@ export_plugin!({type_name});
     std::fs::write(
         root.join("README.md"),
         format!(
-            "# {name}\n\nBuild: `cargo build --release --target wasm32-wasip2`\n\nInstall: copy `target/wasm32-wasip2/release/{file}.wasm` into the plugins folder as `{name}.wasm`, next to a manifest `{name}.toml`:\n\n```toml\nname = \"{name}\"\nversion = \"0.1.0\"\nwasm = \"{name}.wasm\"\nsha256 = \"<sha256sum of the .wasm>\"\n```\n\nTry it: `sluice plugin test {name} --input records.ndjson`\n",
+            "# {name}\n\nBuild: `cargo build --release --target wasm32-wasip2`\n\nTry the build: `sluice plugin test {name} --wasm target/wasm32-wasip2/release/{file}.wasm --input records.ndjson`\n\nInstall it into the plugins folder (it writes the manifest `{name}.toml`, or updates its `wasm` and `sha256`): `sluice plugin install {name} --wasm target/wasm32-wasip2/release/{file}.wasm --version 0.1.0`\n",
             file = name.replace('-', "_")
         ),
     )?;

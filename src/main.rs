@@ -129,6 +129,19 @@ enum PluginCommand {
         #[arg(long)]
         wasm: Option<PathBuf>,
     },
+    /// Install a build into `plugins.dir`, once it loads there (limits, permissions and
+    /// `[plugins.config.NAME]` as it will run): the component under a name of its own,
+    /// then the manifest's `wasm` and `sha256` (the rest of it kept).
+    Install {
+        /// Plugin name (its manifest is `NAME.toml` in `plugins.dir`).
+        name: String,
+        /// The component built (`target/wasm32-wasip2/release/NAME.wasm`).
+        #[arg(long)]
+        wasm: PathBuf,
+        /// The plugin's version, for the manifest (required when there is none yet).
+        #[arg(long)]
+        version: Option<String>,
+    },
     /// Scaffold a plugin crate.
     New {
         /// The plugin's name: lower-case letters, digits and `-` (e.g. `tag-events`).
@@ -313,6 +326,12 @@ fn main() -> ExitCode {
                 *batch_size,
                 wasm.as_deref(),
             ),
+            PluginCommand::Install {
+                name,
+                wasm,
+                version,
+            } => cli::plugin_install(&config, name, wasm, version.as_deref())
+                .map(|said| println!("{said}")),
             PluginCommand::New { .. } => unreachable!("handled before the config is read"),
         };
         return match result {

@@ -325,6 +325,180 @@ fn plugin_test_runs_a_fresh_build_under_the_installed_manifest() {
 }
 
 #[test]
+fn plugin_install_puts_a_build_in_place_once_it_loads_and_keeps_the_manifest() {
+    use sha2::{Digest, Sha256};
+    let dist = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins/dist");
+    let dir =
+        std::env::temp_dir().join(format!("sluice-install-{}", uuid::Uuid::new_v4().simple()));
+    let config = write_temp(
+        "sluice.toml",
+        &format!("[plugins]\ndir = \"{}\"\n", dir.display()),
+    );
+    let install = |wasm: &std::path::Path, version: Option<&str>| {
+        let mut cmd = sluice();
+        cmd.arg("--config")
+            .arg(&config)
+            .args(["plugin", "install", "noop", "--wasm"])
+            .arg(wasm)
+            .env("SLUICE_LOG_LEVEL", "warn");
+        if let Some(v) = version {
+            cmd.args(["--version", v]);
+        }
+        cmd.output().unwrap()
+    };
+    let files = || -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(&dir)
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    };
+    let sorted = |mut v: Vec<String>| {
+        v.sort();
+        v
+    };
+    let component = |sha: &str| format!("noop-{}.wasm", &sha[..12]);
+    let sha_of = |p: &std::path::Path| format!("{:x}", Sha256::digest(std::fs::read(p).unwrap()));
+    let manifest = || -> toml::Table {
+        std::fs::read_to_string(dir.join("noop.toml"))
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let stderr = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).into_owned();
+
+    // No manifest yet and no version; a file that is no component: nothing installed.
+    let out = install(&dist.join("noop.wasm"), None);
+    assert!(
+        !out.status.success() && stderr(&out).contains("--version"),
+        "{}",
+        stderr(&out)
+    );
+    let junk = write_temp("junk.wasm", "not a component");
+    let out = install(&junk, Some("1.0.0"));
+    assert!(
+        !out.status.success() && stderr(&out).contains("does not load"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(files().is_empty(), "{:?}", files());
+
+    // Installed with a manifest of its own; the plugin then runs from the folder.
+    let first = sha_of(&dist.join("noop.wasm"));
+    let out = install(&dist.join("noop.wasm"), Some("1.0.0"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        files(),
+        sorted(vec![component(&first), "noop.toml".to_string()])
+    );
+    let m = manifest();
+    assert_eq!(
+        (
+            m["name"].as_str(),
+            m["version"].as_str(),
+            m["wasm"].as_str(),
+            m["sha256"].as_str()
+        ),
+        (
+            Some("noop"),
+            Some("1.0.0"),
+            Some(component(&first).as_str()),
+            Some(first.as_str())
+        )
+    );
+    let input = write_temp(
+        "records.ndjson",
+        "{\"eventType\":\"PAGE_VIEW\",\"metadata\":{\"bot\":true,\"userAgent\":\"Googlebot/2.1\"}}\n",
+    );
+    let run = || {
+        sluice()
+            .arg("--config")
+            .arg(&config)
+            .args(["plugin", "test", "noop", "--input"])
+            .arg(&input)
+            .env("SLUICE_LOG_LEVEL", "warn")
+            .output()
+            .unwrap()
+    };
+    let out = run();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).lines().count(),
+        1,
+        "noop passes the record"
+    );
+
+    // The operator's lines stay; a new build (bot-filter's, as `noop`) replaces wasm and
+    // sha256, and the previous component is kept.
+    let text = std::fs::read_to_string(dir.join("noop.toml")).unwrap();
+    std::fs::write(
+        dir.join("noop.toml"),
+        format!("# the operator's note\n{text}\n[metadata]\ndescription = \"kept\"\n"),
+    )
+    .unwrap();
+    let second = sha_of(&dist.join("bot-filter.wasm"));
+    let out = install(&dist.join("bot-filter.wasm"), None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = std::fs::read_to_string(dir.join("noop.toml")).unwrap();
+    assert!(text.starts_with("# the operator's note\n"), "{text}");
+    let m = manifest();
+    assert_eq!(
+        m["metadata"]["description"].as_str(),
+        Some("kept"),
+        "{text}"
+    );
+    assert_eq!(m["version"].as_str(), Some("1.0.0"));
+    assert_eq!(m["sha256"].as_str(), Some(second.as_str()));
+    assert_eq!(
+        files(),
+        sorted(vec![
+            component(&first),
+            component(&second),
+            "noop.toml".to_string()
+        ])
+    );
+    let out = run();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).lines().count(),
+        0,
+        "the new build drops bots"
+    );
+
+    // A third build (noop with a custom section appended): the oldest goes, one stays back.
+    let third_file = write_temp("third.wasm", "");
+    let mut bytes = std::fs::read(dist.join("noop.wasm")).unwrap();
+    bytes.extend_from_slice(&[0, 5, 4, b't', b'e', b's', b't']);
+    std::fs::write(&third_file, &bytes).unwrap();
+    let third = sha_of(&third_file);
+    let out = install(&third_file, Some("1.1.0"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains(&format!("removed older {}", component(&first))),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(
+        files(),
+        sorted(vec![
+            component(&second),
+            component(&third),
+            "noop.toml".to_string()
+        ])
+    );
+    assert_eq!(manifest()["version"].as_str(), Some("1.1.0"));
+    let out = run();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 1);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn plugin_new_scaffolds_a_crate_that_uses_the_sdk() {
     let dir = std::env::temp_dir().join(format!("sluice-new-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).unwrap();
