@@ -2282,6 +2282,121 @@ async fn a_late_day_is_marked_before_its_events_are_stored() {
     );
 }
 
+/// An S3 endpoint in front of the test server that loses the answer to the first
+/// CompleteMultipartUpload (the upload completes; the connection is cut before its answer
+/// comes back) and answers later ones as S3 answers an upload already completed:
+/// `404 NoSuchUpload`. The test server itself completes an upload twice. Also how many
+/// completions it saw.
+async fn s3_proxy_losing_the_first_completion() -> (String, Arc<AtomicU64>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream =
+        std::env::var("SLUICE_S3_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:8333".into());
+    let upstream = upstream.trim_start_matches("http://").to_string();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let completions = Arc::new(AtomicU64::new(0));
+    let seen = completions.clone();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else {
+                continue;
+            };
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let (mut from_client, mut from_server) =
+                    (vec![0u8; 64 * 1024], vec![0u8; 64 * 1024]);
+                let mut losing = false;
+                loop {
+                    tokio::select! {
+                        read = client.read(&mut from_client) => {
+                            let n = match read {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            let head = String::from_utf8_lossy(&from_client[..n]).to_ascii_lowercase();
+                            let first = head.lines().next().unwrap_or_default();
+                            if first.starts_with("post ") && first.contains("uploadid=") {
+                                if seen.fetch_add(1, Ordering::SeqCst) > 0 {
+                                    // The whole request is read before the answer.
+                                    let length: usize = head
+                                        .lines()
+                                        .find_map(|l| l.strip_prefix("content-length:"))
+                                        .and_then(|v| v.trim().parse().ok())
+                                        .unwrap_or(0);
+                                    let mut got = head.find("\r\n\r\n").map_or(0, |i| n - (i + 4));
+                                    while got < length {
+                                        match client.read(&mut from_client).await {
+                                            Ok(0) | Err(_) => return,
+                                            Ok(m) => got += m,
+                                        }
+                                    }
+                                    let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>NoSuchUpload</Code><Message>The specified upload does not exist.</Message></Error>";
+                                    let answer = format!(
+                                        "HTTP/1.1 404 Not Found\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                                        body.len()
+                                    );
+                                    let _ = client.write_all(answer.as_bytes()).await;
+                                    return;
+                                }
+                                losing = true;
+                            }
+                            if server.write_all(&from_client[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                        read = server.read(&mut from_server) => {
+                            let n = match read {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            if losing {
+                                // The completion took; its answer goes with the connection.
+                                return;
+                            }
+                            if client.write_all(&from_server[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (format!("http://{addr}"), completions)
+}
+
+#[tokio::test]
+async fn a_multipart_upload_whose_completion_answer_was_lost_is_in_place_not_failed() {
+    let bucket = TestBucket::new().await;
+    let (endpoint, completions) = s3_proxy_losing_the_first_completion().await;
+    let mut settings = support::s3_settings(&bucket.name);
+    settings.endpoint = endpoint;
+    let dest = ObjectStore::S3(
+        sluice_connectors::objstore::S3Store::connect(&settings)
+            .await
+            .unwrap(),
+    );
+    let dir = temp_dir();
+    let path = dir.join("big.bin");
+    // Two parts (16 MiB each at most).
+    let bytes: Vec<u8> = (0..20u32 << 20).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&path, &bytes).unwrap();
+    dest.put_file("big/part.bin", &path).await.unwrap();
+    assert!(
+        completions.load(Ordering::SeqCst) >= 2,
+        "the completion was not sent again, so the test proves nothing"
+    );
+    assert!(
+        bucket
+            .object_store()
+            .get_bytes("big/part.bin")
+            .await
+            .unwrap()
+            == bytes
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 #[tokio::test]
 async fn an_upload_stopped_midway_is_aborted_not_left_behind() {
     let bucket = TestBucket::new().await;

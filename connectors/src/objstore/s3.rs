@@ -290,23 +290,39 @@ impl S3Store {
             open: true,
         };
         let result = match self.upload_parts(key, &full, &upload_id, path, size).await {
-            Ok(parts) => self
-                .client
-                .complete_multipart_upload()
-                .bucket(&self.bucket)
-                .key(&full)
-                .upload_id(&upload_id)
-                .multipart_upload(
-                    CompletedMultipartUpload::builder()
-                        .set_parts(Some(parts))
-                        .build(),
-                )
-                .send()
-                .await
-                .map(|_| ())
-                .map_err(|e| {
-                    StorageError::op(BACKEND, key, "complete multipart upload", describe(e))
-                }),
+            Ok(parts) => {
+                let count = parts.len();
+                let completed = self
+                    .client
+                    .complete_multipart_upload()
+                    .bucket(&self.bucket)
+                    .key(&full)
+                    .upload_id(&upload_id)
+                    .multipart_upload(
+                        CompletedMultipartUpload::builder()
+                            .set_parts(Some(parts))
+                            .build(),
+                    )
+                    .send()
+                    .await;
+                match completed {
+                    Ok(_) => Ok(()),
+                    Err(e) => {
+                        let e = describe(e);
+                        if self.completed_anyway(&full, size, count).await {
+                            tracing::warn!(key = %full, error = %e, "the answer to completing a multipart upload was lost, but the object is in place (its size and part count match)");
+                            Ok(())
+                        } else {
+                            Err(StorageError::op(
+                                BACKEND,
+                                key,
+                                "complete multipart upload",
+                                e,
+                            ))
+                        }
+                    }
+                }
+            }
             Err(e) => Err(e),
         };
         if result.is_ok() {
@@ -315,6 +331,27 @@ impl S3Store {
             pending.abort().await;
         }
         result
+    }
+
+    /// Whether a multipart upload whose completion failed is in place all the same: the
+    /// completion took, and its answer was lost (a connection cut), so the SDK's retry of
+    /// it found the upload gone (`NoSuchUpload`, as S3 answers an upload already
+    /// completed). `full` is a key of this run's own (staging keys name the run), so an
+    /// object there of `size` bytes made of `parts` parts (its ETag ends `-parts`) is this
+    /// upload's.
+    async fn completed_anyway(&self, full: &str, size: u64, parts: usize) -> bool {
+        let Ok(head) = self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(full)
+            .send()
+            .await
+        else {
+            return false;
+        };
+        let etag = head.e_tag().unwrap_or_default().trim_matches('"');
+        head.content_length() == Some(size as i64) && etag.ends_with(&format!("-{parts}"))
     }
 
     async fn upload_parts(
