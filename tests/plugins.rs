@@ -1942,7 +1942,11 @@ fn fuel_budgets_and_the_clocks_grant_are_enforced() {
     let Err(err) = host().load(&src, "noop", json!({}), &Grants::default(), limits(Some(1))) else {
         panic!("a fuel limit on a host without fuel was loaded");
     };
-    assert!(err.to_string().contains("meters no fuel"), "{err}");
+    assert!(
+        err.to_string().contains("meters no fuel")
+            && err.to_string().contains("`[plugins] fuel = true`"),
+        "{err}"
+    );
 
     // Clocks: frozen, unless the manifest asks for them and the operator grants them.
     let seen = |t: &sluice_plugins::WasmTransform| {

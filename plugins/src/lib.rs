@@ -586,7 +586,10 @@ impl PluginHost {
         // Checked as they will run, so a manifest the ceilings lower loads.
         limits.check().map_err(load)?;
         if limits.fuel.is_some() && !self.fuel {
-            return Err(load("has a fuel limit but the host meters no fuel".into()));
+            return Err(load(
+                "has a fuel limit but the host meters no fuel: set `[plugins] fuel = true` in sluice.toml (metering costs some speed), or remove `fuel` from the manifest's `[limits]` (the batch deadline still bounds its time)"
+                    .into(),
+            ));
         }
         // Kept per plugin (its manifest's path, made absolute), not per component file: a
         // deploy that points the manifest at a new file (`p-1.2.wasm`), or swaps a link,
