@@ -903,16 +903,21 @@ impl Drop for StagedPlugin {
     }
 }
 
-/// `plugin test --wasm FILE`: the installed manifest of `name` (its limits and
-/// permissions) pointed at `file` with `file`'s checksum, or a manifest of defaults.
-fn stage_plugin(installed: &Path, name: &str, file: &Path) -> anyhow::Result<StagedPlugin> {
+/// `plugin test --wasm FILE` and `plugin install`: the installed manifest of `name` (its
+/// limits and permissions) pointed at the component `bytes` with their checksum, or a
+/// manifest of defaults; `version`, when given, replaces the manifest's.
+fn stage_plugin(
+    installed: &Path,
+    name: &str,
+    bytes: &[u8],
+    version: Option<&str>,
+) -> anyhow::Result<StagedPlugin> {
     use sha2::{Digest, Sha256};
     anyhow::ensure!(
         sluice_plugins::is_plugin_name(name),
         "`{name}` is no plugin name (lower-case letters, digits and `-`)"
     );
-    let bytes = std::fs::read(file).with_context(|| format!("`{}`", file.display()))?;
-    let sha256 = format!("{:x}", Sha256::digest(&bytes));
+    let sha256 = format!("{:x}", Sha256::digest(bytes));
     let manifest_path = installed.join(format!("{name}.toml"));
     let mut manifest: toml::Table = match std::fs::read_to_string(&manifest_path) {
         Ok(text) => text
@@ -929,6 +934,9 @@ fn stage_plugin(installed: &Path, name: &str, file: &Path) -> anyhow::Result<Sta
             ),
         ]),
     };
+    if let Some(v) = version {
+        manifest.insert("version".into(), toml::Value::String(v.into()));
+    }
     let wasm_name = format!("{name}.wasm");
     manifest.insert("wasm".into(), toml::Value::String(wasm_name.clone()));
     manifest.insert("sha256".into(), toml::Value::String(sha256));
@@ -938,7 +946,7 @@ fn stage_plugin(installed: &Path, name: &str, file: &Path) -> anyhow::Result<Sta
     ));
     std::fs::create_dir_all(&dir)?;
     let staged = StagedPlugin(dir);
-    std::fs::write(staged.0.join(&wasm_name), &bytes)?;
+    std::fs::write(staged.0.join(&wasm_name), bytes)?;
     std::fs::write(staged.0.join(format!("{name}.toml")), manifest.to_string())?;
     Ok(staged)
 }
@@ -981,8 +989,12 @@ pub fn plugin_install(
             "--version must be one line of text, got `{v}`"
         );
     }
-    // It must load and configure as it will run, or nothing is installed.
-    let staged = stage_plugin(dir, name, file)?;
+    // Read once: what is checked is what is installed (a build still being written
+    // cannot slip in between).
+    let bytes = std::fs::read(file).with_context(|| format!("`{}`", file.display()))?;
+    // It must load and configure as it will run, its new version too, or nothing is
+    // installed.
+    let staged = stage_plugin(dir, name, &bytes, version)?;
     let loaded = plugin_host(config.plugins.fuel)?.load(
         &staged.0,
         name,
@@ -998,7 +1010,6 @@ pub fn plugin_install(
         )
     })?;
 
-    let bytes = std::fs::read(file).with_context(|| format!("`{}`", file.display()))?;
     let sha256 = format!("{:x}", Sha256::digest(&bytes));
     let wasm = format!("{name}-{}.wasm", &sha256[..12]);
     let old: Option<sluice_plugins::Manifest> = old_text
@@ -1027,8 +1038,19 @@ pub fn plugin_install(
     let new: sluice_plugins::Manifest = toml::from_str(&text).with_context(|| {
         format!("`{}` could not be updated in place; set wasm = \"{wasm}\" and sha256 = \"{sha256}\" by hand", manifest_path.display())
     })?;
+    // And nothing else of it changed (a line the edit dropped inside a multi-line value).
+    let others = |text: &str| -> Option<toml::Table> {
+        let mut t: toml::Table = text.parse().ok()?;
+        for k in ["wasm", "sha256", "version"] {
+            t.remove(k);
+        }
+        Some(t)
+    };
+    let unchanged = old_text
+        .as_deref()
+        .is_none_or(|o| others(o).is_some() && others(o) == others(&text));
     anyhow::ensure!(
-        new.name == name && new.wasm == wasm && new.sha256 == sha256 && version.is_none_or(|v| new.version == v),
+        unchanged && new.name == name && new.wasm == wasm && new.sha256 == sha256 && version.is_none_or(|v| new.version == v),
         "`{}` could not be updated in place; set wasm = \"{wasm}\" and sha256 = \"{sha256}\" by hand",
         manifest_path.display()
     );
@@ -1036,8 +1058,17 @@ pub fn plugin_install(
     write_in_place(&dir.join(&wasm), &bytes)?;
     write_in_place(&manifest_path, text.as_bytes())?;
 
-    // One component back is kept; older ones this command installed go.
+    // One component back is kept; older ones this command installed go, unless a
+    // manifest of the folder names them (a plugin whose own name looks like this one's
+    // with a suffix, installed by hand).
     let kept = old.as_ref().map(|m| m.wasm.clone());
+    let named: std::collections::HashSet<String> = std::fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .filter(|e| e.path().extension().is_some_and(|x| x == "toml"))
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .filter_map(|t| t.parse::<toml::Table>().ok())
+        .filter_map(|t| t.get("wasm").and_then(|w| w.as_str()).map(str::to_string))
+        .collect();
     let mut removed = Vec::new();
     for entry in std::fs::read_dir(dir)?.filter_map(Result::ok) {
         let file_name = entry.file_name().to_string_lossy().into_owned();
@@ -1045,7 +1076,11 @@ pub fn plugin_install(
             .strip_prefix(&format!("{name}-"))
             .and_then(|rest| rest.strip_suffix(".wasm"))
             .is_some_and(|h| h.len() == 12 && h.bytes().all(|b| b.is_ascii_hexdigit()));
-        if ours && file_name != wasm && Some(&file_name) != kept.as_ref() {
+        if ours
+            && file_name != wasm
+            && Some(&file_name) != kept.as_ref()
+            && !named.contains(&file_name)
+        {
             std::fs::remove_file(entry.path())
                 .with_context(|| format!("removing `{}`", entry.path().display()))?;
             removed.push(file_name);
@@ -1067,9 +1102,11 @@ pub fn plugin_install(
 }
 
 /// `text` (a TOML document) with its top-level `key` set to the string `value`: the line
-/// holding it replaced, or one added before the first table. Other lines are kept as
-/// they are; the caller checks the result by parsing it.
+/// holding it replaced (a comment at its end goes with it), or one added before the first
+/// table. Other lines are kept as they are, with the file's line endings; the caller
+/// checks the result by parsing it.
 fn set_top_level(text: &str, key: &str, value: &str) -> String {
+    let newline = if text.contains("\r\n") { "\r\n" } else { "\n" };
     let line = format!("{key} = {}", toml::Value::String(value.into()));
     let mut out: Vec<String> = Vec::new();
     let mut done = false;
@@ -1096,7 +1133,7 @@ fn set_top_level(text: &str, key: &str, value: &str) -> String {
     if !done {
         out.push(line);
     }
-    out.join("\n") + "\n"
+    out.join(newline) + newline
 }
 
 /// Writes `bytes` to `path` under a temporary name, flushes it and renames it into place:
@@ -1112,7 +1149,10 @@ fn write_in_place(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
-        std::fs::rename(&tmp, path)
+        std::fs::rename(&tmp, path)?;
+        // The rename itself survives a power cut once the folder is flushed.
+        let folder = path.parent().filter(|f| !f.as_os_str().is_empty());
+        std::fs::File::open(folder.unwrap_or(Path::new(".")))?.sync_all()
     })();
     if written.is_err() {
         let _ = std::fs::remove_file(&tmp);
@@ -1137,7 +1177,10 @@ pub fn plugin_test(
     };
     let installed = Path::new(&config.plugins.dir);
     let staged = match wasm {
-        Some(file) => Some(stage_plugin(installed, name, file)?),
+        Some(file) => {
+            let bytes = std::fs::read(file).with_context(|| format!("`{}`", file.display()))?;
+            Some(stage_plugin(installed, name, &bytes, None)?)
+        }
         None => None,
     };
     let loaded = host.load(

@@ -432,19 +432,31 @@ fn plugin_install_puts_a_build_in_place_once_it_loads_and_keeps_the_manifest() {
         "noop passes the record"
     );
 
-    // The operator's lines stay; a new build (bot-filter's, as `noop`) replaces wasm and
-    // sha256, and the previous component is kept.
+    // A version no load would take is refused, and nothing changes.
+    let before = std::fs::read(dir.join("noop.toml")).unwrap();
+    let out = install(&dist.join("noop.wasm"), Some("v2"));
+    assert!(
+        !out.status.success() && stderr(&out).contains("semantic version"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(std::fs::read(dir.join("noop.toml")).unwrap(), before);
+
+    // The operator's lines (and line endings) stay; a new build (bot-filter's, as `noop`)
+    // replaces wasm and sha256, and the previous component is kept.
     let text = std::fs::read_to_string(dir.join("noop.toml")).unwrap();
     std::fs::write(
         dir.join("noop.toml"),
-        format!("# the operator's note\n{text}\n[metadata]\ndescription = \"kept\"\n"),
+        format!("# the operator's note\n{text}\n[metadata]\ndescription = \"kept\"\n")
+            .replace('\n', "\r\n"),
     )
     .unwrap();
     let second = sha_of(&dist.join("bot-filter.wasm"));
     let out = install(&dist.join("bot-filter.wasm"), None);
     assert!(out.status.success(), "{}", stderr(&out));
     let text = std::fs::read_to_string(dir.join("noop.toml")).unwrap();
-    assert!(text.starts_with("# the operator's note\n"), "{text}");
+    assert!(text.starts_with("# the operator's note\r\n"), "{text}");
+    assert!(!text.replace("\r\n", "").contains('\n'), "{text:?}");
     let m = manifest();
     assert_eq!(
         m["metadata"]["description"].as_str(),

@@ -1551,6 +1551,26 @@ impl Transform for Stall {
     }
 }
 
+/// The values of the string column `column` in every Parquet file of the partition
+/// folder `prefix`, sorted.
+fn sorted_strings(dir: &std::path::Path, prefix: &str, column: &str) -> Vec<String> {
+    let mut values = Vec::new();
+    for f in parquet_files(dir, prefix) {
+        let file = std::fs::File::open(dir.join(prefix).join(f)).unwrap();
+        for b in ParquetRecordBatchReaderBuilder::try_new(file)
+            .unwrap()
+            .build()
+            .unwrap()
+        {
+            let b = b.unwrap();
+            let col = b.column_by_name(column).unwrap().as_string::<i32>();
+            values.extend((0..b.num_rows()).map(|r| col.value(r).to_string()));
+        }
+    }
+    values.sort();
+    values
+}
+
 /// Holds its first batch for `0`, then passes every batch on unchanged.
 struct StallOnce(Duration, std::sync::atomic::AtomicBool);
 impl Transform for StallOnce {
@@ -1612,21 +1632,7 @@ async fn an_export_whose_cursor_the_server_closed_reads_on_without_losing_or_rep
         logged.text()
     );
     assert_eq!(summary.rows, 6_000);
-    let prefix = format!("EVENT_DATA/dt={d}");
-    let mut ids = Vec::new();
-    for f in parquet_files(&dir, &prefix) {
-        let file = std::fs::File::open(dir.join(&prefix).join(f)).unwrap();
-        for b in ParquetRecordBatchReaderBuilder::try_new(file)
-            .unwrap()
-            .build()
-            .unwrap()
-        {
-            let b = b.unwrap();
-            let col = b.column_by_name("eventId").unwrap().as_string::<i32>();
-            ids.extend((0..b.num_rows()).map(|r| col.value(r).to_string()));
-        }
-    }
-    ids.sort();
+    let ids = sorted_strings(&dir, &format!("EVENT_DATA/dt={d}"), "eventId");
     let mut expected: Vec<String> = events.iter().map(|e| e.event_id.clone()).collect();
     expected.sort();
     assert_eq!(ids, expected, "each event once");
@@ -1664,21 +1670,7 @@ async fn an_export_whose_cursor_the_server_closed_reads_on_without_losing_or_rep
         logged.text()
     );
     assert_eq!(summary.rows as usize, expected.len());
-    let prefix = &summary.partitions[0].prefix;
-    let mut visitors = Vec::new();
-    for f in parquet_files(&dir, prefix) {
-        let file = std::fs::File::open(dir.join(prefix).join(f)).unwrap();
-        for b in ParquetRecordBatchReaderBuilder::try_new(file)
-            .unwrap()
-            .build()
-            .unwrap()
-        {
-            let b = b.unwrap();
-            let col = b.column_by_name("visitorId").unwrap().as_string::<i32>();
-            visitors.extend((0..b.num_rows()).map(|r| col.value(r).to_string()));
-        }
-    }
-    visitors.sort();
+    let visitors = sorted_strings(&dir, &summary.partitions[0].prefix, "visitorId");
     assert_eq!(visitors, expected, "each user once");
     std::fs::remove_dir_all(dir).unwrap();
 }

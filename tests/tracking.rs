@@ -667,22 +667,37 @@ fn codes_of(metrics: &str, route: &str, status: u16) -> u64 {
         .map_or(0, |n| n.parse().unwrap())
 }
 
-#[tokio::test]
-async fn a_full_queue_answers_503_with_retry_after() {
-    use std::sync::atomic::Ordering;
-    let db = TestDb::initialized().await;
+/// A server on `db` whose store is reached through a proxy the test can freeze (set the
+/// flag: MongoDB stops answering); the server, its base URL and the flag.
+async fn freezable_server(
+    db: &TestDb,
+    adjust: impl FnOnce(&mut sluice_core::config::RawConfig),
+) -> (
+    sluice::server::ServerHandle,
+    String,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
     let (uri, frozen) = support::freezable_mongo_proxy().await;
     let store = support::store_via(&uri, &db.name).await;
-    let config = support::test_config(&db.name, |raw| {
-        raw.tracking.queue_capacity = 10;
-        raw.tracking.max_batch_events = 10;
-        raw.tracking.writers = 1;
-    });
+    let config = support::test_config(&db.name, adjust);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let server = sluice::server::start(config, store, listener, false)
         .await
         .unwrap();
     let base = format!("http://{}", server.addr);
+    (server, base, frozen)
+}
+
+#[tokio::test]
+async fn a_full_queue_answers_503_with_retry_after() {
+    use std::sync::atomic::Ordering;
+    let db = TestDb::initialized().await;
+    let (server, base, frozen) = freezable_server(&db, |raw| {
+        raw.tracking.queue_capacity = 10;
+        raw.tracking.max_batch_events = 10;
+        raw.tracking.writers = 1;
+    })
+    .await;
     let batch = |from: usize, n: usize| {
         let events: Vec<Value> = (from..from + n)
             .map(|i| json!({ "userId": "v", "sessionId": "s", "eventType": "CLICK", "eventId": format!("q{i}") }))
@@ -750,19 +765,13 @@ async fn in_flight_bytes(base: &str) -> u64 {
 async fn request_bytes_held_are_bounded_until_their_events_are_written() {
     use std::sync::atomic::Ordering;
     let db = TestDb::initialized().await;
-    let (uri, frozen) = support::freezable_mongo_proxy().await;
-    let store = support::store_via(&uri, &db.name).await;
     // 1 MiB in flight; a batch body is at most 100,000 bytes.
-    let config = support::test_config(&db.name, |raw| {
+    let (server, base, frozen) = freezable_server(&db, |raw| {
         raw.tracking.max_batch_bytes = 100_000;
         raw.tracking.max_in_flight_mb = 1;
         raw.tracking.write_timeout_seconds = 1;
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let server = sluice::server::start(config, store, listener, false)
-        .await
-        .unwrap();
-    let base = format!("http://{}", server.addr);
+    })
+    .await;
     // Ten events of about 9.6 KB each.
     let batch = |n: usize| {
         let events: Vec<Value> = (0..10)
@@ -837,14 +846,17 @@ async fn request_bytes_held_are_bounded_until_their_events_are_written() {
     }
     let (status, body) = send(batch(10)).await;
     assert_eq!(status, 200, "{body}");
+    let events = db.store.collection("events");
     assert_eq!(
-        db.store
-            .collection("events")
-            .count_documents(doc! {})
+        events
+            .count_documents(doc! { "eventId": { "$regex": "^big10-" } })
             .await
             .unwrap(),
-        110
+        10
     );
+    // The timed-out requests' events were written, or dropped unwritten where the writer
+    // found nobody waiting for them: never more.
+    assert!(events.count_documents(doc! {}).await.unwrap() <= 110);
     assert_eq!(in_flight_bytes(&base).await, 0);
     // A compressed body holds what was sent and room for its decompressed copy (the
     // route's limit).
@@ -862,8 +874,36 @@ async fn request_bytes_held_are_bounded_until_their_events_are_written() {
         .await
         .unwrap();
     assert_eq!(resp.status().as_u16(), 503);
-    assert_eq!(in_flight_bytes(&base).await, gz.len() as u64 + 100_000);
+    let held = gz.len() as u64 + 100_000;
+    assert_eq!(in_flight_bytes(&base).await, held);
+    // A body over its route's limit is refused, and what it sent is given back.
+    let (status, body) = send(vec![b' '; 100_001]).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (413, Some("payload_too_large")),
+        "{body}"
+    );
+    assert_eq!(in_flight_bytes(&base).await, held);
+    // The Segment routes count their bodies the same way.
+    let message = serde_json::to_vec(&json!({ "batch": [{ "type": "track", "event": "Clicked", "userId": "seg", "messageId": "seg-1" }] })).unwrap();
+    let resp = reqwest::Client::new()
+        .post(format!("{base}/v1/batch"))
+        .header("content-type", "application/json")
+        .body(message.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 503);
+    assert_eq!(in_flight_bytes(&base).await, held + message.len() as u64);
     frozen.store(false, Ordering::SeqCst);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while in_flight_bytes(&base).await != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "bytes never given back"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     server.shutdown().await;
 }
 
@@ -1248,14 +1288,8 @@ async fn geoip_fills_country_region_and_city() {
 async fn a_store_that_stops_answering_gets_a_503_not_a_hung_request() {
     use std::sync::atomic::Ordering;
     let db = TestDb::initialized().await;
-    let (uri, frozen) = support::freezable_mongo_proxy().await;
-    let store = support::store_via(&uri, &db.name).await;
-    let config = support::test_config(&db.name, |raw| raw.tracking.write_timeout_seconds = 1);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let server = sluice::server::start(config, store, listener, false)
-        .await
-        .unwrap();
-    let base = format!("http://{}", server.addr);
+    let (server, base, frozen) =
+        freezable_server(&db, |raw| raw.tracking.write_timeout_seconds = 1).await;
     // A client that gives up long after the server's deadline: a hung request fails it.
     let client = reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(8))

@@ -292,9 +292,9 @@ pub struct TrackingSection {
     /// Events waiting to be written; when full the endpoint answers 503.
     pub queue_capacity: usize,
     /// Request bodies the tracking endpoint holds at once, in MiB: each request's body
-    /// as sent (its `Content-Length`, or the route's limit when it sends none) plus, when
-    /// compressed, the route's limit for its decompressed copy, reserved before the body
-    /// is read and held until its events are written. Beyond, 503 with `Retry-After`.
+    /// as it arrives plus, when compressed, the route's limit for its decompressed copy,
+    /// held until the request is answered and its events are written. Beyond, 503 with
+    /// `Retry-After`.
     /// What the process holds is a few times this (parsed events take more room than
     /// their JSON).
     pub max_in_flight_mb: usize,

@@ -1831,9 +1831,12 @@ async fn sorted_cursor(
                         {
                             r.reopened += 1;
                             tracing::warn!(collection, "the export's cursor was closed by the server (idle too long while the run wrote); reading on from the last document read");
+                            // From the last value on, in MongoDB's order across types:
+                            // `$gte` alone compares within one type, and would pass over
+                            // documents whose value is of a type sorting later.
                             let filter = match &r.last {
                                 Some(v) => {
-                                    doc! { "$and": [r.filter.clone(), { field: { "$gte": v.clone() } }] }
+                                    doc! { "$and": [r.filter.clone(), crate::import::sorting_after(field, v, "$gte")] }
                                 }
                                 None => r.filter.clone(),
                             };
@@ -1847,6 +1850,15 @@ async fn sorted_cursor(
     )))
 }
 
+/// An `_id` read at the last sort value: an ObjectId (what the server gives events) by its
+/// twelve bytes, with no allocation (a day imported at one instant holds a key per event),
+/// anything else by its BSON encoding.
+#[derive(PartialEq, Eq, Hash)]
+enum IdKey {
+    ObjectId([u8; 12]),
+    Other(Vec<u8>),
+}
+
 /// Where a sorted read is, to open it again.
 struct SortedReading {
     cursor: mongodb::Cursor<Document>,
@@ -1854,11 +1866,12 @@ struct SortedReading {
     field: &'static str,
     /// The sort value of the last document read, and the `_id`s of those read with it.
     last: Option<Bson>,
-    read_at_last: std::collections::HashSet<Vec<u8>>,
+    read_at_last: std::collections::HashSet<IdKey>,
     /// False once a document was read without an `_id`, or whose sort value is neither a
     /// date nor a string (an event's `timestamp` always is a date, a user's `visitorId` a
-    /// string): `$gte` on a null or a number would pass over values of other types
-    /// (MongoDB compares within one type), so a read could not go on from it.
+    /// string): the value a read goes on from is one whose place in MongoDB's order across
+    /// types is plain (not null or missing, not an array, whose place is its smallest
+    /// element, not a number, whose types compare as one).
     resumable: bool,
     reopened: u32,
 }
@@ -1873,15 +1886,9 @@ impl SortedReading {
             self.resumable = false;
             return false;
         };
-        // An ObjectId (what the server gives events) by its bytes, anything else by its
-        // BSON encoding; each behind its type's byte, so the two cannot collide.
         let key = match id {
-            Bson::ObjectId(o) => [&[0x07u8][..], &o.bytes()].concat(),
-            other => {
-                let mut k = vec![0xff];
-                k.extend(bson::to_vec(&doc! { "": other.clone() }).unwrap_or_default());
-                k
-            }
+            Bson::ObjectId(o) => IdKey::ObjectId(o.bytes()),
+            other => IdKey::Other(bson::to_vec(&doc! { "": other.clone() }).unwrap_or_default()),
         };
         if self.last.as_ref() == Some(v) {
             !self.read_at_last.insert(key)

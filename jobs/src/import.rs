@@ -1928,7 +1928,7 @@ pub(crate) fn cursor_lost(e: &mongodb::error::Error) -> bool {
 /// (type bracketing), so a read resumed from a position would pass over later documents
 /// whose value is of a type sorting after it (an ObjectId `_id` after numeric ones, a
 /// date watermark after strings), which one sorted read takes in order.
-fn sorting_after(path: &str, value: &Bson, op: &str) -> Document {
+pub(crate) fn sorting_after(path: &str, value: &Bson, op: &str) -> Document {
     let later = types_sorting_after(value);
     let same_type = doc! { path: { op: value.clone() } };
     if later.is_empty() {

@@ -62,10 +62,10 @@ pub struct AppState {
 }
 
 /// A tracking request's share of `tracking.max_in_flight_mb`, reserved as its body is
-/// read (see [`body_deadline`]). The handler hands it to the write queue with the
-/// request's events, so it is given back once the request is answered and its events
-/// are written, whichever is later (a request answered 503 on a write timeout leaves its
-/// events queued).
+/// read (see [`body_deadline`]). The handler keeps it until it returns and hands a copy
+/// to the write queue with the request's events, so it is given back once the request is
+/// done and its events have left the queue, whichever is later (a request answered 503
+/// on a write timeout may leave events queued, which the writer drops unwritten).
 #[derive(Clone)]
 pub struct InFlight {
     _reserved: Arc<Reserved>,
@@ -513,6 +513,8 @@ async fn read_body_within(
     mut reserved: Option<&mut Reservation>,
 ) -> Result<Bytes, BodyError> {
     use http_body_util::BodyExt;
+    // Not sized from the declared length: a client declaring a large body and trickling
+    // it would hold that much uncounted.
     let mut out = Vec::new();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(BodyError::Unreadable)?;
@@ -529,6 +531,9 @@ async fn read_body_within(
         }
         out.extend_from_slice(&data);
     }
+    // Grown by doubling, the buffer may be up to twice what was counted: the handler
+    // holds only the body.
+    out.shrink_to_fit();
     Ok(Bytes::from(out))
 }
 

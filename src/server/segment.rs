@@ -299,7 +299,9 @@ async fn store(
             })
         })
         .collect();
-    let answer = write(state, prepared, held).await?;
+    // The request's bytes stay counted until it is done (its traits are applied after
+    // the write), not only until its events are written.
+    let answer = write(state, prepared, held.clone()).await?;
     // The traits of the messages stored (or stored before: a resend applies them again),
     // within one deadline for the whole request.
     let traits: Vec<identities::Traits> = traits

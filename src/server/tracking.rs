@@ -58,7 +58,9 @@ pub async fn track(
     let value: Value = serde_json::from_slice(&body).map_err(malformed)?;
     let ctx = request_context(&state, peer, &headers, None, &admitted);
     let event = parse_event(&value, &ctx, EventMetadata::default());
-    let mut answer = ingest(&state, vec![event], held.map(|h| h.0))
+    // Held until the answer is built, beyond the write.
+    let held = held.map(|h| h.0);
+    let mut answer = ingest(&state, vec![event], held.clone())
         .instrument(admitted.span())
         .await?;
     answer.note_ignored(vec![unknown_members(&value)]);
@@ -97,7 +99,8 @@ pub async fn batch(
             item.and_then(|v| parse_event(&v, &ctx, EventMetadata::default()))
         })
         .collect();
-    let mut answer = ingest(&state, values, held.map(|h| h.0))
+    let held = held.map(|h| h.0);
+    let mut answer = ingest(&state, values, held.clone())
         .instrument(admitted.span())
         .await?;
     answer.note_ignored(ignored);
