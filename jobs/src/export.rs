@@ -1894,7 +1894,13 @@ impl SortedReading {
             !self.read_at_last.insert(key)
         } else {
             self.last = Some(v.clone());
-            self.read_at_last.clear();
+            // Clearing costs the set's capacity, every time: one grown by a large tie
+            // (a day imported at one instant) is let go instead.
+            if self.read_at_last.capacity() > 1024 {
+                self.read_at_last = std::collections::HashSet::new();
+            } else {
+                self.read_at_last.clear();
+            }
             self.read_at_last.insert(key);
             false
         }
