@@ -1,5 +1,5 @@
 //! The WASM plugin host: third-party transforms as WebAssembly components implementing
-//! `plugins/wit/transform.wit`, run by wasmtime in a sandbox.
+//! `plugins/sdk/wit/transform.wit`, run by wasmtime in a sandbox.
 //!
 //! - **Cheap to run**: a component is compiled once when loaded and pre-instantiated
 //!   (`InstancePre`); one instance serves batch after batch and is rebuilt only after a
@@ -27,7 +27,7 @@ use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 mod bindings {
-    wasmtime::component::bindgen!({ path: "wit", world: "plugin" });
+    wasmtime::component::bindgen!({ path: "sdk/wit", world: "plugin" });
 }
 
 use bindings::{Plugin, PluginPre};

@@ -22,7 +22,7 @@
 //! ```
 //!
 //! Build with `cargo build --release --target wasm32-wasip2`; the `.wasm` file is a
-//! component implementing `plugins/wit/transform.wit`. The SDK hides the bindings and the
+//! component implementing `plugins/sdk/wit/transform.wit`. The SDK hides the bindings and the
 //! record encoding (JSON text, MongoDB relaxed extended JSON).
 
 // The generated bindings name this crate by its absolute path, also from inside it.
@@ -39,7 +39,7 @@ pub use wit_bindgen as __wit_bindgen;
 #[doc(hidden)]
 pub mod bindings {
     super::__wit_bindgen::generate!({
-        path: "../wit",
+        path: "wit",
         world: "plugin",
         pub_export_macro: true,
         export_macro_name: "__export_plugin_world",
