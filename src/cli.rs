@@ -349,6 +349,10 @@ pub async fn open_destination(
                     secret_key: s3.secret_key.expose().to_string(),
                     path_style: s3.path_style,
                     checksums: s3.checksums,
+                    server_side_encryption: s3.server_side_encryption.clone(),
+                    sse_kms_key_id: s3.sse_kms_key_id.clone(),
+                    storage_class: s3.storage_class.clone(),
+                    expected_bucket_owner: s3.expected_bucket_owner.clone(),
                 })
                 .await?,
             )

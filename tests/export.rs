@@ -2389,6 +2389,129 @@ async fn a_multipart_upload_whose_completion_answer_was_lost_is_in_place_not_fai
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// An S3 endpoint in front of the test server keeping the head (request line and headers,
+/// lower-cased) of every request it forwards.
+async fn s3_proxy_recording_requests() -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream =
+        std::env::var("SLUICE_S3_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:8333".into());
+    let upstream = upstream.trim_start_matches("http://").to_string();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let heads = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let kept = heads.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                continue;
+            };
+            let (mut cr, mut cw) = client.into_split();
+            let (mut sr, mut sw) = server.into_split();
+            let kept = kept.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    let n = match cr.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    // A request's head comes in one write (body pieces never start with a
+                    // method and `HTTP/1.1` on their first line).
+                    let text = String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase();
+                    if let Some((head, _)) = text.split_once("\r\n\r\n") {
+                        if head
+                            .lines()
+                            .next()
+                            .is_some_and(|l| l.ends_with(" http/1.1"))
+                        {
+                            kept.lock().unwrap().push(head.to_string());
+                        }
+                    }
+                    if sw.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut sr, &mut cw).await;
+            });
+        }
+    });
+    (format!("http://{addr}"), heads)
+}
+
+#[tokio::test]
+async fn exported_objects_carry_the_configured_encryption_and_storage_class() {
+    let db = TestDb::initialized().await;
+    let bucket = TestBucket::new().await;
+    let d = day(-1);
+    seed(&db, d, 3000).await;
+    let (endpoint, heads) = s3_proxy_recording_requests().await;
+    let mut settings = support::s3_settings(&bucket.name);
+    settings.endpoint = endpoint;
+    settings.server_side_encryption = "AES256".into();
+    settings.storage_class = "STANDARD_IA".into();
+    settings.expected_bucket_owner = "123456789012".into();
+    let dest = ObjectStore::S3(
+        sluice_connectors::objstore::S3Store::connect(&settings)
+            .await
+            .unwrap(),
+    );
+    let ctx = ExportContext::new(db.store.clone(), dest);
+    let summary = run_export(&ctx, &request(ExportJobType::EventData, d, d))
+        .await
+        .unwrap();
+    assert_eq!(summary.rows, 3000);
+    // Every object published (the part, staged then copied into place, the manifest,
+    // `_SUCCESS`, the symlink manifest) is stored as asked, as S3 reports it.
+    let objects = bucket.object_store().list("").await.unwrap();
+    assert!(objects.len() >= 4, "{objects:?}");
+    for o in &objects {
+        let head = bucket
+            .store
+            .client()
+            .head_object()
+            .bucket(&bucket.name)
+            .key(format!("exports/{}", o.key))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            head.server_side_encryption().map(|e| e.as_str()),
+            Some("AES256"),
+            "{}",
+            o.key
+        );
+        assert_eq!(
+            head.storage_class().map(|c| c.as_str()),
+            Some("STANDARD_IA"),
+            "{}",
+            o.key
+        );
+    }
+    // The bucket's owner was named on every request, and the writes asked for both.
+    let heads = heads.lock().unwrap().clone();
+    assert!(heads.len() > 10, "{heads:?}");
+    for h in &heads {
+        assert!(
+            h.contains("\r\nx-amz-expected-bucket-owner: 123456789012"),
+            "{h}"
+        );
+    }
+    let writes: Vec<&String> = heads
+        .iter()
+        .filter(|h| h.starts_with("put ") && !h.contains("partnumber="))
+        .collect();
+    assert!(!writes.is_empty());
+    for h in writes {
+        assert!(
+            h.contains("\r\nx-amz-server-side-encryption: aes256"),
+            "{h}"
+        );
+        assert!(h.contains("\r\nx-amz-storage-class: standard_ia"), "{h}");
+    }
+}
+
 #[tokio::test]
 async fn an_upload_stopped_midway_is_aborted_not_left_behind() {
     let bucket = TestBucket::new().await;

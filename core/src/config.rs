@@ -377,7 +377,34 @@ pub struct S3Section {
     /// CRC32 checksums on uploads; `false` for S3-compatible stores that refuse the
     /// checksum headers.
     pub checksums: bool,
+    /// Server-side encryption asked for on every object written (uploads and copies):
+    /// `AES256` (SSE-S3), `aws:kms` or `aws:kms:dsse` (SSE-KMS). Empty: the bucket's
+    /// default. Buckets whose policy refuses writes without the header need it.
+    pub server_side_encryption: String,
+    /// The KMS key (id, ARN or `alias/...`) for `aws:kms*`; empty: the AWS-managed key.
+    pub sse_kms_key_id: String,
+    /// The storage class of every object written, such as `STANDARD_IA` or
+    /// `INTELLIGENT_TIERING`. Empty: the bucket's default (STANDARD). Classes whose
+    /// objects must be restored before they are read (`GLACIER`, `DEEP_ARCHIVE`) are
+    /// refused: ARCHIVE reads its files back, and warehouses read every partition.
+    pub storage_class: String,
+    /// The AWS account id that must own the bucket (sent with every request as
+    /// `x-amz-expected-bucket-owner`): a bucket name taken over by another account
+    /// after a deletion is then refused instead of written to. Empty: not checked.
+    pub expected_bucket_owner: String,
 }
+
+/// Storage classes `s3.storage_class` takes: those whose objects are read at once.
+pub const STORAGE_CLASSES: [&str; 8] = [
+    "STANDARD",
+    "STANDARD_IA",
+    "ONEZONE_IA",
+    "INTELLIGENT_TIERING",
+    "GLACIER_IR",
+    "REDUCED_REDUNDANCY",
+    "EXPRESS_ONEZONE",
+    "OUTPOSTS",
+];
 
 impl Default for S3Section {
     fn default() -> Self {
@@ -388,6 +415,10 @@ impl Default for S3Section {
             secret_key: Secret::default(),
             path_style: false,
             checksums: true,
+            server_side_encryption: String::new(),
+            sse_kms_key_id: String::new(),
+            storage_class: String::new(),
+            expected_bucket_owner: String::new(),
         }
     }
 }
@@ -955,6 +986,39 @@ pub fn validate(
             format!("an `http://` or `https://` URL, got `{}`", s3.endpoint),
         ));
     }
+    if !["", "AES256", "aws:kms", "aws:kms:dsse"].contains(&s3.server_side_encryption.as_str()) {
+        return Err(invalid(
+            "s3.server_side_encryption",
+            format!(
+                "`AES256`, `aws:kms`, `aws:kms:dsse` or empty (the bucket's default), got `{}`",
+                s3.server_side_encryption
+            ),
+        ));
+    }
+    if !s3.sse_kms_key_id.is_empty() && !s3.server_side_encryption.starts_with("aws:kms") {
+        return Err(invalid(
+            "s3.sse_kms_key_id",
+            "set only with `s3.server_side_encryption = \"aws:kms\"` (or `aws:kms:dsse`)".into(),
+        ));
+    }
+    if !s3.storage_class.is_empty() && !STORAGE_CLASSES.contains(&s3.storage_class.as_str()) {
+        return Err(invalid(
+            "s3.storage_class",
+            format!(
+                "one of {} or empty (GLACIER and DEEP_ARCHIVE objects cannot be read back without a restore), got `{}`",
+                STORAGE_CLASSES.join(", "),
+                s3.storage_class
+            ),
+        ));
+    }
+    let owner = &s3.expected_bucket_owner;
+    let account_id = owner.len() == 12 && owner.bytes().all(|b| b.is_ascii_digit());
+    if !owner.is_empty() && !account_id {
+        return Err(invalid(
+            "s3.expected_bucket_owner",
+            format!("a 12-digit AWS account id, got `{owner}`"),
+        ));
+    }
     s3.access_key = s3
         .access_key
         .resolve(env)
@@ -1368,6 +1432,42 @@ mod tests {
     fn check(text: &str) -> Result<Config, ConfigError> {
         let raw = parse("test.toml", text)?;
         validate("test.toml", &BTreeMap::new(), raw, &no_env)
+    }
+
+    #[test]
+    fn s3_write_settings_are_checked() {
+        let ok = "[s3]\nserver_side_encryption = \"aws:kms\"\nsse_kms_key_id = \"alias/exports\"\nstorage_class = \"STANDARD_IA\"\nexpected_bucket_owner = \"123456789012\"\n";
+        let c = check(ok).unwrap();
+        assert_eq!(
+            (
+                c.s3.server_side_encryption.as_str(),
+                c.s3.storage_class.as_str()
+            ),
+            ("aws:kms", "STANDARD_IA")
+        );
+        for (text, field) in [
+            (
+                "[s3]\nserver_side_encryption = \"aes256\"\n",
+                "s3.server_side_encryption",
+            ),
+            ("[s3]\nsse_kms_key_id = \"alias/x\"\n", "s3.sse_kms_key_id"),
+            (
+                "[s3]\nserver_side_encryption = \"AES256\"\nsse_kms_key_id = \"k\"\n",
+                "s3.sse_kms_key_id",
+            ),
+            ("[s3]\nstorage_class = \"GLACIER\"\n", "s3.storage_class"),
+            (
+                "[s3]\nstorage_class = \"DEEP_ARCHIVE\"\n",
+                "s3.storage_class",
+            ),
+            (
+                "[s3]\nexpected_bucket_owner = \"12345\"\n",
+                "s3.expected_bucket_owner",
+            ),
+        ] {
+            let err = check(text).unwrap_err().to_string();
+            assert!(err.contains(field), "{text}: {err}");
+        }
     }
 
     #[test]

@@ -660,6 +660,7 @@ async fn bench_bucket() -> anyhow::Result<(sluice_connectors::objstore::S3Store,
         secret_key: var("SLUICE_S3_SECRET_KEY", "sluice-secret"),
         path_style: true,
         checksums: true,
+        ..Default::default()
     })
     .await?;
     s3.client().create_bucket().bucket(&bucket).send().await?;

@@ -214,6 +214,7 @@ pub fn s3_settings(bucket: &str) -> sluice_connectors::objstore::S3Settings {
         secret_key: var("SLUICE_S3_SECRET_KEY", "sluice-secret"),
         path_style: true,
         checksums: true,
+        ..Default::default()
     }
 }
 

@@ -13,6 +13,7 @@ use aws_sdk_s3::error::DisplayErrorContext;
 use aws_sdk_s3::primitives::{ByteStream, Length};
 use aws_sdk_s3::types::{
     ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart, Delete, ObjectIdentifier,
+    ServerSideEncryption, StorageClass,
 };
 use aws_sdk_s3::Client;
 use aws_smithy_http_client::proxy::ProxyConfig;
@@ -38,6 +39,15 @@ pub struct S3Settings {
     /// CRC32 checksums on uploads (the server checks the body). Off for S3-compatible
     /// stores that refuse the checksum headers (GCS' S3 API, some appliances).
     pub checksums: bool,
+    /// Server-side encryption of every object written (`AES256`, `aws:kms`,
+    /// `aws:kms:dsse`); empty: the bucket's default.
+    pub server_side_encryption: String,
+    /// The KMS key for `aws:kms*`; empty: the AWS-managed key.
+    pub sse_kms_key_id: String,
+    /// The storage class of every object written; empty: the bucket's default.
+    pub storage_class: String,
+    /// The account that must own the bucket, checked by S3 on every request; empty: none.
+    pub expected_bucket_owner: String,
 }
 
 #[derive(Debug, Clone)]
@@ -46,12 +56,19 @@ pub struct S3Store {
     bucket: String,
     prefix: String,
     checksum: Option<ChecksumAlgorithm>,
+    /// What every object written asks for (encryption, KMS key, storage class).
+    sse: Option<ServerSideEncryption>,
+    kms_key: Option<String>,
+    storage_class: Option<StorageClass>,
+    /// `x-amz-expected-bucket-owner`, on every request.
+    owner: Option<String>,
 }
 
 /// A multipart upload not yet completed: aborted when dropped open.
 struct PendingUpload {
     client: Client,
     bucket: String,
+    owner: Option<String>,
     key: String,
     upload_id: String,
     open: bool,
@@ -64,6 +81,7 @@ impl PendingUpload {
             .client
             .abort_multipart_upload()
             .bucket(&self.bucket)
+            .set_expected_bucket_owner(self.owner.clone())
             .key(&self.key)
             .upload_id(&self.upload_id)
             .send()
@@ -82,6 +100,7 @@ impl Drop for PendingUpload {
         let mut open = PendingUpload {
             client: self.client.clone(),
             bucket: std::mem::take(&mut self.bucket),
+            owner: self.owner.take(),
             key: std::mem::take(&mut self.key),
             upload_id: std::mem::take(&mut self.upload_id),
             open: true,
@@ -213,6 +232,13 @@ impl S3Store {
             bucket: settings.bucket.clone(),
             prefix: settings.prefix.trim_matches('/').to_string(),
             checksum: settings.checksums.then_some(ChecksumAlgorithm::Crc32),
+            sse: (!settings.server_side_encryption.is_empty())
+                .then(|| ServerSideEncryption::from(settings.server_side_encryption.as_str())),
+            kms_key: (!settings.sse_kms_key_id.is_empty()).then(|| settings.sse_kms_key_id.clone()),
+            storage_class: (!settings.storage_class.is_empty())
+                .then(|| StorageClass::from(settings.storage_class.as_str())),
+            owner: (!settings.expected_bucket_owner.is_empty())
+                .then(|| settings.expected_bucket_owner.clone()),
         })
     }
 
@@ -240,9 +266,13 @@ impl S3Store {
         self.client
             .put_object()
             .bucket(&self.bucket)
+            .set_expected_bucket_owner(self.owner.clone())
             .key(self.full(key))
             .body(ByteStream::from(bytes))
             .set_checksum_algorithm(self.checksum.clone())
+            .set_server_side_encryption(self.sse.clone())
+            .set_ssekms_key_id(self.kms_key.clone())
+            .set_storage_class(self.storage_class.clone())
             .send()
             .await
             .map_err(|e| StorageError::op(BACKEND, key, "put", describe(e)))?;
@@ -261,9 +291,13 @@ impl S3Store {
             self.client
                 .put_object()
                 .bucket(&self.bucket)
+                .set_expected_bucket_owner(self.owner.clone())
                 .key(self.full(key))
                 .body(body)
                 .set_checksum_algorithm(self.checksum.clone())
+                .set_server_side_encryption(self.sse.clone())
+                .set_ssekms_key_id(self.kms_key.clone())
+                .set_storage_class(self.storage_class.clone())
                 .send()
                 .await
                 .map_err(|e| StorageError::op(BACKEND, key, "put", describe(e)))?;
@@ -274,8 +308,12 @@ impl S3Store {
             .client
             .create_multipart_upload()
             .bucket(&self.bucket)
+            .set_expected_bucket_owner(self.owner.clone())
             .key(&full)
             .set_checksum_algorithm(self.checksum.clone())
+            .set_server_side_encryption(self.sse.clone())
+            .set_ssekms_key_id(self.kms_key.clone())
+            .set_storage_class(self.storage_class.clone())
             .send()
             .await
             .map_err(|e| StorageError::op(BACKEND, key, "create multipart upload", describe(e)))?;
@@ -285,6 +323,7 @@ impl S3Store {
         let mut pending = PendingUpload {
             client: self.client.clone(),
             bucket: self.bucket.clone(),
+            owner: self.owner.clone(),
             key: full.clone(),
             upload_id: upload_id.clone(),
             open: true,
@@ -296,6 +335,7 @@ impl S3Store {
                     .client
                     .complete_multipart_upload()
                     .bucket(&self.bucket)
+                    .set_expected_bucket_owner(self.owner.clone())
                     .key(&full)
                     .upload_id(&upload_id)
                     .multipart_upload(
@@ -344,6 +384,7 @@ impl S3Store {
             .client
             .head_object()
             .bucket(&self.bucket)
+            .set_expected_bucket_owner(self.owner.clone())
             .key(full)
             .send()
             .await
@@ -378,6 +419,7 @@ impl S3Store {
                 .client
                 .upload_part()
                 .bucket(&self.bucket)
+                .set_expected_bucket_owner(self.owner.clone())
                 .key(full)
                 .upload_id(upload_id)
                 .part_number(number)
@@ -404,6 +446,7 @@ impl S3Store {
             .client
             .get_object()
             .bucket(&self.bucket)
+            .set_expected_bucket_owner(self.owner.clone())
             .key(self.full(key))
             .send()
             .await
@@ -421,8 +464,13 @@ impl S3Store {
         self.client
             .copy_object()
             .bucket(&self.bucket)
+            .set_expected_bucket_owner(self.owner.clone())
+            .set_expected_source_bucket_owner(self.owner.clone())
             .copy_source(source)
             .key(self.full(to))
+            .set_server_side_encryption(self.sse.clone())
+            .set_ssekms_key_id(self.kms_key.clone())
+            .set_storage_class(self.storage_class.clone())
             .send()
             .await
             .map_err(|e| StorageError::op(BACKEND, to, "copy", describe(e)))?;
@@ -434,6 +482,7 @@ impl S3Store {
             .client
             .head_object()
             .bucket(&self.bucket)
+            .set_expected_bucket_owner(self.owner.clone())
             .key(self.full(key))
             .send()
             .await
@@ -453,6 +502,7 @@ impl S3Store {
             .client
             .get_object()
             .bucket(&self.bucket)
+            .set_expected_bucket_owner(self.owner.clone())
             .key(self.full(key))
             .customize()
             .config_override(
@@ -495,6 +545,7 @@ impl S3Store {
                 .client
                 .list_objects_v2()
                 .bucket(&self.bucket)
+                .set_expected_bucket_owner(self.owner.clone())
                 .prefix(&full_prefix)
                 .set_continuation_token(token.take())
                 .send()
@@ -539,6 +590,7 @@ impl S3Store {
             self.client
                 .delete_object()
                 .bucket(&self.bucket)
+                .set_expected_bucket_owner(self.owner.clone())
                 .key(self.full(key))
                 .send()
                 .await
@@ -562,6 +614,7 @@ impl S3Store {
             .client
             .delete_objects()
             .bucket(&self.bucket)
+            .set_expected_bucket_owner(self.owner.clone())
             .delete(delete)
             .send()
             .await
