@@ -726,6 +726,13 @@ async fn an_import_whose_finishing_step_failed_is_recorded_failed_and_finished_b
         (runs_counted("FAILED"), runs_counted("COMPLETED")),
         (1.0, 0.0)
     );
+    // Failing the same way at every fire, the run keeps its latest 20 failures listed and
+    // counts them all.
+    for _ in 0..21 {
+        run_import(&proxied, &name, &ImportOptions::default())
+            .await
+            .unwrap_err();
+    }
 
     // The next run finishes it: the cursor and `lastSync` advance, nothing is stored twice.
     armed.store(false, Ordering::SeqCst);
@@ -744,7 +751,8 @@ async fn an_import_whose_finishing_step_failed_is_recorded_failed_and_finished_b
     assert_eq!(run.get_str("status").unwrap(), "COMPLETED", "{run}");
     assert!(run.get_bool("resumed").unwrap(), "{run}");
     let failures = run.get_array("failures").unwrap();
-    assert_eq!(failures.len(), 1, "{run}");
+    assert_eq!(failures.len(), 20, "{run}");
+    assert_eq!(run.get_i64("failureCount").unwrap(), 22, "{run}");
     assert!(
         failures[0].to_string().contains("finishing the run failed"),
         "{run}"
@@ -753,7 +761,7 @@ async fn an_import_whose_finishing_step_failed_is_recorded_failed_and_finished_b
     assert_eq!(api.hits.load(Ordering::SeqCst), 5);
     assert_eq!(
         (runs_counted("FAILED"), runs_counted("COMPLETED")),
-        (1.0, 1.0)
+        (22.0, 1.0)
     );
 }
 

@@ -721,7 +721,14 @@ impl HttpClient {
                 return Ok((Value::Null, headers, 0));
             }
             let cap = self.connector.max_response_bytes;
-            let text = match read_capped(resp, cap).await {
+            // An error's body is only quoted (a snippet): its start is enough, however
+            // large the page an API may send.
+            let text = if !status.is_success() {
+                read_start(resp, ERROR_BODY_BYTES).await.map(Some)
+            } else {
+                read_capped(resp, cap).await
+            };
+            let text = match text {
                 Ok(Some(t)) => t,
                 Ok(None) => {
                     return Err(HttpError::Network {
@@ -1285,6 +1292,23 @@ impl Provider {
 
 /// The body as text, or `None` once it is longer than `cap` bytes (a `Content-Length`
 /// over the cap is refused before anything is read).
+/// How much of an error answer's body is read: it is quoted, never parsed.
+const ERROR_BODY_BYTES: usize = 64 * 1024;
+
+/// The first `cap` bytes of the body (or all of it, if shorter), as text; the rest is
+/// not read.
+async fn read_start(mut resp: reqwest::Response, cap: usize) -> Result<String, reqwest::Error> {
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await? {
+        let room = cap - body.len();
+        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if body.len() == cap {
+            break;
+        }
+    }
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
 async fn read_capped(
     mut resp: reqwest::Response,
     cap: usize,
@@ -1602,6 +1626,22 @@ mod tests {
             read_capped(get(url).await, 50).await.unwrap().as_deref(),
             Some("[1,2]")
         );
+        // An error's body: its start, the rest left unread.
+        let url = answer_once(
+            "HTTP/1.1 500 Internal Server Error\r\nconnection: close\r\n\r\n".into(),
+            vec![b'z'; 100],
+        )
+        .await;
+        assert_eq!(
+            read_start(get(url).await, 50).await.unwrap(),
+            "z".repeat(50)
+        );
+        let url = answer_once(
+            "HTTP/1.1 500 Internal Server Error\r\nconnection: close\r\n\r\n".into(),
+            b"oops".to_vec(),
+        )
+        .await;
+        assert_eq!(read_start(get(url).await, 50).await.unwrap(), "oops");
     }
 
     #[test]

@@ -744,9 +744,17 @@ async fn import_pages(
     let mut previous: Option<(u64, usize)> = None;
     // Requests made this run: an API naming a page it already served (a cursor that
     // comes back) would otherwise loop until `max_pages`.
+    // Kept as a 128-bit digest of each request: URLs with long cursors, over many
+    // pages, would otherwise hold megabytes.
     let mut requested = std::collections::HashSet::new();
     let request_key = |s: &PageState| match s {
-        PageState::Fetch { url, query, .. } => Some(format!("{url}?{query:?}")),
+        PageState::Fetch { url, query, .. } => {
+            use sha2::{Digest, Sha256};
+            let digest = Sha256::digest(format!("{url}?{query:?}").as_bytes());
+            Some(u128::from_le_bytes(
+                digest[..16].try_into().unwrap_or_default(),
+            ))
+        }
         PageState::Done => None,
     };
     requested.extend(request_key(state));
@@ -1791,6 +1799,9 @@ async fn upsert_once(
 /// it (`kill -9`, a crash), or they were dropped when their scheduled run lost its lease.
 /// Each is marked INTERRUPTED with that reason in `failures`; the one the checkpoint
 /// belongs to is then resumed under its run id.
+/// The failures a run keeps listed (`failures`, the latest); `failureCount` counts all.
+const FAILURES_KEPT: i64 = 20;
+
 async fn close_orphaned_runs(store: &Store, name: &str) -> Result<(), StoreError> {
     let now = store.now();
     let why = "stopped without recording its end: its process stopped, or it lost its lease to another replica";
@@ -1800,7 +1811,8 @@ async fn close_orphaned_runs(store: &Store, name: &str) -> Result<(), StoreError
             doc! { r::CONFIG: name, r::STATUS: "RUNNING" },
             doc! {
                 "$set": { r::STATUS: "INTERRUPTED", "endTime": now, "error": why, common::UPDATED_AT: now },
-                "$push": { "failures": { "at": now, "error": why } },
+                "$push": { "failures": { "$each": [{ "at": now, "error": why }], "$slice": -FAILURES_KEPT } },
+                "$inc": { "failureCount": 1i64 },
             },
         )
         .await
@@ -1887,11 +1899,17 @@ async fn record_run(
                 "$setOnInsert": { r::START_TIME: now, common::CREATED_AT: now },
     };
     if status == "FAILED" {
-        // A resumed run reuses the run id; its earlier failures stay on record.
+        // A resumed run reuses the run id; its earlier failures stay on record, the last
+        // `FAILURES_KEPT` of them, all counted: a config failing at the same page on
+        // every fire for months must not grow its run past MongoDB's 16 MB.
         update.insert(
             "$push",
-            doc! { "failures": { "at": now, "error": error, "pages": s.pages as i64 } },
+            doc! { "failures": {
+                "$each": [{ "at": now, "error": error, "pages": s.pages as i64 }],
+                "$slice": -FAILURES_KEPT,
+            } },
         );
+        update.insert("$inc", doc! { "failureCount": 1i64 });
     }
     store
         .collection(c::IMPORT_RUNS)
