@@ -836,14 +836,7 @@ async fn request_bytes_held_are_bounded_until_their_events_are_written() {
     );
     // Once the store answers, the queued events are written and their bytes given back.
     frozen.store(false, Ordering::SeqCst);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while in_flight_bytes(&base).await != 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "bytes never given back"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    until_no_bytes_held(&base).await;
     let (status, body) = send(batch(10)).await;
     assert_eq!(status, 200, "{body}");
     let events = db.store.collection("events");
@@ -896,15 +889,59 @@ async fn request_bytes_held_are_bounded_until_their_events_are_written() {
     assert_eq!(resp.status().as_u16(), 503);
     assert_eq!(in_flight_bytes(&base).await, held + message.len() as u64);
     frozen.store(false, Ordering::SeqCst);
+    until_no_bytes_held(&base).await;
+    // A Segment batch's `context` is copied into each of its messages: the copies are
+    // counted with its body, and refused when they alone pass the bound.
+    let segment = |context: &Value, n: usize| {
+        let batch: Vec<Value> = (0..n)
+            .map(|i| json!({ "type": "track", "event": "Clicked", "userId": format!("ctx{i}"), "messageId": format!("ctx-{n}-{i}") }))
+            .collect();
+        serde_json::to_vec(&json!({ "batch": batch, "context": context })).unwrap()
+    };
+    let post_segment = |body: Vec<u8>| {
+        let base = base.clone();
+        async move {
+            let resp = reqwest::Client::new()
+                .post(format!("{base}/v1/batch"))
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            (resp.status().as_u16(), resp.json::<Value>().await.unwrap())
+        }
+    };
+    let context = json!({ "library": { "name": "x".repeat(20_000) } });
+    let (status, body) = post_segment(segment(&context, 60)).await;
+    assert_eq!(status, 413, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("copies of the batch's `context`"),
+        "{body}"
+    );
+    frozen.store(true, Ordering::SeqCst);
+    let sent = segment(&context, 20);
+    let (status, _) = post_segment(sent.clone()).await;
+    assert_eq!(status, 503);
+    let copies = 20 * serde_json::to_vec(&context).unwrap().len();
+    assert_eq!(in_flight_bytes(&base).await, (sent.len() + copies) as u64);
+    frozen.store(false, Ordering::SeqCst);
+    until_no_bytes_held(&base).await;
+    server.shutdown().await;
+}
+
+/// Waits until `sluice_http_in_flight_bytes` is back at 0 (30 s at most).
+async fn until_no_bytes_held(base: &str) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while in_flight_bytes(&base).await != 0 {
+    while in_flight_bytes(base).await != 0 {
         assert!(
             std::time::Instant::now() < deadline,
             "bytes never given back"
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    server.shutdown().await;
 }
 
 #[tokio::test]

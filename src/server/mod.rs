@@ -68,7 +68,15 @@ pub struct AppState {
 /// on a write timeout may leave events queued, which the writer drops unwritten).
 #[derive(Clone)]
 pub struct InFlight {
-    _reserved: Arc<Reserved>,
+    _reserved: Vec<Arc<Reserved>>,
+}
+
+impl InFlight {
+    /// One reservation holding both.
+    fn join(mut self, other: InFlight) -> InFlight {
+        self._reserved.extend(other._reserved);
+        self
+    }
 }
 
 struct Reserved {
@@ -417,9 +425,10 @@ fn body_cap(config: &Config) -> usize {
 /// answered `408` and its connection closed, instead of holding it, and a handler, for
 /// as long as it likes.
 ///
-/// A tracking route's body (its path in `limits`, with the route's limit) is read up to
-/// that limit and counted against `tracking.max_in_flight_mb` as it arrives, plus the
-/// limit again for the decompressed copy of a compressed body; with too little left the
+/// Every body is counted against `tracking.max_in_flight_mb` as it arrives (the admin
+/// API's too: it is read before any credential is checked), and a tracking route's (its
+/// path in `limits`, with the route's limit) is read up to that limit, plus the limit
+/// again for the decompressed copy of a compressed body; with too little left the
 /// request is answered 503 at once (waiting would hold its connection and grow the
 /// backlog the bound is there to stop). Counting what arrived, not what the headers
 /// declare, keeps a client trickling large bodies from holding more than it sent.
@@ -432,35 +441,22 @@ async fn body_deadline(
     let (mut parts, body) = request.into_parts();
     let limit = limits.get(parts.uri.path()).copied();
     let cap = limit.unwrap_or_else(|| body_cap(&state.config));
-    let mut reserved = limit.map(|_| Reservation::new(&state));
+    let mut reserved = Reservation::new(&state);
     let deadline = state.config.body_timeout;
-    let read = tokio::time::timeout(deadline, read_body_within(body, cap, reserved.as_mut())).await;
-    let too_little = || {
-        state
-            .metrics
-            .in_flight_full
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "overloaded",
-            "the server holds as many request bytes as it may (tracking.max_in_flight_mb); retry shortly",
-        )
-        .retry(rand::random_range(1..=3))
-        .into_response()
-    };
+    let read = tokio::time::timeout(deadline, read_body_within(body, cap, &mut reserved)).await;
+    let too_little = || in_flight_full(&state).into_response();
     match read {
         Ok(Ok(bytes)) => {
-            if let Some(mut r) = reserved {
-                let compressed = parts
-                    .headers
-                    .get(axum::http::header::CONTENT_ENCODING)
-                    .map(|v| v.as_bytes().trim_ascii())
-                    .is_some_and(|e| !(e.is_empty() || e.eq_ignore_ascii_case(b"identity")));
-                if compressed && !r.take(cap) {
-                    return too_little();
-                }
-                parts.extensions.insert(r.held());
+            // Tracking routes decompress their bodies (others take none compressed).
+            let compressed = parts
+                .headers
+                .get(axum::http::header::CONTENT_ENCODING)
+                .map(|v| v.as_bytes().trim_ascii())
+                .is_some_and(|e| !(e.is_empty() || e.eq_ignore_ascii_case(b"identity")));
+            if limit.is_some() && compressed && !reserved.take(cap) {
+                return too_little();
             }
+            parts.extensions.insert(reserved.held());
             next.run(axum::extract::Request::from_parts(
                 parts,
                 axum::body::Body::from(bytes),
@@ -499,18 +495,64 @@ async fn body_deadline(
     }
 }
 
+/// The answer to a request that finds too little of `tracking.max_in_flight_mb` left
+/// (counted).
+fn in_flight_full(state: &AppState) -> ApiError {
+    state
+        .metrics
+        .in_flight_full
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "overloaded",
+        "the server holds as many request bytes as it may (tracking.max_in_flight_mb); retry shortly",
+    )
+    .retry(rand::random_range(1..=3))
+}
+
+/// `held` with `bytes` more of `tracking.max_in_flight_mb` (what a request builds beyond
+/// its body, such as the copies of a Segment batch's `context`): `503` when too little is
+/// left, `413` when more than the whole bound is asked.
+fn hold_more(
+    state: &AppState,
+    held: Option<InFlight>,
+    bytes: usize,
+    what: &str,
+) -> Result<Option<InFlight>, ApiError> {
+    if bytes == 0 {
+        return Ok(held);
+    }
+    let bound = state.config.tracking.max_in_flight_mb << 20;
+    if bytes > bound {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("{what} come to {bytes} bytes, more than `tracking.max_in_flight_mb` ({bound} bytes)"),
+        ));
+    }
+    let mut more = Reservation::new(state);
+    if !more.take(bytes) {
+        return Err(in_flight_full(state));
+    }
+    let more = more.held();
+    Ok(Some(match held {
+        Some(h) => h.join(more),
+        None => more,
+    }))
+}
+
 enum BodyError {
     TooLarge,
     InFlightFull,
     Unreadable(axum::Error),
 }
 
-/// The whole of `body`, refused past `cap` bytes; each piece counted in `reserved`, when
-/// given, as it arrives.
+/// The whole of `body`, refused past `cap` bytes; each piece counted in `reserved` as it
+/// arrives.
 async fn read_body_within(
     mut body: axum::body::Body,
     cap: usize,
-    mut reserved: Option<&mut Reservation>,
+    reserved: &mut Reservation,
 ) -> Result<Bytes, BodyError> {
     use http_body_util::BodyExt;
     // Not sized from the declared length: a client declaring a large body and trickling
@@ -524,10 +566,8 @@ async fn read_body_within(
         if out.len() + data.len() > cap {
             return Err(BodyError::TooLarge);
         }
-        if let Some(r) = reserved.as_deref_mut() {
-            if !r.take(data.len()) {
-                return Err(BodyError::InFlightFull);
-            }
+        if !reserved.take(data.len()) {
+            return Err(BodyError::InFlightFull);
         }
         out.extend_from_slice(&data);
     }
@@ -580,11 +620,11 @@ impl Reservation {
     /// What the handler keeps with its events.
     fn held(mut self) -> InFlight {
         InFlight {
-            _reserved: Arc::new(Reserved {
+            _reserved: vec![Arc::new(Reserved {
                 _permit: self.permit.take(),
                 bytes: std::mem::take(&mut self.bytes),
                 metrics: self.metrics.clone(),
-            }),
+            })],
         }
     }
 }

@@ -131,6 +131,14 @@ pub async fn batch(
             "the batch's `context` is larger than {max} bytes (it is stored with every message)"
         )));
     }
+    // The copies are counted with the request's bytes: 500 messages, each given a 30 KB
+    // context, hold 15 MB however small the body.
+    let held = super::hold_more(
+        &state,
+        held.map(|h| h.0),
+        shared_size.saturating_mul(items.len()),
+        "the copies of the batch's `context` in its messages",
+    )?;
     let ctx = request_context(&state, peer, &headers, sent_at, &admitted);
     let options = options(&state);
     let messages = items
@@ -164,7 +172,7 @@ pub async fn batch(
             }
         })
         .collect();
-    let answer = store(&state, messages, held.map(|h| h.0))
+    let answer = store(&state, messages, held)
         .instrument(admitted.span())
         .await?;
     Ok(answer.into_batch_response())
