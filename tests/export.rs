@@ -371,9 +371,7 @@ async fn a_rerun_replaces_the_partition_instead_of_duplicating() {
 /// A TCP proxy to the S3 server that dies after `limit` bytes from the client: the S3
 /// server "stops" mid-upload, and every later connection is cut at once.
 async fn dying_proxy(limit: u64) -> String {
-    let upstream =
-        std::env::var("SLUICE_S3_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:8333".into());
-    let upstream = upstream.trim_start_matches("http://").to_string();
+    let upstream = support::s3_upstream();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let sent = Arc::new(AtomicU64::new(0));
@@ -1018,9 +1016,7 @@ async fn a_pending_archive_day_whose_files_changed_is_not_archived_again() {
 async fn s3_proxy_corrupting_parquet_reads() -> String {
     use std::sync::atomic::AtomicBool;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let upstream =
-        std::env::var("SLUICE_S3_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:8333".into());
-    let upstream = upstream.trim_start_matches("http://").to_string();
+    let upstream = support::s3_upstream();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -1589,6 +1585,30 @@ impl Transform for StallOnce {
     }
 }
 
+/// Runs `kind` for day `d` with its first batch held for 3 s, so that the reader's cursor
+/// idles past the server's timeout (1 s in the test), and checks the server closed it
+/// (without that the run proves nothing).
+async fn export_with_a_stall(
+    ctx: &mut ExportContext,
+    kind: ExportJobType,
+    d: NaiveDate,
+) -> sluice_jobs::export::ExportSummary {
+    ctx.transforms = vec![Arc::new(StallOnce(
+        Duration::from_secs(3),
+        Default::default(),
+    ))];
+    let logged = support::Logged::default();
+    let guard = tracing::subscriber::set_default(logged.subscriber());
+    let summary = run_export(ctx, &request(kind, d, d)).await.unwrap();
+    drop(guard);
+    assert!(
+        logged.text().contains("cursor was closed by the server"),
+        "the server did not close the cursor, so the test proves nothing: {}",
+        logged.text()
+    );
+    summary
+}
+
 #[tokio::test]
 async fn an_export_whose_cursor_the_server_closed_reads_on_without_losing_or_repeating_events() {
     // A server of the test's own, closing cursors idle for a second (MongoDB's default is
@@ -1616,21 +1636,7 @@ async fn an_export_whose_cursor_the_server_closed_reads_on_without_losing_or_rep
     let dir = temp_dir();
     let mut ctx = ExportContext::new(store.clone(), ObjectStore::Local(LocalDir::new(&dir)));
     ctx.batch_rows = 100;
-    ctx.transforms = vec![Arc::new(StallOnce(
-        Duration::from_secs(3),
-        Default::default(),
-    ))];
-    let logged = support::Logged::default();
-    let guard = tracing::subscriber::set_default(logged.subscriber());
-    let summary = run_export(&ctx, &request(ExportJobType::EventData, d, d))
-        .await
-        .unwrap();
-    drop(guard);
-    assert!(
-        logged.text().contains("cursor was closed by the server"),
-        "the server did not close the cursor, so the test proves nothing: {}",
-        logged.text()
-    );
+    let summary = export_with_a_stall(&mut ctx, ExportJobType::EventData, d).await;
     assert_eq!(summary.rows, 6_000);
     let ids = sorted_strings(&dir, &format!("EVENT_DATA/dt={d}"), "eventId");
     let mut expected: Vec<String> = events.iter().map(|e| e.event_id.clone()).collect();
@@ -1654,21 +1660,7 @@ async fn an_export_whose_cursor_the_server_closed_reads_on_without_losing_or_rep
         v.sort();
         v
     };
-    ctx.transforms = vec![Arc::new(StallOnce(
-        Duration::from_secs(3),
-        Default::default(),
-    ))];
-    let logged = support::Logged::default();
-    let guard = tracing::subscriber::set_default(logged.subscriber());
-    let summary = run_export(&ctx, &request(ExportJobType::UserData, d, d))
-        .await
-        .unwrap();
-    drop(guard);
-    assert!(
-        logged.text().contains("cursor was closed by the server"),
-        "the server did not close the users cursor: {}",
-        logged.text()
-    );
+    let summary = export_with_a_stall(&mut ctx, ExportJobType::UserData, d).await;
     assert_eq!(summary.rows as usize, expected.len());
     let visitors = sorted_strings(&dir, &summary.partitions[0].prefix, "visitorId");
     assert_eq!(visitors, expected, "each user once");
@@ -2281,9 +2273,7 @@ async fn a_late_day_is_marked_before_its_events_are_stored() {
 /// completions it saw.
 async fn s3_proxy_losing_the_first_completion() -> (String, Arc<AtomicU64>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let upstream =
-        std::env::var("SLUICE_S3_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:8333".into());
-    let upstream = upstream.trim_start_matches("http://").to_string();
+    let upstream = support::s3_upstream();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let completions = Arc::new(AtomicU64::new(0));
@@ -2393,9 +2383,7 @@ async fn a_multipart_upload_whose_completion_answer_was_lost_is_in_place_not_fai
 /// lower-cased) of every request it forwards.
 async fn s3_proxy_recording_requests() -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let upstream =
-        std::env::var("SLUICE_S3_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:8333".into());
-    let upstream = upstream.trim_start_matches("http://").to_string();
+    let upstream = support::s3_upstream();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let heads = Arc::new(std::sync::Mutex::new(Vec::new()));

@@ -842,9 +842,7 @@ async fn an_archive_stopped_by_ctrl_c_hands_back_the_archive_lock() {
 /// only server-side copies (`x-amz-copy-source`: a slow publish).
 async fn s3_proxy_delaying(copies_only: bool, delay: Duration) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let upstream =
-        std::env::var("SLUICE_S3_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:8333".into());
-    let upstream = upstream.trim_start_matches("http://").to_string();
+    let upstream = support::s3_upstream();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {

@@ -202,6 +202,14 @@ pub struct TestBucket {
     pub store: sluice_connectors::objstore::S3Store,
 }
 
+/// The test S3 server's `host:port`, for proxies in front of it.
+pub fn s3_upstream() -> String {
+    std::env::var("SLUICE_S3_ENDPOINT")
+        .unwrap_or_else(|_| "http://127.0.0.1:8333".into())
+        .trim_start_matches("http://")
+        .to_string()
+}
+
 pub fn s3_settings(bucket: &str) -> sluice_connectors::objstore::S3Settings {
     let var = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_string());
     sluice_connectors::objstore::S3Settings {
