@@ -1052,7 +1052,7 @@ pub fn plugin_install(
     };
     let unchanged = old_text
         .as_deref()
-        .is_none_or(|o| others(o).is_some() && others(o) == others(&text));
+        .is_none_or(|o| matches!((others(o), others(&text)), (Some(a), Some(b)) if a == b));
     anyhow::ensure!(
         unchanged && new.name == name && new.wasm == wasm && new.sha256 == sha256 && version.is_none_or(|v| new.version == v),
         "`{}` could not be updated in place; set wasm = \"{wasm}\" and sha256 = \"{sha256}\" by hand",

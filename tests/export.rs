@@ -1531,8 +1531,28 @@ async fn records_pass_through_the_jobs_transform_chain() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
-/// Holds each batch for `0` before passing it on unchanged.
-struct Stall(Duration);
+/// Holds batches for `hold` before passing them on unchanged: every batch, or with
+/// `first_only` the first one alone.
+struct Stall {
+    hold: Duration,
+    first_only: bool,
+    held: std::sync::atomic::AtomicBool,
+}
+impl Stall {
+    fn every(hold: Duration) -> Self {
+        Stall {
+            hold,
+            first_only: false,
+            held: Default::default(),
+        }
+    }
+    fn first(hold: Duration) -> Self {
+        Stall {
+            first_only: true,
+            ..Stall::every(hold)
+        }
+    }
+}
 impl Transform for Stall {
     fn name(&self) -> &str {
         "stall"
@@ -1542,7 +1562,9 @@ impl Transform for Stall {
         batch: Vec<Record>,
         _call: &mut sluice_core::transform::Call,
     ) -> Result<Vec<Record>, TransformError> {
-        std::thread::sleep(self.0);
+        if !self.first_only || !self.held.swap(true, Ordering::Relaxed) {
+            std::thread::sleep(self.hold);
+        }
         Ok(batch)
     }
 }
@@ -1567,24 +1589,6 @@ fn sorted_strings(dir: &std::path::Path, prefix: &str, column: &str) -> Vec<Stri
     values
 }
 
-/// Holds its first batch for `0`, then passes every batch on unchanged.
-struct StallOnce(Duration, std::sync::atomic::AtomicBool);
-impl Transform for StallOnce {
-    fn name(&self) -> &str {
-        "stall-once"
-    }
-    fn apply(
-        &self,
-        batch: Vec<Record>,
-        _call: &mut sluice_core::transform::Call,
-    ) -> Result<Vec<Record>, TransformError> {
-        if !self.1.swap(true, Ordering::Relaxed) {
-            std::thread::sleep(self.0);
-        }
-        Ok(batch)
-    }
-}
-
 /// Runs `kind` for day `d` with its first batch held for 3 s, so that the reader's cursor
 /// idles past the server's timeout (1 s in the test), and checks the server closed it
 /// (without that the run proves nothing).
@@ -1593,10 +1597,7 @@ async fn export_with_a_stall(
     kind: ExportJobType,
     d: NaiveDate,
 ) -> sluice_jobs::export::ExportSummary {
-    ctx.transforms = vec![Arc::new(StallOnce(
-        Duration::from_secs(3),
-        Default::default(),
-    ))];
+    ctx.transforms = vec![Arc::new(Stall::first(Duration::from_secs(3)))];
     let logged = support::Logged::default();
     let guard = tracing::subscriber::set_default(logged.subscriber());
     let summary = run_export(ctx, &request(kind, d, d)).await.unwrap();
@@ -1679,7 +1680,7 @@ async fn a_run_cancelled_while_staging_removes_its_staging_folder() {
     let mut ctx = ExportContext::new(db.store.clone(), ObjectStore::Local(LocalDir::new(&dir)));
     ctx.work_dir = work.clone();
     ctx.batch_rows = 50;
-    ctx.transforms = vec![Arc::new(Stall(Duration::from_millis(300)))];
+    ctx.transforms = vec![Arc::new(Stall::every(Duration::from_millis(300)))];
     let run = tokio::spawn({
         let ctx = ctx.clone();
         async move { run_export(&ctx, &request(ExportJobType::EventData, d, d)).await }

@@ -777,28 +777,23 @@ async fn request_bytes_held_are_bounded_until_their_events_are_written() {
         let events: Vec<Value> = (0..10)
             .map(|i| json!({ "userId": format!("v{n}-{i}"), "sessionId": format!("s{n}"), "eventType": "CLICK", "eventId": format!("big{n}-{i}"), "properties": { "pad": "x".repeat(9_600) } }))
             .collect();
-        serde_json::to_vec(&json!({ "batch": events })).unwrap()
+        json!({ "batch": events })
     };
-    let send = |body: Vec<u8>| {
+    // The bytes `post` sends for `body` (reqwest encodes JSON with serde_json).
+    let size = |body: &Value| serde_json::to_vec(body).unwrap().len();
+    let send = |body: Value| {
         let base = base.clone();
-        async move {
-            let resp = reqwest::Client::new()
-                .post(format!("{base}/v1/events/batch"))
-                .header("content-type", "application/json")
-                .body(body)
-                .send()
-                .await
-                .unwrap();
-            let status = resp.status().as_u16();
-            (status, resp.json::<Value>().await.unwrap())
-        }
+        async move { post(&base, "/v1/events/batch", &body).await }
     };
     // Ten batches wait on a store that stopped answering: each is answered 503 after the
     // write timeout, and its bytes stay counted while its events are still queued.
     frozen.store(true, Ordering::SeqCst);
-    let bodies: Vec<Vec<u8>> = (0..10).map(batch).collect();
-    let held: usize = bodies.iter().map(Vec::len).sum();
-    assert!(held < 1 << 20 && held + bodies[0].len() > 1 << 20, "{held}");
+    let bodies: Vec<Value> = (0..10).map(batch).collect();
+    let held: usize = bodies.iter().map(size).sum();
+    assert!(
+        held < 1 << 20 && held + size(&bodies[0]) > 1 << 20,
+        "{held}"
+    );
     let answers = futures_util::future::join_all(bodies.into_iter().map(send)).await;
     for (status, body) in &answers {
         assert_eq!(
@@ -855,7 +850,8 @@ async fn request_bytes_held_are_bounded_until_their_events_are_written() {
     // route's limit).
     use std::io::Write;
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    gz.write_all(&batch(11)).unwrap();
+    gz.write_all(&serde_json::to_vec(&batch(11)).unwrap())
+        .unwrap();
     let gz = gz.finish().unwrap();
     frozen.store(true, Ordering::SeqCst);
     let resp = reqwest::Client::new()
@@ -870,7 +866,7 @@ async fn request_bytes_held_are_bounded_until_their_events_are_written() {
     let held = gz.len() as u64 + 100_000;
     assert_eq!(in_flight_bytes(&base).await, held);
     // A body over its route's limit is refused, and what it sent is given back.
-    let (status, body) = send(vec![b' '; 100_001]).await;
+    let (status, body) = send(json!({ "batch": [], "pad": "x".repeat(100_000) })).await;
     assert_eq!(
         (status, body["error"].as_str()),
         (413, Some("payload_too_large")),
@@ -878,16 +874,10 @@ async fn request_bytes_held_are_bounded_until_their_events_are_written() {
     );
     assert_eq!(in_flight_bytes(&base).await, held);
     // The Segment routes count their bodies the same way.
-    let message = serde_json::to_vec(&json!({ "batch": [{ "type": "track", "event": "Clicked", "userId": "seg", "messageId": "seg-1" }] })).unwrap();
-    let resp = reqwest::Client::new()
-        .post(format!("{base}/v1/batch"))
-        .header("content-type", "application/json")
-        .body(message.clone())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 503);
-    assert_eq!(in_flight_bytes(&base).await, held + message.len() as u64);
+    let message = json!({ "batch": [{ "type": "track", "event": "Clicked", "userId": "seg", "messageId": "seg-1" }] });
+    let (status, _) = post(&base, "/v1/batch", &message).await;
+    assert_eq!(status, 503);
+    assert_eq!(in_flight_bytes(&base).await, held + size(&message) as u64);
     frozen.store(false, Ordering::SeqCst);
     until_no_bytes_held(&base).await;
     // A Segment batch's `context` is copied into each of its messages: the copies are
@@ -896,23 +886,10 @@ async fn request_bytes_held_are_bounded_until_their_events_are_written() {
         let batch: Vec<Value> = (0..n)
             .map(|i| json!({ "type": "track", "event": "Clicked", "userId": format!("ctx{i}"), "messageId": format!("ctx-{n}-{i}") }))
             .collect();
-        serde_json::to_vec(&json!({ "batch": batch, "context": context })).unwrap()
-    };
-    let post_segment = |body: Vec<u8>| {
-        let base = base.clone();
-        async move {
-            let resp = reqwest::Client::new()
-                .post(format!("{base}/v1/batch"))
-                .header("content-type", "application/json")
-                .body(body)
-                .send()
-                .await
-                .unwrap();
-            (resp.status().as_u16(), resp.json::<Value>().await.unwrap())
-        }
+        json!({ "batch": batch, "context": context })
     };
     let context = json!({ "library": { "name": "x".repeat(20_000) } });
-    let (status, body) = post_segment(segment(&context, 60)).await;
+    let (status, body) = post(&base, "/v1/batch", &segment(&context, 60)).await;
     assert_eq!(status, 413, "{body}");
     assert!(
         body["message"]
@@ -923,10 +900,10 @@ async fn request_bytes_held_are_bounded_until_their_events_are_written() {
     );
     frozen.store(true, Ordering::SeqCst);
     let sent = segment(&context, 20);
-    let (status, _) = post_segment(sent.clone()).await;
+    let (status, _) = post(&base, "/v1/batch", &sent).await;
     assert_eq!(status, 503);
-    let copies = 20 * serde_json::to_vec(&context).unwrap().len();
-    assert_eq!(in_flight_bytes(&base).await, (sent.len() + copies) as u64);
+    let copies = 20 * size(&context);
+    assert_eq!(in_flight_bytes(&base).await, (size(&sent) + copies) as u64);
     frozen.store(false, Ordering::SeqCst);
     until_no_bytes_held(&base).await;
     server.shutdown().await;

@@ -1802,6 +1802,15 @@ async fn upsert_once(
 /// The failures a run keeps listed (`failures`, the latest); `failureCount` counts all.
 const FAILURES_KEPT: i64 = 20;
 
+/// The update operators noting `failure` in a run: listed among its latest
+/// [`FAILURES_KEPT`], and counted.
+fn failure_noted(failure: Document) -> Document {
+    doc! {
+        "$push": { "failures": { "$each": [failure], "$slice": -FAILURES_KEPT } },
+        "$inc": { "failureCount": 1i64 },
+    }
+}
+
 async fn close_orphaned_runs(store: &Store, name: &str) -> Result<(), StoreError> {
     let now = store.now();
     let why = "stopped without recording its end: its process stopped, or it lost its lease to another replica";
@@ -1809,10 +1818,12 @@ async fn close_orphaned_runs(store: &Store, name: &str) -> Result<(), StoreError
         .collection(c::IMPORT_RUNS)
         .update_many(
             doc! { r::CONFIG: name, r::STATUS: "RUNNING" },
-            doc! {
-                "$set": { r::STATUS: "INTERRUPTED", "endTime": now, "error": why, common::UPDATED_AT: now },
-                "$push": { "failures": { "$each": [{ "at": now, "error": why }], "$slice": -FAILURES_KEPT } },
-                "$inc": { "failureCount": 1i64 },
+            {
+                let mut update = doc! {
+                    "$set": { r::STATUS: "INTERRUPTED", "endTime": now, "error": why, common::UPDATED_AT: now },
+                };
+                update.extend(failure_noted(doc! { "at": now, "error": why }));
+                update
             },
         )
         .await
@@ -1902,14 +1913,9 @@ async fn record_run(
         // A resumed run reuses the run id; its earlier failures stay on record, the last
         // `FAILURES_KEPT` of them, all counted: a config failing at the same page on
         // every fire for months must not grow its run past MongoDB's 16 MB.
-        update.insert(
-            "$push",
-            doc! { "failures": {
-                "$each": [{ "at": now, "error": error, "pages": s.pages as i64 }],
-                "$slice": -FAILURES_KEPT,
-            } },
-        );
-        update.insert("$inc", doc! { "failureCount": 1i64 });
+        update.extend(failure_noted(
+            doc! { "at": now, "error": error, "pages": s.pages as i64 },
+        ));
     }
     store
         .collection(c::IMPORT_RUNS)

@@ -448,11 +448,7 @@ async fn body_deadline(
     match read {
         Ok(Ok(bytes)) => {
             // Tracking routes decompress their bodies (others take none compressed).
-            let compressed = parts
-                .headers
-                .get(axum::http::header::CONTENT_ENCODING)
-                .map(|v| v.as_bytes().trim_ascii())
-                .is_some_and(|e| !(e.is_empty() || e.eq_ignore_ascii_case(b"identity")));
+            let compressed = tracking::content_encoding(&parts.headers).is_some();
             if limit.is_some() && compressed && !reserved.take(cap) {
                 return too_little();
             }

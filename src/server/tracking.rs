@@ -287,12 +287,8 @@ pub(super) fn read_body(
     limit: usize,
 ) -> Result<Bytes, ApiError> {
     let body = raw_body(body, limit)?;
-    // A value that is not visible ASCII is no encoding we know (not "none").
-    let encoding = headers
-        .get("content-encoding")
-        .map(|v| v.to_str().unwrap_or("\u{fffd}").trim().to_ascii_lowercase());
-    match encoding.as_deref() {
-        None | Some("") | Some("identity") => Ok(body),
+    match content_encoding(headers).as_deref() {
+        None => Ok(body),
         Some("gzip") | Some("x-gzip") => {
             use std::io::Read;
             let mut out = Vec::new();
@@ -322,6 +318,15 @@ pub(super) fn read_body(
             format!("content encoding `{other}` is not supported (use gzip or none)"),
         )),
     }
+}
+
+/// The request's `Content-Encoding`, lower-cased; `None` when it has none (or says
+/// `identity`). A value that is not visible ASCII is no encoding we know (not "none").
+pub(super) fn content_encoding(headers: &HeaderMap) -> Option<String> {
+    let encoding = headers
+        .get("content-encoding")
+        .map(|v| v.to_str().unwrap_or("\u{fffd}").trim().to_ascii_lowercase())?;
+    (!encoding.is_empty() && encoding != "identity").then_some(encoding)
 }
 
 fn raw_body(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes, ApiError> {

@@ -380,15 +380,7 @@ impl S3Store {
     /// object there of `size` bytes made of `parts` parts (its ETag ends `-parts`) is this
     /// upload's.
     async fn completed_anyway(&self, full: &str, size: u64, parts: usize) -> bool {
-        let Ok(head) = self
-            .client
-            .head_object()
-            .bucket(&self.bucket)
-            .set_expected_bucket_owner(self.owner.clone())
-            .key(full)
-            .send()
-            .await
-        else {
+        let Ok(Some(head)) = self.head_full(full, full).await else {
             return false;
         };
         let etag = head.e_tag().unwrap_or_default().trim_matches('"');
@@ -478,16 +470,27 @@ impl S3Store {
     }
 
     pub async fn head(&self, key: &str) -> Result<Option<u64>, StorageError> {
+        let out = self.head_full(&self.full(key), key).await?;
+        Ok(out.map(|o| o.content_length().unwrap_or(0).max(0) as u64))
+    }
+
+    /// The object at `full` (a key under the prefix already), if there is one; `key`
+    /// names it in errors.
+    async fn head_full(
+        &self,
+        full: &str,
+        key: &str,
+    ) -> Result<Option<aws_sdk_s3::operation::head_object::HeadObjectOutput>, StorageError> {
         match self
             .client
             .head_object()
             .bucket(&self.bucket)
             .set_expected_bucket_owner(self.owner.clone())
-            .key(self.full(key))
+            .key(full)
             .send()
             .await
         {
-            Ok(out) => Ok(Some(out.content_length().unwrap_or(0).max(0) as u64)),
+            Ok(out) => Ok(Some(out)),
             Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => Ok(None),
             Err(e) => Err(StorageError::op(BACKEND, key, "head", describe(e))),
         }
