@@ -169,6 +169,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         let options = sluice_jobs::schedule::SchedulerOptions {
             lease: std::time::Duration::from_secs(config.scheduler.lease_seconds),
             reload_every: std::time::Duration::from_secs(config.scheduler.reload_seconds),
+            max_concurrent_runs: config.scheduler.max_concurrent_runs,
             ..Default::default()
         };
         tracing::info!(instance = %options.instance, "scheduler started");

@@ -1,7 +1,8 @@
 //! The scheduler on the real server: each fire runs once across replicas, a dead owner's
 //! run is taken over after its lease expires, overlapping fires are skipped and recorded,
 //! a lost lease stops the run, a shutdown stops its runs before handing them back, and
-//! missed export windows are caught up in order.
+//! missed export windows are caught up in order, and fires beyond a replica's run slots
+//! wait for one, claimed.
 
 mod support;
 
@@ -122,6 +123,7 @@ fn options(instance: &str, lease_ms: u64) -> SchedulerOptions {
         instance: instance.into(),
         lease: Duration::from_millis(lease_ms),
         reload_every: Duration::from_secs(60),
+        max_concurrent_runs: 8,
     }
 }
 
@@ -458,6 +460,143 @@ async fn an_instant_no_replica_claimed_is_fired_by_the_next_check_once() {
     assert_eq!(docs.len(), 1, "{docs:?}");
     assert_eq!(docs[0].get_str("status").unwrap(), "COMPLETED");
     assert!(docs[0].get_str("_id").unwrap().starts_with("recent@"));
+}
+
+/// Records the most runs going at once; each takes `delay`.
+struct Concurrent {
+    going: Arc<std::sync::atomic::AtomicUsize>,
+    most: Arc<std::sync::atomic::AtomicUsize>,
+    delay: Duration,
+}
+
+impl Runner for Concurrent {
+    fn run(&self, job: &ScheduledJob, _fire: chrono::DateTime<Utc>) -> RunFuture {
+        use std::sync::atomic::Ordering::SeqCst;
+        let (going, most, delay) = (self.going.clone(), self.most.clone(), self.delay);
+        let name = job.name.clone();
+        Box::pin(async move {
+            most.fetch_max(going.fetch_add(1, SeqCst) + 1, SeqCst);
+            tokio::time::sleep(delay).await;
+            going.fetch_sub(1, SeqCst);
+            Ok(format!("{name} done"))
+        })
+    }
+}
+
+#[tokio::test]
+async fn fires_beyond_the_replicas_run_slots_wait_claimed_and_all_run_or_stop_at_shutdown() {
+    let db = TestDb::initialized().await;
+    let most = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let runner = Arc::new(Concurrent {
+        going: Default::default(),
+        most: most.clone(),
+        delay: Duration::from_millis(1_500),
+    });
+    let jobs: Vec<ScheduledJob> = ["one", "two", "three"].map(unscheduled).to_vec();
+    let s = Scheduler::start(
+        db.store.clone(),
+        runner,
+        source(jobs.clone()),
+        SchedulerOptions {
+            max_concurrent_runs: 1,
+            ..options("narrow", 10_000)
+        },
+    )
+    .await
+    .unwrap();
+    let fire = Utc::now() - chrono::Duration::seconds(5);
+    let fires = futures_util::future::join_all(jobs.iter().map(|j| s.fire(j, fire)));
+    let watch = async {
+        // Two of the three are claimed and say they wait, counted by the gauge.
+        let runs = db.store.collection("scheduled_runs");
+        let waiting = doc! { "status": "RUNNING", "waitingSince": { "$exists": true } };
+        support::wait_until("two runs wait for a slot", || async {
+            runs.count_documents(waiting.clone()).await.unwrap() == 2
+        })
+        .await;
+        let gauge = sluice_core::metrics::value("sluice_job_runs_waiting", &[]);
+        let reasons: Vec<String> = runs
+            .find(waiting)
+            .await
+            .unwrap()
+            .try_collect::<Vec<_>>()
+            .await
+            .unwrap()
+            .iter()
+            .map(|d| d.get_str("reason").unwrap_or("").to_string())
+            .collect();
+        (gauge, reasons)
+    };
+    let (outcomes, (gauge, reasons)) = tokio::join!(fires, watch);
+    s.shutdown().await;
+    for o in &outcomes {
+        assert!(matches!(o, FireOutcome::Ran(Ok(_))), "{outcomes:?}");
+    }
+    assert_eq!(most.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(gauge, 2.0);
+    assert_eq!(
+        sluice_core::metrics::value("sluice_job_runs_waiting", &[]),
+        0.0
+    );
+    for r in &reasons {
+        assert!(r.contains("max_concurrent_runs"), "{reasons:?}");
+    }
+    let docs = runs(&db).await;
+    assert_eq!(docs.len(), 3, "{docs:?}");
+    let mut waited = 0;
+    for d in &docs {
+        assert_eq!(d.get_str("status").unwrap(), "COMPLETED", "{d}");
+        // The reason went once the run started; its start is when it got its slot.
+        assert!(d.get_str("reason").is_err(), "{d}");
+        if let Ok(since) = d.get_datetime("waitingSince") {
+            waited += 1;
+            let started = d.get_datetime("startedAt").unwrap();
+            assert!(
+                started.timestamp_millis() >= since.timestamp_millis() + 1_000,
+                "{d}"
+            );
+        }
+    }
+    assert_eq!(waited, 2, "{docs:?}");
+
+    // A shutdown stops a run that waits as well (and it is no longer counted). In the
+    // same test: the gauge is the process's.
+    let runner = Arc::new(Concurrent {
+        going: Default::default(),
+        most: Default::default(),
+        delay: Duration::from_secs(60),
+    });
+    let jobs: Vec<ScheduledJob> = ["first", "second"].map(unscheduled).to_vec();
+    let s = Scheduler::start(
+        db.store.clone(),
+        runner,
+        source(jobs.clone()),
+        SchedulerOptions {
+            max_concurrent_runs: 1,
+            ..options("narrow", 10_000)
+        },
+    )
+    .await
+    .unwrap();
+    let fires = tokio::spawn({
+        let s = s.clone();
+        async move { futures_util::future::join_all(jobs.iter().map(|j| s.fire(j, fire))).await }
+    });
+    let runs = db.store.collection("scheduled_runs");
+    support::wait_until("a run waits for a slot", || async {
+        runs.count_documents(doc! { "status": "RUNNING", "waitingSince": { "$exists": true } })
+            .await
+            .unwrap()
+            == 1
+    })
+    .await;
+    s.shutdown().await;
+    let outcomes = fires.await.unwrap();
+    assert_eq!(outcomes, vec![FireOutcome::Stopped, FireOutcome::Stopped]);
+    assert_eq!(
+        sluice_core::metrics::value("sluice_job_runs_waiting", &[]),
+        0.0
+    );
 }
 
 #[tokio::test]

@@ -113,6 +113,9 @@ pub struct SchedulerSection {
     /// How often integration configs are re-read (and dead export runs failed);
     /// `[[schedules]]` are read once, at start.
     pub reload_seconds: u64,
+    /// Scheduled runs this process executes at once. A fire beyond waits, claimed, for
+    /// one to end (`sluice jobs history` shows it waiting).
+    pub max_concurrent_runs: usize,
 }
 
 impl Default for SchedulerSection {
@@ -121,6 +124,7 @@ impl Default for SchedulerSection {
             enabled: true,
             lease_seconds: 60,
             reload_seconds: 30,
+            max_concurrent_runs: 4,
         }
     }
 }
@@ -1108,6 +1112,12 @@ pub fn validate(
             "a number greater than 0".into(),
         ));
     }
+    if !(1..=1000).contains(&raw.scheduler.max_concurrent_runs) {
+        return Err(invalid(
+            "scheduler.max_concurrent_runs",
+            format!("1 to 1000, got {}", raw.scheduler.max_concurrent_runs),
+        ));
+    }
     let mut names = std::collections::HashSet::new();
     for (i, sched) in raw.schedules.iter().enumerate() {
         crate::model::ExportJobType::parse(&sched.kind)
@@ -1559,6 +1569,7 @@ mod tests {
         for (text, field) in [
             ("lease_seconds = 1", "scheduler.lease_seconds"),
             ("reload_seconds = 0", "scheduler.reload_seconds"),
+            ("max_concurrent_runs = 0", "scheduler.max_concurrent_runs"),
         ] {
             let err = check(&format!("[scheduler]\n{text}\n"));
             let err = err.map(|_| ()).unwrap_err().to_string();

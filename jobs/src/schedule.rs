@@ -9,6 +9,12 @@
 //! the job again (imports resume from their checkpoint, exports replace their partitions).
 //! A replica that loses its lease stops the run. A fire that comes while the job's previous
 //! run is still going is recorded as SKIPPED.
+//!
+//! A replica runs at most `max_concurrent_runs` jobs at once. A fire beyond that is
+//! claimed as usual and waits for a slot, its lease renewed meanwhile; its record says so
+//! (`waitingSince`, and a `reason`). It stays this replica's: moving it to a replica with
+//! a free slot would need the claim handed over at the right moment, and a fire whose
+//! claim waited unheld could be fired again by the missed-fire check, or flagged missed.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -62,6 +68,8 @@ pub struct SchedulerOptions {
     /// A claim not renewed for this long may be taken over.
     pub lease: Duration,
     pub reload_every: Duration,
+    /// Runs this replica executes at once; a fire beyond waits for one to end.
+    pub max_concurrent_runs: usize,
 }
 
 impl Default for SchedulerOptions {
@@ -74,6 +82,7 @@ impl Default for SchedulerOptions {
             ),
             lease: Duration::from_secs(60),
             reload_every: Duration::from_secs(30),
+            max_concurrent_runs: 4,
         }
     }
 }
@@ -270,7 +279,12 @@ struct Inner {
     /// schedule) leaves its run to one that does, instead of failing it.
     /// `None` until the jobs were first loaded: until then every lapsed run is taken over.
     known: std::sync::RwLock<Option<std::collections::HashSet<String>>>,
+    /// One permit per run this replica may execute at once.
+    slots: tokio::sync::Semaphore,
 }
+
+/// Claimed runs of this process waiting for a slot.
+static WAITING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// A running scheduler. Dropping it does not stop it; `shutdown` does.
 pub struct Scheduler {
@@ -289,6 +303,7 @@ impl Scheduler {
     ) -> Result<Arc<Self>, String> {
         let sched = JobScheduler::new().await.map_err(|e| e.to_string())?;
         sched.start().await.map_err(|e| e.to_string())?;
+        let slots = options.max_concurrent_runs.max(1);
         let inner = Arc::new(Inner {
             store,
             runner,
@@ -298,6 +313,7 @@ impl Scheduler {
             handed_back: Default::default(),
             keepalive: Default::default(),
             known: Default::default(),
+            slots: tokio::sync::Semaphore::new(slots),
         });
         let this = Scheduler {
             inner: inner.clone(),
@@ -739,7 +755,10 @@ async fn execute(
         // A run that has finished counts, whatever became ready with it: its result
         // thrown away, the job would run again elsewhere.
         biased;
-        r = inner.runner.run(job, fire) => Some(r),
+        r = async {
+            let _slot = take_slot(inner, &id).await;
+            inner.runner.run(job, fire).await
+        } => Some(r),
         _ = &mut heartbeat => {
             tracing::warn!(job = %job.name, run = %id, "lease lost; run stopped");
             return FireOutcome::LeaseLost;
@@ -772,6 +791,75 @@ async fn execute(
         }
     }
     FireOutcome::Ran(result)
+}
+
+/// A slot to execute a claimed run in: at once when one is free; otherwise the run's
+/// record says it waits (`waitingSince`, `reason`) until one is, and then when it started.
+/// (`None` only if the slots were closed, which they never are.)
+async fn take_slot<'a>(inner: &'a Inner, id: &str) -> Option<tokio::sync::SemaphorePermit<'a>> {
+    if let Ok(slot) = inner.slots.try_acquire() {
+        return Some(slot);
+    }
+    let runs = inner.store.lease_collection(c::SCHEDULED_RUNS);
+    let mine = doc! { common::ID: id, "owner": &inner.options.instance, "status": "RUNNING" };
+    let limit = inner.options.max_concurrent_runs;
+    let noted = runs
+        .update_one(
+            mine.clone(),
+            doc! { "$set": {
+                "waitingSince": inner.store.now(),
+                "reason": format!("waiting for a run slot: this replica runs {limit} at once ([scheduler] max_concurrent_runs)"),
+            } },
+        )
+        .await;
+    if let Err(e) = noted {
+        tracing::warn!(run = id, error = %e, "could not note that the run waits for a slot");
+    }
+    tracing::info!(
+        run = id,
+        limit,
+        "run waits for a slot: this replica runs its limit at once"
+    );
+    let slot = {
+        let _waiting = Waiting::enter();
+        inner.slots.acquire().await
+    };
+    let started = runs
+        .update_one(
+            mine,
+            doc! { "$set": { "startedAt": inner.store.now() }, "$unset": { "reason": "" } },
+        )
+        .await;
+    if let Err(e) = started {
+        tracing::warn!(run = id, error = %e, "could not note when the waiting run started");
+    }
+    slot.ok()
+}
+
+/// Counts a run waiting for a slot in `sluice_job_runs_waiting` until dropped (a run
+/// stopped while it waits is dropped too).
+struct Waiting;
+
+impl Waiting {
+    fn enter() -> Self {
+        Self::show(WAITING.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1);
+        Self
+    }
+
+    fn show(n: usize) {
+        sluice_core::metrics::set(
+            "sluice_job_runs_waiting",
+            "Claimed scheduled runs waiting for a slot on this replica ([scheduler] max_concurrent_runs).",
+            &[],
+            n as f64,
+        );
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        Self::show(WAITING.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) - 1);
+    }
 }
 
 /// A run's outcome as its status and the fields that record its end (`status`, `result`
