@@ -49,6 +49,7 @@ fn daily_export(raw: &mut sluice_core::config::RawConfig, dest: &str, timezone: 
         kind: "DAILY_ANALYTICS".into(),
         cron: "0 15 2 * * *".into(),
         catch_up: 1,
+        late_days_per_run: 7,
         timezone: timezone.map(str::to_string),
     }];
 }

@@ -2790,6 +2790,78 @@ async fn windows_beyond_catch_up_are_counted_as_not_exported() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// A run publishes again at most `late_days_per_run` days that received late events,
+/// oldest first; the others are counted and left to the next runs.
+#[tokio::test]
+async fn late_days_beyond_the_per_run_cap_wait_for_the_next_runs() {
+    use sluice_jobs::export::catch_up;
+    let db = TestDb::initialized().await;
+    let dir = temp_dir();
+    let mut ctx = ExportContext::new(db.store.clone(), ObjectStore::Local(LocalDir::new(&dir)));
+    ctx.late_days_per_run = 2;
+    // Yesterday's window is done; events then arrive for three earlier days.
+    db.store
+        .collection("export_jobs")
+        .insert_one(
+            doc! { "jobId": "before", "type": "EVENT_DATA", "status": "COMPLETED",
+            "windowStart": day(-1).to_string(), "windowEnd": day(-1).to_string() },
+        )
+        .await
+        .unwrap();
+    let writer = EventWriter::new(
+        db.store.clone(),
+        WriterOptions {
+            late_mark_ahead: Duration::ZERO,
+            ..Default::default()
+        },
+    );
+    let late = [day(-4), day(-3), day(-2)];
+    for (n, d) in late.iter().enumerate() {
+        let events: Vec<Event> = (0..=n).map(|i| event(i, *d)).collect();
+        writer.write(&events).await.unwrap();
+    }
+    let waiting = || {
+        sluice_core::metrics::value(
+            "sluice_export_windows_not_exported_total",
+            &[
+                ("kind", "EVENT_DATA"),
+                ("reason", "late_days_beyond_per_run"),
+            ],
+        )
+    };
+    let published = |done: &[sluice_jobs::export::ExportSummary]| -> Vec<String> {
+        done.iter()
+            .map(|s| s.partitions[0].prefix.clone())
+            .collect()
+    };
+    let before = waiting();
+    let first = catch_up(&ctx, ExportJobType::EventData, day(-1), 7, 90)
+        .await
+        .unwrap();
+    assert_eq!(
+        published(&first),
+        [
+            format!("EVENT_DATA/dt={}", late[0]),
+            format!("EVENT_DATA/dt={}", late[1])
+        ]
+    );
+    // The third day was counted as waiting (other tests may count too: at least it).
+    assert!(waiting() - before >= 1.0);
+    let second = catch_up(&ctx, ExportJobType::EventData, day(-1), 7, 90)
+        .await
+        .unwrap();
+    assert_eq!(published(&second), [format!("EVENT_DATA/dt={}", late[2])]);
+    assert_eq!(
+        manifest(&dir, &format!("EVENT_DATA/dt={}", late[2]))["rows"],
+        3
+    );
+    let third = catch_up(&ctx, ExportJobType::EventData, day(-1), 7, 90)
+        .await
+        .unwrap();
+    assert!(third.is_empty(), "{third:?}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 /// With `archive_after_days = 3`: a missed window ARCHIVE took first is skipped, not
 /// refused for ever (later windows still run); a late event for the newest day ARCHIVE
 /// does not take yet is published again (it used to be forgotten a day early); one for an

@@ -782,6 +782,7 @@ async fn the_engine_schedules_export_schedules_and_integration_configs() {
             kind: "DAILY_ANALYTICS".into(),
             cron: "0 15 2 * * *".into(),
             catch_up: 3,
+            late_days_per_run: 7,
             timezone: None,
         }];
     });

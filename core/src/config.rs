@@ -142,6 +142,10 @@ pub struct ScheduleSection {
     /// Missed daily windows run after downtime, oldest first, at most this many.
     #[serde(default = "default_catch_up")]
     pub catch_up: usize,
+    /// EVENT_DATA and DAILY_ANALYTICS: days published before that received late events,
+    /// published again per run (oldest first); the rest wait for the next runs.
+    #[serde(default = "default_catch_up")]
+    pub late_days_per_run: usize,
     /// IANA time zone the cron is read in (`Europe/Paris`); default UTC.
     #[serde(default)]
     pub timezone: Option<String>,
@@ -1130,6 +1134,13 @@ pub fn validate(
                 "at least 1 (the window of the run itself)".into(),
             ));
         }
+        if sched.late_days_per_run == 0 {
+            // Zero would leave every late event unpublished.
+            return Err(invalid(
+                &format!("schedules[{i}].late_days_per_run"),
+                "at least 1".into(),
+            ));
+        }
         if let Some(tz) = &sched.timezone {
             tz.parse::<chrono_tz::Tz>().map_err(|_| {
                 invalid(
@@ -1654,6 +1665,10 @@ mod tests {
             (
                 "[[schedules]]\nname = \"d\"\ntype = \"EVENT_DATA\"\ncron = \"0 0 2 * * *\"\ncatch_up = 0\n",
                 "schedules[0].catch_up",
+            ),
+            (
+                "[[schedules]]\nname = \"d\"\ntype = \"EVENT_DATA\"\ncron = \"0 0 2 * * *\"\nlate_days_per_run = 0\n",
+                "schedules[0].late_days_per_run",
             ),
         ] {
             let err = check(text).unwrap_err().to_string();

@@ -107,6 +107,9 @@ impl ExportRequest {
     }
 }
 
+/// Default of [`ExportContext::late_days_per_run`].
+pub const LATE_DAYS_PER_RUN: usize = 7;
+
 /// See [`ExportRequest::archive_settle`]; well above the event writer's claim lease.
 pub const DEFAULT_ARCHIVE_SETTLE: Duration = Duration::from_secs(5 * 60);
 
@@ -142,6 +145,9 @@ pub struct ExportContext {
     pub work_dir: PathBuf,
     /// ARCHIVE: events deleted (and ledger claims marked) per command.
     pub archive_delete_chunk: usize,
+    /// [`catch_up`]: days published before that received late events, published again
+    /// per run, oldest first; the rest wait for the next run.
+    pub late_days_per_run: usize,
     /// Tests: fail an ARCHIVE after it published, before it deleted anything (what a
     /// crash at that point leaves behind).
     pub fail_before_archive_delete: bool,
@@ -181,6 +187,7 @@ impl ExportContext {
             progress: Arc::new(Progress::default()),
             work_dir: std::env::temp_dir(),
             archive_delete_chunk: ARCHIVE_DELETE_CHUNK,
+            late_days_per_run: LATE_DAYS_PER_RUN,
             fail_before_archive_delete: false,
             fail_after_copies: None,
             fail_after_manifest: false,
@@ -367,9 +374,26 @@ pub async fn catch_up(
         late_day_exported(ctx, kind, d, reading).await;
     }
     // Days published earlier that received events since (a client's buffered events, an
-    // import of older data): published again. One that fails is logged and retried by
-    // the next run; it does not fail this run's windows.
-    for d in late_days(ctx, kind, first, archive_after_days).await? {
+    // import of older data): published again, at most `late_days_per_run`, oldest first
+    // (ARCHIVE waits for them), the rest by the next runs. One that fails is logged and
+    // retried by the next run; it does not fail this run's windows.
+    let mut late = late_days(ctx, kind, first, archive_after_days).await?;
+    let per_run = ctx.late_days_per_run.max(1);
+    if late.len() > per_run {
+        let waiting = late.split_off(per_run);
+        count_windows_not_exported(kind, "late_days_beyond_per_run", waiting.len() as u64);
+        if let (Some(from), Some(to)) = (waiting.first(), waiting.last()) {
+            tracing::warn!(
+                kind = %kind,
+                %from,
+                %to,
+                days = waiting.len(),
+                per_run,
+                "days that received late events wait for the next runs: a run publishes at most `late_days_per_run` of them again"
+            );
+        }
+    }
+    for d in late {
         let request = ExportRequest::day(kind, d, archive_after_days).scheduled();
         let reading = ctx.store.now();
         match run_export(ctx, &request).await {
@@ -393,7 +417,7 @@ pub async fn catch_up(
 fn count_windows_not_exported(kind: ExportJobType, reason: &str, n: u64) {
     sluice_core::metrics::count(
         "sluice_export_windows_not_exported_total",
-        "Scheduled export days a run left without their data published, by kind and reason (beyond_catch_up, archived_first, late_events_not_republished); a day still missing at the next run is counted again.",
+        "Scheduled export days a run left without their data published, by kind and reason (beyond_catch_up, archived_first, late_events_not_republished, late_days_beyond_per_run); a day still missing at the next run is counted again.",
         &[("kind", kind.as_str()), ("reason", reason)],
         n,
     );
