@@ -448,6 +448,8 @@ enum Fault {
     FirstTokenRevoked,
     /// Tokens say they live `u64::MAX` seconds.
     EndlessTokens,
+    /// The token endpoint answers 200 with 2 MiB of JSON.
+    HugeTokenAnswer,
     /// The second push is answered after 2.5 s.
     SlowSecondPush,
     /// Every push is answered after 300 ms.
@@ -464,6 +466,12 @@ async fn token(State(s): State<FaultApi>) -> Response {
             [("retry-after", "1")],
             Json(json!({ "error": "too_many_requests", "error_description": "slow down" })),
         )
+            .into_response();
+    }
+    if s.fault == Fault::HugeTokenAnswer {
+        s.hits.fetch_add(1, Ordering::SeqCst);
+        let padding = "x".repeat(2 << 20);
+        return Json(json!({ "access_token": "t", "token_type": "bearer", "padding": padding }))
             .into_response();
     }
     if s.fault == Fault::TokenBusyForAnHour {
@@ -949,6 +957,17 @@ async fn a_token_endpoint_that_fails_once_is_retried_and_a_401_refreshes_even_wi
     assert!(err.contains("asked to wait 3600 s"), "{err}");
     assert_eq!(api.hits.load(Ordering::SeqCst), 1, "no attempt spent early");
 
+    // An answer longer than 1 MiB is not read whole: the run fails saying so.
+    let (base, api) = fault_api(Fault::HugeTokenAnswer).await;
+    let auth = format!("[auth]\ntype = \"OAUTH\"\ntoken_url = \"{base}/token\"\nclient_id = \"c\"\nclient_secret = \"${{env:IMPORT_TEST_SECRET_E}}\"\n");
+    let name = apply(&db, &cursor_config("provider-verbose", &base, "", &auth)).await;
+    let err = run_import(&db.store, &name, &opts)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("answer is longer than 1024 KiB"), "{err}");
+    assert!(api.hits.load(Ordering::SeqCst) >= 1);
+
     // A token revoked before it expires gets a 401; with a single attempt, the refresh
     // still happens, on an attempt of its own.
     let (base, api) = fault_api(Fault::FirstTokenRevoked).await;
@@ -1293,7 +1312,9 @@ async fn big_documents_are_written_in_commands_that_fit_and_one_too_big_fails_al
         .collect();
     data.push(json!({ "id": "huge", "body": "y".repeat(17 * 1024 * 1024) }));
     let url = serve_page("/big", data).await;
+    // One page of 35 MB: over the default `max_page_mb`.
     let config = things_config("big", &url, "type = \"none\"")
+        .replace("[source]", "[source]\nmax_page_mb = 64")
         + "[mapping.body]\npath = \"$.body\"\ntype = \"string\"\n";
     let name = apply(&db, &config).await;
     let first = run_import(&db.store, &name, &ImportOptions::default())

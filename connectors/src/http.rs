@@ -734,7 +734,7 @@ impl HttpClient {
                     return Err(HttpError::Network {
                         url: url.to_string(),
                         message: format!(
-                            "the answer is larger than {} MiB (`source.max_page_mb`); lower the page size",
+                            "the answer is larger than {} MiB (`source.max_page_mb`); lower the page size, or raise the limit if the process has the memory (a page parses to up to 16 times its size)",
                             cap >> 20
                         ),
                     })
@@ -1225,8 +1225,7 @@ impl Provider {
         move |request| {
             let (http, asked, answered) = (http.clone(), asked.clone(), answered.clone());
             Box::pin(async move {
-                use oauth2::AsyncHttpClient;
-                let mut answer = http.call(request).await?;
+                let mut answer = token_call(&http, request).await?;
                 let wait = match answer.status().as_u16() {
                     429 | 503 => retry_after(answer.headers()),
                     _ => None,
@@ -1290,8 +1289,40 @@ impl Provider {
     }
 }
 
-/// The body as text, or `None` once it is longer than `cap` bytes (a `Content-Length`
-/// over the cap is refused before anything is read).
+/// The longest token endpoint answer read (they are a few KB; a JWT-laden one tens).
+const TOKEN_ANSWER_BYTES: usize = 1 << 20;
+
+/// Sends a token request as oauth2's own reqwest client does, but reads the answer only
+/// up to [`TOKEN_ANSWER_BYTES`]: oauth2's reads it whole, however long.
+async fn token_call(
+    http: &reqwest::Client,
+    request: oauth2::HttpRequest,
+) -> Result<oauth2::HttpResponse, oauth2::HttpClientError<reqwest::Error>> {
+    use oauth2::HttpClientError;
+    let answer = http
+        .execute(request.try_into().map_err(Box::new)?)
+        .await
+        .map_err(Box::new)?;
+    let mut builder = oauth2::http::Response::builder()
+        .status(answer.status())
+        .version(answer.version());
+    for (name, value) in answer.headers() {
+        builder = builder.header(name, value);
+    }
+    let body = read_capped(answer, TOKEN_ANSWER_BYTES)
+        .await
+        .map_err(Box::new)?
+        .ok_or_else(|| {
+            HttpClientError::Other(format!(
+                "the token endpoint's answer is longer than {} KiB",
+                TOKEN_ANSWER_BYTES >> 10
+            ))
+        })?;
+    builder
+        .body(body.into_bytes())
+        .map_err(HttpClientError::Http)
+}
+
 /// How much of an error answer's body is read: it is quoted, never parsed.
 const ERROR_BODY_BYTES: usize = 64 * 1024;
 
@@ -1309,6 +1340,8 @@ async fn read_start(mut resp: reqwest::Response, cap: usize) -> Result<String, r
     Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
+/// The body as text, or `None` once it is longer than `cap` bytes (a `Content-Length`
+/// over the cap is refused before anything is read).
 async fn read_capped(
     mut resp: reqwest::Response,
     cap: usize,

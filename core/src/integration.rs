@@ -146,7 +146,7 @@ impl Default for SourceSection {
         Self {
             records: "$[*]".into(),
             timeout_seconds: 30,
-            max_page_mb: 64,
+            max_page_mb: 16,
             rate_limit_per_second: 0.0,
             pagination: Pagination::default(),
             retry: RetryPolicy::default(),
