@@ -1679,6 +1679,46 @@ async fn an_api_echoing_a_wrong_key_does_not_get_it_stored() {
 }
 
 #[tokio::test]
+async fn a_push_batch_is_cut_at_max_batch_mb() {
+    let db = TestDb::initialized().await;
+    let (base, api) = fault_api(Fault::None).await;
+    let users = db.store.collection("users");
+    for i in 0..12 {
+        users
+            .insert_one(doc! { "visitorId": format!("v{i:02}"), "notes": "n".repeat(300_000), "updatedAt": bson::DateTime::from_millis(1_000 + i) })
+            .await
+            .unwrap();
+    }
+    let text = format!(
+        r#"
+name = "bulky"
+type = "EXPORT"
+endpoint = "{base}/inbox"
+allow_private_network = true
+[push]
+collection = "users"
+watermark_field = "updatedAt"
+batch_size = 100
+max_batch_mb = 1
+wrap = "contacts"
+"#
+    );
+    let name = apply(&db, &text).await;
+    let s = run_push(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    // 300 KB each: the fourth document of a batch takes it past 1 MiB.
+    assert_eq!((s.read, s.sent, s.requests), (12, 12, 3));
+    let pushed = api.pushed.lock().unwrap().clone();
+    let sizes: Vec<usize> = pushed
+        .iter()
+        .map(|b| b["contacts"].as_array().unwrap().len())
+        .collect();
+    assert_eq!(sizes, [4, 4, 4]);
+    assert_eq!(pushed[2]["contacts"][3]["visitorId"], "v11");
+}
+
+#[tokio::test]
 async fn export_configs_push_new_documents_in_batches() {
     let db = TestDb::initialized().await;
     let (base, api) = fault_api(Fault::None).await;

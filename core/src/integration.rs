@@ -333,6 +333,10 @@ pub struct PushSection {
     /// Records per request.
     #[serde(default = "push_batch")]
     pub batch_size: usize,
+    /// A batch is also cut once the documents read for it reach this many MiB (as BSON,
+    /// about): documents may be up to 16 MiB each, and a batch is held in a few copies.
+    #[serde(default = "push_batch_mb")]
+    pub max_batch_mb: u64,
     /// The JSON body: `{"<wrap>": [records]}`, or a bare array when empty.
     #[serde(default)]
     pub wrap: String,
@@ -344,6 +348,10 @@ pub struct PushSection {
 
 fn push_batch() -> usize {
     100
+}
+
+fn push_batch_mb() -> u64 {
+    8
 }
 
 /// The most documents a push sends per request.
@@ -1084,6 +1092,12 @@ pub fn validate(
             return Err(invalid(
                 "push.batch_size",
                 format!("1 to {MAX_PUSH_BATCH}, got {}", push.batch_size),
+            ));
+        }
+        if !(1..=256).contains(&push.max_batch_mb) {
+            return Err(invalid(
+                "push.max_batch_mb",
+                format!("1 to 256, got {}", push.max_batch_mb),
             ));
         }
         if crate::model::collections::INTERNAL.contains(&push.collection.as_str()) {
@@ -2125,6 +2139,17 @@ type = "bool"
                 .unwrap_err()
                 .to_string();
             assert!(err.contains("push.batch_size"), "{size}: {err}");
+        }
+        for mb in [0, 257] {
+            let sized = push.replace(
+                "collection = \"users\"",
+                &format!("collection = \"users\"\nmax_batch_mb = {mb}"),
+            );
+            let sized = sized.replace("method = \"GET\"\n", "");
+            let err = validate("p", &parse_file("p", &sized).unwrap(), &env)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("push.max_batch_mb"), "{mb}: {err}");
         }
     }
 

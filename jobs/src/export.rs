@@ -2432,7 +2432,7 @@ pub const BATCH_BYTES: usize = 64 << 20;
 
 /// About what a document takes as BSON (its text columns take about as much), without
 /// encoding it: strings and binaries by their length, other values a few bytes each.
-fn approx_bytes(d: &Document) -> usize {
+pub(crate) fn approx_bytes(d: &Document) -> usize {
     5 + d
         .iter()
         .map(|(k, v)| k.len() + 2 + approx_value_bytes(v))

@@ -2182,11 +2182,14 @@ pub async fn run_push(
             stopped = true;
             break;
         }
-        let mut batch: Vec<Document> = Vec::with_capacity(push.batch_size);
-        while batch.len() < push.batch_size {
+        let mut batch: Vec<Document> = Vec::with_capacity(push.batch_size.min(1024));
+        let mut batch_bytes = 0;
+        let max_bytes = (push.max_batch_mb as usize) << 20;
+        while batch.len() < push.batch_size && batch_bytes < max_bytes {
             match cursor.try_next().await {
                 Ok(Some(d)) => {
                     reopened = 0;
+                    batch_bytes += crate::export::approx_bytes(&d);
                     batch.push(d);
                 }
                 Ok(None) => break,
@@ -2194,6 +2197,7 @@ pub async fn run_push(
                     reopened += 1;
                     tracing::warn!(config = name, "the push's cursor was closed by the server (idle too long); reading on from the last batch sent");
                     batch.clear();
+                    batch_bytes = 0;
                     cursor = open(&position).await.map_err(read_err())?;
                 }
                 Err(e) => return Err(read_err()(e).into()),
