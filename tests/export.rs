@@ -3076,8 +3076,20 @@ async fn an_archive_waits_for_late_events_to_be_published_again() {
     )
     .await
     .unwrap();
+    let archived_unpublished = || {
+        sluice_core::metrics::value(
+            "sluice_export_windows_not_exported_total",
+            &[
+                ("kind", "EVENT_DATA"),
+                ("reason", "late_events_archived_first"),
+            ],
+        )
+    };
+    let before = archived_unpublished();
     let anyway = run_export(&ctx, &archive).await.unwrap();
     assert_eq!(anyway.deleted, 5);
+    // Counted against the export that never published them (other tests may count too).
+    assert!(archived_unpublished() > before);
     // Without scheduled readers of late days, nothing is waited for.
     seed(&db, day(-102), 3).await;
     let unwaited = run_export(&ctx, &request(ExportJobType::Archive, day(0), day(0)))

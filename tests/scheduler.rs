@@ -349,6 +349,44 @@ async fn a_dead_owners_run_is_taken_over_after_the_lease() {
 }
 
 #[tokio::test]
+async fn a_run_that_was_waiting_for_a_slot_when_its_owner_died_is_not_counted_against() {
+    let db = TestDb::initialized().await;
+    let fire = Utc::now() - chrono::Duration::seconds(30);
+    let id = format!(
+        "nightly@{}",
+        fire.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    );
+    // Two lapses already: one more counted would give it up. But it was waiting for a
+    // slot (never ran there) when this owner died.
+    db.store
+        .collection("scheduled_runs")
+        .insert_one(doc! {
+            "_id": &id, "job": "nightly", "scheduledFor": bson::DateTime::from_chrono(fire),
+            "status": "RUNNING", "owner": "killed-replica", "attempts": 3, "lapses": 2,
+            "waitingSince": bson::DateTime::now(), "reason": "waiting for a run slot",
+            "expiresAt": bson::DateTime::from_millis(bson::DateTime::now().timestamp_millis() - 1),
+        })
+        .await
+        .unwrap();
+    let (s, log) = idle_scheduler(&db.store, "survivor", Duration::ZERO, 400).await;
+    status_becomes(&db, doc! { "_id": &id }, "COMPLETED").await;
+    s.shutdown().await;
+    assert_eq!(log.lock().unwrap().len(), 1);
+    let doc = db
+        .store
+        .collection("scheduled_runs")
+        .find_one(doc! { "_id": &id })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(doc.get_i32("lapses").unwrap(), 2, "{doc}");
+    assert!(
+        !doc.contains_key("waitingSince") && !doc.contains_key("reason"),
+        "{doc}"
+    );
+}
+
+#[tokio::test]
 async fn a_run_whose_owners_keep_dying_is_given_up_but_hand_backs_do_not_count() {
     let db = TestDb::initialized().await;
     let orphan = |job: &str, lapses: i32, handed_back: bool| {
@@ -490,7 +528,7 @@ async fn fires_beyond_the_replicas_run_slots_wait_claimed_and_all_run_or_stop_at
     let runner = Arc::new(Concurrent {
         going: Default::default(),
         most: most.clone(),
-        delay: Duration::from_millis(1_500),
+        delay: Duration::from_secs(3),
     });
     let jobs: Vec<ScheduledJob> = ["one", "two", "three"].map(unscheduled).to_vec();
     let s = Scheduler::start(
@@ -506,58 +544,42 @@ async fn fires_beyond_the_replicas_run_slots_wait_claimed_and_all_run_or_stop_at
     .unwrap();
     let fire = Utc::now() - chrono::Duration::seconds(5);
     let fires = futures_util::future::join_all(jobs.iter().map(|j| s.fire(j, fire)));
+    let gauge = || sluice_core::metrics::value("sluice_job_runs_waiting", &[]);
     let watch = async {
-        // Two of the three are claimed and say they wait, counted by the gauge.
+        // Two of the three are claimed and say why they wait, counted by the gauge.
         let runs = db.store.collection("scheduled_runs");
-        let waiting = doc! { "status": "RUNNING", "waitingSince": { "$exists": true } };
-        support::wait_until("two runs wait for a slot", || async {
-            runs.count_documents(waiting.clone()).await.unwrap() == 2
+        let waiting = doc! {
+            "status": "RUNNING", "waitingSince": { "$exists": true },
+            "reason": { "$regex": "max_concurrent_runs" },
+        };
+        support::wait_until("two runs wait for a slot, counted", || async {
+            runs.count_documents(waiting.clone()).await.unwrap() == 2 && gauge() == 2.0
         })
         .await;
-        let gauge = sluice_core::metrics::value("sluice_job_runs_waiting", &[]);
-        let reasons: Vec<String> = runs
-            .find(waiting)
-            .await
-            .unwrap()
-            .try_collect::<Vec<_>>()
-            .await
-            .unwrap()
-            .iter()
-            .map(|d| d.get_str("reason").unwrap_or("").to_string())
-            .collect();
-        (gauge, reasons)
     };
-    let (outcomes, (gauge, reasons)) = tokio::join!(fires, watch);
+    let (outcomes, ()) = tokio::join!(fires, watch);
     s.shutdown().await;
     for o in &outcomes {
         assert!(matches!(o, FireOutcome::Ran(Ok(_))), "{outcomes:?}");
     }
     assert_eq!(most.load(std::sync::atomic::Ordering::SeqCst), 1);
-    assert_eq!(gauge, 2.0);
-    assert_eq!(
-        sluice_core::metrics::value("sluice_job_runs_waiting", &[]),
-        0.0
-    );
-    for r in &reasons {
-        assert!(r.contains("max_concurrent_runs"), "{reasons:?}");
-    }
+    assert_eq!(gauge(), 0.0);
     let docs = runs(&db).await;
     assert_eq!(docs.len(), 3, "{docs:?}");
-    let mut waited = 0;
+    let mut waited = Vec::new();
     for d in &docs {
         assert_eq!(d.get_str("status").unwrap(), "COMPLETED", "{d}");
-        // The reason went once the run started; its start is when it got its slot.
+        // The wait's fields went once the run had its slot; `waitedMs` says how long.
         assert!(d.get_str("reason").is_err(), "{d}");
-        if let Ok(since) = d.get_datetime("waitingSince") {
-            waited += 1;
-            let started = d.get_datetime("startedAt").unwrap();
-            assert!(
-                started.timestamp_millis() >= since.timestamp_millis() + 1_000,
-                "{d}"
-            );
+        assert!(!d.contains_key("waitingSince"), "{d}");
+        if let Ok(ms) = d.get_i64("waitedMs") {
+            waited.push(ms);
         }
     }
-    assert_eq!(waited, 2, "{docs:?}");
+    waited.sort();
+    assert_eq!(waited.len(), 2, "{docs:?}");
+    // Behind one run of 3 s, then behind two.
+    assert!(waited[0] >= 2_500 && waited[1] >= 5_500, "{waited:?}");
 
     // A shutdown stops a run that waits as well (and it is no longer counted). In the
     // same test: the gauge is the process's.

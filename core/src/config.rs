@@ -144,7 +144,7 @@ pub struct ScheduleSection {
     pub catch_up: usize,
     /// EVENT_DATA and DAILY_ANALYTICS: days published before that received late events,
     /// published again per run (oldest first); the rest wait for the next runs.
-    #[serde(default = "default_catch_up")]
+    #[serde(default = "default_late_days_per_run")]
     pub late_days_per_run: usize,
     /// IANA time zone the cron is read in (`Europe/Paris`); default UTC.
     #[serde(default)]
@@ -152,6 +152,10 @@ pub struct ScheduleSection {
 }
 
 fn default_catch_up() -> usize {
+    7
+}
+
+fn default_late_days_per_run() -> usize {
     7
 }
 
@@ -1138,7 +1142,7 @@ pub fn validate(
             // Zero would leave every late event unpublished.
             return Err(invalid(
                 &format!("schedules[{i}].late_days_per_run"),
-                "at least 1".into(),
+                "at least 1, got 0".into(),
             ));
         }
         if let Some(tz) = &sched.timezone {

@@ -283,9 +283,6 @@ struct Inner {
     slots: tokio::sync::Semaphore,
 }
 
-/// Claimed runs of this process waiting for a slot.
-static WAITING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
 /// A running scheduler. Dropping it does not stop it; `shutdown` does.
 pub struct Scheduler {
     inner: Arc<Inner>,
@@ -304,6 +301,8 @@ impl Scheduler {
         let sched = JobScheduler::new().await.map_err(|e| e.to_string())?;
         sched.start().await.map_err(|e| e.to_string())?;
         let slots = options.max_concurrent_runs.max(1);
+        // The gauge exists, at 0, from the start.
+        Waiting::change(|_| {});
         let inner = Arc::new(Inner {
             store,
             runner,
@@ -667,7 +666,11 @@ async fn claim(
         let skipped = doc! {
             common::ID: &id, "job": &job.name, "scheduledFor": DateTime::from_chrono(fire),
             "status": "SKIPPED", "owner": &inner.options.instance,
-            "reason": format!("the run `{}` is still going", other.get_str(common::ID).unwrap_or("?")),
+            "reason": format!(
+                "the run `{}` is {}",
+                other.get_str(common::ID).unwrap_or("?"),
+                if other.contains_key(WAITING_SINCE) { "waiting for a run slot" } else { "still going" },
+            ),
             common::CREATED_AT: now, "endedAt": now,
         };
         return match runs.insert_one(skipped).await {
@@ -747,7 +750,6 @@ async fn execute(
     let mut heartbeat = std::pin::pin!(heartbeat);
     let mut stop = inner.stop.subscribe();
     let _executing = inner.executing.enter();
-    let started = std::time::Instant::now();
     let stopping = async move {
         let _ = stop.wait_for(|stopping| *stopping).await;
     };
@@ -757,7 +759,9 @@ async fn execute(
         biased;
         r = async {
             let _slot = take_slot(inner, &id).await;
-            inner.runner.run(job, fire).await
+            // Timed from its slot: `sluice_job_run_seconds` is the run's own time.
+            let started = std::time::Instant::now();
+            (inner.runner.run(job, fire).await, started)
         } => Some(r),
         _ = &mut heartbeat => {
             tracing::warn!(job = %job.name, run = %id, "lease lost; run stopped");
@@ -765,7 +769,7 @@ async fn execute(
         }
         _ = stopping => None,
     };
-    let Some(result) = result else {
+    let Some((result, started)) = result else {
         // Handed back with the rest by `Scheduler::hand_back`, once the stop is recorded;
         // claimed after that, it hands itself back.
         if inner.handed_back.load(std::sync::atomic::Ordering::SeqCst) {
@@ -793,8 +797,12 @@ async fn execute(
     FireOutcome::Ran(result)
 }
 
+/// A waiting run's record field: when it began waiting for a slot (unset once it has one).
+const WAITING_SINCE: &str = "waitingSince";
+
 /// A slot to execute a claimed run in: at once when one is free; otherwise the run's
-/// record says it waits (`waitingSince`, `reason`) until one is, and then when it started.
+/// record says it waits (`waitingSince`, `reason`) until one is, then `startedAt` is set
+/// to when it got the slot and `waitedMs` to how long it waited.
 /// (`None` only if the slots were closed, which they never are.)
 async fn take_slot<'a>(inner: &'a Inner, id: &str) -> Option<tokio::sync::SemaphorePermit<'a>> {
     if let Ok(slot) = inner.slots.try_acquire() {
@@ -803,11 +811,12 @@ async fn take_slot<'a>(inner: &'a Inner, id: &str) -> Option<tokio::sync::Semaph
     let runs = inner.store.lease_collection(c::SCHEDULED_RUNS);
     let mine = doc! { common::ID: id, "owner": &inner.options.instance, "status": "RUNNING" };
     let limit = inner.options.max_concurrent_runs;
+    let since = inner.store.now();
     let noted = runs
         .update_one(
             mine.clone(),
             doc! { "$set": {
-                "waitingSince": inner.store.now(),
+                WAITING_SINCE: since,
                 "reason": format!("waiting for a run slot: this replica runs {limit} at once ([scheduler] max_concurrent_runs)"),
             } },
         )
@@ -824,10 +833,14 @@ async fn take_slot<'a>(inner: &'a Inner, id: &str) -> Option<tokio::sync::Semaph
         let _waiting = Waiting::enter();
         inner.slots.acquire().await
     };
+    let now = inner.store.now();
     let started = runs
         .update_one(
             mine,
-            doc! { "$set": { "startedAt": inner.store.now() }, "$unset": { "reason": "" } },
+            doc! {
+                "$set": { "startedAt": now, "waitedMs": now.timestamp_millis() - since.timestamp_millis() },
+                "$unset": { WAITING_SINCE: "", "reason": "" },
+            },
         )
         .await;
     if let Err(e) = started {
@@ -836,30 +849,40 @@ async fn take_slot<'a>(inner: &'a Inner, id: &str) -> Option<tokio::sync::Semaph
     slot.ok()
 }
 
+/// Claimed runs of this process waiting for a slot; the gauge is set under the same lock
+/// as the count changes, so it cannot be left showing an older count.
+static WAITING: std::sync::Mutex<usize> = std::sync::Mutex::new(0);
+
 /// Counts a run waiting for a slot in `sluice_job_runs_waiting` until dropped (a run
 /// stopped while it waits is dropped too).
 struct Waiting;
 
 impl Waiting {
     fn enter() -> Self {
-        Self::show(WAITING.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1);
+        Self::change(|n| *n += 1);
         Self
     }
 
-    fn show(n: usize) {
-        sluice_core::metrics::set(
-            "sluice_job_runs_waiting",
-            "Claimed scheduled runs waiting for a slot on this replica ([scheduler] max_concurrent_runs).",
-            &[],
-            n as f64,
-        );
+    fn change(f: impl FnOnce(&mut usize)) {
+        let mut n = WAITING.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut n);
+        show_waiting(*n);
     }
 }
 
 impl Drop for Waiting {
     fn drop(&mut self) {
-        Self::show(WAITING.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) - 1);
+        Self::change(|n| *n = n.saturating_sub(1));
     }
+}
+
+fn show_waiting(n: usize) {
+    sluice_core::metrics::set(
+        "sluice_job_runs_waiting",
+        "Claimed scheduled runs waiting for a slot on this replica ([scheduler] max_concurrent_runs).",
+        &[],
+        n as f64,
+    );
 }
 
 /// A run's outcome as its status and the fields that record its end (`status`, `result`
@@ -1212,8 +1235,13 @@ async fn step_back(store: &Store, id: &str, other: &Document) -> Result<(), Stor
 }
 
 fn busy(job: &str, run: &Document) -> StoreError {
+    let what = if run.contains_key(WAITING_SINCE) {
+        "is claimed and waiting for a run slot"
+    } else {
+        "is in progress"
+    };
     StoreError::Busy(format!(
-        "a run of `{job}` is in progress ({}, owner {}); try again once it has ended",
+        "a run of `{job}` {what} ({}, owner {}); try again once it has ended",
         run.get_str(common::ID).unwrap_or("?"),
         run.get_str("owner").unwrap_or("?")
     ))
@@ -1288,8 +1316,11 @@ async fn sweep(inner: &Arc<Inner>) -> Result<(), StoreError> {
         // lost the store). A run whose owners keep dying may be what kills them (a job
         // that exhausts memory): after MAX_LAPSES it is recorded FAILED instead of being
         // handed from replica to replica, taking each one down.
+        // A run that was waiting for a slot never ran there: its owner's death is not
+        // counted against it.
         let handed_back = o.get_bool("handedBack").unwrap_or(false);
-        let lapses = o.get_i32("lapses").unwrap_or(0) + i32::from(!handed_back);
+        let never_ran = o.contains_key(WAITING_SINCE);
+        let lapses = o.get_i32("lapses").unwrap_or(0) + i32::from(!handed_back && !never_ran);
         if lapses >= MAX_LAPSES {
             give_up(&runs, &o, lapses, now).await?;
             continue;
@@ -1349,6 +1380,7 @@ async fn sweep(inner: &Arc<Inner>) -> Result<(), StoreError> {
                         "owner": &inner.options.instance, "expiresAt": inner.store.now_plus(inner.options.lease),
                         "takenOverAt": now, "handedBack": false, "lapses": lapses,
                     },
+                    "$unset": { WAITING_SINCE: "", "reason": "" },
                     "$inc": { "attempts": 1 },
                 },
             )
