@@ -26,11 +26,14 @@ pub fn load_config(path: Option<&Path>) -> Result<Config, ConfigError> {
 }
 
 /// Logs go to stderr, as text or JSON lines; `RUST_LOG` overrides the configured level.
+/// Text is coloured only on a terminal (a file or a log collector gets plain text).
 pub fn init_tracing(log: &LogSection) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&log.level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = if log.format == "json" {
         builder.json().try_init()
@@ -1400,6 +1403,7 @@ pub async fn jobs_run(
         let kind = sluice_core::model::ExportJobType::parse(&s.kind).map_err(anyhow::Error::msg)?;
         check_export_window(kind, from, to)?;
         export_run(config, kind, from, to, None).await?;
+        println!("(a backfill: recorded in `export_jobs` with `manual: true`, not in `sluice jobs history`, and the schedule's catch-up point does not move)");
         return Ok(());
     }
     // A bare config name is its integration job, recorded (and found in `jobs history`)
@@ -1415,6 +1419,15 @@ pub async fn jobs_run(
     store.init().await?;
     if let Some(integration) = name.strip_prefix(crate::engine::INTEGRATION_PREFIX) {
         require_config(&store, integration).await?;
+    }
+    // Checked before a run is recorded: a typo must not leave a FAILED run of a job that
+    // does not exist.
+    if let Some(schedule) = name.strip_prefix(crate::engine::EXPORT_PREFIX) {
+        if !config.schedules.iter().any(|s| s.name == schedule) {
+            anyhow::bail!(
+                "no export schedule `{schedule}` in the config's [[schedules]] (to export without one: `sluice export run`)"
+            );
+        }
     }
     let runner = crate::engine::EngineRunner {
         config: std::sync::Arc::new(config.clone()),
@@ -1480,8 +1493,8 @@ pub async fn jobs_history(config: &Config, name: Option<&str>) -> anyhow::Result
 /// `sluice admin create-user`: bootstraps the first admin.
 pub async fn admin_create_user(config: &Config, email: &str, role: &str) -> anyhow::Result<()> {
     use std::io::IsTerminal;
-    let role =
-        sluice_core::model::Role::parse(&role.to_ascii_uppercase()).map_err(anyhow::Error::msg)?;
+    let role = sluice_core::model::Role::parse(&role.to_ascii_uppercase())
+        .map_err(|e| anyhow::anyhow!("--role: expected {e}"))?;
     let password = match std::env::var("SLUICE_ADMIN_PASSWORD") {
         Ok(p) => p,
         // Typed at a terminal: not echoed, and asked twice so a typo does not lock the

@@ -211,7 +211,9 @@ enum ExportCommand {
 }
 
 fn parse_kind(text: &str) -> Result<ExportJobType, String> {
-    ExportJobType::parse(&text.to_ascii_uppercase().replace('-', "_"))
+    ExportJobType::parse(&text.to_ascii_uppercase().replace('-', "_")).map_err(|_| {
+        format!("expected one of event-data, user-data, daily-analytics, archive, got `{text}`")
+    })
 }
 
 #[derive(Subcommand)]

@@ -59,20 +59,27 @@ async fn import_run(config: &std::path::Path, name: &str) -> std::process::Outpu
 }
 
 #[tokio::test]
-async fn running_a_config_that_does_not_exist_leaves_no_run_record() {
+async fn running_a_job_that_does_not_exist_leaves_no_run_record() {
     let db = support::TestDb::initialized().await;
     let config = db_config(&db);
-    for args in [
-        ["jobs", "run", "no-such-feed"],
-        ["import", "run", "no-such-feed"],
+    for (args, says) in [
+        (
+            ["jobs", "run", "no-such-feed"],
+            "no integration config `no-such-feed`",
+        ),
+        (
+            ["import", "run", "no-such-feed"],
+            "no integration config `no-such-feed`",
+        ),
+        (
+            ["jobs", "run", "export:no-such-export"],
+            "no export schedule `no-such-export`",
+        ),
     ] {
         let out = sluice_with(&config, &args).await;
         assert_eq!(out.status.code(), Some(1), "{args:?}");
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            stderr.contains("no integration config `no-such-feed`"),
-            "{args:?}: {stderr}"
-        );
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
     }
     let runs = db
         .store
@@ -81,6 +88,29 @@ async fn running_a_config_that_does_not_exist_leaves_no_run_record() {
         .await
         .unwrap();
     assert_eq!(runs, 0);
+}
+
+#[tokio::test]
+async fn logs_written_to_a_file_or_pipe_carry_no_colour_codes() {
+    let db = support::TestDb::initialized().await;
+    let config = db_config(&db);
+    let dest = std::env::temp_dir().join(format!("sluice-cli-{}", uuid::Uuid::new_v4().simple()));
+    let out = sluice_with(
+        &config,
+        &[
+            "export",
+            "run",
+            "event-data",
+            "--dest",
+            dest.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("export started"), "{stderr}");
+    assert!(!stderr.contains('\x1b'), "{stderr:?}");
+    let _ = std::fs::remove_dir_all(dest);
 }
 
 #[tokio::test]

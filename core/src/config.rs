@@ -1153,6 +1153,23 @@ pub fn validate(
                 )
             })?;
         }
+        // As integration config names: it is a job name (`export:NAME`) in commands,
+        // run ids and metrics.
+        let name_ok = !sched.name.is_empty()
+            && sched.name.len() <= 100
+            && sched
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        if !name_ok {
+            return Err(invalid(
+                &format!("schedules[{i}].name"),
+                format!(
+                    "1-100 characters of a-z A-Z 0-9 - _ ., got `{}`",
+                    sched.name
+                ),
+            ));
+        }
         if !names.insert(sched.name.clone()) {
             return Err(invalid(
                 &format!("schedules[{i}].name"),
@@ -1580,6 +1597,30 @@ mod tests {
     }
 
     #[test]
+    fn schedule_errors_read_as_what_was_expected_and_what_was_got() {
+        let schedule = |kind: &str, cron: &str| {
+            check(&format!(
+                "[[schedules]]\nname = \"d\"\ntype = \"{kind}\"\ncron = \"{cron}\"\n"
+            ))
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
+        };
+        let err = schedule("EVENTDATA", "0 0 2 * * *");
+        assert!(
+            err.ends_with(
+                "expected one of DAILY_ANALYTICS, USER_DATA, EVENT_DATA, ARCHIVE, got `EVENTDATA`"
+            ),
+            "{err}"
+        );
+        let err = schedule("EVENT_DATA", "0 0 0 31 2 *");
+        assert!(
+            err.contains("expected a cron expression that fires again; `0 0 0 31 2 *` never does"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn a_bad_scheduler_setting_is_named_by_its_own_field() {
         for (text, field) in [
             ("lease_seconds = 1", "scheduler.lease_seconds"),
@@ -1673,6 +1714,14 @@ mod tests {
             (
                 "[[schedules]]\nname = \"d\"\ntype = \"EVENT_DATA\"\ncron = \"0 0 2 * * *\"\nlate_days_per_run = 0\n",
                 "schedules[0].late_days_per_run",
+            ),
+            (
+                "[[schedules]]\nname = \"\"\ntype = \"EVENT_DATA\"\ncron = \"0 0 2 * * *\"\n",
+                "schedules[0].name",
+            ),
+            (
+                "[[schedules]]\nname = \"daily export\"\ntype = \"EVENT_DATA\"\ncron = \"0 0 2 * * *\"\n",
+                "schedules[0].name",
             ),
         ] {
             let err = check(text).unwrap_err().to_string();

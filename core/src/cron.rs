@@ -23,14 +23,16 @@ pub fn parse(expr: &str) -> Result<croner::Cron, String> {
     let every = |f: Option<&str>| matches!(f, Some("*" | "*/1"));
     if every(fields.next()) && !every(fields.next()) {
         return Err(format!(
-            "`{expr}` fires every second of each minute it matches (the first field is seconds): write `0` there to fire once in those minutes"
+            "a cron expression that fires once in the minutes it matches; `{expr}` fires every second of each (the first field is seconds): write `0` there"
         ));
     }
     if cron
         .find_next_occurrence(&chrono::Utc::now(), false)
         .is_err()
     {
-        return Err(format!("`{expr}` never fires again"));
+        return Err(format!(
+            "a cron expression that fires again; `{expr}` never does (a past year, or a date that does not exist)"
+        ));
     }
     Ok(cron)
 }
@@ -58,7 +60,7 @@ mod tests {
             "sub-minute steps are meant"
         );
         let never = parse("0 0 2 * * * 2020").unwrap_err();
-        assert!(never.contains("never fires again"), "{never}");
+        assert!(never.contains("never does"), "{never}");
     }
 
     #[test]

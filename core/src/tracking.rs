@@ -420,7 +420,7 @@ pub fn parse_event(
         }
     };
     let event_type = EventType::parse(type_text)
-        .map_err(|e| ValidationError::new(f::EVENT_TYPE, e.replace("value", "event type")))?;
+        .map_err(|e| ValidationError::new(f::EVENT_TYPE, format!("expected {e}")))?;
 
     let client_time = match obj.get(f::TIMESTAMP) {
         None | Some(Value::Null) => None,

@@ -261,8 +261,13 @@ async fn change_user(
     }
     let mut set = doc! { common::UPDATED_AT: state.store.now() };
     if let Some(role) = &body.role {
-        let role = Role::parse(role)
-            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_role", e))?;
+        let role = Role::parse(role).map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_role",
+                format!("role: expected {e}"),
+            )
+        })?;
         set.insert("role", role.as_str());
     }
     if let Some(active) = body.is_active {
@@ -540,8 +545,13 @@ async fn create_user(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     caller(&state, &headers, Role::Admin).await?;
     let body = json_body(body)?;
-    let role = Role::parse(&body.role)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_role", e))?;
+    let role = Role::parse(&body.role).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_role",
+            format!("role: expected {e}"),
+        )
+    })?;
     create_admin_user(&state.store, &body.email, &body.password, role)
         .await
         .map_err(|e| match e {

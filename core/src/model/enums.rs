@@ -23,10 +23,11 @@ macro_rules! string_enum {
             pub fn parse(text: &str) -> Result<Self, String> {
                 match text {
                     $($text => Ok($name::$variant),)+
+                    // Read after "expected" where a field is named.
                     other => Err(format!(
-                        "unknown value `{}` (expected one of: {})",
-                        other,
-                        [$($text),+].join(", ")
+                        "one of {}, got `{}`",
+                        [$($text),+].join(", "),
+                        other
                     )),
                 }
             }
