@@ -2619,6 +2619,8 @@ async fn a_records_path_into_nothing_warns_instead_of_passing_for_an_empty_api()
         .unwrap();
     assert!(s.completed);
     assert_eq!(s.fetched, 0);
+    // No page had the place: a wrong path, not a run cut short at its last page.
+    assert!(s.stopped_early.is_none(), "{:?}", s.stopped_early);
     assert_eq!(s.warnings.len(), 1, "{:?}", s.warnings);
     assert!(
         s.warnings[0].contains("no `$.items`") && s.warnings[0].contains("data, next"),
@@ -2633,6 +2635,34 @@ async fn a_records_path_into_nothing_warns_instead_of_passing_for_an_empty_api()
         .unwrap()
         .unwrap();
     assert_eq!(run.get_array("warnings").unwrap().len(), 1, "{run}");
+
+    // After a page with the place, a last page without it is taken as an error answered
+    // with 200: the run is cut short there.
+    let addr = serve(Router::new().route(
+        "/flaky",
+        get(|Query(q): Query<Vec<(String, String)>>| async move {
+            if q.iter().any(|(k, _)| k == "cursor") {
+                Json(json!({ "message": "rate limited" }))
+            } else {
+                Json(json!({ "data": [{ "id": "a", "title": "A" }], "next": "p2" }))
+            }
+        }),
+    ))
+    .await;
+    let text =
+        cursor_config("flaky", &format!("http://{addr}"), "", "").replace("/items\"", "/flaky\"");
+    let name = apply(&db, &text).await;
+    let s = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert_eq!((s.pages, s.fetched), (2, 1));
+    assert!(
+        s.stopped_early
+            .as_deref()
+            .is_some_and(|w| w.contains("page 2 came without the records' place")),
+        "{:?}",
+        s.stopped_early
+    );
 
     // An API answering an empty list is an empty page, not a wrong path.
     let addr =

@@ -742,6 +742,8 @@ async fn import_pages(
     // The previous page's digest and record count (its body is not kept: a page can be
     // large).
     let mut previous: Option<(u64, usize)> = None;
+    // Whether a page of this run had the records' place (`source.records` matched).
+    let mut place_seen = false;
     // Requests made this run: an API naming a page it already served (a cursor that
     // comes back) would otherwise loop until `max_pages`.
     // Kept as a 128-bit digest of each request: URLs with long cursors, over many
@@ -820,17 +822,19 @@ async fn import_pages(
                 &connector.name,
                 format!("page {}: {miss}", summary.pages + 1),
             );
-            // After records came, a page without the records' place that ends the
+            // After pages that had the records' place, a page without it that ends the
             // paging is more likely an error answered with 200 than the end: the run
             // counts as cut short, so an incremental cursor (unless `sorted`) is not
-            // moved past the pages not read. One that names a next page is read on.
-            if summary.pages > 0 && summary.stopped_early.is_none() && next == PageState::Done {
+            // moved past the pages not read. One that names a next page is read on. When
+            // no page had it (a records path that matches nothing), the warning says so.
+            if place_seen && summary.stopped_early.is_none() && next == PageState::Done {
                 summary.stopped_early = Some(format!(
                     "page {} came without the records' place (an error answered with 200?); the pages after it were not read",
                     summary.pages + 1
                 ));
             }
         }
+        place_seen |= page.records_missing.is_none();
         summary.pages += 1;
         summary.fetched += page.records().len() as u64;
         options.progress.pages.fetch_add(1, Relaxed);
