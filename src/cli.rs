@@ -43,8 +43,12 @@ pub fn init_tracing(log: &LogSection) {
 }
 
 /// `sluice config check`: validates and prints the effective config (secrets redacted).
-pub fn config_check(path: Option<&Path>) -> Result<(), ConfigError> {
+/// What `serve` loads from files before it starts is loaded too: the plugins of
+/// `tracking_transforms` and `export_transforms`, and the GeoIP database.
+pub fn config_check(path: Option<&Path>) -> anyhow::Result<()> {
     let config = load_config(path)?;
+    crate::server::Loaded::load(&config)?;
+    load_plugins(&config, &config.plugins.export_transforms)?;
     let origin = path.map_or("embedded defaults".to_string(), |p| p.display().to_string());
     println!("# {origin}: valid");
     for w in &config.warnings {
@@ -158,7 +162,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     }
     // Files first: a missing plugin or GeoIP database stops `serve` before it touches the
     // database or claims a scheduled run.
-    let loaded = crate::server::Loaded::load(&config)?;
+    // A plugin or GeoIP database that does not load is a config that does not load.
+    let loaded = crate::server::Loaded::load(&config)
+        .map_err(|e| anyhow::Error::new(InvalidConfigs(format!("{e:#}"))))?;
     let store = init_store(&config, true).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -552,9 +558,12 @@ pub async fn export_run(
 
 /// `sluice configs validate DIR`: checks every config file of a folder (no database) and
 /// prints one line per file; fails when any is invalid.
+/// With `config` (the `sluice.toml` the configs will run under), the plugins a config's
+/// `transforms` name are loaded too, as `configs apply` and every run load them.
 pub fn configs_validate(
     dir: &Path,
     allow_missing_env: bool,
+    config: Option<&Config>,
 ) -> anyhow::Result<Vec<sluice_jobs::configs::ValidFile>> {
     // In CI the production secrets are absent: with `allow_missing_env`, an unset
     // `${env:NAME}` stands in as a placeholder and is listed, and everything else is
@@ -571,8 +580,24 @@ pub fn configs_validate(
             })
         })
     };
-    let (valid, errors) = sluice_jobs::configs::validate_dir(dir, &env)
+    let (valid, mut errors) = sluice_jobs::configs::validate_dir(dir, &env)
         .with_context(|| format!("cannot read `{}`", dir.display()))?;
+    let valid: Vec<_> = match config {
+        None => valid,
+        Some(config) => valid
+            .into_iter()
+            .filter(|v| match check_config_transforms(config, &v.file) {
+                Ok(()) => true,
+                Err(e) => {
+                    errors.push(ConfigError::Parse {
+                        origin: v.path.display().to_string(),
+                        message: format!("{e:#}"),
+                    });
+                    false
+                }
+            })
+            .collect(),
+    };
     anyhow::ensure!(
         !valid.is_empty() || !errors.is_empty(),
         "no `*.toml` config files in `{}`",
@@ -612,14 +637,9 @@ pub struct InvalidConfigs(pub String);
 /// applied when any file is invalid).
 pub async fn configs_apply(config: &Config, dir: &Path) -> anyhow::Result<()> {
     let invalid = |e: anyhow::Error| anyhow::Error::new(InvalidConfigs(format!("{e:#}")));
-    let valid = configs_validate(dir, false)
+    let valid = configs_validate(dir, false, Some(config))
         .map_err(invalid)
         .context("nothing applied")?;
-    for v in &valid {
-        check_config_transforms(config, &v.file)
-            .map_err(invalid)
-            .with_context(|| format!("{}: nothing applied", v.path.display()))?;
-    }
     let store = Store::connect(config).await?;
     store.init().await?;
     for v in &valid {

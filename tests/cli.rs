@@ -919,6 +919,71 @@ async fn import_run_records_its_run_and_waits_for_the_one_in_flight() {
     );
 }
 
+#[test]
+fn config_check_and_configs_validate_load_the_plugins_they_name() {
+    let plugins = write_temp("README", "no plugins here");
+    let plugins = plugins.parent().unwrap().display().to_string();
+    // `config check` loads what `serve` loads before it starts.
+    for section in ["tracking_transforms", "export_transforms"] {
+        let config = write_temp(
+            "sluice.toml",
+            &format!("[plugins]\ndir = \"{plugins}\"\n{section} = [\"no-such-plugin\"]\n"),
+        );
+        let out = sluice()
+            .arg("--config")
+            .arg(&config)
+            .args(["config", "check"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{section}: {err}");
+        assert!(err.contains("no-such-plugin"), "{section}: {err}");
+    }
+    // `configs validate` refuses a config whose plugin does not load, and says `ok` only
+    // of the others.
+    let config = write_temp("sluice.toml", &format!("[plugins]\ndir = \"{plugins}\"\n"));
+    let configs = write_temp(
+        "shop.toml",
+        "name = \"shop\"\ntype = \"IMPORT\"\nendpoint = \"http://127.0.0.1:9/items\"\ntransforms = [\"no-such-plugin\"]\n[source]\nrecords = \"$[*]\"\n[mapping.productId]\npath = \"$.id\"\n",
+    );
+    let dir = configs.parent().unwrap();
+    std::fs::write(
+        dir.join("plain.toml"),
+        "name = \"plain\"\ntype = \"IMPORT\"\nendpoint = \"http://127.0.0.1:9/items\"\n[source]\nrecords = \"$[*]\"\n[mapping.productId]\npath = \"$.id\"\n",
+    )
+    .unwrap();
+    let validate = |config: &std::path::Path| {
+        sluice()
+            .arg("--config")
+            .arg(config)
+            .args(["configs", "validate"])
+            .arg(dir)
+            .output()
+            .unwrap()
+    };
+    let out = validate(&config);
+    let (stdout, err) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("shop.toml") && err.contains("no-such-plugin"),
+        "{err}"
+    );
+    assert!(
+        stdout.contains("plain.toml") && !stdout.contains("shop.toml"),
+        "{stdout}"
+    );
+    // Without a sluice.toml that loads (its secrets absent in CI), plugins are not checked,
+    // and the note says so.
+    let unloadable = write_temp("sluice.toml", "[mongodb]\nuri = \"http://db\"\n");
+    let out = validate(&unloadable);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("`transforms` not checked"), "{err}");
+}
+
 #[tokio::test]
 async fn an_import_whose_plugin_cannot_load_leaves_no_run_behind() {
     let db = support::TestDb::initialized().await;
@@ -951,7 +1016,8 @@ async fn serve_with_a_missing_geoip_database_stops_before_touching_the_database(
     );
     let out = sluice_with(&config, &["serve"]).await;
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    // A config whose files do not load: exit 2, as for any config that does not load.
+    assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("GeoLite2-City.mmdb"), "{err}");
     // No collection, so no scheduled run was claimed either.
     let names = db.store.db().list_collection_names().await.unwrap();
