@@ -733,8 +733,9 @@ pub async fn import_run(config: &Config, name: &str, dry_run: bool) -> anyhow::R
             Err(ImportError::WrongType { .. }) if !dry_run => {
                 let s = run_push(&store, name, &options).await?;
                 Ok(Done::Pushed(format!(
-                    "push {}: {} read, {} sent in {} requests, {} failed mapping, {} skipped by a plugin",
-                    s.name, s.read, s.sent, s.requests, s.failed, s.skipped
+                    "push {}: {}",
+                    s.name,
+                    sluice_jobs::import::push_line(&s)
                 )))
             }
             other => other.map(|s| Done::Imported(Box::new(s))),

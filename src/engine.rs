@@ -361,7 +361,7 @@ impl EngineRunner {
             Err(sluice_jobs::import::ImportError::WrongType { .. }) => {
                 sluice_jobs::import::run_push(&self.store, integration, &options)
                     .await
-                    .map(|s| format!("{} sent in {} requests", s.sent, s.requests))
+                    .map(|s| sluice_jobs::import::push_line(&s))
                     .map_err(|e| e.to_string())
             }
             Err(e) => Err(e.to_string()),

@@ -1779,6 +1779,14 @@ path = "$.email"
         .await
         .unwrap();
     assert_eq!(third.sent, 1);
+    // The one left is said to be settling, not passed over in silence.
+    assert_eq!((again.settling, third.settling), (0, 1));
+    assert!(
+        sluice_jobs::import::push_line(&third)
+            .ends_with("; 1 newer than `settle_seconds` wait for a later run"),
+        "{}",
+        sluice_jobs::import::push_line(&third)
+    );
     let last = api.pushed.lock().unwrap().last().cloned().unwrap();
     assert_eq!(last["contacts"][0]["id"], "settled", "{last}");
     // Touched again with nothing changed that is sent: the same body, but a later batch

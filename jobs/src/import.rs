@@ -1943,7 +1943,33 @@ pub struct PushSummary {
     /// Records transform plugins dropped under the skip-batch policy: not sent, and the
     /// position moves past them.
     pub skipped: u64,
+    /// Documents the filter selects whose date watermark is newer than `settle_seconds`:
+    /// not read this run, sent by a later one (counted up to [`SETTLING_COUNTED`]).
+    pub settling: u64,
 }
+
+/// A push run in one line (`sluice import run`, and a scheduled run's result).
+pub fn push_line(s: &PushSummary) -> String {
+    let mut line = format!(
+        "{} read, {} sent in {} requests, {} failed mapping, {} skipped by a plugin",
+        s.read, s.sent, s.requests, s.failed, s.skipped
+    );
+    if s.settling > 0 {
+        let more = if s.settling >= SETTLING_COUNTED {
+            "+"
+        } else {
+            ""
+        };
+        line.push_str(&format!(
+            "; {}{more} newer than `settle_seconds` wait for a later run",
+            s.settling
+        ));
+    }
+    line
+}
+
+/// The most documents counted in [`PushSummary::settling`].
+pub const SETTLING_COUNTED: u64 = 100_000;
 
 /// Whether `e` says the server closed the cursor being read (`CursorNotFound`, after ten
 /// idle minutes, or `CursorKilled`).
@@ -2139,11 +2165,14 @@ pub async fn run_push(
     // document already sent, but committed after it, would fall behind the position and
     // never be sent. Only dates older than the settle time are read (other watermark
     // types are read as they are); the rest wait for the next run.
+    let mut settling_filter = None;
     if let (Some(w), true) = (&watermark, push.settle_seconds > 0) {
-        let settled =
-            store.now().timestamp_millis() - (push.settle_seconds as i64).saturating_mul(1000);
+        let settled = DateTime::from_millis(
+            store.now().timestamp_millis() - (push.settle_seconds as i64).saturating_mul(1000),
+        );
+        settling_filter = Some(and_filter(filter.clone(), doc! { w: { "$gte": settled } }));
         let settled = doc! { "$or": [
-            { w: { "$lt": DateTime::from_millis(settled) } },
+            { w: { "$lt": settled } },
             { w: { "$not": { "$type": "date" } } },
         ] };
         filter = and_filter(filter, settled);
@@ -2313,6 +2342,20 @@ pub async fn run_push(
         (Err(e), Ok(())) | (Ok(_), Err(e)) => return Err(e),
         (Ok(stopped), Ok(())) => stopped,
     };
+    if let (false, Some(settling)) = (stopped, settling_filter) {
+        // Said, so a run that sends nothing because everything is still settling does not
+        // read as a run that found nothing.
+        match source
+            .count_documents(settling)
+            .limit(SETTLING_COUNTED)
+            .await
+        {
+            Ok(n) => summary.settling = n,
+            Err(e) => {
+                tracing::warn!(config = name, error = %e, "could not count the documents waiting out settle_seconds")
+            }
+        }
+    }
     if !stopped {
         store
             .collection(c::INTEGRATION_CONFIGS)
