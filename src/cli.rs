@@ -1014,8 +1014,8 @@ pub fn plugin_install(
     );
     if let Some(v) = version {
         anyhow::ensure!(
-            !v.trim().is_empty() && !v.contains(['\n', '\r']),
-            "--version must be one line of text, got `{v}`"
+            sluice_plugins::is_version(v),
+            "--version: expected a semantic version (MAJOR.MINOR.PATCH, as in 0.1.0), got `{v}`"
         );
     }
     // Read once: what is checked is what is installed (a build still being written

@@ -411,7 +411,18 @@ fn plugin_install_puts_a_build_in_place_once_it_loads_and_keeps_the_manifest() {
     let junk = write_temp("junk.wasm", "not a component");
     let out = install(&junk, Some("1.0.0"));
     assert!(
-        !out.status.success() && stderr(&out).contains("does not load"),
+        !out.status.success()
+            && stderr(&out).contains("does not load")
+            && stderr(&out).contains("is not WebAssembly"),
+        "{}",
+        stderr(&out)
+    );
+    // A core module (the header of a `wasm32-wasip1` build) is told apart.
+    let module = write_temp("module.wasm", "\0asm\u{1}\0\0\0");
+    let out = install(&module, Some("1.0.0"));
+    assert!(
+        !out.status.success()
+            && stderr(&out).contains("a core WebAssembly module, not a component"),
         "{}",
         stderr(&out)
     );
@@ -466,7 +477,9 @@ fn plugin_install_puts_a_build_in_place_once_it_loads_and_keeps_the_manifest() {
     let before = std::fs::read(dir.join("noop.toml")).unwrap();
     let out = install(&dist.join("noop.wasm"), Some("v2"));
     assert!(
-        !out.status.success() && stderr(&out).contains("semantic version"),
+        !out.status.success()
+            && stderr(&out).contains("--version: expected a semantic version")
+            && !stderr(&out).contains("sluice-plugin-test"),
         "{}",
         stderr(&out)
     );

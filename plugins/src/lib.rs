@@ -555,6 +555,10 @@ impl PluginHost {
         }
         let bytes = std::fs::read(&wasm_path)
             .map_err(|e| load(format!("`{}`: {e}", wasm_path.display())))?;
+        // Said plainly, before the compiler's own account of the bytes it expected.
+        if let Some(wrong) = not_a_component(&bytes) {
+            return Err(load(format!("`{}` {wrong}", manifest.wasm)));
+        }
         let actual = format!("{:x}", Sha256::digest(&bytes));
         if !actual.eq_ignore_ascii_case(&manifest.sha256) {
             return Err(PluginError::Hash {
@@ -1206,10 +1210,25 @@ fn plugin_text(reason: String) -> String {
     kept
 }
 
+/// What is wrong with `bytes` as a component, told from its header: not WebAssembly at
+/// all, or a core module (what `wasm32-unknown-unknown` and `wasm32-wasip1` builds are).
+fn not_a_component(bytes: &[u8]) -> Option<&'static str> {
+    const MAGIC: &[u8] = b"\0asm";
+    // The component encoding's version and layer fields (a core module has 1, 0, 0, 0).
+    const COMPONENT: [u8; 4] = [0x0d, 0x00, 0x01, 0x00];
+    if !bytes.starts_with(MAGIC) || bytes.len() < 8 {
+        return Some("is not WebAssembly (it does not begin with `\\0asm`): point the manifest at the `.wasm` a `cargo build --release --target wasm32-wasip2` writes");
+    }
+    if bytes[4..8] != COMPONENT {
+        return Some("is a core WebAssembly module, not a component: build it for `wasm32-wasip2` (or wrap a module with `wasm-tools component new`)");
+    }
+    None
+}
+
 /// `MAJOR.MINOR.PATCH`, optionally with a `-pre-release` and `+build` (Semantic
 /// Versioning 2.0.0: numbers without leading zeros; identifiers of ASCII letters, digits
 /// and `-`, numeric pre-release identifiers without leading zeros).
-fn is_version(v: &str) -> bool {
+pub fn is_version(v: &str) -> bool {
     let number = |p: &str| {
         !p.is_empty()
             && p.bytes().all(|b| b.is_ascii_digit())
