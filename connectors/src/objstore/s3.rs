@@ -116,6 +116,16 @@ fn describe<E: std::error::Error>(e: E) -> String {
 /// An error that says what to change where S3's own words do not: the SDK does not follow
 /// S3's redirect to a bucket's region, and a `301 PermanentRedirect` names no setting.
 fn with_hint(text: String) -> String {
+    // No credentials anywhere: the chain's own account (each provider it tried) is kept,
+    // the SDK's debug dump of the same after it is not.
+    if text.contains("no credentials found in chain") || text.contains("CredentialsNotLoaded") {
+        let chain = text
+            .split_once(" (DispatchFailure(")
+            .map_or(text.as_str(), |(said, _)| said);
+        return format!(
+            "no S3 credentials: set `[s3] access_key` and `secret_key` (or SLUICE_S3_ACCESS_KEY and SLUICE_S3_SECRET_KEY), or give the AWS chain some (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, a profile, a web identity, an instance role). {chain}"
+        );
+    }
     // S3's error codes for a request sent to another region than the bucket's.
     let wrong_region = [
         "PermanentRedirect",
@@ -655,5 +665,17 @@ mod tests {
         );
         let other = "service error: NoSuchBucket".to_string();
         assert_eq!(with_hint(other.clone()), other);
+    }
+
+    #[test]
+    fn missing_credentials_are_said_first_without_the_debug_dump() {
+        // As DisplayErrorContext renders the SDK's error (its tail shortened).
+        let text = "dispatch failure: other: the credential provider was not enabled: no credentials found in chain. Attempted:\n  Environment: the credential provider was not enabled: environment variable not set (DispatchFailure(DispatchFailure { source: ConnectorError { kind: Other(None), source: CredentialsNotLoaded(CredentialsNotLoaded { source: None }) } }))";
+        let said = with_hint(text.into());
+        assert!(
+            said.starts_with("no S3 credentials: set `[s3] access_key`"),
+            "{said}"
+        );
+        assert!(said.ends_with("Environment: the credential provider was not enabled: environment variable not set"), "{said}");
     }
 }
