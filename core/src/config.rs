@@ -502,6 +502,17 @@ impl Destination {
         if path.is_empty() || text.contains("://") && !text.starts_with("file://") {
             return Err(format!("{expected}, got `{text}`"));
         }
+        // `file://host/path` names a host; a URL's path is absolute (`file:///path`, or
+        // `file://localhost/path`). `file://exports/x` is refused rather than read as the
+        // relative folder `exports/x`.
+        let path = path
+            .strip_prefix("localhost/")
+            .map_or(path, |_| &path["localhost".len()..]);
+        if text.starts_with("file://") && !path.starts_with('/') {
+            return Err(format!(
+                "{expected} (a `file://` URL takes an absolute path, `file:///data/exports`; a relative folder is given as it is), got `{text}`"
+            ));
+        }
         Ok(Destination::Local(PathBuf::from(path)))
     }
 }
@@ -1594,6 +1605,26 @@ mod tests {
             "{err}"
         );
         assert!(check("[tracking]\nqueue_capacity = 1000\nwriters = 2\n").is_ok());
+    }
+
+    #[test]
+    fn a_file_url_destination_takes_an_absolute_path() {
+        for (text, path) in [
+            ("file:///data/out", "/data/out"),
+            ("file://localhost/data/out", "/data/out"),
+            ("out/exports", "out/exports"),
+        ] {
+            assert_eq!(
+                Destination::parse(text),
+                Ok(Destination::Local(PathBuf::from(path))),
+                "{text}"
+            );
+        }
+        for bad in ["file://exports/x", "file://", "ftp://host/x"] {
+            assert!(Destination::parse(bad).is_err(), "{bad}");
+        }
+        let err = Destination::parse("file://exports/x").unwrap_err();
+        assert!(err.contains("takes an absolute path"), "{err}");
     }
 
     #[test]

@@ -283,8 +283,18 @@ pub fn parse_message(
             EventType::ScreenView
         }
         Kind::Track => {
-            let name = text(Some(obj), "event")
-                .ok_or_else(|| ValidationError::new("event", "is required for track"))?;
+            let name = text(Some(obj), "event").ok_or_else(|| {
+                // Sluice's own event shape sent to the Segment routes: say where it goes.
+                let native = obj.contains_key("eventType") && !obj.contains_key("type");
+                ValidationError::new(
+                    "event",
+                    if native {
+                        "is required for track (this is the Segment API: an event with `eventType` is Sluice's own shape, posted to /v1/events or /v1/events/batch)"
+                    } else {
+                        "is required for track"
+                    },
+                )
+            })?;
             let t = track_type(&name, options);
             if t == EventType::Purchase && !properties.contains_key("amount") {
                 // The first of these present is the amount; one that is not a number is
@@ -604,6 +614,14 @@ mod tests {
         assert!(err.reason.contains("/v1/events/batch"), "{err}");
         let err = parse(json!({ "userId": "v" })).unwrap_err();
         assert_eq!(err.reason, "is required in a batch");
+        // At /v1/track too (the path names the type).
+        let native = json!({ "userId": "v", "eventType": "PAGE_VIEW" });
+        let err = parse_message(&native, Some(Kind::Track), &ctx(), &opts()).unwrap_err();
+        assert_eq!(err.field, "event");
+        assert!(err.reason.contains("posted to /v1/events"), "{err}");
+        let segment = json!({ "userId": "v" });
+        let err = parse_message(&segment, Some(Kind::Track), &ctx(), &opts()).unwrap_err();
+        assert_eq!(err.reason, "is required for track");
     }
 
     #[test]
