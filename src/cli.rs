@@ -43,12 +43,15 @@ pub fn init_tracing(log: &LogSection) {
 }
 
 /// `sluice config check`: validates and prints the effective config (secrets redacted).
-/// What `serve` loads from files before it starts is loaded too: the plugins of
-/// `tracking_transforms` and `export_transforms`, and the GeoIP database.
-pub fn config_check(path: Option<&Path>) -> anyhow::Result<()> {
+/// With `load_files`, the files it names are loaded too, as `serve` and its exports load
+/// them: the plugins of `tracking_transforms` and `export_transforms`, and the GeoIP
+/// database.
+pub fn config_check(path: Option<&Path>, load_files: bool) -> anyhow::Result<()> {
     let config = load_config(path)?;
-    crate::server::Loaded::load(&config)?;
-    load_plugins(&config, &config.plugins.export_transforms)?;
+    if load_files {
+        crate::server::Loaded::load(&config)?;
+        load_plugins(&config, &config.plugins.export_transforms)?;
+    }
     let origin = path.map_or("embedded defaults".to_string(), |p| p.display().to_string());
     println!("# {origin}: valid");
     for w in &config.warnings {
@@ -559,11 +562,12 @@ pub async fn export_run(
 /// `sluice configs validate DIR`: checks every config file of a folder (no database) and
 /// prints one line per file; fails when any is invalid.
 /// With `config` (the `sluice.toml` the configs will run under), the plugins a config's
-/// `transforms` name are loaded too, as `configs apply` and every run load them.
+/// `transforms` name are loaded too, as `configs apply` and every run load them; without
+/// (why not), a config naming plugins gets a note saying they were not checked.
 pub fn configs_validate(
     dir: &Path,
     allow_missing_env: bool,
-    config: Option<&Config>,
+    config: Result<&Config, &String>,
 ) -> anyhow::Result<Vec<sluice_jobs::configs::ValidFile>> {
     // In CI the production secrets are absent: with `allow_missing_env`, an unset
     // `${env:NAME}` stands in as a placeholder and is listed, and everything else is
@@ -583,8 +587,16 @@ pub fn configs_validate(
     let (valid, mut errors) = sluice_jobs::configs::validate_dir(dir, &env)
         .with_context(|| format!("cannot read `{}`", dir.display()))?;
     let valid: Vec<_> = match config {
-        None => valid,
-        Some(config) => valid
+        Err(why) => {
+            for v in valid.iter().filter(|v| !v.file.transforms.is_empty()) {
+                eprintln!(
+                    "note: {}: `transforms` not checked: {why}",
+                    v.path.display()
+                );
+            }
+            valid
+        }
+        Ok(config) => valid
             .into_iter()
             .filter(|v| match check_config_transforms(config, &v.file) {
                 Ok(()) => true,
@@ -637,7 +649,7 @@ pub struct InvalidConfigs(pub String);
 /// applied when any file is invalid).
 pub async fn configs_apply(config: &Config, dir: &Path) -> anyhow::Result<()> {
     let invalid = |e: anyhow::Error| anyhow::Error::new(InvalidConfigs(format!("{e:#}")));
-    let valid = configs_validate(dir, false, Some(config))
+    let valid = configs_validate(dir, false, Ok(config))
         .map_err(invalid)
         .context("nothing applied")?;
     let store = Store::connect(config).await?;
@@ -1420,8 +1432,13 @@ pub async fn jobs_run(
             .schedules
             .iter()
             .find(|s| s.name == schedule)
-            .ok_or_else(|| anyhow::anyhow!("no export schedule `{schedule}`"))?;
-        let kind = sluice_core::model::ExportJobType::parse(&s.kind).map_err(anyhow::Error::msg)?;
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "no export schedule `{schedule}` in the config's [[schedules]] (to export without one: `sluice export run`)"
+                )
+            })?;
+        let kind = sluice_core::model::ExportJobType::parse(&s.kind)
+            .map_err(|e| anyhow::anyhow!("schedule `{schedule}`: type: expected {e}"))?;
         check_export_window(kind, from, to)?;
         export_run(config, kind, from, to, None).await?;
         println!("(a backfill: recorded in `export_jobs` with `manual: true`, not in `sluice jobs history`, and the schedule's catch-up point does not move)");
@@ -1436,19 +1453,19 @@ pub async fn jobs_run(
         );
     }
     let is_export = name.starts_with(crate::engine::EXPORT_PREFIX);
-    let store = Store::connect(config).await?;
-    store.init().await?;
-    if let Some(integration) = name.strip_prefix(crate::engine::INTEGRATION_PREFIX) {
-        require_config(&store, integration).await?;
-    }
-    // Checked before a run is recorded: a typo must not leave a FAILED run of a job that
-    // does not exist.
+    // Checked before anything is recorded (or the database reached): a typo must not
+    // leave a FAILED run of a job that does not exist.
     if let Some(schedule) = name.strip_prefix(crate::engine::EXPORT_PREFIX) {
         if !config.schedules.iter().any(|s| s.name == schedule) {
             anyhow::bail!(
                 "no export schedule `{schedule}` in the config's [[schedules]] (to export without one: `sluice export run`)"
             );
         }
+    }
+    let store = Store::connect(config).await?;
+    store.init().await?;
+    if let Some(integration) = name.strip_prefix(crate::engine::INTEGRATION_PREFIX) {
+        require_config(&store, integration).await?;
     }
     let runner = crate::engine::EngineRunner {
         config: std::sync::Arc::new(config.clone()),

@@ -298,7 +298,8 @@ impl EngineRunner {
                 .iter()
                 .find(|s| s.name == schedule)
                 .ok_or_else(|| format!("no export schedule `{schedule}`"))?;
-            let kind = ExportJobType::parse(&s.kind)?;
+            let kind = ExportJobType::parse(&s.kind)
+                .map_err(|e| format!("schedule `{schedule}`: type: expected {e}"))?;
             let dest = crate::cli::open_destination(&self.config, None)
                 .await
                 .map_err(|e| e.to_string())?;

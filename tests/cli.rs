@@ -988,13 +988,44 @@ fn config_check_and_configs_validate_load_the_plugins_they_name() {
         stdout.contains("plain.toml") && !stdout.contains("shop.toml"),
         "{stdout}"
     );
-    // Without a sluice.toml that loads (its secrets absent in CI), plugins are not checked,
-    // and the note says so.
+    // Without a sluice.toml that loads (its secrets absent in CI), or none at all, plugins
+    // are not checked, and a note says so of each config naming some.
     let unloadable = write_temp("sluice.toml", "[mongodb]\nuri = \"http://db\"\n");
     let out = validate(&unloadable);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
-    assert!(err.contains("`transforms` not checked"), "{err}");
+    assert!(
+        err.contains("shop.toml: `transforms` not checked: the sluice.toml did not load"),
+        "{err}"
+    );
+    let out = sluice()
+        .args(["configs", "validate"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("`transforms` not checked: no sluice.toml given")
+            && !err.contains("plain.toml"),
+        "{err}"
+    );
+    // `config check --skip-files` checks the file alone.
+    let config = write_temp(
+        "sluice.toml",
+        &format!("[plugins]\ndir = \"{plugins}\"\ntracking_transforms = [\"no-such-plugin\"]\n"),
+    );
+    let out = sluice()
+        .arg("--config")
+        .arg(&config)
+        .args(["config", "check", "--skip-files"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[tokio::test]

@@ -505,10 +505,12 @@ impl Destination {
         // `file://host/path` names a host; a URL's path is absolute (`file:///path`, or
         // `file://localhost/path`). `file://exports/x` is refused rather than read as the
         // relative folder `exports/x`.
-        let path = path
-            .strip_prefix("localhost/")
-            .map_or(path, |_| &path["localhost".len()..]);
-        if text.starts_with("file://") && !path.starts_with('/') {
+        let is_url = text.starts_with("file://");
+        let path = match path.strip_prefix("localhost") {
+            Some(rest) if is_url && rest.starts_with('/') => rest,
+            _ => path,
+        };
+        if is_url && !path.starts_with('/') {
             return Err(format!(
                 "{expected} (a `file://` URL takes an absolute path, `file:///data/exports`; a relative folder is given as it is), got `{text}`"
             ));
@@ -1613,6 +1615,8 @@ mod tests {
             ("file:///data/out", "/data/out"),
             ("file://localhost/data/out", "/data/out"),
             ("out/exports", "out/exports"),
+            // A folder named `localhost` is a folder, not a host.
+            ("localhost/out", "localhost/out"),
         ] {
             assert_eq!(
                 Destination::parse(text),

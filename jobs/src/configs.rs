@@ -77,7 +77,7 @@ pub fn validate_text(
     let connector = validate(origin, &file, env)?;
     if let Some(cron) = &file.schedule {
         // The same parser the scheduler uses: field values and names, not only counts.
-        crate::schedule::parse_cron(cron).map_err(|e| ConfigError::Invalid {
+        sluice_core::cron::parse(cron).map_err(|e| ConfigError::Invalid {
             origin: origin.to_string(),
             field: "schedule".into(),
             expected: e,

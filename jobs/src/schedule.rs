@@ -153,7 +153,7 @@ fn count_job_run(job: &str, status: &str, n: u64) {
 
 /// Parses a cron expression with seconds (6 or 7 fields).
 pub fn parse_cron(expr: &str) -> Result<croner::Cron, String> {
-    sluice_core::cron::parse(expr).map_err(|e| format!("invalid schedule: {e}"))
+    sluice_core::cron::parse(expr).map_err(|e| format!("invalid schedule: expected {e}"))
 }
 
 /// The time zone `job`'s cron is read in (UTC when it names none).

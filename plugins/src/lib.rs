@@ -1214,12 +1214,12 @@ fn plugin_text(reason: String) -> String {
 /// all, or a core module (what `wasm32-unknown-unknown` and `wasm32-wasip1` builds are).
 fn not_a_component(bytes: &[u8]) -> Option<&'static str> {
     const MAGIC: &[u8] = b"\0asm";
-    // The component encoding's version and layer fields (a core module has 1, 0, 0, 0).
-    const COMPONENT: [u8; 4] = [0x0d, 0x00, 0x01, 0x00];
     if !bytes.starts_with(MAGIC) || bytes.len() < 8 {
         return Some("is not WebAssembly (it does not begin with `\\0asm`): point the manifest at the `.wasm` a `cargo build --release --target wasm32-wasip2` writes");
     }
-    if bytes[4..8] != COMPONENT {
+    // After the magic: a 16-bit version, then the layer, 0 for a core module and 1 for a
+    // component (whatever its version: one the engine does not know is its to say).
+    if bytes[6..8] == [0x00, 0x00] {
         return Some("is a core WebAssembly module, not a component: build it for `wasm32-wasip2` (or wrap a module with `wasm-tools component new`)");
     }
     None
