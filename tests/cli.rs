@@ -401,31 +401,26 @@ fn plugin_install_puts_a_build_in_place_once_it_loads_and_keeps_the_manifest() {
     };
     let stderr = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).into_owned();
 
-    // No manifest yet and no version; a file that is no component: nothing installed.
-    let out = install(&dist.join("noop.wasm"), None);
-    assert!(
-        !out.status.success() && stderr(&out).contains("--version"),
-        "{}",
-        stderr(&out)
-    );
+    // No manifest yet and no version; a file that is no component, or a core module (the
+    // header of a `wasm32-wasip1` build): nothing installed, and each says why.
     let junk = write_temp("junk.wasm", "not a component");
-    let out = install(&junk, Some("1.0.0"));
-    assert!(
-        !out.status.success()
-            && stderr(&out).contains("does not load")
-            && stderr(&out).contains("is not WebAssembly"),
-        "{}",
-        stderr(&out)
-    );
-    // A core module (the header of a `wasm32-wasip1` build) is told apart.
     let module = write_temp("module.wasm", "\0asm\u{1}\0\0\0");
-    let out = install(&module, Some("1.0.0"));
-    assert!(
-        !out.status.success()
-            && stderr(&out).contains("a core WebAssembly module, not a component"),
-        "{}",
-        stderr(&out)
-    );
+    for (file, version, says) in [
+        (dist.join("noop.wasm"), None, "--version"),
+        (junk, Some("1.0.0"), "is not WebAssembly"),
+        (
+            module,
+            Some("1.0.0"),
+            "a core WebAssembly module, not a component",
+        ),
+    ] {
+        let out = install(&file, version);
+        assert!(
+            !out.status.success() && stderr(&out).contains(says),
+            "{says}: {}",
+            stderr(&out)
+        );
+    }
     assert!(files().is_empty(), "{:?}", files());
 
     // Installed with a manifest of its own; the plugin then runs from the folder.

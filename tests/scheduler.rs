@@ -310,40 +310,37 @@ async fn a_replica_leaves_the_orphaned_run_of_a_job_it_does_not_schedule_alone()
     );
 }
 
-#[tokio::test]
-async fn a_dead_owners_run_is_taken_over_after_the_lease() {
-    let db = TestDb::initialized().await;
+/// What a killed replica leaves behind: a RUNNING claim of `nightly` it no longer renews,
+/// with `fields`. A replica takes it over; the run is waited for and its record returned.
+async fn taken_over(db: &TestDb, fields: bson::Document) -> bson::Document {
     let fire = Utc::now() - chrono::Duration::seconds(30);
     let id = format!(
         "nightly@{}",
         fire.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
     );
-    // What a killed replica leaves behind: a RUNNING claim it no longer renews.
-    db.store
-        .collection("scheduled_runs")
-        .insert_one(doc! {
-            "_id": &id, "job": "nightly", "scheduledFor": bson::DateTime::from_chrono(fire),
-            "status": "RUNNING", "owner": "killed-replica", "attempts": 1,
-            "expiresAt": bson::DateTime::from_millis(bson::DateTime::now().timestamp_millis() - 1),
-        })
-        .await
-        .unwrap();
+    let mut orphan = doc! {
+        "_id": &id, "job": "nightly", "scheduledFor": bson::DateTime::from_chrono(fire),
+        "status": "RUNNING", "owner": "killed-replica", "attempts": 1,
+        "expiresAt": bson::DateTime::from_millis(bson::DateTime::now().timestamp_millis() - 1),
+    };
+    orphan.extend(fields);
+    let runs = db.store.collection("scheduled_runs");
+    runs.insert_one(orphan).await.unwrap();
     let (s, log) = idle_scheduler(&db.store, "survivor", Duration::ZERO, 400).await;
-    status_becomes(&db, doc! { "_id": &id }, "COMPLETED").await;
+    status_becomes(db, doc! { "_id": &id }, "COMPLETED").await;
     s.shutdown().await;
     assert_eq!(
         log.lock().unwrap().len(),
         1,
         "the orphaned run ran once more"
     );
-    let doc = db
-        .store
-        .collection("scheduled_runs")
-        .find_one(doc! { "_id": &id })
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(doc.get_str("status").unwrap(), "COMPLETED");
+    runs.find_one(doc! { "_id": &id }).await.unwrap().unwrap()
+}
+
+#[tokio::test]
+async fn a_dead_owners_run_is_taken_over_after_the_lease() {
+    let db = TestDb::initialized().await;
+    let doc = taken_over(&db, doc! {}).await;
     assert_eq!(doc.get_str("owner").unwrap(), "survivor");
     assert_eq!(doc.get_i32("attempts").unwrap(), 2);
 }
@@ -351,34 +348,16 @@ async fn a_dead_owners_run_is_taken_over_after_the_lease() {
 #[tokio::test]
 async fn a_run_that_was_waiting_for_a_slot_when_its_owner_died_is_not_counted_against() {
     let db = TestDb::initialized().await;
-    let fire = Utc::now() - chrono::Duration::seconds(30);
-    let id = format!(
-        "nightly@{}",
-        fire.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-    );
     // Two lapses already: one more counted would give it up. But it was waiting for a
-    // slot (never ran there) when this owner died.
-    db.store
-        .collection("scheduled_runs")
-        .insert_one(doc! {
-            "_id": &id, "job": "nightly", "scheduledFor": bson::DateTime::from_chrono(fire),
-            "status": "RUNNING", "owner": "killed-replica", "attempts": 3, "lapses": 2,
+    // slot (never ran there) when its owner died.
+    let doc = taken_over(
+        &db,
+        doc! {
+            "attempts": 3, "lapses": 2,
             "waitingSince": bson::DateTime::now(), "reason": "waiting for a run slot",
-            "expiresAt": bson::DateTime::from_millis(bson::DateTime::now().timestamp_millis() - 1),
-        })
-        .await
-        .unwrap();
-    let (s, log) = idle_scheduler(&db.store, "survivor", Duration::ZERO, 400).await;
-    status_becomes(&db, doc! { "_id": &id }, "COMPLETED").await;
-    s.shutdown().await;
-    assert_eq!(log.lock().unwrap().len(), 1);
-    let doc = db
-        .store
-        .collection("scheduled_runs")
-        .find_one(doc! { "_id": &id })
-        .await
-        .unwrap()
-        .unwrap();
+        },
+    )
+    .await;
     assert_eq!(doc.get_i32("lapses").unwrap(), 2, "{doc}");
     assert!(
         !doc.contains_key("waitingSince") && !doc.contains_key("reason"),
