@@ -927,6 +927,17 @@ async fn import_run_records_its_run_and_waits_for_the_one_in_flight() {
     );
 }
 
+/// `sluice --config CONFIG config check ARGS...`.
+fn config_check(config: &std::path::Path, args: &[&str]) -> std::process::Output {
+    sluice()
+        .arg("--config")
+        .arg(config)
+        .args(["config", "check"])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn config_check_and_configs_validate_load_the_plugins_they_name() {
     let plugins = write_temp("README", "no plugins here");
@@ -937,12 +948,7 @@ fn config_check_and_configs_validate_load_the_plugins_they_name() {
             "sluice.toml",
             &format!("[plugins]\ndir = \"{plugins}\"\n{section} = [\"no-such-plugin\"]\n"),
         );
-        let out = sluice()
-            .arg("--config")
-            .arg(&config)
-            .args(["config", "check"])
-            .output()
-            .unwrap();
+        let out = config_check(&config, &[]);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{section}: {err}");
         assert!(err.contains("no-such-plugin"), "{section}: {err}");
@@ -1010,12 +1016,7 @@ fn config_check_and_configs_validate_load_the_plugins_they_name() {
         "sluice.toml",
         &format!("[plugins]\ndir = \"{plugins}\"\ntracking_transforms = [\"no-such-plugin\"]\n"),
     );
-    let out = sluice()
-        .arg("--config")
-        .arg(&config)
-        .args(["config", "check", "--skip-files"])
-        .output()
-        .unwrap();
+    let out = config_check(&config, &["--skip-files"]);
     assert!(
         out.status.success(),
         "{}",

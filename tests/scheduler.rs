@@ -500,27 +500,38 @@ impl Runner for Concurrent {
     }
 }
 
-#[tokio::test]
-async fn fires_beyond_the_replicas_run_slots_wait_claimed_and_all_run_or_stop_at_shutdown() {
-    let db = TestDb::initialized().await;
-    let most = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+/// A scheduler running one job at a time, its runs taking `delay`, the most going at
+/// once recorded in `most`.
+async fn one_slot_scheduler(
+    db: &TestDb,
+    jobs: &[ScheduledJob],
+    most: Arc<std::sync::atomic::AtomicUsize>,
+    delay: Duration,
+) -> Arc<Scheduler> {
     let runner = Arc::new(Concurrent {
         going: Default::default(),
-        most: most.clone(),
-        delay: Duration::from_secs(3),
+        most,
+        delay,
     });
-    let jobs: Vec<ScheduledJob> = ["one", "two", "three"].map(unscheduled).to_vec();
-    let s = Scheduler::start(
+    Scheduler::start(
         db.store.clone(),
         runner,
-        source(jobs.clone()),
+        source(jobs.to_vec()),
         SchedulerOptions {
             max_concurrent_runs: 1,
             ..options("narrow", 10_000)
         },
     )
     .await
-    .unwrap();
+    .unwrap()
+}
+
+#[tokio::test]
+async fn fires_beyond_the_replicas_run_slots_wait_claimed_and_all_run_or_stop_at_shutdown() {
+    let db = TestDb::initialized().await;
+    let most = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let jobs: Vec<ScheduledJob> = ["one", "two", "three"].map(unscheduled).to_vec();
+    let s = one_slot_scheduler(&db, &jobs, most.clone(), Duration::from_secs(3)).await;
     let fire = Utc::now() - chrono::Duration::seconds(5);
     let fires = futures_util::future::join_all(jobs.iter().map(|j| s.fire(j, fire)));
     let gauge = || sluice_core::metrics::value("sluice_job_runs_waiting", &[]);
@@ -562,23 +573,8 @@ async fn fires_beyond_the_replicas_run_slots_wait_claimed_and_all_run_or_stop_at
 
     // A shutdown stops a run that waits as well (and it is no longer counted). In the
     // same test: the gauge is the process's.
-    let runner = Arc::new(Concurrent {
-        going: Default::default(),
-        most: Default::default(),
-        delay: Duration::from_secs(60),
-    });
     let jobs: Vec<ScheduledJob> = ["first", "second"].map(unscheduled).to_vec();
-    let s = Scheduler::start(
-        db.store.clone(),
-        runner,
-        source(jobs.clone()),
-        SchedulerOptions {
-            max_concurrent_runs: 1,
-            ..options("narrow", 10_000)
-        },
-    )
-    .await
-    .unwrap();
+    let s = one_slot_scheduler(&db, &jobs, Default::default(), Duration::from_secs(60)).await;
     let fires = tokio::spawn({
         let s = s.clone();
         async move { futures_util::future::join_all(jobs.iter().map(|j| s.fire(j, fire))).await }
