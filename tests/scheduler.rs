@@ -346,6 +346,49 @@ async fn a_dead_owners_run_is_taken_over_after_the_lease() {
 }
 
 #[tokio::test]
+async fn a_dead_owners_run_is_not_run_again_once_a_later_fire_has_run_the_job() {
+    let db = TestDb::initialized().await;
+    let at = |secs: i64| Utc::now() - chrono::Duration::seconds(secs);
+    let id = |fire: chrono::DateTime<Utc>| {
+        format!(
+            "nightly@{}",
+            fire.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        )
+    };
+    let (stopped, later) = (at(60), at(20));
+    let runs = db.store.collection("scheduled_runs");
+    runs.insert_many([
+        // Handed back by a replica that stopped, or lapsed: either waits for a take-over.
+        doc! {
+            "_id": id(stopped), "job": "nightly", "scheduledFor": bson::DateTime::from_chrono(stopped),
+            "status": "RUNNING", "owner": "stopped-replica", "attempts": 1, "handedBack": true,
+            "expiresAt": bson::DateTime::from_millis(0),
+        },
+        // A later fire ran the job meanwhile (a cron shorter than a run).
+        doc! {
+            "_id": id(later), "job": "nightly", "scheduledFor": bson::DateTime::from_chrono(later),
+            "status": "COMPLETED", "owner": "survivor", "endedAt": bson::DateTime::now(),
+        },
+    ])
+    .await
+    .unwrap();
+    let (s, log) = idle_scheduler(&db.store, "survivor", Duration::ZERO, 400).await;
+    status_becomes(&db, doc! { "_id": id(stopped) }, "SKIPPED").await;
+    s.shutdown().await;
+    assert!(log.lock().unwrap().is_empty(), "not run again");
+    let doc = runs
+        .find_one(doc! { "_id": id(stopped) })
+        .await
+        .unwrap()
+        .unwrap();
+    let reason = doc.get_str("reason").unwrap();
+    assert!(
+        reason.starts_with("superseded") && reason.contains(&id(later)),
+        "{doc}"
+    );
+}
+
+#[tokio::test]
 async fn a_run_that_was_waiting_for_a_slot_when_its_owner_died_is_not_counted_against() {
     let db = TestDb::initialized().await;
     // Two lapses already: one more counted would give it up. But it was waiting for a

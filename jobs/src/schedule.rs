@@ -1215,6 +1215,53 @@ async fn live_run(store: &Store, job: &str, except: &str) -> Result<Option<Docum
         ))
 }
 
+/// A scheduled fire of `job` after `fire` that is running or has completed.
+async fn later_fire(
+    store: &Store,
+    job: &str,
+    fire: DateTime,
+) -> Result<Option<Document>, StoreError> {
+    store
+        .lease_collection(c::SCHEDULED_RUNS)
+        .find_one(doc! {
+            "job": job, "scheduledFor": { "$gt": fire }, "manual": { "$ne": true },
+            "status": { "$in": ["RUNNING", "COMPLETED"] },
+        })
+        .projection(doc! { common::ID: 1 })
+        .await
+        .map_err(StoreError::mongo(
+            c::SCHEDULED_RUNS,
+            "look for a later fire",
+        ))
+}
+
+/// Ends the lapsed or handed-back run `run` as SKIPPED, superseded by the fire `later`
+/// (a compare-and-set on its `expiresAt`, as a take-over is); whether it was ended here.
+async fn supersede(
+    runs: &mongodb::Collection<Document>,
+    run: &Document,
+    later: &str,
+    now: DateTime,
+) -> Result<bool, StoreError> {
+    let (Ok(id), Ok(expires)) = (run.get_str(common::ID), run.get_datetime("expiresAt")) else {
+        return Ok(false);
+    };
+    let done = runs
+        .update_one(
+            doc! { common::ID: id, "status": "RUNNING", "expiresAt": *expires },
+            doc! {
+                "$set": {
+                    "status": "SKIPPED", "endedAt": now,
+                    "reason": format!("superseded: its replica stopped before it ended, and the later fire `{later}` has run the job since (an import goes on from the checkpoint this run left; an export catches its windows up)"),
+                },
+                "$unset": { "expiresAt": "", WAITING_SINCE: "" },
+            },
+        )
+        .await
+        .map_err(StoreError::mongo(c::SCHEDULED_RUNS, "record a superseded run"))?;
+    Ok(done.modified_count == 1)
+}
+
 /// Ends the just-claimed run `id` as SKIPPED because `other` is going.
 async fn step_back(store: &Store, id: &str, other: &Document) -> Result<(), StoreError> {
     store
@@ -1365,6 +1412,20 @@ async fn sweep(inner: &Arc<Inner>) -> Result<(), StoreError> {
                         "a run of a job no replica schedules was recorded FAILED"
                     );
                 }
+            }
+            continue;
+        }
+        // A later fire of the job that runs, or ran, does this one's work: an import goes
+        // on from the checkpoint the stopped run left, an export catches its windows up.
+        // Run again, it would repeat that work (a whole import) once the job is free.
+        if let Some(later) = later_fire(&inner.store, job, *fire).await? {
+            let later = later.get_str(common::ID).unwrap_or("?");
+            if supersede(&runs, &o, later, now).await? {
+                tracing::warn!(
+                    run = id,
+                    later,
+                    "a run whose owner stopped is not run again: a later fire of its job ran since"
+                );
             }
             continue;
         }
