@@ -1409,6 +1409,14 @@ pub async fn jobs_list(config: &Config) -> anyhow::Result<()> {
             next,
             last
         );
+        if let Some((run, waiting)) = job.running {
+            let what = if waiting {
+                "waiting for a run slot"
+            } else {
+                "running"
+            };
+            println!("{:<36} {what}: {run}", "");
+        }
         if let Some(missed) = job.missed {
             println!("{:<36} MISSED: {missed}", "");
         }

@@ -71,8 +71,11 @@ pub struct JobOverview {
     pub timezone: String,
     /// The next fire (RFC 3339, UTC), or why there is none.
     pub next_fire: Result<String, String>,
-    /// The latest recorded run (`scheduled_runs`).
+    /// The latest recorded run (`scheduled_runs`): the latest fire, which may be one
+    /// SKIPPED because a run is still going.
     pub last_run: Option<LastRun>,
+    /// The run going now (its lease live), if any, and whether it waits for a run slot.
+    pub running: Option<(String, bool)>,
     /// The job's latest cron instant, when no run was recorded for it although the time a
     /// replica has to claim it (the missed-fire check included) is over: no replica ran
     /// it (all were down, or MongoDB was unreachable then). Says when, and what to do.
@@ -173,6 +176,7 @@ pub async fn job_overview(
             next_fire: sluice_jobs::schedule::next_fire(&job, now).map(|t| t.to_rfc3339()),
             timezone: job.timezone.clone().unwrap_or_else(|| "UTC".into()),
             last_run,
+            running: running_run(store, &job.name).await?,
             missed,
             name: job.name,
             cron: Some(job.cron),
@@ -204,6 +208,7 @@ pub async fn job_overview(
                 "no schedule: runs by hand only"
             };
             out.push(JobOverview {
+                running: running_run(store, &job).await?,
                 name: job,
                 cron: None,
                 timezone: "UTC".into(),
@@ -214,6 +219,29 @@ pub async fn job_overview(
         }
     }
     Ok(out)
+}
+
+/// The run of `job` going now (RUNNING, its lease live): its id, and whether it waits for
+/// a run slot.
+async fn running_run(
+    store: &Store,
+    job: &str,
+) -> Result<Option<(String, bool)>, sluice_connectors::StoreError> {
+    let run = store
+        .collection(c::SCHEDULED_RUNS)
+        .find_one(doc! { "job": job, "status": "RUNNING", "expiresAt": { "$gt": store.now() } })
+        .projection(doc! { "_id": 1, "waitingSince": 1 })
+        .await
+        .map_err(sluice_connectors::StoreError::mongo(
+            c::SCHEDULED_RUNS,
+            "find the run going",
+        ))?;
+    Ok(run.map(|d| {
+        (
+            d.get_str("_id").unwrap_or("?").to_string(),
+            d.contains_key("waitingSince"),
+        )
+    }))
 }
 
 pub fn job_source(config: Arc<Config>, store: Store) -> JobSource {

@@ -1135,6 +1135,32 @@ async fn a_fire_no_replica_ran_is_listed_as_missed_and_a_failure_with_its_reason
     assert_eq!(job["lastStatus"], "FAILED", "{job}");
     assert_eq!(job["lastError"], "the API answered 401", "{job}");
     assert!(job["lastEndedAt"].is_string(), "{job}");
+    assert!(job["running"].is_null(), "{job}");
+    // A run going, waiting for a run slot, while the latest fire was SKIPPED for it: the
+    // listing says so, not only "SKIPPED".
+    let later = fire + chrono::Duration::seconds(1);
+    runs.insert_many([
+        bson::doc! {
+            "_id": "integration:nightly@going", "job": "integration:nightly",
+            "scheduledFor": bson::DateTime::from_chrono(fire), "status": "RUNNING",
+            "waitingSince": bson::DateTime::now(),
+            "expiresAt": bson::DateTime::from_millis(bson::DateTime::now().timestamp_millis() + 60_000),
+        },
+        bson::doc! {
+            "_id": sluice_jobs::schedule::run_id("integration:nightly", later),
+            "job": "integration:nightly", "scheduledFor": bson::DateTime::from_chrono(later),
+            "status": "SKIPPED", "reason": "the run `integration:nightly@going` is waiting for a run slot",
+        },
+    ])
+    .await
+    .unwrap();
+    let job = listed("integration:nightly").await;
+    assert_eq!(job["lastStatus"], "SKIPPED", "{job}");
+    assert_eq!(
+        job["running"],
+        serde_json::json!({ "run": "integration:nightly@going", "waitingForSlot": true }),
+        "{job}"
+    );
     server.shutdown().await;
     let _ = std::fs::remove_dir_all(dir);
 }
