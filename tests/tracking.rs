@@ -448,7 +448,7 @@ async fn each_bad_input_class_gets_its_own_4xx() {
     // A batch with some bad events stores the good ones and names the bad ones.
     let mixed = json!({ "batch": [
         good,
-        { "userId": "v1", "sessionId": "s1", "eventType": "NOPE" },
+        { "eventId": "bad-type", "userId": "v1", "sessionId": "s1", "eventType": "NOPE" },
         { "userId": "v1", "sessionId": "s1", "eventType": "PURCHASE", "properties": { "amount": "ten" } },
         big,
         { "userId": "v1", "sessionId": "s1", "eventType": "CLICK", "pageURL": "/typo" },
@@ -462,7 +462,10 @@ async fn each_bad_input_class_gets_its_own_4xx() {
     let results = body["results"].as_array().unwrap();
     assert_eq!(results[1]["status"], "rejected");
     assert_eq!(results[1]["field"], "eventType");
+    // A rejected event is named by the id it was sent with, when it had one.
+    assert_eq!(results[1]["eventId"], "bad-type", "{body}");
     assert_eq!(results[2]["field"], "properties.amount");
+    assert!(results[2].get("eventId").is_none(), "{body}");
     assert!(results[3]["reason"]
         .as_str()
         .unwrap()

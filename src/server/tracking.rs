@@ -90,12 +90,18 @@ pub async fn batch(
     let sent_at = batch_sent_at(parsed.sent_at.as_ref())?;
     let ctx = request_context(&state, peer, &headers, sent_at, &admitted);
     let mut ignored = Vec::with_capacity(parsed.batch.len());
+    let mut sent_ids = Vec::with_capacity(parsed.batch.len());
     let values = parsed
         .batch
         .iter()
         .map(|raw| {
             let item = batch_item(&state, raw, "event");
             ignored.push(item.as_ref().map(unknown_members).unwrap_or_default());
+            sent_ids.push(item.as_ref().ok().and_then(|v| {
+                v.get("eventId")
+                    .and_then(Value::as_str)
+                    .map(|id| id.chars().take(256).collect::<String>())
+            }));
             item.and_then(|v| parse_event(&v, &ctx, EventMetadata::default()))
         })
         .collect();
@@ -104,6 +110,7 @@ pub async fn batch(
         .instrument(admitted.span())
         .await?;
     answer.note_ignored(ignored);
+    answer.note_sent_ids(sent_ids);
     Ok(answer.into_batch_response())
 }
 
@@ -426,6 +433,16 @@ impl Answer {
         for (entry, fields) in self.results.iter_mut().zip(ignored) {
             if !fields.is_empty() {
                 entry["ignored"] = json!(fields);
+            }
+        }
+    }
+
+    /// Adds to each result without an `eventId` (a rejected event) the `eventId` it was
+    /// sent with, when it had a string one: the client finds it by id, not only by index.
+    pub(super) fn note_sent_ids(&mut self, sent: Vec<Option<String>>) {
+        for (entry, id) in self.results.iter_mut().zip(sent) {
+            if let (Some(id), None) = (id, entry.get("eventId")) {
+                entry["eventId"] = json!(id);
             }
         }
     }
