@@ -1521,6 +1521,12 @@ pub async fn jobs_history(config: &Config, name: Option<&str>) -> anyhow::Result
         .await?
         .try_collect()
         .await?;
+    if let (true, Some(n)) = (runs.is_empty(), name) {
+        eprintln!(
+            "no run of `{}` is recorded (jobs are named as `sluice jobs list` shows them: `export:NAME`, `integration:NAME` or the config's name); runs are kept 90 days",
+            crate::engine::job_name(n)
+        );
+    }
     for r in runs {
         println!(
             "{:<50} {:<10} owner {:<24} {}",

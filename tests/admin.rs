@@ -463,6 +463,14 @@ async fn a_duplicate_user_and_an_unreadable_config_body_get_their_own_json_error
             413,
             "invalid_body",
         ),
+        // JSON of the wrong shape: 422, as the README says of every admin body.
+        (
+            client
+                .post(format!("{configs}/any/active"))
+                .json(&json!({ "isActive": "no" })),
+            422,
+            "invalid_body",
+        ),
     ] {
         let r = req.bearer_auth(&token).send().await.unwrap();
         assert_eq!(r.status().as_u16(), status);
@@ -939,7 +947,8 @@ async fn role_changes_deactivation_and_logout_take_effect_on_the_next_request() 
     for (email, body, status) in [
         ("admin@x.io", json!({ "isActive": false }), 400),
         ("nobody@x.io", json!({ "role": "USER" }), 404),
-        ("an@x.io", json!({}), 400),
+        // The wrong shape, as for any body that deserializes wrongly.
+        ("an@x.io", json!({}), 422),
         ("an@x.io", json!({ "role": "ROOT" }), 400),
         ("an@x.io", json!({ "password": "x" }), 422),
     ] {

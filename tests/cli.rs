@@ -144,6 +144,14 @@ async fn jobs_history_takes_a_bare_config_name_like_jobs_run() {
         );
         assert!(!stdout.contains("export:daily"), "{name}: {stdout}");
     }
+    // A name with no run says so, instead of printing nothing.
+    let out = sluice_with(&config, &["jobs", "history", "nosuch"]).await;
+    assert!(out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no run of `integration:nosuch` is recorded"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

@@ -275,7 +275,7 @@ async fn change_user(
     }
     if set.len() == 1 {
         return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
+            StatusCode::UNPROCESSABLE_ENTITY,
             "invalid_body",
             "expected {\"role\": ...} and/or {\"isActive\": true|false}",
         ));
@@ -593,7 +593,7 @@ pub async fn create_admin_user(
     }
     if password.len() < 12 || password.len() > MAX_PASSWORD_BYTES {
         return Err(UserError::Invalid(format!(
-            "a password of 12 to {MAX_PASSWORD_BYTES} bytes (bcrypt ignores what follows the {MAX_PASSWORD_BYTES}th)"
+            "a password of 12 to {MAX_PASSWORD_BYTES} bytes (bcrypt ignores the bytes after the first {MAX_PASSWORD_BYTES})"
         )));
     }
     let password = password.to_string();
@@ -790,7 +790,7 @@ async fn set_config_active(
     let body = json_body(body)?;
     let active = body["isActive"].as_bool().ok_or_else(|| {
         ApiError::new(
-            StatusCode::BAD_REQUEST,
+            StatusCode::UNPROCESSABLE_ENTITY,
             "invalid_body",
             "expected {\"isActive\": true|false}",
         )
