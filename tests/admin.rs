@@ -242,6 +242,13 @@ async fn every_role_against_every_endpoint() {
             "name = \"cfg-private\"\ntype = \"IMPORT\"\nendpoint = \"http://169.254.169.254/latest\"\nallow_private_network = true\n[mapping.productId]\npath = \"$.id\"\n",
             "`allow_private_network`",
         ),
+        // An endpoint every run would refuse (a literal loopback address, or `localhost`,
+        // for the endpoint or the token URL, without `allow_private_network`): refused
+        // now, with the way out this route has.
+        (
+            "name = \"cfg-local\"\ntype = \"IMPORT\"\nendpoint = \"http://127.0.0.1:18901/x\"\n[mapping.productId]\npath = \"$.id\"\n",
+            "`endpoint`: `http://127.0.0.1:18901/x` is a loopback address",
+        ),
         // A plugin this deployment does not have: refused now, not at the first run.
         (
             "name = \"cfg-plugin\"\ntype = \"IMPORT\"\nendpoint = \"https://api.example/x\"\ntransforms = [\"no-such-plugin\"]\n[mapping.productId]\npath = \"$.id\"\n",

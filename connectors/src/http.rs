@@ -237,6 +237,18 @@ fn ip_kind(ip: IpAddr) -> Option<&'static str> {
 
 /// Resolves `host` and refuses private ranges unless allowed; returns the addresses to
 /// pin the connection to (so a second DNS answer cannot point elsewhere).
+/// What non-public address `url` names literally (an IP of a private, loopback or
+/// link-local range, or `localhost`), if any: known without resolving anything, so a
+/// config can be refused when it is applied rather than failing each run.
+pub fn literal_private_host(url: &str) -> Option<&'static str> {
+    let host = sluice_core::integration::url_lite::parse(url).ok()?.host;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.eq_ignore_ascii_case("localhost") || host.to_ascii_lowercase().ends_with(".localhost") {
+        return Some("loopback");
+    }
+    ip_kind(host.parse().ok()?)
+}
+
 pub async fn vet_host(
     url: &str,
     host: &str,
@@ -1719,6 +1731,26 @@ mod tests {
             ("2002:5db8:d822::1", false),
         ] {
             assert_eq!(ip_kind(ip.parse().unwrap()).is_some(), private, "{ip}");
+        }
+    }
+
+    #[test]
+    fn literal_non_public_hosts_are_known_without_resolving() {
+        for (url, kind) in [
+            ("http://127.0.0.1:8080/x", Some("loopback")),
+            ("http://localhost/x", Some("loopback")),
+            ("http://api.localhost/x", Some("loopback")),
+            ("http://[::1]:9/x", Some("loopback")),
+            ("http://10.1.2.3/x", Some("private")),
+            (
+                "http://169.254.169.254/latest",
+                Some("link-local (cloud metadata)"),
+            ),
+            ("https://api.example/x", None),
+            ("https://93.184.216.34/x", None),
+            ("not a url", None),
+        ] {
+            assert_eq!(literal_private_host(url), kind, "{url}");
         }
     }
 

@@ -726,6 +726,25 @@ fn validate_api_config(
         {
             Err("`allow_private_network`: configs applied through the API may not reach loopback, private or cloud-metadata addresses (an operator may allow it with `[security] api_configs_may_reach_private_network = true`, or apply the config with `sluice configs apply`)".into())
         }
+        // An address every run would refuse: refused now, with the way out this route has.
+        Ok((file, _)) if !file.allow_private_network => {
+            let urls = [("endpoint", Some(&file.endpoint)), ("auth.token_url", file.auth.token_url.as_ref())];
+            let private = urls.into_iter().find_map(|(field, url)| {
+                let kind = sluice_connectors::http::literal_private_host(url?)?;
+                Some((field, url?, kind))
+            });
+            match private {
+                None => Ok(file),
+                Some((field, url, kind)) => Err(format!(
+                    "`{field}`: `{url}` is a {kind} address, which a config reaches only with `allow_private_network = true`; {}",
+                    if config.raw.security.api_configs_may_reach_private_network {
+                        "set it in the config"
+                    } else {
+                        "configs applied through the API may not (an operator may allow it with `[security] api_configs_may_reach_private_network = true`, or apply the config with `sluice configs apply`)"
+                    }
+                )),
+            }
+        }
         Ok((file, _)) => Ok(file),
         Err(e) => Err(match (reserved.take(), unlisted.take()) {
             (None, Some(name)) if allowed.is_empty() => format!(
