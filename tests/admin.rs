@@ -1385,7 +1385,8 @@ async fn the_journey_lists_a_users_sessions_latest_first_with_their_events_in_or
         "{body}"
     );
     let millis = |v: &Value| {
-        chrono::DateTime::parse_from_rfc3339(v["$date"].as_str().unwrap_or_else(|| panic!("{v}")))
+        // Plain RFC 3339 text, not extended JSON's `{"$date": ...}`.
+        chrono::DateTime::parse_from_rfc3339(v.as_str().unwrap_or_else(|| panic!("{v}")))
             .unwrap()
             .timestamp_millis()
     };

@@ -962,8 +962,24 @@ async fn aggregate(state: &AppState, pipeline: Vec<Document>) -> Result<Json<Val
     let docs = aggregate_docs(state, pipeline).await?;
     Ok(Json(json!(docs
         .into_iter()
-        .map(|d| bson::Bson::Document(d).into_relaxed_extjson())
+        .map(|d| plain_json(bson::Bson::Document(d)))
         .collect::<Vec<_>>())))
+}
+
+/// An answer's value as plain JSON: dates as RFC 3339 text (`2026-11-25T10:00:00.000Z`),
+/// as the rest of the API writes them, not extended JSON's `{"$date": ...}`.
+fn plain_json(value: bson::Bson) -> Value {
+    match value {
+        bson::Bson::DateTime(t) => Value::String(
+            t.to_chrono()
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        ),
+        bson::Bson::Document(d) => {
+            Value::Object(d.into_iter().map(|(k, v)| (k, plain_json(v))).collect())
+        }
+        bson::Bson::Array(items) => Value::Array(items.into_iter().map(plain_json).collect()),
+        other => other.into_relaxed_extjson(),
+    }
 }
 
 /// Runs an analytics pipeline over `events` (on disk where a group outgrows memory).
