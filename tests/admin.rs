@@ -247,7 +247,7 @@ async fn every_role_against_every_endpoint() {
         // now, with the way out this route has.
         (
             "name = \"cfg-local\"\ntype = \"IMPORT\"\nendpoint = \"http://127.0.0.1:18901/x\"\n[mapping.productId]\npath = \"$.id\"\n",
-            "`endpoint`: `http://127.0.0.1:18901/x` is a loopback address",
+            "`endpoint`: `http://127.0.0.1:18901/x` is not a public address (loopback)",
         ),
         // A plugin this deployment does not have: refused now, not at the first run.
         (

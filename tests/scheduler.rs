@@ -349,42 +349,54 @@ async fn a_dead_owners_run_is_taken_over_after_the_lease() {
 async fn a_dead_owners_run_is_not_run_again_once_a_later_fire_has_run_the_job() {
     let db = TestDb::initialized().await;
     let at = |secs: i64| Utc::now() - chrono::Duration::seconds(secs);
-    let id = |fire: chrono::DateTime<Utc>| {
+    let ms = |t: chrono::DateTime<Utc>| bson::DateTime::from_chrono(t);
+    let id = |job: &str, fire: chrono::DateTime<Utc>| {
         format!(
-            "nightly@{}",
+            "{job}@{}",
             fire.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
         )
     };
     let (stopped, later) = (at(60), at(20));
     let runs = db.store.collection("scheduled_runs");
-    runs.insert_many([
-        // Handed back by a replica that stopped, or lapsed: either waits for a take-over.
-        doc! {
-            "_id": id(stopped), "job": "nightly", "scheduledFor": bson::DateTime::from_chrono(stopped),
-            "status": "RUNNING", "owner": "stopped-replica", "attempts": 1, "handedBack": true,
+    // `nightly`: handed back by a replica that stopped 30 s ago; a later fire started
+    // after that and completed (a cron shorter than a run). `restarted`: the same, but
+    // its later fire started before the run stopped, so it did not go on from it.
+    let mut docs = Vec::new();
+    for (job, later_started) in [("nightly", at(25)), ("restarted", at(40))] {
+        docs.push(doc! {
+            "_id": id(job, stopped), "job": job, "scheduledFor": ms(stopped),
+            "status": "RUNNING", "owner": "stopped-replica", "attempts": 1,
+            "handedBack": true, "handedBackAt": ms(at(30)),
             "expiresAt": bson::DateTime::from_millis(0),
-        },
-        // A later fire ran the job meanwhile (a cron shorter than a run).
-        doc! {
-            "_id": id(later), "job": "nightly", "scheduledFor": bson::DateTime::from_chrono(later),
-            "status": "COMPLETED", "owner": "survivor", "endedAt": bson::DateTime::now(),
-        },
-    ])
-    .await
-    .unwrap();
+        });
+        docs.push(doc! {
+            "_id": id(job, later), "job": job, "scheduledFor": ms(later),
+            "status": "COMPLETED", "owner": "survivor", "startedAt": ms(later_started),
+            "endedAt": bson::DateTime::now(),
+        });
+    }
+    runs.insert_many(docs).await.unwrap();
     let (s, log) = idle_scheduler(&db.store, "survivor", Duration::ZERO, 400).await;
-    status_becomes(&db, doc! { "_id": id(stopped) }, "SKIPPED").await;
+    status_becomes(&db, doc! { "_id": id("nightly", stopped) }, "SKIPPED").await;
+    status_becomes(&db, doc! { "_id": id("restarted", stopped) }, "COMPLETED").await;
     s.shutdown().await;
-    assert!(log.lock().unwrap().is_empty(), "not run again");
+    // Only `restarted`'s stopped run ran again.
+    assert_eq!(log.lock().unwrap().len(), 1, "{:?}", log.lock().unwrap());
     let doc = runs
-        .find_one(doc! { "_id": id(stopped) })
+        .find_one(doc! { "_id": id("nightly", stopped) })
         .await
         .unwrap()
         .unwrap();
     let reason = doc.get_str("reason").unwrap();
     assert!(
-        reason.starts_with("superseded") && reason.contains(&id(later)),
+        reason.starts_with("superseded") && reason.contains(&id("nightly", later)),
         "{doc}"
+    );
+    assert!(
+        sluice_core::metrics::value(
+            "sluice_job_fires_total",
+            &[("job_name", "nightly"), ("outcome", "superseded")]
+        ) >= 1.0
     );
 }
 

@@ -235,20 +235,23 @@ fn ip_kind(ip: IpAddr) -> Option<&'static str> {
     }
 }
 
-/// Resolves `host` and refuses private ranges unless allowed; returns the addresses to
-/// pin the connection to (so a second DNS answer cannot point elsewhere).
 /// What non-public address `url` names literally (an IP of a private, loopback or
 /// link-local range, or `localhost`), if any: known without resolving anything, so a
-/// config can be refused when it is applied rather than failing each run.
+/// config can be refused when it is applied rather than failing each run. (Other
+/// spellings a resolver takes, `127.1` say, are left to the check at run time.)
 pub fn literal_private_host(url: &str) -> Option<&'static str> {
     let host = sluice_core::integration::url_lite::parse(url).ok()?.host;
     let host = host.trim_start_matches('[').trim_end_matches(']');
-    if host.eq_ignore_ascii_case("localhost") || host.to_ascii_lowercase().ends_with(".localhost") {
+    // A fully qualified name's trailing dot names the same host.
+    let host = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
+    if host == "localhost" || host.ends_with(".localhost") {
         return Some("loopback");
     }
     ip_kind(host.parse().ok()?)
 }
 
+/// Resolves `host` and refuses private ranges unless allowed; returns the addresses to
+/// pin the connection to (so a second DNS answer cannot point elsewhere).
 pub async fn vet_host(
     url: &str,
     host: &str,
@@ -1740,6 +1743,8 @@ mod tests {
             ("http://127.0.0.1:8080/x", Some("loopback")),
             ("http://localhost/x", Some("loopback")),
             ("http://api.localhost/x", Some("loopback")),
+            ("http://LOCALHOST./x", Some("loopback")),
+            ("http://127.0.0.1./x", Some("loopback")),
             ("http://[::1]:9/x", Some("loopback")),
             ("http://10.1.2.3/x", Some("private")),
             (

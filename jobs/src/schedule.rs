@@ -123,7 +123,7 @@ impl FireOutcome {
     }
 }
 
-const FIRE_OUTCOMES: [&str; 7] = [
+const FIRE_OUTCOMES: [&str; 8] = [
     "completed",
     "failed",
     "claimed_elsewhere",
@@ -131,12 +131,15 @@ const FIRE_OUTCOMES: [&str; 7] = [
     "lease_lost",
     "stopped",
     "claim_failed",
+    // Counted by the sweep (a stopped run a later fire completed past), not as a fire's
+    // outcome on the replica that fired it.
+    "superseded",
 ];
 
 fn count_fire(job: &str, outcome: &str, n: u64) {
     sluice_core::metrics::count(
         "sluice_job_fires_total",
-        "Fires of scheduled jobs seen by this replica, by job and outcome (completed, failed, claimed_elsewhere, skipped, lease_lost, stopped, claim_failed).",
+        "Fires of scheduled jobs seen by this replica, by job and outcome (completed, failed, claimed_elsewhere, skipped, lease_lost, stopped, claim_failed, superseded).",
         &[("job_name", job), ("outcome", outcome)],
         n,
     );
@@ -1215,17 +1218,19 @@ async fn live_run(store: &Store, job: &str, except: &str) -> Result<Option<Docum
         ))
 }
 
-/// A scheduled fire of `job` after `fire` that is running or has completed.
+/// A scheduled fire of `job` after `fire` that started once the run of `fire` had stopped
+/// (`stopped_at`), and completed.
 async fn later_fire(
     store: &Store,
     job: &str,
     fire: DateTime,
+    stopped_at: DateTime,
 ) -> Result<Option<Document>, StoreError> {
     store
         .lease_collection(c::SCHEDULED_RUNS)
         .find_one(doc! {
             "job": job, "scheduledFor": { "$gt": fire }, "manual": { "$ne": true },
-            "status": { "$in": ["RUNNING", "COMPLETED"] },
+            "status": "COMPLETED", "startedAt": { "$gte": stopped_at },
         })
         .projection(doc! { common::ID: 1 })
         .await
@@ -1252,7 +1257,7 @@ async fn supersede(
             doc! {
                 "$set": {
                     "status": "SKIPPED", "endedAt": now,
-                    "reason": format!("superseded: its replica stopped before it ended, and the later fire `{later}` has run the job since (an import goes on from the checkpoint this run left; an export catches its windows up)"),
+                    "reason": format!("superseded: its replica stopped before it ended, and the later fire `{later}` has run the job since, to completion (an import went on from the checkpoint this run left; an export caught its windows up)"),
                 },
                 "$unset": { "expiresAt": "", WAITING_SINCE: "" },
             },
@@ -1415,16 +1420,23 @@ async fn sweep(inner: &Arc<Inner>) -> Result<(), StoreError> {
             }
             continue;
         }
-        // A later fire of the job that runs, or ran, does this one's work: an import goes
-        // on from the checkpoint the stopped run left, an export catches its windows up.
-        // Run again, it would repeat that work (a whole import) once the job is free.
-        if let Some(later) = later_fire(&inner.store, job, *fire).await? {
+        // A later fire of the job that started after this run stopped and completed has
+        // done this one's work: an import went on from the checkpoint the stopped run
+        // left, an export caught its windows up. Run again, it would repeat that work (a
+        // whole import). One still going is waited for (below); one that failed or was
+        // skipped leaves this run to be taken over.
+        let stopped_at = match o.get_datetime("handedBackAt") {
+            Ok(at) if handed_back => *at,
+            _ => *expires,
+        };
+        if let Some(later) = later_fire(&inner.store, job, *fire, stopped_at).await? {
             let later = later.get_str(common::ID).unwrap_or("?");
             if supersede(&runs, &o, later, now).await? {
+                count_fire(job, "superseded", 1);
                 tracing::warn!(
                     run = id,
                     later,
-                    "a run whose owner stopped is not run again: a later fire of its job ran since"
+                    "a run whose owner stopped is not run again: a later fire of its job completed since"
                 );
             }
             continue;
@@ -1584,7 +1596,8 @@ mod tests {
             );
         }
         let labels: std::collections::HashSet<_> = every.iter().map(FireOutcome::label).collect();
-        assert_eq!(labels.len(), FIRE_OUTCOMES.len());
+        // And `superseded`, which the sweep counts.
+        assert_eq!(labels.len() + 1, FIRE_OUTCOMES.len());
     }
 
     #[test]

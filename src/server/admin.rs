@@ -736,7 +736,7 @@ fn validate_api_config(
             match private {
                 None => Ok(file),
                 Some((field, url, kind)) => Err(format!(
-                    "`{field}`: `{url}` is a {kind} address, which a config reaches only with `allow_private_network = true`; {}",
+                    "`{field}`: `{url}` is not a public address ({kind}), which a config reaches only with `allow_private_network = true`; {}",
                     if config.raw.security.api_configs_may_reach_private_network {
                         "set it in the config"
                     } else {
