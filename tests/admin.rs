@@ -1301,6 +1301,30 @@ async fn the_cli_creates_admin_users_who_can_sign_in() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+#[tokio::test]
+async fn admin_answers_write_times_as_rfc_3339_text() {
+    let db = TestDb::initialized().await;
+    let (server, base, token) = signed_in_admin(&db, |_| {}).await;
+    let users: Value = reqwest::Client::new()
+        .get(format!("{base}/v1/admin/users"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let user = &users.as_array().unwrap()[0];
+    let created = user["createdAt"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{user}"));
+    assert!(
+        chrono::DateTime::parse_from_rfc3339(created).is_ok(),
+        "{user}"
+    );
+    server.shutdown().await;
+}
+
 /// `GET /v1/analytics/journey`: the user's sessions, latest first, each with its events in
 /// time order (id, type, time, page) and its span; no other visitor's events.
 #[tokio::test]

@@ -292,7 +292,7 @@ async fn change_user(
             .await
             .map_err(store_error)?;
     }
-    Ok(Json(bson::Bson::Document(changed).into_relaxed_extjson()))
+    Ok(Json(plain_json(bson::Bson::Document(changed))))
 }
 
 /// Applies `set` to user `email` in a transaction that also writes the caller's own
@@ -527,7 +527,7 @@ async fn list_users(
         .map_err(store_error)?;
     Ok(Json(json!(users
         .into_iter()
-        .map(|u| bson::Bson::Document(u).into_relaxed_extjson())
+        .map(|u| plain_json(bson::Bson::Document(u)))
         .collect::<Vec<_>>())))
 }
 
@@ -677,7 +677,7 @@ async fn list_configs(
         .map_err(store_error)?;
     Ok(Json(json!(configs
         .into_iter()
-        .map(|d| bson::Bson::Document(d).into_relaxed_extjson())
+        .map(|d| plain_json(bson::Bson::Document(d)))
         .collect::<Vec<_>>())))
 }
 
@@ -967,7 +967,7 @@ async fn aggregate(state: &AppState, pipeline: Vec<Document>) -> Result<Json<Val
 }
 
 /// An answer's value as plain JSON: dates as RFC 3339 text (`2026-11-25T10:00:00.000Z`),
-/// as the rest of the API writes them, not extended JSON's `{"$date": ...}`.
+/// as the API writes every time, not extended JSON's `{"$date": ...}`.
 fn plain_json(value: bson::Bson) -> Value {
     match value {
         bson::Bson::DateTime(t) => Value::String(
