@@ -313,6 +313,8 @@ fn plugin_test_runs_a_fresh_build_under_the_installed_manifest() {
         "sluice.toml",
         &format!("[plugins]\ndir = \"{}\"\n", dist.display()),
     );
+    let tmp = config.parent().unwrap().join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
     let run = |name: &str| {
         sluice()
             .arg("--config")
@@ -323,6 +325,8 @@ fn plugin_test_runs_a_fresh_build_under_the_installed_manifest() {
             .arg(&build)
             .args(["--plugin-config", "{}"])
             .env("SLUICE_LOG_LEVEL", "warn")
+            // A temporary folder of its own: other tests stage plugins at the same time.
+            .env("TMPDIR", &tmp)
             .output()
             .unwrap()
     };
@@ -342,7 +346,7 @@ fn plugin_test_runs_a_fresh_build_under_the_installed_manifest() {
         std::fs::read_to_string(dist.join("currency-normalize.toml")).unwrap(),
         manifest_before
     );
-    let left = std::fs::read_dir(std::env::temp_dir())
+    let left = std::fs::read_dir(&tmp)
         .unwrap()
         .filter_map(Result::ok)
         .filter(|e| {
