@@ -54,17 +54,22 @@ fn daily_export(raw: &mut sluice_core::config::RawConfig, dest: &str, timezone: 
     }];
 }
 
-/// `GET /v1/admin/jobs` as `token`: the job listed as `name` (the test fails if none is).
-async fn admin_job(base: &str, token: &str, name: &str) -> Value {
-    let jobs: Value = reqwest::Client::new()
-        .get(format!("{base}/v1/admin/jobs"))
+/// `GET {base}{path}` as `token`: the JSON answer.
+async fn get_json(base: &str, token: &str, path: &str) -> Value {
+    reqwest::Client::new()
+        .get(format!("{base}{path}"))
         .bearer_auth(token)
         .send()
         .await
         .unwrap()
         .json()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// `GET /v1/admin/jobs` as `token`: the job listed as `name` (the test fails if none is).
+async fn admin_job(base: &str, token: &str, name: &str) -> Value {
+    let jobs = get_json(base, token, "/v1/admin/jobs").await;
     jobs.as_array()
         .unwrap()
         .iter()
@@ -1305,15 +1310,7 @@ async fn the_cli_creates_admin_users_who_can_sign_in() {
 async fn admin_answers_write_times_as_rfc_3339_text() {
     let db = TestDb::initialized().await;
     let (server, base, token) = signed_in_admin(&db, |_| {}).await;
-    let users: Value = reqwest::Client::new()
-        .get(format!("{base}/v1/admin/users"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let users = get_json(&base, &token, "/v1/admin/users").await;
     let user = &users.as_array().unwrap()[0];
     let created = user["createdAt"]
         .as_str()

@@ -107,6 +107,28 @@ fn day(offset: i64) -> NaiveDate {
     }
 }
 
+/// `sluice_export_windows_not_exported_total{kind="EVENT_DATA", reason}` (process-wide:
+/// other tests may count too).
+fn event_data_not_exported(reason: &str) -> f64 {
+    sluice_core::metrics::value(
+        "sluice_export_windows_not_exported_total",
+        &[("kind", "EVENT_DATA"), ("reason", reason)],
+    )
+}
+
+/// Records the EVENT_DATA schedule's last completed window as day `d`, where `catch_up`
+/// goes on from.
+async fn event_data_completed_through(db: &TestDb, d: NaiveDate) {
+    db.store
+        .collection("export_jobs")
+        .insert_one(
+            doc! { "jobId": "before", "type": "EVENT_DATA", "status": "COMPLETED",
+            "windowStart": d.to_string(), "windowEnd": d.to_string() },
+        )
+        .await
+        .unwrap();
+}
+
 async fn download(dest: &ObjectStore, key: &str, dir: &std::path::Path) -> PathBuf {
     let bytes = dest.get_bytes(key).await.unwrap();
     let path = dir.join(key.replace('/', "_"));
@@ -2766,20 +2788,8 @@ async fn windows_beyond_catch_up_are_counted_as_not_exported() {
     let dir = temp_dir();
     let ctx = ExportContext::new(db.store.clone(), ObjectStore::Local(LocalDir::new(&dir)));
     // The schedule last completed six days ago; it may catch up two days.
-    db.store
-        .collection("export_jobs")
-        .insert_one(
-            doc! { "jobId": "before", "type": "EVENT_DATA", "status": "COMPLETED",
-            "windowStart": day(-6).to_string(), "windowEnd": day(-6).to_string() },
-        )
-        .await
-        .unwrap();
-    let counted = || {
-        sluice_core::metrics::value(
-            "sluice_export_windows_not_exported_total",
-            &[("kind", "EVENT_DATA"), ("reason", "beyond_catch_up")],
-        )
-    };
+    event_data_completed_through(&db, day(-6)).await;
+    let counted = || event_data_not_exported("beyond_catch_up");
     let before = counted();
     let done = catch_up(&ctx, ExportJobType::EventData, day(-1), 2, 90)
         .await
@@ -2800,14 +2810,7 @@ async fn late_days_beyond_the_per_run_cap_wait_for_the_next_runs() {
     let mut ctx = ExportContext::new(db.store.clone(), ObjectStore::Local(LocalDir::new(&dir)));
     ctx.late_days_per_run = 2;
     // Yesterday's window is done; events then arrive for three earlier days.
-    db.store
-        .collection("export_jobs")
-        .insert_one(
-            doc! { "jobId": "before", "type": "EVENT_DATA", "status": "COMPLETED",
-            "windowStart": day(-1).to_string(), "windowEnd": day(-1).to_string() },
-        )
-        .await
-        .unwrap();
+    event_data_completed_through(&db, day(-1)).await;
     let writer = EventWriter::new(
         db.store.clone(),
         WriterOptions {
@@ -2820,15 +2823,7 @@ async fn late_days_beyond_the_per_run_cap_wait_for_the_next_runs() {
         let events: Vec<Event> = (0..=n).map(|i| event(i, *d)).collect();
         writer.write(&events).await.unwrap();
     }
-    let waiting = || {
-        sluice_core::metrics::value(
-            "sluice_export_windows_not_exported_total",
-            &[
-                ("kind", "EVENT_DATA"),
-                ("reason", "late_days_beyond_per_run"),
-            ],
-        )
-    };
+    let waiting = || event_data_not_exported("late_days_beyond_per_run");
     let published = |done: &[sluice_jobs::export::ExportSummary]| -> Vec<String> {
         done.iter()
             .map(|s| s.partitions[0].prefix.clone())
@@ -2885,14 +2880,7 @@ async fn late_days_are_published_until_archived_and_archived_windows_do_not_stop
         writer.write(&events).await.unwrap();
     }
     // The schedule last completed five days ago; ARCHIVE ran meanwhile.
-    db.store
-        .collection("export_jobs")
-        .insert_one(
-            doc! { "jobId": "before", "type": "EVENT_DATA", "status": "COMPLETED",
-            "windowStart": day(-5).to_string(), "windowEnd": day(-5).to_string() },
-        )
-        .await
-        .unwrap();
+    event_data_completed_through(&db, day(-5)).await;
     let archive = ExportRequest {
         archive_after_days: 3,
         ..request(ExportJobType::Archive, day(0), day(0))
@@ -2901,18 +2889,12 @@ async fn late_days_are_published_until_archived_and_archived_windows_do_not_stop
     assert_eq!(a.partitions.len(), 1, "{a:?}");
     assert_eq!(a.partitions[0].prefix, format!("ARCHIVE/dt={archived}"));
 
-    let not_exported = |reason: &str| {
-        sluice_core::metrics::value(
-            "sluice_export_windows_not_exported_total",
-            &[("kind", "EVENT_DATA"), ("reason", reason)],
-        )
-    };
-    let archived_first = not_exported("archived_first");
+    let archived_first = event_data_not_exported("archived_first");
     let done = catch_up(&ctx, ExportJobType::EventData, day(-1), 10, 3)
         .await
         .unwrap();
     // Counted (other tests may count too: at least this one).
-    assert!(not_exported("archived_first") > archived_first);
+    assert!(event_data_not_exported("archived_first") > archived_first);
     let windows: Vec<&str> = done
         .iter()
         .map(|s| s.partitions[0].prefix.as_str())
@@ -3076,15 +3058,7 @@ async fn an_archive_waits_for_late_events_to_be_published_again() {
     )
     .await
     .unwrap();
-    let archived_unpublished = || {
-        sluice_core::metrics::value(
-            "sluice_export_windows_not_exported_total",
-            &[
-                ("kind", "EVENT_DATA"),
-                ("reason", "late_events_archived_first"),
-            ],
-        )
-    };
+    let archived_unpublished = || event_data_not_exported("late_events_archived_first");
     let before = archived_unpublished();
     let anyway = run_export(&ctx, &archive).await.unwrap();
     assert_eq!(anyway.deleted, 5);
