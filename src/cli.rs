@@ -1424,6 +1424,22 @@ pub async fn jobs_list(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The `[[schedules]]` entry `schedule`, or an error saying there is none.
+fn export_schedule<'a>(
+    config: &'a Config,
+    schedule: &str,
+) -> anyhow::Result<&'a sluice_core::config::ScheduleSection> {
+    config
+        .schedules
+        .iter()
+        .find(|s| s.name == schedule)
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "no export schedule `{schedule}` in the config's [[schedules]] (to export without one: `sluice export run`)"
+            )
+        })
+}
+
 /// `sluice jobs run NAME`: runs a job now (exports: `--from/--to` backfill a window
 /// without moving the catch-up point).
 pub async fn jobs_run(
@@ -1436,15 +1452,7 @@ pub async fn jobs_run(
         name.strip_prefix(crate::engine::EXPORT_PREFIX),
         from.is_some() || to.is_some(),
     ) {
-        let s = config
-            .schedules
-            .iter()
-            .find(|s| s.name == schedule)
-            .ok_or_else(|| {
-                anyhow::anyhow!(
-                    "no export schedule `{schedule}` in the config's [[schedules]] (to export without one: `sluice export run`)"
-                )
-            })?;
+        let s = export_schedule(config, schedule)?;
         let kind = sluice_core::model::ExportJobType::parse(&s.kind)
             .map_err(|e| anyhow::anyhow!("schedule `{schedule}`: type: expected {e}"))?;
         check_export_window(kind, from, to)?;
@@ -1464,11 +1472,7 @@ pub async fn jobs_run(
     // Checked before anything is recorded (or the database reached): a typo must not
     // leave a FAILED run of a job that does not exist.
     if let Some(schedule) = name.strip_prefix(crate::engine::EXPORT_PREFIX) {
-        if !config.schedules.iter().any(|s| s.name == schedule) {
-            anyhow::bail!(
-                "no export schedule `{schedule}` in the config's [[schedules]] (to export without one: `sluice export run`)"
-            );
-        }
+        export_schedule(config, schedule)?;
     }
     let store = Store::connect(config).await?;
     store.init().await?;

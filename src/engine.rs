@@ -176,7 +176,7 @@ pub async fn job_overview(
             next_fire: sluice_jobs::schedule::next_fire(&job, now).map(|t| t.to_rfc3339()),
             timezone: job.timezone.clone().unwrap_or_else(|| "UTC".into()),
             last_run,
-            running: running_run(store, &job.name).await?,
+            running: sluice_jobs::schedule::run_going(store, &job.name).await?,
             missed,
             name: job.name,
             cron: Some(job.cron),
@@ -208,7 +208,7 @@ pub async fn job_overview(
                 "no schedule: runs by hand only"
             };
             out.push(JobOverview {
-                running: running_run(store, &job).await?,
+                running: sluice_jobs::schedule::run_going(store, &job).await?,
                 name: job,
                 cron: None,
                 timezone: "UTC".into(),
@@ -219,29 +219,6 @@ pub async fn job_overview(
         }
     }
     Ok(out)
-}
-
-/// The run of `job` going now (RUNNING, its lease live): its id, and whether it waits for
-/// a run slot.
-async fn running_run(
-    store: &Store,
-    job: &str,
-) -> Result<Option<(String, bool)>, sluice_connectors::StoreError> {
-    let run = store
-        .collection(c::SCHEDULED_RUNS)
-        .find_one(doc! { "job": job, "status": "RUNNING", "expiresAt": { "$gt": store.now() } })
-        .projection(doc! { "_id": 1, "waitingSince": 1 })
-        .await
-        .map_err(sluice_connectors::StoreError::mongo(
-            c::SCHEDULED_RUNS,
-            "find the run going",
-        ))?;
-    Ok(run.map(|d| {
-        (
-            d.get_str("_id").unwrap_or("?").to_string(),
-            d.contains_key("waitingSince"),
-        )
-    }))
 }
 
 pub fn job_source(config: Arc<Config>, store: Store) -> JobSource {

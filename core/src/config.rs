@@ -498,14 +498,14 @@ impl Destination {
                 prefix: prefix.trim_matches('/').into(),
             });
         }
+        let is_url = text.starts_with("file://");
         let path = text.strip_prefix("file://").unwrap_or(text);
-        if path.is_empty() || text.contains("://") && !text.starts_with("file://") {
+        if path.is_empty() || text.contains("://") && !is_url {
             return Err(format!("{expected}, got `{text}`"));
         }
         // `file://host/path` names a host; a URL's path is absolute (`file:///path`, or
         // `file://localhost/path`). `file://exports/x` is refused rather than read as the
         // relative folder `exports/x`.
-        let is_url = text.starts_with("file://");
         let path = match path.strip_prefix("localhost") {
             Some(rest) if is_url && rest.starts_with('/') => rest,
             _ => path,
@@ -1166,19 +1166,13 @@ pub fn validate(
                 )
             })?;
         }
-        // As integration config names: it is a job name (`export:NAME`) in commands,
-        // run ids and metrics.
-        let name_ok = !sched.name.is_empty()
-            && sched.name.len() <= 100
-            && sched
-                .name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
-        if !name_ok {
+        // As integration config names: it is a job name (`export:NAME`).
+        if !crate::integration::is_job_name(&sched.name) {
             return Err(invalid(
                 &format!("schedules[{i}].name"),
                 format!(
-                    "1-100 characters of a-z A-Z 0-9 - _ ., got `{}`",
+                    "{}, got `{}`",
+                    crate::integration::JOB_NAME_RULE,
                     sched.name
                 ),
             ));

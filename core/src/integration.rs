@@ -503,6 +503,19 @@ impl Connector {
     }
 }
 
+/// What an integration config's or an export schedule's name may be: it is a job name
+/// (`integration:NAME`, `export:NAME`) in commands, run ids and metrics.
+pub const JOB_NAME_RULE: &str = "1-100 characters of a-z A-Z 0-9 - _ .";
+
+/// Whether `name` follows [`JOB_NAME_RULE`].
+pub fn is_job_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 100
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
 /// A tiny URL check (scheme, host) without pulling a URL crate into `core`.
 pub mod url_lite {
     #[derive(Debug, Clone, PartialEq, Eq)]
@@ -651,16 +664,10 @@ pub fn validate(
         field: field.to_string(),
         expected,
     };
-    if file.name.is_empty()
-        || file.name.len() > 100
-        || !file
-            .name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-    {
+    if !is_job_name(&file.name) {
         return Err(invalid(
             "name",
-            format!("1-100 characters of a-z A-Z 0-9 - _ ., got `{}`", file.name),
+            format!("{JOB_NAME_RULE}, got `{}`", file.name),
         ));
     }
     let kind = IntegrationType::parse(&file.kind).map_err(|e| invalid("type", e))?;

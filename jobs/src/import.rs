@@ -1798,11 +1798,6 @@ async fn upsert_once(
     })
 }
 
-/// Closes the runs of `name` still recorded RUNNING when a new run of it starts (under
-/// the job's lease, so none of them is live): their process stopped without recording
-/// it (`kill -9`, a crash), or they were dropped when their scheduled run lost its lease.
-/// Each is marked INTERRUPTED with that reason in `failures`; the one the checkpoint
-/// belongs to is then resumed under its run id.
 /// The failures a run keeps listed (`failures`, the latest); `failureCount` counts all.
 const FAILURES_KEPT: i64 = 20;
 
@@ -1815,6 +1810,11 @@ fn failure_noted(failure: Document) -> Document {
     }
 }
 
+/// Closes the runs of `name` still recorded RUNNING when a new run of it starts (under
+/// the job's lease, so none of them is live): their process stopped without recording
+/// it (`kill -9`, a crash), or they were dropped when their scheduled run lost its lease.
+/// Each is marked INTERRUPTED with that reason in `failures`; the one the checkpoint
+/// belongs to is then resumed under its run id.
 async fn close_orphaned_runs(store: &Store, name: &str) -> Result<(), StoreError> {
     let now = store.now();
     let why = "stopped without recording its end: its process stopped, or it lost its lease to another replica";
@@ -2208,6 +2208,7 @@ pub async fn run_push(
     let mut cursor = open(&position).await.map_err(read_err())?;
     let mut reopened = 0;
     let mut stopped = false;
+    let max_bytes = (push.max_batch_mb as usize) << 20;
     loop {
         // Asked to stop (a signal to `import run`): the position is saved as the run
         // ends, so the next run goes on from here.
@@ -2217,7 +2218,6 @@ pub async fn run_push(
         }
         let mut batch: Vec<Document> = Vec::with_capacity(push.batch_size.min(1024));
         let mut batch_bytes = 0;
-        let max_bytes = (push.max_batch_mb as usize) << 20;
         while batch.len() < push.batch_size && batch_bytes < max_bytes {
             match cursor.try_next().await {
                 Ok(Some(d)) => {

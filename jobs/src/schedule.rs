@@ -1248,23 +1248,27 @@ async fn supersede(
     later: &str,
     now: DateTime,
 ) -> Result<bool, StoreError> {
-    let (Ok(id), Ok(expires)) = (run.get_str(common::ID), run.get_datetime("expiresAt")) else {
-        return Ok(false);
+    let ended = doc! {
+        "$set": {
+            "status": "SKIPPED", "endedAt": now,
+            "reason": format!("superseded: its replica stopped before it ended, and the later fire `{later}` has run the job since, to completion (an import went on from the checkpoint this run left; an export caught its windows up)"),
+        },
+        "$unset": { "expiresAt": "", WAITING_SINCE: "" },
     };
-    let done = runs
-        .update_one(
-            doc! { common::ID: id, "status": "RUNNING", "expiresAt": *expires },
-            doc! {
-                "$set": {
-                    "status": "SKIPPED", "endedAt": now,
-                    "reason": format!("superseded: its replica stopped before it ended, and the later fire `{later}` has run the job since, to completion (an import went on from the checkpoint this run left; an export caught its windows up)"),
-                },
-                "$unset": { "expiresAt": "", WAITING_SINCE: "" },
-            },
+    Ok(end_lapsed(runs, run, ended, "record a superseded run")
+        .await?
+        .is_some())
+}
+
+/// The run of `job` going now (RUNNING, its lease live): its id, and whether it is
+/// claimed and waiting for a run slot.
+pub async fn run_going(store: &Store, job: &str) -> Result<Option<(String, bool)>, StoreError> {
+    Ok(live_run(store, job, "").await?.map(|d| {
+        (
+            d.get_str(common::ID).unwrap_or("?").to_string(),
+            d.contains_key(WAITING_SINCE),
         )
-        .await
-        .map_err(StoreError::mongo(c::SCHEDULED_RUNS, "record a superseded run"))?;
-    Ok(done.modified_count == 1)
+    }))
 }
 
 /// Ends the just-claimed run `id` as SKIPPED because `other` is going.
@@ -1395,16 +1399,17 @@ async fn sweep(inner: &Arc<Inner>) -> Result<(), StoreError> {
             .known
             .read()
             .is_ok_and(|k| k.as_ref().is_some_and(|k| !k.contains(job)));
+        // When the run stopped: a run handed back has `expiresAt` 0, so when it was
+        // handed back; otherwise when its lease lapsed.
+        let stopped_at = match o.get_datetime("handedBackAt") {
+            Ok(at) if handed_back => *at,
+            _ => *expires,
+        };
         if unknown {
             // Left to a replica that schedules the job. A job no replica has taken over
             // for an hour is scheduled by none (its config was turned off or removed):
             // its run is recorded FAILED instead of staying RUNNING for ever.
-            // A run handed back has `expiresAt` 0: counted from when it was handed back.
-            let since = match o.get_datetime("handedBackAt") {
-                Ok(at) if handed_back => *at,
-                _ => *expires,
-            };
-            let unclaimed = now.timestamp_millis() - since.timestamp_millis();
+            let unclaimed = now.timestamp_millis() - stopped_at.timestamp_millis();
             if unclaimed > UNKNOWN_JOB_GRACE.as_millis() as i64 {
                 let error = format!(
                     "abandoned: its process ({}) stopped, and no running replica schedules `{job}` any more",
@@ -1425,10 +1430,6 @@ async fn sweep(inner: &Arc<Inner>) -> Result<(), StoreError> {
         // left, an export caught its windows up. Run again, it would repeat that work (a
         // whole import). One still going is waited for (below); one that failed or was
         // skipped leaves this run to be taken over.
-        let stopped_at = match o.get_datetime("handedBackAt") {
-            Ok(at) if handed_back => *at,
-            _ => *expires,
-        };
         if let Some(later) = later_fire(&inner.store, job, *fire, stopped_at).await? {
             let later = later.get_str(common::ID).unwrap_or("?");
             if supersede(&runs, &o, later, now).await? {
@@ -1543,21 +1544,35 @@ async fn fail_lapsed<'a>(
     more: Document,
     now: DateTime,
 ) -> Result<Option<&'a str>, StoreError> {
+    let (_, mut ended) = run_end(&Err(error.to_string()), now);
+    ended.extend(more);
+    end_lapsed(
+        runs,
+        run,
+        doc! { "$set": ended },
+        "record a lapsed run FAILED",
+    )
+    .await
+}
+
+/// Applies `update` to the lapsed or handed-back run `run` if it is still as read (RUNNING
+/// with the same `expiresAt`: no replica took it over meanwhile); its id when it did.
+async fn end_lapsed<'a>(
+    runs: &mongodb::Collection<Document>,
+    run: &'a Document,
+    update: Document,
+    what: &'static str,
+) -> Result<Option<&'a str>, StoreError> {
     let (Ok(id), Ok(expires)) = (run.get_str(common::ID), run.get_datetime("expiresAt")) else {
         return Ok(None);
     };
-    let (_, mut ended) = run_end(&Err(error.to_string()), now);
-    ended.extend(more);
     let done = runs
         .update_one(
             doc! { common::ID: id, "status": "RUNNING", "expiresAt": *expires },
-            doc! { "$set": ended },
+            update,
         )
         .await
-        .map_err(StoreError::mongo(
-            c::SCHEDULED_RUNS,
-            "record a lapsed run FAILED",
-        ))?;
+        .map_err(StoreError::mongo(c::SCHEDULED_RUNS, what))?;
     Ok((done.modified_count == 1).then_some(id))
 }
 

@@ -261,13 +261,7 @@ async fn change_user(
     }
     let mut set = doc! { common::UPDATED_AT: state.store.now() };
     if let Some(role) = &body.role {
-        let role = Role::parse(role).map_err(|e| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_role",
-                format!("role: expected {e}"),
-            )
-        })?;
+        let role = role_param(role)?;
         set.insert("role", role.as_str());
     }
     if let Some(active) = body.is_active {
@@ -396,6 +390,17 @@ fn query_params<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
 /// The request body, or the API's JSON error shape instead of the framework's plain-text
 /// rejection: `415 unsupported_media_type` without a JSON content type, `400
 /// invalid_body` (or 422 for a body of the wrong shape) otherwise.
+/// A role given in a request body: `400 invalid_role` naming the roles when unknown.
+fn role_param(text: &str) -> Result<Role, ApiError> {
+    Role::parse(text).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_role",
+            format!("role: expected {e}"),
+        )
+    })
+}
+
 fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
     body.map(|Json(b)| b).map_err(|r| {
         let status = r.status();
@@ -545,13 +550,7 @@ async fn create_user(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     caller(&state, &headers, Role::Admin).await?;
     let body = json_body(body)?;
-    let role = Role::parse(&body.role).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_role",
-            format!("role: expected {e}"),
-        )
-    })?;
+    let role = role_param(&body.role)?;
     create_admin_user(&state.store, &body.email, &body.password, role)
         .await
         .map_err(|e| match e {
