@@ -7,7 +7,7 @@ use anyhow::Context;
 use sluice_connectors::mongo::IndexOutcome;
 use sluice_connectors::Store;
 use sluice_core::config::{self, Config, LogSection};
-use sluice_core::ConfigError;
+use sluice_core::{counted, ConfigError};
 
 /// The default config file name looked for in the working directory.
 pub const DEFAULT_CONFIG_FILE: &str = "sluice.toml";
@@ -415,7 +415,9 @@ pub fn spawn_progress(
     })
 }
 
-/// Prints import progress on stderr every two seconds until aborted.
+/// Prints import progress on stderr until aborted: checked every two seconds, a line when
+/// it moved, and while it does not (a slow page, a long retry wait) one every
+/// [`QUIET_PROGRESS`] saying for how long, rather than the same line again and again.
 pub fn spawn_import_progress(
     progress: std::sync::Arc<sluice_jobs::import::ImportProgress>,
 ) -> tokio::task::JoinHandle<()> {
@@ -423,18 +425,41 @@ pub fn spawn_import_progress(
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
         tick.tick().await;
+        let mut last = None;
+        let mut moved = std::time::Instant::now();
+        let mut printed = moved;
         loop {
             tick.tick().await;
-            eprintln!(
-                "  {} pages, {} records, {} upserted, {} failed mapping",
+            let now = [
                 progress.pages.load(Relaxed),
                 progress.records.load(Relaxed),
                 progress.upserted.load(Relaxed),
-                progress.failed.load(Relaxed)
+                progress.failed.load(Relaxed),
+            ];
+            let line = format!(
+                "  {}, {}, {} upserted, {} failed mapping",
+                counted(now[0], "page"),
+                counted(now[1], "record"),
+                now[2],
+                now[3]
             );
+            if last != Some(now) {
+                eprintln!("{line}");
+                (last, moved, printed) = (
+                    Some(now),
+                    std::time::Instant::now(),
+                    std::time::Instant::now(),
+                );
+            } else if printed.elapsed() >= QUIET_PROGRESS {
+                eprintln!("{line}; no progress for {} s", moved.elapsed().as_secs());
+                printed = std::time::Instant::now();
+            }
         }
     })
 }
+
+/// How often an import that makes no progress says so.
+const QUIET_PROGRESS: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// `export run` / `jobs run` arguments: ARCHIVE and USER_DATA have no window, so a
 /// `--from` / `--to` given to them would be silently ignored: refuse it instead.
@@ -500,15 +525,18 @@ pub async fn export_run(
     eprintln!();
     let summary = result.map_err(anyhow::Error::msg)??;
     println!(
-        "export {} {}: {} rows in {} files, {:.1} MB, {:.1} s -> {}",
+        "export {} {}: {} in {}, {:.1} MB, {:.1} s -> {}",
         summary.job_id,
         summary.kind,
-        summary.rows,
-        summary
-            .partitions
-            .iter()
-            .map(|p| p.files.len())
-            .sum::<usize>(),
+        counted(summary.rows, "row"),
+        counted(
+            summary
+                .partitions
+                .iter()
+                .map(|p| p.files.len() as u64)
+                .sum::<u64>(),
+            "file"
+        ),
         summary.bytes as f64 / 1e6,
         summary.elapsed.as_secs_f64(),
         summary.destination
@@ -655,12 +683,8 @@ pub async fn configs_apply(config: &Config, dir: &Path) -> anyhow::Result<()> {
     let store = Store::connect(config).await?;
     store.init().await?;
     for v in &valid {
-        let created = sluice_jobs::configs::apply(&store, &v.file).await?;
-        println!(
-            "{} {}",
-            if created { "created" } else { "updated" },
-            v.file.name
-        );
+        let applied = sluice_jobs::configs::apply(&store, &v.file).await?;
+        println!("{} {}", applied.as_str(), v.file.name);
     }
     Ok(())
 }
@@ -803,17 +827,23 @@ pub async fn import_run(config: &Config, name: &str, dry_run: bool) -> anyhow::R
         }
     }
     println!(
-        "import {} {}: {} pages, {} records, {} inserted, {} updated, {}{} failed mapping, {} requests ({} retries), {:.1} s{}",
+        "import {} {}: {}, {}, {} inserted, {} updated, {}{} failed mapping, {} ({}), {:.1} s{}",
         summary.name,
-        if summary.completed { "completed" } else if dry_run { "checked" } else { "interrupted" },
-        summary.pages,
-        summary.fetched,
+        if summary.completed {
+            "completed"
+        } else if dry_run {
+            "checked"
+        } else {
+            "interrupted"
+        },
+        counted(summary.pages, "page"),
+        counted(summary.fetched, "record"),
         summary.inserted,
         summary.updated,
         crate::engine::already_stored(summary.unchanged),
         summary.failed,
-        summary.http.requests,
-        summary.http.retries,
+        counted(summary.http.requests, "request"),
+        counted(summary.http.retries, "retry"),
         summary.elapsed_ms as f64 / 1000.0,
         if summary.resumed { " (resumed)" } else { "" }
     );

@@ -349,7 +349,11 @@ impl EngineRunner {
                 .map_err(|e| e.to_string())?],
             };
             let rows: u64 = done.iter().map(|s| s.rows).sum();
-            return Ok(format!("{} run(s), {rows} rows", done.len()));
+            return Ok(format!(
+                "{}, {}",
+                sluice_core::counted(done.len() as u64, "run"),
+                sluice_core::counted(rows, "row")
+            ));
         }
         let integration = name.strip_prefix(INTEGRATION_PREFIX).unwrap_or(name);
         let _in_flight = InFlight::enter(integration);
@@ -403,8 +407,8 @@ impl Runner for EngineRunner {
 /// An import's outcome in one line, as `scheduled_runs` records it.
 pub fn import_line(s: &sluice_jobs::import::ImportSummary) -> String {
     format!(
-        "{} records, {} inserted, {} updated, {}{} failed mapping",
-        s.fetched,
+        "{}, {} inserted, {} updated, {}{} failed mapping",
+        sluice_core::counted(s.fetched, "record"),
         s.inserted,
         s.updated,
         already_stored(s.unchanged),

@@ -364,6 +364,43 @@ async fn an_env_allowlist_limits_what_api_configs_may_reference() {
 }
 
 #[tokio::test]
+async fn applying_a_config_says_whether_it_was_created_changed_or_already_so() {
+    let db = TestDb::initialized().await;
+    let (server, base, token) = signed_in_admin(&db, |_| {}).await;
+    let apply = |path: &str| {
+        let config = format!("name = \"cfg-same\"\ntype = \"IMPORT\"\nendpoint = \"https://api.example/{path}\"\n[mapping.productId]\npath = \"$.id\"\n");
+        let r = reqwest::Client::new()
+            .post(format!("{base}/v1/admin/configs"))
+            .bearer_auth(&token)
+            .body(config)
+            .send();
+        async move {
+            let r = r.await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, body) = apply("x").await;
+    assert_eq!(
+        (status, &body["created"], &body["changed"]),
+        (201, &json!(true), &json!(true)),
+        "{body}"
+    );
+    let (status, body) = apply("x").await;
+    assert_eq!(
+        (status, &body["created"], &body["changed"]),
+        (200, &json!(false), &json!(false)),
+        "{body}"
+    );
+    let (status, body) = apply("y").await;
+    assert_eq!(
+        (status, &body["created"], &body["changed"]),
+        (200, &json!(false), &json!(true)),
+        "{body}"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn an_unknown_email_fails_whatever_the_password() {
     let db = TestDb::initialized().await;
     let server = start_server(&db, |_| {}).await;
@@ -668,7 +705,7 @@ async fn a_manual_run_is_named_in_the_answer_and_its_outcome_is_listed() {
         .unwrap();
     assert_eq!(recorded.get_bool("manual"), Ok(true));
     assert!(
-        recorded.get_str("result").unwrap().contains("run(s)"),
+        recorded.get_str("result").unwrap().contains(" run"),
         "{recorded}"
     );
 

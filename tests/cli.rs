@@ -868,11 +868,17 @@ fn config_check_parses_schedules_with_the_scheduler_s_cron_parser() {
 /// Applies an IMPORT config `name` of two products (`p1` Lamp, `p2` Desk) from an API on
 /// loopback, into `products`.
 async fn apply_two_products(db: &support::TestDb, name: &str) {
+    apply_two_slow_products(db, name, std::time::Duration::ZERO).await;
+}
+
+/// [`apply_two_products`] from an API that answers after `delay`.
+async fn apply_two_slow_products(db: &support::TestDb, name: &str, delay: std::time::Duration) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let api = axum::Router::new().route(
         "/items",
-        axum::routing::get(|| async {
+        axum::routing::get(move || async move {
+            tokio::time::sleep(delay).await;
             axum::Json(
                 serde_json::json!([{ "id": "p1", "name": "Lamp" }, { "id": "p2", "name": "Desk" }]),
             )
@@ -936,6 +942,29 @@ async fn import_run_records_its_run_and_waits_for_the_one_in_flight() {
             .unwrap()
             .starts_with("2 records, 2 inserted"),
         "{recorded}"
+    );
+}
+
+#[tokio::test]
+async fn import_progress_is_printed_when_it_moves_not_again_while_a_page_is_slow() {
+    let db = support::TestDb::initialized().await;
+    apply_two_slow_products(&db, "slow", std::time::Duration::from_secs(7)).await;
+    let out = import_run(&db_config(&db), "slow").await;
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}{stderr}");
+    // Checked every 2 s for 7 s: nothing moved, so one line, not three alike.
+    let still: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("0 pages, 0 records"))
+        .collect();
+    assert_eq!(still.len(), 1, "{stderr}");
+    assert!(
+        stdout.contains(": 1 page, 2 records, 2 inserted")
+            && stdout.contains("1 request (0 retries)"),
+        "counts in the singular: {stdout}"
     );
 }
 

@@ -166,7 +166,7 @@ async fn the_main_job_reports_what_it_stored_and_wrote() {
         .find(|l| l.starts_with("Import `demo-crm-contacts`"))
         .unwrap_or_else(|| panic!("no import line in\n{stdout}"));
     assert!(
-        import_line.contains("15 contacts fetched in 1 pages"),
+        import_line.contains("15 contacts fetched in 1 page "),
         "{import_line}"
     );
     assert!(import_line.contains("15 inserted"), "{import_line}");

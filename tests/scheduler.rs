@@ -855,10 +855,7 @@ async fn the_engine_schedules_export_schedules_and_integration_configs() {
         store: db.store.clone(),
     };
     let summary = runner.run_job("export:daily").await.unwrap();
-    assert_eq!(
-        summary, "1 run(s), 1 rows",
-        "no earlier run: only yesterday"
-    );
+    assert_eq!(summary, "1 run, 1 row", "no earlier run: only yesterday");
     let yesterday = Utc::now().date_naive() - chrono::Days::new(1);
     assert!(dir
         .join(format!("DAILY_ANALYTICS/dt={yesterday}/_SUCCESS"))
@@ -878,7 +875,23 @@ async fn the_engine_schedules_export_schedules_and_integration_configs() {
     // Re-applied unchanged (a deploy re-applying every file), it keeps that instant, so
     // an instant missed while every replica restarted is still fired.
     tokio::time::sleep(Duration::from_millis(20)).await;
-    sluice_jobs::configs::apply(&db.store, &file).await.unwrap();
+    let updated_at = || async {
+        db.store
+            .collection("integration_configs")
+            .find_one(doc! { "name": "feed" })
+            .await
+            .unwrap()
+            .unwrap()
+            .get_datetime("updatedAt")
+            .copied()
+            .unwrap()
+    };
+    let applied_at = updated_at().await;
+    assert_eq!(
+        sluice_jobs::configs::apply(&db.store, &file).await.unwrap(),
+        sluice_jobs::configs::Applied::Unchanged
+    );
+    assert_eq!(updated_at().await, applied_at, "nothing written");
     let since = || async {
         sluice::engine::scheduled_jobs(&runner.config, &db.store)
             .await
@@ -889,10 +902,14 @@ async fn the_engine_schedules_export_schedules_and_integration_configs() {
     // A new schedule takes effect when applied.
     let mut moved = file.clone();
     moved.schedule = Some("0 30 * * * *".into());
-    sluice_jobs::configs::apply(&db.store, &moved)
-        .await
-        .unwrap();
+    assert_eq!(
+        sluice_jobs::configs::apply(&db.store, &moved)
+            .await
+            .unwrap(),
+        sluice_jobs::configs::Applied::Updated
+    );
     assert!(since().await > feed.since);
+    assert!(updated_at().await > applied_at);
     sluice_jobs::configs::apply(&db.store, &file).await.unwrap();
     let fire = |runner: &sluice::engine::EngineRunner| {
         sluice_jobs::schedule::Runner::run(runner, feed, Utc::now())

@@ -123,8 +123,27 @@ fn refuse_literal_secrets(origin: &str, file: &IntegrationFile) -> Result<(), Co
     Ok(())
 }
 
+/// What [`apply`] did with a config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    Created,
+    Updated,
+    /// Stored already exactly so: nothing written, `updatedAt` not moved.
+    Unchanged,
+}
+
+impl Applied {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Applied::Created => "created",
+            Applied::Updated => "updated",
+            Applied::Unchanged => "unchanged",
+        }
+    }
+}
+
 /// Stores (inserts or replaces) one config. `lastSync` and the cursor are kept.
-pub async fn apply(store: &Store, file: &IntegrationFile) -> Result<bool, StoreError> {
+pub async fn apply(store: &Store, file: &IntegrationFile) -> Result<Applied, StoreError> {
     let now = DateTime::now();
     let spec = bson::to_document(file).map_err(|e| StoreError::Encode {
         collection: c::INTEGRATION_CONFIGS.into(),
@@ -169,6 +188,11 @@ pub async fn apply(store: &Store, file: &IntegrationFile) -> Result<bool, StoreE
     };
     if schedule_changed {
         set.insert(f::SCHEDULE_SINCE, now);
+    } else if before.as_ref().is_some_and(|d| {
+        set.iter()
+            .all(|(k, v)| k == common::UPDATED_AT || d.get(k) == Some(v))
+    }) {
+        return Ok(Applied::Unchanged);
     }
     let result = store
         .collection(c::INTEGRATION_CONFIGS)
@@ -179,7 +203,11 @@ pub async fn apply(store: &Store, file: &IntegrationFile) -> Result<bool, StoreE
         .upsert(true)
         .await
         .map_err(StoreError::mongo(c::INTEGRATION_CONFIGS, "apply config"))?;
-    Ok(result.upserted_id.is_some())
+    Ok(if result.upserted_id.is_some() {
+        Applied::Created
+    } else {
+        Applied::Updated
+    })
 }
 
 /// The IANA time zone a stored config's schedule is read in (`None`: UTC).

@@ -1951,8 +1951,12 @@ pub struct PushSummary {
 /// A push run in one line (`sluice import run`, and a scheduled run's result).
 pub fn push_line(s: &PushSummary) -> String {
     let mut line = format!(
-        "{} read, {} sent in {} requests, {} failed mapping, {} skipped by a plugin",
-        s.read, s.sent, s.requests, s.failed, s.skipped
+        "{} read, {} sent in {}, {} failed mapping, {} skipped by a plugin",
+        s.read,
+        s.sent,
+        sluice_core::counted(s.requests, "request"),
+        s.failed,
+        s.skipped
     );
     if s.settling > 0 {
         let more = if s.settling >= SETTLING_COUNTED {

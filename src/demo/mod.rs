@@ -295,11 +295,11 @@ async fn import_contacts(
         .with_context(|| format!("import `{}`", file.name))?;
     println!(
         "
-Import `{}` ({FILE}): {} contacts fetched in {} pages behind OAuth2 ({} token requests), {} inserted, {} updated, {} failed mapping",
+Import `{}` ({FILE}): {} contacts fetched in {} behind OAuth2 ({}), {} inserted, {} updated, {} failed mapping",
         summary.name,
         summary.fetched,
-        summary.pages,
-        summary.http.token_refreshes,
+        sluice_core::counted(summary.pages, "page"),
+        sluice_core::counted(summary.http.token_refreshes, "token request"),
         summary.inserted,
         summary.updated,
         summary.failed

@@ -784,17 +784,21 @@ async fn apply_config(
         .map_err(|e| bad(e.to_string()))?
         .map_err(|e| bad(format!("{e:#}")))?
     };
-    let created = sluice_jobs::configs::apply(&state.store, &file)
+    let applied = sluice_jobs::configs::apply(&state.store, &file)
         .await
         .map_err(store_error)?;
-    let status = if created {
+    let status = if applied == sluice_jobs::configs::Applied::Created {
         StatusCode::CREATED
     } else {
         StatusCode::OK
     };
     Ok((
         status,
-        Json(json!({ "name": file.name, "created": created })),
+        Json(json!({
+            "name": file.name,
+            "created": applied == sluice_jobs::configs::Applied::Created,
+            "changed": applied != sluice_jobs::configs::Applied::Unchanged,
+        })),
     ))
 }
 
