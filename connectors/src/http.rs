@@ -237,8 +237,9 @@ fn ip_kind(ip: IpAddr) -> Option<&'static str> {
 
 /// What non-public address `url` names literally (an IP of a private, loopback or
 /// link-local range, or `localhost`), if any: known without resolving anything, so a
-/// config can be refused when it is applied rather than failing each run. (Other
-/// spellings a resolver takes, `127.1` say, are left to the check at run time.)
+/// config can be refused when it is applied rather than failing each run. IPv4 is read
+/// as URL parsers read a host (`127.1`, `0x7f.0.0.1`, `2130706433`), since the request
+/// goes where they do.
 pub fn literal_private_host(url: &str) -> Option<&'static str> {
     let host = sluice_core::integration::url_lite::parse(url).ok()?.host;
     let host = host.trim_start_matches('[').trim_end_matches(']');
@@ -247,7 +248,46 @@ pub fn literal_private_host(url: &str) -> Option<&'static str> {
     if host == "localhost" || host.ends_with(".localhost") {
         return Some("loopback");
     }
-    ip_kind(host.parse().ok()?)
+    let ip = match host.parse() {
+        Ok(ip) => ip,
+        Err(_) => std::net::IpAddr::V4(url_ipv4(&host)?),
+    };
+    ip_kind(ip)
+}
+
+/// An IPv4 host as the URL standard reads one: one to four numbers, each decimal, `0x`
+/// hex or `0`-led octal, the last filling the bytes the others leave. `None` when it is a
+/// name.
+fn url_ipv4(host: &str) -> Option<std::net::Ipv4Addr> {
+    let parts: Vec<&str> = host.split('.').collect();
+    if parts.len() > 4 {
+        return None;
+    }
+    let numbers = parts
+        .iter()
+        .map(|p| {
+            let (digits, radix) = if let Some(h) = p.strip_prefix("0x") {
+                (h, 16)
+            } else if p.len() > 1 && p.starts_with('0') {
+                (&p[1..], 8)
+            } else {
+                (*p, 10)
+            };
+            if digits.is_empty() && radix == 16 {
+                return Some(0);
+            }
+            u64::from_str_radix(digits, radix).ok()
+        })
+        .collect::<Option<Vec<u64>>>()?;
+    let (last, first) = numbers.split_last()?;
+    if first.iter().any(|&n| n > 255) || *last >= 1 << (8 * (5 - numbers.len())) {
+        return None;
+    }
+    let value = first
+        .iter()
+        .enumerate()
+        .fold(*last, |v, (i, &n)| v | n << (8 * (3 - i)));
+    Some(std::net::Ipv4Addr::from(value as u32))
 }
 
 /// Resolves `host` and refuses private ranges unless allowed; returns the addresses to
@@ -1751,8 +1791,21 @@ mod tests {
                 "http://169.254.169.254/latest",
                 Some("link-local (cloud metadata)"),
             ),
+            ("http://127.1/x", Some("loopback")),
+            ("http://0x7f.0.0.1/x", Some("loopback")),
+            ("http://2130706433/x", Some("loopback")),
+            ("http://0177.0.0.1/x", Some("loopback")),
+            ("http://10.0x10203/x", Some("private")),
+            (
+                "http://0xa9.254.169.254/x",
+                Some("link-local (cloud metadata)"),
+            ),
             ("https://api.example/x", None),
             ("https://93.184.216.34/x", None),
+            ("https://1.2.3.4.5/x", None),
+            ("https://1.256.3.4/x", None),
+            ("https://16909060/x", None),
+            ("https://0x5db8d822/x", None),
             ("not a url", None),
         ] {
             assert_eq!(literal_private_host(url), kind, "{url}");
