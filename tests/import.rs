@@ -1750,6 +1750,14 @@ path = "$.email"
 "#
     );
     let name = apply(&db, &text).await;
+    // The CLI and the scheduler ask for an import first and push on `WrongType`: that
+    // asking is no failed import run.
+    assert!(matches!(
+        run_import(&db.store, &name, &ImportOptions::default()).await,
+        Err(sluice_jobs::import::ImportError::WrongType { .. })
+    ));
+    let import_runs = db.store.collection("import_runs");
+    assert_eq!(import_runs.count_documents(doc! {}).await.unwrap(), 0);
     let s = run_push(&db.store, &name, &ImportOptions::default())
         .await
         .unwrap();

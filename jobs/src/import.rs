@@ -426,8 +426,12 @@ pub async fn run_import(
         Ok(prepared) => prepared,
         // A stored config that cannot run (a secret unset, a plugin missing, an endpoint
         // that does not resolve or is refused) is recorded FAILED like any run, so
-        // `import_runs` and `/metrics` show it; one that is not stored is no run.
-        Err(e) if !options.dry_run && !matches!(e, ImportError::Unknown(_)) => {
+        // `import_runs` and `/metrics` show it; one that is not stored is no run, nor is
+        // an EXPORT config (its callers push it instead).
+        Err(e)
+            if !options.dry_run
+                && !matches!(e, ImportError::Unknown(_) | ImportError::WrongType { .. }) =>
+        {
             let summary = ImportSummary {
                 name: name.to_string(),
                 run_id: new_run_id(name),
