@@ -1327,12 +1327,16 @@ async fn big_documents_are_written_in_commands_that_fit_and_one_too_big_fails_al
     assert!(first.samples[0].record["body"].as_str().unwrap().len() < 1_000);
     // Run again, every record exists: all go through the upserts, sent in commands that
     // fit (MongoDB refuses a command over 16 MiB whole, which failed every run on the
-    // page; the test server accepts one, so the grouping is unit-tested too).
+    // page; the test server accepts one, so the grouping is unit-tested too). Nothing
+    // changed, so nothing is updated.
     let second = run_import(&db.store, &name, &ImportOptions::default())
         .await
         .unwrap();
     assert!(second.completed);
-    assert_eq!((second.updated, second.failed), (450, 1));
+    assert_eq!(
+        (second.updated, second.unchanged, second.failed),
+        (0, 450, 1)
+    );
     assert_eq!(count(&db, "things").await, 450);
     // The refused record is kept as the start of its JSON, once.
     let letters: Vec<bson::Document> = db
@@ -4304,7 +4308,7 @@ async fn a_value_cleared_at_the_source_is_unset_only_where_the_mapping_says_so()
     let db = TestDb::initialized().await;
     let body: Arc<Mutex<Value>> = Arc::new(Mutex::new(json!({ "data": [
         { "id": 1, "title": "Lamp", "discount": 15, "tags": ["sale"] },
-        { "id": 2, "title": "Desk", "discount": 5, "tags": ["new"] },
+        { "id": 2, "title": "$5 Desk", "discount": 5, "tags": ["new"] },
     ] })));
     let shared = body.clone();
     let api = move || {
@@ -4320,20 +4324,48 @@ async fn a_value_cleared_at_the_source_is_unset_only_where_the_mapping_says_so()
            [mapping.discount]\npath = \"$.discount\"\ntype = \"number\"\non_missing = \"unset\"\n\
            [mapping.tags]\npath = \"$.tags\"\nlist = true\non_missing = \"unset\"\n";
     let name = apply(&db, &text).await;
+    let things = db.store.collection("things");
+    let updated_at = |id: &'static str| {
+        let things = things.clone();
+        async move {
+            let d = things
+                .find_one(doc! { "thingId": id })
+                .await
+                .unwrap()
+                .unwrap();
+            *d.get_datetime("updatedAt").unwrap()
+        }
+    };
     run_import(&db.store, &name, &ImportOptions::default())
         .await
         .unwrap();
+    let first = (updated_at("1").await, updated_at("2").await);
+    // The same answer again changes nothing: no document, no `updatedAt` (a push
+    // watermarked on it would send them all again).
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let s = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert_eq!((s.inserted, s.updated, s.unchanged), (0, 0, 2), "{s:?}");
+    assert_eq!((updated_at("1").await, updated_at("2").await), first);
     // The source clears record 1's discount (null), title (missing) and tags (empty);
     // record 2 is unchanged.
     *body.lock().unwrap() = json!({ "data": [
         { "id": 1, "discount": null, "tags": [] },
-        { "id": 2, "title": "Desk", "discount": 5, "tags": ["new"] },
+        { "id": 2, "title": "$5 Desk", "discount": 5, "tags": ["new"] },
     ] });
     let s = run_import(&db.store, &name, &ImportOptions::default())
         .await
         .unwrap();
     assert_eq!((s.fetched, s.failed), (2, 0), "{s:?}");
-    let things = db.store.collection("things");
+    assert_eq!((s.updated, s.unchanged), (1, 1), "{s:?}");
+    assert!(updated_at("1").await > first.0);
+    assert_eq!(updated_at("2").await, first.1);
+    // The values cleared stay cleared, unchanged.
+    let s = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert_eq!((s.updated, s.unchanged), (0, 2), "{s:?}");
     let one = things
         .find_one(doc! { "thingId": "1" })
         .await
@@ -4348,6 +4380,11 @@ async fn a_value_cleared_at_the_source_is_unset_only_where_the_mapping_says_so()
         .unwrap()
         .unwrap();
     assert_eq!(two.get_f64("discount").unwrap(), 5.0);
+    assert_eq!(
+        two.get_str("title").unwrap(),
+        "$5 Desk",
+        "a value, not a field path"
+    );
 
     // Where it makes no sense, `on_missing` is refused with the field named.
     for (extra, expected) in [

@@ -1200,10 +1200,11 @@ async fn write_page(
                 let sunk = sink(store, connector, chunk, sink_mode).await?;
                 summary.inserted += sunk.inserted;
                 summary.updated += sunk.updated;
+                summary.unchanged += sunk.unchanged;
                 options
                     .progress
                     .upserted
-                    .fetch_add(sunk.inserted + sunk.updated, Relaxed);
+                    .fetch_add(sunk.inserted + sunk.updated + sunk.unchanged, Relaxed);
                 // A document MongoDB refuses for good (a duplicate on another unique
                 // index, a changed `_id`, over 16 MiB) fails alone: failing the page
                 // would fail every later run on it too.
@@ -1517,6 +1518,9 @@ async fn ensure_key_index(store: &Store, connector: &Connector) -> bool {
 struct Sunk {
     inserted: u64,
     updated: u64,
+    /// Matched a stored document that already held exactly these values: not changed,
+    /// its `updatedAt` kept.
+    unchanged: u64,
     /// Positions in the batch of the records MongoDB refused for good, with its reason.
     refused: Vec<(usize, String)>,
 }
@@ -1593,7 +1597,9 @@ async fn sink_sized(
     }
     if *mode != SinkMode::InsertFirst {
         let sunk = upsert(store, connector, docs).await?;
-        if *mode == SinkMode::Upsert && sunk.inserted * 2 > sunk.inserted + sunk.updated {
+        if *mode == SinkMode::Upsert
+            && sunk.inserted * 2 > sunk.inserted + sunk.updated + sunk.unchanged
+        {
             *mode = SinkMode::InsertFirst;
         }
         return Ok(sunk);
@@ -1654,11 +1660,13 @@ async fn upsert(
     docs: &[Document],
 ) -> Result<Sunk, ImportError> {
     let mut sunk = Sunk::default();
-    for group in command_groups(docs, MAX_UPDATE_COMMAND_BYTES) {
+    // Half the bound: a statement carries each value twice (see `keyed_update`).
+    for group in command_groups(docs, MAX_UPDATE_COMMAND_BYTES / 2) {
         let start = group.start;
         let part = upsert_group(store, connector, &docs[group]).await?;
         sunk.inserted += part.inserted;
         sunk.updated += part.updated;
+        sunk.unchanged += part.unchanged;
         sunk.refused
             .extend(part.refused.into_iter().map(|(i, why)| (start + i, why)));
     }
@@ -1675,6 +1683,7 @@ async fn upsert_group(
     let mut sunk = Sunk {
         inserted: first.inserted,
         updated: first.updated,
+        unchanged: first.unchanged,
         refused: Vec::new(),
     };
     let mut again = Vec::new();
@@ -1692,6 +1701,7 @@ async fn upsert_group(
         let second = upsert_once(store, connector, &rest).await?;
         sunk.inserted += second.inserted;
         sunk.updated += second.updated;
+        sunk.unchanged += second.unchanged;
         for e in second.errors {
             let code = e.code;
             if code == sluice_connectors::mongo::DUPLICATE_KEY || REFUSED_FOR_GOOD.contains(&code) {
@@ -1716,6 +1726,7 @@ fn write_error(connector: &Connector, code: i32, message: &str) -> ImportError {
 struct Upserted {
     inserted: u64,
     updated: u64,
+    unchanged: u64,
     /// The statements refused.
     errors: Vec<sluice_connectors::mongo::StatementError>,
 }
@@ -1730,6 +1741,7 @@ async fn upsert_once(
         return Ok(Upserted {
             inserted: 0,
             updated: 0,
+            unchanged: 0,
             errors: Vec::new(),
         });
     }
@@ -1737,23 +1749,16 @@ async fn upsert_once(
     let updates: Vec<Document> = docs
         .iter()
         .map(|d| {
-            let mut set = d.clone();
-            set.insert(common::UPDATED_AT, now);
-            set.insert("source", &connector.name);
-            let mut update = doc! { "$set": set, "$setOnInsert": { common::CREATED_AT: now } };
             // `on_missing = "unset"`: a value the record no longer has is removed.
-            let unset: Document = connector
+            let unset: Vec<&str> = connector
                 .fields
                 .iter()
                 .filter(|f| f.unset_missing && !d.contains_key(&f.target))
-                .map(|f| (f.target.clone(), Bson::String(String::new())))
+                .map(|f| f.target.as_str())
                 .collect();
-            if !unset.is_empty() {
-                update.insert("$unset", unset);
-            }
             doc! {
                 "q": { &connector.key: d.get(&connector.key).cloned().unwrap_or(Bson::Null) },
-                "u": update,
+                "u": keyed_update(d, &connector.name, &unset, now),
                 "upsert": true,
             }
         })
@@ -1795,11 +1800,76 @@ async fn upsert_once(
         .get_array("upserted")
         .map(|a| a.len() as u64)
         .unwrap_or(0);
+    let modified = reply
+        .get_i32("nModified")
+        .map(i64::from)
+        .or_else(|_| reply.get_i64("nModified"))
+        .map_or(n.saturating_sub(inserted), |m| m as u64);
     Ok(Upserted {
         inserted,
-        updated: n.saturating_sub(inserted),
+        updated: modified,
+        unchanged: n.saturating_sub(inserted + modified),
         errors,
     })
+}
+
+/// Above this size (as BSON) a record is written with plain update operators, which
+/// move `updatedAt` even when nothing changed: the comparing pipeline carries each value
+/// twice, and would pass MongoDB's 16 MiB limit on one statement.
+const COMPARED_UPDATE_MAX_BYTES: usize = 4 * 1024 * 1024;
+
+/// The update writing mapped record `d` over the document of its key: its fields and
+/// `source` set, the `unset` fields removed, `createdAt` set on insert. `updatedAt` moves
+/// to `now` only when that changes something, so a re-run of an unchanged API leaves its
+/// documents as they were (a push watermarked on `updatedAt` does not send them again,
+/// and the run counts them unchanged rather than updated). An update pipeline (MongoDB
+/// 4.2+) compares the stored values with the new ones; values go in as `$literal`, so
+/// a string such as `$5` is not read as a field path.
+fn keyed_update(d: &Document, source: &str, unset: &[&str], now: DateTime) -> Bson {
+    let mut set = d.clone();
+    set.insert("source", source);
+    if encoded_len(d) > COMPARED_UPDATE_MAX_BYTES {
+        let mut update = doc! { "$set": set, "$setOnInsert": { common::CREATED_AT: now } };
+        update
+            .get_document_mut("$set")
+            .map(|s| s.insert(common::UPDATED_AT, now))
+            .ok();
+        if !unset.is_empty() {
+            let fields: Document = unset
+                .iter()
+                .map(|f| (f.to_string(), Bson::String(String::new())))
+                .collect();
+            update.insert("$unset", fields);
+        }
+        return Bson::Document(update);
+    }
+    let updated_at = format!("${}", common::UPDATED_AT);
+    let mut same = vec![Bson::Document(
+        doc! { "$ne": [{ "$type": &updated_at }, "missing"] },
+    )];
+    let mut values = Document::new();
+    for (k, v) in set {
+        same.push(Bson::Document(
+            doc! { "$eq": [format!("${k}"), { "$literal": v.clone() }] },
+        ));
+        values.insert(k, doc! { "$literal": v });
+    }
+    for f in unset {
+        same.push(Bson::Document(
+            doc! { "$eq": [{ "$type": format!("${f}") }, "missing"] },
+        ));
+    }
+    let mut stages = vec![
+        Bson::Document(doc! { "$set": {
+            common::UPDATED_AT: { "$cond": [{ "$and": same }, &updated_at, now] },
+            common::CREATED_AT: { "$ifNull": [format!("${}", common::CREATED_AT), now] },
+        } }),
+        Bson::Document(doc! { "$set": values }),
+    ];
+    if !unset.is_empty() {
+        stages.push(Bson::Document(doc! { "$unset": unset.to_vec() }));
+    }
+    Bson::Array(stages)
 }
 
 /// The failures a run keeps listed (`failures`, the latest); `failureCount` counts all.
