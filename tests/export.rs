@@ -694,6 +694,48 @@ async fn archive_deletes_exactly_what_it_exported() {
 }
 
 #[tokio::test]
+async fn an_archive_publishes_no_day_whose_events_have_not_settled() {
+    let db = TestDb::initialized().await;
+    let (dir, elsewhere) = (temp_dir(), temp_dir());
+    let old = day(-100);
+    seed(&db, old, 50).await;
+    let ctx = ExportContext::new(db.store.clone(), ObjectStore::Local(LocalDir::new(&dir)));
+    // Every event of the day arrived just now, within `archive_settle`.
+    let mut settling = request(ExportJobType::Archive, day(0), day(0));
+    settling.archive_settle = Duration::from_secs(3600);
+    let first = run_export(&ctx, &settling).await.unwrap();
+    assert_eq!((first.rows, first.deleted), (0, 0));
+    assert!(first.partitions.is_empty(), "{:?}", first.partitions);
+    assert!(!dir.join(format!("ARCHIVE/dt={old}")).exists());
+    // So the day is not archived: its export runs.
+    let exported = run_export(&ctx, &request(ExportJobType::EventData, old, old))
+        .await
+        .unwrap();
+    assert_eq!(exported.rows, 50);
+    // Once settled, it is archived; an export of it elsewhere is then refused, naming
+    // where it was archived to, not the export's own destination.
+    let archived = run_export(&ctx, &request(ExportJobType::Archive, day(0), day(0)))
+        .await
+        .unwrap();
+    assert_eq!((archived.rows, archived.deleted), (50, 50));
+    let other = ExportContext::new(
+        db.store.clone(),
+        ObjectStore::Local(LocalDir::new(&elsewhere)),
+    );
+    let err = run_export(&other, &request(ExportJobType::EventData, old, old))
+        .await
+        .unwrap_err()
+        .to_string();
+    let archive_dir = dir.join("ARCHIVE").display().to_string();
+    assert!(
+        err.contains(&format!("moved to {archive_dir} and deleted")),
+        "{err}"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+    let _ = std::fs::remove_dir_all(elsewhere);
+}
+
+#[tokio::test]
 async fn an_archive_that_died_before_deleting_is_finished_not_repeated() {
     let db = TestDb::initialized().await;
     let dir = temp_dir();

@@ -444,6 +444,21 @@ pub async fn archived_days(
     store: &Store,
     days: &[chrono::NaiveDate],
 ) -> Result<Vec<chrono::NaiveDate>, StoreError> {
+    let mut archived: Vec<chrono::NaiveDate> = archived_days_where(store, days)
+        .await?
+        .into_iter()
+        .map(|(d, _)| d)
+        .collect();
+    archived.dedup();
+    Ok(archived)
+}
+
+/// [`archived_days`], each with the destination the run archiving it wrote to (its
+/// `destination`, the ARCHIVE folder), in order of day.
+pub async fn archived_days_where(
+    store: &Store,
+    days: &[chrono::NaiveDate],
+) -> Result<Vec<(chrono::NaiveDate, String)>, StoreError> {
     use futures_util::TryStreamExt;
     let archive = ExportJobType::Archive.as_str();
     let prefixes: Vec<String> = days.iter().map(|d| format!("{archive}/dt={d}")).collect();
@@ -454,22 +469,28 @@ pub async fn archived_days(
             { format!("{PARTITIONS}.prefix"): { "$in": &prefixes } },
             { format!("{PENDING_DELETES}.prefix"): { "$in": &prefixes } },
         ] })
-        .projection(
-            doc! { format!("{PARTITIONS}.prefix"): 1, format!("{PENDING_DELETES}.prefix"): 1 },
-        )
+        .projection(doc! {
+            format!("{PARTITIONS}.prefix"): 1,
+            format!("{PENDING_DELETES}.prefix"): 1,
+            "destination": 1,
+        })
         .await
         .map_err(StoreError::mongo(c::EXPORT_JOBS, step))?
         .try_collect()
         .await
         .map_err(StoreError::mongo(c::EXPORT_JOBS, step))?;
-    let mut archived: Vec<chrono::NaiveDate> = runs
+    let mut archived: Vec<(chrono::NaiveDate, String)> = runs
         .iter()
-        .flat_map(|r| [PARTITIONS, PENDING_DELETES].map(|k| r.get_array(k).ok()))
-        .flatten()
-        .flatten()
-        .filter_map(|p| p.as_document()?.get_str("prefix").ok())
-        .filter_map(|p| prefixes.iter().position(|c| c == p))
-        .map(|i| days[i])
+        .flat_map(|r| {
+            let destination = r.get_str("destination").unwrap_or("?");
+            [PARTITIONS, PENDING_DELETES]
+                .into_iter()
+                .filter_map(|k| r.get_array(k).ok())
+                .flatten()
+                .filter_map(|p| p.as_document()?.get_str("prefix").ok())
+                .filter_map(|p| prefixes.iter().position(|c| c == p))
+                .map(move |i| (days[i], destination.to_string()))
+        })
         .collect();
     archived.sort_unstable();
     archived.dedup();
