@@ -281,6 +281,17 @@ async fn the_real_analytics_node_sdk_delivers_everything_once() {
             .unwrap(),
         "anon-1"
     );
+    // An anonymous visitor's own event keeps the id too, so a reader tells anonymous
+    // traffic from known users.
+    let home = find(&db, "events", doc! { "userId": "anon-1" }).await;
+    assert!(!home.is_empty());
+    for e in &home {
+        assert_eq!(
+            e.get_document("metadata").unwrap().get_str("anonymousId"),
+            Ok("anon-1"),
+            "{e}"
+        );
+    }
 
     // Mapping.
     let purchase = find(&db, "events", doc! { "eventType": "PURCHASE" }).await;

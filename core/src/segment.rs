@@ -469,9 +469,9 @@ pub fn parse_message(
             ctx.ignore_client_context,
         )?;
     }
-    if user_id.is_some() {
-        event.metadata.anonymous_id = anonymous_id.clone();
-    }
+    // Kept whenever sent, an anonymous visitor's too (its `userId` is then the same id):
+    // a reader tells anonymous traffic from known users by it.
+    event.metadata.anonymous_id = anonymous_id.clone();
     Ok(Message {
         kind,
         event,

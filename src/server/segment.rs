@@ -248,10 +248,6 @@ async fn store(
                 continue;
             }
         };
-        if visitor != m.event.user_id && m.user_id.is_none() {
-            // An anonymous id counted for a known user: keep the id it came with.
-            m.event.metadata.anonymous_id = m.anonymous_id.clone();
-        }
         m.event.user_id = visitor;
         anonymous.push(anonymous_only);
     }
@@ -290,7 +286,7 @@ async fn store(
         let event = &mut prepared.events[j];
         // Unless a transform set a visitor of its own.
         if visitor != planned_visitor && event.user_id == planned_visitor {
-            event.metadata.anonymous_id = (visitor != id).then_some(id);
+            event.metadata.anonymous_id = Some(id);
             event.user_id = visitor;
         }
     }
