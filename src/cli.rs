@@ -584,6 +584,17 @@ pub async fn export_run(
             sluice_jobs::export::DEFAULT_ARCHIVE_SETTLE.as_secs()
         );
     }
+    let today = yesterday + chrono::Days::new(1);
+    let windowed = matches!(
+        kind,
+        sluice_core::model::ExportJobType::EventData
+            | sluice_core::model::ExportJobType::DailyAnalytics
+    );
+    if windowed && from <= today && today <= to {
+        println!(
+            "  note: today ({today}) is not over: its partition holds the events so far, with `_SUCCESS` like any other; export it again tomorrow (the schedules export up to yesterday)"
+        );
+    }
     Ok(summary)
 }
 

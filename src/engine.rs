@@ -313,6 +313,7 @@ impl EngineRunner {
             ctx.keep_replaced = self.config.keep_replaced_parts;
             ctx.work_dir = self.config.export_work_dir.clone();
             ctx.late_days_per_run = s.late_days_per_run;
+            ctx.schedule = Some(s.name.clone());
             ctx.transforms = crate::cli::load_plugins_off_runtime(
                 &self.config,
                 self.config.plugins.export_transforms.clone(),

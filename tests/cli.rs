@@ -110,6 +110,27 @@ async fn logs_written_to_a_file_or_pipe_carry_no_colour_codes() {
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("export started"), "{stderr}");
     assert!(!stderr.contains('\x1b'), "{stderr:?}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("is not over"));
+    // A window reaching today says its partition is not final.
+    let today = chrono::Utc::now().date_naive().to_string();
+    let out = sluice_with(
+        &config,
+        &[
+            "export",
+            "run",
+            "event-data",
+            "--to",
+            &today,
+            "--dest",
+            dest.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&format!("today ({today}) is not over")),
+        "{stdout}"
+    );
     let _ = std::fs::remove_dir_all(dest);
 }
 

@@ -860,6 +860,30 @@ async fn the_engine_schedules_export_schedules_and_integration_configs() {
     assert!(dir
         .join(format!("DAILY_ANALYTICS/dt={yesterday}/_SUCCESS"))
         .exists());
+    // Its record names the schedule, says it was not run by hand, and gives the root its
+    // file keys are relative to.
+    let job = db
+        .store
+        .collection("export_jobs")
+        .find_one(doc! { "type": "DAILY_ANALYTICS" })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(job.get_str("schedule"), Ok("daily"), "{job}");
+    assert_eq!(job.get_bool("manual"), Ok(false), "{job}");
+    let root = job.get_str("root").unwrap();
+    let first_file = job.get_array("partitions").unwrap()[0]
+        .as_document()
+        .unwrap()
+        .get_array("files")
+        .unwrap()[0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        std::path::Path::new(&format!("{root}{first_file}")).exists(),
+        "{root} + {first_file}"
+    );
     let err = runner.run_job("integration:feed").await.unwrap_err();
     assert!(
         err.contains("loopback"),

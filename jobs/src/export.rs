@@ -148,6 +148,9 @@ pub struct ExportContext {
     /// [`catch_up`]: days published before that received late events, published again
     /// per run, oldest first; the rest wait for the next run.
     pub late_days_per_run: usize,
+    /// The `[[schedules]]` entry running this export, recorded in its `export_jobs`
+    /// documents (`schedule`), so two schedules of one kind are told apart.
+    pub schedule: Option<String>,
     /// Tests: fail an ARCHIVE after it published, before it deleted anything (what a
     /// crash at that point leaves behind).
     pub fail_before_archive_delete: bool,
@@ -188,6 +191,7 @@ impl ExportContext {
             work_dir: std::env::temp_dir(),
             archive_delete_chunk: ARCHIVE_DELETE_CHUNK,
             late_days_per_run: LATE_DAYS_PER_RUN,
+            schedule: None,
             fail_before_archive_delete: false,
             fail_after_copies: None,
             fail_after_manifest: false,
@@ -590,10 +594,14 @@ pub async fn run_export(
     repair_interrupted_publishes(ctx).await;
     let job_id = history::create(
         &ctx.store,
-        request.kind,
-        &destination,
-        window,
-        !request.scheduled,
+        history::NewJob {
+            kind: request.kind,
+            destination: &destination,
+            root: &ctx.dest.url(""),
+            window,
+            manual: !request.scheduled,
+            schedule: ctx.schedule.as_deref(),
+        },
     )
     .await?;
     let _in_flight = history::InFlight::enter(&job_id);

@@ -8,15 +8,36 @@ use sluice_core::model::{
 
 /// Set (true) on runs not started by the schedule: `export run`, backfills, the demo.
 pub const MANUAL: &str = "manual";
+/// `export_jobs.root`: the destination root partition prefixes and file keys are
+/// relative to.
+pub const ROOT: &str = "root";
+/// `export_jobs.schedule`: the `[[schedules]]` entry a run was made for.
+pub const SCHEDULE: &str = "schedule";
+
+/// A run about to start, as [`create`] records it.
+pub struct NewJob<'a> {
+    pub kind: ExportJobType,
+    /// The kind's folder (`s3://bucket/prefix/EVENT_DATA`).
+    pub destination: &'a str,
+    /// The destination's root, which partition prefixes and file keys are relative to.
+    pub root: &'a str,
+    pub window: Option<(String, String)>,
+    /// Not run by a schedule's catch-up (`export run`, a backfill, `jobs run`).
+    pub manual: bool,
+    /// The `[[schedules]]` entry it runs for, if any.
+    pub schedule: Option<&'a str>,
+}
 
 /// Records a new run as PENDING and returns its jobId.
-pub async fn create(
-    store: &Store,
-    kind: ExportJobType,
-    destination: &str,
-    window: Option<(String, String)>,
-    manual: bool,
-) -> Result<String, StoreError> {
+pub async fn create(store: &Store, new: NewJob<'_>) -> Result<String, StoreError> {
+    let NewJob {
+        kind,
+        destination,
+        root,
+        window,
+        manual,
+        schedule,
+    } = new;
     let now = store.now();
     let job_id = format!(
         "{}-{}-{}",
@@ -45,8 +66,10 @@ pub async fn create(
         collection: c::EXPORT_JOBS.into(),
         message: e.to_string(),
     })?;
-    if manual {
-        document.insert(MANUAL, true);
+    document.insert(MANUAL, manual);
+    document.insert(ROOT, root);
+    if let Some(name) = schedule {
+        document.insert(SCHEDULE, name);
     }
     store
         .collection(c::EXPORT_JOBS)

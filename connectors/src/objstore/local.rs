@@ -38,8 +38,14 @@ impl LocalDir {
         self.root.join(key)
     }
 
+    /// The key's path, absolute (a relative destination is read from the working
+    /// folder, which a later reader of `export_jobs` does not know).
     pub fn url(&self, key: &str) -> String {
-        self.path(key).display().to_string()
+        let path = self.path(key);
+        std::path::absolute(&path)
+            .unwrap_or(path)
+            .display()
+            .to_string()
     }
 
     /// `file://` and the key's absolute path, as is: not percent-encoded, as Hadoop's
@@ -222,6 +228,11 @@ mod tests {
         assert_eq!(
             LocalDir::new("./out").file_uri("k"),
             format!("file://{}/out/k", cwd.display())
+        );
+        // So are the paths recorded in `export_jobs`.
+        assert_eq!(
+            LocalDir::new("out").url("USER_DATA"),
+            format!("{}/out/USER_DATA", cwd.display())
         );
     }
 
