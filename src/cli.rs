@@ -817,7 +817,7 @@ pub async fn import_run(config: &Config, name: &str, dry_run: bool) -> anyhow::R
     ticker.abort();
     if let Some(id) = &run {
         let ended = match &result {
-            Ok(Done::Imported(s)) if s.completed => Ok(crate::engine::import_line(s)),
+            Ok(Done::Imported(s)) if s.completed => crate::engine::import_outcome(s),
             Ok(Done::Imported(s)) => Err(format!("interrupted after page {}", s.pages)),
             Ok(Done::Pushed(line)) => Ok(line.clone()),
             Err(e) => Err(e.to_string()),
@@ -872,6 +872,9 @@ pub async fn import_run(config: &Config, name: &str, dry_run: bool) -> anyhow::R
             "interrupted by a signal after page {}; the next run resumes there",
             summary.pages
         );
+    }
+    if summary.completed && !dry_run {
+        crate::engine::import_outcome(&summary).map_err(anyhow::Error::msg)?;
     }
     Ok(())
 }

@@ -368,7 +368,7 @@ impl EngineRunner {
             ..Default::default()
         };
         match sluice_jobs::import::run_import(&self.store, integration, &options).await {
-            Ok(s) => Ok(import_line(&s)),
+            Ok(s) => import_outcome(&s),
             Err(sluice_jobs::import::ImportError::WrongType { .. }) => {
                 sluice_jobs::import::run_push(&self.store, integration, &options)
                     .await
@@ -403,6 +403,21 @@ impl Runner for EngineRunner {
             this.run_job(&name).await
         })
     }
+}
+
+/// A completed import as its job's run ends: its line, or an error when it stored none of
+/// the records it fetched because they all failed (a mapping that fits no record, a
+/// required field the API stopped sending). The import itself is COMPLETED (its failures
+/// are in `dead_letters`, its cursor moved on); the job's run, and `import run`'s exit
+/// status, say that nothing came of it, so alerting sees it.
+pub fn import_outcome(s: &sluice_jobs::import::ImportSummary) -> Result<String, String> {
+    if s.failed > 0 && s.inserted + s.updated + s.unchanged == 0 {
+        return Err(format!(
+            "{}: every record failed (mapping, validation or MongoDB's refusal) and none was stored; the reasons are in `dead_letters` and the run's samples",
+            import_line(s)
+        ));
+    }
+    Ok(import_line(s))
 }
 
 /// An import's outcome in one line, as `scheduled_runs` records it.

@@ -889,11 +889,16 @@ fn config_check_parses_schedules_with_the_scheduler_s_cron_parser() {
 /// Applies an IMPORT config `name` of two products (`p1` Lamp, `p2` Desk) from an API on
 /// loopback, into `products`.
 async fn apply_two_products(db: &support::TestDb, name: &str) {
-    apply_two_slow_products(db, name, std::time::Duration::ZERO).await;
+    apply_two_slow_products(db, name, std::time::Duration::ZERO, "").await;
 }
 
-/// [`apply_two_products`] from an API that answers after `delay`.
-async fn apply_two_slow_products(db: &support::TestDb, name: &str, delay: std::time::Duration) {
+/// [`apply_two_products`] from an API that answers after `delay`, with `more` mapping.
+async fn apply_two_slow_products(
+    db: &support::TestDb,
+    name: &str,
+    delay: std::time::Duration,
+    more: &str,
+) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let api = axum::Router::new().route(
@@ -909,7 +914,7 @@ async fn apply_two_slow_products(db: &support::TestDb, name: &str, delay: std::t
     let file = sluice_core::integration::parse_file(
         "shop.toml",
         &format!(
-            "name = \"{name}\"\ntype = \"IMPORT\"\nendpoint = \"http://127.0.0.1:{port}/items\"\nallow_private_network = true\n[source]\nrecords = \"$[*]\"\n[mapping.productId]\npath = \"$.id\"\n[mapping.name]\npath = \"$.name\"\n"
+            "name = \"{name}\"\ntype = \"IMPORT\"\nendpoint = \"http://127.0.0.1:{port}/items\"\nallow_private_network = true\n[source]\nrecords = \"$[*]\"\n[mapping.productId]\npath = \"$.id\"\n[mapping.name]\npath = \"$.name\"\n{more}"
         ),
     )
     .unwrap();
@@ -969,7 +974,7 @@ async fn import_run_records_its_run_and_waits_for_the_one_in_flight() {
 #[tokio::test]
 async fn import_progress_is_printed_when_it_moves_not_again_while_a_page_is_slow() {
     let db = support::TestDb::initialized().await;
-    apply_two_slow_products(&db, "slow", std::time::Duration::from_secs(7)).await;
+    apply_two_slow_products(&db, "slow", std::time::Duration::from_secs(7), "").await;
     let out = import_run(&db_config(&db), "slow").await;
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout),
@@ -987,6 +992,33 @@ async fn import_progress_is_printed_when_it_moves_not_again_while_a_page_is_slow
             && stdout.contains("1 request (0 retries)"),
         "counts in the singular: {stdout}"
     );
+}
+
+#[tokio::test]
+async fn an_import_that_stored_none_of_its_records_fails() {
+    let db = support::TestDb::initialized().await;
+    // `Title`: the API sends `name`.
+    let typo = "[mapping.title]\npath = \"$.Title\"\nrequired = true\n";
+    apply_two_slow_products(&db, "typo", std::time::Duration::ZERO, typo).await;
+    let out = import_run(&db_config(&db), "typo").await;
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("0 inserted, 0 updated, 2 failed mapping"),
+        "{stdout}"
+    );
+    assert!(stderr.contains("none was stored"), "{stderr}");
+    let run = db
+        .store
+        .collection("scheduled_runs")
+        .find_one(bson::doc! { "job": "integration:typo" })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(run.get_str("status"), Ok("FAILED"), "{run}");
 }
 
 /// `sluice --config CONFIG config check ARGS...`.

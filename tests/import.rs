@@ -1303,6 +1303,61 @@ async fn gzip_compressed_answers_are_read() {
 }
 
 #[tokio::test]
+async fn a_mapping_path_that_finds_nothing_and_a_records_path_without_its_items_are_warned_of() {
+    let db = TestDb::initialized().await;
+    let data: Vec<Value> = (0..3)
+        .map(|i| json!({ "id": i, "variants": [{ "price": 9.5 }], "note": null }))
+        .collect();
+    let url = serve_page("/typo", data).await;
+    let config = things_config("typo", &url, "type = \"none\"")
+        + "[mapping.price]\npath = \"$.variant[0].price\"\ntype = \"number\"\n\
+           [mapping.sold]\npath = \"$.variants[0].price\"\ntype = \"number\"\n\
+           [mapping.flag]\npath = \"$.flag\"\ndefault = false\n";
+    let name = apply(&db, &config).await;
+    for dry_run in [true, false] {
+        let s = run_import(
+            &db.store,
+            &name,
+            &ImportOptions {
+                dry_run,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        let warned: Vec<&String> = s
+            .warnings
+            .iter()
+            .filter(|w| w.contains("found no value"))
+            .collect();
+        assert_eq!(warned.len(), 1, "{:?}", s.warnings);
+        // The wrong path only: not the right one, nor one with a default.
+        assert!(
+            warned[0].contains("`price` (`$.variant[0].price`)")
+                && warned[0].contains("3 records")
+                && !warned[0].contains("`sold`")
+                && !warned[0].contains("`flag`"),
+            "{}",
+            warned[0]
+        );
+    }
+
+    // `$.data` without `[*]`: the whole list is one record.
+    let text = config.replace("records = \"$.data[*]\"", "records = \"$.data\"");
+    let name = apply(&db, &text.replace("name = \"typo\"", "name = \"whole\"")).await;
+    let s = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert!(
+        s.warnings
+            .iter()
+            .any(|w| w.contains("selected a list as one record") && w.contains("`[*]`")),
+        "{:?}",
+        s.warnings
+    );
+}
+
+#[tokio::test]
 async fn big_documents_are_written_in_commands_that_fit_and_one_too_big_fails_alone() {
     let db = TestDb::initialized().await;
     // 450 records of 40 KB (18 MB: more than one command may carry) and one of 17 MiB

@@ -952,6 +952,13 @@ pub fn validate(
                 ));
             }
         }
+        // A list is never a key: every record would fail as "not a single value".
+        if m.list && *target == file.target.key && !file.kind.eq_ignore_ascii_case("EXPORT") {
+            return Err(invalid(
+                &format!("{field}.list"),
+                "no `list = true` on the upsert key (a document is found by one value)".into(),
+            ));
+        }
         let field_spec = Field {
             target: target.clone(),
             path: m.path.clone(),
@@ -1484,7 +1491,10 @@ fn coerce_one(field: &Field, v: Value) -> Result<Bson, String> {
                 let at = if field.epoch_seconds {
                     epoch_seconds(seconds)
                 } else {
-                    s.parse::<i64>().ok().map(bson::DateTime::from_millis)
+                    s.parse::<i64>()
+                        .ok()
+                        .map(bson::DateTime::from_millis)
+                        .or_else(|| epoch_millis(seconds))
                 };
                 Bson::DateTime(at.ok_or_else(|| bad("an epoch number"))?)
             }
@@ -1508,11 +1518,14 @@ fn coerce_one(field: &Field, v: Value) -> Result<Bson, String> {
                                 .map_or(0, |t| t.and_utc().timestamp_millis())
                         })
                     })
-                    .map_err(|_| bad("an RFC 3339 date"))?;
+                    .map_err(|_| bad(&format!("an RFC 3339 date{}", date_hint(s))))?;
                 Bson::DateTime(bson::DateTime::from_millis(t))
             }
             Value::Number(n) if extended_date || !field.epoch_seconds => Bson::DateTime(
-                bson::DateTime::from_millis(n.as_i64().ok_or_else(|| bad("epoch milliseconds"))?),
+                n.as_i64()
+                    .map(bson::DateTime::from_millis)
+                    .or_else(|| epoch_millis(n.as_f64()))
+                    .ok_or_else(|| bad("epoch milliseconds"))?,
             ),
             Value::Number(n) => {
                 Bson::DateTime(epoch_seconds(n.as_f64()).ok_or_else(|| bad("epoch seconds"))?)
@@ -1593,8 +1606,26 @@ pub fn format_date(at: bson::DateTime, format: &str) -> String {
 
 /// `seconds` since the epoch (fractions kept to the millisecond), if a date holds them.
 fn epoch_seconds(seconds: Option<f64>) -> Option<bson::DateTime> {
-    let ms = (seconds? * 1000.0).round();
+    epoch_millis(Some(seconds? * 1000.0))
+}
+
+/// Epoch milliseconds with a fraction, to the nearest millisecond.
+fn epoch_millis(ms: Option<f64>) -> Option<bson::DateTime> {
+    let ms = ms?.round();
     (ms.is_finite() && ms.abs() < 8.64e15).then(|| bson::DateTime::from_millis(ms as i64))
+}
+
+/// What a date string that is not RFC 3339 may need instead, for its error.
+fn date_hint(s: &str) -> String {
+    if is_decimal(s) {
+        " (an epoch number as a string is read with `unit = \"seconds\"` or `unit = \"milliseconds\"`)"
+            .into()
+    } else if s.len() >= 19 && s.as_bytes().get(10) == Some(&b' ') {
+        " (a date and time without `T` or offset is read with `format`, such as `format = \"%Y-%m-%d %H:%M:%S\"`, taken as UTC)"
+            .into()
+    } else {
+        " (other layouts are read with `format`)".into()
+    }
 }
 
 /// `-?digits[.digits]`: an epoch number written as a string.
@@ -2370,9 +2401,22 @@ type = "bool"
             seen(&ms, json!(1_700_000_000_123i64)),
             Ok(1_700_000_000_123)
         );
+        let digits = seen(&ms, json!("1700000000")).unwrap_err();
         assert!(
-            seen(&ms, json!("1700000000")).is_err(),
-            "digits need a unit"
+            digits.contains("unit = \"seconds\""),
+            "digits need a unit: {digits}"
+        );
+        let spaced = seen(&ms, json!("2025-01-01 10:06:00")).unwrap_err();
+        assert!(spaced.contains("%Y-%m-%d %H:%M:%S"), "{spaced}");
+        // Fractions of a millisecond, as a number or digits, to the nearest one.
+        assert_eq!(
+            seen(&ms, json!(1_735_726_020_123.5f64)),
+            Ok(1_735_726_020_124)
+        );
+        let explicit = with("unit = \"milliseconds\"").unwrap();
+        assert_eq!(
+            seen(&explicit, json!("1735726020123.4")),
+            Ok(1_735_726_020_123)
         );
         let s = with("unit = \"seconds\"").unwrap();
         assert_eq!(seen(&s, json!(1_700_000_000)), Ok(1_700_000_000_000));
@@ -2484,6 +2528,13 @@ type = "bool"
                 "type = \"string\"\non_missing = \"unset\"",
             ),
             "mapping.productId.on_missing",
+        );
+        refused(
+            FILE.replace(
+                "type = \"string\"\nrequired = true",
+                "type = \"string\"\nlist = true",
+            ),
+            "mapping.productId.list",
         );
         // Into `events`, whose stored events are never updated.
         let events = FILE

@@ -135,6 +135,12 @@ pub struct ImportSummary {
     /// The API sends the (date) cursor field as epoch milliseconds.
     #[serde(skip)]
     cursor_epoch_ms: bool,
+    /// Records this process mapped, and in how many of them each field of the mapping
+    /// (in order) found a value: a field found in none is most likely a wrong path.
+    #[serde(skip)]
+    mapped_records: u64,
+    #[serde(skip)]
+    field_hits: Vec<u64>,
     pub http: HttpStats,
     pub elapsed_ms: u64,
 }
@@ -594,6 +600,9 @@ pub async fn run_import(
     .await;
     summary.http = http.stats.lock().map(|s| s.clone()).unwrap_or_default();
     summary.elapsed_ms = started.elapsed().as_millis() as u64;
+    if outcome.is_ok() {
+        warn_unmatched_fields(&mut summary, &connector);
+    }
     if options.dry_run {
         return outcome.map(|()| summary);
     }
@@ -902,6 +911,31 @@ fn url_cursor_hint(connector: &Connector, state: &PageState) -> &'static str {
 
 /// Adds a warning to the run unless one with the same text after its `page N: ` prefix
 /// is there already.
+/// Warns of each mapped field (without a `default`) that found no value in any record
+/// this run mapped: a typo in its path (`$.variant` for `$.variants`) otherwise leaves
+/// the field out of every document, silently.
+fn warn_unmatched_fields(summary: &mut ImportSummary, connector: &Connector) {
+    if summary.mapped_records == 0 {
+        return;
+    }
+    let unmatched: Vec<String> = connector
+        .fields
+        .iter()
+        .zip(&summary.field_hits)
+        .filter(|(f, hits)| **hits == 0 && f.default.is_none())
+        .map(|(f, _)| format!("`{}` (`{}`)", f.target, f.path))
+        .collect();
+    if !unmatched.is_empty() {
+        let warning = format!(
+            "{} found no value in any of the {} records mapped; check the path against a record (`import run {} --dry-run` shows some)",
+            unmatched.join(", "),
+            summary.mapped_records,
+            connector.name
+        );
+        warn_once(summary, &connector.name, warning);
+    }
+}
+
 fn warn_once(summary: &mut ImportSummary, config: &str, warning: String) {
     let tail = |w: &str| w.split_once(": ").map_or(w, |(_, t)| t).to_string();
     if summary.warnings.iter().any(|w| tail(w) == tail(&warning)) {
@@ -1041,9 +1075,31 @@ async fn write_page(
 ) -> Result<(), ImportError> {
     let mut mapped = Vec::with_capacity(page.records().len());
     let mut several = Vec::new();
+    if summary.field_hits.len() != connector.fields.len() {
+        summary.field_hits = vec![0; connector.fields.len()];
+    }
+    if page.records().first().is_some_and(Value::is_array) {
+        warn_once(
+            summary,
+            &connector.name,
+            format!(
+                "page {}: records path `{}` selected a list as one record; to take its items as records, end it with `[*]` in `source.records`",
+                summary.pages,
+                connector.records
+            ),
+        );
+    }
     for record in page.records() {
         match map_record_noting(&connector.fields, record, &mut several) {
-            Ok(d) if d.get(&connector.key).is_some_and(usable_key) => mapped.push(d),
+            Ok(d) if d.get(&connector.key).is_some_and(usable_key) => {
+                summary.mapped_records += 1;
+                for (hits, field) in summary.field_hits.iter_mut().zip(&connector.fields) {
+                    if field.default.is_none() && d.contains_key(&field.target) {
+                        *hits += 1;
+                    }
+                }
+                mapped.push(d)
+            }
             Ok(_) => reject(
                 summary,
                 options,
