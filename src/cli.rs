@@ -824,6 +824,11 @@ pub async fn import_run(config: &Config, name: &str, dry_run: bool) -> anyhow::R
         };
         sluice_jobs::schedule::end_manual_run(&store, id, &ended).await?;
     }
+    if let (true, Err(ImportError::WrongType { name, actual, .. })) = (dry_run, &result) {
+        anyhow::bail!(
+            "`{name}` is an {actual} config: --dry-run is for IMPORT configs (a push has none; `sluice import run {name}` sends its batches)"
+        );
+    }
     let summary = match result? {
         Done::Imported(summary) => *summary,
         Done::Pushed(line) => {

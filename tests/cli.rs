@@ -939,6 +939,7 @@ async fn import_run_records_its_run_and_waits_for_the_one_in_flight() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "refused while a run is going");
     assert!(err.contains("replica-b"), "{err}");
+    assert!(err.contains("its lease lapses at 20"), "{err}");
     let products = db.store.collection("products");
     assert_eq!(products.count_documents(bson::doc! {}).await.unwrap(), 0);
 
@@ -991,6 +992,24 @@ async fn import_progress_is_printed_when_it_moves_not_again_while_a_page_is_slow
         stdout.contains(": 1 page, 2 records, 2 inserted")
             && stdout.contains("1 request (0 retries)"),
         "counts in the singular: {stdout}"
+    );
+}
+
+#[tokio::test]
+async fn a_dry_run_of_an_export_config_says_it_has_none() {
+    let db = support::TestDb::initialized().await;
+    let file = sluice_core::integration::parse_file(
+        "push.toml",
+        "name = \"push\"\ntype = \"EXPORT\"\nendpoint = \"https://crm.example/in\"\n[push]\ncollection = \"users\"\n[mapping.id]\npath = \"$.visitorId\"\n",
+    )
+    .unwrap();
+    sluice_jobs::configs::apply(&db.store, &file).await.unwrap();
+    let out = sluice_with(&db_config(&db), &["import", "run", "push", "--dry-run"]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("`push` is an EXPORT config: --dry-run is for IMPORT configs"),
+        "{stderr}"
     );
 }
 

@@ -994,6 +994,11 @@ async fn malformed_json_and_slow_answers_fail_the_run_clearly() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("malformed JSON"), "{err}");
+    // With what came instead, and its type.
+    assert!(
+        err.contains("the answer (application/json) begins `{\"data\": [1, 2`"),
+        "{err}"
+    );
 
     let (base, _) = fault_api(Fault::Slow).await;
     // A short timeout only here: elsewhere a loopback answer stalled by a loaded machine

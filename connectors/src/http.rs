@@ -841,9 +841,20 @@ impl HttpClient {
                     // Often a proxy's error page: retry, then fail with the parse error.
                     last = format!("malformed JSON: {e}");
                     if attempt + 1 == attempts {
+                        // What came instead (a login page, an HTML error page) shows
+                        // what is wrong better than where the parser stopped.
+                        let kind = headers
+                            .get(reqwest::header::CONTENT_TYPE)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("no content type");
+                        let message = if text.trim().is_empty() {
+                            e
+                        } else {
+                            format!("{e}; the answer ({kind}) begins `{}`", self.snippet(&text))
+                        };
                         return Err(HttpError::Malformed {
                             url: url.to_string(),
-                            message: e,
+                            message,
                         });
                     }
                     tokio::time::sleep(self.backoff(attempt)).await;

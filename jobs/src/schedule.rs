@@ -1296,8 +1296,16 @@ fn busy(job: &str, run: &Document) -> StoreError {
     } else {
         "is in progress"
     };
+    let lapse = run
+        .get_datetime("expiresAt")
+        .ok()
+        .and_then(|t| t.try_to_rfc3339_string().ok())
+        .map(|t| {
+            format!(" (if its process died, its lease lapses at {t}, and the job may run then)")
+        })
+        .unwrap_or_default();
     StoreError::Busy(format!(
-        "a run of `{job}` {what} ({}, owner {}); try again once it has ended",
+        "a run of `{job}` {what} ({}, owner {}); try again once it has ended{lapse}",
         run.get_str(common::ID).unwrap_or("?"),
         run.get_str("owner").unwrap_or("?")
     ))
