@@ -968,6 +968,30 @@ async fn a_token_endpoint_that_fails_once_is_retried_and_a_401_refreshes_even_wi
     assert!(err.contains("answer is longer than 1024 KiB"), "{err}");
     assert!(api.hits.load(Ordering::SeqCst) >= 1);
 
+    // A token URL that is not one (404) is not asked again: the run fails naming the
+    // status and the setting.
+    let asked = Arc::new(AtomicU64::new(0));
+    let counted = asked.clone();
+    let addr = serve(Router::new().fallback(move || {
+        let counted = counted.clone();
+        async move {
+            counted.fetch_add(1, Ordering::SeqCst);
+            (StatusCode::NOT_FOUND, "no such page")
+        }
+    }))
+    .await;
+    let auth = format!("[auth]\ntype = \"OAUTH\"\ntoken_url = \"http://{addr}/oauth/tokn\"\nclient_id = \"c\"\nclient_secret = \"${{env:IMPORT_TEST_SECRET_E}}\"\n");
+    let name = apply(&db, &cursor_config("provider-typo", &base, "", &auth)).await;
+    let err = run_import(&db.store, &name, &opts)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("answered 404 Not Found (check `token_url`)"),
+        "{err}"
+    );
+    assert_eq!(asked.load(Ordering::SeqCst), 1, "not retried");
+
     // A token revoked before it expires gets a 401; with a single attempt, the refresh
     // still happens, on an attempt of its own.
     let (base, api) = fault_api(Fault::FirstTokenRevoked).await;
@@ -1780,6 +1804,25 @@ wrap = "contacts"
         .collect();
     assert_eq!(sizes, [4, 4, 4]);
     assert_eq!(pushed[2]["contacts"][3]["visitorId"], "v11");
+    // Larger batches than the receiver takes (2 MB here): refused with 413, and the
+    // error names the settings that make them smaller.
+    let name = apply(
+        &db,
+        &text
+            .replace("name = \"bulky\"", "name = \"bulkier\"")
+            .replace("max_batch_mb = 1", "max_batch_mb = 8"),
+    )
+    .await;
+    let err = run_push(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("answered 413")
+            && err.contains("a batch of 12 records")
+            && err.contains("lower `push.batch_size` or `push.max_batch_mb`"),
+        "{err}"
+    );
 }
 
 #[tokio::test]

@@ -504,6 +504,7 @@ impl HttpClient {
             client_secret: client_secret.expose().to_string(),
             secret_in_body: *secret_in_body,
             asked: Default::default(),
+            status: Default::default(),
             answered_refresh: Default::default(),
         };
         let token = match refresh_token {
@@ -1249,6 +1250,8 @@ struct Provider {
     /// The `Retry-After` of the last answer, when it was a 429 or 503 (oauth2's error
     /// does not carry the headers).
     asked: Arc<std::sync::Mutex<Option<Duration>>>,
+    /// The HTTP status of the last answer (oauth2's error names only its body).
+    status: Arc<std::sync::Mutex<Option<u16>>>,
     /// The refresh token in the last successful answer's body, read before oauth2 parses
     /// it: a provider that rotates tokens has spent the old one even when the rest of
     /// its answer cannot be read.
@@ -1283,15 +1286,23 @@ impl Provider {
     /// Sends token requests through `http`, keeping each answer's `Retry-After` when it
     /// is a 429 or 503.
     fn http(&self, http: &reqwest::Client) -> impl Fn(oauth2::HttpRequest) -> TokenAnswer {
-        let (http, asked, answered) = (
+        let (http, asked, answered, status) = (
             http.clone(),
             self.asked.clone(),
             self.answered_refresh.clone(),
+            self.status.clone(),
         );
         move |request| {
-            let (http, asked, answered) = (http.clone(), asked.clone(), answered.clone());
+            let (http, asked, answered, status) = (
+                http.clone(),
+                asked.clone(),
+                answered.clone(),
+                status.clone(),
+            );
             Box::pin(async move {
+                *status.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 let mut answer = token_call(&http, request).await?;
+                *status.lock().unwrap_or_else(|p| p.into_inner()) = Some(answer.status().as_u16());
                 let wait = match answer.status().as_u16() {
                     429 | 503 => retry_after(answer.headers()),
                     _ => None,
@@ -1311,6 +1322,11 @@ impl Provider {
                 Ok(answer)
             })
         }
+    }
+
+    /// The HTTP status of the token endpoint's last answer, if one came.
+    fn answered_status(&self) -> Option<u16> {
+        *self.status.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn client(&self) -> Result<OAuthClient, HttpError> {
@@ -1345,6 +1361,27 @@ impl Provider {
                     .is_some_and(|code| RFC6749_TOKEN_ERRORS.contains(&code.as_str())) =>
             {
                 self.error(error_with_causes(e))
+            }
+            // A token URL that is not one (404, 405) or refuses the request outright
+            // does not change its mind on a retry; a 408, a 429 and a 5xx may.
+            _ if self
+                .answered_status()
+                .is_some_and(|s| (400..500).contains(&s) && s != 408 && s != 429) =>
+            {
+                let status = self.answered_status().unwrap_or_default();
+                let name = reqwest::StatusCode::from_u16(status)
+                    .ok()
+                    .and_then(|s| s.canonical_reason())
+                    .unwrap_or("");
+                self.error(format!(
+                    "the token endpoint answered {status} {name}{}: {}",
+                    if status == 404 || status == 405 {
+                        " (check `token_url`)"
+                    } else {
+                        ""
+                    },
+                    error_with_causes(e)
+                ))
             }
             _ => HttpError::TokenUnavailable {
                 url: self.token_url.clone(),

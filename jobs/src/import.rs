@@ -2450,7 +2450,23 @@ pub async fn run_push(
             };
             let key = idempotency_key(name, &span, &body);
             http.push(connector.method, &connector.endpoint.text, &body, &key)
-                .await?;
+                .await
+                .map_err(|e| match e {
+                    // The receiver's size limit: the way out is on this side.
+                    HttpError::Status {
+                        url,
+                        status: 413,
+                        body,
+                    } => HttpError::Status {
+                        url,
+                        status: 413,
+                        body: format!(
+                            "{body} (a batch of {} records was too large for the receiver: lower `push.batch_size` or `push.max_batch_mb`)",
+                            records.len()
+                        ),
+                    },
+                    other => other,
+                })?;
             summary.sent += records.len() as u64;
             summary.requests += 1;
         }
