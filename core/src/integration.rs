@@ -580,9 +580,41 @@ const MAX_BACKOFF_MS: u64 = 300_000;
 
 /// Parses a file's text (`origin` names it in errors).
 pub fn parse_file(origin: &str, text: &str) -> Result<IntegrationFile, ConfigError> {
-    toml::from_str(text).map_err(|e| ConfigError::Parse {
-        origin: origin.to_string(),
-        message: e.to_string().trim_end().to_string(),
+    toml::from_str(text).map_err(|e| {
+        let mut message = e.to_string().trim_end().to_string();
+        if let Some(hint) = top_level_field_in_a_table(&message) {
+            message.push_str(&hint);
+        }
+        ConfigError::Parse {
+            origin: origin.to_string(),
+            message,
+        }
+    })
+}
+
+/// The fields of a config file's top level, outside any `[section]`.
+const TOP_LEVEL_FIELDS: [&str; 10] = [
+    "name",
+    "type",
+    "endpoint",
+    "method",
+    "headers",
+    "schedule",
+    "timezone",
+    "is_active",
+    "allow_private_network",
+    "transforms",
+];
+
+/// A top-level field written after a `[section]` header belongs to that section in TOML,
+/// which then calls it unknown: the hint for that classic slip.
+fn top_level_field_in_a_table(message: &str) -> Option<String> {
+    let field = message.split("unknown field `").nth(1)?.split('`').next()?;
+    let in_a_table = !message.contains("expected one of `name`");
+    (in_a_table && TOP_LEVEL_FIELDS.contains(&field)).then(|| {
+        format!(
+            "\n(`{field}` is a top-level field: write it above the first `[section]`; below a section header, TOML puts it in that section)"
+        )
     })
 }
 
@@ -2511,6 +2543,21 @@ type = "bool"
         let text = format!("{FILE}\n[mapping.seen]\npath = \"$.seen\"\nunit = \"seconds\"\n");
         let err = validate("f", &parse_file("f", &text).unwrap(), &env).unwrap_err();
         assert!(err.to_string().contains("mapping.seen.unit"), "{err}");
+    }
+
+    #[test]
+    fn a_top_level_field_below_a_section_gets_a_hint() {
+        let late = format!("{FILE}schedule = \"0 0 * * * *\"\n");
+        let err = parse_file("f", &late).unwrap_err().to_string();
+        assert!(
+            err.contains("unknown field `schedule`")
+                && err.contains("write it above the first `[section]`"),
+            "{err}"
+        );
+        // An unknown field that is no top-level one gets none.
+        let other = format!("{FILE}colour = \"red\"\n");
+        let err = parse_file("f", &other).unwrap_err().to_string();
+        assert!(!err.contains("above the first"), "{err}");
     }
 
     #[test]
