@@ -700,6 +700,32 @@ pub async fn configs_apply(config: &Config, dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `sluice configs delete NAME`.
+pub async fn configs_delete(config: &Config, name: &str) -> anyhow::Result<()> {
+    let store = Store::connect(config).await?;
+    store.init().await?;
+    let job = crate::engine::job_name(name);
+    let Some(removed) = sluice_jobs::configs::remove(&store, name, &job).await? else {
+        anyhow::bail!("no integration config `{name}` is stored");
+    };
+    let mut also = Vec::new();
+    if removed.checkpoint {
+        also.push("its interrupted run's checkpoint");
+    }
+    if removed.saved_token {
+        also.push("its saved OAuth refresh token");
+    }
+    println!(
+        "deleted {name}{}; its run history and the data it imported stay (a running `sluice serve` stops scheduling it at its next reload)",
+        if also.is_empty() {
+            String::new()
+        } else {
+            format!(", with {}", also.join(" and "))
+        }
+    );
+    Ok(())
+}
+
 /// `sluice import reset NAME [--cursor]`.
 pub async fn import_reset(config: &Config, name: &str, cursor: bool) -> anyhow::Result<()> {
     let store = Store::connect(config).await?;

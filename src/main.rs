@@ -169,6 +169,9 @@ enum ConfigsCommand {
     },
     /// Validate, then store every config of DIR in `integration_configs`.
     Apply { dir: PathBuf },
+    /// Delete a stored config (with its checkpoint and saved OAuth token; its run history
+    /// and what it imported stay).
+    Delete { name: String },
 }
 
 #[derive(Subcommand)]
@@ -389,6 +392,9 @@ fn main() -> ExitCode {
             Command::Configs {
                 command: ConfigsCommand::Apply { dir },
             } => cli::configs_apply(&config, &dir).await,
+            Command::Configs {
+                command: ConfigsCommand::Delete { name },
+            } => cli::configs_delete(&config, &name).await,
             Command::Configs { .. } | Command::Plugin { .. } => {
                 unreachable!("handled before the runtime starts")
             }

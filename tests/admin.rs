@@ -137,6 +137,8 @@ async fn every_role_against_every_endpoint() {
             Some(json!("CONFIG")),
             "ADMIN",
         ),
+        // The config the admin applied just above.
+        (Method::DELETE, "/v1/admin/configs/cfg-admin", None, "ADMIN"),
         (
             Method::POST,
             "/v1/admin/users",
@@ -204,7 +206,14 @@ async fn every_role_against_every_endpoint() {
         .count_documents(bson::doc! { "name": "cfg-admin" })
         .await
         .unwrap();
-    assert_eq!(applied, 1, "the ADMIN's config was validated and stored");
+    assert_eq!(applied, 0, "the ADMIN's config was stored, then deleted by the ADMIN");
+    let deleted = db
+        .store
+        .collection("scheduled_runs")
+        .count_documents(bson::doc! { "job": "integration:cfg-admin", "result": "config deleted" })
+        .await
+        .unwrap();
+    assert_eq!(deleted, 1);
     // An invalid config is a 400 naming the field. A name that looks like a path is
     // refused like any other, and nothing of it is stored (the body is validated in
     // memory, never written to a file).

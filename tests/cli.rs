@@ -996,6 +996,53 @@ async fn import_progress_is_printed_when_it_moves_not_again_while_a_page_is_slow
 }
 
 #[tokio::test]
+async fn configs_delete_removes_a_config_with_its_checkpoint_and_saved_token() {
+    let db = support::TestDb::initialized().await;
+    apply_two_products(&db, "gone").await;
+    for coll in ["import_checkpoints", "oauth_tokens"] {
+        db.store
+            .collection(coll)
+            .insert_one(bson::doc! { "_id": "gone", "pages": 3i64 })
+            .await
+            .unwrap();
+    }
+    let config = db_config(&db);
+    let out = sluice_with(&config, &["configs", "delete", "gone"]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(
+            "deleted gone, with its interrupted run's checkpoint and its saved OAuth refresh token"
+        ),
+        "{stdout}"
+    );
+    for coll in ["integration_configs", "import_checkpoints", "oauth_tokens"] {
+        let left = db
+            .store
+            .collection(coll)
+            .count_documents(bson::doc! {})
+            .await
+            .unwrap();
+        assert_eq!(left, 0, "{coll}");
+    }
+    // The deletion is recorded as a run of the job, and a second one finds nothing.
+    let runs = db.store.collection("scheduled_runs");
+    let run = runs
+        .find_one(bson::doc! { "job": "integration:gone" })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(run.get_str("result"), Ok("config deleted"), "{run}");
+    let out = sluice_with(&config, &["configs", "delete", "gone"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no integration config `gone`"));
+}
+
+#[tokio::test]
 async fn a_dry_run_of_an_export_config_says_it_has_none() {
     let db = support::TestDb::initialized().await;
     let file = sluice_core::integration::parse_file(

@@ -239,3 +239,48 @@ pub async fn load(
     })?;
     Ok(Some((file, d)))
 }
+
+/// What [`remove`] deleted beside the config.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Removed {
+    /// An interrupted run's checkpoint.
+    pub checkpoint: bool,
+    /// A rotated OAuth refresh token saved for it.
+    pub saved_token: bool,
+}
+
+/// Deletes the stored config `name` (job `job`), with its checkpoint and saved refresh
+/// token, so a config applied again under the name starts afresh. Its run history
+/// (`import_runs`, `scheduled_runs`) and what it imported stay. Held as a run of the job,
+/// so it waits for no run and none starts meanwhile: refused while one goes. `None` when
+/// no such config is stored. The scheduler stops firing it at its next reload.
+pub async fn remove(store: &Store, name: &str, job: &str) -> Result<Option<Removed>, StoreError> {
+    if load(store, name).await?.is_none() {
+        return Ok(None);
+    }
+    let run = crate::schedule::start_manual_run(store, job, "configs delete").await?;
+    let result = async {
+        let deleted = |coll: &'static str, filter: Document| async move {
+            store
+                .collection(coll)
+                .delete_one(filter)
+                .await
+                .map(|r| r.deleted_count == 1)
+                .map_err(StoreError::mongo(coll, "delete config"))
+        };
+        let removed = Removed {
+            checkpoint: deleted(c::IMPORT_CHECKPOINTS, doc! { common::ID: name }).await?,
+            saved_token: deleted(c::OAUTH_TOKENS, doc! { common::ID: name }).await?,
+        };
+        // Last: until it is gone, a failed step above can be retried by running this again.
+        deleted(c::INTEGRATION_CONFIGS, doc! { f::NAME: name }).await?;
+        Ok::<_, StoreError>(removed)
+    }
+    .await;
+    let line = match &result {
+        Ok(_) => Ok("config deleted".to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    crate::schedule::end_manual_run(store, &run, &line).await?;
+    result.map(Some)
+}

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use bson::{doc, Bson, DateTime, Document};
 use futures_util::{FutureExt, TryStreamExt};
@@ -802,6 +802,37 @@ async fn apply_config(
     ))
 }
 
+/// `DELETE /v1/admin/configs/{name}`: as `sluice configs delete`.
+async fn delete_config(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    caller(&state, &headers, Role::Admin).await?;
+    let job = crate::engine::job_name(&name);
+    let removed = sluice_jobs::configs::remove(&state.store, &name, &job)
+        .await
+        .map_err(|e| match e {
+            sluice_connectors::StoreError::Busy(message) => {
+                ApiError::new(StatusCode::CONFLICT, "already_running", message)
+            }
+            other => store_error(other),
+        })?
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no config `{name}`"),
+            )
+        })?;
+    Ok(Json(json!({
+        "name": name,
+        "deleted": true,
+        "checkpointDropped": removed.checkpoint,
+        "savedTokenDropped": removed.saved_token,
+    })))
+}
+
 async fn set_config_active(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -1203,6 +1234,7 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/admin/users", get(list_users).post(create_user))
         .route("/v1/admin/users/{email}", axum::routing::patch(change_user))
         .route("/v1/admin/configs", get(list_configs).post(apply_config))
+        .route("/v1/admin/configs/{name}", delete(delete_config))
         .route("/v1/admin/configs/{name}/active", post(set_config_active))
         .route("/v1/admin/jobs", get(list_jobs))
         .route("/v1/admin/jobs/{name}/run", post(run_job))
