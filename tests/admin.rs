@@ -206,7 +206,10 @@ async fn every_role_against_every_endpoint() {
         .count_documents(bson::doc! { "name": "cfg-admin" })
         .await
         .unwrap();
-    assert_eq!(applied, 0, "the ADMIN's config was stored, then deleted by the ADMIN");
+    assert_eq!(
+        applied, 0,
+        "the ADMIN's config was stored, then deleted by the ADMIN"
+    );
     let deleted = db
         .store
         .collection("scheduled_runs")
