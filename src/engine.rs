@@ -407,13 +407,16 @@ impl Runner for EngineRunner {
 
 /// A completed import as its job's run ends: its line, or an error when it stored none of
 /// the records it fetched because they all failed (a mapping that fits no record, a
-/// required field the API stopped sending). The import itself is COMPLETED (its failures
+/// required field the API stopped sending, a plugin failing every record), none of them
+/// dropped by a plugin on purpose. The import itself is COMPLETED (its failures
 /// are in `dead_letters`, its cursor moved on); the job's run, and `import run`'s exit
 /// status, say that nothing came of it, so alerting sees it.
 pub fn import_outcome(s: &sluice_jobs::import::ImportSummary) -> Result<String, String> {
-    if s.failed > 0 && s.inserted + s.updated + s.unchanged == 0 {
+    // Records a plugin chose to drop are no failure: with some, the run is not one
+    // where everything failed.
+    if s.failed + s.dead_letters > 0 && s.inserted + s.updated + s.unchanged + s.skipped == 0 {
         return Err(format!(
-            "{}: every record failed (mapping, validation or MongoDB's refusal) and none was stored; the reasons are in `dead_letters` and the run's samples",
+            "{}: every record failed (mapping, validation, a plugin or MongoDB's refusal) and none was stored; the reasons are in `dead_letters` and the run's samples",
             import_line(s)
         ));
     }
@@ -439,5 +442,26 @@ pub fn already_stored(unchanged: u64) -> String {
         String::new()
     } else {
         format!("{unchanged} already stored, ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::import_outcome;
+    use sluice_jobs::import::ImportSummary;
+
+    #[test]
+    fn an_import_fails_only_when_every_record_failed() {
+        let run = |failed, dead_letters, skipped, unchanged| {
+            let mut s = ImportSummary::default();
+            (s.fetched, s.failed, s.dead_letters, s.skipped, s.unchanged) =
+                (5, failed, dead_letters, skipped, unchanged);
+            import_outcome(&s)
+        };
+        assert!(run(5, 0, 0, 0).is_err(), "every record failed mapping");
+        assert!(run(2, 3, 0, 0).is_err(), "or a plugin failed the rest");
+        assert!(run(1, 0, 4, 0).is_ok(), "a plugin dropped some on purpose");
+        assert!(run(0, 0, 0, 5).is_ok(), "all stored already");
+        assert!(run(0, 0, 0, 0).is_ok(), "nothing failed");
     }
 }

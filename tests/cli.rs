@@ -1040,6 +1040,19 @@ async fn configs_delete_removes_a_config_with_its_checkpoint_and_saved_token() {
     let out = sluice_with(&config, &["configs", "delete", "gone"]).await;
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no integration config `gone`"));
+    // One stored that no longer reads as a config (by hand, another version) goes too.
+    let configs = db.store.collection("integration_configs");
+    configs
+        .insert_one(bson::doc! { "name": "junk", "spec": 5 })
+        .await
+        .unwrap();
+    let out = sluice_with(&config, &["configs", "delete", "junk"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(configs.count_documents(bson::doc! {}).await.unwrap(), 0);
 }
 
 #[tokio::test]

@@ -881,6 +881,7 @@ async fn retries_honour_retry_after_and_ride_out_5xx_bursts() {
     for line in [
         "sluice_import_records_total{config=\"bursty\",stage=\"fetched\"} 45",
         "sluice_import_records_total{config=\"bursty\",stage=\"upserted\"} 45",
+        "sluice_import_records_total{config=\"bursty\",stage=\"unchanged\"} 0",
         "sluice_import_records_total{config=\"bursty\",stage=\"failed\"} 0",
         "sluice_http_requests_total{config=\"bursty\",kind=\"retry\"} 3",
         "sluice_import_runs_total{config=\"bursty\",status=\"COMPLETED\"} 1",
@@ -1018,9 +1019,28 @@ async fn malformed_json_and_slow_answers_fail_the_run_clearly() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("malformed JSON"), "{err}");
-    // With what came instead, and its type.
+    // A JSON answer cut short is not quoted (it holds the API's records)...
+    assert!(!err.contains("begins"), "{err}");
+    // ...what came instead of JSON is, with its type.
+    let addr = serve(Router::new().route(
+        "/login",
+        get(|| async {
+            (
+                [("content-type", "text/html")],
+                "<!DOCTYPE html><title>Sign in</title>",
+            )
+        }),
+    ))
+    .await;
+    let config = things_config("html", &format!("http://{addr}/login"), "type = \"none\"")
+        + "[source.retry]\nmax_attempts = 1\n";
+    let name = apply(&db, &config).await;
+    let err = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(
-        err.contains("the answer (application/json) begins `{\"data\": [1, 2`"),
+        err.contains("the answer (text/html) begins `<!DOCTYPE html><title>Sign in</title>`"),
         "{err}"
     );
 
@@ -1334,7 +1354,7 @@ async fn gzip_compressed_answers_are_read() {
 #[tokio::test]
 async fn a_mapping_path_that_finds_nothing_and_a_records_path_without_its_items_are_warned_of() {
     let db = TestDb::initialized().await;
-    let data: Vec<Value> = (0..3)
+    let data: Vec<Value> = (0..12)
         .map(|i| json!({ "id": i, "variants": [{ "price": 9.5 }], "note": null }))
         .collect();
     let url = serve_page("/typo", data).await;
@@ -1363,7 +1383,7 @@ async fn a_mapping_path_that_finds_nothing_and_a_records_path_without_its_items_
         // The wrong path only: not the right one, nor one with a default.
         assert!(
             warned[0].contains("`price` (`$.variant[0].price`)")
-                && warned[0].contains("3 records")
+                && warned[0].contains("12 records")
                 && !warned[0].contains("`sold`")
                 && !warned[0].contains("`flag`"),
             "{}",

@@ -848,7 +848,11 @@ impl HttpClient {
                             .get(reqwest::header::CONTENT_TYPE)
                             .and_then(|v| v.to_str().ok())
                             .unwrap_or("no content type");
-                        let message = if text.trim().is_empty() {
+                        // A JSON answer cut short would quote the API's records (personal
+                        // data, into the run's history): only other content is quoted.
+                        let json_like =
+                            kind.contains("json") || text.trim_start().starts_with(['{', '[']);
+                        let message = if text.trim().is_empty() || json_like {
                             e
                         } else {
                             format!("{e}; the answer ({kind}) begins `{}`", self.snippet(&text))

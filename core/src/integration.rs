@@ -1641,9 +1641,18 @@ fn epoch_seconds(seconds: Option<f64>) -> Option<bson::DateTime> {
     epoch_millis(Some(seconds? * 1000.0))
 }
 
-/// Epoch milliseconds with a fraction, to the nearest millisecond.
+/// Epoch milliseconds with a fraction, cut to the millisecond (as RFC 3339 times with
+/// finer digits are, so a cursor taken from the largest stored value never passes a
+/// record of the same millisecond); a value within float error of a whole millisecond
+/// (`1735726020.123` seconds times 1000) is that millisecond.
 fn epoch_millis(ms: Option<f64>) -> Option<bson::DateTime> {
-    let ms = ms?.round();
+    let ms = ms?;
+    let whole = ms.round();
+    let ms = if (ms - whole).abs() < 1e-3 {
+        whole
+    } else {
+        ms.floor()
+    };
     (ms.is_finite() && ms.abs() < 8.64e15).then(|| bson::DateTime::from_millis(ms as i64))
 }
 
@@ -2443,16 +2452,18 @@ type = "bool"
         // Fractions of a millisecond, as a number or digits, to the nearest one.
         assert_eq!(
             seen(&ms, json!(1_735_726_020_123.5f64)),
-            Ok(1_735_726_020_124)
+            Ok(1_735_726_020_123)
         );
         let explicit = with("unit = \"milliseconds\"").unwrap();
         assert_eq!(
-            seen(&explicit, json!("1735726020123.4")),
+            seen(&explicit, json!("1735726020123.9")),
             Ok(1_735_726_020_123)
         );
         let s = with("unit = \"seconds\"").unwrap();
         assert_eq!(seen(&s, json!(1_700_000_000)), Ok(1_700_000_000_000));
         assert_eq!(seen(&s, json!(1_700_000_000.25)), Ok(1_700_000_000_250));
+        // Float error in seconds times 1000 does not cut a millisecond off.
+        assert_eq!(seen(&s, json!(1_735_726_020.123)), Ok(1_735_726_020_123));
         assert_eq!(seen(&s, json!("1700000000")), Ok(1_700_000_000_000));
         assert_eq!(
             seen(&s, json!({ "$date": { "$numberLong": "1700000000123" } })),

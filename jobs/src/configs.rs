@@ -255,7 +255,15 @@ pub struct Removed {
 /// so it waits for no run and none starts meanwhile: refused while one goes. `None` when
 /// no such config is stored. The scheduler stops firing it at its next reload.
 pub async fn remove(store: &Store, name: &str, job: &str) -> Result<Option<Removed>, StoreError> {
-    if load(store, name).await?.is_none() {
+    // Looked up without reading it: a stored config that no longer parses (written by
+    // hand, or by another version) must be removable too.
+    let stored = store
+        .collection(c::INTEGRATION_CONFIGS)
+        .find_one(doc! { f::NAME: name })
+        .projection(doc! { "_id": 1 })
+        .await
+        .map_err(StoreError::mongo(c::INTEGRATION_CONFIGS, "find config"))?;
+    if stored.is_none() {
         return Ok(None);
     }
     let run = crate::schedule::start_manual_run(store, job, "configs delete").await?;

@@ -294,13 +294,14 @@ fn import_metrics(before: &ImportSummary, after: &ImportSummary, status: &str, s
     use sluice_core::metrics::{count, observe_seconds};
     let config = [("config", after.name.as_str())];
     let records =
-        "Import records, by config and stage (fetched, upserted, failed mapping, skipped by a plugin).";
+        "Import records, by config and stage (fetched, upserted, unchanged: already stored so, failed mapping, skipped by a plugin).";
     for (stage, n) in [
         ("fetched", after.fetched - before.fetched),
         (
             "upserted",
             (after.inserted + after.updated) - (before.inserted + before.updated),
         ),
+        ("unchanged", after.unchanged - before.unchanged),
         ("failed", after.failed - before.failed),
         ("skipped", after.skipped - before.skipped),
     ] {
@@ -909,13 +910,12 @@ fn url_cursor_hint(connector: &Connector, state: &PageState) -> &'static str {
     }
 }
 
-/// Adds a warning to the run unless one with the same text after its `page N: ` prefix
-/// is there already.
 /// Warns of each mapped field (without a `default`) that found no value in any record
-/// this run mapped: a typo in its path (`$.variant` for `$.variants`) otherwise leaves
-/// the field out of every document, silently.
+/// this run mapped (at least [`UNMATCHED_AFTER`]): a typo in its path (`$.variant` for
+/// `$.variants`) otherwise leaves the field out of every document, silently.
 fn warn_unmatched_fields(summary: &mut ImportSummary, connector: &Connector) {
-    if summary.mapped_records == 0 {
+    // A few records may all lack an optional field; ten are enough to suspect its path.
+    if summary.mapped_records < UNMATCHED_AFTER {
         return;
     }
     let unmatched: Vec<String> = connector
@@ -927,7 +927,7 @@ fn warn_unmatched_fields(summary: &mut ImportSummary, connector: &Connector) {
         .collect();
     if !unmatched.is_empty() {
         let warning = format!(
-            "{} found no value in any of the {} records mapped; check the path against a record (`import run {} --dry-run` shows some)",
+            "{} found no value (or only null) in any of the {} records mapped; check the path against a record (`import run {} --dry-run` shows some)",
             unmatched.join(", "),
             summary.mapped_records,
             connector.name
@@ -936,6 +936,11 @@ fn warn_unmatched_fields(summary: &mut ImportSummary, connector: &Connector) {
     }
 }
 
+/// Records mapped in a run before a field found in none of them is warned of.
+const UNMATCHED_AFTER: u64 = 10;
+
+/// Adds a warning to the run unless one with the same text after its `page N: ` prefix
+/// is there already.
 fn warn_once(summary: &mut ImportSummary, config: &str, warning: String) {
     let tail = |w: &str| w.split_once(": ").map_or(w, |(_, t)| t).to_string();
     if summary.warnings.iter().any(|w| tail(w) == tail(&warning)) {
@@ -1078,7 +1083,9 @@ async fn write_page(
     if summary.field_hits.len() != connector.fields.len() {
         summary.field_hits = vec![0; connector.fields.len()];
     }
-    if page.records().first().is_some_and(Value::is_array) {
+    if !connector.records.trim_end().ends_with("[*]")
+        && page.records().first().is_some_and(Value::is_array)
+    {
         warn_once(
             summary,
             &connector.name,
@@ -1715,11 +1722,24 @@ async fn upsert(
     connector: &Connector,
     docs: &[Document],
 ) -> Result<Sunk, ImportError> {
+    let now = store.now();
+    let statements: Vec<Document> = docs
+        .iter()
+        .map(|d| keyed_statement(connector, d, now))
+        .collect();
     let mut sunk = Sunk::default();
-    // Half the bound: a statement carries each value twice (see `keyed_update`).
-    for group in command_groups(docs, MAX_UPDATE_COMMAND_BYTES / 2) {
+    // Grouped by the statements' size (a statement is several times its record's), and
+    // at most MongoDB's `maxWriteBatchSize` statements a command.
+    let groups = command_groups(&statements, MAX_UPDATE_COMMAND_BYTES)
+        .into_iter()
+        .flat_map(|g| {
+            (g.start..g.end)
+                .step_by(MAX_WRITE_BATCH)
+                .map(move |s| s..(s + MAX_WRITE_BATCH).min(g.end))
+        });
+    for group in groups {
         let start = group.start;
-        let part = upsert_group(store, connector, &docs[group]).await?;
+        let part = upsert_group(store, connector, &statements[group]).await?;
         sunk.inserted += part.inserted;
         sunk.updated += part.updated;
         sunk.unchanged += part.unchanged;
@@ -1729,13 +1749,16 @@ async fn upsert(
     Ok(sunk)
 }
 
-/// [`upsert`] of documents that fit one command.
+/// MongoDB's `maxWriteBatchSize`: statements in one write command.
+const MAX_WRITE_BATCH: usize = 100_000;
+
+/// [`upsert`] of statements that fit one command.
 async fn upsert_group(
     store: &Store,
     connector: &Connector,
-    docs: &[Document],
+    statements: &[Document],
 ) -> Result<Sunk, ImportError> {
-    let first = upsert_once(store, connector, docs).await?;
+    let first = upsert_once(store, connector, statements).await?;
     let mut sunk = Sunk {
         inserted: first.inserted,
         updated: first.updated,
@@ -1753,7 +1776,7 @@ async fn upsert_group(
         }
     }
     if !again.is_empty() {
-        let rest: Vec<Document> = again.iter().map(|&i| docs[i].clone()).collect();
+        let rest: Vec<Document> = again.iter().map(|&i| statements[i].clone()).collect();
         let second = upsert_once(store, connector, &rest).await?;
         sunk.inserted += second.inserted;
         sunk.updated += second.updated;
@@ -1791,9 +1814,9 @@ struct Upserted {
 async fn upsert_once(
     store: &Store,
     connector: &Connector,
-    docs: &[Document],
+    statements: &[Document],
 ) -> Result<Upserted, ImportError> {
-    if docs.is_empty() {
+    if statements.is_empty() {
         return Ok(Upserted {
             inserted: 0,
             updated: 0,
@@ -1801,26 +1824,8 @@ async fn upsert_once(
             errors: Vec::new(),
         });
     }
-    let now = store.now();
-    let updates: Vec<Document> = docs
-        .iter()
-        .map(|d| {
-            // `on_missing = "unset"`: a value the record no longer has is removed.
-            let unset: Vec<&str> = connector
-                .fields
-                .iter()
-                .filter(|f| f.unset_missing && !d.contains_key(&f.target))
-                .map(|f| f.target.as_str())
-                .collect();
-            doc! {
-                "q": { &connector.key: d.get(&connector.key).cloned().unwrap_or(Bson::Null) },
-                "u": keyed_update(d, &connector.name, &unset, now),
-                "upsert": true,
-            }
-        })
-        .collect();
     let reply = store
-        .unordered_updates(&connector.collection, updates)
+        .unordered_updates(&connector.collection, statements.to_vec())
         .await
         .map_err(|e| ImportError::Sink {
             collection: connector.collection.clone(),
@@ -1835,14 +1840,14 @@ async fn upsert_once(
         });
     }
     let errors = sluice_connectors::mongo::statement_errors(&reply);
-    if let Some(e) = errors.iter().find(|e| e.index >= docs.len()) {
+    if let Some(e) = errors.iter().find(|e| e.index >= statements.len()) {
         return Err(ImportError::Sink {
             collection: connector.collection.clone(),
             message: format!(
                 "write error {} for statement {} of {}: {}",
                 e.code,
                 e.index,
-                docs.len(),
+                statements.len(),
                 e.message
             ),
         });
@@ -1867,6 +1872,22 @@ async fn upsert_once(
         unchanged: n.saturating_sub(inserted + modified),
         errors,
     })
+}
+
+/// The upsert by key of mapped record `d`: one statement of an `update` command.
+fn keyed_statement(connector: &Connector, d: &Document, now: DateTime) -> Document {
+    // `on_missing = "unset"`: a value the record no longer has is removed.
+    let unset: Vec<&str> = connector
+        .fields
+        .iter()
+        .filter(|f| f.unset_missing && !d.contains_key(&f.target))
+        .map(|f| f.target.as_str())
+        .collect();
+    doc! {
+        "q": { &connector.key: d.get(&connector.key).cloned().unwrap_or(Bson::Null) },
+        "u": keyed_update(d, &connector.name, &unset, now),
+        "upsert": true,
+    }
 }
 
 /// Above this size (as BSON) a record is written with plain update operators, which
