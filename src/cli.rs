@@ -48,17 +48,60 @@ pub fn init_tracing(log: &LogSection) {
 /// database.
 pub fn config_check(path: Option<&Path>, load_files: bool) -> anyhow::Result<()> {
     let config = load_config(path)?;
+    let mut warnings = config.warnings.clone();
     if load_files {
         crate::server::Loaded::load(&config)?;
         load_plugins(&config, &config.plugins.export_transforms)?;
+        warnings.extend(stray_plugin_configs(&config));
     }
     let origin = path.map_or("embedded defaults".to_string(), |p| p.display().to_string());
     println!("# {origin}: valid");
-    for w in &config.warnings {
+    for w in &warnings {
         println!("# warning: {w}");
     }
     print!("{}", config.redacted_toml());
     Ok(())
+}
+
+/// `[plugins.config.NAME]` sections that name no plugin: none installed under that name
+/// in `plugins.dir` and none in a chain. Most likely a typo (`contact_clean` for
+/// `contact-clean`), which would otherwise leave the plugin running with `{}`.
+pub fn stray_plugin_configs(config: &Config) -> Vec<String> {
+    let dir = Path::new(&config.plugins.dir);
+    let chained = |name: &str| {
+        config
+            .plugins
+            .tracking_transforms
+            .iter()
+            .chain(&config.plugins.export_transforms)
+            .any(|n| n == name)
+    };
+    let installed: Vec<String> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| {
+                    let path = e.ok()?.path();
+                    (path.extension()? == "toml")
+                        .then(|| path.file_stem()?.to_str().map(str::to_string))?
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    config
+        .plugin_configs
+        .0
+        .keys()
+        .filter(|name| !chained(name) && !installed.iter().any(|i| i == *name))
+        .map(|name| {
+            let mut known = installed.clone();
+            known.sort();
+            format!(
+                "[plugins.config.{name}] names no plugin: none is installed under that name in `{}` and no chain names it (a typo? installed: {})",
+                dir.display(),
+                if known.is_empty() { "none".to_string() } else { known.join(", ") }
+            )
+        })
+        .collect()
 }
 
 /// `sluice db init`: creates collections and indexes, prints what it did.

@@ -582,6 +582,44 @@ fn plugin_install_puts_a_build_in_place_once_it_loads_and_keeps_the_manifest() {
 }
 
 #[test]
+fn a_copy_of_the_sdk_folder_is_a_crate_of_its_own() {
+    // Vendored into a plugin's repository, outside this workspace, its manifest must
+    // read without it (nothing inherited with `workspace = true`).
+    let sdk = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins/sdk");
+    let copy =
+        std::env::temp_dir().join(format!("sluice-sdk-copy-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(copy.join("src")).unwrap();
+    std::fs::copy(sdk.join("Cargo.toml"), copy.join("Cargo.toml")).unwrap();
+    for entry in std::fs::read_dir(sdk.join("src")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), copy.join("src").join(entry.file_name())).unwrap();
+    }
+    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args([
+            "metadata",
+            "--no-deps",
+            "--format-version",
+            "1",
+            "--manifest-path",
+        ])
+        .arg(copy.join("Cargo.toml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        meta["packages"][0]["version"],
+        env!("CARGO_PKG_VERSION"),
+        "the SDK's version is the workspace's"
+    );
+    let _ = std::fs::remove_dir_all(copy);
+}
+
+#[test]
 fn plugin_new_scaffolds_a_crate_that_uses_the_sdk() {
     let dir = std::env::temp_dir().join(format!("sluice-new-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -1126,6 +1164,28 @@ fn config_check_and_configs_validate_load_the_plugins_they_name() {
         assert_eq!(out.status.code(), Some(2), "{section}: {err}");
         assert!(err.contains("no-such-plugin"), "{section}: {err}");
     }
+    // A plugin config no plugin has (a typo) is warned of, naming what is installed.
+    let installed = support::plugin_dir().display().to_string();
+    let config = write_temp(
+        "sluice.toml",
+        &format!("[plugins]\ndir = \"{installed}\"\n[plugins.config.redact_pii]\nsalt = \"s\"\n[plugins.config.noop]\n"),
+    );
+    let out = config_check(&config, &[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let warned: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.contains("names no plugin"))
+        .collect();
+    assert_eq!(warned.len(), 1, "{stdout}");
+    assert!(
+        warned[0].contains("[plugins.config.redact_pii]") && warned[0].contains("redact-pii"),
+        "{stdout}"
+    );
     // `configs validate` refuses a config whose plugin does not load, and says `ok` only
     // of the others.
     let config = write_temp("sluice.toml", &format!("[plugins]\ndir = \"{plugins}\"\n"));

@@ -1509,6 +1509,64 @@ async fn daily_analytics_and_user_data_match_mongodb() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// Fails every record, as a plugin under `dead-letter` written for another shape of
+/// record does.
+struct FailEvery;
+impl Transform for FailEvery {
+    fn name(&self) -> &str {
+        "fail-every"
+    }
+    fn apply(
+        &self,
+        batch: Vec<Record>,
+        call: &mut sluice_core::transform::Call,
+    ) -> Result<Vec<Record>, TransformError> {
+        call.letters.extend(
+            batch
+                .into_iter()
+                .map(|d| (d, "not an event I know".to_string())),
+        );
+        Ok(Vec::new())
+    }
+}
+
+#[tokio::test]
+async fn an_export_whose_plugin_fails_every_row_publishes_nothing() {
+    let db = TestDb::initialized().await;
+    let dir = temp_dir();
+    let d = day(-2);
+    seed(&db, d, 20).await;
+    let mut ctx = ExportContext::new(db.store.clone(), ObjectStore::Local(LocalDir::new(&dir)));
+    let first = run_export(&ctx, &request(ExportJobType::EventData, d, d))
+        .await
+        .unwrap();
+    assert_eq!(first.rows, 20);
+    ctx.transforms = vec![Arc::new(FailEvery)];
+    let err = run_export(&ctx, &request(ExportJobType::EventData, d, d))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("all 20 rows read failed and were kept in dead_letters"),
+        "{err}"
+    );
+    // The partition readers see is the first run's, whole.
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dir.join(format!("EVENT_DATA/dt={d}/_manifest.json"))).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(manifest["rows"], 20);
+    assert!(dir.join(format!("EVENT_DATA/dt={d}/_SUCCESS")).exists());
+    let letters = db
+        .store
+        .collection("dead_letters")
+        .count_documents(doc! { "pipeline": "export:EVENT_DATA" })
+        .await
+        .unwrap();
+    assert_eq!(letters, 20);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 /// Uppercases `userId`; skips bots (as a plugin under skip-batch skips the records it
 /// fails). A native stand-in for a plugin chain.
 struct Shout;

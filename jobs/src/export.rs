@@ -2382,6 +2382,18 @@ async fn stage(
     ctx.store
         .keep_dead_letters(dead_letters, &pipeline, Some(job_id))
         .await?;
+    // Rows were read and every one failed (a plugin failing them all under `dead-letter`,
+    // say one written for events in an export of users): published, the partition would
+    // be replaced by an empty one. The run fails instead; the partition stays as it was.
+    let written: u64 = parts.iter().map(|(_, info)| info.rows).sum();
+    if written == 0 && dropped.dead_lettered > 0 && dropped.skipped == 0 {
+        return Err(ExportError::Encode {
+            partition: prefix,
+            message: format!(
+                "all {rows_read} rows read failed and were kept in dead_letters (pipeline `{pipeline}`); nothing was published, the partition is left as it was"
+            ),
+        });
+    }
     Ok(Staged {
         prefix,
         table,
