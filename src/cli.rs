@@ -935,6 +935,17 @@ pub async fn import_run(config: &Config, name: &str, dry_run: bool) -> anyhow::R
     for s in summary.samples.iter().take(5) {
         println!("  rejected: {} in {}", s.reason, s.record);
     }
+    if summary.dead_letters > 0 {
+        println!(
+            "  {} failed in a plugin{}",
+            counted(summary.dead_letters, "record"),
+            if dry_run {
+                " (a real run keeps them in dead_letters)"
+            } else {
+                ", kept in dead_letters"
+            }
+        );
+    }
     if let Some(note) = &summary.stopped_early {
         println!("  note: {note}");
     }
@@ -1068,7 +1079,7 @@ impl Drop for StagedPlugin {
 fn stage_plugin(
     installed: &Path,
     name: &str,
-    bytes: &[u8],
+    (from, bytes): (&Path, &[u8]),
     version: Option<&str>,
 ) -> anyhow::Result<StagedPlugin> {
     use sha2::{Digest, Sha256};
@@ -1076,6 +1087,14 @@ fn stage_plugin(
         sluice_plugins::is_plugin_name(name),
         "`{name}` is no plugin name (lower-case letters, digits and `-`)"
     );
+    // Said of the file given, not of the staged copy the loader would name.
+    if let Some(wrong) = sluice_plugins::not_a_component(bytes) {
+        anyhow::bail!(
+            "`{}` {}",
+            from.display(),
+            wrong.replace("point the manifest at", "give --wasm")
+        );
+    }
     let sha256 = format!("{:x}", Sha256::digest(bytes));
     let manifest_path = installed.join(format!("{name}.toml"));
     let mut manifest: toml::Table = match std::fs::read_to_string(&manifest_path) {
@@ -1153,7 +1172,7 @@ pub fn plugin_install(
     let bytes = std::fs::read(file).with_context(|| format!("`{}`", file.display()))?;
     // It must load and configure as it will run, its new version too, or nothing is
     // installed.
-    let staged = stage_plugin(dir, name, &bytes, version)?;
+    let staged = stage_plugin(dir, name, (file, &bytes), version)?;
     let loaded = plugin_host(config.plugins.fuel)?.load(
         &staged.0,
         name,
@@ -1338,7 +1357,7 @@ pub fn plugin_test(
     let staged = match wasm {
         Some(file) => {
             let bytes = std::fs::read(file).with_context(|| format!("`{}`", file.display()))?;
-            Some(stage_plugin(installed, name, &bytes, None)?)
+            Some(stage_plugin(installed, name, (file, &bytes), None)?)
         }
         None => None,
     };

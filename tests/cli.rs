@@ -439,17 +439,24 @@ fn plugin_install_puts_a_build_in_place_once_it_loads_and_keeps_the_manifest() {
     let junk = write_temp("junk.wasm", "not a component");
     let module = write_temp("module.wasm", "\0asm\u{1}\0\0\0");
     for (file, version, says) in [
-        (dist.join("noop.wasm"), None, "--version"),
-        (junk, Some("1.0.0"), "is not WebAssembly"),
+        (dist.join("noop.wasm"), None, "--version".to_string()),
         (
-            module,
+            junk.clone(),
             Some("1.0.0"),
-            "a core WebAssembly module, not a component",
+            format!("`{}` is not WebAssembly", junk.display()),
+        ),
+        (
+            module.clone(),
+            Some("1.0.0"),
+            format!(
+                "`{}` is a core WebAssembly module, not a component",
+                module.display()
+            ),
         ),
     ] {
         let out = install(&file, version);
         assert!(
-            !out.status.success() && stderr(&out).contains(says),
+            !out.status.success() && stderr(&out).contains(&says),
             "{says}: {}",
             stderr(&out)
         );

@@ -82,9 +82,9 @@ pub enum PluginError {
     },
     #[error("plugin `{plugin}` refused its config: {reason}")]
     Refused { plugin: String, reason: String },
-    #[error("plugin `{plugin}` exceeded its deadline of {ms} ms for a batch")]
+    #[error("plugin `{plugin}` exceeded its deadline of {ms} ms for a batch (the manifest's `[limits] batch_deadline_ms`, at most `[plugins] max_batch_deadline_ms`; a plugin that may loop is better stopped by a `fuel` budget)")]
     Deadline { plugin: String, ms: u64 },
-    #[error("plugin `{plugin}` exceeded its memory cap of {mib} MiB")]
+    #[error("plugin `{plugin}` exceeded its memory cap of {mib} MiB (the manifest's `[limits] memory_mib`, at most `[plugins] max_memory_mib`)")]
     Memory { plugin: String, mib: u64 },
     #[error("plugin `{plugin}` ran out of fuel ({fuel} units per batch)")]
     Fuel { plugin: String, fuel: u64 },
@@ -1212,7 +1212,7 @@ fn plugin_text(reason: String) -> String {
 
 /// What is wrong with `bytes` as a component, told from its header: not WebAssembly at
 /// all, or a core module (what `wasm32-unknown-unknown` and `wasm32-wasip1` builds are).
-fn not_a_component(bytes: &[u8]) -> Option<&'static str> {
+pub fn not_a_component(bytes: &[u8]) -> Option<&'static str> {
     const MAGIC: &[u8] = b"\0asm";
     if !bytes.starts_with(MAGIC) || bytes.len() < 8 {
         return Some("is not WebAssembly (it does not begin with `\\0asm`): point the manifest at the `.wasm` a `cargo build --release --target wasm32-wasip2` writes");
