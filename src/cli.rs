@@ -1668,9 +1668,20 @@ pub async fn jobs_history(config: &Config, name: Option<&str>) -> anyhow::Result
             crate::engine::job_name(n)
         );
     }
+    let now = store.now();
     for r in runs {
+        // A RUNNING run whose lease lapsed: its process stopped renewing it (died, or was
+        // killed); a scheduler replica records it so at its next sweep, and with no
+        // `sluice serve` running nothing does.
+        let lapsed = match (r.get_str("status"), r.get_datetime("expiresAt")) {
+            (Ok("RUNNING"), Ok(until)) if *until < now => format!(
+                "lease lapsed at {}: its process stopped (a scheduler replica records it at its next sweep); ",
+                until.try_to_rfc3339_string().unwrap_or_default()
+            ),
+            _ => String::new(),
+        };
         println!(
-            "{:<50} {:<10} owner {:<24} {}",
+            "{:<50} {:<10} owner {:<24} {lapsed}{}",
             r.get_str("_id").unwrap_or("?"),
             r.get_str("status").unwrap_or("?"),
             r.get_str("owner").unwrap_or("?"),

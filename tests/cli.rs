@@ -173,6 +173,28 @@ async fn jobs_history_takes_a_bare_config_name_like_jobs_run() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // A RUNNING run whose process died (its lease lapsed) says so; a live one does not.
+    for (id, lease_ms) in [
+        ("integration:dead@manual-1", -60_000),
+        ("integration:live@manual-1", 60_000),
+    ] {
+        runs.insert_one(bson::doc! {
+            "_id": id, "job": id.split('@').next().unwrap(), "status": "RUNNING", "owner": "cli",
+            "scheduledFor": now,
+            "expiresAt": bson::DateTime::from_millis(now.timestamp_millis() + lease_ms),
+        })
+        .await
+        .unwrap();
+    }
+    for (name, lapsed) in [("dead", true), ("live", false)] {
+        let out = sluice_with(&config, &["jobs", "history", name]).await;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            stdout.contains("lease lapsed at"),
+            lapsed,
+            "{name}: {stdout}"
+        );
+    }
 }
 
 #[test]
