@@ -618,6 +618,12 @@ pub async fn export_run(
             summary.rejected
         );
     }
+    if summary.dead_lettered > 0 {
+        println!(
+            "  {} failed in a plugin and were kept in dead_letters (pipeline export:{kind})",
+            counted(summary.dead_lettered, "record")
+        );
+    }
     if kind == sluice_core::model::ExportJobType::Archive && summary.rows == 0 {
         let cutoff = chrono::Utc::now().date_naive()
             - chrono::Days::new(u64::from(config.archive_after_days));

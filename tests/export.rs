@@ -1564,6 +1564,15 @@ async fn an_export_whose_plugin_fails_every_row_publishes_nothing() {
         .await
         .unwrap();
     assert_eq!(letters, 20);
+    // The run's record counts them.
+    let failed = db
+        .store
+        .collection("export_jobs")
+        .find_one(doc! { "status": "FAILED" })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(failed.get_i64("rowsDeadLettered"), Ok(20), "{failed}");
     std::fs::remove_dir_all(dir).unwrap();
 }
 

@@ -125,6 +125,9 @@ pub struct Progress {
     pub rows_skipped: AtomicU64,
     /// Documents that could not be rows of the table (kept in `dead_letters`).
     pub rows_rejected: AtomicU64,
+    /// Records a transform plugin failed under the dead-letter policy (kept in
+    /// `dead_letters`).
+    pub rows_dead_lettered: AtomicU64,
 }
 
 /// Everything a run needs besides the request.
@@ -229,6 +232,9 @@ pub struct ExportSummary {
     pub skipped: u64,
     /// Documents that could not be rows of the table (kept in `dead_letters`).
     pub rejected: u64,
+    /// Records a transform plugin failed under the dead-letter policy (kept in
+    /// `dead_letters`).
+    pub dead_lettered: u64,
     pub destination: String,
     pub elapsed: Duration,
 }
@@ -610,11 +616,12 @@ pub async fn run_export(
     let heartbeat = history::heartbeat(&ctx.store, &job_id);
     // The counters are shared by the runs of one context (catch-up runs several windows):
     // this run's figures are what they grew by.
-    let (read_before, bytes_before, skipped_before, rejected_before) = (
+    let (read_before, bytes_before, skipped_before, rejected_before, lettered_before) = (
         ctx.progress.rows_read.load(Relaxed),
         ctx.progress.bytes_uploaded.load(Relaxed),
         ctx.progress.rows_skipped.load(Relaxed),
         ctx.progress.rows_rejected.load(Relaxed),
+        ctx.progress.rows_dead_lettered.load(Relaxed),
     );
     let bytes_now = || {
         ctx.progress
@@ -637,8 +644,17 @@ pub async fn run_export(
             .rows_rejected
             .load(Relaxed)
             .saturating_sub(rejected_before),
+        dead_lettered: ctx
+            .progress
+            .rows_dead_lettered
+            .load(Relaxed)
+            .saturating_sub(lettered_before),
     };
-    let history::SetAside { skipped, rejected } = set_aside;
+    let history::SetAside {
+        skipped,
+        rejected,
+        dead_lettered,
+    } = set_aside;
     match outcome {
         Ok((partitions, deleted)) => {
             let rows = partitions.iter().map(|p| p.rows).sum();
@@ -663,6 +679,7 @@ pub async fn run_export(
                 deleted,
                 skipped,
                 rejected,
+                dead_lettered,
                 destination,
                 elapsed: started.elapsed(),
             })
@@ -2187,6 +2204,9 @@ async fn stage(
                 let applied = apply_chain(&transforms, batch)?;
                 dropped.skipped += applied.skipped.len() as u64;
                 dropped.dead_lettered += applied.dead_letters.len() as u64;
+                progress
+                    .rows_dead_lettered
+                    .fetch_add(applied.dead_letters.len() as u64, Relaxed);
                 dead_letters.extend(applied.dead_letters);
                 if let Some(first) = applied.skipped.first() {
                     // Once per day's staging: the count is in the run's record.

@@ -135,6 +135,9 @@ pub struct SetAside {
     pub skipped: u64,
     /// Documents that could not be rows of the table, kept in `dead_letters`.
     pub rejected: u64,
+    /// Records a transform plugin failed under the dead-letter policy, kept in
+    /// `dead_letters`.
+    pub dead_lettered: u64,
 }
 
 pub async fn completed(
@@ -155,6 +158,7 @@ pub async fn completed(
             f::FILES: files as i64,
             ROWS_SKIPPED: set_aside.skipped as i64,
             ROWS_REJECTED: set_aside.rejected as i64,
+            ROWS_DEAD_LETTERED: set_aside.dead_lettered as i64,
             f::DESTINATION: destination,
         },
     )
@@ -177,6 +181,7 @@ pub async fn failed(
             ROWS_READ: rows_read as i64,
             ROWS_SKIPPED: set_aside.skipped as i64,
             ROWS_REJECTED: set_aside.rejected as i64,
+            ROWS_DEAD_LETTERED: set_aside.dead_lettered as i64,
             f::ERROR: error,
         },
     )
@@ -369,6 +374,9 @@ pub const ROWS_READ: &str = "rowsRead";
 pub const ROWS_SKIPPED: &str = "rowsSkipped";
 /// Documents that could not be rows of the table (kept in `dead_letters`).
 pub const ROWS_REJECTED: &str = "rowsRejected";
+/// Records a transform plugin failed under the dead-letter policy (kept in
+/// `dead_letters`).
+pub const ROWS_DEAD_LETTERED: &str = "rowsDeadLettered";
 
 /// Records a partition the run published (as it is published, so a run that fails later
 /// still says which partitions it replaced).
