@@ -425,14 +425,23 @@ pub fn import_outcome(s: &sluice_jobs::import::ImportSummary) -> Result<String, 
 
 /// An import's outcome in one line, as `scheduled_runs` records it.
 pub fn import_line(s: &sluice_jobs::import::ImportSummary) -> String {
-    format!(
+    let mut line = format!(
         "{}, {} inserted, {} updated, {}{} failed mapping",
         sluice_core::counted(s.fetched, "record"),
         s.inserted,
         s.updated,
         already_stored(s.unchanged),
         s.failed
-    )
+    );
+    // A run that completed with something to look at says so where its status is read
+    // (`jobs history`); the warnings themselves are in its `import_runs` record.
+    if let Some(first) = s.warnings.first() {
+        line.push_str(&format!(
+            "; {} (import_runs): {first}",
+            sluice_core::counted(s.warnings.len() as u64, "warning")
+        ));
+    }
+    line
 }
 
 /// `N already stored, ` for a run's summary line, when an import met records it had
@@ -463,5 +472,20 @@ mod tests {
         assert!(run(1, 0, 4, 0).is_ok(), "a plugin dropped some on purpose");
         assert!(run(0, 0, 0, 5).is_ok(), "all stored already");
         assert!(run(0, 0, 0, 0).is_ok(), "nothing failed");
+    }
+
+    #[test]
+    fn a_run_with_warnings_says_so_in_its_line() {
+        let mut s = ImportSummary::default();
+        (s.fetched, s.inserted) = (3, 3);
+        assert_eq!(
+            super::import_line(&s),
+            "3 records, 3 inserted, 0 updated, 0 failed mapping"
+        );
+        s.warnings = vec!["`price` found no value".into(), "another".into()];
+        assert_eq!(
+            super::import_line(&s),
+            "3 records, 3 inserted, 0 updated, 0 failed mapping; 2 warnings (import_runs): `price` found no value"
+        );
     }
 }
