@@ -76,7 +76,7 @@ pub fn stray_plugin_configs(config: &Config) -> Vec<String> {
             .chain(&config.plugins.export_transforms)
             .any(|n| n == name)
     };
-    let installed: Vec<String> = std::fs::read_dir(dir)
+    let mut installed: Vec<String> = std::fs::read_dir(dir)
         .map(|entries| {
             entries
                 .filter_map(|e| {
@@ -87,18 +87,21 @@ pub fn stray_plugin_configs(config: &Config) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default();
+    installed.sort();
+    let known = if installed.is_empty() {
+        "none".to_string()
+    } else {
+        installed.join(", ")
+    };
     config
         .plugin_configs
         .0
         .keys()
         .filter(|name| !chained(name) && !installed.iter().any(|i| i == *name))
         .map(|name| {
-            let mut known = installed.clone();
-            known.sort();
             format!(
-                "[plugins.config.{name}] names no plugin: none is installed under that name in `{}` and no chain names it (a typo? installed: {})",
+                "[plugins.config.{name}] names no plugin: none is installed under that name in `{}` and no chain names it (a typo? installed: {known})",
                 dir.display(),
-                if known.is_empty() { "none".to_string() } else { known.join(", ") }
             )
         })
         .collect()
@@ -203,7 +206,12 @@ pub async fn db_prune_ledger(
 
 /// `sluice serve`: init, then serve until SIGTERM / Ctrl-C.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
-    for w in &config.warnings {
+    for w in config
+        .warnings
+        .iter()
+        .cloned()
+        .chain(stray_plugin_configs(&config))
+    {
         tracing::warn!("{w}");
     }
     // Files first: a missing plugin or GeoIP database stops `serve` before it touches the

@@ -1354,6 +1354,7 @@ impl Provider {
         &self,
         e: &oauth2::RequestTokenError<RE, T>,
     ) -> HttpError {
+        let status = self.answered_status();
         match e {
             // Only the errors RFC 6749 defines say the credentials or the request are
             // wrong. Anything else in that shape (a 429 `too_many_requests`, a 503
@@ -1368,11 +1369,8 @@ impl Provider {
             }
             // A token URL that is not one (404, 405) or refuses the request outright
             // does not change its mind on a retry; a 408, a 429 and a 5xx may.
-            _ if self
-                .answered_status()
-                .is_some_and(|s| (400..500).contains(&s) && s != 408 && s != 429) =>
-            {
-                let status = self.answered_status().unwrap_or_default();
+            _ if status.is_some_and(|s| (400..500).contains(&s) && s != 408 && s != 429) => {
+                let status = status.unwrap_or_default();
                 let name = reqwest::StatusCode::from_u16(status)
                     .ok()
                     .and_then(|s| s.canonical_reason())

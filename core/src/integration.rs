@@ -2449,7 +2449,7 @@ type = "bool"
         );
         let spaced = seen(&ms, json!("2025-01-01 10:06:00")).unwrap_err();
         assert!(spaced.contains("%Y-%m-%d %H:%M:%S"), "{spaced}");
-        // Fractions of a millisecond, as a number or digits, to the nearest one.
+        // Fractions of a millisecond, as a number or digits, cut to the millisecond.
         assert_eq!(
             seen(&ms, json!(1_735_726_020_123.5f64)),
             Ok(1_735_726_020_123)

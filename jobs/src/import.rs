@@ -1906,11 +1906,8 @@ fn keyed_update(d: &Document, source: &str, unset: &[&str], now: DateTime) -> Bs
     let mut set = d.clone();
     set.insert("source", source);
     if encoded_len(d) > COMPARED_UPDATE_MAX_BYTES {
+        set.insert(common::UPDATED_AT, now);
         let mut update = doc! { "$set": set, "$setOnInsert": { common::CREATED_AT: now } };
-        update
-            .get_document_mut("$set")
-            .map(|s| s.insert(common::UPDATED_AT, now))
-            .ok();
         if !unset.is_empty() {
             let fields: Document = unset
                 .iter()

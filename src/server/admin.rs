@@ -390,6 +390,17 @@ fn query_params<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
 /// The request body, or the API's JSON error shape instead of the framework's plain-text
 /// rejection: `415 unsupported_media_type` without a JSON content type, `400
 /// invalid_body` (or 422 for a body of the wrong shape) otherwise.
+/// A store error of a step held as a run of a job: `409 already_running` when another
+/// run of the job holds its lease, else as [`store_error`].
+fn run_store_error(e: sluice_connectors::StoreError) -> ApiError {
+    match e {
+        sluice_connectors::StoreError::Busy(message) => {
+            ApiError::new(StatusCode::CONFLICT, "already_running", message)
+        }
+        other => store_error(other),
+    }
+}
+
 /// A role given in a request body: `400 invalid_role` naming the roles when unknown.
 fn role_param(text: &str) -> Result<Role, ApiError> {
     Role::parse(text).map_err(|e| {
@@ -812,12 +823,7 @@ async fn delete_config(
     let job = crate::engine::job_name(&name);
     let removed = sluice_jobs::configs::remove(&state.store, &name, &job)
         .await
-        .map_err(|e| match e {
-            sluice_connectors::StoreError::Busy(message) => {
-                ApiError::new(StatusCode::CONFLICT, "already_running", message)
-            }
-            other => store_error(other),
-        })?
+        .map_err(run_store_error)?
         .ok_or_else(|| {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -926,12 +932,7 @@ async fn run_job(
     // visible in `GET /v1/admin/jobs` (latestRun) and `sluice jobs history`.
     let run = sluice_jobs::schedule::start_manual_run(&state.store, &name, "admin-api")
         .await
-        .map_err(|e| match e {
-            sluice_connectors::StoreError::Busy(message) => {
-                ApiError::new(StatusCode::CONFLICT, "already_running", message)
-            }
-            other => store_error(other),
-        })?;
+        .map_err(run_store_error)?;
     let job = name.clone();
     let run_id = run.clone();
     tokio::spawn(async move {

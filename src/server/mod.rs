@@ -712,9 +712,6 @@ pub struct Loaded {
 
 impl Loaded {
     pub fn load(config: &Config) -> anyhow::Result<Self> {
-        for w in crate::cli::stray_plugin_configs(config) {
-            tracing::warn!("{w}");
-        }
         Ok(Self {
             transforms: crate::cli::load_plugins(config, &config.plugins.tracking_transforms)?,
             geoip: match &config.tracking.geoip_database {
