@@ -953,6 +953,12 @@ fn config_check_parses_schedules_with_the_scheduler_s_cron_parser() {
     );
 }
 
+/// Validates the integration config `text` and stores it.
+async fn apply_config(db: &support::TestDb, text: &str) {
+    let file = sluice_core::integration::parse_file("config.toml", text).unwrap();
+    sluice_jobs::configs::apply(&db.store, &file).await.unwrap();
+}
+
 /// Applies an IMPORT config `name` of two products (`p1` Lamp, `p2` Desk) from an API on
 /// loopback, into `products`.
 async fn apply_two_products(db: &support::TestDb, name: &str) {
@@ -978,14 +984,9 @@ async fn apply_two_slow_products(
         }),
     );
     tokio::spawn(async move { axum::serve(listener, api).await });
-    let file = sluice_core::integration::parse_file(
-        "shop.toml",
-        &format!(
+    apply_config(db, &format!(
             "name = \"{name}\"\ntype = \"IMPORT\"\nendpoint = \"http://127.0.0.1:{port}/items\"\nallow_private_network = true\n[source]\nrecords = \"$[*]\"\n[mapping.productId]\npath = \"$.id\"\n[mapping.name]\npath = \"$.name\"\n{more}"
-        ),
-    )
-    .unwrap();
-    sluice_jobs::configs::apply(&db.store, &file).await.unwrap();
+        )).await;
 }
 
 #[tokio::test]
@@ -1125,12 +1126,7 @@ async fn configs_delete_removes_a_config_with_its_checkpoint_and_saved_token() {
 #[tokio::test]
 async fn a_dry_run_of_an_export_config_says_it_has_none() {
     let db = support::TestDb::initialized().await;
-    let file = sluice_core::integration::parse_file(
-        "push.toml",
-        "name = \"push\"\ntype = \"EXPORT\"\nendpoint = \"https://crm.example/in\"\n[push]\ncollection = \"users\"\n[mapping.id]\npath = \"$.visitorId\"\n",
-    )
-    .unwrap();
-    sluice_jobs::configs::apply(&db.store, &file).await.unwrap();
+    apply_config(&db, "name = \"push\"\ntype = \"EXPORT\"\nendpoint = \"https://crm.example/in\"\n[push]\ncollection = \"users\"\n[mapping.id]\npath = \"$.visitorId\"\n").await;
     let out = sluice_with(&db_config(&db), &["import", "run", "push", "--dry-run"]).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
@@ -1289,12 +1285,7 @@ fn config_check_and_configs_validate_load_the_plugins_they_name() {
 #[tokio::test]
 async fn an_import_whose_plugin_cannot_load_leaves_no_run_behind() {
     let db = support::TestDb::initialized().await;
-    let file = sluice_core::integration::parse_file(
-        "shop.toml",
-        "name = \"shop\"\ntype = \"IMPORT\"\nendpoint = \"http://127.0.0.1:9/items\"\nallow_private_network = true\ntransforms = [\"no-such-plugin\"]\n[source]\nrecords = \"$[*]\"\n[mapping.productId]\npath = \"$.id\"\n",
-    )
-    .unwrap();
-    sluice_jobs::configs::apply(&db.store, &file).await.unwrap();
+    apply_config(&db, "name = \"shop\"\ntype = \"IMPORT\"\nendpoint = \"http://127.0.0.1:9/items\"\nallow_private_network = true\ntransforms = [\"no-such-plugin\"]\n[source]\nrecords = \"$[*]\"\n[mapping.productId]\npath = \"$.id\"\n").await;
     let config = db_config(&db);
     let out = import_run(&config, "shop").await;
     let err = String::from_utf8_lossy(&out.stderr);
@@ -1425,12 +1416,7 @@ async fn prune_ledger_deletes_only_claims_of_archived_events_before_the_day() {
 #[tokio::test]
 async fn import_reset_says_what_it_dropped() {
     let db = support::TestDb::initialized().await;
-    let file = sluice_core::integration::parse_file(
-        "shop.toml",
-        "name = \"shop\"\ntype = \"IMPORT\"\nendpoint = \"http://127.0.0.1:9/items\"\nallow_private_network = true\n[source]\nrecords = \"$[*]\"\n[mapping.productId]\npath = \"$.id\"\n[mapping.version]\npath = \"$.v\"\ntype = \"integer\"\n[incremental]\ncursor_field = \"version\"\nparam = \"after\"\n",
-    )
-    .unwrap();
-    sluice_jobs::configs::apply(&db.store, &file).await.unwrap();
+    apply_config(&db, "name = \"shop\"\ntype = \"IMPORT\"\nendpoint = \"http://127.0.0.1:9/items\"\nallow_private_network = true\n[source]\nrecords = \"$[*]\"\n[mapping.productId]\npath = \"$.id\"\n[mapping.version]\npath = \"$.v\"\ntype = \"integer\"\n[incremental]\ncursor_field = \"version\"\nparam = \"after\"\n").await;
     // As a completed run leaves it.
     db.store
         .collection("integration_configs")

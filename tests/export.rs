@@ -679,24 +679,30 @@ async fn archive_deletes_exactly_what_it_exported() {
 
     // An export of the archived day to another destination (`--dest`, or a destination
     // changed since) is refused too: it would publish the day from what is left.
+    let err = event_data_elsewhere_refused(&db, old).await;
+    assert!(err.contains("archived"), "{err}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// The error of an EVENT_DATA export of `day` to a folder of its own, which must fail.
+async fn event_data_elsewhere_refused(db: &TestDb, day: NaiveDate) -> String {
     let elsewhere = temp_dir();
     let other = ExportContext::new(
         db.store.clone(),
         ObjectStore::Local(LocalDir::new(&elsewhere)),
     );
-    let err = run_export(&other, &request(ExportJobType::EventData, old, old))
+    let err = run_export(&other, &request(ExportJobType::EventData, day, day))
         .await
         .unwrap_err()
         .to_string();
-    assert!(err.contains("archived"), "{err}");
-    std::fs::remove_dir_all(dir).unwrap();
     let _ = std::fs::remove_dir_all(elsewhere);
+    err
 }
 
 #[tokio::test]
 async fn an_archive_publishes_no_day_whose_events_have_not_settled() {
     let db = TestDb::initialized().await;
-    let (dir, elsewhere) = (temp_dir(), temp_dir());
+    let dir = temp_dir();
     let old = day(-100);
     seed(&db, old, 50).await;
     let ctx = ExportContext::new(db.store.clone(), ObjectStore::Local(LocalDir::new(&dir)));
@@ -718,21 +724,13 @@ async fn an_archive_publishes_no_day_whose_events_have_not_settled() {
         .await
         .unwrap();
     assert_eq!((archived.rows, archived.deleted), (50, 50));
-    let other = ExportContext::new(
-        db.store.clone(),
-        ObjectStore::Local(LocalDir::new(&elsewhere)),
-    );
-    let err = run_export(&other, &request(ExportJobType::EventData, old, old))
-        .await
-        .unwrap_err()
-        .to_string();
+    let err = event_data_elsewhere_refused(&db, old).await;
     let archive_dir = dir.join("ARCHIVE").display().to_string();
     assert!(
         err.contains(&format!("moved to {archive_dir} and deleted")),
         "{err}"
     );
     std::fs::remove_dir_all(dir).unwrap();
-    let _ = std::fs::remove_dir_all(elsewhere);
 }
 
 #[tokio::test]
