@@ -106,15 +106,27 @@ pub enum PluginError {
     /// hit a limit): not the batch's fault.
     #[error("plugin `{plugin}` could not start an instance: {message}")]
     Instance { plugin: String, message: String },
-    /// `index` is the record's place in the batch the plugin was given (the chain's
-    /// earlier plugins may have dropped or added records); `event_id` names it for sure.
-    #[error("plugin `{plugin}` failed record {index}{}: {reason}", event_named(.event_id))]
+    /// `index` is the record's place (0-based) among the `of` records the plugin was
+    /// given (the chain's earlier plugins may have dropped or added records), shown
+    /// 1-based as `plugin test` counts them; `event_id` names it for sure.
+    #[error("plugin `{plugin}` failed {}{}: {reason}", record_named(*.index, *.of), event_named(.event_id))]
     Record {
         plugin: String,
         index: usize,
+        of: usize,
         event_id: Option<String>,
         reason: String,
     },
+}
+
+/// "record 3 of 40"; "its record" for a batch of one (a tracking request's event, or a
+/// failure a caller narrowed down), where a place says nothing.
+fn record_named(index: usize, of: usize) -> String {
+    if of <= 1 {
+        "its record".to_string()
+    } else {
+        format!("record {} of {of}", index + 1)
+    }
 }
 
 fn event_named(id: &Option<String>) -> String {
@@ -1508,7 +1520,8 @@ impl Transform for WasmTransform {
             memory: budget(MEMORY_SPLIT_BUDGET_DEADLINES),
         };
         let skipped_before = call.skipped.len();
-        let result = self.apply_with_policy(batch, call, until, 0);
+        let given = batch.len();
+        let result = self.apply_with_policy(batch, call, until, (0, given));
         // Counted once the call succeeded: what a failed call set aside is discarded (the
         // batch is processed again, or the run fails).
         let skipped = call.skipped.len() - skipped_before;
@@ -1593,7 +1606,7 @@ impl WasmTransform {
         batch: Vec<Record>,
         call: &mut Call,
         until: Until,
-        offset: usize,
+        (offset, given): (usize, usize),
     ) -> Result<Vec<Record>, TransformError> {
         let err = |e: PluginError| TransformError {
             name: self.name.clone(),
@@ -1610,8 +1623,8 @@ impl WasmTransform {
                 let mut second = batch;
                 let first: Vec<Record> = second.drain(..second.len() / 2).collect();
                 let after = offset + first.len();
-                let mut out = self.apply_with_policy(first, call, until, offset)?;
-                out.extend(self.apply_with_policy(second, call, until, after)?);
+                let mut out = self.apply_with_policy(first, call, until, (offset, given))?;
+                out.extend(self.apply_with_policy(second, call, until, (after, given))?);
                 return Ok(out);
             }
             // A failure that says nothing about the records (a deadline, which depends on
@@ -1691,6 +1704,7 @@ impl WasmTransform {
                 Err(err(PluginError::Record {
                     plugin: self.name.clone(),
                     index: offset + index,
+                    of: given,
                     event_id: record
                         .get_str(sluice_core::model::event_fields::EVENT_ID)
                         .ok()
