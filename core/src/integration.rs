@@ -387,8 +387,8 @@ pub struct Field {
     pub default: Option<Value>,
     /// Every match, as a list (`list = true`).
     pub list: bool,
-    /// A `date` read from a number counts seconds, not milliseconds (`unit = "seconds"`).
-    pub epoch_seconds: bool,
+    /// What a `date` read from a number counts (`unit`).
+    pub epoch_unit: EpochUnit,
     /// `unit` was given: a `date` may also come as a string of digits, and a small number
     /// is not suspected of being seconds.
     pub unit_given: bool,
@@ -933,11 +933,17 @@ pub fn validate(
                 ))
             }
         };
-        let epoch_seconds = switch(
-            m.unit.as_deref(),
-            [("seconds", true), ("milliseconds", false)],
-        )
-        .map_err(|e| invalid(&format!("{field}.unit"), e))?;
+        let epoch_unit = match m.unit.as_deref() {
+            None | Some("milliseconds") => EpochUnit::Milliseconds,
+            Some("seconds") => EpochUnit::Seconds,
+            Some("auto") => EpochUnit::Auto,
+            Some(other) => {
+                return Err(invalid(
+                    &format!("{field}.unit"),
+                    format!("`milliseconds`, `seconds` or `auto`, got `{other}`"),
+                ))
+            }
+        };
         if let Some(format) = &m.format {
             if field_kind != FieldType::Date {
                 return Err(invalid(
@@ -1000,7 +1006,7 @@ pub fn validate(
             required: m.required,
             default: m.default.as_ref().map(toml_to_json),
             list: m.list,
-            epoch_seconds,
+            epoch_unit,
             unit_given: m.unit.is_some(),
             unset_missing,
             date_format: m.format.clone(),
@@ -1078,6 +1084,16 @@ pub fn validate(
             let date_cursor = fields
                 .iter()
                 .any(|f| f.target == inc.cursor_field && f.kind == FieldType::Date);
+            // The cursor goes back to the API in the unit its records use: one unit.
+            if fields
+                .iter()
+                .any(|f| f.target == inc.cursor_field && f.epoch_unit == EpochUnit::Auto)
+            {
+                return Err(invalid(
+                    &format!("mapping.{}.unit", inc.cursor_field),
+                    "`seconds` or `milliseconds` for the incremental cursor (it is sent back to the API as a number in one unit), not `auto`".into(),
+                ));
+            }
             if inc.lookback_seconds > MAX_LOOKBACK_SECONDS {
                 return Err(invalid(
                     "incremental.lookback_seconds",
@@ -1520,7 +1536,7 @@ fn coerce_one(field: &Field, v: Value) -> Result<Bson, String> {
             // With a `unit`, an epoch number may come as a string.
             Value::String(s) if field.unit_given && is_decimal(s) => {
                 let seconds = s.parse::<f64>().ok();
-                let at = if field.epoch_seconds {
+                let at = if field.epoch_unit.counts_seconds(seconds) {
                     epoch_seconds(seconds)
                 } else {
                     s.parse::<i64>()
@@ -1553,12 +1569,14 @@ fn coerce_one(field: &Field, v: Value) -> Result<Bson, String> {
                     .map_err(|_| bad(&format!("an RFC 3339 date{}", date_hint(s))))?;
                 Bson::DateTime(bson::DateTime::from_millis(t))
             }
-            Value::Number(n) if extended_date || !field.epoch_seconds => Bson::DateTime(
+            Value::Number(n) if extended_date || !field.epoch_unit.counts_seconds(n.as_f64()) => {
+                Bson::DateTime(
                 n.as_i64()
                     .map(bson::DateTime::from_millis)
                     .or_else(|| epoch_millis(n.as_f64()))
-                    .ok_or_else(|| bad("epoch milliseconds"))?,
-            ),
+                        .ok_or_else(|| bad("epoch milliseconds"))?,
+                )
+            }
             Value::Number(n) => {
                 Bson::DateTime(epoch_seconds(n.as_f64()).ok_or_else(|| bad("epoch seconds"))?)
             }
@@ -1639,6 +1657,32 @@ pub fn format_date(at: bson::DateTime, format: &str) -> String {
 /// `seconds` since the epoch (fractions kept to the millisecond), if a date holds them.
 fn epoch_seconds(seconds: Option<f64>) -> Option<bson::DateTime> {
     epoch_millis(Some(seconds? * 1000.0))
+}
+
+/// What an epoch number in a `date` field counts (`unit`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EpochUnit {
+    #[default]
+    Milliseconds,
+    Seconds,
+    /// Seconds below [`AUTO_SECONDS_BELOW`], milliseconds from it: for an API whose
+    /// records mix both. A date before March 1973 sent in milliseconds is misread.
+    Auto,
+}
+
+/// Where `unit = "auto"` passes from seconds to milliseconds: 10^11 seconds is the year
+/// 5138, 10^11 milliseconds is 3 March 1973.
+pub const AUTO_SECONDS_BELOW: f64 = 1e11;
+
+impl EpochUnit {
+    /// Whether the epoch number `n` counts seconds.
+    pub fn counts_seconds(self, n: Option<f64>) -> bool {
+        match self {
+            EpochUnit::Milliseconds => false,
+            EpochUnit::Seconds => true,
+            EpochUnit::Auto => n.is_some_and(|n| n.abs() < AUTO_SECONDS_BELOW),
+        }
+    }
 }
 
 /// Epoch milliseconds with a fraction, cut to the millisecond (as RFC 3339 times with
@@ -2474,6 +2518,36 @@ type = "bool"
             seen(&s, json!("2023-11-14T22:13:20Z")),
             Ok(1_700_000_000_000)
         );
+        // `auto`: one field taking both, as numbers or digits.
+        let auto = with("unit = \"auto\"").unwrap();
+        assert_eq!(seen(&auto, json!(1_700_000_000)), Ok(1_700_000_000_000));
+        assert_eq!(seen(&auto, json!("1700000000.5")), Ok(1_700_000_000_500));
+        assert_eq!(
+            seen(&auto, json!(1_700_000_000_123i64)),
+            Ok(1_700_000_000_123)
+        );
+        assert_eq!(seen(&auto, json!("1700000000123")), Ok(1_700_000_000_123));
+        // The boundary: 10^11 is milliseconds (March 1973), just below it seconds.
+        assert_eq!(seen(&auto, json!(100_000_000_000i64)), Ok(100_000_000_000));
+        assert_eq!(
+            seen(&auto, json!(99_999_999_999i64)),
+            Ok(99_999_999_999_000)
+        );
+        // Not on an incremental cursor, which goes back to the API in one unit.
+        let text = format!(
+            "{FILE}\n[mapping.seen]\npath = \"$.seen\"\ntype = \"date\"\nunit = \"auto\"\n"
+        )
+        .replace(
+            "[target]",
+            "[incremental]\ncursor_field = \"seen\"\nparam = \"since\"\n[target]",
+        );
+        let err = validate("f", &parse_file("f", &text).unwrap(), &env)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("mapping.seen.unit") && err.contains("not `auto`"),
+            "{err}"
+        );
         assert!(seen(&s, json!(1e300)).is_err(), "out of a date's range");
         let explicit_ms = with("unit = \"milliseconds\"").unwrap();
         assert_eq!(
@@ -2496,7 +2570,7 @@ type = "bool"
         );
 
         for (extra, expected) in [
-            ("unit = \"minutes\"", "`seconds` or `milliseconds`"),
+            ("unit = \"minutes\"", "`milliseconds`, `seconds` or `auto`"),
             ("on_missing = \"drop\"", "`keep` or `unset`"),
         ] {
             let err = with(extra).unwrap_err().to_string();
@@ -2739,7 +2813,7 @@ type = "bool"
             required: false,
             default: None,
             list,
-            epoch_seconds: false,
+            epoch_unit: EpochUnit::Milliseconds,
             unit_given: false,
             unset_missing: false,
             date_format: None,

@@ -561,7 +561,9 @@ pub async fn run_import(
                     // A date goes back in the form the API sent it in: epoch seconds or
                     // milliseconds when it came as a number.
                     let field = connector.cursor_mapping();
-                    let seconds = field.is_some_and(|f| f.epoch_seconds);
+                    let seconds = field.is_some_and(|f| {
+                        f.epoch_unit == sluice_core::integration::EpochUnit::Seconds
+                    });
                     let format = field.and_then(|f| f.date_format.as_deref());
                     let text = match (&cursor, format) {
                         (Bson::DateTime(d), _)
