@@ -1290,7 +1290,19 @@ pub fn plugin_install(
         said.push_str(&format!("; removed older {}", removed.join(", ")));
     }
     said.push_str(". Runs load it from their next start; a running `serve` keeps its tracking plugins until restarted.");
+    if sluice_plugins::has_debug_info(&bytes) {
+        said.push_str(&format!("\nnote: {}", debug_build_note(file)));
+    }
     Ok(said)
+}
+
+/// What is said of a component with debug information (see
+/// [`sluice_plugins::has_debug_info`]).
+fn debug_build_note(file: &Path) -> String {
+    format!(
+        "`{}` carries debug information: if it is a debug build, a `cargo build --release --target wasm32-wasip2` build runs much faster and is smaller",
+        file.display()
+    )
 }
 
 /// `text` (a TOML document) with its top-level `key` set to the string `value`: the line
@@ -1371,6 +1383,9 @@ pub fn plugin_test(
     let staged = match wasm {
         Some(file) => {
             let bytes = std::fs::read(file).with_context(|| format!("`{}`", file.display()))?;
+            if sluice_plugins::has_debug_info(&bytes) {
+                eprintln!("note: {}", debug_build_note(file));
+            }
             Some(stage_plugin(installed, name, (file, &bytes), None)?)
         }
         None => None,

@@ -410,6 +410,63 @@ fn plugin_test_runs_a_fresh_build_under_the_installed_manifest() {
 }
 
 #[test]
+fn a_build_with_debug_information_is_noted_at_install_and_in_plugin_test() {
+    let dist = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins/dist");
+    let release = std::fs::read(dist.join("noop.wasm")).unwrap();
+    // What a debug build carries: DWARF in a custom section (id 0: size, name, payload).
+    let name = b".debug_info";
+    let payload = [0u8; 16];
+    let mut debug = release.clone();
+    debug.extend([0, (1 + name.len() + payload.len()) as u8, name.len() as u8]);
+    debug.extend(name);
+    debug.extend(payload);
+    let debug_file = write_temp("noop-debug.wasm", "");
+    std::fs::write(&debug_file, &debug).unwrap();
+    let dir =
+        std::env::temp_dir().join(format!("sluice-install-{}", uuid::Uuid::new_v4().simple()));
+    let config = write_temp(
+        "sluice.toml",
+        &format!("[plugins]\ndir = \"{}\"\n", dir.display()),
+    );
+    let input = write_temp("one.ndjson", "{\"eventType\":\"PAGE_VIEW\"}\n");
+    let run = |args: &[&str], wasm: &std::path::Path| {
+        let out = sluice()
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .arg(wasm)
+            .env("SLUICE_LOG_LEVEL", "warn")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    };
+    let install = ["plugin", "install", "noop", "--version", "1.0.0", "--wasm"];
+    let test = [
+        "plugin",
+        "test",
+        "noop",
+        "--input",
+        input.to_str().unwrap(),
+        "--wasm",
+    ];
+    for args in [&install[..], &test[..]] {
+        let said = run(args, &debug_file);
+        assert!(
+            said.contains(&format!(
+                "note: `{}` carries debug information",
+                debug_file.display()
+            )),
+            "{said}"
+        );
+        // A release build is not noted.
+        let said = run(args, &dist.join("noop.wasm"));
+        assert!(!said.contains("debug information"), "{said}");
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
 fn plugin_install_puts_a_build_in_place_once_it_loads_and_keeps_the_manifest() {
     use sha2::{Digest, Sha256};
     let dist = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins/dist");

@@ -1237,6 +1237,16 @@ pub fn not_a_component(bytes: &[u8]) -> Option<&'static str> {
     None
 }
 
+/// Whether a component carries DWARF debug information: a `.debug_*` custom section, in
+/// itself or a module inside it. The mark of a debug build (`cargo build` without
+/// `--release`), which runs unoptimized; a release build with `debug = true` has it too,
+/// so it is a note for the operator, never a refusal.
+pub fn has_debug_info(bytes: &[u8]) -> bool {
+    wasmparser::Parser::new(0).parse_all(bytes).any(|payload| {
+        matches!(payload, Ok(wasmparser::Payload::CustomSection(c)) if c.name().starts_with(".debug_"))
+    })
+}
+
 /// `MAJOR.MINOR.PATCH`, optionally with a `-pre-release` and `+build` (Semantic
 /// Versioning 2.0.0: numbers without leading zeros; identifiers of ASCII letters, digits
 /// and `-`, numeric pre-release identifiers without leading zeros).
