@@ -4426,6 +4426,75 @@ async fn epoch_second_dates_take_a_unit_and_the_cursor_goes_back_with_a_lookback
     );
 }
 
+/// A record over 4 MiB is written with plain update operators (the comparing pipeline
+/// carries each value twice, and could pass the 16 MiB limit on a statement): stored, its
+/// `createdAt` kept, a cleared value unset, and counted updated on every run, as its
+/// `updatedAt` moves.
+#[tokio::test]
+async fn a_record_over_four_mib_is_upserted_with_plain_operators() {
+    let db = TestDb::initialized().await;
+    let blob = "x".repeat(5 << 20);
+    let body: Arc<Mutex<Value>> = Arc::new(Mutex::new(json!({ "data": [
+        { "id": 1, "title": blob, "discount": 15 },
+        { "id": 2, "title": "Desk", "discount": 5 },
+    ] })));
+    let shared = body.clone();
+    let api = move || {
+        let shared = shared.clone();
+        async move { Json(shared.lock().unwrap().clone()) }
+    };
+    let addr = serve(Router::new().route("/big", get(api))).await;
+    let text = things_config("big", &format!("http://{addr}/big"), "type = \"none\"")
+        + "[mapping.title]\npath = \"$.title\"\n\
+           [mapping.discount]\npath = \"$.discount\"\ntype = \"number\"\non_missing = \"unset\"\n";
+    let name = apply(&db, &text).await;
+    let things = db.store.collection("things");
+    let thing = |id: &'static str| {
+        let things = things.clone();
+        async move {
+            things
+                .find_one(doc! { "thingId": id })
+                .await
+                .unwrap()
+                .unwrap()
+        }
+    };
+    let s = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert_eq!((s.inserted, s.failed), (2, 0), "{s:?}");
+    let first = thing("1").await;
+    assert_eq!(first.get_str("title").unwrap().len(), 5 << 20);
+    assert_eq!(first.get_str("source").unwrap(), "big");
+    let created = *first.get_datetime("createdAt").unwrap();
+    let updated = *first.get_datetime("updatedAt").unwrap();
+
+    // Again, unchanged: the small record is counted so, the big one updated (its
+    // `updatedAt` moves), its `createdAt` kept.
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let s = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert_eq!((s.inserted, s.updated, s.unchanged), (0, 1, 1), "{s:?}");
+    let again = thing("1").await;
+    assert_eq!(*again.get_datetime("createdAt").unwrap(), created);
+    assert!(*again.get_datetime("updatedAt").unwrap() > updated);
+
+    // The source clears its discount: unset, as `on_missing` says.
+    *body.lock().unwrap() = json!({ "data": [
+        { "id": 1, "title": blob },
+        { "id": 2, "title": "Desk", "discount": 5 },
+    ] });
+    let s = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert_eq!((s.updated, s.unchanged, s.failed), (1, 1, 0), "{s:?}");
+    let cleared = thing("1").await;
+    assert!(!cleared.contains_key("discount"), "discount kept");
+    assert_eq!(cleared.get_str("title").unwrap().len(), 5 << 20);
+    assert_eq!(thing("2").await.get_f64("discount").unwrap(), 5.0);
+}
+
 #[tokio::test]
 async fn a_value_cleared_at_the_source_is_unset_only_where_the_mapping_says_so() {
     let db = TestDb::initialized().await;
