@@ -1420,11 +1420,21 @@ pub fn plugin_test(
             Ok(out) => {
                 for r in &out.records {
                     println!("{}", bson::Bson::Document(r.clone()).into_relaxed_extjson());
+                    // What every import refuses of a plugin's output, whatever its config.
+                    if let Some(k) = r
+                        .keys()
+                        .find(|k| !sluice_core::model::is_plain_field_name(k) || k.contains('\0'))
+                    {
+                        eprintln!(
+                            "output {}: the field name {k:?} cannot be written by an import (empty, `$`-prefixed, dotted or with a NUL): an import fails such a record",
+                            outputs + 1
+                        );
+                    }
+                    outputs += 1;
                 }
                 for (i, reason) in &out.failed {
                     eprintln!("record {}: failed: {reason}", n * batch_size + i + 1);
                 }
-                outputs += out.records.len();
                 failures += out.failed.len();
                 eprintln!(
                     "batch {}: {} records in, {} out, {} failed, {:.2} ms",

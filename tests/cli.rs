@@ -342,6 +342,37 @@ fn plugin_test_prints_outputs_failures_and_timing() {
 }
 
 #[test]
+fn plugin_test_names_outputs_an_import_could_not_write() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins/dist");
+    let input = write_temp(
+        "records.ndjson",
+        "{\"thingId\":\"a\",\"title\":\"t0\"}\n{\"thingId\":\"b\",\"title\":\"t2\"}\n{\"thingId\":\"c\",\"title\":\"t3\"}\n",
+    );
+    let config = write_temp(
+        "sluice.toml",
+        &format!("[plugins]\ndir = \"{}\"\n", dir.display()),
+    );
+    let out = sluice()
+        .arg("--config")
+        .arg(&config)
+        .args(["plugin", "test", "hostile", "--input"])
+        .arg(&input)
+        .args(["--plugin-config", r#"{"mode":"vandal"}"#])
+        .env("SLUICE_LOG_LEVEL", "warn")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 3);
+    assert!(
+        stderr.contains("output 2: the field name \"$where\" cannot be written by an import")
+            && stderr.contains("output 3: the field name \"a.b\" cannot be written by an import")
+            && !stderr.contains("output 1:"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn plugin_test_runs_a_fresh_build_under_the_installed_manifest() {
     let dist = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins/dist");
     // A build outside the plugins folder (no manifest, no checksum for it): the noop
