@@ -38,13 +38,24 @@ pub struct RequestContext {
     pub ignore_client_context: bool,
 }
 
-/// Parses a time given as an RFC 3339 string or epoch milliseconds.
+/// Parses a time given as an RFC 3339 string or epoch milliseconds. An ISO 8601 offset
+/// without its colon (`+0100`, as iOS's `DateFormatter` writes with `Z`) is read too.
 pub fn parse_time(field: &str, v: &Value) -> Result<i64, ValidationError> {
     match v {
         Value::String(s) => chrono::DateTime::parse_from_rfc3339(s)
+            .or_else(|e| {
+                chrono::DateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.f%z").map_err(|_| e)
+            })
             .map(|t| t.timestamp_millis())
             .map_err(|_| {
-                ValidationError::new(field, format!("expected an RFC 3339 time, got `{s}`"))
+                let zoneless =
+                    chrono::NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.f").is_ok();
+                let hint = if zoneless {
+                    " (it has no offset: end it with `Z` for UTC, or `+01:00`)"
+                } else {
+                    ""
+                };
+                ValidationError::new(field, format!("expected an RFC 3339 time, got `{s}`{hint}"))
             }),
         Value::Number(n) => n
             .as_i64()
@@ -446,6 +457,27 @@ pub fn parse_event(
         (Some(t), None) => t,
         (None, _) => ctx.received_at_ms,
     };
+    // Corrected into the future, from two times of this century: the client's clock was
+    // set back between the event and its sending (a phone whose clock was ahead, fixed
+    // while events were queued). The event happened before it was sent: it is stored at
+    // its arrival, not refused. (A `sentAt` of 1970 with a time of today is a bug of the
+    // client's, refused below.)
+    let plausible = |t: Option<i64>| t.is_some_and(|t| t >= EARLIEST_MS);
+    let timestamp_ms = if corrected
+        && plausible(client_time)
+        && plausible(sent_at)
+        && timestamp_ms > ctx.received_at_ms + ctx.max_future_ms
+    {
+        crate::metrics::count(
+            "sluice_events_timestamp_clamped_total",
+            "Events whose time, corrected by sentAt, lay in the future (the client's clock was set back between the event and its sending): stored at their arrival time.",
+            &[],
+            1,
+        );
+        ctx.received_at_ms
+    } else {
+        timestamp_ms
+    };
     if timestamp_ms > ctx.received_at_ms + ctx.max_future_ms {
         return Err(ValidationError::new(
             field,
@@ -456,7 +488,7 @@ pub fn parse_event(
                 )
             } else {
                 format!(
-                    "is {} s in the future (at most {} s allowed)",
+                    "is {} s in the future (at most {} s allowed; a client whose clock may be wrong sends `sentAt`, the time of sending by the same clock, and the time is corrected)",
                     (timestamp_ms - ctx.received_at_ms) / 1000,
                     ctx.max_future_ms / 1000,
                 )
@@ -671,6 +703,44 @@ pub(crate) mod tests {
         }))
         .unwrap();
         assert_eq!(e.timestamp.timestamp_millis(), NOW - 10_000);
+    }
+
+    #[test]
+    fn a_clock_set_back_between_the_event_and_its_sending_stores_it_on_arrival() {
+        // Recorded while the clock was 50 min ahead, sent once it was right again.
+        let e = parse(json!({
+            "userId": "v", "sessionId": "s", "eventType": "CLICK",
+            "timestamp": NOW + 3_000_000, "sentAt": NOW,
+        }))
+        .unwrap();
+        assert_eq!(e.timestamp.timestamp_millis(), NOW);
+        // Without `sentAt` such a time is refused, and the error says what corrects it.
+        let err = parse(json!({
+            "userId": "v", "sessionId": "s", "eventType": "CLICK",
+            "timestamp": NOW + 3_000_000,
+        }))
+        .unwrap_err();
+        assert!(err.to_string().contains("sends `sentAt`"), "{err}");
+    }
+
+    #[test]
+    fn iso_offsets_without_a_colon_are_read_and_a_missing_offset_is_named() {
+        let at = |t: &str| {
+            parse(json!({ "userId": "v", "sessionId": "s", "eventType": "CLICK", "timestamp": t }))
+                .map(|e| e.timestamp.timestamp_millis())
+        };
+        assert_eq!(
+            at("2025-06-15T11:00:00.250+0100").unwrap(),
+            1_749_981_600_250
+        );
+        assert_eq!(at("2025-06-15T11:00:00+01:00").unwrap(), 1_749_981_600_000);
+        let err = at("2025-06-15T11:00:00").unwrap_err().to_string();
+        assert!(err.contains("it has no offset"), "{err}");
+        let err = at("yesterday").unwrap_err().to_string();
+        assert!(
+            err.contains("expected an RFC 3339 time") && !err.contains("offset"),
+            "{err}"
+        );
     }
 
     #[test]
