@@ -355,14 +355,27 @@ const ASSIGNED_ID_NAMESPACE: uuid::Uuid =
 /// named by its content (a UUID v5 of its JSON with keys sorted, `sentAt` left out since
 /// a retry sends it anew), so a client resending after a 503 or a lost answer is
 /// deduplicated as if it had sent an id; two events equal in every field, to the
-/// millisecond, are one event. An event without a `timestamp` is timed on arrival, so
-/// equal content does not make it the same event: it gets a random UUID.
-fn assigned_event_id(obj: &serde_json::Map<String, Value>, timed_by_client: bool) -> String {
-    if !timed_by_client {
+/// millisecond, are one event. Equal however written: the `timestamp` is taken as the
+/// instant it names (`…T13:00:00Z`, `…T14:00:00+01:00` and its epoch milliseconds are one
+/// time), and a number as its value (`1`, `1.0` and `1e0` are one number). An event
+/// without a `timestamp` is timed on arrival, so equal content does not make it the same
+/// event: it gets a random UUID.
+fn assigned_event_id(obj: &serde_json::Map<String, Value>, client_time: Option<i64>) -> String {
+    let Some(at) = client_time else {
         return uuid::Uuid::new_v4().to_string();
-    }
+    };
+    let at = Value::from(at);
     let mut text = String::new();
-    canonical_object(obj.iter().filter(|(k, _)| *k != "sentAt"), &mut text);
+    canonical_object(
+        obj.iter().filter(|(k, _)| *k != "sentAt").map(|(k, v)| {
+            if k == f::TIMESTAMP {
+                (k, &at)
+            } else {
+                (k, v)
+            }
+        }),
+        &mut text,
+    );
     uuid::Uuid::new_v5(&ASSIGNED_ID_NAMESPACE, text.as_bytes()).to_string()
 }
 
@@ -396,6 +409,16 @@ fn canonical_json(v: &Value, out: &mut String) {
             }
             out.push(']');
         }
+        // A number as its value: a whole one as an integer, others as the shortest text
+        // of their double.
+        Value::Number(n) => match (n.as_i64(), n.as_u64(), n.as_f64()) {
+            (Some(i), _, _) => out.push_str(&i.to_string()),
+            (_, Some(u), _) => out.push_str(&u.to_string()),
+            (_, _, Some(f)) if f.fract() == 0.0 && f.abs() < 9.2e18 => {
+                out.push_str(&(f as i64).to_string())
+            }
+            _ => out.push_str(&n.to_string()),
+        },
         scalar => out.push_str(&scalar.to_string()),
     }
 }
@@ -437,7 +460,7 @@ pub fn parse_event(
         None | Some(Value::Null) => None,
         Some(t) => Some(parse_time(f::TIMESTAMP, t)?),
     };
-    let event_id = sent_id.unwrap_or_else(|| assigned_event_id(obj, client_time.is_some()));
+    let event_id = sent_id.unwrap_or_else(|| assigned_event_id(obj, client_time));
     let sent_at = match obj.get("sentAt") {
         None | Some(Value::Null) => ctx.batch_sent_at_ms,
         Some(t) => Some(parse_time("sentAt", t)?),
@@ -668,6 +691,26 @@ pub(crate) mod tests {
         .unwrap();
         assert_eq!(first.event_id, retry.event_id);
         assert!(uuid::Uuid::parse_str(&first.event_id).is_ok());
+        // Written otherwise, the same time and the same numbers: the same event.
+        let iso = |offset_hours: i64, suffix: &str| {
+            let at =
+                chrono::DateTime::from_timestamp_millis(NOW - 10_000 + offset_hours * 3_600_000)
+                    .unwrap()
+                    .naive_utc();
+            format!("{}{suffix}", at.format("%Y-%m-%dT%H:%M:%S%.3f"))
+        };
+        for timestamp in [
+            json!(iso(0, "Z")),
+            json!(iso(1, "+01:00")),
+            json!(iso(-8, "-0800")),
+        ] {
+            let same = parse(json!({
+                "userId": "v", "sessionId": "s", "eventType": "CLICK",
+                "timestamp": timestamp, "properties": {"a": 1.0, "b": [1e0, {"y": 2, "x": 1}]},
+            }))
+            .unwrap();
+            assert_eq!(same.event_id, first.event_id, "{timestamp}");
+        }
         // Any other field, or another millisecond, is another event.
         let other = |v: Value| parse(v).unwrap().event_id;
         for different in [
