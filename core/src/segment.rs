@@ -143,15 +143,12 @@ pub fn profile_field(name: &str) -> Option<&'static str> {
     }
 }
 
-/// A number, or a string holding one (some SDKs send revenue as text).
+/// A number, or a string holding one as people write money (`"19.90"`, `"$1,299.00"`,
+/// see [`crate::tracking::money`]): some SDKs send revenue as text.
 fn number(v: &Value) -> Option<Value> {
     match v {
         Value::Number(_) => Some(v.clone()),
-        Value::String(s) => s
-            .trim()
-            .parse::<f64>()
-            .ok()
-            .filter(|f| f.is_finite())
+        Value::String(s) => crate::tracking::money(s)
             .and_then(|f| serde_json::Number::from_f64(f).map(Value::Number)),
         _ => None,
     }

@@ -282,6 +282,58 @@ pub fn unknown_members(v: &Value) -> Vec<String> {
         .collect()
 }
 
+/// An amount written as text: a number (` 7.5 `, `1e3`), or as people write money, with
+/// a currency symbol or code before or after it (`$19.99`, `US$ 5`, `USD 19.99`,
+/// `19.99 €`, `19.99 EUR`) and thousands grouped by commas (`1,299.00`). Not a comma as
+/// the decimal mark (`19,99`, `1.299,00`): which it is cannot be told from `1,299`.
+pub fn money(text: &str) -> Option<f64> {
+    const SYMBOLS: &[char] = &[
+        '$', '€', '£', '¥', '₹', '₩', '₽', '₺', '₫', '₪', '฿', '₴', '₦', '¢', '₱', '₡', '₲', '₵',
+    ];
+    let capitals = |s: &str, from_end: bool| {
+        let bytes = s.as_bytes();
+        let run = |b: &&u8| b.is_ascii_uppercase();
+        if from_end {
+            bytes.iter().rev().take(3).take_while(run).count()
+        } else {
+            bytes.iter().take(3).take_while(run).count()
+        }
+    };
+    // Before the number: up to three capitals, then a symbol (`USD`, `US$`, `R$`, `$`).
+    let mut s = text.trim();
+    s = &s[capitals(s, false)..];
+    if let Some(c) = s.chars().next().filter(|c| SYMBOLS.contains(c)) {
+        s = &s[c.len_utf8()..];
+    }
+    // After it: a symbol, then up to three capitals (`€`, `EUR`).
+    s = s.trim();
+    s = &s[..s.len() - capitals(s, true)];
+    s = s.trim_end();
+    if let Some(c) = s.chars().next_back().filter(|c| SYMBOLS.contains(c)) {
+        s = &s[..s.len() - c.len_utf8()];
+    }
+    let s = s.trim();
+    let plain = |s: &str| s.parse::<f64>().ok().filter(|f| f.is_finite());
+    if let Some(f) = plain(s) {
+        return Some(f);
+    }
+    // Thousands grouped by commas: 1-3 digits, then groups of exactly three.
+    let (whole, fraction) = match s.split_once('.') {
+        Some((w, f)) => (w, Some(f)),
+        None => (s, None),
+    };
+    let digits = whole.strip_prefix('-').unwrap_or(whole);
+    let all_digits = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit());
+    let mut groups = digits.split(',');
+    let first = groups.next().unwrap_or_default();
+    let grouped = first.len() <= 3
+        && all_digits(first)
+        && digits.contains(',')
+        && groups.all(|g| g.len() == 3 && all_digits(g))
+        && fraction.is_none_or(all_digits);
+    grouped.then(|| plain(&s.replace(',', ""))).flatten()
+}
+
 /// A PURCHASE `amount`, when there is one, is a number from 0 to [`MAX_PURCHASE_AMOUNT`].
 fn check_amount(event_type: EventType, properties: &Document) -> Result<(), ValidationError> {
     if event_type == EventType::Purchase
@@ -529,7 +581,7 @@ pub fn parse_event(
         ));
     }
 
-    let properties = match obj.get(f::PROPERTIES) {
+    let mut properties = match obj.get(f::PROPERTIES) {
         None | Some(Value::Null) => Document::new(),
         Some(p @ Value::Object(_)) => {
             check_properties(f::PROPERTIES, p, 0)?;
@@ -542,6 +594,13 @@ pub fn parse_event(
             ))
         }
     };
+    // A purchase's amount written as text (`"19.99"`, `"$1,299.00"`) is read as the
+    // number it names.
+    if event_type == EventType::Purchase {
+        if let Some(f) = properties.get_str(f::AMOUNT).ok().and_then(money) {
+            properties.insert(f::AMOUNT, f);
+        }
+    }
     check_amount(event_type, &properties)?;
     let page_url = opt_string(obj, f::PAGE_URL, MAX_URL_LEN)?;
     let referrer = opt_string(obj, f::REFERRER, MAX_URL_LEN)?;
@@ -787,6 +846,44 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn money_is_read_as_people_write_it() {
+        for (text, value) in [
+            ("19.99", 19.99),
+            (" 7.5 ", 7.5),
+            ("1e3", 1000.0),
+            ("$19.99", 19.99),
+            ("US$ 5", 5.0),
+            ("USD 19.99", 19.99),
+            ("19.99 €", 19.99),
+            ("19.99EUR", 19.99),
+            ("R$1,299.00", 1299.0),
+            ("1,234,567", 1_234_567.0),
+            ("£0.5", 0.5),
+        ] {
+            assert_eq!(money(text), Some(value), "{text}");
+        }
+        for text in [
+            "abc", "NaN", "inf", "19,99", "1.299,00", "1,29", "12,3456", "$", "", "five USD",
+            "1,299.", "ABCD5", "1e400",
+        ] {
+            assert_eq!(money(text), None, "{text}");
+        }
+        // A native purchase's amount as text is stored as the number.
+        let e = parse(json!({
+            "userId": "v", "sessionId": "s", "eventType": "PURCHASE",
+            "properties": {"amount": "$1,299.50", "currency": "USD"},
+        }))
+        .unwrap();
+        assert_eq!(e.properties.get_f64("amount").unwrap(), 1299.5);
+        let err = parse(json!({
+            "userId": "v", "sessionId": "s", "eventType": "PURCHASE",
+            "properties": {"amount": "19,99"},
+        }))
+        .unwrap_err();
+        assert_eq!(err.field, "properties.amount");
+    }
+
+    #[test]
     fn a_clock_reset_to_1970_is_corrected_however_far_off() {
         // A phone whose clock restarted at 1970: the event 10 s before sending.
         let e = parse(json!({
@@ -836,7 +933,7 @@ pub(crate) mod tests {
                 "properties.$set",
             ),
             (
-                json!({"userId": "v", "sessionId": "s", "eventType": "PURCHASE", "properties": {"amount": "12"}}),
+                json!({"userId": "v", "sessionId": "s", "eventType": "PURCHASE", "properties": {"amount": "twelve"}}),
                 "properties.amount",
             ),
             (
