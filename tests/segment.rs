@@ -918,6 +918,41 @@ async fn a_link_counts_from_its_earliest_message_whichever_arrives_first() {
     server.shutdown().await;
 }
 
+/// Segment SDKs cut batches by bytes only: an app back online sends more than 500 small
+/// messages at once, and a 413 would make it drop them all.
+#[tokio::test]
+async fn a_segment_batch_of_many_small_messages_is_taken_whole() {
+    let db = TestDb::initialized().await;
+    let server = keyed_server(&db).await;
+    let base = format!("http://{}", server.addr);
+    let screen = |i: usize| {
+        json!({ "type": "screen", "messageId": format!("s{i}"), "anonymousId": "a1",
+                "name": "Home", "timestamp": iso(t0() + i as i64) })
+    };
+    let batch: Vec<Value> = (0..1_200).map(screen).collect();
+    let (s, body) = post(&base, "/v1/batch", &json!({ "batch": batch })).await;
+    assert_eq!((s, &body["stored"]), (200, &json!(1_200)), "{body}");
+    // Beyond a writer's share of the queue (20,000 / 4 writers), still refused whole.
+    let batch: Vec<Value> = (0..5_001)
+        .map(|i| json!({ "type": "screen", "messageId": format!("t{i}"), "anonymousId": "a1" }))
+        .collect();
+    let (s, body) = post(&base, "/v1/batch", &json!({ "batch": batch })).await;
+    assert_eq!(
+        (s, body["error"].as_str()),
+        (413, Some("too_many_events")),
+        "{body}"
+    );
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("at most 5000 messages"),
+        "{body}"
+    );
+    assert_eq!(find(&db, "events", doc! {}).await.len(), 1_200);
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_batch_context_counts_toward_each_message_s_size_limit() {
     let db = TestDb::initialized().await;

@@ -29,8 +29,8 @@ use sluice_core::ValidationError;
 use tracing::Instrument;
 
 use super::tracking::{
-    admit, admit_by_header, batch_item, batch_sent_at, check_batch_len, malformed, parse_batch,
-    prepare, read_body, request_context, write,
+    admit, admit_by_header, batch_item, batch_sent_at, check_batch_len_at, malformed, parse_batch,
+    prepare, read_body, request_context, segment_batch_messages, write,
 };
 use super::{ApiError, AppState, InFlight};
 
@@ -114,7 +114,7 @@ pub async fn batch(
     let Some(items) = parsed.batch else {
         return Err(invalid("expected {\"batch\": [messages...]}"));
     };
-    check_batch_len(&state, items.len(), "messages")?;
+    check_batch_len_at(segment_batch_messages(&state), items.len(), "messages")?;
     let sent_at = batch_sent_at(parsed.sent_at.as_ref())?;
     // A batch-level `context` applies to every message (the message's own keys win).
     let shared_context = match parsed.context.as_ref() {

@@ -142,7 +142,19 @@ pub(super) fn parse_batch<'a, T: Deserialize<'a>>(
 
 /// `tracking.max_batch_events`; `what` names the items in the error.
 pub(super) fn check_batch_len(state: &AppState, n: usize, what: &str) -> Result<(), ApiError> {
-    let max = state.config.tracking.max_batch_events;
+    check_batch_len_at(state.config.tracking.max_batch_events, n, what)
+}
+
+/// The messages a Segment batch may hold: SDKs cut their batches by bytes only (about
+/// 500 KB), so an app back online sends thousands of small messages at once, and a 413
+/// would make it drop them. As many as a writer's share of the queue takes (5,000 by
+/// default), never fewer than `max_batch_events`; the byte limits still apply.
+pub(super) fn segment_batch_messages(state: &AppState) -> usize {
+    let t = &state.config.tracking;
+    (t.queue_capacity / t.writers.max(1)).max(t.max_batch_events)
+}
+
+pub(super) fn check_batch_len_at(max: usize, n: usize, what: &str) -> Result<(), ApiError> {
     if n > max {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
