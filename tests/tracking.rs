@@ -986,7 +986,10 @@ async fn enrichment_fills_metadata_and_bots_can_be_dropped() {
 async fn health_readiness_metrics_and_cors() {
     let db = TestDb::initialized().await;
     let server = start_server(&db, |raw| {
-        raw.server.cors_origins = vec!["https://shop.example".into()]
+        raw.server.cors_origins = vec![
+            "https://shop.example:443".into(),
+            "https://*.shop.example".into(),
+        ]
     })
     .await;
     let base = format!("http://{}", server.addr);
@@ -1059,6 +1062,10 @@ async fn health_readiness_metrics_and_cors() {
             .request(reqwest::Method::OPTIONS, format!("{base}/v1/events"))
             .header("origin", origin)
             .header("access-control-request-method", "POST")
+            .header(
+                "access-control-request-headers",
+                "content-type,x-write-key,content-encoding,sentry-trace,baggage,traceparent",
+            )
             .send()
     };
     let ok = preflight("https://shop.example").await.unwrap();
@@ -1074,8 +1081,30 @@ async fn health_readiness_metrics_and_cors() {
         allowed.contains("content-encoding") && allowed.contains("x-write-key"),
         "browsers may send gzipped bodies with a write key: {allowed}"
     );
-    let other = preflight("https://evil.example").await.unwrap();
-    assert!(other.headers().get("access-control-allow-origin").is_none());
+    // And the headers tracing tools add to every fetch of the page.
+    assert!(
+        ["sentry-trace", "baggage", "traceparent"]
+            .iter()
+            .all(|h| allowed.contains(h)),
+        "{allowed}"
+    );
+    // A subdomain under `https://*.shop.example`.
+    let sub = preflight("https://www.shop.example").await.unwrap();
+    assert_eq!(
+        sub.headers()["access-control-allow-origin"],
+        "https://www.shop.example"
+    );
+    for origin in [
+        "https://evil.example",
+        "https://evilshop.example",
+        "http://www.shop.example",
+    ] {
+        let other = preflight(origin).await.unwrap();
+        assert!(
+            other.headers().get("access-control-allow-origin").is_none(),
+            "{origin}"
+        );
+    }
     // A browser SDK may read when to come back from a cross-origin answer.
     let answer = client
         .post(format!("{base}/v1/events"))

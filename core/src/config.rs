@@ -809,18 +809,23 @@ pub fn validate(
     }
     for (i, origin) in raw.server.cors_origins.iter().enumerate() {
         // A browser's `Origin` is scheme, host and port, nothing after: an entry with a
-        // path or a trailing slash would never match one.
+        // path or a trailing slash would never match one. A `*` stands only for the
+        // leading labels of a host (`https://*.shop.example`).
         let rest = origin
             .strip_prefix("https://")
             .or_else(|| origin.strip_prefix("http://"));
         let is_origin = rest.is_some_and(|host| {
-            !host.is_empty() && !host.contains(['/', '?', '#', ' ']) && origin.is_ascii()
+            let host = host.strip_prefix("*.").unwrap_or(host);
+            !host.is_empty()
+                && !host.starts_with(['.', ':'])
+                && !host.contains(['/', '?', '#', ' ', '*'])
+                && origin.is_ascii()
         });
         if origin != "*" && !is_origin {
             return Err(invalid(
                 &format!("server.cors_origins[{i}]"),
                 format!(
-                    "`*` or an origin like `https://shop.example` (scheme, host and port; no path or trailing `/`), got `{origin}`"
+                    "`*`, an origin like `https://shop.example` (scheme, host and port; no path or trailing `/`), or `https://*.shop.example` for its subdomains, got `{origin}`"
                 ),
             ));
         }
@@ -1215,7 +1220,12 @@ pub fn validate(
         listen,
         write_keys,
         server_write_keys,
-        cors_origins: raw.server.cors_origins.clone(),
+        cors_origins: raw
+            .server
+            .cors_origins
+            .iter()
+            .map(|o| normalized_origin(o))
+            .collect(),
         trusted_proxies: raw.server.trusted_proxies.clone(),
         rate_limit_per_key: raw.server.rate_limit_per_key,
         rate_limit_per_client: raw.server.rate_limit_per_client,
@@ -1470,6 +1480,45 @@ fn bad_log_directive(filter: &str) -> Option<&str> {
     })
 }
 
+/// An origin as a browser sends it in `Origin`: its scheme and host in lower case, and
+/// without the scheme's default port (`https://Shop.example:443` is sent as
+/// `https://shop.example`).
+pub fn normalized_origin(origin: &str) -> String {
+    let o = origin.to_ascii_lowercase();
+    if o.starts_with("https://") {
+        o.strip_suffix(":443").map(str::to_string).unwrap_or(o)
+    } else if o.starts_with("http://") {
+        o.strip_suffix(":80").map(str::to_string).unwrap_or(o)
+    } else {
+        o
+    }
+}
+
+/// Whether a browser's `Origin` is among `allowed` (normalized `server.cors_origins`):
+/// `*`, the same origin, or one under a `*.` entry (`https://*.shop.example` takes
+/// `https://www.shop.example` and `https://a.b.shop.example`, not `https://shop.example`
+/// nor `http://www.shop.example`).
+pub fn origin_allowed(allowed: &[String], origin: &str) -> bool {
+    allowed.iter().any(|a| {
+        a == "*"
+            || a == origin
+            || a.split_once("://*.").is_some_and(|(scheme, parent)| {
+                origin
+                    .strip_prefix(scheme)
+                    .and_then(|o| o.strip_prefix("://"))
+                    .and_then(|host| host.strip_suffix(parent))
+                    .and_then(|sub| sub.strip_suffix('.'))
+                    .is_some_and(|sub| {
+                        !sub.is_empty()
+                            && !sub.starts_with('.')
+                            && sub
+                                .bytes()
+                                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+                    })
+            })
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1684,6 +1733,45 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("export.keep_replaced_parts_minutes"), "{err}");
+    }
+
+    #[test]
+    fn origins_are_matched_as_browsers_send_them() {
+        let c = check("[server]\ncors_origins = [\"https://Shop.example:443\", \"http://localhost:80\", \"https://*.shop.example\", \"http://dev.example:8080\"]\n").unwrap();
+        assert_eq!(
+            c.cors_origins,
+            [
+                "https://shop.example",
+                "http://localhost",
+                "https://*.shop.example",
+                "http://dev.example:8080"
+            ]
+        );
+        for (origin, allowed) in [
+            ("https://shop.example", true),
+            ("http://localhost", true),
+            ("https://www.shop.example", true),
+            ("https://a.b.shop.example", true),
+            ("http://dev.example:8080", true),
+            ("http://www.shop.example", false),
+            ("https://evilshop.example", false),
+            ("https://www.shop.example.evil", false),
+            ("https://shop.example:8443", false),
+            ("http://dev.example", false),
+        ] {
+            assert_eq!(origin_allowed(&c.cors_origins, origin), allowed, "{origin}");
+        }
+        for bad in [
+            "https://*shop.example",
+            "https://www.*.example",
+            "*.shop.example",
+            "https://*.",
+        ] {
+            let err = check(&format!("[server]\ncors_origins = [\"{bad}\"]\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("server.cors_origins[0]"), "{bad}: {err}");
+        }
     }
 
     #[test]

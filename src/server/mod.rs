@@ -213,22 +213,21 @@ fn cors(config: &Config) -> CorsLayer {
     let origins = if config.cors_origins.iter().any(|o| o == "*") {
         AllowOrigin::any()
     } else {
-        AllowOrigin::list(
-            config
-                .cors_origins
-                .iter()
-                .filter_map(|o| HeaderValue::from_str(o).ok()),
-        )
+        let allowed = config.cors_origins.clone();
+        AllowOrigin::predicate(move |origin: &HeaderValue, _| {
+            origin
+                .to_str()
+                .is_ok_and(|o| sluice_core::config::origin_allowed(&allowed, o))
+        })
     };
     CorsLayer::new()
         .allow_origin(origins)
         .allow_methods([Method::POST, Method::GET, Method::PATCH, Method::OPTIONS])
-        .allow_headers([
-            axum::http::header::CONTENT_TYPE,
-            axum::http::header::AUTHORIZATION,
-            axum::http::header::CONTENT_ENCODING,
-            axum::http::HeaderName::from_static("x-write-key"),
-        ])
+        // Whatever headers the page sends: tracing tools (Sentry, Datadog RUM,
+        // OpenTelemetry) add `sentry-trace`, `baggage`, `traceparent` to every `fetch`, and
+        // a preflight refusing them blocks the events. No credentials are allowed (keys
+        // go in headers a page sets itself), so mirroring opens nothing.
+        .allow_headers(tower_http::cors::AllowHeaders::mirror_request())
         // A cross-origin SDK can read when to come back only if these are exposed.
         .expose_headers([
             axum::http::header::RETRY_AFTER,
