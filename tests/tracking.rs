@@ -982,6 +982,68 @@ async fn enrichment_fills_metadata_and_bots_can_be_dropped() {
     server.shutdown().await;
 }
 
+/// `navigator.sendBeacon` sets no headers (and sends `text/plain`): the write key comes
+/// in the body.
+#[tokio::test]
+async fn a_beacon_sends_its_write_key_in_the_body() {
+    let db = TestDb::initialized().await;
+    let server = start_server(&db, |raw| {
+        raw.server.write_keys = vec![sluice_core::config::Secret::new("wk_test_12345")];
+    })
+    .await;
+    let base = format!("http://{}", server.addr);
+    let client = reqwest::Client::new();
+    let beacon = |path: &str, body: Value| {
+        client
+            .post(format!("{base}{path}"))
+            .header("content-type", "text/plain;charset=UTF-8")
+            .body(body.to_string())
+            .send()
+    };
+    let ev =
+        |id: &str| json!({ "eventId": id, "userId": "v", "sessionId": "s", "eventType": "CLICK" });
+    let mut one = ev("b1");
+    one["writeKey"] = json!("wk_test_12345");
+    let r = beacon("/v1/events", one).await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let answer: Value = r.json().await.unwrap();
+    assert_eq!(answer["results"][0]["status"], "stored", "{answer}");
+    assert!(
+        answer["results"][0].get("ignored").is_none(),
+        "the key is no unknown field: {answer}"
+    );
+    let r = beacon(
+        "/v1/events/batch",
+        json!({ "writeKey": "wk_test_12345", "batch": [ev("b2"), ev("b3")] }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    // A wrong key in the body, or none, is refused as in a header.
+    let mut wrong = ev("b4");
+    wrong["writeKey"] = json!("wk_wrong_0000");
+    assert_eq!(
+        beacon("/v1/events", wrong).await.unwrap().status().as_u16(),
+        401
+    );
+    assert_eq!(
+        beacon("/v1/events/batch", json!({ "batch": [ev("b5")] }))
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        401
+    );
+    let stored = db
+        .store
+        .collection("events")
+        .count_documents(doc! {})
+        .await
+        .unwrap();
+    assert_eq!(stored, 3);
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn health_readiness_metrics_and_cors() {
     let db = TestDb::initialized().await;

@@ -53,9 +53,19 @@ pub async fn track(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let admitted = admit(&state, &headers, None)?;
+    // The key in a header, else `writeKey` in the body: `navigator.sendBeacon` cannot set
+    // headers.
+    let by_header = admit_by_header(&state, &headers)?;
     let body = read_body(&headers, body, state.config.tracking.max_event_bytes)?;
-    let value: Value = serde_json::from_slice(&body).map_err(malformed)?;
+    let mut value: Value = serde_json::from_slice(&body).map_err(malformed)?;
+    let body_key = match value.as_object_mut() {
+        Some(obj) => obj.remove(BODY_KEY),
+        None => None,
+    };
+    let admitted = match by_header {
+        Some(a) => a,
+        None => admit(&state, &headers, body_key.as_ref().and_then(Value::as_str))?,
+    };
     let ctx = request_context(&state, peer, &headers, None, &admitted);
     let event = parse_event(&value, &ctx, EventMetadata::default());
     // Held until the answer is built, beyond the write.
@@ -67,12 +77,17 @@ pub async fn track(
     answer.into_single_response("invalid_event")
 }
 
+/// A write key sent in a body, by a client that cannot set headers (`sendBeacon`).
+const BODY_KEY: &str = "writeKey";
+
 #[derive(Deserialize)]
 struct BatchBody<'a> {
     #[serde(borrow)]
     batch: Vec<&'a RawValue>,
     #[serde(default, rename = "sentAt")]
     sent_at: Option<Value>,
+    #[serde(default, rename = "writeKey")]
+    write_key: Option<Value>,
 }
 
 pub async fn batch(
@@ -82,10 +97,18 @@ pub async fn batch(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let admitted = admit(&state, &headers, None)?;
+    let by_header = admit_by_header(&state, &headers)?;
     let limits = &state.config.tracking;
     let body = read_body(&headers, body, limits.max_batch_bytes)?;
     let parsed: BatchBody = parse_batch(&body, "events")?;
+    let admitted = match by_header {
+        Some(a) => a,
+        None => admit(
+            &state,
+            &headers,
+            parsed.write_key.as_ref().and_then(Value::as_str),
+        )?,
+    };
     check_batch_len(&state, parsed.batch.len(), "events")?;
     let sent_at = batch_sent_at(parsed.sent_at.as_ref())?;
     let ctx = request_context(&state, peer, &headers, sent_at, &admitted);
@@ -278,7 +301,7 @@ pub(super) fn admit(
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
-            "a valid write key is required (HTTP basic user, `X-Write-Key`, or `writeKey` in a Segment body)",
+            "a valid write key is required (HTTP basic user, `X-Write-Key`, or `writeKey` in the body)",
         ));
     };
     rate_limit(state, admitted)
