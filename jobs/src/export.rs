@@ -276,6 +276,16 @@ struct LocalPartInfo {
     sha256: String,
 }
 
+/// The events the daily analytics count: those of the window (`timestamp` within it) not
+/// flagged as bot traffic (kept flagged under `tracking.bots = "keep"`: EVENT_DATA has
+/// them, with `bot`, for whoever wants them).
+pub fn counted_events(window: Document) -> Document {
+    doc! {
+        "timestamp": window,
+        format!("metadata.{}", sluice_core::model::metadata_fields::BOT): { "$ne": true },
+    }
+}
+
 /// An event's day (UTC, `YYYY-MM-DD`), as an aggregation expression.
 pub fn event_day() -> Document {
     doc! { "$dateToString": { "format": "%Y-%m-%d", "date": "$timestamp" } }
@@ -2054,7 +2064,7 @@ async fn daily_rows(
                 .map_err(read_err)
         }
     };
-    let in_window = doc! { "$match": { e::TIMESTAMP: window.clone() } };
+    let in_window = doc! { "$match": counted_events(window.clone()) };
     let totals = run(vec![
         in_window.clone(),
         doc! { "$group": {
@@ -2069,7 +2079,11 @@ async fn daily_rows(
     let sessions = run(distinct_per_day(&in_window, e::SESSION_ID)).await?;
     let pages = run(vec![
         // A page view without a page counts in `pageViews`, but is no top page.
-        doc! { "$match": { e::EVENT_TYPE: EventType::PageView.as_str(), e::TIMESTAMP: window, e::PAGE_URL: { "$type": "string" } } },
+        doc! { "$match": {
+            e::EVENT_TYPE: EventType::PageView.as_str(),
+            e::PAGE_URL: { "$type": "string" },
+            "$and": [counted_events(window)],
+        } },
         doc! { "$group": {
             "_id": { "day": day, "pageUrl": "$pageUrl", "userId": "$userId" },
             "views": { "$sum": 1 },

@@ -1085,7 +1085,7 @@ async fn daily(
         ));
     }
     refuse_archived_days(&state, from, to).await?;
-    let in_window = doc! { "$match": { "timestamp": { "$gte": sluice_jobs::export::day_start(from), "$lt": sluice_jobs::export::day_start(to + chrono::Days::new(1)) } } };
+    let in_window = doc! { "$match": sluice_jobs::export::counted_events(doc! { "$gte": sluice_jobs::export::day_start(from), "$lt": sluice_jobs::export::day_start(to + chrono::Days::new(1)) }) };
     let totals = aggregate_docs(
         &state,
         vec![
