@@ -632,7 +632,13 @@ pub async fn export_run(
             counted(summary.dead_lettered, "record")
         );
     }
-    if kind == sluice_core::model::ExportJobType::Archive && summary.rows == 0 {
+    for d in &summary.deferred {
+        println!("  not archived yet: {d}");
+    }
+    if kind == sluice_core::model::ExportJobType::Archive
+        && summary.rows == 0
+        && summary.deferred.is_empty()
+    {
         let cutoff = chrono::Utc::now().date_naive()
             - chrono::Days::new(u64::from(config.archive_after_days));
         println!(

@@ -711,6 +711,12 @@ async fn an_archive_publishes_no_day_whose_events_have_not_settled() {
     settling.archive_settle = Duration::from_secs(3600);
     let first = run_export(&ctx, &settling).await.unwrap();
     assert_eq!((first.rows, first.deleted), (0, 0));
+    assert_eq!(
+        first.deferred,
+        [format!(
+            "{old}: every event of it arrived in the last 3600 s (archive_settle)"
+        )]
+    );
     assert!(first.partitions.is_empty(), "{:?}", first.partitions);
     assert!(!dir.join(format!("ARCHIVE/dt={old}")).exists());
     // So the day is not archived: its export runs.
@@ -3168,6 +3174,19 @@ async fn an_archive_waits_for_late_events_to_be_published_again() {
     let waited = run_export(&ctx, &archive).await.unwrap();
     assert_eq!(waited.deleted, 0);
     assert_eq!(events.count_documents(doc! {}).await.unwrap(), 20);
+    // The run says which day waits and for what, and so does its record.
+    assert_eq!(waited.deferred.len(), 1, "{:?}", waited.deferred);
+    assert!(
+        waited.deferred[0].starts_with(&format!("{old}: its late events"))
+            && waited.deferred[0].contains("EVENT_DATA"),
+        "{:?}",
+        waited.deferred
+    );
+    let job = job_doc(&db, &waited.job_id).await;
+    assert_eq!(
+        job.get_array("deferred").unwrap(),
+        &vec![bson::Bson::String(waited.deferred[0].clone())]
+    );
     // EVENT_DATA has published the day again since the mark: the archive takes it.
     late.update_one(
         doc! { "_id": old.to_string() },

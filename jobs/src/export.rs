@@ -235,9 +235,15 @@ pub struct ExportSummary {
     /// Records a transform plugin failed under the dead-letter policy (kept in
     /// `dead_letters`).
     pub dead_lettered: u64,
+    /// ARCHIVE: the days it left for a later run, each with why (`2026-08-20: ...`).
+    pub deferred: Vec<String>,
     pub destination: String,
     pub elapsed: Duration,
 }
+
+/// What a run published, the events it deleted (ARCHIVE), and the days it left for a
+/// later run (ARCHIVE), each with why.
+type Executed = (Vec<PartitionSummary>, u64, Vec<String>);
 
 /// A partition read and staged, not yet published.
 struct Staged {
@@ -666,10 +672,19 @@ pub async fn run_export(
         dead_lettered,
     } = set_aside;
     match outcome {
-        Ok((partitions, deleted)) => {
+        Ok((partitions, deleted, deferred)) => {
             let rows = partitions.iter().map(|p| p.rows).sum();
             let files: u64 = partitions.iter().map(|p| p.files.len() as u64).sum();
-            history::completed(&ctx.store, &job_id, rows, files, set_aside, &destination).await?;
+            history::completed(
+                &ctx.store,
+                &job_id,
+                rows,
+                files,
+                set_aside,
+                &destination,
+                &deferred,
+            )
+            .await?;
             tracing::info!(job_id, rows, files, skipped, rejected, "export completed");
             let bytes = bytes_now();
             export_metrics(
@@ -690,6 +705,7 @@ pub async fn run_export(
                 skipped,
                 rejected,
                 dead_lettered,
+                deferred,
                 destination,
                 elapsed: started.elapsed(),
             })
@@ -995,7 +1011,7 @@ async fn execute(
     ctx: &ExportContext,
     request: &ExportRequest,
     job_id: &str,
-) -> Result<(Vec<PartitionSummary>, u64), ExportError> {
+) -> Result<Executed, ExportError> {
     let kind = request.kind;
     if matches!(
         kind,
@@ -1072,7 +1088,11 @@ async fn execute(
     for s in &mut staged {
         s.read_at = Some(read_at);
     }
-    Ok((publish_all(ctx, job_id, kind, &staged).await?, 0))
+    Ok((
+        publish_all(ctx, job_id, kind, &staged).await?,
+        0,
+        Vec::new(),
+    ))
 }
 
 /// EVENT_DATA and DAILY_ANALYTICS of a day that was archived would be computed from the
@@ -1166,7 +1186,7 @@ async fn archive(
     ctx: &ExportContext,
     request: &ExportRequest,
     job_id: &str,
-) -> Result<(Vec<PartitionSummary>, u64), ExportError> {
+) -> Result<Executed, ExportError> {
     let kind = ExportJobType::Archive;
     let (mut deleted, stuck) = recover_archives(ctx, job_id).await?;
     let now = ctx.store.now().to_chrono();
@@ -1177,6 +1197,7 @@ async fn archive(
     let created_before =
         DateTime::from_millis(now.timestamp_millis() - request.archive_settle.as_millis() as i64);
     let mut published = Vec::new();
+    let mut deferred = Vec::new();
     for d in archive_days(ctx, cutoff).await? {
         if stuck.iter().any(|(day, _)| *day == d) {
             // Archived again, its events would sit in the partition twice (the old files
@@ -1185,6 +1206,10 @@ async fn archive(
         }
         if let Some(waiting) = late_unread(ctx, &request.late_readers, d).await? {
             tracing::warn!(day = %d, exports = ?waiting, "not archived yet: late events of the day are still to be published by these exports; the next archive run takes it");
+            deferred.push(format!(
+                "{d}: its late events are still to be published by the scheduled {} export(s) (`jobs run` them, or wait for their next run; a manual `export run` does not count)",
+                waiting.join(", ")
+            ));
             continue;
         }
         refuse_undated_events(ctx, d).await?;
@@ -1199,6 +1224,10 @@ async fn archive(
                 .delete(&s.parts.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>())
                 .await?;
             tracing::info!(day = %d, "not archived yet: every event of the day arrived in the last minutes (archive_settle); the next archive run takes it");
+            deferred.push(format!(
+                "{d}: every event of it arrived in the last {} s (archive_settle)",
+                request.archive_settle.as_secs()
+            ));
             continue;
         }
         // Before publishing: what a crash from here on leaves for the next archive to
@@ -1259,7 +1288,7 @@ async fn archive(
             days.join("; ")
         )));
     }
-    Ok((published, deleted))
+    Ok((published, deleted, deferred))
 }
 
 /// The name of part `index` of run `job_id` in a partition: every run writes its own

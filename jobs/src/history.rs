@@ -147,22 +147,22 @@ pub async fn completed(
     files: u64,
     set_aside: SetAside,
     destination: &str,
+    deferred: &[String],
 ) -> Result<(), StoreError> {
-    set_outcome(
-        store,
-        job_id,
-        doc! {
-            f::STATUS: ExportJobStatus::Completed.as_str(),
-            f::END_TIME: store.now(),
-            f::RECORDS_PROCESSED: records as i64,
-            f::FILES: files as i64,
-            ROWS_SKIPPED: set_aside.skipped as i64,
-            ROWS_REJECTED: set_aside.rejected as i64,
-            ROWS_DEAD_LETTERED: set_aside.dead_lettered as i64,
-            f::DESTINATION: destination,
-        },
-    )
-    .await
+    let mut outcome = doc! {
+        f::STATUS: ExportJobStatus::Completed.as_str(),
+        f::END_TIME: store.now(),
+        f::RECORDS_PROCESSED: records as i64,
+        f::FILES: files as i64,
+        ROWS_SKIPPED: set_aside.skipped as i64,
+        ROWS_REJECTED: set_aside.rejected as i64,
+        ROWS_DEAD_LETTERED: set_aside.dead_lettered as i64,
+        f::DESTINATION: destination,
+    };
+    if !deferred.is_empty() {
+        outcome.insert(DEFERRED, deferred.to_vec());
+    }
+    set_outcome(store, job_id, outcome).await
 }
 
 pub async fn failed(
@@ -377,6 +377,8 @@ pub const ROWS_REJECTED: &str = "rowsRejected";
 /// Records a transform plugin failed under the dead-letter policy (kept in
 /// `dead_letters`).
 pub const ROWS_DEAD_LETTERED: &str = "rowsDeadLettered";
+/// ARCHIVE: the days a run left for a later one, with why.
+pub const DEFERRED: &str = "deferred";
 
 /// Records a partition the run published (as it is published, so a run that fails later
 /// still says which partitions it replaced).
