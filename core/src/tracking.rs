@@ -602,8 +602,11 @@ pub fn parse_event(
         }
     }
     check_amount(event_type, &properties)?;
-    let page_url = opt_string(obj, f::PAGE_URL, MAX_URL_LEN)?;
-    let referrer = opt_string(obj, f::REFERRER, MAX_URL_LEN)?;
+    // A URL of nothing but spaces says no more than none (and `"   "` is no top page).
+    let url =
+        |field| opt_string(obj, field, MAX_URL_LEN).map(|u| u.filter(|u| !u.trim().is_empty()));
+    let page_url = url(f::PAGE_URL)?;
+    let referrer = url(f::REFERRER)?;
     let duration = match obj.get(f::DURATION) {
         None | Some(Value::Null) => None,
         Some(Value::Number(n)) => match n.as_f64() {
@@ -843,6 +846,21 @@ pub(crate) mod tests {
             err.contains("expected an RFC 3339 time") && !err.contains("offset"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_url_of_nothing_but_spaces_is_none() {
+        let e = parse(json!({
+            "userId": "v", "sessionId": "s", "eventType": "PAGE_VIEW",
+            "pageUrl": "   ", "referrer": "",
+        }))
+        .unwrap();
+        assert_eq!((e.page_url, e.referrer), (None, None));
+        let e = parse(json!({
+            "userId": "v", "sessionId": "s", "eventType": "PAGE_VIEW", "pageUrl": " /a ",
+        }))
+        .unwrap();
+        assert_eq!(e.page_url.as_deref(), Some(" /a "), "kept as sent");
     }
 
     #[test]
