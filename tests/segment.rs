@@ -634,6 +634,12 @@ async fn gzip_bodies_write_key_in_the_body_and_invalid_messages_reported() {
     assert_eq!(results[1]["status"], "rejected");
     assert_eq!(results[1]["field"], "event");
     assert_eq!(results[2]["field"], "type");
+    // Each named by the messageId it was sent with.
+    assert_eq!(
+        (&results[1]["messageId"], &results[2]["messageId"]),
+        (&json!("g2"), &json!("g3")),
+        "{answer}"
+    );
     // A body of two concatenated gzip members (RFC 1952) is read whole.
     let text = json!({ "writeKey": KEY, "batch": [
         { "type": "track", "messageId": "gm1", "userId": "v", "event": "Clicked" },

@@ -404,7 +404,7 @@ async fn each_bad_input_class_gets_its_own_4xx() {
         "{body}"
     );
     // Oversize bodies: one event, a batch, and too many events.
-    let big = json!({ "userId": "v", "sessionId": "s", "eventType": "CLICK", "properties": { "blob": "x".repeat(3000) } });
+    let big = json!({ "eventId": "big-1", "userId": "v", "sessionId": "s", "eventType": "CLICK", "properties": { "blob": "x".repeat(3000) } });
     let r = raw_post("/v1/events", big.to_string()).await.unwrap();
     expect(r, 413, "payload_too_large").await;
     let r = raw_post(
@@ -445,6 +445,18 @@ async fn each_bad_input_class_gets_its_own_4xx() {
         .unwrap();
     expect(r, 415, "unsupported_encoding").await;
 
+    // A body that begins with a byte order mark is read as the JSON after it.
+    let r = raw_post(
+        "/v1/events",
+        format!(
+            "\u{feff}{}",
+            json!({ "eventId": "bom-1", "userId": "v1", "sessionId": "s1", "eventType": "CLICK" })
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+
     // A batch with some bad events stores the good ones and names the bad ones.
     let mixed = json!({ "batch": [
         good,
@@ -470,6 +482,8 @@ async fn each_bad_input_class_gets_its_own_4xx() {
         .as_str()
         .unwrap()
         .contains("larger than"));
+    // Too large to be read as an event, it is still named by its id.
+    assert_eq!(results[3]["eventId"], "big-1", "{body}");
     assert_eq!(results[4]["status"], "stored");
     // A member Sluice does not read (here a typo of `pageUrl`) is named, not silently lost.
     assert_eq!(results[4]["ignored"], json!(["pageURL"]), "{body}");
@@ -489,8 +503,8 @@ async fn each_bad_input_class_gets_its_own_4xx() {
             .count_documents(doc! {})
             .await
             .unwrap(),
-        3,
-        "the good events of the NUL batch and of the mixed batch"
+        4,
+        "the good events of the NUL batch, the BOM body and the mixed batch"
     );
     server.shutdown().await;
 }

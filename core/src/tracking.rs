@@ -489,6 +489,18 @@ pub fn parse_event(
             format!("expected an object, got {}", kind(v)),
         ));
     };
+    // A Segment message posted to the native routes: say where it goes.
+    if !obj.contains_key(f::EVENT_TYPE)
+        && obj
+            .get("type")
+            .and_then(Value::as_str)
+            .is_some_and(|t| ["track", "page", "screen", "identify", "group", "alias"].contains(&t))
+    {
+        return Err(ValidationError::new(
+            f::EVENT_TYPE,
+            "is required (this is Sluice's own event API, `eventType` and `userId`: a Segment message with `type` goes to /v1/track, /v1/page, /v1/screen, /v1/identify or /v1/batch)",
+        ));
+    }
     let sent_id = opt_id(obj, f::EVENT_ID)?;
     let user_id = required_string(obj, f::USER_ID)?;
     // Without a sessionId the writer assigns one by the inactivity-gap rule.
@@ -846,6 +858,14 @@ pub(crate) mod tests {
             err.contains("expected an RFC 3339 time") && !err.contains("offset"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_segment_message_sent_here_is_told_where_it_goes() {
+        let err =
+            parse(json!({ "type": "track", "event": "Clicked", "anonymousId": "a" })).unwrap_err();
+        assert_eq!(err.field, "eventType");
+        assert!(err.to_string().contains("goes to /v1/track"), "{err}");
     }
 
     #[test]

@@ -141,7 +141,7 @@ pub async fn batch(
     )?;
     let ctx = request_context(&state, peer, &headers, sent_at, &admitted);
     let options = options(&state);
-    let messages = items
+    let messages: Vec<Result<Message, ValidationError>> = items
         .iter()
         .map(|raw| {
             let item = batch_item(&state, raw, "message")?;
@@ -172,9 +172,21 @@ pub async fn batch(
             }
         })
         .collect();
-    let answer = store(&state, messages, held)
+    // The client's own id on a message refused before it was read (only those are read
+    // again for it).
+    let sent_ids = messages
+        .iter()
+        .zip(&items)
+        .map(|(m, raw)| {
+            m.as_ref()
+                .err()
+                .and_then(|_| super::tracking::sent_id(raw, "messageId"))
+        })
+        .collect();
+    let mut answer = store(&state, messages, held)
         .instrument(admitted.span())
         .await?;
+    answer.note_sent_ids(sent_ids, "messageId");
     Ok(answer.into_batch_response())
 }
 

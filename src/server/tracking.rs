@@ -120,11 +120,11 @@ pub async fn batch(
         .map(|raw| {
             let item = batch_item(&state, raw, "event");
             ignored.push(item.as_ref().map(unknown_members).unwrap_or_default());
-            sent_ids.push(item.as_ref().ok().and_then(|v| {
-                v.get("eventId")
-                    .and_then(Value::as_str)
-                    .map(|id| id.chars().take(256).collect::<String>())
-            }));
+            sent_ids.push(match &item {
+                Ok(v) => string_member(v, "eventId"),
+                // Too large to be read as an event, it is still read for its id.
+                Err(_) => sent_id(raw, "eventId"),
+            });
             item.and_then(|v| parse_event(&v, &ctx, EventMetadata::default()))
         })
         .collect();
@@ -133,7 +133,7 @@ pub async fn batch(
         .instrument(admitted.span())
         .await?;
     answer.note_ignored(ignored);
-    answer.note_sent_ids(sent_ids);
+    answer.note_sent_ids(sent_ids, "eventId");
     Ok(answer.into_batch_response())
 }
 
@@ -213,6 +213,20 @@ pub(super) fn batch_item(
         ));
     }
     serde_json::from_str(raw.get()).map_err(|e| ValidationError::new(what, e.to_string()))
+}
+
+/// A string member of a JSON object, cut to 256 characters (an id as echoed back).
+pub(super) fn string_member(v: &Value, key: &str) -> Option<String> {
+    v.get(key)
+        .and_then(Value::as_str)
+        .map(|id| id.chars().take(256).collect())
+}
+
+/// The id member `key` of a batch item that was not read as an event or message.
+pub(super) fn sent_id(raw: &RawValue, key: &str) -> Option<String> {
+    serde_json::from_str::<Value>(raw.get())
+        .ok()
+        .and_then(|v| string_member(&v, key))
 }
 
 /// A request its write key admitted.
@@ -329,8 +343,14 @@ pub(super) fn read_body(
     limit: usize,
 ) -> Result<Bytes, ApiError> {
     let body = raw_body(body, limit)?;
+    // A byte order mark (some Windows tools and .NET clients write one) is no JSON: it is
+    // skipped, not answered as malformed JSON at column 1.
+    let without_bom = |b: Bytes| match b.strip_prefix(b"\xEF\xBB\xBF") {
+        Some(rest) => b.slice(b.len() - rest.len()..),
+        None => b,
+    };
     match content_encoding(headers).as_deref() {
-        None => Ok(body),
+        None => Ok(without_bom(body)),
         Some("gzip") | Some("x-gzip") => {
             use std::io::Read;
             let mut out = Vec::new();
@@ -352,7 +372,7 @@ pub(super) fn read_body(
                     format!("the decompressed body is larger than {limit} bytes"),
                 ));
             }
-            Ok(Bytes::from(out))
+            Ok(without_bom(Bytes::from(out)))
         }
         Some(other) => Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -474,10 +494,13 @@ impl Answer {
 
     /// Adds to each result without an `eventId` (a rejected event) the `eventId` it was
     /// sent with, when it had a string one: the client finds it by id, not only by index.
-    pub(super) fn note_sent_ids(&mut self, sent: Vec<Option<String>>) {
+    /// The ids the client sent (`key`: `eventId`, a Segment `messageId`), on the entries
+    /// that name none (an event rejected before it was read), so a client can tell which
+    /// of its events each is.
+    pub(super) fn note_sent_ids(&mut self, sent: Vec<Option<String>>, key: &str) {
         for (entry, id) in self.results.iter_mut().zip(sent) {
             if let (Some(id), None) = (id, entry.get("eventId")) {
-                entry["eventId"] = json!(id);
+                entry[key] = json!(id);
             }
         }
     }
