@@ -154,6 +154,27 @@ fn number(v: &Value) -> Option<Value> {
     }
 }
 
+/// An order's amount from its line items (`products`, each `price` times `quantity`, 1
+/// when absent), when every item has a readable price; else none.
+fn products_total(properties: &Map<String, Value>) -> Option<Value> {
+    let items = properties.get("products")?.as_array()?;
+    if items.is_empty() {
+        return None;
+    }
+    let mut total = 0.0;
+    for item in items {
+        let price = number(item.get("price")?)?.as_f64()?;
+        let quantity = match item.get("quantity") {
+            None | Some(Value::Null) => 1.0,
+            Some(q) => number(q)?.as_f64()?,
+        };
+        total += price * quantity;
+    }
+    // Cents added as doubles (0.1 + 0.2): the total to the millionth, as revenue counts.
+    let total = (total * 1e6).round() / 1e6;
+    serde_json::Number::from_f64(total).map(Value::Number)
+}
+
 fn track_type(name: &str, options: &Options) -> EventType {
     if options
         .purchase_events
@@ -186,9 +207,16 @@ pub fn parse_message(
     let Value::Object(obj) = v else {
         return Err(ValidationError::new("message", "expected an object"));
     };
-    let kind = match kind {
-        Some(k) => k,
-        None => match obj.get("type") {
+    let own_kind = obj
+        .get("type")
+        .and_then(Value::as_str)
+        .and_then(Kind::parse);
+    let kind = match (kind, own_kind) {
+        // A body whose `type` names another call than its path (`"type": "track"` posted
+        // to /v1/page): its fields (`event`) are that call's, so it is read as one.
+        (Some(_), Some(own)) => own,
+        (Some(k), None) => k,
+        (None, _) => match obj.get("type") {
             Some(Value::String(t)) => Kind::parse(t).ok_or_else(|| {
                 ValidationError::new(
                     "type",
@@ -305,6 +333,10 @@ pub fn parse_message(
                     })?;
                     properties.insert("amount".into(), amount);
                     amount_from = Some(format!("properties.{k}"));
+                } else if let Some(amount) = products_total(&properties) {
+                    // An order sent with its line items only.
+                    properties.insert("amount".into(), amount);
+                    amount_from = Some("properties.products".into());
                 }
             }
             // The client's own property of that name is kept beside it.
@@ -602,6 +634,42 @@ mod tests {
 
     fn parse(v: Value) -> Result<Message, ValidationError> {
         parse_message(&v, None, &ctx(), &opts())
+    }
+
+    #[test]
+    fn an_order_with_line_items_only_takes_their_total() {
+        let order = |products: Value| {
+            parse(
+                json!({ "type": "track", "userId": "u1", "event": "Order Completed",
+                "properties": { "products": products } }),
+            )
+            .unwrap()
+            .event
+            .properties
+        };
+        let p =
+            order(json!([{ "price": 5, "quantity": 2 }, { "price": "0.10" }, { "price": 0.2 }]));
+        assert_eq!(p.get_f64("amount").unwrap(), 10.3);
+        // An item without a readable price: no amount, as before.
+        let p = order(json!([{ "price": 5 }, { "sku": "x" }]));
+        assert!(!p.contains_key("amount"), "{p}");
+    }
+
+    #[test]
+    fn a_body_s_own_type_wins_over_its_path() {
+        let m = parse_message(
+            &json!({ "type": "track", "userId": "v", "event": "Clicked" }),
+            Some(Kind::Page),
+            &ctx(),
+            &opts(),
+        )
+        .unwrap();
+        assert_eq!(m.event.event_type, EventType::Custom);
+        assert_eq!(m.event.properties.get_str(EVENT_NAME).unwrap(), "Clicked");
+        // Without one, the path says.
+        let m =
+            parse_message(&json!({ "userId": "v" }), Some(Kind::Page), &ctx(), &opts()).unwrap();
+        assert_eq!(m.event.event_type, EventType::PageView);
     }
 
     #[test]
