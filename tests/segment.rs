@@ -728,6 +728,20 @@ async fn gzip_bodies_write_key_in_the_body_and_invalid_messages_reported() {
         "{err}"
     );
     assert_eq!(err["error"], "invalid_message", "{err}");
+    // A member the spec does not define (a typo) is named, not silently lost; an SDK's
+    // own `_`-prefixed ones are not.
+    let (status, answer) = post(
+        &base,
+        "/v1/track",
+        &json!({ "userId": "v", "event": "X", "properites": { "a": 1 }, "_metadata": {} }),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        answer["results"][0]["ignored"],
+        json!(["properites"]),
+        "{answer}"
+    );
     let (status, err) = post(&base, "/v1/track", &json!(["not", "an", "object"])).await;
     assert_eq!(
         (status, err["error"].as_str()),

@@ -154,6 +154,44 @@ fn number(v: &Value) -> Option<Value> {
     }
 }
 
+/// The top-level members of a message the Segment spec does not define (a typo such as
+/// `properites` would otherwise lose its value silently), at most 10; `_`-prefixed ones
+/// (SDKs' own, `_metadata`) are left alone.
+pub fn unknown_members(v: &Value) -> Vec<String> {
+    const KNOWN: &[&str] = &[
+        "type",
+        "userId",
+        "anonymousId",
+        "messageId",
+        "timestamp",
+        "originalTimestamp",
+        "sentAt",
+        "receivedAt",
+        "context",
+        "integrations",
+        "properties",
+        "traits",
+        "event",
+        "name",
+        "category",
+        "groupId",
+        "previousId",
+        "version",
+        "channel",
+        "writeKey",
+        "options",
+        "sessionId",
+    ];
+    let Value::Object(obj) = v else {
+        return Vec::new();
+    };
+    obj.keys()
+        .filter(|k| !KNOWN.contains(&k.as_str()) && !k.starts_with('_'))
+        .take(10)
+        .map(|k| k.chars().take(64).collect())
+        .collect()
+}
+
 /// An order's amount from its line items (`products`, each `price` times `quantity`, 1
 /// when absent), when every item has a readable price; else none.
 fn products_total(properties: &Map<String, Value>) -> Option<Value> {

@@ -87,10 +87,11 @@ pub async fn single(
     };
     let ctx = request_context(&state, peer, &headers, None, &admitted);
     let message = parse_message(&value, Some(kind), &ctx, &options(&state));
-    store(&state, vec![message], held)
+    let mut answer = store(&state, vec![message], held)
         .instrument(admitted.span())
-        .await?
-        .into_single_response("invalid_message")
+        .await?;
+    answer.note_ignored(vec![sluice_core::segment::unknown_members(&value)]);
+    answer.into_single_response("invalid_message")
 }
 
 pub async fn batch(
@@ -141,10 +142,17 @@ pub async fn batch(
     )?;
     let ctx = request_context(&state, peer, &headers, sent_at, &admitted);
     let options = options(&state);
+    let mut ignored = Vec::with_capacity(items.len());
     let messages: Vec<Result<Message, ValidationError>> = items
         .iter()
         .map(|raw| {
-            let item = batch_item(&state, raw, "message")?;
+            let item = batch_item(&state, raw, "message");
+            ignored.push(
+                item.as_ref()
+                    .map(sluice_core::segment::unknown_members)
+                    .unwrap_or_default(),
+            );
+            let item = item?;
             match (shared_context, &item) {
                 // A message's own `context` that is not an object is refused as such
                 // (by `parse_message`), not replaced by the batch's.
@@ -187,6 +195,7 @@ pub async fn batch(
         .instrument(admitted.span())
         .await?;
     answer.note_sent_ids(sent_ids, "messageId");
+    answer.note_ignored(ignored);
     Ok(answer.into_batch_response())
 }
 

@@ -492,8 +492,6 @@ impl Answer {
         }
     }
 
-    /// Adds to each result without an `eventId` (a rejected event) the `eventId` it was
-    /// sent with, when it had a string one: the client finds it by id, not only by index.
     /// The ids the client sent (`key`: `eventId`, a Segment `messageId`), on the entries
     /// that name none (an event rejected before it was read), so a client can tell which
     /// of its events each is.
