@@ -996,6 +996,41 @@ async fn enrichment_fills_metadata_and_bots_can_be_dropped() {
     server.shutdown().await;
 }
 
+/// A native IDENTIFY's properties are the visitor's traits, copied to the profile as a
+/// Segment identify's are.
+#[tokio::test]
+async fn a_native_identify_updates_the_profile() {
+    let db = TestDb::initialized().await;
+    let server = start_server(&db, |_| {}).await;
+    let base = format!("http://{}", server.addr);
+    let (s, body) = post(
+        &base,
+        "/v1/events",
+        &json!({ "eventId": "id-1", "userId": "nat", "sessionId": "s", "eventType": "IDENTIFY",
+                 "properties": { "email": "n@example.com", "firstName": "Nat", "plan": "pro" } }),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    let user = db
+        .store
+        .collection("users")
+        .find_one(doc! { "visitorId": "nat" })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(user.get_str("email").unwrap(), "n@example.com", "{user}");
+    assert_eq!(user.get_str("firstName").unwrap(), "Nat");
+    assert_eq!(
+        user.get_document("attributes")
+            .unwrap()
+            .get_str("plan")
+            .unwrap(),
+        "pro"
+    );
+    assert_eq!(int(&user, "totalEvents"), 1);
+    server.shutdown().await;
+}
+
 /// `navigator.sendBeacon` sets no headers (and sends `text/plain`): the write key comes
 /// in the body.
 #[tokio::test]

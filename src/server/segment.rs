@@ -212,15 +212,7 @@ async fn store(
     mut messages: Vec<Result<Message, ValidationError>>,
     held: Option<InFlight>,
 ) -> Result<super::tracking::Answer, ApiError> {
-    let unavailable = |e: sluice_connectors::StoreError| {
-        tracing::error!(error = %e, "identity links or profiles unavailable");
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "store_unavailable",
-            "events could not be stored; nothing was acknowledged, retry shortly",
-        )
-        .retry(2)
-    };
+    let unavailable = store_unavailable;
     // The identity reads and writes answer within the write deadline too: a database
     // that accepts connections but does not answer gets the client a 503, not a hang.
     let deadline = std::time::Duration::from_secs(state.config.tracking.write_timeout_seconds);
@@ -327,8 +319,17 @@ async fn store(
     // The request's bytes stay counted until it is done (its traits are applied after
     // the write), not only until its events are written.
     let answer = write(state, prepared, held.clone()).await?;
-    // The traits of the messages stored (or stored before: a resend applies them again),
-    // within one deadline for the whole request.
+    apply_traits(state, answer, traits).await
+}
+
+/// Copies the traits of the identifies a request stored (or stored before: a resend
+/// applies them again) to their visitors' profiles, within one write deadline for the
+/// whole request: `traits` has one entry per event sent.
+pub(super) async fn apply_traits(
+    state: &AppState,
+    answer: super::tracking::Answer,
+    traits: Vec<Option<identities::Traits>>,
+) -> Result<super::tracking::Answer, ApiError> {
     let traits: Vec<identities::Traits> = traits
         .into_iter()
         .enumerate()
@@ -337,14 +338,15 @@ async fn store(
     if traits.is_empty() {
         return Ok(answer);
     }
+    let deadline = std::time::Duration::from_secs(state.config.tracking.write_timeout_seconds);
     let applied = tokio::time::timeout(deadline, identities::apply_traits(&state.store, &traits))
         .await
-        .map_err(|_| late())?;
+        .map_err(|_| super::store_timeout(deadline, "identity links or profiles"))?;
     let applied = match applied {
         Ok(applied) => applied,
         // The events are stored. A store that is down is worth a resend (the identifies
         // are then duplicates and their traits are applied again).
-        Err(e) if e.is_transient() => return Err(unavailable(e)),
+        Err(e) if e.is_transient() => return Err(store_unavailable(e)),
         Err(e) => vec![Err(e.to_string()); traits.len()],
     };
     // A write refused would fail every resend: logged and counted.
@@ -358,4 +360,15 @@ async fn store(
         }
     }
     Ok(answer)
+}
+
+/// Identity links or profiles could not be read or written: 503, nothing acknowledged.
+fn store_unavailable(e: sluice_connectors::StoreError) -> ApiError {
+    tracing::error!(error = %e, "identity links or profiles unavailable");
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "store_unavailable",
+        "events could not be stored; nothing was acknowledged, retry shortly",
+    )
+    .retry(2)
 }

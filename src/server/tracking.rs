@@ -795,8 +795,23 @@ pub(super) async fn ingest(
     parsed: Vec<Result<Event, ValidationError>>,
     held: Option<InFlight>,
 ) -> Result<Answer, ApiError> {
+    let sent = parsed.len();
     let prepared = prepare(state, parsed).await?;
-    write(state, prepared, held).await
+    // A native IDENTIFY's properties are its visitor's traits, as a Segment identify's
+    // are: copied to the profile once the event is stored.
+    let traits = (0..sent)
+        .map(|index| {
+            let e = &prepared.events[prepared.kept(index)?];
+            (e.event_type == sluice_core::model::EventType::Identify && !e.properties.is_empty())
+                .then(|| sluice_connectors::mongo::identities::Traits {
+                    visitor: e.user_id.clone(),
+                    traits: e.properties.clone(),
+                    at: e.timestamp,
+                })
+        })
+        .collect();
+    let answer = write(state, prepared, held).await?;
+    super::segment::apply_traits(state, answer, traits).await
 }
 
 /// Events enriched and transformed, ready to be written, and what became of each one sent.
