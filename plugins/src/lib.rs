@@ -648,6 +648,7 @@ impl PluginHost {
             max_instances: grants.instances.max(1),
             policy: FailurePolicy::FailRun,
             skipped_records: Mutex::new(0),
+            stderr_repeats: Mutex::new(Repeats::default()),
         };
         // The first instance is built now, so a plugin that cannot start fails the load.
         let first = off_runtime(|| t.instantiate()).map_err(PluginError::while_starting)?;
@@ -786,6 +787,39 @@ pub struct WasmTransform {
     max_instances: usize,
     policy: FailurePolicy,
     skipped_records: Mutex<u64>,
+    /// What the plugin last wrote to stderr, so the same text again is not logged again.
+    stderr_repeats: Mutex<Repeats>,
+}
+
+/// Output a plugin writes again and again: a panic repeated on every part of a batch
+/// split to narrow it down, or on every batch. The same text (one call's output, whole)
+/// within [`Repeats::WINDOW`] of its first logging is counted, not logged; the count is
+/// logged with the next other text, or with the same text once the window has passed.
+#[derive(Debug, Default)]
+struct Repeats {
+    last: Option<(u64, Instant)>,
+    suppressed: u64,
+}
+
+impl Repeats {
+    const WINDOW: Duration = Duration::from_secs(60);
+
+    /// Whether `text` is to be logged, and how many repeats of the previous text were
+    /// left unlogged before it.
+    fn seen(&mut self, text: &str, now: Instant) -> (bool, u64) {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        text.hash(&mut h);
+        let hash = h.finish();
+        if let Some((last, since)) = self.last {
+            if last == hash && now.duration_since(since) < Self::WINDOW {
+                self.suppressed += 1;
+                return (false, 0);
+            }
+        }
+        self.last = Some((hash, now));
+        (true, std::mem::take(&mut self.suppressed))
+    }
 }
 
 /// Output of one batch.
@@ -964,6 +998,19 @@ impl WasmTransform {
                 continue;
             }
             let text = String::from_utf8_lossy(new);
+            if i == 1 {
+                let (log, unlogged) = self
+                    .stderr_repeats
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .seen(&text, Instant::now());
+                if unlogged > 0 {
+                    tracing::warn!(plugin = %self.name, stream, "the stderr output logged before was written {} more times", unlogged);
+                }
+                if !log {
+                    continue;
+                }
+            }
             let mut lines = text.lines();
             for line in lines.by_ref().take(LOG_LINES_PER_CALL) {
                 let line: String = line.chars().take(1000).collect();
@@ -1729,6 +1776,24 @@ impl WasmTransform {
 #[cfg(test)]
 mod limit_tests {
     use super::*;
+
+    #[test]
+    fn the_same_stderr_output_again_is_counted_not_logged() {
+        let mut r = Repeats::default();
+        let t0 = Instant::now();
+        let panic = "thread '<unnamed>' panicked at src/lib.rs:9:5:\nboom\n";
+        assert_eq!(r.seen(panic, t0), (true, 0));
+        // The parts of a batch split to narrow the panic down.
+        for k in 1..=4 {
+            assert_eq!(r.seen(panic, t0 + Duration::from_secs(k)), (false, 0));
+        }
+        // Other output: logged, with the count of what was left out.
+        assert_eq!(r.seen("other\n", t0 + Duration::from_secs(5)), (true, 4));
+        assert_eq!(r.seen(panic, t0 + Duration::from_secs(6)), (true, 0));
+        // The same text once the window has passed is logged again.
+        assert_eq!(r.seen(panic, t0 + Duration::from_secs(7)), (false, 0));
+        assert_eq!(r.seen(panic, t0 + Duration::from_secs(70)), (true, 1));
+    }
 
     #[test]
     fn a_growth_past_a_memorys_own_maximum_is_not_counted() {
