@@ -252,7 +252,27 @@ enum ConfigCommand {
 /// `2`, an invalid configuration, so CI can tell a typo in a script from a bad config.
 const EXIT_USAGE: u8 = 64;
 
+/// Output piped into a reader that stopped reading (`sluice jobs history | head`): the
+/// rest is not wanted, so the command ends quietly, as `cat` does, instead of panicking
+/// in `println!` with a backtrace.
+fn quiet_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(0);
+        }
+        default(info);
+    }));
+}
+
 fn main() -> ExitCode {
+    quiet_on_closed_stdout();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

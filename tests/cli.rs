@@ -341,6 +341,42 @@ fn plugin_test_prints_outputs_failures_and_timing() {
     );
 }
 
+/// Output into a reader that stopped reading (`| head`) ends the command quietly, not in
+/// a panic.
+#[test]
+fn output_piped_into_a_reader_that_stops_ends_quietly() {
+    use std::io::BufRead;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins/dist");
+    let input = write_temp(
+        "records.ndjson",
+        &"{\"eventType\":\"PAGE_VIEW\"}\n".repeat(20_000),
+    );
+    let config = write_temp(
+        "sluice.toml",
+        &format!("[plugins]\ndir = \"{}\"\n", dir.display()),
+    );
+    let mut child = sluice()
+        .arg("--config")
+        .arg(&config)
+        .args(["plugin", "test", "noop", "--input"])
+        .arg(&input)
+        .env("SLUICE_LOG_LEVEL", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.contains("PAGE_VIEW"), "{first}");
+    // The reader is gone: the rest of the output has nowhere to go.
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?} {stderr}", out.status);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
 #[test]
 fn plugin_test_names_outputs_an_import_could_not_write() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins/dist");
