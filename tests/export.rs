@@ -436,6 +436,42 @@ async fn dying_proxy(limit: u64) -> String {
     format!("http://{addr}")
 }
 
+/// Wrong credentials fail the run before it reads anything, and the error is S3's own
+/// words, not the SDK's dump of the raw response.
+#[tokio::test]
+async fn a_destination_that_refuses_fails_the_run_before_its_read_in_s3_s_words() {
+    let db = TestDb::initialized().await;
+    let bucket = TestBucket::new().await;
+    let d = day(-1);
+    seed(&db, d, 50).await;
+    let mut settings = support::s3_settings(&bucket.name);
+    settings.secret_key = "not-the-secret".into();
+    let wrong = ObjectStore::S3(
+        sluice_connectors::objstore::S3Store::connect(&settings)
+            .await
+            .unwrap(),
+    );
+    let ctx = ExportContext::new(db.store.clone(), wrong);
+    let err = run_export(&ctx, &request(ExportJobType::EventData, d, d))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("check the destination") && err.contains("(HTTP 403)"),
+        "{err}"
+    );
+    assert!(
+        err.len() < 600 && !err.contains("<?xml") && !err.contains("headers"),
+        "{err}"
+    );
+    assert_eq!(
+        ctx.progress
+            .rows_read
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+}
+
 #[tokio::test]
 async fn s3_dying_mid_upload_fails_the_run_publishes_nothing_and_a_rerun_succeeds() {
     let counts = || {

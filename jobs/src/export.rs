@@ -1013,6 +1013,9 @@ async fn execute(
     job_id: &str,
 ) -> Result<Executed, ExportError> {
     let kind = request.kind;
+    // A destination that does not answer (wrong credentials, no bucket, nothing at the
+    // endpoint) fails the run now, not after its whole read.
+    ctx.dest.check().await?;
     if matches!(
         kind,
         ExportJobType::EventData | ExportJobType::DailyAnalytics

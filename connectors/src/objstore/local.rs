@@ -38,6 +38,13 @@ impl LocalDir {
         self.root.join(key)
     }
 
+    /// The folder exists, or is created (see [`super::ObjectStore::check`]).
+    pub async fn check(&self) -> Result<(), StorageError> {
+        tokio::fs::create_dir_all(&self.root)
+            .await
+            .map_err(|e| StorageError::op(BACKEND, "", "create the destination folder", e))
+    }
+
     /// The key's path, absolute (a relative destination is read from the working
     /// folder, which a later reader of `export_jobs` does not know).
     pub fn url(&self, key: &str) -> String {

@@ -127,6 +127,16 @@ impl ObjectStore {
         }
     }
 
+    /// Whether the destination answers before a run reads anything: S3 lists one key of
+    /// the root (credentials, the bucket, the endpoint), a local folder is created. A run
+    /// that would fail at its first upload fails at once, not after reading its data.
+    pub async fn check(&self) -> Result<(), StorageError> {
+        match self {
+            ObjectStore::Local(l) => l.check().await,
+            ObjectStore::S3(s) => s.check().await,
+        }
+    }
+
     /// Deletes keys; deleting a missing key is not an error.
     pub async fn delete(&self, keys: &[String]) -> Result<(), StorageError> {
         match self {

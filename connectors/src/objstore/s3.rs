@@ -110,7 +110,44 @@ impl Drop for PendingUpload {
 }
 
 fn describe<E: std::error::Error>(e: E) -> String {
-    with_hint(DisplayErrorContext(e).to_string())
+    with_hint(without_debug_dump(DisplayErrorContext(e).to_string()))
+}
+
+/// An S3 request's error as S3 words it (`InvalidAccessKeyId (HTTP 403): The AWS Access
+/// Key Id you provided does not exist in our records.`), else as the SDK does, without
+/// the dump of the raw response (headers, body) the SDK appends.
+fn describe_sdk<E>(
+    e: aws_sdk_s3::error::SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+) -> String
+where
+    E: aws_sdk_s3::error::ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    use aws_sdk_s3::error::ProvideErrorMetadata;
+    if let (aws_sdk_s3::error::SdkError::ServiceError(service), Some(code)) = (&e, e.code()) {
+        let status = service.raw().status().as_u16();
+        let said = match e.message() {
+            Some(m) if !m.is_empty() => format!("{code} (HTTP {status}): {m}"),
+            _ => format!("{code} (HTTP {status})"),
+        };
+        return with_hint(said);
+    }
+    describe_sdk(e)
+}
+
+/// The SDK's error text up to the `Debug` dump of its variant (`(DispatchFailure(...`,
+/// `(ServiceError(...`), which holds the raw response, several kilobytes of it.
+fn without_debug_dump(text: String) -> String {
+    let dumps = [
+        " (DispatchFailure(",
+        " (ServiceError(",
+        " (ResponseError(",
+        " (TimeoutError(",
+        " (ConstructionFailure(",
+    ];
+    match dumps.iter().filter_map(|d| text.find(d)).min() {
+        Some(at) => text[..at].to_string(),
+        None => text,
+    }
 }
 
 /// An error that says what to change where S3's own words do not: the SDK does not follow
@@ -285,7 +322,7 @@ impl S3Store {
             .set_storage_class(self.storage_class.clone())
             .send()
             .await
-            .map_err(|e| StorageError::op(BACKEND, key, "put", describe(e)))?;
+            .map_err(|e| StorageError::op(BACKEND, key, "put", describe_sdk(e)))?;
         Ok(())
     }
 
@@ -310,7 +347,7 @@ impl S3Store {
                 .set_storage_class(self.storage_class.clone())
                 .send()
                 .await
-                .map_err(|e| StorageError::op(BACKEND, key, "put", describe(e)))?;
+                .map_err(|e| StorageError::op(BACKEND, key, "put", describe_sdk(e)))?;
             return Ok(());
         }
         let full = self.full(key);
@@ -326,7 +363,9 @@ impl S3Store {
             .set_storage_class(self.storage_class.clone())
             .send()
             .await
-            .map_err(|e| StorageError::op(BACKEND, key, "create multipart upload", describe(e)))?;
+            .map_err(|e| {
+                StorageError::op(BACKEND, key, "create multipart upload", describe_sdk(e))
+            })?;
         let upload_id = created.upload_id().unwrap_or_default().to_string();
         // Aborted on every way out but a completed upload (a run stopped mid-upload drops
         // this future: the guard aborts then), so no invisible parts are left billed.
@@ -358,7 +397,7 @@ impl S3Store {
                 match completed {
                     Ok(_) => Ok(()),
                     Err(e) => {
-                        let e = describe(e);
+                        let e = describe_sdk(e);
                         if self.completed_anyway(&full, size, count).await {
                             tracing::warn!(key = %full, error = %e, "the answer to completing a multipart upload was lost, but the object is in place (its size and part count match)");
                             Ok(())
@@ -429,7 +468,7 @@ impl S3Store {
                 .set_checksum_algorithm(self.checksum.clone())
                 .send()
                 .await
-                .map_err(|e| StorageError::op(BACKEND, key, "upload part", describe(e)))?;
+                .map_err(|e| StorageError::op(BACKEND, key, "upload part", describe_sdk(e)))?;
             parts.push(
                 CompletedPart::builder()
                     .part_number(number)
@@ -452,7 +491,7 @@ impl S3Store {
             .key(self.full(key))
             .send()
             .await
-            .map_err(|e| StorageError::op(BACKEND, key, "get", describe(e)))?;
+            .map_err(|e| StorageError::op(BACKEND, key, "get", describe_sdk(e)))?;
         let bytes = out
             .body
             .collect()
@@ -475,7 +514,7 @@ impl S3Store {
             .set_storage_class(self.storage_class.clone())
             .send()
             .await
-            .map_err(|e| StorageError::op(BACKEND, to, "copy", describe(e)))?;
+            .map_err(|e| StorageError::op(BACKEND, to, "copy", describe_sdk(e)))?;
         Ok(())
     }
 
@@ -502,7 +541,7 @@ impl S3Store {
         {
             Ok(out) => Ok(Some(out)),
             Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => Ok(None),
-            Err(e) => Err(StorageError::op(BACKEND, key, "head", describe(e))),
+            Err(e) => Err(StorageError::op(BACKEND, key, "head", describe_sdk(e))),
         }
     }
 
@@ -528,7 +567,7 @@ impl S3Store {
         {
             Ok(out) => out,
             Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => return Ok(None),
-            Err(e) => return Err(StorageError::op(BACKEND, key, "get", describe(e))),
+            Err(e) => return Err(StorageError::op(BACKEND, key, "get", describe_sdk(e))),
         };
         let mut body = out.body;
         let mut hasher = Sha256::new();
@@ -542,6 +581,21 @@ impl S3Store {
             total += chunk.len() as u64;
         }
         Ok(Some((total, format!("{:x}", hasher.finalize()))))
+    }
+
+    /// Lists at most one key under the root: the credentials, the bucket and the endpoint
+    /// answer (see [`super::ObjectStore::check`]).
+    pub async fn check(&self) -> Result<(), StorageError> {
+        self.client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .set_expected_bucket_owner(self.owner.clone())
+            .prefix(self.full(""))
+            .max_keys(1)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| StorageError::op(BACKEND, "", "check the destination", describe_sdk(e)))
     }
 
     pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StorageError> {
@@ -563,7 +617,7 @@ impl S3Store {
                 .set_continuation_token(token.take())
                 .send()
                 .await
-                .map_err(|e| StorageError::op(BACKEND, prefix, "list", describe(e)))?;
+                .map_err(|e| StorageError::op(BACKEND, prefix, "list", describe_sdk(e)))?;
             for o in page.contents() {
                 if let Some(k) = o.key() {
                     out.push(ObjectInfo {
@@ -607,7 +661,7 @@ impl S3Store {
                 .key(self.full(key))
                 .send()
                 .await
-                .map_err(|e| StorageError::op(BACKEND, key, "delete", describe(e)))?;
+                .map_err(|e| StorageError::op(BACKEND, key, "delete", describe_sdk(e)))?;
         }
         Ok(())
     }
@@ -631,7 +685,7 @@ impl S3Store {
             .delete(delete)
             .send()
             .await
-            .map_err(|e| StorageError::op(BACKEND, &chunk[0], "delete", describe(e)))?;
+            .map_err(|e| StorageError::op(BACKEND, &chunk[0], "delete", describe_sdk(e)))?;
         if let Some(err) = out.errors().first() {
             return Err(StorageError::op(
                 BACKEND,
@@ -665,6 +719,17 @@ mod tests {
         );
         let other = "service error: NoSuchBucket".to_string();
         assert_eq!(with_hint(other.clone()), other);
+    }
+
+    #[test]
+    fn the_sdks_dump_of_a_failed_request_is_left_out() {
+        let text = "dispatch failure: io error: error trying to connect: tcp connect error: Connection refused (os error 111) (DispatchFailure(DispatchFailure { source: ConnectorError { kind: Io, source: hyper_util::client::legacy::Error(Connect, ...) } }))";
+        assert_eq!(
+            without_debug_dump(text.into()),
+            "dispatch failure: io error: error trying to connect: tcp connect error: Connection refused (os error 111)"
+        );
+        let plain = "timeout: the request took too long".to_string();
+        assert_eq!(without_debug_dump(plain.clone()), plain);
     }
 
     #[test]
