@@ -114,6 +114,56 @@ pub async fn db_init(config: &Config) -> anyhow::Result<Store> {
 
 /// Connects and creates what is missing. What was done is printed (`db init`, the demo)
 /// or, in `serve`, logged, so a JSON log stays JSON lines.
+/// `serve`'s store: while MongoDB does not answer (down, restarting, not yet reachable)
+/// it is tried again, from 1 s apart up to 30 s, each try logged, until it answers or the
+/// process is told to stop; anything else (a refused login, a bad URI) ends `serve` at
+/// once. A supervisor's restart back-off would otherwise add to the outage.
+async fn wait_for_store(config: &Config) -> anyhow::Result<Store> {
+    let mut wait = std::time::Duration::from_secs(1);
+    let stop = crate::server::shutdown_signal();
+    tokio::pin!(stop);
+    loop {
+        match init_store(config, true).await {
+            Ok(store) => return Ok(store),
+            Err(e) if unreachable_store(&e) => {
+                tracing::warn!(
+                    retry_in_seconds = wait.as_secs(),
+                    "MongoDB does not answer yet; serve waits for it: {}",
+                    concise_store_error(&e)
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = &mut stop => anyhow::bail!("stopped while waiting for MongoDB"),
+                }
+                wait = (wait * 2).min(std::time::Duration::from_secs(30));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Whether `e` says MongoDB could not be reached (or answered as a server does while it
+/// starts), not that it refused what was asked.
+fn unreachable_store(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<sluice_connectors::StoreError>()
+            .is_some_and(|s| s.is_transient())
+    })
+}
+
+/// A store error without the driver's description of every server it knows of (its
+/// topology, printed once per cause), which says nothing more than "no server answered".
+fn concise_store_error(e: &anyhow::Error) -> String {
+    let text = format!("{e:#}");
+    match text
+        .find(", Topology: ")
+        .or_else(|| text.find(". Topology: "))
+    {
+        Some(at) => text[..at].to_string(),
+        None => text,
+    }
+}
+
 async fn init_store(config: &Config, log: bool) -> anyhow::Result<Store> {
     let store = Store::connect(config)
         .await
@@ -219,7 +269,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     // A plugin or GeoIP database that does not load is a config that does not load.
     let loaded = crate::server::Loaded::load(&config)
         .map_err(|e| anyhow::Error::new(InvalidConfigs(format!("{e:#}"))))?;
-    let store = init_store(&config, true).await?;
+    let store = wait_for_store(&config).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;

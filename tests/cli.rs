@@ -1034,6 +1034,67 @@ async fn serve_with_json_logs_writes_nothing_but_json_lines() {
     }
 }
 
+/// `serve` started while MongoDB is down waits for it (each try logged, without the
+/// driver's topology dump) and serves once it answers, instead of exiting.
+#[tokio::test]
+async fn serve_waits_for_a_database_that_is_not_up_yet() {
+    let port = support::free_port();
+    let config = write_temp(
+        "sluice.toml",
+        &format!(
+            "[mongodb]\nuri = \"mongodb://127.0.0.1:{port}/?directConnection=true&serverSelectionTimeoutMS=500\"\ndatabase = \"sluice_wait\"\n[server]\nlisten = \"127.0.0.1:0\"\n[scheduler]\nenabled = false\n"
+        ),
+    );
+    let mut child = sluice()
+        .arg("--config")
+        .arg(&config)
+        .arg("serve")
+        .env("SLUICE_LOG_LEVEL", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let wait_for = |what: &str, lines: &mut Vec<String>| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while let Ok(line) =
+            rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+        {
+            let found = line.contains(what);
+            lines.push(line);
+            if found {
+                return true;
+            }
+        }
+        false
+    };
+    let mut lines = Vec::new();
+    // Two tries, both logged, and the process still there.
+    assert!(wait_for("serve waits for it", &mut lines), "{lines:?}");
+    assert!(wait_for("serve waits for it", &mut lines), "{lines:?}");
+    assert!(child.try_wait().unwrap().is_none(), "{lines:?}");
+    assert!(!lines.iter().any(|l| l.contains("Topology")), "{lines:?}");
+    // The database comes up on that port: serve gets on with it.
+    let server = support::OwnMongo::start_on(port).await;
+    let served = wait_for("sluice serving", &mut lines);
+    child.kill().unwrap();
+    let _ = child.wait();
+    drop(server);
+    assert!(served, "{lines:?}");
+}
+
 #[tokio::test]
 async fn an_archive_with_nothing_to_archive_says_why() {
     let db = support::TestDb::initialized().await;

@@ -580,17 +580,26 @@ pub struct OwnMongo {
     dir: std::path::PathBuf,
 }
 
+/// A loopback port nothing listens on at this moment.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 impl OwnMongo {
     pub async fn start() -> Self {
+        Self::start_on(free_port()).await
+    }
+
+    /// On `port` (one a test chose before the server runs: a client pointed at it first).
+    pub async fn start_on(port: u16) -> Self {
         let bin = std::env::var("SLUICE_SECANTUS_BIN").expect(
             "SLUICE_SECANTUS_BIN is not set: run the tests with scripts/test.sh, or \
              `eval \"$(scripts/services.sh env)\"` first",
         );
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
         let dir = std::env::temp_dir().join(format!(
             "sluice-own-mongo-{}",
             uuid::Uuid::new_v4().simple()
