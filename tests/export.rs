@@ -2002,6 +2002,45 @@ async fn a_publish_killed_midway_is_repaired_by_the_next_export_to_its_destinati
     assert_eq!(parquet_files(&dir, &parts(d2)).len(), published.len());
     assert!(dir.join(parts(d2)).join("_SUCCESS").exists());
     assert_eq!(locks.count_documents(doc! {}).await.unwrap(), 0);
+    // The repairs made the earlier runs' own parts live again: their records already
+    // listed those partitions, and say nothing more.
+    let repaired = db
+        .store
+        .collection("export_jobs")
+        .count_documents(doc! { "partitions.repaired": true })
+        .await
+        .unwrap();
+    assert_eq!(repaired, 0);
+
+    // Killed once its manifest is written: the partition is the killed run's. The repair
+    // keeps it so, and that run's record, which never recorded its publish, lists it.
+    let mut dying = ctx.clone();
+    dying.die_after_manifest = true;
+    let err = run_export(&dying, &request(ExportJobType::EventData, d3, d3))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("died after its manifest"), "{err}");
+    let killed = manifest(&dir, &parts(d3))["jobId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(lapse(d3).await, 1);
+    run_export(&ctx, &request(ExportJobType::EventData, d1, d1))
+        .await
+        .unwrap();
+    assert!(dir.join(parts(d3)).join("_SUCCESS").exists());
+    assert_eq!(manifest(&dir, &parts(d3))["jobId"], killed.as_str());
+    let record = job_doc(&db, &killed).await;
+    let listed: Vec<&Document> = record
+        .get_array("partitions")
+        .unwrap()
+        .iter()
+        .filter_map(|p| p.as_document())
+        .filter(|p| p.get_str("prefix") == Ok(parts(d3).as_str()))
+        .collect();
+    assert_eq!(listed.len(), 1, "{record}");
+    assert_eq!(listed[0].get_bool("repaired"), Ok(true), "{record}");
+    assert_eq!(listed[0].get_i64("rows"), Ok(50), "{record}");
 }
 
 #[tokio::test]

@@ -172,6 +172,9 @@ pub struct ExportContext {
     /// Tests: stop publishing after this many part files were copied, as a process
     /// killed there stops: nothing undone, the publish lock left to lapse.
     pub die_after_copies: Option<u64>,
+    /// Tests: stop publishing once the manifest is written, as a process killed there
+    /// stops (the old parts still beside the new, no `_SUCCESS`).
+    pub die_after_manifest: bool,
     /// Tests: the last step of a publish, putting `_SUCCESS` back, fails (a storage error
     /// outlasting the SDK's retries).
     pub fail_success_put: bool,
@@ -201,6 +204,7 @@ impl ExportContext {
             keep_replaced: Duration::ZERO,
             lose_lock_after_copies: false,
             die_after_copies: None,
+            die_after_manifest: false,
             fail_success_put: false,
             archive_delete_misses: 0,
         }
@@ -982,6 +986,15 @@ async fn repair_partition(ctx: &ExportContext, prefix: &str) -> Result<(), Expor
     remove_unnamed(ctx, &unnamed).await?;
     if named.is_some() && !existing.iter().any(|o| o.key == success) {
         ctx.dest.put_bytes(&success, Vec::new()).await?;
+    }
+    // The run whose parts the manifest names published the partition, though it never
+    // recorded so: its record says it now.
+    if let (Some(m), Some(paths)) = (manifest.as_ref(), named.as_ref()) {
+        if let Some(job) = m["jobId"].as_str() {
+            let files: Vec<String> = paths.iter().map(|p| format!("{dir}{p}")).collect();
+            let rows = m["rows"].as_u64().unwrap_or(0);
+            history::partition_repaired(&ctx.store, job, prefix, rows, &files).await?;
+        }
     }
     tracing::warn!(
         partition = %prefix,
@@ -2824,6 +2837,13 @@ async fn publish_now(
         }
         ctx.dest.put_bytes(&manifest_key, body).await?;
         put_symlink(ctx, &s.prefix, Some(&manifest)).await?;
+        if ctx.die_after_manifest {
+            lock.abandon();
+            return Err(ExportError::Request(format!(
+                "publishing `{}` died after its manifest (test hook)",
+                s.prefix
+            )));
+        }
         if ctx.fail_after_manifest {
             return Err(ExportError::Request(format!(
                 "publishing `{}` stopped after its manifest (test hook)",

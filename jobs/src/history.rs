@@ -402,6 +402,31 @@ pub async fn partition_published(
     .await
 }
 
+/// A partition an interrupted publish of run `job_id` left in place, which a later run's
+/// repair made whole (its manifest names that run's parts): listed among the run's
+/// `partitions` with `repaired: true`, once, so a reader following `export_jobs` learns
+/// that the partition changed although the run never recorded its publish.
+pub async fn partition_repaired(
+    store: &Store,
+    job_id: &str,
+    prefix: &str,
+    rows: u64,
+    files: &[String],
+) -> Result<(), StoreError> {
+    store
+        .collection(c::EXPORT_JOBS)
+        .update_one(
+            doc! { f::JOB_ID: job_id, format!("{PARTITIONS}.prefix"): { "$ne": prefix } },
+            doc! {
+                "$push": { PARTITIONS: { "prefix": prefix, "rows": rows as i64, "files": files, "kept": false, "repaired": true } },
+                "$currentDate": { common::UPDATED_AT: true },
+            },
+        )
+        .await
+        .map_err(StoreError::mongo(c::EXPORT_JOBS, "record a repaired partition"))?;
+    Ok(())
+}
+
 /// ARCHIVE: adds `n` to the events the run deleted.
 pub async fn events_deleted(store: &Store, job_id: &str, n: u64) -> Result<(), StoreError> {
     update(
