@@ -4426,6 +4426,42 @@ async fn epoch_second_dates_take_a_unit_and_the_cursor_goes_back_with_a_lookback
     );
 }
 
+/// A batch whose write MongoDB does not answer (its connection broken, the driver's own
+/// retry too) is written again, not left to fail the run.
+#[tokio::test]
+async fn a_batch_whose_connection_broke_is_written_again() {
+    let db = TestDb::initialized().await;
+    let api = || async {
+        Json(json!({ "data": [
+            { "id": 1, "title": "Lamp" }, { "id": 2, "title": "Desk" }, { "id": 3, "title": "Chair" },
+        ] }))
+    };
+    let addr = serve(Router::new().route("/broken", get(api))).await;
+    let text = things_config(
+        "broken",
+        &format!("http://{addr}/broken"),
+        "type = \"none\"",
+    ) + "[mapping.title]\npath = \"$.title\"\n";
+    let name = apply(&db, &text).await;
+    // The batch's insert into `things`, and the driver's retry of it, break.
+    let (uri, armed, severed, _) =
+        support::severing_mongo_proxy_at_most(b"insert\0\x07\0\0\0things\0", 2).await;
+    let proxied = support::store_via(&uri, &db.name).await;
+    armed.store(true, Ordering::SeqCst);
+    let s = run_import(&proxied, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(severed.load(Ordering::SeqCst), 2);
+    assert_eq!((s.inserted, s.failed), (3, 0), "{s:?}");
+    let stored = db
+        .store
+        .collection("things")
+        .count_documents(doc! {})
+        .await
+        .unwrap();
+    assert_eq!(stored, 3);
+}
+
 /// A record over 4 MiB is written with plain update operators (the comparing pipeline
 /// carries each value twice, and could pass the 16 MiB limit on a statement): stored, its
 /// `createdAt` kept, a cleared value unset, and counted updated on every run, as its

@@ -1028,7 +1028,8 @@ async fn execute(
     let kind = request.kind;
     // A destination that does not answer (wrong credentials, no bucket, nothing at the
     // endpoint) fails the run now, not after its whole read.
-    ctx.dest.check().await?;
+    // (Boxed: the SDK's request futures are large, and this one would sit in every run's.)
+    Box::pin(ctx.dest.check()).await?;
     if matches!(
         kind,
         ExportJobType::EventData | ExportJobType::DailyAnalytics

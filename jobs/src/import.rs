@@ -50,8 +50,14 @@ pub enum ImportError {
     Transform(#[from] TransformError),
     #[error("unknown transform `{0}` in the config's chain")]
     UnknownTransform(String),
+    /// `transient`: MongoDB did not answer (a dropped connection, an election), so the
+    /// same write may pass later.
     #[error("writing to `{collection}` failed: {message}")]
-    Sink { collection: String, message: String },
+    Sink {
+        collection: String,
+        message: String,
+        transient: bool,
+    },
     /// Stopped from outside before it could record its end (a second Ctrl-C).
     #[error("{0}")]
     Stopped(String),
@@ -1262,7 +1268,7 @@ async fn write_page(
             }
         } else {
             for chunk in mapped.chunks(connector.batch_size) {
-                let sunk = sink(store, connector, chunk, sink_mode).await?;
+                let sunk = sink_retrying(store, connector, chunk, sink_mode).await?;
                 summary.inserted += sunk.inserted;
                 summary.updated += sunk.updated;
                 summary.unchanged += sunk.unchanged;
@@ -1464,6 +1470,7 @@ async fn write_events(
                     again.len(),
                     again[0].event_id
                 ),
+                transient: false,
             });
         }
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
@@ -1599,6 +1606,43 @@ struct Sunk {
 /// stepdown, a write conflict, a full disk): it fails the run, which resumes at the page.
 const REFUSED_FOR_GOOD: &[i32] = &[2, 14, 52, 55, 56, 57, 66, 121, 10334, 16755, 17280, 17419];
 
+/// How long a batch's write is tried again while MongoDB does not answer (a dropped
+/// connection, an election, a restart), before the run fails on it.
+const SINK_RETRY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// [`sink`], tried again, 1 s and then up to 10 s apart within [`SINK_RETRY`], while
+/// MongoDB does not answer: the upserts by key make a write repeated after a partial one
+/// harmless (what the first attempt stored is then counted unchanged or updated, not
+/// inserted). A write MongoDB refused is not tried again.
+async fn sink_retrying(
+    store: &Store,
+    connector: &Connector,
+    docs: &[Document],
+    mode: &mut SinkMode,
+) -> Result<Sunk, ImportError> {
+    let deadline = Instant::now() + SINK_RETRY;
+    let mut pause = std::time::Duration::from_secs(1);
+    loop {
+        let mut tried = *mode;
+        match sink(store, connector, docs, &mut tried).await {
+            Ok(sunk) => {
+                *mode = tried;
+                return Ok(sunk);
+            }
+            Err(ImportError::Sink {
+                transient: true,
+                message,
+                ..
+            }) if Instant::now() + pause < deadline => {
+                tracing::warn!(config = %connector.name, error = %message, retry_in_seconds = pause.as_secs(), "MongoDB did not take a batch of the import; trying again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_secs(10));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Writes one batch by key and adapts `mode`.
 ///
 /// Insert-first: `insert_many` (unordered) of the complete documents, then the records
@@ -1692,6 +1736,7 @@ async fn sink_sized(
             ImportError::Sink {
                 collection: connector.collection.clone(),
                 message: e.to_string(),
+                transient: sluice_connectors::mongo::is_transient(&e),
             }
         })?,
     };
@@ -1800,6 +1845,7 @@ fn write_error(connector: &Connector, code: i32, message: &str) -> ImportError {
     ImportError::Sink {
         collection: connector.collection.clone(),
         message: format!("write error {code}: {message}"),
+        transient: false,
     }
 }
 
@@ -1832,6 +1878,7 @@ async fn upsert_once(
         .map_err(|e| ImportError::Sink {
             collection: connector.collection.clone(),
             message: e.to_string(),
+            transient: sluice_connectors::mongo::is_transient(&e),
         })?;
     // Written, but not as durably as asked: the page is not committed, and the run
     // fails (the next one redoes the page; upserts by key make that harmless).
@@ -1839,6 +1886,7 @@ async fn upsert_once(
         return Err(ImportError::Sink {
             collection: connector.collection.clone(),
             message,
+            transient: false,
         });
     }
     let errors = sluice_connectors::mongo::statement_errors(&reply);
@@ -1852,6 +1900,7 @@ async fn upsert_once(
                 statements.len(),
                 e.message
             ),
+            transient: false,
         });
     }
     let n = reply

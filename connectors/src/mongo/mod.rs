@@ -74,21 +74,25 @@ impl StoreError {
     /// being elected, or the driver labelled the error retryable; not a write the server
     /// refused.
     pub fn is_transient(&self) -> bool {
-        use mongodb::error::ErrorKind;
-        let source = match self {
-            StoreError::Connect(e) | StoreError::Mongo { source: e, .. } => e,
-            StoreError::Transaction { .. } | StoreError::NotDurable { .. } => return true,
-            _ => return false,
-        };
-        matches!(
-            source.kind.as_ref(),
-            ErrorKind::Io(_)
-                | ErrorKind::ServerSelection { .. }
-                | ErrorKind::ConnectionPoolCleared { .. }
-        ) || matches!(source.kind.as_ref(), ErrorKind::Command(c) if transient_code(c.code))
-            || source.contains_label(mongodb::error::RETRYABLE_WRITE_ERROR)
-            || source.contains_label(mongodb::error::TRANSIENT_TRANSACTION_ERROR)
+        match self {
+            StoreError::Connect(e) | StoreError::Mongo { source: e, .. } => is_transient(e),
+            StoreError::Transaction { .. } | StoreError::NotDurable { .. } => true,
+            _ => false,
+        }
     }
+}
+
+/// Whether trying a driver call again later may succeed (see [`StoreError::is_transient`]).
+pub fn is_transient(source: &mongodb::error::Error) -> bool {
+    use mongodb::error::ErrorKind;
+    matches!(
+        source.kind.as_ref(),
+        ErrorKind::Io(_)
+            | ErrorKind::ServerSelection { .. }
+            | ErrorKind::ConnectionPoolCleared { .. }
+    ) || matches!(source.kind.as_ref(), ErrorKind::Command(c) if transient_code(c.code))
+        || source.contains_label(mongodb::error::RETRYABLE_WRITE_ERROR)
+        || source.contains_label(mongodb::error::TRANSIENT_TRANSACTION_ERROR)
 }
 
 /// Whether a server error code says the write may succeed if sent again: the codes the

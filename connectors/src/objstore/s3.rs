@@ -131,7 +131,7 @@ where
         };
         return with_hint(said);
     }
-    describe_sdk(e)
+    describe(e)
 }
 
 /// The SDK's error text up to the `Debug` dump of its variant (`(DispatchFailure(...`,
