@@ -112,8 +112,6 @@ pub async fn db_init(config: &Config) -> anyhow::Result<Store> {
     init_store(config, false).await
 }
 
-/// Connects and creates what is missing. What was done is printed (`db init`, the demo)
-/// or, in `serve`, logged, so a JSON log stays JSON lines.
 /// `serve`'s store: while MongoDB does not answer (down, restarting, not yet reachable)
 /// it is tried again, from 1 s apart up to 30 s, each try logged, until it answers or the
 /// process is told to stop; anything else (a refused login, a bad URI) ends `serve` at
@@ -122,14 +120,25 @@ async fn wait_for_store(config: &Config) -> anyhow::Result<Store> {
     let mut wait = std::time::Duration::from_secs(1);
     let stop = crate::server::shutdown_signal();
     tokio::pin!(stop);
-    loop {
-        match init_store(config, true).await {
+    for attempt in 0u64.. {
+        let tried = tokio::select! {
+            tried = init_store(config, true) => tried,
+            _ = &mut stop => anyhow::bail!("stopped while waiting for MongoDB"),
+        };
+        match tried {
             Ok(store) => return Ok(store),
             Err(e) if unreachable_store(&e) => {
+                // The driver's description of each server says why it did not answer (a
+                // refused connection, a certificate, a name that does not resolve: a
+                // typo waits for ever too): in full on the first try and every tenth.
+                let said = if attempt % 10 == 0 {
+                    format!("{e:#}")
+                } else {
+                    concise_store_error(&e)
+                };
                 tracing::warn!(
                     retry_in_seconds = wait.as_secs(),
-                    "MongoDB does not answer yet; serve waits for it: {}",
-                    concise_store_error(&e)
+                    "MongoDB does not answer yet; serve waits for it: {said}"
                 );
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
@@ -140,6 +149,7 @@ async fn wait_for_store(config: &Config) -> anyhow::Result<Store> {
             Err(e) => return Err(e),
         }
     }
+    unreachable!("tries are counted without end")
 }
 
 /// Whether `e` says MongoDB could not be reached (or answered as a server does while it
@@ -164,6 +174,8 @@ fn concise_store_error(e: &anyhow::Error) -> String {
     }
 }
 
+/// Connects and creates what is missing. What was done is printed (`db init`, the demo)
+/// or, in `serve`, logged, so a JSON log stays JSON lines.
 async fn init_store(config: &Config, log: bool) -> anyhow::Result<Store> {
     let store = Store::connect(config)
         .await

@@ -253,8 +253,10 @@ enum ConfigCommand {
 const EXIT_USAGE: u8 = 64;
 
 /// Output piped into a reader that stopped reading (`sluice jobs history | head`): the
-/// rest is not wanted, so the command ends quietly, as `cat` does, instead of panicking
-/// in `println!` with a backtrace.
+/// rest is not wanted, so the command ends quietly instead of panicking in `println!`
+/// with a backtrace, with the status of a process ended by SIGPIPE (141), as `cat` ends:
+/// not 0, which would pass for success what the command had not finished (a `plugin
+/// test` whose records failed, under `pipefail`).
 fn quiet_on_closed_stdout() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
@@ -265,7 +267,7 @@ fn quiet_on_closed_stdout() {
             .or_else(|| info.payload().downcast_ref::<&str>().copied())
             .unwrap_or_default();
         if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
-            std::process::exit(0);
+            std::process::exit(141);
         }
         default(info);
     }));

@@ -2041,6 +2041,8 @@ async fn a_publish_killed_midway_is_repaired_by_the_next_export_to_its_destinati
     assert_eq!(listed.len(), 1, "{record}");
     assert_eq!(listed[0].get_bool("repaired"), Ok(true), "{record}");
     assert_eq!(listed[0].get_i64("rows"), Ok(50), "{record}");
+    // Counted in its totals too, as a partition it published.
+    assert_eq!(record.get_i64("recordsProcessed"), Ok(50), "{record}");
 }
 
 #[tokio::test]

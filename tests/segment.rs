@@ -952,8 +952,8 @@ async fn a_segment_batch_of_many_small_messages_is_taken_whole() {
     let batch: Vec<Value> = (0..1_200).map(screen).collect();
     let (s, body) = post(&base, "/v1/batch", &json!({ "batch": batch })).await;
     assert_eq!((s, &body["stored"]), (200, &json!(1_200)), "{body}");
-    // Beyond a writer's share of the queue (20,000 / 4 writers), still refused whole.
-    let batch: Vec<Value> = (0..5_001)
+    // Beyond half a writer's share of the queue (20,000 / 4 writers / 2), refused whole.
+    let batch: Vec<Value> = (0..2_501)
         .map(|i| json!({ "type": "screen", "messageId": format!("t{i}"), "anonymousId": "a1" }))
         .collect();
     let (s, body) = post(&base, "/v1/batch", &json!({ "batch": batch })).await;
@@ -966,7 +966,7 @@ async fn a_segment_batch_of_many_small_messages_is_taken_whole() {
         body["message"]
             .as_str()
             .unwrap()
-            .contains("at most 5000 messages"),
+            .contains("at most 2500 messages"),
         "{body}"
     );
     assert_eq!(find(&db, "events", doc! {}).await.len(), 1_200);

@@ -210,6 +210,11 @@ fn products_total(properties: &Map<String, Value>) -> Option<Value> {
     }
     // Cents added as doubles (0.1 + 0.2): the total to the millionth, as revenue counts.
     let total = (total * 1e6).round() / 1e6;
+    // A total no amount may be (a coupon line taking it below 0) gives none, rather
+    // than the order refused for an amount it never sent.
+    if !(0.0..=crate::tracking::MAX_PURCHASE_AMOUNT).contains(&total) {
+        return None;
+    }
     serde_json::Number::from_f64(total).map(Value::Number)
 }
 
@@ -690,6 +695,9 @@ mod tests {
         assert_eq!(p.get_f64("amount").unwrap(), 10.3);
         // An item without a readable price: no amount, as before.
         let p = order(json!([{ "price": 5 }, { "sku": "x" }]));
+        assert!(!p.contains_key("amount"), "{p}");
+        // Nor a total no amount may be: the order is still stored.
+        let p = order(json!([{ "price": 20 }, { "price": -25, "name": "coupon" }]));
         assert!(!p.contains_key("amount"), "{p}");
     }
 

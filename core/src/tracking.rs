@@ -14,6 +14,10 @@ use crate::model::{event_fields as f, Event, EventMetadata, EventType};
 pub const MAX_ID_LEN: usize = 256;
 pub const MAX_URL_LEN: usize = 4096;
 const MAX_PROPERTY_DEPTH: usize = 16;
+/// The most a client's clock may have been set back between an event and its sending
+/// for the event to be stored at its arrival (a week).
+pub const MAX_CLOCK_SET_BACK_MS: i64 = 7 * 24 * 3_600_000;
+
 /// Events before this instant are rejected as nonsense (2000-01-01T00:00:00Z).
 const EARLIEST_MS: i64 = 946_684_800_000;
 /// The largest purchase amount accepted. Revenue is summed in integer millionths
@@ -284,8 +288,11 @@ pub fn unknown_members(v: &Value) -> Vec<String> {
 
 /// An amount written as text: a number (` 7.5 `, `1e3`), or as people write money, with
 /// a currency symbol or code before or after it (`$19.99`, `US$ 5`, `USD 19.99`,
-/// `19.99 €`, `19.99 EUR`) and thousands grouped by commas (`1,299.00`). Not a comma as
-/// the decimal mark (`19,99`, `1.299,00`): which it is cannot be told from `1,299`.
+/// `19.99 €`, `19.99 EUR`) and thousands grouped by commas (`1,299.00`, `12,500,000`).
+/// Not what reads two ways, 1,000 times apart: a comma as the decimal mark (`19,99`,
+/// `1.299,00`), one comma group without decimals (`1,299`: 1299, or 1.299 where the
+/// comma is the decimal mark), a dot before exactly three digits beside a currency mark
+/// (`1.299 €`).
 pub fn money(text: &str) -> Option<f64> {
     const SYMBOLS: &[char] = &[
         '$', '€', '£', '¥', '₹', '₩', '₽', '₺', '₫', '₪', '฿', '₴', '₦', '¢', '₱', '₡', '₲', '₵',
@@ -313,9 +320,16 @@ pub fn money(text: &str) -> Option<f64> {
         s = &s[..s.len() - c.len_utf8()];
     }
     let s = s.trim();
+    let marked = s.len() != text.trim().len();
     let plain = |s: &str| s.parse::<f64>().ok().filter(|f| f.is_finite());
+    let all_digits = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit());
     if let Some(f) = plain(s) {
-        return Some(f);
+        // `1.299 €`: 1.299, or 1299 with the dot grouping thousands.
+        let unsigned = s.strip_prefix('-').unwrap_or(s);
+        let thousands_like = unsigned.split_once('.').is_some_and(|(w, f)| {
+            (1..=3).contains(&w.len()) && all_digits(w) && f.len() == 3 && all_digits(f)
+        });
+        return (!(marked && thousands_like)).then_some(f);
     }
     // Thousands grouped by commas: 1-3 digits, then groups of exactly three.
     let (whole, fraction) = match s.split_once('.') {
@@ -323,14 +337,16 @@ pub fn money(text: &str) -> Option<f64> {
         None => (s, None),
     };
     let digits = whole.strip_prefix('-').unwrap_or(whole);
-    let all_digits = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit());
     let mut groups = digits.split(',');
     let first = groups.next().unwrap_or_default();
+    let rest: Vec<&str> = groups.collect();
     let grouped = first.len() <= 3
         && all_digits(first)
-        && digits.contains(',')
-        && groups.all(|g| g.len() == 3 && all_digits(g))
-        && fraction.is_none_or(all_digits);
+        && !rest.is_empty()
+        && rest.iter().all(|g| g.len() == 3 && all_digits(g))
+        && fraction.is_none_or(all_digits)
+        // `1,299` alone reads two ways (see above).
+        && (rest.len() > 1 || fraction.is_some());
     grouped.then(|| plain(&s.replace(',', ""))).flatten()
 }
 
@@ -549,10 +565,14 @@ pub fn parse_event(
     // while events were queued). The event happened before it was sent: it is stored at
     // its arrival, not refused. (A `sentAt` of 1970 with a time of today is a bug of the
     // client's, refused below.)
+    // And by at most a week: more is no clock set back but a bug (epoch microseconds,
+    // a year typed wrong), refused below.
     let plausible = |t: Option<i64>| t.is_some_and(|t| t >= EARLIEST_MS);
+    let set_back = client_time.zip(sent_at).map(|(t, s)| t.saturating_sub(s));
     let timestamp_ms = if corrected
         && plausible(client_time)
         && plausible(sent_at)
+        && set_back.is_some_and(|b| b <= MAX_CLOCK_SET_BACK_MS)
         && timestamp_ms > ctx.received_at_ms + ctx.max_future_ms
     {
         crate::metrics::count(
@@ -831,6 +851,13 @@ pub(crate) mod tests {
         }))
         .unwrap();
         assert_eq!(e.timestamp.timestamp_millis(), NOW);
+        // More than a week ahead of its sending is a bug, not a clock: refused.
+        let err = parse(json!({
+            "userId": "v", "sessionId": "s", "eventType": "CLICK",
+            "timestamp": NOW + 8 * 24 * 3_600_000, "sentAt": NOW,
+        }))
+        .unwrap_err();
+        assert_eq!(err.field, "sentAt", "{err}");
         // Without `sentAt` such a time is refused, and the error says what corrects it.
         let err = parse(json!({
             "userId": "v", "sessionId": "s", "eventType": "CLICK",
@@ -896,13 +923,31 @@ pub(crate) mod tests {
             ("19.99EUR", 19.99),
             ("R$1,299.00", 1299.0),
             ("1,234,567", 1_234_567.0),
+            ("1.299", 1.299),
+            ("KWD 1.25", 1.25),
             ("£0.5", 0.5),
         ] {
             assert_eq!(money(text), Some(value), "{text}");
         }
         for text in [
-            "abc", "NaN", "inf", "19,99", "1.299,00", "1,29", "12,3456", "$", "", "five USD",
-            "1,299.", "ABCD5", "1e400",
+            "abc",
+            "NaN",
+            "inf",
+            "19,99",
+            "1.299,00",
+            "1,29",
+            "12,3456",
+            "$",
+            "",
+            "five USD",
+            "1,299.",
+            "ABCD5",
+            "1e400",
+            "1,299",
+            "$1,299",
+            "1,299 €",
+            "1.299 €",
+            "€1.299",
         ] {
             assert_eq!(money(text), None, "{text}");
         }

@@ -419,6 +419,7 @@ pub async fn partition_repaired(
             doc! { f::JOB_ID: job_id, format!("{PARTITIONS}.prefix"): { "$ne": prefix } },
             doc! {
                 "$push": { PARTITIONS: { "prefix": prefix, "rows": rows as i64, "files": files, "kept": false, "repaired": true } },
+                "$inc": { f::RECORDS_PROCESSED: rows as i64, f::FILES: files.len() as i64 },
                 "$currentDate": { common::UPDATED_AT: true },
             },
         )

@@ -1185,7 +1185,12 @@ async fn top_pages(
     }
     aggregate(&state, vec![
         // Page views without a `pageUrl` are no page to list.
-        doc! { "$match": { "eventType": "PAGE_VIEW", "timestamp": { "$gte": sluice_jobs::export::day_start(from) }, "pageUrl": { "$type": "string" } } },
+        // Bot traffic left out, as in the daily analytics.
+        doc! { "$match": {
+            "eventType": "PAGE_VIEW",
+            "pageUrl": { "$type": "string" },
+            "$and": [sluice_jobs::export::counted_events(doc! { "$gte": sluice_jobs::export::day_start(from) })],
+        } },
         // Per page and visitor first: a page's distinct visitors are counted, not collected.
         doc! { "$group": { "_id": { "p": "$pageUrl", "u": "$userId" }, "views": { "$sum": 1 } } },
         doc! { "$group": { "_id": "$_id.p", "views": { "$sum": "$views" }, "uniqueUsers": { "$sum": 1 } } },

@@ -319,7 +319,10 @@ async fn store(
     // The request's bytes stay counted until it is done (its traits are applied after
     // the write), not only until its events are written.
     let answer = write(state, prepared, held.clone()).await?;
-    apply_traits(state, answer, traits).await
+    // A resend applies them again: each message has its `messageId` (SDKs send one), so
+    // a 503 here stores nothing twice.
+    apply_traits(state, &answer, traits).await?;
+    Ok(answer)
 }
 
 /// Copies the traits of the identifies a request stored (or stored before: a resend
@@ -327,16 +330,16 @@ async fn store(
 /// whole request: `traits` has one entry per event sent.
 pub(super) async fn apply_traits(
     state: &AppState,
-    answer: super::tracking::Answer,
+    answer: &super::tracking::Answer,
     traits: Vec<Option<identities::Traits>>,
-) -> Result<super::tracking::Answer, ApiError> {
+) -> Result<(), ApiError> {
     let traits: Vec<identities::Traits> = traits
         .into_iter()
         .enumerate()
         .filter_map(|(i, t)| t.filter(|_| answer.written[i]))
         .collect();
     if traits.is_empty() {
-        return Ok(answer);
+        return Ok(());
     }
     let deadline = std::time::Duration::from_secs(state.config.tracking.write_timeout_seconds);
     let applied = tokio::time::timeout(deadline, identities::apply_traits(&state.store, &traits))
@@ -359,7 +362,7 @@ pub(super) async fn apply_traits(
             tracing::warn!(visitor = %t.visitor, error = %e, "identify traits not applied");
         }
     }
-    Ok(answer)
+    Ok(())
 }
 
 /// Identity links or profiles could not be read or written: 503, nothing acknowledged.

@@ -170,11 +170,13 @@ pub(super) fn check_batch_len(state: &AppState, n: usize, what: &str) -> Result<
 
 /// The messages a Segment batch may hold: SDKs cut their batches by bytes only (about
 /// 500 KB), so an app back online sends thousands of small messages at once, and a 413
-/// would make it drop them. As many as a writer's share of the queue takes (5,000 by
-/// default), never fewer than `max_batch_events`; the byte limits still apply.
+/// would make it drop them. Half a writer's share of the queue (2,500 by default): one
+/// visitor's events all go to one writer, whose share must have room for them at once,
+/// so a batch as large as the whole share would be refused (503) whenever that writer
+/// holds anything. Never fewer than `max_batch_events`; the byte limits still apply.
 pub(super) fn segment_batch_messages(state: &AppState) -> usize {
     let t = &state.config.tracking;
-    (t.queue_capacity / t.writers.max(1)).max(t.max_batch_events)
+    (t.queue_capacity / t.writers.max(1) / 2).max(t.max_batch_events)
 }
 
 pub(super) fn check_batch_len_at(max: usize, n: usize, what: &str) -> Result<(), ApiError> {
@@ -811,7 +813,13 @@ pub(super) async fn ingest(
         })
         .collect();
     let answer = write(state, prepared, held).await?;
-    super::segment::apply_traits(state, answer, traits).await
+    // The events are stored: a profile that could not be updated is logged and counted,
+    // not answered 503, whose resend would store again an event sent without an id.
+    if let Err(e) = super::segment::apply_traits(state, &answer, traits).await {
+        state.metrics.traits_failed.fetch_add(1, Relaxed);
+        tracing::warn!(error = %e.message, "IDENTIFY traits not applied; the events are stored");
+    }
+    Ok(answer)
 }
 
 /// Events enriched and transformed, ready to be written, and what became of each one sent.
