@@ -996,6 +996,48 @@ async fn enrichment_fills_metadata_and_bots_can_be_dropped() {
     server.shutdown().await;
 }
 
+/// A PURCHASE without `properties.amount` is stored, and its result says it counts no
+/// revenue (naming a `revenue` it had, which is Segment's name, not read here).
+#[tokio::test]
+async fn a_purchase_without_an_amount_is_stored_with_a_warning() {
+    let db = TestDb::initialized().await;
+    let server = start_server(&db, |_| {}).await;
+    let base = format!("http://{}", server.addr);
+    let purchase = |id: &str, properties: Value| {
+        json!({ "eventId": id, "userId": "buyer", "sessionId": "s", "eventType": "PURCHASE",
+                "properties": properties })
+    };
+    let (s, body) = post(
+        &base,
+        "/v1/events/batch",
+        &json!({ "batch": [
+            purchase("p1", json!({ "revenue": 19.99 })),
+            purchase("p2", json!({ "amount": 5 })),
+            purchase("p3", json!({})),
+        ] }),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(body["stored"], 3, "{body}");
+    let results = body["results"].as_array().unwrap();
+    assert!(
+        results[0]["warning"]
+            .as_str()
+            .unwrap()
+            .contains("`properties.revenue` is not read"),
+        "{body}"
+    );
+    assert!(results[1].get("warning").is_none(), "{body}");
+    assert!(
+        results[2]["warning"]
+            .as_str()
+            .unwrap()
+            .contains("counts no revenue"),
+        "{body}"
+    );
+    server.shutdown().await;
+}
+
 /// A native IDENTIFY's properties are the visitor's traits, copied to the profile as a
 /// Segment identify's are.
 #[tokio::test]

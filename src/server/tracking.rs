@@ -68,13 +68,37 @@ pub async fn track(
     };
     let ctx = request_context(&state, peer, &headers, None, &admitted);
     let event = parse_event(&value, &ctx, EventMetadata::default());
+    let warning = revenue_warning(&event);
     // Held until the answer is built, beyond the write.
     let held = held.map(|h| h.0);
     let mut answer = ingest(&state, vec![event], held.clone())
         .instrument(admitted.span())
         .await?;
     answer.note_ignored(vec![unknown_members(&value)]);
+    answer.note_warnings(vec![warning]);
     answer.into_single_response("invalid_event")
+}
+
+/// What a client should hear of an event stored as sent but probably not as meant: a
+/// PURCHASE without `properties.amount` counts in the visitor's purchases with no revenue
+/// (a `revenue` or `total` property, Segment's names, is not read here).
+fn revenue_warning(event: &Result<Event, ValidationError>) -> Option<String> {
+    let e = event.as_ref().ok()?;
+    if e.event_type != sluice_core::model::EventType::Purchase
+        || e.properties
+            .contains_key(sluice_core::model::event_fields::AMOUNT)
+    {
+        return None;
+    }
+    let named = ["revenue", "total", "value", "price"]
+        .into_iter()
+        .find(|k| e.properties.contains_key(*k));
+    Some(match named {
+        Some(k) => format!(
+            "a PURCHASE without `properties.amount` counts no revenue (`properties.{k}` is not read as the amount)"
+        ),
+        None => "a PURCHASE without `properties.amount` counts no revenue".to_string(),
+    })
 }
 
 /// A write key sent in a body, by a client that cannot set headers (`sendBeacon`).
@@ -114,7 +138,7 @@ pub async fn batch(
     let ctx = request_context(&state, peer, &headers, sent_at, &admitted);
     let mut ignored = Vec::with_capacity(parsed.batch.len());
     let mut sent_ids = Vec::with_capacity(parsed.batch.len());
-    let values = parsed
+    let values: Vec<Result<Event, ValidationError>> = parsed
         .batch
         .iter()
         .map(|raw| {
@@ -128,12 +152,14 @@ pub async fn batch(
             item.and_then(|v| parse_event(&v, &ctx, EventMetadata::default()))
         })
         .collect();
+    let warnings = values.iter().map(revenue_warning).collect();
     let held = held.map(|h| h.0);
     let mut answer = ingest(&state, values, held.clone())
         .instrument(admitted.span())
         .await?;
     answer.note_ignored(ignored);
     answer.note_sent_ids(sent_ids, "eventId");
+    answer.note_warnings(warnings);
     Ok(answer.into_batch_response())
 }
 
@@ -490,6 +516,16 @@ impl Answer {
         for (entry, fields) in self.results.iter_mut().zip(ignored) {
             if !fields.is_empty() {
                 entry["ignored"] = json!(fields);
+            }
+        }
+    }
+
+    /// A warning on the result of each event stored (or already stored) that has one.
+    pub(super) fn note_warnings(&mut self, warnings: Vec<Option<String>>) {
+        for (entry, warning) in self.results.iter_mut().zip(warnings) {
+            let kept = matches!(entry["status"].as_str(), Some("stored" | "duplicate"));
+            if let (Some(w), true) = (warning, kept) {
+                entry["warning"] = json!(w);
             }
         }
     }
