@@ -22,15 +22,15 @@ use axum::response::Response;
 use axum::Extension;
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use sluice_connectors::mongo::identities;
 use sluice_core::segment::{parse_message, Kind, Message, Options};
 use sluice_core::ValidationError;
 use tracing::Instrument;
 
 use super::tracking::{
-    admit, admit_by_header, batch_item, batch_sent_at, check_batch_len_at, malformed, parse_batch,
-    prepare, read_body, request_context, segment_batch_messages, write,
+    admit_after_body, admit_by_header, batch_item, batch_sent_at, check_batch_len_at, malformed,
+    parse_batch, prepare, read_body, request_context, segment_batch_messages, write, BODY_KEY,
 };
 use super::{ApiError, AppState, InFlight};
 
@@ -38,10 +38,6 @@ fn options(state: &AppState) -> Options {
     Options {
         purchase_events: state.config.tracking.purchase_events.clone(),
     }
-}
-
-fn body_key(obj: &Map<String, Value>) -> Option<&str> {
-    obj.get("writeKey").and_then(Value::as_str)
 }
 
 /// `{"batch": [...], "sentAt", "context", "writeKey"}`, the messages left raw until each
@@ -81,10 +77,7 @@ pub async fn single(
             "expected a JSON object",
         ));
     };
-    let admitted = match by_header {
-        Some(a) => a,
-        None => admit(&state, &headers, body_key(obj))?,
-    };
+    let admitted = admit_after_body(&state, &headers, by_header, obj.get(BODY_KEY))?;
     let ctx = request_context(&state, peer, &headers, None, &admitted);
     let message = parse_message(&value, Some(kind), &ctx, &options(&state));
     let mut answer = store(&state, vec![message], held)
@@ -104,14 +97,7 @@ pub async fn batch(
     let by_header = admit_by_header(&state, &headers)?;
     let body = read_body(&headers, body, state.config.tracking.max_batch_bytes)?;
     let parsed: SegmentBatch = parse_batch(&body, "messages")?;
-    let admitted = match by_header {
-        Some(a) => a,
-        None => admit(
-            &state,
-            &headers,
-            parsed.write_key.as_ref().and_then(Value::as_str),
-        )?,
-    };
+    let admitted = admit_after_body(&state, &headers, by_header, parsed.write_key.as_ref())?;
     let Some(items) = parsed.batch else {
         return Err(invalid("expected {\"batch\": [messages...]}"));
     };
@@ -212,7 +198,6 @@ async fn store(
     mut messages: Vec<Result<Message, ValidationError>>,
     held: Option<InFlight>,
 ) -> Result<super::tracking::Answer, ApiError> {
-    let unavailable = store_unavailable;
     // The identity reads and writes answer within the write deadline too: a database
     // that accepts connections but does not answer gets the client a 503, not a hang.
     let deadline = std::time::Duration::from_secs(state.config.tracking.write_timeout_seconds);
@@ -238,7 +223,7 @@ async fn store(
     )
     .await
     .map_err(|_| late())?
-    .map_err(unavailable)?;
+    .map_err(store_unavailable)?;
     let planned = identities::preview(&current, &every_link);
     // Per message: its anonymous id when it has no userId, its time, and the visitor it
     // was resolved to.
@@ -289,7 +274,7 @@ async fn store(
         )
         .await
         .map_err(|_| late())?
-        .map_err(unavailable)?
+        .map_err(store_unavailable)?
     };
     for (index, resolved) in anonymous.into_iter().enumerate() {
         let (Some((id, at, planned_visitor)), Some(j)) = (resolved, prepared.kept(index)) else {

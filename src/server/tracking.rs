@@ -62,10 +62,7 @@ pub async fn track(
         Some(obj) => obj.remove(BODY_KEY),
         None => None,
     };
-    let admitted = match by_header {
-        Some(a) => a,
-        None => admit(&state, &headers, body_key.as_ref().and_then(Value::as_str))?,
-    };
+    let admitted = admit_after_body(&state, &headers, by_header, body_key.as_ref())?;
     let ctx = request_context(&state, peer, &headers, None, &admitted);
     let event = parse_event(&value, &ctx, EventMetadata::default());
     let warning = revenue_warning(&event);
@@ -102,7 +99,7 @@ fn revenue_warning(event: &Result<Event, ValidationError>) -> Option<String> {
 }
 
 /// A write key sent in a body, by a client that cannot set headers (`sendBeacon`).
-const BODY_KEY: &str = "writeKey";
+pub(super) const BODY_KEY: &str = "writeKey";
 
 #[derive(Deserialize)]
 struct BatchBody<'a> {
@@ -125,14 +122,7 @@ pub async fn batch(
     let limits = &state.config.tracking;
     let body = read_body(&headers, body, limits.max_batch_bytes)?;
     let parsed: BatchBody = parse_batch(&body, "events")?;
-    let admitted = match by_header {
-        Some(a) => a,
-        None => admit(
-            &state,
-            &headers,
-            parsed.write_key.as_ref().and_then(Value::as_str),
-        )?,
-    };
+    let admitted = admit_after_body(&state, &headers, by_header, parsed.write_key.as_ref())?;
     check_batch_len(&state, parsed.batch.len(), "events")?;
     let sent_at = batch_sent_at(parsed.sent_at.as_ref())?;
     let ctx = request_context(&state, peer, &headers, sent_at, &admitted);
@@ -323,6 +313,20 @@ pub(super) fn admit_by_header(
     {
         Some(admitted) => rate_limit(state, admitted).map(Some),
         None => Ok(None),
+    }
+}
+
+/// The request's admission once its body is read: the header's key [`admit_by_header`]
+/// admitted before, else the body's `writeKey` (`body_key`).
+pub(super) fn admit_after_body(
+    state: &AppState,
+    headers: &HeaderMap,
+    by_header: Option<Admitted>,
+    body_key: Option<&Value>,
+) -> Result<Admitted, ApiError> {
+    match by_header {
+        Some(admitted) => Ok(admitted),
+        None => admit(state, headers, body_key.and_then(Value::as_str)),
     }
 }
 
