@@ -1491,7 +1491,7 @@ pub fn plugin_test(
                     // What every import refuses of a plugin's output, whatever its config.
                     if let Some(k) = r
                         .keys()
-                        .find(|k| !sluice_core::model::is_plain_field_name(k) || k.contains('\0'))
+                        .find(|k| !sluice_core::model::is_storable_field_name(k))
                     {
                         eprintln!(
                             "output {}: the field name {k:?} cannot be written by an import (empty, `$`-prefixed, dotted or with a NUL): an import fails such a record",

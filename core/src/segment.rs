@@ -182,14 +182,7 @@ pub fn unknown_members(v: &Value) -> Vec<String> {
         "options",
         "sessionId",
     ];
-    let Value::Object(obj) = v else {
-        return Vec::new();
-    };
-    obj.keys()
-        .filter(|k| !KNOWN.contains(&k.as_str()) && !k.starts_with('_'))
-        .take(10)
-        .map(|k| k.chars().take(64).collect())
-        .collect()
+    crate::tracking::members_not_read(v, |k| KNOWN.contains(&k) || k.starts_with('_'))
 }
 
 /// An order's amount from its line items (`products`, each `price` times `quantity`, 1
@@ -583,7 +576,7 @@ fn escaped_name(k: String) -> String {
     if k.is_empty() {
         return "_".into();
     }
-    if crate::model::is_plain_field_name(&k) && !k.contains('\0') {
+    if crate::model::is_storable_field_name(&k) {
         return k;
     }
     let k = k.replace('.', "\u{FF0E}").replace('\0', "\u{FFFD}");

@@ -276,11 +276,17 @@ const EVENT_MEMBERS: [&str; 11] = [
 /// at 64 characters): a typo such as `pageURL` or `sessionid` would otherwise lose its
 /// value without a word. The event is still taken; its answer lists them.
 pub fn unknown_members(v: &Value) -> Vec<String> {
+    members_not_read(v, |k| EVENT_MEMBERS.contains(&k))
+}
+
+/// The top-level members of `v` that `known` does not take, as an answer lists them: at
+/// most 10, each cut at 64 characters.
+pub(crate) fn members_not_read(v: &Value, known: impl Fn(&str) -> bool) -> Vec<String> {
     let Value::Object(obj) = v else {
         return Vec::new();
     };
     obj.keys()
-        .filter(|k| !EVENT_MEMBERS.contains(&k.as_str()))
+        .filter(|k| !known(k))
         .take(10)
         .map(|k| k.chars().take(64).collect())
         .collect()

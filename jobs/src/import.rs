@@ -1412,8 +1412,7 @@ fn plugin_output_problem(connector: &Connector, d: &Document) -> Option<String> 
     let mapped = |name: &str| connector.fields.iter().any(|f| f.target == name);
     d.keys()
         .find(|k| {
-            !sluice_core::model::is_plain_field_name(k)
-                || k.contains('\0')
+            !sluice_core::model::is_storable_field_name(k)
                 || (k.as_str() == common::ID && !mapped(common::ID))
                 || sluice_core::integration::IMPORT_RESERVED_FIELDS.contains(&k.as_str())
         })

@@ -24,6 +24,12 @@ pub fn is_plain_field_name(name: &str) -> bool {
     !name.is_empty() && !name.starts_with('$') && !name.contains('.')
 }
 
+/// [`is_plain_field_name`] without a NUL either, which no BSON key can hold: what an
+/// import writes of a plugin's output, and what Segment traits are kept as unescaped.
+pub fn is_storable_field_name(name: &str) -> bool {
+    is_plain_field_name(name) && !name.contains('\0')
+}
+
 /// The value at a dotted path (`meta.updatedAt`) through sub-documents, as MongoDB
 /// reads a path in a filter or a sort (arrays are not walked into).
 pub fn at_path<'a>(doc: &'a bson::Document, path: &str) -> Option<&'a bson::Bson> {
