@@ -110,7 +110,7 @@ impl Drop for PendingUpload {
 }
 
 fn describe<E: std::error::Error>(e: E) -> String {
-    with_hint(without_debug_dump(DisplayErrorContext(e).to_string()))
+    with_hint(DisplayErrorContext(e).to_string())
 }
 
 /// An S3 request's error as S3 words it (`InvalidAccessKeyId (HTTP 403): The AWS Access
@@ -152,13 +152,13 @@ fn without_debug_dump(text: String) -> String {
 
 /// An error that says what to change where S3's own words do not: the SDK does not follow
 /// S3's redirect to a bucket's region, and a `301 PermanentRedirect` names no setting.
+/// Read on the SDK's whole text (its dump names `CredentialsNotLoaded`), said without the
+/// dump.
 fn with_hint(text: String) -> String {
     // No credentials anywhere: the chain's own account (each provider it tried) is kept,
     // the SDK's debug dump of the same after it is not.
     if text.contains("no credentials found in chain") || text.contains("CredentialsNotLoaded") {
-        let chain = text
-            .split_once(" (DispatchFailure(")
-            .map_or(text.as_str(), |(said, _)| said);
+        let chain = without_debug_dump(text);
         return format!(
             "no S3 credentials: set `[s3] access_key` and `secret_key` (or SLUICE_S3_ACCESS_KEY and SLUICE_S3_SECRET_KEY), or give the AWS chain some (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, a profile, a web identity, an instance role). {chain}"
         );
@@ -169,10 +169,12 @@ fn with_hint(text: String) -> String {
         "AuthorizationHeaderMalformed",
         "IncorrectEndpoint",
     ];
-    if wrong_region.iter().any(|w| text.contains(w)) {
-        format!("{text} (the bucket is in another region than the client's: set `[s3] region` to the bucket's)")
+    let wrong = wrong_region.iter().any(|w| text.contains(w));
+    let said = without_debug_dump(text);
+    if wrong {
+        format!("{said} (the bucket is in another region than the client's: set `[s3] region` to the bucket's)")
     } else {
-        text
+        said
     }
 }
 
