@@ -969,6 +969,24 @@ fn configs_validate_can_check_configs_whose_secrets_are_not_set() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// The lines a child process writes to `stderr`, as they come, read on a thread of their
+/// own (a test waits for one with a deadline).
+fn lines_of(stderr: std::process::ChildStderr) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
 #[tokio::test]
 async fn serve_with_json_logs_writes_nothing_but_json_lines() {
     // A fresh database: serve creates collections and indexes (and, on the test server,
@@ -990,20 +1008,8 @@ async fn serve_with_json_logs_writes_nothing_but_json_lines() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let stderr = child.stderr.take().unwrap();
+    let rx = lines_of(child.stderr.take().unwrap());
     // Read until the server says it serves (or gives up, or a minute passed), then stop it.
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     let mut lines = Vec::new();
     while let Ok(line) =
@@ -1054,19 +1060,7 @@ async fn serve_waits_for_a_database_that_is_not_up_yet() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let rx = lines_of(child.stderr.take().unwrap());
     let wait_for = |what: &str, lines: &mut Vec<String>| {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         while let Ok(line) =
