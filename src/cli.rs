@@ -266,6 +266,114 @@ pub async fn db_prune_ledger(
     Ok(())
 }
 
+/// `sluice db check`: compares the session and visitor aggregates with the events they
+/// count, printing progress on stderr and what differs on stdout; an error (exit 1) when
+/// anything does.
+pub async fn db_check(
+    config: &Config,
+    settle: std::time::Duration,
+    show: usize,
+) -> anyhow::Result<()> {
+    use sluice_connectors::mongo::check::{self, CheckOptions, Mismatch, Stage};
+    use sluice_connectors::mongo::ledger;
+    let store = Store::connect(config)
+        .await
+        .with_context(|| format!("database `{}`", config.database))?;
+    let day_after = sluice_jobs::history::latest_archived_day(&store)
+        .await?
+        .and_then(|d| d.succ_opt())
+        .map(|d| bson::DateTime::from_chrono(d.and_time(chrono::NaiveTime::MIN).and_utc()));
+    let claim = ledger::latest_archived_claim(&store)
+        .await?
+        .map(|t| bson::DateTime::from_millis(t.timestamp_millis() + 1));
+    let options = CheckOptions {
+        archived_before: day_after.max(claim),
+        settle,
+        ..CheckOptions::default()
+    };
+    let started = std::time::Instant::now();
+    let report = check::check(&store, &options, |stage, n| match stage {
+        Stage::Claims => eprintln!("ledger: {n} claims read"),
+        Stage::Sessions => eprintln!("sessions: {n} checked"),
+        Stage::Visitors => eprintln!("visitors: {n} checked"),
+        Stage::Settling => eprintln!(
+            "{n} sessions and visitors differ: looking again in {} s",
+            settle.as_secs()
+        ),
+    })
+    .await?;
+    println!(
+        "checked {} sessions and {} visitors against {} events and {} ledger claims in {:.1} s",
+        report.sessions,
+        report.visitors,
+        report.events,
+        report.claims,
+        started.elapsed().as_secs_f64()
+    );
+    if let Some(h) = options.archived_before {
+        println!(
+            "skipped {} sessions and {} visitors with events before {} (archived: their aggregates count events `events` no longer holds)",
+            report.archived_sessions,
+            report.archived_visitors,
+            h.try_to_rfc3339_string().unwrap_or_default()
+        );
+    }
+    if !report.in_doubt.is_empty() {
+        println!(
+            "claims without their event: {} (counted in the aggregates, never stored in `events`: an insert lost, or a request answered 503 and not sent again); {} sessions and {} visitors differ by exactly these",
+            report.in_doubt.len(),
+            report.explained_sessions,
+            report.explained_visitors
+        );
+        for claim in report.in_doubt.iter().take(show) {
+            let time = |t: Option<bson::DateTime>| {
+                t.and_then(|t| t.try_to_rfc3339_string().ok())
+                    .unwrap_or_else(|| "?".into())
+            };
+            println!(
+                "  event {} at {} (visitor {}, session {}), claimed {}",
+                claim.event_id,
+                time(claim.timestamp),
+                claim.user_id.as_deref().unwrap_or("?"),
+                claim.session_id.as_deref().unwrap_or("?"),
+                time(claim.claimed_at)
+            );
+        }
+    }
+    let list = |what: &str, found: &[Mismatch]| {
+        if found.is_empty() {
+            return;
+        }
+        println!(
+            "{} {what} differ (stored / recomputed from events):",
+            found.len()
+        );
+        for m in found.iter().take(show) {
+            let fields: Vec<String> = m
+                .differences
+                .iter()
+                .map(|d| format!("{} {} / {}", d.field, d.stored, d.recomputed))
+                .collect();
+            println!("  {}: {}", m.id, fields.join("; "));
+        }
+    };
+    list("sessions", &report.sessions_differ);
+    list("visitors", &report.visitors_differ);
+    for u in &report.unreadable_events {
+        println!("unreadable: {u}");
+    }
+    if report.consistent() {
+        println!("aggregates match the events");
+        Ok(())
+    } else {
+        anyhow::bail!(
+            "{} sessions and {} visitors differ from their events",
+            report.sessions_differ.len(),
+            report.visitors_differ.len()
+        )
+    }
+}
+
 /// `sluice serve`: init, then serve until SIGTERM / Ctrl-C.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     for w in config

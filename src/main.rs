@@ -233,6 +233,18 @@ enum DbCommand {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Recompute every session and visitor aggregate from the stored events and compare;
+    /// list ledger claims whose events were never stored. Reads only. Exits 1 when
+    /// something differs.
+    Check {
+        /// Seconds to wait before looking again at what differs (a batch being written
+        /// shows its aggregates ahead of `events` until its insert ends).
+        #[arg(long, default_value_t = 30)]
+        settle: u64,
+        /// How many differing sessions, visitors and claims to list of each.
+        #[arg(long, default_value_t = 20)]
+        show: usize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -397,6 +409,9 @@ fn main() -> ExitCode {
             Command::Db {
                 command: DbCommand::PruneLedger { before, dry_run },
             } => cli::db_prune_ledger(&config, before, dry_run).await,
+            Command::Db {
+                command: DbCommand::Check { settle, show },
+            } => cli::db_check(&config, std::time::Duration::from_secs(settle), show).await,
             Command::Export {
                 command:
                     ExportCommand::Run {

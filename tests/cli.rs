@@ -1967,3 +1967,111 @@ async fn the_aws_settings_of_the_environment_apply_under_sluice_s() {
     let keys = parquet_keys(&bucket.name, "from-env").await;
     assert!(!keys.is_empty(), "no Parquet file under the prefix");
 }
+
+#[tokio::test]
+async fn db_check_reports_what_differs_and_skips_archived_days() {
+    use bson::{doc, DateTime};
+    use sluice_connectors::mongo::{EventWriter, WriterOptions};
+    use sluice_core::model::{Event, EventType};
+    let db = support::TestDb::initialized().await;
+    let at = |day: &str, hour: u32| {
+        DateTime::from_chrono(
+            format!("{day}T{hour:02}:00:00Z")
+                .parse::<chrono::DateTime<chrono::Utc>>()
+                .unwrap(),
+        )
+    };
+    let event = |id: &str, session: &str, ts: DateTime| Event {
+        id: None,
+        event_id: id.into(),
+        user_id: format!("v-{session}"),
+        session_id: session.into(),
+        event_type: EventType::PageView,
+        timestamp: ts,
+        properties: doc! {},
+        metadata: Default::default(),
+        page_url: Some(format!("/{id}")),
+        referrer: None,
+        duration: None,
+        created_at: ts,
+        updated_at: ts,
+    };
+    let writer = EventWriter::new(db.store.clone(), WriterOptions::default());
+    writer
+        .write(&[
+            event("a1", "old", at("2026-01-10", 9)),
+            event("a2", "old", at("2026-01-10", 10)),
+            event("b1", "new", at("2026-03-01", 9)),
+            event("b2", "new", at("2026-03-01", 10)),
+            event("c1", "lost", at("2026-03-02", 9)),
+            event("c2", "lost", at("2026-03-02", 10)),
+        ])
+        .await
+        .unwrap();
+    let config = db_config(&db);
+    let check = || sluice_with(&config, &["db", "check", "--settle", "0"]);
+    let clean = check().await;
+    let stdout = String::from_utf8_lossy(&clean.stdout).to_string();
+    assert!(clean.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("checked 3 sessions and 3 visitors against 6 events and 6 ledger claims"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("aggregates match the events"), "{stdout}");
+
+    // January archived (as an ARCHIVE run records it), both sessions edited by hand, and
+    // an event lost after its claim counted it.
+    db.store
+        .collection("export_jobs")
+        .insert_one(
+            doc! { "jobId": "archive-1", "type": "ARCHIVE", "status": "COMPLETED",
+            "partitions": [{ "prefix": "ARCHIVE/dt=2026-01-10", "rows": 2_i64, "files": [] }] },
+        )
+        .await
+        .unwrap();
+    for sid in ["old", "new"] {
+        db.store
+            .collection("sessions")
+            .update_one(
+                doc! { "sessionId": sid },
+                doc! { "$set": { "pageViews": 7_i64 } },
+            )
+            .await
+            .unwrap();
+    }
+    db.store
+        .collection("events")
+        .delete_many(doc! { "eventId": "c2" })
+        .await
+        .unwrap();
+    db.store
+        .collection("event_ids")
+        .update_many(doc! {}, doc! { "$set": { "at": at("2026-03-02", 11) } })
+        .await
+        .unwrap();
+    let found = check().await;
+    let stdout = String::from_utf8_lossy(&found.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&found.stderr).to_string();
+    assert_eq!(found.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(
+        stdout
+            .contains("skipped 1 sessions and 1 visitors with events before 2026-01-11T00:00:00Z"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("claims without their event: 1"), "{stdout}");
+    assert!(
+        stdout.contains("event c2 at 2026-03-02T10:00:00Z (visitor v-lost, session lost)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(
+            "1 sessions differ (stored / recomputed from events):\n  new: pageViews 7 / 2\n"
+        ),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("  old:"), "{stdout}");
+    assert!(
+        stderr.contains("error: 1 sessions and 0 visitors differ from their events"),
+        "{stderr}"
+    );
+}

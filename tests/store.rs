@@ -967,3 +967,223 @@ async fn the_ledger_index_covers_only_archived_claims_and_replaces_the_old_ts_in
         "{list:?}"
     );
 }
+
+mod check {
+    use super::*;
+    use sluice_connectors::mongo::check::{self, CheckOptions, CheckReport};
+    use std::time::Duration;
+
+    const T0: i64 = 1_700_000_000_000;
+
+    fn options(batch: usize, settle: Duration) -> CheckOptions {
+        CheckOptions {
+            batch,
+            settle,
+            ..CheckOptions::default()
+        }
+    }
+
+    async fn run(db: &TestDb, options: &CheckOptions) -> CheckReport {
+        check::check(&db.store, options, |_, _| {}).await.unwrap()
+    }
+
+    /// Twelve sessions of three visitors, with purchases and a session whose visitor
+    /// logs in part-way, written through the event writer.
+    async fn traffic(db: &TestDb) -> Vec<Event> {
+        let writer = EventWriter::new(db.store.clone(), WriterOptions::default());
+        let mut events = Vec::new();
+        for s in 0..12 {
+            let visitor = format!("v{}", s % 3);
+            let session = format!("s{s:02}");
+            for i in 0..5 {
+                let kind = match i {
+                    4 => EventType::Purchase,
+                    1 => EventType::Click,
+                    _ => EventType::PageView,
+                };
+                let mut e = event(
+                    &format!("e{s:02}-{i}"),
+                    &visitor,
+                    &session,
+                    kind,
+                    T0 + s * 3_600_000 + i * 1_000,
+                );
+                if s == 7 && i >= 3 {
+                    e.user_id = "known-7".into();
+                }
+                events.push(e);
+            }
+        }
+        // Out of order, in several writes.
+        events.reverse();
+        for chunk in events.chunks(17) {
+            let status = writer.write(chunk).await.unwrap();
+            assert!(status.iter().all(|s| *s == WriteStatus::Stored));
+        }
+        events
+    }
+
+    async fn age_claims(db: &TestDb) {
+        db.store
+            .collection("event_ids")
+            .update_many(
+                doc! {},
+                doc! { "$set": { "at": DateTime::from_millis(T0) } },
+            )
+            .await
+            .unwrap();
+    }
+
+    fn fields(found: &[check::Mismatch], id: &str) -> Vec<&'static str> {
+        found
+            .iter()
+            .find(|m| m.id == id)
+            .unwrap_or_else(|| panic!("{id} not reported in {found:?}"))
+            .differences
+            .iter()
+            .map(|d| d.field)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn finds_what_storage_lost_or_changed_and_nothing_else() {
+        let db = TestDb::initialized().await;
+        let events = traffic(&db).await;
+        age_claims(&db).await;
+        // Ranges of 5 documents: the passes go over several ranges.
+        let opts = options(5, Duration::ZERO);
+        let clean = run(&db, &opts).await;
+        assert!(clean.consistent(), "{clean:?}");
+        assert_eq!(
+            (clean.sessions, clean.visitors, clean.events, clean.claims),
+            (12, 4, 60, 60)
+        );
+        assert!(clean.in_doubt.is_empty());
+
+        let events_coll = db.store.collection("events");
+        // 1. An event whose insert was lost after its claim counted it.
+        events_coll
+            .delete_many(doc! { "eventId": "e03-2" })
+            .await
+            .unwrap();
+        // 2. A hand edit of a session.
+        db.store
+            .collection("sessions")
+            .update_one(
+                doc! { "sessionId": "s05" },
+                doc! { "$set": { "exitPage": "/elsewhere" } },
+            )
+            .await
+            .unwrap();
+        // 3. A profile lost.
+        db.store
+            .collection("users")
+            .delete_one(doc! { "visitorId": "known-7" })
+            .await
+            .unwrap();
+        // 4. A revenue total off by one cent.
+        db.store
+            .collection("users")
+            .update_one(
+                doc! { "visitorId": "v2" },
+                doc! { "$inc": { "totalRevenueMicros": 10_000_i64 } },
+            )
+            .await
+            .unwrap();
+        // 5. An event stored without its claim or aggregates, in a session of its own.
+        let mut stray = events[0].clone();
+        stray.event_id = "stray".into();
+        stray.session_id = "s99".into();
+        stray.user_id = "v1".into();
+        events_coll
+            .insert_one(bson::to_document(&stray).unwrap())
+            .await
+            .unwrap();
+
+        let found = run(&db, &opts).await;
+        assert!(!found.consistent());
+        let doubt: Vec<&str> = found.in_doubt.iter().map(|c| c.event_id.as_str()).collect();
+        assert_eq!(doubt, ["e03-2"]);
+        assert_eq!(found.in_doubt[0].session_id.as_deref(), Some("s03"));
+        assert_eq!(found.in_doubt[0].user_id.as_deref(), Some("v0"));
+        // The lost insert explains its session and visitor: neither is listed.
+        assert_eq!((found.explained_sessions, found.explained_visitors), (1, 1));
+        let sessions: Vec<&str> = found
+            .sessions_differ
+            .iter()
+            .map(|m| m.id.as_str())
+            .collect();
+        assert_eq!(sessions, ["s05", "s99"]);
+        assert_eq!(fields(&found.sessions_differ, "s05"), ["exitPage"]);
+        let s05 = &found.sessions_differ[0].differences[0];
+        assert_eq!(s05.stored, "\"/elsewhere\"");
+        assert_eq!(s05.recomputed, "\"/page/e05-4\"");
+        assert_eq!(fields(&found.sessions_differ, "s99"), ["document"]);
+        let visitors: Vec<&str> = found
+            .visitors_differ
+            .iter()
+            .map(|m| m.id.as_str())
+            .collect();
+        assert_eq!(visitors, ["known-7", "v1", "v2"]);
+        assert_eq!(fields(&found.visitors_differ, "known-7"), ["document"]);
+        // v1 owns the stray event (a purchase, later than its others) without counting
+        // it; its session has no document, so v1 owns no more sessions than it counts.
+        assert_eq!(
+            fields(&found.visitors_differ, "v1"),
+            ["totalEvents", "totalPurchases", "totalRevenue", "lastSeen"]
+        );
+        assert_eq!(fields(&found.visitors_differ, "v2"), ["totalRevenue"]);
+        assert_eq!(found.visitors_differ[2].differences[0].stored, "41.01");
+        assert_eq!(found.visitors_differ[2].differences[0].recomputed, "41");
+    }
+
+    #[tokio::test]
+    async fn looks_again_before_reporting_and_skips_what_was_archived() {
+        let db = TestDb::initialized().await;
+        traffic(&db).await;
+        age_claims(&db).await;
+        let sessions = db.store.collection("sessions");
+        // Aggregates ahead of `events` for a moment, as while a batch is being written,
+        // and for good.
+        for sid in ["s01", "s02"] {
+            sessions
+                .update_one(doc! { "sessionId": sid }, doc! { "$inc": { "events": 1 } })
+                .await
+                .unwrap();
+        }
+        let healing = {
+            let sessions = sessions.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                sessions
+                    .update_one(
+                        doc! { "sessionId": "s01" },
+                        doc! { "$inc": { "events": -1 } },
+                    )
+                    .await
+                    .unwrap();
+            })
+        };
+        let found = run(&db, &options(1_000, Duration::from_secs(2))).await;
+        healing.await.unwrap();
+        let ids: Vec<&str> = found
+            .sessions_differ
+            .iter()
+            .map(|m| m.id.as_str())
+            .collect();
+        assert_eq!(ids, ["s02"], "the write that ended is not reported");
+        assert_eq!(found.sessions_differ[0].differences[0].stored, "6");
+
+        // With every event before the 4th session archived, sessions s00..s03 and the
+        // visitors seen then are skipped, whatever their documents say.
+        let archived = CheckOptions {
+            archived_before: Some(DateTime::from_millis(T0 + 3 * 3_600_000 + 500)),
+            ..options(1_000, Duration::ZERO)
+        };
+        let found = run(&db, &archived).await;
+        assert_eq!(found.archived_sessions, 4);
+        assert_eq!(found.sessions, 8);
+        assert_eq!((found.archived_visitors, found.visitors), (3, 1));
+        assert!(found.consistent(), "{found:?}");
+    }
+}

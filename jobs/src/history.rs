@@ -512,6 +512,36 @@ pub async fn archived_days(
     Ok(archived)
 }
 
+/// The latest day an ARCHIVE run archived, or began deleting from `events`, if any.
+pub async fn latest_archived_day(store: &Store) -> Result<Option<chrono::NaiveDate>, StoreError> {
+    use futures_util::TryStreamExt;
+    let step = "find the latest archived day";
+    let archive = ExportJobType::Archive.as_str();
+    let mut latest = None;
+    for list in [PARTITIONS, PENDING_DELETES] {
+        let field = format!("${list}.prefix");
+        let found: Vec<Document> = store
+            .collection(c::EXPORT_JOBS)
+            .aggregate([
+                doc! { "$match": { f::TYPE: archive, format!("{list}.0"): { "$exists": true } } },
+                doc! { "$unwind": format!("${list}") },
+                doc! { "$group": { "_id": null, "last": { "$max": field } } },
+            ])
+            .await
+            .map_err(StoreError::mongo(c::EXPORT_JOBS, step))?
+            .try_collect()
+            .await
+            .map_err(StoreError::mongo(c::EXPORT_JOBS, step))?;
+        let day = found
+            .first()
+            .and_then(|d| d.get_str("last").ok())
+            .and_then(|p| p.rsplit("dt=").next())
+            .and_then(|d| chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d").ok());
+        latest = latest.max(day);
+    }
+    Ok(latest)
+}
+
 /// [`archived_days`], each with the destination the run archiving it wrote to (its
 /// `destination`, the ARCHIVE folder), in order of day.
 pub async fn archived_days_where(

@@ -30,6 +30,19 @@ pub async fn count_archived_claims(store: &Store, before: DateTime) -> Result<u6
         .map_err(StoreError::mongo(c::EVENT_IDS, "count archived claims"))
 }
 
+/// The timestamp of the latest event whose claim is marked archived, if any.
+pub async fn latest_archived_claim(store: &Store) -> Result<Option<DateTime>, StoreError> {
+    let step = "find the latest archived claim";
+    let found = store
+        .collection(c::EVENT_IDS)
+        .find_one(doc! { l::ARCHIVED: true })
+        .sort(doc! { l::ARCHIVED: -1, l::TIMESTAMP: -1 })
+        .projection(doc! { l::TIMESTAMP: 1 })
+        .await
+        .map_err(StoreError::mongo(c::EVENT_IDS, step))?;
+    Ok(found.and_then(|d| d.get_datetime(l::TIMESTAMP).ok().copied()))
+}
+
 /// What [`prune_archived_claims`] did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Pruned {

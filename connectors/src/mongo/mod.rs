@@ -1,5 +1,6 @@
 //! The MongoDB store: one [`Store`] per process, sharing the driver's connection pool.
 
+pub mod check;
 mod clock;
 pub mod identities;
 mod ingest;
