@@ -48,7 +48,8 @@ fn every_scenario_prints_a_ratio_line() {
             "http-push",
             "wasm-transform-noop",
             "wasm-transform-redact",
-            "scheduler-idle"
+            "scheduler-idle",
+            "aggregate-check"
         ]
     );
     for l in &lines {
@@ -74,6 +75,11 @@ fn every_scenario_prints_a_ratio_line() {
             .starts_with("wasm-transform")
         {
             assert!(l["stage_ratio"].as_f64().unwrap() > 0.0, "{l}");
+        }
+        if l["scenario"] == "aggregate-check" {
+            // Every event stored was checked, and found consistent (or the run failed).
+            assert_eq!(l["events"], 300, "{l}");
+            assert!(l["sessions"].as_u64().unwrap() > 0, "{l}");
         }
         if l["scenario"] == "archive" {
             // Where the time went: each phase was seen.

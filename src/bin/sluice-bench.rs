@@ -44,6 +44,11 @@
 //!   same with 1,000 rarely-firing scheduled jobs, over the same time; also the p99 delay
 //!   between a cron instant and its run starting (200 jobs firing every second).
 //!
+//! - `aggregate-check`: `db check` over the `--events` the writer stored, events checked
+//!   per second, vs one bare `find` of every event from the same server (the check reads
+//!   the events three times, in eventId, sessionId and userId order, beside the ledger,
+//!   `sessions` and `users`).
+//!
 //! Run in release mode: `cargo run --release --bin sluice-bench -- [SCENARIO...]`.
 
 use std::time::Instant;
@@ -99,6 +104,7 @@ const SCENARIOS: &[&str] = &[
     "http-push",
     "wasm-transform",
     "scheduler-idle",
+    "aggregate-check",
 ];
 const INSERT_BATCH: usize = 1_000;
 
@@ -301,6 +307,54 @@ async fn writer_insert(events: &[Event]) -> anyhow::Result<f64> {
     );
     store.db().drop().await?;
     Ok(rate)
+}
+
+/// `db check` over the events the writer stored, in events checked per second, against
+/// one bare read of the same events (every document, in natural order) from the same
+/// server. The check reads the events three times (in eventId, sessionId and userId
+/// order) beside the ledger, `sessions` and `users`.
+async fn aggregate_check(events: &[Event], rounds: usize) -> anyhow::Result<()> {
+    use sluice_connectors::mongo::check::{self, CheckOptions};
+    let store = fresh_store("check").await?;
+    let writer = EventWriter::new(store.clone(), WriterOptions::default());
+    for chunk in events.chunks(INSERT_BATCH) {
+        writer.write(chunk).await?;
+    }
+    let (mut base, mut sluice) = (0f64, 0f64);
+    let options = CheckOptions {
+        settle: std::time::Duration::ZERO,
+        ..CheckOptions::default()
+    };
+    let mut sessions = 0;
+    for _ in 0..rounds.max(1) {
+        let started = Instant::now();
+        let mut cursor = store.collection(c::EVENTS).find(bson::doc! {}).await?;
+        let mut read = 0usize;
+        while futures_util::TryStreamExt::try_next(&mut cursor)
+            .await?
+            .is_some()
+        {
+            read += 1;
+        }
+        anyhow::ensure!(read == events.len(), "read {read} of {}", events.len());
+        base = base.max(read as f64 / started.elapsed().as_secs_f64());
+
+        let started = Instant::now();
+        let found = check::check(&store, &options, |_, _| {}).await?;
+        anyhow::ensure!(found.consistent(), "the check found differences: {found:?}");
+        anyhow::ensure!(found.events as usize == events.len());
+        sluice = sluice.max(found.events as f64 / started.elapsed().as_secs_f64());
+        sessions = found.sessions;
+    }
+    store.db().drop().await?;
+    report(
+        "aggregate-check",
+        base,
+        sluice,
+        json!({ "events": events.len(), "sessions": sessions, "rounds": rounds,
+            "baseline": "one bare find of every event" }),
+    );
+    Ok(())
 }
 
 /// The generated native events as the Segment messages an SDK would send for them.
@@ -1554,6 +1608,12 @@ async fn main() -> anyhow::Result<()> {
                 segment,
                 json!({ "events": events.len(), "rounds": args.rounds, "baseline": "native /v1/events/batch" }),
             );
+            continue;
+        }
+        if scenario == "aggregate-check" {
+            aggregate_check(&events, args.rounds)
+                .await
+                .context("aggregate-check")?;
             continue;
         }
         if scenario == "http-import" {
