@@ -4462,6 +4462,27 @@ async fn a_batch_whose_connection_broke_is_written_again() {
     assert_eq!(stored, 3);
 }
 
+/// Imported events whose write MongoDB does not answer (the read of the visitors'
+/// sessions that gap sessions start with, and the driver's retry of it, break) are
+/// written again, not left to fail the run.
+#[tokio::test]
+async fn imported_events_whose_write_broke_are_written_again() {
+    let db = TestDb::initialized().await;
+    let endpoint = serve_sales(sales_page()).await;
+    let name = apply(&db, &sales_config("pos-broken", &endpoint, "eventId")).await;
+    let (uri, armed, severed, _) =
+        support::severing_mongo_proxy_at_most(b"find\0\x09\0\0\0sessions\0", 2).await;
+    let proxied = support::store_via(&uri, &db.name).await;
+    armed.store(true, Ordering::SeqCst);
+    let s = run_import(&proxied, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(severed.load(Ordering::SeqCst), 2);
+    assert!(s.completed, "{s:?}");
+    assert_eq!((s.inserted, s.unchanged), (5, 1), "{s:?}");
+    assert_eq!(count(&db, "events").await, 5);
+}
+
 /// A record over 4 MiB is written with plain update operators (the comparing pipeline
 /// carries each value twice, and could pass the 16 MiB limit on a statement): stored, its
 /// `createdAt` kept, a cleared value unset, and counted updated on every run, as its

@@ -1261,7 +1261,8 @@ async fn write_page(
     } else {
         if let Some(events) = events {
             for chunk in events.chunks(connector.batch_size) {
-                let (stored, unchanged) = write_events(store, options, chunk).await?;
+                let (stored, unchanged) =
+                    write_events(store, &connector.name, options, chunk).await?;
                 summary.inserted += stored;
                 summary.unchanged += unchanged;
                 options.progress.upserted.fetch_add(stored, Relaxed);
@@ -1432,9 +1433,13 @@ fn mapped_json(d: &Document) -> Value {
 
 /// Writes one chunk of imported events through the event writer; returns (stored,
 /// already stored). An event another writer is storing at this moment is sent again
-/// until that writer's claim is decided.
+/// until that writer's claim is decided; a write MongoDB did not answer is made again
+/// with [`Patience`] (the writer is idempotent by eventId: what the first attempt stored
+/// is then a duplicate, and a claim it left without its event is completed once its
+/// lease has passed).
 async fn write_events(
     store: &Store,
+    config: &str,
     options: &ImportOptions,
     events: &[Event],
 ) -> Result<(u64, u64), ImportError> {
@@ -1448,8 +1453,15 @@ async fn write_events(
     let writer = EventWriter::new(store.clone(), writer_options);
     let (mut stored, mut unchanged) = (0, 0);
     let mut pending = events.to_vec();
+    let mut patience = Patience::new();
     loop {
-        let statuses = writer.write(&pending).await?;
+        let statuses = match writer.write(&pending).await {
+            Ok(statuses) => statuses,
+            Err(e) if e.is_transient() && patience.wait(config, &e.to_string()).await => {
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
         let mut again = Vec::new();
         for (event, status) in pending.into_iter().zip(statuses) {
             match status {
@@ -1609,18 +1621,45 @@ const REFUSED_FOR_GOOD: &[i32] = &[2, 14, 52, 55, 56, 57, 66, 121, 10334, 16755,
 /// connection, an election, a restart), before the run fails on it.
 const SINK_RETRY: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// [`sink`], tried again, 1 s and then up to 10 s apart within [`SINK_RETRY`], while
-/// MongoDB does not answer: the upserts by key make a write repeated after a partial one
-/// harmless (what the first attempt stored is then counted unchanged or updated, not
-/// inserted). A write MongoDB refused is not tried again.
+/// The pauses between attempts of a batch's write while MongoDB does not answer: 1 s,
+/// doubling up to 10 s, within [`SINK_RETRY`].
+struct Patience {
+    deadline: Instant,
+    pause: std::time::Duration,
+}
+
+impl Patience {
+    fn new() -> Self {
+        Self {
+            deadline: Instant::now() + SINK_RETRY,
+            pause: std::time::Duration::from_secs(1),
+        }
+    }
+
+    /// Logs `error` and waits before the next attempt; false (and no wait) when that
+    /// attempt would start past the deadline.
+    async fn wait(&mut self, config: &str, error: &str) -> bool {
+        if Instant::now() + self.pause >= self.deadline {
+            return false;
+        }
+        tracing::warn!(config = %config, error = %error, retry_in_seconds = self.pause.as_secs(), "MongoDB did not take a batch of the import; trying again");
+        tokio::time::sleep(self.pause).await;
+        self.pause = (self.pause * 2).min(std::time::Duration::from_secs(10));
+        true
+    }
+}
+
+/// [`sink`], tried again with [`Patience`] while MongoDB does not answer: the upserts by
+/// key make a write repeated after a partial one harmless (what the first attempt stored
+/// is then counted unchanged or updated, not inserted). A write MongoDB refused is not
+/// tried again.
 async fn sink_retrying(
     store: &Store,
     connector: &Connector,
     docs: &[Document],
     mode: &mut SinkMode,
 ) -> Result<Sunk, ImportError> {
-    let deadline = Instant::now() + SINK_RETRY;
-    let mut pause = std::time::Duration::from_secs(1);
+    let mut patience = Patience::new();
     loop {
         let mut tried = *mode;
         match sink(store, connector, docs, &mut tried).await {
@@ -1632,11 +1671,7 @@ async fn sink_retrying(
                 transient: true,
                 message,
                 ..
-            }) if Instant::now() + pause < deadline => {
-                tracing::warn!(config = %connector.name, error = %message, retry_in_seconds = pause.as_secs(), "MongoDB did not take a batch of the import; trying again");
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(std::time::Duration::from_secs(10));
-            }
+            }) if patience.wait(&connector.name, &message).await => {}
             Err(e) => return Err(e),
         }
     }
