@@ -367,6 +367,12 @@ pub fn parse_message(
                     let amount = number(&properties[*k]).ok_or_else(|| {
                         ValidationError::new(format!("properties.{k}"), "expected a number")
                     })?;
+                    // Text goes on as text: the native rules read it, with the currency
+                    // code it may name.
+                    let amount = match &properties[*k] {
+                        Value::String(s) => Value::String(s.clone()),
+                        _ => amount,
+                    };
                     properties.insert("amount".into(), amount);
                     amount_from = Some(format!("properties.{k}"));
                 } else if let Some(amount) = products_total(&properties) {
@@ -750,6 +756,25 @@ mod tests {
         assert_eq!(e.metadata.user_agent.as_deref(), Some("ua"));
         assert!(e.metadata.context.get_document("page").is_ok());
         assert!(m.link.is_none());
+    }
+
+    #[test]
+    fn a_revenue_text_names_its_currency_as_an_amount_text_does() {
+        let e = parse(json!({
+            "type": "track", "anonymousId": "a", "event": "Order Completed",
+            "properties": {"revenue": "GBP 12.50"},
+        }))
+        .unwrap()
+        .event;
+        assert_eq!(e.properties.get_f64("amount").unwrap(), 12.5);
+        assert_eq!(e.properties.get_str("currency").unwrap(), "GBP");
+        let err = parse(json!({
+            "type": "track", "anonymousId": "a", "event": "Order Completed",
+            "properties": {"revenue": "GBP 12.50", "currency": "USD"},
+        }))
+        .unwrap_err();
+        assert_eq!(err.field, "properties.revenue");
+        assert!(err.reason.contains("is in GBP"), "{}", err.reason);
     }
 
     #[test]

@@ -356,6 +356,21 @@ pub fn money(text: &str) -> Option<f64> {
     grouped.then(|| plain(&s.replace(',', ""))).flatten()
 }
 
+/// The ISO 4217 code a money text names (`"USD 19.99"`, `"19.99EUR"`): three capitals
+/// before or after the number, not part of a longer word. A symbol alone (`$`, `US$`)
+/// names no code: several currencies write it.
+pub fn currency_code(text: &str) -> Option<&str> {
+    let s = text.trim();
+    let code = |c: &str| c.len() == 3 && c.bytes().all(|b| b.is_ascii_uppercase());
+    let letter = |c: Option<char>| c.is_some_and(|c| c.is_alphabetic());
+    if s.len() > 3 && s.is_char_boundary(3) && code(&s[..3]) && !letter(s[3..].chars().next()) {
+        return Some(&s[..3]);
+    }
+    let at = s.len().checked_sub(3)?;
+    (at > 0 && s.is_char_boundary(at) && code(&s[at..]) && !letter(s[..at].chars().next_back()))
+        .then(|| &s[at..])
+}
+
 /// A PURCHASE `amount`, when there is one, is a number from 0 to [`MAX_PURCHASE_AMOUNT`].
 fn check_amount(event_type: EventType, properties: &Document) -> Result<(), ValidationError> {
     if event_type == EventType::Purchase
@@ -634,9 +649,30 @@ pub fn parse_event(
     };
     // A purchase's amount written as text (`"19.99"`, `"$1,299.00"`) is read as the
     // number it names.
+    // A currency code in it (`"USD 19.99"`) becomes `currency` when there is none, and
+    // must agree with the one there is.
     if event_type == EventType::Purchase {
-        if let Some(f) = properties.get_str(f::AMOUNT).ok().and_then(money) {
-            properties.insert(f::AMOUNT, f);
+        if let Ok(text) = properties.get_str(f::AMOUNT).map(str::to_string) {
+            if let Some(amount) = money(&text) {
+                if let Some(code) = currency_code(&text) {
+                    match properties.get(f::CURRENCY) {
+                        None | Some(bson::Bson::Null) => {
+                            properties.insert(f::CURRENCY, code);
+                        }
+                        Some(bson::Bson::String(c)) if c.trim().eq_ignore_ascii_case(code) => {}
+                        Some(other) => {
+                            return Err(ValidationError::new(
+                                "properties.amount",
+                                format!(
+                                    "is in {code}, but properties.currency is {}",
+                                    other.clone().into_relaxed_extjson()
+                                ),
+                            ))
+                        }
+                    }
+                }
+                properties.insert(f::AMOUNT, amount);
+            }
         }
     }
     check_amount(event_type, &properties)?;
@@ -917,6 +953,27 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_money_text_names_a_currency_by_its_code_only() {
+        for (text, code) in [
+            ("USD 19.99", Some("USD")),
+            ("19.99EUR", Some("EUR")),
+            (" 19.99 GBP ", Some("GBP")),
+            ("KWD1.25", Some("KWD")),
+            ("$19.99", None),
+            ("US$ 5", None),
+            ("R$1,299.00", None),
+            ("19.99 €", None),
+            ("19.99", None),
+            ("EUR", None),
+            ("ABCD5", None),
+            ("5 EURO", None),
+            ("5 xEUR", None),
+        ] {
+            assert_eq!(currency_code(text), code, "{text}");
+        }
+    }
+
+    #[test]
     fn money_is_read_as_people_write_it() {
         for (text, value) in [
             ("19.99", 19.99),
@@ -964,6 +1021,27 @@ pub(crate) mod tests {
         }))
         .unwrap();
         assert_eq!(e.properties.get_f64("amount").unwrap(), 1299.5);
+        // A code in the text becomes the currency, or must agree with it.
+        let e = parse(json!({
+            "userId": "v", "sessionId": "s", "eventType": "PURCHASE",
+            "properties": {"amount": "19.99 EUR"},
+        }))
+        .unwrap();
+        assert_eq!(e.properties.get_str("currency").unwrap(), "EUR");
+        assert_eq!(e.properties.get_f64("amount").unwrap(), 19.99);
+        let e = parse(json!({
+            "userId": "v", "sessionId": "s", "eventType": "PURCHASE",
+            "properties": {"amount": "USD 5", "currency": "usd"},
+        }))
+        .unwrap();
+        assert_eq!(e.properties.get_str("currency").unwrap(), "usd");
+        let err = parse(json!({
+            "userId": "v", "sessionId": "s", "eventType": "PURCHASE",
+            "properties": {"amount": "USD 19.99", "currency": "EUR"},
+        }))
+        .unwrap_err();
+        assert_eq!(err.field, "properties.amount");
+        assert_eq!(err.reason, "is in USD, but properties.currency is \"EUR\"");
         let err = parse(json!({
             "userId": "v", "sessionId": "s", "eventType": "PURCHASE",
             "properties": {"amount": "19,99"},
