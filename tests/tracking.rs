@@ -354,7 +354,7 @@ async fn each_bad_input_class_gets_its_own_4xx() {
     let (s, body) = post(
         &base,
         "/v1/events",
-        &json!({ "userId": 12, "sessionId": "s", "eventType": "CLICK" }),
+        &json!({ "userId": { "id": 12 }, "sessionId": "s", "eventType": "CLICK" }),
     )
     .await;
     assert_eq!((s, body["error"].as_str()), (400, Some("invalid_event")));
@@ -1035,6 +1035,46 @@ async fn a_purchase_without_an_amount_is_stored_with_a_warning() {
             .contains("counts no revenue"),
         "{body}"
     );
+
+    // An over-long URL is stored cut at 4,096 bytes, and the answer says so, on both
+    // routes; a numeric visitor id is its text.
+    let long = format!("https://shop.example/search?q={}", "x".repeat(5_000));
+    let (s, body) = post(
+        &base,
+        "/v1/events",
+        &json!({ "eventId": "long-1", "userId": 1234, "sessionId": "s", "eventType": "PAGE_VIEW",
+                 "pageUrl": long }),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(
+        body["results"][0]["warning"], "`pageUrl` is longer than 4096 bytes: stored cut there",
+        "{body}"
+    );
+    let (s, body) = post(
+        &base,
+        "/v1/events/batch",
+        &json!({ "batch": [
+            { "eventId": "long-2", "userId": "v", "sessionId": "s", "eventType": "PURCHASE",
+              "referrer": long, "properties": {} },
+        ] }),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    let w = body["results"][0]["warning"].as_str().unwrap();
+    assert!(
+        w.contains("counts no revenue; `referrer` is longer than"),
+        "{body}"
+    );
+    let stored = db
+        .store
+        .collection("events")
+        .find_one(doc! { "eventId": "long-1" })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.get_str("userId").unwrap(), "1234");
+    assert_eq!(stored.get_str("pageUrl").unwrap(), &long[..4096]);
     server.shutdown().await;
 }
 

@@ -1018,7 +1018,7 @@ mod tests {
                 "timestamp",
             ),
             (
-                json!({"type": "page", "userId": "u", "messageId": 7}),
+                json!({"type": "page", "userId": "u", "messageId": [7]}),
                 "messageId",
             ),
             (

@@ -141,10 +141,27 @@ pub(crate) fn check_id(field: &str, id: &str) -> Result<(), ValidationError> {
     Ok(())
 }
 
+/// The fields of a native event over [`MAX_URL_LEN`] that are stored cut there.
+pub fn cut_urls(v: &Value) -> Vec<&'static str> {
+    [f::PAGE_URL, f::REFERRER]
+        .into_iter()
+        .filter(|k| {
+            v.get(*k)
+                .and_then(Value::as_str)
+                .is_some_and(|s| s.len() > MAX_URL_LEN)
+        })
+        .collect()
+}
+
+/// An id, as a string or as a number's text (some SDKs and backends send numeric user
+/// and session ids; the Segment API takes them alike).
 fn opt_id(
     obj: &serde_json::Map<String, Value>,
     field: &str,
 ) -> Result<Option<String>, ValidationError> {
+    if let Some(Value::Number(n)) = obj.get(field) {
+        return Ok(Some(n.to_string()));
+    }
     let id = opt_string(obj, field, MAX_ID_LEN)?;
     if let Some(id) = &id {
         check_id(field, id)?;
@@ -676,9 +693,15 @@ pub fn parse_event(
         }
     }
     check_amount(event_type, &properties)?;
-    // A URL of nothing but spaces says no more than none (and `"   "` is no top page).
-    let url =
-        |field| opt_string(obj, field, MAX_URL_LEN).map(|u| u.filter(|u| !u.trim().is_empty()));
+    // A URL of nothing but spaces says no more than none (and `"   "` is no top page). One
+    // over MAX_URL_LEN is cut there (the event matters more than a URL's tail), as the
+    // Segment API does; the answer says so ([`cut_urls`]).
+    let url = |field| match obj.get(field) {
+        Some(Value::String(s)) => Ok(Some(crate::model::prefix_within(s, MAX_URL_LEN))
+            .filter(|u| !u.trim().is_empty())
+            .map(str::to_string)),
+        _ => opt_string(obj, field, MAX_URL_LEN),
+    };
     let page_url = url(f::PAGE_URL)?;
     let referrer = url(f::REFERRER)?;
     let duration = match obj.get(f::DURATION) {
@@ -953,6 +976,26 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn numeric_ids_are_their_text_and_an_over_long_url_is_cut_not_refused() {
+        let long = format!("/p?{}", "x".repeat(MAX_URL_LEN));
+        let sent = json!({
+            "userId": 42, "sessionId": 1718000000, "eventId": 7, "eventType": "PAGE_VIEW",
+            "pageUrl": long, "referrer": "/short",
+        });
+        let e = parse(sent.clone()).unwrap();
+        assert_eq!(
+            (e.user_id.as_str(), e.session_id.as_str()),
+            ("42", "1718000000")
+        );
+        assert_eq!(e.event_id, "7");
+        let url = e.page_url.unwrap();
+        assert_eq!(url.len(), MAX_URL_LEN);
+        assert!(long.starts_with(&url));
+        assert_eq!(e.referrer.as_deref(), Some("/short"));
+        assert_eq!(cut_urls(&sent), ["pageUrl"]);
+    }
+
+    #[test]
     fn a_money_text_names_a_currency_by_its_code_only() {
         for (text, code) in [
             ("USD 19.99", Some("USD")),
@@ -1076,7 +1119,7 @@ pub(crate) mod tests {
         let cases = [
             (json!({"sessionId": "s", "eventType": "CLICK"}), "userId"),
             (
-                json!({"userId": 5, "sessionId": "s", "eventType": "CLICK"}),
+                json!({"userId": true, "sessionId": "s", "eventType": "CLICK"}),
                 "userId",
             ),
             (

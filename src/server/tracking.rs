@@ -65,7 +65,7 @@ pub async fn track(
     let admitted = admit_after_body(&state, &headers, by_header, body_key.as_ref())?;
     let ctx = request_context(&state, peer, &headers, None, &admitted);
     let event = parse_event(&value, &ctx, EventMetadata::default());
-    let warning = revenue_warning(&event);
+    let warning = warning(&event, &sluice_core::tracking::cut_urls(&value));
     // Held until the answer is built, beyond the write.
     let held = held.map(|h| h.0);
     let mut answer = ingest(&state, vec![event], held.clone())
@@ -74,6 +74,20 @@ pub async fn track(
     answer.note_ignored(vec![unknown_members(&value)]);
     answer.note_warnings(vec![warning]);
     answer.into_single_response("invalid_event")
+}
+
+/// What a client should hear of an event stored not quite as sent ([`revenue_warning`],
+/// and the URL fields `cut` at their limit).
+fn warning(event: &Result<Event, ValidationError>, cut: &[&str]) -> Option<String> {
+    event.as_ref().ok()?;
+    let mut said: Vec<String> = revenue_warning(event).into_iter().collect();
+    said.extend(cut.iter().map(|field| {
+        format!(
+            "`{field}` is longer than {} bytes: stored cut there",
+            sluice_core::tracking::MAX_URL_LEN
+        )
+    }));
+    (!said.is_empty()).then(|| said.join("; "))
 }
 
 /// What a client should hear of an event stored as sent but probably not as meant: a
@@ -128,6 +142,7 @@ pub async fn batch(
     let ctx = request_context(&state, peer, &headers, sent_at, &admitted);
     let mut ignored = Vec::with_capacity(parsed.batch.len());
     let mut sent_ids = Vec::with_capacity(parsed.batch.len());
+    let mut warnings = Vec::with_capacity(parsed.batch.len());
     let values: Vec<Result<Event, ValidationError>> = parsed
         .batch
         .iter()
@@ -139,10 +154,15 @@ pub async fn batch(
                 // Too large to be read as an event, it is still read for its id.
                 Err(_) => sent_id(raw, "eventId"),
             });
-            item.and_then(|v| parse_event(&v, &ctx, EventMetadata::default()))
+            let cut = item
+                .as_ref()
+                .map(sluice_core::tracking::cut_urls)
+                .unwrap_or_default();
+            let event = item.and_then(|v| parse_event(&v, &ctx, EventMetadata::default()));
+            warnings.push(warning(&event, &cut));
+            event
         })
         .collect();
-    let warnings = values.iter().map(revenue_warning).collect();
     let held = held.map(|h| h.0);
     let mut answer = ingest(&state, values, held.clone())
         .instrument(admitted.span())
