@@ -2314,3 +2314,50 @@ async fn the_ops_address_answers_probes_while_the_public_one_is_full_and_turns_u
         .expect("the ops listener's open connection was left open after the shutdown");
     assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
 }
+
+/// A transaction left open on a session (as one a stopped replica leaves until MongoDB
+/// aborts it) makes the writer's transactions meet write conflicts: the answer says so,
+/// rather than that MongoDB did not answer, and the resend after it ends is stored.
+#[tokio::test]
+async fn a_write_held_by_another_transaction_says_so() {
+    let db = TestDb::initialized().await;
+    let server = start_server(&db, |raw| raw.tracking.write_timeout_seconds = 2).await;
+    let base = format!("http://{}", server.addr);
+    let event = |id: &str| json!({ "eventId": id, "userId": "held-v", "sessionId": "held-s", "eventType": "CLICK" });
+    let (s, body) = post(&base, "/v1/events", &event("h1")).await;
+    assert_eq!(s, 200, "{body}");
+    let client = db.store.client().clone();
+    let mut other = client.start_session().await.unwrap();
+    other.start_transaction().await.unwrap();
+    db.store
+        .collection("sessions")
+        .update_one(
+            doc! { "sessionId": "held-s" },
+            doc! { "$set": { "heldBy": "another transaction" } },
+        )
+        .session(&mut other)
+        .await
+        .unwrap();
+    let (s, body) = post(&base, "/v1/events", &event("h2")).await;
+    assert_eq!(s, 503, "{body}");
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.contains("MongoDB answered write conflicts on the sessions or profiles"),
+        "{body}"
+    );
+    assert!(!message.contains("did not answer"), "{body}");
+    other.abort_transaction().await.unwrap();
+    support::wait_until("the resend is stored once the transaction ends", || async {
+        let (s, body) = post(&base, "/v1/events", &event("h2")).await;
+        s == 200 && body["results"][0]["status"] != "retry"
+    })
+    .await;
+    let stored = db
+        .store
+        .collection("events")
+        .count_documents(doc! { "eventId": "h2" })
+        .await
+        .unwrap();
+    assert_eq!(stored, 1);
+    server.shutdown().await;
+}

@@ -166,23 +166,44 @@ impl Throttle {
 pub(crate) fn store_timeout(deadline: Duration, what: &str) -> ApiError {
     // Every request while MongoDB is stuck: one line a second is enough to say so.
     static LOGGED: Throttle = Throttle::new();
+    let conflicts = sluice_connectors::mongo::write_conflicts_within(deadline);
     if let Some(held) = LOGGED.pass(Duration::from_secs(1)) {
-        tracing::error!(
-            seconds = deadline.as_secs(),
-            more_since_last = held,
-            "MongoDB did not answer in time: {what}"
-        );
+        if conflicts {
+            tracing::error!(
+                seconds = deadline.as_secs(),
+                more_since_last = held,
+                "events not stored in time: {what}; {CONFLICTS}"
+            );
+        } else {
+            tracing::error!(
+                seconds = deadline.as_secs(),
+                more_since_last = held,
+                "MongoDB did not answer in time: {what}"
+            );
+        }
     }
+    let why = if conflicts {
+        format!(
+            "not stored within {} s ({what}): {CONFLICTS}",
+            deadline.as_secs()
+        )
+    } else {
+        format!(
+            "MongoDB did not answer within {} s ({what})",
+            deadline.as_secs()
+        )
+    };
     ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
         "store_timeout",
-        format!(
-            "MongoDB did not answer within {} s ({what}); resend the events (those already stored are answered `duplicate`)",
-            deadline.as_secs()
-        ),
+        format!("{why}; resend the events (those already stored are answered `duplicate`)"),
     )
     .retry(5)
 }
+
+/// Why writes stall while MongoDB answers: their transactions keep meeting write
+/// conflicts.
+pub(crate) const CONFLICTS: &str = "MongoDB answered write conflicts on the sessions or profiles they update (another transaction holds them: one a stopped replica left open holds them until MongoDB aborts it, within transactionLifetimeLimitSeconds, 60 s by default)";
 
 /// A running server; dropping the handle does not stop it, `shutdown` does.
 pub struct ServerHandle {

@@ -992,15 +992,26 @@ pub(super) async fn write(
             // not all come back in the same second.
             .retry(rand::random_range(1..=3)));
         }
-        Err(SubmitError::Store(_)) => {
+        Err(SubmitError::Store(error)) => {
             state
                 .metrics
                 .write_errors
                 .fetch_add(ids.len() as u64, Relaxed);
+            // A claim transaction that ran out of attempts while conflicts were met.
+            let conflicts = error.starts_with("the claim transaction")
+                && sluice_connectors::mongo::write_conflicts_within(deadline);
+            let message = if conflicts {
+                format!(
+                    "events could not be stored: {}; nothing was acknowledged, retry shortly",
+                    super::CONFLICTS
+                )
+            } else {
+                "events could not be stored; nothing was acknowledged, retry shortly".to_string()
+            };
             return Err(ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "store_unavailable",
-                "events could not be stored; nothing was acknowledged, retry shortly",
+                message,
             )
             .retry(2));
         }

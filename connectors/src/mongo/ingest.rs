@@ -506,6 +506,11 @@ impl EventWriter {
                     if is_transient(&err) && attempt < self.options.max_transaction_attempts =>
                 {
                     let _ = session.abort_transaction().await;
+                    if is_write_conflict(&err) {
+                        if let Ok(mut last) = LAST_CONFLICT.lock() {
+                            *last = Some(Instant::now());
+                        }
+                    }
                     // Write conflicts between writers touching the same session or user:
                     // back off a little, with jitter, and redo the whole transaction.
                     let base = 5u64 << attempt.min(6);
@@ -868,6 +873,29 @@ fn is_transient(err: &TxnError) -> bool {
             }
         }
         TxnError::Statement { code, .. } => retryable(*code),
+        TxnError::Encode(_) => false,
+    }
+}
+
+/// When a claim transaction was last run again for a write conflict, in this process.
+static LAST_CONFLICT: std::sync::Mutex<Option<Instant>> = std::sync::Mutex::new(None);
+
+/// Whether a claim transaction of this process was run again for a write conflict within
+/// the last `window`: what a tracking answer says when its write took too long, since
+/// conflicts that last come from a transaction holding the same sessions or users (one a
+/// stopped replica left open holds them until MongoDB aborts it).
+pub fn write_conflicts_within(window: Duration) -> bool {
+    LAST_CONFLICT
+        .lock()
+        .map(|last| last.is_some_and(|at| at.elapsed() <= window))
+        .unwrap_or(false)
+}
+
+/// Whether `err` is a write conflict (labelled transient or reported per statement).
+fn is_write_conflict(err: &TxnError) -> bool {
+    match err {
+        TxnError::Mongo(e) => super::error_code(e) == Some(WRITE_CONFLICT),
+        TxnError::Statement { code, .. } => *code == WRITE_CONFLICT,
         TxnError::Encode(_) => false,
     }
 }

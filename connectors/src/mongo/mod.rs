@@ -9,7 +9,10 @@ mod schema;
 mod sessions;
 
 pub use clock::ServerClock;
-pub use ingest::{EventWriter, WriteStatus, WriterOptions, WRITE_PHASES, WRITE_PHASE_SECONDS};
+pub use ingest::{
+    write_conflicts_within, EventWriter, WriteStatus, WriterOptions, WRITE_PHASES,
+    WRITE_PHASE_SECONDS,
+};
 pub use schema::{index_specs, IndexOutcome, IndexSpec, InitReport, SCHEDULED_RUNS_KEPT_DAYS};
 pub use sessions::expire_idle_sessions;
 
