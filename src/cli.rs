@@ -419,6 +419,20 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     } else {
         None
     };
+    // The jobs' gauges, read from the store as every replica reads them.
+    let gauges = scheduler.as_ref().map(|_| {
+        let (config, store) = (config.clone(), store.clone());
+        tokio::spawn(async move {
+            let every = crate::engine::job_gauges_every(&config);
+            loop {
+                if let Err(e) = crate::engine::publish_job_gauges(&config, &store).await {
+                    sluice_core::metrics::count_background_error("job_gauges", 1);
+                    tracing::warn!(error = %e, "could not read the scheduled jobs' state for their gauges");
+                }
+                tokio::time::sleep(every).await;
+            }
+        })
+    });
     let store_for_shutdown = store.clone();
     let handle =
         match crate::server::start_loaded((*config).clone(), store, listener, true, loaded).await {
@@ -459,6 +473,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         })
     });
     handle.wait().await;
+    if let Some(g) = gauges {
+        g.abort();
+    }
     if let Some(s) = &scheduler {
         // Nothing starts after the lists are read.
         s.stop_triggers().await;
@@ -1127,12 +1144,12 @@ pub async fn import_run(config: &Config, name: &str, dry_run: bool) -> anyhow::R
     }
     if summary.dead_letters > 0 {
         println!(
-            "  {} failed in a plugin{}",
+            "  {} {} in dead_letters (failed mapping or validation, a plugin, or a write MongoDB refused; identical records share one letter)",
             counted(summary.dead_letters, "record"),
             if dry_run {
-                " (a real run keeps them in dead_letters)"
+                "a real run would keep"
             } else {
-                ", kept in dead_letters"
+                "kept"
             }
         );
     }

@@ -454,6 +454,98 @@ pub fn already_stored(unchanged: u64) -> String {
     }
 }
 
+/// How often `sluice serve` reads the scheduled jobs' state for its gauges
+/// ([`publish_job_gauges`]): the reload interval, at least a minute (the reading costs a
+/// few queries per job).
+pub fn job_gauges_every(config: &Config) -> std::time::Duration {
+    std::time::Duration::from_secs(config.scheduler.reload_seconds.max(60))
+}
+
+/// Sets the scheduled jobs' gauges from `scheduled_runs`, so that every replica shows the
+/// same values whichever ran the job: `sluice_job_last_success_timestamp_seconds` (the
+/// end of its latest COMPLETED run; 0 when none is recorded),
+/// `sluice_job_running_since_timestamp_seconds` (when the run going now started; 0 when
+/// none is going) and `sluice_job_missed` (1 while its latest cron instant has no run, as
+/// `sluice jobs list` flags it `MISSED`). Creates at 0 the run counters of each scheduled
+/// export and import, and forgets every `sluice_job_*` series of a job it published
+/// before and no longer schedules.
+pub async fn publish_job_gauges(
+    config: &Config,
+    store: &Store,
+) -> Result<(), sluice_connectors::StoreError> {
+    use sluice_core::metrics::set;
+    let runs = || sluice_connectors::StoreError::mongo(c::SCHEDULED_RUNS, "read the job gauges");
+    let overview: Vec<JobOverview> = job_overview(config, store)
+        .await?
+        .into_iter()
+        .filter(|j| j.cron.is_some())
+        .collect();
+    let mut started: std::collections::HashMap<String, f64> = Default::default();
+    let mut going = store
+        .collection(c::SCHEDULED_RUNS)
+        .find(doc! { "status": "RUNNING", "expiresAt": { "$gt": store.now() } })
+        .projection(doc! { "job": 1, "startedAt": 1 })
+        .await
+        .map_err(runs())?;
+    while let Some(run) = going.try_next().await.map_err(runs())? {
+        // A run claimed and waiting for a slot has not started.
+        if let (Ok(job), Ok(at)) = (run.get_str("job"), run.get_datetime("startedAt")) {
+            let secs = at.timestamp_millis() as f64 / 1000.0;
+            let first = started.entry(job.to_string()).or_insert(secs);
+            *first = first.min(secs);
+        }
+    }
+    for job in &overview {
+        let last_success = store
+            .collection(c::SCHEDULED_RUNS)
+            .find_one(doc! { "job": &job.name, "status": "COMPLETED" })
+            .sort(doc! { "scheduledFor": -1 })
+            .projection(doc! { "endedAt": 1 })
+            .await
+            .map_err(runs())?
+            .and_then(|d| d.get_datetime("endedAt").ok().copied())
+            .map_or(0.0, |t| t.timestamp_millis() as f64 / 1000.0);
+        let l = [("job_name", job.name.as_str())];
+        set(
+            "sluice_job_last_success_timestamp_seconds",
+            "When the latest COMPLETED run of each scheduled job ended (Unix seconds; 0 when none is recorded), as scheduled_runs holds it for every replica.",
+            &l,
+            last_success,
+        );
+        set(
+            "sluice_job_running_since_timestamp_seconds",
+            "When the run going now of each scheduled job started (Unix seconds; 0 when none is going), on any replica.",
+            &l,
+            started.get(&job.name).copied().unwrap_or(0.0),
+        );
+        set(
+            "sluice_job_missed",
+            "1 while a scheduled job's latest cron instant has no run recorded although the time to claim it is over (sluice jobs list: MISSED).",
+            &l,
+            if job.missed.is_some() { 1.0 } else { 0.0 },
+        );
+        if let Some(name) = job.name.strip_prefix(INTEGRATION_PREFIX) {
+            sluice_jobs::import::declare_metrics(name);
+        }
+    }
+    for s in &config.schedules {
+        if let Ok(kind) = ExportJobType::parse(&s.kind) {
+            sluice_jobs::export::declare_metrics(kind);
+        }
+    }
+    // The jobs this process published before and no longer schedules lose their series.
+    static PUBLISHED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let scheduled: Vec<String> = overview.into_iter().map(|j| j.name).collect();
+    let before = std::mem::replace(
+        &mut *PUBLISHED.lock().unwrap_or_else(|p| p.into_inner()),
+        scheduled.clone(),
+    );
+    sluice_core::metrics::forget("sluice_job_", "job_name", |j| {
+        before.iter().any(|b| b == j) && !scheduled.iter().any(|s| s == j)
+    });
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::import_outcome;

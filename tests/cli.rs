@@ -1338,6 +1338,12 @@ async fn an_import_that_stored_none_of_its_records_fails() {
         stdout.contains("0 inserted, 0 updated, 2 failed mapping"),
         "{stdout}"
     );
+    // Mapping failures are not said to be a plugin's (the config has none).
+    assert!(
+        stdout.contains("2 records kept in dead_letters (failed mapping or validation"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("failed in a plugin"), "{stdout}");
     assert!(stderr.contains("none was stored"), "{stderr}");
     let run = db
         .store

@@ -460,6 +460,8 @@ async fn a_destination_that_refuses_fails_the_run_before_its_read_in_s3_s_words(
         err.contains("check the destination") && err.contains("(HTTP 403)"),
         "{err}"
     );
+    // It names the destination it checked.
+    assert!(err.contains(&format!("s3 `s3://{}/", bucket.name)), "{err}");
     assert!(
         err.len() < 600 && !err.contains("<?xml") && !err.contains("headers"),
         "{err}"

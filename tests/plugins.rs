@@ -1109,6 +1109,23 @@ async fn under_fail_run_the_tracking_endpoint_rejects_the_events_a_plugin_fails_
         reason.contains("invalid event") && reason.contains("properties.amount"),
         "{reason}"
     );
+    // Counted as a plugin's failures, not as its drops.
+    assert_eq!(
+        server_metric(
+            &server,
+            "sluice_events_rejected_total{reason=\"transform_error\"}"
+        )
+        .await,
+        3.0
+    );
+    assert_eq!(
+        server_metric(
+            &server,
+            "sluice_events_rejected_total{reason=\"transform\"}"
+        )
+        .await,
+        0.0
+    );
     let events = db.store.collection("events");
     assert_eq!(events.count_documents(doc! {}).await.unwrap(), 5);
     assert_eq!(
@@ -1774,7 +1791,30 @@ async fn a_deadline_under_skip_batch_is_answered_503_not_dropped() {
     let (status, body) = post_event(&server, &event).await;
     assert_eq!(status, 503);
     assert_eq!(body["error"], "transform_failed", "{body}");
+    assert_eq!(
+        server_metric(
+            &server,
+            "sluice_events_rejected_total{reason=\"transform_error\"}"
+        )
+        .await,
+        1.0
+    );
     server.shutdown().await;
+}
+
+/// One series of a tracking server's `/metrics`.
+async fn server_metric(server: &sluice::server::ServerHandle, series: &str) -> f64 {
+    let metrics = reqwest::get(format!("http://{}/metrics", server.addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in\n{metrics}"))
 }
 
 #[tokio::test]
@@ -1817,6 +1857,10 @@ async fn requests_beyond_the_plugins_instances_wait_their_turn_then_are_answered
             (503, "transform_failed".to_string())
         ]
     );
+    for reason in ["transform_busy", "transform_error"] {
+        let series = format!("sluice_events_rejected_total{{reason=\"{reason}\"}}");
+        assert_eq!(server_metric(&server, &series).await, 1.0, "{reason}");
+    }
     server.shutdown().await;
 }
 

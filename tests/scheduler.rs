@@ -1472,3 +1472,91 @@ async fn a_job_s_outcome_series_start_at_zero_and_a_fire_that_could_not_be_claim
     assert!(runs(&db).await.is_empty());
     s.shutdown().await;
 }
+
+/// The jobs' gauges are read from `scheduled_runs`, as every replica reads them: the end
+/// of the latest success, the start of the run going, a missed instant; a job no longer
+/// scheduled loses its series.
+#[tokio::test]
+async fn the_job_gauges_follow_the_runs_recorded_and_go_with_their_job() {
+    use sluice_core::metrics::{render, value};
+    let db = TestDb::initialized().await;
+    support::apply_missed_nightly(&db).await;
+    let schedule = |name: &str| sluice_core::config::ScheduleSection {
+        name: name.into(),
+        kind: "DAILY_ANALYTICS".into(),
+        cron: "0 15 2 * * *".into(),
+        catch_up: 3,
+        late_days_per_run: 7,
+        timezone: None,
+    };
+    let config = support::test_config(&db.name, |raw| raw.schedules = vec![schedule("gauged")]);
+    let at = |secs_ago: i64| {
+        bson::DateTime::from_millis(Utc::now().timestamp_millis() - secs_ago * 1000)
+    };
+    let ended = at(7_200);
+    let started = at(60);
+    db.store
+        .collection("scheduled_runs")
+        .insert_many([
+            doc! { "_id": "g1", "job": "export:gauged", "status": "COMPLETED", "scheduledFor": at(7_300), "startedAt": at(7_300), "endedAt": ended },
+            doc! { "_id": "g0", "job": "export:gauged", "status": "FAILED", "scheduledFor": at(90_000), "endedAt": at(89_000) },
+            doc! { "_id": "g2", "job": "export:gauged", "status": "RUNNING", "scheduledFor": started, "startedAt": started, "expiresAt": at(-60) },
+        ])
+        .await
+        .unwrap();
+    sluice::engine::publish_job_gauges(&config, &db.store)
+        .await
+        .unwrap();
+    let gauge = |name: &str, job: &str| value(name, &[("job_name", job)]);
+    let secs = |t: bson::DateTime| t.timestamp_millis() as f64 / 1000.0;
+    assert_eq!(
+        gauge("sluice_job_last_success_timestamp_seconds", "export:gauged"),
+        secs(ended)
+    );
+    assert_eq!(
+        gauge(
+            "sluice_job_running_since_timestamp_seconds",
+            "export:gauged"
+        ),
+        secs(started)
+    );
+    assert_eq!(gauge("sluice_job_missed", "export:gauged"), 0.0);
+    assert_eq!(gauge("sluice_job_missed", "integration:nightly"), 1.0);
+    assert_eq!(
+        gauge(
+            "sluice_job_last_success_timestamp_seconds",
+            "integration:nightly"
+        ),
+        0.0
+    );
+    let text = render();
+    for series in [
+        "sluice_job_last_success_timestamp_seconds{job_name=\"integration:nightly\"} 0",
+        "sluice_import_runs_total{config=\"nightly\",status=\"FAILED\"} ",
+        "sluice_export_runs_total{kind=\"DAILY_ANALYTICS\",status=\"FAILED\"} ",
+        "sluice_export_windows_not_exported_total{kind=\"DAILY_ANALYTICS\",reason=\"beyond_catch_up\"} ",
+    ] {
+        assert!(text.contains(series), "{series} missing:\n{text}");
+    }
+
+    // The schedule removed and the config turned off: their series go.
+    let config = support::test_config(&db.name, |raw| raw.schedules = vec![]);
+    db.store
+        .collection("integration_configs")
+        .update_one(
+            doc! { "name": "nightly" },
+            doc! { "$set": { "isActive": false } },
+        )
+        .await
+        .unwrap();
+    sluice::engine::publish_job_gauges(&config, &db.store)
+        .await
+        .unwrap();
+    let text = render();
+    for job in ["export:gauged", "integration:nightly"] {
+        assert!(
+            !text.contains(&format!("job_name=\"{job}\"")),
+            "{job} still has series:\n{text}"
+        );
+    }
+}

@@ -2361,3 +2361,48 @@ async fn a_write_held_by_another_transaction_says_so() {
     assert_eq!(stored, 1);
     server.shutdown().await;
 }
+
+/// Counters that first count a failure exist at 0 from the start (an alert's `increase`
+/// sees the first failure), and the process metrics are there.
+#[tokio::test]
+async fn metrics_of_failures_exist_at_zero_from_the_start_with_the_process_metrics() {
+    let db = TestDb::initialized().await;
+    let server = start_server(&db, |_| {}).await;
+    let text = reqwest::get(format!("http://{}/metrics", server.addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for series in [
+        "sluice_dead_letters_total{pipeline=\"tracking\"}",
+        "sluice_dead_letters_total{pipeline=\"import\"}",
+        "sluice_events_timestamp_clamped_total",
+        "sluice_user_revenue_saturated_total",
+        "sluice_background_errors_total{task=\"session_sweeper\"}",
+        "sluice_background_errors_total{task=\"job_gauges\"}",
+        "sluice_events_rejected_total{reason=\"transform_error\"}",
+        "sluice_events_rejected_total{reason=\"transform_busy\"}",
+    ] {
+        assert!(
+            text.lines().any(|l| l.starts_with(&format!("{series} "))),
+            "{series} missing:\n{text}"
+        );
+    }
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing:\n{text}"))
+    };
+    assert!(value("process_resident_memory_bytes") > 1e6);
+    assert!(value("process_open_fds") >= 3.0);
+    let started = value("process_start_time_seconds");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(started > now - 3_600.0 && started <= now, "{started}");
+    assert!(text.contains("sluice_build_info{version=\""), "{text}");
+    server.shutdown().await;
+}

@@ -112,6 +112,16 @@ pub fn fold_session(existing: Option<Session>, events: &[&Event], now: DateTime)
     s
 }
 
+/// `sluice_user_revenue_saturated_total`.
+pub fn count_revenue_saturated(n: u64) {
+    crate::metrics::count(
+        "sluice_user_revenue_saturated_total",
+        "Purchases not added to a user's totalRevenue because it is at its maximum (about 9.2e12).",
+        &[],
+        n,
+    );
+}
+
 /// Folds newly stored `events` (all of one visitor) into the user document.
 ///
 /// `new_sessions` is how many sessions this batch gave the visitor: sessions it created,
@@ -151,23 +161,16 @@ pub fn fold_user(
         if e.event_type == EventType::Purchase {
             u.total_purchases = u.total_purchases.saturating_add(1);
             if let Some(amount) = e.purchase_amount() {
-                u.total_revenue_micros = match u
-                    .total_revenue_micros
-                    .checked_add(revenue_micros(amount))
-                {
-                    Some(total) => total,
-                    // About 9.2e12 in the purchase currency: said where an operator
-                    // looks, not only held at the maximum.
-                    None => {
-                        crate::metrics::count(
-                            "sluice_user_revenue_saturated_total",
-                            "Purchases not added to a user's totalRevenue because it is at its maximum (about 9.2e12).",
-                            &[],
-                            1,
-                        );
-                        i64::MAX
-                    }
-                };
+                u.total_revenue_micros =
+                    match u.total_revenue_micros.checked_add(revenue_micros(amount)) {
+                        Some(total) => total,
+                        // About 9.2e12 in the purchase currency: said where an operator
+                        // looks, not only held at the maximum.
+                        None => {
+                            count_revenue_saturated(1);
+                            i64::MAX
+                        }
+                    };
             }
         }
     }

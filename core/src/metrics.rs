@@ -75,6 +75,44 @@ pub fn observe_seconds(name: &'static str, help: &'static str, labels: &[(&str, 
 }
 
 /// The current value of a series (tests and reports).
+/// Removes, from every family whose name starts with `prefix`, the series whose `label`
+/// has a value `gone` names (the series of a job no longer scheduled, which an alert
+/// would otherwise keep seeing until the process restarts).
+pub fn forget(prefix: &str, label: &str, gone: impl Fn(&str) -> bool) {
+    let needle = format!("{label}=\"");
+    let mut reg = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
+    for (_, family) in reg.iter_mut().filter(|(name, _)| name.starts_with(prefix)) {
+        family.series.retain(|key, _| {
+            let Some(at) = key.find(&needle) else {
+                return true;
+            };
+            let rest = &key[at + needle.len()..];
+            !gone(&rest[..rest.find('"').unwrap_or(rest.len())])
+        });
+    }
+}
+
+/// The background tasks of `sluice serve` whose failures [`count_background_error`]
+/// counts.
+pub const BACKGROUND_TASKS: [&str; 5] = [
+    "session_sweeper",
+    "scheduler_sweep",
+    "scheduler_reload",
+    "dead_export_check",
+    "job_gauges",
+];
+
+/// `sluice_background_errors_total{task}`: a background task's pass that failed (the
+/// store unreachable, mostly), which the log alone would show otherwise.
+pub fn count_background_error(task: &str, n: u64) {
+    count(
+        "sluice_background_errors_total",
+        "Failed passes of background tasks (session_sweeper, scheduler_sweep, scheduler_reload, dead_export_check, job_gauges); each is tried again at its next pass.",
+        &[("task", task)],
+        n,
+    );
+}
+
 pub fn value(name: &str, labels: &[(&str, &str)]) -> f64 {
     let reg = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
     let text = label_text(labels);
@@ -119,6 +157,42 @@ pub fn render() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn series_of_a_label_value_no_longer_kept_are_forgotten() {
+        count(
+            "t_forget_runs_total",
+            "Runs.",
+            &[("job_name", "a"), ("status", "OK")],
+            1,
+        );
+        count(
+            "t_forget_runs_total",
+            "Runs.",
+            &[("job_name", "b"), ("status", "OK")],
+            2,
+        );
+        observe_seconds("t_forget_run_seconds", "Runs.", &[("job_name", "b")], 1.0);
+        count("t_other_total", "Other.", &[("job_name", "b")], 1);
+        forget("t_forget_", "job_name", |j| j == "b");
+        assert_eq!(
+            value(
+                "t_forget_runs_total",
+                &[("job_name", "a"), ("status", "OK")]
+            ),
+            1.0
+        );
+        let text = render();
+        assert!(
+            !text.contains("t_forget_runs_total{job_name=\"b\""),
+            "{text}"
+        );
+        assert!(
+            !text.contains("t_forget_run_seconds_sum{job_name=\"b\""),
+            "{text}"
+        );
+        assert!(text.contains("t_other_total{job_name=\"b\"} 1"), "{text}");
+    }
 
     #[test]
     fn counters_and_summaries_render_in_the_text_format() {

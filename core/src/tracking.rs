@@ -373,6 +373,16 @@ pub fn money(text: &str) -> Option<f64> {
     grouped.then(|| plain(&s.replace(',', ""))).flatten()
 }
 
+/// `sluice_events_timestamp_clamped_total`.
+pub fn count_clamped(n: u64) {
+    crate::metrics::count(
+        "sluice_events_timestamp_clamped_total",
+        "Events whose time, corrected by sentAt, lay in the future (the client's clock was set back between the event and its sending): stored at their arrival time.",
+        &[],
+        n,
+    );
+}
+
 /// The ISO 4217 code a money text names (`"USD 19.99"`, `"19.99EUR"`): three capitals
 /// before or after the number, not part of a longer word. A symbol alone (`$`, `US$`)
 /// names no code: several currencies write it.
@@ -613,12 +623,7 @@ pub fn parse_event(
         && set_back.is_some_and(|b| b <= MAX_CLOCK_SET_BACK_MS)
         && timestamp_ms > ctx.received_at_ms + ctx.max_future_ms
     {
-        crate::metrics::count(
-            "sluice_events_timestamp_clamped_total",
-            "Events whose time, corrected by sentAt, lay in the future (the client's clock was set back between the event and its sending): stored at their arrival time.",
-            &[],
-            1,
-        );
+        count_clamped(1);
         ctx.received_at_ms
     } else {
         timestamp_ms

@@ -448,6 +448,35 @@ pub async fn catch_up(
     Ok(done)
 }
 
+fn count_export_run(kind: ExportJobType, status: &str, n: u64) {
+    sluice_core::metrics::count(
+        "sluice_export_runs_total",
+        "Export runs, by kind and outcome.",
+        &[("kind", kind.as_str()), ("status", status)],
+        n,
+    );
+}
+
+/// The reasons of `sluice_export_windows_not_exported_total`.
+const NOT_EXPORTED: [&str; 5] = [
+    "beyond_catch_up",
+    "archived_first",
+    "late_events_not_republished",
+    "late_days_beyond_per_run",
+    "late_events_archived_first",
+];
+
+/// Creates the series a scheduled export of `kind` can count at 0, so that its first
+/// failure is an increase an alert sees rather than a new series.
+pub fn declare_metrics(kind: ExportJobType) {
+    for status in ["COMPLETED", "FAILED"] {
+        count_export_run(kind, status, 0);
+    }
+    for reason in NOT_EXPORTED {
+        count_windows_not_exported(kind, reason, 0);
+    }
+}
+
 /// `sluice_export_windows_not_exported_total{kind,reason}`: scheduled days a run left
 /// without their data published (a backfill, or the next run, is needed), which the run's
 /// own outcome does not show.
@@ -744,12 +773,7 @@ fn export_metrics(
 ) {
     use sluice_core::metrics::{count, observe_seconds};
     let k = [("kind", kind.as_str())];
-    count(
-        "sluice_export_runs_total",
-        "Export runs, by kind and outcome.",
-        &[k[0], ("status", status)],
-        1,
-    );
+    count_export_run(kind, status, 1);
     count(
         "sluice_export_rows_total",
         "Rows published by exports, by kind.",

@@ -295,6 +295,23 @@ fn http_metrics(config: &str, h: &HttpStats) {
     }
 }
 
+fn count_import_run(config: &str, status: &str, n: u64) {
+    sluice_core::metrics::count(
+        "sluice_import_runs_total",
+        "Import runs, by config and outcome.",
+        &[("config", config), ("status", status)],
+        n,
+    );
+}
+
+/// Creates the series a scheduled import of `config` can count at 0, so that its first
+/// failure is an increase an alert sees rather than a new series.
+pub fn declare_metrics(config: &str) {
+    for status in ["COMPLETED", "INTERRUPTED", "FAILED"] {
+        count_import_run(config, status, 0);
+    }
+}
+
 /// This run's share of a summary (a resumed run's summary starts from the checkpoint).
 fn import_metrics(before: &ImportSummary, after: &ImportSummary, status: &str, secs: f64) {
     use sluice_core::metrics::{count, observe_seconds};
@@ -315,13 +332,7 @@ fn import_metrics(before: &ImportSummary, after: &ImportSummary, status: &str, s
         count("sluice_import_records_total", records, &labels, n);
     }
     http_metrics(&after.name, &after.http);
-    let labels = [config[0], ("status", status)];
-    count(
-        "sluice_import_runs_total",
-        "Import runs, by config and outcome.",
-        &labels,
-        1,
-    );
+    count_import_run(&after.name, status, 1);
     observe_seconds(
         "sluice_import_run_seconds",
         "Duration of import runs, by config.",

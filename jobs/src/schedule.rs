@@ -331,6 +331,7 @@ impl Scheduler {
                 loop {
                     tokio::time::sleep(every).await;
                     if let Err(e) = sweep(&inner).await {
+                        sluice_core::metrics::count_background_error("scheduler_sweep", 1);
                         tracing::warn!(error = %e, "scheduler sweep failed");
                     }
                 }
@@ -367,6 +368,7 @@ impl Scheduler {
                         Err(e) => Err(e),
                     };
                     if let Err(e) = reloaded {
+                        sluice_core::metrics::count_background_error("scheduler_reload", 1);
                         tracing::warn!(error = %e, "scheduler reload failed; the schedule stays as it was");
                     }
                     // An export whose process died shows FAILED within a reload of its
@@ -379,6 +381,7 @@ impl Scheduler {
                             "export runs that stopped sending heartbeats are marked FAILED"
                         ),
                         Err(e) => {
+                            sluice_core::metrics::count_background_error("dead_export_check", 1);
                             tracing::warn!(error = %e, "could not check for interrupted export runs")
                         }
                     }

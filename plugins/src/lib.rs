@@ -658,6 +658,8 @@ impl PluginHost {
         pool.count = 1;
         pool.peak = 1;
         drop(pool);
+        // At 0 from the load: a plugin's first failure is then an increase an alert sees.
+        count_failed_batches(&t.name, 0);
         Ok(t)
     }
 }
@@ -771,6 +773,15 @@ impl Drop for Checkout<'_> {
 }
 
 /// A loaded plugin, usable as a [`Transform`].
+fn count_failed_batches(plugin: &str, n: u64) {
+    sluice_core::metrics::count(
+        "sluice_plugin_failed_batches_total",
+        "Plugin batches that failed the run (trap, limit, bad output, rejected record).",
+        &[("plugin", plugin)],
+        n,
+    );
+}
+
 pub struct WasmTransform {
     name: String,
     version: String,
@@ -1600,12 +1611,7 @@ impl Transform for WasmTransform {
                 &[plugin[0], ("direction", "out")],
                 out.len() as u64,
             ),
-            Err(_) => count(
-                "sluice_plugin_failed_batches_total",
-                "Plugin batches that failed the run (trap, limit, bad output, rejected record).",
-                &plugin,
-                1,
-            ),
+            Err(_) => count_failed_batches(plugin[0].1, 1),
         }
         observe_seconds(
             "sluice_plugin_batch_seconds",

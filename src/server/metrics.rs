@@ -18,6 +18,11 @@ pub struct Metrics {
     pub rejected_bot: AtomicU64,
     /// Events a tracking transform plugin dropped.
     pub rejected_transform: AtomicU64,
+    /// Events a tracking plugin failed (rejected, trapped on), or whose request a plugin
+    /// failure answered 503.
+    pub rejected_transform_error: AtomicU64,
+    /// Events whose request waited its whole write deadline for a plugin instance.
+    pub rejected_transform_busy: AtomicU64,
     pub retry: AtomicU64,
     pub queue_full: AtomicU64,
     pub write_errors: AtomicU64,
@@ -93,6 +98,8 @@ impl Metrics {
             ("invalid", &self.rejected_invalid),
             ("bot", &self.rejected_bot),
             ("transform", &self.rejected_transform),
+            ("transform_error", &self.rejected_transform_error),
+            ("transform_busy", &self.rejected_transform_busy),
             ("retry", &self.retry),
             ("queue_full", &self.queue_full),
             ("write_error", &self.write_errors),

@@ -8,6 +8,7 @@ mod batcher;
 pub mod enrich;
 mod listen;
 mod metrics;
+mod process;
 mod segment;
 mod tracking;
 
@@ -718,7 +719,9 @@ async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
         [("content-type", "text/plain; version=0.0.4")],
         // The tracking endpoint's series, then those of imports, pushes, exports,
         // scheduled jobs and plugins run by this process.
-        state.metrics.render(state.batcher.depth()) + &sluice_core::metrics::render(),
+        state.metrics.render(state.batcher.depth())
+            + &sluice_core::metrics::render()
+            + &process::render(),
     )
 }
 
@@ -764,6 +767,15 @@ pub async fn start_loaded(
 ) -> anyhow::Result<ServerHandle> {
     let addr = listener.local_addr()?;
     let metrics = Arc::new(Metrics::default());
+    // Counters that may first count a failure exist at 0 from the start: that first
+    // failure is then an increase an alert sees, not a new series.
+    sluice_connectors::mongo::declare_dead_letter_metrics();
+    sluice_core::tracking::count_clamped(0);
+    sluice_core::aggregate::count_revenue_saturated(0);
+    process::mark_started();
+    for task in sluice_core::metrics::BACKGROUND_TASKS {
+        sluice_core::metrics::count_background_error(task, 0);
+    }
     let t = config.tracking.clone();
     let writer = EventWriter::new(
         store.clone(),
@@ -919,7 +931,10 @@ fn spawn_sweeper(store: Store, idle: Duration, metrics: Arc<Metrics>) -> JoinHan
                         .sessions_expired
                         .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
                 }
-                Err(e) => tracing::warn!(error = %e, "session sweeper failed"),
+                Err(e) => {
+                    sluice_core::metrics::count_background_error("session_sweeper", 1);
+                    tracing::warn!(error = %e, "session sweeper failed")
+                }
             }
         }
     })

@@ -649,6 +649,13 @@ async fn transform(
             )
         })?;
     let chain = state.transforms.clone();
+    let sent = events.len() as u64;
+    let failed_all = || {
+        state
+            .metrics
+            .rejected_transform_error
+            .fetch_add(sent, Relaxed)
+    };
     // Narrowing a failing batch down to its bad events may take this long in all; the
     // events of parts still failing then are rejected together.
     let budget = std::time::Duration::from_secs(state.config.tracking.write_timeout_seconds);
@@ -661,6 +668,7 @@ async fn transform(
         .ok()
         .and_then(Result::ok)
         .ok_or_else(|| {
+            state.metrics.rejected_transform_busy.fetch_add(sent, Relaxed);
             static LOGGED: super::Throttle = super::Throttle::new();
             if let Some(held) = LOGGED.pass(std::time::Duration::from_secs(1)) {
                 tracing::warn!(
@@ -682,6 +690,7 @@ async fn transform(
     })
     .await
     .map_err(|e| {
+        failed_all();
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "transform_failed",
@@ -690,6 +699,7 @@ async fn transform(
         .retry(5)
     })?
     .map_err(|e| {
+        failed_all();
         tracing::error!(error = %e, "tracking transform failed");
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -983,6 +993,16 @@ pub(super) async fn write(
                 .metrics
                 .queue_full
                 .fetch_add(ids.len() as u64, Relaxed);
+            // Every request while the writers are behind: a line a second says so.
+            static LOGGED: super::Throttle = super::Throttle::new();
+            if let Some(held) = LOGGED.pass(std::time::Duration::from_secs(1)) {
+                tracing::warn!(
+                    events = ids.len(),
+                    more_since_last = held,
+                    queued = state.batcher.depth(),
+                    "the ingest queue is full: requests are answered 503 until the writers catch up (tracking.queue_capacity, tracking.writers)"
+                );
+            }
             return Err(ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "overloaded",
@@ -1062,7 +1082,7 @@ pub(super) async fn write(
             }
             Outcome::Failed(reason) => {
                 answer.rejected += 1;
-                m.rejected_transform.fetch_add(1, Relaxed);
+                m.rejected_transform_error.fetch_add(1, Relaxed);
                 let entry = json!({ "index": index, "status": "rejected", "reason": reason });
                 answer
                     .first_rejection

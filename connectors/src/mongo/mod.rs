@@ -299,6 +299,23 @@ impl StoreError {
     }
 }
 
+fn count_dead_letters(pipeline: &str, n: u64) {
+    sluice_core::metrics::count(
+        "sluice_dead_letters_total",
+        "Records newly kept in `dead_letters`, by kind of pipeline: failed by a transform plugin under the dead-letter policy, by mapping or validation, or refused by MongoDB.",
+        &[("pipeline", pipeline)],
+        n,
+    );
+}
+
+/// Creates the series of `sluice_dead_letters_total` at 0 for every kind of pipeline, so
+/// that a pipeline's first dead letter is an increase an alert sees.
+pub fn declare_dead_letter_metrics() {
+    for pipeline in ["import", "push", "export", "tracking"] {
+        count_dead_letters(pipeline, 0);
+    }
+}
+
 /// A handle on Sluice's database. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Store {
@@ -601,12 +618,7 @@ impl Store {
         }
         // By the kind of pipeline (`import`, `push`, `export`, `tracking`): its config is
         // in the log line above and in each dead letter.
-        sluice_core::metrics::count(
-            "sluice_dead_letters_total",
-            "Records newly kept in `dead_letters`, by kind of pipeline: failed by a transform plugin under the dead-letter policy, by mapping or validation, or refused by MongoDB.",
-            &[("pipeline", pipeline.split(':').next().unwrap_or(pipeline))],
-            n,
-        );
+        count_dead_letters(pipeline.split(':').next().unwrap_or(pipeline), n);
         Ok(n)
     }
 

@@ -597,7 +597,14 @@ impl S3Store {
             .send()
             .await
             .map(|_| ())
-            .map_err(|e| StorageError::op(BACKEND, "", "check the destination", describe_sdk(e)))
+            .map_err(|e| {
+                StorageError::op(
+                    BACKEND,
+                    &self.url(""),
+                    "check the destination",
+                    describe_sdk(e),
+                )
+            })
     }
 
     pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StorageError> {
