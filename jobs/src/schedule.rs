@@ -75,8 +75,11 @@ pub struct SchedulerOptions {
 impl Default for SchedulerOptions {
     fn default() -> Self {
         Self {
+            // The host first (a pod's name), so that `jobs history` says which replica
+            // ran a job; the pid and a random tail tell processes of one host apart.
             instance: format!(
-                "{}-{}",
+                "{}{}-{}",
+                host_name().map(|h| format!("{h}-")).unwrap_or_default(),
                 std::process::id(),
                 &uuid::Uuid::new_v4().simple().to_string()[..6]
             ),
@@ -152,6 +155,21 @@ fn count_job_run(job: &str, status: &str, n: u64) {
         &[("job_name", job), ("status", status)],
         n,
     );
+}
+
+/// This host's name (a Kubernetes pod's name), from the kernel or `$HOSTNAME`, in letters,
+/// digits, dots and dashes, at most 63 of them; none when neither says.
+pub fn host_name() -> Option<String> {
+    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())?;
+    let name: String = raw
+        .trim()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '.' || *c == '-')
+        .take(63)
+        .collect();
+    (!name.is_empty()).then_some(name)
 }
 
 /// Parses a cron expression with seconds (6 or 7 fields).
@@ -929,7 +947,11 @@ pub async fn start_manual_run(store: &Store, job: &str, owner: &str) -> Result<S
         let runs = store.lease_collection(c::SCHEDULED_RUNS);
         runs.insert_one(doc! {
             common::ID: &id, "job": job, "scheduledFor": now, "status": "RUNNING",
-            "manual": true, "owner": owner, "startedAt": now,
+            "manual": true, "startedAt": now,
+            "owner": match host_name() {
+                Some(host) => format!("{owner} on {host}"),
+                None => owner.to_string(),
+            },
             "expiresAt": store.now_plus(MANUAL_LEASE), "attempts": 1, common::CREATED_AT: now,
         })
         .await
