@@ -389,7 +389,17 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     // A plugin or GeoIP database that does not load is a config that does not load.
     let loaded = crate::server::Loaded::load(&config)
         .map_err(|e| anyhow::Error::new(InvalidConfigs(format!("{e:#}"))))?;
-    let store = wait_for_store(&config).await?;
+    // While it waits for MongoDB, `ops_listen` already answers: alive, not ready, with the
+    // process metrics, so a waiting replica is told from a dead one.
+    let starting = match config.ops_listen {
+        Some(at) => Some(crate::server::serve_starting(at).await?),
+        None => None,
+    };
+    let store = wait_for_store(&config).await;
+    if let Some(s) = starting {
+        s.stop().await;
+    }
+    let store = store?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;

@@ -1045,10 +1045,11 @@ async fn serve_with_json_logs_writes_nothing_but_json_lines() {
 #[tokio::test]
 async fn serve_waits_for_a_database_that_is_not_up_yet() {
     let port = support::free_port();
+    let ops = support::free_port();
     let config = write_temp(
         "sluice.toml",
         &format!(
-            "[mongodb]\nuri = \"mongodb://127.0.0.1:{port}/?directConnection=true&serverSelectionTimeoutMS=500\"\ndatabase = \"sluice_wait\"\n[server]\nlisten = \"127.0.0.1:0\"\n[scheduler]\nenabled = false\n"
+            "[mongodb]\nuri = \"mongodb://127.0.0.1:{port}/?directConnection=true&serverSelectionTimeoutMS=500\"\ndatabase = \"sluice_wait\"\n[server]\nlisten = \"127.0.0.1:0\"\nops_listen = \"127.0.0.1:{ops}\"\n[scheduler]\nenabled = false\n"
         ),
     );
     let mut child = sluice()
@@ -1087,13 +1088,34 @@ async fn serve_waits_for_a_database_that_is_not_up_yet() {
         .collect();
     assert!(waits[0].contains("Topology"), "{waits:?}");
     assert!(!waits[1].contains("Topology"), "{waits:?}");
+    // Meanwhile the ops address says it is alive and not ready, with its metrics.
+    let get = |path: &'static str| async move {
+        let r = reqwest::get(format!("http://127.0.0.1:{ops}{path}"))
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    };
+    assert_eq!(get("/healthz").await.0, 200);
+    let (status, body) = get("/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("\"starting\""), "{body}");
+    let (status, body) = get("/metrics").await;
+    assert_eq!(status, 200);
+    assert!(body.contains("process_start_time_seconds "), "{body}");
     // The database comes up on that port: serve gets on with it.
     let server = support::OwnMongo::start_on(port).await;
     let served = wait_for("sluice serving", &mut lines);
+    // The server has the ops address now: ready.
+    let ready = if served {
+        get("/readyz").await
+    } else {
+        (0, String::new())
+    };
     child.kill().unwrap();
     let _ = child.wait();
     drop(server);
     assert!(served, "{lines:?}");
+    assert_eq!(ready.0, 200, "{}", ready.1);
 }
 
 #[tokio::test]

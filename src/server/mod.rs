@@ -206,6 +206,62 @@ pub(crate) fn store_timeout(deadline: Duration, what: &str) -> ApiError {
 /// conflicts.
 pub(crate) const CONFLICTS: &str = "MongoDB answered write conflicts on the sessions or profiles they update (another transaction holds them: one a stopped replica left open holds them until MongoDB aborts it, within transactionLifetimeLimitSeconds, 60 s by default)";
 
+/// What `[server] ops_listen` serves while `sluice serve` waits for MongoDB: `/healthz`
+/// (alive), `/readyz` (503 `starting`) and `/metrics` (what the process has counted).
+pub struct Starting {
+    stop: oneshot::Sender<()>,
+    join: JoinHandle<()>,
+}
+
+/// Listens on `at` with the [`Starting`] routes until [`Starting::stop`].
+pub async fn serve_starting(at: SocketAddr) -> anyhow::Result<Starting> {
+    let listener = TcpListener::bind(at)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on `server.ops_listen` ({at}): {e}"))?;
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(|| async {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "starting",
+                    "waiting for MongoDB to answer",
+                )
+            }),
+        )
+        .route(
+            "/metrics",
+            get(|| async { sluice_core::metrics::render() + &process::render() }),
+        );
+    process::mark_started();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let join = tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = stopped.await;
+            })
+            .await;
+    });
+    Ok(Starting { stop, join })
+}
+
+impl Starting {
+    /// Stops listening (the address is free for the server once this returns).
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        let mut join = self.join;
+        // A scraper's idle keep-alive connection does not hold the address.
+        if tokio::time::timeout(Duration::from_secs(2), &mut join)
+            .await
+            .is_err()
+        {
+            join.abort();
+            let _ = join.await;
+        }
+    }
+}
+
 /// A running server; dropping the handle does not stop it, `shutdown` does.
 pub struct ServerHandle {
     pub addr: SocketAddr,
