@@ -429,6 +429,26 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     } else {
         None
     };
+    // A replica whose export destination refuses would still claim scheduled exports
+    // and fail them: it says so at once (it starts all the same; the check is S3's).
+    if scheduler.is_some() && !config.schedules.is_empty() {
+        let checked = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            open_destination(&config, None).await?.check().await?;
+            anyhow::Ok(())
+        })
+        .await;
+        let problem = match checked {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(format!("{e:#}")),
+            Err(_) => Some("it did not answer within 10 s".to_string()),
+        };
+        if let Some(problem) = problem {
+            tracing::warn!(
+                destination = %config.destination,
+                "the export destination refuses this replica: its scheduled exports will fail until that is fixed: {problem}"
+            );
+        }
+    }
     // The jobs' gauges, read from the store as every replica reads them.
     let gauges = scheduler.as_ref().map(|_| {
         let (config, store) = (config.clone(), store.clone());

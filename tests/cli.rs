@@ -995,9 +995,13 @@ async fn serve_with_json_logs_writes_nothing_but_json_lines() {
     let config = write_temp(
         "sluice.toml",
         &format!(
-            "[mongodb]\nuri = \"{}\"\ndatabase = \"{}\"\n[server]\nlisten = \"127.0.0.1:0\"\n[log]\nformat = \"json\"\nlevel = \"info\"\n",
+            "[mongodb]\nuri = \"{}\"\ndatabase = \"{}\"\n[server]\nlisten = \"127.0.0.1:0\"\n[log]\nformat = \"json\"\nlevel = \"info\"\n\
+             [export]\ndestination = \"s3://sluice-wrong-secret/exports\"\n\
+             [s3]\nendpoint = \"{}\"\naccess_key = \"sluice\"\nsecret_key = \"not-the-secret\"\npath_style = true\n\
+             [[schedules]]\nname = \"daily\"\ntype = \"EVENT_DATA\"\ncron = \"0 5 1 * * *\"\n",
             support::mongo_uri(),
-            db.name
+            db.name,
+            format!("http://{}", support::s3_upstream())
         ),
     );
     let mut child = sluice()
@@ -1030,6 +1034,14 @@ async fn serve_with_json_logs_writes_nothing_but_json_lines() {
     assert!(
         lines.iter().any(|l| l.contains("created collection")),
         "what init did is logged: {lines:?}"
+    );
+    // Its export destination refuses it (a wrong secret): it says so before it serves.
+    assert!(
+        lines.iter().any(
+            |l| l.contains("the export destination refuses this replica")
+                && l.contains("SignatureDoesNotMatch")
+        ),
+        "{lines:?}"
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     for line in lines.iter().map(String::as_str).chain(stdout.lines()) {
