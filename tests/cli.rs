@@ -997,11 +997,11 @@ async fn serve_with_json_logs_writes_nothing_but_json_lines() {
         &format!(
             "[mongodb]\nuri = \"{}\"\ndatabase = \"{}\"\n[server]\nlisten = \"127.0.0.1:0\"\n[log]\nformat = \"json\"\nlevel = \"info\"\n\
              [export]\ndestination = \"s3://sluice-wrong-secret/exports\"\n\
-             [s3]\nendpoint = \"{}\"\naccess_key = \"sluice\"\nsecret_key = \"not-the-secret\"\npath_style = true\n\
+             [s3]\nendpoint = \"http://{}\"\naccess_key = \"sluice\"\nsecret_key = \"not-the-secret\"\npath_style = true\n\
              [[schedules]]\nname = \"daily\"\ntype = \"EVENT_DATA\"\ncron = \"0 5 1 * * *\"\n",
             support::mongo_uri(),
             db.name,
-            format!("http://{}", support::s3_upstream())
+            support::s3_upstream()
         ),
     );
     let mut child = sluice()
