@@ -845,6 +845,10 @@ async fn retries_honour_retry_after_and_ride_out_5xx_bursts() {
     );
     assert_eq!((s.fetched, s.http.retries), (45, 1));
     assert_eq!(api.hits.load(Ordering::SeqCst), 6);
+    assert_eq!(
+        (s.http.failed.rate_limited, s.http.failed.server_error),
+        (1, 0)
+    );
 
     let db = TestDb::initialized().await;
     let (base, _) = fault_api(Fault::ServerErrors(3)).await;
@@ -853,6 +857,7 @@ async fn retries_honour_retry_after_and_ride_out_5xx_bursts() {
         .await
         .unwrap();
     assert_eq!((s.fetched, s.http.retries), (45, 3));
+    assert_eq!((s.http.failed.server_error, s.http.failed.network), (3, 0));
     assert_eq!(count(&db, "things").await, 45);
     // The run gave the target a unique index on its key (upserts by key need one).
     let indexes: Vec<mongodb::IndexModel> = db
@@ -884,6 +889,8 @@ async fn retries_honour_retry_after_and_ride_out_5xx_bursts() {
         "sluice_import_records_total{config=\"bursty\",stage=\"unchanged\"} 0",
         "sluice_import_records_total{config=\"bursty\",stage=\"failed\"} 0",
         "sluice_http_requests_total{config=\"bursty\",kind=\"retry\"} 3",
+        "sluice_http_failures_total{config=\"bursty\",class=\"server_error\"} 3",
+        "sluice_http_failures_total{config=\"bursty\",class=\"malformed\"} 0",
         "sluice_import_runs_total{config=\"bursty\",status=\"COMPLETED\"} 1",
         "sluice_import_run_seconds_count{config=\"bursty\"} 1",
     ] {

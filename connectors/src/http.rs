@@ -144,10 +144,40 @@ pub enum PageState {
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct HttpStats {
     pub requests: u64,
+    /// Attempts that failed, by what went wrong (a retried one and the last alike).
+    pub failed: HttpFailures,
     pub retries: u64,
     pub token_refreshes: u64,
     /// Refresh tokens the provider rotated (each saved before use).
     pub refresh_rotations: u64,
+}
+
+/// Failed attempts of a run, by class: what an alert on an API's health tells apart.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct HttpFailures {
+    /// No complete answer: refused or reset connections, timeouts, a body cut short.
+    pub network: u64,
+    /// 5xx answers.
+    pub server_error: u64,
+    /// 429 answers.
+    pub rate_limited: u64,
+    /// Other answers that are not a success (4xx, a redirect).
+    pub refused: u64,
+    /// A success whose body is not JSON (often a proxy's or a login page).
+    pub malformed: u64,
+}
+
+impl HttpFailures {
+    /// Each class with its count, as the metrics label them.
+    pub fn by_class(&self) -> [(&'static str, u64); 5] {
+        [
+            ("network", self.network),
+            ("server_error", self.server_error),
+            ("rate_limited", self.rate_limited),
+            ("refused", self.refused),
+            ("malformed", self.malformed),
+        ]
+    }
 }
 
 fn ip_kind(ip: IpAddr) -> Option<&'static str> {
@@ -717,6 +747,7 @@ impl HttpClient {
             let resp = match req.send().await {
                 Ok(r) => r,
                 Err(e) => {
+                    self.bump(|s| s.failed.network += 1);
                     last = self.describe(&e, "no complete answer", "network error");
                     if next < attempts {
                         tokio::time::sleep(self.backoff(attempt)).await;
@@ -733,6 +764,11 @@ impl HttpClient {
                         || status == reqwest::StatusCode::SERVICE_UNAVAILABLE)
             }) {
                 // Retrying before the server said to only spends attempts on more refusals.
+                if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+                    self.bump(|s| s.failed.rate_limited += 1);
+                } else {
+                    self.bump(|s| s.failed.server_error += 1);
+                }
                 return Err(HttpError::Status {
                     url: url.to_string(),
                     status: status.as_u16(),
@@ -744,6 +780,7 @@ impl HttpClient {
                 });
             }
             if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+                self.bump(|s| s.failed.rate_limited += 1);
                 let wait = asked.unwrap_or_else(|| self.backoff(attempt));
                 if attempt + 1 == attempts {
                     last = match asked {
@@ -796,12 +833,14 @@ impl HttpClient {
                     })
                 }
                 Err(e) => {
+                    self.bump(|s| s.failed.network += 1);
                     last = self.describe(&e, "the body did not arrive", "reading the body");
                     tokio::time::sleep(self.backoff(attempt)).await;
                     continue;
                 }
             };
             if status.is_server_error() {
+                self.bump(|s| s.failed.server_error += 1);
                 last = format!("{status}: {}", self.snippet(&text));
                 // A 503 may say when to come back (`Retry-After`): not before then.
                 if next == attempts {
@@ -815,6 +854,7 @@ impl HttpClient {
                 continue;
             }
             if !status.is_success() {
+                self.bump(|s| s.failed.refused += 1);
                 let body = match headers.get("location").and_then(|l| l.to_str().ok()) {
                     // Redirects are not followed: the target was never vetted.
                     Some(to) if status.is_redirection() => format!(
@@ -839,6 +879,7 @@ impl HttpClient {
             match parsed {
                 Ok(v) => return Ok((v, headers, digest(&text))),
                 Err(e) => {
+                    self.bump(|s| s.failed.malformed += 1);
                     // Often a proxy's error page: retry, then fail with the parse error.
                     last = format!("malformed JSON: {e}");
                     if attempt + 1 == attempts {

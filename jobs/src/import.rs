@@ -293,6 +293,20 @@ fn http_metrics(config: &str, h: &HttpStats) {
         let labels = [("config", config), ("kind", kind)];
         sluice_core::metrics::count("sluice_http_requests_total", help, &labels, n);
     }
+    count_http_failures(config, &h.failed);
+}
+
+/// `sluice_http_failures_total{config,class}`: attempts of a connector's requests that
+/// failed, by class (network, server_error, rate_limited, refused, malformed).
+fn count_http_failures(config: &str, failed: &sluice_connectors::http::HttpFailures) {
+    for (class, n) in failed.by_class() {
+        sluice_core::metrics::count(
+            "sluice_http_failures_total",
+            "Failed attempts of imports' and pushes' HTTP requests, by config and class (network: no complete answer; server_error: 5xx; rate_limited: 429; refused: other non-success; malformed: not JSON).",
+            &[("config", config), ("class", class)],
+            n,
+        );
+    }
 }
 
 fn count_import_run(config: &str, status: &str, n: u64) {
@@ -310,6 +324,7 @@ pub fn declare_metrics(config: &str) {
     for status in ["COMPLETED", "INTERRUPTED", "FAILED"] {
         count_import_run(config, status, 0);
     }
+    count_http_failures(config, &Default::default());
 }
 
 /// This run's share of a summary (a resumed run's summary starts from the checkpoint).
