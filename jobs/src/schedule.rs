@@ -75,13 +75,13 @@ pub struct SchedulerOptions {
 impl Default for SchedulerOptions {
     fn default() -> Self {
         Self {
-            // The host first (a pod's name), so that `jobs history` says which replica
-            // ran a job; the pid and a random tail tell processes of one host apart.
+            // The pid and a random tail tell processes apart, and the host (a pod's
+            // name) says which replica ran a job in `jobs history`.
             instance: format!(
-                "{}{}-{}",
-                host_name().map(|h| format!("{h}-")).unwrap_or_default(),
+                "{}-{}{}",
                 std::process::id(),
-                &uuid::Uuid::new_v4().simple().to_string()[..6]
+                &uuid::Uuid::new_v4().simple().to_string()[..6],
+                host_name().map(|h| format!("@{h}")).unwrap_or_default(),
             ),
             lease: Duration::from_secs(60),
             reload_every: Duration::from_secs(30),
