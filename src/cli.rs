@@ -389,17 +389,22 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     // A plugin or GeoIP database that does not load is a config that does not load.
     let loaded = crate::server::Loaded::load(&config)
         .map_err(|e| anyhow::Error::new(InvalidConfigs(format!("{e:#}"))))?;
+    crate::server::mark_process_started();
     // While it waits for MongoDB, `ops_listen` already answers: alive, not ready, with the
     // process metrics, so a waiting replica is told from a dead one.
     let starting = match config.ops_listen {
         Some(at) => Some(crate::server::serve_starting(at).await?),
         None => None,
     };
-    let store = wait_for_store(&config).await;
-    if let Some(s) = starting {
-        s.stop().await;
-    }
-    let store = store?;
+    let store = match wait_for_store(&config).await {
+        Ok(store) => store,
+        Err(e) => {
+            if let Some(s) = starting {
+                s.stop().await;
+            }
+            return Err(e);
+        }
+    };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -431,23 +436,27 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     };
     // A replica whose export destination refuses would still claim scheduled exports
     // and fail them: it says so at once (it starts all the same; the check is S3's).
+    // In the background: serving does not wait for S3.
     if scheduler.is_some() && !config.schedules.is_empty() {
-        let checked = tokio::time::timeout(std::time::Duration::from_secs(10), async {
-            open_destination(&config, None).await?.check().await?;
-            anyhow::Ok(())
-        })
-        .await;
-        let problem = match checked {
-            Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(format!("{e:#}")),
-            Err(_) => Some("it did not answer within 10 s".to_string()),
-        };
-        if let Some(problem) = problem {
-            tracing::warn!(
-                destination = %config.destination,
-                "the export destination refuses this replica: its scheduled exports will fail until that is fixed: {problem}"
-            );
-        }
+        let config = config.clone();
+        tokio::spawn(async move {
+            let checked = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+                open_destination(&config, None).await?.check().await?;
+                anyhow::Ok(())
+            })
+            .await;
+            let problem = match checked {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(format!("{e:#}")),
+                Err(_) => Some("it did not answer within 10 s".to_string()),
+            };
+            if let Some(problem) = problem {
+                tracing::warn!(
+                    destination = %config.destination,
+                    "the export destination refuses this replica: its scheduled exports will fail until that is fixed: {problem}"
+                );
+            }
+        });
     }
     // The jobs' gauges, read from the store as every replica reads them.
     let gauges = scheduler.as_ref().map(|_| {
@@ -464,6 +473,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         })
     });
     let store_for_shutdown = store.clone();
+    // The ops address goes to the server now (it binds it again at once).
+    if let Some(s) = starting {
+        s.stop().await;
+    }
     let handle =
         match crate::server::start_loaded((*config).clone(), store, listener, true, loaded).await {
             Ok(h) => h,

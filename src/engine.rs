@@ -454,6 +454,55 @@ pub fn already_stored(unchanged: u64) -> String {
     }
 }
 
+/// When each job's latest COMPLETED run ended. The first reading groups every recorded run
+/// (once per process); later ones read only the runs that ended since (by the `endedAt`
+/// index), with a minute's margin for runs recorded late.
+async fn last_successes(
+    store: &Store,
+) -> Result<std::collections::HashMap<String, bson::DateTime>, sluice_connectors::StoreError> {
+    // By database: one process has one, but a test process has many.
+    type Seen = (
+        String,
+        std::collections::HashMap<String, bson::DateTime>,
+        bson::DateTime,
+    );
+    static SEEN: tokio::sync::Mutex<Option<Seen>> = tokio::sync::Mutex::const_new(None);
+    let runs =
+        || sluice_connectors::StoreError::mongo(c::SCHEDULED_RUNS, "read the latest successes");
+    let mut seen = SEEN.lock().await;
+    let now = store.now();
+    let database = store.db().name().to_string();
+    let (mut latest, since) = match seen.take() {
+        Some((db, latest, read_at)) if db == database => (
+            latest,
+            Some(bson::DateTime::from_millis(
+                read_at.timestamp_millis() - 60_000,
+            )),
+        ),
+        _ => (Default::default(), None),
+    };
+    let mut filter = doc! { "status": "COMPLETED", "endedAt": { "$type": "date" } };
+    if let Some(since) = since {
+        filter.insert("endedAt", doc! { "$gte": since });
+    }
+    let mut cursor = store
+        .collection(c::SCHEDULED_RUNS)
+        .aggregate([
+            doc! { "$match": filter },
+            doc! { "$group": { "_id": "$job", "last": { "$max": "$endedAt" } } },
+        ])
+        .await
+        .map_err(runs())?;
+    while let Some(d) = cursor.try_next().await.map_err(runs())? {
+        if let (Ok(job), Ok(at)) = (d.get_str("_id"), d.get_datetime("last")) {
+            let entry = latest.entry(job.to_string()).or_insert(*at);
+            *entry = (*entry).max(*at);
+        }
+    }
+    *seen = Some((database, latest.clone(), now));
+    Ok(latest)
+}
+
 /// How often `sluice serve` reads the scheduled jobs' state for its gauges
 /// ([`publish_job_gauges`]): the reload interval, at least a minute (the reading costs a
 /// few queries per job).
@@ -495,15 +544,10 @@ pub async fn publish_job_gauges(
             *first = first.min(secs);
         }
     }
+    let successes = last_successes(store).await?;
     for job in &overview {
-        let last_success = store
-            .collection(c::SCHEDULED_RUNS)
-            .find_one(doc! { "job": &job.name, "status": "COMPLETED" })
-            .sort(doc! { "scheduledFor": -1 })
-            .projection(doc! { "endedAt": 1 })
-            .await
-            .map_err(runs())?
-            .and_then(|d| d.get_datetime("endedAt").ok().copied())
+        let last_success = successes
+            .get(&job.name)
             .map_or(0.0, |t| t.timestamp_millis() as f64 / 1000.0);
         let l = [("job_name", job.name.as_str())];
         set(

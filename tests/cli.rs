@@ -1016,12 +1016,15 @@ async fn serve_with_json_logs_writes_nothing_but_json_lines() {
     // Read until the server says it serves (or gives up, or a minute passed), then stop it.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     let mut lines = Vec::new();
+    // Both lines: the destination is checked in the background, so before or after.
+    let (mut serving, mut warned) = (false, false);
     while let Ok(line) =
         rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
     {
-        let serving = line.contains("sluice serving");
+        serving |= line.contains("sluice serving");
+        warned |= line.contains("the export destination refuses this replica");
         lines.push(line);
-        if serving {
+        if serving && warned {
             break;
         }
     }

@@ -74,7 +74,6 @@ pub fn observe_seconds(name: &'static str, help: &'static str, labels: &[(&str, 
     *family.series.entry(format!("_count{text}")).or_insert(0.0) += 1.0;
 }
 
-/// The current value of a series (tests and reports).
 /// Removes, from every family whose name starts with `prefix`, the series whose `label`
 /// has a value `gone` names (the series of a job no longer scheduled, which an alert
 /// would otherwise keep seeing until the process restarts).
@@ -113,6 +112,7 @@ pub fn count_background_error(task: &str, n: u64) {
     );
 }
 
+/// The current value of a series (tests and reports).
 pub fn value(name: &str, labels: &[(&str, &str)]) -> f64 {
     let reg = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
     let text = label_text(labels);

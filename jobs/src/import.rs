@@ -1475,7 +1475,8 @@ async fn write_events(
         ),
         ..WriterOptions::default()
     };
-    let give_up = Instant::now() + writer_options.claim_lease * 2;
+    let patient = writer_options.claim_lease * 2;
+    let mut give_up = Instant::now() + patient;
     let writer = EventWriter::new(store.clone(), writer_options);
     let (mut stored, mut unchanged) = (0, 0);
     let mut pending = events.to_vec();
@@ -1484,6 +1485,9 @@ async fn write_events(
         let statuses = match writer.write(&pending).await {
             Ok(statuses) => statuses,
             Err(e) if e.is_transient() && patience.wait(config, &e.to_string()).await => {
+                // A broken attempt may leave its own claims in their lease: the events
+                // are answered retry until it passes, counted from now.
+                give_up = Instant::now() + patient;
                 continue;
             }
             Err(e) => return Err(e.into()),

@@ -772,7 +772,7 @@ impl Drop for Checkout<'_> {
     }
 }
 
-/// A loaded plugin, usable as a [`Transform`].
+/// `sluice_plugin_failed_batches_total{plugin}`.
 fn count_failed_batches(plugin: &str, n: u64) {
     sluice_core::metrics::count(
         "sluice_plugin_failed_batches_total",
@@ -782,6 +782,7 @@ fn count_failed_batches(plugin: &str, n: u64) {
     );
 }
 
+/// A loaded plugin, usable as a [`Transform`].
 pub struct WasmTransform {
     name: String,
     version: String,

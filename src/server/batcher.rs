@@ -28,15 +28,24 @@ use super::InFlight;
 pub enum SubmitError {
     #[error("the ingest queue is full")]
     Full,
-    #[error("the event store failed: {0}")]
-    Store(String),
+    #[error("the event store failed: {}", .0.message)]
+    Store(WriteFailure),
     #[error("the server is shutting down")]
     Closed,
 }
 
+/// Why a write failed, as its requests are told.
+#[derive(Debug, Clone)]
+pub struct WriteFailure {
+    pub message: String,
+    /// The claim transaction spent its attempts on write conflicts (or a failover): a
+    /// transaction holding the same sessions or profiles, not a store that is down.
+    pub conflicts: bool,
+}
+
 struct Job {
     events: Vec<Event>,
-    reply: oneshot::Sender<Result<Vec<WriteStatus>, String>>,
+    reply: oneshot::Sender<Result<Vec<WriteStatus>, WriteFailure>>,
     _permit: OwnedSemaphorePermit,
     /// The request's share of `tracking.max_in_flight_mb`, kept until its events are
     /// written even when the request was answered before (a write timeout).
@@ -57,6 +66,8 @@ pub struct Batcher {
     /// Set by [`Batcher::close`]: the writers take nothing new and end once they have
     /// written what is queued.
     closing: Arc<tokio::sync::watch::Sender<bool>>,
+    /// The lanes' writer (its clones share what it remembers).
+    writer: EventWriter,
 }
 
 impl Batcher {
@@ -93,6 +104,7 @@ impl Batcher {
             share,
             capacity: share * writers.max(1),
             closing,
+            writer,
         };
         (batcher, handles)
     }
@@ -101,6 +113,11 @@ impl Batcher {
     /// write what is queued and end. For a shutdown whose handlers may still hold clones.
     pub fn close(&self) {
         self.closing.send_replace(true);
+    }
+
+    /// Whether this endpoint's writers met write conflicts within the last `window`.
+    pub fn met_conflicts_within(&self, window: std::time::Duration) -> bool {
+        self.writer.met_conflicts_within(window)
     }
 
     /// The writer lane a visitor's events go to.
@@ -263,7 +280,16 @@ async fn write_loop(
         // are idempotent) and keeps the lane alive; without this, one bad batch would
         // leave every later visitor of the lane unanswerable.
         let result = match AssertUnwindSafe(writer.write(&events)).catch_unwind().await {
-            Ok(result) => result.map_err(|e| e.to_string()),
+            Ok(result) => result.map_err(|e| WriteFailure {
+                conflicts: matches!(
+                    e,
+                    sluice_connectors::StoreError::Transaction {
+                        transient: true,
+                        ..
+                    }
+                ),
+                message: e.to_string(),
+            }),
             Err(panic) => {
                 let what = panic
                     .downcast_ref::<&str>()
@@ -271,7 +297,10 @@ async fn write_loop(
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_default();
                 tracing::error!(panic = %what, events = events.len(), "event writer panicked");
-                Err("internal error while writing events".to_string())
+                Err(WriteFailure {
+                    message: "internal error while writing events".to_string(),
+                    conflicts: false,
+                })
             }
         };
         metrics.observe_write(started.elapsed());
@@ -283,10 +312,10 @@ async fn write_loop(
                     offset += n;
                 }
             }
-            Err(text) => {
-                tracing::error!(error = %text, events = events.len(), "event write failed");
+            Err(failure) => {
+                tracing::error!(error = %failure.message, events = events.len(), "event write failed");
                 for job in jobs {
-                    let _ = job.reply.send(Err(text.clone()));
+                    let _ = job.reply.send(Err(failure.clone()));
                 }
             }
         }

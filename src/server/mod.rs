@@ -162,12 +162,12 @@ impl Throttle {
 }
 
 /// `503 store_timeout`: MongoDB did not answer a tracking request's reads or writes of
-/// `what` within `deadline` (`tracking.write_timeout_seconds`). Logged; the writes may
-/// still complete, and a resend is then answered `duplicate`.
-pub(crate) fn store_timeout(deadline: Duration, what: &str) -> ApiError {
+/// `what` within `deadline` (`tracking.write_timeout_seconds`), or, with `conflicts`, its
+/// writers kept meeting write conflicts meanwhile. Logged; the writes may still complete,
+/// and a resend is then answered `duplicate`.
+pub(crate) fn store_timeout(deadline: Duration, what: &str, conflicts: bool) -> ApiError {
     // Every request while MongoDB is stuck: one line a second is enough to say so.
     static LOGGED: Throttle = Throttle::new();
-    let conflicts = sluice_connectors::mongo::write_conflicts_within(deadline);
     if let Some(held) = LOGGED.pass(Duration::from_secs(1)) {
         if conflicts {
             tracing::error!(
@@ -211,6 +211,11 @@ pub(crate) const CONFLICTS: &str = "MongoDB answered write conflicts on the sess
 pub struct Starting {
     stop: oneshot::Sender<()>,
     join: JoinHandle<()>,
+}
+
+/// Notes when the process started (`process_start_time_seconds`), once.
+pub fn mark_process_started() {
+    process::mark_started();
 }
 
 /// Listens on `at` with the [`Starting`] routes until [`Starting::stop`].

@@ -201,7 +201,7 @@ async fn store(
     // The identity reads and writes answer within the write deadline too: a database
     // that accepts connections but does not answer gets the client a 503, not a hang.
     let deadline = std::time::Duration::from_secs(state.config.tracking.write_timeout_seconds);
-    let late = || super::store_timeout(deadline, "identity links or profiles");
+    let late = || super::store_timeout(deadline, "identity links or profiles", false);
     let mut ids: HashSet<String> = HashSet::new();
     let mut links = Vec::new();
     for (index, m) in messages.iter().enumerate() {
@@ -329,7 +329,7 @@ pub(super) async fn apply_traits(
     let deadline = std::time::Duration::from_secs(state.config.tracking.write_timeout_seconds);
     let applied = tokio::time::timeout(deadline, identities::apply_traits(&state.store, &traits))
         .await
-        .map_err(|_| super::store_timeout(deadline, "identity links or profiles"))?;
+        .map_err(|_| super::store_timeout(deadline, "identity links or profiles", false))?;
     let applied = match applied {
         Ok(applied) => applied,
         // The events are stored. A store that is down is worth a resend (the identifies

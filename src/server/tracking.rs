@@ -727,7 +727,7 @@ async fn transform(
             .keep_dead_letters(dead_letters, "tracking", None),
     )
     .await
-    .map_err(|_| super::store_timeout(budget, "the dead letters' write"))?
+    .map_err(|_| super::store_timeout(budget, "the dead letters' write", false))?
     .map_err(|e| {
         tracing::error!(error = %e, "could not store dead letters");
         ApiError::new(
@@ -984,7 +984,11 @@ pub(super) async fn write(
             .metrics
             .write_errors
             .fetch_add(ids.len() as u64, Relaxed);
-        return Err(super::store_timeout(deadline, "the events' write"));
+        return Err(super::store_timeout(
+            deadline,
+            "the events' write",
+            state.batcher.met_conflicts_within(deadline),
+        ));
     };
     let statuses = match submitted {
         Ok(s) => s,
@@ -1017,10 +1021,7 @@ pub(super) async fn write(
                 .metrics
                 .write_errors
                 .fetch_add(ids.len() as u64, Relaxed);
-            // A claim transaction that ran out of attempts while conflicts were met.
-            let conflicts = error.starts_with("the claim transaction")
-                && sluice_connectors::mongo::write_conflicts_within(deadline);
-            let message = if conflicts {
+            let message = if error.conflicts {
                 format!(
                     "events could not be stored: {}; nothing was acknowledged, retry shortly",
                     super::CONFLICTS

@@ -7,10 +7,12 @@
 //! that lost acknowledged writes, a hand edit, a restore of one collection without the
 //! others), not a difference of rules.
 //!
-//! Both passes read the documents in key order, a range at a time, together with every
-//! event whose key falls in the same range, so an event whose session or visitor has no
-//! document is found as well as a document without events. Each pass reads all of
-//! `events` once, in the order of its `sessionId` and `userId` indexes.
+//! Each pass merges cursors sorted by one key: the documents, and every event (by
+//! `sessionId`, then by `userId`; the ledger pass by `eventId`), so an event whose session
+//! or visitor has no document is found as well as a document without events, and one
+//! session or visitor is held at a time. On MongoDB's time-series `events` those sorts
+//! are blocking sorts that spill to disk (`allowDiskUse`); the `events` cursor is opened
+//! first, so the others do not sit idle through it.
 //!
 //! What it cannot see:
 //! - sessions and visitors with events ARCHIVE has removed (before `archived_before`)
@@ -221,6 +223,8 @@ struct Sorted {
     key: &'static str,
     head: Option<Document>,
     collection: &'static str,
+    /// The key of the last document read: a merge needs them in order.
+    last: Option<String>,
 }
 
 impl Sorted {
@@ -232,8 +236,15 @@ impl Sorted {
         key: &'static str,
         batch: usize,
     ) -> Result<Self, StoreError> {
+        // The simple (binary) collation, whatever the collection's default: the merge
+        // compares keys as Rust orders strings, byte by byte.
         let options = mongodb::options::FindOptions::builder()
             .sort(doc! { key: 1 })
+            .collation(
+                mongodb::options::Collation::builder()
+                    .locale("simple")
+                    .build(),
+            )
             .projection(projection)
             .allow_disk_use(true)
             .batch_size(batch as u32)
@@ -249,6 +260,7 @@ impl Sorted {
             key,
             head: None,
             collection,
+            last: None,
         })
     }
 
@@ -267,7 +279,21 @@ impl Sorted {
                 .await
                 .map_err(StoreError::mongo(self.collection, "read in key order"))?
             {
-                Some(d) => self.head = Some(d),
+                Some(d) => {
+                    if let Ok(k) = d.get_str(self.key) {
+                        // Out of order, the merge would report differences that are not.
+                        if self.last.as_deref().is_some_and(|l| k < l) {
+                            return Err(StoreError::Unexpected(format!(
+                                "`{}` came back out of `{}` order (`{k}` after `{}`): the check cannot go on",
+                                self.collection,
+                                self.key,
+                                self.last.as_deref().unwrap_or_default()
+                            )));
+                        }
+                        self.last = Some(k.to_string());
+                    }
+                    self.head = Some(d);
+                }
                 None => return Ok(None),
             }
         }
@@ -359,120 +385,143 @@ pub async fn check(
     mut progress: impl FnMut(Stage, u64),
 ) -> Result<CheckReport, StoreError> {
     let mut report = CheckReport::default();
-    let doubts = claims_in_doubt(store, options, &mut report, &mut progress).await?;
+    let young = claims_in_doubt(store, options, &mut report, &mut progress).await?;
+    let doubts = Doubts::from_claims(&report.in_doubt);
     let now = store.now();
-    let mut differing: Vec<(Subject, String)> = Vec::new();
+    let mut differing: Vec<(Subject, Vec<String>)> = Vec::new();
     for subject in [Subject::Session, Subject::Visitor] {
-        let stage = match subject {
-            Subject::Session => Stage::Sessions,
-            Subject::Visitor => Stage::Visitors,
-        };
-        let open = |collection, projection, key| {
-            Sorted::open(store, collection, doc! {}, projection, key, options.batch)
-        };
-        let mut docs = open(subject.collection(), None, subject.key()).await?;
-        let mut events = open(c::EVENTS, Some(event_projection()), subject.event_key()).await?;
-        // A visitor's sessions, counted in the order of their owners.
-        let mut owned = match subject {
-            Subject::Visitor => {
-                Some(open(c::SESSIONS, Some(doc! { s::USER_ID: 1 }), s::USER_ID).await?)
-            }
-            Subject::Session => None,
-        };
-        let mut seen: u64 = 0;
-        loop {
-            let mut heads = vec![docs.peek().await?, events.peek().await?];
-            if let Some(o) = owned.as_mut() {
-                heads.push(o.peek().await?);
-            }
-            let Some(key) = least(&heads) else { break };
-            let doc = docs.next_of(&key).await?;
-            // A second document of one key (no unique index held it off) is read over.
-            while docs.next_of(&key).await?.is_some() {}
-            let folded = fold_events(&mut events, subject, &key, now, &mut report).await?;
-            let sessions = match owned.as_mut() {
-                Some(o) => o.count_of(&key).await?,
-                None => 0,
-            };
-            let outcome = judge(
-                subject,
-                &key,
-                doc.as_ref(),
-                folded,
-                sessions,
-                &doubts,
-                options,
-                now,
-            );
-            if tally(&mut report, subject, key.clone(), outcome) {
-                differing.push((subject, key));
-            }
-            seen += 1;
-            if seen % options.batch.max(1) as u64 == 0 {
-                progress(stage, seen);
-            }
-        }
-        progress(stage, seen);
+        let keys = merge_pass(
+            store,
+            subject,
+            doc! {},
+            &doubts,
+            options,
+            now,
+            &mut report,
+            Some(&mut progress),
+        )
+        .await?;
+        differing.push((subject, keys));
     }
 
-    if differing.is_empty() && report.in_doubt.is_empty() {
+    let waiting: usize = differing.iter().map(|(_, k)| k.len()).sum();
+    if waiting == 0 && report.in_doubt.is_empty() && young.is_empty() {
         return Ok(report);
     }
-    progress(Stage::Settling, differing.len() as u64);
+    progress(Stage::Settling, waiting as u64);
     tokio::time::sleep(options.settle).await;
+    // Claims in doubt a resend has completed meanwhile are not; claims that were too
+    // young to tell, and still have no event, are.
     recheck_in_doubt(store, &mut report).await?;
+    let grown = without_events(store, young).await?;
+    report.in_doubt.extend(grown);
     let doubts = Doubts::from_claims(&report.in_doubt);
     let now = store.now();
     report.sessions_differ.clear();
     report.visitors_differ.clear();
-    for (subject, key) in differing {
-        let one = |collection: &'static str, field: &'static str, projection| {
-            Sorted::open(
+    // Looked at again a chunk of keys at a time, documents and events read together (the
+    // keys are in order already).
+    for (subject, keys) in differing {
+        for chunk in keys.chunks(options.batch.max(1)) {
+            let mut again = CheckReport::default();
+            merge_pass(
                 store,
-                collection,
-                doc! { field: &key },
-                projection,
-                field,
-                1_000,
+                subject,
+                doc! { "$in": chunk },
+                &doubts,
+                options,
+                now,
+                &mut again,
+                None::<&mut fn(Stage, u64)>,
             )
-        };
-        let doc = one(subject.collection(), subject.key(), None)
-            .await?
-            .next_of(&key)
             .await?;
-        let mut events = one(c::EVENTS, subject.event_key(), Some(event_projection())).await?;
-        let mut again = CheckReport::default();
-        let folded = fold_events(&mut events, subject, &key, now, &mut again).await?;
-        let sessions = match subject {
-            Subject::Visitor => {
-                one(c::SESSIONS, s::USER_ID, Some(doc! { s::USER_ID: 1 }))
-                    .await?
-                    .count_of(&key)
-                    .await?
-            }
-            Subject::Session => 0,
+            report.explained_sessions += again.explained_sessions;
+            report.explained_visitors += again.explained_visitors;
+            report.sessions_differ.extend(again.sessions_differ);
+            report.visitors_differ.extend(again.visitors_differ);
+        }
+    }
+    Ok(report)
+}
+
+/// One merge of `subject`'s documents with the events of the same keys (and, for
+/// visitors, the sessions they own), every key `keys` selects (`{}`: all of them); adds
+/// to `report` and returns the keys that differ, in order.
+#[allow(clippy::too_many_arguments)]
+async fn merge_pass(
+    store: &Store,
+    subject: Subject,
+    keys: Document,
+    doubts: &Doubts,
+    options: &CheckOptions,
+    now: DateTime,
+    report: &mut CheckReport,
+    mut progress: Option<&mut impl FnMut(Stage, u64)>,
+) -> Result<Vec<String>, StoreError> {
+    let stage = match subject {
+        Subject::Session => Stage::Sessions,
+        Subject::Visitor => Stage::Visitors,
+    };
+    let open = |collection, projection, key: &'static str| {
+        let filter = if keys.is_empty() {
+            doc! {}
+        } else {
+            doc! { key: keys.clone() }
         };
-        if let Outcome::Differs(differences) = judge(
+        Sorted::open(store, collection, filter, projection, key, options.batch)
+    };
+    // `events` first: on a time-series collection its sort runs before its first batch
+    // comes back, and a cursor opened before it would sit idle meanwhile (MongoDB closes
+    // one idle for `cursorTimeoutMillis`, 10 minutes by default).
+    let mut events = open(c::EVENTS, Some(event_projection()), subject.event_key()).await?;
+    let mut docs = open(subject.collection(), None, subject.key()).await?;
+    // A visitor's sessions, counted in the order of their owners.
+    let mut owned = match subject {
+        Subject::Visitor => {
+            Some(open(c::SESSIONS, Some(doc! { s::USER_ID: 1 }), s::USER_ID).await?)
+        }
+        Subject::Session => None,
+    };
+    let mut differing = Vec::new();
+    let mut seen: u64 = 0;
+    loop {
+        let mut heads = vec![docs.peek().await?, events.peek().await?];
+        if let Some(o) = owned.as_mut() {
+            heads.push(o.peek().await?);
+        }
+        let Some(key) = least(&heads) else { break };
+        let doc = docs.next_of(&key).await?;
+        // A second document of one key (no unique index held it off) is read over.
+        while docs.next_of(&key).await?.is_some() {}
+        let folded = fold_events(&mut events, subject, &key, now, report).await?;
+        let sessions = match owned.as_mut() {
+            Some(o) => o.count_of(&key).await?,
+            None => 0,
+        };
+        let outcome = judge(
             subject,
             &key,
             doc.as_ref(),
             folded,
             sessions,
-            &doubts,
+            doubts,
             options,
             now,
-        ) {
-            let list = match subject {
-                Subject::Session => &mut report.sessions_differ,
-                Subject::Visitor => &mut report.visitors_differ,
-            };
-            list.push(Mismatch {
-                id: key,
-                differences,
-            });
+        );
+        if tally(report, subject, key.clone(), outcome) {
+            differing.push(key);
+        }
+        seen += 1;
+        if let Some(p) = progress.as_mut() {
+            if seen % options.batch.max(1) as u64 == 0 {
+                p(stage, seen);
+            }
         }
     }
-    Ok(report)
+    if let Some(p) = progress.as_mut() {
+        p(stage, seen);
+    }
+    Ok(differing)
 }
 
 /// Counts one session or visitor's outcome in `report`; true when it differs.
@@ -541,24 +590,17 @@ impl Doubts {
 }
 
 /// Reads the ledger's claims (not those of archived events) beside the events, both in
-/// eventId order, and keeps the claims older than the lease whose events `events` does
-/// not hold.
+/// eventId order: keeps in `report` the claims older than the lease whose events `events`
+/// does not hold, and returns the younger ones without their event (a batch being written,
+/// or one that has just lost its insert: the settle tells).
 async fn claims_in_doubt(
     store: &Store,
     options: &CheckOptions,
     report: &mut CheckReport,
     progress: &mut impl FnMut(Stage, u64),
-) -> Result<Doubts, StoreError> {
+) -> Result<Vec<ClaimInDoubt>, StoreError> {
     let leased = store.now().timestamp_millis() - options.claim_lease.as_millis() as i64;
-    let mut claims = Sorted::open(
-        store,
-        c::EVENT_IDS,
-        doc! { l::ARCHIVED: { "$ne": true } },
-        None,
-        common::ID,
-        options.batch,
-    )
-    .await?;
+    // `events` first, as in the other passes (its sort runs before its first batch).
     let mut events = Sorted::open(
         store,
         c::EVENTS,
@@ -568,6 +610,16 @@ async fn claims_in_doubt(
         options.batch,
     )
     .await?;
+    let mut claims = Sorted::open(
+        store,
+        c::EVENT_IDS,
+        doc! { l::ARCHIVED: { "$ne": true } },
+        None,
+        common::ID,
+        options.batch,
+    )
+    .await?;
+    let mut young = Vec::new();
     loop {
         let heads = [claims.peek().await?, events.peek().await?];
         let Some(key) = least(&heads) else { break };
@@ -577,21 +629,26 @@ async fn claims_in_doubt(
             if report.claims % options.batch.max(1) as u64 == 0 {
                 progress(Stage::Claims, report.claims);
             }
-            let claimed_at = claim.get_datetime(l::CLAIMED_AT).ok().copied();
-            if stored || claimed_at.is_some_and(|at| at.timestamp_millis() >= leased) {
+            if stored {
                 continue;
             }
-            report.in_doubt.push(ClaimInDoubt {
+            let claimed_at = claim.get_datetime(l::CLAIMED_AT).ok().copied();
+            let found = ClaimInDoubt {
                 event_id: key.clone(),
                 timestamp: claim.get_datetime(l::TIMESTAMP).ok().copied(),
                 user_id: claim.get_str(l::USER_ID).ok().map(str::to_string),
                 session_id: claim.get_str(l::SESSION_ID).ok().map(str::to_string),
                 claimed_at,
-            });
+            };
+            if claimed_at.is_some_and(|at| at.timestamp_millis() >= leased) {
+                young.push(found);
+            } else {
+                report.in_doubt.push(found);
+            }
         }
     }
     progress(Stage::Claims, report.claims);
-    Ok(Doubts::from_claims(&report.in_doubt))
+    Ok(young)
 }
 
 /// The claims of `claims` whose eventId `events` does not hold.

@@ -108,6 +108,9 @@ pub struct EventWriter {
     /// clones), so a day whose events keep arriving costs one mark a minute, not one a
     /// batch.
     late_marks: std::sync::Arc<std::sync::Mutex<HashMap<chrono::NaiveDate, Instant>>>,
+    /// When one of its claim transactions was last run again for a write conflict
+    /// (shared by its clones).
+    last_conflict: std::sync::Arc<std::sync::Mutex<Option<Instant>>>,
 }
 
 /// What the claiming transaction decided.
@@ -169,7 +172,19 @@ impl EventWriter {
             store,
             options,
             late_marks: Default::default(),
+            last_conflict: Default::default(),
         }
+    }
+
+    /// Whether one of its claim transactions was run again for a write conflict within
+    /// the last `window`: what a tracking answer says when its write took too long, since
+    /// conflicts that last come from a transaction holding the same sessions or users (one
+    /// a stopped replica left open holds them until MongoDB aborts it).
+    pub fn met_conflicts_within(&self, window: Duration) -> bool {
+        self.last_conflict
+            .lock()
+            .map(|last| last.is_some_and(|at| at.elapsed() <= window))
+            .unwrap_or(false)
     }
 
     /// Writes `events`; the result has one status per input, in order.
@@ -507,7 +522,7 @@ impl EventWriter {
                 {
                     let _ = session.abort_transaction().await;
                     if is_write_conflict(&err) {
-                        if let Ok(mut last) = LAST_CONFLICT.lock() {
+                        if let Ok(mut last) = self.last_conflict.lock() {
                             *last = Some(Instant::now());
                         }
                     }
@@ -523,6 +538,7 @@ impl EventWriter {
                     let _ = session.abort_transaction().await;
                     return Err(StoreError::Transaction {
                         attempts: attempt,
+                        transient: is_transient(&err),
                         message: err.to_string(),
                     });
                 }
@@ -875,20 +891,6 @@ fn is_transient(err: &TxnError) -> bool {
         TxnError::Statement { code, .. } => retryable(*code),
         TxnError::Encode(_) => false,
     }
-}
-
-/// When a claim transaction was last run again for a write conflict, in this process.
-static LAST_CONFLICT: std::sync::Mutex<Option<Instant>> = std::sync::Mutex::new(None);
-
-/// Whether a claim transaction of this process was run again for a write conflict within
-/// the last `window`: what a tracking answer says when its write took too long, since
-/// conflicts that last come from a transaction holding the same sessions or users (one a
-/// stopped replica left open holds them until MongoDB aborts it).
-pub fn write_conflicts_within(window: Duration) -> bool {
-    LAST_CONFLICT
-        .lock()
-        .map(|last| last.is_some_and(|at| at.elapsed() <= window))
-        .unwrap_or(false)
 }
 
 /// Whether `err` is a write conflict (labelled transient or reported per statement).

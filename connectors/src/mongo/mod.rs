@@ -9,10 +9,7 @@ mod schema;
 mod sessions;
 
 pub use clock::ServerClock;
-pub use ingest::{
-    write_conflicts_within, EventWriter, WriteStatus, WriterOptions, WRITE_PHASES,
-    WRITE_PHASE_SECONDS,
-};
+pub use ingest::{EventWriter, WriteStatus, WriterOptions, WRITE_PHASES, WRITE_PHASE_SECONDS};
 pub use schema::{index_specs, IndexOutcome, IndexSpec, InitReport, SCHEDULED_RUNS_KEPT_DAYS};
 pub use sessions::expire_idle_sessions;
 
@@ -80,7 +77,10 @@ impl StoreError {
     pub fn is_transient(&self) -> bool {
         match self {
             StoreError::Connect(e) | StoreError::Mongo { source: e, .. } => is_transient(e),
-            StoreError::Transaction { .. } | StoreError::NotDurable { .. } => true,
+            // A transaction that spent its attempts on conflicts or failovers may pass
+            // later; one MongoDB refused outright will not.
+            StoreError::Transaction { transient, .. } => *transient,
+            StoreError::NotDurable { .. } => true,
             _ => false,
         }
     }
@@ -267,12 +267,22 @@ pub enum StoreError {
     #[error("`{collection}` exists but is not a time-series collection; events need one (see README, \"events storage\")")]
     NotTimeSeries { collection: String },
     #[error("the claim transaction (ledger, sessions, users) failed after {attempts} attempt(s): {message}")]
-    Transaction { attempts: u32, message: String },
+    Transaction {
+        attempts: u32,
+        message: String,
+        /// Its last error was one worth trying again (write conflicts, a failover)
+        /// rather than a refusal.
+        transient: bool,
+    },
     #[error("cannot encode a document for `{collection}`: {message}")]
     Encode { collection: String, message: String },
     /// A job is already running under a live lease.
     #[error("{0}")]
     Busy(String),
+    /// The server answered in a way a reader cannot go on from (keys out of the order
+    /// asked for).
+    #[error("{0}")]
+    Unexpected(String),
     /// The store did not answer within the time a step may take (its retries included).
     #[error("could not {step}: MongoDB did not answer within {seconds} s")]
     TimedOut { step: &'static str, seconds: u64 },
