@@ -735,27 +735,43 @@ fn differ<T: PartialEq>(
     }
 }
 
+/// The document of a session or visitor to compare, or its outcome when there is nothing
+/// to compare: archived (an event, or the document's `since` time, before the archived
+/// days) or no document for its events.
+fn present<'d>(
+    doc: Option<&'d Document>,
+    folded: &Folded,
+    since: &str,
+    what: &str,
+    options: &CheckOptions,
+) -> Result<&'d Document, Outcome> {
+    let since = doc.and_then(|d| d.get_datetime(since).ok().copied());
+    if folded
+        .earliest
+        .into_iter()
+        .chain(since)
+        .any(|t| before(t, options))
+    {
+        return Err(Outcome::Archived);
+    }
+    doc.ok_or_else(|| {
+        Outcome::Differs(vec![Difference {
+            field: "document",
+            stored: "(none)".into(),
+            recomputed: format!("{what} of {} events", folded.count),
+        }])
+    })
+}
+
 fn session_outcome(
     doc: Option<&Document>,
     folded: Folded,
     doubt: i64,
     options: &CheckOptions,
 ) -> Outcome {
-    let started = doc.and_then(|d| d.get_datetime(s::START_TIME).ok().copied());
-    if folded
-        .earliest
-        .into_iter()
-        .chain(started)
-        .any(|t| before(t, options))
-    {
-        return Outcome::Archived;
-    }
-    let Some(doc) = doc else {
-        return Outcome::Differs(vec![Difference {
-            field: "document",
-            stored: "(none)".into(),
-            recomputed: format!("a session of {} events", folded.count),
-        }]);
+    let doc = match present(doc, &folded, s::START_TIME, "a session", options) {
+        Ok(doc) => doc,
+        Err(outcome) => return outcome,
     };
     let stored: Session = match bson::from_document(doc.clone()) {
         Ok(s) => s,
@@ -831,22 +847,11 @@ fn visitor_outcome(
     options: &CheckOptions,
     now: DateTime,
 ) -> Outcome {
-    let first_seen = doc.and_then(|d| d.get_datetime(u::FIRST_SEEN).ok().copied());
-    if folded
-        .earliest
-        .into_iter()
-        .chain(first_seen)
-        .any(|t| before(t, options))
-    {
-        return Outcome::Archived;
-    }
-    let Some(doc) = doc else {
-        return Outcome::Differs(vec![Difference {
-            field: "document",
-            stored: "(none)".into(),
-            recomputed: format!("a profile of {} events", folded.count),
-        }]);
+    let doc = match present(doc, &folded, u::FIRST_SEEN, "a profile", options) {
+        Ok(doc) => doc,
+        Err(outcome) => return outcome,
     };
+    let first_seen = doc.get_datetime(u::FIRST_SEEN).ok().copied();
     let has_events = folded.user.is_some();
     let mut want = folded
         .user
