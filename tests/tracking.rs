@@ -2396,6 +2396,13 @@ async fn metrics_of_failures_exist_at_zero_from_the_start_with_the_process_metri
             .unwrap_or_else(|| panic!("{name} missing:\n{text}"))
     };
     assert!(value("process_resident_memory_bytes") > 1e6);
+    // The limits the usage gauges fill up to, from the config.
+    assert_eq!(value("sluice_ingest_queue_capacity_events"), 20_000.0);
+    assert_eq!(
+        value("sluice_http_in_flight_max_bytes"),
+        64.0 * 1024.0 * 1024.0
+    );
+    assert_eq!(value("sluice_http_connections_max"), 10_000.0);
     assert!(value("process_open_fds") >= 3.0);
     let started = value("process_start_time_seconds");
     let now = std::time::SystemTime::now()

@@ -126,6 +126,11 @@ impl Batcher {
     }
 
     /// Events queued or being written now.
+    /// Events the queue holds at most (each lane's share, times the lanes).
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     pub fn depth(&self) -> usize {
         self.capacity
             - self

@@ -775,12 +775,39 @@ async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError>
     Ok("ready")
 }
 
+/// The limits the usage gauges fill up to, as gauges: how full the queue, the in-flight
+/// bytes and the connections are is then a ratio an alert can use.
+fn limits(state: &AppState) -> String {
+    let config = &state.config;
+    [
+        (
+            "sluice_ingest_queue_capacity_events",
+            "Events the ingest queue holds at most (sluice_ingest_queue_events fills it).",
+            state.batcher.capacity() as f64,
+        ),
+        (
+            "sluice_http_in_flight_max_bytes",
+            "Request bytes the tracking endpoint holds at most (tracking.max_in_flight_mb; sluice_http_in_flight_bytes fills it).",
+            (config.tracking.max_in_flight_mb * 1024 * 1024) as f64,
+        ),
+        (
+            "sluice_http_connections_max",
+            "HTTP connections the public listener takes at most ([server] max_connections; sluice_http_connections_open fills it).",
+            config.max_connections as f64,
+        ),
+    ]
+    .iter()
+    .map(|(name, help, v)| format!("# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n"))
+    .collect()
+}
+
 async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
     (
         [("content-type", "text/plain; version=0.0.4")],
         // The tracking endpoint's series, then those of imports, pushes, exports,
         // scheduled jobs and plugins run by this process.
         state.metrics.render(state.batcher.depth())
+            + &limits(&state)
             + &sluice_core::metrics::render()
             + &process::render(),
     )
