@@ -175,16 +175,6 @@ struct Doubts {
     visitors: HashMap<String, i64>,
 }
 
-impl Doubts {
-    fn of(&self, subject: Subject, id: &str) -> i64 {
-        let map = match subject {
-            Subject::Session => &self.sessions,
-            Subject::Visitor => &self.visitors,
-        };
-        map.get(id).copied().unwrap_or(0)
-    }
-}
-
 /// The fields of an event the folds read (its `properties` only for the amount, its
 /// metadata without the SDK's context).
 fn event_projection() -> Document {
@@ -412,9 +402,8 @@ pub async fn check(
     tokio::time::sleep(options.settle).await;
     // Claims in doubt a resend has completed meanwhile are not; claims that were too
     // young to tell, and still have no event, are.
+    report.in_doubt.extend(young);
     recheck_in_doubt(store, &mut report).await?;
-    let grown = without_events(store, young).await?;
-    report.in_doubt.extend(grown);
     let doubts = Doubts::from_claims(&report.in_doubt);
     let now = store.now();
     report.sessions_differ.clear();
@@ -575,6 +564,14 @@ fn judge(
 }
 
 impl Doubts {
+    fn of(&self, subject: Subject, id: &str) -> i64 {
+        let map = match subject {
+            Subject::Session => &self.sessions,
+            Subject::Visitor => &self.visitors,
+        };
+        map.get(id).copied().unwrap_or(0)
+    }
+
     fn from_claims(claims: &[ClaimInDoubt]) -> Self {
         let mut d = Doubts::default();
         for claim in claims {
@@ -690,16 +687,6 @@ async fn recheck_in_doubt(store: &Store, report: &mut CheckReport) -> Result<(),
         report.in_doubt.extend(still);
     }
     Ok(())
-}
-
-/// A whole number stored as int32, int64 or double; 0 when absent.
-fn number(d: &Document, field: &str) -> i64 {
-    match d.get(field) {
-        Some(Bson::Int32(v)) => i64::from(*v),
-        Some(Bson::Int64(v)) => *v,
-        Some(Bson::Double(v)) => *v as i64,
-        _ => 0,
-    }
 }
 
 fn time(t: DateTime) -> String {
@@ -857,42 +844,36 @@ fn visitor_outcome(
         .user
         .unwrap_or_else(|| fold_user(None, id, &[], 0, now));
     want.total_sessions = owned_sessions;
-    // A profile an import wrote holds no totals until events count in it.
-    let micros = match doc.get(u::TOTAL_REVENUE_MICROS) {
-        Some(_) => number(doc, u::TOTAL_REVENUE_MICROS),
-        None => doc
-            .get_f64(u::TOTAL_REVENUE)
-            .map(|r| (r * REVENUE_SCALE).round() as i64)
-            .unwrap_or(0),
-    };
-    let total_events = number(doc, u::TOTAL_EVENTS);
+    // Its totals as the writer reads them (a profile an import wrote holds none until
+    // events count in it).
+    let stored = super::ingest::user_aggregates(id, doc);
     let mut out = Vec::new();
     let n = |v: &i64| v.to_string();
     differ(
         &mut out,
         u::TOTAL_EVENTS,
-        &total_events,
+        &stored.total_events,
         &want.total_events,
         n,
     );
     differ(
         &mut out,
         u::TOTAL_PURCHASES,
-        &number(doc, u::TOTAL_PURCHASES),
+        &stored.total_purchases,
         &want.total_purchases,
         n,
     );
     differ(
         &mut out,
         u::TOTAL_REVENUE,
-        &micros,
+        &stored.total_revenue_micros,
         &want.total_revenue_micros,
         |v| format!("{}", *v as f64 / REVENUE_SCALE),
     );
     differ(
         &mut out,
         u::TOTAL_SESSIONS,
-        &number(doc, u::TOTAL_SESSIONS),
+        &stored.total_sessions,
         &want.total_sessions,
         n,
     );
@@ -915,7 +896,7 @@ fn visitor_outcome(
     }
     if out.is_empty() {
         Outcome::Matches
-    } else if doubt > 0 && total_events == want.total_events + doubt {
+    } else if doubt > 0 && stored.total_events == want.total_events + doubt {
         Outcome::Explained
     } else {
         Outcome::Differs(out)

@@ -992,8 +992,8 @@ fn encode_event(ev: &Event) -> Result<RawDocumentBuf, StoreError> {
 }
 
 /// Reads the aggregate fields of a stored user, tolerating profiles created by imports
-/// (which may lack them).
-fn user_aggregates(visitor: &str, d: &Document) -> User {
+/// (which may lack them). The aggregate check reads them the same way.
+pub(super) fn user_aggregates(visitor: &str, d: &Document) -> User {
     let int = |k: &str| match d.get(k) {
         Some(Bson::Int64(v)) => *v,
         Some(Bson::Int32(v)) => i64::from(*v),
