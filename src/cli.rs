@@ -1821,13 +1821,13 @@ pub async fn jobs_list(config: &Config) -> anyhow::Result<()> {
             next,
             last
         );
-        if let Some((run, waiting)) = job.running {
-            let what = if waiting {
+        if let Some(run) = job.running {
+            let what = if run.waiting {
                 "waiting for a run slot"
             } else {
                 "running"
             };
-            println!("{:<36} {what}: {run}", "");
+            println!("{:<36} {what}: {}", "", run.id);
         }
         if let Some(missed) = job.missed {
             println!("{:<36} MISSED: {missed}", "");

@@ -74,8 +74,9 @@ pub struct JobOverview {
     /// The latest recorded run (`scheduled_runs`): the latest fire, which may be one
     /// SKIPPED because a run is still going.
     pub last_run: Option<LastRun>,
-    /// The run going now (its lease live), if any, and whether it waits for a run slot.
-    pub running: Option<(String, bool)>,
+    /// The run going now (its lease live), if any: whether it waits for a run slot, when
+    /// it started.
+    pub running: Option<sluice_jobs::schedule::RunGoing>,
     /// The job's latest cron instant, when no run was recorded for it although the time a
     /// replica has to claim it (the missed-fire check included) is over: no replica ran
     /// it (all were down, or MongoDB was unreachable then). Says when, and what to do.
@@ -135,6 +136,7 @@ pub async fn job_overview(
     // Claims are kept this long after they end; an older instant's is gone either way.
     let kept = chrono::Duration::days(sluice_connectors::mongo::SCHEDULED_RUNS_KEPT_DAYS as i64);
     let claimed = sluice_jobs::schedule::fire_claimed;
+    let mut going = sluice_jobs::schedule::runs_going(store).await?;
     let mut out = Vec::new();
     for job in scheduled_jobs(config, store).await? {
         let last_run = latest_run(job.name.clone()).await?;
@@ -176,7 +178,7 @@ pub async fn job_overview(
             next_fire: sluice_jobs::schedule::next_fire(&job, now).map(|t| t.to_rfc3339()),
             timezone: job.timezone.clone().unwrap_or_else(|| "UTC".into()),
             last_run,
-            running: sluice_jobs::schedule::run_going(store, &job.name).await?,
+            running: going.remove(&job.name),
             missed,
             name: job.name,
             cron: Some(job.cron),
@@ -208,7 +210,7 @@ pub async fn job_overview(
                 "no schedule: runs by hand only"
             };
             out.push(JobOverview {
-                running: sluice_jobs::schedule::run_going(store, &job).await?,
+                running: going.remove(&job),
                 name: job,
                 cron: None,
                 timezone: "UTC".into(),
@@ -523,27 +525,11 @@ pub async fn publish_job_gauges(
     store: &Store,
 ) -> Result<(), sluice_connectors::StoreError> {
     use sluice_core::metrics::set;
-    let runs = || sluice_connectors::StoreError::mongo(c::SCHEDULED_RUNS, "read the job gauges");
     let overview: Vec<JobOverview> = job_overview(config, store)
         .await?
         .into_iter()
         .filter(|j| j.cron.is_some())
         .collect();
-    let mut started: std::collections::HashMap<String, f64> = Default::default();
-    let mut going = store
-        .collection(c::SCHEDULED_RUNS)
-        .find(doc! { "status": "RUNNING", "expiresAt": { "$gt": store.now() } })
-        .projection(doc! { "job": 1, "startedAt": 1 })
-        .await
-        .map_err(runs())?;
-    while let Some(run) = going.try_next().await.map_err(runs())? {
-        // A run claimed and waiting for a slot has not started.
-        if let (Ok(job), Ok(at)) = (run.get_str("job"), run.get_datetime("startedAt")) {
-            let secs = at.timestamp_millis() as f64 / 1000.0;
-            let first = started.entry(job.to_string()).or_insert(secs);
-            *first = first.min(secs);
-        }
-    }
     let successes = last_successes(store).await?;
     for job in &overview {
         let last_success = successes
@@ -560,7 +546,11 @@ pub async fn publish_job_gauges(
             "sluice_job_running_since_timestamp_seconds",
             "When the run going now of each scheduled job started (Unix seconds; 0 when none is going), on any replica.",
             &l,
-            started.get(&job.name).copied().unwrap_or(0.0),
+            // A run claimed and waiting for a slot has not started.
+            job.running
+                .as_ref()
+                .and_then(|r| r.started_at)
+                .map_or(0.0, |t| t.timestamp_millis() as f64 / 1000.0),
         );
         set(
             "sluice_job_missed",

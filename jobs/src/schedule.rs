@@ -1228,14 +1228,19 @@ fn unlapsed(filter: &Document) -> Document {
     live
 }
 
+/// Runs going: RUNNING, their lease live.
+fn live(store: &Store) -> Document {
+    doc! { "status": "RUNNING", "expiresAt": { "$gt": store.now() } }
+}
+
 /// A run of `job` other than `except` that holds a live lease.
 async fn live_run(store: &Store, job: &str, except: &str) -> Result<Option<Document>, StoreError> {
+    let mut filter = live(store);
+    filter.insert("job", job);
+    filter.insert(common::ID, doc! { "$ne": except });
     store
         .lease_collection(c::SCHEDULED_RUNS)
-        .find_one(doc! {
-            "job": job, "status": "RUNNING", common::ID: { "$ne": except },
-            "expiresAt": { "$gt": store.now() },
-        })
+        .find_one(filter)
         .await
         .map_err(StoreError::mongo(
             c::SCHEDULED_RUNS,
@@ -1285,15 +1290,49 @@ async fn supersede(
         .is_some())
 }
 
-/// The run of `job` going now (RUNNING, its lease live): its id, and whether it is
-/// claimed and waiting for a run slot.
-pub async fn run_going(store: &Store, job: &str) -> Result<Option<(String, bool)>, StoreError> {
-    Ok(live_run(store, job, "").await?.map(|d| {
-        (
-            d.get_str(common::ID).unwrap_or("?").to_string(),
-            d.contains_key(WAITING_SINCE),
-        )
-    }))
+/// A run going now (RUNNING, its lease live).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunGoing {
+    pub id: String,
+    /// Claimed and waiting for a run slot (it has not started).
+    pub waiting: bool,
+    /// When it started, if it has.
+    pub started_at: Option<DateTime>,
+}
+
+/// The run going now of each job that has one, read in one query (of a job with two, the
+/// one that started first).
+pub async fn runs_going(store: &Store) -> Result<HashMap<String, RunGoing>, StoreError> {
+    use futures_util::TryStreamExt;
+    let step = "look for runs in flight";
+    let mut cursor = store
+        .lease_collection(c::SCHEDULED_RUNS)
+        .find(live(store))
+        .projection(doc! { "job": 1, "startedAt": 1, WAITING_SINCE: 1 })
+        .await
+        .map_err(StoreError::mongo(c::SCHEDULED_RUNS, step))?;
+    let mut going: HashMap<String, RunGoing> = HashMap::new();
+    while let Some(d) = cursor
+        .try_next()
+        .await
+        .map_err(StoreError::mongo(c::SCHEDULED_RUNS, step))?
+    {
+        let Ok(job) = d.get_str("job") else { continue };
+        let run = RunGoing {
+            id: d.get_str(common::ID).unwrap_or("?").to_string(),
+            waiting: d.contains_key(WAITING_SINCE),
+            started_at: d.get_datetime("startedAt").ok().copied(),
+        };
+        // A run that started comes before one that waits; of two, the earlier.
+        let first = |r: &RunGoing| (r.started_at.is_none(), r.started_at);
+        match going.get(job) {
+            Some(held) if first(held) <= first(&run) => {}
+            _ => {
+                going.insert(job.to_string(), run);
+            }
+        }
+    }
+    Ok(going)
 }
 
 /// Ends the just-claimed run `id` as SKIPPED because `other` is going.
