@@ -168,21 +168,6 @@ impl Throttle {
 pub(crate) fn store_timeout(deadline: Duration, what: &str, conflicts: bool) -> ApiError {
     // Every request while MongoDB is stuck: one line a second is enough to say so.
     static LOGGED: Throttle = Throttle::new();
-    if let Some(held) = LOGGED.pass(Duration::from_secs(1)) {
-        if conflicts {
-            tracing::error!(
-                seconds = deadline.as_secs(),
-                more_since_last = held,
-                "events not stored in time: {what}; {CONFLICTS}"
-            );
-        } else {
-            tracing::error!(
-                seconds = deadline.as_secs(),
-                more_since_last = held,
-                "MongoDB did not answer in time: {what}"
-            );
-        }
-    }
     let why = if conflicts {
         format!(
             "not stored within {} s ({what}): {CONFLICTS}",
@@ -194,6 +179,9 @@ pub(crate) fn store_timeout(deadline: Duration, what: &str, conflicts: bool) -> 
             deadline.as_secs()
         )
     };
+    if let Some(held) = LOGGED.pass(Duration::from_secs(1)) {
+        tracing::error!(more_since_last = held, "{why}");
+    }
     ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
         "store_timeout",
@@ -239,7 +227,6 @@ pub async fn serve_starting(at: SocketAddr) -> anyhow::Result<Starting> {
             "/metrics",
             get(|| async { sluice_core::metrics::render() + &process::render() }),
         );
-    process::mark_started();
     let (stop, stopped) = oneshot::channel::<()>();
     let join = tokio::spawn(async move {
         let _ = axum::serve(listener, app)
