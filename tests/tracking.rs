@@ -1681,12 +1681,14 @@ async fn a_failed_write_and_an_insert_in_doubt_are_503s_that_store_nothing_twice
     server.shutdown().await;
 }
 
-/// A batcher of `capacity` events over `writers` lanes, writing through a proxy whose
-/// store stops answering while the returned flag is set.
+/// A batcher of `capacity` events over `writers` lanes (a request waiting up to `wait`
+/// for room), writing through a proxy whose store stops answering while the returned
+/// flag is set.
 async fn freezable_batcher(
     db: &TestDb,
     capacity: usize,
     writers: usize,
+    wait: std::time::Duration,
 ) -> (
     sluice::server::Batcher,
     std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -1701,6 +1703,7 @@ async fn freezable_batcher(
         capacity,
         500,
         writers,
+        wait,
         std::sync::Arc::new(sluice::server::Metrics::default()),
     );
     (batcher, frozen, held)
@@ -1731,7 +1734,7 @@ async fn a_request_nobody_waits_for_any_more_is_not_written() {
     use std::sync::atomic::Ordering;
     use std::time::Duration;
     let db = TestDb::initialized().await;
-    let (batcher, frozen, held) = freezable_batcher(&db, 1_000, 1).await;
+    let (batcher, frozen, held) = freezable_batcher(&db, 1_000, 1, Duration::ZERO).await;
     let event = |id: &str| click(id, "v1");
     // The first request's write hangs on the store; the second queues behind it, and its
     // handler gives up (a client that hung up, or the endpoint's write deadline).
@@ -1771,7 +1774,7 @@ async fn a_closed_queue_refuses_new_requests_and_still_writes_what_it_holds() {
     use sluice_connectors::mongo::WriteStatus;
     use std::sync::atomic::Ordering;
     let db = TestDb::initialized().await;
-    let (batcher, frozen, held) = freezable_batcher(&db, 1_000, 1).await;
+    let (batcher, frozen, held) = freezable_batcher(&db, 1_000, 1, std::time::Duration::ZERO).await;
     // One write held at the store, one request queued behind it.
     frozen.store(true, Ordering::SeqCst);
     let submit = |id: &'static str| {
@@ -1842,7 +1845,7 @@ async fn a_slow_writer_lane_fills_its_share_of_the_queue_not_the_whole_queue() {
     use std::time::Duration;
     let db = TestDb::initialized().await;
     // Two lanes of 10 events each.
-    let (batcher, frozen, held) = freezable_batcher(&db, 20, 2).await;
+    let (batcher, frozen, held) = freezable_batcher(&db, 20, 2, Duration::ZERO).await;
     let hot = "hot-visitor";
     let other = (0..100)
         .map(|i| format!("v{i}"))
@@ -1877,6 +1880,126 @@ async fn a_slow_writer_lane_fills_its_share_of_the_queue_not_the_whole_queue() {
     frozen.store(false, Ordering::SeqCst);
     assert_eq!(stuck.await.unwrap().unwrap(), vec![WriteStatus::Stored; 10]);
     assert_eq!(queued.await.unwrap().unwrap(), vec![WriteStatus::Stored; 5]);
+}
+
+/// A request that does not fit waits for room, and the requests after it wait behind it:
+/// a large batch (an app back online) is let in as the writer drains instead of being
+/// refused each time small requests took the room first.
+#[tokio::test]
+async fn a_large_request_waits_for_room_and_small_ones_do_not_pass_it() {
+    use sluice_connectors::mongo::WriteStatus;
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+    let db = TestDb::initialized().await;
+    let (batcher, frozen, held) = freezable_batcher(&db, 10, 1, Duration::from_secs(30)).await;
+    let events = |visitor: &str, n: usize| -> Vec<_> {
+        (0..n)
+            .map(|i| click(&format!("{visitor}-{i}"), visitor))
+            .collect()
+    };
+    let submit = |e: Vec<_>| {
+        let b = batcher.clone();
+        tokio::spawn(async move { b.submit(e, None).await })
+    };
+    // Six of the ten places are held by a write the store does not answer.
+    frozen.store(true, Ordering::SeqCst);
+    let writing = submit(events("a", 6));
+    support::wait_until("the first write reaches the store", || async {
+        held.load(Ordering::SeqCst) > 0
+    })
+    .await;
+    // Eight do not fit in the four left: the request waits (it was refused at once).
+    let large = submit(events("b", 8));
+    support::wait_until("the large request waits", || async {
+        batcher.waiting() == 1
+    })
+    .await;
+    // One would fit in the four left, but it came after the large one: it waits too.
+    let small = submit(events("c", 1));
+    support::wait_until("the small request waits behind it", || async {
+        batcher.waiting() == 2
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!large.is_finished() && !small.is_finished());
+    assert_eq!(
+        batcher.depth(),
+        10,
+        "the room left is set aside for the large one"
+    );
+    frozen.store(false, Ordering::SeqCst);
+    assert_eq!(
+        writing.await.unwrap().unwrap(),
+        vec![WriteStatus::Stored; 6]
+    );
+    assert_eq!(large.await.unwrap().unwrap(), vec![WriteStatus::Stored; 8]);
+    assert_eq!(small.await.unwrap().unwrap(), vec![WriteStatus::Stored; 1]);
+    assert_eq!(batcher.waiting(), 0);
+    assert_eq!(
+        db.store
+            .collection("events")
+            .count_documents(doc! {})
+            .await
+            .unwrap(),
+        15
+    );
+}
+
+/// Past `queue_wait` a request that found no room is refused, and gives back the room
+/// it had set aside.
+#[tokio::test]
+async fn a_request_waiting_for_room_past_its_wait_is_refused() {
+    use sluice::server::SubmitError;
+    use sluice_connectors::mongo::WriteStatus;
+    use std::sync::atomic::Ordering;
+    use std::time::{Duration, Instant};
+    let db = TestDb::initialized().await;
+    let (batcher, frozen, held) = freezable_batcher(&db, 10, 1, Duration::from_millis(300)).await;
+    let events = |visitor: &str, n: usize| -> Vec<_> {
+        (0..n)
+            .map(|i| click(&format!("{visitor}-{i}"), visitor))
+            .collect()
+    };
+    frozen.store(true, Ordering::SeqCst);
+    let writing = tokio::spawn({
+        let (b, e) = (batcher.clone(), events("a", 6));
+        async move { b.submit(e, None).await }
+    });
+    support::wait_until("the first write reaches the store", || async {
+        held.load(Ordering::SeqCst) > 0
+    })
+    .await;
+    let started = Instant::now();
+    assert!(matches!(
+        batcher.submit(events("b", 8), None).await,
+        Err(SubmitError::Full)
+    ));
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "refused before its wait"
+    );
+    assert_eq!(batcher.waiting(), 0);
+    assert_eq!(
+        batcher.depth(),
+        6,
+        "the room it had set aside is free again"
+    );
+    // The four places left take a request that fits, at once.
+    let small = tokio::spawn({
+        let (b, e) = (batcher.clone(), events("c", 4));
+        async move { b.submit(e, None).await }
+    });
+    support::wait_until("the small request is queued", || async {
+        batcher.depth() == 10
+    })
+    .await;
+    assert_eq!(batcher.waiting(), 0);
+    frozen.store(false, Ordering::SeqCst);
+    assert_eq!(
+        writing.await.unwrap().unwrap(),
+        vec![WriteStatus::Stored; 6]
+    );
+    assert_eq!(small.await.unwrap().unwrap(), vec![WriteStatus::Stored; 4]);
 }
 
 /// With `server_write_keys` set, a browser's (public) key cannot say where its events came
@@ -2398,6 +2521,7 @@ async fn metrics_of_failures_exist_at_zero_from_the_start_with_the_process_metri
     assert!(value("process_resident_memory_bytes") > 1e6);
     // The limits the usage gauges fill up to, from the config.
     assert_eq!(value("sluice_ingest_queue_capacity_events"), 20_000.0);
+    assert_eq!(value("sluice_ingest_queue_waiting_requests"), 0.0);
     assert_eq!(
         value("sluice_http_in_flight_max_bytes"),
         64.0 * 1024.0 * 1024.0

@@ -303,6 +303,10 @@ pub struct TrackingSection {
     pub max_future_seconds: i64,
     /// Events waiting to be written; when full the endpoint answers 503.
     pub queue_capacity: usize,
+    /// How long a request that does not fit in the queue waits for room (in arrival
+    /// order) before it is answered 503; at most half of `write_timeout_seconds` is
+    /// used. 0: refused at once.
+    pub queue_wait_ms: u64,
     /// Request bodies the tracking endpoint holds at once, in MiB: each request's body
     /// as it arrives plus, when compressed, the route's limit for its decompressed copy,
     /// held until the request is answered and its events are written. Beyond, 503 with
@@ -335,6 +339,7 @@ impl Default for TrackingSection {
             max_event_bytes: 32 * 1024,
             max_future_seconds: 300,
             queue_capacity: 20_000,
+            queue_wait_ms: 2_000,
             max_in_flight_mb: 64,
             write_batch_size: 1_000,
             writers: 4,

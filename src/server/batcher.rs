@@ -5,14 +5,16 @@
 //! routed to writers by a hash of their visitor, so one visitor's sessions and profile are
 //! only ever written by one writer: concurrent writers do not conflict on the same
 //! documents (a conflict is still correct, it only costs a transaction retry). The queue is
-//! bounded in events, each lane to its share of `queue_capacity`: when a request's lanes
-//! are full, `submit` fails at once (the endpoint answers 503 with `Retry-After`) instead
-//! of buffering without bound, and a slow lane cannot take the whole queue. A request is only
-//! answered after MongoDB acknowledged its events.
+//! bounded in events, each lane to its share of `queue_capacity`: a request whose lanes
+//! are full waits for room up to `queue_wait`, in arrival order, and is then refused
+//! (the endpoint answers 503 with `Retry-After`) instead of buffering without bound; a
+//! slow lane cannot take the whole queue. A request is only answered after MongoDB
+//! acknowledged its events.
 
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 
@@ -63,6 +65,10 @@ pub struct Batcher {
     /// Permits per lane.
     share: usize,
     capacity: usize,
+    /// How long a request that does not fit waits for room before it is refused.
+    queue_wait: Duration,
+    /// Requests waiting for room now.
+    waiting: Arc<AtomicUsize>,
     /// Set by [`Batcher::close`]: the writers take nothing new and end once they have
     /// written what is queued.
     closing: Arc<tokio::sync::watch::Sender<bool>>,
@@ -72,12 +78,13 @@ pub struct Batcher {
 
 impl Batcher {
     /// Starts `writers` tasks; they finish once every `Batcher` clone is dropped and the
-    /// queue is drained.
+    /// queue is drained. A request that does not fit waits up to `queue_wait` for room.
     pub fn start(
         writer: EventWriter,
         capacity: usize,
         batch_size: usize,
         writers: usize,
+        queue_wait: Duration,
         metrics: Arc<Metrics>,
     ) -> (Self, Vec<JoinHandle<()>>) {
         let mut lanes = Vec::with_capacity(writers);
@@ -103,6 +110,8 @@ impl Batcher {
             lanes: Arc::new(lanes),
             share,
             capacity: share * writers.max(1),
+            queue_wait,
+            waiting: Arc::default(),
             closing,
             writer,
         };
@@ -125,12 +134,18 @@ impl Batcher {
         lane_of(user_id, self.lanes.len())
     }
 
-    /// Events queued or being written now.
     /// Events the queue holds at most (each lane's share, times the lanes).
     pub fn capacity(&self) -> usize {
         self.capacity
     }
 
+    /// Requests waiting for room in the queue now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Relaxed)
+    }
+
+    /// Events queued or being written now, and room already set aside for requests
+    /// waiting.
     pub fn depth(&self) -> usize {
         self.capacity
             - self
@@ -164,22 +179,17 @@ impl Batcher {
             parts[lane].1.push(e);
         }
         // Every lane's share first, so a request is queued whole or not at all (permits
-        // taken are given back when the request is refused).
-        let mut shares = Vec::with_capacity(parts.len());
-        for (lane, (_, events)) in parts.iter().enumerate() {
-            if events.is_empty() {
-                shares.push(None);
-                continue;
-            }
-            // A part bigger than a whole share (a transform that fans events out) takes
-            // the whole share rather than being refused for ever.
-            let n = u32::try_from(events.len().min(self.share)).map_err(|_| SubmitError::Full)?;
-            let permit = self.permits[lane]
-                .clone()
-                .try_acquire_many_owned(n)
-                .map_err(|_| SubmitError::Full)?;
-            shares.push(Some(permit));
-        }
+        // taken are given back when the request is refused). A part bigger than a whole
+        // share (a transform that fans events out) takes the whole share rather than
+        // being refused for ever.
+        let needs: Vec<u32> = parts
+            .iter()
+            .map(|(_, events)| events.len().min(self.share).min(u32::MAX as usize) as u32)
+            .collect();
+        let shares = match self.try_reserve(&needs) {
+            Some(shares) => shares,
+            None => self.reserve_waiting(&needs).await?,
+        };
         let mut answers = Vec::new();
         for ((lane, (positions, events)), share) in parts.into_iter().enumerate().zip(shares) {
             // The permits travel with the job and return when it is answered.
@@ -213,6 +223,60 @@ impl Batcher {
             }
         }
         Ok(statuses)
+    }
+}
+
+impl Batcher {
+    /// Each lane's `needs` (0: none) if the queue has room for all of them now.
+    fn try_reserve(&self, needs: &[u32]) -> Option<Vec<Option<OwnedSemaphorePermit>>> {
+        needs
+            .iter()
+            .zip(self.permits.iter())
+            .map(|(&n, permits)| match n {
+                0 => Ok(None),
+                n => permits.clone().try_acquire_many_owned(n).map(Some),
+            })
+            .collect::<Result<_, _>>()
+            .ok()
+    }
+
+    /// Waits up to `queue_wait` for each lane's `needs`, taken in lane order so that
+    /// two waiting requests never hold what the other waits for. The semaphores are fair:
+    /// a waiting request is served before requests that came after it, so a large batch
+    /// (an app back online) is not starved by a stream of small ones, which are refused
+    /// meanwhile rather than taking the room it waits for.
+    async fn reserve_waiting(
+        &self,
+        needs: &[u32],
+    ) -> Result<Vec<Option<OwnedSemaphorePermit>>, SubmitError> {
+        struct Waiting<'a>(&'a AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Relaxed);
+            }
+        }
+        self.waiting.fetch_add(1, Relaxed);
+        let _waiting = Waiting(&self.waiting);
+        let reserve = async {
+            let mut shares = Vec::with_capacity(needs.len());
+            for (&n, permits) in needs.iter().zip(self.permits.iter()) {
+                shares.push(match n {
+                    0 => None,
+                    n => Some(
+                        permits
+                            .clone()
+                            .acquire_many_owned(n)
+                            .await
+                            .map_err(|_| SubmitError::Closed)?,
+                    ),
+                });
+            }
+            Ok(shares)
+        };
+        match tokio::time::timeout(self.queue_wait, reserve).await {
+            Ok(shares) => shares,
+            Err(_) => Err(SubmitError::Full),
+        }
     }
 }
 

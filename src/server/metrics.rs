@@ -69,8 +69,8 @@ impl Metrics {
             .fetch_add(elapsed.as_micros() as u64, Relaxed);
     }
 
-    /// The text exposition; `queue_depth` is sampled by the caller.
-    pub fn render(&self, queue_depth: usize) -> String {
+    /// The text exposition; `queue_depth` and `queue_waiting` are sampled by the caller.
+    pub fn render(&self, queue_depth: usize, queue_waiting: usize) -> String {
         let mut out = String::new();
         let counter = |out: &mut String, name: &str, help: &str, labels: &str, v: &AtomicU64| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
@@ -155,6 +155,10 @@ impl Metrics {
         let _ = writeln!(
             out,
             "# HELP sluice_ingest_queue_events Events waiting to be written.\n# TYPE sluice_ingest_queue_events gauge\nsluice_ingest_queue_events {queue_depth}"
+        );
+        let _ = writeln!(
+            out,
+            "# HELP sluice_ingest_queue_waiting_requests Tracking requests waiting for room in the ingest queue (tracking.queue_wait_ms); past the wait they are answered 503.\n# TYPE sluice_ingest_queue_waiting_requests gauge\nsluice_ingest_queue_waiting_requests {queue_waiting}"
         );
         let _ = writeln!(
             out,

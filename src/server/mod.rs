@@ -793,7 +793,9 @@ async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
         [("content-type", "text/plain; version=0.0.4")],
         // The tracking endpoint's series, then those of imports, pushes, exports,
         // scheduled jobs and plugins run by this process.
-        state.metrics.render(state.batcher.depth())
+        state
+            .metrics
+            .render(state.batcher.depth(), state.batcher.waiting())
             + &limits(&state)
             + &sluice_core::metrics::render()
             + &process::render(),
@@ -864,6 +866,9 @@ pub async fn start_loaded(
         t.queue_capacity,
         t.write_batch_size,
         t.writers,
+        // Half the write deadline at most: a request let in late still has time to be
+        // written before its deadline.
+        Duration::from_millis(t.queue_wait_ms.min(t.write_timeout_seconds * 500)),
         metrics.clone(),
     );
     let trusted = config
@@ -1093,10 +1098,10 @@ mod tests {
         // Counted as the 500 it was answered with.
         assert!(
             metrics
-                .render(0)
+                .render(0, 0)
                 .contains("sluice_http_responses_total{route=\"/boom\",status=\"500\"} 1"),
             "{}",
-            metrics.render(0)
+            metrics.render(0, 0)
         );
     }
 }
