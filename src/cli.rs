@@ -739,6 +739,13 @@ pub fn spawn_import_progress(
     })
 }
 
+/// Stops a progress printer, waiting until it has: aborting alone lets a line it is
+/// printing on another thread land after the summary.
+pub async fn stop_ticker(ticker: tokio::task::JoinHandle<()>) {
+    ticker.abort();
+    let _ = ticker.await;
+}
+
 /// How often an import that makes no progress says so.
 const QUIET_PROGRESS: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -802,7 +809,7 @@ pub async fn export_run(
     };
     let ticker = spawn_progress(ctx.progress.clone());
     let result = until_signal(&store, run_export(&ctx, &request)).await;
-    ticker.abort();
+    stop_ticker(ticker).await;
     eprintln!();
     let summary = result.map_err(anyhow::Error::msg)??;
     println!(
@@ -1133,7 +1140,7 @@ pub async fn import_run(config: &Config, name: &str, dry_run: bool) -> anyhow::R
             }),
         None => work.await,
     };
-    ticker.abort();
+    stop_ticker(ticker).await;
     if let Some(id) = &run {
         let ended = match &result {
             Ok(Done::Imported(s)) if s.completed => crate::engine::import_outcome(s),
@@ -1793,6 +1800,11 @@ export_plugin!({type_name});
 /// `sluice jobs list`: scheduled jobs, their next fire and last outcome.
 pub async fn jobs_list(config: &Config) -> anyhow::Result<()> {
     let store = Store::connect(config).await?;
+    // Integration jobs are read from MongoDB, export jobs from the config file: without
+    // the file `sluice serve` reads, its exports are not listed.
+    if config.schedules.is_empty() {
+        eprintln!("(no [[schedules]] in this config: export jobs are listed from the config file `sluice serve` reads; pass it with -c or SLUICE_CONFIG)");
+    }
     for job in crate::engine::job_overview(config, &store).await? {
         let next = job.next_fire.unwrap_or_else(|e| e);
         let last = job
@@ -1910,7 +1922,7 @@ pub async fn jobs_run(
     .await
     .and_then(|stopped| stopped)
     .unwrap_or_else(Err);
-    ticker.abort();
+    stop_ticker(ticker).await;
     if is_export {
         eprintln!(); // ends the progress line
     }
@@ -1948,11 +1960,20 @@ pub async fn jobs_history(config: &Config, name: Option<&str>) -> anyhow::Result
         // A RUNNING run whose lease lapsed: its process stopped renewing it (died, or was
         // killed); a scheduler replica records it so at its next sweep, and with no
         // `sluice serve` running nothing does.
+        // One handed back by a shutdown has its lease set to 1970: when it was handed
+        // back is what tells.
+        let at = |t: &bson::DateTime| t.try_to_rfc3339_string().unwrap_or_default();
         let lapsed = match (r.get_str("status"), r.get_datetime("expiresAt")) {
-            (Ok("RUNNING"), Ok(until)) if *until < now => format!(
-                "lease lapsed at {}: its process stopped (a scheduler replica records it at its next sweep); ",
-                until.try_to_rfc3339_string().unwrap_or_default()
-            ),
+            (Ok("RUNNING"), Ok(until)) if *until < now => match r.get_datetime("handedBackAt") {
+                Ok(back) if r.get_bool("handedBack").unwrap_or(false) => format!(
+                    "handed back at {}: its process shut down mid-run (a scheduler replica takes it over at its next sweep); ",
+                    at(back)
+                ),
+                _ => format!(
+                    "lease lapsed at {}: its process stopped (a scheduler replica records it at its next sweep); ",
+                    at(until)
+                ),
+            },
             _ => String::new(),
         };
         println!(

@@ -436,7 +436,12 @@ pub fn import_line(s: &sluice_jobs::import::ImportSummary) -> String {
         s.failed
     );
     // A run that completed with something to look at says so where its status is read
-    // (`jobs history`); the warnings themselves are in its `import_runs` record.
+    // (`jobs history`); the warnings themselves are in its `import_runs` record. A run
+    // cut short (a loop guard, `max_pages`, an error page answered with 200) read only
+    // part of the source, though it completed.
+    if let Some(note) = &s.stopped_early {
+        line.push_str(&format!("; stopped early: {note}"));
+    }
     if let Some(first) = s.warnings.first() {
         line.push_str(&format!(
             "; {} (import_runs): {first}",
@@ -612,6 +617,12 @@ mod tests {
         assert_eq!(
             super::import_line(&s),
             "3 records, 3 inserted, 0 updated, 0 failed mapping; 2 warnings (import_runs): `price` found no value"
+        );
+        s.warnings.clear();
+        s.stopped_early = Some("page 2 repeated the previous page; stopped (loop guard)".into());
+        assert_eq!(
+            super::import_line(&s),
+            "3 records, 3 inserted, 0 updated, 0 failed mapping; stopped early: page 2 repeated the previous page; stopped (loop guard)"
         );
     }
 }

@@ -195,6 +195,24 @@ async fn jobs_history_takes_a_bare_config_name_like_jobs_run() {
             "{name}: {stdout}"
         );
     }
+    // One a shutdown handed back (its lease set to 1970) says when it was handed back.
+    let back = bson::DateTime::from_millis(now.timestamp_millis() - 5_000);
+    runs.insert_one(bson::doc! {
+        "_id": "integration:back@manual-1", "job": "integration:back", "status": "RUNNING",
+        "owner": "cli", "scheduledFor": now, "expiresAt": bson::DateTime::from_millis(0),
+        "handedBack": true, "handedBackAt": back,
+    })
+    .await
+    .unwrap();
+    let out = sluice_with(&config, &["jobs", "history", "back"]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&format!(
+            "handed back at {}",
+            back.try_to_rfc3339_string().unwrap()
+        )) && !stdout.contains("1970"),
+        "{stdout}"
+    );
 }
 
 #[test]

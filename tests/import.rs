@@ -1200,10 +1200,14 @@ async fn dry_run_writes_nothing_and_private_addresses_are_refused() {
     assert!(!err.contains("127.0.0.1") && !err.contains("::1"), "{err}");
 }
 
+/// The pages served, and whether the API is fixed.
+type LinkedState = (Arc<Mutex<Vec<String>>>, Arc<std::sync::atomic::AtomicBool>);
+
 /// Link-header pages: the first names the second relatively; the second names a third
-/// on another origin (`localhost` instead of the vetted `127.0.0.1`).
+/// on another origin (`localhost` instead of the vetted `127.0.0.1`), until the flag is
+/// set (the API fixed), then relatively.
 async fn linked(
-    State(hits): State<Arc<Mutex<Vec<String>>>>,
+    State((hits, fixed)): State<LinkedState>,
     Query(q): Query<Vec<(String, String)>>,
     headers: HeaderMap,
 ) -> Response {
@@ -1221,6 +1225,7 @@ async fn linked(
     let port = host.rsplit(':').next().unwrap_or("").to_string();
     let (ids, next) = match page.as_str() {
         "1" => (0..3, "</linked?p=2>; rel=\"next\"".to_string()),
+        "2" if fixed.load(Ordering::SeqCst) => (3..6, "</linked?p=3>; rel=\"next\"".to_string()),
         "2" => (
             3..6,
             format!("<http://localhost:{port}/linked?p=3>; rel=\"next\""),
@@ -1356,6 +1361,92 @@ async fn gzip_compressed_answers_are_read() {
         .unwrap();
     assert_eq!(s.fetched, 2);
     assert_eq!(count(&db, "things").await, 2);
+}
+
+/// 25 records by `page` and `limit`; only those of the first page have a `sku`.
+async fn sku_on_page_one(Query(q): Query<Vec<(String, String)>>) -> Json<Value> {
+    let get = |name: &str| -> Option<u64> {
+        q.iter()
+            .find(|(k, _)| k == name)
+            .and_then(|(_, v)| v.parse().ok())
+    };
+    let (page, limit) = (get("page").unwrap_or(1), get("limit").unwrap_or(10));
+    let data: Vec<Value> = ((page - 1) * limit..(page * limit).min(25))
+        .map(|i| match page {
+            1 => json!({ "id": i, "sku": format!("SKU-{i}") }),
+            _ => json!({ "id": i }),
+        })
+        .collect();
+    Json(json!({ "data": data }))
+}
+
+/// A resumed run counts what the pages before the interruption found: a field only they
+/// had is no path that finds nothing.
+#[tokio::test]
+async fn a_resumed_run_remembers_which_fields_its_first_pages_found() {
+    let db = TestDb::initialized().await;
+    let addr = serve(Router::new().route("/skus", get(sku_on_page_one))).await;
+    let config = things_config(
+        "skus",
+        &format!("http://{addr}/skus"),
+        "type = \"page\"\nsize = 10",
+    ) + "[mapping.sku]\npath = \"$.sku\"\n";
+    let name = apply(&db, &config).await;
+    let first = run_import(
+        &db.store,
+        &name,
+        &ImportOptions {
+            stop_after_pages: Some(1),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert!(!first.completed);
+    let resumed = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert!(resumed.completed && resumed.resumed, "{resumed:?}");
+    assert_eq!(resumed.fetched, 25);
+    assert!(
+        !resumed
+            .warnings
+            .iter()
+            .any(|w| w.contains("found no value")),
+        "{:?}",
+        resumed.warnings
+    );
+    // The same source without the first page's skus is warned of, over all 25 records.
+    db.store
+        .collection("things")
+        .delete_many(doc! {})
+        .await
+        .unwrap();
+    let config = config
+        .replace("$.sku", "$.skew")
+        .replace("\"skus\"", "\"skews\"");
+    let name = apply(&db, &config).await;
+    run_import(
+        &db.store,
+        &name,
+        &ImportOptions {
+            stop_after_pages: Some(1),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let resumed = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert!(
+        resumed
+            .warnings
+            .iter()
+            .any(|w| w.contains("`sku` (`$.skew`)") && w.contains("25 records")),
+        "{:?}",
+        resumed.warnings
+    );
 }
 
 #[tokio::test]
@@ -1558,10 +1649,11 @@ async fn an_api_capping_its_page_size_is_read_to_its_total() {
 async fn link_pages_resolve_relative_urls_and_never_leave_the_vetted_origin() {
     let db = TestDb::initialized().await;
     let hits: Arc<Mutex<Vec<String>>> = Default::default();
+    let fixed = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let addr = serve(
         Router::new()
             .route("/linked", get(linked))
-            .with_state(hits.clone()),
+            .with_state((hits.clone(), fixed.clone())),
     )
     .await;
     let config = things_config(
@@ -1585,6 +1677,21 @@ async fn link_pages_resolve_relative_urls_and_never_leave_the_vetted_origin() {
         "the relative page 2 was followed, page 3 never: {served:?}"
     );
     assert!(served[1].ends_with("p=2"), "{served:?}");
+    // The page naming the refused one was not written: the checkpoint stays at it, not
+    // at a page every later run would refuse.
+    assert_eq!(count(&db, "things").await, 3);
+    // Once the API names the right page, the next run reads page 2 again and goes on.
+    fixed.store(true, Ordering::SeqCst);
+    let s = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert!(s.completed && s.resumed, "{s:?}");
+    assert_eq!(count(&db, "things").await, 9);
+    let served = hits.lock().unwrap().clone();
+    assert!(
+        served[2].ends_with("p=2") && served[3].ends_with("p=3") && served.len() == 4,
+        "{served:?}"
+    );
 }
 
 #[tokio::test]

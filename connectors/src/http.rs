@@ -357,7 +357,8 @@ pub async fn vet_host(
 
 struct Token {
     value: String,
-    expires: Option<Instant>,
+    /// When to ask for a new one (None: the token does not expire).
+    refresh_at: Option<Instant>,
 }
 
 /// A connector's HTTP side. One per run.
@@ -393,6 +394,13 @@ const ISSUED_KEPT: usize = 8;
 
 /// Refresh a token this long before it expires.
 const TOKEN_MARGIN: Duration = Duration::from_secs(30);
+
+/// How long a token that lives `lifetime` is used before a new one is asked for:
+/// [`TOKEN_MARGIN`] before it expires, or halfway through a shorter life (a token living
+/// under the margin would otherwise be fetched anew for every request).
+fn refresh_after(lifetime: Duration) -> Duration {
+    lifetime - TOKEN_MARGIN.min(lifetime / 2)
+}
 /// `Retry-After` values are honoured up to this.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 
@@ -520,7 +528,7 @@ impl HttpClient {
         let mut slot = self.token.lock().await;
         let fresh = slot
             .as_ref()
-            .is_some_and(|t| t.expires.is_none_or(|e| e > Instant::now() + TOKEN_MARGIN));
+            .is_some_and(|t| t.refresh_at.is_none_or(|at| at > Instant::now()));
         if fresh && !force {
             return Ok(slot.as_ref().map(|t| t.value.clone()));
         }
@@ -583,9 +591,9 @@ impl HttpClient {
         *slot = Some(Token {
             value: value.clone(),
             // A provider's `expires_in` past what a clock can hold means "long-lived".
-            expires: token
+            refresh_at: token
                 .expires_in()
-                .and_then(|d| Instant::now().checked_add(d)),
+                .and_then(|d| Instant::now().checked_add(refresh_after(d))),
         });
         Ok(Some(value))
     }
@@ -945,14 +953,14 @@ impl HttpClient {
         }
     }
 
-    /// Fetches the page `state` points at.
-    pub async fn fetch(&self, state: &PageState) -> Result<Option<Page>, HttpError> {
-        let PageState::Fetch { url, query, .. } = state else {
-            return Ok(None);
+    /// Refuses a page `state` points at off the endpoint's origin. A next page named by
+    /// the API (a `Link` header, or a URL saved in a checkpoint) must stay on the vetted
+    /// endpoint's origin: anything else could reach a host the private-network guard
+    /// never saw.
+    pub fn check_origin(&self, state: &PageState) -> Result<(), HttpError> {
+        let PageState::Fetch { url, .. } = state else {
+            return Ok(());
         };
-        // A next page named by the API (a `Link` header, or a URL saved in a checkpoint)
-        // must stay on the vetted endpoint's origin: anything else could reach a host the
-        // private-network guard never saw.
         let origin = |u: &str| reqwest::Url::parse(u).map(|u| u.origin());
         let endpoint = origin(&self.connector.endpoint.text);
         if endpoint.is_err() || origin(url).ok() != endpoint.clone().ok() {
@@ -963,6 +971,15 @@ impl HttpClient {
                     .unwrap_or_else(|_| self.connector.endpoint.text.clone()),
             });
         }
+        Ok(())
+    }
+
+    /// Fetches the page `state` points at.
+    pub async fn fetch(&self, state: &PageState) -> Result<Option<Page>, HttpError> {
+        self.check_origin(state)?;
+        let PageState::Fetch { url, query, .. } = state else {
+            return Ok(None);
+        };
         let (body, headers, digest) = self
             .request(HttpMethod::Get, url, query, None, true)
             .await?;
@@ -1956,6 +1973,15 @@ mod tests {
             (json!(10), json!("Bearer"))
         );
         assert_eq!(lenient_token_answer(b"not json"), (None, None));
+    }
+
+    #[test]
+    fn a_short_lived_token_is_used_for_half_its_life() {
+        let s = Duration::from_secs;
+        assert_eq!(refresh_after(s(3600)), s(3570));
+        assert_eq!(refresh_after(s(60)), s(30));
+        assert_eq!(refresh_after(s(20)), s(10));
+        assert_eq!(refresh_after(s(0)), s(0));
     }
 
     #[test]

@@ -141,8 +141,9 @@ pub struct ImportSummary {
     /// The API sends the (date) cursor field as epoch milliseconds.
     #[serde(skip)]
     cursor_epoch_ms: bool,
-    /// Records this process mapped, and in how many of them each field of the mapping
-    /// (in order) found a value: a field found in none is most likely a wrong path.
+    /// Records this run mapped (before an interruption too: the checkpoint keeps them),
+    /// and in how many of them each field of the mapping (in order) found a value: a
+    /// field found in none is most likely a wrong path.
     #[serde(skip)]
     mapped_records: u64,
     #[serde(skip)]
@@ -554,6 +555,24 @@ pub async fn run_import(
             max_cursor = cp.get("maxCursor").cloned().filter(|b| *b != Bson::Null);
             summary.cursor_epoch_ms = cp.get_bool("cursorEpochMs").unwrap_or(false);
             summary.stopped_early = cp.get_str("stoppedEarly").ok().map(str::to_string);
+            // What the pages before the interruption found, so a field they found is not
+            // warned of as found in none (checkpoints of earlier versions did not say).
+            summary.mapped_records = cp.get_i64("mappedRecords").unwrap_or(0) as u64;
+            summary.field_hits = cp
+                .get_array("fieldHits")
+                .map(|hits| {
+                    hits.iter()
+                        .map(|h| h.as_i64().unwrap_or(0) as u64)
+                        .collect()
+                })
+                .unwrap_or_default();
+            // Progress counts the run's pages, not this process's share of them.
+            let p = &options.progress;
+            p.pages.store(summary.pages, Relaxed);
+            p.records.store(summary.fetched, Relaxed);
+            p.upserted
+                .store(summary.inserted + summary.updated, Relaxed);
+            p.failed.store(summary.failed, Relaxed);
             saved_state(cp).unwrap_or(PageState::Done)
         }
         None => {
@@ -864,6 +883,11 @@ async fn import_pages(
                 next = PageState::Done;
             }
         }
+        // A next page the run would refuse (off the endpoint's origin) fails the run before
+        // this page is written: a checkpoint naming it would fail every later run the
+        // same way, even once the API names the right page; the checkpoint stays at this
+        // page, and the next run reads it again.
+        http.check_origin(&next)?;
         if let Some(miss) = &page.records_missing {
             warn_once(
                 summary,
@@ -1115,7 +1139,9 @@ async fn write_page(
     let mut mapped = Vec::with_capacity(page.records().len());
     let mut several = Vec::new();
     if summary.field_hits.len() != connector.fields.len() {
+        // A first page, or a checkpoint that did not say: counted from here.
         summary.field_hits = vec![0; connector.fields.len()];
+        summary.mapped_records = 0;
     }
     if !connector.records.trim_end().ends_with("[*]")
         && page.records().first().is_some_and(Value::is_array)
@@ -1344,6 +1370,8 @@ async fn write_page(
                     "cursorEpochMs": summary.cursor_epoch_ms,
                     // A resumed run must still know it was cut short (it keeps the cursor).
                     "stoppedEarly": summary.stopped_early.clone(),
+                    "mappedRecords": summary.mapped_records as i64,
+                    "fieldHits": summary.field_hits.iter().map(|&h| h as i64).collect::<Vec<_>>(),
                     common::UPDATED_AT: store.now(),
                 },
             )
@@ -1405,6 +1433,17 @@ fn as_event(mapped: &Document, received_at_ms: i64, max_future_ms: i64) -> Resul
     };
     let mut event = parse_event(&Value::Object(top), &ctx, EventMetadata::default())
         .map_err(|e| e.to_string())?;
+    // The mapped types stay, but not where the check read a value as the tracking API
+    // stores it: a purchase's amount written as text (`"19.99"`, `"USD 5.00"`) is the
+    // number it names, with the currency its text names. Kept as text, it would count as
+    // no revenue.
+    if event.event_type == sluice_core::model::EventType::Purchase {
+        for field in [e::AMOUNT, e::CURRENCY] {
+            if let Some(read) = event.properties.get(field) {
+                properties.insert(field, read.clone());
+            }
+        }
+    }
     event.properties = properties;
     Ok(event)
 }
@@ -2689,6 +2728,38 @@ async fn apply_off_runtime(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_imported_purchase_amount_written_as_text_is_stored_as_its_number() {
+        let at = bson::DateTime::from_millis(1_700_000_000_000);
+        let mapped = |amount: Bson| {
+            doc! { "eventId": "e1", "userId": "v1", "eventType": "PURCHASE",
+            "timestamp": at, "amount": amount, "settledAt": at }
+        };
+        let now = 1_700_000_100_000;
+        for (text, number, currency) in [
+            ("19.99", 19.99, None),
+            ("USD 5.00", 5.0, Some("USD")),
+            ("$1,299.00", 1299.0, None),
+        ] {
+            let e = as_event(&mapped(Bson::String(text.into())), now, 0).unwrap();
+            assert_eq!(e.properties.get_f64("amount").unwrap(), number, "{text}");
+            assert_eq!(e.properties.get_str("currency").ok(), currency, "{text}");
+            assert_eq!(sluice_core::model::amount_of(&e.properties), Some(number));
+            // Other mapped values keep their types.
+            assert_eq!(e.properties.get_datetime("settledAt").unwrap(), &at);
+        }
+        assert!(as_event(&mapped(Bson::String("19,99".into())), now, 0)
+            .unwrap_err()
+            .contains("amount"));
+        // A number stays as mapped; another event type's text amount is its own business.
+        let e = as_event(&mapped(Bson::Int32(7)), now, 0).unwrap();
+        assert_eq!(e.properties.get_i32("amount").unwrap(), 7);
+        let mut click = mapped(Bson::String("19.99".into()));
+        click.insert("eventType", "CLICK");
+        let e = as_event(&click, now, 0).unwrap();
+        assert_eq!(e.properties.get_str("amount").unwrap(), "19.99");
+    }
 
     #[test]
     fn a_sample_of_a_wide_record_keeps_its_small_fields_wherever_they_stand() {
