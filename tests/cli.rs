@@ -1175,6 +1175,53 @@ async fn an_archive_with_nothing_to_archive_says_why() {
     );
 }
 
+/// A field no column holds (written by another tool) is left out of an EVENT_DATA file,
+/// and the log says so.
+#[tokio::test]
+async fn an_event_data_export_says_which_fields_no_column_holds() {
+    let db = support::TestDb::initialized().await;
+    let out_dir = write_temp("keep-foreign", "")
+        .parent()
+        .unwrap()
+        .join("out-foreign");
+    let at = bson::DateTime::from_millis(1_767_268_800_000); // 2026-01-01T12:00:00Z
+    let event = |id: &str| {
+        bson::doc! { "eventId": id, "userId": "u", "sessionId": "s", "eventType": "CLICK",
+        "timestamp": at, "createdAt": at, "metadata": { "bot": false } }
+    };
+    let mut foreign = event("foreign");
+    foreign.insert("campaignCode", "XYZ");
+    db.store
+        .collection("events")
+        .insert_many([event("plain"), foreign])
+        .await
+        .unwrap();
+    let config = db_config(&db);
+    let out = sluice()
+        .arg("--config")
+        .arg(&config)
+        .args([
+            "export",
+            "run",
+            "event-data",
+            "--from",
+            "2026-01-01",
+            "--dest",
+        ])
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("no column of `events/v2` holds")
+            && stderr.contains("event `foreign` has `campaignCode`")
+            && stderr.contains("events=1"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&out_dir);
+}
+
 #[test]
 fn config_check_parses_schedules_with_the_scheduler_s_cron_parser() {
     let path = write_temp(

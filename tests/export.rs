@@ -784,7 +784,7 @@ async fn an_archive_that_died_before_deleting_is_finished_not_repeated() {
     let db = TestDb::initialized().await;
     let dir = temp_dir();
     let old = day(-120);
-    seed(&db, old, 400).await;
+    let seeded = seed(&db, old, 400).await;
     let mut dying = ExportContext::new(db.store.clone(), ObjectStore::Local(LocalDir::new(&dir)));
     dying.fail_before_archive_delete = true;
     assert!(
@@ -804,15 +804,46 @@ async fn an_archive_that_died_before_deleting_is_finished_not_repeated() {
         "ARCHIVE/_symlink_format_manifest/dt={old}/manifest"
     ));
     std::fs::remove_file(&link).unwrap();
+    // And as if it had deleted a first chunk of 100 before it died.
+    let first_chunk: Vec<String> = seeded[..100].iter().map(|e| e.event_id.clone()).collect();
+    let gone = events
+        .delete_many(doc! { "eventId": { "$in": &first_chunk } })
+        .await
+        .unwrap();
+    assert_eq!(gone.deleted_count, 100);
     let mut ctx = ExportContext::new(db.store.clone(), ObjectStore::Local(LocalDir::new(&dir)));
     ctx.archive_delete_chunk = 64;
     let next = run_export(&ctx, &request(ExportJobType::Archive, day(0), day(0)))
         .await
         .unwrap();
     assert_eq!(
-        next.deleted, 400,
+        next.deleted, 300,
         "the interrupted run's deletion was completed"
     );
+    // The interrupted run's record lists the partition with its files from the root, as
+    // every partition does, and counts every event it archived as deleted.
+    let run = db
+        .store
+        .collection("export_jobs")
+        .find_one(doc! { "partitions.0": { "$exists": true } })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(run.get_i64("eventsDeleted").unwrap(), 400, "{run}");
+    let files = run.get_array("partitions").unwrap()[0]
+        .as_document()
+        .unwrap()
+        .get_array("files")
+        .unwrap()
+        .clone();
+    assert!(!files.is_empty());
+    for file in files {
+        let file = file.as_str().unwrap();
+        assert!(
+            file.starts_with(&format!("ARCHIVE/dt={old}/")) && dir.join(file).is_file(),
+            "{file}"
+        );
+    }
     let prefix = format!("ARCHIVE/dt={old}");
     assert_eq!(symlinked(&dir, &prefix), parquet_files(&dir, &prefix));
     assert_eq!(
@@ -868,6 +899,13 @@ async fn an_archive_whose_deletes_did_not_all_take_stays_pending_until_they_do()
         .unwrap();
     assert_eq!((next.deleted, next.rows), (7, 0));
     assert_eq!(events.count_documents(doc! {}).await.unwrap(), 0);
+    // The first run counted the 293 it deleted, and the 7 are added: none twice.
+    let run = jobs
+        .find_one(doc! { "partitions.0": { "$exists": true } })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(run.get_i64("eventsDeleted").unwrap(), 300, "{run}");
     let manifest = manifest(&dir, &format!("ARCHIVE/dt={old}"));
     assert_eq!(manifest["rows"], 300, "every event once: {manifest}");
     assert_eq!(

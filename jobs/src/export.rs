@@ -1644,15 +1644,23 @@ async fn recover_partition(
         .await
         .map_err(read)?;
     if left > 0 {
-        history::events_deleted(&ctx.store, old, deleted).await?;
+        history::pending_events_deleted(&ctx.store, old, &prefix, deleted).await?;
         return Err(ExportError::Request(format!(
             "the deletion of interrupted run {old}'s archived day {day} stopped with {left} of its events still stored ({deleted} deleted now); its partition's files hold every one of them, so keep the partition. The next archive run tries again"
         )));
     }
-    history::partition_published(&ctx.store, old, &prefix, rows.max(0) as u64, &listed, false)
-        .await?;
+    // The run's own files, as every partition lists them (from the root), not the
+    // manifest's names (from the partition).
+    let own: Vec<String> = files.iter().map(|(key, ..)| key.clone()).collect();
+    history::partition_published(&ctx.store, old, &prefix, rows.max(0) as u64, &own, false).await?;
     history::pending_deleted(&ctx.store, old, &prefix).await?;
-    history::events_deleted(&ctx.store, old, deleted).await?;
+    // Every event the run read is gone: those deleted now, and those it deleted itself
+    // before it stopped, less what it counted then.
+    let counted = p.get_i64("deleted").unwrap_or(0).max(0) as u64;
+    let before = (rows.max(0) as u64)
+        .saturating_sub(remaining)
+        .saturating_sub(counted);
+    history::events_deleted(&ctx.store, old, before + deleted).await?;
     tracing::info!(job = %old, partition = %prefix, events = deleted, "completed the deletion of an interrupted archive");
     Ok(Recovered::Deleted(deleted))
 }
@@ -2404,7 +2412,21 @@ async fn stage(
         let mut rows = 0u64;
         let mut buf = Vec::with_capacity(ctx.batch_rows);
         let mut buf_bytes = 0usize;
+        // Events holding a field no column holds (written by another tool), and the
+        // first of them: an EVENT_DATA file leaves the field out, and says so once.
+        let mut uncovered: (u64, Option<String>) = (0, None);
         while let Some(doc) = docs.try_next().await? {
+            if !archiving && table.name == EVENT_TABLE.name {
+                if let Some(field) = sluice_connectors::parquet::uncovered_field(table, &doc) {
+                    uncovered.0 += 1;
+                    uncovered.1.get_or_insert_with(|| {
+                        format!(
+                            "event `{}` has `{field}`",
+                            doc.get_str(e::EVENT_ID).unwrap_or("?")
+                        )
+                    });
+                }
+            }
             if archiving {
                 // Deleted once archived: a field no column holds would be lost.
                 if let Some(field) = sluice_connectors::parquet::uncovered_field(table, &doc) {
@@ -2446,6 +2468,16 @@ async fn stage(
             let _ = batch_tx.send(buf).await;
         }
         drop(batch_tx);
+        if let (n @ 1.., Some(example)) = uncovered {
+            tracing::warn!(
+                partition = %prefix,
+                events = n,
+                example = %example,
+                "events hold fields no column of `{}/v{}` holds; the files leave those fields out (ARCHIVE refuses such a day)",
+                table.name,
+                table.version
+            );
+        }
         Ok::<u64, ExportError>(rows)
     };
 
@@ -3004,7 +3036,7 @@ async fn archive_delete(
                 source,
             })?;
         if left > 0 {
-            history::events_deleted(&ctx.store, job_id, deleted).await?;
+            history::pending_events_deleted(&ctx.store, job_id, &s.prefix, deleted).await?;
             return Err(ExportError::Request(format!(
                 "the archive of {} deleted {deleted} of the {} events it read and published; {left} of them are still stored. The partition's files hold every one of them, so keep the partition: the next archive run finishes the deletion",
                 s.prefix, s.rows_read

@@ -455,6 +455,32 @@ async fn update(
     Ok(())
 }
 
+/// Counts `n` events of the pending partition `prefix` that run `job_id` deleted before
+/// its deletion stopped short, in the run's `eventsDeleted` and in the pending entry
+/// (`deleted`), so that the run finishing the deletion counts only the rest.
+pub async fn pending_events_deleted(
+    store: &Store,
+    job_id: &str,
+    prefix: &str,
+    n: u64,
+) -> Result<(), StoreError> {
+    store
+        .collection(c::EXPORT_JOBS)
+        .update_one(
+            doc! { f::JOB_ID: job_id, format!("{PENDING_DELETES}.prefix"): prefix },
+            doc! {
+                "$inc": {
+                    EVENTS_DELETED: n as i64,
+                    format!("{PENDING_DELETES}.$.deleted"): n as i64,
+                },
+                "$currentDate": { common::UPDATED_AT: true },
+            },
+        )
+        .await
+        .map_err(StoreError::mongo(c::EXPORT_JOBS, "count deleted events"))?;
+    Ok(())
+}
+
 pub async fn pending_deleted(store: &Store, job_id: &str, prefix: &str) -> Result<(), StoreError> {
     store
         .collection(c::EXPORT_JOBS)

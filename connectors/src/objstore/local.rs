@@ -29,6 +29,38 @@ async fn durably_rename(tmp: &Path, target: &Path) -> std::io::Result<()> {
     .map_err(std::io::Error::other)?
 }
 
+/// A temporary file this old in a folder being written to was left by a write that
+/// died (a process killed mid-copy): removed. A write in progress is far younger.
+const STALE_TEMP: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Removes the temporary files of dead writes from `folder` (best effort): hidden, named
+/// `.NAME.tmp-PID-N`, and untouched for [`STALE_TEMP`]. Readers skip them, but a file
+/// of a killed copy stays for ever otherwise, as large as a part.
+async fn sweep_stale_temps(folder: &Path) {
+    let folder = folder.to_path_buf();
+    let _ = tokio::task::spawn_blocking(move || {
+        let Ok(entries) = std::fs::read_dir(&folder) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !(name.starts_with('.') && name.contains(".tmp-")) {
+                continue;
+            }
+            let stale = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age >= STALE_TEMP);
+            if stale && std::fs::remove_file(entry.path()).is_ok() {
+                tracing::info!(file = %entry.path().display(), "removed the temporary file of a write that died");
+            }
+        }
+    })
+    .await;
+}
+
 impl LocalDir {
     pub fn new(root: impl Into<PathBuf>) -> Self {
         Self { root: root.into() }
@@ -78,6 +110,7 @@ impl LocalDir {
             tokio::fs::create_dir_all(parent)
                 .await
                 .map_err(|e| err("create folder", e))?;
+            sweep_stale_temps(parent).await;
         }
         // Hidden (a leading `.`) while it is written, so readers listing the folder (Spark,
         // pyarrow, DuckDB globs) never take a half-written file for a part.
@@ -221,6 +254,36 @@ mod tests {
             std::env::temp_dir().join(format!("sluice-localdir-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).unwrap();
         dir
+    }
+
+    #[tokio::test]
+    async fn a_write_removes_the_temporary_files_of_dead_writes_in_its_folder() {
+        let root = scratch();
+        let dir = root.join("EVENT_DATA/dt=2026-01-01");
+        std::fs::create_dir_all(&dir).unwrap();
+        let old = dir.join(".part-a.parquet.tmp-123-4");
+        let young = dir.join(".part-b.parquet.tmp-123-5");
+        let hidden = dir.join(".keep");
+        for f in [&old, &young, &hidden] {
+            std::fs::write(f, b"x").unwrap();
+        }
+        let two_hours_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+        for f in [&old, &hidden] {
+            std::fs::File::options()
+                .write(true)
+                .open(f)
+                .unwrap()
+                .set_modified(two_hours_ago)
+                .unwrap();
+        }
+        let l = LocalDir::new(&root);
+        l.put_bytes("EVENT_DATA/dt=2026-01-01/_SUCCESS", Vec::new())
+            .await
+            .unwrap();
+        assert!(!old.exists(), "a dead write's file is removed");
+        assert!(young.exists(), "a write that may be in progress is not");
+        assert!(hidden.exists(), "nor another hidden file");
+        std::fs::remove_dir_all(root).unwrap();
     }
 
     #[test]

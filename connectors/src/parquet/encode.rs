@@ -239,6 +239,9 @@ fn column_values(
                     _ => v.and_then(as_datetime),
                 };
                 odd.note(v, date.is_some());
+                if let (Some(v @ Bson::String(_)), Some(_)) = (v, date) {
+                    odd.note_converted(v);
+                }
                 check(date.is_some())?;
                 let t = match date {
                     // Microseconds overflow i64 beyond about the year 294,000.
@@ -262,6 +265,9 @@ fn column_values(
             for v in values {
                 let x = v.and_then(as_i64);
                 odd.note(v, x.is_some());
+                if let (Some(v @ Bson::Double(_)), Some(_), Fit::Lenient) = (v, x, fit) {
+                    odd.note_converted(v);
+                }
                 check(x.is_some())?;
                 b.append_option(x);
             }
@@ -304,19 +310,28 @@ fn column_values(
             let mut b = ListBuilder::new(StringBuilder::new());
             for v in values {
                 match v {
-                    Some(Bson::Array(items)) => {
+                    Some(list @ Bson::Array(items)) => {
+                        let mut converted = false;
                         for item in items {
                             match item {
                                 // A null item is null, not the text "null".
                                 Bson::Null | Bson::Undefined => b.values().append_null(),
-                                _ => b.values().append_value(as_text(item)),
+                                Bson::String(s) => b.values().append_value(s),
+                                _ => {
+                                    converted = true;
+                                    b.values().append_value(as_text(item))
+                                }
                             }
+                        }
+                        if converted {
+                            odd.note_converted(list);
                         }
                         b.append(true);
                     }
                     // A single tag written as a string is a list of one.
-                    Some(Bson::String(one)) => {
-                        b.values().append_value(one);
+                    Some(one @ Bson::String(text)) => {
+                        odd.note_converted(one);
+                        b.values().append_value(text);
                         b.append(true);
                     }
                     Some(other) => {
@@ -498,6 +513,32 @@ mod tests {
             err.contains("out of the representable range") && err.contains("eventId far"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn values_converted_to_their_column_are_counted_for_the_log() {
+        let docs = vec![doc! {
+            "visitorId": "v", "tags": "vip", "segments": [1, "b"],
+            "firstSeen": "2026-01-01T00:00:00Z", "lastSeen": bson::DateTime::from_millis(0),
+            "totalSessions": 3.0, "totalEvents": 5, "firstName": 123,
+        }];
+        let converted = |name: &str| {
+            let spec = USER_TABLE.columns.iter().find(|c| c.name == name).unwrap();
+            column(spec, &docs, Fit::Lenient).unwrap().1.converted
+        };
+        for name in [
+            "tags",
+            "segments",
+            "firstSeen",
+            "totalSessions",
+            "firstName",
+        ] {
+            assert_eq!(converted(name), 1, "{name}");
+        }
+        // Values of the column's own type are not conversions.
+        for name in ["lastSeen", "totalEvents", "visitorId"] {
+            assert_eq!(converted(name), 0, "{name}");
+        }
     }
 
     #[test]
