@@ -896,9 +896,10 @@ fn configs_validate_lists_good_files_and_names_the_bad_ones() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stdout.contains("good.toml"), "{stdout}");
-    assert!(stderr.contains("bad.toml: field `endpoint`"), "{stderr}");
+    // Each names the line that sets the field.
+    assert!(stderr.contains("bad.toml:3: field `endpoint`"), "{stderr}");
     assert!(
-        stderr.contains("bad-cron.toml: field `schedule`"),
+        stderr.contains("bad-cron.toml:1: field `schedule`"),
         "{stderr}"
     );
     // `configs apply` refuses the same files with the same exit code, storing nothing

@@ -2002,6 +2002,87 @@ async fn a_request_waiting_for_room_past_its_wait_is_refused() {
     assert_eq!(small.await.unwrap().unwrap(), vec![WriteStatus::Stored; 4]);
 }
 
+/// A request waiting on a stuck lane holds no room in the others (their writers would
+/// sit idle), a lane refuses at once requests beyond a share's worth waiting, and a
+/// shutdown refuses the waiting requests at once.
+#[tokio::test]
+async fn a_request_waiting_on_a_stuck_lane_holds_nothing_elsewhere() {
+    use sluice::server::SubmitError;
+    use sluice_connectors::mongo::WriteStatus;
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+    let db = TestDb::initialized().await;
+    // Two lanes of 10 events each; the stuck one is the later lane.
+    let (batcher, frozen, held) = freezable_batcher(&db, 20, 2, Duration::from_secs(30)).await;
+    let visitor = |lane: usize, skip: usize| {
+        (0..200)
+            .map(|i| format!("v{i}"))
+            .filter(|v| batcher.lane(v) == lane)
+            .nth(skip)
+            .unwrap()
+    };
+    let (hot, other) = (visitor(1, 0), visitor(0, 0));
+    let events = |visitor: &str, from: usize, n: usize| -> Vec<_> {
+        (from..from + n)
+            .map(|i| click(&format!("{visitor}-{i}"), visitor))
+            .collect()
+    };
+    let submit = |e: Vec<_>| {
+        let b = batcher.clone();
+        tokio::spawn(async move { b.submit(e, None).await })
+    };
+    frozen.store(true, Ordering::SeqCst);
+    let stuck = submit(events(&hot, 0, 10));
+    support::wait_until("the stuck lane's write reaches the store", || async {
+        held.load(Ordering::SeqCst) > 0
+    })
+    .await;
+    // Five events of each lane: it waits on the stuck lane.
+    let mut both = events(&other, 0, 5);
+    both.extend(events(&hot, 10, 5));
+    let spanning = submit(both);
+    support::wait_until("the request waits", || async { batcher.waiting() == 1 }).await;
+    // The other lane still has its whole share: ten events are queued at once.
+    let whole = submit(events(&visitor(0, 1), 0, 10));
+    support::wait_until("the other lane's share is queued", || async {
+        batcher.depth() == 20
+    })
+    .await;
+    assert_eq!(
+        batcher.waiting(),
+        1,
+        "the other lane's request did not wait"
+    );
+    // The stuck lane has five events waiting: six more would pass its share.
+    let refused = tokio::time::timeout(
+        Duration::from_secs(5),
+        batcher.submit(events(&visitor(1, 1), 0, 6), None),
+    )
+    .await;
+    assert!(
+        matches!(refused, Ok(Err(SubmitError::Full))),
+        "refused at once: {refused:?}"
+    );
+    // A shutdown refuses what waits, at once.
+    let waiting = submit(events(&visitor(1, 2), 0, 2));
+    support::wait_until("two requests wait", || async { batcher.waiting() == 2 }).await;
+    batcher.close();
+    let closed = tokio::time::timeout(Duration::from_secs(5), waiting).await;
+    assert!(
+        matches!(closed, Ok(Ok(Err(SubmitError::Closed)))),
+        "{closed:?}"
+    );
+    frozen.store(false, Ordering::SeqCst);
+    assert_eq!(stuck.await.unwrap().unwrap(), vec![WriteStatus::Stored; 10]);
+    assert_eq!(whole.await.unwrap().unwrap(), vec![WriteStatus::Stored; 10]);
+    // The spanning request was refused by the shutdown too, or let in before it.
+    let spanning = spanning.await.unwrap();
+    assert!(
+        matches!(spanning, Err(SubmitError::Closed)) || spanning.is_ok(),
+        "{spanning:?}"
+    );
+}
+
 /// With `server_write_keys` set, a browser's (public) key cannot say where its events came
 /// from: `context.ip`, `context.userAgent` and Segment's `context.location` are ignored
 /// for the request's own (the Segment ones kept in `metadata.context` as sent); a

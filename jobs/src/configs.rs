@@ -72,6 +72,30 @@ pub fn validate_text(
     text: &str,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<(IntegrationFile, Connector), ConfigError> {
+    // A field's error names the line that sets it (or its table's), as TOML syntax
+    // errors name theirs.
+    checked(origin, text, env).map_err(|e| match e {
+        ConfigError::Invalid {
+            origin,
+            field,
+            expected,
+        } => ConfigError::Invalid {
+            origin: match sluice_core::integration::line_of(text, &field) {
+                Some(line) => format!("{origin}:{line}"),
+                None => origin,
+            },
+            field,
+            expected,
+        },
+        other => other,
+    })
+}
+
+fn checked(
+    origin: &str,
+    text: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(IntegrationFile, Connector), ConfigError> {
     let file = parse_file(origin, text)?;
     refuse_literal_secrets(origin, &file)?;
     let connector = validate(origin, &file, env)?;

@@ -1652,7 +1652,7 @@ async fn recover_partition(
     // The run's own files, as every partition lists them (from the root), not the
     // manifest's names (from the partition).
     let own: Vec<String> = files.iter().map(|(key, ..)| key.clone()).collect();
-    history::partition_published(&ctx.store, old, &prefix, rows.max(0) as u64, &own, false).await?;
+    history::partition_published_once(&ctx.store, old, &prefix, rows.max(0) as u64, &own).await?;
     history::pending_deleted(&ctx.store, old, &prefix).await?;
     // Every event the run read is gone: those deleted now, and those it deleted itself
     // before it stopped, less what it counted then.
@@ -2414,9 +2414,20 @@ async fn stage(
         let mut buf_bytes = 0usize;
         // Events holding a field no column holds (written by another tool), and the
         // first of them: an EVENT_DATA file leaves the field out, and says so once.
+        // Looked for at the top level only, where another tool adds them (the columns'
+        // roots, compared without allocating: this runs for every event of the day).
         let mut uncovered: (u64, Option<String>) = (0, None);
+        let roots: Vec<&str> = table
+            .columns
+            .iter()
+            .map(|c| c.path.split('.').next().unwrap_or(c.path))
+            .collect();
+        let foreign = |doc: &Document| {
+            doc.iter()
+                .any(|(k, v)| k != common::ID && *v != Bson::Null && !roots.contains(&k.as_str()))
+        };
         while let Some(doc) = docs.try_next().await? {
-            if !archiving && table.name == EVENT_TABLE.name {
+            if !archiving && table.name == EVENT_TABLE.name && foreign(&doc) {
                 if let Some(field) = sluice_connectors::parquet::uncovered_field(table, &doc) {
                     uncovered.0 += 1;
                     uncovered.1.get_or_insert_with(|| {

@@ -402,6 +402,30 @@ pub async fn partition_published(
     .await
 }
 
+/// [`partition_published`] unless the run lists `prefix` already: for a run finishing
+/// another's work, which may itself die between this and what follows.
+pub async fn partition_published_once(
+    store: &Store,
+    job_id: &str,
+    prefix: &str,
+    rows: u64,
+    files: &[String],
+) -> Result<(), StoreError> {
+    store
+        .collection(c::EXPORT_JOBS)
+        .update_one(
+            doc! { f::JOB_ID: job_id, format!("{PARTITIONS}.prefix"): { "$ne": prefix } },
+            doc! {
+                "$push": { PARTITIONS: { "prefix": prefix, "rows": rows as i64, "files": files, "kept": false } },
+                "$inc": { f::RECORDS_PROCESSED: rows as i64, f::FILES: files.len() as i64 },
+                "$currentDate": { common::UPDATED_AT: true },
+            },
+        )
+        .await
+        .map_err(StoreError::mongo(c::EXPORT_JOBS, "record a published partition"))?;
+    Ok(())
+}
+
 /// A partition an interrupted publish of run `job_id` left in place, which a later run's
 /// repair made whole (its manifest names that run's parts): listed among the run's
 /// `partitions` with `repaired: true`, once, so a reader following `export_jobs` learns

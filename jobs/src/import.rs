@@ -570,8 +570,13 @@ pub async fn run_import(
             let p = &options.progress;
             p.pages.store(summary.pages, Relaxed);
             p.records.store(summary.fetched, Relaxed);
-            p.upserted
-                .store(summary.inserted + summary.updated, Relaxed);
+            // As the sinks count it: events stored; records written by key, unchanged too.
+            let upserted = if connector.collection == c::EVENTS {
+                summary.inserted
+            } else {
+                summary.inserted + summary.updated + summary.unchanged
+            };
+            p.upserted.store(upserted, Relaxed);
             p.failed.store(summary.failed, Relaxed);
             saved_state(cp).unwrap_or(PageState::Done)
         }
@@ -764,10 +769,15 @@ pub async fn run_import(
             // cursor, scroll id or signed next-page URL) would fail the same way on every
             // run: the checkpoint is dropped, and the next run starts over (upserts by key
             // make reading again safe).
+            // (Or names a page off the endpoint's origin: a checkpoint saved by an earlier
+            // version, which did not check the next page before saving it.)
             let refused = matches!(
                 &e,
                 ImportError::Http(sluice_connectors::http::HttpError::Status { status, .. })
                     if matches!(status, 400 | 404 | 410 | 422)
+            ) || matches!(
+                &e,
+                ImportError::Http(sluice_connectors::http::HttpError::OffOrigin { .. })
             );
             if summary.resumed && summary.pages == pages_at_start && refused {
                 let dropped = store

@@ -20,7 +20,7 @@ use futures_util::FutureExt;
 
 use sluice_connectors::mongo::{EventWriter, WriteStatus};
 use sluice_core::model::Event;
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 use tokio::task::JoinHandle;
 
 use super::metrics::Metrics;
@@ -69,6 +69,10 @@ pub struct Batcher {
     queue_wait: Duration,
     /// Requests waiting for room now.
     waiting: Arc<AtomicUsize>,
+    /// Events waiting for room, per lane: at most a share each, so the requests waiting
+    /// on a stuck lane cannot take the connections and in-flight bytes every lane
+    /// shares.
+    waiting_events: Arc<Vec<AtomicUsize>>,
     /// Set by [`Batcher::close`]: the writers take nothing new and end once they have
     /// written what is queued.
     closing: Arc<tokio::sync::watch::Sender<bool>>,
@@ -112,6 +116,7 @@ impl Batcher {
             capacity: share * writers.max(1),
             queue_wait,
             waiting: Arc::default(),
+            waiting_events: Arc::new((0..writers.max(1)).map(|_| AtomicUsize::new(0)).collect()),
             closing,
             writer,
         };
@@ -122,6 +127,10 @@ impl Batcher {
     /// write what is queued and end. For a shutdown whose handlers may still hold clones.
     pub fn close(&self) {
         self.closing.send_replace(true);
+        // Requests waiting for room are refused as closed now, not after their wait.
+        for permits in self.permits.iter() {
+            permits.close();
+        }
     }
 
     /// Whether this endpoint's writers met write conflicts within the last `window`.
@@ -144,8 +153,8 @@ impl Batcher {
         self.waiting.load(Relaxed)
     }
 
-    /// Events queued or being written now, and room already set aside for requests
-    /// waiting.
+    /// Events queued or being written now, and room set aside for a request waiting for
+    /// the rest it needs.
     pub fn depth(&self) -> usize {
         self.capacity
             - self
@@ -240,38 +249,78 @@ impl Batcher {
             .ok()
     }
 
-    /// Waits up to `queue_wait` for each lane's `needs`, taken in lane order so that
-    /// two waiting requests never hold what the other waits for. The semaphores are fair:
-    /// a waiting request is served before requests that came after it, so a large batch
-    /// (an app back online) is not starved by a stream of small ones, which are refused
-    /// meanwhile rather than taking the room it waits for.
+    /// Waits up to `queue_wait` for each lane's `needs`. It waits on one full lane at a
+    /// time, holding only the room it is given there, and takes the other lanes' room
+    /// only once that lane's is whole (a lane full by then is waited on next, and what
+    /// was held is given back): a request never holds room in a lane that has some while
+    /// it waits on a slow one, whose writers would otherwise sit idle. The semaphores are
+    /// fair: in the lane it waits on, a request is served before requests that came after
+    /// it, so a large batch (an app back online) is not starved by a stream of small ones,
+    /// which are refused meanwhile rather than taking the room it waits for. A lane whose
+    /// waiting requests already need a share's worth refuses more at once.
     async fn reserve_waiting(
         &self,
         needs: &[u32],
     ) -> Result<Vec<Option<OwnedSemaphorePermit>>, SubmitError> {
-        struct Waiting<'a>(&'a AtomicUsize);
-        impl Drop for Waiting<'_> {
+        /// Takes back what it counted when the request stops waiting, however it stops.
+        struct Counted<'a>(&'a AtomicUsize, usize);
+        impl Drop for Counted<'_> {
             fn drop(&mut self) {
-                self.0.fetch_sub(1, Relaxed);
+                self.0.fetch_sub(self.1, Relaxed);
+            }
+        }
+        let mut counted = Vec::new();
+        for (lane, &n) in needs.iter().enumerate() {
+            if n == 0 {
+                continue;
+            }
+            let waiting = &self.waiting_events[lane];
+            let n = n as usize;
+            counted.push(Counted(waiting, n));
+            if waiting.fetch_add(n, Relaxed) + n > self.share {
+                return Err(SubmitError::Full);
             }
         }
         self.waiting.fetch_add(1, Relaxed);
-        let _waiting = Waiting(&self.waiting);
+        let _waiting = Counted(&self.waiting, 1);
         let reserve = async {
-            let mut shares = Vec::with_capacity(needs.len());
-            for (&n, permits) in needs.iter().zip(self.permits.iter()) {
-                shares.push(match n {
-                    0 => None,
-                    n => Some(
-                        permits
+            let mut wait_on = needs
+                .iter()
+                .zip(self.permits.iter())
+                .position(|(&n, p)| n > 0 && (p.available_permits() as u64) < u64::from(n))
+                .unwrap_or(0);
+            loop {
+                let mut shares: Vec<Option<OwnedSemaphorePermit>> =
+                    (0..needs.len()).map(|_| None).collect();
+                if needs[wait_on] > 0 {
+                    shares[wait_on] = Some(
+                        self.permits[wait_on]
                             .clone()
-                            .acquire_many_owned(n)
+                            .acquire_many_owned(needs[wait_on])
                             .await
                             .map_err(|_| SubmitError::Closed)?,
-                    ),
-                });
+                    );
+                }
+                let mut full = None;
+                for (lane, &n) in needs.iter().enumerate() {
+                    if n == 0 || lane == wait_on {
+                        continue;
+                    }
+                    match self.permits[lane].clone().try_acquire_many_owned(n) {
+                        Ok(share) => shares[lane] = Some(share),
+                        Err(TryAcquireError::Closed) => return Err(SubmitError::Closed),
+                        Err(TryAcquireError::NoPermits) => {
+                            full = Some(lane);
+                            break;
+                        }
+                    }
+                }
+                match full {
+                    None => return Ok(shares),
+                    // Given back as `shares` drops, and that lane waited on.
+                    Some(lane) => wait_on = lane,
+                }
             }
-            Ok(shares)
         };
         match tokio::time::timeout(self.queue_wait, reserve).await {
             Ok(shares) => shares,

@@ -154,7 +154,7 @@ impl Metrics {
         );
         let _ = writeln!(
             out,
-            "# HELP sluice_ingest_queue_events Events waiting to be written.\n# TYPE sluice_ingest_queue_events gauge\nsluice_ingest_queue_events {queue_depth}"
+            "# HELP sluice_ingest_queue_events Events queued or being written (and room set aside for a request waiting for the rest it needs).\n# TYPE sluice_ingest_queue_events gauge\nsluice_ingest_queue_events {queue_depth}"
         );
         let _ = writeln!(
             out,

@@ -33,18 +33,44 @@ async fn durably_rename(tmp: &Path, target: &Path) -> std::io::Result<()> {
 /// died (a process killed mid-copy): removed. A write in progress is far younger.
 const STALE_TEMP: std::time::Duration = std::time::Duration::from_secs(3600);
 
-/// Removes the temporary files of dead writes from `folder` (best effort): hidden, named
-/// `.NAME.tmp-PID-N`, and untouched for [`STALE_TEMP`]. Readers skip them, but a file
-/// of a killed copy stays for ever otherwise, as large as a part.
+/// Whether `name` is a temporary file of [`LocalDir::place`] (`.NAME.tmp-PID-N`) written
+/// by another process than this one (this process's writes are its own business).
+fn foreign_temp(name: &str) -> bool {
+    let Some((_, tail)) = name.strip_prefix('.').and_then(|n| n.rsplit_once(".tmp-")) else {
+        return false;
+    };
+    let Some((pid, n)) = tail.split_once('-') else {
+        return false;
+    };
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    digits(pid) && digits(n) && pid != std::process::id().to_string()
+}
+
+/// Removes the temporary files of dead writes from `folder` (best effort), once per
+/// folder per process: files named as [`foreign_temp`] says, untouched for
+/// [`STALE_TEMP`]. Readers skip them, but a file of a killed copy, as large as a part,
+/// stays for ever otherwise.
 async fn sweep_stale_temps(folder: &Path) {
+    static SWEPT: std::sync::Mutex<Option<std::collections::HashSet<PathBuf>>> =
+        std::sync::Mutex::new(None);
+    let first = SWEPT
+        .lock()
+        .map(|mut swept| {
+            swept
+                .get_or_insert_with(Default::default)
+                .insert(folder.to_path_buf())
+        })
+        .unwrap_or(false);
+    if !first {
+        return;
+    }
     let folder = folder.to_path_buf();
     let _ = tokio::task::spawn_blocking(move || {
         let Ok(entries) = std::fs::read_dir(&folder) else {
             return;
         };
         for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if !(name.starts_with('.') && name.contains(".tmp-")) {
+            if !foreign_temp(&entry.file_name().to_string_lossy()) {
                 continue;
             }
             let stale = entry
@@ -263,12 +289,13 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let old = dir.join(".part-a.parquet.tmp-123-4");
         let young = dir.join(".part-b.parquet.tmp-123-5");
-        let hidden = dir.join(".keep");
-        for f in [&old, &young, &hidden] {
+        let hidden = dir.join(".notes.tmp-old");
+        let own = dir.join(format!(".part-c.parquet.tmp-{}-9", std::process::id()));
+        for f in [&old, &young, &hidden, &own] {
             std::fs::write(f, b"x").unwrap();
         }
         let two_hours_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
-        for f in [&old, &hidden] {
+        for f in [&old, &hidden, &own] {
             std::fs::File::options()
                 .write(true)
                 .open(f)
@@ -283,6 +310,7 @@ mod tests {
         assert!(!old.exists(), "a dead write's file is removed");
         assert!(young.exists(), "a write that may be in progress is not");
         assert!(hidden.exists(), "nor another hidden file");
+        assert!(own.exists(), "nor one of this process's writes");
         std::fs::remove_dir_all(root).unwrap();
     }
 
