@@ -878,15 +878,16 @@ fn configs_validate_lists_good_files_and_names_the_bad_ones() {
     )
     .unwrap();
     let good = std::fs::read_to_string(dir.join("good.toml")).unwrap();
-    std::fs::write(
-        dir.join("bad-cron.toml"),
-        good.replacen(
-            "name = \"",
-            "schedule = \"99 99 99 * * *\"\nname = \"cron-",
-            1,
-        ),
-    )
-    .unwrap();
+    let bad_cron = good.replacen(
+        "name = \"",
+        "schedule = \"99 99 99 * * *\"\nname = \"cron-",
+        1,
+    );
+    let cron_line = 1 + bad_cron
+        .lines()
+        .position(|l| l.starts_with("schedule = "))
+        .unwrap();
+    std::fs::write(dir.join("bad-cron.toml"), &bad_cron).unwrap();
     let out = sluice()
         .args(["configs", "validate"])
         .arg(&dir)
@@ -899,7 +900,7 @@ fn configs_validate_lists_good_files_and_names_the_bad_ones() {
     // Each names the line that sets the field.
     assert!(stderr.contains("bad.toml:3: field `endpoint`"), "{stderr}");
     assert!(
-        stderr.contains("bad-cron.toml:1: field `schedule`"),
+        stderr.contains(&format!("bad-cron.toml:{cron_line}: field `schedule`")),
         "{stderr}"
     );
     // `configs apply` refuses the same files with the same exit code, storing nothing
