@@ -292,14 +292,26 @@ pub async fn db_check(
         ..CheckOptions::default()
     };
     let started = std::time::Instant::now();
-    let report = check::check(&store, &options, |stage, n| match stage {
-        Stage::Claims => eprintln!("ledger: {n} claims read"),
-        Stage::Sessions => eprintln!("sessions: {n} checked"),
-        Stage::Visitors => eprintln!("visitors: {n} checked"),
-        Stage::Settling => eprintln!(
-            "{n} sessions and visitors differ: looking again in {} s",
-            settle.as_secs()
-        ),
+    // A line per stage every few seconds at most: the check may read millions of claims,
+    // and stderr is often a log file.
+    let mut printed: Option<(Stage, std::time::Instant)> = None;
+    let report = check::check(&store, &options, |stage, n| {
+        let now = std::time::Instant::now();
+        if stage != Stage::Settling
+            && printed.is_some_and(|(s, at)| s == stage && now - at < PROGRESS_EVERY)
+        {
+            return;
+        }
+        printed = Some((stage, now));
+        match stage {
+            Stage::Claims => eprintln!("ledger: {n} claims read"),
+            Stage::Sessions => eprintln!("sessions: {n} checked"),
+            Stage::Visitors => eprintln!("visitors: {n} checked"),
+            Stage::Settling => eprintln!(
+                "{n} sessions and visitors differ: looking again in {} s",
+                settle.as_secs()
+            ),
+        }
     })
     .await?;
     println!(
@@ -745,6 +757,9 @@ pub async fn stop_ticker(ticker: tokio::task::JoinHandle<()>) {
     ticker.abort();
     let _ = ticker.await;
 }
+
+/// How often `db check` prints where it is, per stage.
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How often an import that makes no progress says so.
 const QUIET_PROGRESS: std::time::Duration = std::time::Duration::from_secs(30);

@@ -1681,14 +1681,22 @@ async fn a_failed_write_and_an_insert_in_doubt_are_503s_that_store_nothing_twice
     server.shutdown().await;
 }
 
-/// A batcher of `capacity` events over `writers` lanes (a request waiting up to `wait`
-/// for room), writing through a proxy whose store stops answering while the returned
-/// flag is set.
+/// Requests wait up to `wait` for room; no writer counts as stuck.
+fn admit(wait: std::time::Duration) -> sluice::server::Admission {
+    sluice::server::Admission {
+        wait,
+        stuck_after: std::time::Duration::from_secs(3600),
+    }
+}
+
+/// A batcher of `capacity` events over `writers` lanes (requests let in as `admission`
+/// says), writing through a proxy whose store stops answering while the returned flag
+/// is set.
 async fn freezable_batcher(
     db: &TestDb,
     capacity: usize,
     writers: usize,
-    wait: std::time::Duration,
+    admission: sluice::server::Admission,
 ) -> (
     sluice::server::Batcher,
     std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -1703,7 +1711,7 @@ async fn freezable_batcher(
         capacity,
         500,
         writers,
-        wait,
+        admission,
         std::sync::Arc::new(sluice::server::Metrics::default()),
     );
     (batcher, frozen, held)
@@ -1734,7 +1742,7 @@ async fn a_request_nobody_waits_for_any_more_is_not_written() {
     use std::sync::atomic::Ordering;
     use std::time::Duration;
     let db = TestDb::initialized().await;
-    let (batcher, frozen, held) = freezable_batcher(&db, 1_000, 1, Duration::ZERO).await;
+    let (batcher, frozen, held) = freezable_batcher(&db, 1_000, 1, admit(Duration::ZERO)).await;
     let event = |id: &str| click(id, "v1");
     // The first request's write hangs on the store; the second queues behind it, and its
     // handler gives up (a client that hung up, or the endpoint's write deadline).
@@ -1774,7 +1782,8 @@ async fn a_closed_queue_refuses_new_requests_and_still_writes_what_it_holds() {
     use sluice_connectors::mongo::WriteStatus;
     use std::sync::atomic::Ordering;
     let db = TestDb::initialized().await;
-    let (batcher, frozen, held) = freezable_batcher(&db, 1_000, 1, std::time::Duration::ZERO).await;
+    let (batcher, frozen, held) =
+        freezable_batcher(&db, 1_000, 1, admit(std::time::Duration::ZERO)).await;
     // One write held at the store, one request queued behind it.
     frozen.store(true, Ordering::SeqCst);
     let submit = |id: &'static str| {
@@ -1845,7 +1854,7 @@ async fn a_slow_writer_lane_fills_its_share_of_the_queue_not_the_whole_queue() {
     use std::time::Duration;
     let db = TestDb::initialized().await;
     // Two lanes of 10 events each.
-    let (batcher, frozen, held) = freezable_batcher(&db, 20, 2, Duration::ZERO).await;
+    let (batcher, frozen, held) = freezable_batcher(&db, 20, 2, admit(Duration::ZERO)).await;
     let hot = "hot-visitor";
     let other = (0..100)
         .map(|i| format!("v{i}"))
@@ -1891,7 +1900,8 @@ async fn a_large_request_waits_for_room_and_small_ones_do_not_pass_it() {
     use std::sync::atomic::Ordering;
     use std::time::Duration;
     let db = TestDb::initialized().await;
-    let (batcher, frozen, held) = freezable_batcher(&db, 10, 1, Duration::from_secs(30)).await;
+    let (batcher, frozen, held) =
+        freezable_batcher(&db, 10, 1, admit(Duration::from_secs(30))).await;
     let events = |visitor: &str, n: usize| -> Vec<_> {
         (0..n)
             .map(|i| click(&format!("{visitor}-{i}"), visitor))
@@ -1954,7 +1964,8 @@ async fn a_request_waiting_for_room_past_its_wait_is_refused() {
     use std::sync::atomic::Ordering;
     use std::time::{Duration, Instant};
     let db = TestDb::initialized().await;
-    let (batcher, frozen, held) = freezable_batcher(&db, 10, 1, Duration::from_millis(300)).await;
+    let (batcher, frozen, held) =
+        freezable_batcher(&db, 10, 1, admit(Duration::from_millis(300))).await;
     let events = |visitor: &str, n: usize| -> Vec<_> {
         (0..n)
             .map(|i| click(&format!("{visitor}-{i}"), visitor))
@@ -2003,8 +2014,7 @@ async fn a_request_waiting_for_room_past_its_wait_is_refused() {
 }
 
 /// A request waiting on a stuck lane holds no room in the others (their writers would
-/// sit idle), a lane refuses at once requests beyond a share's worth waiting, and a
-/// shutdown refuses the waiting requests at once.
+/// sit idle), and a shutdown refuses the waiting requests at once.
 #[tokio::test]
 async fn a_request_waiting_on_a_stuck_lane_holds_nothing_elsewhere() {
     use sluice::server::SubmitError;
@@ -2013,7 +2023,8 @@ async fn a_request_waiting_on_a_stuck_lane_holds_nothing_elsewhere() {
     use std::time::Duration;
     let db = TestDb::initialized().await;
     // Two lanes of 10 events each; the stuck one is the later lane.
-    let (batcher, frozen, held) = freezable_batcher(&db, 20, 2, Duration::from_secs(30)).await;
+    let (batcher, frozen, held) =
+        freezable_batcher(&db, 20, 2, admit(Duration::from_secs(30))).await;
     let visitor = |lane: usize, skip: usize| {
         (0..200)
             .map(|i| format!("v{i}"))
@@ -2053,16 +2064,6 @@ async fn a_request_waiting_on_a_stuck_lane_holds_nothing_elsewhere() {
         1,
         "the other lane's request did not wait"
     );
-    // The stuck lane has five events waiting: six more would pass its share.
-    let refused = tokio::time::timeout(
-        Duration::from_secs(5),
-        batcher.submit(events(&visitor(1, 1), 0, 6), None),
-    )
-    .await;
-    assert!(
-        matches!(refused, Ok(Err(SubmitError::Full))),
-        "refused at once: {refused:?}"
-    );
     // A shutdown refuses what waits, at once.
     let waiting = submit(events(&visitor(1, 2), 0, 2));
     support::wait_until("two requests wait", || async { batcher.waiting() == 2 }).await;
@@ -2080,6 +2081,56 @@ async fn a_request_waiting_on_a_stuck_lane_holds_nothing_elsewhere() {
     assert!(
         matches!(spanning, Err(SubmitError::Closed)) || spanning.is_ok(),
         "{spanning:?}"
+    );
+}
+
+/// A writer that has taken or finished no write for `stuck_after` while its share is
+/// full is stuck: its requests are refused at once, not after their wait, so they do not
+/// pile up holding connections and in-flight bytes.
+#[tokio::test]
+async fn requests_for_a_stuck_writer_are_refused_at_once() {
+    use sluice::server::{Admission, SubmitError};
+    use sluice_connectors::mongo::WriteStatus;
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+    let db = TestDb::initialized().await;
+    let admission = Admission {
+        wait: Duration::from_secs(30),
+        stuck_after: Duration::from_millis(500),
+    };
+    let (batcher, frozen, held) = freezable_batcher(&db, 10, 1, admission).await;
+    let events = |visitor: &str, n: usize| -> Vec<_> {
+        (0..n)
+            .map(|i| click(&format!("{visitor}-{i}"), visitor))
+            .collect()
+    };
+    frozen.store(true, Ordering::SeqCst);
+    let writing = tokio::spawn({
+        let (b, e) = (batcher.clone(), events("a", 10));
+        async move { b.submit(e, None).await }
+    });
+    support::wait_until("the write reaches the store", || async {
+        held.load(Ordering::SeqCst) > 0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Well within its 30 s wait.
+    let refused = tokio::time::timeout(
+        Duration::from_secs(10),
+        batcher.submit(events("b", 1), None),
+    )
+    .await;
+    assert!(matches!(refused, Ok(Err(SubmitError::Full))), "{refused:?}");
+    assert_eq!(batcher.waiting(), 0);
+    frozen.store(false, Ordering::SeqCst);
+    assert_eq!(
+        writing.await.unwrap().unwrap(),
+        vec![WriteStatus::Stored; 10]
+    );
+    // Writing again, it is not stuck: a request waits for room and gets in.
+    assert_eq!(
+        batcher.submit(events("c", 10), None).await.unwrap(),
+        vec![WriteStatus::Stored; 10]
     );
 }
 

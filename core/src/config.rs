@@ -652,6 +652,9 @@ pub fn parse(origin: &str, text: &str) -> Result<RawConfig, ConfigError> {
     })
 }
 
+/// Messages a Segment SDK may send in one batch (small ones, within its 500 KB).
+pub const SEGMENT_BATCH_MESSAGES: usize = 2_500;
+
 /// Reads `path` (or uses the embedded defaults when `None`), applies environment
 /// overrides and validates. `env` looks variables up (pass `|k| std::env::var(k).ok()`).
 pub fn load(
@@ -811,6 +814,17 @@ pub fn validate(
             "`server.write_keys` is empty: the tracking endpoint accepts events without a key"
                 .into(),
         );
+    }
+    // The Segment API takes half a writer's share of the queue per batch (see the
+    // README): an app back online sends up to about 2,500 small messages, and a Segment
+    // SDK drops a batch answered 413.
+    let t = &raw.tracking;
+    let segment = (t.queue_capacity / t.writers.max(1) / 2).max(t.max_batch_events);
+    if segment < SEGMENT_BATCH_MESSAGES {
+        warnings.push(format!(
+            "a Segment batch holds at most {segment} messages here (`tracking.queue_capacity` / `tracking.writers` / 2): an app back online sends up to about {SEGMENT_BATCH_MESSAGES}, and Segment SDKs drop a batch answered 413; raise `tracking.queue_capacity` to {} or more",
+            SEGMENT_BATCH_MESSAGES * 2 * t.writers.max(1)
+        ));
     }
     for (i, origin) in raw.server.cors_origins.iter().enumerate() {
         // A browser's `Origin` is scheme, host and port, nothing after: an entry with a
@@ -1580,6 +1594,23 @@ mod tests {
         assert_eq!(c.listen.port(), 8080);
         assert_eq!(c.destination, Destination::Local("./sluice-output".into()));
         assert_eq!(c.warnings.len(), 1, "no write key must be warned about");
+    }
+
+    #[test]
+    fn a_queue_too_small_for_segment_batches_is_warned_of() {
+        let c = check("[tracking]\nqueue_capacity = 2000\nwriters = 2\n").unwrap();
+        assert!(
+            c.warnings.iter().any(|w| w.contains("at most 500 messages")
+                && w.contains("`tracking.queue_capacity` to 10000")),
+            "{:?}",
+            c.warnings
+        );
+        let c = check("[tracking]\nqueue_capacity = 10000\nwriters = 2\n").unwrap();
+        assert!(
+            !c.warnings.iter().any(|w| w.contains("Segment")),
+            "{:?}",
+            c.warnings
+        );
     }
 
     #[test]

@@ -12,7 +12,7 @@
 //! acknowledged its events.
 
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -54,6 +54,16 @@ struct Job {
     _held: Option<InFlight>,
 }
 
+/// How requests that do not fit in the queue are let in.
+#[derive(Debug, Clone, Copy)]
+pub struct Admission {
+    /// How long a request waits for room before it is refused (zero: refused at once).
+    pub wait: Duration,
+    /// A writer that has neither taken nor finished a write for this long while its
+    /// share is full is stuck: requests for it are refused at once instead of waiting.
+    pub stuck_after: Duration,
+}
+
 /// Cheap to clone; the queue closes when every clone is dropped.
 #[derive(Clone)]
 pub struct Batcher {
@@ -65,14 +75,14 @@ pub struct Batcher {
     /// Permits per lane.
     share: usize,
     capacity: usize,
-    /// How long a request that does not fit waits for room before it is refused.
-    queue_wait: Duration,
+    /// How long a request that does not fit waits for room, and when a writer is stuck.
+    admission: Admission,
     /// Requests waiting for room now.
     waiting: Arc<AtomicUsize>,
-    /// Events waiting for room, per lane: at most a share each, so the requests waiting
-    /// on a stuck lane cannot take the connections and in-flight bytes every lane
-    /// shares.
-    waiting_events: Arc<Vec<AtomicUsize>>,
+    /// When each lane's writer last took or finished a write (milliseconds after
+    /// `started`).
+    progress: Arc<Vec<AtomicU64>>,
+    started: Instant,
     /// Set by [`Batcher::close`]: the writers take nothing new and end once they have
     /// written what is queued.
     closing: Arc<tokio::sync::watch::Sender<bool>>,
@@ -82,25 +92,32 @@ pub struct Batcher {
 
 impl Batcher {
     /// Starts `writers` tasks; they finish once every `Batcher` clone is dropped and the
-    /// queue is drained. A request that does not fit waits up to `queue_wait` for room.
+    /// queue is drained. A request that does not fit waits for room as `admission` says.
     pub fn start(
         writer: EventWriter,
         capacity: usize,
         batch_size: usize,
         writers: usize,
-        queue_wait: Duration,
+        admission: Admission,
         metrics: Arc<Metrics>,
     ) -> (Self, Vec<JoinHandle<()>>) {
         let mut lanes = Vec::with_capacity(writers);
         let mut handles = Vec::with_capacity(writers);
         let closing = Arc::new(tokio::sync::watch::channel(false).0);
-        for _ in 0..writers.max(1) {
+        let started = Instant::now();
+        let progress: Arc<Vec<AtomicU64>> =
+            Arc::new((0..writers.max(1)).map(|_| AtomicU64::new(0)).collect());
+        for lane in 0..writers.max(1) {
             let (tx, rx) = mpsc::channel::<Job>(capacity);
             let writer = writer.clone();
             let metrics = metrics.clone();
             let closed = closing.subscribe();
+            let progress = progress.clone();
+            let wrote = move || {
+                progress[lane].store(started.elapsed().as_millis() as u64, Relaxed);
+            };
             handles.push(tokio::spawn(async move {
-                write_loop(rx, closed, writer, batch_size, metrics).await
+                write_loop(rx, closed, writer, batch_size, metrics, wrote).await
             }));
             lanes.push(tx);
         }
@@ -114,9 +131,10 @@ impl Batcher {
             lanes: Arc::new(lanes),
             share,
             capacity: share * writers.max(1),
-            queue_wait,
+            admission,
             waiting: Arc::default(),
-            waiting_events: Arc::new((0..writers.max(1)).map(|_| AtomicUsize::new(0)).collect()),
+            progress,
+            started,
             closing,
             writer,
         };
@@ -197,6 +215,9 @@ impl Batcher {
             .collect();
         let shares = match self.try_reserve(&needs) {
             Some(shares) => shares,
+            None if self.admission.wait.is_zero() || self.stuck(&needs) => {
+                return Err(SubmitError::Full)
+            }
             None => self.reserve_waiting(&needs).await?,
         };
         let mut answers = Vec::new();
@@ -249,40 +270,42 @@ impl Batcher {
             .ok()
     }
 
-    /// Waits up to `queue_wait` for each lane's `needs`. It waits on one full lane at a
-    /// time, holding only the room it is given there, and takes the other lanes' room
-    /// only once that lane's is whole (a lane full by then is waited on next, and what
-    /// was held is given back): a request never holds room in a lane that has some while
-    /// it waits on a slow one, whose writers would otherwise sit idle. The semaphores are
-    /// fair: in the lane it waits on, a request is served before requests that came after
-    /// it, so a large batch (an app back online) is not starved by a stream of small ones,
-    /// which are refused meanwhile rather than taking the room it waits for. A lane whose
-    /// waiting requests already need a share's worth refuses more at once.
+    /// Whether a lane without room for its part of `needs` has a writer that finished no
+    /// write for `stuck_after` (a store that does not answer): requests are refused at
+    /// once there rather than piling up for their whole wait, holding the connections
+    /// and in-flight bytes every lane shares.
+    fn stuck(&self, needs: &[u32]) -> bool {
+        let now = self.started.elapsed().as_millis() as u64;
+        let stuck_after = self.admission.stuck_after.as_millis() as u64;
+        needs.iter().enumerate().any(|(lane, &n)| {
+            n > 0
+                && (self.permits[lane].available_permits() as u64) < u64::from(n)
+                && now.saturating_sub(self.progress[lane].load(Relaxed)) > stuck_after
+        })
+    }
+
+    /// Waits up to `admission.wait` for each lane's `needs`. It waits on one full lane
+    /// at a time, holding only the room it is given there, and takes the other lanes'
+    /// room only once that lane's is whole (a lane full by then is waited on next, and
+    /// what was held is given back): a request never holds room in a lane that has some
+    /// while it waits on a slow one, whose writers would otherwise sit idle. The
+    /// semaphores are fair: in the lane it waits on, a request is served before requests
+    /// that came after it, so a large batch (an app back online) is not starved by a
+    /// stream of small ones, which wait behind it rather than taking the room it waits
+    /// for.
     async fn reserve_waiting(
         &self,
         needs: &[u32],
     ) -> Result<Vec<Option<OwnedSemaphorePermit>>, SubmitError> {
-        /// Takes back what it counted when the request stops waiting, however it stops.
-        struct Counted<'a>(&'a AtomicUsize, usize);
-        impl Drop for Counted<'_> {
+        /// Takes the request off the gauge however it stops waiting.
+        struct Waiting<'a>(&'a AtomicUsize);
+        impl Drop for Waiting<'_> {
             fn drop(&mut self) {
-                self.0.fetch_sub(self.1, Relaxed);
-            }
-        }
-        let mut counted = Vec::new();
-        for (lane, &n) in needs.iter().enumerate() {
-            if n == 0 {
-                continue;
-            }
-            let waiting = &self.waiting_events[lane];
-            let n = n as usize;
-            counted.push(Counted(waiting, n));
-            if waiting.fetch_add(n, Relaxed) + n > self.share {
-                return Err(SubmitError::Full);
+                self.0.fetch_sub(1, Relaxed);
             }
         }
         self.waiting.fetch_add(1, Relaxed);
-        let _waiting = Counted(&self.waiting, 1);
+        let _waiting = Waiting(&self.waiting);
         let reserve = async {
             let mut wait_on = needs
                 .iter()
@@ -322,7 +345,7 @@ impl Batcher {
                 }
             }
         };
-        match tokio::time::timeout(self.queue_wait, reserve).await {
+        match tokio::time::timeout(self.admission.wait, reserve).await {
             Ok(shares) => shares,
             Err(_) => Err(SubmitError::Full),
         }
@@ -344,6 +367,7 @@ async fn write_loop(
     writer: EventWriter,
     batch_size: usize,
     metrics: Arc<Metrics>,
+    wrote: impl Fn(),
 ) {
     let mut closed = false;
     loop {
@@ -361,6 +385,9 @@ async fn write_loop(
             Some(job) => jobs.push(job),
             None => return,
         }
+        // A writer that takes work after being idle is not stuck, however long ago its
+        // last write ended.
+        wrote();
         let mut total = jobs[0].events.len();
         while total < batch_size {
             match rx.try_recv() {
@@ -422,6 +449,7 @@ async fn write_loop(
             }
         };
         metrics.observe_write(started.elapsed());
+        wrote();
         match result {
             Ok(statuses) => {
                 let mut offset = 0;

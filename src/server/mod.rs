@@ -33,7 +33,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
-pub use batcher::{Batcher, SubmitError};
+pub use batcher::{Admission, Batcher, SubmitError};
 pub use metrics::Metrics;
 
 /// Shared by every handler.
@@ -866,9 +866,14 @@ pub async fn start_loaded(
         t.queue_capacity,
         t.write_batch_size,
         t.writers,
-        // Half the write deadline at most: a request let in late still has time to be
-        // written before its deadline.
-        Duration::from_millis(t.queue_wait_ms.min(t.write_timeout_seconds * 500)),
+        Admission {
+            // Half the write deadline at most: a request let in late still has time to
+            // be written before its deadline.
+            wait: Duration::from_millis(t.queue_wait_ms.min(t.write_timeout_seconds * 500)),
+            // A writer that has not finished a write for half the write deadline leaves
+            // its requests to time out anyway.
+            stuck_after: Duration::from_millis(t.write_timeout_seconds * 500),
+        },
         metrics.clone(),
     );
     let trusted = config
@@ -985,6 +990,8 @@ pub async fn start_loaded(
             for a in aborts {
                 a.abort();
             }
+        } else {
+            tracing::info!("the write queue is drained: every request answered 200 is stored");
         }
         if let Some(ops) = ops_task {
             ops.abort();

@@ -101,7 +101,11 @@ pub async fn batch(
     let Some(items) = parsed.batch else {
         return Err(invalid("expected {\"batch\": [messages...]}"));
     };
-    check_batch_len_at(segment_batch_messages(&state), items.len(), "messages")?;
+    check_batch_len_at(
+        segment_batch_messages(&state),
+        items.len(),
+        "messages (half a writer's share of the queue here: tracking.queue_capacity / tracking.writers / 2)",
+    )?;
     let sent_at = batch_sent_at(parsed.sent_at.as_ref())?;
     // A batch-level `context` applies to every message (the message's own keys win).
     let shared_context = match parsed.context.as_ref() {

@@ -1004,7 +1004,7 @@ pub(super) async fn write(
                     events = ids.len(),
                     more_since_last = held,
                     queued = state.batcher.depth(),
-                    "the ingest queue is full: requests are answered 503 until the writers catch up (tracking.queue_capacity, tracking.writers)"
+                    "a writer's share of the ingest queue is full (queued counts every share): its visitors' requests are answered 503 until it catches up (tracking.queue_capacity, tracking.writers, tracking.queue_wait_ms)"
                 );
             }
             return Err(ApiError::new(
