@@ -2292,7 +2292,35 @@ async fn stage(
             let mut dropped = Dropped::default();
             let mut warned_skipping = false;
             let mut warned_unfit = false;
+            // Events holding a field no column holds (written by another tool), and the
+            // first of them: an EVENT_DATA file leaves the field out, and says so once.
+            // Looked for at the top level only, where another tool adds them (the
+            // columns' roots, compared without allocating), here rather than in the
+            // reader, which is what an export waits on.
+            let mut uncovered: (u64, Option<String>) = (0, None);
+            let roots: Vec<&str> = table
+                .columns
+                .iter()
+                .map(|c| c.path.split('.').next().unwrap_or(c.path))
+                .collect();
+            let foreign = |doc: &Document| {
+                doc.iter().any(|(k, v)| {
+                    k != common::ID && *v != Bson::Null && !roots.contains(&k.as_str())
+                })
+            };
+            let events_table = !archiving && table.name == EVENT_TABLE.name;
             while let Some(batch) = batch_rx.blocking_recv() {
+                for doc in batch.iter().filter(|d| events_table && foreign(d)) {
+                    if let Some(field) = sluice_connectors::parquet::uncovered_field(table, doc) {
+                        uncovered.0 += 1;
+                        uncovered.1.get_or_insert_with(|| {
+                            format!(
+                                "event `{}` has `{field}`",
+                                doc.get_str(e::EVENT_ID).unwrap_or("?")
+                            )
+                        });
+                    }
+                }
                 let applied = apply_chain(&transforms, batch)?;
                 dropped.skipped += applied.skipped.len() as u64;
                 dropped.dead_lettered += applied.dead_letters.len() as u64;
@@ -2373,6 +2401,16 @@ async fn stage(
             if let Some(part) = writer.finish().map_err(|e| enc(e.to_string()))? {
                 let _ = part_tx.blocking_send(part);
             }
+            if let (n @ 1.., Some(example)) = uncovered {
+                tracing::warn!(
+                    partition = %partition,
+                    events = n,
+                    example = %example,
+                    "events hold fields no column of `{}/v{}` holds; the files leave those fields out (ARCHIVE refuses such a day)",
+                    table.name,
+                    table.version
+                );
+            }
             if let Some(spool) = spool.as_mut() {
                 spool
                     .finish()
@@ -2412,32 +2450,7 @@ async fn stage(
         let mut rows = 0u64;
         let mut buf = Vec::with_capacity(ctx.batch_rows);
         let mut buf_bytes = 0usize;
-        // Events holding a field no column holds (written by another tool), and the
-        // first of them: an EVENT_DATA file leaves the field out, and says so once.
-        // Looked for at the top level only, where another tool adds them (the columns'
-        // roots, compared without allocating: this runs for every event of the day).
-        let mut uncovered: (u64, Option<String>) = (0, None);
-        let roots: Vec<&str> = table
-            .columns
-            .iter()
-            .map(|c| c.path.split('.').next().unwrap_or(c.path))
-            .collect();
-        let foreign = |doc: &Document| {
-            doc.iter()
-                .any(|(k, v)| k != common::ID && *v != Bson::Null && !roots.contains(&k.as_str()))
-        };
         while let Some(doc) = docs.try_next().await? {
-            if !archiving && table.name == EVENT_TABLE.name && foreign(&doc) {
-                if let Some(field) = sluice_connectors::parquet::uncovered_field(table, &doc) {
-                    uncovered.0 += 1;
-                    uncovered.1.get_or_insert_with(|| {
-                        format!(
-                            "event `{}` has `{field}`",
-                            doc.get_str(e::EVENT_ID).unwrap_or("?")
-                        )
-                    });
-                }
-            }
             if archiving {
                 // Deleted once archived: a field no column holds would be lost.
                 if let Some(field) = sluice_connectors::parquet::uncovered_field(table, &doc) {
@@ -2479,16 +2492,6 @@ async fn stage(
             let _ = batch_tx.send(buf).await;
         }
         drop(batch_tx);
-        if let (n @ 1.., Some(example)) = uncovered {
-            tracing::warn!(
-                partition = %prefix,
-                events = n,
-                example = %example,
-                "events hold fields no column of `{}/v{}` holds; the files leave those fields out (ARCHIVE refuses such a day)",
-                table.name,
-                table.version
-            );
-        }
         Ok::<u64, ExportError>(rows)
     };
 
