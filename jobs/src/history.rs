@@ -411,19 +411,7 @@ pub async fn partition_published_once(
     rows: u64,
     files: &[String],
 ) -> Result<(), StoreError> {
-    store
-        .collection(c::EXPORT_JOBS)
-        .update_one(
-            doc! { f::JOB_ID: job_id, format!("{PARTITIONS}.prefix"): { "$ne": prefix } },
-            doc! {
-                "$push": { PARTITIONS: { "prefix": prefix, "rows": rows as i64, "files": files, "kept": false } },
-                "$inc": { f::RECORDS_PROCESSED: rows as i64, f::FILES: files.len() as i64 },
-                "$currentDate": { common::UPDATED_AT: true },
-            },
-        )
-        .await
-        .map_err(StoreError::mongo(c::EXPORT_JOBS, "record a published partition"))?;
-    Ok(())
+    push_partition_once(store, job_id, prefix, rows, files, false).await
 }
 
 /// A partition an interrupted publish of run `job_id` left in place, which a later run's
@@ -437,18 +425,38 @@ pub async fn partition_repaired(
     rows: u64,
     files: &[String],
 ) -> Result<(), StoreError> {
+    push_partition_once(store, job_id, prefix, rows, files, true).await
+}
+
+/// Lists `prefix` among run `job_id`'s partitions unless it is there already.
+async fn push_partition_once(
+    store: &Store,
+    job_id: &str,
+    prefix: &str,
+    rows: u64,
+    files: &[String],
+    repaired: bool,
+) -> Result<(), StoreError> {
+    let mut partition =
+        doc! { "prefix": prefix, "rows": rows as i64, "files": files, "kept": false };
+    if repaired {
+        partition.insert("repaired", true);
+    }
     store
         .collection(c::EXPORT_JOBS)
         .update_one(
             doc! { f::JOB_ID: job_id, format!("{PARTITIONS}.prefix"): { "$ne": prefix } },
             doc! {
-                "$push": { PARTITIONS: { "prefix": prefix, "rows": rows as i64, "files": files, "kept": false, "repaired": true } },
+                "$push": { PARTITIONS: partition },
                 "$inc": { f::RECORDS_PROCESSED: rows as i64, f::FILES: files.len() as i64 },
                 "$currentDate": { common::UPDATED_AT: true },
             },
         )
         .await
-        .map_err(StoreError::mongo(c::EXPORT_JOBS, "record a repaired partition"))?;
+        .map_err(StoreError::mongo(
+            c::EXPORT_JOBS,
+            "record a published partition",
+        ))?;
     Ok(())
 }
 
