@@ -2294,23 +2294,12 @@ async fn stage(
             let mut warned_unfit = false;
             // Events holding a field no column holds (written by another tool), and the
             // first of them: an EVENT_DATA file leaves the field out, and says so once.
-            // Looked for at the top level only, where another tool adds them (the
-            // columns' roots, compared without allocating), here rather than in the
-            // reader, which is what an export waits on.
+            // Here rather than in the reader, which is what an export waits on.
             let mut uncovered: (u64, Option<String>) = (0, None);
-            let roots: Vec<&str> = table
-                .columns
-                .iter()
-                .map(|c| c.path.split('.').next().unwrap_or(c.path))
-                .collect();
-            let foreign = |doc: &Document| {
-                doc.iter().any(|(k, v)| {
-                    k != common::ID && *v != Bson::Null && !roots.contains(&k.as_str())
-                })
-            };
             let events_table = !archiving && table.name == EVENT_TABLE.name;
             while let Some(batch) = batch_rx.blocking_recv() {
-                for doc in batch.iter().filter(|d| events_table && foreign(d)) {
+                let checked: &[Document] = if events_table { &batch } else { &[] };
+                for doc in checked {
                     if let Some(field) = sluice_connectors::parquet::uncovered_field(table, doc) {
                         uncovered.0 += 1;
                         uncovered.1.get_or_insert_with(|| {

@@ -270,16 +270,20 @@ impl Batcher {
             .ok()
     }
 
-    /// Whether a lane without room for its part of `needs` has a writer that finished no
-    /// write for `stuck_after` (a store that does not answer): requests are refused at
-    /// once there rather than piling up for their whole wait, holding the connections
-    /// and in-flight bytes every lane shares.
+    /// Whether `lane` has too little room for `n` events now.
+    fn lacks_room(&self, lane: usize, n: u32) -> bool {
+        n > 0 && (self.permits[lane].available_permits() as u64) < u64::from(n)
+    }
+
+    /// Whether a lane without room for its part of `needs` has a writer that has neither
+    /// taken nor finished a write for `stuck_after` (a store that does not answer):
+    /// requests are refused at once there rather than piling up for their whole wait,
+    /// holding the connections and in-flight bytes every lane shares.
     fn stuck(&self, needs: &[u32]) -> bool {
         let now = self.started.elapsed().as_millis() as u64;
         let stuck_after = self.admission.stuck_after.as_millis() as u64;
         needs.iter().enumerate().any(|(lane, &n)| {
-            n > 0
-                && (self.permits[lane].available_permits() as u64) < u64::from(n)
+            self.lacks_room(lane, n)
                 && now.saturating_sub(self.progress[lane].load(Relaxed)) > stuck_after
         })
     }
@@ -307,10 +311,8 @@ impl Batcher {
         self.waiting.fetch_add(1, Relaxed);
         let _waiting = Waiting(&self.waiting);
         let reserve = async {
-            let mut wait_on = needs
-                .iter()
-                .zip(self.permits.iter())
-                .position(|(&n, p)| n > 0 && (p.available_permits() as u64) < u64::from(n))
+            let mut wait_on = (0..needs.len())
+                .find(|&lane| self.lacks_room(lane, needs[lane]))
                 .unwrap_or(0);
             loop {
                 let mut shares: Vec<Option<OwnedSemaphorePermit>> =

@@ -102,29 +102,44 @@ pub const EVENT_TABLE: TableSpec = TableSpec {
 /// MongoDB's `_id` aside: a field a column reads as a whole (a JSON column) covers
 /// everything below it.
 pub fn uncovered_field(table: &TableSpec, doc: &bson::Document) -> Option<String> {
+    // What follows `prefix.key` in a column's path ("" when it is exactly that), if it
+    // starts so: compared in place, as this runs for every document an export reads.
+    fn after<'a>(path: &'a str, prefix: &str, key: &str) -> Option<&'a str> {
+        let rest = match prefix {
+            "" => path,
+            _ => path.strip_prefix(prefix)?.strip_prefix('.')?,
+        };
+        rest.strip_prefix(key)
+            .filter(|r| r.is_empty() || r.starts_with('.'))
+    }
     fn walk(table: &TableSpec, doc: &bson::Document, prefix: &str) -> Option<String> {
         for (key, value) in doc {
-            let path = if prefix.is_empty() {
-                key.clone()
-            } else {
-                format!("{prefix}.{key}")
-            };
             if prefix.is_empty() && key == "_id" {
                 continue;
             }
+            // Whether a column reads it whole, and else `prefix.key` (taken from a column's
+            // path) when columns read fields inside it.
+            let mut whole = false;
+            let mut below = None;
+            for c in table.columns {
+                match after(c.path, prefix, key) {
+                    Some("") => whole = true,
+                    Some(rest) => below = Some(&c.path[..c.path.len() - rest.len()]),
+                    None => {}
+                }
+            }
             // A column reads it, or there is nothing to lose.
-            if matches!(value, bson::Bson::Null) || table.columns.iter().any(|c| c.path == path) {
+            if whole || matches!(value, bson::Bson::Null) {
                 continue;
             }
-            let below = format!("{path}.");
-            let inner = table.columns.iter().any(|c| c.path.starts_with(&below));
-            match value {
-                bson::Bson::Document(sub) if inner => {
-                    if let Some(found) = walk(table, sub, &path) {
+            match (value, below) {
+                (bson::Bson::Document(sub), Some(path)) => {
+                    if let Some(found) = walk(table, sub, path) {
                         return Some(found);
                     }
                 }
-                _ => return Some(path),
+                _ if prefix.is_empty() => return Some(key.clone()),
+                _ => return Some(format!("{prefix}.{key}")),
             }
         }
         None
