@@ -704,6 +704,18 @@ impl Logged {
     /// A subscriber writing here, as plain text; set it for the current thread (a
     /// `#[tokio::test]` runs the server's tasks on it too).
     pub fn subscriber(&self) -> impl tracing::Subscriber + Send + Sync {
+        // tracing caches whether a log line is wanted once per line of code, process-wide.
+        // With only this subscriber registered, the first thread to reach a line decides
+        // for every thread: a sibling test's thread, with no subscriber, would turn the
+        // line off for this one too (seen: a span missing from the captured log). A quiet
+        // process-wide subscriber means a line reached while this one is set is always
+        // asked of it as well.
+        static QUIET: std::sync::Once = std::sync::Once::new();
+        QUIET.call_once(|| {
+            let _ = tracing::subscriber::set_global_default(
+                tracing::subscriber::NoSubscriber::default(),
+            );
+        });
         let logged = self.clone();
         tracing_subscriber::fmt()
             .with_writer(move || logged.clone())
