@@ -794,13 +794,48 @@ pub fn check_export_window(
     Ok(())
 }
 
-/// `sluice export run`: one export with a progress display and a summary.
+/// `export run --late-days`: only for the kinds that publish late events again, and only
+/// to the configured destination, whose partitions the late-day marks track.
+pub fn check_late_days(
+    kind: sluice_core::model::ExportJobType,
+    late_days: bool,
+    dest: Option<&str>,
+) -> anyhow::Result<()> {
+    use sluice_core::model::ExportJobType;
+    if !late_days {
+        return Ok(());
+    }
+    if !matches!(
+        kind,
+        ExportJobType::EventData | ExportJobType::DailyAnalytics
+    ) {
+        anyhow::bail!(
+            "--late-days is for event-data and daily-analytics ({} has no late days: {})",
+            kind.as_str(),
+            if kind == ExportJobType::Archive {
+                "it adds an archived day's late events to its partition at its next run"
+            } else {
+                "it exports every user profile as of now"
+            }
+        );
+    }
+    if dest.is_some() {
+        anyhow::bail!(
+            "--late-days publishes to `export.destination` only: which days still need publishing again is kept for that destination, so a run elsewhere (--dest) would mark them done there"
+        );
+    }
+    Ok(())
+}
+
+/// `sluice export run`: one export with a progress display and a summary; with
+/// `late_days`, then every day that received events after this kind last published it.
 pub async fn export_run(
     config: &Config,
     kind: sluice_core::model::ExportJobType,
     from: Option<chrono::NaiveDate>,
     to: Option<chrono::NaiveDate>,
     dest: Option<&str>,
+    late_days: bool,
 ) -> anyhow::Result<sluice_jobs::export::ExportSummary> {
     use sluice_jobs::export::{run_export, ExportContext, ExportRequest};
     let store = Store::connect(config).await?;
@@ -823,10 +858,125 @@ pub async fn export_run(
         late_readers: late_readers(config),
     };
     let ticker = spawn_progress(ctx.progress.clone());
+    let reading = store.now();
     let result = until_signal(&store, run_export(&ctx, &request)).await;
     stop_ticker(ticker).await;
     eprintln!();
     let summary = result.map_err(anyhow::Error::msg)??;
+    print_export_summary(config, &summary, kind, from, to, yesterday);
+    let windowed = matches!(
+        kind,
+        sluice_core::model::ExportJobType::EventData
+            | sluice_core::model::ExportJobType::DailyAnalytics
+    );
+    if windowed && dest.is_none() {
+        let outside = |d: chrono::NaiveDate| d < from || d > to;
+        if late_days {
+            // This run read its days after `reading`: their late events are in it.
+            let mut d = from;
+            while d <= to {
+                sluice_jobs::export::late_day_exported(&ctx, kind, d, reading).await;
+                d = d + chrono::Days::new(1);
+            }
+            publish_late_days_now(config, &ctx, kind, outside).await?;
+        } else {
+            let pending: Vec<_> =
+                sluice_jobs::export::late_days(&ctx, kind, config.archive_after_days)
+                    .await?
+                    .into_iter()
+                    .filter(|d| outside(*d))
+                    .collect();
+            if !pending.is_empty() {
+                println!(
+                    "  {} received events after this kind last published {}: {}; {}",
+                    counted(pending.len() as u64, "day"),
+                    if pending.len() == 1 { "it" } else { "them" },
+                    listed_days(&pending),
+                    if late_readers(config).contains(&kind) {
+                        "its schedule publishes them again at its next run, or run this with `--late-days` to publish them now"
+                    } else {
+                        "no schedule of this kind publishes them again: run this with `--late-days`"
+                    }
+                );
+            }
+        }
+    }
+    Ok(summary)
+}
+
+/// `export run --late-days`: publishes again the late days `wanted` keeps, one export
+/// each, and prints a line per day; fails when any day failed (after trying every one).
+async fn publish_late_days_now(
+    config: &Config,
+    ctx: &sluice_jobs::export::ExportContext,
+    kind: sluice_core::model::ExportJobType,
+    wanted: impl Fn(chrono::NaiveDate) -> bool,
+) -> anyhow::Result<()> {
+    let ticker = spawn_progress(ctx.progress.clone());
+    let late = until_signal(
+        &ctx.store,
+        sluice_jobs::export::publish_late_days(
+            ctx,
+            kind,
+            wanted,
+            config.archive_after_days,
+            None,
+            false,
+        ),
+    )
+    .await;
+    stop_ticker(ticker).await;
+    let late = late.map_err(anyhow::Error::msg)??;
+    if late.published.is_empty() && late.failed.is_empty() {
+        println!("  late days: none (no day received events after this kind last published it)");
+    }
+    for s in &late.published {
+        for p in &s.partitions {
+            println!(
+                "  {:<32} {:>8} rows {:>3} files  (published again: late events; export {})",
+                p.prefix,
+                p.rows,
+                p.files.len(),
+                s.job_id
+            );
+        }
+    }
+    for (d, why) in &late.failed {
+        println!("  {d}: not published again: {why}");
+    }
+    if !late.failed.is_empty() {
+        anyhow::bail!(
+            "{} with late events could not be published again (listed above); run again to retry {}",
+            counted(late.failed.len() as u64, "day"),
+            if late.failed.len() == 1 { "it" } else { "them" }
+        );
+    }
+    Ok(())
+}
+
+/// Days as `2026-11-01, 2026-11-03`, the first ten and a count of the rest.
+fn listed_days(days: &[chrono::NaiveDate]) -> String {
+    let mut text = days
+        .iter()
+        .take(10)
+        .map(|d| d.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    if days.len() > 10 {
+        text.push_str(&format!(" and {} more", days.len() - 10));
+    }
+    text
+}
+
+/// The summary `export run` prints for one export.
+fn print_export_summary(
+    config: &Config,
+    summary: &sluice_jobs::export::ExportSummary,
+    kind: sluice_core::model::ExportJobType,
+    from: chrono::NaiveDate,
+    to: chrono::NaiveDate,
+    yesterday: chrono::NaiveDate,
+) {
     println!(
         "export {} {}: {} in {}, {:.1} MB, {:.1} s -> {}",
         summary.job_id,
@@ -910,7 +1060,6 @@ pub async fn export_run(
             "  note: today ({today}) is not over: its partition holds the events so far, with `_SUCCESS` like any other; export it again tomorrow (the schedules export up to yesterday)"
         );
     }
-    Ok(summary)
 }
 
 /// `sluice configs validate DIR`: checks every config file of a folder (no database) and
@@ -1895,7 +2044,7 @@ pub async fn jobs_run(
         let kind = sluice_core::model::ExportJobType::parse(&s.kind)
             .map_err(|e| anyhow::anyhow!("schedule `{schedule}`: type: expected {e}"))?;
         check_export_window(kind, from, to)?;
-        export_run(config, kind, from, to, None).await?;
+        export_run(config, kind, from, to, None, false).await?;
         println!("(a backfill: recorded in `export_jobs` with `manual: true`, not in `sluice jobs history`, and the schedule's catch-up point does not move)");
         return Ok(());
     }

@@ -210,6 +210,11 @@ enum ExportCommand {
         /// Destination overriding `export.destination` (folder or s3://bucket/prefix).
         #[arg(long)]
         dest: Option<String>,
+        /// EVENT_DATA and DAILY_ANALYTICS: also publish again every day that received
+        /// events after this kind last published it, as a scheduled run does (for exports
+        /// driven by an orchestrator rather than `[[schedules]]`).
+        #[arg(long)]
+        late_days: bool,
     },
 }
 
@@ -419,9 +424,12 @@ fn main() -> ExitCode {
                         from,
                         to,
                         dest,
+                        late_days,
                     },
-            } => match cli::check_export_window(kind, from, to) {
-                Ok(()) => cli::export_run(&config, kind, from, to, dest.as_deref())
+            } => match cli::check_export_window(kind, from, to)
+                .and_then(|()| cli::check_late_days(kind, late_days, dest.as_deref()))
+            {
+                Ok(()) => cli::export_run(&config, kind, from, to, dest.as_deref(), late_days)
                     .await
                     .map(|_| ()),
                 Err(e) => Err(e),

@@ -2185,3 +2185,148 @@ async fn db_check_reports_what_differs_and_skips_archived_days() {
         "{stderr}"
     );
 }
+
+/// `sluice export run --late-days`, for an export driven by an orchestrator rather than
+/// `[[schedules]]`: a run without it names the days that received events after their
+/// export; with it, those days are published again (a day of the run's own window is
+/// read by the run itself, so it is not published twice), and then none are left.
+#[tokio::test]
+async fn export_run_names_late_days_and_publishes_them_again_with_late_days() {
+    use bson::{doc, DateTime};
+    use sluice_connectors::mongo::{EventWriter, WriterOptions};
+    use sluice_core::model::{Event, EventType};
+    let db = support::TestDb::initialized().await;
+    let dest = std::env::temp_dir().join(format!("sluice-cli-{}", uuid::Uuid::new_v4().simple()));
+    let config = write_temp(
+        "sluice.toml",
+        &format!(
+            "[mongodb]\nuri = \"{}\"\ndatabase = \"{}\"\n[export]\ndestination = \"{}\"\n",
+            support::mongo_uri(),
+            db.name,
+            dest.display()
+        ),
+    );
+    let today = chrono::Utc::now().date_naive();
+    let late = today - chrono::Days::new(3);
+    // Marks are written with no reach ahead, so a run that begins after a write has read it.
+    let writer = EventWriter::new(
+        db.store.clone(),
+        WriterOptions {
+            late_mark_ahead: std::time::Duration::ZERO,
+            ..Default::default()
+        },
+    );
+    let store = |ids: std::ops::Range<u32>| {
+        let events: Vec<Event> = ids
+            .map(|i| {
+                let ts = DateTime::from_chrono(late.and_hms_opt(10, 0, i).unwrap().and_utc());
+                Event {
+                    id: None,
+                    event_id: format!("late-{i}"),
+                    user_id: "v".into(),
+                    session_id: "s".into(),
+                    event_type: EventType::PageView,
+                    timestamp: ts,
+                    properties: doc! {},
+                    metadata: Default::default(),
+                    page_url: Some("/".into()),
+                    referrer: None,
+                    duration: None,
+                    created_at: ts,
+                    updated_at: ts,
+                }
+            })
+            .collect();
+        let writer = &writer;
+        async move {
+            writer.write(&events).await.unwrap();
+        }
+    };
+    let run = |args: &[&str]| {
+        let all: Vec<String> = ["export", "run", "event-data"]
+            .iter()
+            .chain(args)
+            .map(|a| a.to_string())
+            .collect();
+        let config = config.clone();
+        async move {
+            let all: Vec<&str> = all.iter().map(String::as_str).collect();
+            let out = sluice_with(&config, &all).await;
+            let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+            assert!(
+                out.status.success(),
+                "{stdout}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            stdout
+        }
+    };
+    let rows = |day: chrono::NaiveDate| {
+        let text =
+            std::fs::read_to_string(dest.join(format!("EVENT_DATA/dt={day}/_manifest.json")))
+                .unwrap();
+        serde_json::from_str::<serde_json::Value>(&text).unwrap()["rows"].clone()
+    };
+    let line = |stdout: &str, what: &str| {
+        stdout
+            .lines()
+            .find(|l| l.contains(what))
+            .unwrap_or_else(|| panic!("no line with `{what}`: {stdout}"))
+            .to_string()
+    };
+
+    // Yesterday's run, while three-days-ago received events: named, not published.
+    store(0..2).await;
+    let stdout = run(&[]).await;
+    let named = line(&stdout, "received events after this kind last published it");
+    assert!(named.contains("1 day received events"), "{named}");
+    assert!(named.contains(&late.to_string()), "{named}");
+    assert!(named.contains("no schedule of this kind"), "{named}");
+    assert!(!dest.join(format!("EVENT_DATA/dt={late}")).exists());
+
+    // With --late-days it is published, then nothing is left.
+    let stdout = run(&["--late-days"]).await;
+    let again = line(&stdout, "published again: late events");
+    assert!(again.contains(&format!("EVENT_DATA/dt={late}")), "{again}");
+    assert_eq!(rows(late), 2);
+    let stdout = run(&["--late-days"]).await;
+    assert!(stdout.contains("late days: none"), "{stdout}");
+    assert!(!stdout.contains("published again"), "{stdout}");
+
+    // More events for the day: published again with them.
+    store(2..3).await;
+    run(&["--late-days"]).await;
+    assert_eq!(rows(late), 3);
+
+    // A late day inside the run's own window is read by the run: not published twice,
+    // and not left for the next run.
+    store(3..4).await;
+    let day = late.to_string();
+    let stdout = run(&["--from", &day, "--to", &day, "--late-days"]).await;
+    assert!(stdout.contains("late days: none"), "{stdout}");
+    assert_eq!(rows(late), 4);
+    let stdout = run(&[]).await;
+    assert!(
+        !stdout.contains("received events after this kind"),
+        "{stdout}"
+    );
+
+    // Only where the marks are kept: not elsewhere (--dest), not for other kinds.
+    for args in [
+        &[
+            "export",
+            "run",
+            "event-data",
+            "--late-days",
+            "--dest",
+            "elsewhere",
+        ][..],
+        &["export", "run", "archive", "--late-days"][..],
+    ] {
+        let out = sluice_with(&config, args).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(stderr.contains("--late-days"), "{stderr}");
+    }
+    let _ = std::fs::remove_dir_all(dest);
+}

@@ -407,45 +407,89 @@ pub async fn catch_up(
     // import of older data): published again, at most `late_days_per_run`, oldest first
     // (ARCHIVE waits for them), the rest by the next runs. One that fails is logged and
     // retried by the next run; it does not fail this run's windows.
-    // A day that fails does not use up the cap (days failing every run would otherwise
-    // hold back every other), but at most as many failures as the cap are tried.
-    let late = late_days(ctx, kind, first, archive_after_days).await?;
-    let per_run = ctx.late_days_per_run.max(1);
-    let (mut published, mut failed) = (0, 0);
+    let late = publish_late_days(
+        ctx,
+        kind,
+        |d| d < first,
+        archive_after_days,
+        Some(ctx.late_days_per_run),
+        true,
+    )
+    .await?;
+    count_windows_not_exported(
+        kind,
+        "late_events_not_republished",
+        late.failed.len() as u64,
+    );
+    if let (Some(from), Some(to)) = (late.waiting.first(), late.waiting.last()) {
+        count_windows_not_exported(kind, "late_days_beyond_per_run", late.waiting.len() as u64);
+        tracing::warn!(
+            kind = %kind,
+            %from,
+            %to,
+            days = late.waiting.len(),
+            per_run = ctx.late_days_per_run.max(1),
+            "days that received late events wait for the next runs: a run publishes at most `late_days_per_run` of them again"
+        );
+    }
+    done.extend(late.published);
+    Ok(done)
+}
+
+/// What [`publish_late_days`] did.
+#[derive(Debug, Default)]
+pub struct LateDays {
+    /// The days published again, oldest first.
+    pub published: Vec<ExportSummary>,
+    /// The days that failed to publish, with why; the next run tries them again.
+    pub failed: Vec<(NaiveDate, String)>,
+    /// The days left for later runs by the cap, oldest first.
+    pub waiting: Vec<NaiveDate>,
+}
+
+/// Publishes again, oldest first, the days that received events after `kind` last read
+/// them (a client's buffered events, an import of older data) and that `wanted` keeps,
+/// noting each as read from the moment its run began. At most `per_run` (at least 1) when
+/// given: a day that fails does not use up the cap (days failing every run would
+/// otherwise hold back every other), but at most as many failures as the cap are tried.
+/// `scheduled` records the runs as the schedule's (see [`ExportRequest::scheduled`]).
+pub async fn publish_late_days(
+    ctx: &ExportContext,
+    kind: ExportJobType,
+    wanted: impl Fn(NaiveDate) -> bool,
+    archive_after_days: u32,
+    per_run: Option<usize>,
+    scheduled: bool,
+) -> Result<LateDays, ExportError> {
+    let late: Vec<NaiveDate> = late_days(ctx, kind, archive_after_days)
+        .await?
+        .into_iter()
+        .filter(|d| wanted(*d))
+        .collect();
+    let per_run = per_run.map_or(usize::MAX, |n| n.max(1));
+    let mut out = LateDays::default();
     let mut late = late.into_iter();
     for d in late.by_ref() {
-        let request = ExportRequest::day(kind, d, archive_after_days).scheduled();
+        let mut request = ExportRequest::day(kind, d, archive_after_days);
+        request.scheduled = scheduled;
         let reading = ctx.store.now();
         match run_export(ctx, &request).await {
             Ok(summary) => {
                 tracing::info!(kind = %kind, day = %d, rows = summary.rows, "published again a day that received late events");
                 late_day_exported(ctx, kind, d, reading).await;
-                done.push(summary);
-                published += 1;
+                out.published.push(summary);
             }
             Err(e) => {
-                count_windows_not_exported(kind, "late_events_not_republished", 1);
                 tracing::error!(kind = %kind, day = %d, error = %e, "could not publish again a day that received late events; the next run tries again");
-                failed += 1;
+                out.failed.push((d, e.to_string()));
             }
         }
-        if published == per_run || failed == per_run {
+        if out.published.len() == per_run || out.failed.len() == per_run {
             break;
         }
     }
-    let waiting: Vec<NaiveDate> = late.collect();
-    if let (Some(from), Some(to)) = (waiting.first(), waiting.last()) {
-        count_windows_not_exported(kind, "late_days_beyond_per_run", waiting.len() as u64);
-        tracing::warn!(
-            kind = %kind,
-            %from,
-            %to,
-            days = waiting.len(),
-            per_run,
-            "days that received late events wait for the next runs: a run publishes at most `late_days_per_run` of them again"
-        );
-    }
-    Ok(done)
+    out.waiting = late.collect();
+    Ok(out)
 }
 
 fn count_export_run(kind: ExportJobType, status: &str, n: u64) {
@@ -489,14 +533,13 @@ fn count_windows_not_exported(kind: ExportJobType, reason: &str, n: u64) {
     );
 }
 
-/// The days before `before` that received events after `kind` last read them, oldest
-/// first. A day is published again until ARCHIVE has taken it (then its mark is
-/// forgotten): old enough to be archived is not archived yet, and its late events belong
-/// in EVENT_DATA meanwhile.
-async fn late_days(
+/// The days that received events after `kind` last read them, oldest first (the days
+/// [`publish_late_days`] would publish again). A day is published again until ARCHIVE
+/// has taken it (then its mark is forgotten): old enough to be archived is not archived
+/// yet, and its late events belong in EVENT_DATA meanwhile.
+pub async fn late_days(
     ctx: &ExportContext,
     kind: ExportJobType,
-    before: NaiveDate,
     archive_after_days: u32,
 ) -> Result<Vec<NaiveDate>, ExportError> {
     // ARCHIVE takes the days before this one.
@@ -532,7 +575,7 @@ async fn late_days(
             .get_document("exported")
             .ok()
             .and_then(|e| e.get_datetime(kind.as_str()).ok());
-        if day < before && read.is_none_or(|r| r < marked) {
+        if read.is_none_or(|r| r < marked) {
             out.push(day);
         }
     }
@@ -540,9 +583,9 @@ async fn late_days(
     Ok(out)
 }
 
-/// Notes that `kind` read `day` from `reading` on: late events marked before that are in
-/// what it published.
-async fn late_day_exported(
+/// Notes that `kind` read `day` from `reading` on (a run that began then published it):
+/// late events marked before that are in what it published.
+pub async fn late_day_exported(
     ctx: &ExportContext,
     kind: ExportJobType,
     day: NaiveDate,
@@ -1248,7 +1291,7 @@ async fn archive(
         if let Some(waiting) = late_unread(ctx, &request.late_readers, d).await? {
             tracing::warn!(day = %d, exports = ?waiting, "not archived yet: late events of the day are still to be published by these exports; the next archive run takes it");
             deferred.push(format!(
-                "{d}: its late events are still to be published by the scheduled {} export(s) (`jobs run` them, or wait for their next run; a manual `export run` does not count)",
+                "{d}: its late events are still to be published by the scheduled {} export(s) (`jobs run` them, wait for their next run, or `export run KIND --late-days`; a manual `export run` without it does not count)",
                 waiting.join(", ")
             ));
             continue;

@@ -218,9 +218,10 @@ pub async fn run(mut config: Config, visitors: usize) -> anyhow::Result<()> {
         ExportJobType::UserData,
     ] {
         let from = today - chrono::Days::new(1);
-        let summary = crate::cli::export_run(&export_config, kind, Some(from), Some(today), None)
-            .await
-            .with_context(|| format!("{kind} export"))?;
+        let summary =
+            crate::cli::export_run(&export_config, kind, Some(from), Some(today), None, false)
+                .await
+                .with_context(|| format!("{kind} export"))?;
         if let Some(first) = summary.partitions.iter().flat_map(|p| &p.files).next() {
             println!("    e.g. {}", first);
         }
