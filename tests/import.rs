@@ -5269,3 +5269,115 @@ async fn an_upsert_key_that_is_not_a_single_value_cannot_overwrite_other_records
         "{sample:?}"
     );
 }
+
+/// A newest-first list read by offset while an item is added before each page after the
+/// first: the last item of each page comes again at the top of the next.
+async fn growing(
+    State(list): State<Arc<std::sync::Mutex<Vec<u64>>>>,
+    Query(q): Query<Vec<(String, String)>>,
+) -> Json<Value> {
+    let offset: usize = q
+        .iter()
+        .find(|(k, _)| k == "offset")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
+    let mut list = list.lock().unwrap();
+    let data: Vec<Value> = list
+        .iter()
+        .skip(offset)
+        .take(10)
+        .map(|i| json!({ "id": i }))
+        .collect();
+    let newest = list[0] + 1;
+    list.insert(0, newest);
+    Json(json!({ "data": data }))
+}
+
+#[tokio::test]
+async fn a_key_that_comes_twice_in_a_run_is_warned_of() {
+    let db = TestDb::initialized().await;
+    // Two records of one key with other values: the last one is stored, and said.
+    let url = serve_page(
+        "/twice",
+        vec![
+            json!({ "id": "a", "name": "first" }),
+            json!({ "id": "b", "name": "other" }),
+            json!({ "id": "a", "name": "second" }),
+        ],
+    )
+    .await;
+    let config = things_config("twice", &url, "type = \"none\"")
+        + "[mapping.name]\npath = \"$.name\"\ntype = \"string\"\n";
+    let name = apply(&db, &config).await;
+    let s = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    let differing: Vec<&String> = s
+        .warnings
+        .iter()
+        .filter(|w| w.contains("with other values"))
+        .collect();
+    assert_eq!(differing.len(), 1, "{:?}", s.warnings);
+    assert!(
+        differing[0].starts_with("1 record had the `thingId`")
+            && differing[0].contains("(the first: \"a\")")
+            && differing[0].contains("the last one read is stored"),
+        "{}",
+        differing[0]
+    );
+    let stored = db
+        .store
+        .collection("things")
+        .find_one(bson::doc! { "thingId": "a" })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.get_str("name").unwrap(), "second");
+
+    // Offset paging over a list growing while it is read: the repeats are said, with
+    // what they mean. The same records under no paging are not (an API may list an item
+    // twice, harmlessly).
+    let list = Arc::new(std::sync::Mutex::new((0..25).rev().collect::<Vec<u64>>()));
+    let addr = serve(
+        Router::new()
+            .route("/growing", get(growing))
+            .with_state(list.clone()),
+    )
+    .await;
+    let config = things_config(
+        "growing",
+        &format!("http://{addr}/growing"),
+        "type = \"offset\"\nsize = 10",
+    );
+    let name = apply(&db, &config).await;
+    let s = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    // Pages of 10, 10 and 7 items; the second and third each begin with the last item
+    // of the one before.
+    assert_eq!((s.fetched, s.pages), (27, 3));
+    let shifting: Vec<&String> = s
+        .warnings
+        .iter()
+        .filter(|w| w.contains("came twice in this run with the same values"))
+        .collect();
+    assert_eq!(shifting.len(), 1, "{:?}", s.warnings);
+    assert!(
+        shifting[0].starts_with("2 records came twice")
+            && shifting[0].contains("(the first: `thingId` = \"15\")")
+            && shifting[0].contains("page or offset paging"),
+        "{}",
+        shifting[0]
+    );
+    assert!(
+        !s.warnings.iter().any(|w| w.contains("with other values")),
+        "{:?}",
+        s.warnings
+    );
+    let url = serve_page("/same", vec![json!({ "id": "x" }), json!({ "id": "x" })]).await;
+    let name = apply(&db, &things_config("same", &url, "type = \"none\"")).await;
+    let s = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap();
+    assert!(s.warnings.is_empty(), "{:?}", s.warnings);
+}

@@ -148,8 +148,120 @@ pub struct ImportSummary {
     mapped_records: u64,
     #[serde(skip)]
     field_hits: Vec<u64>,
+    /// Keys this run stored records for, to tell one that comes twice.
+    #[serde(skip)]
+    repeated: RepeatedKeys,
     pub http: HttpStats,
     pub elapsed_ms: u64,
+}
+
+/// The keys of the records a run (this process's part of it) wrote, to tell a key that
+/// comes twice: an API listing an item twice, or records shifting between pages of a
+/// list that changes while it is read (which also skips others). Only hashes are kept,
+/// of at most [`MAX_TRACKED_KEYS`] keys.
+#[derive(Debug, Clone, Default)]
+struct RepeatedKeys {
+    /// Key hash to record hash.
+    seen: std::collections::HashMap<u64, u64>,
+    /// Records whose key came before with the same values.
+    same: u64,
+    /// Records whose key came before with other values.
+    differing: u64,
+    /// The first key that came again, as its JSON.
+    first: Option<String>,
+    /// More keys came than are remembered.
+    full: bool,
+}
+
+/// Keys a run remembers to tell repeated ones (about 20 MB of hashes).
+const MAX_TRACKED_KEYS: usize = 1_000_000;
+
+impl RepeatedKeys {
+    fn note(&mut self, key: &Bson, record: &Document) {
+        use std::hash::{Hash, Hasher};
+        let hashed = |value: &dyn std::fmt::Display| {
+            // Hashed as written out, with no copy: `1` and `"1"` differ, as in MongoDB.
+            struct Feed<'a>(&'a mut std::collections::hash_map::DefaultHasher);
+            impl std::fmt::Write for Feed<'_> {
+                fn write_str(&mut self, s: &str) -> std::fmt::Result {
+                    s.hash(self.0);
+                    Ok(())
+                }
+            }
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            let _ = std::fmt::write(&mut Feed(&mut h), format_args!("{value}"));
+            h.finish()
+        };
+        let (k, v) = (hashed(key), hashed(record));
+        let before = match self.seen.get(&k) {
+            Some(before) => *before,
+            None => {
+                if self.seen.len() < MAX_TRACKED_KEYS {
+                    self.seen.insert(k, v);
+                } else {
+                    self.full = true;
+                }
+                return;
+            }
+        };
+        if before == v {
+            self.same += 1;
+        } else {
+            self.differing += 1;
+            self.seen.insert(k, v);
+        }
+        if self.first.is_none() {
+            self.first = Some(key.clone().into_relaxed_extjson().to_string());
+        }
+    }
+}
+
+/// Warns of the keys that came more than once in a run: with other values, only one of
+/// them is stored (and, for a keyed upsert, a record that flips between two values moves
+/// `updatedAt` on every run); with the same values under page or offset paging, records
+/// are shifting between pages, and a removal would make the run skip one unseen.
+fn warn_repeated_keys(summary: &mut ImportSummary, connector: &Connector) {
+    let r = &summary.repeated;
+    let first = r.first.clone().unwrap_or_default();
+    let of = if r.full {
+        format!(" (of the first {MAX_TRACKED_KEYS} keys, the ones remembered)")
+    } else {
+        String::new()
+    };
+    let key = &connector.key;
+    let mut warnings = Vec::new();
+    if r.differing > 0 {
+        let kept = if connector.collection == c::EVENTS {
+            "the first one is stored (an event is never changed)".to_string()
+        } else {
+            "the last one read is stored, and a document that gets both on every run has its `updatedAt` moved on every run (a push watermarked on it sends it again)".to_string()
+        };
+        warnings.push(format!(
+            "{} had the `{key}` of an earlier record of this run with other values{of} (the first: {first}): {kept}; check that `{key}` identifies one item of the API",
+            counted_records(r.differing),
+        ));
+    }
+    let shifting = matches!(
+        connector.paging,
+        Paging::Page { .. } | Paging::Offset { .. }
+    );
+    if r.same > 0 && shifting {
+        warnings.push(format!(
+            "{} came twice in this run with the same values{of} (the first: `{key}` = {first}): with page or offset paging, items added to or removed from the list while the run reads it shift the others between pages (an addition makes the run read one twice, as here; a removal makes it skip one, unseen); cursor paging, or an `[incremental]` cursor the API sorts by, does not",
+            counted_records(r.same),
+        ));
+    }
+    for w in warnings {
+        warn_once(summary, &connector.name, w);
+    }
+}
+
+fn counted_records(n: u64) -> String {
+    if n == 1 {
+        "1 record".to_string()
+    } else {
+        format!("{n} records")
+    }
 }
 
 /// Records failed by mapping or validation kept in `dead_letters`, per run (beyond
@@ -661,6 +773,9 @@ pub async fn run_import(
     summary.elapsed_ms = started.elapsed().as_millis() as u64;
     if outcome.is_ok() {
         warn_unmatched_fields(&mut summary, &connector);
+    }
+    if connector.kind == sluice_core::model::IntegrationType::Import {
+        warn_repeated_keys(&mut summary, &connector);
     }
     if options.dry_run {
         return outcome.map(|()| summary);
@@ -1240,6 +1355,9 @@ async fn write_page(
         kept
     };
     for d in &mapped {
+        if let Some(key) = d.get(&connector.key) {
+            summary.repeated.note(key, d);
+        }
         summary.key_kinds |= match d.get(&connector.key) {
             Some(Bson::String(_)) => 1,
             Some(Bson::Int32(_) | Bson::Int64(_) | Bson::Double(_) | Bson::Decimal128(_)) => 2,
