@@ -1390,6 +1390,46 @@ pub fn load_plugins(
     config: &Config,
     names: &[String],
 ) -> anyhow::Result<Vec<std::sync::Arc<dyn sluice_core::transform::Transform>>> {
+    Ok(load_plugin_builds(config, names)?
+        .into_iter()
+        .map(|(t, _)| t)
+        .collect())
+}
+
+/// Which build of a plugin a process loaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginBuild {
+    pub name: String,
+    pub version: String,
+    /// The component's SHA-256 (hex).
+    pub sha256: String,
+}
+
+impl std::fmt::Display for PluginBuild {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "`{}` {} (sha256 {})",
+            self.name,
+            self.version,
+            &self.sha256[..self.sha256.len().min(12)]
+        )
+    }
+}
+
+/// [`load_plugins`], with the build of each. A build this process had not loaded before
+/// (its first load, or another build installed since) is logged, so the log says which
+/// build each run and the tracking endpoint use.
+pub fn load_plugin_builds(
+    config: &Config,
+    names: &[String],
+) -> anyhow::Result<
+    Vec<(
+        std::sync::Arc<dyn sluice_core::transform::Transform>,
+        PluginBuild,
+    )>,
+> {
+    static LOGGED: std::sync::Mutex<Vec<PluginBuild>> = std::sync::Mutex::new(Vec::new());
     if names.is_empty() {
         return Ok(Vec::new());
     }
@@ -1411,8 +1451,22 @@ pub fn load_plugins(
                 &grants,
                 None,
             )?;
-            Ok(std::sync::Arc::new(t.with_policy(policy))
-                as std::sync::Arc<dyn sluice_core::transform::Transform>)
+            let build = PluginBuild {
+                name: name.clone(),
+                version: t.version().to_string(),
+                sha256: t.sha256().to_string(),
+            };
+            let mut logged = LOGGED.lock().unwrap_or_else(|p| p.into_inner());
+            if !logged.contains(&build) {
+                tracing::info!(dir = %p.dir, "plugin {build} loaded");
+                logged.retain(|b| b.name != build.name);
+                logged.push(build.clone());
+            }
+            Ok((
+                std::sync::Arc::new(t.with_policy(policy))
+                    as std::sync::Arc<dyn sluice_core::transform::Transform>,
+                build,
+            ))
         })
         .collect()
 }
@@ -1653,6 +1707,7 @@ pub fn plugin_install(
         "`{}` could not be updated in place; set wasm = \"{wasm}\" and sha256 = \"{sha256}\" by hand",
         manifest_path.display()
     );
+    let created = !dir.exists();
     std::fs::create_dir_all(dir).with_context(|| format!("`{}`", dir.display()))?;
     write_in_place(&dir.join(&wasm), &bytes)?;
     write_in_place(&manifest_path, text.as_bytes())?;
@@ -1692,6 +1747,12 @@ pub fn plugin_install(
     );
     if let Some(k) = kept.filter(|k| *k != wasm) {
         said.push_str(&format!("; the previous component {k} is kept"));
+    }
+    if created {
+        said.push_str(&format!(
+            "; `{}` did not exist and was created (it is `plugins.dir` of the config read: pass `-c` for another sluice.toml's)",
+            dir.display()
+        ));
     }
     if !removed.is_empty() {
         said.push_str(&format!("; removed older {}", removed.join(", ")));
@@ -1771,6 +1832,29 @@ fn write_in_place(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     written.with_context(|| format!("writing `{}`", path.display()))
 }
 
+/// The NDJSON records of `input` (`-`: standard input), blank lines skipped.
+fn read_records(input: &Path) -> anyhow::Result<Vec<bson::Document>> {
+    let text = if input == Path::new("-") {
+        std::io::read_to_string(std::io::stdin()).context("reading standard input")?
+    } else {
+        std::fs::read_to_string(input).with_context(|| format!("`{}`", input.display()))?
+    };
+    let mut records = Vec::new();
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("`{}` line {}: not JSON", input.display(), i + 1))?;
+        match bson::Bson::try_from(v) {
+            Ok(bson::Bson::Document(d)) => records.push(d),
+            _ => anyhow::bail!("`{}` line {}: not a JSON object", input.display(), i + 1),
+        }
+    }
+    Ok(records)
+}
+
 /// `sluice plugin test`: runs NDJSON records through a plugin, prints the outputs (NDJSON on
 /// stdout), the failures and the time per batch (stderr).
 pub fn plugin_test(
@@ -1786,7 +1870,21 @@ pub fn plugin_test(
         Some(text) => serde_json::from_str(text).context("--plugin-config is not JSON")?,
         None => self::plugin_config(config, name),
     };
+    if !cfg.is_object() {
+        anyhow::bail!(
+            "--plugin-config must be a JSON object, as the pipelines pass `[plugins.config.{name}]`, got `{cfg}`"
+        );
+    }
+    // Read before the plugin is loaded: compiling a large component (an interpreter's)
+    // takes minutes, and a wrong input path should not wait for it.
+    let records = read_records(input)?;
     let installed = Path::new(&config.plugins.dir);
+    if wasm.is_none() && !installed.join(format!("{name}.toml")).exists() {
+        anyhow::bail!(
+            "no plugin `{name}` in `{}` (no `{name}.toml` there): test a build with `--wasm FILE`, install it with `plugin install`, or pass `-c` the sluice.toml whose `plugins.dir` holds it",
+            installed.display()
+        );
+    }
     let staged = match wasm {
         Some(file) => {
             let bytes = std::fs::read(file).with_context(|| format!("`{}`", file.display()))?;
@@ -1806,20 +1904,6 @@ pub fn plugin_test(
     );
     drop(staged);
     let plugin = loaded?;
-    let text = std::fs::read_to_string(input).with_context(|| format!("`{}`", input.display()))?;
-    let mut records = Vec::new();
-    for (i, line) in text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-    {
-        let v: serde_json::Value = serde_json::from_str(line)
-            .with_context(|| format!("`{}` line {}: not JSON", input.display(), i + 1))?;
-        match bson::Bson::try_from(v) {
-            Ok(bson::Bson::Document(d)) => records.push(d),
-            _ => anyhow::bail!("`{}` line {}: not a JSON object", input.display(), i + 1),
-        }
-    }
     let (mut outputs, mut failures) = (0, 0);
     let batch_size = batch_size.max(1);
     for (n, batch) in records.chunks(batch_size).enumerate() {
@@ -1856,8 +1940,10 @@ pub fn plugin_test(
                 // The raw call, as a plugin author debugs it: the pipelines split such a
                 // batch in halves until its parts fit (see docs/plugins.md).
                 let hint = match e {
+                    sluice_plugins::PluginError::Fuel { .. } => {
+                        "; pipelines split such a batch until its parts fit: a smaller --batch-size shows whether they do (out of fuel on a batch of one record, the plugin loops or needs a larger `fuel`)"
+                    }
                     sluice_plugins::PluginError::Memory { .. }
-                    | sluice_plugins::PluginError::Fuel { .. }
                     | sluice_plugins::PluginError::Output { .. }
                     | sluice_plugins::PluginError::Fanout { .. } => {
                         "; pipelines split such a batch until its parts fit: a smaller --batch-size shows whether they do"

@@ -115,7 +115,7 @@ enum PluginCommand {
     Test {
         /// Plugin name (a manifest `NAME.toml` in `plugins.dir`).
         name: String,
-        /// Records, one JSON object per line.
+        /// Records, one JSON object per line (`-`: standard input).
         #[arg(long)]
         input: PathBuf,
         /// The plugin's config as JSON (default: `[plugins.config.NAME]`).

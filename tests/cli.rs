@@ -395,6 +395,63 @@ fn output_piped_into_a_reader_that_stops_ends_quietly() {
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
+/// `plugin test` reads records from standard input with `--input -`, and says what is
+/// wrong with its input, config or plugin name before it loads the plugin.
+#[test]
+fn plugin_test_reads_standard_input_and_refuses_a_config_that_is_no_object() {
+    use std::io::Write;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins/dist");
+    let config = write_temp(
+        "sluice.toml",
+        &format!("[plugins]\ndir = \"{}\"\n", dir.display()),
+    );
+    let run = |name: &str, extra: &[&str], stdin: &str| {
+        let mut child = sluice()
+            .arg("--config")
+            .arg(&config)
+            .args(["plugin", "test", name])
+            .args(extra)
+            .env("SLUICE_LOG_LEVEL", "warn")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let records = "{\"eventType\":\"PAGE_VIEW\",\"n\":1}\n{\"eventType\":\"CLICK\",\"n\":2}\n";
+    let out = run("noop", &["--input", "-"], records);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(stdout.lines().count(), 2, "{stdout}");
+    assert!(stdout.contains("CLICK"), "{stdout}");
+    for (name, extra, says) in [
+        (
+            "noop",
+            &["--input", "-", "--plugin-config", "[1]"][..],
+            "--plugin-config must be a JSON object",
+        ),
+        (
+            "not-installed",
+            &["--input", "-"][..],
+            "no plugin `not-installed` in",
+        ),
+    ] {
+        let out = run(name, extra, records);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(says),
+            "{says}: {stderr}"
+        );
+    }
+}
+
 #[test]
 fn plugin_test_names_outputs_an_import_could_not_write() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins/dist");
@@ -631,6 +688,12 @@ fn plugin_install_puts_a_build_in_place_once_it_loads_and_keeps_the_manifest() {
     let first = sha_of(&dist.join("noop.wasm"));
     let out = install(&dist.join("noop.wasm"), Some("1.0.0"));
     assert!(out.status.success(), "{}", stderr(&out));
+    // The folder did not exist: made, and said (a run without `-c` would make one under
+    // the current folder).
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("did not exist and was created"),
+        "{out:?}"
+    );
     assert_eq!(
         files(),
         sorted(vec![component(&first), "noop.toml".to_string()])

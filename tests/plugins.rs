@@ -790,6 +790,7 @@ async fn the_tracking_endpoint_runs_its_plugin_chain_before_storing() {
     assert_eq!(answer["results"][0]["status"], "stored", "{answer}");
     assert_eq!(answer["results"][1]["status"], "dropped");
     assert_eq!(answer["results"][1]["reason"], "transform");
+    assert_eq!(answer["results"][1]["eventId"], "t2", "{answer}");
     let stored = db
         .store
         .collection("events")
@@ -2051,4 +2052,71 @@ fn fuel_budgets_and_the_clocks_grant_are_enforced() {
     let now = chrono::Utc::now().timestamp_millis();
     assert!((now - wall).abs() < 60_000, "{wall} vs {now}");
     assert!(moved >= 50, "{moved}");
+}
+
+/// `plugin install` of another build while `serve` runs: the tracking endpoint keeps the
+/// build it started with, and says so once, naming both, while the process's scheduled
+/// runs would load the new one.
+#[tokio::test]
+async fn the_tracking_endpoint_says_when_another_build_of_its_plugin_is_installed() {
+    let db = support::TestDb::initialized().await;
+    let dir = scratch_dir();
+    std::fs::copy(
+        support::plugin_dir().join("noop.wasm"),
+        dir.join("noop.wasm"),
+    )
+    .unwrap();
+    let sha = format!(
+        "{:x}",
+        <sha2::Sha256 as sha2::Digest>::digest(std::fs::read(dir.join("noop.wasm")).unwrap())
+    );
+    let manifest = |version: &str, sha: &str| {
+        std::fs::write(
+            dir.join("noop.toml"),
+            format!("name = \"noop\"\nversion = \"{version}\"\nwasm = \"noop.wasm\"\nsha256 = \"{sha}\"\n"),
+        )
+        .unwrap()
+    };
+    manifest("1.0.0", &sha);
+    let logged = support::Logged::default();
+    let guard = tracing::subscriber::set_default(logged.subscriber());
+    let plugins = dir.display().to_string();
+    let server = support::start_server(&db, |raw| {
+        raw.plugins.dir = plugins;
+        raw.plugins.tracking_transforms = vec!["noop".into()];
+        raw.scheduler.reload_seconds = 1;
+    })
+    .await;
+    let said = |logged: &support::Logged| {
+        logged
+            .text()
+            .lines()
+            .filter(|l| l.contains("the tracking endpoint runs plugin"))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    // The same build installed again: nothing to say.
+    manifest("1.0.0", &sha);
+    tokio::time::sleep(std::time::Duration::from_millis(2_500)).await;
+    assert!(said(&logged).is_empty(), "{}", logged.text());
+    let other = "ab".repeat(32);
+    manifest("2.0.0", &other);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while said(&logged).is_empty() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    // Said once, however often it is looked at.
+    tokio::time::sleep(std::time::Duration::from_millis(2_500)).await;
+    drop(guard);
+    let lines = said(&logged);
+    assert_eq!(lines.len(), 1, "{}", logged.text());
+    assert!(
+        lines[0].contains(&format!("runs plugin `noop` 1.0.0 (sha256 {})", &sha[..12]))
+            && lines[0].contains("but `noop` 2.0.0 (sha256 abababababab) is installed")
+            && lines[0].contains("until `sluice serve` restarts"),
+        "{}",
+        lines[0]
+    );
+    server.shutdown().await;
+    std::fs::remove_dir_all(dir).unwrap();
 }

@@ -980,11 +980,13 @@ async fn enrichment_fills_metadata_and_bots_can_be_dropped() {
     let (status, body) = post(
         &base,
         "/v1/events",
-        &json!({ "userId": "crawler", "sessionId": "c", "eventType": "PAGE_VIEW", "context": { "userAgent": sluice::demo::BOT_AGENT } }),
+        &json!({ "eventId": "crawl-1", "userId": "crawler", "sessionId": "c", "eventType": "PAGE_VIEW", "context": { "userAgent": sluice::demo::BOT_AGENT } }),
     )
     .await;
     assert_eq!(status, 200);
     assert_eq!(body["dropped"], 1, "{body}");
+    // Named by its eventId, as in a batch's answer.
+    assert_eq!(body["results"][0]["eventId"], "crawl-1", "{body}");
     assert_eq!(
         db.store
             .collection("events")

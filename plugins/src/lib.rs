@@ -571,6 +571,9 @@ impl PluginHost {
         if let Some(wrong) = not_a_component(&bytes) {
             return Err(load(format!("`{}` {wrong}", manifest.wasm)));
         }
+        if let Some(wrong) = unprovided_import(&bytes) {
+            return Err(load(format!("`{}` {wrong}", manifest.wasm)));
+        }
         let actual = format!("{:x}", Sha256::digest(&bytes));
         if !actual.eq_ignore_ascii_case(&manifest.sha256) {
             return Err(PluginError::Hash {
@@ -585,7 +588,7 @@ impl PluginHost {
                 "clocks" if grants.clocks => {}
                 "clocks" => {
                     return Err(load(
-                        "asks for `clocks`, which the operator has not granted".into(),
+                        "asks for `clocks`, which the operator has not granted (`[plugins] grants = [\"clocks\"]` in sluice.toml grants it)".into(),
                     ))
                 }
                 other => return Err(load(format!("asks for unknown permission `{other}`"))),
@@ -638,6 +641,7 @@ impl PluginHost {
         let t = WasmTransform {
             name: manifest.name.clone(),
             version: manifest.version.clone(),
+            sha256: actual.clone(),
             host: self.clone(),
             pre,
             config: config.to_string(),
@@ -786,6 +790,8 @@ fn count_failed_batches(plugin: &str, n: u64) {
 pub struct WasmTransform {
     name: String,
     version: String,
+    /// The component's SHA-256 (hex), as checked against the manifest.
+    sha256: String,
     host: PluginHost,
     pre: PluginPre<HostState>,
     config: String,
@@ -861,6 +867,11 @@ impl WasmTransform {
     /// The manifest's `version`.
     pub fn version(&self) -> &str {
         &self.version
+    }
+
+    /// The component's SHA-256 (hex).
+    pub fn sha256(&self) -> &str {
+        &self.sha256
     }
 
     pub fn skipped_records(&self) -> u64 {
@@ -1292,6 +1303,42 @@ pub fn not_a_component(bytes: &[u8]) -> Option<&'static str> {
     // component (whatever its version: one the engine does not know is its to say).
     if bytes[6..8] == [0x00, 0x00] {
         return Some("is a core WebAssembly module, not a component: build it for `wasm32-wasip2` (or wrap a module with `wasm-tools component new`)");
+    }
+    None
+}
+
+/// The `version` and `sha256` the manifest of plugin `name` in `dir` names now: what a
+/// load would load (`None` when it cannot be read). A process compares it with what it
+/// loaded to tell that another build was installed since.
+pub fn installed_build(dir: &Path, name: &str) -> Option<(String, String)> {
+    let text = std::fs::read_to_string(dir.join(format!("{name}.toml"))).ok()?;
+    let manifest: Manifest = toml::from_str(&text).ok()?;
+    Some((manifest.version, manifest.sha256.to_ascii_lowercase()))
+}
+
+/// The first interface a component imports that the host does not provide (`wasi:http`),
+/// with what to do about it: read from its import section, before the (possibly minutes
+/// long) compile, which would otherwise end with the linker's account of the missing
+/// resource. Only the component's own imports count: a component nested in it may import
+/// what a sibling exports.
+pub fn unprovided_import(bytes: &[u8]) -> Option<String> {
+    let mut depth = 0usize;
+    for payload in wasmparser::Parser::new(0).parse_all(bytes) {
+        match payload.ok()? {
+            wasmparser::Payload::Version { .. } => depth += 1,
+            wasmparser::Payload::End(_) => depth = depth.saturating_sub(1),
+            wasmparser::Payload::ComponentImportSection(imports) if depth == 1 => {
+                for import in imports {
+                    let name = import.ok()?.name.name;
+                    if name.starts_with("wasi:http/") {
+                        return Some(format!(
+                            "imports `{name}`: plugins get no network, and the host provides no `wasi:http` (componentize-js adds it unless built with `--disable http fetch-event`)"
+                        ));
+                    }
+                }
+            }
+            _ => {}
+        }
     }
     None
 }
@@ -1914,6 +1961,78 @@ mod encoding_tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("permisions"), "{err}");
+    }
+
+    /// A component importing an (empty) instance under each of `names`, optionally
+    /// inside a nested component.
+    fn importing(names: &[&str], nested: bool) -> Vec<u8> {
+        use wasm_encoder::{
+            Component, ComponentImportSection, ComponentTypeRef, ComponentTypeSection,
+            InstanceType, NestedComponentSection,
+        };
+        let mut c = Component::new();
+        let mut types = ComponentTypeSection::new();
+        types.instance(&InstanceType::new());
+        c.section(&types);
+        let mut imports = ComponentImportSection::new();
+        for name in names {
+            imports.import(*name, ComponentTypeRef::Instance(0));
+        }
+        if nested {
+            let mut outer = Component::new();
+            outer.section(&NestedComponentSection(&{
+                let mut inner = Component::new();
+                inner.section(&types);
+                inner.section(&imports);
+                inner
+            }));
+            return outer.finish();
+        }
+        c.section(&imports);
+        c.finish()
+    }
+
+    #[test]
+    fn a_component_importing_wasi_http_is_refused_before_it_is_compiled() {
+        let http = importing(
+            &["wasi:cli/environment@0.2.0", "wasi:http/types@0.2.10"],
+            false,
+        );
+        let said = unprovided_import(&http).unwrap();
+        assert!(
+            said.contains("imports `wasi:http/types@0.2.10`")
+                && said.contains("--disable http fetch-event"),
+            "{said}"
+        );
+        assert_eq!(
+            unprovided_import(&importing(&["wasi:cli/environment@0.2.0"], false)),
+            None
+        );
+        // What a nested component imports, its parent may provide.
+        assert_eq!(
+            unprovided_import(&importing(&["wasi:http/types@0.2.10"], true)),
+            None
+        );
+        // Through the load, with the reason and the file, before the hash is looked at.
+        let dir = std::env::temp_dir().join(format!("sluice-http-import-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("p.wasm"), &http).unwrap();
+        std::fs::write(
+            dir.join("p.toml"),
+            "name = \"p\"\nversion = \"1.0.0\"\nwasm = \"p.wasm\"\nsha256 = \"00\"\n",
+        )
+        .unwrap();
+        let host = PluginHost::new(false).unwrap();
+        let err = host
+            .load(&dir, "p", serde_json::json!({}), &Grants::default(), None)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("`p.wasm` imports `wasi:http/types@0.2.10`"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

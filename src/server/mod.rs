@@ -807,13 +807,20 @@ async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
 /// stops it before anything runs.
 pub struct Loaded {
     transforms: Vec<Arc<dyn sluice_core::transform::Transform>>,
+    /// The builds of `transforms`.
+    builds: Vec<crate::cli::PluginBuild>,
     geoip: Option<enrich::GeoIp>,
 }
 
 impl Loaded {
     pub fn load(config: &Config) -> anyhow::Result<Self> {
+        let (transforms, builds) =
+            crate::cli::load_plugin_builds(config, &config.plugins.tracking_transforms)?
+                .into_iter()
+                .unzip();
         Ok(Self {
-            transforms: crate::cli::load_plugins(config, &config.plugins.tracking_transforms)?,
+            transforms,
+            builds,
             geoip: match &config.tracking.geoip_database {
                 Some(path) => Some(enrich::GeoIp::open(path)?),
                 None => None,
@@ -881,6 +888,13 @@ pub async fn start_loaded(
         .iter()
         .filter_map(|p| enrich::IpNet::parse(p))
         .collect();
+    let plugin_watch = (!loaded.builds.is_empty()).then(|| {
+        spawn_plugin_watch(
+            config.plugins.dir.clone(),
+            loaded.builds,
+            Duration::from_secs(config.scheduler.reload_seconds.max(1)),
+        )
+    });
     let state = AppState {
         limiter: Arc::new(auth::RateLimiter::new(config.rate_limit_per_key)),
         client_limiter: Arc::new(auth::RateLimiter::new(config.rate_limit_per_client)),
@@ -972,6 +986,9 @@ pub async fn start_loaded(
         queue.close();
         drop(queue);
         sweeper.abort();
+        if let Some(w) = plugin_watch {
+            w.abort();
+        }
         // The router (and its Batcher clones) is gone: writers drain the queue and end.
         // Every request has been answered by now, and one is answered 200 only once its
         // events are written: what is still queued belongs to requests answered 503
@@ -1004,6 +1021,48 @@ pub async fn start_loaded(
         metrics: handle_metrics,
         stop: Some(stop_tx),
         join,
+    })
+}
+
+/// Warns, once per build, when a plugin the tracking endpoint runs has another build
+/// installed (`plugin install`): the endpoint keeps the build it started with until a
+/// restart, while the process's scheduled runs load the installed one at their next run,
+/// so two builds are live at once.
+/// Looked at every `every` (`scheduler.reload_seconds`, how often configs are re-read).
+fn spawn_plugin_watch(
+    dir: String,
+    running: Vec<crate::cli::PluginBuild>,
+    every: Duration,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut warned: Vec<(String, String)> = Vec::new();
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            for b in &running {
+                let dir = std::path::PathBuf::from(&dir);
+                let name = b.name.clone();
+                let Ok(Some((version, sha256))) = tokio::task::spawn_blocking(move || {
+                    sluice_plugins::installed_build(&dir, &name)
+                })
+                .await
+                else {
+                    continue;
+                };
+                if sha256 == b.sha256 || warned.contains(&(b.name.clone(), sha256.clone())) {
+                    continue;
+                }
+                let installed = crate::cli::PluginBuild {
+                    name: b.name.clone(),
+                    version,
+                    sha256,
+                };
+                tracing::warn!(
+                    "the tracking endpoint runs plugin {b}, but {installed} is installed: tracked events go through {b} until `sluice serve` restarts, while this process's scheduled runs load {installed} from their next run"
+                );
+                warned.push((installed.name, installed.sha256));
+            }
+        }
     })
 }
 

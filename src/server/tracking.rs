@@ -72,6 +72,7 @@ pub async fn track(
         .instrument(admitted.span())
         .await?;
     answer.note_ignored(vec![unknown_members(&value)]);
+    answer.note_sent_ids(vec![string_member(&value, "eventId")], "eventId");
     answer.note_warnings(vec![warning]);
     answer.into_single_response("invalid_event")
 }
