@@ -1353,6 +1353,10 @@ pub async fn import_run(config: &Config, name: &str, dry_run: bool) -> anyhow::R
         summary.elapsed_ms as f64 / 1000.0,
         if summary.resumed { " (resumed)" } else { "" }
     );
+    let plugins = crate::engine::plugin_counts(&summary);
+    if let Some(counts) = plugins.strip_prefix("; ") {
+        println!("  {counts}");
+    }
     for s in summary.samples.iter().take(5) {
         println!("  rejected: {} in {}", s.reason, s.record);
     }

@@ -425,6 +425,31 @@ pub fn import_outcome(s: &sluice_jobs::import::ImportSummary) -> Result<String, 
     Ok(import_line(s))
 }
 
+/// What the plugin chain did to an import's records, when it had any to do something
+/// to: `; plugins: 4 in, 2 out (1 skipped, 1 in dead_letters)`. Records a plugin filters
+/// out appear nowhere else.
+pub fn plugin_counts(s: &sluice_jobs::import::ImportSummary) -> String {
+    if s.plugin_in == 0 {
+        return String::new();
+    }
+    let mut set_aside = Vec::new();
+    if s.skipped > 0 {
+        set_aside.push(format!("{} skipped", s.skipped));
+    }
+    if s.plugin_dead_letters > 0 {
+        set_aside.push(format!("{} in dead_letters", s.plugin_dead_letters));
+    }
+    let set_aside = if set_aside.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", set_aside.join(", "))
+    };
+    format!(
+        "; plugins: {} in, {} out{set_aside}",
+        s.plugin_in, s.plugin_out
+    )
+}
+
 /// An import's outcome in one line, as `scheduled_runs` records it.
 pub fn import_line(s: &sluice_jobs::import::ImportSummary) -> String {
     let mut line = format!(
@@ -435,6 +460,7 @@ pub fn import_line(s: &sluice_jobs::import::ImportSummary) -> String {
         already_stored(s.unchanged),
         s.failed
     );
+    line.push_str(&plugin_counts(s));
     // A run that completed with something to look at says so where its status is read
     // (`jobs history`); the warnings themselves are in its `import_runs` record. A run
     // cut short (a loop guard, `max_pages`, an error page answered with 200) read only

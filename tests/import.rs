@@ -3253,6 +3253,12 @@ async fn records_a_plugin_skips_are_counted_and_warned_about() {
     // Every batch traps, so every record is skipped: none is stored, none is counted as
     // failed, and the run says so instead of reading as an import of nothing.
     assert_eq!((s.fetched, s.inserted, s.failed, s.skipped), (45, 0, 0, 45));
+    // The run's line accounts for the records the plugin took.
+    let line = sluice::engine::import_line(&s);
+    assert!(
+        line.contains("; plugins: 45 in, 0 out (45 skipped)"),
+        "{line}"
+    );
     let warned: Vec<&String> = s
         .warnings
         .iter()
@@ -3367,6 +3373,13 @@ async fn a_resumed_run_counts_the_records_plugins_set_aside_before_it_stopped() 
             _ => (0, 45),
         };
         assert_eq!((rest.skipped, rest.dead_letters), expected, "{name}");
+        // Counted across both attempts, as the records set aside are.
+        let line = sluice::engine::import_line(&rest);
+        let said = match policy {
+            sluice_plugins::FailurePolicy::SkipBatch => "; plugins: 45 in, 0 out (45 skipped)",
+            _ => "; plugins: 45 in, 0 out (45 in dead_letters)",
+        };
+        assert!(line.contains(said), "{line}");
         let run = db
             .store
             .collection("import_runs")

@@ -135,6 +135,16 @@ pub struct ImportSummary {
     /// Records transform plugins dropped under the skip-batch policy: not stored, and
     /// the cursor moves past them.
     pub skipped: u64,
+    /// Records the run gave the plugin chain (before an interruption too: the checkpoint
+    /// keeps them), and the records it returned (fewer when a plugin filters records
+    /// out or fails some; more when it fans out).
+    #[serde(skip)]
+    pub plugin_in: u64,
+    #[serde(skip)]
+    pub plugin_out: u64,
+    /// Records the plugins failed under the dead-letter policy (in `dead_letters`).
+    #[serde(skip)]
+    pub plugin_dead_letters: u64,
     /// Kinds of upsert key seen: 1 strings, 2 numbers.
     #[serde(skip)]
     key_kinds: u8,
@@ -670,6 +680,9 @@ pub async fn run_import(
             // What the pages before the interruption found, so a field they found is not
             // warned of as found in none (checkpoints of earlier versions did not say).
             summary.mapped_records = cp.get_i64("mappedRecords").unwrap_or(0) as u64;
+            summary.plugin_in = cp.get_i64("pluginIn").unwrap_or(0) as u64;
+            summary.plugin_out = cp.get_i64("pluginOut").unwrap_or(0) as u64;
+            summary.plugin_dead_letters = cp.get_i64("pluginDeadLetters").unwrap_or(0) as u64;
             summary.field_hits = cp
                 .get_array("fieldHits")
                 .map(|hits| {
@@ -1337,7 +1350,13 @@ async fn write_page(
             warn_once(summary, &connector.name, warning);
         }
     }
+    let given = mapped.len() as u64;
     let applied = apply_off_runtime(chain, mapped).await?;
+    if !chain.is_empty() {
+        summary.plugin_in += given;
+        summary.plugin_out += applied.records.len() as u64;
+        summary.plugin_dead_letters += applied.dead_letters.len() as u64;
+    }
     let mut letters = applied.dead_letters;
     note_skipped(summary, &connector.name, &applied.skipped);
     // What a plugin returns is held to the mapping's rules again: a record whose key it
@@ -1499,6 +1518,9 @@ async fn write_page(
                     // A resumed run must still know it was cut short (it keeps the cursor).
                     "stoppedEarly": summary.stopped_early.clone(),
                     "mappedRecords": summary.mapped_records as i64,
+                    "pluginIn": summary.plugin_in as i64,
+                    "pluginOut": summary.plugin_out as i64,
+                    "pluginDeadLetters": summary.plugin_dead_letters as i64,
                     "fieldHits": summary.field_hits.iter().map(|&h| h as i64).collect::<Vec<_>>(),
                     common::UPDATED_AT: store.now(),
                 },
