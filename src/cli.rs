@@ -1982,21 +1982,36 @@ pub fn plugin_new(name: &str, dir: &Path, sdk: Option<&Path>) -> anyhow::Result<
             && !name.contains("--"),
         "plugin names start with a lower-case letter, then lower-case letters, digits and single `-`, got `{name}`"
     );
-    // The SDK is not published: the crate depends on it by path.
+    // The SDK is not published: the crate depends on it by path, a copy of the SDK this
+    // binary was built with (vendored into the crate, so it builds anywhere, CI
+    // included), or the one `--sdk` names.
     let sdk = match sdk {
-        Some(p) => p.to_path_buf(),
-        None => std::env::current_dir()?.join("plugins/sdk"),
+        Some(p) => {
+            anyhow::ensure!(
+                p.join("Cargo.toml").exists(),
+                "the plugin SDK is not at `{}`: pass `--sdk PATH` to the `plugins/sdk` folder of the Sluice source, or leave `--sdk` out to get a copy of the SDK in the crate",
+                p.display()
+            );
+            Some(p.canonicalize()?)
+        }
+        None => None,
     };
-    anyhow::ensure!(
-        sdk.join("Cargo.toml").exists(),
-        "the plugin SDK is not at `{}`: run this in the Sluice source folder, or pass `--sdk PATH` to its `plugins/sdk`",
-        sdk.display()
-    );
-    let sdk = sdk.canonicalize()?;
     let root = dir.join(name);
     anyhow::ensure!(!root.exists(), "`{}` already exists", root.display());
     std::fs::create_dir_all(root.join("src"))?;
-    let sdk_dep = format!("{{ path = \"{}\" }}", sdk.display());
+    let sdk_dep = match &sdk {
+        Some(path) => format!("{{ path = \"{}\" }}", path.display()),
+        None => {
+            for (file, text) in SDK_FILES {
+                let path = root.join(VENDORED_SDK).join(file);
+                if let Some(parent) = path.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+                std::fs::write(&path, text)?;
+            }
+            format!("{{ path = \"{VENDORED_SDK}\" }}")
+        }
+    };
     std::fs::write(
         root.join("Cargo.toml"),
         format!(
@@ -2044,12 +2059,31 @@ export_plugin!({type_name});
     std::fs::write(
         root.join("README.md"),
         format!(
-            "# {name}\n\nBuild: `cargo build --release --target wasm32-wasip2`\n\nTry the build: `sluice plugin test {name} --wasm target/wasm32-wasip2/release/{file}.wasm --input records.ndjson`\n\nInstall it into the plugins folder (it writes the manifest `{name}.toml`, or updates its `wasm` and `sha256`): `sluice plugin install {name} --wasm target/wasm32-wasip2/release/{file}.wasm --version 0.1.0`\n",
-            file = name.replace('-', "_")
+            "# {name}\n\nBuild: `cargo build --release --target wasm32-wasip2` (once: `rustup target add wasm32-wasip2`){vendored}\n\nTry the build: `sluice plugin test {name} --wasm target/wasm32-wasip2/release/{file}.wasm --input records.ndjson`\n\nInstall it into the plugins folder (it writes the manifest `{name}.toml`, or updates its `wasm` and `sha256`): `sluice plugin install {name} --wasm target/wasm32-wasip2/release/{file}.wasm --version 0.1.0`\n",
+            file = name.replace('-', "_"),
+            vendored = if sdk.is_none() {
+                format!("\n\n`{VENDORED_SDK}/` is a copy of the Sluice plugin SDK (its WIT in `{VENDORED_SDK}/wit/`), from the `sluice` that made this crate; commit it with the plugin. To update it, copy `plugins/sdk` of a newer Sluice over it.")
+            } else {
+                String::new()
+            }
         ),
     )?;
     Ok(root)
 }
+
+/// The folder of a scaffolded plugin crate holding its copy of the SDK.
+const VENDORED_SDK: &str = "sluice-plugin-sdk";
+
+/// The plugin SDK (`plugins/sdk`) as this binary was built with it: what `plugin new`
+/// copies into a crate.
+const SDK_FILES: [(&str, &str); 3] = [
+    ("Cargo.toml", include_str!("../plugins/sdk/Cargo.toml")),
+    ("src/lib.rs", include_str!("../plugins/sdk/src/lib.rs")),
+    (
+        "wit/transform.wit",
+        include_str!("../plugins/sdk/wit/transform.wit"),
+    ),
+];
 
 /// `sluice jobs list`: scheduled jobs, their next fire and last outcome.
 pub async fn jobs_list(config: &Config) -> anyhow::Result<()> {

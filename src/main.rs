@@ -149,8 +149,8 @@ enum PluginCommand {
         /// Where to create it.
         #[arg(long, default_value = ".")]
         dir: PathBuf,
-        /// The Sluice plugin SDK (`plugins/sdk` in the Sluice source); found there when
-        /// run in the source folder.
+        /// Depend on the Sluice plugin SDK at this path (`plugins/sdk` in the Sluice
+        /// source) rather than on a copy of it written into the crate (the default).
         #[arg(long)]
         sdk: Option<PathBuf>,
     },

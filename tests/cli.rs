@@ -452,6 +452,57 @@ fn plugin_test_reads_standard_input_and_refuses_a_config_that_is_no_object() {
     }
 }
 
+/// What a plugin author gets from `plugin new` alone, in an empty folder with no Sluice
+/// source: a crate that builds into a component which loads and transforms records.
+#[test]
+fn a_scaffolded_plugin_builds_on_its_own() {
+    let dir = std::env::temp_dir().join(format!("sluice-own-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = sluice()
+        .args(["plugin", "new", "stamp"])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let crate_dir = dir.join("stamp");
+    // A change an author makes: a field added to every record.
+    let lib = std::fs::read_to_string(crate_dir.join("src/lib.rs")).unwrap();
+    let lib = lib.replace(
+        "Ok(vec![record])",
+        "let mut record = record;\n        record[\"stamped\"] = Value::from(true);\n        Ok(vec![record])",
+    );
+    std::fs::write(crate_dir.join("src/lib.rs"), lib).unwrap();
+    // Built as the crate's README says, into a folder of its own, kept between runs.
+    let target = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("scaffold");
+    let build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["build", "--quiet", "--release", "--target", "wasm32-wasip2"])
+        .env("CARGO_TARGET_DIR", &target)
+        .current_dir(&crate_dir)
+        .output()
+        .unwrap();
+    assert!(
+        build.status.success(),
+        "{}",
+        String::from_utf8_lossy(&build.stderr)
+    );
+    let input = write_temp("records.ndjson", "{\"eventType\":\"CLICK\"}\n");
+    let out = sluice()
+        .args(["plugin", "test", "stamp", "--input"])
+        .arg(&input)
+        .arg("--wasm")
+        .arg(target.join("wasm32-wasip2/release/stamp.wasm"))
+        .env("SLUICE_LOG_LEVEL", "warn")
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    let record: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(record["stamped"], true, "{stdout}");
+    assert_eq!(record["eventType"], "CLICK", "{stdout}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 #[test]
 fn plugin_test_names_outputs_an_import_could_not_write() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins/dist");
@@ -884,10 +935,25 @@ fn plugin_new_scaffolds_a_crate_that_uses_the_sdk() {
         !again.status.success(),
         "an existing folder is not overwritten"
     );
-    // Elsewhere the SDK must be named: the crate would not build against a registry.
+    // By default the crate gets a copy of the SDK, wherever it is made: it builds without
+    // the Sluice source (the build is tested in `a_scaffolded_plugin_builds_on_its_own`).
+    let sdk = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins/sdk");
+    assert!(
+        manifest.contains("sluice-plugin-sdk = { path = \"sluice-plugin-sdk\" }"),
+        "{manifest}"
+    );
+    for file in ["Cargo.toml", "src/lib.rs", "wit/transform.wit"] {
+        assert_eq!(
+            std::fs::read_to_string(dir.join("tag-events/sluice-plugin-sdk").join(file)).unwrap(),
+            std::fs::read_to_string(sdk.join(file)).unwrap(),
+            "{file}"
+        );
+    }
+    // `--sdk` must name an SDK.
     let elsewhere = sluice()
         .args(["plugin", "new", "other", "--dir"])
         .arg(&dir)
+        .args(["--sdk", "no-sdk-here"])
         .current_dir(&dir)
         .output()
         .unwrap();
@@ -896,7 +962,6 @@ fn plugin_new_scaffolds_a_crate_that_uses_the_sdk() {
         !elsewhere.status.success() && stderr.contains("--sdk"),
         "{stderr}"
     );
-    let sdk = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins/sdk");
     let named = sluice()
         .args(["plugin", "new", "value", "--dir"])
         .arg(&dir)
@@ -912,6 +977,16 @@ fn plugin_new_scaffolds_a_crate_that_uses_the_sdk() {
     );
     let lib = std::fs::read_to_string(dir.join("value/src/lib.rs")).unwrap();
     assert!(lib.contains("impl Plugin for ValueTransform"), "{lib}");
+    // Named, the SDK is depended on where it is, and not copied.
+    assert!(!dir.join("value/sluice-plugin-sdk").exists());
+    let manifest = std::fs::read_to_string(dir.join("value/Cargo.toml")).unwrap();
+    assert!(
+        manifest.contains(&format!(
+            "path = \"{}\"",
+            sdk.canonicalize().unwrap().display()
+        )),
+        "{manifest}"
+    );
     for bad in ["9lives", "-x", "a--b", "../up", "Tag"] {
         let out = sluice()
             .args(["plugin", "new", bad, "--dir"])
