@@ -183,26 +183,55 @@ struct RepeatedKeys {
     full: bool,
 }
 
+/// Feeds a value to `h` without writing it out (a record is hashed for every record an
+/// import reads): its type, then its content. Integers of either width hash alike, as
+/// MongoDB matches them alike; a type not listed is hashed as its extended JSON.
+fn hash_bson(value: &Bson, h: &mut impl std::hash::Hasher) {
+    use std::hash::Hash;
+    match value {
+        Bson::String(s) => (1u8, s).hash(h),
+        Bson::Int32(i) => (2u8, i64::from(*i)).hash(h),
+        Bson::Int64(i) => (2u8, *i).hash(h),
+        Bson::Double(f) => (3u8, f.to_bits()).hash(h),
+        Bson::Boolean(b) => (4u8, *b).hash(h),
+        Bson::Null => 5u8.hash(h),
+        Bson::DateTime(t) => (6u8, t.timestamp_millis()).hash(h),
+        Bson::Document(d) => {
+            7u8.hash(h);
+            hash_document(d, h);
+        }
+        Bson::Array(items) => {
+            (8u8, items.len()).hash(h);
+            for item in items {
+                hash_bson(item, h);
+            }
+        }
+        other => (9u8, other.clone().into_relaxed_extjson().to_string()).hash(h),
+    }
+}
+
+fn hash_document(d: &Document, h: &mut impl std::hash::Hasher) {
+    use std::hash::Hash;
+    d.len().hash(h);
+    for (k, v) in d {
+        k.hash(h);
+        hash_bson(v, h);
+    }
+}
+
 /// Keys a run remembers to tell repeated ones (about 20 MB of hashes).
 const MAX_TRACKED_KEYS: usize = 1_000_000;
 
 impl RepeatedKeys {
     fn note(&mut self, key: &Bson, record: &Document) {
-        use std::hash::{Hash, Hasher};
-        let hashed = |value: &dyn std::fmt::Display| {
-            // Hashed as written out, with no copy: `1` and `"1"` differ, as in MongoDB.
-            struct Feed<'a>(&'a mut std::collections::hash_map::DefaultHasher);
-            impl std::fmt::Write for Feed<'_> {
-                fn write_str(&mut self, s: &str) -> std::fmt::Result {
-                    s.hash(self.0);
-                    Ok(())
-                }
-            }
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            let _ = std::fmt::write(&mut Feed(&mut h), format_args!("{value}"));
-            h.finish()
-        };
-        let (k, v) = (hashed(key), hashed(record));
+        use std::hash::Hasher;
+        let (mut kh, mut vh) = (
+            std::collections::hash_map::DefaultHasher::new(),
+            std::collections::hash_map::DefaultHasher::new(),
+        );
+        hash_bson(key, &mut kh);
+        hash_document(record, &mut vh);
+        let (k, v) = (kh.finish(), vh.finish());
         let before = match self.seen.get(&k) {
             Some(before) => *before,
             None => {
