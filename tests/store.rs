@@ -795,11 +795,16 @@ async fn abandoned_claim_is_completed_without_counting_twice() {
         .await
         .unwrap();
 
-    // A resend inside the lease is told to retry: the claim may still be in flight.
+    // A resend inside the lease is told to retry: the claim may still be in flight. (A
+    // crash before the insert leaves the claim without its note that the event is
+    // stored.)
     let fresh_claim = doc! { "_id": "a2" };
     db.store
         .collection("event_ids")
-        .update_one(fresh_claim, doc! { "$set": { "at": DateTime::now() } })
+        .update_one(
+            fresh_claim,
+            doc! { "$set": { "at": DateTime::now() }, "$unset": { "stored": "" } },
+        )
         .await
         .unwrap();
     let status = writer.write(&batch).await.unwrap();
@@ -823,6 +828,76 @@ async fn abandoned_claim_is_completed_without_counting_twice() {
         2,
         "aggregates must not be applied twice"
     );
+}
+
+/// A stored event's claim says so: a resend is answered `duplicate` from the ledger,
+/// without looking the event up in `events` (a time-series collection, where that lookup
+/// reads far more than the event's bucket: resends then went unanswered under load). A
+/// claim of an earlier version, without the note, is looked up once and then noted.
+#[tokio::test]
+async fn a_resend_of_stored_events_is_answered_from_the_ledger() {
+    let db = TestDb::initialized().await;
+    let writer = EventWriter::new(db.store.clone(), WriterOptions::default());
+    let batch = vec![
+        event("r1", "v5", "s5", EventType::PageView, 1_700_000_000_000),
+        event("r2", "v5", "s5", EventType::Click, 1_700_000_001_000),
+    ];
+    assert_eq!(
+        writer.write(&batch).await.unwrap(),
+        vec![WriteStatus::Stored, WriteStatus::Stored]
+    );
+    let noted = || async {
+        let mut ids: Vec<String> = db
+            .store
+            .collection("event_ids")
+            .find(doc! { "stored": true })
+            .await
+            .unwrap()
+            .try_collect::<Vec<_>>()
+            .await
+            .unwrap()
+            .iter()
+            .map(|d| d.get_str("_id").unwrap().to_string())
+            .collect();
+        ids.sort();
+        ids
+    };
+    assert_eq!(noted().await, ["r1", "r2"]);
+    // The events removed from `events` by hand: the claims alone answer the resend (a
+    // lookup would have found them missing, and the young claims told it to retry).
+    db.store
+        .collection("events")
+        .delete_many(doc! {})
+        .await
+        .unwrap();
+    assert_eq!(
+        writer.write(&batch).await.unwrap(),
+        vec![WriteStatus::Duplicate, WriteStatus::Duplicate]
+    );
+    assert_eq!(
+        count(&db, "events", doc! {}).await,
+        0,
+        "nothing inserted again"
+    );
+
+    // A claim without the note (an earlier version's) whose event is stored: found by a
+    // lookup, answered duplicate, and noted for the next resend.
+    let again = vec![event("r3", "v5", "s5", EventType::Click, 1_700_000_002_000)];
+    writer.write(&again).await.unwrap();
+    db.store
+        .collection("event_ids")
+        .update_one(doc! { "_id": "r3" }, doc! { "$unset": { "stored": "" } })
+        .await
+        .unwrap();
+    assert_eq!(noted().await, ["r1", "r2"]);
+    assert_eq!(
+        writer.write(&again).await.unwrap(),
+        vec![WriteStatus::Duplicate]
+    );
+    assert_eq!(noted().await, ["r1", "r2", "r3"]);
+    assert_eq!(count(&db, "events", doc! { "eventId": "r3" }).await, 1);
+    let user = one(&db, "users", doc! { "visitorId": "v5" }).await;
+    assert_eq!(user.get_i64("totalEvents").unwrap(), 3);
 }
 
 #[tokio::test]

@@ -392,6 +392,18 @@ async fn http_ingest(json_events: &[Value]) -> anyhow::Result<f64> {
     post_batches(json_events, "/v1/events/batch").await
 }
 
+/// [`post_batches`], then every batch sent again, as clients resend after a timeout:
+/// events stored per second, and resent events answered `duplicate` per second.
+async fn http_ingest_and_resend(json_events: &[Value]) -> anyhow::Result<(f64, f64)> {
+    let bodies: Vec<Value> = json_events
+        .chunks(500)
+        .map(|b| json!({ "batch": b }))
+        .collect();
+    let (stored, resent) =
+        post_bodies_twice(bodies, json_events.len(), "/v1/events/batch", 8, true).await?;
+    Ok((stored, resent.unwrap_or(0.0)))
+}
+
 /// Posts `{"batch": [...]}` bodies of 500 from 8 concurrent clients; events stored per
 /// second.
 async fn post_batches(json_events: &[Value], path: &str) -> anyhow::Result<f64> {
@@ -434,6 +446,22 @@ async fn post_bodies(
     path: &str,
     concurrency: usize,
 ) -> anyhow::Result<f64> {
+    Ok(
+        post_bodies_twice(bodies, expected, path, concurrency, false)
+            .await?
+            .0,
+    )
+}
+
+/// [`post_bodies`]; with `resend`, then every body again: also the resent events answered
+/// `duplicate` per second (all `expected` must be).
+async fn post_bodies_twice(
+    bodies: Vec<Value>,
+    expected: usize,
+    path: &str,
+    concurrency: usize,
+    resend: bool,
+) -> anyhow::Result<(f64, Option<f64>)> {
     let store = fresh_store("track").await?;
     let mut raw = RawConfig::default();
     raw.mongodb.uri = mongo_uri();
@@ -443,6 +471,33 @@ async fn post_bodies(
     let server = sluice::server::start(config, store.clone(), listener, false).await?;
     let url = format!("http://{}{path}", server.addr);
     let client = reqwest::Client::new();
+    let (rate, stored) = post_from(&client, &url, &bodies, concurrency, "stored").await?;
+    anyhow::ensure!(stored as usize == expected, "stored {stored} of {expected}");
+    let resent = if resend {
+        let (rate, duplicates) =
+            post_from(&client, &url, &bodies, concurrency, "duplicates").await?;
+        anyhow::ensure!(
+            duplicates as usize == expected,
+            "{duplicates} of {expected} resent events answered duplicate"
+        );
+        Some(rate)
+    } else {
+        None
+    };
+    server.shutdown().await;
+    store.db().drop().await?;
+    Ok((rate, resent))
+}
+
+/// Posts `bodies` to `url` from `concurrency` clients, each resending what is answered
+/// 503; the answers' `count` per second, and in all.
+async fn post_from(
+    client: &reqwest::Client,
+    url: &str,
+    bodies: &[Value],
+    concurrency: usize,
+    count: &'static str,
+) -> anyhow::Result<(f64, u64)> {
     let started = Instant::now();
     let mut lanes = Vec::new();
     for lane in 0..concurrency {
@@ -453,7 +508,7 @@ async fn post_bodies(
             .cloned()
             .collect();
         let client = client.clone();
-        let url = url.clone();
+        let url = url.to_string();
         lanes.push(tokio::spawn(async move {
             let mut stored = 0u64;
             for body in mine {
@@ -465,22 +520,18 @@ async fn post_bodies(
                     }
                     anyhow::ensure!(resp.status().is_success(), "status {}", resp.status());
                     let v: Value = resp.json().await?;
-                    stored += v["stored"].as_u64().unwrap_or(0);
+                    stored += v[count].as_u64().unwrap_or(0);
                     break;
                 }
             }
             Ok::<u64, anyhow::Error>(stored)
         }));
     }
-    let mut stored = 0;
+    let mut counted = 0;
     for lane in lanes {
-        stored += lane.await??;
+        counted += lane.await??;
     }
-    let rate = stored as f64 / started.elapsed().as_secs_f64();
-    anyhow::ensure!(stored as usize == expected, "stored {stored} of {expected}");
-    server.shutdown().await;
-    store.db().drop().await?;
-    Ok(rate)
+    Ok((counted as f64 / started.elapsed().as_secs_f64(), counted))
 }
 
 /// Seconds the event writer has spent in each phase so far, in `WRITE_PHASES` order.
@@ -1630,6 +1681,7 @@ async fn main() -> anyhow::Result<()> {
         }
         let (mut best_base, mut best_sluice, mut best_aggregating) = (0f64, 0f64, 0f64);
         let mut best_sessions = 0f64;
+        let mut best_resend = 0f64;
         let mut spent = vec![0f64; sluice_connectors::mongo::WRITE_PHASES.len()];
         let mut spent_sessions = spent.clone();
         for _ in 0..args.rounds.max(1) {
@@ -1645,6 +1697,14 @@ async fn main() -> anyhow::Result<()> {
             let before = phase_seconds();
             let s = match scenario.as_str() {
                 "mongo-insert" => writer_insert(&events).await,
+                "track-ingest" => {
+                    http_ingest_and_resend(&json_events)
+                        .await
+                        .map(|(stored, resent)| {
+                            best_resend = best_resend.max(resent);
+                            stored
+                        })
+                }
                 _ => http_ingest(&json_events).await,
             }
             .with_context(|| scenario.clone())?;
@@ -1665,6 +1725,8 @@ async fn main() -> anyhow::Result<()> {
         }
         let sessions = if scenario == "track-ingest" {
             json!({
+                "resend_duplicates_per_s": best_resend.round(),
+                "resend_ratio": ratio(best_resend, best_base),
                 "request_per_session_per_s": best_sessions.round(),
                 "request_per_session_ratio": ratio(best_sessions, best_base),
                 "request_per_session_writer_time_share": shares(spent_sessions),

@@ -656,21 +656,17 @@ async fn without_events(
     if claims.is_empty() {
         return Ok(claims);
     }
-    let step = "look up claimed events";
-    let ids: Vec<&str> = claims.iter().map(|c| c.event_id.as_str()).collect();
-    let found: Vec<Document> = store
-        .collection(c::EVENTS)
-        .find(doc! { e::EVENT_ID: { "$in": &ids } })
-        .projection(doc! { e::EVENT_ID: 1, common::ID: 0 })
-        .await
-        .map_err(StoreError::mongo(c::EVENTS, step))?
-        .try_collect()
-        .await
-        .map_err(StoreError::mongo(c::EVENTS, step))?;
-    let found: std::collections::HashSet<&str> = found
+    let wanted: Vec<(&str, Option<DateTime>)> = claims
         .iter()
-        .filter_map(|d| d.get_str(e::EVENT_ID).ok())
+        .map(|c| (c.event_id.as_str(), c.timestamp))
         .collect();
+    let found = super::ledger::events_held(
+        store,
+        &wanted,
+        Duration::from_secs(60),
+        "look up claimed events",
+    )
+    .await?;
     Ok(claims
         .iter()
         .filter(|c| !found.contains(c.event_id.as_str()))

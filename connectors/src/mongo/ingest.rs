@@ -22,11 +22,12 @@ use std::time::{Duration, Instant};
 use bson::{doc, Bson, DateTime, Document, RawDocumentBuf};
 use futures_util::TryStreamExt;
 use mongodb::error::{TRANSIENT_TRANSACTION_ERROR, UNKNOWN_TRANSACTION_COMMIT_RESULT};
+use mongodb::options::{Acknowledgment, WriteConcern};
 use mongodb::ClientSession;
 use sluice_core::aggregate::{fold_session, fold_user};
 use sluice_core::model::{
-    collections as c, common, event_fields as e, event_id_fields as l, session_fields as s,
-    user_fields as u, Event, Session, User,
+    collections as c, common, event_id_fields as l, session_fields as s, user_fields as u, Event,
+    Session, User,
 };
 use sluice_core::sessionize::{self, Span};
 
@@ -39,8 +40,9 @@ pub const WRITE_PHASE_SECONDS: &str = "sluice_event_write_phase_seconds";
 /// sessionId), then inside the claim transaction `ledger` (reading and claiming eventIds),
 /// `read_aggregates` (the sessions and users the new events touch), `write_sessions`,
 /// `write_users`, `commit` (every transaction attempt counts, retries included),
-/// `retry_backoff` (waiting before a retried transaction), and last `insert_events`.
-pub const WRITE_PHASES: [&str; 8] = [
+/// `retry_backoff` (waiting before a retried transaction), `insert_events`, and last
+/// `note_stored` (noting on the claims that their events are stored).
+pub const WRITE_PHASES: [&str; 9] = [
     "sessions",
     "ledger",
     "read_aggregates",
@@ -49,6 +51,7 @@ pub const WRITE_PHASES: [&str; 8] = [
     "commit",
     "retry_backoff",
     "insert_events",
+    "note_stored",
 ];
 
 fn observe_phase(phase: &str, started: Instant) {
@@ -120,8 +123,8 @@ struct Claimed {
     /// Indices of events whose id was claimed before, with when each was claimed and
     /// what it was counted as.
     earlier: Vec<(usize, DateTime, Counted)>,
-    /// Indices of events whose id was claimed and later archived (a duplicate).
-    archived: Vec<usize>,
+    /// Indices of events whose claim says they were stored, or archived since: duplicates.
+    settled: Vec<usize>,
 }
 
 /// What a claim says its event was counted as (claims of older versions hold the time
@@ -391,6 +394,7 @@ impl EventWriter {
             for &i in &claimed.new {
                 status[i] = WriteStatus::Stored;
             }
+            self.mark_stored(events, &claimed.new).await;
         }
         // A mark covers the events stored until `late_mark_ahead / 2` after it was
         // written; an insert that took longer than that is marked again now (before the
@@ -401,7 +405,7 @@ impl EventWriter {
         if let Err(e) = self.mark_late_days(events, &stored).await {
             tracing::warn!(error = %e, "could not mark again a day that received late events after a slow insert");
         }
-        for &i in &claimed.archived {
+        for &i in &claimed.settled {
             status[i] = WriteStatus::Duplicate;
         }
         if !claimed.earlier.is_empty() {
@@ -409,6 +413,32 @@ impl EventWriter {
                 .await?;
         }
         Ok(status)
+    }
+
+    /// Notes on the claims of `which` that their events are in `events`, so a resend is
+    /// answered `duplicate` from its claim (without it, a resend looks the events up in
+    /// `events`, which on a time-series collection reads far more than their buckets).
+    /// A note that fails to be written is no error: a resend then looks the event up.
+    async fn mark_stored(&self, events: &[Event], which: &[usize]) {
+        if which.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        let ids: Vec<&str> = which.iter().map(|&i| events[i].event_id.as_str()).collect();
+        let noted = self
+            .store
+            .collection(c::EVENT_IDS)
+            .update_many(
+                doc! { common::ID: { "$in": ids } },
+                doc! { "$set": { l::STORED: true } },
+            )
+            // Only a shortcut: a note a failover rolls back costs a lookup, nothing more.
+            .write_concern(WriteConcern::builder().w(Acknowledgment::Nodes(1)).build())
+            .await;
+        if let Err(e) = noted {
+            tracing::debug!(error = %e, "could not note claims as stored; a resend looks the events up");
+        }
+        observe_phase("note_stored", started);
     }
 
     /// Hands back claims this writer took at `claimed_at` (as claimed long ago), so a
@@ -566,20 +596,21 @@ impl EventWriter {
         let mut claimed_at: HashMap<String, Option<(DateTime, Counted)>> = HashMap::new();
         while let Some(d) = cursor.next(&mut *session).await.transpose()? {
             if let (Ok(id), Ok(at)) = (d.get_str(common::ID), d.get_datetime(l::CLAIMED_AT)) {
-                let archived = d.get_bool(l::ARCHIVED).unwrap_or(false);
-                claimed_at.insert(id.to_string(), (!archived).then(|| (*at, Counted::of(&d))));
+                let settled = d.get_bool(l::ARCHIVED).unwrap_or(false)
+                    || d.get_bool(l::STORED).unwrap_or(false);
+                claimed_at.insert(id.to_string(), (!settled).then(|| (*at, Counted::of(&d))));
             }
         }
         let mut claimed = Claimed {
             new: Vec::new(),
             earlier: Vec::new(),
-            archived: Vec::new(),
+            settled: Vec::new(),
         };
         // `unique` names each eventId once: its claim is taken out, not copied.
         for &i in unique {
             match claimed_at.remove(&events[i].event_id) {
                 Some(Some((at, counted))) => claimed.earlier.push((i, at, counted)),
-                Some(None) => claimed.archived.push(i),
+                Some(None) => claimed.settled.push(i),
                 None => claimed.new.push(i),
             }
         }
@@ -744,23 +775,19 @@ impl EventWriter {
         encoded: &mut HashMap<usize, RawDocumentBuf>,
         status: &mut [WriteStatus],
     ) -> Result<(), StoreError> {
-        let ids: Vec<&str> = earlier
+        // Looked up at the times the claims counted the events at: by id alone, the
+        // lookup reads every bucket of the time-series collection.
+        let wanted: Vec<(&str, Option<DateTime>)> = earlier
             .iter()
-            .map(|&(i, _, _)| events[i].event_id.as_str())
+            .map(|(i, _, counted)| (events[*i].event_id.as_str(), counted.timestamp))
             .collect();
-        let present: HashSet<String> = self
-            .store
-            .collection(c::EVENTS)
-            .find(doc! { e::EVENT_ID: { "$in": &ids } })
-            .projection(doc! { e::EVENT_ID: 1, common::ID: 0 })
-            .await
-            .map_err(StoreError::mongo(c::EVENTS, "find earlier events"))?
-            .try_collect::<Vec<_>>()
-            .await
-            .map_err(StoreError::mongo(c::EVENTS, "find earlier events"))?
-            .into_iter()
-            .filter_map(|d| d.get_str(e::EVENT_ID).ok().map(str::to_string))
-            .collect();
+        let present: HashSet<String> = super::ledger::events_held(
+            &self.store,
+            &wanted,
+            Duration::from_secs(60),
+            "find earlier events",
+        )
+        .await?;
         let lease_ms = self.options.claim_lease.as_millis() as i64;
         for (i, at, counted) in earlier {
             let (i, at) = (*i, *at);
@@ -825,6 +852,15 @@ impl EventWriter {
                 .map_err(StoreError::mongo(c::EVENTS, "complete abandoned claim"))?;
             status[i] = WriteStatus::Stored;
         }
+        // Claims whose events were found, or just stored, say so from now on: a later
+        // resend needs no lookup (claims of earlier versions, and of writes whose note
+        // failed, get theirs here).
+        let settled: Vec<usize> = earlier
+            .iter()
+            .map(|&(i, _, _)| i)
+            .filter(|&i| matches!(status[i], WriteStatus::Duplicate | WriteStatus::Stored))
+            .collect();
+        self.mark_stored(events, &settled).await;
         Ok(())
     }
 }

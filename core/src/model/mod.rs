@@ -200,6 +200,10 @@ pub mod event_id_fields {
     /// Set by ARCHIVE runs on claims whose events were archived and deleted: a resend of
     /// such an event is a duplicate, not an abandoned claim.
     pub const ARCHIVED: &str = "archived";
+    /// Set once the claim's event is in `events`: a resend of it is a duplicate, known
+    /// from the claim alone, without a lookup in `events` (a time-series collection,
+    /// whose lookups by id read far more than the id's bucket).
+    pub const STORED: &str = "stored";
 }
 
 pub mod admin_user_fields {
