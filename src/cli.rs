@@ -597,7 +597,7 @@ async fn record_stopped(store: &Store, imports: &[String], exports: &[String]) {
         }
         match sluice_jobs::history::fail_stopped_runs(store, exports).await {
             Ok(n) => {
-                tracing::warn!(exports = ?exports, runs = n, "exports interrupted by a stop")
+                tracing::warn!(exports = ?exports, marked_now = n, "exports interrupted by a stop: each is recorded FAILED in export_jobs (by itself, or now: `marked_now`), and its schedule runs its windows again")
             }
             Err(e) => tracing::error!(error = %e, "could not record the interrupted exports"),
         }

@@ -3315,6 +3315,20 @@ async fn an_archive_waits_for_late_events_to_be_published_again() {
     .unwrap();
     let taken = run_export(&ctx, &archive).await.unwrap();
     assert_eq!(taken.deleted, 20);
+    // Late events for the day ARCHIVE took: EVENT_DATA refuses an archived day, so they
+    // are not waited for (they would wait for nothing) but added to its partition.
+    let writer = EventWriter::new(db.store.clone(), WriterOptions::default());
+    let more: Vec<Event> = (100..104).map(|i| event(i, old)).collect();
+    writer.write(&more).await.unwrap();
+    late.update_one(
+        doc! { "_id": old.to_string() },
+        doc! { "$set": { "markedAt": DateTime::from_millis(now + 240_000) } },
+    )
+    .await
+    .unwrap();
+    let added = run_export(&ctx, &archive).await.unwrap();
+    assert!(added.deferred.is_empty(), "{:?}", added.deferred);
+    assert_eq!(added.deleted, 4);
     // A mark no reader has taken within LATE_WAIT holds nothing.
     seed(&db, day(-101), 5).await;
     let stale = now - sluice_jobs::export::LATE_WAIT.as_millis() as i64 - 60_000;

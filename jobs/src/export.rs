@@ -1288,7 +1288,14 @@ async fn archive(
             // and the new): it waits until someone looks at it.
             continue;
         }
-        if let Some(waiting) = late_unread(ctx, &request.late_readers, d).await? {
+        // A day ARCHIVE took before is not waited for: EVENT_DATA and DAILY_ANALYTICS
+        // refuse an archived day, so its late events go to its ARCHIVE partition only.
+        let waiting = if request.late_readers.is_empty() || is_archived(ctx, d).await? {
+            None
+        } else {
+            late_unread(ctx, &request.late_readers, d).await?
+        };
+        if let Some(waiting) = waiting {
             tracing::warn!(day = %d, exports = ?waiting, "not archived yet: late events of the day are still to be published by these exports; the next archive run takes it");
             deferred.push(format!(
                 "{d}: its late events are still to be published by the scheduled {} export(s) (`jobs run` them, wait for their next run, or `export run KIND --late-days`; a manual `export run` without it does not count)",
