@@ -896,8 +896,33 @@ async fn a_resend_of_stored_events_is_answered_from_the_ledger() {
     );
     assert_eq!(noted().await, ["r1", "r2", "r3"]);
     assert_eq!(count(&db, "events", doc! { "eventId": "r3" }).await, 1);
+
+    // A claim an earlier version took over: no note, its event stored at the resend's
+    // time, ten minutes from the claim's, and the claim past its lease. Looked up near
+    // the claim's time only, the event would seem missing and be stored a second time.
+    let moved = vec![event("r4", "v5", "s5", EventType::Click, 1_700_000_003_000)];
+    writer.write(&moved).await.unwrap();
+    db.store
+        .collection("event_ids")
+        .update_one(
+            doc! { "_id": "r4" },
+            doc! {
+                "$unset": { "stored": "" },
+                "$set": {
+                    "ts": DateTime::from_millis(1_700_000_003_000 - 600_000),
+                    "at": DateTime::from_millis(DateTime::now().timestamp_millis() - 31_000),
+                },
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        writer.write(&moved).await.unwrap(),
+        vec![WriteStatus::Duplicate]
+    );
+    assert_eq!(count(&db, "events", doc! { "eventId": "r4" }).await, 1);
     let user = one(&db, "users", doc! { "visitorId": "v5" }).await;
-    assert_eq!(user.get_i64("totalEvents").unwrap(), 3);
+    assert_eq!(user.get_i64("totalEvents").unwrap(), 4);
 }
 
 #[tokio::test]

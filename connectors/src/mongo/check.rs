@@ -660,7 +660,7 @@ async fn without_events(
         .iter()
         .map(|c| (c.event_id.as_str(), c.timestamp))
         .collect();
-    let found = super::ledger::events_held(
+    let found = super::ledger::events_held_surely(
         store,
         &wanted,
         Duration::from_secs(60),

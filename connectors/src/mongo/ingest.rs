@@ -781,7 +781,7 @@ impl EventWriter {
             .iter()
             .map(|(i, _, counted)| (events[*i].event_id.as_str(), counted.timestamp))
             .collect();
-        let present: HashSet<String> = super::ledger::events_held(
+        let mut present: HashSet<String> = super::ledger::events_held(
             &self.store,
             &wanted,
             Duration::from_secs(60),
@@ -789,6 +789,27 @@ impl EventWriter {
         )
         .await?;
         let lease_ms = self.options.claim_lease.as_millis() as i64;
+        // A claim about to be taken over is looked up by id alone first: one an earlier
+        // version took over may have its event stored at the resend's time, not the
+        // claim's. (Claims to take over are rare: a writer died between claim and insert.)
+        let now = self.store.now().timestamp_millis();
+        let to_take: Vec<(&str, Option<DateTime>)> = earlier
+            .iter()
+            .map(|(i, at, _)| (events[*i].event_id.as_str(), at))
+            .filter(|(id, at)| !present.contains(*id) && now - at.timestamp_millis() >= lease_ms)
+            .map(|(id, _)| (id, None))
+            .collect();
+        if !to_take.is_empty() {
+            present.extend(
+                super::ledger::events_held(
+                    &self.store,
+                    &to_take,
+                    Duration::ZERO,
+                    "find earlier events",
+                )
+                .await?,
+            );
+        }
         for (i, at, counted) in earlier {
             let (i, at) = (*i, *at);
             let event = &events[i];

@@ -85,8 +85,8 @@ pub async fn prune_archived_claims(
             let claims = std::mem::take(&mut chunk);
             let wanted: Vec<(&str, Option<DateTime>)> =
                 claims.iter().map(|(id, t)| (id.as_str(), *t)).collect();
-            // A day of slack: a claim is deleted only once its event is surely gone.
-            let stored = events_held(
+            // A claim is deleted only once its event is surely gone.
+            let stored = events_held_surely(
                 store,
                 &wanted,
                 std::time::Duration::from_secs(86_400),
@@ -178,6 +178,28 @@ pub async fn events_held(
                 .iter()
                 .filter_map(|d| d.get_str(e::EVENT_ID).ok().map(str::to_string)),
         );
+    }
+    Ok(held)
+}
+
+/// [`events_held`], with an id not found near its claim's time looked up again by id
+/// alone before it is reported missing: a claim that an earlier version took over may
+/// have its event stored at another time than the claim's (a resend's own time), and
+/// a claim reported without its event may be deleted or completed a second time.
+pub async fn events_held_surely(
+    store: &Store,
+    wanted: &[(&str, Option<DateTime>)],
+    slack: std::time::Duration,
+    step: &'static str,
+) -> Result<std::collections::HashSet<String>, StoreError> {
+    let mut held = events_held(store, wanted, slack, step).await?;
+    let unsure: Vec<(&str, Option<DateTime>)> = wanted
+        .iter()
+        .filter(|(id, t)| t.is_some() && !held.contains(*id))
+        .map(|(id, _)| (*id, None))
+        .collect();
+    if !unsure.is_empty() {
+        held.extend(events_held(store, &unsure, slack, step).await?);
     }
     Ok(held)
 }
