@@ -64,36 +64,35 @@ pub async fn prune_archived_claims(
     let ledger = store.collection(c::EVENT_IDS);
     let mut cursor = ledger
         .find(archived_before(before))
-        .projection(doc! { common::ID: 1, l::TIMESTAMP: 1 })
+        .projection(doc! { common::ID: 1 })
         .batch_size(CHUNK as u32)
         .await
         .map_err(StoreError::mongo(c::EVENT_IDS, "find archived claims"))?;
     let mut done = Pruned::default();
-    let mut chunk: Vec<(String, Option<DateTime>)> = Vec::with_capacity(CHUNK);
+    let mut chunk: Vec<String> = Vec::with_capacity(CHUNK);
     loop {
         let next = cursor
             .try_next()
             .await
             .map_err(StoreError::mongo(c::EVENT_IDS, "find archived claims"))?;
         let end = next.is_none();
-        if let Some(d) = &next {
-            if let Ok(id) = d.get_str(common::ID) {
-                chunk.push((id.to_string(), d.get_datetime(l::TIMESTAMP).ok().copied()));
-            }
+        if let Some(id) = next.as_ref().and_then(|d| d.get_str(common::ID).ok()) {
+            chunk.push(id.to_string());
         }
         if chunk.len() == CHUNK || (end && !chunk.is_empty()) {
-            let claims = std::mem::take(&mut chunk);
+            let ids = std::mem::take(&mut chunk);
+            // By id alone: nearly every event of these claims is gone (archived), and a
+            // claim is deleted only once its event surely is; a lookup near the claims'
+            // times would only come first.
             let wanted: Vec<(&str, Option<DateTime>)> =
-                claims.iter().map(|(id, t)| (id.as_str(), *t)).collect();
-            // A claim is deleted only once its event is surely gone.
-            let stored = events_held_surely(
+                ids.iter().map(|id| (id.as_str(), None)).collect();
+            let stored = events_held(
                 store,
                 &wanted,
-                std::time::Duration::from_secs(86_400),
+                std::time::Duration::ZERO,
                 "find events still stored",
             )
             .await?;
-            let ids: Vec<String> = claims.into_iter().map(|(id, _)| id).collect();
             let gone: Vec<&String> = ids.iter().filter(|id| !stored.contains(*id)).collect();
             done.kept += (ids.len() - gone.len()) as u64;
             if !gone.is_empty() {
@@ -178,28 +177,6 @@ pub async fn events_held(
                 .iter()
                 .filter_map(|d| d.get_str(e::EVENT_ID).ok().map(str::to_string)),
         );
-    }
-    Ok(held)
-}
-
-/// [`events_held`], with an id not found near its claim's time looked up again by id
-/// alone before it is reported missing: a claim that an earlier version took over may
-/// have its event stored at another time than the claim's (a resend's own time), and
-/// a claim reported without its event may be deleted or completed a second time.
-pub async fn events_held_surely(
-    store: &Store,
-    wanted: &[(&str, Option<DateTime>)],
-    slack: std::time::Duration,
-    step: &'static str,
-) -> Result<std::collections::HashSet<String>, StoreError> {
-    let mut held = events_held(store, wanted, slack, step).await?;
-    let unsure: Vec<(&str, Option<DateTime>)> = wanted
-        .iter()
-        .filter(|(id, t)| t.is_some() && !held.contains(*id))
-        .map(|(id, _)| (*id, None))
-        .collect();
-    if !unsure.is_empty() {
-        held.extend(events_held(store, &unsure, slack, step).await?);
     }
     Ok(held)
 }
