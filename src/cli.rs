@@ -805,10 +805,7 @@ pub fn check_late_days(
     if !late_days {
         return Ok(());
     }
-    if !matches!(
-        kind,
-        ExportJobType::EventData | ExportJobType::DailyAnalytics
-    ) {
+    if !kind.by_day() {
         anyhow::bail!(
             "--late-days is for event-data and daily-analytics ({} has no late days: {})",
             kind.as_str(),
@@ -864,12 +861,7 @@ pub async fn export_run(
     eprintln!();
     let summary = result.map_err(anyhow::Error::msg)??;
     print_export_summary(config, &summary, kind, from, to, yesterday);
-    let windowed = matches!(
-        kind,
-        sluice_core::model::ExportJobType::EventData
-            | sluice_core::model::ExportJobType::DailyAnalytics
-    );
-    if windowed && dest.is_none() {
+    if kind.by_day() && dest.is_none() {
         let outside = |d: chrono::NaiveDate| d < from || d > to;
         if late_days {
             // This run read its days after `reading`: their late events are in it.
@@ -1050,12 +1042,7 @@ fn print_export_summary(
         );
     }
     let today = yesterday + chrono::Days::new(1);
-    let windowed = matches!(
-        kind,
-        sluice_core::model::ExportJobType::EventData
-            | sluice_core::model::ExportJobType::DailyAnalytics
-    );
-    if windowed && from <= today && today <= to {
+    if kind.by_day() && from <= today && today <= to {
         println!(
             "  note: today ({today}) is not over: its partition holds the events so far, with `_SUCCESS` like any other; export it again tomorrow (the schedules export up to yesterday)"
         );
@@ -1353,8 +1340,7 @@ pub async fn import_run(config: &Config, name: &str, dry_run: bool) -> anyhow::R
         summary.elapsed_ms as f64 / 1000.0,
         if summary.resumed { " (resumed)" } else { "" }
     );
-    let plugins = crate::engine::plugin_counts(&summary);
-    if let Some(counts) = plugins.strip_prefix("; ") {
+    if let Some(counts) = crate::engine::plugin_counts(&summary) {
         println!("  {counts}");
     }
     for s in summary.samples.iter().take(5) {
@@ -2321,7 +2307,7 @@ pub(crate) fn late_readers(
         .schedules
         .iter()
         .filter_map(|s| ExportJobType::parse(&s.kind).ok())
-        .filter(|k| matches!(k, ExportJobType::EventData | ExportJobType::DailyAnalytics))
+        .filter(|k| k.by_day())
         .collect();
     kinds.sort_by_key(|k| k.as_str());
     kinds.dedup();

@@ -426,11 +426,11 @@ pub fn import_outcome(s: &sluice_jobs::import::ImportSummary) -> Result<String, 
 }
 
 /// What the plugin chain did to an import's records, when it had any to do something
-/// to: `; plugins: 4 in, 2 out (1 skipped, 1 in dead_letters)`. Records a plugin filters
+/// to: `plugins: 4 in, 2 out (1 skipped, 1 in dead_letters)`. Records a plugin filters
 /// out appear nowhere else.
-pub fn plugin_counts(s: &sluice_jobs::import::ImportSummary) -> String {
+pub fn plugin_counts(s: &sluice_jobs::import::ImportSummary) -> Option<String> {
     if s.plugin_in == 0 {
-        return String::new();
+        return None;
     }
     let mut set_aside = Vec::new();
     if s.skipped > 0 {
@@ -444,10 +444,10 @@ pub fn plugin_counts(s: &sluice_jobs::import::ImportSummary) -> String {
     } else {
         format!(" ({})", set_aside.join(", "))
     };
-    format!(
-        "; plugins: {} in, {} out{set_aside}",
+    Some(format!(
+        "plugins: {} in, {} out{set_aside}",
         s.plugin_in, s.plugin_out
-    )
+    ))
 }
 
 /// An import's outcome in one line, as `scheduled_runs` records it.
@@ -460,7 +460,9 @@ pub fn import_line(s: &sluice_jobs::import::ImportSummary) -> String {
         already_stored(s.unchanged),
         s.failed
     );
-    line.push_str(&plugin_counts(s));
+    if let Some(counts) = plugin_counts(s) {
+        line.push_str(&format!("; {counts}"));
+    }
     // A run that completed with something to look at says so where its status is read
     // (`jobs history`); the warnings themselves are in its `import_runs` record. A run
     // cut short (a loop guard, `max_pages`, an error page answered with 200) read only

@@ -1719,6 +1719,13 @@ async fn freezable_batcher(
     (batcher, frozen, held)
 }
 
+/// `n` clicks of `visitor`, with eventIds `VISITOR-0`, `VISITOR-1`, ...
+fn events(visitor: &str, n: usize) -> Vec<sluice_core::model::Event> {
+    (0..n)
+        .map(|i| click(&format!("{visitor}-{i}"), visitor))
+        .collect()
+}
+
 /// A click of `visitor` (in session `s-VISITOR`), parsed as the endpoint parses it.
 fn click(event_id: &str, visitor: &str) -> sluice_core::model::Event {
     let ctx = sluice_core::tracking::RequestContext {
@@ -1904,11 +1911,6 @@ async fn a_large_request_waits_for_room_and_small_ones_do_not_pass_it() {
     let db = TestDb::initialized().await;
     let (batcher, frozen, held) =
         freezable_batcher(&db, 10, 1, admit(Duration::from_secs(30))).await;
-    let events = |visitor: &str, n: usize| -> Vec<_> {
-        (0..n)
-            .map(|i| click(&format!("{visitor}-{i}"), visitor))
-            .collect()
-    };
     let submit = |e: Vec<_>| {
         let b = batcher.clone();
         tokio::spawn(async move { b.submit(e, None).await })
@@ -1968,11 +1970,6 @@ async fn a_request_waiting_for_room_past_its_wait_is_refused() {
     let db = TestDb::initialized().await;
     let (batcher, frozen, held) =
         freezable_batcher(&db, 10, 1, admit(Duration::from_millis(300))).await;
-    let events = |visitor: &str, n: usize| -> Vec<_> {
-        (0..n)
-            .map(|i| click(&format!("{visitor}-{i}"), visitor))
-            .collect()
-    };
     frozen.store(true, Ordering::SeqCst);
     let writing = tokio::spawn({
         let (b, e) = (batcher.clone(), events("a", 6));
@@ -2101,11 +2098,6 @@ async fn requests_for_a_stuck_writer_are_refused_at_once() {
         stuck_after: Duration::from_millis(500),
     };
     let (batcher, frozen, held) = freezable_batcher(&db, 10, 1, admission).await;
-    let events = |visitor: &str, n: usize| -> Vec<_> {
-        (0..n)
-            .map(|i| click(&format!("{visitor}-{i}"), visitor))
-            .collect()
-    };
     frozen.store(true, Ordering::SeqCst);
     let writing = tokio::spawn({
         let (b, e) = (batcher.clone(), events("a", 10));

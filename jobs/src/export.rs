@@ -1097,10 +1097,7 @@ async fn execute(
     // endpoint) fails the run now, not after its whole read.
     // (Boxed: the SDK's request futures are large, and this one would sit in every run's.)
     Box::pin(ctx.dest.check()).await?;
-    if matches!(
-        kind,
-        ExportJobType::EventData | ExportJobType::DailyAnalytics
-    ) {
+    if kind.by_day() {
         refuse_archived_days(ctx, request).await?;
     }
     // Before any cursor opens: every event stored before this is in what the run reads.
@@ -1160,10 +1157,7 @@ async fn execute(
             }
         }
     }
-    if matches!(
-        kind,
-        ExportJobType::EventData | ExportJobType::DailyAnalytics
-    ) {
+    if kind.by_day() {
         // Again, now that the days are read: an archive that ran meanwhile may have
         // deleted events this run was reading, and it publishes its manifest before it
         // deletes anything, so a partial read always shows here.

@@ -277,7 +277,7 @@ fn warn_repeated_keys(summary: &mut ImportSummary, connector: &Connector) {
         };
         warnings.push(format!(
             "{} had the `{key}` of an earlier record of this run with other values{of} (the first: {first}): {kept}; check that `{key}` identifies one item of the API",
-            counted_records(r.differing),
+            sluice_core::counted(r.differing, "record"),
         ));
     }
     let shifting = matches!(
@@ -287,19 +287,11 @@ fn warn_repeated_keys(summary: &mut ImportSummary, connector: &Connector) {
     if r.same > 0 && shifting {
         warnings.push(format!(
             "{} came twice in this run with the same values{of} (the first: `{key}` = {first}): with page or offset paging, items added to or removed from the list while the run reads it shift the others between pages (an addition makes the run read one twice, as here; a removal makes it skip one, unseen); cursor paging, or an `[incremental]` cursor the API sorts by, does not",
-            counted_records(r.same),
+            sluice_core::counted(r.same, "record"),
         ));
     }
     for w in warnings {
         warn_once(summary, &connector.name, w);
-    }
-}
-
-fn counted_records(n: u64) -> String {
-    if n == 1 {
-        "1 record".to_string()
-    } else {
-        format!("{n} records")
     }
 }
 

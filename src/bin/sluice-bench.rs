@@ -395,23 +395,29 @@ async fn http_ingest(json_events: &[Value]) -> anyhow::Result<f64> {
 /// [`post_batches`], then every batch sent again, as clients resend after a timeout:
 /// events stored per second, and resent events answered `duplicate` per second.
 async fn http_ingest_and_resend(json_events: &[Value]) -> anyhow::Result<(f64, f64)> {
-    let bodies: Vec<Value> = json_events
-        .chunks(500)
-        .map(|b| json!({ "batch": b }))
-        .collect();
-    let (stored, resent) =
-        post_bodies_twice(bodies, json_events.len(), "/v1/events/batch", 8, true).await?;
+    let (stored, resent) = post_bodies_twice(
+        batch_bodies(json_events),
+        json_events.len(),
+        "/v1/events/batch",
+        8,
+        true,
+    )
+    .await?;
     Ok((stored, resent.unwrap_or(0.0)))
 }
 
 /// Posts `{"batch": [...]}` bodies of 500 from 8 concurrent clients; events stored per
 /// second.
 async fn post_batches(json_events: &[Value], path: &str) -> anyhow::Result<f64> {
-    let bodies = json_events
+    post_bodies(batch_bodies(json_events), json_events.len(), path, 8).await
+}
+
+/// `{"batch": [...]}` bodies of 500 events.
+fn batch_bodies(json_events: &[Value]) -> Vec<Value> {
+    json_events
         .chunks(500)
         .map(|b| json!({ "batch": b }))
-        .collect();
-    post_bodies(bodies, json_events.len(), path, 8).await
+        .collect()
 }
 
 /// The same events as SDKs running in browsers send them: each session's events in one

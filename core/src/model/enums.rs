@@ -126,6 +126,18 @@ string_enum! {
     }
 }
 
+impl ExportJobType {
+    /// Whether it exports a window of days, one partition a day (EVENT_DATA,
+    /// DAILY_ANALYTICS): the kinds that refuse a day ARCHIVE took and publish again the
+    /// days that received late events.
+    pub fn by_day(self) -> bool {
+        matches!(
+            self,
+            ExportJobType::EventData | ExportJobType::DailyAnalytics
+        )
+    }
+}
+
 string_enum! {
     /// `export_jobs.status`.
     ExportJobStatus {
