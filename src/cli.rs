@@ -1424,7 +1424,7 @@ pub fn load_plugin_builds(
         return Ok(Vec::new());
     }
     let p = &config.plugins;
-    let host = plugin_host(p.fuel)?;
+    let host = plugin_host(config)?;
     let policy = match p.failure_policy.as_str() {
         "skip-batch" => sluice_plugins::FailurePolicy::SkipBatch,
         "dead-letter" => sluice_plugins::FailurePolicy::DeadLetter,
@@ -1448,7 +1448,7 @@ pub fn load_plugin_builds(
             };
             let mut logged = LOGGED.lock().unwrap_or_else(|p| p.into_inner());
             if !logged.contains(&build) {
-                tracing::info!(dir = %p.dir, "plugin {build} loaded");
+                tracing::info!(dir = %p.dir, "plugin {build} loaded ({})", t.compiled_from());
                 logged.retain(|b| b.name != build.name);
                 logged.push(build.clone());
             }
@@ -1461,17 +1461,23 @@ pub fn load_plugin_builds(
         .collect()
 }
 
-/// The process's plugin host (one per fuel setting): one engine and epoch thread, and a
-/// component cache, so scheduled runs load their plugins without compiling them again.
-fn plugin_host(fuel: bool) -> anyhow::Result<sluice_plugins::PluginHost> {
-    static HOSTS: std::sync::Mutex<Vec<(bool, sluice_plugins::PluginHost)>> =
+/// The process's plugin host (one per fuel setting and compile cache): one engine and
+/// epoch thread, and a component cache, so scheduled runs load their plugins without
+/// compiling them again.
+fn plugin_host(config: &Config) -> anyhow::Result<sluice_plugins::PluginHost> {
+    type Key = (bool, Option<std::path::PathBuf>);
+    static HOSTS: std::sync::Mutex<Vec<(Key, sluice_plugins::PluginHost)>> =
         std::sync::Mutex::new(Vec::new());
+    let key = (config.plugins.fuel, config.plugins.compile_cache_dir());
     let mut hosts = HOSTS.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some((_, host)) = hosts.iter().find(|(f, _)| *f == fuel) {
+    if let Some((_, host)) = hosts.iter().find(|(k, _)| *k == key) {
         return Ok(host.clone());
     }
-    let host = sluice_plugins::PluginHost::new(fuel)?;
-    hosts.push((fuel, host.clone()));
+    let mut host = sluice_plugins::PluginHost::new(key.0)?;
+    if let Some(dir) = &key.1 {
+        host = host.with_compile_cache(dir);
+    }
+    hosts.push((key, host.clone()));
     Ok(host)
 }
 
@@ -1638,7 +1644,7 @@ pub fn plugin_install(
     // It must load and configure as it will run, its new version too, or nothing is
     // installed.
     let staged = stage_plugin(dir, name, (file, &bytes), version)?;
-    let loaded = plugin_host(config.plugins.fuel)?.load(
+    let loaded = plugin_host(config)?.load(
         &staged.0,
         name,
         plugin_config(config, name),
@@ -1855,7 +1861,7 @@ pub fn plugin_test(
     batch_size: usize,
     wasm: Option<&Path>,
 ) -> anyhow::Result<()> {
-    let host = plugin_host(config.plugins.fuel)?;
+    let host = plugin_host(config)?;
     let cfg: serde_json::Value = match plugin_config {
         Some(text) => serde_json::from_str(text).context("--plugin-config is not JSON")?,
         None => self::plugin_config(config, name),
@@ -1894,6 +1900,12 @@ pub fn plugin_test(
     );
     drop(staged);
     let plugin = loaded?;
+    eprintln!(
+        "{name} {} (sha256 {}): {}",
+        plugin.version(),
+        plugin.sha256(),
+        plugin.compiled_from()
+    );
     let (mut outputs, mut failures) = (0, 0);
     let batch_size = batch_size.max(1);
     for (n, batch) in records.chunks(batch_size).enumerate() {
@@ -1902,13 +1914,17 @@ pub fn plugin_test(
                 for r in &out.records {
                     println!("{}", bson::Bson::Document(r.clone()).into_relaxed_extjson());
                     // What every import refuses of a plugin's output, whatever its config.
-                    if let Some(k) = r
+                    let bad: Vec<String> = r
                         .keys()
-                        .find(|k| !sluice_core::model::is_storable_field_name(k))
-                    {
+                        .filter(|k| !sluice_core::model::is_storable_field_name(k))
+                        .map(|k| format!("{k:?}"))
+                        .collect();
+                    if !bad.is_empty() {
                         eprintln!(
-                            "output {}: the field name {k:?} cannot be written by an import (empty, `$`-prefixed, dotted or with a NUL): an import fails such a record",
-                            outputs + 1
+                            "output {}: the field name{} {} cannot be written by an import (empty, `$`-prefixed, dotted or with a NUL): an import fails such a record",
+                            outputs + 1,
+                            if bad.len() == 1 { "" } else { "s" },
+                            bad.join(", ")
                         );
                     }
                     outputs += 1;

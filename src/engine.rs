@@ -314,7 +314,7 @@ impl EngineRunner {
             ctx.progress = progress.export.clone();
             ctx.keep_replaced = self.config.keep_replaced_parts;
             ctx.work_dir = self.config.export_work_dir.clone();
-            ctx.late_days_per_run = s.late_days_per_run;
+            ctx.late_days_per_run = s.late_days_per_run();
             ctx.schedule = Some(s.name.clone());
             ctx.transforms = crate::cli::load_plugins_off_runtime(
                 &self.config,
@@ -330,7 +330,7 @@ impl EngineRunner {
                         &ctx,
                         kind,
                         yesterday,
-                        s.catch_up,
+                        s.catch_up(),
                         self.config.archive_after_days,
                     )
                     .await

@@ -48,8 +48,8 @@ fn daily_export(raw: &mut sluice_core::config::RawConfig, dest: &str, timezone: 
         name: "daily".into(),
         kind: "DAILY_ANALYTICS".into(),
         cron: "0 15 2 * * *".into(),
-        catch_up: 1,
-        late_days_per_run: 7,
+        catch_up: Some(1),
+        late_days_per_run: None,
         timezone: timezone.map(str::to_string),
     }];
 }

@@ -359,6 +359,79 @@ fn plugin_test_prints_outputs_failures_and_timing() {
     );
 }
 
+/// A plugin compiled by one command is read by the next from the plugin folder's
+/// `.compiled/`; `compile_cache = ""` keeps nothing; and a command run where the plugin
+/// folder does not exist leaves no folder behind.
+#[test]
+fn plugin_commands_keep_compiled_components_for_the_next_command() {
+    let built = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins/dist");
+    let root = write_temp("records.ndjson", "{\"eventType\":\"PAGE_VIEW\"}\n");
+    let input = root.clone();
+    let root = root.parent().unwrap().to_path_buf();
+    let plugins = root.join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    for f in ["noop.toml", "noop.wasm"] {
+        std::fs::copy(built.join(f), plugins.join(f)).unwrap();
+    }
+    let run = |config: &str, extra: &[&str]| {
+        let path = root.join("sluice.toml");
+        std::fs::write(&path, config).unwrap();
+        let out = sluice()
+            .arg("--config")
+            .arg(&path)
+            .args(["plugin", "test", "noop", "--input"])
+            .arg(&input)
+            .args(extra)
+            .env("SLUICE_LOG_LEVEL", "warn")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{stderr}");
+        stderr
+    };
+    let config = format!("[plugins]\ndir = \"{}\"\n", plugins.display());
+    let first = run(&config, &[]);
+    assert!(
+        first.contains("noop 0.1.0 (sha256 ") && first.contains("): compiled in "),
+        "{first}"
+    );
+    let cache = plugins.join(".compiled");
+    assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 1);
+    let second = run(&config, &[]);
+    assert!(
+        second.contains("): read from the compile cache"),
+        "{second}"
+    );
+
+    // Off: compiled at every command, nothing kept.
+    std::fs::remove_dir_all(&cache).unwrap();
+    let off = format!("{config}compile_cache = \"\"\n");
+    for _ in 0..2 {
+        assert!(run(&off, &[]).contains("): compiled in "));
+    }
+    assert!(!cache.exists());
+
+    // Another folder, absolute.
+    let elsewhere = root.join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let other = format!(
+        "{config}compile_cache = \"{}\"\n",
+        elsewhere.join("cache").display()
+    );
+    run(&other, &[]);
+    assert!(run(&other, &[]).contains("): read from the compile cache"));
+    assert!(!cache.exists());
+
+    // A build tested where the configured plugin folder does not exist.
+    let missing = root.join("no-plugins-here");
+    let absent = format!("[plugins]\ndir = \"{}\"\n", missing.display());
+    let wasm = plugins.join("noop.wasm");
+    let said = run(&absent, &["--wasm", wasm.to_str().unwrap()]);
+    assert!(said.contains("): compiled in "), "{said}");
+    assert!(!missing.exists(), "no folder is made for the cache");
+    std::fs::remove_dir_all(root).unwrap();
+}
+
 /// Output into a reader that stopped reading (`| head`) ends the command quietly, not in
 /// a panic.
 #[test]
@@ -508,7 +581,7 @@ fn plugin_test_names_outputs_an_import_could_not_write() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins/dist");
     let input = write_temp(
         "records.ndjson",
-        "{\"thingId\":\"a\",\"title\":\"t0\"}\n{\"thingId\":\"b\",\"title\":\"t2\"}\n{\"thingId\":\"c\",\"title\":\"t3\"}\n",
+        "{\"thingId\":\"a\",\"title\":\"t0\"}\n{\"thingId\":\"b\",\"title\":\"t2\"}\n{\"thingId\":\"c\",\"title\":\"t3\"}\n{\"thingId\":\"d\",\"title\":\"t6\"}\n",
     );
     let config = write_temp(
         "sluice.toml",
@@ -525,10 +598,13 @@ fn plugin_test_names_outputs_an_import_could_not_write() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 3);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 4);
     assert!(
         stderr.contains("output 2: the field name \"$where\" cannot be written by an import")
             && stderr.contains("output 3: the field name \"a.b\" cannot be written by an import")
+            && stderr.contains(
+                "output 4: the field names \"$where\", \"a.b\" cannot be written by an import"
+            )
             && !stderr.contains("output 1:"),
         "{stderr}"
     );
@@ -681,11 +757,13 @@ fn plugin_install_puts_a_build_in_place_once_it_loads_and_keeps_the_manifest() {
         }
         cmd.output().unwrap()
     };
+    // The plugin folder's files (the compile cache, `.compiled/`, is not one).
     let files = || -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(&dir)
             .map(|d| {
                 d.filter_map(Result::ok)
                     .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|f| f != ".compiled")
                     .collect()
             })
             .unwrap_or_default();
@@ -810,6 +888,11 @@ fn plugin_install_puts_a_build_in_place_once_it_loads_and_keeps_the_manifest() {
     let second = sha_of(&dist.join("bot-filter.wasm"));
     let out = install(&dist.join("bot-filter.wasm"), None);
     assert!(out.status.success(), "{}", stderr(&out));
+    // Its compile is kept for the runs that load it (the folder existed by now).
+    assert!(std::fs::read_dir(dir.join(".compiled"))
+        .unwrap()
+        .filter_map(Result::ok)
+        .any(|e| e.file_name().to_string_lossy().starts_with(&second)));
     let text = std::fs::read_to_string(dir.join("noop.toml")).unwrap();
     assert!(text.starts_with("# the operator's note\r\n"), "{text}");
     assert!(!text.replace("\r\n", "").contains('\n'), "{text:?}");

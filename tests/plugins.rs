@@ -441,6 +441,138 @@ fn a_replaced_component_takes_the_place_of_its_old_compile_and_versions_are_chec
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// The entries of a compile cache folder.
+fn cache_entries(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .map(|r| r.filter_map(Result::ok).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_compiled_component_is_kept_on_disk_for_other_processes_and_checked_before_use() {
+    use sluice_plugins::CompiledFrom;
+    let plugins = support::plugin_dir();
+    let cache = scratch_dir().join("compiled");
+    let load = |host: &PluginHost| {
+        host.load(&plugins, "bot-filter", json!({}), &Grants::default(), None)
+            .unwrap()
+    };
+    let bots = || {
+        vec![
+            doc! { "eventId": "a", "metadata": { "bot": true } },
+            doc! { "eventId": "b", "metadata": { "bot": false } },
+        ]
+    };
+    // A process with an empty cache compiles, and keeps the compile.
+    let first = load(&host().with_compile_cache(&cache));
+    assert!(matches!(first.compiled_from(), CompiledFrom::Compiled(_)));
+    let entries = cache_entries(&cache);
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    assert!(entries[0]
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .starts_with(first.sha256()));
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&cache), 0o700);
+        assert_eq!(mode(&entries[0]), 0o600);
+    }
+    // Another process (another engine) reads it, and it runs as the compiled one does.
+    let second = load(&host().with_compile_cache(&cache));
+    assert_eq!(second.compiled_from(), CompiledFrom::Disk);
+    assert_eq!(second.apply(bots(), &mut Call::default()).unwrap().len(), 1);
+    // Within one process, a second load uses the compile in memory.
+    let host3 = host().with_compile_cache(&cache);
+    load(&host3);
+    assert_eq!(load(&host3).compiled_from(), CompiledFrom::Memory);
+
+    // A damaged entry is compiled again, never run, and replaced by a sound one.
+    let mut bytes = std::fs::read(&entries[0]).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x55;
+    std::fs::write(&entries[0], &bytes).unwrap();
+    let repaired = load(&host().with_compile_cache(&cache));
+    assert!(matches!(
+        repaired.compiled_from(),
+        CompiledFrom::Compiled(_)
+    ));
+    assert_eq!(
+        repaired.apply(bots(), &mut Call::default()).unwrap().len(),
+        1
+    );
+    assert_eq!(
+        load(&host().with_compile_cache(&cache)).compiled_from(),
+        CompiledFrom::Disk
+    );
+    // So is a torn one.
+    let len = std::fs::metadata(&entries[0]).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&entries[0])
+        .unwrap()
+        .set_len(len / 3)
+        .unwrap();
+    assert!(matches!(
+        load(&host().with_compile_cache(&cache)).compiled_from(),
+        CompiledFrom::Compiled(_)
+    ));
+
+    // Engines whose code differs (fuel metering) keep entries of their own.
+    let metered = PluginHost::new(true).unwrap().with_compile_cache(&cache);
+    assert!(matches!(
+        load(&metered).compiled_from(),
+        CompiledFrom::Compiled(_)
+    ));
+    assert_eq!(cache_entries(&cache).len(), 2);
+    let metered = PluginHost::new(true).unwrap().with_compile_cache(&cache);
+    assert_eq!(load(&metered).compiled_from(), CompiledFrom::Disk);
+
+    // Entries unused for a month go when another is written, as do temporary files a
+    // dead writer left; entries in use stay.
+    let old = cache.join(format!("{}-0000000000000000.cwasm", "0".repeat(64)));
+    let temp = cache.join(".tmp-1-dead");
+    for f in [&old, &temp] {
+        std::fs::write(f, b"x").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(f)
+            .unwrap()
+            .set_modified(
+                std::time::SystemTime::now() - std::time::Duration::from_secs(31 * 24 * 3600),
+            )
+            .unwrap();
+    }
+    let noop = host()
+        .with_compile_cache(&cache)
+        .load(&plugins, "noop", json!({}), &Grants::default(), None)
+        .unwrap();
+    assert!(matches!(noop.compiled_from(), CompiledFrom::Compiled(_)));
+    assert!(!old.exists() && !temp.exists());
+    assert_eq!(cache_entries(&cache).len(), 3);
+
+    // A folder other users may write is not used: its entries could be anyone's code.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(matches!(
+            load(&host().with_compile_cache(&cache)).compiled_from(),
+            CompiledFrom::Compiled(_)
+        ));
+        std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert_eq!(
+            load(&host().with_compile_cache(&cache)).compiled_from(),
+            CompiledFrom::Disk
+        );
+    }
+    std::fs::remove_dir_all(cache.parent().unwrap()).unwrap();
+}
+
 #[test]
 fn failure_policies_fail_skip_or_dead_letter() {
     let host = host();

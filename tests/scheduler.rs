@@ -833,8 +833,8 @@ async fn the_engine_schedules_export_schedules_and_integration_configs() {
             name: "daily".into(),
             kind: "DAILY_ANALYTICS".into(),
             cron: "0 15 2 * * *".into(),
-            catch_up: 3,
-            late_days_per_run: 7,
+            catch_up: Some(3),
+            late_days_per_run: Some(7),
             timezone: None,
         }];
     });
@@ -1490,8 +1490,8 @@ async fn the_job_gauges_follow_the_runs_recorded_and_go_with_their_job() {
         name: name.into(),
         kind: "DAILY_ANALYTICS".into(),
         cron: "0 15 2 * * *".into(),
-        catch_up: 3,
-        late_days_per_run: 7,
+        catch_up: Some(3),
+        late_days_per_run: Some(7),
         timezone: None,
     };
     let config = support::test_config(&db.name, |raw| raw.schedules = vec![schedule("gauged")]);

@@ -139,24 +139,36 @@ pub struct ScheduleSection {
     pub kind: String,
     /// Cron with seconds, read in `timezone` (`0 15 2 * * *` = daily at 02:15).
     pub cron: String,
-    /// Missed daily windows run after downtime, oldest first, at most this many.
-    #[serde(default = "default_catch_up")]
-    pub catch_up: usize,
+    /// EVENT_DATA and DAILY_ANALYTICS: missed daily windows run after downtime, oldest
+    /// first, at most this many (default 7; see [`ScheduleSection::catch_up`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub catch_up: Option<usize>,
     /// EVENT_DATA and DAILY_ANALYTICS: days published before that received late events,
-    /// published again per run (oldest first); the rest wait for the next runs.
-    #[serde(default = "default_late_days_per_run")]
-    pub late_days_per_run: usize,
+    /// published again per run (oldest first); the rest wait for the next runs (default
+    /// 7).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub late_days_per_run: Option<usize>,
     /// IANA time zone the cron is read in (`Europe/Paris`); default UTC.
     #[serde(default)]
     pub timezone: Option<String>,
 }
 
-fn default_catch_up() -> usize {
-    7
-}
+impl ScheduleSection {
+    /// Missed windows a run publishes (the run's own included).
+    pub fn catch_up(&self) -> usize {
+        self.catch_up.unwrap_or(7)
+    }
 
-fn default_late_days_per_run() -> usize {
-    7
+    /// Days with late events a run publishes again.
+    pub fn late_days_per_run(&self) -> usize {
+        self.late_days_per_run.unwrap_or(7)
+    }
+
+    /// Whether the kind runs day by day (EVENT_DATA, DAILY_ANALYTICS), so that the
+    /// catch-up and late-day settings apply to it.
+    fn by_day(&self) -> bool {
+        crate::model::ExportJobType::parse(&self.kind).is_ok_and(|k| k.by_day())
+    }
 }
 
 /// The longest batch deadline a plugin may have: a call holds a thread and an instance
@@ -188,6 +200,17 @@ pub struct PluginsSection {
     pub instances: usize,
     /// Per-plugin config, passed to the plugin's `configure` as JSON.
     pub config: std::collections::BTreeMap<String, toml::Value>,
+    /// Folder keeping compiled components across processes (relative paths are inside
+    /// `dir`); empty: compile at every load.
+    pub compile_cache: String,
+}
+
+impl PluginsSection {
+    /// The compile cache folder, if one is configured.
+    pub fn compile_cache_dir(&self) -> Option<std::path::PathBuf> {
+        (!self.compile_cache.is_empty())
+            .then(|| std::path::Path::new(&self.dir).join(&self.compile_cache))
+    }
 }
 
 impl Default for PluginsSection {
@@ -203,6 +226,7 @@ impl Default for PluginsSection {
             max_batch_deadline_ms: 10_000,
             instances: 4,
             config: Default::default(),
+            compile_cache: ".compiled".into(),
         }
     }
 }
@@ -1168,19 +1192,32 @@ pub fn validate(
         crate::model::ExportJobType::parse(&sched.kind)
             .map_err(|e| invalid(&format!("schedules[{i}].type"), e))?;
         crate::cron::parse(&sched.cron).map_err(|e| invalid(&format!("schedules[{i}].cron"), e))?;
-        if sched.catch_up == 0 {
+        if sched.catch_up == Some(0) {
             // Zero would publish no window at all, and record every run COMPLETED.
             return Err(invalid(
                 &format!("schedules[{i}].catch_up"),
                 "at least 1 (the window of the run itself)".into(),
             ));
         }
-        if sched.late_days_per_run == 0 {
+        if sched.late_days_per_run == Some(0) {
             // Zero would leave every late event unpublished.
             return Err(invalid(
                 &format!("schedules[{i}].late_days_per_run"),
                 "at least 1, got 0".into(),
             ));
+        }
+        if !sched.by_day() {
+            for (field, set) in [
+                ("catch_up", sched.catch_up.is_some()),
+                ("late_days_per_run", sched.late_days_per_run.is_some()),
+            ] {
+                if set {
+                    warnings.push(format!(
+                        "`schedules[{i}].{field}` has no effect on a {} schedule (only EVENT_DATA and DAILY_ANALYTICS publish day by day): each run exports what is due when it runs",
+                        sched.kind
+                    ));
+                }
+            }
         }
         if let Some(tz) = &sched.timezone {
             tz.parse::<chrono_tz::Tz>().map_err(|_| {
@@ -1341,6 +1378,12 @@ impl Serialize for RedactedView<'_> {
             .token_key
             .as_ref()
             .map(|k| Secret::new(k.redacted()));
+        // The effective day-by-day settings, and only where they apply (a setting on
+        // another kind is left as written, and warned of).
+        for s in raw.schedules.iter_mut().filter(|s| s.by_day()) {
+            s.catch_up = Some(s.catch_up());
+            s.late_days_per_run = Some(s.late_days_per_run());
+        }
         // Sluice cannot tell which of a plugin's settings are secret (a redaction salt
         // is), so every literal string is shown redacted.
         for value in raw.plugins.config.values_mut() {
@@ -1611,6 +1654,45 @@ mod tests {
             "{:?}",
             c.warnings
         );
+    }
+
+    #[test]
+    fn day_by_day_settings_are_shown_where_they_apply_and_warned_of_elsewhere() {
+        let schedule = |kind: &str, extra: &str| {
+            format!(
+                "[[schedules]]\nname = \"{}\"\ntype = \"{kind}\"\ncron = \"0 0 2 * * *\"\n{extra}",
+                kind.to_lowercase().replace('_', "-")
+            )
+        };
+        let c = check(&format!(
+            "{}{}{}",
+            schedule("EVENT_DATA", ""),
+            schedule("ARCHIVE", ""),
+            schedule("USER_DATA", "catch_up = 3\nlate_days_per_run = 2\n"),
+        ))
+        .unwrap();
+        let shown: toml::Table = c.redacted_toml().parse().unwrap();
+        let shown = shown["schedules"].as_array().unwrap();
+        // The effective values, defaults included, for the kind that uses them.
+        assert_eq!(shown[0]["catch_up"].as_integer(), Some(7));
+        assert_eq!(shown[0]["late_days_per_run"].as_integer(), Some(7));
+        // None for a kind that does not, unless written (and then warned of).
+        assert!(shown[1].get("catch_up").is_none() && shown[1].get("late_days_per_run").is_none());
+        assert_eq!(shown[2]["catch_up"].as_integer(), Some(3));
+        let warned: Vec<_> = c
+            .warnings
+            .iter()
+            .filter(|w| w.contains("has no effect on a USER_DATA schedule"))
+            .collect();
+        assert_eq!(warned.len(), 2, "{:?}", c.warnings);
+        assert!(warned[0].contains("`schedules[2].catch_up`"), "{warned:?}");
+        assert!(
+            !c.warnings.iter().any(|w| w.contains("ARCHIVE")),
+            "{:?}",
+            c.warnings
+        );
+        let day = c.schedules.iter().find(|s| s.name == "event-data").unwrap();
+        assert_eq!((day.catch_up(), day.late_days_per_run()), (7, 7));
     }
 
     #[test]

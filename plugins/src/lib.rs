@@ -26,6 +26,9 @@ use wasmtime::{Engine, Store};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
+mod compile_cache;
+pub use compile_cache::CompiledFrom;
+
 mod bindings {
     wasmtime::component::bindgen!({ path: "sdk/wit", world: "plugin" });
 }
@@ -389,6 +392,8 @@ pub struct PluginHost {
     /// takes the place of the old compile, so a long-running server keeps one per plugin.
     compiled: Arc<Mutex<std::collections::HashMap<PathBuf, (String, Component)>>>,
     fuel: bool,
+    /// Compiled components kept on disk across processes, if configured.
+    disk: Option<Arc<compile_cache::CompileCache>>,
     _ticker: Arc<Ticker>,
 }
 
@@ -490,8 +495,19 @@ impl PluginHost {
             linker: Arc::new(linker),
             compiled: Default::default(),
             fuel,
+            disk: None,
             _ticker: Arc::new(Ticker(stop)),
         })
+    }
+
+    /// Keeps compiled components in `dir` (created if missing), so other processes load
+    /// them without compiling (see `compile_cache.rs`).
+    pub fn with_compile_cache(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.disk = Some(Arc::new(compile_cache::CompileCache::new(
+            dir.into(),
+            &self.engine,
+        )));
+        self
     }
 
     /// Compiled components held (one per plugin file loaded).
@@ -622,15 +638,31 @@ impl PluginHost {
             .get(&key)
             .filter(|(hash, _)| *hash == actual)
             .map(|(_, c)| c.clone());
-        let component = match cached {
-            Some(c) => c,
+        let (component, compiled_from) = match cached {
+            Some(c) => (c, CompiledFrom::Memory),
             None => {
-                let c = Component::new(&self.engine, &bytes).map_err(|e| load(format!("{e:#}")))?;
+                let on_disk = self
+                    .disk
+                    .as_ref()
+                    .and_then(|d| d.get(&self.engine, &actual));
+                let (c, from) = match on_disk {
+                    Some(c) => (c, CompiledFrom::Disk),
+                    None => {
+                        let started = Instant::now();
+                        let c = Component::new(&self.engine, &bytes)
+                            .map_err(|e| load(format!("{e:#}")))?;
+                        let took = started.elapsed();
+                        if let Some(d) = &self.disk {
+                            d.put(&actual, &c);
+                        }
+                        (c, CompiledFrom::Compiled(took))
+                    }
+                };
                 self.compiled
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .insert(key, (actual.clone(), c.clone()));
-                c
+                (c, from)
             }
         };
         let pre = self
@@ -642,6 +674,7 @@ impl PluginHost {
             name: manifest.name.clone(),
             version: manifest.version.clone(),
             sha256: actual.clone(),
+            compiled_from,
             host: self.clone(),
             pre,
             config: config.to_string(),
@@ -792,6 +825,7 @@ pub struct WasmTransform {
     version: String,
     /// The component's SHA-256 (hex), as checked against the manifest.
     sha256: String,
+    compiled_from: CompiledFrom,
     host: PluginHost,
     pre: PluginPre<HostState>,
     config: String,
@@ -872,6 +906,11 @@ impl WasmTransform {
     /// The component's SHA-256 (hex).
     pub fn sha256(&self) -> &str {
         &self.sha256
+    }
+
+    /// Where its compiled component came from.
+    pub fn compiled_from(&self) -> CompiledFrom {
+        self.compiled_from
     }
 
     pub fn skipped_records(&self) -> u64 {

@@ -105,7 +105,7 @@ fn misbehave(mode: &str, record: String) -> Result<Vec<String>, String> {
         }
         "long-reason" => Err(format!("line one\nforged line {}", "x".repeat(2 << 20))),
         "vandal" => {
-            // Breaks the import's rules on records titled t1 to t5.
+            // Breaks the import's rules on records titled t1 to t6.
             let mut v = serde_json_lite(&record);
             match v["title"].as_str().unwrap_or("") {
                 "t1" => {
@@ -117,6 +117,10 @@ fn misbehave(mode: &str, record: String) -> Result<Vec<String>, String> {
                 "t3" => v["a.b"] = json!(1),
                 "t4" => v["thingId"] = json!(" "),
                 "t5" => v["createdAt"] = json!(1),
+                "t6" => {
+                    v["$where"] = json!(1);
+                    v["a.b"] = json!(1);
+                }
                 _ => {}
             }
             Ok(vec![v.to_string()])
