@@ -1125,7 +1125,13 @@ pub fn configs_validate(
                 .unwrap_or_default()
         );
     }
-    anyhow::ensure!(errors.is_empty(), "{} invalid config file(s)", errors.len());
+    let files: std::collections::BTreeSet<String> = errors.iter().map(|e| e.file()).collect();
+    anyhow::ensure!(
+        errors.is_empty(),
+        "{} invalid config file(s) ({} error(s))",
+        files.len(),
+        errors.len()
+    );
     Ok(valid)
 }
 
@@ -1475,6 +1481,17 @@ fn plugin_host(config: &Config) -> anyhow::Result<sluice_plugins::PluginHost> {
     }
     let mut host = sluice_plugins::PluginHost::new(key.0)?;
     if let Some(dir) = &key.1 {
+        // The default sits in the plugin folder, which a command may be run without
+        // (`plugin test --wasm`); a folder set on purpose that cannot be made is said.
+        let parent = dir.parent().filter(|p| !p.as_os_str().is_empty());
+        if config.plugins.compile_cache != config::PluginsSection::default().compile_cache
+            && parent.is_some_and(|p| !p.is_dir())
+        {
+            tracing::warn!(
+                "`plugins.compile_cache`: `{}` does not exist, so compiled plugins are not kept (a `~` is not expanded)",
+                parent.map(|p| p.display().to_string()).unwrap_or_default()
+            );
+        }
         host = host.with_compile_cache(dir);
     }
     hosts.push((key, host.clone()));

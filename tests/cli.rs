@@ -421,6 +421,16 @@ fn plugin_commands_keep_compiled_components_for_the_next_command() {
     run(&other, &[]);
     assert!(run(&other, &[]).contains("): read from the compile cache"));
     assert!(!cache.exists());
+    // One that cannot be made is said.
+    let nowhere = format!(
+        "{config}compile_cache = \"{}\"\n",
+        root.join("nowhere/cache").display()
+    );
+    let said = run(&nowhere, &[]);
+    assert!(
+        said.contains("`plugins.compile_cache`: `") && said.contains("nowhere` does not exist"),
+        "{said}"
+    );
 
     // A build tested where the configured plugin folder does not exist.
     let missing = root.join("no-plugins-here");
@@ -581,7 +591,7 @@ fn plugin_test_names_outputs_an_import_could_not_write() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins/dist");
     let input = write_temp(
         "records.ndjson",
-        "{\"thingId\":\"a\",\"title\":\"t0\"}\n{\"thingId\":\"b\",\"title\":\"t2\"}\n{\"thingId\":\"c\",\"title\":\"t3\"}\n{\"thingId\":\"d\",\"title\":\"t6\"}\n",
+        "{\"thingId\":\"a\",\"title\":\"t0\"}\n{\"thingId\":\"b\",\"title\":\"t2\"}\n{\"thingId\":\"c\",\"title\":\"t3\"}\n{\"thingId\":\"d\",\"title\":\"two-bad-names\"}\n",
     );
     let config = write_temp(
         "sluice.toml",
@@ -1109,6 +1119,13 @@ fn configs_validate_lists_good_files_and_names_the_bad_ones() {
         .position(|l| l.starts_with("schedule = "))
         .unwrap();
     std::fs::write(dir.join("bad-cron.toml"), &bad_cron).unwrap();
+    // Several mistakes in one file are all named, each at its line; a field of a table
+    // whose other field is wrong is not (it may be wrong only because of the other).
+    std::fs::write(
+        dir.join("many.toml"),
+        "name = \"many\"\ntype = \"IMPORT\"\nendpoint = \"https://api.example.com/items\"\nschedule = \"every day\"\ntimezone = \"Mars/Olympus\"\n\n[source]\nrecords = \"$.items[*]\"\ntimeout_seconds = 0\n\n[source.pagination]\ntype = \"page\"\nsize = 0\n\n[target]\ncollection = \"products\"\nkey = \"sku\"\n\n[mapping.sku]\npath = \"$.id\"\ntype = \"text\"\n\n[mapping.price]\npath = \"$.price\"\ntype = \"number\"\nformat = \"%Y\"\n\n[mapping.when]\npath = \"$.t\"\ntype = \"dat\"\nformat = \"%Y-%m-%d\"\n",
+    )
+    .unwrap();
     let out = sluice()
         .args(["configs", "validate"])
         .arg(&dir)
@@ -1117,6 +1134,39 @@ fn configs_validate_lists_good_files_and_names_the_bad_ones() {
     assert_eq!(out.status.code(), Some(2));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
+    let many: Vec<&str> = stderr.lines().filter(|l| l.contains("many.toml")).collect();
+    for (line, field) in [
+        (4, "schedule"),
+        (5, "timezone"),
+        (9, "source.timeout_seconds"),
+        (13, "source.pagination.size"),
+        (21, "mapping.sku.type"),
+        (26, "mapping.price.format"),
+        (30, "mapping.when.type"),
+    ] {
+        assert!(
+            many.iter()
+                .any(|l| l.contains(&format!("many.toml:{line}: field `{field}`"))),
+            "{field}: {many:#?}"
+        );
+    }
+    // A field missing, named with no line.
+    assert!(
+        many.iter()
+            .any(|l| l.contains("many.toml: field `mapping.productId`")),
+        "{many:#?}"
+    );
+    // `format` is refused once `type` is set aside (no `format` unless a date): that
+    // follows from the type's typo, and is not said.
+    assert!(
+        !many.iter().any(|l| l.contains("mapping.when.format")),
+        "{many:#?}"
+    );
+    assert_eq!(many.len(), 8, "{many:#?}");
+    assert!(
+        stderr.contains("3 invalid config file(s) (10 error(s))"),
+        "{stderr}"
+    );
     assert!(stdout.contains("good.toml"), "{stdout}");
     // Each names the line that sets the field.
     assert!(stderr.contains("bad.toml:3: field `endpoint`"), "{stderr}");

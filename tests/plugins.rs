@@ -569,6 +569,33 @@ fn a_compiled_component_is_kept_on_disk_for_other_processes_and_checked_before_u
             load(&host().with_compile_cache(&cache)).compiled_from(),
             CompiledFrom::Disk
         );
+        // Nor is an entry others may write, nor one reached through a link: each is
+        // compiled again and replaced by an entry of this process.
+        let entry = entries[0].clone();
+        std::fs::set_permissions(&entry, std::fs::Permissions::from_mode(0o666)).unwrap();
+        assert!(matches!(
+            load(&host().with_compile_cache(&cache)).compiled_from(),
+            CompiledFrom::Compiled(_)
+        ));
+        assert_eq!(
+            std::fs::metadata(&entry).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let elsewhere = cache.parent().unwrap().join("elsewhere.cwasm");
+        std::fs::rename(&entry, &elsewhere).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &entry).unwrap();
+        assert!(matches!(
+            load(&host().with_compile_cache(&cache)).compiled_from(),
+            CompiledFrom::Compiled(_)
+        ));
+        assert!(!std::fs::symlink_metadata(&entry)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(
+            load(&host().with_compile_cache(&cache)).compiled_from(),
+            CompiledFrom::Disk
+        );
     }
     std::fs::remove_dir_all(cache.parent().unwrap()).unwrap();
 }

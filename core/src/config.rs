@@ -1192,14 +1192,14 @@ pub fn validate(
         crate::model::ExportJobType::parse(&sched.kind)
             .map_err(|e| invalid(&format!("schedules[{i}].type"), e))?;
         crate::cron::parse(&sched.cron).map_err(|e| invalid(&format!("schedules[{i}].cron"), e))?;
-        if sched.catch_up == Some(0) {
+        if sched.catch_up == Some(0) && sched.by_day() {
             // Zero would publish no window at all, and record every run COMPLETED.
             return Err(invalid(
                 &format!("schedules[{i}].catch_up"),
                 "at least 1 (the window of the run itself)".into(),
             ));
         }
-        if sched.late_days_per_run == Some(0) {
+        if sched.late_days_per_run == Some(0) && sched.by_day() {
             // Zero would leave every late event unpublished.
             return Err(invalid(
                 &format!("schedules[{i}].late_days_per_run"),

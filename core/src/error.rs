@@ -22,6 +22,25 @@ pub enum ConfigError {
     },
 }
 
+impl ConfigError {
+    /// The file (or other origin) the error is in, without a line number.
+    pub fn file(&self) -> String {
+        match self {
+            ConfigError::Read { path, .. } => path.display().to_string(),
+            ConfigError::Parse { origin, .. } | ConfigError::Invalid { origin, .. } => {
+                match origin.rsplit_once(':') {
+                    Some((file, line))
+                        if !line.is_empty() && line.bytes().all(|b| b.is_ascii_digit()) =>
+                    {
+                        file.to_string()
+                    }
+                    _ => origin.clone(),
+                }
+            }
+        }
+    }
+}
+
 /// One input record (an event, an import record) that failed validation.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("field `{field}`: {reason}")]

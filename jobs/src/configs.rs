@@ -34,13 +34,14 @@ pub fn validate_dir(
     let mut names = std::collections::HashMap::new();
     for path in paths {
         let origin = path.display().to_string();
-        let result = std::fs::read_to_string(&path)
-            .map_err(|source| ConfigError::Read {
-                path: path.clone(),
-                source,
-            })
-            .and_then(|text| validate_text(&origin, &text, env));
-        match result {
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(source) => {
+                errors.push(ConfigError::Read { path, source });
+                continue;
+            }
+        };
+        match validate_text(&origin, &text, env) {
             Ok((file, connector)) => {
                 if let Some(other) = names.insert(file.name.clone(), origin.clone()) {
                     errors.push(ConfigError::Invalid {
@@ -59,10 +60,98 @@ pub fn validate_dir(
                     connector,
                 });
             }
-            Err(e) => errors.push(e),
+            Err(e) => {
+                let later = later_errors(&origin, &text, &e, env);
+                errors.push(e);
+                errors.extend(later);
+            }
         }
     }
     Ok((ok, errors))
+}
+
+/// The most errors said of one file.
+const MAX_ERRORS_PER_FILE: usize = 10;
+
+/// A file's errors after its `first`, so that one run of `configs validate` shows most of
+/// what is wrong: the invalid field is taken out of the file and the rest validated
+/// again, until it validates, the error is not a field's (a syntax error, a required
+/// field taken out), or [`MAX_ERRORS_PER_FILE`] are found. An error in a table a field
+/// was taken from is taken out unsaid, as it may follow from taking the other (`auth.type`
+/// gone, `auth.key` no longer fits): each error said is one the file has as written.
+fn later_errors(
+    origin: &str,
+    text: &str,
+    first: &ConfigError,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Vec<ConfigError> {
+    let ConfigError::Invalid { field, .. } = first else {
+        return Vec::new();
+    };
+    let Ok(mut table) = text.parse::<toml::Table>() else {
+        return Vec::new();
+    };
+    let mut taken = vec![field.clone()];
+    let mut found = Vec::new();
+    // Each pass takes a field out, so a file has fewer passes than fields; the bound is
+    // for files of thousands of invalid fields.
+    let mut passes = 0;
+    while found.len() + 1 < MAX_ERRORS_PER_FILE && passes < 10 * MAX_ERRORS_PER_FILE {
+        passes += 1;
+        if !take(&mut table, taken.last().map_or("", String::as_str)) {
+            break;
+        }
+        let Ok(rest) = toml::to_string(&table) else {
+            break;
+        };
+        let Err(ConfigError::Invalid {
+            field, expected, ..
+        }) = checked(origin, &rest, env)
+        else {
+            break;
+        };
+        let follows = |t: &String| {
+            let table = t.rsplit_once('.').map_or("", |(table, _)| table);
+            *t == field
+                || t.starts_with(&format!("{field}."))
+                || (!table.is_empty()
+                    && (field == table || field.starts_with(&format!("{table}."))))
+        };
+        if taken.iter().any(follows) {
+            taken.push(field);
+            continue;
+        }
+        found.push(ConfigError::Invalid {
+            origin: match sluice_core::integration::line_of(text, &field) {
+                Some(line) => format!("{origin}:{line}"),
+                None => origin.to_string(),
+            },
+            field: field.clone(),
+            expected,
+        });
+        taken.push(field);
+    }
+    found
+}
+
+/// Removes the value at a dotted path (`source.pagination.size`); false when there is
+/// none (or the path indexes a list).
+fn take(table: &mut toml::Table, path: &str) -> bool {
+    if path.is_empty() || path.contains('[') {
+        return false;
+    }
+    let mut parts: Vec<&str> = path.split('.').collect();
+    let Some(last) = parts.pop() else {
+        return false;
+    };
+    let mut at = table;
+    for p in parts {
+        match at.get_mut(p).and_then(toml::Value::as_table_mut) {
+            Some(t) => at = t,
+            None => return false,
+        }
+    }
+    at.remove(last).is_some()
 }
 
 /// One config file's text, parsed and validated as `validate_dir` validates each file;

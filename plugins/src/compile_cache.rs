@@ -46,7 +46,7 @@ pub enum CompiledFrom {
 impl std::fmt::Display for CompiledFrom {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            CompiledFrom::Memory => f.write_str("compiled earlier in this process"),
+            CompiledFrom::Memory => f.write_str("loaded earlier in this process"),
             CompiledFrom::Disk => f.write_str("read from the compile cache"),
             CompiledFrom::Compiled(d) => write!(f, "compiled in {:.1} s", d.as_secs_f64()),
         }
@@ -83,40 +83,70 @@ impl CompileCache {
 
     /// The component compiled from the bytes with this SHA-256, if an entry holds it.
     pub(crate) fn get(&self, engine: &Engine, sha256: &str) -> Option<Component> {
+        use std::io::Read;
         let path = self.entry(sha256);
-        if !path.exists() {
+        if let Err(why) = std::fs::metadata(&self.dir)
+            .map_err(|e| e.to_string())
+            .and_then(|m| trusted(&m))
+        {
+            if path.exists() {
+                warn_once(
+                    &self.dir,
+                    &format!(
+                        "compile cache `{}` not used: it {why}; plugins are compiled at every load",
+                        self.dir.display()
+                    ),
+                );
+            }
             return None;
         }
-        if let Err(why) = trusted(&self.dir).and_then(|()| trusted(&path)) {
-            warn_once(&path, &why);
-            return None;
-        }
-        let bytes = match std::fs::read(&path) {
-            Ok(b) => b,
+        // What is checked is the file opened, not a path that could be swapped between
+        // the check and the read: whoever could replace the folder could not make a file
+        // that belongs to this user.
+        let mut options = std::fs::File::options();
+        options.read(true).write(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, libc::O_NOFOLLOW);
+        let mut file = match options.open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
             Err(e) => {
-                tracing::warn!(entry = %path.display(), "compile cache: {e}; compiling");
+                tracing::warn!(entry = %path.display(), "compile cache: {e}; compiling it again");
                 return None;
             }
         };
+        if let Err(why) = file.metadata().map_err(|e| e.to_string()).and_then(|m| {
+            if m.is_file() {
+                trusted(&m)
+            } else {
+                Err("is not a file".into())
+            }
+        }) {
+            warn_once(&path, &format!("compile cache entry `{}` not used: it {why}; compiling it again and replacing it", path.display()));
+            return None;
+        }
+        let mut bytes = Vec::new();
+        if let Err(e) = file.read_to_end(&mut bytes) {
+            tracing::warn!(entry = %path.display(), "compile cache: {e}; compiling it again");
+            return None;
+        }
         let Some(code) = checked(&bytes) else {
-            tracing::warn!(entry = %path.display(), "compile cache: the entry is damaged (its checksum does not match); compiling again");
+            tracing::warn!(entry = %path.display(), "compile cache: the entry is damaged (its checksum does not match); compiling it again");
             let _ = std::fs::remove_file(&path);
             return None;
         };
         // SAFETY: the bytes are what `Component::serialize` wrote for this engine's
         // settings (the name carries their hash, and wasmtime checks its own header and
-        // settings again), intact (the trailer's SHA-256), in a folder only this user may
-        // write.
+        // settings again), intact (the trailer's SHA-256), read from a file of this user
+        // that nobody else may write.
         match unsafe { Component::deserialize(engine, code) } {
             Ok(c) => {
                 // Used now: the age and size limits keep what is in use.
-                if let Ok(f) = std::fs::File::options().write(true).open(&path) {
-                    let _ = f.set_modified(SystemTime::now());
-                }
+                let _ = file.set_modified(SystemTime::now());
                 Some(c)
             }
             Err(e) => {
-                tracing::warn!(entry = %path.display(), "compile cache: the entry does not load ({e:#}); compiling again");
+                tracing::warn!(entry = %path.display(), "compile cache: the entry does not load ({e:#}); compiling it again");
                 let _ = std::fs::remove_file(&path);
                 None
             }
@@ -125,13 +155,19 @@ impl CompileCache {
 
     /// Keeps `component` (compiled from the bytes with this SHA-256) for later loads.
     pub(crate) fn put(&self, sha256: &str, component: &Component) {
-        if let Err(e) = self.write(sha256, component) {
-            tracing::warn!(dir = %self.dir.display(), "compile cache: not written: {e:#}");
+        match self.write(sha256, component) {
+            // Only a folder this process wrote to is pruned: one it refused may be
+            // someone else's.
+            Ok(true) => self.prune(&self.entry(sha256)),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(dir = %self.dir.display(), "compile cache: not written: {e:#}")
+            }
         }
-        self.prune(&self.entry(sha256));
     }
 
-    fn write(&self, sha256: &str, component: &Component) -> anyhow::Result<()> {
+    /// Whether an entry was written (not when the folder cannot hold one).
+    fn write(&self, sha256: &str, component: &Component) -> anyhow::Result<bool> {
         // Only the cache folder itself is made: a command run where the plugin folder
         // does not exist (`plugin test --wasm` anywhere) leaves no folders behind.
         let mut builder = std::fs::DirBuilder::new();
@@ -142,13 +178,22 @@ impl CompileCache {
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 tracing::debug!(dir = %self.dir.display(), "compile cache: its parent folder does not exist; not written");
-                return Ok(());
+                return Ok(false);
             }
             Err(e) => return Err(e.into()),
         }
-        if let Err(why) = trusted(&self.dir) {
-            warn_once(&self.dir, &why);
-            return Ok(());
+        if let Err(why) = std::fs::metadata(&self.dir)
+            .map_err(|e| e.to_string())
+            .and_then(|m| trusted(&m))
+        {
+            warn_once(
+                &self.dir,
+                &format!(
+                    "compile cache `{}` not used: it {why}; plugins are compiled at every load",
+                    self.dir.display()
+                ),
+            );
+            return Ok(false);
         }
         let mut bytes = component.serialize()?;
         let sum = Sha256::digest(&bytes);
@@ -170,7 +215,8 @@ impl CompileCache {
         if written.is_err() {
             let _ = std::fs::remove_file(&temp);
         }
-        Ok(written?)
+        written?;
+        Ok(true)
     }
 
     /// Removes entries unused for [`MAX_AGE`], then the least recently used beyond
@@ -224,17 +270,17 @@ fn checked(bytes: &[u8]) -> Option<&[u8]> {
     (Sha256::digest(code).as_slice() == sum).then_some(code)
 }
 
-/// Whether `path` belongs to the user this process runs as, and nobody else may write it:
-/// an entry is run as machine code, so one another user could have written is not used.
+/// Whether a file or folder belongs to the user this process runs as, and nobody else
+/// may write it: an entry is run as machine code, so one another user could have written
+/// is not used.
 #[cfg(unix)]
-fn trusted(path: &Path) -> Result<(), String> {
+fn trusted(meta: &std::fs::Metadata) -> Result<(), String> {
     use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
     // SAFETY: geteuid has no preconditions and cannot fail.
     let me = unsafe { libc::geteuid() };
     if meta.uid() != me {
         return Err(format!(
-            "belongs to uid {}, not to the user Sluice runs as (uid {me})",
+            "belongs to uid {}, not to the user Sluice runs as (uid {me}): `chown` it to that user, or remove it",
             meta.uid()
         ));
     }
@@ -248,20 +294,17 @@ fn trusted(path: &Path) -> Result<(), String> {
 }
 
 #[cfg(not(unix))]
-fn trusted(_: &Path) -> Result<(), String> {
+fn trusted(_: &std::fs::Metadata) -> Result<(), String> {
     Ok(())
 }
 
 /// A folder or entry that is not used is said once per process.
-fn warn_once(path: &Path, why: &str) {
+fn warn_once(path: &Path, message: &str) {
     static SAID: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
     let mut said = SAID.lock().unwrap_or_else(|p| p.into_inner());
     if !said.iter().any(|p| p == path) {
         said.push(path.to_path_buf());
-        tracing::warn!(
-            "compile cache not used: `{}` {why}; plugins are compiled at every load",
-            path.display()
-        );
+        tracing::warn!("{message}");
     }
 }
 

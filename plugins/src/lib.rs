@@ -500,8 +500,8 @@ impl PluginHost {
         })
     }
 
-    /// Keeps compiled components in `dir` (created if missing), so other processes load
-    /// them without compiling (see `compile_cache.rs`).
+    /// Keeps compiled components in `dir` (created if missing and its parent exists), so
+    /// other processes load them without compiling (see `compile_cache.rs`).
     pub fn with_compile_cache(mut self, dir: impl Into<PathBuf>) -> Self {
         self.disk = Some(Arc::new(compile_cache::CompileCache::new(
             dir.into(),

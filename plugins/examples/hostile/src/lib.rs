@@ -13,7 +13,8 @@
 //! string "bad"), `nul-key-on-bad` (gives a record holding "bad" a `metadata.context` key
 //! with a NUL, which BSON cannot store), `break-by-tag` (by a tracking event's `properties.tag`: `bloat` adds 1 MiB, `dollar` a `$` key in
 //! `metadata.context`, `retype` makes `timestamp` a word, `dated` adds a date property), `long-reason` (fails each record with a 2 MiB reason holding a newline), `vandal` (drops or blanks an import's key, adds a
-//! `$`, dotted or reserved field name, on records titled t1 to t5) and `ok` (returns every
+//! `$`, dotted or reserved field name, on records titled t1 to t5; both bad names on one
+//! titled `two-bad-names`) and `ok` (returns every
 //! record).
 
 use std::cell::RefCell;
@@ -105,7 +106,7 @@ fn misbehave(mode: &str, record: String) -> Result<Vec<String>, String> {
         }
         "long-reason" => Err(format!("line one\nforged line {}", "x".repeat(2 << 20))),
         "vandal" => {
-            // Breaks the import's rules on records titled t1 to t6.
+            // Breaks the import's rules on records titled t1 to t5, and `two-bad-names`.
             let mut v = serde_json_lite(&record);
             match v["title"].as_str().unwrap_or("") {
                 "t1" => {
@@ -117,7 +118,7 @@ fn misbehave(mode: &str, record: String) -> Result<Vec<String>, String> {
                 "t3" => v["a.b"] = json!(1),
                 "t4" => v["thingId"] = json!(" "),
                 "t5" => v["createdAt"] = json!(1),
-                "t6" => {
+                "two-bad-names" => {
                     v["$where"] = json!(1);
                     v["a.b"] = json!(1);
                 }
