@@ -1923,7 +1923,7 @@ pub fn plugin_test(
         plugin.sha256(),
         plugin.compiled_from()
     );
-    let (mut outputs, mut failures) = (0, 0);
+    let (mut outputs, mut failures, mut dropped) = (0, 0, 0);
     let batch_size = batch_size.max(1);
     for (n, batch) in records.chunks(batch_size).enumerate() {
         match plugin.run_batch(batch) {
@@ -1950,12 +1950,14 @@ pub fn plugin_test(
                     eprintln!("record {}: failed: {reason}", n * batch_size + i + 1);
                 }
                 failures += out.failed.len();
+                dropped += out.dropped;
                 eprintln!(
-                    "batch {}: {} records in, {} out, {} failed, {:.2} ms",
+                    "batch {}: {} records in, {} out, {} failed, {} dropped, {:.2} ms",
                     n + 1,
                     batch.len(),
                     out.records.len(),
                     out.failed.len(),
+                    out.dropped,
                     out.elapsed.as_secs_f64() * 1000.0
                 );
             }
@@ -1979,7 +1981,7 @@ pub fn plugin_test(
         }
     }
     eprintln!(
-        "{} records in, {outputs} out, {failures} failed",
+        "{} records in, {outputs} out, {failures} failed, {dropped} dropped",
         records.len()
     );
     // A script checking a plugin learns that it failed from the exit code.

@@ -354,7 +354,27 @@ fn plugin_test_prints_outputs_failures_and_timing() {
         "{stderr}"
     );
     assert!(
-        stderr.contains("batch 1: 2 records in, 1 out, 1 failed"),
+        stderr.contains("batch 1: 2 records in, 1 out, 1 failed, 0 dropped"),
+        "{stderr}"
+    );
+    // A record the plugin filters out is counted as dropped.
+    let input = write_temp(
+        "records.ndjson",
+        "{\"eventType\":\"PAGE_VIEW\",\"metadata\":{\"bot\":true}}\n{\"eventType\":\"PAGE_VIEW\",\"metadata\":{\"bot\":false}}\n",
+    );
+    let out = sluice()
+        .arg("--config")
+        .arg(&config)
+        .args(["plugin", "test", "bot-filter", "--input"])
+        .arg(&input)
+        .env("SLUICE_LOG_LEVEL", "warn")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("batch 1: 2 records in, 1 out, 0 failed, 1 dropped")
+            && stderr.contains("2 records in, 1 out, 0 failed, 1 dropped"),
         "{stderr}"
     );
 }

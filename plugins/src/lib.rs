@@ -880,6 +880,8 @@ pub struct BatchOutput {
     pub records: Vec<Record>,
     /// (index in the batch, reason) of records the plugin failed.
     pub failed: Vec<(usize, String)>,
+    /// Input records the plugin returned nothing for (filtered out).
+    pub dropped: usize,
     pub elapsed: Duration,
 }
 
@@ -1099,7 +1101,10 @@ impl WasmTransform {
         for (index, outcome) in outcomes.into_iter().enumerate() {
             match outcome {
                 Outcome::Keep => out.records.push(batch[index].clone()),
-                Outcome::Records(records) => out.records.extend(records),
+                Outcome::Records(records) => {
+                    out.dropped += usize::from(records.is_empty());
+                    out.records.extend(records)
+                }
                 Outcome::Failed(reason) => out.failed.push((index, reason)),
             }
         }
