@@ -1661,7 +1661,8 @@ pub fn plugin_install(
     // It must load and configure as it will run, its new version too, or nothing is
     // installed.
     let staged = stage_plugin(dir, name, (file, &bytes), version)?;
-    let loaded = plugin_host(config)?.load(
+    let host = plugin_host(config)?;
+    let loaded = host.load(
         &staged.0,
         name,
         plugin_config(config, name),
@@ -1724,6 +1725,10 @@ pub fn plugin_install(
     std::fs::create_dir_all(dir).with_context(|| format!("`{}`", dir.display()))?;
     write_in_place(&dir.join(&wasm), &bytes)?;
     write_in_place(&manifest_path, text.as_bytes())?;
+    // The check's compile could not be kept if the plugin folder did not exist yet.
+    if created {
+        host.keep_compiled(&sha256);
+    }
 
     // One component back is kept; older ones this command installed go, unless a
     // manifest of the folder names them (a plugin whose own name looks like this one's

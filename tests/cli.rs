@@ -853,6 +853,11 @@ fn plugin_install_puts_a_build_in_place_once_it_loads_and_keeps_the_manifest() {
         String::from_utf8_lossy(&out.stdout).contains("did not exist and was created"),
         "{out:?}"
     );
+    // And the check's compile is kept in it all the same, for the first run.
+    assert!(std::fs::read_dir(dir.join(".compiled"))
+        .unwrap()
+        .filter_map(Result::ok)
+        .any(|e| e.file_name().to_string_lossy().starts_with(&first)));
     assert_eq!(
         files(),
         sorted(vec![component(&first), "noop.toml".to_string()])

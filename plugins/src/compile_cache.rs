@@ -153,6 +153,13 @@ impl CompileCache {
         }
     }
 
+    /// [`CompileCache::put`], unless an entry is there already.
+    pub(crate) fn put_if_absent(&self, sha256: &str, component: &Component) {
+        if !self.entry(sha256).exists() {
+            self.put(sha256, component);
+        }
+    }
+
     /// Keeps `component` (compiled from the bytes with this SHA-256) for later loads.
     pub(crate) fn put(&self, sha256: &str, component: &Component) {
         match self.write(sha256, component) {

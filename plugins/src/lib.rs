@@ -510,6 +510,23 @@ impl PluginHost {
         self
     }
 
+    /// Writes this process's compile of the component with this SHA-256 to the compile
+    /// cache, if it has one and the cache has not: for a build loaded before the cache
+    /// folder could be made (`plugin install` making the plugin folder).
+    pub fn keep_compiled(&self, sha256: &str) {
+        let Some(disk) = &self.disk else { return };
+        let component = self
+            .compiled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .find(|(hash, _)| hash.eq_ignore_ascii_case(sha256))
+            .map(|(_, c)| c.clone());
+        if let Some(c) = component {
+            disk.put_if_absent(sha256, &c);
+        }
+    }
+
     /// Compiled components held (one per plugin file loaded).
     pub fn compiled_components(&self) -> usize {
         self.compiled
