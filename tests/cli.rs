@@ -1148,7 +1148,7 @@ fn configs_validate_lists_good_files_and_names_the_bad_ones() {
     // whose other field is wrong is not (it may be wrong only because of the other).
     std::fs::write(
         dir.join("many.toml"),
-        "name = \"many\"\ntype = \"IMPORT\"\nendpoint = \"https://api.example.com/items\"\nschedule = \"every day\"\ntimezone = \"Mars/Olympus\"\n\n[source]\nrecords = \"$.items[*]\"\ntimeout_seconds = 0\n\n[source.pagination]\ntype = \"page\"\nsize = 0\n\n[target]\ncollection = \"products\"\nkey = \"sku\"\n\n[mapping.sku]\npath = \"$.id\"\ntype = \"text\"\n\n[mapping.price]\npath = \"$.price\"\ntype = \"number\"\nformat = \"%Y\"\n\n[mapping.when]\npath = \"$.t\"\ntype = \"dat\"\nformat = \"%Y-%m-%d\"\n",
+        "name = \"many\"\ntype = \"IMPORT\"\nendpoint = \"https://api.example.com/items\"\nschedule = \"every day\"\ntimezone = \"Mars/Olympus\"\n\n[source]\nrecords = \"$.items[*]\"\ntimeout_seconds = 0\n\n[source.pagination]\ntype = \"page\"\nsize = 0\n\n[target]\ncollection = \"products\"\nkey = \"sku\"\n\n[mapping.sku]\npath = \"$.id\"\ntype = \"text\"\n\n[mapping.price]\npath = \"$.price\"\ntype = \"number\"\nformat = \"%Y\"\n\n[mapping.when]\npath = \"$.t\"\ntype = \"dat\"\nformat = \"%Y-%m-%d\"\n\n[mapping.amount]\npath = \"$..[?(@.total\"\n",
     )
     .unwrap();
     let out = sluice()
@@ -1168,6 +1168,9 @@ fn configs_validate_lists_good_files_and_names_the_bad_ones() {
         (21, "mapping.sku.type"),
         (26, "mapping.price.format"),
         (30, "mapping.when.type"),
+        // A bad path is named, and the mappings after it in the check still are (the
+        // path is required: its mapping is set aside whole).
+        (34, "mapping.amount.path"),
     ] {
         assert!(
             many.iter()
@@ -1187,9 +1190,22 @@ fn configs_validate_lists_good_files_and_names_the_bad_ones() {
         !many.iter().any(|l| l.contains("mapping.when.format")),
         "{many:#?}"
     );
-    assert_eq!(many.len(), 8, "{many:#?}");
+    assert_eq!(many.len(), 9, "{many:#?}");
+    // In the file's order, the one with no line last.
+    let lines: Vec<usize> = many
+        .iter()
+        .map(|l| {
+            l.split("many.toml")
+                .nth(1)
+                .and_then(|r| r.strip_prefix(':'))
+                .and_then(|r| r.split(':').next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(usize::MAX)
+        })
+        .collect();
+    assert!(lines.windows(2).all(|w| w[0] <= w[1]), "{many:#?}");
     assert!(
-        stderr.contains("3 invalid config file(s) (10 error(s))"),
+        stderr.contains("3 invalid config file(s) (11 error(s))"),
         "{stderr}"
     );
     assert!(stdout.contains("good.toml"), "{stdout}");

@@ -596,6 +596,15 @@ fn a_compiled_component_is_kept_on_disk_for_other_processes_and_checked_before_u
             load(&host().with_compile_cache(&cache)).compiled_from(),
             CompiledFrom::Disk
         );
+        // A cache made read-only (as baked into an image) is read (the bug this guards
+        // against, opening entries for writing, shows only when not run as root).
+        std::fs::set_permissions(&entry, std::fs::Permissions::from_mode(0o400)).unwrap();
+        std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o500)).unwrap();
+        assert_eq!(
+            load(&host().with_compile_cache(&cache)).compiled_from(),
+            CompiledFrom::Disk
+        );
+        std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o700)).unwrap();
     }
     std::fs::remove_dir_all(cache.parent().unwrap()).unwrap();
 }

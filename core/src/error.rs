@@ -23,6 +23,16 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
+    /// The line of its file the error names, if any.
+    pub fn line(&self) -> Option<usize> {
+        match self {
+            ConfigError::Parse { origin, .. } | ConfigError::Invalid { origin, .. } => {
+                origin.rsplit_once(':')?.1.parse().ok()
+            }
+            ConfigError::Read { .. } => None,
+        }
+    }
+
     /// The file (or other origin) the error is in, without a line number.
     pub fn file(&self) -> String {
         match self {

@@ -61,9 +61,11 @@ pub fn validate_dir(
                 });
             }
             Err(e) => {
-                let later = later_errors(&origin, &text, &e, env);
-                errors.push(e);
-                errors.extend(later);
+                let mut all = later_errors(&origin, &text, &e, env);
+                all.insert(0, e);
+                // In the file's order; those without a line (a field missing) last.
+                all.sort_by_key(|e| e.line().unwrap_or(usize::MAX));
+                errors.extend(all);
             }
         }
     }
@@ -78,7 +80,9 @@ const MAX_ERRORS_PER_FILE: usize = 10;
 /// again, until it validates, the error is not a field's (a syntax error, a required
 /// field taken out), or [`MAX_ERRORS_PER_FILE`] are found. An error in a table a field
 /// was taken from is taken out unsaid, as it may follow from taking the other (`auth.type`
-/// gone, `auth.key` no longer fits): each error said is one the file has as written.
+/// gone, `auth.key` no longer fits): each error said is one the file has as written. A
+/// required field taken out (a mapping's `path`) leaves its table unreadable: the table
+/// is taken out instead, and errors in it, or naming it, are not said.
 fn later_errors(
     origin: &str,
     text: &str,
@@ -91,45 +95,69 @@ fn later_errors(
     let Ok(mut table) = text.parse::<toml::Table>() else {
         return Vec::new();
     };
-    let mut taken = vec![field.clone()];
+    // What was set aside: a field (an error in its table may follow from it), or, when
+    // setting a required field aside left its table unreadable, that table whole (an
+    // error inside it, or naming it, may follow).
+    let mut taken: Vec<(String, bool)> = vec![(field.clone(), false)];
     let mut found = Vec::new();
-    // Each pass takes a field out, so a file has fewer passes than fields; the bound is
-    // for files of thousands of invalid fields.
+    if !take(&mut table, field) {
+        return found;
+    }
+    // Each pass sets something aside, so a file has fewer passes than fields; the bound
+    // is for files of thousands of invalid fields.
     let mut passes = 0;
     while found.len() + 1 < MAX_ERRORS_PER_FILE && passes < 10 * MAX_ERRORS_PER_FILE {
         passes += 1;
-        if !take(&mut table, taken.last().map_or("", String::as_str)) {
-            break;
-        }
         let Ok(rest) = toml::to_string(&table) else {
             break;
         };
-        let Err(ConfigError::Invalid {
-            field, expected, ..
-        }) = checked(origin, &rest, env)
-        else {
+        let next = match checked(origin, &rest, env) {
+            Ok(_) => break,
+            Err(ConfigError::Invalid {
+                field, expected, ..
+            }) => {
+                let follows = |(t, whole): &(String, bool)| {
+                    let within = |table: &str| {
+                        !table.is_empty()
+                            && (field == table || field.starts_with(&format!("{table}.")))
+                    };
+                    *t == field
+                        || t.starts_with(&format!("{field}."))
+                        || if *whole {
+                            within(t)
+                        } else {
+                            within(t.rsplit_once('.').map_or("", |(table, _)| table))
+                        }
+                };
+                if !taken.iter().any(follows) {
+                    found.push(ConfigError::Invalid {
+                        origin: match sluice_core::integration::line_of(text, &field) {
+                            Some(line) => format!("{origin}:{line}"),
+                            None => origin.to_string(),
+                        },
+                        field: field.clone(),
+                        expected,
+                    });
+                }
+                (field, false)
+            }
+            // Not a field's error: most likely the field last set aside is required
+            // (a mapping's `path`). Its table is set aside instead, once.
+            Err(_) => {
+                let Some((table, _)) = taken
+                    .last()
+                    .filter(|(_, whole)| !whole)
+                    .and_then(|(t, _)| t.rsplit_once('.'))
+                else {
+                    break;
+                };
+                (table.to_string(), true)
+            }
+        };
+        if !take(&mut table, &next.0) {
             break;
-        };
-        let follows = |t: &String| {
-            let table = t.rsplit_once('.').map_or("", |(table, _)| table);
-            *t == field
-                || t.starts_with(&format!("{field}."))
-                || (!table.is_empty()
-                    && (field == table || field.starts_with(&format!("{table}."))))
-        };
-        if taken.iter().any(follows) {
-            taken.push(field);
-            continue;
         }
-        found.push(ConfigError::Invalid {
-            origin: match sluice_core::integration::line_of(text, &field) {
-                Some(line) => format!("{origin}:{line}"),
-                None => origin.to_string(),
-            },
-            field: field.clone(),
-            expected,
-        });
-        taken.push(field);
+        taken.push(next);
     }
     found
 }

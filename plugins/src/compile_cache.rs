@@ -85,26 +85,15 @@ impl CompileCache {
     pub(crate) fn get(&self, engine: &Engine, sha256: &str) -> Option<Component> {
         use std::io::Read;
         let path = self.entry(sha256);
-        if let Err(why) = std::fs::metadata(&self.dir)
-            .map_err(|e| e.to_string())
-            .and_then(|m| trusted(&m))
-        {
-            if path.exists() {
-                warn_once(
-                    &self.dir,
-                    &format!(
-                        "compile cache `{}` not used: it {why}; plugins are compiled at every load",
-                        self.dir.display()
-                    ),
-                );
-            }
+        if self.folder_refused() {
             return None;
         }
         // What is checked is the file opened, not a path that could be swapped between
         // the check and the read: whoever could replace the folder could not make a file
         // that belongs to this user.
         let mut options = std::fs::File::options();
-        options.read(true).write(true);
+        // Read only: a cache baked into a read-only image, or made read-only, is read.
+        options.read(true);
         #[cfg(unix)]
         std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, libc::O_NOFOLLOW);
         let mut file = match options.open(&path) {
@@ -142,13 +131,37 @@ impl CompileCache {
         match unsafe { Component::deserialize(engine, code) } {
             Ok(c) => {
                 // Used now: the age and size limits keep what is in use.
-                let _ = file.set_modified(SystemTime::now());
+                // (Opened again for it: the entry was opened read-only.)
+                if let Ok(f) = std::fs::File::options().write(true).open(&path) {
+                    let _ = f.set_modified(SystemTime::now());
+                }
                 Some(c)
             }
             Err(e) => {
                 tracing::warn!(entry = %path.display(), "compile cache: the entry does not load ({e:#}); compiling it again");
                 let _ = std::fs::remove_file(&path);
                 None
+            }
+        }
+    }
+
+    /// Whether the folder cannot be used: missing (silently), or not this user's alone
+    /// (said once).
+    fn folder_refused(&self) -> bool {
+        let Ok(meta) = std::fs::metadata(&self.dir) else {
+            return true;
+        };
+        match trusted(&meta) {
+            Ok(()) => false,
+            Err(why) => {
+                warn_once(
+                    &self.dir,
+                    &format!(
+                        "compile cache `{}` not used: it {why}; plugins are compiled at every load",
+                        self.dir.display()
+                    ),
+                );
+                true
             }
         }
     }
@@ -167,9 +180,13 @@ impl CompileCache {
             // someone else's.
             Ok(true) => self.prune(&self.entry(sha256)),
             Ok(false) => {}
-            Err(e) => {
-                tracing::warn!(dir = %self.dir.display(), "compile cache: not written: {e:#}")
-            }
+            Err(e) => warn_once(
+                &self.dir,
+                &format!(
+                    "compile cache `{}`: not written ({e:#}): plugins are compiled at every load; point `[plugins] compile_cache` at a folder Sluice may write, or set it to \"\"",
+                    self.dir.display()
+                ),
+            ),
         }
     }
 
@@ -189,17 +206,7 @@ impl CompileCache {
             }
             Err(e) => return Err(e.into()),
         }
-        if let Err(why) = std::fs::metadata(&self.dir)
-            .map_err(|e| e.to_string())
-            .and_then(|m| trusted(&m))
-        {
-            warn_once(
-                &self.dir,
-                &format!(
-                    "compile cache `{}` not used: it {why}; plugins are compiled at every load",
-                    self.dir.display()
-                ),
-            );
+        if self.folder_refused() {
             return Ok(false);
         }
         let mut bytes = component.serialize()?;
@@ -287,7 +294,7 @@ fn trusted(meta: &std::fs::Metadata) -> Result<(), String> {
     let me = unsafe { libc::geteuid() };
     if meta.uid() != me {
         return Err(format!(
-            "belongs to uid {}, not to the user Sluice runs as (uid {me}): `chown` it to that user, or remove it",
+            "belongs to uid {}, not to the user Sluice runs as (uid {me}): `chown` it to that user, or point `[plugins] compile_cache` at a folder of that user's",
             meta.uid()
         ));
     }
