@@ -1111,6 +1111,17 @@ pub fn configs_validate(
     for e in &errors {
         eprintln!("error: {e}");
     }
+    let mut per_file = std::collections::BTreeMap::<String, usize>::new();
+    for e in &errors {
+        *per_file.entry(e.file()).or_default() += 1;
+    }
+    for (file, n) in per_file {
+        if n >= sluice_jobs::configs::MAX_ERRORS_PER_FILE {
+            eprintln!(
+                "note: {file}: the first {n} errors found; it may have more (fix these and run again)"
+            );
+        }
+    }
     for v in &valid {
         println!(
             "ok    {} ({} {}, {} fields{})",

@@ -1204,6 +1204,30 @@ fn configs_validate_lists_good_files_and_names_the_bad_ones() {
         })
         .collect();
     assert!(lines.windows(2).all(|w| w[0] <= w[1]), "{many:#?}");
+    assert!(!stderr.contains("may have more"), "{stderr}");
+    // Past ten, a note says more may be left.
+    let twelve = dir.join("twelve");
+    std::fs::create_dir_all(&twelve).unwrap();
+    let mappings: String = (1..=12)
+        .map(|i| format!("\n[mapping.f{i:02}]\npath = \"$.f\"\ntype = \"txt\"\n"))
+        .collect();
+    std::fs::write(
+        twelve.join("twelve.toml"),
+        format!("name = \"twelve\"\ntype = \"IMPORT\"\nendpoint = \"https://api.example.com/items\"\n\n[target]\ncollection = \"things\"\nkey = \"f01\"\n{mappings}"),
+    )
+    .unwrap();
+    let out = sluice()
+        .args(["configs", "validate"])
+        .arg(&twelve)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(said.matches("error: ").count(), 11, "{said}");
+    assert!(
+        said.contains("twelve.toml: the first 10 errors found; it may have more")
+            && said.contains("1 invalid config file(s) (10 error(s))"),
+        "{said}"
+    );
     assert!(
         stderr.contains("3 invalid config file(s) (11 error(s))"),
         "{stderr}"

@@ -73,7 +73,7 @@ pub fn validate_dir(
 }
 
 /// The most errors said of one file.
-const MAX_ERRORS_PER_FILE: usize = 10;
+pub const MAX_ERRORS_PER_FILE: usize = 10;
 
 /// A file's errors after its `first`, so that one run of `configs validate` shows most of
 /// what is wrong: the invalid field is taken out of the file and the rest validated
