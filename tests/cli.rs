@@ -1151,6 +1151,13 @@ fn configs_validate_lists_good_files_and_names_the_bad_ones() {
         "name = \"many\"\ntype = \"IMPORT\"\nendpoint = \"https://api.example.com/items\"\nschedule = \"every day\"\ntimezone = \"Mars/Olympus\"\n\n[source]\nrecords = \"$.items[*]\"\ntimeout_seconds = 0\n\n[source.pagination]\ntype = \"page\"\nsize = 0\n\n[target]\ncollection = \"products\"\nkey = \"sku\"\n\n[mapping.sku]\npath = \"$.id\"\ntype = \"text\"\n\n[mapping.price]\npath = \"$.price\"\ntype = \"number\"\nformat = \"%Y\"\n\n[mapping.when]\npath = \"$.t\"\ntype = \"dat\"\nformat = \"%Y-%m-%d\"\n\n[mapping.amount]\npath = \"$..[?(@.total\"\n",
     )
     .unwrap();
+    // A file reusing another's name is told so at its `name` line, with its other errors.
+    std::fs::write(
+        dir.join("zz-dup.toml"),
+        format!("timezone = \"Mars/Olympus\"\n{good}"),
+    )
+    .unwrap();
+    let name_line = 2 + good.lines().position(|l| l.starts_with("name = ")).unwrap();
     let out = sluice()
         .args(["configs", "validate"])
         .arg(&dir)
@@ -1159,6 +1166,13 @@ fn configs_validate_lists_good_files_and_names_the_bad_ones() {
     assert_eq!(out.status.code(), Some(2));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "zz-dup.toml:{name_line}: field `name`: expected a unique name"
+        )) && stderr.contains("good.toml)")
+            && stderr.contains("zz-dup.toml:1: field `timezone`"),
+        "{stderr}"
+    );
     let many: Vec<&str> = stderr.lines().filter(|l| l.contains("many.toml")).collect();
     for (line, field) in [
         (4, "schedule"),
@@ -1229,7 +1243,7 @@ fn configs_validate_lists_good_files_and_names_the_bad_ones() {
         "{said}"
     );
     assert!(
-        stderr.contains("3 invalid config file(s) (11 error(s))"),
+        stderr.contains("4 invalid config file(s) (13 error(s))"),
         "{stderr}"
     );
     assert!(stdout.contains("good.toml"), "{stdout}");

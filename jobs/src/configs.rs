@@ -41,33 +41,40 @@ pub fn validate_dir(
                 continue;
             }
         };
-        match validate_text(&origin, &text, env) {
-            Ok((file, connector)) => {
-                if let Some(other) = names.insert(file.name.clone(), origin.clone()) {
-                    errors.push(ConfigError::Invalid {
-                        origin,
-                        field: "name".into(),
-                        expected: format!(
-                            "a unique name (`{}` is also used by {other})",
-                            file.name
-                        ),
-                    });
-                    continue;
-                }
+        // A name used twice is said of any file that parses, valid or not, at its line.
+        let duplicate = sluice_core::integration::parse_file(&origin, &text)
+            .ok()
+            .and_then(|file| {
+                let other = names.insert(file.name.clone(), origin.clone())?;
+                Some(ConfigError::Invalid {
+                    origin: match sluice_core::integration::line_of(&text, "name") {
+                        Some(line) => format!("{origin}:{line}"),
+                        None => origin.clone(),
+                    },
+                    field: "name".into(),
+                    expected: format!("a unique name (`{}` is also used by {other})", file.name),
+                })
+            });
+        let mut all = match validate_text(&origin, &text, env) {
+            Ok((file, connector)) if duplicate.is_none() => {
                 ok.push(ValidFile {
                     path,
                     file,
                     connector,
                 });
+                continue;
             }
+            Ok(_) => Vec::new(),
             Err(e) => {
                 let mut all = later_errors(&origin, &text, &e, env);
                 all.insert(0, e);
-                // In the file's order; those without a line (a field missing) last.
-                all.sort_by_key(|e| e.line().unwrap_or(usize::MAX));
-                errors.extend(all);
+                all
             }
-        }
+        };
+        all.extend(duplicate);
+        // In the file's order; those without a line (a field missing) last.
+        all.sort_by_key(|e| e.line().unwrap_or(usize::MAX));
+        errors.extend(all);
     }
     Ok((ok, errors))
 }
