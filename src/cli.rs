@@ -1115,7 +1115,7 @@ pub fn configs_validate(
     for e in &errors {
         *per_file.entry(e.file()).or_default() += 1;
     }
-    for (file, n) in per_file {
+    for (file, &n) in &per_file {
         if n >= sluice_jobs::configs::MAX_ERRORS_PER_FILE {
             eprintln!(
                 "note: {file}: the first {n} errors found; it may have more (fix these and run again)"
@@ -1136,11 +1136,10 @@ pub fn configs_validate(
                 .unwrap_or_default()
         );
     }
-    let files: std::collections::BTreeSet<String> = errors.iter().map(|e| e.file()).collect();
     anyhow::ensure!(
         errors.is_empty(),
         "{} invalid config file(s) ({} error(s))",
-        files.len(),
+        per_file.len(),
         errors.len()
     );
     Ok(valid)

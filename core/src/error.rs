@@ -25,26 +25,26 @@ pub enum ConfigError {
 impl ConfigError {
     /// The line of its file the error names, if any.
     pub fn line(&self) -> Option<usize> {
-        match self {
-            ConfigError::Parse { origin, .. } | ConfigError::Invalid { origin, .. } => {
-                origin.rsplit_once(':')?.1.parse().ok()
-            }
-            ConfigError::Read { .. } => None,
-        }
+        self.place().1
     }
 
     /// The file (or other origin) the error is in, without a line number.
     pub fn file(&self) -> String {
+        self.place().0
+    }
+
+    /// The file and the line (`path:12`) the error names.
+    fn place(&self) -> (String, Option<usize>) {
         match self {
-            ConfigError::Read { path, .. } => path.display().to_string(),
+            ConfigError::Read { path, .. } => (path.display().to_string(), None),
             ConfigError::Parse { origin, .. } | ConfigError::Invalid { origin, .. } => {
                 match origin.rsplit_once(':') {
                     Some((file, line))
                         if !line.is_empty() && line.bytes().all(|b| b.is_ascii_digit()) =>
                     {
-                        file.to_string()
+                        (file.to_string(), line.parse().ok())
                     }
-                    _ => origin.clone(),
+                    _ => (origin.clone(), None),
                 }
             }
         }

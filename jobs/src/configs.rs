@@ -41,21 +41,23 @@ pub fn validate_dir(
                 continue;
             }
         };
+        let validated = validate_text(&origin, &text, env);
         // A name used twice is said of any file that parses, valid or not, at its line.
-        let duplicate = sluice_core::integration::parse_file(&origin, &text)
-            .ok()
-            .and_then(|file| {
-                let other = names.insert(file.name.clone(), origin.clone())?;
-                Some(ConfigError::Invalid {
-                    origin: match sluice_core::integration::line_of(&text, "name") {
-                        Some(line) => format!("{origin}:{line}"),
-                        None => origin.clone(),
-                    },
-                    field: "name".into(),
-                    expected: format!("a unique name (`{}` is also used by {other})", file.name),
-                })
-            });
-        let mut all = match validate_text(&origin, &text, env) {
+        let name = match &validated {
+            Ok((file, _)) => Some(file.name.clone()),
+            Err(_) => sluice_core::integration::parse_file(&origin, &text)
+                .ok()
+                .map(|file| file.name),
+        };
+        let duplicate = name.and_then(|name| {
+            let other = names.insert(name.clone(), origin.clone())?;
+            Some(ConfigError::Invalid {
+                origin: at_line(&origin, &text, "name"),
+                field: "name".into(),
+                expected: format!("a unique name (`{name}` is also used by {other})"),
+            })
+        });
+        let mut all = match validated {
             Ok((file, connector)) if duplicate.is_none() => {
                 ok.push(ValidFile {
                     path,
@@ -77,6 +79,14 @@ pub fn validate_dir(
         errors.extend(all);
     }
     Ok((ok, errors))
+}
+
+/// `origin`, with the line of `text` that sets `field` (or its table's header), if found.
+fn at_line(origin: &str, text: &str, field: &str) -> String {
+    match sluice_core::integration::line_of(text, field) {
+        Some(line) => format!("{origin}:{line}"),
+        None => origin.to_string(),
+    }
 }
 
 /// The most errors said of one file.
@@ -138,10 +148,7 @@ fn later_errors(
                 };
                 if !taken.iter().any(follows) {
                     found.push(ConfigError::Invalid {
-                        origin: match sluice_core::integration::line_of(text, &field) {
-                            Some(line) => format!("{origin}:{line}"),
-                            None => origin.to_string(),
-                        },
+                        origin: at_line(origin, text, &field),
                         field: field.clone(),
                         expected,
                     });
@@ -204,10 +211,7 @@ pub fn validate_text(
             field,
             expected,
         } => ConfigError::Invalid {
-            origin: match sluice_core::integration::line_of(text, &field) {
-                Some(line) => format!("{origin}:{line}"),
-                None => origin,
-            },
+            origin: at_line(&origin, text, &field),
             field,
             expected,
         },

@@ -658,11 +658,12 @@ async fn without_events(
     }
     // By id alone: a claim in doubt most likely has no event, which only a lookup by id
     // alone can say (one an earlier version took over may have it at another time).
-    let wanted: Vec<(&str, Option<DateTime>)> =
-        claims.iter().map(|c| (c.event_id.as_str(), None)).collect();
-    let found =
-        super::ledger::events_held(store, &wanted, Duration::ZERO, "look up claimed events")
-            .await?;
+    let found = super::ledger::events_held_by_id(
+        store,
+        claims.iter().map(|c| c.event_id.as_str()),
+        "look up claimed events",
+    )
+    .await?;
     Ok(claims
         .iter()
         .filter(|c| !found.contains(c.event_id.as_str()))

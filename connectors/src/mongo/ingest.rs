@@ -793,21 +793,16 @@ impl EventWriter {
         // version took over may have its event stored at the resend's time, not the
         // claim's. (Claims to take over are rare: a writer died between claim and insert.)
         let now = self.store.now().timestamp_millis();
-        let to_take: Vec<(&str, Option<DateTime>)> = earlier
+        let to_take: Vec<&str> = earlier
             .iter()
             .map(|(i, at, _)| (events[*i].event_id.as_str(), at))
             .filter(|(id, at)| !present.contains(*id) && now - at.timestamp_millis() >= lease_ms)
-            .map(|(id, _)| (id, None))
+            .map(|(id, _)| id)
             .collect();
         if !to_take.is_empty() {
             present.extend(
-                super::ledger::events_held(
-                    &self.store,
-                    &to_take,
-                    Duration::ZERO,
-                    "find earlier events",
-                )
-                .await?,
+                super::ledger::events_held_by_id(&self.store, to_take, "find earlier events")
+                    .await?,
             );
         }
         for (i, at, counted) in earlier {

@@ -84,12 +84,9 @@ pub async fn prune_archived_claims(
             // By id alone: nearly every event of these claims is gone (archived), and a
             // claim is deleted only once its event surely is; a lookup near the claims'
             // times would only come first.
-            let wanted: Vec<(&str, Option<DateTime>)> =
-                ids.iter().map(|id| (id.as_str(), None)).collect();
-            let stored = events_held(
+            let stored = events_held_by_id(
                 store,
-                &wanted,
-                std::time::Duration::ZERO,
+                ids.iter().map(String::as_str),
                 "find events still stored",
             )
             .await?;
@@ -179,6 +176,17 @@ pub async fn events_held(
         );
     }
     Ok(held)
+}
+
+/// [`events_held`] by id alone: for ids that are most likely missing, which only a
+/// lookup by id alone can say.
+pub async fn events_held_by_id<'a>(
+    store: &Store,
+    ids: impl IntoIterator<Item = &'a str>,
+    step: &'static str,
+) -> Result<std::collections::HashSet<String>, StoreError> {
+    let wanted: Vec<(&str, Option<DateTime>)> = ids.into_iter().map(|id| (id, None)).collect();
+    events_held(store, &wanted, std::time::Duration::ZERO, step).await
 }
 
 /// The filter for `ids` whose times lie between `from` and `to` (ms), widened by `slack`.
