@@ -501,6 +501,51 @@ async fn bad_credentials_never_reveal_whether_an_email_exists_and_are_rate_limit
 }
 
 #[tokio::test]
+async fn a_refused_config_gets_every_error_found_each_at_its_line() {
+    let db = TestDb::initialized().await;
+    let (server, base, token) = signed_in_admin(&db, |_| {}).await;
+    // A check's error, an unknown field, a value of the wrong type, and a secret from a
+    // variable the API may not read: all four, in the file's order.
+    let config = "name = \"cfg-many\"\ntype = \"IMPORT\"\nendpoint = \"https://api.example/x\"\ntimezone = \"Mars/Olympus\"\n\n[auth]\ntype = \"API_KEY\"\nheader = \"X-Key\"\nkey = \"${env:SLUICE_MONGODB_URI}\"\n\n[source]\ntimeout_seconds = \"slow\"\n\n[mapping.productId]\npath = \"$.id\"\nrequird = true\n";
+    let r = reqwest::Client::new()
+        .post(format!("{base}/v1/admin/configs"))
+        .bearer_auth(&token)
+        .body(config)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "invalid_config", "{body}");
+    let errors: Vec<&str> = body["errors"]
+        .as_array()
+        .expect("a list of errors")
+        .iter()
+        .map(|e| e.as_str().unwrap())
+        .collect();
+    assert_eq!(errors.len(), 4, "{body}");
+    assert!(
+        errors[0].starts_with("request body:4: field `timezone`"),
+        "{body}"
+    );
+    assert!(
+        errors[1]
+            .starts_with("`${env:SLUICE_MONGODB_URI}`: configs applied through the API may not"),
+        "{body}"
+    );
+    assert!(
+        errors[2].starts_with("request body:12: field `source.timeout_seconds`: invalid type"),
+        "{body}"
+    );
+    assert!(
+        errors[3].starts_with("request body:16: field `mapping.productId.requird`: unknown field"),
+        "{body}"
+    );
+    assert_eq!(body["message"], errors[0], "{body}");
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_duplicate_user_and_an_unreadable_config_body_get_their_own_json_errors() {
     let db = TestDb::initialized().await;
     let (server, base, token) = signed_in_admin(&db, |_| {}).await;

@@ -608,7 +608,7 @@ const TOP_LEVEL_FIELDS: [&str; 10] = [
 
 /// A top-level field written after a `[section]` header belongs to that section in TOML,
 /// which then calls it unknown: the hint for that classic slip.
-fn top_level_field_in_a_table(message: &str) -> Option<String> {
+pub fn top_level_field_in_a_table(message: &str) -> Option<String> {
     let field = message.split("unknown field `").nth(1)?.split('`').next()?;
     let in_a_table = !message.contains("expected one of `name`");
     (in_a_table && TOP_LEVEL_FIELDS.contains(&field)).then(|| {
@@ -2003,7 +2003,8 @@ pub fn push_filter(text: &str) -> Result<bson::Document, String> {
 /// The line (1-based) of `text` (a config file) that sets `field` (a dotted path such as
 /// `mapping.productId.path`, as validation errors name fields): the key's line under its
 /// table, or, for a key the file does not set (a default found wrong), its table's
-/// header. `None` when neither is found (an inline table, a field set by default).
+/// header; for a table, its header. `None` when neither is found (an inline table, a
+/// field set by default).
 pub fn line_of(text: &str, field: &str) -> Option<usize> {
     let parts: Vec<&str> = field
         .split('.')
@@ -2042,6 +2043,14 @@ pub fn line_of(text: &str, field: &str) -> Option<usize> {
             .split_once('=')
             .is_some_and(|(k, _)| k.trim().trim_matches('"') == key)
     };
+    // A table: its header.
+    let whole = parts.join(".");
+    if let Some(n) = lines
+        .iter()
+        .position(|l| header(l).as_deref() == Some(&whole))
+    {
+        return Some(n + 1);
+    }
     for split in (0..parts.len()).rev() {
         let table = parts[..split].join(".");
         let Some((start, end)) = table_lines(&table) else {
@@ -2068,6 +2077,8 @@ mod tests {
         assert_eq!(line_of(text, "source.records"), Some(5));
         assert_eq!(line_of(text, "source.pagination.type"), Some(7));
         assert_eq!(line_of(text, "mapping.productId.path"), Some(10));
+        assert_eq!(line_of(text, "mapping.productId"), Some(9));
+        assert_eq!(line_of(text, "source.pagination"), Some(6));
         assert_eq!(line_of(text, "mapping.title.path"), Some(12));
         // Not set: its table's header; no table either: the nearest one there is.
         assert_eq!(line_of(text, "mapping.productId.type"), Some(9));

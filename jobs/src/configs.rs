@@ -41,7 +41,7 @@ pub fn validate_dir(
                 continue;
             }
         };
-        let validated = validate_text(&origin, &text, env);
+        let validated = validate_text_all(&origin, &text, env);
         // A name used twice is said of any file that parses, valid or not, at its line.
         let name = match &validated {
             Ok((file, _)) => Some(file.name.clone()),
@@ -67,15 +67,10 @@ pub fn validate_dir(
                 continue;
             }
             Ok(_) => Vec::new(),
-            Err(e) => {
-                let mut all = later_errors(&origin, &text, &e, env);
-                all.insert(0, e);
-                all
-            }
+            Err(all) => all,
         };
         all.extend(duplicate);
-        // In the file's order; those without a line (a field missing) last.
-        all.sort_by_key(|e| e.line().unwrap_or(usize::MAX));
+        sort_by_line(&mut all);
         errors.extend(all);
     }
     Ok((ok, errors))
@@ -94,8 +89,10 @@ pub const MAX_ERRORS_PER_FILE: usize = 10;
 
 /// A file's errors after its `first`, so that one run of `configs validate` shows most of
 /// what is wrong: the invalid field is taken out of the file and the rest validated
-/// again, until it validates, the error is not a field's (a syntax error, a required
-/// field taken out), or [`MAX_ERRORS_PER_FILE`] are found. An error in a table a field
+/// again, until it validates, the error points at no field (a syntax error, a required
+/// top-level field taken out), or [`MAX_ERRORS_PER_FILE`] are found. A field is invalid
+/// by the checks, or by TOML's reading of the file (an unknown field, a value of the
+/// wrong type; a table missing a field is taken out whole). An error in a table a field
 /// was taken from is taken out unsaid, as it may follow from taking the other (`auth.type`
 /// gone, `auth.key` no longer fits): each error said is one the file has as written. A
 /// required field taken out (a mapping's `path`) leaves its table unreadable: the table
@@ -106,20 +103,27 @@ fn later_errors(
     first: &ConfigError,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Vec<ConfigError> {
-    let ConfigError::Invalid { field, .. } = first else {
-        return Vec::new();
+    // The first error's field: named by the check, or where TOML's error points (an
+    // unknown field, a value of the wrong type, a table missing a field).
+    let first = match first {
+        ConfigError::Invalid { field, .. } => (field.clone(), false),
+        ConfigError::Parse { .. } => match toml_error_at(text) {
+            Some((field, is_table, _)) => (field, is_table),
+            None => return Vec::new(),
+        },
+        ConfigError::Read { .. } => return Vec::new(),
     };
     let Ok(mut table) = text.parse::<toml::Table>() else {
         return Vec::new();
     };
-    // What was set aside: a field (an error in its table may follow from it), or, when
-    // setting a required field aside left its table unreadable, that table whole (an
-    // error inside it, or naming it, may follow).
-    let mut taken: Vec<(String, bool)> = vec![(field.clone(), false)];
+    // What was set aside: a field (an error in its table may follow from it), or a table
+    // whole (an error inside it, or naming it, may follow): one missing a field, or one
+    // left unreadable by setting a required field of it aside.
     let mut found = Vec::new();
-    if !take(&mut table, field) {
+    if !take(&mut table, &first.0) {
         return found;
     }
+    let mut taken: Vec<(String, bool)> = vec![first];
     // Each pass sets something aside, so a file has fewer passes than fields; the bound
     // is for files of thousands of invalid fields.
     let mut passes = 0;
@@ -128,36 +132,36 @@ fn later_errors(
         let Ok(rest) = toml::to_string(&table) else {
             break;
         };
-        let next = match checked(origin, &rest, env) {
+        let error = match checked(origin, &rest, env) {
             Ok(_) => break,
             Err(ConfigError::Invalid {
                 field, expected, ..
-            }) => {
-                let follows = |(t, whole): &(String, bool)| {
-                    let within = |table: &str| {
-                        !table.is_empty()
-                            && (field == table || field.starts_with(&format!("{table}.")))
-                    };
-                    *t == field
-                        || t.starts_with(&format!("{field}."))
-                        || if *whole {
-                            within(t)
-                        } else {
-                            within(t.rsplit_once('.').map_or("", |(table, _)| table))
-                        }
-                };
-                if !taken.iter().any(follows) {
-                    found.push(ConfigError::Invalid {
-                        origin: at_line(origin, text, &field),
-                        field: field.clone(),
-                        expected,
-                    });
+            }) => Some((
+                field.clone(),
+                false,
+                true,
+                ConfigError::Invalid {
+                    origin: at_line(origin, text, &field),
+                    field,
+                    expected,
+                },
+            )),
+            // An unknown field or a value of the wrong type is wrong as written, whatever
+            // was set aside; a missing field may be one set aside.
+            Err(ConfigError::Parse { .. }) => toml_field_error(origin, text, &rest)
+                .map(|(field, is_table, error)| (field, is_table, is_table, error)),
+            Err(ConfigError::Read { .. }) => break,
+        };
+        let next = match error {
+            Some((field, whole, may_follow, error)) => {
+                if !(may_follow && taken.iter().any(|t| follows(t, &field))) {
+                    found.push(error);
                 }
-                (field, false)
+                (field, whole)
             }
-            // Not a field's error: most likely the field last set aside is required
-            // (a mapping's `path`). Its table is set aside instead, once.
-            Err(_) => {
+            // An error that points at no field: most likely the field last set aside is
+            // required at the top level. Its table, if it has one, is set aside instead.
+            None => {
                 let Some((table, _)) = taken
                     .last()
                     .filter(|(_, whole)| !whole)
@@ -174,6 +178,77 @@ fn later_errors(
         taken.push(next);
     }
     found
+}
+
+/// Whether an error at `field` may follow from setting `taken` aside: it is the same
+/// field or inside it, or in the table it was taken from (inside it, when a table was
+/// taken whole).
+fn follows((taken, whole): &(String, bool), field: &str) -> bool {
+    let within = |table: &str| {
+        !table.is_empty() && (field == table || field.starts_with(&format!("{table}.")))
+    };
+    taken == field
+        || taken.starts_with(&format!("{field}."))
+        || if *whole {
+            within(taken)
+        } else {
+            within(taken.rsplit_once('.').map_or("", |(table, _)| table))
+        }
+}
+
+/// The TOML error of reading `rest` (`text`, or what is left of it) as a config, said of
+/// the field it points at, at that field's line in `text`; with the field's dotted path
+/// and whether it is a table. `None` when it points at no field.
+fn toml_field_error(origin: &str, text: &str, rest: &str) -> Option<(String, bool, ConfigError)> {
+    let (field, is_table, mut message) = toml_error_at(rest)?;
+    message.extend(sluice_core::integration::top_level_field_in_a_table(
+        &message,
+    ));
+    let what = if is_table { "table" } else { "field" };
+    let error = ConfigError::Parse {
+        origin: at_line(origin, text, &field),
+        message: format!("{what} `{field}`: {message}"),
+    };
+    Some((field, is_table, error))
+}
+
+/// Where the TOML error of reading `text` as a config points: the dotted path of the
+/// deepest field whose key or value holds it (a table when a field is missing from it),
+/// whether that is a table, and the error's message without its quoted line. `None` for
+/// an error that points nowhere in a table (a syntax error, a field missing at the top
+/// level).
+fn toml_error_at(text: &str) -> Option<(String, bool, String)> {
+    let error = toml::from_str::<IntegrationFile>(text).err()?;
+    // A field missing at the top level points at the start of the file (an empty span).
+    let at = error.span().filter(|at| !at.is_empty())?;
+    let parsed = toml::de::DeTable::parse(text).ok()?;
+    let (path, is_table) = field_at(parsed.get_ref(), at)?;
+    Some((path, is_table, error.message().trim_end().to_string()))
+}
+
+/// The dotted path of the deepest entry of `table` whose key or value holds the bytes
+/// `at`: a leaf first (a table's span can cover only its header), else a table. A field
+/// missing from a table points at its header.
+fn field_at(table: &toml::de::DeTable, at: std::ops::Range<usize>) -> Option<(String, bool)> {
+    let holds = |span: std::ops::Range<usize>| span.start <= at.start && at.end <= span.end;
+    let mut holder = None;
+    for (key, value) in table.iter() {
+        let name = key.get_ref().to_string();
+        let holds = holds(key.span()) || holds(value.span());
+        match value.get_ref() {
+            toml::de::DeValue::Table(inner) => {
+                if let Some((rest, is_table)) = field_at(inner, at.clone()) {
+                    return Some((format!("{name}.{rest}"), is_table));
+                }
+                if holds {
+                    holder = Some((name, true));
+                }
+            }
+            _ if holds => return Some((name, false)),
+            _ => {}
+        }
+    }
+    holder
 }
 
 /// Removes the value at a dotted path (`source.pagination.size`); false when there is
@@ -196,16 +271,37 @@ fn take(table: &mut toml::Table, path: &str) -> bool {
     at.remove(last).is_some()
 }
 
+/// In the file's order; those without a line (a field missing) last.
+fn sort_by_line(errors: &mut [ConfigError]) {
+    errors.sort_by_key(|e| e.line().unwrap_or(usize::MAX));
+}
+
+/// As [`validate_text`], with up to [`MAX_ERRORS_PER_FILE`] errors, in the file's order,
+/// as `validate_dir` names them.
+pub fn validate_text_all(
+    origin: &str,
+    text: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(IntegrationFile, Connector), Vec<ConfigError>> {
+    validate_text(origin, text, env).map_err(|first| {
+        let mut all = later_errors(origin, text, &first, env);
+        all.insert(0, first);
+        sort_by_line(&mut all);
+        all
+    })
+}
+
 /// One config file's text, parsed and validated as `validate_dir` validates each file;
-/// `origin` names it in errors.
+/// `origin` names it in errors: the first error found.
 pub fn validate_text(
     origin: &str,
     text: &str,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<(IntegrationFile, Connector), ConfigError> {
     // A field's error names the line that sets it (or its table's), as TOML syntax
-    // errors name theirs.
+    // errors name theirs; TOML's error for a field is said as a check's is.
     checked(origin, text, env).map_err(|e| match e {
+        ConfigError::Parse { .. } => toml_field_error(origin, text, text).map_or(e, |(.., e)| e),
         ConfigError::Invalid {
             origin,
             field,
@@ -443,4 +539,98 @@ pub async fn remove(store: &Store, name: &str, job: &str) -> Result<Option<Remov
     };
     crate::schedule::end_manual_run(store, &run, &line).await?;
     result.map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = "name = \"t\"\ntype = \"IMPORT\"\nendpoint = \"https://api.example.com/items\"\n\n[target]\ncollection = \"things\"\nkey = \"sku\"\n\n[mapping.sku]\npath = \"$.id\"\n";
+
+    fn all_errors(text: &str) -> Vec<String> {
+        let Err(all) = validate_text_all("t.toml", text, &|_| None) else {
+            panic!("valid: {text}");
+        };
+        all.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn toml_errors_do_not_end_the_search() {
+        assert!(validate_text("t.toml", BASE, &|_| None).is_ok());
+        let text = format!(
+            "{BASE}is_active = false\n\n[source]\ntimeout_seconds = \"x\"\n\n[source.pagination]\ntype = \"page\"\nsize = \"ten\"\nsizee = 3\n\n[mapping.price]\ntype = \"number\"\n\n[mapping.when]\npath = \"$.t\"\ntype = \"dat\"\n"
+        );
+        let line = |needle: &str| 1 + text.lines().position(|l| l.starts_with(needle)).unwrap();
+        let all = all_errors(&text);
+        for (at, said) in [
+            // In `mapping.sku`, as it follows that table's header: the hint says so.
+            (
+                line("is_active"),
+                "field `mapping.sku.is_active`: unknown field `is_active`",
+            ),
+            (
+                line("timeout_seconds"),
+                "field `source.timeout_seconds`: invalid type: string \"x\"",
+            ),
+            // In a table whose other field was set aside, and still said: an unknown
+            // field is unknown whatever else the file holds.
+            (
+                line("sizee"),
+                "field `source.pagination.sizee`: unknown field `sizee`",
+            ),
+            (
+                line("size ="),
+                "field `source.pagination.size`: invalid type: string \"ten\"",
+            ),
+            (line("type = \"dat\""), "field `mapping.when.type`"),
+        ] {
+            assert!(
+                all.iter()
+                    .any(|e| e.starts_with(&format!("t.toml:{at}: {said}"))),
+                "{said}: {all:#?}"
+            );
+        }
+        assert!(
+            all.iter()
+                .any(|e| e.contains("`is_active` is a top-level field")),
+            "{all:#?}"
+        );
+        let price = line("[mapping.price]");
+        assert!(
+            all.iter()
+                .any(|e| e
+                    == &format!("t.toml:{price}: table `mapping.price`: missing field `path`")),
+            "{all:#?}"
+        );
+        assert_eq!(all.len(), 6, "{all:#?}");
+    }
+
+    #[test]
+    fn a_missing_field_set_aside_is_not_said() {
+        // The path is refused by the check; once it is set aside the mapping has none,
+        // which follows from setting it aside.
+        let text = format!("{BASE}\n[mapping.a]\npath = \"$..[?(@.x\"\n\n[mapping.b]\npath = \"$.b\"\ntype = \"txt\"\n");
+        let all = all_errors(&text);
+        assert_eq!(all.len(), 2, "{all:#?}");
+        assert!(all[0].contains("field `mapping.a.path`"), "{all:#?}");
+        assert!(all[1].contains("field `mapping.b.type`"), "{all:#?}");
+        // A required top-level field of the wrong type ends the search: without it the
+        // file cannot be read.
+        let text = BASE.replace("name = \"t\"", "name = 5")
+            + "[mapping.c]\npath = \"$.c\"\ntype = \"txt\"\n";
+        let all = all_errors(&text);
+        assert_eq!(all.len(), 1, "{all:#?}");
+        assert!(
+            all[0].starts_with("t.toml:1: field `name`: invalid type: integer `5`"),
+            "{all:#?}"
+        );
+        // A syntax error points at no field: TOML's own words, with the line quoted.
+        let all = all_errors(&format!("{BASE}[mapping.d]\npath = \"$.d\n"));
+        assert_eq!(all.len(), 1, "{all:#?}");
+        let unclosed = BASE.lines().count() + 2;
+        assert!(
+            all[0].contains(&format!("TOML parse error at line {unclosed}")),
+            "{all:#?}"
+        );
+    }
 }

@@ -705,7 +705,7 @@ fn reserved_env(name: &str) -> bool {
 fn validate_api_config(
     config: &sluice_core::config::Config,
     body: &str,
-) -> Result<sluice_core::integration::IntegrationFile, String> {
+) -> Result<sluice_core::integration::IntegrationFile, Vec<String>> {
     let own = config.env_references();
     let allowed = &config.raw.security.api_config_env;
     // None listed, none allowed: the variables of the server's environment are the
@@ -716,25 +716,25 @@ fn validate_api_config(
             None => a == k,
         })
     };
-    let reserved = std::cell::RefCell::new(None);
-    let unlisted = std::cell::RefCell::new(None);
+    // The names refused, each as reserved (true) or as not listed (false).
+    let refused = std::cell::RefCell::new(std::collections::BTreeMap::new());
     let env = |k: &str| {
         if reserved_env(k) || own.iter().any(|o| o == k) {
-            reserved.replace(Some(k.to_string()));
+            refused.borrow_mut().insert(k.to_string(), true);
             return None;
         }
         if !listed(k) {
-            unlisted.replace(Some(k.to_string()));
+            refused.borrow_mut().insert(k.to_string(), false);
             return None;
         }
         std::env::var(k).ok()
     };
-    match sluice_jobs::configs::validate_text("request body", body, &env) {
+    match sluice_jobs::configs::validate_text_all("request body", body, &env) {
         Ok((file, _))
             if file.allow_private_network
                 && !config.raw.security.api_configs_may_reach_private_network =>
         {
-            Err("`allow_private_network`: configs applied through the API may not reach loopback, private or cloud-metadata addresses (an operator may allow it with `[security] api_configs_may_reach_private_network = true`, or apply the config with `sluice configs apply`)".into())
+            Err(vec!["`allow_private_network`: configs applied through the API may not reach loopback, private or cloud-metadata addresses (an operator may allow it with `[security] api_configs_may_reach_private_network = true`, or apply the config with `sluice configs apply`)".into()])
         }
         // An address every run would refuse: refused now, with the way out this route has.
         Ok((file, _)) if !file.allow_private_network => {
@@ -745,31 +745,48 @@ fn validate_api_config(
             });
             match private {
                 None => Ok(file),
-                Some((field, url, kind)) => Err(format!(
+                Some((field, url, kind)) => Err(vec![format!(
                     "`{field}`: `{url}` is not a public address ({kind}), which a config reaches only with `allow_private_network = true`; {}",
                     if config.raw.security.api_configs_may_reach_private_network {
                         "set it in the config"
                     } else {
                         "configs applied through the API may not (an operator may allow it with `[security] api_configs_may_reach_private_network = true`, or apply the config with `sluice configs apply`)"
                     }
-                )),
+                )]),
             }
         }
         Ok((file, _)) => Ok(file),
-        Err(e) => Err(match (reserved.take(), unlisted.take()) {
-            (None, Some(name)) if allowed.is_empty() => format!(
-                "`${{env:{name}}}`: configs applied through the API may reference only the variables `[security] api_config_env` lists, and it lists none (an operator may list the connectors' variables there, or apply the config with `sluice configs apply`)"
-            ),
-            (None, Some(name)) => format!(
-                "`${{env:{name}}}`: configs applied through the API may reference only the variables `[security] api_config_env` lists ({})",
-                allowed.join(", ")
-            ),
-            (Some(name), _) => format!(
-                "`${{env:{name}}}`: configs applied through the API may not reference {}* variables, nor those Sluice's own configuration reads its secrets from; give the connector's secret a name of its own",
-                RESERVED_ENV_PREFIXES.join("* or ")
-            ),
-            (None, None) => e.to_string(),
-        }),
+        // An error for a variable refused is said as the refusal, with its reason.
+        Err(errors) => Err(errors
+            .iter()
+            .map(|e| {
+                let e = e.to_string();
+                let refusal = refused.borrow().iter().find_map(|(name, reserved)| {
+                    e.contains(&format!("environment variable `{name}` to be set"))
+                        .then(|| refused_env(name, *reserved, allowed))
+                });
+                refusal.unwrap_or(e)
+            })
+            .collect()),
+    }
+}
+
+/// Why an API config may not reference `${env:name}`.
+fn refused_env(name: &str, reserved: bool, allowed: &[String]) -> String {
+    if reserved {
+        format!(
+            "`${{env:{name}}}`: configs applied through the API may not reference {}* variables, nor those Sluice's own configuration reads its secrets from; give the connector's secret a name of its own",
+            RESERVED_ENV_PREFIXES.join("* or ")
+        )
+    } else if allowed.is_empty() {
+        format!(
+            "`${{env:{name}}}`: configs applied through the API may reference only the variables `[security] api_config_env` lists, and it lists none (an operator may list the connectors' variables there, or apply the config with `sluice configs apply`)"
+        )
+    } else {
+        format!(
+            "`${{env:{name}}}`: configs applied through the API may reference only the variables `[security] api_config_env` lists ({})",
+            allowed.join(", ")
+        )
     }
 }
 
@@ -784,7 +801,8 @@ async fn apply_config(
     // Not UTF-8, or over the body limit: the API's JSON error shape, not axum's text.
     let body = body.map_err(|r| ApiError::new(r.status(), "invalid_body", r.body_text()))?;
     let bad = |e: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_config", e);
-    let file = validate_api_config(&state.config, &body).map_err(bad)?;
+    let file = validate_api_config(&state.config, &body)
+        .map_err(|all| ApiError::many(StatusCode::BAD_REQUEST, "invalid_config", all))?;
     let file = {
         let config = state.config.clone();
         // Loading compiles the plugins: off the async threads.

@@ -101,6 +101,8 @@ pub struct ApiError {
     pub code: &'static str,
     pub message: String,
     pub retry_after: Option<u64>,
+    /// Every error found, when there may be several (`message` is the first).
+    pub errors: Vec<String>,
 }
 
 impl ApiError {
@@ -110,6 +112,15 @@ impl ApiError {
             code,
             message: message.into(),
             retry_after: None,
+            errors: Vec::new(),
+        }
+    }
+
+    /// The error for a list of errors (not empty): `message` is the first, `errors` all.
+    pub fn many(status: StatusCode, code: &'static str, errors: Vec<String>) -> Self {
+        Self {
+            errors: errors.clone(),
+            ..Self::new(status, code, errors.into_iter().next().unwrap_or_default())
         }
     }
 
@@ -121,7 +132,11 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = Json(json!({ "error": self.code, "message": self.message }));
+        let mut body = json!({ "error": self.code, "message": self.message });
+        if !self.errors.is_empty() {
+            body["errors"] = json!(self.errors);
+        }
+        let body = Json(body);
         let mut resp = (self.status, body).into_response();
         if let Some(s) = self.retry_after {
             resp.headers_mut()
