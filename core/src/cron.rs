@@ -16,7 +16,10 @@ pub fn parse(expr: &str) -> Result<croner::Cron, String> {
         .dom_and_dow(true)
         .build()
         .parse(expr)
-        .map_err(|e| format!("{EXPECTED}; `{expr}` is not one: {e}"))?;
+        .map_err(|e| match wrong_field(expr) {
+            Some(field) => format!("{EXPECTED}; `{expr}` is not one: {field}"),
+            None => format!("{EXPECTED}; `{expr}` is not one: {e}"),
+        })?;
     // Every second of only some minutes is a slip for "once in those minutes"; every
     // second of every minute (`* * * * * *`) is what it says.
     let mut fields = expr.split_whitespace();
@@ -37,6 +40,43 @@ pub fn parse(expr: &str) -> Result<croner::Cron, String> {
     Ok(cron)
 }
 
+/// The fields of an expression with seconds: name and values (a year may follow).
+const FIELDS: [(&str, &str); 7] = [
+    ("second", "0-59"),
+    ("minute", "0-59"),
+    ("hour", "0-23"),
+    ("day of the month", "1-31, L, W"),
+    ("month", "1-12 or JAN-DEC"),
+    ("day of the week", "0-7 or SUN-SAT, L, #"),
+    ("year", "1-5000"),
+];
+
+/// Which field of an expression the parser refuses, said with the values it takes; the
+/// parser's own error names none. Each field is tried alone, the others matching all.
+fn wrong_field(expr: &str) -> Option<String> {
+    let fields: Vec<&str> = expr.split_whitespace().collect();
+    if !(6..=7).contains(&fields.len()) {
+        return None;
+    }
+    let parser = croner::parser::CronParser::builder()
+        .seconds(croner::parser::Seconds::Required)
+        .build();
+    fields.iter().enumerate().find_map(|(i, field)| {
+        let probe: Vec<&str> = (0..fields.len())
+            .map(|j| match j {
+                _ if j == i => *field,
+                0..=2 => "0",
+                _ => "*",
+            })
+            .collect();
+        let (name, values) = FIELDS[i];
+        parser
+            .parse(&probe.join(" "))
+            .is_err()
+            .then(|| format!("field {} (the {name}: {values}) is `{field}`", i + 1))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -49,6 +89,24 @@ mod tests {
         assert!(five.contains("`*/15 * * * *` is not one"), "{five}");
         let out_of_range = parse("0 0 25 * * *").unwrap_err();
         assert!(out_of_range.starts_with(EXPECTED), "{out_of_range}");
+        // The field the parser refuses is named, with the values it takes.
+        assert!(
+            out_of_range.ends_with("`0 0 25 * * *` is not one: field 3 (the hour: 0-23) is `25`"),
+            "{out_of_range}"
+        );
+        for (expr, said) in [
+            ("99 0 2 * * *", "field 1 (the second: 0-59) is `99`"),
+            ("0 0 2 32 * *", "field 4 (the day of the month"),
+            (
+                "0 0 2 * 13 *",
+                "field 5 (the month: 1-12 or JAN-DEC) is `13`",
+            ),
+            ("0 0 2 * * MON-XYZ", "field 6 (the day of the week"),
+            ("0 0 2 * * * 6000", "field 7 (the year: 1-5000) is `6000`"),
+        ] {
+            let err = parse(expr).unwrap_err();
+            assert!(err.contains(said), "{expr}: {err}");
+        }
         assert!(parse("0 0 2 * * MON-XYZ").is_err());
         // Every second of the minute, and never again: refused, saying why.
         for every_second in ["* 0 2 * * *", "*/1 */5 * * * *"] {
