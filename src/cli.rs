@@ -49,6 +49,7 @@ pub fn init_tracing(log: &LogSection) {
 pub fn config_check(path: Option<&Path>, load_files: bool) -> anyhow::Result<()> {
     let config = load_config(path)?;
     let mut warnings = config.warnings.clone();
+    warnings.extend(compile_cache_unmade(&config));
     if load_files {
         crate::server::Loaded::load(&config)?;
         load_plugins(&config, &config.plugins.export_transforms)?;
@@ -1477,6 +1478,22 @@ pub fn load_plugin_builds(
         .collect()
 }
 
+/// Why the compile cache set can never be made: its parent folder does not exist. The
+/// default sits in the plugin folder, which a command may be run without (`plugin test
+/// --wasm`); only a folder set on purpose is said.
+fn compile_cache_unmade(config: &Config) -> Option<String> {
+    let dir = config.plugins.compile_cache_dir()?;
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty())?;
+    (config.plugins.compile_cache != config::PluginsSection::default().compile_cache
+        && !parent.is_dir())
+    .then(|| {
+        format!(
+            "`plugins.compile_cache`: `{}` does not exist, so compiled plugins are not kept",
+            parent.display()
+        )
+    })
+}
+
 /// The process's plugin host (one per fuel setting and compile cache): one engine and
 /// epoch thread, and a component cache, so scheduled runs load their plugins without
 /// compiling them again.
@@ -1491,16 +1508,8 @@ fn plugin_host(config: &Config) -> anyhow::Result<sluice_plugins::PluginHost> {
     }
     let mut host = sluice_plugins::PluginHost::new(key.0)?;
     if let Some(dir) = &key.1 {
-        // The default sits in the plugin folder, which a command may be run without
-        // (`plugin test --wasm`); a folder set on purpose that cannot be made is said.
-        let parent = dir.parent().filter(|p| !p.as_os_str().is_empty());
-        if config.plugins.compile_cache != config::PluginsSection::default().compile_cache
-            && parent.is_some_and(|p| !p.is_dir())
-        {
-            tracing::warn!(
-                "`plugins.compile_cache`: `{}` does not exist, so compiled plugins are not kept (a `~` is not expanded)",
-                parent.map(|p| p.display().to_string()).unwrap_or_default()
-            );
+        if let Some(warning) = compile_cache_unmade(config) {
+            tracing::warn!("{warning}");
         }
         host = host.with_compile_cache(dir);
     }

@@ -451,6 +451,20 @@ fn plugin_commands_keep_compiled_components_for_the_next_command() {
         said.contains("`plugins.compile_cache`: `") && said.contains("nowhere` does not exist"),
         "{said}"
     );
+    // And by `config check`, which loads no plugin.
+    let path = root.join("sluice.toml");
+    let out = sluice()
+        .args(["config", "check"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let checked = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{checked}");
+    assert!(
+        checked.contains("# warning: `plugins.compile_cache`: `")
+            && checked.contains("nowhere` does not exist"),
+        "{checked}"
+    );
 
     // A build tested where the configured plugin folder does not exist.
     let missing = root.join("no-plugins-here");

@@ -1245,6 +1245,24 @@ pub fn validate(
             ));
         }
     }
+    // A shell expands a leading `~` on a command line; a setting read from a file is
+    // taken as written, a folder called `~` in the working folder.
+    for (field, path) in [
+        ("plugins.dir", Some(&raw.plugins.dir)),
+        ("plugins.compile_cache", Some(&raw.plugins.compile_cache)),
+        ("export.destination", Some(&raw.export.destination)),
+        ("export.work_dir", Some(&raw.export.work_dir)),
+        (
+            "tracking.geoip_database",
+            raw.tracking.geoip_database.as_ref(),
+        ),
+    ] {
+        if let Some(path) = path.filter(|p| p.starts_with('~')) {
+            warnings.push(format!(
+                "`{field}`: `{path}` starts with `~`, which is not expanded in `sluice.toml` (a shell expands it only on a command line): it names a folder called `~` in the working folder; write the path out"
+            ));
+        }
+    }
     let token_key = match &raw.security.token_key {
         None => None,
         Some(k) => {
@@ -1637,6 +1655,25 @@ mod tests {
         assert_eq!(c.listen.port(), 8080);
         assert_eq!(c.destination, Destination::Local("./sluice-output".into()));
         assert_eq!(c.warnings.len(), 1, "no write key must be warned about");
+    }
+
+    #[test]
+    fn a_path_starting_with_a_tilde_is_warned_of() {
+        let c = check("[plugins]\ndir = \"~/plugins\"\ncompile_cache = \"/var/cache/sluice\"\n[export]\nwork_dir = \"~/work\"\n").unwrap();
+        let tilde: Vec<_> = c
+            .warnings
+            .iter()
+            .filter(|w| w.contains("starts with `~`"))
+            .collect();
+        assert_eq!(tilde.len(), 2, "{:?}", c.warnings);
+        assert!(
+            tilde[0].starts_with("`plugins.dir`: `~/plugins`"),
+            "{tilde:?}"
+        );
+        assert!(
+            tilde[1].starts_with("`export.work_dir`: `~/work`"),
+            "{tilde:?}"
+        );
     }
 
     #[test]
