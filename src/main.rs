@@ -318,7 +318,7 @@ fn main() -> ExitCode {
         let config = match cli::config_path(cli.config.clone()) {
             None => Err("no sluice.toml given (--config) or found here".to_string()),
             Some(path) => cli::load_config(Some(&path))
-                .map_err(|e| format!("the sluice.toml did not load ({e})")),
+                .map_err(|e| format!("the sluice.toml did not load ({})", e.first_of())),
         };
         return match cli::configs_validate(dir, *allow_missing_env, config.as_ref()) {
             Ok(_) => ExitCode::SUCCESS,

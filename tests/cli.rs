@@ -1592,7 +1592,7 @@ async fn an_event_data_export_says_which_fields_no_column_holds() {
 fn config_check_parses_schedules_with_the_scheduler_s_cron_parser() {
     let path = write_temp(
         "cron.toml",
-        "[[schedules]]\nname = \"daily\"\ntype = \"DAILY_ANALYTICS\"\ncron = \"0 0 25 * * *\"\n",
+        "[[schedules]]\nname = \"daily\"\ntype = \"DAILY_ANALYTICS\"\ncron = \"0 0 25 * * *\"\n\n[tracking]\nbots = \"sometimes\"\n",
     );
     let out = sluice()
         .args(["config", "check"])
@@ -1602,8 +1602,21 @@ fn config_check_parses_schedules_with_the_scheduler_s_cron_parser() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("`schedules[0].cron`") && err.contains("`0 0 25 * * *` is not one"),
+        err.contains("`schedules[0].cron`")
+            && err.contains("`0 0 25 * * *` is not one: field 3 (the hour: 0-23)"),
         "hour 25 has six fields but is no schedule: {err}"
+    );
+    // Each error of the file, on a line of its own, at its line.
+    let file = path.display().to_string();
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 2, "{err}");
+    assert!(
+        lines[0].starts_with(&format!("error: {file}:4: field `schedules[0].cron`")),
+        "{err}"
+    );
+    assert!(
+        lines[1].starts_with(&format!("error: {file}:7: field `tracking.bots`")),
+        "{err}"
     );
 }
 
@@ -1909,12 +1922,20 @@ fn config_check_and_configs_validate_load_the_plugins_they_name() {
     );
     // Without a sluice.toml that loads (its secrets absent in CI), or none at all, plugins
     // are not checked, and a note says so of each config naming some.
-    let unloadable = write_temp("sluice.toml", "[mongodb]\nuri = \"http://db\"\n");
+    let unloadable = write_temp(
+        "sluice.toml",
+        "[mongodb]\nuri = \"http://db\"\n[tracking]\nbots = \"sometimes\"\n",
+    );
     let out = validate(&unloadable);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
+    // Its first error, on the note's line, and how many more.
+    let note = err
+        .lines()
+        .find(|l| l.contains("shop.toml: `transforms` not checked: the sluice.toml did not load"))
+        .unwrap_or_else(|| panic!("{err}"));
     assert!(
-        err.contains("shop.toml: `transforms` not checked: the sluice.toml did not load"),
+        note.contains(":2: field `mongodb.uri`") && note.contains("(and 1 more error)"),
         "{err}"
     );
     let out = sluice()

@@ -681,21 +681,43 @@ pub const SEGMENT_BATCH_MESSAGES: usize = 2_500;
 
 /// Reads `path` (or uses the embedded defaults when `None`), applies environment
 /// overrides and validates. `env` looks variables up (pass `|k| std::env::var(k).ok()`).
+/// A file's errors are said at their lines, up to
+/// [`MAX_ERRORS_PER_FILE`](crate::toml_errors::MAX_ERRORS_PER_FILE) of them (as
+/// [`ConfigError::Several`] when more than one).
 pub fn load(
     path: Option<&Path>,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Config, ConfigError> {
-    let (origin, mut raw) = match path {
-        Some(p) => {
-            let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
-                path: p.to_path_buf(),
-                source,
-            })?;
-            let origin = p.display().to_string();
-            let raw = parse(&origin, &text)?;
-            (origin, raw)
-        }
-        None => (DEFAULTS_ORIGIN.to_string(), RawConfig::default()),
+    let Some(p) = path else {
+        return from_text(DEFAULTS_ORIGIN, None, env);
+    };
+    let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+        path: p.to_path_buf(),
+        source,
+    })?;
+    let origin = p.display().to_string();
+    from_text(&origin, Some(&text), env).map_err(|first| {
+        let all = crate::toml_errors::all_errors::<RawConfig>(
+            &origin,
+            &text,
+            first,
+            &|rest| from_text(&origin, Some(rest), env).map(|_| ()),
+            |_| None,
+        );
+        ConfigError::all(all).expect("the first error at least")
+    })
+}
+
+/// A config file's text (the embedded defaults for `None`) with the environment's
+/// overrides, validated; the first error found.
+fn from_text(
+    origin: &str,
+    text: Option<&str>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigError> {
+    let mut raw = match text {
+        Some(text) => parse(origin, text)?,
+        None => RawConfig::default(),
     };
     // Remember which fields the environment set, so errors point at the variable.
     let mut origins: BTreeMap<&str, String> = BTreeMap::new();
@@ -709,7 +731,7 @@ pub fn load(
             origins.insert(field, format!("environment variable `{var}`"));
         }
     }
-    validate(&origin, &origins, raw, env)
+    validate(origin, &origins, raw, env)
 }
 
 /// The one validation step: raw values to runtime types, secrets resolved.
@@ -1655,6 +1677,48 @@ mod tests {
         assert_eq!(c.listen.port(), 8080);
         assert_eq!(c.destination, Destination::Local("./sluice-output".into()));
         assert_eq!(c.warnings.len(), 1, "no write key must be warned about");
+    }
+
+    #[test]
+    fn a_file_s_errors_are_said_at_their_lines_as_many_as_are_found() {
+        let text = "[tracking]\nbots = \"sometimes\"\nwriterz = 3\n\n[[schedules]]\nname = \"a\"\ntype = \"DAILY_ANALYTICS\"\ncron = \"0 0 25 * * *\"\n\n[[schedules]]\nname = \"b\"\ntype = \"EVENT_DATA\"\n\n[[schedules]]\nname = \"c\"\ntype = \"USER_DATA\"\ncron = \"0 0 2 * * *\"\ntimezone = \"Mars/Olympus\"\n\n[plugins]\nfuel = \"yes\"\n";
+        let path = std::env::temp_dir().join(format!("sluice-errors-{}.toml", std::process::id()));
+        std::fs::write(&path, text).unwrap();
+        let err = load(Some(&path), &no_env).unwrap_err();
+        std::fs::remove_file(&path).unwrap();
+        let ConfigError::Several(all) = &err else {
+            panic!("one error: {err}");
+        };
+        let said: Vec<String> = all.iter().map(ToString::to_string).collect();
+        let line = |needle: &str| 1 + text.lines().position(|l| l == needle).unwrap();
+        let third = 1 + text
+            .match_indices("[[schedules]]")
+            .nth(1)
+            .map(|(at, _)| text[..at].lines().count())
+            .unwrap();
+        let at = |n: usize, rest: &str| format!("{}:{n}: {rest}", path.display());
+        let expected = [
+            at(line("bots = \"sometimes\""), "field `tracking.bots`"),
+            at(
+                line("writerz = 3"),
+                "field `tracking.writerz`: unknown field `writerz`",
+            ),
+            at(line("cron = \"0 0 25 * * *\""), "field `schedules[0].cron`"),
+            // Missing its cron: the table, at its header, which sets it aside whole; the
+            // next is still said with the file's index.
+            at(third, "table `schedules[1]`: missing field `cron`"),
+            at(
+                line("timezone = \"Mars/Olympus\""),
+                "field `schedules[2].timezone`",
+            ),
+            at(line("fuel = \"yes\""), "field `plugins.fuel`: invalid type"),
+        ];
+        assert_eq!(said.len(), expected.len(), "{said:#?}");
+        for (said, expected) in said.iter().zip(&expected) {
+            assert!(said.starts_with(expected), "{said}\nexpected {expected}");
+        }
+        // Said as a command prints it: one per line.
+        assert_eq!(err.to_string().matches("\nerror: ").count(), 5, "{err}");
     }
 
     #[test]

@@ -20,9 +20,49 @@ pub enum ConfigError {
         field: String,
         expected: String,
     },
+    /// More than one error of one file, in the file's order: said one per line, each
+    /// after the first as `error: ...`, as a command prints its error.
+    #[error("{}", several(.0))]
+    Several(Vec<ConfigError>),
+}
+
+fn several(errors: &[ConfigError]) -> String {
+    let mut said: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    if errors.len() >= crate::toml_errors::MAX_ERRORS_PER_FILE {
+        if let Some(first) = errors.first() {
+            said.push(format!(
+                "note: {}: the first {} errors found; it may have more",
+                first.file(),
+                errors.len()
+            ));
+        }
+    }
+    said.join("\nerror: ")
+        .replace("\nerror: note: ", "\nnote: ")
 }
 
 impl ConfigError {
+    /// One error as it is, several as [`ConfigError::Several`].
+    pub fn all(mut errors: Vec<ConfigError>) -> Option<Self> {
+        match errors.len() {
+            0 => None,
+            1 => errors.pop(),
+            _ => Some(ConfigError::Several(errors)),
+        }
+    }
+
+    /// The error in one line: the first of several, and how many more there are.
+    pub fn first_of(&self) -> String {
+        match self {
+            ConfigError::Several(errors) if errors.len() > 1 => {
+                let more = errors.len() - 1;
+                let noun = if more == 1 { "error" } else { "errors" };
+                format!("{} (and {more} more {noun})", errors[0])
+            }
+            other => other.to_string(),
+        }
+    }
+
     /// The line of its file the error names, if any.
     pub fn line(&self) -> Option<usize> {
         self.place().1
@@ -37,6 +77,10 @@ impl ConfigError {
     fn place(&self) -> (String, Option<usize>) {
         match self {
             ConfigError::Read { path, .. } => (path.display().to_string(), None),
+            ConfigError::Several(errors) => match errors.first() {
+                Some(first) => first.place(),
+                None => (String::new(), None),
+            },
             ConfigError::Parse { origin, .. } | ConfigError::Invalid { origin, .. } => {
                 match origin.rsplit_once(':') {
                     Some((file, line))

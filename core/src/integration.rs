@@ -2000,92 +2000,10 @@ pub fn push_filter(text: &str) -> Result<bson::Document, String> {
     }
 }
 
-/// The line (1-based) of `text` (a config file) that sets `field` (a dotted path such as
-/// `mapping.productId.path`, as validation errors name fields): the key's line under its
-/// table, or, for a key the file does not set (a default found wrong), its table's
-/// header; for a table, its header. `None` when neither is found (an inline table, a
-/// field set by default).
-pub fn line_of(text: &str, field: &str) -> Option<usize> {
-    let parts: Vec<&str> = field
-        .split('.')
-        .map(|p| p.split('[').next().unwrap_or(p))
-        .collect();
-    let lines: Vec<&str> = text.lines().collect();
-    let header = |line: &str| -> Option<String> {
-        let t = line.trim();
-        let inner = t.strip_prefix('[')?.split(']').next()?;
-        Some(
-            inner
-                .split('.')
-                .map(|p| p.trim().trim_matches('"'))
-                .collect::<Vec<_>>()
-                .join("."),
-        )
-    };
-    // The lines of a table (the top level: ""), after its header, up to the next one.
-    let table_lines = |table: &str| -> Option<(usize, usize)> {
-        let start = if table.is_empty() {
-            0
-        } else {
-            lines
-                .iter()
-                .position(|l| header(l).as_deref() == Some(table))?
-                + 1
-        };
-        let end = lines[start..]
-            .iter()
-            .position(|l| header(l).is_some())
-            .map_or(lines.len(), |n| start + n);
-        Some((start, end))
-    };
-    let sets = |line: &str, key: &str| {
-        line.trim()
-            .split_once('=')
-            .is_some_and(|(k, _)| k.trim().trim_matches('"') == key)
-    };
-    // A table: its header.
-    let whole = parts.join(".");
-    if let Some(n) = lines
-        .iter()
-        .position(|l| header(l).as_deref() == Some(&whole))
-    {
-        return Some(n + 1);
-    }
-    for split in (0..parts.len()).rev() {
-        let table = parts[..split].join(".");
-        let Some((start, end)) = table_lines(&table) else {
-            continue;
-        };
-        if let Some(n) = (start..end).find(|&n| sets(lines[n], parts[split])) {
-            return Some(n + 1);
-        }
-        if !table.is_empty() {
-            return Some(start);
-        }
-    }
-    None
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_field_is_found_on_its_line() {
-        let text = "name = \"shop\"\ntype = \"IMPORT\"\n\n[source]\nrecords = \"$.data[*]\"\n[source.pagination]\ntype = \"page\"\n\n[mapping.productId]\npath = \"$.id\"\n[ mapping.\"title\" ]\n  path = \"$.name\"\n";
-        assert_eq!(line_of(text, "type"), Some(2));
-        assert_eq!(line_of(text, "source.records"), Some(5));
-        assert_eq!(line_of(text, "source.pagination.type"), Some(7));
-        assert_eq!(line_of(text, "mapping.productId.path"), Some(10));
-        assert_eq!(line_of(text, "mapping.productId"), Some(9));
-        assert_eq!(line_of(text, "source.pagination"), Some(6));
-        assert_eq!(line_of(text, "mapping.title.path"), Some(12));
-        // Not set: its table's header; no table either: the nearest one there is.
-        assert_eq!(line_of(text, "mapping.productId.type"), Some(9));
-        assert_eq!(line_of(text, "source.pagination.size"), Some(6));
-        assert_eq!(line_of(text, "target.key"), None);
-        assert_eq!(line_of(text, "schedule"), None);
-    }
     use serde_json::json;
 
     #[test]

@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod model;
 pub mod segment;
 pub mod sessionize;
+pub mod toml_errors;
 pub mod tracking;
 pub mod transform;
 

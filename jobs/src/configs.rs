@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use bson::{doc, DateTime, Document};
 use sluice_connectors::{Store, StoreError};
 use sluice_core::integration::{
-    credential_in_query, parse_file, validate, Connector, IntegrationFile,
+    credential_in_query, parse_file, top_level_field_in_a_table, validate, Connector,
+    IntegrationFile,
 };
 use sluice_core::model::{collections as c, common, integration_fields as f};
 use sluice_core::ConfigError;
@@ -52,7 +53,7 @@ pub fn validate_dir(
         let duplicate = name.and_then(|name| {
             let other = names.insert(name.clone(), origin.clone())?;
             Some(ConfigError::Invalid {
-                origin: at_line(&origin, &text, "name"),
+                origin: sluice_core::toml_errors::at_line(&origin, &text, "name"),
                 field: "name".into(),
                 expected: format!("a unique name (`{name}` is also used by {other})"),
             })
@@ -70,211 +71,14 @@ pub fn validate_dir(
             Err(all) => all,
         };
         all.extend(duplicate);
-        sort_by_line(&mut all);
+        sluice_core::toml_errors::sort_by_line(&mut all);
         errors.extend(all);
     }
     Ok((ok, errors))
 }
 
-/// `origin`, with the line of `text` that sets `field` (or its table's header), if found.
-fn at_line(origin: &str, text: &str, field: &str) -> String {
-    match sluice_core::integration::line_of(text, field) {
-        Some(line) => format!("{origin}:{line}"),
-        None => origin.to_string(),
-    }
-}
-
 /// The most errors said of one file.
-pub const MAX_ERRORS_PER_FILE: usize = 10;
-
-/// A file's errors after its `first`, so that one run of `configs validate` shows most of
-/// what is wrong: the invalid field is taken out of the file and the rest validated
-/// again, until it validates, the error points at no field (a syntax error, a required
-/// top-level field taken out), or [`MAX_ERRORS_PER_FILE`] are found. A field is invalid
-/// by the checks, or by TOML's reading of the file (an unknown field, a value of the
-/// wrong type; a table missing a field is taken out whole). An error in a table a field
-/// was taken from is taken out unsaid, as it may follow from taking the other (`auth.type`
-/// gone, `auth.key` no longer fits): each error said is one the file has as written. A
-/// required field taken out (a mapping's `path`) leaves its table unreadable: the table
-/// is taken out instead, and errors in it, or naming it, are not said.
-fn later_errors(
-    origin: &str,
-    text: &str,
-    first: &ConfigError,
-    env: &dyn Fn(&str) -> Option<String>,
-) -> Vec<ConfigError> {
-    // The first error's field: named by the check, or where TOML's error points (an
-    // unknown field, a value of the wrong type, a table missing a field).
-    let first = match first {
-        ConfigError::Invalid { field, .. } => (field.clone(), false),
-        ConfigError::Parse { .. } => match toml_error_at(text) {
-            Some((field, is_table, _)) => (field, is_table),
-            None => return Vec::new(),
-        },
-        ConfigError::Read { .. } => return Vec::new(),
-    };
-    let Ok(mut table) = text.parse::<toml::Table>() else {
-        return Vec::new();
-    };
-    // What was set aside: a field (an error in its table may follow from it), or a table
-    // whole (an error inside it, or naming it, may follow): one missing a field, or one
-    // left unreadable by setting a required field of it aside.
-    let mut found = Vec::new();
-    if !take(&mut table, &first.0) {
-        return found;
-    }
-    let mut taken: Vec<(String, bool)> = vec![first];
-    // Each pass sets something aside, so a file has fewer passes than fields; the bound
-    // is for files of thousands of invalid fields.
-    let mut passes = 0;
-    while found.len() + 1 < MAX_ERRORS_PER_FILE && passes < 10 * MAX_ERRORS_PER_FILE {
-        passes += 1;
-        let Ok(rest) = toml::to_string(&table) else {
-            break;
-        };
-        let error = match checked(origin, &rest, env) {
-            Ok(_) => break,
-            Err(ConfigError::Invalid {
-                field, expected, ..
-            }) => Some((
-                field.clone(),
-                false,
-                true,
-                ConfigError::Invalid {
-                    origin: at_line(origin, text, &field),
-                    field,
-                    expected,
-                },
-            )),
-            // An unknown field or a value of the wrong type is wrong as written, whatever
-            // was set aside; a missing field may be one set aside.
-            Err(ConfigError::Parse { .. }) => toml_field_error(origin, text, &rest)
-                .map(|(field, is_table, error)| (field, is_table, is_table, error)),
-            Err(ConfigError::Read { .. }) => break,
-        };
-        let next = match error {
-            Some((field, whole, may_follow, error)) => {
-                if !(may_follow && taken.iter().any(|t| follows(t, &field))) {
-                    found.push(error);
-                }
-                (field, whole)
-            }
-            // An error that points at no field: most likely the field last set aside is
-            // required at the top level. Its table, if it has one, is set aside instead.
-            None => {
-                let Some((table, _)) = taken
-                    .last()
-                    .filter(|(_, whole)| !whole)
-                    .and_then(|(t, _)| t.rsplit_once('.'))
-                else {
-                    break;
-                };
-                (table.to_string(), true)
-            }
-        };
-        if !take(&mut table, &next.0) {
-            break;
-        }
-        taken.push(next);
-    }
-    found
-}
-
-/// Whether an error at `field` may follow from setting `taken` aside: it is the same
-/// field or inside it, or in the table it was taken from (inside it, when a table was
-/// taken whole).
-fn follows((taken, whole): &(String, bool), field: &str) -> bool {
-    let within = |table: &str| {
-        !table.is_empty() && (field == table || field.starts_with(&format!("{table}.")))
-    };
-    taken == field
-        || taken.starts_with(&format!("{field}."))
-        || if *whole {
-            within(taken)
-        } else {
-            within(taken.rsplit_once('.').map_or("", |(table, _)| table))
-        }
-}
-
-/// The TOML error of reading `rest` (`text`, or what is left of it) as a config, said of
-/// the field it points at, at that field's line in `text`; with the field's dotted path
-/// and whether it is a table. `None` when it points at no field.
-fn toml_field_error(origin: &str, text: &str, rest: &str) -> Option<(String, bool, ConfigError)> {
-    let (field, is_table, mut message) = toml_error_at(rest)?;
-    message.extend(sluice_core::integration::top_level_field_in_a_table(
-        &message,
-    ));
-    let what = if is_table { "table" } else { "field" };
-    let error = ConfigError::Parse {
-        origin: at_line(origin, text, &field),
-        message: format!("{what} `{field}`: {message}"),
-    };
-    Some((field, is_table, error))
-}
-
-/// Where the TOML error of reading `text` as a config points: the dotted path of the
-/// deepest field whose key or value holds it (a table when a field is missing from it),
-/// whether that is a table, and the error's message without its quoted line. `None` for
-/// an error that points nowhere in a table (a syntax error, a field missing at the top
-/// level).
-fn toml_error_at(text: &str) -> Option<(String, bool, String)> {
-    let error = toml::from_str::<IntegrationFile>(text).err()?;
-    // A field missing at the top level points at the start of the file (an empty span).
-    let at = error.span().filter(|at| !at.is_empty())?;
-    let parsed = toml::de::DeTable::parse(text).ok()?;
-    let (path, is_table) = field_at(parsed.get_ref(), at)?;
-    Some((path, is_table, error.message().trim_end().to_string()))
-}
-
-/// The dotted path of the deepest entry of `table` whose key or value holds the bytes
-/// `at`: a leaf first (a table's span can cover only its header), else a table. A field
-/// missing from a table points at its header.
-fn field_at(table: &toml::de::DeTable, at: std::ops::Range<usize>) -> Option<(String, bool)> {
-    let holds = |span: std::ops::Range<usize>| span.start <= at.start && at.end <= span.end;
-    let mut holder = None;
-    for (key, value) in table.iter() {
-        let name = key.get_ref().to_string();
-        let holds = holds(key.span()) || holds(value.span());
-        match value.get_ref() {
-            toml::de::DeValue::Table(inner) => {
-                if let Some((rest, is_table)) = field_at(inner, at.clone()) {
-                    return Some((format!("{name}.{rest}"), is_table));
-                }
-                if holds {
-                    holder = Some((name, true));
-                }
-            }
-            _ if holds => return Some((name, false)),
-            _ => {}
-        }
-    }
-    holder
-}
-
-/// Removes the value at a dotted path (`source.pagination.size`); false when there is
-/// none (or the path indexes a list).
-fn take(table: &mut toml::Table, path: &str) -> bool {
-    if path.is_empty() || path.contains('[') {
-        return false;
-    }
-    let mut parts: Vec<&str> = path.split('.').collect();
-    let Some(last) = parts.pop() else {
-        return false;
-    };
-    let mut at = table;
-    for p in parts {
-        match at.get_mut(p).and_then(toml::Value::as_table_mut) {
-            Some(t) => at = t,
-            None => return false,
-        }
-    }
-    at.remove(last).is_some()
-}
-
-/// In the file's order; those without a line (a field missing) last.
-fn sort_by_line(errors: &mut [ConfigError]) {
-    errors.sort_by_key(|e| e.line().unwrap_or(usize::MAX));
-}
+pub use sluice_core::toml_errors::MAX_ERRORS_PER_FILE;
 
 /// As [`validate_text`], with up to [`MAX_ERRORS_PER_FILE`] errors, in the file's order,
 /// as `validate_dir` names them.
@@ -283,35 +87,31 @@ pub fn validate_text_all(
     text: &str,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<(IntegrationFile, Connector), Vec<ConfigError>> {
-    validate_text(origin, text, env).map_err(|first| {
-        let mut all = later_errors(origin, text, &first, env);
-        all.insert(0, first);
-        sort_by_line(&mut all);
-        all
+    checked(origin, text, env).map_err(|first| {
+        sluice_core::toml_errors::all_errors::<IntegrationFile>(
+            origin,
+            text,
+            first,
+            &|rest| checked(origin, rest, env).map(|_| ()),
+            top_level_field_in_a_table,
+        )
     })
 }
 
 /// One config file's text, parsed and validated as `validate_dir` validates each file;
-/// `origin` names it in errors: the first error found.
+/// `origin` names it in errors: the first error found, at its line.
 pub fn validate_text(
     origin: &str,
     text: &str,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<(IntegrationFile, Connector), ConfigError> {
-    // A field's error names the line that sets it (or its table's), as TOML syntax
-    // errors name theirs; TOML's error for a field is said as a check's is.
-    checked(origin, text, env).map_err(|e| match e {
-        ConfigError::Parse { .. } => toml_field_error(origin, text, text).map_or(e, |(.., e)| e),
-        ConfigError::Invalid {
+    checked(origin, text, env).map_err(|e| {
+        sluice_core::toml_errors::said_at_line::<IntegrationFile>(
             origin,
-            field,
-            expected,
-        } => ConfigError::Invalid {
-            origin: at_line(&origin, text, &field),
-            field,
-            expected,
-        },
-        other => other,
+            text,
+            e,
+            top_level_field_in_a_table,
+        )
     })
 }
 

@@ -1,0 +1,560 @@
+//! A TOML file's errors said field by field, each at its line, and as many of them as a
+//! run can find (up to [`MAX_ERRORS_PER_FILE`]): integration configs (`configs validate`,
+//! the admin API) and `sluice.toml` alike.
+//!
+//! After the first error, its field is set aside (taken out of the file) and the rest
+//! checked again, until the rest passes, the error points at no field (a syntax error, a
+//! required top-level field set aside), or the limit is reached. A field is wrong by the
+//! checks, or by TOML's reading of the file (an unknown field, a value of the wrong type;
+//! a table missing a field is set aside whole). A check's error in a table a field was
+//! set aside from is not said, as it may follow from the setting aside (`auth.type` gone,
+//! `auth.key` no longer fits): each error said is one the file has as written (an unknown
+//! field's going changes nothing, so errors beside it are said). A required
+//! field set aside (a mapping's `path`) leaves its table unreadable: the table is set
+//! aside instead, and errors in it, or naming it, are not said. An element of an array of
+//! tables set aside whole (`[[schedules]]`) shifts the elements after it: their errors are
+//! said with the indices the file has.
+
+use serde::de::DeserializeOwned;
+
+use crate::ConfigError;
+
+/// The most errors said of one file.
+pub const MAX_ERRORS_PER_FILE: usize = 10;
+
+/// A check of a file's text (the whole file, or what is left of it): its first error.
+pub type Check<'a> = &'a dyn Fn(&str) -> Result<(), ConfigError>;
+
+/// What to add to TOML's message for an unknown field, if anything (a hint for a slip
+/// of the file's format).
+pub type Hint = fn(&str) -> Option<String>;
+
+/// The line (1-based) of `text` (a TOML file) that sets `field` (a dotted path such as
+/// `mapping.productId.path` or `schedules[1].cron`, as errors name fields): the key's line
+/// under its table, or, for a key the file does not set (a default found wrong), its
+/// table's header; for a table, its header (`[[schedules]]` headers count from 0). `None`
+/// when neither is found (an inline table, a field set by default).
+pub fn line_of(text: &str, field: &str) -> Option<usize> {
+    let lines: Vec<&str> = text.lines().collect();
+    // Each header's table as errors name it: `[a.b]` is `a.b`, the third `[[s]]` is `s[2]`.
+    let mut seen: std::collections::HashMap<String, usize> = Default::default();
+    let headers: Vec<Option<String>> = lines
+        .iter()
+        .map(|line| {
+            let t = line.trim();
+            let (inner, array) = match t.strip_prefix("[[") {
+                Some(rest) => (rest.split("]]").next()?, true),
+                None => (t.strip_prefix('[')?.split(']').next()?, false),
+            };
+            let name = inner
+                .split('.')
+                .map(|p| p.trim().trim_matches('"'))
+                .collect::<Vec<_>>()
+                .join(".");
+            Some(if array {
+                let n = seen.entry(name.clone()).or_default();
+                *n += 1;
+                format!("{name}[{}]", *n - 1)
+            } else {
+                name
+            })
+        })
+        .collect();
+    if let Some(n) = headers.iter().position(|h| h.as_deref() == Some(field)) {
+        return Some(n + 1);
+    }
+    // The lines of a table (the top level: ""), after its header, up to the next one.
+    let table_lines = |table: &str| -> Option<(usize, usize)> {
+        let start = if table.is_empty() {
+            0
+        } else {
+            headers.iter().position(|h| h.as_deref() == Some(table))? + 1
+        };
+        let end = headers[start..]
+            .iter()
+            .position(Option::is_some)
+            .map_or(lines.len(), |n| start + n);
+        Some((start, end))
+    };
+    let sets = |line: &str, key: &str| {
+        line.trim()
+            .split_once('=')
+            .is_some_and(|(k, _)| k.trim().trim_matches('"') == key)
+    };
+    let parts: Vec<&str> = field.split('.').collect();
+    for split in (0..parts.len()).rev() {
+        let table = parts[..split].join(".");
+        let Some((start, end)) = table_lines(&table) else {
+            continue;
+        };
+        // A list's element (`write_keys[0]`) is on the list's line.
+        let key = parts[split].split('[').next().unwrap_or(parts[split]);
+        if let Some(n) = (start..end).find(|&n| sets(lines[n], key)) {
+            return Some(n + 1);
+        }
+        if !table.is_empty() {
+            return Some(start);
+        }
+    }
+    None
+}
+
+/// `origin`, with the line of `text` that sets `field` (or its table's header), if found.
+pub fn at_line(origin: &str, text: &str, field: &str) -> String {
+    match line_of(text, field) {
+        Some(line) => format!("{origin}:{line}"),
+        None => origin.to_string(),
+    }
+}
+
+/// `first`, the error `check` found in `text` (read as a `T`), and up to
+/// [`MAX_ERRORS_PER_FILE`] in all, each said at its field's line, in the file's order
+/// (those without a line last).
+pub fn all_errors<T: DeserializeOwned>(
+    origin: &str,
+    text: &str,
+    first: ConfigError,
+    check: Check,
+    hint: Hint,
+) -> Vec<ConfigError> {
+    let mut all = later_errors::<T>(origin, text, &first, check, hint);
+    all.insert(0, said_at_line::<T>(origin, text, first, hint));
+    sort_by_line(&mut all);
+    all
+}
+
+/// In the file's order; those without a line (a field missing) last.
+pub fn sort_by_line(errors: &mut [ConfigError]) {
+    errors.sort_by_key(|e| e.line().unwrap_or(usize::MAX));
+}
+
+/// `e`, an error of `text` (read as a `T`) from `origin`, at the line of its field: a
+/// check's error at the line that sets the field (or its table's header), and TOML's
+/// error for a field said as a check's is (TOML's own words, with the line quoted, for
+/// a syntax error). An error from elsewhere (an environment variable) is left as it is.
+pub fn said_at_line<T: DeserializeOwned>(
+    origin: &str,
+    text: &str,
+    e: ConfigError,
+    hint: Hint,
+) -> ConfigError {
+    match e {
+        ConfigError::Parse { origin: ref o, .. } if o == origin => {
+            field_error::<T>(origin, text, text, hint, &Gone::default()).map_or(e, |(_, e)| e)
+        }
+        ConfigError::Invalid {
+            origin: o,
+            field,
+            expected,
+        } if o == origin => ConfigError::Invalid {
+            origin: at_line(origin, text, &field),
+            field,
+            expected,
+        },
+        other => other,
+    }
+}
+
+/// The errors after `first`; see the module's documentation.
+fn later_errors<T: DeserializeOwned>(
+    origin: &str,
+    text: &str,
+    first: &ConfigError,
+    check: Check,
+    hint: Hint,
+) -> Vec<ConfigError> {
+    // The first error's field: named by the check, or where TOML's error points (an
+    // unknown field, a value of the wrong type, a table missing a field).
+    let first = match first {
+        ConfigError::Invalid {
+            origin: o, field, ..
+        } if o == origin => Taken::field(field.clone()),
+        ConfigError::Parse { origin: o, .. } if o == origin => match toml_error_at::<T>(text) {
+            Some((field, is_table, message)) => Taken::of_toml(field, is_table, &message),
+            None => return Vec::new(),
+        },
+        _ => return Vec::new(),
+    };
+    let Ok(mut table) = text.parse::<toml::Table>() else {
+        return Vec::new();
+    };
+    let mut gone = Gone::default();
+    // What was set aside (by the file's paths): a field (an error in its table may
+    // follow from it), or a table whole (an error inside it, or naming it, may follow):
+    // one missing a field, or one left unreadable by setting a required field aside.
+    let mut found = Vec::new();
+    if !set_aside(&mut table, &mut gone, &first.path) {
+        return found;
+    }
+    let mut taken = vec![first];
+    // Each pass sets something aside, so a file has fewer passes than fields; the bound
+    // is for files of thousands of invalid fields.
+    let mut passes = 0;
+    while found.len() + 1 < MAX_ERRORS_PER_FILE && passes < 10 * MAX_ERRORS_PER_FILE {
+        passes += 1;
+        let Ok(rest) = toml::to_string(&table) else {
+            break;
+        };
+        let error = match check(&rest) {
+            Ok(()) => break,
+            Err(ConfigError::Invalid {
+                origin: o,
+                field,
+                expected,
+            }) if o == origin => {
+                let field = gone.original(&field);
+                Some((
+                    Taken::field(field.clone()),
+                    true,
+                    ConfigError::Invalid {
+                        origin: at_line(origin, text, &field),
+                        field,
+                        expected,
+                    },
+                ))
+            }
+            // An unknown field or a value of the wrong type is wrong as written, whatever
+            // was set aside; a missing field may be one set aside.
+            Err(ConfigError::Parse { origin: o, .. }) if o == origin => {
+                field_error::<T>(origin, text, &rest, hint, &gone).map(|(taken, error)| {
+                    let may_follow = taken.whole;
+                    (taken, may_follow, error)
+                })
+            }
+            // From elsewhere (an environment variable): the file cannot be rid of it.
+            Err(_) => break,
+        };
+        let next = match error {
+            Some((next, may_follow, error)) => {
+                if !(may_follow && taken.iter().any(|t| t.may_cause(&next.path))) {
+                    found.push(error);
+                }
+                next
+            }
+            // An error that points at no field: most likely the field last set aside is
+            // required at the top level. Its table, if it has one, is set aside instead.
+            None => {
+                let Some((table, _)) = taken
+                    .last()
+                    .filter(|t| !t.whole)
+                    .and_then(|t| t.path.rsplit_once('.'))
+                else {
+                    break;
+                };
+                Taken {
+                    path: table.to_string(),
+                    whole: true,
+                    unknown: false,
+                }
+            }
+        };
+        if !set_aside(&mut table, &mut gone, &next.path) {
+            break;
+        }
+        taken.push(next);
+    }
+    found
+}
+
+/// What was set aside, by the file's path.
+struct Taken {
+    path: String,
+    /// A table (one missing a field, or one left unreadable by setting a required field
+    /// of it aside), rather than a field.
+    whole: bool,
+    /// A field unknown to the file's format, which nothing else reads.
+    unknown: bool,
+}
+
+impl Taken {
+    fn field(path: String) -> Self {
+        Self {
+            path,
+            whole: false,
+            unknown: false,
+        }
+    }
+
+    /// What TOML's error at `path` (with `message`) sets aside.
+    fn of_toml(path: String, is_table: bool, message: &str) -> Self {
+        Self {
+            path,
+            whole: is_table,
+            unknown: message.starts_with("unknown field"),
+        }
+    }
+
+    /// Whether an error at `field` may follow from setting this aside: it is the same
+    /// field or inside it, or in the table it was taken from (inside it, when a table was
+    /// taken whole). An unknown field's going changes nothing else.
+    fn may_cause(&self, field: &str) -> bool {
+        let within = |table: &str| {
+            !table.is_empty() && (field == table || field.starts_with(&format!("{table}.")))
+        };
+        let taken = &self.path;
+        !self.unknown
+            && (taken == field
+                || taken.starts_with(&format!("{field}."))
+                || if self.whole {
+                    within(taken)
+                } else {
+                    within(taken.rsplit_once('.').map_or("", |(table, _)| table))
+                })
+    }
+}
+
+/// The TOML error of reading `rest` (`text`, or what is left of it) as a `T`, said of the
+/// field it points at, at that field's line in `text`; with the field's path (as `text`
+/// has it) and what setting it aside takes. `None` when it points at no field.
+fn field_error<T: DeserializeOwned>(
+    origin: &str,
+    text: &str,
+    rest: &str,
+    hint: Hint,
+    gone: &Gone,
+) -> Option<(Taken, ConfigError)> {
+    let (field, is_table, mut message) = toml_error_at::<T>(rest)?;
+    let field = gone.original(&field);
+    let taken = Taken::of_toml(field.clone(), is_table, &message);
+    message.extend(hint(&message));
+    let what = if is_table { "table" } else { "field" };
+    let error = ConfigError::Parse {
+        origin: at_line(origin, text, &field),
+        message: format!("{what} `{field}`: {message}"),
+    };
+    Some((taken, error))
+}
+
+/// Where the TOML error of reading `text` as a `T` points: the path of the deepest field
+/// whose key or value holds it (a table when a field is missing from it), whether that
+/// is a table, and the error's message without its quoted line. `None` for an error that
+/// points nowhere in a table (a syntax error, a field missing at the top level).
+fn toml_error_at<T: DeserializeOwned>(text: &str) -> Option<(String, bool, String)> {
+    let error = toml::from_str::<T>(text).err()?;
+    // A field missing at the top level points at the start of the file (an empty span).
+    let at = error.span().filter(|at| !at.is_empty())?;
+    let parsed = toml::de::DeTable::parse(text).ok()?;
+    let (path, is_table) = field_at(parsed.get_ref(), &at)?;
+    Some((path, is_table, error.message().trim_end().to_string()))
+}
+
+/// The path of the deepest entry of `table` whose key or value holds the bytes `at`.
+fn field_at(table: &toml::de::DeTable, at: &std::ops::Range<usize>) -> Option<(String, bool)> {
+    for (key, value) in table.iter() {
+        let name = key.get_ref();
+        if let Some((below, is_table)) = value_at(value, at) {
+            return Some((format!("{name}{below}"), is_table));
+        }
+        if holds(key.span(), at) {
+            let is_table = matches!(value.get_ref(), toml::de::DeValue::Table(_));
+            return Some((name.to_string(), is_table));
+        }
+    }
+    None
+}
+
+/// Where in `value` the bytes `at` are, as a path below it (`""`: the value itself,
+/// `.key`, `[2].key`), and whether that is a table: an entry inside first, as a table's
+/// span can cover only its header.
+fn value_at(
+    value: &toml::Spanned<toml::de::DeValue>,
+    at: &std::ops::Range<usize>,
+) -> Option<(String, bool)> {
+    let inside = match value.get_ref() {
+        toml::de::DeValue::Table(inner) => {
+            field_at(inner, at).map(|(path, is_table)| (format!(".{path}"), is_table))
+        }
+        toml::de::DeValue::Array(items) => items.iter().enumerate().find_map(|(i, item)| {
+            value_at(item, at).map(|(below, is_table)| (format!("[{i}]{below}"), is_table))
+        }),
+        _ => None,
+    };
+    inside.or_else(|| {
+        holds(value.span(), at).then(|| {
+            let is_table = matches!(value.get_ref(), toml::de::DeValue::Table(_));
+            (String::new(), is_table)
+        })
+    })
+}
+
+fn holds(span: std::ops::Range<usize>, at: &std::ops::Range<usize>) -> bool {
+    span.start <= at.start && at.end <= span.end
+}
+
+/// Elements of arrays set aside whole, by the array's path and the element's index as
+/// the file has them: the elements after one shift down, and errors of what is left are
+/// said with the file's indices.
+#[derive(Default)]
+struct Gone(Vec<(String, usize)>);
+
+impl Gone {
+    /// `path` (with the indices of what is left) with the file's indices.
+    fn original(&self, path: &str) -> String {
+        self.map(path, true)
+    }
+
+    /// `path` (with the file's indices) with the indices of what is left.
+    fn current(&self, path: &str) -> String {
+        self.map(path, false)
+    }
+
+    fn map(&self, path: &str, to_original: bool) -> String {
+        // The path so far as the file has it (what arrays are known by), and as asked.
+        let (mut file, mut out) = (String::new(), String::new());
+        for (n, segment) in path.split('.').enumerate() {
+            let dot = if n == 0 { "" } else { "." };
+            let element = segment.split_once('[').and_then(|(name, rest)| {
+                Some((name, rest.strip_suffix(']')?.parse::<usize>().ok()?))
+            });
+            let Some((name, i)) = element else {
+                file.push_str(&format!("{dot}{segment}"));
+                out.push_str(&format!("{dot}{segment}"));
+                continue;
+            };
+            let array = format!("{file}{dot}{name}");
+            let mut removed: Vec<usize> = self
+                .0
+                .iter()
+                .filter(|(a, _)| *a == array)
+                .map(|(_, i)| *i)
+                .collect();
+            removed.sort_unstable();
+            let (in_file, mapped) = if to_original {
+                // The i-th element left is the file's first index past i others left.
+                let mut k = i;
+                for r in &removed {
+                    if *r <= k {
+                        k += 1;
+                    }
+                }
+                (k, k)
+            } else {
+                (i, i - removed.iter().filter(|r| **r < i).count())
+            };
+            file.push_str(&format!("{dot}{name}[{in_file}]"));
+            out.push_str(&format!("{dot}{name}[{mapped}]"));
+        }
+        out
+    }
+}
+
+/// Sets the field at `path` (as the file has it) aside: removes it from `table`, noting
+/// an array's element taken whole. False when there is none to remove.
+fn set_aside(table: &mut toml::Table, gone: &mut Gone, path: &str) -> bool {
+    if !take(table, &gone.current(path)) {
+        return false;
+    }
+    if let Some((array, i)) = path
+        .strip_suffix(']')
+        .and_then(|p| p.rsplit_once('['))
+        .and_then(|(array, i)| Some((array.to_string(), i.parse().ok()?)))
+    {
+        gone.0.push((array, i));
+    }
+    true
+}
+
+/// Removes the value at a path (`source.pagination.size`, `schedules[1].cron`,
+/// `schedules[1]`); false when there is none.
+fn take(table: &mut toml::Table, path: &str) -> bool {
+    if path.is_empty() {
+        return false;
+    }
+    let segment = |s: &str| -> Option<(String, Option<usize>)> {
+        match s.split_once('[') {
+            None => Some((s.to_string(), None)),
+            Some((name, rest)) => Some((
+                name.to_string(),
+                Some(rest.strip_suffix(']')?.parse().ok()?),
+            )),
+        }
+    };
+    let mut parts: Vec<&str> = path.split('.').collect();
+    let Some(last) = parts.pop().and_then(segment) else {
+        return false;
+    };
+    let mut at = table;
+    for p in parts {
+        let Some((name, index)) = segment(p) else {
+            return false;
+        };
+        let next = match index {
+            None => at.get_mut(&name).and_then(toml::Value::as_table_mut),
+            Some(i) => at
+                .get_mut(&name)
+                .and_then(toml::Value::as_array_mut)
+                .and_then(|items| items.get_mut(i))
+                .and_then(toml::Value::as_table_mut),
+        };
+        match next {
+            Some(t) => at = t,
+            None => return false,
+        }
+    }
+    match last {
+        (name, None) => at.remove(&name).is_some(),
+        (name, Some(i)) => match at.get_mut(&name).and_then(toml::Value::as_array_mut) {
+            Some(items) if i < items.len() => {
+                items.remove(i);
+                true
+            }
+            _ => false,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_field_is_found_on_its_line() {
+        let text = "name = \"shop\"\ntype = \"IMPORT\"\n\n[source]\nrecords = \"$.data[*]\"\n[source.pagination]\ntype = \"page\"\n\n[mapping.productId]\npath = \"$.id\"\n[ mapping.\"title\" ]\n  path = \"$.name\"\n";
+        assert_eq!(line_of(text, "type"), Some(2));
+        assert_eq!(line_of(text, "source.records"), Some(5));
+        assert_eq!(line_of(text, "source.pagination.type"), Some(7));
+        assert_eq!(line_of(text, "mapping.productId.path"), Some(10));
+        assert_eq!(line_of(text, "mapping.productId"), Some(9));
+        assert_eq!(line_of(text, "source.pagination"), Some(6));
+        assert_eq!(line_of(text, "mapping.title.path"), Some(12));
+        // Not set: its table's header; no table either: the nearest one there is.
+        assert_eq!(line_of(text, "mapping.productId.type"), Some(9));
+        assert_eq!(line_of(text, "source.pagination.size"), Some(6));
+        assert_eq!(line_of(text, "target.key"), None);
+        assert_eq!(line_of(text, "schedule"), None);
+    }
+
+    #[test]
+    fn arrays_of_tables_are_found_by_index() {
+        let text = "[server]\nwrite_keys = [\"a\", \"b\"]\n\n[[schedules]]\nname = \"one\"\ncron = \"x\"\n\n[[schedules]]\nname = \"two\"\n\n[plugins]\nfuel = true\n";
+        assert_eq!(line_of(text, "server.write_keys[1]"), Some(2));
+        assert_eq!(line_of(text, "schedules[0].cron"), Some(6));
+        assert_eq!(line_of(text, "schedules[1].name"), Some(9));
+        assert_eq!(line_of(text, "schedules[1]"), Some(8));
+        // Not set in the second: its header.
+        assert_eq!(line_of(text, "schedules[1].cron"), Some(8));
+        assert_eq!(line_of(text, "plugins.fuel"), Some(12));
+    }
+
+    #[test]
+    fn paths_of_what_is_left_map_to_the_file_s() {
+        let gone = Gone(vec![("schedules".into(), 0), ("schedules".into(), 2)]);
+        // Left: the file's 1, 3, 4.
+        assert_eq!(gone.original("schedules[0].cron"), "schedules[1].cron");
+        assert_eq!(gone.original("schedules[1]"), "schedules[3]");
+        assert_eq!(gone.original("schedules[2].name"), "schedules[4].name");
+        assert_eq!(gone.current("schedules[3].cron"), "schedules[1].cron");
+        assert_eq!(gone.current("schedules[4]"), "schedules[2]");
+        assert_eq!(gone.original("plugins.fuel"), "plugins.fuel");
+        assert_eq!(
+            gone.original("server.write_keys[0]"),
+            "server.write_keys[0]"
+        );
+        let mut table: toml::Table = "[[s]]\na = 1\nb = 2\n[[s]]\na = 3\n".parse().unwrap();
+        let mut gone = Gone::default();
+        assert!(set_aside(&mut table, &mut gone, "s[0]"));
+        assert!(set_aside(&mut table, &mut gone, "s[1].a"));
+        assert!(!set_aside(&mut table, &mut gone, "s[1].a"), "gone already");
+        assert_eq!(toml::to_string(&table).unwrap().trim(), "[[s]]");
+    }
+}
