@@ -826,7 +826,7 @@ pub fn check_late_days(
 }
 
 /// `sluice export run`: one export with a progress display and a summary; with
-/// `late_days`, then every day that received events after this kind last published it.
+/// `late_days`, then every day that received events since this kind last published it.
 pub async fn export_run(
     config: &Config,
     kind: sluice_core::model::ExportJobType,
@@ -837,7 +837,15 @@ pub async fn export_run(
 ) -> anyhow::Result<sluice_jobs::export::ExportSummary> {
     use sluice_jobs::export::{run_export, ExportContext, ExportRequest};
     let store = Store::connect(config).await?;
-    store.init().await?;
+    let report = store.init().await?;
+    // A database that did not hold Sluice's collections (a typo in its name, the wrong
+    // deployment) is read as empty: said, since the partitions published look complete.
+    if report.created_collections.iter().any(|c| c == "events") {
+        eprintln!(
+            "warning: database `{}` had no `events` collection (it was created now, empty): this export reads nothing; is `mongodb.database` the platform's?",
+            config.database
+        );
+    }
     let destination = open_destination(config, dest).await?;
     let yesterday = store.now().to_chrono().date_naive() - chrono::Days::new(1);
     let from = from.or(to).unwrap_or(yesterday);
@@ -881,7 +889,7 @@ pub async fn export_run(
                     .collect();
             if !pending.is_empty() {
                 println!(
-                    "  {} received events after this kind last published {}: {}; {}",
+                    "  {} received events since this kind last published {} (or in the minute before): {}; {}",
                     counted(pending.len() as u64, "day"),
                     if pending.len() == 1 { "it" } else { "them" },
                     listed_days(&pending),
@@ -921,7 +929,7 @@ async fn publish_late_days_now(
     stop_ticker(ticker).await;
     let late = late.map_err(anyhow::Error::msg)??;
     if late.published.is_empty() && late.failed.is_empty() {
-        println!("  late days: none (no day received events after this kind last published it)");
+        println!("  late days: none (no day received events since this kind last published it)");
     }
     for s in &late.published {
         for p in &s.partitions {
@@ -2234,7 +2242,15 @@ pub async fn jobs_run(
     let store = Store::connect(config).await?;
     store.init().await?;
     if let Some(integration) = name.strip_prefix(crate::engine::INTEGRATION_PREFIX) {
-        require_config(&store, integration).await?;
+        if let Err(e) = require_config(&store, integration).await {
+            // A bare name that an export schedule has: its prefix was left out.
+            if config.schedules.iter().any(|s| s.name == integration) {
+                anyhow::bail!(
+                    "{e}; `{integration}` is an export schedule: run it as `export:{integration}`"
+                );
+            }
+            return Err(e);
+        }
     }
     let runner = crate::engine::EngineRunner {
         config: std::sync::Arc::new(config.clone()),
@@ -2282,11 +2298,16 @@ pub async fn jobs_history(config: &Config, name: Option<&str>) -> anyhow::Result
         .await?
         .try_collect()
         .await?;
-    if let (true, Some(n)) = (runs.is_empty(), name) {
-        eprintln!(
+    match (runs.is_empty(), name) {
+        (true, Some(n)) => eprintln!(
             "no run of `{}` is recorded (jobs are named as `sluice jobs list` shows them: `export:NAME`, `integration:NAME` or the config's name); runs are kept 90 days",
             crate::engine::job_name(n)
-        );
+        ),
+        (true, None) => eprintln!(
+            "no scheduled or manual job run is recorded in database `{}` (exports run with `sluice export run` are listed by `sluice export history`)",
+            config.database
+        ),
+        _ => {}
     }
     let now = store.now();
     for r in runs {
@@ -2318,6 +2339,69 @@ pub async fn jobs_history(config: &Config, name: Option<&str>) -> anyhow::Result
                 .or_else(|_| r.get_str("error"))
                 .or_else(|_| r.get_str("reason"))
                 .unwrap_or("")
+        );
+    }
+    Ok(())
+}
+
+/// `sluice export history [TYPE]`: the latest `limit` runs of `export_jobs`, newest first.
+pub async fn export_history(
+    config: &Config,
+    kind: Option<sluice_core::model::ExportJobType>,
+    limit: u32,
+) -> anyhow::Result<()> {
+    use futures_util::TryStreamExt;
+    use sluice_core::model::export_job_fields as f;
+    let store = Store::connect(config).await?;
+    let filter = match kind {
+        Some(k) => bson::doc! { f::TYPE: k.as_str() },
+        None => bson::doc! {},
+    };
+    let runs: Vec<bson::Document> = store
+        .collection(sluice_core::model::collections::EXPORT_JOBS)
+        .find(filter)
+        .sort(bson::doc! { f::CREATED_AT: -1 })
+        .limit(i64::from(limit.max(1)))
+        .await?
+        .try_collect()
+        .await?;
+    if runs.is_empty() {
+        eprintln!(
+            "no export run is recorded in database `{}`{}",
+            config.database,
+            kind.map(|k| format!(" of type {k}")).unwrap_or_default()
+        );
+    }
+    for r in runs {
+        let window = match (r.get_str(f::WINDOW_START), r.get_str(f::WINDOW_END)) {
+            (Ok(a), Ok(b)) if a == b => a.to_string(),
+            (Ok(a), Ok(b)) => format!("{a}..{b}"),
+            _ => "-".to_string(),
+        };
+        let int = |k: &str| match r.get(k) {
+            Some(bson::Bson::Int32(n)) => i64::from(*n),
+            Some(bson::Bson::Int64(n)) => *n,
+            _ => 0,
+        };
+        let by = match r.get_str(sluice_jobs::history::SCHEDULE) {
+            Ok(schedule) => format!("schedule {schedule}"),
+            Err(_) if r.get_bool(sluice_jobs::history::MANUAL).unwrap_or(false) => {
+                "by hand".to_string()
+            }
+            Err(_) => "scheduled".to_string(),
+        };
+        let error = r
+            .get_str(f::ERROR)
+            .map(|e| format!("; {e}"))
+            .unwrap_or_default();
+        println!(
+            "{:<40} {:<9} {:<23} {:>9} rows {:>4} files  {by}  {}{error}",
+            r.get_str(f::JOB_ID).unwrap_or("?"),
+            r.get_str(f::STATUS).unwrap_or("?"),
+            window,
+            int(f::RECORDS_PROCESSED),
+            int(f::FILES),
+            r.get_str(f::DESTINATION).unwrap_or("?"),
         );
     }
     Ok(())

@@ -211,10 +211,20 @@ enum ExportCommand {
         #[arg(long)]
         dest: Option<String>,
         /// EVENT_DATA and DAILY_ANALYTICS: also publish again every day that received
-        /// events after this kind last published it, as a scheduled run does (for exports
+        /// events since this kind last published it, as a scheduled run does (for exports
         /// driven by an orchestrator rather than `[[schedules]]`).
         #[arg(long)]
         late_days: bool,
+    },
+    /// The latest export runs, newest first, as `export_jobs` records them: scheduled,
+    /// by hand (`export run`, `jobs run`) and the late days published again.
+    History {
+        /// Only this type (event-data, user-data, daily-analytics, archive).
+        #[arg(value_parser = parse_kind)]
+        kind: Option<ExportJobType>,
+        /// How many runs (default 30).
+        #[arg(long, default_value_t = 30)]
+        limit: u32,
     },
 }
 
@@ -434,6 +444,9 @@ fn main() -> ExitCode {
                     .map(|_| ()),
                 Err(e) => Err(e),
             },
+            Command::Export {
+                command: ExportCommand::History { kind, limit },
+            } => cli::export_history(&config, kind, limit).await,
             Command::Configs {
                 command: ConfigsCommand::Apply { dir },
             } => cli::configs_apply(&config, &dir).await,

@@ -62,10 +62,20 @@ async fn import_run(config: &std::path::Path, name: &str) -> std::process::Outpu
 async fn running_a_job_that_does_not_exist_leaves_no_run_record() {
     let db = support::TestDb::initialized().await;
     let config = db_config(&db);
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(
+        "\n[[schedules]]\nname = \"nightly\"\ntype = \"EVENT_DATA\"\ncron = \"0 0 2 * * *\"\n",
+    );
+    std::fs::write(&config, text).unwrap();
     for (args, says) in [
         (
             ["jobs", "run", "no-such-feed"],
             "no integration config `no-such-feed`",
+        ),
+        // An export schedule's name without its prefix: the way to run it is said.
+        (
+            ["jobs", "run", "nightly"],
+            "`nightly` is an export schedule: run it as `export:nightly`",
         ),
         (
             ["import", "run", "no-such-feed"],
@@ -1541,6 +1551,95 @@ async fn an_archive_with_nothing_to_archive_says_why() {
     );
 }
 
+/// `export history` lists the runs `export_jobs` records, by hand ones too, which `jobs
+/// history` does not (it points there).
+#[tokio::test]
+async fn export_history_lists_runs_by_hand_and_jobs_history_points_there() {
+    let db = support::TestDb::initialized().await;
+    let config = db_config(&db);
+    let out = sluice_with(&config, &["jobs", "history"]).await;
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("listed by `sluice export history`"), "{said}");
+    let dest = write_temp("history-keep", "")
+        .parent()
+        .unwrap()
+        .join("history-out");
+    let day = (chrono::Utc::now().date_naive() - chrono::Days::new(2)).to_string();
+    let out = sluice_with(
+        &config,
+        &[
+            "export",
+            "run",
+            "daily-analytics",
+            "--from",
+            &day,
+            "--dest",
+            dest.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = sluice_with(&config, &["export", "history"]).await;
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{listed}");
+    let lines: Vec<&str> = listed.lines().collect();
+    assert_eq!(lines.len(), 1, "{listed}");
+    for part in [
+        "daily-analytics-",
+        "COMPLETED",
+        day.as_str(),
+        "1 files",
+        "by hand",
+        "DAILY_ANALYTICS",
+    ] {
+        assert!(lines[0].contains(part), "{part}: {listed}");
+    }
+    let out = sluice_with(&config, &["export", "history", "archive"]).await;
+    assert!(out.stdout.is_empty());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("no export run is recorded") && said.contains("ARCHIVE"),
+        "{said}"
+    );
+}
+
+/// A local destination that cannot be made is named in the error, as an S3 one is; and
+/// a database without Sluice's collections (a typo in its name) is said to be empty.
+#[tokio::test]
+async fn a_local_destination_that_cannot_be_made_is_named() {
+    let db = support::TestDb::new().await;
+    let file = write_temp("a-file-not-a-folder", "");
+    let under = file.join("out");
+    let out = sluice()
+        .arg("--config")
+        .arg(db_config(&db))
+        .args(["export", "run", "event-data", "--dest"])
+        .arg(&under)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "local `{}/`: create the destination folder",
+            under.display()
+        )),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "warning: database `{}` had no `events` collection",
+            db.name
+        )),
+        "{stderr}"
+    );
+}
+
 /// A field no column holds (written by another tool) is left out of an EVENT_DATA file,
 /// and the log says so.
 #[tokio::test]
@@ -2663,7 +2762,10 @@ async fn export_run_names_late_days_and_publishes_them_again_with_late_days() {
     // Yesterday's run, while three-days-ago received events: named, not published.
     store(0..2).await;
     let stdout = run(&[]).await;
-    let named = line(&stdout, "received events after this kind last published it");
+    let named = line(
+        &stdout,
+        "received events since this kind last published it (or in the minute before)",
+    );
     assert!(named.contains("1 day received events"), "{named}");
     assert!(named.contains(&late.to_string()), "{named}");
     assert!(named.contains("no schedule of this kind"), "{named}");

@@ -3110,6 +3110,63 @@ async fn late_days_beyond_the_per_run_cap_wait_for_the_next_runs() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// Which late days still need publishing is kept per destination: two deployments
+/// publishing one database's days to two places each get the late events. A read noted
+/// before reads were kept per destination stands for every destination.
+#[tokio::test]
+async fn late_days_are_kept_per_destination() {
+    use sluice_jobs::export::{late_days, publish_late_days};
+    let db = TestDb::initialized().await;
+    let (a, b, c) = (temp_dir(), temp_dir(), temp_dir());
+    let ctx = |dir: &std::path::Path| {
+        ExportContext::new(db.store.clone(), ObjectStore::Local(LocalDir::new(dir)))
+    };
+    let (ca, cb, cc) = (ctx(&a), ctx(&b), ctx(&c));
+    let writer = EventWriter::new(
+        db.store.clone(),
+        WriterOptions {
+            late_mark_ahead: Duration::ZERO,
+            ..Default::default()
+        },
+    );
+    let d = day(-3);
+    writer.write(&[event(0, d), event(1, d)]).await.unwrap();
+    let kind = ExportJobType::EventData;
+    let due = |ctx: &ExportContext| {
+        let ctx = ctx.clone();
+        async move { late_days(&ctx, kind, 90).await.unwrap() }
+    };
+    assert_eq!(due(&ca).await, [d]);
+    let done = publish_late_days(&ca, kind, |_| true, 90, None, false)
+        .await
+        .unwrap();
+    assert_eq!(done.published.len(), 1, "{:?}", done.failed);
+    assert!(due(&ca).await.is_empty());
+    // Published to A only: B still needs it.
+    assert_eq!(due(&cb).await, [d]);
+    let done = publish_late_days(&cb, kind, |_| true, 90, None, false)
+        .await
+        .unwrap();
+    assert_eq!(done.published.len(), 1, "{:?}", done.failed);
+    assert_eq!(manifest(&b, &format!("EVENT_DATA/dt={d}"))["rows"], 2);
+    assert!(due(&cb).await.is_empty());
+    // A read noted the old way (by kind alone), after the mark: read for C too.
+    assert_eq!(due(&cc).await, [d]);
+    let later = db.store.now().timestamp_millis() + 120_000;
+    db.store
+        .collection("late_days")
+        .update_one(
+            doc! { "_id": d.to_string() },
+            doc! { "$set": { "exported.EVENT_DATA": DateTime::from_millis(later) } },
+        )
+        .await
+        .unwrap();
+    assert!(due(&cc).await.is_empty());
+    for dir in [a, b, c] {
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
+
 /// With `archive_after_days = 3`: a missed window ARCHIVE took first is skipped, not
 /// refused for ever (later windows still run); a late event for the newest day ARCHIVE
 /// does not take yet is published again (it used to be forgotten a day early); one for an
@@ -3196,6 +3253,68 @@ async fn late_days_are_published_until_archived_and_archived_windows_do_not_stop
     let m = manifest(&dir, &next.partitions[0].prefix);
     assert_eq!(m["rowsRead"], m["rows"], "{m}");
     assert!(m["files"].as_array().unwrap().len() >= 2, "{m}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A rerun that reads nothing where a day was published (its events gone, or another
+/// database read by mistake) keeps the partition: EVENT_DATA by its rows, DAILY_ANALYTICS
+/// (whose day always has a row, of zeros when empty) by the events its row counts.
+#[tokio::test]
+async fn an_empty_rerun_keeps_what_was_published_daily_analytics_too() {
+    let db = TestDb::initialized().await;
+    let empty = TestDb::initialized().await;
+    let dir = temp_dir();
+    let (d, quiet) = (day(-2), day(-3));
+    seed(&db, d, 30).await;
+    let ctx = ExportContext::new(db.store.clone(), ObjectStore::Local(LocalDir::new(&dir)));
+    for kind in [ExportJobType::EventData, ExportJobType::DailyAnalytics] {
+        run_export(&ctx, &request(kind, quiet, d)).await.unwrap();
+    }
+    let daily = format!("DAILY_ANALYTICS/dt={d}");
+    let published = manifest(&dir, &daily);
+    // The day's events, bots left out as the row counts them.
+    let counted = published["sourceRows"].as_u64().unwrap_or(0);
+    assert!((1..=30).contains(&counted), "{published}");
+    assert_eq!(
+        manifest(&dir, &format!("DAILY_ANALYTICS/dt={quiet}"))["sourceRows"],
+        0
+    );
+    // The same window from a database with no events.
+    let wrong = ExportContext::new(empty.store.clone(), ObjectStore::Local(LocalDir::new(&dir)));
+    for (kind, prefix) in [
+        (ExportJobType::EventData, format!("EVENT_DATA/dt={d}")),
+        (ExportJobType::DailyAnalytics, daily.clone()),
+    ] {
+        let before = manifest(&dir, &prefix);
+        let rerun = run_export(&wrong, &request(kind, quiet, d)).await.unwrap();
+        let p = rerun
+            .partitions
+            .iter()
+            .find(|p| p.prefix == prefix)
+            .unwrap();
+        assert!(p.kept, "{kind:?}: {rerun:?}");
+        assert_eq!(manifest(&dir, &prefix), before, "{kind:?}");
+    }
+    // A day that had no events is published again: nothing is lost by it.
+    let quiet_daily = format!("DAILY_ANALYTICS/dt={quiet}");
+    let before = manifest(&dir, &quiet_daily);
+    let rerun = run_export(
+        &wrong,
+        &request(ExportJobType::DailyAnalytics, quiet, quiet),
+    )
+    .await
+    .unwrap();
+    assert!(!rerun.partitions[0].kept, "{rerun:?}");
+    assert_ne!(manifest(&dir, &quiet_daily)["jobId"], before["jobId"]);
+    // A manifest from before `sourceRows` was kept counts as holding events.
+    let path = dir.join(&daily).join("_manifest.json");
+    let mut older = manifest(&dir, &daily);
+    older.as_object_mut().unwrap().remove("sourceRows");
+    std::fs::write(&path, serde_json::to_vec(&older).unwrap()).unwrap();
+    let rerun = run_export(&wrong, &request(ExportJobType::DailyAnalytics, d, d))
+        .await
+        .unwrap();
+    assert!(rerun.partitions[0].kept, "{rerun:?}");
     std::fs::remove_dir_all(dir).unwrap();
 }
 

@@ -266,6 +266,9 @@ struct Staged {
     read_at: Option<DateTime>,
     /// What of the rows read is not in the files, for the manifest.
     dropped: Dropped,
+    /// DAILY_ANALYTICS: the events its row counts (a day with none still has a row, of
+    /// zeros), kept in the manifest (`sourceRows`): an empty rerun is told by it.
+    source_rows: Option<u64>,
 }
 
 /// Rows read that are not in a partition's files (besides what export transforms
@@ -574,8 +577,8 @@ pub async fn late_days(
         let read = m
             .get_document("exported")
             .ok()
-            .and_then(|e| e.get_datetime(kind.as_str()).ok());
-        if read.is_none_or(|r| r < marked) {
+            .and_then(|e| read_here(ctx, kind, e));
+        if read.is_none_or(|r| r < *marked) {
             out.push(day);
         }
     }
@@ -596,7 +599,7 @@ pub async fn late_day_exported(
         .collection(c::LATE_DAYS)
         .update_one(
             doc! { common::ID: day.to_string() },
-            doc! { "$max": { format!("exported.{}", kind.as_str()): reading } },
+            doc! { "$max": { format!("exported.{}", read_key(ctx, kind)): reading } },
         )
         .await;
     if let Err(e) = noted {
@@ -604,7 +607,43 @@ pub async fn late_day_exported(
     }
 }
 
-/// Runs one export and records it in `export_jobs`.
+/// The field of a late day's `exported` that says when `kind` last read the day for this
+/// run's destination: `EVENT_DATA@` and a hash of the destination's URL. Kept per
+/// destination, as two deployments publishing the same database's days to two places
+/// each need the late events.
+fn read_key(ctx: &ExportContext, kind: ExportJobType) -> String {
+    use sha2::{Digest, Sha256};
+    let url = Sha256::digest(ctx.dest.url("").as_bytes());
+    let hex: String = url.iter().take(6).map(|b| format!("{b:02x}")).collect();
+    format!("{}@{hex}", kind.as_str())
+}
+
+/// When `kind` last read a late day for this run's destination, from the day's
+/// `exported`; a read noted before reads were kept per destination (`EVENT_DATA` alone)
+/// stands for every destination.
+fn read_here(ctx: &ExportContext, kind: ExportJobType, exported: &Document) -> Option<DateTime> {
+    exported
+        .get_datetime(read_key(ctx, kind))
+        .or_else(|_| exported.get_datetime(kind.as_str()))
+        .ok()
+        .copied()
+}
+
+/// When `kind` last read a late day for any destination (ARCHIVE waits for the readers
+/// of its deployment's days, wherever they publish).
+fn read_anywhere(kind: ExportJobType, exported: &Document) -> Option<DateTime> {
+    let at = |k: &str| exported.get_datetime(k).ok().copied();
+    exported
+        .keys()
+        .filter(|k| {
+            *k == kind.as_str()
+                || k.strip_prefix(kind.as_str())
+                    .is_some_and(|rest| rest.starts_with('@'))
+        })
+        .filter_map(|k| at(k))
+        .max()
+}
+
 /// What a run's part folders and id spools in the work folder are named from.
 const WORK_PREFIX: &str = "sluice-work-";
 
@@ -1152,8 +1191,11 @@ async fn execute(
                         doc! { pc::DATE: &key, pc::EVENTS: 0i64, pc::UNIQUE_USERS: 0i64,
                         pc::UNIQUE_SESSIONS: 0i64, pc::PAGE_VIEWS: 0i64, pc::TOP_PAGES: [] }
                     });
+                let events = row.get_i64(pc::EVENTS).map_or(0, |n| n.max(0) as u64);
                 let docs = Box::pin(futures_util::stream::iter(vec![Ok(row)]));
-                staged.push(stage(ctx, job_id, kind, d, &DAILY_TABLE, docs, None).await?);
+                let mut day = stage(ctx, job_id, kind, d, &DAILY_TABLE, docs, None).await?;
+                day.source_rows = Some(events);
+                staged.push(day);
             }
         }
     }
@@ -1413,7 +1455,7 @@ async fn late_unread(
     let read = |k: &ExportJobType| {
         mark.get_document("exported")
             .ok()
-            .and_then(|e| e.get_datetime(k.as_str()).ok().copied())
+            .and_then(|e| read_anywhere(*k, e))
     };
     let waiting: Vec<&ExportJobType> = readers
         .iter()
@@ -2586,6 +2628,7 @@ async fn stage(
         archived_ids,
         read_at: None,
         dropped,
+        source_rows: None,
     })
 }
 
@@ -2611,6 +2654,7 @@ async fn publish(
         read_at: s.read_at,
         rows_read: s.rows_read,
         dropped: s.dropped,
+        source_rows: s.source_rows,
     };
     // One publish of a partition at a time, across runs and processes: two interleaved
     // publishes could each remove the other's files and leave a manifest naming files
@@ -2742,6 +2786,7 @@ struct Publishable {
     read_at: Option<DateTime>,
     rows_read: u64,
     dropped: Dropped,
+    source_rows: Option<u64>,
 }
 
 /// Partitions being published by this process.
@@ -2806,14 +2851,29 @@ async fn publish_now(
     };
     if !additive {
         // A rerun that finds nothing where rows were published (the day's events were
-        // archived or deleted since) would empty the partition a warehouse reads: it is
-        // kept.
-        let old_rows = published.and_then(|m| m["rows"].as_u64()).unwrap_or(0);
-        if new_rows == 0 && old_rows > 0 {
+        // archived or deleted since, or the run reads another database) would empty the
+        // partition a warehouse reads: it is kept. A DAILY_ANALYTICS day has a row
+        // either way: its events are compared (a manifest from before they were kept
+        // counts as holding some).
+        let (read, old, what) = match s.source_rows {
+            Some(events) => {
+                let old = published.map(|m| m["sourceRows"].as_u64().unwrap_or(u64::MAX));
+                (events, old.unwrap_or(0), "events")
+            }
+            None => {
+                let old = published.and_then(|m| m["rows"].as_u64()).unwrap_or(0);
+                (new_rows, old, "rows")
+            }
+        };
+        if read == 0 && old > 0 {
+            let were = if old == u64::MAX {
+                format!("{what} were")
+            } else {
+                format!("{old} were")
+            };
             tracing::warn!(
                 partition = %s.prefix,
-                published_rows = old_rows,
-                "this run read no rows where {old_rows} were published (archived or deleted since?); the published partition is kept, delete it to replace it"
+                "this run read no {what} where {were} published (archived or deleted since, or another database?); the published partition is kept, delete it to replace it"
             );
             return keep();
         }
@@ -2900,7 +2960,7 @@ async fn publish_now(
             );
         }
         let rows: u64 = files.iter().filter_map(|f| f["rows"].as_u64()).sum();
-        let manifest = json!({
+        let mut manifest = json!({
             "type": kind.as_str(),
             "partition": s.prefix,
             "jobId": job_id,
@@ -2921,6 +2981,9 @@ async fn publish_now(
             "schema": schema_description(s.table),
             "files": files,
         });
+        if let Some(events) = s.source_rows {
+            manifest["sourceRows"] = json!(events);
+        }
         let body = serde_json::to_vec_pretty(&manifest).unwrap_or_default();
         if ctx.lose_lock_after_copies {
             ctx.store

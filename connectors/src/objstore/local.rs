@@ -96,11 +96,22 @@ impl LocalDir {
         self.root.join(key)
     }
 
+    /// An error of `operation` on `key`, said with its path (the folder's, for `""`), as
+    /// an S3 error names its URL.
+    fn fail(
+        &self,
+        key: &str,
+        operation: &'static str,
+        message: impl std::fmt::Display,
+    ) -> StorageError {
+        StorageError::op(BACKEND, &self.url(key), operation, message)
+    }
+
     /// The folder exists, or is created (see [`super::ObjectStore::check`]).
     pub async fn check(&self) -> Result<(), StorageError> {
         tokio::fs::create_dir_all(&self.root)
             .await
-            .map_err(|e| StorageError::op(BACKEND, "", "create the destination folder", e))
+            .map_err(|e| self.fail("", "create the destination folder", e))
     }
 
     /// The key's path, absolute (a relative destination is read from the working
@@ -131,7 +142,7 @@ impl LocalDir {
         write: impl AsyncFnOnce(&Path) -> std::io::Result<()>,
     ) -> Result<(), StorageError> {
         let target = self.path(key);
-        let err = |op, e: std::io::Error| StorageError::op(BACKEND, key, op, e);
+        let err = |op, e: std::io::Error| self.fail(key, op, e);
         if let Some(parent) = target.parent() {
             tokio::fs::create_dir_all(parent)
                 .await
@@ -179,7 +190,7 @@ impl LocalDir {
     pub async fn get_bytes(&self, key: &str) -> Result<Vec<u8>, StorageError> {
         tokio::fs::read(self.path(key))
             .await
-            .map_err(|e| StorageError::op(BACKEND, key, "read", e))
+            .map_err(|e| self.fail(key, "read", e))
     }
 
     pub async fn copy(&self, from: &str, to: &str) -> Result<(), StorageError> {
@@ -194,7 +205,7 @@ impl LocalDir {
         match tokio::fs::metadata(self.path(key)).await {
             Ok(m) => Ok(Some(m.len())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(StorageError::op(BACKEND, key, "stat", e)),
+            Err(e) => Err(self.fail(key, "stat", e)),
         }
     }
 
@@ -203,8 +214,8 @@ impl LocalDir {
         match tokio::task::spawn_blocking(move || crate::parquet::hash_file(&path)).await {
             Ok(Ok(found)) => Ok(Some(found)),
             Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Ok(Err(e)) => Err(StorageError::op(BACKEND, key, "read", e)),
-            Err(e) => Err(StorageError::op(BACKEND, key, "read", e)),
+            Ok(Err(e)) => Err(self.fail(key, "read", e)),
+            Err(e) => Err(self.fail(key, "read", e)),
         }
     }
 
@@ -215,18 +226,18 @@ impl LocalDir {
             let mut entries = match tokio::fs::read_dir(&dir).await {
                 Ok(e) => e,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(StorageError::op(BACKEND, prefix, "list", e)),
+                Err(e) => return Err(self.fail(prefix, "list", e)),
             };
             while let Some(entry) = entries
                 .next_entry()
                 .await
-                .map_err(|e| StorageError::op(BACKEND, prefix, "list", e))?
+                .map_err(|e| self.fail(prefix, "list", e))?
             {
                 let path = entry.path();
                 let meta = entry
                     .metadata()
                     .await
-                    .map_err(|e| StorageError::op(BACKEND, prefix, "list", e))?;
+                    .map_err(|e| self.fail(prefix, "list", e))?;
                 if meta.is_dir() {
                     stack.push(path);
                     continue;
@@ -256,7 +267,7 @@ impl LocalDir {
             match tokio::fs::remove_file(&path).await {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(StorageError::op(BACKEND, key, "delete", e)),
+                Err(e) => return Err(self.fail(key, "delete", e)),
             }
             // Folders are implicit in an object store: remove the ones left empty.
             let mut dir = path.parent();

@@ -251,6 +251,9 @@ pub mod export_job_fields {
     pub const DESTINATION: &str = "destination";
     pub const ERROR: &str = "error";
     pub const FILES: &str = "files";
+    pub const WINDOW_START: &str = "windowStart";
+    pub const WINDOW_END: &str = "windowEnd";
+    pub const CREATED_AT: &str = "createdAt";
 }
 
 pub mod product_fields {
