@@ -504,9 +504,10 @@ async fn bad_credentials_never_reveal_whether_an_email_exists_and_are_rate_limit
 async fn a_refused_config_gets_every_error_found_each_at_its_line() {
     let db = TestDb::initialized().await;
     let (server, base, token) = signed_in_admin(&db, |_| {}).await;
-    // A check's error, an unknown field, a value of the wrong type, and a secret from a
-    // variable the API may not read: all four, in the file's order.
-    let config = "name = \"cfg-many\"\ntype = \"IMPORT\"\nendpoint = \"https://api.example/x\"\ntimezone = \"Mars/Olympus\"\n\n[auth]\ntype = \"API_KEY\"\nheader = \"X-Key\"\nkey = \"${env:SLUICE_MONGODB_URI}\"\n\n[source]\ntimeout_seconds = \"slow\"\n\n[mapping.productId]\npath = \"$.id\"\nrequird = true\n";
+    // A check's error, an unknown field, a value of the wrong type, a secret from a
+    // variable the API may not read, and a loopback endpoint: all five, in the file's
+    // order.
+    let config = "name = \"cfg-many\"\ntype = \"IMPORT\"\nendpoint = \"http://127.0.0.1:18901/x\"\ntimezone = \"Mars/Olympus\"\n\n[auth]\ntype = \"API_KEY\"\nheader = \"X-Key\"\nkey = \"${env:SLUICE_MONGODB_URI}\"\n\n[source]\ntimeout_seconds = \"slow\"\n\n[mapping.productId]\npath = \"$.id\"\nrequird = true\n";
     let r = reqwest::Client::new()
         .post(format!("{base}/v1/admin/configs"))
         .bearer_auth(&token)
@@ -523,14 +524,21 @@ async fn a_refused_config_gets_every_error_found_each_at_its_line() {
         .iter()
         .map(|e| e.as_str().unwrap())
         .collect();
-    assert_eq!(errors.len(), 4, "{body}");
+    assert_eq!(errors.len(), 5, "{body}");
+    let errors = &errors[1..];
+    assert!(
+        body["errors"][0].as_str().unwrap().starts_with(
+            "request body:3: field `endpoint`: `http://127.0.0.1:18901/x` is not a public address"
+        ),
+        "{body}"
+    );
     assert!(
         errors[0].starts_with("request body:4: field `timezone`"),
         "{body}"
     );
     assert!(
         errors[1]
-            .starts_with("`${env:SLUICE_MONGODB_URI}`: configs applied through the API may not"),
+            .starts_with("request body:9: field `auth.key`: `${env:SLUICE_MONGODB_URI}`: configs applied through the API may not"),
         "{body}"
     );
     assert!(
@@ -541,7 +549,7 @@ async fn a_refused_config_gets_every_error_found_each_at_its_line() {
         errors[3].starts_with("request body:16: field `mapping.productId.requird`: unknown field"),
         "{body}"
     );
-    assert_eq!(body["message"], errors[0], "{body}");
+    assert_eq!(body["message"], body["errors"][0], "{body}");
     server.shutdown().await;
 }
 

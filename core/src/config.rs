@@ -702,11 +702,34 @@ pub fn load(
             &text,
             first,
             &|rest| from_text(&origin, Some(rest), env).map(|_| ()),
-            |_| None,
+            &FILE_RULES,
         );
         ConfigError::all(all).expect("the first error at least")
     })
 }
+
+/// How `toml_errors` searches `sluice.toml`: the checks across fields it makes (a KMS
+/// key needs `aws:kms`; a server key may not also be a browser's).
+const FILE_RULES: crate::toml_errors::Rules = crate::toml_errors::Rules {
+    hint: |_| None,
+    related: |taken, field| {
+        (taken == "s3.server_side_encryption" && field == "s3.sse_kms_key_id")
+            || (taken.starts_with("server.write_keys")
+                && field.starts_with("server.server_write_keys"))
+    },
+    // A schedule's name and cron are required: a schedule whose one is wrong still has
+    // its other fields checked.
+    placeholder: |path| {
+        let (schedule, field) = path.strip_prefix("schedules[")?.split_once("].")?;
+        match field {
+            "cron" => Some(toml::Value::String("0 0 0 1 1 *".into())),
+            "name" => Some(toml::Value::String(format!(
+                "schedule-{schedule}-set-aside"
+            ))),
+            _ => None,
+        }
+    },
+};
 
 /// A config file's text (the embedded defaults for `None`) with the environment's
 /// overrides, validated; the first error found.
@@ -1719,6 +1742,29 @@ mod tests {
         }
         // Said as a command prints it: one per line.
         assert_eq!(err.to_string().matches("\nerror: ").count(), 5, "{err}");
+    }
+
+    #[test]
+    fn fields_beside_a_wrong_one_are_checked_on_their_own() {
+        let text = "[[schedules]]\nname = \"nightly analytics\"\ntype = \"DAILY_ANALYTICS\"\ncron = \"0 0 25 * * *\"\ntimezone = \"Europe/Pariss\"\n\n[s3]\nserver_side_encryption = \"aes256\"\nsse_kms_key_id = \"alias/x\"\n";
+        let path = std::env::temp_dir().join(format!("sluice-beside-{}.toml", std::process::id()));
+        std::fs::write(&path, text).unwrap();
+        let err = load(Some(&path), &no_env).unwrap_err();
+        std::fs::remove_file(&path).unwrap();
+        let said = err.to_string();
+        for field in [
+            "schedules[0].name",
+            "schedules[0].cron",
+            "schedules[0].timezone",
+            "s3.server_side_encryption",
+        ] {
+            assert!(
+                said.contains(&format!("field `{field}`")),
+                "{field}: {said}"
+            );
+        }
+        // A KMS key is refused without `aws:kms`: that follows from setting the typo aside.
+        assert!(!said.contains("s3.sse_kms_key_id"), "{said}");
     }
 
     #[test]

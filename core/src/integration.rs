@@ -592,6 +592,30 @@ pub fn parse_file(origin: &str, text: &str) -> Result<IntegrationFile, ConfigErr
     })
 }
 
+/// How `toml_errors` searches a config file: the hint for a top-level field written
+/// under a section, and the checks across tables (a `[target]` names the mappings it
+/// needs: `productId` for `products`, its key; a mapping provides the key and the
+/// incremental cursor).
+pub const FILE_RULES: crate::toml_errors::Rules = crate::toml_errors::Rules {
+    hint: top_level_field_in_a_table,
+    related: |taken, field| {
+        let under =
+            |path: &str, table: &str| path == table || path.starts_with(&format!("{table}."));
+        (under(taken, "target") && under(field, "mapping"))
+            || (under(taken, "mapping") && (field == "target.key" || under(field, "incremental")))
+    },
+    // Required fields a wrong value of still leaves the rest of the file to check.
+    placeholder: |path| {
+        let value = match path {
+            "name" => "set-aside",
+            "endpoint" => "https://api.example.com/set-aside",
+            _ if path.starts_with("mapping.") && path.ends_with(".path") => "$.set_aside",
+            _ => return None,
+        };
+        Some(toml::Value::String(value.into()))
+    },
+};
+
 /// The fields of a config file's top level, outside any `[section]`.
 const TOP_LEVEL_FIELDS: [&str; 10] = [
     "name",
@@ -608,7 +632,7 @@ const TOP_LEVEL_FIELDS: [&str; 10] = [
 
 /// A top-level field written after a `[section]` header belongs to that section in TOML,
 /// which then calls it unknown: the hint for that classic slip.
-pub fn top_level_field_in_a_table(message: &str) -> Option<String> {
+fn top_level_field_in_a_table(message: &str) -> Option<String> {
     let field = message.split("unknown field `").nth(1)?.split('`').next()?;
     let in_a_table = !message.contains("expected one of `name`");
     (in_a_table && TOP_LEVEL_FIELDS.contains(&field)).then(|| {

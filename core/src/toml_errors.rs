@@ -6,10 +6,12 @@
 //! checked again, until the rest passes, the error points at no field (a syntax error, a
 //! required top-level field set aside), or the limit is reached. A field is wrong by the
 //! checks, or by TOML's reading of the file (an unknown field, a value of the wrong type;
-//! a table missing a field is set aside whole). A check's error in a table a field was
-//! set aside from is not said, as it may follow from the setting aside (`auth.type` gone,
-//! `auth.key` no longer fits): each error said is one the file has as written (an unknown
-//! field's going changes nothing, so errors beside it are said). A required
+//! a table missing a field is set aside whole). An error that may follow from a setting
+//! aside is not said: in the table of a `type` set aside (`auth.type` gone, `auth.key` no
+//! longer fits), or in a field the format relates to one set aside (a config's `[target]`
+//! and its mappings), so that each error said is one the file has as written; a field
+//! beside another is checked on its own, and an unknown field's going changes nothing. A
+//! required
 //! field set aside (a mapping's `path`) leaves its table unreadable: the table is set
 //! aside instead, and errors in it, or naming it, are not said. An element of an array of
 //! tables set aside whole (`[[schedules]]`) shifts the elements after it: their errors are
@@ -25,9 +27,29 @@ pub const MAX_ERRORS_PER_FILE: usize = 10;
 /// A check of a file's text (the whole file, or what is left of it): its first error.
 pub type Check<'a> = &'a dyn Fn(&str) -> Result<(), ConfigError>;
 
-/// What to add to TOML's message for an unknown field, if anything (a hint for a slip
-/// of the file's format).
-pub type Hint = fn(&str) -> Option<String>;
+/// What a file's format adds to the search.
+pub struct Rules {
+    /// What to add to TOML's message for an unknown field, if anything (a hint for a
+    /// slip of the file's format).
+    pub hint: fn(&str) -> Option<String>,
+    /// Whether an error at `field` (the second) may follow from setting `taken` (the
+    /// first) aside, beyond what the search tells by itself (the same table after its
+    /// `type`, the field itself): the checks across tables the format makes (a config's
+    /// `[target]` names the mappings it needs).
+    pub related: fn(&str, &str) -> bool,
+    /// A value that passes the checks for a required field (by its path), put in place of
+    /// one set aside so that the rest of its table is still checked.
+    pub placeholder: fn(&str) -> Option<toml::Value>,
+}
+
+impl Rules {
+    /// No hint and no relation across tables.
+    pub const PLAIN: Rules = Rules {
+        hint: |_| None,
+        related: |_, _| false,
+        placeholder: |_| None,
+    };
+}
 
 /// The line (1-based) of `text` (a TOML file) that sets `field` (a dotted path such as
 /// `mapping.productId.path` or `schedules[1].cron`, as errors name fields): the key's line
@@ -76,10 +98,16 @@ pub fn line_of(text: &str, field: &str) -> Option<usize> {
             .map_or(lines.len(), |n| start + n);
         Some((start, end))
     };
+    // A key as written (`"id" . type` is `id.type`), or a dotted key setting a field of it.
     let sets = |line: &str, key: &str| {
-        line.trim()
-            .split_once('=')
-            .is_some_and(|(k, _)| k.trim().trim_matches('"') == key)
+        line.trim().split_once('=').is_some_and(|(k, _)| {
+            let k = k
+                .split('.')
+                .map(|p| p.trim().trim_matches('"'))
+                .collect::<Vec<_>>()
+                .join(".");
+            k == key || k.starts_with(&format!("{key}."))
+        })
     };
     let parts: Vec<&str> = field.split('.').collect();
     for split in (0..parts.len()).rev() {
@@ -87,10 +115,14 @@ pub fn line_of(text: &str, field: &str) -> Option<usize> {
         let Some((start, end)) = table_lines(&table) else {
             continue;
         };
-        // A list's element (`write_keys[0]`) is on the list's line.
+        // A dotted key (`id.type = ...` under `[mapping]`) first, then the first part
+        // (a list's element, `write_keys[0]`, is on the list's line).
+        let dotted = parts[split..].join(".");
         let key = parts[split].split('[').next().unwrap_or(parts[split]);
-        if let Some(n) = (start..end).find(|&n| sets(lines[n], key)) {
-            return Some(n + 1);
+        for key in [dotted.as_str(), key] {
+            if let Some(n) = (start..end).find(|&n| sets(lines[n], key)) {
+                return Some(n + 1);
+            }
         }
         if !table.is_empty() {
             return Some(start);
@@ -115,10 +147,10 @@ pub fn all_errors<T: DeserializeOwned>(
     text: &str,
     first: ConfigError,
     check: Check,
-    hint: Hint,
+    rules: &Rules,
 ) -> Vec<ConfigError> {
-    let mut all = later_errors::<T>(origin, text, &first, check, hint);
-    all.insert(0, said_at_line::<T>(origin, text, first, hint));
+    let mut all = later_errors::<T>(origin, text, &first, check, rules);
+    all.insert(0, said_at_line::<T>(origin, text, first, rules));
     sort_by_line(&mut all);
     all
 }
@@ -136,11 +168,11 @@ pub fn said_at_line<T: DeserializeOwned>(
     origin: &str,
     text: &str,
     e: ConfigError,
-    hint: Hint,
+    rules: &Rules,
 ) -> ConfigError {
     match e {
         ConfigError::Parse { origin: ref o, .. } if o == origin => {
-            field_error::<T>(origin, text, text, hint, &Gone::default()).map_or(e, |(_, e)| e)
+            field_error::<T>(origin, text, text, rules, &Gone::default()).map_or(e, |(_, e)| e)
         }
         ConfigError::Invalid {
             origin: o,
@@ -161,7 +193,7 @@ fn later_errors<T: DeserializeOwned>(
     text: &str,
     first: &ConfigError,
     check: Check,
-    hint: Hint,
+    rules: &Rules,
 ) -> Vec<ConfigError> {
     // The first error's field: named by the check, or where TOML's error points (an
     // unknown field, a value of the wrong type, a table missing a field).
@@ -187,6 +219,7 @@ fn later_errors<T: DeserializeOwned>(
         return found;
     }
     let mut taken = vec![first];
+    let mut placed: Vec<String> = Vec::new();
     // Each pass sets something aside, so a file has fewer passes than fields; the bound
     // is for files of thousands of invalid fields.
     let mut passes = 0;
@@ -216,7 +249,7 @@ fn later_errors<T: DeserializeOwned>(
             // An unknown field or a value of the wrong type is wrong as written, whatever
             // was set aside; a missing field may be one set aside.
             Err(ConfigError::Parse { origin: o, .. }) if o == origin => {
-                field_error::<T>(origin, text, &rest, hint, &gone).map(|(taken, error)| {
+                field_error::<T>(origin, text, &rest, rules, &gone).map(|(taken, error)| {
                     let may_follow = taken.whole;
                     (taken, may_follow, error)
                 })
@@ -224,9 +257,23 @@ fn later_errors<T: DeserializeOwned>(
             // From elsewhere (an environment variable): the file cannot be rid of it.
             Err(_) => break,
         };
+        // A table left without a field that was set aside (a schedule's `cron`): a value
+        // the format offers for it is put there instead, once, so that the table's other
+        // fields are still checked.
+        let missing = error.as_ref().is_none_or(|(next, ..)| next.whole);
+        if let Some(last) = taken.last().filter(|t| missing && !t.whole) {
+            if !placed.contains(&last.path) {
+                if let Some(value) = (rules.placeholder)(&last.path) {
+                    placed.push(last.path.clone());
+                    if put(&mut table, &gone.current(&last.path), value) {
+                        continue;
+                    }
+                }
+            }
+        }
         let next = match error {
             Some((next, may_follow, error)) => {
-                if !(may_follow && taken.iter().any(|t| t.may_cause(&next.path))) {
+                if !(may_follow && taken.iter().any(|t| t.may_cause(&next.path, rules))) {
                     found.push(error);
                 }
                 next
@@ -284,22 +331,23 @@ impl Taken {
         }
     }
 
-    /// Whether an error at `field` may follow from setting this aside: it is the same
-    /// field or inside it, or in the table it was taken from (inside it, when a table was
-    /// taken whole). An unknown field's going changes nothing else.
-    fn may_cause(&self, field: &str) -> bool {
+    /// Whether an error at `field` may follow from setting this aside: it is this field,
+    /// inside it (a table taken whole) or holds it; it is in the table of a `type` set
+    /// aside (what the other fields of a table may hold depends on its type); or the
+    /// format relates the two. An unknown field's going changes nothing else, and a field
+    /// beside another is checked on its own (a cron's hour and its time zone).
+    fn may_cause(&self, field: &str, rules: &Rules) -> bool {
         let within = |table: &str| {
             !table.is_empty() && (field == table || field.starts_with(&format!("{table}.")))
         };
         let taken = &self.path;
+        let table = taken.rsplit_once('.').map_or("", |(table, _)| table);
+        let is_type = taken.rsplit('.').next() == Some("type");
         !self.unknown
-            && (taken == field
+            && (within(taken)
                 || taken.starts_with(&format!("{field}."))
-                || if self.whole {
-                    within(taken)
-                } else {
-                    within(taken.rsplit_once('.').map_or("", |(table, _)| table))
-                })
+                || (is_type && within(table))
+                || (rules.related)(taken, field))
     }
 }
 
@@ -310,13 +358,13 @@ fn field_error<T: DeserializeOwned>(
     origin: &str,
     text: &str,
     rest: &str,
-    hint: Hint,
+    rules: &Rules,
     gone: &Gone,
 ) -> Option<(Taken, ConfigError)> {
     let (field, is_table, mut message) = toml_error_at::<T>(rest)?;
     let field = gone.original(&field);
     let taken = Taken::of_toml(field.clone(), is_table, &message);
-    message.extend(hint(&message));
+    message.extend((rules.hint)(&message));
     let what = if is_table { "table" } else { "field" };
     let error = ConfigError::Parse {
         origin: at_line(origin, text, &field),
@@ -454,6 +502,44 @@ fn set_aside(table: &mut toml::Table, gone: &mut Gone, path: &str) -> bool {
     true
 }
 
+/// Sets the value at a path whose table exists (`schedules[1].cron`); false when the
+/// table does not.
+fn put(table: &mut toml::Table, path: &str, value: toml::Value) -> bool {
+    let (parent, key) = match path.rsplit_once('.') {
+        Some((parent, key)) => (Some(parent), key),
+        None => (None, path),
+    };
+    if key.contains('[') {
+        return false;
+    }
+    let Some(at) = (match parent {
+        None => Some(table),
+        Some(parent) => table_at(table, parent),
+    }) else {
+        return false;
+    };
+    at.insert(key.to_string(), value);
+    true
+}
+
+/// The table at a path (`schedules[1]`, `source.pagination`).
+fn table_at<'t>(table: &'t mut toml::Table, path: &str) -> Option<&'t mut toml::Table> {
+    let mut at = table;
+    for p in path.split('.') {
+        let next = match p.split_once('[') {
+            None => at.get_mut(p),
+            Some((name, rest)) => {
+                let i: usize = rest.strip_suffix(']')?.parse().ok()?;
+                at.get_mut(name)
+                    .and_then(toml::Value::as_array_mut)
+                    .and_then(|items| items.get_mut(i))
+            }
+        };
+        at = next.and_then(toml::Value::as_table_mut)?;
+    }
+    Some(at)
+}
+
 /// Removes the value at a path (`source.pagination.size`, `schedules[1].cron`,
 /// `schedules[1]`); false when there is none.
 fn take(table: &mut toml::Table, path: &str) -> bool {
@@ -534,6 +620,15 @@ mod tests {
         // Not set in the second: its header.
         assert_eq!(line_of(text, "schedules[1].cron"), Some(8));
         assert_eq!(line_of(text, "plugins.fuel"), Some(12));
+    }
+
+    #[test]
+    fn a_dotted_key_is_found_on_its_line() {
+        let text = "[mapping]\nid.path = \"$.id\"\n\"id\" . type = \"strng\"\n";
+        assert_eq!(line_of(text, "mapping.id.type"), Some(3));
+        assert_eq!(line_of(text, "mapping.id.path"), Some(2));
+        // The table `mapping.id`, made by its dotted keys: the first that sets it.
+        assert_eq!(line_of(text, "mapping.id"), Some(2));
     }
 
     #[test]

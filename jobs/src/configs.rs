@@ -7,8 +7,7 @@ use std::path::{Path, PathBuf};
 use bson::{doc, DateTime, Document};
 use sluice_connectors::{Store, StoreError};
 use sluice_core::integration::{
-    credential_in_query, parse_file, top_level_field_in_a_table, validate, Connector,
-    IntegrationFile,
+    credential_in_query, parse_file, validate, Connector, IntegrationFile,
 };
 use sluice_core::model::{collections as c, common, integration_fields as f};
 use sluice_core::ConfigError;
@@ -93,7 +92,7 @@ pub fn validate_text_all(
             text,
             first,
             &|rest| checked(origin, rest, env).map(|_| ()),
-            top_level_field_in_a_table,
+            &sluice_core::integration::FILE_RULES,
         )
     })
 }
@@ -110,7 +109,7 @@ pub fn validate_text(
             origin,
             text,
             e,
-            top_level_field_in_a_table,
+            &sluice_core::integration::FILE_RULES,
         )
     })
 }
@@ -406,6 +405,39 @@ mod tests {
     }
 
     #[test]
+    fn what_follows_from_a_setting_aside_is_not_said_and_fields_beside_it_are() {
+        // A collection refused: the default collection's identity mapping is not asked
+        // for (it follows from the default, not from the file).
+        let own = "name = \"t\"\ntype = \"IMPORT\"\nendpoint = \"https://api.example.com/u\"\n\n[target]\ncollection = \"admin_users\"\nkey = \"email\"\n\n[mapping.email]\npath = \"$.email\"\n";
+        let all = all_errors(own);
+        assert_eq!(all.len(), 1, "{all:#?}");
+        assert!(all[0].contains("field `target.collection`"), "{all:#?}");
+        // A key's mapping refused: the key is not said to have none.
+        let key = "name = \"t\"\ntype = \"IMPORT\"\nendpoint = \"https://api.example.com/u\"\n\n[target]\ncollection = \"users\"\nkey = \"visitorId\"\n\n[mapping.visitorId]\npath = \"external_id\"\n";
+        let all = all_errors(key);
+        assert_eq!(all.len(), 1, "{all:#?}");
+        assert!(
+            all[0].contains("field `mapping.visitorId.path`"),
+            "{all:#?}"
+        );
+        // Fields beside a wrong one, and in the tables below it, are checked on their own.
+        let source = format!("{BASE}\n[source]\nrecords = \"$.items[*\"\ntimeout_seconds = 0\n\n[source.pagination]\ntype = \"pages\"\n\n[source.retry]\nmax_attempts = 50\n");
+        let all = all_errors(&source);
+        for field in [
+            "source.records",
+            "source.timeout_seconds",
+            "source.pagination.type",
+            "source.retry.max_attempts",
+        ] {
+            assert!(
+                all.iter().any(|e| e.contains(&format!("field `{field}`"))),
+                "{field}: {all:#?}"
+            );
+        }
+        assert_eq!(all.len(), 4, "{all:#?}");
+    }
+
+    #[test]
     fn a_missing_field_set_aside_is_not_said() {
         // The path is refused by the check; once it is set aside the mapping has none,
         // which follows from setting it aside.
@@ -414,16 +446,23 @@ mod tests {
         assert_eq!(all.len(), 2, "{all:#?}");
         assert!(all[0].contains("field `mapping.a.path`"), "{all:#?}");
         assert!(all[1].contains("field `mapping.b.type`"), "{all:#?}");
-        // A required top-level field of the wrong type ends the search: without it the
-        // file cannot be read.
+        // A required top-level field of the wrong type: a placeholder stands in for it, and
+        // the rest is still checked.
         let text = BASE.replace("name = \"t\"", "name = 5")
             + "[mapping.c]\npath = \"$.c\"\ntype = \"txt\"\n";
         let all = all_errors(&text);
-        assert_eq!(all.len(), 1, "{all:#?}");
+        assert_eq!(all.len(), 2, "{all:#?}");
         assert!(
             all[0].starts_with("t.toml:1: field `name`: invalid type: integer `5`"),
             "{all:#?}"
         );
+        assert!(all[1].contains("field `mapping.c.type`"), "{all:#?}");
+        // One with none to stand in ends the search: without it the file cannot be read.
+        let text = BASE.replace("type = \"IMPORT\"", "type = 5")
+            + "[mapping.c]\npath = \"$.c\"\ntype = \"txt\"\n";
+        let all = all_errors(&text);
+        assert_eq!(all.len(), 1, "{all:#?}");
+        assert!(all[0].starts_with("t.toml:2: field `type`"), "{all:#?}");
         // A syntax error points at no field: TOML's own words, with the line quoted.
         let all = all_errors(&format!("{BASE}[mapping.d]\npath = \"$.d\n"));
         assert_eq!(all.len(), 1, "{all:#?}");

@@ -729,45 +729,85 @@ fn validate_api_config(
         }
         std::env::var(k).ok()
     };
-    match sluice_jobs::configs::validate_text_all("request body", body, &env) {
-        Ok((file, _))
-            if file.allow_private_network
-                && !config.raw.security.api_configs_may_reach_private_network =>
-        {
-            Err(vec!["`allow_private_network`: configs applied through the API may not reach loopback, private or cloud-metadata addresses (an operator may allow it with `[security] api_configs_may_reach_private_network = true`, or apply the config with `sluice configs apply`)".into()])
+    let line = |field: &str| sluice_core::toml_errors::line_of(body, field);
+    let at = |field: &str| sluice_core::toml_errors::at_line(ORIGIN, body, field);
+    let may_reach = config.raw.security.api_configs_may_reach_private_network;
+    // What this route refuses of a config beyond what validation does, at its line; read
+    // from the TOML alone, so that it is said with the other errors of a file that does
+    // not validate, not one round later.
+    let api_refusals = |file: &toml::Table| {
+        let allow_private_network = file
+            .get("allow_private_network")
+            .and_then(toml::Value::as_bool)
+            .unwrap_or(false);
+        let endpoint = file.get("endpoint").and_then(toml::Value::as_str);
+        let token_url = file
+            .get("auth")
+            .and_then(|a| a.get("token_url"))
+            .and_then(toml::Value::as_str);
+        if allow_private_network && !may_reach {
+            return vec![(line("allow_private_network"), format!("{}: field `allow_private_network`: configs applied through the API may not reach loopback, private or cloud-metadata addresses (an operator may allow it with `[security] api_configs_may_reach_private_network = true`, or apply the config with `sluice configs apply`)", at("allow_private_network")))];
+        }
+        if allow_private_network {
+            return Vec::new();
         }
         // An address every run would refuse: refused now, with the way out this route has.
-        Ok((file, _)) if !file.allow_private_network => {
-            let urls = [("endpoint", Some(&file.endpoint)), ("auth.token_url", file.auth.token_url.as_ref())];
-            let private = urls.into_iter().find_map(|(field, url)| {
+        let urls = [("endpoint", endpoint), ("auth.token_url", token_url)];
+        urls.into_iter()
+            .filter_map(|(field, url)| {
                 let kind = sluice_connectors::http::literal_private_host(url?)?;
-                Some((field, url?, kind))
-            });
-            match private {
-                None => Ok(file),
-                Some((field, url, kind)) => Err(vec![format!(
-                    "`{field}`: `{url}` is not a public address ({kind}), which a config reaches only with `allow_private_network = true`; {}",
-                    if config.raw.security.api_configs_may_reach_private_network {
+                Some((line(field), format!(
+                    "{}: field `{field}`: `{}` is not a public address ({kind}), which a config reaches only with `allow_private_network = true`; {}",
+                    at(field),
+                    url?,
+                    if may_reach {
                         "set it in the config"
                     } else {
                         "configs applied through the API may not (an operator may allow it with `[security] api_configs_may_reach_private_network = true`, or apply the config with `sluice configs apply`)"
                     }
-                )]),
-            }
-        }
-        Ok((file, _)) => Ok(file),
-        // An error for a variable refused is said as the refusal, with its reason.
-        Err(errors) => Err(errors
-            .iter()
-            .map(|e| {
-                let e = e.to_string();
-                let refusal = refused.borrow().iter().find_map(|(name, reserved)| {
-                    e.contains(&format!("environment variable `{name}` to be set"))
-                        .then(|| refused_env(name, *reserved, allowed))
-                });
-                refusal.unwrap_or(e)
+                )))
             })
-            .collect()),
+            .collect::<Vec<_>>()
+    };
+    let (file, mut said) = match sluice_jobs::configs::validate_text_all(ORIGIN, body, &env) {
+        Ok((file, _)) => (Some(file), Vec::new()),
+        // An error for a variable refused is said as the refusal, with its reason.
+        Err(errors) => {
+            let said: Vec<(Option<usize>, String)> = errors
+                .iter()
+                .map(|e| {
+                    let refusal = match e {
+                        sluice_core::ConfigError::Invalid {
+                            origin,
+                            field,
+                            expected,
+                        } => refused.borrow().iter().find_map(|(name, reserved)| {
+                            expected
+                                .contains(&format!("environment variable `{name}` to be set"))
+                                .then(|| {
+                                    format!(
+                                        "{origin}: field `{field}`: {}",
+                                        refused_env(name, *reserved, allowed)
+                                    )
+                                })
+                        }),
+                        _ => None,
+                    };
+                    (e.line(), refusal.unwrap_or_else(|| e.to_string()))
+                })
+                .collect();
+            (None, said)
+        }
+    };
+    if let Ok(table) = body.parse::<toml::Table>() {
+        said.extend(api_refusals(&table));
+    }
+    match file {
+        Some(file) if said.is_empty() => Ok(file),
+        _ => {
+            said.sort_by_key(|(line, _)| line.unwrap_or(usize::MAX));
+            Err(said.into_iter().map(|(_, e)| e).collect())
+        }
     }
 }
 
@@ -789,6 +829,9 @@ fn refused_env(name: &str, reserved: bool, allowed: &[String]) -> String {
         )
     }
 }
+
+/// What the errors of a config from the API name it.
+const ORIGIN: &str = "request body";
 
 /// `POST /v1/admin/configs` with a config file (TOML) as the body: validated like
 /// `sluice configs apply`, then stored.
