@@ -183,6 +183,80 @@ pub struct Pagination {
     pub max_pages: u64,
 }
 
+/// A pagination field set that its `type` does not use (`size` with `cursor`, any with
+/// the default `none`), as (field, what was expected): it would be ignored without a
+/// word, and a run would fetch other pages than the author meant (or one page only).
+fn unused_paging_fields(p: &Pagination) -> Result<(), (String, String)> {
+    let d = Pagination::default();
+    let set = [
+        ("page_param", p.page_param != d.page_param),
+        ("start_page", p.start_page != d.start_page),
+        ("size_param", p.size_param != d.size_param),
+        ("size", p.size != d.size),
+        ("offset_param", p.offset_param != d.offset_param),
+        ("cursor_path", p.cursor_path != d.cursor_path),
+        ("cursor_param", p.cursor_param != d.cursor_param),
+        ("next_path", p.next_path != d.next_path),
+        ("has_more_path", p.has_more_path.is_some()),
+        ("total_path", p.total_path.is_some()),
+        ("total_header", p.total_header.is_some()),
+        ("max_pages", p.max_pages != d.max_pages),
+    ];
+    // Every type stops on `has_more_path` and `max_pages`; on a total, only the paging
+    // that counts records.
+    const STOP: [&str; 2] = ["has_more_path", "max_pages"];
+    const TOTAL: [&str; 2] = ["total_path", "total_header"];
+    let takes: Vec<&str> = match p.kind.as_str() {
+        "page" => ["page_param", "start_page", "size_param", "size"]
+            .into_iter()
+            .chain(TOTAL)
+            .collect(),
+        "offset" => ["offset_param", "size_param", "size"]
+            .into_iter()
+            .chain(TOTAL)
+            .collect(),
+        "cursor" => ["cursor_path", "cursor_param"].into(),
+        "next_url" => ["next_path"].into(),
+        "link_header" => Vec::new(),
+        // `none`, or a type refused on its own.
+        _ => Vec::new(),
+    };
+    if !matches!(
+        p.kind.as_str(),
+        "none" | "page" | "offset" | "cursor" | "next_url" | "link_header"
+    ) {
+        return Ok(());
+    }
+    let Some((field, _)) = set
+        .iter()
+        .find(|(f, on)| *on && !(takes.contains(f) || (p.kind != "none" && STOP.contains(f))))
+    else {
+        return Ok(());
+    };
+    let expected = if p.kind == "none" {
+        format!(
+            "a pagination `type` with `{field}` (without one, `none`, a run fetches one page and `{field}` is not used): one of page, offset, cursor, next_url, link_header"
+        )
+    } else {
+        let takes = takes
+            .iter()
+            .chain(&STOP)
+            .map(|f| format!("`{f}`"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let hint = if matches!(*field, "size" | "size_param") {
+            " (to send a page size with it, put it in the endpoint's query: `?limit=100`)"
+        } else {
+            ""
+        };
+        format!(
+            "no `{field}` with `type = \"{}\"`, which does not use it (it takes {takes}){hint}",
+            p.kind
+        )
+    };
+    Err((format!("source.pagination.{field}"), expected))
+}
+
 /// `next_path` at its default is not written: a config stored before it existed keeps its
 /// fingerprint (an interrupted run still resumes).
 fn is_default_next_path(path: &str) -> bool {
@@ -876,6 +950,7 @@ pub fn validate(
             ))
         }
     };
+    unused_paging_fields(p).map_err(|(field, expected)| invalid(&field, expected))?;
     for (field, path) in [
         ("source.pagination.has_more_path", &p.has_more_path),
         ("source.pagination.total_path", &p.total_path),
@@ -2029,6 +2104,57 @@ mod tests {
     use super::*;
 
     use serde_json::json;
+
+    #[test]
+    fn pagination_fields_their_type_does_not_use_are_refused() {
+        let check = |paging: &str| {
+            let text = format!("name = \"p\"\ntype = \"IMPORT\"\nendpoint = \"https://api.example/x\"\n[source.pagination]\n{paging}\n[mapping.productId]\npath = \"$.id\"\n");
+            parse_file("p.toml", &text).and_then(|f| validate("p.toml", &f, &|_| None).map(|_| ()))
+        };
+        for ok in [
+            "type = \"page\"\nsize = 50\npage_param = \"p\"\nmax_pages = 9",
+            "type = \"offset\"\nsize = 50\noffset_param = \"skip\"\ntotal_path = \"$.total\"",
+            "type = \"cursor\"\ncursor_path = \"$.meta.next\"\nhas_more_path = \"$.more\"",
+            "type = \"next_url\"\nnext_path = \"$.links.next\"",
+            "type = \"link_header\"\nhas_more_path = \"$.more\"",
+            "",
+        ] {
+            assert!(check(ok).is_ok(), "{ok}: {:?}", check(ok));
+        }
+        for (paging, field, says) in [
+            (
+                "type = \"cursor\"\nsize = 4",
+                "source.pagination.size",
+                "`?limit=100`",
+            ),
+            (
+                "type = \"offset\"\npage_param = \"p\"",
+                "source.pagination.page_param",
+                "it takes `offset_param`",
+            ),
+            (
+                "size = 5\noffset_param = \"o\"",
+                "source.pagination.size",
+                "a run fetches one page",
+            ),
+            (
+                "type = \"link_header\"\ncursor_param = \"c\"",
+                "source.pagination.cursor_param",
+                "type = \"link_header\"",
+            ),
+            (
+                "type = \"cursor\"\ntotal_header = \"X-Total\"",
+                "source.pagination.total_header",
+                "it takes `cursor_path`",
+            ),
+        ] {
+            let err = check(paging).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("field `{field}`")) && err.contains(says),
+                "{paging}: {err}"
+            );
+        }
+    }
 
     #[test]
     fn sluices_own_collections_are_no_import_target_or_export_source() {
