@@ -1692,6 +1692,34 @@ async fn an_event_data_export_says_which_fields_no_column_holds() {
     let _ = std::fs::remove_dir_all(&out_dir);
 }
 
+/// A file that cannot be read says why once; a GeoIP database path starting with `~`
+/// that cannot be opened says `~` is not expanded.
+#[test]
+fn config_check_says_why_a_file_cannot_be_opened_once() {
+    let out = sluice()
+        .args(["config", "check", "/no/such/sluice.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+    let path = write_temp(
+        "geoip.toml",
+        "[tracking]\ngeoip_database = \"~/GeoLite2-City.mmdb\"\n",
+    );
+    let out = sluice()
+        .args(["config", "check"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("a `~` is not expanded in sluice.toml"),
+        "{err}"
+    );
+}
+
 #[test]
 fn config_check_parses_schedules_with_the_scheduler_s_cron_parser() {
     let path = write_temp(

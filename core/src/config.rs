@@ -36,9 +36,16 @@ impl Secret {
     fn resolve(&self, env: &dyn Fn(&str) -> Option<String>) -> Result<Secret, String> {
         match self.env_reference() {
             Some("") => Err("`${env:NAME}` with a variable name".into()),
-            Some(name) => env(name)
-                .map(Secret)
-                .ok_or_else(|| format!("environment variable `{name}` to be set (it is not)")),
+            Some(name) => match env(name) {
+                Some(value) if !value.is_empty() => Ok(Secret(value)),
+                // Empty is most likely a secret store that did not fill it.
+                Some(_) => Err(format!(
+                    "environment variable `{name}` to be set (it is empty)"
+                )),
+                None => Err(format!(
+                    "environment variable `{name}` to be set (it is not)"
+                )),
+            },
             None => Ok(self.clone()),
         }
     }
@@ -627,7 +634,7 @@ fn flag(v: &str) -> Result<bool, String> {
     match v {
         "true" | "1" => Ok(true),
         "false" | "0" => Ok(false),
-        _ => Err("`true` or `false`".into()),
+        _ => Err("`true`, `false`, `1` or `0`".into()),
     }
 }
 
@@ -691,9 +698,9 @@ pub fn load(
     let Some(p) = path else {
         return from_text(DEFAULTS_ORIGIN, None, env);
     };
-    let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+    let text = std::fs::read_to_string(p).map_err(|reason| ConfigError::Read {
         path: p.to_path_buf(),
-        source,
+        reason,
     })?;
     let origin = p.display().to_string();
     from_text(&origin, Some(&text), env).map_err(|first| {
@@ -979,6 +986,14 @@ pub fn validate(
             return Err(invalid(
                 &format!("security.api_config_env[{i}]"),
                 format!("a variable name, or a prefix ending in `*` (`SHOP_*`; not `*` alone), got `{name}`"),
+            ));
+        }
+        // Never readable by an API config, whatever this list says: listed, a name of
+        // them would look allowed and be refused at every request.
+        if ["SLUICE_", "AWS_"].iter().any(|p| stem.starts_with(p)) {
+            return Err(invalid(
+                &format!("security.api_config_env[{i}]"),
+                format!("a variable other than `SLUICE_*` and `AWS_*` ones, which configs applied through the API never read (Sluice's own settings and the cloud credentials), got `{name}`"),
             ));
         }
     }
@@ -2306,6 +2321,17 @@ mod tests {
             err.contains("SLUICE_SERVER_WRITE_KEYS") && err.contains("set but empty"),
             "{err}"
         );
+        // A secret from a variable set but empty (a secret store that did not fill it) is
+        // refused as one unset is, saying so; a flag says all it takes.
+        let env = |k: &str| (k == "EMPTY_KEY").then(String::new);
+        let raw = parse("t.toml", "[security]\ntoken_key = \"${env:EMPTY_KEY}\"\n").unwrap();
+        let err = validate("t.toml", &BTreeMap::new(), raw, &env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`EMPTY_KEY` to be set (it is empty)"), "{err}");
+        let env = |k: &str| (k == "SLUICE_S3_PATH_STYLE").then(|| "yes".to_string());
+        let err = load(None, &env).unwrap_err().to_string();
+        assert!(err.contains("`true`, `false`, `1` or `0`"), "{err}");
         // A bad entry of the variable names the variable, not the file it overrides.
         let env =
             |k: &str| (k == "SLUICE_SERVER_WRITE_KEYS").then(|| "long-enough,short".to_string());
@@ -2328,6 +2354,10 @@ mod tests {
             }),
             ("api_config_env[1]", |r| {
                 r.security.api_config_env = vec!["A_*".into(), "B-C".into()]
+            }),
+            // Never readable through the API: listed, it would look allowed.
+            ("api_config_env[1]", |r| {
+                r.security.api_config_env = vec!["SHOP_*".into(), "SLUICE_S3_*".into()]
             }),
         ] {
             let mut raw = RawConfig::default();

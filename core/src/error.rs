@@ -7,10 +7,12 @@ use std::path::PathBuf;
 /// The message always names where the problem is (file, field) and what was expected.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file `{path}`: {source}")]
+    /// (The reason is no `source`: said once, in the message, also where a chain of
+    /// causes is printed.)
+    #[error("cannot read config file `{path}`: {reason}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        reason: std::io::Error,
     },
     #[error("{origin}: {message}")]
     Parse { origin: String, message: String },

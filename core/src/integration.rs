@@ -836,12 +836,19 @@ pub fn validate(
     // A `${env:NAME}` reference resolved through `env`; a literal stays as it is.
     let resolve = |field: &str, s: &Secret| -> Result<Secret, ConfigError> {
         match s.env_reference() {
-            Some(name) => env(name).map(Secret::new).ok_or_else(|| {
-                invalid(
+            // Empty is most likely a secret store that did not fill it: sent, it would
+            // fail every request as a bad credential.
+            Some(name) => match env(name) {
+                Some(value) if !value.is_empty() => Ok(Secret::new(value)),
+                Some(_) => Err(invalid(
+                    field,
+                    format!("environment variable `{name}` to be set (it is empty)"),
+                )),
+                None => Err(invalid(
                     field,
                     format!("environment variable `{name}` to be set (it is not)"),
-                )
-            }),
+                )),
+            },
             None => Ok(s.clone()),
         }
     };

@@ -36,8 +36,8 @@ pub fn validate_dir(
         let origin = path.display().to_string();
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
-            Err(source) => {
-                errors.push(ConfigError::Read { path, source });
+            Err(reason) => {
+                errors.push(ConfigError::Read { path, reason });
                 continue;
             }
         };

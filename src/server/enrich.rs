@@ -241,7 +241,14 @@ pub struct Location {
 impl GeoIp {
     pub fn open(path: &str) -> anyhow::Result<Self> {
         let reader = maxminddb::Reader::open_readfile(path).map_err(|e| {
-            anyhow::anyhow!("cannot open GeoIP database `{path}` (tracking.geoip_database): {e}")
+            anyhow::anyhow!(
+                "cannot open GeoIP database `{path}` (tracking.geoip_database): {e}{}",
+                if path.starts_with('~') {
+                    " (a `~` is not expanded in sluice.toml: write the path out)"
+                } else {
+                    ""
+                }
+            )
         })?;
         Ok(Self { reader })
     }
