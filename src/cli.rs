@@ -1170,8 +1170,12 @@ pub async fn configs_apply(config: &Config, dir: &Path) -> anyhow::Result<()> {
     let store = Store::connect(config).await?;
     store.init().await?;
     for v in &valid {
+        let note = sluice_jobs::configs::cursor_reading_changed(&store, &v.file).await?;
         let applied = sluice_jobs::configs::apply(&store, &v.file).await?;
         println!("{} {}", applied.as_str(), v.file.name);
+        if let Some(note) = note {
+            eprintln!("note: {note}");
+        }
     }
     Ok(())
 }

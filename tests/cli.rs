@@ -1556,6 +1556,55 @@ async fn an_archive_with_nothing_to_archive_says_why() {
     );
 }
 
+/// Applying a config that changes how its incremental cursor is read, while a cursor is
+/// stored, says that the cursor is kept and how to start over.
+#[tokio::test]
+async fn applying_a_new_cursor_unit_over_a_stored_cursor_says_so() {
+    let db = support::TestDb::initialized().await;
+    let config = db_config(&db);
+    let dir = write_temp("cursor-keep", "")
+        .parent()
+        .unwrap()
+        .join("cursor-configs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = |unit: &str| {
+        format!("name = \"feed\"\ntype = \"IMPORT\"\nendpoint = \"https://api.example.com/things\"\n\n[target]\ncollection = \"things\"\nkey = \"id\"\n\n[mapping.id]\npath = \"$.id\"\n[mapping.changed]\npath = \"$.changed\"\ntype = \"date\"\nunit = \"{unit}\"\n\n[incremental]\ncursor_field = \"changed\"\nparam = \"since\"\n")
+    };
+    let apply = |unit: &'static str| {
+        std::fs::write(dir.join("feed.toml"), file(unit)).unwrap();
+        let (config, dir) = (config.clone(), dir.clone());
+        async move {
+            let out = sluice_with(&config, &["configs", "apply", dir.to_str().unwrap()]).await;
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stderr).into_owned()
+        }
+    };
+    // No cursor stored yet: nothing to say.
+    assert!(!apply("milliseconds").await.contains("note:"));
+    db.store
+        .collection("integration_configs")
+        .update_one(
+            bson::doc! { "name": "feed" },
+            bson::doc! { "$set": { "syncCursor": 1_701_468_000_000i64 } },
+        )
+        .await
+        .unwrap();
+    let said = apply("seconds").await;
+    assert!(
+        said.contains("note: feed: the incremental cursor is now read another way")
+            && said.contains("`1701468000000`")
+            && said.contains("sluice import reset feed --cursor"),
+        "{said}"
+    );
+    // Applied again unchanged: nothing more.
+    assert!(!apply("seconds").await.contains("note:"));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 /// `export history` lists the runs `export_jobs` records, by hand ones too, which `jobs
 /// history` does not (it points there).
 #[tokio::test]

@@ -1026,6 +1026,7 @@ async fn malformed_json_and_slow_answers_fail_the_run_clearly() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("malformed JSON"), "{err}");
+    assert!(err.contains("(the last of 4 attempts)"), "{err}");
     // A JSON answer cut short is not quoted (it holds the API's records)...
     assert!(!err.contains("begins"), "{err}");
     // ...what came instead of JSON is, with its type.

@@ -672,6 +672,8 @@ impl HttpClient {
     ) -> Result<(Value, HeaderMap, u64), HttpError> {
         let replaced = without_params(url, query);
         let url = replaced.as_deref().unwrap_or(url);
+        // Errors name the page asked for (`?page=2`), not only the endpoint.
+        let shown = shown_url(url, query);
         let mut attempts = self.connector.retry.max_attempts;
         let mut last = String::new();
         let mut force_token = false;
@@ -778,7 +780,7 @@ impl HttpClient {
                     self.bump(|s| s.failed.server_error += 1);
                 }
                 return Err(HttpError::Status {
-                    url: url.to_string(),
+                    url: shown.clone(),
                     status: status.as_u16(),
                     body: format!(
                         "the server asked to wait {} s, longer than a run waits ({} s); a later run tries again",
@@ -833,7 +835,7 @@ impl HttpClient {
                 Ok(Some(t)) => t,
                 Ok(None) => {
                     return Err(HttpError::Network {
-                        url: url.to_string(),
+                        url: shown.clone(),
                         message: format!(
                             "the answer is larger than {} MiB (`source.max_page_mb`); lower the page size, or raise the limit if the process has the memory (a page parses to up to 16 times its size)",
                             cap >> 20
@@ -871,7 +873,7 @@ impl HttpClient {
                     _ => self.snippet(&text),
                 };
                 return Err(HttpError::Status {
-                    url: url.to_string(),
+                    url: shown.clone(),
                     status: status.as_u16(),
                     body,
                 });
@@ -906,8 +908,13 @@ impl HttpClient {
                         } else {
                             format!("{e}; the answer ({kind}) begins `{}`", self.snippet(&text))
                         };
+                        let message = if attempts > 1 {
+                            format!("{message} (the last of {attempts} attempts)")
+                        } else {
+                            message
+                        };
                         return Err(HttpError::Malformed {
-                            url: url.to_string(),
+                            url: shown.clone(),
                             message,
                         });
                     }
@@ -916,7 +923,7 @@ impl HttpClient {
             }
         }
         Err(HttpError::Exhausted {
-            url: url.to_string(),
+            url: shown.clone(),
             attempts,
             last,
         })
@@ -1719,6 +1726,24 @@ fn without_params(url: &str, query: &[(String, String)]) -> Option<String> {
     Some(parsed.to_string())
 }
 
+/// `url` with the paging and cursor parameters of a request, for errors (a long value,
+/// such as an opaque cursor, cut short). The API key's parameter is not among them.
+fn shown_url(url: &str, query: &[(String, String)]) -> String {
+    let Ok(mut parsed) = reqwest::Url::parse(url) else {
+        return url.to_string();
+    };
+    if !query.is_empty() {
+        let cut = |v: &str| match v.char_indices().nth(64) {
+            Some((at, _)) => format!("{}...", &v[..at]),
+            None => v.to_string(),
+        };
+        parsed
+            .query_pairs_mut()
+            .extend_pairs(query.iter().map(|(k, v)| (k.as_str(), cut(v))));
+    }
+    parsed.to_string()
+}
+
 /// `Retry-After` as seconds or an HTTP date.
 fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let v = headers.get("retry-after")?.to_str().ok()?.trim();
@@ -1838,6 +1863,25 @@ mod tests {
         )
         .await;
         assert_eq!(read_start(get(url).await, 50).await.unwrap(), "oops");
+    }
+
+    #[test]
+    fn errors_name_the_page_asked_for() {
+        let page = [("page".to_string(), "2".to_string())];
+        assert_eq!(
+            shown_url("https://api.example/v1/items?region=eu", &page),
+            "https://api.example/v1/items?region=eu&page=2"
+        );
+        let cursor = [("cursor".to_string(), "c".repeat(100))];
+        let shown = shown_url("https://api.example/v1/items", &cursor);
+        assert!(
+            shown.ends_with(&format!("cursor={}...", "c".repeat(64))),
+            "{shown}"
+        );
+        assert_eq!(
+            shown_url("https://api.example/x", &[]),
+            "https://api.example/x"
+        );
     }
 
     #[test]

@@ -189,6 +189,71 @@ impl Applied {
     }
 }
 
+/// What to tell of applying `file` over the stored config of its name when that keeps an
+/// incremental cursor whose reading the file changes (the cursor field, or its mapping's
+/// `type`, `unit` or `format`): the stored cursor is sent back as it was, read the old
+/// way (milliseconds sent where seconds are now meant), so the next run may skip or
+/// repeat records. `None` when nothing such changes.
+pub async fn cursor_reading_changed(
+    store: &Store,
+    file: &IntegrationFile,
+) -> Result<Option<String>, StoreError> {
+    let Some(stored) = store
+        .collection(c::INTEGRATION_CONFIGS)
+        .find_one(doc! { f::NAME: &file.name })
+        .await
+        .map_err(StoreError::mongo(c::INTEGRATION_CONFIGS, "read config"))?
+    else {
+        return Ok(None);
+    };
+    let Some(cursor) = stored
+        .get(f::SYNC_CURSOR)
+        .filter(|v| !matches!(v, bson::Bson::Null))
+    else {
+        return Ok(None);
+    };
+    let new = bson::to_document(file).map_err(|e| StoreError::Encode {
+        collection: c::INTEGRATION_CONFIGS.into(),
+        message: e.to_string(),
+    })?;
+    let old = stored.get_document(f::SPEC).cloned().unwrap_or_default();
+    // The cursor field and how its mapping reads it.
+    let reading = |spec: &Document| {
+        let field = spec
+            .get_document("incremental")
+            .ok()
+            .and_then(|i| i.get_str("cursor_field").ok())
+            .map(str::to_string)?;
+        let mapping = spec
+            .get_document("mapping")
+            .ok()
+            .and_then(|m| m.get_document(&field).ok())
+            .cloned()
+            .unwrap_or_default();
+        let how: Vec<String> = ["type", "unit", "format"]
+            .iter()
+            .map(|k| mapping.get(*k).map(ToString::to_string).unwrap_or_default())
+            .collect();
+        Some((field, how))
+    };
+    let (Some(before), Some(after)) = (reading(&old), reading(&new)) else {
+        return Ok(None);
+    };
+    if before == after {
+        return Ok(None);
+    }
+    Ok(Some(format!(
+        "{}: the incremental cursor is now read another way (field `{}`, type/unit/format {} -> field `{}`, {}), but the stored cursor `{}` is kept and sent back as it is; if it should be read anew, run `sluice import reset {} --cursor` (the next run then reads everything)",
+        file.name,
+        before.0,
+        before.1.join("/"),
+        after.0,
+        after.1.join("/"),
+        crate::import::cursor_text(cursor),
+        file.name
+    )))
+}
+
 /// Stores (inserts or replaces) one config. `lastSync` and the cursor are kept.
 pub async fn apply(store: &Store, file: &IntegrationFile) -> Result<Applied, StoreError> {
     let now = DateTime::now();
