@@ -751,15 +751,24 @@ fn from_text(
     };
     // Remember which fields the environment set, so errors point at the variable.
     let mut origins: BTreeMap<&str, String> = BTreeMap::new();
+    // Every variable that cannot be read is said, not the first only.
+    let mut refused = Vec::new();
     for (var, field) in ENV_OVERRIDES {
         if let Some(value) = env(var) {
-            apply_override(&mut raw, field, value).map_err(|expected| ConfigError::Invalid {
-                origin: format!("environment variable `{var}`"),
-                field: (*field).to_string(),
-                expected,
-            })?;
-            origins.insert(field, format!("environment variable `{var}`"));
+            match apply_override(&mut raw, field, value) {
+                Ok(()) => {
+                    origins.insert(field, format!("environment variable `{var}`"));
+                }
+                Err(expected) => refused.push(ConfigError::Invalid {
+                    origin: format!("environment variable `{var}`"),
+                    field: (*field).to_string(),
+                    expected,
+                }),
+            }
         }
+    }
+    if let Some(refused) = ConfigError::all(refused) {
+        return Err(refused);
     }
     validate(origin, &origins, raw, env)
 }
@@ -2332,6 +2341,16 @@ mod tests {
         let env = |k: &str| (k == "SLUICE_S3_PATH_STYLE").then(|| "yes".to_string());
         let err = load(None, &env).unwrap_err().to_string();
         assert!(err.contains("`true`, `false`, `1` or `0`"), "{err}");
+        // Every variable that cannot be read is said at once.
+        let env = |k: &str| match k {
+            "SLUICE_S3_PATH_STYLE" | "SLUICE_S3_CHECKSUMS" => Some("yes".to_string()),
+            _ => None,
+        };
+        let err = load(None, &env).unwrap_err().to_string();
+        assert!(
+            err.contains("SLUICE_S3_PATH_STYLE") && err.contains("SLUICE_S3_CHECKSUMS"),
+            "{err}"
+        );
         // A bad entry of the variable names the variable, not the file it overrides.
         let env =
             |k: &str| (k == "SLUICE_SERVER_WRITE_KEYS").then(|| "long-enough,short".to_string());

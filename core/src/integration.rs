@@ -396,7 +396,9 @@ fn is_zero(n: &u64) -> bool {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PushSection {
-    /// Collection read.
+    /// Collection read. Required of an EXPORT, checked with the rest (not by TOML's
+    /// reading, which would ask an IMPORT holding `[push]` by mistake to fill it in).
+    #[serde(default)]
     pub collection: String,
     /// A MongoDB filter as JSON (`{"totalPurchases": {"$gt": 0}}`).
     #[serde(default)]
@@ -1251,6 +1253,12 @@ pub fn validate(
         }
     }
     if let Some(push) = &file.push {
+        if push.collection.is_empty() {
+            return Err(invalid(
+                "push.collection",
+                "the collection whose documents are pushed (`collection = \"users\"`)".into(),
+            ));
+        }
         if let Some(f) = &push.filter {
             push_filter(f).map_err(|e| invalid("push.filter", e))?;
         }
@@ -2111,6 +2119,26 @@ mod tests {
     use super::*;
 
     use serde_json::json;
+
+    #[test]
+    fn a_push_section_is_refused_from_an_import_before_it_is_asked_to_be_complete() {
+        let text = "name = \"p\"\ntype = \"IMPORT\"\nendpoint = \"https://api.example/x\"\n[push]\nbatch_size = 10\n[mapping.productId]\npath = \"$.id\"\n";
+        let err = parse_file("p.toml", text)
+            .and_then(|f| validate("p.toml", &f, &|_| None).map(|_| ()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("no `[push]` section in an IMPORT config"),
+            "{err}"
+        );
+        // An EXPORT without its collection is still told to name one.
+        let text = "name = \"e\"\ntype = \"EXPORT\"\nendpoint = \"https://api.example/x\"\n[push]\nbatch_size = 10\n[mapping.id]\npath = \"$._id\"\n";
+        let err = parse_file("e.toml", text)
+            .and_then(|f| validate("e.toml", &f, &|_| None).map(|_| ()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("field `push.collection`"), "{err}");
+    }
 
     #[test]
     fn pagination_fields_their_type_does_not_use_are_refused() {
