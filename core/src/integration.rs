@@ -2040,6 +2040,8 @@ pub fn map_record_noting(
     several: &mut Vec<SeveralMatches>,
 ) -> Result<Document, String> {
     let mut out = Document::new();
+    // Every field that fails is said, so that one run shows all a record lacks.
+    let mut failed: Vec<String> = Vec::new();
     for f in fields {
         let (found, matches) = find(f, record);
         if matches > 1 && !f.list && !several.iter().any(|s| s.target == f.target) {
@@ -2054,16 +2056,26 @@ pub fn map_record_noting(
             (Some(v), _) => v,
             (None, Some(d)) => d.clone(),
             (None, None) if f.required => {
-                return Err(format!(
+                failed.push(format!(
                     "required field `{}` ({}) is missing",
                     f.target, f.path
-                ))
+                ));
+                continue;
             }
             (None, None) => continue,
         };
-        out.insert(f.target.clone(), coerce(f, value)?);
+        match coerce(f, value) {
+            Ok(v) => {
+                out.insert(f.target.clone(), v);
+            }
+            Err(e) => failed.push(e),
+        }
     }
-    Ok(out)
+    if failed.is_empty() {
+        Ok(out)
+    } else {
+        Err(failed.join("; "))
+    }
 }
 
 /// An EXPORT config's `[push] filter`: a JSON object (extended JSON: `{"$date": ..}` is a
@@ -2654,6 +2666,12 @@ type = "bool"
         )
         .unwrap_err();
         assert!(err.contains("`price`") && err.contains("a number"), "{err}");
+        // Every field that fails is said, not the first only.
+        let err = map_record(&c.fields, &json!({ "price": { "amount": "cheap" } })).unwrap_err();
+        assert!(
+            err.contains("required field `productId`") && err.contains("`price`"),
+            "{err}"
+        );
     }
 
     #[test]
