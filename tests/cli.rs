@@ -225,19 +225,25 @@ async fn jobs_history_takes_a_bare_config_name_like_jobs_run() {
     );
 }
 
+/// `sluice config check PATH`, which must refuse the file (exit 2): what it said.
+fn refused_config(path: &std::path::Path) -> String {
+    let out = sluice()
+        .args(["config", "check"])
+        .arg(path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    err
+}
+
 #[test]
 fn config_check_names_the_file_and_field_of_a_bad_value() {
     let path = write_temp(
         "bad.toml",
         "[tracking]\nsession_timeout_minutes = 30\nbots = \"sometimes\"\n",
     );
-    let out = sluice()
-        .args(["config", "check"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused_config(&path);
     assert!(err.contains("bad.toml"), "{err}");
     assert!(
         err.contains("`tracking.bots`") && err.contains("`keep` or `drop`"),
@@ -264,13 +270,7 @@ fn a_command_line_that_cannot_be_read_exits_64_not_as_a_bad_config() {
 #[test]
 fn config_check_names_an_unknown_field() {
     let path = write_temp("typo.toml", "[mongodb]\ndatabse = \"x\"\n");
-    let out = sluice()
-        .args(["config", "check"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused_config(&path);
     assert!(
         err.contains("typo.toml") && err.contains("databse"),
         "{err}"
@@ -1745,24 +1745,13 @@ async fn an_event_data_export_says_which_fields_no_column_holds() {
 /// that cannot be opened says `~` is not expanded.
 #[test]
 fn config_check_says_why_a_file_cannot_be_opened_once() {
-    let out = sluice()
-        .args(["config", "check", "/no/such/sluice.toml"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused_config(std::path::Path::new("/no/such/sluice.toml"));
     assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
     let path = write_temp(
         "geoip.toml",
         "[tracking]\ngeoip_database = \"~/GeoLite2-City.mmdb\"\n",
     );
-    let out = sluice()
-        .args(["config", "check"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused_config(&path);
     assert!(
         err.contains("a `~` is not expanded in sluice.toml"),
         "{err}"
@@ -1775,13 +1764,7 @@ fn config_check_parses_schedules_with_the_scheduler_s_cron_parser() {
         "cron.toml",
         "[[schedules]]\nname = \"daily\"\ntype = \"DAILY_ANALYTICS\"\ncron = \"0 0 25 * * *\"\n\n[tracking]\nbots = \"sometimes\"\n",
     );
-    let out = sluice()
-        .args(["config", "check"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused_config(&path);
     assert!(
         err.contains("`schedules[0].cron`")
             && err.contains("`0 0 25 * * *` is not one: field 3 (the hour: 0-23)"),
