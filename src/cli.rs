@@ -1070,10 +1070,13 @@ pub fn configs_validate(
 ) -> anyhow::Result<Vec<sluice_jobs::configs::ValidFile>> {
     // In CI the production secrets are absent: with `allow_missing_env`, an unset
     // `${env:NAME}` stands in as a placeholder and is listed, and everything else is
-    // still checked.
+    // still checked. Set but empty counts as unset (CI systems give a secret a fork may
+    // not read as empty).
     let missing = std::sync::Mutex::new(std::collections::BTreeSet::new());
     let env = |k: &str| {
-        std::env::var(k).ok().or_else(|| {
+        let set = std::env::var(k).ok();
+        let set = set.filter(|v| !(allow_missing_env && v.is_empty()));
+        set.or_else(|| {
             allow_missing_env.then(|| {
                 missing
                     .lock()

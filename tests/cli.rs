@@ -1360,6 +1360,25 @@ fn configs_validate_can_check_configs_whose_secrets_are_not_set() {
     let stderr = String::from_utf8_lossy(&lenient.stderr);
     assert!(lenient.status.success(), "{stderr}");
     assert!(stderr.contains(&format!("`{var}` is not set")), "{stderr}");
+    // Set but empty (as CI gives a secret a fork may not read): refused by default, taken
+    // as unset with the flag.
+    let empty_var = |extra: &[&str]| {
+        sluice()
+            .args(["configs", "validate"])
+            .arg(&dir)
+            .args(extra)
+            .env(&var, "")
+            .output()
+            .unwrap()
+    };
+    let strict = empty_var(&[]);
+    let stderr = String::from_utf8_lossy(&strict.stderr);
+    assert!(!strict.status.success(), "{stderr}");
+    assert!(stderr.contains("(it is empty)"), "{stderr}");
+    let lenient = empty_var(&["--allow-missing-env"]);
+    let stderr = String::from_utf8_lossy(&lenient.stderr);
+    assert!(lenient.status.success(), "{stderr}");
+    assert!(stderr.contains(&format!("`{var}` is not set")), "{stderr}");
     // An empty folder is an error, not a silent success.
     std::fs::remove_file(dir.join("oauth.toml")).unwrap();
     let empty = run(&[]);

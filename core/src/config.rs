@@ -36,16 +36,11 @@ impl Secret {
     fn resolve(&self, env: &dyn Fn(&str) -> Option<String>) -> Result<Secret, String> {
         match self.env_reference() {
             Some("") => Err("`${env:NAME}` with a variable name".into()),
-            Some(name) => match env(name) {
-                Some(value) if !value.is_empty() => Ok(Secret(value)),
-                // Empty is most likely a secret store that did not fill it.
-                Some(_) => Err(format!(
-                    "environment variable `{name}` to be set (it is empty)"
-                )),
-                None => Err(format!(
-                    "environment variable `{name}` to be set (it is not)"
-                )),
-            },
+            // Set but empty is a value here: an empty `s3.access_key` means the AWS
+            // credential chain.
+            Some(name) => env(name)
+                .map(Secret)
+                .ok_or_else(|| format!("environment variable `{name}` to be set (it is not)")),
             None => Ok(self.clone()),
         }
     }
@@ -998,11 +993,11 @@ pub fn validate(
             ));
         }
         // Never readable by an API config, whatever this list says: listed, a name of
-        // them would look allowed and be refused at every request.
+        // them looks allowed and is refused at every request. Warned of, not refused, so
+        // that a file listing one still starts.
         if ["SLUICE_", "AWS_"].iter().any(|p| stem.starts_with(p)) {
-            return Err(invalid(
-                &format!("security.api_config_env[{i}]"),
-                format!("a variable other than `SLUICE_*` and `AWS_*` ones, which configs applied through the API never read (Sluice's own settings and the cloud credentials), got `{name}`"),
+            warnings.push(format!(
+                "`security.api_config_env[{i}]`: `{name}` has no effect: configs applied through the API never read `SLUICE_*` or `AWS_*` variables (Sluice's own settings and the cloud credentials)"
             ));
         }
     }
@@ -1789,6 +1784,26 @@ mod tests {
         }
         // A KMS key is refused without `aws:kms`: that follows from setting the typo aside.
         assert!(!said.contains("s3.sse_kms_key_id"), "{said}");
+        // A check naming a field set aside (now at its default) is not said either.
+        let text = "[server]\nlisten = \"localhost:9000\"\nops_listen = \"0.0.0.0:8080\"\n";
+        std::fs::write(&path, text).unwrap();
+        let err = load(Some(&path), &no_env).unwrap_err();
+        std::fs::remove_file(&path).unwrap();
+        let said = err.to_string();
+        assert!(said.contains("field `server.listen`"), "{said}");
+        assert!(!said.contains("server.ops_listen"), "{said}");
+    }
+
+    #[test]
+    fn api_config_env_naming_sluice_s_own_variables_is_warned_of() {
+        let c = check("[security]\napi_config_env = [\"SHOP_*\", \"SLUICE_S3_*\"]\n").unwrap();
+        assert!(
+            c.warnings
+                .iter()
+                .any(|w| w.starts_with("`security.api_config_env[1]`: `SLUICE_S3_*` has no effect")),
+            "{:?}",
+            c.warnings
+        );
     }
 
     #[test]
@@ -2330,14 +2345,15 @@ mod tests {
             err.contains("SLUICE_SERVER_WRITE_KEYS") && err.contains("set but empty"),
             "{err}"
         );
-        // A secret from a variable set but empty (a secret store that did not fill it) is
-        // refused as one unset is, saying so; a flag says all it takes.
+        // A variable set but empty is a value (an empty `s3.access_key`: the AWS chain).
         let env = |k: &str| (k == "EMPTY_KEY").then(String::new);
-        let raw = parse("t.toml", "[security]\ntoken_key = \"${env:EMPTY_KEY}\"\n").unwrap();
-        let err = validate("t.toml", &BTreeMap::new(), raw, &env)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("`EMPTY_KEY` to be set (it is empty)"), "{err}");
+        let raw = parse(
+            "t.toml",
+            "[s3]\naccess_key = \"${env:EMPTY_KEY}\"\nsecret_key = \"${env:EMPTY_KEY}\"\n",
+        )
+        .unwrap();
+        assert!(validate("t.toml", &BTreeMap::new(), raw, &env).is_ok());
+        // A flag says all it takes.
         let env = |k: &str| (k == "SLUICE_S3_PATH_STYLE").then(|| "yes".to_string());
         let err = load(None, &env).unwrap_err().to_string();
         assert!(err.contains("`true`, `false`, `1` or `0`"), "{err}");
@@ -2373,10 +2389,6 @@ mod tests {
             }),
             ("api_config_env[1]", |r| {
                 r.security.api_config_env = vec!["A_*".into(), "B-C".into()]
-            }),
-            // Never readable through the API: listed, it would look allowed.
-            ("api_config_env[1]", |r| {
-                r.security.api_config_env = vec!["SHOP_*".into(), "SLUICE_S3_*".into()]
             }),
         ] {
             let mut raw = RawConfig::default();

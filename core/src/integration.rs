@@ -186,7 +186,10 @@ pub struct Pagination {
 /// A pagination field set that its `type` does not use (`size` with `cursor`, any with
 /// the default `none`), as (field, what was expected): it would be ignored without a
 /// word, and a run would fetch other pages than the author meant (or one page only).
-fn unused_paging_fields(p: &Pagination) -> Result<(), (String, String)> {
+/// Checked of files and API bodies (`configs validate`, `configs apply`, the admin API),
+/// not by [`validate`], which also loads stored configs for their runs: a config stored
+/// before this check keeps running until it is applied again.
+pub fn unused_paging_fields(p: &Pagination) -> Result<(), (String, String)> {
     let d = Pagination::default();
     let set = [
         ("page_param", p.page_param != d.page_param),
@@ -959,7 +962,6 @@ pub fn validate(
             ))
         }
     };
-    unused_paging_fields(p).map_err(|(field, expected)| invalid(&field, expected))?;
     for (field, path) in [
         ("source.pagination.has_more_path", &p.has_more_path),
         ("source.pagination.total_path", &p.total_path),
@@ -2156,7 +2158,11 @@ mod tests {
     fn pagination_fields_their_type_does_not_use_are_refused() {
         let check = |paging: &str| {
             let text = format!("name = \"p\"\ntype = \"IMPORT\"\nendpoint = \"https://api.example/x\"\n[source.pagination]\n{paging}\n[mapping.productId]\npath = \"$.id\"\n");
-            parse_file("p.toml", &text).and_then(|f| validate("p.toml", &f, &|_| None).map(|_| ()))
+            let file = parse_file("p.toml", &text).unwrap();
+            // A stored config is loaded for its runs whatever it holds.
+            validate("p.toml", &file, &|_| None).unwrap();
+            unused_paging_fields(&file.source.pagination)
+                .map_err(|(field, expected)| format!("field `{field}`: expected {expected}"))
         };
         for ok in [
             "type = \"page\"\nsize = 50\npage_param = \"p\"\nmax_pages = 9",

@@ -236,9 +236,13 @@ fn later_errors<T: DeserializeOwned>(
                 expected,
             }) if o == origin => {
                 let field = gone.original(&field);
+                // A check comparing the field with one set aside (now at its default)
+                // names that one: `initial_backoff_ms` (200) to 300000.
+                let named = taken.iter().any(|t| t.named_in(&expected));
                 Some((
                     Taken::field(field.clone()),
                     true,
+                    named,
                     ConfigError::Invalid {
                         origin: at_line(origin, text, &field),
                         field,
@@ -251,7 +255,7 @@ fn later_errors<T: DeserializeOwned>(
             Err(ConfigError::Parse { origin: o, .. }) if o == origin => {
                 field_error::<T>(origin, text, &rest, rules, &gone).map(|(taken, error)| {
                     let may_follow = taken.whole;
-                    (taken, may_follow, error)
+                    (taken, may_follow, false, error)
                 })
             }
             // From elsewhere (an environment variable): the file cannot be rid of it.
@@ -272,8 +276,9 @@ fn later_errors<T: DeserializeOwned>(
             }
         }
         let next = match error {
-            Some((next, may_follow, error)) => {
-                if !(may_follow && taken.iter().any(|t| t.may_cause(&next.path, rules))) {
+            Some((next, may_follow, named, error)) => {
+                if !(may_follow && (named || taken.iter().any(|t| t.may_cause(&next.path, rules))))
+                {
                     found.push(error);
                 }
                 next
@@ -329,6 +334,15 @@ impl Taken {
             whole: is_table,
             unknown: message.starts_with("unknown field"),
         }
+    }
+
+    /// Whether a check's `expected` names this field (`` `initial_backoff_ms` `` or
+    /// `` `s3.access_key` ``): it compared the two, and this one is now at its default.
+    fn named_in(&self, expected: &str) -> bool {
+        let last = self.path.rsplit('.').next().unwrap_or(&self.path);
+        !self.unknown
+            && (expected.contains(&format!("`{}`", self.path))
+                || expected.contains(&format!("`{last}`")))
     }
 
     /// Whether an error at `field` may follow from setting this aside: it is this field,

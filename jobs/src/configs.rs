@@ -122,6 +122,13 @@ fn checked(
     let file = parse_file(origin, text)?;
     refuse_literal_secrets(origin, &file)?;
     let connector = validate(origin, &file, env)?;
+    sluice_core::integration::unused_paging_fields(&file.source.pagination).map_err(
+        |(field, expected)| ConfigError::Invalid {
+            origin: origin.to_string(),
+            field,
+            expected,
+        },
+    )?;
     if let Some(cron) = &file.schedule {
         // The same parser the scheduler uses: field values and names, not only counts.
         sluice_core::cron::parse(cron).map_err(|e| ConfigError::Invalid {
@@ -500,6 +507,16 @@ mod tests {
             );
         }
         assert_eq!(all.len(), 4, "{all:#?}");
+        // A check comparing a field with one set aside (now at its default) names it: not
+        // said (`max_backoff_ms` of 100 is below the default 200, not the file's 5).
+        let retry =
+            format!("{BASE}\n[source.retry]\ninitial_backoff_ms = 5\nmax_backoff_ms = 100\n");
+        let all = all_errors(&retry);
+        assert_eq!(all.len(), 1, "{all:#?}");
+        assert!(
+            all[0].contains("field `source.retry.initial_backoff_ms`"),
+            "{all:#?}"
+        );
     }
 
     #[test]

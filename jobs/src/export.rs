@@ -629,21 +629,6 @@ fn read_here(ctx: &ExportContext, kind: ExportJobType, exported: &Document) -> O
         .copied()
 }
 
-/// When `kind` last read a late day for any destination (ARCHIVE waits for the readers
-/// of its deployment's days, wherever they publish).
-fn read_anywhere(kind: ExportJobType, exported: &Document) -> Option<DateTime> {
-    let at = |k: &str| exported.get_datetime(k).ok().copied();
-    exported
-        .keys()
-        .filter(|k| {
-            *k == kind.as_str()
-                || k.strip_prefix(kind.as_str())
-                    .is_some_and(|rest| rest.starts_with('@'))
-        })
-        .filter_map(|k| at(k))
-        .max()
-}
-
 /// What a run's part folders and id spools in the work folder are named from.
 const WORK_PREFIX: &str = "sluice-work-";
 
@@ -1455,7 +1440,7 @@ async fn late_unread(
     let read = |k: &ExportJobType| {
         mark.get_document("exported")
             .ok()
-            .and_then(|e| read_anywhere(*k, e))
+            .and_then(|e| read_here(ctx, *k, e))
     };
     let waiting: Vec<&ExportJobType> = readers
         .iter()
