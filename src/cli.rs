@@ -945,6 +945,20 @@ async fn publish_late_days_now(
     for (d, why) in &late.failed {
         println!("  {d}: not published again: {why}");
     }
+    // The run's headline counts its own window: these days are said in all, apart.
+    if !late.published.is_empty() {
+        let rows: u64 = late
+            .published
+            .iter()
+            .flat_map(|s| &s.partitions)
+            .map(|p| p.rows)
+            .sum();
+        println!(
+            "  late days: {} published again, {}, besides the window above",
+            counted(late.published.len() as u64, "day"),
+            counted(rows, "row")
+        );
+    }
     if !late.failed.is_empty() {
         anyhow::bail!(
             "{} with late events could not be published again (listed above); run again to retry {}",

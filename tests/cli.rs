@@ -2860,6 +2860,11 @@ async fn export_run_names_late_days_and_publishes_them_again_with_late_days() {
     let again = line(&stdout, "published again: late events");
     assert!(again.contains(&format!("EVENT_DATA/dt={late}")), "{again}");
     assert_eq!(rows(late), 2);
+    let total = line(&stdout, "late days: 1 day published again");
+    assert!(
+        total.contains("2 rows, besides the window above"),
+        "{total}"
+    );
     let stdout = run(&["--late-days"]).await;
     assert!(stdout.contains("late days: none"), "{stdout}");
     assert!(!stdout.contains("published again"), "{stdout}");
