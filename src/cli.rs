@@ -1142,10 +1142,8 @@ pub fn configs_validate(
         *per_file.entry(e.file()).or_default() += 1;
     }
     for (file, &n) in &per_file {
-        if n >= sluice_jobs::configs::MAX_ERRORS_PER_FILE {
-            eprintln!(
-                "note: {file}: the first {n} errors found; it may have more (fix these and run again)"
-            );
+        if let Some(note) = sluice_core::toml_errors::more_errors_note(file, n) {
+            eprintln!("note: {note} (fix these and run again)");
         }
     }
     for v in &valid {

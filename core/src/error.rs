@@ -29,18 +29,18 @@ pub enum ConfigError {
 }
 
 fn several(errors: &[ConfigError]) -> String {
-    let mut said: Vec<String> = errors.iter().map(ToString::to_string).collect();
-    if errors.len() >= crate::toml_errors::MAX_ERRORS_PER_FILE {
-        if let Some(first) = errors.first() {
-            said.push(format!(
-                "note: {}: the first {} errors found; it may have more",
-                first.file(),
-                errors.len()
-            ));
-        }
+    let mut said = errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\nerror: ");
+    let note = errors
+        .first()
+        .and_then(|first| crate::toml_errors::more_errors_note(&first.file(), errors.len()));
+    if let Some(note) = note {
+        said.push_str(&format!("\nnote: {note}"));
     }
-    said.join("\nerror: ")
-        .replace("\nerror: note: ", "\nnote: ")
+    said
 }
 
 impl ConfigError {

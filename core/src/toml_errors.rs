@@ -11,11 +11,11 @@
 //! longer fits), or in a field the format relates to one set aside (a config's `[target]`
 //! and its mappings), so that each error said is one the file has as written; a field
 //! beside another is checked on its own, and an unknown field's going changes nothing. A
-//! required
-//! field set aside (a mapping's `path`) leaves its table unreadable: the table is set
-//! aside instead, and errors in it, or naming it, are not said. An element of an array of
-//! tables set aside whole (`[[schedules]]`) shifts the elements after it: their errors are
-//! said with the indices the file has.
+//! required field set aside gets a stand-in value when the format offers one; otherwise
+//! (a mapping's table without its `path`) its table is set aside, and errors in it, or
+//! naming it, are not said. An element of an array of tables set aside whole
+//! (`[[schedules]]`) shifts the elements after it: their errors are said with the indices
+//! the file has.
 
 use serde::de::DeserializeOwned;
 
@@ -23,6 +23,13 @@ use crate::ConfigError;
 
 /// The most errors said of one file.
 pub const MAX_ERRORS_PER_FILE: usize = 10;
+
+/// What is said of a file whose errors reached [`MAX_ERRORS_PER_FILE`]: it may have
+/// more, which were not looked for.
+pub fn more_errors_note(file: &str, found: usize) -> Option<String> {
+    (found >= MAX_ERRORS_PER_FILE)
+        .then(|| format!("{file}: the first {found} errors found; it may have more"))
+}
 
 /// A check of a file's text (the whole file, or what is left of it): its first error.
 pub type Check<'a> = &'a dyn Fn(&str) -> Result<(), ConfigError>;
@@ -40,15 +47,6 @@ pub struct Rules {
     /// A value that passes the checks for a required field (by its path), put in place of
     /// one set aside so that the rest of its table is still checked.
     pub placeholder: fn(&str) -> Option<toml::Value>,
-}
-
-impl Rules {
-    /// No hint and no relation across tables.
-    pub const PLAIN: Rules = Rules {
-        hint: |_| None,
-        related: |_, _| false,
-        placeholder: |_| None,
-    };
 }
 
 /// The line (1-based) of `text` (a TOML file) that sets `field` (a dotted path such as
@@ -164,7 +162,7 @@ pub fn sort_by_line(errors: &mut [ConfigError]) {
 /// check's error at the line that sets the field (or its table's header), and TOML's
 /// error for a field said as a check's is (TOML's own words, with the line quoted, for
 /// a syntax error). An error from elsewhere (an environment variable) is left as it is.
-pub fn said_at_line<T: DeserializeOwned>(
+fn said_at_line<T: DeserializeOwned>(
     origin: &str,
     text: &str,
     e: ConfigError,
@@ -465,10 +463,7 @@ impl Gone {
         let (mut file, mut out) = (String::new(), String::new());
         for (n, segment) in path.split('.').enumerate() {
             let dot = if n == 0 { "" } else { "." };
-            let element = segment.split_once('[').and_then(|(name, rest)| {
-                Some((name, rest.strip_suffix(']')?.parse::<usize>().ok()?))
-            });
-            let Some((name, i)) = element else {
+            let Some((name, Some(i))) = path_segment(segment) else {
                 file.push_str(&format!("{dot}{segment}"));
                 out.push_str(&format!("{dot}{segment}"));
                 continue;
@@ -516,42 +511,53 @@ fn set_aside(table: &mut toml::Table, gone: &mut Gone, path: &str) -> bool {
     true
 }
 
-/// Sets the value at a path whose table exists (`schedules[1].cron`); false when the
-/// table does not.
-fn put(table: &mut toml::Table, path: &str, value: toml::Value) -> bool {
-    let (parent, key) = match path.rsplit_once('.') {
-        Some((parent, key)) => (Some(parent), key),
-        None => (None, path),
-    };
-    if key.contains('[') {
-        return false;
+/// One segment of a path: its key, and its index when it names an element of an array
+/// (`schedules[1]`); `None` when the index is not a number.
+fn path_segment(segment: &str) -> Option<(&str, Option<usize>)> {
+    match segment.split_once('[') {
+        None => Some((segment, None)),
+        Some((name, rest)) => Some((name, Some(rest.strip_suffix(']')?.parse().ok()?))),
     }
-    let Some(at) = (match parent {
-        None => Some(table),
-        Some(parent) => table_at(table, parent),
-    }) else {
-        return false;
-    };
-    at.insert(key.to_string(), value);
-    true
 }
 
 /// The table at a path (`schedules[1]`, `source.pagination`).
 fn table_at<'t>(table: &'t mut toml::Table, path: &str) -> Option<&'t mut toml::Table> {
     let mut at = table;
     for p in path.split('.') {
-        let next = match p.split_once('[') {
-            None => at.get_mut(p),
-            Some((name, rest)) => {
-                let i: usize = rest.strip_suffix(']')?.parse().ok()?;
-                at.get_mut(name)
-                    .and_then(toml::Value::as_array_mut)
-                    .and_then(|items| items.get_mut(i))
-            }
+        let (name, index) = path_segment(p)?;
+        let value = at.get_mut(name)?;
+        let value = match index {
+            None => value,
+            Some(i) => value.as_array_mut()?.get_mut(i)?,
         };
-        at = next.and_then(toml::Value::as_table_mut)?;
+        at = value.as_table_mut()?;
     }
     Some(at)
+}
+
+/// The table holding a path's last segment, and that segment (`source.pagination.size`:
+/// the table `source.pagination`, `size`).
+fn holder<'t, 'p>(
+    table: &'t mut toml::Table,
+    path: &'p str,
+) -> Option<(&'t mut toml::Table, (&'p str, Option<usize>))> {
+    let (at, last) = match path.rsplit_once('.') {
+        Some((parent, last)) => (table_at(table, parent)?, last),
+        None => (table, path),
+    };
+    Some((at, path_segment(last)?))
+}
+
+/// Sets the value at a path whose table exists (`schedules[1].cron`); false when the
+/// table does not.
+fn put(table: &mut toml::Table, path: &str, value: toml::Value) -> bool {
+    match holder(table, path) {
+        Some((at, (key, None))) => {
+            at.insert(key.to_string(), value);
+            true
+        }
+        _ => false,
+    }
 }
 
 /// Removes the value at a path (`source.pagination.size`, `schedules[1].cron`,
@@ -560,46 +566,16 @@ fn take(table: &mut toml::Table, path: &str) -> bool {
     if path.is_empty() {
         return false;
     }
-    let segment = |s: &str| -> Option<(String, Option<usize>)> {
-        match s.split_once('[') {
-            None => Some((s.to_string(), None)),
-            Some((name, rest)) => Some((
-                name.to_string(),
-                Some(rest.strip_suffix(']')?.parse().ok()?),
-            )),
-        }
-    };
-    let mut parts: Vec<&str> = path.split('.').collect();
-    let Some(last) = parts.pop().and_then(segment) else {
-        return false;
-    };
-    let mut at = table;
-    for p in parts {
-        let Some((name, index)) = segment(p) else {
-            return false;
-        };
-        let next = match index {
-            None => at.get_mut(&name).and_then(toml::Value::as_table_mut),
-            Some(i) => at
-                .get_mut(&name)
-                .and_then(toml::Value::as_array_mut)
-                .and_then(|items| items.get_mut(i))
-                .and_then(toml::Value::as_table_mut),
-        };
-        match next {
-            Some(t) => at = t,
-            None => return false,
-        }
-    }
-    match last {
-        (name, None) => at.remove(&name).is_some(),
-        (name, Some(i)) => match at.get_mut(&name).and_then(toml::Value::as_array_mut) {
+    match holder(table, path) {
+        Some((at, (key, None))) => at.remove(key).is_some(),
+        Some((at, (key, Some(i)))) => match at.get_mut(key).and_then(toml::Value::as_array_mut) {
             Some(items) if i < items.len() => {
                 items.remove(i);
                 true
             }
             _ => false,
         },
+        None => false,
     }
 }
 

@@ -79,8 +79,9 @@ pub fn validate_dir(
 /// The most errors said of one file.
 pub use sluice_core::toml_errors::MAX_ERRORS_PER_FILE;
 
-/// As [`validate_text`], with up to [`MAX_ERRORS_PER_FILE`] errors, in the file's order,
-/// as `validate_dir` names them.
+/// One config file's text, parsed and validated as `validate_dir` validates each file
+/// (`origin` names it in errors): up to [`MAX_ERRORS_PER_FILE`] errors, each at its line,
+/// in the file's order.
 pub fn validate_text_all(
     origin: &str,
     text: &str,
@@ -92,23 +93,6 @@ pub fn validate_text_all(
             text,
             first,
             &|rest| checked(origin, rest, env).map(|_| ()),
-            &sluice_core::integration::FILE_RULES,
-        )
-    })
-}
-
-/// One config file's text, parsed and validated as `validate_dir` validates each file;
-/// `origin` names it in errors: the first error found, at its line.
-pub fn validate_text(
-    origin: &str,
-    text: &str,
-    env: &dyn Fn(&str) -> Option<String>,
-) -> Result<(IntegrationFile, Connector), ConfigError> {
-    checked(origin, text, env).map_err(|e| {
-        sluice_core::toml_errors::said_at_line::<IntegrationFile>(
-            origin,
-            text,
-            e,
             &sluice_core::integration::FILE_RULES,
         )
     })
@@ -427,7 +411,7 @@ mod tests {
 
     #[test]
     fn toml_errors_do_not_end_the_search() {
-        assert!(validate_text("t.toml", BASE, &|_| None).is_ok());
+        assert!(validate_text_all("t.toml", BASE, &|_| None).is_ok());
         let text = format!(
             "{BASE}is_active = false\n\n[source]\ntimeout_seconds = \"x\"\n\n[source.pagination]\ntype = \"page\"\nsize = \"ten\"\nsizee = 3\n\n[mapping.price]\ntype = \"number\"\n\n[mapping.when]\npath = \"$.t\"\ntype = \"dat\"\n"
         );
