@@ -722,8 +722,23 @@ pub fn spawn_import_progress(
         let mut last = None;
         let mut moved = std::time::Instant::now();
         let mut printed = moved;
+        let mut shown_wait = None;
         loop {
             tick.tick().await;
+            // A wait before a retry is said once, when it begins: a long `Retry-After`
+            // otherwise reads as a hung run.
+            let waiting = progress.waits.current();
+            if waiting.is_some() && waiting != shown_wait {
+                if let Some(w) = &waiting {
+                    if w.until.saturating_duration_since(std::time::Instant::now())
+                        >= std::time::Duration::from_secs(2)
+                    {
+                        eprintln!("  {}", waiting_text(w));
+                        printed = std::time::Instant::now();
+                    }
+                }
+                shown_wait = waiting.clone();
+            }
             let now = [
                 progress.pages.load(Relaxed),
                 progress.records.load(Relaxed),
@@ -745,11 +760,32 @@ pub fn spawn_import_progress(
                     std::time::Instant::now(),
                 );
             } else if printed.elapsed() >= QUIET_PROGRESS {
-                eprintln!("{line}; no progress for {} s", moved.elapsed().as_secs());
+                let wait = waiting
+                    .map(|w| format!("; {}", waiting_text(&w)))
+                    .unwrap_or_default();
+                eprintln!(
+                    "{line}; no progress for {} s{wait}",
+                    moved.elapsed().as_secs()
+                );
                 printed = std::time::Instant::now();
             }
         }
     })
+}
+
+/// `waiting 58 s before attempt 2 of 5: 429 Too Many Requests (...)`.
+fn waiting_text(w: &sluice_connectors::http::Waiting) -> String {
+    let left = w.until.saturating_duration_since(std::time::Instant::now());
+    let mut why: String = w.why.chars().take(160).collect();
+    if why.len() < w.why.len() {
+        why.push_str("...");
+    }
+    format!(
+        "waiting {} s before attempt {} of {}: {why}",
+        left.as_secs_f64().ceil() as u64,
+        w.attempt,
+        w.attempts
+    )
 }
 
 /// Stops a progress printer, waiting until it has: aborting alone lets a line it is

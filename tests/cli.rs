@@ -1914,6 +1914,49 @@ async fn import_progress_is_printed_when_it_moves_not_again_while_a_page_is_slow
 }
 
 #[tokio::test]
+async fn import_progress_says_when_a_retry_after_is_waited_out() {
+    let db = support::TestDb::initialized().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let asked = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let api = axum::Router::new().route(
+        "/items",
+        axum::routing::get(move || async move {
+            use axum::response::IntoResponse;
+            // The first request is refused with a wait longer than a progress tick.
+            if asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                return (
+                    axum::http::StatusCode::TOO_MANY_REQUESTS,
+                    [("retry-after", "5")],
+                    "slow down",
+                )
+                    .into_response();
+            }
+            axum::Json(serde_json::json!([{ "id": "p1", "name": "Lamp" }])).into_response()
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, api).await });
+    apply_config(&db, &format!(
+        "name = \"limited\"\ntype = \"IMPORT\"\nendpoint = \"http://127.0.0.1:{port}/items\"\nallow_private_network = true\n[source]\nrecords = \"$[*]\"\n[mapping.productId]\npath = \"$.id\"\n[mapping.name]\npath = \"$.name\"\n"
+    )).await;
+    let out = import_run(&db_config(&db), "limited").await;
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}{stderr}");
+    let said: Vec<&str> = stderr
+        .lines()
+        .filter(|l| {
+            l.contains(" s before attempt 2 of 5: 429 Too Many Requests (the server asked to wait 5000 ms)")
+        })
+        .collect();
+    assert_eq!(said.len(), 1, "said once, when the wait began: {stderr}");
+    assert!(said[0].trim_start().starts_with("waiting "), "{stderr}");
+    assert!(stdout.contains("1 record"), "{stdout}");
+}
+
+#[tokio::test]
 async fn configs_delete_removes_a_config_with_its_checkpoint_and_saved_token() {
     let db = support::TestDb::initialized().await;
     apply_two_products(&db, "gone").await;

@@ -152,6 +152,36 @@ pub struct HttpStats {
     pub refresh_rotations: u64,
 }
 
+/// What a client is waiting out before its next attempt, for a progress display: a
+/// long `Retry-After` otherwise looks like a hung run.
+#[derive(Debug, Default)]
+pub struct RetryWait(std::sync::Mutex<Option<Waiting>>);
+
+/// One wait before a retry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Waiting {
+    /// When the next attempt is sent.
+    pub until: Instant,
+    /// The attempt that follows the wait (1-based), of `attempts`.
+    pub attempt: u32,
+    pub attempts: u32,
+    /// What the last attempt got (`429 Too Many Requests (Retry-After 60 s)`).
+    pub why: String,
+}
+
+impl RetryWait {
+    /// The wait under way, if any.
+    pub fn current(&self) -> Option<Waiting> {
+        self.0.lock().ok().and_then(|w| w.clone())
+    }
+
+    fn set(&self, waiting: Option<Waiting>) {
+        if let Ok(mut w) = self.0.lock() {
+            *w = waiting;
+        }
+    }
+}
+
 /// Failed attempts of a run, by class: what an alert on an API's health tells apart.
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct HttpFailures {
@@ -384,6 +414,8 @@ pub struct HttpClient {
     vault: Option<Arc<dyn TokenVault>>,
     next_request: Mutex<Instant>,
     pub stats: std::sync::Mutex<HttpStats>,
+    /// Where waits before a retry are shown (see [`RetryWait`]).
+    waits: Option<Arc<RetryWait>>,
     /// Access and refresh tokens this client was given (the latest few), kept out of the
     /// error texts it writes as the connector's own secrets are.
     issued: std::sync::Mutex<Vec<String>>,
@@ -463,8 +495,31 @@ impl HttpClient {
             vault: None,
             next_request: Mutex::new(Instant::now()),
             stats: Default::default(),
+            waits: None,
             issued: Default::default(),
         })
+    }
+
+    /// Shows each wait before a retry in `waits`.
+    pub fn with_retry_waits(mut self, waits: Arc<RetryWait>) -> Self {
+        self.waits = Some(waits);
+        self
+    }
+
+    /// Sleeps `wait` before attempt `attempt` (0-based) of `attempts`, showing why.
+    async fn wait_to_retry(&self, wait: Duration, attempt: u32, attempts: u32, why: &str) {
+        if let Some(waits) = &self.waits {
+            waits.set(Some(Waiting {
+                until: Instant::now() + wait,
+                attempt: attempt + 1,
+                attempts,
+                why: why.to_string(),
+            }));
+        }
+        tokio::time::sleep(wait).await;
+        if let Some(waits) = &self.waits {
+            waits.set(None);
+        }
     }
 
     /// Where rotated refresh tokens are kept (without one, a rotated token lives only as
@@ -737,7 +792,7 @@ impl HttpClient {
                         .to_string();
                         if next < attempts {
                             let wait = asked.unwrap_or_else(|| self.backoff(attempt));
-                            tokio::time::sleep(wait).await;
+                            self.wait_to_retry(wait, next, attempts, &last).await;
                         }
                         continue;
                     }
@@ -760,7 +815,8 @@ impl HttpClient {
                     self.bump(|s| s.failed.network += 1);
                     last = self.describe(&e, "no complete answer", "network error");
                     if next < attempts {
-                        tokio::time::sleep(self.backoff(attempt)).await;
+                        self.wait_to_retry(self.backoff(attempt), next, attempts, &last)
+                            .await;
                     }
                     continue;
                 }
@@ -802,8 +858,16 @@ impl HttpClient {
                     };
                     break;
                 }
+                let wait = wait.min(MAX_RETRY_AFTER);
+                let why = match asked {
+                    Some(w) => format!(
+                        "429 Too Many Requests (the server asked to wait {} ms)",
+                        w.as_millis()
+                    ),
+                    None => "429 Too Many Requests (no Retry-After)".into(),
+                };
+                self.wait_to_retry(wait, next, attempts, &why).await;
                 last = format!("429 Too Many Requests (waited {} ms)", wait.as_millis());
-                tokio::time::sleep(wait.min(MAX_RETRY_AFTER)).await;
                 continue;
             }
             if status == reqwest::StatusCode::UNAUTHORIZED
@@ -845,7 +909,10 @@ impl HttpClient {
                 Err(e) => {
                     self.bump(|s| s.failed.network += 1);
                     last = self.describe(&e, "the body did not arrive", "reading the body");
-                    tokio::time::sleep(self.backoff(attempt)).await;
+                    if next < attempts {
+                        self.wait_to_retry(self.backoff(attempt), next, attempts, &last)
+                            .await;
+                    }
                     continue;
                 }
             };
@@ -860,7 +927,7 @@ impl HttpClient {
                     Some(w) if status == reqwest::StatusCode::SERVICE_UNAVAILABLE => w,
                     _ => self.backoff(attempt),
                 };
-                tokio::time::sleep(wait).await;
+                self.wait_to_retry(wait, next, attempts, &last).await;
                 continue;
             }
             if !status.is_success() {
@@ -918,7 +985,8 @@ impl HttpClient {
                             message,
                         });
                     }
-                    tokio::time::sleep(self.backoff(attempt)).await;
+                    self.wait_to_retry(self.backoff(attempt), next, attempts, &last)
+                        .await;
                 }
             }
         }

@@ -73,6 +73,8 @@ pub struct ImportProgress {
     /// Set to stop after the page being written (a signal to the CLI): the run ends
     /// INTERRUPTED at its last checkpoint, and the next run resumes there.
     pub stop: std::sync::atomic::AtomicBool,
+    /// A wait before a retry under way (a `Retry-After`, a backoff).
+    pub waits: Arc<sluice_connectors::http::RetryWait>,
 }
 
 #[derive(Clone, Default)]
@@ -398,7 +400,9 @@ async fn http_client(
     connector: &Arc<Connector>,
     options: &ImportOptions,
 ) -> Result<HttpClient, ImportError> {
-    let http = HttpClient::new(connector.clone()).await?;
+    let http = HttpClient::new(connector.clone())
+        .await?
+        .with_retry_waits(options.progress.waits.clone());
     let sluice_core::integration::Auth::OAuth {
         refresh_token: Some(configured),
         token_url,
