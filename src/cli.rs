@@ -2433,11 +2433,7 @@ pub async fn export_history(
             (Ok(a), Ok(b)) => format!("{a}..{b}"),
             _ => "-".to_string(),
         };
-        let int = |k: &str| match r.get(k) {
-            Some(bson::Bson::Int32(n)) => i64::from(*n),
-            Some(bson::Bson::Int64(n)) => *n,
-            _ => 0,
-        };
+        let int = |k: &str| sluice_core::model::count_in(&r, k);
         let by = match r.get_str(sluice_jobs::history::SCHEDULE) {
             Ok(schedule) => format!("schedule {schedule}"),
             Err(_) if r.get_bool(sluice_jobs::history::MANUAL).unwrap_or(false) => {

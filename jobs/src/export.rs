@@ -2253,11 +2253,7 @@ async fn daily_rows(
         } },
     ])
     .await?;
-    let int = |d: &Document, k: &str| match d.get(k) {
-        Some(Bson::Int32(v)) => i64::from(*v),
-        Some(Bson::Int64(v)) => *v,
-        _ => 0,
-    };
+    let int = sluice_core::model::count_in;
     let by_day = |rows: &[Document]| -> std::collections::HashMap<String, i64> {
         rows.iter()
             .filter_map(|r| Some((r.get_str(common::ID).ok()?.to_string(), int(r, "n"))))

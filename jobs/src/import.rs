@@ -367,28 +367,16 @@ fn greater(a: &Bson, b: &Bson) -> bool {
     match (a, b) {
         (Bson::String(x), Bson::String(y)) => x > y,
         (Bson::DateTime(x), Bson::DateTime(y)) => x > y,
-        _ => match (int_of(a), int_of(b)) {
+        _ => match (sluice_core::model::int_of(a), sluice_core::model::int_of(b)) {
             (Some(x), Some(y)) => x > y,
-            _ => match (float_of(a), float_of(b)) {
+            _ => match (
+                sluice_core::model::number_of(a),
+                sluice_core::model::number_of(b),
+            ) {
                 (Some(x), Some(y)) => x > y,
                 _ => false,
             },
         },
-    }
-}
-
-fn int_of(v: &Bson) -> Option<i64> {
-    match v {
-        Bson::Int32(x) => Some(i64::from(*x)),
-        Bson::Int64(x) => Some(*x),
-        _ => None,
-    }
-}
-
-fn float_of(v: &Bson) -> Option<f64> {
-    match v {
-        Bson::Double(x) => Some(*x),
-        _ => int_of(v).map(|x| x as f64),
     }
 }
 

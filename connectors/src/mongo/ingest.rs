@@ -1046,11 +1046,11 @@ fn encode_event(ev: &Event) -> Result<RawDocumentBuf, StoreError> {
 /// Reads the aggregate fields of a stored user, tolerating profiles created by imports
 /// (which may lack them). The aggregate check reads them the same way.
 pub(super) fn user_aggregates(visitor: &str, d: &Document) -> User {
+    // A double (a hand-edited profile) is read truncated rather than as none.
     let int = |k: &str| match d.get(k) {
-        Some(Bson::Int64(v)) => *v,
-        Some(Bson::Int32(v)) => i64::from(*v),
         Some(Bson::Double(v)) => *v as i64,
-        _ => 0,
+        Some(v) => sluice_core::model::int_of(v).unwrap_or(0),
+        None => 0,
     };
     let micros = match d.get(u::TOTAL_REVENUE_MICROS) {
         Some(_) => int(u::TOTAL_REVENUE_MICROS),

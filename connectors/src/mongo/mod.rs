@@ -640,11 +640,8 @@ impl Store {
             .run_command(bson::doc! { "hello": 1 })
             .await
             .map_err(StoreError::Connect)?;
-        Ok(match reply.get("maxWireVersion") {
-            Some(bson::Bson::Int32(v)) => *v,
-            Some(bson::Bson::Int64(v)) => i32::try_from(*v).unwrap_or(i32::MAX),
-            _ => 0,
-        })
+        let wire = sluice_core::model::count_in(&reply, "maxWireVersion");
+        Ok(i32::try_from(wire).unwrap_or(i32::MAX))
     }
 
     /// Pings the server (readiness).

@@ -31,8 +31,7 @@ fn lookup<'a>(doc: &'a Document, path: &str) -> Option<&'a Bson> {
 
 fn as_i64(v: &Bson) -> Option<i64> {
     match v {
-        Bson::Int32(x) => Some(i64::from(*x)),
-        Bson::Int64(x) => Some(*x),
+        Bson::Int32(_) | Bson::Int64(_) => sluice_core::model::int_of(v),
         // A whole double in range only: 3.7 is not silently 3, nor 1e20 i64::MAX.
         Bson::Double(x)
             if x.is_finite()
@@ -46,12 +45,7 @@ fn as_i64(v: &Bson) -> Option<i64> {
 }
 
 fn as_f64(v: &Bson) -> Option<f64> {
-    match v {
-        Bson::Int32(x) => Some(f64::from(*x)),
-        Bson::Int64(x) => Some(*x as f64),
-        Bson::Double(x) => Some(*x),
-        _ => None,
-    }
+    sluice_core::model::number_of(v)
 }
 
 fn as_text(v: &Bson) -> String {

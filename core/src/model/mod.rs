@@ -41,6 +41,29 @@ pub fn at_path<'a>(doc: &'a bson::Document, path: &str) -> Option<&'a bson::Bson
     Some(current)
 }
 
+/// An integer stored as int32 or int64 (MongoDB keeps a count in whichever fits, and
+/// `$sum`/`$inc` widen as they go); any other type is `None`.
+pub fn int_of(v: &bson::Bson) -> Option<i64> {
+    match v {
+        bson::Bson::Int32(x) => Some(i64::from(*x)),
+        bson::Bson::Int64(x) => Some(*x),
+        _ => None,
+    }
+}
+
+/// A number stored as a double, int32 or int64; any other type is `None`.
+pub fn number_of(v: &bson::Bson) -> Option<f64> {
+    match v {
+        bson::Bson::Double(x) => Some(*x),
+        _ => int_of(v).map(|x| x as f64),
+    }
+}
+
+/// [`int_of`] of a document's field, `0` when it is missing or not an integer.
+pub fn count_in(doc: &bson::Document, key: &str) -> i64 {
+    doc.get(key).and_then(int_of).unwrap_or(0)
+}
+
 /// Collection names.
 pub mod collections {
     pub const USERS: &str = "users";
@@ -259,4 +282,35 @@ pub mod export_job_fields {
 pub mod product_fields {
     pub const PRODUCT_ID: &str = "productId";
     pub const CATEGORY: &str = "category";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bson::{doc, Bson};
+
+    #[test]
+    fn numbers_are_read_whatever_width_mongodb_stored() {
+        assert_eq!(int_of(&Bson::Int32(-7)), Some(-7));
+        assert_eq!(int_of(&Bson::Int64(1 << 40)), Some(1 << 40));
+        assert_eq!(
+            int_of(&Bson::Double(3.0)),
+            None,
+            "a double is not an integer"
+        );
+        assert_eq!(int_of(&Bson::String("3".into())), None);
+        assert_eq!(number_of(&Bson::Double(2.5)), Some(2.5));
+        assert_eq!(number_of(&Bson::Int32(2)), Some(2.0));
+        assert_eq!(number_of(&Bson::Null), None);
+        let d = doc! { "a": 5i32, "b": 6i64, "c": "x" };
+        assert_eq!(
+            [
+                count_in(&d, "a"),
+                count_in(&d, "b"),
+                count_in(&d, "c"),
+                count_in(&d, "z")
+            ],
+            [5, 6, 0, 0]
+        );
+    }
 }

@@ -112,12 +112,7 @@ impl Event {
 
 /// `properties.amount` as a number, if it is one (double, int32 or int64).
 pub fn amount_of(properties: &bson::Document) -> Option<f64> {
-    match properties.get(super::event_fields::AMOUNT)? {
-        bson::Bson::Double(v) => Some(*v),
-        bson::Bson::Int32(v) => Some(f64::from(*v)),
-        bson::Bson::Int64(v) => Some(*v as f64),
-        _ => None,
-    }
+    super::number_of(properties.get(super::event_fields::AMOUNT)?)
 }
 
 /// `sessions`: aggregates over the stored events of one session.
