@@ -883,6 +883,17 @@ pub async fn export_run(
         );
     }
     let destination = open_destination(config, dest).await?;
+    // An archive elsewhere (`--dest`) waits for the scheduled exports' reads of late days
+    // where they publish, the configured destination: at its own there are none.
+    let late_readers_at = match dest {
+        Some(_)
+            if kind == sluice_core::model::ExportJobType::Archive
+                && !late_readers(config).is_empty() =>
+        {
+            Some(open_destination(config, None).await?.url(""))
+        }
+        _ => None,
+    };
     let yesterday = store.now().to_chrono().date_naive() - chrono::Days::new(1);
     let from = from.or(to).unwrap_or(yesterday);
     let to = to.unwrap_or(from);
@@ -898,6 +909,7 @@ pub async fn export_run(
         archive_settle: sluice_jobs::export::DEFAULT_ARCHIVE_SETTLE,
         scheduled: false,
         late_readers: late_readers(config),
+        late_readers_at,
     };
     let ticker = spawn_progress(ctx.progress.clone());
     let reading = store.now();

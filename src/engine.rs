@@ -340,6 +340,7 @@ impl EngineRunner {
                     &ctx,
                     &sluice_jobs::export::ExportRequest {
                         late_readers: crate::cli::late_readers(&self.config),
+                        late_readers_at: None,
                         ..sluice_jobs::export::ExportRequest::day(
                             kind,
                             yesterday,

@@ -1575,6 +1575,96 @@ async fn an_archive_with_nothing_to_archive_says_why() {
     );
 }
 
+/// `export run archive --dest` elsewhere takes a late day once the scheduled EVENT_DATA
+/// has published it again at the configured destination (it looked for that read at its
+/// own destination, found none, and held the day for 3 days).
+#[tokio::test]
+async fn an_archive_elsewhere_takes_a_late_day_the_schedule_published_at_home() {
+    use sluice_connectors::mongo::{EventWriter, WriterOptions};
+    let db = support::TestDb::initialized().await;
+    let temp = |what: &str| {
+        std::env::temp_dir().join(format!("sluice-{what}-{}", uuid::Uuid::new_v4().simple()))
+    };
+    let (home, elsewhere) = (temp("home"), temp("elsewhere"));
+    let config = write_temp(
+        "sluice.toml",
+        &format!(
+            "[mongodb]\nuri = \"{}\"\ndatabase = \"{}\"\n[export]\ndestination = \"{}\"\n\n[[schedules]]\nname = \"daily\"\ntype = \"EVENT_DATA\"\ncron = \"0 5 1 * * *\"\n",
+            support::mongo_uri(),
+            db.name,
+            home.display()
+        ),
+    );
+    let old = chrono::Utc::now().date_naive() - chrono::Days::new(100);
+    let ts = bson::DateTime::from_chrono(old.and_hms_opt(10, 0, 0).unwrap().and_utc());
+    let writer = EventWriter::new(
+        db.store.clone(),
+        WriterOptions {
+            late_mark_ahead: std::time::Duration::ZERO,
+            ..Default::default()
+        },
+    );
+    writer
+        .write(&[sluice_core::model::Event {
+            id: None,
+            event_id: "late-1".into(),
+            user_id: "v".into(),
+            session_id: "s".into(),
+            event_type: sluice_core::model::EventType::PageView,
+            timestamp: ts,
+            properties: bson::doc! {},
+            metadata: Default::default(),
+            page_url: Some("/".into()),
+            referrer: None,
+            duration: None,
+            created_at: ts,
+            updated_at: ts,
+        }])
+        .await
+        .unwrap();
+    let run = |args: &[&str]| {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let config = config.clone();
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let out = sluice_with(&config, &args).await;
+            let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+            assert!(
+                out.status.success(),
+                "{stdout}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            stdout
+        }
+    };
+    let elsewhere_arg = elsewhere.display().to_string();
+    let archive = ["export", "run", "archive", "--dest", elsewhere_arg.as_str()];
+    let waited = run(&archive).await;
+    assert!(
+        waited.contains(&format!("{old}: its late events")),
+        "{waited}"
+    );
+    let events = db.store.collection("events");
+    assert_eq!(events.count_documents(bson::doc! {}).await.unwrap(), 1);
+    // The schedule's kind publishes the late day again where it publishes.
+    run(&["export", "run", "event-data", "--late-days"]).await;
+    assert!(home.join(format!("EVENT_DATA/dt={old}")).exists());
+    let taken = run(&archive).await;
+    assert!(!taken.contains("its late events"), "{taken}");
+    assert_eq!(
+        events.count_documents(bson::doc! {}).await.unwrap(),
+        0,
+        "{taken}"
+    );
+    assert!(
+        elsewhere.join(format!("ARCHIVE/dt={old}")).exists(),
+        "{taken}"
+    );
+    for dir in [home, elsewhere] {
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
+
 /// Applying a config that changes how its incremental cursor is read, while a cursor is
 /// stored, says that the cursor is kept and how to start over.
 #[tokio::test]

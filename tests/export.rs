@@ -95,6 +95,7 @@ fn request(kind: ExportJobType, from: NaiveDate, to: NaiveDate) -> ExportRequest
         archive_settle: Duration::ZERO,
         scheduled: false,
         late_readers: Vec::new(),
+        late_readers_at: None,
     }
 }
 
@@ -3383,6 +3384,44 @@ async fn a_dead_run_s_leftover_work_files_are_swept_a_day_later() {
     assert!(other.exists(), "only Sluice's own work files are touched");
     std::fs::remove_dir_all(dir).unwrap();
     std::fs::remove_dir_all(work).unwrap();
+}
+
+/// A manual archive to another destination (`export run archive --dest`) waits for the
+/// scheduled exports' reads of late days where they publish: at its own destination
+/// there are none, and it would hold every late day for `LATE_WAIT`.
+#[tokio::test]
+async fn an_archive_elsewhere_waits_for_the_reads_where_the_schedules_publish() {
+    let db = TestDb::initialized().await;
+    let (home, elsewhere) = (temp_dir(), temp_dir());
+    let old = day(-100);
+    seed(&db, old, 6).await;
+    let scheduled = ExportContext::new(db.store.clone(), ObjectStore::Local(LocalDir::new(&home)));
+    let manual = ExportContext::new(
+        db.store.clone(),
+        ObjectStore::Local(LocalDir::new(&elsewhere)),
+    );
+    let archive = ExportRequest {
+        late_readers: vec![ExportJobType::EventData],
+        late_readers_at: Some(scheduled.dest.url("")),
+        ..request(ExportJobType::Archive, day(0), day(0))
+    };
+    let waited = run_export(&manual, &archive).await.unwrap();
+    assert_eq!(
+        waited.deleted, 0,
+        "the schedule has not read the late day yet"
+    );
+    assert_eq!(waited.deferred.len(), 1, "{:?}", waited.deferred);
+    // The scheduled EVENT_DATA publishes the day again where it publishes.
+    let after = DateTime::from_millis(db.store.now().timestamp_millis() + 120_000);
+    sluice_jobs::export::late_day_exported(&scheduled, ExportJobType::EventData, old, after).await;
+    let taken = run_export(&manual, &archive).await.unwrap();
+    assert_eq!(taken.deleted, 6, "{:?}", taken.deferred);
+    assert!(
+        std::fs::read_dir(&elsewhere).unwrap().next().is_some(),
+        "the day is archived to the run's own destination"
+    );
+    std::fs::remove_dir_all(home).ok();
+    std::fs::remove_dir_all(elsewhere).unwrap();
 }
 
 /// A day with late events the scheduled EVENT_DATA export has not published again waits

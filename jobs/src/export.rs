@@ -84,6 +84,9 @@ pub struct ExportRequest {
     /// DAILY_ANALYTICS). A day whose late events they have not read yet waits (at most
     /// [`LATE_WAIT`]): archived first, those events would never reach their partitions.
     pub late_readers: Vec<ExportJobType>,
+    /// ARCHIVE: where `late_readers` publish ([`ObjectStore::url`] of `""`), when not this
+    /// run's destination (a manual archive to `--dest`): their reads are looked for there.
+    pub late_readers_at: Option<String>,
 }
 
 impl ExportRequest {
@@ -97,6 +100,7 @@ impl ExportRequest {
             archive_settle: DEFAULT_ARCHIVE_SETTLE,
             scheduled: false,
             late_readers: Vec::new(),
+            late_readers_at: None,
         }
     }
 
@@ -612,18 +616,28 @@ pub async fn late_day_exported(
 /// destination, as two deployments publishing the same database's days to two places
 /// each need the late events.
 fn read_key(ctx: &ExportContext, kind: ExportJobType) -> String {
+    read_key_at(&ctx.dest.url(""), kind)
+}
+
+/// [`read_key`] for the destination at `url`.
+fn read_key_at(url: &str, kind: ExportJobType) -> String {
     use sha2::{Digest, Sha256};
-    let url = Sha256::digest(ctx.dest.url("").as_bytes());
+    let url = Sha256::digest(url.as_bytes());
     let hex: String = url.iter().take(6).map(|b| format!("{b:02x}")).collect();
     format!("{}@{hex}", kind.as_str())
 }
 
 /// When `kind` last read a late day for this run's destination, from the day's
-/// `exported`; a read noted before reads were kept per destination (`EVENT_DATA` alone)
-/// stands for every destination.
+/// `exported`.
 fn read_here(ctx: &ExportContext, kind: ExportJobType, exported: &Document) -> Option<DateTime> {
+    read_at(&ctx.dest.url(""), kind, exported)
+}
+
+/// [`read_here`] for the destination at `url`; a read noted before reads were kept per
+/// destination (`EVENT_DATA` alone) stands for every destination.
+fn read_at(url: &str, kind: ExportJobType, exported: &Document) -> Option<DateTime> {
     exported
-        .get_datetime(read_key(ctx, kind))
+        .get_datetime(read_key_at(url, kind))
         .or_else(|_| exported.get_datetime(kind.as_str()))
         .ok()
         .copied()
@@ -1314,7 +1328,7 @@ async fn archive(
         let waiting = if request.late_readers.is_empty() || is_archived(ctx, d).await? {
             None
         } else {
-            late_unread(ctx, &request.late_readers, d).await?
+            late_unread(ctx, request, d).await?
         };
         if let Some(waiting) = waiting {
             tracing::warn!(day = %d, exports = ?waiting, "not archived yet: late events of the day are still to be published by these exports; the next archive run takes it");
@@ -1415,13 +1429,15 @@ fn part_name(job_id: &str, index: usize) -> String {
 /// the day is archived anyway.
 pub const LATE_WAIT: Duration = Duration::from_secs(3 * 24 * 3600);
 
-/// ARCHIVE: the kinds of `readers` that have not yet published the late events marked for
-/// `d` (the mark is newer than what they read), or `None` when none is waited for.
+/// ARCHIVE: the kinds of the request's `late_readers` that have not yet published the late
+/// events marked for `d` where they publish (the mark is newer than what they read), or
+/// `None` when none is waited for.
 async fn late_unread(
     ctx: &ExportContext,
-    readers: &[ExportJobType],
+    request: &ExportRequest,
     d: NaiveDate,
 ) -> Result<Option<Vec<&'static str>>, ExportError> {
+    let readers = &request.late_readers;
     if readers.is_empty() {
         return Ok(None);
     }
@@ -1437,10 +1453,15 @@ async fn late_unread(
     }) else {
         return Ok(None);
     };
+    // Where the readers publish: this run's destination, unless told otherwise.
+    let at = request
+        .late_readers_at
+        .clone()
+        .unwrap_or_else(|| ctx.dest.url(""));
     let read = |k: &ExportJobType| {
         mark.get_document("exported")
             .ok()
-            .and_then(|e| read_here(ctx, *k, e))
+            .and_then(|e| read_at(&at, *k, e))
     };
     let waiting: Vec<&ExportJobType> = readers
         .iter()
