@@ -1262,7 +1262,7 @@ fn configs_validate_lists_good_files_and_names_the_bad_ones() {
     let said = String::from_utf8_lossy(&out.stderr);
     assert_eq!(said.matches("error: ").count(), 11, "{said}");
     assert!(
-        said.contains("twelve.toml: the first 10 errors found; it may have more")
+        said.contains("twelve.toml: the first 10 errors in the file's order; it may have more")
             && said.contains("1 invalid config file(s) (10 error(s))"),
         "{said}"
     );

@@ -1350,6 +1350,18 @@ pub fn validate(
         toml_json(value, &format!("plugins.config.{name}"))
             .map_err(|(field, e)| invalid(&field, e))?;
     }
+    // A request let in after half the write deadline would have too little of it left to
+    // be written: the wait is held to that, and said (refusing it would stop a file that
+    // ran before from starting), so that `config check` shows the value used.
+    let mut raw = raw;
+    let most_wait = raw.tracking.write_timeout_seconds * 500;
+    if raw.tracking.queue_wait_ms > most_wait {
+        warnings.push(format!(
+            "`tracking.queue_wait_ms` ({}) is more than half of `tracking.write_timeout_seconds` ({} s): {most_wait} is used, so that a request let in last still has time to be written",
+            raw.tracking.queue_wait_ms, raw.tracking.write_timeout_seconds
+        ));
+        raw.tracking.queue_wait_ms = most_wait;
+    }
     let mongodb_uri = Secret::new(raw.mongodb.uri.clone());
     Ok(Config {
         mongodb_uri,
@@ -1763,6 +1775,32 @@ mod tests {
         assert_eq!(err.to_string().matches("\nerror: ").count(), 5, "{err}");
     }
 
+    /// Past ten errors, the ten said are the first in the file, not the first the search
+    /// came to (it reads `[tracking]`'s fields in the format's order: `writers` late).
+    #[test]
+    fn the_errors_said_are_the_first_ten_in_the_file() {
+        let text = "[tracking]\nwriters = \"x\"\nqueue_capacity = -1\nmax_batch_events = \"a\"\nmax_event_bytes = \"b\"\nmax_batch_bytes = \"c\"\nwrite_timeout_seconds = 0\nbots = \"sometimes\"\nmax_future_seconds = \"d\"\nsession_timeout_minutes = \"e\"\nwrite_batch_size = \"f\"\nqueue_wait_ms = \"g\"\n";
+        let path =
+            std::env::temp_dir().join(format!("sluice-first-ten-{}.toml", std::process::id()));
+        std::fs::write(&path, text).unwrap();
+        let err = load(Some(&path), &no_env).unwrap_err();
+        std::fs::remove_file(&path).unwrap();
+        let ConfigError::Several(all) = &err else {
+            panic!("{err}")
+        };
+        let lines: Vec<usize> = all.iter().filter_map(ConfigError::line).collect();
+        assert_eq!(lines, (2..=11).collect::<Vec<_>>(), "{err}");
+        assert!(
+            err.to_string().contains(
+                "writers`: invalid type: string \"x\", expected a whole number, 0 or more"
+            ),
+            "{err}"
+        );
+        assert!(err
+            .to_string()
+            .contains("the first 10 errors in the file's order"));
+    }
+
     #[test]
     fn fields_beside_a_wrong_one_are_checked_on_their_own() {
         let text = "[[schedules]]\nname = \"nightly analytics\"\ntype = \"DAILY_ANALYTICS\"\ncron = \"0 0 25 * * *\"\ntimezone = \"Europe/Pariss\"\n\n[s3]\nserver_side_encryption = \"aes256\"\nsse_kms_key_id = \"alias/x\"\n";
@@ -1792,6 +1830,23 @@ mod tests {
         let said = err.to_string();
         assert!(said.contains("field `server.listen`"), "{said}");
         assert!(!said.contains("server.ops_listen"), "{said}");
+    }
+
+    #[test]
+    fn a_queue_wait_beyond_half_the_write_deadline_is_held_to_it_and_said() {
+        let c = check("[tracking]\nqueue_wait_ms = 600000\nwrite_timeout_seconds = 1\n").unwrap();
+        assert_eq!(c.tracking.queue_wait_ms, 500);
+        assert!(c.redacted_toml().contains("queue_wait_ms = 500\n"));
+        assert!(
+            c.warnings
+                .iter()
+                .any(|w| w.starts_with("`tracking.queue_wait_ms` (600000) is more than half")),
+            "{:?}",
+            c.warnings
+        );
+        let c = check("[tracking]\nqueue_wait_ms = 5000\n").unwrap();
+        assert_eq!(c.tracking.queue_wait_ms, 5000, "half of the default 10 s");
+        assert!(!c.warnings.iter().any(|w| w.contains("queue_wait_ms")));
     }
 
     #[test]

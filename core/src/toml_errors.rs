@@ -1,5 +1,5 @@
 //! A TOML file's errors said field by field, each at its line, and as many of them as a
-//! run can find (up to [`MAX_ERRORS_PER_FILE`]): integration configs (`configs validate`,
+//! run can find (the first [`MAX_ERRORS_PER_FILE`] in the file's order): integration configs (`configs validate`,
 //! the admin API) and `sluice.toml` alike.
 //!
 //! After the first error, its field is set aside (taken out of the file) and the rest
@@ -21,14 +21,19 @@ use serde::de::DeserializeOwned;
 
 use crate::ConfigError;
 
-/// The most errors said of one file.
+/// The most errors said of one file: the first in the file's order.
 pub const MAX_ERRORS_PER_FILE: usize = 10;
 
+/// The most errors looked for in one file, so that the [`MAX_ERRORS_PER_FILE`] said are
+/// the first in the file's order (the search finds them in the order the format reads
+/// its fields, not the file's), not the first found.
+const ERRORS_SEARCHED: usize = 50;
+
 /// What is said of a file whose errors reached [`MAX_ERRORS_PER_FILE`]: it may have
-/// more, which were not looked for.
+/// more, which were not said.
 pub fn more_errors_note(file: &str, found: usize) -> Option<String> {
     (found >= MAX_ERRORS_PER_FILE)
-        .then(|| format!("{file}: the first {found} errors found; it may have more"))
+        .then(|| format!("{file}: the first {found} errors in the file's order; it may have more"))
 }
 
 /// A check of a file's text (the whole file, or what is left of it): its first error.
@@ -137,9 +142,9 @@ pub fn at_line(origin: &str, text: &str, field: &str) -> String {
     }
 }
 
-/// `first`, the error `check` found in `text` (read as a `T`), and up to
-/// [`MAX_ERRORS_PER_FILE`] in all, each said at its field's line, in the file's order
-/// (those without a line last).
+/// `first`, the error `check` found in `text` (read as a `T`), and the others: the first
+/// [`MAX_ERRORS_PER_FILE`] in the file's order (those without a line last), each said at
+/// its field's line.
 pub fn all_errors<T: DeserializeOwned>(
     origin: &str,
     text: &str,
@@ -150,6 +155,7 @@ pub fn all_errors<T: DeserializeOwned>(
     let mut all = later_errors::<T>(origin, text, &first, check, rules);
     all.insert(0, said_at_line::<T>(origin, text, first, rules));
     sort_by_line(&mut all);
+    all.truncate(MAX_ERRORS_PER_FILE);
     all
 }
 
@@ -221,7 +227,7 @@ fn later_errors<T: DeserializeOwned>(
     // Each pass sets something aside, so a file has fewer passes than fields; the bound
     // is for files of thousands of invalid fields.
     let mut passes = 0;
-    while found.len() + 1 < MAX_ERRORS_PER_FILE && passes < 10 * MAX_ERRORS_PER_FILE {
+    while found.len() + 1 < ERRORS_SEARCHED && passes < 5 * ERRORS_SEARCHED {
         passes += 1;
         let Ok(rest) = toml::to_string(&table) else {
             break;
@@ -373,7 +379,8 @@ fn field_error<T: DeserializeOwned>(
     rules: &Rules,
     gone: &Gone,
 ) -> Option<(Taken, ConfigError)> {
-    let (field, is_table, mut message) = toml_error_at::<T>(rest)?;
+    let (field, is_table, message) = toml_error_at::<T>(rest)?;
+    let mut message = plain_types(&message);
     let field = gone.original(&field);
     let taken = Taken::of_toml(field.clone(), is_table, &message);
     message.extend((rules.hint)(&message));
@@ -383,6 +390,37 @@ fn field_error<T: DeserializeOwned>(
         message: format!("{what} `{field}`: {message}"),
     };
     Some((taken, error))
+}
+
+/// TOML's message with the Rust types it names (`expected usize`) said as what the value
+/// should be (`expected a whole number, 0 or more`).
+fn plain_types(message: &str) -> String {
+    const TYPES: [(&[&str], &str); 3] = [
+        (
+            &["usize", "u64", "u32", "u16", "u8"],
+            "a whole number, 0 or more",
+        ),
+        (&["isize", "i64", "i32", "i16", "i8"], "a whole number"),
+        (&["f64", "f32"], "a number"),
+    ];
+    let mut out = message.to_string();
+    for (names, words) in TYPES {
+        for name in names {
+            let said = format!("expected {name}");
+            let mut from = 0;
+            while let Some(at) = out[from..].find(&said).map(|n| n + from) {
+                let end = at + said.len();
+                // `expected u8` but not `expected u8s`.
+                if out[end..].starts_with(|c: char| c.is_alphanumeric() || c == '_') {
+                    from = end;
+                    continue;
+                }
+                out.replace_range(at..end, &format!("expected {words}"));
+                from = at;
+            }
+        }
+    }
+    out
 }
 
 /// Where the TOML error of reading `text` as a `T` points: the path of the deepest field
@@ -582,6 +620,28 @@ fn take(table: &mut toml::Table, path: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rust_types_are_said_as_what_the_value_should_be() {
+        assert_eq!(
+            plain_types("invalid type: string \"x\", expected usize"),
+            "invalid type: string \"x\", expected a whole number, 0 or more"
+        );
+        assert_eq!(
+            plain_types("invalid value: integer `-1`, expected u64; expected i64"),
+            "invalid value: integer `-1`, expected a whole number, 0 or more; expected a whole number"
+        );
+        assert_eq!(
+            plain_types("invalid type: boolean `true`, expected f64"),
+            "invalid type: boolean `true`, expected a number"
+        );
+        assert_eq!(
+            plain_types("expected u8s"),
+            "expected u8s",
+            "a word of its own only"
+        );
+        assert_eq!(plain_types("expected a string"), "expected a string");
+    }
 
     #[test]
     fn a_field_is_found_on_its_line() {
