@@ -2471,10 +2471,12 @@ pub async fn export_history(
 }
 
 /// `sluice admin create-user`: bootstraps the first admin.
-pub async fn admin_create_user(config: &Config, email: &str, role: &str) -> anyhow::Result<()> {
+pub async fn admin_create_user(
+    config: &Config,
+    email: &str,
+    role: sluice_core::model::Role,
+) -> anyhow::Result<()> {
     use std::io::IsTerminal;
-    let role = sluice_core::model::Role::parse(&role.to_ascii_uppercase())
-        .map_err(|e| anyhow::anyhow!("--role: expected {e}"))?;
     let password = match std::env::var("SLUICE_ADMIN_PASSWORD") {
         Ok(p) => p,
         // Typed at a terminal: not echoed, and asked twice so a typo does not lock the

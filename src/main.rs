@@ -87,8 +87,8 @@ enum AdminCommand {
         #[arg(long)]
         email: String,
         /// ADMIN, ANALYST or USER.
-        #[arg(long, default_value = "ADMIN")]
-        role: String,
+        #[arg(long, default_value = "ADMIN", value_parser = parse_role)]
+        role: sluice_core::model::Role,
     },
 }
 
@@ -226,6 +226,11 @@ enum ExportCommand {
         #[arg(long, default_value_t = 30)]
         limit: u32,
     },
+}
+
+/// A bad value is a command line that cannot be read (exit 64), like any other.
+fn parse_role(text: &str) -> Result<sluice_core::model::Role, String> {
+    sluice_core::model::Role::parse(&text.to_ascii_uppercase()).map_err(|e| format!("expected {e}"))
 }
 
 fn parse_kind(text: &str) -> Result<ExportJobType, String> {
@@ -464,7 +469,7 @@ fn main() -> ExitCode {
             } => cli::import_reset(&config, &name, cursor).await,
             Command::Admin {
                 command: AdminCommand::CreateUser { email, role },
-            } => cli::admin_create_user(&config, &email, &role).await,
+            } => cli::admin_create_user(&config, &email, role).await,
             Command::Jobs { command } => match command {
                 JobsCommand::List => cli::jobs_list(&config).await,
                 JobsCommand::Run { name, from, to } => {

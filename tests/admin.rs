@@ -1358,6 +1358,17 @@ async fn the_cli_creates_admin_users_who_can_sign_in() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // A role that does not exist is a command line that cannot be read.
+    let out = create("root@x.io", Some("ROOT"), Some(PASSWORD), "")
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("expected one of ADMIN, ANALYST, USER, got `ROOT`"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // The same email again (any case): refused, and the first user's password stands.
     let out = create("BOSS@x.io", None, Some("another password here"), "")
         .await
