@@ -1216,10 +1216,11 @@ fn configs_validate_lists_good_files_and_names_the_bad_ones() {
             "{field}: {many:#?}"
         );
     }
-    // A field missing, named with no line.
+    // A field missing: at the line where its table begins (`mapping` has no header of
+    // its own: its first `[mapping.*]`).
     assert!(
         many.iter()
-            .any(|l| l.contains("many.toml: field `mapping.productId`")),
+            .any(|l| l.contains("many.toml:19: field `mapping.productId`")),
         "{many:#?}"
     );
     // `format` is refused once `type` is set aside (no `format` unless a date): that
@@ -1229,7 +1230,7 @@ fn configs_validate_lists_good_files_and_names_the_bad_ones() {
         "{many:#?}"
     );
     assert_eq!(many.len(), 9, "{many:#?}");
-    // In the file's order, the one with no line last.
+    // In the file's order.
     let lines: Vec<usize> = many
         .iter()
         .map(|l| {

@@ -56,82 +56,58 @@ pub struct Rules {
 
 /// The line (1-based) of `text` (a TOML file) that sets `field` (a dotted path such as
 /// `mapping.productId.path` or `schedules[1].cron`, as errors name fields): the key's line
-/// under its table, or, for a key the file does not set (a default found wrong), its
-/// table's header; for a table, its header (`[[schedules]]` headers count from 0). `None`
-/// when neither is found (an inline table, a field set by default).
+/// (a list's element's own line; a table's header, `[[schedules]]` counting from 0), or,
+/// for a key the file does not set (a default found wrong), its table's header. `None`
+/// when neither is found (a field set by default at the top level, a table the file
+/// does not have). Found by the TOML parser's spans, so a key inside an inline table or
+/// across lines, or text inside a multi-line string that looks like a header or a key,
+/// is read as TOML reads it.
 pub fn line_of(text: &str, field: &str) -> Option<usize> {
-    let lines: Vec<&str> = text.lines().collect();
-    // Each header's table as errors name it: `[a.b]` is `a.b`, the third `[[s]]` is `s[2]`.
-    let mut seen: std::collections::HashMap<String, usize> = Default::default();
-    let headers: Vec<Option<String>> = lines
-        .iter()
-        .map(|line| {
-            let t = line.trim();
-            let (inner, array) = match t.strip_prefix("[[") {
-                Some(rest) => (rest.split("]]").next()?, true),
-                None => (t.strip_prefix('[')?.split(']').next()?, false),
-            };
-            let name = inner
-                .split('.')
-                .map(|p| p.trim().trim_matches('"'))
-                .collect::<Vec<_>>()
-                .join(".");
-            Some(if array {
-                let n = seen.entry(name.clone()).or_default();
-                *n += 1;
-                format!("{name}[{}]", *n - 1)
-            } else {
-                name
-            })
-        })
-        .collect();
-    if let Some(n) = headers.iter().position(|h| h.as_deref() == Some(field)) {
-        return Some(n + 1);
-    }
-    // The lines of a table (the top level: ""), after its header, up to the next one.
-    let table_lines = |table: &str| -> Option<(usize, usize)> {
-        let start = if table.is_empty() {
-            0
-        } else {
-            headers.iter().position(|h| h.as_deref() == Some(table))? + 1
-        };
-        let end = headers[start..]
-            .iter()
-            .position(Option::is_some)
-            .map_or(lines.len(), |n| start + n);
-        Some((start, end))
-    };
-    // A key as written (`"id" . type` is `id.type`), or a dotted key setting a field of it.
-    let sets = |line: &str, key: &str| {
-        line.trim().split_once('=').is_some_and(|(k, _)| {
-            let k = k
-                .split('.')
-                .map(|p| p.trim().trim_matches('"'))
-                .collect::<Vec<_>>()
-                .join(".");
-            k == key || k.starts_with(&format!("{key}."))
-        })
-    };
+    let (root, _) = toml::de::DeTable::parse_recoverable(text);
+    let line = |at: usize| text[..at.min(text.len())].matches('\n').count() + 1;
     let parts: Vec<&str> = field.split('.').collect();
-    for split in (0..parts.len()).rev() {
-        let table = parts[..split].join(".");
-        let Some((start, end)) = table_lines(&table) else {
-            continue;
+    let mut table = root.get_ref();
+    // The header (or first key) of the deepest table found so far.
+    let mut table_line = None;
+    let mut i = 0;
+    while i < parts.len() {
+        // A key with a dot in it (`"a.b"`) is named as two parts: the longest that is a
+        // key of this table.
+        let found = (i + 1..=parts.len()).rev().find_map(|end| {
+            let (name, index) =
+                path_segment(&parts[i..end].join(".")).map(|(n, x)| (n.to_string(), x))?;
+            let (key, value) = table.iter().find(|(k, _)| k.get_ref() == &name)?;
+            Some((end, key, value, index))
+        });
+        let Some((end, key, mut value, index)) = found else {
+            return table_line;
         };
-        // A dotted key (`id.type = ...` under `[mapping]`) first, then the first part
-        // (a list's element, `write_keys[0]`, is on the list's line).
-        let dotted = parts[split..].join(".");
-        let key = parts[split].split('[').next().unwrap_or(parts[split]);
-        for key in [dotted.as_str(), key] {
-            if let Some(n) = (start..end).find(|&n| sets(lines[n], key)) {
-                return Some(n + 1);
+        let mut at = key.span().start;
+        if let Some(index) = index {
+            match value.get_ref() {
+                toml::de::DeValue::Array(items) => match items.get(index) {
+                    Some(item) => {
+                        value = item;
+                        at = item.span().start;
+                    }
+                    None => return Some(line(at)),
+                },
+                _ => return Some(line(at)),
             }
         }
-        if !table.is_empty() {
-            return Some(start);
+        if end == parts.len() {
+            return Some(line(at));
         }
+        match value.get_ref() {
+            toml::de::DeValue::Table(inner) => {
+                table = inner;
+                table_line = Some(line(at));
+            }
+            _ => return Some(line(at)),
+        }
+        i = end;
     }
-    None
+    table_line
 }
 
 /// `origin`, with the line of `text` that sets `field` (or its table's header), if found.
@@ -670,6 +646,21 @@ mod tests {
         // Not set in the second: its header.
         assert_eq!(line_of(text, "schedules[1].cron"), Some(8));
         assert_eq!(line_of(text, "plugins.fuel"), Some(12));
+    }
+
+    /// Read as TOML reads the file: a field in an inline table across lines, a key with
+    /// a dot, an element of a list on its own line; and not text in a multi-line string
+    /// that looks like a header or a key.
+    #[test]
+    fn what_a_line_scan_would_misread_is_found_where_toml_has_it() {
+        let text = "[source]\npagination = { type = \"page\",\n  size = 5 }\n\n[mapping]\n\"a.b\" = { path = \"$.c\" }\n\n[[schedules]]\nname = \"one\"\nnotes = \"\"\"\n[not_a_header]\ncron = \"x\"\n\"\"\"\ncron = \"y\"\nlist = [\n  \"one\",\n  \"two\",\n]\n";
+        assert_eq!(line_of(text, "source.pagination.size"), Some(3));
+        assert_eq!(line_of(text, "source.pagination.type"), Some(2));
+        assert_eq!(line_of(text, "mapping.a.b.path"), Some(6));
+        assert_eq!(line_of(text, "schedules[0].cron"), Some(14));
+        assert_eq!(line_of(text, "schedules[0].list[1]"), Some(17));
+        assert_eq!(line_of(text, "schedules[0].timezone"), Some(8));
+        assert_eq!(line_of(text, "not_a_header"), None);
     }
 
     #[test]
