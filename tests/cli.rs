@@ -37,6 +37,43 @@ fn db_config(db: &support::TestDb) -> std::path::PathBuf {
     )
 }
 
+/// [`sluice_with`], which must succeed: its stdout.
+async fn sluice_ok(config: &std::path::Path, args: &[&str]) -> String {
+    let out = sluice_with(config, args).await;
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{args:?}: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// A page view of `/page` by visitor `user` in `session` at `ts`, stored then too.
+fn page_view(
+    id: &str,
+    user: &str,
+    session: &str,
+    page: &str,
+    ts: bson::DateTime,
+) -> sluice_core::model::Event {
+    sluice_core::model::Event {
+        id: None,
+        event_id: id.into(),
+        user_id: user.into(),
+        session_id: session.into(),
+        event_type: sluice_core::model::EventType::PageView,
+        timestamp: ts,
+        properties: bson::doc! {},
+        metadata: Default::default(),
+        page_url: Some(page.into()),
+        referrer: None,
+        duration: None,
+        created_at: ts,
+        updated_at: ts,
+    }
+}
+
 /// `sluice --config CONFIG ARGS...`, off the test's runtime.
 async fn sluice_with(config: &std::path::Path, args: &[&str]) -> std::process::Output {
     let config = config.to_path_buf();
@@ -1606,41 +1643,12 @@ async fn an_archive_elsewhere_takes_a_late_day_the_schedule_published_at_home() 
         },
     );
     writer
-        .write(&[sluice_core::model::Event {
-            id: None,
-            event_id: "late-1".into(),
-            user_id: "v".into(),
-            session_id: "s".into(),
-            event_type: sluice_core::model::EventType::PageView,
-            timestamp: ts,
-            properties: bson::doc! {},
-            metadata: Default::default(),
-            page_url: Some("/".into()),
-            referrer: None,
-            duration: None,
-            created_at: ts,
-            updated_at: ts,
-        }])
+        .write(&[page_view("late-1", "v", "s", "/", ts)])
         .await
         .unwrap();
-    let run = |args: &[&str]| {
-        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        let config = config.clone();
-        async move {
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            let out = sluice_with(&config, &args).await;
-            let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-            assert!(
-                out.status.success(),
-                "{stdout}{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            stdout
-        }
-    };
     let elsewhere_arg = elsewhere.display().to_string();
     let archive = ["export", "run", "archive", "--dest", elsewhere_arg.as_str()];
-    let waited = run(&archive).await;
+    let waited = sluice_ok(&config, &archive).await;
     assert!(
         waited.contains(&format!("{old}: its late events")),
         "{waited}"
@@ -1648,9 +1656,9 @@ async fn an_archive_elsewhere_takes_a_late_day_the_schedule_published_at_home() 
     let events = db.store.collection("events");
     assert_eq!(events.count_documents(bson::doc! {}).await.unwrap(), 1);
     // The schedule's kind publishes the late day again where it publishes.
-    run(&["export", "run", "event-data", "--late-days"]).await;
+    sluice_ok(&config, &["export", "run", "event-data", "--late-days"]).await;
     assert!(home.join(format!("EVENT_DATA/dt={old}")).exists());
-    let taken = run(&archive).await;
+    let taken = sluice_ok(&config, &archive).await;
     assert!(!taken.contains("its late events"), "{taken}");
     assert_eq!(
         events.count_documents(bson::doc! {}).await.unwrap(),
@@ -2784,7 +2792,6 @@ async fn the_aws_settings_of_the_environment_apply_under_sluice_s() {
 async fn db_check_reports_what_differs_and_skips_archived_days() {
     use bson::{doc, DateTime};
     use sluice_connectors::mongo::{EventWriter, WriterOptions};
-    use sluice_core::model::{Event, EventType};
     let db = support::TestDb::initialized().await;
     let at = |day: &str, hour: u32| {
         DateTime::from_chrono(
@@ -2793,20 +2800,8 @@ async fn db_check_reports_what_differs_and_skips_archived_days() {
                 .unwrap(),
         )
     };
-    let event = |id: &str, session: &str, ts: DateTime| Event {
-        id: None,
-        event_id: id.into(),
-        user_id: format!("v-{session}"),
-        session_id: session.into(),
-        event_type: EventType::PageView,
-        timestamp: ts,
-        properties: doc! {},
-        metadata: Default::default(),
-        page_url: Some(format!("/{id}")),
-        referrer: None,
-        duration: None,
-        created_at: ts,
-        updated_at: ts,
+    let event = |id: &str, session: &str, ts: DateTime| {
+        page_view(id, &format!("v-{session}"), session, &format!("/{id}"), ts)
     };
     let writer = EventWriter::new(db.store.clone(), WriterOptions::default());
     writer
@@ -2894,9 +2889,9 @@ async fn db_check_reports_what_differs_and_skips_archived_days() {
 /// read by the run itself, so it is not published twice), and then none are left.
 #[tokio::test]
 async fn export_run_names_late_days_and_publishes_them_again_with_late_days() {
-    use bson::{doc, DateTime};
+    use bson::DateTime;
     use sluice_connectors::mongo::{EventWriter, WriterOptions};
-    use sluice_core::model::{Event, EventType};
+    use sluice_core::model::Event;
     let db = support::TestDb::initialized().await;
     let dest = std::env::temp_dir().join(format!("sluice-cli-{}", uuid::Uuid::new_v4().simple()));
     let config = write_temp(
@@ -2922,21 +2917,7 @@ async fn export_run_names_late_days_and_publishes_them_again_with_late_days() {
         let events: Vec<Event> = ids
             .map(|i| {
                 let ts = DateTime::from_chrono(late.and_hms_opt(10, 0, i).unwrap().and_utc());
-                Event {
-                    id: None,
-                    event_id: format!("late-{i}"),
-                    user_id: "v".into(),
-                    session_id: "s".into(),
-                    event_type: EventType::PageView,
-                    timestamp: ts,
-                    properties: doc! {},
-                    metadata: Default::default(),
-                    page_url: Some("/".into()),
-                    referrer: None,
-                    duration: None,
-                    created_at: ts,
-                    updated_at: ts,
-                }
+                page_view(&format!("late-{i}"), "v", "s", "/", ts)
             })
             .collect();
         let writer = &writer;
@@ -2953,14 +2934,7 @@ async fn export_run_names_late_days_and_publishes_them_again_with_late_days() {
         let config = config.clone();
         async move {
             let all: Vec<&str> = all.iter().map(String::as_str).collect();
-            let out = sluice_with(&config, &all).await;
-            let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-            assert!(
-                out.status.success(),
-                "{stdout}{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            stdout
+            sluice_ok(&config, &all).await
         }
     };
     let rows = |day: chrono::NaiveDate| {
