@@ -52,7 +52,7 @@ pub fn config_check(path: Option<&Path>, load_files: bool) -> anyhow::Result<()>
     warnings.extend(compile_cache_unmade(&config));
     if load_files {
         crate::server::Loaded::load(&config)?;
-        load_plugins(&config, &config.plugins.export_transforms)?;
+        load_plugins(&config, &config.plugins.export_plugins())?;
         warnings.extend(stray_plugin_configs(&config));
     }
     let origin = path.map_or("embedded defaults".to_string(), |p| p.display().to_string());
@@ -74,7 +74,7 @@ pub fn stray_plugin_configs(config: &Config) -> Vec<String> {
             .plugins
             .tracking_transforms
             .iter()
-            .chain(&config.plugins.export_transforms)
+            .chain(&config.plugins.export_plugins())
             .any(|n| n == name)
     };
     let mut installed: Vec<String> = std::fs::read_dir(dir)
@@ -898,7 +898,7 @@ pub async fn export_run(
     let from = from.or(to).unwrap_or(yesterday);
     let to = to.unwrap_or(from);
     let mut ctx = ExportContext::new(store.clone(), destination);
-    ctx.transforms = load_plugins(config, &config.plugins.export_transforms)?;
+    ctx.transforms = load_plugins(config, config.plugins.export_chain(kind))?;
     ctx.keep_replaced = config.keep_replaced_parts;
     ctx.work_dir = config.export_work_dir.clone();
     let request = ExportRequest {

@@ -318,7 +318,7 @@ impl EngineRunner {
             ctx.schedule = Some(s.name.clone());
             ctx.transforms = crate::cli::load_plugins_off_runtime(
                 &self.config,
-                self.config.plugins.export_transforms.clone(),
+                self.config.plugins.export_chain(kind).to_vec(),
             )
             .await
             .map_err(|e| e.to_string())?;

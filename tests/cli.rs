@@ -1674,6 +1674,50 @@ async fn an_archive_elsewhere_takes_a_late_day_the_schedule_published_at_home() 
     }
 }
 
+/// `[plugins.export_transforms_by_type]`: a type with a chain of its own runs it, the
+/// others `export_transforms`; the manifest names the chain each partition went through.
+#[tokio::test]
+async fn an_export_type_runs_its_own_chain() {
+    let db = support::TestDb::initialized().await;
+    let plugins = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins/dist");
+    assert!(
+        plugins.join("noop.wasm").exists(),
+        "run scripts/build-plugins.sh"
+    );
+    let dest =
+        std::env::temp_dir().join(format!("sluice-chains-{}", uuid::Uuid::new_v4().simple()));
+    let config = write_temp(
+        "sluice.toml",
+        &format!(
+            "[mongodb]\nuri = \"{}\"\ndatabase = \"{}\"\n[export]\ndestination = \"{}\"\n[plugins]\ndir = \"{}\"\nexport_transforms = [\"bot-filter\"]\n[plugins.export_transforms_by_type]\nUSER_DATA = [\"noop\"]\n",
+            support::mongo_uri(),
+            db.name,
+            dest.display(),
+            plugins.display()
+        ),
+    );
+    let yesterday = chrono::Utc::now().date_naive() - chrono::Days::new(1);
+    let ts = bson::DateTime::from_chrono(yesterday.and_hms_opt(12, 0, 0).unwrap().and_utc());
+    sluice_connectors::mongo::EventWriter::new(db.store.clone(), Default::default())
+        .write(&[page_view("e1", "v1", "s1", "/", ts)])
+        .await
+        .unwrap();
+    let chain = |kind: &str| {
+        let partition = std::fs::read_dir(dest.join(kind))
+            .unwrap()
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| p.join("_manifest.json").exists())
+            .unwrap_or_else(|| panic!("no {kind} partition"));
+        let text = std::fs::read_to_string(partition.join("_manifest.json")).unwrap();
+        serde_json::from_str::<serde_json::Value>(&text).unwrap()["transforms"].clone()
+    };
+    sluice_ok(&config, &["export", "run", "user-data"]).await;
+    assert_eq!(chain("USER_DATA"), serde_json::json!(["noop"]));
+    sluice_ok(&config, &["export", "run", "event-data"]).await;
+    assert_eq!(chain("EVENT_DATA"), serde_json::json!(["bot-filter"]));
+    std::fs::remove_dir_all(dest).unwrap();
+}
+
 /// Applying a config that changes how its incremental cursor is read, while a cursor is
 /// stored, says that the cursor is kept and how to start over.
 #[tokio::test]

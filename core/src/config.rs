@@ -185,8 +185,11 @@ pub struct PluginsSection {
     pub dir: String,
     /// Meter instructions (needed for plugins with a fuel limit; costs some speed).
     pub fuel: bool,
-    /// Plugins run on every export job's records, in order.
+    /// Plugins run on every export job's records, in order (ARCHIVE's excepted).
     pub export_transforms: Vec<String>,
+    /// A chain of its own for an export type (`EVENT_DATA`, `USER_DATA`,
+    /// `DAILY_ANALYTICS`), run on its records instead of `export_transforms`.
+    pub export_transforms_by_type: std::collections::BTreeMap<String, Vec<String>>,
     /// Plugins run on tracked events before they are stored, in order.
     pub tracking_transforms: Vec<String>,
     /// `fail-run`, `skip-batch` or `dead-letter`.
@@ -208,6 +211,32 @@ pub struct PluginsSection {
 }
 
 impl PluginsSection {
+    /// The chain an export of `kind` runs: its own (`export_transforms_by_type`), else
+    /// `export_transforms`; none for ARCHIVE, which moves events as they were stored.
+    pub fn export_chain(&self, kind: crate::model::ExportJobType) -> &[String] {
+        if kind == crate::model::ExportJobType::Archive {
+            return &[];
+        }
+        self.export_transforms_by_type
+            .get(kind.as_str())
+            .unwrap_or(&self.export_transforms)
+    }
+
+    /// Every plugin an export chain names, each once, in the order first named.
+    pub fn export_plugins(&self) -> Vec<String> {
+        let mut names: Vec<String> = Vec::new();
+        for name in self
+            .export_transforms
+            .iter()
+            .chain(self.export_transforms_by_type.values().flatten())
+        {
+            if !names.contains(name) {
+                names.push(name.clone());
+            }
+        }
+        names
+    }
+
     /// The compile cache folder, if one is configured.
     pub fn compile_cache_dir(&self) -> Option<std::path::PathBuf> {
         (!self.compile_cache.is_empty())
@@ -221,6 +250,7 @@ impl Default for PluginsSection {
             dir: "plugins/dist".into(),
             fuel: false,
             export_transforms: Vec::new(),
+            export_transforms_by_type: Default::default(),
             tracking_transforms: Vec::new(),
             failure_policy: "fail-run".into(),
             grants: Vec::new(),
@@ -1343,6 +1373,18 @@ pub fn validate(
         }
     };
     // Plugin configs may hold secrets (a redaction salt): `${env:NAME}` strings resolve.
+    for kind in raw.plugins.export_transforms_by_type.keys() {
+        use crate::model::ExportJobType;
+        if !matches!(
+            ExportJobType::parse(kind),
+            Ok(ExportJobType::EventData | ExportJobType::UserData | ExportJobType::DailyAnalytics)
+        ) {
+            return Err(invalid(
+                &format!("plugins.export_transforms_by_type.{kind}"),
+                format!("an export type with records to transform: EVENT_DATA, USER_DATA or DAILY_ANALYTICS (ARCHIVE runs none: it moves events as they were stored), got `{kind}`"),
+            ));
+        }
+    }
     let mut plugin_configs = raw.plugins.config.clone();
     for (name, value) in plugin_configs.iter_mut() {
         resolve_env_strings(value, &format!("plugins.config.{name}"), env)
@@ -1847,6 +1889,32 @@ mod tests {
         let c = check("[tracking]\nqueue_wait_ms = 5000\n").unwrap();
         assert_eq!(c.tracking.queue_wait_ms, 5000, "half of the default 10 s");
         assert!(!c.warnings.iter().any(|w| w.contains("queue_wait_ms")));
+    }
+
+    #[test]
+    fn an_export_type_may_have_a_chain_of_its_own() {
+        use crate::model::ExportJobType;
+        let c = check("[plugins]\nexport_transforms = [\"bot-filter\", \"redact-pii\"]\nexport_transforms_by_type = { USER_DATA = [\"redact-pii\"], DAILY_ANALYTICS = [] }\n").unwrap();
+        let p = &c.plugins;
+        assert_eq!(
+            p.export_chain(ExportJobType::EventData),
+            ["bot-filter", "redact-pii"]
+        );
+        assert_eq!(p.export_chain(ExportJobType::UserData), ["redact-pii"]);
+        assert!(p.export_chain(ExportJobType::DailyAnalytics).is_empty());
+        assert!(p.export_chain(ExportJobType::Archive).is_empty());
+        assert_eq!(p.export_plugins(), ["bot-filter", "redact-pii"]);
+        for kind in ["ARCHIVE", "user_data"] {
+            let err = check(&format!(
+                "[plugins.export_transforms_by_type]\n{kind} = [\"noop\"]\n"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(
+                err.contains(&format!("field `plugins.export_transforms_by_type.{kind}`: expected an export type with records to transform")),
+                "{err}"
+            );
+        }
     }
 
     #[test]
