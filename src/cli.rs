@@ -667,6 +667,19 @@ pub async fn open_destination(
     })
 }
 
+/// [`ObjectStore::url`](sluice_connectors::objstore::ObjectStore::url) of the configured
+/// destination's root, without connecting to it (a relative folder is read from the
+/// working folder, as every command reads it).
+pub fn destination_url(config: &Config) -> String {
+    use sluice_connectors::objstore::{LocalDir, S3Store};
+    match &config.destination {
+        sluice_core::config::Destination::Local(path) => LocalDir::new(path).url(""),
+        sluice_core::config::Destination::S3 { bucket, prefix } => {
+            S3Store::url_of(bucket, prefix, "")
+        }
+    }
+}
+
 /// Prints export progress on stderr every half second until `done` resolves.
 pub fn spawn_progress(
     progress: std::sync::Arc<sluice_jobs::export::Progress>,
@@ -730,9 +743,7 @@ pub fn spawn_import_progress(
             let waiting = progress.waits.current();
             if waiting.is_some() && waiting != shown_wait {
                 if let Some(w) = &waiting {
-                    if w.until.saturating_duration_since(std::time::Instant::now())
-                        >= std::time::Duration::from_secs(2)
-                    {
+                    if w.wait >= std::time::Duration::from_secs(2) {
                         eprintln!("  {}", waiting_text(w));
                         printed = std::time::Instant::now();
                     }
@@ -890,7 +901,7 @@ pub async fn export_run(
             if kind == sluice_core::model::ExportJobType::Archive
                 && !late_readers(config).is_empty() =>
         {
-            Some(open_destination(config, None).await?.url(""))
+            Some(destination_url(config))
         }
         _ => None,
     };

@@ -230,7 +230,8 @@ enum ExportCommand {
 
 /// A bad value is a command line that cannot be read (exit 64), like any other.
 fn parse_role(text: &str) -> Result<sluice_core::model::Role, String> {
-    sluice_core::model::Role::parse(&text.to_ascii_uppercase()).map_err(|e| format!("expected {e}"))
+    sluice_core::model::Role::parse(&text.to_ascii_uppercase())
+        .map_err(|_| format!("expected one of ADMIN, ANALYST, USER, got `{text}`"))
 }
 
 fn parse_kind(text: &str) -> Result<ExportJobType, String> {

@@ -1675,7 +1675,8 @@ async fn an_archive_elsewhere_takes_a_late_day_the_schedule_published_at_home() 
 }
 
 /// `[plugins.export_transforms_by_type]`: a type with a chain of its own runs it, the
-/// others `export_transforms`; the manifest names the chain each partition went through.
+/// others `export_transforms`, whether run by its schedule or by hand; the manifest names
+/// the chain each partition went through.
 #[tokio::test]
 async fn an_export_type_runs_its_own_chain() {
     let db = support::TestDb::initialized().await;
@@ -1689,7 +1690,7 @@ async fn an_export_type_runs_its_own_chain() {
     let config = write_temp(
         "sluice.toml",
         &format!(
-            "[mongodb]\nuri = \"{}\"\ndatabase = \"{}\"\n[export]\ndestination = \"{}\"\n[plugins]\ndir = \"{}\"\nexport_transforms = [\"bot-filter\"]\n[plugins.export_transforms_by_type]\nUSER_DATA = [\"noop\"]\n",
+            "[mongodb]\nuri = \"{}\"\ndatabase = \"{}\"\n[export]\ndestination = \"{}\"\n[plugins]\ndir = \"{}\"\nexport_transforms = [\"bot-filter\"]\n[plugins.export_transforms_by_type]\nUSER_DATA = [\"noop\"]\n\n[[schedules]]\nname = \"users\"\ntype = \"USER_DATA\"\ncron = \"0 0 3 * * *\"\n",
             support::mongo_uri(),
             db.name,
             dest.display(),
@@ -1711,8 +1712,11 @@ async fn an_export_type_runs_its_own_chain() {
         let text = std::fs::read_to_string(partition.join("_manifest.json")).unwrap();
         serde_json::from_str::<serde_json::Value>(&text).unwrap()["transforms"].clone()
     };
+    sluice_ok(&config, &["jobs", "run", "export:users"]).await;
+    assert_eq!(chain("USER_DATA"), serde_json::json!(["noop"]), "scheduled");
+    std::fs::remove_dir_all(dest.join("USER_DATA")).unwrap();
     sluice_ok(&config, &["export", "run", "user-data"]).await;
-    assert_eq!(chain("USER_DATA"), serde_json::json!(["noop"]));
+    assert_eq!(chain("USER_DATA"), serde_json::json!(["noop"]), "by hand");
     sluice_ok(&config, &["export", "run", "event-data"]).await;
     assert_eq!(chain("EVENT_DATA"), serde_json::json!(["bot-filter"]));
     std::fs::remove_dir_all(dest).unwrap();

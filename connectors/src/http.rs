@@ -162,6 +162,8 @@ pub struct RetryWait(std::sync::Mutex<Option<Waiting>>);
 pub struct Waiting {
     /// When the next attempt is sent.
     pub until: Instant,
+    /// How long the whole wait is.
+    pub wait: Duration,
     /// The attempt that follows the wait (1-based), of `attempts`.
     pub attempt: u32,
     pub attempts: u32,
@@ -178,6 +180,28 @@ impl RetryWait {
     fn set(&self, waiting: Option<Waiting>) {
         if let Ok(mut w) = self.0.lock() {
             *w = waiting;
+        }
+    }
+
+    /// Clears the wait that ends at `until`, if it is still the one shown (a wait of
+    /// another request may have taken its place).
+    fn clear(&self, until: Instant) {
+        if let Ok(mut w) = self.0.lock() {
+            if w.as_ref().is_some_and(|w| w.until == until) {
+                *w = None;
+            }
+        }
+    }
+}
+
+/// Clears a wait shown in a [`RetryWait`] when dropped: at its end, or when the request
+/// waiting is cancelled.
+struct ShownWait<'a>(Option<(&'a RetryWait, Instant)>);
+
+impl Drop for ShownWait<'_> {
+    fn drop(&mut self) {
+        if let Some((waits, until)) = self.0 {
+            waits.clear(until);
         }
     }
 }
@@ -508,18 +532,18 @@ impl HttpClient {
 
     /// Sleeps `wait` before attempt `attempt` (0-based) of `attempts`, showing why.
     async fn wait_to_retry(&self, wait: Duration, attempt: u32, attempts: u32, why: &str) {
-        if let Some(waits) = &self.waits {
+        let until = Instant::now() + wait;
+        let _shown = ShownWait(self.waits.as_deref().map(|waits| {
             waits.set(Some(Waiting {
-                until: Instant::now() + wait,
+                until,
+                wait,
                 attempt: attempt + 1,
                 attempts,
                 why: why.to_string(),
             }));
-        }
+            (waits, until)
+        }));
         tokio::time::sleep(wait).await;
-        if let Some(waits) = &self.waits {
-            waits.set(None);
-        }
     }
 
     /// Where rotated refresh tokens are kept (without one, a rotated token lives only as

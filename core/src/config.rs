@@ -211,12 +211,10 @@ pub struct PluginsSection {
 }
 
 impl PluginsSection {
-    /// The chain an export of `kind` runs: its own (`export_transforms_by_type`), else
-    /// `export_transforms`; none for ARCHIVE, which moves events as they were stored.
+    /// The chain configured for an export of `kind`: its own (`export_transforms_by_type`),
+    /// else `export_transforms`. An ARCHIVE run, which moves events as they were stored,
+    /// runs none of it (and logs so when there is one).
     pub fn export_chain(&self, kind: crate::model::ExportJobType) -> &[String] {
-        if kind == crate::model::ExportJobType::Archive {
-            return &[];
-        }
         self.export_transforms_by_type
             .get(kind.as_str())
             .unwrap_or(&self.export_transforms)
@@ -1372,7 +1370,6 @@ pub fn validate(
             Some(resolved)
         }
     };
-    // Plugin configs may hold secrets (a redaction salt): `${env:NAME}` strings resolve.
     for kind in raw.plugins.export_transforms_by_type.keys() {
         use crate::model::ExportJobType;
         if !matches!(
@@ -1385,6 +1382,7 @@ pub fn validate(
             ));
         }
     }
+    // Plugin configs may hold secrets (a redaction salt): `${env:NAME}` strings resolve.
     let mut plugin_configs = raw.plugins.config.clone();
     for (name, value) in plugin_configs.iter_mut() {
         resolve_env_strings(value, &format!("plugins.config.{name}"), env)
@@ -1902,7 +1900,11 @@ mod tests {
         );
         assert_eq!(p.export_chain(ExportJobType::UserData), ["redact-pii"]);
         assert!(p.export_chain(ExportJobType::DailyAnalytics).is_empty());
-        assert!(p.export_chain(ExportJobType::Archive).is_empty());
+        // An archive is given the chain to say it runs none of it.
+        assert_eq!(
+            p.export_chain(ExportJobType::Archive),
+            ["bot-filter", "redact-pii"]
+        );
         assert_eq!(p.export_plugins(), ["bot-filter", "redact-pii"]);
         for kind in ["ARCHIVE", "user_data"] {
             let err = check(&format!(

@@ -130,14 +130,20 @@ pub fn all_errors<T: DeserializeOwned>(
 ) -> Vec<ConfigError> {
     let mut all = later_errors::<T>(origin, text, &first, check, rules);
     all.insert(0, said_at_line::<T>(origin, text, first, rules));
-    sort_by_line(&mut all);
-    all.truncate(MAX_ERRORS_PER_FILE);
+    first_in_file(&mut all, ConfigError::line);
     all
 }
 
-/// In the file's order; those without a line (a field missing) last.
-pub fn sort_by_line(errors: &mut [ConfigError]) {
-    errors.sort_by_key(|e| e.line().unwrap_or(usize::MAX));
+/// Sorts a file's errors in its order and keeps the first [`MAX_ERRORS_PER_FILE`]; those
+/// without a line (a required table missing: they concern the file as a whole) are kept
+/// whatever their number, after the others.
+pub fn first_in_file<T>(errors: &mut Vec<T>, line: impl Fn(&T) -> Option<usize>) {
+    let (mut lined, unlined): (Vec<T>, Vec<T>) = errors.drain(..).partition(|e| line(e).is_some());
+    lined.sort_by_key(|e| line(e));
+    let unlined: Vec<T> = unlined.into_iter().take(MAX_ERRORS_PER_FILE).collect();
+    lined.truncate(MAX_ERRORS_PER_FILE - unlined.len());
+    lined.extend(unlined);
+    *errors = lined;
 }
 
 /// `e`, an error of `text` (read as a `T`) from `origin`, at the line of its field: a
@@ -368,35 +374,31 @@ fn field_error<T: DeserializeOwned>(
     Some((taken, error))
 }
 
-/// TOML's message with the Rust types it names (`expected usize`) said as what the value
-/// should be (`expected a whole number, 0 or more`).
+/// TOML's message with the Rust type it ends on (`..., expected usize`) said as what the
+/// value should be (`expected a whole number, 0 or more`; a bounded one with its range).
+/// Only the end is read: a quoted value holding such words is left as it is.
 fn plain_types(message: &str) -> String {
-    const TYPES: [(&[&str], &str); 3] = [
-        (
-            &["usize", "u64", "u32", "u16", "u8"],
-            "a whole number, 0 or more",
-        ),
-        (&["isize", "i64", "i32", "i16", "i8"], "a whole number"),
-        (&["f64", "f32"], "a number"),
+    const TYPES: [(&str, &str); 12] = [
+        ("usize", "a whole number, 0 or more"),
+        ("u64", "a whole number, 0 or more"),
+        ("u32", "a whole number from 0 to 4294967295"),
+        ("u16", "a whole number from 0 to 65535"),
+        ("u8", "a whole number from 0 to 255"),
+        ("isize", "a whole number"),
+        ("i64", "a whole number"),
+        ("i32", "a whole number from -2147483648 to 2147483647"),
+        ("i16", "a whole number from -32768 to 32767"),
+        ("i8", "a whole number from -128 to 127"),
+        ("f64", "a number"),
+        ("f32", "a number"),
     ];
-    let mut out = message.to_string();
-    for (names, words) in TYPES {
-        for name in names {
-            let said = format!("expected {name}");
-            let mut from = 0;
-            while let Some(at) = out[from..].find(&said).map(|n| n + from) {
-                let end = at + said.len();
-                // `expected u8` but not `expected u8s`.
-                if out[end..].starts_with(|c: char| c.is_alphanumeric() || c == '_') {
-                    from = end;
-                    continue;
-                }
-                out.replace_range(at..end, &format!("expected {words}"));
-                from = at;
-            }
-        }
+    let Some((before, named)) = message.rsplit_once("expected ") else {
+        return message.to_string();
+    };
+    match TYPES.iter().find(|(name, _)| named.trim_end() == *name) {
+        Some((_, words)) => format!("{before}expected {words}"),
+        None => message.to_string(),
     }
-    out
 }
 
 /// Where the TOML error of reading `text` as a `T` points: the path of the deepest field
@@ -604,19 +606,34 @@ mod tests {
             "invalid type: string \"x\", expected a whole number, 0 or more"
         );
         assert_eq!(
-            plain_types("invalid value: integer `-1`, expected u64; expected i64"),
-            "invalid value: integer `-1`, expected a whole number, 0 or more; expected a whole number"
+            plain_types("invalid value: integer `5000000000`, expected u32"),
+            "invalid value: integer `5000000000`, expected a whole number from 0 to 4294967295"
         );
         assert_eq!(
             plain_types("invalid type: boolean `true`, expected f64"),
             "invalid type: boolean `true`, expected a number"
         );
+        // Only the type the message ends on: not words inside a quoted value.
         assert_eq!(
-            plain_types("expected u8s"),
-            "expected u8s",
-            "a word of its own only"
+            plain_types("invalid type: string \"expected u8\", expected a map"),
+            "invalid type: string \"expected u8\", expected a map"
         );
-        assert_eq!(plain_types("expected a string"), "expected a string");
+        assert_eq!(plain_types("expected u8s"), "expected u8s");
+        assert_eq!(plain_types("unknown field `x`"), "unknown field `x`");
+    }
+
+    /// Past the limit, the first in the file's order are kept, and those without a line
+    /// (a required table missing) are never the ones left out.
+    #[test]
+    fn the_first_errors_in_the_file_are_kept_with_those_without_a_line() {
+        let mut errors: Vec<(Option<usize>, usize)> =
+            (0..12).rev().map(|n| (Some(n + 1), n)).collect();
+        errors.insert(3, (None, 99));
+        first_in_file(&mut errors, |e| e.0);
+        let kept: Vec<Option<usize>> = errors.iter().map(|e| e.0).collect();
+        let mut expected: Vec<Option<usize>> = (1..=9).map(Some).collect();
+        expected.push(None);
+        assert_eq!(kept, expected);
     }
 
     #[test]

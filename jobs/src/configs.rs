@@ -70,7 +70,7 @@ pub fn validate_dir(
             Err(all) => all,
         };
         all.extend(duplicate);
-        sluice_core::toml_errors::sort_by_line(&mut all);
+        sluice_core::toml_errors::first_in_file(&mut all, ConfigError::line);
         errors.extend(all);
     }
     Ok((ok, errors))

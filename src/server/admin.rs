@@ -805,12 +805,8 @@ fn validate_api_config(
     match file {
         Some(file) if said.is_empty() => Ok(file),
         _ => {
-            said.sort_by_key(|(line, _)| line.unwrap_or(usize::MAX));
-            Err(said
-                .into_iter()
-                .map(|(_, e)| e)
-                .take(sluice_core::toml_errors::MAX_ERRORS_PER_FILE)
-                .collect())
+            sluice_core::toml_errors::first_in_file(&mut said, |(line, _)| *line);
+            Err(said.into_iter().map(|(_, e)| e).collect())
         }
     }
 }

@@ -308,7 +308,17 @@ impl S3Store {
     }
 
     pub fn url(&self, key: &str) -> String {
-        format!("s3://{}/{}", self.bucket, self.full(key))
+        Self::url_of(&self.bucket, &self.prefix, key)
+    }
+
+    /// [`Self::url`] of `key` in a store of `bucket` and `prefix`, without connecting.
+    pub fn url_of(bucket: &str, prefix: &str, key: &str) -> String {
+        let prefix = prefix.trim_matches('/');
+        if prefix.is_empty() {
+            format!("s3://{bucket}/{key}")
+        } else {
+            format!("s3://{bucket}/{prefix}/{key}")
+        }
     }
 
     pub async fn put_bytes(&self, key: &str, bytes: Vec<u8>) -> Result<(), StorageError> {
