@@ -141,7 +141,9 @@ pub async fn job_overview(
     for job in scheduled_jobs(config, store).await? {
         let last_run = latest_run(job.name.clone()).await?;
         let mut missed = None;
-        if let Ok(fire) = sluice_jobs::schedule::previous_fire(&job, now) {
+        // The latest instant whose time to claim is over: a job firing more often than
+        // that has later ones still within theirs, and would never show a miss.
+        if let Ok(fire) = sluice_jobs::schedule::previous_fire(&job, now - grace) {
             // Not missed: an instant still within its claim time or older than the
             // claims kept, one before the schedule took effect, or one a later run (by
             // hand, say) has made up for.
@@ -416,8 +418,11 @@ impl Runner for EngineRunner {
 /// status, say that nothing came of it, so alerting sees it.
 pub fn import_outcome(s: &sluice_jobs::import::ImportSummary) -> Result<String, String> {
     // Records a plugin chose to drop are no failure: with some, the run is not one
-    // where everything failed.
-    if s.failed + s.dead_letters > 0 && s.inserted + s.updated + s.unchanged + s.skipped == 0 {
+    // where everything failed. What the plugins failed is counted by this run's
+    // failures, not by the letters it added: a run failing the same records again adds
+    // none (they are kept once), and must fail again.
+    let plugin_failed = s.dead_letters.max(s.plugin_dead_letters);
+    if s.failed + plugin_failed > 0 && s.inserted + s.updated + s.unchanged + s.skipped == 0 {
         return Err(format!(
             "{}: every record failed (mapping, validation, a plugin or MongoDB's refusal) and none was stored; the reasons are in `dead_letters` and the run's samples",
             import_line(s)
@@ -632,6 +637,11 @@ mod tests {
         assert!(run(1, 0, 4, 0).is_ok(), "a plugin dropped some on purpose");
         assert!(run(0, 0, 0, 5).is_ok(), "all stored already");
         assert!(run(0, 0, 0, 0).is_ok(), "nothing failed");
+        // A plugin failing every record again: its letters are kept already, so the run
+        // adds none, and still fails.
+        let mut again = ImportSummary::default();
+        (again.fetched, again.plugin_in, again.plugin_dead_letters) = (5, 5, 5);
+        assert!(import_outcome(&again).is_err());
     }
 
     #[test]

@@ -2646,6 +2646,40 @@ async fn jobs_list_shows_missed_fires_and_the_last_error() {
     );
 }
 
+/// A job firing every minute shows its misses too: its latest instant is always within
+/// the time to claim it, so the one before that time is looked at.
+#[tokio::test]
+async fn jobs_list_shows_the_misses_of_a_job_firing_every_minute() {
+    let db = support::TestDb::initialized().await;
+    let file = sluice_core::integration::parse_file(
+        "t",
+        "name = \"frequent\"\ntype = \"IMPORT\"\nendpoint = \"http://127.0.0.1:9/x\"\nschedule = \"0 * * * * *\"\n[mapping.productId]\npath = \"$.id\"\n",
+    )
+    .unwrap();
+    sluice_jobs::configs::apply(&db.store, &file).await.unwrap();
+    let since = chrono::Utc::now() - chrono::Duration::hours(1);
+    db.store
+        .collection("integration_configs")
+        .update_one(
+            bson::doc! { "name": "frequent" },
+            bson::doc! { "$set": { "scheduleSince": bson::DateTime::from_chrono(since) } },
+        )
+        .await
+        .unwrap();
+    let stdout = sluice_ok(&db_config(&db), &["jobs", "list"]).await;
+    let lines: Vec<&str> = stdout.lines().collect();
+    let i = lines
+        .iter()
+        .position(|l| l.starts_with("integration:frequent "))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert!(
+        lines
+            .get(i + 1)
+            .is_some_and(|l| l.trim_start().starts_with("MISSED: ")),
+        "{stdout}"
+    );
+}
+
 /// Connector requests never go through a proxy named by `HTTP_PROXY`: a proxy resolves
 /// the host again itself, past the vetted, pinned addresses.
 #[tokio::test]
