@@ -1163,7 +1163,26 @@ async fn dead_lettered_events_are_stored_with_their_reason_not_lost() {
     let body = json!({ "batch": [purchase("usd", "USD"), purchase("yen", "JPY")] });
     let answer = post_batch(&server, &body).await;
     assert_eq!(answer["results"][0]["status"], "stored", "{answer}");
-    assert_eq!(answer["results"][1]["status"], "dropped", "{answer}");
+    // Kept, so not to be resent: `dropped`, but told apart from a plugin's own choice,
+    // with the plugin's reason, and counted as its failure.
+    let failed = &answer["results"][1];
+    assert_eq!(failed["status"], "dropped", "{answer}");
+    assert_eq!(failed["reason"], "transform_error", "{answer}");
+    assert_eq!(
+        failed["error"], "transform `currency-normalize` failed: no rate for `JPY`",
+        "{answer}"
+    );
+    for (reason, count) in [("transform_error", 1.0), ("transform", 0.0)] {
+        assert_eq!(
+            server_metric(
+                &server,
+                &format!("sluice_events_rejected_total{{reason=\"{reason}\"}}")
+            )
+            .await,
+            count,
+            "{reason}"
+        );
+    }
     let letters: Vec<Document> = {
         use futures_util::TryStreamExt;
         db.store

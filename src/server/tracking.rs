@@ -40,6 +40,9 @@ enum Outcome {
     /// A transform failed the event (under `fail-run`); the reason.
     Failed(String),
     Dropped(&'static str),
+    /// A transform failed the event under `dead-letter`: kept in `dead_letters`, so
+    /// answered `dropped` (not to be resent), with `transform_error` and the reason.
+    DeadLettered(String),
     Queued(usize),
     /// A later copy of the event sent at this index (the same eventId): answered as it is,
     /// a copy of one stored being a duplicate. Neither written nor transformed again.
@@ -711,6 +714,20 @@ async fn transform(
     })?;
     let out = isolated.records;
     let dead_letters = isolated.dead_letters;
+    // The events a plugin failed under `dead-letter`, by their index, with its reason.
+    let mut lettered: HashMap<usize, String> = HashMap::new();
+    for l in &dead_letters {
+        if let Some(i) = l
+            .record
+            .get_str(sluice_core::model::event_fields::EVENT_ID)
+            .ok()
+            .and_then(|id| events.iter().position(|e| e.event_id == id))
+        {
+            lettered
+                .entry(i)
+                .or_insert_with(|| format!("transform `{}` failed: {}", l.transform, l.reason));
+        }
+    }
     let mut failed: HashMap<usize, String> = HashMap::new();
     for (i, e) in isolated.failed {
         transform_warn!(event_id = %events[i].event_id, error = %e, "a transform failed the event; rejected");
@@ -852,7 +869,10 @@ async fn transform(
                     (None, None) if strays > 0 => Outcome::Failed(format!(
                         "a transform returned or skipped {strays} record(s) under an eventId no event of the request had, so this event may be among them; nothing of it was stored (plugins must keep eventId)"
                     )),
-                    (None, None) => Outcome::Dropped("transform"),
+                    (None, None) => match lettered.remove(&i) {
+                        Some(reason) => Outcome::DeadLettered(reason),
+                        None => Outcome::Dropped("transform"),
+                    },
                 }
             }
             other => other,
@@ -1090,6 +1110,11 @@ pub(super) async fn write(
                     .first_rejection
                     .get_or_insert(Rejection::Transform(reason));
                 entry
+            }
+            Outcome::DeadLettered(error) => {
+                answer.dropped += 1;
+                m.rejected_transform_error.fetch_add(1, Relaxed);
+                json!({ "index": index, "status": "dropped", "reason": "transform_error", "error": error })
             }
             Outcome::Dropped(reason) => {
                 answer.dropped += 1;
