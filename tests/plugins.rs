@@ -1924,6 +1924,39 @@ fn a_plugin_that_cannot_start_says_why() {
         ),
         "{err}"
     );
+    // A mode the plugin does not have: said, with those it has.
+    let err = start("xyz");
+    assert!(err.contains("unknown mode `xyz`: one of ok, loop"), "{err}");
+}
+
+/// A call takes at most 1,000 records, each with its own deadline: an export's batch of
+/// 8,192 rows is handed over in parts, as `plugin test` times a plugin (1,000 records).
+#[test]
+fn a_big_batch_is_handed_to_a_plugin_in_parts_of_a_thousand() {
+    let host = host();
+    let counting = hostile(&host, "batch-size");
+    let records: Vec<Document> = (0..2_500)
+        .map(|i| doc! { "eventId": format!("r{i}") })
+        .collect();
+    let out = counting.apply(records, &mut Call::default()).unwrap();
+    assert_eq!(out.len(), 2_500);
+    let sizes: Vec<i64> = out
+        .iter()
+        .map(|d| {
+            d.get_i64("batchSize")
+                .or_else(|_| d.get_i32("batchSize").map(i64::from))
+                .unwrap()
+        })
+        .collect();
+    assert!(
+        sizes[..2_000].iter().all(|&n| n == 1_000),
+        "{:?}",
+        &sizes[..3]
+    );
+    assert!(sizes[2_000..].iter().all(|&n| n == 500));
+    // In order, each record once.
+    assert_eq!(out[1_999].get_str("eventId").unwrap(), "r1999");
+    assert_eq!(out[2_499].get_str("eventId").unwrap(), "r2499");
 }
 
 #[test]

@@ -61,6 +61,11 @@ const PIPE_FULL_MARGIN: usize = 64 * 1024;
 const TABLE_ELEMENT_BYTES: usize = 16;
 /// How many batch deadlines narrowing a failing batch down may spend, in all.
 const SPLIT_BUDGET_DEADLINES: u32 = 3;
+
+/// The most records one call of a plugin is given (each call has its own deadline): a
+/// bigger batch (an export's 8,192 rows, a large import page) is handed over in parts,
+/// as `plugin test` times it (1,000 records by default).
+pub const RECORDS_PER_CALL: usize = 1_000;
 /// Splitting a batch that hits the memory cap goes on longer (the parts must fit, and a
 /// plugin that needs memory usually hits the cap fast), but not for ever: a plugin that
 /// hits it whatever its input, slowly, would cost two calls a record.
@@ -1688,17 +1693,41 @@ impl Transform for WasmTransform {
         // Narrowing a failing batch down costs a call per part: it stops once it has
         // spent a few deadlines, however slowly the plugin fails, or at the caller's
         // limit if that comes first.
-        let budget = |deadlines: u32| {
-            let own = started + deadlines * self.deadline();
-            call.until.map_or(own, |theirs| own.min(theirs))
-        };
-        let until = Until {
-            trap: budget(SPLIT_BUDGET_DEADLINES),
-            memory: budget(MEMORY_SPLIT_BUDGET_DEADLINES),
+        let theirs = call.until;
+        let budget = |from: Instant, deadlines: u32| {
+            let own = from + deadlines * self.deadline();
+            theirs.map_or(own, |theirs| own.min(theirs))
         };
         let skipped_before = call.skipped.len();
         let given = batch.len();
-        let result = self.apply_with_policy(batch, call, until, (0, given));
+        // A call takes at most RECORDS_PER_CALL records, each part with its deadline and
+        // narrowing budget: a deadline timed with `plugin test` (1,000 records by
+        // default) holds for an export's batch of 8,192 rows.
+        let mut records = batch.into_iter();
+        let mut out = Vec::with_capacity(given);
+        let mut failure = None;
+        let mut offset = 0;
+        loop {
+            let part: Vec<Record> = records.by_ref().take(RECORDS_PER_CALL).collect();
+            if part.is_empty() {
+                break;
+            }
+            let from = Instant::now();
+            let until = Until {
+                trap: budget(from, SPLIT_BUDGET_DEADLINES),
+                memory: budget(from, MEMORY_SPLIT_BUDGET_DEADLINES),
+            };
+            let size = part.len();
+            match self.apply_with_policy(part, call, until, (offset, given)) {
+                Ok(done) => out.extend(done),
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+            offset += size;
+        }
+        let result = failure.map_or(Ok(out), Err);
         // Counted once the call succeeded: what a failed call set aside is discarded (the
         // batch is processed again, or the run fails).
         let skipped = call.skipped.len() - skipped_before;

@@ -14,8 +14,9 @@
 //! with a NUL, which BSON cannot store), `break-by-tag` (by a tracking event's `properties.tag`: `bloat` adds 1 MiB, `dollar` a `$` key in
 //! `metadata.context`, `retype` makes `timestamp` a word, `dated` adds a date property), `long-reason` (fails each record with a 2 MiB reason holding a newline), `vandal` (drops or blanks an import's key, adds a
 //! `$`, dotted or reserved field name, on records titled t1 to t5; both bad names on one
-//! titled `two-bad-names`) and `ok` (returns every
-//! record).
+//! titled `two-bad-names`), `batch-size` (sets `batchSize` on each record to the number
+//! of records of its call) and `ok` (returns every record). Any other mode fails to
+//! configure, naming these.
 
 use std::cell::RefCell;
 
@@ -27,6 +28,37 @@ struct Hostile;
 thread_local! {
     static MODE: RefCell<String> = const { RefCell::new(String::new()) };
 }
+
+/// Every mode (see the module's comment).
+const MODES: &[&str] = &[
+    "ok",
+    "loop",
+    "memory",
+    "leak",
+    "configure-panic",
+    "configure-loop",
+    "panic",
+    "exit",
+    "panic-on-bad",
+    "file",
+    "socket",
+    "env",
+    "garbage",
+    "garbage-on-bad",
+    "short",
+    "rename-id",
+    "clock",
+    "sleep",
+    "fanout",
+    "fanout-6",
+    "nul-key-on-bad",
+    "break-by-tag",
+    "long-reason",
+    "vandal",
+    "print",
+    "print-and-tag",
+    "batch-size",
+];
 
 fn misbehave(mode: &str, record: String) -> Result<Vec<String>, String> {
     match mode {
@@ -150,7 +182,13 @@ impl Guest for Hostile {
             "configure-loop" => loop {
                 std::hint::black_box(&mode);
             },
-            _ => {}
+            known if MODES.contains(&known) => {}
+            unknown => {
+                return Err(format!(
+                    "unknown mode `{unknown}`: one of {}",
+                    MODES.join(", ")
+                ))
+            }
         }
         println!("hostile plugin configured in mode {mode}");
         MODE.with(|m| *m.borrow_mut() = mode);
@@ -161,6 +199,17 @@ impl Guest for Hostile {
         let mode = MODE.with(|m| m.borrow().clone());
         if mode == "short" {
             return Vec::new();
+        }
+        if mode == "batch-size" {
+            let n = batch.len();
+            return batch
+                .into_iter()
+                .map(|r| {
+                    let mut v = serde_json_lite(&r);
+                    v["batchSize"] = json!(n);
+                    Ok(vec![v.to_string()])
+                })
+                .collect();
         }
         batch.into_iter().map(|r| misbehave(&mode, r)).collect()
     }
