@@ -1,7 +1,9 @@
 //! Replaces personal data with salted SHA-256 digests (hex): `email` anywhere at the top
 //! level or in `properties`, and `metadata.ipAddress`. Equal inputs give equal digests, so
 //! joins and distinct counts still work; the salt keeps them from being reversed by
-//! hashing known addresses.
+//! hashing known addresses. A value that is not a string (a list of addresses, a number,
+//! an object) is replaced by the digest of its JSON text, so no shape of it gets through;
+//! a null stays null.
 //!
 //! Config: `{"salt": "..."}` (required, at least 16 characters).
 
@@ -27,9 +29,12 @@ impl RedactPii {
     }
 
     fn redact(&self, slot: &mut Value) {
-        if let Some(text) = slot.as_str() {
-            *slot = Value::String(self.digest(text));
-        }
+        let digest = match &*slot {
+            Value::Null => return,
+            Value::String(text) => self.digest(text),
+            other => self.digest(&other.to_string()),
+        };
+        *slot = Value::String(digest);
     }
 
     /// The redaction itself (also used natively by the benchmark).
@@ -40,7 +45,7 @@ impl RedactPii {
 
     /// Whether `record` has a field [`Self::redact_in_place`] changes.
     pub fn holds_pii(record: &Value) -> bool {
-        let text = |v: Option<&Value>| v.is_some_and(Value::is_string);
+        let text = |v: Option<&Value>| v.is_some_and(|v| !v.is_null());
         text(record.get("email"))
             || text(record.get("properties").and_then(|p| p.get("email")))
             || text(record.get("metadata").and_then(|m| m.get("ipAddress")))
@@ -87,3 +92,34 @@ impl Plugin for RedactPii {
 }
 
 export_plugin!(RedactPii);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_plugin_sdk::json;
+
+    #[test]
+    fn no_shape_of_an_address_gets_through() {
+        let r = RedactPii::new("a salt of sixteen+");
+        for email in [
+            json!("a@x.example"),
+            json!(["a@x.example", "b@x.example"]),
+            json!({ "work": "a@x.example" }),
+            json!(123),
+        ] {
+            let record =
+                json!({ "email": email.clone(), "properties": { "email": email.clone() } });
+            assert!(RedactPii::holds_pii(&record), "{record}");
+            let out = r.apply(record);
+            for v in [&out["email"], &out["properties"]["email"]] {
+                let digest = v.as_str().unwrap_or_else(|| panic!("{out}"));
+                assert_eq!(digest.len(), 64, "{out}");
+                assert!(!digest.contains('@'), "{out}");
+            }
+        }
+        // A null stays null; a record without the fields is not touched.
+        let out = r.apply(json!({ "email": null, "name": "n" }));
+        assert_eq!(out, json!({ "email": null, "name": "n" }));
+        assert!(!RedactPii::holds_pii(&json!({ "email": null })));
+    }
+}
