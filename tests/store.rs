@@ -1320,3 +1320,51 @@ mod check {
         assert!(found.consistent(), "{found:?}");
     }
 }
+
+/// A letter kept again (the same record failed by the same plugin, in a later run) is
+/// not stored twice, and says the latest reason, keeping the first run's id.
+#[tokio::test]
+async fn a_dead_letter_kept_again_says_the_latest_reason() {
+    use sluice_core::transform::DeadLetter;
+    let db = TestDb::initialized().await;
+    let letter = |reason: &str| DeadLetter {
+        transform: "hostile".into(),
+        reason: reason.into(),
+        record: doc! { "sku": "s1", "price": 3 },
+    };
+    let kept = db
+        .store
+        .keep_dead_letters(
+            vec![letter("trapped: panicked")],
+            "import:shop",
+            Some("run-1"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(kept, 1);
+    let again = db
+        .store
+        .keep_dead_letters(
+            vec![letter("malformed output: not JSON")],
+            "import:shop",
+            Some("run-2"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(again, 0, "kept once");
+    let letters: Vec<Document> = db
+        .store
+        .collection("dead_letters")
+        .find(doc! {})
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(letters.len(), 1);
+    let l = &letters[0];
+    assert_eq!(l.get_str("reason").unwrap(), "malformed output: not JSON");
+    assert_eq!(l.get_str("runId").unwrap(), "run-1");
+    assert_eq!(l.get_str("lastRunId").unwrap(), "run-2");
+    assert!(l.get_datetime("lastSeenAt").is_ok());
+}

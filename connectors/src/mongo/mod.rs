@@ -571,6 +571,8 @@ impl Store {
         }
         let now = bson::DateTime::now();
         let mut docs = Vec::with_capacity(letters.len());
+        // Each letter's id, plugin and reason, to bring one kept already up to date.
+        let mut said: Vec<(String, String, String)> = Vec::with_capacity(letters.len());
         for l in letters {
             let mut hash = sha2::Sha256::new();
             for part in [pipeline.as_bytes(), b"\0", l.transform.as_bytes(), b"\0"] {
@@ -594,6 +596,7 @@ impl Store {
             } else {
                 l.record
             };
+            said.push((id[..32].to_string(), l.transform.clone(), l.reason.clone()));
             docs.push(bson::doc! {
                 "_id": &id[..32], "pipeline": pipeline, "runId": run_id, "plugin": l.transform,
                 "reason": l.reason, "record": record, "createdAt": now,
@@ -609,7 +612,11 @@ impl Store {
             Ok(_) => 0,
             // Kept already, by an earlier run of the same input: not counted again.
             Err(e) => match duplicate_key_positions(&e) {
-                Some(positions) => positions.len() as u64,
+                Some(positions) => {
+                    self.refresh_dead_letters(&said, &positions, run_id, now)
+                        .await?;
+                    positions.len() as u64
+                }
                 None => {
                     return Err(StoreError::mongo(
                         sluice_core::model::collections::DEAD_LETTERS,
@@ -630,6 +637,41 @@ impl Store {
         // in the log line above and in each dead letter.
         count_dead_letters(pipeline.split(':').next().unwrap_or(pipeline), n);
         Ok(n)
+    }
+
+    /// Letters kept already (at `positions` of `said`): their `reason` becomes this
+    /// run's (a plugin fixed in part fails the record otherwise), with `lastRunId` and
+    /// `lastSeenAt`; `runId` and `createdAt` stay the first run's. One update per
+    /// distinct plugin and reason.
+    async fn refresh_dead_letters(
+        &self,
+        said: &[(String, String, String)],
+        positions: &[usize],
+        run_id: Option<&str>,
+        now: bson::DateTime,
+    ) -> Result<(), StoreError> {
+        let mut groups: std::collections::BTreeMap<(&str, &str), Vec<&str>> = Default::default();
+        for &i in positions {
+            if let Some((id, plugin, reason)) = said.get(i) {
+                groups.entry((plugin, reason)).or_default().push(id);
+            }
+        }
+        let letters = self.collection(sluice_core::model::collections::DEAD_LETTERS);
+        for ((plugin, reason), ids) in groups {
+            letters
+                .update_many(
+                    bson::doc! { "_id": { "$in": ids } },
+                    bson::doc! { "$set": {
+                        "plugin": plugin, "reason": reason, "lastRunId": run_id, "lastSeenAt": now,
+                    } },
+                )
+                .await
+                .map_err(StoreError::mongo(
+                    sluice_core::model::collections::DEAD_LETTERS,
+                    "bring dead letters kept already up to date",
+                ))?;
+        }
+        Ok(())
     }
 
     /// The newest wire protocol version the server speaks (`hello.maxWireVersion`):
