@@ -1000,6 +1000,29 @@ async fn a_token_endpoint_that_fails_once_is_retried_and_a_401_refreshes_even_wi
     );
     assert_eq!(asked.load(Ordering::SeqCst), 1, "not retried");
 
+    // A token endpoint failing with an HTML error page: the error names its status, not
+    // only what oauth2 made of the body.
+    let addr = serve(Router::new().fallback(|| async {
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [("content-type", "text/html")],
+            "<html>oops</html>",
+        )
+    }))
+    .await;
+    let auth = format!("[auth]\ntype = \"OAUTH\"\ntoken_url = \"http://{addr}/oauth/token\"\nclient_id = \"c\"\nclient_secret = \"${{env:IMPORT_TEST_SECRET_E}}\"\n");
+    let config = cursor_config("provider-down", &base, "", &auth)
+        .replace("max_attempts = 4", "max_attempts = 2");
+    let name = apply(&db, &config).await;
+    let err = run_import(&db.store, &name, &opts)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("the token endpoint answered 500 Internal Server Error: "),
+        "{err}"
+    );
+
     // A token revoked before it expires gets a 401; with a single attempt, the refresh
     // still happens, on an attempt of its own.
     let (base, api) = fault_api(Fault::FirstTokenRevoked).await;

@@ -1512,6 +1512,15 @@ impl Provider {
         e: &oauth2::RequestTokenError<RE, T>,
     ) -> HttpError {
         let status = self.answered_status();
+        // `500 Internal Server Error`: oauth2's error names only what it made of the body
+        // (`Failed to parse server response` of an HTML error page).
+        let answered = |status: u16| {
+            let name = reqwest::StatusCode::from_u16(status)
+                .ok()
+                .and_then(|s| s.canonical_reason())
+                .unwrap_or("");
+            format!("the token endpoint answered {status} {name}")
+        };
         match e {
             // Only the errors RFC 6749 defines say the credentials or the request are
             // wrong. Anything else in that shape (a 429 `too_many_requests`, a 503
@@ -1528,12 +1537,9 @@ impl Provider {
             // does not change its mind on a retry; a 408, a 429 and a 5xx may.
             _ if status.is_some_and(|s| (400..500).contains(&s) && s != 408 && s != 429) => {
                 let status = status.unwrap_or_default();
-                let name = reqwest::StatusCode::from_u16(status)
-                    .ok()
-                    .and_then(|s| s.canonical_reason())
-                    .unwrap_or("");
                 self.error(format!(
-                    "the token endpoint answered {status} {name}{}: {}",
+                    "{}{}: {}",
+                    answered(status),
                     if status == 404 || status == 405 {
                         " (check `token_url`)"
                     } else {
@@ -1544,7 +1550,10 @@ impl Provider {
             }
             _ => HttpError::TokenUnavailable {
                 url: self.token_url.clone(),
-                message: error_with_causes(e),
+                message: match status.filter(|s| !(200..300).contains(s)) {
+                    Some(s) => format!("{}: {}", answered(s), error_with_causes(e)),
+                    None => error_with_causes(e),
+                },
                 retry_after: *self.asked.lock().unwrap_or_else(|p| p.into_inner()),
             },
         }
