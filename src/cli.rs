@@ -586,7 +586,7 @@ async fn record_stopped(store: &Store, imports: &[String], exports: &[String]) {
     if !imports.is_empty() {
         match sluice_jobs::import::mark_interrupted(store, imports).await {
             Ok(n) => {
-                tracing::warn!(imports = ?imports, runs = n, "imports interrupted by a stop; their next runs resume from the checkpoints")
+                tracing::warn!(configs = ?imports, marked_now = n, "imports and pushes interrupted by a stop: each is recorded INTERRUPTED in import_runs (by itself, or now: `marked_now`), and its next run goes on from its checkpoint")
             }
             Err(e) => tracing::error!(error = %e, "could not record the interrupted imports"),
         }
@@ -598,7 +598,7 @@ async fn record_stopped(store: &Store, imports: &[String], exports: &[String]) {
         }
         match sluice_jobs::history::fail_stopped_runs(store, exports).await {
             Ok(n) => {
-                tracing::warn!(exports = ?exports, marked_now = n, "exports interrupted by a stop: each is recorded FAILED in export_jobs (by itself, or now: `marked_now`), and its schedule runs its windows again")
+                tracing::warn!(exports = ?exports, marked_now = n, "exports interrupted by a stop: each is recorded FAILED in export_jobs (by itself, or now: `marked_now`); a scheduled one's windows are exported again by its next run, one run by hand must be run again")
             }
             Err(e) => tracing::error!(error = %e, "could not record the interrupted exports"),
         }

@@ -1281,7 +1281,7 @@ async fn supersede(
     let ended = doc! {
         "$set": {
             "status": "SKIPPED", "endedAt": now,
-            "reason": format!("superseded: its replica stopped before it ended, and the later fire `{later}` has run the job since, to completion (an import went on from the checkpoint this run left; an export caught its windows up)"),
+            "reason": format!("superseded: its replica stopped before it ended, and the later fire `{later}` has run the job since, to completion (an import or push went on from the checkpoint this run left, or started over if its config had changed; an export caught its windows up)"),
         },
         "$unset": { "expiresAt": "", WAITING_SINCE: "" },
     };
