@@ -306,8 +306,9 @@ pub async fn db_check(
         printed = Some((stage, now));
         match stage {
             Stage::Claims => eprintln!("ledger: {n} claims read"),
-            Stage::Sessions => eprintln!("sessions: {n} checked"),
-            Stage::Visitors => eprintln!("visitors: {n} checked"),
+            // Read so far, those skipped as archived included (the summary tells them apart).
+            Stage::Sessions => eprintln!("sessions: {n} read"),
+            Stage::Visitors => eprintln!("visitors: {n} read"),
             Stage::Settling => eprintln!(
                 "{n} sessions and visitors differ: looking again in {} s",
                 settle.as_secs()
@@ -1176,8 +1177,14 @@ pub fn configs_validate(
             .filter(|v| match check_config_transforms(config, &v.file) {
                 Ok(()) => true,
                 Err(e) => {
+                    // At the line of `transforms`, as the file's other errors are said.
+                    let origin = v.path.display().to_string();
+                    let origin = match std::fs::read_to_string(&v.path) {
+                        Ok(text) => sluice_core::toml_errors::at_line(&origin, &text, "transforms"),
+                        Err(_) => origin,
+                    };
                     errors.push(ConfigError::Parse {
-                        origin: v.path.display().to_string(),
+                        origin,
                         message: format!("{e:#}"),
                     });
                     false

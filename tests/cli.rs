@@ -2285,8 +2285,9 @@ fn config_check_and_configs_validate_load_the_plugins_they_name() {
         String::from_utf8_lossy(&out.stderr),
     );
     assert_eq!(out.status.code(), Some(2), "{err}");
+    // At the line of `transforms`.
     assert!(
-        err.contains("shop.toml") && err.contains("no-such-plugin"),
+        err.contains("shop.toml:4: field `transforms` of `shop`") && err.contains("no-such-plugin"),
         "{err}"
     );
     assert!(
