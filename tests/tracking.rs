@@ -2608,6 +2608,25 @@ async fn a_write_held_by_another_transaction_says_so() {
         .await
         .unwrap();
     assert_eq!(stored, 1);
+    // A claim in the ledger held the same way (an insert of the same eventId, not yet
+    // committed): the conflict comes back per document of the claims' insert, and is
+    // said as one too.
+    let mut other = client.start_session().await.unwrap();
+    other.start_transaction().await.unwrap();
+    db.store
+        .collection("event_ids")
+        .insert_one(doc! { "_id": "h3", "at": bson::DateTime::now() })
+        .session(&mut other)
+        .await
+        .unwrap();
+    let (s, body) = post(&base, "/v1/events", &event("h3")).await;
+    other.abort_transaction().await.unwrap();
+    assert_eq!(s, 503, "{body}");
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.contains("MongoDB answered write conflicts"),
+        "{body}"
+    );
     server.shutdown().await;
 }
 

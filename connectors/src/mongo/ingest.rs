@@ -911,7 +911,7 @@ impl From<bson::ser::Error> for TxnError {
 impl std::fmt::Display for TxnError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            TxnError::Mongo(e) => write!(f, "{e}"),
+            TxnError::Mongo(e) => write!(f, "{}", super::schema::short_error(e)),
             TxnError::Statement { code, message } => write!(f, "write error {code}: {message}"),
             TxnError::Encode(m) => write!(f, "cannot encode: {m}"),
         }
@@ -923,34 +923,36 @@ impl std::fmt::Display for TxnError {
 /// duplicate key from a concurrent writer that inserted the same document first (the
 /// next attempt reads it and updates it instead).
 fn is_transient(err: &TxnError) -> bool {
-    use mongodb::error::{ErrorKind, WriteFailure};
     let retryable = |code: i32| code == WRITE_CONFLICT || code == DUPLICATE_KEY;
     match err {
         TxnError::Mongo(err) => {
-            if err.contains_label(TRANSIENT_TRANSACTION_ERROR) {
-                return true;
-            }
-            match err.kind.as_ref() {
-                ErrorKind::Command(c) => retryable(c.code),
-                ErrorKind::Write(WriteFailure::WriteError(w)) => retryable(w.code),
-                ErrorKind::BulkWrite(b) => b.write_errors.values().any(|w| retryable(w.code)),
-                ErrorKind::InsertMany(i) => {
-                    i.write_errors.iter().flatten().any(|w| retryable(w.code))
-                }
-                _ => false,
-            }
+            err.contains_label(TRANSIENT_TRANSACTION_ERROR) || any_code(err, retryable)
         }
         TxnError::Statement { code, .. } => retryable(*code),
         TxnError::Encode(_) => false,
     }
 }
 
-/// Whether `err` is a write conflict (labelled transient or reported per statement).
+/// Whether `err` is a write conflict: the command's, or one of its writes' (an
+/// `insertMany` of the ledger's claims reports it per document).
 fn is_write_conflict(err: &TxnError) -> bool {
     match err {
-        TxnError::Mongo(e) => super::error_code(e) == Some(WRITE_CONFLICT),
+        TxnError::Mongo(e) => any_code(e, |code| code == WRITE_CONFLICT),
         TxnError::Statement { code, .. } => *code == WRITE_CONFLICT,
         TxnError::Encode(_) => false,
+    }
+}
+
+/// Whether a code `err` carries passes `wanted`: the command's, a write's, or any of a
+/// bulk write's.
+fn any_code(err: &mongodb::error::Error, wanted: impl Fn(i32) -> bool) -> bool {
+    use mongodb::error::{ErrorKind, WriteFailure};
+    match err.kind.as_ref() {
+        ErrorKind::Command(c) => wanted(c.code),
+        ErrorKind::Write(WriteFailure::WriteError(w)) => wanted(w.code),
+        ErrorKind::BulkWrite(b) => b.write_errors.values().any(|w| wanted(w.code)),
+        ErrorKind::InsertMany(i) => i.write_errors.iter().flatten().any(|w| wanted(w.code)),
+        _ => false,
     }
 }
 

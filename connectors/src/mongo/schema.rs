@@ -415,13 +415,47 @@ async fn drop_retired(
     }
 }
 
-/// The server's own message (code and text), without the driver's debug dump.
+/// The server's own message (code and text), without the driver's debug dump: a
+/// command's, a write's, or a bulk write's first (and how many more).
 pub(crate) fn short_error(err: &mongodb::error::Error) -> String {
-    use mongodb::error::ErrorKind;
-    match err.kind.as_ref() {
-        ErrorKind::Command(c) => format!("code {} {}: {}", c.code, c.code_name, c.message),
-        _ => err.to_string(),
-    }
+    use mongodb::error::{ErrorKind, WriteFailure};
+    let said = |code: i32, name: Option<&str>, message: &str| match name {
+        Some(name) if !name.is_empty() => format!("code {code} {name}: {message}"),
+        _ => format!("code {code}: {message}"),
+    };
+    let first_of = |mut writes: Vec<(i32, Option<&str>, &str)>| {
+        writes.sort_by_key(|w| w.0);
+        let more = writes.len().saturating_sub(1);
+        writes.first().map(|&(code, name, message)| {
+            let first = said(code, name, message);
+            if more > 0 {
+                format!("{first} (and {more} more write error(s))")
+            } else {
+                first
+            }
+        })
+    };
+    let short = match err.kind.as_ref() {
+        ErrorKind::Command(c) => Some(said(c.code, Some(&c.code_name), &c.message)),
+        ErrorKind::Write(WriteFailure::WriteError(w)) => {
+            Some(said(w.code, w.code_name.as_deref(), &w.message))
+        }
+        ErrorKind::InsertMany(i) => first_of(
+            i.write_errors
+                .iter()
+                .flatten()
+                .map(|w| (w.code, w.code_name.as_deref(), w.message.as_str()))
+                .collect(),
+        ),
+        ErrorKind::BulkWrite(b) => first_of(
+            b.write_errors
+                .values()
+                .map(|w| (w.code, w.code_name.as_deref(), w.message.as_str()))
+                .collect(),
+        ),
+        _ => None,
+    };
+    short.unwrap_or_else(|| err.to_string())
 }
 
 /// The options of an index as listIndexes shows them, reduced to what we compare:
