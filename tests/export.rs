@@ -677,6 +677,20 @@ async fn archive_deletes_exactly_what_it_exported() {
     assert_eq!(r.status().as_u16(), 400);
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["error"], "archived_days", "{body}");
+    // A journey cannot show archived events: its answer names the latest archived day.
+    let r = client
+        .get(format!("{base}/v1/analytics/journey?userId=v1"))
+        .bearer_auth(login["token"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(
+        r.headers()
+            .get("x-sluice-archived-through")
+            .and_then(|v| v.to_str().ok()),
+        Some(old.to_string().as_str())
+    );
     let r = daily(day(-11), day(-9)).await.unwrap();
     assert_eq!(r.status().as_u16(), 200);
     let rows: serde_json::Value = r.json().await.unwrap();

@@ -1261,12 +1261,15 @@ async fn top_pages(
     ]).await
 }
 
-/// The design document's user journey query.
+/// The design document's user journey query. Its answer is the query's list; when ARCHIVE
+/// has moved days out of `events`, `X-Sluice-Archived-Through` names the latest, whose
+/// events and those before it the journey cannot show (they are in the ARCHIVE partitions).
 async fn journey(
     State(state): State<AppState>,
     headers: HeaderMap,
     q: Result<Query<Window>, QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
     caller(&state, &headers, Role::Analyst).await?;
     let q = query_params(q)?;
     let user = q
@@ -1282,7 +1285,10 @@ async fn journey(
     // The latest events first (the `userId, timestamp` index), at most
     // JOURNEY_MAX_EVENTS of them, so a visitor with a huge history (a bot) cannot make
     // one group exceed a document's size or the answer unbounded.
-    aggregate(&state, vec![
+    let archived = sluice_jobs::history::latest_archived_day(&state.store)
+        .await
+        .map_err(store_error)?;
+    let sessions = aggregate(&state, vec![
         doc! { "$match": { "userId": user } },
         doc! { "$sort": { "timestamp": -1 } },
         doc! { "$limit": JOURNEY_MAX_EVENTS },
@@ -1290,7 +1296,16 @@ async fn journey(
         doc! { "$group": { "_id": "$sessionId", "events": { "$push": { "eventId": "$eventId", "eventType": "$eventType", "timestamp": "$timestamp", "pageUrl": "$pageUrl" } }, "startTime": { "$first": "$timestamp" }, "endTime": { "$last": "$timestamp" } } },
         doc! { "$sort": { "startTime": -1 } },
         doc! { "$limit": 100 },
-    ]).await
+    ]).await?;
+    let mut response = sessions.into_response();
+    if let Some(day) = archived {
+        if let Ok(value) = axum::http::HeaderValue::from_str(&day.to_string()) {
+            response
+                .headers_mut()
+                .insert("x-sluice-archived-through", value);
+        }
+    }
+    Ok(response)
 }
 
 pub fn routes() -> Router<AppState> {
