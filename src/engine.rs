@@ -143,7 +143,10 @@ pub async fn job_overview(
         let mut missed = None;
         // The latest instant whose time to claim is over: a job firing more often than
         // that has later ones still within theirs, and would never show a miss.
-        if let Ok(fire) = sluice_jobs::schedule::previous_fire(&job, now - grace) {
+        let claim_over = now
+            .checked_sub_signed(grace)
+            .and_then(|t| sluice_jobs::schedule::previous_fire(&job, t).ok());
+        if let Some(fire) = claim_over {
             // Not missed: an instant still within its claim time or older than the
             // claims kept, one before the schedule took effect, or one a later run (by
             // hand, say) has made up for.
@@ -155,11 +158,21 @@ pub async fn job_overview(
                     .and_then(|r| r.scheduled_for)
                     .is_none_or(|at| at < fire);
             // A schedule with no known start (`[[schedules]]` in the config file): it was
-            // in effect at that instant only if the instant before it was claimed (a
-            // server started, or a cron changed, since then missed nothing).
+            // in effect at that instant only if the instant before it was claimed, or the
+            // latest run recorded was an earlier instant of this same cron (an outage
+            // longer than a period stays missed); a server started, or a cron changed,
+            // since then missed nothing.
+            let ran_this_cron = last_run
+                .as_ref()
+                .and_then(|r| r.scheduled_for)
+                .is_some_and(|at| {
+                    at < fire
+                        && sluice_jobs::schedule::previous_fire(&job, at).is_ok_and(|p| p == at)
+                });
             let in_effect = match (candidate, job.since) {
                 (false, _) => false,
                 (true, Some(_)) => true,
+                (true, None) if ran_this_cron => true,
                 (true, None) => match sluice_jobs::schedule::previous_fire(
                     &job,
                     fire - chrono::Duration::seconds(1),
@@ -422,7 +435,14 @@ pub fn import_outcome(s: &sluice_jobs::import::ImportSummary) -> Result<String, 
     // failures, not by the letters it added: a run failing the same records again adds
     // none (they are kept once), and must fail again.
     let plugin_failed = s.dead_letters.max(s.plugin_dead_letters);
-    if s.failed + plugin_failed > 0 && s.inserted + s.updated + s.unchanged + s.skipped == 0 {
+    // Records a plugin filtered out on purpose were handled, not failed (none when it
+    // fanned records out, which this cannot tell apart).
+    let filtered = s
+        .plugin_in
+        .saturating_sub(s.plugin_out + s.plugin_dead_letters + s.skipped);
+    if s.failed + plugin_failed > 0
+        && s.inserted + s.updated + s.unchanged + s.skipped + filtered == 0
+    {
         return Err(format!(
             "{}: every record failed (mapping, validation, a plugin or MongoDB's refusal) and none was stored; the reasons are in `dead_letters` and the run's samples",
             import_line(s)
@@ -642,6 +662,10 @@ mod tests {
         let mut again = ImportSummary::default();
         (again.fetched, again.plugin_in, again.plugin_dead_letters) = (5, 5, 5);
         assert!(import_outcome(&again).is_err());
+        // With records a plugin filtered out on purpose beside them, the run did not fail
+        // every record.
+        (again.plugin_in, again.plugin_out, again.plugin_dead_letters) = (8, 0, 5);
+        assert!(import_outcome(&again).is_ok());
     }
 
     #[test]

@@ -2681,6 +2681,55 @@ async fn jobs_list_shows_the_misses_of_a_job_firing_every_minute() {
     );
 }
 
+/// A `[[schedules]]` job (no known start) that ran at an instant of its cron and then
+/// not for many periods stays MISSED (it showed for one period, then the instant before
+/// the one looked at was unclaimed too, and it was taken for a schedule not yet begun).
+#[tokio::test]
+async fn a_config_file_schedule_stays_missed_through_a_long_outage() {
+    let db = support::TestDb::initialized().await;
+    let config = write_temp(
+        "sluice.toml",
+        &format!(
+            "[mongodb]\nuri = \"{}\"\ndatabase = \"{}\"\n\n[[schedules]]\nname = \"minutely\"\ntype = \"EVENT_DATA\"\ncron = \"0 * * * * *\"\n",
+            support::mongo_uri(),
+            db.name
+        ),
+    );
+    let job = sluice_jobs::schedule::ScheduledJob {
+        name: "export:minutely".into(),
+        cron: "0 * * * * *".into(),
+        timezone: None,
+        since: None,
+    };
+    let at = sluice_jobs::schedule::previous_fire(
+        &job,
+        chrono::Utc::now() - chrono::Duration::minutes(20),
+    )
+    .unwrap();
+    db.store
+        .collection("scheduled_runs")
+        .insert_one(bson::doc! {
+            "_id": sluice_jobs::schedule::run_id("export:minutely", at),
+            "job": "export:minutely", "status": "COMPLETED",
+            "scheduledFor": bson::DateTime::from_chrono(at),
+            "endedAt": bson::DateTime::from_chrono(at + chrono::Duration::seconds(1)),
+        })
+        .await
+        .unwrap();
+    let stdout = sluice_ok(&config, &["jobs", "list"]).await;
+    let lines: Vec<&str> = stdout.lines().collect();
+    let i = lines
+        .iter()
+        .position(|l| l.starts_with("export:minutely "))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert!(
+        lines
+            .get(i + 1)
+            .is_some_and(|l| l.trim_start().starts_with("MISSED: ")),
+        "{stdout}"
+    );
+}
+
 /// Connector requests never go through a proxy named by `HTTP_PROXY`: a proxy resolves
 /// the host again itself, past the vetted, pinned addresses.
 #[tokio::test]

@@ -1285,9 +1285,11 @@ async fn journey(
     // The latest events first (the `userId, timestamp` index), at most
     // JOURNEY_MAX_EVENTS of them, so a visitor with a huge history (a bot) cannot make
     // one group exceed a document's size or the answer unbounded.
+    // Only a note: the journey is answered without it if it cannot be read.
     let archived = sluice_jobs::history::latest_archived_day(&state.store)
         .await
-        .map_err(store_error)?;
+        .ok()
+        .flatten();
     let sessions = aggregate(&state, vec![
         doc! { "$match": { "userId": user } },
         doc! { "$sort": { "timestamp": -1 } },

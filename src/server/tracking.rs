@@ -714,20 +714,20 @@ async fn transform(
     })?;
     let out = isolated.records;
     let dead_letters = isolated.dead_letters;
-    // The events a plugin failed under `dead-letter`, by their index, with its reason.
-    let mut lettered: HashMap<usize, String> = HashMap::new();
-    for l in &dead_letters {
-        if let Some(i) = l
-            .record
-            .get_str(sluice_core::model::event_fields::EVENT_ID)
-            .ok()
-            .and_then(|id| events.iter().position(|e| e.event_id == id))
-        {
-            lettered
-                .entry(i)
-                .or_insert_with(|| format!("transform `{}` failed: {}", l.transform, l.reason));
-        }
-    }
+    // The eventId of each record a plugin failed under `dead-letter`, with its reason,
+    // found among the inputs below.
+    let letter_ids: Vec<(Option<String>, String)> = dead_letters
+        .iter()
+        .map(|l| {
+            (
+                l.record
+                    .get_str(sluice_core::model::event_fields::EVENT_ID)
+                    .ok()
+                    .map(str::to_string),
+                format!("transform `{}` failed: {}", l.transform, l.reason),
+            )
+        })
+        .collect();
     let mut failed: HashMap<usize, String> = HashMap::new();
     for (i, e) in isolated.failed {
         transform_warn!(event_id = %events[i].event_id, error = %e, "a transform failed the event; rejected");
@@ -773,6 +773,17 @@ async fn transform(
     // be told apart from events a plugin dropped on purpose, so every input left with no
     // output is then answered `rejected` (a client told `dropped` would not resend).
     let mut strays = 0usize;
+    // The inputs a plugin failed under `dead-letter`, with its reason; a letter under an
+    // eventId no input had is a stray too (a plugin before it changed the id).
+    let mut lettered: HashMap<usize, String> = HashMap::new();
+    for (id, reason) in letter_ids {
+        match id.as_deref().and_then(|id| sent.get(id).copied()) {
+            Some(i) => {
+                lettered.entry(i).or_insert(reason);
+            }
+            None => strays += 1,
+        }
+    }
     for s in skipped {
         match input_of(&s.record) {
             Some(input) => {

@@ -571,8 +571,8 @@ impl Store {
         }
         let now = bson::DateTime::now();
         let mut docs = Vec::with_capacity(letters.len());
-        // Each letter's id, plugin and reason, to bring one kept already up to date.
-        let mut said: Vec<(String, String, String)> = Vec::with_capacity(letters.len());
+        // Each letter's id and reason, to bring one kept already up to date.
+        let mut said: Vec<(String, String)> = Vec::with_capacity(letters.len());
         for l in letters {
             let mut hash = sha2::Sha256::new();
             for part in [pipeline.as_bytes(), b"\0", l.transform.as_bytes(), b"\0"] {
@@ -596,7 +596,7 @@ impl Store {
             } else {
                 l.record
             };
-            said.push((id[..32].to_string(), l.transform.clone(), l.reason.clone()));
+            said.push((id[..32].to_string(), l.reason.clone()));
             docs.push(bson::doc! {
                 "_id": &id[..32], "pipeline": pipeline, "runId": run_id, "plugin": l.transform,
                 "reason": l.reason, "record": record, "createdAt": now,
@@ -614,7 +614,7 @@ impl Store {
             Err(e) => match duplicate_key_positions(&e) {
                 Some(positions) => {
                     self.refresh_dead_letters(&said, &positions, run_id, now)
-                        .await?;
+                        .await;
                     positions.len() as u64
                 }
                 None => {
@@ -641,37 +641,45 @@ impl Store {
 
     /// Letters kept already (at `positions` of `said`): their `reason` becomes this
     /// run's (a plugin fixed in part fails the record otherwise), with `lastRunId` and
-    /// `lastSeenAt`; `runId` and `createdAt` stay the first run's. One update per
-    /// distinct plugin and reason.
+    /// `lastSeenAt`; `runId` and `createdAt` stay the first run's. One `update` command
+    /// per few hundred letters, unordered. It says, and fails nothing: the letters are
+    /// kept either way, only their reason may be an older run's.
     async fn refresh_dead_letters(
         &self,
-        said: &[(String, String, String)],
+        said: &[(String, String)],
         positions: &[usize],
         run_id: Option<&str>,
         now: bson::DateTime,
-    ) -> Result<(), StoreError> {
-        let mut groups: std::collections::BTreeMap<(&str, &str), Vec<&str>> = Default::default();
-        for &i in positions {
-            if let Some((id, plugin, reason)) = said.get(i) {
-                groups.entry((plugin, reason)).or_default().push(id);
+    ) {
+        /// Statements per command, and the reason text each may carry: a command stays far
+        /// below MongoDB's 16 MiB however long the reasons.
+        const PER_COMMAND: usize = 500;
+        const REASON_CHARS: usize = 4_096;
+        let statements: Vec<bson::Document> = positions
+            .iter()
+            .filter_map(|&i| said.get(i))
+            .map(|(id, reason)| {
+                let reason: String = reason.chars().take(REASON_CHARS).collect();
+                bson::doc! {
+                    "q": { "_id": id },
+                    "u": { "$set": { "reason": reason, "lastRunId": run_id, "lastSeenAt": now } },
+                }
+            })
+            .collect();
+        for chunk in statements.chunks(PER_COMMAND) {
+            let refreshed = self
+                .db
+                .run_command(bson::doc! {
+                    "update": sluice_core::model::collections::DEAD_LETTERS,
+                    "updates": chunk.to_vec(),
+                    "ordered": false,
+                })
+                .await;
+            if let Err(e) = refreshed {
+                tracing::warn!(error = %schema::short_error(&e), letters = chunk.len(), "could not bring dead letters kept already up to date; they keep an earlier run's reason");
+                return;
             }
         }
-        let letters = self.collection(sluice_core::model::collections::DEAD_LETTERS);
-        for ((plugin, reason), ids) in groups {
-            letters
-                .update_many(
-                    bson::doc! { "_id": { "$in": ids } },
-                    bson::doc! { "$set": {
-                        "plugin": plugin, "reason": reason, "lastRunId": run_id, "lastSeenAt": now,
-                    } },
-                )
-                .await
-                .map_err(StoreError::mongo(
-                    sluice_core::model::collections::DEAD_LETTERS,
-                    "bring dead letters kept already up to date",
-                ))?;
-        }
-        Ok(())
     }
 
     /// The newest wire protocol version the server speaks (`hello.maxWireVersion`):
