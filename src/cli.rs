@@ -1360,17 +1360,13 @@ pub async fn import_run(config: &Config, name: &str, dry_run: bool) -> anyhow::R
     let ticker = spawn_import_progress(options.progress.clone());
     enum Done {
         Imported(Box<sluice_jobs::import::ImportSummary>),
-        Pushed(String),
+        Pushed(Box<sluice_jobs::import::PushSummary>),
     }
     let work = async {
         match run_import(&store, name, &options).await {
             Err(ImportError::WrongType { .. }) if !dry_run => {
                 let s = run_push(&store, name, &options).await?;
-                Ok(Done::Pushed(format!(
-                    "push {}: {}",
-                    s.name,
-                    sluice_jobs::import::push_line(&s)
-                )))
+                Ok(Done::Pushed(Box::new(s)))
             }
             other => other.map(|s| Done::Imported(Box::new(s))),
         }
@@ -1406,7 +1402,7 @@ pub async fn import_run(config: &Config, name: &str, dry_run: bool) -> anyhow::R
         let ended = match &result {
             Ok(Done::Imported(s)) if s.completed => crate::engine::import_outcome(s),
             Ok(Done::Imported(s)) => Err(format!("interrupted after page {}", s.pages)),
-            Ok(Done::Pushed(line)) => Ok(line.clone()),
+            Ok(Done::Pushed(s)) => sluice_jobs::import::push_outcome(s),
             Err(e) => Err(e.to_string()),
         };
         sluice_jobs::schedule::end_manual_run(&store, id, &ended).await?;
@@ -1418,8 +1414,13 @@ pub async fn import_run(config: &Config, name: &str, dry_run: bool) -> anyhow::R
     }
     let summary = match result? {
         Done::Imported(summary) => *summary,
-        Done::Pushed(line) => {
-            println!("{line}");
+        Done::Pushed(s) => {
+            println!("push {}: {}", s.name, sluice_jobs::import::push_line(&s));
+            anyhow::ensure!(
+                sluice_jobs::import::push_outcome(&s).is_ok(),
+                "push {}: every document failed (mapping or a plugin) and none was sent; the reasons are in `dead_letters`",
+                s.name
+            );
             return Ok(());
         }
     };

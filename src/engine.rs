@@ -390,8 +390,8 @@ impl EngineRunner {
             Err(sluice_jobs::import::ImportError::WrongType { .. }) => {
                 sluice_jobs::import::run_push(&self.store, integration, &options)
                     .await
-                    .map(|s| sluice_jobs::import::push_line(&s))
                     .map_err(|e| e.to_string())
+                    .and_then(|s| sluice_jobs::import::push_outcome(&s))
             }
             Err(e) => Err(e.to_string()),
         }
@@ -666,6 +666,30 @@ mod tests {
         // every record.
         (again.plugin_in, again.plugin_out, again.plugin_dead_letters) = (8, 0, 5);
         assert!(import_outcome(&again).is_ok());
+    }
+
+    #[test]
+    fn a_push_fails_when_every_document_failed_and_none_was_sent() {
+        use sluice_jobs::import::{push_outcome, PushSummary};
+        let run = |read, sent, failed, plugin_failed, skipped| {
+            let mut s = PushSummary::default();
+            (s.read, s.sent, s.failed, s.plugin_failed, s.skipped) =
+                (read, sent, failed, plugin_failed, skipped);
+            push_outcome(&s)
+        };
+        let all_failed = run(12, 0, 0, 12, 0).unwrap_err();
+        assert!(
+            all_failed.contains("12 failed by a plugin (in dead_letters)")
+                && all_failed.contains("every document failed"),
+            "{all_failed}"
+        );
+        assert!(run(12, 0, 12, 0, 0).is_err(), "every one failed mapping");
+        assert!(run(12, 10, 0, 2, 0).is_ok(), "some were sent");
+        assert!(
+            run(12, 0, 0, 2, 10).is_ok(),
+            "a plugin skipped the rest on purpose"
+        );
+        assert!(run(0, 0, 0, 0, 0).is_ok(), "nothing to send");
     }
 
     #[test]

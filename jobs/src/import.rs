@@ -2405,6 +2405,10 @@ pub struct PushSummary {
     pub samples: Vec<Rejected>,
     /// Records transform plugins failed under the dead-letter policy (in `dead_letters`).
     pub dead_letters: u64,
+    /// Of those, what the plugins failed in this run, whether or not an earlier run kept
+    /// the same letters already.
+    #[serde(skip)]
+    pub plugin_failed: u64,
     /// Records transform plugins dropped under the skip-batch policy: not sent, and the
     /// position moves past them.
     pub skipped: u64,
@@ -2423,6 +2427,12 @@ pub fn push_line(s: &PushSummary) -> String {
         s.failed,
         s.skipped
     );
+    if s.plugin_failed > 0 {
+        line.push_str(&format!(
+            ", {} failed by a plugin (in dead_letters)",
+            s.plugin_failed
+        ));
+    }
     if s.settling > 0 {
         let more = if s.settling >= SETTLING_COUNTED {
             "+"
@@ -2435,6 +2445,18 @@ pub fn push_line(s: &PushSummary) -> String {
         ));
     }
     line
+}
+
+/// A push's result, as a scheduled run records it: failed when it read documents and
+/// sent none, every one failing mapping or a plugin (as an import that stores none).
+pub fn push_outcome(s: &PushSummary) -> Result<String, String> {
+    let line = push_line(s);
+    if s.failed + s.plugin_failed > 0 && s.sent + s.skipped == 0 {
+        return Err(format!(
+            "{line}: every document failed (mapping or a plugin) and none was sent; the reasons are in `dead_letters`"
+        ));
+    }
+    Ok(line)
 }
 
 /// The most documents counted in [`PushSummary::settling`].
@@ -2743,6 +2765,7 @@ pub async fn run_push(
             summary.skipped += applied.skipped.len() as u64;
         }
         let docs = applied.records;
+        summary.plugin_failed += applied.dead_letters.len() as u64;
         summary.dead_letters += store
             .keep_dead_letters(applied.dead_letters, &format!("push:{name}"), None)
             .await?;
