@@ -69,12 +69,13 @@ pub fn config_check(path: Option<&Path>, load_files: bool) -> anyhow::Result<()>
 /// `contact-clean`), which would otherwise leave the plugin running with `{}`.
 pub fn stray_plugin_configs(config: &Config) -> Vec<String> {
     let dir = Path::new(&config.plugins.dir);
+    let exported = config.plugins.export_plugins();
     let chained = |name: &str| {
         config
             .plugins
             .tracking_transforms
             .iter()
-            .chain(&config.plugins.export_plugins())
+            .chain(&exported)
             .any(|n| n == name)
     };
     let mut installed: Vec<String> = std::fs::read_dir(dir)
@@ -742,14 +743,12 @@ pub fn spawn_import_progress(
             // A wait before a retry is said once, when it begins: a long `Retry-After`
             // otherwise reads as a hung run.
             let waiting = progress.waits.current();
-            if waiting.is_some() && waiting != shown_wait {
-                if let Some(w) = &waiting {
-                    if w.wait >= std::time::Duration::from_secs(2) {
-                        eprintln!("  {}", waiting_text(w));
-                        printed = std::time::Instant::now();
-                    }
+            if let Some(w) = waiting.as_ref().filter(|w| shown_wait.as_ref() != Some(*w)) {
+                if w.wait >= std::time::Duration::from_secs(2) {
+                    eprintln!("  {}", waiting_text(w));
+                    printed = std::time::Instant::now();
                 }
-                shown_wait = waiting.clone();
+                shown_wait = Some(w.clone());
             }
             let now = [
                 progress.pages.load(Relaxed),
@@ -788,7 +787,7 @@ pub fn spawn_import_progress(
 /// `waiting 58 s before attempt 2 of 5: 429 Too Many Requests (...)`.
 fn waiting_text(w: &sluice_connectors::http::Waiting) -> String {
     let left = w.until.saturating_duration_since(std::time::Instant::now());
-    let mut why: String = w.why.chars().take(160).collect();
+    let mut why = sluice_core::model::prefix_within(&w.why, 160).to_string();
     if why.len() < w.why.len() {
         why.push_str("...");
     }

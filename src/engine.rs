@@ -433,7 +433,8 @@ pub fn import_outcome(s: &sluice_jobs::import::ImportSummary) -> Result<String, 
     // Records a plugin chose to drop are no failure: with some, the run is not one
     // where everything failed. What the plugins failed is counted by this run's
     // failures, not by the letters it added: a run failing the same records again adds
-    // none (they are kept once), and must fail again.
+    // none (they are kept once), and must fail again. (A checkpoint written before the
+    // run's own count was kept has only the letters.)
     let plugin_failed = s.dead_letters.max(s.plugin_dead_letters);
     // Records a plugin filtered out on purpose were handled, not failed (none when it
     // fanned records out, which this cannot tell apart).

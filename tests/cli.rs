@@ -2611,12 +2611,7 @@ async fn jobs_list_shows_missed_fires_and_the_last_error() {
         lines[0].contains(&cron) && lines[0].contains("last never run"),
         "{stdout}"
     );
-    assert!(
-        lines
-            .get(1)
-            .is_some_and(|l| l.trim_start().starts_with("MISSED: ")),
-        "{stdout}"
-    );
+    assert_missed(&stdout, "integration:nightly");
     let job = sluice_jobs::schedule::ScheduledJob {
         name: "integration:nightly".into(),
         cron: cron.clone(),
@@ -2652,27 +2647,19 @@ async fn jobs_list_shows_missed_fires_and_the_last_error() {
 #[tokio::test]
 async fn jobs_list_shows_the_misses_of_a_job_firing_every_minute() {
     let db = support::TestDb::initialized().await;
-    let file = sluice_core::integration::parse_file(
-        "t",
-        "name = \"frequent\"\ntype = \"IMPORT\"\nendpoint = \"http://127.0.0.1:9/x\"\nschedule = \"0 * * * * *\"\n[mapping.productId]\npath = \"$.id\"\n",
-    )
-    .unwrap();
-    sluice_jobs::configs::apply(&db.store, &file).await.unwrap();
     let since = chrono::Utc::now() - chrono::Duration::hours(1);
-    db.store
-        .collection("integration_configs")
-        .update_one(
-            bson::doc! { "name": "frequent" },
-            bson::doc! { "$set": { "scheduleSince": bson::DateTime::from_chrono(since) } },
-        )
-        .await
-        .unwrap();
+    support::apply_scheduled_since(&db, "frequent", "0 * * * * *", since).await;
     let stdout = sluice_ok(&db_config(&db), &["jobs", "list"]).await;
+    assert_missed(&stdout, "integration:frequent");
+}
+
+/// `jobs list` flags `job` MISSED, on the line after its own.
+fn assert_missed(stdout: &str, job: &str) {
     let lines: Vec<&str> = stdout.lines().collect();
     let i = lines
         .iter()
-        .position(|l| l.starts_with("integration:frequent "))
-        .unwrap_or_else(|| panic!("{stdout}"));
+        .position(|l| l.starts_with(&format!("{job} ")))
+        .unwrap_or_else(|| panic!("no {job} in {stdout}"));
     assert!(
         lines
             .get(i + 1)
@@ -2717,17 +2704,7 @@ async fn a_config_file_schedule_stays_missed_through_a_long_outage() {
         .await
         .unwrap();
     let stdout = sluice_ok(&config, &["jobs", "list"]).await;
-    let lines: Vec<&str> = stdout.lines().collect();
-    let i = lines
-        .iter()
-        .position(|l| l.starts_with("export:minutely "))
-        .unwrap_or_else(|| panic!("{stdout}"));
-    assert!(
-        lines
-            .get(i + 1)
-            .is_some_and(|l| l.trim_start().starts_with("MISSED: ")),
-        "{stdout}"
-    );
+    assert_missed(&stdout, "export:minutely");
 }
 
 /// Connector requests never go through a proxy named by `HTTP_PROXY`: a proxy resolves

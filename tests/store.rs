@@ -1332,37 +1332,16 @@ async fn a_dead_letter_kept_again_says_the_latest_reason() {
         reason: reason.into(),
         record: doc! { "sku": "s1", "price": 3 },
     };
-    let kept = db
-        .store
-        .keep_dead_letters(
-            vec![letter("trapped: panicked")],
-            "import:shop",
-            Some("run-1"),
-        )
-        .await
-        .unwrap();
-    assert_eq!(kept, 1);
-    let again = db
-        .store
-        .keep_dead_letters(
-            vec![letter("malformed output: not JSON")],
-            "import:shop",
-            Some("run-2"),
-        )
-        .await
-        .unwrap();
+    let keep = |reason: &str, run: &'static str| {
+        db.store
+            .keep_dead_letters(vec![letter(reason)], "import:shop", Some(run))
+    };
+    assert_eq!(keep("trapped: panicked", "run-1").await.unwrap(), 1);
+    let again = keep("malformed output: not JSON", "run-2").await.unwrap();
     assert_eq!(again, 0, "kept once");
-    let letters: Vec<Document> = db
-        .store
-        .collection("dead_letters")
-        .find(doc! {})
-        .await
-        .unwrap()
-        .try_collect()
-        .await
-        .unwrap();
-    assert_eq!(letters.len(), 1);
-    let l = &letters[0];
+    let letters = db.store.collection("dead_letters");
+    assert_eq!(letters.count_documents(doc! {}).await.unwrap(), 1);
+    let l = letters.find_one(doc! {}).await.unwrap().unwrap();
     assert_eq!(l.get_str("reason").unwrap(), "malformed output: not JSON");
     assert_eq!(l.get_str("runId").unwrap(), "run-1");
     assert_eq!(l.get_str("lastRunId").unwrap(), "run-2");

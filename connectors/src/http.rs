@@ -177,9 +177,9 @@ impl RetryWait {
         self.0.lock().ok().and_then(|w| w.clone())
     }
 
-    fn set(&self, waiting: Option<Waiting>) {
+    fn show(&self, waiting: Waiting) {
         if let Ok(mut w) = self.0.lock() {
-            *w = waiting;
+            *w = Some(waiting);
         }
     }
 
@@ -534,13 +534,13 @@ impl HttpClient {
     async fn wait_to_retry(&self, wait: Duration, attempt: u32, attempts: u32, why: &str) {
         let until = Instant::now() + wait;
         let _shown = ShownWait(self.waits.as_deref().map(|waits| {
-            waits.set(Some(Waiting {
+            waits.show(Waiting {
                 until,
                 wait,
                 attempt: attempt + 1,
                 attempts,
                 why: why.to_string(),
-            }));
+            });
             (waits, until)
         }));
         tokio::time::sleep(wait).await;
@@ -871,18 +871,6 @@ impl HttpClient {
             }
             if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
                 self.bump(|s| s.failed.rate_limited += 1);
-                let wait = asked.unwrap_or_else(|| self.backoff(attempt));
-                if attempt + 1 == attempts {
-                    last = match asked {
-                        Some(w) => format!(
-                            "429 Too Many Requests (the server asked to wait {} ms)",
-                            w.as_millis()
-                        ),
-                        None => "429 Too Many Requests (no Retry-After)".into(),
-                    };
-                    break;
-                }
-                let wait = wait.min(MAX_RETRY_AFTER);
                 let why = match asked {
                     Some(w) => format!(
                         "429 Too Many Requests (the server asked to wait {} ms)",
@@ -890,6 +878,13 @@ impl HttpClient {
                     ),
                     None => "429 Too Many Requests (no Retry-After)".into(),
                 };
+                if attempt + 1 == attempts {
+                    last = why;
+                    break;
+                }
+                let wait = asked
+                    .unwrap_or_else(|| self.backoff(attempt))
+                    .min(MAX_RETRY_AFTER);
                 self.wait_to_retry(wait, next, attempts, &why).await;
                 last = format!("429 Too Many Requests (waited {} ms)", wait.as_millis());
                 continue;

@@ -112,10 +112,18 @@ pub fn line_of(text: &str, field: &str) -> Option<usize> {
 
 /// `origin`, with the line of `text` that sets `field` (or its table's header), if found.
 pub fn at_line(origin: &str, text: &str, field: &str) -> String {
-    match line_of(text, field) {
+    line_and_origin(origin, text, field).1
+}
+
+/// The line of `text` that sets `field`, if found, and `origin` with it, as [`at_line`]
+/// says it: one search for both.
+pub fn line_and_origin(origin: &str, text: &str, field: &str) -> (Option<usize>, String) {
+    let line = line_of(text, field);
+    let at = match line {
         Some(line) => format!("{origin}:{line}"),
         None => origin.to_string(),
-    }
+    };
+    (line, at)
 }
 
 /// `first`, the error `check` found in `text` (read as a `T`), and the others: the first

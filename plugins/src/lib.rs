@@ -59,13 +59,13 @@ const PIPE_FULL_MARGIN: usize = 64 * 1024;
 
 /// Host memory charged per table element.
 const TABLE_ELEMENT_BYTES: usize = 16;
-/// How many batch deadlines narrowing a failing batch down may spend, in all.
-const SPLIT_BUDGET_DEADLINES: u32 = 3;
-
 /// The most records one call of a plugin is given (each call has its own deadline): a
 /// bigger batch (an export's 8,192 rows, a large import page) is handed over in parts,
 /// as `plugin test` times it (1,000 records by default).
 pub const RECORDS_PER_CALL: usize = 1_000;
+/// How many deadlines narrowing a failing call of up to [`RECORDS_PER_CALL`] records down
+/// may spend, in all.
+const SPLIT_BUDGET_DEADLINES: u32 = 3;
 /// Splitting a batch that hits the memory cap goes on longer (the parts must fit, and a
 /// plugin that needs memory usually hits the cap fast), but not for ever: a plugin that
 /// hits it whatever its input, slowly, would cost two calls a record.

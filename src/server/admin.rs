@@ -729,8 +729,8 @@ fn validate_api_config(
         }
         std::env::var(k).ok()
     };
-    let line = |field: &str| sluice_core::toml_errors::line_of(body, field);
-    let at = |field: &str| sluice_core::toml_errors::at_line(ORIGIN, body, field);
+    // A field's line, and where an error of it is said (`request body:LINE`).
+    let place = |field: &str| sluice_core::toml_errors::line_and_origin(ORIGIN, body, field);
     let may_reach = config.raw.security.api_configs_may_reach_private_network;
     // What this route refuses of a config beyond what validation does, at its line; read
     // from the TOML alone, so that it is said with the other errors of a file that does
@@ -746,7 +746,8 @@ fn validate_api_config(
             .and_then(|a| a.get("token_url"))
             .and_then(toml::Value::as_str);
         if allow_private_network && !may_reach {
-            return vec![(line("allow_private_network"), format!("{}: field `allow_private_network`: configs applied through the API may not reach loopback, private or cloud-metadata addresses (an operator may allow it with `[security] api_configs_may_reach_private_network = true`, or apply the config with `sluice configs apply`)", at("allow_private_network")))];
+            let (line, at) = place("allow_private_network");
+            return vec![(line, format!("{at}: field `allow_private_network`: configs applied through the API may not reach loopback, private or cloud-metadata addresses (an operator may allow it with `[security] api_configs_may_reach_private_network = true`, or apply the config with `sluice configs apply`)"))];
         }
         if allow_private_network {
             return Vec::new();
@@ -756,9 +757,9 @@ fn validate_api_config(
         urls.into_iter()
             .filter_map(|(field, url)| {
                 let kind = sluice_connectors::http::literal_private_host(url?)?;
-                Some((line(field), format!(
-                    "{}: field `{field}`: `{}` is not a public address ({kind}), which a config reaches only with `allow_private_network = true`; {}",
-                    at(field),
+                let (line, at) = place(field);
+                Some((line, format!(
+                    "{at}: field `{field}`: `{}` is not a public address ({kind}), which a config reaches only with `allow_private_network = true`; {}",
                     url?,
                     if may_reach {
                         "set it in the config"

@@ -889,9 +889,9 @@ pub async fn start_loaded(
         t.write_batch_size,
         t.writers,
         Admission {
-            // Half the write deadline at most: a request let in late still has time to
-            // be written before its deadline.
-            wait: Duration::from_millis(t.queue_wait_ms.min(t.write_timeout_seconds * 500)),
+            // Half the write deadline at most (the config holds it to that, saying so): a
+            // request let in late still has time to be written before its deadline.
+            wait: Duration::from_millis(t.queue_wait_ms),
             // A writer that has not finished a write for half the write deadline leaves
             // its requests to time out anyway.
             stuck_after: Duration::from_millis(t.write_timeout_seconds * 500),

@@ -714,20 +714,37 @@ async fn transform(
     })?;
     let out = isolated.records;
     let dead_letters = isolated.dead_letters;
-    // The eventId of each record a plugin failed under `dead-letter`, with its reason,
-    // found among the inputs below.
-    let letter_ids: Vec<(Option<String>, String)> = dead_letters
+    // The eventId is the client's dedupe key and how its answer finds the event: an
+    // output under an id no input had would be stored while the client is told its event
+    // was dropped, and a resend would store it again. Such outputs are not stored.
+    let sent: HashMap<&str, usize> = events
         .iter()
-        .map(|l| {
-            (
-                l.record
-                    .get_str(sluice_core::model::event_fields::EVENT_ID)
-                    .ok()
-                    .map(str::to_string),
-                format!("transform `{}` failed: {}", l.transform, l.reason),
-            )
-        })
+        .enumerate()
+        .map(|(i, e)| (e.event_id.as_str(), i))
         .collect();
+    // The input an output or a set-aside record came from, by the eventId it keeps.
+    let input_of = |d: &bson::Document| {
+        d.get_str(sluice_core::model::event_fields::EVENT_ID)
+            .ok()
+            .and_then(|id| sent.get(id).copied())
+    };
+    // Outputs (and records skipped) under an eventId no input had: their inputs cannot
+    // be told apart from events a plugin dropped on purpose, so every input left with no
+    // output is then answered `rejected` (a client told `dropped` would not resend).
+    let mut strays = 0usize;
+    // The inputs a plugin failed under `dead-letter`, with its reason; a letter under an
+    // eventId no input had is a stray too (a plugin before it changed the id).
+    let mut lettered: HashMap<usize, String> = HashMap::new();
+    for l in &dead_letters {
+        match input_of(&l.record) {
+            Some(i) => {
+                lettered
+                    .entry(i)
+                    .or_insert_with(|| format!("transform `{}` failed: {}", l.transform, l.reason));
+            }
+            None => strays += 1,
+        }
+    }
     let mut failed: HashMap<usize, String> = HashMap::new();
     for (i, e) in isolated.failed {
         transform_warn!(event_id = %events[i].event_id, error = %e, "a transform failed the event; rejected");
@@ -755,35 +772,6 @@ async fn transform(
         )
         .retry(5)
     })?;
-    // The eventId is the client's dedupe key and how its answer finds the event: an
-    // output under an id no input had would be stored while the client is told its event
-    // was dropped, and a resend would store it again. Such outputs are not stored.
-    let sent: HashMap<&str, usize> = events
-        .iter()
-        .enumerate()
-        .map(|(i, e)| (e.event_id.as_str(), i))
-        .collect();
-    // The input an output or a set-aside record came from, by the eventId it keeps.
-    let input_of = |d: &bson::Document| {
-        d.get_str(sluice_core::model::event_fields::EVENT_ID)
-            .ok()
-            .and_then(|id| sent.get(id).copied())
-    };
-    // Outputs (and records skipped) under an eventId no input had: their inputs cannot
-    // be told apart from events a plugin dropped on purpose, so every input left with no
-    // output is then answered `rejected` (a client told `dropped` would not resend).
-    let mut strays = 0usize;
-    // The inputs a plugin failed under `dead-letter`, with its reason; a letter under an
-    // eventId no input had is a stray too (a plugin before it changed the id).
-    let mut lettered: HashMap<usize, String> = HashMap::new();
-    for (id, reason) in letter_ids {
-        match id.as_deref().and_then(|id| sent.get(id).copied()) {
-            Some(i) => {
-                lettered.entry(i).or_insert(reason);
-            }
-            None => strays += 1,
-        }
-    }
     for s in skipped {
         match input_of(&s.record) {
             Some(input) => {

@@ -751,19 +751,36 @@ pub async fn apply_missed_nightly(db: &TestDb) -> String {
         chrono::Timelike::minute(&at),
         chrono::Timelike::hour(&at)
     );
+    apply_scheduled_since(
+        db,
+        "nightly",
+        &cron,
+        chrono::Utc::now() - chrono::Duration::days(2),
+    )
+    .await;
+    cron
+}
+
+/// Applies an IMPORT config `name` on `cron` (to an address nothing answers at), as
+/// scheduled since `since`, with no run recorded.
+pub async fn apply_scheduled_since(
+    db: &TestDb,
+    name: &str,
+    cron: &str,
+    since: chrono::DateTime<chrono::Utc>,
+) {
     let file = sluice_core::integration::parse_file(
         "t",
-        &format!("name = \"nightly\"\ntype = \"IMPORT\"\nendpoint = \"http://127.0.0.1:9/x\"\nschedule = \"{cron}\"\n[mapping.productId]\npath = \"$.id\"\n"),
+        &format!("name = \"{name}\"\ntype = \"IMPORT\"\nendpoint = \"http://127.0.0.1:9/x\"\nschedule = \"{cron}\"\n[mapping.productId]\npath = \"$.id\"\n"),
     )
     .unwrap();
     sluice_jobs::configs::apply(&db.store, &file).await.unwrap();
     db.store
         .collection("integration_configs")
         .update_one(
-            bson::doc! { "name": "nightly" },
-            bson::doc! { "$set": { "scheduleSince": bson::DateTime::from_chrono(chrono::Utc::now() - chrono::Duration::days(2)) } },
+            bson::doc! { "name": name },
+            bson::doc! { "$set": { "scheduleSince": bson::DateTime::from_chrono(since) } },
         )
         .await
         .unwrap();
-    cron
 }

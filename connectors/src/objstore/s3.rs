@@ -195,6 +195,15 @@ fn encode_copy_source(text: &str) -> String {
 /// store, a machine without AWS settings).
 const DEFAULT_REGION: &str = "us-east-1";
 
+/// `key` under `prefix` (a prefix without its slashes; empty: the bucket's root).
+fn under(prefix: &str, key: &str) -> String {
+    if prefix.is_empty() {
+        key.to_string()
+    } else {
+        format!("{prefix}/{key}")
+    }
+}
+
 impl S3Store {
     pub async fn connect(settings: &S3Settings) -> Result<Self, StorageError> {
         // rustls with ring: no C toolchain needed to build, same TLS as the rest of Sluice.
@@ -300,11 +309,7 @@ impl S3Store {
     }
 
     fn full(&self, key: &str) -> String {
-        if self.prefix.is_empty() {
-            key.to_string()
-        } else {
-            format!("{}/{key}", self.prefix)
-        }
+        under(&self.prefix, key)
     }
 
     pub fn url(&self, key: &str) -> String {
@@ -313,12 +318,7 @@ impl S3Store {
 
     /// [`Self::url`] of `key` in a store of `bucket` and `prefix`, without connecting.
     pub fn url_of(bucket: &str, prefix: &str, key: &str) -> String {
-        let prefix = prefix.trim_matches('/');
-        if prefix.is_empty() {
-            format!("s3://{bucket}/{key}")
-        } else {
-            format!("s3://{bucket}/{prefix}/{key}")
-        }
+        format!("s3://{bucket}/{}", under(prefix.trim_matches('/'), key))
     }
 
     pub async fn put_bytes(&self, key: &str, bytes: Vec<u8>) -> Result<(), StorageError> {
