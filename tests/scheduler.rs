@@ -346,6 +346,32 @@ async fn a_dead_owners_run_is_taken_over_after_the_lease() {
 }
 
 #[tokio::test]
+async fn a_run_handed_back_by_a_shutdown_is_taken_over_as_a_replica_starts() {
+    let db = TestDb::initialized().await;
+    let fire = Utc::now() - chrono::Duration::seconds(30);
+    let id = format!(
+        "nightly@{}",
+        fire.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    );
+    // What a restart leaves: the stopping process handed its run back.
+    db.store
+        .collection("scheduled_runs")
+        .insert_one(doc! {
+            "_id": &id, "job": "nightly", "scheduledFor": bson::DateTime::from_chrono(fire),
+            "status": "RUNNING", "owner": "restarting", "attempts": 1,
+            "handedBack": true, "handedBackAt": bson::DateTime::now(),
+            "expiresAt": bson::DateTime::from_millis(0),
+        })
+        .await
+        .unwrap();
+    // A lease of ten minutes: a sweep every five. The run is taken over well before.
+    let (s, log) = idle_scheduler(&db.store, "restarted", Duration::ZERO, 600_000).await;
+    status_becomes(&db, doc! { "_id": &id }, "COMPLETED").await;
+    s.shutdown().await;
+    assert_eq!(log.lock().unwrap().len(), 1, "the handed-back run ran once");
+}
+
+#[tokio::test]
 async fn a_dead_owners_run_is_not_run_again_once_a_later_fire_has_run_the_job() {
     let db = TestDb::initialized().await;
     let at = |secs: i64| Utc::now() - chrono::Duration::seconds(secs);

@@ -341,26 +341,11 @@ impl Scheduler {
             registered: Mutex::new(HashMap::new()),
             tasks: Default::default(),
         };
-        // Takes over fires whose owner stopped renewing its lease.
-        let sweeper = {
-            let inner = inner.clone();
-            tokio::spawn(async move {
-                let every = (inner.options.lease / 2).max(Duration::from_millis(200));
-                loop {
-                    tokio::time::sleep(every).await;
-                    if let Err(e) = sweep(&inner).await {
-                        sluice_core::metrics::count_background_error("scheduler_sweep", 1);
-                        tracing::warn!(error = %e, "scheduler sweep failed");
-                    }
-                }
-            })
-        };
         let this = Arc::new(this);
         match source().await {
             Ok(jobs) => {
                 if let Err(e) = this.reconcile(&jobs).await {
                     // Nothing of this scheduler may outlive the error.
-                    sweeper.abort();
                     let _ = this.cron.lock().await.shutdown().await;
                     return Err(e);
                 }
@@ -370,6 +355,22 @@ impl Scheduler {
                 tracing::error!(error = %e, "could not read the jobs to schedule; trying again at the next reload")
             }
         }
+        // Takes over fires whose owner stopped renewing its lease. Its first pass is at
+        // once, once the schedules are loaded: runs handed back by a shutdown (a restart,
+        // a rolling upgrade) are taken over as this replica starts, not half a lease later.
+        let sweeper = {
+            let inner = inner.clone();
+            tokio::spawn(async move {
+                let every = (inner.options.lease / 2).max(Duration::from_millis(200));
+                loop {
+                    if let Err(e) = sweep(&inner).await {
+                        sluice_core::metrics::count_background_error("scheduler_sweep", 1);
+                        tracing::warn!(error = %e, "scheduler sweep failed");
+                    }
+                    tokio::time::sleep(every).await;
+                }
+            })
+        };
         let reloader = {
             let weak = Arc::downgrade(&this);
             let every = inner.options.reload_every;
