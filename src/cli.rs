@@ -2415,8 +2415,18 @@ pub async fn jobs_history(config: &Config, name: Option<&str>) -> anyhow::Result
             },
             _ => String::new(),
         };
+        // A run another replica took over (its first owner died or shut down): an import
+        // went on from its checkpoint, an export redid its window.
+        let taken_over = match r.get_datetime("takenOverAt") {
+            Ok(t) => format!(
+                "taken over at {} (attempt {}); ",
+                at(t),
+                r.get_i32("attempts").unwrap_or(2)
+            ),
+            Err(_) => String::new(),
+        };
         println!(
-            "{:<50} {:<10} owner {:<24} {lapsed}{}",
+            "{:<50} {:<10} owner {:<24} {taken_over}{lapsed}{}",
             r.get_str("_id").unwrap_or("?"),
             r.get_str("status").unwrap_or("?"),
             r.get_str("owner").unwrap_or("?"),

@@ -192,8 +192,8 @@ pub async fn job_overview(
         out.push(JobOverview {
             next_fire: sluice_jobs::schedule::next_fire(&job, now).map(|t| t.to_rfc3339()),
             timezone: job.timezone.clone().unwrap_or_else(|| "UTC".into()),
+            running: still_going(going.remove(&job.name), last_run.as_ref()),
             last_run,
-            running: going.remove(&job.name),
             missed,
             name: job.name,
             cron: Some(job.cron),
@@ -225,7 +225,7 @@ pub async fn job_overview(
                 "no schedule: runs by hand only"
             };
             out.push(JobOverview {
-                running: going.remove(&job),
+                running: still_going(going.remove(&job), Some(&last)),
                 name: job,
                 cron: None,
                 timezone: "UTC".into(),
@@ -236,6 +236,15 @@ pub async fn job_overview(
         }
     }
     Ok(out)
+}
+
+/// The runs going are read before each job's latest run: a run that ended between the two
+/// reads is its job's latest run, ended, and not going any more.
+fn still_going(
+    going: Option<sluice_jobs::schedule::RunGoing>,
+    latest: Option<&LastRun>,
+) -> Option<sluice_jobs::schedule::RunGoing> {
+    going.filter(|g| latest.is_none_or(|l| l.id != g.id || l.status == "RUNNING"))
 }
 
 pub fn job_source(config: Arc<Config>, store: Store) -> JobSource {
@@ -644,6 +653,34 @@ pub async fn publish_job_gauges(
 mod tests {
     use super::import_outcome;
     use sluice_jobs::import::ImportSummary;
+
+    #[test]
+    fn a_run_that_ended_between_the_two_reads_is_not_shown_going() {
+        use super::{still_going, LastRun};
+        use sluice_jobs::schedule::RunGoing;
+        let going = |id: &str| RunGoing {
+            id: id.into(),
+            waiting: false,
+            started_at: None,
+        };
+        let latest = |id: &str, status: &str| LastRun {
+            id: id.into(),
+            status: status.into(),
+            scheduled_for: None,
+            ended_at: None,
+            error: None,
+        };
+        // Going when the runs were read, COMPLETED by the time the latest was.
+        assert_eq!(
+            still_going(Some(going("a@1")), Some(&latest("a@1", "COMPLETED"))),
+            None
+        );
+        assert!(still_going(Some(going("a@1")), Some(&latest("a@1", "RUNNING"))).is_some());
+        // A run by hand going beside a later fire's record, and a job never run before.
+        assert!(still_going(Some(going("a@1")), Some(&latest("a@2", "SKIPPED"))).is_some());
+        assert!(still_going(Some(going("a@1")), None).is_some());
+        assert_eq!(still_going(None, Some(&latest("a@1", "RUNNING"))), None);
+    }
 
     #[test]
     fn an_import_fails_only_when_every_record_failed() {

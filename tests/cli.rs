@@ -260,6 +260,24 @@ async fn jobs_history_takes_a_bare_config_name_like_jobs_run() {
         )) && !stdout.contains("1970"),
         "{stdout}"
     );
+    // One another replica took over says so, with its attempt.
+    let taken = bson::DateTime::from_millis(now.timestamp_millis() - 2_000);
+    runs.insert_one(bson::doc! {
+        "_id": "integration:moved@manual-1", "job": "integration:moved", "status": "COMPLETED",
+        "owner": "survivor", "scheduledFor": now, "takenOverAt": taken, "attempts": 2,
+        "result": "12 records",
+    })
+    .await
+    .unwrap();
+    let out = sluice_with(&config, &["jobs", "history", "moved"]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&format!(
+            "taken over at {} (attempt 2); 12 records",
+            taken.try_to_rfc3339_string().unwrap()
+        )),
+        "{stdout}"
+    );
 }
 
 /// `sluice config check PATH`, which must refuse the file (exit 2): what it said.
