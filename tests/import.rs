@@ -442,6 +442,8 @@ enum Fault {
     TokenBusyForAnHour,
     /// Every page is refused 429 with `Retry-After: 3600`.
     RateLimitedForAnHour,
+    /// Every page is refused with this status (429 or 503) and `Retry-After: 60`.
+    RefusedForAMinute(u16),
     /// The first page is refused 503 with `Retry-After: 1`.
     UnavailableOnce,
     /// Tokens live an hour, but the first one issued is refused (revoked) with 401.
@@ -527,6 +529,14 @@ async fn items(
                 == Some("Bearer tok-0") =>
         {
             return (StatusCode::UNAUTHORIZED, "revoked").into_response()
+        }
+        Fault::RefusedForAMinute(status) => {
+            return (
+                StatusCode::from_u16(status).unwrap(),
+                [("retry-after", "60")],
+                "come back in a minute",
+            )
+                .into_response()
         }
         Fault::RateLimitedForAnHour => {
             return (
@@ -926,6 +936,29 @@ async fn a_long_retry_after_fails_at_once_and_a_503_retry_after_is_waited() {
     );
     assert_eq!((s.fetched, s.http.retries), (45, 1));
     assert_eq!(api.hits.load(Ordering::SeqCst), 6);
+}
+
+#[tokio::test]
+async fn the_last_attempt_is_not_followed_by_a_wait() {
+    let db = TestDb::initialized().await;
+    for status in [429, 503] {
+        let (base, api) = fault_api(Fault::RefusedForAMinute(status)).await;
+        let config = cursor_config(&format!("last-{status}"), &base, "", "")
+            .replace("max_attempts = 4", "max_attempts = 1");
+        let name = apply(&db, &config).await;
+        // Waiting the minute asked for after the only attempt would outlast the bound,
+        // which is a third of it.
+        let err = tokio::time::timeout(
+            Duration::from_secs(20),
+            run_import(&db.store, &name, &ImportOptions::default()),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{status}: the run waited after its last attempt"))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains(&status.to_string()), "{err}");
+        assert_eq!(api.hits.load(Ordering::SeqCst), 1, "{status}: one attempt");
+    }
 }
 
 #[tokio::test]
