@@ -845,17 +845,19 @@ async fn apply_config(
     // Not UTF-8, or over the body limit: the API's JSON error shape, not axum's text.
     let body = body.map_err(|r| ApiError::new(r.status(), "invalid_body", r.body_text()))?;
     let bad = |e: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_config", e);
-    let file = validate_api_config(&state.config, &body)
-        .map_err(|all| ApiError::many(StatusCode::BAD_REQUEST, "invalid_config", all))?;
     let file = {
         let config = state.config.clone();
-        // Loading compiles the plugins: off the async threads.
+        // Validating parses the body up to a few hundred times (to find every error), and
+        // loading compiles the plugins: both off the async threads.
         tokio::task::spawn_blocking(move || {
-            crate::cli::check_config_transforms(&config, &file).map(|_| file)
+            let file = validate_api_config(&config, &body)
+                .map_err(|all| ApiError::many(StatusCode::BAD_REQUEST, "invalid_config", all))?;
+            crate::cli::check_config_transforms(&config, &file)
+                .map(|_| file)
+                .map_err(|e| bad(format!("{e:#}")))
         })
         .await
-        .map_err(|e| bad(e.to_string()))?
-        .map_err(|e| bad(format!("{e:#}")))?
+        .map_err(|e| bad(e.to_string()))??
     };
     let applied = sluice_jobs::configs::apply(&state.store, &file)
         .await
