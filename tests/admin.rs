@@ -266,6 +266,16 @@ async fn every_role_against_every_endpoint() {
             "name = \"cfg-local\"\ntype = \"IMPORT\"\nendpoint = \"http://127.0.0.1:18901/x\"\n[mapping.productId]\npath = \"$.id\"\n",
             "`endpoint`: `http://127.0.0.1:18901/x` is not a public address (loopback)",
         ),
+        // A host the HTTP client would read as another (`%`-escapes decoded, full-width
+        // letters mapped to ASCII): refused, whatever it resolves to.
+        (
+            "name = \"cfg-escaped\"\ntype = \"IMPORT\"\nendpoint = \"http://%31%32%37.0.0.1:18901/x\"\n[mapping.productId]\npath = \"$.id\"\n",
+            "no `%`-escapes",
+        ),
+        (
+            "name = \"cfg-wide\"\ntype = \"IMPORT\"\nendpoint = \"http://\u{ff4c}ocalhost:18901/x\"\n[mapping.productId]\npath = \"$.id\"\n",
+            "a host of ASCII letters",
+        ),
         // A plugin this deployment does not have: refused now, not at the first run.
         (
             "name = \"cfg-plugin\"\ntype = \"IMPORT\"\nendpoint = \"https://api.example/x\"\ntransforms = [\"no-such-plugin\"]\n[mapping.productId]\npath = \"$.id\"\n",
@@ -286,7 +296,7 @@ async fn every_role_against_every_endpoint() {
     let stored = db
         .store
         .collection("integration_configs")
-        .count_documents(bson::doc! { "name": { "$in": ["../escape", "cfg-plugin", "cfg-steal", "cfg-steal2", "cfg-steal3", "cfg-query", "cfg-private"] } })
+        .count_documents(bson::doc! { "name": { "$in": ["../escape", "cfg-plugin", "cfg-steal", "cfg-steal2", "cfg-steal3", "cfg-query", "cfg-private", "cfg-escaped", "cfg-wide"] } })
         .await
         .unwrap();
     assert_eq!(stored, 0);

@@ -1986,6 +1986,98 @@ async fn an_api_echoing_a_wrong_key_does_not_get_it_stored() {
 }
 
 #[tokio::test]
+async fn a_key_echoed_encoded_or_kept_by_a_redirect_is_not_stored() {
+    let db = TestDb::initialized().await;
+    // The key goes in the query, `%`-encoded; one API echoes the query as it came and as a
+    // JSON string with its slashes escaped, another redirects keeping it.
+    let addr = serve(
+        Router::new()
+            .route(
+                "/echo",
+                get(|uri: axum::http::Uri| async move {
+                    let query = uri.query().unwrap_or("").to_string();
+                    let key = query.trim_start_matches("api_key=").to_string();
+                    let decoded: String = url_decoded(&key);
+                    let json = serde_json::to_string(&decoded).unwrap().replace('/', "\\/");
+                    (
+                        StatusCode::NOT_FOUND,
+                        format!("no such page: /echo?{query}; key {json}"),
+                    )
+                }),
+            )
+            .route(
+                "/moved",
+                get(|uri: axum::http::Uri| async move {
+                    let to = format!("https://api.example/v2/items?{}", uri.query().unwrap_or(""));
+                    (StatusCode::MOVED_PERMANENTLY, [("location", to)], "")
+                }),
+            ),
+    )
+    .await;
+    let secret = "sk_live/SECRET+123==";
+    for (name, path) in [("echo-encoded", "echo"), ("moved", "moved")] {
+        let config =
+            things_config(name, &format!("http://{addr}/{path}"), "type = \"none\"").replace(
+                "[source]",
+                "[auth]\ntype = \"API_KEY\"\nkey = \"${env:IMPORT_TEST_KEY_Q}\"\nquery = \"api_key\"\n[source]",
+            );
+        let name = apply(&db, &config).await;
+        let opts = with_secrets(&[("IMPORT_TEST_KEY_Q", secret)]);
+        let err = run_import(&db.store, &name, &opts)
+            .await
+            .unwrap_err()
+            .to_string();
+        let run = db
+            .store
+            .collection("import_runs")
+            .find_one(doc! { "config": &name })
+            .await
+            .unwrap()
+            .unwrap()
+            .to_string();
+        for shown in [&err, &run] {
+            assert!(
+                !shown.contains("SECRET"),
+                "{name}: the key is shown: {shown}"
+            );
+        }
+        if path == "moved" {
+            assert!(
+                err.contains("a redirect to `https://api.example/v2/items`"),
+                "{err}"
+            );
+        } else {
+            assert!(err.contains("404") && err.contains("<redacted>"), "{err}");
+        }
+    }
+}
+
+/// `text` with its `%`-escapes (and `+` as a space) decoded.
+fn url_decoded(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap();
+                out.push(u8::from_str_radix(hex, 16).unwrap());
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).unwrap()
+}
+
+#[tokio::test]
 async fn a_push_batch_is_cut_at_max_batch_mb() {
     let db = TestDb::initialized().await;
     let (base, api) = fault_api(Fault::None).await;

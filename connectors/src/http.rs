@@ -409,6 +409,33 @@ pub async fn vet_host(
     Ok(addrs)
 }
 
+/// Resolves the names the client was not pinned to, refusing non-public addresses unless
+/// they are allowed, as [`vet_host`] does for the endpoint.
+struct VettingResolver {
+    allow_private: bool,
+}
+
+impl reqwest::dns::Resolve for VettingResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let allow_private = self.allow_private;
+        Box::pin(async move {
+            let host = name.as_str().to_string();
+            let addrs: Vec<SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            if !allow_private {
+                if let Some(kind) = addrs.iter().find_map(|a| ip_kind(a.ip())) {
+                    let refused = format!(
+                        "`{host}` resolves to a {kind} address (set `allow_private_network = true` to allow it)"
+                    );
+                    return Err(refused.into());
+                }
+            }
+            let addrs: reqwest::dns::Addrs = Box::new(addrs.into_iter());
+            Ok(addrs)
+        })
+    }
+}
+
 struct Token {
     value: String,
     /// When to ask for a new one (None: the token does not expire).
@@ -457,16 +484,25 @@ const TOKEN_MARGIN: Duration = Duration::from_secs(30);
 fn refresh_after(lifetime: Duration) -> Duration {
     lifetime - TOKEN_MARGIN.min(lifetime / 2)
 }
+/// How much of an answer's text is scrubbed of secrets before its start is quoted.
+const SNIPPET_SCRUBBED: usize = 16_384;
+
 /// `Retry-After` values are honoured up to this.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 
 impl HttpClient {
     /// The start of an answer's body for an error, the connector's secrets removed.
     fn snippet(&self, text: &str) -> String {
-        // Scrubbed before it is cut, so a secret across the cut leaves no part behind.
-        let start: String = text.chars().take(1_000).collect();
+        // Scrubbed before it is cut, so a secret across the cut leaves no part behind (a
+        // secret is far shorter than the margin read beyond the cut).
+        let start: String = text.chars().take(SNIPPET_SCRUBBED).collect();
+        snippet(&self.scrub(start))
+    }
+
+    /// `text` without the connector's secrets nor the tokens issued to this client.
+    fn scrub(&self, text: String) -> String {
         let issued = self.issued.lock().map(|i| i.clone()).unwrap_or_default();
-        snippet(&scrub(&self.connector, &issued, start))
+        scrub(&self.connector, &issued, text)
     }
 
     /// Notes a token given to this client, to keep it out of error texts.
@@ -501,7 +537,28 @@ impl HttpClient {
                 hosts.push((token_url.clone(), u.host, u.port));
             }
         }
+        // Names no pinned entry covers are vetted too, at each lookup: nothing this client
+        // connects to by name goes unchecked, whatever URL reaches it.
+        builder = builder.dns_resolver(Arc::new(VettingResolver {
+            allow_private: connector.allow_private_network,
+        }));
         for (url, host, port) in hosts {
+            // The host checked must be the one the client connects to.
+            let read = reqwest::Url::parse(&url).ok();
+            let client_host = read.as_ref().and_then(|u| u.host_str()).map(|h| {
+                h.trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_ascii_lowercase()
+            });
+            if client_host.as_deref() != Some(host.as_str()) {
+                return Err(HttpError::Network {
+                    url: url.clone(),
+                    message: format!(
+                        "the HTTP client reads its host as `{}`, not `{host}` as it was checked; write the host plainly",
+                        client_host.as_deref().unwrap_or("nothing")
+                    ),
+                });
+            }
             let addrs = vet_host(&url, &host, port, connector.allow_private_network).await?;
             if host.parse::<IpAddr>().is_err() {
                 builder = builder.resolve_to_addrs(&host, &addrs);
@@ -952,9 +1009,11 @@ impl HttpClient {
             if !status.is_success() {
                 self.bump(|s| s.failed.refused += 1);
                 let body = match headers.get("location").and_then(|l| l.to_str().ok()) {
-                    // Redirects are not followed: the target was never vetted.
+                    // Redirects are not followed: the target was never vetted. Shown
+                    // without its query, which a redirect keeps (an API key with it).
                     Some(to) if status.is_redirection() => format!(
-                        "a redirect to `{to}`, which is not followed (set the endpoint to the final URL)"
+                        "a redirect to `{}`, which is not followed (set the endpoint to the final URL)",
+                        self.snippet(to.split(['?', '#']).next().unwrap_or(""))
                     ),
                     _ => self.snippet(&text),
                 };
@@ -1388,6 +1447,25 @@ fn scrub(connector: &Connector, issued: &[String], text: String) -> String {
     secrets.extend(issued.iter().cloned());
     // Short values (a 1-character test key) would blank unrelated text.
     secrets.retain(|s| s.len() >= 4);
+    // And as an API may echo them: `%`-encoded (a query parameter), JSON-escaped, and
+    // JSON-escaped with `\/` (as some encoders write a slash).
+    let encoded: Vec<String> = secrets
+        .iter()
+        .flat_map(|s| {
+            let form: String = oauth2::url::form_urlencoded::byte_serialize(s.as_bytes()).collect();
+            let json = serde_json::to_string(s).unwrap_or_default();
+            let json = json
+                .strip_prefix('"')
+                .and_then(|j| j.strip_suffix('"'))
+                .unwrap_or_default()
+                .to_string();
+            let slashed = json.replace('/', "\\/");
+            [form, json, slashed]
+        })
+        .collect();
+    secrets.extend(encoded);
+    secrets.sort();
+    secrets.dedup();
     // Longest first: a secret inside another (a password inside its Basic encoding's
     // text, say) must not break the longer one's match.
     secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
@@ -1959,6 +2037,28 @@ mod tests {
         )
         .await;
         assert_eq!(read_start(get(url).await, 50).await.unwrap(), "oops");
+    }
+
+    #[tokio::test]
+    async fn names_no_pinned_entry_covers_are_vetted_at_each_lookup() {
+        use reqwest::dns::Resolve;
+        let name = || "localhost".parse::<reqwest::dns::Name>().unwrap();
+        let refused = VettingResolver {
+            allow_private: false,
+        }
+        .resolve(name())
+        .await
+        .err()
+        .expect("localhost is refused")
+        .to_string();
+        assert!(refused.contains("loopback"), "{refused}");
+        let allowed = VettingResolver {
+            allow_private: true,
+        }
+        .resolve(name())
+        .await
+        .unwrap();
+        assert!(allowed.into_iter().all(|a| a.ip().is_loopback()));
     }
 
     #[test]

@@ -619,6 +619,13 @@ pub mod url_lite {
         if text.contains('\\') {
             return Err(format!("a URL without `\\`, got `{text}`"));
         }
+        // HTTP clients drop tabs and line breaks anywhere in a URL.
+        if text.chars().any(|c| c.is_ascii_control()) {
+            return Err(format!(
+                "a URL without control characters (tabs, line breaks), got `{}`",
+                text.escape_debug()
+            ));
+        }
         let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
         if authority.contains('@') {
             return Err(format!(
@@ -638,6 +645,24 @@ pub mod url_lite {
         if host.is_empty() {
             return Err(format!("a URL with a host, got `{text}`"));
         }
+        // The host exactly as an HTTP client reads it, so the one checked is the one
+        // connected to: clients decode `%`-escapes in a host and map other scripts (and
+        // full-width letters) to ASCII, so `%31%32%37.0.0.1` or `ｌocalhost` would be
+        // checked as a name and reached as 127.0.0.1. Names are ASCII (an
+        // internationalized one in its `xn--` form) and compared in lower case.
+        let plain = if hostport.starts_with('[') {
+            host.chars()
+                .all(|c| c.is_ascii_hexdigit() || c == ':' || c == '.')
+        } else {
+            host.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_')
+        };
+        if !plain {
+            return Err(format!(
+                "a host of ASCII letters, digits, `-` and `.` (an internationalized name in its `xn--` form; no `%`-escapes), got `{host}`"
+            ));
+        }
+        let host = host.to_ascii_lowercase();
         let port = match port {
             Some(p) => p.parse().map_err(|_| format!("a valid port in `{text}`"))?,
             None if https => 443,
@@ -2257,11 +2282,28 @@ mod tests {
             "http://api.example.com\\path",
             "https://user:secret@api.example.com/x",
             "https://10.0.0.1@api.example.com/",
+            // Hosts a client decodes or maps to another before connecting.
+            "http://%31%32%37.0.0.1:8080/x",
+            "http://%69nternal.test/items",
+            "http://\u{ff49}nternal.test/x",
+            "http://\u{ff4c}ocalhost/x",
+            "http://[::1%25eth0]/x",
+            // Characters a client drops from a URL.
+            "http://127.0.0\t.1/x",
+            "http://api.example.com/a\nb",
+            " http://127.0.0.1/x",
         ] {
             assert!(url_lite::parse(bad).is_err(), "{bad}");
         }
         let ok = url_lite::parse("https://api.example.com:8443/v1?q=a@b").unwrap();
         assert_eq!((ok.host.as_str(), ok.port), ("api.example.com", 8443));
+        // Compared as clients read it: in lower case.
+        let upper = url_lite::parse("https://API.Example.com/v1").unwrap();
+        assert_eq!(upper.host, "api.example.com");
+        let v6 = url_lite::parse("http://[2001:db8::1]:8080/").unwrap();
+        assert_eq!((v6.host.as_str(), v6.port), ("2001:db8::1", 8080));
+        let xn = url_lite::parse("https://xn--bcher-kva.example/x%20y?q=%41").unwrap();
+        assert_eq!(xn.host, "xn--bcher-kva.example");
     }
 
     const FILE: &str = r#"

@@ -348,7 +348,7 @@ pub(super) async fn apply_traits(
                 .metrics
                 .traits_failed
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            tracing::warn!(visitor = %t.visitor, error = %e, "identify traits not applied");
+            tracing::warn!(visitor = ?t.visitor, error = ?e, "identify traits not applied");
         }
     }
     Ok(())

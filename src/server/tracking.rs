@@ -775,14 +775,14 @@ async fn transform(
     for s in skipped {
         match input_of(&s.record) {
             Some(input) => {
-                transform_warn!(event_id = %events[input].event_id, plugin = %s.transform, reason = %s.reason, "a transform failed the event under skip-batch; rejected");
+                transform_warn!(event_id = %events[input].event_id, plugin = ?s.transform, reason = ?s.reason, "a transform failed the event under skip-batch; rejected");
                 failed
                     .entry(input)
                     .or_insert_with(|| format!("transform `{}` failed: {}", s.transform, s.reason));
             }
             None => {
                 strays += 1;
-                tracing::warn!(plugin = %s.transform, reason = %s.reason, "a transform failed, under skip-batch, a record under an eventId no event of the request had (an earlier plugin changed it)");
+                tracing::warn!(plugin = ?s.transform, reason = ?s.reason, "a transform failed, under skip-batch, a record under an eventId no event of the request had (an earlier plugin changed it)");
             }
         }
     }
@@ -907,7 +907,7 @@ pub(super) async fn ingest(
     // not answered 503, whose resend would store again an event sent without an id.
     if let Err(e) = super::segment::apply_traits(state, &answer, traits).await {
         state.metrics.traits_failed.fetch_add(1, Relaxed);
-        tracing::warn!(error = %e.message, "IDENTIFY traits not applied; the events are stored");
+        tracing::warn!(error = ?e.message, "IDENTIFY traits not applied; the events are stored");
     }
     Ok(answer)
 }
@@ -1090,7 +1090,7 @@ pub(super) async fn write(
                 // broken client on the public endpoint would otherwise flood it).
                 static LOGGED: super::Throttle = super::Throttle::new();
                 if let Some(held) = LOGGED.pass(std::time::Duration::from_secs(1)) {
-                    tracing::warn!(index, field = %err.field, reason = %err.reason, more_since_last = held, "event rejected");
+                    tracing::warn!(index, field = ?err.field, reason = ?err.reason, more_since_last = held, "event rejected");
                 }
                 let entry = json!({
                     "index": index, "status": "rejected",
