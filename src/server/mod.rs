@@ -60,7 +60,15 @@ pub struct AppState {
     draining: Arc<std::sync::atomic::AtomicBool>,
     /// Bytes of `tracking.max_in_flight_mb` not reserved by a request now.
     in_flight: Arc<tokio::sync::Semaphore>,
+    /// Bytes of [`OTHER_IN_FLIGHT`] (the bodies of routes other than tracking's) not
+    /// reserved by a request now.
+    other_in_flight: Arc<tokio::sync::Semaphore>,
 }
+
+/// What the bodies of the routes other than tracking's (the admin API's, read before any
+/// credential is checked) may hold at once, apart from `tracking.max_in_flight_mb`: bodies
+/// sent to those routes, by anyone, cannot take the tracking endpoint's room.
+pub const OTHER_IN_FLIGHT: usize = 8 << 20;
 
 /// A tracking request's share of `tracking.max_in_flight_mb`, reserved as its body is
 /// read (see [`body_deadline`]). The handler keeps it until it returns and hands a copy
@@ -83,14 +91,16 @@ impl InFlight {
 struct Reserved {
     _permit: Option<tokio::sync::OwnedSemaphorePermit>,
     bytes: u64,
-    metrics: Arc<Metrics>,
+    /// Where the bytes are shown (`sluice_http_in_flight_bytes`, tracking's budget only).
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Drop for Reserved {
     fn drop(&mut self) {
-        self.metrics
-            .in_flight_bytes
-            .fetch_sub(self.bytes, std::sync::atomic::Ordering::Relaxed);
+        if let Some(m) = &self.metrics {
+            m.in_flight_bytes
+                .fetch_sub(self.bytes, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 }
 
@@ -498,19 +508,16 @@ fn on_panic(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
     .into_response()
 }
 
-/// Bodies larger than this are refused before any route reads them (routes then apply
-/// their own, smaller limits).
-fn body_cap(config: &Config) -> usize {
-    config.tracking.max_batch_bytes.max(2 * 1024 * 1024)
-}
-
 /// Reads each request's whole body within `[server] body_timeout_seconds`, before the
 /// route sees it: a client trickling its body in (or sending none after its headers) is
 /// answered `408` and its connection closed, instead of holding it, and a handler, for
 /// as long as it likes.
 ///
-/// Every body is counted against `tracking.max_in_flight_mb` as it arrives (the admin
-/// API's too: it is read before any credential is checked), and a tracking route's (its
+/// Every body is counted as it arrives: a tracking route's against
+/// `tracking.max_in_flight_mb`, any other's (the admin API's, read before any credential
+/// is checked, at most `MAX_ADMIN_BODY`) against [`OTHER_IN_FLIGHT`], apart, so that
+/// bodies anyone may send there cannot take the tracking endpoint's room; a request no
+/// route takes is answered 404 without its body being read. A tracking route's (its
 /// path in `limits`, with the route's limit) is read up to that limit, plus the limit
 /// again for the decompressed copy of a compressed body; with too little left the
 /// request is answered 503 at once (waiting would hold its connection and grow the
@@ -523,12 +530,39 @@ async fn body_deadline(
     next: axum::middleware::Next,
 ) -> Response {
     let (mut parts, body) = request.into_parts();
+    // No route: answered 404 without reading a byte of the body.
+    if parts
+        .extensions
+        .get::<axum::extract::MatchedPath>()
+        .is_none()
+    {
+        let request = axum::extract::Request::from_parts(parts, axum::body::Body::empty());
+        let mut response = next.run(request).await;
+        // The body, if any, was not read: the connection cannot carry another request.
+        response.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            HeaderValue::from_static("close"),
+        );
+        return response;
+    }
     let limit = limits.get(parts.uri.path()).copied();
-    let cap = limit.unwrap_or_else(|| body_cap(&state.config));
-    let mut reserved = Reservation::new(&state);
+    let cap = limit.unwrap_or(admin::MAX_ADMIN_BODY);
+    let mut reserved = match limit {
+        Some(_) => Reservation::new(&state),
+        None => Reservation::other(&state),
+    };
     let deadline = state.config.body_timeout;
     let read = tokio::time::timeout(deadline, read_body_within(body, cap, &mut reserved)).await;
-    let too_little = || in_flight_full(&state).into_response();
+    let too_little = || match limit {
+        Some(_) => in_flight_full(&state).into_response(),
+        None => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "the server holds as many request bytes for this API as it may; retry shortly",
+        )
+        .retry(rand::random_range(1..=3))
+        .into_response(),
+    };
     match read {
         Ok(Ok(bytes)) => {
             // Tracking routes decompress their bodies (others take none compressed).
@@ -545,7 +579,12 @@ async fn body_deadline(
         }
         Ok(Err(BodyError::TooLarge)) => ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
+            // The admin API's code for any body it cannot take, as its routes answer.
+            if limit.is_some() {
+                "payload_too_large"
+            } else {
+                "invalid_body"
+            },
             format!("the body is larger than {cap} bytes"),
         )
         .into_response(),
@@ -662,16 +701,28 @@ struct Reservation {
     budget: Arc<tokio::sync::Semaphore>,
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
     bytes: u64,
-    metrics: Arc<Metrics>,
+    /// Shown in `sluice_http_in_flight_bytes` (tracking's budget).
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Reservation {
+    /// Of `tracking.max_in_flight_mb`.
     fn new(state: &AppState) -> Self {
         Self {
             budget: state.in_flight.clone(),
             permit: None,
             bytes: 0,
-            metrics: state.metrics.clone(),
+            metrics: Some(state.metrics.clone()),
+        }
+    }
+
+    /// Of [`OTHER_IN_FLIGHT`].
+    fn other(state: &AppState) -> Self {
+        Self {
+            budget: state.other_in_flight.clone(),
+            permit: None,
+            bytes: 0,
+            metrics: None,
         }
     }
 
@@ -691,9 +742,10 @@ impl Reservation {
             None => self.permit = Some(more),
         }
         self.bytes += n as u64;
-        self.metrics
-            .in_flight_bytes
-            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        if let Some(m) = &self.metrics {
+            m.in_flight_bytes
+                .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        }
         true
     }
 
@@ -713,9 +765,10 @@ impl Drop for Reservation {
     /// A request refused before its handler ran gives its bytes back (the permit goes by
     /// itself).
     fn drop(&mut self) {
-        self.metrics
-            .in_flight_bytes
-            .fetch_sub(self.bytes, std::sync::atomic::Ordering::Relaxed);
+        if let Some(m) = &self.metrics {
+            m.in_flight_bytes
+                .fetch_sub(self.bytes, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 }
 
@@ -923,6 +976,7 @@ pub async fn start_loaded(
         in_flight: Arc::new(tokio::sync::Semaphore::new(
             config.tracking.max_in_flight_mb << 20,
         )),
+        other_in_flight: Arc::new(tokio::sync::Semaphore::new(OTHER_IN_FLIGHT)),
         config: Arc::new(config),
         store: store.clone(),
         batcher,
