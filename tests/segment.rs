@@ -763,6 +763,46 @@ async fn gzip_bodies_write_key_in_the_body_and_invalid_messages_reported() {
 }
 
 #[tokio::test]
+async fn a_half_surrogate_pair_or_a_byte_that_is_not_utf8_costs_no_message() {
+    let db = TestDb::initialized().await;
+    let server = keyed_server(&db).await;
+    let base = format!("http://{}", server.addr);
+    let t0 = t0();
+    // As a browser's `JSON.stringify` writes a title cut in the middle of an emoji, and as
+    // an app writing Latin-1 sends `é`: the batch's other message beside each.
+    let mut body = format!(
+        r#"{{"writeKey":"{KEY}","batch":[{{"type":"track","messageId":"u1","userId":"v-text","event":"Clicked","properties":{{"title":"Sale \ud83d"}},"timestamp":"{}"}},{{"type":"track","messageId":"u2","userId":"v-text","event":"Clicked","properties":{{"city":"Montr"#,
+        iso(t0)
+    )
+    .into_bytes();
+    body.push(0xe9);
+    body.extend_from_slice(format!(r#"al"}},"timestamp":"{}"}}]}}"#, iso(t0 + 1_000)).as_bytes());
+    let resp = reqwest::Client::new()
+        .post(format!("{base}/v1/batch"))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let answer: Value = resp.json().await.unwrap();
+    assert_eq!(answer["stored"], 2, "{answer}");
+    let stored = find(&db, "events", doc! { "userId": "v-text" }).await;
+    let props = |id: &str| {
+        stored
+            .iter()
+            .find(|e| e.get_str("eventId") == Ok(id))
+            .unwrap()
+            .get_document("properties")
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(props("u1").get_str("title").unwrap(), "Sale \u{fffd}");
+    assert_eq!(props("u2").get_str("city").unwrap(), "Montr\u{fffd}al");
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn browser_sdk_paths_relayed_payloads_traits_and_categories() {
     let db = TestDb::initialized().await;
     let server = keyed_server(&db).await;

@@ -398,7 +398,12 @@ pub(super) fn read_body(
     body: Result<Bytes, BytesRejection>,
     limit: usize,
 ) -> Result<Bytes, ApiError> {
-    let body = raw_body(body, limit)?;
+    let body = decoded_body(headers, raw_body(body, limit)?, limit)?;
+    as_json_text(headers, body)
+}
+
+/// The body of a tracking request, decompressed, without a byte order mark.
+fn decoded_body(headers: &HeaderMap, body: Bytes, limit: usize) -> Result<Bytes, ApiError> {
     // A byte order mark (some Windows tools and .NET clients write one) is no JSON: it is
     // skipped, not answered as malformed JSON at column 1.
     let without_bom = |b: Bytes| match b.strip_prefix(b"\xEF\xBB\xBF") {
@@ -436,6 +441,104 @@ pub(super) fn read_body(
             format!("content encoding `{other}` is not supported (use gzip or none)"),
         )),
     }
+}
+
+/// The body as UTF-8 JSON text, read as Go's standard JSON decoder reads one: bytes that are not UTF-8, and `\u` escapes of half a
+/// surrogate pair (JavaScript's `JSON.stringify` writes one for a string cut in the middle
+/// of an emoji), become U+FFFD, rather than failing the whole body and with it a batch
+/// of thousands of queued messages. A body declared ISO-8859-1 is read as that; another
+/// charset is refused (`415`). Counted in `sluice_tracking_bodies_repaired_total`.
+pub(super) fn as_json_text(headers: &HeaderMap, body: Bytes) -> Result<Bytes, ApiError> {
+    let charset = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|t| {
+            t.split(';').skip(1).find_map(|p| {
+                let (k, v) = p.split_once('=')?;
+                k.trim()
+                    .eq_ignore_ascii_case("charset")
+                    .then(|| v.trim().trim_matches('"').to_ascii_lowercase())
+            })
+        });
+    let repaired = |what: &str| {
+        sluice_core::metrics::count(
+            "sluice_tracking_bodies_repaired_total",
+            "Tracking bodies read after a repair: `invalid_utf8` bytes and `lone_surrogate` escapes became U+FFFD, or a `latin1` body was read as ISO-8859-1.",
+            &[("what", what)],
+            1,
+        )
+    };
+    let body = match charset.as_deref() {
+        None | Some("utf-8" | "utf8" | "us-ascii") => match std::str::from_utf8(&body) {
+            Ok(_) => body,
+            Err(_) => {
+                repaired("invalid_utf8");
+                Bytes::from(String::from_utf8_lossy(&body).into_owned())
+            }
+        },
+        Some("iso-8859-1" | "latin1" | "latin-1" | "l1" | "iso_8859-1") => {
+            if body.is_ascii() {
+                body
+            } else {
+                repaired("latin1");
+                Bytes::from(body.iter().map(|&b| char::from(b)).collect::<String>())
+            }
+        }
+        Some(other) => {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_charset",
+                format!("charset `{other}` is not supported: send UTF-8 (or ISO-8859-1)"),
+            ))
+        }
+    };
+    Ok(match without_lone_surrogates(&body) {
+        Some(text) => {
+            repaired("lone_surrogate");
+            Bytes::from(text)
+        }
+        None => body,
+    })
+}
+
+/// `text` with every `\u` escape of half a surrogate pair written `\ufffd`; `None` when
+/// it has none.
+fn without_lone_surrogates(text: &[u8]) -> Option<Vec<u8>> {
+    // The code unit escaped at `at` (`\uXXXX`).
+    let unit = |at: usize| -> Option<u16> {
+        let e = text.get(at..at + 6)?;
+        if e[0] != b'\\' || e[1] != b'u' {
+            return None;
+        }
+        u16::from_str_radix(std::str::from_utf8(&e[2..]).ok()?, 16).ok()
+    };
+    let high = |u: u16| (0xD800..0xDC00).contains(&u);
+    let low = |u: u16| (0xDC00..0xE000).contains(&u);
+    let mut out: Option<Vec<u8>> = None;
+    let (mut i, mut copied) = (0, 0);
+    while i < text.len() {
+        if text[i] != b'\\' {
+            i += 1;
+            continue;
+        }
+        match unit(i) {
+            Some(u) if high(u) && unit(i + 6).is_some_and(low) => i += 12,
+            Some(u) if high(u) || low(u) => {
+                let o = out.get_or_insert_with(|| Vec::with_capacity(text.len()));
+                o.extend_from_slice(&text[copied..i]);
+                o.extend_from_slice(b"\\ufffd");
+                i += 6;
+                copied = i;
+            }
+            Some(_) => i += 6,
+            // `\\`, `\"`, ...: the escaped character is skipped with its backslash.
+            None => i += 2,
+        }
+    }
+    out.map(|mut o| {
+        o.extend_from_slice(&text[copied..]);
+        o
+    })
 }
 
 /// The request's `Content-Encoding`, lower-cased; `None` when it has none (or says
@@ -1166,4 +1269,71 @@ pub(super) async fn write(
         answer.results.push(entry);
     }
     Ok(answer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn half_surrogate_pairs_become_replacement_characters() {
+        let fixed =
+            |t: &str| without_lone_surrogates(t.as_bytes()).map(|v| String::from_utf8(v).unwrap());
+        // A string cut in the middle of an emoji, and a low half alone.
+        assert_eq!(
+            fixed(r#"{"t":"x\ud83d"}"#).as_deref(),
+            Some(r#"{"t":"x\ufffd"}"#)
+        );
+        assert_eq!(
+            fixed(r#"{"t":"\uDE00y"}"#).as_deref(),
+            Some(r#"{"t":"\ufffdy"}"#)
+        );
+        // A high half followed by another escape that is not a low half.
+        assert_eq!(
+            fixed(r#"["\ud83d\u0041"]"#).as_deref(),
+            Some(r#"["\ufffd\u0041"]"#)
+        );
+        // Whole pairs, other escapes and an escaped backslash before `ud83d` are kept.
+        for kept in [
+            r#"{"t":"\ud83d\ude00"}"#,
+            r#"{"t":"\u00e9\n\"\\"}"#,
+            r#"{"t":"\\ud83d"}"#,
+        ] {
+            assert_eq!(fixed(kept), None, "{kept}");
+        }
+        let value: Value = serde_json::from_str(&fixed(r#"{"t":"x\ud83d"}"#).unwrap()).unwrap();
+        assert_eq!(value["t"], "x\u{fffd}");
+    }
+
+    #[test]
+    fn bodies_are_read_as_utf8_text_whatever_they_hold() {
+        let read = |content_type: &str, body: &[u8]| {
+            let mut headers = HeaderMap::new();
+            headers.insert("content-type", content_type.parse().unwrap());
+            as_json_text(&headers, Bytes::copy_from_slice(body))
+        };
+        // A Latin-1 byte in a UTF-8 body: replaced, the rest kept.
+        let body = read("application/json", b"{\"city\":\"Montr\xe9al\",\"n\":1}").unwrap();
+        let value: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            (value["city"].as_str(), value["n"].as_i64()),
+            (Some("Montr\u{fffd}al"), Some(1))
+        );
+        // Declared ISO-8859-1: read as that.
+        let body = read(
+            "application/json; charset=ISO-8859-1",
+            b"{\"city\":\"Montr\xe9al\"}",
+        )
+        .unwrap();
+        let value: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(value["city"], "Montréal");
+        // UTF-8 as it is, whatever the case of its name.
+        let body = read("text/plain;charset=UTF-8", "{\"a\":\"é\"}".as_bytes()).unwrap();
+        assert_eq!(&body[..], "{\"a\":\"é\"}".as_bytes());
+        let refused = read("application/json; charset=utf-16", b"{}").unwrap_err();
+        assert_eq!(
+            (refused.status.as_u16(), refused.code),
+            (415, "unsupported_charset")
+        );
+    }
 }
