@@ -461,7 +461,7 @@ async fn each_bad_input_class_gets_its_own_4xx() {
     let mixed = json!({ "batch": [
         good,
         { "eventId": "bad-type", "userId": "v1", "sessionId": "s1", "eventType": "NOPE" },
-        { "userId": "v1", "sessionId": "s1", "eventType": "PURCHASE", "properties": { "amount": "ten" } },
+        { "userId": "v1", "sessionId": "s1", "eventType": "CLICK", "duration": -4 },
         big,
         { "userId": "v1", "sessionId": "s1", "eventType": "CLICK", "pageURL": "/typo" },
     ] });
@@ -476,7 +476,7 @@ async fn each_bad_input_class_gets_its_own_4xx() {
     assert_eq!(results[1]["field"], "eventType");
     // A rejected event is named by the id it was sent with, when it had one.
     assert_eq!(results[1]["eventId"], "bad-type", "{body}");
-    assert_eq!(results[2]["field"], "properties.amount");
+    assert_eq!(results[2]["field"], "duration");
     assert!(results[2].get("eventId").is_none(), "{body}");
     assert!(results[3]["reason"]
         .as_str()
@@ -1375,20 +1375,64 @@ async fn health_readiness_metrics_and_cors() {
     assert!(wrong.headers().get("allow").is_some());
     let body: Value = wrong.json().await.unwrap();
     assert_eq!(body["error"], "method_not_allowed", "{body}");
-    // A purchase amount that would overflow the visitor's revenue total is refused up
-    // front (it used to take a writer lane down).
-    let huge = client
-        .post(format!("{base}/v1/events"))
-        .json(
-            &json!({ "userId": "rich", "sessionId": "r", "eventType": "PURCHASE",
-            "properties": { "amount": 1e300 } }),
-        )
-        .send()
+    // A purchase amount that would overflow the visitor's revenue total (it used to take a
+    // writer lane down), or that cannot be read, counts no revenue: the purchase is
+    // stored with the amount kept as sent, and the answer says so.
+    for (i, amount) in [json!(1e300), json!("ten"), json!(-5)]
+        .into_iter()
+        .enumerate()
+    {
+        let resp = client
+            .post(format!("{base}/v1/events"))
+            .json(
+                &json!({ "userId": "rich", "sessionId": "r", "eventType": "PURCHASE",
+                "eventId": format!("rich-{i}"), "properties": { "amount": amount.clone() } }),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200);
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["results"][0]["status"], "stored", "{body}");
+        assert!(
+            body.to_string()
+                .contains("kept as `properties.amountUnread`"),
+            "{body}"
+        );
+        let stored = db
+            .store
+            .collection("events")
+            .find_one(doc! { "eventId": format!("rich-{i}") })
+            .await
+            .unwrap()
+            .unwrap();
+        let props = stored.get_document("properties").unwrap();
+        assert!(!props.contains_key("amount"), "{stored}");
+        assert_eq!(
+            props
+                .get("amountUnread")
+                .cloned()
+                .map(bson::Bson::into_relaxed_extjson),
+            Some(amount)
+        );
+    }
+    let rich = db
+        .store
+        .collection("users")
+        .find_one(doc! { "visitorId": "rich" })
         .await
+        .unwrap()
         .unwrap();
-    assert_eq!(huge.status().as_u16(), 400);
-    let body: Value = huge.json().await.unwrap();
-    assert!(body.to_string().contains("properties.amount"), "{body}");
+    assert_eq!(
+        sluice_core::model::count_in(&rich, "totalPurchases"),
+        3,
+        "{rich}"
+    );
+    assert_eq!(
+        sluice_core::model::number_of(rich.get("totalRevenue").unwrap()),
+        Some(0.0),
+        "{rich}"
+    );
     server.shutdown().await;
 }
 

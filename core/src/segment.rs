@@ -358,20 +358,17 @@ pub fn parse_message(
             })?;
             let t = track_type(&name, options);
             if t == EventType::Purchase && !properties.contains_key("amount") {
-                // The first of these present is the amount; one that is not a number is
-                // refused rather than stored as a purchase without revenue.
+                // The first of these present is the amount. One the native rules cannot
+                // read leaves the purchase without revenue, kept as sent where it was.
                 let named = ["revenue", "total", "value"]
                     .iter()
                     .find(|k| properties.get(**k).is_some_and(|v| !v.is_null()));
                 if let Some(k) = named {
-                    let amount = number(&properties[*k]).ok_or_else(|| {
-                        ValidationError::new(format!("properties.{k}"), "expected a number")
-                    })?;
                     // Text goes on as text: the native rules read it, with the currency
                     // code it may name.
                     let amount = match &properties[*k] {
                         Value::String(s) => Value::String(s.clone()),
-                        _ => amount,
+                        other => number(other).unwrap_or_else(|| other.clone()),
                     };
                     properties.insert("amount".into(), amount);
                     amount_from = Some(format!("properties.{k}"));
@@ -517,6 +514,7 @@ pub fn parse_message(
     if kind == Kind::Group {
         sent_as.push(("properties.traits", "traits".into()));
     }
+    let amount_elsewhere = amount_from.is_some();
     if let Some(from) = amount_from {
         sent_as.push(("properties.amount", from));
     }
@@ -532,6 +530,13 @@ pub fn parse_message(
     }
     let mut event = parse_event(&Value::Object(native), ctx, EventMetadata::default())
         .map_err(|e| rename_field(e, &sent_as))?;
+    // An amount taken from another property that could not be read is that property,
+    // kept as sent: no copy of it.
+    if amount_elsewhere {
+        event
+            .properties
+            .remove(crate::model::event_fields::AMOUNT_UNREAD);
+    }
     if let Some(c) = context {
         apply_context(
             &mut event.metadata,
@@ -768,13 +773,15 @@ mod tests {
         .event;
         assert_eq!(e.properties.get_f64("amount").unwrap(), 12.5);
         assert_eq!(e.properties.get_str("currency").unwrap(), "GBP");
-        let err = parse(json!({
+        // In another currency than `currency` says: no revenue, the text kept.
+        let e = parse(json!({
             "type": "track", "anonymousId": "a", "event": "Order Completed",
             "properties": {"revenue": "GBP 12.50", "currency": "USD"},
         }))
-        .unwrap_err();
-        assert_eq!(err.field, "properties.revenue");
-        assert!(err.reason.contains("is in GBP"), "{}", err.reason);
+        .unwrap()
+        .event;
+        assert_eq!(e.purchase_amount(), None);
+        assert_eq!(e.properties.get_str("revenue").unwrap(), "GBP 12.50");
     }
 
     #[test]
@@ -802,22 +809,35 @@ mod tests {
     }
 
     #[test]
-    fn revenue_that_is_not_a_number_is_refused() {
-        for bad in [json!("abc"), json!("NaN"), json!({})] {
-            let err = parse(json!({
+    fn revenue_that_cannot_be_read_leaves_a_purchase_without_revenue() {
+        for bad in [
+            json!("abc"),
+            json!("NaN"),
+            json!({}),
+            json!("€ 12,50"),
+            json!(-10),
+        ] {
+            let e = parse(json!({
                 "type": "track", "userId": "u1", "event": "Order Completed",
-                "properties": { "revenue": bad },
+                "properties": { "revenue": bad.clone() },
             }))
-            .unwrap_err();
-            assert_eq!(err.field, "properties.revenue");
+            .unwrap()
+            .event;
+            assert_eq!(e.event_type, EventType::Purchase);
+            // Kept as sent where it was sent, and no amount: no revenue counted.
+            let kept = e
+                .properties
+                .get("revenue")
+                .cloned()
+                .map(bson::Bson::into_relaxed_extjson);
+            assert_eq!(kept.as_ref(), Some(&bad));
+            assert!(
+                !e.properties.contains_key("amount") && !e.properties.contains_key("amountUnread"),
+                "{bad}: {:?}",
+                e.properties
+            );
+            assert_eq!(e.purchase_amount(), None);
         }
-        // Out of range too: the amount's error names the property it came from.
-        let err = parse(json!({
-            "type": "track", "userId": "u1", "event": "Order Completed",
-            "properties": { "total": -5 },
-        }))
-        .unwrap_err();
-        assert_eq!(err.field, "properties.total");
     }
 
     #[test]

@@ -674,30 +674,57 @@ pub fn parse_event(
     // A currency code in it (`"USD 19.99"`) becomes `currency` when there is none, and
     // must agree with the one there is.
     if event_type == EventType::Purchase {
-        if let Ok(text) = properties.get_str(f::AMOUNT).map(str::to_string) {
-            if let Some(amount) = money(&text) {
-                if let Some(code) = currency_code(&text) {
-                    match properties.get(f::CURRENCY) {
+        // A null amount says no more than none.
+        if properties.get(f::AMOUNT) == Some(&bson::Bson::Null) {
+            properties.remove(f::AMOUNT);
+        }
+        let read = match properties.get_str(f::AMOUNT).map(str::to_string) {
+            Ok(text) => match money(&text) {
+                Some(amount) => match currency_code(&text) {
+                    None => Ok(Some(amount)),
+                    Some(code) => match properties.get(f::CURRENCY) {
                         None | Some(bson::Bson::Null) => {
                             properties.insert(f::CURRENCY, code);
+                            Ok(Some(amount))
                         }
-                        Some(bson::Bson::String(c)) if c.trim().eq_ignore_ascii_case(code) => {}
-                        Some(other) => {
-                            return Err(ValidationError::new(
-                                "properties.amount",
-                                format!(
-                                    "is in {code}, but properties.currency is {}",
-                                    other.clone().into_relaxed_extjson()
-                                ),
-                            ))
+                        Some(bson::Bson::String(c)) if c.trim().eq_ignore_ascii_case(code) => {
+                            Ok(Some(amount))
                         }
-                    }
-                }
-                properties.insert(f::AMOUNT, amount);
+                        Some(other) => Err(ValidationError::new(
+                            "properties.amount",
+                            format!(
+                                "is in {code}, but properties.currency is {}",
+                                other.clone().into_relaxed_extjson()
+                            ),
+                        )),
+                    },
+                },
+                None => Ok(None),
+            },
+            Err(_) => Ok(None),
+        };
+        if let Ok(Some(amount)) = read {
+            properties.insert(f::AMOUNT, amount);
+        }
+        // An amount that cannot be read (`"19,99"`, `-5`, a currency disagreeing with
+        // `currency`) is kept as sent under `amountUnread`, the purchase stored counting
+        // no revenue: refused, it would be lost, since clients drop what is answered
+        // `rejected`. A client's own `amountUnread` is not overwritten: then it is refused.
+        if let Err(e) = read.and_then(|_| check_amount(event_type, &properties)) {
+            if properties.contains_key(f::AMOUNT_UNREAD) {
+                return Err(e);
             }
+            if let Some(sent) = properties.remove(f::AMOUNT) {
+                properties.insert(f::AMOUNT_UNREAD, sent);
+            }
+            crate::metrics::count(
+                "sluice_purchase_amounts_unread_total",
+                "PURCHASE events stored with an amount that could not be read (kept as `properties.amountUnread`, counting no revenue).",
+                &[],
+                1,
+            );
         }
     }
-    check_amount(event_type, &properties)?;
     // A URL of nothing but spaces says no more than none (and `"   "` is no top page). One
     // over MAX_URL_LEN is cut there (the event matters more than a URL's tail), as the
     // Segment API does; the answer says so ([`cut_urls`]).
@@ -1083,16 +1110,40 @@ pub(crate) mod tests {
         }))
         .unwrap();
         assert_eq!(e.properties.get_str("currency").unwrap(), "usd");
-        let err = parse(json!({
-            "userId": "v", "sessionId": "s", "eventType": "PURCHASE",
-            "properties": {"amount": "USD 19.99", "currency": "EUR"},
+        // What cannot be read, or reads two ways, is kept as sent, counting no revenue.
+        for unread in [
+            json!({"amount": "USD 19.99", "currency": "EUR"}),
+            json!({"amount": "19,99"}),
+            json!({"amount": "twelve"}),
+            json!({"amount": -1}),
+            json!({"amount": 1e300}),
+            json!({"amount": i64::MAX}),
+            json!({"amount": true}),
+        ] {
+            let e = parse(json!({
+                "userId": "v", "sessionId": "s", "eventType": "PURCHASE", "properties": unread.clone(),
+            }))
+            .unwrap();
+            assert_eq!(e.purchase_amount(), None, "{unread}");
+            assert_eq!(
+                e.properties
+                    .get(f::AMOUNT_UNREAD)
+                    .cloned()
+                    .map(bson::Bson::into_relaxed_extjson),
+                Some(unread["amount"].clone()),
+                "{unread}"
+            );
+        }
+        // A null amount is none.
+        let e = parse(json!({
+            "userId": "v", "sessionId": "s", "eventType": "PURCHASE", "properties": {"amount": null},
         }))
-        .unwrap_err();
-        assert_eq!(err.field, "properties.amount");
-        assert_eq!(err.reason, "is in USD, but properties.currency is \"EUR\"");
+        .unwrap();
+        assert!(e.properties.is_empty(), "{:?}", e.properties);
+        // The client's own `amountUnread` is not overwritten: then the event is refused.
         let err = parse(json!({
             "userId": "v", "sessionId": "s", "eventType": "PURCHASE",
-            "properties": {"amount": "19,99"},
+            "properties": {"amount": "19,99", "amountUnread": 1},
         }))
         .unwrap_err();
         assert_eq!(err.field, "properties.amount");
@@ -1148,24 +1199,8 @@ pub(crate) mod tests {
                 "properties.$set",
             ),
             (
-                json!({"userId": "v", "sessionId": "s", "eventType": "PURCHASE", "properties": {"amount": "twelve"}}),
-                "properties.amount",
-            ),
-            (
                 json!({"userId": "v", "sessionId": "s", "eventType": "CLICK", "duration": -4}),
                 "duration",
-            ),
-            (
-                json!({"userId": "v", "sessionId": "s", "eventType": "PURCHASE", "properties": {"amount": 1e300}}),
-                "properties.amount",
-            ),
-            (
-                json!({"userId": "v", "sessionId": "s", "eventType": "PURCHASE", "properties": {"amount": -1}}),
-                "properties.amount",
-            ),
-            (
-                json!({"userId": "v", "sessionId": "s", "eventType": "PURCHASE", "properties": {"amount": i64::MAX}}),
-                "properties.amount",
             ),
             (
                 json!({"userId": "v", "sessionId": "s", "eventType": "CLICK", "duration": 1e300}),

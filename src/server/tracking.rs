@@ -105,6 +105,14 @@ fn revenue_warning(event: &Result<Event, ValidationError>) -> Option<String> {
     {
         return None;
     }
+    if e.properties
+        .contains_key(sluice_core::model::event_fields::AMOUNT_UNREAD)
+    {
+        return Some(format!(
+            "`properties.amount` is not an amount Sluice reads (a number from 0 to {:e}, or text naming one that reads one way: not `19,99`): kept as `properties.amountUnread`, counting no revenue",
+            sluice_core::tracking::MAX_PURCHASE_AMOUNT
+        ));
+    }
     let named = ["revenue", "total", "value", "price"]
         .into_iter()
         .find(|k| e.properties.contains_key(*k));

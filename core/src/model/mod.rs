@@ -175,6 +175,9 @@ pub mod event_fields {
     pub const DURATION: &str = "duration";
     /// `properties.amount` of a PURCHASE.
     pub const AMOUNT: &str = "amount";
+    /// A PURCHASE's `amount` as sent, when it could not be read as one (kept, counting no
+    /// revenue, rather than refusing the purchase).
+    pub const AMOUNT_UNREAD: &str = "amountUnread";
     pub const CURRENCY: &str = "currency";
 }
 
