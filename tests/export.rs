@@ -73,7 +73,7 @@ async fn seed(db: &TestDb, day: NaiveDate, n: usize) -> Vec<Event> {
             pending = pending
                 .into_iter()
                 .zip(st)
-                .filter(|(_, s)| *s == WriteStatus::Retry)
+                .filter(|(_, s)| s.is_retry())
                 .map(|(e, _)| e)
                 .collect();
             if pending.is_empty() {

@@ -1699,7 +1699,7 @@ async fn write_events(
             match status {
                 WriteStatus::Stored => stored += 1,
                 WriteStatus::Duplicate => unchanged += 1,
-                WriteStatus::Retry => again.push(event),
+                WriteStatus::Retry | WriteStatus::Held { .. } => again.push(event),
             }
         }
         if again.is_empty() {

@@ -624,7 +624,8 @@ pub struct Answer {
     pub(super) duplicates: usize,
     pub(super) dropped: usize,
     pub(super) rejected: usize,
-    retry: bool,
+    /// Some events are to be sent again: after this many seconds (`Retry-After`).
+    retry: Option<u32>,
     /// What a one-event request answers when its event was not taken.
     first_rejection: Option<Rejection>,
     /// Per input: whether its event is in `events` now (stored or a duplicate).
@@ -647,6 +648,12 @@ impl Answer {
             )),
             None => Ok(self.into_response()),
         }
+    }
+
+    /// Some events are to be sent again, one not before `seconds`: the answer's
+    /// `Retry-After` is the longest wait any of them needs.
+    fn retry_after(&mut self, seconds: u32) {
+        self.retry = Some(self.retry.unwrap_or(1).max(seconds));
     }
 
     /// Names, in each event's result, the members of the event Sluice did not read
@@ -691,7 +698,7 @@ impl Answer {
 
 impl IntoResponse for Answer {
     fn into_response(self) -> Response {
-        let status = if self.retry {
+        let status = if self.retry.is_some() {
             StatusCode::SERVICE_UNAVAILABLE
         } else if self.all_rejected {
             StatusCode::BAD_REQUEST
@@ -708,10 +715,10 @@ impl IntoResponse for Answer {
             "results": self.results,
         }));
         let mut resp = (status, body).into_response();
-        if self.retry {
+        if let Some(seconds) = self.retry {
             for name in ["retry-after", "x-ratelimit-reset"] {
                 resp.headers_mut()
-                    .insert(name, axum::http::HeaderValue::from(1));
+                    .insert(name, axum::http::HeaderValue::from(seconds));
             }
         }
         resp
@@ -1182,7 +1189,7 @@ pub(super) async fn write(
         duplicates: 0,
         dropped: 0,
         rejected: 0,
-        retry: false,
+        retry: None,
         first_rejection: None,
         written: Vec::with_capacity(outcomes.len()),
         all_rejected: false,
@@ -1191,7 +1198,7 @@ pub(super) async fn write(
     for (index, outcome) in outcomes.into_iter().enumerate() {
         answer.written.push(matches!(
             outcome,
-            Outcome::Queued(i) if statuses[i] != WriteStatus::Retry
+            Outcome::Queued(i) if !statuses[i].is_retry()
         ));
         let entry = match outcome {
             Outcome::Rejected(err) => {
@@ -1236,6 +1243,8 @@ pub(super) async fn write(
                 json!({ "index": index, "status": "dropped", "reason": reason })
             }
             Outcome::Queued(i) => {
+                // A claim held by another write: not before its lease ends.
+                let mut held = None;
                 let status = match statuses[i] {
                     WriteStatus::Stored => {
                         answer.stored += 1;
@@ -1248,12 +1257,22 @@ pub(super) async fn write(
                         "duplicate"
                     }
                     WriteStatus::Retry => {
-                        answer.retry = true;
+                        answer.retry_after(1);
                         m.retry.fetch_add(1, Relaxed);
                         "retry"
                     }
+                    WriteStatus::Held { seconds } => {
+                        answer.retry_after(seconds);
+                        m.retry.fetch_add(1, Relaxed);
+                        held = Some(seconds);
+                        "retry"
+                    }
                 };
-                json!({ "index": index, "eventId": ids[i], "status": status })
+                let mut entry = json!({ "index": index, "eventId": ids[i], "status": status });
+                if let Some(seconds) = held {
+                    entry["retryAfter"] = json!(seconds);
+                }
+                entry
             }
             Outcome::Copy(first) => {
                 let mut entry = answer.results[first].clone();
@@ -1265,7 +1284,7 @@ pub(super) async fn write(
                         m.deduplicated.fetch_add(1, Relaxed);
                     }
                     Some("retry") => {
-                        answer.retry = true;
+                        answer.retry_after(1);
                         m.retry.fetch_add(1, Relaxed);
                     }
                     Some("dropped") => answer.dropped += 1,

@@ -72,6 +72,17 @@ pub enum WriteStatus {
     Duplicate,
     /// Another writer is storing this eventId right now; send it again shortly.
     Retry,
+    /// Claimed by a writer that may still be storing it (or died doing so), whose lease
+    /// on it ends in about `seconds`: sent again after that, it is stored, or answered a
+    /// duplicate; sent sooner, it is held again.
+    Held { seconds: u32 },
+}
+
+impl WriteStatus {
+    /// Not stored by this write: to be sent again ([`Self::Retry`], [`Self::Held`]).
+    pub fn is_retry(self) -> bool {
+        matches!(self, Self::Retry | Self::Held { .. })
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -311,8 +322,8 @@ impl EventWriter {
                     v.insert(i);
                 }
                 std::collections::hash_map::Entry::Occupied(o) => {
-                    if status[*o.get()] == WriteStatus::Retry {
-                        status[i] = WriteStatus::Retry;
+                    if status[*o.get()].is_retry() {
+                        status[i] = status[*o.get()];
                     }
                 }
             }
@@ -815,8 +826,10 @@ impl EventWriter {
             // Judged and taken at the time of the take-over, not of the batch: the claim
             // this writer then holds is a whole lease young.
             let now = self.store.now();
-            if now.timestamp_millis() - at.timestamp_millis() < lease_ms {
-                status[i] = WriteStatus::Retry;
+            let left_ms = lease_ms - (now.timestamp_millis() - at.timestamp_millis());
+            if left_ms > 0 {
+                let seconds = u32::try_from((left_ms + 999) / 1000).unwrap_or(u32::MAX);
+                status[i] = WriteStatus::Held { seconds };
                 continue;
             }
             // An abandoned claim: its aggregates were applied, its event never stored.
