@@ -374,6 +374,32 @@ fn url_ipv4(host: &str) -> Option<std::net::Ipv4Addr> {
     Some(std::net::Ipv4Addr::from(value as u32))
 }
 
+/// The host and port the HTTP client connects to for `url`, as it reads the URL.
+fn client_host(url: &str) -> Result<(String, u16), HttpError> {
+    let unreadable = |why: &str| HttpError::Network {
+        url: url.to_string(),
+        message: format!("the HTTP client cannot read this URL: {why}"),
+    };
+    let read = reqwest::Url::parse(url).map_err(|e| unreadable(&e.to_string()))?;
+    let host = match read.host() {
+        Some(oauth2::url::Host::Domain(d)) => d.to_string(),
+        Some(oauth2::url::Host::Ipv4(ip)) => ip.to_string(),
+        Some(oauth2::url::Host::Ipv6(ip)) => ip.to_string(),
+        None => return Err(unreadable("it has no host")),
+    };
+    let port = read
+        .port_or_known_default()
+        .ok_or_else(|| unreadable("it has no port"))?;
+    Ok((host, port))
+}
+
+/// The first of `addrs` in a non-public range, with the range's kind.
+fn first_non_public(addrs: &[SocketAddr]) -> Option<(IpAddr, &'static str)> {
+    addrs
+        .iter()
+        .find_map(|a| ip_kind(a.ip()).map(|kind| (a.ip(), kind)))
+}
+
 /// Resolves `host` and refuses private ranges unless allowed; returns the addresses to
 /// pin the connection to (so a second DNS answer cannot point elsewhere).
 pub async fn vet_host(
@@ -396,14 +422,12 @@ pub async fn vet_host(
         });
     }
     if !allow_private {
-        for a in &addrs {
-            if let Some(kind) = ip_kind(a.ip()) {
-                tracing::warn!(url, addr = %a.ip(), kind, "an endpoint resolving to a non-public address was refused");
-                return Err(HttpError::PrivateNetwork {
-                    url: url.to_string(),
-                    kind,
-                });
-            }
+        if let Some((addr, kind)) = first_non_public(&addrs) {
+            tracing::warn!(url, %addr, kind, "an endpoint resolving to a non-public address was refused");
+            return Err(HttpError::PrivateNetwork {
+                url: url.to_string(),
+                kind,
+            });
         }
     }
     Ok(addrs)
@@ -423,7 +447,7 @@ impl reqwest::dns::Resolve for VettingResolver {
             let addrs: Vec<SocketAddr> =
                 tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
             if !allow_private {
-                if let Some(kind) = addrs.iter().find_map(|a| ip_kind(a.ip())) {
+                if let Some((_, kind)) = first_non_public(&addrs) {
                     let refused = format!(
                         "`{host}` resolves to a {kind} address (set `allow_private_network = true` to allow it)"
                     );
@@ -527,38 +551,19 @@ impl HttpClient {
             // rebound to 169.254.169.254 after vetting would reach it).
             .no_proxy()
             .user_agent(concat!("sluice/", env!("CARGO_PKG_VERSION")));
-        let mut hosts = vec![(
-            connector.endpoint.text.clone(),
-            connector.endpoint.host.clone(),
-            connector.endpoint.port,
-        )];
+        let mut urls = vec![connector.endpoint.text.clone()];
         if let Auth::OAuth { token_url, .. } = &connector.auth {
-            if let Ok(u) = sluice_core::integration::url_lite::parse(token_url) {
-                hosts.push((token_url.clone(), u.host, u.port));
-            }
+            urls.push(token_url.clone());
         }
         // Names no pinned entry covers are vetted too, at each lookup: nothing this client
         // connects to by name goes unchecked, whatever URL reaches it.
         builder = builder.dns_resolver(Arc::new(VettingResolver {
             allow_private: connector.allow_private_network,
         }));
-        for (url, host, port) in hosts {
-            // The host checked must be the one the client connects to.
-            let read = reqwest::Url::parse(&url).ok();
-            let client_host = read.as_ref().and_then(|u| u.host_str()).map(|h| {
-                h.trim_start_matches('[')
-                    .trim_end_matches(']')
-                    .to_ascii_lowercase()
-            });
-            if client_host.as_deref() != Some(host.as_str()) {
-                return Err(HttpError::Network {
-                    url: url.clone(),
-                    message: format!(
-                        "the HTTP client reads its host as `{}`, not `{host}` as it was checked; write the host plainly",
-                        client_host.as_deref().unwrap_or("nothing")
-                    ),
-                });
-            }
+        for url in urls {
+            // The host vetted is the one the client connects to: the client's own reading
+            // of the URL (an IPv6 address in its shortest form, a name in lower case).
+            let (host, port) = client_host(&url)?;
             let addrs = vet_host(&url, &host, port, connector.allow_private_network).await?;
             if host.parse::<IpAddr>().is_err() {
                 builder = builder.resolve_to_addrs(&host, &addrs);
@@ -2037,6 +2042,18 @@ mod tests {
         )
         .await;
         assert_eq!(read_start(get(url).await, 50).await.unwrap(), "oops");
+    }
+
+    #[test]
+    fn the_host_vetted_is_the_client_s_own_reading() {
+        for (url, host, port) in [
+            ("http://[2001:db8:0:0::1]:8080/x", "2001:db8::1", 8080),
+            ("http://[::ffff:1.2.3.4]/", "::ffff:1.2.3.4", 80),
+            ("https://API.Example.com/v1", "api.example.com", 443),
+            ("https://8.8.8.010/", "8.8.8.8", 443),
+        ] {
+            assert_eq!(client_host(url).unwrap(), (host.to_string(), port), "{url}");
+        }
     }
 
     #[tokio::test]

@@ -398,6 +398,58 @@ pub fn currency_code(text: &str) -> Option<&str> {
         .then(|| &s[at..])
 }
 
+/// PURCHASE events read with an amount that could not be read (set aside).
+pub const AMOUNTS_UNREAD: &str = "sluice_purchase_amounts_unread_total";
+pub const AMOUNTS_UNREAD_HELP: &str = "PURCHASE events read with an amount that could not be read (kept as `properties.amountUnread`, counting no revenue; a resend counts again).";
+
+/// Reads a PURCHASE's `properties.amount` as the tracking API stores it: text naming a
+/// number (`"19.99"`, `"USD 5.00"`) becomes that number, an ISO code in it becoming
+/// `currency` when there is none. An error when there is an amount that cannot be read,
+/// or is out of range; then `properties` is left as it was.
+pub fn read_amount(
+    event_type: EventType,
+    properties: &mut Document,
+) -> Result<(), ValidationError> {
+    if event_type != EventType::Purchase {
+        return Ok(());
+    }
+    let text = properties.get_str(f::AMOUNT).map(str::to_string);
+    if let Some((text, amount)) = text.ok().and_then(|t| money(&t).map(|a| (t, a))) {
+        let mut currency = None;
+        if let Some(code) = currency_code(&text) {
+            match properties.get(f::CURRENCY) {
+                None | Some(bson::Bson::Null) => currency = Some(code.to_string()),
+                Some(bson::Bson::String(c)) if c.trim().eq_ignore_ascii_case(code) => {}
+                Some(other) => {
+                    return Err(ValidationError::new(
+                        "properties.amount",
+                        format!(
+                            "is in {code}, but properties.currency is {}",
+                            other.clone().into_relaxed_extjson()
+                        ),
+                    ))
+                }
+            }
+        }
+        if !(0.0..=MAX_PURCHASE_AMOUNT).contains(&amount) {
+            return Err(amount_range_error());
+        }
+        properties.insert(f::AMOUNT, amount);
+        if let Some(code) = currency {
+            properties.insert(f::CURRENCY, code);
+        }
+        return Ok(());
+    }
+    check_amount(event_type, properties)
+}
+
+fn amount_range_error() -> ValidationError {
+    ValidationError::new(
+        "properties.amount",
+        format!("expected a number from 0 to {MAX_PURCHASE_AMOUNT:e}"),
+    )
+}
+
 /// A PURCHASE `amount`, when there is one, is a number from 0 to [`MAX_PURCHASE_AMOUNT`].
 fn check_amount(event_type: EventType, properties: &Document) -> Result<(), ValidationError> {
     if event_type == EventType::Purchase
@@ -405,10 +457,7 @@ fn check_amount(event_type: EventType, properties: &Document) -> Result<(), Vali
         && !crate::model::amount_of(properties)
             .is_some_and(|x| (0.0..=MAX_PURCHASE_AMOUNT).contains(&x))
     {
-        return Err(ValidationError::new(
-            "properties.amount",
-            format!("expected a number from 0 to {MAX_PURCHASE_AMOUNT:e}"),
-        ));
+        return Err(amount_range_error());
     }
     Ok(())
 }
@@ -678,51 +727,18 @@ pub fn parse_event(
         if properties.get(f::AMOUNT) == Some(&bson::Bson::Null) {
             properties.remove(f::AMOUNT);
         }
-        let read = match properties.get_str(f::AMOUNT).map(str::to_string) {
-            Ok(text) => match money(&text) {
-                Some(amount) => match currency_code(&text) {
-                    None => Ok(Some(amount)),
-                    Some(code) => match properties.get(f::CURRENCY) {
-                        None | Some(bson::Bson::Null) => {
-                            properties.insert(f::CURRENCY, code);
-                            Ok(Some(amount))
-                        }
-                        Some(bson::Bson::String(c)) if c.trim().eq_ignore_ascii_case(code) => {
-                            Ok(Some(amount))
-                        }
-                        Some(other) => Err(ValidationError::new(
-                            "properties.amount",
-                            format!(
-                                "is in {code}, but properties.currency is {}",
-                                other.clone().into_relaxed_extjson()
-                            ),
-                        )),
-                    },
-                },
-                None => Ok(None),
-            },
-            Err(_) => Ok(None),
-        };
-        if let Ok(Some(amount)) = read {
-            properties.insert(f::AMOUNT, amount);
-        }
         // An amount that cannot be read (`"19,99"`, `-5`, a currency disagreeing with
         // `currency`) is kept as sent under `amountUnread`, the purchase stored counting
         // no revenue: refused, it would be lost, since clients drop what is answered
         // `rejected`. A client's own `amountUnread` is not overwritten: then it is refused.
-        if let Err(e) = read.and_then(|_| check_amount(event_type, &properties)) {
+        if let Err(e) = read_amount(event_type, &mut properties) {
             if properties.contains_key(f::AMOUNT_UNREAD) {
                 return Err(e);
             }
             if let Some(sent) = properties.remove(f::AMOUNT) {
                 properties.insert(f::AMOUNT_UNREAD, sent);
             }
-            crate::metrics::count(
-                "sluice_purchase_amounts_unread_total",
-                "PURCHASE events stored with an amount that could not be read (kept as `properties.amountUnread`, counting no revenue).",
-                &[],
-                1,
-            );
+            crate::metrics::count(AMOUNTS_UNREAD, AMOUNTS_UNREAD_HELP, &[], 1);
         }
     }
     // A URL of nothing but spaces says no more than none (and `"   "` is no top page). One

@@ -1596,6 +1596,23 @@ fn as_event(mapped: &Document, received_at_ms: i64, max_future_ms: i64) -> Resul
     };
     let mut event = parse_event(&Value::Object(top), &ctx, EventMetadata::default())
         .map_err(|e| e.to_string())?;
+    // An amount the tracking API would set aside (so as not to lose a client's purchase)
+    // is a mapping failure here: the record is kept in `dead_letters`, and the run says so.
+    if event.properties.contains_key(e::AMOUNT_UNREAD) && !properties.contains_key(e::AMOUNT_UNREAD)
+    {
+        let mut sent = event.properties.clone();
+        if let Some(amount) = sent.remove(e::AMOUNT_UNREAD) {
+            sent.insert(e::AMOUNT, amount);
+        }
+        return Err(
+            sluice_core::tracking::read_amount(event.event_type, &mut sent)
+                .err()
+                .map_or_else(
+                    || "properties.amount: cannot be read".to_string(),
+                    |e| e.to_string(),
+                ),
+        );
+    }
     // The mapped types stay, but not where the check read a value as the tracking API
     // stores it: a purchase's amount written as text (`"19.99"`, `"USD 5.00"`) is the
     // number it names, with the currency its text names. Kept as text, it would count as
@@ -2935,9 +2952,15 @@ mod tests {
             // Other mapped values keep their types.
             assert_eq!(e.properties.get_datetime("settledAt").unwrap(), &at);
         }
-        assert!(as_event(&mapped(Bson::String("19,99".into())), now, 0)
-            .unwrap_err()
-            .contains("amount"));
+        // What the tracking API would set aside is a mapping failure here.
+        for bad in [
+            Bson::String("19,99".into()),
+            Bson::Int32(-5),
+            Bson::Double(1e300),
+        ] {
+            let err = as_event(&mapped(bad.clone()), now, 0).unwrap_err();
+            assert!(err.contains("properties.amount"), "{bad}: {err}");
+        }
         // A number stays as mapped; another event type's text amount is its own business.
         let e = as_event(&mapped(Bson::Int32(7)), now, 0).unwrap();
         assert_eq!(e.properties.get_i32("amount").unwrap(), 7);
