@@ -924,6 +924,20 @@ pub async fn start_loaded(
     sluice_connectors::mongo::declare_dead_letter_metrics();
     sluice_core::tracking::count_clamped(0);
     sluice_core::aggregate::count_revenue_saturated(0);
+    sluice_core::metrics::count(
+        sluice_core::tracking::AMOUNTS_UNREAD,
+        sluice_core::tracking::AMOUNTS_UNREAD_HELP,
+        &[],
+        0,
+    );
+    for what in tracking::BODY_REPAIRS {
+        sluice_core::metrics::count(
+            tracking::BODIES_REPAIRED,
+            tracking::BODIES_REPAIRED_HELP,
+            &[("what", what)],
+            0,
+        );
+    }
     process::mark_started();
     for task in sluice_core::metrics::BACKGROUND_TASKS {
         sluice_core::metrics::count_background_error(task, 0);

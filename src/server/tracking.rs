@@ -407,7 +407,7 @@ pub(super) fn read_body(
     limit: usize,
 ) -> Result<Bytes, ApiError> {
     let body = decoded_body(headers, raw_body(body, limit)?, limit)?;
-    as_json_text(headers, body)
+    as_json_text(headers, body, limit)
 }
 
 /// The body of a tracking request, decompressed, without a byte order mark.
@@ -451,12 +451,20 @@ fn decoded_body(headers: &HeaderMap, body: Bytes, limit: usize) -> Result<Bytes,
     }
 }
 
-/// The body as UTF-8 JSON text, read as Go's standard JSON decoder reads one: bytes that are not UTF-8, and `\u` escapes of half a
-/// surrogate pair (JavaScript's `JSON.stringify` writes one for a string cut in the middle
-/// of an emoji), become U+FFFD, rather than failing the whole body and with it a batch
-/// of thousands of queued messages. A body declared ISO-8859-1 is read as that; another
-/// charset is refused (`415`). Counted in `sluice_tracking_bodies_repaired_total`.
-pub(super) fn as_json_text(headers: &HeaderMap, body: Bytes) -> Result<Bytes, ApiError> {
+/// The body as UTF-8 JSON text, read as Go's standard JSON decoder reads one: bytes that
+/// are not UTF-8, and `\u` escapes of half a surrogate pair (JavaScript's `JSON.stringify`
+/// writes one for a string cut in the middle of an emoji), become U+FFFD, rather than
+/// failing the whole body and with it a batch of thousands of queued messages. A body
+/// declared in a Latin-1 charset is read as windows-1252, as browsers read every label of
+/// it; one in another charset is refused (`415`) unless it is plain ASCII, which reads the
+/// same in all of them. Counted in `sluice_tracking_bodies_repaired_total`. A repair that
+/// makes the text larger than `limit` (each byte that is not UTF-8 becomes three) is
+/// refused `413`, as a body that large would be.
+pub(super) fn as_json_text(
+    headers: &HeaderMap,
+    body: Bytes,
+    limit: usize,
+) -> Result<Bytes, ApiError> {
     let charset = headers
         .get(axum::http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -469,37 +477,42 @@ pub(super) fn as_json_text(headers: &HeaderMap, body: Bytes) -> Result<Bytes, Ap
             })
         });
     let repaired = |what: &str| {
-        sluice_core::metrics::count(
-            "sluice_tracking_bodies_repaired_total",
-            "Tracking bodies read after a repair: `invalid_utf8` bytes and `lone_surrogate` escapes became U+FFFD, or a `latin1` body was read as ISO-8859-1.",
-            &[("what", what)],
-            1,
-        )
+        sluice_core::metrics::count(BODIES_REPAIRED, BODIES_REPAIRED_HELP, &[("what", what)], 1)
     };
-    let body = match charset.as_deref() {
-        None | Some("utf-8" | "utf8" | "us-ascii") => match std::str::from_utf8(&body) {
-            Ok(_) => body,
-            Err(_) => {
-                repaired("invalid_utf8");
-                Bytes::from(String::from_utf8_lossy(&body).into_owned())
+    let body = if body.is_ascii() {
+        body
+    } else {
+        match charset.as_deref() {
+            // A body labelled ASCII that is not is most likely UTF-8 labelled loosely.
+            None | Some("utf-8" | "utf8" | "unicode-1-1-utf-8" | "us-ascii" | "ascii") => {
+                match std::str::from_utf8(&body) {
+                    Ok(_) => body,
+                    Err(_) => {
+                        repaired("invalid_utf8");
+                        Bytes::from(String::from_utf8_lossy(&body).into_owned())
+                    }
+                }
             }
-        },
-        Some("iso-8859-1" | "latin1" | "latin-1" | "l1" | "iso_8859-1") => {
-            if body.is_ascii() {
-                body
-            } else {
+            Some(label) if WINDOWS_1252_LABELS.contains(&label) => {
                 repaired("latin1");
-                Bytes::from(body.iter().map(|&b| char::from(b)).collect::<String>())
+                Bytes::from(body.iter().map(|&b| windows_1252(b)).collect::<String>())
+            }
+            Some(other) => {
+                return Err(ApiError::new(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "unsupported_charset",
+                    format!("charset `{other}` is not supported: send UTF-8 (or ISO-8859-1)"),
+                ))
             }
         }
-        Some(other) => {
-            return Err(ApiError::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported_charset",
-                format!("charset `{other}` is not supported: send UTF-8 (or ISO-8859-1)"),
-            ))
-        }
     };
+    if body.len() > limit {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("read as UTF-8 text, the body is larger than {limit} bytes"),
+        ));
+    }
     Ok(match without_lone_surrogates(&body) {
         Some(text) => {
             repaired("lone_surrogate");
@@ -507,6 +520,45 @@ pub(super) fn as_json_text(headers: &HeaderMap, body: Bytes) -> Result<Bytes, Ap
         }
         None => body,
     })
+}
+
+/// `sluice_tracking_bodies_repaired_total{what}`.
+pub(super) const BODIES_REPAIRED: &str = "sluice_tracking_bodies_repaired_total";
+pub(super) const BODIES_REPAIRED_HELP: &str = "Tracking bodies read after a repair: `invalid_utf8` bytes and `lone_surrogate` escapes became U+FFFD, or a `latin1` body was read as windows-1252.";
+/// Its `what` labels, each a series from the start.
+pub(super) const BODY_REPAIRS: [&str; 3] = ["invalid_utf8", "lone_surrogate", "latin1"];
+
+/// The charset labels browsers read as windows-1252 (the WHATWG Encoding Standard's, but
+/// its ASCII ones, read as UTF-8 here).
+const WINDOWS_1252_LABELS: [&str; 14] = [
+    "cp1252",
+    "cp819",
+    "csisolatin1",
+    "ibm819",
+    "iso-8859-1",
+    "iso-ir-100",
+    "iso8859-1",
+    "iso88591",
+    "iso_8859-1",
+    "iso_8859-1:1987",
+    "l1",
+    "latin1",
+    "windows-1252",
+    "x-cp1252",
+];
+
+/// A windows-1252 byte as a character: Latin-1, but for the printable characters of
+/// 0x80-0x9F (the five it leaves undefined stay the control characters of those codes).
+fn windows_1252(b: u8) -> char {
+    const HIGH: [u16; 32] = [
+        0x20AC, 0x81, 0x201A, 0x0192, 0x201E, 0x2026, 0x2020, 0x2021, 0x02C6, 0x2030, 0x0160,
+        0x2039, 0x0152, 0x8D, 0x017D, 0x8F, 0x90, 0x2018, 0x2019, 0x201C, 0x201D, 0x2022, 0x2013,
+        0x2014, 0x02DC, 0x2122, 0x0161, 0x203A, 0x0153, 0x9D, 0x017E, 0x0178,
+    ];
+    match b {
+        0x80..=0x9F => char::from_u32(u32::from(HIGH[usize::from(b - 0x80)])).unwrap_or('\u{fffd}'),
+        _ => char::from(b),
+    }
 }
 
 /// `text` with every `\u` escape of half a surrogate pair written `\ufffd`; `None` when
@@ -1337,7 +1389,7 @@ mod tests {
         let read = |content_type: &str, body: &[u8]| {
             let mut headers = HeaderMap::new();
             headers.insert("content-type", content_type.parse().unwrap());
-            as_json_text(&headers, Bytes::copy_from_slice(body))
+            as_json_text(&headers, Bytes::copy_from_slice(body), 100)
         };
         // A Latin-1 byte in a UTF-8 body: replaced, the rest kept.
         let body = read("application/json", b"{\"city\":\"Montr\xe9al\",\"n\":1}").unwrap();
@@ -1357,7 +1409,20 @@ mod tests {
         // UTF-8 as it is, whatever the case of its name.
         let body = read("text/plain;charset=UTF-8", "{\"a\":\"é\"}".as_bytes()).unwrap();
         assert_eq!(&body[..], "{\"a\":\"é\"}".as_bytes());
-        let refused = read("application/json; charset=utf-16", b"{}").unwrap_err();
+        // windows-1252's own characters, under any of its labels.
+        let body = read("application/json; charset=cp1252", b"{\"p\":\"\x80 5\"}").unwrap();
+        assert_eq!(&body[..], "{\"p\":\"€ 5\"}".as_bytes());
+        // ASCII reads the same in any charset: taken whatever the label.
+        let body = read("application/json; charset=iso-8859-15", b"{\"a\":1}").unwrap();
+        assert_eq!(&body[..], b"{\"a\":1}");
+        // A repair beyond the limit is refused as a body that large.
+        let big = [&b"{\"a\":\""[..], &[0xff; 40][..], &b"\"}"[..]].concat();
+        assert_eq!(
+            read("application/json", &big).unwrap_err().status.as_u16(),
+            413
+        );
+        let refused =
+            read("application/json; charset=iso-8859-15", b"{\"a\":\"\xe9\"}").unwrap_err();
         assert_eq!(
             (refused.status.as_u16(), refused.code),
             (415, "unsupported_charset")
