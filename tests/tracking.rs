@@ -786,13 +786,13 @@ async fn an_event_whose_claim_another_write_holds_is_answered_when_to_come_back(
     let event = json!({ "eventId": "held-1", "userId": "v-held", "sessionId": "s-held", "eventType": "CLICK" });
     let (status, body) = post(&base, "/v1/events", &event).await;
     assert_eq!(status, 200, "{body}");
-    // What a write that claimed the event and has not inserted it leaves (it may still,
-    // or its process died): a fresh claim, and no event.
+    // What a write that claimed the event 10 s ago and has not inserted it leaves (it may
+    // still, or its process died): a claim in its lease, and no event.
     db.store
         .collection("event_ids")
         .update_one(
             doc! { "_id": "held-1" },
-            doc! { "$set": { "at": bson::DateTime::now() }, "$unset": { "stored": "" } },
+            doc! { "$set": { "at": bson::DateTime::from_millis(now_ms() - 10_000) }, "$unset": { "stored": "" } },
         )
         .await
         .unwrap();
@@ -814,7 +814,7 @@ async fn an_event_whose_claim_another_write_holds_is_answered_when_to_come_back(
         .unwrap()
         .parse()
         .unwrap();
-    assert!((29..=30).contains(&after), "{after}");
+    assert!((19..=20).contains(&after), "{after}");
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["results"][0]["status"], "retry", "{body}");
     assert_eq!(body["results"][0]["retryAfter"], after, "{body}");
@@ -1781,13 +1781,8 @@ async fn a_failed_write_and_an_insert_in_doubt_are_503s_that_store_nothing_twice
     // The resend, at once: the first insert is still in flight (held by the proxy).
     let doubt = send().await.unwrap();
     assert_eq!(doubt.status().as_u16(), 503);
-    // Not before the first write's claim lapses: the write may be dead.
-    let after: u32 = doubt.headers()["retry-after"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert!((2..=30).contains(&after), "{after}");
+    // The claim is young: its write is most likely landing now.
+    assert_eq!(doubt.headers()["retry-after"], "1");
     let body: Value = doubt.json().await.unwrap();
     assert_eq!(body["success"], false, "{body}");
     assert_eq!(body["results"][0]["status"], "retry", "{body}");

@@ -63,6 +63,10 @@ fn observe_phase(phase: &str, started: Instant) {
     );
 }
 
+/// A claim younger than this (milliseconds) is most likely its write landing now: an
+/// event it holds is sent again after a second, not after the rest of the lease.
+const YOUNG_CLAIM_MS: i64 = 2_000;
+
 /// The fate of one event of a batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WriteStatus {
@@ -826,9 +830,17 @@ impl EventWriter {
             // Judged and taken at the time of the take-over, not of the batch: the claim
             // this writer then holds is a whole lease young.
             let now = self.store.now();
-            let left_ms = lease_ms - (now.timestamp_millis() - at.timestamp_millis());
-            if left_ms > 0 {
-                let seconds = u32::try_from((left_ms + 999) / 1000).unwrap_or(u32::MAX);
+            let age_ms = now.timestamp_millis() - at.timestamp_millis();
+            if age_ms < lease_ms {
+                // A young claim's write is most likely landing now (a client that timed
+                // out and resent at once): back in a second. An older one's may have
+                // died: back once the lease ends, when it can be taken over.
+                let wait_ms = if age_ms < YOUNG_CLAIM_MS {
+                    1_000
+                } else {
+                    (lease_ms - age_ms).min(lease_ms)
+                };
+                let seconds = u32::try_from((wait_ms + 999) / 1000).unwrap_or(u32::MAX);
                 status[i] = WriteStatus::Held { seconds };
                 continue;
             }
