@@ -832,34 +832,42 @@ async fn bodies_sent_to_other_routes_cannot_take_the_tracking_endpoint_s_room() 
     let addr = base.trim_start_matches("http://").to_string();
     // Bodies that stall half sent, with no credential: one to no route, declaring 2 MB,
     // and five to the admin API, together more than the tracking endpoint's whole 1 MiB.
-    let stall = |path: &'static str, declared: usize, sent: usize| {
+    let stall = |method: &'static str, path: &'static str, declared: usize, sent: usize| {
         let addr = addr.clone();
         async move {
             let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
             let head = format!(
-                "POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {declared}\r\n\r\n"
+                "{method} {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {declared}\r\n\r\n"
             );
             conn.write_all(head.as_bytes()).await.unwrap();
             conn.write_all(&vec![b' '; sent]).await.unwrap();
             conn
         }
     };
-    let mut unrouted = stall("/no-such-path", 2_000_000, 1_040_000).await;
+    let unrouted = stall("POST", "/no-such-path", 2_000_000, 1_040_000).await;
+    // A tracking path asked with the wrong method.
+    let wrong_method = stall("PUT", "/v1/batch", 500_000, 400_000).await;
     let mut admin = Vec::new();
     for _ in 0..5 {
-        admin.push(stall("/v1/admin/login", 250_000, 240_000).await);
+        admin.push(stall("POST", "/v1/admin/login", 250_000, 240_000).await);
     }
-    // No route: answered at once, its body unread.
-    let mut answer = vec![0u8; 4096];
-    let n = tokio::time::timeout(
-        std::time::Duration::from_secs(10),
-        unrouted.read(&mut answer),
-    )
-    .await
-    .expect("answered without its body")
-    .unwrap();
-    let answer = String::from_utf8_lossy(&answer[..n]);
-    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+    // Answered at once, their bodies unread.
+    for (mut conn, status) in [(unrouted, "404"), (wrong_method, "405")] {
+        let mut answer = vec![0u8; 4096];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(10), conn.read(&mut answer))
+            .await
+            .expect("answered without its body")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer[..n]);
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{answer}"
+        );
+        assert!(
+            answer.to_ascii_lowercase().contains("connection: close"),
+            "{answer}"
+        );
+    }
     // The admin bodies are held apart: the tracking endpoint's bytes stay free.
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     assert_eq!(in_flight_bytes(&base).await, 0);

@@ -530,22 +530,32 @@ async fn body_deadline(
     next: axum::middleware::Next,
 ) -> Response {
     let (mut parts, body) = request.into_parts();
-    // No route: answered 404 without reading a byte of the body.
-    if parts
+    let limit = limits.get(parts.uri.path()).copied();
+    // No route (404), or a tracking path asked with another method than POST (405):
+    // answered without reading a byte of the body.
+    let unrouted = parts
         .extensions
         .get::<axum::extract::MatchedPath>()
-        .is_none()
-    {
+        .is_none();
+    if unrouted || (limit.is_some() && parts.method != axum::http::Method::POST) {
+        let has_body = parts
+            .headers
+            .get(axum::http::header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0")
+            || parts
+                .headers
+                .contains_key(axum::http::header::TRANSFER_ENCODING);
         let request = axum::extract::Request::from_parts(parts, axum::body::Body::empty());
         let mut response = next.run(request).await;
-        // The body, if any, was not read: the connection cannot carry another request.
-        response.headers_mut().insert(
-            axum::http::header::CONNECTION,
-            HeaderValue::from_static("close"),
-        );
+        if has_body {
+            // The body was not read: the connection cannot carry another request.
+            response.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                HeaderValue::from_static("close"),
+            );
+        }
         return response;
     }
-    let limit = limits.get(parts.uri.path()).copied();
     let cap = limit.unwrap_or(admin::MAX_ADMIN_BODY);
     let mut reserved = match limit {
         Some(_) => Reservation::new(&state),
