@@ -830,8 +830,8 @@ async fn bodies_sent_to_other_routes_cannot_take_the_tracking_endpoint_s_room() 
     })
     .await;
     let addr = base.trim_start_matches("http://").to_string();
-    // Bodies that stall half sent, with no credential: one to no route, declaring 2 MB,
-    // and five to the admin API, together more than the tracking endpoint's whole 1 MiB.
+    // Bodies that stall half sent, with no credential: to no route, declaring 2 MB, to a
+    // tracking path with the wrong method, and to the admin API.
     let stall = |method: &'static str, path: &'static str, declared: usize, sent: usize| {
         let addr = addr.clone();
         async move {
@@ -847,12 +847,21 @@ async fn bodies_sent_to_other_routes_cannot_take_the_tracking_endpoint_s_room() 
     let unrouted = stall("POST", "/no-such-path", 2_000_000, 1_040_000).await;
     // A tracking path asked with the wrong method.
     let wrong_method = stall("PUT", "/v1/batch", 500_000, 400_000).await;
+    // To the admin API: without a token, refused before the body is read; to sign in, at
+    // most 16 KiB is read.
+    let unsigned = stall("POST", "/v1/admin/configs", 250_000, 240_000).await;
+    let login = stall("POST", "/v1/admin/login", 250_000, 240_000).await;
     let mut admin = Vec::new();
     for _ in 0..5 {
-        admin.push(stall("POST", "/v1/admin/login", 250_000, 240_000).await);
+        admin.push(stall("POST", "/v1/admin/login", 15_000, 14_000).await);
     }
-    // Answered at once, their bodies unread.
-    for (mut conn, status) in [(unrouted, "404"), (wrong_method, "405")] {
+    // Answered at once, their bodies unread (or read no further than the limit).
+    for (mut conn, status) in [
+        (unrouted, "404"),
+        (wrong_method, "405"),
+        (unsigned, "401"),
+        (login, "413"),
+    ] {
         let mut answer = vec![0u8; 4096];
         let n = tokio::time::timeout(std::time::Duration::from_secs(10), conn.read(&mut answer))
             .await

@@ -157,6 +157,17 @@ fn rank(role: Role) -> u8 {
 }
 
 /// The caller, from `Authorization: Bearer TOKEN`, if at least `min`.
+/// The path of the one API route that takes a body from a caller not signed in.
+pub const LOGIN_PATH: &str = "/v1/admin/login";
+/// What `POST /v1/admin/login` reads at most (an email and a password).
+pub const MAX_LOGIN_BODY: usize = 16 * 1024;
+
+/// Whether the request carries a valid token (of any role): checked before a body sent to
+/// the API is read, so that only signed-in callers can make the server hold one.
+pub(super) async fn signed_in(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    caller(state, headers, Role::User).await.map(|_| ())
+}
+
 async fn caller(
     state: &AppState,
     headers: &HeaderMap,
@@ -1315,7 +1326,7 @@ async fn journey(
 
 pub fn routes() -> Router<AppState> {
     Router::new()
-        .route("/v1/admin/login", post(login))
+        .route(LOGIN_PATH, post(login))
         .route("/v1/admin/logout", post(logout))
         .route("/v1/admin/me", get(me))
         .route("/v1/admin/users", get(list_users).post(create_user))

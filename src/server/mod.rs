@@ -531,6 +531,13 @@ async fn body_deadline(
 ) -> Response {
     let (mut parts, body) = request.into_parts();
     let limit = limits.get(parts.uri.path()).copied();
+    let has_body = parts
+        .headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .is_some_and(|v| v.as_bytes() != b"0")
+        || parts
+            .headers
+            .contains_key(axum::http::header::TRANSFER_ENCODING);
     // No route (404), or a tracking path asked with another method than POST (405):
     // answered without reading a byte of the body.
     let unrouted = parts
@@ -538,25 +545,26 @@ async fn body_deadline(
         .get::<axum::extract::MatchedPath>()
         .is_none();
     if unrouted || (limit.is_some() && parts.method != axum::http::Method::POST) {
-        let has_body = parts
-            .headers
-            .get(axum::http::header::CONTENT_LENGTH)
-            .is_some_and(|v| v.as_bytes() != b"0")
-            || parts
-                .headers
-                .contains_key(axum::http::header::TRANSFER_ENCODING);
         let request = axum::extract::Request::from_parts(parts, axum::body::Body::empty());
-        let mut response = next.run(request).await;
-        if has_body {
-            // The body was not read: the connection cannot carry another request.
-            response.headers_mut().insert(
-                axum::http::header::CONNECTION,
-                HeaderValue::from_static("close"),
-            );
-        }
-        return response;
+        let response = next.run(request).await;
+        return if has_body {
+            response.with_close()
+        } else {
+            response
+        };
     }
-    let cap = limit.unwrap_or(admin::MAX_ADMIN_BODY);
+    // A body sent to the API is read only from a caller signed in (but to sign in).
+    let login = parts.uri.path() == admin::LOGIN_PATH;
+    if has_body && limit.is_none() && !login && parts.uri.path().starts_with("/v1/") {
+        if let Err(refused) = admin::signed_in(&state, &parts.headers).await {
+            return refused.into_response().with_close();
+        }
+    }
+    let cap = match limit {
+        Some(limit) => limit,
+        None if login => admin::MAX_LOGIN_BODY,
+        None => admin::MAX_ADMIN_BODY,
+    };
     let mut reserved = match limit {
         Some(_) => Reservation::new(&state),
         None => Reservation::other(&state),
@@ -597,7 +605,8 @@ async fn body_deadline(
             },
             format!("the body is larger than {cap} bytes"),
         )
-        .into_response(),
+        .into_response()
+        .with_close(),
         Ok(Err(BodyError::InFlightFull)) => too_little(),
         Ok(Err(BodyError::Unreadable(e))) => ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -605,22 +614,32 @@ async fn body_deadline(
             format!("the body could not be read: {e}"),
         )
         .into_response(),
-        Err(_) => {
-            let mut resp = ApiError::new(
-                StatusCode::REQUEST_TIMEOUT,
-                "body_timeout",
-                format!(
-                    "the body was not received within {} s; nothing was stored",
-                    deadline.as_secs()
-                ),
-            )
-            .into_response();
-            resp.headers_mut().insert(
-                axum::http::header::CONNECTION,
-                HeaderValue::from_static("close"),
-            );
-            resp
-        }
+        Err(_) => ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            format!(
+                "the body was not received within {} s; nothing was stored",
+                deadline.as_secs()
+            ),
+        )
+        .into_response()
+        .with_close(),
+    }
+}
+
+/// An answer that closes its connection: the request's body was not read whole, so the
+/// connection cannot carry another request.
+trait WithClose {
+    fn with_close(self) -> Self;
+}
+
+impl WithClose for Response {
+    fn with_close(mut self) -> Self {
+        self.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            HeaderValue::from_static("close"),
+        );
+        self
     }
 }
 
