@@ -1452,12 +1452,12 @@ fn scrub(connector: &Connector, issued: &[String], text: String) -> String {
     secrets.extend(issued.iter().cloned());
     // Short values (a 1-character test key) would blank unrelated text.
     secrets.retain(|s| s.len() >= 4);
-    // And as an API may echo them: `%`-encoded (a query parameter), JSON-escaped, and
-    // JSON-escaped with `\/` (as some encoders write a slash).
+    // And as an API may echo them: `%`-encoded (a query parameter, as a form encodes it or
+    // as RFC 3986 does, with upper- or lower-case hex), JSON-escaped (also with `\/`, and
+    // with `<>&` as `\u003c`... as Go writes them).
     let encoded: Vec<String> = secrets
         .iter()
         .flat_map(|s| {
-            let form: String = oauth2::url::form_urlencoded::byte_serialize(s.as_bytes()).collect();
             let json = serde_json::to_string(s).unwrap_or_default();
             let json = json
                 .strip_prefix('"')
@@ -1465,7 +1465,17 @@ fn scrub(connector: &Connector, issued: &[String], text: String) -> String {
                 .unwrap_or_default()
                 .to_string();
             let slashed = json.replace('/', "\\/");
-            [form, json, slashed]
+            let go = json
+                .replace('<', "\\u003c")
+                .replace('>', "\\u003e")
+                .replace('&', "\\u0026");
+            let mut all = vec![json, slashed, go];
+            for form in [true, false] {
+                for lower in [false, true] {
+                    all.push(percent_encoded(s, form, lower));
+                }
+            }
+            all
         })
         .collect();
     secrets.extend(encoded);
@@ -1477,6 +1487,28 @@ fn scrub(connector: &Connector, issued: &[String], text: String) -> String {
     secrets
         .iter()
         .fold(text, |t, s| t.replace(s.as_str(), "<redacted>"))
+}
+
+/// `text` `%`-encoded: as a form encodes it (`form`: a space as `+`, `~` escaped) or as
+/// RFC 3986 does (a space as `%20`, `~` as it is), with lower- or upper-case hex digits.
+fn percent_encoded(text: &str, form: bool, lower: bool) -> String {
+    let mut out = String::with_capacity(text.len() * 3);
+    for &b in text.as_bytes() {
+        let kept = b.is_ascii_alphanumeric()
+            || matches!(b, b'-' | b'.' | b'_')
+            || (form && b == b'*')
+            || (!form && b == b'~');
+        if kept {
+            out.push(char::from(b));
+        } else if form && b == b' ' {
+            out.push('+');
+        } else if lower {
+            out.push_str(&format!("%{b:02x}"));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// An OAuth2 token endpoint and the client's credentials.
@@ -2042,6 +2074,17 @@ mod tests {
         )
         .await;
         assert_eq!(read_start(get(url).await, 50).await.unwrap(), "oops");
+    }
+
+    #[test]
+    fn secrets_are_looked_for_as_each_encoder_writes_them() {
+        let key = "sk/S+1 ~";
+        assert_eq!(percent_encoded(key, true, false), "sk%2FS%2B1+%7E");
+        assert_eq!(percent_encoded(key, true, true), "sk%2fS%2b1+%7e");
+        assert_eq!(percent_encoded(key, false, false), "sk%2FS%2B1%20~");
+        // The form encoding is the one queries are sent with.
+        let sent: String = oauth2::url::form_urlencoded::byte_serialize(key.as_bytes()).collect();
+        assert_eq!(percent_encoded(key, true, false), sent);
     }
 
     #[test]

@@ -499,6 +499,9 @@ pub fn parse_message(
     } else {
         ctx
     };
+    // A copy of an amount taken from another property, set aside, is dropped below: never
+    // the client's own `amountUnread`.
+    let own_unread = properties.contains_key(crate::model::event_fields::AMOUNT_UNREAD);
     native.insert("properties".into(), Value::Object(properties));
     // SDKs fill these from the browser's address bar; a URL longer than an event's
     // `pageUrl` may be (tracking parameters) is cut there, and kept whole where it was
@@ -532,7 +535,7 @@ pub fn parse_message(
         .map_err(|e| rename_field(e, &sent_as))?;
     // An amount taken from another property that could not be read is that property,
     // kept as sent: no copy of it.
-    if amount_elsewhere {
+    if amount_elsewhere && !own_unread {
         event
             .properties
             .remove(crate::model::event_fields::AMOUNT_UNREAD);
@@ -838,6 +841,15 @@ mod tests {
             );
             assert_eq!(e.purchase_amount(), None);
         }
+        // The client's own `amountUnread` stays beside a revenue that was read.
+        let e = parse(json!({
+            "type": "track", "userId": "u1", "event": "Order Completed",
+            "properties": { "revenue": 10, "amountUnread": "x" },
+        }))
+        .unwrap()
+        .event;
+        assert_eq!(e.properties.get_str("amountUnread").unwrap(), "x");
+        assert_eq!(e.purchase_amount(), Some(10.0));
     }
 
     #[test]
