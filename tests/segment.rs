@@ -975,6 +975,19 @@ async fn a_link_counts_from_its_earliest_message_whichever_arrives_first() {
         link.get_datetime("since").unwrap().timestamp_millis(),
         t0 + 5 * MIN
     );
+    // The identify resent with a `sentAt` a minute later (its clock corrected back): a
+    // duplicate, which moves the link nowhere.
+    let resent = json!({ "messageId": "l2", "userId": "u", "anonymousId": "a",
+                         "timestamp": iso(t0 + 5 * MIN),
+                         "sentAt": iso(chrono::Utc::now().timestamp_millis() + MIN) });
+    let (status, answer) = post(&base, "/v1/identify", &resent).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["results"][0]["status"], "duplicate", "{answer}");
+    let link = &find(&db, "identities", doc! { "_id": "a" }).await[0];
+    assert_eq!(
+        link.get_datetime("since").unwrap().timestamp_millis(),
+        t0 + 5 * MIN
+    );
     server.shutdown().await;
 }
 

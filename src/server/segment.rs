@@ -192,6 +192,27 @@ pub async fn batch(
 /// Resolves visitors through identity links, stores the events, then copies `identify`
 /// traits to the profiles of the users whose identify is stored.
 ///
+/// Those of `ids` the ledger holds a claim of (their events were taken before).
+async fn claimed_already(
+    store: &sluice_connectors::Store,
+    ids: &[&str],
+) -> Result<HashSet<String>, sluice_connectors::StoreError> {
+    use futures_util::TryStreamExt;
+    use sluice_core::model::{collections as c, common};
+    let step =
+        || sluice_connectors::StoreError::mongo(c::EVENT_IDS, "find the claims of resent links");
+    store
+        .collection(c::EVENT_IDS)
+        .find(bson::doc! { common::ID: { "$in": ids } })
+        .projection(bson::doc! { common::ID: 1 })
+        .await
+        .map_err(step())?
+        .try_filter_map(|d| async move { Ok(d.get_str(common::ID).ok().map(str::to_string)) })
+        .try_collect()
+        .await
+        .map_err(step())
+}
+
 /// Visitors are first resolved as if every message's link were recorded; the links of the
 /// messages still kept after enrichment and the transforms (not a dropped bot, not a
 /// rejected event) are then recorded, before the events are written, and a kept event whose
@@ -216,11 +237,15 @@ async fn store(
             ids.extend(m.anonymous_id.clone());
         }
         if let Some((from, to)) = &m.link {
-            links.push((index, (from.clone(), to.clone(), m.event.timestamp)));
+            links.push((
+                index,
+                m.event.event_id.clone(),
+                (from.clone(), to.clone(), m.event.timestamp),
+            ));
         }
     }
     let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
-    let every_link: Vec<_> = links.iter().map(|(_, l)| l.clone()).collect();
+    let every_link: Vec<_> = links.iter().map(|(_, _, l)| l.clone()).collect();
     let current = tokio::time::timeout(
         deadline,
         identities::current(&state.store, &ids, &every_link),
@@ -265,8 +290,33 @@ async fn store(
     let mut prepared = prepare(state, events).await?;
     let kept_links: Vec<_> = links
         .into_iter()
-        .filter(|(index, _)| prepared.kept(*index).is_some())
-        .map(|(_, l)| l)
+        .filter(|(index, _, _)| prepared.kept(*index).is_some())
+        .collect();
+    // A message claimed before (a resend) recorded its link then: its time here may be
+    // earlier (a later `sentAt` corrects it back), and must not move the link. Looked up
+    // only for links that would move one back.
+    let would_move: Vec<&str> = kept_links
+        .iter()
+        .filter(|(_, _, (from, to, since))| {
+            current
+                .get(from)
+                .is_some_and(|l| l.visitor == *to && since.timestamp_millis() < l.since_ms)
+        })
+        .map(|(_, id, _)| id.as_str())
+        .collect();
+    let sent_before = if would_move.is_empty() {
+        HashSet::new()
+    } else {
+        let message_ids = would_move;
+        tokio::time::timeout(deadline, claimed_already(&state.store, &message_ids))
+            .await
+            .map_err(|_| late())?
+            .map_err(store_unavailable)?
+    };
+    let kept_links: Vec<_> = kept_links
+        .into_iter()
+        .filter(|(_, id, _)| !sent_before.contains(id))
+        .map(|(_, _, l)| l)
         .collect();
     // `current` covers the kept links' ids: they are among every link's.
     let recorded = if every_link.is_empty() {
