@@ -845,6 +845,8 @@ async fn bodies_sent_to_other_routes_cannot_take_the_tracking_endpoint_s_room() 
         }
     };
     let unrouted = stall("POST", "/no-such-path", 2_000_000, 1_040_000).await;
+    // A probe, which takes no body.
+    let probe = stall("POST", "/metrics", 250_000, 240_000).await;
     // A tracking path asked with the wrong method.
     let wrong_method = stall("PUT", "/v1/batch", 500_000, 400_000).await;
     // To the admin API: without a token, refused before the body is read; to sign in, at
@@ -858,6 +860,7 @@ async fn bodies_sent_to_other_routes_cannot_take_the_tracking_endpoint_s_room() 
     // Answered at once, their bodies unread (or read no further than the limit).
     for (mut conn, status) in [
         (unrouted, "404"),
+        (probe, "405"),
         (wrong_method, "405"),
         (unsigned, "401"),
         (login, "413"),

@@ -277,11 +277,12 @@ fn ip_kind(ip: IpAddr) -> Option<&'static str> {
                 return Some("local-use NAT64");
             }
             // Addresses that carry an IPv4 address a gateway reaches: judged by it.
-            // IPv4-mapped and -compatible (`::a.b.c.d`), well-known NAT64 (64:ff9b::/96)
-            // and 6to4 (2002::/16).
+            // IPv4-mapped and -compatible (`::a.b.c.d`), IPv4-translated
+            // (`::ffff:0:a.b.c.d`), well-known NAT64 (64:ff9b::/96) and 6to4 (2002::/16).
             let inner = if let Some(v4) = v6.to_ipv4_mapped() {
                 Some(v4)
-            } else if (seg[..6] == [0; 6] && !v6.is_loopback() && !v6.is_unspecified())
+            } else if seg[..6] == [0, 0, 0, 0, 0xffff, 0]
+                || (seg[..6] == [0; 6] && !v6.is_loopback() && !v6.is_unspecified())
                 || seg[..6] == [0x64, 0xff9b, 0, 0, 0, 0]
             {
                 Some(embedded(12))
@@ -814,7 +815,8 @@ impl HttpClient {
         let replaced = without_params(url, query);
         let url = replaced.as_deref().unwrap_or(url);
         // Errors name the page asked for (`?page=2`), not only the endpoint.
-        let shown = shown_url(url, query);
+        // A next page's URL comes from the API and may carry a key: scrubbed too.
+        let shown = self.scrub(shown_url(url, query));
         let mut attempts = self.connector.retry.max_attempts;
         let mut last = String::new();
         let mut force_token = false;
@@ -1469,10 +1471,24 @@ fn scrub(connector: &Connector, issued: &[String], text: String) -> String {
                 .replace('<', "\\u003c")
                 .replace('>', "\\u003e")
                 .replace('&', "\\u0026");
-            let mut all = vec![json, slashed, go];
+            // Every character but letters and digits as `\u00XX` (as .NET writes `+`).
+            let unicode = |lower: bool| -> String {
+                s.chars()
+                    .map(|c| match c {
+                        c if c.is_ascii_alphanumeric() => c.to_string(),
+                        c if lower => format!("\\u{:04x}", u32::from(c)),
+                        c => format!("\\u{:04X}", u32::from(c)),
+                    })
+                    .collect()
+            };
+            let mut all = vec![json, slashed, go, unicode(false), unicode(true)];
             for form in [true, false] {
                 for lower in [false, true] {
-                    all.push(percent_encoded(s, form, lower));
+                    let encoded = percent_encoded(s, form, lower);
+                    // As Python's `quote` writes it (`/` kept), and encoded twice.
+                    all.push(encoded.replace("%2F", "/").replace("%2f", "/"));
+                    all.push(percent_encoded(&encoded, form, lower));
+                    all.push(encoded);
                 }
             }
             all
@@ -2082,6 +2098,10 @@ mod tests {
         assert_eq!(percent_encoded(key, true, false), "sk%2FS%2B1+%7E");
         assert_eq!(percent_encoded(key, true, true), "sk%2fS%2b1+%7e");
         assert_eq!(percent_encoded(key, false, false), "sk%2FS%2B1%20~");
+        assert_eq!(
+            ip_kind("::ffff:0:127.0.0.1".parse().unwrap()),
+            Some("loopback")
+        );
         // The form encoding is the one queries are sent with.
         let sent: String = oauth2::url::form_urlencoded::byte_serialize(key.as_bytes()).collect();
         assert_eq!(percent_encoded(key, true, false), sent);

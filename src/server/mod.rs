@@ -538,13 +538,14 @@ async fn body_deadline(
         || parts
             .headers
             .contains_key(axum::http::header::TRANSFER_ENCODING);
-    // No route (404), or a tracking path asked with another method than POST (405):
-    // answered without reading a byte of the body.
+    // No route (404), a tracking path asked with another method than POST (405), or a
+    // probe (which takes no body): answered without reading a byte of the body.
     let unrouted = parts
         .extensions
         .get::<axum::extract::MatchedPath>()
         .is_none();
-    if unrouted || (limit.is_some() && parts.method != axum::http::Method::POST) {
+    let bodyless = limit.is_none() && !parts.uri.path().starts_with("/v1/");
+    if unrouted || bodyless || (limit.is_some() && parts.method != axum::http::Method::POST) {
         let request = axum::extract::Request::from_parts(parts, axum::body::Body::empty());
         let response = next.run(request).await;
         return if has_body {
