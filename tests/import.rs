@@ -2011,13 +2011,30 @@ async fn a_key_echoed_encoded_or_kept_by_a_redirect_is_not_stored() {
                     let to = format!("https://api.example/v2/items?{}", uri.query().unwrap_or(""));
                     (StatusCode::MOVED_PERMANENTLY, [("location", to)], "")
                 }),
-            ),
+            )
+            // Names its next page with the key in it, a page that is gone.
+            .route(
+                "/paged",
+                get(|uri: axum::http::Uri| async move {
+                    let query = uri.query().unwrap_or("").replace("api_key=", "token=");
+                    Json(json!({ "data": [{ "id": "1" }], "next": format!("/gone?{query}") }))
+                }),
+            )
+            .route("/gone", get(|| async { StatusCode::NOT_FOUND })),
     )
     .await;
     let secret = "sk_live/SECRET+123==";
-    for (name, path) in [("echo-encoded", "echo"), ("moved", "moved")] {
-        let config =
-            things_config(name, &format!("http://{addr}/{path}"), "type = \"none\"").replace(
+    for (name, path) in [
+        ("echo-encoded", "echo"),
+        ("moved", "moved"),
+        ("next-page", "paged"),
+    ] {
+        let paging = if path == "paged" {
+            "type = \"next_url\""
+        } else {
+            "type = \"none\""
+        };
+        let config = things_config(name, &format!("http://{addr}/{path}"), paging).replace(
                 "[source]",
                 "[auth]\ntype = \"API_KEY\"\nkey = \"${env:IMPORT_TEST_KEY_Q}\"\nquery = \"api_key\"\n[source]",
             );
