@@ -814,9 +814,10 @@ impl HttpClient {
     ) -> Result<(Value, HeaderMap, u64), HttpError> {
         let replaced = without_params(url, query);
         let url = replaced.as_deref().unwrap_or(url);
-        // Errors name the page asked for (`?page=2`), not only the endpoint.
-        // A next page's URL comes from the API and may carry a key: scrubbed too.
-        let shown = self.scrub(shown_url(url, query));
+        // Errors name the page asked for (`?page=2`), not only the endpoint. A next page's
+        // URL comes from the API and may carry a key: scrubbed too, once an error needs it
+        // (not for every page that succeeds).
+        let shown = std::cell::LazyCell::new(|| self.scrub(shown_url(url, query)));
         let mut attempts = self.connector.retry.max_attempts;
         let mut last = String::new();
         let mut force_token = false;

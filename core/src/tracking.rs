@@ -431,7 +431,7 @@ pub fn read_amount(
                 }
             }
         }
-        if !(0.0..=MAX_PURCHASE_AMOUNT).contains(&amount) {
+        if !amount_in_range(amount) {
             return Err(amount_range_error());
         }
         properties.insert(f::AMOUNT, amount);
@@ -441,6 +441,10 @@ pub fn read_amount(
         return Ok(());
     }
     check_amount(event_type, properties)
+}
+
+fn amount_in_range(amount: f64) -> bool {
+    (0.0..=MAX_PURCHASE_AMOUNT).contains(&amount)
 }
 
 fn amount_range_error() -> ValidationError {
@@ -454,8 +458,7 @@ fn amount_range_error() -> ValidationError {
 fn check_amount(event_type: EventType, properties: &Document) -> Result<(), ValidationError> {
     if event_type == EventType::Purchase
         && properties.contains_key(f::AMOUNT)
-        && !crate::model::amount_of(properties)
-            .is_some_and(|x| (0.0..=MAX_PURCHASE_AMOUNT).contains(&x))
+        && !crate::model::amount_of(properties).is_some_and(amount_in_range)
     {
         return Err(amount_range_error());
     }

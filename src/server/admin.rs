@@ -156,7 +156,6 @@ fn rank(role: Role) -> u8 {
     }
 }
 
-/// The caller, from `Authorization: Bearer TOKEN`, if at least `min`.
 /// The path of the one API route that takes a body from a caller not signed in.
 pub const LOGIN_PATH: &str = "/v1/admin/login";
 /// What `POST /v1/admin/login` reads at most (an email and a password).
@@ -168,6 +167,7 @@ pub(super) async fn signed_in(state: &AppState, headers: &HeaderMap) -> Result<(
     caller(state, headers, Role::User).await.map(|_| ())
 }
 
+/// The caller, from `Authorization: Bearer TOKEN`, if at least `min`.
 async fn caller(
     state: &AppState,
     headers: &HeaderMap,

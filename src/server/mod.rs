@@ -65,9 +65,9 @@ pub struct AppState {
     other_in_flight: Arc<tokio::sync::Semaphore>,
 }
 
-/// What the bodies of the routes other than tracking's (the admin API's, read before any
-/// credential is checked) may hold at once, apart from `tracking.max_in_flight_mb`: bodies
-/// sent to those routes, by anyone, cannot take the tracking endpoint's room.
+/// What the bodies of the routes other than tracking's (the admin and analytics API's) may
+/// hold at once, apart from `tracking.max_in_flight_mb`, so that they cannot take the
+/// tracking endpoint's room.
 pub const OTHER_IN_FLIGHT: usize = 8 << 20;
 
 /// A tracking request's share of `tracking.max_in_flight_mb`, reserved as its body is
@@ -514,10 +514,11 @@ fn on_panic(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
 /// as long as it likes.
 ///
 /// Every body is counted as it arrives: a tracking route's against
-/// `tracking.max_in_flight_mb`, any other's (the admin API's, read before any credential
-/// is checked, at most `MAX_ADMIN_BODY`) against [`OTHER_IN_FLIGHT`], apart, so that
-/// bodies anyone may send there cannot take the tracking endpoint's room; a request no
-/// route takes is answered 404 without its body being read. A tracking route's (its
+/// `tracking.max_in_flight_mb`, an API route's (at most `MAX_ADMIN_BODY`, and read only
+/// from a caller whose token is valid, but to sign in) against [`OTHER_IN_FLIGHT`],
+/// apart, so that they cannot take the tracking endpoint's room. A request no route
+/// takes, a probe's, or a tracking path's with another method than POST is answered
+/// without its body being read. A tracking route's (its
 /// path in `limits`, with the route's limit) is read up to that limit, plus the limit
 /// again for the decompressed copy of a compressed body; with too little left the
 /// request is answered 503 at once (waiting would hold its connection and grow the
@@ -554,9 +555,10 @@ async fn body_deadline(
             response
         };
     }
-    // A body sent to the API is read only from a caller signed in (but to sign in).
+    // A body sent to the API (what is left) is read only from a caller signed in (but to
+    // sign in).
     let login = parts.uri.path() == admin::LOGIN_PATH;
-    if has_body && limit.is_none() && !login && parts.uri.path().starts_with("/v1/") {
+    if has_body && limit.is_none() && !login {
         if let Err(refused) = admin::signed_in(&state, &parts.headers).await {
             return refused.into_response().with_close();
         }

@@ -192,27 +192,6 @@ pub async fn batch(
 /// Resolves visitors through identity links, stores the events, then copies `identify`
 /// traits to the profiles of the users whose identify is stored.
 ///
-/// Those of `ids` the ledger holds a claim of (their events were taken before).
-async fn claimed_already(
-    store: &sluice_connectors::Store,
-    ids: &[&str],
-) -> Result<HashSet<String>, sluice_connectors::StoreError> {
-    use futures_util::TryStreamExt;
-    use sluice_core::model::{collections as c, common};
-    let step =
-        || sluice_connectors::StoreError::mongo(c::EVENT_IDS, "find the claims of resent links");
-    store
-        .collection(c::EVENT_IDS)
-        .find(bson::doc! { common::ID: { "$in": ids } })
-        .projection(bson::doc! { common::ID: 1 })
-        .await
-        .map_err(step())?
-        .try_filter_map(|d| async move { Ok(d.get_str(common::ID).ok().map(str::to_string)) })
-        .try_collect()
-        .await
-        .map_err(step())
-}
-
 /// Visitors are first resolved as if every message's link were recorded; the links of the
 /// messages still kept after enrichment and the transforms (not a dropped bot, not a
 /// rejected event) are then recorded, before the events are written, and a kept event whose
@@ -307,8 +286,12 @@ async fn store(
     let sent_before = if would_move.is_empty() {
         HashSet::new()
     } else {
-        let message_ids = would_move;
-        tokio::time::timeout(deadline, claimed_already(&state.store, &message_ids))
+        let claimed = sluice_connectors::mongo::ledger::claimed(
+            &state.store,
+            &would_move,
+            "find the claims of resent links",
+        );
+        tokio::time::timeout(deadline, claimed)
             .await
             .map_err(|_| late())?
             .map_err(store_unavailable)?

@@ -838,7 +838,7 @@ impl EventWriter {
                 let wait_ms = if age_ms < YOUNG_CLAIM_MS {
                     1_000
                 } else {
-                    (lease_ms - age_ms).min(lease_ms)
+                    lease_ms - age_ms
                 };
                 let seconds = u32::try_from((wait_ms + 999) / 1000).unwrap_or(u32::MAX);
                 status[i] = WriteStatus::Held { seconds };

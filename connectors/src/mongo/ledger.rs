@@ -21,6 +21,25 @@ fn archived_before(before: DateTime) -> Document {
     doc! { l::ARCHIVED: true, l::TIMESTAMP: { "$lt": before } }
 }
 
+/// Those of `ids` the ledger holds a claim of: events taken before (stored, or being
+/// stored).
+pub async fn claimed(
+    store: &Store,
+    ids: &[&str],
+    step: &'static str,
+) -> Result<std::collections::HashSet<String>, StoreError> {
+    store
+        .collection(c::EVENT_IDS)
+        .find(doc! { common::ID: { "$in": ids } })
+        .projection(doc! { common::ID: 1 })
+        .await
+        .map_err(StoreError::mongo(c::EVENT_IDS, step))?
+        .try_filter_map(|d| async move { Ok(d.get_str(common::ID).ok().map(str::to_string)) })
+        .try_collect()
+        .await
+        .map_err(StoreError::mongo(c::EVENT_IDS, step))
+}
+
 /// How many archived claims of events older than `before` there are.
 pub async fn count_archived_claims(store: &Store, before: DateTime) -> Result<u64, StoreError> {
     store
