@@ -2005,6 +2005,21 @@ async fn a_key_echoed_encoded_or_kept_by_a_redirect_is_not_stored() {
                     )
                 }),
             )
+            // An HTML error page, quoting the key as Go's html/template does.
+            .route(
+                "/html",
+                get(|uri: axum::http::Uri| async move {
+                    let query = uri.query().unwrap_or("").to_string();
+                    let key = url_decoded(query.trim_start_matches("api_key="));
+                    (
+                        StatusCode::NOT_FOUND,
+                        format!(
+                            "<p>no page for key <b>{}</b></p>",
+                            key.replace('+', "&#43;")
+                        ),
+                    )
+                }),
+            )
             .route(
                 "/moved",
                 get(|uri: axum::http::Uri| async move {
@@ -2026,6 +2041,7 @@ async fn a_key_echoed_encoded_or_kept_by_a_redirect_is_not_stored() {
     let secret = "sk_live/SECRET+123==";
     for (name, path) in [
         ("echo-encoded", "echo"),
+        ("echo-html", "html"),
         ("moved", "moved"),
         ("next-page", "paged"),
     ] {

@@ -713,6 +713,65 @@ async fn gzip_bodies_write_key_in_the_body_and_invalid_messages_reported() {
         1
     );
 
+    // A profile trait that is not a string: the identify is stored, its other traits
+    // applied, that one kept with the event only, and the answer says so.
+    let (status, answer) = post(
+        &base,
+        "/v1/identify",
+        &json!({ "messageId": "num-1", "userId": "numeric", "traits": { "email": 123, "plan": "pro" } }),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["results"][0]["status"], "stored", "{answer}");
+    let warning = answer["results"][0]["warning"].as_str().unwrap_or_default();
+    assert!(warning.contains("`traits.email` not a string"), "{answer}");
+    let profile = user(&db, "numeric").await;
+    assert!(!profile.contains_key("email"), "{profile}");
+    assert_eq!(
+        profile
+            .get_document("attributes")
+            .unwrap()
+            .get_str("plan")
+            .unwrap(),
+        "pro",
+        "{profile}"
+    );
+    let stored = find(&db, "events", doc! { "eventId": "num-1" }).await;
+    assert_eq!(
+        stored[0]
+            .get_document("properties")
+            .unwrap()
+            .get("email")
+            .and_then(sluice_core::model::number_of),
+        Some(123.0),
+        "{stored:?}"
+    );
+    // The same in a batch asking a minimal answer: only that message is listed.
+    let resp = client
+        .post(format!("{base}/v1/batch"))
+        .basic_auth(KEY, Some(""))
+        .header("prefer", "return=minimal")
+        .json(&json!({ "batch": [
+            { "type": "track", "messageId": "num-2", "userId": "numeric", "event": "Viewed" },
+            { "type": "identify", "messageId": "num-3", "userId": "numeric", "traits": { "firstName": ["A"] } },
+        ]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["preference-applied"], "return=minimal");
+    let answer: Value = resp.json().await.unwrap();
+    assert_eq!(answer["stored"], 2, "{answer}");
+    let listed = answer["results"].as_array().unwrap();
+    assert_eq!(listed.len(), 1, "{answer}");
+    assert_eq!(listed[0]["index"], 1, "{answer}");
+    assert!(
+        listed[0]["warning"]
+            .as_str()
+            .unwrap()
+            .contains("`traits.firstName`"),
+        "{answer}"
+    );
+
     // No key anywhere: 401. A bad single message: 400 naming the field. A gzip bomb: 413.
     let r = client
         .post(format!("{base}/v1/track"))

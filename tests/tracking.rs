@@ -1441,6 +1441,19 @@ async fn health_readiness_metrics_and_cors() {
     // A purchase amount that would overflow the visitor's revenue total (it used to take a
     // writer lane down), or that cannot be read, counts no revenue: the purchase is
     // stored with the amount kept as sent, and the answer says so.
+    let unread_count = || async {
+        let text = reqwest::get(format!("{base}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix("sluice_purchase_amounts_unread_total "))
+            .map(|n| n.parse::<f64>().unwrap())
+            .unwrap_or_else(|| panic!("no unread-amount counter in {text}"))
+    };
+    let unread_before = unread_count().await;
     for (i, amount) in [json!(1e300), json!("ten"), json!(-5)]
         .into_iter()
         .enumerate()
@@ -1479,6 +1492,34 @@ async fn health_readiness_metrics_and_cors() {
             Some(amount)
         );
     }
+    // Counted once stored: a resend answered `duplicate` is not counted again.
+    let (status, body) = post(
+        &base,
+        "/v1/events",
+        &json!({ "userId": "rich", "sessionId": "r", "eventType": "PURCHASE",
+                 "eventId": "rich-0", "properties": { "amount": 1e300 } }),
+    )
+    .await;
+    assert_eq!(
+        (status, &body["results"][0]["status"]),
+        (200, &json!("duplicate"))
+    );
+    assert_eq!(unread_count().await - unread_before, 3.0);
+    // A client's own `amountUnread` without an amount: no amount was unreadable, the
+    // purchase merely has none.
+    let (status, body) = post(
+        &base,
+        "/v1/events",
+        &json!({ "userId": "rich", "sessionId": "r", "eventType": "PURCHASE",
+                 "eventId": "rich-own", "properties": { "amountUnread": "see notes" } }),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let warning = body["results"][0]["warning"].as_str().unwrap_or_default();
+    assert!(
+        warning.starts_with("a PURCHASE without `properties.amount` counts no revenue"),
+        "{body}"
+    );
     let rich = db
         .store
         .collection("users")
@@ -1488,7 +1529,7 @@ async fn health_readiness_metrics_and_cors() {
         .unwrap();
     assert_eq!(
         sluice_core::model::count_in(&rich, "totalPurchases"),
-        3,
+        4,
         "{rich}"
     );
     assert_eq!(
@@ -1797,6 +1838,15 @@ async fn a_failed_write_and_an_insert_in_doubt_are_503s_that_store_nothing_twice
     let body: Value = failed.json().await.unwrap();
     assert_eq!(body["error"], "store_unavailable", "{body}");
     assert!(severed.load(Ordering::SeqCst) >= 1);
+    // MongoDB still answers its ping, but this replica's writes fail: not ready.
+    let ready = || async {
+        let resp = client.get(format!("{base}/readyz")).send().await.unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.text().await.unwrap())
+    };
+    let (status, body) = ready().await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("writes_failing"), "{body}");
     armed.store(false, Ordering::SeqCst);
     // The resend, at once: the first insert is still in flight (held by the proxy).
     let doubt = send().await.unwrap();
@@ -1807,6 +1857,9 @@ async fn a_failed_write_and_an_insert_in_doubt_are_503s_that_store_nothing_twice
     assert_eq!(body["success"], false, "{body}");
     assert_eq!(body["results"][0]["status"], "retry", "{body}");
     assert_eq!(body["stored"], 0, "{body}");
+    // That write succeeded (its event is to be sent again, but the store took it): ready.
+    let (status, body) = ready().await;
+    assert_eq!(status, 200, "{body}");
     // The held insert lands; the next resend finds the event stored.
     deliver.store(true, Ordering::SeqCst);
     let events = db.store.collection("events");
@@ -2837,5 +2890,66 @@ async fn metrics_of_failures_exist_at_zero_from_the_start_with_the_process_metri
         .as_secs_f64();
     assert!(started > now - 3_600.0 && started <= now, "{started}");
     assert!(text.contains("sluice_build_info{version=\""), "{text}");
+    server.shutdown().await;
+}
+
+/// `Prefer: return=minimal` keeps a batch's counts and lists only the results that say
+/// more than `stored` or `duplicate`, each with its index.
+#[tokio::test]
+async fn a_minimal_batch_answer_lists_only_what_went_wrong() {
+    let db = TestDb::initialized().await;
+    let server = start_server(&db, |_| {}).await;
+    let base = format!("http://{}", server.addr);
+    let batch = json!({ "batch": [
+        { "eventId": "min-1", "userId": "v", "sessionId": "s", "eventType": "PAGE_VIEW", "pageUrl": "/a" },
+        { "eventId": "min-1", "userId": "v", "sessionId": "s", "eventType": "PAGE_VIEW", "pageUrl": "/a" },
+        { "eventId": "min-2", "userId": "v", "sessionId": "s", "eventType": "NOT_A_TYPE" },
+        { "eventId": "min-3", "userId": "v", "sessionId": "s", "eventType": "PURCHASE" },
+        { "eventId": "min-4", "userId": "v", "sessionId": "s", "eventType": "CLICK", "colour": "red" },
+    ]});
+    let send = |prefer: Option<&'static str>| {
+        let mut req = reqwest::Client::new()
+            .post(format!("{base}/v1/events/batch"))
+            .json(&batch);
+        if let Some(p) = prefer {
+            req = req.header("prefer", p);
+        }
+        req.send()
+    };
+    let full = send(None).await.unwrap();
+    assert!(full.headers().get("preference-applied").is_none());
+    let full: Value = full.json().await.unwrap();
+    assert_eq!(full["results"].as_array().unwrap().len(), 5, "{full}");
+    for prefer in ["return=minimal", "respond-async, RETURN = \"Minimal\"; x=1"] {
+        let resp = send(Some(prefer)).await.unwrap();
+        assert_eq!(resp.status().as_u16(), 200);
+        assert_eq!(resp.headers()["preference-applied"], "return=minimal");
+        let body: Value = resp.json().await.unwrap();
+        // Everything was sent before: the counts are the resend's.
+        assert_eq!(
+            (&body["stored"], &body["duplicates"], &body["rejected"]),
+            (&json!(0), &json!(4), &json!(1)),
+            "{body}"
+        );
+        let listed: Vec<(i64, &str)> = body["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| (r["index"].as_i64().unwrap(), r["status"].as_str().unwrap()))
+            .collect();
+        // The rejected event, the purchase with a warning, the event with a member ignored.
+        assert_eq!(
+            listed,
+            vec![(2, "rejected"), (3, "duplicate"), (4, "duplicate")],
+            "{body}"
+        );
+        assert!(body["results"][1]["warning"].is_string(), "{body}");
+        assert_eq!(body["results"][2]["ignored"], json!(["colour"]), "{body}");
+    }
+    // Another preference is not this one.
+    let resp = send(Some("return=representation")).await.unwrap();
+    assert!(resp.headers().get("preference-applied").is_none());
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["results"].as_array().unwrap().len(), 5, "{body}");
     server.shutdown().await;
 }

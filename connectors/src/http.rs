@@ -1483,6 +1483,8 @@ fn scrub(connector: &Connector, issued: &[String], text: String) -> String {
                     .collect()
             };
             let mut all = vec![json, slashed, go, unicode(false), unicode(true)];
+            // As an HTML page quotes it (an error page echoing a query).
+            all.extend(html_escaped(s));
             for form in [true, false] {
                 for lower in [false, true] {
                     let encoded = percent_encoded(s, form, lower);
@@ -1504,6 +1506,31 @@ fn scrub(connector: &Connector, issued: &[String], text: String) -> String {
     secrets
         .iter()
         .fold(text, |t, s| t.replace(s.as_str(), "<redacted>"))
+}
+
+/// `text` as HTML escapers write it: Python's `html.escape` (`'` as `&#x27;`), Go's
+/// `html.EscapeString` (`&#39;`, `&#34;`), Go's `html/template` (`+` as `&#43;` too) and
+/// XML's `&apos;`.
+fn html_escaped(text: &str) -> Vec<String> {
+    let escape = |quote: &str, apos: &str, plus: bool| -> String {
+        text.chars()
+            .map(|c| match c {
+                '&' => "&amp;".to_string(),
+                '<' => "&lt;".to_string(),
+                '>' => "&gt;".to_string(),
+                '"' => quote.to_string(),
+                '\'' => apos.to_string(),
+                '+' if plus => "&#43;".to_string(),
+                c => c.to_string(),
+            })
+            .collect()
+    };
+    vec![
+        escape("&quot;", "&#x27;", false),
+        escape("&#34;", "&#39;", false),
+        escape("&#34;", "&#39;", true),
+        escape("&quot;", "&apos;", false),
+    ]
 }
 
 /// `text` `%`-encoded: as a form encodes it (`form`: a space as `+`, `~` escaped) or as
@@ -2106,6 +2133,16 @@ mod tests {
         // The form encoding is the one queries are sent with.
         let sent: String = oauth2::url::form_urlencoded::byte_serialize(key.as_bytes()).collect();
         assert_eq!(percent_encoded(key, true, false), sent);
+        // As HTML pages quote it.
+        let html = html_escaped("a<&'\"+b");
+        for expected in [
+            "a&lt;&amp;&#x27;&quot;+b",
+            "a&lt;&amp;&#39;&#34;+b",
+            "a&lt;&amp;&#39;&#34;&#43;b",
+            "a&lt;&amp;&apos;&quot;+b",
+        ] {
+            assert!(html.iter().any(|h| h == expected), "{expected}: {html:?}");
+        }
     }
 
     #[test]

@@ -68,6 +68,8 @@ pub struct Message {
     pub link: Option<(String, String)>,
     /// `identify` traits for the user's profile.
     pub traits: Option<Document>,
+    /// What the client should hear of a message stored not quite as sent.
+    pub warning: Option<String>,
 }
 
 /// Settings of the mapping.
@@ -325,6 +327,7 @@ pub fn parse_message(
     let mut referrer = None;
     let mut link = None;
     let mut traits = None;
+    let mut warning = None;
     // The property a purchase's `amount` was taken from (`revenue`, ...), if not its own.
     let mut amount_from = None;
     let event_type = match kind {
@@ -399,17 +402,26 @@ pub fn parse_message(
             t
         }
         Kind::Identify => {
-            // Traits that become the profile's own fields are strings there.
+            // Traits that become the profile's own fields are strings there: one that is
+            // not (`email: 123`) stays with the event, but is not copied to the profile.
+            // Refusing the identify would lose its other traits and the event with them,
+            // since clients drop what is answered rejected.
+            let mut for_profile = properties.clone();
+            let mut not_copied = Vec::new();
             for (name, v) in &properties {
                 if profile_field(name).is_some() && !matches!(v, Value::String(_) | Value::Null) {
-                    return Err(ValidationError::new(
-                        format!("{traits_from}.{name}"),
-                        "expected a string",
-                    ));
+                    for_profile.remove(name);
+                    not_copied.push(format!("`{traits_from}.{name}`"));
                 }
             }
+            if !not_copied.is_empty() {
+                warning = Some(format!(
+                    "{} not a string: stored with the event, not copied to the user's profile",
+                    not_copied.join(", ")
+                ));
+            }
             traits = Some(crate::tracking::json_to_document(&Value::Object(
-                properties.clone(),
+                for_profile,
             ))?);
             EventType::Identify
         }
@@ -558,6 +570,7 @@ pub fn parse_message(
         anonymous_id,
         link,
         traits,
+        warning,
     })
 }
 
@@ -855,16 +868,16 @@ mod tests {
     #[test]
     fn identify_errors_name_traits() {
         let err = parse(json!({
-            "type": "identify", "userId": "u1", "traits": {"email": 5},
+            "type": "identify", "userId": "u1", "traits": {"n": u64::MAX},
         }))
         .unwrap_err();
-        assert_eq!(err.field, "traits.email");
+        assert_eq!(err.field, "traits.n");
         // Traits taken from the context are named where they were sent.
         let err = parse(json!({
-            "type": "identify", "userId": "u1", "context": {"traits": {"email": 5}},
+            "type": "identify", "userId": "u1", "context": {"traits": {"n": u64::MAX}},
         }))
         .unwrap_err();
-        assert_eq!(err.field, "context.traits.email");
+        assert_eq!(err.field, "context.traits.n");
         // Names MongoDB would misread are escaped, as in the context, not refused.
         for m in [
             json!({ "type": "identify", "userId": "u1", "traits": {"$email": "a@b.io"} }),
@@ -950,18 +963,39 @@ mod tests {
     }
 
     #[test]
-    fn profile_traits_must_be_strings() {
-        for name in ["email", "firstName", "last_name"] {
-            let err = parse(json!({
-                "type": "identify", "userId": "u1", "traits": { name: ["x"] },
-            }))
-            .unwrap_err();
-            assert_eq!(err.field, format!("traits.{name}"));
+    fn profile_traits_that_are_not_strings_stay_with_the_event_only() {
+        for (name, sent_in) in [
+            ("email", "traits"),
+            ("firstName", "traits"),
+            ("last_name", "context.traits"),
+        ] {
+            let traits = json!({ name: ["x"], "plan": "pro" });
+            let m = parse(match sent_in {
+                "traits" => json!({ "type": "identify", "userId": "u1", "traits": traits }),
+                _ => json!({ "type": "identify", "userId": "u1", "context": {"traits": traits} }),
+            })
+            .unwrap();
+            let to_profile = m.traits.unwrap();
+            assert!(!to_profile.contains_key(name), "{to_profile}");
+            assert_eq!(to_profile.get_str("plan").unwrap(), "pro");
+            assert!(
+                m.event.properties.get_array(name).is_ok(),
+                "{:?}",
+                m.event.properties
+            );
+            let warning = m.warning.unwrap();
+            assert!(
+                warning.starts_with(&format!("`{sent_in}.{name}` not a string")),
+                "{warning}"
+            );
         }
-        assert!(parse(json!({
+        // A null is a value the profile takes (it clears the field).
+        let m = parse(json!({
             "type": "identify", "userId": "u1", "traits": {"email": null, "plan": 3},
         }))
-        .is_ok());
+        .unwrap();
+        assert_eq!(m.traits.unwrap().get("email"), Some(&bson::Bson::Null));
+        assert_eq!(m.warning, None);
     }
 
     #[test]
@@ -1063,8 +1097,8 @@ mod tests {
                 "originalTimestamp",
             ),
             (
-                json!({"type": "identify", "userId": "u", "context": {"traits": {"email": 5}}}),
-                "context.traits.email",
+                json!({"type": "identify", "userId": "u", "context": {"traits": {"n": u64::MAX}}}),
+                "context.traits.n",
             ),
             (
                 json!({"type": "page", "userId": "u", "context": {"sessionId": true}}),

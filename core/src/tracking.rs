@@ -400,7 +400,7 @@ pub fn currency_code(text: &str) -> Option<&str> {
 
 /// PURCHASE events read with an amount that could not be read (set aside).
 pub const AMOUNTS_UNREAD: &str = "sluice_purchase_amounts_unread_total";
-pub const AMOUNTS_UNREAD_HELP: &str = "PURCHASE events read with an amount that could not be read (kept as `properties.amountUnread`, counting no revenue; a resend counts again).";
+pub const AMOUNTS_UNREAD_HELP: &str = "PURCHASE events stored (not duplicates) with `properties.amountUnread` and no `properties.amount` (an amount that could not be read, kept as sent): they count no revenue.";
 
 /// Reads a PURCHASE's `properties.amount` as the tracking API stores it: text naming a
 /// number (`"19.99"`, `"USD 5.00"`) becomes that number, an ISO code in it becoming
@@ -741,7 +741,6 @@ pub fn parse_event(
             if let Some(sent) = properties.remove(f::AMOUNT) {
                 properties.insert(f::AMOUNT_UNREAD, sent);
             }
-            crate::metrics::count(AMOUNTS_UNREAD, AMOUNTS_UNREAD_HELP, &[], 1);
         }
     }
     // A URL of nothing but spaces says no more than none (and `"   "` is no top page). One

@@ -88,6 +88,18 @@ pub struct Batcher {
     closing: Arc<tokio::sync::watch::Sender<bool>>,
     /// The lanes' writer (its clones share what it remembers).
     writer: EventWriter,
+    /// How the writes of late went, for `/readyz`.
+    health: Arc<Health>,
+}
+
+/// When the writers' last write that succeeded, and the last that failed, ended;
+/// milliseconds after the batcher started, plus one (0: never). With the last failure's
+/// message.
+#[derive(Default)]
+struct Health {
+    last_ok: AtomicU64,
+    last_failed: AtomicU64,
+    failure: std::sync::Mutex<String>,
 }
 
 impl Batcher {
@@ -107,6 +119,7 @@ impl Batcher {
         let started = Instant::now();
         let progress: Arc<Vec<AtomicU64>> =
             Arc::new((0..writers.max(1)).map(|_| AtomicU64::new(0)).collect());
+        let health = Arc::new(Health::default());
         for lane in 0..writers.max(1) {
             let (tx, rx) = mpsc::channel::<Job>(capacity);
             let writer = writer.clone();
@@ -116,8 +129,21 @@ impl Batcher {
             let wrote = move || {
                 progress[lane].store(started.elapsed().as_millis() as u64, Relaxed);
             };
+            let health = health.clone();
+            let outcome = move |failed: Option<&WriteFailure>| {
+                let now = started.elapsed().as_millis() as u64 + 1;
+                match failed {
+                    None => health.last_ok.store(now, Relaxed),
+                    Some(f) => {
+                        if let Ok(mut m) = health.failure.lock() {
+                            m.clone_from(&f.message);
+                        }
+                        health.last_failed.store(now, Relaxed);
+                    }
+                }
+            };
             handles.push(tokio::spawn(async move {
-                write_loop(rx, closed, writer, batch_size, metrics, wrote).await
+                write_loop(rx, closed, writer, batch_size, metrics, wrote, outcome).await
             }));
             lanes.push(tx);
         }
@@ -137,6 +163,7 @@ impl Batcher {
             started,
             closing,
             writer,
+            health,
         };
         (batcher, handles)
     }
@@ -154,6 +181,21 @@ impl Batcher {
     /// Whether this endpoint's writers met write conflicts within the last `window`.
     pub fn met_conflicts_within(&self, window: std::time::Duration) -> bool {
         self.writer.met_conflicts_within(window)
+    }
+
+    /// Why event writes fail now: the message of the last write that failed, if it
+    /// failed within `window` and no write succeeded after it. `None` while writes
+    /// succeed (some of them: a replica whose writes fail only for some visitors, on
+    /// write conflicts say, still serves the others), or when none failed for `window`
+    /// (with no traffic, nothing more is known).
+    pub fn failing_within(&self, window: Duration) -> Option<String> {
+        let failed = self.health.last_failed.load(Relaxed);
+        let ok = self.health.last_ok.load(Relaxed);
+        let now = self.started.elapsed().as_millis() as u64 + 1;
+        if failed == 0 || failed < ok || now.saturating_sub(failed) > window.as_millis() as u64 {
+            return None;
+        }
+        self.health.failure.lock().ok().map(|m| m.clone())
     }
 
     /// The writer lane a visitor's events go to.
@@ -370,6 +412,7 @@ async fn write_loop(
     batch_size: usize,
     metrics: Arc<Metrics>,
     wrote: impl Fn(),
+    outcome: impl Fn(Option<&WriteFailure>),
 ) {
     let mut closed = false;
     loop {
@@ -452,6 +495,7 @@ async fn write_loop(
         };
         metrics.observe_write(started.elapsed());
         wrote();
+        outcome(result.as_ref().err());
         match result {
             Ok(statuses) => {
                 let mut offset = 0;

@@ -808,6 +808,11 @@ impl Drop for Reservation {
 /// driver waiting out its server selection timeout (10 s) would answer very late.
 const READY_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How long after an event write failed `/readyz` answers 503 `writes_failing` (unless
+/// a write succeeded since): no traffic, no news, and a replica taken out of rotation
+/// gets none, so it comes back on its own once the window has passed.
+pub const WRITES_FAILING_WINDOW: Duration = Duration::from_secs(30);
+
 /// The probes, and the metrics if `metrics`: on `[server] ops_listen`, and on the public
 /// listener (its metrics only when there is no ops address: they name configs and
 /// traffic, which the public need not see once scrapes have an address of their own).
@@ -859,6 +864,19 @@ async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError>
             "the database does not answer",
         )
     })?;
+    // A database that answers a ping may still fail every write (a write concern a
+    // replica set cannot meet, a full disk, a user without write rights).
+    if let Some(failure) = state.batcher.failing_within(WRITES_FAILING_WINDOW) {
+        tracing::warn!(error = %failure, "readiness check failed: event writes are failing");
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "writes_failing",
+            format!(
+                "the last event write failed, within {} s, and none succeeded since (the log says why)",
+                WRITES_FAILING_WINDOW.as_secs()
+            ),
+        ));
+    }
     Ok("ready")
 }
 

@@ -80,10 +80,12 @@ pub async fn single(
     let admitted = admit_after_body(&state, &headers, by_header, obj.get(BODY_KEY))?;
     let ctx = request_context(&state, peer, &headers, None, &admitted);
     let message = parse_message(&value, Some(kind), &ctx, &options(&state));
+    let warnings = warnings(std::slice::from_ref(&message));
     let mut answer = store(&state, vec![message], held)
         .instrument(admitted.span())
         .await?;
     answer.note_ignored(vec![sluice_core::segment::unknown_members(&value)]);
+    answer.note_warnings(warnings);
     answer.into_single_response("invalid_message")
 }
 
@@ -181,12 +183,22 @@ pub async fn batch(
                 .and_then(|_| super::tracking::sent_id(raw, "messageId"))
         })
         .collect();
+    let warnings = warnings(&messages);
     let mut answer = store(&state, messages, held)
         .instrument(admitted.span())
         .await?;
     answer.note_sent_ids(sent_ids, "messageId");
     answer.note_ignored(ignored);
-    Ok(answer.into_batch_response())
+    answer.note_warnings(warnings);
+    Ok(answer.into_batch_response(&headers))
+}
+
+/// Each message's warning, for the answer.
+fn warnings(messages: &[Result<Message, ValidationError>]) -> Vec<Option<String>> {
+    messages
+        .iter()
+        .map(|m| m.as_ref().ok().and_then(|m| m.warning.clone()))
+        .collect()
 }
 
 /// Resolves visitors through identity links, stores the events, then copies `identify`

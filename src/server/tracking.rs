@@ -68,7 +68,7 @@ pub async fn track(
     let admitted = admit_after_body(&state, &headers, by_header, body_key.as_ref())?;
     let ctx = request_context(&state, peer, &headers, None, &admitted);
     let event = parse_event(&value, &ctx, EventMetadata::default());
-    let warning = warning(&event, &sluice_core::tracking::cut_urls(&value));
+    let warning = warning(&event, Some(&value));
     // Held until the answer is built, beyond the write.
     let held = held.map(|h| h.0);
     let mut answer = ingest(&state, vec![event], held.clone())
@@ -81,10 +81,18 @@ pub async fn track(
 }
 
 /// What a client should hear of an event stored not quite as sent ([`revenue_warning`],
-/// and the URL fields `cut` at their limit).
-fn warning(event: &Result<Event, ValidationError>, cut: &[&str]) -> Option<String> {
+/// and the URL fields cut at their limit), `sent` as the client sent it.
+fn warning(event: &Result<Event, ValidationError>, sent: Option<&Value>) -> Option<String> {
     event.as_ref().ok()?;
-    let mut said: Vec<String> = revenue_warning(event).into_iter().collect();
+    let cut = sent
+        .map(sluice_core::tracking::cut_urls)
+        .unwrap_or_default();
+    // An amount was sent (the client's own `amountUnread` without one is no amount that
+    // could not be read).
+    let sent_amount = sent
+        .and_then(|v| v.pointer("/properties/amount"))
+        .is_some_and(|a| !a.is_null());
+    let mut said: Vec<String> = revenue_warning(event, sent_amount).into_iter().collect();
     said.extend(cut.iter().map(|field| {
         format!(
             "`{field}` is longer than {} bytes: stored cut there",
@@ -94,10 +102,19 @@ fn warning(event: &Result<Event, ValidationError>, cut: &[&str]) -> Option<Strin
     (!said.is_empty()).then(|| said.join("; "))
 }
 
+/// Whether `e` is a PURCHASE whose amount could not be read: kept as
+/// `properties.amountUnread`, with no `properties.amount`.
+fn amount_unread(e: &Event) -> bool {
+    use sluice_core::model::event_fields as f;
+    e.event_type == sluice_core::model::EventType::Purchase
+        && !e.properties.contains_key(f::AMOUNT)
+        && e.properties.contains_key(f::AMOUNT_UNREAD)
+}
+
 /// What a client should hear of an event stored as sent but probably not as meant: a
 /// PURCHASE without `properties.amount` counts in the visitor's purchases with no revenue
 /// (a `revenue` or `total` property, Segment's names, is not read here).
-fn revenue_warning(event: &Result<Event, ValidationError>) -> Option<String> {
+fn revenue_warning(event: &Result<Event, ValidationError>, sent_amount: bool) -> Option<String> {
     let e = event.as_ref().ok()?;
     if e.event_type != sluice_core::model::EventType::Purchase
         || e.properties
@@ -105,9 +122,7 @@ fn revenue_warning(event: &Result<Event, ValidationError>) -> Option<String> {
     {
         return None;
     }
-    if e.properties
-        .contains_key(sluice_core::model::event_fields::AMOUNT_UNREAD)
-    {
+    if sent_amount && amount_unread(e) {
         return Some(format!(
             "`properties.amount` is not an amount Sluice reads (a number from 0 to {:e}, or text naming one that reads one way: not `19,99`): kept as `properties.amountUnread`, counting no revenue",
             sluice_core::tracking::MAX_PURCHASE_AMOUNT
@@ -166,12 +181,11 @@ pub async fn batch(
                 // Too large to be read as an event, it is still read for its id.
                 Err(_) => sent_id(raw, "eventId"),
             });
-            let cut = item
+            let event = item
                 .as_ref()
-                .map(sluice_core::tracking::cut_urls)
-                .unwrap_or_default();
-            let event = item.and_then(|v| parse_event(&v, &ctx, EventMetadata::default()));
-            warnings.push(warning(&event, &cut));
+                .map_err(Clone::clone)
+                .and_then(|v| parse_event(v, &ctx, EventMetadata::default()));
+            warnings.push(warning(&event, item.as_ref().ok()));
             event
         })
         .collect();
@@ -182,7 +196,7 @@ pub async fn batch(
     answer.note_ignored(ignored);
     answer.note_sent_ids(sent_ids, "eventId");
     answer.note_warnings(warnings);
-    Ok(answer.into_batch_response())
+    Ok(answer.into_batch_response(&headers))
 }
 
 /// The body of a batch request, with its items left as raw JSON until each is checked.
@@ -740,12 +754,52 @@ impl Answer {
     }
 
     /// A batch with nothing but invalid events is a 400; otherwise 200 (or 503 to retry).
-    pub(super) fn into_batch_response(self) -> Response {
+    /// A client asking `Prefer: return=minimal` (RFC 7240) is given the counts and only
+    /// the results that say more than `stored` or `duplicate` (rejected, dropped, to
+    /// retry, or with a warning or ignored members), each with its `index`; the answer
+    /// then says `Preference-Applied: return=minimal`.
+    pub(super) fn into_batch_response(self, headers: &HeaderMap) -> Response {
         let mut answer = self;
         answer.all_rejected =
             answer.stored + answer.duplicates + answer.dropped == 0 && answer.rejected > 0;
-        answer.into_response()
+        let minimal = prefers_minimal(headers);
+        if minimal {
+            answer.results.retain(|entry| {
+                !matches!(entry["status"].as_str(), Some("stored" | "duplicate"))
+                    || entry.get("warning").is_some()
+                    || entry.get("ignored").is_some()
+            });
+        }
+        let mut resp = answer.into_response();
+        if minimal {
+            resp.headers_mut().insert(
+                "preference-applied",
+                axum::http::HeaderValue::from_static("return=minimal"),
+            );
+        }
+        resp
     }
+}
+
+/// Whether the request's `Prefer` headers ask for `return=minimal` (RFC 7240: preferences
+/// separated by commas, each with parameters after `;`; names and this value compared
+/// without case).
+fn prefers_minimal(headers: &HeaderMap) -> bool {
+    headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|preference| {
+            let token = preference.split(';').next().unwrap_or("").trim();
+            token.split_once('=').is_some_and(|(name, value)| {
+                name.trim().eq_ignore_ascii_case("return")
+                    && value
+                        .trim()
+                        .trim_matches('"')
+                        .eq_ignore_ascii_case("minimal")
+            })
+        })
 }
 
 impl IntoResponse for Answer {
@@ -1165,6 +1219,8 @@ pub(super) async fn write(
         outcomes,
     } = prepared;
     let ids: Vec<String> = to_write.iter().map(|e| e.event_id.clone()).collect();
+    // Counted once stored: a resend answered `duplicate` is not counted again.
+    let amount_unread: Vec<bool> = to_write.iter().map(amount_unread).collect();
     let deadline = std::time::Duration::from_secs(state.config.tracking.write_timeout_seconds);
     let submitted = tokio::time::timeout(deadline, state.batcher.submit(to_write, held)).await;
     let Ok(submitted) = submitted else {
@@ -1301,6 +1357,14 @@ pub(super) async fn write(
                     WriteStatus::Stored => {
                         answer.stored += 1;
                         m.accepted.fetch_add(1, Relaxed);
+                        if amount_unread[i] {
+                            sluice_core::metrics::count(
+                                sluice_core::tracking::AMOUNTS_UNREAD,
+                                sluice_core::tracking::AMOUNTS_UNREAD_HELP,
+                                &[],
+                                1,
+                            );
+                        }
                         "stored"
                     }
                     WriteStatus::Duplicate => {
