@@ -746,6 +746,42 @@ async fn gzip_bodies_write_key_in_the_body_and_invalid_messages_reported() {
         Some(123.0),
         "{stored:?}"
     );
+    // A revenue that cannot be read: the purchase is stored counting no revenue, the
+    // property kept as sent, and the answer says so; counted once stored.
+    let unread_count = || async {
+        let text = reqwest::get(format!("{base}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix("sluice_purchase_amounts_unread_total "))
+            .map(|n| n.parse::<f64>().unwrap())
+            .unwrap_or_else(|| panic!("no unread-amount counter in {text}"))
+    };
+    let before = unread_count().await;
+    let order = json!({ "messageId": "ord-unread", "userId": "numeric", "event": "Order Completed",
+                        "properties": { "revenue": "12,50" } });
+    for expected in ["stored", "duplicate"] {
+        let (status, answer) = post(&base, "/v1/track", &order).await;
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(answer["results"][0]["status"], expected, "{answer}");
+        let warning = answer["results"][0]["warning"].as_str().unwrap_or_default();
+        assert!(
+            warning.starts_with("`properties.revenue` is not an amount Sluice reads"),
+            "{answer}"
+        );
+    }
+    assert_eq!(unread_count().await - before, 1.0);
+    let stored = find(&db, "events", doc! { "eventId": "ord-unread" }).await;
+    let props = stored[0].get_document("properties").unwrap();
+    assert_eq!(props.get_str("revenue").unwrap(), "12,50", "{props}");
+    assert!(
+        !props.contains_key("amount") && !props.contains_key("amountUnread"),
+        "{props}"
+    );
+
     // The same in a batch asking a minimal answer: only that message is listed.
     let resp = client
         .post(format!("{base}/v1/batch"))

@@ -1224,6 +1224,37 @@ async fn a_native_identify_updates_the_profile() {
         "pro"
     );
     assert_eq!(int(&user, "totalEvents"), 1);
+    // A later identify whose email is not a string: stored, its other traits applied,
+    // that one left out of the profile, and the answer says so.
+    let (s, body) = post(
+        &base,
+        "/v1/events",
+        &json!({ "eventId": "id-2", "userId": "nat", "sessionId": "s", "eventType": "IDENTIFY",
+                 "properties": { "email": 5, "plan": "team" } }),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(body["results"][0]["status"], "stored", "{body}");
+    let warning = body["results"][0]["warning"].as_str().unwrap_or_default();
+    assert!(
+        warning.starts_with("`properties.email` not a string"),
+        "{body}"
+    );
+    let user = db
+        .store
+        .collection("users")
+        .find_one(doc! { "visitorId": "nat" })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(user.get_str("email").unwrap(), "n@example.com", "{user}");
+    assert_eq!(
+        user.get_document("attributes")
+            .unwrap()
+            .get_str("plan")
+            .unwrap(),
+        "team"
+    );
     server.shutdown().await;
 }
 
@@ -1519,6 +1550,11 @@ async fn health_readiness_metrics_and_cors() {
     assert!(
         warning.starts_with("a PURCHASE without `properties.amount` counts no revenue"),
         "{body}"
+    );
+    assert_eq!(
+        unread_count().await - unread_before,
+        3.0,
+        "not an amount unread"
     );
     let rich = db
         .store
@@ -2951,5 +2987,52 @@ async fn a_minimal_batch_answer_lists_only_what_went_wrong() {
     assert!(resp.headers().get("preference-applied").is_none());
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["results"].as_array().unwrap().len(), 5, "{body}");
+    server.shutdown().await;
+}
+
+/// A write that does not end (a write concern waited on) makes the replica unready once a
+/// request gave up on it, although MongoDB answers its ping; it is ready again once a
+/// write succeeds.
+#[tokio::test]
+async fn a_replica_whose_writes_do_not_end_is_not_ready() {
+    use std::sync::atomic::Ordering;
+    let db = TestDb::initialized().await;
+    // Writes (they carry a `wtimeout`) can be held; the readiness ping passes.
+    let (uri, hold, held) = support::holding_mongo_proxy(b"wtimeout").await;
+    let store = support::store_via(&uri, &db.name).await;
+    let config = support::test_config(&db.name, |raw| {
+        raw.tracking.write_timeout_seconds = 1;
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = sluice::server::start(config, store, listener, false)
+        .await
+        .unwrap();
+    let base = format!("http://{}", server.addr);
+    let ready = || async {
+        let resp = reqwest::get(format!("{base}/readyz")).await.unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.text().await.unwrap())
+    };
+    assert_eq!(ready().await.0, 200);
+    hold.store(true, Ordering::SeqCst);
+    let event =
+        json!({ "eventId": "slow-1", "userId": "v", "sessionId": "s", "eventType": "CLICK" });
+    let (status, body) = post(&base, "/v1/events", &event).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (503, Some("store_timeout")),
+        "{body}"
+    );
+    assert!(held.load(Ordering::SeqCst) > 0);
+    let (status, body) = ready().await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("writes_failing"), "{body}");
+    // The held write ends; the resend is answered, and the replica is ready again.
+    hold.store(false, Ordering::SeqCst);
+    support::wait_until("the resend is answered", || async {
+        post(&base, "/v1/events", &event).await.0 == 200
+    })
+    .await;
+    assert_eq!(ready().await.0, 200);
     server.shutdown().await;
 }

@@ -70,6 +70,8 @@ pub struct Message {
     pub traits: Option<Document>,
     /// What the client should hear of a message stored not quite as sent.
     pub warning: Option<String>,
+    /// A PURCHASE whose amount could not be read: stored counting no revenue.
+    pub amount_unread: bool,
 }
 
 /// Settings of the mapping.
@@ -143,6 +145,32 @@ pub fn profile_field(name: &str) -> Option<&'static str> {
         "lastName" | "last_name" => Some(u::LAST_NAME),
         _ => None,
     }
+}
+
+/// The traits of `traits` that name a profile field (`email`, ...) but are neither a
+/// string nor null: stored with their event, not copied to the profile, whose fields are
+/// strings.
+pub fn traits_not_copied(traits: &Document) -> Vec<&str> {
+    traits
+        .iter()
+        .filter(|(k, v)| {
+            profile_field(k).is_some() && !matches!(v, bson::Bson::String(_) | bson::Bson::Null)
+        })
+        .map(|(k, _)| k.as_str())
+        .collect()
+}
+
+/// The warning for the traits of an identify (sent under `sent_in`) that are not
+/// copied to the profile ([`traits_not_copied`]), if any.
+pub fn traits_warning(traits: &Document, sent_in: &str) -> Option<String> {
+    let names = traits_not_copied(traits);
+    (!names.is_empty()).then(|| {
+        let names: Vec<String> = names.iter().map(|n| format!("`{sent_in}.{n}`")).collect();
+        format!(
+            "{} not a string: stored with the event, not copied to the user's profile",
+            names.join(", ")
+        )
+    })
 }
 
 /// A number, or a string holding one as people write money (`"19.90"`, `"$1,299.00"`,
@@ -403,26 +431,13 @@ pub fn parse_message(
         }
         Kind::Identify => {
             // Traits that become the profile's own fields are strings there: one that is
-            // not (`email: 123`) stays with the event, but is not copied to the profile.
-            // Refusing the identify would lose its other traits and the event with them,
-            // since clients drop what is answered rejected.
-            let mut for_profile = properties.clone();
-            let mut not_copied = Vec::new();
-            for (name, v) in &properties {
-                if profile_field(name).is_some() && !matches!(v, Value::String(_) | Value::Null) {
-                    for_profile.remove(name);
-                    not_copied.push(format!("`{traits_from}.{name}`"));
-                }
-            }
-            if !not_copied.is_empty() {
-                warning = Some(format!(
-                    "{} not a string: stored with the event, not copied to the user's profile",
-                    not_copied.join(", ")
-                ));
-            }
-            traits = Some(crate::tracking::json_to_document(&Value::Object(
-                for_profile,
-            ))?);
+            // not (`email: 123`) stays with the event, but is not copied to the profile
+            // (the profile's update leaves it out). Refusing the identify would lose its
+            // other traits and the event with them, since clients drop what is answered
+            // rejected.
+            let all = crate::tracking::json_to_document(&Value::Object(properties.clone()))?;
+            warning = traits_warning(&all, traits_from);
+            traits = Some(all);
             EventType::Identify
         }
         Kind::Group => {
@@ -545,6 +560,26 @@ pub fn parse_message(
     }
     let mut event = parse_event(&Value::Object(native), ctx, EventMetadata::default())
         .map_err(|e| rename_field(e, &sent_as))?;
+    // Set aside by `parse_event` (a client's own `amountUnread` beside an amount that
+    // cannot be read is refused there, so with one, the amount was read or absent).
+    let amount_unread = !own_unread
+        && event.event_type == EventType::Purchase
+        && !event
+            .properties
+            .contains_key(crate::model::event_fields::AMOUNT)
+        && event
+            .properties
+            .contains_key(crate::model::event_fields::AMOUNT_UNREAD);
+    if amount_unread {
+        let from = sent_as
+            .iter()
+            .find(|(native, _)| *native == "properties.amount")
+            .map_or("properties.amount", |(_, from)| from.as_str());
+        warning = Some(format!(
+            "`{from}` is not an amount Sluice reads (a number from 0 to {:e}, or text naming one that reads one way: not `19,99`): counting no revenue",
+            crate::tracking::MAX_PURCHASE_AMOUNT
+        ));
+    }
     // An amount taken from another property that could not be read is that property,
     // kept as sent: no copy of it.
     if amount_elsewhere && !own_unread {
@@ -571,6 +606,7 @@ pub fn parse_message(
         link,
         traits,
         warning,
+        amount_unread,
     })
 }
 
@@ -976,7 +1012,7 @@ mod tests {
             })
             .unwrap();
             let to_profile = m.traits.unwrap();
-            assert!(!to_profile.contains_key(name), "{to_profile}");
+            assert_eq!(traits_not_copied(&to_profile), vec![name]);
             assert_eq!(to_profile.get_str("plan").unwrap(), "pro");
             assert!(
                 m.event.properties.get_array(name).is_ok(),

@@ -92,15 +92,29 @@ pub struct Batcher {
     health: Arc<Health>,
 }
 
-/// When the writers' last write that succeeded, and the last that failed, ended;
-/// milliseconds after the batcher started, plus one (0: never). With the last failure's
-/// message.
+/// When the writers' last write that succeeded, and the last that failed (or that a
+/// request gave up waiting for), ended; milliseconds after the batcher started, plus one
+/// (0: never). With the last failure's message.
 #[derive(Default)]
 struct Health {
     last_ok: AtomicU64,
     last_failed: AtomicU64,
     failure: std::sync::Mutex<String>,
 }
+
+impl Health {
+    fn failed(&self, now: u64, message: &str) {
+        if let Ok(mut m) = self.failure.lock() {
+            message.clone_into(&mut m);
+        }
+        self.last_failed.fetch_max(now, Relaxed);
+    }
+}
+
+/// A write that succeeded this recently keeps `/readyz` ready whatever failed since:
+/// the lanes write for different visitors, and one lane failing (a hot visitor's
+/// conflicts) while the others succeed is no reason to leave rotation.
+pub const WRITES_SUCCEEDING: Duration = Duration::from_secs(10);
 
 impl Batcher {
     /// Starts `writers` tasks; they finish once every `Batcher` clone is dropped and the
@@ -133,13 +147,10 @@ impl Batcher {
             let outcome = move |failed: Option<&WriteFailure>| {
                 let now = started.elapsed().as_millis() as u64 + 1;
                 match failed {
-                    None => health.last_ok.store(now, Relaxed),
-                    Some(f) => {
-                        if let Ok(mut m) = health.failure.lock() {
-                            m.clone_from(&f.message);
-                        }
-                        health.last_failed.store(now, Relaxed);
+                    None => {
+                        health.last_ok.fetch_max(now, Relaxed);
                     }
+                    Some(f) => health.failed(now, &f.message),
                 }
             };
             handles.push(tokio::spawn(async move {
@@ -183,19 +194,30 @@ impl Batcher {
         self.writer.met_conflicts_within(window)
     }
 
-    /// Why event writes fail now: the message of the last write that failed, if it
-    /// failed within `window` and no write succeeded after it. `None` while writes
-    /// succeed (some of them: a replica whose writes fail only for some visitors, on
-    /// write conflicts say, still serves the others), or when none failed for `window`
-    /// (with no traffic, nothing more is known).
+    /// Why event writes fail now: the message of the last write that failed, if one
+    /// failed within `window` and none succeeded within [`WRITES_SUCCEEDING`] nor after
+    /// it. `None` while writes succeed (some of them: a replica whose writes fail only
+    /// for some visitors, on write conflicts say, still serves the others), or when none
+    /// failed for `window` (with no traffic, nothing more is known).
     pub fn failing_within(&self, window: Duration) -> Option<String> {
         let failed = self.health.last_failed.load(Relaxed);
         let ok = self.health.last_ok.load(Relaxed);
         let now = self.started.elapsed().as_millis() as u64 + 1;
-        if failed == 0 || failed < ok || now.saturating_sub(failed) > window.as_millis() as u64 {
+        let recent = |at: u64, within: Duration| {
+            at != 0 && now.saturating_sub(at) <= within.as_millis() as u64
+        };
+        if !recent(failed, window) || ok > failed || recent(ok, WRITES_SUCCEEDING) {
             return None;
         }
         self.health.failure.lock().ok().map(|m| m.clone())
+    }
+
+    /// Notes that a request gave up waiting for its events' write (`what` says so): a
+    /// write that does not end (a write concern waiting out its `wtimeout`) is failing
+    /// long before it fails.
+    pub fn note_given_up(&self, what: &str) {
+        let now = self.started.elapsed().as_millis() as u64 + 1;
+        self.health.failed(now, what);
     }
 
     /// The writer lane a visitor's events go to.

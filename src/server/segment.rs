@@ -81,11 +81,13 @@ pub async fn single(
     let ctx = request_context(&state, peer, &headers, None, &admitted);
     let message = parse_message(&value, Some(kind), &ctx, &options(&state));
     let warnings = warnings(std::slice::from_ref(&message));
+    let unread = amounts_unread(std::slice::from_ref(&message));
     let mut answer = store(&state, vec![message], held)
         .instrument(admitted.span())
         .await?;
     answer.note_ignored(vec![sluice_core::segment::unknown_members(&value)]);
     answer.note_warnings(warnings);
+    answer.count_amounts_unread(&unread);
     answer.into_single_response("invalid_message")
 }
 
@@ -184,12 +186,14 @@ pub async fn batch(
         })
         .collect();
     let warnings = warnings(&messages);
+    let unread = amounts_unread(&messages);
     let mut answer = store(&state, messages, held)
         .instrument(admitted.span())
         .await?;
     answer.note_sent_ids(sent_ids, "messageId");
     answer.note_ignored(ignored);
     answer.note_warnings(warnings);
+    answer.count_amounts_unread(&unread);
     Ok(answer.into_batch_response(&headers))
 }
 
@@ -198,6 +202,14 @@ fn warnings(messages: &[Result<Message, ValidationError>]) -> Vec<Option<String>
     messages
         .iter()
         .map(|m| m.as_ref().ok().and_then(|m| m.warning.clone()))
+        .collect()
+}
+
+/// Whether each message is a purchase whose amount could not be read.
+fn amounts_unread(messages: &[Result<Message, ValidationError>]) -> Vec<bool> {
+    messages
+        .iter()
+        .map(|m| m.as_ref().is_ok_and(|m| m.amount_unread))
         .collect()
 }
 

@@ -69,6 +69,7 @@ pub async fn track(
     let ctx = request_context(&state, peer, &headers, None, &admitted);
     let event = parse_event(&value, &ctx, EventMetadata::default());
     let warning = warning(&event, Some(&value));
+    let unread = vec![amount_set_aside(&event, Some(&value))];
     // Held until the answer is built, beyond the write.
     let held = held.map(|h| h.0);
     let mut answer = ingest(&state, vec![event], held.clone())
@@ -77,22 +78,26 @@ pub async fn track(
     answer.note_ignored(vec![unknown_members(&value)]);
     answer.note_sent_ids(vec![string_member(&value, "eventId")], "eventId");
     answer.note_warnings(vec![warning]);
+    answer.count_amounts_unread(&unread);
     answer.into_single_response("invalid_event")
 }
 
 /// What a client should hear of an event stored not quite as sent ([`revenue_warning`],
 /// and the URL fields cut at their limit), `sent` as the client sent it.
 fn warning(event: &Result<Event, ValidationError>, sent: Option<&Value>) -> Option<String> {
-    event.as_ref().ok()?;
+    let e = event.as_ref().ok()?;
     let cut = sent
         .map(sluice_core::tracking::cut_urls)
         .unwrap_or_default();
-    // An amount was sent (the client's own `amountUnread` without one is no amount that
-    // could not be read).
-    let sent_amount = sent
-        .and_then(|v| v.pointer("/properties/amount"))
-        .is_some_and(|a| !a.is_null());
-    let mut said: Vec<String> = revenue_warning(event, sent_amount).into_iter().collect();
+    let mut said: Vec<String> = revenue_warning(event, amount_set_aside(event, sent))
+        .into_iter()
+        .collect();
+    if e.event_type == sluice_core::model::EventType::Identify {
+        said.extend(sluice_core::segment::traits_warning(
+            &e.properties,
+            "properties",
+        ));
+    }
     said.extend(cut.iter().map(|field| {
         format!(
             "`{field}` is longer than {} bytes: stored cut there",
@@ -102,11 +107,18 @@ fn warning(event: &Result<Event, ValidationError>, sent: Option<&Value>) -> Opti
     (!said.is_empty()).then(|| said.join("; "))
 }
 
-/// Whether `e` is a PURCHASE whose amount could not be read: kept as
-/// `properties.amountUnread`, with no `properties.amount`.
-fn amount_unread(e: &Event) -> bool {
+/// Whether `event` is a PURCHASE whose amount (`sent` as the client sent it) could not
+/// be read: set aside as `properties.amountUnread`. A client's own `amountUnread` sent
+/// without an amount is no amount that could not be read (and beside one that cannot be
+/// read, it is refused).
+fn amount_set_aside(event: &Result<Event, ValidationError>, sent: Option<&Value>) -> bool {
     use sluice_core::model::event_fields as f;
-    e.event_type == sluice_core::model::EventType::Purchase
+    let Ok(e) = event else { return false };
+    let sent_amount = sent
+        .and_then(|v| v.pointer("/properties/amount"))
+        .is_some_and(|a| !a.is_null());
+    sent_amount
+        && e.event_type == sluice_core::model::EventType::Purchase
         && !e.properties.contains_key(f::AMOUNT)
         && e.properties.contains_key(f::AMOUNT_UNREAD)
 }
@@ -114,7 +126,7 @@ fn amount_unread(e: &Event) -> bool {
 /// What a client should hear of an event stored as sent but probably not as meant: a
 /// PURCHASE without `properties.amount` counts in the visitor's purchases with no revenue
 /// (a `revenue` or `total` property, Segment's names, is not read here).
-fn revenue_warning(event: &Result<Event, ValidationError>, sent_amount: bool) -> Option<String> {
+fn revenue_warning(event: &Result<Event, ValidationError>, set_aside: bool) -> Option<String> {
     let e = event.as_ref().ok()?;
     if e.event_type != sluice_core::model::EventType::Purchase
         || e.properties
@@ -122,7 +134,7 @@ fn revenue_warning(event: &Result<Event, ValidationError>, sent_amount: bool) ->
     {
         return None;
     }
-    if sent_amount && amount_unread(e) {
+    if set_aside {
         return Some(format!(
             "`properties.amount` is not an amount Sluice reads (a number from 0 to {:e}, or text naming one that reads one way: not `19,99`): kept as `properties.amountUnread`, counting no revenue",
             sluice_core::tracking::MAX_PURCHASE_AMOUNT
@@ -170,6 +182,7 @@ pub async fn batch(
     let mut ignored = Vec::with_capacity(parsed.batch.len());
     let mut sent_ids = Vec::with_capacity(parsed.batch.len());
     let mut warnings = Vec::with_capacity(parsed.batch.len());
+    let mut unread = Vec::with_capacity(parsed.batch.len());
     let values: Vec<Result<Event, ValidationError>> = parsed
         .batch
         .iter()
@@ -186,6 +199,7 @@ pub async fn batch(
                 .map_err(Clone::clone)
                 .and_then(|v| parse_event(v, &ctx, EventMetadata::default()));
             warnings.push(warning(&event, item.as_ref().ok()));
+            unread.push(amount_set_aside(&event, item.as_ref().ok()));
             event
         })
         .collect();
@@ -196,6 +210,7 @@ pub async fn batch(
     answer.note_ignored(ignored);
     answer.note_sent_ids(sent_ids, "eventId");
     answer.note_warnings(warnings);
+    answer.count_amounts_unread(&unread);
     Ok(answer.into_batch_response(&headers))
 }
 
@@ -742,6 +757,25 @@ impl Answer {
         }
     }
 
+    /// Counts the purchases whose amount could not be read (`unread`, one per input)
+    /// that are stored now: a resend answered `duplicate` is not counted again.
+    pub(super) fn count_amounts_unread(&self, unread: &[bool]) {
+        let stored = self
+            .results
+            .iter()
+            .zip(unread)
+            .filter(|(entry, &unread)| unread && entry["status"] == "stored")
+            .count();
+        if stored > 0 {
+            sluice_core::metrics::count(
+                sluice_core::tracking::AMOUNTS_UNREAD,
+                sluice_core::tracking::AMOUNTS_UNREAD_HELP,
+                &[],
+                stored as u64,
+            );
+        }
+    }
+
     /// The ids the client sent (`key`: `eventId`, a Segment `messageId`), on the entries
     /// that name none (an event rejected before it was read), so a client can tell which
     /// of its events each is.
@@ -790,16 +824,16 @@ fn prefers_minimal(headers: &HeaderMap) -> bool {
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .any(|preference| {
+        .filter_map(|preference| {
             let token = preference.split(';').next().unwrap_or("").trim();
-            token.split_once('=').is_some_and(|(name, value)| {
-                name.trim().eq_ignore_ascii_case("return")
-                    && value
-                        .trim()
-                        .trim_matches('"')
-                        .eq_ignore_ascii_case("minimal")
-            })
+            let (name, value) = token.split_once('=')?;
+            name.trim()
+                .eq_ignore_ascii_case("return")
+                .then(|| value.trim().trim_matches('"').to_string())
         })
+        // A preference given twice counts as its first (RFC 7240, section 2).
+        .next()
+        .is_some_and(|value| value.eq_ignore_ascii_case("minimal"))
 }
 
 impl IntoResponse for Answer {
@@ -1219,8 +1253,6 @@ pub(super) async fn write(
         outcomes,
     } = prepared;
     let ids: Vec<String> = to_write.iter().map(|e| e.event_id.clone()).collect();
-    // Counted once stored: a resend answered `duplicate` is not counted again.
-    let amount_unread: Vec<bool> = to_write.iter().map(amount_unread).collect();
     let deadline = std::time::Duration::from_secs(state.config.tracking.write_timeout_seconds);
     let submitted = tokio::time::timeout(deadline, state.batcher.submit(to_write, held)).await;
     let Ok(submitted) = submitted else {
@@ -1230,6 +1262,10 @@ pub(super) async fn write(
             .metrics
             .write_errors
             .fetch_add(ids.len() as u64, Relaxed);
+        state.batcher.note_given_up(&format!(
+            "events not written within tracking.write_timeout_seconds ({} s)",
+            deadline.as_secs()
+        ));
         return Err(super::store_timeout(
             deadline,
             "the events' write",
@@ -1357,14 +1393,6 @@ pub(super) async fn write(
                     WriteStatus::Stored => {
                         answer.stored += 1;
                         m.accepted.fetch_add(1, Relaxed);
-                        if amount_unread[i] {
-                            sluice_core::metrics::count(
-                                sluice_core::tracking::AMOUNTS_UNREAD,
-                                sluice_core::tracking::AMOUNTS_UNREAD_HELP,
-                                &[],
-                                1,
-                            );
-                        }
                         "stored"
                     }
                     WriteStatus::Duplicate => {

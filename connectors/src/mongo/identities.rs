@@ -237,7 +237,12 @@ pub struct Traits {
 /// `None` when there is no trait.
 fn traits_statement(t: &Traits, now: DateTime) -> Option<Document> {
     let mut set = Document::new();
+    // A profile field's trait that is not a string stays with its event only.
+    let not_copied = sluice_core::segment::traits_not_copied(&t.traits);
     for (k, v) in &t.traits {
+        if not_copied.contains(&k.as_str()) {
+            continue;
+        }
         let field = match sluice_core::segment::profile_field(k) {
             Some(f) => f.to_string(),
             None => format!("{}.{k}", u::ATTRIBUTES),
