@@ -3036,3 +3036,90 @@ async fn a_replica_whose_writes_do_not_end_is_not_ready() {
     assert_eq!(ready().await.0, 200);
     server.shutdown().await;
 }
+
+/// `tracking.max_in_flight_per_client_mb`: one client address trickling large bodies
+/// holds its share of the in-flight bytes, not the whole; its further requests are
+/// answered 429, other addresses are served, and its share comes back with its
+/// connections.
+#[tokio::test]
+async fn one_client_address_holds_at_most_its_share_of_the_bytes_in_flight() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let db = TestDb::initialized().await;
+    let server = start_server(&db, |raw| {
+        raw.tracking.max_in_flight_mb = 8;
+        raw.tracking.max_in_flight_per_client_mb = 2;
+        raw.server.trusted_proxies = vec!["127.0.0.1/32".into()];
+    })
+    .await;
+    let base = format!("http://{}", server.addr);
+    let addr = server.addr.to_string();
+    // Bodies of 400,000 bytes stalled after 349,523, from one address behind the proxy.
+    let stall = |client: &'static str| {
+        let addr = addr.clone();
+        async move {
+            let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            let head = format!(
+                "POST /v1/events/batch HTTP/1.1\r\nhost: x\r\nx-forwarded-for: {client}\r\ncontent-type: application/json\r\ncontent-length: 400000\r\n\r\n"
+            );
+            conn.write_all(head.as_bytes()).await.unwrap();
+            conn.write_all(&vec![b' '; 349_523]).await.unwrap();
+            conn
+        }
+    };
+    // Six fit in 2 MiB, with 14 bytes to spare; the seventh does not.
+    let mut held = Vec::new();
+    for _ in 0..6 {
+        held.push(stall("203.0.113.5").await);
+    }
+    support::wait_until("the six bodies are read", || async {
+        in_flight_bytes(&base).await == 6 * 349_523
+    })
+    .await;
+    let mut seventh = stall("203.0.113.5").await;
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        seventh.read(&mut answer),
+    )
+    .await
+    .expect("answered before its body is whole")
+    .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]).to_string();
+    assert!(answer.starts_with("HTTP/1.1 429"), "{answer}");
+    assert!(answer.contains("max_in_flight_per_client_mb"), "{answer}");
+    let send = |client: &'static str, id: &'static str| {
+        let base = base.clone();
+        async move {
+            let resp = reqwest::Client::new()
+                .post(format!("{base}/v1/events"))
+                .header("x-forwarded-for", client)
+                .json(&json!({ "userId": "v-share", "sessionId": "s-share", "eventType": "CLICK", "eventId": id }))
+                .send()
+                .await
+                .unwrap();
+            (resp.status().as_u16(), resp.text().await.unwrap())
+        }
+    };
+    // That address is turned away; another is served.
+    let (status, body) = send("203.0.113.5", "share-1").await;
+    assert_eq!(status, 429, "{body}");
+    let (status, body) = send("203.0.113.9", "share-2").await;
+    assert_eq!(status, 200, "{body}");
+    let metrics = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("sluice_requests_rate_limited_total{limit=\"client_bytes\"} 2"),
+        "{metrics}"
+    );
+    // Its connections closed, its share is free again.
+    drop(held);
+    support::wait_until("the address's share is given back", || async {
+        send("203.0.113.5", "share-3").await.0 == 200
+    })
+    .await;
+    server.shutdown().await;
+}

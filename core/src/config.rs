@@ -368,6 +368,11 @@ pub struct TrackingSection {
     /// What the process holds is a few times this (parsed events take more room than
     /// their JSON).
     pub max_in_flight_mb: usize,
+    /// What one client address (IPv4, or IPv6 /64; behind `trusted_proxies`, the
+    /// forwarded one) may hold of `max_in_flight_mb`, in MiB; beyond, 429 with
+    /// `Retry-After`. 0: no bound per address (behind a proxy that is not in
+    /// `trusted_proxies`, every client has the proxy's address).
+    pub max_in_flight_per_client_mb: usize,
     /// Events per write to MongoDB.
     pub write_batch_size: usize,
     /// Concurrent writers draining the queue.
@@ -395,6 +400,7 @@ impl Default for TrackingSection {
             queue_capacity: 20_000,
             queue_wait_ms: 2_000,
             max_in_flight_mb: 64,
+            max_in_flight_per_client_mb: 0,
             write_batch_size: 1_000,
             writers: 4,
             write_timeout_seconds: 10,
@@ -1088,6 +1094,17 @@ pub fn validate(
             format!(
                 "{needed} to 1048576 (a compressed batch holds twice `tracking.max_batch_bytes`, {}), got {}",
                 t.max_batch_bytes, t.max_in_flight_mb
+            ),
+        ));
+    }
+    // A client's share must hold one compressed full batch too, and is a share.
+    let share = t.max_in_flight_per_client_mb;
+    if share != 0 && (share < needed || share > t.max_in_flight_mb) {
+        return Err(invalid(
+            "tracking.max_in_flight_per_client_mb",
+            format!(
+                "0 (no bound), or {needed} to `tracking.max_in_flight_mb` ({}): a compressed batch holds twice `tracking.max_batch_bytes`, {}; got {share}",
+                t.max_in_flight_mb, t.max_batch_bytes
             ),
         ));
     }
@@ -2043,6 +2060,20 @@ mod tests {
             "{err}"
         );
         assert!(check("[tracking]\nmax_batch_bytes = 1572864\nmax_in_flight_mb = 3\n").is_ok());
+        // A client's share: 0, or a compressed batch's room up to the whole.
+        for (share, ok) in [(0, true), (1, false), (2, true), (64, true), (65, false)] {
+            let checked = check(&format!(
+                "[tracking]\nmax_batch_bytes = 1048576\nmax_in_flight_mb = 64\nmax_in_flight_per_client_mb = {share}\n"
+            ));
+            assert_eq!(checked.is_ok(), ok, "{share}: {checked:?}");
+            if let Err(e) = checked {
+                assert!(
+                    e.to_string()
+                        .contains("tracking.max_in_flight_per_client_mb"),
+                    "{e}"
+                );
+            }
+        }
         let err = check("[tracking]\nmax_batch_bytes = 1073741825\nmax_in_flight_mb = 4096\n")
             .unwrap_err()
             .to_string();

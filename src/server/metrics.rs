@@ -30,6 +30,9 @@ pub struct Metrics {
     pub rate_limited: AtomicU64,
     /// Tracking requests refused by `[server] rate_limit_per_client`.
     pub rate_limited_client: AtomicU64,
+    /// Tracking requests refused because their address held its share of the in-flight
+    /// bytes (`tracking.max_in_flight_per_client_mb`).
+    pub rate_limited_client_bytes: AtomicU64,
     pub sessions_expired: AtomicU64,
     /// Segment `identify` traits a profile refused (the events were stored).
     pub traits_failed: AtomicU64,
@@ -119,11 +122,12 @@ impl Metrics {
         );
         let _ = writeln!(
             out,
-            "# HELP sluice_requests_rate_limited_total Requests refused by a rate limit: per write key or per client address.\n# TYPE sluice_requests_rate_limited_total counter"
+            "# HELP sluice_requests_rate_limited_total Requests refused by a rate limit: per write key, per client address, or for the request bytes a client address holds (tracking.max_in_flight_per_client_mb).\n# TYPE sluice_requests_rate_limited_total counter"
         );
         for (limit, v) in [
             ("write_key", &self.rate_limited),
             ("client", &self.rate_limited_client),
+            ("client_bytes", &self.rate_limited_client_bytes),
         ] {
             let _ = writeln!(
                 out,

@@ -63,6 +63,57 @@ pub struct AppState {
     /// Bytes of [`OTHER_IN_FLIGHT`] (the bodies of routes other than tracking's) not
     /// reserved by a request now.
     other_in_flight: Arc<tokio::sync::Semaphore>,
+    /// What each client address holds of `tracking.max_in_flight_mb`.
+    client_bytes: Arc<ClientBytes>,
+}
+
+/// The tracking bytes each client address holds now, bounded by
+/// `tracking.max_in_flight_per_client_mb` (0: not counted). An address is forgotten once
+/// it holds nothing.
+struct ClientBytes {
+    cap: u64,
+    held: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+}
+
+impl ClientBytes {
+    fn new(cap_mb: usize) -> Self {
+        Self {
+            cap: (cap_mb as u64) << 20,
+            held: Default::default(),
+        }
+    }
+
+    /// Counts `n` more bytes for `client`, if its share has room.
+    fn take(&self, client: &str, n: u64) -> bool {
+        let Ok(mut held) = self.held.lock() else {
+            return true;
+        };
+        let now = held.get(client).copied().unwrap_or(0);
+        if now + n > self.cap {
+            return false;
+        }
+        held.insert(client.to_string(), now + n);
+        true
+    }
+
+    fn give(&self, client: &str, n: u64) {
+        let Ok(mut held) = self.held.lock() else {
+            return;
+        };
+        if let Some(now) = held.get_mut(client) {
+            *now = now.saturating_sub(n);
+            if *now == 0 {
+                held.remove(client);
+            }
+        }
+    }
+}
+
+/// A client address's share of the bytes it holds.
+#[derive(Clone)]
+struct ClientShare {
+    bytes: Arc<ClientBytes>,
+    client: Arc<str>,
 }
 
 /// What the bodies of the routes other than tracking's (the admin and analytics API's) may
@@ -93,10 +144,15 @@ struct Reserved {
     bytes: u64,
     /// Where the bytes are shown (`sluice_http_in_flight_bytes`, tracking's budget only).
     metrics: Option<Arc<Metrics>>,
+    /// The client address they count for, when addresses are bounded.
+    client: Option<ClientShare>,
 }
 
 impl Drop for Reserved {
     fn drop(&mut self) {
+        if let Some(share) = &self.client {
+            share.bytes.give(&share.client, self.bytes);
+        }
         if let Some(m) = &self.metrics {
             m.in_flight_bytes
                 .fetch_sub(self.bytes, std::sync::atomic::Ordering::Relaxed);
@@ -569,7 +625,7 @@ async fn body_deadline(
         None => admin::MAX_ADMIN_BODY,
     };
     let mut reserved = match limit {
-        Some(_) => Reservation::new(&state),
+        Some(_) => Reservation::new(&state).for_client(&state, &parts),
         None => Reservation::other(&state),
     };
     let deadline = state.config.body_timeout;
@@ -588,8 +644,12 @@ async fn body_deadline(
         Ok(Ok(bytes)) => {
             // Tracking routes decompress their bodies (others take none compressed).
             let compressed = tracking::content_encoding(&parts.headers).is_some();
-            if limit.is_some() && compressed && !reserved.take(cap) {
-                return too_little();
+            if limit.is_some() && compressed {
+                match reserved.take(cap) {
+                    Ok(()) => {}
+                    Err(Short::Budget) => return too_little(),
+                    Err(Short::Client) => return client_full(&state).into_response(),
+                }
             }
             parts.extensions.insert(reserved.held());
             next.run(axum::extract::Request::from_parts(
@@ -611,6 +671,8 @@ async fn body_deadline(
         .into_response()
         .with_close(),
         Ok(Err(BodyError::InFlightFull)) => too_little(),
+        // Its connection may still carry a body part-sent: closed.
+        Ok(Err(BodyError::ClientFull)) => client_full(&state).into_response().with_close(),
         Ok(Err(BodyError::Unreadable(e))) => ApiError::new(
             StatusCode::BAD_REQUEST,
             "unreadable_body",
@@ -661,6 +723,28 @@ fn in_flight_full(state: &AppState) -> ApiError {
     .retry(rand::random_range(1..=3))
 }
 
+/// The answer to a tracking request whose client address holds its whole share of the
+/// in-flight bytes (`tracking.max_in_flight_per_client_mb`; counted).
+fn client_full(state: &AppState) -> ApiError {
+    state
+        .metrics
+        .rate_limited_client_bytes
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    static LOGGED: Throttle = Throttle::new();
+    if let Some(held) = LOGGED.pass(Duration::from_secs(1)) {
+        tracing::warn!(
+            more_since_last = held,
+            "a client address holds its share of the in-flight request bytes (tracking.max_in_flight_per_client_mb): its requests are answered 429"
+        );
+    }
+    ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limited",
+        "this address holds as many request bytes as it may (tracking.max_in_flight_per_client_mb); retry shortly",
+    )
+    .retry(rand::random_range(1..=3))
+}
+
 /// `held` with `bytes` more of `tracking.max_in_flight_mb` (what a request builds beyond
 /// its body, such as the copies of a Segment batch's `context`): `503` when too little is
 /// left, `413` when more than the whole bound is asked.
@@ -681,8 +765,10 @@ fn hold_more(
             format!("{what} come to {bytes} bytes, more than `tracking.max_in_flight_mb` ({bound} bytes)"),
         ));
     }
+    // Counted for the whole budget only: the request's address was checked as its body
+    // arrived, and what it builds from an accepted body is the server's doing.
     let mut more = Reservation::new(state);
-    if !more.take(bytes) {
+    if more.take(bytes).is_err() {
         return Err(in_flight_full(state));
     }
     let more = more.held();
@@ -695,6 +781,8 @@ fn hold_more(
 enum BodyError {
     TooLarge,
     InFlightFull,
+    /// The client address holds its whole share.
+    ClientFull,
     Unreadable(axum::Error),
 }
 
@@ -717,8 +805,10 @@ async fn read_body_within(
         if out.len() + data.len() > cap {
             return Err(BodyError::TooLarge);
         }
-        if !reserved.take(data.len()) {
-            return Err(BodyError::InFlightFull);
+        match reserved.take(data.len()) {
+            Ok(()) => {}
+            Err(Short::Budget) => return Err(BodyError::InFlightFull),
+            Err(Short::Client) => return Err(BodyError::ClientFull),
         }
         out.extend_from_slice(&data);
     }
@@ -735,6 +825,16 @@ struct Reservation {
     bytes: u64,
     /// Shown in `sluice_http_in_flight_bytes` (tracking's budget).
     metrics: Option<Arc<Metrics>>,
+    /// Counted for this client address too.
+    client: Option<ClientShare>,
+}
+
+/// Which bound a reservation found too little room under.
+enum Short {
+    /// The whole budget.
+    Budget,
+    /// The client address's share.
+    Client,
 }
 
 impl Reservation {
@@ -745,7 +845,27 @@ impl Reservation {
             permit: None,
             bytes: 0,
             metrics: Some(state.metrics.clone()),
+            client: None,
         }
+    }
+
+    /// Counted for the request's client address too, when addresses are bounded.
+    fn for_client(mut self, state: &AppState, parts: &axum::http::request::Parts) -> Self {
+        if state.client_bytes.cap == 0 {
+            return self;
+        }
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0.ip());
+        if let Some(peer) = peer {
+            let ip = enrich::client_ip(peer, &parts.headers, &state.trusted);
+            self.client = Some(ClientShare {
+                bytes: state.client_bytes.clone(),
+                client: enrich::client_key(ip).into(),
+            });
+        }
+        self
     }
 
     /// Of [`OTHER_IN_FLIGHT`].
@@ -755,19 +875,28 @@ impl Reservation {
             permit: None,
             bytes: 0,
             metrics: None,
+            client: None,
         }
     }
 
-    /// Takes `n` more bytes, if that many are left.
-    fn take(&mut self, n: usize) -> bool {
+    /// Takes `n` more bytes, if that many are left (under the client's share too).
+    fn take(&mut self, n: usize) -> Result<(), Short> {
         if n == 0 {
-            return true;
+            return Ok(());
+        }
+        if let Some(share) = &self.client {
+            if !share.bytes.take(&share.client, n as u64) {
+                return Err(Short::Client);
+            }
         }
         let Some(more) = u32::try_from(n)
             .ok()
             .and_then(|n| self.budget.clone().try_acquire_many_owned(n).ok())
         else {
-            return false;
+            if let Some(share) = &self.client {
+                share.bytes.give(&share.client, n as u64);
+            }
+            return Err(Short::Budget);
         };
         match &mut self.permit {
             Some(p) => p.merge(more),
@@ -778,7 +907,7 @@ impl Reservation {
             m.in_flight_bytes
                 .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
         }
-        true
+        Ok(())
     }
 
     /// What the handler keeps with its events.
@@ -788,6 +917,7 @@ impl Reservation {
                 _permit: self.permit.take(),
                 bytes: std::mem::take(&mut self.bytes),
                 metrics: self.metrics.clone(),
+                client: self.client.take(),
             })],
         }
     }
@@ -800,6 +930,9 @@ impl Drop for Reservation {
         if let Some(m) = &self.metrics {
             m.in_flight_bytes
                 .fetch_sub(self.bytes, std::sync::atomic::Ordering::Relaxed);
+        }
+        if let Some(share) = &self.client {
+            share.bytes.give(&share.client, self.bytes);
         }
     }
 }
@@ -1041,6 +1174,9 @@ pub async fn start_loaded(
             config.tracking.max_in_flight_mb << 20,
         )),
         other_in_flight: Arc::new(tokio::sync::Semaphore::new(OTHER_IN_FLIGHT)),
+        client_bytes: Arc::new(ClientBytes::new(
+            config.tracking.max_in_flight_per_client_mb,
+        )),
         config: Arc::new(config),
         store: store.clone(),
         batcher,
