@@ -3030,7 +3030,8 @@ async fn a_replica_whose_writes_do_not_end_is_not_ready() {
     // The held write ends; the resend is answered, and the replica is ready again.
     hold.store(false, Ordering::SeqCst);
     support::wait_until("the resend is answered", || async {
-        post(&base, "/v1/events", &event).await.0 == 200
+        let (status, body) = post(&base, "/v1/events", &event).await;
+        status == 200 && body["results"][0]["status"] == "duplicate"
     })
     .await;
     assert_eq!(ready().await.0, 200);
@@ -3121,5 +3122,39 @@ async fn one_client_address_holds_at_most_its_share_of_the_bytes_in_flight() {
         send("203.0.113.5", "share-3").await.0 == 200
     })
     .await;
+    // What a small body asks for beyond itself counts too: a Segment batch's `context`,
+    // copied into each of its messages (30,000 bytes x 20 here), with 349,537 bytes of
+    // the share left...
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        held.push(stall("203.0.113.5").await);
+    }
+    support::wait_until("the five bodies are read", || async {
+        in_flight_bytes(&base).await == 5 * 349_523
+    })
+    .await;
+    let segment = |messages: usize| {
+        let base = base.clone();
+        async move {
+            let batch: Vec<Value> = (0..messages)
+                .map(|i| json!({ "type": "track", "userId": "v-ctx", "event": "E", "messageId": format!("ctx-{messages}-{i}") }))
+                .collect();
+            let resp = reqwest::Client::new()
+                .post(format!("{base}/v1/batch"))
+                .header("x-forwarded-for", "203.0.113.5")
+                .json(&json!({ "batch": batch, "context": { "pad": "x".repeat(30_000) } }))
+                .send()
+                .await
+                .unwrap();
+            (resp.status().as_u16(), resp.text().await.unwrap())
+        }
+    };
+    let (status, body) = segment(20).await;
+    assert_eq!(status, 429, "{body}");
+    // ...and more than the whole share can never be held: 413.
+    drop(held);
+    let (status, body) = segment(80).await;
+    assert_eq!(status, 413, "{body}");
+    assert!(body.contains("max_in_flight_per_client_mb"), "{body}");
     server.shutdown().await;
 }

@@ -1509,8 +1509,9 @@ fn scrub(connector: &Connector, issued: &[String], text: String) -> String {
 }
 
 /// `text` as HTML escapers write it: Python's `html.escape` (`'` as `&#x27;`), Go's
-/// `html.EscapeString` (`&#39;`, `&#34;`), Go's `html/template` (`+` as `&#43;` too) and
-/// XML's `&apos;`.
+/// `html.EscapeString` (`&#39;`, `&#34;`), Go's `html/template` (`+` as `&#43;` too),
+/// Rails' and Spring's (`&quot;`, `&#39;`), PHP's `htmlspecialchars` (`&#039;`) and XML's
+/// `&apos;`.
 fn html_escaped(text: &str) -> Vec<String> {
     let escape = |quote: &str, apos: &str, plus: bool| -> String {
         text.chars()
@@ -1530,6 +1531,8 @@ fn html_escaped(text: &str) -> Vec<String> {
         escape("&#34;", "&#39;", false),
         escape("&#34;", "&#39;", true),
         escape("&quot;", "&apos;", false),
+        escape("&quot;", "&#39;", false),
+        escape("&quot;", "&#039;", false),
     ]
 }
 
@@ -2140,6 +2143,8 @@ mod tests {
             "a&lt;&amp;&#39;&#34;+b",
             "a&lt;&amp;&#39;&#34;&#43;b",
             "a&lt;&amp;&apos;&quot;+b",
+            "a&lt;&amp;&#39;&quot;+b",
+            "a&lt;&amp;&#039;&quot;+b",
         ] {
             assert!(html.iter().any(|h| h == expected), "{expected}: {html:?}");
         }
@@ -2177,6 +2182,38 @@ mod tests {
         .await
         .unwrap();
         assert!(allowed.into_iter().all(|a| a.ip().is_loopback()));
+    }
+
+    #[tokio::test]
+    async fn the_client_vets_names_it_was_not_pinned_to() {
+        // A public literal needs no lookup to be vetted and pinned; any other name the
+        // client is sent to goes through the vetting resolver.
+        let text = r#"
+name = "vetted"
+type = "IMPORT"
+endpoint = "http://8.8.8.8/items"
+[source]
+records = "$.data[*]"
+[target]
+collection = "things"
+key = "thingId"
+[mapping.thingId]
+path = "$.id"
+"#;
+        let file = sluice_core::integration::parse_file("test", text).unwrap();
+        let connector = sluice_core::integration::validate("test", &file, &|_| None).unwrap();
+        let client = HttpClient::new(Arc::new(connector)).await.unwrap();
+        let refused = client
+            .client
+            .get("http://localhost:9/")
+            .send()
+            .await
+            .unwrap_err();
+        let chain = std::iter::successors(Some(&refused as &dyn std::error::Error), |e| e.source())
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(": ");
+        assert!(chain.contains("loopback"), "{chain}");
     }
 
     #[test]

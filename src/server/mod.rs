@@ -85,21 +85,30 @@ impl ClientBytes {
 
     /// Counts `n` more bytes for `client`, if its share has room.
     fn take(&self, client: &str, n: u64) -> bool {
-        let Ok(mut held) = self.held.lock() else {
-            return true;
-        };
-        let now = held.get(client).copied().unwrap_or(0);
-        if now + n > self.cap {
-            return false;
+        // Nothing is left half-done under the lock: a poisoned one is still consistent.
+        let mut held = self
+            .held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match held.get_mut(client) {
+            Some(now) if *now + n > self.cap => false,
+            Some(now) => {
+                *now += n;
+                true
+            }
+            None if n > self.cap => false,
+            None => {
+                held.insert(client.to_string(), n);
+                true
+            }
         }
-        held.insert(client.to_string(), now + n);
-        true
     }
 
     fn give(&self, client: &str, n: u64) {
-        let Ok(mut held) = self.held.lock() else {
-            return;
-        };
+        let mut held = self
+            .held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(now) = held.get_mut(client) {
             *now = now.saturating_sub(n);
             if *now == 0 {
@@ -132,6 +141,11 @@ pub struct InFlight {
 }
 
 impl InFlight {
+    /// The client address its bytes count for, when addresses are bounded.
+    fn client(&self) -> Option<ClientShare> {
+        self._reserved.iter().find_map(|r| r.client.clone())
+    }
+
     /// One reservation holding both.
     fn join(mut self, other: InFlight) -> InFlight {
         self._reserved.extend(other._reserved);
@@ -379,10 +393,12 @@ fn cors(config: &Config) -> CorsLayer {
         // a preflight refusing them blocks the events. No credentials are allowed (keys
         // go in headers a page sets itself), so mirroring opens nothing.
         .allow_headers(tower_http::cors::AllowHeaders::mirror_request())
-        // A cross-origin SDK can read when to come back only if these are exposed.
+        // A cross-origin SDK can read when to come back (and whether its answer is a
+        // minimal one) only if these are exposed.
         .expose_headers([
             axum::http::header::RETRY_AFTER,
             axum::http::HeaderName::from_static("x-ratelimit-reset"),
+            axum::http::HeaderName::from_static("preference-applied"),
         ])
         .max_age(Duration::from_secs(3600))
 }
@@ -670,7 +686,7 @@ async fn body_deadline(
         )
         .into_response()
         .with_close(),
-        Ok(Err(BodyError::InFlightFull)) => too_little(),
+        Ok(Err(BodyError::InFlightFull)) => too_little().with_close(),
         // Its connection may still carry a body part-sent: closed.
         Ok(Err(BodyError::ClientFull)) => client_full(&state).into_response().with_close(),
         Ok(Err(BodyError::Unreadable(e))) => ApiError::new(
@@ -765,11 +781,27 @@ fn hold_more(
             format!("{what} come to {bytes} bytes, more than `tracking.max_in_flight_mb` ({bound} bytes)"),
         ));
     }
-    // Counted for the whole budget only: the request's address was checked as its body
-    // arrived, and what it builds from an accepted body is the server's doing.
+    // Counted for the request's client address too, as its body was: a small body can
+    // ask for much more (a Segment batch's `context`, copied into each message).
+    let client = held.as_ref().and_then(InFlight::client);
+    if let Some(share) = &client {
+        if bytes as u64 > share.bytes.cap {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!(
+                    "{what} come to {bytes} bytes, more than `tracking.max_in_flight_per_client_mb` ({} bytes)",
+                    share.bytes.cap
+                ),
+            ));
+        }
+    }
     let mut more = Reservation::new(state);
-    if more.take(bytes).is_err() {
-        return Err(in_flight_full(state));
+    more.client = client;
+    match more.take(bytes) {
+        Ok(()) => {}
+        Err(Short::Budget) => return Err(in_flight_full(state)),
+        Err(Short::Client) => return Err(client_full(state)),
     }
     let more = more.held();
     Ok(Some(match held {
@@ -1005,7 +1037,7 @@ async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError>
             StatusCode::SERVICE_UNAVAILABLE,
             "writes_failing",
             format!(
-                "the last event write failed, within {} s, and none succeeded since (the log says why)",
+                "event writes are failing: the last one failed (or was given up on) within {} s, and none succeeded since nor within 10 s (the log says why)",
                 WRITES_FAILING_WINDOW.as_secs()
             ),
         ));
