@@ -748,18 +748,7 @@ async fn gzip_bodies_write_key_in_the_body_and_invalid_messages_reported() {
     );
     // A revenue that cannot be read: the purchase is stored counting no revenue, the
     // property kept as sent, and the answer says so; counted once stored.
-    let unread_count = || async {
-        let text = reqwest::get(format!("{base}/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
-            .find_map(|l| l.strip_prefix("sluice_purchase_amounts_unread_total "))
-            .map(|n| n.parse::<f64>().unwrap())
-            .unwrap_or_else(|| panic!("no unread-amount counter in {text}"))
-    };
+    let unread_count = || support::metric(&base, "sluice_purchase_amounts_unread_total");
     let before = unread_count().await;
     let order = json!({ "messageId": "ord-unread", "userId": "numeric", "event": "Order Completed",
                         "properties": { "revenue": "12,50" } });

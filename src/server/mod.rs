@@ -83,20 +83,21 @@ impl ClientBytes {
         }
     }
 
-    /// Counts `n` more bytes for `client`, if its share has room.
-    fn take(&self, client: &str, n: u64) -> bool {
+    /// Counts `n` more bytes for `client`, if its share has room, or if it holds just
+    /// `alone` bytes now (a request alone may go beyond the share: see [`hold_more`]).
+    fn take(&self, client: &str, n: u64, alone: Option<u64>) -> bool {
         // Nothing is left half-done under the lock: a poisoned one is still consistent.
         let mut held = self
             .held
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         match held.get_mut(client) {
-            Some(now) if *now + n > self.cap => false,
+            Some(now) if *now + n > self.cap && alone != Some(*now) => false,
             Some(now) => {
                 *now += n;
                 true
             }
-            None if n > self.cap => false,
+            None if n > self.cap && alone != Some(0) => false,
             None => {
                 held.insert(client.to_string(), n);
                 true
@@ -125,6 +126,18 @@ struct ClientShare {
     client: Arc<str>,
 }
 
+/// Bytes a request holds of its client address's share, given back when dropped.
+struct ClientHeld {
+    share: ClientShare,
+    bytes: u64,
+}
+
+impl Drop for ClientHeld {
+    fn drop(&mut self) {
+        self.share.bytes.give(&self.share.client, self.bytes);
+    }
+}
+
 /// What the bodies of the routes other than tracking's (the admin and analytics API's) may
 /// hold at once, apart from `tracking.max_in_flight_mb`, so that they cannot take the
 /// tracking endpoint's room.
@@ -134,22 +147,42 @@ pub const OTHER_IN_FLIGHT: usize = 8 << 20;
 /// read (see [`body_deadline`]). The handler keeps it until it returns and hands a copy
 /// to the write queue with the request's events, so it is given back once the request is
 /// done and its events have left the queue, whichever is later (a request answered 503
-/// on a write timeout may leave events queued, which the writer drops unwritten).
+/// on a write timeout may leave events queued, which the writer drops unwritten). Its
+/// client address's share (`tracking.max_in_flight_per_client_mb`) is held by the
+/// handler only: events left queued after the answer are the server's, not the
+/// client's (a store that stops answering would otherwise turn into 429s that blame
+/// the clients).
 #[derive(Clone)]
 pub struct InFlight {
     _reserved: Vec<Arc<Reserved>>,
+    client: Vec<Arc<ClientHeld>>,
 }
 
 impl InFlight {
-    /// The client address its bytes count for, when addresses are bounded.
-    fn client(&self) -> Option<ClientShare> {
-        self._reserved.iter().find_map(|r| r.client.clone())
+    /// The client address its bytes count for, when addresses are bounded, and how many
+    /// of them it holds there.
+    fn client(&self) -> Option<(ClientShare, u64)> {
+        let first = self.client.first()?;
+        Some((
+            first.share.clone(),
+            self.client.iter().map(|c| c.bytes).sum(),
+        ))
     }
 
     /// One reservation holding both.
     fn join(mut self, other: InFlight) -> InFlight {
         self._reserved.extend(other._reserved);
+        self.client.extend(other.client);
         self
+    }
+
+    /// What the write queue keeps with the request's events: the budget's bytes, not
+    /// the client's share.
+    pub(crate) fn for_queue(&self) -> InFlight {
+        InFlight {
+            _reserved: self._reserved.clone(),
+            client: Vec::new(),
+        }
     }
 }
 
@@ -158,15 +191,10 @@ struct Reserved {
     bytes: u64,
     /// Where the bytes are shown (`sluice_http_in_flight_bytes`, tracking's budget only).
     metrics: Option<Arc<Metrics>>,
-    /// The client address they count for, when addresses are bounded.
-    client: Option<ClientShare>,
 }
 
 impl Drop for Reserved {
     fn drop(&mut self) {
-        if let Some(share) = &self.client {
-            share.bytes.give(&share.client, self.bytes);
-        }
         if let Some(m) = &self.metrics {
             m.in_flight_bytes
                 .fetch_sub(self.bytes, std::sync::atomic::Ordering::Relaxed);
@@ -664,7 +692,9 @@ async fn body_deadline(
                 match reserved.take(cap) {
                     Ok(()) => {}
                     Err(Short::Budget) => return too_little(),
-                    Err(Short::Client) => return client_full(&state).into_response(),
+                    Err(Short::Client) => {
+                        return client_full(&state, reserved.client.as_ref()).into_response()
+                    }
                 }
             }
             parts.extensions.insert(reserved.held());
@@ -688,7 +718,9 @@ async fn body_deadline(
         .with_close(),
         Ok(Err(BodyError::InFlightFull)) => too_little().with_close(),
         // Its connection may still carry a body part-sent: closed.
-        Ok(Err(BodyError::ClientFull)) => client_full(&state).into_response().with_close(),
+        Ok(Err(BodyError::ClientFull)) => client_full(&state, reserved.client.as_ref())
+            .into_response()
+            .with_close(),
         Ok(Err(BodyError::Unreadable(e))) => ApiError::new(
             StatusCode::BAD_REQUEST,
             "unreadable_body",
@@ -741,7 +773,7 @@ fn in_flight_full(state: &AppState) -> ApiError {
 
 /// The answer to a tracking request whose client address holds its whole share of the
 /// in-flight bytes (`tracking.max_in_flight_per_client_mb`; counted).
-fn client_full(state: &AppState) -> ApiError {
+fn client_full(state: &AppState, client: Option<&ClientShare>) -> ApiError {
     state
         .metrics
         .rate_limited_client_bytes
@@ -749,6 +781,7 @@ fn client_full(state: &AppState) -> ApiError {
     static LOGGED: Throttle = Throttle::new();
     if let Some(held) = LOGGED.pass(Duration::from_secs(1)) {
         tracing::warn!(
+            client = client.map_or("?", |c| &*c.client),
             more_since_last = held,
             "a client address holds its share of the in-flight request bytes (tracking.max_in_flight_per_client_mb): its requests are answered 429"
         );
@@ -782,26 +815,20 @@ fn hold_more(
         ));
     }
     // Counted for the request's client address too, as its body was: a small body can
-    // ask for much more (a Segment batch's `context`, copied into each message).
-    let client = held.as_ref().and_then(InFlight::client);
-    if let Some(share) = &client {
-        if bytes as u64 > share.bytes.cap {
-            return Err(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                format!(
-                    "{what} come to {bytes} bytes, more than `tracking.max_in_flight_per_client_mb` ({} bytes)",
-                    share.bytes.cap
-                ),
-            ));
-        }
-    }
+    // ask for much more (a Segment batch's `context`, copied into each message). A
+    // request its address holds nothing beside may go beyond the share (within the
+    // whole bound): an SDK's batch of 2,000 messages with a 1 KB context needs 2 MB,
+    // and a batch answered 413 is dropped. So an address holds at most one such
+    // request at a time.
     let mut more = Reservation::new(state);
-    more.client = client;
+    if let Some((share, own)) = held.as_ref().and_then(InFlight::client) {
+        more.client = Some(share);
+        more.alone = Some(own);
+    }
     match more.take(bytes) {
         Ok(()) => {}
         Err(Short::Budget) => return Err(in_flight_full(state)),
-        Err(Short::Client) => return Err(client_full(state)),
+        Err(Short::Client) => return Err(client_full(state, more.client.as_ref())),
     }
     let more = more.held();
     Ok(Some(match held {
@@ -859,6 +886,8 @@ struct Reservation {
     metrics: Option<Arc<Metrics>>,
     /// Counted for this client address too.
     client: Option<ClientShare>,
+    /// Beyond the client's share if it holds just this many bytes (this request's own).
+    alone: Option<u64>,
 }
 
 /// Which bound a reservation found too little room under.
@@ -878,6 +907,7 @@ impl Reservation {
             bytes: 0,
             metrics: Some(state.metrics.clone()),
             client: None,
+            alone: None,
         }
     }
 
@@ -908,6 +938,7 @@ impl Reservation {
             bytes: 0,
             metrics: None,
             client: None,
+            alone: None,
         }
     }
 
@@ -917,7 +948,7 @@ impl Reservation {
             return Ok(());
         }
         if let Some(share) = &self.client {
-            if !share.bytes.take(&share.client, n as u64) {
+            if !share.bytes.take(&share.client, n as u64, self.alone) {
                 return Err(Short::Client);
             }
         }
@@ -945,11 +976,21 @@ impl Reservation {
     /// What the handler keeps with its events.
     fn held(mut self) -> InFlight {
         InFlight {
+            client: self
+                .client
+                .take()
+                .map(|share| {
+                    Arc::new(ClientHeld {
+                        share,
+                        bytes: self.bytes,
+                    })
+                })
+                .into_iter()
+                .collect(),
             _reserved: vec![Arc::new(Reserved {
                 _permit: self.permit.take(),
                 bytes: std::mem::take(&mut self.bytes),
                 metrics: self.metrics.clone(),
-                client: self.client.take(),
             })],
         }
     }

@@ -1254,7 +1254,10 @@ pub(super) async fn write(
     } = prepared;
     let ids: Vec<String> = to_write.iter().map(|e| e.event_id.clone()).collect();
     let deadline = std::time::Duration::from_secs(state.config.tracking.write_timeout_seconds);
-    let submitted = tokio::time::timeout(deadline, state.batcher.submit(to_write, held)).await;
+    // The queue keeps the bytes of the whole bound; `held` keeps the client's share
+    // until the answer is built.
+    let queued = held.as_ref().map(InFlight::for_queue);
+    let submitted = tokio::time::timeout(deadline, state.batcher.submit(to_write, queued)).await;
     let Ok(submitted) = submitted else {
         // The writes may still complete; a resend of the same eventIds is then answered
         // `duplicate`, so telling the client to resend loses nothing and stores nothing twice.

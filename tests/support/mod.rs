@@ -784,3 +784,18 @@ pub async fn apply_scheduled_since(
         .await
         .unwrap();
 }
+
+/// The value `base`'s `/metrics` shows for the series `series` (its name, with its
+/// labels if it has any, as the line begins).
+pub async fn metric(base: &str, series: &str) -> f64 {
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map(|n| n.parse::<f64>().unwrap())
+        .unwrap_or_else(|| panic!("no {series} in {text}"))
+}
