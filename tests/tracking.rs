@@ -2939,6 +2939,13 @@ async fn a_minimal_batch_answer_lists_only_what_went_wrong() {
         let resp = send(Some(prefer)).await.unwrap();
         assert_eq!(resp.status().as_u16(), 200);
         assert_eq!(resp.headers()["preference-applied"], "return=minimal");
+        let vary: Vec<&str> = resp
+            .headers()
+            .get_all("vary")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        assert!(vary.iter().any(|v| v.contains("prefer")), "{vary:?}");
         let body: Value = resp.json().await.unwrap();
         // Everything was sent before: the counts are the resend's.
         assert_eq!(

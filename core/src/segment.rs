@@ -217,28 +217,58 @@ pub fn unknown_members(v: &Value) -> Vec<String> {
 
 /// An order's amount from its line items (`products`, each `price` times `quantity`, 1
 /// when absent), when every item has a readable price; else none.
-fn products_total(properties: &Map<String, Value>) -> Option<Value> {
+/// The total of an order's `products` (`price` × `quantity`, 1 when absent): `None`
+/// when there are none or an item names no price (a list of what was ordered, not
+/// priced); `Some(Err)` when a price or quantity cannot be read, or the total is no
+/// amount (a coupon line taking it below 0): the order then counts no revenue, rather
+/// than being refused for an amount it never sent, and the answer says so.
+fn products_total(properties: &Map<String, Value>) -> Option<Result<Value, ()>> {
     let items = properties.get("products")?.as_array()?;
-    if items.is_empty() {
+    if items.is_empty()
+        || items
+            .iter()
+            .any(|i| i.get("price").is_none_or(Value::is_null))
+    {
         return None;
     }
+    let read = |v: &Value| number(v).and_then(|n| n.as_f64());
     let mut total = 0.0;
     for item in items {
-        let price = number(item.get("price")?)?.as_f64()?;
+        let Some(price) = item.get("price").and_then(read) else {
+            return Some(Err(()));
+        };
         let quantity = match item.get("quantity") {
             None | Some(Value::Null) => 1.0,
-            Some(q) => number(q)?.as_f64()?,
+            Some(q) => match read(q) {
+                Some(q) => q,
+                None => return Some(Err(())),
+            },
         };
         total += price * quantity;
     }
     // Cents added as doubles (0.1 + 0.2): the total to the millionth, as revenue counts.
     let total = (total * 1e6).round() / 1e6;
-    // A total no amount may be (a coupon line taking it below 0) gives none, rather
-    // than the order refused for an amount it never sent.
     if !(0.0..=crate::tracking::MAX_PURCHASE_AMOUNT).contains(&total) {
-        return None;
+        return Some(Err(()));
     }
-    serde_json::Number::from_f64(total).map(Value::Number)
+    Some(
+        serde_json::Number::from_f64(total)
+            .map(Value::Number)
+            .ok_or(()),
+    )
+}
+
+/// Whether the native rules read `amount` as an amount ([`crate::tracking::read_amount`]:
+/// money text, its currency code agreeing with `currency`, within range).
+fn reads_as_amount(amount: &Value, currency: Option<&Value>) -> bool {
+    let mut probe = serde_json::Map::new();
+    probe.insert("amount".into(), amount.clone());
+    if let Some(c) = currency {
+        probe.insert("currency".into(), c.clone());
+    }
+    crate::tracking::json_to_document(&Value::Object(probe))
+        .ok()
+        .is_some_and(|mut d| crate::tracking::read_amount(EventType::Purchase, &mut d).is_ok())
 }
 
 fn track_type(name: &str, options: &Options) -> EventType {
@@ -314,7 +344,9 @@ pub fn parse_message(
     // traits takes them (and they leave the context); one with its own keeps them in the
     // context as sent. A group's traits are the group's, never the user's.
     let own_traits = object(obj, "traits")?;
-    let context_traits_taken = kind == Kind::Identify && own_traits.is_none();
+    // An empty `traits` says no more than none: an SDK may send `{}` there with the
+    // user's traits in `context.traits`.
+    let context_traits_taken = kind == Kind::Identify && own_traits.is_none_or(Map::is_empty);
     // Where the client sent what an identify stores as its properties, for errors.
     let traits_from = if context_traits_taken {
         "context.traits"
@@ -332,11 +364,12 @@ pub fn parse_message(
         _ => Map::new(),
     };
     let mut properties = match kind {
-        Kind::Identify => traits_of(
-            own_traits.or(context
+        Kind::Identify if context_traits_taken => traits_of(
+            context
                 .and_then(|c| c.get("traits"))
-                .and_then(Value::as_object)),
+                .and_then(Value::as_object),
         ),
+        Kind::Identify => traits_of(own_traits),
         Kind::Group => traits_of(own_traits),
         _ => object(obj, "properties")?.cloned().unwrap_or_default(),
     };
@@ -358,6 +391,8 @@ pub fn parse_message(
     let mut warning = None;
     // The property a purchase's `amount` was taken from (`revenue`, ...), if not its own.
     let mut amount_from = None;
+    // Where an amount that cannot be read was sent (`properties.revenue`, ...).
+    let mut unread_from: Option<String> = None;
     let event_type = match kind {
         Kind::Page => {
             let sources = [(Some(&properties), "properties"), (page, "context.page")];
@@ -401,12 +436,24 @@ pub fn parse_message(
                         Value::String(s) => Value::String(s.clone()),
                         other => number(other).unwrap_or_else(|| other.clone()),
                     };
-                    properties.insert("amount".into(), amount);
-                    amount_from = Some(format!("properties.{k}"));
-                } else if let Some(amount) = products_total(&properties) {
+                    // One they cannot read is not copied: it stays as sent where it
+                    // was (no `amountUnread` copy of it).
+                    if reads_as_amount(&amount, properties.get("currency")) {
+                        properties.insert("amount".into(), amount);
+                        amount_from = Some(format!("properties.{k}"));
+                    } else {
+                        unread_from = Some(format!("properties.{k}"));
+                    }
+                } else {
                     // An order sent with its line items only.
-                    properties.insert("amount".into(), amount);
-                    amount_from = Some("properties.products".into());
+                    match products_total(&properties) {
+                        Some(Ok(amount)) => {
+                            properties.insert("amount".into(), amount);
+                            amount_from = Some("properties.products".into());
+                        }
+                        Some(Err(())) => unread_from = Some("properties.products".into()),
+                        None => {}
+                    }
                 }
             }
             // The client's own property of that name is kept beside it.
@@ -526,8 +573,8 @@ pub fn parse_message(
     } else {
         ctx
     };
-    // A copy of an amount taken from another property, set aside, is dropped below: never
-    // the client's own `amountUnread`.
+    // A client's own `amountUnread` (beside an amount that cannot be read, the event is
+    // refused: see `parse_event`).
     let own_unread = properties.contains_key(crate::model::event_fields::AMOUNT_UNREAD);
     native.insert("properties".into(), Value::Object(properties));
     // SDKs fill these from the browser's address bar; a URL longer than an event's
@@ -544,7 +591,6 @@ pub fn parse_message(
     if kind == Kind::Group {
         sent_as.push(("properties.traits", "traits".into()));
     }
-    let amount_elsewhere = amount_from.is_some();
     if let Some(from) = amount_from {
         sent_as.push(("properties.amount", from));
     }
@@ -560,9 +606,11 @@ pub fn parse_message(
     }
     let mut event = parse_event(&Value::Object(native), ctx, EventMetadata::default())
         .map_err(|e| rename_field(e, &sent_as))?;
-    // Set aside by `parse_event` (a client's own `amountUnread` beside an amount that
-    // cannot be read is refused there, so with one, the amount was read or absent).
-    let amount_unread = !own_unread
+    // An amount that cannot be read: one sent as `revenue` (or ...) was left where it
+    // was; one sent as `amount` was set aside by `parse_event` as `amountUnread` (a
+    // client's own `amountUnread` beside it is refused there, so with one, the amount
+    // was read or absent).
+    let set_aside = !own_unread
         && event.event_type == EventType::Purchase
         && !event
             .properties
@@ -570,22 +618,20 @@ pub fn parse_message(
         && event
             .properties
             .contains_key(crate::model::event_fields::AMOUNT_UNREAD);
-    if amount_unread {
-        let from = sent_as
-            .iter()
-            .find(|(native, _)| *native == "properties.amount")
-            .map_or("properties.amount", |(_, from)| from.as_str());
-        warning = Some(format!(
-            "`{from}` is not an amount Sluice reads (a number from 0 to {:e}, or text naming one that reads one way: not `19,99`): counting no revenue",
-            crate::tracking::MAX_PURCHASE_AMOUNT
-        ));
-    }
-    // An amount taken from another property that could not be read is that property,
-    // kept as sent: no copy of it.
-    if amount_elsewhere && !own_unread {
-        event
-            .properties
-            .remove(crate::model::event_fields::AMOUNT_UNREAD);
+    let unread_from = unread_from.or_else(|| set_aside.then(|| "properties.amount".to_string()));
+    let amount_unread = event.event_type == EventType::Purchase && unread_from.is_some();
+    if let (true, Some(from)) = (amount_unread, &unread_from) {
+        warning = Some(if from == "properties.products" {
+            format!(
+                "`properties.products` gives no amount Sluice reads (a `price` or `quantity` that cannot be read, or a total below 0 or over {:e}): counting no revenue",
+                crate::tracking::MAX_PURCHASE_AMOUNT
+            )
+        } else {
+            format!(
+                "`{from}` is not an amount Sluice reads (a number from 0 to {:e}, or text naming one that reads one way: not `19,99`): counting no revenue",
+                crate::tracking::MAX_PURCHASE_AMOUNT
+            )
+        });
     }
     if let Some(c) = context {
         apply_context(
@@ -890,7 +936,7 @@ mod tests {
             );
             assert_eq!(e.purchase_amount(), None);
         }
-        // The client's own `amountUnread` stays beside a revenue that was read.
+        // The client's own `amountUnread` stays beside a revenue that was read...
         let e = parse(json!({
             "type": "track", "userId": "u1", "event": "Order Completed",
             "properties": { "revenue": 10, "amountUnread": "x" },
@@ -899,6 +945,65 @@ mod tests {
         .event;
         assert_eq!(e.properties.get_str("amountUnread").unwrap(), "x");
         assert_eq!(e.purchase_amount(), Some(10.0));
+        // ...and beside one that was not: the purchase is stored, not refused, and the
+        // message says which property could not be read.
+        let m = parse(json!({
+            "type": "track", "userId": "u1", "event": "Order Completed",
+            "properties": { "revenue": "12,50", "amountUnread": "mine" },
+        }))
+        .unwrap();
+        assert!(m.amount_unread);
+        assert_eq!(m.event.properties.get_str("amountUnread").unwrap(), "mine");
+        assert!(m
+            .warning
+            .unwrap()
+            .starts_with("`properties.revenue` is not an amount"),);
+    }
+
+    #[test]
+    fn an_empty_traits_object_leaves_the_context_s_traits_to_the_identify() {
+        let m = parse(json!({
+            "type": "identify", "userId": "u1", "traits": {},
+            "context": {"traits": {"email": "ctx@example.com"}},
+        }))
+        .unwrap();
+        assert_eq!(
+            m.traits.unwrap().get_str("email").unwrap(),
+            "ctx@example.com"
+        );
+    }
+
+    #[test]
+    fn products_that_cannot_be_totalled_are_said_products_without_prices_are_not() {
+        for (products, unread) in [
+            (json!([{ "price": "abc" }]), true),
+            (json!([{ "price": -3 }]), true),
+            (json!([{ "price": "abc" }, { "price": 2 }]), true),
+            (json!([{ "price": 2, "quantity": "many" }]), true),
+            (json!([{ "sku": "a" }, { "price": 2 }]), false),
+            (json!([]), false),
+        ] {
+            let m = parse(json!({
+                "type": "track", "userId": "u1", "event": "Order Completed",
+                "properties": { "products": products.clone() },
+            }))
+            .unwrap();
+            assert_eq!(m.amount_unread, unread, "{products}");
+            assert_eq!(m.event.purchase_amount(), None, "{products}");
+            assert_eq!(
+                m.warning
+                    .is_some_and(|w| w.starts_with("`properties.products` gives no amount")),
+                unread,
+                "{products}"
+            );
+        }
+        let m = parse(json!({
+            "type": "track", "userId": "u1", "event": "Order Completed",
+            "properties": { "products": [{ "price": "$2.50", "quantity": "2" }] },
+        }))
+        .unwrap();
+        assert_eq!(m.event.purchase_amount(), Some(5.0));
+        assert!(!m.amount_unread && m.warning.is_none());
     }
 
     #[test]

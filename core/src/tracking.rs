@@ -736,7 +736,13 @@ pub fn parse_event(
         // `rejected`. A client's own `amountUnread` is not overwritten: then it is refused.
         if let Err(e) = read_amount(event_type, &mut properties) {
             if properties.contains_key(f::AMOUNT_UNREAD) {
-                return Err(e);
+                return Err(ValidationError::new(
+                    e.field,
+                    format!(
+                        "{}; it cannot be kept as `properties.amountUnread` (counting no revenue), which the event already has",
+                        e.reason
+                    ),
+                ));
             }
             if let Some(sent) = properties.remove(f::AMOUNT) {
                 properties.insert(f::AMOUNT_UNREAD, sent);
@@ -1165,6 +1171,7 @@ pub(crate) mod tests {
         }))
         .unwrap_err();
         assert_eq!(err.field, "properties.amount");
+        assert!(err.reason.contains("`properties.amountUnread`"), "{err}");
     }
 
     #[test]

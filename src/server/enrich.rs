@@ -90,9 +90,21 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr
     peer
 }
 
-/// One `X-Forwarded-For` entry as an address, with or without a port.
+/// One `X-Forwarded-For` entry as an address, with or without a port, and an IPv6 zone
+/// (`fe80::1%eth0`, which some proxies write) left out.
 fn forwarded_address(entry: &str) -> Option<IpAddr> {
     let entry = entry.trim();
+    let unzoned;
+    let entry = match entry.split_once('%') {
+        Some((address, rest)) => {
+            unzoned = match rest.find(']') {
+                Some(end) => format!("{address}{}", &rest[end..]),
+                None => address.to_string(),
+            };
+            unzoned.as_str()
+        }
+        None => entry,
+    };
     entry
         .parse::<IpAddr>()
         .ok()
@@ -173,6 +185,11 @@ mod tests {
         assert_eq!(client_ip(ip("10.9.9.9"), &h, &trusted), ip("203.0.113.5"));
         let h = with("[2001:db8::7]:443");
         assert_eq!(client_ip(ip("10.9.9.9"), &h, &trusted), ip("2001:db8::7"));
+        // An IPv6 zone is left out.
+        let h = with("2001:db8::5%eth0");
+        assert_eq!(client_ip(ip("10.9.9.9"), &h, &trusted), ip("2001:db8::5"));
+        let h = with("[2001:db8::6%25en0]:443");
+        assert_eq!(client_ip(ip("10.9.9.9"), &h, &trusted), ip("2001:db8::6"));
         // An entry that is no address stops the walk: nothing left of it is believed.
         let h = with("6.6.6.6, unknown");
         assert_eq!(client_ip(ip("10.9.9.9"), &h, &trusted), ip("10.9.9.9"));

@@ -805,6 +805,11 @@ impl Answer {
             });
         }
         let mut resp = answer.into_response();
+        // What the answer lists depends on `Prefer`.
+        resp.headers_mut().insert(
+            axum::http::header::VARY,
+            axum::http::HeaderValue::from_static("prefer"),
+        );
         if minimal {
             resp.headers_mut().insert(
                 "preference-applied",
