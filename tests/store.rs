@@ -1368,3 +1368,34 @@ async fn a_dead_letter_kept_again_says_the_latest_reason() {
     assert_eq!(l.get_str("lastRunId").unwrap(), "run-2");
     assert!(l.get_datetime("lastSeenAt").is_ok());
 }
+
+/// A write concern the deployment cannot meet (`w: 2` on one node) is said in the
+/// server's words, without the driver's dump of the raw reply.
+#[tokio::test]
+async fn a_write_concern_error_is_said_in_the_server_s_words() {
+    let db = TestDb::initialized().await;
+    let store = sluice_connectors::Store::connect_uri(
+        &support::mongo_uri(),
+        &db.name,
+        &sluice_core::config::WriteConcernLevel::Nodes(2),
+    )
+    .await
+    .unwrap();
+    store
+        .collection("sessions")
+        .insert_one(
+            doc! { "sessionId": "wc", "status": "ACTIVE", "endTime": DateTime::from_millis(0) },
+        )
+        .await
+        .ok();
+    let err =
+        sluice_connectors::mongo::expire_idle_sessions(&store, std::time::Duration::from_secs(60))
+            .await
+            .expect_err("no second node acknowledges the write")
+            .to_string();
+    assert!(err.contains("write concern not satisfied"), "{err}");
+    assert!(
+        !err.contains("RawDocument") && !err.contains("Kind:"),
+        "{err}"
+    );
+}

@@ -251,7 +251,7 @@ pub fn command_groups(docs: &[bson::Document], cap: usize) -> Vec<std::ops::Rang
 pub enum StoreError {
     #[error("cannot connect to MongoDB: {0}")]
     Connect(#[source] mongodb::error::Error),
-    #[error("MongoDB `{collection}`: {step}: {source}")]
+    #[error("MongoDB `{collection}`: {step}: {}", schema::short_error(source))]
     Mongo {
         collection: String,
         step: &'static str,

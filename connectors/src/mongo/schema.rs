@@ -416,7 +416,8 @@ async fn drop_retired(
 }
 
 /// The server's own message (code and text), without the driver's debug dump: a
-/// command's, a write's, or a bulk write's first (and how many more).
+/// command's, a write's (or its write concern's), or a bulk write's first (and how many
+/// more).
 pub(crate) fn short_error(err: &mongodb::error::Error) -> String {
     use mongodb::error::{ErrorKind, WriteFailure};
     let said = |code: i32, name: Option<&str>, message: &str| match name {
@@ -440,13 +441,25 @@ pub(crate) fn short_error(err: &mongodb::error::Error) -> String {
         ErrorKind::Write(WriteFailure::WriteError(w)) => {
             Some(said(w.code, w.code_name.as_deref(), &w.message))
         }
+        ErrorKind::Write(WriteFailure::WriteConcernError(w)) => Some(format!(
+            "write concern not satisfied: {}",
+            said(w.code, Some(&w.code_name), &w.message)
+        )),
         ErrorKind::InsertMany(i) => first_of(
             i.write_errors
                 .iter()
                 .flatten()
                 .map(|w| (w.code, w.code_name.as_deref(), w.message.as_str()))
                 .collect(),
-        ),
+        )
+        .or_else(|| {
+            i.write_concern_error.as_ref().map(|w| {
+                format!(
+                    "write concern not satisfied: {}",
+                    said(w.code, Some(&w.code_name), &w.message)
+                )
+            })
+        }),
         ErrorKind::BulkWrite(b) => first_of(
             b.write_errors
                 .values()
