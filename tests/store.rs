@@ -1384,7 +1384,7 @@ async fn a_write_concern_error_is_said_in_the_server_s_words() {
     store
         .collection("sessions")
         .insert_one(
-            doc! { "sessionId": "wc", "status": "ACTIVE", "endTime": DateTime::from_millis(0) },
+            doc! { "sessionId": "wc", "status": "ACTIVE", "startTime": DateTime::from_millis(0), "endTime": DateTime::from_millis(0) },
         )
         .await
         .ok();

@@ -3033,7 +3033,7 @@ async fn one_client_address_holds_at_most_its_share_of_the_bytes_in_flight() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let db = TestDb::initialized().await;
     let server = start_server(&db, |raw| {
-        raw.tracking.max_in_flight_mb = 8;
+        raw.tracking.max_in_flight_mb = 16;
         raw.tracking.max_in_flight_per_client_mb = 2;
         raw.server.trusted_proxies = vec!["127.0.0.1/32".into()];
     })
@@ -3146,6 +3146,13 @@ async fn one_client_address_holds_at_most_its_share_of_the_bytes_in_flight() {
     .await;
     let (status, body) = segment(80).await;
     assert_eq!(status, 200, "{body}");
+    // Up to a quarter of the whole bound (4 MiB here): past it, never from one address.
+    let (status, body) = segment(150).await;
+    assert_eq!(status, 413, "{body}");
+    assert!(
+        body.contains("more than one client address may hold"),
+        "{body}"
+    );
     server.shutdown().await;
 }
 

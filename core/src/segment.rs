@@ -260,15 +260,15 @@ fn products_total(properties: &Map<String, Value>) -> Option<Result<Value, ()>> 
 
 /// Whether the native rules read `amount` as an amount ([`crate::tracking::read_amount`]:
 /// money text, its currency code agreeing with `currency`, within range).
-fn reads_as_amount(amount: &Value, currency: Option<&Value>) -> bool {
+fn reads_as_amount(amount: &Value, currency: Option<&Value>) -> Result<(), String> {
     let mut probe = serde_json::Map::new();
     probe.insert("amount".into(), amount.clone());
     if let Some(c) = currency {
         probe.insert("currency".into(), c.clone());
     }
-    crate::tracking::json_to_document(&Value::Object(probe))
-        .ok()
-        .is_some_and(|mut d| crate::tracking::read_amount(EventType::Purchase, &mut d).is_ok())
+    let mut probe =
+        crate::tracking::json_to_document(&Value::Object(probe)).map_err(|e| e.reason)?;
+    crate::tracking::read_amount(EventType::Purchase, &mut probe).map_err(|e| e.reason)
 }
 
 fn track_type(name: &str, options: &Options) -> EventType {
@@ -392,7 +392,8 @@ pub fn parse_message(
     // The property a purchase's `amount` was taken from (`revenue`, ...), if not its own.
     let mut amount_from = None;
     // Where an amount that cannot be read was sent (`properties.revenue`, ...).
-    let mut unread_from: Option<String> = None;
+    // With why, as `read_amount` says it.
+    let mut unread_from: Option<(String, String)> = None;
     let event_type = match kind {
         Kind::Page => {
             let sources = [(Some(&properties), "properties"), (page, "context.page")];
@@ -438,11 +439,12 @@ pub fn parse_message(
                     };
                     // One they cannot read is not copied: it stays as sent where it
                     // was (no `amountUnread` copy of it).
-                    if reads_as_amount(&amount, properties.get("currency")) {
-                        properties.insert("amount".into(), amount);
-                        amount_from = Some(format!("properties.{k}"));
-                    } else {
-                        unread_from = Some(format!("properties.{k}"));
+                    match reads_as_amount(&amount, properties.get("currency")) {
+                        Ok(()) => {
+                            properties.insert("amount".into(), amount);
+                            amount_from = Some(format!("properties.{k}"));
+                        }
+                        Err(why) => unread_from = Some((format!("properties.{k}"), why)),
                     }
                 } else {
                     // An order sent with its line items only.
@@ -451,7 +453,9 @@ pub fn parse_message(
                             properties.insert("amount".into(), amount);
                             amount_from = Some("properties.products".into());
                         }
-                        Some(Err(())) => unread_from = Some("properties.products".into()),
+                        Some(Err(())) => {
+                            unread_from = Some(("properties.products".into(), String::new()))
+                        }
                         None => {}
                     }
                 }
@@ -591,6 +595,7 @@ pub fn parse_message(
     if kind == Kind::Group {
         sent_as.push(("properties.traits", "traits".into()));
     }
+    let amount_from_copied = amount_from.is_some();
     if let Some(from) = amount_from {
         sent_as.push(("properties.amount", from));
     }
@@ -618,14 +623,20 @@ pub fn parse_message(
         && event
             .properties
             .contains_key(crate::model::event_fields::AMOUNT_UNREAD);
-    let unread_from = unread_from.or_else(|| set_aside.then(|| "properties.amount".to_string()));
+    // `parse_event` reads an amount copied here as it was read above.
+    debug_assert!(!(set_aside && amount_from_copied));
+    let unread_from =
+        unread_from.or_else(|| set_aside.then(|| ("properties.amount".to_string(), String::new())));
     let amount_unread = event.event_type == EventType::Purchase && unread_from.is_some();
-    if let (true, Some(from)) = (amount_unread, &unread_from) {
+    if let (true, Some((from, why))) = (amount_unread, &unread_from) {
         warning = Some(if from == "properties.products" {
             format!(
                 "`properties.products` gives no amount Sluice reads (a `price` or `quantity` that cannot be read, or a total below 0 or over {:e}): counting no revenue",
                 crate::tracking::MAX_PURCHASE_AMOUNT
             )
+        } else if why.contains(" but ") {
+            // A currency code disagreeing with `currency`: said as such.
+            format!("`{from}` is not an amount Sluice reads ({why}): counting no revenue")
         } else {
             format!(
                 "`{from}` is not an amount Sluice reads (a number from 0 to {:e}, or text naming one that reads one way: not `19,99`): counting no revenue",
@@ -957,7 +968,16 @@ mod tests {
         assert!(m
             .warning
             .unwrap()
-            .starts_with("`properties.revenue` is not an amount"),);
+            .starts_with("`properties.revenue` is not an amount"));
+        // A currency code disagreeing with `currency` is said as such.
+        let m = parse(json!({
+            "type": "track", "userId": "u1", "event": "Order Completed",
+            "properties": { "revenue": "GBP 12.50", "currency": "USD" },
+        }))
+        .unwrap();
+        assert!(m.amount_unread);
+        let warning = m.warning.unwrap();
+        assert!(warning.contains("is in GBP"), "{warning}");
     }
 
     #[test]

@@ -400,7 +400,7 @@ pub fn currency_code(text: &str) -> Option<&str> {
 
 /// PURCHASE events read with an amount that could not be read (set aside).
 pub const AMOUNTS_UNREAD: &str = "sluice_purchase_amounts_unread_total";
-pub const AMOUNTS_UNREAD_HELP: &str = "PURCHASE events stored (not duplicates) whose amount as sent could not be read (kept as `properties.amountUnread`): they count no revenue.";
+pub const AMOUNTS_UNREAD_HELP: &str = "PURCHASE events stored (not duplicates) whose amount as sent could not be read (kept as `properties.amountUnread`, or as sent in a Segment revenue, total, value or products): they count no revenue.";
 
 /// Reads a PURCHASE's `properties.amount` as the tracking API stores it: text naming a
 /// number (`"19.99"`, `"USD 5.00"`) becomes that number, an ISO code in it becoming

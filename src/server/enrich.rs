@@ -96,14 +96,15 @@ fn forwarded_address(entry: &str) -> Option<IpAddr> {
     let entry = entry.trim();
     let unzoned;
     let entry = match entry.split_once('%') {
-        Some((address, rest)) => {
+        // IPv6 only: zones are scopes of IPv6 addresses.
+        Some((address, rest)) if address.contains(':') => {
             unzoned = match rest.find(']') {
                 Some(end) => format!("{address}{}", &rest[end..]),
                 None => address.to_string(),
             };
             unzoned.as_str()
         }
-        None => entry,
+        _ => entry,
     };
     entry
         .parse::<IpAddr>()

@@ -72,13 +72,18 @@ pub struct AppState {
 /// it holds nothing.
 struct ClientBytes {
     cap: u64,
+    /// What a request its address holds nothing beside may reach: the share, or a
+    /// quarter of the whole bound if that is more.
+    alone_cap: u64,
     held: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
 
 impl ClientBytes {
-    fn new(cap_mb: usize) -> Self {
+    fn new(cap_mb: usize, bound_mb: usize) -> Self {
+        let cap = (cap_mb as u64) << 20;
         Self {
-            cap: (cap_mb as u64) << 20,
+            cap,
+            alone_cap: cap.max(((bound_mb as u64) << 20) / 4),
             held: Default::default(),
         }
     }
@@ -91,13 +96,15 @@ impl ClientBytes {
             .held
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let within =
+            |now: u64| now + n <= self.cap || (alone == Some(now) && now + n <= self.alone_cap);
         match held.get_mut(client) {
-            Some(now) if *now + n > self.cap && alone != Some(*now) => false,
+            Some(now) if !within(*now) => false,
             Some(now) => {
                 *now += n;
                 true
             }
-            None if n > self.cap && alone != Some(0) => false,
+            None if !within(0) => false,
             None => {
                 held.insert(client.to_string(), n);
                 true
@@ -822,6 +829,17 @@ fn hold_more(
     // request at a time.
     let mut more = Reservation::new(state);
     if let Some((share, own)) = held.as_ref().and_then(InFlight::client) {
+        // Never, from one address: 413, as past the whole bound.
+        if own + bytes as u64 > share.bytes.alone_cap {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!(
+                    "{what} come to {bytes} bytes, more than one client address may hold ({} bytes: `tracking.max_in_flight_per_client_mb`, or a quarter of `tracking.max_in_flight_mb` if more)",
+                    share.bytes.alone_cap
+                ),
+            ));
+        }
         more.client = Some(share);
         more.alone = Some(own);
     }
@@ -1249,6 +1267,7 @@ pub async fn start_loaded(
         other_in_flight: Arc::new(tokio::sync::Semaphore::new(OTHER_IN_FLIGHT)),
         client_bytes: Arc::new(ClientBytes::new(
             config.tracking.max_in_flight_per_client_mb,
+            config.tracking.max_in_flight_mb,
         )),
         config: Arc::new(config),
         store: store.clone(),

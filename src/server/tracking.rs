@@ -1247,7 +1247,8 @@ pub(super) async fn prepare(
 }
 
 /// Writes prepared events through the batcher and answers for each event sent; `held`
-/// (the request's in-flight reservation) stays with the events until they are written.
+/// (the request's in-flight reservation) stays with the events until they are written,
+/// but for its client address's share, given back with the answer.
 pub(super) async fn write(
     state: &AppState,
     prepared: Prepared,

@@ -436,15 +436,31 @@ pub(crate) fn short_error(err: &mongodb::error::Error) -> String {
             }
         })
     };
+    // Labels (TransientTransactionError, ...) say whether it is worth trying again.
+    let labelled = |text: String| {
+        let mut labels: Vec<&String> = err.labels().iter().collect();
+        labels.sort();
+        match labels.is_empty() {
+            true => text,
+            false => format!(
+                "{text} [{}]",
+                labels
+                    .iter()
+                    .map(|l| l.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    };
     let short = match err.kind.as_ref() {
-        ErrorKind::Command(c) => Some(said(c.code, Some(&c.code_name), &c.message)),
+        ErrorKind::Command(c) => Some(labelled(said(c.code, Some(&c.code_name), &c.message))),
         ErrorKind::Write(WriteFailure::WriteError(w)) => {
             Some(said(w.code, w.code_name.as_deref(), &w.message))
         }
-        ErrorKind::Write(WriteFailure::WriteConcernError(w)) => Some(format!(
+        ErrorKind::Write(WriteFailure::WriteConcernError(w)) => Some(labelled(format!(
             "write concern not satisfied: {}",
             said(w.code, Some(&w.code_name), &w.message)
-        )),
+        ))),
         ErrorKind::InsertMany(i) => first_of(
             i.write_errors
                 .iter()
@@ -452,6 +468,10 @@ pub(crate) fn short_error(err: &mongodb::error::Error) -> String {
                 .map(|w| (w.code, w.code_name.as_deref(), w.message.as_str()))
                 .collect(),
         )
+        .map(|first| match i.write_concern_error {
+            Some(_) => format!("{first}, and a write concern error"),
+            None => first,
+        })
         .or_else(|| {
             i.write_concern_error.as_ref().map(|w| {
                 format!(
