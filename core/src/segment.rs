@@ -345,8 +345,13 @@ pub fn parse_message(
     // context as sent. A group's traits are the group's, never the user's.
     let own_traits = object(obj, "traits")?;
     // An empty `traits` says no more than none: an SDK may send `{}` there with the
-    // user's traits in `context.traits`.
-    let context_traits_taken = kind == Kind::Identify && own_traits.is_none_or(Map::is_empty);
+    // user's traits in `context.traits`. Only an object is taken from there: anything
+    // else stays in the context, as sent.
+    let context_traits_taken = kind == Kind::Identify
+        && own_traits.is_none_or(Map::is_empty)
+        && context
+            .and_then(|c| c.get("traits"))
+            .is_some_and(Value::is_object);
     // Where the client sent what an identify stores as its properties, for errors.
     let traits_from = if context_traits_taken {
         "context.traits"
@@ -978,6 +983,16 @@ mod tests {
         assert!(m.amount_unread);
         let warning = m.warning.unwrap();
         assert!(warning.contains("is in GBP"), "{warning}");
+    }
+
+    #[test]
+    fn context_traits_that_are_no_object_stay_in_the_context() {
+        let m = parse(json!({
+            "type": "identify", "userId": "u1",
+            "context": {"traits": "vip"},
+        }))
+        .unwrap();
+        assert_eq!(m.event.metadata.context.get_str("traits").unwrap(), "vip");
     }
 
     #[test]
