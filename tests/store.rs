@@ -1381,6 +1381,8 @@ async fn a_write_concern_error_is_said_in_the_server_s_words() {
     )
     .await
     .unwrap();
+    // Refused for its write concern, the insert is still applied on the primary: the
+    // session is there for the sweep to match.
     store
         .collection("sessions")
         .insert_one(
@@ -1391,8 +1393,9 @@ async fn a_write_concern_error_is_said_in_the_server_s_words() {
     let err =
         sluice_connectors::mongo::expire_idle_sessions(&store, std::time::Duration::from_secs(60))
             .await
-            .expect_err("no second node acknowledges the write")
-            .to_string();
+            .expect_err("no second node acknowledges the write");
+    // As the command line says it: the error with its whole chain of causes.
+    let err = format!("{:#}", anyhow::Error::from(err));
     assert!(err.contains("write concern not satisfied"), "{err}");
     assert!(
         !err.contains("RawDocument") && !err.contains("Kind:"),

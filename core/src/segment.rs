@@ -215,8 +215,6 @@ pub fn unknown_members(v: &Value) -> Vec<String> {
     crate::tracking::members_not_read(v, |k| KNOWN.contains(&k) || k.starts_with('_'))
 }
 
-/// An order's amount from its line items (`products`, each `price` times `quantity`, 1
-/// when absent), when every item has a readable price; else none.
 /// The total of an order's `products` (`price` × `quantity`, 1 when absent): `None`
 /// when there are none or an item names no price (a list of what was ordered, not
 /// priced); `Some(Err)` when a price or quantity cannot be read, or the total is no
@@ -398,7 +396,9 @@ pub fn parse_message(
     let mut amount_from = None;
     // Where an amount that cannot be read was sent (`properties.revenue`, ...).
     // With why, as `read_amount` says it.
-    let mut unread_from: Option<(String, String)> = None;
+    // With why, when the amount is readable but its currency code disagrees with
+    // `currency`.
+    let mut unread_from: Option<(String, Option<String>)> = None;
     let event_type = match kind {
         Kind::Page => {
             let sources = [(Some(&properties), "properties"), (page, "context.page")];
@@ -449,7 +449,11 @@ pub fn parse_message(
                             properties.insert("amount".into(), amount);
                             amount_from = Some(format!("properties.{k}"));
                         }
-                        Err(why) => unread_from = Some((format!("properties.{k}"), why)),
+                        Err(why) => {
+                            // Read without `currency`, it is an amount: the codes clash.
+                            let clash = reads_as_amount(&amount, None).is_ok();
+                            unread_from = Some((format!("properties.{k}"), clash.then_some(why)));
+                        }
                     }
                 } else {
                     // An order sent with its line items only.
@@ -458,9 +462,7 @@ pub fn parse_message(
                             properties.insert("amount".into(), amount);
                             amount_from = Some("properties.products".into());
                         }
-                        Some(Err(())) => {
-                            unread_from = Some(("properties.products".into(), String::new()))
-                        }
+                        Some(Err(())) => unread_from = Some(("properties.products".into(), None)),
                         None => {}
                     }
                 }
@@ -630,17 +632,16 @@ pub fn parse_message(
             .contains_key(crate::model::event_fields::AMOUNT_UNREAD);
     // `parse_event` reads an amount copied here as it was read above.
     debug_assert!(!(set_aside && amount_from_copied));
-    let unread_from =
-        unread_from.or_else(|| set_aside.then(|| ("properties.amount".to_string(), String::new())));
-    let amount_unread = event.event_type == EventType::Purchase && unread_from.is_some();
-    if let (true, Some((from, why))) = (amount_unread, &unread_from) {
+    let unread_from = unread_from.or_else(|| set_aside.then(|| ("properties.amount".into(), None)));
+    // Only a PURCHASE reads an amount.
+    let amount_unread = unread_from.is_some();
+    if let Some((from, clash)) = &unread_from {
         warning = Some(if from == "properties.products" {
             format!(
                 "`properties.products` gives no amount Sluice reads (a `price` or `quantity` that cannot be read, or a total below 0 or over {:e}): counting no revenue",
                 crate::tracking::MAX_PURCHASE_AMOUNT
             )
-        } else if why.contains(" but ") {
-            // A currency code disagreeing with `currency`: said as such.
+        } else if let Some(why) = clash {
             format!("`{from}` is not an amount Sluice reads ({why}): counting no revenue")
         } else {
             format!(

@@ -398,7 +398,8 @@ pub fn currency_code(text: &str) -> Option<&str> {
         .then(|| &s[at..])
 }
 
-/// PURCHASE events read with an amount that could not be read (set aside).
+/// PURCHASE events stored (not duplicates) whose amount as sent could not be read (see
+/// [`AMOUNTS_UNREAD_HELP`]).
 pub const AMOUNTS_UNREAD: &str = "sluice_purchase_amounts_unread_total";
 pub const AMOUNTS_UNREAD_HELP: &str = "PURCHASE events stored (not duplicates) whose amount as sent could not be read (kept as `properties.amountUnread`, or as sent in a Segment revenue, total, value or products): they count no revenue.";
 

@@ -116,7 +116,7 @@ async fn set_outcome(store: &Store, job_id: &str, fields: Document) -> Result<()
 
 fn retryable(e: &StoreError) -> bool {
     e.is_transient()
-        || matches!(e, StoreError::Mongo { source, .. } if sluice_connectors::mongo::is_write_concern_error(source))
+        || matches!(e, StoreError::Mongo { error, .. } if sluice_connectors::mongo::is_write_concern_error(error))
 }
 
 pub async fn running(store: &Store, job_id: &str) -> Result<(), StoreError> {

@@ -104,9 +104,12 @@ struct Health {
 
 impl Health {
     fn failed(&self, now: u64, message: &str) {
-        if let Ok(mut m) = self.failure.lock() {
-            message.clone_into(&mut m);
-        }
+        message.clone_into(
+            &mut self
+                .failure
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
         self.last_failed.fetch_max(now, Relaxed);
     }
 }
@@ -209,7 +212,13 @@ impl Batcher {
         if !recent(failed, window) || ok > failed || recent(ok, WRITES_SUCCEEDING) {
             return None;
         }
-        self.health.failure.lock().ok().map(|m| m.clone())
+        Some(
+            self.health
+                .failure
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone(),
+        )
     }
 
     /// Notes that a request gave up waiting for its events' write (`what` says so): a

@@ -126,11 +126,11 @@ impl ClientBytes {
     }
 }
 
-/// A client address's share of the bytes it holds.
+/// A client address, and the table of what each address holds.
 #[derive(Clone)]
 struct ClientShare {
-    bytes: Arc<ClientBytes>,
-    client: Arc<str>,
+    table: Arc<ClientBytes>,
+    address: Arc<str>,
 }
 
 /// Bytes a request holds of its client address's share, given back when dropped.
@@ -141,7 +141,7 @@ struct ClientHeld {
 
 impl Drop for ClientHeld {
     fn drop(&mut self) {
-        self.share.bytes.give(&self.share.client, self.bytes);
+        self.share.table.give(&self.share.address, self.bytes);
     }
 }
 
@@ -700,7 +700,7 @@ async fn body_deadline(
                     Ok(()) => {}
                     Err(Short::Budget) => return too_little(),
                     Err(Short::Client) => {
-                        return client_full(&state, reserved.client.as_ref()).into_response()
+                        return client_full(&state, reserved.share()).into_response()
                     }
                 }
             }
@@ -723,9 +723,9 @@ async fn body_deadline(
         )
         .into_response()
         .with_close(),
+        // Their connections may still carry a body part-sent: closed.
         Ok(Err(BodyError::InFlightFull)) => too_little().with_close(),
-        // Its connection may still carry a body part-sent: closed.
-        Ok(Err(BodyError::ClientFull)) => client_full(&state, reserved.client.as_ref())
+        Ok(Err(BodyError::ClientFull)) => client_full(&state, reserved.share())
             .into_response()
             .with_close(),
         Ok(Err(BodyError::Unreadable(e))) => ApiError::new(
@@ -780,7 +780,7 @@ fn in_flight_full(state: &AppState) -> ApiError {
 
 /// The answer to a tracking request whose client address holds its whole share of the
 /// in-flight bytes (`tracking.max_in_flight_per_client_mb`; counted).
-fn client_full(state: &AppState, client: Option<&ClientShare>) -> ApiError {
+fn client_full(state: &AppState, share: &ClientShare) -> ApiError {
     state
         .metrics
         .rate_limited_client_bytes
@@ -788,7 +788,7 @@ fn client_full(state: &AppState, client: Option<&ClientShare>) -> ApiError {
     static LOGGED: Throttle = Throttle::new();
     if let Some(held) = LOGGED.pass(Duration::from_secs(1)) {
         tracing::warn!(
-            client = client.map_or("?", |c| &*c.client),
+            client = &*share.address,
             more_since_last = held,
             "a client address holds its share of the in-flight request bytes (tracking.max_in_flight_per_client_mb): its requests are answered 429"
         );
@@ -803,7 +803,9 @@ fn client_full(state: &AppState, client: Option<&ClientShare>) -> ApiError {
 
 /// `held` with `bytes` more of `tracking.max_in_flight_mb` (what a request builds beyond
 /// its body, such as the copies of a Segment batch's `context`): `503` when too little is
-/// left, `413` when more than the whole bound is asked.
+/// left, `413` when more than the whole bound is asked; with a per-address share, `429`
+/// when the address has too little of it left, and `413` when more than one address may
+/// ever hold is asked.
 fn hold_more(
     state: &AppState,
     held: Option<InFlight>,
@@ -823,20 +825,21 @@ fn hold_more(
     }
     // Counted for the request's client address too, as its body was: a small body can
     // ask for much more (a Segment batch's `context`, copied into each message). A
-    // request its address holds nothing beside may go beyond the share (within the
-    // whole bound): an SDK's batch of 2,000 messages with a 1 KB context needs 2 MB,
-    // and a batch answered 413 is dropped. So an address holds at most one such
-    // request at a time.
+    // request its address holds nothing beside may go beyond the share, up to a quarter
+    // of the whole bound (`alone_cap`): an SDK's batch of 2,000 messages with a 1 KB
+    // context needs 2 MB, and a batch answered 413 is dropped. So an address holds at
+    // most one such request at a time.
     let mut more = Reservation::new(state);
     if let Some((share, own)) = held.as_ref().and_then(InFlight::client) {
         // Never, from one address: 413, as past the whole bound.
-        if own + bytes as u64 > share.bytes.alone_cap {
+        if own + bytes as u64 > share.table.alone_cap {
             return Err(ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "payload_too_large",
                 format!(
-                    "{what} come to {bytes} bytes, more than one client address may hold ({} bytes: `tracking.max_in_flight_per_client_mb`, or a quarter of `tracking.max_in_flight_mb` if more)",
-                    share.bytes.alone_cap
+                    "{what} come to {bytes} bytes, {} with the body: more than one client address may hold ({} bytes: `tracking.max_in_flight_per_client_mb`, or a quarter of `tracking.max_in_flight_mb` if more)",
+                    own + bytes as u64,
+                    share.table.alone_cap
                 ),
             ));
         }
@@ -846,7 +849,7 @@ fn hold_more(
     match more.take(bytes) {
         Ok(()) => {}
         Err(Short::Budget) => return Err(in_flight_full(state)),
-        Err(Short::Client) => return Err(client_full(state, more.client.as_ref())),
+        Err(Short::Client) => return Err(client_full(state, more.share())),
     }
     let more = more.held();
     Ok(Some(match held {
@@ -929,6 +932,13 @@ impl Reservation {
         }
     }
 
+    /// The client address counted, when a take was refused for its share.
+    fn share(&self) -> &ClientShare {
+        self.client
+            .as_ref()
+            .expect("only a reservation with a client's share is refused for it")
+    }
+
     /// Counted for the request's client address too, when addresses are bounded.
     fn for_client(mut self, state: &AppState, parts: &axum::http::request::Parts) -> Self {
         if state.client_bytes.cap == 0 {
@@ -941,8 +951,8 @@ impl Reservation {
         if let Some(peer) = peer {
             let ip = enrich::client_ip(peer, &parts.headers, &state.trusted);
             self.client = Some(ClientShare {
-                bytes: state.client_bytes.clone(),
-                client: enrich::client_key(ip).into(),
+                table: state.client_bytes.clone(),
+                address: enrich::client_key(ip).into(),
             });
         }
         self
@@ -966,7 +976,7 @@ impl Reservation {
             return Ok(());
         }
         if let Some(share) = &self.client {
-            if !share.bytes.take(&share.client, n as u64, self.alone) {
+            if !share.table.take(&share.address, n as u64, self.alone) {
                 return Err(Short::Client);
             }
         }
@@ -975,7 +985,7 @@ impl Reservation {
             .and_then(|n| self.budget.clone().try_acquire_many_owned(n).ok())
         else {
             if let Some(share) = &self.client {
-                share.bytes.give(&share.client, n as u64);
+                share.table.give(&share.address, n as u64);
             }
             return Err(Short::Budget);
         };
@@ -1023,7 +1033,7 @@ impl Drop for Reservation {
                 .fetch_sub(self.bytes, std::sync::atomic::Ordering::Relaxed);
         }
         if let Some(share) = &self.client {
-            share.bytes.give(&share.client, self.bytes);
+            share.table.give(&share.address, self.bytes);
         }
     }
 }
@@ -1096,8 +1106,9 @@ async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError>
             StatusCode::SERVICE_UNAVAILABLE,
             "writes_failing",
             format!(
-                "event writes are failing: the last one failed (or was given up on) within {} s, and none succeeded since nor within 10 s (the log says why)",
-                WRITES_FAILING_WINDOW.as_secs()
+                "event writes are failing: the last one failed (or was given up on) within {} s, and none succeeded since nor within {} s (the log says why)",
+                WRITES_FAILING_WINDOW.as_secs(),
+                batcher::WRITES_SUCCEEDING.as_secs()
             ),
         ));
     }

@@ -83,7 +83,8 @@ pub async fn track(
 }
 
 /// What a client should hear of an event stored not quite as sent ([`revenue_warning`],
-/// and the URL fields cut at their limit), `sent` as the client sent it.
+/// an IDENTIFY's traits not copied to the profile, and the URL fields cut at their
+/// limit), `sent` as the client sent it.
 fn warning(event: &Result<Event, ValidationError>, sent: Option<&Value>) -> Option<String> {
     let e = event.as_ref().ok()?;
     let cut = sent

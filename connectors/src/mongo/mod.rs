@@ -76,7 +76,7 @@ impl StoreError {
     /// refused.
     pub fn is_transient(&self) -> bool {
         match self {
-            StoreError::Connect(e) | StoreError::Mongo { source: e, .. } => is_transient(e),
+            StoreError::Connect(e) | StoreError::Mongo { error: e, .. } => is_transient(e),
             // A transaction that spent its attempts on conflicts or failovers may pass
             // later; one MongoDB refused outright will not.
             StoreError::Transaction { transient, .. } => *transient,
@@ -251,12 +251,13 @@ pub fn command_groups(docs: &[bson::Document], cap: usize) -> Vec<std::ops::Rang
 pub enum StoreError {
     #[error("cannot connect to MongoDB: {0}")]
     Connect(#[source] mongodb::error::Error),
-    #[error("MongoDB `{collection}`: {step}: {}", schema::short_error(source))]
+    /// Said in the server's words ([`schema::short_error`]); the driver's error is kept
+    /// out of the error chain, whose display would dump the raw reply after it.
+    #[error("MongoDB `{collection}`: {step}: {}", schema::short_error(error))]
     Mongo {
         collection: String,
         step: &'static str,
-        #[source]
-        source: mongodb::error::Error,
+        error: mongodb::error::Error,
     },
     #[error("index `{name}` on `{collection}` exists with other keys or options ({existing}); drop it or rename ours")]
     IndexConflict {
@@ -301,10 +302,10 @@ impl StoreError {
         collection: &'a str,
         step: &'static str,
     ) -> impl FnOnce(mongodb::error::Error) -> StoreError + 'a {
-        move |source| StoreError::Mongo {
+        move |error| StoreError::Mongo {
             collection: collection.to_string(),
             step,
-            source,
+            error,
         }
     }
 }

@@ -415,14 +415,20 @@ async fn drop_retired(
     }
 }
 
-/// The server's own message (code and text), without the driver's debug dump: a
-/// command's, a write's (or its write concern's), or a bulk write's first (and how many
-/// more).
+/// The server's own message (code and text) and the error's labels, without the
+/// driver's debug dump: a command's, a write's (or its write concern's), or an
+/// `insert_many`'s or a bulk write's first (and how many more).
 pub(crate) fn short_error(err: &mongodb::error::Error) -> String {
     use mongodb::error::{ErrorKind, WriteFailure};
     let said = |code: i32, name: Option<&str>, message: &str| match name {
         Some(name) if !name.is_empty() => format!("code {code} {name}: {message}"),
         _ => format!("code {code}: {message}"),
+    };
+    let concern = |w: &mongodb::error::WriteConcernError| {
+        format!(
+            "write concern not satisfied: {}",
+            said(w.code, Some(&w.code_name), &w.message)
+        )
     };
     let first_of = |mut writes: Vec<(i32, Option<&str>, &str)>| {
         writes.sort_by_key(|w| w.0);
@@ -436,50 +442,27 @@ pub(crate) fn short_error(err: &mongodb::error::Error) -> String {
             }
         })
     };
-    // Labels (TransientTransactionError, ...) say whether it is worth trying again.
-    let labelled = |text: String| {
-        let mut labels: Vec<&String> = err.labels().iter().collect();
-        labels.sort();
-        match labels.is_empty() {
-            true => text,
-            false => format!(
-                "{text} [{}]",
-                labels
-                    .iter()
-                    .map(|l| l.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        }
-    };
     let short = match err.kind.as_ref() {
-        ErrorKind::Command(c) => Some(labelled(said(c.code, Some(&c.code_name), &c.message))),
+        ErrorKind::Command(c) => Some(said(c.code, Some(&c.code_name), &c.message)),
         ErrorKind::Write(WriteFailure::WriteError(w)) => {
             Some(said(w.code, w.code_name.as_deref(), &w.message))
         }
-        ErrorKind::Write(WriteFailure::WriteConcernError(w)) => Some(labelled(format!(
-            "write concern not satisfied: {}",
-            said(w.code, Some(&w.code_name), &w.message)
-        ))),
-        ErrorKind::InsertMany(i) => first_of(
-            i.write_errors
-                .iter()
-                .flatten()
-                .map(|w| (w.code, w.code_name.as_deref(), w.message.as_str()))
-                .collect(),
-        )
-        .map(|first| match i.write_concern_error {
-            Some(_) => format!("{first}, and a write concern error"),
-            None => first,
-        })
-        .or_else(|| {
-            i.write_concern_error.as_ref().map(|w| {
-                format!(
-                    "write concern not satisfied: {}",
-                    said(w.code, Some(&w.code_name), &w.message)
-                )
-            })
-        }),
+        ErrorKind::Write(WriteFailure::WriteConcernError(w)) => Some(concern(w)),
+        ErrorKind::InsertMany(i) => {
+            let writes = first_of(
+                i.write_errors
+                    .iter()
+                    .flatten()
+                    .map(|w| (w.code, w.code_name.as_deref(), w.message.as_str()))
+                    .collect(),
+            );
+            match (writes, i.write_concern_error.as_ref()) {
+                (Some(first), Some(_)) => Some(format!("{first}, and a write concern error")),
+                (Some(first), None) => Some(first),
+                (None, Some(w)) => Some(concern(w)),
+                (None, None) => None,
+            }
+        }
         ErrorKind::BulkWrite(b) => first_of(
             b.write_errors
                 .values()
@@ -488,7 +471,17 @@ pub(crate) fn short_error(err: &mongodb::error::Error) -> String {
         ),
         _ => None,
     };
-    short.unwrap_or_else(|| err.to_string())
+    let Some(short) = short else {
+        return err.to_string();
+    };
+    // Labels (TransientTransactionError, ...) say whether it is worth trying again.
+    let mut labels: Vec<&str> = err.labels().iter().map(String::as_str).collect();
+    labels.sort_unstable();
+    if labels.is_empty() {
+        short
+    } else {
+        format!("{short} [{}]", labels.join(", "))
+    }
 }
 
 /// The options of an index as listIndexes shows them, reduced to what we compare:
