@@ -394,10 +394,8 @@ pub fn parse_message(
     let mut warning = None;
     // The property a purchase's `amount` was taken from (`revenue`, ...), if not its own.
     let mut amount_from = None;
-    // Where an amount that cannot be read was sent (`properties.revenue`, ...).
-    // With why, as `read_amount` says it.
-    // With why, when the amount is readable but its currency code disagrees with
-    // `currency`.
+    // Where an amount that cannot be read was sent (`properties.revenue`, ...), with why
+    // when it is readable but its currency code disagrees with `currency`.
     let mut unread_from: Option<(String, Option<String>)> = None;
     let event_type = match kind {
         Kind::Page => {
@@ -641,13 +639,8 @@ pub fn parse_message(
                 "`properties.products` gives no amount Sluice reads (a `price` or `quantity` that cannot be read, or a total below 0 or over {:e}): counting no revenue",
                 crate::tracking::MAX_PURCHASE_AMOUNT
             )
-        } else if let Some(why) = clash {
-            format!("`{from}` is not an amount Sluice reads ({why}): counting no revenue")
         } else {
-            format!(
-                "`{from}` is not an amount Sluice reads (a number from 0 to {:e}, or text naming one that reads one way: not `19,99`): counting no revenue",
-                crate::tracking::MAX_PURCHASE_AMOUNT
-            )
+            crate::tracking::amount_unread_warning(from, clash.as_deref(), None)
         });
     }
     if let Some(c) = context {

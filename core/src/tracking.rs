@@ -444,6 +444,24 @@ pub fn read_amount(
     check_amount(event_type, properties)
 }
 
+/// What a client hears of a PURCHASE whose amount, sent as `from`, could not be read:
+/// `why` when its currency code disagrees with `currency` (else what an amount must be),
+/// and where it was `kept` when Sluice set it aside.
+pub fn amount_unread_warning(from: &str, why: Option<&str>, kept: Option<&str>) -> String {
+    let what = match why {
+        Some(why) => why.to_string(),
+        None => format!(
+            "a number from 0 to {MAX_PURCHASE_AMOUNT:e}, or text naming one that reads one way: not `19,99`"
+        ),
+    };
+    match kept {
+        Some(kept) => format!(
+            "`{from}` is not an amount Sluice reads ({what}): kept as `{kept}`, counting no revenue"
+        ),
+        None => format!("`{from}` is not an amount Sluice reads ({what}): counting no revenue"),
+    }
+}
+
 fn amount_in_range(amount: f64) -> bool {
     (0.0..=MAX_PURCHASE_AMOUNT).contains(&amount)
 }

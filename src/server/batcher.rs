@@ -102,6 +102,11 @@ struct Health {
     failure: std::sync::Mutex<String>,
 }
 
+/// Now on [`Health`]'s clock: milliseconds after `started`, plus one (0 is never).
+fn health_clock(started: Instant) -> u64 {
+    started.elapsed().as_millis() as u64 + 1
+}
+
 impl Health {
     fn failed(&self, now: u64, message: &str) {
         message.clone_into(
@@ -148,7 +153,7 @@ impl Batcher {
             };
             let health = health.clone();
             let outcome = move |failed: Option<&WriteFailure>| {
-                let now = started.elapsed().as_millis() as u64 + 1;
+                let now = health_clock(started);
                 match failed {
                     None => {
                         health.last_ok.fetch_max(now, Relaxed);
@@ -205,7 +210,7 @@ impl Batcher {
     pub fn failing_within(&self, window: Duration) -> Option<String> {
         let failed = self.health.last_failed.load(Relaxed);
         let ok = self.health.last_ok.load(Relaxed);
-        let now = self.started.elapsed().as_millis() as u64 + 1;
+        let now = health_clock(self.started);
         let recent = |at: u64, within: Duration| {
             at != 0 && now.saturating_sub(at) <= within.as_millis() as u64
         };
@@ -225,8 +230,7 @@ impl Batcher {
     /// write that does not end (a write concern waiting out its `wtimeout`) is failing
     /// long before it fails.
     pub fn note_given_up(&self, what: &str) {
-        let now = self.started.elapsed().as_millis() as u64 + 1;
-        self.health.failed(now, what);
+        self.health.failed(health_clock(self.started), what);
     }
 
     /// The writer lane a visitor's events go to.

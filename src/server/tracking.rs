@@ -68,8 +68,9 @@ pub async fn track(
     let admitted = admit_after_body(&state, &headers, by_header, body_key.as_ref())?;
     let ctx = request_context(&state, peer, &headers, None, &admitted);
     let event = parse_event(&value, &ctx, EventMetadata::default());
-    let warning = warning(&event, Some(&value));
-    let unread = vec![amount_set_aside(&event, Some(&value))];
+    let set_aside = amount_set_aside(&event, Some(&value));
+    let warning = warning(&event, Some(&value), set_aside);
+    let unread = vec![set_aside];
     // Held until the answer is built, beyond the write.
     let held = held.map(|h| h.0);
     let mut answer = ingest(&state, vec![event], held.clone())
@@ -84,15 +85,17 @@ pub async fn track(
 
 /// What a client should hear of an event stored not quite as sent ([`revenue_warning`],
 /// an IDENTIFY's traits not copied to the profile, and the URL fields cut at their
-/// limit), `sent` as the client sent it.
-fn warning(event: &Result<Event, ValidationError>, sent: Option<&Value>) -> Option<String> {
+/// limit), `sent` as the client sent it, its amount `set_aside` ([`amount_set_aside`]).
+fn warning(
+    event: &Result<Event, ValidationError>,
+    sent: Option<&Value>,
+    set_aside: bool,
+) -> Option<String> {
     let e = event.as_ref().ok()?;
     let cut = sent
         .map(sluice_core::tracking::cut_urls)
         .unwrap_or_default();
-    let mut said: Vec<String> = revenue_warning(event, amount_set_aside(event, sent))
-        .into_iter()
-        .collect();
+    let mut said: Vec<String> = revenue_warning(event, set_aside).into_iter().collect();
     if e.event_type == sluice_core::model::EventType::Identify {
         said.extend(sluice_core::segment::traits_warning(
             &e.properties,
@@ -136,9 +139,10 @@ fn revenue_warning(event: &Result<Event, ValidationError>, set_aside: bool) -> O
         return None;
     }
     if set_aside {
-        return Some(format!(
-            "`properties.amount` is not an amount Sluice reads (a number from 0 to {:e}, or text naming one that reads one way: not `19,99`): kept as `properties.amountUnread`, counting no revenue",
-            sluice_core::tracking::MAX_PURCHASE_AMOUNT
+        return Some(sluice_core::tracking::amount_unread_warning(
+            "properties.amount",
+            None,
+            Some("properties.amountUnread"),
         ));
     }
     let named = ["revenue", "total", "value", "price"]
@@ -199,8 +203,9 @@ pub async fn batch(
                 .as_ref()
                 .map_err(Clone::clone)
                 .and_then(|v| parse_event(v, &ctx, EventMetadata::default()));
-            warnings.push(warning(&event, item.as_ref().ok()));
-            unread.push(amount_set_aside(&event, item.as_ref().ok()));
+            let set_aside = amount_set_aside(&event, item.as_ref().ok());
+            warnings.push(warning(&event, item.as_ref().ok(), set_aside));
+            unread.push(set_aside);
             event
         })
         .collect();
