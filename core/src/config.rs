@@ -981,6 +981,29 @@ pub fn validate(
             ));
         }
     }
+    // Without trusted proxies the client address is the connection's: behind a load
+    // balancer that is the balancer's, and every client would share one limit. Right
+    // when clients connect directly, so a warning, not a refusal.
+    let per_client: Vec<&str> = [
+        (
+            "server.rate_limit_per_client",
+            raw.server.rate_limit_per_client > 0,
+        ),
+        (
+            "tracking.max_in_flight_per_client_mb",
+            raw.tracking.max_in_flight_per_client_mb > 0,
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(field, set)| set.then_some(field))
+    .collect();
+    if !per_client.is_empty() && raw.server.trusted_proxies.is_empty() {
+        warnings.push(format!(
+            "`{}` {} each client address, and `server.trusted_proxies` is empty: behind a proxy or load balancer every client has its address and they share one limit; list the proxy's addresses there (clients that connect directly need nothing)",
+            per_client.join("` and `"),
+            if per_client.len() == 1 { "limits" } else { "limit" }
+        ));
+    }
     let t = &raw.tracking;
     let positive = [
         (
@@ -1965,6 +1988,43 @@ mod tests {
             tilde[1].starts_with("`export.work_dir`: `~/work`"),
             "{tilde:?}"
         );
+    }
+
+    #[test]
+    fn a_per_client_limit_without_trusted_proxies_is_warned_of() {
+        let limit = "[server]\nrate_limit_per_client = 20\n";
+        let c = check(limit).unwrap();
+        let warned: Vec<_> = c
+            .warnings
+            .iter()
+            .filter(|w| w.contains("server.trusted_proxies"))
+            .collect();
+        assert_eq!(warned.len(), 1, "{:?}", c.warnings);
+        assert!(
+            warned[0].starts_with("`server.rate_limit_per_client` limits"),
+            "{warned:?}"
+        );
+        let both =
+            "[server]\nrate_limit_per_client = 20\n[tracking]\nmax_in_flight_per_client_mb = 8\n";
+        let c = check(both).unwrap();
+        assert!(
+            c.warnings.iter().any(|w| w.starts_with(
+                "`server.rate_limit_per_client` and `tracking.max_in_flight_per_client_mb` limit"
+            )),
+            "{:?}",
+            c.warnings
+        );
+        for quiet in [
+            "[server]\nrate_limit_per_client = 20\ntrusted_proxies = [\"10.0.0.0/8\"]\n",
+            "[server]\nrate_limit_per_key = 20\n",
+        ] {
+            let c = check(quiet).unwrap();
+            assert!(
+                !c.warnings.iter().any(|w| w.contains("trusted_proxies")),
+                "{quiet}: {:?}",
+                c.warnings
+            );
+        }
     }
 
     #[test]
