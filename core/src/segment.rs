@@ -220,26 +220,30 @@ pub fn unknown_members(v: &Value) -> Vec<String> {
 /// priced); `Some(Err)` when a price or quantity cannot be read, or the total is no
 /// amount (a coupon line taking it below 0): the order then counts no revenue, rather
 /// than being refused for an amount it never sent, and the answer says so.
-fn products_total(properties: &Map<String, Value>) -> Option<Result<Value, ()>> {
-    let items = properties.get("products")?.as_array()?;
-    if items.is_empty()
-        || items
-            .iter()
-            .any(|i| i.get("price").is_none_or(Value::is_null))
+fn products_total(properties: &Map<String, Value>) -> Option<Result<Value, NoTotal>> {
+    let items = match properties.get("products")? {
+        Value::Null => return None,
+        Value::Array(items) if items.is_empty() => return None,
+        Value::Array(items) => items,
+        _ => return Some(Err(NoTotal::Unpriced)),
+    };
+    if items
+        .iter()
+        .any(|i| i.get("price").is_none_or(Value::is_null))
     {
-        return None;
+        return Some(Err(NoTotal::Unpriced));
     }
     let read = |v: &Value| number(v).and_then(|n| n.as_f64());
     let mut total = 0.0;
     for item in items {
         let Some(price) = item.get("price").and_then(read) else {
-            return Some(Err(()));
+            return Some(Err(NoTotal::Unread));
         };
         let quantity = match item.get("quantity") {
             None | Some(Value::Null) => 1.0,
             Some(q) => match read(q) {
                 Some(q) => q,
-                None => return Some(Err(())),
+                None => return Some(Err(NoTotal::Unread)),
             },
         };
         total += price * quantity;
@@ -247,13 +251,25 @@ fn products_total(properties: &Map<String, Value>) -> Option<Result<Value, ()>> 
     // Cents added as doubles (0.1 + 0.2): the total to the millionth, as revenue counts.
     let total = (total * 1e6).round() / 1e6;
     if !(0.0..=crate::tracking::MAX_PURCHASE_AMOUNT).contains(&total) {
-        return Some(Err(()));
+        return Some(Err(NoTotal::Unread));
     }
     Some(
         serde_json::Number::from_f64(total)
             .map(Value::Number)
-            .ok_or(()),
+            .ok_or(NoTotal::Unread),
     )
+}
+
+/// Why an order's `products` give it no amount.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NoTotal {
+    /// A price or quantity sent that cannot be read, or a total out of range: an amount
+    /// that could not be read (counted as such).
+    Unread,
+    /// No price to read: `products` not a list, or an item that is not an object or has
+    /// no `price`. Nothing unreadable was sent; the order has no amount (said, not
+    /// counted).
+    Unpriced,
 }
 
 /// Whether the native rules read `amount` as an amount ([`crate::tracking::read_amount`]:
@@ -460,7 +476,14 @@ pub fn parse_message(
                             properties.insert("amount".into(), amount);
                             amount_from = Some("properties.products".into());
                         }
-                        Some(Err(())) => unread_from = Some(("properties.products".into(), None)),
+                        Some(Err(NoTotal::Unread)) => {
+                            unread_from = Some(("properties.products".into(), None))
+                        }
+                        Some(Err(NoTotal::Unpriced)) => {
+                            warning = Some(format!(
+                                "`properties.products` gives no amount: an order's total is read from its items when `products` is a list of objects that each have a `price`; counting no revenue (send `revenue` or `total`, or a price on every item)"
+                            ))
+                        }
                         None => {}
                     }
                 }
@@ -805,9 +828,38 @@ mod tests {
         let p =
             order(json!([{ "price": 5, "quantity": 2 }, { "price": "0.10" }, { "price": 0.2 }]));
         assert_eq!(p.get_f64("amount").unwrap(), 10.3);
-        // An item without a readable price: no amount, as before.
-        let p = order(json!([{ "price": 5 }, { "sku": "x" }]));
-        assert!(!p.contains_key("amount"), "{p}");
+        // An item without a price, or items that are no objects: no amount, said.
+        for unpriced in [
+            json!([{ "price": 5 }, { "sku": "x" }]),
+            json!([{ "price": 5 }, "sku-x"]),
+            json!({ "sku": "x", "price": 5 }),
+            json!("sku-x"),
+        ] {
+            let m = parse(
+                json!({ "type": "track", "userId": "u1", "event": "Order Completed",
+                "properties": { "products": unpriced } }),
+            )
+            .unwrap();
+            assert!(!m.event.properties.contains_key("amount"), "{unpriced}");
+            assert!(!m.amount_unread, "{unpriced}: nothing unreadable was sent");
+            assert!(
+                m.warning
+                    .as_deref()
+                    .is_some_and(|w| w.starts_with("`properties.products` gives no amount:")),
+                "{unpriced}: {:?}",
+                m.warning
+            );
+        }
+        // None, or an empty list: no amount, nothing to say.
+        for quiet in [json!([]), Value::Null] {
+            let m = parse(
+                json!({ "type": "track", "userId": "u1", "event": "Order Completed",
+                "properties": { "products": quiet } }),
+            )
+            .unwrap();
+            assert!(!m.event.properties.contains_key("amount"));
+            assert_eq!(m.warning, None, "{quiet}");
+        }
         // Nor a total no amount may be: the order is still stored.
         let p = order(json!([{ "price": 20 }, { "price": -25, "name": "coupon" }]));
         assert!(!p.contains_key("amount"), "{p}");
@@ -1020,8 +1072,9 @@ mod tests {
             assert_eq!(m.amount_unread, unread, "{products}");
             assert_eq!(m.event.purchase_amount(), None, "{products}");
             assert_eq!(
-                m.warning
-                    .is_some_and(|w| w.starts_with("`properties.products` gives no amount")),
+                m.warning.is_some_and(
+                    |w| w.starts_with("`properties.products` gives no amount Sluice reads")
+                ),
                 unread,
                 "{products}"
             );
