@@ -480,9 +480,9 @@ pub fn parse_message(
                             unread_from = Some(("properties.products".into(), None))
                         }
                         Some(Err(NoTotal::Unpriced)) => {
-                            warning = Some(format!(
-                                "`properties.products` gives no amount: an order's total is read from its items when `products` is a list of objects that each have a `price`; counting no revenue (send `revenue` or `total`, or a price on every item)"
-                            ))
+                            warning = Some(
+                                "`properties.products` gives no amount: an order's total is read from its items when `products` is a list of objects that each have a `price`; counting no revenue (send `revenue` or `total`, or a price on every item)".into()
+                            )
                         }
                         None => {}
                     }
