@@ -663,7 +663,9 @@ pub fn parse_message(
                 crate::tracking::MAX_PURCHASE_AMOUNT
             )
         } else {
-            crate::tracking::amount_unread_warning(from, clash.as_deref(), None)
+            // A message's own `amount` was set aside by `parse_event`, as a native one is.
+            let kept = (from == "properties.amount").then_some("properties.amountUnread");
+            crate::tracking::amount_unread_warning(from, clash.as_deref(), kept)
         });
     }
     if let Some(c) = context {
@@ -1020,6 +1022,21 @@ mod tests {
             .warning
             .unwrap()
             .starts_with("`properties.revenue` is not an amount"));
+        // A message's own `amount` that cannot be read is set aside, as a native one is,
+        // and the warning says where.
+        let m = parse(json!({
+            "type": "track", "userId": "u1", "event": "Order Completed",
+            "properties": { "amount": "12,50" },
+        }))
+        .unwrap();
+        assert!(m.amount_unread);
+        assert_eq!(m.event.properties.get_str("amountUnread").unwrap(), "12,50");
+        let warning = m.warning.unwrap();
+        assert!(
+            warning.starts_with("`properties.amount` is not an amount")
+                && warning.contains("kept as `properties.amountUnread`"),
+            "{warning}"
+        );
         // A currency code disagreeing with `currency` is said as such.
         let m = parse(json!({
             "type": "track", "userId": "u1", "event": "Order Completed",
