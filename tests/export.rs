@@ -1665,7 +1665,9 @@ async fn an_export_whose_plugin_fails_every_row_publishes_nothing() {
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("all 20 rows read failed and were kept in dead_letters"),
+        err.contains(
+            "none of the 20 rows read was written: 20 failed and were kept in dead_letters"
+        ),
         "{err}"
     );
     // The partition readers see is the first run's, whole.
@@ -1691,6 +1693,82 @@ async fn an_export_whose_plugin_fails_every_row_publishes_nothing() {
         .unwrap()
         .unwrap();
     assert_eq!(failed.get_i64("rowsDeadLettered"), Ok(20), "{failed}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Drops every record on purpose (a filter, say for bots, that matches them all), or
+/// skips every one as a plugin under `skip-batch` skips the batches it fails.
+struct LeaveNone {
+    skip: bool,
+}
+impl Transform for LeaveNone {
+    fn name(&self) -> &str {
+        "leave-none"
+    }
+    fn apply(
+        &self,
+        batch: Vec<Record>,
+        call: &mut sluice_core::transform::Call,
+    ) -> Result<Vec<Record>, TransformError> {
+        if self.skip {
+            call.skipped
+                .extend(batch.into_iter().map(|d| (d, "trapped".to_string())));
+        }
+        Ok(Vec::new())
+    }
+}
+
+#[tokio::test]
+async fn a_rerun_whose_filter_drops_every_row_replaces_the_partition_but_one_that_fails_them_does_not(
+) {
+    let db = TestDb::initialized().await;
+    let dir = temp_dir();
+    let d = day(-2);
+    seed(&db, d, 20).await;
+    let mut ctx = ExportContext::new(db.store.clone(), ObjectStore::Local(LocalDir::new(&dir)));
+    let first = run_export(&ctx, &request(ExportJobType::EventData, d, d))
+        .await
+        .unwrap();
+    assert_eq!(first.rows, 20);
+    let rows = || -> serde_json::Value {
+        let m: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(dir.join(format!("EVENT_DATA/dt={d}/_manifest.json"))).unwrap(),
+        )
+        .unwrap();
+        m["rows"].clone()
+    };
+    // Every batch skipped under `skip-batch`: the rows failed, the run fails, and the
+    // published partition stays whole.
+    ctx.transforms = vec![Arc::new(LeaveNone { skip: true })];
+    let err = run_export(&ctx, &request(ExportJobType::EventData, d, d))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("none of the 20 rows read was written: 20 were skipped"),
+        "{err}"
+    );
+    assert_eq!(rows(), 20);
+    // A filter that leaves none: the day now holds none, as the filter means.
+    ctx.transforms = vec![Arc::new(LeaveNone { skip: false })];
+    let filtered = run_export(&ctx, &request(ExportJobType::EventData, d, d))
+        .await
+        .unwrap();
+    assert_eq!(filtered.rows, 0);
+    assert!(!filtered.partitions[0].kept, "{filtered:?}");
+    assert_eq!(rows(), 0);
+    assert!(dir.join(format!("EVENT_DATA/dt={d}/_SUCCESS")).exists());
+    let parquet = std::fs::read_dir(dir.join(format!("EVENT_DATA/dt={d}")))
+        .unwrap()
+        .filter(|f| {
+            f.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".parquet")
+        })
+        .count();
+    assert_eq!(parquet, 0, "the 20 rows' file is removed");
     std::fs::remove_dir_all(dir).unwrap();
 }
 

@@ -2609,15 +2609,24 @@ async fn stage(
     ctx.store
         .keep_dead_letters(dead_letters, &pipeline, Some(job_id))
         .await?;
-    // Rows were read and every one failed (a plugin failing them all under `dead-letter`,
-    // say one written for events in an export of users): published, the partition would
-    // be replaced by an empty one. The run fails instead; the partition stays as it was.
+    // Rows were read and none was written, some because they failed (a plugin failing
+    // them all under `dead-letter`, say one written for events in an export of users,
+    // or skipping every batch under `skip-batch`): published, the partition would be
+    // replaced by an empty one. The run fails instead; the partition stays as it was.
+    // (Rows a plugin dropped on purpose, and none failed: the empty partition is meant.)
     let written: u64 = parts.iter().map(|(_, info)| info.rows).sum();
-    if written == 0 && dropped.dead_lettered > 0 && dropped.skipped == 0 {
+    if written == 0 && (dropped.dead_lettered > 0 || dropped.skipped > 0) {
+        let failed = match (dropped.dead_lettered, dropped.skipped) {
+            (d, 0) => format!("{d} failed and were kept in dead_letters"),
+            (0, k) => format!("{k} were skipped with the batches a plugin failed (`skip-batch`)"),
+            (d, k) => format!(
+                "{d} failed and were kept in dead_letters, {k} were skipped with the batches a plugin failed (`skip-batch`)"
+            ),
+        };
         return Err(ExportError::Encode {
             partition: prefix,
             message: format!(
-                "all {rows_read} rows read failed and were kept in dead_letters (pipeline `{pipeline}`); nothing was published, the partition is left as it was"
+                "none of the {rows_read} rows read was written: {failed} (pipeline `{pipeline}`); nothing was published, the partition is left as it was"
             ),
         });
     }
@@ -2862,9 +2871,12 @@ async fn publish_now(
                 let old = published.map(|m| m["sourceRows"].as_u64().unwrap_or(u64::MAX));
                 (events, old.unwrap_or(0), "events")
             }
+            // The rows read, before the transforms: a run whose filter drops every row
+            // read publishes the empty partition it means to (a new bot or opt-out
+            // filter takes effect on a day whatever it leaves).
             None => {
                 let old = published.and_then(|m| m["rows"].as_u64()).unwrap_or(0);
-                (new_rows, old, "rows")
+                (s.rows_read, old, "rows")
             }
         };
         if read == 0 && old > 0 {
