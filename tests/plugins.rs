@@ -1292,6 +1292,11 @@ async fn under_fail_run_the_tracking_endpoint_rejects_the_events_a_plugin_fails_
         reason.contains("hostile") && reason.contains("trapped"),
         "{reason}"
     );
+    // What the plugin wrote to stderr (its panic's message here) is the operator's.
+    assert!(
+        !reason.contains("cannot take") && !reason.contains("stderr"),
+        "{reason}"
+    );
     let reason = answer["results"][7]["reason"].as_str().unwrap();
     assert!(
         reason.contains("invalid event") && reason.contains("properties.amount"),
@@ -1728,6 +1733,46 @@ async fn an_event_skipped_under_an_id_a_plugin_changed_is_rejected_not_dropped()
 }
 
 #[tokio::test]
+async fn what_a_plugin_wrote_to_stderr_before_it_trapped_is_kept_from_tracking_clients() {
+    let db = support::TestDb::initialized().await;
+    let server = hostile_tracking(&db, "panic-on-bad", |raw| {
+        raw.plugins.failure_policy = "dead-letter".into();
+    })
+    .await;
+    let event = |id: &str, kind: &str| {
+        json!({ "eventId": id, "userId": "v", "sessionId": "s", "eventType": "CLICK",
+                "properties": { "kind": kind } })
+    };
+    let answer = post_batch(
+        &server,
+        &json!({ "batch": [event("d1", "good"), event("d2", "bad")] }),
+    )
+    .await;
+    assert_eq!(answer["results"][1]["status"], "dropped", "{answer}");
+    let error = answer["results"][1]["error"].as_str().unwrap();
+    assert!(error.contains("trapped"), "{error}");
+    assert!(
+        !error.contains("cannot take") && !error.contains("stderr"),
+        "{error}"
+    );
+    // The dead letter keeps it, for the operator.
+    let letter = db
+        .store
+        .collection("dead_letters")
+        .find_one(doc! { "pipeline": "tracking" })
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        letter
+            .to_string()
+            .contains("a record the plugin cannot take"),
+        "{letter}"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn under_skip_batch_an_event_a_plugin_traps_on_is_rejected_alone() {
     let db = support::TestDb::initialized().await;
     let server = hostile_tracking(&db, "panic-on-bad", |raw| {
@@ -1752,6 +1797,10 @@ async fn under_skip_batch_an_event_a_plugin_traps_on_is_rejected_alone() {
     );
     let reason = answer["results"][4]["reason"].as_str().unwrap();
     assert!(reason.contains("trapped"), "{reason}");
+    assert!(
+        !reason.contains("cannot take") && !reason.contains("stderr"),
+        "{reason}"
+    );
     let stored = db
         .store
         .collection("events")
@@ -2339,4 +2388,28 @@ async fn the_tracking_endpoint_says_when_another_build_of_its_plugin_is_installe
     );
     server.shutdown().await;
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn what_a_plugin_prints_is_logged_without_its_control_characters() {
+    let host = host();
+    let logged = support::Logged::default();
+    let guard = tracing::subscriber::set_default(logged.subscriber());
+    let forger = hostile(&host, "print-forged");
+    assert_eq!(forger.run_batch(&batch()).unwrap().records, batch());
+    drop(guard);
+    let text = logged.text();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("ERROR sluice: forged"))
+        .collect();
+    // From stdout and from stderr for each record, each on a line of its own.
+    assert_eq!(lines.len(), 2 * batch().len(), "{text}");
+    for line in lines {
+        assert!(
+            line.contains("hello 2026-01-01T00:00:00Z ERROR") && line.contains("stream="),
+            "{line:?}"
+        );
+    }
+    assert!(!text.contains('\r') && !text.contains('\u{1b}'), "{text:?}");
 }

@@ -57,6 +57,17 @@ impl Call {
     }
 }
 
+/// What a plugin's trap adds to its reason for the operator: the last line the call wrote
+/// to stderr (a Rust panic's message), then `)`.
+pub const STDERR_NOTE: &str = " (last stderr line: ";
+
+/// A failure's `reason` as a tracking client may read it: without what the plugin wrote
+/// to stderr, which can be any debug output (a salt, a record of another visitor). The
+/// whole reason stays in the log and in `dead_letters`.
+pub fn client_reason(reason: &str) -> &str {
+    reason.split_once(STDERR_NOTE).map_or(reason, |(r, _)| r)
+}
+
 /// A record a transform failed, kept instead of stored.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeadLetter {

@@ -788,7 +788,7 @@ fn explained(e: PluginError, state: &HostState) -> PluginError {
             let message = if words.is_empty() {
                 message
             } else {
-                format!("{message} (last stderr line: {words})")
+                format!("{message}{}{words})", sluice_core::transform::STDERR_NOTE)
             };
             PluginError::Trap { plugin, message }
         }
@@ -1099,7 +1099,13 @@ impl WasmTransform {
             }
             let mut lines = text.lines();
             for line in lines.by_ref().take(LOG_LINES_PER_CALL) {
-                let line: String = line.chars().take(1000).collect();
+                // Control characters as spaces: a carriage return or an escape code
+                // would let a plugin forge log lines on a terminal.
+                let line: String = line
+                    .chars()
+                    .take(1000)
+                    .map(|c| if c.is_control() { ' ' } else { c })
+                    .collect();
                 if i == 0 {
                     tracing::info!(plugin = %self.name, stream, "{line}");
                 } else {

@@ -29,6 +29,7 @@ use sluice_core::model::{Event, EventMetadata};
 use sluice_core::tracking::{
     check_event, parse_event, parse_time, unknown_members, RequestContext,
 };
+use sluice_core::transform::client_reason;
 use sluice_core::ValidationError;
 use tracing::Instrument;
 
@@ -1007,9 +1008,13 @@ async fn transform(
     for l in &dead_letters {
         match input_of(&l.record) {
             Some(i) => {
-                lettered
-                    .entry(i)
-                    .or_insert_with(|| format!("transform `{}` failed: {}", l.transform, l.reason));
+                lettered.entry(i).or_insert_with(|| {
+                    format!(
+                        "transform `{}` failed: {}",
+                        l.transform,
+                        client_reason(&l.reason)
+                    )
+                });
             }
             None => strays += 1,
         }
@@ -1017,7 +1022,7 @@ async fn transform(
     let mut failed: HashMap<usize, String> = HashMap::new();
     for (i, e) in isolated.failed {
         transform_warn!(event_id = %events[i].event_id, error = %e, "a transform failed the event; rejected");
-        failed.insert(i, e.to_string());
+        failed.insert(i, client_reason(&e.to_string()).to_string());
     }
     // Under skip-batch, an event a plugin failed is not stored: it is answered `rejected`
     // with the reason, not `dropped`, which would read as the plugin's choice.
@@ -1045,9 +1050,13 @@ async fn transform(
         match input_of(&s.record) {
             Some(input) => {
                 transform_warn!(event_id = %events[input].event_id, plugin = ?s.transform, reason = ?s.reason, "a transform failed the event under skip-batch; rejected");
-                failed
-                    .entry(input)
-                    .or_insert_with(|| format!("transform `{}` failed: {}", s.transform, s.reason));
+                failed.entry(input).or_insert_with(|| {
+                    format!(
+                        "transform `{}` failed: {}",
+                        s.transform,
+                        client_reason(&s.reason)
+                    )
+                });
             }
             None => {
                 strays += 1;

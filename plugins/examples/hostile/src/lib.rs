@@ -9,7 +9,7 @@
 //! `sleep` (sleeps a minute in a host call), `fanout` (turns each record into 100,000;
 //! `fanout-6` into 6),
 //! `clock` (returns the wall clock it sees and how far its monotonic clock moved in a 50 ms
-//! sleep), `print` (prints 1,000 lines per record; `print-and-tag` also sets `"printed": true`), `rename-id` (changes each record's `eventId`), `panic-on-bad` (panics on a record holding the
+//! sleep), `print` (prints 1,000 lines per record; `print-and-tag` also sets `"printed": true`; `print-forged` prints, to stdout and stderr, a line whose carriage return and escape codes would forge a log line on a terminal), `rename-id` (changes each record's `eventId`), `panic-on-bad` (panics on a record holding the
 //! string "bad"), `nul-key-on-bad` (gives a record holding "bad" a `metadata.context` key
 //! with a NUL, which BSON cannot store), `break-by-tag` (by a tracking event's `properties.tag`: `bloat` adds 1 MiB, `dollar` a `$` key in
 //! `metadata.context`, `retype` makes `timestamp` a word, `dated` adds a date property), `long-reason` (fails each record with a 2 MiB reason holding a newline), `vandal` (drops or blanks an import's key, adds a
@@ -57,6 +57,7 @@ const MODES: &[&str] = &[
     "vandal",
     "print",
     "print-and-tag",
+    "print-forged",
     "batch-size",
 ];
 
@@ -157,6 +158,12 @@ fn misbehave(mode: &str, record: String) -> Result<Vec<String>, String> {
                 _ => {}
             }
             Ok(vec![v.to_string()])
+        }
+        "print-forged" => {
+            let forged = "hello\r2026-01-01T00:00:00Z ERROR sluice: forged \x1b[31mred\x1b[0m";
+            println!("{forged}");
+            eprintln!("{forged}");
+            Ok(vec![record])
         }
         "print" | "print-and-tag" => {
             for i in 0..1000 {
