@@ -4358,6 +4358,108 @@ async fn records_that_fail_mapping_are_kept_and_can_hold_the_cursor_until_they_m
     assert_eq!(stored, 1);
 }
 
+/// Three records by `updated`, after `since` when given; the second is noted `bad`, which
+/// the hostile plugin's `panic-on-bad` traps on.
+async fn noted(Query(q): Query<Vec<(String, String)>>) -> Json<Value> {
+    let since = q.iter().find(|(k, _)| k == "since").map(|(_, v)| v.clone());
+    let data: Vec<Value> = ["good", "bad", "good"]
+        .iter()
+        .enumerate()
+        .map(|(i, note)| json!({ "id": format!("n{i}"), "updated": format!("2026-11-0{}T00:00:00Z", i + 1), "note": note }))
+        .filter(|r| {
+            since.as_deref().is_none_or(|s| {
+                chrono::DateTime::parse_from_rfc3339(r["updated"].as_str().unwrap()).unwrap()
+                    > chrono::DateTime::parse_from_rfc3339(s).unwrap()
+            })
+        })
+        .collect();
+    Json(json!({ "data": data }))
+}
+
+#[tokio::test]
+async fn records_a_plugin_fails_hold_the_cursor_under_hold_on_failures() {
+    use sluice_plugins::FailurePolicy;
+    let db = TestDb::initialized().await;
+    let addr = serve(Router::new().route("/noted", get(noted))).await;
+    let host = sluice_plugins::PluginHost::new(false).unwrap();
+    let options = |mode: &str, policy: FailurePolicy| ImportOptions {
+        transforms: vec![std::sync::Arc::new(
+            host.load(
+                &support::plugin_dir(),
+                "hostile",
+                json!({ "mode": mode }),
+                &sluice_plugins::Grants::default(),
+                None,
+            )
+            .unwrap()
+            .with_policy(policy),
+        )],
+        ..Default::default()
+    };
+    let config = |name: &str, hold: bool| {
+        format!(
+            "{}[mapping.updated]\npath = \"$.updated\"\ntype = \"date\"\n[mapping.note]\npath = \"$.note\"\ntype = \"string\"\n[incremental]\ncursor_field = \"updated\"\nparam = \"since\"\nhold_on_failures = {hold}\n",
+            things_config(name, &format!("http://{addr}/noted"), "type = \"none\"")
+                .replace("type = \"IMPORT\"", "type = \"IMPORT\"\ntransforms = [\"hostile\"]")
+        )
+    };
+    for (policy, said) in [
+        (
+            FailurePolicy::DeadLetter,
+            "a plugin failed 1 record(s) (`dead-letter`)",
+        ),
+        (
+            FailurePolicy::SkipBatch,
+            "a plugin's failures skipped 1 record(s) (`skip-batch`)",
+        ),
+    ] {
+        let tag = format!("{policy:?}").to_lowercase();
+        // By default the cursor moves past the record the plugin failed, and says so.
+        let name = apply(&db, &config(&format!("past-{tag}"), false)).await;
+        let s = run_import(&db.store, &name, &options("panic-on-bad", policy))
+            .await
+            .unwrap();
+        assert_eq!(s.fetched, 3);
+        assert!(sync_cursor(&db, &name).await.is_some(), "{policy:?}");
+        assert!(
+            s.warnings
+                .iter()
+                .any(|w| w.contains("moved past records that failed") && w.contains(said)),
+            "{policy:?}: {:?}",
+            s.warnings
+        );
+        // Holding: the cursor stays until the plugin takes the record, then it is stored.
+        let name = apply(&db, &config(&format!("held-{tag}"), true)).await;
+        let s = run_import(&db.store, &name, &options("panic-on-bad", policy))
+            .await
+            .unwrap();
+        assert!(s.completed);
+        assert_eq!(sync_cursor(&db, &name).await, None, "{policy:?}");
+        assert!(
+            s.warnings
+                .iter()
+                .any(|w| w.contains("not advanced because") && w.contains(said)),
+            "{policy:?}: {:?}",
+            s.warnings
+        );
+        let s = run_import(&db.store, &name, &options("ok", policy))
+            .await
+            .unwrap();
+        assert!(s.completed && s.warnings.is_empty(), "{:?}", s.warnings);
+        assert!(sync_cursor(&db, &name).await.is_some(), "now it advances");
+    }
+    let stored = db
+        .store
+        .collection("things")
+        .count_documents(doc! { "thingId": "n1" })
+        .await
+        .unwrap();
+    assert_eq!(
+        stored, 1,
+        "the record held for is stored once the plugin takes it"
+    );
+}
+
 #[tokio::test]
 async fn documents_without_the_watermark_are_pushed_once() {
     let db = TestDb::initialized().await;

@@ -375,10 +375,12 @@ pub struct IncrementalSection {
     /// the cursor, so records it did not reach are not skipped.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub sorted: bool,
-    /// Keep the cursor when records failed mapping, so the next run reads the window
-    /// again and stores them once the mapping (or the source) is fixed. Off by default:
-    /// a record that never maps would hold the cursor forever. Either way the records
-    /// that failed are kept in `dead_letters`.
+    /// Keep the cursor when records failed mapping, were refused by MongoDB or were failed
+    /// by a transform plugin (dead-lettered or skipped), so the next run reads the window
+    /// again and stores them once the mapping (the plugin, the source) is fixed. Off by
+    /// default: a record that never maps would hold the cursor forever. Either way the
+    /// records that failed are kept in `dead_letters` (but those skipped under
+    /// `skip-batch`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub hold_on_failures: bool,
     /// A date cursor is sent this many seconds early, so records the API stamped with the

@@ -135,7 +135,7 @@ pub struct ImportSummary {
     /// Records transform plugins failed under the dead-letter policy (in `dead_letters`).
     pub dead_letters: u64,
     /// Records transform plugins dropped under the skip-batch policy: not stored, and
-    /// the cursor moves past them.
+    /// the cursor moves past them (unless `incremental.hold_on_failures`).
     pub skipped: u64,
     /// Records the run gave the plugin chain (before an interruption too: the checkpoint
     /// keeps them), and the records it returned (fewer when a plugin filters records
@@ -824,13 +824,16 @@ pub async fn run_import(
             // past it, they would never be fetched again, even once the mapping is fixed.
             // Past the cap on dead letters a run keeps, failures are only counted: moving
             // past them would lose them, so the cursor holds whatever the setting.
+            // So may records a plugin failed (kept in `dead_letters`, or skipped under
+            // `skip-batch`): `hold_on_failures` holds for them too.
             let unkept = summary.failed.saturating_sub(summary.rejected_kept);
-            let holding = summary.failed > 0
-                && (unkept > 0
-                    || connector
-                        .incremental
-                        .as_ref()
-                        .is_some_and(|i| i.hold_on_failures));
+            let plugin_failed = summary.plugin_dead_letters + summary.skipped;
+            let hold_on_failures = connector
+                .incremental
+                .as_ref()
+                .is_some_and(|i| i.hold_on_failures);
+            let holding = (summary.failed > 0 && unkept > 0)
+                || (summary.failed + plugin_failed > 0 && hold_on_failures);
             // Never backwards: a run reading only records below the cursor (a lookback
             // window, a record gone at the source) leaves it where it was.
             let behind = |m: &Bson| {
@@ -846,14 +849,41 @@ pub async fn run_import(
                 set.insert(f::SYNC_CURSOR, m.clone());
                 set.insert(f::SYNC_CURSOR_EPOCH_MS, summary.cursor_epoch_ms);
             }
-            if summary.failed > 0 && !cut_short && max_cursor.is_some() {
+            if summary.failed + plugin_failed > 0 && !cut_short && max_cursor.is_some() {
                 let failed = summary.failed;
+                // What failed, in words: mapping and MongoDB's refusals, then the plugins'.
+                let mut what = Vec::new();
+                if failed > 0 {
+                    what.push(format!(
+                        "{failed} record(s) failed mapping or were refused by MongoDB"
+                    ));
+                }
+                if summary.plugin_dead_letters > 0 {
+                    what.push(format!(
+                        "a plugin failed {} record(s) (`dead-letter`)",
+                        summary.plugin_dead_letters
+                    ));
+                }
+                if summary.skipped > 0 {
+                    what.push(format!(
+                        "a plugin's failures skipped {} record(s) (`skip-batch`)",
+                        summary.skipped
+                    ));
+                }
+                let what = what.join(" and ");
                 let warning = if unkept > 0 {
                     format!("the incremental cursor was not advanced because {failed} record(s) failed mapping or were refused by MongoDB, more than the {MAX_REJECTED_LETTERS} a run keeps in `dead_letters`: the next run reads the same window again (fix the mapping, or look at the samples)")
                 } else if holding {
-                    format!("the incremental cursor was not advanced because {failed} record(s) failed mapping or were refused by MongoDB (`incremental.hold_on_failures`): the next run reads the same window again")
+                    format!("the incremental cursor was not advanced because {what} (`incremental.hold_on_failures`): the next run reads the same window again")
                 } else {
-                    format!("the incremental cursor moved past {failed} record(s) that failed mapping or were refused by MongoDB; they are kept in `dead_letters` (pipeline `import:{name}`, plugin `mapping` or `write`); set `incremental.hold_on_failures = true` to read them again until they are stored")
+                    let kept = if summary.skipped > 0 && failed + summary.plugin_dead_letters == 0 {
+                        "they are not stored anywhere".to_string()
+                    } else {
+                        format!(
+                            "those failed are kept in `dead_letters` (pipeline `import:{name}`)"
+                        )
+                    };
+                    format!("the incremental cursor moved past records that failed ({what}); {kept}; set `incremental.hold_on_failures = true` to read them again until they are stored")
                 };
                 warn_once(&mut summary, name, warning);
             }
