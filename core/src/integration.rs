@@ -1904,7 +1904,7 @@ const TWO_TO_63: f64 = 9_223_372_036_854_775_808.0;
 
 /// Whether `v` holds (anywhere) an integer that no 64-bit integer holds: JSON parsers
 /// read it as a double, which cannot tell it from its neighbours.
-fn beyond_int64(v: &Value) -> bool {
+pub fn beyond_int64(v: &Value) -> bool {
     match v {
         Value::Number(n) => n.is_u64() && n.as_i64().is_none(),
         Value::Array(a) => a.iter().any(beyond_int64),

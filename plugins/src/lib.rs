@@ -1469,6 +1469,18 @@ mod malformed_tests {
         );
         assert!(reason.starts_with("its output for this record is malformed"));
     }
+
+    #[test]
+    fn an_output_integer_beyond_64_bits_is_refused_not_rounded() {
+        let message = super::decode(r#"{"h": {"a": [1, 18446744073709551615]}}"#).unwrap_err();
+        assert!(
+            message.contains("beyond the 64-bit signed range"),
+            "{message}"
+        );
+        let d = super::decode(r#"{"h": 9223372036854775807, "l": -9223372036854775808}"#).unwrap();
+        assert_eq!(d.get_i64("h"), Ok(i64::MAX));
+        assert_eq!(d.get_i64("l"), Ok(i64::MIN));
+    }
 }
 
 #[cfg(test)]
@@ -1680,6 +1692,13 @@ fn decode(text: &str) -> Result<Record, String> {
         serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
     if !value.is_object() {
         return Err("not a JSON object".into());
+    }
+    // BSON's integers are 64-bit signed: a larger one would be stored as a rounded double,
+    // and two such ids (a 64-bit hash) could become one.
+    if sluice_core::integration::beyond_int64(&value) {
+        return Err(
+            "holds an integer beyond the 64-bit signed range (up to 9223372036854775807), which would be stored rounded: return it as a string".into(),
+        );
     }
     match bson::Bson::try_from(value).map_err(|e| e.to_string())? {
         bson::Bson::Document(d) => Ok(d),
