@@ -2413,3 +2413,21 @@ fn what_a_plugin_prints_is_logged_without_its_control_characters() {
     }
     assert!(!text.contains('\r') && !text.contains('\u{1b}'), "{text:?}");
 }
+
+#[test]
+fn a_plugin_leaking_wasi_resources_fails_naming_the_limit() {
+    let host = host();
+    let leaker = hostile(&host, "pollables");
+    let err = leaker.run_batch(&batch()).unwrap_err();
+    assert!(matches!(err, PluginError::Trap { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .contains("as many WASI resources at once as an instance may (1000 entries"),
+        "{err}"
+    );
+    // The host goes on: a well-behaved plugin runs beside it.
+    assert_eq!(
+        hostile(&host, "ok").run_batch(&batch()).unwrap().records,
+        batch()
+    );
+}

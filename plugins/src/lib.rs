@@ -1050,8 +1050,16 @@ impl WasmTransform {
         }
         // The trap's own message (a panic's "unreachable", an out-of-bounds access) rather
         // than the first line of the context chain, which only says where it happened.
+        let full_table = matches!(
+            e.root_cause()
+                .downcast_ref::<wasmtime::component::ResourceTableError>(),
+            Some(wasmtime::component::ResourceTableError::Full)
+        );
         let message = match e.downcast_ref::<wasmtime::Trap>() {
             Some(trap) => trap.to_string(),
+            None if full_table => format!(
+                "it holds as many WASI resources at once as an instance may ({MAX_HOST_RESOURCES} entries of its resource table: streams, pollables, a clock subscription takes two); a plugin that does not drop them leaks them"
+            ),
             // wasmtime puts the wasm backtrace around a host error as its outer context:
             // the cause (a full resource table, too much randomness asked) is innermost.
             None => e

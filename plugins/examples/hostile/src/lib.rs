@@ -14,7 +14,8 @@
 //! with a NUL, which BSON cannot store), `break-by-tag` (by a tracking event's `properties.tag`: `bloat` adds 1 MiB, `dollar` a `$` key in
 //! `metadata.context`, `retype` makes `timestamp` a word, `dated` adds a date property), `long-reason` (fails each record with a 2 MiB reason holding a newline), `vandal` (drops or blanks an import's key, adds a
 //! `$`, dotted or reserved field name, on records titled t1 to t5; both bad names on one
-//! titled `two-bad-names`), `batch-size` (sets `batchSize` on each record to the number
+//! titled `two-bad-names`), `pollables` (keeps 600 clock subscriptions per record, never
+//! dropped), `batch-size` (sets `batchSize` on each record to the number
 //! of records of its call) and `ok` (returns every record). Any other mode fails to
 //! configure, naming these.
 
@@ -58,8 +59,16 @@ const MODES: &[&str] = &[
     "print",
     "print-and-tag",
     "print-forged",
+    "pollables",
     "batch-size",
 ];
+
+#[link(wasm_import_module = "wasi:clocks/monotonic-clock@0.2.0")]
+extern "C" {
+    /// A pollable ready after `ns` nanoseconds, as its resource handle.
+    #[link_name = "subscribe-duration"]
+    fn subscribe_duration(ns: i64) -> i32;
+}
 
 fn misbehave(mode: &str, record: String) -> Result<Vec<String>, String> {
     match mode {
@@ -158,6 +167,14 @@ fn misbehave(mode: &str, record: String) -> Result<Vec<String>, String> {
                 _ => {}
             }
             Ok(vec![v.to_string()])
+        }
+        "pollables" => {
+            for _ in 0..600 {
+                // The handle is never given back: the instance's resource table fills.
+                // SAFETY: a WASI 0.2 import taking a duration and returning a handle.
+                let _ = unsafe { subscribe_duration(1) };
+            }
+            Ok(vec![record])
         }
         "print-forged" => {
             let forged = "hello\r2026-01-01T00:00:00Z ERROR sluice: forged \x1b[31mred\x1b[0m";
