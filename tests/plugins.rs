@@ -2431,3 +2431,52 @@ fn a_plugin_leaking_wasi_resources_fails_naming_the_limit() {
         batch()
     );
 }
+
+#[test]
+fn limits_the_operator_s_ceilings_lower_are_said() {
+    let host = host();
+    let logged = support::Logged::default();
+    let guard = tracing::subscriber::set_default(logged.subscriber());
+    let grants = Grants {
+        max_memory_mib: Some(64),
+        max_batch_deadline_ms: Some(2_000),
+        ..Grants::default()
+    };
+    let load = |limits: Limits| {
+        host.load(
+            &support::plugin_dir(),
+            "hostile",
+            json!({ "mode": "ok" }),
+            &grants,
+            Some(limits),
+        )
+        .unwrap()
+    };
+    load(Limits {
+        memory_mib: 1_000,
+        batch_deadline_ms: 5_000,
+        ..tight().unwrap()
+    });
+    let text = logged.text();
+    assert!(
+        text.contains("`memory_mib` = 1000 is above the operator's ceiling")
+            && text.contains("64 is used")
+            && text.contains("`batch_deadline_ms` = 5000 is above")
+            && text.contains("2000 is used"),
+        "{text}"
+    );
+    // Within them: nothing to say.
+    load(Limits {
+        memory_mib: 32,
+        batch_deadline_ms: 1_000,
+        ..tight().unwrap()
+    });
+    drop(guard);
+    assert_eq!(
+        logged
+            .text()
+            .matches("is above the operator's ceiling")
+            .count(),
+        2
+    );
+}

@@ -634,11 +634,16 @@ impl PluginHost {
         }
         let mut limits = limits.or(manifest.limits.clone()).unwrap_or_default();
         // The manifest is the plugin author's word; the operator's ceilings win.
-        if let Some(max) = grants.max_memory_mib {
-            limits.memory_mib = limits.memory_mib.min(max);
+        if let Some(max) = grants.max_memory_mib.filter(|max| limits.memory_mib > *max) {
+            tracing::info!(plugin = name, "`memory_mib` = {} is above the operator's ceiling (`[plugins] max_memory_mib`): {max} is used", limits.memory_mib);
+            limits.memory_mib = max;
         }
-        if let Some(max) = grants.max_batch_deadline_ms {
-            limits.batch_deadline_ms = limits.batch_deadline_ms.min(max);
+        if let Some(max) = grants
+            .max_batch_deadline_ms
+            .filter(|max| limits.batch_deadline_ms > *max)
+        {
+            tracing::info!(plugin = name, "`batch_deadline_ms` = {} is above the operator's ceiling (`[plugins] max_batch_deadline_ms`): {max} is used", limits.batch_deadline_ms);
+            limits.batch_deadline_ms = max;
         }
         // Checked as they will run, so a manifest the ceilings lower loads.
         limits.check().map_err(load)?;
@@ -992,7 +997,7 @@ impl WasmTransform {
             Ok(()) => Ok((store, plugin)),
             Err(reason) => Err(PluginError::Refused {
                 plugin: self.name.clone(),
-                reason: plugin_text(reason),
+                reason: given_reason(reason),
             }),
         }
     }
@@ -1334,7 +1339,7 @@ impl WasmTransform {
                         },
                         Outcome::Records,
                     )),
-                Err(reason) => Ok(Outcome::Failed(plugin_text(reason))),
+                Err(reason) => Ok(Outcome::Failed(given_reason(reason))),
             })
             .collect()
     }
@@ -1354,6 +1359,16 @@ fn malformed(message: &str) -> String {
     plugin_text(format!(
         "its output for this record is malformed: {message}"
     ))
+}
+
+/// A reason a plugin gave (for failing a record, for refusing its config), as
+/// [`plugin_text`]; one left blank is said to be, so a dead letter never has an empty
+/// reason.
+fn given_reason(reason: String) -> String {
+    if reason.trim().is_empty() {
+        return "(the plugin gave no reason)".into();
+    }
+    plugin_text(reason)
 }
 
 fn plugin_text(reason: String) -> String {
@@ -2031,6 +2046,8 @@ mod limit_tests {
     fn reasons_are_kept_short_and_on_one_line() {
         assert_eq!(plugin_text("fine".into()), "fine");
         assert_eq!(plugin_text("a\nb\tc".into()), "a b c");
+        assert_eq!(given_reason(" \n".into()), "(the plugin gave no reason)");
+        assert_eq!(given_reason("a\nb".into()), "a b");
         let long = plugin_text("é".repeat(MAX_REASON_CHARS + 5));
         assert!(long.starts_with(&"é".repeat(MAX_REASON_CHARS)));
         assert!(long.ends_with("(5 more characters cut)"), "{long}");
