@@ -894,13 +894,10 @@ pub async fn export_run(
         );
     }
     let destination = open_destination(config, dest).await?;
-    // An archive elsewhere (`--dest`) waits for the scheduled exports' reads of late days
-    // where they publish, the configured destination: at its own there are none.
+    // An archive elsewhere (`--dest`) waits for the exports' reads of late days where they
+    // publish, the configured destination: at its own there are none.
     let late_readers_at = match dest {
-        Some(_)
-            if kind == sluice_core::model::ExportJobType::Archive
-                && !late_readers(config).is_empty() =>
-        {
+        Some(_) if kind == sluice_core::model::ExportJobType::Archive => {
             Some(destination_url(config))
         }
         _ => None,
@@ -923,21 +920,15 @@ pub async fn export_run(
         late_readers_at,
     };
     let ticker = spawn_progress(ctx.progress.clone());
-    let reading = store.now();
     let result = until_signal(&store, run_export(&ctx, &request)).await;
     stop_ticker(ticker).await;
     eprintln!();
     let summary = result.map_err(anyhow::Error::msg)??;
     print_export_summary(config, &summary, kind, from, to, yesterday);
+    // (The days it published are noted as read by `run_export`.)
     if kind.by_day() && dest.is_none() {
         let outside = |d: chrono::NaiveDate| d < from || d > to;
         if late_days {
-            // This run read its days after `reading`: their late events are in it.
-            let mut d = from;
-            while d <= to {
-                sluice_jobs::export::late_day_exported(&ctx, kind, d, reading).await;
-                d = d + chrono::Days::new(1);
-            }
             publish_late_days_now(config, &ctx, kind, outside).await?;
         } else {
             let pending: Vec<_> =

@@ -779,6 +779,10 @@ async fn an_archive_publishes_no_day_whose_events_have_not_settled() {
         .await
         .unwrap();
     assert_eq!(exported.rows, 50);
+    // (Its events were stored just now, marking the day late a minute ahead: a read
+    // after that minute is what ARCHIVE waits for, as the export published the day.)
+    let after = DateTime::from_millis(db.store.now().timestamp_millis() + 120_000);
+    sluice_jobs::export::late_day_exported(&ctx, ExportJobType::EventData, old, after).await;
     // Once settled, it is archived; an export of it elsewhere is then refused, naming
     // where it was archived to, not the export's own destination.
     let archived = run_export(&ctx, &request(ExportJobType::Archive, day(0), day(0)))
@@ -3514,6 +3518,53 @@ async fn an_archive_elsewhere_waits_for_the_reads_where_the_schedules_publish() 
     );
     std::fs::remove_dir_all(home).ok();
     std::fs::remove_dir_all(elsewhere).unwrap();
+}
+
+/// With no schedule to name the exports that read late days (an orchestrator runs `export
+/// run`), ARCHIVE waits for the by-day kinds that published the day where it archives.
+#[tokio::test]
+async fn an_archive_waits_for_the_exports_that_published_the_day_without_a_schedule() {
+    let db = TestDb::initialized().await;
+    let dir = temp_dir();
+    let (old, never) = (day(-100), day(-101));
+    seed(&db, old, 5).await;
+    seed(&db, never, 3).await;
+    let ctx = ExportContext::new(db.store.clone(), ObjectStore::Local(LocalDir::new(&dir)));
+    // Published once, by a run nobody scheduled, which notes when it read the day (the
+    // mark, a minute ahead of the events just stored, is newer).
+    let before = db.store.now().timestamp_millis();
+    run_export(&ctx, &request(ExportJobType::EventData, old, old))
+        .await
+        .unwrap();
+    let mark = db
+        .store
+        .collection("late_days")
+        .find_one(doc! { "_id": old.to_string() })
+        .await
+        .unwrap()
+        .unwrap();
+    let exported = mark.get_document("exported").unwrap();
+    let (key, read) = exported.iter().next().unwrap();
+    assert!(key.starts_with("EVENT_DATA@"), "{mark}");
+    assert!(read.as_datetime().unwrap().timestamp_millis() >= before, "{mark}");
+    let archive = request(ExportJobType::Archive, day(0), day(0));
+    assert!(archive.late_readers.is_empty());
+    let waited = run_export(&ctx, &archive).await.unwrap();
+    // The day no export published is archived; the one EVENT_DATA published waits.
+    assert_eq!(waited.deleted, 3, "{:?}", waited.deferred);
+    assert_eq!(waited.deferred.len(), 1, "{:?}", waited.deferred);
+    assert!(
+        waited.deferred[0].starts_with(&format!("{old}: its late events"))
+            && waited.deferred[0].contains("EVENT_DATA"),
+        "{:?}",
+        waited.deferred
+    );
+    // Once EVENT_DATA has read the day since its mark, the archive takes it.
+    let after = DateTime::from_millis(db.store.now().timestamp_millis() + 120_000);
+    sluice_jobs::export::late_day_exported(&ctx, ExportJobType::EventData, old, after).await;
+    let taken = run_export(&ctx, &archive).await.unwrap();
+    assert_eq!(taken.deleted, 5, "{:?}", taken.deferred);
+    std::fs::remove_dir_all(dir).unwrap();
 }
 
 /// A day with late events the scheduled EVENT_DATA export has not published again waits

@@ -406,9 +406,7 @@ pub async fn catch_up(
             continue;
         }
         let request = ExportRequest::day(kind, d, archive_after_days).scheduled();
-        let reading = ctx.store.now();
         done.push(run_export(ctx, &request).await?);
-        late_day_exported(ctx, kind, d, reading).await;
     }
     // Days published earlier that received events since (a client's buffered events, an
     // import of older data): published again, at most `late_days_per_run`, oldest first
@@ -479,11 +477,9 @@ pub async fn publish_late_days(
     for d in late.by_ref() {
         let mut request = ExportRequest::day(kind, d, archive_after_days);
         request.scheduled = scheduled;
-        let reading = ctx.store.now();
         match run_export(ctx, &request).await {
             Ok(summary) => {
                 tracing::info!(kind = %kind, day = %d, rows = summary.rows, "published again a day that received late events");
-                late_day_exported(ctx, kind, d, reading).await;
                 out.published.push(summary);
             }
             Err(e) => {
@@ -591,7 +587,8 @@ pub async fn late_days(
 }
 
 /// Notes that `kind` read `day` from `reading` on (a run that began then published it):
-/// late events marked before that are in what it published.
+/// late events marked before that are in what it published. [`run_export`] notes every
+/// day it publishes.
 pub async fn late_day_exported(
     ctx: &ExportContext,
     kind: ExportJobType,
@@ -759,6 +756,8 @@ pub async fn run_export(
             .load(Relaxed)
             .saturating_sub(bytes_before)
     };
+    // Late events marked before this are in what the run reads.
+    let reading = ctx.store.now();
     let outcome = execute(ctx, request, &job_id).await;
     heartbeat.end();
     // Set aside by this run, whatever its outcome: a failed run's rejected rows are in
@@ -800,6 +799,20 @@ pub async fn run_export(
             )
             .await?;
             tracing::info!(job_id, rows, files, skipped, rejected, "export completed");
+            // Each day published (not kept: a kept partition holds an older read) has the
+            // late events marked before `reading`: noted for this destination, so neither
+            // the schedules nor ARCHIVE wait for another read of them, whoever ran this.
+            if request.kind.by_day() {
+                for p in partitions.iter().filter(|p| !p.kept) {
+                    let day = p
+                        .prefix
+                        .rsplit_once("/dt=")
+                        .and_then(|(_, d)| NaiveDate::parse_from_str(d, "%Y-%m-%d").ok());
+                    if let Some(day) = day {
+                        late_day_exported(ctx, request.kind, day, reading).await;
+                    }
+                }
+            }
             let bytes = bytes_now();
             export_metrics(
                 request.kind,
@@ -1325,7 +1338,7 @@ async fn archive(
         }
         // A day ARCHIVE took before is not waited for: EVENT_DATA and DAILY_ANALYTICS
         // refuse an archived day, so its late events go to its ARCHIVE partition only.
-        let waiting = if request.late_readers.is_empty() || is_archived(ctx, d).await? {
+        let waiting = if is_archived(ctx, d).await? {
             None
         } else {
             late_unread(ctx, request, d).await?
@@ -1333,7 +1346,7 @@ async fn archive(
         if let Some(waiting) = waiting {
             tracing::warn!(day = %d, exports = ?waiting, "not archived yet: late events of the day are still to be published by these exports; the next archive run takes it");
             deferred.push(format!(
-                "{d}: its late events are still to be published by the scheduled {} export(s) (`jobs run` them, wait for their next run, or `export run KIND --late-days`; a manual `export run` without it does not count)",
+                "{d}: its late events are still to be published again by the {} export(s) that read the day (wait for their schedule's next run, `jobs run` it, or `export run KIND --late-days`)",
                 waiting.join(", ")
             ));
             continue;
@@ -1429,18 +1442,15 @@ fn part_name(job_id: &str, index: usize) -> String {
 /// the day is archived anyway.
 pub const LATE_WAIT: Duration = Duration::from_secs(3 * 24 * 3600);
 
-/// ARCHIVE: the kinds of the request's `late_readers` that have not yet published the late
-/// events marked for `d` where they publish (the mark is newer than what they read), or
-/// `None` when none is waited for.
+/// ARCHIVE: the kinds that read late days (the request's `late_readers`, and any by-day
+/// kind that published `d` where they publish) that have not yet published the late events
+/// marked for `d` there (the mark is newer than what they read), or `None` when none is
+/// waited for.
 async fn late_unread(
     ctx: &ExportContext,
     request: &ExportRequest,
     d: NaiveDate,
 ) -> Result<Option<Vec<&'static str>>, ExportError> {
-    let readers = &request.late_readers;
-    if readers.is_empty() {
-        return Ok(None);
-    }
     let mark = ctx
         .store
         .collection(c::LATE_DAYS)
@@ -1458,6 +1468,15 @@ async fn late_unread(
         .late_readers_at
         .clone()
         .unwrap_or_else(|| ctx.dest.url(""));
+    // Besides the scheduled kinds, any by-day kind that published the day there: exports
+    // an orchestrator drives (`export run`) have no schedule to name them, and their
+    // partition of the day lacks the late events just as well.
+    let mut readers = request.late_readers.clone();
+    for kind in [ExportJobType::EventData, ExportJobType::DailyAnalytics] {
+        if !readers.contains(&kind) && published_day(ctx, kind, &at, d).await? {
+            readers.push(kind);
+        }
+    }
     let read = |k: &ExportJobType| {
         mark.get_document("exported")
             .ok()
@@ -1478,6 +1497,31 @@ async fn late_unread(
         return Ok(None);
     }
     Ok((!waiting.is_empty()).then(|| waiting.iter().map(|k| k.as_str()).collect()))
+}
+
+/// Whether a run of `kind` published day `d` to the destination at `root` (a completed
+/// run whose window holds the day, as `export_jobs` records it).
+async fn published_day(
+    ctx: &ExportContext,
+    kind: ExportJobType,
+    root: &str,
+    d: NaiveDate,
+) -> Result<bool, ExportError> {
+    let day = d.to_string();
+    let run = ctx
+        .store
+        .collection(c::EXPORT_JOBS)
+        .find_one(doc! {
+            "type": kind.as_str(), "status": "COMPLETED", history::ROOT: root,
+            "windowStart": { "$lte": &day }, "windowEnd": { "$gte": &day },
+        })
+        .projection(doc! { "_id": 1 })
+        .await
+        .map_err(StoreError::mongo(
+            c::EXPORT_JOBS,
+            "find the runs that published a day",
+        ))?;
+    Ok(run.is_some())
 }
 
 /// Stops the archive at day `d` when some of its events have no date `createdAt`
