@@ -3520,6 +3520,64 @@ async fn an_archive_elsewhere_waits_for_the_reads_where_the_schedules_publish() 
     std::fs::remove_dir_all(elsewhere).unwrap();
 }
 
+/// Events another tool wrote to `events` have no claim in the ledger: archiving them makes
+/// one, so the same events sent again (an import of the same data) are duplicates, not
+/// stored anew and archived twice.
+#[tokio::test]
+async fn an_archive_claims_the_events_another_tool_wrote_so_a_resend_is_a_duplicate() {
+    let db = TestDb::initialized().await;
+    let dir = temp_dir();
+    let old = day(-100);
+    let written: Vec<Event> = (0..4).map(|i| event(i, old)).collect();
+    let docs: Vec<Document> = written
+        .iter()
+        .map(|e| {
+            let mut d = bson::to_document(e).unwrap();
+            // Stored some time ago, as a bulk load would have.
+            let stored = DateTime::from_millis(e.timestamp.timestamp_millis() + 60_000);
+            d.insert("createdAt", stored);
+            d.insert("updatedAt", stored);
+            d
+        })
+        .collect();
+    db.store
+        .collection("events")
+        .insert_many(docs)
+        .await
+        .unwrap();
+    let ledger = db.store.collection("event_ids");
+    assert_eq!(ledger.count_documents(doc! {}).await.unwrap(), 0);
+    let ctx = ExportContext::new(db.store.clone(), ObjectStore::Local(LocalDir::new(&dir)));
+    let archive = request(ExportJobType::Archive, day(0), day(0));
+    let first = run_export(&ctx, &archive).await.unwrap();
+    assert_eq!(first.deleted, 4, "{:?}", first.deferred);
+    let claim = ledger
+        .find_one(doc! { "_id": &written[0].event_id })
+        .await
+        .unwrap()
+        .expect("a claim made for the archived event");
+    assert_eq!(claim.get_bool("archived"), Ok(true), "{claim}");
+    assert_eq!(
+        claim.get_datetime("ts").unwrap().timestamp_millis(),
+        ms(old, 0),
+        "the day's start: {claim}"
+    );
+    let writer = EventWriter::new(db.store.clone(), WriterOptions::default());
+    assert_eq!(
+        writer.write(&written).await.unwrap(),
+        vec![WriteStatus::Duplicate; 4]
+    );
+    assert_eq!(
+        db.store
+            .collection("events")
+            .count_documents(doc! {})
+            .await
+            .unwrap(),
+        0
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 /// With no schedule to name the exports that read late days (an orchestrator runs `export
 /// run`), ARCHIVE waits for the by-day kinds that published the day where it archives.
 #[tokio::test]
@@ -3546,7 +3604,10 @@ async fn an_archive_waits_for_the_exports_that_published_the_day_without_a_sched
     let exported = mark.get_document("exported").unwrap();
     let (key, read) = exported.iter().next().unwrap();
     assert!(key.starts_with("EVENT_DATA@"), "{mark}");
-    assert!(read.as_datetime().unwrap().timestamp_millis() >= before, "{mark}");
+    assert!(
+        read.as_datetime().unwrap().timestamp_millis() >= before,
+        "{mark}"
+    );
     let archive = request(ExportJobType::Archive, day(0), day(0));
     assert!(archive.late_readers.is_empty());
     let waited = run_export(&ctx, &archive).await.unwrap();

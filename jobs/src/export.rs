@@ -3301,8 +3301,9 @@ async fn delete_archived(
     Ok(deleted)
 }
 
-/// Marks the ledger claims of `ids` archived: one `update` command holding a statement
-/// per id (what a driver's bulk write of `updateOne`s sends), each an `_id` point update.
+/// Marks the ledger claims of `ids` archived (making those missing): one `update`
+/// command holding a statement per id (what a driver's bulk write of `updateOne`s sends),
+/// each an `_id` point upsert.
 ///
 /// Rejected: one `updateMany` over `{_id: {$in: ids}}`. Both are plain, documented
 /// MongoDB writes, planned as `_id` index lookups; on the test server the single
@@ -3313,9 +3314,29 @@ async fn mark_archived(
     prefix: &str,
     ids: &[String],
 ) -> Result<(), ExportError> {
+    // An event with no claim (written to `events` by another tool) gets one, archived:
+    // without it, the event sent again (an import of the same data) would be stored anew
+    // and archived twice. Its time is the day's start (the ledger's times serve pruning
+    // archived claims by date).
+    let mut made = doc! { l::CLAIMED_AT: ctx.store.now() };
+    let day = prefix
+        .rsplit_once("/dt=")
+        .and_then(|(_, d)| NaiveDate::parse_from_str(d, "%Y-%m-%d").ok());
+    if let Some(start) = day.and_then(|d| d.and_hms_opt(0, 0, 0)) {
+        made.insert(
+            l::TIMESTAMP,
+            DateTime::from_millis(start.and_utc().timestamp_millis()),
+        );
+    }
     let updates: Vec<Document> = ids
         .iter()
-        .map(|id| doc! { "q": { common::ID: id }, "u": { "$set": { l::ARCHIVED: true } } })
+        .map(|id| {
+            doc! {
+                "q": { common::ID: id },
+                "u": { "$set": { l::ARCHIVED: true }, "$setOnInsert": made.clone() },
+                "upsert": true,
+            }
+        })
         .collect();
     let reply = ctx
         .store
