@@ -1178,6 +1178,23 @@ pub fn validate(
         if fields.is_empty() {
             return Err(invalid("mapping", "at least one mapped field".into()));
         }
+        // A visitor's aggregates are the event writer's, kept from the visitor's events
+        // (`sessions` is refused as a target for the same reason): an import writing one
+        // would leave it wrong until `db check` finds it, and USER_DATA exports it so.
+        if file.target.collection == crate::model::collections::USERS {
+            if let Some(f) = fields
+                .iter()
+                .find(|f| USERS_WRITER_FIELDS.contains(&f.target.as_str()))
+            {
+                return Err(invalid(
+                    &format!("mapping.{}", f.target),
+                    format!(
+                        "a target field other than the visitor's aggregates, which the event writer keeps from the visitor's events ({}); map the API's value to another name",
+                        USERS_WRITER_FIELDS.map(|f| format!("`{f}`")).join(", ")
+                    ),
+                ));
+            }
+        }
         if file.target.collection == crate::model::collections::EVENTS {
             if let Some((field, expected)) = event_target_problem(&file.target, &fields) {
                 return Err(invalid(&field, expected));
@@ -1894,6 +1911,22 @@ pub fn sent_as_epoch(field: &Field, record: &Value) -> bool {
 /// Fields an import writes on every document it upserts.
 pub const IMPORT_RESERVED_FIELDS: [&str; 3] = ["createdAt", "updatedAt", "source"];
 
+/// The fields of `users` the event writer keeps (a visitor's aggregates, and the time of
+/// the identify whose traits the profile holds): no import maps them.
+pub const USERS_WRITER_FIELDS: [&str; 8] = {
+    use crate::model::user_fields as u;
+    [
+        u::FIRST_SEEN,
+        u::LAST_SEEN,
+        u::TOTAL_SESSIONS,
+        u::TOTAL_EVENTS,
+        u::TOTAL_PURCHASES,
+        u::TOTAL_REVENUE,
+        u::TOTAL_REVENUE_MICROS,
+        u::TRAITS_AT,
+    ]
+};
+
 /// 2^53: every integer up to it is exactly a double.
 const MAX_EXACT_DOUBLE_INT: f64 = 9_007_199_254_740_992.0;
 
@@ -2233,6 +2266,27 @@ mod tests {
                 err.contains(&format!("field `{field}`")) && err.contains(says),
                 "{paging}: {err}"
             );
+        }
+    }
+
+    #[test]
+    fn an_import_into_users_maps_none_of_the_visitor_s_aggregates() {
+        let import = |target: &str| {
+            format!("name = \"x\"\ntype = \"IMPORT\"\nendpoint = \"https://api.example/x\"\n[target]\ncollection = \"users\"\nkey = \"visitorId\"\n[mapping.visitorId]\npath = \"$.id\"\n[mapping.\"{target}\"]\npath = \"$.n\"\n")
+        };
+        let check = |text: String| {
+            parse_file("t.toml", &text).and_then(|f| validate("t", &f, &|_| None).map(|_| ()))
+        };
+        for owned in ["totalEvents", "totalRevenueMicros", "firstSeen", "traitsAt"] {
+            let err = check(import(owned)).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("mapping.{owned}"))
+                    && err.contains("the visitor's aggregates"),
+                "{owned}: {err}"
+            );
+        }
+        for free in ["plan", "totalEventsInCrm", "email"] {
+            check(import(free)).unwrap_or_else(|e| panic!("{free}: {e}"));
         }
     }
 
