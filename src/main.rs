@@ -158,16 +158,17 @@ enum PluginCommand {
 
 #[derive(Subcommand)]
 enum ConfigsCommand {
-    /// Validate every `*.toml` in DIR (no database needed).
+    /// Validate every `*.toml` in DIR, or the one file DIR names (no database needed).
     Validate {
-        /// The folder of integration config files.
+        /// The folder of integration config files (or one of them).
         dir: PathBuf,
         /// Check configs whose `${env:NAME}` secrets are not set here (CI): a placeholder
         /// stands in, and the unset names are listed.
         #[arg(long)]
         allow_missing_env: bool,
     },
-    /// Validate, then store every config of DIR in `integration_configs`.
+    /// Validate, then store every config of DIR (or the one file DIR names) in
+    /// `integration_configs`.
     Apply { dir: PathBuf },
     /// Delete a stored config (with its checkpoint and saved OAuth token; its run history
     /// and what it imported stay).

@@ -1317,6 +1317,14 @@ fn configs_validate_lists_good_files_and_names_the_bad_ones() {
         .unwrap();
     let said = String::from_utf8_lossy(&out.stderr);
     assert_eq!(said.matches("error: ").count(), 11, "{said}");
+    // One file named rather than its folder: that file alone.
+    let one = sluice()
+        .args(["configs", "validate"])
+        .arg(twelve.join("twelve.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&one.stderr), said);
+    assert_eq!(one.status.code(), Some(2));
     assert!(
         said.contains("twelve.toml: the first 10 errors in the file's order; it may have more")
             && said.contains("1 invalid config file(s) (10 error(s))"),

@@ -715,6 +715,7 @@ pub const FILE_RULES: crate::toml_errors::Rules = crate::toml_errors::Rules {
         let value = match path {
             "name" => "set-aside",
             "endpoint" => "https://api.example.com/set-aside",
+            "push.collection" | "target.collection" => "set_aside",
             _ if path.starts_with("mapping.") && path.ends_with(".path") => "$.set_aside",
             _ => return None,
         };

@@ -11,7 +11,10 @@
 //! longer fits), or in a field the format relates to one set aside (a config's `[target]`
 //! and its mappings), so that each error said is one the file has as written; a field
 //! beside another is checked on its own, and an unknown field's going changes nothing. A
-//! required field set aside gets a stand-in value when the format offers one; otherwise
+//! required field set aside (or one whose default, in its place, the checks refuse or
+//! make another field needed: an empty `[push] collection`, a `[target] collection` of
+//! `products` asking for a `productId` mapping) gets a stand-in value when the format
+//! offers one; otherwise
 //! (a mapping's table without its `path`) its table is set aside, and errors in it, or
 //! naming it, are not said. An element of an array of tables set aside whole
 //! (`[[schedules]]`) shifts the elements after it: their errors are said with the indices
@@ -255,10 +258,19 @@ fn later_errors<T: DeserializeOwned>(
             // From elsewhere (an environment variable): the file cannot be rid of it.
             Err(_) => break,
         };
-        // A table left without a field that was set aside (a schedule's `cron`): a value
-        // the format offers for it is put there instead, once, so that the table's other
-        // fields are still checked.
-        let missing = error.as_ref().is_none_or(|(next, ..)| next.whole);
+        // A table left without a field that was set aside (a schedule's `cron`), or a
+        // check refusing that field's default in its place (an empty `[push]
+        // collection`): a value the format offers for it is put there instead, once, so
+        // that the table's other fields are still checked.
+        // (A check's error that may follow from the field last set aside: the default in
+        // its place, `products` for a `[target] collection`, asks for a mapping.)
+        let missing = error.as_ref().is_none_or(|(next, may_follow, ..)| {
+            next.whole
+                || (*may_follow
+                    && taken
+                        .last()
+                        .is_some_and(|t| t.path == next.path || t.may_cause(&next.path, rules)))
+        });
         if let Some(last) = taken.last().filter(|t| missing && !t.whole) {
             if !placed.contains(&last.path) {
                 if let Some(value) = (rules.placeholder)(&last.path) {

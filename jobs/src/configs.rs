@@ -24,10 +24,15 @@ pub fn validate_dir(
     dir: &Path,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<(Vec<ValidFile>, Vec<ConfigError>), std::io::Error> {
-    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
-        .collect();
+    // One file named rather than its folder: that file alone.
+    let mut paths: Vec<PathBuf> = if dir.is_file() {
+        vec![dir.to_path_buf()]
+    } else {
+        std::fs::read_dir(dir)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+            .collect()
+    };
     paths.sort();
     let mut ok = Vec::new();
     let mut errors = Vec::new();
@@ -407,6 +412,27 @@ mod tests {
             panic!("valid: {text}");
         };
         all.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn a_collection_refused_leaves_the_rest_of_the_file_checked() {
+        let text = "name = \"e\"\ntype = \"EXPORT\"\nendpoint = \"https://api.example.com/push\"\nheaders = { Authorization = \"Bearer abc\" }\n\n[push]\ncollection = \"event_ids\"\n";
+        let all = all_errors(text);
+        assert!(
+            all.len() == 2
+                && all[0].contains("headers.Authorization")
+                && all[1].contains("push.collection"),
+            "{all:#?}"
+        );
+        let import = BASE.replace("things", "event_ids").replace(
+            "endpoint",
+            "headers = { Authorization = \"Bearer abc\" }\nendpoint",
+        );
+        let all = all_errors(&import);
+        assert!(
+            all.len() == 2 && all.iter().any(|e| e.contains("headers.Authorization")),
+            "{all:#?}"
+        );
     }
 
     #[test]
