@@ -1682,7 +1682,19 @@ fn coerce_one(field: &Field, v: Value) -> Result<Bson, String> {
                         bad("an integer within the 64-bit range (map larger ids with `type = \"string\"`)")
                     })?,
             ),
-            Value::String(s) => Bson::Int64(s.trim().parse().map_err(|_| bad("an integer"))?),
+            // Text as an integer, or a whole decimal (`"12.00"`, as a number's `12.0` is).
+            Value::String(s) => {
+                let s = s.trim();
+                let whole = match s.split_once('.') {
+                    Some((int, zeros))
+                        if !zeros.is_empty() && zeros.bytes().all(|b| b == b'0') =>
+                    {
+                        int
+                    }
+                    _ => s,
+                };
+                Bson::Int64(whole.parse().map_err(|_| bad("an integer"))?)
+            }
             _ => return Err(bad("an integer")),
         },
         FieldType::Bool => match &v {
@@ -3006,6 +3018,22 @@ type = "bool"
         let c = typed("integer");
         let exact = map_record(&c.fields, &json!({ "id": 9_007_199_254_740_993u64 })).unwrap();
         assert_eq!(exact.get_i64("productId").unwrap(), 9_007_199_254_740_993);
+        // Text: an integer, or a whole decimal as the number `12.0` is; nothing else.
+        for (text, n) in [
+            (" 12 ", 12),
+            ("12.00", 12),
+            ("-3.0", -3),
+            ("9007199254740993.0", 9_007_199_254_740_993),
+        ] {
+            let d = map_record(&c.fields, &json!({ "id": text })).unwrap();
+            assert_eq!(d.get_i64("productId").unwrap(), n, "{text}");
+        }
+        for text in ["12.50", "12.", ".0", "1e3", "12.0x"] {
+            assert!(
+                map_record(&c.fields, &json!({ "id": text })).is_err(),
+                "{text}"
+            );
+        }
         for big in [
             json!(10_000_000_000_000_000_000u64),
             json!(u64::MAX),
