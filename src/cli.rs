@@ -756,13 +756,22 @@ pub fn spawn_import_progress(
                 progress.upserted.load(Relaxed),
                 progress.failed.load(Relaxed),
             ];
-            let line = format!(
-                "  {}, {}, {} upserted, {} failed mapping",
-                counted(now[0], "page"),
-                counted(now[1], "record"),
-                now[2],
-                now[3]
-            );
+            let line = if progress.pushing.load(Relaxed) {
+                format!(
+                    "  {} sent in {}, {} failed mapping",
+                    counted(now[1], "record"),
+                    counted(now[0], "request"),
+                    now[3]
+                )
+            } else {
+                format!(
+                    "  {}, {}, {} upserted, {} failed mapping",
+                    counted(now[0], "page"),
+                    counted(now[1], "record"),
+                    now[2],
+                    now[3]
+                )
+            };
             if last != Some(now) {
                 eprintln!("{line}");
                 (last, moved, printed) = (

@@ -4488,7 +4488,18 @@ batch_size = 2
     let name = apply(&db, &text).await;
     let options = ImportOptions::default();
     let push = || run_push(&db.store, &name, &options);
-    assert_eq!(push().await.unwrap().sent, 3);
+    let first = push().await.unwrap();
+    assert_eq!(first.sent, 3);
+    // The progress a terminal shows counts what was sent, in requests.
+    let p = &options.progress;
+    assert!(p.pushing.load(std::sync::atomic::Ordering::Relaxed));
+    assert_eq!(
+        (
+            p.pages.load(std::sync::atomic::Ordering::Relaxed),
+            p.records.load(std::sync::atomic::Ordering::Relaxed)
+        ),
+        (first.requests, 3)
+    );
     assert_eq!(push().await.unwrap().sent, 0, "none of them again");
     // Newer documents are sent, with the field or (while the position is among the
     // documents without it) without.

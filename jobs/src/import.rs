@@ -75,6 +75,9 @@ pub struct ImportProgress {
     pub stop: std::sync::atomic::AtomicBool,
     /// A wait before a retry under way (a `Retry-After`, a backoff).
     pub waits: Arc<sluice_connectors::http::RetryWait>,
+    /// The run is a push (an EXPORT config): `pages` counts the requests sent, `records`
+    /// the records they carried, `failed` the documents that failed mapping.
+    pub pushing: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Clone, Default)]
@@ -2645,6 +2648,7 @@ pub async fn run_push(
     use futures_util::TryStreamExt;
     let (connector, stored) = load_connector(store, name, IntegrationType::Export, options).await?;
     let chain = chain_for(&connector, &options.transforms)?;
+    options.progress.pushing.store(true, Relaxed);
     let push = connector
         .push
         .clone()
@@ -2830,6 +2834,7 @@ pub async fn run_push(
                 Ok(m) => records.push(Bson::Document(m).into_relaxed_extjson()),
                 Err(reason) => {
                     summary.failed += 1;
+                    options.progress.failed.fetch_add(1, Relaxed);
                     unmapped.push(sluice_core::transform::DeadLetter {
                         transform: "mapping".into(),
                         reason: reason.clone(),
@@ -2874,6 +2879,11 @@ pub async fn run_push(
                 })?;
             summary.sent += records.len() as u64;
             summary.requests += 1;
+            options.progress.pages.fetch_add(1, Relaxed);
+            options
+                .progress
+                .records
+                .fetch_add(records.len() as u64, Relaxed);
         }
         // The batch was handled (accepted, or nothing of it left to send): move past it.
         unsaved = high.or(unsaved.take());
