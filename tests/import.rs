@@ -3182,7 +3182,9 @@ async fn a_run_cut_short_by_max_pages_keeps_the_cursor_unless_the_api_is_sorted(
         "45 records, 20 read: no cursor"
     );
     assert!(
-        s.warnings.iter().any(|w| w.contains("not advanced")),
+        s.warnings
+            .iter()
+            .any(|w| w.contains("not advanced") && w.contains("raise `max_pages`")),
         "{:?}",
         s.warnings
     );
@@ -4567,6 +4569,16 @@ async fn an_error_answered_with_200_mid_run_keeps_the_cursor() {
     assert_eq!(first.fetched, 2);
     let why = first.stopped_early.clone().unwrap_or_default();
     assert!(why.contains("page 2"), "{first:?}");
+    // The warning says why the cursor stays, and asks for no more pages.
+    let warned = first
+        .warnings
+        .iter()
+        .find(|w| w.contains("not advanced because the run stopped early"))
+        .unwrap_or_else(|| panic!("{:?}", first.warnings));
+    assert!(
+        warned.contains(&why) && !warned.contains("max_pages"),
+        "{warned}"
+    );
     assert_eq!(
         sync_cursor(&db, &name).await,
         None,

@@ -891,10 +891,17 @@ pub async fn run_import(
                 warn_once(&mut summary, name, warning);
             }
             if cut_short && max_cursor.is_some() {
+                // What to do depends on why: only a run cut at `max_pages` wants more pages.
+                let why = summary.stopped_early.clone().unwrap_or_default();
+                let remedy = if why.starts_with("stopped at `max_pages`") {
+                    "raise `max_pages`, or set `incremental.sorted = true` if the API returns records in cursor order"
+                } else {
+                    "the next run reads the same window again; set `incremental.sorted = true` if the API returns records in cursor order"
+                };
                 warn_once(
                     &mut summary,
                     name,
-                    "the incremental cursor was not advanced because the run stopped early; raise `max_pages`, or set `incremental.sorted = true` if the API returns records in cursor order".into(),
+                    format!("the incremental cursor was not advanced because the run stopped early ({why}); {remedy}"),
                 );
             }
             let finished = async {
