@@ -480,6 +480,14 @@ async fn a_run_whose_owners_keep_dying_is_given_up_but_hand_backs_do_not_count()
         crasher.get_str("error").unwrap().contains("3 times"),
         "{crasher}"
     );
+    // Counted FAILED where it was recorded: no owner lived to count it.
+    assert_eq!(
+        sluice_core::metrics::value(
+            "sluice_job_runs_total",
+            &[("job_name", "crasher"), ("status", "FAILED")]
+        ),
+        1.0
+    );
     let restarted = runs
         .find_one(doc! { "job": "restarted" })
         .await

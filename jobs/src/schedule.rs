@@ -1585,6 +1585,9 @@ async fn give_up(
             lapses,
             "a scheduled run whose owners kept dying was recorded FAILED"
         );
+        // Counted where it is recorded: no owner lived to count it, and the alert on
+        // FAILED runs is the one that must see a job that takes its process down.
+        count_job_run(run.get_str("job").unwrap_or("?"), "FAILED", 1);
     }
     Ok(())
 }
