@@ -228,6 +228,39 @@ async fn each_fire_runs_exactly_once_across_two_replicas() {
 }
 
 #[tokio::test]
+async fn a_trigger_runs_no_instant_from_before_the_job_was_scheduled() {
+    let db = TestDb::initialized().await;
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let since = Utc::now() + chrono::Duration::seconds(3);
+    let job = ScheduledJob {
+        name: "later".into(),
+        cron: "* * * * * *".into(),
+        timezone: None,
+        since: Some(since),
+    };
+    let runner = Arc::new(Counting {
+        log: log.clone(),
+        instance: "only".into(),
+        delay: Duration::from_millis(10),
+    });
+    let s = Scheduler::start(
+        db.store.clone(),
+        runner,
+        source(vec![job]),
+        options("only", 5_000),
+    )
+    .await
+    .unwrap();
+    support::wait_until("two fires ran", || async { log.lock().unwrap().len() >= 2 }).await;
+    s.shutdown().await;
+    let log = log.lock().unwrap().clone();
+    assert!(
+        log.iter().all(|(_, fire)| *fire >= since),
+        "{since}: {log:?}"
+    );
+}
+
+#[tokio::test]
 async fn a_replica_leaves_the_orphaned_run_of_a_job_it_does_not_schedule_alone() {
     let db = TestDb::initialized().await;
     let fire = Utc::now() - chrono::Duration::seconds(30);

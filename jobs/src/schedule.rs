@@ -233,10 +233,12 @@ pub fn previous_fire(
 ///
 /// The hour a fall-back repeats: the cron library maps a local time that happens twice
 /// to its first pass. A job at one fixed time of day runs once, at the first (as cron
-/// does); any other job (`0 */15 * * * *`, hourly) fires in both passes, so its
-/// instants are searched in the UTC offsets in force now and a few hours ago as well,
-/// where local time runs straight, and the latest that is a real instant of the job is
-/// taken.
+/// does); any other job (`0 */15 * * * *`, hourly) fires in both passes. Instants are
+/// searched in the UTC offsets in force now and a few hours ago as well, where local
+/// time runs straight, and the latest that is a real instant of the job is taken (for a
+/// job at one fixed time, a second pass counts as its first): within the repeated hour,
+/// before its second pass of the job's time, the cron library's answer is the day
+/// before's instant, and a trigger firing then would run it again.
 pub fn fire_instant(
     cron: &croner::Cron,
     tz: chrono_tz::Tz,
@@ -248,10 +250,15 @@ pub fn fire_instant(
         .find_previous_occurrence(&now.with_timezone(&tz), true)
         .map(|t| t.with_timezone(&Utc))
         .unwrap_or(now);
-    if cron.determine_job_type() == croner::JobType::FixedTime {
-        return in_zone;
-    }
+    let fixed = cron.determine_job_type() == croner::JobType::FixedTime;
     let offset_at = |t: chrono::DateTime<Utc>| tz.offset_from_utc_datetime(&t.naive_utc()).fix();
+    // The first pass of the local time `t` falls on, when that time happens twice.
+    let first_pass = |t: chrono::DateTime<Utc>| match tz
+        .from_local_datetime(&t.with_timezone(&tz).naive_local())
+    {
+        chrono::LocalResult::Ambiguous(first, _) => first.with_timezone(&Utc),
+        _ => t,
+    };
     let mut latest = in_zone;
     for probe in [now, now - chrono::Duration::hours(3)] {
         let offset = offset_at(probe);
@@ -260,7 +267,11 @@ pub fn fire_instant(
         };
         let found = found.with_timezone(&Utc);
         // An instant of the job only where that offset is the zone's.
-        if found <= now && found > latest && offset_at(found) == offset {
+        if offset_at(found) != offset {
+            continue;
+        }
+        let found = if fixed { first_pass(found) } else { found };
+        if found <= now && found > latest {
             latest = found;
         }
     }
@@ -473,7 +484,19 @@ impl Scheduler {
                 let job = job_clone.clone();
                 let cron = cron.clone();
                 Box::pin(async move {
-                    let fire = fire_instant(&cron, tz, Utc::now());
+                    let now = Utc::now();
+                    let fire = fire_instant(&cron, tz, now);
+                    // A trigger fires on its instant. One that finds only an instant older
+                    // than the missed-fire check would run (a trigger remade as the zone's
+                    // offset changed fires at once), or one from before the job was
+                    // scheduled, has none to run.
+                    let late = (now - fire).to_std().unwrap_or_default();
+                    if late > missed_fire_window(inner.options.reload_every)
+                        || job.since.is_some_and(|since| fire < since)
+                    {
+                        tracing::debug!(job = %job.name, %fire, "trigger fired with no instant of the job due; nothing run");
+                        return;
+                    }
                     let outcome = fire_job(&inner, &job, fire).await;
                     log_outcome(&job.name, fire, &outcome);
                 })
@@ -1739,6 +1762,16 @@ mod tests {
             fire_instant(&cron, chrono_tz::Europe::Paris, twice).to_rfc3339(),
             "2026-10-25T00:30:00+00:00"
         );
+        // So it is within the repeated hour before its second 02:30: not the day before's
+        // instant, which a trigger remade then would run again.
+        for now in ["2026-10-25T01:00:05Z", "2026-10-25T01:29:59Z"] {
+            let now = now.parse::<chrono::DateTime<Utc>>().unwrap();
+            assert_eq!(
+                fire_instant(&cron, chrono_tz::Europe::Paris, now).to_rfc3339(),
+                "2026-10-25T00:30:00+00:00",
+                "{now}"
+            );
+        }
     }
 
     #[test]
