@@ -2986,6 +2986,16 @@ async fn db_check_reports_what_differs_and_skips_archived_days() {
         .delete_many(doc! { "eventId": "c2" })
         .await
         .unwrap();
+    // A stray session document: a copy of `new` under another id, with no events.
+    let sessions = db.store.collection("sessions");
+    let mut ghost = sessions
+        .find_one(doc! { "sessionId": "new" })
+        .await
+        .unwrap()
+        .unwrap();
+    ghost.remove("_id");
+    ghost.insert("sessionId", "ghost");
+    sessions.insert_one(ghost).await.unwrap();
     db.store
         .collection("event_ids")
         .update_many(doc! {}, doc! { "$set": { "at": at("2026-03-02", 11) } })
@@ -3006,14 +3016,21 @@ async fn db_check_reports_what_differs_and_skips_archived_days() {
         "{stdout}"
     );
     assert!(
+        stdout.contains("2 sessions differ (stored / recomputed from events):\n")
+            && stdout.contains("  new: pageViews 7 / 2\n")
+            && stdout.contains("  ghost: events 2 / 0 (no event of this session is stored)"),
+        "{stdout}"
+    );
+    // Its visitor's count of sessions says where it comes from.
+    assert!(
         stdout.contains(
-            "1 sessions differ (stored / recomputed from events):\n  new: pageViews 7 / 2\n"
+            "  v-new: totalSessions 1 / 2 (the `sessions` documents naming this visitor)"
         ),
         "{stdout}"
     );
     assert!(!stdout.contains("  old:"), "{stdout}");
     assert!(
-        stderr.contains("error: 1 sessions and 0 visitors differ from their events"),
+        stderr.contains("error: 2 sessions and 1 visitors differ from their events"),
         "{stderr}"
     );
 }

@@ -530,7 +530,7 @@ pub fn declare_metrics(kind: ExportJobType) {
 fn count_windows_not_exported(kind: ExportJobType, reason: &str, n: u64) {
     sluice_core::metrics::count(
         "sluice_export_windows_not_exported_total",
-        "Scheduled export days a run left without their data published, by kind and reason (beyond_catch_up, archived_first, late_events_not_republished, late_days_beyond_per_run, late_events_archived_first); a day still missing at the next run is counted again.",
+        "Scheduled export days a run left without their data published, by kind and reason (beyond_catch_up, archived_first, late_events_not_republished, late_days_beyond_per_run, late_events_archived_first); a day still missing at the next run is counted again, but for beyond_catch_up, counted once by the run that skipped it.",
         &[("kind", kind.as_str()), ("reason", reason)],
         n,
     );
