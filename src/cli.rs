@@ -2504,27 +2504,7 @@ pub async fn admin_create_user(
     email: &str,
     role: sluice_core::model::Role,
 ) -> anyhow::Result<()> {
-    use std::io::IsTerminal;
-    let password = match std::env::var("SLUICE_ADMIN_PASSWORD") {
-        Ok(p) => p,
-        // Typed at a terminal: not echoed, and asked twice so a typo does not lock the
-        // first admin out.
-        Err(_) if std::io::stdin().is_terminal() => {
-            let first = rpassword::prompt_password(format!("password for {email}: "))?;
-            let again = rpassword::prompt_password("the same password again: ")?;
-            anyhow::ensure!(
-                first == again,
-                "the two passwords differ; nothing was created"
-            );
-            first
-        }
-        // Piped: one line.
-        Err(_) => {
-            let mut line = String::new();
-            std::io::stdin().read_line(&mut line)?;
-            line.trim_end_matches(['\r', '\n']).to_string()
-        }
-    };
+    let password = read_new_password(email, "nothing was created")?;
     let store = Store::connect(config).await?;
     store.init().await?;
     crate::server::admin::create_admin_user(&store, email, &password, role)
@@ -2532,6 +2512,42 @@ pub async fn admin_create_user(
         .map_err(anyhow::Error::msg)?;
     println!("created {role} {}", email.trim().to_ascii_lowercase());
     Ok(())
+}
+
+/// `sluice admin set-password`: a new password for an admin user (one who forgot theirs,
+/// or whose password leaked), their sessions ended.
+pub async fn admin_set_password(config: &Config, email: &str) -> anyhow::Result<()> {
+    let password = read_new_password(email, "nothing was changed")?;
+    let store = Store::connect(config).await?;
+    crate::server::admin::set_admin_password(&store, email, &password)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    tracing::info!(user = %email.trim().to_ascii_lowercase(), "an admin user's password was set from the command line; their sessions were ended");
+    println!(
+        "set the password of {}; their sessions were ended",
+        email.trim().to_ascii_lowercase()
+    );
+    Ok(())
+}
+
+/// A new password for `email`: `SLUICE_ADMIN_PASSWORD`, else typed at a terminal (not
+/// echoed, asked twice so a typo does not lock the user out), else one line of stdin.
+fn read_new_password(email: &str, else_said: &str) -> anyhow::Result<String> {
+    use std::io::IsTerminal;
+    Ok(match std::env::var("SLUICE_ADMIN_PASSWORD") {
+        Ok(p) => p,
+        Err(_) if std::io::stdin().is_terminal() => {
+            let first = rpassword::prompt_password(format!("password for {email}: "))?;
+            let again = rpassword::prompt_password("the same password again: ")?;
+            anyhow::ensure!(first == again, "the two passwords differ; {else_said}");
+            first
+        }
+        Err(_) => {
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line)?;
+            line.trim_end_matches(['\r', '\n']).to_string()
+        }
+    })
 }
 
 /// The export kinds whose schedules publish late events again (an ARCHIVE waits for them).

@@ -90,6 +90,11 @@ enum AdminCommand {
         #[arg(long, default_value = "ADMIN", value_parser = parse_role)]
         role: sluice_core::model::Role,
     },
+    /// Set an admin user's password (read as for `create-user`) and end their sessions.
+    SetPassword {
+        #[arg(long)]
+        email: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -472,6 +477,9 @@ fn main() -> ExitCode {
             Command::Admin {
                 command: AdminCommand::CreateUser { email, role },
             } => cli::admin_create_user(&config, &email, role).await,
+            Command::Admin {
+                command: AdminCommand::SetPassword { email },
+            } => cli::admin_set_password(&config, &email).await,
             Command::Jobs { command } => match command {
                 JobsCommand::List => cli::jobs_list(&config).await,
                 JobsCommand::Run { name, from, to } => {

@@ -1074,7 +1074,9 @@ async fn role_changes_deactivation_and_logout_take_effect_on_the_next_request() 
         // The wrong shape, as for any body that deserializes wrongly.
         ("an@x.io", json!({}), 422),
         ("an@x.io", json!({ "role": "ROOT" }), 400),
-        ("an@x.io", json!({ "password": "x" }), 422),
+        // A password reset to one Sluice does not take (12 to 72 bytes).
+        ("an@x.io", json!({ "password": "x" }), 400),
+        ("an@x.io", json!({ "colour": "red" }), 422),
     ] {
         let r = change(email, body.clone()).await.unwrap();
         assert_eq!(r.status().as_u16(), status, "{email} {body}");
@@ -1425,6 +1427,37 @@ async fn the_cli_creates_admin_users_who_can_sign_in() {
             ("boss@x.io".to_string(), "ADMIN".to_string())
         ]
     );
+    // A forgotten password is set anew from the command line; the user's sessions end.
+    let boss = token_of(&base, "boss@x.io").await;
+    let set_password = |email: &'static str| {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || {
+            support::sluice_command()
+                .arg("--config")
+                .arg(&config)
+                .args(["admin", "set-password", "--email", email])
+                .env("SLUICE_ADMIN_PASSWORD", "set from the shell")
+                .stdin(std::process::Stdio::null())
+                .output()
+                .unwrap()
+        })
+    };
+    let out = set_password("BOSS@x.io").await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(me_status(&base, &boss).await, 401);
+    assert_eq!(login(&base, "boss@x.io", PASSWORD).await.0, 401);
+    assert_eq!(login(&base, "boss@x.io", "set from the shell").await.0, 200);
+    let out = set_password("nobody@x.io").await.unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no user `nobody@x.io`"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     server.shutdown().await;
     std::fs::remove_dir_all(dir).unwrap();
 }
@@ -1572,4 +1605,91 @@ async fn a_login_for_an_unknown_email_takes_as_long_as_one_for_a_known_email() {
         "unknown {unknown:?}, known {known:?}"
     );
     server.shutdown().await;
+}
+
+async fn post_password(base: &str, token: &str, current: &str, new: &str) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .post(format!("{base}/v1/admin/password"))
+        .bearer_auth(token)
+        .json(&json!({ "current": current, "new": new }))
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+}
+
+async fn me_status(base: &str, token: &str) -> u16 {
+    reqwest::Client::new()
+        .get(format!("{base}/v1/admin/me"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test]
+async fn passwords_are_changed_by_their_user_or_reset_by_an_admin_and_end_sessions() {
+    let db = TestDb::initialized().await;
+    let (server, base, admin) = signed_in_admin(&db, |_| {}).await;
+    sluice::server::admin::create_admin_user(&db.store, "ana@x.io", PASSWORD, Role::Analyst)
+        .await
+        .unwrap();
+    let ana = token_of(&base, "ana@x.io").await;
+    let other_session = token_of(&base, "ana@x.io").await;
+    // The current password is checked; the new one must be one Sluice takes.
+    let (status, body) =
+        post_password(&base, &ana, "not the password", "a new long password").await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (403, Some("invalid_credentials")),
+        "{body}"
+    );
+    let (status, body) = post_password(&base, &ana, PASSWORD, "short").await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(me_status(&base, &ana).await, 200, "nothing changed yet");
+    // Changed: every session of the user ends, and only the new password signs in.
+    let (status, body) = post_password(&base, &ana, PASSWORD, "a new long password").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["passwordChanged"], true);
+    assert_eq!(me_status(&base, &ana).await, 401);
+    assert_eq!(me_status(&base, &other_session).await, 401);
+    assert_eq!(login(&base, "ana@x.io", PASSWORD).await.0, 401);
+    let (status, body) = login(&base, "ana@x.io", "a new long password").await;
+    assert_eq!(status, 200, "{body}");
+    let ana = body["token"].as_str().unwrap().to_string();
+    // An admin resets it: the user's sessions end, the answer holds no hash.
+    let r = reqwest::Client::new()
+        .patch(format!("{base}/v1/admin/users/ana@x.io"))
+        .bearer_auth(&admin)
+        .json(&json!({ "password": "reset by the admin" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let changed: Value = r.json().await.unwrap();
+    assert!(changed.get("password").is_none(), "{changed}");
+    assert_eq!(changed["role"], "ANALYST", "{changed}");
+    assert_eq!(me_status(&base, &ana).await, 401);
+    assert_eq!(login(&base, "ana@x.io", "a new long password").await.0, 401);
+    assert_eq!(login(&base, "ana@x.io", "reset by the admin").await.0, 200);
+    // Only an admin resets another's; the admin's own session is untouched.
+    let analyst = token_of_with(&base, "ana@x.io", "reset by the admin").await;
+    let r = reqwest::Client::new()
+        .patch(format!("{base}/v1/admin/users/ops@x.io"))
+        .bearer_auth(&analyst)
+        .json(&json!({ "password": "taken over by ana" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 403);
+    assert_eq!(me_status(&base, &admin).await, 200);
+    server.shutdown().await;
+}
+
+async fn token_of_with(base: &str, email: &str, password: &str) -> String {
+    let (status, body) = login(base, email, password).await;
+    assert_eq!(status, 200, "{body}");
+    body["token"].as_str().unwrap().to_string()
 }

@@ -249,6 +249,8 @@ struct UserChange {
     role: Option<String>,
     #[serde(rename = "isActive")]
     is_active: Option<bool>,
+    /// A new password (a reset by an admin): the user's sessions end.
+    password: Option<String>,
 }
 
 /// `PATCH /v1/admin/users/{email}` with `{"role": ..., "isActive": ...}`: changes take
@@ -278,18 +280,32 @@ async fn change_user(
     if let Some(active) = body.is_active {
         set.insert("isActive", active);
     }
+    if let Some(password) = &body.password {
+        let hash = password_hash(password).await.map_err(user_error)?;
+        set.insert("password", hash);
+        set.insert("passwordChangedAt", state.store.now());
+    }
     if set.len() == 1 {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid_body",
-            "expected {\"role\": ...} and/or {\"isActive\": true|false}",
+            "expected {\"role\": ...}, {\"isActive\": true|false} and/or {\"password\": ...}",
         ));
     }
     let changed = change_as_admin(&state, &me, &email, set).await?;
+    tracing::info!(
+        by = %me,
+        user = %email,
+        role = body.role.as_deref().unwrap_or("-"),
+        is_active = ?body.is_active,
+        password_reset = body.password.is_some(),
+        "an admin changed a user"
+    );
     // Deactivated or reactivated, the user signs in anew: a login whose check was in
     // flight as the user was deactivated may have stored a token after that deletion,
-    // useless while the user is inactive, but not to come back with a reactivation.
-    if body.is_active.is_some() {
+    // useless while the user is inactive, but not to come back with a reactivation. A
+    // password reset ends their sessions too.
+    if body.is_active.is_some() || body.password.is_some() {
         state
             .store
             .collection(c::ADMIN_TOKENS)
@@ -462,6 +478,7 @@ async fn login(
         (format!("email:{email}"), MAX_EMAIL_FAILURES),
     ];
     let Some(attempt) = state.login_guard.attempt(keys) else {
+        tracing::warn!(email = ?email, client = %client, "a login was refused: too many failed logins (429)");
         return Err(ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "too_many_attempts",
@@ -502,10 +519,12 @@ async fn login(
     .ok()
     .flatten();
     let (Some(attempt), Some(user)) = (checked, user) else {
+        tracing::warn!(email = ?email, client = %client, "a login failed: wrong email or password");
         return Err(refused());
     };
     if !user.is_active {
         attempt.failed();
+        tracing::warn!(email = ?email, client = %client, "a login failed: the user is deactivated");
         return Err(refused());
     }
     let token = format!(
@@ -527,6 +546,7 @@ async fn login(
             doc! { "$set": { "lastLogin": state.store.now() } },
         )
         .await;
+    tracing::info!(email = %email, role = user.role.as_str(), client = %client, "signed in");
     Ok(Json(
         json!({ "token": token, "role": user.role.as_str(), "expiresIn": TOKEN_TTL.as_secs() }),
     ))
@@ -575,11 +595,7 @@ async fn create_user(
     let role = role_param(&body.role)?;
     create_admin_user(&state.store, &body.email, &body.password, role)
         .await
-        .map_err(|e| match e {
-            UserError::Invalid(m) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_user", m),
-            UserError::Exists(m) => ApiError::new(StatusCode::CONFLICT, "user_exists", m),
-            UserError::Store(m) => store_error(m),
-        })?;
+        .map_err(user_error)?;
     Ok((
         StatusCode::CREATED,
         Json(json!({ "email": body.email.trim().to_ascii_lowercase(), "role": role.as_str() })),
@@ -612,16 +628,7 @@ pub async fn create_admin_user(
             "`{email}` is not an email address"
         )));
     }
-    if password.len() < 12 || password.len() > MAX_PASSWORD_BYTES {
-        return Err(UserError::Invalid(format!(
-            "a password of 12 to {MAX_PASSWORD_BYTES} bytes (bcrypt ignores the bytes after the first {MAX_PASSWORD_BYTES})"
-        )));
-    }
-    let password = password.to_string();
-    let hash = tokio::task::spawn_blocking(move || bcrypt::hash(password, bcrypt::DEFAULT_COST))
-        .await
-        .map_err(|e| UserError::Store(e.to_string()))?
-        .map_err(|e| UserError::Store(e.to_string()))?;
+    let hash = password_hash(password).await?;
     let now = store.now();
     let user = AdminUser {
         id: None,
@@ -648,6 +655,146 @@ pub async fn create_admin_user(
             }
         })?;
     Ok(())
+}
+
+/// The bcrypt hash of `password`, once it is one Sluice takes (12 to 72 bytes).
+async fn password_hash(password: &str) -> Result<String, UserError> {
+    if password.len() < 12 || password.len() > MAX_PASSWORD_BYTES {
+        return Err(UserError::Invalid(format!(
+            "a password of 12 to {MAX_PASSWORD_BYTES} bytes (bcrypt ignores the bytes after the first {MAX_PASSWORD_BYTES})"
+        )));
+    }
+    let password = password.to_string();
+    tokio::task::spawn_blocking(move || bcrypt::hash(password, bcrypt::DEFAULT_COST))
+        .await
+        .map_err(|e| UserError::Store(e.to_string()))?
+        .map_err(|e| UserError::Store(e.to_string()))
+}
+
+/// Sets the password of admin user `email` (also `sluice admin set-password`) and ends
+/// their sessions: every token of theirs is deleted, so whoever held the old password
+/// (or a token got with it) is signed out.
+pub async fn set_admin_password(
+    store: &sluice_connectors::Store,
+    email: &str,
+    password: &str,
+) -> Result<(), UserError> {
+    let email = email.trim().to_ascii_lowercase();
+    let hash = password_hash(password).await?;
+    let now = store.now();
+    let set = store
+        .collection(c::ADMIN_USERS)
+        .update_one(
+            doc! { "email": &email },
+            doc! { "$set": { "password": hash, "passwordChangedAt": now, common::UPDATED_AT: now } },
+        )
+        .await
+        .map_err(|e| UserError::Store(e.to_string()))?;
+    if set.matched_count == 0 {
+        return Err(UserError::Invalid(format!("no user `{email}`")));
+    }
+    end_sessions(store, &email)
+        .await
+        .map_err(|e| UserError::Store(e.to_string()))
+}
+
+/// Deletes every token of `email`.
+async fn end_sessions(
+    store: &sluice_connectors::Store,
+    email: &str,
+) -> Result<(), mongodb::error::Error> {
+    store
+        .collection(c::ADMIN_TOKENS)
+        .delete_many(doc! { "email": email })
+        .await
+        .map(|_| ())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PasswordChange {
+    current: String,
+    new: String,
+}
+
+/// `POST /v1/admin/password` with `{"current", "new"}`: a signed-in user changes their own
+/// password. The current one is checked as a login's is (and its failures count against
+/// the same limits, so a stolen token cannot be used to guess it); every token of the
+/// user is then deleted, this one too: they sign in again with the new password.
+async fn change_password(
+    State(state): State<AppState>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
+    headers: HeaderMap,
+    body: Result<Json<PasswordChange>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let (me, _) = caller(&state, &headers, Role::User).await?;
+    let body = json_body(body)?;
+    let client = super::enrich::client_ip(peer.ip(), &headers, &state.trusted);
+    let client = super::enrich::client_key(client);
+    let keys = vec![
+        (format!("pair:{client} {me}"), MAX_FAILURES),
+        (format!("ip:{client}"), MAX_CLIENT_FAILURES),
+        (format!("email:{me}"), MAX_EMAIL_FAILURES),
+    ];
+    let Some(attempt) = state.login_guard.attempt(keys) else {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_attempts",
+            "too many failed password checks; wait 15 minutes",
+        )
+        .retry(900));
+    };
+    let user = state
+        .store
+        .db()
+        .collection::<AdminUser>(c::ADMIN_USERS)
+        .find_one(doc! { "email": &me })
+        .await
+        .map_err(store_error)?
+        .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "no such user"))?;
+    let permit = state
+        .login_guard
+        .verifying
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(store_error)?;
+    let current = body.current.clone();
+    let ok = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        let ok = current.len() <= MAX_PASSWORD_BYTES
+            && bcrypt::verify(current, &user.password).unwrap_or(false);
+        if !ok {
+            attempt.failed();
+        }
+        ok
+    })
+    .await
+    .unwrap_or(false);
+    if !ok {
+        tracing::warn!(email = %me, client = %client, "a password change was refused: wrong current password");
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "invalid_credentials",
+            "the current password is wrong",
+        ));
+    }
+    set_admin_password(&state.store, &me, &body.new)
+        .await
+        .map_err(user_error)?;
+    tracing::info!(email = %me, "an admin user changed their password; their sessions were ended");
+    Ok(Json(
+        json!({ "email": me, "passwordChanged": true, "message": "every session of yours was ended: sign in again with the new password" }),
+    ))
+}
+
+/// A [`UserError`] as the API answers it.
+fn user_error(e: UserError) -> ApiError {
+    match e {
+        UserError::Invalid(m) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_user", m),
+        UserError::Exists(m) => ApiError::new(StatusCode::CONFLICT, "user_exists", m),
+        UserError::Store(m) => store_error(m),
+    }
 }
 
 async fn list_jobs(
@@ -1329,6 +1476,7 @@ pub fn routes() -> Router<AppState> {
         .route(LOGIN_PATH, post(login))
         .route("/v1/admin/logout", post(logout))
         .route("/v1/admin/me", get(me))
+        .route("/v1/admin/password", post(change_password))
         .route("/v1/admin/users", get(list_users).post(create_user))
         .route("/v1/admin/users/{email}", axum::routing::patch(change_user))
         .route("/v1/admin/configs", get(list_configs).post(apply_config))
