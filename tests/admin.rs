@@ -721,6 +721,36 @@ async fn analytics_parameters_are_validated() {
         let body: Value = r.json().await.unwrap();
         assert_eq!(body["error"], "invalid_parameter");
     }
+    // Each says what is wrong with it.
+    for (path, said) in [
+        (
+            "/v1/analytics/daily?from=2026-01-01&to=2025-01-01",
+            "`from` (2026-01-01) is after `to` (2025-01-01)",
+        ),
+        (
+            "/v1/analytics/daily?from=2024-01-01&to=2025-01-01",
+            "is 367 days; a range holds at most 366",
+        ),
+        ("/v1/analytics/top-pages?from=2999-01-01", "is after today"),
+        (
+            "/v1/analytics/top-pages?from=2020-01-01",
+            "must be within the last 366 days",
+        ),
+    ] {
+        let body: Value = client
+            .get(format!("{base}{path}"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert!(
+            body["message"].as_str().unwrap().contains(said),
+            "{path}: {body}"
+        );
+    }
     // 366 days, a leap year: accepted.
     let r = client
         .get(format!(

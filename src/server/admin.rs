@@ -1299,12 +1299,15 @@ async fn daily(
     let to = day_param("to", q.to.as_deref(), today)?;
     let from = day_param("from", q.from.as_deref(), to - chrono::Days::new(6))?;
     // Both ends count: 2024-01-01..=2024-12-31 is 366 days.
-    if from > to || (to - from).num_days() + 1 > 366 {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_parameter",
-            "`from` must not be after `to`, and the range holds at most 366 days",
-        ));
+    let bad = |m: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_parameter", m);
+    if from > to {
+        return Err(bad(format!("`from` ({from}) is after `to` ({to})")));
+    }
+    if (to - from).num_days() + 1 > 366 {
+        return Err(bad(format!(
+            "`from` ({from}) to `to` ({to}) is {} days; a range holds at most 366",
+            (to - from).num_days() + 1
+        )));
     }
     refuse_archived_days(&state, from, to).await?;
     let in_window = doc! { "$match": sluice_jobs::export::counted_events(doc! { "$gte": sluice_jobs::export::day_start(from), "$lt": sluice_jobs::export::day_start(to + chrono::Days::new(1)) }) };
@@ -1389,11 +1392,18 @@ async fn top_pages(
     let from = day_param("from", q.from.as_deref(), today - chrono::Days::new(7))?;
     // As for the daily analytics: at most a year, and not over days moved to ARCHIVE
     // (their page views are no longer here to count).
-    if from > today || (today - from).num_days() + 1 > 366 {
+    if from > today {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_parameter",
-            "`from` must be within the last 366 days",
+            format!("`from` ({from}) is after today ({today}, UTC)"),
+        ));
+    }
+    if (today - from).num_days() + 1 > 366 {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_parameter",
+            format!("`from` ({from}) must be within the last 366 days"),
         ));
     }
     refuse_archived_days(&state, from, today).await?;
