@@ -430,6 +430,26 @@ impl Runner for EngineRunner {
             this.run_job(&name).await
         })
     }
+
+    fn lapsed(
+        &self,
+        job: &str,
+        lapsed_at: chrono::DateTime<chrono::Utc>,
+        error: &str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        let store = self.store.clone();
+        let (job, error) = (job.to_string(), error.to_string());
+        Box::pin(async move {
+            let Some(config) = job.strip_prefix(INTEGRATION_PREFIX) else {
+                return;
+            };
+            let at = bson::DateTime::from_chrono(lapsed_at);
+            if let Err(e) = sluice_jobs::import::close_lapsed_runs(&store, config, at, &error).await
+            {
+                tracing::warn!(job, error = %e, "could not close the import run of a lapsed run; the config's next run closes it");
+            }
+        })
+    }
 }
 
 /// A completed import as its job's run ends: its line, or an error when it stored none of

@@ -5701,3 +5701,49 @@ async fn a_key_that_comes_twice_in_a_run_is_warned_of() {
         .unwrap();
     assert!(s.warnings.is_empty(), "{:?}", s.warnings);
 }
+
+/// A run the scheduler recorded FAILED after its lease lapsed leaves its import run
+/// RUNNING no longer: closed INTERRUPTED, unless it was written after the lapse (a run
+/// started or resumed since).
+#[tokio::test]
+async fn the_import_run_of_a_lapsed_scheduled_run_is_closed_but_not_a_newer_one() {
+    let db = TestDb::initialized().await;
+    let runs = db.store.collection("import_runs");
+    let now = db.store.now().timestamp_millis();
+    let at = |ms: i64| bson::DateTime::from_millis(now + ms);
+    runs.insert_many(vec![
+        doc! { "runId": "crm-dead", "config": "crm", "status": "RUNNING", "updatedAt": at(-120_000) },
+        doc! { "runId": "crm-live", "config": "crm", "status": "RUNNING", "updatedAt": at(-1_000) },
+        doc! { "runId": "other-dead", "config": "other", "status": "RUNNING", "updatedAt": at(-120_000) },
+    ])
+    .await
+    .unwrap();
+    let closed = sluice_jobs::import::close_lapsed_runs(
+        &db.store,
+        "crm",
+        at(-60_000),
+        "abandoned: its process stopped",
+    )
+    .await
+    .unwrap();
+    assert_eq!(closed, 1);
+    let status = |id: &'static str| {
+        let runs = runs.clone();
+        async move { runs.find_one(doc! { "runId": id }).await.unwrap().unwrap() }
+    };
+    let dead = status("crm-dead").await;
+    assert_eq!(dead.get_str("status").unwrap(), "INTERRUPTED", "{dead}");
+    assert!(
+        dead.get_str("error").unwrap().starts_with("abandoned"),
+        "{dead}"
+    );
+    assert_eq!(dead.get_array("failures").unwrap().len(), 1, "{dead}");
+    assert_eq!(
+        status("crm-live").await.get_str("status").unwrap(),
+        "RUNNING"
+    );
+    assert_eq!(
+        status("other-dead").await.get_str("status").unwrap(),
+        "RUNNING"
+    );
+}

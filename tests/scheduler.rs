@@ -39,7 +39,24 @@ impl Runner for Counting {
             Ok(format!("{name} done"))
         })
     }
+
+    fn lapsed(
+        &self,
+        job: &str,
+        _lapsed_at: chrono::DateTime<Utc>,
+        error: &str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        LAPSED
+            .lock()
+            .unwrap()
+            .push((job.to_string(), error.to_string()));
+        Box::pin(async {})
+    }
 }
+
+/// The runs the sweepers of this process told their runner were recorded FAILED after
+/// their lease lapsed: (job, error).
+static LAPSED: Mutex<Vec<(String, String)>> = Mutex::new(Vec::new());
 
 /// Waits until the run `filter` selects has `status`.
 async fn status_becomes(db: &TestDb, filter: bson::Document, status: &str) {
@@ -512,6 +529,16 @@ async fn a_run_whose_owners_keep_dying_is_given_up_but_hand_backs_do_not_count()
     assert!(
         crasher.get_str("error").unwrap().contains("3 times"),
         "{crasher}"
+    );
+    // The runner is told, to close what the run wrote of its own progress.
+    assert!(
+        LAPSED
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(job, error)| job == "crasher" && error.starts_with("given up")),
+        "{:?}",
+        LAPSED.lock().unwrap()
     );
     // Counted FAILED where it was recorded: no owner lived to count it.
     assert_eq!(

@@ -2361,6 +2361,41 @@ async fn close_orphaned_runs(store: &Store, name: &str) -> Result<(), StoreError
     Ok(())
 }
 
+/// Closes the runs of `name` still recorded RUNNING that were last written before
+/// `lapsed_at`, when the scheduler recorded FAILED the run whose lease lapsed then (its
+/// process died, or was given up): INTERRUPTED, with `why` in `failures`. A run started
+/// since (or resumed, under the same run id) has written after it, and is left alone.
+/// Without this, the run stayed RUNNING in `import_runs` until the config's next run.
+pub async fn close_lapsed_runs(
+    store: &Store,
+    name: &str,
+    lapsed_at: DateTime,
+    why: &str,
+) -> Result<u64, StoreError> {
+    let now = store.now();
+    let mut update = doc! {
+        "$set": { r::STATUS: "INTERRUPTED", "endTime": now, "error": why, common::UPDATED_AT: now },
+    };
+    update.extend(failure_noted(doc! { "at": now, "error": why }));
+    let closed = store
+        .collection(c::IMPORT_RUNS)
+        .update_many(
+            doc! { r::CONFIG: name, r::STATUS: "RUNNING", common::UPDATED_AT: { "$lt": lapsed_at } },
+            update,
+        )
+        .await
+        .map_err(StoreError::mongo(c::IMPORT_RUNS, "close lapsed runs"))?
+        .modified_count;
+    if closed > 0 {
+        tracing::warn!(
+            config = name,
+            runs = closed,
+            "{why}; its import run recorded INTERRUPTED"
+        );
+    }
+    Ok(closed)
+}
+
 /// Marks the RUNNING runs of `configs` INTERRUPTED, with the progress of their last
 /// checkpoint: for a process that stops while imports are in flight (their tasks are
 /// dropped, so they record nothing themselves). The next run resumes from the checkpoint

@@ -51,6 +51,20 @@ pub struct ScheduledJob {
 pub type RunFuture = Pin<Box<dyn Future<Output = Result<String, String>> + Send>>;
 pub trait Runner: Send + Sync + 'static {
     fn run(&self, job: &ScheduledJob, fire: chrono::DateTime<Utc>) -> RunFuture;
+
+    /// A run of `job` whose process stopped renewing its lease (which lapsed at
+    /// `lapsed_at`) was recorded FAILED with `error` by the sweeper: what the run wrote
+    /// of its own progress (an import's run record) may be closed too. Nothing by
+    /// default.
+    fn lapsed(
+        &self,
+        job: &str,
+        lapsed_at: chrono::DateTime<Utc>,
+        error: &str,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        let _ = (job, lapsed_at, error);
+        Box::pin(async {})
+    }
 }
 
 /// Where the set of jobs comes from; called again every `reload_every`, so config changes
@@ -1461,7 +1475,7 @@ async fn sweep(inner: &Arc<Inner>) -> Result<(), StoreError> {
     for o in orphans {
         if o.get_bool("manual").unwrap_or(false) {
             // A run by hand is not run again by a replica: its process stopped renewing it.
-            abandon(&runs, &o, now).await?;
+            abandon(inner, &runs, &o, now).await?;
             continue;
         }
         // An owner that handed the run back was stopping; one whose lease lapsed died (or
@@ -1474,7 +1488,7 @@ async fn sweep(inner: &Arc<Inner>) -> Result<(), StoreError> {
         let never_ran = o.contains_key(WAITING_SINCE);
         let lapses = o.get_i32("lapses").unwrap_or(0) + i32::from(!handed_back && !never_ran);
         if lapses >= MAX_LAPSES {
-            give_up(&runs, &o, lapses, now).await?;
+            give_up(inner, &runs, &o, lapses, now).await?;
             continue;
         }
         let (Ok(id), Ok(job), Ok(expires), Ok(fire)) = (
@@ -1596,6 +1610,7 @@ pub const MAX_LAPSES: i32 = 3;
 
 /// Records FAILED a scheduled run whose owners died `lapses` times running it.
 async fn give_up(
+    inner: &Arc<Inner>,
     runs: &mongodb::Collection<Document>,
     run: &Document,
     lapses: i32,
@@ -1603,6 +1618,7 @@ async fn give_up(
 ) -> Result<(), StoreError> {
     let error = format!("given up: the replicas running it stopped renewing its lease {lapses} times (a run that takes its process down is not handed on); see their logs, then run it by hand");
     if let Some(id) = fail_lapsed(runs, run, &error, doc! { "lapses": lapses }, now).await? {
+        ended_lapsed(inner, run, &error).await;
         tracing::error!(
             run = id,
             lapses,
@@ -1617,6 +1633,7 @@ async fn give_up(
 
 /// Records the run by hand `run`, whose lease lapsed, as FAILED.
 async fn abandon(
+    inner: &Arc<Inner>,
     runs: &mongodb::Collection<Document>,
     run: &Document,
     now: DateTime,
@@ -1626,12 +1643,20 @@ async fn abandon(
         run.get_str("owner").unwrap_or("?")
     );
     if let Some(id) = fail_lapsed(runs, run, &error, doc! {}, now).await? {
+        ended_lapsed(inner, run, &error).await;
         tracing::warn!(
             run = id,
             "a run by hand was abandoned (its process stopped); recorded FAILED"
         );
     }
     Ok(())
+}
+
+/// Tells the runner that the lapsed run `run` was recorded FAILED with `error`.
+async fn ended_lapsed(inner: &Arc<Inner>, run: &Document, error: &str) {
+    if let (Ok(job), Ok(lapsed_at)) = (run.get_str("job"), run.get_datetime("expiresAt")) {
+        inner.runner.lapsed(job, lapsed_at.to_chrono(), error).await;
+    }
 }
 
 /// Ends the lapsed run `run` FAILED with `error` (and `more` fields), if it is still
