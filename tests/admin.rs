@@ -1704,17 +1704,42 @@ async fn passwords_are_changed_by_their_user_or_reset_by_an_admin_and_end_sessio
     assert_eq!(me_status(&base, &ana).await, 401);
     assert_eq!(login(&base, "ana@x.io", "a new long password").await.0, 401);
     assert_eq!(login(&base, "ana@x.io", "reset by the admin").await.0, 200);
-    // Only an admin resets another's; the admin's own session is untouched.
-    let analyst = token_of_with(&base, "ana@x.io", "reset by the admin").await;
+    // Not another ADMIN's through the API: the resetting admin could act as them.
+    sluice::server::admin::create_admin_user(&db.store, "second@x.io", PASSWORD, Role::Admin)
+        .await
+        .unwrap();
+    let second = token_of(&base, "second@x.io").await;
     let r = reqwest::Client::new()
         .patch(format!("{base}/v1/admin/users/ops@x.io"))
-        .bearer_auth(&analyst)
-        .json(&json!({ "password": "taken over by ana" }))
+        .bearer_auth(&second)
+        .json(&json!({ "password": "taken over by second" }))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 403);
+    let body: Value = r.json().await.unwrap();
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("sluice admin set-password"),
+        "{body}"
+    );
     assert_eq!(me_status(&base, &admin).await, 200);
+    assert_eq!(login(&base, "ops@x.io", PASSWORD).await.0, 200);
+    // A token signed in with a password since changed is refused even if it outlived the
+    // change's deletion of tokens (a login whose check was in flight meanwhile).
+    let ana = token_of_with(&base, "ana@x.io", "reset by the admin").await;
+    let other_hash = bcrypt::hash("yet another password", 4).unwrap();
+    db.store
+        .collection("admin_users")
+        .update_one(
+            bson::doc! { "email": "ana@x.io" },
+            bson::doc! { "$set": { "password": other_hash } },
+        )
+        .await
+        .unwrap();
+    assert_eq!(me_status(&base, &ana).await, 401);
     server.shutdown().await;
 }
 

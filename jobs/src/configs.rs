@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use bson::{doc, DateTime, Document};
+use bson::{doc, Document};
 use sluice_connectors::{Store, StoreError};
 use sluice_core::integration::{
     credential_in_query, parse_file, validate, Connector, IntegrationFile,
@@ -252,7 +252,9 @@ pub async fn cursor_reading_changed(
 
 /// Stores (inserts or replaces) one config. `lastSync` and the cursor are kept.
 pub async fn apply(store: &Store, file: &IntegrationFile) -> Result<Applied, StoreError> {
-    let now = DateTime::now();
+    // The database's clock, as the scheduler reads `scheduleSince` against its fires: a
+    // host whose clock runs ahead would otherwise hold off the job's first fires.
+    let now = store.now();
     let spec = bson::to_document(file).map_err(|e| StoreError::Encode {
         collection: c::INTEGRATION_CONFIGS.into(),
         message: e.to_string(),

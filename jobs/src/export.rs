@@ -1500,7 +1500,8 @@ async fn late_unread(
 }
 
 /// Whether a run of `kind` published day `d` to the destination at `root` (a completed
-/// run whose window holds the day, as `export_jobs` records it).
+/// run whose window holds the day, as `export_jobs` records it), and the kind still runs
+/// there (a run completed within `LATE_WAIT`).
 async fn published_day(
     ctx: &ExportContext,
     kind: ExportJobType,
@@ -1508,20 +1509,33 @@ async fn published_day(
     d: NaiveDate,
 ) -> Result<bool, ExportError> {
     let day = d.to_string();
-    let run = ctx
-        .store
-        .collection(c::EXPORT_JOBS)
-        .find_one(doc! {
+    let find = |filter: Document| async move {
+        ctx.store
+            .collection(c::EXPORT_JOBS)
+            .find_one(filter)
+            .projection(doc! { "_id": 1 })
+            .await
+            .map(|found| found.is_some())
+            .map_err(StoreError::mongo(
+                c::EXPORT_JOBS,
+                "find the runs that published a day",
+            ))
+    };
+    let published = find(doc! {
+        "type": kind.as_str(), "status": "COMPLETED", history::ROOT: root,
+        "windowStart": { "$lte": &day }, "windowEnd": { "$gte": &day },
+    })
+    .await?;
+    // And still runs there: a kind last run long ago (a one-off backfill) would otherwise
+    // hold every late day it once published for `LATE_WAIT`, then be blamed for it.
+    let recent =
+        DateTime::from_millis(ctx.store.now().timestamp_millis() - LATE_WAIT.as_millis() as i64);
+    Ok(published
+        && find(doc! {
             "type": kind.as_str(), "status": "COMPLETED", history::ROOT: root,
-            "windowStart": { "$lte": &day }, "windowEnd": { "$gte": &day },
+            "endTime": { "$gte": recent },
         })
-        .projection(doc! { "_id": 1 })
-        .await
-        .map_err(StoreError::mongo(
-            c::EXPORT_JOBS,
-            "find the runs that published a day",
-        ))?;
-    Ok(run.is_some())
+        .await?)
 }
 
 /// Stops the archive at day `d` when some of its events have no date `createdAt`

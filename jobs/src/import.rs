@@ -1214,7 +1214,7 @@ fn note_skipped(
             continue;
         }
         let warning = format!(
-            "{said} under the skip-batch policy (the first: {}); they are not stored and the cursor moves past them (`skipped` counts them)",
+            "{said} under the skip-batch policy (the first: {}); they are not stored (`skipped` counts them; an incremental cursor moves past them unless `incremental.hold_on_failures`)",
             s.reason
         );
         tracing::warn!(config, "{warning}");

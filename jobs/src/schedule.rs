@@ -41,9 +41,9 @@ pub struct ScheduledJob {
     pub timezone: Option<String>,
     /// When the job's schedule took effect (an integration config's `scheduleSince`: its
     /// creation, or a change of its schedule, time zone or `isActive`): an instant before
-    /// it is not fired as missed (a config applied, or turned back on, a few seconds after
-    /// its cron's instant did not miss that instant). `None`: always in effect (export
-    /// schedules in the config file).
+    /// it is not run, neither fired as missed (a config applied, or turned back on, a few
+    /// seconds after its cron's instant did not miss that instant) nor by a trigger.
+    /// `None`: always in effect (export schedules in the config file).
     pub since: Option<chrono::DateTime<Utc>>,
 }
 
@@ -493,22 +493,19 @@ impl Scheduler {
             };
             let inner = self.inner.clone();
             let job_clone = job.clone();
+            // A trigger fires for instants after it was made: one from before (a trigger
+            // remade as the zone's offset changed fires at once, finding the last
+            // instant) is the missed-fire check's to run, if no replica claimed it.
+            let made = whole_second(Utc::now());
             let trigger = Job::new_async_tz(job.cron.as_str(), tz, move |_, _| {
                 let inner = inner.clone();
                 let job = job_clone.clone();
                 let cron = cron.clone();
                 Box::pin(async move {
-                    let now = Utc::now();
-                    let fire = fire_instant(&cron, tz, now);
-                    // A trigger fires on its instant. One that finds only an instant older
-                    // than the missed-fire check would run (a trigger remade as the zone's
-                    // offset changed fires at once), or one from before the job was
-                    // scheduled, has none to run.
-                    let late = (now - fire).to_std().unwrap_or_default();
-                    if late > missed_fire_window(inner.options.reload_every)
-                        || job.since.is_some_and(|since| fire < since)
-                    {
-                        tracing::debug!(job = %job.name, %fire, "trigger fired with no instant of the job due; nothing run");
+                    let fire = fire_instant(&cron, tz, Utc::now());
+                    // Nor one from before the job's schedule took effect.
+                    if fire < made || job.since.is_some_and(|since| fire < since) {
+                        tracing::info!(job = %job.name, %fire, "a trigger fired with no new instant of the job due (remade as its time zone changed offset, or just scheduled); nothing run");
                         return;
                     }
                     let outcome = fire_job(&inner, &job, fire).await;

@@ -148,6 +148,13 @@ fn token_hash(token: &str) -> String {
     format!("{:x}", Sha256::digest(token.as_bytes()))
 }
 
+/// What a token keeps of the password hash it was signed in with (`pw`): a token minted
+/// by a login whose check was in flight while the password was changed (after the change
+/// deleted the user's tokens) names the old hash, and is refused.
+fn password_version(hash: &str) -> String {
+    token_hash(hash)[..16].to_string()
+}
+
 fn rank(role: Role) -> u8 {
     match role {
         Role::User => 1,
@@ -205,6 +212,13 @@ async fn caller(
         .map_err(store_error)?
         .filter(|u| u.get_bool("isActive").unwrap_or(false))
         .ok_or_else(unauthorized)?;
+    // Signed in with a password since changed (tokens from before `pw` was kept have
+    // none: they end by expiring, or with the user's next change).
+    if let Ok(pw) = found.get_str("pw") {
+        if user.get_str("password").map(password_version).as_deref() != Ok(pw) {
+            return Err(unauthorized());
+        }
+    }
     let role = Role::parse(user.get_str("role").unwrap_or("")).map_err(|_| unauthorized())?;
     if rank(role) < rank(min) {
         return Err(ApiError::new(
@@ -253,11 +267,13 @@ struct UserChange {
     password: Option<String>,
 }
 
-/// `PATCH /v1/admin/users/{email}` with `{"role": ..., "isActive": ...}`: changes take
-/// effect on the user's next request; deactivating also deletes their tokens. An admin
-/// cannot change their own account, so the last admin cannot lock everyone out.
+/// `PATCH /v1/admin/users/{email}` with `{"role": ..., "isActive": ..., "password": ...}`:
+/// changes take effect on the user's next request; deactivating, reactivating or a
+/// password reset (not of another ADMIN) also deletes their tokens. An admin cannot change
+/// their own account, so the last admin cannot lock everyone out.
 async fn change_user(
     State(state): State<AppState>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
     headers: HeaderMap,
     Path(email): Path<String>,
     body: Result<Json<UserChange>, JsonRejection>,
@@ -269,7 +285,7 @@ async fn change_user(
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_user",
-            "an admin cannot change their own role or deactivate themselves",
+            "an admin cannot change their own role, deactivate themselves or reset their own password here (change it with POST /v1/admin/password)",
         ));
     }
     let mut set = doc! { common::UPDATED_AT: state.store.now() };
@@ -281,6 +297,23 @@ async fn change_user(
         set.insert("isActive", active);
     }
     if let Some(password) = &body.password {
+        // Not another ADMIN's: the resetting admin could then act as them, their actions
+        // logged under the other's name. An ADMIN changes their own, or one is set with
+        // `sluice admin set-password` by whoever runs the deployment.
+        let target_role = state
+            .store
+            .collection(c::ADMIN_USERS)
+            .find_one(doc! { "email": &email })
+            .await
+            .map_err(store_error)?
+            .and_then(|u| u.get_str("role").ok().map(str::to_string));
+        if target_role.as_deref() == Some(Role::Admin.as_str()) {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "an ADMIN's password is not reset through the API: its owner changes it (POST /v1/admin/password), or it is set with `sluice admin set-password`",
+            ));
+        }
         let hash = password_hash(password).await.map_err(user_error)?;
         set.insert("password", hash);
         set.insert("passwordChangedAt", state.store.now());
@@ -295,6 +328,7 @@ async fn change_user(
     let changed = change_as_admin(&state, &me, &email, set).await?;
     tracing::info!(
         by = %me,
+        client = %client_of(&state, peer, &headers),
         user = %email,
         role = body.role.as_deref().unwrap_or("-"),
         is_active = ?body.is_active,
@@ -537,7 +571,10 @@ async fn login(
     state
         .store
         .collection(c::ADMIN_TOKENS)
-        .insert_one(doc! { common::ID: token_hash(&token), "email": &email, "role": user.role.as_str(), "expiresAt": expires })
+        .insert_one(doc! {
+            common::ID: token_hash(&token), "email": &email, "role": user.role.as_str(),
+            "expiresAt": expires, "pw": password_version(&user.password),
+        })
         .await
         .map_err(store_error)?;
     let _ = users
@@ -587,15 +624,23 @@ struct NewUser {
 
 async fn create_user(
     State(state): State<AppState>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
     headers: HeaderMap,
     body: Result<Json<NewUser>, JsonRejection>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    caller(&state, &headers, Role::Admin).await?;
+    let (me, _) = caller(&state, &headers, Role::Admin).await?;
     let body = json_body(body)?;
     let role = role_param(&body.role)?;
     create_admin_user(&state.store, &body.email, &body.password, role)
         .await
         .map_err(user_error)?;
+    tracing::info!(
+        by = %me,
+        client = %client_of(&state, peer, &headers),
+        user = %body.email.trim().to_ascii_lowercase(),
+        role = role.as_str(),
+        "an admin created a user"
+    );
     Ok((
         StatusCode::CREATED,
         Json(json!({ "email": body.email.trim().to_ascii_lowercase(), "role": role.as_str() })),
@@ -729,14 +774,14 @@ async fn change_password(
 ) -> Result<Json<Value>, ApiError> {
     let (me, _) = caller(&state, &headers, Role::User).await?;
     let body = json_body(body)?;
-    let client = super::enrich::client_ip(peer.ip(), &headers, &state.trusted);
-    let client = super::enrich::client_key(client);
+    let client = client_of(&state, peer, &headers);
     let keys = vec![
         (format!("pair:{client} {me}"), MAX_FAILURES),
         (format!("ip:{client}"), MAX_CLIENT_FAILURES),
         (format!("email:{me}"), MAX_EMAIL_FAILURES),
     ];
     let Some(attempt) = state.login_guard.attempt(keys) else {
+        tracing::warn!(email = %me, client = %client, "a password change was refused: too many failed password checks (429)");
         return Err(ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "too_many_attempts",
@@ -782,10 +827,17 @@ async fn change_password(
     set_admin_password(&state.store, &me, &body.new)
         .await
         .map_err(user_error)?;
-    tracing::info!(email = %me, "an admin user changed their password; their sessions were ended");
+    tracing::info!(email = %me, client = %client, "an admin user changed their password; their sessions were ended");
     Ok(Json(
         json!({ "email": me, "passwordChanged": true, "message": "every session of yours was ended: sign in again with the new password" }),
     ))
+}
+
+/// The client a request comes from, as the login limits count it (behind
+/// `trusted_proxies`, the forwarded address; an IPv6 /64 as one).
+fn client_of(state: &AppState, peer: std::net::SocketAddr, headers: &HeaderMap) -> String {
+    let ip = super::enrich::client_ip(peer.ip(), headers, &state.trusted);
+    super::enrich::client_key(ip).to_string()
 }
 
 /// A [`UserError`] as the API answers it.
