@@ -1727,6 +1727,15 @@ async fn passwords_are_changed_by_their_user_or_reset_by_an_admin_and_end_sessio
     );
     assert_eq!(me_status(&base, &admin).await, 200);
     assert_eq!(login(&base, "ops@x.io", PASSWORD).await.0, 200);
+    // Nor reset and made ADMIN by one request.
+    let r = reqwest::Client::new()
+        .patch(format!("{base}/v1/admin/users/ana@x.io"))
+        .bearer_auth(&second)
+        .json(&json!({ "password": "a password for an admin", "role": "ADMIN" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 403);
     // A token signed in with a password since changed is refused even if it outlived the
     // change's deletion of tokens (a login whose check was in flight meanwhile).
     let ana = token_of_with(&base, "ana@x.io", "reset by the admin").await;

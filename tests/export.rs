@@ -3627,7 +3627,7 @@ async fn an_archive_waits_for_the_exports_that_published_the_day_without_a_sched
         .collection("export_jobs")
         .update_many(
             doc! { "type": "EVENT_DATA" },
-            doc! { "$set": { "endTime": long_ago } },
+            doc! { "$set": { "startTime": long_ago, "endTime": long_ago } },
         )
         .await
         .unwrap();

@@ -358,6 +358,17 @@ async fn a_replica_leaves_the_orphaned_run_of_a_job_it_does_not_schedule_alone()
         gone.to_string().contains("no running replica schedules"),
         "{gone}"
     );
+    // Its runner is told, as for any lapsed run recorded FAILED.
+    assert!(
+        LAPSED
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(job, error)| job == "integration:gone"
+                && error.contains("no running replica schedules")),
+        "{:?}",
+        LAPSED.lock().unwrap()
+    );
 }
 
 /// What a killed replica leaves behind: a RUNNING claim of `nightly` it no longer renews,

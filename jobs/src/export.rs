@@ -530,7 +530,7 @@ pub fn declare_metrics(kind: ExportJobType) {
 fn count_windows_not_exported(kind: ExportJobType, reason: &str, n: u64) {
     sluice_core::metrics::count(
         "sluice_export_windows_not_exported_total",
-        "Scheduled export days a run left without their data published, by kind and reason (beyond_catch_up, archived_first, late_events_not_republished, late_days_beyond_per_run, late_events_archived_first); a day still missing at the next run is counted again, but for beyond_catch_up, counted once by the run that skipped it.",
+        "Scheduled export days a run left without their data published, by kind and reason (beyond_catch_up, archived_first, late_events_not_republished, late_days_beyond_per_run, late_events_archived_first); a day still missing at the next run is counted again, but for beyond_catch_up, counted by the run that skipped it (and the next, if that one completed none of its windows).",
         &[("kind", kind.as_str()), ("reason", reason)],
         n,
     );
@@ -1473,7 +1473,7 @@ async fn late_unread(
     // partition of the day lacks the late events just as well.
     let mut readers = request.late_readers.clone();
     for kind in [ExportJobType::EventData, ExportJobType::DailyAnalytics] {
-        if !readers.contains(&kind) && published_day(ctx, kind, &at, d).await? {
+        if !readers.contains(&kind) && published_day(ctx, kind, &at, d, marked).await? {
             readers.push(kind);
         }
     }
@@ -1501,12 +1501,14 @@ async fn late_unread(
 
 /// Whether a run of `kind` published day `d` to the destination at `root` (a completed
 /// run whose window holds the day, as `export_jobs` records it), and the kind still runs
-/// there (a run completed within `LATE_WAIT`).
+/// there (a run, of any outcome, started within `LATE_WAIT` before the day's late mark
+/// `marked`, or since).
 async fn published_day(
     ctx: &ExportContext,
     kind: ExportJobType,
     root: &str,
     d: NaiveDate,
+    marked: DateTime,
 ) -> Result<bool, ExportError> {
     let day = d.to_string();
     let find = |filter: Document| async move {
@@ -1527,13 +1529,13 @@ async fn published_day(
     })
     .await?;
     // And still runs there: a kind last run long ago (a one-off backfill) would otherwise
-    // hold every late day it once published for `LATE_WAIT`, then be blamed for it.
-    let recent =
-        DateTime::from_millis(ctx.store.now().timestamp_millis() - LATE_WAIT.as_millis() as i64);
+    // hold every late day it once published for `LATE_WAIT`, then be blamed for it. Any
+    // run that started within `LATE_WAIT` of the mark counts, a failing one too: an
+    // export failing is waited for, and blamed once the wait is over.
+    let recent = DateTime::from_millis(marked.timestamp_millis() - LATE_WAIT.as_millis() as i64);
     Ok(published
         && find(doc! {
-            "type": kind.as_str(), "status": "COMPLETED", history::ROOT: root,
-            "endTime": { "$gte": recent },
+            "type": kind.as_str(), history::ROOT: root, "startTime": { "$gte": recent },
         })
         .await?)
 }

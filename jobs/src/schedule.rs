@@ -1528,6 +1528,7 @@ async fn sweep(inner: &Arc<Inner>) -> Result<(), StoreError> {
                         job,
                         "a run of a job no replica schedules was recorded FAILED"
                     );
+                    ended_lapsed(inner, &o, &error).await;
                 }
             }
             continue;
@@ -1651,8 +1652,16 @@ async fn abandon(
 
 /// Tells the runner that the lapsed run `run` was recorded FAILED with `error`.
 async fn ended_lapsed(inner: &Arc<Inner>, run: &Document, error: &str) {
-    if let (Ok(job), Ok(lapsed_at)) = (run.get_str("job"), run.get_datetime("expiresAt")) {
-        inner.runner.lapsed(job, lapsed_at.to_chrono(), error).await;
+    // When it stopped: a run handed back has `expiresAt` 0, and its `handedBackAt`.
+    let stopped_at = match run.get_datetime("handedBackAt") {
+        Ok(at) if run.get_bool("handedBack").unwrap_or(false) => Ok(at),
+        _ => run.get_datetime("expiresAt"),
+    };
+    if let (Ok(job), Ok(stopped_at)) = (run.get_str("job"), stopped_at) {
+        inner
+            .runner
+            .lapsed(job, stopped_at.to_chrono(), error)
+            .await;
     }
 }
 

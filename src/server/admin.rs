@@ -307,11 +307,13 @@ async fn change_user(
             .await
             .map_err(store_error)?
             .and_then(|u| u.get_str("role").ok().map(str::to_string));
-        if target_role.as_deref() == Some(Role::Admin.as_str()) {
+        // Nor reset and made ADMIN at once. (Checked again as the change commits.)
+        let to_admin = body.role.as_deref().and_then(|r| Role::parse(r).ok()) == Some(Role::Admin);
+        if target_role.as_deref() == Some(Role::Admin.as_str()) || to_admin {
             return Err(ApiError::new(
                 StatusCode::FORBIDDEN,
                 "forbidden",
-                "an ADMIN's password is not reset through the API: its owner changes it (POST /v1/admin/password), or it is set with `sluice admin set-password`",
+                ADMIN_RESET_REFUSED,
             ));
         }
         let hash = password_hash(password).await.map_err(user_error)?;
@@ -393,19 +395,37 @@ async fn change_as_admin(
                         "you are no longer an active admin (changed by another admin just now)",
                     )));
                 }
-                users
-                    .find_one_and_update(doc! { "email": *email }, doc! { "$set": set.clone() })
+                // A password reset lands only on a user who is no ADMIN as it commits (one
+                // promoted meanwhile is refused).
+                let mut target = doc! { "email": *email };
+                let reset = set.contains_key("password");
+                if reset {
+                    target.insert("role", doc! { "$ne": Role::Admin.as_str() });
+                }
+                let changed = users
+                    .find_one_and_update(target, doc! { "$set": set.clone() })
                     .return_document(mongodb::options::ReturnDocument::After)
                     .projection(doc! { "password": 0, common::ID: 0 })
                     .session(&mut *session)
-                    .await?
-                    .ok_or_else(|| {
-                        mongodb::error::Error::custom(ApiError::new(
-                            StatusCode::NOT_FOUND,
-                            "not_found",
-                            format!("no user `{email}`"),
-                        ))
-                    })
+                    .await?;
+                if let Some(changed) = changed {
+                    return Ok(changed);
+                }
+                let exists = reset
+                    && users
+                        .find_one(doc! { "email": *email })
+                        .session(&mut *session)
+                        .await?
+                        .is_some();
+                Err(mongodb::error::Error::custom(if exists {
+                    ApiError::new(StatusCode::FORBIDDEN, "forbidden", ADMIN_RESET_REFUSED)
+                } else {
+                    ApiError::new(
+                        StatusCode::NOT_FOUND,
+                        "not_found",
+                        format!("no user `{email}`"),
+                    )
+                }))
             }
             .boxed()
         });
@@ -422,6 +442,9 @@ async fn change_as_admin(
         Err(_) => Err(store_error("the user change did not commit in time")),
     }
 }
+
+/// Why a password reset of an ADMIN (or one made ADMIN by the same request) is refused.
+const ADMIN_RESET_REFUSED: &str = "an ADMIN's password is not reset through the API (the resetting admin could then act under their name): its owner changes it (POST /v1/admin/password), or it is set with `sluice admin set-password`; a user is made ADMIN by a request of its own";
 
 /// How long a user change may take, conflicts retried included.
 const ADMIN_CHANGE_TIMEOUT: Duration = Duration::from_secs(20);
