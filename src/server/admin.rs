@@ -82,6 +82,16 @@ struct Attempt {
 impl LoginGuard {
     /// Counts an attempt for every key, or refuses it when a key already has its limit
     /// of attempts in the window.
+    /// A password check of `email`'s from `client`, under the login limits (per client
+    /// and email, per client, per email); `None` when one is reached.
+    fn password_attempt(self: &std::sync::Arc<Self>, client: &str, email: &str) -> Option<Attempt> {
+        self.attempt(vec![
+            (format!("pair:{client} {email}"), MAX_FAILURES),
+            (format!("ip:{client}"), MAX_CLIENT_FAILURES),
+            (format!("email:{email}"), MAX_EMAIL_FAILURES),
+        ])
+    }
+
     fn attempt(self: &std::sync::Arc<Self>, limits: Vec<(String, usize)>) -> Option<Attempt> {
         let mut map = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
         if map.len() > 10_000 {
@@ -527,14 +537,8 @@ async fn login(
         return Err(refused()); // no such user can exist
     }
     // Behind a load balancer the peer is the balancer: the client is the forwarded one.
-    let client = super::enrich::client_ip(peer.ip(), &headers, &state.trusted);
-    let client = super::enrich::client_key(client);
-    let keys = vec![
-        (format!("pair:{client} {email}"), MAX_FAILURES),
-        (format!("ip:{client}"), MAX_CLIENT_FAILURES),
-        (format!("email:{email}"), MAX_EMAIL_FAILURES),
-    ];
-    let Some(attempt) = state.login_guard.attempt(keys) else {
+    let client = client_of(&state, peer, &headers);
+    let Some(attempt) = state.login_guard.password_attempt(&client, &email) else {
         tracing::warn!(email = ?email, client = %client, "a login was refused: too many failed logins (429)");
         return Err(ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
@@ -798,12 +802,7 @@ async fn change_password(
     let (me, _) = caller(&state, &headers, Role::User).await?;
     let body = json_body(body)?;
     let client = client_of(&state, peer, &headers);
-    let keys = vec![
-        (format!("pair:{client} {me}"), MAX_FAILURES),
-        (format!("ip:{client}"), MAX_CLIENT_FAILURES),
-        (format!("email:{me}"), MAX_EMAIL_FAILURES),
-    ];
-    let Some(attempt) = state.login_guard.attempt(keys) else {
+    let Some(attempt) = state.login_guard.password_attempt(&client, &me) else {
         tracing::warn!(email = %me, client = %client, "a password change was refused: too many failed password checks (429)");
         return Err(ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
