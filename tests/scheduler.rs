@@ -787,10 +787,13 @@ async fn an_overlapping_fire_is_skipped_and_recorded() {
         .filter(|d| d.get_str("status").unwrap() == "SKIPPED")
         .collect();
     assert!(!skipped.is_empty(), "{docs:?}");
-    assert!(skipped[0]
-        .get_str("reason")
-        .unwrap()
-        .contains("still going"));
+    let reason = skipped[0].get_str("reason").unwrap();
+    // It names the run, its owner and how long its lease holds (a stopped process's
+    // run is taken for going until then).
+    assert!(
+        reason.contains("still going (its lease holds until ") && reason.contains("(owner "),
+        "{reason}"
+    );
 }
 
 #[tokio::test]

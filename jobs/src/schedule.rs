@@ -726,9 +726,21 @@ async fn claim(
             common::ID: &id, "job": &job.name, "scheduledFor": DateTime::from_chrono(fire),
             "status": "SKIPPED", "owner": &inner.options.instance,
             "reason": format!(
-                "the run `{}` is {}",
+                "the run `{}` (owner {}) is {}",
                 other.get_str(common::ID).unwrap_or("?"),
-                if other.contains_key(WAITING_SINCE) { "waiting for a run slot" } else { "still going" },
+                other.get_str("owner").unwrap_or("?"),
+                if other.contains_key(WAITING_SINCE) {
+                    "waiting for a run slot".to_string()
+                } else {
+                    // A live lease: the run goes on, or its process stopped and the
+                    // lease has not lapsed yet.
+                    let until = other
+                        .get_datetime("expiresAt")
+                        .ok()
+                        .and_then(|t| t.try_to_rfc3339_string().ok())
+                        .unwrap_or_else(|| "?".into());
+                    format!("still going (its lease holds until {until}, renewed while its process runs)")
+                },
             ),
             common::CREATED_AT: now, "endedAt": now,
         };
