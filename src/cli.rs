@@ -268,6 +268,65 @@ pub async fn db_prune_ledger(
     Ok(())
 }
 
+/// `sluice db dead-letters`: the kept dead letters by pipeline and plugin.
+pub async fn db_dead_letters(config: &Config) -> anyhow::Result<()> {
+    let store = Store::connect(config)
+        .await
+        .with_context(|| format!("database `{}`", config.database))?;
+    let groups = sluice_connectors::mongo::dead_letter_groups(&store).await?;
+    if groups.is_empty() {
+        println!("no dead letters");
+        return Ok(());
+    }
+    println!("pipeline\tplugin\tletters\tfirst seen\tlast seen");
+    let day = |t: bson::DateTime| t.try_to_rfc3339_string().unwrap_or_default();
+    for g in &groups {
+        println!(
+            "{}\t{}\t{}\t{}\t{}",
+            g.pipeline,
+            g.plugin,
+            g.letters,
+            day(g.first_seen),
+            day(g.last_seen)
+        );
+    }
+    Ok(())
+}
+
+/// `sluice db purge-dead-letters`: deletes one pipeline's dead letters (those last seen
+/// before `before`, when given).
+pub async fn db_purge_dead_letters(
+    config: &Config,
+    pipeline: &str,
+    before: Option<chrono::NaiveDate>,
+    dry_run: bool,
+) -> anyhow::Result<()> {
+    let store = Store::connect(config)
+        .await
+        .with_context(|| format!("database `{}`", config.database))?;
+    let cutoff =
+        before.map(|d| bson::DateTime::from_chrono(d.and_time(chrono::NaiveTime::MIN).and_utc()));
+    let which = match before {
+        Some(d) => format!("dead letters of `{pipeline}` last seen before {d}"),
+        None => format!("dead letters of `{pipeline}`"),
+    };
+    let n = sluice_connectors::mongo::purge_dead_letters(&store, pipeline, cutoff, dry_run).await?;
+    if dry_run {
+        println!("{n} {which} would be deleted (dry run)");
+    } else {
+        println!("deleted {n} {which}");
+    }
+    if n == 0 && !dry_run {
+        let known = sluice_connectors::mongo::dead_letter_groups(&store).await?;
+        if !known.iter().any(|g| g.pipeline == pipeline) {
+            eprintln!(
+                "note: no dead letters of pipeline `{pipeline}`; `sluice db dead-letters` lists the pipelines that have some"
+            );
+        }
+    }
+    Ok(())
+}
+
 /// `sluice db check`: compares the session and visitor aggregates with the events they
 /// count, printing progress on stderr and what differs on stdout; an error (exit 1) when
 /// anything does.

@@ -260,6 +260,22 @@ enum DbCommand {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Count the kept dead letters by pipeline and plugin, with when each group was first
+    /// and last seen.
+    DeadLetters,
+    /// Delete the dead letters of one pipeline (`import:NAME`, `push:NAME`,
+    /// `export:TYPE`, `tracking`), all of them or those not seen again since a day: once
+    /// what failed them is fixed and the records are read again, or given up on.
+    PurgeDeadLetters {
+        #[arg(long)]
+        pipeline: String,
+        /// Only letters last seen before this day (YYYY-MM-DD, UTC).
+        #[arg(long)]
+        before: Option<chrono::NaiveDate>,
+        /// Only count what would be deleted.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Recompute every session and visitor aggregate from the stored events and compare;
     /// list ledger claims whose events were never stored. Reads only. Exits 1 when
     /// something differs.
@@ -436,6 +452,17 @@ fn main() -> ExitCode {
             Command::Db {
                 command: DbCommand::PruneLedger { before, dry_run },
             } => cli::db_prune_ledger(&config, before, dry_run).await,
+            Command::Db {
+                command: DbCommand::DeadLetters,
+            } => cli::db_dead_letters(&config).await,
+            Command::Db {
+                command:
+                    DbCommand::PurgeDeadLetters {
+                        pipeline,
+                        before,
+                        dry_run,
+                    },
+            } => cli::db_purge_dead_letters(&config, &pipeline, before, dry_run).await,
             Command::Db {
                 command: DbCommand::Check { settle, show },
             } => cli::db_check(&config, std::time::Duration::from_secs(settle), show).await,

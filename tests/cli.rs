@@ -3166,3 +3166,79 @@ async fn export_run_names_late_days_and_publishes_them_again_with_late_days() {
     }
     let _ = std::fs::remove_dir_all(dest);
 }
+
+/// `sluice db dead-letters` counts the letters by pipeline and plugin;
+/// `db purge-dead-letters` deletes one pipeline's, all or those not seen again since a day.
+#[tokio::test]
+async fn dead_letters_are_listed_and_purged_by_pipeline() {
+    use bson::{doc, DateTime};
+    let db = support::TestDb::initialized().await;
+    let config = db_config(&db);
+    let day = |d: &str| {
+        DateTime::from_chrono(
+            format!("{d}T12:00:00Z")
+                .parse::<chrono::DateTime<chrono::Utc>>()
+                .unwrap(),
+        )
+    };
+    db.store
+        .collection("dead_letters")
+        .insert_many(vec![
+            // Kept in March, not failed again: stale by April.
+            doc! { "_id": "a", "pipeline": "import:crm", "plugin": "mapping", "reason": "r", "record": {}, "createdAt": day("2026-03-01") },
+            // Kept in March, failed again in May: not stale.
+            doc! { "_id": "b", "pipeline": "import:crm", "plugin": "mapping", "reason": "r", "record": {}, "createdAt": day("2026-03-02"), "lastSeenAt": day("2026-05-01") },
+            doc! { "_id": "c", "pipeline": "tracking", "plugin": "hostile", "reason": "r", "record": {}, "createdAt": day("2026-04-01") },
+        ])
+        .await
+        .unwrap();
+    let listed = sluice_ok(&config, &["db", "dead-letters"]).await;
+    assert!(
+        listed.contains("import:crm\tmapping\t2\t2026-03-01T12:00:00Z\t2026-05-01T12:00:00Z")
+            && listed.contains("tracking\thostile\t1\t"),
+        "{listed}"
+    );
+    let purge = |args: &'static [&'static str]| {
+        let mut all = vec!["db", "purge-dead-letters"];
+        all.extend_from_slice(args);
+        let config = config.clone();
+        async move { sluice_ok(&config, &all).await }
+    };
+    let dry = purge(&[
+        "--pipeline",
+        "import:crm",
+        "--before",
+        "2026-04-01",
+        "--dry-run",
+    ])
+    .await;
+    assert!(
+        dry.starts_with(
+            "1 dead letters of `import:crm` last seen before 2026-04-01 would be deleted"
+        ),
+        "{dry}"
+    );
+    let done = purge(&["--pipeline", "import:crm", "--before", "2026-04-01"]).await;
+    assert!(done.starts_with("deleted 1 "), "{done}");
+    let left: Vec<String> = {
+        use futures_util::TryStreamExt;
+        db.store
+            .collection("dead_letters")
+            .find(doc! {})
+            .sort(doc! { "_id": 1 })
+            .await
+            .unwrap()
+            .try_collect::<Vec<_>>()
+            .await
+            .unwrap()
+            .iter()
+            .map(|d| d.get_str("_id").unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(left, ["b", "c"]);
+    let all = purge(&["--pipeline", "tracking"]).await;
+    assert!(
+        all.starts_with("deleted 1 dead letters of `tracking`"),
+        "{all}"
+    );
+}

@@ -5,11 +5,13 @@ mod clock;
 pub mod identities;
 mod ingest;
 pub mod ledger;
+mod letters;
 mod schema;
 mod sessions;
 
 pub use clock::ServerClock;
 pub use ingest::{EventWriter, WriteStatus, WriterOptions, WRITE_PHASES, WRITE_PHASE_SECONDS};
+pub use letters::{dead_letter_groups, purge_dead_letters, LetterGroup};
 pub use schema::{index_specs, IndexOutcome, IndexSpec, InitReport, SCHEDULED_RUNS_KEPT_DAYS};
 pub use sessions::expire_idle_sessions;
 
