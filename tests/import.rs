@@ -5747,3 +5747,52 @@ async fn the_import_run_of_a_lapsed_scheduled_run_is_closed_but_not_a_newer_one(
         "RUNNING"
     );
 }
+
+/// A plugin that fans records out makes repeats of its own: the warning says it may have.
+#[tokio::test]
+async fn repeats_a_plugin_fanned_out_are_said_to_be_perhaps_its() {
+    let db = TestDb::initialized().await;
+    let list = Arc::new(std::sync::Mutex::new(vec![2u64, 1, 0]));
+    let addr = serve(
+        Router::new()
+            .route("/growing", get(growing))
+            .with_state(list),
+    )
+    .await;
+    let config = things_config(
+        "fanned",
+        &format!("http://{addr}/growing"),
+        "type = \"offset\"\nsize = 10",
+    )
+    .replace(
+        "type = \"IMPORT\"",
+        "type = \"IMPORT\"\ntransforms = [\"hostile\"]",
+    );
+    let name = apply(&db, &config).await;
+    let host = sluice_plugins::PluginHost::new(false).unwrap();
+    let plugin = host
+        .load(
+            &support::plugin_dir(),
+            "hostile",
+            json!({ "mode": "fanout-6" }),
+            &sluice_plugins::Grants::default(),
+            None,
+        )
+        .unwrap();
+    let options = ImportOptions {
+        transforms: vec![Arc::new(plugin)],
+        ..Default::default()
+    };
+    let s = run_import(&db.store, &name, &options).await.unwrap();
+    let said = s
+        .warnings
+        .iter()
+        .find(|w| w.contains("came twice in this run"))
+        .unwrap_or_else(|| panic!("{:?}", s.warnings));
+    assert!(
+        said.starts_with("15 records came twice")
+            && said
+                .contains("(or the transform plugins made them: they returned 18 records for 3)"),
+        "{said}"
+    );
+}

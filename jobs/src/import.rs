@@ -182,8 +182,9 @@ struct RepeatedKeys {
     same: u64,
     /// Records whose key came before with other values.
     differing: u64,
-    /// The first key that came again, as its JSON.
-    first: Option<String>,
+    /// The first key that came again with the same values, and with others, as JSON.
+    first_same: Option<String>,
+    first_differing: Option<String>,
     /// More keys came than are remembered.
     full: bool,
 }
@@ -248,14 +249,16 @@ impl RepeatedKeys {
                 return;
             }
         };
-        if before == v {
+        let first = if before == v {
             self.same += 1;
+            &mut self.first_same
         } else {
             self.differing += 1;
             self.seen.insert(k, v);
-        }
-        if self.first.is_none() {
-            self.first = Some(key.clone().into_relaxed_extjson().to_string());
+            &mut self.first_differing
+        };
+        if first.is_none() {
+            *first = Some(key.clone().into_relaxed_extjson().to_string());
         }
     }
 }
@@ -266,13 +269,22 @@ impl RepeatedKeys {
 /// are shifting between pages, and a removal would make the run skip one unseen.
 fn warn_repeated_keys(summary: &mut ImportSummary, connector: &Connector) {
     let r = &summary.repeated;
-    let first = r.first.clone().unwrap_or_default();
     let of = if r.full {
         format!(" (of the first {MAX_TRACKED_KEYS} keys, the ones remembered)")
     } else {
         String::new()
     };
     let key = &connector.key;
+    // A transform plugin that returned more records than it was given may have made the
+    // repeats itself.
+    let fanned = if summary.plugin_out > summary.plugin_in {
+        format!(
+            " (or the transform plugins made them: they returned {} records for {})",
+            summary.plugin_out, summary.plugin_in
+        )
+    } else {
+        String::new()
+    };
     let mut warnings = Vec::new();
     if r.differing > 0 {
         let kept = if connector.collection == c::EVENTS {
@@ -281,8 +293,9 @@ fn warn_repeated_keys(summary: &mut ImportSummary, connector: &Connector) {
             "the last one read is stored, and a document that gets both on every run has its `updatedAt` moved on every run (a push watermarked on it sends it again)".to_string()
         };
         warnings.push(format!(
-            "{} had the `{key}` of an earlier record of this run with other values{of} (the first: {first}): {kept}; check that `{key}` identifies one item of the API",
+            "{} had the `{key}` of an earlier record of this run with other values{of} (the first: {}): {kept}; check that `{key}` identifies one item of the API{fanned}",
             sluice_core::counted(r.differing, "record"),
+            r.first_differing.clone().unwrap_or_default(),
         ));
     }
     let shifting = matches!(
@@ -291,8 +304,9 @@ fn warn_repeated_keys(summary: &mut ImportSummary, connector: &Connector) {
     );
     if r.same > 0 && shifting {
         warnings.push(format!(
-            "{} came twice in this run with the same values{of} (the first: `{key}` = {first}): with page or offset paging, items added to or removed from the list while the run reads it shift the others between pages (an addition makes the run read one twice, as here; a removal makes it skip one, unseen); cursor paging, or an `[incremental]` cursor the API sorts by, does not",
+            "{} came twice in this run with the same values{of} (the first: `{key}` = {}){fanned}: with page or offset paging, items added to or removed from the list while the run reads it shift the others between pages (an addition makes the run read one twice, as here; a removal makes it skip one, unseen); cursor paging, or an `[incremental]` cursor the API sorts by, does not",
             sluice_core::counted(r.same, "record"),
+            r.first_same.clone().unwrap_or_default(),
         ));
     }
     for w in warnings {
