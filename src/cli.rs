@@ -1600,7 +1600,7 @@ pub fn load_plugin_builds(
         _ => sluice_plugins::FailurePolicy::FailRun,
     };
     let grants = plugin_grants(config);
-    names
+    let loaded: Vec<anyhow::Result<_>> = names
         .iter()
         .map(|name| {
             let t = host.load(
@@ -1627,7 +1627,16 @@ pub fn load_plugin_builds(
                 build,
             ))
         })
-        .collect()
+        .collect();
+    // Every plugin that does not load is said, not only the first of a chain.
+    let failed: Vec<String> = loaded
+        .iter()
+        .filter_map(|r| r.as_ref().err().map(|e| format!("{e:#}")))
+        .collect();
+    if !failed.is_empty() {
+        anyhow::bail!("{}", failed.join("\n"));
+    }
+    loaded.into_iter().collect()
 }
 
 /// Why the compile cache set can never be made: its parent folder does not exist. The

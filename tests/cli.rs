@@ -3242,3 +3242,27 @@ async fn dead_letters_are_listed_and_purged_by_pipeline() {
         "{all}"
     );
 }
+
+/// `config check` names every plugin of a chain that does not load, not only the first.
+#[test]
+fn config_check_names_every_plugin_that_does_not_load() {
+    let dir = support::plugin_dir().display().to_string();
+    let config = write_temp(
+        "sluice.toml",
+        &format!(
+            "[plugins]\ndir = \"{dir}\"\ntracking_transforms = [\"missing-a\", \"noop\", \"missing-b\"]\n"
+        ),
+    );
+    let out = sluice()
+        .args(["config", "check"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("plugin `missing-a`: cannot load")
+            && stderr.contains("plugin `missing-b`: cannot load"),
+        "{stderr}"
+    );
+}
