@@ -1402,3 +1402,24 @@ async fn a_write_concern_error_is_said_in_the_server_s_words() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn an_index_of_sluice_s_name_with_other_keys_is_reported_with_the_way_out() {
+    let db = TestDb::new().await;
+    // Another application's index, under the name Sluice gives its own.
+    db.store
+        .db()
+        .run_command(doc! {
+            "createIndexes": "products",
+            "indexes": [{ "key": { "sku": 1 }, "name": "productId_unique" }],
+        })
+        .await
+        .unwrap();
+    let err = db.store.init().await.unwrap_err().to_string();
+    assert!(
+        err.starts_with("index `productId_unique` on `products` exists with other keys or options")
+            && err.contains("db.products.dropIndex(\"productId_unique\")")
+            && !err.contains("rename ours"),
+        "{err}"
+    );
+}

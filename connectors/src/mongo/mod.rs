@@ -261,7 +261,7 @@ pub enum StoreError {
         step: &'static str,
         error: mongodb::error::Error,
     },
-    #[error("index `{name}` on `{collection}` exists with other keys or options ({existing}); drop it or rename ours")]
+    #[error("index `{name}` on `{collection}` exists with other keys or options ({existing}): Sluice needs that name for its own index; drop it (`db.{collection}.dropIndex(\"{name}\")` in mongosh, and `sluice db init` creates Sluice's), or, if another application needs it, recreate it there under another name first")]
     IndexConflict {
         collection: String,
         name: String,
