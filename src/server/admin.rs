@@ -80,8 +80,6 @@ struct Attempt {
 }
 
 impl LoginGuard {
-    /// Counts an attempt for every key, or refuses it when a key already has its limit
-    /// of attempts in the window.
     /// A password check of `email`'s from `client`, under the login limits (per client
     /// and email, per client, per email); `None` when one is reached.
     fn password_attempt(self: &std::sync::Arc<Self>, client: &str, email: &str) -> Option<Attempt> {
@@ -92,6 +90,8 @@ impl LoginGuard {
         ])
     }
 
+    /// Counts an attempt for every key, or refuses it when a key already has its limit
+    /// of attempts in the window.
     fn attempt(self: &std::sync::Arc<Self>, limits: Vec<(String, usize)>) -> Option<Attempt> {
         let mut map = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
         if map.len() > 10_000 {
@@ -352,10 +352,7 @@ async fn change_user(
     // useless while the user is inactive, but not to come back with a reactivation. A
     // password reset ends their sessions too.
     if body.is_active.is_some() || body.password.is_some() {
-        state
-            .store
-            .collection(c::ADMIN_TOKENS)
-            .delete_many(doc! { "email": &email })
+        end_sessions(&state.store, &email)
             .await
             .map_err(store_error)?;
     }
@@ -552,33 +549,8 @@ async fn login(
         .find_one(doc! { "email": &email })
         .await
         .map_err(store_error)?;
-    let password = body.password.clone();
-    let known = user.is_some();
     let hash = user.as_ref().map(|u| u.password.clone());
-    let permit = state
-        .login_guard
-        .verifying
-        .clone()
-        .acquire_owned()
-        .await
-        .map_err(store_error)?;
-    // The check, and the failure it records, finish even if the client hangs up.
-    let checked = tokio::task::spawn_blocking(move || {
-        let _permit = permit;
-        // An unknown email is checked against a stand-in hash all the same, so both take
-        // a bcrypt check's time (`known &&` first would skip it: a timing oracle telling
-        // which emails exist), and fails even with the password the stand-in was made from.
-        let hash = hash.unwrap_or_else(|| dummy_hash().to_string());
-        let ok = bcrypt::verify(password, &hash).unwrap_or(false) && known;
-        if !ok {
-            attempt.failed();
-            return None;
-        }
-        Some(attempt)
-    })
-    .await
-    .ok()
-    .flatten();
+    let checked = check_password(&state, attempt, body.password.clone(), hash).await?;
     let (Some(attempt), Some(user)) = (checked, user) else {
         tracing::warn!(email = ?email, client = %client, "a login failed: wrong email or password");
         return Err(refused());
@@ -819,25 +791,9 @@ async fn change_password(
         .await
         .map_err(store_error)?
         .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "no such user"))?;
-    let permit = state
-        .login_guard
-        .verifying
-        .clone()
-        .acquire_owned()
-        .await
-        .map_err(store_error)?;
-    let current = body.current.clone();
-    let ok = tokio::task::spawn_blocking(move || {
-        let _permit = permit;
-        let ok = current.len() <= MAX_PASSWORD_BYTES
-            && bcrypt::verify(current, &user.password).unwrap_or(false);
-        if !ok {
-            attempt.failed();
-        }
-        ok
-    })
-    .await
-    .unwrap_or(false);
+    let ok = check_password(&state, attempt, body.current.clone(), Some(user.password))
+        .await?
+        .is_some();
     if !ok {
         tracing::warn!(email = %me, client = %client, "a password change was refused: wrong current password");
         return Err(ApiError::new(
@@ -853,6 +809,44 @@ async fn change_password(
     Ok(Json(
         json!({ "email": me, "passwordChanged": true, "message": "every session of yours was ended: sign in again with the new password" }),
     ))
+}
+
+/// Checks `password` against `hash`, the stored hash of the user it is given for (`None`:
+/// no such user), at most one check per two cores at a time: the attempt back when it
+/// matches, else `None`, the attempt counted failed. In a task of its own, so the check,
+/// and the failure it records, finish even if the client hangs up.
+async fn check_password(
+    state: &AppState,
+    attempt: Attempt,
+    password: String,
+    hash: Option<String>,
+) -> Result<Option<Attempt>, ApiError> {
+    let permit = state
+        .login_guard
+        .verifying
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(store_error)?;
+    Ok(tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        // An unknown user is checked against a stand-in hash all the same, so both take a
+        // bcrypt check's time (`known &&` first would skip it: a timing oracle telling
+        // which emails exist), and fails even with the password the stand-in was made from.
+        let known = hash.is_some();
+        let hash = hash.unwrap_or_else(|| dummy_hash().to_string());
+        let ok = password.len() <= MAX_PASSWORD_BYTES
+            && bcrypt::verify(password, &hash).unwrap_or(false)
+            && known;
+        if !ok {
+            attempt.failed();
+            return None;
+        }
+        Some(attempt)
+    })
+    .await
+    .ok()
+    .flatten())
 }
 
 /// The client a request comes from, as the login limits count it (behind
