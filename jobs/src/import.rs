@@ -2352,27 +2352,36 @@ fn failure_noted(failure: Document) -> Document {
 /// Each is marked INTERRUPTED with that reason in `failures`; the one the checkpoint
 /// belongs to is then resumed under its run id.
 async fn close_orphaned_runs(store: &Store, name: &str) -> Result<(), StoreError> {
-    let now = store.now();
     let why = "stopped without recording its end: its process stopped, or it lost its lease to another replica";
-    let closed = store
-        .collection(c::IMPORT_RUNS)
-        .update_many(
-            doc! { r::CONFIG: name, r::STATUS: "RUNNING" },
-            {
-                let mut update = doc! {
-                    "$set": { r::STATUS: "INTERRUPTED", "endTime": now, "error": why, common::UPDATED_AT: now },
-                };
-                update.extend(failure_noted(doc! { "at": now, "error": why }));
-                update
-            },
-        )
-        .await
-        .map_err(StoreError::mongo(c::IMPORT_RUNS, "close orphaned runs"))?
-        .modified_count;
+    let closed = interrupt_running(store, name, doc! {}, why, "close orphaned runs").await?;
     if closed > 0 {
         tracing::warn!(config = name, runs = closed, "{why}; recorded INTERRUPTED");
     }
     Ok(())
+}
+
+/// Records INTERRUPTED, with `why` as its error and in `failures`, each run of `name`
+/// still RUNNING that `also` selects; how many.
+async fn interrupt_running(
+    store: &Store,
+    name: &str,
+    also: Document,
+    why: &str,
+    step: &'static str,
+) -> Result<u64, StoreError> {
+    let now = store.now();
+    let mut filter = doc! { r::CONFIG: name, r::STATUS: "RUNNING" };
+    filter.extend(also);
+    let mut update = doc! {
+        "$set": { r::STATUS: "INTERRUPTED", "endTime": now, "error": why, common::UPDATED_AT: now },
+    };
+    update.extend(failure_noted(doc! { "at": now, "error": why }));
+    Ok(store
+        .collection(c::IMPORT_RUNS)
+        .update_many(filter, update)
+        .await
+        .map_err(StoreError::mongo(c::IMPORT_RUNS, step))?
+        .modified_count)
 }
 
 /// Closes the runs of `name` still recorded RUNNING that were last written before
@@ -2386,20 +2395,14 @@ pub async fn close_lapsed_runs(
     lapsed_at: DateTime,
     why: &str,
 ) -> Result<u64, StoreError> {
-    let now = store.now();
-    let mut update = doc! {
-        "$set": { r::STATUS: "INTERRUPTED", "endTime": now, "error": why, common::UPDATED_AT: now },
-    };
-    update.extend(failure_noted(doc! { "at": now, "error": why }));
-    let closed = store
-        .collection(c::IMPORT_RUNS)
-        .update_many(
-            doc! { r::CONFIG: name, r::STATUS: "RUNNING", common::UPDATED_AT: { "$lt": lapsed_at } },
-            update,
-        )
-        .await
-        .map_err(StoreError::mongo(c::IMPORT_RUNS, "close lapsed runs"))?
-        .modified_count;
+    let closed = interrupt_running(
+        store,
+        name,
+        doc! { common::UPDATED_AT: { "$lt": lapsed_at } },
+        why,
+        "close lapsed runs",
+    )
+    .await?;
     if closed > 0 {
         tracing::warn!(
             config = name,
