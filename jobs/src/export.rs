@@ -804,11 +804,7 @@ pub async fn run_export(
             // the schedules nor ARCHIVE wait for another read of them, whoever ran this.
             if request.kind.by_day() {
                 for p in partitions.iter().filter(|p| !p.kept) {
-                    let day = p
-                        .prefix
-                        .rsplit_once("/dt=")
-                        .and_then(|(_, d)| NaiveDate::parse_from_str(d, "%Y-%m-%d").ok());
-                    if let Some(day) = day {
+                    if let Some(day) = partition_day(&p.prefix) {
                         late_day_exported(ctx, request.kind, day, reading).await;
                     }
                 }
@@ -2377,6 +2373,12 @@ async fn daily_rows(
         .collect())
 }
 
+/// The day of a partition's prefix (`TYPE/dt=YYYY-MM-DD`, as [`stage`] names it).
+fn partition_day(prefix: &str) -> Option<NaiveDate> {
+    let (_, day) = prefix.rsplit_once("/dt=")?;
+    NaiveDate::parse_from_str(day, "%Y-%m-%d").ok()
+}
+
 /// Reads one partition through the pipeline and stages its parts.
 async fn stage(
     ctx: &ExportContext,
@@ -3335,10 +3337,7 @@ async fn mark_archived(
     // and archived twice. Its time is the day's start (the ledger's times serve pruning
     // archived claims by date).
     let mut made = doc! { l::CLAIMED_AT: ctx.store.now() };
-    let day = prefix
-        .rsplit_once("/dt=")
-        .and_then(|(_, d)| NaiveDate::parse_from_str(d, "%Y-%m-%d").ok());
-    if let Some(start) = day.and_then(|d| d.and_hms_opt(0, 0, 0)) {
+    if let Some(start) = partition_day(prefix).and_then(|d| d.and_hms_opt(0, 0, 0)) {
         made.insert(
             l::TIMESTAMP,
             DateTime::from_millis(start.and_utc().timestamp_millis()),

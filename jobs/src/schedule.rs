@@ -1518,12 +1518,7 @@ async fn sweep(inner: &Arc<Inner>) -> Result<(), StoreError> {
             .known
             .read()
             .is_ok_and(|k| k.as_ref().is_some_and(|k| !k.contains(job)));
-        // When the run stopped: a run handed back has `expiresAt` 0, so when it was
-        // handed back; otherwise when its lease lapsed.
-        let stopped_at = match o.get_datetime("handedBackAt") {
-            Ok(at) if handed_back => *at,
-            _ => *expires,
-        };
+        let stopped_at = stopped_at(&o).unwrap_or(*expires);
         if unknown {
             // Left to a replica that schedules the job. A job no replica has taken over
             // for an hour is scheduled by none (its config was turned off or removed):
@@ -1662,14 +1657,18 @@ async fn abandon(
     Ok(())
 }
 
+/// When the run `run` stopped: a run handed back has `expiresAt` 0, so when it was
+/// handed back; otherwise when its lease lapsed.
+fn stopped_at(run: &Document) -> Option<DateTime> {
+    match run.get_datetime("handedBackAt") {
+        Ok(at) if run.get_bool("handedBack").unwrap_or(false) => Some(*at),
+        _ => run.get_datetime("expiresAt").ok().copied(),
+    }
+}
+
 /// Tells the runner that the lapsed run `run` was recorded FAILED with `error`.
 async fn ended_lapsed(inner: &Arc<Inner>, run: &Document, error: &str) {
-    // When it stopped: a run handed back has `expiresAt` 0, and its `handedBackAt`.
-    let stopped_at = match run.get_datetime("handedBackAt") {
-        Ok(at) if run.get_bool("handedBack").unwrap_or(false) => Ok(at),
-        _ => run.get_datetime("expiresAt"),
-    };
-    if let (Ok(job), Ok(stopped_at)) = (run.get_str("job"), stopped_at) {
+    if let (Ok(job), Some(stopped_at)) = (run.get_str("job"), stopped_at(run)) {
         inner
             .runner
             .lapsed(job, stopped_at.to_chrono(), error)
