@@ -238,7 +238,7 @@ pub async fn db_prune_ledger(
     let store = Store::connect(config)
         .await
         .with_context(|| format!("database `{}`", config.database))?;
-    let cutoff = bson::DateTime::from_chrono(before.and_time(chrono::NaiveTime::MIN).and_utc());
+    let cutoff = sluice_jobs::export::day_start(before);
     let total = ledger::count_archived_claims(&store, cutoff).await?;
     if dry_run || total == 0 {
         println!(
@@ -304,8 +304,7 @@ pub async fn db_purge_dead_letters(
     let store = Store::connect(config)
         .await
         .with_context(|| format!("database `{}`", config.database))?;
-    let cutoff =
-        before.map(|d| bson::DateTime::from_chrono(d.and_time(chrono::NaiveTime::MIN).and_utc()));
+    let cutoff = before.map(sluice_jobs::export::day_start);
     let which = match before {
         Some(d) => format!("dead letters of `{pipeline}` last seen before {d}"),
         None => format!("dead letters of `{pipeline}`"),
@@ -317,8 +316,9 @@ pub async fn db_purge_dead_letters(
         println!("deleted {n} {which}");
     }
     if n == 0 && !dry_run {
-        let known = sluice_connectors::mongo::dead_letter_groups(&store).await?;
-        if !known.iter().any(|g| g.pipeline == pipeline) {
+        let any =
+            sluice_connectors::mongo::purge_dead_letters(&store, pipeline, None, true).await?;
+        if any == 0 {
             eprintln!(
                 "note: no dead letters of pipeline `{pipeline}`; `sluice db dead-letters` lists the pipelines that have some"
             );
@@ -343,7 +343,7 @@ pub async fn db_check(
     let day_after = sluice_jobs::history::latest_archived_day(&store)
         .await?
         .and_then(|d| d.succ_opt())
-        .map(|d| bson::DateTime::from_chrono(d.and_time(chrono::NaiveTime::MIN).and_utc()));
+        .map(sluice_jobs::export::day_start);
     let claim = ledger::latest_archived_claim(&store)
         .await?
         .map(|t| bson::DateTime::from_millis(t.timestamp_millis() + 1));

@@ -3337,11 +3337,8 @@ async fn mark_archived(
     // and archived twice. Its time is the day's start (the ledger's times serve pruning
     // archived claims by date).
     let mut made = doc! { l::CLAIMED_AT: ctx.store.now() };
-    if let Some(start) = partition_day(prefix).and_then(|d| d.and_hms_opt(0, 0, 0)) {
-        made.insert(
-            l::TIMESTAMP,
-            DateTime::from_millis(start.and_utc().timestamp_millis()),
-        );
+    if let Some(day) = partition_day(prefix) {
+        made.insert(l::TIMESTAMP, day_start(day));
     }
     let updates: Vec<Document> = ids
         .iter()
