@@ -53,9 +53,8 @@ pub async fn dead_letter_groups(store: &Store) -> Result<Vec<LetterGroup>, Store
                 pipeline: text("pipeline"),
                 plugin: text("plugin"),
                 letters: g
-                    .get_i32("letters")
-                    .map(i64::from)
-                    .or_else(|_| g.get_i64("letters"))
+                    .get("letters")
+                    .and_then(sluice_core::model::int_of)
                     .unwrap_or(0) as u64,
                 first_seen: at("first"),
                 last_seen: at("last"),
