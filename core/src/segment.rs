@@ -818,15 +818,14 @@ mod tests {
 
     #[test]
     fn an_order_with_line_items_only_takes_their_total() {
-        let order = |products: Value| {
+        let message = |products: Value| {
             parse(
                 json!({ "type": "track", "userId": "u1", "event": "Order Completed",
                 "properties": { "products": products } }),
             )
             .unwrap()
-            .event
-            .properties
         };
+        let order = |products: Value| message(products).event.properties;
         let p =
             order(json!([{ "price": 5, "quantity": 2 }, { "price": "0.10" }, { "price": 0.2 }]));
         assert_eq!(p.get_f64("amount").unwrap(), 10.3);
@@ -837,11 +836,7 @@ mod tests {
             json!({ "sku": "x", "price": 5 }),
             json!("sku-x"),
         ] {
-            let m = parse(
-                json!({ "type": "track", "userId": "u1", "event": "Order Completed",
-                "properties": { "products": unpriced } }),
-            )
-            .unwrap();
+            let m = message(unpriced.clone());
             assert!(!m.event.properties.contains_key("amount"), "{unpriced}");
             assert!(!m.amount_unread, "{unpriced}: nothing unreadable was sent");
             assert!(
@@ -854,11 +849,7 @@ mod tests {
         }
         // None, or an empty list: no amount, nothing to say.
         for quiet in [json!([]), Value::Null] {
-            let m = parse(
-                json!({ "type": "track", "userId": "u1", "event": "Order Completed",
-                "properties": { "products": quiet } }),
-            )
-            .unwrap();
+            let m = message(quiet.clone());
             assert!(!m.event.properties.contains_key("amount"));
             assert_eq!(m.warning, None, "{quiet}");
         }
