@@ -4272,13 +4272,20 @@ collection = "pushonce"
 /// Three records by `updated`, after `since` when given; the second has a price that is
 /// not a number.
 async fn priced(Query(q): Query<Vec<(String, String)>>) -> Json<Value> {
+    updated_after(
+        &q,
+        vec![
+            json!({ "id": "1", "updated": "2026-11-01T00:00:00Z", "price": 1 }),
+            json!({ "id": "2", "updated": "2026-11-02T00:00:00Z", "price": "cheap" }),
+            json!({ "id": "3", "updated": "2026-11-03T00:00:00Z", "price": 3 }),
+        ],
+    )
+}
+
+/// A page of the `records` whose `updated` is after the query's `since`, when given.
+fn updated_after(q: &[(String, String)], records: Vec<Value>) -> Json<Value> {
     let since = q.iter().find(|(k, _)| k == "since").map(|(_, v)| v.clone());
-    let all = [
-        json!({ "id": "1", "updated": "2026-11-01T00:00:00Z", "price": 1 }),
-        json!({ "id": "2", "updated": "2026-11-02T00:00:00Z", "price": "cheap" }),
-        json!({ "id": "3", "updated": "2026-11-03T00:00:00Z", "price": 3 }),
-    ];
-    let data: Vec<Value> = all
+    let data: Vec<Value> = records
         .into_iter()
         .filter(|r| {
             since.as_deref().is_none_or(|s| {
@@ -4363,19 +4370,12 @@ async fn records_that_fail_mapping_are_kept_and_can_hold_the_cursor_until_they_m
 /// Three records by `updated`, after `since` when given; the second is noted `bad`, which
 /// the hostile plugin's `panic-on-bad` traps on.
 async fn noted(Query(q): Query<Vec<(String, String)>>) -> Json<Value> {
-    let since = q.iter().find(|(k, _)| k == "since").map(|(_, v)| v.clone());
-    let data: Vec<Value> = ["good", "bad", "good"]
+    let records = ["good", "bad", "good"]
         .iter()
         .enumerate()
         .map(|(i, note)| json!({ "id": format!("n{i}"), "updated": format!("2026-11-0{}T00:00:00Z", i + 1), "note": note }))
-        .filter(|r| {
-            since.as_deref().is_none_or(|s| {
-                chrono::DateTime::parse_from_rfc3339(r["updated"].as_str().unwrap()).unwrap()
-                    > chrono::DateTime::parse_from_rfc3339(s).unwrap()
-            })
-        })
         .collect();
-    Json(json!({ "data": data }))
+    updated_after(&q, records)
 }
 
 #[tokio::test]
