@@ -19,7 +19,7 @@ use futures_util::TryStreamExt;
 use serde_json::{json, Value};
 use sluice_core::integration::parse_file;
 use sluice_jobs::configs;
-use sluice_jobs::import::{run_import, run_push, ImportOptions};
+use sluice_jobs::import::{run_import, run_push, ImportError, ImportOptions};
 use support::TestDb;
 
 /// json-server + oidc-provider in one node process (tests/fixtures/api-server.mjs).
@@ -1806,6 +1806,88 @@ async fn a_stop_request_ends_the_run_interrupted_at_its_checkpoint() {
 }
 
 #[tokio::test]
+async fn a_run_resumed_by_another_process_while_this_one_was_stopped_is_left_to_it() {
+    let db = TestDb::initialized().await;
+    // As it serves the third page, the API takes the run over: what another replica
+    // resuming it does while this process is paused past its lease (a VM paused, a
+    // laptop asleep).
+    let runs = db.store.collection("import_runs");
+    let api = move |Query(q): Query<Vec<(String, String)>>| {
+        let runs = runs.clone();
+        async move {
+            let cursor: u64 = q
+                .iter()
+                .find(|(k, _)| k == "cursor")
+                .and_then(|(_, v)| v.parse().ok())
+                .unwrap_or(0);
+            if cursor == 20 {
+                runs.update_many(
+                    doc! { "config": "paused" },
+                    doc! { "$set": { "status": "RUNNING", "attempt": "another process" } },
+                )
+                .await
+                .unwrap();
+            }
+            let data: Vec<Value> = (cursor..(cursor + 10).min(45))
+                .map(|i| json!({ "id": i, "title": format!("t{i}") }))
+                .collect();
+            let next = (cursor + 10 < 45).then(|| (cursor + 10).to_string());
+            Json(json!({ "data": data, "next": next }))
+        }
+    };
+    let addr = serve(Router::new().route("/items", get(api))).await;
+    let name = apply(
+        &db,
+        &cursor_config("paused", &format!("http://{addr}"), "", ""),
+    )
+    .await;
+    let err = run_import(&db.store, &name, &ImportOptions::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ImportError::TakenOver(_)), "{err}");
+    assert!(err
+        .to_string()
+        .contains("the other process records the run's end"));
+    // Its pages are stored; the run's end, the checkpoint and the cursor are the other
+    // process's to write.
+    assert_eq!(
+        db.store
+            .collection("things")
+            .count_documents(doc! {})
+            .await
+            .unwrap(),
+        45
+    );
+    let run = db
+        .store
+        .collection("import_runs")
+        .find_one(doc! { "config": &name })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(run.get_str("status").unwrap(), "RUNNING", "{run:?}");
+    assert_eq!(run.get_str("attempt").unwrap(), "another process");
+    let checkpoint = db
+        .store
+        .collection("import_checkpoints")
+        .find_one(doc! { "_id": &name })
+        .await
+        .unwrap();
+    assert!(
+        checkpoint.is_some(),
+        "the checkpoint the other process resumes from is kept"
+    );
+    let config = db
+        .store
+        .collection("integration_configs")
+        .find_one(doc! { "name": &name })
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(config.get("lastSync").is_none(), "{config:?}");
+}
+
+#[tokio::test]
 async fn a_cursor_that_comes_back_stops_the_run_instead_of_looping() {
     let db = TestDb::initialized().await;
     let (base, api) = fault_api(Fault::CursorLoop).await;
@@ -2205,7 +2287,7 @@ path = "$.email"
     // asking is no failed import run.
     assert!(matches!(
         run_import(&db.store, &name, &ImportOptions::default()).await,
-        Err(sluice_jobs::import::ImportError::WrongType { .. })
+        Err(ImportError::WrongType { .. })
     ));
     let import_runs = db.store.collection("import_runs");
     assert_eq!(import_runs.count_documents(doc! {}).await.unwrap(), 0);

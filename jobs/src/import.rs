@@ -61,6 +61,10 @@ pub enum ImportError {
     /// Stopped from outside before it could record its end (a second Ctrl-C).
     #[error("{0}")]
     Stopped(String),
+    /// Another process resumed this run while this one was stopped past its lease (a
+    /// paused VM, a laptop asleep): that process records the run's end.
+    #[error("run `{0}` was taken over by another process while this one was stopped past its lease: the pages this one read are stored, and the other process records the run's end and moves the cursor")]
+    TakenOver(String),
 }
 
 /// Live counters for a progress display.
@@ -117,6 +121,10 @@ pub struct ImportSummary {
     #[serde(skip)]
     rejected_kept: u64,
     pub run_id: String,
+    /// This process's attempt at the run: a resumed run keeps its run id, so the run's
+    /// record names the attempt that holds it, and only that attempt records its end.
+    #[serde(skip)]
+    attempt: String,
     pub name: String,
     pub resumed: bool,
     pub completed: bool,
@@ -796,6 +804,7 @@ pub async fn run_import(
     };
     if !options.dry_run {
         close_orphaned_runs(store, name).await?;
+        summary.attempt = bson::oid::ObjectId::new().to_hex();
         record_run(store, &summary, "RUNNING", None).await?;
     }
     let before = summary.clone();
@@ -828,6 +837,14 @@ pub async fn run_import(
     let counted = |summary: &ImportSummary, status: &str| {
         import_metrics(&before, summary, status, started.elapsed().as_secs_f64())
     };
+    // A process stopped past its lease (a paused VM, a laptop asleep) may wake to find
+    // its run resumed by another: the end, the cursor and the checkpoint are then that
+    // process's to write.
+    if outcome.is_ok() && !holds_run(store, &summary).await? {
+        counted(&summary, "INTERRUPTED");
+        tracing::warn!(config = name, run = %summary.run_id, "run taken over by another process while this one was stopped; its end is left to that process");
+        return Err(ImportError::TakenOver(summary.run_id.clone()));
+    }
     match outcome {
         Ok(()) if state == PageState::Done => {
             // The sink has committed every page: now the cursor may advance.
@@ -2462,6 +2479,20 @@ pub async fn mark_interrupted(store: &Store, configs: &[String]) -> Result<u64, 
     Ok(marked)
 }
 
+/// Whether this process's attempt still holds its run: no other process has resumed it
+/// since (a sweeper closing it INTERRUPTED leaves it held, and its end is still ours).
+async fn holds_run(store: &Store, s: &ImportSummary) -> Result<bool, StoreError> {
+    Ok(store
+        .collection(c::IMPORT_RUNS)
+        .count_documents(doc! { r::RUN_ID: &s.run_id, "attempt": &s.attempt })
+        .await
+        .map_err(StoreError::mongo(c::IMPORT_RUNS, "check the run is held"))?
+        > 0)
+}
+
+/// Records the run's state. Its start (and a run that could not start) creates the record
+/// and names this attempt in it; later writes change it only while this attempt holds it,
+/// so a process woken past its lease cannot overwrite the run another process resumed.
 async fn record_run(
     store: &Store,
     s: &ImportSummary,
@@ -2469,6 +2500,7 @@ async fn record_run(
     error: Option<&str>,
 ) -> Result<(), StoreError> {
     let now = store.now();
+    let claims = status == "RUNNING" || s.attempt.is_empty();
     let samples = bson::to_bson(&s.samples).unwrap_or(Bson::Array(Vec::new()));
     let mut update = doc! {
                 "$set": {
@@ -2495,12 +2527,23 @@ async fn record_run(
             doc! { "at": now, "error": error, "pages": s.pages as i64 },
         ));
     }
-    store
+    let mut filter = doc! { r::RUN_ID: &s.run_id };
+    if claims {
+        if let (false, Ok(set)) = (s.attempt.is_empty(), update.get_document_mut("$set")) {
+            set.insert("attempt", &s.attempt);
+        }
+    } else {
+        filter.insert("attempt", &s.attempt);
+    }
+    let written = store
         .collection(c::IMPORT_RUNS)
-        .update_one(doc! { r::RUN_ID: &s.run_id }, update)
-        .upsert(true)
+        .update_one(filter, update)
+        .upsert(claims)
         .await
         .map_err(StoreError::mongo(c::IMPORT_RUNS, "record run"))?;
+    if written.matched_count == 0 && !claims {
+        tracing::warn!(config = %s.name, run = %s.run_id, status, "run not recorded: another process resumed it while this one was stopped past its lease");
+    }
     Ok(())
 }
 
