@@ -1422,4 +1422,26 @@ async fn an_index_of_sluice_s_name_with_other_keys_is_reported_with_the_way_out(
             && !err.contains("rename ours"),
         "{err}"
     );
+    // Two in the way: one `db init` names both.
+    let db = TestDb::new().await;
+    for (collection, name) in [
+        ("products", "productId_unique"),
+        ("sessions", "sessionId_unique"),
+    ] {
+        db.store
+            .db()
+            .run_command(doc! {
+                "createIndexes": collection,
+                "indexes": [{ "key": { "other": 1 }, "name": name }],
+            })
+            .await
+            .unwrap();
+    }
+    let err = db.store.init().await.unwrap_err().to_string();
+    assert!(
+        err.starts_with("2 indexes are in the way of Sluice's own:")
+            && err.contains("db.products.dropIndex(\"productId_unique\")")
+            && err.contains("db.sessions.dropIndex(\"sessionId_unique\")"),
+        "{err}"
+    );
 }

@@ -267,6 +267,10 @@ pub enum StoreError {
         name: String,
         existing: String,
     },
+    /// More than one [`StoreError::IndexConflict`]: each is said, so one `db init` shows
+    /// everything in the way.
+    #[error("{} indexes are in the way of Sluice's own:\n{}", .0.len(), .0.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
+    IndexConflicts(Vec<StoreError>),
     #[error("`{collection}` exists but is not a time-series collection; events need one (see README, \"events storage\")")]
     NotTimeSeries { collection: String },
     #[error("the claim transaction (ledger, sessions, users) failed after {attempts} attempt(s): {message}")]

@@ -354,8 +354,17 @@ pub(super) async fn init(store: &Store) -> Result<InitReport, StoreError> {
         }
     }
 
+    // Every conflict is said at once: an operator fixing them one `db init` at a time
+    // would otherwise find the next only after the last was fixed.
+    let mut conflicts = Vec::new();
     for spec in index_specs() {
-        let outcome = ensure_index(store, &spec).await?;
+        let outcome = match ensure_index(store, &spec).await {
+            Err(e @ StoreError::IndexConflict { .. }) => {
+                conflicts.push(e);
+                continue;
+            }
+            other => other?,
+        };
         if let IndexOutcome::Skipped(reason) = &outcome {
             report.warnings.push(format!(
                 "index `{}` on `{}` not created: {reason}",
@@ -365,6 +374,11 @@ pub(super) async fn init(store: &Store) -> Result<InitReport, StoreError> {
         report
             .indexes
             .push((spec.collection.into(), spec.name.into(), outcome));
+    }
+    match conflicts.len() {
+        0 => {}
+        1 => return Err(conflicts.remove(0)),
+        _ => return Err(StoreError::IndexConflicts(conflicts)),
     }
     if let Some(why) = super::archive_unsupported(store.max_wire_version().await?) {
         report.warnings.push(why);
