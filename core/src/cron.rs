@@ -131,4 +131,32 @@ mod tests {
         assert!(next.day() <= 7, "{next}");
         assert_eq!(next.to_rfc3339(), "2026-12-07T02:00:00+00:00");
     }
+
+    #[test]
+    fn nicknames_fire_at_second_zero_of_their_period() {
+        use chrono::TimeZone;
+        // Friday 2026-12-04 05:30:15 UTC.
+        let from = chrono::Utc
+            .with_ymd_and_hms(2026, 12, 4, 5, 30, 15)
+            .unwrap();
+        for (nickname, next, fixed) in [
+            ("@hourly", "2026-12-04T06:00:00+00:00", false),
+            ("@daily", "2026-12-05T00:00:00+00:00", true),
+            ("@weekly", "2026-12-06T00:00:00+00:00", true),
+            ("@monthly", "2027-01-01T00:00:00+00:00", true),
+            ("@yearly", "2027-01-01T00:00:00+00:00", true),
+            ("@annually", "2027-01-01T00:00:00+00:00", true),
+        ] {
+            let cron = parse(nickname).unwrap_or_else(|e| panic!("{nickname}: {e}"));
+            let at = cron.find_next_occurrence(&from, false).unwrap();
+            assert_eq!(at.to_rfc3339(), next, "{nickname}");
+            // A clock change's rules: a fixed time runs once, an hourly job every hour.
+            assert_eq!(
+                cron.determine_job_type() == croner::JobType::FixedTime,
+                fixed,
+                "{nickname}"
+            );
+        }
+        assert!(parse("@often").is_err() && parse("@midnight").is_err());
+    }
 }
