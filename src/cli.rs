@@ -176,12 +176,18 @@ fn concise_store_error(e: &anyhow::Error) -> String {
     }
 }
 
+/// Connects to the configured database; an error names it (a typo in its name, or the
+/// wrong deployment, shows at once).
+async fn connect_named(config: &Config) -> anyhow::Result<Store> {
+    Store::connect(config)
+        .await
+        .with_context(|| format!("database `{}`", config.database))
+}
+
 /// Connects and creates what is missing. What was done is printed (`db init`, the demo)
 /// or, in `serve`, logged, so a JSON log stays JSON lines.
 async fn init_store(config: &Config, log: bool) -> anyhow::Result<Store> {
-    let store = Store::connect(config)
-        .await
-        .with_context(|| format!("database `{}`", config.database))?;
+    let store = connect_named(config).await?;
     let report = store.init().await?;
     let mut done: Vec<String> = report
         .created_collections
@@ -235,9 +241,7 @@ pub async fn db_prune_ledger(
     dry_run: bool,
 ) -> anyhow::Result<()> {
     use sluice_connectors::mongo::ledger;
-    let store = Store::connect(config)
-        .await
-        .with_context(|| format!("database `{}`", config.database))?;
+    let store = connect_named(config).await?;
     let cutoff = sluice_jobs::export::day_start(before);
     let total = ledger::count_archived_claims(&store, cutoff).await?;
     if dry_run || total == 0 {
@@ -270,9 +274,7 @@ pub async fn db_prune_ledger(
 
 /// `sluice db dead-letters`: the kept dead letters by pipeline and plugin.
 pub async fn db_dead_letters(config: &Config) -> anyhow::Result<()> {
-    let store = Store::connect(config)
-        .await
-        .with_context(|| format!("database `{}`", config.database))?;
+    let store = connect_named(config).await?;
     let groups = sluice_connectors::mongo::dead_letter_groups(&store).await?;
     if groups.is_empty() {
         println!("no dead letters");
@@ -301,9 +303,7 @@ pub async fn db_purge_dead_letters(
     before: Option<chrono::NaiveDate>,
     dry_run: bool,
 ) -> anyhow::Result<()> {
-    let store = Store::connect(config)
-        .await
-        .with_context(|| format!("database `{}`", config.database))?;
+    let store = connect_named(config).await?;
     let cutoff = before.map(sluice_jobs::export::day_start);
     let which = match before {
         Some(d) => format!("dead letters of `{pipeline}` last seen before {d}"),
@@ -337,9 +337,7 @@ pub async fn db_check(
 ) -> anyhow::Result<()> {
     use sluice_connectors::mongo::check::{self, CheckOptions, Mismatch, Stage};
     use sluice_connectors::mongo::ledger;
-    let store = Store::connect(config)
-        .await
-        .with_context(|| format!("database `{}`", config.database))?;
+    let store = connect_named(config).await?;
     let day_after = sluice_jobs::history::latest_archived_day(&store)
         .await?
         .and_then(|d| d.succ_opt())
@@ -951,7 +949,7 @@ pub async fn export_run(
     late_days: bool,
 ) -> anyhow::Result<sluice_jobs::export::ExportSummary> {
     use sluice_jobs::export::{run_export, ExportContext, ExportRequest};
-    let store = Store::connect(config).await?;
+    let store = connect_named(config).await?;
     let report = store.init().await?;
     // A database that did not hold Sluice's collections (a typo in its name, the wrong
     // deployment) is read as empty: said, since the partitions published look complete.
@@ -1306,7 +1304,7 @@ pub async fn configs_apply(config: &Config, dir: &Path) -> anyhow::Result<()> {
     let valid = configs_validate(dir, false, Ok(config))
         .map_err(invalid)
         .context("nothing applied")?;
-    let store = Store::connect(config).await?;
+    let store = connect_named(config).await?;
     store.init().await?;
     for v in &valid {
         let note = sluice_jobs::configs::cursor_reading_changed(&store, &v.file).await?;
@@ -1321,7 +1319,7 @@ pub async fn configs_apply(config: &Config, dir: &Path) -> anyhow::Result<()> {
 
 /// `sluice configs delete NAME`.
 pub async fn configs_delete(config: &Config, name: &str) -> anyhow::Result<()> {
-    let store = Store::connect(config).await?;
+    let store = connect_named(config).await?;
     store.init().await?;
     let job = crate::engine::job_name(name);
     let Some(removed) = sluice_jobs::configs::remove(&store, name, &job).await? else {
@@ -1347,7 +1345,7 @@ pub async fn configs_delete(config: &Config, name: &str) -> anyhow::Result<()> {
 
 /// `sluice import reset NAME [--cursor]`.
 pub async fn import_reset(config: &Config, name: &str, cursor: bool) -> anyhow::Result<()> {
-    let store = Store::connect(config).await?;
+    let store = connect_named(config).await?;
     store.init().await?;
     let job = crate::engine::job_name(name);
     let report = sluice_jobs::import::reset_import(&store, name, &job, cursor).await?;
@@ -1383,7 +1381,7 @@ async fn require_config(store: &Store, name: &str) -> anyhow::Result<()> {
 pub async fn import_run(config: &Config, name: &str, dry_run: bool) -> anyhow::Result<()> {
     use sluice_jobs::import::{run_import, run_push, ImportError, ImportOptions};
     use std::sync::atomic::Ordering::Relaxed;
-    let store = Store::connect(config).await?;
+    let store = connect_named(config).await?;
     store.init().await?;
     // Checked first: a typo, or a plugin that fails to load, must not leave a run record
     // behind.
@@ -2293,7 +2291,7 @@ const SDK_FILES: [(&str, &str); 3] = [
 
 /// `sluice jobs list`: scheduled jobs, their next fire and last outcome.
 pub async fn jobs_list(config: &Config) -> anyhow::Result<()> {
-    let store = Store::connect(config).await?;
+    let store = connect_named(config).await?;
     // Integration jobs are read from MongoDB, export jobs from the config file: without
     // the file `sluice serve` reads, its exports are not listed.
     if config.schedules.is_empty() {
@@ -2392,7 +2390,7 @@ pub async fn jobs_run(
     if let Some(schedule) = name.strip_prefix(crate::engine::EXPORT_PREFIX) {
         export_schedule(config, schedule)?;
     }
-    let store = Store::connect(config).await?;
+    let store = connect_named(config).await?;
     store.init().await?;
     if let Some(integration) = name.strip_prefix(crate::engine::INTEGRATION_PREFIX) {
         if let Err(e) = require_config(&store, integration).await {
@@ -2437,7 +2435,7 @@ pub async fn jobs_run(
 /// `sluice jobs history [NAME]`: the latest scheduled runs.
 pub async fn jobs_history(config: &Config, name: Option<&str>) -> anyhow::Result<()> {
     use futures_util::TryStreamExt;
-    let store = Store::connect(config).await?;
+    let store = connect_named(config).await?;
     // A bare config name is its integration job, as for `jobs run`.
     let filter = match name {
         Some(n) => bson::doc! { "job": crate::engine::job_name(n) },
@@ -2515,7 +2513,7 @@ pub async fn export_history(
 ) -> anyhow::Result<()> {
     use futures_util::TryStreamExt;
     use sluice_core::model::export_job_fields as f;
-    let store = Store::connect(config).await?;
+    let store = connect_named(config).await?;
     let filter = match kind {
         Some(k) => bson::doc! { f::TYPE: k.as_str() },
         None => bson::doc! {},
@@ -2573,7 +2571,7 @@ pub async fn admin_create_user(
     role: sluice_core::model::Role,
 ) -> anyhow::Result<()> {
     let password = read_new_password(email, "nothing was created")?;
-    let store = Store::connect(config).await?;
+    let store = connect_named(config).await?;
     store.init().await?;
     crate::server::admin::create_admin_user(&store, email, &password, role)
         .await
@@ -2586,7 +2584,7 @@ pub async fn admin_create_user(
 /// or whose password leaked), their sessions ended.
 pub async fn admin_set_password(config: &Config, email: &str) -> anyhow::Result<()> {
     let password = read_new_password(email, "nothing was changed")?;
-    let store = Store::connect(config).await?;
+    let store = connect_named(config).await?;
     crate::server::admin::set_admin_password(&store, email, &password)
         .await
         .map_err(anyhow::Error::msg)?;

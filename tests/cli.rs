@@ -95,6 +95,38 @@ async fn import_run(config: &std::path::Path, name: &str) -> std::process::Outpu
     sluice_with(config, &["import", "run", name]).await
 }
 
+#[test]
+fn a_database_that_does_not_answer_is_said_in_one_short_line() {
+    // Nothing listens on port 1: the driver's error repeats each server's error with its
+    // debug fields, and the error chain printed it twice.
+    let config = write_temp(
+        "sluice.toml",
+        "[mongodb]\nuri = \"mongodb://127.0.0.1:1/?directConnection=true&serverSelectionTimeoutMS=300\"\ndatabase = \"unreachable\"\n",
+    );
+    let out = sluice()
+        .env_remove("SLUICE_MONGODB_URI")
+        .arg("--config")
+        .arg(&config)
+        .args(["jobs", "history"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("database `unreachable`: cannot connect to MongoDB: ")
+            && err.contains("127.0.0.1:1")
+            && err.contains("Connection refused"),
+        "{err}"
+    );
+    assert!(
+        err.matches("Connection refused").count() == 1
+            && !err.contains("Kind:")
+            && !err.contains("labels:")
+            && !err.contains("source: None"),
+        "{err}"
+    );
+}
+
 #[tokio::test]
 async fn running_a_job_that_does_not_exist_leaves_no_run_record() {
     let db = support::TestDb::initialized().await;

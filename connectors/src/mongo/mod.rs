@@ -251,8 +251,10 @@ pub fn command_groups(docs: &[bson::Document], cap: usize) -> Vec<std::ops::Rang
 /// Errors from the MongoDB store, with the collection or step they happened in.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("cannot connect to MongoDB: {0}")]
-    Connect(#[source] mongodb::error::Error),
+    /// Said as [`schema::short_error`] says it, the driver's error kept out of the chain
+    /// (as for [`StoreError::Mongo`]).
+    #[error("cannot connect to MongoDB: {}", schema::short_error(.0))]
+    Connect(mongodb::error::Error),
     /// Said in the server's words ([`schema::short_error`]); the driver's error is kept
     /// out of the error chain, whose display would dump the raw reply after it.
     #[error("MongoDB `{collection}`: {step}: {}", schema::short_error(error))]

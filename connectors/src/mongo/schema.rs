@@ -483,6 +483,8 @@ pub(crate) fn short_error(err: &mongodb::error::Error) -> String {
                 .map(|w| (w.code, w.code_name.as_deref(), w.message.as_str()))
                 .collect(),
         ),
+        // The driver's text repeats each server's error with its debug fields.
+        ErrorKind::ServerSelection { message, .. } => Some(without_debug_fields(message)),
         _ => None,
     };
     let Some(short) = short else {
@@ -496,6 +498,24 @@ pub(crate) fn short_error(err: &mongodb::error::Error) -> String {
     } else {
         format!("{short} [{}]", labels.join(", "))
     }
+}
+
+/// A driver's message without the debug fields it prints of a nested error (`Kind: `,
+/// `labels: {..}`, `source: None`, `server response: None`), which say nothing to an
+/// operator and make a refused connection a screenful.
+fn without_debug_fields(message: &str) -> String {
+    let mut out = message
+        .replace("Kind: ", "")
+        .replace(", source: None", "")
+        .replace(", server response: None", "");
+    while let Some(start) = out.find(", labels: {") {
+        // The labels' braces hold no braces of their own.
+        let Some(len) = out[start..].find('}') else {
+            break;
+        };
+        out.replace_range(start..start + len + 1, "");
+    }
+    out
 }
 
 /// The options of an index as listIndexes shows them, reduced to what we compare:
