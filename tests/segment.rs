@@ -751,7 +751,7 @@ async fn gzip_bodies_write_key_in_the_body_and_invalid_messages_reported() {
     let unread_count = || support::metric(&base, "sluice_purchase_amounts_unread_total");
     let before = unread_count().await;
     let order = json!({ "messageId": "ord-unread", "userId": "numeric", "event": "Order Completed",
-                        "properties": { "revenue": "12,50" } });
+                        "properties": { "revenue": "12,500" } });
     for expected in ["stored", "duplicate"] {
         let (status, answer) = post(&base, "/v1/track", &order).await;
         assert_eq!(status, 200, "{answer}");
@@ -765,7 +765,7 @@ async fn gzip_bodies_write_key_in_the_body_and_invalid_messages_reported() {
     assert_eq!(unread_count().await - before, 1.0);
     let stored = find(&db, "events", doc! { "eventId": "ord-unread" }).await;
     let props = stored[0].get_document("properties").unwrap();
-    assert_eq!(props.get_str("revenue").unwrap(), "12,50", "{props}");
+    assert_eq!(props.get_str("revenue").unwrap(), "12,500", "{props}");
     assert!(
         !props.contains_key("amount") && !props.contains_key("amountUnread"),
         "{props}"

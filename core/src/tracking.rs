@@ -311,15 +311,36 @@ pub(crate) fn members_not_read(v: &Value, known: impl Fn(&str) -> bool) -> Vec<S
 
 /// An amount written as text: a number (` 7.5 `, `1e3`), or as people write money, with
 /// a currency symbol or code before or after it (`$19.99`, `US$ 5`, `USD 19.99`,
-/// `19.99 €`, `19.99 EUR`) and thousands grouped by commas (`1,299.00`, `12,500,000`).
-/// Not what reads two ways, 1,000 times apart: a comma as the decimal mark (`19,99`,
-/// `1.299,00`), one comma group without decimals (`1,299`: 1299, or 1.299 where the
-/// comma is the decimal mark), a dot before exactly three digits beside a currency mark
-/// (`1.299 €`).
+/// `19.99 €`, `19.99 EUR`), thousands grouped in threes by commas, dots, spaces or
+/// apostrophes (`1,299.00`, `1.299,00 €`, `1 299,00 €`, `CHF 1'299.00`), and a comma as
+/// the decimal mark before one or two digits (`19,99`). Not what reads two ways, 1,000
+/// times apart: one group of three after a comma or a dot beside a currency mark, with
+/// nothing else to tell (`1,299`: 1299, or 1.299 where the comma is the decimal mark;
+/// `1.299 €`), unless the currency has no minor unit (`¥1,000`, `1.000 JPY`: see
+/// [`money_in`]).
 pub fn money(text: &str) -> Option<f64> {
+    money_in(text, None)
+}
+
+/// Currencies with no minor unit (ISO 4217 exponent 0): their amounts have no decimals,
+/// so a separator before three digits groups thousands.
+const WHOLE_UNIT_CURRENCIES: &[&str] = &[
+    "BIF", "CLP", "DJF", "GNF", "ISK", "JPY", "KMF", "KRW", "PYG", "RWF", "UGX", "VND", "VUV",
+    "XAF", "XOF", "XPF",
+];
+
+/// [`money`], the amount's `currency` (sent beside it) known: in a currency with no minor
+/// unit (`JPY`, `KRW`, named in the text or by `currency`), `1,000` and `1.000` are a
+/// thousand. The yen and won signs say the same of a comma (`¥1,000`): neither Japan,
+/// Korea nor China writes a comma as the decimal mark (a dot stays two ways: `¥1.500`
+/// may be yuan).
+pub fn money_in(text: &str, currency: Option<&str>) -> Option<f64> {
     const SYMBOLS: &[char] = &[
         '$', '€', '£', '¥', '₹', '₩', '₽', '₺', '₫', '₪', '฿', '₴', '₦', '¢', '₱', '₡', '₲', '₵',
     ];
+    // What groups thousands: a comma or a dot, a space (also no-break and narrow
+    // no-break), an apostrophe (Switzerland).
+    const GROUPING: &[char] = &[',', '.', ' ', '\u{a0}', '\u{202f}', '\'', '’'];
     let capitals = |s: &str, from_end: bool| {
         let bytes = s.as_bytes();
         let run = |b: &&u8| b.is_ascii_uppercase();
@@ -344,33 +365,81 @@ pub fn money(text: &str) -> Option<f64> {
     }
     let s = s.trim();
     let marked = s.len() != text.trim().len();
+    let whole_units = currency_code(text)
+        .or(currency.map(str::trim))
+        .is_some_and(|c| {
+            WHOLE_UNIT_CURRENCIES
+                .iter()
+                .any(|w| w.eq_ignore_ascii_case(c))
+        });
+    // Where a separator before three digits may only group thousands.
+    let groups_after = |mark: char| whole_units || (mark == ',' && text.contains(['¥', '₩']));
     let plain = |s: &str| s.parse::<f64>().ok().filter(|f| f.is_finite());
     let all_digits = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit());
+    let (sign, body) = s.strip_prefix('-').map_or(("", s), |b| ("-", b));
+    // `1.299 €`: 1.299, or 1299 with the dot grouping thousands.
+    let thousands_like = body.split_once('.').is_some_and(|(w, f)| {
+        (1..=3).contains(&w.len()) && all_digits(w) && f.len() == 3 && all_digits(f)
+    });
     if let Some(f) = plain(s) {
-        // `1.299 €`: 1.299, or 1299 with the dot grouping thousands.
-        let unsigned = s.strip_prefix('-').unwrap_or(s);
-        let thousands_like = unsigned.split_once('.').is_some_and(|(w, f)| {
-            (1..=3).contains(&w.len()) && all_digits(w) && f.len() == 3 && all_digits(f)
-        });
-        return (!(marked && thousands_like)).then_some(f);
+        if !((marked || whole_units) && thousands_like) {
+            return Some(f);
+        }
+        return groups_after('.')
+            .then(|| plain(&s.replace('.', "")))
+            .flatten();
     }
-    // Thousands grouped by commas: 1-3 digits, then groups of exactly three.
-    let (whole, fraction) = match s.split_once('.') {
-        Some((w, f)) => (w, Some(f)),
-        None => (s, None),
+    // The decimal mark is the last comma or dot, unless it is one of several, or three
+    // digits follow it with nothing before it to tell (then it groups thousands, where
+    // that is the only reading).
+    let (whole, fraction) = match body.rfind([',', '.']) {
+        Some(i) => {
+            let mark = if body.as_bytes()[i] == b',' { ',' } else { '.' };
+            let after = &body[i + 1..];
+            let repeated = body[..i].contains(mark);
+            let grouped_before = body[..i].contains(|c: char| !c.is_ascii_digit());
+            let decimal = !repeated
+                && match (mark, after.len()) {
+                    (_, 3) if !grouped_before => false,
+                    (',', 1..=2) => true,
+                    (',', _) => grouped_before,
+                    _ => true,
+                };
+            if decimal {
+                (&body[..i], Some(after))
+            } else if !repeated && after.len() == 3 && !grouped_before && !groups_after(mark) {
+                return None;
+            } else {
+                (body, None)
+            }
+        }
+        None => (body, None),
     };
-    let digits = whole.strip_prefix('-').unwrap_or(whole);
-    let mut groups = digits.split(',');
-    let first = groups.next().unwrap_or_default();
-    let rest: Vec<&str> = groups.collect();
-    let grouped = first.len() <= 3
-        && all_digits(first)
-        && !rest.is_empty()
-        && rest.iter().all(|g| g.len() == 3 && all_digits(g))
-        && fraction.is_none_or(all_digits)
-        // `1,299` alone reads two ways (see above).
-        && (rest.len() > 1 || fraction.is_some());
-    grouped.then(|| plain(&s.replace(',', ""))).flatten()
+    // The whole part: digits, in threes after the first one to three when grouped, by one
+    // separator.
+    let digits = match whole.chars().find(|c| !c.is_ascii_digit()) {
+        None => whole.to_string(),
+        Some(g) if GROUPING.contains(&g) => {
+            let mut groups = whole.split(g);
+            let first = groups.next().unwrap_or_default();
+            let rest: Vec<&str> = groups.collect();
+            let grouped = (1..=3).contains(&first.len())
+                && all_digits(first)
+                && rest.iter().all(|r| r.len() == 3 && all_digits(r));
+            if !grouped {
+                return None;
+            }
+            rest.iter().fold(first.to_string(), |d, r| d + r)
+        }
+        Some(_) => return None,
+    };
+    if !all_digits(&digits) || fraction.is_some_and(|f| !all_digits(f)) {
+        return None;
+    }
+    match fraction {
+        Some(f) => plain(&format!("{sign}{digits}.{f}")),
+        None => plain(&format!("{sign}{digits}")),
+    }
 }
 
 /// `sluice_events_timestamp_clamped_total`.
@@ -415,7 +484,11 @@ pub fn read_amount(
         return Ok(());
     }
     let text = properties.get_str(f::AMOUNT).map(str::to_string);
-    if let Some((text, amount)) = text.ok().and_then(|t| money(&t).map(|a| (t, a))) {
+    let sent_currency = properties.get_str(f::CURRENCY).ok();
+    if let Some((text, amount)) = text
+        .ok()
+        .and_then(|t| money_in(&t, sent_currency).map(|a| (t, a)))
+    {
         let mut currency = None;
         if let Some(code) = currency_code(&text) {
             match properties.get(f::CURRENCY) {
@@ -451,7 +524,7 @@ pub fn amount_unread_warning(from: &str, why: Option<&str>, kept: Option<&str>) 
     let what = match why {
         Some(why) => why.to_string(),
         None => format!(
-            "a number from 0 to {MAX_PURCHASE_AMOUNT:e}, or text naming one that reads one way: not `19,99`"
+            "a number from 0 to {MAX_PURCHASE_AMOUNT:e}, or text naming one that reads one way: not `1,299`"
         ),
     };
     match kept {
@@ -749,7 +822,7 @@ pub fn parse_event(
         if properties.get(f::AMOUNT) == Some(&bson::Bson::Null) {
             properties.remove(f::AMOUNT);
         }
-        // An amount that cannot be read (`"19,99"`, `-5`, a currency disagreeing with
+        // An amount that cannot be read (`"1,299"`, `-5`, a currency disagreeing with
         // `currency`) is kept as sent under `amountUnread`, the purchase stored counting
         // no revenue: refused, it would be lost, since clients drop what is answered
         // `rejected`. A client's own `amountUnread` is not overwritten: then it is refused.
@@ -1107,17 +1180,41 @@ pub(crate) mod tests {
             ("1.299", 1.299),
             ("KWD 1.25", 1.25),
             ("£0.5", 0.5),
+            // A comma as the decimal mark, and other ways to group thousands.
+            ("19,99", 19.99),
+            ("1,5", 1.5),
+            ("1.299,00 €", 1299.0),
+            ("EUR 1.299,00", 1299.0),
+            ("1 299,00 €", 1299.0),
+            ("1\u{a0}299,50\u{a0}€", 1299.5),
+            ("CHF 1'299.00", 1299.0),
+            ("12.500.000", 12_500_000.0),
+            ("1 299 €", 1299.0),
+            ("-1,25", -1.25),
+            // No minor unit: a separator before three digits groups thousands.
+            ("¥1,000", 1000.0),
+            ("₩12,000", 12_000.0),
+            ("1.000 JPY", 1000.0),
+            ("JPY 1,500", 1500.0),
         ] {
             assert_eq!(money(text), Some(value), "{text}");
         }
+        // The currency sent beside the amount says it too.
+        assert_eq!(money_in("1,000", Some("JPY")), Some(1000.0));
+        assert_eq!(money_in("1.000", Some("krw")), Some(1000.0));
+        assert_eq!(money_in("1,000", Some("EUR")), None);
         for text in [
             "abc",
             "NaN",
             "inf",
-            "19,99",
-            "1.299,00",
-            "1,29",
             "12,3456",
+            "1,299,99",
+            "1.299.00",
+            "1,299.",
+            "1 2345,00",
+            "1_299",
+            "1,2,3",
+            "¥1.500",
             "$",
             "",
             "five USD",
@@ -1156,7 +1253,7 @@ pub(crate) mod tests {
         // What cannot be read, or reads two ways, is kept as sent, counting no revenue.
         for unread in [
             json!({"amount": "USD 19.99", "currency": "EUR"}),
-            json!({"amount": "19,99"}),
+            json!({"amount": "1,299"}),
             json!({"amount": "twelve"}),
             json!({"amount": -1}),
             json!({"amount": 1e300}),
@@ -1186,7 +1283,7 @@ pub(crate) mod tests {
         // The client's own `amountUnread` is not overwritten: then the event is refused.
         let err = parse(json!({
             "userId": "v", "sessionId": "s", "eventType": "PURCHASE",
-            "properties": {"amount": "19,99", "amountUnread": 1},
+            "properties": {"amount": "1,299", "amountUnread": 1},
         }))
         .unwrap_err();
         assert_eq!(err.field, "properties.amount");
