@@ -302,6 +302,96 @@ async fn aggregates_equal_a_recomputation_after_ten_thousand_shuffled_events() {
 }
 
 #[tokio::test]
+async fn integers_beyond_64_bits_are_refused_where_read_never_stored_rounded() {
+    let db = TestDb::initialized().await;
+    let server = start_server(&db, |_| {}).await;
+    let base = format!("http://{}", server.addr);
+    let client = reqwest::Client::new();
+    // Written as text: a JSON value in the test would round them as the server did.
+    let send = |path: &'static str, body: String| {
+        let client = client.clone();
+        let base = base.clone();
+        async move {
+            let resp = client
+                .post(format!("{base}{path}"))
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            let status = resp.status().as_u16();
+            (status, resp.json::<Value>().await.unwrap())
+        }
+    };
+    let event = |id: &str, rest: &str| {
+        format!(
+            r#"{{"eventId": "{id}", "userId": "wide", "sessionId": "w", "eventType": "CLICK", {rest}}}"#
+        )
+    };
+    let (status, answer) = send(
+        "/v1/events",
+        event(
+            "w-1",
+            r#""properties": {"n": {"deep": 18446744073709551616}}"#,
+        ),
+    )
+    .await;
+    assert_eq!(status, 400, "{answer}");
+    let said = answer.to_string();
+    assert!(
+        said.contains("properties.n.deep")
+            && said.contains("`18446744073709551616` is an integer beyond the 64-bit range"),
+        "{answer}"
+    );
+    let batch = format!(
+        r#"{{"batch": [{}, {}, {}, {}]}}"#,
+        event("w-2", r#""properties": {"l": [1, 36893488147419103232]}"#),
+        event("w-3", r#""properties": {"neg": -9223372036854775809}"#),
+        event(
+            "w-4",
+            r#""properties": {"ok": 9223372036854775807, "f": 1e30}"#
+        ),
+        // A member Sluice does not read is only listed as ignored.
+        event("w-5", r#""extra": 99999999999999999999999"#),
+    );
+    let (status, answer) = send("/v1/events/batch", batch).await;
+    assert_eq!(status, 200, "{answer}");
+    let statuses: Vec<&str> = answer["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        statuses,
+        ["rejected", "rejected", "stored", "stored"],
+        "{answer}"
+    );
+    assert_eq!(answer["results"][0]["field"], "properties.l", "{answer}");
+    assert_eq!(answer["results"][1]["field"], "properties.neg", "{answer}");
+    assert_eq!(
+        answer["results"][3]["ignored"],
+        json!(["extra"]),
+        "{answer}"
+    );
+    // Segment messages likewise.
+    let (status, answer) = send(
+        "/v1/track",
+        r#"{"messageId": "w-6", "userId": "wide", "event": "Tapped", "properties": {"id": 100000000000000000000}}"#.into(),
+    )
+    .await;
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer.to_string().contains("properties.id"), "{answer}");
+    let stored: Vec<String> = all(&db, "events", doc! { "eventId": 1 })
+        .await
+        .iter()
+        .map(|e| e.get_str("eventId").unwrap().to_string())
+        .collect();
+    assert_eq!(stored, ["w-4", "w-5"]);
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn each_bad_input_class_gets_its_own_4xx() {
     let db = TestDb::initialized().await;
     let server = start_server(&db, |raw| {

@@ -188,32 +188,39 @@ fn number(v: &Value) -> Option<Value> {
 /// `properites` would otherwise lose its value silently), at most 10; `_`-prefixed ones
 /// (SDKs' own, `_metadata`) are left alone.
 pub fn unknown_members(v: &Value) -> Vec<String> {
-    const KNOWN: &[&str] = &[
-        "type",
-        "userId",
-        "anonymousId",
-        "messageId",
-        "timestamp",
-        "originalTimestamp",
-        "sentAt",
-        "receivedAt",
-        "context",
-        "integrations",
-        "properties",
-        "traits",
-        "event",
-        "name",
-        "category",
-        "groupId",
-        "previousId",
-        "version",
-        "channel",
-        "writeKey",
-        "options",
-        "sessionId",
-    ];
     crate::tracking::members_not_read(v, |k| KNOWN.contains(&k) || k.starts_with('_'))
 }
+
+/// Whether Sluice reads the top-level member `name` of a Segment message.
+pub fn reads_member(name: &str) -> bool {
+    KNOWN.contains(&name)
+}
+
+/// The top-level members of a message the Segment spec defines.
+const KNOWN: &[&str] = &[
+    "type",
+    "userId",
+    "anonymousId",
+    "messageId",
+    "timestamp",
+    "originalTimestamp",
+    "sentAt",
+    "receivedAt",
+    "context",
+    "integrations",
+    "properties",
+    "traits",
+    "event",
+    "name",
+    "category",
+    "groupId",
+    "previousId",
+    "version",
+    "channel",
+    "writeKey",
+    "options",
+    "sessionId",
+];
 
 /// The total of an order's `products` (`price` × `quantity`, 1 when absent): `None`
 /// when there are none or an item names no price (a list of what was ordered, not
@@ -1021,7 +1028,10 @@ mod tests {
         }))
         .unwrap();
         assert!(m.amount_unread);
-        assert_eq!(m.event.properties.get_str("amountUnread").unwrap(), "12,500");
+        assert_eq!(
+            m.event.properties.get_str("amountUnread").unwrap(),
+            "12,500"
+        );
         let warning = m.warning.unwrap();
         assert!(
             warning.starts_with("`properties.amount` is not an amount")

@@ -289,6 +289,74 @@ const EVENT_MEMBERS: [&str; 11] = [
     "context",
 ];
 
+/// Whether Sluice reads the top-level member `name` of a native event.
+pub fn reads_event_member(name: &str) -> bool {
+    EVENT_MEMBERS.contains(&name)
+}
+
+/// The first integer written in the JSON text `json` that no signed 64-bit integer holds,
+/// standing in a top-level member `read` takes: where it stands (`properties.order.id`;
+/// an array's items at the array's path) and the integer as written. JSON parsers read it
+/// as a double, rounded (`2^70`), or as an unsigned integer MongoDB has no type for (from
+/// 2^63 to 2^64 − 1), so the value stored would not be the one sent. A number written
+/// with a fraction or an exponent is a double as sent, and is left alone. `json` is taken
+/// as valid JSON (already parsed): nothing is checked beyond where numbers stand.
+pub fn integer_beyond_int64(json: &str, read: impl Fn(&str) -> bool) -> Option<(String, String)> {
+    // Each open container, and for an object the member it is at (None while a key is
+    // awaited).
+    let mut open: Vec<Option<Option<String>>> = Vec::new();
+    let bytes = json.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'{' => open.push(Some(None)),
+            b'[' => open.push(None),
+            b'}' | b']' => {
+                open.pop();
+            }
+            b',' => {
+                if let Some(Some(member)) = open.last_mut() {
+                    *member = None;
+                }
+            }
+            b'"' => {
+                let start = i + 1;
+                i += 1;
+                while i < bytes.len() && bytes[i] != b'"' {
+                    i += if bytes[i] == b'\\' { 2 } else { 1 };
+                }
+                if let Some(Some(member @ None)) = open.last_mut() {
+                    let key = json.get(start..i.min(json.len())).unwrap_or_default();
+                    *member = Some(
+                        serde_json::from_str(&format!("\"{key}\""))
+                            .unwrap_or_else(|_| key.to_string()),
+                    );
+                }
+            }
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                while i + 1 < bytes.len()
+                    && matches!(bytes[i + 1], b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E')
+                {
+                    i += 1;
+                }
+                let number = &json[start..=i];
+                let integer = !number.contains(['.', 'e', 'E']);
+                if integer && number.parse::<i64>().is_err() {
+                    let path: Vec<&str> =
+                        open.iter().filter_map(|c| c.as_ref()?.as_deref()).collect();
+                    if path.first().is_some_and(|top| read(top)) {
+                        return Some((path.join("."), number.to_string()));
+                    }
+                }
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    None
+}
+
 /// The top-level members of `v` that [`parse_event`] does not read (at most 10, each cut
 /// at 64 characters): a typo such as `pageURL` or `sessionid` would otherwise lose its
 /// value without a word. The event is still taken; its answer lists them.
@@ -1162,6 +1230,55 @@ pub(crate) mod tests {
         ] {
             assert_eq!(currency_code(text), code, "{text}");
         }
+    }
+
+    #[test]
+    fn integers_beyond_64_bits_are_found_where_they_stand() {
+        let all = |_: &str| true;
+        let found = |json: &str| integer_beyond_int64(json, all);
+        assert_eq!(found(r#"{"a": 1, "b": [1.5, -2, 3e30]}"#), None);
+        assert_eq!(
+            found(r#"{"p": {"n": {"deep": 18446744073709551616}}}"#),
+            Some(("p.n.deep".into(), "18446744073709551616".into()))
+        );
+        assert_eq!(
+            found(r#"{"p": {"l": [1, [2, 36893488147419103232]]}}"#),
+            Some(("p.l".into(), "36893488147419103232".into()))
+        );
+        assert_eq!(
+            found(r#"{"p": {"neg": -9223372036854775809}}"#),
+            Some(("p.neg".into(), "-9223372036854775809".into()))
+        );
+        // 2^63: read as an unsigned integer, which MongoDB has no type for.
+        assert_eq!(
+            found(r#"{"id": 9223372036854775808}"#),
+            Some(("id".into(), "9223372036854775808".into()))
+        );
+        assert_eq!(
+            found(r#"{"min": -9223372036854775808, "max": 9223372036854775807}"#),
+            None
+        );
+        // In strings, keys with escapes and quotes, and after other members.
+        assert_eq!(
+            found(
+                r#"{"s": "99999999999999999999", "k\"e\\y": {"x": "a,b", "y": 99999999999999999999}}"#
+            ),
+            Some(("k\"e\\y.y".into(), "99999999999999999999".into()))
+        );
+        // Only in the members read.
+        let props = |m: &str| m == "properties";
+        assert_eq!(
+            integer_beyond_int64(
+                r#"{"extra": 99999999999999999999, "properties": {}}"#,
+                props
+            ),
+            None
+        );
+        assert!(integer_beyond_int64(
+            r#"{"extra": 1, "properties": {"a": [99999999999999999999]}}"#,
+            props
+        )
+        .is_some());
     }
 
     #[test]

@@ -79,7 +79,11 @@ pub async fn single(
     };
     let admitted = admit_after_body(&state, &headers, by_header, obj.get(BODY_KEY))?;
     let ctx = request_context(&state, peer, &headers, None, &admitted);
-    let message = parse_message(&value, Some(kind), &ctx, &options(&state));
+    let message = super::tracking::no_wide_integer(
+        std::str::from_utf8(&body).unwrap_or_default(),
+        sluice_core::segment::reads_member,
+    )
+    .and_then(|()| parse_message(&value, Some(kind), &ctx, &options(&state)));
     let warnings = warnings(std::slice::from_ref(&message));
     let unread = amounts_unread(std::slice::from_ref(&message));
     let mut answer = store(&state, vec![message], held)
@@ -140,7 +144,7 @@ pub async fn batch(
     let messages: Vec<Result<Message, ValidationError>> = items
         .iter()
         .map(|raw| {
-            let item = batch_item(&state, raw, "message");
+            let item = batch_item(&state, raw, "message", sluice_core::segment::reads_member);
             ignored.push(
                 item.as_ref()
                     .map(sluice_core::segment::unknown_members)

@@ -68,7 +68,11 @@ pub async fn track(
     };
     let admitted = admit_after_body(&state, &headers, by_header, body_key.as_ref())?;
     let ctx = request_context(&state, peer, &headers, None, &admitted);
-    let event = parse_event(&value, &ctx, EventMetadata::default());
+    let event = no_wide_integer(
+        std::str::from_utf8(&body).unwrap_or_default(),
+        sluice_core::tracking::reads_event_member,
+    )
+    .and_then(|()| parse_event(&value, &ctx, EventMetadata::default()));
     let set_aside = amount_set_aside(&event, Some(&value));
     let warning = warning(&event, Some(&value), set_aside);
     let unread = vec![set_aside];
@@ -193,7 +197,12 @@ pub async fn batch(
         .batch
         .iter()
         .map(|raw| {
-            let item = batch_item(&state, raw, "event");
+            let item = batch_item(
+                &state,
+                raw,
+                "event",
+                sluice_core::tracking::reads_event_member,
+            );
             ignored.push(item.as_ref().map(unknown_members).unwrap_or_default());
             sent_ids.push(match &item {
                 Ok(v) => string_member(v, "eventId"),
@@ -290,6 +299,7 @@ pub(super) fn batch_item(
     state: &AppState,
     raw: &RawValue,
     what: &str,
+    read: fn(&str) -> bool,
 ) -> Result<Value, ValidationError> {
     let max = state.config.tracking.max_event_bytes;
     if raw.get().len() > max {
@@ -298,7 +308,23 @@ pub(super) fn batch_item(
             format!("larger than {max} bytes"),
         ));
     }
-    serde_json::from_str(raw.get()).map_err(|e| ValidationError::new(what, e.to_string()))
+    let value =
+        serde_json::from_str(raw.get()).map_err(|e| ValidationError::new(what, e.to_string()))?;
+    no_wide_integer(raw.get(), read)?;
+    Ok(value)
+}
+
+/// Refuses an event (or message) `text` holding, in a member `read` takes, an integer no
+/// signed 64-bit integer holds: parsed, it is a rounded double (or an unsigned integer
+/// MongoDB has no type for), and the value stored would not be the one sent.
+pub(super) fn no_wide_integer(text: &str, read: fn(&str) -> bool) -> Result<(), ValidationError> {
+    match sluice_core::tracking::integer_beyond_int64(text, read) {
+        Some((path, number)) => Err(ValidationError::new(
+            path,
+            format!("`{number}` is an integer beyond the 64-bit range, which would be stored rounded (send such ids as strings)"),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// A string member of a JSON object, cut to 256 characters (an id as echoed back).
