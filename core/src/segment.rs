@@ -112,7 +112,7 @@ fn id_field(obj: &Map<String, Value>, field: &str) -> Result<Option<String>, Val
             Ok(Some(s.clone()))
         }
         // Some SDKs send numeric user ids.
-        Some(Value::Number(n)) => Ok(Some(n.to_string())),
+        Some(Value::Number(n)) => Ok(Some(crate::tracking::number_id(n))),
         Some(_) => Err(ValidationError::new(field, "expected a string")),
     }
 }
@@ -573,7 +573,10 @@ pub fn parse_message(
     };
     match session {
         Some(Value::Number(n)) => {
-            native.insert("sessionId".into(), Value::String(n.to_string()));
+            native.insert(
+                "sessionId".into(),
+                Value::String(crate::tracking::number_id(n)),
+            );
         }
         Some(s) => {
             native.insert("sessionId".into(), s.clone());

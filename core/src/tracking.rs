@@ -153,6 +153,17 @@ pub fn cut_urls(v: &Value) -> Vec<&'static str> {
         .collect()
 }
 
+/// A numeric id's text: a whole number as an integer (`1000.0`, `1e3` and `1000` are one
+/// visitor, as a Python or JavaScript SDK may send any of them), others as sent.
+pub(crate) fn number_id(n: &serde_json::Number) -> String {
+    match n.as_f64() {
+        Some(f) if !n.is_i64() && !n.is_u64() && f.fract() == 0.0 && f.abs() < 9.0e15 => {
+            (f as i64).to_string()
+        }
+        _ => n.to_string(),
+    }
+}
+
 /// An id, as a string or as a number's text (some SDKs and backends send numeric user
 /// and session ids; the Segment API takes them alike).
 fn opt_id(
@@ -160,7 +171,7 @@ fn opt_id(
     field: &str,
 ) -> Result<Option<String>, ValidationError> {
     if let Some(Value::Number(n)) = obj.get(field) {
-        return Ok(Some(n.to_string()));
+        return Ok(Some(number_id(n)));
     }
     let id = opt_string(obj, field, MAX_ID_LEN)?;
     if let Some(id) = &id {
@@ -777,6 +788,14 @@ pub fn parse_event(
             "is required (this is Sluice's own event API, `eventType` and `userId`: a Segment message with `type` goes to /v1/track, /v1/page, /v1/screen, /v1/identify or /v1/batch)",
         ));
     }
+    // An empty id is a client's bug, not "none": assigned a new one, every resend of the
+    // event would be stored again.
+    if obj.get(f::EVENT_ID).and_then(Value::as_str) == Some("") {
+        return Err(ValidationError::new(
+            f::EVENT_ID,
+            "is empty: send none to have Sluice assign one (an empty one would be given a new id on every resend, and stored again)",
+        ));
+    }
     let sent_id = opt_id(obj, f::EVENT_ID)?;
     let user_id = required_string(obj, f::USER_ID)?;
     // Without a sessionId the writer assigns one by the inactivity-gap rule.
@@ -1209,6 +1228,24 @@ pub(crate) mod tests {
         assert!(long.starts_with(&url));
         assert_eq!(e.referrer.as_deref(), Some("/short"));
         assert_eq!(cut_urls(&sent), ["pageUrl"]);
+        // A whole number is one id however it is written; others keep their text.
+        for (sent, id) in [
+            (json!(1000.0), "1000"),
+            (json!(1e3), "1000"),
+            (json!(-0.0), "0"),
+            (json!(1.5), "1.5"),
+            (json!(9007199254740993u64), "9007199254740993"),
+            (json!(1e20), "1e+20"),
+        ] {
+            let e =
+                parse(json!({ "userId": sent.clone(), "sessionId": "s", "eventType": "CLICK" }))
+                    .unwrap();
+            assert_eq!(e.user_id, id, "{sent}");
+        }
+        // An empty eventId is no absent one: it would be stored again on every resend.
+        let err = parse(json!({ "eventId": "", "userId": "u", "eventType": "CLICK" })).unwrap_err();
+        assert_eq!(err.field, "eventId");
+        assert!(err.reason.starts_with("is empty: send none"), "{err}");
     }
 
     #[test]
