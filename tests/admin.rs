@@ -340,6 +340,21 @@ async fn the_bearer_scheme_is_case_insensitive_and_browsers_may_patch() {
         .to_str()
         .unwrap();
     assert!(methods.contains("PATCH"), "{methods}");
+    // And one removing a config (DELETE).
+    let r = client
+        .request(
+            reqwest::Method::OPTIONS,
+            format!("{base}/v1/admin/configs/x"),
+        )
+        .header("origin", "https://console.example")
+        .header("access-control-request-method", "DELETE")
+        .send()
+        .await
+        .unwrap();
+    let methods = r.headers()["access-control-allow-methods"]
+        .to_str()
+        .unwrap();
+    assert!(methods.contains("DELETE"), "{methods}");
     server.shutdown().await;
 }
 

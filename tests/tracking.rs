@@ -428,6 +428,42 @@ async fn each_bad_input_class_gets_its_own_4xx() {
         .await
         .unwrap();
     expect(r, 400, "malformed_json").await;
+    // Valid JSON nested deeper than the parser reads: said as such.
+    let deep = format!(
+        r#"{{"userId": "v", "eventType": "CLICK", "properties": {}1{}}}"#,
+        "[".repeat(200),
+        "]".repeat(200)
+    );
+    let r = raw_post("/v1/events", deep.clone()).await.unwrap();
+    let body = expect(r, 400, "malformed_json").await;
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("the body is nested more than 127 levels deep"),
+        "{body}"
+    );
+    let r = raw_post("/v1/events/batch", format!(r#"{{"batch": [{deep}]}}"#))
+        .await
+        .unwrap();
+    let body: Value = r.json().await.unwrap();
+    assert!(
+        body["results"][0]["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("nested more than 127 levels deep"),
+        "{body}"
+    );
+    // A trailing slash: the way out is said.
+    let r = raw_post("/v1/events/", good.to_string()).await.unwrap();
+    let body = expect(r, 404, "not_found").await;
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("ends with a slash (the endpoints end without one: `/v1/events`)"),
+        "{body}"
+    );
     // Wrong shape / wrong types.
     let r = raw_post("/v1/events/batch", "{\"events\": []}".into())
         .await

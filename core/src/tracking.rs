@@ -13,7 +13,7 @@ use crate::model::{event_fields as f, Event, EventMetadata, EventType};
 /// Limits on a single event's fields.
 pub const MAX_ID_LEN: usize = 256;
 pub const MAX_URL_LEN: usize = 4096;
-const MAX_PROPERTY_DEPTH: usize = 16;
+pub const MAX_PROPERTY_DEPTH: usize = 16;
 /// The most a client's clock may have been set back between an event and its sending
 /// for the event to be stored at its arrival (a week).
 pub const MAX_CLOCK_SET_BACK_MS: i64 = 7 * 24 * 3_600_000;
@@ -867,6 +867,15 @@ pub fn parse_event(
                     "is {} s before `timestamp`, which puts the event in the future once the client's clock is corrected (both must come from the same clock)",
                     (timestamp_ms - ctx.received_at_ms) / 1000,
                 )
+            } else if timestamp_ms >= 1_000_000_000_000_000 {
+                // Past the year 33,000 as milliseconds: epoch microseconds (or nanoseconds)
+                // of today.
+                let unit = if timestamp_ms >= 1_000_000_000_000_000_000 {
+                    "nanoseconds"
+                } else {
+                    "microseconds"
+                };
+                format!("is thousands of years in the future: it looks like epoch {unit} (times are RFC 3339 strings or epoch milliseconds)")
             } else {
                 format!(
                     "is {} s in the future (at most {} s allowed; a client whose clock may be wrong sends `sentAt`, the time of sending by the same clock, and the time is corrected)",
@@ -1267,6 +1276,27 @@ pub(crate) mod tests {
         ] {
             assert_eq!(currency_code(text), code, "{text}");
         }
+    }
+
+    #[test]
+    fn epoch_microseconds_and_nanoseconds_are_named_as_such() {
+        for (sent, unit) in [
+            (json!(1_765_000_000_000_000i64), "microseconds"),
+            (json!(1_765_000_000_000_000_000i64), "nanoseconds"),
+        ] {
+            let err = parse(json!({ "userId": "u", "eventType": "CLICK", "timestamp": sent }))
+                .unwrap_err();
+            assert!(
+                err.reason.contains(&format!("looks like epoch {unit}")),
+                "{sent}: {err}"
+            );
+        }
+        // A year 9999 date is only far in the future.
+        let err = parse(
+            json!({ "userId": "u", "eventType": "CLICK", "timestamp": "9999-01-01T00:00:00Z" }),
+        )
+        .unwrap_err();
+        assert!(err.reason.contains("s in the future (at most"), "{err}");
     }
 
     #[test]

@@ -422,7 +422,14 @@ fn cors(config: &Config) -> CorsLayer {
     };
     CorsLayer::new()
         .allow_origin(origins)
-        .allow_methods([Method::POST, Method::GET, Method::PATCH, Method::OPTIONS])
+        // Every method a route takes (the admin API's DELETE too).
+        .allow_methods([
+            Method::POST,
+            Method::GET,
+            Method::PATCH,
+            Method::DELETE,
+            Method::OPTIONS,
+        ])
         // Whatever headers the page sends: tracing tools (Sentry, Datadog RUM,
         // OpenTelemetry) add `sentry-trace`, `baggage`, `traceparent` to every `fetch`, and
         // a preflight refusing them blocks the events. No credentials are allowed (keys
@@ -500,8 +507,14 @@ pub fn router(state: AppState) -> Router {
     let app = app
         .merge(admin::routes())
         .merge(probe_routes(state.config.ops_listen.is_none()))
-        .fallback(|| async {
-            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+        .fallback(|uri: axum::http::Uri| async move {
+            // A base URL joined with a trailing slash is a common SDK slip.
+            let path = uri.path();
+            let message = match path.strip_suffix('/').filter(|p| !p.is_empty()) {
+                Some(bare) => format!("no such endpoint: `{path}` ends with a slash (the endpoints end without one: `{bare}`)"),
+                None => "no such endpoint".to_string(),
+            };
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
         })
         .method_not_allowed_fallback(|method: Method| async move {
             ApiError::new(

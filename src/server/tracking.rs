@@ -308,8 +308,9 @@ pub(super) fn batch_item(
             format!("larger than {max} bytes"),
         ));
     }
-    let value =
-        serde_json::from_str(raw.get()).map_err(|e| ValidationError::new(what, e.to_string()))?;
+    let value = serde_json::from_str(raw.get()).map_err(|e| {
+        ValidationError::new(what, deeper_than_read(&e).unwrap_or_else(|| e.to_string()))
+    })?;
     no_wide_integer(raw.get(), read)?;
     Ok(value)
 }
@@ -691,11 +692,23 @@ fn raw_body(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes, 
 }
 
 pub(super) fn malformed(e: serde_json::Error) -> ApiError {
-    ApiError::new(
-        StatusCode::BAD_REQUEST,
-        "malformed_json",
-        format!("the body is not valid JSON: {e}"),
-    )
+    let message = match deeper_than_read(&e) {
+        Some(said) => format!("the body is {said}"),
+        None => format!("the body is not valid JSON: {e}"),
+    };
+    ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", message)
+}
+
+/// The JSON parser stops at 128 levels of nesting, valid JSON or not: said as what it is.
+fn deeper_than_read(e: &serde_json::Error) -> Option<String> {
+    e.to_string()
+        .starts_with("recursion limit exceeded")
+        .then(|| {
+            format!(
+            "nested more than 127 levels deep, which is not read (properties may nest {} levels)",
+            sluice_core::tracking::MAX_PROPERTY_DEPTH
+        )
+        })
 }
 
 pub(super) fn request_context(
