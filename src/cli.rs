@@ -984,6 +984,7 @@ pub async fn export_run(
         scheduled: false,
         late_readers: late_readers(config),
         late_readers_at,
+        late: false,
     };
     let ticker = spawn_progress(ctx.progress.clone());
     let result = until_signal(&store, run_export(&ctx, &request)).await;
@@ -1005,7 +1006,7 @@ pub async fn export_run(
                     .collect();
             if !pending.is_empty() {
                 println!(
-                    "  {} received events since this kind last published {} (or in the minute before): {}; {}",
+                    "  {} received events after this kind last read {}, or within a minute before (counted late to be safe: a publish of such a day is repeated once, with the same rows if nothing arrived): {}; {}",
                     counted(pending.len() as u64, "day"),
                     if pending.len() == 1 { "it" } else { "them" },
                     listed_days(&pending),
@@ -2540,13 +2541,18 @@ pub async fn export_history(
             _ => "-".to_string(),
         };
         let int = |k: &str| sluice_core::model::count_in(&r, k);
-        let by = match r.get_str(sluice_jobs::history::SCHEDULE) {
+        let mut by = match r.get_str(sluice_jobs::history::SCHEDULE) {
             Ok(schedule) => format!("schedule {schedule}"),
             Err(_) if r.get_bool(sluice_jobs::history::MANUAL).unwrap_or(false) => {
                 "by hand".to_string()
             }
             Err(_) => "scheduled".to_string(),
         };
+        if r.get_bool(sluice_jobs::history::LATE_EVENTS)
+            .unwrap_or(false)
+        {
+            by.push_str(", late events");
+        }
         let error = r
             .get_str(f::ERROR)
             .map(|e| format!("; {e}"))

@@ -365,6 +365,7 @@ impl EngineRunner {
                     &sluice_jobs::export::ExportRequest {
                         late_readers: crate::cli::late_readers(&self.config),
                         late_readers_at: None,
+                        late: false,
                         ..sluice_jobs::export::ExportRequest::day(
                             kind,
                             yesterday,

@@ -3140,7 +3140,7 @@ async fn export_run_names_late_days_and_publishes_them_again_with_late_days() {
     let stdout = run(&[]).await;
     let named = line(
         &stdout,
-        "received events since this kind last published it (or in the minute before)",
+        "received events after this kind last read it, or within a minute before",
     );
     assert!(named.contains("1 day received events"), "{named}");
     assert!(named.contains(&late.to_string()), "{named}");

@@ -96,6 +96,7 @@ fn request(kind: ExportJobType, from: NaiveDate, to: NaiveDate) -> ExportRequest
         scheduled: false,
         late_readers: Vec::new(),
         late_readers_at: None,
+        late: false,
     }
 }
 
@@ -792,7 +793,9 @@ async fn an_archive_publishes_no_day_whose_events_have_not_settled() {
     let err = event_data_elsewhere_refused(&db, old).await;
     let archive_dir = dir.join("ARCHIVE").display().to_string();
     assert!(
-        err.contains(&format!("moved to {archive_dir} and deleted")),
+        err.contains(&format!(
+            "the day {old} was archived: their events were moved to {archive_dir} and deleted"
+        )),
         "{err}"
     );
     std::fs::remove_dir_all(dir).unwrap();
@@ -849,12 +852,12 @@ async fn an_archive_that_died_before_deleting_is_finished_not_repeated() {
         .unwrap()
         .unwrap();
     assert_eq!(run.get_i64("eventsDeleted").unwrap(), 400, "{run}");
-    let files = run.get_array("partitions").unwrap()[0]
+    let listed = run.get_array("partitions").unwrap()[0]
         .as_document()
-        .unwrap()
-        .get_array("files")
-        .unwrap()
-        .clone();
+        .unwrap();
+    // An archive adds its files to the day's: a loader reads the manifest for them all.
+    assert_eq!(listed.get_str("mode"), Ok("append"), "{run}");
+    let files = listed.get_array("files").unwrap().clone();
     assert!(!files.is_empty());
     for file in files {
         let file = file.as_str().unwrap();
@@ -2272,6 +2275,8 @@ async fn a_run_failing_mid_publish_leaves_every_partition_whole_and_says_which_i
     assert_eq!(partitions.len(), 1, "{job}");
     let listed = partitions[0].as_document().unwrap();
     assert_eq!(listed.get_str("prefix").unwrap(), p1);
+    assert_eq!(listed.get_str("mode").unwrap(), "replace");
+    assert!(!job.contains_key("lateEvents"), "{job}");
     assert_eq!(listed.get_array("files").unwrap().len(), 1);
     assert_eq!(job.get_i64("recordsProcessed").unwrap(), 25);
     assert!(job.get_i64("rowsRead").unwrap() >= 25 + 1500);
@@ -3239,6 +3244,15 @@ async fn late_days_are_kept_per_destination() {
         .unwrap();
     assert_eq!(done.published.len(), 1, "{:?}", done.failed);
     assert!(due(&ca).await.is_empty());
+    // Its run is recorded as one for late events, told apart from one asked for.
+    let run = db
+        .store
+        .collection("export_jobs")
+        .find_one(doc! { "jobId": &done.published[0].job_id })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(run.get_bool("lateEvents"), Ok(true), "{run}");
     // Published to A only: B still needs it.
     assert_eq!(due(&cb).await, [d]);
     let done = publish_late_days(&cb, kind, |_| true, 90, None, false)

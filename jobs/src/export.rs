@@ -87,6 +87,10 @@ pub struct ExportRequest {
     /// ARCHIVE: where `late_readers` publish ([`ObjectStore::url`] of `""`), when not this
     /// run's destination (a manual archive to `--dest`): their reads are looked for there.
     pub late_readers_at: Option<String>,
+    /// A day published again because it received late events (`--late-days`, or a
+    /// schedule's late days): recorded as such (`lateEvents`), so its run is told apart
+    /// from one asked for.
+    pub late: bool,
 }
 
 impl ExportRequest {
@@ -101,6 +105,7 @@ impl ExportRequest {
             scheduled: false,
             late_readers: Vec::new(),
             late_readers_at: None,
+            late: false,
         }
     }
 
@@ -477,6 +482,7 @@ pub async fn publish_late_days(
     for d in late.by_ref() {
         let mut request = ExportRequest::day(kind, d, archive_after_days);
         request.scheduled = scheduled;
+        request.late = true;
         match run_export(ctx, &request).await {
             Ok(summary) => {
                 tracing::info!(kind = %kind, day = %d, rows = summary.rows, "published again a day that received late events");
@@ -734,6 +740,7 @@ pub async fn run_export(
             window,
             manual: !request.scheduled,
             schedule: ctx.schedule.as_deref(),
+            late: request.late,
         },
     )
     .await?;
@@ -1253,13 +1260,20 @@ async fn refuse_archived_days(
     if archived.is_empty() {
         return Ok(());
     }
+    let what = if request.from == request.to {
+        format!("the day {} was archived", request.from)
+    } else {
+        format!(
+            "{} of the days {}..{} {} archived ({})",
+            archived.len(),
+            request.from,
+            request.to,
+            if archived.len() == 1 { "was" } else { "were" },
+            archived.join(", ")
+        )
+    };
     Err(ExportError::Request(format!(
-        "{} of the window {}..{} {} archived ({}): their events were moved to {} and deleted from MongoDB, so exporting them again ({}) would replace the published partitions with whatever arrived later; read the ARCHIVE partitions instead",
-        archived.len(),
-        request.from,
-        request.to,
-        if archived.len() == 1 { "day was" } else { "days were" },
-        archived.join(", "),
+        "{what}: their events were moved to {} and deleted from MongoDB, so exporting them again ({}) would replace the published partitions with whatever arrived later; read the ARCHIVE partitions instead",
         wheres.into_iter().collect::<Vec<_>>().join(" and "),
         request.kind.as_str(),
     )))

@@ -8,6 +8,8 @@ use sluice_core::model::{
 
 /// Set (true) on runs not started by the schedule: `export run`, backfills, the demo.
 pub const MANUAL: &str = "manual";
+/// A day published again because it received late events.
+pub const LATE_EVENTS: &str = "lateEvents";
 /// `export_jobs.root`: the destination root partition prefixes and file keys are
 /// relative to.
 pub const ROOT: &str = "root";
@@ -26,6 +28,8 @@ pub struct NewJob<'a> {
     pub manual: bool,
     /// The `[[schedules]]` entry it runs for, if any.
     pub schedule: Option<&'a str>,
+    /// A day published again because it received late events.
+    pub late: bool,
 }
 
 /// Records a new run as PENDING and returns its jobId.
@@ -37,6 +41,7 @@ pub async fn create(store: &Store, new: NewJob<'_>) -> Result<String, StoreError
         window,
         manual,
         schedule,
+        late,
     } = new;
     let now = store.now();
     let job_id = format!(
@@ -67,6 +72,9 @@ pub async fn create(store: &Store, new: NewJob<'_>) -> Result<String, StoreError
         message: e.to_string(),
     })?;
     document.insert(MANUAL, manual);
+    if late {
+        document.insert(LATE_EVENTS, true);
+    }
     document.insert(ROOT, root);
     if let Some(name) = schedule {
         document.insert(SCHEDULE, name);
@@ -380,6 +388,21 @@ pub const ROWS_DEAD_LETTERED: &str = "rowsDeadLettered";
 /// ARCHIVE: the days a run left for a later one, with why.
 pub const DEFERRED: &str = "deferred";
 
+/// How a run's files change its partition, as `export_jobs` says it (`mode`): ARCHIVE adds
+/// its files beside those published before (`append`: the partition's `_manifest.json`
+/// lists them all); every other kind replaces the partition with its files (`replace`).
+pub fn publish_mode(prefix: &str) -> &'static str {
+    let archive = ExportJobType::Archive.as_str();
+    if prefix
+        .strip_prefix(archive)
+        .is_some_and(|rest| rest.starts_with('/'))
+    {
+        "append"
+    } else {
+        "replace"
+    }
+}
+
 /// Records a partition the run published (as it is published, so a run that fails later
 /// still says which partitions it replaced).
 pub async fn partition_published(
@@ -394,7 +417,10 @@ pub async fn partition_published(
         store,
         job_id,
         doc! {
-            "$push": { PARTITIONS: { "prefix": prefix, "rows": rows as i64, "files": files, "kept": kept } },
+            "$push": { PARTITIONS: {
+                "prefix": prefix, "mode": publish_mode(prefix), "rows": rows as i64,
+                "files": files, "kept": kept,
+            } },
             "$inc": { f::RECORDS_PROCESSED: rows as i64, f::FILES: files.len() as i64 },
         },
         "record a published partition",
@@ -437,8 +463,10 @@ async fn push_partition_once(
     files: &[String],
     repaired: bool,
 ) -> Result<(), StoreError> {
-    let mut partition =
-        doc! { "prefix": prefix, "rows": rows as i64, "files": files, "kept": false };
+    let mut partition = doc! {
+        "prefix": prefix, "mode": publish_mode(prefix), "rows": rows as i64, "files": files,
+        "kept": false,
+    };
     if repaired {
         partition.insert("repaired", true);
     }
