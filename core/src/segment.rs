@@ -381,14 +381,19 @@ pub fn parse_message(
     };
     // Traits (a user's or a group's) are what SDKs keep and send again with every call:
     // names MongoDB would misread are escaped as in the context, since refusing them
-    // would refuse every later identify of that user. Properties are the event's own
-    // and keep the native rule (refused, with the field named).
+    // would refuse every later identify of that user. A `track`'s properties are escaped
+    // too, and the answer names them: they come from app code the SDK passes on as it
+    // is (`button.color`, a Mixpanel-style `$price`), and refused, every such event is
+    // lost, as SDKs drop what is answered `rejected` (the native API, whose clients are
+    // written for it, refuses them, naming the field).
     let traits_of = |t: Option<&Map<String, Value>>| match escaped_names(Value::Object(
         t.cloned().unwrap_or_default(),
     )) {
         Value::Object(m) => m,
         _ => Map::new(),
     };
+    // Property names stored with look-alikes, as sent.
+    let mut escaped = Vec::new();
     let mut properties = match kind {
         Kind::Identify if context_traits_taken => traits_of(
             context
@@ -397,7 +402,13 @@ pub fn parse_message(
         ),
         Kind::Identify => traits_of(own_traits),
         Kind::Group => traits_of(own_traits),
-        _ => object(obj, "properties")?.cloned().unwrap_or_default(),
+        _ => {
+            let sent = Value::Object(object(obj, "properties")?.cloned().unwrap_or_default());
+            match escaped_names_noted(sent, "properties", &mut escaped) {
+                Value::Object(m) => m,
+                _ => Map::new(),
+            }
+        }
     };
     // `page` and `screen` carry their `name` and `category` at the top level.
     if matches!(kind, Kind::Page | Kind::Screen) {
@@ -678,6 +689,19 @@ pub fn parse_message(
             crate::tracking::amount_unread_warning(from, clash.as_deref(), kept)
         });
     }
+    if !escaped.is_empty() {
+        let shown: Vec<String> = escaped.iter().take(5).map(|p| format!("`{p}`")).collect();
+        let more = escaped.len().saturating_sub(shown.len());
+        let said = format!(
+            "{}{} stored with look-alike characters (`$` as `＄`, `.` as `．`, NUL as `�`, an empty name as `_`): MongoDB would read such names as operators or paths",
+            shown.join(", "),
+            if more > 0 { format!(" and {more} more") } else { String::new() }
+        );
+        warning = Some(match warning {
+            Some(w) => format!("{w}; {said}"),
+            None => said,
+        });
+    }
     if let Some(c) = context {
         apply_context(
             &mut event.metadata,
@@ -715,13 +739,32 @@ fn cut_url(mut url: String) -> String {
 /// `$email` traits in `context.traits`, say): refusing the event for it would lose
 /// every event of that device.
 fn escaped_names(v: Value) -> Value {
+    escaped_names_noted(v, "", &mut Vec::new())
+}
+
+/// [`escaped_names`], noting in `escaped` the path (under `at`) of each name written
+/// with look-alikes, as sent.
+fn escaped_names_noted(v: Value, at: &str, escaped: &mut Vec<String>) -> Value {
     match v {
         Value::Object(map) => Value::Object(
             map.into_iter()
-                .map(|(k, v)| (escaped_name(k), escaped_names(v)))
+                .map(|(k, v)| {
+                    let path = format!("{at}.{k}");
+                    let v = escaped_names_noted(v, &path, escaped);
+                    let name = escaped_name(k);
+                    if name != path[at.len() + 1..] {
+                        escaped.push(path);
+                    }
+                    (name, v)
+                })
                 .collect(),
         ),
-        Value::Array(items) => Value::Array(items.into_iter().map(escaped_names).collect()),
+        Value::Array(items) => Value::Array(
+            items
+                .into_iter()
+                .map(|item| escaped_names_noted(item, at, escaped))
+                .collect(),
+        ),
         other => other,
     }
 }
@@ -1133,6 +1176,51 @@ mod tests {
     }
 
     #[test]
+    fn property_names_mongodb_cannot_hold_are_escaped_and_said() {
+        let m = parse(json!({
+            "type": "track", "userId": "u1", "event": "Clicked",
+            "properties": {"button.color": "red", "$price": 3, "ok": {"a.b": [{"$k": 1}]}, "": 2, "z.z": 0},
+        }))
+        .unwrap();
+        let p = &m.event.properties;
+        assert_eq!(p.get_str("button\u{FF0E}color").unwrap(), "red");
+        assert_eq!(p.get_i32("\u{FF04}price").unwrap(), 3);
+        assert_eq!(p.get_i32("_").unwrap(), 2);
+        let inner = p
+            .get_document("ok")
+            .unwrap()
+            .get_array("a\u{FF0E}b")
+            .unwrap();
+        assert_eq!(
+            inner[0]
+                .as_document()
+                .unwrap()
+                .get_i32("\u{FF04}k")
+                .unwrap(),
+            1
+        );
+        let warning = m.warning.unwrap();
+        for path in [
+            "`properties.button.color`",
+            "`properties.$price`",
+            "`properties.ok.a.b`",
+        ] {
+            assert!(warning.contains(path), "{path}: {warning}");
+        }
+        // Five are named, the others counted.
+        assert!(
+            warning.contains("and 1 more stored with look-alike"),
+            "{warning}"
+        );
+        // Names that need none are not said.
+        let quiet = parse(json!({
+            "type": "track", "userId": "u1", "event": "Clicked", "properties": {"a_b": 1},
+        }))
+        .unwrap();
+        assert_eq!(quiet.warning, None);
+    }
+
+    #[test]
     fn context_names_mongodb_cannot_hold_are_escaped_not_refused() {
         let m = parse(json!({
             "type": "track", "userId": "u1", "event": "Viewed",
@@ -1332,8 +1420,8 @@ mod tests {
                 "messageId",
             ),
             (
-                json!({"type": "track", "userId": "u", "event": "X", "properties": {"a.b": 1}}),
-                "properties.a.b",
+                json!({"type": "track", "userId": "u", "event": "X", "properties": {"n": {"m": u64::MAX}}}),
+                "properties.n.m",
             ),
             // Native fields filled from Segment ones are named as the client sent them.
             (
