@@ -392,6 +392,27 @@ async fn a_rerun_replaces_the_partition_instead_of_duplicating() {
     );
 }
 
+/// A day read before it ended is published whole, its manifest saying the day was not.
+#[tokio::test]
+async fn a_manifest_says_whether_its_day_had_ended_when_read() {
+    let db = TestDb::initialized().await;
+    let dir = temp_dir();
+    for d in [day(-1), day(0)] {
+        seed(&db, d, 5).await;
+    }
+    let ctx = ExportContext::new(db.store.clone(), ObjectStore::Local(LocalDir::new(&dir)));
+    for kind in [ExportJobType::EventData, ExportJobType::DailyAnalytics] {
+        run_export(&ctx, &request(kind, day(-1), day(0)))
+            .await
+            .unwrap();
+        let ended =
+            |d: NaiveDate| manifest(&dir, &format!("{}/dt={d}", kind.as_str()))["dayEnded"].clone();
+        assert_eq!(ended(day(-1)), serde_json::json!(true), "{kind}");
+        assert_eq!(ended(day(0)), serde_json::json!(false), "{kind}");
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 /// A TCP proxy to the S3 server that dies after `limit` bytes from the client: the S3
 /// server "stops" mid-upload, and every later connection is cut at once.
 async fn dying_proxy(limit: u64) -> String {

@@ -3074,6 +3074,17 @@ async fn publish_now(
         if let Some(events) = s.source_rows {
             manifest["sourceRows"] = json!(events);
         }
+        // A day read before it had ended (today's, say) holds only its events so far:
+        // `_SUCCESS` says the partition is whole as published, this says the day was not.
+        if matches!(kind, ExportJobType::EventData | ExportJobType::DailyAnalytics) {
+            let ended = partition_day(&s.prefix)
+                .and_then(|d| d.succ_opt())
+                .zip(s.read_at)
+                .map(|(next, read)| read >= day_start(next));
+            if let Some(ended) = ended {
+                manifest["dayEnded"] = json!(ended);
+            }
+        }
         let body = serde_json::to_vec_pretty(&manifest).unwrap_or_default();
         if ctx.lose_lock_after_copies {
             ctx.store
