@@ -1934,9 +1934,14 @@ async fn an_event_data_export_says_which_fields_no_column_holds() {
     };
     let mut foreign = event("foreign");
     foreign.insert("campaignCode", "XYZ");
+    // Values of other types than their columns': a duration as text (null in the file),
+    // a page as a number (written as its text).
+    let mut odd = event("odd");
+    odd.insert("duration", "1500");
+    odd.insert("pageUrl", 42);
     db.store
         .collection("events")
-        .insert_many([event("plain"), foreign])
+        .insert_many([event("plain"), foreign, odd])
         .await
         .unwrap();
     let config = db_config(&db);
@@ -1962,6 +1967,26 @@ async fn an_event_data_export_says_which_fields_no_column_holds() {
             && stderr.contains("events=1"),
         "{stderr}"
     );
+    // Counted for a reader of the files too: in the manifest and the run's record.
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(out_dir.join("EVENT_DATA/dt=2026-01-01/_manifest.json")).unwrap(),
+    )
+    .unwrap();
+    let run = db
+        .store
+        .collection("export_jobs")
+        .find_one(bson::doc! {})
+        .await
+        .unwrap()
+        .unwrap();
+    for (field, n) in [
+        ("rowsWithFieldsLeftOut", 1),
+        ("valuesNulled", 1),
+        ("valuesConverted", 1),
+    ] {
+        assert_eq!(manifest[field], n, "{field}: {manifest}");
+        assert_eq!(run.get_i64(field), Ok(n), "{field}: {run}");
+    }
     let _ = std::fs::remove_dir_all(&out_dir);
 }
 

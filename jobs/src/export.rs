@@ -29,7 +29,7 @@ use futures_util::TryStreamExt;
 use serde_json::json;
 use sluice_connectors::objstore::{ObjectStore, StorageError};
 use sluice_connectors::parquet::{
-    columns as pc, encode, fits, schema_description, EncodeError, LocalPart, PartWriter,
+    columns as pc, encode_counted, fits, schema_description, EncodeError, LocalPart, PartWriter,
     PartWriterOptions, RecordBatch, TableSpec, DAILY_TABLE, EVENT_TABLE, USER_TABLE,
 };
 use sluice_connectors::{Store, StoreError};
@@ -137,6 +137,51 @@ pub struct Progress {
     /// Records a transform plugin failed under the dead-letter policy (kept in
     /// `dead_letters`).
     pub rows_dead_lettered: AtomicU64,
+    /// Values written as null, for they were of another type than their column's.
+    pub values_nulled: AtomicU64,
+    /// Values of another type than their column's written converted to it.
+    pub values_converted: AtomicU64,
+    /// Rows written without fields of theirs that no column holds.
+    pub rows_with_fields_left_out: AtomicU64,
+}
+
+impl Progress {
+    /// What of the rows written so far was not written as read.
+    pub fn unfitting(&self) -> Unfitting {
+        Unfitting {
+            values_nulled: self.values_nulled.load(Relaxed),
+            values_converted: self.values_converted.load(Relaxed),
+            rows_with_fields_left_out: self.rows_with_fields_left_out.load(Relaxed),
+        }
+    }
+
+    fn add_unfitting(&self, u: Unfitting) {
+        self.values_nulled.fetch_add(u.values_nulled, Relaxed);
+        self.values_converted.fetch_add(u.values_converted, Relaxed);
+        self.rows_with_fields_left_out
+            .fetch_add(u.rows_with_fields_left_out, Relaxed);
+    }
+}
+
+impl Unfitting {
+    /// What grew since `before`.
+    pub fn since(self, before: Unfitting) -> Unfitting {
+        Unfitting {
+            values_nulled: self.values_nulled.saturating_sub(before.values_nulled),
+            values_converted: self
+                .values_converted
+                .saturating_sub(before.values_converted),
+            rows_with_fields_left_out: self
+                .rows_with_fields_left_out
+                .saturating_sub(before.rows_with_fields_left_out),
+        }
+    }
+
+    fn add(&mut self, u: Unfitting) {
+        self.values_nulled += u.values_nulled;
+        self.values_converted += u.values_converted;
+        self.rows_with_fields_left_out += u.rows_with_fields_left_out;
+    }
 }
 
 /// Everything a run needs besides the request.
@@ -288,6 +333,20 @@ struct Staged {
 struct Dropped {
     skipped: u64,
     dead_lettered: u64,
+    /// Not dropped, but not written whole: values of another type than their column's,
+    /// and events holding fields no column holds.
+    unfitting: Unfitting,
+}
+
+/// What of the rows written was not written as read: values written as null or
+/// converted to their column's type, and rows whose fields no column holds were left
+/// out of. The log says each; the run's record and the manifest count them, for a
+/// reader that checks its loads.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Unfitting {
+    pub values_nulled: u64,
+    pub values_converted: u64,
+    pub rows_with_fields_left_out: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -757,6 +816,7 @@ pub async fn run_export(
         ctx.progress.rows_rejected.load(Relaxed),
         ctx.progress.rows_dead_lettered.load(Relaxed),
     );
+    let unfitting_before = ctx.progress.unfitting();
     let bytes_now = || {
         ctx.progress
             .bytes_uploaded
@@ -785,11 +845,13 @@ pub async fn run_export(
             .rows_dead_lettered
             .load(Relaxed)
             .saturating_sub(lettered_before),
+        unfitting: ctx.progress.unfitting().since(unfitting_before),
     };
     let history::SetAside {
         skipped,
         rejected,
         dead_lettered,
+        ..
     } = set_aside;
     match outcome {
         Ok((partitions, deleted, deferred)) => {
@@ -2526,8 +2588,15 @@ async fn stage(
                         ))
                     })?
                 } else {
-                    let (encoded, unfit) =
+                    let (encoded, unfit, odd) =
                         encode_or_set_aside(table, records).map_err(|e| enc(e.to_string()))?;
+                    let odd = Unfitting {
+                        values_nulled: odd.nulled,
+                        values_converted: odd.converted,
+                        rows_with_fields_left_out: 0,
+                    };
+                    dropped.unfitting.add(odd);
+                    progress.add_unfitting(odd);
                     if let Some(first) = unfit.first() {
                         if !warned_unfit {
                             tracing::warn!(partition = %partition, reason = %first.reason, "documents that cannot be rows of the table were kept in dead_letters instead of exported (counted in the run's rowsRejected)");
@@ -2555,6 +2624,12 @@ async fn stage(
                 let _ = part_tx.blocking_send(part);
             }
             if let (n @ 1.., Some(example)) = uncovered {
+                let left_out = Unfitting {
+                    rows_with_fields_left_out: n,
+                    ..Default::default()
+                };
+                dropped.unfitting.add(left_out);
+                progress.add_unfitting(left_out);
                 tracing::warn!(
                     partition = %partition,
                     events = n,
@@ -2840,9 +2915,16 @@ pub const UNFIT_ROW: &str = "schema";
 fn encode_or_set_aside(
     table: &'static TableSpec,
     records: Vec<Document>,
-) -> Result<(RecordBatch, Vec<DeadLetter>), EncodeError> {
-    match encode(table, &records) {
-        Ok(batch) => Ok((batch, Vec::new())),
+) -> Result<
+    (
+        RecordBatch,
+        Vec<DeadLetter>,
+        sluice_connectors::parquet::Unfitting,
+    ),
+    EncodeError,
+> {
+    match encode_counted(table, &records) {
+        Ok((batch, odd)) => Ok((batch, Vec::new(), odd)),
         Err(EncodeError::Value { .. }) => {
             let mut fit = Vec::with_capacity(records.len());
             let mut unfit = Vec::new();
@@ -2856,7 +2938,8 @@ fn encode_or_set_aside(
                     }),
                 }
             }
-            Ok((encode(table, &fit)?, unfit))
+            let (batch, odd) = encode_counted(table, &fit)?;
+            Ok((batch, unfit, odd))
         }
         Err(e) => Err(e),
     }
@@ -3064,6 +3147,10 @@ async fn publish_now(
             "rowsRead": s.rows_read + earlier("rowsRead", "rows"),
             "rowsSkipped": s.dropped.skipped + earlier("rowsSkipped", ""),
             "rowsDeadLettered": s.dropped.dead_lettered + earlier("rowsDeadLettered", ""),
+            // What of the rows was not written as read (see `Unfitting`).
+            "valuesNulled": s.dropped.unfitting.values_nulled + earlier("valuesNulled", ""),
+            "valuesConverted": s.dropped.unfitting.values_converted + earlier("valuesConverted", ""),
+            "rowsWithFieldsLeftOut": s.dropped.unfitting.rows_with_fields_left_out + earlier("rowsWithFieldsLeftOut", ""),
             "transforms": export_transforms(ctx, kind)
                 .iter()
                 .map(|t| t.name().to_string())
@@ -3499,7 +3586,7 @@ mod tests {
         );
         let mut out = None;
         let log = warnings_of(|| out = Some(encode_or_set_aside(&EVENT_TABLE, docs).unwrap()));
-        let (batch, unfit) = out.unwrap();
+        let (batch, unfit, _) = out.unwrap();
         assert_eq!((batch.num_rows(), unfit.len()), (20, 1));
         let said = log.matches("were converted to it").count();
         assert_eq!(said, 1, "{log}");

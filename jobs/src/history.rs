@@ -146,6 +146,20 @@ pub struct SetAside {
     /// Records a transform plugin failed under the dead-letter policy, kept in
     /// `dead_letters`.
     pub dead_lettered: u64,
+    /// What of the rows written was not written as read.
+    pub unfitting: crate::export::Unfitting,
+}
+
+/// [`SetAside`]'s fields of `export_jobs`.
+fn set_aside_fields(s: &SetAside) -> Document {
+    doc! {
+        ROWS_SKIPPED: s.skipped as i64,
+        ROWS_REJECTED: s.rejected as i64,
+        ROWS_DEAD_LETTERED: s.dead_lettered as i64,
+        "valuesNulled": s.unfitting.values_nulled as i64,
+        "valuesConverted": s.unfitting.values_converted as i64,
+        "rowsWithFieldsLeftOut": s.unfitting.rows_with_fields_left_out as i64,
+    }
 }
 
 pub async fn completed(
@@ -162,11 +176,9 @@ pub async fn completed(
         f::END_TIME: store.now(),
         f::RECORDS_PROCESSED: records as i64,
         f::FILES: files as i64,
-        ROWS_SKIPPED: set_aside.skipped as i64,
-        ROWS_REJECTED: set_aside.rejected as i64,
-        ROWS_DEAD_LETTERED: set_aside.dead_lettered as i64,
         f::DESTINATION: destination,
     };
+    outcome.extend(set_aside_fields(&set_aside));
     if !deferred.is_empty() {
         outcome.insert(DEFERRED, deferred.to_vec());
     }
@@ -180,20 +192,14 @@ pub async fn failed(
     set_aside: SetAside,
     error: &str,
 ) -> Result<(), StoreError> {
-    set_outcome(
-        store,
-        job_id,
-        doc! {
-            f::STATUS: ExportJobStatus::Failed.as_str(),
-            f::END_TIME: store.now(),
-            ROWS_READ: rows_read as i64,
-            ROWS_SKIPPED: set_aside.skipped as i64,
-            ROWS_REJECTED: set_aside.rejected as i64,
-            ROWS_DEAD_LETTERED: set_aside.dead_lettered as i64,
-            f::ERROR: error,
-        },
-    )
-    .await
+    let mut outcome = doc! {
+        f::STATUS: ExportJobStatus::Failed.as_str(),
+        f::END_TIME: store.now(),
+        ROWS_READ: rows_read as i64,
+        f::ERROR: error,
+    };
+    outcome.extend(set_aside_fields(&set_aside));
+    set_outcome(store, job_id, outcome).await
 }
 
 /// One run's status (`RUNNING`, `FAILED`...), if the run is on record.

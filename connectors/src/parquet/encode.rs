@@ -406,6 +406,24 @@ fn top_pages(spec: &ColumnSpec, docs: &[Document]) -> Result<ArrayRef, EncodeErr
 /// Encodes `docs` as one record batch of `table`. A value of another type than its
 /// column's is written as null (as text for a string column), with a warning.
 pub fn encode(table: &TableSpec, docs: &[Document]) -> Result<RecordBatch, EncodeError> {
+    encode_fit(table, docs, Fit::Lenient, true).map(|(batch, _)| batch)
+}
+
+/// Values of another type than their column's in an encoded batch, over every column.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Unfitting {
+    /// Written as null (or `false` for a flag the column must hold).
+    pub nulled: u64,
+    /// Written after a conversion (a number as text, `"true"` as a flag).
+    pub converted: u64,
+}
+
+/// [`encode`], with how many values did not fit their columns as they were: what a
+/// reader of the files is told besides the log.
+pub fn encode_counted(
+    table: &TableSpec,
+    docs: &[Document],
+) -> Result<(RecordBatch, Unfitting), EncodeError> {
     encode_fit(table, docs, Fit::Lenient, true)
 }
 
@@ -419,7 +437,7 @@ pub fn fits(table: &TableSpec, doc: &Document) -> Result<(), EncodeError> {
 /// integer column, a number in a string column, a string in a timestamp column): for
 /// ARCHIVE, which deletes what it wrote.
 pub fn encode_exact(table: &TableSpec, docs: &[Document]) -> Result<RecordBatch, EncodeError> {
-    encode_fit(table, docs, Fit::Exact, true)
+    encode_fit(table, docs, Fit::Exact, true).map(|(batch, _)| batch)
 }
 
 /// The batch; what did not fit as it was is said in the log (when `report`) only once
@@ -430,20 +448,23 @@ fn encode_fit(
     docs: &[Document],
     fit: Fit,
     report_odd: bool,
-) -> Result<RecordBatch, EncodeError> {
+) -> Result<(RecordBatch, Unfitting), EncodeError> {
     let columns = table
         .columns
         .iter()
         .map(|c| column(c, docs, fit).map_err(|e| name_the_row(e, c, docs, fit)))
         .collect::<Result<Vec<_>, _>>()?;
     let mut arrays = Vec::with_capacity(columns.len());
+    let mut unfitting = Unfitting::default();
     for (spec, (array, odd)) in table.columns.iter().zip(columns) {
         if report_odd {
             report(spec, &odd);
         }
+        unfitting.nulled += odd.count;
+        unfitting.converted += odd.converted;
         arrays.push(array);
     }
-    Ok(RecordBatch::try_new(schema_of(table), arrays)?)
+    Ok((RecordBatch::try_new(schema_of(table), arrays)?, unfitting))
 }
 
 /// Adds to a column error which document caused it (its `eventId`, `visitorId`, `date`
