@@ -320,8 +320,8 @@ async fn the_real_analytics_node_sdk_delivers_everything_once() {
     );
     let screen = find(&db, "events", doc! { "eventType": "SCREEN_VIEW" }).await;
     let meta = screen[0].get_document("metadata").unwrap();
-    assert_eq!(meta.get_str("os").unwrap(), "iOS 17.1");
-    assert_eq!(meta.get_str("device").unwrap(), "ios");
+    assert_eq!(meta.get_str("os").unwrap(), "iOS");
+    assert_eq!(meta.get_str("device").unwrap(), "mobile");
 
     // Sessions: split at the gap.
     let mut s2 = find(&db, "sessions", doc! { "userId": "user-2" }).await;

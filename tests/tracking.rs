@@ -1195,7 +1195,7 @@ async fn enrichment_fills_metadata_and_bots_can_be_dropped() {
     let m = e.get_document("metadata").unwrap();
     assert_eq!(m.get_str("ipAddress").unwrap(), "203.0.113.9");
     assert_eq!(m.get_str("device").unwrap(), "mobile");
-    assert_eq!(m.get_str("os").unwrap(), "iPhone");
+    assert_eq!(m.get_str("os").unwrap(), "iOS");
     let s = db
         .store
         .collection("sessions")

@@ -819,13 +819,15 @@ fn apply_context(
     traits_taken: bool,
     untrusted: bool,
 ) -> Result<(), ValidationError> {
+    // In the vocabulary the user agent's are said in (the context keeps them as sent).
     let device = c.get("device").and_then(Value::as_object);
-    m.device = text(device, "type").or_else(|| text(device, "model"));
+    m.device = crate::tracking::device_class(
+        text(device, "type").as_deref(),
+        text(device, "model").as_deref(),
+    )
+    .map(str::to_string);
     let os = c.get("os").and_then(Value::as_object);
-    m.os = match (text(os, "name"), text(os, "version")) {
-        (Some(n), Some(v)) => Some(format!("{n} {v}")),
-        (n, _) => n,
-    };
+    m.os = text(os, "name").and_then(|n| crate::tracking::os_family(&n));
     if !untrusted {
         let location = c.get("location").and_then(Value::as_object);
         m.country = text(location, "country");
@@ -1348,8 +1350,13 @@ mod tests {
             "ada@example.com"
         );
         let meta = &m.event.metadata;
-        assert_eq!(meta.os.as_deref(), Some("iOS 17.1"));
-        assert_eq!(meta.device.as_deref(), Some("ios"));
+        // In the user agent's vocabulary; the context keeps them as sent.
+        assert_eq!(meta.os.as_deref(), Some("iOS"));
+        assert_eq!(meta.device.as_deref(), Some("mobile"));
+        assert_eq!(
+            meta.context.get_document("os").unwrap().get_str("version"),
+            Ok("17.1")
+        );
         assert_eq!(meta.country.as_deref(), Some("FR"));
         assert_eq!(meta.city.as_deref(), Some("Lyon"));
         assert_eq!(meta.anonymous_id.as_deref(), Some("a1"));

@@ -300,6 +300,49 @@ const EVENT_MEMBERS: [&str; 11] = [
     "context",
 ];
 
+/// The device class (`desktop`, `mobile`, `tablet`, `appliance` or `bot`, the classes a
+/// user agent is sorted into) a Segment SDK's `context.device` names: its `type` is a platform
+/// (`ios`, `android`) or a class, its `model` a product (`iPhone15,2`, `iPad13,1`). None
+/// when neither says (the user agent's then holds).
+pub fn device_class(kind: Option<&str>, model: Option<&str>) -> Option<&'static str> {
+    let model = model.unwrap_or("").to_ascii_lowercase();
+    let tablet_model = model.contains("ipad") || model.contains("tablet");
+    let kind = kind.unwrap_or("").trim().to_ascii_lowercase();
+    match kind.as_str() {
+        "ios" | "android" | "mobile" | "phone" | "smartphone" | "ipados" => {
+            Some(if tablet_model || kind == "ipados" {
+                "tablet"
+            } else {
+                "mobile"
+            })
+        }
+        "tablet" | "ipad" => Some("tablet"),
+        "desktop" | "pc" | "mac" | "macos" | "windows" | "linux" => Some("desktop"),
+        "tv" | "appliance" | "console" => Some("appliance"),
+        "bot" => Some("bot"),
+        _ if tablet_model => Some("tablet"),
+        _ if model.contains("iphone") || model.contains("ipod") => Some("mobile"),
+        _ => None,
+    }
+}
+
+/// An operating system's name as `metadata.os` holds it, whoever said it: Apple's phones
+/// and tablets as `iOS` (a user agent names the device, `iPhone`; a Segment SDK sends
+/// `iOS` or `iPadOS`), macOS as `Mac OSX` (the user agent parser's name), others as
+/// said; without a version (a Segment SDK's stays in `metadata.context.os`).
+pub fn os_family(name: &str) -> Option<String> {
+    let name = name.trim();
+    let lower = name.to_ascii_lowercase();
+    let family = match lower.as_str() {
+        "" => return None,
+        "iphone" | "ipad" | "ipod" | "ios" | "ipados" | "iphone os" => "iOS",
+        "android" => "Android",
+        "mac os x" | "macos" | "mac osx" | "os x" => "Mac OSX",
+        _ => return Some(name.to_string()),
+    };
+    Some(family.to_string())
+}
+
 /// Whether Sluice reads the top-level member `name` of a native event.
 pub fn reads_event_member(name: &str) -> bool {
     EVENT_MEMBERS.contains(&name)
@@ -1275,6 +1318,35 @@ pub(crate) mod tests {
             ("5 xEUR", None),
         ] {
             assert_eq!(currency_code(text), code, "{text}");
+        }
+    }
+
+    #[test]
+    fn devices_and_systems_are_said_in_one_vocabulary() {
+        for (kind, model, class) in [
+            (Some("ios"), Some("iPhone15,2"), Some("mobile")),
+            (Some("ios"), Some("iPad13,1"), Some("tablet")),
+            (Some("android"), None, Some("mobile")),
+            (Some("Android"), Some("SM-T870 Tablet"), Some("tablet")),
+            (Some("tablet"), None, Some("tablet")),
+            (Some("macos"), None, Some("desktop")),
+            (None, Some("iPhone14,2"), Some("mobile")),
+            (None, Some("Pixel 8"), None),
+            (Some("toaster"), None, None),
+        ] {
+            assert_eq!(device_class(kind, model), class, "{kind:?} {model:?}");
+        }
+        for (name, family) in [
+            ("iPhone", Some("iOS")),
+            ("iPad", Some("iOS")),
+            ("iPadOS", Some("iOS")),
+            ("iOS", Some("iOS")),
+            ("android", Some("Android")),
+            ("Mac OS X", Some("Mac OSX")),
+            ("Windows 10", Some("Windows 10")),
+            (" ", None),
+        ] {
+            assert_eq!(os_family(name).as_deref(), family, "{name}");
         }
     }
 

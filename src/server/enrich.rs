@@ -134,7 +134,7 @@ pub fn parse_user_agent(ua: &str) -> EventMetadata {
     let known = |s: &str| (!s.is_empty() && s != "UNKNOWN").then(|| s.to_string());
     if let Some(r) = &parsed {
         m.browser = known(r.name);
-        m.os = known(r.os);
+        m.os = known(r.os).and_then(|os| sluice_core::tracking::os_family(&os));
         m.device = match r.category {
             "pc" => Some("desktop".into()),
             "smartphone" if r.os == "iPad" || lower.contains("tablet") => Some("tablet".into()),
@@ -214,6 +214,8 @@ mod tests {
         assert!(!chrome.bot);
         let iphone = parse_user_agent("Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.0 Mobile/15E148 Safari/604.1");
         assert_eq!(iphone.device.as_deref(), Some("mobile"));
+        // The parser names the device; the OS is said as a Segment SDK says it.
+        assert_eq!(iphone.os.as_deref(), Some("iOS"));
         let google = parse_user_agent(
             "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)",
         );
