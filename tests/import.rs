@@ -1812,8 +1812,9 @@ async fn a_run_resumed_by_another_process_while_this_one_was_stopped_is_left_to_
     // resuming it does while this process is paused past its lease (a VM paused, a
     // laptop asleep).
     let runs = db.store.collection("import_runs");
+    let checkpoints = db.store.collection("import_checkpoints");
     let api = move |Query(q): Query<Vec<(String, String)>>| {
-        let runs = runs.clone();
+        let (runs, checkpoints) = (runs.clone(), checkpoints.clone());
         async move {
             let cursor: u64 = q
                 .iter()
@@ -1827,6 +1828,14 @@ async fn a_run_resumed_by_another_process_while_this_one_was_stopped_is_left_to_
                 )
                 .await
                 .unwrap();
+                // The other process's own progress, which must stay as it wrote it.
+                checkpoints
+                    .update_one(
+                        doc! { "_id": "paused" },
+                        doc! { "$set": { "takenOverBy": "another process", "attempt": "another process" } },
+                    )
+                    .await
+                    .unwrap();
             }
             let data: Vec<Value> = (cursor..(cursor + 10).min(45))
                 .map(|i| json!({ "id": i, "title": format!("t{i}") }))
@@ -1848,16 +1857,16 @@ async fn a_run_resumed_by_another_process_while_this_one_was_stopped_is_left_to_
     assert!(err
         .to_string()
         .contains("the other process records the run's end"));
-    // Its pages are stored; the run's end, the checkpoint and the cursor are the other
-    // process's to write.
-    assert_eq!(
-        db.store
-            .collection("things")
-            .count_documents(doc! {})
-            .await
-            .unwrap(),
-        45
-    );
+    // It stopped at the page it was writing (stored: upserts make reading it again
+    // safe), before saving its place; the run's end, the checkpoint and the cursor are
+    // the other process's.
+    let stored = db
+        .store
+        .collection("things")
+        .count_documents(doc! {})
+        .await
+        .unwrap();
+    assert!(stored < 45, "{stored}");
     let run = db
         .store
         .collection("import_runs")
@@ -1873,9 +1882,16 @@ async fn a_run_resumed_by_another_process_while_this_one_was_stopped_is_left_to_
         .find_one(doc! { "_id": &name })
         .await
         .unwrap();
-    assert!(
-        checkpoint.is_some(),
-        "the checkpoint the other process resumes from is kept"
+    let checkpoint = checkpoint.expect("the checkpoint the other process resumes from is kept");
+    // (The next page is fetched while one is written: the takeover may come while the
+    // second page or the third is written. Either way the checkpoint is one page behind.)
+    assert_eq!(
+        (
+            checkpoint.get_str("takenOverBy"),
+            checkpoint.get_i64("pages").map(|p| p as u64 * 10 + 10)
+        ),
+        (Ok("another process"), Ok(stored)),
+        "{checkpoint}"
     );
     let config = db
         .store

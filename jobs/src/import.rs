@@ -806,6 +806,17 @@ pub async fn run_import(
         close_orphaned_runs(store, name).await?;
         summary.attempt = bson::oid::ObjectId::new().to_hex();
         record_run(store, &summary, "RUNNING", None).await?;
+        // A resumed run's checkpoint is this attempt's from now on: a process that held
+        // it before can no longer save over it.
+        if summary.resumed {
+            checkpoints
+                .update_one(
+                    doc! { common::ID: name },
+                    doc! { "$set": { "attempt": &summary.attempt } },
+                )
+                .await
+                .map_err(StoreError::mongo(c::IMPORT_CHECKPOINTS, "claim checkpoint"))?;
+        }
     }
     let before = summary.clone();
     let pages_at_start = summary.pages;
@@ -974,6 +985,11 @@ pub async fn run_import(
             record_run(store, &summary, "INTERRUPTED", None).await?;
             Ok(summary)
         }
+        // The run is another process's now: its record is that process's to write.
+        Err(e @ ImportError::TakenOver(_)) => {
+            counted(&summary, "INTERRUPTED");
+            Err(e)
+        }
         Err(e) => {
             counted(&summary, "FAILED");
             let mut message = e.to_string();
@@ -991,7 +1007,11 @@ pub async fn run_import(
                 &e,
                 ImportError::Http(sluice_connectors::http::HttpError::OffOrigin { .. })
             );
-            if summary.resumed && summary.pages == pages_at_start && refused {
+            if summary.resumed
+                && summary.pages == pages_at_start
+                && refused
+                && holds_run(store, &summary).await.unwrap_or(false)
+            {
                 let dropped = store
                     .collection(c::IMPORT_CHECKPOINTS)
                     .delete_one(doc! { common::ID: name })
@@ -1579,13 +1599,24 @@ async fn write_page(
                 Some(&summary.run_id),
             )
             .await?;
-        // The page is committed: remember where the next one starts.
-        store
+        // The page is committed: remember where the next one starts, unless another
+        // process resumed the run meanwhile (this one was paused past its lease): the
+        // checkpoint is then that process's, and this one stops.
+        if !holds_run(store, summary).await? {
+            tracing::warn!(config = %connector.name, run = %summary.run_id, "run taken over by another process while this one was stopped; stopping before saving this page's place");
+            return Err(ImportError::TakenOver(summary.run_id.clone()));
+        }
+        // Saved only over this attempt's own (or a checkpoint of an earlier version,
+        // which names none): one another process claimed makes the insert collide.
+        let saved = store
             .collection(c::IMPORT_CHECKPOINTS)
             .replace_one(
-                doc! { common::ID: &connector.name },
+                doc! { common::ID: &connector.name, "$or": [
+                    { "attempt": &summary.attempt }, { "attempt": { "$exists": false } },
+                ] },
                 doc! {
                     "runId": &summary.run_id,
+                    "attempt": &summary.attempt,
                     "spec": fingerprint,
                     "state": serde_json::to_string(next).unwrap_or_default(),
                     "pages": summary.pages as i64,
@@ -1610,8 +1641,16 @@ async fn write_page(
                 },
             )
             .upsert(true)
-            .await
-            .map_err(StoreError::mongo(c::IMPORT_CHECKPOINTS, "save checkpoint"))?;
+            .await;
+        match saved {
+            Err(e) if sluice_connectors::mongo::is_duplicate_key(&e) => {
+                tracing::warn!(config = %connector.name, run = %summary.run_id, "run taken over by another process while this one was stopped; its checkpoint is that process's");
+                return Err(ImportError::TakenOver(summary.run_id.clone()));
+            }
+            saved => {
+                saved.map_err(StoreError::mongo(c::IMPORT_CHECKPOINTS, "save checkpoint"))?;
+            }
+        }
     }
     Ok(())
 }
