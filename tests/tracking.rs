@@ -343,6 +343,17 @@ async fn integers_beyond_64_bits_are_refused_where_read_never_stored_rounded() {
             && said.contains("`18446744073709551616` is an integer beyond the 64-bit range"),
         "{answer}"
     );
+    // An id is stored as its text: exact up to 2^64 - 1 (a 64-bit hash, say).
+    let (status, answer) = send(
+        "/v1/events",
+        r#"{"eventId": "w-0", "userId": 18446744073709551615, "sessionId": "w", "eventType": "CLICK"}"#.into(),
+    )
+    .await;
+    assert_eq!(
+        (status, &answer["results"][0]["status"]),
+        (200, &json!("stored")),
+        "{answer}"
+    );
     let batch = format!(
         r#"{{"batch": [{}, {}, {}, {}]}}"#,
         event("w-2", r#""properties": {"l": [1, 36893488147419103232]}"#),
@@ -382,12 +393,39 @@ async fn integers_beyond_64_bits_are_refused_where_read_never_stored_rounded() {
     .await;
     assert_eq!(status, 400, "{answer}");
     assert!(answer.to_string().contains("properties.id"), "{answer}");
+    // A batch's own context is copied into each message: refused with the batch.
+    let (status, answer) = send(
+        "/v1/batch",
+        r#"{"batch": [{"messageId": "w-7", "userId": "wide", "type": "track", "event": "Tapped"}], "context": {"device": {"n": 1180591620717411303424}}}"#.into(),
+    )
+    .await;
+    assert_eq!(
+        (status, &answer["error"]),
+        (400, &json!("invalid_batch")),
+        "{answer}"
+    );
+    assert!(
+        answer["message"]
+            .as_str()
+            .unwrap()
+            .contains("`context.device.n`"),
+        "{answer}"
+    );
+    // Members Sluice does not store are left alone.
+    let (status, answer) = send(
+        "/v1/track",
+        r#"{"messageId": "w-8", "userId": "wide", "event": "Tapped", "integrations": {"X": {"id": 100000000000000000000}}}"#.into(),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
     let stored: Vec<String> = all(&db, "events", doc! { "eventId": 1 })
         .await
         .iter()
         .map(|e| e.get_str("eventId").unwrap().to_string())
         .collect();
-    assert_eq!(stored, ["w-4", "w-5"]);
+    assert_eq!(stored, ["w-0", "w-4", "w-5", "w-8"]);
+    let wide_id = all(&db, "events", doc! { "eventId": 1 }).await;
+    assert_eq!(wide_id[0].get_str("userId"), Ok("18446744073709551615"));
     server.shutdown().await;
 }
 

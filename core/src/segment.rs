@@ -191,10 +191,24 @@ pub fn unknown_members(v: &Value) -> Vec<String> {
     crate::tracking::members_not_read(v, |k| KNOWN.contains(&k) || k.starts_with('_'))
 }
 
-/// Whether Sluice reads the top-level member `name` of a Segment message.
-pub fn reads_member(name: &str) -> bool {
-    KNOWN.contains(&name)
-}
+/// A Segment message's members [`crate::tracking::integer_beyond_int64`] looks at: those
+/// Sluice reads into the event (not `integrations`, `options`, `version`, `channel`,
+/// which it does not store), and the ids among them.
+pub const READ: crate::tracking::ReadMembers = crate::tracking::ReadMembers {
+    read: |name| {
+        KNOWN.contains(&name)
+            && !["integrations", "options", "version", "channel", "writeKey"].contains(&name)
+    },
+    ids: &[
+        "userId",
+        "anonymousId",
+        "messageId",
+        "previousId",
+        "groupId",
+        "sessionId",
+        "context.sessionId",
+    ],
+};
 
 /// The top-level members of a message the Segment spec defines.
 const KNOWN: &[&str] = &[

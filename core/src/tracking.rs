@@ -343,19 +343,33 @@ pub fn os_family(name: &str) -> Option<String> {
     Some(family.to_string())
 }
 
-/// Whether Sluice reads the top-level member `name` of a native event.
-pub fn reads_event_member(name: &str) -> bool {
-    EVENT_MEMBERS.contains(&name)
+/// What of a request's items [`integer_beyond_int64`] looks at: the top-level members
+/// read, and the ids among them (stored as their text).
+pub struct ReadMembers {
+    pub read: fn(&str) -> bool,
+    pub ids: &'static [&'static str],
 }
+
+/// A native event's.
+pub const EVENT_READ: ReadMembers = ReadMembers {
+    read: |name| EVENT_MEMBERS.contains(&name),
+    ids: &[f::EVENT_ID, f::USER_ID, f::SESSION_ID],
+};
 
 /// The first integer written in the JSON text `json` that no signed 64-bit integer holds,
 /// standing in a top-level member `read` takes: where it stands (`properties.order.id`;
 /// an array's items at the array's path) and the integer as written. JSON parsers read it
 /// as a double, rounded (`2^70`), or as an unsigned integer MongoDB has no type for (from
-/// 2^63 to 2^64 − 1), so the value stored would not be the one sent. A number written
-/// with a fraction or an exponent is a double as sent, and is left alone. `json` is taken
-/// as valid JSON (already parsed): nothing is checked beyond where numbers stand.
-pub fn integer_beyond_int64(json: &str, read: impl Fn(&str) -> bool) -> Option<(String, String)> {
+/// 2^63 to 2^64 − 1), so the value stored would not be the one sent. The members at
+/// `ids` (dotted paths) are stored as their text, so up to 2^64 − 1 they are exact. A
+/// number written with a fraction or an exponent is a double as sent, and is left alone.
+/// `json` is taken as valid JSON (already parsed): nothing is checked beyond where
+/// numbers stand.
+pub fn integer_beyond_int64(
+    json: &str,
+    read: impl Fn(&str) -> bool,
+    ids: &[&str],
+) -> Option<(String, String)> {
     // Each open container, and for an object the member it is at (None while a key is
     // awaited).
     let mut open: Vec<Option<Option<String>>> = Vec::new();
@@ -399,8 +413,13 @@ pub fn integer_beyond_int64(json: &str, read: impl Fn(&str) -> bool) -> Option<(
                 if integer && number.parse::<i64>().is_err() {
                     let path: Vec<&str> =
                         open.iter().filter_map(|c| c.as_ref()?.as_deref()).collect();
-                    if path.first().is_some_and(|top| read(top)) {
-                        return Some((path.join("."), number.to_string()));
+                    let path_text = path.join(".");
+                    // An id straight in its member (not in an array), up to 2^64 - 1.
+                    let exact_id = open.iter().all(Option::is_some)
+                        && ids.contains(&path_text.as_str())
+                        && number.parse::<u64>().is_ok();
+                    if path.first().is_some_and(|top| read(top)) && !exact_id {
+                        return Some((path_text, number.to_string()));
                     }
                 }
             }
@@ -1374,7 +1393,7 @@ pub(crate) mod tests {
     #[test]
     fn integers_beyond_64_bits_are_found_where_they_stand() {
         let all = |_: &str| true;
-        let found = |json: &str| integer_beyond_int64(json, all);
+        let found = |json: &str| integer_beyond_int64(json, all, &[]);
         assert_eq!(found(r#"{"a": 1, "b": [1.5, -2, 3e30]}"#), None);
         assert_eq!(
             found(r#"{"p": {"n": {"deep": 18446744073709551616}}}"#),
@@ -1409,15 +1428,32 @@ pub(crate) mod tests {
         assert_eq!(
             integer_beyond_int64(
                 r#"{"extra": 99999999999999999999, "properties": {}}"#,
-                props
+                props,
+                &[]
             ),
             None
         );
         assert!(integer_beyond_int64(
             r#"{"extra": 1, "properties": {"a": [99999999999999999999]}}"#,
-            props
+            props,
+            &[]
         )
         .is_some());
+        // Ids are stored as their text: exact up to 2^64 - 1, in their own member only.
+        let ids = ["userId", "context.sessionId"];
+        for (json, refused) in [
+            (r#"{"userId": 18446744073709551615}"#, false),
+            (r#"{"context": {"sessionId": 9223372036854775808}}"#, false),
+            (r#"{"userId": 18446744073709551616}"#, true),
+            (r#"{"userId": [9223372036854775808]}"#, true),
+            (r#"{"properties": {"userId": 9223372036854775808}}"#, true),
+        ] {
+            assert_eq!(
+                integer_beyond_int64(json, all, &ids).is_some(),
+                refused,
+                "{json}"
+            );
+        }
     }
 
     #[test]

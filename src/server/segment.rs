@@ -48,8 +48,8 @@ struct SegmentBatch<'a> {
     batch: Option<Vec<&'a RawValue>>,
     #[serde(default, rename = "sentAt")]
     sent_at: Option<Value>,
-    #[serde(default)]
-    context: Option<Value>,
+    #[serde(default, borrow)]
+    context: Option<&'a RawValue>,
     #[serde(default, rename = "writeKey")]
     write_key: Option<Value>,
 }
@@ -81,7 +81,7 @@ pub async fn single(
     let ctx = request_context(&state, peer, &headers, None, &admitted);
     let message = super::tracking::no_wide_integer(
         std::str::from_utf8(&body).unwrap_or_default(),
-        sluice_core::segment::reads_member,
+        &sluice_core::segment::READ,
     )
     .and_then(|()| parse_message(&value, Some(kind), &ctx, &options(&state)));
     let warnings = warnings(std::slice::from_ref(&message));
@@ -116,7 +116,23 @@ pub async fn batch(
     )?;
     let sent_at = batch_sent_at(parsed.sent_at.as_ref())?;
     // A batch-level `context` applies to every message (the message's own keys win).
-    let shared_context = match parsed.context.as_ref() {
+    let context: Option<Value> = match parsed.context {
+        Some(raw) => {
+            // Copied into every message: an integer it holds beyond 64 bits would be
+            // stored rounded in each.
+            super::tracking::no_wide_integer(
+                &format!("{{\"context\": {}}}", raw.get()),
+                &sluice_core::tracking::ReadMembers {
+                    read: |_| true,
+                    ids: &["context.sessionId"],
+                },
+            )
+            .map_err(|e| invalid(format!("the batch's `{}` {}", e.field, e.reason)))?;
+            Some(serde_json::from_str(raw.get()).map_err(malformed)?)
+        }
+        None => None,
+    };
+    let shared_context = match context.as_ref() {
         None | Some(Value::Null) => None,
         Some(Value::Object(c)) => Some(c),
         Some(_) => return Err(invalid("the batch's `context` must be an object")),
@@ -144,7 +160,7 @@ pub async fn batch(
     let messages: Vec<Result<Message, ValidationError>> = items
         .iter()
         .map(|raw| {
-            let item = batch_item(&state, raw, "message", sluice_core::segment::reads_member);
+            let item = batch_item(&state, raw, "message", &sluice_core::segment::READ);
             ignored.push(
                 item.as_ref()
                     .map(sluice_core::segment::unknown_members)

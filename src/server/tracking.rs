@@ -26,6 +26,7 @@ use serde_json::{json, Value};
 use sluice_connectors::mongo::WriteStatus;
 use sluice_core::config::BotPolicy;
 use sluice_core::model::{Event, EventMetadata};
+use sluice_core::tracking::ReadMembers;
 use sluice_core::tracking::{
     check_event, parse_event, parse_time, unknown_members, RequestContext,
 };
@@ -70,7 +71,7 @@ pub async fn track(
     let ctx = request_context(&state, peer, &headers, None, &admitted);
     let event = no_wide_integer(
         std::str::from_utf8(&body).unwrap_or_default(),
-        sluice_core::tracking::reads_event_member,
+        &sluice_core::tracking::EVENT_READ,
     )
     .and_then(|()| parse_event(&value, &ctx, EventMetadata::default()));
     let set_aside = amount_set_aside(&event, Some(&value));
@@ -197,12 +198,7 @@ pub async fn batch(
         .batch
         .iter()
         .map(|raw| {
-            let item = batch_item(
-                &state,
-                raw,
-                "event",
-                sluice_core::tracking::reads_event_member,
-            );
+            let item = batch_item(&state, raw, "event", &sluice_core::tracking::EVENT_READ);
             ignored.push(item.as_ref().map(unknown_members).unwrap_or_default());
             sent_ids.push(match &item {
                 Ok(v) => string_member(v, "eventId"),
@@ -299,7 +295,7 @@ pub(super) fn batch_item(
     state: &AppState,
     raw: &RawValue,
     what: &str,
-    read: fn(&str) -> bool,
+    members: &ReadMembers,
 ) -> Result<Value, ValidationError> {
     let max = state.config.tracking.max_event_bytes;
     if raw.get().len() > max {
@@ -311,15 +307,16 @@ pub(super) fn batch_item(
     let value = serde_json::from_str(raw.get()).map_err(|e| {
         ValidationError::new(what, deeper_than_read(&e).unwrap_or_else(|| e.to_string()))
     })?;
-    no_wide_integer(raw.get(), read)?;
+    no_wide_integer(raw.get(), members)?;
     Ok(value)
 }
 
-/// Refuses an event (or message) `text` holding, in a member `read` takes, an integer no
-/// signed 64-bit integer holds: parsed, it is a rounded double (or an unsigned integer
-/// MongoDB has no type for), and the value stored would not be the one sent.
-pub(super) fn no_wide_integer(text: &str, read: fn(&str) -> bool) -> Result<(), ValidationError> {
-    match sluice_core::tracking::integer_beyond_int64(text, read) {
+/// Refuses an event (or message) `text` holding, in a member it reads, an integer no
+/// signed 64-bit integer holds (ids: beyond 2^64 - 1): parsed, it is a rounded double (or
+/// an unsigned integer MongoDB has no type for), and the value stored would not be the
+/// one sent.
+pub(super) fn no_wide_integer(text: &str, members: &ReadMembers) -> Result<(), ValidationError> {
+    match sluice_core::tracking::integer_beyond_int64(text, members.read, members.ids) {
         Some((path, number)) => Err(ValidationError::new(
             path,
             format!("`{number}` is an integer beyond the 64-bit range, which would be stored rounded (send such ids as strings)"),
