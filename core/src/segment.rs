@@ -174,11 +174,12 @@ pub fn traits_warning(traits: &Document, sent_in: &str) -> Option<String> {
 }
 
 /// A number, or a string holding one as people write money (`"19.90"`, `"$1,299.00"`,
-/// see [`crate::tracking::money`]): some SDKs send revenue as text.
-fn number(v: &Value) -> Option<Value> {
+/// see [`crate::tracking::money_in`], in the order's `currency` when it names one): some
+/// SDKs send revenue as text.
+fn number(v: &Value, currency: Option<&str>) -> Option<Value> {
     match v {
         Value::Number(_) => Some(v.clone()),
-        Value::String(s) => crate::tracking::money(s)
+        Value::String(s) => crate::tracking::money_in(s, currency)
             .and_then(|f| serde_json::Number::from_f64(f).map(Value::Number)),
         _ => None,
     }
@@ -254,15 +255,17 @@ fn products_total(properties: &Map<String, Value>) -> Option<Result<Value, NoTot
     {
         return Some(Err(NoTotal::Unpriced));
     }
-    let read = |v: &Value| number(v).and_then(|n| n.as_f64());
+    // A price in the order's currency (`"1.000"` in JPY is a thousand); a quantity in none.
+    let currency = properties.get("currency").and_then(Value::as_str);
+    let read = |v: &Value, currency| number(v, currency).and_then(|n| n.as_f64());
     let mut total = 0.0;
     for item in items {
-        let Some(price) = item.get("price").and_then(read) else {
+        let Some(price) = item.get("price").and_then(|p| read(p, currency)) else {
             return Some(Err(NoTotal::Unread));
         };
         let quantity = match item.get("quantity") {
             None | Some(Value::Null) => 1.0,
-            Some(q) => match read(q) {
+            Some(q) => match read(q, None) {
                 Some(q) => q,
                 None => return Some(Err(NoTotal::Unread)),
             },
@@ -486,7 +489,7 @@ pub fn parse_message(
                     // code it may name.
                     let amount = match &properties[*k] {
                         Value::String(s) => Value::String(s.clone()),
-                        other => number(other).unwrap_or_else(|| other.clone()),
+                        other => number(other, None).unwrap_or_else(|| other.clone()),
                     };
                     // One they cannot read is not copied: it stays as sent where it
                     // was (no `amountUnread` copy of it).
@@ -1166,6 +1169,13 @@ mod tests {
         .unwrap();
         assert_eq!(m.event.purchase_amount(), Some(5.0));
         assert!(!m.amount_unread && m.warning.is_none());
+        // Prices are read in the order's currency: a yen has no decimals.
+        let m = parse(json!({
+            "type": "track", "userId": "u1", "event": "Order Completed",
+            "properties": { "currency": "JPY", "products": [{ "price": "1.000", "quantity": "2" }] },
+        }))
+        .unwrap();
+        assert_eq!(m.event.purchase_amount(), Some(2000.0));
     }
 
     #[test]

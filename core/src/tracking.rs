@@ -482,22 +482,35 @@ pub fn money_in(text: &str, currency: Option<&str>) -> Option<f64> {
     // What groups thousands: a comma or a dot, a space (also no-break and narrow
     // no-break), an apostrophe (Switzerland).
     const GROUPING: &[char] = &[',', '.', ' ', '\u{a0}', '\u{202f}', '\'', '’'];
+    // Capitals that are part of a currency mark: a code of three (`USD`), or one or two
+    // before a symbol (`US$`, `R$`); not a letter more, nor a magnitude (`1.5K`, `2M`),
+    // which leaves the text unread.
     let capitals = |s: &str, from_end: bool| {
         let bytes = s.as_bytes();
         let run = |b: &&u8| b.is_ascii_uppercase();
-        if from_end {
-            bytes.iter().rev().take(3).take_while(run).count()
+        let n = if from_end {
+            bytes.iter().rev().take_while(run).count()
         } else {
-            bytes.iter().take(3).take_while(run).count()
+            bytes.iter().take_while(run).count()
+        };
+        let beyond = if from_end {
+            s[..s.len() - n].chars().next_back()
+        } else {
+            s[n..].chars().next()
+        };
+        match n {
+            3 if !beyond.is_some_and(char::is_alphabetic) => 3,
+            1 | 2 if !from_end && beyond.is_some_and(|c| SYMBOLS.contains(&c)) => n,
+            _ => 0,
         }
     };
-    // Before the number: up to three capitals, then a symbol (`USD`, `US$`, `R$`, `$`).
+    // Before the number: a code, then a symbol (`USD`, `US$`, `R$`, `$`).
     let mut s = text.trim();
     s = &s[capitals(s, false)..];
     if let Some(c) = s.chars().next().filter(|c| SYMBOLS.contains(c)) {
         s = &s[c.len_utf8()..];
     }
-    // After it: a symbol, then up to three capitals (`€`, `EUR`).
+    // After it: a symbol, then a code (`€`, `EUR`).
     s = s.trim();
     s = &s[..s.len() - capitals(s, true)];
     s = s.trim_end();
@@ -517,17 +530,22 @@ pub fn money_in(text: &str, currency: Option<&str>) -> Option<f64> {
     let groups_after = |mark: char| whole_units || (mark == ',' && text.contains(['¥', '₩']));
     let plain = |s: &str| s.parse::<f64>().ok().filter(|f| f.is_finite());
     let all_digits = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit());
-    let (sign, body) = s.strip_prefix('-').map_or(("", s), |b| ("-", b));
-    // `1.299 €`: 1.299, or 1299 with the dot grouping thousands.
+    let (sign, body) = match s.strip_prefix('-') {
+        Some(b) => ("-", b),
+        None => ("", s.strip_prefix('+').unwrap_or(s)),
+    };
+    // `1.299 €`: 1.299, or 1299 with the dot grouping thousands; so with a currency
+    // sent beside it (`"1.299"` in EUR).
     let thousands_like = body.split_once('.').is_some_and(|(w, f)| {
         (1..=3).contains(&w.len()) && all_digits(w) && f.len() == 3 && all_digits(f)
     });
     if let Some(f) = plain(s) {
-        if !((marked || whole_units) && thousands_like) {
+        if !((marked || currency.is_some()) && thousands_like) {
             return Some(f);
         }
-        return groups_after('.')
-            .then(|| plain(&s.replace('.', "")))
+        // A group of thousands never starts with 0 (`0.500 JPY` is no amount).
+        return (groups_after('.') && !body.starts_with('0'))
+            .then(|| plain(&format!("{sign}{}", body.replace('.', ""))))
             .flatten();
     }
     // The decimal mark is the last comma or dot, unless it is one of several, or three
@@ -566,6 +584,7 @@ pub fn money_in(text: &str, currency: Option<&str>) -> Option<f64> {
             let rest: Vec<&str> = groups.collect();
             let grouped = (1..=3).contains(&first.len())
                 && all_digits(first)
+                && !first.starts_with('0')
                 && rest.iter().all(|r| r.len() == 3 && all_digits(r));
             if !grouped {
                 return None;
@@ -1495,6 +1514,10 @@ pub(crate) mod tests {
         assert_eq!(money_in("1,000", Some("JPY")), Some(1000.0));
         assert_eq!(money_in("1.000", Some("krw")), Some(1000.0));
         assert_eq!(money_in("1,000", Some("EUR")), None);
+        // A currency sent beside the amount makes a dot before three digits two ways too.
+        assert_eq!(money_in("1.299", Some("EUR")), None);
+        assert_eq!(money_in("1.29", Some("EUR")), Some(1.29));
+        assert_eq!(money("1.299"), Some(1.299));
         for text in [
             "abc",
             "NaN",
@@ -1507,6 +1530,16 @@ pub(crate) mod tests {
             "1_299",
             "1,2,3",
             "¥1.500",
+            // A sign does not hide a group of thousands; magnitudes are not codes.
+            "+1.299 €",
+            "€+1.299",
+            "$1.5K",
+            "2M",
+            "10K USD",
+            "5 EURO",
+            // No group of thousands starts with 0.
+            "0.500 JPY",
+            "¥0,500",
             "$",
             "",
             "five USD",
