@@ -763,19 +763,24 @@ fn escaped_names(v: Value) -> Value {
 /// with look-alikes, as sent.
 fn escaped_names_noted(v: Value, at: &str, escaped: &mut Vec<String>) -> Value {
     match v {
-        Value::Object(map) => Value::Object(
-            map.into_iter()
-                .map(|(k, v)| {
-                    let path = format!("{at}.{k}");
-                    let v = escaped_names_noted(v, &path, escaped);
-                    let name = escaped_name(k);
-                    if name != path[at.len() + 1..] {
-                        escaped.push(path);
-                    }
-                    (name, v)
-                })
-                .collect(),
-        ),
+        Value::Object(map) => {
+            let mut out = Map::new();
+            for (k, v) in map {
+                let path = format!("{at}.{k}");
+                let v = escaped_names_noted(v, &path, escaped);
+                let mut name = escaped_name(k);
+                if name != path[at.len() + 1..] {
+                    escaped.push(path);
+                }
+                // Two names that escape alike (`a.b` and `a．b`) both keep their values:
+                // the later as sent gets `_` appended.
+                while out.contains_key(&name) {
+                    name.push('_');
+                }
+                out.insert(name, v);
+            }
+            Value::Object(out)
+        }
         Value::Array(items) => Value::Array(
             items
                 .into_iter()
@@ -1238,6 +1243,19 @@ mod tests {
             warning.contains("and 1 more stored with look-alike"),
             "{warning}"
         );
+        // Names that escape alike keep both values.
+        let m = parse(json!({
+            "type": "track", "userId": "u1", "event": "Clicked",
+            "properties": {"a.b": 1, "a\u{FF0E}b": 2},
+        }))
+        .unwrap();
+        let p = &m.event.properties;
+        let mut kept: Vec<i32> = ["a\u{FF0E}b", "a\u{FF0E}b_"]
+            .iter()
+            .map(|k| p.get_i32(k).unwrap())
+            .collect();
+        kept.sort();
+        assert_eq!(kept, [1, 2], "{p:?}");
         // Names that need none are not said.
         let quiet = parse(json!({
             "type": "track", "userId": "u1", "event": "Clicked", "properties": {"a_b": 1},
