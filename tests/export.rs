@@ -397,17 +397,18 @@ async fn a_rerun_replaces_the_partition_instead_of_duplicating() {
 async fn a_manifest_says_whether_its_day_had_ended_when_read() {
     let db = TestDb::initialized().await;
     let dir = temp_dir();
-    for d in [day(-1), day(0)] {
+    // (The day before yesterday: yesterday has not ended 5 minutes after midnight.)
+    for d in [day(-2), day(0)] {
         seed(&db, d, 5).await;
     }
     let ctx = ExportContext::new(db.store.clone(), ObjectStore::Local(LocalDir::new(&dir)));
     for kind in [ExportJobType::EventData, ExportJobType::DailyAnalytics] {
-        run_export(&ctx, &request(kind, day(-1), day(0)))
+        run_export(&ctx, &request(kind, day(-2), day(0)))
             .await
             .unwrap();
         let ended =
             |d: NaiveDate| manifest(&dir, &format!("{}/dt={d}", kind.as_str()))["dayEnded"].clone();
-        assert_eq!(ended(day(-1)), serde_json::json!(true), "{kind}");
+        assert_eq!(ended(day(-2)), serde_json::json!(true), "{kind}");
         assert_eq!(ended(day(0)), serde_json::json!(false), "{kind}");
     }
     std::fs::remove_dir_all(dir).unwrap();
@@ -3447,6 +3448,12 @@ async fn an_empty_rerun_keeps_what_was_published_daily_analytics_too() {
         .await
         .unwrap();
     assert!(rerun.partitions[0].kept, "{rerun:?}");
+    // Its record says the partition was left alone, not replaced by no files.
+    let job = job_doc(&empty, &rerun.job_id).await;
+    let listed = job.get_array("partitions").unwrap()[0]
+        .as_document()
+        .unwrap();
+    assert_eq!(listed.get_str("mode"), Ok("kept"), "{job}");
     std::fs::remove_dir_all(dir).unwrap();
 }
 

@@ -2524,18 +2524,6 @@ async fn stage(
             let mut uncovered: (u64, Option<String>) = (0, None);
             let events_table = !archiving && table.name == EVENT_TABLE.name;
             while let Some(batch) = batch_rx.blocking_recv() {
-                let checked: &[Document] = if events_table { &batch } else { &[] };
-                for doc in checked {
-                    if let Some(field) = sluice_connectors::parquet::uncovered_field(table, doc) {
-                        uncovered.0 += 1;
-                        uncovered.1.get_or_insert_with(|| {
-                            format!(
-                                "event `{}` has `{field}`",
-                                doc.get_str(e::EVENT_ID).unwrap_or("?")
-                            )
-                        });
-                    }
-                }
                 let applied = apply_chain(&transforms, batch)?;
                 dropped.skipped += applied.skipped.len() as u64;
                 dropped.dead_lettered += applied.dead_letters.len() as u64;
@@ -2562,6 +2550,20 @@ async fn stage(
                     return Ok((Vec::new(), None, dropped));
                 }
                 let records = applied.records;
+                // The rows to write, as the plugins left them (one a plugin dropped, or
+                // rid of the field, loses nothing here).
+                let checked: &[Document] = if events_table { &records } else { &[] };
+                for doc in checked {
+                    if let Some(field) = sluice_connectors::parquet::uncovered_field(table, doc) {
+                        uncovered.0 += 1;
+                        uncovered.1.get_or_insert_with(|| {
+                            format!(
+                                "event `{}` has `{field}`",
+                                doc.get_str(e::EVENT_ID).unwrap_or("?")
+                            )
+                        });
+                    }
+                }
                 if let Some(spool) = spool.as_mut() {
                     // The reader let through only events with a string eventId.
                     // With its time, so each delete looks only at the chunk's time range
@@ -3163,11 +3165,17 @@ async fn publish_now(
         }
         // A day read before it had ended (today's, say) holds only its events so far:
         // `_SUCCESS` says the partition is whole as published, this says the day was not.
+        // Ended once its last events can no longer be on their way to MongoDB (in a
+        // writer's queue, as ARCHIVE waits for them too).
         if matches!(kind, ExportJobType::EventData | ExportJobType::DailyAnalytics) {
             let ended = partition_day(&s.prefix)
                 .and_then(|d| d.succ_opt())
                 .zip(s.read_at)
-                .map(|(next, read)| read >= day_start(next));
+                .map(|(next, read)| {
+                    read.timestamp_millis()
+                        >= day_start(next).timestamp_millis()
+                            + DEFAULT_ARCHIVE_SETTLE.as_millis() as i64
+                });
             if let Some(ended) = ended {
                 manifest["dayEnded"] = json!(ended);
             }

@@ -424,8 +424,10 @@ pub async fn partition_published(
         job_id,
         doc! {
             "$push": { PARTITIONS: {
-                "prefix": prefix, "mode": publish_mode(prefix), "rows": rows as i64,
-                "files": files, "kept": kept,
+                "prefix": prefix,
+                // A kept partition is as published before: these files replace nothing.
+                "mode": if kept { "kept" } else { publish_mode(prefix) },
+                "rows": rows as i64, "files": files, "kept": kept,
             } },
             "$inc": { f::RECORDS_PROCESSED: rows as i64, f::FILES: files.len() as i64 },
         },
