@@ -1813,38 +1813,66 @@ async fn a_run_resumed_by_another_process_while_this_one_was_stopped_is_left_to_
     // laptop asleep).
     let runs = db.store.collection("import_runs");
     let checkpoints = db.store.collection("import_checkpoints");
-    let api = move |Query(q): Query<Vec<(String, String)>>| {
+    // `resumed`: the other process resumes the run; else it starts a new one (the config
+    // changed, so it drops the checkpoint and starts over), which supersedes every
+    // earlier attempt.
+    let api = move |resumed: bool| {
         let (runs, checkpoints) = (runs.clone(), checkpoints.clone());
-        async move {
-            let cursor: u64 = q
-                .iter()
-                .find(|(k, _)| k == "cursor")
-                .and_then(|(_, v)| v.parse().ok())
-                .unwrap_or(0);
-            if cursor == 20 {
-                runs.update_many(
-                    doc! { "config": "paused" },
-                    doc! { "$set": { "status": "RUNNING", "attempt": "another process" } },
-                )
-                .await
-                .unwrap();
-                // The other process's own progress, which must stay as it wrote it.
-                checkpoints
+        move |Query(q): Query<Vec<(String, String)>>| {
+            let (runs, checkpoints) = (runs.clone(), checkpoints.clone());
+            async move {
+                let cursor: u64 = q
+                    .iter()
+                    .find(|(k, _)| k == "cursor")
+                    .and_then(|(_, v)| v.parse().ok())
+                    .unwrap_or(0);
+                if cursor == 20 && resumed {
+                    runs.update_many(
+                        doc! { "config": "paused" },
+                        doc! { "$set": { "status": "RUNNING", "attempt": "another process" } },
+                    )
+                    .await
+                    .unwrap();
+                    // The other process's own progress, which must stay as it wrote it.
+                    checkpoints
                     .update_one(
                         doc! { "_id": "paused" },
                         doc! { "$set": { "takenOverBy": "another process", "attempt": "another process" } },
                     )
                     .await
                     .unwrap();
+                }
+                if cursor == 20 && !resumed {
+                    runs.update_many(
+                        doc! { "config": "restarted" },
+                        doc! { "$set": { "attempt": "superseded" } },
+                    )
+                    .await
+                    .unwrap();
+                    // Its claim on the config, in place of the checkpoint it started over
+                    // from.
+                    checkpoints
+                        .replace_one(
+                            doc! { "_id": "restarted" },
+                            doc! { "runId": "restarted-new", "attempt": "another process", "claimOnly": true },
+                        )
+                        .await
+                        .unwrap();
+                }
+                let data: Vec<Value> = (cursor..(cursor + 10).min(45))
+                    .map(|i| json!({ "id": i, "title": format!("t{i}") }))
+                    .collect();
+                let next = (cursor + 10 < 45).then(|| (cursor + 10).to_string());
+                Json(json!({ "data": data, "next": next }))
             }
-            let data: Vec<Value> = (cursor..(cursor + 10).min(45))
-                .map(|i| json!({ "id": i, "title": format!("t{i}") }))
-                .collect();
-            let next = (cursor + 10 < 45).then(|| (cursor + 10).to_string());
-            Json(json!({ "data": data, "next": next }))
         }
     };
-    let addr = serve(Router::new().route("/items", get(api))).await;
+    let addr = serve(
+        Router::new()
+            .route("/items", get(api(true)))
+            .route("/fresh/items", get(api(false))),
+    )
+    .await;
     let name = apply(
         &db,
         &cursor_config("paused", &format!("http://{addr}"), "", ""),
@@ -1856,7 +1884,7 @@ async fn a_run_resumed_by_another_process_while_this_one_was_stopped_is_left_to_
     assert!(matches!(err, ImportError::TakenOver(_)), "{err}");
     assert!(err
         .to_string()
-        .contains("the other process records the run's end"));
+        .contains("left to the run that holds the config now"));
     // It stopped at the page it was writing (stored: upserts make reading it again
     // safe), before saving its place; the run's end, the checkpoint and the cursor are
     // the other process's.
@@ -1901,6 +1929,26 @@ async fn a_run_resumed_by_another_process_while_this_one_was_stopped_is_left_to_
         .unwrap()
         .unwrap();
     assert!(config.get("lastSync").is_none(), "{config:?}");
+
+    // A new run started meanwhile (not a resume): this process stops too, and writes
+    // nothing over the new run's claim.
+    let restarted = apply(
+        &db,
+        &cursor_config("restarted", &format!("http://{addr}/fresh"), "", ""),
+    )
+    .await;
+    let err = run_import(&db.store, &restarted, &ImportOptions::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ImportError::TakenOver(_)), "{err}");
+    let left = db
+        .store
+        .collection("import_checkpoints")
+        .find_one(doc! { "_id": &restarted })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(left.get_str("runId"), Ok("restarted-new"), "{left}");
 }
 
 #[tokio::test]

@@ -63,7 +63,7 @@ pub enum ImportError {
     Stopped(String),
     /// Another process resumed this run while this one was stopped past its lease (a
     /// paused VM, a laptop asleep): that process records the run's end.
-    #[error("run `{0}` was taken over by another process while this one was stopped past its lease: the pages this one read are stored, and the other process records the run's end and moves the cursor")]
+    #[error("run `{0}` was taken over while this process was stopped past its lease (another process resumed it, or started a new run of the config, or it was reset): the pages this one read are stored; its checkpoint, cursor and end are left to the run that holds the config now")]
     TakenOver(String),
 }
 
@@ -566,17 +566,21 @@ pub async fn reset_import(
 
 async fn reset_held(store: &Store, name: &str, cursor: bool) -> Result<ResetReport, ImportError> {
     let mut report = ResetReport::default();
+    // A process paused past its lease must not write back what this drops.
+    supersede_attempts(store, name).await?;
     let dropped = store
         .collection(c::IMPORT_CHECKPOINTS)
         .find_one_and_delete(doc! { common::ID: name })
         .await
         .map_err(StoreError::mongo(c::IMPORT_CHECKPOINTS, "drop checkpoint"))?;
-    report.checkpoint = dropped.map(|cp| {
-        (
-            cp.get_str("runId").unwrap_or("?").to_string(),
-            cp.get_i64("pages").unwrap_or(0) as u64,
-        )
-    });
+    report.checkpoint = dropped
+        .filter(|cp| !cp.get_bool(CLAIM_ONLY).unwrap_or(false))
+        .map(|cp| {
+            (
+                cp.get_str("runId").unwrap_or("?").to_string(),
+                cp.get_i64("pages").unwrap_or(0) as u64,
+            )
+        });
     if cursor {
         let before = store
             .collection(c::INTEGRATION_CONFIGS)
@@ -662,6 +666,8 @@ pub async fn run_import(
             .find_one(doc! { common::ID: name })
             .await
             .map_err(StoreError::mongo(c::IMPORT_CHECKPOINTS, "read checkpoint"))?
+            // A claim a run made before saving any page is no place to resume from.
+            .filter(|cp| !cp.get_bool(CLAIM_ONLY).unwrap_or(false))
     };
     // A checkpoint belongs to the config it was taken with: after `configs apply` changed
     // the config (a fixed endpoint, a new mapping), its saved next page may be wrong, so
@@ -804,19 +810,34 @@ pub async fn run_import(
     };
     if !options.dry_run {
         close_orphaned_runs(store, name).await?;
+        // No earlier attempt holds a run of the config any more, whichever run this is
+        // (a resume, or a new run under a new id): one woken past its lease stops.
+        supersede_attempts(store, name).await?;
         summary.attempt = bson::oid::ObjectId::new().to_hex();
         record_run(store, &summary, "RUNNING", None).await?;
-        // A resumed run's checkpoint is this attempt's from now on: a process that held
-        // it before can no longer save over it.
-        if summary.resumed {
+        // The checkpoint is this attempt's from now on: a resumed run's, or a claim in
+        // its place for a new run; a process that held the config before can no longer
+        // save over it (its save finds another attempt's, and stops).
+        let claimed = if summary.resumed {
             checkpoints
                 .update_one(
                     doc! { common::ID: name },
                     doc! { "$set": { "attempt": &summary.attempt } },
                 )
                 .await
-                .map_err(StoreError::mongo(c::IMPORT_CHECKPOINTS, "claim checkpoint"))?;
-        }
+        } else {
+            checkpoints
+                .replace_one(
+                    doc! { common::ID: name },
+                    doc! {
+                        "runId": &summary.run_id, "attempt": &summary.attempt, CLAIM_ONLY: true,
+                        common::UPDATED_AT: store.now(),
+                    },
+                )
+                .upsert(true)
+                .await
+        };
+        claimed.map_err(StoreError::mongo(c::IMPORT_CHECKPOINTS, "claim checkpoint"))?;
     }
     let before = summary.clone();
     let pages_at_start = summary.pages;
@@ -956,7 +977,7 @@ pub async fn run_import(
                         "advance lastSync",
                     ))?;
                 checkpoints
-                    .delete_one(doc! { common::ID: name })
+                    .delete_one(own_checkpoint(name, &summary.attempt))
                     .await
                     .map_err(StoreError::mongo(c::IMPORT_CHECKPOINTS, "clear checkpoint"))
                     .map(|_| ())
@@ -1014,9 +1035,9 @@ pub async fn run_import(
             {
                 let dropped = store
                     .collection(c::IMPORT_CHECKPOINTS)
-                    .delete_one(doc! { common::ID: name })
+                    .delete_one(own_checkpoint(name, &summary.attempt))
                     .await;
-                if dropped.is_ok() {
+                if dropped.is_ok_and(|d| d.deleted_count == 1) {
                     message.push_str("; the API refused the saved next page of the interrupted run, so its checkpoint was dropped: the next run starts over");
                     tracing::warn!(config = name, "{message}");
                 }
@@ -1611,9 +1632,7 @@ async fn write_page(
         let saved = store
             .collection(c::IMPORT_CHECKPOINTS)
             .replace_one(
-                doc! { common::ID: &connector.name, "$or": [
-                    { "attempt": &summary.attempt }, { "attempt": { "$exists": false } },
-                ] },
+                own_checkpoint(&connector.name, &summary.attempt),
                 doc! {
                     "runId": &summary.run_id,
                     "attempt": &summary.attempt,
@@ -2518,8 +2537,41 @@ pub async fn mark_interrupted(store: &Store, configs: &[String]) -> Result<u64, 
     Ok(marked)
 }
 
-/// Whether this process's attempt still holds its run: no other process has resumed it
-/// since (a sweeper closing it INTERRUPTED leaves it held, and its end is still ours).
+/// The checkpoint of `name` if it is attempt `attempt`'s (or names none: one saved by an
+/// earlier version): what an attempt may save over or delete.
+fn own_checkpoint(name: &str, attempt: &str) -> Document {
+    doc! { common::ID: name, "$or": [
+        { "attempt": attempt }, { "attempt": { "$exists": false } },
+    ] }
+}
+
+/// A checkpoint that only claims the config for a new run's attempt (no page saved yet).
+const CLAIM_ONLY: &str = "claimOnly";
+
+/// What an attempt no process may hold any more is named.
+const SUPERSEDED: &str = "superseded";
+
+/// Takes every run of `name` from the attempt that held it: a process paused past its
+/// lease then finds, when it wakes, that it holds no run (see [`holds_run`]), and stops
+/// before it writes a checkpoint, a cursor or a run's end.
+async fn supersede_attempts(store: &Store, name: &str) -> Result<(), StoreError> {
+    store
+        .collection(c::IMPORT_RUNS)
+        .update_many(
+            doc! { r::CONFIG: name, "attempt": { "$exists": true, "$ne": SUPERSEDED } },
+            doc! { "$set": { "attempt": SUPERSEDED } },
+        )
+        .await
+        .map_err(StoreError::mongo(
+            c::IMPORT_RUNS,
+            "supersede earlier attempts",
+        ))?;
+    Ok(())
+}
+
+/// Whether this process's attempt still holds its run: no other process has started a
+/// run of the config since (a sweeper closing it INTERRUPTED leaves it held, and its end
+/// is still ours).
 async fn holds_run(store: &Store, s: &ImportSummary) -> Result<bool, StoreError> {
     Ok(store
         .collection(c::IMPORT_RUNS)
