@@ -710,7 +710,7 @@ pub fn parse_message(
         let shown: Vec<String> = escaped.iter().take(5).map(|p| format!("`{p}`")).collect();
         let more = escaped.len().saturating_sub(shown.len());
         let said = format!(
-            "{}{} stored with look-alike characters (`$` as `＄`, `.` as `．`, NUL as `�`, an empty name as `_`): MongoDB would read such names as operators or paths",
+            "{}{} stored with look-alike characters (`$` as `＄`, `.` as `．`, NUL as `�`, an empty name as `_`; with `_` appended where two names would be one): MongoDB would read such names as operators or paths",
             shown.join(", "),
             if more > 0 { format!(" and {more} more") } else { String::new() }
         );
@@ -769,13 +769,15 @@ fn escaped_names_noted(v: Value, at: &str, escaped: &mut Vec<String>) -> Value {
                 let path = format!("{at}.{k}");
                 let v = escaped_names_noted(v, &path, escaped);
                 let mut name = escaped_name(k);
-                if name != path[at.len() + 1..] {
-                    escaped.push(path);
-                }
+                let mut renamed = name != path[at.len() + 1..];
                 // Two names that escape alike (`a.b` and `a．b`) both keep their values:
-                // the later as sent gets `_` appended.
+                // the later as sent gets `_` appended, and is said too.
                 while out.contains_key(&name) {
                     name.push('_');
+                    renamed = true;
+                }
+                if renamed {
+                    escaped.push(path);
                 }
                 out.insert(name, v);
             }
@@ -1256,6 +1258,12 @@ mod tests {
             .collect();
         kept.sort();
         assert_eq!(kept, [1, 2], "{p:?}");
+        // Both are said: one was escaped, the other renamed.
+        let warning = m.warning.unwrap();
+        assert!(
+            warning.contains("`properties.a.b`, `properties.a\u{FF0E}b`"),
+            "{warning}"
+        );
         // Names that need none are not said.
         let quiet = parse(json!({
             "type": "track", "userId": "u1", "event": "Clicked", "properties": {"a_b": 1},

@@ -470,6 +470,10 @@ const WHOLE_UNIT_CURRENCIES: &[&str] = &[
     "XAF", "XOF", "XPF",
 ];
 
+/// Currencies with three decimals (ISO 4217 exponent 3): a dot before three digits is
+/// their decimal mark (`12.500 KWD`).
+const THOUSANDTHS_CURRENCIES: &[&str] = &["BHD", "IQD", "JOD", "KWD", "LYD", "OMR", "TND"];
+
 /// [`money`], the amount's `currency` (sent beside it) known: in a currency with no minor
 /// unit (`JPY`, `KRW`, named in the text or by `currency`), `1,000` and `1.000` are a
 /// thousand. The yen and won signs say the same of a comma (`¥1,000`): neither Japan,
@@ -482,9 +486,13 @@ pub fn money_in(text: &str, currency: Option<&str>) -> Option<f64> {
     // What groups thousands: a comma or a dot, a space (also no-break and narrow
     // no-break), an apostrophe (Switzerland).
     const GROUPING: &[char] = &[',', '.', ' ', '\u{a0}', '\u{202f}', '\'', '’'];
-    // Capitals that are part of a currency mark: a code of three (`USD`), or one or two
-    // before a symbol (`US$`, `R$`); not a letter more, nor a magnitude (`1.5K`, `2M`),
-    // which leaves the text unread.
+    // Capitals that are part of a currency mark: before the number, one to three (`USD`,
+    // `US$`, `R 100`, `RM 50`); after it, a code of three (`EUR`), or one or two apart
+    // from it (`100 TL`, `100 $US`). Not a letter more, nor a magnitude (`1.5K`, `2 M`,
+    // `5 MLN`), which leaves the text unread.
+    const MAGNITUDES: &[&str] = &[
+        "K", "M", "B", "T", "KK", "MM", "BN", "MN", "MLN", "MIO", "MRD", "BLN", "THS", "TSD",
+    ];
     let capitals = |s: &str, from_end: bool| {
         let bytes = s.as_bytes();
         let run = |b: &&u8| b.is_ascii_uppercase();
@@ -498,9 +506,13 @@ pub fn money_in(text: &str, currency: Option<&str>) -> Option<f64> {
         } else {
             s[n..].chars().next()
         };
+        let letter_beyond = beyond.is_some_and(char::is_alphabetic);
+        let magnitude = from_end && MAGNITUDES.contains(&&s[s.len() - n..]);
         match n {
-            3 if !beyond.is_some_and(char::is_alphabetic) => 3,
-            1 | 2 if !from_end && beyond.is_some_and(|c| SYMBOLS.contains(&c)) => n,
+            _ if letter_beyond || magnitude => 0,
+            1..=3 if !from_end => n,
+            3 => 3,
+            1 | 2 if beyond.is_some_and(|c| c.is_whitespace() || SYMBOLS.contains(&c)) => n,
             _ => 0,
         }
     };
@@ -519,13 +531,13 @@ pub fn money_in(text: &str, currency: Option<&str>) -> Option<f64> {
     }
     let s = s.trim();
     let marked = s.len() != text.trim().len();
-    let whole_units = currency_code(text)
-        .or(currency.map(str::trim))
-        .is_some_and(|c| {
-            WHOLE_UNIT_CURRENCIES
-                .iter()
-                .any(|w| w.eq_ignore_ascii_case(c))
-        });
+    let currency = currency.map(str::trim).filter(|c| !c.is_empty());
+    let named = currency_code(text).or(currency);
+    let listed =
+        |list: &[&str]| named.is_some_and(|c| list.iter().any(|w| w.eq_ignore_ascii_case(c)));
+    let whole_units = listed(WHOLE_UNIT_CURRENCIES);
+    // Three decimals (a dinar's fils): a dot before three digits is the decimal mark.
+    let thousandths = listed(THOUSANDTHS_CURRENCIES);
     // Where a separator before three digits may only group thousands.
     let groups_after = |mark: char| whole_units || (mark == ',' && text.contains(['¥', '₩']));
     let plain = |s: &str| s.parse::<f64>().ok().filter(|f| f.is_finite());
@@ -536,15 +548,20 @@ pub fn money_in(text: &str, currency: Option<&str>) -> Option<f64> {
     };
     // `1.299 €`: 1.299, or 1299 with the dot grouping thousands; so with a currency
     // sent beside it (`"1.299"` in EUR).
-    let thousands_like = body.split_once('.').is_some_and(|(w, f)| {
-        (1..=3).contains(&w.len()) && all_digits(w) && f.len() == 3 && all_digits(f)
-    });
+    // (A group of thousands never starts with 0: `0.125` reads one way.)
+    let thousands_like = !thousandths
+        && body.split_once('.').is_some_and(|(w, f)| {
+            (1..=3).contains(&w.len())
+                && all_digits(w)
+                && !w.starts_with('0')
+                && f.len() == 3
+                && all_digits(f)
+        });
     if let Some(f) = plain(s) {
         if !((marked || currency.is_some()) && thousands_like) {
             return Some(f);
         }
-        // A group of thousands never starts with 0 (`0.500 JPY` is no amount).
-        return (groups_after('.') && !body.starts_with('0'))
+        return groups_after('.')
             .then(|| plain(&format!("{sign}{}", body.replace('.', ""))))
             .flatten();
     }
@@ -1518,6 +1535,24 @@ pub(crate) mod tests {
         assert_eq!(money_in("1.299", Some("EUR")), None);
         assert_eq!(money_in("1.29", Some("EUR")), Some(1.29));
         assert_eq!(money("1.299"), Some(1.299));
+        assert_eq!(money_in("0.125", Some("EUR")), Some(0.125));
+        assert_eq!(money_in("12.500", Some("KWD")), Some(12.5));
+        assert_eq!(money("12.500 KWD"), Some(12.5));
+        assert_eq!(money_in("1.299", Some(" ")), Some(1.299));
+        // Currency marks of one or two capitals, before or apart after.
+        for (text, value) in [
+            ("R 100", 100.0),
+            ("R100", 100.0),
+            ("RM 50.00", 50.0),
+            ("100 TL", 100.0),
+            ("5 KD", 5.0),
+            ("100 $US", 100.0),
+            ("19,99 $ CA", 19.99),
+            ("USD5", 5.0),
+            ("5USD", 5.0),
+        ] {
+            assert_eq!(money(text), Some(value), "{text}");
+        }
         for text in [
             "abc",
             "NaN",
@@ -1535,10 +1570,12 @@ pub(crate) mod tests {
             "€+1.299",
             "$1.5K",
             "2M",
+            "2 M",
             "10K USD",
+            "1.5 MLN",
+            "5 MIO",
             "5 EURO",
             // No group of thousands starts with 0.
-            "0.500 JPY",
             "¥0,500",
             "$",
             "",

@@ -2592,6 +2592,16 @@ async fn stage(
                 } else {
                     let (encoded, unfit, odd) =
                         encode_or_set_aside(table, records).map_err(|e| enc(e.to_string()))?;
+                    // Those set aside were not written, without their fields or at all.
+                    if events_table {
+                        uncovered.0 -= unfit
+                            .iter()
+                            .filter(|l| {
+                                sluice_connectors::parquet::uncovered_field(table, &l.record)
+                                    .is_some()
+                            })
+                            .count() as u64;
+                    }
                     let odd = Unfitting {
                         values_nulled: odd.nulled,
                         values_converted: odd.converted,
@@ -3165,17 +3175,13 @@ async fn publish_now(
         }
         // A day read before it had ended (today's, say) holds only its events so far:
         // `_SUCCESS` says the partition is whole as published, this says the day was not.
-        // Ended once its last events can no longer be on their way to MongoDB (in a
-        // writer's queue, as ARCHIVE waits for them too).
+        // (Its last events still in a writer's queue when a run reads just after midnight
+        // mark the day late as they are stored, and it is published again.)
         if matches!(kind, ExportJobType::EventData | ExportJobType::DailyAnalytics) {
             let ended = partition_day(&s.prefix)
                 .and_then(|d| d.succ_opt())
                 .zip(s.read_at)
-                .map(|(next, read)| {
-                    read.timestamp_millis()
-                        >= day_start(next).timestamp_millis()
-                            + DEFAULT_ARCHIVE_SETTLE.as_millis() as i64
-                });
+                .map(|(next, read)| read >= day_start(next));
             if let Some(ended) = ended {
                 manifest["dayEnded"] = json!(ended);
             }

@@ -127,7 +127,7 @@ pub async fn batch(
                     ids: &["context.sessionId"],
                 },
             )
-            .map_err(|e| invalid(format!("the batch's `{}` {}", e.field, e.reason)))?;
+            .map_err(|e| invalid(format!("the batch's `{}`: {}", e.field, e.reason)))?;
             Some(serde_json::from_str(raw.get()).map_err(malformed)?)
         }
         None => None,

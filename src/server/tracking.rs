@@ -319,7 +319,7 @@ pub(super) fn no_wide_integer(text: &str, members: &ReadMembers) -> Result<(), V
     match sluice_core::tracking::integer_beyond_int64(text, members.read, members.ids) {
         Some((path, number)) => Err(ValidationError::new(
             path,
-            format!("`{number}` is an integer beyond the 64-bit range, which would be stored rounded (send such ids as strings)"),
+            format!("`{number}` is an integer beyond the 64-bit range, which would be stored rounded (send such numbers as strings)"),
         )),
         None => Ok(()),
     }
