@@ -627,8 +627,9 @@ async fn each_bad_input_class_gets_its_own_4xx() {
         { "eventId": "bad-type", "userId": "v1", "sessionId": "s1", "eventType": "NOPE" },
         { "userId": "v1", "sessionId": "s1", "eventType": "CLICK", "duration": -4 },
         big,
-        { "userId": "v1", "sessionId": "s1", "eventType": "CLICK", "pageURL": "/typo" },
-    ] });
+        { "userId": "v1", "sessionId": "s1", "eventType": "CLICK", "pageURL": "/typo",
+          "context": { "ip": "203.0.113.9", "locale": "fr-FR" } },
+    ], "context": { "locale": "fr-FR" }, "_sdk": 1 });
     let (s, body) = post(&base, "/v1/events/batch", &mixed).await;
     assert_eq!(s, 200, "{body}");
     assert_eq!(
@@ -650,8 +651,15 @@ async fn each_bad_input_class_gets_its_own_4xx() {
     assert_eq!(results[3]["eventId"], "big-1", "{body}");
     assert_eq!(results[4]["status"], "stored");
     // A member Sluice does not read (here a typo of `pageUrl`) is named, not silently lost.
-    assert_eq!(results[4]["ignored"], json!(["pageURL"]), "{body}");
+    // So is a `context` member other than `ip` and `userAgent`, and a member of the batch
+    // itself (a Segment-style batch `context`), beside the results.
+    assert_eq!(
+        results[4]["ignored"],
+        json!(["pageURL", "context.locale"]),
+        "{body}"
+    );
     assert!(results[0].get("ignored").is_none());
+    assert_eq!(body["ignored"], json!(["context"]), "{body}");
     // All bad: 400 with the per-event reasons.
     let (s, body) = post(
         &base,

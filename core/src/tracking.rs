@@ -434,7 +434,18 @@ pub fn integer_beyond_int64(
 /// at 64 characters): a typo such as `pageURL` or `sessionid` would otherwise lose its
 /// value without a word. The event is still taken; its answer lists them.
 pub fn unknown_members(v: &Value) -> Vec<String> {
-    members_not_read(v, |k| EVENT_MEMBERS.contains(&k))
+    let mut unread = members_not_read(v, |k| EVENT_MEMBERS.contains(&k));
+    // Of a native `context`, only `ip` and `userAgent` are read (`context.locale` would
+    // otherwise be dropped without a word).
+    if let Some(context) = v.get("context") {
+        unread.extend(
+            members_not_read(context, |k| k == "ip" || k == "userAgent")
+                .into_iter()
+                .map(|k| format!("context.{k}")),
+        );
+        unread.truncate(10);
+    }
+    unread
 }
 
 /// The top-level members of `v` that `known` does not take, as an answer lists them: at

@@ -212,6 +212,10 @@ pub async fn batch(
         .await?;
     answer.note_sent_ids(sent_ids, "messageId");
     answer.note_ignored(ignored);
+    answer.note_batch_ignored(super::tracking::batch_members_not_read(
+        &body,
+        &["batch", "sentAt", "context", "integrations", BODY_KEY],
+    ));
     answer.note_warnings(warnings);
     answer.count_amounts_unread(&unread);
     Ok(answer.into_batch_response(&headers))

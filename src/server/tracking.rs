@@ -220,6 +220,10 @@ pub async fn batch(
         .instrument(admitted.span())
         .await?;
     answer.note_ignored(ignored);
+    answer.note_batch_ignored(batch_members_not_read(
+        &body,
+        &["batch", "sentAt", BODY_KEY],
+    ));
     answer.note_sent_ids(sent_ids, "eventId");
     answer.note_warnings(warnings);
     answer.count_amounts_unread(&unread);
@@ -250,6 +254,43 @@ pub(super) fn parse_batch<'a, T: Deserialize<'a>>(
             malformed(e)
         }
     })
+}
+
+/// The top-level members of a batch body that `known` does not take (at most 10, each
+/// cut at 64 characters; `_`-prefixed ones, which SDKs add for themselves, left out): a
+/// batch-level `context` beside a native batch would otherwise be dropped without a
+/// word. The body is skimmed again for its keys alone.
+pub(super) fn batch_members_not_read(body: &[u8], known: &[&str]) -> Vec<String> {
+    struct Keys(Vec<String>);
+    struct KeysVisitor;
+    impl<'de> serde::de::Visitor<'de> for KeysVisitor {
+        type Value = Keys;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Keys, A::Error> {
+            let mut keys = Vec::new();
+            while let Some(k) = map.next_key::<String>()? {
+                map.next_value::<serde::de::IgnoredAny>()?;
+                keys.push(k);
+            }
+            Ok(Keys(keys))
+        }
+    }
+    impl<'de> Deserialize<'de> for Keys {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_map(KeysVisitor)
+        }
+    }
+    serde_json::from_slice::<Keys>(body)
+        .map(|k| {
+            k.0.into_iter()
+                .filter(|k| !known.contains(&k.as_str()) && !k.starts_with('_'))
+                .take(10)
+                .map(|k| k.chars().take(64).collect())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// `tracking.max_batch_events`; `what` names the items in the error.
@@ -756,6 +797,8 @@ pub struct Answer {
     pub(super) written: Vec<bool>,
     /// A batch of nothing but invalid events: answered 400.
     all_rejected: bool,
+    /// The batch's own members that are not read (a `context` beside a native batch).
+    ignored: Vec<String>,
 }
 
 impl Answer {
@@ -782,6 +825,11 @@ impl Answer {
 
     /// Names, in each event's result, the members of the event Sluice did not read
     /// (`ignored`), one list per input in order.
+    /// The members of the batch itself that are not read, listed beside its results.
+    pub(super) fn note_batch_ignored(&mut self, ignored: Vec<String>) {
+        self.ignored = ignored;
+    }
+
     pub(super) fn note_ignored(&mut self, ignored: Vec<Vec<String>>) {
         for (entry, fields) in self.results.iter_mut().zip(ignored) {
             if !fields.is_empty() {
@@ -894,14 +942,18 @@ impl IntoResponse for Answer {
             StatusCode::OK
         };
         // `success` is what Segment-compatible clients look for.
-        let body = Json(json!({
+        let mut body = json!({
             "success": status == StatusCode::OK,
             "stored": self.stored,
             "duplicates": self.duplicates,
             "dropped": self.dropped,
             "rejected": self.rejected,
             "results": self.results,
-        }));
+        });
+        if !self.ignored.is_empty() {
+            body["ignored"] = json!(self.ignored);
+        }
+        let body = Json(body);
         let mut resp = (status, body).into_response();
         if let Some(seconds) = self.retry {
             for name in ["retry-after", "x-ratelimit-reset"] {
@@ -1397,6 +1449,7 @@ pub(super) async fn write(
         first_rejection: None,
         written: Vec::with_capacity(outcomes.len()),
         all_rejected: false,
+        ignored: Vec::new(),
     };
     let m = &state.metrics;
     for (index, outcome) in outcomes.into_iter().enumerate() {
