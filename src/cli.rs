@@ -2534,11 +2534,31 @@ pub async fn export_history(
             kind.map(|k| format!(" of type {k}")).unwrap_or_default()
         );
     }
+    if !runs.is_empty() {
+        println!(
+            "{:<40} {:<9} {:<23} {:>14} {:>10}  BY  DESTINATION; ERROR",
+            "JOB", "STATUS", "DAYS", "ROWS", "FILES"
+        );
+    }
     for r in runs {
+        // ARCHIVE has no window: the days it archived are its partitions'.
+        let archived: Vec<String> = r
+            .get_array(sluice_jobs::history::PARTITIONS)
+            .map(|ps| {
+                ps.iter()
+                    .filter_map(|p| p.as_document()?.get_str("prefix").ok())
+                    .filter_map(|p| Some(p.rsplit_once("/dt=")?.1.to_string()))
+                    .collect()
+            })
+            .unwrap_or_default();
         let window = match (r.get_str(f::WINDOW_START), r.get_str(f::WINDOW_END)) {
             (Ok(a), Ok(b)) if a == b => a.to_string(),
             (Ok(a), Ok(b)) => format!("{a}..{b}"),
-            _ => "-".to_string(),
+            _ => match (archived.iter().min(), archived.iter().max()) {
+                (Some(a), Some(b)) if a == b => a.clone(),
+                (Some(a), Some(b)) => format!("{a}..{b}"),
+                _ => "-".to_string(),
+            },
         };
         let int = |k: &str| sluice_core::model::count_in(&r, k);
         let mut by = match r.get_str(sluice_jobs::history::SCHEDULE) {
@@ -2552,6 +2572,12 @@ pub async fn export_history(
             .unwrap_or(false)
         {
             by.push_str(", late events");
+        }
+        if r.contains_key(sluice_jobs::history::EVENTS_DELETED) {
+            by.push_str(&format!(
+                ", {} events deleted",
+                int(sluice_jobs::history::EVENTS_DELETED)
+            ));
         }
         let error = r
             .get_str(f::ERROR)

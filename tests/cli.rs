@@ -1866,7 +1866,11 @@ async fn export_history_lists_runs_by_hand_and_jobs_history_points_there() {
     let listed = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{listed}");
     let lines: Vec<&str> = listed.lines().collect();
-    assert_eq!(lines.len(), 1, "{listed}");
+    assert_eq!(lines.len(), 2, "{listed}");
+    assert!(
+        lines[0].starts_with("JOB ") && lines[0].contains("DAYS"),
+        "{listed}"
+    );
     for part in [
         "daily-analytics-",
         "COMPLETED",
@@ -1875,7 +1879,7 @@ async fn export_history_lists_runs_by_hand_and_jobs_history_points_there() {
         "by hand",
         "DAILY_ANALYTICS",
     ] {
-        assert!(lines[0].contains(part), "{part}: {listed}");
+        assert!(lines[1].contains(part), "{part}: {listed}");
     }
     let out = sluice_with(&config, &["export", "history", "archive"]).await;
     assert!(out.stdout.is_empty());
@@ -1883,6 +1887,27 @@ async fn export_history_lists_runs_by_hand_and_jobs_history_points_there() {
     assert!(
         said.contains("no export run is recorded") && said.contains("ARCHIVE"),
         "{said}"
+    );
+    // An archive has no window: the days it archived are shown, and the events deleted.
+    let at = bson::DateTime::now();
+    db.store
+        .collection("export_jobs")
+        .insert_one(bson::doc! {
+            "jobId": "archive-x", "type": "ARCHIVE", "status": "COMPLETED",
+            "recordsProcessed": 7i64, "files": 2i64, "destination": "s3://b/ARCHIVE",
+            "createdAt": at, "updatedAt": at, "eventsDeleted": 7i64, "manual": false,
+            "partitions": [
+                { "prefix": "ARCHIVE/dt=2025-01-02", "rows": 3i64 },
+                { "prefix": "ARCHIVE/dt=2025-01-01", "rows": 4i64 },
+            ],
+        })
+        .await
+        .unwrap();
+    let out = sluice_with(&config, &["export", "history", "archive"]).await;
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        listed.contains("2025-01-01..2025-01-02") && listed.contains("7 events deleted"),
+        "{listed}"
     );
 }
 
