@@ -950,15 +950,21 @@ pub async fn export_run(
 ) -> anyhow::Result<sluice_jobs::export::ExportSummary> {
     use sluice_jobs::export::{run_export, ExportContext, ExportRequest};
     let store = connect_named(config).await?;
-    let report = store.init().await?;
-    // A database that did not hold Sluice's collections (a typo in its name, the wrong
-    // deployment) is read as empty: said, since the partitions published look complete.
-    if report.created_collections.iter().any(|c| c == "events") {
-        eprintln!(
-            "warning: database `{}` had no `events` collection (it was created now, empty): this export reads nothing; is `mongodb.database` the platform's?",
+    // A database without Sluice's collections (a typo in its name, the wrong deployment)
+    // would be read as empty, and its partitions published as complete: refused before
+    // anything is created there, so an orchestrator sees the failure.
+    let collections = store
+        .db()
+        .list_collection_names()
+        .await
+        .with_context(|| format!("database `{}`: list its collections", config.database))?;
+    if !collections.iter().any(|c| c == "events") {
+        anyhow::bail!(
+            "database `{}` holds no `events` collection, so there is nothing to export (is `mongodb.database` the platform's?); nothing was created there. A new deployment runs `sluice db init` (or `sluice serve`) first",
             config.database
         );
     }
+    store.init().await?;
     let destination = open_destination(config, dest).await?;
     // An archive elsewhere (`--dest`) waits for the exports' reads of late days where they
     // publish, the configured destination: at its own there are none.

@@ -1912,10 +1912,29 @@ async fn export_history_lists_runs_by_hand_and_jobs_history_points_there() {
 }
 
 /// A local destination that cannot be made is named in the error, as an S3 one is; and
-/// a database without Sluice's collections (a typo in its name) is said to be empty.
+/// a database without Sluice's collections (a typo in its name) is refused, and nothing
+/// is created there.
 #[tokio::test]
 async fn a_local_destination_that_cannot_be_made_is_named() {
-    let db = support::TestDb::new().await;
+    let empty = support::TestDb::new().await;
+    let out = sluice()
+        .arg("--config")
+        .arg(db_config(&empty))
+        .args(["export", "run", "event-data"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "database `{}` holds no `events` collection",
+            empty.name
+        )),
+        "{stderr}"
+    );
+    let created = empty.store.db().list_collection_names().await.unwrap();
+    assert!(created.is_empty(), "{created:?}");
+    let db = support::TestDb::initialized().await;
     let file = write_temp("a-file-not-a-folder", "");
     let under = file.join("out");
     let out = sluice()
@@ -1931,13 +1950,6 @@ async fn a_local_destination_that_cannot_be_made_is_named() {
         stderr.contains(&format!(
             "local `{}/`: create the destination folder",
             under.display()
-        )),
-        "{stderr}"
-    );
-    assert!(
-        stderr.contains(&format!(
-            "warning: database `{}` had no `events` collection",
-            db.name
         )),
         "{stderr}"
     );
