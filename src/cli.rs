@@ -938,6 +938,35 @@ pub fn check_late_days(
     Ok(())
 }
 
+/// A database without the collection an export reads (`events`; `users` for USER_DATA:
+/// a typo in its name, the wrong deployment) would be read as empty, and its partitions
+/// published as complete: refused before anything is created there, so an orchestrator
+/// sees the failure.
+async fn require_export_source(
+    config: &Config,
+    store: &Store,
+    kind: sluice_core::model::ExportJobType,
+) -> anyhow::Result<()> {
+    use sluice_core::model::collections as c;
+    let source = if kind == sluice_core::model::ExportJobType::UserData {
+        c::USERS
+    } else {
+        c::EVENTS
+    };
+    let collections = store
+        .db()
+        .list_collection_names()
+        .await
+        .with_context(|| format!("database `{}`: list its collections", config.database))?;
+    if !collections.iter().any(|c| c == source) {
+        anyhow::bail!(
+            "database `{}` holds no `{source}` collection, so there is nothing to export (is `mongodb.database` the platform's?); nothing was created there. A new deployment runs `sluice db init` (or `sluice serve`) first",
+            config.database
+        );
+    }
+    Ok(())
+}
+
 /// `sluice export run`: one export with a progress display and a summary; with
 /// `late_days`, then every day that received events since this kind last published it.
 pub async fn export_run(
@@ -950,20 +979,7 @@ pub async fn export_run(
 ) -> anyhow::Result<sluice_jobs::export::ExportSummary> {
     use sluice_jobs::export::{run_export, ExportContext, ExportRequest};
     let store = connect_named(config).await?;
-    // A database without Sluice's collections (a typo in its name, the wrong deployment)
-    // would be read as empty, and its partitions published as complete: refused before
-    // anything is created there, so an orchestrator sees the failure.
-    let collections = store
-        .db()
-        .list_collection_names()
-        .await
-        .with_context(|| format!("database `{}`: list its collections", config.database))?;
-    if !collections.iter().any(|c| c == "events") {
-        anyhow::bail!(
-            "database `{}` holds no `events` collection, so there is nothing to export (is `mongodb.database` the platform's?); nothing was created there. A new deployment runs `sluice db init` (or `sluice serve`) first",
-            config.database
-        );
-    }
+    require_export_source(config, &store, kind).await?;
     store.init().await?;
     let destination = open_destination(config, dest).await?;
     // An archive elsewhere (`--dest`) waits for the exports' reads of late days where they
@@ -2394,10 +2410,17 @@ pub async fn jobs_run(
     let is_export = name.starts_with(crate::engine::EXPORT_PREFIX);
     // Checked before anything is recorded (or the database reached): a typo must not
     // leave a FAILED run of a job that does not exist.
-    if let Some(schedule) = name.strip_prefix(crate::engine::EXPORT_PREFIX) {
-        export_schedule(config, schedule)?;
-    }
+    let export_kind = match name.strip_prefix(crate::engine::EXPORT_PREFIX) {
+        Some(schedule) => Some(
+            sluice_core::model::ExportJobType::parse(&export_schedule(config, schedule)?.kind)
+                .map_err(|e| anyhow::anyhow!("schedule `{schedule}`: type: expected {e}"))?,
+        ),
+        None => None,
+    };
     let store = connect_named(config).await?;
+    if let Some(kind) = export_kind {
+        require_export_source(config, &store, kind).await?;
+    }
     store.init().await?;
     if let Some(integration) = name.strip_prefix(crate::engine::INTEGRATION_PREFIX) {
         if let Err(e) = require_config(&store, integration).await {
@@ -2560,9 +2583,13 @@ pub async fn export_history(
         let window = match (r.get_str(f::WINDOW_START), r.get_str(f::WINDOW_END)) {
             (Ok(a), Ok(b)) if a == b => a.to_string(),
             (Ok(a), Ok(b)) => format!("{a}..{b}"),
+            _ if r.get_str(f::TYPE) != Ok(sluice_core::model::ExportJobType::Archive.as_str()) => {
+                "-".to_string()
+            }
             _ => match (archived.iter().min(), archived.iter().max()) {
                 (Some(a), Some(b)) if a == b => a.clone(),
-                (Some(a), Some(b)) => format!("{a}..{b}"),
+                // A range may leave out days in it that waited: how many it holds.
+                (Some(a), Some(b)) => format!("{a}..{b} ({} days)", archived.len()),
                 _ => "-".to_string(),
             },
         };

@@ -1906,7 +1906,7 @@ async fn export_history_lists_runs_by_hand_and_jobs_history_points_there() {
     let out = sluice_with(&config, &["export", "history", "archive"]).await;
     let listed = String::from_utf8_lossy(&out.stdout);
     assert!(
-        listed.contains("2025-01-01..2025-01-02") && listed.contains("7 events deleted"),
+        listed.contains("2025-01-01..2025-01-02 (2 days)") && listed.contains("7 events deleted"),
         "{listed}"
     );
 }

@@ -350,9 +350,10 @@ pub struct ReadMembers {
     pub ids: &'static [&'static str],
 }
 
-/// A native event's.
+/// A native event's (not its `context`, whose `ip` and `userAgent`, the members read, are
+/// strings).
 pub const EVENT_READ: ReadMembers = ReadMembers {
-    read: |name| EVENT_MEMBERS.contains(&name),
+    read: |name| EVENT_MEMBERS.contains(&name) && name != "context",
     ids: &[f::EVENT_ID, f::USER_ID, f::SESSION_ID],
 };
 

@@ -214,7 +214,20 @@ pub async fn batch(
     answer.note_ignored(ignored);
     answer.note_batch_ignored(super::tracking::batch_members_not_read(
         &body,
-        &["batch", "sentAt", "context", "integrations", BODY_KEY],
+        // (What Segment's own SDKs add to their batches: Go's `type` and `messageId`,
+        // Java's `sequence`, node's `timestamp`.)
+        &[
+            "batch",
+            "sentAt",
+            "context",
+            "integrations",
+            BODY_KEY,
+            "type",
+            "messageId",
+            "timestamp",
+            "sequence",
+            "options",
+        ],
     ));
     answer.note_warnings(warnings);
     answer.count_amounts_unread(&unread);

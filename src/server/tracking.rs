@@ -823,13 +823,13 @@ impl Answer {
         self.retry = Some(self.retry.unwrap_or(1).max(seconds));
     }
 
-    /// Names, in each event's result, the members of the event Sluice did not read
-    /// (`ignored`), one list per input in order.
     /// The members of the batch itself that are not read, listed beside its results.
     pub(super) fn note_batch_ignored(&mut self, ignored: Vec<String>) {
         self.ignored = ignored;
     }
 
+    /// Names, in each event's result, the members of the event Sluice did not read
+    /// (`ignored`), one list per input in order.
     pub(super) fn note_ignored(&mut self, ignored: Vec<Vec<String>>) {
         for (entry, fields) in self.results.iter_mut().zip(ignored) {
             if !fields.is_empty() {
@@ -889,10 +889,19 @@ impl Answer {
             answer.stored + answer.duplicates + answer.dropped == 0 && answer.rejected > 0;
         let minimal = prefers_minimal(headers);
         if minimal {
+            // (A `context` member left unread, which a sender may attach to every event,
+            // does not keep a result on its own.)
+            let ignored_beyond_context = |entry: &Value| {
+                entry["ignored"].as_array().is_some_and(|names| {
+                    names
+                        .iter()
+                        .any(|n| !n.as_str().unwrap_or("").starts_with("context."))
+                })
+            };
             answer.results.retain(|entry| {
                 !matches!(entry["status"].as_str(), Some("stored" | "duplicate"))
                     || entry.get("warning").is_some()
-                    || entry.get("ignored").is_some()
+                    || ignored_beyond_context(entry)
             });
         }
         let mut resp = answer.into_response();
