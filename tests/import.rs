@@ -1873,15 +1873,19 @@ async fn a_run_resumed_by_another_process_while_this_one_was_stopped_is_left_to_
             .route("/fresh/items", get(api(false))),
     )
     .await;
-    let name = apply(
-        &db,
-        &cursor_config("paused", &format!("http://{addr}"), "", ""),
-    )
-    .await;
-    let err = run_import(&db.store, &name, &ImportOptions::default())
-        .await
-        .unwrap_err();
-    assert!(matches!(err, ImportError::TakenOver(_)), "{err}");
+    // A run of config `name` from `base`, which the API takes over: its error.
+    let taken_over = |name: &'static str, base: String| {
+        let db = &db;
+        async move {
+            let name = apply(db, &cursor_config(name, &base, "", "")).await;
+            let err = run_import(&db.store, &name, &ImportOptions::default())
+                .await
+                .unwrap_err();
+            assert!(matches!(err, ImportError::TakenOver(_)), "{err}");
+            (name, err)
+        }
+    };
+    let (name, err) = taken_over("paused", format!("http://{addr}")).await;
     assert!(err
         .to_string()
         .contains("left to the run that holds the config now"));
@@ -1932,15 +1936,7 @@ async fn a_run_resumed_by_another_process_while_this_one_was_stopped_is_left_to_
 
     // A new run started meanwhile (not a resume): this process stops too, and writes
     // nothing over the new run's claim.
-    let restarted = apply(
-        &db,
-        &cursor_config("restarted", &format!("http://{addr}/fresh"), "", ""),
-    )
-    .await;
-    let err = run_import(&db.store, &restarted, &ImportOptions::default())
-        .await
-        .unwrap_err();
-    assert!(matches!(err, ImportError::TakenOver(_)), "{err}");
+    let (restarted, _) = taken_over("restarted", format!("http://{addr}/fresh")).await;
     let left = db
         .store
         .collection("import_checkpoints")
