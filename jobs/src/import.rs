@@ -573,14 +573,12 @@ async fn reset_held(store: &Store, name: &str, cursor: bool) -> Result<ResetRepo
         .find_one_and_delete(doc! { common::ID: name })
         .await
         .map_err(StoreError::mongo(c::IMPORT_CHECKPOINTS, "drop checkpoint"))?;
-    report.checkpoint = dropped
-        .filter(|cp| !cp.get_bool(CLAIM_ONLY).unwrap_or(false))
-        .map(|cp| {
-            (
-                cp.get_str("runId").unwrap_or("?").to_string(),
-                cp.get_i64("pages").unwrap_or(0) as u64,
-            )
-        });
+    report.checkpoint = dropped.filter(|cp| !claim_only(cp)).map(|cp| {
+        (
+            cp.get_str("runId").unwrap_or("?").to_string(),
+            cp.get_i64("pages").unwrap_or(0) as u64,
+        )
+    });
     if cursor {
         let before = store
             .collection(c::INTEGRATION_CONFIGS)
@@ -667,7 +665,7 @@ pub async fn run_import(
             .await
             .map_err(StoreError::mongo(c::IMPORT_CHECKPOINTS, "read checkpoint"))?
             // A claim a run made before saving any page is no place to resume from.
-            .filter(|cp| !cp.get_bool(CLAIM_ONLY).unwrap_or(false))
+            .filter(|cp| !claim_only(cp))
     };
     // A checkpoint belongs to the config it was taken with: after `configs apply` changed
     // the config (a fixed endpoint, a new mapping), its saved next page may be wrong, so
@@ -874,8 +872,7 @@ pub async fn run_import(
     // process's to write.
     if outcome.is_ok() && !holds_run(store, &summary).await? {
         counted(&summary, "INTERRUPTED");
-        tracing::warn!(config = name, run = %summary.run_id, "run taken over by another process while this one was stopped; its end is left to that process");
-        return Err(ImportError::TakenOver(summary.run_id.clone()));
+        return Err(taken_over(&summary));
     }
     match outcome {
         Ok(()) if state == PageState::Done => {
@@ -1028,11 +1025,7 @@ pub async fn run_import(
                 &e,
                 ImportError::Http(sluice_connectors::http::HttpError::OffOrigin { .. })
             );
-            if summary.resumed
-                && summary.pages == pages_at_start
-                && refused
-                && holds_run(store, &summary).await.unwrap_or(false)
-            {
+            if summary.resumed && summary.pages == pages_at_start && refused {
                 let dropped = store
                     .collection(c::IMPORT_CHECKPOINTS)
                     .delete_one(own_checkpoint(name, &summary.attempt))
@@ -1620,15 +1613,10 @@ async fn write_page(
                 Some(&summary.run_id),
             )
             .await?;
-        // The page is committed: remember where the next one starts, unless another
-        // process resumed the run meanwhile (this one was paused past its lease): the
-        // checkpoint is then that process's, and this one stops.
-        if !holds_run(store, summary).await? {
-            tracing::warn!(config = %connector.name, run = %summary.run_id, "run taken over by another process while this one was stopped; stopping before saving this page's place");
-            return Err(ImportError::TakenOver(summary.run_id.clone()));
-        }
-        // Saved only over this attempt's own (or a checkpoint of an earlier version,
-        // which names none): one another process claimed makes the insert collide.
+        // The page is committed: remember where the next one starts, over this attempt's
+        // own checkpoint (claimed as the run started). Found no more, the config was
+        // taken while this process was paused past its lease (another run claimed the
+        // checkpoint, or finished and dropped it, or a reset did): this one stops.
         let saved = store
             .collection(c::IMPORT_CHECKPOINTS)
             .replace_one(
@@ -1659,16 +1647,10 @@ async fn write_page(
                     common::UPDATED_AT: store.now(),
                 },
             )
-            .upsert(true)
-            .await;
-        match saved {
-            Err(e) if sluice_connectors::mongo::is_duplicate_key(&e) => {
-                tracing::warn!(config = %connector.name, run = %summary.run_id, "run taken over by another process while this one was stopped; its checkpoint is that process's");
-                return Err(ImportError::TakenOver(summary.run_id.clone()));
-            }
-            saved => {
-                saved.map_err(StoreError::mongo(c::IMPORT_CHECKPOINTS, "save checkpoint"))?;
-            }
+            .await
+            .map_err(StoreError::mongo(c::IMPORT_CHECKPOINTS, "save checkpoint"))?;
+        if saved.matched_count == 0 {
+            return Err(taken_over(summary));
         }
     }
     Ok(())
@@ -2537,16 +2519,26 @@ pub async fn mark_interrupted(store: &Store, configs: &[String]) -> Result<u64, 
     Ok(marked)
 }
 
-/// The checkpoint of `name` if it is attempt `attempt`'s (or names none: one saved by an
-/// earlier version): what an attempt may save over or delete.
+/// The checkpoint of `name` if it is attempt `attempt`'s (claimed as its run started):
+/// what an attempt may save over or delete.
 fn own_checkpoint(name: &str, attempt: &str) -> Document {
-    doc! { common::ID: name, "$or": [
-        { "attempt": attempt }, { "attempt": { "$exists": false } },
-    ] }
+    doc! { common::ID: name, "attempt": attempt }
 }
 
 /// A checkpoint that only claims the config for a new run's attempt (no page saved yet).
 const CLAIM_ONLY: &str = "claimOnly";
+
+/// Whether `checkpoint` is a claim only: no place to resume from, nor to report dropped.
+fn claim_only(checkpoint: &Document) -> bool {
+    checkpoint.get_bool(CLAIM_ONLY).unwrap_or(false)
+}
+
+/// Said when this process finds its run's config taken while it was paused past its
+/// lease: the error it stops with.
+fn taken_over(summary: &ImportSummary) -> ImportError {
+    tracing::warn!(config = %summary.name, run = %summary.run_id, "run taken over while this process was stopped past its lease; its checkpoint, cursor and end are left to the run that holds the config now");
+    ImportError::TakenOver(summary.run_id.clone())
+}
 
 /// What an attempt no process may hold any more is named.
 const SUPERSEDED: &str = "superseded";
