@@ -2379,6 +2379,15 @@ fn export_schedule<'a>(
         })
 }
 
+/// The export type of the `[[schedules]]` entry `schedule`.
+fn export_schedule_kind(
+    config: &Config,
+    schedule: &str,
+) -> anyhow::Result<sluice_core::model::ExportJobType> {
+    sluice_core::model::ExportJobType::parse(&export_schedule(config, schedule)?.kind)
+        .map_err(|e| anyhow::anyhow!("schedule `{schedule}`: type: expected {e}"))
+}
+
 /// `sluice jobs run NAME`: runs a job now (exports: `--from/--to` backfill a window
 /// without moving the catch-up point).
 pub async fn jobs_run(
@@ -2391,9 +2400,7 @@ pub async fn jobs_run(
         name.strip_prefix(crate::engine::EXPORT_PREFIX),
         from.is_some() || to.is_some(),
     ) {
-        let s = export_schedule(config, schedule)?;
-        let kind = sluice_core::model::ExportJobType::parse(&s.kind)
-            .map_err(|e| anyhow::anyhow!("schedule `{schedule}`: type: expected {e}"))?;
+        let kind = export_schedule_kind(config, schedule)?;
         check_export_window(kind, from, to)?;
         export_run(config, kind, from, to, None, false).await?;
         println!("(a backfill: recorded in `export_jobs` with `manual: true`, not in `sluice jobs history`, and the schedule's catch-up point does not move)");
@@ -2410,13 +2417,10 @@ pub async fn jobs_run(
     let is_export = name.starts_with(crate::engine::EXPORT_PREFIX);
     // Checked before anything is recorded (or the database reached): a typo must not
     // leave a FAILED run of a job that does not exist.
-    let export_kind = match name.strip_prefix(crate::engine::EXPORT_PREFIX) {
-        Some(schedule) => Some(
-            sluice_core::model::ExportJobType::parse(&export_schedule(config, schedule)?.kind)
-                .map_err(|e| anyhow::anyhow!("schedule `{schedule}`: type: expected {e}"))?,
-        ),
-        None => None,
-    };
+    let export_kind = name
+        .strip_prefix(crate::engine::EXPORT_PREFIX)
+        .map(|schedule| export_schedule_kind(config, schedule))
+        .transpose()?;
     let store = connect_named(config).await?;
     if let Some(kind) = export_kind {
         require_export_source(config, &store, kind).await?;

@@ -455,7 +455,16 @@ pub(crate) fn members_not_read(v: &Value, known: impl Fn(&str) -> bool) -> Vec<S
     let Value::Object(obj) = v else {
         return Vec::new();
     };
-    obj.keys()
+    names_not_read(obj.keys().map(String::as_str), known)
+}
+
+/// Of member names `names`, those `known` does not take, as an answer lists them: at
+/// most 10, each cut at 64 characters.
+pub fn names_not_read<'a>(
+    names: impl Iterator<Item = &'a str>,
+    known: impl Fn(&str) -> bool,
+) -> Vec<String> {
+    names
         .filter(|k| !known(k))
         .take(10)
         .map(|k| k.chars().take(64).collect())

@@ -284,11 +284,9 @@ pub(super) fn batch_members_not_read(body: &[u8], known: &[&str]) -> Vec<String>
     }
     serde_json::from_slice::<Keys>(body)
         .map(|k| {
-            k.0.into_iter()
-                .filter(|k| !known.contains(&k.as_str()) && !k.starts_with('_'))
-                .take(10)
-                .map(|k| k.chars().take(64).collect())
-                .collect()
+            sluice_core::tracking::names_not_read(k.0.iter().map(String::as_str), |k| {
+                known.contains(&k) || k.starts_with('_')
+            })
         })
         .unwrap_or_default()
 }
