@@ -264,8 +264,24 @@ async fn event_data_round_trips_through_s3_and_pyarrow() {
                     .column_by_name("duration")
                     .unwrap()
                     .as_primitive::<arrow::datatypes::Int64Type>();
+                let amount = b
+                    .column_by_name("amount")
+                    .unwrap()
+                    .as_primitive::<arrow::datatypes::Float64Type>();
+                let currency = b.column_by_name("currency").unwrap().as_string::<i32>();
                 for r in 0..b.num_rows() {
                     let e = by_id[ids.value(r)];
+                    // A purchase's amount and currency are typed columns too; other
+                    // events have none.
+                    let purchase = e.event_type == EventType::Purchase;
+                    assert_eq!(
+                        amount.is_valid(r).then(|| amount.value(r)),
+                        purchase.then(|| e.properties.get_f64("amount").unwrap())
+                    );
+                    assert_eq!(
+                        currency.is_valid(r).then(|| currency.value(r)),
+                        purchase.then_some("EUR")
+                    );
                     assert_eq!(ts.value(r), e.timestamp.timestamp_millis() * 1000);
                     assert_eq!(types.value(r), e.event_type.as_str());
                     let json: serde_json::Value = serde_json::from_str(props.value(r)).unwrap();
@@ -304,6 +320,8 @@ print(json.dumps({"rows": rows, "types": types, "logical": logical}))
     assert_eq!(report["types"]["eventId"], "string");
     assert_eq!(report["types"]["duration"], "int64");
     assert_eq!(report["types"]["bot"], "bool");
+    assert_eq!(report["types"]["amount"], "double");
+    assert_eq!(report["types"]["currency"], "string");
     // JSON columns carry Parquet's JSON annotation, other text columns STRING.
     assert_eq!(report["logical"]["properties"], "JSON");
     assert_eq!(report["logical"]["context"], "JSON");
@@ -3094,7 +3112,7 @@ print(json.dumps({"anonymousId": row["anonymousId"], "context": json.loads(row["
     assert_eq!(row["anonymousId"], "anon-42", "{row}");
     assert_eq!(row["context"]["campaign"]["source"], "newsletter", "{row}");
     assert_eq!(row["updatedAt"], true, "{row}");
-    assert_eq!(row["table"], "events/v2", "{row}");
+    assert_eq!(row["table"], "events/v3", "{row}");
 
     // Written by another tool, each stops the archive at its day, which stays in MongoDB
     // whole and unpublished, the error naming the event and why:

@@ -3,8 +3,9 @@
 use std::sync::Arc;
 
 use arrow::array::{
-    ArrayRef, BooleanBuilder, Date32Builder, Float64Builder, Int64Array, Int64Builder, ListArray,
-    ListBuilder, StringArray, StringBuilder, StructArray, TimestampMicrosecondBuilder,
+    ArrayRef, BooleanBuilder, Date32Builder, Float64Array, Float64Builder, Int64Array,
+    Int64Builder, ListArray, ListBuilder, StringArray, StringBuilder, StructArray,
+    TimestampMicrosecondBuilder,
 };
 use arrow::buffer::OffsetBuffer;
 use arrow::datatypes::Field;
@@ -352,7 +353,24 @@ fn column_values(
             Arc::new(b.finish())
         }
         ColKind::TopPages => top_pages(spec, docs)?,
+        ColKind::PurchaseNumber => Arc::new(
+            docs.iter()
+                .map(|d| purchase_value(d, spec).and_then(as_f64))
+                .collect::<Float64Array>(),
+        ),
+        ColKind::PurchaseStr => Arc::new(
+            docs.iter()
+                .map(|d| purchase_value(d, spec).and_then(Bson::as_str))
+                .collect::<StringArray>(),
+        ),
     })
+}
+
+/// A PURCHASE event's value at the column's path.
+fn purchase_value<'a>(doc: &'a Document, spec: &ColumnSpec) -> Option<&'a Bson> {
+    let purchase = doc.get_str(sluice_core::model::event_fields::EVENT_TYPE)
+        == Ok(sluice_core::model::EventType::Purchase.as_str());
+    purchase.then(|| lookup(doc, spec.path)).flatten()
 }
 
 fn top_pages(spec: &ColumnSpec, docs: &[Document]) -> Result<ArrayRef, EncodeError> {
@@ -672,6 +690,44 @@ mod tests {
                 .value(0),
             "mobile"
         );
+    }
+
+    #[test]
+    fn a_purchase_s_amount_and_currency_have_typed_columns_other_events_none() {
+        let t = bson::DateTime::from_millis(1_700_000_000_000);
+        let ev = |id: &str, kind: &str, props: Document| {
+            doc! { "eventId": id, "userId": "u", "sessionId": "s", "eventType": kind,
+            "timestamp": t, "properties": props }
+        };
+        let docs = vec![
+            ev(
+                "p1",
+                "PURCHASE",
+                doc! { "amount": 19.99, "currency": "EUR" },
+            ),
+            // An import may store an integer; a string amount is no number.
+            ev("p2", "PURCHASE", doc! { "amount": 20_i64 }),
+            ev("p3", "PURCHASE", doc! { "amount": "lots", "currency": 5 }),
+            ev("c1", "CLICK", doc! { "amount": 3.0, "currency": "USD" }),
+        ];
+        let (batch, unfitting) = encode_counted(&EVENT_TABLE, &docs).unwrap();
+        let amount = batch
+            .column_by_name("amount")
+            .unwrap()
+            .as_primitive::<arrow::datatypes::Float64Type>();
+        let currency = batch.column_by_name("currency").unwrap().as_string::<i32>();
+        let amounts: Vec<Option<f64>> = (0..4)
+            .map(|i| amount.is_valid(i).then(|| amount.value(i)))
+            .collect();
+        let currencies: Vec<Option<&str>> = (0..4)
+            .map(|i| currency.is_valid(i).then(|| currency.value(i)))
+            .collect();
+        assert_eq!(amounts, [Some(19.99), Some(20.0), None, None]);
+        assert_eq!(currencies, [Some("EUR"), None, None, None]);
+        // Copies of values `properties` holds whole: nothing is counted as unfitting.
+        assert_eq!(unfitting, Unfitting::default());
+        // ARCHIVE's exact encoding takes them too.
+        assert!(encode_exact(&EVENT_TABLE, &docs).is_ok());
     }
 
     #[test]

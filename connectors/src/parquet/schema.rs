@@ -36,6 +36,12 @@ pub enum ColKind {
     Date,
     /// An array of `{pageUrl, views, uniqueUsers}`, as a list of structs.
     TopPages,
+    /// A PURCHASE event's number at the path, as a double; null on other events, and
+    /// where it is no number. A typed copy of a value the row holds whole elsewhere (in
+    /// `properties`), so nothing it leaves null is lost or counted as unfitting.
+    PurchaseNumber,
+    /// A PURCHASE event's string at the path; null as for [`ColKind::PurchaseNumber`].
+    PurchaseStr,
 }
 
 /// One column: its name in the file, the dotted path it is read from, its kind.
@@ -68,10 +74,11 @@ use ColKind::*;
 
 /// Every field an event document has (but MongoDB's `_id`) is a column: ARCHIVE deletes
 /// what it wrote, so a field without a column would be lost (see [`uncovered_field`]).
-/// v2 added `anonymousId`, `context` and `updatedAt`.
+/// v2 added `anonymousId`, `context` and `updatedAt`; v3 `amount` and `currency`, a
+/// PURCHASE's `properties.amount` and `properties.currency` typed (also in `properties`).
 pub const EVENT_TABLE: TableSpec = TableSpec {
     name: "events",
-    version: 2,
+    version: 3,
     columns: &[
         col(e::EVENT_ID, e::EVENT_ID, Str, false),
         col(e::USER_ID, e::USER_ID, Str, false),
@@ -95,6 +102,8 @@ pub const EVENT_TABLE: TableSpec = TableSpec {
         col(m::ANONYMOUS_ID, "metadata.anonymousId", Str, true),
         col(m::CONTEXT, "metadata.context", Json, true),
         col("updatedAt", "updatedAt", TimestampMicros, true),
+        col(e::AMOUNT, "properties.amount", PurchaseNumber, true),
+        col(e::CURRENCY, "properties.currency", PurchaseStr, true),
     ],
 };
 
@@ -204,10 +213,10 @@ pub(crate) fn top_page_fields() -> Fields {
 
 pub(crate) fn arrow_type(kind: ColKind) -> DataType {
     match kind {
-        Str | Json => DataType::Utf8,
+        Str | Json | PurchaseStr => DataType::Utf8,
         TimestampMicros => DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
         Int64 => DataType::Int64,
-        Float64 => DataType::Float64,
+        Float64 | PurchaseNumber => DataType::Float64,
         Bool => DataType::Boolean,
         StrList => DataType::List(Arc::new(Field::new("item", DataType::Utf8, true))),
         Date => DataType::Date32,
@@ -274,11 +283,11 @@ pub fn schema_description(table: &TableSpec) -> serde_json::Value {
 /// does not change with the Arrow library's way of printing types.
 pub fn type_name(kind: ColKind) -> &'static str {
     match kind {
-        Str => "string",
+        Str | PurchaseStr => "string",
         Json => "json",
         TimestampMicros => "timestamp_us_utc",
         Int64 => "int64",
-        Float64 => "double",
+        Float64 | PurchaseNumber => "double",
         Bool => "boolean",
         StrList => "list<string>",
         Date => "date",
@@ -325,15 +334,16 @@ mod tests {
             StrList,
             Date,
             TopPages,
+            PurchaseNumber,
+            PurchaseStr,
         ];
         for kind in every {
             // No wildcard: a new kind does not compile until this test names it.
             let expected = match kind {
                 // A string column holding JSON: named for what it holds.
                 Json => "json".to_string(),
-                Str | TimestampMicros | Int64 | Float64 | Bool | StrList | Date | TopPages => {
-                    name_of(&arrow_type(kind))
-                }
+                Str | TimestampMicros | Int64 | Float64 | Bool | StrList | Date | TopPages
+                | PurchaseNumber | PurchaseStr => name_of(&arrow_type(kind)),
             };
             assert_eq!(type_name(kind), expected, "{kind:?}");
         }
