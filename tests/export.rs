@@ -1528,12 +1528,34 @@ async fn daily_analytics_and_user_data_match_mongodb() {
         properties: doc! { "amount": 12.34 + i as f64, "currency": "EUR" },
         ..event(i, d)
     }));
+    // Purchases in another currency, in none, and one whose amount is no number: the
+    // daily revenue is per currency, and counts the last in purchases only.
+    let other: [Document; 4] = [
+        doc! { "amount": 0.1, "currency": "USD" },
+        doc! { "amount": 0.2, "currency": "USD" },
+        doc! { "amount": 7_i64 },
+        doc! { "amount": "n/a", "currency": "USD" },
+    ];
+    pageless.extend(other.into_iter().enumerate().map(|(k, properties)| {
+        let mut e = Event {
+            event_type: EventType::Purchase,
+            properties,
+            ..event(963 + k, d)
+        };
+        e.metadata.bot = false;
+        e
+    }));
     // Crawlers kept flagged (`tracking.bots = "keep"`): more views of one page than any
     // other has, by visitors and sessions of their own; the daily analytics leave them out.
     let bots: Vec<Event> = (0..150)
         .map(|i| {
             let mut e = Event {
-                event_type: EventType::PageView,
+                // A crawler's purchase counts no revenue either.
+                event_type: if i == 0 {
+                    EventType::Purchase
+                } else {
+                    EventType::PageView
+                },
                 page_url: Some("/crawled".into()),
                 user_id: format!("bot-{}", i % 3),
                 session_id: format!("bot-s{}", i % 3),
@@ -1584,6 +1606,57 @@ async fn daily_analytics_and_user_data_match_mongodb() {
     assert_eq!(int("uniqueUsers"), human_users.len() as i64);
     assert_eq!(int("uniqueSessions"), sessions.len() as i64);
     assert_eq!(int("pageViews"), page_views);
+    // Purchases and revenue per currency, recomputed from the events written (amounts
+    // to the millionth, as a visitor's total adds them).
+    let mut per_currency: std::collections::BTreeMap<Option<String>, (i64, i64)> =
+        Default::default();
+    for e in human.iter().filter(|e| e.event_type == EventType::Purchase) {
+        let currency = e.properties.get_str("currency").ok().map(str::to_string);
+        let entry = per_currency.entry(currency).or_default();
+        entry.0 += 1;
+        entry.1 += sluice_core::model::number_of(e.properties.get("amount").unwrap())
+            .map_or(0, sluice_core::aggregate::revenue_micros);
+    }
+    assert_eq!(per_currency.len(), 3, "{per_currency:?}");
+    assert_eq!(
+        int("purchases"),
+        per_currency.values().map(|v| v.0).sum::<i64>()
+    );
+    let revenue = b
+        .column_by_name("revenue")
+        .unwrap()
+        .as_list::<i32>()
+        .value(0);
+    let revenue = revenue.as_struct();
+    let field = |name: &str| {
+        revenue
+            .column_by_name(name)
+            .unwrap()
+            .as_primitive::<arrow::datatypes::Int64Type>()
+            .clone()
+    };
+    let (purchases, micros) = (field("purchases"), field("revenueMicros"));
+    let doubles = revenue
+        .column_by_name("revenue")
+        .unwrap()
+        .as_primitive::<arrow::datatypes::Float64Type>();
+    let currencies = revenue
+        .column_by_name("currency")
+        .unwrap()
+        .as_string::<i32>();
+    let exported: std::collections::BTreeMap<Option<String>, (i64, i64)> = (0..revenue.len())
+        .map(|i| {
+            assert_eq!(doubles.value(i), micros.value(i) as f64 / 1e6);
+            (
+                currencies
+                    .is_valid(i)
+                    .then(|| currencies.value(i).to_string()),
+                (purchases.value(i), micros.value(i)),
+            )
+        })
+        .collect();
+    assert_eq!(exported, per_currency);
+    assert_eq!(exported[&Some("USD".to_string())], (3, 300_000));
     let top = b
         .column_by_name("topPages")
         .unwrap()

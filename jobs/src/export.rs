@@ -1266,7 +1266,8 @@ async fn execute(
                     .cloned()
                     .unwrap_or_else(|| {
                         doc! { pc::DATE: &key, pc::EVENTS: 0i64, pc::UNIQUE_USERS: 0i64,
-                        pc::UNIQUE_SESSIONS: 0i64, pc::PAGE_VIEWS: 0i64, pc::TOP_PAGES: [] }
+                        pc::UNIQUE_SESSIONS: 0i64, pc::PAGE_VIEWS: 0i64, pc::TOP_PAGES: [],
+                        pc::PURCHASES: 0i64, pc::REVENUE: [] }
                     });
                 let events = row.get_i64(pc::EVENTS).map_or(0, |n| n.max(0) as u64);
                 let docs = Box::pin(futures_util::stream::iter(vec![Ok(row)]));
@@ -2337,8 +2338,8 @@ async fn archive_days(
         .collect())
 }
 
-/// The design document's daily-analytics query over the window, plus page views and the
-/// top 10 pages of each day.
+/// The design document's daily-analytics query over the window, plus page views, the
+/// top 10 pages and the purchases and revenue per currency of each day.
 async fn daily_rows(
     ctx: &ExportContext,
     from: NaiveDate,
@@ -2406,6 +2407,7 @@ async fn daily_rows(
         } },
     ])
     .await?;
+    let revenue = run(revenue_per_day(window_of_purchases(&in_window))).await?;
     let int = sluice_core::model::count_in;
     let by_day = |rows: &[Document]| -> std::collections::HashMap<String, i64> {
         rows.iter()
@@ -2437,6 +2439,7 @@ async fn daily_rows(
         .iter()
         .map(|t| {
             let date = t.get_str(common::ID).unwrap_or_default().to_string();
+            let (purchases, revenue) = day_revenue(&revenue, &date);
             doc! {
                 pc::DATE: &date,
                 pc::EVENTS: int(t, "events"),
@@ -2444,9 +2447,78 @@ async fn daily_rows(
                 pc::UNIQUE_SESSIONS: sessions.get(&date).copied().unwrap_or(0),
                 pc::PAGE_VIEWS: int(t, "pageViews"),
                 pc::TOP_PAGES: tops.get(&date).cloned().unwrap_or_default(),
+                pc::PURCHASES: purchases,
+                pc::REVENUE: revenue,
             }
         })
         .collect())
+}
+
+/// The `$match` stage of [`daily_rows`]' events (`in_window`), narrowed to purchases.
+fn window_of_purchases(in_window: &Document) -> Document {
+    let mut stage = in_window.clone();
+    if let Ok(filter) = stage.get_document_mut("$match") {
+        filter.insert(e::EVENT_TYPE, EventType::Purchase.as_str());
+    }
+    stage
+}
+
+/// Purchases per day and currency (`properties.currency` when it is a string, else
+/// none), and their revenue: each `properties.amount` that is a number within ±9e12 (as
+/// a visitor's total holds) rounded to the millionth, half away from zero, as a
+/// visitor's total adds it, and summed exactly. A purchase without such an amount counts
+/// in `purchases` and adds no revenue. Sorted by day and currency.
+fn revenue_per_day(purchases: Document) -> Vec<Document> {
+    let amount = "$properties.amount";
+    let priced = doc! { "$and": [
+        { "$isNumber": amount },
+        { "$gte": [amount, -9e12] },
+        { "$lte": [amount, 9e12] },
+    ] };
+    let scaled = doc! { "$multiply": [amount, sluice_core::aggregate::REVENUE_SCALE] };
+    let micros = doc! { "$toLong": { "$trunc": [
+        { "$add": [scaled.clone(), { "$cond": [{ "$gte": [scaled, 0] }, 0.5, -0.5] }] },
+        0,
+    ] } };
+    let currency = "$properties.currency";
+    vec![
+        purchases,
+        doc! { "$group": {
+            "_id": {
+                "day": event_day(),
+                "currency": { "$cond": [{ "$eq": [{ "$type": currency }, "string"] }, currency, Bson::Null] },
+            },
+            "purchases": { "$sum": 1 },
+            "micros": { "$sum": { "$cond": [priced, micros, 0i64] } },
+        } },
+        doc! { "$sort": { "_id.day": 1, "_id.currency": 1 } },
+    ]
+}
+
+/// The purchases of `date` among [`revenue_per_day`]'s rows, and its revenue entries.
+fn day_revenue(rows: &[Document], date: &str) -> (i64, Vec<Bson>) {
+    let int = sluice_core::model::count_in;
+    let mut purchases = 0;
+    let entries = rows
+        .iter()
+        .filter_map(|r| {
+            let id = r.get_document(common::ID).ok()?;
+            (id.get_str("day").ok()? == date).then(|| {
+                purchases += int(r, "purchases");
+                // A sum past 64 bits is a double on the server: held at the bound.
+                let micros = r
+                    .get("micros")
+                    .and_then(sluice_core::model::number_of)
+                    .map_or(0, |m| m as i64);
+                Bson::Document(doc! {
+                    pc::CURRENCY: id.get_str("currency").ok(),
+                    pc::PURCHASES: int(r, "purchases"),
+                    pc::REVENUE_MICROS: micros,
+                })
+            })
+        })
+        .collect();
+    (purchases, entries)
 }
 
 /// The day of a partition's prefix (`TYPE/dt=YYYY-MM-DD`, as [`stage`] names it).

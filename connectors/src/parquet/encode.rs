@@ -12,7 +12,9 @@ use arrow::datatypes::Field;
 use arrow::record_batch::RecordBatch;
 use bson::{Bson, Document};
 
-use super::schema::{columns, schema_of, top_page_fields, ColKind, ColumnSpec, TableSpec};
+use super::schema::{
+    columns, revenue_fields, schema_of, top_page_fields, ColKind, ColumnSpec, TableSpec,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EncodeError {
@@ -353,6 +355,7 @@ fn column_values(
             Arc::new(b.finish())
         }
         ColKind::TopPages => top_pages(spec, docs)?,
+        ColKind::Revenue => revenue(spec, docs)?,
         ColKind::PurchaseNumber => Arc::new(
             docs.iter()
                 .map(|d| purchase_value(d, spec).and_then(as_f64))
@@ -374,43 +377,68 @@ fn purchase_value<'a>(doc: &'a Document, spec: &ColumnSpec) -> Option<&'a Bson> 
 }
 
 fn top_pages(spec: &ColumnSpec, docs: &[Document]) -> Result<ArrayRef, EncodeError> {
-    let mut urls = Vec::new();
-    let mut views = Vec::new();
-    let mut users = Vec::new();
+    struct_list(spec, docs, top_page_fields(), |items| {
+        vec![
+            Arc::new(StringArray::from_iter(
+                items.iter().map(|p| p.get_str(columns::PAGE_URL).ok()),
+            )),
+            Arc::new(Int64Array::from_iter_values(
+                items.iter().map(|p| count(p, columns::VIEWS)),
+            )),
+            Arc::new(Int64Array::from_iter_values(
+                items.iter().map(|p| count(p, columns::UNIQUE_USERS)),
+            )),
+        ]
+    })
+}
+
+fn revenue(spec: &ColumnSpec, docs: &[Document]) -> Result<ArrayRef, EncodeError> {
+    struct_list(spec, docs, revenue_fields(), |items| {
+        vec![
+            Arc::new(StringArray::from_iter(
+                items.iter().map(|r| r.get_str(columns::CURRENCY).ok()),
+            )),
+            Arc::new(Int64Array::from_iter_values(
+                items.iter().map(|r| count(r, columns::PURCHASES)),
+            )),
+            Arc::new(Float64Array::from_iter_values(items.iter().map(|r| {
+                count(r, columns::REVENUE_MICROS) as f64 / sluice_core::aggregate::REVENUE_SCALE
+            }))),
+            Arc::new(Int64Array::from_iter_values(
+                items.iter().map(|r| count(r, columns::REVENUE_MICROS)),
+            )),
+        ]
+    })
+}
+
+/// A whole number of `doc` at `key`, `0` when it is missing or not one.
+fn count(doc: &Document, key: &str) -> i64 {
+    doc.get(key).and_then(as_i64).unwrap_or(0)
+}
+
+/// A list of structs (`fields`) per document, from the array of documents at the
+/// column's path; `arrays` builds the struct's columns from every document's items.
+fn struct_list(
+    spec: &ColumnSpec,
+    docs: &[Document],
+    fields: arrow::datatypes::Fields,
+    arrays: impl FnOnce(&[&Document]) -> Vec<ArrayRef>,
+) -> Result<ArrayRef, EncodeError> {
+    let mut items = Vec::new();
     let mut offsets = vec![0i32];
     for d in docs {
-        let items = lookup(d, spec.path)
+        let list = lookup(d, spec.path)
             .and_then(Bson::as_array)
             .ok_or_else(|| missing(spec))?;
-        for item in items {
-            let page = item.as_document().ok_or_else(|| missing(spec))?;
-            urls.push(
-                page.get(columns::PAGE_URL)
-                    .and_then(Bson::as_str)
-                    .map(str::to_string),
-            );
-            views.push(page.get(columns::VIEWS).and_then(as_i64).unwrap_or(0));
-            users.push(
-                page.get(columns::UNIQUE_USERS)
-                    .and_then(as_i64)
-                    .unwrap_or(0),
-            );
+        for item in list {
+            items.push(item.as_document().ok_or_else(|| missing(spec))?);
         }
-        let len = i32::try_from(urls.len()).map_err(|_| missing(spec))?;
-        offsets.push(len);
+        offsets.push(i32::try_from(items.len()).map_err(|_| missing(spec))?);
     }
-    let values = StructArray::try_new(
-        top_page_fields(),
-        vec![
-            Arc::new(StringArray::from(urls)) as ArrayRef,
-            Arc::new(Int64Array::from(views)),
-            Arc::new(Int64Array::from(users)),
-        ],
-        None,
-    )?;
+    let values = StructArray::try_new(fields.clone(), arrays(&items), None)?;
     let field = Arc::new(Field::new(
         "item",
-        arrow::datatypes::DataType::Struct(top_page_fields()),
+        arrow::datatypes::DataType::Struct(fields),
         false,
     ));
     Ok(Arc::new(ListArray::try_new(
@@ -737,10 +765,13 @@ mod tests {
     }
 
     #[test]
-    fn daily_rows_carry_a_list_of_top_pages() {
+    fn daily_rows_carry_lists_of_top_pages_and_revenue() {
         let docs = vec![doc! {
             "date": "2026-11-25", "events": 10, "uniqueUsers": 3, "uniqueSessions": 4, "pageViews": 6,
             "topPages": [ { "pageUrl": "/", "views": 4, "uniqueUsers": 2 }, { "pageUrl": "/a", "views": 2, "uniqueUsers": 1 } ],
+            "purchases": 3,
+            "revenue": [ { "currency": null, "purchases": 1, "revenueMicros": 5_i64 },
+                         { "currency": "EUR", "purchases": 2, "revenueMicros": 19_990_000_i64 } ],
         }];
         let batch = encode(&DAILY_TABLE, &docs).unwrap();
         let dates = batch
@@ -750,5 +781,25 @@ mod tests {
         assert_eq!(dates.value(0), 20782); // days from 1970-01-01 to 2026-11-25
         let pages = batch.column_by_name("topPages").unwrap().as_list::<i32>();
         assert_eq!(pages.value(0).len(), 2);
+        // Revenue per currency: the double written from the exact micros.
+        let revenue = batch.column_by_name("revenue").unwrap().as_list::<i32>();
+        let entries = revenue.value(0);
+        let entries = entries.as_struct();
+        let currency = entries
+            .column_by_name("currency")
+            .unwrap()
+            .as_string::<i32>();
+        assert!(currency.is_null(0));
+        assert_eq!(currency.value(1), "EUR");
+        let doubles = entries
+            .column_by_name("revenue")
+            .unwrap()
+            .as_primitive::<arrow::datatypes::Float64Type>();
+        assert_eq!((doubles.value(0), doubles.value(1)), (0.000005, 19.99));
+        // Rows that lack them (a plugin's own) name the column.
+        let mut bare = docs[0].clone();
+        bare.remove("revenue");
+        let err = encode(&DAILY_TABLE, &[bare]).unwrap_err().to_string();
+        assert!(err.contains("`revenue`"), "{err}");
     }
 }

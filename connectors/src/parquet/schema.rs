@@ -18,6 +18,10 @@ pub mod columns {
     pub const PAGE_URL: &str = "pageUrl";
     pub const VIEWS: &str = "views";
     pub const BOT: &str = "bot";
+    pub const PURCHASES: &str = "purchases";
+    pub const REVENUE: &str = "revenue";
+    pub const CURRENCY: &str = "currency";
+    pub const REVENUE_MICROS: &str = "revenueMicros";
 }
 
 /// How a column's values are taken from a document.
@@ -42,6 +46,8 @@ pub enum ColKind {
     PurchaseNumber,
     /// A PURCHASE event's string at the path; null as for [`ColKind::PurchaseNumber`].
     PurchaseStr,
+    /// An array of `{currency, purchases, revenue, revenueMicros}`, as a list of structs.
+    Revenue,
 }
 
 /// One column: its name in the file, the dotted path it is read from, its kind.
@@ -185,9 +191,10 @@ pub const USER_TABLE: TableSpec = TableSpec {
     ],
 };
 
+/// v2 added `purchases` and `revenue` (per currency).
 pub const DAILY_TABLE: TableSpec = TableSpec {
     name: "daily_analytics",
-    version: 1,
+    version: 2,
     columns: &[
         col(columns::DATE, columns::DATE, Date, false),
         col(columns::EVENTS, columns::EVENTS, Int64, false),
@@ -200,6 +207,8 @@ pub const DAILY_TABLE: TableSpec = TableSpec {
         ),
         col(columns::PAGE_VIEWS, columns::PAGE_VIEWS, Int64, false),
         col(columns::TOP_PAGES, columns::TOP_PAGES, TopPages, false),
+        col(columns::PURCHASES, columns::PURCHASES, Int64, false),
+        col(columns::REVENUE, columns::REVENUE, Revenue, false),
     ],
 };
 
@@ -208,6 +217,15 @@ pub(crate) fn top_page_fields() -> Fields {
         Field::new(columns::PAGE_URL, DataType::Utf8, true),
         Field::new(columns::VIEWS, DataType::Int64, false),
         Field::new(columns::UNIQUE_USERS, DataType::Int64, false),
+    ])
+}
+
+pub(crate) fn revenue_fields() -> Fields {
+    Fields::from(vec![
+        Field::new(columns::CURRENCY, DataType::Utf8, true),
+        Field::new(columns::PURCHASES, DataType::Int64, false),
+        Field::new(columns::REVENUE, DataType::Float64, false),
+        Field::new(columns::REVENUE_MICROS, DataType::Int64, false),
     ])
 }
 
@@ -223,6 +241,11 @@ pub(crate) fn arrow_type(kind: ColKind) -> DataType {
         TopPages => DataType::List(Arc::new(Field::new(
             "item",
             DataType::Struct(top_page_fields()),
+            false,
+        ))),
+        Revenue => DataType::List(Arc::new(Field::new(
+            "item",
+            DataType::Struct(revenue_fields()),
             false,
         ))),
     }
@@ -292,6 +315,9 @@ pub fn type_name(kind: ColKind) -> &'static str {
         StrList => "list<string>",
         Date => "date",
         TopPages => "list<struct<pageUrl:string,views:int64,uniqueUsers:int64>>",
+        Revenue => {
+            "list<struct<currency:string,purchases:int64,revenue:double,revenueMicros:int64>>"
+        }
     }
 }
 
@@ -336,6 +362,7 @@ mod tests {
             TopPages,
             PurchaseNumber,
             PurchaseStr,
+            Revenue,
         ];
         for kind in every {
             // No wildcard: a new kind does not compile until this test names it.
@@ -343,7 +370,7 @@ mod tests {
                 // A string column holding JSON: named for what it holds.
                 Json => "json".to_string(),
                 Str | TimestampMicros | Int64 | Float64 | Bool | StrList | Date | TopPages
-                | PurchaseNumber | PurchaseStr => name_of(&arrow_type(kind)),
+                | PurchaseNumber | PurchaseStr | Revenue => name_of(&arrow_type(kind)),
             };
             assert_eq!(type_name(kind), expected, "{kind:?}");
         }
