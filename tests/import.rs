@@ -1933,6 +1933,22 @@ async fn a_run_resumed_by_another_process_while_this_one_was_stopped_is_left_to_
         .unwrap()
         .unwrap();
     assert!(config.get("lastSync").is_none(), "{config:?}");
+    // Stopped by a signal now, this process marks no run INTERRUPTED: the run (under the
+    // same run id) is the other process's.
+    assert_eq!(
+        sluice_jobs::import::mark_interrupted(&db.store, std::slice::from_ref(&name))
+            .await
+            .unwrap(),
+        0
+    );
+    let run = db
+        .store
+        .collection("import_runs")
+        .find_one(doc! { "config": &name })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(run.get_str("status").unwrap(), "RUNNING", "{run:?}");
 
     // A new run started meanwhile (not a resume): this process stops too, and writes
     // nothing over the new run's claim.

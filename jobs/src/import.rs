@@ -812,6 +812,7 @@ pub async fn run_import(
         // (a resume, or a new run under a new id): one woken past its lease stops.
         supersede_attempts(store, name).await?;
         summary.attempt = bson::oid::ObjectId::new().to_hex();
+        live_attempts().insert(live_key(store, name), summary.attempt.clone());
         record_run(store, &summary, "RUNNING", None).await?;
         // The checkpoint is this attempt's from now on: a resumed run's, or a claim in
         // its place for a new run; a process that held the config before can no longer
@@ -2470,16 +2471,37 @@ pub async fn close_lapsed_runs(
     Ok(closed)
 }
 
-/// Marks the RUNNING runs of `configs` INTERRUPTED, with the progress of their last
-/// checkpoint: for a process that stops while imports are in flight (their tasks are
-/// dropped, so they record nothing themselves). The next run resumes from the checkpoint
-/// under the same run id.
+/// This process's latest attempt at each config's import run, named as the run starts.
+/// Kept after the run records its end (its record is then no longer RUNNING, so nothing
+/// is marked by it).
+fn live_attempts() -> std::sync::MutexGuard<'static, std::collections::HashMap<String, String>> {
+    static LIVE: std::sync::LazyLock<std::sync::Mutex<std::collections::HashMap<String, String>>> =
+        std::sync::LazyLock::new(Default::default);
+    LIVE.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A config's key in [`live_attempts`]: by database too, as a process (a test's) may
+/// run configs of one name in several.
+fn live_key(store: &Store, name: &str) -> String {
+    format!("{}\0{name}", store.db().name())
+}
+
+/// Marks the RUNNING runs of `configs` that this process's attempts hold INTERRUPTED,
+/// with the progress of their last checkpoint: for a process that stops while imports
+/// are in flight (their tasks are dropped, so they record nothing themselves). The next
+/// run resumes from the checkpoint under the same run id. A run another process has
+/// resumed meanwhile (under the same run id) is that process's, and left RUNNING; so is
+/// a config this process started no run of.
 pub async fn mark_interrupted(store: &Store, configs: &[String]) -> Result<u64, StoreError> {
     let mut marked = 0;
     for name in configs {
+        let Some(attempt) = live_attempts().get(&live_key(store, name)).cloned() else {
+            continue;
+        };
         let checkpoint = store
             .collection(c::IMPORT_CHECKPOINTS)
-            .find_one(doc! { common::ID: name })
+            .find_one(own_checkpoint(name, &attempt))
             .await
             .map_err(StoreError::mongo(c::IMPORT_CHECKPOINTS, "read checkpoint"))?;
         let now = store.now();
@@ -2487,7 +2509,7 @@ pub async fn mark_interrupted(store: &Store, configs: &[String]) -> Result<u64, 
             r::STATUS: "INTERRUPTED", "endTime": now, common::UPDATED_AT: now,
             "error": "the process stopped mid-run; the next run resumes from the last checkpoint",
         };
-        let mut filter = doc! { r::CONFIG: name, r::STATUS: "RUNNING" };
+        let mut filter = doc! { r::CONFIG: name, r::STATUS: "RUNNING", "attempt": &attempt };
         if let Some(cp) = &checkpoint {
             for k in [
                 "pages",
