@@ -272,6 +272,30 @@ pub async fn db_prune_ledger(
     Ok(())
 }
 
+/// `sluice db claim-events`: gives the events another writer stored dedupe claims,
+/// printing progress.
+pub async fn db_claim_events(config: &Config) -> anyhow::Result<()> {
+    let store = connect_named(config).await?;
+    let done = sluice_connectors::mongo::ledger::claim_stored_events(&store, |p| {
+        eprintln!(
+            "read {} events: {} claimed now, {} claimed before",
+            p.read, p.claimed, p.already
+        );
+    })
+    .await?;
+    println!(
+        "{} events read: {} claimed now, {} claimed before; a resend of any of them is answered duplicate",
+        done.read, done.claimed, done.already
+    );
+    if done.skipped > 0 {
+        println!(
+            "{} events have no eventId as text or no timestamp as a date, and no claim: a resend of such an event is stored anew (see docs/operations.md, \"Adopting an existing database\")",
+            done.skipped
+        );
+    }
+    Ok(())
+}
+
 /// `sluice db dead-letters`: the kept dead letters by pipeline and plugin.
 pub async fn db_dead_letters(config: &Config) -> anyhow::Result<()> {
     let store = connect_named(config).await?;

@@ -260,6 +260,10 @@ enum DbCommand {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Give every event in `events` that has no dedupe claim one (events another writer
+    /// stored, in a database adopted as it is), so a resend of one is a duplicate rather
+    /// than stored and counted again. Leaves existing claims alone; can be run again.
+    ClaimEvents,
     /// Count the kept dead letters by pipeline and plugin, with when each group was first
     /// and last seen.
     DeadLetters,
@@ -452,6 +456,9 @@ fn main() -> ExitCode {
             Command::Db {
                 command: DbCommand::PruneLedger { before, dry_run },
             } => cli::db_prune_ledger(&config, before, dry_run).await,
+            Command::Db {
+                command: DbCommand::ClaimEvents,
+            } => cli::db_claim_events(&config).await,
             Command::Db {
                 command: DbCommand::DeadLetters,
             } => cli::db_dead_letters(&config).await,

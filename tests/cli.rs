@@ -2493,6 +2493,38 @@ async fn serve_with_a_missing_geoip_database_stops_before_touching_the_database(
 }
 
 #[tokio::test]
+async fn claim_events_gives_another_writers_events_claims_and_says_how_many() {
+    use bson::doc;
+    let db = support::TestDb::initialized().await;
+    let at = bson::DateTime::from_millis(1_700_000_000_000);
+    db.store
+        .collection("events")
+        .insert_many((0..3).map(|i| {
+            doc! { "eventId": format!("e{i}"), "userId": "v", "sessionId": "s",
+            "eventType": "CLICK", "timestamp": at }
+        }))
+        .await
+        .unwrap();
+    let config = db_config(&db);
+    let first = sluice_ok(&config, &["db", "claim-events"]).await;
+    assert!(
+        first.contains("3 events read: 3 claimed now, 0 claimed before"),
+        "{first}"
+    );
+    let claim = db
+        .store
+        .collection("event_ids")
+        .find_one(doc! { "_id": "e1" })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(claim.get_bool("stored"), Ok(true), "{claim}");
+    assert_eq!(claim.get_datetime("ts"), Ok(&at));
+    let again = sluice_ok(&config, &["db", "claim-events"]).await;
+    assert!(again.contains("0 claimed now, 3 claimed before"), "{again}");
+}
+
+#[tokio::test]
 async fn prune_ledger_deletes_only_claims_of_archived_events_before_the_day() {
     use bson::{doc, DateTime};
     let db = support::TestDb::initialized().await;

@@ -1570,6 +1570,16 @@ async fn daily_analytics_and_user_data_match_mongodb() {
         .await
         .unwrap();
     events.extend(pageless);
+    // An event another writer stored without a session: an event of the day, but no
+    // session of its own.
+    db.store
+        .collection("events")
+        .insert_one(
+            doc! { "eventId": "sessionless", "userId": "u1", "eventType": "CLICK",
+            "timestamp": DateTime::from_millis(ms(d, 5_000)) },
+        )
+        .await
+        .unwrap();
     let dest = ObjectStore::Local(LocalDir::new(&dir));
     let ctx = ExportContext::new(db.store.clone(), dest.clone());
     let done = run_export(&ctx, &request(ExportJobType::DailyAnalytics, d, d))
@@ -1602,7 +1612,8 @@ async fn daily_analytics_and_user_data_match_mongodb() {
         .iter()
         .filter(|e| e.event_type == EventType::PageView)
         .count() as i64;
-    assert_eq!(int("events"), human.len() as i64);
+    assert_eq!(int("events"), human.len() as i64 + 1);
+    assert!(human_users.contains("u1"));
     assert_eq!(int("uniqueUsers"), human_users.len() as i64);
     assert_eq!(int("uniqueSessions"), sessions.len() as i64);
     assert_eq!(int("pageViews"), page_views);

@@ -1444,4 +1444,22 @@ async fn an_index_of_sluice_s_name_with_other_keys_is_reported_with_the_way_out(
             && err.contains("db.sessions.dropIndex(\"sessionId_unique\")"),
         "{err}"
     );
+    // Sluice's keys under another name with other options (an index another writer made,
+    // not unique): said as such, not as a name Sluice needs.
+    let db = TestDb::new().await;
+    db.store
+        .db()
+        .run_command(doc! {
+            "createIndexes": "sessions",
+            "indexes": [{ "key": { "sessionId": 1 }, "name": "sessionId_1" }],
+        })
+        .await
+        .unwrap();
+    let err = db.store.init().await.unwrap_err().to_string();
+    assert!(
+        err.starts_with("index `sessionId_1` on `sessions` has the keys of Sluice's `sessionId_unique` but other options")
+            && err.contains("db.sessions.dropIndex(\"sessionId_1\")")
+            && !err.contains("needs that name"),
+        "{err}"
+    );
 }

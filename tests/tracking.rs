@@ -1356,6 +1356,190 @@ async fn a_purchase_without_an_amount_is_stored_with_a_warning() {
 
 /// A native IDENTIFY's properties are the visitor's traits, copied to the profile as a
 /// Segment identify's are.
+/// A database another writer filled as the design document describes: its sessions keep
+/// their pages, device, place and fields of its own when events join them, and its
+/// visitors' totals go on from what they held, whatever number type they were stored in.
+#[tokio::test]
+async fn sessions_and_totals_another_writer_stored_are_continued_not_replaced() {
+    let db = TestDb::initialized().await;
+    let t0 = now_ms() - 3_600_000;
+    let at = bson::DateTime::from_millis;
+    db.store
+        .collection("sessions")
+        .insert_one(doc! {
+            "sessionId": "legacy-s", "userId": "legacy-v", "status": "ENDED",
+            "startTime": at(t0), "endTime": at(t0 + 60_000), "duration": 60_000_i64,
+            "pageViews": 2_i64, "events": 3_i64, "entryPage": "/", "exitPage": "/blog",
+            "device": "mobile", "browser": "Safari", "os": "iOS", "country": "FR",
+            "region": "Ile-de-France", "city": "Paris",
+            "createdAt": at(t0), "updatedAt": at(t0 + 60_000),
+            "landingCampaign": "winter-sale",
+        })
+        .await
+        .unwrap();
+    let decimal: bson::Decimal128 = "99.99".parse().unwrap();
+    db.store
+        .collection("users")
+        .insert_many([
+            doc! { "visitorId": "legacy-v", "firstSeen": at(t0), "lastSeen": at(t0 + 60_000),
+            "totalSessions": 1_i64, "totalEvents": 3_i64, "totalPurchases": 1_i64,
+            "totalRevenue": "120.50", "loyaltyTier": "gold" },
+            doc! { "visitorId": "decimal-v", "totalSessions": 4.0, "totalEvents": "12",
+            "totalPurchases": 2_i32, "totalRevenue": decimal },
+        ])
+        .await
+        .unwrap();
+    let server = start_server(&db, |_| {}).await;
+    let base = format!("http://{}", server.addr);
+    let event = |id: &str, visitor: &str, session: &str, ts: i64, kind: &str, page: &str| {
+        json!({ "eventId": id, "userId": visitor, "sessionId": session, "eventType": kind,
+                "timestamp": ts, "pageUrl": page, "properties": { "amount": 10, "currency": "EUR" } })
+    };
+    let (s, body) = post(
+        &base,
+        "/v1/events/batch",
+        &json!({ "batch": [
+            // Inside the stored session's span, and after its end.
+            event("e-in", "legacy-v", "legacy-s", t0 + 30_000, "PAGE_VIEW", "/inside"),
+            event("e-after", "legacy-v", "legacy-s", t0 + 120_000, "PURCHASE", "/checkout"),
+            event("e-dec", "decimal-v", "new-s", t0, "PURCHASE", "/checkout"),
+        ] }),
+    )
+    .await;
+    assert_eq!((s, body["stored"].as_u64()), (200, Some(3)), "{body}");
+    let session = db
+        .store
+        .collection("sessions")
+        .find_one(doc! { "sessionId": "legacy-s" })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        session.get_str("landingCampaign"),
+        Ok("winter-sale"),
+        "{session}"
+    );
+    assert_eq!(session.get_str("entryPage"), Ok("/"), "{session}");
+    assert_eq!(session.get_str("exitPage"), Ok("/checkout"), "{session}");
+    for (k, v) in [
+        ("device", "mobile"),
+        ("browser", "Safari"),
+        ("country", "FR"),
+        ("city", "Paris"),
+    ] {
+        assert_eq!(session.get_str(k), Ok(v), "{k}: {session}");
+    }
+    assert_eq!(
+        (int(&session, "events"), int(&session, "pageViews")),
+        (5, 3)
+    );
+    assert_eq!(millis(&session, "startTime"), t0);
+    assert_eq!(millis(&session, "endTime"), t0 + 120_000);
+    // It went on past its end: active again, as an expired one would be.
+    assert_eq!(session.get_str("status"), Ok("ACTIVE"));
+
+    let user = |visitor: &'static str| {
+        let users = db.store.collection("users");
+        async move {
+            users
+                .find_one(doc! { "visitorId": visitor })
+                .await
+                .unwrap()
+                .unwrap()
+        }
+    };
+    let legacy = user("legacy-v").await;
+    assert_eq!(int(&legacy, "totalRevenueMicros"), 130_500_000, "{legacy}");
+    assert_eq!(legacy.get_f64("totalRevenue"), Ok(130.5));
+    assert_eq!(
+        (int(&legacy, "totalEvents"), int(&legacy, "totalPurchases")),
+        (5, 2)
+    );
+    assert_eq!(
+        int(&legacy, "totalSessions"),
+        1,
+        "the session was theirs already"
+    );
+    assert_eq!(legacy.get_str("loyaltyTier"), Ok("gold"));
+    assert_eq!(millis(&legacy, "firstSeen"), t0);
+    let decimal = user("decimal-v").await;
+    assert_eq!(
+        int(&decimal, "totalRevenueMicros"),
+        109_990_000,
+        "{decimal}"
+    );
+    assert_eq!(
+        (
+            int(&decimal, "totalSessions"),
+            int(&decimal, "totalEvents"),
+            int(&decimal, "totalPurchases")
+        ),
+        (5, 13, 3)
+    );
+    server.shutdown().await;
+}
+
+/// Events another writer stored have no dedupe claims until `db claim-events` gives them
+/// some: a resend of one (an SDK retrying across the switch-over) is then a duplicate,
+/// counted nowhere again.
+#[tokio::test]
+async fn events_another_writer_stored_are_duplicates_once_claimed() {
+    let db = TestDb::initialized().await;
+    let server = start_server(&db, |_| {}).await;
+    let base = format!("http://{}", server.addr);
+    let t0 = now_ms() - 600_000;
+    // One event Sluice stores itself (claimed already).
+    let mine = json!({ "eventId": "mine", "userId": "old-v", "sessionId": "old-s",
+                       "eventType": "CLICK", "timestamp": t0 + 1_000 });
+    assert_eq!(post(&base, "/v1/events", &mine).await.0, 200);
+    let at = bson::DateTime::from_millis;
+    db.store
+        .collection("events")
+        .insert_many([
+            doc! { "eventId": "legacy-1", "userId": "old-v", "sessionId": "old-s",
+            "eventType": "PAGE_VIEW", "timestamp": at(t0), "pageUrl": "/" },
+            doc! { "eventId": "legacy-2", "userId": "old-v", "sessionId": "old-s",
+            "eventType": "CLICK", "timestamp": at(t0 + 500) },
+            // No eventId as text: nothing to claim.
+            doc! { "eventId": 7, "userId": "old-v", "sessionId": "old-s",
+            "eventType": "CLICK", "timestamp": at(t0 + 600) },
+        ])
+        .await
+        .unwrap();
+    let resend = json!({ "eventId": "legacy-1", "userId": "old-v", "sessionId": "old-s",
+                         "eventType": "PAGE_VIEW", "timestamp": t0, "pageUrl": "/" });
+    let mut progress = Vec::new();
+    let done =
+        sluice_connectors::mongo::ledger::claim_stored_events(&db.store, |p| progress.push(p))
+            .await
+            .unwrap();
+    assert_eq!(
+        (done.read, done.claimed, done.already, done.skipped),
+        (4, 2, 1, 1),
+        "{done:?}"
+    );
+    assert_eq!(progress.last(), Some(&done));
+    let user_before = all(&db, "users", doc! {}).await;
+    let (s, body) = post(&base, "/v1/events", &resend).await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(body["results"][0]["status"], "duplicate", "{body}");
+    assert_eq!(all(&db, "users", doc! {}).await, user_before);
+    assert_eq!(
+        db.store
+            .collection("events")
+            .count_documents(doc! { "eventId": "legacy-1" })
+            .await
+            .unwrap(),
+        1
+    );
+    // Again: nothing new to claim.
+    let again = sluice_connectors::mongo::ledger::claim_stored_events(&db.store, |_| {})
+        .await
+        .unwrap();
+    assert_eq!((again.claimed, again.already), (0, 3));
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_native_identify_updates_the_profile() {
     let db = TestDb::initialized().await;

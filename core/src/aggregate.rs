@@ -33,6 +33,7 @@ pub fn is_page_view(e: &Event) -> bool {
 /// `existing` is the stored document, or `None` for a session seen for the first time.
 /// `events` must not be empty and must not contain events already folded in.
 pub fn fold_session(existing: Option<Session>, events: &[&Event], now: DateTime) -> Session {
+    let existing = existing.map(with_keys_of_its_own);
     let first = events
         .iter()
         .min_by_key(|e| key(e))
@@ -103,12 +104,36 @@ pub fn fold_session(existing: Option<Session>, events: &[&Event], now: DateTime)
     }
     // A session that goes on after the sweeper expired it (a client keeping its
     // sessionId through a long pause) is active again; the sweeper expires it once it
-    // is idle again. A late event inside its span leaves it as it was.
-    if s.end_time > ended && s.status == SessionStatus::Expired {
+    // is idle again. A late event inside its span leaves it as it was. (ENDED, which
+    // Sluice does not write, is another writer's word for it.)
+    if s.end_time > ended && matches!(s.status, SessionStatus::Expired | SessionStatus::Ended) {
         s.status = SessionStatus::Active;
     }
     s.duration = s.end_time.timestamp_millis() - s.start_time.timestamp_millis();
     s.updated_at = now;
+    s
+}
+
+/// A session another writer stored (as the design document has it: no ordering keys)
+/// keeps what it says: its device, location and entry page are taken as those of an
+/// event at its `startTime`, its exit page as that of one at its `endTime`. So only an
+/// event before its start changes the former, and only one from its end on the latter,
+/// where without keys the first new event would replace them all. A session Sluice
+/// stored always has its first event's key, and page keys when it has pages.
+fn with_keys_of_its_own(mut s: Session) -> Session {
+    let at = |timestamp| EventKey {
+        timestamp,
+        event_id: String::new(),
+    };
+    if s.first_event.is_none() {
+        s.first_event = Some(at(s.start_time));
+    }
+    if s.entry_event.is_none() && s.entry_page.is_some() {
+        s.entry_event = Some(at(s.start_time));
+    }
+    if s.exit_event.is_none() && s.exit_page.is_some() {
+        s.exit_event = Some(at(s.end_time));
+    }
     s
 }
 
@@ -268,6 +293,99 @@ mod tests {
             now,
         );
         assert_eq!(resumed.status, SessionStatus::Active);
+    }
+
+    #[test]
+    fn a_session_another_writer_stored_keeps_its_pages_device_and_place() {
+        let now = DateTime::from_millis(10_000_000);
+        let at = DateTime::from_millis;
+        // As the design document's writer stores one: no ordering keys.
+        let legacy = Session {
+            id: None,
+            session_id: "s1".into(),
+            user_id: "v1".into(),
+            status: SessionStatus::Ended,
+            start_time: at(1000),
+            end_time: at(5000),
+            duration: 4000,
+            page_views: 2,
+            events: 3,
+            entry_page: Some("/".into()),
+            exit_page: Some("/b".into()),
+            device: Some("mobile".into()),
+            browser: Some("Safari".into()),
+            os: Some("iOS".into()),
+            country: Some("FR".into()),
+            region: None,
+            city: Some("Paris".into()),
+            ip_address: None,
+            user_agent: None,
+            first_event: None,
+            entry_event: None,
+            exit_event: None,
+            created_at: at(1000),
+            updated_at: at(5000),
+        };
+        // Inside its span: counted, nothing else changes.
+        let inside = fold_session(
+            Some(legacy.clone()),
+            &[&ev(
+                "in",
+                3000,
+                EventType::PageView,
+                Some("/mid"),
+                "desktop",
+            )],
+            now,
+        );
+        assert_eq!(
+            (inside.entry_page.as_deref(), inside.exit_page.as_deref()),
+            (Some("/"), Some("/b"))
+        );
+        assert_eq!(inside.device.as_deref(), Some("mobile"));
+        assert_eq!(inside.country.as_deref(), Some("FR"));
+        assert_eq!((inside.events, inside.page_views), (4, 3));
+        assert_eq!(inside.status, SessionStatus::Ended);
+        // After its end: the exit page moves, the rest stays, and it goes on.
+        let after = fold_session(
+            Some(legacy.clone()),
+            &[&ev(
+                "after",
+                6000,
+                EventType::PageView,
+                Some("/new"),
+                "desktop",
+            )],
+            now,
+        );
+        assert_eq!(
+            (after.entry_page.as_deref(), after.exit_page.as_deref()),
+            (Some("/"), Some("/new"))
+        );
+        assert_eq!(after.device.as_deref(), Some("mobile"));
+        assert_eq!(after.city.as_deref(), Some("Paris"));
+        assert_eq!(
+            (after.status, after.duration),
+            (SessionStatus::Active, 5000)
+        );
+        // Before its start: the entry page and the device are the earlier event's.
+        let before = fold_session(
+            Some(legacy),
+            &[&ev(
+                "early",
+                500,
+                EventType::PageView,
+                Some("/late"),
+                "desktop",
+            )],
+            now,
+        );
+        assert_eq!(
+            (before.entry_page.as_deref(), before.exit_page.as_deref()),
+            (Some("/late"), Some("/b"))
+        );
+        assert_eq!(before.device.as_deref(), Some("desktop"));
+        assert_eq!(before.start_time, at(500));
     }
 
     #[test]

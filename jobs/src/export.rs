@@ -380,6 +380,8 @@ pub fn event_day() -> Document {
 pub fn distinct_per_day(in_window: &Document, field: &str) -> Vec<Document> {
     vec![
         in_window.clone(),
+        // An event without one (another writer's) is no visitor or session of its own.
+        doc! { "$match": { field: { "$ne": Bson::Null } } },
         doc! { "$group": { "_id": { "day": event_day(), "v": format!("${field}") } } },
         doc! { "$group": { "_id": "$_id.day", "n": { "$sum": 1 } } },
     ]

@@ -839,7 +839,7 @@ fn visitor_outcome(
     want.total_sessions = owned_sessions;
     // Its totals as the writer reads them (a profile an import wrote holds none until
     // events count in it).
-    let stored = super::ingest::user_aggregates(id, doc);
+    let stored = super::ingest::user_aggregates(id, doc, false);
     let mut out = Vec::new();
     let n = |v: &i64| v.to_string();
     differ(

@@ -707,9 +707,21 @@ impl EventWriter {
             }
             let document = bson::to_document(&folded)?;
             match key {
-                Some(oid) => writes
-                    .updates
-                    .push(doc! { "q": { common::ID: oid }, "u": document }),
+                // Set, not replaced: fields other writers keep in a session stay.
+                Some(oid) => {
+                    let unset: Document = Session::OPTIONAL_FIELDS
+                        .iter()
+                        .filter(|f| !document.contains_key(**f))
+                        .map(|f| (f.to_string(), Bson::String(String::new())))
+                        .collect();
+                    let mut update = doc! { "$set": document };
+                    if !unset.is_empty() {
+                        update.insert("$unset", unset);
+                    }
+                    writes
+                        .updates
+                        .push(doc! { "q": { common::ID: oid }, "u": update });
+                }
                 None => writes.inserts.push(document),
             }
         }
@@ -749,7 +761,7 @@ impl EventWriter {
         let mut existing: HashMap<String, (Bson, User)> = HashMap::new();
         while let Some(d) = cursor.next(&mut *session).await.transpose()? {
             if let (Ok(v), Some(id)) = (d.get_str(u::VISITOR_ID), d.get(common::ID)) {
-                existing.insert(v.to_string(), (id.clone(), user_aggregates(v, &d)));
+                existing.insert(v.to_string(), (id.clone(), user_aggregates(v, &d, true)));
             }
         }
         let mut writes = Writes::default();
@@ -1072,19 +1084,47 @@ fn encode_event(ev: &Event) -> Result<RawDocumentBuf, StoreError> {
 
 /// Reads the aggregate fields of a stored user, tolerating profiles created by imports
 /// (which may lack them). The aggregate check reads them the same way.
-pub(super) fn user_aggregates(visitor: &str, d: &Document) -> User {
-    // A double (a hand-edited profile) is read truncated rather than as none.
+/// A number as writers other than Sluice store one: a double, an integer, a decimal, or
+/// text holding one (`"120.50"`); `None` for anything else, or one not finite.
+fn stored_number(v: &Bson) -> Option<f64> {
+    match v {
+        Bson::Double(x) => Some(*x),
+        Bson::Int32(_) | Bson::Int64(_) => sluice_core::model::int_of(v).map(|n| n as f64),
+        Bson::Decimal128(x) => x.to_string().parse().ok(),
+        Bson::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+    .filter(|x: &f64| x.is_finite())
+}
+
+/// A visitor's aggregates as stored; with `say_unreadable`, a total that is not a number
+/// (counted as 0 by the fold about to replace it) is logged with its value.
+pub(super) fn user_aggregates(visitor: &str, d: &Document, say_unreadable: bool) -> User {
+    // A total as another writer (or a hand edit) stored it: a double, a decimal, text.
+    let number = |k: &str| match d.get(k) {
+        None | Some(Bson::Null) => Some(0.0),
+        Some(v) => {
+            let n = stored_number(v);
+            if n.is_none() && say_unreadable {
+                // Counted from zero from now on: the value it held is said here.
+                tracing::warn!(
+                    visitor,
+                    field = k,
+                    value = %v.clone().into_relaxed_extjson(),
+                    "a visitor's total is not a number Sluice can read; it is counted from 0 from now on"
+                );
+            }
+            n
+        }
+    };
+    // Integers exactly; a fraction (a hand-edited profile) truncated rather than as none.
     let int = |k: &str| match d.get(k) {
-        Some(Bson::Double(v)) => *v as i64,
-        Some(v) => sluice_core::model::int_of(v).unwrap_or(0),
-        None => 0,
+        Some(v @ (Bson::Int32(_) | Bson::Int64(_))) => sluice_core::model::int_of(v).unwrap_or(0),
+        _ => number(k).map_or(0, |n| n as i64),
     };
     let micros = match d.get(u::TOTAL_REVENUE_MICROS) {
-        Some(_) => int(u::TOTAL_REVENUE_MICROS),
-        None => match d.get(u::TOTAL_REVENUE) {
-            Some(Bson::Double(v)) => sluice_core::aggregate::revenue_micros(*v),
-            _ => int(u::TOTAL_REVENUE).saturating_mul(1_000_000),
-        },
+        Some(Bson::Int32(_) | Bson::Int64(_)) => int(u::TOTAL_REVENUE_MICROS),
+        _ => number(u::TOTAL_REVENUE).map_or(0, sluice_core::aggregate::revenue_micros),
     };
     User {
         id: None,

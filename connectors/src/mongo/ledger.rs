@@ -129,6 +129,87 @@ pub async fn prune_archived_claims(
     }
 }
 
+/// What [`claim_stored_events`] did so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Adopted {
+    /// Events read from `events`.
+    pub read: u64,
+    /// Claims made.
+    pub claimed: u64,
+    /// Events claimed already (Sluice stored them, or an earlier run of this made them).
+    pub already: u64,
+    /// Events without an `eventId` (text) or a `timestamp` (a date): nothing to claim.
+    pub skipped: u64,
+}
+
+/// Gives every event in `events` without a ledger claim one, as stored: for a database
+/// another writer filled, whose events Sluice's deduplication would otherwise not know
+/// (a resend of one would be stored and counted again). [`CHUNK`] claims at a time,
+/// calling `progress` after each; claims already there are left as they are, so it can
+/// be run again (after an interruption, or while the other writer still writes).
+pub async fn claim_stored_events(
+    store: &Store,
+    mut progress: impl FnMut(Adopted),
+) -> Result<Adopted, StoreError> {
+    let mut cursor = store
+        .collection(c::EVENTS)
+        .find(doc! {})
+        .projection(doc! { e::EVENT_ID: 1, e::TIMESTAMP: 1, e::USER_ID: 1, e::SESSION_ID: 1 })
+        .batch_size(CHUNK as u32)
+        .await
+        .map_err(StoreError::mongo(c::EVENTS, "read events"))?;
+    let mut done = Adopted::default();
+    let mut chunk: Vec<Document> = Vec::with_capacity(CHUNK);
+    loop {
+        let next = cursor
+            .try_next()
+            .await
+            .map_err(StoreError::mongo(c::EVENTS, "read events"))?;
+        let end = next.is_none();
+        if let Some(event) = next {
+            done.read += 1;
+            match (event.get_str(e::EVENT_ID), event.get_datetime(e::TIMESTAMP)) {
+                (Ok(id), Ok(ts)) => {
+                    let mut claim = doc! {
+                        common::ID: id, l::TIMESTAMP: ts, l::CLAIMED_AT: store.now(),
+                        l::STORED: true,
+                    };
+                    for (from, to) in [(e::USER_ID, l::USER_ID), (e::SESSION_ID, l::SESSION_ID)] {
+                        if let Ok(v) = event.get_str(from) {
+                            claim.insert(to, v);
+                        }
+                    }
+                    chunk.push(claim);
+                }
+                _ => done.skipped += 1,
+            }
+        }
+        if chunk.len() == CHUNK || (end && !chunk.is_empty()) {
+            let claims = std::mem::take(&mut chunk);
+            let n = claims.len() as u64;
+            let already = match store
+                .collection(c::EVENT_IDS)
+                .insert_many(claims)
+                .ordered(false)
+                .write_concern(store.write_concern().clone())
+                .await
+            {
+                Ok(_) => 0,
+                Err(err) => match super::duplicate_key_positions(&err) {
+                    Some(positions) => positions.len() as u64,
+                    None => return Err(StoreError::mongo(c::EVENT_IDS, "make claims")(err)),
+                },
+            };
+            done.already += already;
+            done.claimed += n - already;
+            progress(done);
+        }
+        if end {
+            return Ok(done);
+        }
+    }
+}
+
 /// The eventIds among `wanted` (each with the time its claim counted the event at, when
 /// the claim says: `ts`) that `events` holds.
 ///

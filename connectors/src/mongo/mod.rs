@@ -155,6 +155,15 @@ pub fn failed_insert_positions(err: &mongodb::error::Error) -> Option<Vec<usize>
         .map(|errors| errors.iter().map(|e| e.index).collect())
 }
 
+/// What an index in the way of Sluice's says: whose name or keys it has, and what to do.
+fn index_conflict_text(collection: &str, name: &str, existing: &str, ours: Option<&str>) -> String {
+    let drop = format!("`db.{collection}.dropIndex(\"{name}\")` in mongosh");
+    match ours {
+        None => format!("index `{name}` on `{collection}` exists with other keys or options ({existing}): Sluice needs that name for its own index; drop it ({drop}, and `sluice db init` creates Sluice's), or, if another application needs it, recreate it there under another name first"),
+        Some(ours) => format!("index `{name}` on `{collection}` has the keys of Sluice's `{ours}` but other options ({existing}); MongoDB keeps one index per key pattern, so Sluice's cannot be made: drop it ({drop}), and `sluice db init` creates `{ours}`, which serves the same queries"),
+    }
+}
+
 /// A statement a write command (`update`, `insert`, `delete`) refused, from its reply's
 /// `writeErrors`.
 #[derive(Debug, Clone, PartialEq)]
@@ -263,17 +272,21 @@ pub enum StoreError {
         step: &'static str,
         error: mongodb::error::Error,
     },
-    #[error("index `{name}` on `{collection}` exists with other keys or options ({existing}): Sluice needs that name for its own index; drop it (`db.{collection}.dropIndex(\"{name}\")` in mongosh, and `sluice db init` creates Sluice's), or, if another application needs it, recreate it there under another name first")]
+    #[error("{}", index_conflict_text(collection, name, existing, ours.as_deref()))]
     IndexConflict {
         collection: String,
         name: String,
         existing: String,
+        /// Sluice's index on the same keys, when the one in the way has another name (the
+        /// server refuses two indexes on one key pattern with different options); `None`
+        /// when it has Sluice's name.
+        ours: Option<String>,
     },
     /// More than one [`StoreError::IndexConflict`]: each is said, so one `db init` shows
     /// everything in the way.
     #[error("{} indexes are in the way of Sluice's own:\n{}", .0.len(), .0.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
     IndexConflicts(Vec<StoreError>),
-    #[error("`{collection}` exists but is not a time-series collection; events need one (see README, \"events storage\")")]
+    #[error("`{collection}` exists but is not a time-series collection; events need one (see docs/operations.md, \"Adopting an existing database\", for moving its events into one)")]
     NotTimeSeries { collection: String },
     #[error("the claim transaction (ledger, sessions, users) failed after {attempts} attempt(s): {message}")]
     Transaction {

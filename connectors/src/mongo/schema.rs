@@ -584,10 +584,14 @@ async fn ensure_index(store: &Store, spec: &IndexSpec) -> Result<IndexOutcome, S
                 .is_ok_and(|k| key_pattern(k) == key_pattern(&spec.keys))
         }
     };
-    let conflict = |found: &Document| StoreError::IndexConflict {
-        collection: spec.collection.into(),
-        name: found.get_str("name").unwrap_or(spec.name).into(),
-        existing: found.to_string(),
+    let conflict = |found: &Document| {
+        let name = found.get_str("name").unwrap_or(spec.name);
+        StoreError::IndexConflict {
+            collection: spec.collection.into(),
+            name: name.into(),
+            existing: found.to_string(),
+            ours: (name != spec.name).then(|| spec.name.to_string()),
+        }
     };
     // Imports of earlier versions rebuilt a unique identity they were keyed by
     // (`products.productId_unique`) as partial over the documents having the key: the
@@ -651,6 +655,7 @@ async fn ensure_index(store: &Store, spec: &IndexSpec) -> Result<IndexOutcome, S
             collection: spec.collection.into(),
             name: spec.name.into(),
             existing: short_error(&err),
+            ours: None,
         }),
         Err(err) => Err(StoreError::mongo(spec.collection, "createIndexes")(err)),
     }

@@ -356,6 +356,17 @@ fn column_values(
         }
         ColKind::TopPages => top_pages(spec, docs)?,
         ColKind::Revenue => revenue(spec, docs)?,
+        ColKind::RevenueMicros => Arc::new(
+            docs.iter()
+                .map(|d| match lookup(d, spec.path) {
+                    Some(v @ (Bson::Int32(_) | Bson::Int64(_))) => sluice_core::model::int_of(v),
+                    _ => lookup(d, sluice_core::model::user_fields::TOTAL_REVENUE)
+                        .and_then(as_f64)
+                        .filter(|x| x.is_finite())
+                        .map(sluice_core::aggregate::revenue_micros),
+                })
+                .collect::<Int64Array>(),
+        ),
         ColKind::PurchaseNumber => Arc::new(
             docs.iter()
                 .map(|d| purchase_value(d, spec).and_then(as_f64))
@@ -649,6 +660,26 @@ mod tests {
         let tags = b.column_by_name("tags").unwrap().as_list::<i32>().value(0);
         let tags = tags.as_string::<i32>();
         assert_eq!((tags.value(0), tags.is_null(1)), ("a", true));
+    }
+
+    #[test]
+    fn a_profile_without_exact_revenue_has_it_from_its_total() {
+        // Another writer's profile holds only `totalRevenue`.
+        let docs = vec![
+            doc! { "visitorId": "sluice", "totalRevenue": 1.0, "totalRevenueMicros": 5_i64 },
+            doc! { "visitorId": "legacy", "totalRevenue": 120.5 },
+            doc! { "visitorId": "none" },
+        ];
+        let (b, unfitting) = encode_counted(&USER_TABLE, &docs).unwrap();
+        let micros = b
+            .column_by_name("totalRevenueMicros")
+            .unwrap()
+            .as_primitive::<arrow::datatypes::Int64Type>();
+        let values: Vec<Option<i64>> = (0..3)
+            .map(|i| micros.is_valid(i).then(|| micros.value(i)))
+            .collect();
+        assert_eq!(values, [Some(5), Some(120_500_000), None]);
+        assert_eq!(unfitting, Unfitting::default());
     }
 
     #[test]

@@ -48,6 +48,10 @@ pub enum ColKind {
     PurchaseStr,
     /// An array of `{currency, purchases, revenue, revenueMicros}`, as a list of structs.
     Revenue,
+    /// A visitor's exact revenue: the integer at the path, else (a profile another writer
+    /// stored, with only `totalRevenue`) that number in millionths, rounded as the fold
+    /// rounds amounts. A derived value, so none is counted as unfitting.
+    RevenueMicros,
 }
 
 /// One column: its name in the file, the dotted path it is read from, its kind.
@@ -185,7 +189,7 @@ pub const USER_TABLE: TableSpec = TableSpec {
         col(
             u::TOTAL_REVENUE_MICROS,
             u::TOTAL_REVENUE_MICROS,
-            Int64,
+            RevenueMicros,
             true,
         ),
     ],
@@ -233,7 +237,7 @@ pub(crate) fn arrow_type(kind: ColKind) -> DataType {
     match kind {
         Str | Json | PurchaseStr => DataType::Utf8,
         TimestampMicros => DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
-        Int64 => DataType::Int64,
+        Int64 | RevenueMicros => DataType::Int64,
         Float64 | PurchaseNumber => DataType::Float64,
         Bool => DataType::Boolean,
         StrList => DataType::List(Arc::new(Field::new("item", DataType::Utf8, true))),
@@ -309,7 +313,7 @@ pub fn type_name(kind: ColKind) -> &'static str {
         Str | PurchaseStr => "string",
         Json => "json",
         TimestampMicros => "timestamp_us_utc",
-        Int64 => "int64",
+        Int64 | RevenueMicros => "int64",
         Float64 | PurchaseNumber => "double",
         Bool => "boolean",
         StrList => "list<string>",
@@ -363,6 +367,7 @@ mod tests {
             PurchaseNumber,
             PurchaseStr,
             Revenue,
+            RevenueMicros,
         ];
         for kind in every {
             // No wildcard: a new kind does not compile until this test names it.
@@ -370,7 +375,9 @@ mod tests {
                 // A string column holding JSON: named for what it holds.
                 Json => "json".to_string(),
                 Str | TimestampMicros | Int64 | Float64 | Bool | StrList | Date | TopPages
-                | PurchaseNumber | PurchaseStr | Revenue => name_of(&arrow_type(kind)),
+                | PurchaseNumber | PurchaseStr | Revenue | RevenueMicros => {
+                    name_of(&arrow_type(kind))
+                }
             };
             assert_eq!(type_name(kind), expected, "{kind:?}");
         }

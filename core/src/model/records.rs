@@ -162,6 +162,26 @@ pub struct Session {
     pub updated_at: DateTime,
 }
 
+impl Session {
+    /// The fields its document leaves out when they are `None`: what a write that sets
+    /// the others unsets, so that fields other writers keep in a session stay.
+    pub const OPTIONAL_FIELDS: [&'static str; 13] = [
+        "entryPage",
+        "exitPage",
+        "device",
+        "browser",
+        "os",
+        "country",
+        "region",
+        "city",
+        "ipAddress",
+        "userAgent",
+        "firstEvent",
+        "entryEvent",
+        "exitEvent",
+    ];
+}
+
 /// A total order on events: by timestamp, then by `eventId` for ties.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -325,5 +345,70 @@ mod tests {
         assert_eq!(e.purchase_amount(), Some(12.5));
         let back: Event = bson::from_document(doc).unwrap();
         assert_eq!(back, e);
+    }
+
+    #[test]
+    fn a_sessions_optional_fields_are_those_left_out_when_none() {
+        let now = DateTime::from_millis(0);
+        let key = Some(EventKey {
+            timestamp: now,
+            event_id: "e".into(),
+        });
+        let some = Some("x".to_string());
+        let full = Session {
+            id: None,
+            session_id: "s".into(),
+            user_id: "v".into(),
+            status: SessionStatus::Active,
+            start_time: now,
+            end_time: now,
+            duration: 0,
+            page_views: 0,
+            events: 0,
+            entry_page: some.clone(),
+            exit_page: some.clone(),
+            device: some.clone(),
+            browser: some.clone(),
+            os: some.clone(),
+            country: some.clone(),
+            region: some.clone(),
+            city: some.clone(),
+            ip_address: some.clone(),
+            user_agent: some,
+            first_event: key.clone(),
+            entry_event: key.clone(),
+            exit_event: key,
+            created_at: now,
+            updated_at: now,
+        };
+        let bare = Session {
+            entry_page: None,
+            exit_page: None,
+            device: None,
+            browser: None,
+            os: None,
+            country: None,
+            region: None,
+            city: None,
+            ip_address: None,
+            user_agent: None,
+            first_event: None,
+            entry_event: None,
+            exit_event: None,
+            ..full.clone()
+        };
+        let (full, bare) = (
+            bson::to_document(&full).unwrap(),
+            bson::to_document(&bare).unwrap(),
+        );
+        let mut left_out: Vec<&str> = full
+            .keys()
+            .map(String::as_str)
+            .filter(|k| !bare.contains_key(*k))
+            .collect();
+        let mut listed = Session::OPTIONAL_FIELDS.to_vec();
+        left_out.sort_unstable();
+        listed.sort_unstable();
+        assert_eq!(left_out, listed);
     }
 }
