@@ -1530,11 +1530,15 @@ async fn daily_analytics_and_user_data_match_mongodb() {
     }));
     // Purchases in another currency, in none, and one whose amount is no number: the
     // daily revenue is per currency, and counts the last in purchases only.
-    let other: [Document; 4] = [
+    // A decimal is no amount (as a visitor's total reads it), and millionths past 2^52
+    // round as that total rounds them.
+    let other: [Document; 6] = [
         doc! { "amount": 0.1, "currency": "USD" },
         doc! { "amount": 0.2, "currency": "USD" },
         doc! { "amount": 7_i64 },
         doc! { "amount": "n/a", "currency": "USD" },
+        doc! { "amount": 5_000_000_000.000001, "currency": "GBP" },
+        doc! { "amount": "1.5".parse::<bson::Decimal128>().unwrap(), "currency": "GBP" },
     ];
     pageless.extend(other.into_iter().enumerate().map(|(k, properties)| {
         let mut e = Event {
@@ -1628,7 +1632,7 @@ async fn daily_analytics_and_user_data_match_mongodb() {
         entry.1 += sluice_core::model::number_of(e.properties.get("amount").unwrap())
             .map_or(0, sluice_core::aggregate::revenue_micros);
     }
-    assert_eq!(per_currency.len(), 3, "{per_currency:?}");
+    assert_eq!(per_currency.len(), 4, "{per_currency:?}");
     assert_eq!(
         int("purchases"),
         per_currency.values().map(|v| v.0).sum::<i64>()
@@ -1668,6 +1672,10 @@ async fn daily_analytics_and_user_data_match_mongodb() {
         .collect();
     assert_eq!(exported, per_currency);
     assert_eq!(exported[&Some("USD".to_string())], (3, 300_000));
+    assert_eq!(
+        exported[&Some("GBP".to_string())],
+        (2, 5_000_000_000_000_001)
+    );
     let top = b
         .column_by_name("topPages")
         .unwrap()

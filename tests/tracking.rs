@@ -1377,6 +1377,21 @@ async fn sessions_and_totals_another_writer_stored_are_continued_not_replaced() 
         })
         .await
         .unwrap();
+    // Stored otherwise than Sluice stores one: read leniently. And one that is no
+    // session at all (no times): left as it is, its events stored all the same.
+    let start_text = chrono::DateTime::from_timestamp_millis(t0)
+        .unwrap()
+        .to_rfc3339();
+    db.store
+        .collection("sessions")
+        .insert_many([
+            doc! { "sessionId": "odd-s", "userId": "legacy-v", "status": "CLOSED",
+            "startTime": &start_text, "endTime": at(t0 + 60_000),
+            "pageViews": 2.0, "events": "3", "device": 7 },
+            doc! { "sessionId": "broken-s", "userId": "legacy-v", "status": "ACTIVE" },
+        ])
+        .await
+        .unwrap();
     let decimal: bson::Decimal128 = "99.99".parse().unwrap();
     db.store
         .collection("users")
@@ -1403,10 +1418,35 @@ async fn sessions_and_totals_another_writer_stored_are_continued_not_replaced() 
             event("e-in", "legacy-v", "legacy-s", t0 + 30_000, "PAGE_VIEW", "/inside"),
             event("e-after", "legacy-v", "legacy-s", t0 + 120_000, "PURCHASE", "/checkout"),
             event("e-dec", "decimal-v", "new-s", t0, "PURCHASE", "/checkout"),
+            event("e-odd", "legacy-v", "odd-s", t0 + 30_000, "PAGE_VIEW", "/odd"),
+            event("e-broken", "legacy-v", "broken-s", t0 + 30_000, "PAGE_VIEW", "/b"),
         ] }),
     )
     .await;
-    assert_eq!((s, body["stored"].as_u64()), (200, Some(3)), "{body}");
+    assert_eq!((s, body["stored"].as_u64()), (200, Some(5)), "{body}");
+    let odd = db
+        .store
+        .collection("sessions")
+        .find_one(doc! { "sessionId": "odd-s" })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (int(&odd, "events"), int(&odd, "pageViews")),
+        (4, 3),
+        "{odd}"
+    );
+    assert_eq!(odd.get_str("status"), Ok("CLOSED"), "{odd}");
+    assert_eq!(millis(&odd, "startTime"), t0);
+    assert_eq!(odd.get_str("device"), Ok("7"));
+    let broken = db
+        .store
+        .collection("sessions")
+        .find_one(doc! { "sessionId": "broken-s" })
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!broken.contains_key("events"), "left as it was: {broken}");
     let session = db
         .store
         .collection("sessions")
@@ -1453,7 +1493,7 @@ async fn sessions_and_totals_another_writer_stored_are_continued_not_replaced() 
     assert_eq!(legacy.get_f64("totalRevenue"), Ok(130.5));
     assert_eq!(
         (int(&legacy, "totalEvents"), int(&legacy, "totalPurchases")),
-        (5, 2)
+        (7, 2)
     );
     assert_eq!(
         int(&legacy, "totalSessions"),

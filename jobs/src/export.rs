@@ -2466,22 +2466,30 @@ fn window_of_purchases(in_window: &Document) -> Document {
 }
 
 /// Purchases per day and currency (`properties.currency` when it is a string, else
-/// none), and their revenue: each `properties.amount` that is a number within ±9e12 (as
-/// a visitor's total holds) rounded to the millionth, half away from zero, as a
-/// visitor's total adds it, and summed exactly. A purchase without such an amount counts
-/// in `purchases` and adds no revenue. Sorted by day and currency.
+/// none), and their revenue: each `properties.amount` that is a number as a visitor's
+/// total reads one (a double or an integer, not a decimal) within ±9e12, rounded to the
+/// millionth half away from zero as that total rounds it, and summed exactly. A purchase
+/// without such an amount counts in `purchases` and adds no revenue. Sorted by day and
+/// currency.
 fn revenue_per_day(purchases: Document) -> Vec<Document> {
     let amount = "$properties.amount";
     let priced = doc! { "$and": [
-        { "$isNumber": amount },
+        { "$in": [{ "$type": amount }, ["double", "int", "long"]] },
         { "$gte": [amount, -9e12] },
         { "$lte": [amount, 9e12] },
     ] };
+    // Rounded as Rust's `f64::round` does, exactly: the whole part, one more (away from
+    // zero) when the fraction is at least a half. (Adding a half and truncating rounds
+    // twice where the millionths pass 2^52.)
     let scaled = doc! { "$multiply": [amount, sluice_core::aggregate::REVENUE_SCALE] };
-    let micros = doc! { "$toLong": { "$trunc": [
-        { "$add": [scaled.clone(), { "$cond": [{ "$gte": [scaled, 0] }, 0.5, -0.5] }] },
-        0,
-    ] } };
+    let micros = doc! { "$toLong": { "$let": {
+        "vars": { "x": scaled.clone(), "t": { "$trunc": [scaled, 0] } },
+        "in": { "$add": ["$$t", { "$cond": [
+            { "$gte": [{ "$abs": { "$subtract": ["$$x", "$$t"] } }, 0.5] },
+            { "$cond": [{ "$gte": ["$$x", 0] }, 1, -1] },
+            0,
+        ] }] },
+    } } };
     let currency = "$properties.currency";
     vec![
         purchases,

@@ -1222,6 +1222,7 @@ pub async fn start_loaded(
     sluice_connectors::mongo::declare_dead_letter_metrics();
     sluice_core::tracking::count_clamped(0);
     sluice_core::aggregate::count_revenue_saturated(0);
+    sluice_connectors::mongo::count_sessions_unread(0);
     sluice_core::metrics::count(
         sluice_core::tracking::AMOUNTS_UNREAD,
         sluice_core::tracking::AMOUNTS_UNREAD_HELP,

@@ -675,7 +675,7 @@ impl EventWriter {
         new_events: &[&Event],
         now: DateTime,
     ) -> Result<(Writes, HashMap<String, i64>), TxnError> {
-        let sessions = self.store.db().collection::<Session>(c::SESSIONS);
+        let sessions = self.store.collection(c::SESSIONS);
         let mut by_session: BTreeMap<&str, Vec<&Event>> = BTreeMap::new();
         for e in new_events {
             by_session.entry(e.session_id.as_str()).or_default().push(e);
@@ -685,14 +685,33 @@ impl EventWriter {
             .find(doc! { s::SESSION_ID: { "$in": &keys } })
             .session(&mut *session)
             .await?;
-        let mut existing: HashMap<String, Session> = HashMap::new();
+        let mut existing: HashMap<String, Stored> = HashMap::new();
         while let Some(found) = cursor.next(&mut *session).await.transpose()? {
-            existing.insert(found.session_id.clone(), found);
+            if let Ok(id) = found.get_str(s::SESSION_ID) {
+                existing.insert(id.to_string(), stored_session(found));
+            }
         }
         let mut writes = Writes::default();
         let mut new_sessions: HashMap<String, i64> = HashMap::new();
         for (id, evs) in by_session {
-            let before = existing.remove(id);
+            let (before, status_unread) = match existing.remove(id) {
+                None => (None, false),
+                Some(Stored::Read {
+                    session,
+                    status_unread,
+                }) => (Some(*session), status_unread),
+                // Left as it is: its events are stored and counted in their visitor's
+                // totals; failing the batch would refuse every event sent with them.
+                Some(Stored::Unreadable(why)) => {
+                    count_sessions_unread(1);
+                    tracing::warn!(
+                        session = id,
+                        events = evs.len(),
+                        "a stored session cannot be read ({why}); it is left as it is, its new events stored without it"
+                    );
+                    continue;
+                }
+            };
             let key = before.as_ref().and_then(|b| b.id);
             let owner_before = before.as_ref().map(|b| b.user_id.clone());
             let mut folded = fold_session(before, &evs, now);
@@ -705,7 +724,11 @@ impl EventWriter {
                     *new_sessions.entry(old).or_default() -= 1;
                 }
             }
-            let document = bson::to_document(&folded)?;
+            let mut document = bson::to_document(&folded)?;
+            // A status Sluice does not know is kept, unless the session went on.
+            if status_unread && folded.status != sluice_core::model::SessionStatus::Active {
+                document.remove(s::STATUS);
+            }
             match key {
                 // Set, not replaced: fields other writers keep in a session stay.
                 Some(oid) => {
@@ -1084,17 +1107,118 @@ fn encode_event(ev: &Event) -> Result<RawDocumentBuf, StoreError> {
 
 /// Reads the aggregate fields of a stored user, tolerating profiles created by imports
 /// (which may lack them). The aggregate check reads them the same way.
-/// A number as writers other than Sluice store one: a double, an integer, a decimal, or
-/// text holding one (`"120.50"`); `None` for anything else, or one not finite.
-fn stored_number(v: &Bson) -> Option<f64> {
-    match v {
-        Bson::Double(x) => Some(*x),
-        Bson::Int32(_) | Bson::Int64(_) => sluice_core::model::int_of(v).map(|n| n as f64),
-        Bson::Decimal128(x) => x.to_string().parse().ok(),
-        Bson::String(s) => s.trim().parse().ok(),
-        _ => None,
+/// A session document as stored, read for folding.
+enum Stored {
+    Read {
+        session: Box<Session>,
+        /// Its `status` was none Sluice knows (another writer's `CLOSED`): folded as
+        /// ENDED, and kept as stored unless the session goes on.
+        status_unread: bool,
+    },
+    /// Not a session even leniently read (no start time): why.
+    Unreadable(String),
+}
+
+/// A stored session, read leniently when another writer stored it otherwise than Sluice
+/// does: counts as doubles, decimals or text, times as RFC 3339 text or epoch
+/// milliseconds, ids as numbers, a missing `createdAt`, `endTime` or `duration` (from
+/// the others), text fields of other types (as their JSON text), an unknown status.
+fn stored_session(doc: Document) -> Stored {
+    if let Ok(session) = bson::from_document::<Session>(doc.clone()) {
+        return Stored::Read {
+            session: Box::new(session),
+            status_unread: false,
+        };
     }
-    .filter(|x: &f64| x.is_finite())
+    let mut d = doc;
+    let date = |v: Option<&Bson>| match v? {
+        Bson::DateTime(t) => Some(*t),
+        Bson::String(text) => chrono::DateTime::parse_from_rfc3339(text.trim())
+            .ok()
+            .map(|t| DateTime::from_millis(t.timestamp_millis())),
+        Bson::Int64(ms) => Some(DateTime::from_millis(*ms)),
+        Bson::Double(ms) if ms.is_finite() => Some(DateTime::from_millis(*ms as i64)),
+        _ => None,
+    };
+    let Some(start) = date(d.get(s::START_TIME)).or_else(|| date(d.get(s::END_TIME))) else {
+        return Stored::Unreadable("no startTime or endTime that is a time".into());
+    };
+    let end = date(d.get(s::END_TIME)).unwrap_or(start).max(start);
+    let created = date(d.get(common::CREATED_AT)).unwrap_or(start);
+    let updated = date(d.get(common::UPDATED_AT)).unwrap_or(end);
+    d.insert(s::START_TIME, start);
+    d.insert(s::END_TIME, end);
+    d.insert(common::CREATED_AT, created);
+    d.insert(common::UPDATED_AT, updated);
+    for k in [s::PAGE_VIEWS, s::EVENTS, s::DURATION] {
+        let n = d.get(k).and_then(|v| match v {
+            Bson::Int32(_) | Bson::Int64(_) => sluice_core::model::int_of(v),
+            _ => sluice_core::model::stored_number(v).map(|n| n as i64),
+        });
+        let n = match (k, n) {
+            (_, Some(n)) => n,
+            (s::DURATION, None) => end.timestamp_millis() - start.timestamp_millis(),
+            _ => 0,
+        };
+        d.insert(k, n);
+    }
+    // A numeric visitor id as the tracker writes one sent as a number.
+    let id_text = match d.get(s::USER_ID) {
+        Some(Bson::Double(f)) if f.fract() == 0.0 && f.abs() < 9.0e15 => {
+            Some((*f as i64).to_string())
+        }
+        Some(v @ (Bson::Int32(_) | Bson::Int64(_) | Bson::Double(_))) => {
+            Some(v.clone().into_relaxed_extjson().to_string())
+        }
+        _ => None,
+    };
+    if let Some(text) = id_text {
+        d.insert(s::USER_ID, text);
+    }
+    // Text fields written as other scalars: as their text; keys of Sluice's own that do
+    // not read are dropped (they are made again).
+    for k in Session::OPTIONAL_FIELDS {
+        match d.get(k) {
+            None | Some(Bson::Null | Bson::String(_) | Bson::Document(_)) => {}
+            Some(v @ (Bson::Int32(_) | Bson::Int64(_) | Bson::Double(_) | Bson::Boolean(_))) => {
+                let text = v.clone().into_relaxed_extjson().to_string();
+                d.insert(k, text);
+            }
+            Some(_) => {
+                d.remove(k);
+            }
+        }
+    }
+    let status_unread = d.get_str(s::STATUS).map_or(true, |t| {
+        sluice_core::model::SessionStatus::parse(t).is_err()
+    });
+    if status_unread {
+        d.insert(s::STATUS, sluice_core::model::SessionStatus::Ended.as_str());
+    }
+    let read = bson::from_document::<Session>(d.clone()).or_else(|_| {
+        // Keys of Sluice's own that do not read (another shape) are made again.
+        for k in ["firstEvent", "entryEvent", "exitEvent"] {
+            d.remove(k);
+        }
+        bson::from_document::<Session>(d)
+    });
+    match read {
+        Ok(session) => Stored::Read {
+            session: Box::new(session),
+            status_unread,
+        },
+        Err(e) => Stored::Unreadable(e.to_string()),
+    }
+}
+
+/// `sluice_sessions_unread_total`.
+pub fn count_sessions_unread(n: u64) {
+    sluice_core::metrics::count(
+        "sluice_sessions_unread_total",
+        "Stored sessions that could not be read, even leniently (another writer's document without a start time), left as they were while their new events were stored.",
+        &[],
+        n,
+    );
 }
 
 /// A visitor's aggregates as stored; with `say_unreadable`, a total that is not a number
@@ -1104,7 +1228,7 @@ pub(super) fn user_aggregates(visitor: &str, d: &Document, say_unreadable: bool)
     let number = |k: &str| match d.get(k) {
         None | Some(Bson::Null) => Some(0.0),
         Some(v) => {
-            let n = stored_number(v);
+            let n = sluice_core::model::stored_number(v);
             if n.is_none() && say_unreadable {
                 // Counted from zero from now on: the value it held is said here.
                 tracing::warn!(
@@ -1123,8 +1247,10 @@ pub(super) fn user_aggregates(visitor: &str, d: &Document, say_unreadable: bool)
         _ => number(k).map_or(0, |n| n as i64),
     };
     let micros = match d.get(u::TOTAL_REVENUE_MICROS) {
-        Some(Bson::Int32(_) | Bson::Int64(_)) => int(u::TOTAL_REVENUE_MICROS),
-        _ => number(u::TOTAL_REVENUE).map_or(0, sluice_core::aggregate::revenue_micros),
+        None | Some(Bson::Null) => {
+            number(u::TOTAL_REVENUE).map_or(0, sluice_core::aggregate::revenue_micros)
+        }
+        Some(_) => int(u::TOTAL_REVENUE_MICROS),
     };
     User {
         id: None,

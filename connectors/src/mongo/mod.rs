@@ -10,7 +10,10 @@ mod schema;
 mod sessions;
 
 pub use clock::ServerClock;
-pub use ingest::{EventWriter, WriteStatus, WriterOptions, WRITE_PHASES, WRITE_PHASE_SECONDS};
+pub use ingest::{
+    count_sessions_unread, EventWriter, WriteStatus, WriterOptions, WRITE_PHASES,
+    WRITE_PHASE_SECONDS,
+};
 pub use letters::{dead_letter_groups, purge_dead_letters, LetterGroup};
 pub use schema::{index_specs, IndexOutcome, IndexSpec, InitReport, SCHEDULED_RUNS_KEPT_DAYS};
 pub use sessions::expire_idle_sessions;
@@ -160,7 +163,7 @@ fn index_conflict_text(collection: &str, name: &str, existing: &str, ours: Optio
     let drop = format!("`db.{collection}.dropIndex(\"{name}\")` in mongosh");
     match ours {
         None => format!("index `{name}` on `{collection}` exists with other keys or options ({existing}): Sluice needs that name for its own index; drop it ({drop}, and `sluice db init` creates Sluice's), or, if another application needs it, recreate it there under another name first"),
-        Some(ours) => format!("index `{name}` on `{collection}` has the keys of Sluice's `{ours}` but other options ({existing}); MongoDB keeps one index per key pattern, so Sluice's cannot be made: drop it ({drop}), and `sluice db init` creates `{ours}`, which serves the same queries"),
+        Some(ours) => format!("index `{name}` on `{collection}` has the keys of Sluice's `{ours}` but other options ({existing}); MongoDB refuses a second index on the same keys with other options, so Sluice's cannot be made: drop it ({drop}), and `sluice db init` creates `{ours}`, which serves the same queries"),
     }
 }
 

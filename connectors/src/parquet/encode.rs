@@ -361,8 +361,7 @@ fn column_values(
                 .map(|d| match lookup(d, spec.path) {
                     Some(v @ (Bson::Int32(_) | Bson::Int64(_))) => sluice_core::model::int_of(v),
                     _ => lookup(d, sluice_core::model::user_fields::TOTAL_REVENUE)
-                        .and_then(as_f64)
-                        .filter(|x| x.is_finite())
+                        .and_then(sluice_core::model::stored_number)
                         .map(sluice_core::aggregate::revenue_micros),
                 })
                 .collect::<Int64Array>(),
@@ -437,15 +436,23 @@ fn struct_list(
 ) -> Result<ArrayRef, EncodeError> {
     let mut items = Vec::new();
     let mut offsets = vec![0i32];
+    let mut present = Vec::with_capacity(docs.len());
     for d in docs {
-        let list = lookup(d, spec.path)
-            .and_then(Bson::as_array)
-            .ok_or_else(|| missing(spec))?;
-        for item in list {
-            items.push(item.as_document().ok_or_else(|| missing(spec))?);
+        match lookup(d, spec.path) {
+            Some(Bson::Array(list)) => {
+                for item in list {
+                    items.push(item.as_document().ok_or_else(|| missing(spec))?);
+                }
+                present.push(true);
+            }
+            None if spec.nullable => present.push(false),
+            _ => return Err(missing(spec)),
         }
         offsets.push(i32::try_from(items.len()).map_err(|_| missing(spec))?);
     }
+    let nulls = present
+        .contains(&false)
+        .then(|| arrow::buffer::NullBuffer::from(present));
     let values = StructArray::try_new(fields.clone(), arrays(&items), None)?;
     let field = Arc::new(Field::new(
         "item",
@@ -456,7 +463,7 @@ fn struct_list(
         field,
         OffsetBuffer::new(offsets.into()),
         Arc::new(values),
-        None,
+        nulls,
     )?))
 }
 
@@ -669,17 +676,19 @@ mod tests {
             doc! { "visitorId": "sluice", "totalRevenue": 1.0, "totalRevenueMicros": 5_i64 },
             doc! { "visitorId": "legacy", "totalRevenue": 120.5 },
             doc! { "visitorId": "none" },
+            doc! { "visitorId": "text", "totalRevenue": "99.99" },
         ];
         let (b, unfitting) = encode_counted(&USER_TABLE, &docs).unwrap();
         let micros = b
             .column_by_name("totalRevenueMicros")
             .unwrap()
             .as_primitive::<arrow::datatypes::Int64Type>();
-        let values: Vec<Option<i64>> = (0..3)
+        let values: Vec<Option<i64>> = (0..4)
             .map(|i| micros.is_valid(i).then(|| micros.value(i)))
             .collect();
-        assert_eq!(values, [Some(5), Some(120_500_000), None]);
-        assert_eq!(unfitting, Unfitting::default());
+        assert_eq!(values, [Some(5), Some(120_500_000), None, Some(99_990_000)]);
+        // (The text total is counted once, in its own `totalRevenue` column.)
+        assert_eq!(unfitting.nulled, 1);
     }
 
     #[test]
@@ -827,10 +836,18 @@ mod tests {
             .unwrap()
             .as_primitive::<arrow::datatypes::Float64Type>();
         assert_eq!((doubles.value(0), doubles.value(1)), (0.000005, 19.99));
-        // Rows that lack them (a plugin's own) name the column.
+        // Rows that lack them (a plugin's own, built before they were columns) have them
+        // null; top pages, which every version has, are required.
         let mut bare = docs[0].clone();
         bare.remove("revenue");
+        bare.remove("purchases");
+        let batch = encode(&DAILY_TABLE, &[bare.clone(), docs[0].clone()]).unwrap();
+        let revenue = batch.column_by_name("revenue").unwrap().as_list::<i32>();
+        assert!(revenue.is_null(0) && revenue.is_valid(1));
+        assert_eq!(revenue.value(1).len(), 2);
+        assert!(batch.column_by_name("purchases").unwrap().is_null(0));
+        bare.remove("topPages");
         let err = encode(&DAILY_TABLE, &[bare]).unwrap_err().to_string();
-        assert!(err.contains("`revenue`"), "{err}");
+        assert!(err.contains("`topPages`"), "{err}");
     }
 }

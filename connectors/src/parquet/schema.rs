@@ -211,8 +211,9 @@ pub const DAILY_TABLE: TableSpec = TableSpec {
         ),
         col(columns::PAGE_VIEWS, columns::PAGE_VIEWS, Int64, false),
         col(columns::TOP_PAGES, columns::TOP_PAGES, TopPages, false),
-        col(columns::PURCHASES, columns::PURCHASES, Int64, false),
-        col(columns::REVENUE, columns::REVENUE, Revenue, false),
+        // Nullable: rows a plugin builds itself (from before v2) may not have them.
+        col(columns::PURCHASES, columns::PURCHASES, Int64, true),
+        col(columns::REVENUE, columns::REVENUE, Revenue, true),
     ],
 };
 

@@ -59,6 +59,17 @@ pub fn number_of(v: &bson::Bson) -> Option<f64> {
     }
 }
 
+/// A number as writers other than Sluice store one: a double, an integer, a decimal, or
+/// text holding one (`"120.50"`); `None` for anything else, or one not finite.
+pub fn stored_number(v: &bson::Bson) -> Option<f64> {
+    match v {
+        bson::Bson::Decimal128(x) => x.to_string().parse().ok(),
+        bson::Bson::String(s) => s.trim().parse().ok(),
+        _ => number_of(v),
+    }
+    .filter(|x: &f64| x.is_finite())
+}
+
 /// [`int_of`] of a document's field, `0` when it is missing or not an integer.
 pub fn count_in(doc: &bson::Document, key: &str) -> i64 {
     doc.get(key).and_then(int_of).unwrap_or(0)
