@@ -1167,6 +1167,48 @@ mod check {
     }
 
     #[tokio::test]
+    async fn a_session_another_writer_stored_in_its_own_shapes_is_read_as_the_tracker_reads_it() {
+        let db = TestDb::initialized().await;
+        traffic(&db).await;
+        age_claims(&db).await;
+        // Counts as text and doubles, a time as text, no createdAt, a status of its own:
+        // the same session to the tracker, so no difference.
+        let sessions = db.store.collection("sessions");
+        let stored = sessions
+            .find_one(doc! { "sessionId": "s03" })
+            .await
+            .unwrap()
+            .unwrap();
+        let start = stored
+            .get_datetime("startTime")
+            .unwrap()
+            .try_to_rfc3339_string()
+            .unwrap();
+        sessions
+            .update_one(
+                doc! { "sessionId": "s03" },
+                doc! {
+                    "$set": { "events": "5", "pageViews": 3.0, "startTime": start, "status": "CLOSED" },
+                    "$unset": { "createdAt": "" },
+                },
+            )
+            .await
+            .unwrap();
+        let report = run(&db, &options(100, Duration::ZERO)).await;
+        assert!(report.consistent(), "{report:?}");
+        // One whose count is no number is unreadable to both, and said so.
+        sessions
+            .update_one(
+                doc! { "sessionId": "s03" },
+                doc! { "$set": { "events": "many" } },
+            )
+            .await
+            .unwrap();
+        let report = run(&db, &options(100, Duration::ZERO)).await;
+        assert_eq!(fields(&report.sessions_differ, "s03"), ["document"]);
+    }
+
+    #[tokio::test]
     async fn finds_what_storage_lost_or_changed_and_nothing_else() {
         let db = TestDb::initialized().await;
         let events = traffic(&db).await;

@@ -1389,6 +1389,14 @@ async fn sessions_and_totals_another_writer_stored_are_continued_not_replaced() 
             "startTime": &start_text, "endTime": at(t0 + 60_000),
             "pageViews": 2.0, "events": "3", "device": 7 },
             doc! { "sessionId": "broken-s", "userId": "legacy-v", "status": "ACTIVE" },
+            // A time as text without a zone (UTC), and a count that is no number.
+            doc! { "sessionId": "naive-s", "userId": "legacy-v", "status": "ENDED",
+            "startTime": chrono::DateTime::from_timestamp_millis(t0).unwrap()
+                .format("%Y-%m-%d %H:%M:%S%.3f").to_string(),
+            "endTime": at(t0 + 60_000), "pageViews": 1, "events": 1 },
+            doc! { "sessionId": "many-s", "userId": "legacy-v", "status": "ENDED",
+            "startTime": at(t0), "endTime": at(t0 + 60_000),
+            "pageViews": 1, "events": "many" },
         ])
         .await
         .unwrap();
@@ -1420,10 +1428,28 @@ async fn sessions_and_totals_another_writer_stored_are_continued_not_replaced() 
             event("e-dec", "decimal-v", "new-s", t0, "PURCHASE", "/checkout"),
             event("e-odd", "legacy-v", "odd-s", t0 + 30_000, "PAGE_VIEW", "/odd"),
             event("e-broken", "legacy-v", "broken-s", t0 + 30_000, "PAGE_VIEW", "/b"),
+            event("e-naive", "legacy-v", "naive-s", t0 + 30_000, "PAGE_VIEW", "/n"),
+            event("e-many", "legacy-v", "many-s", t0 + 30_000, "PAGE_VIEW", "/m"),
         ] }),
     )
     .await;
-    assert_eq!((s, body["stored"].as_u64()), (200, Some(5)), "{body}");
+    assert_eq!((s, body["stored"].as_u64()), (200, Some(7)), "{body}");
+    let session = |id: &'static str| {
+        let sessions = db.store.collection("sessions");
+        async move {
+            sessions
+                .find_one(doc! { "sessionId": id })
+                .await
+                .unwrap()
+                .unwrap()
+        }
+    };
+    let naive = session("naive-s").await;
+    assert_eq!(millis(&naive, "startTime"), t0, "{naive}");
+    assert_eq!(int(&naive, "events"), 2);
+    // Guessed, its count would go on wrong: left as it was.
+    let many = session("many-s").await;
+    assert_eq!(many.get_str("events"), Ok("many"), "{many}");
     let odd = db
         .store
         .collection("sessions")
@@ -1493,7 +1519,7 @@ async fn sessions_and_totals_another_writer_stored_are_continued_not_replaced() 
     assert_eq!(legacy.get_f64("totalRevenue"), Ok(130.5));
     assert_eq!(
         (int(&legacy, "totalEvents"), int(&legacy, "totalPurchases")),
-        (7, 2)
+        (9, 2)
     );
     assert_eq!(
         int(&legacy, "totalSessions"),

@@ -753,9 +753,10 @@ fn session_outcome(
         Ok(doc) => doc,
         Err(outcome) => return outcome,
     };
-    let stored: Session = match bson::from_document(doc.clone()) {
-        Ok(s) => s,
-        Err(err) => {
+    // Read as the tracker reads it (another writer's shapes too).
+    let stored: Session = match super::ingest::stored_session(doc.clone()) {
+        super::ingest::Stored::Read { session, .. } => *session,
+        super::ingest::Stored::Unreadable(err) => {
             return Outcome::Differs(vec![Difference {
                 field: "document",
                 stored: format!("unreadable ({err})"),

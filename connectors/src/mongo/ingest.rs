@@ -694,12 +694,13 @@ impl EventWriter {
         let mut writes = Writes::default();
         let mut new_sessions: HashMap<String, i64> = HashMap::new();
         for (id, evs) in by_session {
-            let (before, status_unread) = match existing.remove(id) {
-                None => (None, false),
+            let (before, status_unread, foreign) = match existing.remove(id) {
+                None => (None, false, false),
                 Some(Stored::Read {
                     session,
                     status_unread,
-                }) => (Some(*session), status_unread),
+                    foreign,
+                }) => (Some(*session), status_unread, foreign),
                 // Left as it is: its events are stored and counted in their visitor's
                 // totals; failing the batch would refuse every event sent with them.
                 Some(Stored::Unreadable(why)) => {
@@ -730,6 +731,10 @@ impl EventWriter {
                 document.remove(s::STATUS);
             }
             match key {
+                // A session as Sluice writes one is replaced whole (the cheapest update).
+                Some(oid) if !foreign && !status_unread => writes
+                    .updates
+                    .push(doc! { "q": { common::ID: oid }, "u": document }),
                 // Set, not replaced: fields other writers keep in a session stay.
                 Some(oid) => {
                     let unset: Document = Session::OPTIONAL_FIELDS
@@ -1108,42 +1113,66 @@ fn encode_event(ev: &Event) -> Result<RawDocumentBuf, StoreError> {
 /// Reads the aggregate fields of a stored user, tolerating profiles created by imports
 /// (which may lack them). The aggregate check reads them the same way.
 /// A session document as stored, read for folding.
-enum Stored {
+pub(super) enum Stored {
     Read {
         session: Box<Session>,
         /// Its `status` was none Sluice knows (another writer's `CLOSED`): folded as
         /// ENDED, and kept as stored unless the session goes on.
         status_unread: bool,
+        /// It holds fields Sluice does not write (another writer's): they must stay.
+        foreign: bool,
     },
     /// Not a session even leniently read (no start time): why.
     Unreadable(String),
 }
 
 /// A stored session, read leniently when another writer stored it otherwise than Sluice
-/// does: counts as doubles, decimals or text, times as RFC 3339 text or epoch
-/// milliseconds, ids as numbers, a missing `createdAt`, `endTime` or `duration` (from
-/// the others), text fields of other types (as their JSON text), an unknown status.
-fn stored_session(doc: Document) -> Stored {
+/// does: counts as doubles, decimals or text, times as text (RFC 3339, or
+/// `YYYY-MM-DD HH:MM:SS` as UTC) or epoch milliseconds, ids as numbers, a missing
+/// `createdAt`, `endTime` or `duration` (from the others), text fields of other types (as
+/// their JSON text), an unknown status. A start time, an event count or a page view count
+/// that is missing or does not read as one leaves it unreadable: guessed, the session
+/// would go on with wrong numbers.
+pub(super) fn stored_session(doc: Document) -> Stored {
+    let foreign = doc.keys().any(|k| !Session::is_field(k));
     if let Ok(session) = bson::from_document::<Session>(doc.clone()) {
         return Stored::Read {
             session: Box::new(session),
             status_unread: false,
+            foreign,
         };
     }
     let mut d = doc;
     let date = |v: Option<&Bson>| match v? {
         Bson::DateTime(t) => Some(*t),
-        Bson::String(text) => chrono::DateTime::parse_from_rfc3339(text.trim())
-            .ok()
-            .map(|t| DateTime::from_millis(t.timestamp_millis())),
+        Bson::String(text) => {
+            let text = text.trim();
+            chrono::DateTime::parse_from_rfc3339(text)
+                .map(|t| t.timestamp_millis())
+                .or_else(|_| {
+                    chrono::NaiveDateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S%.f")
+                        .or_else(|_| {
+                            chrono::NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f")
+                        })
+                        .map(|t| t.and_utc().timestamp_millis())
+                })
+                .ok()
+                .map(DateTime::from_millis)
+        }
         Bson::Int64(ms) => Some(DateTime::from_millis(*ms)),
         Bson::Double(ms) if ms.is_finite() => Some(DateTime::from_millis(*ms as i64)),
         _ => None,
     };
-    let Some(start) = date(d.get(s::START_TIME)).or_else(|| date(d.get(s::END_TIME))) else {
-        return Stored::Unreadable("no startTime or endTime that is a time".into());
+    let Some(start) = date(d.get(s::START_TIME)) else {
+        return Stored::Unreadable("its startTime is missing or not a time".into());
     };
-    let end = date(d.get(s::END_TIME)).unwrap_or(start).max(start);
+    let end = match d.get(s::END_TIME) {
+        None | Some(Bson::Null) => start,
+        v => match date(v) {
+            Some(end) => end.max(start),
+            None => return Stored::Unreadable("its endTime is not a time".into()),
+        },
+    };
     let created = date(d.get(common::CREATED_AT)).unwrap_or(start);
     let updated = date(d.get(common::UPDATED_AT)).unwrap_or(end);
     d.insert(s::START_TIME, start);
@@ -1158,7 +1187,7 @@ fn stored_session(doc: Document) -> Stored {
         let n = match (k, n) {
             (_, Some(n)) => n,
             (s::DURATION, None) => end.timestamp_millis() - start.timestamp_millis(),
-            _ => 0,
+            _ => return Stored::Unreadable(format!("its {k} is missing or not a number")),
         };
         d.insert(k, n);
     }
@@ -1206,6 +1235,7 @@ fn stored_session(doc: Document) -> Stored {
         Ok(session) => Stored::Read {
             session: Box::new(session),
             status_unread,
+            foreign,
         },
         Err(e) => Stored::Unreadable(e.to_string()),
     }

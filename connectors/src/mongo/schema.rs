@@ -328,7 +328,7 @@ pub(super) async fn init(store: &Store) -> Result<InitReport, StoreError> {
             if field("timeField") != Some(e::TIMESTAMP) || field("metaField") != Some(e::EVENT_TYPE)
             {
                 report.warnings.push(format!(
-                    "`{}` is a time-series collection with timeField `{}` and metaField `{}`; Sluice creates it with `{}` and `{}` (see README, \"events storage\"): events are stored, but buckets and the automatic index are not the ones described",
+                    "`{}` is a time-series collection with timeField `{}` and metaField `{}`; Sluice creates it with `{}` and `{}` (see README, \"Storage design\"): events are stored, but buckets and the automatic index are not the ones described",
                     c::EVENTS,
                     field("timeField").unwrap_or("?"),
                     field("metaField").unwrap_or("(none)"),

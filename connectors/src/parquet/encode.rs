@@ -260,9 +260,20 @@ fn column_values(
         ColKind::Int64 => {
             let mut b = Int64Builder::with_capacity(n);
             for v in values {
-                let x = v.and_then(as_i64);
+                let x = v.and_then(as_i64).or_else(|| match fit {
+                    // A number another writer stored as text or a decimal (`"25"`).
+                    Fit::Lenient => v
+                        .and_then(sluice_core::model::stored_number)
+                        .and_then(|x| as_i64(&Bson::Double(x))),
+                    Fit::Exact => None,
+                });
                 odd.note(v, x.is_some());
-                if let (Some(v @ Bson::Double(_)), Some(_), Fit::Lenient) = (v, x, fit) {
+                if let (
+                    Some(v @ (Bson::Double(_) | Bson::String(_) | Bson::Decimal128(_))),
+                    Some(_),
+                    Fit::Lenient,
+                ) = (v, x, fit)
+                {
                     odd.note_converted(v);
                 }
                 check(x.is_some())?;
@@ -273,7 +284,16 @@ fn column_values(
         ColKind::Float64 => {
             let mut b = Float64Builder::with_capacity(n);
             for v in values {
-                let x = v.and_then(as_f64);
+                let x = v.and_then(as_f64).or_else(|| match fit {
+                    Fit::Lenient => {
+                        let x = v.and_then(sluice_core::model::stored_number);
+                        if let (Some(v), Some(_)) = (v, x) {
+                            odd.note_converted(v);
+                        }
+                        x
+                    }
+                    Fit::Exact => None,
+                });
                 odd.note(v, x.is_some());
                 check(x.is_some())?;
                 b.append_option(x);
@@ -687,8 +707,48 @@ mod tests {
             .map(|i| micros.is_valid(i).then(|| micros.value(i)))
             .collect();
         assert_eq!(values, [Some(5), Some(120_500_000), None, Some(99_990_000)]);
-        // (The text total is counted once, in its own `totalRevenue` column.)
-        assert_eq!(unfitting.nulled, 1);
+        // The text total is read in its own column too, counted as converted there.
+        let totals = b
+            .column_by_name("totalRevenue")
+            .unwrap()
+            .as_primitive::<arrow::datatypes::Float64Type>();
+        assert_eq!(totals.value(3), 99.99);
+        assert_eq!(
+            unfitting,
+            Unfitting {
+                nulled: 0,
+                converted: 1
+            }
+        );
+
+        // Counts another writer stored as text or decimals are read (converted, as
+        // ARCHIVE's exact encoding refuses them); text that is no whole number is not.
+        let docs = vec![doc! { "visitorId": "odd", "totalEvents": "25",
+        "totalPurchases": "2".parse::<bson::Decimal128>().unwrap(), "totalSessions": "2.5" }];
+        let (b, unfitting) = encode_counted(&USER_TABLE, &docs).unwrap();
+        let int = |name: &str| {
+            let c = b
+                .column_by_name(name)
+                .unwrap()
+                .as_primitive::<arrow::datatypes::Int64Type>()
+                .clone();
+            c.is_valid(0).then(|| c.value(0))
+        };
+        assert_eq!(
+            (
+                int("totalEvents"),
+                int("totalPurchases"),
+                int("totalSessions")
+            ),
+            (Some(25), Some(2), None)
+        );
+        assert_eq!(
+            unfitting,
+            Unfitting {
+                nulled: 1,
+                converted: 2
+            }
+        );
     }
 
     #[test]

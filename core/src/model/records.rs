@@ -163,6 +163,27 @@ pub struct Session {
 }
 
 impl Session {
+    /// The fields its document always has (`_id` aside).
+    pub const REQUIRED_FIELDS: [&'static str; 10] = [
+        "sessionId",
+        "userId",
+        "status",
+        "startTime",
+        "endTime",
+        "duration",
+        "pageViews",
+        "events",
+        "createdAt",
+        "updatedAt",
+    ];
+
+    /// Whether `name` is a field of a session document as Sluice writes one.
+    pub fn is_field(name: &str) -> bool {
+        name == "_id"
+            || Self::REQUIRED_FIELDS.contains(&name)
+            || Self::OPTIONAL_FIELDS.contains(&name)
+    }
+
     /// The fields its document leaves out when they are `None`: what a write that sets
     /// the others unsets, so that fields other writers keep in a session stay.
     pub const OPTIONAL_FIELDS: [&'static str; 13] = [
@@ -410,5 +431,10 @@ mod tests {
         left_out.sort_unstable();
         listed.sort_unstable();
         assert_eq!(left_out, listed);
+        let mut always: Vec<&str> = bare.keys().map(String::as_str).collect();
+        let mut required = Session::REQUIRED_FIELDS.to_vec();
+        always.sort_unstable();
+        required.sort_unstable();
+        assert_eq!(always, required);
     }
 }
