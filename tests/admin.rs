@@ -1140,15 +1140,22 @@ async fn daily_and_top_pages_count_what_was_stored() {
             event_id: format!("e{i}"),
             user_id: format!("u{}", i % 7),
             session_id: format!("s{}", i % 11),
-            event_type: if i % 3 == 0 {
-                EventType::Click
-            } else {
-                EventType::PageView
+            event_type: match i % 3 {
+                0 if i % 2 == 0 => EventType::Purchase,
+                0 => EventType::Click,
+                _ => EventType::PageView,
             },
             timestamp: bson::DateTime::from_millis(start + i as i64 * 60_000),
             page_url: (i % 3 != 0).then(|| format!("/p{}", i % 5)),
             id: None,
-            properties: bson::Document::new(),
+            // Purchases in two currencies, one without: 20 of them.
+            properties: match i % 3 {
+                0 if i % 2 == 0 => match i % 4 {
+                    0 => bson::doc! { "amount": 0.1, "currency": "EUR" },
+                    _ => bson::doc! { "amount": 2.5 },
+                },
+                _ => bson::Document::new(),
+            },
             metadata: Default::default(),
             referrer: None,
             duration: None,
@@ -1175,14 +1182,19 @@ async fn daily_and_top_pages_count_what_was_stored() {
     let daily = get(format!("/v1/analytics/daily?from={day}&to={day}")).await;
     let users: HashSet<&str> = events.iter().map(|e| e.user_id.as_str()).collect();
     let sessions: HashSet<&str> = events.iter().map(|e| e.session_id.as_str()).collect();
+    // Purchases i = 0, 6, 12, ...: EUR when i % 4 == 0 (10 of them), none otherwise (10).
     assert_eq!(
         daily,
-        json!([{ "date": day.to_string(), "events": 120, "users": users.len(), "sessions": sessions.len() }])
+        json!([{ "date": day.to_string(), "events": 120, "users": users.len(), "sessions": sessions.len(),
+                 "purchases": 20, "revenue": [
+                     { "currency": null, "purchases": 10, "revenueMicros": 25_000_000, "revenue": 25.0 },
+                     { "currency": "EUR", "purchases": 10, "revenueMicros": 1_000_000, "revenue": 1.0 },
+                 ] }])
     );
     // A day without events has its row too, with zeros.
     let (before, after) = (day.pred_opt().unwrap(), day.succ_opt().unwrap());
     let three = get(format!("/v1/analytics/daily?from={before}&to={after}")).await;
-    let zero = |d: chrono::NaiveDate| json!({ "date": d.to_string(), "events": 0, "users": 0, "sessions": 0 });
+    let zero = |d: chrono::NaiveDate| json!({ "date": d.to_string(), "events": 0, "users": 0, "sessions": 0, "purchases": 0, "revenue": [] });
     assert_eq!(three, json!([zero(before), daily[0].clone(), zero(after)]));
 
     let top = get(format!("/v1/analytics/top-pages?from={day}&limit=3")).await;

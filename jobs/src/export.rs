@@ -2457,7 +2457,7 @@ async fn daily_rows(
 }
 
 /// The `$match` stage of [`daily_rows`]' events (`in_window`), narrowed to purchases.
-fn window_of_purchases(in_window: &Document) -> Document {
+pub fn window_of_purchases(in_window: &Document) -> Document {
     let mut stage = in_window.clone();
     if let Ok(filter) = stage.get_document_mut("$match") {
         filter.insert(e::EVENT_TYPE, EventType::Purchase.as_str());
@@ -2471,7 +2471,7 @@ fn window_of_purchases(in_window: &Document) -> Document {
 /// millionth half away from zero as that total rounds it, and summed exactly. A purchase
 /// without such an amount counts in `purchases` and adds no revenue. Sorted by day and
 /// currency.
-fn revenue_per_day(purchases: Document) -> Vec<Document> {
+pub fn revenue_per_day(purchases: Document) -> Vec<Document> {
     let amount = "$properties.amount";
     let priced = doc! { "$and": [
         { "$in": [{ "$type": amount }, ["double", "int", "long"]] },
@@ -2506,7 +2506,7 @@ fn revenue_per_day(purchases: Document) -> Vec<Document> {
 }
 
 /// The purchases of `date` among [`revenue_per_day`]'s rows, and its revenue entries.
-fn day_revenue(rows: &[Document], date: &str) -> (i64, Vec<Bson>) {
+pub fn day_revenue(rows: &[Document], date: &str) -> (i64, Vec<Bson>) {
     let int = sluice_core::model::count_in;
     let mut purchases = 0;
     let entries = rows

@@ -1401,6 +1401,11 @@ async fn daily(
     let events = count_by_day(totals);
     let users = count_by_day(distinct("userId").await?);
     let sessions = count_by_day(distinct("sessionId").await?);
+    let revenue = aggregate_docs(
+        &state,
+        sluice_jobs::export::revenue_per_day(sluice_jobs::export::window_of_purchases(&in_window)),
+    )
+    .await?;
     // One row per day of the window, a day without events too (a chart reading the rows
     // must not join a quiet Sunday's neighbours).
     Ok(Json(json!(from
@@ -1411,9 +1416,24 @@ async fn daily(
             let n = |m: &std::collections::HashMap<String, Bson>| {
                 m.get(&date).cloned().unwrap_or(Bson::Int32(0))
             };
+            // As DAILY_ANALYTICS has them: per currency, exact in millionths.
+            let (purchases, per_currency) = sluice_jobs::export::day_revenue(&revenue, &date);
+            let per_currency: Vec<Bson> = per_currency
+                .into_iter()
+                .filter_map(|entry| {
+                    let mut entry = entry.as_document()?.clone();
+                    let micros = entry.get_i64("revenueMicros").ok()?;
+                    entry.insert(
+                        "revenue",
+                        micros as f64 / sluice_core::aggregate::REVENUE_SCALE,
+                    );
+                    Some(Bson::Document(entry))
+                })
+                .collect();
             Bson::Document(doc! {
                 "date": &date, "events": n(&events),
                 "users": n(&users), "sessions": n(&sessions),
+                "purchases": purchases, "revenue": per_currency,
             })
             .into_relaxed_extjson()
         })
