@@ -1397,6 +1397,13 @@ async fn sessions_and_totals_another_writer_stored_are_continued_not_replaced() 
             doc! { "sessionId": "many-s", "userId": "legacy-v", "status": "ENDED",
             "startTime": at(t0), "endTime": at(t0 + 60_000),
             "pageViews": 1, "events": "many" },
+            // Its own kind of `_id`, no endTime but a duration, an object for a text field.
+            doc! { "_id": "legacy-text-id", "sessionId": "textid-s", "userId": "legacy-v",
+            "status": "ENDED", "startTime": at(t0), "duration": 60_000,
+            "pageViews": 1, "events": 1, "browser": { "name": "Safari", "major": 17 } },
+            // Epoch seconds, which read as milliseconds would be January 1970.
+            doc! { "sessionId": "seconds-s", "userId": "legacy-v", "status": "ENDED",
+            "startTime": t0 / 1000, "pageViews": 1, "events": 1 },
         ])
         .await
         .unwrap();
@@ -1430,10 +1437,12 @@ async fn sessions_and_totals_another_writer_stored_are_continued_not_replaced() 
             event("e-broken", "legacy-v", "broken-s", t0 + 30_000, "PAGE_VIEW", "/b"),
             event("e-naive", "legacy-v", "naive-s", t0 + 30_000, "PAGE_VIEW", "/n"),
             event("e-many", "legacy-v", "many-s", t0 + 30_000, "PAGE_VIEW", "/m"),
+            event("e-textid", "legacy-v", "textid-s", t0 + 30_000, "CLICK", "/t"),
+            event("e-seconds", "legacy-v", "seconds-s", t0 + 30_000, "CLICK", "/s"),
         ] }),
     )
     .await;
-    assert_eq!((s, body["stored"].as_u64()), (200, Some(7)), "{body}");
+    assert_eq!((s, body["stored"].as_u64()), (200, Some(9)), "{body}");
     let session = |id: &'static str| {
         let sessions = db.store.collection("sessions");
         async move {
@@ -1450,6 +1459,25 @@ async fn sessions_and_totals_another_writer_stored_are_continued_not_replaced() 
     // Guessed, its count would go on wrong: left as it was.
     let many = session("many-s").await;
     assert_eq!(many.get_str("events"), Ok("many"), "{many}");
+    let text_id = session("textid-s").await;
+    assert_eq!(text_id.get_str("_id"), Ok("legacy-text-id"), "{text_id}");
+    assert_eq!(
+        int(&text_id, "events"),
+        2,
+        "found by its own _id: {text_id}"
+    );
+    assert_eq!(
+        millis(&text_id, "endTime"),
+        t0 + 60_000,
+        "from its duration"
+    );
+    assert_eq!(text_id.get_str("status"), Ok("ENDED"), "inside its span");
+    assert!(
+        text_id.get_str("browser").unwrap().contains("Safari"),
+        "kept, as text: {text_id}"
+    );
+    let seconds = session("seconds-s").await;
+    assert_eq!(int(&seconds, "events"), 1, "left as it was: {seconds}");
     let odd = db
         .store
         .collection("sessions")
@@ -1519,7 +1547,7 @@ async fn sessions_and_totals_another_writer_stored_are_continued_not_replaced() 
     assert_eq!(legacy.get_f64("totalRevenue"), Ok(130.5));
     assert_eq!(
         (int(&legacy, "totalEvents"), int(&legacy, "totalPurchases")),
-        (9, 2)
+        (11, 2)
     );
     assert_eq!(
         int(&legacy, "totalSessions"),

@@ -675,7 +675,7 @@ impl EventWriter {
         new_events: &[&Event],
         now: DateTime,
     ) -> Result<(Writes, HashMap<String, i64>), TxnError> {
-        let sessions = self.store.collection(c::SESSIONS);
+        let sessions = self.store.db().collection::<RawDocumentBuf>(c::SESSIONS);
         let mut by_session: BTreeMap<&str, Vec<&Event>> = BTreeMap::new();
         for e in new_events {
             by_session.entry(e.session_id.as_str()).or_default().push(e);
@@ -685,16 +685,31 @@ impl EventWriter {
             .find(doc! { s::SESSION_ID: { "$in": &keys } })
             .session(&mut *session)
             .await?;
-        let mut existing: HashMap<String, Stored> = HashMap::new();
+        let mut existing: HashMap<String, (Bson, Stored)> = HashMap::new();
         while let Some(found) = cursor.next(&mut *session).await.transpose()? {
-            if let Ok(id) = found.get_str(s::SESSION_ID) {
-                existing.insert(id.to_string(), stored_session(found));
-            }
+            let Ok(id) = found.get_str(s::SESSION_ID) else {
+                continue;
+            };
+            // Its `_id` as stored (another writer's may be text): what the update finds
+            // it by.
+            let Some(key) = found
+                .get(common::ID)
+                .ok()
+                .flatten()
+                .and_then(|k| Bson::try_from(k.to_raw_bson()).ok())
+            else {
+                continue;
+            };
+            existing.insert(id.to_string(), (key, stored_session_raw(&found)));
         }
         let mut writes = Writes::default();
         let mut new_sessions: HashMap<String, i64> = HashMap::new();
         for (id, evs) in by_session {
-            let (before, status_unread, foreign) = match existing.remove(id) {
+            let (key, stored) = match existing.remove(id) {
+                Some((key, stored)) => (Some(key), Some(stored)),
+                None => (None, None),
+            };
+            let (before, status_unread, foreign) = match stored {
                 None => (None, false, false),
                 Some(Stored::Read {
                     session,
@@ -713,7 +728,6 @@ impl EventWriter {
                     continue;
                 }
             };
-            let key = before.as_ref().and_then(|b| b.id);
             let owner_before = before.as_ref().map(|b| b.user_id.clone());
             let mut folded = fold_session(before, &evs, now);
             folded.id = None;
@@ -732,11 +746,11 @@ impl EventWriter {
             }
             match key {
                 // A session as Sluice writes one is replaced whole (the cheapest update).
-                Some(oid) if !foreign && !status_unread => writes
+                Some(key) if !foreign && !status_unread => writes
                     .updates
-                    .push(doc! { "q": { common::ID: oid }, "u": document }),
+                    .push(doc! { "q": { common::ID: key }, "u": document }),
                 // Set, not replaced: fields other writers keep in a session stay.
-                Some(oid) => {
+                Some(key) => {
                     let unset: Document = Session::OPTIONAL_FIELDS
                         .iter()
                         .filter(|f| !document.contains_key(**f))
@@ -748,7 +762,7 @@ impl EventWriter {
                     }
                     writes
                         .updates
-                        .push(doc! { "q": { common::ID: oid }, "u": update });
+                        .push(doc! { "q": { common::ID: key }, "u": update });
                 }
                 None => writes.inserts.push(document),
             }
@@ -1126,23 +1140,62 @@ pub(super) enum Stored {
     Unreadable(String),
 }
 
-/// A stored session, read leniently when another writer stored it otherwise than Sluice
-/// does: counts as doubles, decimals or text, times as text (RFC 3339, or
-/// `YYYY-MM-DD HH:MM:SS` as UTC) or epoch milliseconds, ids as numbers, a missing
-/// `createdAt`, `endTime` or `duration` (from the others), text fields of other types (as
-/// their JSON text), an unknown status. A start time, an event count or a page view count
-/// that is missing or does not read as one leaves it unreadable: guessed, the session
-/// would go on with wrong numbers.
-pub(super) fn stored_session(doc: Document) -> Stored {
-    let foreign = doc.keys().any(|k| !Session::is_field(k));
-    if let Ok(session) = bson::from_document::<Session>(doc.clone()) {
+/// A stored session as read from the server: the common case (a session Sluice wrote)
+/// straight from its bytes, another writer's through [`stored_session`].
+fn stored_session_raw(raw: &RawDocumentBuf) -> Stored {
+    let foreign = raw
+        .iter()
+        .any(|field| field.map_or(true, |(k, _)| !Session::is_field(k)));
+    if let Ok(session) = bson::from_slice::<Session>(raw.as_bytes()) {
         return Stored::Read {
             session: Box::new(session),
             status_unread: false,
             foreign,
         };
     }
+    match raw.to_document() {
+        Ok(doc) => stored_session(doc),
+        Err(e) => Stored::Unreadable(e.to_string()),
+    }
+}
+
+/// The text fields of a session, which another writer may hold as other values.
+const SESSION_TEXT_FIELDS: [&str; 10] = [
+    "entryPage",
+    "exitPage",
+    "device",
+    "browser",
+    "os",
+    "country",
+    "region",
+    "city",
+    "ipAddress",
+    "userAgent",
+];
+
+/// A stored session, read leniently when another writer stored it otherwise than Sluice
+/// does: counts as doubles, decimals or text (whole numbers), times as text (RFC 3339, or
+/// `YYYY-MM-DD HH:MM:SS` as UTC) or epoch milliseconds, a numeric visitor id, a missing
+/// `createdAt`, `endTime` (from `duration`) or `duration`, text fields holding other
+/// values (as their JSON text, so nothing of them is lost), an unknown status, an `_id`
+/// of any type. A start time, an event count or a page view count that is missing or
+/// does not read as one leaves it unreadable: guessed, the session would go on with
+/// wrong numbers.
+pub(super) fn stored_session(doc: Document) -> Stored {
+    let foreign = doc.keys().any(|k| !Session::is_field(k));
     let mut d = doc;
+    // Found and updated by its `_id` as stored; not read.
+    d.remove(common::ID);
+    if let Ok(session) = bson::from_document::<Session>(d.clone()) {
+        return Stored::Read {
+            session: Box::new(session),
+            status_unread: false,
+            foreign,
+        };
+    }
+    // Epoch numbers only as milliseconds from 1973 on: an earlier one is more likely
+    // seconds, which read as milliseconds would put the session in January 1970.
+    const MIN_EPOCH_MS: f64 = 1e11;
     let date = |v: Option<&Bson>| match v? {
         Bson::DateTime(t) => Some(*t),
         Bson::String(text) => {
@@ -1159,15 +1212,28 @@ pub(super) fn stored_session(doc: Document) -> Stored {
                 .ok()
                 .map(DateTime::from_millis)
         }
-        Bson::Int64(ms) => Some(DateTime::from_millis(*ms)),
-        Bson::Double(ms) if ms.is_finite() => Some(DateTime::from_millis(*ms as i64)),
+        v @ (Bson::Int64(_) | Bson::Double(_)) => sluice_core::model::number_of(v)
+            .filter(|ms| ms.is_finite() && ms.abs() >= MIN_EPOCH_MS && ms.fract() == 0.0)
+            .map(|ms| DateTime::from_millis(ms as i64)),
         _ => None,
+    };
+    // A whole number, as a count is.
+    let whole = |v: Option<&Bson>| match v? {
+        v @ (Bson::Int32(_) | Bson::Int64(_)) => sluice_core::model::int_of(v),
+        v => sluice_core::model::stored_number(v)
+            .filter(|n| n.fract() == 0.0 && n.abs() < 9.0e15)
+            .map(|n| n as i64),
     };
     let Some(start) = date(d.get(s::START_TIME)) else {
         return Stored::Unreadable("its startTime is missing or not a time".into());
     };
+    let duration = whole(d.get(s::DURATION)).filter(|ms| *ms >= 0);
     let end = match d.get(s::END_TIME) {
-        None | Some(Bson::Null) => start,
+        None | Some(Bson::Null) => DateTime::from_millis(
+            start
+                .timestamp_millis()
+                .saturating_add(duration.unwrap_or(0)),
+        ),
         v => match date(v) {
             Some(end) => end.max(start),
             None => return Stored::Unreadable("its endTime is not a time".into()),
@@ -1179,17 +1245,15 @@ pub(super) fn stored_session(doc: Document) -> Stored {
     d.insert(s::END_TIME, end);
     d.insert(common::CREATED_AT, created);
     d.insert(common::UPDATED_AT, updated);
-    for k in [s::PAGE_VIEWS, s::EVENTS, s::DURATION] {
-        let n = d.get(k).and_then(|v| match v {
-            Bson::Int32(_) | Bson::Int64(_) => sluice_core::model::int_of(v),
-            _ => sluice_core::model::stored_number(v).map(|n| n as i64),
-        });
-        let n = match (k, n) {
-            (_, Some(n)) => n,
-            (s::DURATION, None) => end.timestamp_millis() - start.timestamp_millis(),
-            _ => return Stored::Unreadable(format!("its {k} is missing or not a number")),
+    d.insert(
+        s::DURATION,
+        end.timestamp_millis() - start.timestamp_millis(),
+    );
+    for k in [s::PAGE_VIEWS, s::EVENTS] {
+        match whole(d.get(k)).filter(|n| *n >= 0) {
+            Some(n) => d.insert(k, n),
+            None => return Stored::Unreadable(format!("its {k} is missing or not a whole number")),
         };
-        d.insert(k, n);
     }
     // A numeric visitor id as the tracker writes one sent as a number.
     let id_text = match d.get(s::USER_ID) {
@@ -1204,18 +1268,15 @@ pub(super) fn stored_session(doc: Document) -> Stored {
     if let Some(text) = id_text {
         d.insert(s::USER_ID, text);
     }
-    // Text fields written as other scalars: as their text; keys of Sluice's own that do
-    // not read are dropped (they are made again).
-    for k in Session::OPTIONAL_FIELDS {
-        match d.get(k) {
-            None | Some(Bson::Null | Bson::String(_) | Bson::Document(_)) => {}
-            Some(v @ (Bson::Int32(_) | Bson::Int64(_) | Bson::Double(_) | Bson::Boolean(_))) => {
-                let text = v.clone().into_relaxed_extjson().to_string();
-                d.insert(k, text);
-            }
-            Some(_) => {
-                d.remove(k);
-            }
+    // Text fields holding other values (`browser: {name, version}`): as their JSON text,
+    // which the update writes back, so nothing of them is lost.
+    for k in SESSION_TEXT_FIELDS {
+        if let Some(v) = d
+            .get(k)
+            .filter(|v| !matches!(v, Bson::Null | Bson::String(_)))
+        {
+            let text = v.clone().into_relaxed_extjson().to_string();
+            d.insert(k, text);
         }
     }
     let status_unread = d.get_str(s::STATUS).map_or(true, |t| {
@@ -1276,12 +1337,13 @@ pub(super) fn user_aggregates(visitor: &str, d: &Document, say_unreadable: bool)
         Some(v @ (Bson::Int32(_) | Bson::Int64(_))) => sluice_core::model::int_of(v).unwrap_or(0),
         _ => number(k).map_or(0, |n| n as i64),
     };
-    let micros = match d.get(u::TOTAL_REVENUE_MICROS) {
-        None | Some(Bson::Null) => {
-            number(u::TOTAL_REVENUE).map_or(0, sluice_core::aggregate::revenue_micros)
+    let micros = sluice_core::model::stored_revenue_micros(d).unwrap_or_else(|| {
+        // Neither reads: each one present is said.
+        for k in [u::TOTAL_REVENUE_MICROS, u::TOTAL_REVENUE] {
+            number(k);
         }
-        Some(_) => int(u::TOTAL_REVENUE_MICROS),
-    };
+        0
+    });
     User {
         id: None,
         visitor_id: visitor.to_string(),

@@ -261,10 +261,16 @@ fn column_values(
             let mut b = Int64Builder::with_capacity(n);
             for v in values {
                 let x = v.and_then(as_i64).or_else(|| match fit {
-                    // A number another writer stored as text or a decimal (`"25"`).
-                    Fit::Lenient => v
-                        .and_then(sluice_core::model::stored_number)
-                        .and_then(|x| as_i64(&Bson::Double(x))),
+                    // A number another writer stored as text or a decimal (`"25"`): an
+                    // integer's text exactly, past 2^53 too.
+                    Fit::Lenient => match v {
+                        Some(Bson::String(text)) => text.trim().parse().ok(),
+                        _ => None,
+                    }
+                    .or_else(|| {
+                        v.and_then(sluice_core::model::stored_number)
+                            .and_then(|x| as_i64(&Bson::Double(x)))
+                    }),
                     Fit::Exact => None,
                 });
                 odd.note(v, x.is_some());
@@ -378,12 +384,7 @@ fn column_values(
         ColKind::Revenue => revenue(spec, docs)?,
         ColKind::RevenueMicros => Arc::new(
             docs.iter()
-                .map(|d| match lookup(d, spec.path) {
-                    Some(v @ (Bson::Int32(_) | Bson::Int64(_))) => sluice_core::model::int_of(v),
-                    _ => lookup(d, sluice_core::model::user_fields::TOTAL_REVENUE)
-                        .and_then(sluice_core::model::stored_number)
-                        .map(sluice_core::aggregate::revenue_micros),
-                })
+                .map(sluice_core::model::stored_revenue_micros)
                 .collect::<Int64Array>(),
         ),
         ColKind::PurchaseNumber => Arc::new(

@@ -70,6 +70,22 @@ pub fn stored_number(v: &bson::Bson) -> Option<f64> {
     .filter(|x: &f64| x.is_finite())
 }
 
+/// A visitor's exact revenue in millionths as stored: `totalRevenueMicros` when it reads
+/// as a number (an integer exactly, another rounded), else `totalRevenue` in millionths
+/// (rounded as a purchase's amount is), else `None`. What the tracker goes on from and
+/// USER_DATA exports, for profiles another writer stored too.
+pub fn stored_revenue_micros(user: &bson::Document) -> Option<i64> {
+    match user.get(user_fields::TOTAL_REVENUE_MICROS) {
+        Some(v @ (bson::Bson::Int32(_) | bson::Bson::Int64(_))) => int_of(v),
+        v => v.and_then(stored_number).map(|m| m.round() as i64),
+    }
+    .or_else(|| {
+        user.get(user_fields::TOTAL_REVENUE)
+            .and_then(stored_number)
+            .map(crate::aggregate::revenue_micros)
+    })
+}
+
 /// [`int_of`] of a document's field, `0` when it is missing or not an integer.
 pub fn count_in(doc: &bson::Document, key: &str) -> i64 {
     doc.get(key).and_then(int_of).unwrap_or(0)
