@@ -751,9 +751,8 @@ impl EventWriter {
                     .push(doc! { "q": { common::ID: key }, "u": document }),
                 // Set, not replaced: fields other writers keep in a session stay.
                 Some(key) => {
-                    let unset: Document = Session::OPTIONAL_FIELDS
-                        .iter()
-                        .filter(|f| !document.contains_key(**f))
+                    let unset: Document = Session::optional_fields()
+                        .filter(|f| !document.contains_key(*f))
                         .map(|f| (f.to_string(), Bson::String(String::new())))
                         .collect();
                     let mut update = doc! { "$set": document };
@@ -1159,20 +1158,6 @@ fn stored_session_raw(raw: &RawDocumentBuf) -> Stored {
     }
 }
 
-/// The text fields of a session, which another writer may hold as other values.
-const SESSION_TEXT_FIELDS: [&str; 10] = [
-    "entryPage",
-    "exitPage",
-    "device",
-    "browser",
-    "os",
-    "country",
-    "region",
-    "city",
-    "ipAddress",
-    "userAgent",
-];
-
 /// A stored session, read leniently when another writer stored it otherwise than Sluice
 /// does: counts as doubles, decimals or text (whole numbers), times as text (RFC 3339, or
 /// `YYYY-MM-DD HH:MM:SS` as UTC) or epoch milliseconds, a numeric visitor id, a missing
@@ -1270,7 +1255,7 @@ pub(super) fn stored_session(doc: Document) -> Stored {
     }
     // Text fields holding other values (`browser: {name, version}`): as their JSON text,
     // which the update writes back, so nothing of them is lost.
-    for k in SESSION_TEXT_FIELDS {
+    for k in Session::TEXT_FIELDS {
         if let Some(v) = d
             .get(k)
             .filter(|v| !matches!(v, Bson::Null | Bson::String(_)))
@@ -1287,7 +1272,7 @@ pub(super) fn stored_session(doc: Document) -> Stored {
     }
     let read = bson::from_document::<Session>(d.clone()).or_else(|_| {
         // Keys of Sluice's own that do not read (another shape) are made again.
-        for k in ["firstEvent", "entryEvent", "exitEvent"] {
+        for k in Session::KEY_FIELDS {
             d.remove(k);
         }
         bson::from_document::<Session>(d)

@@ -181,12 +181,11 @@ impl Session {
     pub fn is_field(name: &str) -> bool {
         name == "_id"
             || Self::REQUIRED_FIELDS.contains(&name)
-            || Self::OPTIONAL_FIELDS.contains(&name)
+            || Self::optional_fields().any(|f| f == name)
     }
 
-    /// The fields its document leaves out when they are `None`: what a write that sets
-    /// the others unsets, so that fields other writers keep in a session stay.
-    pub const OPTIONAL_FIELDS: [&'static str; 13] = [
+    /// The text fields its document leaves out when they are `None`.
+    pub const TEXT_FIELDS: [&'static str; 10] = [
         "entryPage",
         "exitPage",
         "device",
@@ -197,10 +196,16 @@ impl Session {
         "city",
         "ipAddress",
         "userAgent",
-        "firstEvent",
-        "entryEvent",
-        "exitEvent",
     ];
+
+    /// Its ordering keys (see [`crate::aggregate`]), left out when `None`.
+    pub const KEY_FIELDS: [&'static str; 3] = ["firstEvent", "entryEvent", "exitEvent"];
+
+    /// The fields its document leaves out when they are `None`: what a write that sets
+    /// the others unsets, so that fields other writers keep in a session stay.
+    pub fn optional_fields() -> impl Iterator<Item = &'static str> {
+        Self::TEXT_FIELDS.into_iter().chain(Self::KEY_FIELDS)
+    }
 }
 
 /// A total order on events: by timestamp, then by `eventId` for ties.
@@ -427,7 +432,7 @@ mod tests {
             .map(String::as_str)
             .filter(|k| !bare.contains_key(*k))
             .collect();
-        let mut listed = Session::OPTIONAL_FIELDS.to_vec();
+        let mut listed: Vec<&str> = Session::optional_fields().collect();
         left_out.sort_unstable();
         listed.sort_unstable();
         assert_eq!(left_out, listed);
