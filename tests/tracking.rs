@@ -1421,6 +1421,7 @@ async fn sessions_and_totals_another_writer_stored_are_continued_not_replaced() 
         .unwrap();
     let server = start_server(&db, |_| {}).await;
     let base = format!("http://{}", server.addr);
+    let unread_before = sluice_core::metrics::value("sluice_sessions_unread_total", &[]);
     let event = |id: &str, visitor: &str, session: &str, ts: i64, kind: &str, page: &str| {
         json!({ "eventId": id, "userId": visitor, "sessionId": session, "eventType": kind,
                 "timestamp": ts, "pageUrl": page, "properties": { "amount": 10, "currency": "EUR" } })
@@ -1478,6 +1479,11 @@ async fn sessions_and_totals_another_writer_stored_are_continued_not_replaced() 
     );
     let seconds = session("seconds-s").await;
     assert_eq!(int(&seconds, "events"), 1, "left as it was: {seconds}");
+    // Each counted once (no other test leaves a session unread).
+    assert_eq!(
+        sluice_core::metrics::value("sluice_sessions_unread_total", &[]) - unread_before,
+        3.0
+    );
     let odd = db
         .store
         .collection("sessions")

@@ -140,6 +140,9 @@ struct Claimed {
     earlier: Vec<(usize, DateTime, Counted)>,
     /// Indices of events whose claim says they were stored, or archived since: duplicates.
     settled: Vec<usize>,
+    /// Stored sessions that could not be read, left as they were (id, new events, why):
+    /// said once the transaction commits, not at each of its attempts.
+    unread_sessions: Vec<(String, usize, String)>,
 }
 
 /// What a claim says its event was counted as (claims of older versions hold the time
@@ -561,7 +564,19 @@ impl EventWriter {
                 Err(err) => Err(err),
             };
             match outcome {
-                Ok(claimed) => return Ok(claimed),
+                Ok(claimed) => {
+                    if !claimed.unread_sessions.is_empty() {
+                        count_sessions_unread(claimed.unread_sessions.len() as u64);
+                    }
+                    for (id, events, why) in &claimed.unread_sessions {
+                        tracing::warn!(
+                            session = %id,
+                            events,
+                            "a stored session cannot be read ({why}); it is left as it is, its new events stored without it"
+                        );
+                    }
+                    return Ok(claimed);
+                }
                 Err(err)
                     if is_transient(&err) && attempt < self.options.max_transaction_attempts =>
                 {
@@ -620,6 +635,7 @@ impl EventWriter {
             new: Vec::new(),
             earlier: Vec::new(),
             settled: Vec::new(),
+            unread_sessions: Vec::new(),
         };
         // `unique` names each eventId once: its claim is taken out, not copied.
         for &i in unique {
@@ -651,7 +667,9 @@ impl EventWriter {
 
         let started = Instant::now();
         let new_events: Vec<&Event> = claimed.new.iter().map(|&i| &events[i]).collect();
-        let (session_writes, new_sessions) = self.session_writes(session, &new_events, now).await?;
+        let (session_writes, new_sessions, unread) =
+            self.session_writes(session, &new_events, now).await?;
+        claimed.unread_sessions = unread;
         let user_writes = self
             .user_writes(session, &new_events, &new_sessions, now)
             .await?;
@@ -674,7 +692,7 @@ impl EventWriter {
         session: &mut ClientSession,
         new_events: &[&Event],
         now: DateTime,
-    ) -> Result<(Writes, HashMap<String, i64>), TxnError> {
+    ) -> Result<(Writes, HashMap<String, i64>, Vec<(String, usize, String)>), TxnError> {
         let sessions = self.store.db().collection::<RawDocumentBuf>(c::SESSIONS);
         let mut by_session: BTreeMap<&str, Vec<&Event>> = BTreeMap::new();
         for e in new_events {
@@ -704,6 +722,7 @@ impl EventWriter {
         }
         let mut writes = Writes::default();
         let mut new_sessions: HashMap<String, i64> = HashMap::new();
+        let mut unread = Vec::new();
         for (id, evs) in by_session {
             let (key, stored) = match existing.remove(id) {
                 Some((key, stored)) => (Some(key), Some(stored)),
@@ -719,12 +738,7 @@ impl EventWriter {
                 // Left as it is: its events are stored and counted in their visitor's
                 // totals; failing the batch would refuse every event sent with them.
                 Some(Stored::Unreadable(why)) => {
-                    count_sessions_unread(1);
-                    tracing::warn!(
-                        session = id,
-                        events = evs.len(),
-                        "a stored session cannot be read ({why}); it is left as it is, its new events stored without it"
-                    );
+                    unread.push((id.to_string(), evs.len(), why));
                     continue;
                 }
             };
@@ -766,7 +780,7 @@ impl EventWriter {
                 None => writes.inserts.push(document),
             }
         }
-        Ok((writes, new_sessions))
+        Ok((writes, new_sessions, unread))
     }
 
     /// Folds `new_events` into their visitors. Existing profiles get only their aggregate
