@@ -3265,6 +3265,38 @@ print(json.dumps({"anonymousId": row["anonymousId"], "context": json.loads(row["
         );
         events.delete_one(doc! { "eventId": id }).await.unwrap();
     }
+
+    // Several such events in one day: one run names every kind, with how many.
+    let base = |id: &str| {
+        doc! { "eventId": id, "userId": "u", "sessionId": "s", "eventType": "CLICK",
+        "timestamp": at, "createdAt": at, "metadata": { "bot": false } }
+    };
+    let mut odd = Vec::new();
+    for id in ["app-1", "app-2"] {
+        let mut d = base(id);
+        d.insert("appVersion", "2.3.1");
+        odd.push(d);
+    }
+    let mut scored = base("scored");
+    scored.insert("metadata", doc! { "bot": false, "legacyScore": 7 });
+    odd.push(scored);
+    let mut anonymous = base("x");
+    anonymous.remove("eventId");
+    odd.push(anonymous);
+    events.insert_many(odd).await.unwrap();
+    let err = run_export(&ctx, &request(ExportJobType::Archive, day(0), day(0)))
+        .await
+        .unwrap_err()
+        .to_string();
+    for said in [
+        "2 event(s) with `appVersion`",
+        "1 event(s) with `metadata.legacyScore`",
+        "1 event(s) with no string `eventId`",
+        "(the first: event `app-",
+    ] {
+        assert!(err.contains(said), "{said}: {err}");
+    }
+    assert_eq!(events.count_documents(doc! {}).await.unwrap(), 4, "{err}");
     std::fs::remove_dir_all(dir).unwrap();
 }
 

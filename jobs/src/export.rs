@@ -2772,28 +2772,34 @@ async fn stage(
         let mut rows = 0u64;
         let mut buf = Vec::with_capacity(ctx.batch_rows);
         let mut buf_bytes = 0usize;
+        // What keeps the day from being archived, each kind with how many events and the
+        // first: the whole day is read, so one run names everything to fix.
+        let mut unarchivable: std::collections::BTreeMap<String, (u64, String)> =
+            Default::default();
         while let Some(doc) = docs.try_next().await? {
             if archiving {
                 // Deleted once archived: a field no column holds would be lost.
-                if let Some(field) = sluice_connectors::parquet::uncovered_field(table, &doc) {
-                    return Err(ExportError::Encode {
-                        partition: prefix.clone(),
-                        message: format!(
-                            "event `{}` has `{field}`, which no column of `{}/v{}` holds; archiving it would lose that field, so nothing of the day was archived (export the day with EVENT_DATA and keep the field elsewhere, or remove it)",
-                            doc.get_str(e::EVENT_ID).unwrap_or("?"),
-                            table.name,
-                            table.version
+                let problem = match (
+                    sluice_connectors::parquet::uncovered_field(table, &doc),
+                    doc.get_str(e::EVENT_ID),
+                ) {
+                    (Some(field), Ok(id)) => Some((
+                        format!(
+                            "`{field}`, which no column of `{}/v{}` holds",
+                            table.name, table.version
                         ),
-                    });
-                }
-                if doc.get_str(e::EVENT_ID).is_err() {
-                    return Err(ExportError::Encode {
-                        partition: prefix.clone(),
-                        message: format!(
-                            "an event without a string `eventId` cannot be archived (_id {})",
-                            doc.get(common::ID).cloned().unwrap_or(Bson::Null)
-                        ),
-                    });
+                        format!("event `{id}`"),
+                    )),
+                    (_, Err(_)) => Some((
+                        "no string `eventId`".to_string(),
+                        format!("_id {}", doc.get(common::ID).cloned().unwrap_or(Bson::Null)),
+                    )),
+                    (None, Ok(_)) => None,
+                };
+                if let Some((what, which)) = problem {
+                    let entry = unarchivable.entry(what).or_insert((0, which));
+                    entry.0 += 1;
+                    continue;
                 }
             }
             buf_bytes += approx_bytes(&doc);
@@ -2814,6 +2820,25 @@ async fn stage(
             let _ = batch_tx.send(buf).await;
         }
         drop(batch_tx);
+        if !unarchivable.is_empty() {
+            let listed: Vec<String> = unarchivable
+                .iter()
+                .take(10)
+                .map(|(what, (n, first))| format!("{n} event(s) with {what} (the first: {first})"))
+                .collect();
+            return Err(ExportError::Encode {
+                partition: prefix.clone(),
+                message: format!(
+                    "{}{}; archiving them would lose what they hold, so nothing of the day was archived (export the day with EVENT_DATA and keep such fields elsewhere, move them into `properties`, or remove them)",
+                    listed.join("; "),
+                    if unarchivable.len() > 10 {
+                        format!("; and {} more kinds", unarchivable.len() - 10)
+                    } else {
+                        String::new()
+                    }
+                ),
+            });
+        }
         Ok::<u64, ExportError>(rows)
     };
 
