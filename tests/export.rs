@@ -3280,8 +3280,10 @@ print(json.dumps({"anonymousId": row["anonymousId"], "context": json.loads(row["
     let mut scored = base("scored");
     scored.insert("metadata", doc! { "bot": false, "legacyScore": 7 });
     odd.push(scored);
+    // Both in one event: both said.
     let mut anonymous = base("x");
     anonymous.remove("eventId");
+    anonymous.insert("legacyTag", 1);
     odd.push(anonymous);
     events.insert_many(odd).await.unwrap();
     let err = run_export(&ctx, &request(ExportJobType::Archive, day(0), day(0)))
@@ -3292,6 +3294,7 @@ print(json.dumps({"anonymousId": row["anonymousId"], "context": json.loads(row["
         "2 event(s) with `appVersion`",
         "1 event(s) with `metadata.legacyScore`",
         "1 event(s) with no string `eventId`",
+        "1 event(s) with `legacyTag`",
         "(the first: event `app-",
     ] {
         assert!(err.contains(said), "{said}: {err}");

@@ -1401,6 +1401,10 @@ async fn sessions_and_totals_another_writer_stored_are_continued_not_replaced() 
             doc! { "_id": "legacy-text-id", "sessionId": "textid-s", "userId": "legacy-v",
             "status": "ENDED", "startTime": at(t0), "duration": 60_000,
             "pageViews": 1, "events": 1, "browser": { "name": "Safari", "major": 17 } },
+            // Epoch milliseconds as a double with a fraction (`time.time() * 1000`).
+            doc! { "sessionId": "frac-s", "userId": "legacy-v", "status": "ENDED",
+            "startTime": t0 as f64 + 0.456, "endTime": at(t0 + 60_000),
+            "pageViews": 1, "events": 1 },
             // Epoch seconds, which read as milliseconds would be January 1970.
             doc! { "sessionId": "seconds-s", "userId": "legacy-v", "status": "ENDED",
             "startTime": t0 / 1000, "pageViews": 1, "events": 1 },
@@ -1440,10 +1444,11 @@ async fn sessions_and_totals_another_writer_stored_are_continued_not_replaced() 
             event("e-many", "legacy-v", "many-s", t0 + 30_000, "PAGE_VIEW", "/m"),
             event("e-textid", "legacy-v", "textid-s", t0 + 30_000, "CLICK", "/t"),
             event("e-seconds", "legacy-v", "seconds-s", t0 + 30_000, "CLICK", "/s"),
+            event("e-frac", "legacy-v", "frac-s", t0 + 30_000, "CLICK", "/f"),
         ] }),
     )
     .await;
-    assert_eq!((s, body["stored"].as_u64()), (200, Some(9)), "{body}");
+    assert_eq!((s, body["stored"].as_u64()), (200, Some(10)), "{body}");
     let session = |id: &'static str| {
         let sessions = db.store.collection("sessions");
         async move {
@@ -1476,6 +1481,12 @@ async fn sessions_and_totals_another_writer_stored_are_continued_not_replaced() 
     assert!(
         text_id.get_str("browser").unwrap().contains("Safari"),
         "kept, as text: {text_id}"
+    );
+    let frac = session("frac-s").await;
+    assert_eq!(
+        (millis(&frac, "startTime"), int(&frac, "events")),
+        (t0, 2),
+        "{frac}"
     );
     let seconds = session("seconds-s").await;
     assert_eq!(int(&seconds, "events"), 1, "left as it was: {seconds}");
@@ -1553,7 +1564,7 @@ async fn sessions_and_totals_another_writer_stored_are_continued_not_replaced() 
     assert_eq!(legacy.get_f64("totalRevenue"), Ok(130.5));
     assert_eq!(
         (int(&legacy, "totalEvents"), int(&legacy, "totalPurchases")),
-        (11, 2)
+        (12, 2)
     );
     assert_eq!(
         int(&legacy, "totalSessions"),

@@ -2774,31 +2774,41 @@ async fn stage(
         let mut buf_bytes = 0usize;
         // What keeps the day from being archived, each kind with how many events and the
         // first: the whole day is read, so one run names everything to fix.
-        let mut unarchivable: std::collections::BTreeMap<String, (u64, String)> =
-            Default::default();
+        let mut unarchivable: std::collections::HashMap<String, (u64, String)> = Default::default();
+        // Kinds beyond those kept (a writer naming fields by id makes one per event).
+        let mut more_kinds = 0u64;
+        // Once the day cannot be archived, the rest is only read for what else is in the
+        // way: nothing more is encoded or uploaded.
+        let mut refused = false;
         while let Some(doc) = docs.try_next().await? {
             if archiving {
                 // Deleted once archived: a field no column holds would be lost.
-                let problem = match (
-                    sluice_connectors::parquet::uncovered_field(table, &doc),
-                    doc.get_str(e::EVENT_ID),
-                ) {
-                    (Some(field), Ok(id)) => Some((
-                        format!(
-                            "`{field}`, which no column of `{}/v{}` holds",
-                            table.name, table.version
-                        ),
-                        format!("event `{id}`"),
-                    )),
-                    (_, Err(_)) => Some((
-                        "no string `eventId`".to_string(),
-                        format!("_id {}", doc.get(common::ID).cloned().unwrap_or(Bson::Null)),
-                    )),
-                    (None, Ok(_)) => None,
+                let mut problems = Vec::new();
+                let which = match doc.get_str(e::EVENT_ID) {
+                    Ok(id) => format!("event `{id}`"),
+                    Err(_) => {
+                        problems.push("no string `eventId`".to_string());
+                        format!("_id {}", doc.get(common::ID).cloned().unwrap_or(Bson::Null))
+                    }
                 };
-                if let Some((what, which)) = problem {
-                    let entry = unarchivable.entry(what).or_insert((0, which));
-                    entry.0 += 1;
+                if let Some(field) = sluice_connectors::parquet::uncovered_field(table, &doc) {
+                    problems.push(format!(
+                        "`{field}`, which no column of `{}/v{}` holds",
+                        table.name, table.version
+                    ));
+                }
+                for what in &problems {
+                    let room = unarchivable.len() < 1_000;
+                    match unarchivable.get_mut(what) {
+                        Some(entry) => entry.0 += 1,
+                        None if room => {
+                            unarchivable.insert(what.clone(), (1, which.clone()));
+                        }
+                        None => more_kinds += 1,
+                    }
+                }
+                refused |= !problems.is_empty();
+                if refused {
                     continue;
                 }
             }
@@ -2809,30 +2819,36 @@ async fn stage(
                 rows += buf.len() as u64;
                 ctx.progress.rows_read.fetch_add(buf.len() as u64, Relaxed);
                 if batch_tx.send(std::mem::take(&mut buf)).await.is_err() {
-                    return Ok(rows); // the encoder stopped; its error is reported
+                    // The encoder stopped; its error is reported. (Nothing was in the
+                    // way of the day so far: once something is, nothing more is sent.)
+                    return Ok(rows);
                 }
                 buf.reserve(ctx.batch_rows);
             }
         }
-        if !buf.is_empty() {
+        if !buf.is_empty() && !refused {
             rows += buf.len() as u64;
             ctx.progress.rows_read.fetch_add(buf.len() as u64, Relaxed);
             let _ = batch_tx.send(buf).await;
         }
         drop(batch_tx);
         if !unarchivable.is_empty() {
-            let listed: Vec<String> = unarchivable
+            // The most frequent first.
+            let mut kinds: Vec<(&String, &(u64, String))> = unarchivable.iter().collect();
+            kinds.sort_by(|a, b| b.1 .0.cmp(&a.1 .0).then_with(|| a.0.cmp(b.0)));
+            let listed: Vec<String> = kinds
                 .iter()
                 .take(10)
                 .map(|(what, (n, first))| format!("{n} event(s) with {what} (the first: {first})"))
                 .collect();
+            let others = kinds.len().saturating_sub(10) as u64 + more_kinds;
             return Err(ExportError::Encode {
                 partition: prefix.clone(),
                 message: format!(
                     "{}{}; archiving them would lose what they hold, so nothing of the day was archived (export the day with EVENT_DATA and keep such fields elsewhere, move them into `properties`, or remove them)",
                     listed.join("; "),
-                    if unarchivable.len() > 10 {
-                        format!("; and {} more kinds", unarchivable.len() - 10)
+                    if others > 0 {
+                        format!("; and {others} more kinds")
                     } else {
                         String::new()
                     }

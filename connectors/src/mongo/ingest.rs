@@ -710,15 +710,21 @@ impl EventWriter {
             };
             // Its `_id` as stored (another writer's may be text): what the update finds
             // it by.
-            let Some(key) = found
+            let stored = match found
                 .get(common::ID)
                 .ok()
                 .flatten()
                 .and_then(|k| Bson::try_from(k.to_raw_bson()).ok())
-            else {
-                continue;
+            {
+                Some(key) => (key, stored_session_raw(&found)),
+                // Not taken for a new session: inserting one would meet this one's
+                // sessionId and refuse the batch.
+                None => (
+                    Bson::Null,
+                    Stored::Unreadable("its _id cannot be read".into()),
+                ),
             };
-            existing.insert(id.to_string(), (key, stored_session_raw(&found)));
+            existing.insert(id.to_string(), stored);
         }
         let mut writes = Writes::default();
         let mut new_sessions: HashMap<String, i64> = HashMap::new();
@@ -1212,8 +1218,8 @@ pub(super) fn stored_session(doc: Document) -> Stored {
                 .map(DateTime::from_millis)
         }
         v @ (Bson::Int64(_) | Bson::Double(_)) => sluice_core::model::number_of(v)
-            .filter(|ms| ms.is_finite() && ms.abs() >= MIN_EPOCH_MS && ms.fract() == 0.0)
-            .map(|ms| DateTime::from_millis(ms as i64)),
+            .filter(|ms| ms.is_finite() && ms.abs() >= MIN_EPOCH_MS)
+            .map(|ms| DateTime::from_millis(ms.floor() as i64)),
         _ => None,
     };
     // A whole number, as a count is.
@@ -1336,11 +1342,10 @@ pub(super) fn user_aggregates(visitor: &str, d: &Document, say_unreadable: bool)
         Some(v @ (Bson::Int32(_) | Bson::Int64(_))) => sluice_core::model::int_of(v).unwrap_or(0),
         _ => number(k).map_or(0, |n| n as i64),
     };
+    // An exact total that does not read is said, also when the other one stands in.
+    number(u::TOTAL_REVENUE_MICROS);
     let micros = sluice_core::model::stored_revenue_micros(d).unwrap_or_else(|| {
-        // Neither reads: each one present is said.
-        for k in [u::TOTAL_REVENUE_MICROS, u::TOTAL_REVENUE] {
-            number(k);
-        }
+        number(u::TOTAL_REVENUE);
         0
     });
     User {

@@ -77,6 +77,11 @@ pub fn stored_number(v: &bson::Bson) -> Option<f64> {
 pub fn stored_revenue_micros(user: &bson::Document) -> Option<i64> {
     match user.get(user_fields::TOTAL_REVENUE_MICROS) {
         Some(v @ (bson::Bson::Int32(_) | bson::Bson::Int64(_))) => int_of(v),
+        // An integer's text exactly (past 2^53 too); other numbers rounded, held at the
+        // bounds.
+        Some(bson::Bson::String(text)) if text.trim().parse::<i64>().is_ok() => {
+            text.trim().parse().ok()
+        }
         v => v.and_then(stored_number).map(|m| m.round() as i64),
     }
     .or_else(|| {
