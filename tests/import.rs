@@ -1899,15 +1899,19 @@ async fn a_run_resumed_by_another_process_while_this_one_was_stopped_is_left_to_
         .await
         .unwrap();
     assert!(stored < 45, "{stored}");
-    let run = db
-        .store
-        .collection("import_runs")
-        .find_one(doc! { "config": &name })
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(run.get_str("status").unwrap(), "RUNNING", "{run:?}");
-    assert_eq!(run.get_str("attempt").unwrap(), "another process");
+    // The run's record is the other process's: running, under its attempt.
+    let still_the_others = || async {
+        let run = db
+            .store
+            .collection("import_runs")
+            .find_one(doc! { "config": &name })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(run.get_str("status").unwrap(), "RUNNING", "{run:?}");
+        assert_eq!(run.get_str("attempt").unwrap(), "another process");
+    };
+    still_the_others().await;
     let checkpoint = db
         .store
         .collection("import_checkpoints")
@@ -1941,14 +1945,7 @@ async fn a_run_resumed_by_another_process_while_this_one_was_stopped_is_left_to_
             .unwrap(),
         0
     );
-    let run = db
-        .store
-        .collection("import_runs")
-        .find_one(doc! { "config": &name })
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(run.get_str("status").unwrap(), "RUNNING", "{run:?}");
+    still_the_others().await;
 
     // A new run started meanwhile (not a resume): this process stops too, and writes
     // nothing over the new run's claim.
