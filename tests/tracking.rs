@@ -651,15 +651,15 @@ async fn each_bad_input_class_gets_its_own_4xx() {
     assert_eq!(results[3]["eventId"], "big-1", "{body}");
     assert_eq!(results[4]["status"], "stored");
     // A member Sluice does not read (here a typo of `pageUrl`) is named, not silently lost.
-    // So is a `context` member other than `ip` and `userAgent`, and a member of the batch
-    // itself (a Segment-style batch `context`), beside the results.
+    // So is a `context` member other than `ip` and `userAgent`, of an event's or of the
+    // batch's own (beside the results).
     assert_eq!(
         results[4]["ignored"],
         json!(["pageURL", "context.locale"]),
         "{body}"
     );
     assert!(results[0].get("ignored").is_none());
-    assert_eq!(body["ignored"], json!(["context"]), "{body}");
+    assert_eq!(body["ignored"], json!(["context.locale"]), "{body}");
     // All bad: 400 with the per-event reasons.
     let (s, body) = post(
         &base,
@@ -1648,6 +1648,59 @@ async fn events_another_writer_stored_are_duplicates_once_claimed() {
         .await
         .unwrap();
     assert_eq!((again.claimed, again.already), (0, 3));
+    server.shutdown().await;
+}
+
+/// A native batch's own `context` says where each of its events came from, as an event's
+/// own does (which stands where both say).
+#[tokio::test]
+async fn a_batch_s_context_stands_for_its_events_own() {
+    let db = TestDb::initialized().await;
+    let server = start_server(&db, |_| {}).await;
+    let base = format!("http://{}", server.addr);
+    let (s, body) = post(
+        &base,
+        "/v1/events/batch",
+        &json!({ "batch": [
+            { "eventId": "b-1", "userId": "v", "sessionId": "s", "eventType": "CLICK" },
+            { "eventId": "b-2", "userId": "v", "sessionId": "s", "eventType": "CLICK",
+              "context": { "ip": "198.51.100.7" } },
+        ], "context": { "ip": "203.0.113.9", "userAgent": "Backend/2.1" } }),
+    )
+    .await;
+    assert_eq!((s, body["stored"].as_u64()), (200, Some(2)), "{body}");
+    assert!(body.get("ignored").is_none(), "{body}");
+    let stored = all(&db, "events", doc! { "eventId": 1 }).await;
+    let meta = |i: usize, k: &str| {
+        stored[i]
+            .get_document("metadata")
+            .unwrap()
+            .get_str(k)
+            .map(str::to_string)
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        (meta(0, "ipAddress"), meta(0, "userAgent")),
+        ("203.0.113.9".to_string(), "Backend/2.1".to_string())
+    );
+    assert_eq!(
+        (meta(1, "ipAddress"), meta(1, "userAgent")),
+        ("198.51.100.7".to_string(), "Backend/2.1".to_string())
+    );
+    // One that cannot be read refuses the batch, saying where.
+    let (s, body) = post(
+        &base,
+        "/v1/events/batch",
+        &json!({ "batch": [
+            { "eventId": "b-3", "userId": "v", "sessionId": "s", "eventType": "CLICK" },
+        ], "context": { "ip": 5 } }),
+    )
+    .await;
+    assert_eq!(s, 400, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("context.ip"),
+        "{body}"
+    );
     server.shutdown().await;
 }
 

@@ -78,7 +78,8 @@ pub fn parse_time(field: &str, v: &Value) -> Result<i64, ValidationError> {
 const BEFORE_2000: &str =
     "is before the year 2000 (times are RFC 3339 strings or epoch milliseconds, not seconds)";
 
-fn kind(v: &Value) -> &'static str {
+/// A JSON value's kind, as errors name it (`a string`, `an object`, ...).
+pub fn kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -272,6 +273,24 @@ pub fn json_to_document(v: &Value) -> Result<Document, ValidationError> {
 /// The client's address in a `context.ip` as backends send it: an address, the first of
 /// a comma-separated forwarding chain, with a port (`1.2.3.4:80`, `[::1]:80`) or an IPv6
 /// zone (`fe80::1%eth0`) left out.
+/// The user agent and client address a native `context` (an event's, or a batch's)
+/// says, as `(userAgent, ip)`: each a string when present. Backends forward what they
+/// have for the address: a `X-Forwarded-For` chain, an address with its port or zone; the
+/// client's address is read out of those, and a value that holds none is not the event's
+/// fault (`None`: the request's address stands).
+pub fn context_sent(
+    context: &serde_json::Map<String, Value>,
+) -> Result<(Option<String>, Option<String>), ValidationError> {
+    let in_context =
+        |e: ValidationError| ValidationError::new(format!("context.{}", e.field), e.reason);
+    let ua = opt_string(context, "userAgent", MAX_URL_LEN).map_err(in_context)?;
+    let ip = opt_string(context, "ip", MAX_URL_LEN)
+        .map_err(in_context)?
+        .and_then(|ip| client_ip(&ip))
+        .map(|ip| ip.to_string());
+    Ok((ua, ip))
+}
+
 pub fn client_ip(raw: &str) -> Option<std::net::IpAddr> {
     let first = raw.split(',').next()?.trim();
     if let Ok(ip) = first.parse() {
@@ -1089,23 +1108,12 @@ pub fn parse_event(
     match obj.get("context") {
         None | Some(Value::Null) => {}
         Some(Value::Object(context)) => {
-            let in_context =
-                |e: ValidationError| ValidationError::new(format!("context.{}", e.field), e.reason);
             // Checked either way; used only when the request's key may say where its
             // events came from (else the request's own user agent and address are).
-            let trusted = !ctx.ignore_client_context;
-            if let Some(ua) = opt_string(context, "userAgent", MAX_URL_LEN).map_err(in_context)? {
-                if trusted {
-                    metadata.user_agent = Some(ua);
-                }
-            }
-            // Backends forward what they have: a `X-Forwarded-For` chain, an address with
-            // its port or zone. The client's address is read out of those; a value that
-            // holds none is not the event's fault: the request's address stands.
-            if let Some(ip) = opt_string(context, "ip", MAX_URL_LEN).map_err(in_context)? {
-                if let (Some(ip), true) = (client_ip(&ip), trusted) {
-                    metadata.ip_address = Some(ip.to_string());
-                }
+            let (ua, ip) = context_sent(context)?;
+            if !ctx.ignore_client_context {
+                metadata.user_agent = ua.or(metadata.user_agent);
+                metadata.ip_address = ip.or(metadata.ip_address);
             }
         }
         Some(other) => {

@@ -173,6 +173,41 @@ struct BatchBody<'a> {
     sent_at: Option<Value>,
     #[serde(default, rename = "writeKey")]
     write_key: Option<Value>,
+    /// Said of every event of the batch (`ip`, `userAgent`), as an event's own context.
+    #[serde(default)]
+    context: Option<Value>,
+}
+
+/// A native batch's own `context`: its `ip` and `userAgent` stand for each event that
+/// does not say its own (when the request's key may say where its events came from).
+/// Refused as a whole-batch problem when it cannot be read, as a Segment batch's is.
+fn apply_batch_context(ctx: &mut RequestContext, context: Option<&Value>) -> Result<(), ApiError> {
+    let refused = |field: String, reason: String| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_batch",
+            format!("`{field}`: {reason}"),
+        )
+    };
+    match context {
+        None | Some(Value::Null) => Ok(()),
+        Some(Value::Object(context)) => {
+            let (ua, ip) = sluice_core::tracking::context_sent(context)
+                .map_err(|e| refused(e.field, e.reason))?;
+            if !ctx.ignore_client_context {
+                ctx.user_agent = ua.or(ctx.user_agent.take());
+                ctx.ip = ip.or(ctx.ip.take());
+            }
+            Ok(())
+        }
+        Some(other) => Err(refused(
+            "context".into(),
+            format!(
+                "expected an object, got {}",
+                sluice_core::tracking::kind(other)
+            ),
+        )),
+    }
 }
 
 pub async fn batch(
@@ -189,7 +224,8 @@ pub async fn batch(
     let admitted = admit_after_body(&state, &headers, by_header, parsed.write_key.as_ref())?;
     check_batch_len(&state, parsed.batch.len(), "events")?;
     let sent_at = batch_sent_at(parsed.sent_at.as_ref())?;
-    let ctx = request_context(&state, peer, &headers, sent_at, &admitted);
+    let mut ctx = request_context(&state, peer, &headers, sent_at, &admitted);
+    apply_batch_context(&mut ctx, parsed.context.as_ref())?;
     let mut ignored = Vec::with_capacity(parsed.batch.len());
     let mut sent_ids = Vec::with_capacity(parsed.batch.len());
     let mut warnings = Vec::with_capacity(parsed.batch.len());
@@ -220,10 +256,21 @@ pub async fn batch(
         .instrument(admitted.span())
         .await?;
     answer.note_ignored(ignored);
-    answer.note_batch_ignored(batch_members_not_read(
-        &body,
-        &["batch", "sentAt", BODY_KEY],
-    ));
+    // The batch's own members not read, then those of its context but `ip` and
+    // `userAgent`, as for an event's.
+    let mut batch_ignored =
+        batch_members_not_read(&body, &["batch", "sentAt", BODY_KEY, "context"]);
+    if let Some(Value::Object(context)) = &parsed.context {
+        batch_ignored.extend(
+            sluice_core::tracking::names_not_read(context.keys().map(String::as_str), |k| {
+                k == "ip" || k == "userAgent"
+            })
+            .into_iter()
+            .map(|k| format!("context.{k}")),
+        );
+        batch_ignored.truncate(10);
+    }
+    answer.note_batch_ignored(batch_ignored);
     answer.note_sent_ids(sent_ids, "eventId");
     answer.note_warnings(warnings);
     answer.count_amounts_unread(&unread);
