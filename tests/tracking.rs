@@ -1658,16 +1658,18 @@ async fn a_batch_s_context_stands_for_its_events_own() {
     let db = TestDb::initialized().await;
     let server = start_server(&db, |_| {}).await;
     let base = format!("http://{}", server.addr);
-    let (s, body) = post(
-        &base,
-        "/v1/events/batch",
-        &json!({ "batch": [
+    let r = reqwest::Client::new()
+        .post(format!("{base}/v1/events/batch"))
+        .header("user-agent", "Requesting/2.0")
+        .json(&json!({ "batch": [
             { "eventId": "b-1", "userId": "v", "sessionId": "s", "eventType": "CLICK" },
             { "eventId": "b-2", "userId": "v", "sessionId": "s", "eventType": "CLICK",
               "context": { "ip": "198.51.100.7" } },
-        ], "context": { "ip": "203.0.113.9", "userAgent": "Backend/2.1" } }),
-    )
-    .await;
+        ], "context": { "ip": "203.0.113.9", "userAgent": "Backend/2.1" } }))
+        .send()
+        .await
+        .unwrap();
+    let (s, body): (u16, Value) = (r.status().as_u16(), r.json().await.unwrap());
     assert_eq!((s, body["stored"].as_u64()), (200, Some(2)), "{body}");
     assert!(body.get("ignored").is_none(), "{body}");
     let stored = all(&db, "events", doc! { "eventId": 1 }).await;
@@ -1687,19 +1689,34 @@ async fn a_batch_s_context_stands_for_its_events_own() {
         (meta(1, "ipAddress"), meta(1, "userAgent")),
         ("198.51.100.7".to_string(), "Backend/2.1".to_string())
     );
-    // One that cannot be read refuses the batch, saying where.
+    // What of it cannot be read is not applied and is named; the events are stored.
     let (s, body) = post(
         &base,
         "/v1/events/batch",
         &json!({ "batch": [
             { "eventId": "b-3", "userId": "v", "sessionId": "s", "eventType": "CLICK" },
-        ], "context": { "ip": 5 } }),
+        ], "context": { "ip": 5, "userAgent": "Backend/2.2" } }),
     )
     .await;
-    assert_eq!(s, 400, "{body}");
-    assert!(
-        body["message"].as_str().unwrap().contains("context.ip"),
-        "{body}"
+    assert_eq!((s, body["stored"].as_u64()), (200, Some(1)), "{body}");
+    assert_eq!(body["ignored"], json!(["context.ip"]), "{body}");
+    let (s, body) = post(
+        &base,
+        "/v1/events/batch",
+        &json!({ "batch": [
+            { "eventId": "b-4", "userId": "v", "sessionId": "s", "eventType": "CLICK" },
+        ], "context": "203.0.113.9" }),
+    )
+    .await;
+    assert_eq!((s, body["stored"].as_u64()), (200, Some(1)), "{body}");
+    assert_eq!(body["ignored"], json!(["context"]), "{body}");
+    let stored = all(&db, "events", doc! { "eventId": 1 }).await;
+    assert_eq!(
+        stored[2]
+            .get_document("metadata")
+            .unwrap()
+            .get_str("userAgent"),
+        Ok("Backend/2.2")
     );
     server.shutdown().await;
 }
@@ -2902,6 +2919,19 @@ async fn only_server_side_keys_may_say_where_an_event_came_from() {
             .await
             .unwrap();
         assert_eq!(r.status().as_u16(), 200, "{}", r.text().await.unwrap());
+        // A native batch saying it in its own context.
+        let r = client
+            .post(format!("{base}/v1/events/batch"))
+            .header("x-write-key", key)
+            .header("user-agent", "Requesting/2.0")
+            .json(
+                &json!({ "batch": [ { "eventId": format!("batch-{id}"), "userId": "v",
+                           "sessionId": "s", "eventType": "CLICK" } ], "context": claimed }),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200, "{}", r.text().await.unwrap());
         // Segment, with the key in the body and a claimed location.
         let r = client
             .post(format!("{base}/v1/batch"))
@@ -2928,11 +2958,11 @@ async fn only_server_side_keys_may_say_where_an_event_came_from() {
                 .clone()
         }
     };
-    for id in ["from-browser", "seg-from-browser"] {
+    for id in ["from-browser", "batch-from-browser", "seg-from-browser"] {
         let m = metadata(id).await;
         assert_eq!(m.get_str("ipAddress").unwrap(), "127.0.0.1", "{id}: {m}");
         assert!(m.get_str("country").is_err(), "{id}: {m}");
-        if id == "from-browser" {
+        if id != "seg-from-browser" {
             assert_eq!(m.get_str("userAgent").unwrap(), "Requesting/2.0", "{m}");
         } else {
             // reqwest's own user agent is none; the claim is kept, unused.
@@ -2948,7 +2978,7 @@ async fn only_server_side_keys_may_say_where_an_event_came_from() {
             );
         }
     }
-    for id in ["from-server", "seg-from-server"] {
+    for id in ["from-server", "batch-from-server", "seg-from-server"] {
         let m = metadata(id).await;
         assert_eq!(m.get_str("ipAddress").unwrap(), "198.51.100.7", "{id}: {m}");
         assert_eq!(m.get_str("userAgent").unwrap(), "Claimed/1.0", "{id}: {m}");

@@ -270,9 +270,6 @@ pub fn json_to_document(v: &Value) -> Result<Document, ValidationError> {
     }
 }
 
-/// The client's address in a `context.ip` as backends send it: an address, the first of
-/// a comma-separated forwarding chain, with a port (`1.2.3.4:80`, `[::1]:80`) or an IPv6
-/// zone (`fe80::1%eth0`) left out.
 /// The user agent and client address a native `context` (an event's, or a batch's)
 /// says, as `(userAgent, ip)`: each a string when present. Backends forward what they
 /// have for the address: a `X-Forwarded-For` chain, an address with its port or zone; the
@@ -291,6 +288,9 @@ pub fn context_sent(
     Ok((ua, ip))
 }
 
+/// The client's address in a `context.ip` as backends send it: an address, the first of
+/// a comma-separated forwarding chain, with a port (`1.2.3.4:80`, `[::1]:80`) or an IPv6
+/// zone (`fe80::1%eth0`) left out.
 pub fn client_ip(raw: &str) -> Option<std::net::IpAddr> {
     let first = raw.split(',').next()?.trim();
     if let Ok(ip) = first.parse() {

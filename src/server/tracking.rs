@@ -173,41 +173,52 @@ struct BatchBody<'a> {
     sent_at: Option<Value>,
     #[serde(default, rename = "writeKey")]
     write_key: Option<Value>,
-    /// Said of every event of the batch (`ip`, `userAgent`), as an event's own context.
-    #[serde(default)]
-    context: Option<Value>,
+    /// Said of every event of the batch (`ip`, `userAgent`), as an event's own context;
+    /// read once the request is admitted.
+    #[serde(default, borrow)]
+    context: Option<&'a RawValue>,
 }
 
 /// A native batch's own `context`: its `ip` and `userAgent` stand for each event that
 /// does not say its own (when the request's key may say where its events came from).
-/// Refused as a whole-batch problem when it cannot be read, as a Segment batch's is.
-fn apply_batch_context(ctx: &mut RequestContext, context: Option<&Value>) -> Result<(), ApiError> {
-    let refused = |field: String, reason: String| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_batch",
-            format!("`{field}`: {reason}"),
-        )
+/// What cannot be read of it is not applied and is named (`context.ip`, or `context`
+/// when it is not an object) among the batch's `ignored`, rather than refusing the
+/// batch: SDKs drop a batch answered 400, and every event of it would be lost.
+fn apply_batch_context(ctx: &mut RequestContext, context: Option<&RawValue>) -> Vec<String> {
+    let Some(context) = context else {
+        return Vec::new();
     };
-    match context {
-        None | Some(Value::Null) => Ok(()),
-        Some(Value::Object(context)) => {
-            let (ua, ip) = sluice_core::tracking::context_sent(context)
-                .map_err(|e| refused(e.field, e.reason))?;
-            if !ctx.ignore_client_context {
+    let context: Value = serde_json::from_str(context.get()).unwrap_or(Value::Null);
+    let Value::Object(context) = context else {
+        return if context.is_null() {
+            Vec::new()
+        } else {
+            vec!["context".to_string()]
+        };
+    };
+    let mut ignored: Vec<String> =
+        sluice_core::tracking::names_not_read(context.keys().map(String::as_str), |k| {
+            k == "ip" || k == "userAgent"
+        })
+        .into_iter()
+        .map(|k| format!("context.{k}"))
+        .collect();
+    for key in ["userAgent", "ip"] {
+        let mut one = serde_json::Map::new();
+        if let Some(v) = context.get(key) {
+            one.insert(key.to_string(), v.clone());
+        }
+        match sluice_core::tracking::context_sent(&one) {
+            Ok((ua, ip)) if !ctx.ignore_client_context => {
                 ctx.user_agent = ua.or(ctx.user_agent.take());
                 ctx.ip = ip.or(ctx.ip.take());
             }
-            Ok(())
+            Ok(_) => {}
+            Err(_) => ignored.push(format!("context.{key}")),
         }
-        Some(other) => Err(refused(
-            "context".into(),
-            format!(
-                "expected an object, got {}",
-                sluice_core::tracking::kind(other)
-            ),
-        )),
     }
+    ignored.truncate(10);
+    ignored
 }
 
 pub async fn batch(
@@ -225,7 +236,7 @@ pub async fn batch(
     check_batch_len(&state, parsed.batch.len(), "events")?;
     let sent_at = batch_sent_at(parsed.sent_at.as_ref())?;
     let mut ctx = request_context(&state, peer, &headers, sent_at, &admitted);
-    apply_batch_context(&mut ctx, parsed.context.as_ref())?;
+    let context_ignored = apply_batch_context(&mut ctx, parsed.context);
     let mut ignored = Vec::with_capacity(parsed.batch.len());
     let mut sent_ids = Vec::with_capacity(parsed.batch.len());
     let mut warnings = Vec::with_capacity(parsed.batch.len());
@@ -256,20 +267,11 @@ pub async fn batch(
         .instrument(admitted.span())
         .await?;
     answer.note_ignored(ignored);
-    // The batch's own members not read, then those of its context but `ip` and
-    // `userAgent`, as for an event's.
+    // The batch's own members not read, then what of its context was not.
     let mut batch_ignored =
         batch_members_not_read(&body, &["batch", "sentAt", BODY_KEY, "context"]);
-    if let Some(Value::Object(context)) = &parsed.context {
-        batch_ignored.extend(
-            sluice_core::tracking::names_not_read(context.keys().map(String::as_str), |k| {
-                k == "ip" || k == "userAgent"
-            })
-            .into_iter()
-            .map(|k| format!("context.{k}")),
-        );
-        batch_ignored.truncate(10);
-    }
+    batch_ignored.extend(context_ignored);
+    batch_ignored.truncate(10);
     answer.note_batch_ignored(batch_ignored);
     answer.note_sent_ids(sent_ids, "eventId");
     answer.note_warnings(warnings);
@@ -305,8 +307,8 @@ pub(super) fn parse_batch<'a, T: Deserialize<'a>>(
 
 /// The top-level members of a batch body that `known` does not take (at most 10, each
 /// cut at 64 characters; `_`-prefixed ones, which SDKs add for themselves, left out): a
-/// batch-level `context` beside a native batch would otherwise be dropped without a
-/// word. The body is skimmed again for its keys alone.
+/// member a client meant (a misspelt `sentAt`) would otherwise be dropped without a word.
+/// The body is skimmed again for its keys alone.
 pub(super) fn batch_members_not_read(body: &[u8], known: &[&str]) -> Vec<String> {
     struct Keys(Vec<String>);
     struct KeysVisitor;
@@ -842,7 +844,7 @@ pub struct Answer {
     pub(super) written: Vec<bool>,
     /// A batch of nothing but invalid events: answered 400.
     all_rejected: bool,
-    /// The batch's own members that are not read (a `context` beside a native batch).
+    /// The batch's own members that are not read (and what of its `context` is not).
     ignored: Vec<String>,
 }
 
