@@ -156,7 +156,7 @@ pub fn cut_urls(v: &Value) -> Vec<&'static str> {
 
 /// A numeric id's text: a whole number as an integer (`1000.0`, `1e3` and `1000` are one
 /// visitor, as a Python or JavaScript SDK may send any of them), others as sent.
-pub(crate) fn number_id(n: &serde_json::Number) -> String {
+pub fn number_id(n: &serde_json::Number) -> String {
     match n.as_f64() {
         Some(f) if !n.is_i64() && !n.is_u64() && f.fract() == 0.0 && f.abs() < 9.0e15 => {
             (f as i64).to_string()
@@ -270,22 +270,39 @@ pub fn json_to_document(v: &Value) -> Result<Document, ValidationError> {
     }
 }
 
-/// The user agent and client address a native `context` (an event's, or a batch's)
-/// says, as `(userAgent, ip)`: each a string when present. Backends forward what they
-/// have for the address: a `X-Forwarded-For` chain, an address with its port or zone; the
-/// client's address is read out of those, and a value that holds none is not the event's
-/// fault (`None`: the request's address stands).
-pub fn context_sent(
+/// The user agent a native `context` (an event's, or a batch's) says, a string when
+/// present.
+pub fn context_user_agent(
     context: &serde_json::Map<String, Value>,
-) -> Result<(Option<String>, Option<String>), ValidationError> {
-    let in_context =
-        |e: ValidationError| ValidationError::new(format!("context.{}", e.field), e.reason);
-    let ua = opt_string(context, "userAgent", MAX_URL_LEN).map_err(in_context)?;
-    let ip = opt_string(context, "ip", MAX_URL_LEN)
+) -> Result<Option<String>, ValidationError> {
+    opt_string(context, "userAgent", MAX_URL_LEN).map_err(in_context)
+}
+
+/// The client address a native `context` (an event's, or a batch's) says, a string when
+/// present. Backends forward what they have: a `X-Forwarded-For` chain, an address with
+/// its port or zone; the client's address is read out of those, and a value that holds
+/// none is not the event's fault (`None`: the request's address stands).
+pub fn context_ip(
+    context: &serde_json::Map<String, Value>,
+) -> Result<Option<String>, ValidationError> {
+    Ok(opt_string(context, "ip", MAX_URL_LEN)
         .map_err(in_context)?
         .and_then(|ip| client_ip(&ip))
-        .map(|ip| ip.to_string());
-    Ok((ua, ip))
+        .map(|ip| ip.to_string()))
+}
+
+/// An error of a `context` member, named by its path.
+fn in_context(e: ValidationError) -> ValidationError {
+    ValidationError::new(format!("context.{}", e.field), e.reason)
+}
+
+/// The members of a native `context` that are not read, all but `ip` and `userAgent`,
+/// as `context.NAME` (`context.locale` would otherwise be dropped without a word).
+pub fn context_not_read(context: &Value) -> Vec<String> {
+    members_not_read(context, |k| k == "ip" || k == "userAgent")
+        .into_iter()
+        .map(|k| format!("context.{k}"))
+        .collect()
 }
 
 /// The client's address in a `context.ip` as backends send it: an address, the first of
@@ -455,14 +472,8 @@ pub fn integer_beyond_int64(
 /// value without a word. The event is still taken; its answer lists them.
 pub fn unknown_members(v: &Value) -> Vec<String> {
     let mut unread = members_not_read(v, |k| EVENT_MEMBERS.contains(&k));
-    // Of a native `context`, only `ip` and `userAgent` are read (`context.locale` would
-    // otherwise be dropped without a word).
     if let Some(context) = v.get("context") {
-        unread.extend(
-            members_not_read(context, |k| k == "ip" || k == "userAgent")
-                .into_iter()
-                .map(|k| format!("context.{k}")),
-        );
+        unread.extend(context_not_read(context));
         unread.truncate(10);
     }
     unread
@@ -1110,7 +1121,8 @@ pub fn parse_event(
         Some(Value::Object(context)) => {
             // Checked either way; used only when the request's key may say where its
             // events came from (else the request's own user agent and address are).
-            let (ua, ip) = context_sent(context)?;
+            let ua = context_user_agent(context)?;
+            let ip = context_ip(context)?;
             if !ctx.ignore_client_context {
                 metadata.user_agent = ua.or(metadata.user_agent);
                 metadata.ip_address = ip.or(metadata.ip_address);

@@ -2409,7 +2409,7 @@ async fn daily_rows(
         } },
     ])
     .await?;
-    let revenue = run(revenue_per_day(window_of_purchases(&in_window))).await?;
+    let revenue = run(revenue_per_day(&in_window)).await?;
     let int = sluice_core::model::count_in;
     let by_day = |rows: &[Document]| -> std::collections::HashMap<String, i64> {
         rows.iter()
@@ -2456,22 +2456,18 @@ async fn daily_rows(
         .collect())
 }
 
-/// The `$match` stage of [`daily_rows`]' events (`in_window`), narrowed to purchases.
-pub fn window_of_purchases(in_window: &Document) -> Document {
-    let mut stage = in_window.clone();
-    if let Ok(filter) = stage.get_document_mut("$match") {
-        filter.insert(e::EVENT_TYPE, EventType::Purchase.as_str());
-    }
-    stage
-}
-
-/// Purchases per day and currency (`properties.currency` when it is a string, else
-/// none), and their revenue: each `properties.amount` that is a number as a visitor's
+/// The purchases among the events the `$match` stage `in_window` selects (as
+/// [`daily_rows`] counts them), per day and currency (`properties.currency` when it is a
+/// string, else none), and their revenue: each `properties.amount` that is a number as a visitor's
 /// total reads one (a double or an integer, not a decimal) within ±9e12, rounded to the
 /// millionth half away from zero as that total rounds it, and summed exactly. A purchase
 /// without such an amount counts in `purchases` and adds no revenue. Sorted by day and
 /// currency.
-pub fn revenue_per_day(purchases: Document) -> Vec<Document> {
+pub fn revenue_per_day(in_window: &Document) -> Vec<Document> {
+    let mut purchases = in_window.clone();
+    if let Ok(filter) = purchases.get_document_mut("$match") {
+        filter.insert(e::EVENT_TYPE, EventType::Purchase.as_str());
+    }
     let amount = "$properties.amount";
     let priced = doc! { "$and": [
         { "$in": [{ "$type": amount }, ["double", "int", "long"]] },

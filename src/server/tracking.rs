@@ -185,37 +185,29 @@ struct BatchBody<'a> {
 /// when it is not an object) among the batch's `ignored`, rather than refusing the
 /// batch: SDKs drop a batch answered 400, and every event of it would be lost.
 fn apply_batch_context(ctx: &mut RequestContext, context: Option<&RawValue>) -> Vec<String> {
+    use sluice_core::tracking::{context_ip, context_not_read, context_user_agent};
     let Some(context) = context else {
         return Vec::new();
     };
     let context: Value = serde_json::from_str(context.get()).unwrap_or(Value::Null);
-    let Value::Object(context) = context else {
+    let Value::Object(members) = &context else {
         return if context.is_null() {
             Vec::new()
         } else {
             vec!["context".to_string()]
         };
     };
-    let mut ignored: Vec<String> =
-        sluice_core::tracking::names_not_read(context.keys().map(String::as_str), |k| {
-            k == "ip" || k == "userAgent"
-        })
-        .into_iter()
-        .map(|k| format!("context.{k}"))
-        .collect();
-    for key in ["userAgent", "ip"] {
-        let mut one = serde_json::Map::new();
-        if let Some(v) = context.get(key) {
-            one.insert(key.to_string(), v.clone());
-        }
-        match sluice_core::tracking::context_sent(&one) {
-            Ok((ua, ip)) if !ctx.ignore_client_context => {
-                ctx.user_agent = ua.or(ctx.user_agent.take());
-                ctx.ip = ip.or(ctx.ip.take());
-            }
-            Ok(_) => {}
-            Err(_) => ignored.push(format!("context.{key}")),
-        }
+    let mut ignored = context_not_read(&context);
+    // Each read on its own: one that cannot be read leaves the other standing.
+    let mut unread = |name: &str| {
+        ignored.push(format!("context.{name}"));
+        None
+    };
+    let ua = context_user_agent(members).unwrap_or_else(|_| unread("userAgent"));
+    let ip = context_ip(members).unwrap_or_else(|_| unread("ip"));
+    if !ctx.ignore_client_context {
+        ctx.user_agent = ua.or(ctx.user_agent.take());
+        ctx.ip = ip.or(ctx.ip.take());
     }
     ignored.truncate(10);
     ignored

@@ -1143,8 +1143,6 @@ fn encode_event(ev: &Event) -> Result<RawDocumentBuf, StoreError> {
     Ok(encoded)
 }
 
-/// Reads the aggregate fields of a stored user, tolerating profiles created by imports
-/// (which may lack them). The aggregate check reads them the same way.
 /// A session document as stored, read for folding.
 pub(super) enum Stored {
     Read {
@@ -1262,11 +1260,11 @@ pub(super) fn stored_session(doc: Document) -> Stored {
     }
     // A numeric visitor id as the tracker writes one sent as a number.
     let id_text = match d.get(s::USER_ID) {
-        Some(Bson::Double(f)) if f.fract() == 0.0 && f.abs() < 9.0e15 => {
-            Some((*f as i64).to_string())
-        }
         Some(v @ (Bson::Int32(_) | Bson::Int64(_) | Bson::Double(_))) => {
-            Some(v.clone().into_relaxed_extjson().to_string())
+            Some(match v.clone().into_relaxed_extjson() {
+                serde_json::Value::Number(n) => sluice_core::tracking::number_id(&n),
+                other => other.to_string(),
+            })
         }
         _ => None,
     };
@@ -1317,8 +1315,10 @@ pub fn count_sessions_unread(n: u64) {
     );
 }
 
-/// A visitor's aggregates as stored; with `say_unreadable`, a total that is not a number
-/// (counted as 0 by the fold about to replace it) is logged with its value.
+/// Reads the aggregate fields of a stored user, tolerating profiles created by imports
+/// (which may lack them) and totals other writers stored as decimals or text. The
+/// aggregate check reads them the same way. With `say_unreadable`, a total that is not a
+/// number (counted as 0 by the fold about to replace it) is logged with its value.
 pub(super) fn user_aggregates(visitor: &str, d: &Document, say_unreadable: bool) -> User {
     // A total as another writer (or a hand edit) stored it: a double, a decimal, text.
     let number = |k: &str| match d.get(k) {
