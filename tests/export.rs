@@ -3217,21 +3217,25 @@ print(json.dumps({"anonymousId": row["anonymousId"], "context": json.loads(row["
     //   event, and the day would be published without it.
     let at = DateTime::from_millis(ms(day(-95), 3_600_000));
     let events = db.store.collection("events");
-    let lossy = "would lose that value";
+    let whole = "which its column would not hold whole";
     for (id, odd, why) in [
         (
             "odd-1",
             doc! { "metadata": { "bot": false, "legacyScore": 7 } },
             "metadata.legacyScore",
         ),
-        ("odd-2", doc! { "duration": 12.5 }, lossy),
-        ("odd-3", doc! { "metadata": { "bot": "true" } }, lossy),
+        ("odd-2", doc! { "duration": 12.5 }, "`duration` holding a double"),
+        (
+            "odd-3",
+            doc! { "metadata": { "bot": "true" } },
+            "`metadata.bot` holding text",
+        ),
         (
             "odd-4",
             doc! { "updatedAt": "2026-01-01T00:00:00.123456Z" },
-            lossy,
+            "`updatedAt` holding text",
         ),
-        ("odd-5", doc! { "pageUrl": 42 }, lossy),
+        ("odd-5", doc! { "pageUrl": 42 }, "`pageUrl` holding a 32-bit integer"),
         (
             "undated-1",
             doc! { "createdAt": "2026-01-01" },
@@ -3249,6 +3253,9 @@ print(json.dumps({"anonymousId": row["anonymousId"], "context": json.loads(row["
             .unwrap_err()
             .to_string();
         assert!(err.contains(id) && err.contains(why), "{id}: {err}");
+        if id.starts_with("odd-") && id != "odd-1" {
+            assert!(err.contains(whole), "{id}: {err}");
+        }
         assert_eq!(
             events
                 .count_documents(doc! { "eventId": id })
@@ -3285,21 +3292,34 @@ print(json.dumps({"anonymousId": row["anonymousId"], "context": json.loads(row["
     anonymous.remove("eventId");
     anonymous.insert("legacyTag", 1);
     odd.push(anonymous);
+    // Values their columns would not hold whole, in the same run: in events of their own,
+    // and in one with a field no column holds.
+    for (id, duration) in [("dur-1", 1.5), ("dur-2", 2.5)] {
+        let mut d = base(id);
+        d.insert("duration", duration);
+        odd.push(d);
+    }
+    let mut both = base("both");
+    both.insert("pageUrl", 42);
+    both.insert("appVersion", "2.4.0");
+    odd.push(both);
     events.insert_many(odd).await.unwrap();
     let err = run_export(&ctx, &request(ExportJobType::Archive, day(0), day(0)))
         .await
         .unwrap_err()
         .to_string();
     for said in [
-        "2 event(s) with `appVersion`",
         "1 event(s) with `metadata.legacyScore`",
         "1 event(s) with no string `eventId`",
         "1 event(s) with `legacyTag`",
         "(the first: event `app-",
+        "2 event(s) with `duration` holding a double, which its column would not hold whole (the first: event `dur-",
+        "1 event(s) with `pageUrl` holding a 32-bit integer, which its column would not hold whole (the first: event `both`: 42)",
+        "3 event(s) with `appVersion`",
     ] {
         assert!(err.contains(said), "{said}: {err}");
     }
-    assert_eq!(events.count_documents(doc! {}).await.unwrap(), 4, "{err}");
+    assert_eq!(events.count_documents(doc! {}).await.unwrap(), 7, "{err}");
     std::fs::remove_dir_all(dir).unwrap();
 }
 

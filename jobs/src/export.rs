@@ -1517,6 +1517,69 @@ fn part_name(job_id: &str, index: usize) -> String {
 /// the day is archived anyway.
 pub const LATE_WAIT: Duration = Duration::from_secs(3 * 24 * 3600);
 
+/// What keeps a day from being archived, each kind with how many events and the first:
+/// the whole day is read, so one run names everything to fix.
+#[derive(Default)]
+struct Unarchivable {
+    kinds: std::collections::HashMap<String, (u64, String)>,
+    /// Events of kinds beyond those kept (a writer naming fields by id makes one per event).
+    more: u64,
+}
+
+impl Unarchivable {
+    const KEPT: usize = 1_000;
+
+    fn note(&mut self, what: &str, n: u64, first: impl FnOnce() -> String) {
+        let room = self.kinds.len() < Self::KEPT;
+        match self.kinds.get_mut(what) {
+            Some(entry) => entry.0 += n,
+            None if room => {
+                self.kinds.insert(what.to_string(), (n, first()));
+            }
+            None => self.more += n,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.kinds.is_empty() && self.more == 0
+    }
+
+    /// Adds another stage's kinds (the first event of a kind both saw stays this one's).
+    fn merge(&mut self, other: Unarchivable) {
+        for (what, (n, first)) in other.kinds {
+            self.note(&what, n, || first);
+        }
+        self.more += other.more;
+    }
+
+    /// The error, the most frequent kinds first.
+    fn error(self, partition: &str) -> ExportError {
+        let mut kinds: Vec<(String, (u64, String))> = self.kinds.into_iter().collect();
+        kinds.sort_by(|a, b| b.1 .0.cmp(&a.1 .0).then_with(|| a.0.cmp(&b.0)));
+        let mut said: Vec<String> = kinds
+            .iter()
+            .take(10)
+            .map(|(what, (n, first))| format!("{n} event(s) with {what} (the first: {first})"))
+            .collect();
+        if kinds.len() > 10 {
+            said.push(format!("and {} more kinds", kinds.len() - 10));
+        }
+        if self.more > 0 {
+            said.push(format!(
+                "and {} more event(s) of kinds not counted apart",
+                self.more
+            ));
+        }
+        ExportError::Encode {
+            partition: partition.to_string(),
+            message: format!(
+                "{}; archiving them would lose what they hold, so nothing of the day was archived (export the day with EVENT_DATA and keep such fields elsewhere, move them into `properties`, convert the values to their columns' types, or remove them)",
+                said.join("; ")
+            ),
+        }
+    }
+}
+
 /// ARCHIVE: the kinds that read late days (the request's `late_readers`, and any by-day
 /// kind that published `d` where they publish) that have not yet published the late events
 /// marked for `d` there (the mark is newer than what they read), or `None` when none is
@@ -2575,15 +2638,20 @@ async fn stage(
     } else {
         None
     };
+    // Set once something keeps the day from being archived (by the reader, or the encoder
+    // for a value its column would not hold whole): from then on the encoder only checks
+    // what it is sent, for the error to name everything in the way.
+    let refused = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let encoder = {
         let transforms = export_transforms(ctx, kind);
+        let refused = refused.clone();
         let options = ctx.part_options.clone();
         let progress = ctx.progress.clone();
         let work = work.clone();
         let work_folder = work_folder.clone();
         let partition = prefix.clone();
         let mut spool = spool;
-        type Encoded = (Vec<DeadLetter>, Option<IdSpool>, Dropped);
+        type Encoded = (Vec<DeadLetter>, Option<IdSpool>, Dropped, Unarchivable);
         tokio::task::spawn_blocking(move || -> Result<Encoded, ExportError> {
             let _work_folder = work_folder;
             let enc = |message: String| ExportError::Encode {
@@ -2601,6 +2669,7 @@ async fn stage(
             // Here rather than in the reader, which is what an export waits on.
             let mut uncovered: (u64, Option<String>) = (0, None);
             let events_table = !archiving && table.name == EVENT_TABLE.name;
+            let mut unarchivable = Unarchivable::default();
             while let Some(batch) = batch_rx.blocking_recv() {
                 let applied = apply_chain(&transforms, batch)?;
                 dropped.skipped += applied.skipped.len() as u64;
@@ -2625,9 +2694,52 @@ async fn stage(
                         .is_err()
                 {
                     // keeping them failed; its error is reported
-                    return Ok((Vec::new(), None, dropped));
+                    return Ok((Vec::new(), None, dropped, unarchivable));
                 }
                 let records = applied.records;
+                // What an archive writes must hold every value whole: the events are
+                // deleted once it is published.
+                let exact = if archiving && !refused.load(std::sync::atomic::Ordering::Acquire) {
+                    match sluice_connectors::parquet::encode_exact(table, &records) {
+                        Ok(batch) => Some(batch),
+                        Err(_) => {
+                            refused.store(true, std::sync::atomic::Ordering::Release);
+                            None
+                        }
+                    }
+                } else {
+                    None
+                };
+                if archiving && exact.is_none() {
+                    // Nothing more is written: what in this batch is in the way is noted.
+                    // (A clean batch costs one encoding; only a failing one is gone
+                    // through a document and a column at a time.)
+                    if let Err(err) = sluice_connectors::parquet::encode_exact(table, &records) {
+                        let mut named = false;
+                        for doc in &records {
+                            let which = doc.get_str(e::EVENT_ID).unwrap_or("?");
+                            for (what, value) in
+                                sluice_connectors::parquet::inexact_values(table, doc)
+                            {
+                                named = true;
+                                unarchivable.note(
+                                    &format!("{what}, which its column would not hold whole"),
+                                    1,
+                                    || format!("event `{which}`: {value}"),
+                                );
+                            }
+                        }
+                        if !named {
+                            // Not a value of one event (none failed alone): said as it is.
+                            unarchivable.note(
+                                &format!("a batch the encoder refused: {err}"),
+                                records.len() as u64,
+                                || "of the batch".to_string(),
+                            );
+                        }
+                    }
+                    continue;
+                }
                 // The rows to write, as the plugins left them (one a plugin dropped, or
                 // rid of the field, loses nothing here).
                 let checked: &[Document] = if events_table { &records } else { &[] };
@@ -2659,14 +2771,8 @@ async fn stage(
                             .map_err(|e| enc(format!("cannot spool the archived eventIds: {e}")))?;
                     }
                 }
-                // What an archive writes must hold every value whole: the events are
-                // deleted once it is published.
-                let encoded = if archiving {
-                    sluice_connectors::parquet::encode_exact(table, &records).map_err(|e| {
-                        enc(format!(
-                            "{e}; archiving it would lose that value, so nothing of the day was archived (fix or remove the event, or export the day with EVENT_DATA)"
-                        ))
-                    })?
+                let encoded = if let Some(batch) = exact {
+                    batch
                 } else {
                     let (encoded, unfit, odd) =
                         encode_or_set_aside(table, records).map_err(|e| enc(e.to_string()))?;
@@ -2706,7 +2812,7 @@ async fn stage(
                 if let Some(part) = writer.write(&encoded).map_err(|e| enc(e.to_string()))? {
                     if part_tx.blocking_send(part).is_err() {
                         // the uploader failed; its error is reported
-                        return Ok((dead_letters, None, dropped));
+                        return Ok((dead_letters, None, dropped, unarchivable));
                     }
                 }
             }
@@ -2734,7 +2840,7 @@ async fn stage(
                     .finish()
                     .map_err(|e| enc(format!("cannot spool the archived eventIds: {e}")))?;
             }
-            Ok((dead_letters, spool, dropped))
+            Ok((dead_letters, spool, dropped, unarchivable))
         })
     };
 
@@ -2768,14 +2874,7 @@ async fn stage(
         let mut rows = 0u64;
         let mut buf = Vec::with_capacity(ctx.batch_rows);
         let mut buf_bytes = 0usize;
-        // What keeps the day from being archived, each kind with how many events and the
-        // first: the whole day is read, so one run names everything to fix.
-        let mut unarchivable: std::collections::HashMap<String, (u64, String)> = Default::default();
-        // Kinds beyond those kept (a writer naming fields by id makes one per event).
-        let mut more_kinds = 0u64;
-        // Once the day cannot be archived, the rest is only read for what else is in the
-        // way: nothing more is encoded or uploaded.
-        let mut refused = false;
+        let mut unarchivable = Unarchivable::default();
         while let Some(doc) = docs.try_next().await? {
             if archiving {
                 // Deleted once archived: a field no column holds would be lost.
@@ -2794,17 +2893,15 @@ async fn stage(
                     ));
                 }
                 for what in &problems {
-                    let room = unarchivable.len() < 1_000;
-                    match unarchivable.get_mut(what) {
-                        Some(entry) => entry.0 += 1,
-                        None if room => {
-                            unarchivable.insert(what.clone(), (1, which.clone()));
-                        }
-                        None => more_kinds += 1,
-                    }
+                    unarchivable.note(what, 1, || which.clone());
                 }
-                refused |= !problems.is_empty();
-                if refused {
+                if !problems.is_empty() {
+                    // Before the batch holding it is sent: the encoder writes nothing more
+                    // and only checks the values of what it is sent.
+                    refused.store(true, std::sync::atomic::Ordering::Release);
+                }
+                if doc.get_str(e::EVENT_ID).is_err() {
+                    // Already named; its values are not checked.
                     continue;
                 }
             }
@@ -2815,43 +2912,19 @@ async fn stage(
                 rows += buf.len() as u64;
                 ctx.progress.rows_read.fetch_add(buf.len() as u64, Relaxed);
                 if batch_tx.send(std::mem::take(&mut buf)).await.is_err() {
-                    // The encoder stopped; its error is reported. (Nothing was in the
-                    // way of the day so far: once something is, nothing more is sent.)
-                    return Ok(rows);
+                    // The encoder stopped; its error is reported.
+                    return Ok((rows, unarchivable));
                 }
                 buf.reserve(ctx.batch_rows);
             }
         }
-        if !buf.is_empty() && !refused {
+        if !buf.is_empty() {
             rows += buf.len() as u64;
             ctx.progress.rows_read.fetch_add(buf.len() as u64, Relaxed);
             let _ = batch_tx.send(buf).await;
         }
         drop(batch_tx);
-        if !unarchivable.is_empty() {
-            // The most frequent first.
-            let mut kinds: Vec<(&String, &(u64, String))> = unarchivable.iter().collect();
-            kinds.sort_by(|a, b| b.1 .0.cmp(&a.1 .0).then_with(|| a.0.cmp(b.0)));
-            let listed: Vec<String> = kinds
-                .iter()
-                .take(10)
-                .map(|(what, (n, first))| format!("{n} event(s) with {what} (the first: {first})"))
-                .collect();
-            let others = kinds.len().saturating_sub(10) as u64 + more_kinds;
-            return Err(ExportError::Encode {
-                partition: prefix.clone(),
-                message: format!(
-                    "{}{}; archiving them would lose what they hold, so nothing of the day was archived (export the day with EVENT_DATA and keep such fields elsewhere, move them into `properties`, or remove them)",
-                    listed.join("; "),
-                    if others > 0 {
-                        format!("; and {others} more kinds")
-                    } else {
-                        String::new()
-                    }
-                ),
-            });
-        }
-        Ok::<u64, ExportError>(rows)
+        Ok::<_, ExportError>((rows, unarchivable))
     };
 
     let pipeline = format!("export:{}", kind.as_str());
@@ -2873,9 +2946,13 @@ async fn stage(
     })?;
     let _ = tokio::fs::remove_dir_all(&work).await;
     // Report the first failure in pipeline order: reading, encoding, uploading.
-    let rows_read = read?;
+    let (rows_read, mut unarchivable) = read?;
     kept?;
-    let (dead_letters, archived_ids, dropped) = encoded?;
+    let (dead_letters, archived_ids, dropped, types) = encoded?;
+    unarchivable.merge(types);
+    if !unarchivable.is_empty() {
+        return Err(unarchivable.error(&prefix));
+    }
     let parts = uploaded?;
     if archiving && archived_ids.as_ref().map(IdSpool::count) != Some(rows_read) {
         return Err(ExportError::Encode {

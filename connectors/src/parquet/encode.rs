@@ -525,6 +525,51 @@ pub fn encode_exact(table: &TableSpec, docs: &[Document]) -> Result<RecordBatch,
     encode_fit(table, docs, Fit::Exact, true).map(|(batch, _)| batch)
 }
 
+/// Each column of `table` whose value in `doc` [`encode_exact`] would refuse, as a kind
+/// (the column's path and the type of what it holds, or that a required column has
+/// nothing) and the value: for ARCHIVE to name every such value of a day in one run. It
+/// encodes the document a column at a time, so is for documents a batch failed on.
+pub fn inexact_values(table: &TableSpec, doc: &Document) -> Vec<(String, String)> {
+    table
+        .columns
+        .iter()
+        .filter(|spec| column(spec, std::slice::from_ref(doc), Fit::Exact).is_err())
+        .map(|spec| match lookup(doc, spec.path) {
+            None => (format!("no `{}`", spec.path), "nothing".to_string()),
+            Some(v) => {
+                let mut value = v.clone().into_relaxed_extjson().to_string();
+                if value.len() > 80 {
+                    let cut = (0..=77)
+                        .rev()
+                        .find(|i| value.is_char_boundary(*i))
+                        .unwrap_or(0);
+                    value.truncate(cut);
+                    value.push_str("...");
+                }
+                (format!("`{}` holding {}", spec.path, type_words(v)), value)
+            }
+        })
+        .collect()
+}
+
+/// What a value is, in words for an error message.
+fn type_words(v: &Bson) -> String {
+    match v {
+        Bson::Double(_) => "a double".into(),
+        Bson::String(_) => "text".into(),
+        Bson::Document(_) => "an object".into(),
+        Bson::Array(_) => "an array".into(),
+        Bson::Boolean(_) => "a boolean".into(),
+        Bson::Int32(_) => "a 32-bit integer".into(),
+        Bson::Int64(_) => "a 64-bit integer".into(),
+        Bson::Decimal128(_) => "a decimal".into(),
+        Bson::DateTime(_) => "a date".into(),
+        Bson::ObjectId(_) => "an ObjectId".into(),
+        Bson::Binary(_) => "binary data".into(),
+        other => format!("a BSON {:?}", other.element_type()),
+    }
+}
+
 /// The batch; what did not fit as it was is said in the log (when `report`) only once
 /// every column is encoded, so a batch that fails logs nothing twice when its good
 /// documents are encoded again.

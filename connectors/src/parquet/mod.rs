@@ -7,7 +7,9 @@ mod schema;
 mod writer;
 
 pub use arrow::record_batch::RecordBatch;
-pub use encode::{encode, encode_counted, encode_exact, fits, EncodeError, Unfitting};
+pub use encode::{
+    encode, encode_counted, encode_exact, fits, inexact_values, EncodeError, Unfitting,
+};
 pub use schema::{
     columns, daily_schema, event_schema, schema_description, schema_of, uncovered_field,
     user_schema, ColKind, ColumnSpec, TableSpec, DAILY_TABLE, EVENT_TABLE, USER_TABLE,
