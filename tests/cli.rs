@@ -2002,7 +2002,7 @@ async fn an_event_data_export_says_which_fields_no_column_holds() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(
-        stderr.contains("no column of `events/v3` holds")
+        stderr.contains("no column of `events/v4` holds")
             && stderr.contains("event `foreign` has `campaignCode`")
             && stderr.contains("events=1"),
         "{stderr}"

@@ -49,6 +49,13 @@ fn event(i: usize, day: NaiveDate) -> Event {
         metadata: EventMetadata {
             device: Some(["desktop", "mobile"][i % 2].into()),
             bot: i % 13 == 0,
+            // Every third from a client whose clock ran an hour ahead, its time corrected.
+            client_timestamp: (i % 3 == 0).then(|| {
+                DateTime::from_millis(ms(day, (i as i64 * 7_919) % 86_400_000) + 3_600_000)
+            }),
+            sent_at: (i % 3 == 0).then(|| {
+                DateTime::from_millis(ms(day, (i as i64 * 7_919) % 86_400_000) + 3_605_000)
+            }),
             ..Default::default()
         },
         page_url: Some(format!("/p/{}", i % 9)),
@@ -269,6 +276,13 @@ async fn event_data_round_trips_through_s3_and_pyarrow() {
                     .unwrap()
                     .as_primitive::<arrow::datatypes::Float64Type>();
                 let currency = b.column_by_name("currency").unwrap().as_string::<i32>();
+                let micros = |name: &str| {
+                    b.column_by_name(name)
+                        .unwrap()
+                        .as_primitive::<TimestampMicrosecondType>()
+                        .clone()
+                };
+                let (client, sent) = (micros("clientTimestamp"), micros("sentAt"));
                 for r in 0..b.num_rows() {
                     let e = by_id[ids.value(r)];
                     // A purchase's amount and currency are typed columns too; other
@@ -283,6 +297,16 @@ async fn event_data_round_trips_through_s3_and_pyarrow() {
                         purchase.then_some("EUR")
                     );
                     assert_eq!(ts.value(r), e.timestamp.timestamp_millis() * 1000);
+                    // The client's own times, where its clock was corrected.
+                    let at = |d: Option<DateTime>| d.map(|d| d.timestamp_millis() * 1000);
+                    assert_eq!(
+                        client.is_valid(r).then(|| client.value(r)),
+                        at(e.metadata.client_timestamp)
+                    );
+                    assert_eq!(
+                        sent.is_valid(r).then(|| sent.value(r)),
+                        at(e.metadata.sent_at)
+                    );
                     assert_eq!(types.value(r), e.event_type.as_str());
                     let json: serde_json::Value = serde_json::from_str(props.value(r)).unwrap();
                     assert_eq!(
@@ -322,6 +346,8 @@ print(json.dumps({"rows": rows, "types": types, "logical": logical}))
     assert_eq!(report["types"]["bot"], "bool");
     assert_eq!(report["types"]["amount"], "double");
     assert_eq!(report["types"]["currency"], "string");
+    assert_eq!(report["types"]["clientTimestamp"], "timestamp[us, tz=UTC]");
+    assert_eq!(report["types"]["sentAt"], "timestamp[us, tz=UTC]");
     // JSON columns carry Parquet's JSON annotation, other text columns STRING.
     assert_eq!(report["logical"]["properties"], "JSON");
     assert_eq!(report["logical"]["context"], "JSON");
@@ -3204,7 +3230,7 @@ print(json.dumps({"anonymousId": row["anonymousId"], "context": json.loads(row["
     assert_eq!(row["anonymousId"], "anon-42", "{row}");
     assert_eq!(row["context"]["campaign"]["source"], "newsletter", "{row}");
     assert_eq!(row["updatedAt"], true, "{row}");
-    assert_eq!(row["table"], "events/v3", "{row}");
+    assert_eq!(row["table"], "events/v4", "{row}");
 
     // Written by another tool, each stops the archive at its day, which stays in MongoDB
     // whole and unpublished, the error naming the event and why:
@@ -3224,7 +3250,11 @@ print(json.dumps({"anonymousId": row["anonymousId"], "context": json.loads(row["
             doc! { "metadata": { "bot": false, "legacyScore": 7 } },
             "metadata.legacyScore",
         ),
-        ("odd-2", doc! { "duration": 12.5 }, "`duration` holding a double"),
+        (
+            "odd-2",
+            doc! { "duration": 12.5 },
+            "`duration` holding a double",
+        ),
         (
             "odd-3",
             doc! { "metadata": { "bot": "true" } },
@@ -3235,7 +3265,11 @@ print(json.dumps({"anonymousId": row["anonymousId"], "context": json.loads(row["
             doc! { "updatedAt": "2026-01-01T00:00:00.123456Z" },
             "`updatedAt` holding text",
         ),
-        ("odd-5", doc! { "pageUrl": 42 }, "`pageUrl` holding a 32-bit integer"),
+        (
+            "odd-5",
+            doc! { "pageUrl": 42 },
+            "`pageUrl` holding a 32-bit integer",
+        ),
         (
             "undated-1",
             doc! { "createdAt": "2026-01-01" },

@@ -90,9 +90,39 @@ async fn a_resent_batch_without_event_ids_is_stored_once_when_its_events_carry_t
         batch.push(untimed.clone());
         json!({ "sentAt": sent_at, "batch": batch })
     };
-    let (status, first) = post(&base, "/v1/events/batch", &body(now_ms(), &events)).await;
+    let sent_at = now_ms();
+    let (status, first) = post(&base, "/v1/events/batch", &body(sent_at, &events)).await;
     assert_eq!(status, 200, "{first}");
     assert_eq!(first["stored"], 101, "{first}");
+    // The batch's `sentAt` corrected each timed event: the client's own times are kept in
+    // its metadata (the untimed one, timed on arrival, has neither).
+    for stored in all(&db, "events", doc! { "userId": 1 }).await {
+        let metadata = stored.get_document("metadata").unwrap();
+        if stored.get_str("userId").unwrap() == "u-untimed" {
+            assert!(!metadata.contains_key("sentAt"), "{stored}");
+            assert!(!metadata.contains_key("clientTimestamp"), "{stored}");
+            continue;
+        }
+        let sent = events
+            .iter()
+            .find(|e| {
+                e["userId"].as_str() == stored.get_str("userId").ok()
+                    && e["timestamp"].as_i64()
+                        == metadata
+                            .get_datetime("clientTimestamp")
+                            .ok()
+                            .map(|t| t.timestamp_millis())
+            })
+            .map(|_| sent_at);
+        assert_eq!(
+            metadata
+                .get_datetime("sentAt")
+                .ok()
+                .map(|t| t.timestamp_millis()),
+            sent,
+            "{stored}"
+        );
+    }
     let users = all(&db, "users", doc! { "visitorId": 1 }).await;
     // The client did not hear the answer and resends later, in another order.
     events.reverse();

@@ -1141,6 +1141,10 @@ pub fn parse_event(
     if metadata.ip_address.is_none() {
         metadata.ip_address = ctx.ip.clone();
     }
+    if let (Some(t), Some(sent)) = (client_time, sent_at) {
+        metadata.client_timestamp = Some(DateTime::from_millis(t));
+        metadata.sent_at = Some(DateTime::from_millis(sent));
+    }
     let now = DateTime::from_millis(ctx.received_at_ms);
     Ok(Event {
         id: None,
@@ -1288,6 +1292,24 @@ pub(crate) mod tests {
         }))
         .unwrap();
         assert_eq!(e.timestamp.timestamp_millis(), NOW - 10_000);
+        // The client's own times are kept beside the corrected one.
+        assert_eq!(
+            e.metadata.client_timestamp.map(|t| t.timestamp_millis()),
+            Some(NOW + skew - 10_000)
+        );
+        assert_eq!(
+            e.metadata.sent_at.map(|t| t.timestamp_millis()),
+            Some(NOW + skew)
+        );
+        // Without `sentAt` nothing was corrected: neither is kept.
+        let e = parse(json!({
+            "userId": "v", "sessionId": "s", "eventType": "CLICK", "timestamp": NOW - 10_000,
+        }))
+        .unwrap();
+        assert_eq!(
+            (e.metadata.client_timestamp, e.metadata.sent_at),
+            (None, None)
+        );
     }
 
     #[test]

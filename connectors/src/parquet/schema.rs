@@ -85,10 +85,11 @@ use ColKind::*;
 /// Every field an event document has (but MongoDB's `_id`) is a column: ARCHIVE deletes
 /// what it wrote, so a field without a column would be lost (see [`uncovered_field`]).
 /// v2 added `anonymousId`, `context` and `updatedAt`; v3 `amount` and `currency`, a
-/// PURCHASE's `properties.amount` and `properties.currency` typed (also in `properties`).
+/// PURCHASE's `properties.amount` and `properties.currency` typed (also in `properties`);
+/// v4 `clientTimestamp` and `sentAt`, the client's own times of an event `sentAt` corrected.
 pub const EVENT_TABLE: TableSpec = TableSpec {
     name: "events",
-    version: 3,
+    version: 4,
     columns: &[
         col(e::EVENT_ID, e::EVENT_ID, Str, false),
         col(e::USER_ID, e::USER_ID, Str, false),
@@ -114,6 +115,13 @@ pub const EVENT_TABLE: TableSpec = TableSpec {
         col("updatedAt", "updatedAt", TimestampMicros, true),
         col(e::AMOUNT, "properties.amount", PurchaseNumber, true),
         col(e::CURRENCY, "properties.currency", PurchaseStr, true),
+        col(
+            m::CLIENT_TIMESTAMP,
+            "metadata.clientTimestamp",
+            TimestampMicros,
+            true,
+        ),
+        col(m::SENT_AT, "metadata.sentAt", TimestampMicros, true),
     ],
 };
 

@@ -248,7 +248,7 @@ mod tests {
                 .iter()
                 .find(|kv| kv.key == "sluice.table")
                 .and_then(|kv| kv.value.clone());
-            assert_eq!(table.as_deref(), Some("events/v3"));
+            assert_eq!(table.as_deref(), Some("events/v4"));
             let n: usize = reader.build().unwrap().map(|b| b.unwrap().num_rows()).sum();
             assert_eq!(n as u64, p.rows);
             assert_eq!(std::fs::metadata(&p.path).unwrap().len(), p.bytes);

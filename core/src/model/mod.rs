@@ -225,6 +225,8 @@ pub mod metadata_fields {
     pub const BOT: &str = "bot";
     pub const ANONYMOUS_ID: &str = "anonymousId";
     pub const CONTEXT: &str = "context";
+    pub const CLIENT_TIMESTAMP: &str = "clientTimestamp";
+    pub const SENT_AT: &str = "sentAt";
 }
 
 pub mod session_fields {

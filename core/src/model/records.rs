@@ -71,6 +71,14 @@ pub struct EventMetadata {
     /// kept as sent (Segment API).
     #[serde(default, skip_serializing_if = "Document::is_empty")]
     pub context: Document,
+    /// The event's time by the client's clock, as sent, when `sentAt` corrected it
+    /// (`timestamp` is the corrected time): what the correction started from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_timestamp: Option<DateTime>,
+    /// When the client sent the event, by that same clock (the event's or its batch's
+    /// `sentAt`), kept beside `client_timestamp`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sent_at: Option<DateTime>,
 }
 
 /// `events`: one tracked event. Stored in a time-series collection (`timestamp` is the
