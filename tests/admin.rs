@@ -724,6 +724,21 @@ async fn analytics_parameters_are_validated() {
             "/v1/analytics/top-pages?from=2020-01-01",
             "must be within the last 366 days",
         ),
+        // `from` alone after today, the default `to`: said so.
+        ("/v1/analytics/daily?from=2999-01-01", "is after today ("),
+        // Parameters an endpoint does not read are refused, not ignored.
+        (
+            "/v1/analytics/daily?from=2026-01-01&tz=Europe/Berlin",
+            "`tz` is no parameter of this endpoint, which reads `from`, `to` (days are UTC)",
+        ),
+        (
+            "/v1/analytics/top-pages?from=2026-01-01&to=2026-01-02",
+            "`to` is no parameter",
+        ),
+        (
+            "/v1/analytics/journey?userId=u&limit=5",
+            "`limit` is no parameter",
+        ),
     ] {
         let r = client
             .get(format!("{base}{path}"))
@@ -739,6 +754,41 @@ async fn analytics_parameters_are_validated() {
             "{path}: {body}"
         );
     }
+    // An id longer than any stored is said so, not "required".
+    let r = client
+        .get(format!(
+            "{base}/v1/analytics/journey?userId={}",
+            "x".repeat(257)
+        ))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("`userId` is 257 bytes; ids are at most 256"),
+        "{body}"
+    );
+    // `to` alone: the week ending it, from 1970 on (a day a parameter may name).
+    let r = client
+        .get(format!("{base}/v1/analytics/daily?to=1970-01-03"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let rows: Value = r.json().await.unwrap();
+    let dates: Vec<&str> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["date"].as_str().unwrap())
+        .collect();
+    assert_eq!(dates, ["1970-01-01", "1970-01-02", "1970-01-03"], "{rows}");
     // 366 days, a leap year: accepted.
     let r = client
         .get(format!(
@@ -834,6 +884,30 @@ async fn a_manual_run_is_named_in_the_answer_and_its_outcome_is_listed() {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 404);
+    // Days asked for would be ignored (a backfill is the CLI's): refused, in a body or the
+    // query, before anything runs.
+    for r in [
+        client
+            .post(format!("{base}/v1/admin/jobs/export:daily/run"))
+            .bearer_auth(&token)
+            .json(&json!({ "from": "2026-01-01", "to": "2026-01-02" })),
+        client
+            .post(format!(
+                "{base}/v1/admin/jobs/export:daily/run?from=2026-01-01"
+            ))
+            .bearer_auth(&token),
+    ] {
+        let r = r.send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 400);
+        let body: Value = r.json().await.unwrap();
+        assert!(
+            body["message"]
+                .as_str()
+                .unwrap()
+                .contains("--from DAY --to DAY"),
+            "{body}"
+        );
+    }
     // A config an admin turned off is not run by hand either.
     db.store
         .collection("integration_configs")
@@ -1029,7 +1103,8 @@ async fn role_changes_deactivation_and_logout_take_effect_on_the_next_request() 
     };
     assert_eq!(daily().await.unwrap().status().as_u16(), 200);
 
-    let r = change("an@x.io", json!({ "role": "USER" })).await.unwrap();
+    // Any case, as the CLI's `--role` takes it.
+    let r = change("an@x.io", json!({ "role": "user" })).await.unwrap();
     assert_eq!(r.status().as_u16(), 200);
     let changed: Value = r.json().await.unwrap();
     assert_eq!(changed["role"], "USER", "{changed}");
@@ -1106,7 +1181,10 @@ async fn role_changes_deactivation_and_logout_take_effect_on_the_next_request() 
             .bearer_auth(&admin)
             .send()
     };
-    assert_eq!(me().await.unwrap().status().as_u16(), 200);
+    let r = me().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    // Nothing of the admin API is kept by a cache.
+    assert_eq!(r.headers()["cache-control"], "no-store");
     let r = client
         .post(format!("{base}/v1/admin/logout"))
         .bearer_auth(&admin)
@@ -1114,7 +1192,36 @@ async fn role_changes_deactivation_and_logout_take_effect_on_the_next_request() 
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 204);
-    assert_eq!(me().await.unwrap().status().as_u16(), 401);
+    // A token that ended says why, and how to authenticate (RFC 6750).
+    let r = me().await.unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    assert_eq!(
+        r.headers()["www-authenticate"],
+        "Bearer error=\"invalid_token\""
+    );
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "unauthorized");
+    assert!(
+        body["message"].as_str().unwrap().contains("sign in again"),
+        "{body}"
+    );
+    // No token at all: how to get one.
+    let r = client
+        .get(format!("{base}/v1/admin/me"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    assert_eq!(r.headers()["www-authenticate"], "Bearer");
+    assert_eq!(r.headers()["cache-control"], "no-store");
+    let body: Value = r.json().await.unwrap();
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("POST /v1/admin/login"),
+        "{body}"
+    );
     server.shutdown().await;
 }
 
@@ -1603,7 +1710,65 @@ async fn the_journey_lists_a_users_sessions_latest_first_with_their_events_in_or
         millis(&sessions[0]["events"][1]["timestamp"]),
         t0 + 2_000_000
     );
+    // Each session says its id by name too; a purchase its amount; nothing was left out.
+    assert_eq!(sessions[0]["sessionId"], "later", "{body}");
+    assert_eq!(sessions[0]["events"][1]["amount"], 5, "{body}");
+    assert!(sessions[0]["events"][0].get("amount").is_none(), "{body}");
+    assert_eq!(r_truncated(&base, &token, "jv").await, None);
+
+    // A visitor with more sessions than the journey shows: the latest 100, and a header
+    // saying so.
+    let many: Vec<Value> = (0..101)
+        .map(|i| {
+            ev(
+                &format!("m{i}"),
+                "many",
+                &format!("s{i:03}"),
+                "CLICK",
+                i * 1_000,
+                None,
+            )
+        })
+        .collect();
+    let r = reqwest::Client::new()
+        .post(format!("{base}/v1/events/batch"))
+        .json(&json!({ "batch": many }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(
+        r_truncated(&base, &token, "many").await.as_deref(),
+        Some("true")
+    );
+    let shown: Value = reqwest::Client::new()
+        .get(format!("{base}/v1/analytics/journey?userId=many"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let shown = shown.as_array().unwrap();
+    assert_eq!(shown.len(), 100);
+    assert_eq!(shown[0]["sessionId"], "s100");
+    assert_eq!(shown[99]["sessionId"], "s001", "the oldest is left out");
     server.shutdown().await;
+}
+
+/// The journey's `X-Sluice-Journey-Truncated` header for `user`, if any.
+async fn r_truncated(base: &str, token: &str, user: &str) -> Option<String> {
+    let r = reqwest::Client::new()
+        .get(format!("{base}/v1/analytics/journey?userId={user}"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    r.headers()
+        .get("x-sluice-journey-truncated")
+        .map(|v| v.to_str().unwrap().to_string())
 }
 
 /// A failed login takes a bcrypt check's time whether or not the email exists (an unknown

@@ -729,6 +729,13 @@ async fn archive_deletes_exactly_what_it_exported() {
     assert_eq!(r.status().as_u16(), 400);
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["error"], "archived_days", "{body}");
+    // The days for a program too, and where a range may start.
+    assert_eq!(body["days"], serde_json::json!([old.to_string()]), "{body}");
+    assert_eq!(
+        body["firstAllowed"],
+        (old + chrono::Days::new(1)).to_string(),
+        "{body}"
+    );
     let message = body["message"].as_str().unwrap();
     assert!(
         message.contains(&old.to_string()) && !message.contains(&day(-101).to_string()),
@@ -1558,14 +1565,17 @@ async fn daily_analytics_and_user_data_match_mongodb() {
     // daily revenue is per currency, and counts the last in purchases only.
     // A decimal is no amount (as a visitor's total reads it), and millionths past 2^52
     // round as that total rounds them.
-    let other: [Document; 6] = [
+    // A day's total past 2^53 millionths is exact too (nine 1e9 and one just below).
+    let mut other: Vec<Document> = vec![
         doc! { "amount": 0.1, "currency": "USD" },
         doc! { "amount": 0.2, "currency": "USD" },
         doc! { "amount": 7_i64 },
         doc! { "amount": "n/a", "currency": "USD" },
         doc! { "amount": 5_000_000_000.000001, "currency": "GBP" },
         doc! { "amount": "1.5".parse::<bson::Decimal128>().unwrap(), "currency": "GBP" },
+        doc! { "amount": 999_999_999.999999, "currency": "JPY" },
     ];
+    other.extend((0..9).map(|_| doc! { "amount": 1e9, "currency": "JPY" }));
     pageless.extend(other.into_iter().enumerate().map(|(k, properties)| {
         let mut e = Event {
             event_type: EventType::Purchase,
@@ -1658,7 +1668,7 @@ async fn daily_analytics_and_user_data_match_mongodb() {
         entry.1 += sluice_core::model::number_of(e.properties.get("amount").unwrap())
             .map_or(0, sluice_core::aggregate::revenue_micros);
     }
-    assert_eq!(per_currency.len(), 4, "{per_currency:?}");
+    assert_eq!(per_currency.len(), 5, "{per_currency:?}");
     assert_eq!(
         int("purchases"),
         per_currency.values().map(|v| v.0).sum::<i64>()
@@ -1701,6 +1711,10 @@ async fn daily_analytics_and_user_data_match_mongodb() {
     assert_eq!(
         exported[&Some("GBP".to_string())],
         (2, 5_000_000_000_000_001)
+    );
+    assert_eq!(
+        exported[&Some("JPY".to_string())],
+        (10, 9_999_999_999_999_999)
     );
     let top = b
         .column_by_name("topPages")

@@ -2016,6 +2016,12 @@ async fn health_readiness_metrics_and_cors() {
         exposed.contains("retry-after") && exposed.contains("x-ratelimit-reset"),
         "{exposed}"
     );
+    // And a dashboard the analytics API's notes on a journey.
+    assert!(
+        exposed.contains("x-sluice-archived-through")
+            && exposed.contains("x-sluice-journey-truncated"),
+        "{exposed}"
+    );
     // A wrong method gets the same JSON error shape as every other refusal.
     let wrong = client
         .get(format!("{base}/v1/events"))

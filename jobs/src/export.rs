@@ -2574,11 +2574,14 @@ pub fn day_revenue(rows: &[Document], date: &str) -> (i64, Vec<Bson>) {
             let id = r.get_document(common::ID).ok()?;
             (id.get_str("day").ok()? == date).then(|| {
                 purchases += int(r, "purchases");
-                // A sum past 64 bits is a double on the server: held at the bound.
-                let micros = r
-                    .get("micros")
-                    .and_then(sluice_core::model::number_of)
-                    .map_or(0, |m| m as i64);
+                // Read as the integer it is (through a double, a sum past 2^53 would be
+                // rounded); a sum past 64 bits is a double on the server: held at the
+                // bound.
+                let micros = r.get("micros").map_or(0, |m| {
+                    sluice_core::model::int_of(m)
+                        .or_else(|| sluice_core::model::number_of(m).map(|x| x as i64))
+                        .unwrap_or(0)
+                });
                 Bson::Document(doc! {
                     pc::CURRENCY: id.get_str("currency").ok(),
                     pc::PURCHASES: int(r, "purchases"),

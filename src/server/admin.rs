@@ -190,14 +190,20 @@ async fn caller(
     headers: &HeaderMap,
     min: Role,
 ) -> Result<(String, Role), ApiError> {
-    let unauthorized = || {
+    // Each says why, so a dashboard can tell "sign in" from "your session ended"; the
+    // code is one (`unauthorized`: sign in again).
+    let unauthorized = |why: &str| {
+        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", why)
+            .header("www-authenticate", "Bearer error=\"invalid_token\"")
+    };
+    let token = bearer(headers).ok_or_else(|| {
         ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
-            "a valid admin token is required",
+            "no token: sign in with `POST /v1/admin/login` and send `Authorization: Bearer TOKEN`",
         )
-    };
-    let token = bearer(headers).ok_or_else(unauthorized)?;
+        .header("www-authenticate", "Bearer")
+    })?;
     let found = state
         .store
         .collection(c::ADMIN_TOKENS)
@@ -210,7 +216,9 @@ async fn caller(
                 "try again",
             )
         })?
-        .ok_or_else(unauthorized)?;
+        .ok_or_else(|| {
+            unauthorized("the token is unknown, expired (after 8 hours) or ended by a logout or a password change: sign in again")
+        })?;
     // The user as it is now, not as it was at login: deactivating a user or changing
     // their role takes effect on their next request.
     let email = found.get_str("email").unwrap_or("").to_string();
@@ -221,15 +229,18 @@ async fn caller(
         .await
         .map_err(store_error)?
         .filter(|u| u.get_bool("isActive").unwrap_or(false))
-        .ok_or_else(unauthorized)?;
+        .ok_or_else(|| unauthorized("the account is deactivated or deleted"))?;
     // Signed in with a password since changed (tokens from before `pw` was kept have
     // none: they end by expiring, or with the user's next change).
     if let Ok(pw) = found.get_str("pw") {
         if user.get_str("password").map(password_version).as_deref() != Ok(pw) {
-            return Err(unauthorized());
+            return Err(unauthorized(
+                "the password changed since this token was issued: sign in again",
+            ));
         }
     }
-    let role = Role::parse(user.get_str("role").unwrap_or("")).map_err(|_| unauthorized())?;
+    let role = Role::parse(user.get_str("role").unwrap_or(""))
+        .map_err(|_| unauthorized("the account's stored role is not one Sluice knows"))?;
     if rank(role) < rank(min) {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
@@ -494,7 +505,8 @@ fn run_store_error(e: sluice_connectors::StoreError) -> ApiError {
 
 /// A role given in a request body: `400 invalid_role` naming the roles when unknown.
 fn role_param(text: &str) -> Result<Role, ApiError> {
-    Role::parse(text).map_err(|e| {
+    // Any case, as the CLI's `--role` takes it.
+    Role::parse(&text.to_ascii_uppercase()).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_role",
@@ -1179,8 +1191,21 @@ async fn run_job(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path(name): Path<String>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+    body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     caller(&state, &headers, Role::Analyst).await?;
+    // It runs the job as its schedule would; days asked for (`{"from", "to"}`) would be
+    // ignored, and the caller believe a backfill ran.
+    let said = String::from_utf8_lossy(&body);
+    let empty_body = matches!(said.trim(), "" | "{}" | "null");
+    if query.as_deref().is_some_and(|q| !q.is_empty()) || !empty_body {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_parameter",
+            "this endpoint takes no parameters or body: it runs the job as its schedule would (an export its next window and late days); to export chosen days, run `sluice jobs run export:NAME --from DAY --to DAY`",
+        ));
+    }
     // Any export schedule or active integration config can be run by hand, scheduled or
     // not. A config stored inactive (`isActive: false`) is not run through the API; the
     // CLI (`sluice import run`, `jobs run`) still runs it on the operator's word.
@@ -1250,6 +1275,36 @@ struct Window {
     limit: Option<i64>,
     #[serde(rename = "userId")]
     user_id: Option<String>,
+}
+
+/// Refuses a query parameter the endpoint does not read (`tz`, or `to` where only `from`
+/// is read): ignored, the answer would be to another question than the one asked.
+fn only_params(
+    all: Result<Query<Vec<(String, String)>>, QueryRejection>,
+    takes: &[&str],
+) -> Result<(), ApiError> {
+    let mut unknown: Vec<String> = query_params(all)?
+        .into_iter()
+        .map(|(name, _)| name)
+        .filter(|name| !takes.contains(&name.as_str()))
+        .collect();
+    unknown.dedup();
+    let Some(first) = unknown.first() else {
+        return Ok(());
+    };
+    let takes: Vec<String> = takes.iter().map(|t| format!("`{t}`")).collect();
+    Err(ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "invalid_parameter",
+        format!(
+            "`{first}` is no parameter of this endpoint, which reads {} (days are UTC)",
+            if takes.is_empty() {
+                "none".to_string()
+            } else {
+                takes.join(", ")
+            }
+        ),
+    ))
 }
 
 fn day_param(
@@ -1360,16 +1415,29 @@ async fn daily(
     State(state): State<AppState>,
     headers: HeaderMap,
     q: Result<Query<Window>, QueryRejection>,
+    all: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     caller(&state, &headers, Role::Analyst).await?;
+    only_params(all, &["from", "to"])?;
     let q = query_params(q)?;
     let today = chrono::Utc::now().date_naive();
     let to = day_param("to", q.to.as_deref(), today)?;
-    let from = day_param("from", q.from.as_deref(), to - chrono::Days::new(6))?;
+    // The week ending `to`, from 1970 on (the earliest day a parameter may name).
+    let epoch = chrono::NaiveDate::from_ymd_opt(1970, 1, 1).expect("a valid day");
+    let from = day_param(
+        "from",
+        q.from.as_deref(),
+        (to - chrono::Days::new(6)).max(epoch),
+    )?;
     // Both ends count: 2024-01-01..=2024-12-31 is 366 days.
     let bad = |m: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_parameter", m);
     if from > to {
-        return Err(bad(format!("`from` ({from}) is after `to` ({to})")));
+        let to_said = if q.to.is_some() {
+            format!("`to` ({to})")
+        } else {
+            format!("today ({to}, UTC), the default `to`")
+        };
+        return Err(bad(format!("`from` ({from}) is after {to_said}")));
     }
     if (to - from).num_days() + 1 > 366 {
         return Err(bad(format!(
@@ -1461,7 +1529,10 @@ async fn refuse_archived_days(
             archived.join(", "),
             last,
         ),
-    ))
+    )
+    // For a date picker: the days, and the first a range may start at.
+    .field("days", json!(archived))
+    .field("firstAllowed", json!((*last + chrono::Days::new(1)).to_string())))
 }
 
 /// The design document's top pages query.
@@ -1469,8 +1540,11 @@ async fn top_pages(
     State(state): State<AppState>,
     headers: HeaderMap,
     q: Result<Query<Window>, QueryRejection>,
+    all: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     caller(&state, &headers, Role::Analyst).await?;
+    // Always up to today: a `to` would be ignored, so it is refused.
+    only_params(all, &["from", "limit"])?;
     let q = query_params(q)?;
     let today = chrono::Utc::now().date_naive();
     let from = day_param("from", q.from.as_deref(), today - chrono::Days::new(7))?;
@@ -1516,45 +1590,68 @@ async fn top_pages(
     ]).await
 }
 
-/// The design document's user journey query. Its answer is the query's list; when ARCHIVE
-/// has moved days out of `events`, `X-Sluice-Archived-Through` names the latest, whose
-/// events and those before it the journey cannot show (they are in the ARCHIVE partitions).
+/// The design document's user journey query: the user's events by session, the latest
+/// session first, each session's events in time order. Its answer is the query's list;
+/// when ARCHIVE has moved days out of `events`, `X-Sluice-Archived-Through` names the
+/// latest, whose events and those before it the journey cannot show (they are in the
+/// ARCHIVE partitions), and `X-Sluice-Journey-Truncated: true` says older events or
+/// sessions were left out.
 async fn journey(
     State(state): State<AppState>,
     headers: HeaderMap,
     q: Result<Query<Window>, QueryRejection>,
+    all: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Result<axum::response::Response, ApiError> {
     use axum::response::IntoResponse;
     caller(&state, &headers, Role::Analyst).await?;
+    only_params(all, &["userId"])?;
     let q = query_params(q)?;
-    let user = q
-        .user_id
-        .filter(|u| !u.is_empty() && u.len() <= 256)
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_parameter",
-                "`userId` is required",
-            )
-        })?;
-    // The latest events first (the `userId, timestamp` index), at most
-    // JOURNEY_MAX_EVENTS of them, so a visitor with a huge history (a bot) cannot make
-    // one group exceed a document's size or the answer unbounded.
+    let bad = |m: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_parameter", m);
+    let user = match q.user_id {
+        None => return Err(bad("`userId` is required".into())),
+        Some(u) if u.is_empty() => return Err(bad("`userId` is required".into())),
+        Some(u) if u.len() > 256 => {
+            return Err(bad(format!(
+                "`userId` is {} bytes; ids are at most 256",
+                u.len()
+            )))
+        }
+        Some(u) => u,
+    };
     // Only a note: the journey is answered without it if it cannot be read.
     let archived = sluice_jobs::history::latest_archived_day(&state.store)
         .await
         .ok()
         .flatten();
-    let sessions = aggregate(&state, vec![
-        doc! { "$match": { "userId": user } },
-        doc! { "$sort": { "timestamp": -1 } },
-        doc! { "$limit": JOURNEY_MAX_EVENTS },
-        doc! { "$sort": { "timestamp": 1 } },
-        doc! { "$group": { "_id": "$sessionId", "events": { "$push": { "eventId": "$eventId", "eventType": "$eventType", "timestamp": "$timestamp", "pageUrl": "$pageUrl" } }, "startTime": { "$first": "$timestamp" }, "endTime": { "$last": "$timestamp" } } },
-        doc! { "$sort": { "startTime": -1 } },
-        doc! { "$limit": 100 },
-    ]).await?;
-    let mut response = sessions.into_response();
+    // The latest events first (the `userId, timestamp` index), at most
+    // JOURNEY_MAX_EVENTS of them (one more, to know whether there were more), so a
+    // visitor with a huge history (a bot) cannot make the answer unbounded. Grouped here
+    // rather than by `$group`, whose session documents would be held to 16 MB.
+    let mut events = aggregate_docs(
+        &state,
+        vec![
+            doc! { "$match": { "userId": &user } },
+            doc! { "$sort": { "timestamp": -1 } },
+            doc! { "$limit": JOURNEY_MAX_EVENTS + 1 },
+            doc! { "$project": {
+                "_id": 0, "eventId": 1, "sessionId": 1, "eventType": 1, "timestamp": 1,
+                "pageUrl": 1, "referrer": 1, "duration": 1, "metadata.bot": 1,
+                "properties.amount": 1, "properties.currency": 1,
+            } },
+        ],
+    )
+    .await?;
+    let mut truncated = events.len() > JOURNEY_MAX_EVENTS as usize;
+    events.truncate(JOURNEY_MAX_EVENTS as usize);
+    events.reverse();
+    let sessions = journey_sessions(events);
+    truncated |= sessions.len() > JOURNEY_MAX_SESSIONS;
+    let answer: Vec<Value> = sessions
+        .into_iter()
+        .take(JOURNEY_MAX_SESSIONS)
+        .map(|s| plain_json(Bson::Document(s)))
+        .collect();
+    let mut response = Json(answer).into_response();
     if let Some(day) = archived {
         if let Ok(value) = axum::http::HeaderValue::from_str(&day.to_string()) {
             response
@@ -1562,7 +1659,85 @@ async fn journey(
                 .insert("x-sluice-archived-through", value);
         }
     }
+    if truncated {
+        response.headers_mut().insert(
+            "x-sluice-journey-truncated",
+            axum::http::HeaderValue::from_static("true"),
+        );
+    }
     Ok(response)
+}
+
+/// The journey shows at most this many sessions, the latest.
+const JOURNEY_MAX_SESSIONS: usize = 100;
+
+/// A journey's sessions from its events in time order: `{_id, sessionId, startTime,
+/// endTime, events}` (`_id` as the design document's `$group` names it), the latest
+/// session first. Each event: `eventId`, `eventType`, `timestamp`, and those it has of
+/// `pageUrl`, `referrer`, `duration`, `bot` (when flagged) and a purchase's `amount` and
+/// `currency`.
+fn journey_sessions(events: Vec<Document>) -> Vec<Document> {
+    let mut order: Vec<Document> = Vec::new();
+    let mut at: std::collections::HashMap<String, usize> = Default::default();
+    for mut event in events {
+        let session = event.remove("sessionId").unwrap_or(Bson::Null);
+        let mut entry = Document::new();
+        for field in [
+            "eventId",
+            "eventType",
+            "timestamp",
+            "pageUrl",
+            "referrer",
+            "duration",
+        ] {
+            if let Some(v) = event.remove(field) {
+                entry.insert(field, v);
+            }
+        }
+        if let Ok(metadata) = event.get_document("metadata") {
+            if metadata.get_bool("bot") == Ok(true) {
+                entry.insert("bot", true);
+            }
+        }
+        if entry.get_str("eventType") == Ok("PURCHASE") {
+            if let Ok(properties) = event.get_document("properties") {
+                for field in ["amount", "currency"] {
+                    if let Some(v) = properties.get(field) {
+                        entry.insert(field, v.clone());
+                    }
+                }
+            }
+        }
+        let time = entry.get("timestamp").cloned().unwrap_or(Bson::Null);
+        let key = session.clone().into_relaxed_extjson().to_string();
+        let index = *at.entry(key).or_insert_with(|| {
+            order.push(doc! {
+                "_id": session.clone(), "sessionId": session, "startTime": time.clone(),
+                "endTime": time.clone(), "events": [],
+            });
+            order.len() - 1
+        });
+        let s = &mut order[index];
+        s.insert("endTime", time);
+        if let Ok(list) = s.get_array_mut("events") {
+            list.push(Bson::Document(entry));
+        }
+    }
+    // The latest session first, by its start (the events came in time order).
+    order.reverse();
+    order.sort_by(|a, b| {
+        let start = |d: &Document| d.get_datetime("startTime").ok().copied();
+        start(b).cmp(&start(a))
+    });
+    order
+}
+
+async fn no_store(mut response: axum::response::Response) -> axum::response::Response {
+    response
+        .headers_mut()
+        .entry(axum::http::header::CACHE_CONTROL)
+        .or_insert(axum::http::HeaderValue::from_static("no-store"));
+    response
 }
 
 pub fn routes() -> Router<AppState> {
@@ -1582,6 +1757,9 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/analytics/top-pages", get(top_pages))
         .route("/v1/analytics/journey", get(journey))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_ADMIN_BODY))
+        // Tokens, users and figures of the moment: no cache (a shared proxy, the
+        // browser's) may keep or serve them again.
+        .layer(axum::middleware::map_response(no_store))
 }
 
 #[cfg(test)]

@@ -218,6 +218,17 @@ pub struct ApiError {
     pub retry_after: Option<u64>,
     /// Every error found, when there may be several (`message` is the first).
     pub errors: Vec<String>,
+    /// More members of the answer and headers (see [`Extra`]).
+    pub extra: Vec<Extra>,
+}
+
+/// What an error's answer says besides its code and message.
+#[derive(Debug)]
+pub enum Extra {
+    /// A member, for a program to read what `message` says (`archived_days`' days).
+    Field(&'static str, serde_json::Value),
+    /// A header (`WWW-Authenticate` on a `401`).
+    Header(&'static str, String),
 }
 
 impl ApiError {
@@ -228,7 +239,20 @@ impl ApiError {
             message: message.into(),
             retry_after: None,
             errors: Vec::new(),
+            extra: Vec::new(),
         }
+    }
+
+    /// The answer with one more member.
+    pub fn field(mut self, name: &'static str, value: serde_json::Value) -> Self {
+        self.extra.push(Extra::Field(name, value));
+        self
+    }
+
+    /// The answer with a header.
+    pub fn header(mut self, name: &'static str, value: impl Into<String>) -> Self {
+        self.extra.push(Extra::Header(name, value.into()));
+        self
     }
 
     /// The error for a list of errors (not empty): `message` is the first, `errors` all.
@@ -251,8 +275,20 @@ impl IntoResponse for ApiError {
         if !self.errors.is_empty() {
             body["errors"] = json!(self.errors);
         }
+        let mut headers = Vec::new();
+        for extra in self.extra {
+            match extra {
+                Extra::Field(name, value) => body[name] = value,
+                Extra::Header(name, value) => headers.push((name, value)),
+            }
+        }
         let body = Json(body);
         let mut resp = (self.status, body).into_response();
+        for (name, value) in headers {
+            if let Ok(value) = HeaderValue::from_str(&value) {
+                resp.headers_mut().insert(name, value);
+            }
+        }
         if let Some(s) = self.retry_after {
             resp.headers_mut()
                 .insert("retry-after", HeaderValue::from(s));
@@ -441,6 +477,9 @@ fn cors(config: &Config) -> CorsLayer {
             axum::http::header::RETRY_AFTER,
             axum::http::HeaderName::from_static("x-ratelimit-reset"),
             axum::http::HeaderName::from_static("preference-applied"),
+            // The analytics API's notes on a journey (a dashboard on another origin).
+            axum::http::HeaderName::from_static("x-sluice-archived-through"),
+            axum::http::HeaderName::from_static("x-sluice-journey-truncated"),
         ])
         .max_age(Duration::from_secs(3600))
 }
