@@ -711,6 +711,17 @@ pub fn read_amount(
     if event_type != EventType::Purchase {
         return Ok(());
     }
+    // A currency code in any case (`"eur"`, as Stripe writes them) is one currency:
+    // ISO 4217 codes are upper case, and revenue is summed per code.
+    if let Ok(code) = properties.get_str(f::CURRENCY) {
+        let trimmed = code.trim();
+        if trimmed.len() == 3 && trimmed.bytes().all(|b| b.is_ascii_alphabetic()) {
+            let upper = trimmed.to_ascii_uppercase();
+            if upper != code {
+                properties.insert(f::CURRENCY, upper);
+            }
+        }
+    }
     let text = properties.get_str(f::AMOUNT).map(str::to_string);
     let sent_currency = properties.get_str(f::CURRENCY).ok();
     if let Some((text, amount)) = text
@@ -1280,6 +1291,42 @@ pub(crate) mod tests {
             parse(event.clone()).unwrap().event_id,
             parse(event).unwrap().event_id
         );
+    }
+
+    #[test]
+    fn a_currency_code_in_any_case_is_stored_upper_case() {
+        for (sent, stored) in [
+            ("eur", "EUR"),
+            (" usd ", "USD"),
+            ("Gbp", "GBP"),
+            ("EUR", "EUR"),
+            // No ISO 4217 code: kept as sent.
+            ("bitcoin", "bitcoin"),
+            ("eu", "eu"),
+            ("€", "€"),
+        ] {
+            let e = parse(json!({
+                "userId": "v", "sessionId": "s", "eventType": "PURCHASE",
+                "properties": {"amount": 5, "currency": sent},
+            }))
+            .unwrap();
+            assert_eq!(e.properties.get_str("currency").unwrap(), stored, "{sent}");
+        }
+        // Agreeing with a code in the amount's text, whatever its case.
+        let e = parse(json!({
+            "userId": "v", "sessionId": "s", "eventType": "PURCHASE",
+            "properties": {"amount": "19.99 EUR", "currency": "eur"},
+        }))
+        .unwrap();
+        assert_eq!(e.properties.get_str("currency").unwrap(), "EUR");
+        assert_eq!(e.properties.get_f64("amount").unwrap(), 19.99);
+        // Another event's `currency` is its own business.
+        let e = parse(json!({
+            "userId": "v", "sessionId": "s", "eventType": "CLICK",
+            "properties": {"currency": "eur"},
+        }))
+        .unwrap();
+        assert_eq!(e.properties.get_str("currency").unwrap(), "eur");
     }
 
     #[test]
