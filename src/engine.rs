@@ -96,6 +96,12 @@ pub struct LastRun {
     pub error: Option<String>,
 }
 
+/// A time as the API writes every time: RFC 3339 in UTC, to the millisecond
+/// (`2026-12-08T00:15:00.000Z`).
+fn rfc3339(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
 /// Every scheduled job with its next fire and latest run, then every other integration
 /// config that has a recorded run (run by hand, or scheduled while it was active).
 pub async fn job_overview(
@@ -121,7 +127,7 @@ pub async fn job_overview(
                 ended_at: d
                     .get_datetime("endedAt")
                     .ok()
-                    .map(|t| t.to_chrono().to_rfc3339()),
+                    .map(|t| rfc3339(t.to_chrono())),
                 error: d.get_str("error").ok().map(str::to_string),
             }
         }))
@@ -184,13 +190,13 @@ pub async fn job_overview(
             if in_effect && !claimed(store, &job.name, fire).await? {
                 missed = Some(format!(
                     "no run was recorded for the fire at {} (no replica was running, or MongoDB was unreachable then); run it by hand: `sluice jobs run {}`",
-                    fire.to_rfc3339(),
+                    rfc3339(fire),
                     job.name
                 ));
             }
         }
         out.push(JobOverview {
-            next_fire: sluice_jobs::schedule::next_fire(&job, now).map(|t| t.to_rfc3339()),
+            next_fire: sluice_jobs::schedule::next_fire(&job, now).map(rfc3339),
             timezone: job.timezone.clone().unwrap_or_else(|| "UTC".into()),
             running: still_going(going.remove(&job.name), last_run.as_ref()),
             last_run,

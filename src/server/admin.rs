@@ -518,10 +518,10 @@ fn role_param(text: &str) -> Result<Role, ApiError> {
 fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
     body.map(|Json(b)| b).map_err(|r| {
         let status = r.status();
-        let code = if status == StatusCode::UNSUPPORTED_MEDIA_TYPE {
-            "unsupported_media_type"
-        } else {
-            "invalid_body"
+        let code = match status {
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+            StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+            _ => "invalid_body",
         };
         ApiError::new(status, code, r.body_text())
     })
@@ -622,8 +622,23 @@ async fn list_users(
         .map_err(store_error)?;
     Ok(Json(json!(users
         .into_iter()
-        .map(|u| plain_json(bson::Bson::Document(u)))
+        .map(|u| plain_json(bson::Bson::Document(with_nulls(
+            u,
+            &["lastLogin", "passwordChangedAt"]
+        ))))
         .collect::<Vec<_>>())))
+}
+
+/// `doc` with each of `fields` it lacks as `null`: an answer's members are the same
+/// whether or not a value was ever set (a dashboard reads `lastLogin: null`, not a
+/// missing member).
+fn with_nulls(mut doc: Document, fields: &[&str]) -> Document {
+    for field in fields {
+        if !doc.contains_key(field) {
+            doc.insert(*field, Bson::Null);
+        }
+    }
+    doc
 }
 
 #[derive(Deserialize)]
@@ -925,7 +940,10 @@ async fn list_configs(
         .map_err(store_error)?;
     Ok(Json(json!(configs
         .into_iter()
-        .map(|d| plain_json(bson::Bson::Document(d)))
+        .map(|d| plain_json(bson::Bson::Document(with_nulls(
+            d,
+            &["schedule", "lastSync"]
+        ))))
         .collect::<Vec<_>>())))
 }
 

@@ -765,12 +765,8 @@ async fn body_deadline(
         }
         Ok(Err(BodyError::TooLarge)) => ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
-            // The admin API's code for any body it cannot take, as its routes answer.
-            if limit.is_some() {
-                "payload_too_large"
-            } else {
-                "invalid_body"
-            },
+            // One code for a body too large, on every route.
+            "payload_too_large",
             format!("the body is larger than {cap} bytes"),
         )
         .into_response()
