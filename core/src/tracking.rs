@@ -1721,7 +1721,8 @@ pub(crate) mod tests {
             "properties": {"amount": "USD 5", "currency": "usd"},
         }))
         .unwrap();
-        assert_eq!(e.properties.get_str("currency").unwrap(), "usd");
+        // (Its code stored upper case.)
+        assert_eq!(e.properties.get_str("currency").unwrap(), "USD");
         // What cannot be read, or reads two ways, is kept as sent, counting no revenue.
         for unread in [
             json!({"amount": "USD 19.99", "currency": "EUR"}),
