@@ -163,30 +163,12 @@ pub async fn job_overview(
                     .as_ref()
                     .and_then(|r| r.scheduled_for)
                     .is_none_or(|at| at < fire);
-            // A schedule with no known start (`[[schedules]]` in the config file): it was
-            // in effect at that instant only if the instant before it was claimed, or the
-            // latest run recorded was an earlier instant of this same cron (an outage
-            // longer than a period stays missed); a server started, or a cron changed,
-            // since then missed nothing.
-            let ran_this_cron = last_run
-                .as_ref()
-                .and_then(|r| r.scheduled_for)
-                .is_some_and(|at| {
-                    at < fire
-                        && sluice_jobs::schedule::previous_fire(&job, at).is_ok_and(|p| p == at)
-                });
-            let in_effect = match (candidate, job.since) {
-                (false, _) => false,
-                (true, Some(_)) => true,
-                (true, None) if ran_this_cron => true,
-                (true, None) => match sluice_jobs::schedule::previous_fire(
-                    &job,
-                    fire - chrono::Duration::seconds(1),
-                ) {
-                    Ok(before) if before < fire => claimed(store, &job.name, before).await?,
-                    _ => false,
-                },
-            };
+            // A schedule with no known start (`[[schedules]]` in the config file) was in
+            // effect at that instant only if it ran an earlier instant of this cron, or
+            // claimed the one before (an outage longer than a period stays missed); a
+            // server started, or a cron changed, since then missed nothing.
+            let in_effect =
+                candidate && sluice_jobs::schedule::in_effect_at(store, &job, fire).await?;
             if in_effect && !claimed(store, &job.name, fire).await? {
                 missed = Some(format!(
                     "no run was recorded for the fire at {} (no replica was running, or MongoDB was unreachable then); run it by hand: `sluice jobs run {}`",

@@ -537,7 +537,10 @@ fn main() -> ExitCode {
         }
     };
     // Exit without dropping the runtime: the MongoDB driver's background tasks, torn down
-    // with it, can print a spurious panic after the work is done and answered.
+    // with it, can print a spurious panic after the work is done and answered. So a stage
+    // stopped mid-day (its encoder on a blocking thread) never drops its part folder:
+    // removed here.
+    sluice_jobs::remove_work_in_progress();
     use std::io::Write;
     let _ = std::io::stdout().flush();
     let _ = std::io::stderr().flush();

@@ -527,14 +527,119 @@ async fn an_export_in_flight_when_serve_stops_is_recorded_failed_not_left_runnin
         "[[schedules]]\nname = \"daily\"\ntype = \"DAILY_ANALYTICS\"\ncron = \"* * * * * *\"\ncatch_up = 1\n",
     )
     .await;
+    // Its parts staged in a work folder of its own, to see what is left there.
+    let work = dir.join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let text = std::fs::read_to_string(&config).unwrap().replacen(
+        "[export]\n",
+        &format!("[export]\nwork_dir = {:?}\n", work.display().to_string()),
+        1,
+    );
+    std::fs::write(&config, text).unwrap();
+    let staged = || {
+        std::fs::read_dir(&work)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with("sluice-work-")
+            })
+            .count()
+    };
     let serve = sluice(&config, &["serve"]);
     let jobs = db.store.collection("export_jobs");
     let running = wait_for_running_export(&jobs).await;
-    // Its upload hangs; stop serve.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Its upload hangs, its part in the work folder; stop serve.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while staged() == 0 {
+        assert!(std::time::Instant::now() < deadline, "nothing was staged");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let (status, stderr) = stop(serve, "-TERM");
     assert!(status.success(), "serve ends cleanly on SIGTERM: {stderr}");
     assert_recorded_stopped(&jobs, &running).await;
+    // The stopped stage's part folder went with the process.
+    assert_eq!(staged(), 0, "the stopped run's work folder is removed");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A stage whose encoder is busy when serve stops (here a plugin that never returns,
+/// allowed a minute per batch) is not waited for: its part folder is removed as the
+/// process exits, not left until a later run's sweep a day on.
+#[tokio::test]
+async fn a_stage_busy_encoding_when_serve_stops_leaves_no_work_folder() {
+    let db = TestDb::initialized().await;
+    let bucket = support::TestBucket::new().await;
+    let (dir, config) = export_config(
+        &db,
+        &bucket,
+        "[[schedules]]\nname = \"daily\"\ntype = \"DAILY_ANALYTICS\"\ncron = \"* * * * * *\"\ncatch_up = 1\n",
+    )
+    .await;
+    // The `hostile` plugin looping, with a manifest of its own giving it a minute.
+    let plugins = dir.join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    std::fs::copy(
+        support::plugin_dir().join("hostile.wasm"),
+        plugins.join("hostile.wasm"),
+    )
+    .unwrap();
+    let manifest = std::fs::read_to_string(support::plugin_dir().join("hostile.toml")).unwrap();
+    std::fs::write(
+        plugins.join("hostile.toml"),
+        format!("{manifest}\n[limits]\nbatch_deadline_ms = 60000\n"),
+    )
+    .unwrap();
+    let work = dir.join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replacen(
+            "[export]\n",
+            &format!("[export]\nwork_dir = {:?}\n", work.display().to_string()),
+            1,
+        )
+        .replacen(
+            "[log]",
+            &format!(
+                "[plugins]\ndir = {:?}\nexport_transforms = [\"hostile\"]\nmax_batch_deadline_ms = 60000\n[plugins.config.hostile]\nmode = \"loop\"\n[log]",
+                plugins.display().to_string()
+            ),
+            1,
+        );
+    std::fs::write(&config, text).unwrap();
+    let staged = || {
+        std::fs::read_dir(&work)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with("sluice-work-")
+            })
+            .count()
+    };
+    let serve = sluice(&config, &["serve"]);
+    let jobs = db.store.collection("export_jobs");
+    let running = wait_for_running_export(&jobs).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while staged() == 0 {
+        assert!(std::time::Instant::now() < deadline, "nothing was staged");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The plugin is looping on the day's row.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (status, stderr) = stop(serve, "-TERM");
+    assert!(status.success(), "serve ends cleanly on SIGTERM: {stderr}");
+    assert_recorded_stopped(&jobs, &running).await;
+    assert_eq!(
+        staged(),
+        0,
+        "the stopped run's work folder is removed: {stderr}"
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
 

@@ -608,7 +608,25 @@ async fn an_instant_no_replica_claimed_is_fired_by_the_next_check_once() {
             timezone: None,
             since: Some(recent + chrono::Duration::seconds(1)),
         },
+        // A `[[schedules]]` entry (no recorded start) that never ran this cron: added, or
+        // its cron changed, since that instant; it missed nothing.
+        ScheduledJob {
+            name: "new-cron".into(),
+            cron: at(recent),
+            timezone: None,
+            since: None,
+        },
     ];
+    // `recent` ran its cron's instant before (a year ago): it was in effect.
+    let year_ago = recent.with_year(recent.year() - 1).unwrap();
+    db.store
+        .collection("scheduled_runs")
+        .insert_one(doc! {
+            "_id": sluice_jobs::schedule::run_id("recent", year_ago), "job": "recent",
+            "scheduledFor": bson::DateTime::from_chrono(year_ago), "status": "COMPLETED",
+        })
+        .await
+        .unwrap();
     let log: RunLog = Arc::new(Mutex::new(Vec::new()));
     let runner = Arc::new(Counting {
         log: log.clone(),
@@ -631,12 +649,14 @@ async fn an_instant_no_replica_claimed_is_fired_by_the_next_check_once() {
     assert_eq!(
         fires,
         [recent],
-        "the recent instant, once; not the old one, nor one before its job was applied"
+        "the recent instant, once; not the old one, nor one before its job was applied, nor one of a cron that never ran"
     );
     let docs = runs(&db).await;
-    assert_eq!(docs.len(), 1, "{docs:?}");
-    assert_eq!(docs[0].get_str("status").unwrap(), "COMPLETED");
-    assert!(docs[0].get_str("_id").unwrap().starts_with("recent@"));
+    assert_eq!(docs.len(), 2, "{docs:?}");
+    assert!(docs
+        .iter()
+        .all(|d| d.get_str("status").unwrap() == "COMPLETED"
+            && d.get_str("_id").unwrap().starts_with("recent@")));
 }
 
 /// Records the most runs going at once; each takes `delay`.

@@ -730,10 +730,18 @@ fn export_transforms(ctx: &ExportContext, kind: ExportJobType) -> Vec<Arc<dyn Tr
 /// parts, up to a day's worth of Parquet, until a later run's sweep a day on.
 struct WorkFolder(std::path::PathBuf);
 
+impl WorkFolder {
+    fn new(path: std::path::PathBuf) -> Self {
+        crate::spool::hold(&path);
+        Self(path)
+    }
+}
+
 impl Drop for WorkFolder {
     fn drop(&mut self) {
         // Usually gone already (removed as the stage ends); a small folder either way.
         let _ = std::fs::remove_dir_all(&self.0);
+        crate::spool::release(&self.0);
     }
 }
 
@@ -2620,7 +2628,7 @@ async fn stage(
     })?;
     // Shared with the encoder: a cancelled stage leaves the encoder finishing the batch it
     // holds in the folder, and the folder goes when the last of them does.
-    let work_folder = Arc::new(WorkFolder(work.clone()));
+    let work_folder = Arc::new(WorkFolder::new(work.clone()));
     let (batch_tx, mut batch_rx) = mpsc::channel::<Vec<Document>>(4);
     let (part_tx, mut part_rx) = mpsc::channel::<LocalPart>(2);
     // Dead letters are kept as they come, a chunk at a time: a plugin failing every event

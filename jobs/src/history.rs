@@ -321,7 +321,7 @@ pub fn exports_in_flight() -> Vec<String> {
 }
 
 /// The error of a run stopped before it ended.
-const STOPPED: &str = "interrupted: the run was stopped before it ended (the process was stopped, or its scheduled run lost its lease); rerun the window";
+const STOPPED: &str = "interrupted: the run was stopped before it ended (the process was stopped, or its scheduled run lost its lease); a scheduled run's windows are exported by the schedule's next run (or by the replica taking the run over), nothing to do; a run by hand must be run again";
 
 /// Marks the RUNNING runs `job_ids` FAILED because they were stopped (their process is
 /// stopping, or their future was cancelled), so they do not show RUNNING until the next

@@ -8,5 +8,6 @@ pub mod import;
 mod retry;
 pub mod schedule;
 mod spool;
+pub use spool::remove_held as remove_work_in_progress;
 mod tally;
 pub mod tokens;

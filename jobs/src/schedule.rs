@@ -639,6 +639,44 @@ pub async fn fire_claimed(
         .map_err(StoreError::mongo(c::SCHEDULED_RUNS, "find a fire's claim"))
 }
 
+/// Whether `job` was in effect at its instant `fire`: from its start when one is recorded
+/// (an integration config's `scheduleSince`), else (a `[[schedules]]` entry, whose start
+/// no one recorded) when the instant before `fire` was claimed, or the latest run
+/// recorded before `fire` was an instant of this same cron. A schedule added, or whose
+/// cron changed, since then was not: it has no instant to make up for, where firing one
+/// would run a window its old cron never had.
+pub async fn in_effect_at(
+    store: &Store,
+    job: &ScheduledJob,
+    fire: chrono::DateTime<Utc>,
+) -> Result<bool, StoreError> {
+    if let Some(since) = job.since {
+        return Ok(fire >= since);
+    }
+    let latest = store
+        .lease_collection(c::SCHEDULED_RUNS)
+        .find_one(
+            doc! { "job": &job.name, "scheduledFor": { "$lt": bson::DateTime::from_chrono(fire) } },
+        )
+        .sort(doc! { "scheduledFor": -1 })
+        .projection(doc! { "scheduledFor": 1 })
+        .await
+        .map_err(StoreError::mongo(
+            c::SCHEDULED_RUNS,
+            "find a job's latest run",
+        ))?;
+    let ran_this_cron = latest
+        .and_then(|d| d.get_datetime("scheduledFor").ok().map(|t| t.to_chrono()))
+        .is_some_and(|at| previous_fire(job, at).is_ok_and(|p| p == at));
+    if ran_this_cron {
+        return Ok(true);
+    }
+    match previous_fire(job, fire - chrono::Duration::seconds(1)) {
+        Ok(before) if before < fire => fire_claimed(store, &job.name, before).await,
+        _ => Ok(false),
+    }
+}
+
 /// Fires the latest instant of each job that passed recently (within two reloads and 10
 /// s) without any replica claiming it: a trigger remade as daylight saving time began
 /// skipped it (the cron library fixes a zone's offset per trigger), or every replica was
@@ -658,12 +696,19 @@ async fn fire_missed(inner: &Arc<Inner>, jobs: &[ScheduledJob]) {
         if age < Duration::from_secs(2) || age > window {
             continue;
         }
-        if job.since.is_some_and(|since| last < since) {
-            continue;
-        }
         match fire_claimed(&inner.store, &job.name, last).await {
             Ok(false) => {}
             Ok(true) => continue,
+            Err(e) => {
+                tracing::warn!(job = %job.name, error = %e, "could not look for a missed fire");
+                continue;
+            }
+        }
+        // Not an instant of the schedule as it was then (one just added, or whose cron
+        // changed): nothing was missed.
+        match in_effect_at(&inner.store, job, last).await {
+            Ok(true) => {}
+            Ok(false) => continue,
             Err(e) => {
                 tracing::warn!(job = %job.name, error = %e, "could not look for a missed fire");
                 continue;

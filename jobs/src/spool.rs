@@ -3,9 +3,45 @@
 //! encoder thread in the order the rows were read, read back in chunks for the deletion,
 //! and removed with the spool.
 
+use std::collections::HashSet;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, BufWriter, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::{LazyLock, Mutex};
+
+/// The files and folders runs of this process are writing in the work folder, each
+/// removed by what holds it when dropped; [`remove_held`] removes those a process exiting
+/// would leave (the blocking thread encoding a day is not waited for, so what it holds is
+/// never dropped).
+static HELD: LazyLock<Mutex<HashSet<PathBuf>>> = LazyLock::new(Default::default);
+
+pub(crate) fn hold(path: &Path) {
+    HELD.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(path.to_path_buf());
+}
+
+pub(crate) fn release(path: &Path) {
+    HELD.lock().unwrap_or_else(|e| e.into_inner()).remove(path);
+}
+
+/// Removes what runs of this process still hold in the work folder (part folders, id
+/// spools): for a process about to exit without unwinding its runs (a SIGTERM stops them
+/// mid-stage), which would otherwise leave them until a later run's sweep a day on.
+pub fn remove_held() {
+    let held: Vec<PathBuf> = HELD
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .drain()
+        .collect();
+    for path in held {
+        if path.is_dir() {
+            let _ = std::fs::remove_dir_all(&path);
+        } else {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+}
 
 /// eventIds with their event's time (epoch ms, if it has one), one JSON `[ms, "id"]` per
 /// line (an id may hold any character).
@@ -20,6 +56,7 @@ impl IdSpool {
     /// A new, empty spool at `path` (replacing any file there).
     pub fn create(path: PathBuf) -> io::Result<Self> {
         let file = File::create(&path)?;
+        hold(&path);
         Ok(Self {
             path,
             out: Some(BufWriter::with_capacity(256 * 1024, file)),
@@ -66,6 +103,7 @@ impl Drop for IdSpool {
     fn drop(&mut self) {
         self.out = None;
         let _ = std::fs::remove_file(&self.path);
+        release(&self.path);
     }
 }
 
