@@ -2344,8 +2344,23 @@ pub async fn jobs_list(config: &Config) -> anyhow::Result<()> {
     if config.schedules.is_empty() {
         eprintln!("(no [[schedules]] in this config: export jobs are listed from the config file `sluice serve` reads; pass it with -c or SLUICE_CONFIG)");
     }
-    for job in crate::engine::job_overview(config, &store).await? {
+    let jobs = crate::engine::job_overview(config, &store).await?;
+    if !jobs.is_empty() {
+        println!(
+            "{:<36} {:<18} {:<16} NEXT FIRE / LATEST RUN",
+            "JOB", "CRON", "TIME ZONE"
+        );
+    }
+    for job in jobs {
         let next = job.next_fire.unwrap_or_else(|e| e);
+        // A RUNNING latest run no replica holds: its process stopped (handed back) or
+        // its lease lapsed; a replica's sweeper takes it over.
+        let orphaned =
+            job.running.is_none() && job.last_run.as_ref().is_some_and(|r| r.status == "RUNNING");
+        let completed = job
+            .last_run
+            .as_ref()
+            .and_then(|r| r.last_completed_at.clone());
         let last = job
             .last_run
             .map(|r| match r.error {
@@ -2372,6 +2387,12 @@ pub async fn jobs_list(config: &Config) -> anyhow::Result<()> {
             next,
             last
         );
+        if let Some(missed) = job.missed {
+            println!("{:<36} MISSED: {missed}", "");
+        }
+        if let Some(at) = completed {
+            println!("{:<36} last COMPLETED run ended {at}", "");
+        }
         if let Some(run) = job.running {
             let what = if run.waiting {
                 "waiting for a run slot"
@@ -2379,9 +2400,11 @@ pub async fn jobs_list(config: &Config) -> anyhow::Result<()> {
                 "running"
             };
             println!("{:<36} {what}: {}", "", run.id);
-        }
-        if let Some(missed) = job.missed {
-            println!("{:<36} MISSED: {missed}", "");
+        } else if orphaned {
+            println!(
+                "{:<36} held by no replica (its process stopped, or its lease lapsed): a running replica takes it over within lease_seconds / 2, or as one starts (`sluice jobs history` says when)",
+                ""
+            );
         }
     }
     Ok(())
@@ -2519,7 +2542,25 @@ pub async fn jobs_history(config: &Config, name: Option<&str>) -> anyhow::Result
         _ => {}
     }
     let now = store.now();
+    if !runs.is_empty() {
+        println!(
+            "{:<50} {:<10} {:<20} {:>9} {:<30} WHAT HAPPENED",
+            "RUN", "STATUS", "STARTED (UTC)", "TOOK", "OWNER"
+        );
+    }
     for r in runs {
+        // When it started and how long it took (or has been going), so a slow run shows.
+        let started = r.get_datetime("startedAt").ok();
+        let took = match (started, r.get_datetime("endedAt").ok()) {
+            (Some(a), Some(b)) => took(b.timestamp_millis() - a.timestamp_millis()),
+            (Some(a), None) if r.get_str("status") == Ok("RUNNING") => {
+                format!("{}+", took(now.timestamp_millis() - a.timestamp_millis()))
+            }
+            _ => "-".to_string(),
+        };
+        let started = started
+            .map(|t| t.to_chrono().format("%Y-%m-%d %H:%M:%S").to_string())
+            .unwrap_or_else(|| "-".to_string());
         // A RUNNING run whose lease lapsed: its process stopped renewing it (died, or was
         // killed); a scheduler replica records it so at its next sweep, and with no
         // `sluice serve` running nothing does.
@@ -2550,7 +2591,7 @@ pub async fn jobs_history(config: &Config, name: Option<&str>) -> anyhow::Result
             Err(_) => String::new(),
         };
         println!(
-            "{:<50} {:<10} owner {:<24} {taken_over}{lapsed}{}",
+            "{:<50} {:<10} {started:<20} {took:>9} {:<30} {taken_over}{lapsed}{}",
             r.get_str("_id").unwrap_or("?"),
             r.get_str("status").unwrap_or("?"),
             r.get_str("owner").unwrap_or("?"),
@@ -2561,6 +2602,17 @@ pub async fn jobs_history(config: &Config, name: Option<&str>) -> anyhow::Result
         );
     }
     Ok(())
+}
+
+/// A run's length for a listing: `850ms`, `12.3s`, `4m05s`, `2h07m`.
+fn took(ms: i64) -> String {
+    let ms = ms.max(0);
+    match ms {
+        0..1_000 => format!("{ms}ms"),
+        1_000..60_000 => format!("{:.1}s", ms as f64 / 1000.0),
+        60_000..3_600_000 => format!("{}m{:02}s", ms / 60_000, ms / 1000 % 60),
+        _ => format!("{}h{:02}m", ms / 3_600_000, ms / 60_000 % 60),
+    }
 }
 
 /// `sluice export history [TYPE]`: the latest `limit` runs of `export_jobs`, newest first.

@@ -94,6 +94,9 @@ pub struct LastRun {
     pub ended_at: Option<String>,
     /// Why it failed, if it did.
     pub error: Option<String>,
+    /// When the job's latest COMPLETED run ended, when this one is not it (a SKIPPED fire
+    /// hides the run that completed seconds before).
+    pub last_completed_at: Option<String>,
 }
 
 /// A time as the API writes every time: RFC 3339 in UTC, to the millisecond
@@ -110,17 +113,33 @@ pub async fn job_overview(
 ) -> Result<Vec<JobOverview>, sluice_connectors::StoreError> {
     let now = chrono::Utc::now();
     let latest_run = |job: String| async move {
-        let run = store
-            .collection(c::SCHEDULED_RUNS)
-            .find_one(doc! { "job": &job })
-            .sort(doc! { "scheduledFor": -1 })
-            .await
-            .map_err(sluice_connectors::StoreError::mongo(
-                c::SCHEDULED_RUNS,
-                "find the latest run",
-            ))?;
+        let find = |filter: bson::Document| async move {
+            store
+                .collection(c::SCHEDULED_RUNS)
+                .find_one(filter)
+                .sort(doc! { "scheduledFor": -1 })
+                .await
+                .map_err(sluice_connectors::StoreError::mongo(
+                    c::SCHEDULED_RUNS,
+                    "find the latest run",
+                ))
+        };
+        let run = find(doc! { "job": &job }).await?;
+        let last_completed_at = match &run {
+            Some(d) if d.get_str("status") != Ok("COMPLETED") => {
+                find(doc! { "job": &job, "status": "COMPLETED" })
+                    .await?
+                    .and_then(|d| {
+                        d.get_datetime("endedAt")
+                            .ok()
+                            .map(|t| rfc3339(t.to_chrono()))
+                    })
+            }
+            _ => None,
+        };
         Ok::<_, sluice_connectors::StoreError>(run.map(|d| {
             LastRun {
+                last_completed_at,
                 id: d.get_str("_id").unwrap_or("?").to_string(),
                 status: d.get_str("status").unwrap_or("?").to_string(),
                 scheduled_for: d.get_datetime("scheduledFor").ok().map(|t| t.to_chrono()),
@@ -678,6 +697,7 @@ mod tests {
             scheduled_for: None,
             ended_at: None,
             error: None,
+            last_completed_at: None,
         };
         // Going when the runs were read, COMPLETED by the time the latest was.
         assert_eq!(

@@ -298,6 +298,8 @@ async fn jobs_history_takes_a_bare_config_name_like_jobs_run() {
         "_id": "integration:moved@manual-1", "job": "integration:moved", "status": "COMPLETED",
         "owner": "survivor", "scheduledFor": now, "takenOverAt": taken, "attempts": 2,
         "result": "12 records",
+        "startedAt": bson::DateTime::from_millis(now.timestamp_millis() - 125_000),
+        "endedAt": now,
     })
     .await
     .unwrap();
@@ -308,6 +310,21 @@ async fn jobs_history_takes_a_bare_config_name_like_jobs_run() {
             "taken over at {} (attempt 2); 12 records",
             taken.try_to_rfc3339_string().unwrap()
         )),
+        "{stdout}"
+    ); // Under a header, with when it started and how long it took.
+    assert!(stdout.starts_with("RUN "), "{stdout}");
+    let started = bson::DateTime::from_millis(now.timestamp_millis() - 125_000)
+        .to_chrono()
+        .format("%Y-%m-%d %H:%M:%S")
+        .to_string();
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("integration:moved@"))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    let words: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(
+        words[2..5],
+        [&started[..10], &started[11..], "2m05s"],
         "{stdout}"
     );
 }
@@ -2795,6 +2812,45 @@ async fn jobs_list_shows_missed_fires_and_the_last_error() {
         !stdout.contains("second line") && !stdout.contains("MISSED"),
         "{stdout}"
     );
+    assert!(stdout.starts_with("JOB "), "a header first: {stdout}");
+    // A run that completed before the failed one is named under it (the latest fire may
+    // hide it).
+    let before = fire - chrono::Duration::days(1);
+    let ended = before + chrono::Duration::seconds(30);
+    db.store
+        .collection("scheduled_runs")
+        .insert_one(bson::doc! {
+            "_id": sluice_jobs::schedule::run_id("integration:nightly", before),
+            "job": "integration:nightly", "status": "COMPLETED",
+            "scheduledFor": bson::DateTime::from_chrono(before),
+            "endedAt": bson::DateTime::from_chrono(ended),
+        })
+        .await
+        .unwrap();
+    let stdout = sluice_ok(&config, &["jobs", "list"]).await;
+    let lines = line_of(&stdout);
+    assert!(
+        lines[1].trim_start()
+            == format!(
+                "last COMPLETED run ended {}",
+                ended.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+            ),
+        "{stdout}"
+    );
+    // A RUNNING run no replica holds (its lease lapsed) is said to be so.
+    let now = chrono::Utc::now();
+    db.store
+        .collection("scheduled_runs")
+        .insert_one(bson::doc! {
+            "_id": "integration:nightly@manual-1", "job": "integration:nightly",
+            "status": "RUNNING", "manual": true,
+            "scheduledFor": bson::DateTime::from_chrono(now),
+            "expiresAt": bson::DateTime::from_chrono(now - chrono::Duration::minutes(1)),
+        })
+        .await
+        .unwrap();
+    let stdout = sluice_ok(&config, &["jobs", "list"]).await;
+    assert!(stdout.contains("held by no replica"), "{stdout}");
 }
 
 /// A job firing every minute shows its misses too: its latest instant is always within

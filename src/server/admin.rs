@@ -915,6 +915,7 @@ async fn list_jobs(
                 "nextFire": next_fire, "error": error, "note": note,
                 "lastRun": last.map(|r| &r.id), "lastStatus": last.map(|r| &r.status),
                 "lastEndedAt": last.and_then(|r| r.ended_at.as_ref()),
+                "lastCompletedAt": last.and_then(|r| r.last_completed_at.as_ref()),
                 "lastError": last.and_then(|r| r.error.as_ref()),
                 "running": j.running.as_ref().map(|r| json!({ "run": r.id, "waitingForSlot": r.waiting })),
                 "missed": j.missed,
