@@ -765,6 +765,26 @@ async fn archive_deletes_exactly_what_it_exported() {
             .and_then(|v| v.to_str().ok()),
         Some(old.to_string().as_str())
     );
+    // With a later day archived too (by another run, past this range), the first day a
+    // range may start at is after it.
+    let later = old + chrono::Days::new(2);
+    db.store
+        .collection("export_jobs")
+        .insert_one(doc! {
+            "jobId": "another-archive", "type": "ARCHIVE",
+            "partitions": [{ "prefix": format!("ARCHIVE/dt={later}") }],
+        })
+        .await
+        .unwrap();
+    let r = daily(day(-101), day(-99)).await.unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["days"], serde_json::json!([old.to_string()]), "{body}");
+    assert_eq!(
+        body["firstAllowed"],
+        (later + chrono::Days::new(1)).to_string(),
+        "{body}"
+    );
     let r = daily(day(-11), day(-9)).await.unwrap();
     assert_eq!(r.status().as_u16(), 200);
     let rows: serde_json::Value = r.json().await.unwrap();
@@ -3347,7 +3367,11 @@ print(json.dumps({"anonymousId": row["anonymousId"], "context": json.loads(row["
         d.insert("duration", duration);
         odd.push(d);
     }
+    // (A second later: `app-1` is the first event with `appVersion`, read in time order.)
     let mut both = base("both");
+    let later = DateTime::from_millis(at.timestamp_millis() + 1_000);
+    both.insert("timestamp", later);
+    both.insert("createdAt", later);
     both.insert("pageUrl", 42);
     both.insert("appVersion", "2.4.0");
     odd.push(both);

@@ -20,6 +20,9 @@ pub const MAX_CLOCK_SET_BACK_MS: i64 = 7 * 24 * 3_600_000;
 
 /// Events before this instant are rejected as nonsense (2000-01-01T00:00:00Z).
 const EARLIEST_MS: i64 = 946_684_800_000;
+/// 9999-12-31T23:59:59.999Z: the latest time a client's own clock is kept as
+/// (`metadata.clientTimestamp`, `metadata.sentAt`).
+const LATEST_MS: i64 = 253_402_300_799_999;
 /// The largest purchase amount accepted. Revenue is summed in integer millionths
 /// (`i64`), so this keeps a visitor's total exact for over nine thousand such purchases.
 pub const MAX_PURCHASE_AMOUNT: f64 = 1e9;
@@ -1152,9 +1155,15 @@ pub fn parse_event(
     if metadata.ip_address.is_none() {
         metadata.ip_address = ctx.ip.clone();
     }
+    // Kept when both are dates a column holds (years 1970 to 9999): a client whose two
+    // times are epoch nanoseconds is corrected right by their difference, but its own
+    // times would be no date to export.
+    let datable = |t: i64| (0..=LATEST_MS).contains(&t);
     if let (Some(t), Some(sent)) = (client_time, sent_at) {
-        metadata.client_timestamp = Some(DateTime::from_millis(t));
-        metadata.sent_at = Some(DateTime::from_millis(sent));
+        if datable(t) && datable(sent) {
+            metadata.client_timestamp = Some(DateTime::from_millis(t));
+            metadata.sent_at = Some(DateTime::from_millis(sent));
+        }
     }
     let now = DateTime::from_millis(ctx.received_at_ms);
     Ok(Event {
@@ -1347,6 +1356,20 @@ pub(crate) mod tests {
         assert_eq!(
             e.metadata.sent_at.map(|t| t.timestamp_millis()),
             Some(NOW + skew)
+        );
+        // A client whose clock is far outside the calendar (epoch nanoseconds, sent 10,000
+        // apart): corrected by their difference as any, its own times no date a column
+        // holds, so not kept.
+        let ns = 1_000_000;
+        let e = parse(json!({
+            "userId": "v", "sessionId": "s", "eventType": "CLICK",
+            "timestamp": NOW * ns - 10_000, "sentAt": NOW * ns,
+        }))
+        .unwrap();
+        assert_eq!(e.timestamp.timestamp_millis(), NOW - 10_000);
+        assert_eq!(
+            (e.metadata.client_timestamp, e.metadata.sent_at),
+            (None, None)
         );
         // Without `sentAt` nothing was corrected: neither is kept.
         let e = parse(json!({

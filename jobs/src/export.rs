@@ -2827,8 +2827,12 @@ async fn stage(
                     }
                 }
             }
-            if let Some(part) = writer.finish().map_err(|e| enc(e.to_string()))? {
-                let _ = part_tx.blocking_send(part);
+            // A refused day uploads nothing more, its last part either.
+            let refused_day = archiving && refused.load(std::sync::atomic::Ordering::Acquire);
+            if !refused_day {
+                if let Some(part) = writer.finish().map_err(|e| enc(e.to_string()))? {
+                    let _ = part_tx.blocking_send(part);
+                }
             }
             if let (n @ 1.., Some(example)) = uncovered {
                 let left_out = Unfitting {
@@ -2943,9 +2947,16 @@ async fn stage(
     // content.)
     let keeper = async {
         while let Some(letters) = letter_rx.recv().await {
-            ctx.store
+            if let Err(e) = ctx
+                .store
                 .keep_dead_letters(letters, &pipeline, Some(job_id))
-                .await?;
+                .await
+            {
+                // Closed, so the encoder's next send fails and it stops, rather than wait
+                // for good on a receiver no one reads.
+                letter_rx.close();
+                return Err(e.into());
+            }
         }
         Ok::<(), ExportError>(())
     };
@@ -2960,11 +2971,13 @@ async fn stage(
     let (rows_read, mut unarchivable) = read?;
     kept?;
     let (dead_letters, archived_ids, dropped, types) = encoded?;
+    // An upload that failed stopped the encoder early, so what it would name of a refused
+    // day is partial: the upload's error comes first.
+    let parts = uploaded?;
     unarchivable.merge(types);
     if !unarchivable.is_empty() {
         return Err(unarchivable.error(&prefix));
     }
-    let parts = uploaded?;
     if archiving && archived_ids.as_ref().map(IdSpool::count) != Some(rows_read) {
         return Err(ExportError::Encode {
             partition: prefix,

@@ -641,8 +641,8 @@ pub async fn fire_claimed(
 
 /// Whether `job` was in effect at its instant `fire`: from its start when one is recorded
 /// (an integration config's `scheduleSince`), else (a `[[schedules]]` entry, whose start
-/// no one recorded) when the instant before `fire` was claimed, or the latest run
-/// recorded before `fire` was an instant of this same cron. A schedule added, or whose
+/// no one recorded) when the instant before `fire` was claimed, or the latest fire
+/// recorded before `fire` (runs by hand aside) was an instant of this same cron. A schedule added, or whose
 /// cron changed, since then was not: it has no instant to make up for, where firing one
 /// would run a window its old cron never had.
 pub async fn in_effect_at(
@@ -656,7 +656,8 @@ pub async fn in_effect_at(
     let latest = store
         .lease_collection(c::SCHEDULED_RUNS)
         .find_one(
-            doc! { "job": &job.name, "scheduledFor": { "$lt": bson::DateTime::from_chrono(fire) } },
+            // Fires only: a run by hand between is no instant of the cron.
+            doc! { "job": &job.name, "manual": { "$ne": true }, "scheduledFor": { "$lt": bson::DateTime::from_chrono(fire) } },
         )
         .sort(doc! { "scheduledFor": -1 })
         .projection(doc! { "scheduledFor": 1 })

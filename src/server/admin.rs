@@ -541,6 +541,7 @@ async fn login(
             "invalid_credentials",
             "wrong email or password",
         )
+        .header("www-authenticate", "Bearer")
     };
     if email.len() > MAX_EMAIL_BYTES || body.password.len() > MAX_PASSWORD_BYTES {
         return Err(refused()); // no such user can exist
@@ -817,7 +818,10 @@ async fn change_password(
         .find_one(doc! { "email": &me })
         .await
         .map_err(store_error)?
-        .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "no such user"))?;
+        .ok_or_else(|| {
+            ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "no such user")
+                .header("www-authenticate", "Bearer error=\"invalid_token\"")
+        })?;
     let ok = check_password(&state, attempt, body.current.clone(), Some(user.password))
         .await?
         .is_some();
@@ -1216,8 +1220,12 @@ async fn run_job(
     caller(&state, &headers, Role::Analyst).await?;
     // It runs the job as its schedule would; days asked for (`{"from", "to"}`) would be
     // ignored, and the caller believe a backfill ran.
-    let said = String::from_utf8_lossy(&body);
-    let empty_body = matches!(said.trim(), "" | "{}" | "null");
+    let empty_body = body.iter().all(u8::is_ascii_whitespace)
+        || match serde_json::from_slice::<Value>(&body) {
+            Ok(Value::Null) => true,
+            Ok(Value::Object(o)) => o.is_empty(),
+            _ => false,
+        };
     if query.as_deref().is_some_and(|q| !q.is_empty()) || !empty_body {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -1536,9 +1544,15 @@ async fn refuse_archived_days(
     let archived = sluice_jobs::history::archived_days(&state.store, &days)
         .await
         .map_err(store_error)?;
-    let Some(last) = archived.last() else {
+    let Some(last) = archived.last().copied() else {
         return Ok(());
     };
+    // The latest day archived at all: a range starting before it meets archived days.
+    let latest = sluice_jobs::history::latest_archived_day(&state.store)
+        .await
+        .ok()
+        .flatten()
+        .map_or(last, |d| d.max(last));
     let archived: Vec<String> = archived.iter().map(|d| d.to_string()).collect();
     Err(ApiError::new(
         StatusCode::BAD_REQUEST,
@@ -1546,12 +1560,13 @@ async fn refuse_archived_days(
         format!(
             "days of this range were archived, or are being archived ({}): their events were moved to the ARCHIVE partitions and deleted from MongoDB, so counting them here would report only what arrived later; read the DAILY_ANALYTICS or ARCHIVE partitions for them, or start the range after {}",
             archived.join(", "),
-            last,
+            latest,
         ),
     )
-    // For a date picker: the days, and the first a range may start at.
+    // For a date picker: the days, and the first a range may start at (after every day
+    // archived, those past this range too).
     .field("days", json!(archived))
-    .field("firstAllowed", json!((*last + chrono::Days::new(1)).to_string())))
+    .field("firstAllowed", json!((latest + chrono::Days::new(1)).to_string())))
 }
 
 /// The design document's top pages query.

@@ -73,12 +73,30 @@ pub struct EventMetadata {
     pub context: Document,
     /// The event's time by the client's clock, as sent, when `sentAt` corrected it
     /// (`timestamp` is the corrected time): what the correction started from.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// (Read leniently: another writer's `metadata.sentAt` as text is none, not an event
+    /// that cannot be read.)
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "date_or_none"
+    )]
     pub client_timestamp: Option<DateTime>,
     /// When the client sent the event, by that same clock (the event's or its batch's
     /// `sentAt`), kept beside `client_timestamp`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "date_or_none"
+    )]
     pub sent_at: Option<DateTime>,
+}
+
+/// A date, or none for any other value.
+fn date_or_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<DateTime>, D::Error> {
+    Ok(match bson::Bson::deserialize(d)? {
+        bson::Bson::DateTime(t) => Some(t),
+        _ => None,
+    })
 }
 
 /// `events`: one tracked event. Stored in a time-series collection (`timestamp` is the
@@ -344,6 +362,20 @@ pub struct Product {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_client_time_another_writer_stored_as_text_reads_as_none() {
+        let at = DateTime::from_millis(1_700_000_000_000);
+        let m: EventMetadata = bson::from_document(bson::doc! {
+            "device": "mobile", "sentAt": "2026-01-01T00:00:00Z", "clientTimestamp": 12,
+        })
+        .unwrap();
+        assert_eq!((m.sent_at, m.client_timestamp), (None, None));
+        assert_eq!(m.device.as_deref(), Some("mobile"));
+        let m: EventMetadata =
+            bson::from_document(bson::doc! { "sentAt": at, "clientTimestamp": at }).unwrap();
+        assert_eq!((m.sent_at, m.client_timestamp), (Some(at), Some(at)));
+    }
 
     #[test]
     fn event_serializes_with_the_design_documents_field_names() {
