@@ -528,40 +528,17 @@ async fn an_export_in_flight_when_serve_stops_is_recorded_failed_not_left_runnin
     )
     .await;
     // Its parts staged in a work folder of its own, to see what is left there.
-    let work = dir.join("work");
-    std::fs::create_dir_all(&work).unwrap();
-    let text = std::fs::read_to_string(&config).unwrap().replacen(
-        "[export]\n",
-        &format!("[export]\nwork_dir = {:?}\n", work.display().to_string()),
-        1,
-    );
-    std::fs::write(&config, text).unwrap();
-    let staged = || {
-        std::fs::read_dir(&work)
-            .unwrap()
-            .filter(|e| {
-                e.as_ref()
-                    .unwrap()
-                    .file_name()
-                    .to_string_lossy()
-                    .starts_with("sluice-work-")
-            })
-            .count()
-    };
+    let work = work_dir_of(&config, &dir, "");
     let serve = sluice(&config, &["serve"]);
     let jobs = db.store.collection("export_jobs");
     let running = wait_for_running_export(&jobs).await;
     // Its upload hangs, its part in the work folder; stop serve.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while staged() == 0 {
-        assert!(std::time::Instant::now() < deadline, "nothing was staged");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_staging(&work).await;
     let (status, stderr) = stop(serve, "-TERM");
     assert!(status.success(), "serve ends cleanly on SIGTERM: {stderr}");
     assert_recorded_stopped(&jobs, &running).await;
     // The stopped stage's part folder went with the process.
-    assert_eq!(staged(), 0, "the stopped run's work folder is removed");
+    assert_eq!(staged(&work), 0, "the stopped run's work folder is removed");
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -592,55 +569,73 @@ async fn a_stage_busy_encoding_when_serve_stops_leaves_no_work_folder() {
         format!("{manifest}\n[limits]\nbatch_deadline_ms = 60000\n"),
     )
     .unwrap();
-    let work = dir.join("work");
-    std::fs::create_dir_all(&work).unwrap();
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replacen(
-            "[export]\n",
-            &format!("[export]\nwork_dir = {:?}\n", work.display().to_string()),
-            1,
-        )
-        .replacen(
-            "[log]",
-            &format!(
-                "[plugins]\ndir = {:?}\nexport_transforms = [\"hostile\"]\nmax_batch_deadline_ms = 60000\n[plugins.config.hostile]\nmode = \"loop\"\n[log]",
-                plugins.display().to_string()
-            ),
-            1,
-        );
-    std::fs::write(&config, text).unwrap();
-    let staged = || {
-        std::fs::read_dir(&work)
-            .unwrap()
-            .filter(|e| {
-                e.as_ref()
-                    .unwrap()
-                    .file_name()
-                    .to_string_lossy()
-                    .starts_with("sluice-work-")
-            })
-            .count()
-    };
+    let work = work_dir_of(
+        &config,
+        &dir,
+        &format!(
+            "[plugins]\ndir = {:?}\nexport_transforms = [\"hostile\"]\nmax_batch_deadline_ms = 60000\n[plugins.config.hostile]\nmode = \"loop\"\n",
+            plugins.display().to_string()
+        ),
+    );
     let serve = sluice(&config, &["serve"]);
     let jobs = db.store.collection("export_jobs");
     let running = wait_for_running_export(&jobs).await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while staged() == 0 {
-        assert!(std::time::Instant::now() < deadline, "nothing was staged");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_staging(&work).await;
     // The plugin is looping on the day's row.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (status, stderr) = stop(serve, "-TERM");
     assert!(status.success(), "serve ends cleanly on SIGTERM: {stderr}");
     assert_recorded_stopped(&jobs, &running).await;
     assert_eq!(
-        staged(),
+        staged(&work),
         0,
         "the stopped run's work folder is removed: {stderr}"
     );
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Points `config`'s exports at a work folder of their own in `dir` (returned), with
+/// `sections` added before its `[log]`.
+fn work_dir_of(
+    config: &std::path::Path,
+    dir: &std::path::Path,
+    sections: &str,
+) -> std::path::PathBuf {
+    let work = dir.join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let text = std::fs::read_to_string(config)
+        .unwrap()
+        .replacen(
+            "[export]\n",
+            &format!("[export]\nwork_dir = {:?}\n", work.display().to_string()),
+            1,
+        )
+        .replacen("[log]", &format!("{sections}[log]"), 1);
+    std::fs::write(config, text).unwrap();
+    work
+}
+
+/// How many stages' folders (or id spools) are in the work folder `work`.
+fn staged(work: &std::path::Path) -> usize {
+    std::fs::read_dir(work)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("sluice-work-")
+        })
+        .count()
+}
+
+/// Waits (up to 30 s) for a stage to begin in `work`.
+async fn wait_for_staging(work: &std::path::Path) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while staged(work) == 0 {
+        assert!(std::time::Instant::now() < deadline, "nothing was staged");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// A `sluice` command on `config` with none of the environment's `SLUICE_*` settings, its
