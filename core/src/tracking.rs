@@ -1155,9 +1155,9 @@ pub fn parse_event(
     if metadata.ip_address.is_none() {
         metadata.ip_address = ctx.ip.clone();
     }
-    // Kept when both are dates a column holds (years 1970 to 9999): a client whose two
-    // times are epoch nanoseconds is corrected right by their difference, but its own
-    // times would be no date to export.
+    // Kept when both are dates a column holds (years 1970 to 9999): a client whose clock
+    // is far outside the calendar (epoch nanoseconds) is still corrected by the
+    // difference of its two times, but its own times would be no date to export.
     let datable = |t: i64| (0..=LATEST_MS).contains(&t);
     if let (Some(t), Some(sent)) = (client_time, sent_at) {
         if datable(t) && datable(sent) {
