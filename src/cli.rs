@@ -2542,9 +2542,17 @@ pub async fn jobs_history(config: &Config, name: Option<&str>) -> anyhow::Result
         _ => {}
     }
     let now = store.now();
+    // As wide as the longest id (a run by hand's is long), so the columns line up.
+    let width = runs
+        .iter()
+        .filter_map(|r| r.get_str("_id").ok())
+        .map(str::len)
+        .max()
+        .unwrap_or(0)
+        .max(50);
     if !runs.is_empty() {
         println!(
-            "{:<50} {:<10} {:<20} {:>9} {:<30} WHAT HAPPENED",
+            "{:<width$} {:<10} {:<20} {:>9} {:<30} WHAT HAPPENED",
             "RUN", "STATUS", "STARTED (UTC)", "TOOK", "OWNER"
         );
     }
@@ -2591,7 +2599,7 @@ pub async fn jobs_history(config: &Config, name: Option<&str>) -> anyhow::Result
             Err(_) => String::new(),
         };
         println!(
-            "{:<50} {:<10} {started:<20} {took:>9} {:<30} {taken_over}{lapsed}{}",
+            "{:<width$} {:<10} {started:<20} {took:>9} {:<30} {taken_over}{lapsed}{}",
             r.get_str("_id").unwrap_or("?"),
             r.get_str("status").unwrap_or("?"),
             r.get_str("owner").unwrap_or("?"),

@@ -599,9 +599,19 @@ async fn a_duplicate_user_and_an_unreadable_config_body_get_their_own_json_error
     ] {
         let r = req.bearer_auth(&token).send().await.unwrap();
         assert_eq!(r.status().as_u16(), status);
+        // Not kept by a cache, a refusal before any route (the 413) included.
+        assert_eq!(r.headers()["cache-control"], "no-store", "{status}");
         let body: Value = r.json().await.expect("a JSON error");
         assert_eq!(body["error"], code, "{body}");
     }
+    // Nor an admin path no route takes.
+    let r = client
+        .get(format!("{base}/v1/admin/nope"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 404);
+    assert_eq!(r.headers()["cache-control"], "no-store");
     server.shutdown().await;
 }
 
@@ -737,8 +747,8 @@ async fn analytics_parameters_are_validated() {
             "`to` is no parameter",
         ),
         (
-            "/v1/analytics/journey?userId=u&limit=5",
-            "`limit` is no parameter",
+            "/v1/analytics/journey?userId=u&limit=5&from=2026-01-01",
+            "`limit`, `from` are no parameter of this endpoint, which reads `userId`",
         ),
     ] {
         let r = client

@@ -1230,7 +1230,10 @@ async fn run_job(
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_parameter",
-            "this endpoint takes no parameters or body: it runs the job as its schedule would (an export its next window and late days); to export chosen days, run `sluice jobs run export:NAME --from DAY --to DAY`",
+            match name.strip_prefix(crate::engine::EXPORT_PREFIX) {
+                Some(_) => format!("this endpoint takes no parameters or body: it runs the job as its schedule would (its next window and late days); to export chosen days, run `sluice jobs run {name} --from DAY --to DAY`"),
+                None => "this endpoint takes no parameters or body: an integration fetches what its config and cursor select".to_string(),
+            },
         ));
     }
     // Any export schedule or active integration config can be run by hand, scheduled or
@@ -1310,26 +1313,36 @@ fn only_params(
     all: Result<Query<Vec<(String, String)>>, QueryRejection>,
     takes: &[&str],
 ) -> Result<(), ApiError> {
-    let mut unknown: Vec<String> = query_params(all)?
-        .into_iter()
-        .map(|(name, _)| name)
-        .filter(|name| !takes.contains(&name.as_str()))
-        .collect();
-    unknown.dedup();
-    let Some(first) = unknown.first() else {
+    let mut unknown: Vec<String> = Vec::new();
+    for (name, _) in query_params(all)? {
+        if !takes.contains(&name.as_str()) && !unknown.contains(&name) {
+            unknown.push(name);
+        }
+    }
+    if unknown.is_empty() {
         return Ok(());
+    }
+    let quoted = |names: &[&str]| {
+        names
+            .iter()
+            .map(|n| format!("`{n}`"))
+            .collect::<Vec<_>>()
+            .join(", ")
     };
-    let takes: Vec<String> = takes.iter().map(|t| format!("`{t}`")).collect();
+    let unknown: Vec<&str> = unknown.iter().map(String::as_str).collect();
+    let days = if takes.contains(&"from") {
+        " (days are UTC)"
+    } else {
+        ""
+    };
     Err(ApiError::new(
         StatusCode::BAD_REQUEST,
         "invalid_parameter",
         format!(
-            "`{first}` is no parameter of this endpoint, which reads {} (days are UTC)",
-            if takes.is_empty() {
-                "none".to_string()
-            } else {
-                takes.join(", ")
-            }
+            "{} {} no parameter of this endpoint, which reads {}{days}",
+            quoted(&unknown),
+            if unknown.len() == 1 { "is" } else { "are" },
+            quoted(takes)
         ),
     ))
 }
@@ -1766,11 +1779,22 @@ fn journey_sessions(events: Vec<Document>) -> Vec<Document> {
     order
 }
 
-async fn no_store(mut response: axum::response::Response) -> axum::response::Response {
-    response
-        .headers_mut()
-        .entry(axum::http::header::CACHE_CONTROL)
-        .or_insert(axum::http::HeaderValue::from_static("no-store"));
+/// Every answer under the admin and analytics paths, its errors included (a `413` or `405`
+/// answered before any route): tokens, users and figures of the moment, which no cache (a
+/// shared proxy, the browser's) may keep or serve again.
+pub async fn no_store(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let path = request.uri().path();
+    let admin = path.starts_with("/v1/admin/") || path.starts_with("/v1/analytics/");
+    let mut response = next.run(request).await;
+    if admin {
+        response
+            .headers_mut()
+            .entry(axum::http::header::CACHE_CONTROL)
+            .or_insert(axum::http::HeaderValue::from_static("no-store"));
+    }
     response
 }
 
@@ -1791,9 +1815,6 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/analytics/top-pages", get(top_pages))
         .route("/v1/analytics/journey", get(journey))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_ADMIN_BODY))
-        // Tokens, users and figures of the moment: no cache (a shared proxy, the
-        // browser's) may keep or serve them again.
-        .layer(axum::middleware::map_response(no_store))
 }
 
 #[cfg(test)]

@@ -579,7 +579,8 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::middleware::from_fn_with_state(
             state.metrics.clone(),
             count_responses,
-        ));
+        ))
+        .layer(axum::middleware::from_fn(admin::no_store));
     outer_layers(app, &state.config).with_state(state)
 }
 
