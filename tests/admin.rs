@@ -1119,6 +1119,11 @@ async fn role_changes_deactivation_and_logout_take_effect_on_the_next_request() 
     assert_eq!(r.status().as_u16(), 200);
     let changed: Value = r.json().await.unwrap();
     assert_eq!(changed["role"], "USER", "{changed}");
+    // Members never set are said null, as the list says them.
+    assert!(
+        changed.get("passwordChangedAt").is_some_and(Value::is_null),
+        "{changed}"
+    );
     assert!(changed.get("password").is_none(), "{changed}");
     assert_eq!(
         daily().await.unwrap().status().as_u16(),

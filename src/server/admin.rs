@@ -367,8 +367,14 @@ async fn change_user(
             .await
             .map_err(store_error)?;
     }
-    Ok(Json(plain_json(bson::Bson::Document(changed))))
+    Ok(Json(plain_json(bson::Bson::Document(with_nulls(
+        changed,
+        USER_NULLABLE,
+    )))))
 }
+
+/// The members of an admin user an answer says `null` when never set.
+const USER_NULLABLE: &[&str] = &["lastLogin", "passwordChangedAt"];
 
 /// Applies `set` to user `email` in a transaction that also writes the caller's own
 /// record, and only while the caller is still an active ADMIN. Two admins changing each
@@ -623,10 +629,7 @@ async fn list_users(
         .map_err(store_error)?;
     Ok(Json(json!(users
         .into_iter()
-        .map(|u| plain_json(bson::Bson::Document(with_nulls(
-            u,
-            &["lastLogin", "passwordChangedAt"]
-        ))))
+        .map(|u| plain_json(bson::Bson::Document(with_nulls(u, USER_NULLABLE))))
         .collect::<Vec<_>>())))
 }
 
