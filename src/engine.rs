@@ -101,7 +101,7 @@ pub struct LastRun {
 
 /// A time as the API writes every time: RFC 3339 in UTC, to the millisecond
 /// (`2026-12-08T00:15:00.000Z`).
-fn rfc3339(t: chrono::DateTime<chrono::Utc>) -> String {
+pub(crate) fn rfc3339(t: chrono::DateTime<chrono::Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 

@@ -517,16 +517,14 @@ async fn assert_recorded_stopped(
     );
 }
 
+/// A DAILY_ANALYTICS schedule firing every second, its one day to catch up.
+const DAILY_EVERY_SECOND: &str = "[[schedules]]\nname = \"daily\"\ntype = \"DAILY_ANALYTICS\"\ncron = \"* * * * * *\"\ncatch_up = 1\n";
+
 #[tokio::test]
 async fn an_export_in_flight_when_serve_stops_is_recorded_failed_not_left_running() {
     let db = TestDb::initialized().await;
     let bucket = support::TestBucket::new().await;
-    let (dir, config) = export_config(
-        &db,
-        &bucket,
-        "[[schedules]]\nname = \"daily\"\ntype = \"DAILY_ANALYTICS\"\ncron = \"* * * * * *\"\ncatch_up = 1\n",
-    )
-    .await;
+    let (dir, config) = export_config(&db, &bucket, DAILY_EVERY_SECOND).await;
     // Its parts staged in a work folder of its own, to see what is left there.
     let work = work_dir_of(&config, &dir, "");
     let serve = sluice(&config, &["serve"]);
@@ -549,12 +547,7 @@ async fn an_export_in_flight_when_serve_stops_is_recorded_failed_not_left_runnin
 async fn a_stage_busy_encoding_when_serve_stops_leaves_no_work_folder() {
     let db = TestDb::initialized().await;
     let bucket = support::TestBucket::new().await;
-    let (dir, config) = export_config(
-        &db,
-        &bucket,
-        "[[schedules]]\nname = \"daily\"\ntype = \"DAILY_ANALYTICS\"\ncron = \"* * * * * *\"\ncatch_up = 1\n",
-    )
-    .await;
+    let (dir, config) = export_config(&db, &bucket, DAILY_EVERY_SECOND).await;
     // The `hostile` plugin looping, with a manifest of its own giving it a minute.
     let plugins = dir.join("plugins");
     std::fs::create_dir_all(&plugins).unwrap();

@@ -184,18 +184,19 @@ pub(super) async fn signed_in(state: &AppState, headers: &HeaderMap) -> Result<(
     caller(state, headers, Role::User).await.map(|_| ())
 }
 
+/// A token that signs no one in, saying `why`, so a dashboard can tell "sign in" from
+/// "your session ended"; the code is one (`unauthorized`: sign in again).
+fn token_refused(why: &str) -> ApiError {
+    ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", why)
+        .header("www-authenticate", "Bearer error=\"invalid_token\"")
+}
+
 /// The caller, from `Authorization: Bearer TOKEN`, if at least `min`.
 async fn caller(
     state: &AppState,
     headers: &HeaderMap,
     min: Role,
 ) -> Result<(String, Role), ApiError> {
-    // Each says why, so a dashboard can tell "sign in" from "your session ended"; the
-    // code is one (`unauthorized`: sign in again).
-    let unauthorized = |why: &str| {
-        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", why)
-            .header("www-authenticate", "Bearer error=\"invalid_token\"")
-    };
     let token = bearer(headers).ok_or_else(|| {
         ApiError::new(
             StatusCode::UNAUTHORIZED,
@@ -217,7 +218,7 @@ async fn caller(
             )
         })?
         .ok_or_else(|| {
-            unauthorized("the token is unknown, expired (after 8 hours) or ended by a logout or a password change: sign in again")
+            token_refused("the token is unknown, expired (after 8 hours) or ended by a logout or a password change: sign in again")
         })?;
     // The user as it is now, not as it was at login: deactivating a user or changing
     // their role takes effect on their next request.
@@ -229,18 +230,18 @@ async fn caller(
         .await
         .map_err(store_error)?
         .filter(|u| u.get_bool("isActive").unwrap_or(false))
-        .ok_or_else(|| unauthorized("the account is deactivated or deleted"))?;
+        .ok_or_else(|| token_refused("the account is deactivated or deleted"))?;
     // Signed in with a password since changed (tokens from before `pw` was kept have
     // none: they end by expiring, or with the user's next change).
     if let Ok(pw) = found.get_str("pw") {
         if user.get_str("password").map(password_version).as_deref() != Ok(pw) {
-            return Err(unauthorized(
+            return Err(token_refused(
                 "the password changed since this token was issued: sign in again",
             ));
         }
     }
     let role = Role::parse(user.get_str("role").unwrap_or(""))
-        .map_err(|_| unauthorized("the account's stored role is not one Sluice knows"))?;
+        .map_err(|_| token_refused("the account's stored role is not one Sluice knows"))?;
     if rank(role) < rank(min) {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
@@ -821,10 +822,7 @@ async fn change_password(
         .find_one(doc! { "email": &me })
         .await
         .map_err(store_error)?
-        .ok_or_else(|| {
-            ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "no such user")
-                .header("www-authenticate", "Bearer error=\"invalid_token\"")
-        })?;
+        .ok_or_else(|| token_refused("no such user"))?;
     let ok = check_password(&state, attempt, body.current.clone(), Some(user.password))
         .await?
         .is_some();
@@ -1393,10 +1391,7 @@ async fn aggregate(state: &AppState, pipeline: Vec<Document>) -> Result<Json<Val
 /// as the API writes every time, not extended JSON's `{"$date": ...}`.
 fn plain_json(value: bson::Bson) -> Value {
     match value {
-        bson::Bson::DateTime(t) => Value::String(
-            t.to_chrono()
-                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-        ),
+        bson::Bson::DateTime(t) => Value::String(crate::engine::rfc3339(t.to_chrono())),
         bson::Bson::Document(d) => {
             Value::Object(d.into_iter().map(|(k, v)| (k, plain_json(v))).collect())
         }
